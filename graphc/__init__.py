@@ -1,0 +1,20 @@
+"""graphc: a JIT-compiled computation-graph compiler for deep learning.
+
+Write plain Python over tensors; graphc traces it into a static, typed dataflow IR,
+differentiates and optimizes the graph, and runs it through Numba.
+"""
+from graphc.ir import (DTypeError, Graph, GraphcError, InputError, SerializationError, ShapeError,
+                       TensorType, VerificationError)
+
+from . import nn
+from .api import Staged, grad, jit, trace, value_and_grad
+from .functions import *  # noqa: F401,F403  (gc.exp, gc.where, ...)
+from .functions import __all__ as _function_names
+from .random import manual_seed
+from .tensor import Tensor
+
+__version__ = "0.1.0"
+
+__all__ = ["DTypeError", "Graph", "GraphcError", "InputError", "SerializationError", "ShapeError",
+           "Staged", "Tensor", "TensorType", "VerificationError", "grad", "jit", "manual_seed", "nn",
+           "trace", "value_and_grad", *_function_names]

@@ -1,0 +1,130 @@
+"""Neural-network functions with PyTorch's names and conventions (NCHW, weight (out, in))."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ..functions import bernoulli, logsumexp, one_hot, stop_gradient, take_along_axis, where
+from graphc.ir.errors import ShapeError, user_location
+from ..tensor import Tensor, as_tensor, bind
+
+__all__ = ["relu", "sigmoid", "tanh", "softmax", "log_softmax", "logsumexp", "linear", "conv2d",
+           "max_pool2d", "avg_pool2d", "dropout", "cross_entropy", "nll_loss", "mse_loss",
+           "l1_loss", "one_hot", "binary_cross_entropy_with_logits", "smooth_l1_loss"]
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def relu(x: Tensor) -> Tensor:
+    return bind("relu", x)
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    return bind("sigmoid", x)
+
+
+def tanh(x: Tensor) -> Tensor:
+    return bind("tanh", x)
+
+
+def softmax(x: Tensor, dim: int = -1) -> Tensor:
+    e = (x - stop_gradient(x.max(dim, keepdims=True))).exp()
+    return e / e.sum(dim, keepdims=True)
+
+
+def log_softmax(x: Tensor, dim: int = -1) -> Tensor:
+    return x - logsumexp(x, dim, keepdims=True)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T + bias, with weight of shape (out_features, in_features)."""
+    out = x @ as_tensor(weight).T
+    return out + bias if bias is not None else out
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0,
+           dilation: Any = 1, groups: int = 1) -> Tensor:
+    out = bind("conv2d", x, as_tensor(weight), stride=_pair(stride), padding=_pair(padding),
+               dilation=_pair(dilation), groups=groups)
+    return out + as_tensor(bias).reshape(1, -1, 1, 1) if bias is not None else out
+
+
+def max_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0) -> Tensor:
+    kernel = _pair(kernel_size)
+    return bind("max_pool2d", x, kernel=kernel, stride=_pair(stride) if stride else kernel,
+                padding=_pair(padding))
+
+
+def avg_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
+               count_include_pad: bool = True) -> Tensor:
+    kernel = _pair(kernel_size)
+    return bind("avg_pool2d", x, kernel=kernel, stride=_pair(stride) if stride else kernel,
+                padding=_pair(padding), count_include_pad=count_include_pad)
+
+
+def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
+    """Zero each element with probability p and scale the rest by 1/(1-p), while training."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if not training or p == 0:
+        return x
+    keep = bernoulli(1 - p, x.shape)
+    return where(keep, x * (1.0 / (1 - p)), 0)
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def nll_loss(log_probs: Tensor, target: Any, reduction: str = "mean") -> Tensor:
+    """Negative log-likelihood of integer class targets, for log-probabilities (N, C)."""
+    target = as_tensor(target)
+    if log_probs.ndim != 2 or target.shape != log_probs.shape[:1]:
+        raise ShapeError(f"nll_loss: expects log-probabilities (N, C) and targets (N,), got "
+                         f"{log_probs.shape} and {target.shape} (at {user_location()})")
+    if target.dtype not in ("int32", "int64"):
+        raise ShapeError(f"nll_loss: targets must be integer class indices, got {target.dtype} "
+                         f"(at {user_location()})")
+    picked = take_along_axis(log_probs, target.reshape(-1, 1), axis=1).reshape(-1)
+    return _reduce(-picked, reduction)
+
+
+def cross_entropy(logits: Tensor, target: Any, reduction: str = "mean") -> Tensor:
+    """Softmax cross-entropy of logits (N, C): integer targets (N,) or probabilities (N, C)."""
+    target = as_tensor(target)
+    logp = log_softmax(logits, dim=1)
+    if target.dtype in ("float32", "float64"):
+        if target.shape != logits.shape:
+            raise ShapeError(f"cross_entropy: probability targets must match logits {logits.shape}, "
+                             f"got {target.shape} (at {user_location()})")
+        return _reduce(-(target * logp).sum(1), reduction)
+    return nll_loss(logp, target, reduction)
+
+
+def mse_loss(input: Tensor, target: Any, reduction: str = "mean") -> Tensor:
+    return _reduce((input - as_tensor(target, like=input)).square(), reduction)
+
+
+def l1_loss(input: Tensor, target: Any, reduction: str = "mean") -> Tensor:
+    return _reduce((input - as_tensor(target, like=input)).abs(), reduction)
+
+
+def smooth_l1_loss(input: Tensor, target: Any, reduction: str = "mean", beta: float = 1.0) -> Tensor:
+    """Huber loss (PyTorch's smooth_l1 with `beta`): quadratic near zero, linear beyond."""
+    diff = (input - as_tensor(target, like=input)).abs()
+    loss = where(diff < beta, diff.square() * (0.5 / beta), diff - 0.5 * beta)
+    return _reduce(loss, reduction)
+
+
+def binary_cross_entropy_with_logits(logits: Tensor, target: Any, reduction: str = "mean") -> Tensor:
+    target = as_tensor(target, like=logits)
+    # max(x, 0) - x*t + log(1 + exp(-|x|)): stable for large |x|.
+    loss = relu(logits) - logits * target + bind("log1p", (-logits.abs()).exp())
+    return _reduce(loss, reduction)

@@ -1,0 +1,76 @@
+"""Pytrees: nested tuples, lists and dicts of leaves, flattened in a stable order."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+
+class TreeDef:
+    """The structure of a pytree with its leaves taken out. Hashable and comparable."""
+
+    __slots__ = ("kind", "meta", "children")
+
+    def __init__(self, kind: str, meta: Any = None, children: tuple[TreeDef, ...] = ()) -> None:
+        self.kind, self.meta, self.children = kind, meta, children
+
+    def _key(self) -> tuple:
+        return (self.kind, self.meta, self.children)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TreeDef) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    @property
+    def num_leaves(self) -> int:
+        return 1 if self.kind == "leaf" else sum(c.num_leaves for c in self.children)
+
+    def __repr__(self) -> str:
+        return f"TreeDef({self.kind}, {self.meta!r}, {list(self.children)})"
+
+
+LEAF = TreeDef("leaf")
+
+
+def flatten(tree: Any, path: str = "", is_leaf: Callable[[Any], bool] | None = None
+            ) -> tuple[list[Any], list[str], TreeDef]:
+    """Return (leaves, their paths like "x[0]['w']", structure). Dict keys are sorted."""
+    if is_leaf is not None and is_leaf(tree):
+        return [tree], [path], LEAF
+    if isinstance(tree, (tuple, list)):
+        leaves, paths, children = [], [], []
+        for i, child in enumerate(tree):
+            l, p, c = flatten(child, f"{path}[{i}]", is_leaf)
+            leaves += l
+            paths += p
+            children.append(c)
+        return leaves, paths, TreeDef(type(tree).__name__, len(tree), tuple(children))
+    if isinstance(tree, dict):
+        keys = sorted(tree)
+        leaves, paths, children = [], [], []
+        for k in keys:
+            l, p, c = flatten(tree[k], f"{path}[{k!r}]", is_leaf)
+            leaves += l
+            paths += p
+            children.append(c)
+        return leaves, paths, TreeDef("dict", tuple(keys), tuple(children))
+    if tree is None:
+        return [], [], TreeDef("none")
+    return [tree], [path], LEAF
+
+
+def unflatten(treedef: TreeDef, leaves: list[Any]) -> Any:
+    it = iter(leaves)
+
+    def build(d: TreeDef) -> Any:
+        if d.kind == "leaf":
+            return next(it)
+        if d.kind == "none":
+            return None
+        items = [build(c) for c in d.children]
+        if d.kind == "dict":
+            return dict(zip(d.meta, items))
+        return tuple(items) if d.kind == "tuple" else list(items)
+
+    result = build(treedef)
+    return result

@@ -1,0 +1,103 @@
+"""Graph views for people and for graph algorithms: Graphviz DOT and networkx.
+
+DOT: one box per node (op and result type), inputs and outputs drawn distinctly, fused kernels
+as clusters holding their subgraph, and optionally values coloured by memory slot.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from .graph import Graph, Value
+from .printer import format_attr
+
+_ROLE_COLORS = {"data": "#cfe8ff", "param": "#ffe4b5", "state": "#e6d5ff", "rng": "#d8f5d0"}
+_SLOT_COLORS = ["#fbb4ae", "#b3cde3", "#ccebc5", "#decbe4", "#fed9a6", "#ffffcc", "#e5d8bd",
+                "#fddaec", "#f2f2f2", "#b3e2cd", "#fdcdac", "#cbd5e8"]
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _label(node) -> str:
+    attrs = [f"{k}={format_attr(v)}" for k, v in node.attrs.items()
+             if k not in ("value", "name", "pattern")]
+    text = node.op + ("\n" + ", ".join(attrs) if attrs and len(", ".join(attrs)) < 60 else "")
+    return text + "\n" + ", ".join(str(v.type) for v in node.outputs)
+
+
+def graph_to_dot(graph: Graph, slot_of: Callable[[Value], int | None] | None = None,
+                 rankdir: str = "TB") -> str:
+    """DOT source. `slot_of(value)` (e.g. a memory plan's) colours values by arena slot."""
+    lines = [f"digraph {_quote(graph.name)} {{", f"  rankdir={rankdir};",
+             '  node [fontname="Helvetica", fontsize=10]; edge [fontname="Helvetica", fontsize=9];']
+    ids: dict[Value, str] = {}
+    counter = [0]
+
+    def fresh(prefix: str) -> str:
+        counter[0] += 1
+        return f"{prefix}{counter[0]}"
+
+    def fill(v: Value, default: str) -> str:
+        slot = slot_of(v) if slot_of is not None else None
+        return _SLOT_COLORS[slot % len(_SLOT_COLORS)] if slot is not None else default
+
+    for inp in graph.inputs:
+        nid = fresh("in")
+        ids[inp.value] = nid
+        label = f"{inp.name}\n{inp.value.type}\n[{inp.role}]"
+        lines.append(f"  {nid} [shape=ellipse, style=filled, fillcolor={_quote(_ROLE_COLORS[inp.role])}, "
+                     f"label={_quote(label)}];")
+
+    def emit_nodes(g: Graph, indent: str) -> None:
+        for node in g.nodes:
+            if node.subgraph is None:
+                nid = fresh("n")
+                lines.append(f"{indent}{nid} [shape=box, style=\"rounded,filled\", "
+                             f"fillcolor={_quote(fill(node.outputs[0], 'white'))}, label={_quote(_label(node))}];")
+                for v in node.inputs:
+                    lines.append(f"{indent}{ids[v]} -> {nid};")
+                ids[node.outputs[0]] = nid
+                continue
+            # A fused kernel: its subgraph in a cluster, wired to the outer values.
+            cid = fresh("cluster_k")
+            title = f"{node.attrs.get('name', 'kernel')} ({node.attrs.get('pattern', '')})"
+            lines.append(f"{indent}subgraph {cid} {{")
+            lines.append(f"{indent}  label={_quote(title)}; style=\"rounded,filled\"; fillcolor=\"#f7f7f7\";")
+            for outer, inner in zip(node.inputs, node.subgraph.input_values):
+                ids[inner] = ids[outer]
+            emit_nodes(node.subgraph, indent + "  ")
+            lines.append(f"{indent}}}")
+            for outer, inner in zip(node.outputs, node.subgraph.output_values):
+                ids[outer] = ids[inner]
+
+    emit_nodes(graph, "  ")
+    for name, v in graph.outputs:
+        nid = fresh("out")
+        lines.append(f"  {nid} [shape=doubleoctagon, style=filled, fillcolor=\"#eeeeee\", "
+                     f"label={_quote(name + chr(10) + str(v.type))}];")
+        lines.append(f"  {ids[v]} -> {nid};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def graph_to_networkx(graph: Graph):
+    """A networkx.MultiDiGraph: nodes are graph inputs ('input', i) and node indices ('node', i)
+    with their op and types; one edge per operand (key = operand position)."""
+    import networkx as nx
+
+    g = nx.MultiDiGraph(name=graph.name)
+    where: dict[Value, tuple[str, int]] = {}
+    for i, inp in enumerate(graph.inputs):
+        g.add_node(("input", i), op="input", name=inp.name, role=inp.role, type=str(inp.value.type))
+        where[inp.value] = ("input", i)
+    for i, node in enumerate(graph.nodes):
+        g.add_node(("node", i), op=node.op, type=[str(v.type) for v in node.outputs], loc=node.loc)
+        for pos, v in enumerate(node.inputs):
+            g.add_edge(where[v], ("node", i), key=pos)
+        for v in node.outputs:
+            where[v] = ("node", i)
+    for name, v in graph.outputs:
+        g.add_node(("output", name), op="output", type=str(v.type))
+        g.add_edge(where[v], ("output", name), key=0)
+    return g

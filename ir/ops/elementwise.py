@@ -1,0 +1,229 @@
+"""Elementwise primitives: unary math, binary arithmetic with NumPy broadcasting, comparisons,
+where, cast, and constants.
+
+Each entry gives: the shape/dtype rule, the NumPy oracle, the VJP in IR ops and the scalar
+expression that code generators place inside their loops (operands arrive as local names).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..registry import ELEMENTWISE, SOURCE, Attr, OpTypeError, Primitive, register
+from ..types import TensorType, broadcast_shapes, is_float
+
+
+# -- shape/dtype rules -----------------------------------------------------------------------
+def _float_unary(x: TensorType) -> TensorType:
+    if not is_float(x.dtype):
+        raise OpTypeError(f"expects a floating-point operand, got {x.dtype}", dtype=True)
+    return x
+
+
+def _numeric_unary(x: TensorType) -> TensorType:
+    if x.dtype == "bool":
+        raise OpTypeError("expects a numeric operand, got bool", dtype=True)
+    return x
+
+
+def _broadcast(*types: TensorType) -> tuple[int, ...]:
+    try:
+        return broadcast_shapes(*(t.shape for t in types))
+    except ValueError:
+        raise OpTypeError("shapes " + " and ".join(str(t.shape) for t in types)
+                          + " do not broadcast") from None
+
+
+def _same_dtype(x: TensorType, y: TensorType) -> str:
+    if x.dtype != y.dtype:
+        raise OpTypeError(f"dtype mismatch {x.dtype} vs {y.dtype}; cast one operand first", dtype=True)
+    return x.dtype
+
+
+def _arith(x: TensorType, y: TensorType) -> TensorType:
+    dtype = _same_dtype(x, y)
+    if dtype == "bool":
+        raise OpTypeError("expects numeric operands, got bool", dtype=True)
+    return TensorType(_broadcast(x, y), dtype)
+
+
+def _float_binary(x: TensorType, y: TensorType) -> TensorType:
+    out = _arith(x, y)
+    if not is_float(out.dtype):
+        raise OpTypeError(f"expects floating-point operands, got {out.dtype}", dtype=True)
+    return out
+
+
+def _compare(x: TensorType, y: TensorType) -> TensorType:
+    _same_dtype(x, y)
+    return TensorType(_broadcast(x, y), "bool")
+
+
+def _bool_unary(x: TensorType) -> TensorType:
+    if x.dtype != "bool":
+        raise OpTypeError(f"expects a bool operand, got {x.dtype}", dtype=True)
+    return x
+
+
+def _logical(x: TensorType, y: TensorType) -> TensorType:
+    out = _compare(x, y)
+    if x.dtype != "bool":
+        raise OpTypeError(f"expects bool operands, got {x.dtype}", dtype=True)
+    return out
+
+
+def _where(c: TensorType, x: TensorType, y: TensorType) -> TensorType:
+    if c.dtype != "bool":
+        raise OpTypeError(f"condition must be bool, got {c.dtype}", dtype=True)
+    return TensorType(_broadcast(c, x, y), _same_dtype(x, y))
+
+
+# -- registration helpers ---------------------------------------------------------------------
+def _grad_if_float(x, g):
+    return g if is_float(x.dtype) else None
+
+
+def unary(name, impl, vjp, scalar, infer=_float_unary, doc=""):
+    register(Primitive(name, ELEMENTWISE, infer, impl, vjp, scalar=scalar, num_inputs=1, doc=doc))
+
+
+def binary(name, impl, vjp, scalar, infer=_arith, doc=""):
+    register(Primitive(name, ELEMENTWISE, infer, impl, vjp, scalar=scalar, num_inputs=2, doc=doc))
+
+
+def _quiet(fn):
+    """NumPy oracle without floating-point warnings (log(0) is -inf, as in every backend)."""
+    def run(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return np.asarray(fn(*args, **kwargs))
+    run.__name__ = getattr(fn, "__name__", "impl")
+    return run
+
+
+def _mask(b, cond, like):
+    return b.cast(cond, dtype=like.dtype)
+
+
+# -- unary --------------------------------------------------------------------------------------
+unary("neg", _quiet(np.negative), lambda b, g, x, *, out: (b.neg(g),),
+      lambda x: f"(-{x})", infer=_numeric_unary)
+unary("exp", _quiet(np.exp), lambda b, g, x, *, out: (b.mul(g, out),), lambda x: f"np.exp({x})")
+unary("log", _quiet(np.log), lambda b, g, x, *, out: (b.div(g, x),), lambda x: f"np.log({x})")
+unary("log1p", _quiet(np.log1p),
+      lambda b, g, x, *, out: (b.div(g, b.add(x, b.scalar_like(1, x))),), lambda x: f"np.log1p({x})")
+unary("sqrt", _quiet(np.sqrt),
+      lambda b, g, x, *, out: (b.div(b.mul(g, b.scalar_like(0.5, x)), out),), lambda x: f"np.sqrt({x})")
+unary("rsqrt", _quiet(lambda x: 1 / np.sqrt(x)),
+      lambda b, g, x, *, out: (b.mul(b.mul(g, b.scalar_like(-0.5, x)), b.div(out, x)),),
+      lambda x: f"(1 / np.sqrt({x}))")
+unary("tanh", _quiet(np.tanh),
+      lambda b, g, x, *, out: (b.mul(g, b.sub(b.scalar_like(1, x), b.square(out))),),
+      lambda x: f"np.tanh({x})")
+unary("sigmoid", _quiet(lambda x: np.asarray(1 / (1 + np.exp(-x)), dtype=x.dtype)),
+      lambda b, g, x, *, out: (b.mul(b.mul(g, out), b.sub(b.scalar_like(1, x), out)),),
+      lambda x: f"(1 / (1 + np.exp(-{x})))")
+# relu(x) = x where not x <= 0: propagates NaN, as PyTorch does.
+unary("relu", _quiet(lambda x: np.where(x <= 0, np.zeros((), x.dtype), x)),
+      lambda b, g, x, *, out: (b.mul(g, _mask(b, b.gt(x, b.scalar_like(0, x)), x)),),
+      lambda x: f"(0 if {x} <= 0 else {x})", infer=_numeric_unary)
+unary("abs", _quiet(np.abs), lambda b, g, x, *, out: (_grad_if_float(x, b.mul(g, b.sign(x))),),
+      lambda x: f"abs({x})", infer=_numeric_unary)
+unary("sign", _quiet(np.sign), lambda b, g, x, *, out: (None,), lambda x: f"np.sign({x})",
+      infer=_numeric_unary)
+unary("square", _quiet(np.square),
+      lambda b, g, x, *, out: (_grad_if_float(x, b.mul(g, b.mul(x, b.scalar_like(2, x)))),),
+      lambda x: f"({x} * {x})", infer=_numeric_unary)
+unary("reciprocal", _quiet(np.reciprocal),
+      lambda b, g, x, *, out: (b.neg(b.mul(g, b.square(out))),), lambda x: f"(1 / {x})")
+# Identity forward, zero cotangent: marks values that gradients must not flow through.
+unary("stop_gradient", _quiet(np.copy), lambda b, g, x, *, out: (None,), lambda x: x,
+      infer=lambda x: x)
+unary("logical_not", _quiet(np.logical_not), lambda b, g, x, *, out: (None,),
+      lambda x: f"(not {x})", infer=_bool_unary)
+
+
+def _cast_vjp(b, g, x, *, out, dtype):
+    if is_float(x.dtype) and is_float(dtype):
+        return (b.cast(g, dtype=x.dtype),)
+    return (None,)
+
+
+register(Primitive(
+    "cast", ELEMENTWISE, lambda x, *, dtype: x.with_dtype(dtype),
+    _quiet(lambda x, *, dtype: x.astype(dtype)), _cast_vjp,
+    attrs={"dtype": Attr("dtype")}, num_inputs=1,
+    scalar=lambda x, *, dtype: f"np.{'bool_' if dtype == 'bool' else dtype}({x})"))
+
+
+# -- binary ---------------------------------------------------------------------------------
+def _add_vjp(b, g, x, y, *, out):
+    return b.unbroadcast(g, x.shape), b.unbroadcast(g, y.shape)
+
+
+def _sub_vjp(b, g, x, y, *, out):
+    return b.unbroadcast(g, x.shape), b.unbroadcast(b.neg(g), y.shape)
+
+
+def _mul_vjp(b, g, x, y, *, out):
+    return b.unbroadcast(b.mul(g, y), x.shape), b.unbroadcast(b.mul(g, x), y.shape)
+
+
+def _div_vjp(b, g, x, y, *, out):
+    gx = b.div(g, y)
+    return b.unbroadcast(gx, x.shape), b.unbroadcast(b.neg(b.mul(gx, out)), y.shape)
+
+
+def _pow_vjp(b, g, x, y, *, out):
+    one = b.scalar_like(1, y)
+    gx = b.mul(g, b.mul(y, b.pow(x, b.sub(y, one))))
+    zero = b.scalar_like(0, x)
+    positive = b.gt(x, zero)
+    # d/dy x**y = x**y * log(x); taken as 0 where x <= 0 (the real derivative is undefined there)
+    safe_log = b.where(positive, b.log(b.where(positive, x, one)), zero)
+    gy = b.mul(g, b.mul(out, safe_log))
+    return b.unbroadcast(gx, x.shape), b.unbroadcast(gy, y.shape)
+
+
+def _select_vjp(pick_x_op):
+    def vjp(b, g, x, y, *, out):
+        take_x = b.bind(pick_x_op, x, y)
+        gx = b.mul(g, _mask(b, take_x, g))
+        gy = b.mul(g, _mask(b, b.logical_not(take_x), g))
+        return b.unbroadcast(gx, x.shape), b.unbroadcast(gy, y.shape)
+    return vjp
+
+
+binary("add", _quiet(np.add), _add_vjp, lambda x, y: f"({x} + {y})")
+binary("sub", _quiet(np.subtract), _sub_vjp, lambda x, y: f"({x} - {y})")
+binary("mul", _quiet(np.multiply), _mul_vjp, lambda x, y: f"({x} * {y})")
+binary("div", _quiet(np.true_divide), _div_vjp, lambda x, y: f"({x} / {y})", infer=_float_binary)
+binary("pow", _quiet(np.power), _pow_vjp, lambda x, y: f"({x} ** {y})", infer=_float_binary)
+# maximum/minimum send the cotangent to x on ties, as the where-based rule of most frameworks.
+binary("maximum", _quiet(np.maximum), _select_vjp("ge"), lambda x, y: f"max({x}, {y})")
+binary("minimum", _quiet(np.minimum), _select_vjp("le"), lambda x, y: f"min({x}, {y})")
+
+for _name, _fn, _sym in [("eq", np.equal, "=="), ("ne", np.not_equal, "!="), ("lt", np.less, "<"),
+                         ("le", np.less_equal, "<="), ("gt", np.greater, ">"),
+                         ("ge", np.greater_equal, ">=")]:
+    binary(_name, _quiet(_fn), lambda b, g, x, y, *, out: (None, None),
+           (lambda s: lambda x, y: f"({x} {s} {y})")(_sym), infer=_compare)
+
+for _name, _fn, _sym in [("logical_and", np.logical_and, "and"), ("logical_or", np.logical_or, "or")]:
+    binary(_name, _quiet(_fn), lambda b, g, x, y, *, out: (None, None),
+           (lambda s: lambda x, y: f"({x} {s} {y})")(_sym), infer=_logical)
+
+
+def _where_vjp(b, g, c, x, y, *, out):
+    zero = b.scalar_like(0, g)
+    return (None, b.unbroadcast(b.where(c, g, zero), x.shape),
+            b.unbroadcast(b.where(c, zero, g), y.shape))
+
+
+register(Primitive("where", ELEMENTWISE, _where, _quiet(np.where), _where_vjp, num_inputs=3,
+                   scalar=lambda c, x, y: f"({x} if {c} else {y})"))
+
+
+# -- constants ----------------------------------------------------------------------------
+register(Primitive(
+    "constant", SOURCE, lambda *, value: TensorType(value.shape, value.dtype.name),
+    lambda *, value: value.copy(), lambda b, g, *, out, value: (),
+    attrs={"value": Attr("array")}, num_inputs=0))

@@ -1,0 +1,84 @@
+"""Static tensor types: every value in a graph has a fixed shape and dtype."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DTYPES = ("float32", "float64", "int32", "int64", "bool")
+FLOAT_DTYPES = ("float32", "float64")
+SHORT_NAMES = {"float32": "f32", "float64": "f64", "int32": "i32", "int64": "i64", "bool": "bool"}
+_FROM_SHORT = {v: k for k, v in SHORT_NAMES.items()}
+
+
+def canonical_dtype(dtype: object) -> str:
+    """Return the canonical dtype name for a NumPy dtype, a type or a name ('f32' works too)."""
+    if isinstance(dtype, str) and dtype in _FROM_SHORT:
+        return _FROM_SHORT[dtype]
+    try:
+        name = np.dtype(dtype).name  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise TypeError(f"unsupported dtype {dtype!r}; graphc supports {', '.join(DTYPES)}") from exc
+    if name not in DTYPES:
+        raise TypeError(f"unsupported dtype {name!r}; graphc supports {', '.join(DTYPES)}")
+    return name
+
+
+def is_float(dtype: str) -> bool:
+    return dtype in FLOAT_DTYPES
+
+
+@dataclass(frozen=True)
+class TensorType:
+    """The static type of an SSA value: a shape of non-negative ints and a dtype name."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(d) for d in self.shape)
+        if any(d < 0 for d in shape):
+            raise ValueError(f"negative dimension in shape {shape}")
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    def with_shape(self, shape: tuple[int, ...]) -> TensorType:
+        return TensorType(shape, self.dtype)
+
+    def with_dtype(self, dtype: str) -> TensorType:
+        return TensorType(self.shape, dtype)
+
+    def __str__(self) -> str:
+        return f"{SHORT_NAMES[self.dtype]}[{','.join(map(str, self.shape))}]"
+
+    @staticmethod
+    def parse(text: str) -> TensorType:
+        """Inverse of str(): 'f32[2,3]' -> TensorType((2, 3), 'float32')."""
+        short, _, dims = text.partition("[")
+        dims = dims.rstrip("]")
+        return TensorType(tuple(int(d) for d in dims.split(",") if d), _FROM_SHORT[short])
+
+    @staticmethod
+    def of(array: np.ndarray) -> TensorType:
+        return TensorType(array.shape, array.dtype.name)
+
+
+def broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
+    """NumPy broadcasting of shapes; raises ValueError when they do not broadcast."""
+    return tuple(np.broadcast_shapes(*shapes))

@@ -1,0 +1,96 @@
+"""Reverse-mode differentiation of a graph into a graph.
+
+The forward nodes are copied, then each node's VJP rule (from the op registry) is emitted in
+reverse order. Cotangents are summed where a value fans out, and only nodes that lie on a path
+from a requested input to the differentiated output get a rule. Gradients are ordinary IR, so
+the result can itself be differentiated (grad of grad).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from graphc.ir import Builder, Graph, Value
+from graphc.ir.errors import GraphcError
+from graphc.ir.registry import get
+from graphc.ir.types import is_float
+
+
+def _resolve_inputs(graph: Graph, wrt: Sequence[int | str]) -> list[int]:
+    names = [i.name for i in graph.inputs]
+    indices = []
+    for w in wrt:
+        index = names.index(w) if isinstance(w, str) and w in names else w
+        if not isinstance(index, int) or not 0 <= index < len(names):
+            raise GraphcError(f"autodiff: no input {w!r} in graph {graph.name!r} (inputs: {names})")
+        if not is_float(graph.inputs[index].value.dtype):
+            raise GraphcError(f"autodiff: input {names[index]!r} has dtype "
+                              f"{graph.inputs[index].value.dtype}; only floating inputs have gradients")
+        indices.append(index)
+    return indices
+
+
+def _active_nodes(graph: Graph, sources: set[Value], target: Value) -> list:
+    """Nodes whose output depends on a source and on which the target depends."""
+    depends = set(sources)
+    for node in graph.nodes:
+        if any(v in depends for v in node.inputs):
+            depends.update(node.outputs)
+    needed = {target}
+    active = []
+    for node in reversed(graph.nodes):
+        if any(v in needed for v in node.outputs) and any(v in depends for v in node.outputs):
+            active.append(node)
+            needed.update(node.inputs)
+    return active  # in reverse topological order
+
+
+def autodiff(graph: Graph, wrt: Sequence[int | str], output: str | None = None,
+             cotangent: bool = False, keep_outputs: bool = True) -> Graph:
+    """Return a graph computing the gradients of `output` w.r.t. the inputs in `wrt`.
+
+    The result's outputs are the original outputs (when `keep_outputs`) followed by
+    ``grad_<input name>`` for each requested input. `output` must be a float scalar unless
+    `cotangent` is set, in which case an extra input ``cotangent`` seeds the VJP.
+    """
+    indices = _resolve_inputs(graph, wrt)
+    out_name = output if output is not None else graph.outputs[0][0]
+    new = graph.copy()
+    new.name = f"grad_{graph.name}"
+    target = new.output(out_name)
+    if not is_float(target.dtype):
+        raise GraphcError(f"autodiff: output {out_name!r} has dtype {target.dtype}; it must be floating")
+    b = Builder(new)
+    if cotangent:
+        seed = b.add_input(target.type, "cotangent")
+    elif target.shape != ():
+        raise GraphcError(f"autodiff: output {out_name!r} has shape {target.shape}; grad needs a "
+                          "scalar (reduce it, e.g. with .sum(), or use vjp with a cotangent)")
+    else:
+        b.loc = target.producer.loc if target.producer is not None else None
+        seed = b.const(1, target.dtype)
+
+    sources = {new.inputs[i].value for i in indices}
+    cts: dict[Value, Value] = {target: seed}
+    for node in _active_nodes(new, sources, target):
+        g = cts.get(node.output)
+        if g is None:
+            continue
+        b.loc = node.loc  # gradient nodes point at the user line of the forward op
+        rule = get(node.op).vjp
+        if rule is None:
+            raise GraphcError(f"autodiff: op {node.op!r} has no differentiation rule"
+                              + (f" (used at {node.loc})" if node.loc else ""))
+        for x, ct in zip(node.inputs, rule(b, g, *node.inputs, out=node.output, **node.attrs)):
+            if ct is None or not is_float(x.dtype):
+                continue
+            cts[x] = b.add(cts[x], ct) if x in cts else ct
+
+    if not keep_outputs:
+        new.outputs = []
+    b.loc = None
+    for i in indices:
+        inp = new.inputs[i]
+        grad = cts.get(inp.value)
+        new.add_output(f"grad_{inp.name}", grad if grad is not None else b.zeros_like(inp.value))
+    from .simplify import dce
+    return dce(new)

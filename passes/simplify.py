@@ -1,0 +1,167 @@
+"""`simplify`: constant folding, algebraic identities, CSE and DCE.
+
+Identities are rewrite rules kept as data: (op, rule) pairs, where a rule looks at a node's
+(already rewritten) operands and returns the value that replaces the node, or None.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from graphc.backends.reference import run_node
+from graphc.ir import Builder, Graph, Node, Value
+from graphc.ir.registry import SOURCE, get
+
+FOLD_LIMIT = 1 << 16  # elements: larger constants stay computed, the graph stays small
+
+
+def constant_of(v: Value) -> np.ndarray | None:
+    node = v.producer
+    return node.attrs["value"] if node is not None and node.op == "constant" else None
+
+
+def _is_const(v: Value, number: float) -> bool:
+    c = constant_of(v)
+    return c is not None and c.size > 0 and bool(np.all(c == number))
+
+
+def _keeps_type(x: Value, node: Node) -> bool:
+    """Replacing `node` by operand `x` is only sound when types agree (no broadcast lost)."""
+    return x.type == node.output.type
+
+
+Rule = Callable[[Node, tuple[Value, ...]], Value | None]
+
+
+def _identity_operand(pos: int, number: float, other: int) -> Rule:
+    """op(..x.., c) -> x when the operand at `pos` is the constant `number`."""
+    def rule(node: Node, ins: tuple[Value, ...]) -> Value | None:
+        x = ins[other]
+        return x if _is_const(ins[pos], number) and _keeps_type(x, node) else None
+    return rule
+
+
+def _same_type_noop(node: Node, ins: tuple[Value, ...]) -> Value | None:
+    return ins[0] if _keeps_type(ins[0], node) else None
+
+
+def _inverse_of(op: str) -> Rule:
+    def rule(node: Node, ins: tuple[Value, ...]) -> Value | None:
+        inner = ins[0].producer
+        return inner.inputs[0] if inner is not None and inner.op == op else None
+    return rule
+
+
+def _identity_transpose(node: Node, ins: tuple[Value, ...]) -> Value | None:
+    return ins[0] if node.attrs["perm"] == tuple(range(len(node.attrs["perm"]))) else None
+
+
+RULES: list[tuple[str, Rule]] = [
+    ("add", _identity_operand(1, 0, other=0)),
+    ("add", _identity_operand(0, 0, other=1)),
+    ("sub", _identity_operand(1, 0, other=0)),
+    ("mul", _identity_operand(1, 1, other=0)),
+    ("mul", _identity_operand(0, 1, other=1)),
+    ("div", _identity_operand(1, 1, other=0)),
+    ("pow", _identity_operand(1, 1, other=0)),
+    ("neg", _inverse_of("neg")),
+    ("reshape", _same_type_noop),
+    ("broadcast_to", _same_type_noop),
+    ("cast", _same_type_noop),
+    ("sum", lambda node, ins: ins[0] if node.attrs["axes"] == () and _keeps_type(ins[0], node) else None),
+    ("transpose", _identity_transpose),
+]
+RULES_BY_OP: dict[str, list[Rule]] = {}
+for _op, _rule in RULES:
+    RULES_BY_OP.setdefault(_op, []).append(_rule)
+
+
+def _attrs_key(attrs: dict) -> tuple:
+    return tuple((k, (v.dtype.name, v.shape, v.tobytes()) if isinstance(v, np.ndarray) else v)
+                 for k, v in sorted(attrs.items()))
+
+
+def _rebuild(graph: Graph, rewrite: Callable[[Builder, Node, tuple[Value, ...]], Value | None],
+             on_clone: Callable[[Node], None] | None = None) -> Graph:
+    """Copy `graph` node by node; `rewrite` may return a replacement for a node's output.
+    `on_clone` sees every primitive node that is kept."""
+    new = Graph(graph.name)
+    b = Builder(new)
+    mapping = {i.value: new.add_input(i.value.type, i.name, i.role) for i in graph.inputs}
+    for node in graph.nodes:
+        ins = tuple(mapping[v] for v in node.inputs)
+        b.loc = node.loc
+        replacement = rewrite(b, node, ins) if node.subgraph is None else None
+        if replacement is None:
+            clone = Node(node.op, ins, node.attrs, tuple(v.type for v in node.outputs), node.loc,
+                         node.subgraph)
+            new.nodes.append(clone)
+            mapping.update(zip(node.outputs, clone.outputs))
+            if on_clone is not None and node.subgraph is None:
+                on_clone(clone)
+        else:
+            mapping[node.output] = replacement
+    new.outputs = [(n, mapping[v]) for n, v in graph.outputs]
+    return new
+
+
+def fold_constants(graph: Graph) -> Graph:
+    """Evaluate nodes whose operands are all small constants; apply the identity rules."""
+    def rewrite(b: Builder, node: Node, ins: tuple[Value, ...]) -> Value | None:
+        prim = get(node.op)
+        if (prim.kind != SOURCE and ins and all(constant_of(v) is not None for v in ins)
+                and node.output.type.size <= FOLD_LIMIT):
+            probe = Node(node.op, ins, node.attrs, (node.output.type,))
+            (value,) = run_node(probe, [constant_of(v) for v in ins])
+            return b.const(value, node.output.dtype)
+        for rule in RULES_BY_OP.get(node.op, ()):
+            probe = Node(node.op, ins, node.attrs, (node.output.type,))
+            replacement = rule(probe, ins)
+            if replacement is not None:
+                return replacement
+        return None
+    return _rebuild(graph, rewrite)
+
+
+def cse(graph: Graph) -> Graph:
+    """Common-subexpression elimination: identical (op, operands, attrs) compute once.
+
+    Random ops are deterministic functions of their key and stream, so they merge too."""
+    seen: dict[tuple, Value] = {}
+
+    def key(node: Node, ins: tuple[Value, ...]) -> tuple:
+        return (node.op, tuple(id(v) for v in ins), _attrs_key(node.attrs))
+
+    def rewrite(b: Builder, node: Node, ins: tuple[Value, ...]) -> Value | None:
+        return seen.get(key(node, ins))
+
+    def on_clone(clone: Node) -> None:
+        seen.setdefault(key(clone, clone.inputs), clone.output)
+
+    return _rebuild(graph, rewrite, on_clone)
+
+
+def dce(graph: Graph) -> Graph:
+    """Dead-code elimination: keep only nodes some output depends on (in place order)."""
+    live = set(graph.output_values)
+    kept = []
+    for node in reversed(graph.nodes):
+        if any(v in live for v in node.outputs):
+            kept.append(node)
+            live.update(node.inputs)
+    new = Graph(graph.name)
+    new.inputs = list(graph.inputs)
+    new.nodes = kept[::-1]
+    new.outputs = list(graph.outputs)
+    return new
+
+
+def simplify(graph: Graph) -> Graph:
+    """Fold and rewrite to a fixed point (bounded), then CSE and DCE."""
+    for _ in range(4):
+        before = len(graph.nodes)
+        graph = dce(cse(fold_constants(graph)))
+        if len(graph.nodes) == before:
+            break
+    return graph
