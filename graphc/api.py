@@ -30,6 +30,7 @@ def user_facing(fn: Callable) -> Callable:
     """Re-raise graphc errors with graphc's own frames removed from the traceback."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = True  # noqa: F841  (pytest hides this re-raising frame too)
         try:
             return fn(*args, **kwargs)
         except GraphcError as exc:
@@ -264,12 +265,10 @@ def _grad_stage(argnums: int | Sequence[int], has_aux: bool, with_value: bool):
 def grad(fn: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
          backend: str | None = None) -> Staged:
     """The gradient of a scalar function w.r.t. argument(s) `argnums`, by symbolic autodiff."""
-    return Staged(fn, backend, _grad_stage(argnums, has_aux, with_value=False),
-                  name=f"grad_{getattr(fn, '__name__', 'fn')}")
+    return Staged(fn, backend, _grad_stage(argnums, has_aux, with_value=False))
 
 
 def value_and_grad(fn: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
                    backend: str | None = None) -> Staged:
     """Like grad, returning (value, gradients); with has_aux, ((value, aux), gradients)."""
-    return Staged(fn, backend, _grad_stage(argnums, has_aux, with_value=True),
-                  name=f"value_and_grad_{getattr(fn, '__name__', 'fn')}")
+    return Staged(fn, backend, _grad_stage(argnums, has_aux, with_value=True))

@@ -32,10 +32,19 @@ class TreeDef:
 LEAF = TreeDef("leaf")
 
 
+def _is_number_list(tree: Any) -> bool:
+    """A (possibly nested, possibly ragged) list of plain numbers: array data, not a pytree."""
+    return isinstance(tree, list) and bool(tree) and all(
+        isinstance(x, (bool, int, float, complex)) or _is_number_list(x) for x in tree)
+
+
 def flatten(tree: Any, path: str = "", is_leaf: Callable[[Any], bool] | None = None
             ) -> tuple[list[Any], list[str], TreeDef]:
-    """Return (leaves, their paths like "x[0]['w']", structure). Dict keys are sorted."""
-    if is_leaf is not None and is_leaf(tree):
+    """Return (leaves, their paths like "x[0]['w']", structure). Dict keys are sorted.
+
+    Tuples, dicts and lists of arrays are containers; a list of plain numbers is one leaf
+    (array data), so a ragged one is reported as a bad array rather than silently split."""
+    if (is_leaf is not None and is_leaf(tree)) or _is_number_list(tree):
         return [tree], [path], LEAF
     if isinstance(tree, (tuple, list)):
         leaves, paths, children = [], [], []
