@@ -110,10 +110,12 @@ def fold_constants(graph: Graph) -> Graph:
     """Evaluate nodes whose operands are all small constants; apply the identity rules."""
     def rewrite(b: Builder, node: Node, ins: tuple[Value, ...]) -> Value | None:
         prim = get(node.op)
-        if (prim.kind != SOURCE and ins and all(constant_of(v) is not None for v in ins)
-                and node.output.type.size <= FOLD_LIMIT):
+        constants = [constant_of(v) for v in ins]
+        # Fold only what does not grow: a broadcast constant stays a cheap scalar broadcast.
+        if (prim.kind != SOURCE and ins and all(c is not None for c in constants)
+                and node.output.type.size <= min(FOLD_LIMIT, max(c.size for c in constants))):
             probe = Node(node.op, ins, node.attrs, (node.output.type,))
-            (value,) = run_node(probe, [constant_of(v) for v in ins])
+            (value,) = run_node(probe, constants)
             return b.const(value, node.output.dtype)
         for rule in RULES_BY_OP.get(node.op, ()):
             probe = Node(node.op, ins, node.attrs, (node.output.type,))
