@@ -32,7 +32,8 @@ class Trace:
         self.builder = Builder(name)
         self.rng_key: Value | None = None
         self.next_stream = 0
-        self.training = True
+        # Set by compiled training steps: buffer updates recorded by modules (running stats).
+        self.buffer_updates: dict | None = None
 
     def random_key(self) -> tuple[Value, int]:
         """The (seed, counter) key input and a fresh stream number for one random op."""

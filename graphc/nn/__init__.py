@@ -1,4 +1,9 @@
-"""graphc.nn: neural-network building blocks."""
+"""graphc.nn: neural-network building blocks with PyTorch's names."""
 from . import functional
+from .layers import (AvgPool2d, Conv2d, Dropout, Flatten, Identity, Linear, LogSoftmax, MaxPool2d,
+                     ReLU, Sequential, Sigmoid, Softmax, Tanh)
+from .module import Module, Parameter, functional_call
 
-__all__ = ["functional"]
+__all__ = ["AvgPool2d", "Conv2d", "Dropout", "Flatten", "Identity", "Linear", "LogSoftmax",
+           "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential", "Sigmoid", "Softmax", "Tanh",
+           "functional", "functional_call"]

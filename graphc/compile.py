@@ -1,0 +1,282 @@
+"""Whole-model compilation: `compile_train_step` (forward + backward + optimizer update as ONE
+graph) and `compile` (inference).
+
+Parameters, optimizer state, buffers, the step count and the RNG key are inputs *donated* to
+their updated outputs, so the backend updates them in place: after `step(x, y)`,
+`model.state_dict()` already holds the new weights. The learning rate is an input, so schedules
+never recompile. A batch of a new shape compiles once more and says so.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from graphc.backends import compile_graph, default_backend
+from graphc.ir import Graph, TensorType
+from graphc.ir.errors import GraphcError
+from graphc.passes import SIMPLIFY, autodiff, run_pipeline
+
+from . import random as gc_random
+from .api import _inline, to_array, user_facing
+from .nn.module import Module, functional_call
+from .optim import Optimizer, clip_by_global_norm, l1_penalty
+from .tensor import Tensor, tracing
+
+log = logging.getLogger("graphc")
+
+
+def _add_inputs(builder, arrays: dict[str, np.ndarray], role: str) -> dict[str, Tensor]:
+    return {name: Tensor(builder.add_input(TensorType.of(a), name, role)) for name, a in arrays.items()}
+
+
+def _batch_arrays(batch: Sequence[Any]) -> list[np.ndarray]:
+    return [to_array(x, f"input {i}") for i, x in enumerate(batch)]
+
+
+class _Compiled:
+    """What one input signature compiles to: graphs at each stage and the executable."""
+
+    def __init__(self, traced: Graph, optimized: Graph, executable: Any) -> None:
+        self.traced, self.optimized, self.executable = traced, optimized, executable
+        self.persistent: list[np.ndarray] = []  # arrays the step reads after the batch
+
+
+class _CompiledModelBase:
+    backend: str
+    _compiled: dict[tuple, _Compiled]
+    name: str
+
+    def _signature(self, arrays: list[np.ndarray]) -> tuple:
+        return tuple((a.shape, a.dtype.name) for a in arrays)
+
+    def _get(self, arrays: list[np.ndarray]) -> _Compiled:
+        signature = self._signature(arrays)
+        compiled = self._compiled.get(signature)
+        if compiled is None:
+            if self._compiled:
+                old = next(reversed(self._compiled))
+                log.warning("graphc: recompiling %s for a new batch signature: %s -> %s", self.name,
+                            ", ".join(str(TensorType(*s)) for s in old),
+                            ", ".join(str(TensorType(*s)) for s in signature))
+            traced, donate = self._trace(arrays)
+            optimized = run_pipeline(traced, [SIMPLIFY])
+            compiled = _Compiled(traced, optimized, compile_graph(optimized, self.backend, donate))
+            self._compiled[signature] = compiled
+        return compiled
+
+    @property
+    def _latest(self) -> _Compiled:
+        return next(reversed(self._compiled.values()))
+
+    @property
+    def graph(self) -> Graph:
+        """The optimized graph (of the most recent batch signature)."""
+        return self._latest.optimized
+
+    @property
+    def executable(self) -> Any:
+        return self._latest.executable
+
+    def stage_graph(self, stage: str = "optimized") -> Graph:
+        latest = self._latest
+        if stage == "traced":
+            return latest.traced
+        if stage == "optimized":
+            return latest.optimized
+        if stage == "fused":
+            fused = getattr(latest.executable, "graph", None)
+            if fused is None or fused is latest.optimized:
+                from graphc.passes.fusion import fuse
+                fused = fuse(latest.optimized)
+            return fused
+        raise GraphcError(f"unknown stage {stage!r}; use 'traced', 'optimized' or 'fused'")
+
+    def to_dot(self, path: str | None = None, stage: str = "optimized") -> str:
+        """DOT of a stage's graph; written to `path` when given (fused kernels as clusters)."""
+        dot = self.stage_graph(stage).to_dot()
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(dot)
+        return dot
+
+    @property
+    def memory_plan(self) -> Any:
+        plan = getattr(self.executable, "plan", None)
+        if plan is None:
+            raise GraphcError(f"backend {self.backend!r} has no memory plan")
+        return plan
+
+
+class TrainStep(_CompiledModelBase):
+    """`step(*inputs, target) -> loss`: one call runs one compiled graph that updates the model."""
+
+    def __init__(self, model: Module, loss_fn: Callable[..., Tensor], optimizer: Optimizer,
+                 example_inputs: Sequence[Any], backend: str | None = None,
+                 clip_grad_norm: float | None = None, l1: float = 0.0, name: str = "train_step") -> None:
+        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.backend = backend or default_backend()
+        self.clip_grad_norm, self.l1, self.name = clip_grad_norm, l1, name
+        owned = {id(p): n for n, p in model.named_parameters()}
+        missing = [i for i, p in enumerate(optimizer.params) if id(p) not in owned]
+        if missing:
+            raise GraphcError(f"{name}: optimizer parameters {missing} do not belong to the model "
+                              "(build the optimizer from model.parameters())")
+        self.trainable = [owned[id(p)] for p in optimizer.params]
+        self.params = dict(model.named_parameters())
+        self.buffers = dict(model.named_buffers())
+        self.opt_state = {n: optimizer.init_state(self.params[n]) for n in self.trainable}
+        self.step_count = np.zeros((), np.float32)
+        self.rng_key = np.array([gc_random.next_key()[0], 0], np.int64)
+        self._compiled: dict[tuple, _Compiled] = {}
+        self._get(_batch_arrays(example_inputs))
+
+    # -- graph construction ----------------------------------------------------------------
+    def _forward_graph(self, batch: list[np.ndarray]) -> Graph:
+        """loss (and new buffer values) as a function of batch, parameters and buffers."""
+        with tracing(f"{self.name}_forward") as t:
+            b = t.builder
+            data = [Tensor(b.add_input(TensorType.of(a), f"input{i}")) for i, a in enumerate(batch)]
+            params = _add_inputs(b, self.params, "param")
+            buffers = _add_inputs(b, self.buffers, "state")
+            was_training = self.model.training
+            self.model.train()
+            try:
+                out, updates = functional_call(self.model, {**params, **buffers}, *data[:-1],
+                                               return_buffers=True)
+            finally:
+                self.model.train(was_training)
+            loss = self.loss_fn(out, data[-1])
+            if not isinstance(loss, Tensor) or loss.shape != ():
+                raise GraphcError(f"{self.name}: loss_fn must return a scalar tensor, got {loss!r}")
+            if self.l1:
+                loss = loss + l1_penalty([params[n] for n in self.trainable], self.l1)
+            b.add_output("loss", loss.value)
+            for name, value in updates.items():
+                b.add_output(f"buffer:{name}", value.value)
+        return t.builder.graph
+
+    def _trace(self, batch: list[np.ndarray]) -> tuple[Graph, dict[int, int]]:
+        forward = self._forward_graph(batch)
+        n_batch, n_params = len(batch), len(self.params)
+        param_index = {n: n_batch + i for i, n in enumerate(self.params)}
+        with_grads = autodiff(forward, wrt=[param_index[n] for n in self.trainable], output="loss")
+        with tracing(self.name) as t:
+            b = t.builder
+            data = [Tensor(b.add_input(TensorType.of(a), f"input{i}")) for i, a in enumerate(batch)]
+            params = _add_inputs(b, self.params, "param")
+            buffers = _add_inputs(b, self.buffers, "state")
+            state = {n: _add_inputs(b, {f"{n}.{k}": v for k, v in s.items()}, "state")
+                     for n, s in self.opt_state.items()}
+            step = Tensor(b.add_input(TensorType((), "float32"), "step", "state"))
+            lr = Tensor(b.add_input(TensorType((), "float32"), "lr", "data"))
+            outs = _inline(with_grads, [*data, *params.values(), *buffers.values()])
+            n_buffer_out = len(forward.outputs) - 1
+            loss, new_buffers = outs[0], outs[1:1 + n_buffer_out]
+            grads = dict(zip(self.trainable, outs[1 + n_buffer_out:]))
+            if self.clip_grad_norm is not None:
+                grads = clip_by_global_norm(grads, self.clip_grad_norm)
+            new_step = step + 1
+            new_params, new_state = self.optimizer.update(
+                {n: params[n] for n in self.trainable}, grads,
+                {n: {k.rsplit(".", 1)[1]: v for k, v in s.items()} for n, s in state.items()},
+                lr, new_step)
+
+            donate: dict[int, int] = {}
+            inputs = {inp.name: i for i, inp in enumerate(b.graph.inputs)}
+
+            def output(name: str, value: Tensor, donor: str | None = None) -> None:
+                if donor is not None:
+                    donate[inputs[donor]] = len(b.graph.outputs)
+                b.add_output(name, value.value)
+
+            output("loss", loss)
+            for n in self.trainable:
+                output(f"param:{n}", new_params[n], n)
+                for k, v in new_state[n].items():
+                    output(f"state:{n}.{k}", v, f"{n}.{k}")
+            for (out_name, _), value in zip(forward.outputs[1:], new_buffers):
+                name = out_name.split(":", 1)[1]
+                output(f"buffer:{name}", value.astype(self.buffers[name].dtype), name)
+            output("step", new_step, "step")
+            if t.rng_key is not None:  # dropout drew numbers: advance the counter for the next step
+                output("rng", Tensor(t.rng_key) + np.array([0, 1], np.int64), "rng")
+        return t.builder.graph, donate
+
+    # -- running ---------------------------------------------------------------------------
+    def _persistent(self, graph: Graph) -> list[np.ndarray]:
+        arrays = {**self.params, **self.buffers, "step": self.step_count,
+                  **{f"{n}.{k}": v for n, s in self.opt_state.items() for k, v in s.items()}}
+        return [arrays[inp.name] for inp in graph.inputs if inp.name in arrays]
+
+    @user_facing
+    def __call__(self, *batch: Any) -> float:
+        arrays = _batch_arrays(batch)
+        compiled = self._get(arrays)
+        if not compiled.persistent:
+            compiled.persistent = self._persistent(compiled.optimized)
+        args = [*arrays, *compiled.persistent, np.float32(self.optimizer.lr)]
+        if compiled.optimized.inputs[-1].role == "rng":
+            args.append(self.rng_key)
+        outs = compiled.executable(*args)
+        return float(outs[0])
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return self.model.state_dict()
+
+
+class CompiledModel(_CompiledModelBase):
+    """Inference: the model in eval mode (no dropout, running statistics), weights as inputs
+    so later training is seen without recompiling."""
+
+    def __init__(self, model: Module, example_inputs: Sequence[Any], backend: str | None = None,
+                 name: str = "inference") -> None:
+        self.model, self.name = model, name
+        self.backend = backend or default_backend()
+        self.params = dict(model.named_parameters())
+        self.buffers = dict(model.named_buffers())
+        self._compiled: dict[tuple, _Compiled] = {}
+        self._get(_batch_arrays(example_inputs))
+
+    def _trace(self, batch: list[np.ndarray]) -> tuple[Graph, dict[int, int]]:
+        with tracing(self.name) as t:
+            b = t.builder
+            data = [Tensor(b.add_input(TensorType.of(a), f"input{i}")) for i, a in enumerate(batch)]
+            state = {**_add_inputs(b, self.params, "param"), **_add_inputs(b, self.buffers, "state")}
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                out = functional_call(self.model, state, *data)
+            finally:
+                self.model.train(was_training)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            for i, o in enumerate(outs):
+                b.add_output("out" if len(outs) == 1 else f"out{i}", o.value)
+        self._multiple = isinstance(out, (tuple, list))
+        return t.builder.graph, {}
+
+    @user_facing
+    def __call__(self, *inputs: Any) -> Any:
+        arrays = _batch_arrays(inputs)
+        compiled = self._get(arrays)
+        outs = compiled.executable(*arrays, *self.params.values(), *self.buffers.values())
+        return tuple(outs) if self._multiple else outs[0]
+
+
+@user_facing
+def compile_train_step(model: Module, loss_fn: Callable[..., Tensor], optimizer: Optimizer,
+                       example_inputs: Sequence[Any], backend: str | None = None,
+                       clip_grad_norm: float | None = None, l1: float = 0.0) -> TrainStep:
+    """Compile forward, loss, backward and the optimizer update into one graph.
+
+    `example_inputs` is (model inputs..., target); `loss_fn(model_output, target)`.
+    """
+    return TrainStep(model, loss_fn, optimizer, example_inputs, backend, clip_grad_norm, l1)
+
+
+@user_facing
+def compile(model: Module, example_inputs: Any, backend: str | None = None) -> CompiledModel:
+    """Compile the model's inference (eval mode) for inputs shaped like `example_inputs`."""
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    return CompiledModel(model, inputs, backend)

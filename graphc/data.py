@@ -1,0 +1,375 @@
+"""Datasets and batching on the host, in NumPy: IDX/MNIST reading, loaders, transforms.
+
+Everything here runs before a compiled step sees the data, so it is plain NumPy and keeps the
+per-batch Python small: a `DataLoader` over a `TensorDataset` gathers each batch with one
+fancy-indexing call per array instead of a loop over samples.
+
+The real MNIST test split lives outside the repository (`find_mnist` locates it); this project
+trains on its images 0..7999 (`MNIST_TRAIN`) and evaluates on 8000..9999 (`MNIST_EVAL`).
+"""
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from graphc.ir.errors import GraphcError
+
+Batch = tuple[np.ndarray, ...]
+Transform = Callable[[np.ndarray], np.ndarray]
+
+MNIST_TRAIN = slice(0, 8000)
+MNIST_EVAL = slice(8000, 10000)
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
+
+class DatasetError(GraphcError, ValueError):
+    """A data file that is missing, malformed or inconsistent with its companions."""
+
+
+# --------------------------------------------------------------------------- IDX files
+
+_GZIP_MAGIC = b"\x1f\x8b"
+# IDX type codes; every multi-byte type is stored big-endian.
+_IDX_DTYPES = {
+    0x08: np.dtype("u1"),
+    0x09: np.dtype("i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzip-compressed or raw, into a native-endian array.
+
+    Compression is detected from the gzip magic bytes, not from the file name. Raises
+    `DatasetError` naming the file for a bad magic number, an unknown type code, a truncated
+    header or payload, trailing bytes, or a corrupt gzip stream.
+    """
+    name = os.fspath(path)
+    with open(name, "rb") as f:
+        blob = f.read()
+    if blob[:2] == _GZIP_MAGIC:
+        blob = _gunzip(name, blob)
+    dtype, shape, offset = _parse_idx_header(name, blob)
+    _check_payload_size(name, blob, dtype, shape, offset)
+    array = np.frombuffer(blob, dtype=dtype, offset=offset).reshape(shape)
+    return array.astype(dtype.newbyteorder("="))  # a writable, native-endian copy
+
+
+def _gunzip(name: str, blob: bytes) -> bytes:
+    try:
+        return gzip.decompress(blob)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DatasetError(f"{name}: corrupt gzip stream ({exc})") from exc
+
+
+def _parse_idx_header(name: str, blob: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
+    if len(blob) < 4:
+        raise DatasetError(f"{name}: {len(blob)} bytes is too short for an IDX header (needs 4)")
+    zero0, zero1, type_code, ndim = blob[:4]
+    if zero0 != 0 or zero1 != 0:
+        raise DatasetError(f"{name}: bad magic number 0x{blob[:4].hex()}: not an IDX file "
+                           "(an IDX file starts with two zero bytes)")
+    if type_code not in _IDX_DTYPES:
+        known = ", ".join(f"0x{code:02X}" for code in _IDX_DTYPES)
+        raise DatasetError(f"{name}: unknown IDX type code 0x{type_code:02X} (known: {known})")
+    if ndim == 0:
+        raise DatasetError(f"{name}: IDX header declares 0 dimensions")
+    offset = 4 + 4 * ndim
+    if len(blob) < offset:
+        raise DatasetError(f"{name}: truncated IDX header: {ndim} dimensions need {offset} "
+                           f"bytes, the file holds {len(blob)}")
+    shape = tuple(int(d) for d in np.frombuffer(blob, dtype=">u4", count=ndim, offset=4))
+    return _IDX_DTYPES[type_code], shape, offset
+
+
+def _check_payload_size(name: str, blob: bytes, dtype: np.dtype, shape: tuple[int, ...],
+                        offset: int) -> None:
+    expected = math.prod(shape) * dtype.itemsize
+    actual = len(blob) - offset
+    if actual == expected:
+        return
+    what = "truncated IDX data" if actual < expected else "trailing bytes after IDX data"
+    raise DatasetError(f"{name}: {what}: shape {shape} of {dtype.newbyteorder('=').name} needs "
+                       f"{expected} bytes after the header, the file holds {actual}")
+
+
+# --------------------------------------------------------------------------- MNIST
+
+_MNIST_PREFIX = {"test": "t10k", "train": "train"}
+
+
+def _mnist_file(directory: str, split: str, kind: str) -> str | None:
+    """Path of the compressed or raw MNIST file for (split, kind), or None if neither exists."""
+    base = os.path.join(directory, f"{_MNIST_PREFIX[split]}-{kind}")
+    for candidate in (base + ".gz", base):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def load_mnist(directory: str | os.PathLike, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """Load an MNIST split from `directory`: images uint8 (N, 28, 28) and labels uint8 (N,).
+
+    Reads `t10k-*` for split="test" and `train-*` for split="train", each `.gz` or raw.
+    """
+    if split not in _MNIST_PREFIX:
+        raise ValueError(f"load_mnist: split must be one of {sorted(_MNIST_PREFIX)}, got {split!r}")
+    directory = os.fspath(directory)
+    paths = {}
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        paths[kind] = _mnist_file(directory, split, kind)
+        if paths[kind] is None:
+            raise DatasetError(f"{directory}: no MNIST file {_MNIST_PREFIX[split]}-{kind}(.gz)")
+    images = read_idx(paths["images-idx3-ubyte"])
+    labels = read_idx(paths["labels-idx1-ubyte"])
+    _check_mnist(paths["images-idx3-ubyte"], images, paths["labels-idx1-ubyte"], labels)
+    return images, labels
+
+
+def _check_mnist(images_path: str, images: np.ndarray, labels_path: str,
+                 labels: np.ndarray) -> None:
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise DatasetError(f"{images_path}: expected uint8 images of shape (N, 28, 28), "
+                           f"got {images.dtype} {images.shape}")
+    if labels.dtype != np.uint8 or labels.ndim != 1:
+        raise DatasetError(f"{labels_path}: expected uint8 labels of shape (N,), "
+                           f"got {labels.dtype} {labels.shape}")
+    if len(images) != len(labels):
+        raise DatasetError(f"{images_path} holds {len(images)} images but {labels_path} holds "
+                           f"{len(labels)} labels")
+    if labels.size and labels.max() > 9:
+        raise DatasetError(f"{labels_path}: label {int(labels.max())} is not a digit 0..9")
+
+
+def find_mnist(explicit_dir: str | os.PathLike | None = None) -> str | None:
+    """The first directory holding the MNIST test split, or None if there is none.
+
+    Looks, in order, at `explicit_dir`, $GRAPHC_MNIST_DIR, and `../shared/data/mnist` relative
+    to the repository and to the working directory.
+    """
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidates = [
+        explicit_dir,
+        os.environ.get("GRAPHC_MNIST_DIR"),
+        os.path.join(repo_root, os.pardir, "shared", "data", "mnist"),
+        os.path.join(os.getcwd(), os.pardir, "shared", "data", "mnist"),
+    ]
+    for candidate in candidates:
+        if candidate and _mnist_file(os.fspath(candidate), "test", "images-idx3-ubyte"):
+            return os.path.normpath(os.fspath(candidate))
+    return None
+
+
+def mnist_arrays(directory: str | os.PathLike, normalize: bool = True,
+                 split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """MNIST ready for a CNN: images float32 (N, 1, 28, 28) in [0, 1], labels int64 (N,).
+
+    With `normalize`, images become (x / 255 - 0.1307) / 0.3081, the usual MNIST statistics.
+    """
+    images, labels = load_mnist(directory, split)
+    x = to_float()(images)[:, None]
+    if normalize:
+        x = Normalize(MNIST_MEAN, MNIST_STD)(x)
+    return x, labels.astype(np.int64)
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits (offline): images float32 (N, 8, 8) in [0, 1], labels
+    int64 (N,). The fallback dataset where MNIST is not available."""
+    from sklearn.datasets import load_digits as sklearn_digits  # optional dependency
+
+    digits = sklearn_digits()
+    images = (digits.images / 16.0).astype(np.float32)  # pixel intensities are 0..16
+    return images, digits.target.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- datasets
+
+@runtime_checkable
+class Dataset(Protocol):
+    """Anything with a length whose items are tuples of arrays (e.g. (image, label))."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Batch: ...
+
+
+class TensorDataset:
+    """Parallel arrays indexed together along their first axis."""
+
+    def __init__(self, *arrays: np.ndarray) -> None:
+        if not arrays:
+            raise ValueError("TensorDataset needs at least one array")
+        self.arrays = tuple(np.asarray(a) for a in arrays)
+        lengths = [len(a) if a.ndim else None for a in self.arrays]
+        if None in lengths or len(set(lengths)) != 1:
+            shapes = ", ".join(str(a.shape) for a in self.arrays)
+            raise ValueError(f"TensorDataset arrays must share their first dimension, "
+                             f"got shapes {shapes}")
+
+    def __len__(self) -> int:
+        return len(self.arrays[0])
+
+    def __getitem__(self, index: int) -> Batch:
+        return tuple(a[index] for a in self.arrays)
+
+    def take(self, indices: np.ndarray) -> Batch:
+        """A whole batch at once: each array gathered with `indices`."""
+        return tuple(a[indices] for a in self.arrays)
+
+
+class Subset:
+    """The items of `dataset` at `indices`, in that order."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int] | np.ndarray) -> None:
+        self.dataset = dataset
+        self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(dataset)
+        if self.indices.size and (self.indices.min() < -n or self.indices.max() >= n):
+            raise IndexError(f"Subset indices out of range for a dataset of length {n}")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Batch:
+        return self.dataset[int(self.indices[index])]
+
+    def take(self, indices: np.ndarray) -> Batch:
+        return _gather(self.dataset, self.indices[indices])
+
+
+def _gather(dataset: Dataset, indices: np.ndarray) -> Batch:
+    """Batch `indices` of `dataset`: vectorised when it can `take`, else stacked per item."""
+    if hasattr(dataset, "take"):
+        return dataset.take(indices)
+    items = [dataset[int(i)] for i in indices]
+    return tuple(np.stack(column) for column in zip(*items))
+
+
+# --------------------------------------------------------------------------- loading
+
+class DataLoader:
+    """Iterate over a dataset in batches: tuples of stacked NumPy arrays.
+
+    With `shuffle`, each epoch visits the items in a fresh permutation drawn from
+    (seed, epoch), so a seeded loader is reproducible yet differs from one epoch to the next;
+    `set_epoch` rewinds or skips that counter (e.g. to resume). Without a seed the loader draws
+    one from the OS once. `transform` is applied to each batch of inputs (the first array) and
+    `target_transform` to each batch of targets (the second), vectorised over the batch.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False,
+                 drop_last: bool = False, seed: int | None = None,
+                 transform: Transform | None = None,
+                 target_transform: Transform | None = None) -> None:
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"DataLoader: batch_size must be a positive integer, got {batch_size!r}")
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = np.random.SeedSequence().entropy if seed is None else int(seed)
+        self.transform = transform
+        self.target_transform = target_transform
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration use the permutation of `epoch`."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        order = self._order()
+        self.epoch += 1
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield self._apply_transforms(_gather(self.dataset, order[start:start + self.batch_size]))
+
+    def _order(self) -> np.ndarray:
+        n = len(self.dataset)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(n)
+
+    def _apply_transforms(self, batch: Batch) -> Batch:
+        parts = list(batch)
+        for position, transform in ((0, self.transform), (1, self.target_transform)):
+            if transform is not None:
+                if position >= len(parts):
+                    raise ValueError("DataLoader: target_transform given but the dataset's "
+                                     "items have no second array")
+                parts[position] = transform(parts[position])
+        return tuple(parts)
+
+
+# --------------------------------------------------------------------------- transforms
+
+class Normalize:
+    """(x - mean) / std over a batch (N, C, ...): scalars, or one value per channel (axis 1)."""
+
+    def __init__(self, mean: float | Sequence[float], std: float | Sequence[float]) -> None:
+        self.mean = np.asarray(mean, dtype=np.float64)
+        self.std = np.asarray(std, dtype=np.float64)
+        if self.mean.ndim > 1 or self.std.ndim > 1:
+            raise ValueError("Normalize: mean and std must be scalars or 1-D per-channel values")
+        if np.any(self.std == 0):
+            raise ValueError(f"Normalize: std must be non-zero, got {self.std.tolist()}")
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if not np.issubdtype(x.dtype, np.floating):
+            raise TypeError(f"Normalize expects floating-point input, got {x.dtype}; "
+                            "apply to_float() first")
+        return ((x - self._per_channel(self.mean, x)) / self._per_channel(self.std, x)).astype(
+            x.dtype, copy=False)
+
+    @staticmethod
+    def _per_channel(values: np.ndarray, x: np.ndarray) -> np.ndarray:
+        if values.ndim == 0:
+            return values.astype(x.dtype)
+        if x.ndim < 2 or x.shape[1] != len(values):
+            raise ValueError(f"Normalize: {len(values)} per-channel values do not match a batch "
+                             f"of shape {x.shape} (channels on axis 1)")
+        return values.astype(x.dtype).reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+def to_float(scale: float = 1 / 255) -> Transform:
+    """A transform casting to float32 and multiplying by `scale` (uint8 pixels to [0, 1])."""
+    def cast(x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float32) * np.float32(scale)
+
+    return cast
+
+
+def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """float32 (..., num_classes) rows with a 1 at each label."""
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"one_hot expects integer labels, got {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"one_hot: labels must lie in [0, {num_classes}), got "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    return np.eye(num_classes, dtype=np.float32)[labels]
+
+
+class Compose:
+    """Apply transforms in order."""
+
+    def __init__(self, transforms: Sequence[Transform]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        for transform in self.transforms:
+            x = transform(x)
+        return x

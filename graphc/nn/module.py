@@ -1,0 +1,194 @@
+"""`Module`: parameters, buffers and submodules, as in PyTorch.
+
+Parameters and buffers are NumPy arrays owned by the module. A module's forward only ever runs
+while graphc traces it: for that, `bound(module, tensors)` swaps every parameter and buffer for
+the traced Tensor that stands for it, so the compiled step reads (and, through donated buffers,
+updates) the module's own arrays.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import numpy as np
+
+from graphc.ir.errors import GraphcError
+
+from ..tensor import Tensor, current_trace
+
+
+class Parameter:
+    """Marks an array as a trainable parameter when assigned to a Module attribute."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: Any) -> None:
+        self.data = np.ascontiguousarray(data, dtype=np.float32) if not isinstance(
+            data, np.ndarray) or data.dtype.kind != "f" else np.ascontiguousarray(data)
+
+
+class Module:
+    training: bool
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_parameters", {})
+        object.__setattr__(self, "_buffers", {})
+        object.__setattr__(self, "_modules", {})
+        object.__setattr__(self, "_bound", None)
+        object.__setattr__(self, "training", True)
+
+    # -- registration -------------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        if "_parameters" not in self.__dict__:
+            raise GraphcError(f"{type(self).__name__}.__init__ must call super().__init__() "
+                              "before assigning attributes")
+        for table in (self._parameters, self._buffers, self._modules):
+            table.pop(name, None)
+        if isinstance(value, Parameter):
+            self._parameters[name] = value.data
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    def register_buffer(self, name: str, array: Any) -> None:
+        """Non-trainable state (e.g. running statistics) saved in the state dict."""
+        self._buffers[name] = np.ascontiguousarray(array)
+
+    def __getattr__(self, name: str) -> Any:
+        d = self.__dict__
+        bound = d.get("_bound")
+        if bound is not None and name in bound:
+            return bound[name]
+        for table in ("_parameters", "_buffers", "_modules"):
+            if name in d.get(table, {}):
+                return d[table][name]
+        raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
+
+    # -- traversal ----------------------------------------------------------------------
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}{name}.")
+
+    def modules(self) -> Iterator[Module]:
+        return (m for _, m in self.named_modules())
+
+    def children(self) -> Iterator[Module]:
+        return iter(self._modules.values())
+
+    def named_parameters(self) -> Iterator[tuple[str, np.ndarray]]:
+        for prefix, module in self.named_modules():
+            for name, p in module._parameters.items():
+                yield prefix + name, p
+
+    def parameters(self) -> list[np.ndarray]:
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self) -> Iterator[tuple[str, np.ndarray]]:
+        for prefix, module in self.named_modules():
+            for name, b in module._buffers.items():
+                yield prefix + name, b
+
+    def num_parameters(self) -> int:
+        return sum(p.size for p in self.parameters())
+
+    # -- modes and state ------------------------------------------------------------------
+    def train(self, mode: bool = True) -> Module:
+        for m in self.modules():
+            object.__setattr__(m, "training", mode)
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The live arrays (parameters, then buffers) by dotted name; compiled training steps
+        update them in place."""
+        return {**dict(self.named_parameters()), **dict(self.named_buffers())}
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Copy arrays into the module's own (so compiled steps keep seeing them)."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if strict and (missing or unexpected):
+            raise GraphcError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        for name, value in state.items():
+            if name not in own:
+                continue
+            value = np.asarray(value)
+            if value.shape != own[name].shape:
+                raise GraphcError(f"load_state_dict: {name!r} has shape {value.shape}, "
+                                  f"the module expects {own[name].shape}")
+            np.copyto(own[name], value, casting="same_kind")
+
+    # -- calling ----------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must define forward()")
+
+    def update_buffer(self, name: str, value: Tensor) -> None:
+        """Record a new value for a buffer inside a traced training step (e.g. running stats)."""
+        updates = getattr(current_trace(), "buffer_updates", None)
+        if updates is None:
+            raise GraphcError(f"{type(self).__name__}: buffer {name!r} can only be updated inside "
+                              "a compiled training step")
+        updates[(id(self), name)] = value
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        children = [f"  ({n}): " + repr(m).replace("\n", "\n  ") for n, m in self._modules.items()]
+        head = f"{type(self).__name__}({self.extra_repr()}"
+        return head + ("\n" + "\n".join(children) + "\n)" if children else ")")
+
+
+@contextmanager
+def bound(module: Module, tensors: dict[str, Tensor]) -> Iterator[None]:
+    """Within the block, the module tree's parameters/buffers named in `tensors` read as those
+    traced Tensors (names as in state_dict)."""
+    saved = []
+    for prefix, m in module.named_modules():
+        own = {name[len(prefix):]: t for name, t in tensors.items()
+               if name.startswith(prefix) and "." not in name[len(prefix):]}
+        saved.append((m, m.__dict__.get("_bound")))
+        object.__setattr__(m, "_bound", own)
+    try:
+        yield
+    finally:
+        for m, previous in saved:
+            object.__setattr__(m, "_bound", previous)
+
+
+def buffer_owner(module: Module) -> dict[tuple[int, str], str]:
+    """Map (id(submodule), buffer name) -> dotted state-dict name, to apply recorded updates."""
+    return {(id(m), name): prefix + name
+            for prefix, m in module.named_modules() for name in m._buffers}
+
+
+def functional_call(module: Module, state: dict[str, Any], *args: Any,
+                    return_buffers: bool = False) -> Any:
+    """Run `module` inside a trace with its parameters/buffers read from `state` (Tensors or
+    arrays, by state-dict name; names left out keep the module's arrays as constants).
+
+    With `return_buffers`, returns (output, {buffer name: new value Tensor}) for the buffers the
+    forward updated (e.g. batch-norm running statistics in training mode).
+    """
+    from ..tensor import as_tensor
+
+    trace = current_trace()
+    tensors = {name: as_tensor(value) for name, value in state.items()}
+    previous = trace.buffer_updates
+    trace.buffer_updates = {}
+    try:
+        with bound(module, tensors):
+            out = module(*args)
+        names = buffer_owner(module)
+        updates = {names[key]: value for key, value in trace.buffer_updates.items()}
+    finally:
+        trace.buffer_updates = previous
+    return (out, updates) if return_buffers else out
