@@ -24,15 +24,20 @@ def _nonempty(x: TensorType, axes: tuple[int, ...], what: str) -> None:
             raise OpTypeError(f"cannot take the {what} over axis {axis} of size 0")
 
 
-def _reduction_infer(what: str | None):
-    """Shape rule of sum (what=None: empty axes are fine) and max (what: the name in errors)."""
-    def infer(x: TensorType, *, axes: tuple[int, ...], keepdims: bool) -> TensorType:
-        _numeric(x)
-        require_canonical("axes", axes, normalize_axes(axes, x.ndim))
-        if what is not None:
-            _nonempty(x, axes, what)
-        return x.with_shape(reduced_shape(x.shape, axes, keepdims))
-    return infer
+def _reduced_type(x: TensorType, axes: tuple[int, ...], keepdims: bool) -> TensorType:
+    _numeric(x)
+    require_canonical("axes", axes, normalize_axes(axes, x.ndim))
+    return x.with_shape(reduced_shape(x.shape, axes, keepdims))
+
+
+def _sum_infer(x: TensorType, *, axes: tuple[int, ...], keepdims: bool) -> TensorType:
+    return _reduced_type(x, axes, keepdims)  # an empty axis sums to zero
+
+
+def _max_infer(x: TensorType, *, axes: tuple[int, ...], keepdims: bool) -> TensorType:
+    out = _reduced_type(x, axes, keepdims)
+    _nonempty(x, axes, "max")
+    return out
 
 
 def _axes_canon(types, attrs):
@@ -63,13 +68,13 @@ def _max_vjp(b, g, x, *, out, axes, keepdims):
 _AXES_ATTRS = {"axes": Attr("ints"), "keepdims": Attr("bool", False)}
 
 register(Primitive(
-    "sum", REDUCTION, _reduction_infer(None),
+    "sum", REDUCTION, _sum_infer,
     lambda x, *, axes, keepdims: np.asarray(np.sum(x, axis=axes, keepdims=keepdims, dtype=x.dtype)),
     _sum_vjp, attrs=_AXES_ATTRS, canon=_axes_canon, num_inputs=1,
     doc="Sum over `axes` (may be empty), keeping the operand's dtype."))
 
 register(Primitive(
-    "max", REDUCTION, _reduction_infer("max"),
+    "max", REDUCTION, _max_infer,
     lambda x, *, axes, keepdims: np.asarray(np.max(x, axis=axes, keepdims=keepdims)),
     _max_vjp, attrs=_AXES_ATTRS, canon=_axes_canon, num_inputs=1,
     doc="Maximum over `axes` (NaN propagates); the VJP splits the cotangent among ties."))
