@@ -73,34 +73,62 @@ def _window_counts(hw: Shape, kernel: Shape, stride: Pair, padding: Pair,
 
 
 # -- im2col / col2im ---------------------------------------------------------------------------
+def _pad(x: np.ndarray, padding: Pair, fill: float) -> np.ndarray:
+    ph, pw = padding
+    if not (ph or pw):
+        return x
+    return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=fill)
+
+
 def _windows(x: np.ndarray, kernel: Shape, stride: Pair, padding: Pair, dilation: Pair,
              fill: float = 0.0) -> np.ndarray:
-    """Every receptive field of NCHW `x` as a view of shape (N, C, Ho, Wo, kh, kw)."""
-    (ph, pw), (dh, dw) = padding, dilation
-    if ph or pw:
-        x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=fill)
+    """Every receptive field of NCHW `x` as a view of shape (N, C, Ho, Wo, kh, kw) (im2col
+    without copying; the contraction that reads it makes the one copy)."""
+    dh, dw = dilation
     span = (dh * (kernel[0] - 1) + 1, dw * (kernel[1] - 1) + 1)
-    view = sliding_window_view(x, span, axis=(2, 3))
+    view = sliding_window_view(_pad(x, padding, fill), span, axis=(2, 3))
     return view[:, :, ::stride[0], ::stride[1], ::dh, ::dw]
 
 
-def _fold_windows(cols: np.ndarray, input_shape: Shape, stride: Pair, padding: Pair,
-                  dilation: Pair) -> np.ndarray:
-    """Adjoint of `_windows`: sum per-window values (N, C, Ho, Wo, kh, kw) into an NCHW array."""
+def _window_cells(x: np.ndarray, kernel: Shape, stride: Pair, padding: Pair,
+                  fill: float = 0.0) -> list[np.ndarray]:
+    """One (N, C, Ho, Wo) view per kernel offset, in row-major order: the same cell of every
+    window. Pooling reduces over these with whole-array ufuncs, several times faster than
+    reducing the trailing axes of `_windows`."""
+    windows = _windows(x, kernel, stride, padding, (1, 1), fill)
+    return [windows[:, :, :, :, i, j] for i in range(kernel[0]) for j in range(kernel[1])]
+
+
+def _combine(ufunc: np.ufunc, cells: list[np.ndarray]) -> np.ndarray:
+    """ufunc over all cells into a fresh array (never a view of the input, even for 1x1)."""
+    result = cells[0].copy()
+    for cell in cells[1:]:
+        ufunc(result, cell, out=result)
+    return result
+
+
+def _fold_cells(cells: list[np.ndarray], input_shape: Shape, kernel: Shape, stride: Pair,
+                padding: Pair, dilation: Pair = (1, 1)) -> np.ndarray:
+    """Adjoint of `_window_cells`: add each offset's (N, C, Ho, Wo) values back onto the input
+    positions they were read from (overlapping windows accumulate; padding is dropped)."""
     n, c, h, w = input_shape
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    ho, wo, kh, kw = cols.shape[2:]
-    out = np.zeros((n, c, h + 2 * ph, w + 2 * pw), cols.dtype)
-    for i in range(kh):
+    ho, wo = cells[0].shape[2:]
+    out = np.zeros((n, c, h + 2 * ph, w + 2 * pw), cells[0].dtype)
+    for (i, j), cell in zip(np.ndindex(*kernel), cells):
         rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
-        for j in range(kw):
-            columns = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
-            out[:, :, rows, columns] += cols[:, :, :, :, i, j]
+        columns = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
+        out[:, :, rows, columns] += cell
     return np.ascontiguousarray(out[:, :, ph:ph + h, pw:pw + w])
 
 
 def _split_groups(a: np.ndarray, groups: int, axis: int) -> list[np.ndarray]:
     return np.split(a, groups, axis=axis) if groups > 1 else [a]
+
+
+def _join(parts: list[np.ndarray], axis: int) -> np.ndarray:
+    """Concatenate per-group results (without a copy when there is one group)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
 
 
 # -- matmul ------------------------------------------------------------------------------------
@@ -197,15 +225,20 @@ def _conv2d(x, w, *, stride, padding, dilation, groups):
     # (N, Cg, Ho, Wo, kh, kw) . (Og, Cg, kh, kw) -> (N, Ho, Wo, Og), one GEMM per group
     parts = [np.tensordot(cols_g, w_g, axes=([1, 4, 5], [1, 2, 3]))
              for cols_g, w_g in zip(_split_groups(cols, groups, 1), _split_groups(w, groups, 0))]
-    return np.ascontiguousarray(np.concatenate(parts, axis=3).transpose(0, 3, 1, 2))
+    return np.ascontiguousarray(_join(parts, axis=3).transpose(0, 3, 1, 2))
 
 
 def _conv2d_input_grad(g, w, *, input_shape, stride, padding, dilation, groups):
-    # (N, Og, Ho, Wo) . (Og, Cg, kh, kw) -> (N, Ho, Wo, Cg, kh, kw): per-window input cotangents
-    parts = [np.tensordot(g_g, w_g, axes=([1], [0]))
-             for g_g, w_g in zip(_split_groups(g, groups, 1), _split_groups(w, groups, 0))]
-    cols = np.concatenate(parts, axis=3).transpose(0, 3, 1, 2, 4, 5)
-    return _fold_windows(cols, input_shape, stride, padding, dilation)
+    kernel = w.shape[2:]
+    g_nhwc = np.ascontiguousarray(g.transpose(0, 2, 3, 1))
+    # (N, Ho, Wo, Og) @ (Og, kh*kw*Cg) -> (N, Ho, Wo, kh*kw, Cg): one GEMM per group, laid out
+    # so that each kernel offset's input cotangents form one dense block for the fold
+    parts = [(g_g @ w_g.transpose(0, 2, 3, 1).reshape(len(w_g), -1)).reshape(
+                 g_g.shape[:3] + (kernel[0] * kernel[1], -1))
+             for g_g, w_g in zip(_split_groups(g_nhwc, groups, 3), _split_groups(w, groups, 0))]
+    cols = _join(parts, axis=4)
+    cells = [cols[:, :, :, k].transpose(0, 3, 1, 2) for k in range(cols.shape[3])]
+    return _fold_cells(cells, input_shape, kernel, stride, padding, dilation)
 
 
 def _conv2d_weight_grad(x, g, *, weight_shape, stride, padding, dilation, groups):
@@ -213,7 +246,7 @@ def _conv2d_weight_grad(x, g, *, weight_shape, stride, padding, dilation, groups
     # (N, Og, Ho, Wo) . (N, Cg, Ho, Wo, kh, kw) -> (Og, Cg, kh, kw)
     parts = [np.tensordot(g_g, cols_g, axes=([0, 2, 3], [0, 2, 3]))
              for g_g, cols_g in zip(_split_groups(g, groups, 1), _split_groups(cols, groups, 1))]
-    return np.concatenate(parts, axis=0)
+    return _join(parts, axis=0)
 
 
 # conv2d is bilinear: <conv2d(x, w), g> = <x, input_grad(g, w)> = <w, weight_grad(x, g)>.
@@ -286,16 +319,15 @@ def _avg_pool2d_grad_type(g: TensorType, *, input_shape, kernel, stride, padding
 
 
 def _max_pool2d(x, *, kernel, stride, padding):
-    return _windows(x, kernel, stride, padding, (1, 1), fill=-np.inf).max(axis=(4, 5))
+    return _combine(np.maximum, _window_cells(x, kernel, stride, padding, fill=-np.inf))
 
 
 def _max_pool2d_grad(x, g, *, kernel, stride, padding):
-    cols = _windows(x, kernel, stride, padding, (1, 1), fill=-np.inf)
-    flat = cols.reshape(cols.shape[:4] + (-1,))
-    first_max = flat.argmax(axis=4)  # the first maximum in row-major window order wins
-    chosen = np.arange(flat.shape[4]) == first_max[..., None]
-    picked = np.where(chosen, g[..., None], np.zeros((), g.dtype)).reshape(cols.shape)
-    return _fold_windows(picked, x.shape, stride, padding, (1, 1))
+    cells = _window_cells(x, kernel, stride, padding, fill=-np.inf)
+    first_max = np.stack(cells).argmax(axis=0)  # the first maximum in row-major window order wins
+    zero = np.zeros((), g.dtype)
+    routed = [np.where(first_max == k, g, zero) for k in range(len(cells))]
+    return _fold_cells(routed, x.shape, kernel, stride, padding)
 
 
 def _avg_divisor(input_shape: Shape, kernel, stride, padding, count_include_pad: bool,
@@ -304,18 +336,17 @@ def _avg_divisor(input_shape: Shape, kernel, stride, padding, count_include_pad:
     if count_include_pad:
         return np.asarray(kernel[0] * kernel[1], dtype)
     ones = np.ones((1, 1) + tuple(input_shape[2:]), dtype)
-    return _windows(ones, kernel, stride, padding, (1, 1)).sum(axis=(4, 5))
+    return _combine(np.add, _window_cells(ones, kernel, stride, padding))
 
 
 def _avg_pool2d(x, *, kernel, stride, padding, count_include_pad):
-    sums = _windows(x, kernel, stride, padding, (1, 1)).sum(axis=(4, 5))
+    sums = _combine(np.add, _window_cells(x, kernel, stride, padding))
     return sums / _avg_divisor(x.shape, kernel, stride, padding, count_include_pad, x.dtype)
 
 
 def _avg_pool2d_grad(g, *, input_shape, kernel, stride, padding, count_include_pad):
     share = g / _avg_divisor(input_shape, kernel, stride, padding, count_include_pad, g.dtype)
-    cols = np.broadcast_to(share[..., None, None], share.shape + tuple(kernel))
-    return _fold_windows(cols, input_shape, stride, padding, (1, 1))
+    return _fold_cells([share] * (kernel[0] * kernel[1]), input_shape, kernel, stride, padding)
 
 
 def _max_pool2d_vjp(b, g, x, *, out, **window):
