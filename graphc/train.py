@@ -1,0 +1,234 @@
+"""The fit loop: epochs over a DataLoader, validation metrics, early stopping with best-weights
+restore, atomic checkpoints, a tqdm progress bar and optional TensorBoard scalars."""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from graphc.ir.errors import GraphcError, SerializationError
+
+from . import metrics
+from .api import jit
+from .compile import CompiledModel, TrainStep, compile
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+def atomic_write(path: str, write: Callable[[Any], None]) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename over `path`: an
+    interrupted write leaves the previous file untouched."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def training_state(step: TrainStep) -> dict[str, np.ndarray]:
+    """Everything needed to continue training exactly: weights, buffers, optimizer state,
+    step count and RNG key."""
+    state = {f"model/{k}": v for k, v in step.model.state_dict().items()}
+    for name, slots in step.opt_state.items():
+        state.update({f"optim/{name}/{k}": v for k, v in slots.items()})
+    state["step"] = step.step_count
+    state["rng"] = step.rng_key
+    return state
+
+
+def save_checkpoint(path: str, step: TrainStep) -> None:
+    """Atomically write the training state as safetensors (no pickle)."""
+    from safetensors.numpy import save
+
+    payload = save({k: np.ascontiguousarray(v) for k, v in training_state(step).items()},
+                   metadata={"format": "graphc.checkpoint", "version": "1"})
+    atomic_write(path, lambda f: f.write(payload))
+
+
+def load_checkpoint(path: str, step: TrainStep) -> None:
+    """Restore a checkpoint into `step` (in place); refuses files that do not match."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    try:
+        with open(path, "rb") as f:
+            data = load(f.read())
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise SerializationError(f"cannot read checkpoint {path!r}: {exc}") from None
+    own = training_state(step)
+    # safetensors stores 0-d arrays (the step count) with shape (1,)
+    data = {k: v.reshape(()) if own.get(k) is not None and own[k].ndim == 0 and v.size == 1 else v
+            for k, v in data.items()}
+    if set(data) != set(own):
+        raise SerializationError(f"checkpoint {path!r} does not match this training step "
+                                 f"(missing {sorted(set(own) - set(data))[:5]}, "
+                                 f"unexpected {sorted(set(data) - set(own))[:5]})")
+    for name, array in data.items():
+        if array.shape != own[name].shape or array.dtype != own[name].dtype:
+            raise SerializationError(f"checkpoint {path!r}: {name} is {array.dtype}{list(array.shape)}, "
+                                     f"expected {own[name].dtype}{list(own[name].shape)}")
+    for name, array in data.items():
+        np.copyto(own[name], array)
+
+
+# -- early stopping ------------------------------------------------------------------------
+@dataclass
+class EarlyStopping:
+    """Stop when `monitor` has not improved by `min_delta` for `patience` epochs; optionally
+    restore the best weights seen."""
+
+    monitor: str = "val_loss"
+    patience: int = 3
+    mode: str = "auto"  # "min", "max", or by name: *loss -> min, else max
+    min_delta: float = 0.0
+    restore_best_weights: bool = True
+    best: float = field(default=math.nan, init=False)
+    best_epoch: int = field(default=-1, init=False)
+    best_state: dict[str, np.ndarray] | None = field(default=None, init=False)
+    wait: int = field(default=0, init=False)
+
+    def _better(self, value: float) -> bool:
+        if math.isnan(self.best):
+            return True
+        minimize = self.mode == "min" or (self.mode == "auto" and self.monitor.endswith("loss"))
+        return value < self.best - self.min_delta if minimize else value > self.best + self.min_delta
+
+    def update(self, epoch: int, logs: dict[str, float], step: TrainStep) -> bool:
+        """Record this epoch; return True when training should stop."""
+        if self.monitor not in logs:
+            raise GraphcError(f"EarlyStopping: metric {self.monitor!r} is not logged "
+                              f"(available: {sorted(logs)})")
+        value = logs[self.monitor]
+        if self._better(value):
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.restore_best_weights:
+                self.best_state = copy.deepcopy(training_state(step))
+            return False
+        self.wait += 1
+        return self.wait >= self.patience
+
+    def restore(self, step: TrainStep) -> None:
+        if self.best_state is not None:
+            own = training_state(step)
+            for name, array in self.best_state.items():
+                np.copyto(own[name], array)
+
+
+# -- evaluation ------------------------------------------------------------------------------
+def evaluate(model_fn: CompiledModel, loss_fn: Callable | None, loader: Iterable,
+             num_classes: int | None = None) -> dict[str, Any]:
+    """Run inference over a loader; returns loss (when loss_fn is given), predictions and
+    classification metrics when the outputs are class scores."""
+    outputs, targets, losses, counts = [], [], [], []
+    loss_jit = jit(loss_fn) if loss_fn is not None else None
+    for *inputs, target in loader:
+        out = model_fn(*inputs)
+        outputs.append(out)
+        targets.append(target)
+        if loss_jit is not None:
+            losses.append(float(loss_jit(out, target)))
+            counts.append(len(target))
+    scores, y = np.concatenate(outputs), np.concatenate(targets)
+    result: dict[str, Any] = {"outputs": scores, "targets": y}
+    if losses:
+        result["loss"] = float(np.average(losses, weights=counts))
+    if scores.ndim == 2 and y.ndim == 1 and y.dtype.kind in "iu":
+        pred = scores.argmax(1)
+        n = num_classes or scores.shape[1]
+        p, r, f1 = metrics.precision_recall_f1(y, pred, average="macro")
+        result.update(accuracy=metrics.accuracy(y, pred), precision=p, recall=r, f1=f1,
+                      predictions=pred, confusion=metrics.confusion_matrix(y, pred, num_classes=n))
+    return result
+
+
+# -- the loop ----------------------------------------------------------------------------------
+@dataclass
+class History:
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+    best_epoch: int | None = None
+
+    def __getitem__(self, key: str) -> list[float]:
+        return [e[key] for e in self.epochs if key in e]
+
+
+def fit(step: TrainStep, train_loader: Iterable, epochs: int = 1, val_loader: Iterable | None = None,
+        early_stopping: EarlyStopping | None = None, checkpoint_path: str | None = None,
+        log_dir: str | None = None, progress: bool = True, scheduler: Any = None,
+        on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> History:
+    """Train `step` for `epochs` over `train_loader` ((inputs..., target) batches)."""
+    from tqdm.auto import tqdm
+
+    writer = _tensorboard(log_dir)
+    history = History()
+    evaluator: CompiledModel | None = None
+    global_step = 0
+    for epoch in range(1, epochs + 1):
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=True)
+        total, seen, start = 0.0, 0, time.perf_counter()
+        for batch in bar:
+            loss = step(*batch)
+            if not math.isfinite(loss):
+                raise GraphcError(f"training loss became {loss} at epoch {epoch}, step {global_step}; "
+                                  "rerun that step with graphc's numerics check to find the op")
+            n = len(batch[-1])
+            total, seen, global_step = total + loss * n, seen + n, global_step + 1
+            if writer is not None:
+                writer.add_scalar("train/loss", loss, global_step)
+            bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{seen / (time.perf_counter() - start):.0f}")
+        logs = {"epoch": epoch, "loss": total / max(seen, 1),
+                "samples_per_s": seen / (time.perf_counter() - start)}
+        if val_loader is not None:
+            if evaluator is None:
+                first = next(iter(val_loader))
+                evaluator = compile(step.model, tuple(first[:-1]), backend=step.backend)
+            result = evaluate(evaluator, step.loss_fn, val_loader)
+            logs.update({f"val_{k}": float(v) for k, v in result.items()
+                         if k in ("loss", "accuracy", "precision", "recall", "f1")})
+        if scheduler is not None:
+            scheduler.step()
+        history.epochs.append(logs)
+        if writer is not None:
+            for key, value in logs.items():
+                if key != "epoch":
+                    writer.add_scalar(f"epoch/{key}", value, epoch)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, logs)
+        if checkpoint_path is not None:
+            save_checkpoint(checkpoint_path, step)
+        if early_stopping is not None and early_stopping.update(epoch, logs, step):
+            history.stopped_early = True
+            break
+    if early_stopping is not None:
+        history.best_epoch = early_stopping.best_epoch
+        if early_stopping.restore_best_weights:
+            early_stopping.restore(step)
+    if writer is not None:
+        writer.close()
+    return history
+
+
+def _tensorboard(log_dir: str | None) -> Any:
+    if log_dir is None:
+        return None
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise GraphcError("log_dir needs tensorboardX: pip install 'graphc[monitor]'") from None
+    return SummaryWriter(log_dir)
