@@ -114,8 +114,12 @@ class TrainStep(_CompiledModelBase):
 
     def __init__(self, model: Module, loss_fn: Callable[..., Tensor], optimizer: Optimizer,
                  example_inputs: Sequence[Any], backend: str | None = None,
-                 clip_grad_norm: float | None = None, l1: float = 0.0, name: str = "train_step") -> None:
-        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+                 clip_grad_norm: float | None = None, l1: float = 0.0, targets: int = 1,
+                 name: str = "train_step") -> None:
+        if not 1 <= targets < len(example_inputs):
+            raise GraphcError(f"{name}: targets={targets} must leave at least one model input "
+                              f"among the {len(example_inputs)} example inputs")
+        self.model, self.loss_fn, self.optimizer, self.targets = model, loss_fn, optimizer, targets
         self.backend = backend or default_backend()
         self.clip_grad_norm, self.l1, self.name = clip_grad_norm, l1, name
         owned = {id(p): n for n, p in model.named_parameters()}
@@ -143,11 +147,11 @@ class TrainStep(_CompiledModelBase):
             was_training = self.model.training
             self.model.train()
             try:
-                out, updates = functional_call(self.model, {**params, **buffers}, *data[:-1],
-                                               return_buffers=True)
+                out, updates = functional_call(self.model, {**params, **buffers},
+                                               *data[:-self.targets], return_buffers=True)
             finally:
                 self.model.train(was_training)
-            loss = self.loss_fn(out, data[-1])
+            loss = self.loss_fn(out, *data[-self.targets:])
             if not isinstance(loss, Tensor) or loss.shape != ():
                 raise GraphcError(f"{self.name}: loss_fn must return a scalar tensor, got {loss!r}")
             if self.l1:
@@ -267,12 +271,15 @@ class CompiledModel(_CompiledModelBase):
 @user_facing
 def compile_train_step(model: Module, loss_fn: Callable[..., Tensor], optimizer: Optimizer,
                        example_inputs: Sequence[Any], backend: str | None = None,
-                       clip_grad_norm: float | None = None, l1: float = 0.0) -> TrainStep:
+                       clip_grad_norm: float | None = None, l1: float = 0.0,
+                       targets: int = 1) -> TrainStep:
     """Compile forward, loss, backward and the optimizer update into one graph.
 
-    `example_inputs` is (model inputs..., target); `loss_fn(model_output, target)`.
+    `example_inputs` is (model inputs..., targets...), the last `targets` of them being passed
+    to `loss_fn(model_output, *targets)`; the others go to the model. Parameters the optimizer
+    does not hold stay fixed (inputs, not updated).
     """
-    return TrainStep(model, loss_fn, optimizer, example_inputs, backend, clip_grad_norm, l1)
+    return TrainStep(model, loss_fn, optimizer, example_inputs, backend, clip_grad_norm, l1, targets)
 
 
 @user_facing
