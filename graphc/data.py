@@ -165,8 +165,12 @@ def find_mnist(explicit_dir: str | os.PathLike | None = None) -> str | None:
         os.path.join(os.getcwd(), os.pardir, "shared", "data", "mnist"),
     ]
     for candidate in candidates:
-        if candidate and _mnist_file(os.fspath(candidate), "test", "images-idx3-ubyte"):
-            return os.path.normpath(os.fspath(candidate))
+        if not candidate:
+            continue
+        # lexically, so that `..` is taken from the path as written (as a shell user reads it)
+        directory = os.path.normpath(os.fspath(candidate))
+        if _mnist_file(directory, "test", "images-idx3-ubyte"):
+            return directory
     return None
 
 
@@ -273,7 +277,8 @@ class DataLoader:
                  transform: Transform | None = None,
                  target_transform: Transform | None = None) -> None:
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"DataLoader: batch_size must be a positive integer, got {batch_size!r}")
+            raise ValueError(f"DataLoader: batch_size must be a positive integer, "
+                             f"got {batch_size!r}")
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
@@ -295,7 +300,8 @@ class DataLoader:
         order = self._order()
         self.epoch += 1
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield self._apply_transforms(_gather(self.dataset, order[start:start + self.batch_size]))
+            indices = order[start:start + self.batch_size]
+            yield self._apply_transforms(_gather(self.dataset, indices))
 
     def _order(self) -> np.ndarray:
         n = len(self.dataset)

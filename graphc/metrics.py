@@ -67,7 +67,8 @@ def confusion_matrix(y_true, y_pred, num_classes: int | None = None) -> np.ndarr
 
 
 def precision_recall_f1(y_true, y_pred, average: str | None = "macro",
-                        num_classes: int | None = None):
+                        num_classes: int | None = None
+                        ) -> tuple[float, float, float] | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Precision, recall and F1 score, per class or averaged.
 
     The classes are 0..num_classes-1 when `num_classes` is given, else the labels that occur in
@@ -186,30 +187,35 @@ def roc_auc(y_true, scores, multi_class: str = "ovr") -> float:
                           f"got {scores.shape}")
     if y_true.size and (y_true.min() < 0 or y_true.max() >= scores.shape[1]):
         raise MetricError(f"roc_auc: labels must be class indices below K = {scores.shape[1]}")
+    absent = np.setdiff1d(np.arange(scores.shape[1]), y_true)
+    if absent.size:
+        raise MetricError(f"roc_auc: one-vs-rest ROC is undefined for class(es) "
+                          f"{absent.tolist()}, which never occur in y_true")
     per_class = [auc(*roc_curve(y_true == c, scores[:, c])[:2]) for c in range(scores.shape[1])]
     return float(np.mean(per_class))
 
 
 def classification_report(y_true, y_pred, digits: int = 2) -> str:
     """A text table of per-class precision, recall, F1 and support, then accuracy and the
-    macro and support-weighted averages (the layout of scikit-learn's report)."""
+    macro and support-weighted averages, laid out exactly as scikit-learn's report."""
+    y_true, y_pred = _label_pair(y_true, y_pred)
+    classes = np.union1d(y_true, y_pred)
     precision, recall, f1 = precision_recall_f1(y_true, y_pred, average=None)
-    _, _, support = _per_class_counts(y_true, y_pred, None)
-    classes = np.union1d(_labels(y_true, "y_true"), _labels(y_pred, "y_pred"))
+    support = np.bincount(np.searchsorted(classes, y_true), minlength=len(classes))
     total = int(support.sum())
 
     headers = ("precision", "recall", "f1-score", "support")
-    label_width = max(len("weighted avg"), *(len(str(c)) for c in classes))
-    width = max(len(h) for h in headers)
-    number = f"{{:>{width}.{digits}f}}"
+    label_width = max(len("weighted avg"), digits, *(len(str(c)) for c in classes))
+    cell = len(headers[0])
 
     def row(label: str, metrics: list[float | None], count: int) -> str:
-        cells = [" " * width if m is None else number.format(m) for m in metrics]
-        return f"{label:>{label_width}} " + " ".join(cells) + f" {count:>{width}}"
+        cells = "".join(" " * (cell + 1) if m is None else f" {m:>{cell}.{digits}f}"
+                        for m in metrics)
+        return f"{label:>{label_width}} {cells} {count:>{cell}}"
 
-    lines = [" " * label_width + " " + " ".join(f"{h:>{width}}" for h in headers), ""]
-    for c, p, r, f, s in zip(classes, precision, recall, f1, support):
-        lines.append(row(str(c), [p, r, f], int(s)))
+    lines = [f"{'':>{label_width}} " + "".join(f" {h:>{cell}}" for h in headers), ""]
+    lines += [row(str(c), [p, r, f], int(s))
+              for c, p, r, f, s in zip(classes, precision, recall, f1, support)]
     lines.append("")
     lines.append(row("accuracy", [None, None, accuracy(y_true, y_pred)], total))
     for average in ("macro", "weighted"):
