@@ -1,0 +1,99 @@
+"""Training-step benchmark: graphc against PyTorch eager (and JAX when installed), side by side.
+
+    python benchmarks/run.py [--rounds 3] [--steps 30] [--workloads mlp cnn]
+
+Each measurement runs in its own process; systems are interleaved round by round so machine
+noise hits all of them alike. Reported: median samples/s over rounds, the ratio to PyTorch
+eager, graphc's first call with a cold and with a warm kernel cache, and the peak memory the
+steps add (plus graphc's planned arena against the naive sum).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def measure(system: str, workload: str, steps: int, env: dict[str, str]) -> dict:
+    cmd = [sys.executable, os.path.join(HERE, "worker.py"), "--system", system,
+           "--workload", workload, "--steps", str(steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{system}/{workload} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--workloads", nargs="+", default=["mlp", "cnn"])
+    parser.add_argument("--json", default=None, help="also write all raw results to this file")
+    args = parser.parse_args()
+
+    systems = ["graphc", "torch"] + (["jax"] if importlib.util.find_spec("jax") else [])
+    if not importlib.util.find_spec("torch"):
+        systems.remove("torch")
+        print("PyTorch is not installed (pip install -e '.[compare]'): graphc alone is measured")
+    cache = tempfile.mkdtemp(prefix="graphc-bench-cache-")
+    base_env = {**os.environ, "GRAPHC_CACHE_DIR": cache}
+    results: dict[tuple[str, str], list[dict]] = {}
+    cold: dict[str, dict] = {}
+    try:
+        for workload in args.workloads:
+            # The first graphc run of a workload compiles into an empty cache: the cold start.
+            cold[workload] = measure("graphc", workload, 3, base_env)
+        for r in range(args.rounds):
+            for workload in args.workloads:
+                order = systems if r % 2 == 0 else systems[::-1]
+                for system in order:
+                    if system == "jax" and workload != "mlp":
+                        continue
+                    res = measure(system, workload, args.steps, base_env)
+                    results.setdefault((system, workload), []).append(res)
+                    print(f"round {r + 1}: {system:6s} {workload}: {res['samples_per_s']:9.0f} samples/s",
+                          flush=True)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+    print("\n| workload | system | samples/s (median) | vs PyTorch eager | first call | step peak RSS |")
+    print("|---|---|---|---|---|---|")
+    for workload in args.workloads:
+        torch_rate = None
+        if ("torch", workload) in results:
+            torch_rate = statistics.median(r["samples_per_s"] for r in results[("torch", workload)])
+        for system in systems:
+            runs = results.get((system, workload))
+            if not runs:
+                continue
+            rate = statistics.median(r["samples_per_s"] for r in runs)
+            ratio = f"{rate / torch_rate:.2f}x" if torch_rate else "-"
+            first = statistics.median(r["first_call_s"] for r in runs)
+            first_text = f"{first:.2f} s" + (" (warm cache)" if system == "graphc" else "")
+            if system == "graphc":
+                first_text = f"{cold[workload]['first_call_s']:.2f} s cold / " + first_text
+            peaks = [r["step_peak_extra_kib"] for r in runs if r.get("step_peak_extra_kib") is not None]
+            peak = f"{statistics.median(peaks) / 1024:.1f} MiB" if peaks else "n/a"
+            print(f"| {workload} | {system} | {rate:,.0f} | {ratio} | {first_text} | {peak} |")
+    for workload in args.workloads:
+        g = results.get(("graphc", workload), [{}])[-1]
+        if "arena_bytes" in g:
+            print(f"\ngraphc {workload}: arena {g['arena_bytes'] / 2**20:.1f} MiB (naive sum of "
+                  f"intermediates {g['naive_bytes'] / 2**20:.1f} MiB) + parameters and optimizer state "
+                  f"{g['state_bytes'] / 2**20:.1f} MiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cold": cold, "runs": {f"{s}/{w}": v for (s, w), v in results.items()}}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
