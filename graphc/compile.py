@@ -38,8 +38,9 @@ def _batch_arrays(batch: Sequence[Any]) -> list[np.ndarray]:
 class _Compiled:
     """What one input signature compiles to: graphs at each stage and the executable."""
 
-    def __init__(self, traced: Graph, optimized: Graph, executable: Any) -> None:
+    def __init__(self, traced: Graph, optimized: Graph, executable: Any, donate: dict[int, int]) -> None:
         self.traced, self.optimized, self.executable = traced, optimized, executable
+        self.donate = donate
         self.persistent: list[np.ndarray] = []  # arrays the step reads after the batch
 
 
@@ -62,7 +63,7 @@ class _CompiledModelBase:
                             ", ".join(str(TensorType(*s)) for s in signature))
             traced, donate = self._trace(arrays)
             optimized = run_pipeline(traced, [SIMPLIFY])
-            compiled = _Compiled(traced, optimized, compile_graph(optimized, self.backend, donate))
+            compiled = _Compiled(traced, optimized, compile_graph(optimized, self.backend, donate), donate)
             self._compiled[signature] = compiled
         return compiled
 
@@ -78,6 +79,15 @@ class _CompiledModelBase:
     @property
     def executable(self) -> Any:
         return self._latest.executable
+
+    @property
+    def donate(self) -> dict[int, int]:
+        """Input index -> output index updated in place (most recent signature)."""
+        return self._latest.donate
+
+    def state_bindings(self) -> dict[str, str]:
+        """Graph input name -> key of the array it reads, for every non-batch input."""
+        return {name: f"model/{name}" for name in (*self.params, *self.buffers)}
 
     def stage_graph(self, stage: str = "optimized") -> Graph:
         latest = self._latest
@@ -100,6 +110,11 @@ class _CompiledModelBase:
             with open(path, "w") as f:
                 f.write(dot)
         return dot
+
+    def export(self, path: str) -> None:
+        """Write this compiled step/function to one file that `gc.load` runs without the model."""
+        from .export import export
+        export(self, path)
 
     @property
     def memory_plan(self) -> Any:
@@ -228,6 +243,12 @@ class TrainStep(_CompiledModelBase):
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return self.model.state_dict()
+
+    def state_bindings(self) -> dict[str, str]:
+        bindings = {**super().state_bindings(), "step": "step", "rng": "rng"}
+        for name, slots in self.opt_state.items():
+            bindings.update({f"{name}.{k}": f"optim/{name}/{k}" for k in slots})
+        return bindings
 
 
 class CompiledModel(_CompiledModelBase):
