@@ -2,7 +2,7 @@
 without the model's code.
 
 The file is a zip holding: `format.json` (format, version, kind), `graph.json` (the optimized
-IR), `plan.json` (signature, donation map, fused kernels and memory plan), `state.safetensors`
+IR) and `graph.traced.json` (the IR as traced, for inspection), `plan.json` (signature, donation map, fused kernels and memory plan), `state.safetensors`
 (parameters, buffers, optimizer state, step count, RNG key), `metadata.json` (versions,
 backend, creation time, learning rate), the generated kernel sources for reading under
 `kernels/`, and `checksums.json` (SHA-256 of every other member). Loading verifies all of it
@@ -84,6 +84,7 @@ def export(compiled: Any, path: str) -> None:
     members = {
         "format.json": _json({"format": FORMAT, "version": VERSION, "kind": kind}),
         "graph.json": graph.to_json().encode(),
+        "graph.traced.json": compiled.stage_graph("traced").to_json().encode(),
         "plan.json": _json({"signature": _signature(graph), "bindings": bindings,
                             "donate": {str(k): v for k, v in compiled.donate.items()},
                             **_plan_summary(executable, fused)}),
@@ -99,16 +100,18 @@ def export(compiled: Any, path: str) -> None:
             members[f"kernels/{kernel.name}.py"] = source.encode()
     members["checksums.json"] = _json({name: _sha256(data) for name, data in members.items()})
 
-    def write(f: Any) -> None:
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as z:
-            for name, data in members.items():
-                info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
-                info.compress_type = zipfile.ZIP_DEFLATED
-                z.writestr(info, data)
-        f.write(buffer.getvalue())
+    atomic_write(path, lambda f: f.write(_zip(members)))
 
-    atomic_write(path, write)
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    """A deterministic zip (fixed timestamps) of the members."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            z.writestr(info, data)
+    return buffer.getvalue()
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -181,8 +184,10 @@ class _Loaded:
     """Common to loaded steps and functions: the graph, its executable and its arrays."""
 
     def __init__(self, path: str, graph: Graph, state: dict[str, np.ndarray], metadata: dict,
-                 bindings: dict[str, str], donate: dict[int, int], backend: str | None) -> None:
-        self.path, self.graph, self.metadata = path, graph, metadata
+                 bindings: dict[str, str], donate: dict[int, int], backend: str | None,
+                 members: dict[str, bytes]) -> None:
+        self.path, self.graph, self.metadata, self.members = path, graph, metadata, members
+        self.plan = json.loads(members["plan.json"])
         self.backend = backend or default_backend()
         self.name = metadata.get("name", graph.name)
         self._state = state
@@ -204,6 +209,26 @@ class _Loaded:
             state[key] = array = array.reshape(expected.shape).copy()
             self.persistent.append(array)
         self.executable = compile_graph(graph, self.backend, donate)
+
+    def traced_graph(self) -> Graph | None:
+        data = self.members.get("graph.traced.json")
+        return Graph.from_json(data.decode()) if data is not None else None
+
+    def export(self, path: str) -> None:
+        """Write the file back with the current state (e.g. after more training)."""
+        from safetensors.numpy import save
+
+        from .train import atomic_write
+
+        members = dict(self.members)
+        members["state.safetensors"] = save({k: v.reshape(v.shape or (1,)) for k, v in self._state.items()})
+        metadata = {**self.metadata, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if "lr" in metadata and hasattr(self, "lr"):
+            metadata["lr"] = self.lr
+        members["metadata.json"] = _json(metadata)
+        members.pop("checksums.json", None)
+        members["checksums.json"] = _json({name: _sha256(data) for name, data in members.items()})
+        atomic_write(path, lambda f: f.write(_zip(members)))
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The weights and buffers, by the model's state-dict names."""
@@ -276,4 +301,4 @@ def load(path: str, backend: str | None = None) -> LoadedTrainStep | LoadedFunct
     cls = LoadedTrainStep if fmt["kind"] == "train_step" else LoadedFunction
     if cls is LoadedTrainStep and not isinstance(metadata.get("lr"), (int, float)):
         raise SerializationError(f"{path}: metadata.json lacks the learning rate")
-    return cls(path, graph, state, metadata, bindings, donate, backend)
+    return cls(path, graph, state, metadata, bindings, donate, backend, members)

@@ -1,0 +1,225 @@
+"""The `graphc` command line: inspect, info, train and trace.
+
+Exit codes: 0 on success, 2 for usage errors, 1 for failures (a one-line message, no traceback
+for the errors graphc expects).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from typing import Sequence
+
+from graphc.ir import Graph, TensorType
+from graphc.ir.errors import GraphcError
+
+
+class CommandError(Exception):
+    """An expected failure: printed as one line, exit status 1."""
+
+
+def _load(path: str, backend: str | None = None):
+    from .export import load
+    return load(path, backend=backend or "reference")
+
+
+def _stage(loaded, stage: str) -> Graph:
+    if stage == "optimized":
+        return loaded.graph
+    if stage == "traced":
+        graph = loaded.traced_graph()
+        if graph is None:
+            raise CommandError(f"{loaded.path} holds no traced graph")
+        return graph
+    from graphc.passes.fusion import fuse
+    return fuse(loaded.graph)
+
+
+def _render(dot: str, fmt: str, out: str) -> None:
+    if shutil.which("dot") is None:
+        raise CommandError(f"rendering {fmt} needs Graphviz's `dot` on PATH (e.g. apt-get install "
+                           "graphviz); use --format dot to write the DOT source instead")
+    subprocess.run(["dot", f"-T{fmt}", "-o", out], input=dot.encode(), check=True)
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    loaded = _load(args.file)
+    graph = _stage(loaded, args.stage)
+    if args.format == "text":
+        text = str(graph) + "\n"
+    else:
+        slot_of = None
+        if args.memory:
+            from graphc.passes.memplan import plan_memory
+            fused = graph if args.stage == "fused" else _stage(loaded, "fused")
+            if graph is not fused:
+                raise CommandError("--memory colours buffers of the fused graph: use --stage fused")
+            slot_of = plan_memory(fused).slot_of
+        text = graph.to_dot(slot_of=slot_of)
+    if args.format in ("svg", "png"):
+        out = args.output or f"{os.path.splitext(os.path.basename(args.file))[0]}.{args.stage}.{args.format}"
+        _render(text, args.format, out)
+        print(f"wrote {out}")
+    elif args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+
+
+def info_lines(loaded) -> list[str]:
+    graph = loaded.graph
+    params = {n: a for n, a in loaded.state_dict().items()
+              if any(i.name == n and i.role == "param" for i in graph.inputs)}
+    meta = loaded.metadata
+    lines = [f"file: {loaded.path}", f"kind: {type(loaded).__name__} ({loaded.name}), "
+             f"exported from backend {meta.get('backend')} at {meta.get('created')}",
+             "inputs:"]
+    lines += [f"  {i.name}: {i.value.type} [{i.role}]" for i in graph.inputs if i.role in ("data", "rng")]
+    lines.append("outputs: " + ", ".join(f"{n}: {v.type}" for n, v in graph.outputs
+                                          if not n.startswith(("param:", "state:", "buffer:"))))
+    lines.append(f"parameters: {sum(a.size for a in params.values()):,} in {len(params)} tensors, "
+                 f"{sum(a.nbytes for a in params.values()):,} bytes")
+    lines.append(f"graph: {len(graph.nodes)} nodes")
+    plan = loaded.plan
+    kernels = plan.get("kernels") or []
+    lines.append(f"kernels: {len(kernels)}")
+    memory = plan.get("memory")
+    if memory:
+        lines.append(f"arena: peak {memory['peak_bytes']:,} bytes vs {memory['naive_bytes']:,} "
+                     "bytes naive")
+    lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(meta.get("versions", {}).items())))
+    if hasattr(loaded, "step_count"):
+        lines.append(f"training steps taken: {loaded.step_count}, learning rate {loaded.lr}")
+    return lines
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    print("\n".join(info_lines(_load(args.file))))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from . import data
+    from .export import LoadedTrainStep
+
+    step = _load(args.file, args.backend)
+    if not isinstance(step, LoadedTrainStep):
+        raise CommandError(f"{args.file} holds an inference function, not a training step")
+    directory = data.find_mnist(args.data)
+    if directory is None:
+        raise CommandError(f"no MNIST IDX files (t10k-images-idx3-ubyte[.gz], ...) in {args.data}")
+    x, y = data.mnist_arrays(directory)
+    x, y = x[data.MNIST_TRAIN], y[data.MNIST_TRAIN]
+    inputs = step._data_inputs
+    if len(inputs) != 2 or inputs[0].value.type.shape[1:] != x.shape[1:]:
+        raise CommandError(f"the step takes {[str(i.value.type) for i in inputs]}, MNIST gives "
+                           f"images {x.shape[1:]}: this step was not exported for MNIST")
+    batch = inputs[0].value.type.shape[0]
+    loader = data.DataLoader(data.TensorDataset(x, y.astype(inputs[1].value.dtype)), batch_size=batch,
+                             shuffle=True, seed=args.seed + step.step_count, drop_last=True)
+    bar = tqdm(total=args.steps, desc="training", disable=args.quiet)
+    done = 0
+    while done < args.steps:
+        for xb, yb in loader:
+            loss = step(xb, yb)
+            done += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if done == args.steps:
+                break
+    bar.close()
+    print(f"trained {done} steps; last loss {loss:.4f}; total steps {step.step_count}")
+    if args.save:
+        step.export(args.save)
+        print(f"wrote {args.save}")
+
+
+def _parse_example(spec: str) -> TensorType:
+    try:
+        return TensorType.parse(spec)
+    except (KeyError, ValueError):
+        raise CommandError(f"bad example shape {spec!r}: write it like f32[4,784] or i64[4]") from None
+
+
+def cmd_trace(args: argparse.Namespace) -> None:
+    from .api import Staged
+
+    script, _, function = args.target.rpartition(":")
+    if not script or not function:
+        raise CommandError(f"expected SCRIPT.py:FUNCTION, got {args.target!r}")
+    if not os.path.exists(script):
+        raise CommandError(f"no such script: {script}")
+    spec = importlib.util.spec_from_file_location("graphc_traced_script", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    try:
+        spec.loader.exec_module(module)  # the user's own script, run as they asked
+    finally:
+        sys.path.pop(0)
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise CommandError(f"{script} defines no function {function!r}")
+    examples = [_parse_example(s) for s in args.example_shapes]
+    graph = Staged(fn).lower(*examples)
+    if args.stage == "fused":
+        from graphc.passes.fusion import fuse
+        graph = fuse(graph)
+    with open(args.dot, "w") as f:
+        f.write(graph.to_dot())
+    print(f"wrote {args.dot} ({len(graph.nodes)} nodes)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graphc", description="Inspect, run and trace graphc graphs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="show an exported step's graph")
+    p.add_argument("file")
+    p.add_argument("--stage", choices=["traced", "optimized", "fused"], default="optimized")
+    p.add_argument("--format", choices=["text", "dot", "svg", "png"], default="text")
+    p.add_argument("--memory", action="store_true", help="colour buffers by arena slot (fused stage)")
+    p.add_argument("-o", "--output")
+    p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("info", help="signature, sizes, kernels, memory and versions of an export")
+    p.add_argument("file")
+    p.set_defaults(run=cmd_info)
+
+    p = sub.add_parser("train", help="continue training an exported step on MNIST-format data")
+    p.add_argument("file")
+    p.add_argument("--data", required=True, help="directory with MNIST IDX files")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--save")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("trace", help="trace a function of a script and write its graph as DOT")
+    p.add_argument("target", help="SCRIPT.py:FUNCTION")
+    p.add_argument("--example-shapes", nargs="+", required=True, metavar="TYPE",
+                   help="one per argument, e.g. f32[4,784] i64[4]")
+    p.add_argument("--stage", choices=["optimized", "fused"], default="optimized")
+    p.add_argument("--dot", required=True)
+    p.set_defaults(run=cmd_trace)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (CommandError, GraphcError, OSError) as exc:
+        print(f"graphc {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
