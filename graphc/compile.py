@@ -229,8 +229,7 @@ class TrainStep(_CompiledModelBase):
                   **{f"{n}.{k}": v for n, s in self.opt_state.items() for k, v in s.items()}}
         return [arrays[inp.name] for inp in graph.inputs if inp.name in arrays]
 
-    @user_facing
-    def __call__(self, *batch: Any) -> float:
+    def _arguments(self, batch: Sequence[Any]) -> tuple[_Compiled, list[Any]]:
         arrays = _batch_arrays(batch)
         compiled = self._get(arrays)
         if not compiled.persistent:
@@ -238,8 +237,20 @@ class TrainStep(_CompiledModelBase):
         args = [*arrays, *compiled.persistent, np.float32(self.optimizer.lr)]
         if compiled.optimized.inputs[-1].role == "rng":
             args.append(self.rng_key)
-        outs = compiled.executable(*args)
-        return float(outs[0])
+        return compiled, args
+
+    @user_facing
+    def __call__(self, *batch: Any) -> float:
+        compiled, args = self._arguments(batch)
+        return float(compiled.executable(*args)[0])
+
+    def check_numerics(self, *batch: Any) -> Any:
+        """Rerun this step on `batch` through the reference interpreter, without updating
+        anything, and report the first op that produces a NaN or Inf (None if all finite)."""
+        from .debug import find_nonfinite
+
+        compiled, args = self._arguments(batch)
+        return find_nonfinite(compiled.optimized, args)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return self.model.state_dict()

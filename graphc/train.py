@@ -171,10 +171,16 @@ class History:
 def fit(step: TrainStep, train_loader: Iterable, epochs: int = 1, val_loader: Iterable | None = None,
         early_stopping: EarlyStopping | None = None, checkpoint_path: str | None = None,
         log_dir: str | None = None, progress: bool = True, scheduler: Any = None,
-        on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> History:
-    """Train `step` for `epochs` over `train_loader` ((inputs..., target) batches)."""
+        on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+        check_numerics: bool | None = None) -> History:
+    """Train `step` for `epochs` over `train_loader` ((inputs..., target) batches).
+
+    With `check_numerics` (or GRAPHC_CHECK_NUMERICS=1) the state before each step is kept, so
+    a non-finite loss is traced back to the op and source line that produced it."""
     from tqdm.auto import tqdm
 
+    if check_numerics is None:
+        check_numerics = os.environ.get("GRAPHC_CHECK_NUMERICS", "") not in ("", "0")
     writer = _tensorboard(log_dir)
     history = History()
     evaluator: CompiledModel | None = None
@@ -183,10 +189,11 @@ def fit(step: TrainStep, train_loader: Iterable, epochs: int = 1, val_loader: It
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=True)
         total, seen, start = 0.0, 0, time.perf_counter()
         for batch in bar:
+            before = copy.deepcopy(training_state(step)) if check_numerics else None
             loss = step(*batch)
             if not math.isfinite(loss):
-                raise GraphcError(f"training loss became {loss} at epoch {epoch}, step {global_step}; "
-                                  "rerun that step with graphc's numerics check to find the op")
+                raise GraphcError(f"training loss became {loss} at epoch {epoch}, step {global_step}"
+                                  + _numerics_report(step, batch, before))
             n = len(batch[-1])
             total, seen, global_step = total + loss * n, seen + n, global_step + 1
             if writer is not None:
@@ -222,6 +229,17 @@ def fit(step: TrainStep, train_loader: Iterable, epochs: int = 1, val_loader: It
     if writer is not None:
         writer.close()
     return history
+
+
+def _numerics_report(step: TrainStep, batch: Any, before: dict[str, np.ndarray] | None) -> str:
+    if before is None:
+        return ("; rerun with fit(..., check_numerics=True) or GRAPHC_CHECK_NUMERICS=1 to find the "
+                "op that produced it")
+    own = training_state(step)
+    for name, array in before.items():  # back to the state the failing step started from
+        np.copyto(own[name], array)
+    report = step.check_numerics(*batch)
+    return f": {report or 'the rerun on the reference backend stayed finite'}"
 
 
 def _tensorboard(log_dir: str | None) -> Any:

@@ -1,0 +1,73 @@
+"""Numerics debugging: which op made the NaN?
+
+The graph is rerun on the reference interpreter node by node, and the first primitive whose
+result holds a NaN or an infinity is reported with its operands and the user's source line
+(as JAX's debug_nans). The compiled step's own state is not touched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from graphc.backends.reference import evaluate
+from graphc.ir import Graph, Node
+
+
+@dataclass
+class NonFiniteReport:
+    op: str
+    loc: str | None
+    index: int
+    kind: str  # "NaN" or "Inf"
+    inputs: list[str]
+
+    def __str__(self) -> str:
+        if self.index < 0:
+            return f"{self.op} already holds {self.kind} ({self.inputs[0]})"
+        where = f" at {self.loc}" if self.loc else ""
+        return (f"first non-finite value: {self.op}{where} (node {self.index}) produced {self.kind}; "
+                f"operands: {'; '.join(self.inputs) or 'none'}")
+
+
+class _Found(Exception):
+    def __init__(self, report: NonFiniteReport) -> None:
+        self.report = report
+
+
+def _describe(array: np.ndarray) -> str:
+    text = f"{array.dtype.name}{list(array.shape)}"
+    if array.size and array.dtype.kind == "f":
+        finite = array[np.isfinite(array)]
+        bad = array.size - finite.size
+        span = f" in [{finite.min():.3g}, {finite.max():.3g}]" if finite.size else ""
+        text += span + (f", {bad} non-finite" if bad else "")
+    return text
+
+
+def find_nonfinite(graph: Graph, args: Sequence[Any]) -> NonFiniteReport | None:
+    """The first node of `graph` whose float result is not finite, or None. A non-finite
+    input (e.g. weights already corrupted by an earlier step) is reported as such."""
+    for inp, arg in zip(graph.inputs, args):
+        arg = np.asarray(arg)
+        if arg.dtype.kind == "f" and not np.all(np.isfinite(arg)):
+            kind = "NaN" if np.isnan(arg).any() else "Inf"
+            return NonFiniteReport(f"input {inp.name!r}", None, -1, kind, [_describe(arg)])
+    env: dict = dict(zip(graph.input_values, args))
+    position = {node: i for i, node in enumerate(graph.nodes)}
+
+    def check(node: Node, outs: list[np.ndarray]) -> None:
+        env.update(zip(node.outputs, outs))
+        for out in outs:
+            if out.dtype.kind == "f" and not np.all(np.isfinite(out)):
+                kind = "NaN" if np.isnan(out).any() else "Inf"
+                inputs = [_describe(np.asarray(env[v])) for v in node.inputs]
+                raise _Found(NonFiniteReport(node.op, node.loc, position[node], kind, inputs))
+
+    try:
+        with np.errstate(all="ignore"):
+            evaluate(graph, [np.array(a, copy=True) for a in args], on_node=check)
+    except _Found as found:
+        return found.report
+    return None
