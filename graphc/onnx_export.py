@@ -1,0 +1,428 @@
+"""Export of inference graphs to ONNX.
+
+The optimized inference IR maps almost one to one onto ONNX operators: `CONVERTERS` holds one
+converter per primitive, each emitting the ONNX nodes that compute it. Data inputs stay graph
+inputs with their static shapes; parameters and buffers become initializers holding the model's
+current values; graph outputs keep their names. Every intermediate value is declared with its
+static type, so the checker's strict shape inference re-verifies each converter's output type.
+
+onnx is an optional dependency (`pip install 'graphc[onnx]'`), imported only when exporting.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from graphc.ir import Graph, Node, TensorType, Value
+from graphc.ir.errors import GraphcError
+
+from .api import to_array, user_facing
+from .compile import CompiledModel, compile
+from .nn.module import Module
+from .train import atomic_write
+
+__all__ = ["CONVERTERS", "DEFAULT_OPSET", "MIN_OPSET", "export_onnx", "graph_to_onnx"]
+
+DEFAULT_OPSET = 17
+# Opset 14 gives Reshape its `allowzero` flag (graphc has zero-size dimensions); ReduceSum,
+# Squeeze and Unsqueeze already take their axes as inputs there.
+MIN_OPSET = 14
+
+
+def _import_onnx() -> Any:
+    try:
+        import onnx
+    except ImportError:
+        raise GraphcError("export_onnx needs the onnx package: pip install 'graphc[onnx]' "
+                          "(or pip install onnx)") from None
+    return onnx
+
+
+class OnnxGraphBuilder:
+    """Collects the ONNX nodes and initializers of one graph; converters write through it."""
+
+    def __init__(self, onnx: Any, opset: int, reserved: set[str]) -> None:
+        self.onnx, self.opset = onnx, opset
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self.source: Node | None = None  # the graphc node being converted, for names and docs
+        self._taken = set(reserved)
+
+    def fresh(self, hint: str) -> str:
+        """A name no input, output, node or other value of the model uses."""
+        index = len(self._taken)
+        while f"{hint}_{index}" in self._taken:
+            index += 1
+        name = f"{hint}_{index}"
+        self._taken.add(name)
+        return name
+
+    def emit(self, op_type: str, inputs: list[str], output: str | None = None, **attrs: Any) -> str:
+        """Append one ONNX node; returns its output name (`output`, or a fresh one)."""
+        output = output or self.fresh(op_type.lower())
+        source, doc = self.source, ""
+        if source is not None:  # tools such as Netron show where each node came from
+            doc = f"graphc {source.op}" + (f" at {source.loc}" if source.loc else "")
+        self.nodes.append(self.onnx.helper.make_node(
+            op_type, inputs, [output], name=self.fresh(source.op if source else op_type),
+            doc_string=doc, **attrs))
+        return output
+
+    def constant(self, array: np.ndarray, name: str | None = None) -> str:
+        """An initializer holding `array`; returns its name."""
+        name = name or self.fresh("const")
+        array = np.asarray(array, order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d)
+        self.initializers.append(self.onnx.numpy_helper.from_array(array, name))
+        return name
+
+    def ints(self, values: tuple[int, ...]) -> str:
+        """An int64 vector initializer: the form ONNX takes shapes, axes and bounds in."""
+        return self.constant(np.asarray(values, np.int64).reshape(len(values)))
+
+    def elem_type(self, dtype: str) -> int:
+        return self.onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+    def value_info(self, name: str, type: TensorType) -> Any:
+        return self.onnx.helper.make_tensor_value_info(name, self.elem_type(type.dtype), type.shape)
+
+
+# A converter emits ONNX nodes computing `node` from the ONNX names of its inputs, and writes the
+# result to the name `out`.
+Converter = Callable[[OnnxGraphBuilder, Node, list[str], str], None]
+CONVERTERS: dict[str, Converter] = {}
+
+
+def converts(*ops: str) -> Callable[[Converter], Converter]:
+    def register(fn: Converter) -> Converter:
+        for op in ops:
+            CONVERTERS[op] = fn
+        return fn
+    return register
+
+
+def _one_to_one(op_type: str) -> Converter:
+    def convert(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+        g.emit(op_type, xs, out)
+    return convert
+
+
+# -- elementwise --------------------------------------------------------------------------------
+for _op, _op_type in {
+        "neg": "Neg", "exp": "Exp", "log": "Log", "sqrt": "Sqrt", "tanh": "Tanh",
+        "sigmoid": "Sigmoid", "relu": "Relu", "abs": "Abs", "sign": "Sign",
+        "reciprocal": "Reciprocal", "stop_gradient": "Identity", "logical_not": "Not",
+        "add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow", "maximum": "Max",
+        "minimum": "Min", "eq": "Equal", "logical_and": "And", "logical_or": "Or",
+        "where": "Where", "matmul": "MatMul"}.items():
+    CONVERTERS[_op] = _one_to_one(_op_type)
+
+
+@converts("square")
+def _square(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    g.emit("Mul", [xs[0], xs[0]], out)
+
+
+@converts("rsqrt")
+def _rsqrt(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    g.emit("Reciprocal", [g.emit("Sqrt", xs)], out)
+
+
+@converts("cast")
+def _cast(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    g.emit("Cast", xs, out, to=g.elem_type(node.attrs["dtype"]))
+
+
+@converts("ne")
+def _not_equal(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    g.emit("Not", [g.emit("Equal", xs)], out)
+
+
+def _ordering(op_type: str) -> Converter:
+    def convert(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+        if node.inputs[0].dtype == "bool":  # ONNX orders numbers only; False < True as 0 < 1
+            xs = [g.emit("Cast", [x], to=g.elem_type("int32")) for x in xs]
+        g.emit(op_type, xs, out)
+    return convert
+
+
+for _op, _op_type in {"lt": "Less", "le": "LessOrEqual", "gt": "Greater",
+                      "ge": "GreaterOrEqual"}.items():
+    CONVERTERS[_op] = _ordering(_op_type)
+
+
+@converts("constant")
+def _constant(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    g.constant(node.attrs["value"], name=out)
+
+
+# -- shape ops ----------------------------------------------------------------------------------
+@converts("reshape")
+def _reshape(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    shape = node.attrs["shape"]
+    # Without allowzero, ONNX reads a 0 in the target shape as "keep the input's dimension".
+    flags = {"allowzero": 1} if 0 in shape else {}
+    g.emit("Reshape", [xs[0], g.ints(shape)], out, **flags)
+
+
+@converts("transpose")
+def _transpose(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    g.emit("Transpose", xs, out, perm=list(node.attrs["perm"]))
+
+
+@converts("broadcast_to")
+def _broadcast_to(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    g.emit("Expand", [xs[0], g.ints(node.attrs["shape"])], out)
+
+
+def _with_axes_input(op_type: str) -> Converter:
+    """Ops taking `axes` as an input, where an empty list would not mean "no axes" to ONNX
+    (Squeeze and ReduceSum would act on every axis): those become an Identity."""
+    def convert(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+        axes = node.attrs["axes"]
+        if not axes:
+            g.emit("Identity", xs, out)
+        elif "keepdims" in node.attrs:
+            g.emit(op_type, [xs[0], g.ints(axes)], out, keepdims=int(node.attrs["keepdims"]))
+        else:
+            g.emit(op_type, [xs[0], g.ints(axes)], out)
+    return convert
+
+
+CONVERTERS["expand_dims"] = _with_axes_input("Unsqueeze")
+CONVERTERS["squeeze"] = _with_axes_input("Squeeze")
+CONVERTERS["sum"] = _with_axes_input("ReduceSum")
+
+
+_reduce_max_axes_input = _with_axes_input("ReduceMax")
+
+
+@converts("max")
+def _reduce_max(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    if g.opset >= 18:  # ReduceMax took its axes as an attribute before opset 18
+        _reduce_max_axes_input(g, node, xs, out)
+    elif not node.attrs["axes"]:
+        g.emit("Identity", xs, out)
+    else:
+        g.emit("ReduceMax", xs, out, axes=list(node.attrs["axes"]),
+               keepdims=int(node.attrs["keepdims"]))
+
+
+@converts("slice")
+def _slice(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    starts, stops, steps = (node.attrs[k] for k in ("starts", "stops", "steps"))
+    axes = tuple(axis for axis, size in enumerate(node.inputs[0].shape)
+                 if (starts[axis], stops[axis], steps[axis]) != (0, size, 1))
+    if not axes:
+        g.emit("Identity", xs, out)
+        return
+    bounds = [g.ints(tuple(values[a] for a in axes)) for values in (starts, stops)]
+    g.emit("Slice", [xs[0], *bounds, g.ints(axes), g.ints(tuple(steps[a] for a in axes))], out)
+
+
+@converts("pad")
+def _pad(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    pads = node.attrs["pads"]
+    widths = tuple(lo for lo, _ in pads) + tuple(hi for _, hi in pads)  # all befores, all afters
+    fill = g.constant(np.asarray(node.attrs["value"], node.inputs[0].dtype))
+    g.emit("Pad", [xs[0], g.ints(widths), fill], out)
+
+
+# -- reductions and indexing ----------------------------------------------------------------------
+def _with_axis(op_type: str) -> Converter:
+    def convert(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+        g.emit(op_type, xs, out, axis=node.attrs["axis"])
+    return convert
+
+
+CONVERTERS["concatenate"] = _with_axis("Concat")
+CONVERTERS["gather"] = _with_axis("Gather")
+
+
+@converts("argmax")
+def _argmax(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    g.emit("ArgMax", xs, out, axis=node.attrs["axis"], keepdims=int(node.attrs["keepdims"]))
+
+
+@converts("take_along_axis")
+def _take_along_axis(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    # GatherElements does not broadcast: give both operands the output's shape off the axis.
+    (x, indices), axis, shape = node.inputs, node.attrs["axis"], node.output.shape
+    operands = []
+    for value, name in zip((x, indices), xs):
+        full = shape[:axis] + (value.shape[axis],) + shape[axis + 1:]
+        operands.append(name if value.shape == full else g.emit("Expand", [name, g.ints(full)]))
+    g.emit("GatherElements", operands, out, axis=axis)
+
+
+@converts("one_hot")
+def _one_hot(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    # indices[..., None] == arange(n), as graphc defines it. ONNX's OneHot would count negative
+    # indices from the end, where graphc gives an all-zero row.
+    indices, n = node.inputs[0], node.attrs["num_classes"]
+    classes = g.constant(np.arange(n, dtype=indices.dtype))
+    hits = g.emit("Equal", [g.emit("Unsqueeze", [xs[0], g.ints((-1,))]), classes])
+    g.emit("Cast", [hits], out, to=g.elem_type(node.attrs["dtype"]))
+
+
+# -- convolution and pooling ----------------------------------------------------------------------
+def _window_attrs(attrs: dict[str, Any], kernel: tuple[int, ...]) -> dict[str, Any]:
+    ph, pw = attrs["padding"]
+    return {"kernel_shape": list(kernel), "strides": list(attrs["stride"]),
+            "pads": [ph, pw, ph, pw]}  # begins then ends; graphc pads symmetrically
+
+
+@converts("conv2d")
+def _conv2d(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    g.emit("Conv", xs, out, **_window_attrs(node.attrs, node.inputs[1].shape[2:]),
+           dilations=list(node.attrs["dilation"]), group=node.attrs["groups"])
+
+
+@converts("max_pool2d")
+def _max_pool2d(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    g.emit("MaxPool", xs, out, **_window_attrs(node.attrs, node.attrs["kernel"]))
+
+
+@converts("avg_pool2d")
+def _avg_pool2d(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    g.emit("AveragePool", xs, out, **_window_attrs(node.attrs, node.attrs["kernel"]),
+           count_include_pad=int(node.attrs["count_include_pad"]))
+
+
+# -- whole graphs ---------------------------------------------------------------------------------
+def _converter(node: Node) -> Converter:
+    convert = CONVERTERS.get(node.op)
+    if convert is None:
+        operands = ", ".join(str(v.type) for v in node.inputs) or "no operands"
+        raise GraphcError(
+            f"export_onnx: op {node.op!r} ({operands}) has no ONNX converter; used at "
+            f"{node.loc or 'an unknown source line'}. "
+            f"Ops that export: {', '.join(sorted(CONVERTERS))}")
+    return convert
+
+
+def _check_opset(onnx: Any, opset: int) -> None:
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise GraphcError(f"export_onnx: opset {opset} is not supported; choose one from "
+                          f"{MIN_OPSET} to {newest} (the newest onnx {onnx.__version__} knows)")
+
+
+def _initializer_array(graph: Graph, name: str, type: TensorType,
+                       arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    if name not in arrays:
+        raise GraphcError(f"export_onnx: no value given for input {name!r} of graph {graph.name!r}")
+    array = np.asarray(arrays[name])
+    if TensorType.of(array) != type:
+        raise GraphcError(f"export_onnx: the value of {name!r} is {TensorType.of(array)}, but the "
+                          f"graph was compiled for {type}; recompile after changing the model")
+    return array
+
+
+def _used_values(graph: Graph) -> set[Value]:
+    return {v for node in graph.nodes for v in node.inputs} | set(graph.output_values)
+
+
+def graph_to_onnx(graph: Graph, arrays: Mapping[str, np.ndarray],
+                  opset: int = DEFAULT_OPSET) -> Any:
+    """The checked `onnx.ModelProto` computing `graph` (an unfused graph of primitives).
+
+    Data inputs become graph inputs; parameter and state inputs become initializers holding
+    `arrays[name]` (those no node reads, such as batch norm's `num_batches_tracked` in eval
+    mode, are left out).
+    """
+    onnx = _import_onnx()
+    _check_opset(onnx, opset)
+    input_names = {inp.name: inp.value for inp in graph.inputs}
+    for name, value in graph.outputs:
+        if input_names.get(name, value) is not value:
+            raise GraphcError(f"export_onnx: output {name!r} has the name of a different input")
+    g = OnnxGraphBuilder(onnx, opset, reserved=set(input_names) | set(graph.output_names))
+
+    names = {inp.value: inp.name for inp in graph.inputs}
+    output_names: dict[Value, str] = {}  # a node's value takes its first graph output's name
+    for name, value in graph.outputs:
+        output_names.setdefault(value, name)
+    value_info = []
+    for node in graph.nodes:
+        convert = _converter(node)
+        out = output_names.get(node.output) or g.fresh(node.op)
+        g.source = node
+        convert(g, node, [names[v] for v in node.inputs], out)
+        names[node.output] = out
+        if node.output not in output_names:
+            value_info.append(g.value_info(out, node.output.type))
+    g.source = None
+    for name, value in graph.outputs:  # outputs that are inputs, or a value under a second name
+        if names[value] != name:
+            g.emit("Identity", [names[value]], name)
+
+    inputs, used = [], _used_values(graph)
+    for inp in graph.inputs:
+        if inp.role == "data":
+            inputs.append(g.value_info(inp.name, inp.value.type))
+        elif inp.role in ("param", "state"):
+            if inp.value in used:
+                g.constant(_initializer_array(graph, inp.name, inp.value.type, arrays), inp.name)
+        else:
+            raise GraphcError(f"export_onnx: input {inp.name!r} has role {inp.role!r}; only "
+                              "inference graphs (no random numbers) export to ONNX")
+    outputs = [g.value_info(name, value.type) for name, value in graph.outputs]
+    return _checked_model(onnx, opset, onnx.helper.make_graph(
+        g.nodes, graph.name, inputs, outputs, initializer=g.initializers, value_info=value_info))
+
+
+def _checked_model(onnx: Any, opset: int, graph_proto: Any) -> Any:
+    from graphc import __version__
+
+    opset_id = onnx.helper.make_opsetid("", opset)
+    model = onnx.helper.make_model(
+        graph_proto, opset_imports=[opset_id], producer_name="graphc",
+        producer_version=__version__,
+        ir_version=onnx.helper.find_min_ir_version_for([opset_id]))  # the oldest that runtimes load
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise GraphcError(f"export_onnx: the ONNX model graphc built does not validate (a bug in "
+                          f"its converters, please report it): {exc}") from None
+    return model
+
+
+def _inference_graph(model_or_compiled: Module | CompiledModel,
+                     example_inputs: Any) -> tuple[Graph, dict[str, np.ndarray]]:
+    """The optimized inference graph and the arrays of its parameters and buffers."""
+    if isinstance(model_or_compiled, CompiledModel):
+        compiled = model_or_compiled
+        if example_inputs is not None:  # the graph of that signature, compiled if new
+            batch = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+            arrays = [to_array(x, f"input {i}") for i, x in enumerate(batch)]
+            graph = compiled._get(arrays).optimized
+        else:
+            graph = compiled.graph
+    elif isinstance(model_or_compiled, Module):
+        if example_inputs is None:
+            raise GraphcError("export_onnx: example_inputs are needed to compile a Module "
+                              "(or pass a CompiledModel)")
+        # Export never runs the graph: the reference backend compiles it without building kernels.
+        compiled = compile(model_or_compiled, example_inputs, backend="reference")
+        graph = compiled.graph
+    else:
+        raise GraphcError(f"export_onnx: expected a graphc.nn.Module or a CompiledModel, got "
+                          f"{type(model_or_compiled).__name__}")
+    return graph, {**compiled.params, **compiled.buffers}
+
+
+@user_facing
+def export_onnx(model_or_compiled: Module | CompiledModel, path: str | os.PathLike,
+                example_inputs: Any = None, opset: int = DEFAULT_OPSET) -> None:
+    """Write the model's inference graph (eval mode: no dropout, batch-norm running statistics)
+    to `path` as an ONNX model of the given opset.
+
+    A Module is compiled for `example_inputs` first; a CompiledModel exports the graph of its
+    latest input signature, or of `example_inputs`' signature when given. The file is written
+    atomically, and only once it has passed `onnx.checker.check_model(full_check=True)`.
+    """
+    graph, arrays = _inference_graph(model_or_compiled, example_inputs)
+    model = graph_to_onnx(graph, arrays, opset)
+    atomic_write(os.fspath(path), lambda f: f.write(model.SerializeToString()))
