@@ -3,7 +3,11 @@ from . import functional
 from .layers import (AvgPool2d, Conv2d, Dropout, Flatten, Identity, Linear, LogSoftmax, MaxPool2d,
                      ReLU, Sequential, Sigmoid, Softmax, Tanh)
 from .module import Module, Parameter, functional_call
+from .normalization import BatchNorm1d, BatchNorm2d, LayerNorm
+from .recurrent import GRU, LSTM, RNN
+from .sparse import Embedding
 
 __all__ = ["AvgPool2d", "Conv2d", "Dropout", "Flatten", "Identity", "Linear", "LogSoftmax",
            "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential", "Sigmoid", "Softmax", "Tanh",
            "functional", "functional_call"]
+__all__ += ["BatchNorm1d", "BatchNorm2d", "Embedding", "GRU", "LSTM", "LayerNorm", "RNN"]

@@ -53,7 +53,7 @@ class Module:
 
     def register_buffer(self, name: str, array: Any) -> None:
         """Non-trainable state (e.g. running statistics) saved in the state dict."""
-        self._buffers[name] = np.ascontiguousarray(array)
+        self._buffers[name] = np.require(array, requirements="C")  # keeps 0-d arrays 0-d
 
     def __getattr__(self, name: str) -> Any:
         d = self.__dict__

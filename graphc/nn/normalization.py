@@ -1,0 +1,164 @@
+"""Normalisation layers with PyTorch's names, state-dict keys and semantics.
+
+Batch norm normalises each channel with the batch's mean and biased variance while training and
+folds them into running statistics (the variance unbiased, as PyTorch does); in eval mode it
+normalises with the running statistics. Layer norm normalises each sample over its trailing
+`normalized_shape` dimensions.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from graphc.ir.errors import ShapeError, user_location
+
+from ..functions import rsqrt, stop_gradient
+from ..tensor import Tensor, as_tensor
+from .module import Module, Parameter
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "LayerNorm", "batch_norm", "layer_norm"]
+
+
+def _channel_shaped(v: Tensor, ndim: int) -> Tensor:
+    """A per-channel vector (C,) reshaped to broadcast against an (N, C, ...) tensor."""
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def _normalize(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    return (x - mean) * rsqrt(var + eps)
+
+
+def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+               weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+               eps: float = 1e-5) -> Tensor:
+    """Normalise each channel (axis 1) of x: with the batch's statistics when `training` (or
+    when there are no running statistics), otherwise with `running_mean`/`running_var`."""
+    if training or running_mean is None or running_var is None:
+        mean, var = _batch_moments(x)
+    else:
+        mean, var = _channel_shaped(running_mean, x.ndim), _channel_shaped(running_var, x.ndim)
+    out = _normalize(x, mean, var, eps)
+    if weight is not None:
+        out = out * _channel_shaped(weight, x.ndim)
+    if bias is not None:
+        out = out + _channel_shaped(bias, x.ndim)
+    return out
+
+
+def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance over every axis but 1, kept broadcastable."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    mean = x.mean(axes, keepdims=True)
+    return mean, (x - mean).square().mean(axes, keepdims=True)
+
+
+class _BatchNorm(Module):
+    """Shared by BatchNorm1d/2d, which differ only in the input ranks they accept."""
+
+    ranks: tuple[int, ...] = ()
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True) -> None:
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.affine, self.track_running_stats = affine, track_running_stats
+        if affine:
+            self.weight = Parameter(np.ones(num_features, dtype=np.float32))
+            self.bias = Parameter(np.zeros(num_features, dtype=np.float32))
+        if track_running_stats:
+            self.register_buffer("running_mean", np.zeros(num_features, dtype=np.float32))
+            self.register_buffer("running_var", np.ones(num_features, dtype=np.float32))
+            self.register_buffer("num_batches_tracked", np.zeros((), dtype=np.int64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        weight, bias = (self.weight, self.bias) if self.affine else (None, None)
+        if not self.training and self.track_running_stats:
+            return batch_norm(x, self.running_mean, self.running_var, weight, bias, False, self.eps)
+        if self.training and self.track_running_stats:
+            self._update_running_stats(x)
+        return batch_norm(x, None, None, weight, bias, True, self.eps)
+
+    def _update_running_stats(self, x: Tensor) -> None:
+        """running = (1 - m) * running + m * batch statistic, with the unbiased batch variance;
+        m is `momentum`, or 1/num_batches_tracked (a cumulative average) when momentum is None."""
+        count = x.size // x.shape[1]
+        if count < 2:
+            raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
+                             f"when training, got input of shape {x.shape}")
+        batches = as_tensor(self.num_batches_tracked) + 1
+        self.update_buffer("num_batches_tracked", batches)
+        # The same moments as the normalisation's: CSE merges them. Running stats take no gradient.
+        mean, var = (stop_gradient(m.reshape(-1)) for m in _batch_moments(x))
+        if self.momentum is None:
+            factor = 1.0 / batches.astype(x.dtype)
+        else:
+            factor = self.momentum
+        unbiased_var = var * (count / (count - 1))
+        for name, batch_value in (("running_mean", mean), ("running_var", unbiased_var)):
+            running = getattr(self, name)
+            self.update_buffer(name, running + (batch_value - running) * factor)
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim not in self.ranks or x.shape[1] != self.num_features:
+            expected = " or ".join(f"rank-{r}" for r in self.ranks)
+            raise ShapeError(f"{type(self).__name__}({self.num_features}): expects a {expected} "
+                             f"input with {self.num_features} channels on axis 1, got shape "
+                             f"{x.shape} (at {user_location()})")
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch norm over (N, C) or (N, C, L) inputs."""
+
+    ranks = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch norm over (N, C, H, W) inputs."""
+
+    ranks = (4,)
+
+
+def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
+               bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """Normalise over the trailing dimensions `normalized_shape` (biased variance)."""
+    shape = tuple(normalized_shape)
+    if not shape or x.shape[x.ndim - len(shape):] != shape:
+        raise ShapeError(f"layer_norm: normalized_shape {shape} must be the trailing dimensions "
+                         f"of the input, got shape {x.shape} (at {user_location()})")
+    axes = tuple(range(x.ndim - len(shape), x.ndim))
+    mean = x.mean(axes, keepdims=True)
+    out = _normalize(x, mean, (x - mean).square().mean(axes, keepdims=True), eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+class LayerNorm(Module):
+    def __init__(self, normalized_shape: int | Sequence[int], eps: float = 1e-5,
+                 elementwise_affine: bool = True, bias: bool = True) -> None:
+        super().__init__()
+        shape = ((normalized_shape,) if isinstance(normalized_shape, int)
+                 else tuple(normalized_shape))
+        self.normalized_shape, self.eps = shape, eps
+        self.elementwise_affine, self.has_bias = elementwise_affine, elementwise_affine and bias
+        if elementwise_affine:
+            self.weight = Parameter(np.ones(shape, dtype=np.float32))
+        if self.has_bias:
+            self.bias = Parameter(np.zeros(shape, dtype=np.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return layer_norm(x, self.normalized_shape,
+                          self.weight if self.elementwise_affine else None,
+                          self.bias if self.has_bias else None, self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}")

@@ -1,0 +1,220 @@
+"""Recurrent layers (RNN, LSTM, GRU) with PyTorch's parameter names, shapes and gate order.
+
+The sequence length is static, so a layer unrolls into one cell per time step. The input
+projection x @ W_ih^T of every step is one matrix product over (T*N, I); only the hidden
+recurrence h @ W_hh^T runs per step, which is what keeps long sequences fast.
+
+Unlike PyTorch, `batch_first` defaults to True: inputs are (N, T, input_size). Unbatched inputs
+(T, input_size) are accepted as in PyTorch. Only unidirectional layers without inter-layer
+dropout are supported.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from graphc.ir.errors import ShapeError, user_location
+
+from ..functions import sigmoid, stack, tanh
+from ..tensor import Tensor, as_tensor
+from . import functional as F
+from .layers import uniform
+from .module import Module
+
+__all__ = ["RNN", "LSTM", "GRU"]
+
+State = tuple[Tensor, ...]  # (h,) for RNN and GRU, (h, c) for LSTM
+
+
+class _RecurrentBase(Module):
+    """Multi-layer unrolled recurrence; subclasses define the gates and the cell."""
+
+    gates = 1  # gate blocks stacked along the rows of weight_ih/weight_hh
+    state_size = 1  # tensors in a layer's state: h, or h and c
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = True, dropout: float = 0.0,
+                 bidirectional: bool = False) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if hidden_size <= 0 or num_layers <= 0:
+            raise ValueError(f"{name}: hidden_size and num_layers must be positive, got "
+                             f"{hidden_size} and {num_layers}")
+        if bidirectional:
+            raise NotImplementedError(f"{name}: bidirectional layers are not supported")
+        if dropout:
+            raise NotImplementedError(f"{name}: dropout between layers is not supported "
+                                      f"(got dropout={dropout})")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.has_bias, self.batch_first = bias, batch_first
+        bound = 1 / math.sqrt(hidden_size)
+        rows = self.gates * hidden_size
+        for k in range(num_layers):
+            layer_input = input_size if k == 0 else hidden_size
+            setattr(self, f"weight_ih_l{k}", uniform((rows, layer_input), bound))
+            setattr(self, f"weight_hh_l{k}", uniform((rows, hidden_size), bound))
+            if bias:
+                setattr(self, f"bias_ih_l{k}", uniform((rows,), bound))
+                setattr(self, f"bias_hh_l{k}", uniform((rows,), bound))
+
+    # -- what subclasses define ------------------------------------------------------------
+    def _input_bias(self, bias_ih: Tensor, bias_hh: Tensor) -> Tensor:
+        """The bias folded into the all-steps input projection (both, unless the cell needs
+        bias_hh apart, as GRU does)."""
+        return bias_ih + bias_hh
+
+    def _cell(self, projected_x: Tensor, state: State, weight_hh_t: Tensor,
+              bias_hh: Tensor | None) -> State:
+        raise NotImplementedError
+
+    # -- the unrolled recurrence ----------------------------------------------------------
+    def forward(self, x: Any, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(output, h_n): output (N, T, hidden) holds the last layer's h at every step, h_n
+        (num_layers, N, hidden) every layer's last h; hx is h_0, shaped like h_n (zeros if None)."""
+        output, (h_n,) = self._run(x, None if hx is None else (hx,))
+        return output, h_n
+
+    def _run(self, x: Any, initial: tuple[Tensor, ...] | None) -> tuple[Tensor, State]:
+        """(output, final states stacked over layers) for x and optional initial states
+        (each (num_layers, N, hidden), or (num_layers, hidden) for unbatched input)."""
+        x = as_tensor(x)
+        self._check_input(x)
+        batched = x.ndim == 3
+        # Time-major inside: each step reads a contiguous (N, ·) block.
+        seq = (x.transpose(0, 1) if self.batch_first else x) if batched else x.unsqueeze(1)
+        states = self._initial_states(initial, seq.shape[1], x.dtype, batched)
+        finals = []
+        for k in range(self.num_layers):
+            seq, final = self._run_layer(k, seq, states[k])
+            finals.append(final)
+        stacked = tuple(stack([f[i] for f in finals]) for i in range(self.state_size))
+        if not batched:
+            return seq.squeeze(1), tuple(s.squeeze(1) for s in stacked)
+        return (seq.transpose(0, 1) if self.batch_first else seq), stacked
+
+    def _run_layer(self, k: int, seq: Tensor, state: State) -> tuple[Tensor, State]:
+        """One layer over a time-major (T, N, features) sequence: ((T, N, hidden), final state)."""
+        weight_ih, weight_hh = getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}")
+        bias_ih = getattr(self, f"bias_ih_l{k}") if self.has_bias else None
+        bias_hh = getattr(self, f"bias_hh_l{k}") if self.has_bias else None
+        steps, batch, features = seq.shape
+        input_bias = (self._input_bias(as_tensor(bias_ih), as_tensor(bias_hh)) if self.has_bias
+                      else None)
+        projected = F.linear(seq.reshape(steps * batch, features), weight_ih, input_bias)
+        projected = projected.reshape(steps, batch, -1)
+        weight_hh_t = as_tensor(weight_hh).T
+        outputs = []
+        for t in range(steps):
+            state = self._cell(projected[t], state, weight_hh_t, bias_hh)
+            outputs.append(state[0])
+        return stack(outputs), state
+
+    def _initial_states(self, initial: tuple[Tensor, ...] | None, batch: int, dtype: str,
+                        batched: bool) -> list[State]:
+        """Per layer, the (N, hidden) state tensors: zeros, or the given ones split by layer."""
+        if initial is None:
+            zeros = as_tensor(np.zeros((batch, self.hidden_size), dtype=np.dtype(dtype)))
+            return [(zeros,) * self.state_size] * self.num_layers
+        expected = (self.num_layers,) + ((batch,) if batched else ()) + (self.hidden_size,)
+        tensors = []
+        for s in initial:
+            s = as_tensor(s)
+            if s.shape != expected:
+                raise ShapeError(f"{type(self).__name__}: initial states must have shape "
+                                 f"{expected}, got {s.shape} (at {user_location()})")
+            tensors.append(s if batched else s.unsqueeze(1))
+        return [tuple(s[k] for s in tensors) for k in range(self.num_layers)]
+
+    def _check_input(self, x: Tensor) -> None:
+        layout = "(N, T, input_size)" if self.batch_first else "(T, N, input_size)"
+        if x.ndim not in (2, 3) or x.shape[-1] != self.input_size:
+            raise ShapeError(f"{type(self).__name__}: expects input {layout} or (T, input_size) "
+                             f"with input_size={self.input_size}, got shape {x.shape} "
+                             f"(at {user_location()})")
+        if x.shape[1 if x.ndim == 3 and self.batch_first else 0] == 0:
+            raise ShapeError(f"{type(self).__name__}: the input sequence is empty, shape {x.shape} "
+                             f"(at {user_location()})")
+
+    def extra_repr(self) -> str:
+        return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+                f"bias={self.has_bias}, batch_first={self.batch_first}")
+
+
+class RNN(_RecurrentBase):
+    """Elman RNN: h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh), act tanh or relu.
+    forward(x, hx=None) -> (output, h_n)."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = True,
+                 dropout: float = 0.0, bidirectional: bool = False) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional)
+        self.nonlinearity = nonlinearity
+
+    def _cell(self, projected_x, state, weight_hh_t, bias_hh):
+        (h,) = state
+        pre = projected_x + h @ weight_hh_t
+        return (tanh(pre) if self.nonlinearity == "tanh" else F.relu(pre),)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", nonlinearity={self.nonlinearity!r}"
+
+
+class LSTM(_RecurrentBase):
+    """Long short-term memory, gates (i, f, g, o) stacked in that order:
+    c' = f*c + i*g, h' = o*tanh(c'). forward(x, hx=None) -> (output, (h_n, c_n))."""
+
+    gates, state_size = 4, 2
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = True, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0) -> None:
+        if proj_size:
+            raise NotImplementedError(f"LSTM: projections are not supported "
+                                      f"(got proj_size={proj_size})")
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional)
+
+    def forward(self, x: Any, hx: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """(output, (h_n, c_n)), with hx = (h_0, c_0) shaped like (h_n, c_n) (zeros if None)."""
+        if hx is not None and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+            raise ShapeError(f"LSTM: the initial state must be a pair (h_0, c_0), got "
+                             f"{type(hx).__name__} (at {user_location()})")
+        output, (h_n, c_n) = self._run(x, hx)
+        return output, (h_n, c_n)
+
+    def _cell(self, projected_x, state, weight_hh_t, bias_hh):
+        h, c = state
+        gates = projected_x + h @ weight_hh_t
+        H = self.hidden_size
+        i, f, o = (sigmoid(gates[:, k * H:(k + 1) * H]) for k in (0, 1, 3))
+        g = tanh(gates[:, 2 * H:3 * H])
+        c = f * c + i * g
+        return o * tanh(c), c
+
+
+class GRU(_RecurrentBase):
+    """Gated recurrent unit, gates (r, z, n) stacked in that order:
+    n = tanh(x_n + r*(h W_hn^T + b_hn)), h' = (1-z)*n + z*h.
+    forward(x, hx=None) -> (output, h_n)."""
+
+    gates = 3
+
+    def _input_bias(self, bias_ih: Tensor, bias_hh: Tensor) -> Tensor:
+        return bias_ih  # b_hn sits inside r * (...), so bias_hh is added per step
+
+    def _cell(self, projected_x, state, weight_hh_t, bias_hh):
+        (h,) = state
+        H = self.hidden_size
+        projected_h = h @ weight_hh_t
+        if bias_hh is not None:
+            projected_h = projected_h + bias_hh
+        rz = sigmoid(projected_x[:, :2 * H] + projected_h[:, :2 * H])
+        r, z = rz[:, :H], rz[:, H:]
+        n = tanh(projected_x[:, 2 * H:] + r * projected_h[:, 2 * H:])
+        return (n + z * (h - n),)

@@ -1,0 +1,57 @@
+"""`Embedding`: a lookup table of vectors indexed by integer ids, as PyTorch's."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from graphc.ir.errors import DTypeError, user_location
+
+from .. import init
+from ..functions import gather, stop_gradient, where
+from ..tensor import Tensor, as_tensor
+from .module import Module, Parameter
+
+__all__ = ["Embedding", "embedding"]
+
+
+def embedding(indices: Any, weight: Tensor, padding_idx: int | None = None) -> Tensor:
+    """Rows of `weight` (num_embeddings, dim) picked by integer `indices` of any shape; the
+    output has shape indices.shape + (dim,). Rows looked up at `padding_idx` get no gradient."""
+    indices, weight = as_tensor(indices), as_tensor(weight)
+    if indices.dtype not in ("int32", "int64"):
+        raise DTypeError(f"embedding: indices must be int32 or int64, got {indices.dtype} "
+                         f"(at {user_location()})")
+    rows = gather(weight, indices, axis=0)
+    if padding_idx is None:
+        return rows
+    # Masking the gathered rows (not the table) keeps the cost proportional to the lookups.
+    is_padding = (indices == padding_idx).unsqueeze(-1)
+    return where(is_padding, stop_gradient(rows), rows)
+
+
+class Embedding(Module):
+    """weight (num_embeddings, embedding_dim) drawn from N(0, 1); the `padding_idx` row starts
+    at zero and is never updated by gradients."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int,
+                 padding_idx: int | None = None) -> None:
+        super().__init__()
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"Embedding: padding_idx {padding_idx} must be within "
+                                 f"[-{num_embeddings}, {num_embeddings})")
+            padding_idx %= num_embeddings
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = padding_idx
+        table = init.generator().standard_normal((num_embeddings, embedding_dim)).astype(np.float32)
+        if padding_idx is not None:
+            table[padding_idx] = 0
+        self.weight = Parameter(table)
+
+    def forward(self, indices: Any) -> Tensor:
+        return embedding(indices, self.weight, self.padding_idx)
+
+    def extra_repr(self) -> str:
+        padding = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}{padding}"
