@@ -44,6 +44,57 @@ def _active_nodes(graph: Graph, sources: set[Value], target: Value) -> list:
     return active  # in reverse topological order
 
 
+def _joinable_slices(parts: list[Value]) -> tuple[int, list[Value]] | None:
+    """Unit-step slice_grad contributions that differ along exactly one axis, without overlap:
+    returns (axis, parts sorted along it) or None."""
+    nodes = [p.producer for p in parts]
+    if len(parts) < 2 or any(n is None or n.op != "slice_grad" for n in nodes):
+        return None
+    first = nodes[0].attrs
+    if any(n.attrs["shape"] != first["shape"] or set(n.attrs["steps"]) != {1} for n in nodes):
+        return None
+    differing = {axis for n in nodes for axis in range(len(first["shape"]))
+                 if (n.attrs["starts"][axis], n.attrs["stops"][axis]) !=
+                 (first["starts"][axis], first["stops"][axis])}
+    if len(differing) != 1:
+        return None
+    (axis,) = differing
+    ordered = sorted(parts, key=lambda p: p.producer.attrs["starts"][axis])
+    spans = [(p.producer.attrs["starts"][axis], p.producer.attrs["stops"][axis]) for p in ordered]
+    if any(stop > start for (_, stop), (start, _) in zip(spans, spans[1:])):
+        return None  # overlapping regions must be summed
+    return axis, ordered
+
+
+def _sum_cotangents(b: Builder, parts: list[Value]) -> Value:
+    """Sum the contributions to one value's cotangent; adjacent slices become one concatenate."""
+    slices = [p for p in parts if p.producer is not None and p.producer.op == "slice_grad"]
+    joined = _joinable_slices(slices)
+    if joined is not None:
+        axis, ordered = joined
+        attrs = ordered[0].producer.attrs
+        pieces, cursor = [], ordered[0].producer.attrs["starts"][axis]
+        for p in ordered:
+            start, stop = p.producer.attrs["starts"][axis], p.producer.attrs["stops"][axis]
+            if start > cursor:  # a gap no slice covered: zeros
+                gap = list(p.producer.inputs[0].shape)
+                gap[axis] = start - cursor
+                pieces.append(b.full(0, p.type.with_shape(tuple(gap))))
+            pieces.append(p.producer.inputs[0])
+            cursor = stop
+        block = b.concatenate(*pieces, axis=axis) if len(pieces) > 1 else pieces[0]
+        starts = list(attrs["starts"])
+        stops = list(attrs["stops"])
+        starts[axis], stops[axis] = ordered[0].producer.attrs["starts"][axis], cursor
+        parts = [p for p in parts if p not in slices] + [
+            b.slice_grad(block, shape=attrs["shape"], starts=tuple(starts), stops=tuple(stops),
+                         steps=attrs["steps"])]
+    total = parts[0]
+    for p in parts[1:]:
+        total = b.add(total, p)
+    return total
+
+
 def autodiff(graph: Graph, wrt: Sequence[int | str], output: str | None = None,
              cotangent: bool = False, keep_outputs: bool = True) -> Graph:
     """Return a graph computing the gradients of `output` w.r.t. the inputs in `wrt`.
@@ -70,27 +121,29 @@ def autodiff(graph: Graph, wrt: Sequence[int | str], output: str | None = None,
         seed = b.const(1, target.dtype)
 
     sources = {new.inputs[i].value for i in indices}
-    cts: dict[Value, Value] = {target: seed}
+    # Contributions are kept apart until the value's cotangent is needed, so that slices of
+    # one tensor (RNN time steps, gate splits) are joined instead of summed as full-size zeros.
+    cts: dict[Value, list[Value]] = {target: [seed]}
     for node in _active_nodes(new, sources, target):
-        g = cts.get(node.output)
-        if g is None:
+        if node.output not in cts:
             continue
+        b.loc = node.loc
+        g = _sum_cotangents(b, cts.pop(node.output))
         b.loc = node.loc  # gradient nodes point at the user line of the forward op
         rule = get(node.op).vjp
         if rule is None:
             raise GraphcError(f"autodiff: op {node.op!r} has no differentiation rule"
                               + (f" (used at {node.loc})" if node.loc else ""))
         for x, ct in zip(node.inputs, rule(b, g, *node.inputs, out=node.output, **node.attrs)):
-            if ct is None or not is_float(x.dtype):
-                continue
-            cts[x] = b.add(cts[x], ct) if x in cts else ct
+            if ct is not None and is_float(x.dtype):
+                cts.setdefault(x, []).append(ct)
 
     if not keep_outputs:
         new.outputs = []
     b.loc = None
     for i in indices:
         inp = new.inputs[i]
-        grad = cts.get(inp.value)
-        new.add_output(f"grad_{inp.name}", grad if grad is not None else b.zeros_like(inp.value))
+        parts = cts.get(inp.value)
+        new.add_output(f"grad_{inp.name}", _sum_cotangents(b, parts) if parts else b.zeros_like(inp.value))
     from .simplify import dce
     return dce(new)

@@ -115,3 +115,18 @@ def test_grad_needs_a_scalar():
 def test_unused_input_gets_zero_gradient():
     g = gc.grad(lambda x, y: (x * 2).sum(), argnums=1, backend=REF)(np.ones(2), np.ones(3))
     np.testing.assert_array_equal(g, np.zeros(3))
+
+
+def test_cotangents_of_slices_are_joined_not_summed_as_full_tensors():
+    x = rng.standard_normal((6, 3))
+
+    def f(x):
+        total = x[0] * 0.0
+        for t in range(x.shape[0]):
+            total = gc.tanh(total + x[t])  # per-step slices, as an unrolled RNN reads them
+        return total.sum()
+
+    graph = gc.grad(f, backend=REF).lower(x)
+    assert graph.op_counts().get("slice_grad", 0) <= 1 and graph.op_counts()["concatenate"] == 1
+    expected = numeric_grad(gc.jit(f, backend=REF), [x], 0)
+    np.testing.assert_allclose(gc.grad(f, backend=REF)(x), expected, rtol=1e-6, atol=1e-8)
