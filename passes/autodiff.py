@@ -66,9 +66,31 @@ def _joinable_slices(parts: list[Value]) -> tuple[int, list[Value]] | None:
     return axis, ordered
 
 
+def _merge_same_region(b: Builder, slices: list[Value]) -> list[Value]:
+    """slice_grad(a, R) + slice_grad(c, R) -> slice_grad(a + c, R): sum at the slice's size."""
+    groups: dict[tuple, list[Value]] = {}
+    for p in slices:
+        a = p.producer.attrs
+        groups.setdefault((a["shape"], a["starts"], a["stops"], a["steps"]), []).append(p)
+    merged = []
+    for (shape, starts, stops, steps), members in groups.items():
+        if len(members) == 1:
+            merged.append(members[0])
+            continue
+        total = members[0].producer.inputs[0]
+        for p in members[1:]:
+            total = b.add(total, p.producer.inputs[0])
+        merged.append(b.slice_grad(total, shape=shape, starts=starts, stops=stops, steps=steps))
+    return merged
+
+
 def _sum_cotangents(b: Builder, parts: list[Value]) -> Value:
     """Sum the contributions to one value's cotangent; adjacent slices become one concatenate."""
     slices = [p for p in parts if p.producer is not None and p.producer.op == "slice_grad"]
+    if len(slices) > 1:
+        others = [p for p in parts if p not in slices]
+        slices = _merge_same_region(b, slices)
+        parts = others + slices
     joined = _joinable_slices(slices)
     if joined is not None:
         axis, ordered = joined
