@@ -186,7 +186,10 @@ def fit(step: TrainStep, train_loader: Iterable, epochs: int = 1, val_loader: It
     evaluator: CompiledModel | None = None
     global_step = 0
     for epoch in range(1, epochs + 1):
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=True)
+        # One iter() per epoch: a DataLoader draws its next shuffle on each call.
+        total_batches = len(train_loader) if hasattr(train_loader, "__len__") else None
+        bar = tqdm(iter(train_loader), total=total_batches, desc=f"epoch {epoch}/{epochs}",
+                   disable=not progress, leave=True)
         total, seen, start = 0.0, 0, time.perf_counter()
         for batch in bar:
             before = copy.deepcopy(training_state(step)) if check_numerics else None

@@ -1,0 +1,542 @@
+"""Data-parallel training over MPI: every rank runs the same compiled step on its own shard of
+each batch, and one allreduce of one flat buffer keeps them in step.
+
+    mpiexec -n 4 python train.py        # or plain `python train.py`: a world of one
+
+A `DataParallelStep` splits the training step at the gradients into two compiled graphs:
+
+    gradients graph   batch, params, buffers -> ONE flat buffer [grads..., averaged buffers..., loss]
+    MPI Allreduce     sum of that buffer over the ranks, in place
+    update graph      flat buffer / world size -> clip, optimizer update (params, state donated)
+
+Packing the loss and the float buffers (batch-norm running statistics) into the same buffer
+makes one collective per step do all the communication. Every rank starts from rank 0's
+parameters, buffers, optimizer state, step count and RNG key (broadcast when the step is built),
+so identical updates keep the ranks identical. Dropout draws a different mask on each rank.
+
+Failures never hang the job: `init()` installs an exception hook that names the failing rank and
+calls MPI_Abort; a killed rank brings down the job through mpiexec; and every collective waits
+with a deadline (`GRAPHC_DDP_TIMEOUT` seconds, default 300), so a rank that exits early or is
+stuck makes the others abort instead of waiting forever.
+
+Without mpi4py, or with a single process, the world has size 1 and every collective is a no-op.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, NoReturn, Sequence
+
+import numpy as np
+
+from graphc.backends import compile_graph
+from graphc.ir import Graph, TensorType
+from graphc.ir.errors import GraphcError
+from graphc.passes import SIMPLIFY, autodiff, run_pipeline
+
+from .api import _inline, jit, user_facing
+from .compile import TrainStep, _add_inputs, _batch_arrays, _Compiled, compile
+from .data import Batch, DataLoader, Dataset, Subset, Transform
+from .functions import concatenate
+from .nn.module import Module
+from .optim import Optimizer, clip_by_global_norm
+from .tensor import Tensor, tracing
+from .train import EarlyStopping, History, load_checkpoint, save_checkpoint, training_state
+
+TIMEOUT_ENV = "GRAPHC_DDP_TIMEOUT"
+DEFAULT_TIMEOUT = 300.0
+
+
+class DistributedError(GraphcError):
+    """Ranks that disagree (on the model, the data) or cannot work together."""
+
+
+# -- the world: rank, size and the collectives the training step needs ------------------------
+@dataclass
+class World:
+    """This process's place among the ranks. `comm` is an mpi4py communicator, or None for a
+    single process (then every collective is a no-op). `timeout` bounds every collective, in
+    seconds: set it here or through $GRAPHC_DDP_TIMEOUT."""
+
+    rank: int = 0
+    size: int = 1
+    comm: Any = None
+    timeout: float = DEFAULT_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if self.comm is None and self.size != 1:
+            raise ValueError(f"World: {self.size} ranks need a communicator (comm); "
+                             "use distributed.init()")
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def allreduce_(self, buffer: np.ndarray) -> np.ndarray:
+        """Sum `buffer` over all ranks, in place; returns it."""
+        if self.comm is not None:
+            from mpi4py import MPI
+            self._wait([self.comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)], "allreduce")
+        return buffer
+
+    def broadcast_(self, arrays: dict[str, np.ndarray]) -> None:
+        """Overwrite every rank's arrays, in place, with rank 0's. All ranks must hold the same
+        names, shapes and dtypes: a mismatch raises DistributedError on every rank."""
+        if self.comm is None:
+            return
+        names = sorted(arrays)
+        self._check_agreement("the arrays to broadcast (names, shapes, dtypes)",
+                              [(n, arrays[n].shape, arrays[n].dtype.str) for n in names])
+        self._wait([self.comm.Ibcast(arrays[n], root=0) for n in names], "broadcast")
+
+    def shared_seed(self, seed: int | None) -> int:
+        """`seed`, or when None one drawn by rank 0 and sent to all, so permutations agree."""
+        if seed is not None:
+            return int(seed)
+        value = np.array([np.random.SeedSequence().entropy % 2**63], dtype=np.int64)
+        self.broadcast_({"seed": value})
+        return int(value[0])
+
+    def abort(self, message: str) -> NoReturn:
+        """Print which rank failed and why, then end every rank of the job (exit status 1); a
+        world of one raises DistributedError instead."""
+        print(f"graphc.distributed: rank {self.rank} of {self.size}: {message}; aborting all ranks",
+              file=sys.stderr, flush=True)
+        if self.comm is None:
+            raise DistributedError(message)
+        self.comm.Abort(1)
+        os._exit(1)  # MPICH's Abort can return while the launcher tears the job down
+
+    def _check_agreement(self, what: str, description: Any) -> None:
+        digest = np.frombuffer(hashlib.sha256(repr(description).encode()).digest(), np.uint8)
+        digests = np.empty((self.size, digest.size), np.uint8)
+        self._wait([self.comm.Iallgather(digest, digests)], "allgather")
+        differing = [r for r in range(self.size) if not np.array_equal(digests[r], digests[0])]
+        if differing:
+            raise DistributedError(f"ranks {differing} disagree with rank 0 on {what}; every rank "
+                                   "must build the same model and optimizer")
+
+    def _wait(self, requests: list, what: str) -> None:
+        """Complete nonblocking `requests` within the deadline: a peer that exited cleanly or is
+        stuck would otherwise leave this rank blocked in the collective forever. Polling spins,
+        as MPICH's blocking collectives do, so it costs no latency."""
+        from mpi4py import MPI
+        deadline = time.monotonic() + self.timeout
+        while not MPI.Request.Testall(requests):
+            if time.monotonic() > deadline:
+                self.abort(f"{what} did not complete within {self.timeout:g} s "
+                           f"({TIMEOUT_ENV}); another rank has exited or is stuck")
+
+
+_world: World | None = None
+
+
+def init() -> World:
+    """The world of this process, created on the first call: MPI's COMM_WORLD when launched by
+    mpiexec with several ranks, else a single process. Call it first thing in a script: from
+    then on an uncaught exception on any rank aborts the whole job instead of hanging it."""
+    global _world
+    if _world is None:
+        _world = _connect()
+        if _world.size > 1:
+            _install_abort_hook(_world)
+    return _world
+
+
+def _connect() -> World:
+    timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return World(timeout=timeout)
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() == 1:
+        return World(timeout=timeout)
+    return World(comm.Get_rank(), comm.Get_size(), comm, timeout)
+
+
+def _install_abort_hook(world: World) -> None:
+    previous = sys.excepthook
+
+    def abort_on_uncaught(exc_type, exc, tb) -> None:
+        previous(exc_type, exc, tb)  # the usual traceback first
+        world.abort(f"failed with {exc_type.__name__}: {exc}")
+
+    sys.excepthook = abort_on_uncaught
+
+
+# -- data: one disjoint shard per rank -------------------------------------------------------
+class DistributedSampler:
+    """Rank `rank`'s indices of range(n) for an epoch.
+
+    All ranks draw the same permutation from (seed, epoch) — DataLoader's formula — and rank r
+    takes every `size`-th index starting at r. So the k-th batches of all ranks together are
+    exactly the k-th batch a single process with `size` times the batch size would take.
+    With `even`, the tail is dropped so that every rank gets the same count (training steps must
+    stay in lockstep); without it every index is used once (evaluation).
+    """
+
+    def __init__(self, n: int, rank: int, size: int, shuffle: bool = True, seed: int = 0,
+                 even: bool = True) -> None:
+        if not 0 <= rank < size:
+            raise ValueError(f"DistributedSampler: rank {rank} is not in [0, {size})")
+        if n < size:
+            raise ValueError(f"DistributedSampler: {n} items cannot give each of {size} ranks one")
+        self.n, self.rank, self.size = n, rank, size
+        self.shuffle, self.seed, self.even = shuffle, int(seed), even
+
+    def __len__(self) -> int:
+        if self.even:
+            return self.n // self.size
+        return len(range(self.rank, self.n, self.size))
+
+    def indices(self, epoch: int) -> np.ndarray:
+        order = (np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle
+                 else np.arange(self.n))
+        if self.even:
+            order = order[:self.n - self.n % self.size]
+        return order[self.rank::self.size]
+
+
+class DistributedLoader:
+    """A DataLoader over this rank's shard of the epoch chosen with `set_epoch`.
+
+    Iterating has no side effect (tqdm.auto, for one, calls iter() twice), so, as with PyTorch's
+    DistributedSampler, call `set_epoch` before each epoch for a fresh shuffle (`fit` does).
+
+    `batch_size` is per rank. Training loaders keep `even=True` (same number of equal batches on
+    every rank); evaluation loaders use `shuffle=False, even=False, drop_last=False`.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, world: World | None = None,
+                 shuffle: bool = True, seed: int | None = None, drop_last: bool = True,
+                 even: bool = True, transform: Transform | None = None,
+                 target_transform: Transform | None = None) -> None:
+        self.world = world or init()
+        self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
+        self.transform, self.target_transform = transform, target_transform
+        seed = self.world.shared_seed(seed) if shuffle else 0
+        self.sampler = DistributedSampler(len(dataset), self.world.rank, self.world.size, shuffle,
+                                          seed, even)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _loader(self, epoch: int) -> DataLoader:
+        shard = Subset(self.dataset, self.sampler.indices(epoch))
+        return DataLoader(shard, self.batch_size, shuffle=False, drop_last=self.drop_last, seed=0,
+                          transform=self.transform, target_transform=self.target_transform)
+
+    def __len__(self) -> int:
+        count = len(self.sampler)
+        return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self._loader(self.epoch))
+
+
+# -- the data-parallel training step ---------------------------------------------------------
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where each reduced value sits in the one flat buffer, in order: gradients ("grad:<param>"),
+    buffers averaged across ranks ("buffer:<name>"), then the loss ("loss")."""
+
+    dtype: str
+    slots: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @property
+    def size(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.slots)
+
+    def keys(self, prefix: str) -> list[str]:
+        return [key.split(":", 1)[1] for key, _ in self.slots if key.startswith(prefix + ":")]
+
+    def pack(self, values: dict[str, Tensor]) -> Tensor:
+        return concatenate([values[key].astype(self.dtype).reshape(-1) for key, _ in self.slots])
+
+    def unpack(self, flat: Tensor) -> dict[str, Tensor]:
+        values, offset = {}, 0
+        for key, shape in self.slots:
+            count = math.prod(shape)
+            values[key] = flat[offset:offset + count].reshape(shape)
+            offset += count
+        return values
+
+
+@dataclass
+class StepTimes:
+    """Wall-clock seconds spent in each phase of the data-parallel steps run so far."""
+
+    gradients: float = 0.0
+    allreduce: float = 0.0
+    update: float = 0.0
+    steps: int = 0
+
+    @property
+    def total(self) -> float:
+        return self.gradients + self.allreduce + self.update
+
+
+class DataParallelStep(TrainStep):
+    """`step(*inputs, target) -> loss`: one data-parallel training step on this rank's batch.
+
+    The returned loss is the mean over all ranks. Everything else is TrainStep's: donated
+    parameters and optimizer state updated in place, checkpoints through graphc.train.
+    `graph`, `to_dot` and `memory_plan` describe the forward+backward graph; `update_graph`
+    the optimizer's. Batch norm normalises with each rank's own batch statistics (as PyTorch's
+    DistributedDataParallel without SyncBatchNorm); its running statistics are averaged.
+    """
+
+    def __init__(self, model: Module, loss_fn: Callable[..., Tensor], optimizer: Optimizer,
+                 example_inputs: Sequence[Any], backend: str | None = None,
+                 clip_grad_norm: float | None = None, l1: float = 0.0, targets: int = 1,
+                 world: World | None = None) -> None:
+        self.world = world or init()
+        self.layout: FlatLayout | None = None
+        self.times = StepTimes()
+        super().__init__(model, loss_fn, optimizer, example_inputs, backend, clip_grad_norm, l1,
+                         targets, name="data_parallel_step")
+        self._update = self._compile_update()
+        self.broadcast_state()
+
+    def broadcast_state(self) -> None:
+        """Give every rank rank 0's weights, buffers, optimizer state, step count and RNG key."""
+        self.world.broadcast_(training_state(self))
+
+    # -- graph construction ----------------------------------------------------------------
+    def _trace(self, batch: list[np.ndarray]) -> tuple[Graph, dict[int, int]]:
+        """The gradients graph: forward and backward, every value to reduce packed into one
+        flat output; buffers that are not averaged (integer counters) are updated in place."""
+        forward = self._forward_graph(batch)
+        param_index = {n: len(batch) + i for i, n in enumerate(self.params)}
+        with_grads = autodiff(forward, wrt=[param_index[n] for n in self.trainable], output="loss")
+        buffer_names = [name.split(":", 1)[1] for name, _ in forward.outputs[1:]]
+        with tracing(f"{self.name}_gradients") as t:
+            b = t.builder
+            data = [Tensor(b.add_input(TensorType.of(a), f"input{i}")) for i, a in enumerate(batch)]
+            params = _add_inputs(b, self.params, "param")
+            buffers = _add_inputs(b, self.buffers, "state")
+            outs = _inline(with_grads, [*data, *params.values(), *buffers.values()])
+            new_buffers = dict(zip(buffer_names, outs[1:1 + len(buffer_names)]))
+            grads = dict(zip(self.trainable, outs[1 + len(buffer_names):]))
+            layout = self._set_layout(grads, new_buffers)
+            averaged = set(layout.keys("buffer"))
+            b.add_output("reduced", layout.pack({**{f"grad:{n}": g for n, g in grads.items()},
+                                                 **{f"buffer:{n}": v for n, v in new_buffers.items()},
+                                                 "loss": outs[0]}).value)
+            donate: dict[int, int] = {}
+            inputs = {inp.name: i for i, inp in enumerate(b.graph.inputs)}
+            for name, value in new_buffers.items():
+                if name not in averaged:
+                    donate[inputs[name]] = len(b.graph.outputs)
+                    b.add_output(f"buffer:{name}", value.astype(self.buffers[name].dtype).value)
+        return t.builder.graph, donate
+
+    def _set_layout(self, grads: dict[str, Tensor], new_buffers: dict[str, Tensor]) -> FlatLayout:
+        dtypes = {self.params[n].dtype.name for n in self.trainable}
+        if len(dtypes) != 1:
+            raise DistributedError(f"{self.name}: trainable parameters of several dtypes "
+                                   f"({', '.join(sorted(dtypes))}) cannot share one gradient "
+                                   "buffer; cast the model to one dtype")
+        dtype = dtypes.pop()
+        slots = [(f"grad:{n}", g.shape) for n, g in grads.items()]
+        slots += [(f"buffer:{n}", v.shape) for n, v in new_buffers.items()
+                  if self.buffers[n].dtype.name == dtype]
+        layout = FlatLayout(dtype, (*slots, ("loss", ())))
+        if self.layout is not None and layout != self.layout:
+            raise DistributedError(f"{self.name}: a new batch signature changed which values "
+                                   "are reduced across ranks")
+        self.layout = layout
+        return layout
+
+    def _update_graph(self) -> tuple[Graph, dict[int, int]]:
+        """The update graph: the summed flat buffer over the world size is the mean gradient
+        (and the mean of averaged buffers); then clipping and the optimizer's rule."""
+        layout = self.layout
+        averaged = layout.keys("buffer")
+        with tracing(f"{self.name}_update") as t:
+            b = t.builder
+            reduced = Tensor(b.add_input(TensorType((layout.size,), layout.dtype), "reduced"))
+            params = _add_inputs(b, {n: self.params[n] for n in self.trainable}, "param")
+            buffers = _add_inputs(b, {n: self.buffers[n] for n in averaged}, "state")
+            state = {n: _add_inputs(b, {f"{n}.{k}": v for k, v in s.items()}, "state")
+                     for n, s in self.opt_state.items()}
+            step = Tensor(b.add_input(TensorType((), "float32"), "step", "state"))
+            lr = Tensor(b.add_input(TensorType((), "float32"), "lr", "data"))
+            mean = layout.unpack(reduced * (1.0 / self.world.size))
+            grads = {n: mean[f"grad:{n}"] for n in self.trainable}
+            if self.clip_grad_norm is not None:
+                grads = clip_by_global_norm(grads, self.clip_grad_norm)
+            new_step = step + 1
+            new_params, new_state = self.optimizer.update(
+                params, grads,
+                {n: {k.rsplit(".", 1)[1]: v for k, v in s.items()} for n, s in state.items()},
+                lr, new_step)
+            donate: dict[int, int] = {}
+            inputs = {inp.name: i for i, inp in enumerate(b.graph.inputs)}
+
+            def output(name: str, value: Tensor, donor: str) -> None:
+                donate[inputs[donor]] = len(b.graph.outputs)
+                b.add_output(name, value.value)
+
+            for n in self.trainable:
+                output(f"param:{n}", new_params[n], n)
+                for k, v in new_state[n].items():
+                    output(f"state:{n}.{k}", v, f"{n}.{k}")
+            for n in averaged:
+                output(f"buffer:{n}", mean[f"buffer:{n}"], n)
+            output("step", new_step, "step")
+        return t.builder.graph, donate
+
+    def _compile_update(self) -> _Compiled:
+        traced, donate = self._update_graph()
+        optimized = run_pipeline(traced, [SIMPLIFY])
+        compiled = _Compiled(traced, optimized, compile_graph(optimized, self.backend, donate), donate)
+        compiled.persistent = self._persistent(optimized)
+        return compiled
+
+    @property
+    def update_graph(self) -> Graph:
+        """The optimized update graph (reduced buffer -> parameters and optimizer state)."""
+        return self._update.optimized
+
+    def export(self, path: str) -> None:
+        raise GraphcError(f"{self.name}: a data-parallel step is two graphs around an allreduce; "
+                          "export a single-process step (compile_train_step) instead")
+
+    # -- running ---------------------------------------------------------------------------
+    @user_facing
+    def __call__(self, *batch: Any) -> float:
+        arrays = _batch_arrays(batch)
+        gradients = self._get(arrays)
+        if not gradients.persistent:
+            gradients.persistent = self._persistent(gradients.optimized)
+        args = [*arrays, *gradients.persistent]
+        uses_rng = gradients.optimized.inputs[-1].role == "rng"
+        if uses_rng:
+            args.append(self._rank_key())
+        start = time.perf_counter()
+        reduced = np.require(gradients.executable(*args)[0], requirements=["C", "W"])
+        reduced_at = time.perf_counter()
+        self.world.allreduce_(reduced)
+        updated_at = time.perf_counter()
+        self._update.executable(reduced, *self._update.persistent, np.float32(self.optimizer.lr))
+        if uses_rng:
+            self.rng_key[1] += 1
+        self._record_times(start, reduced_at, updated_at, time.perf_counter())
+        return float(reduced[-1]) / self.world.size
+
+    def _rank_key(self) -> np.ndarray:
+        """This rank's RNG key: counter * size + rank gives each (step, rank) its own stream, and
+        with one process the very key a single-process TrainStep would use."""
+        seed, counter = self.rng_key
+        return np.array([seed, counter * self.world.size + self.world.rank], np.int64)
+
+    def _record_times(self, start: float, reduced_at: float, updated_at: float, end: float) -> None:
+        self.times.gradients += reduced_at - start
+        self.times.allreduce += updated_at - reduced_at
+        self.times.update += end - updated_at
+        self.times.steps += 1
+
+
+# -- checkpoints, evaluation and the fit loop ------------------------------------------------
+def resume(step: DataParallelStep, path: str) -> bool:
+    """Continue from the checkpoint at `path` when rank 0 finds one; returns whether it did.
+    Rank 0 reads the file (other machines need not see it) and broadcasts the state."""
+    world = step.world
+    found = np.array([world.is_root and os.path.exists(path)], np.bool_)
+    if found[0]:
+        load_checkpoint(path, step)
+    world.broadcast_({"found": found})
+    step.broadcast_state()
+    return bool(found[0])
+
+
+def evaluate(model_fn: Callable[..., np.ndarray], loss_fn: Callable | None,
+             loader: DistributedLoader) -> dict[str, float]:
+    """Loss (when `loss_fn` is given) and, for class scores, accuracy over the whole dataset:
+    each rank evaluates its shard, then the sums are reduced."""
+    loss_jit = jit(loss_fn) if loss_fn is not None else None
+    totals = np.zeros(3)  # loss * count, correct predictions, count
+    classes = True
+    for *inputs, target in loader:
+        scores = model_fn(*inputs)
+        if loss_jit is not None:
+            totals[0] += float(loss_jit(scores, target)) * len(target)
+        classes = scores.ndim == 2 and target.ndim == 1 and target.dtype.kind in "iu"
+        if classes:
+            totals[1] += np.count_nonzero(scores.argmax(1) == target)
+        totals[2] += len(target)
+    loader.world.allreduce_(totals)
+    result = {}
+    if loss_jit is not None:
+        result["loss"] = totals[0] / totals[2]
+    if classes:
+        result["accuracy"] = totals[1] / totals[2]
+    return result
+
+
+def fit(step: DataParallelStep, train_loader: DistributedLoader, epochs: int = 1,
+        val_loader: DistributedLoader | None = None, checkpoint_path: str | None = None,
+        resume_from_checkpoint: bool = False, early_stopping: EarlyStopping | None = None,
+        scheduler: Any = None, progress: bool = True,
+        on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> History:
+    """Train for `epochs` on every rank in lockstep; returns the same History on every rank.
+
+    Logged metrics are global (reduced over ranks). Only rank 0 shows progress, calls
+    `on_epoch_end` and writes the checkpoint (atomically, after every epoch). With
+    `resume_from_checkpoint`, training continues after the last completed epoch of the
+    checkpoint at `checkpoint_path` (when it exists).
+    """
+    from tqdm.auto import tqdm
+
+    world = step.world
+    first_epoch = 1
+    if resume_from_checkpoint and checkpoint_path is not None and resume(step, checkpoint_path):
+        first_epoch = int(step.step_count) // max(len(train_loader), 1) + 1
+    history = History()
+    evaluator = None
+    for epoch in range(first_epoch, epochs + 1):
+        train_loader.set_epoch(epoch)
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", leave=True,
+                   disable=not (progress and world.is_root))
+        total, seen, start = 0.0, 0, time.perf_counter()
+        for batch in bar:
+            loss = step(*batch)
+            if not math.isfinite(loss):
+                raise GraphcError(f"training loss became {loss} at epoch {epoch}")
+            total, seen = total + loss * len(batch[-1]), seen + len(batch[-1])
+            bar.set_postfix(loss=f"{loss:.4f}")
+        logs = {"epoch": epoch, "loss": total / max(seen, 1),
+                "samples_per_s": seen * world.size / (time.perf_counter() - start)}
+        if val_loader is not None:
+            if evaluator is None:
+                example = next(iter(val_loader))
+                evaluator = compile(step.model, tuple(example[:-1]), backend=step.backend)
+            logs.update({f"val_{k}": v for k, v in evaluate(evaluator, step.loss_fn, val_loader).items()})
+        if scheduler is not None:
+            scheduler.step()
+        history.epochs.append(logs)
+        if world.is_root:
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, logs)
+            if checkpoint_path is not None:
+                save_checkpoint(checkpoint_path, step)
+        if early_stopping is not None and early_stopping.update(epoch, logs, step):
+            history.stopped_early = True
+            break
+    if early_stopping is not None:
+        history.best_epoch = early_stopping.best_epoch
+        if early_stopping.restore_best_weights:
+            early_stopping.restore(step)
+    return history
+
+
+__all__ = ["DEFAULT_TIMEOUT", "DataParallelStep", "DistributedError", "DistributedLoader",
+           "DistributedSampler", "FlatLayout", "StepTimes", "TIMEOUT_ENV", "World", "evaluate",
+           "fit", "init", "resume"]
