@@ -2,3 +2,17 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))  # lets tests import the shared opcheck helpers
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def graphc_cache_dir(tmp_path_factory):
+    """Compiled kernels go to a fresh directory per test session, never the user's cache."""
+    previous = os.environ.get("GRAPHC_CACHE_DIR")
+    os.environ["GRAPHC_CACHE_DIR"] = str(tmp_path_factory.mktemp("graphc_cache"))
+    yield os.environ["GRAPHC_CACHE_DIR"]
+    if previous is None:
+        del os.environ["GRAPHC_CACHE_DIR"]
+    else:
+        os.environ["GRAPHC_CACHE_DIR"] = previous

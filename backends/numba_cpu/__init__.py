@@ -1,0 +1,35 @@
+"""The numba-cpu backend: fused kernels generated as Python source, compiled by Numba.
+
+    compile_graph(graph, donate=None) -> Executable
+
+See executor.py (the executable and its memory), codegen_*.py (one generator per kernel
+pattern) and cache.py (the on-disk kernel cache).
+"""
+from __future__ import annotations
+
+from .cache import CacheStats, default_cache_dir, get_cache
+from .codegen import unlowered_primitives
+from .executor import CompiledKernel, Executable, ProfileReport, compile_graph
+
+
+def _missing_dependency() -> str | None:
+    for module in ("numba", "scipy"):  # Numba's np.dot needs scipy's BLAS
+        try:
+            __import__(module)
+        except ImportError:
+            return module
+    return None
+
+
+def is_available() -> bool:
+    return _missing_dependency() is None
+
+
+def unavailable_reason() -> str:
+    missing = _missing_dependency()
+    return f"the {missing!r} package is not installed" if missing else ""
+
+
+__all__ = ["CacheStats", "CompiledKernel", "Executable", "ProfileReport", "compile_graph",
+           "default_cache_dir", "get_cache", "is_available", "unavailable_reason",
+           "unlowered_primitives"]

@@ -1,0 +1,310 @@
+"""The kernel cache: every generated kernel compiles once per process and once per machine.
+
+Each kernel module is written once, atomically, to ``<cache dir>/k_<hash>.py`` (the hash covers
+the source and the graphc, Numba, llvmlite and Python versions) and imported under that name
+(registered in ``sys.modules``, or Numba's cache would be unloadable in the next process). Its
+entry function is decorated with ``cache=True``, so Numba keeps the compiled machine code in
+``<cache dir>/__pycache__``; a second process loads it in milliseconds instead of compiling
+(NUMBA_NOTES.md explains each of these choices).
+
+The cache directory is ``$GRAPHC_CACHE_DIR``, else ``$XDG_CACHE_HOME/graphc``, else
+``~/.cache/graphc``. A cache entry whose source file does not match its name, or whose compiled
+code cannot be loaded, is deleted and rebuilt.
+
+Numba compiles one function at a time per process, so when a graph brings several kernels the
+disk cache lacks, `load_all` hands some to worker processes (``$GRAPHC_COMPILE_WORKERS``, by
+default one per idle core besides this one: on a busy machine a worker only slows the others
+down; fresh interpreters running compile_worker.py, since forking after
+OpenMP is unsafe and multiprocessing's spawn would import the user's script again) while this
+process compiles the rest; it then loads theirs from the disk cache in milliseconds.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import llvmlite
+import numba
+from numba import types
+
+from graphc.ir import TensorType
+
+from .codegen_common import Call
+
+
+@dataclass
+class CacheStats:
+    """Counters over kernel loads. `hits`: compiled code found on disk; `misses`: not found,
+    so compiled (`compiled` counts the compilations, `in_workers` those done by worker
+    processes, `compile_seconds` the wall time); `reused`: an identical kernel already loaded
+    by this process; `rebuilt`: corrupt entries replaced."""
+
+    hits: int = 0
+    misses: int = 0
+    compiled: int = 0
+    in_workers: int = 0
+    reused: int = 0
+    rebuilt: int = 0
+    compile_seconds: float = 0.0
+    load_seconds: float = 0.0
+
+    def add(self, other: CacheStats) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def __str__(self) -> str:
+        workers = f", {self.in_workers} of them by workers" if self.in_workers else ""
+        return (f"{self.hits} disk hits, {self.misses} misses ({self.compiled} compiled in "
+                f"{self.compile_seconds:.2f} s{workers}), {self.reused} reused in process, "
+                f"{self.rebuilt} rebuilt")
+
+
+def default_cache_dir() -> str:
+    explicit = os.environ.get("GRAPHC_CACHE_DIR")
+    if explicit:
+        return os.path.abspath(os.path.expanduser(explicit))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "graphc")
+
+
+def _graphc_version() -> str:
+    try:
+        return version("graphc")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+VERSION_TAG = (f"graphc {_graphc_version()}; numba {numba.__version__}; "
+               f"llvmlite {llvmlite.__version__}; python {sys.version_info[:3]}")
+
+
+def cache_key(source: str) -> str:
+    return hashlib.sha256(f"{VERSION_TAG}\n{source}".encode()).hexdigest()[:32]
+
+
+def signature_of(args: list[TensorType | int], flat: bool = False) -> tuple:
+    """The Numba signature of a call: C-contiguous arrays (1-D when `flat`) and int64s."""
+    return tuple(types.int64 if isinstance(a, int) else
+                 types.Array(numba.from_dtype(a.np_dtype), 1 if flat else a.ndim, "C")
+                 for a in args)
+
+
+class KernelCache:
+    """Loads (compiling when needed) generated kernels from one cache directory."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.stats = CacheStats()
+        self._loaded: dict[str, Any] = {}  # cache key -> dispatcher
+        self._lock = threading.Lock()
+        os.makedirs(directory, exist_ok=True)
+
+    def load(self, kernel: Call, signature: tuple, stats: CacheStats | None = None) -> Any:
+        """The compiled entry function of `kernel`, specialised for `signature`."""
+        return self.load_all([(kernel, signature)], stats)[0]
+
+    def load_all(self, requests: list[tuple[Call, tuple]], stats: CacheStats | None = None) -> list[Any]:
+        """`load` for each (kernel, signature), compiling what the disk cache lacks in parallel."""
+        local = CacheStats()
+        with self._lock:
+            for kernel, _ in requests:
+                self._check_source(cache_key(kernel.source), kernel, local)
+            start = time.perf_counter()
+            workers = self._start_workers(requests)
+            delegated = {key for worker in workers for key in worker.keys}
+            result: list[Any] = [None] * len(requests)
+            order = sorted(range(len(requests)), key=lambda i: cache_key(requests[i][0].source) in delegated)
+            compiled_elsewhere: set[str] = set()
+            for i in order:  # this process's share first, then the workers'
+                kernel, signature = requests[i]
+                if delegated and cache_key(kernel.source) in delegated:
+                    for worker in workers:
+                        compiled_elsewhere |= worker.finish()
+                    delegated = set()
+                key = cache_key(kernel.source)
+                result[i] = self._load_one(kernel, signature, local, key in compiled_elsewhere)
+            if workers:
+                local.compile_seconds = time.perf_counter() - start
+        self.stats.add(local)
+        if stats is not None:
+            stats.add(local)
+        return result
+
+    def _load_one(self, kernel: Call, signature: tuple, stats: CacheStats, compiled_elsewhere: bool) -> Any:
+        key = cache_key(kernel.source)
+        dispatcher = self._loaded.get(key)
+        if dispatcher is not None and signature in dispatcher.overloads:
+            stats.reused += 1
+            return dispatcher
+        if dispatcher is None:
+            dispatcher = self._import(key, kernel)
+        dispatcher = self._compile(key, kernel, dispatcher, signature, stats, compiled_elsewhere)
+        self._loaded[key] = dispatcher
+        return dispatcher
+
+    # -- compiling in worker processes ------------------------------------------------------
+    def _on_disk(self, key: str) -> bool:
+        """Does Numba's cache hold compiled code for this entry (for some signature)?"""
+        pattern = self.module_name(key) + ".*.nbi"
+        folders = [os.path.join(self.directory, "__pycache__")]
+        if numba.config.CACHE_DIR:
+            folders.append(os.path.join(numba.config.CACHE_DIR, "**"))
+        return any(glob.glob(os.path.join(f, pattern), recursive=True) for f in folders)
+
+    def _start_workers(self, requests: list[tuple[Call, tuple]]) -> list[_Worker]:
+        """Share the kernels missing from the disk cache between this process and workers."""
+        missing: dict[str, tuple[Call, tuple]] = {}
+        for kernel, signature in requests:
+            key = cache_key(kernel.source)
+            if key not in self._loaded and key not in missing and not self._on_disk(key):
+                missing[key] = (kernel, signature)
+        count = _worker_count() if len(missing) >= WORKER_MIN_KERNELS else 0
+        if count <= 0:
+            return []
+        items = list(missing.items())
+        shares = [items[i + 1::count + 1] for i in range(count)]  # share 0 stays here
+        return [_Worker({key: (self.path(key), self.module_name(key), kernel.entry, signature)
+                         for key, (kernel, signature) in share}) for share in shares if share]
+
+    # -- files -------------------------------------------------------------------------------
+    def module_name(self, key: str) -> str:
+        return f"k_{key}"
+
+    def path(self, key: str) -> str:
+        return os.path.join(self.directory, self.module_name(key) + ".py")
+
+    def _write_source(self, key: str, source: str) -> None:
+        """Atomically: a reader never sees half a file (temporary file, then rename)."""
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, self.path(key))
+
+    def _purge(self, key: str, dispatcher: Any = None) -> None:
+        """Delete an entry's source and Numba's index and object files for it."""
+        name = self.module_name(key)
+        pycache = [os.path.join(self.directory, "__pycache__")]
+        if dispatcher is not None:
+            pycache.append(dispatcher.stats.cache_path)
+        for folder in pycache:
+            for path in glob.glob(os.path.join(folder, name + ".*")):
+                os.remove(path)
+        if os.path.exists(self.path(key)):
+            os.remove(self.path(key))
+        sys.modules.pop(name, None)
+
+    def _check_source(self, key: str, kernel: Call, stats: CacheStats) -> None:
+        """Write the kernel's source file, or replace it if it is not the kernel's text."""
+        path = self.path(key)
+        if key in self._loaded:
+            return
+        if os.path.exists(path):
+            with open(path) as f:
+                intact = f.read() == kernel.source
+            if not intact:
+                warnings.warn(f"graphc: kernel cache entry {path} is corrupt; rebuilding it")
+                self._purge(key)
+                stats.rebuilt += 1
+        if not os.path.exists(path):
+            self._write_source(key, kernel.source)
+
+    def _import(self, key: str, kernel: Call) -> Any:
+        path = self.path(key)
+        name = self.module_name(key)
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return getattr(module, kernel.entry)
+
+    def _compile(self, key: str, kernel: Call, dispatcher: Any, signature: tuple,
+                 stats: CacheStats, compiled_elsewhere: bool = False) -> Any:
+        """Load `signature` from Numba's disk cache or compile it; an unreadable cache entry
+        (Numba raises while unpickling it) is purged and compiled afresh. A kernel a worker
+        process just compiled counts as a miss, not a hit."""
+        start = time.perf_counter()
+        hits_before = sum(dispatcher.stats.cache_hits.values())
+        try:
+            dispatcher.compile(signature)
+        except Exception:
+            if not glob.glob(os.path.join(dispatcher.stats.cache_path, self.module_name(key) + ".*")):
+                raise  # nothing cached: a genuine compile error
+            warnings.warn(f"graphc: compiled kernel cache for {kernel.entry} is corrupt; rebuilding it")
+            self._purge(key, dispatcher)
+            stats.rebuilt += 1
+            self._write_source(key, kernel.source)
+            dispatcher = self._import(key, kernel)
+            hits_before = 0
+            dispatcher.compile(signature)
+        elapsed = time.perf_counter() - start
+        if sum(dispatcher.stats.cache_hits.values()) > hits_before and not compiled_elsewhere:
+            stats.hits += 1
+            stats.load_seconds += elapsed
+        else:
+            stats.misses += 1
+            stats.compiled += 1
+            stats.in_workers += compiled_elsewhere
+            stats.compile_seconds += elapsed
+        return dispatcher
+
+
+# A worker pays ~2 s to start (imports, Numba's initialisation): not worth it for a few kernels.
+WORKER_MIN_KERNELS = 4
+WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compile_worker.py")
+
+
+def _worker_count() -> int:
+    """$GRAPHC_COMPILE_WORKERS, else the cores idle over the last minute, this one aside."""
+    text = os.environ.get("GRAPHC_COMPILE_WORKERS")
+    if text:
+        return int(text)
+    cores = os.cpu_count() or 1
+    return max(0, min(cores - 1, int(cores - os.getloadavg()[0]) - 1))
+
+
+class _Worker:
+    """A compile_worker.py process compiling `tasks` (cache key -> task) into the disk cache."""
+
+    def __init__(self, tasks: dict[str, tuple]) -> None:
+        self.keys = list(tasks)
+        self.process = subprocess.Popen([sys.executable, WORKER_SCRIPT], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.process.stdin.write(pickle.dumps(list(tasks.values())))
+        self.process.stdin.close()
+        self.done: set[str] | None = None
+
+    def finish(self) -> set[str]:
+        """Wait for the worker; the keys it compiled. A kernel it failed on is compiled (and
+        any genuine error reported) by this process instead."""
+        if self.done is None:
+            output = self.process.stdout.read()
+            self.process.wait()
+            try:
+                errors = pickle.loads(output)
+            except Exception:
+                errors = ["no result"] * len(self.keys)
+            self.done = {key for key, error in zip(self.keys, errors) if error is None}
+        return self.done
+
+
+_CACHES: dict[str, KernelCache] = {}
+
+
+def get_cache(directory: str | None = None) -> KernelCache:
+    """The process-wide cache for `directory` (default: `default_cache_dir()`, read now)."""
+    directory = directory or default_cache_dir()
+    if directory not in _CACHES:
+        _CACHES[directory] = KernelCache(directory)
+    return _CACHES[directory]

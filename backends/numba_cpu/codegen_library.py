@@ -1,0 +1,512 @@
+"""Library kernels: matmul, conv2d and its gradients, pooling, scatters; each with an epilogue.
+
+A library kernel is a short sequence of calls. The library op writes its whole result into its
+own output array (fusion always gives it one); then, if the kernel has an epilogue (bias add,
+ReLU, an optimizer update), an ordinary generated elementwise loop reads that result and
+writes the kernel's other outputs.
+
+The library functions depend only on what shapes their loops (window geometry, which operands
+are transposed, the dtype); sizes come from the arrays. Every layer with the same geometry, in
+every graph, shares one compiled function, which then comes from the disk cache.
+
+matmul is `np.dot` (scipy's BLAS, single-threaded: see blas.py): one GEMM, split into row
+blocks across threads when large, or one per batch element. conv2d and its gradients are
+im2col + one GEMM per group: receptive fields are copied (in parallel over image planes) into
+a (C*kh*kw, N*Ho*Wo) scratch matrix, so that the whole batch is one large GEMM, and the
+result is moved between that (channels, N*Ho*Wo) layout and NCHW by one more parallel pass.
+Pooling loops over each image plane's windows, planes in parallel; the scatters loop over
+their operand, in parallel over an axis on which they cannot collide.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numba
+
+from graphc.ir import Graph, Node, TensorType, Value
+from graphc.passes.fusion import is_literal
+
+from .codegen_common import (PARALLEL_MIN_ELEMENTS, Call, KernelSource, Writer, decorator,
+                             entry_name, index_text, loop_header, module, size_of)
+from .codegen_elementwise import (argument_names, broadcast_index, elementwise_call,
+                                  elementwise_flops, members_of)
+
+
+class Refs:
+    """What a lowering may reference: the kernel array holding a value ('x0', 'y1'), the
+    values a matmul prologue transposes, and scratch arrays it asks for ('s0', ...)."""
+
+    def __init__(self, names: dict[Value, str], prologue: list[Node]) -> None:
+        self.names = names
+        self.transposed = {t.output: t.inputs[0] for t in prologue}
+        self.scratch: list[TensorType] = []
+
+    def __getitem__(self, value: Value) -> str:
+        return self.names[value]
+
+    def operand(self, value: Value) -> tuple[str, bool]:
+        """The array to read for `value`, and whether to read it transposed."""
+        if value in self.transposed:
+            return self.names[self.transposed[value]], True
+        return self.names[value], False
+
+    def new_scratch(self, shape: tuple[int, ...], dtype: str) -> str:
+        self.scratch.append(TensorType(shape, dtype))
+        return f"s{len(self.scratch) - 1}"
+
+
+def _call(entry: str, params: list[str], args: list[str | int], parallel: bool,
+          write_body: Callable[[Writer], None], fastmath: bool = True) -> Call:
+    """A call of a hand-written library function `entry(*params)` with these `args`."""
+    w = Writer()
+    w.line(decorator(parallel, fastmath))
+    with w.block(f"def {entry}({', '.join(params)}):"):
+        write_body(w)
+    return Call(module(entry, w), entry, tuple(args), parallel=parallel)
+
+
+def _per_plane(entry: str, params: list[str], args: list[str], constants: dict[str, int],
+               plane_params: list[str], plane_args: str, plane_body: Callable[[Writer], None],
+               parallel: bool, planes_of: str, preamble: tuple[str, ...] = ()) -> Call:
+    """entry(*params) calls plane(*plane_args) for every image plane (n, c) of `planes_of`, the
+    planes in parallel when `parallel`. The loops live in `plane`, a serial helper, because
+    Numba optimises loop nests inside a parallel loop's body far worse (3-5x slower measured).
+    The window geometry is module constants, so the loops over a 2x2 window are unrolled."""
+    geometry = "\n".join(f"{name} = {value}" for name, value in constants.items())
+    helper = Writer()
+    helper.line("@njit(fastmath=FASTMATH)")
+    with helper.block(f"def plane({', '.join(plane_params)}):"):
+        plane_body(helper)
+    w = Writer()
+    w.line(decorator(parallel))
+    with w.block(f"def {entry}({', '.join(params)}):"):
+        w.line(f"N, C = {planes_of}.shape[0], {planes_of}.shape[1]")
+        for line in preamble:
+            w.line(line)
+        with w.block(loop_header("nc", "N * C", parallel)):
+            w.line("n, c = nc // C, nc % C")
+            w.line(f"plane({plane_args})")
+    return Call(module(entry, w, [geometry, helper.text()]), entry, tuple(args), parallel=parallel)
+
+
+# -- matmul ---------------------------------------------------------------------------------------
+def _matmul(node: Node, refs: Refs) -> tuple[list[Call], int]:
+    """A plain product is one (row-blocked) GEMM; a batched one loops over the (broadcast) batch
+    index, one BLAS call per batch element, the outer batch axis in parallel when large.
+    Operands transposed by the prologue are read through `.T`: BLAS takes them as they are."""
+    x, y = node.inputs
+    (a, a_t), (b, b_t) = refs.operand(x), refs.operand(y)
+    out = node.output.shape
+    flops = 2 * size_of(out) * x.shape[-1]
+    if len(out) == 2:
+        return [_gemm("matmul", a, b, refs[node.output], 1, flops, a_t, b_t)], flops
+    batch = out[:-2]
+    index = tuple(f"b{d}" for d in range(len(batch)))
+    parallel = flops >= GEMM_PARALLEL_MIN_FLOPS and batch[0] > 1
+
+    def part(name: str, shape: tuple[int, ...], transposed: bool = False) -> str:
+        sub = broadcast_index(index, shape[:-2], batch)
+        return (f"{name}[{', '.join(sub)}]" if sub else name) + (".T" if transposed else "")
+
+    def body(w: Writer) -> None:
+        for d, i in enumerate(index):
+            w.line(loop_header(i, f"out.shape[{d}]", parallel and d == 0))
+            w.depth += 1
+        w.line(f"np.dot({part('a', x.shape, a_t)}, {part('b', y.shape, b_t)}, {part('out', out)})")
+
+    call = _call("batched_matmul", ["a", "b", "out"], [a, b, refs[node.output]], parallel, body,
+                 fastmath=False)
+    return [call], flops
+
+
+# -- convolution ----------------------------------------------------------------------------------
+def _conv_geometry(node: Node, kernel: tuple[int, int]) -> dict[str, int]:
+    (sh, sw), (ph, pw), (dh, dw) = node.attrs["stride"], node.attrs["padding"], node.attrs["dilation"]
+    return dict(KH=kernel[0], KW=kernel[1], SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw)
+
+
+def _output_size(w: Writer) -> None:
+    """Bind OH, OW: the conv output size for an H x W input plane."""
+    w.line("OH = (H + 2 * PH - DH * (KH - 1) - 1) // SH + 1")
+    w.line("OW = (W + 2 * PW - DW * (KW - 1) - 1) // SW + 1")
+
+
+def _columns_inside(w: Writer) -> None:
+    """Bind `start`, `lo`, `hi`: output columns lo..hi-1 read input columns ow*SW + start that
+    lie inside the image (the others read padding), so the inner loops need no tests."""
+    w.line("start = j * DW - PW")
+    w.line("lo = min(OW, max(0, -(start // SW)))")
+    w.line("hi = max(lo, min(OW, (W - 1 - start) // SW + 1))")
+
+
+def _im2col_plane(w: Writer) -> None:
+    """col[row0 + (i, j), base + p] = x[input position output p reads at kernel cell (i, j)]
+    for one image plane x (zero in the padding)."""
+    w.line("H, W = x.shape")
+    _output_size(w)
+    with w.block("for i in range(KH):"), w.block("for j in range(KW):"):
+        w.line("row = row0 + i * KW + j")
+        _columns_inside(w)
+        with w.block("for oh in range(OH):"):
+            w.line("ih = oh * SH - PH + i * DH")
+            w.line("at = base + oh * OW")
+            with w.block("if ih < 0 or ih >= H:"):
+                w.line("col[row, at:at + OW] = 0")
+                w.line("continue")
+            w.line("col[row, at:at + lo] = 0")
+            with w.block("for ow in range(lo, hi):"):
+                w.line("col[row, at + ow] = x[ih, ow * SW + start]")
+            w.line("col[row, at + hi:at + OW] = 0")
+
+
+def _col2im_plane(w: Writer) -> None:
+    """dx[ih, iw] = sum of dcol over the cells that read (ih, iw), for one image plane: the
+    adjoint of im2col. One call owns one plane, so planes accumulate in parallel."""
+    w.line("H, W = dx.shape")
+    _output_size(w)
+    w.line("dx[:, :] = 0")
+    with w.block("for i in range(KH):"), w.block("for j in range(KW):"):
+        w.line("row = row0 + i * KW + j")
+        _columns_inside(w)
+        with w.block("for oh in range(OH):"):
+            w.line("ih = oh * SH - PH + i * DH")
+            with w.block("if 0 <= ih and ih < H:"):
+                w.line("at = base + oh * OW")
+                with w.block("for ow in range(lo, hi):"):
+                    w.line("dx[ih, ow * SW + start] += dcol[row, at + ow]")
+
+
+def _im2col(node: Node, x: str, col: str, kernel: tuple[int, int], parallel: bool) -> Call:
+    """The rows of one group of channels are contiguous in col: that group's GEMM operand."""
+    return _per_plane("im2col", ["x", "col"], [x, col], _conv_geometry(node, kernel),
+                      ["x", "col", "row0", "base"], "x[n, c], col, c * KH * KW, n * P",
+                      _im2col_plane, parallel, "x", ("P = col.shape[1] // N",))
+
+
+def _col2im(node: Node, dcol: str, dx: str, kernel: tuple[int, int], parallel: bool) -> Call:
+    return _per_plane("col2im", ["dcol", "dx"], [dcol, dx], _conv_geometry(node, kernel),
+                      ["dcol", "dx", "row0", "base"], "dcol, dx[n, c], c * KH * KW, n * P",
+                      _col2im_plane, parallel, "dx", ("P = dcol.shape[1] // N",))
+
+
+def _to_gemm_layout_body(w: Writer, parallel: bool) -> None:
+    """rows[o, n*P + p] = nchw[n, o, p]: channels become GEMM rows, all images one block."""
+    w.line("N, O = nchw.shape[0], nchw.shape[1]")
+    w.line("P = rows.shape[1] // N")
+    w.line("flat = nchw.reshape((N, O, P))")
+    with w.block(loop_header("no", "N * O", parallel)):
+        w.line("n, o = no // O, no % O")
+        with w.block("for p in range(P):"):
+            w.line("rows[o, n * P + p] = flat[n, o, p]")
+
+
+def _from_gemm_layout_body(w: Writer, parallel: bool) -> None:
+    """nchw[n, o, p] = rows[o, n*P + p]: the GEMM result back to NCHW."""
+    w.line("N, O = nchw.shape[0], nchw.shape[1]")
+    w.line("P = rows.shape[1] // N")
+    w.line("flat = nchw.reshape((N, O, P))")
+    with w.block(loop_header("no", "N * O", parallel)):
+        w.line("n, o = no // O, no % O")
+        with w.block("for p in range(P):"):
+            w.line("flat[n, o, p] = rows[o, n * P + p]")
+
+
+def _gemm_body(transpose_a: bool, transpose_b: bool, parallel: bool) -> Callable[[Writer], None]:
+    """out = a @ b per group: every operand is a matrix of G blocks of rows (4-D weights seen
+    as (out channels, in channels/G * kh * kw)); group g multiplies block g of each. The
+    parallel variant also splits each group's output rows into T blocks, one BLAS call each
+    (BLAS itself runs single-threaded: see blas.py)."""
+    def body(w: Writer) -> None:
+        for m in ("a", "b", "out"):
+            w.line(f"{m}m = {m}.reshape(({m}.shape[0], {m}.size // {m}.shape[0]))")
+        w.line("ar, br, rows = am.shape[0] // G, bm.shape[0] // G, outm.shape[0] // G")
+        b = "bm[g * br:(g + 1) * br]" + (".T" if transpose_b else "")
+        if not parallel:
+            a = "am[g * ar:(g + 1) * ar]" + (".T" if transpose_a else "")
+            with w.block("for g in range(G):"):
+                w.line(f"np.dot({a}, {b}, outm[g * rows:(g + 1) * rows])")
+            return
+        w.line("blocks = min(T, rows)")
+        w.line("step = -(-rows // blocks)")
+        a = ("np.ascontiguousarray(am[g * ar:(g + 1) * ar, lo:hi].T)" if transpose_a
+             else "am[g * ar + lo:g * ar + hi]")
+        with w.block("for task in prange(G * blocks):"):
+            w.line("g, lo = task // blocks, task % blocks * step")
+            w.line("hi = min(rows, lo + step)")
+            with w.block("if lo < hi:"):
+                w.line(f"np.dot({a}, {b}, outm[g * rows + lo:g * rows + hi])")
+    return body
+
+
+# Below this many flops a GEMM is one BLAS call; above, row blocks run on Numba's threads.
+GEMM_PARALLEL_MIN_FLOPS = 1 << 22
+
+
+def _gemm(entry: str, a: str, b: str, out: str, groups: int, flops: int, transpose_a: bool = False,
+          transpose_b: bool = False) -> Call:
+    parallel = flops >= GEMM_PARALLEL_MIN_FLOPS and numba.config.NUMBA_NUM_THREADS > 1
+    params, args = ["a", "b", "out", "G"], [a, b, out, groups]
+    if parallel:
+        params.append("T")
+        args.append(numba.config.NUMBA_NUM_THREADS)
+    return _call(entry, params, args, parallel, _gemm_body(transpose_a, transpose_b, parallel),
+                 fastmath=False)
+
+
+def _conv_parallel(col_shape: tuple[int, ...]) -> bool:
+    return size_of(col_shape) >= PARALLEL_MIN_ELEMENTS
+
+
+def _conv_shapes(x_shape, w_shape, y_shape) -> tuple[tuple[int, int], tuple, tuple]:
+    """(kh, kw), the im2col matrix's shape and the GEMM-layout output's shape."""
+    n, c = x_shape[:2]
+    o, _, kh, kw = w_shape
+    oh, ow = y_shape[2:]
+    return (kh, kw), (c * kh * kw, n * oh * ow), (o, n * oh * ow)
+
+
+def _conv2d(node: Node, refs: Refs) -> tuple[list[Call], int]:
+    """im2col, one GEMM per group into GEMM layout (channels, N*Ho*Wo), back to NCHW."""
+    x, weight = node.inputs
+    kernel, col_shape, rows_shape = _conv_shapes(x.shape, weight.shape, node.output.shape)
+    col, rows = refs.new_scratch(col_shape, x.dtype), refs.new_scratch(rows_shape, x.dtype)
+    parallel = _conv_parallel(col_shape)
+    flops = _conv_flops(weight.shape, col_shape)
+    calls = [
+        _im2col(node, refs[x], col, kernel, parallel),
+        _gemm("grouped_gemm", refs[weight], col, rows, node.attrs["groups"], flops),
+        _call("from_gemm_layout", ["rows", "nchw"], [rows, refs[node.output]], parallel,
+              lambda w: _from_gemm_layout_body(w, parallel)),
+    ]
+    return calls, flops
+
+
+def _conv2d_input_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
+    """dy to GEMM layout, dcol = w.T @ dy per group, col2im."""
+    dy, weight = node.inputs
+    kernel, col_shape, rows_shape = _conv_shapes(node.output.shape, weight.shape, dy.shape)
+    rows, dcol = refs.new_scratch(rows_shape, dy.dtype), refs.new_scratch(col_shape, dy.dtype)
+    parallel = _conv_parallel(col_shape)
+    flops = _conv_flops(weight.shape, col_shape)
+    calls = [
+        _call("to_gemm_layout", ["nchw", "rows"], [refs[dy], rows], parallel,
+              lambda w: _to_gemm_layout_body(w, parallel)),
+        _gemm("grouped_gemm_at", refs[weight], rows, dcol, node.attrs["groups"], flops, transpose_a=True),
+        _col2im(node, dcol, refs[node.output], kernel, parallel),
+    ]
+    return calls, flops
+
+
+def _conv2d_weight_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
+    """im2col of x, dy to GEMM layout, dw = dy @ col.T per group."""
+    x, dy = node.inputs
+    kernel, col_shape, rows_shape = _conv_shapes(x.shape, node.output.shape, dy.shape)
+    col, rows = refs.new_scratch(col_shape, x.dtype), refs.new_scratch(rows_shape, x.dtype)
+    parallel = _conv_parallel(col_shape)
+    flops = _conv_flops(node.output.shape, col_shape)
+    calls = [
+        _im2col(node, refs[x], col, kernel, parallel),
+        _call("to_gemm_layout", ["nchw", "rows"], [refs[dy], rows], parallel,
+              lambda w: _to_gemm_layout_body(w, parallel)),
+        _gemm("grouped_gemm_bt", rows, col, refs[node.output], node.attrs["groups"], flops, transpose_b=True),
+    ]
+    return calls, flops
+
+
+def _conv_flops(weight_shape: tuple[int, ...], col_shape: tuple[int, ...]) -> int:
+    """2 * (weights) * (output positions): every weight meets every column once."""
+    return 2 * size_of(weight_shape) * col_shape[1]
+
+
+# -- pooling --------------------------------------------------------------------------------------
+def _window_loops(w: Writer) -> None:
+    """Open the loops over output positions; bind the window's cells inside the image: rows
+    i0..i1-1 and columns j0..j1-1 of the kernel (the others are padding)."""
+    w.line("for oh in range(OH):")
+    w.depth += 1
+    w.line("ih0 = oh * SH - PH")
+    w.line("i0, i1 = max(0, -ih0), min(KH, H - ih0)")
+    w.line("for ow in range(OW):")
+    w.depth += 1
+    w.line("iw0 = ow * SW - PW")
+    w.line("j0, j1 = max(0, -iw0), min(KW, W - iw0)")
+
+
+def _max_pool_plane(w: Writer) -> None:
+    """Padding is -inf, which never raises a maximum: only real cells are read."""
+    w.line("(H, W), (OH, OW) = x.shape, y.shape")
+    _window_loops(w)
+    w.line("best = -np.inf")
+    with w.block("for i in range(i0, i1):"), w.block("for j in range(j0, j1):"):
+        w.line("v = x[ih0 + i, iw0 + j]")
+        with w.block("if v > best or v != v:"):  # a NaN, once seen, stays
+            w.line("best = v")
+    w.line("y[oh, ow] = best")
+
+
+def _max_pool_grad_plane(w: Writer) -> None:
+    """Each window's cotangent goes to its first maximum in row-major order (a NaN counts as
+    the maximum). A padding cell (-inf) wins only if it comes first and every real cell is
+    -inf; the cotangent is then dropped, as in the reference."""
+    w.line("(H, W), (OH, OW) = x.shape, dy.shape")
+    w.line("dx[:, :] = 0")
+    _window_loops(w)
+    w.line("best, best_i, best_j = x[ih0 + i0, iw0 + j0], i0, j0")
+    with w.block("for i in range(i0, i1):"), w.block("for j in range(j0, j1):"):
+        w.line("v = x[ih0 + i, iw0 + j]")
+        with w.block("if v > best or (v != v and best == best):"):
+            w.line("best, best_i, best_j = v, i, j")
+    with w.block("if not (best == -np.inf and (i0 > 0 or j0 > 0)):"):
+        w.line("dx[ih0 + best_i, iw0 + best_j] += dy[oh, ow]")
+
+
+def _divisor(w: Writer) -> None:
+    """The kernel area, or (without INCLUDE_PAD) the real cells the window covers."""
+    w.line("divisor = KH * KW if INCLUDE_PAD else (i1 - i0) * (j1 - j0)")
+
+
+def _avg_pool_plane(w: Writer) -> None:
+    w.line("(H, W), (OH, OW) = x.shape, y.shape")
+    _window_loops(w)
+    w.line("total = 0.0")
+    with w.block("for i in range(i0, i1):"), w.block("for j in range(j0, j1):"):
+        w.line("total += x[ih0 + i, iw0 + j]")
+    _divisor(w)
+    w.line("y[oh, ow] = total / divisor")
+
+
+def _avg_pool_grad_plane(w: Writer) -> None:
+    w.line("(H, W), (OH, OW) = dx.shape, dy.shape")
+    w.line("dx[:, :] = 0")
+    _window_loops(w)
+    _divisor(w)
+    w.line("share = dy[oh, ow] / divisor")
+    with w.block("for i in range(i0, i1):"), w.block("for j in range(j0, j1):"):
+        w.line("dx[ih0 + i, iw0 + j] += share")
+
+
+def _pool(entry: str, operands: list[str], plane_body: Callable[[Writer], None]):
+    """Lowering of a pooling op whose operands are named `operands`, its output last."""
+    def lower(node: Node, refs: Refs) -> tuple[list[Call], int]:
+        values = list(node.inputs) + [node.output]
+        a = node.attrs
+        (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
+        geometry = dict(KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw)
+        if "count_include_pad" in a:
+            geometry["INCLUDE_PAD"] = int(a["count_include_pad"])
+        parallel = max(size_of(v.shape) for v in values) >= PARALLEL_MIN_ELEMENTS
+        plane_args = ", ".join(f"{name}[n, c]" for name in operands)
+        call = _per_plane(entry, operands, [refs[v] for v in values], geometry, operands,
+                          plane_args, plane_body, parallel, operands[0])
+        # one comparison or addition per window cell of every pooled element
+        return [call], min(size_of(v.shape) for v in values) * kh * kw
+    return lower
+
+
+# -- scatters -------------------------------------------------------------------------------------
+def _scatter_loops(w: Writer, rank: int, parallel_axis: int | None) -> tuple[str, ...]:
+    index = tuple(f"i{d}" for d in range(rank))
+    for d, i in enumerate(index):
+        w.line(loop_header(i, f"g.shape[{d}]", d == parallel_axis))
+        w.depth += 1
+    return index
+
+
+def _scatter_add_along_axis(node: Node, refs: Refs) -> tuple[list[Call], int]:
+    """out[..., indices[i], ...] += g[i]. Parallel over axis 0 when each iteration owns its own
+    slice of the output (not the scattered axis, not a broadcast one)."""
+    g, indices = node.inputs
+    axis = node.attrs["axis"]
+    shape = node.output.shape
+    parallel = (axis != 0 and shape[0] == g.shape[0]
+                and size_of(g.shape) >= PARALLEL_MIN_ELEMENTS)
+
+    def body(w: Writer) -> None:
+        w.line("out[...] = 0")
+        index = _scatter_loops(w, len(g.shape), 0 if parallel else None)
+        target = list(broadcast_index(index, shape, g.shape))
+        target[axis] = f"indices[{index_text(broadcast_index(index, indices.shape, g.shape))}]"
+        w.line(f"out[{index_text(tuple(target))}] += g[{index_text(index)}]")
+
+    call = _call("scatter_add_along_axis", ["g", "indices", "out"],
+                 [refs[g], refs[indices], refs[node.output]], parallel, body)
+    return [call], size_of(g.shape)
+
+
+def _scatter_add(node: Node, refs: Refs) -> tuple[list[Call], int]:
+    """out[pre, indices[mid], post] += g[pre, mid, post]; parallel over the first pre axis."""
+    g, indices = node.inputs
+    axis = node.attrs["axis"]
+    rank = indices.type.ndim
+    parallel = axis > 0 and size_of(g.shape) >= PARALLEL_MIN_ELEMENTS
+
+    def body(w: Writer) -> None:
+        w.line("out[...] = 0")
+        index = _scatter_loops(w, len(g.shape), 0 if parallel else None)
+        target = index[:axis] + (f"indices[{index_text(index[axis:axis + rank])}]",) + index[axis + rank:]
+        w.line(f"out[{index_text(target)}] += g[{index_text(index)}]")
+
+    call = _call("scatter_add", ["g", "indices", "out"], [refs[g], refs[indices], refs[node.output]],
+                 parallel, body)
+    return [call], size_of(g.shape)
+
+
+LIBRARY_LOWERINGS: dict[str, Callable[[Node, Refs], tuple[list[Call], int]]] = {
+    "matmul": _matmul,
+    "conv2d": _conv2d,
+    "conv2d_input_grad": _conv2d_input_grad,
+    "conv2d_weight_grad": _conv2d_weight_grad,
+    "max_pool2d": _pool("max_pool2d", ["x", "y"], _max_pool_plane),
+    "max_pool2d_grad": _pool("max_pool2d_grad", ["x", "dy", "dx"], _max_pool_grad_plane),
+    "avg_pool2d": _pool("avg_pool2d", ["x", "y"], _avg_pool_plane),
+    "avg_pool2d_grad": _pool("avg_pool2d_grad", ["dy", "dx"], _avg_pool_grad_plane),
+    "scatter_add_along_axis": _scatter_add_along_axis,
+    "scatter_add": _scatter_add,
+}
+
+
+# -- the kernel -----------------------------------------------------------------------------------
+def generate_library(kernel: Node) -> KernelSource:
+    sub = kernel.subgraph
+    members = members_of(sub)
+    at = next(i for i, m in enumerate(members) if m.op in LIBRARY_LOWERINGS)
+    prologue, anchor, epilogue = members[:at], members[at], members[at + 1:]
+    refs = Refs(argument_names(sub), prologue)
+    calls, flops = LIBRARY_LOWERINGS[anchor.op](anchor, refs)
+    if epilogue:
+        calls.append(_epilogue_call(kernel, anchor, epilogue, refs.names))
+    return KernelSource(kernel.attrs["name"], kernel.attrs["pattern"], calls, tuple(refs.scratch),
+                        flops + elementwise_flops(epilogue))
+
+
+def _epilogue_call(kernel: Node, anchor: Node, epilogue: list[Node], names: dict[Value, str]) -> Call:
+    """The epilogue as an elementwise kernel of its own: it reads the library result (an
+    output of this kernel) and the kernel inputs it needs, and writes the other outputs."""
+    sub = kernel.subgraph
+    part = Graph(f"{sub.name}_epilogue")
+    local = {anchor.output: part.add_input(anchor.output.type, "anchor")}
+    refs = [names[anchor.output]]
+    produced = {v for m in epilogue for v in m.outputs}
+    for m in epilogue:
+        for v in m.inputs:
+            if v in local or v in produced:
+                continue
+            if v.producer is not None and is_literal(v.producer):
+                clone = Node("constant", (), v.producer.attrs, (v.type,))
+                part.nodes.append(clone)
+                local[v] = clone.output
+            else:
+                local[v] = part.add_input(v.type, f"in{len(refs)}")
+                refs.append(names[v])
+    for m in epilogue:
+        clone = Node(m.op, tuple(local[v] for v in m.inputs), m.attrs, tuple(v.type for v in m.outputs), m.loc)
+        part.nodes.append(clone)
+        local.update(zip(m.outputs, clone.outputs))
+    for v in sub.output_values:
+        if v in produced:
+            part.add_output(f"out{len(part.outputs)}", local[v])
+            refs.append(names[v])
+    call = elementwise_call(entry_name(kernel.attrs["name"]), part)
+    translate = dict(zip(argument_names(part).values(), refs))
+    return Call(call.source, call.entry, tuple(translate.get(a, a) for a in call.args),
+                flat=call.flat, parallel=call.parallel)

@@ -1,0 +1,377 @@
+"""compile_graph and the Executable: one arena, a pre-bound kernel list, minimal Python per call.
+
+Compilation: fuse the graph, generate every kernel's source, plan memory (kernel scratch
+included), then load each kernel through the cache, compiled eagerly for the exact argument
+types the executor will pass. A call then checks its inputs, allocates the fresh output arrays,
+and runs the kernel list; each step is a compiled function and the indices of its arguments
+in one flat list of arrays, most of which (arena views, constants, scratch) never change.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numba
+import numpy as np
+
+from graphc.backends.signature import prepare_inputs
+from graphc.ir import Graph, Node, TensorType, Value
+from graphc.ir.verify import KERNEL_OP
+from graphc.passes.fusion import fuse
+from graphc.passes.memplan import ALIGNMENT, MemoryPlan, plan_memory
+
+from .blas import single_threaded_scipy_blas
+from .cache import CacheStats, get_cache, signature_of
+from .codegen import generate
+from .codegen_common import Call, KernelSource
+
+
+@dataclass
+class CompiledKernel:
+    """One kernel of an Executable: its node, generated source and compiled functions (one per
+    call of the generated code, run in order)."""
+
+    node: Node
+    generated: KernelSource
+    functions: list[Callable[..., None]]
+
+    @property
+    def name(self) -> str:
+        return self.generated.name
+
+    @property
+    def pattern(self) -> str:
+        return self.generated.pattern
+
+    @property
+    def flops(self) -> int:
+        return self.generated.flops
+
+    @property
+    def source(self) -> str:
+        """The generated Python module."""
+        return self.generated.source
+
+
+@dataclass
+class _Step:
+    kernel: CompiledKernel
+    calls: tuple[tuple[Callable[..., None], tuple[int, ...]], ...]  # function, env slots of its args
+
+
+def _thread_count() -> int | None:
+    text = os.environ.get("GRAPHC_NUM_THREADS")
+    if not text:
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        raise ValueError(f"GRAPHC_NUM_THREADS={text!r} is not an integer") from None
+    return max(1, min(count, numba.config.NUMBA_NUM_THREADS))
+
+
+class _Environment:
+    """Slots for every array a call touches: fixed ones filled once, the rest per call."""
+
+    def __init__(self) -> None:
+        self.template: list[Any] = []
+        self.slot: dict[tuple[Value, bool], int] = {}  # (value, flat) -> slot
+
+    def add(self, key: tuple[Value, bool], array: Any = None) -> int:
+        self.slot[key] = self.constant(array)
+        return self.slot[key]
+
+    def constant(self, value: Any) -> int:
+        """A slot holding `value` on every call (scratch arrays, integer arguments)."""
+        self.template.append(value)
+        return len(self.template) - 1
+
+
+class Executable:
+    """A compiled graph. Call it with one array per graph input; it returns one array per output.
+
+    Attributes: `graph` (the fused graph), `plan` (the MemoryPlan), `kernels` (CompiledKernel
+    list in execution order), `cache_stats` (CacheStats of this compilation),
+    `compile_seconds`. `profile(*args, repeat=N)` times every kernel; with GRAPHC_PROFILE=1
+    every call is timed, `profile_report` holds the totals and they are printed at exit.
+    Calls from several threads take turns: they share one arena.
+    """
+
+    def __init__(self, graph: Graph, plan: MemoryPlan, kernels: dict[Node, CompiledKernel],
+                 cache_stats: CacheStats, compile_seconds: float) -> None:
+        self.graph = graph
+        self.plan = plan
+        self.kernels = [kernels[n] for n in plan.schedule if n in kernels]
+        self.cache_stats = cache_stats
+        self.compile_seconds = compile_seconds
+        self._threads = _thread_count()
+        self._donated = tuple(plan.donated_in_place) + tuple(plan.donated_by_copy)
+        self._arena = _aligned_bytes(plan.peak_bytes)
+        self._env = _Environment()
+        self._bind(kernels)
+        self._lock = threading.Lock()
+        self._profile_totals: dict[tuple[str, int], float] | None = None
+        self._profile_calls = 0
+        if os.environ.get("GRAPHC_PROFILE", "") not in ("", "0"):
+            self._profile_totals = {}
+            atexit.register(_print_profile_at_exit, weakref.ref(self))
+
+    # -- binding (once) -----------------------------------------------------------------------
+    def _bind(self, kernels: dict[Node, CompiledKernel]) -> None:
+        plan, env = self.plan, self._env
+        self._inputs = [env.add((v, False)) for v in self.graph.input_values]
+        self._fresh: list[tuple[int, tuple[int, ...], np.dtype]] = []
+        self._donated_slots: list[tuple[int, int]] = []
+        self._views: list[tuple[int, int, tuple[int, ...]]] = []  # filled per call
+        self._flats: list[tuple[int, int]] = []
+        for node in plan.schedule:
+            for v in node.outputs:
+                self._bind_value(v, node)
+        self._steps = [self._step(kernels[n]) for n in plan.schedule if n in kernels]
+
+    def _bind_value(self, v: Value, node: Node) -> None:
+        loc, env = self.plan.locations[v], self._env
+        if loc.kind == "arena":
+            storage = self.plan.storages[loc.index]
+            env.add((v, False), self._arena_view(storage.offset, v.type.shape, v.type.np_dtype))
+        elif loc.kind == "constant":
+            value = node.subgraph.nodes[0].attrs["value"]
+            env.add((v, False), np.array(value, dtype=v.type.np_dtype, order="C"))
+        elif loc.kind == "output":
+            self._fresh.append((env.add((v, False)), v.type.shape, v.type.np_dtype))
+        elif loc.kind == "donated":
+            self._donated_slots.append((env.add((v, False)), loc.index))
+        elif loc.kind == "view":
+            base = env.slot[(loc.base, False)]
+            if env.template[base] is not None:
+                env.add((v, False), env.template[base].reshape(v.type.shape))
+            else:
+                self._views.append((env.add((v, False)), base, v.type.shape))
+        else:
+            raise AssertionError(f"{v}: unexpected location {loc}")
+
+    def _arena_view(self, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        count = int(np.prod(shape, dtype=np.int64))
+        raw = self._arena[offset:offset + count * dtype.itemsize]
+        return raw.view(dtype).reshape(shape)
+
+    def _slot(self, v: Value, flat: bool) -> int:
+        env = self._env
+        if (v, flat) in env.slot:
+            return env.slot[(v, flat)]
+        base = env.slot[(v, False)]
+        if env.template[base] is not None:
+            return env.add((v, True), env.template[base].reshape(-1))
+        slot = env.add((v, True))
+        self._flats.append((slot, base))
+        return slot
+
+    def _step(self, kernel: CompiledKernel) -> _Step:
+        node, env = kernel.node, self._env
+        scratch = [env.constant(self._arena_view(storage.offset, t.shape, t.np_dtype))
+                   for storage, t in self.plan.scratch.get(node, ())]
+        calls = []
+        for call, function in zip(kernel.generated.calls, kernel.functions):
+            slots = []
+            for arg in call.args:
+                if isinstance(arg, int):
+                    slots.append(env.constant(arg))
+                elif arg[0] == "s":
+                    slots.append(scratch[int(arg[1:])])
+                else:
+                    values = node.inputs if arg[0] == "x" else node.outputs
+                    slots.append(self._slot(values[int(arg[1:])], call.flat))
+            calls.append((function, tuple(slots)))
+        return _Step(kernel, tuple(calls))
+
+    # -- calling ------------------------------------------------------------------------------
+    def __call__(self, *args: Any) -> list[np.ndarray]:
+        with self._lock:
+            env = self._prepare(args)
+            if self._profile_totals is None:
+                for step in self._steps:
+                    for function, slots in step.calls:
+                        function(*[env[s] for s in slots])
+            else:
+                self._timed_run(env, self._profile_totals)
+                self._profile_calls += 1
+            return self._finish(env)
+
+    def _prepare(self, args: Sequence[Any]) -> list[Any]:
+        arrays = prepare_inputs(self.graph, args, self._donated)
+        if self._threads is not None and numba.get_num_threads() != self._threads:
+            numba.set_num_threads(self._threads)
+        env = list(self._env.template)
+        for slot, array in zip(self._inputs, arrays):
+            if not (array.flags.writeable and array.flags.aligned):
+                array = array.copy()  # keeps the argument types the kernels were compiled for
+            env[slot] = array
+        for slot, shape, dtype in self._fresh:
+            env[slot] = np.empty(shape, dtype)
+        for slot, k in self._donated_slots:
+            env[slot] = env[self._inputs[k]]
+        for slot, base, shape in self._views:
+            env[slot] = env[base].reshape(shape)
+        for slot, base in self._flats:
+            env[slot] = env[base].reshape(-1)
+        return env
+
+    def _finish(self, env: list[Any]) -> list[np.ndarray]:
+        slot = self._env.slot
+        outputs = [env[slot[(v, False)]] for v in self.graph.output_values]
+        for j in self.plan.output_copies:
+            outputs[j] = outputs[j].copy()
+        for k, j in self.plan.donated_by_copy.items():
+            np.copyto(env[self._inputs[k]], outputs[j])
+            outputs[j] = env[self._inputs[k]]
+        return outputs
+
+    # -- profiling ------------------------------------------------------------------------------
+    def _timed_run(self, env: list[Any], totals: dict[tuple[str, int], float]) -> None:
+        """Add each call's time to totals[(kernel name, call index)]."""
+        clock = time.perf_counter
+        for step in self._steps:
+            for index, (function, slots) in enumerate(step.calls):
+                start = clock()
+                function(*[env[s] for s in slots])
+                key = (step.kernel.name, index)
+                totals[key] = totals.get(key, 0.0) + clock() - start
+
+    def profile(self, *args: Any, repeat: int = 10, show: bool = False) -> ProfileReport:
+        """Run the graph `repeat` times (after one warm-up call), timing every kernel."""
+        self(*args)
+        totals: dict[tuple[str, int], float] = {}
+        with self._lock:
+            for _ in range(repeat):
+                env = self._prepare(args)
+                self._timed_run(env, totals)
+                self._finish(env)
+        report = self._report(totals, repeat)
+        if show:
+            print(report)
+        return report
+
+    @property
+    def profile_report(self) -> ProfileReport | None:
+        """Kernel times of every call so far, when GRAPHC_PROFILE=1 was set at compile time."""
+        if self._profile_totals is None:
+            return None
+        return self._report(self._profile_totals, self._profile_calls)
+
+    def _report(self, totals: dict[tuple[str, int], float], calls: int) -> ProfileReport:
+        rows = []
+        for k in self.kernels:
+            parts = [(call.entry, totals.get((k.name, i), 0.0) / max(calls, 1))
+                     for i, call in enumerate(k.generated.calls)]
+            rows.append(ProfileRow(k.name, k.pattern, sum(t for _, t in parts), k.flops, parts))
+        return ProfileReport(self.graph.name, rows, calls)
+
+    def __repr__(self) -> str:
+        return (f"<numba-cpu Executable {self.graph.name!r}: {len(self.kernels)} kernels, "
+                f"{self.plan.summary()}; {self.cache_stats}>")
+
+
+def _print_profile_at_exit(ref: weakref.ref) -> None:
+    executable = ref()
+    if executable is not None and executable.profile_report.calls:
+        print(executable.profile_report.table(parts=True), file=sys.stderr)
+
+
+def _aligned_bytes(nbytes: int) -> np.ndarray:
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start:start + nbytes]
+
+
+@dataclass
+class ProfileRow:
+    name: str
+    pattern: str
+    seconds: float      # mean per graph call
+    flops: int
+    parts: list[tuple[str, float]]  # (function, mean seconds) for each call of the kernel
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass
+class ProfileReport:
+    graph: str
+    rows: list[ProfileRow]
+    calls: int
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(r.seconds for r in self.rows)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def table(self, parts: bool = False) -> str:
+        """One line per kernel, slowest first; with `parts`, one more per function it calls."""
+        total = self.total_seconds or 1.0
+        width = max([len(r.name) for r in self.rows] + [6])
+        lines = [f"profile of {self.graph!r}: {len(self.rows)} kernels, mean of {self.calls} calls, "
+                 f"{self.total_seconds * 1e3:.3f} ms in kernels",
+                 f"{'kernel':<{width}}  {'pattern':<11} {'time us':>10} {'share':>6} "
+                 f"{'MFLOP':>9} {'GFLOP/s':>8}"]
+        for r in sorted(self.rows, key=lambda r: -r.seconds):
+            lines.append(f"{r.name:<{width}}  {r.pattern:<11} {r.seconds * 1e6:>10.1f} "
+                         f"{r.seconds / total:>6.1%} {r.flops / 1e6:>9.3f} {r.gflops:>8.2f}")
+            if parts and len(r.parts) > 1:
+                lines.extend(f"  {entry:<{width - 2}}  {'':<11} {seconds * 1e6:>10.1f} "
+                             f"{seconds / total:>6.1%}" for entry, seconds in r.parts)
+        return "\n".join(lines)
+
+
+# -- compilation -----------------------------------------------------------------------------
+def _argument_types(node: Node, kernel: KernelSource, call: Call) -> list[TensorType | int]:
+    """What each argument of `call` is: the type of a kernel array, or an int."""
+    types = []
+    for arg in call.args:
+        if isinstance(arg, int):
+            types.append(arg)
+        else:
+            table = {"x": [v.type for v in node.inputs], "y": [v.type for v in node.outputs],
+                     "s": list(kernel.scratch)}[arg[0]]
+            types.append(table[int(arg[1:])])
+    return types
+
+
+_BLAS_LIMITED: list[bool] = []
+
+
+def _limit_blas_threads() -> None:
+    """Once per process: graphc splits GEMMs across threads itself (see blas.py)."""
+    if not _BLAS_LIMITED:
+        _BLAS_LIMITED.append(single_threaded_scipy_blas())
+
+
+def compile_graph(graph: Graph, donate: dict[int, int] | None = None) -> Executable:
+    """Compile `graph` (primitive nodes, or already fused) for the CPU through Numba.
+
+    `donate` maps a graph input index to an output index written into that input's buffer:
+    the caller's array is updated in place and returned as that output.
+    """
+    start = time.perf_counter()
+    _limit_blas_threads()
+    fused = graph if any(n.op == KERNEL_OP for n in graph.nodes) else fuse(graph)
+    sources = {n: generate(n) for n in fused.nodes if n.attrs["pattern"] not in ("view", "constant")}
+    plan = plan_memory(fused, donate, scratch=lambda n: list(sources[n].scratch) if n in sources else [])
+    cache = get_cache()
+    stats = CacheStats()
+    kernels = {}
+    requests = [(call, signature_of(_argument_types(node, source, call), call.flat))
+                for node, source in sources.items() for call in source.calls]
+    functions = iter(cache.load_all(requests, stats))
+    for node, source in sources.items():
+        kernels[node] = CompiledKernel(node, source, [next(functions) for _ in source.calls])
+    return Executable(fused, plan, kernels, stats, time.perf_counter() - start)

@@ -1,0 +1,447 @@
+"""Operator fusion: partition a primitive graph into kernels.
+
+The result is a graph whose nodes are all ``kernel`` nodes (``ir.verify.KERNEL_OP``), each
+holding the subgraph it computes and attrs ``{"name": str, "pattern": str}``. Patterns:
+
+- ``elementwise`` / ``shape``: one loop nest over a *domain* (the common output shape of every
+  member). Members are pointwise ops: elementwise arithmetic, and index-mapping ops (transpose,
+  slice, pad, concatenate, broadcast_to, gather-like and random ops) that read their operands
+  at a computed index. A member may read a value computed inside the kernel only at the loop
+  index itself (an *identity read*); everything else is loaded from a kernel input.
+- ``reduction``: one reduction (the *anchor*), the elementwise members that produce its operand
+  (the *body*, evaluated inside the reduction loop) and pointwise consumers of the reduced value
+  (the *epilogue*). In the subgraph the body comes first, then the anchor, then the epilogue.
+- ``library``: an opaque op (matmul, conv, pooling, scatter) with an elementwise epilogue over
+  its output (bias add, ReLU). A matmul also absorbs transposes of its operands (swapping the
+  last two axes, read by nothing else): BLAS reads them transposed for free. In the subgraph
+  the prologue transposes come first, then the anchor, then the epilogue.
+- ``view``: reshape, expand_dims or squeeze of a contiguous buffer: a zero-cost alias.
+- ``constant``: a constant tensor, materialised once by the backend.
+
+Scalar constants (one element) are not kernels: every kernel that reads one copies it into its
+subgraph, where the code generator emits it as a literal.
+
+A merge must keep the kernel graph acyclic; it is checked on the contracted group graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from graphc.ir import Graph, Node, Value
+from graphc.ir.registry import ELEMENTWISE, OPAQUE, REDUCTION, SHAPE, SOURCE, get
+from graphc.ir.verify import KERNEL_OP
+
+# Shape ops that only reinterpret a contiguous buffer: they become aliases, never loops.
+VIEW_OPS = frozenset({"reshape", "expand_dims", "squeeze"})
+# Opaque ops that still make one load per output element (at a data-dependent index), so they
+# fuse like elementwise ops. Value: the operand positions read at the output index itself.
+INDEX_OPS: dict[str, frozenset[int]] = {
+    "take_along_axis": frozenset({1}),
+    "gather": frozenset(),
+    "one_hot": frozenset(),
+}
+ANCHORED_PATTERNS = ("reduction", "library")
+
+
+# -- op classification -----------------------------------------------------------------------
+def is_literal(node: Node) -> bool:
+    """A one-element constant: code generators inline it instead of loading it."""
+    return node.op == "constant" and node.output.type.size == 1
+
+
+def op_class(op: str) -> str:
+    """How fusion treats an op: 'constant', 'view', 'pointwise', 'reduction' or 'library'."""
+    if op == "constant":
+        return "constant"
+    if op in VIEW_OPS:
+        return "view"
+    kind = get(op).kind
+    if kind in (ELEMENTWISE, SHAPE, SOURCE) or op in INDEX_OPS:
+        return "pointwise"
+    if kind == REDUCTION:
+        return "reduction"
+    if kind != OPAQUE:
+        raise ValueError(f"fusion: op {op!r} has unknown kind {kind!r}")
+    return "library"
+
+
+def fusion_class(node: Node) -> str:
+    """op_class, with one-element constants told apart as 'literal'."""
+    return "literal" if is_literal(node) else op_class(node.op)
+
+
+def swaps_last_two_axes(node: Node) -> bool:
+    perm = node.attrs.get("perm", ())
+    rank = len(perm)
+    return node.op == "transpose" and rank >= 2 and perm == tuple(range(rank - 2)) + (rank - 1, rank - 2)
+
+
+def reads_at_identity(node: Node, position: int) -> bool:
+    """Does the pointwise `node` read operand `position` only at its own output index?"""
+    if node.inputs[position].shape != node.output.shape:
+        return False
+    if get(node.op).kind == ELEMENTWISE:
+        return True
+    return position in INDEX_OPS.get(node.op, ())
+
+
+# -- groups under construction -----------------------------------------------------------------
+@dataclass(eq=False)
+class _Group:
+    key: int
+    pattern: str                     # 'elementwise', 'reduction', 'library', 'view', 'constant'
+    domain: tuple[int, ...]          # the shape a joining pointwise node reads at identity
+    body: list[Node] = field(default_factory=list)      # evaluated before/inside the anchor
+    anchor: Node | None = None
+    epilogue: list[Node] = field(default_factory=list)  # evaluated over the anchor's output
+    open_values: set[Value] = field(default_factory=set)  # readable at identity by joiners
+
+    @property
+    def anchored(self) -> bool:
+        return self.pattern in ANCHORED_PATTERNS
+
+    @property
+    def members(self) -> list[Node]:
+        return self.body + ([self.anchor] if self.anchor is not None else []) + self.epilogue
+
+
+class _Partitioner:
+    """Greedy producer-into-consumer grouping over the nodes in topological order."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.order = {node: i for i, node in enumerate(graph.nodes)}
+        self.group_of: dict[Value, _Group] = {}
+        self.literals: dict[Value, Node] = {}
+        self.groups: dict[int, _Group] = {}
+        self.dag = nx.DiGraph()  # group keys; edge producer -> consumer
+        self._next_key = 0
+        self.users: dict[Value, list[Node]] = {}
+        for node in graph.nodes:
+            for v in node.inputs:
+                self.users.setdefault(v, []).append(node)
+        self.graph_outputs = set(graph.output_values)
+
+    def run(self) -> list[_Group]:
+        for node in self.graph.nodes:
+            cls = fusion_class(node)
+            if cls == "literal":
+                self.literals[node.output] = node
+            elif cls == "pointwise":
+                self._add_pointwise(node)
+            elif cls == "reduction":
+                self._add_reduction(node)
+            elif cls == "library":
+                self._add_library(node)
+            else:
+                self._new_group(node, cls)
+        self._materialise_literals()
+        first = {k: min(self.order[m] for m in g.members) for k, g in self.groups.items()}
+        return [self.groups[k] for k in nx.lexicographical_topological_sort(self.dag, key=first.get)]
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _new_group(self, node: Node, pattern: str, anchored: bool = False) -> _Group:
+        group = _Group(self._next_key, pattern, node.output.shape, open_values={node.output})
+        self._next_key += 1
+        if anchored:
+            group.anchor = node
+        else:
+            group.body.append(node)
+        self.groups[group.key] = group
+        self.dag.add_node(group.key)
+        self._attach(node, group)
+        return group
+
+    def _attach(self, node: Node, group: _Group) -> None:
+        """Record `node`'s outputs as produced by `group`, and the edges from its producers."""
+        for v in node.outputs:
+            self.group_of[v] = group
+        for v in node.inputs:
+            producer = self.group_of.get(v)
+            if producer is not None and producer is not group:
+                self.dag.add_edge(producer.key, group.key)
+
+    def _absorb(self, survivor: _Group, other: _Group) -> None:
+        """Move the (elementwise) members of `other` into `survivor`, contracting the DAG."""
+        if survivor.anchored:
+            survivor.epilogue.extend(other.body)
+        else:
+            survivor.body.extend(other.body)
+        survivor.open_values |= other.open_values
+        for m in other.body:
+            for v in m.outputs:
+                self.group_of[v] = survivor
+        for p in self.dag.predecessors(other.key):
+            if p != survivor.key:
+                self.dag.add_edge(p, survivor.key)
+        for s in self.dag.successors(other.key):
+            if s != survivor.key:
+                self.dag.add_edge(survivor.key, s)
+        self.dag.remove_node(other.key)
+        del self.groups[other.key]
+
+    def _creates_cycle(self, keys: set[int], extra_preds: set[int]) -> bool:
+        """Would contracting `keys` (plus a new node fed by `extra_preds`) close a cycle?"""
+        preds = set(extra_preds)
+        for k in keys:
+            preds.update(self.dag.predecessors(k))
+        preds -= keys
+        return any(nx.has_path(self.dag, k, p) for k in keys for p in preds)
+
+    # -- pointwise nodes -----------------------------------------------------------------------
+    def _add_pointwise(self, node: Node) -> None:
+        joinable, blocked = self._joinable_groups(node)
+        input_groups = {self.group_of[v].key for v in node.inputs if v in self.group_of}
+        union: list[_Group] = []
+        # Anchored groups first: an epilogue saves a full write and re-read of their output.
+        for group in sorted(joinable, key=lambda g: (not g.anchored, g.key)):
+            if group.key in blocked or (group.anchored and any(g.anchored for g in union)):
+                continue
+            if not all(_shares_loop(group, other) for other in union):
+                continue
+            if self._creates_cycle({g.key for g in union} | {group.key}, input_groups):
+                continue
+            union.append(group)
+        if not union:
+            self._new_group(node, "elementwise")
+            return
+        survivor = next((g for g in union if g.anchored), union[0])
+        for group in union:
+            if group is not survivor:
+                self._absorb(survivor, group)
+        (survivor.epilogue if survivor.anchored else survivor.body).append(node)
+        survivor.open_values.add(node.output)
+        self._attach(node, survivor)
+
+    def _joinable_groups(self, node: Node) -> tuple[list[_Group], set[int]]:
+        """Groups `node` may join, and groups it must not join (it reads them off-index)."""
+        joinable: dict[int, _Group] = {}
+        blocked: set[int] = set()
+        for pos, v in enumerate(node.inputs):
+            group = self.group_of.get(v)
+            if group is None:
+                continue
+            if (group.pattern in ("elementwise",) + ANCHORED_PATTERNS
+                    and group.domain == node.output.shape and v in group.open_values
+                    and reads_at_identity(node, pos)):
+                joinable[group.key] = group
+            else:
+                blocked.add(group.key)
+        return list(joinable.values()), blocked
+
+    # -- reductions ----------------------------------------------------------------------------
+    def _add_reduction(self, node: Node) -> None:
+        """A reduction absorbs the elementwise group producing its operand, as its body."""
+        operand = node.inputs[0]
+        group = self.group_of.get(operand)
+        if (len(node.inputs) == 1 and group is not None and group.pattern == "elementwise"
+                and operand in group.open_values and group.domain == operand.shape):
+            group.pattern = "reduction"
+            group.anchor = node
+            group.domain = node.output.shape
+            group.open_values = {node.output}
+            self._attach(node, group)
+            return
+        self._new_group(node, "reduction", anchored=True)
+
+    # -- library calls -------------------------------------------------------------------------
+    def _add_library(self, node: Node) -> None:
+        group = self._new_group(node, "library", anchored=True)
+        if node.op != "matmul":
+            return
+        for v in set(node.inputs):
+            producer = self.group_of.get(v)
+            if (producer is not None and producer.pattern == "elementwise" and len(producer.body) == 1
+                    and swaps_last_two_axes(producer.body[0]) and v not in self.graph_outputs
+                    and producer.body[0].inputs[0] not in self.literals
+                    and all(u is node for u in self.users[v])):
+                self._absorb_prologue(group, producer)
+
+    def _absorb_prologue(self, group: _Group, producer: _Group) -> None:
+        """Move the single transpose of `producer` (read only by `group`'s anchor) into `group`."""
+        (transpose,) = producer.body
+        group.body.append(transpose)
+        self.group_of[transpose.output] = group
+        for p in self.dag.predecessors(producer.key):
+            self.dag.add_edge(p, group.key)
+        self.dag.remove_node(producer.key)
+        del self.groups[producer.key]
+
+    # -- literals ------------------------------------------------------------------------------
+    def _materialise_literals(self) -> None:
+        """Literals read by an anchor, a view or a graph output become constant kernels."""
+        needed = {v for v in self.graph.output_values if v in self.literals}
+        for group in self.groups.values():
+            if group.anchor is not None:
+                needed.update(v for v in group.anchor.inputs if v in self.literals)
+            if group.pattern == "view":
+                needed.update(v for v in group.body[0].inputs if v in self.literals)
+        for v in sorted(needed, key=lambda v: self.order[self.literals[v]]):
+            self._new_group(self.literals.pop(v), "constant")
+        for group in list(self.groups.values()):
+            for m in group.members:
+                self._attach(m, group)
+
+
+def _shares_loop(a: _Group, b: _Group) -> bool:
+    """May groups `a` and `b` run in one loop nest? Each may read the other only at identity,
+    and only from epilogue or elementwise members (never from a body or an anchor)."""
+    if a.domain != b.domain:
+        return False
+    for reader, source in ((a, b), (b, a)):
+        produced = {v for m in source.members for v in m.outputs}
+        readers = reader.epilogue if reader.anchored else reader.body
+        for m in reader.members:
+            for pos, v in enumerate(m.inputs):
+                if v not in produced:
+                    continue
+                if m not in readers or v not in source.open_values or not reads_at_identity(m, pos):
+                    return False
+    return True
+
+
+# -- building the kernel graph ------------------------------------------------------------------
+def _pattern_of(group: _Group) -> str:
+    if group.pattern == "elementwise" and all(
+            get(m.op).kind == SHAPE or m.op in INDEX_OPS for m in group.body):
+        return "shape"
+    return group.pattern
+
+
+def _kernel_name(index: int, pattern: str, members: list[Node]) -> str:
+    ops: list[str] = []
+    for m in members:
+        if m.op not in ops and m.op != "constant":
+            ops.append(m.op)
+    label = "_".join(ops[:4]) or pattern
+    return f"k{index}_{label}"
+
+
+class _KernelBuilder:
+    """Turns finished groups into kernel nodes of a new graph."""
+
+    def __init__(self, graph: Graph, partitioner: _Partitioner) -> None:
+        self.graph = graph
+        self.literals = partitioner.literals
+        self.order = partitioner.order
+        self.out = Graph(graph.name)
+        self.mapping: dict[Value, Value] = {}
+        self.users: dict[Value, set[Node]] = {}
+        for node in graph.nodes:
+            for v in node.inputs:
+                self.users.setdefault(v, set()).add(node)
+        self.graph_outputs = set(graph.output_values)
+
+    def build(self, groups: list[_Group]) -> Graph:
+        for inp in self.graph.inputs:
+            self.mapping[inp.value] = self.out.add_input(inp.value.type, inp.name, inp.role)
+        for index, group in enumerate(groups):
+            self._emit(index, group)
+        for name, v in self.graph.outputs:
+            self.out.add_output(name, self.mapping[v])
+        return self.out
+
+    def _members(self, group: _Group) -> list[Node]:
+        def by_order(nodes: list[Node]) -> list[Node]:
+            return sorted(nodes, key=self.order.__getitem__)
+        anchor = [group.anchor] if group.anchor is not None else []
+        return by_order(group.body) + anchor + by_order(group.epilogue)
+
+    def _emit(self, index: int, group: _Group) -> None:
+        members = self._members(group)
+        member_set = set(members)
+        produced = {v for m in members for v in m.outputs}
+        inputs, literals = [], []
+        for m in members:
+            for v in m.inputs:
+                if v in produced or v in inputs or v in literals:
+                    continue
+                (literals if v in self.literals else inputs).append(v)
+        outputs = [v for m in members for v in m.outputs
+                   if v in self.graph_outputs or any(u not in member_set for u in self.users.get(v, ()))]
+        if group.pattern == "library" and group.anchor.output not in outputs:
+            # The library call writes its result whole before the epilogue reads it, so it
+            # needs a buffer of its own (never one shared with an epilogue input).
+            outputs.insert(0, group.anchor.output)
+        pattern = _pattern_of(group)
+        sub = Graph(_kernel_name(index, pattern, members))
+        local = {v: sub.add_input(v.type, f"x{i}") for i, v in enumerate(inputs)}
+        for v in literals:
+            lit = self.literals[v]
+            clone = Node(lit.op, (), lit.attrs, (v.type,), lit.loc)
+            sub.nodes.append(clone)
+            local[v] = clone.output
+        for m in members:
+            clone = Node(m.op, tuple(local[v] for v in m.inputs), m.attrs,
+                         tuple(v.type for v in m.outputs), m.loc)
+            sub.nodes.append(clone)
+            local.update(zip(m.outputs, clone.outputs))
+        for i, v in enumerate(outputs):
+            sub.add_output(f"y{i}", local[v])
+        kernel = Node(KERNEL_OP, tuple(self.mapping[v] for v in inputs),
+                      {"name": sub.name, "pattern": pattern},
+                      tuple(v.type for v in outputs), members[-1].loc, sub)
+        self.out.nodes.append(kernel)
+        self.mapping.update(zip(outputs, kernel.outputs))
+
+
+def _live_nodes(graph: Graph) -> Graph:
+    """`graph` without the nodes no output depends on (they would become dead kernels)."""
+    needed = set(graph.output_values)
+    live = []
+    for node in reversed(graph.nodes):
+        if any(v in needed for v in node.outputs):
+            live.append(node)
+            needed.update(node.inputs)
+    if len(live) == len(graph.nodes):
+        return graph
+    pruned = Graph(graph.name)
+    pruned.inputs, pruned.outputs = graph.inputs, graph.outputs
+    pruned.nodes = live[::-1]
+    return pruned
+
+
+def fuse(graph: Graph) -> Graph:
+    """Partition `graph` (primitive nodes) into kernel nodes; see the module docstring."""
+    if any(node.op == KERNEL_OP for node in graph.nodes):
+        raise ValueError(f"fuse: graph {graph.name!r} is already fused")
+    graph = _live_nodes(graph)
+    partitioner = _Partitioner(graph)
+    groups = partitioner.run()
+    return _KernelBuilder(graph, partitioner).build(groups)
+
+
+# -- queries used by memory planning and the backends -----------------------------------------
+def anchor_index(kernel: Node) -> int | None:
+    """Position of the reduction/library node in a kernel's subgraph (None if it has none)."""
+    for i, node in enumerate(kernel.subgraph.nodes):
+        if fusion_class(node) in ANCHORED_PATTERNS:
+            return i
+    return None
+
+
+def inplace_pairs(kernel: Node) -> set[tuple[int, int]]:
+    """(input position, output position) pairs that may share one buffer: every read of the
+    input's element i that follows the first write of the output happens in the loop iteration
+    writing the output's element i, before that write. True for inputs that elementwise or
+    epilogue members read at identity, for outputs written by the epilogue (or the reduced
+    value). A library call may read the input too: it completes before the epilogue writes."""
+    pattern = kernel.attrs["pattern"]
+    if pattern not in ("elementwise", "shape", "reduction", "library"):
+        return set()
+    sub = kernel.subgraph
+    anchor_at = anchor_index(kernel)
+    readers = sub.nodes if anchor_at is None else sub.nodes[anchor_at + 1:]
+    writers = set(readers) | ({sub.nodes[anchor_at]} if pattern == "reduction" else set())
+    early = set(sub.nodes[:anchor_at + 1]) if pattern == "library" else set()
+    pairs = set()
+    for p, value in enumerate(sub.input_values):
+        uses = [(n, k) for n in sub.nodes for k, v in enumerate(n.inputs) if v is value]
+        late = [(n, k) for n, k in uses if n not in early]
+        if not uses or not all(n in readers and reads_at_identity(n, k) for n, k in late):
+            continue
+        pairs.update((p, q) for q, out in enumerate(sub.output_values)
+                     if out.producer in writers and out.shape == value.shape)
+    return pairs

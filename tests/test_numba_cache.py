@@ -1,0 +1,156 @@
+"""The on-disk kernel cache: another process compiles nothing, identical kernels compile once,
+kernels are reused across batch sizes, corrupt entries are detected and rebuilt.
+
+Assertions read the cache counters (CacheStats), never timings.
+"""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from graphc.backends.numba_cpu import compile_graph, default_cache_dir
+from graphc.ir import Builder, TensorType
+
+# A small network built and run by a separate Python process; prints its cache counters.
+SCRIPT = r'''
+import json, sys
+import numpy as np
+from graphc.backends.numba_cpu import compile_graph
+from graphc.backends.reference import evaluate
+from graphc.ir import Builder, TensorType
+
+b = Builder("mlp")
+x = b.add_input(TensorType((8, 12), "float32"), "x")
+w = b.add_input(TensorType((12, 5), "float32"), "w")
+c = b.add_input(TensorType((5,), "float32"), "c")
+key = b.add_input(TensorType((2,), "int64"), "key")
+h = b.relu(b.add(b.matmul(x, w), c))
+keep = b.cast(b.random_bernoulli(key, p=0.8, shape=(8, 5)), dtype="float32")
+e = b.exp(b.sub(h, b.max(h, axes=(1,), keepdims=True)))
+b.add_output("p", b.mul(b.div(e, b.sum(e, axes=(1,), keepdims=True)), keep))
+graph = b.graph
+rng = np.random.default_rng(0)
+args = [rng.standard_normal(v.shape).astype(v.dtype) for v in graph.input_values[:3]]
+args.append(np.array([1, 2], np.int64))
+executable = compile_graph(graph)
+(got,) = executable(*args)
+(want,) = evaluate(graph, args)
+stats = executable.cache_stats
+print(json.dumps({"hits": stats.hits, "misses": stats.misses, "compiled": stats.compiled,
+                  "rebuilt": stats.rebuilt, "calls": sum(len(k.generated.calls) for k in executable.kernels),
+                  "error": float(np.max(np.abs(got - want)))}))
+'''
+
+
+def run_in_new_process(cache_dir, tmp_path):
+    script = tmp_path / "compile_mlp.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "GRAPHC_CACHE_DIR": str(cache_dir)}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def warm_cache(tmp_path_factory):
+    """A cache directory filled by one process compiling the network."""
+    cache_dir = tmp_path_factory.mktemp("kernel_cache")
+    first = run_in_new_process(cache_dir, tmp_path_factory.mktemp("script"))
+    assert first["misses"] == first["compiled"] > 0 and first["error"] < 1e-5
+    return cache_dir
+
+
+def test_second_process_finds_every_kernel_on_disk(warm_cache, tmp_path):
+    second = run_in_new_process(warm_cache, tmp_path)
+    assert second["compiled"] == second["misses"] == 0
+    assert second["hits"] == second["calls"]
+    assert second["error"] < 1e-5
+
+
+def copy_cache(source, destination):
+    subprocess.run(["cp", "-r", f"{source}/.", str(destination)], check=True)
+    return destination
+
+
+def test_corrupt_kernel_source_is_detected_and_rebuilt(warm_cache, tmp_path):
+    cache_dir = copy_cache(warm_cache, tmp_path / "cache")
+    victim = sorted(glob.glob(str(cache_dir / "k_*.py")))[0]
+    with open(victim, "a") as f:
+        f.write("\nthis is not the kernel any more\n")
+    result = run_in_new_process(cache_dir, tmp_path)
+    assert result["rebuilt"] == 1 and result["compiled"] == 1
+    assert result["hits"] == result["calls"] - 1 and result["error"] < 1e-5
+
+
+def test_corrupt_compiled_code_is_detected_and_rebuilt(warm_cache, tmp_path):
+    cache_dir = copy_cache(warm_cache, tmp_path / "cache")
+    victim = sorted(glob.glob(str(cache_dir / "__pycache__" / "*.nbc")))[0]
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    result = run_in_new_process(cache_dir, tmp_path)
+    assert result["rebuilt"] == 1 and result["compiled"] == 1
+    assert result["error"] < 1e-5
+
+
+def layer(batch):
+    b = Builder("layer")
+    x = b.add_input(TensorType((batch, 6), "float32"), "x")
+    w = b.add_input(TensorType((6, 3), "float32"), "w")
+    c = b.add_input(TensorType((3,), "float32"), "c")
+    y = b.tanh(b.add(b.matmul(x, w), c))
+    b.add_output("y", y)
+    b.add_output("s", b.sum(b.square(y), axes=(0,)))
+    return b.graph
+
+
+def test_identical_kernels_compile_once_per_process():
+    first = compile_graph(layer(4))
+    second = compile_graph(layer(4))
+    calls = sum(len(k.generated.calls) for k in second.kernels)
+    assert second.cache_stats.reused == calls
+    assert second.cache_stats.misses == second.cache_stats.hits == 0
+    assert first.kernels[0].functions[0] is second.kernels[0].functions[0]
+
+
+def test_kernels_are_reused_across_batch_sizes():
+    compile_graph(layer(5))
+    other = compile_graph(layer(9))
+    assert other.cache_stats.compiled == 0 and other.cache_stats.reused > 0
+    x = np.ones((9, 6), np.float32)
+    y, s = other(x, np.ones((6, 3), np.float32), np.zeros(3, np.float32))
+    np.testing.assert_allclose(y, np.tanh(6.0), rtol=1e-6)
+    np.testing.assert_allclose(s, 9 * np.tanh(6.0) ** 2, rtol=1e-5)
+
+
+def test_cache_directory_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path / "here"))
+    assert default_cache_dir() == str(tmp_path / "here")
+    monkeypatch.delenv("GRAPHC_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == str(tmp_path / "xdg" / "graphc")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "graphc")
+
+
+def test_worker_processes_compile_part_of_a_large_graph(monkeypatch):
+    monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "1")
+    b = Builder("chain")
+    x = b.add_input(TensorType((3, 4), "float32"), "x")
+    v = x
+    for scale in (1.2345, 2.3456, 3.4567, 4.5678, 5.6789):  # literals no other test compiles
+        v = b.transpose(b.tanh(b.mul(v, b.scalar_like(scale, v))), perm=(1, 0))
+    b.add_output("y", v)
+    executable = compile_graph(b.graph)
+    stats = executable.cache_stats
+    assert stats.in_workers > 0 and stats.misses == stats.compiled
+    assert stats.misses + stats.reused == len(executable.kernels)  # another test may share one
+    arg = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+    want = arg
+    for scale in (1.2345, 2.3456, 3.4567, 4.5678, 5.6789):
+        want = np.tanh(want * np.float32(scale)).T
+    np.testing.assert_allclose(executable(arg)[0], want, rtol=1e-6)

@@ -1,0 +1,397 @@
+"""The numba-cpu backend against the reference interpreter: every primitive, fused patterns,
+random graphs, a small CNN and its gradient, and the executor's contract (inputs, outputs,
+donation, threads, profiling).
+
+Tolerances: float32 rtol 1e-5 / atol 1e-6 (fastmath contracts a*b+c into one FMA, and float32
+sums accumulate in float64), BLAS-backed ops rtol 1e-4 / atol 1e-5 (another summation order),
+float64 rtol 1e-11; integers, bools and random bits exactly.
+"""
+import os
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from graphc.backends.numba_cpu import compile_graph, unlowered_primitives
+from graphc.backends.numba_cpu.codegen import generate
+from graphc.backends.reference import evaluate
+from graphc.ir import PRIMITIVES, Builder, InputError, TensorType
+from graphc.passes.autodiff import autodiff
+from graphc.passes.fusion import fuse
+from random_graphs import random_arguments, random_graphs
+
+rng = np.random.default_rng(0)
+TOLERANCE = {"float32": dict(rtol=1e-5, atol=1e-6), "float64": dict(rtol=1e-11, atol=1e-12)}
+BLAS_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
+
+
+def normal(*shape, dtype="float32"):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def positive(*shape, dtype="float32"):
+    return (np.abs(rng.standard_normal(shape)) + 0.5).astype(dtype)
+
+
+def integers(low, high, *shape, dtype="int64"):
+    return rng.integers(low, high, size=shape).astype(dtype)
+
+
+def build(name, arrays, fn):
+    """A graph with one input per array and the outputs `fn(builder, *inputs)` returns."""
+    b = Builder(name)
+    inputs = [b.add_input(TensorType.of(np.asarray(a)), f"x{i}") for i, a in enumerate(arrays)]
+    outputs = fn(b, *inputs)
+    for i, v in enumerate(outputs if isinstance(outputs, (list, tuple)) else [outputs]):
+        b.add_output(f"y{i}", v)
+    return b.graph.verify()
+
+
+def check(graph, arrays, tolerance=None):
+    """Compile `graph`, run it, compare every output with the reference; return the executable."""
+    executable = compile_graph(graph)
+    got = executable(*arrays)
+    want = evaluate(graph, [np.asarray(a) for a in arrays])
+    assert len(got) == len(want)
+    for name, g, w in zip(graph.output_names, got, want):
+        assert (g.shape, g.dtype) == (w.shape, w.dtype), name
+        if w.dtype.kind == "f":
+            np.testing.assert_allclose(g, w, equal_nan=True, err_msg=name,
+                                       **(tolerance or TOLERANCE[w.dtype.name]))
+        else:
+            np.testing.assert_array_equal(g, w, err_msg=name)
+    return executable
+
+
+def fused_together(b, values):
+    """Also output a sum of all `values` (same shape), which fuses them into one kernel."""
+    total = None
+    for v in values:
+        v = v if v.dtype == "float32" else b.cast(v, dtype="float32")
+        total = v if total is None else b.add(total, v)
+    return list(values) + [total]
+
+
+# -- every primitive -------------------------------------------------------------------------
+UNARY = ["neg", "exp", "tanh", "sigmoid", "relu", "abs", "sign", "square", "stop_gradient"]
+UNARY_POSITIVE = ["log", "log1p", "sqrt", "rsqrt", "reciprocal"]
+BINARY = ["add", "sub", "mul", "div", "maximum", "minimum"]
+COMPARE = ["eq", "ne", "lt", "le", "gt", "ge"]
+
+
+def unary_case(dtype):
+    arrays = [normal(3, 5, dtype=dtype), positive(3, 5, dtype=dtype)]
+    return build(f"unary_{dtype}", arrays, lambda b, x, p: fused_together(
+        b, [b.bind(op, x) for op in UNARY] + [b.bind(op, p) for op in UNARY_POSITIVE])), arrays
+
+
+def binary_case(shapes):
+    arrays = [normal(*shapes[0]), normal(*shapes[1])]
+
+    def fn(b, x, y):
+        values = [b.bind(op, x, y) for op in BINARY + COMPARE]
+        values.append(b.pow(b.add(b.abs(x), b.scalar_like(0.5, x)), y))
+        values.append(b.where(b.gt(x, y), x, y))
+        return fused_together(b, values)
+    return build("binary", arrays, fn), arrays
+
+
+CASES = {
+    "unary_f32": lambda: unary_case("float32"),
+    "unary_f64": lambda: unary_case("float64"),
+    "binary_same": lambda: binary_case(((3, 4), (3, 4))),
+    "binary_broadcast": lambda: binary_case(((2, 1, 4), (3, 1))),
+    "binary_scalar": lambda: binary_case(((), (2, 3))),
+    "logical": lambda: (lambda arrays: (build("logical", arrays, lambda b, p, q: [
+        b.logical_and(p, q), b.logical_or(p, q), b.logical_not(p),
+        b.where(p, b.cast(q, dtype="int32"), b.cast(p, dtype="int32"))]), arrays))(
+        [integers(0, 2, 3, 4).astype(bool), integers(0, 2, 4).astype(bool)]),
+    "integer_arithmetic": lambda: (lambda arrays: (build("ints", arrays, lambda b, i, j: [
+        b.add(i, j), b.sub(i, j), b.mul(i, j), b.maximum(i, j), b.minimum(i, j), b.neg(i),
+        b.abs(i), b.sign(i), b.square(j), b.cast(i, dtype="float32")]), arrays))(
+        [integers(-9, 9, 3, 4, dtype="int32"), integers(-9, 9, 4, dtype="int32")]),
+    "cast": lambda: (lambda arrays: (build("cast", arrays, lambda b, x: [
+        b.cast(x, dtype=d) for d in ("float64", "int32", "int64", "bool")]
+        + [b.cast(b.cast(x, dtype="bool"), dtype="float32")]), arrays))(
+        [normal(4, 5) * 3]),
+    "nan_and_inf": lambda: (lambda arrays: (build("nan", arrays, lambda b, x, y: [
+        b.maximum(x, y), b.minimum(y, x), b.relu(x), b.max(x, axes=(1,)), b.argmax(x, axis=1),
+        b.argmax(y, axis=0), b.log(b.abs(x))]), arrays))(
+        [np.array([[1, np.nan, 3], [np.inf, -1, np.nan], [0, -np.inf, 2]], np.float32),
+         np.array([[np.nan, 2, 1], [1, 5, 1], [np.nan, np.nan, 7]], np.float32)]),
+    "constants": lambda: (lambda arrays: (build("constants", arrays, lambda b, x: [
+        b.mul(x, b.const(np.arange(6, dtype=np.float32).reshape(2, 3), "float32")),
+        b.add(x, b.const(np.float32(np.inf), "float32")),
+        b.const(np.array([1, 2], np.int64), "int64")]), arrays))([normal(2, 3)]),
+    "reductions": lambda: (lambda arrays: (build("reductions", arrays, lambda b, x, i: [
+        b.sum(x, axes=(0, 2)), b.sum(x, axes=(1,), keepdims=True), b.max(x, axes=(2,)),
+        b.max(x, axes=(0, 1, 2), keepdims=True), b.argmax(x, axis=0), b.argmax(x, axis=2, keepdims=True),
+        b.sum(i, axes=(0,)), b.max(i, axes=(1,)), b.sum(x, axes=())]), arrays))(
+        [normal(3, 4, 5), integers(-2**30, 2**30, 6, 3, dtype="int32")]),
+    "reductions_float64": lambda: (lambda arrays: (build("reductions64", arrays, lambda b, x: [
+        b.sum(b.square(x), axes=(1,)), b.max(x, axes=(0,))]), arrays))([normal(4, 6, dtype="float64")]),
+    "reductions_parallel": lambda: (lambda arrays: (build("big_reductions", arrays, lambda b, x: [
+        b.sum(x, axes=(0, 1)), b.max(b.tanh(x), axes=(0, 1), keepdims=True),
+        b.sum(b.mul(x, x), axes=(1,)), b.argmax(x, axis=1)]), arrays))([normal(300, 300)]),
+    "views": lambda: (lambda arrays: (build("views", arrays, lambda b, x: [
+        b.reshape(x, shape=(6, 4)), b.exp(b.reshape(b.neg(x), shape=(4, 6))),
+        b.squeeze(b.expand_dims(b.tanh(x), axes=(0, 3)), axes=(0,))]), arrays))([normal(2, 3, 4)]),
+    "shape_ops": lambda: (lambda arrays: (build("shape_ops", arrays, lambda b, x, y, z: [
+        b.transpose(x, perm=(2, 0, 1)), b.broadcast_to(y, shape=(3, 2, 4)),
+        b.slice(x, starts=(0, 1, 0), stops=(2, 3, 4), steps=(1, 1, 3)),
+        b.slice_grad(y, shape=(5, 9), starts=(1, 2), stops=(4, 9), steps=(2, 2)),
+        b.concatenate(y, z, b.neg(y), axis=1), b.pad(z, pads=((1, 2), (0, 3)), value=-1.5)]), arrays))(
+        [normal(2, 3, 4), normal(2, 4), normal(2, 1)]),
+    "indexing": lambda: (lambda arrays: (build("indexing", arrays, lambda b, x, i, j, g: [
+        b.take_along_axis(x, i, axis=1), b.take_along_axis(x, b.slice(i, starts=(0, 0), stops=(1, 3), steps=(1, 1)), axis=1),
+        b.scatter_add_along_axis(g, i, axis=1, shape=(5, 4)),
+        b.gather(x, j, axis=1), b.gather(x, j, axis=0),
+        b.scatter_add(b.gather(x, j, axis=1), j, axis=1, size=4),
+        b.scatter_add(b.gather(x, j, axis=0), j, axis=0, size=5),
+        b.one_hot(j, num_classes=5), b.one_hot(i, num_classes=3, dtype="int32")]), arrays))(
+        [normal(5, 4), integers(-4, 4, 5, 3), integers(-4, 4, 2, 3), normal(5, 3)]),
+    "random": lambda: (lambda arrays: (build("random", arrays, lambda b, k: [
+        b.random_uniform(k, shape=(3, 7)), b.random_uniform(k, shape=(2, 2), dtype="float64", stream=5),
+        b.random_bernoulli(k, p=0.3, shape=(50,), stream=2),
+        b.mul(b.random_uniform(k, shape=(4,)), b.scalar_like(2.0, b.random_uniform(k, shape=(4,))))]),
+        arrays))([np.array([-3, 2**40], np.int64)]),
+}
+BLAS_CASES = {
+    "matmul": lambda: (lambda arrays: (build("matmul", arrays, lambda b, x, y, z: [
+        b.matmul(x, y), b.matmul(z, y), b.relu(b.add(b.matmul(x, y), b.const(np.ones(3), "float32")))]),
+        arrays))([normal(5, 7), normal(7, 3), normal(2, 4, 5, 7)]),
+    "conv2d": lambda: (lambda arrays: (build("conv2d", arrays, lambda b, x, w, v, u: [
+        b.conv2d(x, w, stride=2, padding=1), b.conv2d(v, u, padding=2, dilation=2, groups=2)]),
+        arrays))([normal(2, 3, 8, 8), normal(4, 3, 3, 3), normal(2, 4, 9, 9), normal(6, 2, 3, 3)]),
+    "conv2d_grads": lambda: (lambda arrays: (build("conv2d_grads", arrays, lambda b, x, w, g: [
+        b.conv2d_input_grad(g, w, input_shape=(2, 3, 8, 8), stride=2, padding=1),
+        b.conv2d_weight_grad(x, g, weight_shape=(4, 3, 3, 3), stride=2, padding=1)]),
+        arrays))([normal(2, 3, 8, 8), normal(4, 3, 3, 3), normal(2, 4, 4, 4)]),
+    "conv2d_grads_grouped": lambda: (lambda arrays: (build("conv2d_grads_g", arrays, lambda b, x, w, g: [
+        b.conv2d_input_grad(g, w, input_shape=(2, 4, 9, 9), padding=2, dilation=2, groups=2),
+        b.conv2d_weight_grad(x, g, weight_shape=(6, 2, 3, 3), padding=2, dilation=2, groups=2)]),
+        arrays))([normal(2, 4, 9, 9), normal(6, 2, 3, 3), normal(2, 6, 9, 9)]),
+    "pooling": lambda: (lambda arrays: (build("pooling", arrays, lambda b, x, g, h: [
+        b.max_pool2d(x, kernel=3, stride=2, padding=1), b.max_pool2d_grad(x, g, kernel=3, stride=2, padding=1),
+        b.avg_pool2d(x, kernel=3, stride=2, padding=1, count_include_pad=False),
+        b.avg_pool2d(x, kernel=2, stride=2),
+        b.avg_pool2d_grad(g, input_shape=(2, 3, 8, 8), kernel=3, stride=2, padding=1, count_include_pad=False),
+        b.avg_pool2d_grad(h, input_shape=(2, 3, 8, 8), kernel=2, stride=2)]),
+        arrays))([normal(2, 3, 8, 8), normal(2, 3, 4, 4), normal(2, 3, 4, 4)]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_primitives_match_the_reference(case):
+    graph, arrays = CASES[case]()
+    check(graph, arrays)
+
+
+@pytest.mark.parametrize("case", sorted(BLAS_CASES))
+def test_library_primitives_match_the_reference(case):
+    graph, arrays = BLAS_CASES[case]()
+    check(graph, arrays, BLAS_TOLERANCE)
+
+
+def test_every_primitive_is_covered_and_lowered():
+    assert unlowered_primitives() == []
+    covered = {n.op for cases in (CASES, BLAS_CASES) for make in cases.values()
+               for n in make()[0].nodes}
+    assert set(PRIMITIVES) - covered == set()
+
+
+def test_max_pool_gradient_routes_ties_and_nans_like_the_reference():
+    x = np.array([[[[1, 1, 0, 2], [1, 1, 2, 2], [np.nan, 0, -np.inf, -np.inf],
+                    [0, np.nan, -np.inf, -np.inf]]]], np.float32)
+    # flipped and padded, the top-left window holds padding first, then only -inf
+    arrays = [x, np.ascontiguousarray(x[..., ::-1, ::-1]), normal(1, 1, 2, 2), normal(1, 1, 3, 3)]
+    check(build("pool_ties", arrays, lambda b, v, f, g, h: [
+        b.max_pool2d(v, kernel=2, stride=2), b.max_pool2d_grad(v, g, kernel=2, stride=2),
+        b.max_pool2d(f, kernel=2, stride=2, padding=1),
+        b.max_pool2d_grad(f, h, kernel=2, stride=2, padding=1)]), arrays)
+
+
+# -- fused patterns and random graphs ----------------------------------------------------------
+def test_matmul_bias_relu_is_one_kernel():
+    arrays = [normal(16, 32), normal(32, 8), normal(8)]
+    graph = build("dense", arrays, lambda b, x, w, c: b.relu(b.add(b.matmul(x, w), c)))
+    executable = check(graph, arrays, BLAS_TOLERANCE)
+    assert [k.pattern for k in executable.kernels] == ["library"]
+
+
+def test_large_elementwise_kernel_runs_in_parallel():
+    arrays = [normal(300, 300), normal(300)]
+    graph = build("big", arrays, lambda b, x, y: b.tanh(b.add(b.mul(x, y), x)))
+    executable = check(graph, arrays)
+    assert executable.kernels[0].generated.parallel and "prange" in executable.kernels[0].source
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_graphs())
+def test_random_graphs_match_the_reference(graph):
+    check(graph, random_arguments(graph), BLAS_TOLERANCE)
+
+
+def small_cnn():
+    b = Builder("cnn")
+    x = b.add_input(TensorType((4, 1, 8, 8), "float32"), "x")
+    w1 = b.add_input(TensorType((3, 1, 3, 3), "float32"), "w1", role="param")
+    b1 = b.add_input(TensorType((3,), "float32"), "b1", role="param")
+    w2 = b.add_input(TensorType((48, 5), "float32"), "w2", role="param")
+    b2 = b.add_input(TensorType((5,), "float32"), "b2", role="param")
+    h = b.relu(b.add(b.conv2d(x, w1, padding=1), b.reshape(b1, shape=(1, 3, 1, 1))))
+    h = b.reshape(b.max_pool2d(h, kernel=2, stride=2), shape=(4, 48))
+    logits = b.add(b.matmul(h, w2), b2)
+    loss = b.mul(b.sum(b.square(logits), axes=(0, 1)), b.scalar_like(0.25, logits))
+    b.add_output("loss", loss)
+    b.add_output("logits", logits)
+    return b.graph.verify()
+
+
+def test_small_cnn_forward_and_gradient_match_the_reference():
+    graph = small_cnn()
+    arrays = [normal(*v.shape) for v in graph.input_values]
+    check(graph, arrays, BLAS_TOLERANCE)
+    grads = autodiff(graph, wrt=["w1", "b1", "w2", "b2"], output="loss").verify()
+    executable = check(grads, arrays, BLAS_TOLERANCE)
+    ops = {m.op for k in executable.graph.nodes for m in k.subgraph.nodes}
+    assert {"conv2d_weight_grad", "max_pool2d_grad", "matmul"} <= ops
+
+
+# -- the executor's contract -------------------------------------------------------------------
+def affine():
+    b = Builder("affine")
+    x = b.add_input(TensorType((2, 3), "float32"), "x")
+    y = b.add_input(TensorType((3,), "int32"), "y")
+    b.add_output("z", b.add(b.mul(x, b.scalar_like(2.0, x)), b.cast(y, dtype="float32")))
+    return b.graph
+
+
+def test_inputs_are_checked_before_running():
+    executable = compile_graph(affine())
+    x, y = normal(2, 3), np.arange(3, dtype=np.int32)
+    with pytest.raises(InputError, match=r"input 'x'.*expected shape \(2, 3\).*got \(3, 2\)"):
+        executable(normal(3, 2), y)
+    with pytest.raises(InputError, match=r"input 'x'.*expected dtype float32, got float64"):
+        executable(x.astype(np.float64), y)
+    with pytest.raises(InputError, match="expected 2 inputs"):
+        executable(x)
+    # lossless conversions are accepted: Python lists, int32 -> float32-safe bools, strided views
+    (from_list,) = executable(x.tolist(), [0, 1, 2])
+    (from_view,) = executable(np.asfortranarray(x), y)
+    np.testing.assert_array_equal(from_list, from_view)
+
+
+def test_outputs_are_fresh_arrays_the_caller_keeps():
+    executable = compile_graph(affine())
+    y = np.arange(3, dtype=np.int32)
+    first = executable(np.ones((2, 3), np.float32), y)[0]
+    kept = first.copy()
+    second = executable(np.zeros((2, 3), np.float32), y)[0]
+    assert first is not second and not np.shares_memory(first, second)
+    np.testing.assert_array_equal(first, kept)
+
+
+def test_donated_inputs_are_updated_in_place():
+    b = Builder("sgd")
+    w = b.add_input(TensorType((8, 4), "float32"), "w", role="param")
+    x = b.add_input(TensorType((5, 8), "float32"), "x")
+    y = b.matmul(x, w)
+    b.add_output("y", y)
+    b.add_output("w", b.sub(w, b.mul(b.sum(y, axes=(0, 1)), b.scalar_like(0.01, w))))
+    graph = b.graph.verify()
+    w0, x0 = normal(8, 4), normal(5, 8)
+    want = evaluate(graph, [w0, x0])
+    executable = compile_graph(graph, donate={0: 1})
+    w_arg = w0.copy()
+    y_out, w_out = executable(w_arg, x0)
+    assert w_out is w_arg
+    np.testing.assert_allclose(w_arg, want[1], **BLAS_TOLERANCE)
+    np.testing.assert_allclose(y_out, want[0], **BLAS_TOLERANCE)
+    with pytest.raises(InputError, match="donated"):
+        executable(np.asfortranarray(w_arg), x0)
+
+
+def test_thread_count_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", "1")
+    executable = compile_graph(affine())
+    previous = numba.get_num_threads()
+    try:
+        executable(normal(2, 3), np.arange(3, dtype=np.int32))
+        assert numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(previous)
+
+
+def test_profile_reports_every_kernel():
+    arrays = [normal(16, 32), normal(32, 8)]
+    graph = build("profiled", arrays, lambda b, x, w: b.sum(b.tanh(b.matmul(x, w)), axes=(1,)))
+    report = compile_graph(graph).profile(*arrays, repeat=3)
+    assert report.calls == 3 and len(report.rows) == 2
+    matmul = next(r for r in report.rows if r.pattern == "library")
+    assert matmul.flops == 2 * 16 * 32 * 8 + 16 * 8
+    assert all(r.seconds > 0 for r in report.rows)
+    text = str(report)
+    assert "GFLOP/s" in text and "share" in text and matmul.name in text
+
+
+# -- golden generated source -------------------------------------------------------------------
+GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
+
+
+def golden_elementwise_chain():
+    arrays = [normal(8, 16), normal(16)]
+    return build("chain", arrays, lambda b, x, c: b.tanh(b.mul(b.add(x, c), b.scalar_like(0.5, x))))
+
+
+def golden_softmax_sum():
+    arrays = [normal(8, 16)]
+    return build("softmax", arrays, lambda b, x: (lambda e: b.div(e, b.sum(e, axes=(1,), keepdims=True)))(
+        b.exp(b.sub(x, b.max(x, axes=(1,), keepdims=True)))))
+
+
+def golden_matmul_bias_relu():
+    arrays = [normal(8, 16), normal(16, 4), normal(4)]
+    return build("dense", arrays, lambda b, x, w, c: b.relu(b.add(b.matmul(x, w), c)))
+
+
+def golden_conv2d():
+    arrays = [normal(2, 3, 8, 8), normal(4, 3, 3, 3)]
+    return build("conv", arrays, lambda b, x, w: b.conv2d(x, w, stride=2, padding=1))
+
+
+GOLDEN = {  # name -> (graph, which kernel of the fused graph)
+    "elementwise_chain": (golden_elementwise_chain, 0),
+    "reduction_softmax_sum": (golden_softmax_sum, 1),
+    "matmul_bias_relu": (golden_matmul_bias_relu, 0),
+    "conv2d": (golden_conv2d, 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_generated_source_matches_golden_file(name):
+    """Set GRAPHC_UPDATE_GOLDEN=1 to rewrite the files after reviewing a code generator change."""
+    make, index = GOLDEN[name]
+    source = generate(fuse(make()).nodes[index]).source
+    path = os.path.join(GOLDEN_DIR, f"{name}.py")
+    if os.environ.get("GRAPHC_UPDATE_GOLDEN"):
+        os.makedirs(GOLDEN_DIR, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(source)
+    with open(path) as f:
+        assert source == f.read(), f"generated source differs from {path}"
+
+
+def test_profiling_every_call_from_the_environment(monkeypatch):
+    arrays = [normal(16, 32), normal(32, 8)]
+    graph = build("env_profiled", arrays, lambda b, x, w: b.relu(b.matmul(x, w)))
+    assert compile_graph(graph).profile_report is None
+    monkeypatch.setenv("GRAPHC_PROFILE", "1")
+    executable = compile_graph(graph)
+    for _ in range(3):
+        executable(*arrays)
+    report = executable.profile_report
+    assert report.calls == 3 and [r.name for r in report.rows] == [k.name for k in executable.kernels]
+    assert [entry for entry, _ in report.rows[0].parts] == ["matmul", "kernel_matmul_relu"]
+    assert "matmul" in report.table(parts=True)
