@@ -328,11 +328,8 @@ class _KernelBuilder:
         self.order = partitioner.order
         self.out = Graph(graph.name)
         self.mapping: dict[Value, Value] = {}
-        self.users: dict[Value, set[Node]] = {}
-        for node in graph.nodes:
-            for v in node.inputs:
-                self.users.setdefault(v, set()).add(node)
-        self.graph_outputs = set(graph.output_values)
+        self.users = partitioner.users
+        self.graph_outputs = partitioner.graph_outputs
 
     def build(self, groups: list[_Group]) -> Graph:
         for inp in self.graph.inputs:

@@ -395,3 +395,18 @@ def test_profiling_every_call_from_the_environment(monkeypatch):
     assert report.calls == 3 and [r.name for r in report.rows] == [k.name for k in executable.kernels]
     assert [entry for entry, _ in report.rows[0].parts] == ["matmul", "kernel_matmul_relu"]
     assert "matmul" in report.table(parts=True)
+
+
+def test_degenerate_graphs_and_empty_arrays():
+    x = np.arange(3, dtype=np.float32)
+    identity = build("identity", [x], lambda b, v: [v, v])
+    outputs = compile_graph(identity)(x)
+    assert all(np.array_equal(o, x) and not np.shares_memory(o, x) for o in outputs)
+    constants = build("constants", [], lambda b: [b.const(np.arange(4.0), "float64"), b.const(2.0, "float32")])
+    check(constants, [])
+    empty = [np.zeros((0, 2, 5, 5), np.float32), np.ones((3, 2, 3, 3), np.float32),
+             np.zeros((3, 0), np.float32), np.zeros((0, 4), np.float32)]
+    check(build("empty", empty, lambda b, v, w, p, q: [
+        b.conv2d(v, w, padding=1), b.max_pool2d(v, kernel=2, stride=2),
+        b.conv2d_weight_grad(v, b.conv2d(v, w, padding=1), weight_shape=(3, 2, 3, 3), padding=1),
+        b.sum(b.exp(p), axes=(1,)), b.matmul(p, q), b.max(q, axes=(1,))]), empty)

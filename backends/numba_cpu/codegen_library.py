@@ -99,7 +99,7 @@ def _matmul(node: Node, refs: Refs) -> tuple[list[Call], int]:
     out = node.output.shape
     flops = 2 * size_of(out) * x.shape[-1]
     if len(out) == 2:
-        return [_gemm("matmul", a, b, refs[node.output], 1, flops, a_t, b_t)], flops
+        return [_gemm("matmul", [(a, 2), (b, 2), (refs[node.output], 2)], 1, flops, a_t, b_t)], flops
     batch = out[:-2]
     index = tuple(f"b{d}" for d in range(len(batch)))
     parallel = flops >= GEMM_PARALLEL_MIN_FLOPS and batch[0] > 1
@@ -180,19 +180,24 @@ def _im2col(node: Node, x: str, col: str, kernel: tuple[int, int], parallel: boo
     """The rows of one group of channels are contiguous in col: that group's GEMM operand."""
     return _per_plane("im2col", ["x", "col"], [x, col], _conv_geometry(node, kernel),
                       ["x", "col", "row0", "base"], "x[n, c], col, c * KH * KW, n * P",
-                      _im2col_plane, parallel, "x", ("P = col.shape[1] // N",))
+                      _im2col_plane, parallel, "x", _positions("x"))
 
 
 def _col2im(node: Node, dcol: str, dx: str, kernel: tuple[int, int], parallel: bool) -> Call:
     return _per_plane("col2im", ["dcol", "dx"], [dcol, dx], _conv_geometry(node, kernel),
                       ["dcol", "dx", "row0", "base"], "dcol, dx[n, c], c * KH * KW, n * P",
-                      _col2im_plane, parallel, "dx", ("P = dcol.shape[1] // N",))
+                      _col2im_plane, parallel, "dx", _positions("dx"))
+
+
+def _positions(image: str) -> tuple[str, ...]:
+    """Preamble binding P, the output positions per image, from the input image's size."""
+    return (f"H, W = {image}.shape[2], {image}.shape[3]",
+            "P = ((H + 2 * PH - DH * (KH - 1) - 1) // SH + 1) * ((W + 2 * PW - DW * (KW - 1) - 1) // SW + 1)")
 
 
 def _to_gemm_layout_body(w: Writer, parallel: bool) -> None:
     """rows[o, n*P + p] = nchw[n, o, p]: channels become GEMM rows, all images one block."""
-    w.line("N, O = nchw.shape[0], nchw.shape[1]")
-    w.line("P = rows.shape[1] // N")
+    w.line("N, O, P = nchw.shape[0], nchw.shape[1], nchw.shape[2] * nchw.shape[3]")
     w.line("flat = nchw.reshape((N, O, P))")
     with w.block(loop_header("no", "N * O", parallel)):
         w.line("n, o = no // O, no % O")
@@ -202,8 +207,7 @@ def _to_gemm_layout_body(w: Writer, parallel: bool) -> None:
 
 def _from_gemm_layout_body(w: Writer, parallel: bool) -> None:
     """nchw[n, o, p] = rows[o, n*P + p]: the GEMM result back to NCHW."""
-    w.line("N, O = nchw.shape[0], nchw.shape[1]")
-    w.line("P = rows.shape[1] // N")
+    w.line("N, O, P = nchw.shape[0], nchw.shape[1], nchw.shape[2] * nchw.shape[3]")
     w.line("flat = nchw.reshape((N, O, P))")
     with w.block(loop_header("no", "N * O", parallel)):
         w.line("n, o = no // O, no % O")
@@ -211,14 +215,24 @@ def _from_gemm_layout_body(w: Writer, parallel: bool) -> None:
             w.line("flat[n, o, p] = rows[o, n * P + p]")
 
 
-def _gemm_body(transpose_a: bool, transpose_b: bool, parallel: bool) -> Callable[[Writer], None]:
+def _as_matrix(w: Writer, name: str, rank: int) -> None:
+    """Bind `<name>m`: the operand as a matrix (a 4-D weight as (out channels, the rest))."""
+    if rank == 2:
+        w.line(f"{name}m = {name}")
+        return
+    rest = " * ".join(f"{name}.shape[{d}]" for d in range(1, rank))
+    w.line(f"{name}m = {name}.reshape(({name}.shape[0], {rest}))")
+
+
+def _gemm_body(ranks: tuple[int, int, int], transpose_a: bool, transpose_b: bool,
+               parallel: bool) -> Callable[[Writer], None]:
     """out = a @ b per group: every operand is a matrix of G blocks of rows (4-D weights seen
     as (out channels, in channels/G * kh * kw)); group g multiplies block g of each. The
     parallel variant also splits each group's output rows into T blocks, one BLAS call each
     (BLAS itself runs single-threaded: see blas.py)."""
     def body(w: Writer) -> None:
-        for m in ("a", "b", "out"):
-            w.line(f"{m}m = {m}.reshape(({m}.shape[0], {m}.size // {m}.shape[0]))")
+        for name, rank in zip(("a", "b", "out"), ranks):
+            _as_matrix(w, name, rank)
         w.line("ar, br, rows = am.shape[0] // G, bm.shape[0] // G, outm.shape[0] // G")
         b = "bm[g * br:(g + 1) * br]" + (".T" if transpose_b else "")
         if not parallel:
@@ -226,7 +240,7 @@ def _gemm_body(transpose_a: bool, transpose_b: bool, parallel: bool) -> Callable
             with w.block("for g in range(G):"):
                 w.line(f"np.dot({a}, {b}, outm[g * rows:(g + 1) * rows])")
             return
-        w.line("blocks = min(T, rows)")
+        w.line("blocks = max(1, min(T, rows))")
         w.line("step = -(-rows // blocks)")
         a = ("np.ascontiguousarray(am[g * ar:(g + 1) * ar, lo:hi].T)" if transpose_a
              else "am[g * ar + lo:g * ar + hi]")
@@ -242,14 +256,16 @@ def _gemm_body(transpose_a: bool, transpose_b: bool, parallel: bool) -> Callable
 GEMM_PARALLEL_MIN_FLOPS = 1 << 22
 
 
-def _gemm(entry: str, a: str, b: str, out: str, groups: int, flops: int, transpose_a: bool = False,
-          transpose_b: bool = False) -> Call:
+def _gemm(entry: str, operands: list[tuple[str, int]], groups: int, flops: int,
+          transpose_a: bool = False, transpose_b: bool = False) -> Call:
+    """out = a @ b for operands [(a's array, rank), (b's...), (out's...)]."""
     parallel = flops >= GEMM_PARALLEL_MIN_FLOPS and numba.config.NUMBA_NUM_THREADS > 1
-    params, args = ["a", "b", "out", "G"], [a, b, out, groups]
+    params, args = ["a", "b", "out", "G"], [name for name, _ in operands] + [groups]
     if parallel:
         params.append("T")
         args.append(numba.config.NUMBA_NUM_THREADS)
-    return _call(entry, params, args, parallel, _gemm_body(transpose_a, transpose_b, parallel),
+    ranks = tuple(rank for _, rank in operands)
+    return _call(entry, params, args, parallel, _gemm_body(ranks, transpose_a, transpose_b, parallel),
                  fastmath=False)
 
 
@@ -274,7 +290,7 @@ def _conv2d(node: Node, refs: Refs) -> tuple[list[Call], int]:
     flops = _conv_flops(weight.shape, col_shape)
     calls = [
         _im2col(node, refs[x], col, kernel, parallel),
-        _gemm("grouped_gemm", refs[weight], col, rows, node.attrs["groups"], flops),
+        _gemm("grouped_gemm", [(refs[weight], 4), (col, 2), (rows, 2)], node.attrs["groups"], flops),
         _call("from_gemm_layout", ["rows", "nchw"], [rows, refs[node.output]], parallel,
               lambda w: _from_gemm_layout_body(w, parallel)),
     ]
@@ -291,7 +307,8 @@ def _conv2d_input_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
     calls = [
         _call("to_gemm_layout", ["nchw", "rows"], [refs[dy], rows], parallel,
               lambda w: _to_gemm_layout_body(w, parallel)),
-        _gemm("grouped_gemm_at", refs[weight], rows, dcol, node.attrs["groups"], flops, transpose_a=True),
+        _gemm("grouped_gemm_at", [(refs[weight], 4), (rows, 2), (dcol, 2)], node.attrs["groups"], flops,
+              transpose_a=True),
         _col2im(node, dcol, refs[node.output], kernel, parallel),
     ]
     return calls, flops
@@ -308,7 +325,8 @@ def _conv2d_weight_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
         _im2col(node, refs[x], col, kernel, parallel),
         _call("to_gemm_layout", ["nchw", "rows"], [refs[dy], rows], parallel,
               lambda w: _to_gemm_layout_body(w, parallel)),
-        _gemm("grouped_gemm_bt", rows, col, refs[node.output], node.attrs["groups"], flops, transpose_b=True),
+        _gemm("grouped_gemm_bt", [(rows, 2), (col, 2), (refs[node.output], 4)], node.attrs["groups"], flops,
+              transpose_b=True),
     ]
     return calls, flops
 

@@ -41,7 +41,8 @@ def plane(x, col, row0, base):
 @njit(parallel=False, fastmath=FASTMATH, cache=True)
 def im2col(x, col):
     N, C = x.shape[0], x.shape[1]
-    P = col.shape[1] // N
+    H, W = x.shape[2], x.shape[3]
+    P = ((H + 2 * PH - DH * (KH - 1) - 1) // SH + 1) * ((W + 2 * PW - DW * (KW - 1) - 1) // SW + 1)
     for nc in range(N * C):
         n, c = nc // C, nc % C
         plane(x[n, c], col, c * KH * KW, n * P)
@@ -54,9 +55,9 @@ from numba import njit, prange
 
 @njit(parallel=False, cache=True)
 def grouped_gemm(a, b, out, G):
-    am = a.reshape((a.shape[0], a.size // a.shape[0]))
-    bm = b.reshape((b.shape[0], b.size // b.shape[0]))
-    outm = out.reshape((out.shape[0], out.size // out.shape[0]))
+    am = a.reshape((a.shape[0], a.shape[1] * a.shape[2] * a.shape[3]))
+    bm = b
+    outm = out
     ar, br, rows = am.shape[0] // G, bm.shape[0] // G, outm.shape[0] // G
     for g in range(G):
         np.dot(am[g * ar:(g + 1) * ar], bm[g * br:(g + 1) * br], outm[g * rows:(g + 1) * rows])
@@ -71,8 +72,7 @@ FASTMATH = {'afn', 'arcp', 'contract', 'nsz', 'reassoc'}
 
 @njit(parallel=False, fastmath=FASTMATH, cache=True)
 def from_gemm_layout(rows, nchw):
-    N, O = nchw.shape[0], nchw.shape[1]
-    P = rows.shape[1] // N
+    N, O, P = nchw.shape[0], nchw.shape[1], nchw.shape[2] * nchw.shape[3]
     flat = nchw.reshape((N, O, P))
     for no in range(N * O):
         n, o = no // O, no % O

@@ -5,9 +5,9 @@ from numba import njit, prange
 
 @njit(parallel=False, cache=True)
 def matmul(a, b, out, G):
-    am = a.reshape((a.shape[0], a.size // a.shape[0]))
-    bm = b.reshape((b.shape[0], b.size // b.shape[0]))
-    outm = out.reshape((out.shape[0], out.size // out.shape[0]))
+    am = a
+    bm = b
+    outm = out
     ar, br, rows = am.shape[0] // G, bm.shape[0] // G, outm.shape[0] // G
     for g in range(G):
         np.dot(am[g * ar:(g + 1) * ar], bm[g * br:(g + 1) * br], outm[g * rows:(g + 1) * rows])
