@@ -57,6 +57,23 @@ def _identity_transpose(node: Node, ins: tuple[Value, ...]) -> Value | None:
     return ins[0] if node.attrs["perm"] == tuple(range(len(node.attrs["perm"]))) else None
 
 
+def _compose_transposes(node: Node, ins: tuple[Value, ...]) -> Value | None:
+    """transpose(transpose(x, p), q) -> x when the composed permutation is the identity."""
+    inner = ins[0].producer
+    if inner is None or inner.op != "transpose":
+        return None
+    composed = tuple(inner.attrs["perm"][i] for i in node.attrs["perm"])
+    return inner.inputs[0] if composed == tuple(range(len(composed))) else None
+
+
+def _reshape_back(node: Node, ins: tuple[Value, ...]) -> Value | None:
+    """reshape(reshape(x, s), x.shape) -> x."""
+    inner = ins[0].producer
+    if inner is not None and inner.op == "reshape" and _keeps_type(inner.inputs[0], node):
+        return inner.inputs[0]
+    return None
+
+
 RULES: list[tuple[str, Rule]] = [
     ("add", _identity_operand(1, 0, other=0)),
     ("add", _identity_operand(0, 0, other=1)),
@@ -67,10 +84,12 @@ RULES: list[tuple[str, Rule]] = [
     ("pow", _identity_operand(1, 1, other=0)),
     ("neg", _inverse_of("neg")),
     ("reshape", _same_type_noop),
+    ("reshape", _reshape_back),
     ("broadcast_to", _same_type_noop),
     ("cast", _same_type_noop),
     ("sum", lambda node, ins: ins[0] if node.attrs["axes"] == () and _keeps_type(ins[0], node) else None),
     ("transpose", _identity_transpose),
+    ("transpose", _compose_transposes),
 ]
 RULES_BY_OP: dict[str, list[Rule]] = {}
 for _op, _rule in RULES:

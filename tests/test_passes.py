@@ -37,7 +37,9 @@ def test_identities():
                   lambda b, x: b.reshape(x, shape=(3,)),
                   lambda b, x: b.cast(x, dtype=F64),
                   lambda b, x: b.transpose(x, perm=(0,)),
-                  lambda b, x: b.div(x, b.const(1.0, F64))]:
+                  lambda b, x: b.div(x, b.const(1.0, F64)),
+                  lambda b, x: b.reshape(b.transpose(b.transpose(b.reshape(x, shape=(1, 3)), perm=(1, 0)),
+                                                     perm=(1, 0)), shape=(3,))]:
         g = simplify(graph_with(build))
         assert g.nodes == [] and g.outputs[0][1] is g.inputs[0].value, str(g)
 
