@@ -101,6 +101,15 @@ class MemoryPlan:
             value = self.locations[value].base
         return value
 
+    def to_dict(self) -> dict:
+        """A JSON-ready description: totals and every arena buffer's offset, size and lifetime."""
+        return {"peak_bytes": self.peak_bytes, "naive_bytes": self.naive_bytes,
+                "buffers": [{"slot": st.slot, "offset": st.offset, "nbytes": st.nbytes,
+                             "first": st.start, "last": st.end, "values": len(st.values),
+                             "scratch": st.scratch_of is not None} for st in self.storages],
+                "donated_in_place": {str(k): v for k, v in self.donated_in_place.items()},
+                "donated_by_copy": {str(k): v for k, v in self.donated_by_copy.items()}}
+
     def summary(self) -> str:
         saved = 1 - self.peak_bytes / self.naive_bytes if self.naive_bytes else 0.0
         return (f"arena {self.peak_bytes} bytes for {len(self.storages)} buffers "

@@ -188,3 +188,13 @@ def test_fuzzed_members_with_valid_checksums_are_still_refused_or_valid(exported
         gc.load(str(target), backend=REF)
     except gc.SerializationError:
         pass
+
+
+@pytest.mark.slow
+def test_cnn_export_reload_in_fresh_process_continues_identically_on_numba_cpu():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "examples", "export_continue.py"),
+                           "--steps", "5", "--backend", "numba-cpu"], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "identical to the uninterrupted run: True" in proc.stdout
