@@ -500,6 +500,17 @@ def generate_library(kernel: Node) -> KernelSource:
 def _epilogue_call(kernel: Node, anchor: Node, epilogue: list[Node], names: dict[Value, str]) -> Call:
     """The epilogue as an elementwise kernel of its own: it reads the library result (an
     output of this kernel) and the kernel inputs it needs, and writes the other outputs."""
+    part, refs = epilogue_graph(kernel, anchor, epilogue, names)
+    call = elementwise_call(entry_name(kernel.attrs["name"]), part)
+    translate = dict(zip(argument_names(part).values(), refs))
+    return Call(call.source, call.entry, tuple(translate.get(a, a) for a in call.args),
+                flat=call.flat, parallel=call.parallel)
+
+
+def epilogue_graph(kernel: Node, anchor: Node, epilogue: list[Node], names: dict[Value, str]
+                   ) -> tuple[Graph, list[str]]:
+    """The epilogue as a graph of its own (the numba-cuda backend lowers it too), and the
+    kernel array each of its inputs and outputs is, in order."""
     sub = kernel.subgraph
     part = Graph(f"{sub.name}_epilogue")
     local = {anchor.output: part.add_input(anchor.output.type, "anchor")}
@@ -524,7 +535,4 @@ def _epilogue_call(kernel: Node, anchor: Node, epilogue: list[Node], names: dict
         if v in produced:
             part.add_output(f"out{len(part.outputs)}", local[v])
             refs.append(names[v])
-    call = elementwise_call(entry_name(kernel.attrs["name"]), part)
-    translate = dict(zip(argument_names(part).values(), refs))
-    return Call(call.source, call.entry, tuple(translate.get(a, a) for a in call.args),
-                flat=call.flat, parallel=call.parallel)
+    return part, refs
