@@ -38,6 +38,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--workloads", nargs="+", default=["mlp", "cnn"])
     parser.add_argument("--json", default=None, help="also write all raw results to this file")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for every system (GRAPHC_NUM_THREADS, OMP_NUM_THREADS); "
+                             "default: each system's own default (all cores)")
     args = parser.parse_args()
 
     systems = ["graphc", "torch"] + (["jax"] if importlib.util.find_spec("jax") else [])
@@ -46,6 +49,8 @@ def main() -> None:
         print("PyTorch is not installed (pip install -e '.[compare]'): graphc alone is measured")
     cache = tempfile.mkdtemp(prefix="graphc-bench-cache-")
     base_env = {**os.environ, "GRAPHC_CACHE_DIR": cache}
+    if args.threads:
+        base_env.update(GRAPHC_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     results: dict[tuple[str, str], list[dict]] = {}
     cold: dict[str, dict] = {}
     try:
