@@ -15,9 +15,9 @@ parameters, buffers, optimizer state, step count and RNG key (broadcast when the
 so identical updates keep the ranks identical. Dropout draws a different mask on each rank.
 
 Failures never hang the job: `init()` installs an exception hook that names the failing rank and
-calls MPI_Abort; a killed rank brings down the job through mpiexec; and every collective waits
-with a deadline (`GRAPHC_DDP_TIMEOUT` seconds, default 300), so a rank that exits early or is
-stuck makes the others abort instead of waiting forever.
+exits non-zero, which makes mpiexec end every rank; a killed rank brings down the job the same
+way; and every collective waits with a deadline (`GRAPHC_DDP_TIMEOUT` seconds, default 300),
+so a rank that exits early or is stuck makes the others abort instead of waiting forever.
 
 Without mpi4py, or with a single process, the world has size 1 and every collective is a no-op.
 """
@@ -108,8 +108,11 @@ class World:
               file=sys.stderr, flush=True)
         if self.comm is None:
             raise DistributedError(message)
-        self.comm.Abort(1)
-        os._exit(1)  # MPICH's Abort can return while the launcher tears the job down
+        # Exiting non-zero makes the launcher (MPICH's hydra, Open MPI's mpirun) end the other
+        # ranks, and unlike MPI_Abort it lets the launcher drain this rank's output first:
+        # with Abort the message above was sometimes lost.
+        sys.stdout.flush()
+        os._exit(1)
 
     def _check_agreement(self, what: str, description: Any) -> None:
         digest = np.frombuffer(hashlib.sha256(repr(description).encode()).digest(), np.uint8)
