@@ -172,6 +172,12 @@ BLAS_CASES = {
         b.conv2d_input_grad(g, w, input_shape=(2, 4, 9, 9), padding=2, dilation=2, groups=2),
         b.conv2d_weight_grad(x, g, weight_shape=(6, 2, 3, 3), padding=2, dilation=2, groups=2)]),
         arrays))([normal(2, 4, 9, 9), normal(6, 2, 3, 3), normal(2, 6, 9, 9)]),
+    # large enough for the per-thread chunks of images; 3 images split unevenly over 2 threads
+    "conv2d_batch_chunks": lambda: (lambda arrays: (build("conv2d_chunks", arrays, lambda b, x, w, g: [
+        b.conv2d(x, w, padding=1, groups=2),
+        b.conv2d_input_grad(g, w, input_shape=(3, 4, 26, 26), padding=1, groups=2),
+        b.conv2d_weight_grad(x, g, weight_shape=(6, 2, 3, 3), padding=1, groups=2)]),
+        arrays))([normal(3, 4, 26, 26), normal(6, 2, 3, 3), normal(3, 6, 26, 26)]),
     "pooling": lambda: (lambda arrays: (build("pooling", arrays, lambda b, x, g, h: [
         b.max_pool2d(x, kernel=3, stride=2, padding=1), b.max_pool2d_grad(x, g, kernel=3, stride=2, padding=1),
         b.avg_pool2d(x, kernel=3, stride=2, padding=1, count_include_pad=False),

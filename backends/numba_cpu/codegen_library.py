@@ -10,10 +10,11 @@ are transposed, the dtype); sizes come from the arrays. Every layer with the sam
 every graph, shares one compiled function, which then comes from the disk cache.
 
 matmul is `np.dot` (scipy's BLAS, single-threaded: see blas.py): one GEMM, split into row
-blocks across threads when large, or one per batch element. conv2d and its gradients are
-im2col + one GEMM per group: receptive fields are copied (in parallel over image planes) into
-a (C*kh*kw, N*Ho*Wo) scratch matrix, so that the whole batch is one large GEMM, and the
-result is moved between that (channels, N*Ho*Wo) layout and NCHW by one more parallel pass.
+blocks across threads when large, or one per batch element. conv2d and its gradients work
+image by image, the batch split into one chunk per thread: an image's receptive fields are
+copied into the thread's (C*kh*kw, Ho*Wo) column matrix (im2col), which one GEMM per group
+then multiplies straight into NCHW. The column matrix stays in cache between the two (a whole
+batch's, 40 MB for the MNIST CNN, went through memory twice and ran 1.5x slower).
 Pooling loops over each image plane's windows, planes in parallel; the scatters loop over
 their operand, in parallel over an axis on which they cannot collide.
 """
@@ -99,7 +100,7 @@ def _matmul(node: Node, refs: Refs) -> tuple[list[Call], int]:
     out = node.output.shape
     flops = 2 * size_of(out) * x.shape[-1]
     if len(out) == 2:
-        return [_gemm("matmul", [(a, 2), (b, 2), (refs[node.output], 2)], 1, flops, a_t, b_t)], flops
+        return [_gemm("matmul", [a, b, refs[node.output]], flops, a_t, b_t)], flops
     batch = out[:-2]
     index = tuple(f"b{d}" for d in range(len(batch)))
     parallel = flops >= GEMM_PARALLEL_MIN_FLOPS and batch[0] > 1
@@ -117,6 +118,42 @@ def _matmul(node: Node, refs: Refs) -> tuple[list[Call], int]:
     call = _call("batched_matmul", ["a", "b", "out"], [a, b, refs[node.output]], parallel, body,
                  fastmath=False)
     return [call], flops
+
+
+def _gemm_body(transpose_a: bool, transpose_b: bool, parallel: bool) -> Callable[[Writer], None]:
+    """out = a @ b. The parallel variant splits out's rows into T blocks, one BLAS call each
+    (BLAS itself runs single-threaded: see blas.py)."""
+    def body(w: Writer) -> None:
+        b = "b.T" if transpose_b else "b"
+        if not parallel:
+            w.line(f"np.dot({'a.T' if transpose_a else 'a'}, {b}, out)")
+            return
+        w.line("rows = out.shape[0]")
+        w.line("blocks = max(1, min(T, rows))")
+        w.line("step = -(-rows // blocks)")
+        a = "np.ascontiguousarray(a[:, lo:hi].T)" if transpose_a else "a[lo:hi]"
+        with w.block("for task in prange(blocks):"):
+            w.line("lo = task * step")
+            w.line("hi = min(rows, lo + step)")
+            with w.block("if lo < hi:"):
+                w.line(f"np.dot({a}, {b}, out[lo:hi])")
+    return body
+
+
+# Below this many flops a GEMM is one BLAS call; above, row blocks run on Numba's threads.
+GEMM_PARALLEL_MIN_FLOPS = 1 << 22
+
+
+def _gemm(entry: str, operands: list[str], flops: int, transpose_a: bool = False,
+          transpose_b: bool = False) -> Call:
+    """out = a @ b for the matrices named by operands [a, b, out]."""
+    parallel = flops >= GEMM_PARALLEL_MIN_FLOPS and numba.config.NUMBA_NUM_THREADS > 1
+    params, args = ["a", "b", "out"], list(operands)
+    if parallel:
+        params.append("T")
+        args.append(numba.config.NUMBA_NUM_THREADS)
+    return _call(entry, params, args, parallel, _gemm_body(transpose_a, transpose_b, parallel),
+                 fastmath=False)
 
 
 # -- convolution ----------------------------------------------------------------------------------
@@ -140,200 +177,208 @@ def _columns_inside(w: Writer) -> None:
 
 
 def _im2col_plane(w: Writer) -> None:
-    """col[row0 + (i, j), base + p] = x[input position output p reads at kernel cell (i, j)]
-    for one image plane x (zero in the padding)."""
+    """col[row0 + (i, j), p] = x[input position output p reads at kernel cell (i, j)] for one
+    image plane x (zero in the padding). Explicit loops with row views throughout: Numba's
+    slice assignment costs more than the copy itself on rows this short."""
     w.line("H, W = x.shape")
     _output_size(w)
     with w.block("for i in range(KH):"), w.block("for j in range(KW):"):
-        w.line("row = row0 + i * KW + j")
+        w.line("dst = col[row0 + i * KW + j]")
         _columns_inside(w)
         with w.block("for oh in range(OH):"):
             w.line("ih = oh * SH - PH + i * DH")
-            w.line("at = base + oh * OW")
+            w.line("at = oh * OW")
             with w.block("if ih < 0 or ih >= H:"):
-                w.line("col[row, at:at + OW] = 0")
+                with w.block("for ow in range(OW):"):
+                    w.line("dst[at + ow] = 0")
                 w.line("continue")
-            w.line("col[row, at:at + lo] = 0")
+            w.line("src = x[ih]")
+            with w.block("for ow in range(lo):"):
+                w.line("dst[at + ow] = 0")
             with w.block("for ow in range(lo, hi):"):
-                w.line("col[row, at + ow] = x[ih, ow * SW + start]")
-            w.line("col[row, at + hi:at + OW] = 0")
+                w.line("dst[at + ow] = src[ow * SW + start]")
+            with w.block("for ow in range(hi, OW):"):
+                w.line("dst[at + ow] = 0")
 
 
 def _col2im_plane(w: Writer) -> None:
     """dx[ih, iw] = sum of dcol over the cells that read (ih, iw), for one image plane: the
-    adjoint of im2col. One call owns one plane, so planes accumulate in parallel."""
+    adjoint of im2col."""
     w.line("H, W = dx.shape")
     _output_size(w)
-    w.line("dx[:, :] = 0")
+    with w.block("for ih in range(H):"), w.block("for iw in range(W):"):
+        w.line("dx[ih, iw] = 0")
     with w.block("for i in range(KH):"), w.block("for j in range(KW):"):
-        w.line("row = row0 + i * KW + j")
+        w.line("src = dcol[row0 + i * KW + j]")
         _columns_inside(w)
         with w.block("for oh in range(OH):"):
             w.line("ih = oh * SH - PH + i * DH")
             with w.block("if 0 <= ih and ih < H:"):
-                w.line("at = base + oh * OW")
+                w.line("dst, at = dx[ih], oh * OW")
                 with w.block("for ow in range(lo, hi):"):
-                    w.line("dx[ih, ow * SW + start] += dcol[row, at + ow]")
+                    w.line("dst[ow * SW + start] += src[at + ow]")
 
 
-def _im2col(node: Node, x: str, col: str, kernel: tuple[int, int], parallel: bool) -> Call:
-    """The rows of one group of channels are contiguous in col: that group's GEMM operand."""
-    return _per_plane("im2col", ["x", "col"], [x, col], _conv_geometry(node, kernel),
-                      ["x", "col", "row0", "base"], "x[n, c], col, c * KH * KW, n * P",
-                      _im2col_plane, parallel, "x", _positions("x"))
+def _conv_module(entry: str, params: list[str], node: Node, kernel: tuple[int, int],
+                 plane_body: Callable[[Writer], None], plane_params: str,
+                 body: Callable[[Writer], None], parallel: bool, helpers: tuple[str, ...] = ()) -> str:
+    """A conv module: the window geometry as constants, the serial per-plane helper (im2col or
+    col2im), and the entry, which loops over the batch in T chunks (`prange` over chunks)."""
+    geometry = "\n".join(f"{k} = {v}" for k, v in _conv_geometry(node, kernel).items())
+    helper = Writer()
+    helper.line("@njit(fastmath=FASTMATH)")
+    with helper.block(f"def plane({plane_params}):"):
+        plane_body(helper)
+    w = Writer()
+    w.line(decorator(parallel, fastmath=False))
+    with w.block(f"def {entry}({', '.join(params)}):"):
+        body(w)
+    return module(entry, w, [geometry, helper.text(), *helpers])
 
 
-def _col2im(node: Node, dcol: str, dx: str, kernel: tuple[int, int], parallel: bool) -> Call:
-    return _per_plane("col2im", ["dcol", "dx"], [dcol, dx], _conv_geometry(node, kernel),
-                      ["dcol", "dx", "row0", "base"], "dcol, dx[n, c], c * KH * KW, n * P",
-                      _col2im_plane, parallel, "dx", _positions("dx"))
+def _batch(w: Writer, images: str) -> None:
+    """Bind N (images), T (threads: one column matrix each) and chunk (images per thread)."""
+    w.line(f"N, T = {images}.shape[0], scratch.shape[0]")
+    w.line("chunk = -(-N // T)")
 
 
-def _positions(image: str) -> tuple[str, ...]:
-    """Preamble binding P, the output positions per image, from the input image's size."""
-    return (f"H, W = {image}.shape[2], {image}.shape[3]",
-            "P = ((H + 2 * PH - DH * (KH - 1) - 1) // SH + 1) * ((W + 2 * PW - DW * (KW - 1) - 1) // SW + 1)")
+def _image_chunks(w: Writer) -> None:
+    """Open `for t in prange(T)` and, inside it, the loop over chunk t's images `n`."""
+    w.line("for t in prange(T):")
+    w.depth += 1
+    w.line("col = scratch[t]")
+    w.line("for n in range(t * chunk, min(N, (t + 1) * chunk)):")
+    w.depth += 1
 
 
-def _to_gemm_layout_body(w: Writer, parallel: bool) -> None:
-    """rows[o, n*P + p] = nchw[n, o, p]: channels become GEMM rows, all images one block."""
-    w.line("N, O, P = nchw.shape[0], nchw.shape[1], nchw.shape[2] * nchw.shape[3]")
-    w.line("flat = nchw.reshape((N, O, P))")
-    with w.block(loop_header("no", "N * O", parallel)):
-        w.line("n, o = no // O, no % O")
-        with w.block("for p in range(P):"):
-            w.line("rows[o, n * P + p] = flat[n, o, p]")
+def _close(w: Writer, levels: int) -> None:
+    w.depth -= levels
 
 
-def _from_gemm_layout_body(w: Writer, parallel: bool) -> None:
-    """nchw[n, o, p] = rows[o, n*P + p]: the GEMM result back to NCHW."""
-    w.line("N, O, P = nchw.shape[0], nchw.shape[1], nchw.shape[2] * nchw.shape[3]")
-    w.line("flat = nchw.reshape((N, O, P))")
-    with w.block(loop_header("no", "N * O", parallel)):
-        w.line("n, o = no // O, no % O")
-        with w.block("for p in range(P):"):
-            w.line("flat[n, o, p] = rows[o, n * P + p]")
+def _group_rows(w: Writer, matrix: str) -> None:
+    """Bind K (the columns of one group: in-channels/G * kh * kw) and og (its out-channels)."""
+    w.line(f"O, K = {matrix}.shape[0], {matrix}.shape[1] * KH * KW")
+    w.line("og = O // G")
 
 
-def _as_matrix(w: Writer, name: str, rank: int) -> None:
-    """Bind `<name>m`: the operand as a matrix (a 4-D weight as (out channels, the rest))."""
-    if rank == 2:
-        w.line(f"{name}m = {name}")
-        return
-    rest = " * ".join(f"{name}.shape[{d}]" for d in range(1, rank))
-    w.line(f"{name}m = {name}.reshape(({name}.shape[0], {rest}))")
-
-
-def _gemm_body(ranks: tuple[int, int, int], transpose_a: bool, transpose_b: bool,
-               parallel: bool) -> Callable[[Writer], None]:
-    """out = a @ b per group: every operand is a matrix of G blocks of rows (4-D weights seen
-    as (out channels, in channels/G * kh * kw)); group g multiplies block g of each. The
-    parallel variant also splits each group's output rows into T blocks, one BLAS call each
-    (BLAS itself runs single-threaded: see blas.py)."""
-    def body(w: Writer) -> None:
-        for name, rank in zip(("a", "b", "out"), ranks):
-            _as_matrix(w, name, rank)
-        w.line("ar, br, rows = am.shape[0] // G, bm.shape[0] // G, outm.shape[0] // G")
-        b = "bm[g * br:(g + 1) * br]" + (".T" if transpose_b else "")
-        if not parallel:
-            a = "am[g * ar:(g + 1) * ar]" + (".T" if transpose_a else "")
-            with w.block("for g in range(G):"):
-                w.line(f"np.dot({a}, {b}, outm[g * rows:(g + 1) * rows])")
-            return
-        w.line("blocks = max(1, min(T, rows))")
-        w.line("step = -(-rows // blocks)")
-        a = ("np.ascontiguousarray(am[g * ar:(g + 1) * ar, lo:hi].T)" if transpose_a
-             else "am[g * ar + lo:g * ar + hi]")
-        with w.block("for task in prange(G * blocks):"):
-            w.line("g, lo = task // blocks, task % blocks * step")
-            w.line("hi = min(rows, lo + step)")
-            with w.block("if lo < hi:"):
-                w.line(f"np.dot({a}, {b}, outm[g * rows + lo:g * rows + hi])")
-    return body
-
-
-# Below this many flops a GEMM is one BLAS call; above, row blocks run on Numba's threads.
-GEMM_PARALLEL_MIN_FLOPS = 1 << 22
-
-
-def _gemm(entry: str, operands: list[tuple[str, int]], groups: int, flops: int,
-          transpose_a: bool = False, transpose_b: bool = False) -> Call:
-    """out = a @ b for operands [(a's array, rank), (b's...), (out's...)]."""
-    parallel = flops >= GEMM_PARALLEL_MIN_FLOPS and numba.config.NUMBA_NUM_THREADS > 1
-    params, args = ["a", "b", "out", "G"], [name for name, _ in operands] + [groups]
-    if parallel:
-        params.append("T")
-        args.append(numba.config.NUMBA_NUM_THREADS)
-    ranks = tuple(rank for _, rank in operands)
-    return _call(entry, params, args, parallel, _gemm_body(ranks, transpose_a, transpose_b, parallel),
-                 fastmath=False)
-
-
-def _conv_parallel(col_shape: tuple[int, ...]) -> bool:
-    return size_of(col_shape) >= PARALLEL_MIN_ELEMENTS
-
-
-def _conv_shapes(x_shape, w_shape, y_shape) -> tuple[tuple[int, int], tuple, tuple]:
-    """(kh, kw), the im2col matrix's shape and the GEMM-layout output's shape."""
-    n, c = x_shape[:2]
-    o, _, kh, kw = w_shape
-    oh, ow = y_shape[2:]
-    return (kh, kw), (c * kh * kw, n * oh * ow), (o, n * oh * ow)
+def _scratch_per_chunk(refs: Refs, images: int, rows: int, positions: int,
+                       dtype: str) -> tuple[str, int]:
+    """One (C*kh*kw, Ho*Wo) column matrix per thread (one thread for small convolutions): an
+    image's receptive fields stay in cache between im2col and its GEMM, instead of a whole
+    batch's going through memory. Returns the scratch and the number of threads."""
+    threads = max(1, numba.config.NUMBA_NUM_THREADS)
+    if images * rows * positions < PARALLEL_MIN_ELEMENTS:
+        threads = 1
+    return refs.new_scratch((threads, rows, positions), dtype), threads
 
 
 def _conv2d(node: Node, refs: Refs) -> tuple[list[Call], int]:
-    """im2col, one GEMM per group into GEMM layout (channels, N*Ho*Wo), back to NCHW."""
+    """Per image: im2col into this thread's column matrix, then out[n] = w @ col per group
+    (written straight into NCHW: the GEMM's rows are the output channels)."""
     x, weight = node.inputs
-    kernel, col_shape, rows_shape = _conv_shapes(x.shape, weight.shape, node.output.shape)
-    col, rows = refs.new_scratch(col_shape, x.dtype), refs.new_scratch(rows_shape, x.dtype)
-    parallel = _conv_parallel(col_shape)
-    flops = _conv_flops(weight.shape, col_shape)
-    calls = [
-        _im2col(node, refs[x], col, kernel, parallel),
-        _gemm("grouped_gemm", [(refs[weight], 4), (col, 2), (rows, 2)], node.attrs["groups"], flops),
-        _call("from_gemm_layout", ["rows", "nchw"], [rows, refs[node.output]], parallel,
-              lambda w: _from_gemm_layout_body(w, parallel)),
-    ]
-    return calls, flops
+    n, c, kh, kw = x.shape[0], x.shape[1], weight.shape[2], weight.shape[3]
+    positions = node.output.shape[2] * node.output.shape[3]
+    col, threads = _scratch_per_chunk(refs, n, c * kh * kw, positions, x.dtype)
+    parallel = threads > 1
+
+    def body(w: Writer) -> None:
+        _batch(w, "x")
+        _group_rows(w, "w")
+        w.line("C, P = x.shape[1], out.shape[2] * out.shape[3]")
+        w.line("wm = w.reshape((O, K))")
+        w.line("outf = out.reshape((N, O, P))")
+        _image_chunks(w)
+        with w.block("for c in range(C):"):
+            w.line("plane(x[n, c], col, c * KH * KW)")
+        with w.block("for g in range(G):"):
+            w.line("np.dot(wm[g * og:(g + 1) * og], col[g * K:(g + 1) * K], outf[n, g * og:(g + 1) * og])")
+        _close(w, 2)
+
+    source = _conv_module("conv2d", ["x", "w", "out", "scratch", "G"], node, (kh, kw),
+                          _im2col_plane, "x, col, row0", body, parallel)
+    flops = _conv_flops(weight.shape, n * positions)
+    return [Call(source, "conv2d", (refs[x], refs[weight], refs[node.output], col,
+                                    node.attrs["groups"]), parallel=parallel)], flops
 
 
 def _conv2d_input_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
-    """dy to GEMM layout, dcol = w.T @ dy per group, col2im."""
+    """Per image: dcol = w.T @ dy[n] per group into this thread's column matrix, then col2im
+    into dx[n]."""
     dy, weight = node.inputs
-    kernel, col_shape, rows_shape = _conv_shapes(node.output.shape, weight.shape, dy.shape)
-    rows, dcol = refs.new_scratch(rows_shape, dy.dtype), refs.new_scratch(col_shape, dy.dtype)
-    parallel = _conv_parallel(col_shape)
-    flops = _conv_flops(weight.shape, col_shape)
-    calls = [
-        _call("to_gemm_layout", ["nchw", "rows"], [refs[dy], rows], parallel,
-              lambda w: _to_gemm_layout_body(w, parallel)),
-        _gemm("grouped_gemm_at", [(refs[weight], 4), (rows, 2), (dcol, 2)], node.attrs["groups"], flops,
-              transpose_a=True),
-        _col2im(node, dcol, refs[node.output], kernel, parallel),
-    ]
-    return calls, flops
+    n, c, kh, kw = dy.shape[0], node.output.shape[1], weight.shape[2], weight.shape[3]
+    positions = dy.shape[2] * dy.shape[3]
+    dcol, threads = _scratch_per_chunk(refs, n, c * kh * kw, positions, dy.dtype)
+    parallel = threads > 1
+
+    def body(w: Writer) -> None:
+        _batch(w, "dy")
+        _group_rows(w, "w")
+        w.line("C, P = dx.shape[1], dy.shape[2] * dy.shape[3]")
+        w.line("wm = w.reshape((O, K))")
+        w.line("dyf = dy.reshape((N, O, P))")
+        _image_chunks(w)
+        with w.block("for g in range(G):"):
+            w.line("np.dot(wm[g * og:(g + 1) * og].T, dyf[n, g * og:(g + 1) * og], col[g * K:(g + 1) * K])")
+        with w.block("for c in range(C):"):
+            w.line("plane(col, dx[n, c], c * KH * KW)")
+        _close(w, 2)
+
+    source = _conv_module("conv2d_input_grad", ["dy", "w", "dx", "scratch", "G"], node, (kh, kw),
+                          _col2im_plane, "dcol, dx, row0", body, parallel)
+    flops = _conv_flops(weight.shape, n * positions)
+    return [Call(source, "conv2d_input_grad", (refs[dy], refs[weight], refs[node.output], dcol,
+                                               node.attrs["groups"]), parallel=parallel)], flops
 
 
 def _conv2d_weight_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
-    """im2col of x, dy to GEMM layout, dw = dy @ col.T per group."""
+    """Per image: im2col of x[n], then dw += dy[n] @ col.T per group, each thread summing its
+    chunk into its own partial dw; the partials are added at the end."""
     x, dy = node.inputs
-    kernel, col_shape, rows_shape = _conv_shapes(x.shape, node.output.shape, dy.shape)
-    col, rows = refs.new_scratch(col_shape, x.dtype), refs.new_scratch(rows_shape, x.dtype)
-    parallel = _conv_parallel(col_shape)
-    flops = _conv_flops(node.output.shape, col_shape)
-    calls = [
-        _im2col(node, refs[x], col, kernel, parallel),
-        _call("to_gemm_layout", ["nchw", "rows"], [refs[dy], rows], parallel,
-              lambda w: _to_gemm_layout_body(w, parallel)),
-        _gemm("grouped_gemm_bt", [(rows, 2), (col, 2), (refs[node.output], 4)], node.attrs["groups"], flops,
-              transpose_b=True),
-    ]
-    return calls, flops
+    n, c, (o, cg, kh, kw) = x.shape[0], x.shape[1], node.output.shape
+    positions = dy.shape[2] * dy.shape[3]
+    col, threads = _scratch_per_chunk(refs, n, c * kh * kw, positions, x.dtype)
+    parallel = threads > 1
+    groups = node.attrs["groups"]
+    partial = refs.new_scratch((threads, o, cg * kh * kw), x.dtype)
+    product = refs.new_scratch((threads, o // groups, cg * kh * kw), x.dtype)
+
+    def body(w: Writer) -> None:
+        _batch(w, "x")
+        _group_rows(w, "dw")
+        w.line("C, P = x.shape[1], dy.shape[2] * dy.shape[3]")
+        w.line("dyf = dy.reshape((N, O, P))")
+        w.line("partial[:, :, :] = 0")
+        _image_chunks(w)
+        with w.block("for c in range(C):"):
+            w.line("plane(x[n, c], col, c * KH * KW)")
+        with w.block("for g in range(G):"):
+            w.line("np.dot(dyf[n, g * og:(g + 1) * og], col[g * K:(g + 1) * K].T, product[t])")
+            w.line("accumulate(partial[t, g * og:(g + 1) * og], product[t])")
+        _close(w, 2)
+        w.line("dwm = dw.reshape((O, K))")
+        w.line("dwm[:, :] = partial[0]")
+        with w.block("for t in range(1, T):"):
+            w.line("accumulate(dwm, partial[t])")
+
+    source = _conv_module("conv2d_weight_grad", ["x", "dy", "dw", "scratch", "partial", "product", "G"],
+                          node, (kh, kw), _im2col_plane, "x, col, row0", body, parallel,
+                          (_ACCUMULATE,))
+    flops = _conv_flops(node.output.shape, n * positions)
+    return [Call(source, "conv2d_weight_grad", (refs[x], refs[dy], refs[node.output], col, partial,
+                                                product, groups), parallel=parallel)], flops
 
 
-def _conv_flops(weight_shape: tuple[int, ...], col_shape: tuple[int, ...]) -> int:
-    """2 * (weights) * (output positions): every weight meets every column once."""
-    return 2 * size_of(weight_shape) * col_shape[1]
+_ACCUMULATE = '''@njit(fastmath=FASTMATH)
+def accumulate(total, part):
+    for i in range(total.shape[0]):
+        for j in range(total.shape[1]):
+            total[i, j] += part[i, j]
+'''
+
+
+def _conv_flops(weight_shape: tuple[int, ...], positions: int) -> int:
+    """2 * (weights) * (output positions of the batch): every weight meets every column once."""
+    return 2 * size_of(weight_shape) * positions
 
 
 # -- pooling --------------------------------------------------------------------------------------
