@@ -19,20 +19,22 @@ _MODULES = {
 }
 
 
+def _usable(name: str) -> bool:
+    try:
+        mod = importlib.import_module(_MODULES[name])
+    except ImportError:
+        return False
+    return getattr(mod, "is_available", lambda: True)()
+
+
 def available_backends() -> list[str]:
-    names = []
-    for name, module in _MODULES.items():
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        if getattr(mod, "is_available", lambda: True)():
-            names.append(name)
-    return names
+    return [name for name in _MODULES if _usable(name)]
 
 
 def default_backend() -> str:
-    return "numba-cpu" if "numba-cpu" in available_backends() else "reference"
+    """numba-cpu when it loads, else the reference (probing only those two: asking CUDA costs
+    most of a second)."""
+    return "numba-cpu" if _usable("numba-cpu") else "reference"
 
 
 def get_backend(name: str | None = None) -> Any:

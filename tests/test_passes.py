@@ -6,7 +6,8 @@ import numpy as np
 
 from graphc.backends.reference import evaluate
 from graphc.ir import Builder, TensorType
-from graphc.passes import CSE, DCE, SIMPLIFY, cse, dce, fold_constants, run_pipeline, simplify
+from graphc.passes import (CSE, DCE, SIMPLIFY, cse, dce, fold_constants, run_pipeline, simplify,
+                           transpose_products)
 
 F64 = "float64"
 
@@ -48,6 +49,32 @@ def test_identity_that_would_drop_a_broadcast_is_kept():
     g = simplify(graph_with(lambda b, x: b.add(x, b.full(0.0, TensorType((2, 3), F64)))))
     assert g.outputs[0][1].shape == (2, 3)
     np.testing.assert_array_equal(evaluate(g, [np.ones(3)])[0], np.ones((2, 3)))
+
+
+def product_graph(also_use_product: bool):
+    """transpose(a.T @ b), the shape autodiff gives the gradient of a weight stored (out, in)."""
+    b = Builder("g")
+    a, d = b.add_input(TensorType((4, 3), F64), "a"), b.add_input(TensorType((4, 5), F64), "d")
+    product = b.matmul(b.transpose(a, perm=(1, 0)), d)
+    b.add_output("grad", b.transpose(product, perm=(1, 0)))
+    if also_use_product:
+        b.add_output("product", product)
+    return b.graph
+
+
+def test_transpose_of_a_product_becomes_a_product_of_transposes():
+    g = product_graph(also_use_product=False)
+    rewritten = dce(transpose_products(g))
+    assert ops(rewritten) == ["transpose", "matmul"]  # d.T @ a: a's transpose cancelled
+    (matmul,) = [n for n in rewritten.nodes if n.op == "matmul"]
+    assert matmul.inputs[1] is rewritten.inputs[0].value
+    a, d = np.arange(12.0).reshape(4, 3), np.arange(20.0).reshape(4, 5) - 7
+    np.testing.assert_array_equal(evaluate(rewritten, [a, d])[0], evaluate(g, [a, d])[0])
+
+
+def test_a_product_read_elsewhere_is_not_transposed_twice():
+    g = product_graph(also_use_product=True)
+    assert dce(transpose_products(g)).op_counts().get("matmul") == 1
 
 
 def test_cse_merges_identical_nodes():

@@ -266,12 +266,29 @@ WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compil
 
 
 def _worker_count() -> int:
-    """$GRAPHC_COMPILE_WORKERS, else the cores idle over the last minute, this one aside."""
+    """$GRAPHC_COMPILE_WORKERS, else the idle cores, this process's own aside."""
     text = os.environ.get("GRAPHC_COMPILE_WORKERS")
     if text:
         return int(text)
     cores = os.cpu_count() or 1
-    return max(0, min(cores - 1, int(cores - os.getloadavg()[0]) - 1))
+    return max(0, min(cores - 1, round(_idle_cores(cores)) - 1))
+
+
+def _idle_cores(cores: int, interval: float = 0.05) -> float:
+    """Cores idle right now, from two samples of /proc/stat `interval` seconds apart. The load
+    average lags by a minute: just after another compile or benchmark finished it still counts
+    those cores as busy. Elsewhere, fall back to it."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return cores - os.getloadavg()[0]
+    return cores * (idle1 - idle0) / max(1, total1 - total0)
 
 
 class _Worker:
