@@ -13,7 +13,7 @@ from .executor import CompiledKernel, Executable, ProfileReport, compile_graph
 
 
 def _missing_dependency() -> str | None:
-    for module in ("numba", "scipy"):  # Numba's np.dot needs scipy's BLAS
+    for module in ("numba", "scipy"):  # the GEMMs call scipy's BLAS
         try:
             __import__(module)
         except ImportError:

@@ -1,4 +1,4 @@
-"""The BLAS that Numba's np.dot calls (scipy's OpenBLAS) runs single-threaded under graphc.
+"""The BLAS that graphc's kernels call (scipy's OpenBLAS) runs single-threaded under graphc.
 
 OpenBLAS synchronises its threads by spinning. When the cores are busy, whether with Numba's
 own OpenMP workers still spinning after a parallel loop or with other processes, a

@@ -86,8 +86,14 @@ def _graphc_version() -> str:
         return "unknown"
 
 
-VERSION_TAG = (f"graphc {_graphc_version()}; numba {numba.__version__}; "
-               f"llvmlite {llvmlite.__version__}; python {sys.version_info[:3]}")
+def _linked_helpers_digest() -> str:
+    """Kernels have gemm.gemm compiled into them: a change to it must not reuse their cache."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "gemm.py"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
+VERSION_TAG = (f"graphc {_graphc_version()} (gemm {_linked_helpers_digest()}); numba "
+               f"{numba.__version__}; llvmlite {llvmlite.__version__}; python {sys.version_info[:3]}")
 
 
 def cache_key(source: str) -> str:

@@ -92,6 +92,8 @@ class Writer:
 def module(name: str, body: Writer, helpers: list[str] = ()) -> str:
     """A complete kernel module: header, inlined helper functions, the entry function."""
     header = HEADER.format(name=name)
+    if any("gemm(" in text for text in [body.text(), *helpers]):
+        header += "from graphc.backends.numba_cpu.gemm import gemm\n"
     if any("FASTMATH" in text for text in [body.text(), *helpers]):
         header += f"\nFASTMATH = {{{', '.join(repr(f) for f in FASTMATH_FLAGS)}}}\n"
     parts = [header] + [h.rstrip() + "\n" for h in helpers] + [body.text()]

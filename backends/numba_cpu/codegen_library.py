@@ -9,8 +9,8 @@ The library functions depend only on what shapes their loops (window geometry, w
 are transposed, the dtype); sizes come from the arrays. Every layer with the same geometry, in
 every graph, shares one compiled function, which then comes from the disk cache.
 
-matmul is `np.dot` (scipy's BLAS, single-threaded: see blas.py): one GEMM, split into row
-blocks across threads when large, or one per batch element. conv2d and its gradients work
+matmul is a BLAS GEMM (gemm.py; single-threaded BLAS, see blas.py), split into row blocks
+across threads when large, or one per batch element. conv2d and its gradients work
 image by image, the batch split into one chunk per thread: an image's receptive fields are
 copied into the thread's (C*kh*kw, Ho*Wo) column matrix (im2col), which one GEMM per group
 then multiplies straight into NCHW. The column matrix stays in cache between the two (a whole
@@ -93,8 +93,8 @@ def _per_plane(entry: str, params: list[str], args: list[str], constants: dict[s
 # -- matmul ---------------------------------------------------------------------------------------
 def _matmul(node: Node, refs: Refs) -> tuple[list[Call], int]:
     """A plain product is one (row-blocked) GEMM; a batched one loops over the (broadcast) batch
-    index, one BLAS call per batch element, the outer batch axis in parallel when large.
-    Operands transposed by the prologue are read through `.T`: BLAS takes them as they are."""
+    index, one GEMM per batch element, the outer batch axis in parallel when large. Operands
+    transposed by the prologue are read as they are stored: BLAS takes a transpose flag."""
     x, y = node.inputs
     (a, a_t), (b, b_t) = refs.operand(x), refs.operand(y)
     out = node.output.shape
@@ -105,38 +105,53 @@ def _matmul(node: Node, refs: Refs) -> tuple[list[Call], int]:
     index = tuple(f"b{d}" for d in range(len(batch)))
     parallel = flops >= GEMM_PARALLEL_MIN_FLOPS and batch[0] > 1
 
-    def part(name: str, shape: tuple[int, ...], transposed: bool = False) -> str:
+    def part(name: str, shape: tuple[int, ...]) -> str:
         sub = broadcast_index(index, shape[:-2], batch)
-        return (f"{name}[{', '.join(sub)}]" if sub else name) + (".T" if transposed else "")
+        return f"{name}[{', '.join(sub)}]" if sub else name
 
     def body(w: Writer) -> None:
+        w.line(f"M, N, K = out.shape[-2], out.shape[-1], a.shape[{-2 if a_t else -1}]")
         for d, i in enumerate(index):
             w.line(loop_header(i, f"out.shape[{d}]", parallel and d == 0))
             w.depth += 1
-        w.line(f"np.dot({part('a', x.shape, a_t)}, {part('b', y.shape, b_t)}, {part('out', out)})")
+        w.line(f"av, bv, ov = {part('a', x.shape)}, {part('b', y.shape)}, {part('out', out)}")
+        w.line(_gemm_call(a_t, b_t, "M", "N", "K", "av", "0", "bv", "0", "0.0", "ov", "0"))
 
     call = _call("batched_matmul", ["a", "b", "out"], [a, b, refs[node.output]], parallel, body,
                  fastmath=False)
     return [call], flops
 
 
+def _gemm_call(transpose_a: bool, transpose_b: bool, m: str, n: str, k: str, a: str, a_at: str,
+               b: str, b_at: str, beta: str, c: str, c_at: str, lda: str | None = None,
+               ldb: str | None = None, ldc: str | None = None) -> str:
+    """Source of a gemm.gemm call; leading dimensions default to the stored rows' lengths (the
+    matrix's own columns: `a.shape[-1]` for a 2-D view)."""
+    lda = lda or f"{a}.shape[-1]"
+    ldb = ldb or f"{b}.shape[-1]"
+    ldc = ldc or f"{c}.shape[-1]"
+    return (f"gemm({transpose_a}, {transpose_b}, {m}, {n}, {k}, {a}, {a_at}, {lda}, "
+            f"{b}, {b_at}, {ldb}, {beta}, {c}, {c_at}, {ldc})")
+
+
 def _gemm_body(transpose_a: bool, transpose_b: bool, parallel: bool) -> Callable[[Writer], None]:
     """out = a @ b. The parallel variant splits out's rows into T blocks, one BLAS call each
-    (BLAS itself runs single-threaded: see blas.py)."""
+    (BLAS itself runs single-threaded: see blas.py); a block of a transposed operand's rows is
+    a block of its stored columns, at offset lo."""
     def body(w: Writer) -> None:
-        b = "b.T" if transpose_b else "b"
+        w.line(f"M, N, K = out.shape[0], out.shape[1], a.shape[{0 if transpose_a else 1}]")
         if not parallel:
-            w.line(f"np.dot({'a.T' if transpose_a else 'a'}, {b}, out)")
+            w.line(_gemm_call(transpose_a, transpose_b, "M", "N", "K", "a", "0", "b", "0", "0.0", "out", "0"))
             return
-        w.line("rows = out.shape[0]")
-        w.line("blocks = max(1, min(T, rows))")
-        w.line("step = -(-rows // blocks)")
-        a = "np.ascontiguousarray(a[:, lo:hi].T)" if transpose_a else "a[lo:hi]"
+        w.line("blocks = max(1, min(T, M))")
+        w.line("step = -(-M // blocks)")
         with w.block("for task in prange(blocks):"):
             w.line("lo = task * step")
-            w.line("hi = min(rows, lo + step)")
+            w.line("hi = min(M, lo + step)")
             with w.block("if lo < hi:"):
-                w.line(f"np.dot({a}, {b}, out[lo:hi])")
+                a_at = "lo" if transpose_a else "lo * a.shape[1]"
+                w.line(_gemm_call(transpose_a, transpose_b, "hi - lo", "N", "K", "a", a_at, "b", "0",
+                                  "0.0", "out", "lo * N"))
     return body
 
 
@@ -227,7 +242,7 @@ def _col2im_plane(w: Writer) -> None:
 
 def _conv_module(entry: str, params: list[str], node: Node, kernel: tuple[int, int],
                  plane_body: Callable[[Writer], None], plane_params: str,
-                 body: Callable[[Writer], None], parallel: bool, helpers: tuple[str, ...] = ()) -> str:
+                 body: Callable[[Writer], None], parallel: bool) -> str:
     """A conv module: the window geometry as constants, the serial per-plane helper (im2col or
     col2im), and the entry, which loops over the batch in T chunks (`prange` over chunks)."""
     geometry = "\n".join(f"{k} = {v}" for k, v in _conv_geometry(node, kernel).items())
@@ -239,7 +254,7 @@ def _conv_module(entry: str, params: list[str], node: Node, kernel: tuple[int, i
     w.line(decorator(parallel, fastmath=False))
     with w.block(f"def {entry}({', '.join(params)}):"):
         body(w)
-    return module(entry, w, [geometry, helper.text(), *helpers])
+    return module(entry, w, [geometry, helper.text()])
 
 
 def _batch(w: Writer, images: str) -> None:
@@ -291,13 +306,12 @@ def _conv2d(node: Node, refs: Refs) -> tuple[list[Call], int]:
         _batch(w, "x")
         _group_rows(w, "w")
         w.line("C, P = x.shape[1], out.shape[2] * out.shape[3]")
-        w.line("wm = w.reshape((O, K))")
-        w.line("outf = out.reshape((N, O, P))")
         _image_chunks(w)
         with w.block("for c in range(C):"):
             w.line("plane(x[n, c], col, c * KH * KW)")
         with w.block("for g in range(G):"):
-            w.line("np.dot(wm[g * og:(g + 1) * og], col[g * K:(g + 1) * K], outf[n, g * og:(g + 1) * og])")
+            w.line(_gemm_call(False, False, "og", "P", "K", "w", "g * og * K", "col", "g * K * P", "0.0",
+                              "out", "(n * O + g * og) * P", "K", "P", "P"))
         _close(w, 2)
 
     source = _conv_module("conv2d", ["x", "w", "out", "scratch", "G"], node, (kh, kw),
@@ -320,11 +334,10 @@ def _conv2d_input_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
         _batch(w, "dy")
         _group_rows(w, "w")
         w.line("C, P = dx.shape[1], dy.shape[2] * dy.shape[3]")
-        w.line("wm = w.reshape((O, K))")
-        w.line("dyf = dy.reshape((N, O, P))")
         _image_chunks(w)
         with w.block("for g in range(G):"):
-            w.line("np.dot(wm[g * og:(g + 1) * og].T, dyf[n, g * og:(g + 1) * og], col[g * K:(g + 1) * K])")
+            w.line(_gemm_call(True, False, "K", "P", "og", "w", "g * og * K", "dy", "(n * O + g * og) * P",
+                              "0.0", "col", "g * K * P", "K", "P", "P"))
         with w.block("for c in range(C):"):
             w.line("plane(col, dx[n, c], c * KH * KW)")
         _close(w, 2)
@@ -337,49 +350,39 @@ def _conv2d_input_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
 
 
 def _conv2d_weight_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
-    """Per image: im2col of x[n], then dw += dy[n] @ col.T per group, each thread summing its
-    chunk into its own partial dw; the partials are added at the end."""
+    """Per image: im2col of x[n], then dw += dy[n] @ col.T per group, each thread accumulating
+    its chunk into its own partial dw (BLAS's beta = 1); the partials are added at the end."""
     x, dy = node.inputs
     n, c, (o, cg, kh, kw) = x.shape[0], x.shape[1], node.output.shape
     positions = dy.shape[2] * dy.shape[3]
     col, threads = _scratch_per_chunk(refs, n, c * kh * kw, positions, x.dtype)
     parallel = threads > 1
-    groups = node.attrs["groups"]
     partial = refs.new_scratch((threads, o, cg * kh * kw), x.dtype)
-    product = refs.new_scratch((threads, o // groups, cg * kh * kw), x.dtype)
 
     def body(w: Writer) -> None:
         _batch(w, "x")
         _group_rows(w, "dw")
         w.line("C, P = x.shape[1], dy.shape[2] * dy.shape[3]")
-        w.line("dyf = dy.reshape((N, O, P))")
         w.line("partial[:, :, :] = 0")
         _image_chunks(w)
         with w.block("for c in range(C):"):
             w.line("plane(x[n, c], col, c * KH * KW)")
         with w.block("for g in range(G):"):
-            w.line("np.dot(dyf[n, g * og:(g + 1) * og], col[g * K:(g + 1) * K].T, product[t])")
-            w.line("accumulate(partial[t, g * og:(g + 1) * og], product[t])")
+            w.line(_gemm_call(False, True, "og", "K", "P", "dy", "(n * O + g * og) * P", "col", "g * K * P",
+                              "1.0", "partial", "(t * O + g * og) * K", "P", "P", "K"))
         _close(w, 2)
         w.line("dwm = dw.reshape((O, K))")
-        w.line("dwm[:, :] = partial[0]")
-        with w.block("for t in range(1, T):"):
-            w.line("accumulate(dwm, partial[t])")
+        with w.block("for o in range(O):"), w.block("for j in range(K):"):
+            w.line("total = partial[0, o, j]")
+            with w.block("for t in range(1, T):"):
+                w.line("total += partial[t, o, j]")
+            w.line("dwm[o, j] = total")
 
-    source = _conv_module("conv2d_weight_grad", ["x", "dy", "dw", "scratch", "partial", "product", "G"],
-                          node, (kh, kw), _im2col_plane, "x, col, row0", body, parallel,
-                          (_ACCUMULATE,))
+    source = _conv_module("conv2d_weight_grad", ["x", "dy", "dw", "scratch", "partial", "G"],
+                          node, (kh, kw), _im2col_plane, "x, col, row0", body, parallel)
     flops = _conv_flops(node.output.shape, n * positions)
     return [Call(source, "conv2d_weight_grad", (refs[x], refs[dy], refs[node.output], col, partial,
-                                                product, groups), parallel=parallel)], flops
-
-
-_ACCUMULATE = '''@njit(fastmath=FASTMATH)
-def accumulate(total, part):
-    for i in range(total.shape[0]):
-        for j in range(total.shape[1]):
-            total[i, j] += part[i, j]
-'''
+                                                node.attrs["groups"]), parallel=parallel)], flops
 
 
 def _conv_flops(weight_shape: tuple[int, ...], positions: int) -> int:
