@@ -29,18 +29,18 @@ def plane(x, col, row0):
             hi = max(lo, min(OW, (W - 1 - start) // SW + 1))
             for oh in range(OH):
                 ih = oh * SH - PH + i * DH
-                at = oh * OW
+                out = dst[oh * OW:(oh + 1) * OW]
                 if ih < 0 or ih >= H:
-                    for ow in range(OW):
-                        dst[at + ow] = 0
+                    for q in range(OW):
+                        out[q] = 0
                     continue
-                src = x[ih]
-                for ow in range(lo):
-                    dst[at + ow] = 0
-                for ow in range(lo, hi):
-                    dst[at + ow] = src[ow * SW + start]
-                for ow in range(hi, OW):
-                    dst[at + ow] = 0
+                for q in range(lo):
+                    out[q] = 0
+                src, inside = x[ih, lo * SW + start:], out[lo:hi]
+                for q in range(hi - lo):
+                    inside[q] = src[q * SW]
+                for q in range(hi, OW):
+                    out[q] = 0
 
 
 @njit(parallel=False, cache=True)
