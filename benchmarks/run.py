@@ -92,9 +92,17 @@ def main() -> None:
     for workload in args.workloads:
         g = results.get(("graphc", workload), [{}])[-1]
         if "arena_bytes" in g:
+            total = (g["arena_bytes"] + g["state_bytes"]) / 2**20
             print(f"\ngraphc {workload}: arena {g['arena_bytes'] / 2**20:.1f} MiB (naive sum of "
                   f"intermediates {g['naive_bytes'] / 2**20:.1f} MiB) + parameters and optimizer state "
-                  f"{g['state_bytes'] / 2**20:.1f} MiB")
+                  f"{g['state_bytes'] / 2**20:.1f} MiB = {total:.1f} MiB")
+        for system in systems:
+            peaks = [r["training_peak_kib"] for r in results.get((system, workload), [])
+                     if r.get("training_peak_kib") is not None]
+            if peaks:
+                print(f"{system} {workload}: RSS growth from before the model was built to the step "
+                      f"peak {statistics.median(peaks) / 1024:.1f} MiB"
+                      + (" (with Numba/LLVM loading the cached kernels)" if system == "graphc" else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cold": cold, "runs": {f"{s}/{w}": v for (s, w), v in results.items()}}, f, indent=1)
