@@ -294,84 +294,95 @@ def _scratch_per_chunk(refs: Refs, images: int, rows: int, positions: int,
     return refs.new_scratch((threads, rows, positions), dtype), threads
 
 
+def _per_image_conv(entry: str, node: Node, refs: Refs, operands: dict[str, Value], images: str,
+                    weight: Value, columns: tuple[int, int], sizes: str,
+                    plane: tuple[Callable[[Writer], None], str], steps: Callable[[Writer], None],
+                    finish: Callable[[Writer], None] | None = None) -> tuple[list[Call], int]:
+    """A conv op as one function over image chunks (see `_image_chunks`). `operands` maps its
+    array parameters to values, `images` names the batched one; `columns` is (channels,
+    positions) of the column matrix, `sizes` the source binding C and P; `steps` writes the body
+    run for image n, `plane` is the per-plane helper (body, parameters). With `finish` (run after
+    the image loops), each thread also gets its own (O, K) accumulator, scratch `partial`."""
+    n = operands[images].shape[0]
+    (kh, kw), (channels, positions) = weight.shape[2:], columns
+    dtype = weight.dtype
+    col, threads = _scratch_per_chunk(refs, n, channels * kh * kw, positions, dtype)
+    params, args = list(operands) + ["scratch"], [refs[v] for v in operands.values()] + [col]
+    if finish is not None:
+        params.append("partial")
+        args.append(refs.new_scratch((threads, weight.shape[0], size_of(weight.shape[1:])), dtype))
+
+    def body(w: Writer) -> None:
+        _batch(w, images)
+        _group_rows(w, "w" if "w" in operands else "dw")
+        w.line(f"C, P = {sizes}")
+        if finish is not None:
+            w.line("partial[:, :, :] = 0")
+        _image_chunks(w)
+        steps(w)
+        _close(w, 2)
+        if finish is not None:
+            finish(w)
+
+    source = _conv_module(entry, params + ["G"], node, (kh, kw), plane[0], plane[1], body,
+                          threads > 1)
+    flops = _conv_flops(weight.shape, n * positions)
+    return [Call(source, entry, tuple(args) + (node.attrs["groups"],), parallel=threads > 1)], flops
+
+
+def _plane_size(shape: tuple[int, ...]) -> int:
+    return shape[2] * shape[3]
+
+
 def _conv2d(node: Node, refs: Refs) -> tuple[list[Call], int]:
     """Per image: im2col into this thread's column matrix, then out[n] = w @ col per group
     (written straight into NCHW: the GEMM's rows are the output channels)."""
     x, weight = node.inputs
-    n, c, kh, kw = x.shape[0], x.shape[1], weight.shape[2], weight.shape[3]
-    positions = node.output.shape[2] * node.output.shape[3]
-    col, threads = _scratch_per_chunk(refs, n, c * kh * kw, positions, x.dtype)
-    parallel = threads > 1
 
-    def body(w: Writer) -> None:
-        _batch(w, "x")
-        _group_rows(w, "w")
-        w.line("C, P = x.shape[1], out.shape[2] * out.shape[3]")
-        _image_chunks(w)
+    def steps(w: Writer) -> None:
         with w.block("for c in range(C):"):
             w.line("plane(x[n, c], col, c * KH * KW)")
         with w.block("for g in range(G):"):
             w.line(_gemm_call(False, False, "og", "P", "K", "w", "g * og * K", "col", "g * K * P", "0.0",
                               "out", "(n * O + g * og) * P", "K", "P", "P"))
-        _close(w, 2)
 
-    source = _conv_module("conv2d", ["x", "w", "out", "scratch", "G"], node, (kh, kw),
-                          _im2col_plane, "x, col, row0", body, parallel)
-    flops = _conv_flops(weight.shape, n * positions)
-    return [Call(source, "conv2d", (refs[x], refs[weight], refs[node.output], col,
-                                    node.attrs["groups"]), parallel=parallel)], flops
+    return _per_image_conv("conv2d", node, refs, {"x": x, "w": weight, "out": node.output}, "x",
+                           weight, (x.shape[1], _plane_size(node.output.shape)),
+                           "x.shape[1], out.shape[2] * out.shape[3]",
+                           (_im2col_plane, "x, col, row0"), steps)
 
 
 def _conv2d_input_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
     """Per image: dcol = w.T @ dy[n] per group into this thread's column matrix, then col2im
     into dx[n]."""
     dy, weight = node.inputs
-    n, c, kh, kw = dy.shape[0], node.output.shape[1], weight.shape[2], weight.shape[3]
-    positions = dy.shape[2] * dy.shape[3]
-    dcol, threads = _scratch_per_chunk(refs, n, c * kh * kw, positions, dy.dtype)
-    parallel = threads > 1
 
-    def body(w: Writer) -> None:
-        _batch(w, "dy")
-        _group_rows(w, "w")
-        w.line("C, P = dx.shape[1], dy.shape[2] * dy.shape[3]")
-        _image_chunks(w)
+    def steps(w: Writer) -> None:
         with w.block("for g in range(G):"):
             w.line(_gemm_call(True, False, "K", "P", "og", "w", "g * og * K", "dy", "(n * O + g * og) * P",
                               "0.0", "col", "g * K * P", "K", "P", "P"))
         with w.block("for c in range(C):"):
             w.line("plane(col, dx[n, c], c * KH * KW)")
-        _close(w, 2)
 
-    source = _conv_module("conv2d_input_grad", ["dy", "w", "dx", "scratch", "G"], node, (kh, kw),
-                          _col2im_plane, "dcol, dx, row0", body, parallel)
-    flops = _conv_flops(weight.shape, n * positions)
-    return [Call(source, "conv2d_input_grad", (refs[dy], refs[weight], refs[node.output], dcol,
-                                               node.attrs["groups"]), parallel=parallel)], flops
+    return _per_image_conv("conv2d_input_grad", node, refs, {"dy": dy, "w": weight, "dx": node.output},
+                           "dy", weight, (node.output.shape[1], _plane_size(dy.shape)),
+                           "dx.shape[1], dy.shape[2] * dy.shape[3]",
+                           (_col2im_plane, "dcol, dx, row0"), steps)
 
 
 def _conv2d_weight_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
     """Per image: im2col of x[n], then dw += dy[n] @ col.T per group, each thread accumulating
     its chunk into its own partial dw (BLAS's beta = 1); the partials are added at the end."""
     x, dy = node.inputs
-    n, c, (o, cg, kh, kw) = x.shape[0], x.shape[1], node.output.shape
-    positions = dy.shape[2] * dy.shape[3]
-    col, threads = _scratch_per_chunk(refs, n, c * kh * kw, positions, x.dtype)
-    parallel = threads > 1
-    partial = refs.new_scratch((threads, o, cg * kh * kw), x.dtype)
 
-    def body(w: Writer) -> None:
-        _batch(w, "x")
-        _group_rows(w, "dw")
-        w.line("C, P = x.shape[1], dy.shape[2] * dy.shape[3]")
-        w.line("partial[:, :, :] = 0")
-        _image_chunks(w)
+    def steps(w: Writer) -> None:
         with w.block("for c in range(C):"):
             w.line("plane(x[n, c], col, c * KH * KW)")
         with w.block("for g in range(G):"):
             w.line(_gemm_call(False, True, "og", "K", "P", "dy", "(n * O + g * og) * P", "col", "g * K * P",
                               "1.0", "partial", "(t * O + g * og) * K", "P", "P", "K"))
-        _close(w, 2)
+
+    def add_partials(w: Writer) -> None:
         w.line("dwm = dw.reshape((O, K))")
         with w.block("for o in range(O):"), w.block("for j in range(K):"):
             w.line("total = partial[0, o, j]")
@@ -379,11 +390,10 @@ def _conv2d_weight_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
                 w.line("total += partial[t, o, j]")
             w.line("dwm[o, j] = total")
 
-    source = _conv_module("conv2d_weight_grad", ["x", "dy", "dw", "scratch", "partial", "G"],
-                          node, (kh, kw), _im2col_plane, "x, col, row0", body, parallel)
-    flops = _conv_flops(node.output.shape, n * positions)
-    return [Call(source, "conv2d_weight_grad", (refs[x], refs[dy], refs[node.output], col, partial,
-                                                node.attrs["groups"]), parallel=parallel)], flops
+    return _per_image_conv("conv2d_weight_grad", node, refs, {"x": x, "dy": dy, "dw": node.output},
+                           "x", node.output, (x.shape[1], _plane_size(dy.shape)),
+                           "x.shape[1], dy.shape[2] * dy.shape[3]", (_im2col_plane, "x, col, row0"),
+                           steps, add_partials)
 
 
 def _conv_flops(weight_shape: tuple[int, ...], positions: int) -> int:
