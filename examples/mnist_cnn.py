@@ -11,7 +11,6 @@ import argparse
 import os
 import time
 
-import numpy as np
 
 import graphc as gc
 import graphc.nn.functional as F
@@ -20,23 +19,11 @@ from graphc.models import mnist_cnn
 from graphc.train import evaluate, fit
 
 
-def load_dataset(directory: str | None) -> tuple[str, tuple, tuple]:
-    found = data.find_mnist(directory)
-    if found:
-        x, y = data.mnist_arrays(found)
-        return f"MNIST ({found})", (x[data.MNIST_TRAIN], y[data.MNIST_TRAIN]), (
-            x[data.MNIST_EVAL], y[data.MNIST_EVAL])
-    images, labels = data.load_digits()
-    x = ((images - images.mean()) / images.std())[:, None].astype(np.float32)
-    split = int(len(x) * 0.8)
-    return "scikit-learn digits (8x8)", (x[:split], labels[:split]), (x[split:], labels[split:])
-
-
 def train(data_dir: str | None = None, epochs: int = 5, seed: int = 0, batch_size: int = 64,
           backend: str | None = None, limit: int | None = None, progress: bool = True,
           dot_path: str | None = None) -> dict:
     """Train and evaluate; returns the history, final metrics and timings."""
-    name, (x_train, y_train), (x_eval, y_eval) = load_dataset(data_dir)
+    name, (x_train, y_train), (x_eval, y_eval) = data.mnist_or_digits(data_dir)
     if limit:
         x_train, y_train = x_train[:limit], y_train[:limit]
     print(f"data: {name}: {len(x_train)} training and {len(x_eval)} evaluation images")

@@ -14,24 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 from graphc import distributed
 from graphc.train import History
-
-
-def load_dataset(directory: str | None, digits: bool) -> tuple[str, tuple, tuple]:
-    from graphc import data
-
-    found = None if digits else data.find_mnist(directory)
-    if found:
-        x, y = data.mnist_arrays(found)
-        return f"MNIST ({found})", (x[data.MNIST_TRAIN], y[data.MNIST_TRAIN]), (
-            x[data.MNIST_EVAL], y[data.MNIST_EVAL])
-    images, labels = data.load_digits()
-    x = ((images - images.mean()) / images.std())[:, None].astype(np.float32)
-    split = int(len(x) * 0.8)
-    return "scikit-learn digits (8x8)", (x[:split], labels[:split]), (x[split:], labels[split:])
 
 
 def train(args: argparse.Namespace, world: distributed.World) -> History:
@@ -40,7 +24,7 @@ def train(args: argparse.Namespace, world: distributed.World) -> History:
     from graphc import data, optim
     from graphc.models import mnist_cnn
 
-    name, (x_train, y_train), (x_eval, y_eval) = load_dataset(args.data, args.digits)
+    name, (x_train, y_train), (x_eval, y_eval) = data.mnist_or_digits(args.data, args.digits)
     if args.limit:
         x_train, y_train = x_train[:args.limit], y_train[:args.limit]
     gc.manual_seed(args.seed)

@@ -197,6 +197,23 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     return images, digits.target.astype(np.int64)
 
 
+def mnist_or_digits(directory: str | os.PathLike | None = None, digits: bool = False
+                    ) -> tuple[str, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """A digit-classification split for examples and benchmarks: MNIST's training and evaluation
+    images (MNIST_TRAIN, MNIST_EVAL) when `find_mnist(directory)` finds the files, else (or
+    with `digits`) scikit-learn's 8x8 digits, standardised and split 80/20. Returns (a
+    description of the data, (x, y) to train on, (x, y) to evaluate on): images float32
+    (N, 1, H, W), labels int64."""
+    found = None if digits else find_mnist(directory)
+    if found:
+        x, y = mnist_arrays(found)
+        return f"MNIST ({found})", (x[MNIST_TRAIN], y[MNIST_TRAIN]), (x[MNIST_EVAL], y[MNIST_EVAL])
+    images, labels = load_digits()
+    x = ((images - images.mean()) / images.std())[:, None].astype(np.float32)
+    split = int(len(x) * 0.8)
+    return "scikit-learn digits (8x8)", (x[:split], labels[:split]), (x[split:], labels[split:])
+
+
 # --------------------------------------------------------------------------- datasets
 
 @runtime_checkable

@@ -39,13 +39,14 @@ from graphc.ir.errors import GraphcError
 from graphc.passes import SIMPLIFY, autodiff, run_pipeline
 
 from .api import _inline, jit, user_facing
-from .compile import TrainStep, _add_inputs, _batch_arrays, _Compiled, compile
+from .compile import TrainStep, _add_inputs, _batch_arrays, _Compiled
 from .data import Batch, DataLoader, Dataset, Subset, Transform
 from .functions import concatenate
 from .nn.module import Module
 from .optim import Optimizer, clip_by_global_norm
 from .tensor import Tensor, tracing
-from .train import EarlyStopping, History, load_checkpoint, save_checkpoint, training_state
+from .train import (EarlyStopping, History, _close_epoch, _finish, _Validation, load_checkpoint,
+                    save_checkpoint, training_state)
 
 TIMEOUT_ENV = "GRAPHC_DDP_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0
@@ -503,7 +504,7 @@ def fit(step: DataParallelStep, train_loader: DistributedLoader, epochs: int = 1
     if resume_from_checkpoint and checkpoint_path is not None and resume(step, checkpoint_path):
         first_epoch = int(step.step_count) // max(len(train_loader), 1) + 1
     history = History()
-    evaluator = None
+    validation = _Validation(step, val_loader, evaluate)
     for epoch in range(first_epoch, epochs + 1):
         train_loader.set_epoch(epoch)
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", leave=True,
@@ -516,27 +517,17 @@ def fit(step: DataParallelStep, train_loader: DistributedLoader, epochs: int = 1
             total, seen = total + loss * len(batch[-1]), seen + len(batch[-1])
             bar.set_postfix(loss=f"{loss:.4f}")
         logs = {"epoch": epoch, "loss": total / max(seen, 1),
-                "samples_per_s": seen * world.size / (time.perf_counter() - start)}
-        if val_loader is not None:
-            if evaluator is None:
-                example = next(iter(val_loader))
-                evaluator = compile(step.model, tuple(example[:-1]), backend=step.backend)
-            logs.update({f"val_{k}": v for k, v in evaluate(evaluator, step.loss_fn, val_loader).items()})
-        if scheduler is not None:
-            scheduler.step()
-        history.epochs.append(logs)
-        if world.is_root:
-            if on_epoch_end is not None:
+                "samples_per_s": seen * world.size / (time.perf_counter() - start),
+                **validation.logs()}
+
+        def announce() -> None:
+            if world.is_root and on_epoch_end is not None:
                 on_epoch_end(epoch, logs)
-            if checkpoint_path is not None:
+            if world.is_root and checkpoint_path is not None:
                 save_checkpoint(checkpoint_path, step)
-        if early_stopping is not None and early_stopping.update(epoch, logs, step):
-            history.stopped_early = True
+        if _close_epoch(step, epoch, logs, history, scheduler, early_stopping, announce):
             break
-    if early_stopping is not None:
-        history.best_epoch = early_stopping.best_epoch
-        if early_stopping.restore_best_weights:
-            early_stopping.restore(step)
+    _finish(step, history, early_stopping)
     return history
 
 

@@ -168,6 +168,48 @@ class History:
         return [e[key] for e in self.epochs if key in e]
 
 
+class _Validation:
+    """The validation logs of each epoch: `evaluate_fn` over `loader` with the model compiled
+    for inference (on the first validation batch, once)."""
+
+    SCALARS = ("loss", "accuracy", "precision", "recall", "f1")
+
+    def __init__(self, step: TrainStep, loader: Iterable | None, evaluate_fn: Callable[..., dict]) -> None:
+        self.step, self.loader, self.evaluate_fn = step, loader, evaluate_fn
+        self.model: CompiledModel | None = None
+
+    def logs(self) -> dict[str, float]:
+        if self.loader is None:
+            return {}
+        if self.model is None:
+            first = next(iter(self.loader))
+            self.model = compile(self.step.model, tuple(first[:-1]), backend=self.step.backend)
+        result = self.evaluate_fn(self.model, self.step.loss_fn, self.loader)
+        return {f"val_{k}": float(v) for k, v in result.items() if k in self.SCALARS}
+
+
+def _close_epoch(step: TrainStep, epoch: int, logs: dict[str, float], history: History,
+                 scheduler: Any, early_stopping: EarlyStopping | None,
+                 announce: Callable[[], None]) -> bool:
+    """The end of an epoch in every fit loop: step the learning-rate schedule, record `logs`,
+    `announce` them (callbacks, checkpoint), then ask early stopping. True: stop training."""
+    if scheduler is not None:
+        scheduler.step()
+    history.epochs.append(logs)
+    announce()
+    if early_stopping is not None and early_stopping.update(epoch, logs, step):
+        history.stopped_early = True
+        return True
+    return False
+
+
+def _finish(step: TrainStep, history: History, early_stopping: EarlyStopping | None) -> None:
+    if early_stopping is not None:
+        history.best_epoch = early_stopping.best_epoch
+        if early_stopping.restore_best_weights:
+            early_stopping.restore(step)
+
+
 def fit(step: TrainStep, train_loader: Iterable, epochs: int = 1, val_loader: Iterable | None = None,
         early_stopping: EarlyStopping | None = None, checkpoint_path: str | None = None,
         log_dir: str | None = None, progress: bool = True, scheduler: Any = None,
@@ -183,7 +225,7 @@ def fit(step: TrainStep, train_loader: Iterable, epochs: int = 1, val_loader: It
         check_numerics = os.environ.get("GRAPHC_CHECK_NUMERICS", "") not in ("", "0")
     writer = _tensorboard(log_dir)
     history = History()
-    evaluator: CompiledModel | None = None
+    validation = _Validation(step, val_loader, evaluate)
     global_step = 0
     for epoch in range(1, epochs + 1):
         # One iter() per epoch: a DataLoader draws its next shuffle on each call.
@@ -203,32 +245,20 @@ def fit(step: TrainStep, train_loader: Iterable, epochs: int = 1, val_loader: It
                 writer.add_scalar("train/loss", loss, global_step)
             bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{seen / (time.perf_counter() - start):.0f}")
         logs = {"epoch": epoch, "loss": total / max(seen, 1),
-                "samples_per_s": seen / (time.perf_counter() - start)}
-        if val_loader is not None:
-            if evaluator is None:
-                first = next(iter(val_loader))
-                evaluator = compile(step.model, tuple(first[:-1]), backend=step.backend)
-            result = evaluate(evaluator, step.loss_fn, val_loader)
-            logs.update({f"val_{k}": float(v) for k, v in result.items()
-                         if k in ("loss", "accuracy", "precision", "recall", "f1")})
-        if scheduler is not None:
-            scheduler.step()
-        history.epochs.append(logs)
-        if writer is not None:
-            for key, value in logs.items():
-                if key != "epoch":
-                    writer.add_scalar(f"epoch/{key}", value, epoch)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, logs)
-        if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, step)
-        if early_stopping is not None and early_stopping.update(epoch, logs, step):
-            history.stopped_early = True
+                "samples_per_s": seen / (time.perf_counter() - start), **validation.logs()}
+
+        def announce() -> None:
+            if writer is not None:
+                for key, value in logs.items():
+                    if key != "epoch":
+                        writer.add_scalar(f"epoch/{key}", value, epoch)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, logs)
+            if checkpoint_path is not None:
+                save_checkpoint(checkpoint_path, step)
+        if _close_epoch(step, epoch, logs, history, scheduler, early_stopping, announce):
             break
-    if early_stopping is not None:
-        history.best_epoch = early_stopping.best_epoch
-        if early_stopping.restore_best_weights:
-            early_stopping.restore(step)
+    _finish(step, history, early_stopping)
     if writer is not None:
         writer.close()
     return history

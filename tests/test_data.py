@@ -9,7 +9,7 @@ import pytest
 
 from graphc.data import (MNIST_EVAL, MNIST_TRAIN, Compose, DataLoader, Dataset, DatasetError,
                          Normalize, Subset, TensorDataset, find_mnist, load_digits, load_mnist,
-                         mnist_arrays, one_hot, read_idx, to_float)
+                         mnist_arrays, mnist_or_digits, one_hot, read_idx, to_float)
 from graphc.ir.errors import GraphcError
 
 # Written here, independently of the reader: type code and big-endian dtype per the format.
@@ -237,6 +237,24 @@ def test_load_digits_fallback():
     assert labels.shape == (1797,) and labels.dtype == np.int64
     assert images.min() == 0.0 and images.max() == 1.0
     assert set(labels.tolist()) == set(range(10))
+
+
+def test_mnist_or_digits_falls_back_to_standardised_digits():
+    pytest.importorskip("sklearn")
+    name, (x, y), (xe, ye) = mnist_or_digits(digits=True)
+    assert name.startswith("scikit-learn digits")
+    assert x.shape == (1437, 1, 8, 8) and xe.shape == (360, 1, 8, 8) and x.dtype == np.float32
+    assert y.dtype == ye.dtype == np.int64 and len(y) == 1437 and len(ye) == 360
+    together = np.concatenate([x, xe])
+    assert abs(together.mean()) < 1e-5 and abs(together.std() - 1) < 1e-4
+
+
+def test_mnist_or_digits_uses_the_mnist_split_when_found(mnist_dir):
+    name, (x, y), (xe, ye) = mnist_or_digits(mnist_dir)
+    assert name.startswith("MNIST")
+    everything, labels = mnist_arrays(mnist_dir)
+    np.testing.assert_array_equal(x, everything[MNIST_TRAIN])
+    np.testing.assert_array_equal(ye, labels[MNIST_EVAL])
 
 
 # --------------------------------------------------------------------------- datasets
