@@ -65,60 +65,75 @@ class _Reduction:
         return "arg" if self.op == "argmax" else "acc"
 
 
-def generate_reduction(kernel: Node) -> KernelSource:
-    sub = kernel.subgraph
-    members = members_of(sub)
-    anchor_at = next(i for i, m in enumerate(members) if m.op in REDUCTION_OPS)
-    body, anchor, epilogue = members[:anchor_at], members[anchor_at], members[anchor_at + 1:]
-    reduction = _Reduction(anchor)
-    shape = anchor.inputs[0].shape
-    rank = len(shape)
-    keepdims = anchor.attrs["keepdims"]
-    kept = [d for d in range(rank) if d not in reduction.axes]
+class ReductionKernel:
+    """A fused reduction kernel taken apart, for any backend's generator: the body (producers,
+    evaluated at every element of the reduced operand), the anchor reduction, the epilogue
+    (consumers, evaluated once per output element), the index names, and the statements that
+    accumulate one element and finish one output element."""
 
-    arrays = argument_names(sub)
-    emitter = PointwiseEmitter(sub, arrays)
-    index = tuple(f"i{d}" for d in range(rank))
-    dims = tuple(f"n{d}" for d in range(rank))
-    full = Domain(index, dims)
-    if keepdims:
-        reduced = Domain(tuple("0" if d in reduction.axes else index[d] for d in range(rank)),
-                         tuple("1" if d in reduction.axes else dims[d] for d in range(rank)))
-    else:
-        reduced = Domain(tuple(index[d] for d in kept), tuple(dims[d] for d in kept))
-    outputs = {v: arrays[v] for v in sub.output_values}
-    body_outputs = [v for v in outputs if v.producer in body]
+    def __init__(self, kernel: Node) -> None:
+        self.sub = sub = kernel.subgraph
+        members = members_of(sub)
+        at = next(i for i, m in enumerate(members) if m.op in REDUCTION_OPS)
+        self.body, self.anchor, self.epilogue = members[:at], members[at], members[at + 1:]
+        self.reduction = reduction = _Reduction(self.anchor)
+        self.shape = shape = self.anchor.inputs[0].shape
+        rank = len(shape)
+        self.kept = [d for d in range(rank) if d not in reduction.axes]
+        self.arrays = argument_names(sub)
+        self.emitter = PointwiseEmitter(sub, self.arrays)
+        self.index = index = tuple(f"i{d}" for d in range(rank))
+        self.dims = dims = tuple(f"n{d}" for d in range(rank))
+        self.full = Domain(index, dims)
+        if self.anchor.attrs["keepdims"]:
+            self.reduced = Domain(tuple("0" if d in reduction.axes else index[d] for d in range(rank)),
+                                  tuple("1" if d in reduction.axes else dims[d] for d in range(rank)))
+        else:
+            self.reduced = Domain(tuple(index[d] for d in self.kept), tuple(dims[d] for d in self.kept))
+        self.outputs = {v: self.arrays[v] for v in sub.output_values}
+        self.body_outputs = [v for v in self.outputs if v.producer in self.body]
 
-    large = size_of(shape) >= PARALLEL_MIN_ELEMENTS
-    split = large and not kept and rank > 0 and reduction.op != "argmax"
-    parallel = large and (bool(kept) or split)
-
-    def inner(w: Writer, reduced_axes: list[int], acc: str = "acc") -> None:
-        """Loops over `reduced_axes`: the body, its stores, the accumulator update."""
-        for d in reduced_axes:
-            w.line(loop_header(index[d], dims[d], False))
-            w.depth += 1
-        for m in body:
-            emitter.emit(w, m, full)
-        for v in body_outputs:
-            w.line(f"{outputs[v]}[{index_text(index)}] = {emitter.locals[v]}")
-        operand = emitter.load(anchor.inputs[0], index)
+    def accumulate(self, w: Writer, acc: str = "acc") -> None:
+        """The body, its stores and the accumulator update, at the full index."""
+        emitter, reduction = self.emitter, self.reduction
+        for m in self.body:
+            emitter.emit(w, m, self.full)
+        for v in self.body_outputs:
+            w.line(f"{self.outputs[v]}[{index_text(self.index)}] = {emitter.locals[v]}")
+        operand = emitter.load(self.anchor.inputs[0], self.index)
         if reduction.op != "sum" and operand not in emitter.locals.values():
             w.line(f"v = {operand}")  # max and argmax read it more than once
             operand = "v"
-        position = index[reduction.axes[0]] if reduction.op == "argmax" else ""
+        position = self.index[reduction.axes[0]] if reduction.op == "argmax" else ""
         reduction.update(w, operand, position, acc)
-        w.depth -= len(reduced_axes)
 
-    def finish(w: Writer) -> None:
+    def finish(self, w: Writer) -> None:
         """The reduced value, the epilogue, and the stores at the output index."""
-        emitter.locals[anchor.output] = name = emitter.fresh("t")
-        w.line(f"{name} = {cast(reduction.result, anchor.output.dtype)}  # {anchor.op}")
-        for m in epilogue:
-            emitter.emit(w, m, reduced)
-        for v, array in outputs.items():
-            if v not in body_outputs:
-                w.line(f"{array}[{index_text(reduced.index)}] = {emitter.locals[v]}")
+        emitter = self.emitter
+        emitter.locals[self.anchor.output] = name = emitter.fresh("t")
+        w.line(f"{name} = {cast(self.reduction.result, self.anchor.output.dtype)}  # {self.anchor.op}")
+        for m in self.epilogue:
+            emitter.emit(w, m, self.reduced)
+        for v, array in self.outputs.items():
+            if v not in self.body_outputs:
+                w.line(f"{array}[{index_text(self.reduced.index)}] = {emitter.locals[v]}")
+
+
+def generate_reduction(kernel: Node) -> KernelSource:
+    parts = ReductionKernel(kernel)
+    reduction, shape, kept = parts.reduction, parts.shape, parts.kept
+    index, dims, arrays, emitter = parts.index, parts.dims, parts.arrays, parts.emitter
+    large = size_of(shape) >= PARALLEL_MIN_ELEMENTS
+    split = large and not kept and len(shape) > 0 and reduction.op != "argmax"
+    parallel = large and (bool(kept) or split)
+
+    def inner(w: Writer, reduced_axes: list[int], acc: str = "acc") -> None:
+        """Loops over `reduced_axes` around the accumulation."""
+        for d in reduced_axes:
+            w.line(loop_header(index[d], dims[d], False))
+            w.depth += 1
+        parts.accumulate(w, acc)
+        w.depth -= len(reduced_axes)
 
     code = Writer(depth=1)
     if split:
@@ -129,7 +144,7 @@ def generate_reduction(kernel: Node) -> KernelSource:
             code.depth += 1
         reduction.init(code)
         inner(code, list(reduction.axes))
-    finish(code)
+    parts.finish(code)
 
     entry = entry_name(kernel.attrs["name"])
     source = Writer()
@@ -137,7 +152,7 @@ def generate_reduction(kernel: Node) -> KernelSource:
     with source.block(f"def {entry}({', '.join(list(arrays.values()) + list(dims))}):"):
         source.extend(emitter.prelude)
     source.extend(code)
-    flops = size_of(shape) + elementwise_flops(body) + elementwise_flops(epilogue)
+    flops = size_of(shape) + elementwise_flops(parts.body) + elementwise_flops(parts.epilogue)
     call = Call(module(entry, source, emitter.helpers), entry, tuple(arrays.values()) + shape,
                 parallel=parallel)
     return KernelSource(kernel.attrs["name"], kernel.attrs["pattern"], [call], flops=flops)
