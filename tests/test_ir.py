@@ -68,6 +68,14 @@ UNARY = ["neg", "exp", "tanh", "sigmoid", "relu", "abs", "square"]
 BINARY = ["add", "sub", "mul", "maximum", "minimum"]
 
 
+def _broadcastable(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    try:
+        np.broadcast_shapes(a, b)
+    except ValueError:
+        return False
+    return True
+
+
 @st.composite
 def random_graphs(draw):
     """Random well-typed graphs over a few shapes, with fan-out, reductions and attributes."""
@@ -83,7 +91,8 @@ def random_graphs(draw):
         if kind == "unary":
             values.append(b.bind(draw(st.sampled_from(UNARY)), x))
         elif kind == "binary":
-            y = draw(st.sampled_from([v for v in values if v.dtype == x.dtype]))
+            y = draw(st.sampled_from([v for v in values if v.dtype == x.dtype
+                                      and _broadcastable(v.type.shape, x.type.shape)]))
             values.append(b.bind(draw(st.sampled_from(BINARY)), x, y))
         elif kind == "const":
             values.append(b.const(draw(st.floats(width=32)), x.dtype))
