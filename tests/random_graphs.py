@@ -12,7 +12,7 @@ UNARY = ("tanh", "sigmoid", "neg", "relu", "abs")
 BINARY = ("add", "sub", "mul", "maximum", "minimum")
 
 
-def _broadcasts(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+def broadcasts(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     try:
         np.broadcast_shapes(a, b)
         return True
@@ -35,7 +35,7 @@ def random_graphs(draw, max_ops: int = 8) -> Graph:
         if kind == "unary":
             values.append(b.bind(draw(st.sampled_from(UNARY)), x))
         elif kind == "binary":
-            partners = [v for v in values if _broadcasts(v.shape, x.shape)]
+            partners = [v for v in values if broadcasts(v.shape, x.shape)]
             y = draw(st.sampled_from(partners))
             values.append(b.bind(draw(st.sampled_from(BINARY)), x, y))
         elif kind == "reduce" and x.shape:

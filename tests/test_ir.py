@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from graphc.ir import Builder, Graph, Node, SerializationError, TensorType, VerificationError
 from graphc.ir.serialize import graph_from_json, graph_to_json
+from random_graphs import broadcasts
 
 F32 = "float32"
 
@@ -68,14 +69,6 @@ UNARY = ["neg", "exp", "tanh", "sigmoid", "relu", "abs", "square"]
 BINARY = ["add", "sub", "mul", "maximum", "minimum"]
 
 
-def _broadcastable(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
-    try:
-        np.broadcast_shapes(a, b)
-    except ValueError:
-        return False
-    return True
-
-
 @st.composite
 def random_graphs(draw):
     """Random well-typed graphs over a few shapes, with fan-out, reductions and attributes."""
@@ -92,7 +85,7 @@ def random_graphs(draw):
             values.append(b.bind(draw(st.sampled_from(UNARY)), x))
         elif kind == "binary":
             y = draw(st.sampled_from([v for v in values if v.dtype == x.dtype
-                                      and _broadcastable(v.type.shape, x.type.shape)]))
+                                      and broadcasts(v.type.shape, x.type.shape)]))
             values.append(b.bind(draw(st.sampled_from(BINARY)), x, y))
         elif kind == "const":
             values.append(b.const(draw(st.floats(width=32)), x.dtype))
