@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 
 from graphc.backends.numba_cpu import compile_graph, unlowered_primitives
 from graphc.backends.numba_cpu.codegen import generate
+from graphc.backends.numba_cpu.gemm import gemm
 from graphc.backends.reference import evaluate
 from graphc.ir import PRIMITIVES, Builder, InputError, TensorType
 from graphc.passes.autodiff import autodiff
@@ -198,6 +199,29 @@ def test_primitives_match_the_reference(case):
 def test_library_primitives_match_the_reference(case):
     graph, arrays = BLAS_CASES[case]()
     check(graph, arrays, BLAS_TOLERANCE)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gemm_reads_and_writes_sub_matrices_by_offset_and_leading_dimension(dtype):
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((7, 5)).astype(dtype), rng.standard_normal((5, 6)).astype(dtype)
+    c = np.full((9, 8), np.nan, dtype)
+    gemm(False, False, 7, 6, 5, a, 0, 5, b, 0, 6, 0.0, c, 1 * 8 + 2, 8)  # into c[1:8, 2:8]
+    np.testing.assert_allclose(c[1:8, 2:8], a @ b, rtol=1e-5)
+    assert np.isnan(c[0]).all() and np.isnan(c[:, :2]).all()  # nothing outside is touched
+    # both operands stored transposed; beta = 1 accumulates into what c held
+    d = np.ones((7, 6), dtype)
+    gemm(True, True, 7, 6, 5, np.ascontiguousarray(a.T), 0, 7, np.ascontiguousarray(b.T), 0, 5,
+         1.0, d, 0, 6)
+    np.testing.assert_allclose(d, a @ b + 1, rtol=1e-5)
+    # rows 2..4 of x.T @ b: a block of x's stored columns, at offset 2
+    x, e = rng.standard_normal((5, 7)).astype(dtype), np.zeros((3, 6), dtype)
+    gemm(True, False, 3, 6, 5, x, 2, 7, b, 0, 6, 0.0, e, 0, 6)
+    np.testing.assert_allclose(e, x.T[2:5] @ b, rtol=1e-5)
+    # an empty sum (k = 0) is zero, even over NaN
+    z = np.full((2, 2), np.nan, dtype)
+    gemm(False, False, 2, 2, 0, a, 0, 5, b, 0, 6, 0.0, z, 0, 2)
+    assert (z == 0).all()
 
 
 def test_every_primitive_is_covered_and_lowered():

@@ -314,7 +314,7 @@ def _per_image_conv(entry: str, node: Node, refs: Refs, operands: dict[str, Valu
 
     def body(w: Writer) -> None:
         _batch(w, images)
-        _group_rows(w, "w" if "w" in operands else "dw")
+        _group_rows(w, next(name for name, v in operands.items() if v is weight))
         w.line(f"C, P = {sizes}")
         if finish is not None:
             w.line("partial[:, :, :] = 0")
