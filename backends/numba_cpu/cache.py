@@ -161,20 +161,28 @@ class KernelCache:
         return dispatcher
 
     # -- compiling in worker processes ------------------------------------------------------
-    def _on_disk(self, key: str) -> bool:
-        """Does Numba's cache hold compiled code for this entry (for some signature)?"""
-        pattern = self.module_name(key) + ".*.nbi"
+    def _compiled_on_disk(self) -> set[str]:
+        """The module names for which Numba's cache holds compiled code (for some signature).
+        One scan per load: the index folder holds every kernel ever cached."""
         folders = [os.path.join(self.directory, "__pycache__")]
         if numba.config.CACHE_DIR:
-            folders.append(os.path.join(numba.config.CACHE_DIR, "**"))
-        return any(glob.glob(os.path.join(f, pattern), recursive=True) for f in folders)
+            folders += [root for root, _, _ in os.walk(numba.config.CACHE_DIR)]
+        names: set[str] = set()
+        for folder in folders:
+            try:
+                entries = os.listdir(folder)
+            except OSError:
+                continue
+            names.update(e.split(".", 1)[0] for e in entries if e.startswith("k_") and e.endswith(".nbi"))
+        return names
 
     def _start_workers(self, requests: list[tuple[Call, tuple]]) -> list[_Worker]:
         """Share the kernels missing from the disk cache between this process and workers."""
         missing: dict[str, tuple[Call, tuple]] = {}
+        compiled = self._compiled_on_disk()
         for kernel, signature in requests:
             key = cache_key(kernel.source)
-            if key not in self._loaded and key not in missing and not self._on_disk(key):
+            if key not in self._loaded and key not in missing and self.module_name(key) not in compiled:
                 missing[key] = (kernel, signature)
         count = _worker_count() if len(missing) >= WORKER_MIN_KERNELS else 0
         if count <= 0:

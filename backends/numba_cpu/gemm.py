@@ -16,13 +16,14 @@ import ctypes
 
 import llvmlite.binding as llvm
 import numpy as np
-import scipy.linalg.cython_blas as cython_blas
 from numba import njit, types
+
+from .blas import cython_blas
 
 
 def _exported_function(name: str) -> int:
     """The address of cython_blas's `name` (a Fortran BLAS routine)."""
-    capsule = cython_blas.__pyx_capi__[name]
+    capsule = cython_blas().__pyx_capi__[name]
     get_name = ctypes.pythonapi.PyCapsule_GetName
     get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
     get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
