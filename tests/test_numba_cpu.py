@@ -242,6 +242,23 @@ def test_max_pool_gradient_routes_ties_and_nans_like_the_reference():
         b.max_pool2d_grad(f, h, kernel=2, stride=2, padding=1)]), arrays)
 
 
+
+def test_tiled_max_pool_gradient_matches_the_reference_on_edges_and_non_finite_values():
+    """Windows that tile the plane take the branch-free path: planes not a multiple of the
+    window (uncovered cells), 3x3 windows, all -inf windows, and inf/NaN cotangents (which
+    take the general search, since inf * 0 would be NaN)."""
+    x = normal(2, 3, 7, 5)
+    x[0, 0, :2, :2] = -np.inf
+    x[1, 2, 3, 4] = np.nan
+    g = normal(2, 3, 3, 2)
+    g[0, 1, 0, 0], g[1, 0, 2, 1], g[1, 1, 1, 1] = np.inf, -np.inf, np.nan
+    y, h = normal(1, 2, 9, 10), normal(1, 2, 3, 3)
+    arrays = [x, g, y, h]
+    executable = check(build("pool_tiled", arrays, lambda b, v, d, u, e: [
+        b.max_pool2d_grad(v, d, kernel=2, stride=2), b.max_pool2d_grad(u, e, kernel=3, stride=3)]),
+        arrays)
+    assert "top = max(v0, v1, v2, v3)" in executable.kernels[0].source
+
 # -- fused patterns and random graphs ----------------------------------------------------------
 def test_matmul_bias_relu_is_one_kernel():
     arrays = [normal(16, 32), normal(32, 8), normal(8)]

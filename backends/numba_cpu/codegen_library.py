@@ -436,13 +436,64 @@ def _max_pool_grad_plane(w: Writer) -> None:
     w.line("(H, W), (OH, OW) = x.shape, dy.shape")
     _zero_plane(w, "dx")
     _window_loops(w)
-    w.line("best, best_i, best_j = x[ih0 + i0, iw0 + j0], i0, j0")
-    with w.block("for i in range(i0, i1):"), w.block("for j in range(j0, j1):"):
+    _first_maximum_search(w, "i0", "j0", "i1", "j1")
+    with w.block("if not (best == -np.inf and (i0 > 0 or j0 > 0)):"):
+        w.line("dx[ih0 + best_i, iw0 + best_j] += dy[oh, ow]")
+
+
+def _first_maximum_search(w: Writer, i0: str, j0: str, i1: str, j1: str) -> None:
+    """Bind best, best_i, best_j: the window's first maximum, a NaN counting as the maximum."""
+    w.line(f"best, best_i, best_j = x[ih0 + {i0}, iw0 + {j0}], {i0}, {j0}")
+    with w.block(f"for i in range({i0}, {i1}):"), w.block(f"for j in range({j0}, {j1}):"):
         w.line("v = x[ih0 + i, iw0 + j]")
         with w.block("if v > best or (v != v and best == best):"):
             w.line("best, best_i, best_j = v, i, j")
-    with w.block("if not (best == -np.inf and (i0 > 0 or j0 > 0)):"):
-        w.line("dx[ih0 + best_i, iw0 + best_j] += dy[oh, ow]")
+
+
+# Windows of up to this many cells are unrolled by the tiled max-pool gradient.
+TILED_POOL_MAX_CELLS = 16
+
+
+def _tiled_max_pool_grad_plane(kh: int, kw: int) -> Callable[[Writer], None]:
+    """The max-pool gradient when the windows tile the plane (stride = window, no padding), as
+    in the usual 2x2/2 pooling: every cell lies in at most one window, so each is written once,
+    with no zeroing pass and no accumulation. The first maximum is found without data-dependent
+    branches: the maximum, then a flag per cell for "equals it, and no earlier cell did", the
+    cotangent times that flag. On random activations the searching loop's branches mispredict;
+    this ran 1.9x faster on the MNIST CNN's 64x64x24x24 (11.7 -> 6.0 ms on one thread).
+    A window holding a NaN, or a non-finite cotangent (inf * 0 would be NaN), takes the
+    general search. A cell that is not the maximum gets g * 0, which is -0.0 for a negative g."""
+    cells = [(i, j) for i in range(kh) for j in range(kw)]
+
+    def body(w: Writer) -> None:
+        w.line("(H, W), (OH, OW) = x.shape, dy.shape")
+        # cells no window covers (H or W not a multiple of the window) get no cotangent
+        with w.block("for ih in range(OH * KH, H):"), w.block("for iw in range(W):"):
+            w.line("dx[ih, iw] = 0")
+        with w.block("for ih in range(OH * KH):"), w.block("for iw in range(OW * KW, W):"):
+            w.line("dx[ih, iw] = 0")
+        with w.block("for oh in range(OH):"):
+            w.line("ih0 = oh * KH")
+            with w.block("for ow in range(OW):"):
+                w.line("iw0 = ow * KW")
+                w.line("g = dy[oh, ow]")
+                for k, (i, j) in enumerate(cells):
+                    w.line(f"v{k} = x[ih0 + {i}, iw0 + {j}]")
+                finite = " or ".join([f"v{k} != v{k}" for k in range(len(cells))] + ["g != g", "abs(g) == np.inf"])
+                with w.block(f"if not ({finite}):"):
+                    w.line(f"top = max({', '.join(f'v{k}' for k in range(len(cells)))})")
+                    for k in range(len(cells) - 1):
+                        w.line(f"k{k} = v{k} == top" + (" and not seen" if k else ""))
+                        w.line("seen = k0" if k == 0 else f"seen = seen or k{k}")
+                    w.line(f"k{len(cells) - 1} = not seen")
+                    for k, (i, j) in enumerate(cells):
+                        w.line(f"dx[ih0 + {i}, iw0 + {j}] = g * k{k}")
+                with w.block("else:"):
+                    with w.block("for i in range(KH):"), w.block("for j in range(KW):"):
+                        w.line("dx[ih0 + i, iw0 + j] = 0")
+                    _first_maximum_search(w, "0", "0", "KH", "KW")
+                    w.line("dx[ih0 + best_i, iw0 + best_j] = g")
+    return body
 
 
 def _divisor(w: Writer) -> None:
@@ -470,8 +521,11 @@ def _avg_pool_grad_plane(w: Writer) -> None:
         w.line("dx[ih0 + i, iw0 + j] += share")
 
 
-def _pool(entry: str, operands: list[str], plane_body: Callable[[Writer], None]):
-    """Lowering of a pooling op whose operands are named `operands`, its output last."""
+def _pool(entry: str, operands: list[str], plane_body: Callable[[Writer], None],
+          tiled_body: Callable[[int, int], Callable[[Writer], None]] | None = None):
+    """Lowering of a pooling op whose operands are named `operands`, its output last; with
+    `tiled_body`, windows that tile the plane (stride = window, no padding, few cells) get
+    the plane body it makes for their size."""
     def lower(node: Node, refs: Refs) -> tuple[list[Call], int]:
         values = list(node.inputs) + [node.output]
         a = node.attrs
@@ -479,10 +533,12 @@ def _pool(entry: str, operands: list[str], plane_body: Callable[[Writer], None])
         geometry = dict(KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw)
         if "count_include_pad" in a:
             geometry["INCLUDE_PAD"] = int(a["count_include_pad"])
+        tiled = (sh, sw, ph, pw) == (kh, kw, 0, 0) and 2 <= kh * kw <= TILED_POOL_MAX_CELLS
+        body = tiled_body(kh, kw) if tiled and tiled_body is not None else plane_body
         parallel = max(size_of(v.shape) for v in values) >= PARALLEL_MIN_ELEMENTS
         plane_args = ", ".join(f"{name}[n, c]" for name in operands)
         call = _per_plane(entry, operands, [refs[v] for v in values], geometry, operands,
-                          plane_args, plane_body, parallel, operands[0])
+                          plane_args, body, parallel, operands[0])
         # one comparison or addition per window cell of every pooled element
         return [call], min(size_of(v.shape) for v in values) * kh * kw
     return lower
@@ -542,7 +598,8 @@ LIBRARY_LOWERINGS: dict[str, Callable[[Node, Refs], tuple[list[Call], int]]] = {
     "conv2d_input_grad": _conv2d_input_grad,
     "conv2d_weight_grad": _conv2d_weight_grad,
     "max_pool2d": _pool("max_pool2d", ["x", "y"], _max_pool_plane),
-    "max_pool2d_grad": _pool("max_pool2d_grad", ["x", "dy", "dx"], _max_pool_grad_plane),
+    "max_pool2d_grad": _pool("max_pool2d_grad", ["x", "dy", "dx"], _max_pool_grad_plane,
+                             _tiled_max_pool_grad_plane),
     "avg_pool2d": _pool("avg_pool2d", ["x", "y"], _avg_pool_plane),
     "avg_pool2d_grad": _pool("avg_pool2d_grad", ["dy", "dx"], _avg_pool_grad_plane),
     "scatter_add_along_axis": _scatter_add_along_axis,
