@@ -122,7 +122,7 @@ def _matmul(node: Node, refs: Refs) -> tuple[list[Call], int]:
     return [call], flops
 
 
-def _gemm_call(transpose_a: bool, transpose_b: bool, m: str, n: str, k: str, a: str, a_at: str,
+def _gemm_call(transpose_a: bool | str, transpose_b: bool | str, m: str, n: str, k: str, a: str, a_at: str,
                b: str, b_at: str, beta: str, c: str, c_at: str, lda: str | None = None,
                ldb: str | None = None, ldc: str | None = None) -> str:
     """Source of a gemm.gemm call; leading dimensions default to the stored rows' lengths (the
@@ -134,14 +134,16 @@ def _gemm_call(transpose_a: bool, transpose_b: bool, m: str, n: str, k: str, a: 
             f"{b}, {b_at}, {ldb}, {beta}, {c}, {c_at}, {ldc})")
 
 
-def _gemm_body(transpose_a: bool, transpose_b: bool, parallel: bool) -> Callable[[Writer], None]:
-    """out = a @ b. The parallel variant splits out's rows into T blocks, one BLAS call each
-    (BLAS itself runs single-threaded: see blas.py); a block of a transposed operand's rows is
-    a block of its stored columns, at offset lo."""
+def _gemm_body(parallel: bool) -> Callable[[Writer], None]:
+    """out = op(a) @ op(b), the transposes `ta`, `tb` being arguments: one compiled function
+    serves the forward product and both gradient products (a parallel one took ~1 s to compile,
+    each). The parallel variant splits out's rows into T blocks, one BLAS call each (BLAS itself
+    runs single-threaded: see blas.py); a block of a transposed operand's rows is a block of
+    its stored columns, at offset lo."""
     def body(w: Writer) -> None:
-        w.line(f"M, N, K = out.shape[0], out.shape[1], a.shape[{0 if transpose_a else 1}]")
+        w.line("M, N, K = out.shape[0], out.shape[1], a.shape[0] if ta else a.shape[1]")
         if not parallel:
-            w.line(_gemm_call(transpose_a, transpose_b, "M", "N", "K", "a", "0", "b", "0", "0.0", "out", "0"))
+            w.line(_gemm_call("ta", "tb", "M", "N", "K", "a", "0", "b", "0", "0.0", "out", "0"))
             return
         w.line("blocks = max(1, min(T, M))")
         w.line("step = -(-M // blocks)")
@@ -149,9 +151,8 @@ def _gemm_body(transpose_a: bool, transpose_b: bool, parallel: bool) -> Callable
             w.line("lo = task * step")
             w.line("hi = min(M, lo + step)")
             with w.block("if lo < hi:"):
-                a_at = "lo" if transpose_a else "lo * a.shape[1]"
-                w.line(_gemm_call(transpose_a, transpose_b, "hi - lo", "N", "K", "a", a_at, "b", "0",
-                                  "0.0", "out", "lo * N"))
+                w.line(_gemm_call("ta", "tb", "hi - lo", "N", "K", "a", "lo if ta else lo * a.shape[1]",
+                                  "b", "0", "0.0", "out", "lo * N"))
     return body
 
 
@@ -161,14 +162,13 @@ GEMM_PARALLEL_MIN_FLOPS = 1 << 22
 
 def _gemm(entry: str, operands: list[str], flops: int, transpose_a: bool = False,
           transpose_b: bool = False) -> Call:
-    """out = a @ b for the matrices named by operands [a, b, out]."""
+    """out = a @ b for the matrices named by operands [a, b, out], read transposed as flagged."""
     parallel = flops >= GEMM_PARALLEL_MIN_FLOPS and numba.config.NUMBA_NUM_THREADS > 1
-    params, args = ["a", "b", "out"], list(operands)
+    params, args = ["a", "b", "out", "ta", "tb"], list(operands) + [int(transpose_a), int(transpose_b)]
     if parallel:
         params.append("T")
         args.append(numba.config.NUMBA_NUM_THREADS)
-    return _call(entry, params, args, parallel, _gemm_body(transpose_a, transpose_b, parallel),
-                 fastmath=False)
+    return _call(entry, params, args, parallel, _gemm_body(parallel), fastmath=False)
 
 
 # -- convolution ----------------------------------------------------------------------------------
