@@ -8,8 +8,11 @@
 2. The MNIST CNN (graphc.models.mnist_cnn) trained with Adam for --steps steps on numba-cuda
    and on numba-cpu from the same initial weights and batches: the loss trajectories compared.
    MNIST comes from --mnist / graphc.data.find_mnist(); without it, a synthetic MNIST-shaped
-   set (class-dependent blobs) stands in, and the summary says so.
-3. Training throughput (samples/s) at batch 64 and 512 against PyTorch eager on the same GPU.
+   set (class-dependent blobs) stands in, and the summary says so. The host<->device bytes
+   of each step after the first are checked too: parameters and optimizer state stay on the
+   GPU, so only the batch and the learning rate go in and only the loss comes back.
+3. Training throughput (samples/s) at batch 64 and 512 against PyTorch eager on the same GPU,
+   with the per-step transfers.
 
 Exit status: 0 when every check passed, 1 when one failed, 2 when there is no usable GPU here
 (the reason is printed; nothing else runs).
@@ -20,6 +23,7 @@ import argparse
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -112,8 +116,15 @@ def mnist(directory: str | None, count: int) -> tuple[np.ndarray, np.ndarray, st
     return x, y, "synthetic (no MNIST found)"
 
 
-def train(backend: str, x: np.ndarray, y: np.ndarray, batch: int, steps: int) -> tuple[list[float], float]:
-    """Losses of `steps` Adam steps (dropout on) and the seconds of the steps after the first."""
+@dataclass
+class Run:
+    losses: list[float]
+    seconds: float  # the steps after the first
+    transfers: dict[str, float] | None  # mean bytes per step after the first, each way (numba-cuda)
+
+
+def train(backend: str, x: np.ndarray, y: np.ndarray, batch: int, steps: int) -> Run:
+    """`steps` Adam steps (dropout on): losses, time and transfers of the steps after the first."""
     import graphc as gc
     import graphc.nn.functional as F
     from graphc import optim
@@ -122,18 +133,37 @@ def train(backend: str, x: np.ndarray, y: np.ndarray, batch: int, steps: int) ->
     model = mnist_cnn()
     step = gc.compile_train_step(model, F.cross_entropy, optim.Adam(model.parameters(), lr=1e-3),
                                  (x[:batch], y[:batch]), backend=backend)
-    losses, start = [], 0.0
+    counters = getattr(step.executable, "transfers", None)
+    losses, start, after_first = [], 0.0, {}
     for s in range(steps):
         if s == 1:
-            start = time.perf_counter()
+            start, after_first = time.perf_counter(), dict(counters or {})
         at = (s * batch) % (len(x) - batch + 1)
         losses.append(step(x[at:at + batch], y[at:at + batch]))
-    return losses, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    transfers = None
+    if counters is not None and steps > 1:
+        transfers = {k: (counters[k] - after_first[k]) / (steps - 1) for k in counters}
+    return Run(losses, seconds, transfers)
 
 
-def compare_training(x: np.ndarray, y: np.ndarray, steps: int) -> tuple[str, list[float], list[float]]:
-    cuda, _ = train("numba-cuda", x, y, 64, steps)
-    cpu, _ = train("numba-cpu", x, y, 64, steps)
+def transfers_text(transfers: dict[str, float] | None) -> str:
+    if transfers is None:
+        return "transfers not counted by this backend"
+    return f"{transfers['to_device']:,.0f} B to the device, {transfers['to_host']:,.0f} B to the host per step"
+
+
+def transfers_verdict(transfers: dict[str, float] | None, x: np.ndarray, y: np.ndarray, batch: int) -> str:
+    """ok when a step after the first moved only the batch and lr in, the loss out."""
+    expected = {"to_device": batch * (x[0].nbytes + y[0].nbytes) + 4, "to_host": 4}
+    if transfers == expected:
+        return "ok"
+    return f"FAILED: {transfers_text(transfers)}; expected {transfers_text(expected)} (batch + lr, loss)"
+
+
+def compare_training(x: np.ndarray, y: np.ndarray, steps: int) -> tuple[str, list[float], list[float], Run]:
+    run = train("numba-cuda", x, y, 64, steps)
+    cuda, cpu = run.losses, train("numba-cpu", x, y, 64, steps).losses
     early = min(20, steps)
     close = np.allclose(cuda[:early], cpu[:early], rtol=1e-2)
     tail = lambda losses: float(np.mean(losses[-10:]))  # noqa: E731
@@ -141,7 +171,7 @@ def compare_training(x: np.ndarray, y: np.ndarray, steps: int) -> tuple[str, lis
     verdict = "ok" if close and learned else (
         f"FAILED: first {early} losses close: {close}; final mean loss cuda {tail(cuda):.4f}, "
         f"cpu {tail(cpu):.4f}, first {cuda[0]:.4f}")
-    return verdict, cuda, cpu
+    return verdict, cuda, cpu, run
 
 
 # -- 3. throughput --------------------------------------------------------------------------------
@@ -180,11 +210,12 @@ def torch_samples_per_second(x: np.ndarray, y: np.ndarray, batch: int, steps: in
 def throughput(x: np.ndarray, y: np.ndarray, steps: int) -> list[str]:
     rows = []
     for batch in (64, 512):
-        _, seconds = train("numba-cuda", x, y, batch, steps)
-        ours = batch * (steps - 1) / seconds
+        run = train("numba-cuda", x, y, batch, steps)
+        ours = batch * (steps - 1) / run.seconds
         theirs = torch_samples_per_second(x, y, batch, steps)
         peer = f"{theirs:,.0f} samples/s, ratio {ours / theirs:.3f}" if theirs else "PyTorch CUDA unavailable"
-        rows.append(f"batch {batch:>3}: graphc numba-cuda {ours:,.0f} samples/s; PyTorch eager {peer}")
+        rows.append(f"batch {batch:>3}: graphc numba-cuda {ours:,.0f} samples/s "
+                    f"({transfers_text(run.transfers)}); PyTorch eager {peer}")
     return rows
 
 
@@ -208,11 +239,13 @@ def main() -> int:
     if not args.quick:
         x, y, source = mnist(args.mnist, 512 * 20)
         print(f"== MNIST CNN training, {args.steps} steps at batch 64, data: {source}")
-        verdict, cuda, cpu = compare_training(x, y, args.steps)
+        verdict, cuda, cpu, run = compare_training(x, y, args.steps)
         for s in sorted({0, 1, 9, args.steps // 2, args.steps - 1} & set(range(args.steps))):
             print(f"  step {s:>4}: cuda {cuda[s]:.5f}  cpu {cpu[s]:.5f}")
         print(f"  {verdict}")
-        failed |= verdict != "ok"
+        resident = transfers_verdict(run.transfers, x, y, 64)
+        print(f"  state resident on the GPU ({transfers_text(run.transfers)}): {resident}")
+        failed |= verdict != "ok" or resident != "ok"
         print(f"== throughput ({args.throughput_steps} steps)")
         for row in throughput(x, y, args.throughput_steps):
             print(f"  {row}")

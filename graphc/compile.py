@@ -5,6 +5,11 @@ Parameters, optimizer state, buffers, the step count and the RNG key are inputs 
 their updated outputs, so the backend updates them in place: after `step(x, y)`,
 `model.state_dict()` already holds the new weights. The learning rate is an input, so schedules
 never recompile. A batch of a new shape compiles once more and says so.
+
+On numba-cuda that state stays on the GPU between steps (the executable keeps it resident):
+the step claims the model (nn.module.claim_state), and whatever hands out the model's arrays
+or the step's `opt_state`, `step_count` and `rng_key` first copies the newest values back and
+lets the next step upload what may since have been written.
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ from graphc.passes import SIMPLIFY, autodiff, run_pipeline
 
 from . import random as gc_random
 from .api import _inline, to_array, user_facing
-from .nn.module import Module, functional_call
+from .nn.module import (Module, claim_state, functional_call, release_state_holders,
+                        sync_state_holders, unclaim_state)
 from .optim import Optimizer, clip_by_global_norm, l1_penalty
 from .tensor import Tensor, tracing
 
@@ -145,11 +151,58 @@ class TrainStep(_CompiledModelBase):
         self.trainable = [owned[id(p)] for p in optimizer.params]
         self.params = dict(model.named_parameters())
         self.buffers = dict(model.named_buffers())
-        self.opt_state = {n: optimizer.init_state(self.params[n]) for n in self.trainable}
-        self.step_count = np.zeros((), np.float32)
-        self.rng_key = np.array([gc_random.next_key()[0], 0], np.int64)
+        self._opt_state = {n: optimizer.init_state(self.params[n]) for n in self.trainable}
+        self._step_count = np.zeros((), np.float32)
+        self._rng_key = np.array([gc_random.next_key()[0], 0], np.int64)
+        self._holding: Any = None  # the executable keeping the state on its device, if any
         self._compiled: dict[tuple, _Compiled] = {}
         self._get(_batch_arrays(example_inputs))
+
+    # -- state (the host arrays; a device may hold newer values) ---------------------------
+    @property
+    def opt_state(self) -> dict[str, dict[str, np.ndarray]]:
+        """Optimizer state arrays by parameter name."""
+        self.release_state()
+        return self._opt_state
+
+    @property
+    def step_count(self) -> np.ndarray:
+        """Steps taken (a float32 scalar array)."""
+        self.release_state()
+        return self._step_count
+
+    @property
+    def rng_key(self) -> np.ndarray:
+        """The (seed, counter) key dropout draws from."""
+        self.release_state()
+        return self._rng_key
+
+    def sync_state(self) -> None:
+        """Copy the state a device holds into the host arrays."""
+        if self._holding is not None:
+            self._holding.sync_to_host()
+
+    def release_state(self) -> None:
+        """sync_state, and the next step uploads the host arrays (they may have been written)."""
+        if self._holding is not None:
+            self.sync_state()
+            self._holding.invalidate()
+            self._holding = None
+            unclaim_state(self.model, self)
+
+    def _hold_state(self, compiled: _Compiled) -> None:
+        """Before `compiled` runs while it does not hold the state: the state comes back from
+        wherever it is (this step's executable for another batch signature, another step
+        training the model); then `compiled` keeps it on its device, if its backend can."""
+        self.release_state()
+        executable = compiled.executable
+        if not hasattr(executable, "keep_on_device"):  # the CPU backends update the host arrays
+            release_state_holders(self.model)
+            return
+        executable.keep_on_device(i for i, inp in enumerate(compiled.optimized.inputs)
+                                  if inp.role != "data")
+        claim_state(self.model, self)
+        self._holding = executable
 
     # -- graph construction ----------------------------------------------------------------
     def _forward_graph(self, batch: list[np.ndarray]) -> Graph:
@@ -187,7 +240,7 @@ class TrainStep(_CompiledModelBase):
             params = _add_inputs(b, self.params, "param")
             buffers = _add_inputs(b, self.buffers, "state")
             state = {n: _add_inputs(b, {f"{n}.{k}": v for k, v in s.items()}, "state")
-                     for n, s in self.opt_state.items()}
+                     for n, s in self._opt_state.items()}
             step = Tensor(b.add_input(TensorType((), "float32"), "step", "state"))
             lr = Tensor(b.add_input(TensorType((), "float32"), "lr", "data"))
             outs = _inline(with_grads, [*data, *params.values(), *buffers.values()])
@@ -225,8 +278,8 @@ class TrainStep(_CompiledModelBase):
 
     # -- running ---------------------------------------------------------------------------
     def _persistent(self, graph: Graph) -> list[np.ndarray]:
-        arrays = {**self.params, **self.buffers, "step": self.step_count,
-                  **{f"{n}.{k}": v for n, s in self.opt_state.items() for k, v in s.items()}}
+        arrays = {**self.params, **self.buffers, "step": self._step_count,
+                  **{f"{n}.{k}": v for n, s in self._opt_state.items() for k, v in s.items()}}
         return [arrays[inp.name] for inp in graph.inputs if inp.name in arrays]
 
     def _arguments(self, batch: Sequence[Any]) -> tuple[_Compiled, list[Any]]:
@@ -236,12 +289,14 @@ class TrainStep(_CompiledModelBase):
             compiled.persistent = self._persistent(compiled.optimized)
         args = [*arrays, *compiled.persistent, np.float32(self.optimizer.lr)]
         if compiled.optimized.inputs[-1].role == "rng":
-            args.append(self.rng_key)
+            args.append(self._rng_key)
         return compiled, args
 
     @user_facing
     def __call__(self, *batch: Any) -> float:
         compiled, args = self._arguments(batch)
+        if compiled.executable is not self._holding:
+            self._hold_state(compiled)
         return float(compiled.executable(*args)[0])
 
     def check_numerics(self, *batch: Any) -> Any:
@@ -249,6 +304,7 @@ class TrainStep(_CompiledModelBase):
         anything, and report the first op that produces a NaN or Inf (None if all finite)."""
         from .debug import find_nonfinite
 
+        release_state_holders(self.model)  # this step too, when it holds the state
         compiled, args = self._arguments(batch)
         return find_nonfinite(compiled.optimized, args)
 
@@ -257,7 +313,7 @@ class TrainStep(_CompiledModelBase):
 
     def state_bindings(self) -> dict[str, str]:
         bindings = {**super().state_bindings(), "step": "step", "rng": "rng"}
-        for name, slots in self.opt_state.items():
+        for name, slots in self._opt_state.items():
             bindings.update({f"{name}.{k}": f"optim/{name}/{k}" for k in slots})
         return bindings
 
@@ -296,6 +352,7 @@ class CompiledModel(_CompiledModelBase):
     def __call__(self, *inputs: Any) -> Any:
         arrays = _batch_arrays(inputs)
         compiled = self._get(arrays)
+        sync_state_holders(self.model)  # a training step on a GPU may hold newer weights
         outs = compiled.executable(*arrays, *self.params.values(), *self.buffers.values())
         return tuple(outs) if self._multiple else outs[0]
 

@@ -220,6 +220,7 @@ class _Loaded:
 
         from .train import atomic_write
 
+        self._state_to_host()
         members = dict(self.members)
         members["state.safetensors"] = save({k: v.reshape(v.shape or (1,)) for k, v in self._state.items()})
         metadata = {**self.metadata, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -232,7 +233,15 @@ class _Loaded:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The weights and buffers, by the model's state-dict names."""
+        self._state_to_host()
         return {k[len("model/"):]: v for k, v in self._state.items() if k.startswith("model/")}
+
+    def _state_to_host(self) -> None:
+        """Before the state arrays are read or handed out: an executable keeping them on its
+        device (numba-cuda) copies them back, and uploads them again before its next call."""
+        if hasattr(self.executable, "sync_to_host"):
+            self.executable.sync_to_host()
+            self.executable.invalidate()
 
     def _args(self, batch: tuple[Any, ...]) -> list[Any]:
         if len(batch) != len(self._data_inputs):
@@ -247,9 +256,13 @@ class LoadedTrainStep(_Loaded):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lr = float(self.metadata["lr"])
+        if hasattr(self.executable, "keep_on_device"):  # the state stays on the GPU between steps
+            self.executable.keep_on_device(i for i, inp in enumerate(self.graph.inputs)
+                                           if inp.role != "data")
 
     @property
     def step_count(self) -> int:
+        self._state_to_host()
         return int(self._state["step"].reshape(()))
 
     def __call__(self, *batch: Any) -> float:

@@ -3,7 +3,8 @@
 The simulator must be switched on (NUMBA_ENABLE_CUDASIM=1) before numba is first imported,
 and other test modules import numba first: so the checks that run kernels execute in one
 child process (this file run as a script), and each test asserts on that child's verdict for
-one check. Code generation needs no CUDA and is tested in process.
+one check. Code generation needs no CUDA and is tested in process; the kernel cache's tests
+start one simulated process per compile, as a second run of a program would.
 """
 from __future__ import annotations
 
@@ -132,13 +133,172 @@ def check_cnn_training_losses_match_the_reference() -> None:
     assert cuda[-1] < cuda[0]
 
 
+# -- state resident on the device -----------------------------------------------------------------
+def update_graph():
+    """w <- w - 0.5 g (w donated), and sum(g)."""
+    import test_numba_cpu as cpu
+
+    w, g = cpu.normal(3, 4), cpu.normal(3, 4)
+    return cpu.build("update", [w, g], lambda b, w, g: [b.sub(w, b.mul(g, b.scalar_like(0.5, g))),
+                                                        b.sum(g, axes=(0, 1))]), w, g
+
+
+def check_resident_inputs_are_uploaded_once_and_synced_on_request() -> None:
+    from graphc.backends.numba_cuda import compile_graph
+
+    graph, w, g = update_graph()
+    start = w.copy()
+    executable = compile_graph(graph, donate={0: 0})
+    executable.keep_on_device({0})
+    executable(w, g)
+    before = dict(executable.transfers)
+    out = executable(w, g)
+    assert out[0] is w and np.array_equal(w, start)  # stale until synced
+    assert executable.transfers == {"to_device": before["to_device"] + g.nbytes,
+                                    "to_host": before["to_host"] + 4}
+    executable.sync_to_host()
+    np.testing.assert_allclose(w, start - g, **TOLERANCE["float32"])
+    w[...] = 1.0  # written on the host: the next call must upload it
+    executable.invalidate(w)
+    executable(w, g)
+    executable.sync_to_host()
+    np.testing.assert_allclose(w, 1.0 - 0.5 * g, **TOLERANCE["float32"])
+
+
+def check_another_array_for_a_resident_input_is_uploaded() -> None:
+    from graphc.backends.numba_cuda import compile_graph
+
+    graph, w, g = update_graph()
+    other, w_start, other_start = w + 10, w.copy(), w + 10
+    executable = compile_graph(graph, donate={0: 0})
+    executable.keep_on_device({0})
+    executable(w, g)
+    executable(other, g)  # w gets its pending update back before `other` takes the buffer
+    np.testing.assert_allclose(w, w_start - 0.5 * g, **TOLERANCE["float32"])
+    executable.sync_to_host()
+    np.testing.assert_allclose(other, other_start - 0.5 * g, **TOLERANCE["float32"])
+
+
+def mlp_step(backend: str):
+    import graphc as gc
+    import graphc.nn.functional as F
+    from graphc import nn, optim
+
+    gc.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.25), nn.Linear(8, 3))
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 4).astype(np.int64)
+    step = gc.compile_train_step(model, F.cross_entropy, optim.Adam(model.parameters(), lr=0.05),
+                                 (x, y), backend=backend)
+    return step, model, x, y
+
+
+def assert_states_close(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def flat_opt_state(step) -> dict:
+    return {f"{n}.{k}": v for n, slots in step.opt_state.items() for k, v in slots.items()}
+
+
+def check_train_step_keeps_state_on_the_device() -> None:
+    step, model, x, y = mlp_step("numba-cuda")
+    live = model.state_dict()  # the model's own arrays, before any step
+    start = {k: v.copy() for k, v in live.items()}
+    steps = 4
+    step(x, y)
+    before = dict(step.executable.transfers)
+    for _ in range(steps - 1):
+        step(x, y)
+    per_step = {k: (step.executable.transfers[k] - before[k]) / (steps - 1) for k in before}
+    assert per_step == {"to_device": x.nbytes + y.nbytes + 4, "to_host": 4}  # batch + lr, loss
+    for name, array in live.items():
+        assert np.array_equal(array, start[name]), f"{name} was copied back without a request"
+
+    reference, ref_model, _, _ = mlp_step("reference")
+    for _ in range(steps):
+        reference(x, y)
+    state = model.state_dict()
+    assert all(state[k] is live[k] for k in live)  # the same arrays, now current
+    assert_states_close(state, ref_model.state_dict())
+    assert_states_close(flat_opt_state(step), flat_opt_state(reference))
+    assert int(step.step_count) == steps and np.array_equal(step.rng_key, reference.rng_key)
+    assert_states_close(dict(model.named_parameters()), dict(ref_model.named_parameters()))
+
+
+def check_load_state_dict_between_steps_is_honoured() -> None:
+    results = {}
+    for backend in ("numba-cuda", "reference"):
+        step, model, x, y = mlp_step(backend)
+        initial = {k: v.copy() for k, v in model.state_dict().items()}
+        losses = [step(x, y) for _ in range(2)]
+        model.load_state_dict(initial)
+        losses += [step(x, y) for _ in range(2)]
+        results[backend] = losses, {k: v.copy() for k, v in model.state_dict().items()}
+    np.testing.assert_allclose(results["numba-cuda"][0], results["reference"][0], rtol=1e-4)
+    assert_states_close(results["numba-cuda"][1], results["reference"][1])
+
+
+def check_a_new_batch_shape_takes_the_state_over() -> None:
+    """Each batch signature has its own executable: the state moves to whichever runs."""
+    results = {}
+    for backend in ("numba-cuda", "reference"):
+        step, model, x, y = mlp_step(backend)
+        losses = [step(x, y), step(x[:2], y[:2]), step(x[:2], y[:2]), step(x, y)]
+        results[backend] = losses, {k: v.copy() for k, v in model.state_dict().items()}
+    np.testing.assert_allclose(results["numba-cuda"][0], results["reference"][0], rtol=1e-4)
+    assert_states_close(results["numba-cuda"][1], results["reference"][1])
+
+
+def check_inference_and_export_see_the_device_state() -> None:
+    import tempfile
+
+    import graphc as gc
+
+    step, model, x, y = mlp_step("numba-cuda")
+    reference, ref_model, _, _ = mlp_step("reference")
+    infer = gc.compile(model, x, backend="reference")  # reads the model's arrays at each call
+    for _ in range(3):
+        step(x, y)
+        reference(x, y)
+    np.testing.assert_allclose(infer(x), gc.compile(ref_model, x, backend="reference")(x), rtol=1e-4)
+    before = dict(step.executable.transfers)
+    step(x, y)  # inference read the weights without making the step upload them again
+    reference(x, y)
+    assert step.executable.transfers["to_device"] - before["to_device"] == x.nbytes + y.nbytes + 4
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "step.gcx")
+        step.export(path)
+        loaded = gc.load(path, backend="numba-cuda")
+        ref_loaded = gc.load(path, backend="reference")
+    assert_states_close(ref_loaded.state_dict(), ref_model.state_dict())
+    assert loaded.step_count == 4
+    loaded(x, y)
+    ref_loaded(x, y)
+    before = dict(loaded.executable.transfers)
+    np.testing.assert_allclose(loaded(x, y), ref_loaded(x, y), rtol=1e-4)
+    assert loaded.executable.transfers["to_device"] - before["to_device"] == x.nbytes + y.nbytes + 4
+    assert loaded.step_count == ref_loaded.step_count == 6
+    assert_states_close(loaded.state_dict(), ref_loaded.state_dict())
+
+
 CHECKS = {**{f"case_{name}": (lambda name=name: cpu_case(name)) for name in CPU_CASES + CPU_LIBRARY_CASES},
           "random_bits_equal_the_cpu_backend": check_random_bits_equal_the_cpu_backend,
           "block_reductions": check_block_reductions,
           "max_pool_ties_and_nans": check_max_pool_ties_and_nans,
           "small_cnn_gradient": check_small_cnn_gradient,
           "donated_inputs_are_updated_in_place": check_donated_inputs_are_updated_in_place,
-          "cnn_training_losses_match_the_reference": check_cnn_training_losses_match_the_reference}
+          "cnn_training_losses_match_the_reference": check_cnn_training_losses_match_the_reference,
+          "resident_inputs_are_uploaded_once_and_synced_on_request":
+              check_resident_inputs_are_uploaded_once_and_synced_on_request,
+          "another_array_for_a_resident_input_is_uploaded": check_another_array_for_a_resident_input_is_uploaded,
+          "train_step_keeps_state_on_the_device": check_train_step_keeps_state_on_the_device,
+          "load_state_dict_between_steps_is_honoured": check_load_state_dict_between_steps_is_honoured,
+          "a_new_batch_shape_takes_the_state_over": check_a_new_batch_shape_takes_the_state_over,
+          "inference_and_export_see_the_device_state": check_inference_and_export_see_the_device_state}
 
 
 def run_checks() -> dict[str, str]:
@@ -219,6 +379,136 @@ def test_long_reductions_share_each_output_among_a_block():
     long, short = sorted(calls.values(), key=lambda c: -c.args[-1])
     assert long.block == (REDUCTION_THREADS,) and long.grid == (3,) and "cuda.syncthreads()" in long.source
     assert "cuda.shared" not in short.source and "cuda.gridsize(1)" in short.source
+
+
+# -- the kernel cache, one simulated process per compile ------------------------------------------
+CACHE_SCRIPT = r'''
+import json
+import numpy as np
+from graphc.backends.numba_cuda import compile_graph
+from graphc.backends.reference import evaluate
+from graphc.ir import Builder, TensorType
+
+b = Builder("mlp")
+x = b.add_input(TensorType((4, 6), "float32"), "x")
+w = b.add_input(TensorType((6, 3), "float32"), "w")
+key = b.add_input(TensorType((2,), "int64"), "key")
+h = b.relu(b.matmul(x, w))
+keep = b.cast(b.random_bernoulli(key, p=0.8, shape=(4, 3)), dtype="float32")
+e = b.exp(b.sub(h, b.max(h, axes=(1,), keepdims=True)))
+b.add_output("p", b.mul(b.div(e, b.sum(e, axes=(1,), keepdims=True)), keep))
+rng = np.random.default_rng(0)
+args = [rng.standard_normal((4, 6)).astype(np.float32), rng.standard_normal((6, 3)).astype(np.float32),
+        np.array([1, 2], np.int64)]
+with np.errstate(all="ignore"):  # the simulator runs the RNG's wrapping uint64 math in NumPy
+    executable = compile_graph(b.graph)
+    (got,) = executable(*args)
+(want,) = evaluate(b.graph, args)
+stats = executable.cache_stats
+print(json.dumps({"hits": stats.hits, "misses": stats.misses, "compiled": stats.compiled,
+                  "rebuilt": stats.rebuilt, "reused": stats.reused,
+                  "calls": sum(len(k.calls) for k in executable.kernels),
+                  "error": float(np.max(np.abs(got - want)))}))
+'''
+
+
+def compile_in_new_process(cache_dir: Path) -> dict:
+    done = _child({"NUMBA_ENABLE_CUDASIM": "1", "GRAPHC_CACHE_DIR": str(cache_dir)}, "-c", CACHE_SCRIPT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def warm_cache(tmp_path_factory) -> Path:
+    """A cache directory filled by one simulated process compiling the network."""
+    pytest.importorskip("numba.cuda")
+    cache_dir = tmp_path_factory.mktemp("cuda_kernel_cache")
+    first = compile_in_new_process(cache_dir)
+    assert first["misses"] == first["compiled"] > 0 and first["hits"] == 0 and first["error"] < 1e-5
+    assert first["misses"] + first["reused"] == first["calls"]
+    return cache_dir
+
+
+def test_second_process_finds_every_kernel_in_the_cache(warm_cache):
+    second = compile_in_new_process(warm_cache)
+    assert second["misses"] == second["compiled"] == 0
+    assert second["hits"] + second["reused"] == second["calls"] and second["error"] < 1e-5
+
+
+def test_corrupt_cached_kernel_is_detected_and_rebuilt(warm_cache, tmp_path):
+    subprocess.run(["cp", "-r", f"{warm_cache}/.", str(tmp_path)], check=True)
+    victim = sorted(tmp_path.glob("k_*.py"))[0]
+    with open(victim, "a") as f:
+        f.write("\nthis is not the kernel any more\n")
+    result = compile_in_new_process(tmp_path)
+    assert result["rebuilt"] == 1 and result["misses"] == result["compiled"] == 1
+    assert result["hits"] + result["reused"] == result["calls"] - 1 and result["error"] < 1e-5
+    assert "this is not the kernel" not in victim.read_text()
+
+
+class FakeGpuKernel:
+    """numba-cuda's dispatcher as the GPU cache path uses it: `compile` loads the signatures
+    in `on_disk` (counting a cache hit) and compiles others; corrupt cached code raises."""
+
+    def __init__(self, cache_path: str, on_disk: set, corrupt: bool = False) -> None:
+        from collections import Counter
+        from types import SimpleNamespace
+
+        self.overloads, self.on_disk, self.corrupt = {}, on_disk, corrupt
+        self.stats = SimpleNamespace(cache_path=cache_path, cache_hits=Counter())
+
+    def compile(self, signature: tuple) -> None:
+        if self.corrupt:
+            raise EOFError("truncated cache file")
+        if signature in self.on_disk:
+            self.stats.cache_hits[signature] += 1
+        self.on_disk.add(signature)
+        self.overloads[signature] = "code"
+
+
+def test_gpu_cache_counts_numba_cuda_hits_and_rebuilds_unloadable_code(monkeypatch, tmp_path):
+    """The GPU branch of the kernel cache, which the simulator never takes, on fake kernels."""
+    pytest.importorskip("numba.cuda")
+    from numba import types
+
+    from graphc.backends.numba_cpu import CacheStats
+    from graphc.backends.numba_cuda import cache
+    from graphc.backends.numba_cuda.codegen import CudaCall
+
+    on_disk, pycache = set(), tmp_path / "__pycache__"
+    state = {"corrupt": False}
+
+    def fake_import(self, key: str, entry: str) -> FakeGpuKernel:
+        kernel = FakeGpuKernel(str(pycache), on_disk, state["corrupt"])
+        state["corrupt"] = False  # the rebuilt entry loads
+        return kernel
+
+    monkeypatch.setattr(cache, "SIMULATED", False)
+    monkeypatch.setattr(cache.CudaKernelCache, "_import", fake_import)
+    call = CudaCall("@cuda.jit(cache=True)\ndef k(x):\n    pass\n", "k", ("x0",), (1,), (1,))
+    signature = (types.Array(types.float32, 1, "C"),)
+
+    def load_in_a_new_process() -> CacheStats:
+        stats = CacheStats()
+        cache.CudaKernelCache(str(tmp_path)).load(call, signature, stats)
+        return stats
+
+    assert (load_in_a_new_process().misses, load_in_a_new_process().hits) == (1, 1)
+    pycache.mkdir()
+    (pycache / f"k_{cache.cache_key(call.source)}.k-1.py311.nbi").write_bytes(b"garbage")
+    state["corrupt"] = True
+    with pytest.warns(UserWarning, match="corrupt"):
+        rebuilt = load_in_a_new_process()
+    assert (rebuilt.rebuilt, rebuilt.misses, rebuilt.hits) == (1, 1, 0)
+    assert not list(pycache.iterdir()) and (tmp_path / f"k_{cache.cache_key(call.source)}.py").exists()
+
+
+def test_kernel_cache_key_covers_the_numba_cuda_version():
+    pytest.importorskip("numba.cuda")
+    from importlib.metadata import version
+
+    from graphc.backends.numba_cuda.cache import VERSION_TAG
+    assert f"numba-cuda {version('numba-cuda')}" in VERSION_TAG
 
 
 def test_cublas_matmul_reads_transposed_operands_as_views():

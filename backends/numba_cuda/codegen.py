@@ -41,6 +41,10 @@ TILE = 4 if SIMULATED else 16            # GEMM tile edge: TILE x TILE threads p
 MAX_GEMM_BLOCKS = 2 if SIMULATED else 65535
 REDUCTION_THREADS = 8 if SIMULATED else 128  # threads sharing one output of a block reduction
 BLOCK_REDUCTION_MIN = 256  # reduced elements per output from which a block shares the work
+# On a GPU numba-cuda keeps each kernel's compiled code next to its module file in the kernel
+# cache (cache.py). The simulator runs kernels as Python: there is no compiled code to keep,
+# and its jit accepts `cache` only to ignore it, so simulated sources leave it out.
+KERNEL_DECORATOR = "@cuda.jit" if SIMULATED else "@cuda.jit(cache=True)"
 
 
 @dataclass
@@ -118,7 +122,7 @@ def elementwise_call(entry: str, sub, refs: list[str] | None = None) -> CudaCall
     for v in sub.output_values:
         loop.line(f"{arrays[v]}[{index_text(index)}] = {emitter.locals[v]}")
     body = Writer()
-    body.line("@cuda.jit")
+    body.line(KERNEL_DECORATOR)
     with body.block(f"def {entry}({', '.join(list(arrays.values()) + list(dims))}):"):
         body.extend(emitter.prelude)
     body.extend(loop)
@@ -188,7 +192,7 @@ def generate_reduction(kernel: Node) -> CudaKernelSource:
 
     entry = _entry(kernel)
     source = Writer()
-    source.line("@cuda.jit")
+    source.line(KERNEL_DECORATOR)
     with source.block(f"def {entry}({', '.join(list(arrays.values()) + list(dims))}):"):
         source.extend(emitter.prelude)
     source.extend(code)
@@ -218,7 +222,7 @@ def _call(entry: str, params: list[str], args: list[str | int], threads: int,
     """A hand-written kernel `entry(*params)`: write_body writes the per-thread work for flat
     position `flat` (a grid-stride loop over `threads` positions is opened for it)."""
     w = Writer()
-    w.line("@cuda.jit")
+    w.line(KERNEL_DECORATOR)
     with w.block(f"def {entry}({', '.join(params)}):"):
         _grid_stride(w, "flat", str(threads))
         write_body(w)
@@ -272,7 +276,7 @@ def _gemm(x: Operand, y: Operand, out_name: str, out: tuple[int, ...], dtype: st
         return f"{name}[{', '.join(lead + ((col, row) if operand.transposed else (row, col)))}]"
 
     w = Writer()
-    w.line("@cuda.jit")
+    w.line(KERNEL_DECORATOR)
     with w.block("def matmul(a, b, out):"):
         w.line(f"sa = cuda.shared.array(({TILE}, {TILE}), np.{dtype})")
         w.line(f"sb = cuda.shared.array(({TILE}, {TILE}), np.{dtype})")

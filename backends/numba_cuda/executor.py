@@ -1,24 +1,39 @@
-"""compile_graph for numba.cuda: one device arena, kernels launched in the memory plan's order.
+"""compile_graph for numba.cuda: kernels launched in the memory plan's order over device memory
+allocated once.
 
-Per call, the inputs are copied to the device, every kernel is launched, and the outputs are
-copied back as fresh host arrays; donated inputs are updated in the caller's arrays by a copy
-back from the device. (Parameters do not yet stay resident on the device between calls.)
+Device memory, all allocated at compile time: the arena (one allocation holding every
+intermediate and kernel scratch), one buffer per graph input and one per output. A call
+uploads its inputs, launches every kernel and downloads the outputs as fresh host arrays; a
+donated input's new value (written into its buffer) is downloaded into the caller's array.
+
+Resident inputs (`keep_on_device`; compile_train_step and gc.load's train steps keep their
+parameters, buffers, optimizer state, step count and RNG key there): such an input is uploaded
+only when its buffer does not hold that very host array's values yet (the first call, another
+array passed, or after `invalidate`), and when donated its new value stays on the device, the
+caller's array going stale until `sync_to_host()`. A training step then uploads only the batch
+and the learning rate, and downloads only the loss. Residency is asked for, not the default:
+callers such as gc.jit's donation and the data-parallel step read the updated arrays after
+every call, or pass them to other executables.
+
+`transfers` counts the bytes copied each way; `cache_stats` the kernel cache's work (cache.py).
 """
 from __future__ import annotations
 
 import os
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from graphc.backends.numba_cpu import CacheStats
 from graphc.backends.signature import prepare_inputs
-from graphc.ir import Graph, Node, Value
+from graphc.ir import Graph, Node, TensorType, Value
 from graphc.ir.verify import KERNEL_OP
 from graphc.passes.fusion import fuse
 from graphc.passes.memplan import MemoryPlan, plan_memory
 
+from .cache import get_cache, signature_of
 from .codegen import CudaCall, CudaKernelSource, generate
 
 
@@ -53,15 +68,28 @@ def _cublas_matmul(cupy: Any, transposed: tuple[bool, bool]) -> Callable[..., No
     return matmul
 
 
-def _load(call: CudaCall) -> Callable[..., None]:
+def _argument_types(node: Node, source: CudaKernelSource, call: CudaCall) -> list[TensorType | int]:
+    """What each argument of `call` is at launch: a kernel array's type (reshaped as the call
+    views it), or an int."""
+    result: list[TensorType | int] = []
+    for k, arg in enumerate(call.args):
+        if isinstance(arg, int):
+            result.append(arg)
+            continue
+        table = {"x": [v.type for v in node.inputs], "y": [v.type for v in node.outputs],
+                 "s": list(source.scratch)}[arg[0]]
+        t = table[int(arg[1:])]
+        view = call.views[k] if k < len(call.views) else None
+        result.append(TensorType(view, t.dtype) if view is not None else t)
+    return result
+
+
+def _load(node: Node, source: CudaKernelSource, call: CudaCall, stats: CacheStats) -> Callable[..., None]:
     """The launchable kernel `function[grid, block](*args)` of a call."""
     cupy = _cupy()
     if call.gemm is not None and cupy is not None:
-        host = _cublas_matmul(cupy, call.gemm)
-        return _HostLaunch(host)
-    namespace: dict[str, Any] = {}
-    exec(compile(call.source, f"<graphc-cuda {call.entry}>", "exec"), namespace)
-    return namespace[call.entry]
+        return _HostLaunch(_cublas_matmul(cupy, call.gemm))
+    return get_cache().load(call, signature_of(_argument_types(node, source, call)), stats)
 
 
 class _HostLaunch:
@@ -77,70 +105,57 @@ class _HostLaunch:
 
 class Executable:
     """A graph compiled for numba.cuda. Call it with one array per graph input; it returns one
-    fresh NumPy array per output. `kernels` holds each kernel's generated source."""
+    fresh NumPy array per output, and a donated input's own array for its output (stale while
+    that input is resident: see the module docstring). `kernels` holds each kernel's generated
+    source. Calls from several threads take turns: they share the device buffers."""
 
     def __init__(self, graph: Graph, plan: MemoryPlan, sources: dict[Node, CudaKernelSource],
+                 functions: dict[Node, list[Callable[..., None]]], cache_stats: CacheStats,
                  compile_seconds: float) -> None:
         self.graph = graph
         self.plan = plan
         self.kernels = [sources[n] for n in plan.schedule if n in sources]
+        self.cache_stats = cache_stats
         self.compile_seconds = compile_seconds
+        self.transfers = {"to_device": 0, "to_host": 0}  # bytes copied since compiling
         self._cuda = _cuda()
         self._arena = self._cuda.device_array(max(plan.peak_bytes, 1), np.uint8)
-        self._fixed: dict[Value, Any] = {}
-        self._bind_fixed()
-        self._launches = [(call, _load(call), node) for node in plan.schedule if node in sources
-                          for call in sources[node].calls]
-        self._scratch = {node: [self._arena_view(s.offset, t.shape, t.np_dtype) for s, t in pieces]
-                         for node, pieces in plan.scratch.items()}
+        self._inputs = [self._cuda.device_array(v.type.shape, v.type.np_dtype) for v in graph.input_values]
+        self._env = self._bind()
+        self._launches = [(function, call.grid, call.block, self._arguments(call, node))
+                          for node in plan.schedule if node in sources
+                          for call, function in zip(sources[node].calls, functions[node])]
+        self._donated = {**plan.donated_in_place, **plan.donated_by_copy}  # input -> output
+        self._donor_of = {j: k for k, j in self._donated.items()}
+        # by-copy donations whose value is not already in the input's buffer (a view of it)
+        self._copies = [(self._inputs[k], self._env[graph.output_values[j]])
+                        for k, j in plan.donated_by_copy.items()
+                        if plan.root(graph.output_values[j]) is not graph.input_values[k]]
+        self._resident: frozenset[int] = frozenset()
+        self._held: dict[int, np.ndarray] = {}  # resident input -> host array its buffer holds
+        self._newer: set[int] = set()  # resident inputs the kernels updated since (not synced)
         self._lock = threading.Lock()
 
+    # -- binding (once) -----------------------------------------------------------------------
     def _arena_view(self, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> Any:
         count = int(np.prod(shape, dtype=np.int64))
         raw = self._arena[offset:offset + count * dtype.itemsize]
         return raw.view(dtype).reshape(shape) if shape else raw.view(dtype).reshape(())
 
-    def _bind_fixed(self) -> None:
-        """Arena views and constants: the same device arrays on every call."""
-        for node in self.plan.schedule:
-            for v in node.outputs:
-                loc = self.plan.locations[v]
-                if loc.kind == "arena":
-                    storage = self.plan.storages[loc.index]
-                    self._fixed[v] = self._arena_view(storage.offset, v.type.shape, v.type.np_dtype)
-                elif loc.kind == "constant":
-                    value = np.array(node.subgraph.nodes[0].attrs["value"], dtype=v.type.np_dtype)
-                    self._fixed[v] = self._cuda.to_device(np.ascontiguousarray(value))
-
-    def __call__(self, *args: Any) -> list[np.ndarray]:
-        donated = tuple(self.plan.donated_in_place) + tuple(self.plan.donated_by_copy)
-        arrays = prepare_inputs(self.graph, args, donated)
-        with self._lock:
-            env = self._device_values(arrays)
-            for call, function, node in self._launches:
-                args = [self._argument(a, node, env) for a in call.args]
-                for k, shape in enumerate(call.views):
-                    if shape is not None:
-                        args[k] = args[k].reshape(shape)
-                function[call.grid, call.block](*args)
-            outputs = [env[v].copy_to_host() for v in self.graph.output_values]
-            for k, j in self.plan.donated_in_place.items():
-                outputs[j] = arrays[k]
-                env[self.graph.input_values[k]].copy_to_host(arrays[k])
-            for k, j in self.plan.donated_by_copy.items():
-                np.copyto(arrays[k], outputs[j])
-                outputs[j] = arrays[k]
-            return outputs
-
-    def _device_values(self, arrays: Sequence[np.ndarray]) -> dict[Value, Any]:
+    def _bind(self) -> dict[Value, Any]:
+        """The device array of every value: the same on every call."""
         cuda, plan = self._cuda, self.plan
-        env = dict(self._fixed)
-        for v, array in zip(self.graph.input_values, arrays):
-            env[v] = cuda.to_device(array)
+        env = dict(zip(self.graph.input_values, self._inputs))
         for node in plan.schedule:
             for v in node.outputs:
                 loc = plan.locations[v]
-                if loc.kind == "output":
+                if loc.kind == "arena":
+                    storage = plan.storages[loc.index]
+                    env[v] = self._arena_view(storage.offset, v.type.shape, v.type.np_dtype)
+                elif loc.kind == "constant":
+                    value = np.array(node.subgraph.nodes[0].attrs["value"], dtype=v.type.np_dtype)
+                    env[v] = cuda.to_device(np.ascontiguousarray(value))
+                elif loc.kind == "output":
                     env[v] = cuda.device_array(v.type.shape, v.type.np_dtype)
                 elif loc.kind == "donated":
                     env[v] = env[self.graph.input_values[loc.index]]
@@ -148,17 +163,102 @@ class Executable:
                     env[v] = env[loc.base].reshape(v.type.shape)
         return env
 
-    def _argument(self, arg: str | int, node: Node, env: dict[Value, Any]) -> Any:
-        if isinstance(arg, int):
-            return arg
-        position = int(arg[1:])
-        if arg[0] == "s":
-            return self._scratch[node][position]
-        return env[(node.inputs if arg[0] == "x" else node.outputs)[position]]
+    def _arguments(self, call: CudaCall, node: Node) -> list[Any]:
+        scratch = [self._arena_view(s.offset, t.shape, t.np_dtype) for s, t in self.plan.scratch.get(node, ())]
+        args = []
+        for k, arg in enumerate(call.args):
+            if isinstance(arg, int):
+                args.append(arg)
+                continue
+            position = int(arg[1:])
+            value = scratch[position] if arg[0] == "s" else \
+                self._env[(node.inputs if arg[0] == "x" else node.outputs)[position]]
+            view = call.views[k] if k < len(call.views) else None
+            args.append(value.reshape(view) if view is not None else value)
+        return args
+
+    # -- calling ------------------------------------------------------------------------------
+    def __call__(self, *args: Any) -> list[np.ndarray]:
+        arrays = prepare_inputs(self.graph, args, tuple(self._donated))
+        with self._lock:
+            self._upload(arrays)
+            for function, grid, block, arguments in self._launches:
+                # configured at each launch: the simulator's kernel keeps one configuration,
+                # and the cache hands the same kernel to every call of identical source
+                function[grid, block](*arguments)
+            self._store_donated(arrays)
+            return [arrays[self._donor_of[j]] if j in self._donor_of else self._download(self._env[v])
+                    for j, v in enumerate(self.graph.output_values)]
+
+    def _upload(self, arrays: list[np.ndarray]) -> None:
+        for k, array in enumerate(arrays):
+            if k in self._resident:
+                if self._held.get(k) is array:
+                    continue
+                self._give_back(k)
+                self._held[k] = array
+            self._to_device(array, self._inputs[k])
+
+    def _store_donated(self, arrays: list[np.ndarray]) -> None:
+        """Donated outputs into their inputs' buffers, and on to the host unless resident."""
+        for buffer, value in self._copies:
+            buffer.copy_to_device(value)  # device to device
+        for k in self._donated:
+            if k in self._resident:
+                self._newer.add(k)
+            else:
+                self._download(self._inputs[k], arrays[k])
+
+    def _give_back(self, k: int) -> None:
+        """The host array resident input k held gets the updates it has not seen."""
+        if k in self._newer:
+            self._download(self._inputs[k], self._held[k])
+            self._newer.discard(k)
+
+    def _to_device(self, array: np.ndarray, buffer: Any) -> None:
+        buffer.copy_to_device(array)
+        self.transfers["to_device"] += array.nbytes
+
+    def _download(self, buffer: Any, array: np.ndarray | None = None) -> np.ndarray:
+        array = buffer.copy_to_host(array)
+        self.transfers["to_host"] += array.nbytes
+        return array
+
+    # -- resident inputs ----------------------------------------------------------------------
+    @property
+    def resident(self) -> frozenset[int]:
+        """Indices of the inputs kept on the device between calls."""
+        return self._resident
+
+    def keep_on_device(self, inputs: Iterable[int]) -> None:
+        """Keep these inputs on the device between calls (and no others: one dropped from
+        the set first gets its updates back into its host array)."""
+        inputs = frozenset(inputs)
+        if not inputs <= set(range(len(self._inputs))):
+            raise ValueError(f"{self.graph.name}: no inputs {sorted(inputs - set(range(len(self._inputs))))}")
+        with self._lock:
+            for k in self._resident - inputs:
+                self._give_back(k)
+                self._held.pop(k, None)
+            self._resident = inputs
+
+    def sync_to_host(self) -> None:
+        """Copy every resident input the kernels updated into the host array it came from."""
+        with self._lock:
+            for k in sorted(self._newer):
+                self._give_back(k)
+
+    def invalidate(self, array: np.ndarray | None = None) -> None:
+        """Forget the device copy of `array` (of every resident input when None): the next
+        call uploads the host array again, and updates not synced to it are dropped."""
+        with self._lock:
+            for k in [k for k, held in self._held.items() if array is None or held is array]:
+                del self._held[k]
+                self._newer.discard(k)
 
     def __repr__(self) -> str:
         return (f"<numba-cuda Executable {self.graph.name!r}: {len(self.kernels)} kernels, "
-                f"{self.plan.summary()}>")
+                f"{self.plan.summary()}; {self.cache_stats}>")
 
 
 def compile_graph(graph: Graph, donate: dict[int, int] | None = None) -> Executable:
@@ -168,4 +268,7 @@ def compile_graph(graph: Graph, donate: dict[int, int] | None = None) -> Executa
     fused = graph if any(n.op == KERNEL_OP for n in graph.nodes) else fuse(graph)
     sources = {n: generate(n) for n in fused.nodes if n.attrs["pattern"] not in ("view", "constant")}
     plan = plan_memory(fused, donate, scratch=lambda n: list(sources[n].scratch) if n in sources else [])
-    return Executable(fused, plan, sources, time.perf_counter() - start)
+    stats = CacheStats()
+    functions = {node: [_load(node, source, call, stats) for call in source.calls]
+                 for node, source in sources.items()}
+    return Executable(fused, plan, sources, functions, stats, time.perf_counter() - start)

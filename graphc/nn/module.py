@@ -4,17 +4,76 @@ Parameters and buffers are NumPy arrays owned by the module. A module's forward 
 while graphc traces it: for that, `bound(module, tensors)` swaps every parameter and buffer for
 the traced Tensor that stands for it, so the compiled step reads (and, through donated buffers,
 updates) the module's own arrays.
+
+A training step running on a GPU keeps the newest values on the device instead: it *claims*
+the module tree (`claim_state`). Whatever hands the module's arrays out (state_dict,
+parameters, named_parameters/named_buffers, attribute access, load_state_dict, copying) first
+makes that holder release them: copy them back, then re-read the arrays before its next step,
+since they may have been written. Nothing claims a module on the CPU, where every check is
+one test of an empty set.
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 
 from graphc.ir.errors import GraphcError
 
 from ..tensor import Tensor, current_trace
+
+
+class StateHolder(Protocol):
+    """Keeps the newest values of a module tree's parameters and buffers elsewhere (a training
+    step on a GPU)."""
+
+    def sync_state(self) -> None:
+        """Copy the newer values into the module's own arrays."""
+
+    def release_state(self) -> None:
+        """sync_state, then let go: the module's arrays are the truth again (they may be
+        written; the holder reads them before it next runs) and the claim ends."""
+
+
+_CLAIMING: weakref.WeakSet = weakref.WeakSet()  # holders with a claim now
+
+
+def claim_state(module: Module, holder: StateHolder) -> None:
+    """`holder` has the newest values of the tree's parameters and buffers from now on; any
+    other holder of them releases them first."""
+    release_state_holders(module)
+    for m in module.modules():
+        object.__setattr__(m, "_state_holder", holder)
+    _CLAIMING.add(holder)
+
+
+def unclaim_state(module: Module, holder: StateHolder) -> None:
+    for m in module.modules():
+        if m.__dict__.get("_state_holder") is holder:
+            object.__setattr__(m, "_state_holder", None)
+    _CLAIMING.discard(holder)
+
+
+def _holders(module: Module) -> list[StateHolder]:
+    if not _CLAIMING:
+        return []
+    found = (m.__dict__.get("_state_holder") for m in module.modules())
+    return list(dict.fromkeys(h for h in found if h is not None))
+
+
+def sync_state_holders(module: Module) -> None:
+    """Before the tree's arrays are read (not written): they get the newest values."""
+    for holder in _holders(module):
+        holder.sync_state()
+
+
+def release_state_holders(module: Module) -> None:
+    """Before the tree's arrays are handed out, or written: newest values copied back, and
+    every holder re-reads them before it next runs."""
+    for holder in _holders(module):
+        holder.release_state()
 
 
 class Parameter:
@@ -35,6 +94,7 @@ class Module:
         object.__setattr__(self, "_buffers", {})
         object.__setattr__(self, "_modules", {})
         object.__setattr__(self, "_bound", None)
+        object.__setattr__(self, "_state_holder", None)
         object.__setattr__(self, "training", True)
 
     # -- registration -------------------------------------------------------------------
@@ -60,9 +120,12 @@ class Module:
         bound = d.get("_bound")
         if bound is not None and name in bound:
             return bound[name]
-        for table in ("_parameters", "_buffers", "_modules"):
+        for table in ("_parameters", "_buffers"):
             if name in d.get(table, {}):
+                release_state_holders(self)
                 return d[table][name]
+        if name in d.get("_modules", {}):
+            return d["_modules"][name]
         raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
 
     # -- traversal ----------------------------------------------------------------------
@@ -78,6 +141,7 @@ class Module:
         return iter(self._modules.values())
 
     def named_parameters(self) -> Iterator[tuple[str, np.ndarray]]:
+        release_state_holders(self)
         for prefix, module in self.named_modules():
             for name, p in module._parameters.items():
                 yield prefix + name, p
@@ -86,6 +150,7 @@ class Module:
         return [p for _, p in self.named_parameters()]
 
     def named_buffers(self) -> Iterator[tuple[str, np.ndarray]]:
+        release_state_holders(self)
         for prefix, module in self.named_modules():
             for name, b in module._buffers.items():
                 yield prefix + name, b
@@ -109,7 +174,7 @@ class Module:
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Copy arrays into the module's own (so compiled steps keep seeing them)."""
-        own = self.state_dict()
+        own = self.state_dict()  # a step keeping them on a GPU has let go: it re-reads them
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if strict and (missing or unexpected):
@@ -122,6 +187,11 @@ class Module:
                 raise GraphcError(f"load_state_dict: {name!r} has shape {value.shape}, "
                                   f"the module expects {own[name].shape}")
             np.copyto(own[name], value, casting="same_kind")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles get the newest values, and not the holder of them."""
+        release_state_holders(self)
+        return {**self.__dict__, "_state_holder": None}
 
     # -- calling ----------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
