@@ -440,7 +440,7 @@ def test_profiling_every_call_from_the_environment(monkeypatch):
         executable(*arrays)
     report = executable.profile_report
     assert report.calls == 3 and [r.name for r in report.rows] == [k.name for k in executable.kernels]
-    assert [entry for entry, _ in report.rows[0].parts] == ["matmul", "kernel_matmul_relu"]
+    assert [entry for entry, _ in report.rows[0].parts] == ["matmul", "epilogue_relu"]
     assert "matmul" in report.table(parts=True)
 
 

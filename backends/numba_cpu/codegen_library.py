@@ -28,7 +28,7 @@ from graphc.ir import Graph, Node, TensorType, Value
 from graphc.passes.fusion import is_literal
 
 from .codegen_common import (PARALLEL_MIN_ELEMENTS, Call, KernelSource, Writer, decorator,
-                             entry_name, index_text, loop_header, module, size_of)
+                             index_text, loop_header, module, size_of)
 from .codegen_elementwise import (argument_names, broadcast_index, elementwise_call,
                                   elementwise_flops, members_of)
 
@@ -623,9 +623,11 @@ def generate_library(kernel: Node) -> KernelSource:
 
 def _epilogue_call(kernel: Node, anchor: Node, epilogue: list[Node], names: dict[Value, str]) -> Call:
     """The epilogue as an elementwise kernel of its own: it reads the library result (an
-    output of this kernel) and the kernel inputs it needs, and writes the other outputs."""
+    output of this kernel) and the kernel inputs it needs, and writes the other outputs. It is
+    named after its own ops, so that the same epilogue after different library ops (a ReLU
+    mask after a pooling or a convolution gradient) is one compiled function."""
     part, refs = epilogue_graph(kernel, anchor, epilogue, names)
-    call = elementwise_call(entry_name(kernel.attrs["name"]), part)
+    call = elementwise_call("epilogue_" + "_".join(m.op for m in epilogue), part)
     translate = dict(zip(argument_names(part).values(), refs))
     return Call(call.source, call.entry, tuple(translate.get(a, a) for a in call.args),
                 flat=call.flat, parallel=call.parallel)
