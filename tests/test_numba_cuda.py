@@ -179,6 +179,26 @@ def check_another_array_for_a_resident_input_is_uploaded() -> None:
     np.testing.assert_allclose(other, other_start - 0.5 * g, **TOLERANCE["float32"])
 
 
+def check_a_donation_by_copy_is_copied_on_the_device() -> None:
+    """w <- w.T reads w off-index while writing it: the plan copies the new value at the end."""
+    import test_numba_cpu as cpu
+    from graphc.backends.numba_cuda import compile_graph
+
+    w = cpu.normal(4, 4)
+    graph = cpu.build("transposed", [w], lambda b, w: [b.transpose(w, perm=(1, 0))])
+    for resident in (set(), {0}):
+        array = w.copy()
+        executable = compile_graph(graph, donate={0: 0})
+        assert executable.plan.donated_by_copy == {0: 0}
+        executable.keep_on_device(resident)
+        for want in (w.T, w):
+            before = executable.transfers["to_host"]
+            executable(array)
+            assert executable.transfers["to_host"] - before == (0 if resident else w.nbytes)
+            executable.sync_to_host()
+            np.testing.assert_array_equal(array, want)
+
+
 def mlp_step(backend: str):
     import graphc as gc
     import graphc.nn.functional as F
@@ -295,6 +315,7 @@ CHECKS = {**{f"case_{name}": (lambda name=name: cpu_case(name)) for name in CPU_
           "resident_inputs_are_uploaded_once_and_synced_on_request":
               check_resident_inputs_are_uploaded_once_and_synced_on_request,
           "another_array_for_a_resident_input_is_uploaded": check_another_array_for_a_resident_input_is_uploaded,
+          "a_donation_by_copy_is_copied_on_the_device": check_a_donation_by_copy_is_copied_on_the_device,
           "train_step_keeps_state_on_the_device": check_train_step_keeps_state_on_the_device,
           "load_state_dict_between_steps_is_honoured": check_load_state_dict_between_steps_is_honoured,
           "a_new_batch_shape_takes_the_state_over": check_a_new_batch_shape_takes_the_state_over,
