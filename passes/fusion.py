@@ -193,6 +193,9 @@ class _Partitioner:
     # -- pointwise nodes -----------------------------------------------------------------------
     def _add_pointwise(self, node: Node) -> None:
         joinable, blocked = self._joinable_groups(node)
+        if self._feeds_only_later_kernels(node, joinable):
+            self._new_group(node, "elementwise")
+            return
         input_groups = {self.group_of[v].key for v in node.inputs if v in self.group_of}
         union: list[_Group] = []
         # Anchored groups first: an epilogue saves a full write and re-read of their output.
@@ -214,6 +217,38 @@ class _Partitioner:
         (survivor.epilogue if survivor.anchored else survivor.body).append(node)
         survivor.open_values.add(node.output)
         self._attach(node, survivor)
+
+    def _feeds_only_later_kernels(self, node: Node, joinable: list[_Group]) -> bool:
+        """Should elementwise `node`, a function of one group's values, start a group of its
+        own? Yes when its value (through a chain of elementwise ops) only reaches nodes that
+        must run after that group: joined to it, the group would store the value for them;
+        deferred, their kernel computes it from its inputs instead. For the ReLU gradient's mask
+        (out > 0) this spares a forward kernel storing the mask: the backward kernel reads
+        `out`, which it keeps anyway for the next layer."""
+        if len(joinable) != 1 or get(node.op).kind != ELEMENTWISE:
+            return False
+        group = joinable[0]
+        if any(self.group_of.get(v) not in (None, group) for v in node.inputs):
+            return False
+        return self._reaches_only_later(node.output, group.key, depth=4)
+
+    def _reaches_only_later(self, value: Value, key: int, depth: int) -> bool:
+        """Does every use of `value`, following single-input elementwise chains up to `depth`
+        ops, read another input computed after group `key` (so it cannot join that group)?"""
+        users = self.users.get(value, [])
+        if not users or value in self.graph_outputs or depth == 0:
+            return False
+        for user in users:
+            others = [v for v in user.inputs if v is not value
+                      and not (v.producer is not None and is_literal(v.producer))]
+            if not others:
+                if get(user.op).kind != ELEMENTWISE or not self._reaches_only_later(user.output, key, depth - 1):
+                    return False
+                continue
+            groups = [self.group_of.get(v) for v in others]
+            if not any(g is not None and g.key != key and nx.has_path(self.dag, key, g.key) for g in groups):
+                return False
+        return True
 
     def _joinable_groups(self, node: Node) -> tuple[list[_Group], set[int]]:
         """Groups `node` may join, and groups it must not join (it reads them off-index)."""

@@ -74,6 +74,22 @@ def test_matmul_takes_bias_and_relu_as_epilogue():
     same_results(b.graph, fused)
 
 
+
+def test_a_mask_only_later_kernels_read_is_computed_there_not_stored():
+    # forward y = relu(x @ w); then, in the order autodiff emits them, a cotangent computed
+    # from y and the ReLU gradient dz = cotangent * (y > 0): the mask joins the kernel that
+    # uses it, which reads y, instead of being stored by the forward kernel.
+    b, (x, w) = builder((4, 6), (6, 5))
+    y = b.relu(b.matmul(x, w))
+    cotangent = b.matmul(b.matmul(y, b.transpose(w, perm=(1, 0))), w)
+    mask = b.cast(b.gt(y, b.scalar_like(0, y)), dtype=F32)
+    b.add_output("y", y)
+    b.add_output("dz", b.mul(cotangent, mask))
+    fused, ks = kernels(b.graph)
+    assert ks[0] == ("library", ["matmul", "relu"])
+    assert ks[-1] == ("library", ["constant", "matmul", "gt", "cast", "mul"])
+    same_results(b.graph, fused)
+
 def test_anchor_operands_are_never_epilogue_members():
     b, (x, w) = builder((4, 4), (4, 4))
     a = b.exp(x)

@@ -121,9 +121,11 @@ unary("tanh", _quiet(np.tanh),
 unary("sigmoid", _quiet(lambda x: np.asarray(1 / (1 + np.exp(-x)), dtype=x.dtype)),
       lambda b, g, x, *, out: (b.mul(b.mul(g, out), b.sub(b.scalar_like(1, x), out)),),
       lambda x: f"(1 / (1 + np.exp(-{x})))")
-# relu(x) = x where not x <= 0: propagates NaN, as PyTorch does.
+# relu(x) = x where not x <= 0: propagates NaN, as PyTorch does. The gradient's mask reads the
+# output (out > 0 exactly where x > 0, NaN included), which the backward pass keeps anyway as
+# the next layer's input: no mask is stored between the passes.
 unary("relu", _quiet(lambda x: np.where(x <= 0, np.zeros((), x.dtype), x)),
-      lambda b, g, x, *, out: (b.mul(g, _mask(b, b.gt(x, b.scalar_like(0, x)), x)),),
+      lambda b, g, x, *, out: (b.mul(g, _mask(b, b.gt(out, b.scalar_like(0, x)), x)),),
       lambda x: f"(0 if {x} <= 0 else {x})", infer=_numeric_unary)
 unary("abs", _quiet(np.abs), lambda b, g, x, *, out: (_grad_if_float(x, b.mul(g, b.sign(x))),),
       lambda x: f"abs({x})", infer=_numeric_unary)
