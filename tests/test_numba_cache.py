@@ -142,7 +142,9 @@ def test_worker_processes_compile_part_of_a_large_graph(monkeypatch):
     b = Builder("chain")
     x = b.add_input(TensorType((3, 4), "float32"), "x")
     v = x
-    for scale in (1.2345, 2.3456, 3.4567, 4.5678, 5.6789):  # literals no other test compiles
+    # literals no other test compiles; enough kernels that a worker pays for its start
+    scales = tuple(1.2345 + 1.0001 * k for k in range(12))
+    for scale in scales:
         v = b.transpose(b.tanh(b.mul(v, b.scalar_like(scale, v))), perm=(1, 0))
     b.add_output("y", v)
     executable = compile_graph(b.graph)
@@ -152,6 +154,20 @@ def test_worker_processes_compile_part_of_a_large_graph(monkeypatch):
     assert stats.hits + stats.misses + stats.reused == len(executable.kernels)
     arg = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
     want = arg
-    for scale in (1.2345, 2.3456, 3.4567, 4.5678, 5.6789):
+    for scale in scales:
         want = np.tanh(want * np.float32(scale)).T
     np.testing.assert_allclose(executable(arg)[0], want, rtol=1e-6)
+
+
+def test_cold_kernels_are_shared_out_by_estimated_compile_time():
+    """Parallel kernels (the costly ones, each process paying Numba's parfor set-up once) gather
+    in as few processes as balance allows; serial ones fill the rest; each kernel goes once."""
+    from graphc.backends.numba_cpu.cache import _shares
+    from graphc.backends.numba_cpu.codegen_common import Call
+
+    items = [(f"p{i}", (Call("", "f", (), parallel=True), ())) for i in range(2)]
+    items += [(f"s{i}", (Call("", "f", (), parallel=False), ())) for i in range(16)]
+    main, worker = _shares(items, 1)
+    assert sorted(k for k, _ in main + worker) == sorted(k for k, _ in items)
+    assert {k for k, _ in main if k.startswith("p")} == {"p0", "p1"}  # set-up paid once
+    assert all(k.startswith("s") for k, _ in worker) and len(worker) > len(main)

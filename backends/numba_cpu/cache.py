@@ -187,8 +187,7 @@ class KernelCache:
         count = _worker_count() if len(missing) >= WORKER_MIN_KERNELS else 0
         if count <= 0:
             return []
-        items = list(missing.items())
-        shares = [items[i + 1::count + 1] for i in range(count)]  # share 0 stays here
+        shares = _shares(list(missing.items()), count)[1:]  # share 0 stays here
         return [_Worker({key: (self.path(key), self.module_name(key), kernel.entry, signature)
                          for key, (kernel, signature) in share}) for share in shares if share]
 
@@ -276,6 +275,30 @@ class KernelCache:
 
 # A worker pays ~2 s to start (imports, Numba's initialisation): not worth it for a few kernels.
 WORKER_MIN_KERNELS = 4
+# Estimated compile seconds (measured on 2 cores): a serial kernel, a parallel one, the first
+# parallel one in a process on top (Numba sets up its parfor machinery), a worker's start.
+SERIAL_COMPILE_S, PARALLEL_COMPILE_S, FIRST_PARALLEL_S, WORKER_START_S = 0.3, 0.9, 1.5, 2.0
+
+
+def _shares(items: list[tuple[str, tuple[Call, tuple]]], workers: int) -> list[list]:
+    """Split the kernels between this process (share 0) and `workers`: longest first, each to
+    the process that would finish it soonest, by the estimates above. Parallel kernels thus
+    gather where the parfor set-up is paid already, and serial ones fill the other processes."""
+    loads = [0.0] + [WORKER_START_S] * workers
+    has_parallel = [False] * (workers + 1)
+    shares: list[list] = [[] for _ in loads]
+
+    def cost(item, process: int) -> float:
+        if not item[1][0].parallel:
+            return SERIAL_COMPILE_S
+        return PARALLEL_COMPILE_S + (0.0 if has_parallel[process] else FIRST_PARALLEL_S)
+
+    for item in sorted(items, key=lambda it: not it[1][0].parallel):
+        best = min(range(len(loads)), key=lambda p: loads[p] + cost(item, p))
+        loads[best] += cost(item, best)
+        has_parallel[best] |= item[1][0].parallel
+        shares[best].append(item)
+    return shares
 WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compile_worker.py")
 
 
