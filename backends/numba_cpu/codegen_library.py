@@ -460,7 +460,7 @@ def _tiled_max_pool_grad_plane(kh: int, kw: int) -> Callable[[Writer], None]:
     with no zeroing pass and no accumulation. The first maximum is found without data-dependent
     branches: the maximum, then a flag per cell for "equals it, and no earlier cell did", the
     cotangent times that flag. On random activations the searching loop's branches mispredict;
-    this ran 1.9x faster on the MNIST CNN's 64x64x24x24 (11.7 -> 6.0 ms on one thread).
+    this ran 1.5x faster on the MNIST CNN's 64x64x24x24 (9.3 -> 6.1 ms on one thread).
     A window holding a NaN, or a non-finite cotangent (inf * 0 would be NaN), takes the
     general search. A cell that is not the maximum gets g * 0, which is -0.0 for a negative g."""
     cells = [(i, j) for i in range(kh) for j in range(kw)]
