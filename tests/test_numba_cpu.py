@@ -259,6 +259,21 @@ def test_tiled_max_pool_gradient_matches_the_reference_on_edges_and_non_finite_v
         arrays)
     assert "top = max(v0, v1, v2, v3)" in executable.kernels[0].source
 
+
+def test_adjacent_reduced_axes_are_merged_when_every_array_allows():
+    """sum over (0, 2, 3) of (N, C, H, W) runs over H*W as one axis: arrays are passed as
+    views, and read broadcast (size 1 over both merged axes) or full; keepdims too. An operand
+    spanning only one of two adjacent reduced axes keeps the loops as they are."""
+    x, bias, scale, row = normal(4, 3, 5, 6), normal(1, 3, 1, 1), normal(3), normal(5, 1)
+    arrays = [x, bias, scale, row]
+    executable = check(build("merged_axes", arrays, lambda b, v, c, s, r: [
+        b.mul(b.sum(b.square(b.add(v, c)), axes=(0, 2, 3)), s),
+        b.sum(b.mul(v, c), axes=(0, 2, 3), keepdims=True),
+        b.max(b.add(v, r), axes=(2, 3))]), arrays)
+    sources = [k.source for k in executable.kernels if k.pattern == "reduction"]
+    merged = [src for src in sources if "for i2 in range(n2):" in src and "i3" not in src]
+    assert len(merged) == 2 and len(sources) == 3
+
 # -- fused patterns and random graphs ----------------------------------------------------------
 def test_matmul_bias_relu_is_one_kernel():
     arrays = [normal(16, 32), normal(32, 8), normal(8)]

@@ -100,11 +100,10 @@ def cache_key(source: str) -> str:
     return hashlib.sha256(f"{VERSION_TAG}\n{source}".encode()).hexdigest()[:32]
 
 
-def signature_of(args: list[TensorType | int], flat: bool = False) -> tuple:
-    """The Numba signature of a call: C-contiguous arrays (1-D when `flat`) and int64s."""
+def signature_of(args: list[TensorType | int]) -> tuple:
+    """The Numba signature of a call: C-contiguous arrays and int64s."""
     return tuple(types.int64 if isinstance(a, int) else
-                 types.Array(numba.from_dtype(a.np_dtype), 1 if flat else a.ndim, "C")
-                 for a in args)
+                 types.Array(numba.from_dtype(a.np_dtype), a.ndim, "C") for a in args)
 
 
 class KernelCache:

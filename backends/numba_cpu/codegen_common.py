@@ -35,13 +35,21 @@ from numba import njit, prange
 class Call:
     """One compiled function of a kernel and what to pass it: `args` names the kernel's arrays
     ('x0': input 0, 'y1': output 1, 's0': scratch 0) or gives an integer. With `flat`, every
-    array is passed as a 1-D view."""
+    array is passed as a 1-D view; `views` may give, per argument, the shape of the view to
+    pass instead of the array (None: as it is)."""
 
     source: str                   # a complete module
     entry: str                    # the function to call in it
     args: tuple[str | int, ...]
     flat: bool = False
     parallel: bool = False
+    views: tuple[tuple[int, ...] | None, ...] = ()
+
+    def view_of(self, position: int, array: TensorType) -> tuple[int, ...] | None:
+        """The shape argument `position` (an array of type `array`) is passed as, or None."""
+        if self.flat:
+            return (array.size,)
+        return self.views[position] if self.views else None
 
 
 @dataclass

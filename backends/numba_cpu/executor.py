@@ -81,9 +81,10 @@ class _Environment:
 
     def __init__(self) -> None:
         self.template: list[Any] = []
-        self.slot: dict[tuple[Value, bool], int] = {}  # (value, flat) -> slot
+        # (value, False) -> the value's array; (value, shape) -> that array reshaped (a view)
+        self.slot: dict[tuple[Value, bool | tuple[int, ...]], int] = {}
 
-    def add(self, key: tuple[Value, bool], array: Any = None) -> int:
+    def add(self, key: tuple[Value, bool | tuple[int, ...]], array: Any = None) -> int:
         self.slot[key] = self.constant(array)
         return self.slot[key]
 
@@ -129,7 +130,6 @@ class Executable:
         self._fresh: list[tuple[int, tuple[int, ...], np.dtype]] = []
         self._donated_slots: list[tuple[int, int]] = []
         self._views: list[tuple[int, int, tuple[int, ...]]] = []  # filled per call
-        self._flats: list[tuple[int, int]] = []
         for node in plan.schedule:
             for v in node.outputs:
                 self._bind_value(v, node)
@@ -161,15 +161,18 @@ class Executable:
         raw = self._arena[offset:offset + count * dtype.itemsize]
         return raw.view(dtype).reshape(shape)
 
-    def _slot(self, v: Value, flat: bool) -> int:
+    def _slot(self, v: Value, view: tuple[int, ...] | None) -> int:
+        """The slot of `v`'s array, or of a view of it with shape `view`."""
         env = self._env
-        if (v, flat) in env.slot:
-            return env.slot[(v, flat)]
         base = env.slot[(v, False)]
+        if view is None or view == v.type.shape:
+            return base
+        if (v, view) in env.slot:
+            return env.slot[(v, view)]
         if env.template[base] is not None:
-            return env.add((v, True), env.template[base].reshape(-1))
-        slot = env.add((v, True))
-        self._flats.append((slot, base))
+            return env.add((v, view), env.template[base].reshape(view))
+        slot = env.add((v, view))
+        self._views.append((slot, base, view))
         return slot
 
     def _step(self, kernel: CompiledKernel) -> _Step:
@@ -179,14 +182,14 @@ class Executable:
         calls = []
         for call, function in zip(kernel.generated.calls, kernel.functions):
             slots = []
-            for arg in call.args:
+            for k, arg in enumerate(call.args):
                 if isinstance(arg, int):
                     slots.append(env.constant(arg))
                 elif arg[0] == "s":
                     slots.append(scratch[int(arg[1:])])
                 else:
                     values = node.inputs if arg[0] == "x" else node.outputs
-                    slots.append(self._slot(values[int(arg[1:])], call.flat))
+                    slots.append(self._slot(values[int(arg[1:])], call.view_of(k, values[int(arg[1:])].type)))
             calls.append((function, tuple(slots)))
         return _Step(kernel, tuple(calls))
 
@@ -216,10 +219,8 @@ class Executable:
             env[slot] = np.empty(shape, dtype)
         for slot, k in self._donated_slots:
             env[slot] = env[self._inputs[k]]
-        for slot, base, shape in self._views:
+        for slot, base, shape in self._views:  # in binding order: a view's base comes first
             env[slot] = env[base].reshape(shape)
-        for slot, base in self._flats:
-            env[slot] = env[base].reshape(-1)
         return env
 
     def _finish(self, env: list[Any]) -> list[np.ndarray]:
@@ -334,15 +335,18 @@ class ProfileReport:
 
 # -- compilation -----------------------------------------------------------------------------
 def _argument_types(node: Node, kernel: KernelSource, call: Call) -> list[TensorType | int]:
-    """What each argument of `call` is: the type of a kernel array, or an int."""
+    """What each argument of `call` is: the type of the kernel array (as the call views it),
+    or an int."""
     types = []
-    for arg in call.args:
+    for k, arg in enumerate(call.args):
         if isinstance(arg, int):
             types.append(arg)
         else:
             table = {"x": [v.type for v in node.inputs], "y": [v.type for v in node.outputs],
                      "s": list(kernel.scratch)}[arg[0]]
-            types.append(table[int(arg[1:])])
+            t = table[int(arg[1:])]
+            view = call.view_of(k, t)
+            types.append(t if view is None else TensorType(view, t.dtype))
     return types
 
 
@@ -369,7 +373,7 @@ def compile_graph(graph: Graph, donate: dict[int, int] | None = None) -> Executa
     cache = get_cache()
     stats = CacheStats()
     kernels = {}
-    requests = [(call, signature_of(_argument_types(node, source, call), call.flat))
+    requests = [(call, signature_of(_argument_types(node, source, call)))
                 for node, source in sources.items() for call in source.calls]
     functions = iter(cache.load_all(requests, stats))
     for node, source in sources.items():
