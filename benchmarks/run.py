@@ -4,7 +4,7 @@
 
 Each measurement runs in its own process; systems are interleaved round by round so machine
 noise hits all of them alike. Reported: median samples/s over rounds, the ratio to PyTorch
-eager, graphc's first call with a cold and with a warm kernel cache, and the peak memory the
+eager (and the median and range of the round-by-round ratios), graphc's first call with a cold and with a warm kernel cache, and the peak memory the
 steps add (plus graphc's planned arena against the naive sum).
 """
 from __future__ import annotations
@@ -89,6 +89,13 @@ def main() -> None:
             peaks = [r["step_peak_extra_kib"] for r in runs if r.get("step_peak_extra_kib") is not None]
             peak = f"{statistics.median(peaks) / 1024:.1f} MiB" if peaks else "n/a"
             print(f"| {workload} | {system} | {rate:,.0f} | {ratio} | {first_text} | {peak} |")
+    for workload in args.workloads:
+        # each round's pair ran back to back: their ratio cancels slow phases of the machine
+        pairs = list(zip(results.get(("graphc", workload), []), results.get(("torch", workload), [])))
+        if pairs:
+            ratios = sorted(g["samples_per_s"] / t["samples_per_s"] for g, t in pairs)
+            print(f"\n{workload}: graphc / PyTorch round by round: median {statistics.median(ratios):.2f}x "
+                  f"(from {ratios[0]:.2f}x to {ratios[-1]:.2f}x over {len(ratios)} rounds)")
     for workload in args.workloads:
         g = results.get(("graphc", workload), [{}])[-1]
         if "arena_bytes" in g:
