@@ -20,15 +20,11 @@ process compiles the rest; it then loads theirs from the disk cache in milliseco
 """
 from __future__ import annotations
 
-import glob
 import hashlib
-import importlib.util
 import os
 import pickle
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -37,9 +33,9 @@ from typing import Any
 
 import llvmlite
 import numba
-from numba import types
 
-from graphc.ir import TensorType
+
+from graphc.backends.kernel_files import KernelFiles
 
 from .codegen_common import Call
 
@@ -100,21 +96,12 @@ def cache_key(source: str) -> str:
     return hashlib.sha256(f"{VERSION_TAG}\n{source}".encode()).hexdigest()[:32]
 
 
-def signature_of(args: list[TensorType | int]) -> tuple:
-    """The Numba signature of a call: C-contiguous arrays and int64s."""
-    return tuple(types.int64 if isinstance(a, int) else
-                 types.Array(numba.from_dtype(a.np_dtype), a.ndim, "C") for a in args)
-
-
-class KernelCache:
+class KernelCache(KernelFiles):
     """Loads (compiling when needed) generated kernels from one cache directory."""
 
     def __init__(self, directory: str) -> None:
-        self.directory = directory
+        super().__init__(directory)
         self.stats = CacheStats()
-        self._loaded: dict[str, Any] = {}  # cache key -> dispatcher
-        self._lock = threading.Lock()
-        os.makedirs(directory, exist_ok=True)
 
     def load(self, kernel: Call, signature: tuple, stats: CacheStats | None = None) -> Any:
         """The compiled entry function of `kernel`, specialised for `signature`."""
@@ -125,7 +112,9 @@ class KernelCache:
         local = CacheStats()
         with self._lock:
             for kernel, _ in requests:
-                self._check_source(cache_key(kernel.source), kernel, local)
+                key = cache_key(kernel.source)
+                if key not in self._loaded:
+                    self._check_source(key, kernel.source, local)
             start = time.perf_counter()
             workers = self._start_workers(requests)
             delegated = {key for worker in workers for key in worker.keys}
@@ -154,7 +143,7 @@ class KernelCache:
             stats.reused += 1
             return dispatcher
         if dispatcher is None:
-            dispatcher = self._import(key, kernel)
+            dispatcher = self._import(key, kernel.entry)
         dispatcher = self._compile(key, kernel, dispatcher, signature, stats, compiled_elsewhere)
         self._loaded[key] = dispatcher
         return dispatcher
@@ -190,57 +179,6 @@ class KernelCache:
         return [_Worker({key: (self.path(key), self.module_name(key), kernel.entry, signature)
                          for key, (kernel, signature) in share}) for share in shares if share]
 
-    # -- files -------------------------------------------------------------------------------
-    def module_name(self, key: str) -> str:
-        return f"k_{key}"
-
-    def path(self, key: str) -> str:
-        return os.path.join(self.directory, self.module_name(key) + ".py")
-
-    def _write_source(self, key: str, source: str) -> None:
-        """Atomically: a reader never sees half a file (temporary file, then rename)."""
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(source)
-        os.replace(tmp, self.path(key))
-
-    def _purge(self, key: str, dispatcher: Any = None) -> None:
-        """Delete an entry's source and Numba's index and object files for it."""
-        name = self.module_name(key)
-        pycache = [os.path.join(self.directory, "__pycache__")]
-        if dispatcher is not None:
-            pycache.append(dispatcher.stats.cache_path)
-        for folder in pycache:
-            for path in glob.glob(os.path.join(folder, name + ".*")):
-                os.remove(path)
-        if os.path.exists(self.path(key)):
-            os.remove(self.path(key))
-        sys.modules.pop(name, None)
-
-    def _check_source(self, key: str, kernel: Call, stats: CacheStats) -> None:
-        """Write the kernel's source file, or replace it if it is not the kernel's text."""
-        path = self.path(key)
-        if key in self._loaded:
-            return
-        if os.path.exists(path):
-            with open(path) as f:
-                intact = f.read() == kernel.source
-            if not intact:
-                warnings.warn(f"graphc: kernel cache entry {path} is corrupt; rebuilding it")
-                self._purge(key)
-                stats.rebuilt += 1
-        if not os.path.exists(path):
-            self._write_source(key, kernel.source)
-
-    def _import(self, key: str, kernel: Call) -> Any:
-        path = self.path(key)
-        name = self.module_name(key)
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        return getattr(module, kernel.entry)
-
     def _compile(self, key: str, kernel: Call, dispatcher: Any, signature: tuple,
                  stats: CacheStats, compiled_elsewhere: bool = False) -> Any:
         """Load `signature` from Numba's disk cache or compile it; an unreadable cache entry
@@ -251,13 +189,13 @@ class KernelCache:
         try:
             dispatcher.compile(signature)
         except Exception:
-            if not glob.glob(os.path.join(dispatcher.stats.cache_path, self.module_name(key) + ".*")):
+            if not self._compiled_files(key, dispatcher.stats.cache_path):
                 raise  # nothing cached: a genuine compile error
             warnings.warn(f"graphc: compiled kernel cache for {kernel.entry} is corrupt; rebuilding it")
-            self._purge(key, dispatcher)
+            self._purge(key, dispatcher.stats.cache_path)
             stats.rebuilt += 1
             self._write_source(key, kernel.source)
-            dispatcher = self._import(key, kernel)
+            dispatcher = self._import(key, kernel.entry)
             hits_before = 0
             dispatcher.compile(signature)
         elapsed = time.perf_counter() - start

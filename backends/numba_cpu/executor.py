@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import numba
 import numpy as np
 
+from graphc.backends.kernel_files import signature_of
 from graphc.backends.signature import prepare_inputs
 from graphc.ir import Graph, Node, TensorType, Value
 from graphc.ir.verify import KERNEL_OP
@@ -27,7 +28,7 @@ from graphc.passes.fusion import fuse
 from graphc.passes.memplan import ALIGNMENT, MemoryPlan, plan_memory
 
 from .blas import single_threaded_scipy_blas
-from .cache import CacheStats, get_cache, signature_of
+from .cache import CacheStats, get_cache
 from .codegen import generate
 from .codegen_common import Call, KernelSource
 

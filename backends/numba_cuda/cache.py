@@ -18,13 +18,8 @@ Either way a module file whose text is not its kernel's is deleted and rebuilt.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
-import importlib.util
-import os
 import sys
-import tempfile
-import threading
 import time
 import warnings
 from importlib.metadata import PackageNotFoundError, version
@@ -32,10 +27,9 @@ from typing import Any
 
 import llvmlite
 import numba
-from numba import types
 
+from graphc.backends.kernel_files import KernelFiles
 from graphc.backends.numba_cpu import CacheStats, default_cache_dir
-from graphc.ir import TensorType
 
 from .codegen import SIMULATED, CudaCall
 
@@ -55,21 +49,12 @@ def cache_key(source: str) -> str:
     return hashlib.sha256(f"{VERSION_TAG}\n{source}".encode()).hexdigest()[:32]
 
 
-def signature_of(args: list[TensorType | int]) -> tuple:
-    """The types numba-cuda sees at launch: C-contiguous device arrays and int64s."""
-    return tuple(types.int64 if isinstance(a, int) else
-                 types.Array(numba.from_dtype(a.np_dtype), a.ndim, "C") for a in args)
-
-
-class CudaKernelCache:
+class CudaKernelCache(KernelFiles):
     """Loads generated kernels through one cache directory."""
 
     def __init__(self, directory: str) -> None:
-        self.directory = directory
+        super().__init__(directory)
         self.stats = CacheStats()
-        self._loaded: dict[str, Any] = {}  # cache key -> kernel (dispatcher)
-        self._lock = threading.Lock()
-        os.makedirs(directory, exist_ok=True)
 
     def load(self, call: CudaCall, signature: tuple, stats: CacheStats) -> Any:
         """The kernel of `call`, on a GPU compiled for `signature`."""
@@ -110,52 +95,6 @@ class CudaKernelCache:
             stats.compiled += 1
             stats.compile_seconds += seconds
 
-    # -- files -------------------------------------------------------------------------------
-    def module_name(self, key: str) -> str:
-        return f"k_{key}"
-
-    def path(self, key: str) -> str:
-        return os.path.join(self.directory, self.module_name(key) + ".py")
-
-    def _write_source(self, key: str, source: str) -> None:
-        """Atomically: a reader never sees half a file (temporary file, then rename)."""
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(source)
-        os.replace(tmp, self.path(key))
-
-    def _check_source(self, key: str, source: str, stats: CacheStats) -> bool:
-        """Whether the kernel's module file was on disk, intact; written if not (a corrupt
-        one is replaced and counted)."""
-        path = self.path(key)
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                if f.read() == source.encode():
-                    return True
-            warnings.warn(f"graphc: CUDA kernel cache entry {path} is corrupt; rebuilding it")
-            self._purge(key)
-            stats.rebuilt += 1
-        self._write_source(key, source)
-        return False
-
-    def _purge(self, key: str, compiled_in: str | None = None) -> None:
-        """Delete an entry's module file and numba-cuda's index and code files for it."""
-        name = self.module_name(key)
-        for folder in {os.path.join(self.directory, "__pycache__"), compiled_in or ""} - {""}:
-            for path in glob.glob(os.path.join(folder, name + ".*")):
-                os.remove(path)
-        if os.path.exists(self.path(key)):
-            os.remove(self.path(key))
-        sys.modules.pop(name, None)
-
-    def _import(self, key: str, entry: str) -> Any:
-        name = self.module_name(key)
-        spec = importlib.util.spec_from_file_location(name, self.path(key))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # else numba-cuda's cache could not be loaded next time
-        spec.loader.exec_module(module)
-        return getattr(module, entry)
-
     def _compile(self, key: str, call: CudaCall, kernel: Any, signature: tuple,
                  stats: CacheStats) -> tuple[Any, bool]:
         """(GPU) Load `signature` from numba-cuda's disk cache or compile it: the kernel and
@@ -165,7 +104,7 @@ class CudaKernelCache:
             kernel.compile(signature)
         except Exception:
             compiled_in = kernel.stats.cache_path
-            if not glob.glob(os.path.join(compiled_in, self.module_name(key) + ".*")):
+            if not self._compiled_files(key, compiled_in):
                 raise  # nothing cached: a genuine compile error
             warnings.warn(f"graphc: compiled CUDA kernel cache for {call.entry} is corrupt; rebuilding it")
             self._purge(key, compiled_in)

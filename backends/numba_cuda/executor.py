@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from graphc.backends.kernel_files import signature_of
 from graphc.backends.numba_cpu import CacheStats
 from graphc.backends.signature import prepare_inputs
 from graphc.ir import Graph, Node, TensorType, Value
@@ -33,7 +34,7 @@ from graphc.ir.verify import KERNEL_OP
 from graphc.passes.fusion import fuse
 from graphc.passes.memplan import MemoryPlan, plan_memory
 
-from .cache import get_cache, signature_of
+from .cache import get_cache
 from .codegen import CudaCall, CudaKernelSource, generate
 
 
