@@ -189,8 +189,8 @@ class Executable:
                 elif arg[0] == "s":
                     slots.append(scratch[int(arg[1:])])
                 else:
-                    values = node.inputs if arg[0] == "x" else node.outputs
-                    slots.append(self._slot(values[int(arg[1:])], call.view_of(k, values[int(arg[1:])].type)))
+                    value = (node.inputs if arg[0] == "x" else node.outputs)[int(arg[1:])]
+                    slots.append(self._slot(value, call.view_of(k, value.type)))
             calls.append((function, tuple(slots)))
         return _Step(kernel, tuple(calls))
 
