@@ -13,6 +13,8 @@ so the two agree to float32 rounding.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from graphc.ir import Graph, Node, TensorType, Value
 from graphc.ir.registry import ELEMENTWISE, get
 
@@ -126,7 +128,7 @@ def generate_reduction(kernel: Node) -> KernelSource:
     if collapsed:
         call = source.calls[0]
         views = tuple(collapsed[1].get(a) if isinstance(a, str) else None for a in call.args)
-        source.calls[0] = Call(call.source, call.entry, call.args, parallel=call.parallel, views=views)
+        source.calls[0] = replace(call, views=views)
     return source
 
 
@@ -182,7 +184,6 @@ def _split_reduction(code: Writer, reduction: _Reduction, index, dims, inner) ->
         reduction.update(code, f"partial[{index[0]}]")
 
 
-
 # -- merging adjacent reduced axes ------------------------------------------------------------
 def collapse_reduced_axes(kernel: Node) -> tuple[Node, dict[str, tuple[int, ...]]] | None:
     """The reduction kernel with each run of adjacent reduced axes merged into one, and the
@@ -206,7 +207,7 @@ def collapse_reduced_axes(kernel: Node) -> tuple[Node, dict[str, tuple[int, ...]
     at = members.index(anchor)
     body_values = {v for m in members[:at] for v in (*m.inputs, *m.outputs)} | {anchor.inputs[0]}
     reduced_values = {v for m in members[at + 1:] for v in (*m.inputs, *m.outputs)} | {anchor.output}
-    if not keepdims and body_values & reduced_values:
+    if not keepdims and any(v.type.size > 1 for v in body_values & reduced_values):
         return None  # one array read at both the full and the reduced index
 
     # the full domain's axes in groups: each run of reduced axes, each other axis alone
@@ -236,8 +237,7 @@ def collapse_reduced_axes(kernel: Node) -> tuple[Node, dict[str, tuple[int, ...]
         shape = merged(v.shape)
         return None if shape is None else TensorType(shape, v.dtype)
 
-    values = [v for v in (*sub.input_values, *(o for n in sub.nodes for o in n.outputs))]
-    types = {v: new_type(v) for v in values}
+    types = {v: new_type(v) for v in (*sub.input_values, *(o for n in sub.nodes for o in n.outputs))}
     if any(t is None for t in types.values()):
         return None
     graph = Graph(sub.name)
