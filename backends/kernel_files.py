@@ -9,18 +9,33 @@ deleted, with the compiled code, and written again.
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.util
 import os
 import sys
 import tempfile
 import threading
 import warnings
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numba
 from numba import types
 
 from graphc.ir import TensorType
+
+
+def package_version(package: str) -> str:
+    """An installed package's version, for cache keys ('unknown' when not installed)."""
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def hashed_key(version_tag: str, source: str) -> str:
+    """A kernel's cache key: its source under the versions that compiled it."""
+    return hashlib.sha256(f"{version_tag}\n{source}".encode()).hexdigest()[:32]
 
 
 def signature_of(args: list[TensorType | int]) -> tuple:

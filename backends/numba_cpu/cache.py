@@ -28,14 +28,13 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import llvmlite
 import numba
 
 
-from graphc.backends.kernel_files import KernelFiles
+from graphc.backends.kernel_files import KernelFiles, hashed_key, package_version
 
 from .codegen_common import Call
 
@@ -75,25 +74,18 @@ def default_cache_dir() -> str:
     return os.path.join(base, "graphc")
 
 
-def _graphc_version() -> str:
-    try:
-        return version("graphc")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def _linked_helpers_digest() -> str:
     """Kernels have gemm.gemm compiled into them: a change to it must not reuse their cache."""
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "gemm.py"), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
-VERSION_TAG = (f"graphc {_graphc_version()} (gemm {_linked_helpers_digest()}); numba "
+VERSION_TAG = (f"graphc {package_version('graphc')} (gemm {_linked_helpers_digest()}); numba "
                f"{numba.__version__}; llvmlite {llvmlite.__version__}; python {sys.version_info[:3]}")
 
 
 def cache_key(source: str) -> str:
-    return hashlib.sha256(f"{VERSION_TAG}\n{source}".encode()).hexdigest()[:32]
+    return hashed_key(VERSION_TAG, source)
 
 
 class KernelCache(KernelFiles):

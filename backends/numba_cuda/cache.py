@@ -18,35 +18,26 @@ Either way a module file whose text is not its kernel's is deleted and rebuilt.
 """
 from __future__ import annotations
 
-import hashlib
 import sys
 import time
 import warnings
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import llvmlite
 import numba
 
-from graphc.backends.kernel_files import KernelFiles
+from graphc.backends.kernel_files import KernelFiles, hashed_key, package_version
 from graphc.backends.numba_cpu import CacheStats, default_cache_dir
 
 from .codegen import SIMULATED, CudaCall
 
 
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "unknown"
-
-
-VERSION_TAG = (f"graphc {_version('graphc')}; numba {numba.__version__}; numba-cuda "
-               f"{_version('numba-cuda')}; llvmlite {llvmlite.__version__}; python {sys.version_info[:3]}")
+VERSION_TAG = (f"graphc {package_version('graphc')}; numba {numba.__version__}; numba-cuda "
+               f"{package_version('numba-cuda')}; llvmlite {llvmlite.__version__}; python {sys.version_info[:3]}")
 
 
 def cache_key(source: str) -> str:
-    return hashlib.sha256(f"{VERSION_TAG}\n{source}".encode()).hexdigest()[:32]
+    return hashed_key(VERSION_TAG, source)
 
 
 class CudaKernelCache(KernelFiles):
