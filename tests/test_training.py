@@ -9,6 +9,7 @@ import graphc as gc
 import graphc.nn.functional as F
 from graphc import nn, optim
 from graphc.data import DataLoader, TensorDataset
+from graphc.models import mnist_cnn
 from graphc.train import EarlyStopping, fit, load_checkpoint, save_checkpoint
 
 REF = "reference"
@@ -77,6 +78,25 @@ def test_dropout_in_the_step_is_reproducible():
         x, y = blobs()
         losses.append([step(x[:32], y[:32]) for _ in range(3)])
     assert losses[0] == losses[1]
+
+
+@pytest.mark.slow
+def test_cnn_on_numba_cpu_follows_the_reference_loss_by_loss():
+    """The MNIST CNN (8x8 inputs; dropout on; its second convolution runs as Winograd on
+    numba-cpu): the same loss sequence on both backends, since the counter-based RNG draws
+    the same dropout masks."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((16, 1, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, 16)
+    losses = {}
+    for backend in (REF, "numba-cpu"):
+        gc.manual_seed(0)
+        model = mnist_cnn(image_size=8)
+        step = gc.compile_train_step(model, F.cross_entropy, optim.Adam(model.parameters()),
+                                     (x, y), backend=backend)
+        losses[backend] = [step(x, y) for _ in range(6)]
+    assert losses[REF][-1] < losses[REF][0]
+    np.testing.assert_allclose(losses["numba-cpu"], losses[REF], rtol=1e-4)
 
 
 def loaders(batch=32):

@@ -31,6 +31,8 @@ from .codegen_common import (PARALLEL_MIN_ELEMENTS, Call, KernelSource, Writer, 
                              index_text, loop_header, module, size_of)
 from .codegen_elementwise import (argument_names, broadcast_index, elementwise_call,
                                   elementwise_flops, members_of)
+from .codegen_winograd import ENTRY as WINOGRAD_ENTRY
+from .codegen_winograd import winograd_applies, winograd_scratch, winograd_source
 
 
 class Refs:
@@ -336,8 +338,11 @@ def _plane_size(shape: tuple[int, ...]) -> int:
 
 def _conv2d(node: Node, refs: Refs) -> tuple[list[Call], int]:
     """Per image: im2col into this thread's column matrix, then out[n] = w @ col per group
-    (written straight into NCHW: the GEMM's rows are the output channels)."""
+    (written straight into NCHW: the GEMM's rows are the output channels). 3x3 filters with
+    enough channels: Winograd instead."""
     x, weight = node.inputs
+    if winograd_applies(node):
+        return _winograd(node, refs, x, weight, node.output, node.attrs["padding"], turned=False)
 
     def steps(w: Writer) -> None:
         with w.block("for c in range(C):"):
@@ -354,8 +359,12 @@ def _conv2d(node: Node, refs: Refs) -> tuple[list[Call], int]:
 
 def _conv2d_input_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
     """Per image: dcol = w.T @ dy[n] per group into this thread's column matrix, then col2im
-    into dx[n]."""
+    into dx[n]. 3x3 filters with enough channels: Winograd instead (dx is the correlation of dy,
+    padded by 2 - padding, with the filters turned 180 degrees)."""
     dy, weight = node.inputs
+    if winograd_applies(node):
+        padding = tuple(2 - p for p in node.attrs["padding"])
+        return _winograd(node, refs, dy, weight, node.output, padding, turned=True)
 
     def steps(w: Writer) -> None:
         with w.block("for g in range(G):"):
@@ -394,6 +403,18 @@ def _conv2d_weight_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
                            "x", node.output, (x.shape[1], _plane_size(dy.shape)),
                            "x.shape[1], dy.shape[2] * dy.shape[3]", (_im2col_plane, "x, col, row0"),
                            steps, add_partials)
+
+
+def _winograd(node: Node, refs: Refs, x: Value, weight: Value, out: Value,
+              padding: tuple[int, int], turned: bool) -> tuple[list[Call], int]:
+    """A conv2d or its input gradient as Winograd F(2x2, 3x3) (codegen_winograd); FLOPs counted
+    as the direct convolution's, so that GFLOP/s compare with the im2col kernels."""
+    threads, shapes = winograd_scratch(x.shape[0], x.shape[1], out.shape[1], out.shape[2:])
+    scratch = [refs.new_scratch(shape, weight.dtype) for shape in shapes]
+    args = (refs[x], refs[weight], refs[out], *scratch, *padding, int(turned))
+    positions = (x if turned else out).shape[2] * (x if turned else out).shape[3]
+    flops = _conv_flops(weight.shape, x.shape[0] * positions)
+    return [Call(winograd_source(threads > 1), WINOGRAD_ENTRY, args, parallel=threads > 1)], flops
 
 
 def _conv_flops(weight_shape: tuple[int, ...], positions: int) -> int:
