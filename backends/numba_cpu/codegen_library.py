@@ -31,8 +31,7 @@ from .codegen_common import (PARALLEL_MIN_ELEMENTS, Call, KernelSource, Writer, 
                              index_text, loop_header, module, size_of)
 from .codegen_elementwise import (argument_names, broadcast_index, elementwise_call,
                                   elementwise_flops, members_of)
-from .codegen_winograd import ENTRY as WINOGRAD_ENTRY
-from .codegen_winograd import winograd_applies, winograd_scratch, winograd_source
+from .codegen_winograd import FORWARD, WEIGHT_GRAD, winograd_applies, winograd_scratch, winograd_source
 
 
 class Refs:
@@ -341,7 +340,7 @@ def _conv2d(node: Node, refs: Refs) -> tuple[list[Call], int]:
     (written straight into NCHW: the GEMM's rows are the output channels). 3x3 filters with
     enough channels: Winograd instead."""
     x, weight = node.inputs
-    if winograd_applies(node):
+    if winograd_applies(node, weight.shape, weight.dtype):
         return _winograd(node, refs, x, weight, node.output, node.attrs["padding"], turned=False)
 
     def steps(w: Writer) -> None:
@@ -362,7 +361,7 @@ def _conv2d_input_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
     into dx[n]. 3x3 filters with enough channels: Winograd instead (dx is the correlation of dy,
     padded by 2 - padding, with the filters turned 180 degrees)."""
     dy, weight = node.inputs
-    if winograd_applies(node):
+    if winograd_applies(node, weight.shape, weight.dtype):
         padding = tuple(2 - p for p in node.attrs["padding"])
         return _winograd(node, refs, dy, weight, node.output, padding, turned=True)
 
@@ -381,8 +380,11 @@ def _conv2d_input_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
 
 def _conv2d_weight_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
     """Per image: im2col of x[n], then dw += dy[n] @ col.T per group, each thread accumulating
-    its chunk into its own partial dw (BLAS's beta = 1); the partials are added at the end."""
+    its chunk into its own partial dw (BLAS's beta = 1); the partials are added at the end.
+    3x3 filters with enough channels: Winograd instead."""
     x, dy = node.inputs
+    if winograd_applies(node, node.output.shape, node.output.dtype):
+        return _winograd_weight_grad(node, refs)
 
     def steps(w: Writer) -> None:
         with w.block("for c in range(C):"):
@@ -409,12 +411,23 @@ def _winograd(node: Node, refs: Refs, x: Value, weight: Value, out: Value,
               padding: tuple[int, int], turned: bool) -> tuple[list[Call], int]:
     """A conv2d or its input gradient as Winograd F(2x2, 3x3) (codegen_winograd); FLOPs counted
     as the direct convolution's, so that GFLOP/s compare with the im2col kernels."""
-    threads, shapes = winograd_scratch(x.shape[0], x.shape[1], out.shape[1], out.shape[2:])
+    threads, shapes = winograd_scratch(x.shape[0], x.shape[1], out.shape[1], out.shape[2:], False)
     scratch = [refs.new_scratch(shape, weight.dtype) for shape in shapes]
     args = (refs[x], refs[weight], refs[out], *scratch, *padding, int(turned))
-    positions = (x if turned else out).shape[2] * (x if turned else out).shape[3]
+    positions = _plane_size(x.shape if turned else out.shape)
     flops = _conv_flops(weight.shape, x.shape[0] * positions)
-    return [Call(winograd_source(threads > 1), WINOGRAD_ENTRY, args, parallel=threads > 1)], flops
+    return [Call(winograd_source(FORWARD, threads > 1), FORWARD, args, parallel=threads > 1)], flops
+
+
+def _winograd_weight_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
+    """conv2d_weight_grad as Winograd F(2x2, 3x3) (codegen_winograd)."""
+    x, dy = node.inputs
+    dw = node.output
+    threads, shapes = winograd_scratch(x.shape[0], x.shape[1], dy.shape[1], dy.shape[2:], True)
+    scratch = [refs.new_scratch(shape, dw.dtype) for shape in shapes]
+    args = (refs[x], refs[dy], refs[dw], *scratch, *node.attrs["padding"])
+    flops = _conv_flops(dw.shape, x.shape[0] * _plane_size(dy.shape))
+    return [Call(winograd_source(WEIGHT_GRAD, threads > 1), WEIGHT_GRAD, args, parallel=threads > 1)], flops
 
 
 def _conv_flops(weight_shape: tuple[int, ...], positions: int) -> int:
