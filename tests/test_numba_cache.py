@@ -161,7 +161,8 @@ def test_worker_processes_compile_part_of_a_large_graph(monkeypatch):
 
 def test_cold_kernels_are_shared_out_by_estimated_compile_time():
     """Parallel kernels (the costly ones, each process paying Numba's parfor set-up once) gather
-    in as few processes as balance allows; serial ones fill the rest; each kernel goes once."""
+    in as few processes as balance allows; serial ones fill the rest; each kernel goes once;
+    a long source counts as a longer compile."""
     from graphc.backends.numba_cpu.cache import _shares
     from graphc.backends.numba_cpu.codegen_common import Call
 
@@ -170,4 +171,10 @@ def test_cold_kernels_are_shared_out_by_estimated_compile_time():
     main, worker = _shares(items, 1)
     assert sorted(k for k, _ in main + worker) == sorted(k for k, _ in items)
     assert {k for k, _ in main if k.startswith("p")} == {"p0", "p1"}  # set-up paid once
-    assert all(k.startswith("s") for k, _ in worker) and len(worker) > len(main)
+    assert all(k.startswith("s") for k, _ in worker) and len(worker) > 2
+    # a module as costly as the other parallel ones together: they go to the other process
+    big = [("big", (Call("x" * 8000, "f", (), parallel=True), ()))]
+    small = [(f"p{i}", (Call("x" * 1000, "f", (), parallel=True), ())) for i in range(4)]
+    main, worker = _shares(big + small + items[2:], 1)
+    with_big = main if "big" in dict(main) else worker
+    assert [k for k, _ in with_big if not k.startswith("s")] == ["big"]

@@ -204,9 +204,18 @@ class KernelCache(KernelFiles):
 
 # A worker pays ~2 s to start (imports, Numba's initialisation): not worth it for a few kernels.
 WORKER_MIN_KERNELS = 4
-# Estimated compile seconds (measured on 2 cores): a serial kernel, a parallel one, the first
-# parallel one in a process on top (Numba sets up its parfor machinery), a worker's start.
-SERIAL_COMPILE_S, PARALLEL_COMPILE_S, FIRST_PARALLEL_S, WORKER_START_S = 0.3, 0.9, 1.5, 2.0
+# Estimated compile seconds (measured on 2 cores): a serial kernel, a parallel one, per source
+# character on top (the Winograd module, 8.5k characters, takes ~8 s; a 0.6k elementwise loop
+# ~1 s), the first parallel one in a process on top (Numba sets up its parfor machinery), a
+# worker's start.
+SERIAL_COMPILE_S, PARALLEL_COMPILE_S, FIRST_PARALLEL_S, WORKER_START_S = 0.1, 0.3, 1.5, 2.0
+SERIAL_S_PER_CHAR, PARALLEL_S_PER_CHAR = 1 / 4000, 1 / 1000
+
+
+def _estimated_seconds(kernel: Call) -> float:
+    if kernel.parallel:
+        return PARALLEL_COMPILE_S + len(kernel.source) * PARALLEL_S_PER_CHAR
+    return SERIAL_COMPILE_S + len(kernel.source) * SERIAL_S_PER_CHAR
 
 
 def _shares(items: list[tuple[str, tuple[Call, tuple]]], workers: int) -> list[list]:
@@ -218,16 +227,18 @@ def _shares(items: list[tuple[str, tuple[Call, tuple]]], workers: int) -> list[l
     shares: list[list] = [[] for _ in loads]
 
     def cost(item, process: int) -> float:
-        if not item[1][0].parallel:
-            return SERIAL_COMPILE_S
-        return PARALLEL_COMPILE_S + (0.0 if has_parallel[process] else FIRST_PARALLEL_S)
+        kernel = item[1][0]
+        first = kernel.parallel and not has_parallel[process]
+        return _estimated_seconds(kernel) + (FIRST_PARALLEL_S if first else 0.0)
 
-    for item in sorted(items, key=lambda it: not it[1][0].parallel):
+    for item in sorted(items, key=lambda it: -_estimated_seconds(it[1][0])):
         best = min(range(len(loads)), key=lambda p: loads[p] + cost(item, p))
         loads[best] += cost(item, best)
         has_parallel[best] |= item[1][0].parallel
         shares[best].append(item)
     return shares
+
+
 WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compile_worker.py")
 
 

@@ -31,7 +31,8 @@ from .codegen_common import (PARALLEL_MIN_ELEMENTS, Call, KernelSource, Writer, 
                              index_text, loop_header, module, size_of)
 from .codegen_elementwise import (argument_names, broadcast_index, elementwise_call,
                                   elementwise_flops, members_of)
-from .codegen_winograd import FORWARD, WEIGHT_GRAD, winograd_applies, winograd_scratch, winograd_source
+from .codegen_winograd import (ENTRY, FORWARD, INPUT_GRAD, WEIGHT_GRAD, winograd_applies,
+                               winograd_scratch, winograd_source)
 
 
 class Refs:
@@ -341,7 +342,7 @@ def _conv2d(node: Node, refs: Refs) -> tuple[list[Call], int]:
     enough channels: Winograd instead."""
     x, weight = node.inputs
     if winograd_applies(node, weight.shape, weight.dtype):
-        return _winograd(node, refs, x, weight, node.output, node.attrs["padding"], turned=False)
+        return _winograd(node, refs, x, weight, node.output, node.attrs["padding"], FORWARD)
 
     def steps(w: Writer) -> None:
         with w.block("for c in range(C):"):
@@ -363,7 +364,7 @@ def _conv2d_input_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
     dy, weight = node.inputs
     if winograd_applies(node, weight.shape, weight.dtype):
         padding = tuple(2 - p for p in node.attrs["padding"])
-        return _winograd(node, refs, dy, weight, node.output, padding, turned=True)
+        return _winograd(node, refs, dy, weight, node.output, padding, INPUT_GRAD)
 
     def steps(w: Writer) -> None:
         with w.block("for g in range(G):"):
@@ -384,7 +385,7 @@ def _conv2d_weight_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
     3x3 filters with enough channels: Winograd instead."""
     x, dy = node.inputs
     if winograd_applies(node, node.output.shape, node.output.dtype):
-        return _winograd_weight_grad(node, refs)
+        return _winograd(node, refs, x, dy, node.output, node.attrs["padding"], WEIGHT_GRAD)
 
     def steps(w: Writer) -> None:
         with w.block("for c in range(C):"):
@@ -407,27 +408,19 @@ def _conv2d_weight_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
                            steps, add_partials)
 
 
-def _winograd(node: Node, refs: Refs, x: Value, weight: Value, out: Value,
-              padding: tuple[int, int], turned: bool) -> tuple[list[Call], int]:
-    """A conv2d or its input gradient as Winograd F(2x2, 3x3) (codegen_winograd); FLOPs counted
-    as the direct convolution's, so that GFLOP/s compare with the im2col kernels."""
-    threads, shapes = winograd_scratch(x.shape[0], x.shape[1], out.shape[1], out.shape[2:], False)
-    scratch = [refs.new_scratch(shape, weight.dtype) for shape in shapes]
-    args = (refs[x], refs[weight], refs[out], *scratch, *padding, int(turned))
-    positions = _plane_size(x.shape if turned else out.shape)
-    flops = _conv_flops(weight.shape, x.shape[0] * positions)
-    return [Call(winograd_source(FORWARD, threads > 1), FORWARD, args, parallel=threads > 1)], flops
-
-
-def _winograd_weight_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
-    """conv2d_weight_grad as Winograd F(2x2, 3x3) (codegen_winograd)."""
-    x, dy = node.inputs
-    dw = node.output
-    threads, shapes = winograd_scratch(x.shape[0], x.shape[1], dy.shape[1], dy.shape[2:], True)
-    scratch = [refs.new_scratch(shape, dw.dtype) for shape in shapes]
-    args = (refs[x], refs[dy], refs[dw], *scratch, *node.attrs["padding"])
-    flops = _conv_flops(dw.shape, x.shape[0] * _plane_size(dy.shape))
-    return [Call(winograd_source(WEIGHT_GRAD, threads > 1), WEIGHT_GRAD, args, parallel=threads > 1)], flops
+def _winograd(node: Node, refs: Refs, a: Value, b: Value, c: Value, padding: tuple[int, int],
+              mode: int) -> tuple[list[Call], int]:
+    """conv2d (a: x, b: w, c: out), its input gradient (dy, w, dx) or its weight gradient (x, dy,
+    dw) as Winograd F(2x2, 3x3) (codegen_winograd). FLOPs counted as the direct convolution's,
+    so that GFLOP/s compare with the im2col kernels."""
+    planes = b if mode == WEIGHT_GRAD else c  # the planes the 2x2 tiles cover
+    threads, shapes = winograd_scratch(a.shape[0], a.shape[1], planes.shape[1], planes.shape[2:], mode)
+    scratch = [refs.new_scratch(shape, c.dtype) for shape in shapes]
+    args = (refs[a], refs[b], refs[c], *scratch, *padding, mode)
+    weight = c if mode == WEIGHT_GRAD else b
+    positions = _plane_size(a.shape if mode == INPUT_GRAD else planes.shape)
+    flops = _conv_flops(weight.shape, a.shape[0] * positions)
+    return [Call(winograd_source(threads > 1), ENTRY, args, parallel=threads > 1)], flops
 
 
 def _conv_flops(weight_shape: tuple[int, ...], positions: int) -> int:
