@@ -14,7 +14,8 @@ across threads when large, or one per batch element. conv2d and its gradients wo
 image by image, the batch split into one chunk per thread: an image's receptive fields are
 copied into the thread's (C*kh*kw, Ho*Wo) column matrix (im2col), which one GEMM per group
 then multiplies straight into NCHW. The column matrix stays in cache between the two (a whole
-batch's, 40 MB for the MNIST CNN, went through memory twice and ran 1.5x slower).
+batch's, 40 MB for the MNIST CNN, went through memory twice and ran 1.5x slower). 3x3 stride-1
+layers with enough channels run as Winograd F(2x2, 3x3) instead (codegen_winograd.py).
 Pooling loops over each image plane's windows, planes in parallel; the scatters loop over
 their operand, in parallel over an axis on which they cannot collide.
 """

@@ -185,7 +185,7 @@ def conv3x3_winograd(a, b, c, u, v, m, pad, partial, PH, PW, mode):
         the filters b: M_k = U_k @ V_k per image, then its tiles' outputs A^T M A;
       mode 1, its input gradient: the same with b's filters turned (see transform_filters);
       mode 2, its filters' gradient c for the cotangent b (a: the input): each thread sums
-        dU_k += dM_k @ V_k^T over its images, dM = A dY A^T; then c[o, i] = G^T dU G.
+        dU_k += dM_k @ V_k^T over its images, dM = A dY A^T; then each filter is G^T dU G.
     Images in T chunks, one per thread, each with its own v, m, pad (and partial dU)."""
     N, C = a.shape[0], a.shape[1]
     grad = mode == 2
@@ -196,7 +196,7 @@ def conv3x3_winograd(a, b, c, u, v, m, pad, partial, PH, PW, mode):
     chunk = -(-N // T)
     if not grad:
         transform_filters(b, u, mode == 1)
-    u2 = u.reshape((u.shape[0], u.shape[1] * u.shape[2]))  # 2-D, as the other operands: one gemm specialisation
+    u2 = u.reshape((u.shape[0], u.shape[1] * u.shape[2]))  # 2-D as all operands: one gemm
     for t in prange(T):
         vt, mt = v[t], m[t]
         pt = partial[t].reshape((partial.shape[1], partial.shape[2] * partial.shape[3]))
