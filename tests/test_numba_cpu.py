@@ -162,6 +162,15 @@ BLAS_CASES = {
     "matmul": lambda: (lambda arrays: (build("matmul", arrays, lambda b, x, y, z: [
         b.matmul(x, y), b.matmul(z, y), b.relu(b.add(b.matmul(x, y), b.const(np.ones(3), "float32")))]),
         arrays))([normal(5, 7), normal(7, 3), normal(2, 4, 5, 7)]),
+    # large enough for blocks on the threads: of columns (more columns than rows) or of rows,
+    # with each operand stored as it is or transposed
+    "matmul_blocks": lambda: (lambda arrays: (build("matmul_blocks", arrays, lambda b, x, y, xt, yt: [
+        b.matmul(x, y), b.matmul(b.transpose(xt, perm=(1, 0)), y),
+        b.matmul(x, b.transpose(yt, perm=(1, 0))),
+        b.matmul(b.transpose(xt, perm=(1, 0)), b.transpose(yt, perm=(1, 0))),
+        b.matmul(b.transpose(y, perm=(1, 0)), b.transpose(x, perm=(1, 0))),
+        b.matmul(yt, xt)]),
+        arrays))([normal(40, 300), normal(300, 500), normal(300, 40), normal(500, 300)]),
     "conv2d": lambda: (lambda arrays: (build("conv2d", arrays, lambda b, x, w, v, u: [
         b.conv2d(x, w, stride=2, padding=1), b.conv2d(v, u, padding=2, dilation=2, groups=2)]),
         arrays))([normal(2, 3, 8, 8), normal(4, 3, 3, 3), normal(2, 4, 9, 9), normal(6, 2, 3, 3)]),

@@ -140,22 +140,30 @@ def _gemm_call(transpose_a: bool | str, transpose_b: bool | str, m: str, n: str,
 def _gemm_body(parallel: bool) -> Callable[[Writer], None]:
     """out = op(a) @ op(b), the transposes `ta`, `tb` being arguments: one compiled function
     serves the forward product and both gradient products (a parallel one took ~1 s to compile,
-    each). The parallel variant splits out's rows into T blocks, one BLAS call each (BLAS itself
-    runs single-threaded: see blas.py); a block of a transposed operand's rows is a block of
-    its stored columns, at offset lo."""
+    each). The parallel variant splits out into T blocks of rows, or of columns when it has more
+    columns than rows, one BLAS call each (BLAS itself runs single-threaded: see blas.py). Each
+    call then packs only its own part of the larger operand: the MNIST CNN's 64 x 9216 by
+    9216 x 128 product took 2.0 ms in row blocks, 1.6 ms in column blocks (2 threads). A block of
+    a transposed operand's rows (columns) is a block of its stored columns (rows), at offset lo."""
     def body(w: Writer) -> None:
         w.line("M, N, K = out.shape[0], out.shape[1], a.shape[0] if ta else a.shape[1]")
         if not parallel:
             w.line(_gemm_call("ta", "tb", "M", "N", "K", "a", "0", "b", "0", "0.0", "out", "0"))
             return
-        w.line("blocks = max(1, min(T, M))")
-        w.line("step = -(-M // blocks)")
+        w.line("by_columns = N > M")
+        w.line("size = N if by_columns else M")
+        w.line("blocks = max(1, min(T, size))")
+        w.line("step = -(-size // blocks)")
         with w.block("for task in prange(blocks):"):
             w.line("lo = task * step")
-            w.line("hi = min(M, lo + step)")
+            w.line("hi = min(size, lo + step)")
             with w.block("if lo < hi:"):
-                w.line(_gemm_call("ta", "tb", "hi - lo", "N", "K", "a", "lo if ta else lo * a.shape[1]",
-                                  "b", "0", "0.0", "out", "lo * N"))
+                with w.block("if by_columns:"):
+                    w.line("m, n, a_at, b_at, c_at = M, hi - lo, 0, lo * b.shape[1] if tb else lo, lo")
+                with w.block("else:"):
+                    w.line("m, n, a_at, b_at, c_at = hi - lo, N, lo if ta else lo * a.shape[1], 0, lo * N")
+                w.line(_gemm_call("ta", "tb", "m", "n", "K", "a", "a_at", "b", "b_at", "0.0", "out", "c_at",
+                                  ldc="N"))
     return body
 
 
