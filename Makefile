@@ -28,6 +28,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
+	-$(BIN)/python -m pip install -q -e ".[peers]"
 	$(BIN)/python benchmarks/run.py
 
 clean:

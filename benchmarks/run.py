@@ -1,11 +1,13 @@
-"""Training-step benchmark: graphc against PyTorch eager (and JAX when installed), side by side.
+"""Training-step benchmark: graphc against PyTorch eager (and JAX and PyTensor's Numba backend
+when installed: `pip install -e '.[peers]'`), side by side.
 
     python benchmarks/run.py [--rounds 3] [--steps 30] [--workloads mlp cnn]
 
 Each measurement runs in its own process; systems are interleaved round by round so machine
 noise hits all of them alike. Reported: median samples/s over rounds, the ratio to PyTorch
-eager (and the median and range of the round-by-round ratios), graphc's first call with a cold and with a warm kernel cache, and the peak memory the
-steps add (plus graphc's planned arena against the naive sum).
+eager, graphc's round-by-round ratios to each peer (median and range), graphc's first call with a
+cold and with a warm kernel cache, and the peak memory the steps add (plus graphc's planned arena
+against the naive sum). JAX and PyTensor run the MLP only.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+PEERS = {"torch": "PyTorch eager", "jax": "JAX jit", "pytensor": "PyTensor (Numba)"}
+MLP_ONLY = {"jax", "pytensor"}
 
 
 def measure(system: str, workload: str, steps: int, env: dict[str, str]) -> dict:
@@ -43,10 +47,9 @@ def main() -> None:
                              "default: each system's own default (all cores)")
     args = parser.parse_args()
 
-    systems = ["graphc", "torch"] + (["jax"] if importlib.util.find_spec("jax") else [])
-    if not importlib.util.find_spec("torch"):
-        systems.remove("torch")
-        print("PyTorch is not installed (pip install -e '.[compare]'): graphc alone is measured")
+    systems = ["graphc"] + [s for s in PEERS if importlib.util.find_spec(s)]
+    if "torch" not in systems:
+        print("PyTorch is not installed (pip install -e '.[compare]'): ratios are to the other peers")
     cache = tempfile.mkdtemp(prefix="graphc-bench-cache-")
     base_env = {**os.environ, "GRAPHC_CACHE_DIR": cache}
     if args.threads:
@@ -61,7 +64,7 @@ def main() -> None:
             for workload in args.workloads:
                 order = systems if r % 2 == 0 else systems[::-1]
                 for system in order:
-                    if system == "jax" and workload != "mlp":
+                    if system in MLP_ONLY and workload != "mlp":
                         continue
                     res = measure(system, workload, args.steps, base_env)
                     results.setdefault((system, workload), []).append(res)
@@ -89,13 +92,16 @@ def main() -> None:
             peaks = [r["step_peak_extra_kib"] for r in runs if r.get("step_peak_extra_kib") is not None]
             peak = f"{statistics.median(peaks) / 1024:.1f} MiB" if peaks else "n/a"
             print(f"| {workload} | {system} | {rate:,.0f} | {ratio} | {first_text} | {peak} |")
+    print()
     for workload in args.workloads:
-        # each round's pair ran back to back: their ratio cancels slow phases of the machine
-        pairs = list(zip(results.get(("graphc", workload), []), results.get(("torch", workload), [])))
-        if pairs:
-            ratios = sorted(g["samples_per_s"] / t["samples_per_s"] for g, t in pairs)
-            print(f"\n{workload}: graphc / PyTorch round by round: median {statistics.median(ratios):.2f}x "
-                  f"(from {ratios[0]:.2f}x to {ratios[-1]:.2f}x over {len(ratios)} rounds)")
+        for peer, name in PEERS.items():
+            # each round's pair ran back to back: their ratio cancels slow phases of the machine
+            pairs = list(zip(results.get(("graphc", workload), []), results.get((peer, workload), [])))
+            if pairs:
+                ratios = sorted(g["samples_per_s"] / p["samples_per_s"] for g, p in pairs)
+                print(f"{workload}: graphc / {name} round by round: median "
+                      f"{statistics.median(ratios):.2f}x (from {ratios[0]:.2f}x to {ratios[-1]:.2f}x "
+                      f"over {len(ratios)} rounds)")
     for workload in args.workloads:
         g = results.get(("graphc", workload), [{}])[-1]
         if "arena_bytes" in g:

@@ -1,6 +1,6 @@
 """One benchmark measurement in its own process: prints a JSON line with the results.
 
-    python benchmarks/worker.py --system graphc|torch|jax --workload mlp|cnn [--steps N]
+    python benchmarks/worker.py --system graphc|torch|jax|pytensor --workload mlp|cnn [--steps N]
 
 Measures: time to the end of the first training step (compilation included), steady-state
 per-step times (median reported as samples/s), the peak resident memory that the training
@@ -139,7 +139,43 @@ def jax_step(workload: str, x: np.ndarray, y: np.ndarray):
     return step, {}
 
 
-SYSTEMS = {"graphc": graphc_step, "torch": torch_step, "jax": jax_step}
+def pytensor_step(workload: str, x: np.ndarray, y: np.ndarray):
+    """PyTensor with its Numba backend: the MLP step as one compiled function with the Adam
+    updates on shared variables (its CNN falls back to object mode, far too slow to time)."""
+    import pytensor
+    import pytensor.tensor as pt
+
+    if workload != "mlp":
+        raise SystemExit("pytensor: only the MLP workload is implemented")
+    pytensor.config.floatX = "float32"  # else Python constants promote the updates to float64
+    rng = np.random.default_rng(0)
+    sizes = (784, 256, 256, 10)
+    params = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        params.append(pytensor.shared(rng.uniform(-a ** -0.5, a ** -0.5, (a, b)).astype(np.float32)))
+        params.append(pytensor.shared(np.zeros(b, np.float32)))
+    tx, ty = pt.matrix("x", dtype="float32"), pt.vector("y", dtype="int64")
+    h = tx
+    for i in range(0, len(params), 2):
+        h = h @ params[i] + params[i + 1]
+        if i < len(params) - 2:
+            h = pt.maximum(h, 0)
+    loss = -pt.mean(pt.special.log_softmax(h, axis=1)[pt.arange(ty.shape[0]), ty])
+    grads = pytensor.grad(loss, params)
+    t = pytensor.shared(np.float32(0))
+    t1 = t + 1
+    updates = [(t, t1)]
+    for p, g in zip(params, grads):
+        m = pytensor.shared(np.zeros_like(p.get_value()))
+        v = pytensor.shared(np.zeros_like(p.get_value()))
+        m1, v1 = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        step_size = 1e-3 * pt.sqrt(1 - 0.999 ** t1) / (1 - 0.9 ** t1)
+        updates += [(m, m1), (v, v1), (p, p - step_size * m1 / (pt.sqrt(v1) + 1e-8))]
+    update = pytensor.function([tx, ty], loss, updates=updates, mode="NUMBA")
+    return (lambda: float(update(x, y))), {}
+
+
+SYSTEMS = {"graphc": graphc_step, "torch": torch_step, "jax": jax_step, "pytensor": pytensor_step}
 
 
 def main() -> None:
