@@ -316,6 +316,20 @@ def test_adjacent_reduced_axes_are_merged_when_every_array_allows():
     merged = [src for src in sources if "for i2 in range(n2):" in src and "i3" not in src]
     assert len(merged) == 2 and len(sources) == 3
 
+def test_leading_axis_reductions_accumulate_a_row_at_a_time():
+    """A sum or max over leading axes (a bias gradient) runs the kept axes innermost over a
+    row of accumulators: with body outputs, an epilogue, keepdims, NaNs and two kept axes."""
+    x, m, bias = normal(7, 5), normal(3, 4, 6), normal(5)
+    m[1, 2, 3] = np.nan
+    arrays = [x, m, bias]
+    executable = check(build("leading_axes", arrays, lambda b, v, w, c: [
+        b.sub(b.mul(b.sum(b.mul(v, v), axes=(0,)), c), c), b.exp(v),
+        b.sum(v, axes=(0,), keepdims=True), b.max(w, axes=(0,)), b.max(w, axes=(0, 1)),
+        b.sum(w, axes=(0,), keepdims=True)]), arrays)
+    sources = [k.source for k in executable.kernels if k.pattern == "reduction"]
+    assert len(sources) == 5 and all("accs = np.empty(" in src for src in sources)
+
+
 # -- fused patterns and random graphs ----------------------------------------------------------
 def test_matmul_bias_relu_is_one_kernel():
     arrays = [normal(16, 32), normal(32, 8), normal(8)]

