@@ -27,8 +27,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
+# The peers (extra `peers`) may not move graphc's own Numba: PyTensor's newest release pins an older one.
 bench: $(STAMP)
-	-$(BIN)/python -m pip install -q -e ".[peers]"
+	$(BIN)/python -m pip freeze | grep -iE '^(numba|llvmlite|numpy)==' > $(VENV)/pins.txt
+	-$(BIN)/python -m pip install -q -c $(VENV)/pins.txt -e ".[peers]"
 	$(BIN)/python benchmarks/run.py
 
 clean:

@@ -20,6 +20,10 @@ def prepare_inputs(graph: Graph, args: Sequence[Any], donated: Sequence[int] = (
     arrays = []
     for index, (inp, arg) in enumerate(zip(graph.inputs, args)):
         expected = inp.value.type
+        if (type(arg) is np.ndarray and arg.dtype == expected.np_dtype and arg.shape == expected.shape
+                and arg.flags.c_contiguous and (arg.flags.writeable or index not in donated)):
+            arrays.append(arg)  # already right: the common case, checked first as it is cheap
+            continue
         where = f"{graph.name}: input {inp.name!r}"
         try:
             arr = arg if isinstance(arg, np.ndarray) else np.asarray(arg)

@@ -56,7 +56,7 @@ class _CompiledModelBase:
     name: str
 
     def _signature(self, arrays: list[np.ndarray]) -> tuple:
-        return tuple((a.shape, a.dtype.name) for a in arrays)
+        return tuple((a.shape, a.dtype) for a in arrays)
 
     def _get(self, arrays: list[np.ndarray]) -> _Compiled:
         signature = self._signature(arrays)

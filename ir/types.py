@@ -9,6 +9,7 @@ DTYPES = ("float32", "float64", "int32", "int64", "bool")
 FLOAT_DTYPES = ("float32", "float64")
 SHORT_NAMES = {"float32": "f32", "float64": "f64", "int32": "i32", "int64": "i64", "bool": "bool"}
 _FROM_SHORT = {v: k for k, v in SHORT_NAMES.items()}
+_NP_DTYPES = {name: np.dtype(name) for name in DTYPES}  # executors ask on every call
 
 
 def canonical_dtype(dtype: object) -> str:
@@ -56,7 +57,7 @@ class TensorType:
 
     @property
     def np_dtype(self) -> np.dtype:
-        return np.dtype(self.dtype)
+        return _NP_DTYPES[self.dtype]
 
     def with_shape(self, shape: tuple[int, ...]) -> TensorType:
         return TensorType(shape, self.dtype)
