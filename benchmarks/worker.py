@@ -1,6 +1,7 @@
 """One benchmark measurement in its own process: prints a JSON line with the results.
 
     python benchmarks/worker.py --system graphc|torch|jax|pytensor --workload mlp|cnn [--steps N]
+                                [--min-seconds S]
 
 Measures: time to the end of the first training step (compilation included), steady-state
 per-step times (median reported as samples/s), the peak resident memory that the training
@@ -184,6 +185,9 @@ def main() -> None:
     parser.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--min-seconds", type=float, default=1.0,
+                        help="keep timing steps until this much time is measured (short steps "
+                             "would otherwise sample the noisy machine for a few milliseconds)")
     args = parser.parse_args()
 
     x, y = batch_data(args.workload)
@@ -195,11 +199,12 @@ def main() -> None:
         step()
     baseline = rss_kib("VmRSS")
     peak_reset = reset_peak()
-    times = []
-    for _ in range(args.steps):
+    times, measured = [], 0.0
+    while len(times) < args.steps or measured < args.min_seconds:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
+        measured += times[-1]
     median = statistics.median(times)
     result = {
         "system": args.system, "workload": args.workload, "batch": len(y),
