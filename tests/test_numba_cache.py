@@ -6,6 +6,7 @@ Assertions read the cache counters (CacheStats), never timings.
 import glob
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -157,6 +158,33 @@ def test_worker_processes_compile_part_of_a_large_graph(monkeypatch):
     for scale in scales:
         want = np.tanh(want * np.float32(scale)).T
     np.testing.assert_allclose(executable(arg)[0], want, rtol=1e-6)
+
+
+def test_worker_compiles_a_gemm_kernel_without_importing_all_of_graphc(tmp_path):
+    """The worker registers graphc's packages unexecuted (their __init__ files import the whole
+    library): a kernel importing the GEMM helper still compiles into the disk cache, and the
+    next load is a hit."""
+    from numba import types
+
+    from graphc.backends.numba_cpu.cache import WORKER_SCRIPT, CacheStats, KernelCache, cache_key
+    from graphc.backends.numba_cpu.codegen_library import _gemm
+
+    kernel = _gemm("graphc_test_worker_gemm", ["x0", "x1", "y0"], flops=10)
+    signature = (types.Array(types.float32, 2, "C"),) * 3 + (types.int64,) * 2
+    cache = KernelCache(str(tmp_path))
+    key = cache_key(kernel.source)
+    cache._write_source(key, kernel.source)
+    probe = "print(sorted(m for m in ('networkx', 'graphc.ir') if m in sys.modules), file=sys.stderr)"
+    task = pickle.dumps([(cache.path(key), cache.module_name(key), kernel.entry, signature)])
+    done = subprocess.run([sys.executable, "-c", f"import runpy, sys; sys.argv = [{WORKER_SCRIPT!r}]; "
+                           f"runpy.run_path({WORKER_SCRIPT!r}, run_name='__main__'); {probe}"],
+                          input=task, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    assert pickle.loads(done.stdout) == [None]
+    assert done.stderr.decode().strip().endswith("[]")  # neither networkx nor the IR was imported
+    stats = CacheStats()
+    cache.load(kernel, signature, stats)
+    assert stats.hits == 1 and stats.compiled == 0
 
 
 def test_cold_kernels_are_shared_out_by_estimated_compile_time():

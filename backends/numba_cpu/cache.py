@@ -202,13 +202,13 @@ class KernelCache(KernelFiles):
         return dispatcher
 
 
-# A worker pays ~2 s to start (imports, Numba's initialisation): not worth it for a few kernels.
+# A worker pays ~1.3 s to start (Python, Numba's initialisation): not worth it for a few kernels.
 WORKER_MIN_KERNELS = 4
 # Estimated compile seconds (measured on 2 cores): a serial kernel, a parallel one, per source
 # character on top (the Winograd module, 8.5k characters, takes ~8 s; a 0.6k elementwise loop
 # ~1 s), the first parallel one in a process on top (Numba sets up its parfor machinery), a
 # worker's start.
-SERIAL_COMPILE_S, PARALLEL_COMPILE_S, FIRST_PARALLEL_S, WORKER_START_S = 0.1, 0.3, 1.5, 2.0
+SERIAL_COMPILE_S, PARALLEL_COMPILE_S, FIRST_PARALLEL_S, WORKER_START_S = 0.1, 0.3, 1.5, 1.3
 SERIAL_S_PER_CHAR, PARALLEL_S_PER_CHAR = 1 / 4000, 1 / 1000
 
 
