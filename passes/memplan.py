@@ -101,6 +101,23 @@ class MemoryPlan:
             value = self.locations[value].base
         return value
 
+    def buffer_of(self, value: Value) -> tuple[str, int] | None:
+        """The buffer `value` lives in, ("arena", storage) or ("input", index), following views;
+        None for a fresh output array or a constant."""
+        location = self.locations[self.root(value)]
+        if location.kind == "arena":
+            return ("arena", location.index)
+        if location.kind in ("input", "donated"):
+            return ("input", location.index)
+        return None
+
+    def written_in_place(self, kernel: Node) -> set[tuple[int, int]]:
+        """(input position, output position) pairs of `kernel` that are one buffer: outputs
+        that reuse a dying input's storage or update a donated input."""
+        buffers = [self.buffer_of(v) for v in kernel.outputs]
+        return {(p, q) for p, v in enumerate(kernel.inputs) for q, buffer in enumerate(buffers)
+                if buffer is not None and self.buffer_of(v) == buffer}
+
     def to_dict(self) -> dict:
         """A JSON-ready description: totals and every arena buffer's offset, size and lifetime."""
         return {"peak_bytes": self.peak_bytes, "naive_bytes": self.naive_bytes,

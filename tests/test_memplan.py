@@ -109,6 +109,9 @@ def test_arena_reuses_dead_buffers_and_updates_in_place():
     ((kernel, dying, reused),) = plan.inplace
     assert dying is plan.schedule[0].output and reused is kernel.output
     assert plan.slot_of(dying) == plan.slot_of(reused)
+    # the view's kernel input is the dying buffer: input 0 and output 0 are one array
+    assert plan.written_in_place(kernel) == {(0, 0)}
+    assert plan.written_in_place(plan.schedule[0]) == set()
 
 
 def sgd_step():
@@ -129,6 +132,9 @@ def test_donated_parameter_is_updated_in_place_after_its_readers():
     # the update is the matmul's epilogue: the matmul reads w whole, then the loop updates it
     assert [n.attrs["pattern"] for n in plan.schedule] == ["library"]
     assert plan.locations[plan.graph.output_values[1]].kind == "donated"
+    (kernel,) = plan.schedule
+    w_at = kernel.inputs.index(plan.graph.input_values[0])
+    assert plan.written_in_place(kernel) == {(w_at, kernel.outputs.index(plan.graph.output_values[1]))}
 
 
 def graph_writer(plan, output_index):

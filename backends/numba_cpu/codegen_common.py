@@ -44,6 +44,7 @@ class Call:
     flat: bool = False
     parallel: bool = False
     views: tuple[tuple[int, ...] | None, ...] = ()
+    pointwise: bool = False       # one loop nest reading and writing every array at its index
 
     def view_of(self, position: int, array: TensorType) -> tuple[int, ...] | None:
         """The shape argument `position` (an array of type `array`) is passed as, or None."""

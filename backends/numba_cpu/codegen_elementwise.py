@@ -12,7 +12,8 @@ cache entry) serves every shape and rank.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from graphc.ir import Graph, Node, Value
@@ -330,7 +331,24 @@ def elementwise_call(entry: str, sub: Graph) -> Call:
         body.extend(emitter.prelude)
     body.extend(loop)
     return Call(module(entry, body, emitter.helpers), entry, tuple(arrays.values()) + tuple(dims),
-                flat=flat, parallel=parallel)
+                flat=flat, parallel=parallel, pointwise=True)
+
+
+def write_in_place(call: Call, pairs: set[tuple[str, str]]) -> Call:
+    """`call` with each output that the memory plan puts in an input's buffer (kernel array
+    names (input, output) in `pairs`) accessed through that input's parameter. The two are one
+    array then, so nothing changes but what LLVM sees: through two parameters it must assume
+    they might overlap, checks at run time, finds they do, and runs its unvectorised loop
+    instead (the MNIST CNN's dropout gradient, 590k elements in place: 1059 -> 197 us)."""
+    if not call.pointwise:
+        return call
+    head, _, body = call.source.partition(f"def {call.entry}(")
+    params = [p.strip() for p in body[:body.index(")")].split(",")]
+    for x, y in pairs:
+        if x in call.args and y in call.args:
+            read, written = params[call.args.index(x)], params[call.args.index(y)]
+            body = re.sub(rf"\b{written}\[", f"{read}[", body)
+    return replace(call, source=f"{head}def {call.entry}({body}")
 
 
 def generate_elementwise(kernel: Node) -> KernelSource:

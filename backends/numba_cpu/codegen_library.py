@@ -21,6 +21,7 @@ their operand, in parallel over an axis on which they cannot collide.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import numba
@@ -665,8 +666,7 @@ def _epilogue_call(kernel: Node, anchor: Node, epilogue: list[Node], names: dict
     part, refs = epilogue_graph(kernel, anchor, epilogue, names)
     call = elementwise_call("epilogue_" + "_".join(m.op for m in epilogue), part)
     translate = dict(zip(argument_names(part).values(), refs))
-    return Call(call.source, call.entry, tuple(translate.get(a, a) for a in call.args),
-                flat=call.flat, parallel=call.parallel)
+    return replace(call, args=tuple(translate.get(a, a) for a in call.args))
 
 
 def epilogue_graph(kernel: Node, anchor: Node, epilogue: list[Node], names: dict[Value, str]

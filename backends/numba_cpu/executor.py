@@ -31,6 +31,7 @@ from .blas import single_threaded_scipy_blas
 from .cache import CacheStats, get_cache
 from .codegen import generate
 from .codegen_common import Call, KernelSource
+from .codegen_elementwise import write_in_place
 
 
 @dataclass
@@ -372,6 +373,10 @@ def compile_graph(graph: Graph, donate: dict[int, int] | None = None) -> Executa
     fused = graph if any(n.op == KERNEL_OP for n in graph.nodes) else fuse(graph)
     sources = {n: generate(n) for n in fused.nodes if n.attrs["pattern"] not in ("view", "constant")}
     plan = plan_memory(fused, donate, scratch=lambda n: list(sources[n].scratch) if n in sources else [])
+    for node, source in sources.items():
+        pairs = {(f"x{p}", f"y{q}") for p, q in plan.written_in_place(node)}
+        if pairs:
+            source.calls = [write_in_place(call, pairs) for call in source.calls]
     cache = get_cache()
     stats = CacheStats()
     kernels = {}
