@@ -116,7 +116,7 @@ class World:
         sys.stdout.flush()
         time.sleep(ABORT_DRAIN_S)
         self.comm.Abort(1)
-        os._exit(1)  # not reached: Abort does not return
+        os._exit(1)  # should this MPI's Abort return after all, this rank still ends
 
     def _check_agreement(self, what: str, description: Any) -> None:
         digest = np.frombuffer(hashlib.sha256(repr(description).encode()).digest(), np.uint8)

@@ -456,10 +456,10 @@ def test_outputs_sharing_an_input_buffer_are_written_through_the_input():
     assert len(rewritten) == 2
     for k in rewritten:
         call = k.generated.calls[-1]
-        for p, q in executable.plan.written_in_place(k.node):
-            params = call.source.split(f"def {call.entry}(")[1].split(")")[0].split(", ")
-            written = params[call.args.index(f"y{q}")]
-            assert f"{written}[" not in call.source.split(f"def {call.entry}(")[1]
+        body = call.source.split(f"def {call.entry}(")[1]
+        params = body.split(")")[0].split(", ")
+        for _, q in executable.plan.written_in_place(k.node):
+            assert f"{params[call.args.index(f'y{q}')]}[" not in body
 
 
 def test_thread_count_comes_from_the_environment(monkeypatch):

@@ -14,6 +14,7 @@ so the two agree to float32 rounding.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Callable
 
 from graphc.ir import Graph, Node, TensorType, Value
 from graphc.ir.registry import ELEMENTWISE, get
@@ -203,22 +204,21 @@ def _column_reduction(code: Writer, parts: ReductionKernel) -> None:
     accs = f"accs[{index_text(tuple(index[d] for d in kept))}]"
     shape = ", ".join(dims[d] for d in kept)
     code.line(f"accs = np.empty(({shape},), np.{reduction.acc_dtype})")
-    for d in kept:
-        code.line(loop_header(index[d], dims[d], False))
-        code.depth += 1
-    reduction.init(code, accs)
-    code.depth -= len(kept)
-    for d in reduced + kept:
-        code.line(loop_header(index[d], dims[d], False))
-        code.depth += 1
-    parts.accumulate(code, accs)
-    code.depth -= len(reduced) + len(kept)
-    for d in kept:
-        code.line(loop_header(index[d], dims[d], False))
-        code.depth += 1
-    code.line(f"acc = {accs}")
-    parts.finish(code)
-    code.depth -= len(kept)
+
+    def loops(axes: list[int], emit: Callable[[], None]) -> None:
+        for d in axes:
+            code.line(loop_header(index[d], dims[d], False))
+            code.depth += 1
+        emit()
+        code.depth -= len(axes)
+
+    def finish() -> None:
+        code.line(f"acc = {accs}")
+        parts.finish(code)
+
+    loops(kept, lambda: reduction.init(code, accs))
+    loops(reduced + kept, lambda: parts.accumulate(code, accs))
+    loops(kept, finish)
 
 
 # -- merging adjacent reduced axes ------------------------------------------------------------
