@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 
 from graphc.backends.numba_cpu import compile_graph, unlowered_primitives
 from graphc.backends.numba_cpu.codegen import generate
+from graphc.backends.numba_cpu.codegen_elementwise import collapsed_axes
 from graphc.backends.numba_cpu.gemm import gemm
 from graphc.backends.reference import evaluate
 from graphc.ir import PRIMITIVES, Builder, InputError, TensorType
@@ -343,6 +344,35 @@ def test_large_elementwise_kernel_runs_in_parallel():
     graph = build("big", arrays, lambda b, x, y: b.tanh(b.add(b.mul(x, y), x)))
     executable = check(graph, arrays)
     assert executable.kernels[0].generated.parallel and "prange" in executable.kernels[0].source
+
+
+def test_collapsed_axes_group_the_axes_every_operand_reads_alike():
+    nchw, channel = (64, 32, 26, 26), (1, 32, 1, 1)
+    assert collapsed_axes(nchw, [nchw, channel, nchw]) == [[0], [1], [2, 3]]
+    assert collapsed_axes(nchw, [nchw, (32, 1, 1)]) == [[0], [1], [2, 3]]  # fewer dims
+    assert collapsed_axes((1, 8, 1, 5), [(1, 8, 1, 5), (5,)]) == [[0, 1, 2], [3]]  # extent 1 joins
+    assert collapsed_axes((4, 5, 6), [(4, 5, 6), (4, 5, 6)]) == [[0, 1, 2]]
+    assert collapsed_axes((4, 5), [(4, 5), (4, 1)]) == [[0], [1]]
+
+
+@pytest.mark.parametrize("shape, bias_shape, rank", [((16, 8, 24, 24), (1, 8, 1, 1), 3),  # parallel
+                                                     ((6, 3, 5, 7), (3, 1, 1), 3),          # serial
+                                                     ((4, 9, 130, 20), (20,), 2)])          # parallel
+def test_broadcast_kernels_loop_over_collapsed_axes(shape, bias_shape, rank):
+    """A bias add and ReLU over (N, C, H, W) runs over (N, C, H*W) views (or (N*C*H, W) for a
+    bias along W); a parallel one of rank 3 as one prange over N*C rows; dropout's random bits
+    keep their C-order element numbers."""
+    arrays = [normal(*shape), normal(*bias_shape), np.array([3, 4], np.int64)]
+    graph = build("bias_relu", arrays, lambda b, x, c, key: [
+        b.relu(b.add(x, c)), b.where(b.random_bernoulli(key, p=0.5, shape=shape), b.exp(c), x)])
+    executable = check(graph, arrays)
+    calls = [c for k in executable.kernels for c in k.generated.calls if c.views]
+    assert len(calls) == 2  # relu(x + c), and dropout's where (exp(c) is a kernel of its own)
+    for call in calls:
+        assert all(view is None or len(view) == rank for view in call.views)
+        assert call.parallel == (np.prod(shape) >= 1 << 16)
+        if call.parallel and rank == 3:
+            assert "for k in prange(n0 * n1):" in call.source and "i1 = k % n1" in call.source
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -54,10 +54,12 @@ class Domain:
 class PointwiseEmitter:
     """Turns pointwise subgraph nodes into statements; shared by every kernel generator."""
 
-    def __init__(self, sub: Graph, arrays: dict[Value, str], flat: bool = False) -> None:
+    def __init__(self, sub: Graph, arrays: dict[Value, str], flat: bool = False,
+                 views: dict[Value, tuple[int, ...]] | None = None) -> None:
         self.sub = sub
         self.arrays = arrays            # kernel inputs/outputs -> parameter names
         self.flat = flat
+        self.views = views or {}        # arrays (and members) passed and indexed reshaped
         self.literals: dict[Value, str] = {}
         self.locals: dict[Value, str] = {}
         self.prelude = Writer()         # statements before the loops
@@ -112,7 +114,8 @@ class PointwiseEmitter:
         value = node.inputs[position]
         if self.flat:
             return self.load(value, index if value.shape == node.output.shape else ("0",))
-        return self.load(value, broadcast_index(index, value.shape, node.output.shape))
+        shape, out = (self.views.get(v, v.shape) for v in (value, node.output))
+        return self.load(value, broadcast_index(index, shape, out))
 
     # -- writing members -------------------------------------------------------------------------
     def emit(self, w: Writer, node: Node, domain: Domain) -> str:
@@ -285,6 +288,66 @@ def is_flat(members: list[Node]) -> bool:
     return True
 
 
+def collapsed_axes(shape: tuple[int, ...], operand_shapes: list[tuple[int, ...]]) -> list[list[int]]:
+    """Runs of adjacent axes of `shape` that every operand (broadcast to `shape`) reads alike:
+    along all of them or along none. Each run can loop as one axis over reshaped views; a bias
+    add over (N, C, H, W) becomes (N, C, H*W). Axes of extent 1 join any run."""
+    rank = len(shape)
+
+    def varies(operand: tuple[int, ...], axis: int) -> bool:
+        lead = rank - len(operand)
+        return axis >= lead and operand[axis - lead] != 1
+
+    runs: list[list[int]] = []
+    signature = None  # of the current run; None while it holds only axes of extent 1
+    for axis, extent in enumerate(shape):
+        reads = tuple(varies(s, axis) for s in operand_shapes)
+        if runs and (extent == 1 or signature in (None, reads)):
+            runs[-1].append(axis)
+        else:
+            runs.append([axis])
+            signature = None
+        if extent != 1:
+            signature = reads
+    return runs
+
+
+def _collapsed_views(members: list[Node], sub: Graph) -> dict[Value, tuple[int, ...]] | None:
+    """Each array's (and each member's) shape over the collapsed axes, when collapsing the
+    loop nest drops an axis and every member is an elementwise op at the common shape."""
+    shape = members[0].output.shape
+    if any(m.op not in ("broadcast_to", *RANDOM_OPS) and get(m.op).kind != ELEMENTWISE
+           or m.output.shape != shape for m in members):
+        return None
+    keys = {m.inputs[0] for m in members if m.op in RANDOM_OPS}  # read whole, not broadcast
+    arrays = [v for v in [*sub.input_values, *sub.output_values] if v not in keys]
+    runs = collapsed_axes(shape, [v.shape for v in arrays])
+    if len(runs) == len(shape):
+        return None
+
+    def view(v: Value) -> tuple[int, ...]:
+        padded = (1,) * (len(shape) - len(v.shape)) + v.shape
+        return tuple(size_of(tuple(padded[a] for a in run)) for run in runs)
+    return {v: view(v) for v in [*arrays, *(m.output for m in members)]}
+
+
+def _parallel_rows(loop: Writer, domain: Domain) -> None:
+    """Open a parallel loop over all axes but the last as one index `k` (one prange over
+    N*C rows instead of prange(N) around range(C): an inner loop fewer in the parallel
+    function, whose loop nests LLVM compiles several times over), each axis index from `k`,
+    then the loop over the last axis."""
+    *outer, last = domain.index
+    *extents, last_extent = domain.dims
+    loop.line(loop_header("k", " * ".join(extents), True))
+    loop.depth += 1
+    for d, i in enumerate(outer):
+        inner = extents[d + 1:]
+        quotient = "k" if not inner else f"k // {inner[0]}" if len(inner) == 1 else f"k // ({' * '.join(inner)})"
+        loop.line(f"{i} = {quotient}" if d == 0 else f"{i} = {quotient} % {extents[d]}")
+    loop.line(loop_header(last, last_extent, False))
+    loop.depth += 1
+
+
 def argument_names(sub: Graph) -> dict[Value, str]:
     names = {v: f"x{i}" for i, v in enumerate(sub.input_values)}
     names.update({v: f"y{i}" for i, v in enumerate(sub.output_values)})
@@ -308,18 +371,22 @@ def elementwise_call(entry: str, sub: Graph) -> Call:
     size = size_of(shape)
     parallel = size >= PARALLEL_MIN_ELEMENTS
     arrays = argument_names(sub)
-    emitter = PointwiseEmitter(sub, arrays, flat)
+    views = None if flat else _collapsed_views(members, sub)
+    emitter = PointwiseEmitter(sub, arrays, flat, views)
     if flat:
         dims, domain = (size,), Domain(("i",), ("n",), flat=True)
     else:
-        dims = shape
-        domain = Domain(tuple(f"i{d}" for d in range(len(shape))),
-                        tuple(f"n{d}" for d in range(len(shape))))
+        dims = views[members[0].output] if views else shape
+        domain = Domain(tuple(f"i{d}" for d in range(len(dims))),
+                        tuple(f"n{d}" for d in range(len(dims))))
 
     loop = Writer(depth=1)
-    for d, (i, n) in enumerate(zip(domain.index, domain.dims)):
-        loop.line(loop_header(i, n, parallel and d == 0))
-        loop.depth += 1
+    if parallel and len(dims) > 2:
+        _parallel_rows(loop, domain)
+    else:
+        for d, (i, n) in enumerate(zip(domain.index, domain.dims)):
+            loop.line(loop_header(i, n, parallel and d == 0))
+            loop.depth += 1
     for m in members:
         emitter.emit(loop, m, domain)
     for v in sub.output_values:
@@ -330,8 +397,9 @@ def elementwise_call(entry: str, sub: Graph) -> Call:
     with body.block(f"def {entry}({', '.join(list(arrays.values()) + list(domain.dims))}):"):
         body.extend(emitter.prelude)
     body.extend(loop)
+    passed = tuple(views.get(v) for v in arrays) + (None,) * len(dims) if views else ()
     return Call(module(entry, body, emitter.helpers), entry, tuple(arrays.values()) + tuple(dims),
-                flat=flat, parallel=parallel, pointwise=True)
+                flat=flat, parallel=parallel, views=passed, pointwise=True)
 
 
 def write_in_place(call: Call, pairs: set[tuple[str, str]]) -> Call:

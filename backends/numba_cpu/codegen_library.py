@@ -276,11 +276,17 @@ def _batch(w: Writer, images: str) -> None:
     w.line("chunk = -(-N // T)")
 
 
-def _image_chunks(w: Writer) -> None:
-    """Open `for t in prange(T)` and, inside it, the loop over chunk t's images `n`."""
+def _image_chunks(w: Writer, zero_partial: bool = False) -> None:
+    """Open `for t in prange(T)` and, inside it, the loop over chunk t's images `n`; first
+    zero thread t's accumulator when asked (there, not as `partial[:] = 0` before the loop:
+    an array expression in a parallel function is a parfor of its own, ~1.4 s to compile)."""
     w.line("for t in prange(T):")
     w.depth += 1
     w.line("col = scratch[t]")
+    if zero_partial:
+        w.line("pt = partial[t]")
+        with w.block("for o in range(pt.shape[0]):"), w.block("for j in range(pt.shape[1]):"):
+            w.line("pt[o, j] = 0")
     w.line("for n in range(t * chunk, min(N, (t + 1) * chunk)):")
     w.depth += 1
 
@@ -328,9 +334,7 @@ def _per_image_conv(entry: str, node: Node, refs: Refs, operands: dict[str, Valu
         _batch(w, images)
         _group_rows(w, next(name for name, v in operands.items() if v is weight))
         w.line(f"C, P = {sizes}")
-        if finish is not None:
-            w.line("partial[:, :, :] = 0")
-        _image_chunks(w)
+        _image_chunks(w, zero_partial=finish is not None)
         steps(w)
         _close(w, 2)
         if finish is not None:
