@@ -341,8 +341,8 @@ def _parallel_rows(loop: Writer, domain: Domain) -> None:
     loop.line(loop_header("k", " * ".join(extents), True))
     loop.depth += 1
     for d, i in enumerate(outer):
-        inner = extents[d + 1:]
-        quotient = "k" if not inner else f"k // {inner[0]}" if len(inner) == 1 else f"k // ({' * '.join(inner)})"
+        inner = " * ".join(extents[d + 1:])  # the rows one step of axis d spans
+        quotient = "k" if not inner else f"k // ({inner})" if "*" in inner else f"k // {inner}"
         loop.line(f"{i} = {quotient}" if d == 0 else f"{i} = {quotient} % {extents[d]}")
     loop.line(loop_header(last, last_extent, False))
     loop.depth += 1
