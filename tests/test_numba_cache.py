@@ -175,34 +175,49 @@ def test_worker_compiles_a_gemm_kernel_without_importing_all_of_graphc(tmp_path)
     key = cache_key(kernel.source)
     cache._write_source(key, kernel.source)
     probe = "print(sorted(m for m in ('networkx', 'graphc.ir') if m in sys.modules), file=sys.stderr)"
-    task = pickle.dumps([(cache.path(key), cache.module_name(key), kernel.entry, signature)])
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    task = pickle.dumps((str(claims), [(key, cache.path(key), cache.module_name(key), kernel.entry,
+                                        signature)]))
     done = subprocess.run([sys.executable, "-c", f"import runpy, sys; sys.argv = [{WORKER_SCRIPT!r}]; "
                            f"runpy.run_path({WORKER_SCRIPT!r}, run_name='__main__'); {probe}"],
                           input=task, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()
-    assert pickle.loads(done.stdout) == [None]
+    assert pickle.loads(done.stdout) == {key: None}
     assert done.stderr.decode().strip().endswith("[]")  # neither networkx nor the IR was imported
     stats = CacheStats()
     cache.load(kernel, signature, stats)
     assert stats.hits == 1 and stats.compiled == 0
 
 
-def test_cold_kernels_are_shared_out_by_estimated_compile_time():
-    """Parallel kernels (the costly ones, each process paying Numba's parfor set-up once) gather
-    in as few processes as balance allows; serial ones fill the rest; each kernel goes once;
-    a long source counts as a longer compile."""
-    from graphc.backends.numba_cpu.cache import _shares
-    from graphc.backends.numba_cpu.codegen_common import Call
+def test_workers_compile_only_the_kernels_they_claim_first(tmp_path):
+    """Compiling together, every process takes the longest kernel nobody has claimed: a worker
+    skips the claimed ones, compiles the rest, reports each of its claims (an error too), and
+    stops when the parent has removed the claims folder."""
+    from numba import types
 
-    items = [(f"p{i}", (Call("", "f", (), parallel=True), ())) for i in range(2)]
-    items += [(f"s{i}", (Call("", "f", (), parallel=False), ())) for i in range(16)]
-    main, worker = _shares(items, 1)
-    assert sorted(k for k, _ in main + worker) == sorted(k for k, _ in items)
-    assert {k for k, _ in main if k.startswith("p")} == {"p0", "p1"}  # set-up paid once
-    assert all(k.startswith("s") for k, _ in worker) and len(worker) > 2
-    # a module as costly as the other parallel ones together: they go to the other process
-    big = [("big", (Call("x" * 8000, "f", (), parallel=True), ()))]
-    small = [(f"p{i}", (Call("x" * 1000, "f", (), parallel=True), ())) for i in range(4)]
-    main, worker = _shares(big + small + items[2:], 1)
-    with_big = main if "big" in dict(main) else worker
-    assert [k for k, _ in with_big if not k.startswith("s")] == ["big"]
+    from graphc.backends.numba_cpu.cache import WORKER_SCRIPT, KernelCache, cache_key
+    from graphc.backends.numba_cpu.compile_worker import claim
+
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    assert claim(str(claims), "k") and not claim(str(claims), "k")
+    cache = KernelCache(str(tmp_path / "cache"))
+    sources = {name: f"from numba import njit\n\n\n@njit(cache=True)\ndef {name}(x):\n    return x + 1\n"
+               for name in ("taken", "free")}
+    sources["broken"] = "from numba import njit\n\n\n@njit(cache=True)\ndef broken(x):\n    return y\n"
+    tasks = []
+    for name, source in sources.items():
+        key = cache_key(source)
+        cache._write_source(key, source)
+        tasks.append((key, cache.path(key), cache.module_name(key), name, (types.int64,)))
+    claim(str(claims), tasks[0][0])  # "taken": claimed by another process
+    run = lambda folder: pickle.loads(subprocess.run(
+        [sys.executable, WORKER_SCRIPT], input=pickle.dumps((folder, tasks)), capture_output=True,
+        timeout=300).stdout)
+    results = run(str(claims))
+    assert set(results) == {tasks[1][0], tasks[2][0]} and results[tasks[1][0]] is None
+    assert "y" in results[tasks[2][0]]  # the error, for the parent to raise when it compiles it
+    assert run(str(tmp_path / "gone")) == {}
+
+

@@ -12,19 +12,23 @@ The cache directory is ``$GRAPHC_CACHE_DIR``, else ``$XDG_CACHE_HOME/graphc``, e
 code cannot be loaded, is deleted and rebuilt.
 
 Numba compiles one function at a time per process, so when a graph brings several kernels the
-disk cache lacks, `load_all` hands some to worker processes (``$GRAPHC_COMPILE_WORKERS``, by
-default one per idle core besides this one: on a busy machine a worker only slows the others
-down; fresh interpreters running compile_worker.py, since forking after
-OpenMP is unsafe and multiprocessing's spawn would import the user's script again) while this
-process compiles the rest; it then loads theirs from the disk cache in milliseconds.
+disk cache lacks, `load_all` compiles them together with worker processes
+(``$GRAPHC_COMPILE_WORKERS``, by default one per idle core besides this one: on a busy machine a
+worker only slows the others down; fresh interpreters running compile_worker.py, since forking
+after OpenMP is unsafe and multiprocessing's spawn would import the user's script again). Every
+process takes the longest kernel (by estimate) that nobody has claimed yet, so a misjudged
+estimate costs at most the last kernel's time; this process then loads the workers' kernels from
+the disk cache in milliseconds.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -37,6 +41,7 @@ import numba
 from graphc.backends.kernel_files import KernelFiles, hashed_key, package_version
 
 from .codegen_common import Call
+from .compile_worker import claim
 
 
 @dataclass
@@ -108,20 +113,13 @@ class KernelCache(KernelFiles):
                 if key not in self._loaded:
                     self._check_source(key, kernel.source, local)
             start = time.perf_counter()
-            workers = self._start_workers(requests)
-            delegated = {key for worker in workers for key in worker.keys}
             result: list[Any] = [None] * len(requests)
-            order = sorted(range(len(requests)), key=lambda i: cache_key(requests[i][0].source) in delegated)
-            compiled_elsewhere: set[str] = set()
-            for i in order:  # this process's share first, then the workers'
-                kernel, signature = requests[i]
-                if delegated and cache_key(kernel.source) in delegated:
-                    for worker in workers:
-                        compiled_elsewhere |= worker.finish()
-                    delegated = set()
-                key = cache_key(kernel.source)
-                result[i] = self._load_one(kernel, signature, local, key in compiled_elsewhere)
-            if workers:
+            compiled_elsewhere = self._compile_with_workers(requests, result, local)
+            for i, (kernel, signature) in enumerate(requests):
+                if result[i] is None:
+                    key = cache_key(kernel.source)
+                    result[i] = self._load_one(kernel, signature, local, key in compiled_elsewhere)
+            if compiled_elsewhere:
                 local.compile_seconds = time.perf_counter() - start
         self.stats.add(local)
         if stats is not None:
@@ -156,20 +154,37 @@ class KernelCache(KernelFiles):
             names.update(e.split(".", 1)[0] for e in entries if e.startswith("k_") and e.endswith(".nbi"))
         return names
 
-    def _start_workers(self, requests: list[tuple[Call, tuple]]) -> list[_Worker]:
-        """Share the kernels missing from the disk cache between this process and workers."""
-        missing: dict[str, tuple[Call, tuple]] = {}
-        compiled = self._compiled_on_disk()
-        for kernel, signature in requests:
+    def _compile_with_workers(self, requests: list[tuple[Call, tuple]], result: list[Any],
+                              stats: CacheStats) -> set[str]:
+        """Compile the kernels missing from the disk cache here and in worker processes, each
+        process claiming the longest one left (a claim: a file created exclusively in a folder
+        of this call). Fills `result` for the requests compiled here; returns the cache keys
+        the workers compiled (none when too few kernels are missing to pay a worker's start)."""
+        missing: dict[str, int] = {}  # cache key -> the first request for it
+        on_disk = self._compiled_on_disk()
+        for i, (kernel, _) in enumerate(requests):
             key = cache_key(kernel.source)
-            if key not in self._loaded and key not in missing and self.module_name(key) not in compiled:
-                missing[key] = (kernel, signature)
+            if key not in self._loaded and key not in missing and self.module_name(key) not in on_disk:
+                missing[key] = i
         count = _worker_count() if len(missing) >= WORKER_MIN_KERNELS else 0
         if count <= 0:
-            return []
-        shares = _shares(list(missing.items()), count)[1:]  # share 0 stays here
-        return [_Worker({key: (self.path(key), self.module_name(key), kernel.entry, signature)
-                         for key, (kernel, signature) in share}) for share in shares if share]
+            return set()
+        order = sorted(missing, key=lambda key: -_estimated_seconds(requests[missing[key]][0]))
+        tasks = [(key, self.path(key), self.module_name(key), requests[missing[key]][0].entry,
+                  requests[missing[key]][1]) for key in order]
+        claims = tempfile.mkdtemp(prefix="graphc-claims-")
+        workers = [_Worker(claims, tasks) for _ in range(count)]
+        try:
+            for key in order:
+                if claim(claims, key):
+                    i = missing[key]
+                    result[i] = self._load_one(*requests[i], stats, False)
+            return set().union(*(worker.finish() for worker in workers))
+        finally:
+            for worker in workers:
+                worker.process.kill()  # exited already, unless this process's compile raised
+                worker.process.wait()
+            shutil.rmtree(claims, ignore_errors=True)
 
     def _compile(self, key: str, kernel: Call, dispatcher: Any, signature: tuple,
                  stats: CacheStats, compiled_elsewhere: bool = False) -> Any:
@@ -204,11 +219,10 @@ class KernelCache(KernelFiles):
 
 # A worker pays ~1.3 s to start (Python, Numba's initialisation): not worth it for a few kernels.
 WORKER_MIN_KERNELS = 4
-# Estimated compile seconds (measured on 2 cores): a serial kernel, a parallel one, per source
-# character on top (the Winograd module, 8.5k characters, takes ~8 s; a 0.6k elementwise loop
-# ~1 s), the first parallel one in a process on top (Numba sets up its parfor machinery), a
-# worker's start.
-SERIAL_COMPILE_S, PARALLEL_COMPILE_S, FIRST_PARALLEL_S, WORKER_START_S = 0.1, 0.3, 1.5, 1.3
+# Estimated compile seconds (measured on 2 cores), to take the longest kernels first: a serial
+# kernel, a parallel one, per source character on top (the Winograd module, 8.7k characters,
+# takes 10-13 s; a 0.6k elementwise loop ~1 s).
+SERIAL_COMPILE_S, PARALLEL_COMPILE_S = 0.1, 0.3
 SERIAL_S_PER_CHAR, PARALLEL_S_PER_CHAR = 1 / 4000, 1 / 1000
 
 
@@ -216,27 +230,6 @@ def _estimated_seconds(kernel: Call) -> float:
     if kernel.parallel:
         return PARALLEL_COMPILE_S + len(kernel.source) * PARALLEL_S_PER_CHAR
     return SERIAL_COMPILE_S + len(kernel.source) * SERIAL_S_PER_CHAR
-
-
-def _shares(items: list[tuple[str, tuple[Call, tuple]]], workers: int) -> list[list]:
-    """Split the kernels between this process (share 0) and `workers`: longest first, each to
-    the process that would finish it soonest, by the estimates above. Parallel kernels thus
-    gather where the parfor set-up is paid already, and serial ones fill the other processes."""
-    loads = [0.0] + [WORKER_START_S] * workers
-    has_parallel = [False] * (workers + 1)
-    shares: list[list] = [[] for _ in loads]
-
-    def cost(item, process: int) -> float:
-        kernel = item[1][0]
-        first = kernel.parallel and not has_parallel[process]
-        return _estimated_seconds(kernel) + (FIRST_PARALLEL_S if first else 0.0)
-
-    for item in sorted(items, key=lambda it: -_estimated_seconds(it[1][0])):
-        best = min(range(len(loads)), key=lambda p: loads[p] + cost(item, p))
-        loads[best] += cost(item, best)
-        has_parallel[best] |= item[1][0].parallel
-        shares[best].append(item)
-    return shares
 
 
 WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compile_worker.py")
@@ -272,28 +265,24 @@ def _idle_cores(cores: int, interval: float = 0.05) -> float:
 
 
 class _Worker:
-    """A compile_worker.py process compiling `tasks` (cache key -> task) into the disk cache."""
+    """A compile_worker.py process compiling, into the disk cache, the `tasks` it claims first."""
 
-    def __init__(self, tasks: dict[str, tuple]) -> None:
-        self.keys = list(tasks)
+    def __init__(self, claims: str, tasks: list[tuple]) -> None:
         self.process = subprocess.Popen([sys.executable, WORKER_SCRIPT], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        self.process.stdin.write(pickle.dumps(list(tasks.values())))
+        self.process.stdin.write(pickle.dumps((claims, tasks)))
         self.process.stdin.close()
-        self.done: set[str] | None = None
 
     def finish(self) -> set[str]:
-        """Wait for the worker; the keys it compiled. A kernel it failed on is compiled (and
-        any genuine error reported) by this process instead."""
-        if self.done is None:
-            output = self.process.stdout.read()
-            self.process.wait()
-            try:
-                errors = pickle.loads(output)
-            except Exception:
-                errors = ["no result"] * len(self.keys)
-            self.done = {key for key, error in zip(self.keys, errors) if error is None}
-        return self.done
+        """Wait for the worker; the keys it compiled. A kernel it claimed but failed on (or
+        left when it died) is compiled, and any genuine error reported, by this process."""
+        output = self.process.stdout.read()
+        self.process.wait()
+        try:
+            results = pickle.loads(output)
+        except Exception:
+            return set()
+        return {key for key, error in results.items() if error is None}
 
 
 _CACHES: dict[str, KernelCache] = {}

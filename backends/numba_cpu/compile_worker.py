@@ -1,11 +1,14 @@
 """A kernel compile worker, run as a script by cache.py: ``python compile_worker.py``.
 
-Reads a pickled list of (module path, module name, entry, Numba signature) from stdin, compiles
-each entry into Numba's disk cache (the kernels are decorated ``cache=True``), and writes a
-pickled list with None or an error message per task to stdout. A plain script, not a
-multiprocessing child: it must not import the user's program (``__main__``) again.
+Reads a pickled (claims folder, tasks) from stdin, each task (cache key, module path, module
+name, entry, Numba signature), longest first. Compiles every task it can claim (see `claim`:
+the parent and the other workers take from the same list) into Numba's disk cache (the kernels
+are decorated ``cache=True``), and writes a pickled {cache key: None or an error message} of its
+claims to stdout. A plain script, not a multiprocessing child: it must not import the user's
+program (``__main__``) again.
 """
 import importlib.util
+import os
 import pickle
 import sys
 
@@ -22,6 +25,16 @@ def register_packages_without_running_them() -> None:
             sys.modules[name] = importlib.util.module_from_spec(importlib.util.find_spec(name))
 
 
+def claim(folder: str, key: str) -> bool:
+    """Whether this process is the first to claim `key` in `folder`: creating a file
+    exclusively is atomic, so exactly one process of those compiling together gets it."""
+    try:
+        os.close(os.open(os.path.join(folder, key), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def compile_file(path: str, name: str, entry: str, signature: tuple) -> None:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -32,13 +45,19 @@ def compile_file(path: str, name: str, entry: str, signature: tuple) -> None:
 
 def main() -> None:
     register_packages_without_running_them()
-    results = []
-    for task in pickle.load(sys.stdin.buffer):
+    claims, tasks = pickle.load(sys.stdin.buffer)
+    results = {}
+    for key, *task in tasks:
+        try:
+            if not claim(claims, key):
+                continue
+        except FileNotFoundError:  # the parent removed the folder: it stopped compiling
+            break
         try:
             compile_file(*task)
-            results.append(None)
+            results[key] = None
         except Exception as exc:  # reported to the parent, which compiles the kernel itself
-            results.append(f"{type(exc).__name__}: {exc}")
+            results[key] = f"{type(exc).__name__}: {exc}"
     pickle.dump(results, sys.stdout.buffer)
 
 
