@@ -179,7 +179,10 @@ class KernelCache(KernelFiles):
         order = sorted(missing, key=lambda key: -_estimated_seconds(requests[missing[key]][0]))
         tasks = [(key, self.path(key), self.module_name(key), requests[missing[key]][0].entry,
                   requests[missing[key]][1]) for key in order]
-        claims = tempfile.mkdtemp(prefix="graphc-claims-")
+        try:
+            claims = tempfile.mkdtemp(prefix="graphc-claims-")
+        except OSError:  # no writable temporary folder: compile everything here
+            return set()
         workers = [_Worker(claims, tasks) for _ in range(count)]
         try:
             for key in order:
