@@ -12,6 +12,7 @@ import glob
 import hashlib
 import importlib.util
 import os
+import py_compile
 import sys
 import tempfile
 import threading
@@ -60,11 +61,18 @@ class KernelFiles:
         return os.path.join(self.directory, self.module_name(key) + ".py")
 
     def _write_source(self, key: str, source: str) -> None:
-        """Atomically: a reader never sees half a file (temporary file, then rename)."""
+        """Atomically: a reader never sees half a file (temporary file, then rename). Byte-
+        compiled at once (also atomically), since Python does not write bytecode on import where
+        PYTHONDONTWRITEBYTECODE is set: every process would compile the module again."""
         fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             f.write(source)
         os.replace(tmp, self.path(key))
+        try:
+            py_compile.compile(self.path(key), doraise=True,
+                               invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+        except (py_compile.PyCompileError, OSError):
+            pass  # imported from source then; a syntax error is raised there, naming the kernel
 
     def _check_source(self, key: str, source: str, stats: Any) -> bool:
         """Whether the kernel's module file was on disk, intact; written if not (a corrupt one

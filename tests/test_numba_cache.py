@@ -71,6 +71,10 @@ def test_second_process_finds_every_kernel_on_disk(warm_cache, tmp_path):
     assert second["compiled"] == second["misses"] == 0
     assert second["hits"] == second["calls"]
     assert second["error"] < 1e-5
+    # each module's bytecode is written with it (imports need not compile it again)
+    modules = {os.path.basename(p)[:-3] for p in glob.glob(str(warm_cache / "k_*.py"))}
+    compiled = {os.path.basename(p).split(".")[0] for p in glob.glob(str(warm_cache / "__pycache__" / "k_*.pyc"))}
+    assert modules and modules == compiled
 
 
 def copy_cache(source, destination):
