@@ -279,7 +279,7 @@ def _batch(w: Writer, images: str) -> None:
 def _image_chunks(w: Writer, zero_partial: bool = False) -> None:
     """Open `for t in prange(T)` and, inside it, the loop over chunk t's images `n`; first
     zero thread t's accumulator when asked (there, not as `partial[:] = 0` before the loop:
-    an array expression in a parallel function is a parfor of its own, ~1.4 s to compile)."""
+    an array expression in a parallel function is a parfor of its own, ~1 s to compile)."""
     w.line("for t in prange(T):")
     w.depth += 1
     w.line("col = scratch[t]")
