@@ -164,6 +164,43 @@ def test_worker_processes_compile_part_of_a_large_graph(monkeypatch):
     np.testing.assert_allclose(executable(arg)[0], want, rtol=1e-6)
 
 
+def test_kernels_a_dead_worker_claimed_are_compiled_by_the_parent(monkeypatch, tmp_path):
+    """A worker that claims kernels and dies before compiling them loses nothing: the parent
+    compiles what the worker did not report as done, and the graph runs."""
+    from graphc.backends.numba_cpu import cache
+
+    dying, claimed = tmp_path / "dying_worker.py", tmp_path / "claimed"
+    dying.write_text("import os, pickle, sys\n"
+                     "claims, tasks = pickle.load(sys.stdin.buffer)\n"
+                     "mine = 0\n"
+                     "for key, *_ in tasks:\n"
+                     "    try:\n"
+                     "        os.close(os.open(os.path.join(claims, key), os.O_CREAT | os.O_EXCL))\n"
+                     "        mine += 1\n"
+                     "    except FileExistsError:\n"
+                     "        pass\n"
+                     f"open({str(claimed)!r}, 'w').write(str(mine))\n"
+                     "os._exit(1)\n")
+    monkeypatch.setattr(cache, "WORKER_SCRIPT", str(dying))
+    monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "1")
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path / "cache"))
+    b = Builder("dead_worker")
+    x = b.add_input(TensorType((3, 4), "float32"), "x")
+    v = x
+    for k in range(6):
+        v = b.transpose(b.tanh(b.add(v, b.scalar_like(0.75 + k, v))), perm=(1, 0))
+    b.add_output("y", v)
+    executable = compile_graph(b.graph)
+    stats = executable.cache_stats
+    assert int(claimed.read_text()) > 0  # the worker took kernels from the parent
+    assert stats.in_workers == 0 and stats.compiled == stats.misses == len(executable.kernels)
+    arg = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+    want = arg
+    for k in range(6):
+        want = np.tanh(want + np.float32(0.75 + k)).T
+    np.testing.assert_allclose(executable(arg)[0], want, rtol=1e-6)
+
+
 def test_worker_compiles_a_gemm_kernel_without_importing_all_of_graphc(tmp_path):
     """The worker registers graphc's packages unexecuted (their __init__ files import the whole
     library): a kernel importing the GEMM helper still compiles into the disk cache, and the
