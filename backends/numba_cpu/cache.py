@@ -37,6 +37,7 @@ from typing import Any, Iterator
 
 import llvmlite
 import numba
+from numba.core.compiler_lock import global_compiler_lock
 
 
 from graphc.backends.kernel_files import KernelFiles, hashed_key, package_version
@@ -232,16 +233,18 @@ class KernelCache(KernelFiles):
 @contextmanager
 def kernel_optimization_level() -> Iterator[None]:
     """Compile under KERNEL_OPT_LEVEL: Numba reads `config.OPT` for every module it optimizes.
-    (Its code generator, already made by the kernel's dispatcher, keeps the process's level.)"""
+    (Its code generator, already made by the kernel's dispatcher, keeps the process's level.)
+    Numba's compiler lock is held meanwhile, so no other thread's compile sees the switch."""
     if "NUMBA_OPT" in os.environ:
         yield
         return
-    saved = numba.config.OPT
-    numba.config.OPT = type(saved)(KERNEL_OPT_LEVEL)
-    try:
-        yield
-    finally:
-        numba.config.OPT = saved
+    with global_compiler_lock:  # re-entrant: the compile inside takes it again
+        saved = numba.config.OPT
+        numba.config.OPT = type(saved)(KERNEL_OPT_LEVEL)
+        try:
+            yield
+        finally:
+            numba.config.OPT = saved
 
 
 def worker_environment() -> dict[str, str]:
