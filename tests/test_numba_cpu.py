@@ -576,6 +576,17 @@ def test_profiling_every_call_from_the_environment(monkeypatch):
     assert "matmul" in report.table(parts=True)
 
 
+def test_division_by_zero_gives_ieee_results_as_the_reference():
+    """x / 0 is +-inf and 0 / 0 nan, in a fused kernel and after a reduction, as in NumPy (the
+    numerics check then finds them): no ZeroDivisionError raised from a kernel."""
+    x = np.array([[1.0, -2.0, 0.0, 3.0]], np.float32)
+    y = np.array([[0.0, 0.0, 0.0, 2.0]], np.float32)
+    graph = build("divide_by_zero", [x, y], lambda b, x, y: [
+        b.div(x, y), b.pow(y, b.scalar_like(-1.0, y)), b.div(x, b.sum(y, axes=(0,), keepdims=True))])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        check(graph, [x, y])
+
+
 def test_degenerate_graphs_and_empty_arrays():
     x = np.arange(3, dtype=np.float32)
     identity = build("identity", [x], lambda b, v: [v, v])

@@ -29,8 +29,8 @@ import numba
 from graphc.ir import Graph, Node, TensorType, Value
 from graphc.passes.fusion import is_literal
 
-from .codegen_common import (PARALLEL_MIN_ELEMENTS, Call, KernelSource, Writer, decorator,
-                             index_text, loop_header, module, size_of)
+from .codegen_common import (HELPER_DECORATOR, PARALLEL_MIN_ELEMENTS, Call, KernelSource, Writer,
+                             decorator, index_text, loop_header, module, size_of)
 from .codegen_elementwise import (argument_names, broadcast_index, elementwise_call,
                                   elementwise_flops, members_of)
 from .codegen_winograd import (ENTRY, FORWARD, INPUT_GRAD, WEIGHT_GRAD, winograd_applies,
@@ -79,7 +79,7 @@ def _per_plane(entry: str, params: list[str], args: list[str], constants: dict[s
     The window geometry is module constants, so the loops over a 2x2 window are unrolled."""
     geometry = "\n".join(f"{name} = {value}" for name, value in constants.items())
     helper = Writer()
-    helper.line("@njit(fastmath=FASTMATH)")
+    helper.line(HELPER_DECORATOR)
     with helper.block(f"def plane({', '.join(plane_params)}):"):
         plane_body(helper)
     w = Writer()
@@ -260,7 +260,7 @@ def _conv_module(entry: str, params: list[str], node: Node, kernel: tuple[int, i
     col2im), and the entry, which loops over the batch in T chunks (`prange` over chunks)."""
     geometry = "\n".join(f"{k} = {v}" for k, v in _conv_geometry(node, kernel).items())
     helper = Writer()
-    helper.line("@njit(fastmath=FASTMATH)")
+    helper.line(HELPER_DECORATOR)
     with helper.block(f"def plane({plane_params}):"):
         plane_body(helper)
     w = Writer()

@@ -27,7 +27,9 @@ import numba
 
 from graphc.ir import Node
 
-from .codegen_common import PARALLEL_MIN_ELEMENTS
+from .codegen_common import ENTRY_OPTIONS, PARALLEL_MIN_ELEMENTS
+
+HELPER_OPTIONS = f"{ENTRY_OPTIONS}, no_cpython_wrapper=True"
 
 ENTRY = "conv3x3_winograd"
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = 0, 1, 2  # its modes
@@ -42,7 +44,7 @@ from numba import njit, prange
 from graphc.backends.numba_cpu.gemm import gemm
 
 
-@njit
+@njit({HELPER_OPTIONS})
 def transform_filters(w, u, turned):
     """u[k, a, b] = (G g G^T)[k // 4, k % 4] for the filter g from input channel b to output
     channel a: w[a, b], or w[b, a] turned 180 degrees when `turned` (the input gradient)."""
@@ -66,7 +68,7 @@ def transform_filters(w, u, turned):
                 u[12 + j, a, b] = c2
 
 
-@njit
+@njit({HELPER_OPTIONS})
 def transform_tiles(x, v, pad, PH, PW, TH, TW):
     """v[k, c * TH * TW + tile] = (B^T d B)[k // 4, k % 4] for every 4x4 tile d (2 apart) of
     image x's channel c, zero-padded by PH, PW: copied into `pad` first, whose border stays zero."""
@@ -94,7 +96,7 @@ def transform_tiles(x, v, pad, PH, PW, TH, TW):
                 v[12, s] = e30 - e32; v[13, s] = e31 + e32; v[14, s] = e32 - e31; v[15, s] = e31 - e33
 
 
-@njit
+@njit({HELPER_OPTIONS})
 def untransform_tiles(m, out, TH, TW):
     """out[o] = A^T M A for every tile of M = m[:, o * TH * TW + tile] (a plane with an odd side
     leaves its last tile's second row or column unwritten)."""
@@ -122,7 +124,7 @@ def untransform_tiles(m, out, TH, TW):
                             out[o, oh + 1, ow + 1] = q1 - q2 - q3
 
 
-@njit
+@njit({HELPER_OPTIONS})
 def transform_gradients(dy, dm, TH, TW):
     """dm[k, o * TH * TW + tile] = (A dY A^T)[k // 4, k % 4] for every 2x2 tile dY of dy[o]
     (zero past an odd side): the cotangent of the tile's M, whose outputs are A^T M A."""
@@ -146,7 +148,7 @@ def transform_gradients(dy, dm, TH, TW):
                 dm[12, s] = -y10; dm[13, s] = -y10 - y11; dm[14, s] = y11 - y10; dm[15, s] = y11
 
 
-@njit
+@njit({HELPER_OPTIONS})
 def zero(a):
     """In a helper: loops in the parallel entry cost seconds of compile time."""
     flat = a.reshape(a.size)
@@ -154,7 +156,7 @@ def zero(a):
         flat[i] = 0
 
 
-@njit
+@njit({HELPER_OPTIONS})
 def untransform_filter_gradients(partial, dw):
     """dw[o, c] = G^T X G, X the 4x4 sum over threads of partial[t, 4 * i + j, o, c]."""
     T, O, C = partial.shape[0], dw.shape[0], dw.shape[1]
@@ -178,7 +180,7 @@ def untransform_filter_gradients(partial, dw):
                 dw[o, c, i, 2] = 0.5 * (z1 + z2) + z3
 
 
-@njit(parallel=PARALLEL, cache=True)
+@njit(parallel=PARALLEL, {ENTRY_OPTIONS}, cache=True)
 def conv3x3_winograd(a, b, c, u, v, m, pad, partial, PH, PW, mode):
     """One entry for three ops (a parallel entry takes seconds to compile):
       mode 0, the convolution: c[n] = the 3x3 correlation of a[n] (zero-padded by PH, PW) with

@@ -41,7 +41,7 @@ _dgemm = types.ExternalFunction("graphc_dgemm", _FORTRAN_GEMM)
 _N, _T = 78, 84  # ord("N"), ord("T"): BLAS's transpose flags
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", no_cfunc_wrapper=True)
 def gemm(transpose_a, transpose_b, m, n, k, a, a_at, lda, b, b_at, ldb, beta, c, c_at, ldc):
     """C = op(A) @ op(B) + beta * C for row-major matrices inside flat float32/float64 arrays:
     C is m x n starting at element `c_at` of `c` with rows `ldc` elements apart, op(A) is m x k

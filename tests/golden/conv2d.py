@@ -16,7 +16,7 @@ DH = 1
 DW = 1
 
 
-@njit(fastmath=FASTMATH)
+@njit(fastmath=FASTMATH, error_model='numpy', no_cfunc_wrapper=True, no_cpython_wrapper=True)
 def plane(x, col, row0):
     H, W = x.shape
     OH = (H + 2 * PH - DH * (KH - 1) - 1) // SH + 1
@@ -43,7 +43,7 @@ def plane(x, col, row0):
                     out[q] = 0
 
 
-@njit(parallel=False, cache=True)
+@njit(parallel=False, error_model='numpy', no_cfunc_wrapper=True, cache=True)
 def conv2d(x, w, out, scratch, G):
     N, T = x.shape[0], scratch.shape[0]
     chunk = -(-N // T)

@@ -5,7 +5,7 @@ from numba import njit, prange
 FASTMATH = {'afn', 'arcp', 'contract', 'nsz', 'reassoc'}
 
 
-@njit(parallel=False, fastmath=FASTMATH, cache=True)
+@njit(parallel=False, fastmath=FASTMATH, error_model='numpy', no_cfunc_wrapper=True, cache=True)
 def kernel_add_mul_tanh(x0, x1, y0, n0, n1):
     c0 = np.float32(0.5)
     for i0 in range(n0):

@@ -4,7 +4,7 @@ from numba import njit, prange
 from graphc.backends.numba_cpu.gemm import gemm
 
 
-@njit(parallel=False, cache=True)
+@njit(parallel=False, error_model='numpy', no_cfunc_wrapper=True, cache=True)
 def matmul(a, b, out, ta, tb):
     M, N, K = out.shape[0], out.shape[1], a.shape[0] if ta else a.shape[1]
     gemm(ta, tb, M, N, K, a, 0, a.shape[-1], b, 0, b.shape[-1], 0.0, out, 0, out.shape[-1])
@@ -17,7 +17,7 @@ from numba import njit, prange
 FASTMATH = {'afn', 'arcp', 'contract', 'nsz', 'reassoc'}
 
 
-@njit(parallel=False, fastmath=FASTMATH, cache=True)
+@njit(parallel=False, fastmath=FASTMATH, error_model='numpy', no_cfunc_wrapper=True, cache=True)
 def epilogue_add_relu(x0, x1, y0, n0, n1):
     for i0 in range(n0):
         for i1 in range(n1):

@@ -5,7 +5,7 @@ from numba import njit, prange
 FASTMATH = {'afn', 'arcp', 'contract', 'nsz', 'reassoc'}
 
 
-@njit(parallel=False, fastmath=FASTMATH, cache=True)
+@njit(parallel=False, fastmath=FASTMATH, error_model='numpy', no_cfunc_wrapper=True, cache=True)
 def kernel_sub_exp_sum(x0, x1, y0, y1, n0, n1):
     for i0 in range(n0):
         acc = np.float64(0.0)
