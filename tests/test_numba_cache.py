@@ -283,3 +283,31 @@ def test_kernels_compile_at_the_kernel_optimization_level_unless_numba_opt_is_se
     with kernel_optimization_level():
         assert numba.config.OPT is before
     assert worker_environment()["NUMBA_OPT"] == "3"
+
+
+def test_worker_count_takes_the_idle_cores_of_the_most_idle_short_window(monkeypatch):
+    """One worker per idle core besides this process's; a window with every other core idle
+    ends the sampling at once, a busy one is sampled again (up to three windows)."""
+    import graphc.backends.numba_cpu.cache as cache
+
+    def sampled(values):
+        calls = []
+
+        def idle_cores(cores, interval=0.05):
+            calls.append(cores)
+            return values[len(calls) - 1]
+        monkeypatch.setattr(cache, "_idle_cores", idle_cores)
+        return calls
+
+    monkeypatch.delenv("GRAPHC_COMPILE_WORKERS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    calls = sampled([3.9])
+    assert cache._worker_count() == 3 and len(calls) == 1
+    calls = sampled([1.2, 3.1, 2.0])
+    assert cache._worker_count() == 2 and len(calls) == 3
+    calls = sampled([0.4, 4.0])
+    assert cache._worker_count() == 3 and len(calls) == 2
+    calls = sampled([0.3, 0.9, 0.2])
+    assert cache._worker_count() == 0 and len(calls) == 3
+    monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "5")
+    assert cache._worker_count() == 5

@@ -276,10 +276,15 @@ def _worker_count() -> int:
     if text:
         return int(text)
     cores = os.cpu_count() or 1
-    # the most idle of three short windows: a burst of this process's own threads (measured:
-    # one core busy for one 50 ms window just before a cold compile) must not cost the worker
-    idle = max(_idle_cores(cores) for _ in range(3))
-    return max(0, min(cores - 1, round(idle) - 1))
+    # the most idle of up to three short windows: a burst of this process's own threads
+    # (measured: one core busy for one 50 ms window just before a cold compile) must not cost
+    # the worker; the first window showing every other core idle ends the search
+    count = 0
+    for _ in range(3):
+        count = max(count, min(cores - 1, round(_idle_cores(cores)) - 1))
+        if count == cores - 1:
+            break
+    return count
 
 
 def _idle_cores(cores: int, interval: float = 0.05) -> float:
