@@ -18,11 +18,8 @@ GENERATORS = {
 }
 
 
-def generate(kernel: Node, blas_threads: bool = False) -> KernelSource:
-    """The source of one fused kernel (not for 'view' and 'constant' kernels: no code runs).
-    `blas_threads`: for a GEMM kernel, serial code around BLAS calls that BLAS threads itself."""
-    if blas_threads:
-        return generate_library(kernel, blas_threads=True)
+def generate(kernel: Node) -> KernelSource:
+    """The source of one fused kernel (not for 'view' and 'constant' kernels: no code runs)."""
     return GENERATORS[kernel.attrs["pattern"]](kernel)
 
 

@@ -362,15 +362,14 @@ def elementwise_flops(members: list[Node]) -> int:
     return sum(m.output.type.size for m in members if get(m.op).kind == ELEMENTWISE)
 
 
-def elementwise_call(entry: str, sub: Graph, serial: bool = False) -> Call:
-    """One loop nest computing every member of `sub` at each index of their common shape
-    (in parallel when large, unless `serial`). Its parameters are named after `sub`'s inputs
-    and outputs (x0.., y0..), then the extents."""
+def elementwise_call(entry: str, sub: Graph) -> Call:
+    """One loop nest computing every member of `sub` at each index of their common shape.
+    Its parameters are named after `sub`'s inputs and outputs (x0.., y0..), then the extents."""
     members = members_of(sub)
     shape = members[0].output.shape
     flat = is_flat(members)
     size = size_of(shape)
-    parallel = size >= PARALLEL_MIN_ELEMENTS and not serial
+    parallel = size >= PARALLEL_MIN_ELEMENTS
     arrays = argument_names(sub)
     views = None if flat else _collapsed_views(members, sub)
     emitter = PointwiseEmitter(sub, arrays, flat, views)

@@ -39,14 +39,12 @@ from .codegen_winograd import (ENTRY, FORWARD, INPUT_GRAD, WEIGHT_GRAD, winograd
 
 class Refs:
     """What a lowering may reference: the kernel array holding a value ('x0', 'y1'), the
-    values a matmul prologue transposes, and scratch arrays it asks for ('s0', ...); and
-    whether BLAS threads the GEMMs itself (then the kernel is serial code around one call)."""
+    values a matmul prologue transposes, and scratch arrays it asks for ('s0', ...)."""
 
-    def __init__(self, names: dict[Value, str], prologue: list[Node], blas_threads: bool = False) -> None:
+    def __init__(self, names: dict[Value, str], prologue: list[Node]) -> None:
         self.names = names
         self.transposed = {t.output: t.inputs[0] for t in prologue}
         self.scratch: list[TensorType] = []
-        self.blas_threads = blas_threads
 
     def __getitem__(self, value: Value) -> str:
         return self.names[value]
@@ -106,10 +104,10 @@ def _matmul(node: Node, refs: Refs) -> tuple[list[Call], int]:
     out = node.output.shape
     flops = 2 * size_of(out) * x.shape[-1]
     if len(out) == 2:
-        return [_gemm("matmul", [a, b, refs[node.output]], flops, a_t, b_t, refs.blas_threads)], flops
+        return [_gemm("matmul", [a, b, refs[node.output]], flops, a_t, b_t)], flops
     batch = out[:-2]
     index = tuple(f"b{d}" for d in range(len(batch)))
-    parallel = flops >= GEMM_PARALLEL_MIN_FLOPS and batch[0] > 1 and not refs.blas_threads
+    parallel = flops >= GEMM_PARALLEL_MIN_FLOPS and batch[0] > 1
 
     def part(name: str, shape: tuple[int, ...]) -> str:
         sub = broadcast_index(index, shape[:-2], batch)
@@ -175,10 +173,9 @@ GEMM_PARALLEL_MIN_FLOPS = 1 << 22
 
 
 def _gemm(entry: str, operands: list[str], flops: int, transpose_a: bool = False,
-          transpose_b: bool = False, blas_threads: bool = False) -> Call:
-    """out = a @ b for the matrices named by operands [a, b, out], read transposed as flagged:
-    in row (column) blocks on Numba's threads when large, unless BLAS threads it itself."""
-    parallel = flops >= GEMM_PARALLEL_MIN_FLOPS and numba.config.NUMBA_NUM_THREADS > 1 and not blas_threads
+          transpose_b: bool = False) -> Call:
+    """out = a @ b for the matrices named by operands [a, b, out], read transposed as flagged."""
+    parallel = flops >= GEMM_PARALLEL_MIN_FLOPS and numba.config.NUMBA_NUM_THREADS > 1
     params, args = ["a", "b", "out", "ta", "tb"], list(operands) + [int(transpose_a), int(transpose_b)]
     if parallel:
         params.append("T")
@@ -652,35 +649,26 @@ LIBRARY_LOWERINGS: dict[str, Callable[[Node, Refs], tuple[list[Call], int]]] = {
 
 
 # -- the kernel -----------------------------------------------------------------------------------
-def library_anchor(kernel: Node) -> Node:
-    """The library op (matmul, conv2d, ...) of a library kernel."""
-    return next(m for m in members_of(kernel.subgraph) if m.op in LIBRARY_LOWERINGS)
-
-
-def generate_library(kernel: Node, blas_threads: bool = False) -> KernelSource:
-    """The kernel's library call, then its epilogue. With `blas_threads` (GEMM kernels only),
-    serial code: BLAS threads the GEMM itself."""
+def generate_library(kernel: Node) -> KernelSource:
     sub = kernel.subgraph
     members = members_of(sub)
-    at = members.index(library_anchor(kernel))
+    at = next(i for i, m in enumerate(members) if m.op in LIBRARY_LOWERINGS)
     prologue, anchor, epilogue = members[:at], members[at], members[at + 1:]
-    assert not blas_threads or anchor.op == "matmul", f"{kernel.attrs['name']}: not a GEMM kernel"
-    refs = Refs(argument_names(sub), prologue, blas_threads)
+    refs = Refs(argument_names(sub), prologue)
     calls, flops = LIBRARY_LOWERINGS[anchor.op](anchor, refs)
     if epilogue:
-        calls.append(_epilogue_call(kernel, anchor, epilogue, refs.names, serial=blas_threads))
+        calls.append(_epilogue_call(kernel, anchor, epilogue, refs.names))
     return KernelSource(kernel.attrs["name"], kernel.attrs["pattern"], calls, tuple(refs.scratch),
                         flops + elementwise_flops(epilogue))
 
 
-def _epilogue_call(kernel: Node, anchor: Node, epilogue: list[Node], names: dict[Value, str],
-                   serial: bool = False) -> Call:
+def _epilogue_call(kernel: Node, anchor: Node, epilogue: list[Node], names: dict[Value, str]) -> Call:
     """The epilogue as an elementwise kernel of its own: it reads the library result (an
     output of this kernel) and the kernel inputs it needs, and writes the other outputs. It is
     named after its own ops, so that the same epilogue after different library ops (a ReLU
     mask after a pooling or a convolution gradient) is one compiled function."""
     part, refs = epilogue_graph(kernel, anchor, epilogue, names)
-    call = elementwise_call("epilogue_" + "_".join(m.op for m in epilogue), part, serial)
+    call = elementwise_call("epilogue_" + "_".join(m.op for m in epilogue), part)
     translate = dict(zip(argument_names(part).values(), refs))
     return replace(call, args=tuple(translate.get(a, a) for a in call.args))
 

@@ -27,12 +27,11 @@ from graphc.ir.verify import KERNEL_OP
 from graphc.passes.fusion import fuse
 from graphc.passes.memplan import ALIGNMENT, MemoryPlan, plan_memory
 
-from .blas import set_scipy_blas_threads
+from .blas import single_threaded_scipy_blas
 from .cache import CacheStats, get_cache
 from .codegen import generate
 from .codegen_common import Call, KernelSource
 from .codegen_elementwise import write_in_place
-from .codegen_library import library_anchor
 
 
 @dataclass
@@ -103,23 +102,19 @@ class Executable:
 
     Attributes: `graph` (the fused graph), `plan` (the MemoryPlan), `kernels` (CompiledKernel
     list in execution order), `cache_stats` (CacheStats of this compilation),
-    `compile_seconds`, `blas_threads` (whether BLAS threads the GEMMs: blas_threads_pay).
-    `profile(*args, repeat=N)` times every kernel; with GRAPHC_PROFILE=1 every call is timed,
-    `profile_report` holds the totals and they are printed at exit.
+    `compile_seconds`. `profile(*args, repeat=N)` times every kernel; with GRAPHC_PROFILE=1
+    every call is timed, `profile_report` holds the totals and they are printed at exit.
     Calls from several threads take turns: they share one arena.
     """
 
     def __init__(self, graph: Graph, plan: MemoryPlan, kernels: dict[Node, CompiledKernel],
-                 cache_stats: CacheStats, compile_seconds: float, blas_threads: bool = False) -> None:
+                 cache_stats: CacheStats, compile_seconds: float) -> None:
         self.graph = graph
         self.plan = plan
         self.kernels = [kernels[n] for n in plan.schedule if n in kernels]
         self.cache_stats = cache_stats
         self.compile_seconds = compile_seconds
         self._threads = _thread_count()
-        # BLAS threads the GEMMs of a graph with no other parallel code (see blas_threads_pay)
-        self.blas_threads = blas_threads
-        self._blas_thread_count = (self._threads or numba.config.NUMBA_NUM_THREADS) if blas_threads else 1
         self._donated = tuple(plan.donated_in_place) + tuple(plan.donated_by_copy)
         self._arena = _aligned_bytes(plan.peak_bytes)
         self._env = _Environment()
@@ -218,7 +213,6 @@ class Executable:
         arrays = prepare_inputs(self.graph, args, self._donated)
         if self._threads is not None and numba.get_num_threads() != self._threads:
             numba.set_num_threads(self._threads)
-        set_scipy_blas_threads(self._blas_thread_count)
         env = list(self._env.template)
         for slot, array in zip(self._inputs, arrays):
             if not (array.flags.writeable and array.flags.aligned):
@@ -359,22 +353,13 @@ def _argument_types(node: Node, kernel: KernelSource, call: Call) -> list[Tensor
     return types
 
 
-# Up to this many elements a GEMM kernel's epilogue runs serially when BLAS threads the GEMM:
-# the MLP's Adam update of a 784x256 weight costs less than letting BLAS thread the products
-# gains (its training step took 0.95-1.01x the time, alternating with the split GEMMs in one
-# process; its cold compile ~0.8 s less, with no parallel function to compile).
-SERIAL_EPILOGUE_MAX_ELEMENTS = 1 << 20
+_BLAS_LIMITED: list[bool] = []
 
 
-def blas_threads_pay(sources: dict[Node, KernelSource]) -> bool:
-    """Whether BLAS should thread this graph's GEMMs itself: when they (with their epilogues,
-    if small) are the graph's only parallel code. Else Numba's threads split the large GEMMs
-    and BLAS runs on one thread: the two thread pools' spinning must not meet (blas.py)."""
-    gemms = {n for n, s in sources.items() if s.pattern == "library" and library_anchor(n).op == "matmul"}
-    return (numba.config.NUMBA_NUM_THREADS > 1
-            and any(sources[n].parallel for n in gemms)
-            and not any(s.parallel for n, s in sources.items() if n not in gemms)
-            and all(v.type.size < SERIAL_EPILOGUE_MAX_ELEMENTS for n in gemms for v in n.outputs))
+def _limit_blas_threads() -> None:
+    """Once per process: graphc splits GEMMs across threads itself (see blas.py)."""
+    if not _BLAS_LIMITED:
+        _BLAS_LIMITED.append(single_threaded_scipy_blas())
 
 
 def compile_graph(graph: Graph, donate: dict[int, int] | None = None) -> Executable:
@@ -384,11 +369,9 @@ def compile_graph(graph: Graph, donate: dict[int, int] | None = None) -> Executa
     the caller's array is updated in place and returned as that output.
     """
     start = time.perf_counter()
+    _limit_blas_threads()
     fused = graph if any(n.op == KERNEL_OP for n in graph.nodes) else fuse(graph)
     sources = {n: generate(n) for n in fused.nodes if n.attrs["pattern"] not in ("view", "constant")}
-    blas_threads = blas_threads_pay(sources)
-    if blas_threads:
-        sources = {n: generate(n, blas_threads=True) if s.parallel else s for n, s in sources.items()}
     plan = plan_memory(fused, donate, scratch=lambda n: list(sources[n].scratch) if n in sources else [])
     for node, source in sources.items():
         pairs = {(f"x{p}", f"y{q}") for p, q in plan.written_in_place(node)}
@@ -410,4 +393,4 @@ def compile_graph(graph: Graph, donate: dict[int, int] | None = None) -> Executa
         calls = range(len(source.calls))
         kernels[node] = CompiledKernel(node, source, [next(functions) for _ in calls],
                                        [next(entry_points) for _ in calls])
-    return Executable(fused, plan, kernels, stats, time.perf_counter() - start, blas_threads)
+    return Executable(fused, plan, kernels, stats, time.perf_counter() - start)
