@@ -8,23 +8,40 @@ import numpy as np
 from graphc.ir import Graph, InputError
 
 
-def prepare_inputs(graph: Graph, args: Sequence[Any], donated: Sequence[int] = ()) -> list[np.ndarray]:
-    """Return one C-contiguous array per graph input, converting only where it is lossless.
+class InputSignature:
+    """A compiled graph's inputs: `prepare` checks a call's arguments against them, converting
+    only where it is lossless, before any kernel runs. Built once per executable, so that the
+    common case (every argument already right) costs a few comparisons per input.
 
     Donated inputs are updated in place, so they must already be exactly right: the caller's
     own array, of the right dtype, C-contiguous and writeable.
     """
-    if len(args) != len(graph.inputs):
-        names = ", ".join(i.name for i in graph.inputs)
-        raise InputError(f"{graph.name}: expected {len(graph.inputs)} inputs ({names}), got {len(args)}")
-    arrays = []
-    for index, (inp, arg) in enumerate(zip(graph.inputs, args)):
+
+    def __init__(self, graph: Graph, donated: Sequence[int] = ()) -> None:
+        self.graph = graph
+        self.donated = frozenset(donated)
+        self._expected = [(inp.value.type.np_dtype, inp.value.type.shape, index in self.donated)
+                          for index, inp in enumerate(graph.inputs)]
+
+    def prepare(self, args: Sequence[Any]) -> list[np.ndarray]:
+        """One C-contiguous array per graph input."""
+        if len(args) != len(self._expected):
+            names = ", ".join(i.name for i in self.graph.inputs)
+            raise InputError(f"{self.graph.name}: expected {len(self._expected)} inputs ({names}), "
+                             f"got {len(args)}")
+        arrays = []
+        for index, ((dtype, shape, donated), arg) in enumerate(zip(self._expected, args)):
+            if (type(arg) is np.ndarray and arg.dtype == dtype and arg.shape == shape
+                    and arg.flags.c_contiguous and (not donated or arg.flags.writeable)):
+                arrays.append(arg)  # already right: the common case, checked first as it is cheap
+            else:
+                arrays.append(self._converted(index, arg))
+        return arrays
+
+    def _converted(self, index: int, arg: Any) -> np.ndarray:
+        inp = self.graph.inputs[index]
         expected = inp.value.type
-        if (type(arg) is np.ndarray and arg.dtype == expected.np_dtype and arg.shape == expected.shape
-                and arg.flags.c_contiguous and (arg.flags.writeable or index not in donated)):
-            arrays.append(arg)  # already right: the common case, checked first as it is cheap
-            continue
-        where = f"{graph.name}: input {inp.name!r}"
+        where = f"{self.graph.name}: input {inp.name!r}"
         try:
             arr = arg if isinstance(arg, np.ndarray) else np.asarray(arg)
         except (ValueError, TypeError) as exc:
@@ -37,15 +54,19 @@ def prepare_inputs(graph: Graph, args: Sequence[Any], donated: Sequence[int] = (
         if arr.dtype != expected.np_dtype:
             lossless = np.can_cast(arr.dtype, expected.np_dtype, "safe") or (
                 not isinstance(arg, np.ndarray) and np.array_equal(arr.astype(expected.np_dtype), arr))
-            if not lossless or index in donated:
+            if not lossless or index in self.donated:
                 raise InputError(f"{where}: expected dtype {expected.dtype}, got {arr.dtype}; "
                                  f"convert it with .astype(np.{expected.dtype})")
             arr = arr.astype(expected.np_dtype)
-        if index in donated:
+        if index in self.donated:
             if not (arr.flags.c_contiguous and arr.flags.writeable):
                 raise InputError(f"{where}: a donated (updated in place) input must be a "
                                  "C-contiguous, writeable array")
         elif not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)
-        arrays.append(arr)
-    return arrays
+        return arr
+
+
+def prepare_inputs(graph: Graph, args: Sequence[Any], donated: Sequence[int] = ()) -> list[np.ndarray]:
+    """`InputSignature(graph, donated).prepare(args)`, for a single call."""
+    return InputSignature(graph, donated).prepare(args)

@@ -461,6 +461,29 @@ def test_donated_inputs_are_updated_in_place():
         executable(np.asfortranarray(w_arg), x0)
 
 
+def test_views_of_arguments_follow_the_arrays_passed_to_each_call():
+    """Kernels take 1-D views of the arguments; the view of the array the last call had is
+    reused, so a call with another array (or the same array changed in place) must still read
+    and write that call's array."""
+    b = Builder("views")
+    w = b.add_input(TensorType((6, 5), "float32"), "w", role="param")
+    x = b.add_input(TensorType((6, 5), "float32"), "x")
+    b.add_output("w", b.add(b.mul(w, b.scalar_like(0.5, w)), x))
+    graph = b.graph.verify()
+    executable = compile_graph(graph, donate={0: 0})
+    assert executable._views, "the kernel should take per-call views of its arguments"
+    first, second, x0 = normal(6, 5), normal(6, 5), normal(6, 5)
+    first_before, second_before = first.copy(), second.copy()
+    assert executable(first, x0)[0] is first
+    np.testing.assert_allclose(first, first_before * 0.5 + x0, rtol=1e-6)
+    assert executable(second, x0)[0] is second
+    np.testing.assert_allclose(second, second_before * 0.5 + x0, rtol=1e-6)
+    np.testing.assert_allclose(first, first_before * 0.5 + x0, rtol=1e-6)  # untouched
+    first_after = first.copy()
+    executable(first, x0)
+    np.testing.assert_allclose(first, first_after * 0.5 + x0, rtol=1e-6)
+
+
 def test_outputs_sharing_an_input_buffer_are_written_through_the_input():
     """A kernel output in a dying input's buffer, or in a donated input, is written through
     that input's parameter (through two, LLVM would find them overlapping at run time and fall

@@ -9,6 +9,7 @@ in one flat list of arrays, most of which (arena views, constants, scratch) neve
 from __future__ import annotations
 
 import atexit
+import operator
 import os
 import sys
 import threading
@@ -21,7 +22,7 @@ import numba
 import numpy as np
 
 from graphc.backends.kernel_files import signature_of
-from graphc.backends.signature import prepare_inputs
+from graphc.backends.signature import InputSignature
 from graphc.ir import Graph, Node, TensorType, Value
 from graphc.ir.verify import KERNEL_OP
 from graphc.passes.fusion import fuse
@@ -66,6 +67,13 @@ class CompiledKernel:
 class _Step:
     kernel: CompiledKernel
     calls: tuple[tuple[Callable[..., None], tuple[int, ...]], ...]  # function, env slots of its args
+
+
+def _picker(slots: tuple[int, ...]) -> Callable[[list[Any]], tuple[Any, ...]]:
+    """env -> the tuple of env[s] for s in slots (itemgetter returns a bare item for one)."""
+    if len(slots) == 1:
+        return lambda env, slot=slots[0]: (env[slot],)
+    return operator.itemgetter(*slots)
 
 
 def _thread_count() -> int | None:
@@ -116,6 +124,7 @@ class Executable:
         self.compile_seconds = compile_seconds
         self._threads = _thread_count()
         self._donated = tuple(plan.donated_in_place) + tuple(plan.donated_by_copy)
+        self._signature = InputSignature(graph, self._donated)
         self._arena = _aligned_bytes(plan.peak_bytes)
         self._env = _Environment()
         self._bind(kernels)
@@ -137,6 +146,9 @@ class Executable:
             for v in node.outputs:
                 self._bind_value(v, node)
         self._steps = [self._step(kernels[n]) for n in plan.schedule if n in kernels]
+        # every call in order: its function and what picks its arguments out of the env list
+        self._run = [(function, _picker(slots)) for step in self._steps for function, slots in step.calls]
+        self._view_memo: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(self._views)
 
     def _bind_value(self, v: Value, node: Node) -> None:
         loc, env = self.plan.locations[v], self._env
@@ -201,16 +213,15 @@ class Executable:
         with self._lock:
             env = self._prepare(args)
             if self._profile_totals is None:
-                for step in self._steps:
-                    for function, slots in step.calls:
-                        function(*[env[s] for s in slots])
+                for function, arguments in self._run:
+                    function(*arguments(env))
             else:
                 self._timed_run(env, self._profile_totals)
                 self._profile_calls += 1
             return self._finish(env)
 
     def _prepare(self, args: Sequence[Any]) -> list[Any]:
-        arrays = prepare_inputs(self.graph, args, self._donated)
+        arrays = self._signature.prepare(args)
         if self._threads is not None and numba.get_num_threads() != self._threads:
             numba.set_num_threads(self._threads)
         env = list(self._env.template)
@@ -222,8 +233,14 @@ class Executable:
             env[slot] = np.empty(shape, dtype)
         for slot, k in self._donated_slots:
             env[slot] = env[self._inputs[k]]
-        for slot, base, shape in self._views:  # in binding order: a view's base comes first
-            env[slot] = env[base].reshape(shape)
+        # in binding order: a view's base comes first. The view of the array the last call
+        # had (a parameter, optimizer state: the same array every step) is reused.
+        memo = self._view_memo
+        for i, (slot, base, shape) in enumerate(self._views):
+            array = env[base]
+            if memo[i] is None or memo[i][0] is not array:
+                memo[i] = (array, array.reshape(shape))
+            env[slot] = memo[i][1]
         return env
 
     def _finish(self, env: list[Any]) -> list[np.ndarray]:
