@@ -114,7 +114,8 @@ def module(name: str, body: Writer, helpers: list[str] = ()) -> str:
 # (~0.02 s of every function's compile). Helpers, called only from kernels, need no Python
 # wrapper either.
 ENTRY_OPTIONS = "error_model='numpy', no_cfunc_wrapper=True"
-HELPER_DECORATOR = f"@njit(fastmath=FASTMATH, {ENTRY_OPTIONS}, no_cpython_wrapper=True)"
+HELPER_OPTIONS = f"{ENTRY_OPTIONS}, no_cpython_wrapper=True"
+HELPER_DECORATOR = f"@njit(fastmath=FASTMATH, {HELPER_OPTIONS})"
 
 
 def decorator(parallel: bool, fastmath: bool = True) -> str:

@@ -27,9 +27,7 @@ import numba
 
 from graphc.ir import Node
 
-from .codegen_common import ENTRY_OPTIONS, PARALLEL_MIN_ELEMENTS
-
-HELPER_OPTIONS = f"{ENTRY_OPTIONS}, no_cpython_wrapper=True"
+from .codegen_common import ENTRY_OPTIONS, HELPER_OPTIONS, PARALLEL_MIN_ELEMENTS
 
 ENTRY = "conv3x3_winograd"
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = 0, 1, 2  # its modes
