@@ -166,9 +166,11 @@ def test_worker_processes_compile_part_of_a_large_graph(monkeypatch):
 
 def test_kernels_a_dead_worker_claimed_are_compiled_by_the_parent(monkeypatch, tmp_path):
     """A worker that claims kernels and dies before compiling them loses nothing: the parent
-    compiles what the worker did not report as done, and the graph runs."""
+    compiles what the worker did not report as done, and the graph runs. (A fresh-interpreter
+    worker here; the forked one: test_forked_worker_*.)"""
     from graphc.backends.numba_cpu import cache
 
+    monkeypatch.setattr(cache, "_can_fork", lambda: False)
     dying, claimed = tmp_path / "dying_worker.py", tmp_path / "claimed"
     dying.write_text("import os, pickle, sys\n"
                      "claims, tasks = pickle.load(sys.stdin.buffer)\n"
@@ -199,6 +201,95 @@ def test_kernels_a_dead_worker_claimed_are_compiled_by_the_parent(monkeypatch, t
     for k in range(6):
         want = np.tanh(want + np.float32(0.75 + k)).T
     np.testing.assert_allclose(executable(arg)[0], want, rtol=1e-6)
+
+
+# Compiles a chain of a dozen small kernels with one worker in a fresh process (no thread but its
+# own: the worker is a fork), where a fresh-interpreter worker could not start. argv[1] "dies":
+# the forked worker claims every kernel it can, then dies without compiling any.
+FORK_SCRIPT = r'''
+import json, os, sys
+import numpy as np
+from numba import njit, prange
+from graphc.backends.numba_cpu import cache, compile_graph
+from graphc.ir import Builder, TensorType
+
+cache.WORKER_SCRIPT = os.devnull
+forks = []
+fork = os.fork
+os.fork = lambda: forks.append(1) or fork()
+if sys.argv[1] == "dies":
+    def claim_and_die(claims, tasks):
+        claimed = sum(cache.claim(claims, key) for key, *_ in tasks)
+        open(sys.argv[2], "w").write(str(claimed))
+        os._exit(1)
+    cache.compile_claimed = claim_and_die
+could_fork = cache._can_fork()
+b = Builder("chain")
+x = b.add_input(TensorType((3, 4), "float32"), "x")
+v = x
+scales = [float(sys.argv[3]) + k for k in range(12)]  # literals no other compile used
+for scale in scales:
+    v = b.transpose(b.tanh(b.mul(v, b.scalar_like(scale, v))), perm=(1, 0))
+b.add_output("y", v)
+executable = compile_graph(b.graph)
+arg = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+want = arg
+for scale in scales:
+    want = np.tanh(want * np.float32(scale)).T
+
+@njit(parallel=True)
+def start_threads(a):
+    for i in prange(a.shape[0]):
+        a[i] += 1
+start_threads(np.zeros(4))
+stats = executable.cache_stats
+print(json.dumps({"forks": len(forks), "could_fork": could_fork, "can_fork_after_threads": cache._can_fork(),
+                  "in_workers": stats.in_workers, "compiled": stats.compiled, "misses": stats.misses,
+                  "kernels": len(executable.kernels),
+                  "error": float(np.max(np.abs(executable(arg)[0] - want)))}))
+'''
+
+
+def run_fork_script(tmp_path, mode, first_scale):
+    script = tmp_path / "fork_worker.py"
+    script.write_text(FORK_SCRIPT)
+    env = {**os.environ, "GRAPHC_CACHE_DIR": str(tmp_path / "cache"), "GRAPHC_COMPILE_WORKERS": "1"}
+    done = subprocess.run([sys.executable, str(script), mode, str(tmp_path / "claimed"), str(first_scale)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_forked_worker_compiles_part_of_a_graph_until_a_thread_pool_runs(tmp_path):
+    """A process running no thread of its own forks its worker (a fresh interpreter could not
+    start here); once Numba's thread pool runs, it no longer forks."""
+    result = run_fork_script(tmp_path, "compiles", 2.0625)
+    assert result["could_fork"] and result["forks"] == 1
+    assert 0 < result["in_workers"] < result["compiled"] == result["misses"] == result["kernels"]
+    assert result["error"] < 1e-6
+    assert not result["can_fork_after_threads"]
+
+
+def test_kernels_a_dead_forked_worker_claimed_are_compiled_by_the_parent(tmp_path):
+    result = run_fork_script(tmp_path, "dies", 3.0625)
+    assert result["forks"] == 1 and int((tmp_path / "claimed").read_text()) > 0
+    assert result["in_workers"] == 0 and result["compiled"] == result["misses"] == result["kernels"]
+    assert result["error"] < 1e-6
+
+
+def test_no_fork_while_another_python_thread_runs():
+    import threading
+
+    from graphc.backends.numba_cpu.cache import _can_fork
+
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait)
+    thread.start()
+    try:
+        assert not _can_fork()
+    finally:
+        release.set()
+        thread.join()
 
 
 def test_worker_compiles_a_gemm_kernel_without_importing_all_of_graphc(tmp_path):

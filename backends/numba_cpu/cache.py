@@ -14,8 +14,10 @@ code cannot be loaded, is deleted and rebuilt.
 Numba compiles one function at a time per process, so when a graph brings several kernels the
 disk cache lacks, `load_all` compiles them together with worker processes
 (``$GRAPHC_COMPILE_WORKERS``, by default one per idle core besides this one: on a busy machine a
-worker only slows the others down; fresh interpreters running compile_worker.py, since forking
-after OpenMP is unsafe and multiprocessing's spawn would import the user's script again). Every
+worker only slows the others down). A worker is a fork of this process while no thread but its
+own runs here (as before the first parallel kernel ran: forking after OpenMP is unsafe), else a
+fresh interpreter running compile_worker.py (multiprocessing's spawn would import the user's
+script again). Every
 process takes the longest kernel (by estimate) that nobody has claimed yet, so a misjudged
 estimate costs at most the last kernel's time; this process then loads the workers' kernels from
 the disk cache in milliseconds.
@@ -26,9 +28,11 @@ import hashlib
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -38,12 +42,13 @@ from typing import Any, Iterator
 import llvmlite
 import numba
 from numba.core.compiler_lock import global_compiler_lock
+from numba.core.registry import cpu_target
 
 
 from graphc.backends.kernel_files import KernelFiles, hashed_key, package_version
 
 from .codegen_common import Call
-from .compile_worker import claim
+from .compile_worker import claim, compile_claimed
 
 
 @dataclass
@@ -193,8 +198,7 @@ class KernelCache(KernelFiles):
             return set().union(*(worker.finish() for worker in workers))
         finally:
             for worker in workers:
-                worker.process.kill()  # exited already, unless this process's compile raised
-                worker.process.wait()
+                worker.stop()
             shutil.rmtree(claims, ignore_errors=True)
 
     def _compile(self, key: str, kernel: Call, dispatcher: Any, signature: tuple,
@@ -252,7 +256,8 @@ def worker_environment() -> dict[str, str]:
     return {"NUMBA_OPT": str(KERNEL_OPT_LEVEL), **os.environ}
 
 
-# A worker pays ~1.3 s to start (Python, Numba's initialisation): not worth it for a few kernels.
+# A fresh worker pays ~1.3 s to start (Python, Numba's initialisation), a fork ~0.5 s (the
+# initialisation, in this process): not worth it for a few kernels.
 WORKER_MIN_KERNELS = 4
 # Estimated compile seconds (measured on 2 cores), to take the longest kernels first: a serial
 # kernel, a parallel one, per source character on top (the Winograd module, 8.7k characters,
@@ -305,25 +310,91 @@ def _idle_cores(cores: int, interval: float = 0.05) -> float:
 
 
 class _Worker:
-    """A compile_worker.py process compiling, into the disk cache, the `tasks` it claims first."""
+    """A process compiling, into the disk cache, the `tasks` it claims first: a fork of this one
+    where that is safe (it starts at once, with Numba loaded and initialised: ~1 s sooner than a
+    fresh interpreter on 2 cores), else a fresh interpreter running compile_worker.py."""
 
     def __init__(self, claims: str, tasks: list[tuple]) -> None:
-        self.process = subprocess.Popen([sys.executable, WORKER_SCRIPT], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                        env=worker_environment())
-        self.process.stdin.write(pickle.dumps((claims, tasks)))
-        self.process.stdin.close()
+        self.forked_pid = 0
+        self.script: subprocess.Popen | None = None
+        if _can_fork():
+            _initialise_numba()  # here, once, instead of in each child
+            read_end, write_end = os.pipe()
+            with warnings.catch_warnings():
+                # Python 3.12+ warns of any other thread; the only ones here are native pools
+                # that handle fork themselves (OpenBLAS's, re-created after it)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.forked_pid = os.fork()
+            if self.forked_pid == 0:
+                _run_forked_worker(read_end, write_end, claims, tasks)
+            os.close(write_end)
+            self.output = os.fdopen(read_end, "rb")
+        else:
+            self.script = subprocess.Popen([sys.executable, WORKER_SCRIPT], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                           env=worker_environment())
+            self.script.stdin.write(pickle.dumps((claims, tasks)))
+            self.script.stdin.close()
+            self.output = self.script.stdout
 
     def finish(self) -> set[str]:
         """Wait for the worker; the keys it compiled. A kernel it claimed but failed on (or
         left when it died) is compiled, and any genuine error reported, by this process."""
-        output = self.process.stdout.read()
-        self.process.wait()
+        output = self.output.read()
+        self.stop()
         try:
             results = pickle.loads(output)
         except Exception:
             return set()
         return {key for key, error in results.items() if error is None}
+
+    def stop(self) -> None:
+        """Kill the worker (exited already, unless this process's own compile raised); reap it."""
+        if self.script is not None:
+            self.script.kill()
+            self.script.wait()
+        elif self.forked_pid:
+            try:
+                os.kill(self.forked_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(self.forked_pid, 0)
+            self.forked_pid = 0
+        self.output.close()
+
+
+def _can_fork() -> bool:
+    """Forking is safe while this process runs no threads but its own: no other Python thread
+    (one could hold a lock the child needs) and no Numba thread pool yet (forking after OpenMP
+    has run is unsafe, NUMBA_NOTES.md). Linux only: elsewhere system libraries forbid it."""
+    if not sys.platform.startswith("linux") or threading.active_count() > 1:
+        return False
+    try:
+        numba.threading_layer()
+    except ValueError:  # "not initialized": no parallel kernel has run in this process
+        return True
+    return False
+
+
+def _run_forked_worker(read_end: int, write_end: int, claims: str, tasks: list[tuple]) -> None:
+    """The forked child: compile its claims, write {key: error} to the pipe, and exit without
+    running anything the parent registered to run at exit."""
+    status = 1
+    try:
+        os.close(read_end)
+        with kernel_optimization_level():
+            results = compile_claimed(claims, tasks)
+        with os.fdopen(write_end, "wb") as pipe:
+            pickle.dump(results, pipe)
+        status = 0
+    finally:
+        os._exit(status)
+
+
+def _initialise_numba() -> None:
+    """Load Numba's typing and lowering registries (0.4-0.6 s, once per process; a no-op after)."""
+    cpu_target.typing_context.refresh()
+    cpu_target.target_context.refresh()
 
 
 _CACHES: dict[str, KernelCache] = {}

@@ -43,10 +43,9 @@ def compile_file(path: str, name: str, entry: str, signature: tuple) -> None:
     getattr(module, entry).compile(signature)
 
 
-def main() -> None:
-    register_packages_without_running_them()
-    claims, tasks = pickle.load(sys.stdin.buffer)
-    results = {}
+def compile_claimed(claims: str, tasks: list[tuple]) -> dict[str, str | None]:
+    """Compile every task this process claims; {cache key: None or the error} of its claims."""
+    results: dict[str, str | None] = {}
     for key, *task in tasks:
         try:
             if not claim(claims, key):
@@ -58,7 +57,13 @@ def main() -> None:
             results[key] = None
         except Exception as exc:  # reported to the parent, which compiles the kernel itself
             results[key] = f"{type(exc).__name__}: {exc}"
-    pickle.dump(results, sys.stdout.buffer)
+    return results
+
+
+def main() -> None:
+    register_packages_without_running_them()
+    claims, tasks = pickle.load(sys.stdin.buffer)
+    pickle.dump(compile_claimed(claims, tasks), sys.stdout.buffer)
 
 
 if __name__ == "__main__":
