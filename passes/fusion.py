@@ -27,11 +27,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import networkx as nx
-
 from graphc.ir import Graph, Node, Value
 from graphc.ir.registry import ELEMENTWISE, OPAQUE, REDUCTION, SHAPE, SOURCE, get
 from graphc.ir.verify import KERNEL_OP
+
+from .dag import DiGraph
 
 # Shape ops that only reinterpret a contiguous buffer: they become aliases, never loops.
 VIEW_OPS = frozenset({"reshape", "expand_dims", "squeeze"})
@@ -116,7 +116,7 @@ class _Partitioner:
         self.group_of: dict[Value, _Group] = {}
         self.literals: dict[Value, Node] = {}
         self.groups: dict[int, _Group] = {}
-        self.dag = nx.DiGraph()  # group keys; edge producer -> consumer
+        self.dag: DiGraph[int] = DiGraph()  # group keys; edge producer -> consumer
         self._next_key = 0
         self.users: dict[Value, list[Node]] = {}
         for node in graph.nodes:
@@ -139,7 +139,7 @@ class _Partitioner:
                 self._new_group(node, cls)
         self._materialise_literals()
         first = {k: min(self.order[m] for m in g.members) for k, g in self.groups.items()}
-        return [self.groups[k] for k in nx.lexicographical_topological_sort(self.dag, key=first.get)]
+        return [self.groups[k] for k in self.dag.topological_order(key=first.__getitem__)]
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _new_group(self, node: Node, pattern: str, anchored: bool = False) -> _Group:
@@ -188,7 +188,7 @@ class _Partitioner:
         for k in keys:
             preds.update(self.dag.predecessors(k))
         preds -= keys
-        return any(nx.has_path(self.dag, k, p) for k in keys for p in preds)
+        return any(self.dag.has_path(k, p) for k in keys for p in preds)
 
     # -- pointwise nodes -----------------------------------------------------------------------
     def _add_pointwise(self, node: Node) -> None:
@@ -246,7 +246,7 @@ class _Partitioner:
                     return False
                 continue
             groups = [self.group_of.get(v) for v in others]
-            if not any(g is not None and g.key != key and nx.has_path(self.dag, key, g.key) for g in groups):
+            if not any(g is not None and g.key != key and self.dag.has_path(key, g.key) for g in groups):
                 return False
         return True
 

@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable
 
-import networkx as nx
-
 from graphc.ir import Graph, Node, TensorType, Value
 
+from .dag import DiGraph
 from .fusion import inplace_pairs
 
 ALIGNMENT = 64  # bytes: a cache line, and enough for any SIMD load
@@ -232,8 +231,7 @@ class _Planner:
         """A topological order in which every other reader of a donated buffer runs before the
         kernel overwriting it; donations that cannot be ordered so fall back to a copy."""
         order = {node: i for i, node in enumerate(self.graph.nodes)}
-        dag = nx.DiGraph()
-        dag.add_nodes_from(self.graph.nodes)
+        dag: DiGraph[Node] = DiGraph(self.graph.nodes)
         for node in self.graph.nodes:
             for v in node.inputs:
                 if v.producer is not None:
@@ -244,11 +242,11 @@ class _Planner:
                      for r in self.readers.get(a, ()) if r is not writer and not _is_view(r)]
             trial = dag.copy()
             trial.add_edges_from(edges)
-            if nx.is_directed_acyclic_graph(trial):
+            if trial.is_acyclic():
                 dag = trial
             else:
                 del in_place[k]
-        return list(nx.lexicographical_topological_sort(dag, key=order.__getitem__))
+        return dag.topological_order(key=order.__getitem__)
 
     # -- liveness and storages --------------------------------------------------------------------
     def _lifetimes(self, schedule: list[Node], position: dict[Node, int]) -> dict[Value, tuple[int, int]]:

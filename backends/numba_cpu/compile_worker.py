@@ -17,7 +17,7 @@ PACKAGES = ("graphc", "graphc.backends", "graphc.backends.numba_cpu")
 
 def register_packages_without_running_them() -> None:
     """Kernels import graphc.backends.numba_cpu.gemm; importing it normally runs the __init__ of
-    each package above it, which import all of graphc (networkx, the IR, the passes): 0.7 s of
+    each package above it, which import all of graphc (the IR, the passes, the front end): 0.7 s of
     each worker's start, for modules no kernel uses. Registered unexecuted, the packages still
     find their submodules."""
     for name in PACKAGES:
