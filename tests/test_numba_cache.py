@@ -277,6 +277,31 @@ def test_kernels_a_dead_forked_worker_claimed_are_compiled_by_the_parent(tmp_pat
     assert result["error"] < 1e-6
 
 
+def test_a_refused_fork_falls_back_to_a_fresh_interpreter(monkeypatch):
+    from graphc.backends.numba_cpu import cache
+
+    def refuse():
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(cache, "_can_fork", lambda: True)
+    monkeypatch.setattr(cache.os, "fork", refuse)
+    monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "1")
+    b = Builder("chain")
+    x = b.add_input(TensorType((3, 4), "float32"), "x")
+    v = x
+    scales = tuple(4.0625 + k for k in range(8))  # literals no other test compiles
+    for scale in scales:
+        v = b.transpose(b.tanh(b.mul(v, b.scalar_like(scale, v))), perm=(1, 0))
+    b.add_output("y", v)
+    executable = compile_graph(b.graph)
+    assert executable.cache_stats.in_workers > 0
+    arg = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+    want = arg
+    for scale in scales:
+        want = np.tanh(want * np.float32(scale)).T
+    np.testing.assert_allclose(executable(arg)[0], want, rtol=1e-6)
+
+
 def test_no_fork_while_another_python_thread_runs():
     import threading
 

@@ -317,25 +317,33 @@ class _Worker:
     def __init__(self, claims: str, tasks: list[tuple]) -> None:
         self.forked_pid = 0
         self.script: subprocess.Popen | None = None
-        if _can_fork():
-            _initialise_numba()  # here, once, instead of in each child
-            read_end, write_end = os.pipe()
-            with warnings.catch_warnings():
-                # Python 3.12+ warns of any other thread; the only ones here are native pools
-                # that handle fork themselves (OpenBLAS's, re-created after it)
-                warnings.simplefilter("ignore", DeprecationWarning)
-                self.forked_pid = os.fork()
-            if self.forked_pid == 0:
-                _run_forked_worker(read_end, write_end, claims, tasks)
-            os.close(write_end)
-            self.output = os.fdopen(read_end, "rb")
-        else:
+        if not (_can_fork() and self._fork(claims, tasks)):
             self.script = subprocess.Popen([sys.executable, WORKER_SCRIPT], stdin=subprocess.PIPE,
                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                            env=worker_environment())
             self.script.stdin.write(pickle.dumps((claims, tasks)))
             self.script.stdin.close()
             self.output = self.script.stdout
+
+    def _fork(self, claims: str, tasks: list[tuple]) -> bool:
+        """Start the worker as a fork; False if the system refuses one (out of memory)."""
+        _initialise_numba()  # here, once, instead of in each child
+        read_end, write_end = os.pipe()
+        try:
+            with warnings.catch_warnings():
+                # Python 3.12+ warns of any other thread; the only ones here are native pools
+                # that handle fork themselves (OpenBLAS's, re-created after it)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.forked_pid = os.fork()
+        except OSError:
+            os.close(read_end)
+            os.close(write_end)
+            return False
+        if self.forked_pid == 0:
+            _run_forked_worker(read_end, write_end, claims, tasks)
+        os.close(write_end)
+        self.output = os.fdopen(read_end, "rb")
+        return True
 
     def finish(self) -> set[str]:
         """Wait for the worker; the keys it compiled. A kernel it claimed but failed on (or
