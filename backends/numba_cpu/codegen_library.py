@@ -14,8 +14,9 @@ across threads when large, or one per batch element. conv2d and its gradients wo
 image by image, the batch split into one chunk per thread: an image's receptive fields are
 copied into the thread's (C*kh*kw, Ho*Wo) column matrix (im2col), which one GEMM per group
 then multiplies straight into NCHW. The column matrix stays in cache between the two (a whole
-batch's, 40 MB for the MNIST CNN, went through memory twice and ran 1.5x slower). 3x3 stride-1
-layers with enough channels run as Winograd F(2x2, 3x3) instead (codegen_winograd.py).
+batch's, 40 MB for the MNIST CNN, went through memory twice and ran 1.5x slower). A layer's
+forward and weight gradient, which both im2col its input, are two modes of one function. 3x3
+stride-1 layers with enough channels run as Winograd F(2x2, 3x3) instead (codegen_winograd.py).
 Pooling loops over each image plane's windows, planes in parallel; the scatters loop over
 their operand, in parallel over an axis on which they cannot collide.
 """
@@ -29,7 +30,7 @@ import numba
 from graphc.ir import Graph, Node, TensorType, Value
 from graphc.passes.fusion import is_literal
 
-from .codegen_common import (HELPER_DECORATOR, PARALLEL_MIN_ELEMENTS, Call, KernelSource, Writer,
+from .codegen_common import (HELPER_DECORATOR, HELPER_OPTIONS, PARALLEL_MIN_ELEMENTS, Call, KernelSource, Writer,
                              decorator, index_text, loop_header, module, size_of)
 from .codegen_elementwise import (argument_names, broadcast_index, elementwise_call,
                                   elementwise_flops, members_of)
@@ -255,9 +256,10 @@ def _col2im_plane(w: Writer) -> None:
 
 def _conv_module(entry: str, params: list[str], node: Node, kernel: tuple[int, int],
                  plane_body: Callable[[Writer], None], plane_params: str,
-                 body: Callable[[Writer], None], parallel: bool) -> str:
+                 body: Callable[[Writer], None], parallel: bool, helpers: tuple[str, ...] = ()) -> str:
     """A conv module: the window geometry as constants, the serial per-plane helper (im2col or
-    col2im), and the entry, which loops over the batch in T chunks (`prange` over chunks)."""
+    col2im) and any other `helpers`, and the entry, which loops over the batch in T chunks
+    (`prange` over chunks)."""
     geometry = "\n".join(f"{k} = {v}" for k, v in _conv_geometry(node, kernel).items())
     helper = Writer()
     helper.line(HELPER_DECORATOR)
@@ -267,7 +269,7 @@ def _conv_module(entry: str, params: list[str], node: Node, kernel: tuple[int, i
     w.line(decorator(parallel, fastmath=False))
     with w.block(f"def {entry}({', '.join(params)}):"):
         body(w)
-    return module(entry, w, [geometry, helper.text()])
+    return module(entry, w, [geometry, helper.text(), *helpers])
 
 
 def _batch(w: Writer, images: str) -> None:
@@ -276,17 +278,14 @@ def _batch(w: Writer, images: str) -> None:
     w.line("chunk = -(-N // T)")
 
 
-def _image_chunks(w: Writer, zero_partial: bool = False) -> None:
-    """Open `for t in prange(T)` and, inside it, the loop over chunk t's images `n`; first
-    zero thread t's accumulator when asked (there, not as `partial[:] = 0` before the loop:
-    an array expression in a parallel function is a parfor of its own, ~1 s to compile)."""
+def _image_chunks(w: Writer, before_images: Callable[[Writer], None] | None = None) -> None:
+    """Open `for t in prange(T)` and, inside it, the loop over chunk t's images `n`;
+    `before_images` writes what each thread does first."""
     w.line("for t in prange(T):")
     w.depth += 1
     w.line("col = scratch[t]")
-    if zero_partial:
-        w.line("pt = partial[t]")
-        with w.block("for o in range(pt.shape[0]):"), w.block("for j in range(pt.shape[1]):"):
-            w.line("pt[o, j] = 0")
+    if before_images is not None:
+        before_images(w)
     w.line("for n in range(t * chunk, min(N, (t + 1) * chunk)):")
     w.depth += 1
 
@@ -314,31 +313,24 @@ def _scratch_per_chunk(refs: Refs, images: int, rows: int, positions: int,
 
 def _per_image_conv(entry: str, node: Node, refs: Refs, operands: dict[str, Value], images: str,
                     weight: Value, columns: tuple[int, int], sizes: str,
-                    plane: tuple[Callable[[Writer], None], str], steps: Callable[[Writer], None],
-                    finish: Callable[[Writer], None] | None = None) -> tuple[list[Call], int]:
+                    plane: tuple[Callable[[Writer], None], str],
+                    steps: Callable[[Writer], None]) -> tuple[list[Call], int]:
     """A conv op as one function over image chunks (see `_image_chunks`). `operands` maps its
     array parameters to values, `images` names the batched one; `columns` is (channels,
     positions) of the column matrix, `sizes` the source binding C and P; `steps` writes the body
-    run for image n, `plane` is the per-plane helper (body, parameters). With `finish` (run after
-    the image loops), each thread also gets its own (O, K) accumulator, scratch `partial`."""
+    run for image n, `plane` is the per-plane helper (body, parameters)."""
     n = operands[images].shape[0]
     (kh, kw), (channels, positions) = weight.shape[2:], columns
-    dtype = weight.dtype
-    col, threads = _scratch_per_chunk(refs, n, channels * kh * kw, positions, dtype)
+    col, threads = _scratch_per_chunk(refs, n, channels * kh * kw, positions, weight.dtype)
     params, args = list(operands) + ["scratch"], [refs[v] for v in operands.values()] + [col]
-    if finish is not None:
-        params.append("partial")
-        args.append(refs.new_scratch((threads, weight.shape[0], size_of(weight.shape[1:])), dtype))
 
     def body(w: Writer) -> None:
         _batch(w, images)
         _group_rows(w, next(name for name, v in operands.items() if v is weight))
         w.line(f"C, P = {sizes}")
-        _image_chunks(w, zero_partial=finish is not None)
+        _image_chunks(w)
         steps(w)
         _close(w, 2)
-        if finish is not None:
-            finish(w)
 
     source = _conv_module(entry, params + ["G"], node, (kh, kw), plane[0], plane[1], body,
                           threads > 1)
@@ -346,29 +338,82 @@ def _per_image_conv(entry: str, node: Node, refs: Refs, operands: dict[str, Valu
     return [Call(source, entry, tuple(args) + (node.attrs["groups"],), parallel=threads > 1)], flops
 
 
+# Helpers of the im2col module's weight gradient: loops in a parallel entry, even simple ones,
+# add about a second to its compile time (each becomes a parfor or is optimised with it).
+_ZERO_MATRIX = f"""@njit({HELPER_OPTIONS})
+def zero(a):
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            a[i, j] = 0"""
+_ADD_PARTIALS = f"""@njit({HELPER_OPTIONS})
+def add_partials(partial, dw):
+    \"\"\"dw (O, K) = the sum over threads t of partial[t].\"\"\"
+    T, O, K = partial.shape
+    dwm = dw.reshape((O, K))
+    for o in range(O):
+        for j in range(K):
+            total = partial[0, o, j]
+            for t in range(1, T):
+                total += partial[t, o, j]
+            dwm[o, j] = total"""
+
+
+def _im2col_conv(node: Node, refs: Refs, x: Value, b: Value, c: Value, weight: Value,
+                 grad: bool) -> tuple[list[Call], int]:
+    """conv2d (x, b = w -> c = out) or its weight gradient (x, b = dy -> c = dw) through
+    im2col: one compiled function for both, `grad` choosing (they share the im2col of x, and
+    a parallel function takes seconds to compile: the MNIST CNN's first layer compiled in 5.8-6.3
+    s as two functions, 4.0 s as one). Per image: im2col of x[n] into this thread's column
+    matrix, then per group either out[n] = w @ col (written straight into NCHW: the GEMM's rows
+    are the output channels), or dw += dy[n] @ col.T into this thread's own partial dw (BLAS's
+    beta = 1), the partials added at the end. The forward's `partial` is a single element."""
+    n, (kh, kw) = x.shape[0], weight.shape[2:]
+    positions = _plane_size(b.shape if grad else c.shape)
+    col, threads = _scratch_per_chunk(refs, n, x.shape[1] * kh * kw, positions, weight.dtype)
+    partial_shape = (threads, weight.shape[0], size_of(weight.shape[1:])) if grad else (1, 1, 1)
+    partial = refs.new_scratch(partial_shape, weight.dtype)
+
+    def zero_own_partial(w: Writer) -> None:
+        with w.block("if grad:"):
+            w.line("zero(partial[t])")
+
+    def body(w: Writer) -> None:
+        _batch(w, "x")
+        w.line("w, y = (c, b) if grad else (b, c)  # the filters; the output planes or their cotangent")
+        _group_rows(w, "w")
+        w.line("C, P = x.shape[1], y.shape[2] * y.shape[3]")
+        _image_chunks(w, zero_own_partial)
+        with w.block("for ch in range(C):"):
+            w.line("plane(x[n, ch], col, ch * KH * KW)")
+        with w.block("for g in range(G):"):
+            with w.block("if grad:"):
+                w.line(_gemm_call(False, True, "og", "K", "P", "b", "(n * O + g * og) * P", "col",
+                                  "g * K * P", "1.0", "partial", "(t * O + g * og) * K", "P", "P", "K"))
+            with w.block("else:"):
+                w.line(_gemm_call(False, False, "og", "P", "K", "b", "g * og * K", "col", "g * K * P",
+                                  "0.0", "c", "(n * O + g * og) * P", "K", "P", "P"))
+        _close(w, 2)
+        with w.block("if grad:"):
+            w.line("add_partials(partial, c)")
+
+    entry = "conv2d_im2col"
+    source = _conv_module(entry, ["x", "b", "c", "scratch", "partial", "G", "grad"], node, (kh, kw),
+                          _im2col_plane, "x, col, row0", body, threads > 1,
+                          helpers=(_ZERO_MATRIX, _ADD_PARTIALS))
+    args = (refs[x], refs[b], refs[c], col, partial, node.attrs["groups"], grad)
+    return [Call(source, entry, args, parallel=threads > 1)], _conv_flops(weight.shape, n * positions)
+
+
 def _plane_size(shape: tuple[int, ...]) -> int:
     return shape[2] * shape[3]
 
 
 def _conv2d(node: Node, refs: Refs) -> tuple[list[Call], int]:
-    """Per image: im2col into this thread's column matrix, then out[n] = w @ col per group
-    (written straight into NCHW: the GEMM's rows are the output channels). 3x3 filters with
-    enough channels: Winograd instead."""
+    """im2col (see `_im2col_conv`); 3x3 filters with enough channels: Winograd instead."""
     x, weight = node.inputs
     if winograd_applies(node, weight.shape, weight.dtype):
         return _winograd(node, refs, x, weight, node.output, node.attrs["padding"], FORWARD)
-
-    def steps(w: Writer) -> None:
-        with w.block("for c in range(C):"):
-            w.line("plane(x[n, c], col, c * KH * KW)")
-        with w.block("for g in range(G):"):
-            w.line(_gemm_call(False, False, "og", "P", "K", "w", "g * og * K", "col", "g * K * P", "0.0",
-                              "out", "(n * O + g * og) * P", "K", "P", "P"))
-
-    return _per_image_conv("conv2d", node, refs, {"x": x, "w": weight, "out": node.output}, "x",
-                           weight, (x.shape[1], _plane_size(node.output.shape)),
-                           "x.shape[1], out.shape[2] * out.shape[3]",
-                           (_im2col_plane, "x, col, row0"), steps)
+    return _im2col_conv(node, refs, x, weight, node.output, weight, grad=False)
 
 
 def _conv2d_input_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
@@ -394,32 +439,11 @@ def _conv2d_input_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
 
 
 def _conv2d_weight_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
-    """Per image: im2col of x[n], then dw += dy[n] @ col.T per group, each thread accumulating
-    its chunk into its own partial dw (BLAS's beta = 1); the partials are added at the end.
-    3x3 filters with enough channels: Winograd instead."""
+    """im2col (see `_im2col_conv`); 3x3 filters with enough channels: Winograd instead."""
     x, dy = node.inputs
     if winograd_applies(node, node.output.shape, node.output.dtype):
         return _winograd(node, refs, x, dy, node.output, node.attrs["padding"], WEIGHT_GRAD)
-
-    def steps(w: Writer) -> None:
-        with w.block("for c in range(C):"):
-            w.line("plane(x[n, c], col, c * KH * KW)")
-        with w.block("for g in range(G):"):
-            w.line(_gemm_call(False, True, "og", "K", "P", "dy", "(n * O + g * og) * P", "col", "g * K * P",
-                              "1.0", "partial", "(t * O + g * og) * K", "P", "P", "K"))
-
-    def add_partials(w: Writer) -> None:
-        w.line("dwm = dw.reshape((O, K))")
-        with w.block("for o in range(O):"), w.block("for j in range(K):"):
-            w.line("total = partial[0, o, j]")
-            with w.block("for t in range(1, T):"):
-                w.line("total += partial[t, o, j]")
-            w.line("dwm[o, j] = total")
-
-    return _per_image_conv("conv2d_weight_grad", node, refs, {"x": x, "dy": dy, "dw": node.output},
-                           "x", node.output, (x.shape[1], _plane_size(dy.shape)),
-                           "x.shape[1], dy.shape[2] * dy.shape[3]", (_im2col_plane, "x, col, row0"),
-                           steps, add_partials)
+    return _im2col_conv(node, refs, x, dy, node.output, node.output, grad=True)
 
 
 def _winograd(node: Node, refs: Refs, a: Value, b: Value, c: Value, padding: tuple[int, int],
