@@ -17,10 +17,9 @@ disk cache lacks, `load_all` compiles them together with worker processes
 worker only slows the others down). A worker is a fork of this process while no thread but its
 own runs here (as before the first parallel kernel ran: forking after OpenMP is unsafe), else a
 fresh interpreter running compile_worker.py (multiprocessing's spawn would import the user's
-script again). Every
-process takes the longest kernel (by estimate) that nobody has claimed yet, so a misjudged
-estimate costs at most the last kernel's time; this process then loads the workers' kernels from
-the disk cache in milliseconds.
+script again). Every process takes the longest kernel (by estimate) that nobody has claimed yet,
+so a misjudged estimate costs at most the last kernel's time; this process then loads the
+workers' kernels from the disk cache in milliseconds.
 """
 from __future__ import annotations
 
@@ -386,10 +385,14 @@ def _can_fork() -> bool:
 
 def _run_forked_worker(read_end: int, write_end: int, claims: str, tasks: list[tuple]) -> None:
     """The forked child: compile its claims, write {key: error} to the pipe, and exit without
-    running anything the parent registered to run at exit."""
+    running anything the parent registered to run at exit. Its output goes nowhere, as a fresh
+    worker's does: the parent reports what matters (it compiles a failed kernel again)."""
     status = 1
     try:
         os.close(read_end)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
         with kernel_optimization_level():
             results = compile_claimed(claims, tasks)
         with os.fdopen(write_end, "wb") as pipe:
