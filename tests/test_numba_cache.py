@@ -302,6 +302,21 @@ def test_a_refused_fork_falls_back_to_a_fresh_interpreter(monkeypatch):
     np.testing.assert_allclose(executable(arg)[0], want, rtol=1e-6)
 
 
+def test_no_fork_in_an_mpi_rank(monkeypatch):
+    import types
+
+    from graphc.backends.numba_cpu import cache
+
+    def no_thread_pool_yet():
+        raise ValueError("Threading layer is not initialized.")
+
+    monkeypatch.setattr(cache, "threading", types.SimpleNamespace(active_count=lambda: 1))
+    monkeypatch.setattr(cache.numba, "threading_layer", no_thread_pool_yet)
+    assert cache._can_fork()  # as in a fresh process
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", types.SimpleNamespace(Is_initialized=lambda: True))
+    assert not cache._can_fork()
+
+
 def test_no_fork_while_another_python_thread_runs():
     import threading
 

@@ -373,8 +373,12 @@ class _Worker:
 def _can_fork() -> bool:
     """Forking is safe while this process runs no threads but its own: no other Python thread
     (one could hold a lock the child needs) and no Numba thread pool yet (forking after OpenMP
-    has run is unsafe, NUMBA_NOTES.md). Linux only: elsewhere system libraries forbid it."""
+    has run is unsafe, NUMBA_NOTES.md). Linux only: elsewhere system libraries forbid it; and
+    not in an MPI rank, whose library may not survive a fork (pinned network memory)."""
     if not sys.platform.startswith("linux") or threading.active_count() > 1:
+        return False
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized():
         return False
     try:
         numba.threading_layer()
