@@ -1,7 +1,7 @@
 """Training-step benchmark: graphc against PyTorch eager (and JAX and PyTensor's Numba backend
 when installed: `pip install -e '.[peers]'`), side by side.
 
-    python benchmarks/run.py [--rounds 3] [--steps 30] [--workloads mlp cnn]
+    python benchmarks/run.py [--rounds 5] [--steps 30] [--workloads mlp cnn]
 
 Each measurement runs in its own process; systems are interleaved round by round so machine
 noise hits all of them alike. Reported: median samples/s over rounds, the ratio to PyTorch
@@ -38,7 +38,8 @@ def measure(system: str, workload: str, steps: int, env: dict[str, str]) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds of every system in turn; ratios on a noisy machine need several")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--workloads", nargs="+", default=["mlp", "cnn"])
     parser.add_argument("--json", default=None, help="also write all raw results to this file")
