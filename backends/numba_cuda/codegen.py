@@ -22,8 +22,9 @@ from typing import Callable
 from graphc.ir import Node, TensorType, Value
 from graphc.ir.ops.random import rng_source
 from graphc.backends.numba_cpu.codegen_common import Writer, index_text, literal, size_of
-from graphc.backends.numba_cpu.codegen_elementwise import (Domain, PointwiseEmitter, argument_names,
-                                                           broadcast_index, members_of)
+from graphc.backends.numba_cpu.codegen_elementwise import (RNG_HELPERS, Domain, PointwiseEmitter,
+                                                           argument_names, broadcast_index,
+                                                           members_of)
 from graphc.backends.numba_cpu.codegen_library import Refs, epilogue_graph
 from graphc.backends.numba_cpu.codegen_reduction import ReductionKernel, _Reduction
 
@@ -133,8 +134,7 @@ def elementwise_call(entry: str, sub, refs: list[str] | None = None) -> CudaCall
 
 def _device_helpers(emitter: PointwiseEmitter) -> list[str]:
     """The emitter asks for CPU (njit) helpers; the same functions, as CUDA device functions."""
-    return [rng_source("cuda.jit(device=True)") if h == rng_source("njit") else h
-            for h in emitter.helpers]
+    return [rng_source("cuda.jit(device=True)") if h == RNG_HELPERS else h for h in emitter.helpers]
 
 
 def generate_elementwise(kernel: Node) -> CudaKernelSource:
