@@ -142,26 +142,32 @@ def test_cache_directory_follows_the_environment(monkeypatch, tmp_path):
     assert default_cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "graphc")
 
 
-def test_worker_processes_compile_part_of_a_large_graph(monkeypatch):
-    monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "1")
+def compile_scaled_tanh_chain(scales):
+    """Compile x -> tanh(x * scale).T for each scale in turn (one kernel each), check it against
+    NumPy, and return the executable. Scales no other test uses give kernels to compile."""
     b = Builder("chain")
     x = b.add_input(TensorType((3, 4), "float32"), "x")
     v = x
-    # literals no other test compiles; enough kernels that a worker pays for its start
-    scales = tuple(1.2345 + 1.0001 * k for k in range(12))
     for scale in scales:
         v = b.transpose(b.tanh(b.mul(v, b.scalar_like(scale, v))), perm=(1, 0))
     b.add_output("y", v)
     executable = compile_graph(b.graph)
-    stats = executable.cache_stats
-    assert stats.in_workers > 0 and stats.misses == stats.compiled
-    # a kernel another test compiled (in this process or on disk) is not compiled again
-    assert stats.hits + stats.misses + stats.reused == len(executable.kernels)
     arg = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
     want = arg
     for scale in scales:
         want = np.tanh(want * np.float32(scale)).T
     np.testing.assert_allclose(executable(arg)[0], want, rtol=1e-6)
+    return executable
+
+
+def test_worker_processes_compile_part_of_a_large_graph(monkeypatch):
+    monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "1")
+    # enough kernels that a worker pays for its start
+    executable = compile_scaled_tanh_chain(tuple(1.2345 + 1.0001 * k for k in range(12)))
+    stats = executable.cache_stats
+    assert stats.in_workers > 0 and stats.misses == stats.compiled
+    # a kernel another test compiled (in this process or on disk) is not compiled again
+    assert stats.hits + stats.misses + stats.reused == len(executable.kernels)
 
 
 def test_kernels_a_dead_worker_claimed_are_compiled_by_the_parent(monkeypatch, tmp_path):
@@ -186,21 +192,10 @@ def test_kernels_a_dead_worker_claimed_are_compiled_by_the_parent(monkeypatch, t
     monkeypatch.setattr(cache, "WORKER_SCRIPT", str(dying))
     monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "1")
     monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path / "cache"))
-    b = Builder("dead_worker")
-    x = b.add_input(TensorType((3, 4), "float32"), "x")
-    v = x
-    for k in range(6):
-        v = b.transpose(b.tanh(b.add(v, b.scalar_like(0.75 + k, v))), perm=(1, 0))
-    b.add_output("y", v)
-    executable = compile_graph(b.graph)
+    executable = compile_scaled_tanh_chain(tuple(0.8125 + k for k in range(6)))
     stats = executable.cache_stats
     assert int(claimed.read_text()) > 0  # the worker took kernels from the parent
     assert stats.in_workers == 0 and stats.compiled == stats.misses == len(executable.kernels)
-    arg = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
-    want = arg
-    for k in range(6):
-        want = np.tanh(want + np.float32(0.75 + k)).T
-    np.testing.assert_allclose(executable(arg)[0], want, rtol=1e-6)
 
 
 # Compiles a chain of a dozen small kernels with one worker in a fresh process (no thread but its
@@ -286,20 +281,8 @@ def test_a_refused_fork_falls_back_to_a_fresh_interpreter(monkeypatch):
     monkeypatch.setattr(cache, "_can_fork", lambda: True)
     monkeypatch.setattr(cache.os, "fork", refuse)
     monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "1")
-    b = Builder("chain")
-    x = b.add_input(TensorType((3, 4), "float32"), "x")
-    v = x
-    scales = tuple(4.0625 + k for k in range(8))  # literals no other test compiles
-    for scale in scales:
-        v = b.transpose(b.tanh(b.mul(v, b.scalar_like(scale, v))), perm=(1, 0))
-    b.add_output("y", v)
-    executable = compile_graph(b.graph)
+    executable = compile_scaled_tanh_chain(tuple(4.0625 + k for k in range(8)))
     assert executable.cache_stats.in_workers > 0
-    arg = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
-    want = arg
-    for scale in scales:
-        want = np.tanh(want * np.float32(scale)).T
-    np.testing.assert_allclose(executable(arg)[0], want, rtol=1e-6)
 
 
 def test_no_fork_in_an_mpi_rank(monkeypatch):
