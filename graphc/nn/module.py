@@ -20,7 +20,8 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 
-from graphc.ir.errors import GraphcError
+from graphc.ir.errors import GraphcError, user_location
+from graphc.ir.types import FLOAT_DTYPES, canonical_dtype
 
 from ..tensor import Tensor, current_trace
 
@@ -86,6 +87,46 @@ class Parameter:
             data, np.ndarray) or data.dtype.kind != "f" else np.ascontiguousarray(data)
 
 
+_PLAIN_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+def _module_inside(value: Any, path: str) -> tuple[str, Module] | None:
+    """The first Module a plain container holds, at any depth, with its index path
+    ("self.layers[1]['head']"); None if it holds none."""
+    if isinstance(value, Module):
+        return path, value
+    if isinstance(value, dict):
+        items: Iterator[tuple[str, Any]] = ((f"{path}[{k!r}]", v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    elif isinstance(value, (set, frozenset)):
+        items = ((f"an element of {path}", v) for v in value)
+    else:
+        return None
+    for where, item in items:
+        if isinstance(item, (Module, *_PLAIN_CONTAINERS)):
+            found = _module_inside(item, where)
+            if found is not None:
+                return found
+    return None
+
+
+def _refuse_unregistered_modules(owner: Module, name: str, value: Any) -> None:
+    """A plain list/dict/tuple/set holding modules hides them from named_modules(): their
+    parameters would silently be neither trained nor saved."""
+    if not isinstance(value, _PLAIN_CONTAINERS):
+        return
+    found = _module_inside(value, f"self.{name}")
+    if found is None:
+        return
+    where, module = found
+    fix = "nn.ModuleDict({...})" if isinstance(value, dict) else "nn.ModuleList([...])"
+    raise GraphcError(
+        f"{type(owner).__name__}.{name}: a plain {type(value).__name__} holding modules "
+        f"({where} is a {type(module).__name__}) does not register them, so their parameters "
+        f"would be neither trained nor saved; use self.{name} = {fix} (at {user_location()})")
+
+
 class Module:
     training: bool
 
@@ -109,6 +150,7 @@ class Module:
         elif isinstance(value, Module):
             self._modules[name] = value
         else:
+            _refuse_unregistered_modules(self, name, value)
             object.__setattr__(self, name, value)
 
     def register_buffer(self, name: str, array: Any) -> None:
@@ -166,6 +208,36 @@ class Module:
 
     def eval(self) -> Module:
         return self.train(False)
+
+    def to(self, dtype: Any) -> Module:
+        """Cast every floating-point parameter and buffer of the tree to `dtype` (float32 or
+        float64), registering the cast arrays in place of the old ones, as PyTorch does; integer
+        buffers (counters) keep their dtype. Optimizers and compiled steps hold the arrays they
+        were given: build them after casting."""
+        try:
+            name = canonical_dtype(dtype)
+        except TypeError:
+            name = None
+        if name not in FLOAT_DTYPES:
+            raise GraphcError(f"{type(self).__name__}.to: expects a floating-point dtype "
+                              f"({', '.join(FLOAT_DTYPES)}), got {dtype!r} (graphc places "
+                              f"models on devices through the backend, not through .to)")
+        target = np.dtype(name)
+        release_state_holders(self)  # the newest values are the ones to cast
+        for m in self.modules():
+            for table in (m._parameters, m._buffers):
+                for key, array in table.items():
+                    if array.dtype.kind == "f" and array.dtype != target:
+                        table[key] = np.require(array.astype(target), requirements="C")
+        return self
+
+    def double(self) -> Module:
+        """Parameters and floating-point buffers to float64 (see `to`)."""
+        return self.to(np.float64)
+
+    def float(self) -> Module:
+        """Parameters and floating-point buffers to float32 (see `to`)."""
+        return self.to(np.float32)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The live arrays (parameters, then buffers) by dotted name; compiled training steps

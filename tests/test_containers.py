@@ -1,0 +1,115 @@
+"""ModuleList and ModuleDict register their modules (trained, saved, named as PyTorch names
+them); a plain list/dict/tuple/set of modules assigned to a module attribute is refused."""
+import numpy as np
+import pytest
+
+import graphc as gc
+import graphc.nn.functional as F
+from graphc import nn, optim
+
+
+class Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(3, 4), nn.Linear(4, 2)])
+        self.heads = nn.ModuleDict({"a": nn.Linear(2, 1), "b": nn.Linear(2, 1)})
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = F.tanh(layer(x))
+        return self.heads["a"](x) + self.heads["b"](x)
+
+
+def test_state_dict_names_follow_pytorch():
+    assert list(Stack().state_dict()) == [
+        "layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias",
+        "heads.a.weight", "heads.a.bias", "heads.b.weight", "heads.b.bias"]
+
+
+def test_module_list_operations():
+    a, b, c, d = (nn.Linear(1, 1) for _ in range(4))
+    layers = nn.ModuleList([a])
+    layers.append(c)
+    layers.insert(1, b)
+    layers.extend([d])
+    assert len(layers) == 4 and list(layers) == [a, b, c, d]
+    assert layers[-1] is d and layers[1] is b
+    assert list(layers[1:3]) == [b, c]
+    layers[0] = d
+    assert layers[0] is d
+    del layers[1]
+    assert list(layers) == [d, c, d]
+    assert [name for name, _ in layers.named_modules()] == ["", "0.", "1.", "2."]
+    with pytest.raises(IndexError):
+        layers[3]
+    with pytest.raises(gc.GraphcError, match="Module instances only"):
+        layers.append(np.zeros(3))
+
+
+def test_module_dict_operations():
+    a, b, c = (nn.Linear(1, 1) for _ in range(3))
+    heads = nn.ModuleDict([("a", a)])
+    heads["b"] = b
+    heads.update({"c": c})
+    assert len(heads) == 3 and list(heads) == ["a", "b", "c"]
+    assert list(heads.keys()) == ["a", "b", "c"] and list(heads.values()) == [a, b, c]
+    assert dict(heads.items()) == {"a": a, "b": b, "c": c}
+    assert "b" in heads and "z" not in heads and heads["c"] is c
+    assert heads.pop("a") is a
+    del heads["b"]
+    assert list(heads) == ["c"]
+    with pytest.raises(gc.GraphcError, match="without '.'"):
+        heads["x.y"] = a
+
+
+def test_contained_modules_are_trained():
+    gc.manual_seed(0)
+    model = Stack()
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    x = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+    y = np.ones((5, 1), np.float32)
+    step = gc.compile_train_step(model, F.mse_loss, optim.SGD(model.parameters(), lr=0.1),
+                                 (x, y), backend="reference")
+    step(x, y)
+    after = model.state_dict()
+    assert all(not np.array_equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("value, fix", [
+    (lambda: [nn.Linear(1, 1)], "nn.ModuleList"),
+    (lambda: (nn.ReLU(), nn.Linear(1, 1)), "nn.ModuleList"),
+    (lambda: {"head": nn.Linear(1, 1)}, "nn.ModuleDict"),
+    (lambda: {nn.Linear(1, 1)}, "nn.ModuleList"),
+    (lambda: [[1, 2], {"inner": nn.Linear(1, 1)}], "nn.ModuleList"),
+])
+def test_plain_container_of_modules_is_refused(value, fix):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = value()
+
+    with pytest.raises(gc.GraphcError) as info:
+        Model()
+    message = str(info.value)
+    assert "Model.layers" in message and f"self.layers = {fix}" in message
+    assert "test_containers.py" in message  # the user's line
+
+
+def test_plain_containers_without_modules_are_kept():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sizes = [3, 4]
+            self.config = {"act": "relu", "widths": (1, 2)}
+
+    model = Model()
+    assert model.sizes == [3, 4] and model.config["widths"] == (1, 2)
+
+
+def test_nested_containers_register_under_dotted_names():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.ModuleDict({"proj": nn.Linear(2, 2)})])
+
+    assert list(Model().state_dict()) == ["blocks.0.proj.weight", "blocks.0.proj.bias"]
