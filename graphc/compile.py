@@ -242,7 +242,7 @@ class TrainStep(_CompiledModelBase):
             state = {n: _add_inputs(b, {f"{n}.{k}": v for k, v in s.items()}, "state")
                      for n, s in self._opt_state.items()}
             step = Tensor(b.add_input(TensorType((), "float32"), "step", "state"))
-            lr = Tensor(b.add_input(TensorType((), "float32"), "lr", "data"))
+            lr = Tensor(b.add_input(TensorType((), self.optimizer.lr_dtype.name), "lr", "data"))
             outs = _inline(with_grads, [*data, *params.values(), *buffers.values()])
             n_buffer_out = len(forward.outputs) - 1
             loss, new_buffers = outs[0], outs[1:1 + n_buffer_out]
@@ -287,7 +287,7 @@ class TrainStep(_CompiledModelBase):
         compiled = self._get(arrays)
         if not compiled.persistent:
             compiled.persistent = self._persistent(compiled.optimized)
-        args = [*arrays, *compiled.persistent, np.float32(self.optimizer.lr)]
+        args = [*arrays, *compiled.persistent, self.optimizer.lr_dtype.type(self.optimizer.lr)]
         if compiled.optimized.inputs[-1].role == "rng":
             args.append(self._rng_key)
         return compiled, args

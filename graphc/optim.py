@@ -20,6 +20,10 @@ Params = dict[str, Tensor]
 State = dict[str, dict[str, Tensor]]
 
 
+def _in_dtype(t: Tensor, dtype: str) -> Tensor:
+    return t if t.dtype == dtype else t.astype(dtype)
+
+
 class Optimizer:
     """Base class: `state_names` lists per-parameter state; `rule` updates one parameter."""
 
@@ -33,6 +37,9 @@ class Optimizer:
             raise ValueError(f"{type(self).__name__}: lr and weight_decay must be >= 0")
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
+        # The learning rate enters the step in the widest parameter dtype, so a float64 model
+        # trains with its float64 rate rather than the nearest float32.
+        self.lr_dtype = np.dtype(np.result_type(np.float32, *(p.dtype for p in self.params)))
 
     def init_state(self, param: np.ndarray) -> dict[str, np.ndarray]:
         return {name: np.zeros_like(param) for name in self.state_names}
@@ -43,10 +50,12 @@ class Optimizer:
 
     def update(self, params: Params, grads: Params, state: State, lr: Tensor, step: Tensor
                ) -> tuple[Params, State]:
-        """Apply `rule` to every parameter; `step` counts from 1 at the first update."""
+        """Apply `rule` to every parameter; `step` counts from 1 at the first update. The rule
+        sees `lr` and `step` in the parameter's dtype (the graph never mixes float widths)."""
         new_params, new_state = {}, {}
         for name, p in params.items():
-            new_params[name], new_state[name] = self.rule(p, grads[name], state[name], lr, step)
+            new_params[name], new_state[name] = self.rule(
+                p, grads[name], state[name], _in_dtype(lr, p.dtype), _in_dtype(step, p.dtype))
         return new_params, new_state
 
     def _decayed(self, p: Tensor, g: Tensor) -> Tensor:
