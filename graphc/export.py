@@ -2,18 +2,27 @@
 without the model's code.
 
 The file is a zip holding: `format.json` (format, version, kind), `graph.json` (the optimized
-IR) and `graph.traced.json` (the IR as traced, for inspection), `plan.json` (signature, donation map, fused kernels and memory plan), `state.safetensors`
-(parameters, buffers, optimizer state, step count, RNG key), `metadata.json` (versions,
-backend, creation time, learning rate), the generated kernel sources for reading under
-`kernels/`, and `checksums.json` (SHA-256 of every other member). Loading verifies all of it
-and regenerates the kernels from the IR: nothing in the file is executed and nothing is
-unpickled. Writes are atomic.
+IR) and `graph.traced.json` (the IR as traced, for inspection), `plan.json` (signature,
+donation map, fused kernels and memory plan), `state.safetensors` (parameters, buffers,
+optimizer state, step count, RNG key; stored uncompressed), `metadata.json` (versions, backend,
+creation time, learning rate), the generated kernel sources for reading under `kernels/`, and
+`checksums.json` (SHA-256 of every other member, and of every tensor's bytes with its dtype
+and shape). Writes are atomic.
+
+Loading treats the file as hostile (see docs/security.md): only a regular file is read; every
+member is read within a byte budget (JSON members have fixed caps, the state exactly the bytes
+its tensors declare, and it is stored, so a small file cannot inflate into a large one); every
+checksum is verified; the graph is rebuilt from the op registry, primitive ops only, and fused
+and compiled here: nothing in the file is executed, unpickled or pasted into generated source.
+Whatever is wrong raises a LoadError naming the file and the member.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import math
+import re
 import time
 import zipfile
 from typing import Any
@@ -22,16 +31,34 @@ import numpy as np
 
 from graphc.backends import compile_graph, default_backend
 from graphc.ir import Graph, SerializationError
-from graphc.ir.errors import GraphcError
+from graphc.ir.errors import GraphcError, LoadError
+from graphc.ir.types import DTYPES
+
+from .bounded_io import ZipMembers, parse_json
 
 FORMAT = "graphc.export"
-VERSION = 1
+VERSION = 2  # 2: state stored uncompressed, per-tensor checksums in checksums.json
 _REQUIRED = ("format.json", "graph.json", "plan.json", "state.safetensors", "metadata.json")
-_MAX_MEMBER_BYTES = 1 << 34  # refuse absurd sizes before reading (zip bombs)
+_KERNEL_MEMBER = re.compile(r"kernels/[A-Za-z0-9_]{1,200}\.py\Z")
+# Byte caps of the members that are not tensors: generous for any graph a tracer makes (the
+# MNIST CNN's graph.json is 26 kB), small beside what a bomb would need.
+_JSON_LIMITS = {"format.json": 4 << 10, "checksums.json": 4 << 20, "metadata.json": 1 << 20,
+                "plan.json": 64 << 20, "graph.json": 128 << 20, "graph.traced.json": 128 << 20}
+_KERNEL_SOURCE_LIMIT = 4 << 20
+_SAFETENSORS_HEADER_ALLOWANCE = 64 << 10  # plus _PER_TENSOR_ALLOWANCE per tensor
+_PER_TENSOR_ALLOWANCE = 1 << 10
+_MAX_TENSOR_BYTES = 1 << 34  # no single tensor of a graph may declare more (16 GiB)
+_NP_DTYPES = {name: np.dtype(name) for name in DTYPES}
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}\Z")
 
 
-def _sha256(data: bytes) -> str:
+def _sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def tensor_digest(array: np.ndarray) -> str:
+    """SHA-256 of a tensor's bytes in C order (as safetensors stores them)."""
+    return _sha256(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
 
 
 def _json(obj: Any) -> bytes:
@@ -63,8 +90,6 @@ def _plan_summary(executable: Any, fused: Graph) -> dict[str, Any]:
 
 def export(compiled: Any, path: str) -> None:
     """Write a TrainStep or CompiledModel (its most recent input signature) to `path`."""
-    from safetensors.numpy import save
-
     from .compile import TrainStep
     from .train import atomic_write, training_state
 
@@ -88,8 +113,6 @@ def export(compiled: Any, path: str) -> None:
         "plan.json": _json({"signature": _signature(graph), "bindings": bindings,
                             "donate": {str(k): v for k, v in compiled.donate.items()},
                             **_plan_summary(executable, fused)}),
-        "state.safetensors": save({k: np.ascontiguousarray(v).reshape(v.shape or (1,))
-                                   for k, v in state.items()}),
         "metadata.json": _json({"versions": _versions(), "backend": compiled.backend,
                                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                 "lr": lr, "name": compiled.name}),
@@ -98,96 +121,188 @@ def export(compiled: Any, path: str) -> None:
         source = getattr(kernel, "source", None)
         if source:
             members[f"kernels/{kernel.name}.py"] = source.encode()
-    members["checksums.json"] = _json({name: _sha256(data) for name, data in members.items()})
-
-    atomic_write(path, lambda f: f.write(_zip(members)))
+    atomic_write(path, lambda f: f.write(_archive(members, state)))
 
 
-def _zip(members: dict[str, bytes]) -> bytes:
-    """A deterministic zip (fixed timestamps) of the members."""
+def _archive(members: dict[str, bytes], state: dict[str, np.ndarray]) -> bytes:
+    """The zip of `members` with the state and the checksums added: deterministic (fixed
+    timestamps), the state stored (its size on disk is its size in memory)."""
+    from safetensors.numpy import save
+
+    # safetensors has no 0-d tensors: the step count travels as shape (1,)
+    stored = {k: np.ascontiguousarray(v).reshape(np.shape(v) or (1,)) for k, v in state.items()}
+    members = {**members, "state.safetensors": save(stored)}
+    members.pop("checksums.json", None)
+    tensors = {k: {"dtype": v.dtype.name, "shape": list(v.shape), "sha256": tensor_digest(v)}
+               for k, v in stored.items()}
+    members["checksums.json"] = _json({"members": {n: _sha256(d) for n, d in members.items()},
+                                       "tensors": tensors})
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as z:
+    with zipfile.ZipFile(buffer, "w") as z:
         for name, data in members.items():
             info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
+            info.compress_type = zipfile.ZIP_STORED if name == "state.safetensors" else zipfile.ZIP_DEFLATED
             z.writestr(info, data)
     return buffer.getvalue()
 
 
 # -- loading ----------------------------------------------------------------------------------
-def _read_members(path: str) -> dict[str, bytes]:
-    try:
-        with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-            names = [i.filename for i in infos]
-            if len(set(names)) != len(names):
-                raise SerializationError(f"{path}: duplicate members in the archive")
-            if any(i.file_size > _MAX_MEMBER_BYTES for i in infos):
-                raise SerializationError(f"{path}: a member is implausibly large")
-            return {i.filename: z.read(i) for i in infos}
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError,
-            OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise SerializationError(f"{path}: no such file") from None
-        raise SerializationError(f"{path}: not a readable graphc export ({exc})") from None
-    except Exception as exc:  # zlib.error and other decompression failures
-        raise SerializationError(f"{path}: corrupt archive ({type(exc).__name__}: {exc})") from None
-
-
-def _parse_json(path: str, members: dict[str, bytes], name: str) -> Any:
-    try:
-        return json.loads(members[name])
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SerializationError(f"{path}: {name} is not valid JSON ({exc})") from None
-
-
-def _check(path: str, members: dict[str, bytes]) -> dict[str, Any]:
-    if "format.json" not in members:
-        raise SerializationError(f"{path}: not a graphc export (no format.json)")
-    fmt = _parse_json(path, members, "format.json")
+def _checked_format(path: str, archive: ZipMembers) -> dict[str, Any]:
+    if "format.json" not in archive.infos:
+        raise LoadError(path, "not a graphc export (no format.json)")
+    fmt = parse_json(archive.read("format.json", _JSON_LIMITS["format.json"]), path, "format.json")
     if not isinstance(fmt, dict) or fmt.get("format") != FORMAT:
-        raise SerializationError(f"{path}: not a graphc export (format is {fmt!r:.80})")
+        raise LoadError(path, f"not a graphc export (format is {fmt!r:.80})", "format.json")
     version = fmt.get("version")
-    if not isinstance(version, int) or version > VERSION:
-        raise SerializationError(f"{path}: export format version {version!r} is newer than this "
-                                 f"graphc reads ({VERSION}); upgrade graphc")
-    missing = [m for m in (*_REQUIRED, "checksums.json") if m not in members]
-    if missing:
-        raise SerializationError(f"{path}: missing members {missing}")
-    checksums = _parse_json(path, members, "checksums.json")
-    if not isinstance(checksums, dict):
-        raise SerializationError(f"{path}: checksums.json is malformed")
-    for name, data in members.items():
-        if name == "checksums.json":
-            continue
-        if checksums.get(name) != _sha256(data):
-            raise SerializationError(f"{path}: checksum mismatch for {name}: the file is corrupted")
-    if set(checksums) != set(members) - {"checksums.json"}:
-        raise SerializationError(f"{path}: checksums.json does not list exactly the archive's members")
+    if type(version) is not int or version > VERSION:
+        raise LoadError(path, f"export format version {version!r:.20} is newer than this graphc "
+                        f"reads ({VERSION}); upgrade graphc", "format.json")
+    if version < VERSION:
+        raise LoadError(path, f"export format version {version} predates per-tensor checksums "
+                        f"and is no longer read; export the step again with this graphc", "format.json")
     if fmt.get("kind") not in ("train_step", "inference"):
-        raise SerializationError(f"{path}: unknown export kind {fmt.get('kind')!r}")
+        raise LoadError(path, f"unknown export kind {fmt.get('kind')!r:.40}", "format.json")
     return fmt
 
 
-def _load_state(path: str, data: bytes) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
+def _checked_manifest(path: str, archive: ZipMembers) -> tuple[dict[str, str], dict[str, dict]]:
+    """checksums.json: the members' digests, and each tensor's dtype, shape and digest."""
+    names = set(archive.infos)
+    missing = [m for m in (*_REQUIRED, "checksums.json") if m not in names]
+    if missing:
+        raise LoadError(path, f"not a complete graphc export: missing members {missing}")
+    unknown = sorted(n for n in names if n not in _JSON_LIMITS and n not in _REQUIRED
+                     and not _KERNEL_MEMBER.match(n))
+    if unknown:
+        raise LoadError(path, f"unexpected members {[u[:80] for u in unknown[:5]]}")
+    doc = parse_json(archive.read("checksums.json", _JSON_LIMITS["checksums.json"]), path,
+                     "checksums.json")
+    members = doc.get("members") if isinstance(doc, dict) else None
+    tensors = doc.get("tensors") if isinstance(doc, dict) else None
+    if (not isinstance(members, dict) or not isinstance(tensors, dict)
+            or not all(isinstance(d, str) and _HEX_DIGEST.match(d) for d in members.values())):
+        raise LoadError(path, "malformed: expected {members: {name: sha256}, tensors: {...}}",
+                        "checksums.json")
+    if set(members) != names - {"checksums.json"}:
+        raise LoadError(path, "does not list exactly the archive's members", "checksums.json")
+    for name, spec in tensors.items():
+        if (not isinstance(spec, dict) or spec.get("dtype") not in _NP_DTYPES
+                or not isinstance(spec.get("shape"), list)
+                or not all(type(d) is int and d >= 0 for d in spec["shape"])
+                or not isinstance(spec.get("sha256"), str) or not _HEX_DIGEST.match(spec["sha256"])):
+            raise LoadError(path, f"malformed entry for tensor {name!r:.80}", "checksums.json")
+    return members, tensors
+
+
+def _read_verified(path: str, archive: ZipMembers, digests: dict[str, str], name: str,
+                   limit: int) -> bytes:
+    data = archive.read(name, limit)
+    if _sha256(data) != digests[name]:
+        raise LoadError(path, "checksum mismatch: the file is corrupted", name)
+    return data
+
+
+def _state_limit(path: str, tensors: dict[str, dict]) -> int:
+    """The bytes state.safetensors may hold: its tensors' declared bytes and a header."""
+    total = _SAFETENSORS_HEADER_ALLOWANCE + _PER_TENSOR_ALLOWANCE * len(tensors)
+    for name, spec in tensors.items():
+        nbytes = math.prod(spec["shape"]) * _NP_DTYPES[spec["dtype"]].itemsize
+        if nbytes > _MAX_TENSOR_BYTES:
+            raise LoadError(path, f"tensor {name!r:.80} declares {nbytes:,} bytes", "checksums.json")
+        total += nbytes
+    return total
+
+
+def _load_state(path: str, archive: ZipMembers, digests: dict[str, str],
+                tensors: dict[str, dict]) -> dict[str, np.ndarray]:
     from safetensors.numpy import load
 
+    name = "state.safetensors"
+    if archive.infos[name].compress_type != zipfile.ZIP_STORED:
+        raise LoadError(path, "is compressed; graphc stores the state uncompressed", name)
+    data = archive.read(name, _state_limit(path, tensors))
     try:
         state = load(data)
-    except (SafetensorError, ValueError) as exc:
-        raise SerializationError(f"{path}: state.safetensors is unreadable ({exc})") from None
+    except Exception as exc:  # the safetensors parser's own errors, whatever their type
+        intact = _sha256(data) == digests[name]
+        raise LoadError(path, f"unreadable ({type(exc).__name__}: {exc})" if intact else
+                        "checksum mismatch: the file is corrupted", name) from None
+    if set(state) != set(tensors):
+        raise LoadError(path, "holds other tensors than checksums.json lists", name)
+    for key, array in state.items():
+        spec = tensors[key]
+        if array.dtype != _NP_DTYPES[spec["dtype"]] or list(array.shape) != spec["shape"]:
+            raise LoadError(path, f"tensor {key!r} is {array.dtype}{list(array.shape)}, "
+                            f"checksums.json records {spec['dtype']}{spec['shape']}", name)
+        if tensor_digest(array) != spec["sha256"]:
+            raise LoadError(path, f"tensor {key!r} fails its checksum: the file is corrupted", name)
+    if _sha256(data) != digests[name]:
+        raise LoadError(path, "checksum mismatch: the file is corrupted", name)
     return {k: np.ascontiguousarray(v) for k, v in state.items()}
+
+
+def _graph(path: str, text: bytes, member: str) -> Graph:
+    try:
+        graph = Graph.from_json(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise LoadError(path, "is not UTF-8 text", member) from None
+    except SerializationError as exc:
+        raise LoadError(path, str(exc), member) from None
+    for v in graph.values():
+        nbytes = math.prod(v.type.shape) * v.type.np_dtype.itemsize
+        if nbytes > _MAX_TENSOR_BYTES:
+            raise LoadError(path, f"the graph declares a {v.type} tensor ({nbytes:,} bytes)", member)
+    return graph
+
+
+def _checked_plan(path: str, plan: Any, graph: Graph) -> tuple[dict[int, int], dict[str, str]]:
+    """The donation map and state bindings of plan.json, checked against the graph."""
+    if not isinstance(plan, dict):
+        raise LoadError(path, "malformed: not an object", "plan.json")
+    donate_doc = plan.get("donate", {})
+    if not isinstance(donate_doc, dict) or not all(
+            isinstance(k, str) and k.isdigit() and type(v) is int for k, v in donate_doc.items()):
+        raise LoadError(path, "malformed donation map", "plan.json")
+    donate = {int(k): v for k, v in donate_doc.items()}
+    if any(not 0 <= i < len(graph.inputs) or not 0 <= o < len(graph.outputs) for i, o in donate.items()):
+        raise LoadError(path, "the donation map refers to missing inputs or outputs", "plan.json")
+    if plan.get("signature") != _signature(graph):
+        raise LoadError(path, "the recorded signature does not match the graph", "plan.json")
+    bindings = plan.get("bindings")
+    if not isinstance(bindings, dict) or not all(isinstance(v, str) for v in bindings.values()):
+        raise LoadError(path, "malformed state bindings", "plan.json")
+    kernels = plan.get("kernels", [])
+    memory = plan.get("memory")
+    if not isinstance(kernels, list) or not (memory is None or isinstance(memory, dict) and all(
+            type(memory.get(k)) is int for k in ("peak_bytes", "naive_bytes"))):
+        raise LoadError(path, "malformed kernel list or memory plan", "plan.json")
+    return donate, bindings
+
+
+def _checked_metadata(path: str, metadata: Any, kind: str) -> dict[str, Any]:
+    expected = {"versions": dict, "backend": (str, type(None)), "created": str, "name": str,
+                "lr": (int, float, type(None))}
+    if not isinstance(metadata, dict) or any(
+            k in metadata and (not isinstance(metadata[k], t) or isinstance(metadata[k], bool))
+            for k, t in expected.items()):
+        raise LoadError(path, "malformed: expected versions, backend, created, name and lr "
+                        "of their types", "metadata.json")
+    if not all(isinstance(v, str) for v in metadata.get("versions", {}).values()):
+        raise LoadError(path, "malformed versions", "metadata.json")
+    lr = metadata.get("lr")
+    if kind == "train_step" and (lr is None or not math.isfinite(lr)):
+        raise LoadError(path, "lacks a finite learning rate", "metadata.json")
+    return metadata
 
 
 class _Loaded:
     """Common to loaded steps and functions: the graph, its executable and its arrays."""
 
     def __init__(self, path: str, graph: Graph, state: dict[str, np.ndarray], metadata: dict,
-                 bindings: dict[str, str], donate: dict[int, int], backend: str | None,
-                 members: dict[str, bytes]) -> None:
+                 plan: dict[str, Any], bindings: dict[str, str], donate: dict[int, int],
+                 backend: str | None, members: dict[str, bytes]) -> None:
         self.path, self.graph, self.metadata, self.members = path, graph, metadata, members
-        self.plan = json.loads(members["plan.json"])
+        self.plan = plan
         self.backend = backend or default_backend()
         self.name = metadata.get("name", graph.name)
         self._state = state
@@ -200,36 +315,37 @@ class _Loaded:
                 continue
             key = bindings.get(inp.name)
             if key not in state:
-                raise SerializationError(f"{path}: no saved value for input {inp.name!r}")
+                raise LoadError(path, f"no saved value for input {inp.name!r:.80}", "state.safetensors")
             array = state[key]
             expected = inp.value.type
             if array.size != expected.size or array.dtype != expected.np_dtype:
-                raise SerializationError(f"{path}: saved {key} is {array.dtype}{list(array.shape)}, "
-                                         f"the graph needs {expected}")
+                raise LoadError(path, f"saved {key} is {array.dtype}{list(array.shape)}, the graph "
+                                f"needs {expected}", "state.safetensors")
             state[key] = array = array.reshape(expected.shape).copy()
             self.persistent.append(array)
-        self.executable = compile_graph(graph, self.backend, donate)
+        try:
+            self.executable = compile_graph(graph, self.backend, donate)
+        except GraphcError:
+            raise
+        except Exception as exc:  # a verified graph no tracer would make; the cause is chained
+            raise LoadError(path, f"its graph does not compile ({type(exc).__name__}: {exc})",
+                            "graph.json") from exc
 
     def traced_graph(self) -> Graph | None:
         data = self.members.get("graph.traced.json")
-        return Graph.from_json(data.decode()) if data is not None else None
+        return _graph(self.path, data, "graph.traced.json") if data is not None else None
 
     def export(self, path: str) -> None:
         """Write the file back with the current state (e.g. after more training)."""
-        from safetensors.numpy import save
-
         from .train import atomic_write
 
         self._state_to_host()
         members = dict(self.members)
-        members["state.safetensors"] = save({k: v.reshape(v.shape or (1,)) for k, v in self._state.items()})
         metadata = {**self.metadata, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if "lr" in metadata and hasattr(self, "lr"):
             metadata["lr"] = self.lr
         members["metadata.json"] = _json(metadata)
-        members.pop("checksums.json", None)
-        members["checksums.json"] = _json({name: _sha256(data) for name, data in members.items()})
-        atomic_write(path, lambda f: f.write(_zip(members)))
+        atomic_write(path, lambda f: f.write(_archive(members, self._state)))
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The weights and buffers, by the model's state-dict names."""
@@ -286,32 +402,24 @@ class LoadedFunction(_Loaded):
 
 
 def load(path: str, backend: str | None = None) -> LoadedTrainStep | LoadedFunction:
-    """Load an exported step or function; it runs without tracing or the model's code."""
-    members = _read_members(path)
-    fmt = _check(path, members)
-    try:
-        graph = Graph.from_json(members["graph.json"].decode())
-    except UnicodeDecodeError:
-        raise SerializationError(f"{path}: graph.json is not text") from None
-    if any(v.type.nbytes > _MAX_MEMBER_BYTES for v in graph.values()):
-        raise SerializationError(f"{path}: the graph declares implausibly large tensors")
-    plan = _parse_json(path, members, "plan.json")
-    metadata = _parse_json(path, members, "metadata.json")
-    if not isinstance(plan, dict) or not isinstance(metadata, dict):
-        raise SerializationError(f"{path}: plan.json or metadata.json is malformed")
-    try:
-        donate = {int(k): int(v) for k, v in plan.get("donate", {}).items()}
-    except (TypeError, ValueError, AttributeError):
-        raise SerializationError(f"{path}: plan.json has a malformed donation map") from None
-    if any(not 0 <= i < len(graph.inputs) or not 0 <= o < len(graph.outputs) for i, o in donate.items()):
-        raise SerializationError(f"{path}: donation map refers to missing inputs or outputs")
-    if plan.get("signature") != _signature(graph):
-        raise SerializationError(f"{path}: the recorded signature does not match the graph")
-    bindings = plan.get("bindings")
-    if not isinstance(bindings, dict) or not all(isinstance(v, str) for v in bindings.values()):
-        raise SerializationError(f"{path}: plan.json has malformed state bindings")
-    state = _load_state(path, members["state.safetensors"])
+    """Load an exported step or function; it runs without tracing or the model's code.
+    Anything wrong with the file raises LoadError (a SerializationError)."""
+    with ZipMembers(path, "graphc export") as archive:
+        fmt = _checked_format(path, archive)
+        digests, tensors = _checked_manifest(path, archive)
+        members = {"format.json": archive.read("format.json", _JSON_LIMITS["format.json"])}
+        for name in sorted(archive.infos):
+            if name in ("format.json", "checksums.json", "state.safetensors"):
+                continue
+            limit = _JSON_LIMITS.get(name, _KERNEL_SOURCE_LIMIT)
+            members[name] = _read_verified(path, archive, digests, name, limit)
+        if _sha256(members["format.json"]) != digests["format.json"]:
+            raise LoadError(path, "checksum mismatch: the file is corrupted", "format.json")
+        graph = _graph(path, members["graph.json"], "graph.json")
+        plan = parse_json(members["plan.json"], path, "plan.json")
+        donate, bindings = _checked_plan(path, plan, graph)
+        metadata = _checked_metadata(path, parse_json(members["metadata.json"], path, "metadata.json"),
+                                     fmt["kind"])
+        state = _load_state(path, archive, digests, tensors)
     cls = LoadedTrainStep if fmt["kind"] == "train_step" else LoadedFunction
-    if cls is LoadedTrainStep and not isinstance(metadata.get("lr"), (int, float)):
-        raise SerializationError(f"{path}: metadata.json lacks the learning rate")
-    return cls(path, graph, state, metadata, bindings, donate, backend, members)
+    return cls(path, graph, state, metadata, plan, bindings, donate, backend, members)

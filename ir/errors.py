@@ -43,6 +43,40 @@ class SerializationError(GraphcError, ValueError):
     """A file or document graphc cannot read back."""
 
 
+class LoadError(SerializationError):
+    """A file (export, checkpoint, data file) refused while loading: names the file, the part of
+    it at fault (a zip member, a tensor) and what is wrong with it."""
+
+    def __init__(self, path: str, what: str, member: str | None = None) -> None:
+        self.path, self.member, self.what = path, member, what
+        super().__init__(f"{path}: {member}: {what}" if member else f"{path}: {what}")
+
+    def __reduce__(self):  # rebuilt from its parts when it crosses a process boundary
+        return type(self), (self.path, self.what, self.member)
+
+
+class IndexOutOfRangeError(GraphcError, IndexError):
+    """An index read from data (a class target, an embedding id, a gather index) outside the
+    axis it indexes. Names the op, the value, its position in the index array, the valid range
+    [low, high) and the user's line (`loc`); no backend reads or writes memory for it."""
+
+    def __init__(self, op: str, value: int, position: tuple[int, ...], low: int, high: int,
+                 loc: str | None = None) -> None:
+        self.op, self.value, self.position, self.low, self.high = op, value, position, low, high
+        self.loc = loc
+        where = position[0] if len(position) == 1 else position
+        message = (f"{op}: index {value} at position {where} of its indices is out of range: "
+                   f"valid indices are [{low}, {high})")
+        super().__init__(message + (f" (at {loc})" if loc else ""))
+
+    def at(self, loc: str | None) -> IndexOutOfRangeError:
+        """The same error pointing at the user's line `loc`."""
+        return IndexOutOfRangeError(self.op, self.value, self.position, self.low, self.high, loc)
+
+    def __reduce__(self):  # pickles through compile workers and multiprocessing like the others
+        return IndexOutOfRangeError, (self.op, self.value, self.position, self.low, self.high, self.loc)
+
+
 def _is_internal(filename: str) -> bool:
     path = os.path.abspath(filename)
     return any(path == d or path.startswith(d + os.sep) for d in INTERNAL_DIRS)

@@ -2,22 +2,60 @@
 
 Values are numbered in definition order; attributes keep their kinds exactly (tuples stay
 tuples, floats keep every bit via repr, arrays travel as base64 with dtype and shape).
-Nothing in a document is ever executed.
+
+A document is data from outside: nothing in it is executed, and nothing in it reaches
+generated source. Reading rebuilds the graph from the registry: op names are the registry's
+own strings, attributes are re-validated against each op's schema (dtype names map through a
+fixed table), and fused kernel nodes are refused (their names and patterns would be pasted
+into kernel source; graphc fuses a loaded graph itself). JSON nesting is bounded before the
+document is parsed.
 """
 from __future__ import annotations
 
 import base64
 import json
+import re
 from typing import Any
 
 import numpy as np
 
-from .errors import SerializationError
+from .errors import GraphcError, SerializationError
 from .graph import Graph, Node, Value
-from .types import TensorType
+from .registry import PRIMITIVES
+from .types import DTYPES, TensorType
 
 FORMAT = "graphc.ir"
 VERSION = 1
+MAX_JSON_DEPTH = 64  # graph documents nest about 8 deep; json.loads recurses once per level
+_NP_DTYPES = {name: np.dtype(name) for name in DTYPES}
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+class JSONDepthError(SerializationError):
+    """A JSON document nested deeper than graphc's documents ever are."""
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of arrays and objects in a JSON text (strings skipped), counted
+    without parsing it."""
+    data = np.frombuffer(_STRING.sub(b'""', text.encode("utf-8", "surrogatepass")), np.uint8)
+    if data.size == 0:
+        return 0
+    steps = (np.isin(data, (ord("["), ord("{"))).astype(np.int64)
+             - np.isin(data, (ord("]"), ord("}"))))
+    return int(np.cumsum(steps).max())
+
+
+def load_json(text: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads for documents from outside: nesting deeper than `max_depth` raises
+    JSONDepthError (json.loads itself would exhaust the stack), bad JSON a ValueError."""
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise JSONDepthError(f"JSON nested {depth} levels deep (at most {max_depth})")
+    try:
+        return json.loads(text)
+    except RecursionError:  # unreachable given the depth check; never let it escape
+        raise JSONDepthError(f"JSON nested too deeply (at most {max_depth})") from None
 
 
 def _encode_attr(value: Any) -> Any:
@@ -41,7 +79,9 @@ def _decode_attr(value: Any) -> Any:
             return float(value["float"])
         if "ndarray" in value:
             spec = value["ndarray"]
-            dtype = TensorType((), spec["dtype"]).np_dtype
+            dtype = _NP_DTYPES.get(spec["dtype"])
+            if dtype is None:
+                raise SerializationError(f"array attribute: unsupported dtype {spec['dtype']!r:.40}")
             raw = base64.b64decode(spec["data"], validate=True)
             shape = tuple(int(d) for d in spec["shape"])
             if len(raw) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
@@ -81,25 +121,59 @@ def graph_to_dict(graph: Graph) -> dict[str, Any]:
             "outputs": [{"name": n, "value": ids[v]} for n, v in graph.outputs]}
 
 
-def graph_from_dict(doc: dict[str, Any]) -> Graph:
+def _expect(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise SerializationError(f"{what} is {type(value).__name__}, expected "
+                                 f"{getattr(kind, '__name__', 'a string or null')}")
+    return value
+
+
+def _primitive_node(entry: dict[str, Any], values: dict[int, Value], types: list[TensorType]) -> Node:
+    """A node rebuilt from the registry: its op name and attributes come from the registry's
+    schema, never from the document's strings."""
+    op = _expect(entry["op"], str, "a node's op")
+    if "subgraph" in entry or op == "kernel":
+        raise SerializationError("the graph holds fused kernel nodes: graph documents carry "
+                                 "primitive ops only, and graphc fuses after loading")
+    prim = PRIMITIVES.get(op)
+    if prim is None:
+        raise SerializationError(f"unknown op {op!r:.60}")
+    raw = _expect(entry["attrs"], dict, f"{op}'s attrs")
     try:
-        types = [TensorType.parse(t) for t in doc["values"]]
-        graph = Graph(doc["name"])
+        attrs = prim.check_attrs({k: _decode_attr(v) for k, v in raw.items()})
+    except GraphcError as exc:
+        raise SerializationError(f"{op}: {exc}") from None
+    loc = _expect(entry["loc"], (str, type(None)), f"{op}'s loc")
+    inputs = tuple(values[_expect(i, int, f"{op}'s input")] for i in entry["inputs"])
+    outputs = [_expect(i, int, f"{op}'s output") for i in entry["outputs"]]
+    return Node(prim.name, inputs, attrs, tuple(types[i] for i in outputs), loc)
+
+
+def graph_from_dict(doc: dict[str, Any]) -> Graph:
+    """The graph of a document (not yet verified: see graph_from_json)."""
+    try:
+        types = [TensorType.parse(_expect(t, str, "a value type")) for t in doc["values"]]
+        graph = Graph(_expect(doc["name"], str, "the graph's name"))
         values: dict[int, Value] = {}
         for inp in doc["inputs"]:
-            values[inp["value"]] = graph.add_input(types[inp["value"]], inp["name"], inp["role"])
+            index = _expect(inp["value"], int, "an input's value")
+            if index in values or index < 0:
+                raise SerializationError(f"input {inp['name']!r:.60} redefines value {index}")
+            values[index] = graph.add_input(types[index], _expect(inp["name"], str, "an input's name"),
+                                            _expect(inp["role"], str, "an input's role"))
         for entry in doc["nodes"]:
-            sub = graph_from_dict(entry["subgraph"]) if "subgraph" in entry else None
-            attrs = {k: _decode_attr(v) for k, v in entry["attrs"].items()}
-            node = Node(entry["op"], tuple(values[i] for i in entry["inputs"]), attrs,
-                        tuple(types[i] for i in entry["outputs"]), entry["loc"], sub)
-            values.update(zip(entry["outputs"], node.outputs))
+            node = _primitive_node(entry, values, types)
+            outputs = entry["outputs"]
+            if any(i in values or i < 0 for i in outputs):
+                raise SerializationError(f"node {node.op} redefines a value")
+            values.update(zip(outputs, node.outputs))
             graph.nodes.append(node)
         for out in doc["outputs"]:
-            graph.add_output(out["name"], values[out["value"]])
+            graph.add_output(_expect(out["name"], str, "an output's name"),
+                             values[_expect(out["value"], int, "an output's value")])
     except SerializationError:
         raise
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise SerializationError(f"malformed graph document: {type(exc).__name__}: {exc}") from None
     return graph
 
@@ -110,23 +184,28 @@ def graph_to_json(graph: Graph, indent: int | None = None) -> str:
 
 
 def graph_from_json(text: str) -> Graph:
-    """Parse and verify a graph document; anything wrong raises SerializationError."""
+    """Parse, rebuild and verify a graph document; anything wrong raises SerializationError."""
     from .verify import verify
-    from .errors import VerificationError
 
     try:
-        doc = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        doc = load_json(text)
+    except ValueError as exc:  # JSONDecodeError; JSONDepthError is a SerializationError
+        if isinstance(exc, SerializationError):
+            raise
         raise SerializationError(f"not a JSON document: {exc}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise SerializationError(f"not a {FORMAT} document")
     version = doc.get("version")
-    if not isinstance(version, int) or version > VERSION:
+    if type(version) is not int or version > VERSION:
         raise SerializationError(
-            f"graph format version {version!r} is newer than this graphc supports ({VERSION}); upgrade graphc")
-    graph = graph_from_dict(doc.get("graph"))  # type: ignore[arg-type]
+            f"graph format version {version!r:.20} is newer than this graphc supports ({VERSION}); upgrade graphc")
+    if not isinstance(doc.get("graph"), dict):
+        raise SerializationError("malformed graph document: no graph")
+    graph = graph_from_dict(doc["graph"])
     try:
         verify(graph)
-    except VerificationError as exc:
+    except GraphcError as exc:
         raise SerializationError(f"graph document does not verify: {exc}") from None
+    except Exception as exc:  # an op's type rule failing on values no tracer would make
+        raise SerializationError(f"graph document does not verify: {type(exc).__name__}: {exc}") from exc
     return graph
