@@ -263,6 +263,20 @@ class Tensor:
     def __getitem__(self, index: Any) -> Tensor:
         return _getitem(self, index)
 
+    # -- NumPy and PyTorch functions called on a Tensor (see graphc/interop.py) --------------
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Tensor:
+        from . import interop
+        return interop.array_ufunc(ufunc, method, inputs, kwargs)
+
+    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        from . import interop
+        return interop.array_function(func, args, kwargs)
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        from . import interop
+        return interop.torch_function(func)
+
 
 def matmul(a: Tensor, b: Tensor) -> Tensor:
     """NumPy matmul semantics, 1-D operands included (promoted, then squeezed)."""

@@ -1,0 +1,240 @@
+"""NumPy and PyTorch functions applied to graphc Tensors while tracing.
+
+NumPy hands a ufunc or a NumPy function called on a Tensor to the Tensor (`__array_ufunc__`,
+`__array_function__`): those with a graphc op trace as that op, so `np.exp(x)` in a model is
+`gc.exp(x)`; any other raises a GraphcError naming the call and what to write instead.
+PyTorch hands its functions to `__torch_function__` the same way; graphc cannot run them, so
+they raise, naming graphc's equivalent. Without this, both failed deep inside NumPy or PyTorch
+("'numpy.ndarray' object has no attribute 'value'", "must be Tensor, not Tensor").
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from graphc.ir.errors import INTERNAL_DIRS, GraphcError, ShapeError, user_location
+
+from . import functions as gcf
+from .tensor import Tensor, as_tensor, bind
+
+__all__ = ["array_ufunc", "array_function", "torch_function"]
+
+
+# -- NumPy ufuncs -----------------------------------------------------------------------------
+def _unary(op: str) -> Callable[[Tensor], Tensor]:
+    return lambda x: bind(op, x)
+
+
+def _binary(op: str) -> Callable[[Any, Any], Tensor]:
+    """As the Tensor operator: a Python or NumPy scalar takes the Tensor's dtype."""
+    return lambda x, y: x._binary(op, y) if isinstance(x, Tensor) else y._binary(op, x, True)
+
+
+def _power(x: Any, y: Any) -> Tensor:
+    return x ** y if isinstance(x, Tensor) else y.__rpow__(x)
+
+
+def _matmul(x: Any, y: Any) -> Tensor:
+    return x @ y if isinstance(x, Tensor) else y.__rmatmul__(x)
+
+
+UFUNCS: dict[np.ufunc, Callable[..., Tensor]] = {
+    np.add: _binary("add"), np.subtract: _binary("sub"), np.multiply: _binary("mul"),
+    np.true_divide: _binary("div"), np.power: _power, np.matmul: _matmul,
+    np.maximum: gcf.maximum, np.minimum: gcf.minimum,
+    np.less: _binary("lt"), np.less_equal: _binary("le"), np.greater: _binary("gt"),
+    np.greater_equal: _binary("ge"), np.equal: _binary("eq"), np.not_equal: _binary("ne"),
+    np.logical_and: _binary("logical_and"), np.logical_or: _binary("logical_or"),
+    np.logical_not: _unary("logical_not"), np.negative: _unary("neg"), np.positive: lambda x: x,
+    np.absolute: _unary("abs"), np.fabs: _unary("abs"), np.exp: _unary("exp"),
+    np.log: _unary("log"), np.log1p: _unary("log1p"), np.sqrt: _unary("sqrt"),
+    np.tanh: _unary("tanh"), np.square: _unary("square"), np.reciprocal: _unary("reciprocal"),
+    np.sign: _unary("sign"),
+}
+
+# What to write instead, for NumPy calls graphc has no single op for.
+SUGGESTIONS: dict[str, str] = {
+    "np.expm1": "gc.exp(x) - 1", "np.log2": "gc.log(x) / math.log(2)",
+    "np.log10": "gc.log(x) / math.log(10)", "np.exp2": "gc.exp(x * math.log(2))",
+    "np.min": "-gc.max(-x, axis)", "np.amin": "-gc.max(-x, axis)", "np.argmin": "gc.argmax(-x, axis)",
+    "np.var": "((x - x.mean(axis, keepdims=True)).square()).mean(axis)",
+    "np.std": "gc.sqrt(((x - x.mean(axis, keepdims=True)).square()).mean(axis))",
+    "np.add.reduce": "gc.sum(x, axis)", "np.maximum.reduce": "gc.max(x, axis)",
+    "np.minimum.reduce": "-gc.max(-x, axis)", "np.linalg.norm": "gc.sqrt(x.square().sum())",
+    "np.concat": "gc.concatenate(xs, axis)", "np.clip": "gc.minimum(gc.maximum(x, low), high)",
+}
+
+
+def _unsupported(call: str) -> GraphcError:
+    instead = SUGGESTIONS.get(call)
+    advice = (f"write {instead} instead" if instead else
+              "graphc has no equivalent op; compute it outside the traced function, or build it "
+              "from graphc ops")
+    return GraphcError(f"{call} on a graphc Tensor: {advice} (at {user_location()})")
+
+
+def array_ufunc(ufunc: np.ufunc, method: str, inputs: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> Tensor:
+    """`Tensor.__array_ufunc__`: the graphc op for the ufunc, or a GraphcError."""
+    call = f"np.{ufunc.__name__}" + ("" if method == "__call__" else f".{method}")
+    if method != "__call__":
+        raise _unsupported(call)
+    apply = UFUNCS.get(ufunc)
+    if apply is None:
+        raise _unsupported(call)
+    if kwargs:
+        raise GraphcError(f"{call} on a graphc Tensor takes the operands only, got "
+                          f"{', '.join(f'{k}=' for k in kwargs)} (a traced Tensor is a value: "
+                          f"nothing is written in place) (at {user_location()})")
+    return apply(*inputs)
+
+
+# -- NumPy functions --------------------------------------------------------------------------
+def _sum(a, axis=None, keepdims=False): return as_tensor(a).sum(axis, keepdims)
+def _mean(a, axis=None, keepdims=False): return as_tensor(a).mean(axis, keepdims)
+def _max(a, axis=None, keepdims=False): return as_tensor(a).max(axis, keepdims)
+def _argmax(a, axis=None, keepdims=False): return as_tensor(a).argmax(axis, keepdims)
+def _concatenate(arrays, axis=0): return gcf.concatenate(arrays, axis)
+def _stack(arrays, axis=0): return gcf.stack(arrays, axis)
+def _where(condition, x, y): return gcf.where(condition, x, y)
+def _squeeze(a, axis=None): return as_tensor(a).squeeze(axis)
+def _expand_dims(a, axis): return as_tensor(a).unsqueeze(axis)
+def _broadcast_to(array, shape): return as_tensor(array).broadcast_to(shape)
+def _take_along_axis(arr, indices, axis): return gcf.take_along_axis(arr, indices, axis)
+def _shape(a): return as_tensor(a).shape
+def _ndim(a): return as_tensor(a).ndim
+def _size(a): return as_tensor(a).size
+def _reshape(a, shape): return as_tensor(a).reshape(shape)
+
+
+def _transpose(a, axes=None):
+    a = as_tensor(a)
+    return a.T if axes is None else a.permute(*axes)
+
+
+def _rank(x: Any) -> int:
+    return x.ndim if isinstance(x, Tensor) else np.ndim(x)
+
+
+def _dot(a, b):
+    """np.dot is matmul for operands of rank 1 and 2 (its rank > 2 rule differs), and a
+    product when either is a scalar."""
+    if _rank(a) == 0 or _rank(b) == 0:
+        return _binary("mul")(a, b)
+    a, b = as_tensor(a), as_tensor(b)
+    if a.ndim > 2 or b.ndim > 2:
+        raise ShapeError(f"np.dot on graphc Tensors of shapes {a.shape} and {b.shape}: only "
+                         f"ranks 1 and 2 are supported; use gc.matmul or @ (batched matmul) "
+                         f"(at {user_location()})")
+    return gcf.matmul(a, b)
+
+
+def _take(a, indices, axis=None):
+    a = as_tensor(a)
+    return gcf.gather(a.reshape(-1) if axis is None else a, indices, 0 if axis is None else axis)
+
+
+def _pad(array, pad_width, mode="constant", constant_values=0):
+    array = as_tensor(array)
+    if mode != "constant" or np.ndim(constant_values) != 0:
+        raise GraphcError(f"np.pad on a graphc Tensor: only mode='constant' with one scalar "
+                          f"constant_values is supported, got mode={mode!r} "
+                          f"(at {user_location()})")
+    widths = np.broadcast_to(np.asarray(pad_width, dtype=np.int64), (array.ndim, 2))
+    return gcf.pad(array, [tuple(map(int, w)) for w in widths], float(constant_values))
+
+
+FUNCTIONS: dict[Callable, Callable] = {
+    np.sum: _sum, np.mean: _mean, np.max: _max, np.amax: _max, np.argmax: _argmax,
+    np.reshape: _reshape, np.transpose: _transpose, np.concatenate: _concatenate,
+    np.stack: _stack, np.where: _where, np.dot: _dot, np.squeeze: _squeeze,
+    np.expand_dims: _expand_dims, np.broadcast_to: _broadcast_to, np.take: _take,
+    np.take_along_axis: _take_along_axis, np.pad: _pad, np.shape: _shape, np.ndim: _ndim,
+    np.size: _size,
+}
+
+
+def _numpy_name(func: Callable) -> str:
+    module = getattr(func, "__module__", None) or "numpy"
+    return module.replace("numpy", "np", 1) + "." + func.__name__
+
+
+def array_function(func: Callable, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """`Tensor.__array_function__`: the graphc equivalent of the NumPy function, or a
+    GraphcError."""
+    call = _numpy_name(func)
+    apply = FUNCTIONS.get(func)
+    if apply is None:
+        raise _unsupported(call)
+    try:
+        inspect.signature(apply).bind(*args, **kwargs)
+    except TypeError:
+        raise GraphcError(f"{call} on a graphc Tensor takes {call}{inspect.signature(apply)}; got "
+                          f"{len(args)} positional argument(s) and keywords "
+                          f"{sorted(kwargs) or 'none'} (at {user_location()})") from None
+    return apply(*args, **kwargs)
+
+
+# -- PyTorch ----------------------------------------------------------------------------------
+TORCH_EQUIVALENTS: dict[str, str] = {
+    "cat": "gc.concatenate", "concat": "gc.concatenate", "concatenate": "gc.concatenate",
+    "mm": "gc.matmul (or @)", "bmm": "gc.matmul (or @)", "matmul": "gc.matmul (or @)",
+    "clamp": "gc.minimum(gc.maximum(x, low), high)", "clip": "gc.minimum(gc.maximum(x, low), high)",
+    "amax": "gc.max", "view": "x.reshape", "reshape": "x.reshape", "transpose": "x.transpose",
+    "permute": "x.permute", "flatten": "x.flatten", "squeeze": "x.squeeze",
+    "unsqueeze": "x.unsqueeze", "embedding": "gc.nn.Embedding (graphc.nn.sparse.embedding)",
+    "layer_norm": "gc.nn.LayerNorm (graphc.nn.normalization.layer_norm)",
+    "batch_norm": "gc.nn.BatchNorm1d/2d (graphc.nn.normalization.batch_norm)",
+    "add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**", "neg": "unary -",
+}
+
+
+def _torch_name(func: Callable) -> str:
+    module = getattr(func, "__module__", None)
+    if module is None or hasattr(func, "__objclass__"):  # a method of torch.Tensor
+        return f"torch.Tensor.{func.__name__}"
+    return {"torch._C._nn": "torch.nn.functional"}.get(module, module) + f".{func.__name__}"
+
+
+def _graphc_equivalent(name: str) -> str | None:
+    from .nn import functional as F
+
+    bare = name.strip("_")  # __add__, add_ (in place) -> add
+    if bare not in TORCH_EQUIVALENTS and bare[1:] in TORCH_EQUIVALENTS and bare[0] == "r":
+        bare = bare[1:]  # __radd__ -> add
+    if bare in TORCH_EQUIVALENTS:
+        return TORCH_EQUIVALENTS[bare]
+    if bare in F.__all__:
+        return f"gc.nn.functional.{bare}"
+    if bare in gcf.__all__:
+        return f"gc.{bare}"
+    return None
+
+
+def torch_function(func: Callable) -> Any:
+    """`Tensor.__torch_function__`: PyTorch cannot compute on a traced graphc Tensor; say what
+    to write instead."""
+    call = _torch_name(func)
+    instead = _graphc_equivalent(func.__name__)
+    advice = f"use {instead}" if instead else "graphc has no equivalent op"
+    raise GraphcError(f"{call} was called on a graphc Tensor: PyTorch functions and modules cannot "
+                      f"run inside a graphc trace; {advice} (at {_caller_outside_torch()})")
+
+
+def _caller_outside_torch() -> str | None:
+    """The user's line that called into PyTorch: the innermost frame outside graphc and torch
+    (a torch.nn module reaches __torch_function__ through its own code)."""
+    skipped = (*INTERNAL_DIRS, os.path.dirname(sys.modules["torch"].__file__))
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        path = os.path.abspath(filename)
+        if not filename.startswith("<") and not any(
+                path == d or path.startswith(d + os.sep) for d in skipped):
+            return f"{filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None
