@@ -37,8 +37,10 @@ from .dag import DiGraph
 VIEW_OPS = frozenset({"reshape", "expand_dims", "squeeze"})
 # Opaque ops that still make one load per output element (at a data-dependent index), so they
 # fuse like elementwise ops. Value: the operand positions read at the output index itself.
+# take_along_axis reads its indices there too, but they stay a kernel input: the backends check
+# every index array before the kernel that reads through it runs (backends/bounds.py).
 INDEX_OPS: dict[str, frozenset[int]] = {
-    "take_along_axis": frozenset({1}),
+    "take_along_axis": frozenset(),
     "gather": frozenset(),
     "one_hot": frozenset(),
 }
