@@ -23,6 +23,7 @@ from typing import Any
 import numba
 from numba import types
 
+from graphc.backends.source_guard import check_source
 from graphc.ir import TensorType
 
 
@@ -63,7 +64,9 @@ class KernelFiles:
     def _write_source(self, key: str, source: str) -> None:
         """Atomically: a reader never sees half a file (temporary file, then rename). Byte-
         compiled at once (also atomically), since Python does not write bytecode on import where
-        PYTHONDONTWRITEBYTECODE is set: every process would compile the module again."""
+        PYTHONDONTWRITEBYTECODE is set: every process would compile the module again. Nothing
+        the source guard refuses reaches the disk."""
+        check_source(source)
         fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             f.write(source)

@@ -14,11 +14,13 @@ import math
 import os
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
 
-from graphc.ir.errors import GraphcError
+from graphc.ir.errors import GraphcError, LoadError
+
+from .bounded_io import open_regular
 
 Batch = tuple[np.ndarray, ...]
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -45,59 +47,100 @@ _IDX_DTYPES = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
+# A gzip stream inflates up to ~1000x: a compressed file may declare this much, a raw file
+# whatever its size on disk holds.
+MAX_IDX_BYTES = 1 << 30
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
+def read_idx(path: str | os.PathLike, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
     """Read an IDX file (the MNIST format), gzip-compressed or raw, into a native-endian array.
 
-    Compression is detected from the gzip magic bytes, not from the file name. Raises
-    `DatasetError` naming the file for a bad magic number, an unknown type code, a truncated
-    header or payload, trailing bytes, or a corrupt gzip stream.
+    Compression is detected from the gzip magic bytes, not from the file name. The file is
+    streamed: the header is read first, and then exactly the bytes it declares, so memory stays
+    within the array the header describes however much a stream would decompress to; a
+    compressed file may declare at most `max_bytes` (a raw file's size on disk must match its
+    header). Raises `DatasetError` naming the file for something other than a regular file,
+    a bad magic number, an unknown type code, a truncated header or payload, trailing bytes,
+    a corrupt gzip stream, or a compressed payload over `max_bytes`.
     """
     name = os.fspath(path)
-    with open(name, "rb") as f:
-        blob = f.read()
-    if blob[:2] == _GZIP_MAGIC:
-        blob = _gunzip(name, blob)
-    dtype, shape, offset = _parse_idx_header(name, blob)
-    _check_payload_size(name, blob, dtype, shape, offset)
-    array = np.frombuffer(blob, dtype=dtype, offset=offset).reshape(shape)
+    try:
+        f = open_regular(name)
+    except LoadError as exc:
+        raise DatasetError(str(exc)) from None
+    with f:
+        compressed = f.read(2) == _GZIP_MAGIC
+        f.seek(0)
+        if not compressed:
+            return _read_idx_stream(name, f, os.fstat(f.fileno()).st_size, max_bytes)
+        try:
+            with gzip.GzipFile(fileobj=f) as stream:
+                return _read_idx_stream(name, stream, None, max_bytes)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DatasetError(f"{name}: corrupt gzip stream ({exc})") from exc
+
+
+def _read_idx_stream(name: str, stream: BinaryIO, raw_size: int | None, max_bytes: int) -> np.ndarray:
+    """The array of an IDX stream; `raw_size` is the file's size for an uncompressed one."""
+    head = _read_exactly(stream, 4)
+    dtype, ndim = _parse_idx_magic(name, head)
+    dims = _read_exactly(stream, 4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise DatasetError(f"{name}: truncated IDX header: {ndim} dimensions need {4 + 4 * ndim} "
+                           f"bytes, the file holds {4 + len(dims)}")
+    shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
+    offset = 4 + 4 * ndim
+    expected = math.prod(shape) * dtype.itemsize
+    if raw_size is not None and raw_size - offset != expected:
+        _size_mismatch(name, dtype, shape, expected, raw_size - offset)
+    if raw_size is None and expected > max_bytes:
+        raise DatasetError(f"{name}: the IDX header declares shape {shape} of "
+                           f"{dtype.newbyteorder('=').name} ({expected:,} bytes), more than the "
+                           f"{max_bytes:,} a compressed file may hold (read_idx's max_bytes)")
+    array = np.empty(shape, dtype=dtype)
+    view = memoryview(array.reshape(-1).view(np.uint8))
+    filled = 0
+    while filled < expected:
+        count = stream.readinto(view[filled:filled + (1 << 20)])
+        if not count:
+            _size_mismatch(name, dtype, shape, expected, filled)
+        filled += count
+    if stream.read(1):
+        raise DatasetError(f"{name}: trailing bytes after IDX data: shape {shape} of "
+                           f"{dtype.newbyteorder('=').name} needs {expected} bytes after the "
+                           "header, the file holds more")
     return array.astype(dtype.newbyteorder("="))  # a writable, native-endian copy
 
 
-def _gunzip(name: str, blob: bytes) -> bytes:
-    try:
-        return gzip.decompress(blob)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DatasetError(f"{name}: corrupt gzip stream ({exc})") from exc
+def _read_exactly(stream: BinaryIO, count: int) -> bytes:
+    """Up to `count` bytes: fewer only at the end of the stream."""
+    parts, got = [], 0
+    while got < count:
+        chunk = stream.read(count - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
 
 
-def _parse_idx_header(name: str, blob: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
-    if len(blob) < 4:
-        raise DatasetError(f"{name}: {len(blob)} bytes is too short for an IDX header (needs 4)")
-    zero0, zero1, type_code, ndim = blob[:4]
+def _parse_idx_magic(name: str, head: bytes) -> tuple[np.dtype, int]:
+    if len(head) < 4:
+        raise DatasetError(f"{name}: {len(head)} bytes is too short for an IDX header (needs 4)")
+    zero0, zero1, type_code, ndim = head
     if zero0 != 0 or zero1 != 0:
-        raise DatasetError(f"{name}: bad magic number 0x{blob[:4].hex()}: not an IDX file "
+        raise DatasetError(f"{name}: bad magic number 0x{head.hex()}: not an IDX file "
                            "(an IDX file starts with two zero bytes)")
     if type_code not in _IDX_DTYPES:
         known = ", ".join(f"0x{code:02X}" for code in _IDX_DTYPES)
         raise DatasetError(f"{name}: unknown IDX type code 0x{type_code:02X} (known: {known})")
     if ndim == 0:
         raise DatasetError(f"{name}: IDX header declares 0 dimensions")
-    offset = 4 + 4 * ndim
-    if len(blob) < offset:
-        raise DatasetError(f"{name}: truncated IDX header: {ndim} dimensions need {offset} "
-                           f"bytes, the file holds {len(blob)}")
-    shape = tuple(int(d) for d in np.frombuffer(blob, dtype=">u4", count=ndim, offset=4))
-    return _IDX_DTYPES[type_code], shape, offset
+    return _IDX_DTYPES[type_code], ndim
 
 
-def _check_payload_size(name: str, blob: bytes, dtype: np.dtype, shape: tuple[int, ...],
-                        offset: int) -> None:
-    expected = math.prod(shape) * dtype.itemsize
-    actual = len(blob) - offset
-    if actual == expected:
-        return
+def _size_mismatch(name: str, dtype: np.dtype, shape: tuple[int, ...], expected: int,
+                   actual: int) -> None:
     what = "truncated IDX data" if actual < expected else "trailing bytes after IDX data"
     raise DatasetError(f"{name}: {what}: shape {shape} of {dtype.newbyteorder('=').name} needs "
                        f"{expected} bytes after the header, the file holds {actual}")
