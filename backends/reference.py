@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from graphc.ir import Graph, Node
+from graphc.ir import Graph, IndexOutOfRangeError, Node
 from graphc.ir.registry import get
 
 NodeHook = Callable[[Node, list[np.ndarray]], None]
@@ -18,7 +18,10 @@ def run_node(node: Node, args: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Evaluate one node (a primitive, or a fused kernel through its subgraph)."""
     if node.subgraph is not None:
         return evaluate(node.subgraph, args)
-    out = get(node.op).impl(*args, **node.attrs)
+    try:
+        out = get(node.op).impl(*args, **node.attrs)
+    except IndexOutOfRangeError as error:  # the impl knows the op, the node knows the user's line
+        raise error.at(node.loc) from None
     expected = node.output.type
     out = np.asarray(out, dtype=expected.dtype)
     if out.shape != expected.shape:

@@ -3,8 +3,8 @@
 Write plain Python over tensors; graphc traces it into a static, typed dataflow IR,
 differentiates and optimizes the graph, and runs it through Numba.
 """
-from graphc.ir import (DTypeError, Graph, GraphcError, InputError, SerializationError, ShapeError,
-                       TensorType, VerificationError)
+from graphc.ir import (DTypeError, Graph, GraphcError, IndexOutOfRangeError, InputError,
+                       SerializationError, ShapeError, TensorType, VerificationError)
 
 from . import nn, optim
 from .api import Staged, grad, jit, trace, value_and_grad
@@ -18,7 +18,7 @@ from .tensor import Tensor
 
 __version__ = "0.1.0"
 
-__all__ = ["DTypeError", "Graph", "GraphcError", "InputError", "SerializationError", "ShapeError",
+__all__ = ["DTypeError", "Graph", "GraphcError", "IndexOutOfRangeError", "InputError", "SerializationError", "ShapeError",
            "CompiledModel", "Staged", "Tensor", "TrainStep", "compile", "compile_train_step", "optim", "TensorType", "VerificationError", "grad", "jit", "load", "manual_seed", "nn",
            "trace", "value_and_grad", *_function_names]
 __all__ += ["export_onnx"]

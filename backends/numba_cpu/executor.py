@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import numba
 import numpy as np
 
+from graphc.backends.bounds import IndexCheck, IndexChecks, plan_index_checks
 from graphc.backends.kernel_files import signature_of
 from graphc.backends.signature import InputSignature
 from graphc.ir import Graph, Node, TensorType, Value
@@ -67,6 +68,7 @@ class CompiledKernel:
 class _Step:
     kernel: CompiledKernel
     calls: tuple[tuple[Callable[..., None], tuple[int, ...]], ...]  # function, env slots of its args
+    checks: tuple[tuple[IndexCheck, int], ...] = ()  # run first: index arrays and their env slots
 
 
 def _picker(slots: tuple[int, ...]) -> Callable[[list[Any]], tuple[Any, ...]]:
@@ -116,7 +118,7 @@ class Executable:
     """
 
     def __init__(self, graph: Graph, plan: MemoryPlan, kernels: dict[Node, CompiledKernel],
-                 cache_stats: CacheStats, compile_seconds: float) -> None:
+                 cache_stats: CacheStats, compile_seconds: float, checks: IndexChecks) -> None:
         self.graph = graph
         self.plan = plan
         self.kernels = [kernels[n] for n in plan.schedule if n in kernels]
@@ -127,7 +129,7 @@ class Executable:
         self._signature = InputSignature(graph, self._donated)
         self._arena = _aligned_bytes(plan.peak_bytes)
         self._env = _Environment()
-        self._bind(kernels)
+        self._bind(kernels, checks)
         self._lock = threading.Lock()
         self._profile_totals: dict[tuple[str, int], float] | None = None
         self._profile_calls = 0
@@ -136,7 +138,7 @@ class Executable:
             atexit.register(_print_profile_at_exit, weakref.ref(self))
 
     # -- binding (once) -----------------------------------------------------------------------
-    def _bind(self, kernels: dict[Node, CompiledKernel]) -> None:
+    def _bind(self, kernels: dict[Node, CompiledKernel], checks: IndexChecks) -> None:
         plan, env = self.plan, self._env
         self._inputs = [env.add((v, False)) for v in self.graph.input_values]
         self._fresh: list[tuple[int, tuple[int, ...], np.dtype]] = []
@@ -145,9 +147,16 @@ class Executable:
         for node in plan.schedule:
             for v in node.outputs:
                 self._bind_value(v, node)
-        self._steps = [self._step(kernels[n]) for n in plan.schedule if n in kernels]
-        # every call in order: its function and what picks its arguments out of the env list
-        self._run = [(function, _picker(slots)) for step in self._steps for function, slots in step.calls]
+        self._steps = [self._step(kernels[n], checks.before.get(n, [])) for n in plan.schedule if n in kernels]
+        if checks.on_inputs:  # before any kernel: a bad label stops the step before it changes anything
+            first = self._steps[0]
+            first.checks = tuple((c, self._slot(c.indices, None)) for c in checks.on_inputs) + first.checks
+        # every call in order, index checks included: the function and what picks its
+        # arguments out of the env list
+        self._run = []
+        for step in self._steps:
+            self._run += [(check, _picker((slot,))) for check, slot in step.checks]
+            self._run += [(function, _picker(slots)) for function, slots in step.calls]
         self._view_memo: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(self._views)
 
     def _bind_value(self, v: Value, node: Node) -> None:
@@ -190,7 +199,7 @@ class Executable:
         self._views.append((slot, base, view))
         return slot
 
-    def _step(self, kernel: CompiledKernel) -> _Step:
+    def _step(self, kernel: CompiledKernel, checks: list[IndexCheck]) -> _Step:
         node, env = kernel.node, self._env
         scratch = [env.constant(self._arena_view(storage.offset, t.shape, t.np_dtype))
                    for storage, t in self.plan.scratch.get(node, ())]
@@ -206,7 +215,7 @@ class Executable:
                     value = (node.inputs if arg[0] == "x" else node.outputs)[int(arg[1:])]
                     slots.append(self._slot(value, call.view_of(k, value.type)))
             calls.append((function, tuple(slots)))
-        return _Step(kernel, tuple(calls))
+        return _Step(kernel, tuple(calls), tuple((c, self._slot(c.indices, None)) for c in checks))
 
     # -- calling ------------------------------------------------------------------------------
     def __call__(self, *args: Any) -> list[np.ndarray]:
@@ -258,6 +267,8 @@ class Executable:
         """Add each call's time to totals[(kernel name, call index)]."""
         clock = time.perf_counter
         for step in self._steps:
+            for check, slot in step.checks:
+                check(env[slot])
             for index, (function, slots) in enumerate(step.calls):
                 start = clock()
                 function(*[env[s] for s in slots])
@@ -390,6 +401,7 @@ def compile_graph(graph: Graph, donate: dict[int, int] | None = None) -> Executa
     fused = graph if any(n.op == KERNEL_OP for n in graph.nodes) else fuse(graph)
     sources = {n: generate(n) for n in fused.nodes if n.attrs["pattern"] not in ("view", "constant")}
     plan = plan_memory(fused, donate, scratch=lambda n: list(sources[n].scratch) if n in sources else [])
+    checks = plan_index_checks(fused, plan)  # first: constant indices out of range fail here
     for node, source in sources.items():
         pairs = {(f"x{p}", f"y{q}") for p, q in plan.written_in_place(node)}
         if pairs:
@@ -410,4 +422,4 @@ def compile_graph(graph: Graph, donate: dict[int, int] | None = None) -> Executa
         calls = range(len(source.calls))
         kernels[node] = CompiledKernel(node, source, [next(functions) for _ in calls],
                                        [next(entry_points) for _ in calls])
-    return Executable(fused, plan, kernels, stats, time.perf_counter() - start)
+    return Executable(fused, plan, kernels, stats, time.perf_counter() - start, checks)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from graphc.backends.bounds import IndexChecks, plan_index_checks
 from graphc.backends.kernel_files import signature_of
 from graphc.backends.numba_cpu import CacheStats
 from graphc.backends.signature import prepare_inputs
@@ -112,7 +113,7 @@ class Executable:
 
     def __init__(self, graph: Graph, plan: MemoryPlan, sources: dict[Node, CudaKernelSource],
                  functions: dict[Node, list[Callable[..., None]]], cache_stats: CacheStats,
-                 compile_seconds: float) -> None:
+                 compile_seconds: float, checks: IndexChecks) -> None:
         self.graph = graph
         self.plan = plan
         self.kernels = [sources[n] for n in plan.schedule if n in sources]
@@ -126,6 +127,16 @@ class Executable:
         self._launches = [(function, call.grid, call.block, self._arguments(call, node))
                           for node in plan.schedule if node in sources
                           for call, function in zip(sources[node].calls, functions[node])]
+        # Index arrays: those of graph inputs checked on the host before anything is uploaded;
+        # the others (computed on the device: rare) downloaded before the first kernel reading them.
+        self._input_checks = [(check, checks.input_of[check]) for check in checks.on_inputs]
+        first_launch, position = {}, 0
+        for node in plan.schedule:
+            if node in sources:
+                first_launch[node] = position
+                position += len(sources[node].calls)
+        self._device_checks = {first_launch[node]: [(c, self._env[c.indices]) for c in node_checks]
+                               for node, node_checks in checks.before.items()}
         self._donated = {**plan.donated_in_place, **plan.donated_by_copy}  # input -> output
         self._donor_of = {j: k for k, j in self._donated.items()}
         # by-copy donations whose value is not already in the input's buffer (a view of it)
@@ -181,9 +192,13 @@ class Executable:
     # -- calling ------------------------------------------------------------------------------
     def __call__(self, *args: Any) -> list[np.ndarray]:
         arrays = prepare_inputs(self.graph, args, tuple(self._donated))
+        for check, k in self._input_checks:
+            check(arrays[k].reshape(check.indices.shape))
         with self._lock:
             self._upload(arrays)
-            for function, grid, block, arguments in self._launches:
+            for position, (function, grid, block, arguments) in enumerate(self._launches):
+                for check, buffer in self._device_checks.get(position, ()):
+                    check(buffer.copy_to_host())
                 # configured at each launch: the simulator's kernel keeps one configuration,
                 # and the cache hands the same kernel to every call of identical source
                 function[grid, block](*arguments)
@@ -269,7 +284,8 @@ def compile_graph(graph: Graph, donate: dict[int, int] | None = None) -> Executa
     fused = graph if any(n.op == KERNEL_OP for n in graph.nodes) else fuse(graph)
     sources = {n: generate(n) for n in fused.nodes if n.attrs["pattern"] not in ("view", "constant")}
     plan = plan_memory(fused, donate, scratch=lambda n: list(sources[n].scratch) if n in sources else [])
+    checks = plan_index_checks(fused, plan)  # first: constant indices out of range fail here
     stats = CacheStats()
     functions = {node: [_load(node, source, call, stats) for call in source.calls]
                  for node, source in sources.items()}
-    return Executable(fused, plan, sources, functions, stats, time.perf_counter() - start)
+    return Executable(fused, plan, sources, functions, stats, time.perf_counter() - start, checks)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..functions import bernoulli, logsumexp, one_hot, stop_gradient, take_along_axis, where
+from ..functions import bernoulli, logsumexp, one_hot, stop_gradient, where
 from graphc.ir.errors import ShapeError, user_location
 from ..tensor import Tensor, as_tensor, bind
 
@@ -83,8 +83,14 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-def nll_loss(log_probs: Tensor, target: Any, reduction: str = "mean") -> Tensor:
-    """Negative log-likelihood of integer class targets, for log-probabilities (N, C)."""
+def nll_loss(log_probs: Tensor, target: Any, reduction: str = "mean", ignore_index: int = -100) -> Tensor:
+    """Negative log-likelihood of integer class targets, for log-probabilities (N, C).
+
+    As PyTorch's: a target must lie in [0, C) (a negative one is not counted from the end) or
+    equal `ignore_index`, else the call raises IndexOutOfRangeError naming the target, its
+    position and this line, before any kernel reads through it. An ignored target adds no loss
+    (0 with reduction='none') and no gradient; the mean is over the other targets, nan when
+    every target is ignored."""
     target = as_tensor(target)
     if log_probs.ndim != 2 or target.shape != log_probs.shape[:1]:
         raise ShapeError(f"nll_loss: expects log-probabilities (N, C) and targets (N,), got "
@@ -92,12 +98,18 @@ def nll_loss(log_probs: Tensor, target: Any, reduction: str = "mean") -> Tensor:
     if target.dtype not in ("int32", "int64"):
         raise ShapeError(f"nll_loss: targets must be integer class indices, got {target.dtype} "
                          f"(at {user_location()})")
-    picked = take_along_axis(log_probs, target.reshape(-1, 1), axis=1).reshape(-1)
-    return _reduce(-picked, reduction)
+    column = target.reshape(-1, 1)
+    kept = column != ignore_index
+    picked = bind("take_along_axis", log_probs, where(kept, column, 0), axis=1, wrap_negative=False)
+    losses = where(kept, -picked, 0).reshape(-1)
+    if reduction == "mean":
+        return losses.sum() / kept.astype(losses.dtype).sum()
+    return _reduce(losses, reduction)
 
 
-def cross_entropy(logits: Tensor, target: Any, reduction: str = "mean") -> Tensor:
-    """Softmax cross-entropy of logits (N, C): integer targets (N,) or probabilities (N, C)."""
+def cross_entropy(logits: Tensor, target: Any, reduction: str = "mean", ignore_index: int = -100) -> Tensor:
+    """Softmax cross-entropy of logits (N, C): integer targets (N,) or probabilities (N, C).
+    Integer targets follow nll_loss: in [0, C) or `ignore_index` (those rows add nothing)."""
     target = as_tensor(target)
     logp = log_softmax(logits, dim=1)
     if target.dtype in ("float32", "float64"):
@@ -105,7 +117,7 @@ def cross_entropy(logits: Tensor, target: Any, reduction: str = "mean") -> Tenso
             raise ShapeError(f"cross_entropy: probability targets must match logits {logits.shape}, "
                              f"got {target.shape} (at {user_location()})")
         return _reduce(-(target * logp).sum(1), reduction)
-    return nll_loss(logp, target, reduction)
+    return nll_loss(logp, target, reduction, ignore_index)
 
 
 def mse_loss(input: Tensor, target: Any, reduction: str = "mean") -> Tensor:

@@ -8,8 +8,8 @@ import numpy as np
 from graphc.ir.errors import DTypeError, user_location
 
 from .. import init
-from ..functions import gather, stop_gradient, where
-from ..tensor import Tensor, as_tensor
+from ..functions import stop_gradient, where
+from ..tensor import Tensor, as_tensor, bind
 from .module import Module, Parameter
 
 __all__ = ["Embedding", "embedding"]
@@ -17,12 +17,14 @@ __all__ = ["Embedding", "embedding"]
 
 def embedding(indices: Any, weight: Tensor, padding_idx: int | None = None) -> Tensor:
     """Rows of `weight` (num_embeddings, dim) picked by integer `indices` of any shape; the
-    output has shape indices.shape + (dim,). Rows looked up at `padding_idx` get no gradient."""
+    output has shape indices.shape + (dim,). Rows looked up at `padding_idx` get no gradient.
+    As PyTorch's, ids must lie in [0, num_embeddings): a negative id is an error (an
+    IndexOutOfRangeError naming the id, its position and this line), not a row from the end."""
     indices, weight = as_tensor(indices), as_tensor(weight)
     if indices.dtype not in ("int32", "int64"):
         raise DTypeError(f"embedding: indices must be int32 or int64, got {indices.dtype} "
                          f"(at {user_location()})")
-    rows = gather(weight, indices, axis=0)
+    rows = bind("gather", weight, indices, axis=0, wrap_negative=False)
     if padding_idx is None:
         return rows
     # Masking the gathered rows (not the table) keeps the cost proportional to the lookups.

@@ -6,9 +6,19 @@
   Adjoint: scatter_add.
 - one_hot(indices, num_classes, dtype).
 
-Indices are int32 or int64 in [-n, n) for an axis of size n; negative ones count from the end,
-as in NumPy. Other values are undefined behaviour (the reference raises IndexError). one_hot
-is the exception: any out-of-range index, negative included, gives an all-zero row.
+Indices are data, so every backend checks them before any kernel reads through them (see
+`check_indices`): one outside the valid range raises IndexOutOfRangeError naming the op, the
+value, its position and the user's line; nothing reads or writes memory for it (XLA clamps; we
+refuse). The valid range of an axis of size n depends on the attribute `wrap_negative`:
+
+- True (the default, NumPy's and JAX's take / take_along_axis): [-n, n), negative indices count
+  from the end.
+- False (PyTorch's gather, embedding lookups and class targets): [0, n); -1 is an error.
+
+The scatters carry their gather's `wrap_negative` and accept exactly the same indices.
+one_hot reads no memory through its indices (it compares them with each class), so it has no
+range to enforce: as jax.nn.one_hot, any out-of-range index, negative included, gives an
+all-zero row (PyTorch's F.one_hot refuses them instead).
 The scatters accumulate (np.add.at), so repeated indices sum their contributions.
 """
 from __future__ import annotations
@@ -17,7 +27,8 @@ import builtins
 
 import numpy as np
 
-from ..errors import AttributeSchemaError
+from ..errors import AttributeSchemaError, IndexOutOfRangeError
+from ..graph import Node
 from ..registry import OPAQUE, Attr, OpTypeError, Primitive, register
 from ..types import TensorType, broadcast_shapes, is_float
 from .shape import check_dims, normalize_axis, require_canonical
@@ -36,6 +47,34 @@ def _numeric(g: TensorType) -> None:
 def _can_index(size: int, indices_shape: tuple[int, ...], axis: int) -> None:
     if size == 0 and 0 not in indices_shape:  # some index would point into an empty axis
         raise OpTypeError(f"cannot index axis {axis} of size 0")
+
+
+def index_range(size: int, wrap_negative: bool) -> tuple[int, int]:
+    """[low, high) of the indices valid for an axis of `size`."""
+    return (-size if wrap_negative else 0), size
+
+
+def check_indices(op: str, indices: np.ndarray, size: int, wrap_negative: bool,
+                  loc: str | None = None) -> None:
+    """Raise IndexOutOfRangeError for the first index (in C order) outside the valid range.
+
+    Two reductions and no temporaries on the common, valid path: this runs before every
+    kernel that indexes with data (a step's labels and token ids), so it must stay cheap."""
+    low, high = index_range(size, wrap_negative)
+    if indices.size == 0 or (low <= indices.min() and indices.max() < high):
+        return
+    bad = (indices < low) | (indices >= high)
+    position = np.unravel_index(int(np.argmax(bad)), indices.shape)
+    raise IndexOutOfRangeError(op, int(indices[position]), tuple(int(p) for p in position),
+                               low, high, loc)
+
+
+def index_bounds(node: Node) -> tuple[int, bool] | None:
+    """For an op that reads memory at its operand 1's values: the size of the axis they index
+    and `wrap_negative`; None for every other op (one_hot included: it only compares)."""
+    if node.op not in _INDEXED_SIZE:
+        return None
+    return _INDEXED_SIZE[node.op](node), node.attrs["wrap_negative"]
 
 
 def _axis_canon(rank_of):
@@ -66,25 +105,33 @@ def _along_axis_shape(shape: tuple[int, ...], indices: TensorType, axis: int) ->
     return common[:axis] + (indices.shape[axis],) + common[axis + 1:]
 
 
-def _take_along_axis_infer(x: TensorType, indices: TensorType, *, axis: int) -> TensorType:
+def _take_along_axis_infer(x: TensorType, indices: TensorType, *, axis: int,
+                           wrap_negative: bool) -> TensorType:
     _int_indices(indices)
     return x.with_shape(_along_axis_shape(x.shape, indices, axis))
 
 
-def _take_along_axis_vjp(b, g, x, indices, *, out, axis):
+def _take_along_axis_impl(x, indices, *, axis, wrap_negative):
+    check_indices("take_along_axis", indices, x.shape[axis], wrap_negative)
+    return np.take_along_axis(x, indices, axis=axis)
+
+
+def _take_along_axis_vjp(b, g, x, indices, *, out, axis, wrap_negative):
     if not is_float(x.dtype):
         return (None, None)
-    return (b.scatter_add_along_axis(g, indices, axis=axis, shape=x.shape), None)
+    return (b.scatter_add_along_axis(g, indices, axis=axis, shape=x.shape,
+                                     wrap_negative=wrap_negative), None)
 
 
-_op("take_along_axis", _take_along_axis_infer,
-    lambda x, indices, *, axis: np.take_along_axis(x, indices, axis=axis), _take_along_axis_vjp,
-    attrs={"axis": Attr("int")}, canon=_axis_canon(lambda types, attrs: types[0].ndim),
-    doc="out[..., i, ...] = x[..., indices[..., i, ...], ...] along `axis` (np.take_along_axis).")
+_op("take_along_axis", _take_along_axis_infer, _take_along_axis_impl, _take_along_axis_vjp,
+    attrs={"axis": Attr("int"), "wrap_negative": Attr("bool", True)},
+    canon=_axis_canon(lambda types, attrs: types[0].ndim),
+    doc="out[..., i, ...] = x[..., indices[..., i, ...], ...] along `axis` (np.take_along_axis); "
+        "indices in [-n, n), or [0, n) without wrap_negative (PyTorch's gather).")
 
 
 def _scatter_add_along_axis_infer(g: TensorType, indices: TensorType, *, axis: int,
-                                  shape: tuple[int, ...]) -> TensorType:
+                                  shape: tuple[int, ...], wrap_negative: bool) -> TensorType:
     _numeric(g)
     _int_indices(indices)
     check_dims("scatter_add_along_axis", shape)
@@ -110,36 +157,46 @@ def _along_axis_index(shape, indices, axis, out_shape):
     return tuple(index)
 
 
-def _scatter_add_along_axis_impl(g, indices, *, axis, shape):
+def _scatter_add_along_axis_impl(g, indices, *, axis, shape, wrap_negative):
+    check_indices("scatter_add_along_axis", indices, shape[axis], wrap_negative)
     out = np.zeros(shape, g.dtype)
     np.add.at(out, _along_axis_index(shape, indices, axis, g.shape), g)
     return out
 
 
 _op("scatter_add_along_axis", _scatter_add_along_axis_infer, _scatter_add_along_axis_impl,
-    lambda b, g, x, indices, *, out, axis, shape: (b.take_along_axis(g, indices, axis=axis), None),
-    attrs={"axis": Attr("int"), "shape": Attr("ints")},
+    lambda b, g, x, indices, *, out, axis, shape, wrap_negative: (
+        b.take_along_axis(g, indices, axis=axis, wrap_negative=wrap_negative), None),
+    attrs={"axis": Attr("int"), "shape": Attr("ints"), "wrap_negative": Attr("bool", True)},
     canon=_axis_canon(lambda types, attrs: len(attrs["shape"])),
     doc="Zeros of `shape`, then each operand element added where take_along_axis read it.")
 
 
 # -- gather / scatter_add -------------------------------------------------------------------
-def _gather_infer(x: TensorType, indices: TensorType, *, axis: int) -> TensorType:
+def _gather_infer(x: TensorType, indices: TensorType, *, axis: int, wrap_negative: bool) -> TensorType:
     _int_indices(indices)
     require_canonical("axis", axis, normalize_axis(axis, x.ndim))
     _can_index(x.shape[axis], indices.shape, axis)
     return x.with_shape(x.shape[:axis] + indices.shape + x.shape[axis + 1:])
 
 
-def _gather_vjp(b, g, x, indices, *, out, axis):
+def _gather_impl(x, indices, *, axis, wrap_negative):
+    check_indices("gather", indices, x.shape[axis], wrap_negative)
+    return np.take(x, indices, axis=axis)
+
+
+def _gather_vjp(b, g, x, indices, *, out, axis, wrap_negative):
     if not is_float(x.dtype):
         return (None, None)
-    return (b.scatter_add(g, indices, axis=axis, size=x.shape[axis]), None)
+    return (b.scatter_add(g, indices, axis=axis, size=x.shape[axis], wrap_negative=wrap_negative),
+            None)
 
 
-_op("gather", _gather_infer, lambda x, indices, *, axis: np.take(x, indices, axis=axis), _gather_vjp,
-    attrs={"axis": Attr("int")}, canon=_axis_canon(lambda types, attrs: types[0].ndim),
-    doc="np.take(x, indices, axis): x.shape[:axis] + indices.shape + x.shape[axis+1:].")
+_op("gather", _gather_infer, _gather_impl, _gather_vjp,
+    attrs={"axis": Attr("int"), "wrap_negative": Attr("bool", True)},
+    canon=_axis_canon(lambda types, attrs: types[0].ndim),
+    doc="np.take(x, indices, axis): x.shape[:axis] + indices.shape + x.shape[axis+1:]; indices "
+        "in [-n, n), or [0, n) without wrap_negative (PyTorch's embedding).")
 
 
 def _scatter_rank(g: TensorType, indices: TensorType) -> int:
@@ -149,7 +206,8 @@ def _scatter_rank(g: TensorType, indices: TensorType) -> int:
     return rank
 
 
-def _scatter_add_infer(g: TensorType, indices: TensorType, *, axis: int, size: int) -> TensorType:
+def _scatter_add_infer(g: TensorType, indices: TensorType, *, axis: int, size: int,
+                       wrap_negative: bool) -> TensorType:
     _numeric(g)
     _int_indices(indices)
     if size < 0:
@@ -163,7 +221,8 @@ def _scatter_add_infer(g: TensorType, indices: TensorType, *, axis: int, size: i
     return g.with_shape(g.shape[:axis] + (size,) + g.shape[axis + indices.ndim:])
 
 
-def _scatter_add_impl(g, indices, *, axis, size):
+def _scatter_add_impl(g, indices, *, axis, size, wrap_negative):
+    check_indices("scatter_add", indices, size, wrap_negative)
     out = np.zeros(g.shape[:axis] + (size,) + g.shape[axis + indices.ndim:], g.dtype)
     np.add.at(out, (builtins.slice(None),) * axis + (indices,), g)
     return out
@@ -175,8 +234,10 @@ def _scatter_add_canon(types, attrs):
 
 
 _op("scatter_add", _scatter_add_infer, _scatter_add_impl,
-    lambda b, g, x, indices, *, out, axis, size: (b.gather(g, indices, axis=axis), None),
-    attrs={"axis": Attr("int"), "size": Attr("int")}, canon=_scatter_add_canon,
+    lambda b, g, x, indices, *, out, axis, size, wrap_negative: (
+        b.gather(g, indices, axis=axis, wrap_negative=wrap_negative), None),
+    attrs={"axis": Attr("int"), "size": Attr("int"), "wrap_negative": Attr("bool", True)},
+    canon=_scatter_add_canon,
     doc="Adjoint of gather: zeros with `size` along `axis`, operand slices added at `indices`.")
 
 
@@ -193,3 +254,12 @@ _op("one_hot", _one_hot_infer,
     lambda b, g, indices, *, out, num_classes, dtype: (None,),  # integer input: no cotangent
     attrs={"num_classes": Attr("int"), "dtype": Attr("dtype", "float32")}, num_inputs=1,
     doc="indices.shape + (num_classes,), 1 at each index; out-of-range indices give zero rows.")
+
+
+# The axis size each index-consuming op's operand 1 indexes (see index_bounds).
+_INDEXED_SIZE = {
+    "take_along_axis": lambda node: node.inputs[0].shape[node.attrs["axis"]],
+    "gather": lambda node: node.inputs[0].shape[node.attrs["axis"]],
+    "scatter_add_along_axis": lambda node: node.attrs["shape"][node.attrs["axis"]],
+    "scatter_add": lambda node: node.attrs["size"],
+}
