@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from graphc.passes import SIMPLIFY, autodiff, run_pipeline
 from graphc.tree import TreeDef, flatten, unflatten
 
 from . import random as gc_random
-from .tensor import Tensor, current_trace, is_tracing, tracing
+from .tensor import ModuleReads, Tensor, current_trace, is_tracing, tracing
 
 log = logging.getLogger("graphc")
 
@@ -69,6 +69,8 @@ def to_array(leaf: Any, path: str = "argument") -> np.ndarray:
 
 
 def _arg_names(fn: Callable, count: int) -> list[str]:
+    if hasattr(type(fn), "forward"):  # a module: its forward's parameters name the inputs
+        fn = fn.forward
     try:
         params = [p.name for p in inspect.signature(fn).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -88,8 +90,17 @@ def _input_names(fn: Callable, paths: list[str], count: int) -> list[str]:
 
 
 # -- tracing -------------------------------------------------------------------------------
-def _trace(fn: Callable, args: Sequence[Any], name: str) -> tuple[Graph, TreeDef, list[str]]:
-    """Trace fn on example args into a graph; returns (graph, output structure, output paths)."""
+class Traced(NamedTuple):
+    """A traced (and staged) function: its graph takes the explicit arguments' leaves, then
+    the modules' parameters and buffers it reads (`reads`), then the RNG key if it draws."""
+
+    graph: Graph
+    out_tree: TreeDef
+    reads: ModuleReads
+
+
+def _trace(fn: Callable, args: Sequence[Any], name: str) -> tuple[Traced, list[str]]:
+    """Trace fn on example args into a graph; returns it with the output paths."""
     leaves, paths, treedef = flatten(tuple(args), is_leaf=lambda x: isinstance(x, TensorType))
     names = _input_names(fn, paths, len(args))
     with tracing(name) as t:
@@ -109,22 +120,28 @@ def _trace(fn: Callable, args: Sequence[Any], name: str) -> tuple[Graph, TreeDef
             rng = t.builder.graph.inputs.pop(next(i for i, inp in enumerate(t.builder.graph.inputs)
                                                   if inp.value is t.rng_key))
             t.builder.graph.inputs.append(rng)
-    return t.builder.graph, out_tree, out_paths
+    return Traced(t.builder.graph, out_tree, t.module_reads()), out_paths
 
 
 @user_facing
 def trace(fn: Callable, *example_args: Any) -> Graph:
     """Trace `fn` on example arguments (arrays, numbers or TensorTypes) into a graph."""
-    graph, _, _ = _trace(fn, example_args, getattr(fn, "__name__", "fn"))
-    return graph
+    return _trace(fn, example_args, getattr(fn, "__name__", "fn"))[0].graph
 
 
-def _inline(graph: Graph, args: list[Tensor]) -> list[Tensor]:
-    """Copy `graph` into the trace in progress, reading its inputs from `args`."""
+def _inline(graph: Graph, args: list[Tensor], reads: ModuleReads = ModuleReads()) -> list[Tensor]:
+    """Copy `graph` into the trace in progress, reading its inputs from `args`; its implicit
+    inputs (`reads`, after `args`) become the modules' Tensors in this trace."""
+    from .nn.module import traced_state
+
     t = current_trace()
     mapping: dict[Value, Value] = {}
     for inp, arg in zip(graph.inputs, args):
         mapping[inp.value] = arg.value
+    for inp, ref in zip(graph.inputs[len(args):], reads.refs):
+        mapping[inp.value] = traced_state(ref, inp.name).value
+    for module in reads.modules:
+        t.modules.setdefault(id(module), module)
     if graph.inputs and graph.inputs[-1].role == "rng":
         key, first_stream = t.random_key()
         mapping[graph.inputs[-1].value] = key
@@ -144,11 +161,24 @@ def _inline(graph: Graph, args: list[Tensor]) -> list[Tensor]:
 
 
 # -- staged functions ------------------------------------------------------------------------
+class _Entry(NamedTuple):
+    signature: tuple
+    executable: Any
+    graph: Graph
+    out_tree: TreeDef
+    reads: ModuleReads
+
+
 class Staged:
     """A traced-and-compiled function with one compiled graph per input signature.
 
     `stage(graph, in_tree, out_tree) -> (graph, out_tree)` transforms the traced
     graph (e.g. differentiates it) before it is simplified and compiled.
+
+    Called inside another trace (a function given to an outer jit, grad or compile), a Staged
+    function is inlined into that trace instead of compiled: only the outermost wrapper
+    compiles, on its own backend. Parameters and buffers of the modules it reaches are read at
+    each call; the modules' train/eval modes and the arrays' types are part of the signature.
     """
 
     def __init__(self, fn: Callable, backend: str | None = None,
@@ -156,54 +186,77 @@ class Staged:
         self.fn = fn
         self.backend = backend
         self.stage = stage
-        self.name = name or getattr(fn, "__name__", "fn")
-        self._cache: dict[tuple, tuple[Any, Graph, TreeDef]] = {}
-        self._last_signature: tuple | None = None
-        functools.update_wrapper(self, fn)
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        self._cache: dict[tuple, _Entry] = {}
+        self._last: _Entry | None = None
+        # Name, doc and __wrapped__ only: the wrapped function's __dict__ (an inner Staged's
+        # backend, stage and cache) must not overwrite this wrapper's own.
+        functools.update_wrapper(self, fn, updated=())
 
-    def build(self, args: Sequence[Any]) -> tuple[Graph, TreeDef]:
-        graph, out_tree, _ = _trace(self.fn, args, self.name)
+    def build(self, args: Sequence[Any]) -> Traced:
+        traced, _ = _trace(self.fn, args, self.name)
+        graph, out_tree = traced.graph, traced.out_tree
         in_tree = flatten(tuple(args), is_leaf=lambda x: isinstance(x, TensorType))[2]
         if self.stage is not None:
             graph, out_tree = self.stage(graph, in_tree, out_tree)
-        return run_pipeline(graph, [SIMPLIFY]), out_tree
+        return Traced(run_pipeline(graph, [SIMPLIFY]), out_tree, traced.reads)
 
     @user_facing
     def __call__(self, *args: Any) -> Any:
         leaves, paths, treedef = flatten(args)
-        if is_tracing() and any(isinstance(l, Tensor) for l in leaves):
+        if is_tracing():  # staged into the caller's graph, even on constant arguments
             from .tensor import as_tensor
-            graph, out_tree = self.build(args)
             tensors = [as_tensor(l) for l in leaves]
-            return unflatten(out_tree, _inline(graph, tensors))
+            traced = self.build(unflatten(treedef, tensors))
+            return unflatten(traced.out_tree, _inline(traced.graph, tensors, traced.reads))
         names = _input_names(self.fn, paths, len(args))
         arrays = [to_array(l, n) for l, n in zip(leaves, names)]
         signature = (treedef, tuple((a.shape, a.dtype.name) for a in arrays))
-        entry = self._cache.get(signature)
+        entry, implicit = self._lookup(signature)
         if entry is None:
             self._log_retrace(signature, names)
-            graph, out_tree = self.build(arrays_like(treedef, arrays))
-            entry = self._cache[signature] = (compile_graph(graph, self.backend), graph, out_tree)
-        executable, graph, out_tree = entry
-        self._last_signature = signature
-        if graph.inputs and graph.inputs[-1].role == "rng":
+            traced = self.build(arrays_like(treedef, arrays))
+            reads = traced.reads
+            entry = _Entry(signature, compile_graph(traced.graph, self.backend), traced.graph,
+                           traced.out_tree, reads)
+            self._cache[(signature, reads.modes, reads.types)] = entry
+            implicit = reads.arrays()
+        self._last = entry
+        arrays += implicit
+        if entry.graph.inputs and entry.graph.inputs[-1].role == "rng":
             arrays.append(gc_random.next_key())
-        return unflatten(out_tree, executable(*arrays))
+        return unflatten(entry.out_tree, entry.executable(*arrays))
+
+    def _lookup(self, signature: tuple) -> tuple[_Entry | None, list[np.ndarray]]:
+        """The compiled entry for these arguments and the modules as they are now, with the
+        arrays of its implicit inputs."""
+        last = self._last
+        candidates = [last] if last is not None and last.signature == signature else []
+        for entry in (*candidates, *self._cache.values()):
+            if entry.signature == signature:
+                implicit = entry.reads.arrays()
+                if entry.reads.matches(implicit):
+                    return entry, implicit
+        return None, []
 
     def _log_retrace(self, signature: tuple, names: list[str]) -> None:
-        previous = self._last_signature
+        previous = self._last
         if previous is None:
             return
-        if previous[0] != signature[0]:
+        if previous.signature == signature:
+            changes = previous.reads.changes(previous.reads.arrays())
+            log.warning("graphc: retracing %s: %s", self.name, "; ".join(changes))
+            return
+        if previous.signature[0] != signature[0]:
             log.warning("graphc: retracing %s: the structure of its arguments changed", self.name)
             return
         changes = [f"{n}: {TensorType(*old)} -> {TensorType(*new)}"
-                   for n, old, new in zip(names, previous[1], signature[1]) if old != new]
+                   for n, old, new in zip(names, previous.signature[1], signature[1]) if old != new]
         log.warning("graphc: retracing %s for a new input signature (%s)", self.name, "; ".join(changes))
 
     def lower(self, *args: Any) -> Graph:
         """The optimized graph this function compiles for these arguments."""
-        return self.build(args)[0]
+        return self.build(args).graph
 
 
 def arrays_like(treedef: TreeDef, arrays: list[np.ndarray]) -> Any:
@@ -211,7 +264,15 @@ def arrays_like(treedef: TreeDef, arrays: list[np.ndarray]) -> Any:
 
 
 def jit(fn: Callable | None = None, *, backend: str | None = None) -> Any:
-    """Trace `fn` on its first call for each input signature, compile it, and run it."""
+    """Trace `fn` on its first call for each input signature, compile it, and run it.
+
+    Parameters and buffers of every `graphc.nn.Module` the function reaches (called, or read
+    as attributes) are inputs of the compiled graph, read from the module at each call: after
+    training, `load_state_dict` or reassigning a parameter, the function computes with the new
+    weights. A weight of a new shape or dtype, or a module switched between train() and eval(),
+    compiles again (and says so). Arrays captured from a closure are constants, as in JAX:
+    their values at the first call are baked in; pass arrays that change as arguments.
+    """
     if fn is None:
         return lambda f: jit(f, backend=backend)
     return Staged(fn, backend=backend)
@@ -246,8 +307,10 @@ def _grad_stage(argnums: int | Sequence[int], has_aux: bool, with_value: bool):
         loss_name = graph.outputs[0][0]
         grad_graph = autodiff(graph, wrt, output=loss_name)
         n_out = len(graph.outputs)
-        keep = (list(range(n_out)) if with_value else list(range(1, n_out)) if has_aux else [])
-        grad_graph.outputs = [grad_graph.outputs[i] for i in keep] + grad_graph.outputs[n_out:]
+        values, aux, grads = (grad_graph.outputs[:n_out], grad_graph.outputs[1:n_out],
+                              grad_graph.outputs[n_out:])
+        # Leaves in the order of the output structure below.
+        grad_graph.outputs = values + grads if with_value else grads + aux if has_aux else grads
         # Output structure: grads shaped like the differentiated arguments.
         arg_trees = [in_tree.children[a] for a in nums]
         grads_tree = arg_trees[0] if single else TreeDef("tuple", len(arg_trees), tuple(arg_trees))

@@ -6,6 +6,11 @@ their updated outputs, so the backend updates them in place: after `step(x, y)`,
 `model.state_dict()` already holds the new weights. The learning rate is an input, so schedules
 never recompile. A batch of a new shape compiles once more and says so.
 
+Modules the loss reaches besides the model (a target network, a frozen teacher, a GAN's other
+half) are read-only inputs, read from them at each step: never trained, donated or baked in.
+Each graph runs the train/eval modes its modules had when it was compiled; a mode switched
+since compiles once more (and says so), as does a new batch shape.
+
 On numba-cuda that state stays on the GPU between steps (the executable keeps it resident):
 the step claims the model (nn.module.claim_state), and whatever hands out the model's arrays
 or the step's `opt_state`, `step_count` and `rng_key` first copies the newest values back and
@@ -14,7 +19,8 @@ lets the next step upload what may since have been written.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -26,9 +32,9 @@ from graphc.passes import SIMPLIFY, autodiff, run_pipeline
 from . import random as gc_random
 from .api import _inline, to_array, user_facing
 from .nn.module import (Module, claim_state, functional_call, release_state_holders,
-                        sync_state_holders, unclaim_state)
+                        sync_state_holders, traced_state, unclaim_state)
 from .optim import Optimizer, clip_by_global_norm, l1_penalty
-from .tensor import Tensor, tracing
+from .tensor import ModuleReads, StateRef, Tensor, as_tensor, current_trace, is_tracing, tracing
 
 log = logging.getLogger("graphc")
 
@@ -42,40 +48,69 @@ def _batch_arrays(batch: Sequence[Any]) -> list[np.ndarray]:
 
 
 class _Compiled:
-    """What one input signature compiles to: graphs at each stage and the executable."""
+    """What one input signature compiles to: graphs at each stage and the executable.
 
-    def __init__(self, traced: Graph, optimized: Graph, executable: Any, donate: dict[int, int]) -> None:
+    `reads` are the parameters and buffers of modules outside the compiled model's own state
+    that the graph reads (read-only implicit inputs, e.g. a target network in the loss) and
+    the modes of the modules it called: the graph serves while they are as when traced.
+    """
+
+    def __init__(self, traced: Graph, optimized: Graph, executable: Any, donate: dict[int, int],
+                 signature: tuple = (), reads: ModuleReads = ModuleReads()) -> None:
         self.traced, self.optimized, self.executable = traced, optimized, executable
         self.donate = donate
+        self.signature, self.reads = signature, reads
         self.persistent: list[np.ndarray] = []  # arrays the step reads after the batch
+        implicit = set(reads.names)
+        self.implicit_inputs = frozenset(i for i, inp in enumerate(optimized.inputs)
+                                         if inp.name in implicit)
 
 
 class _CompiledModelBase:
     backend: str
     _compiled: dict[tuple, _Compiled]
+    _last: _Compiled | None = None
     name: str
 
     def _signature(self, arrays: list[np.ndarray]) -> tuple:
         return tuple((a.shape, a.dtype) for a in arrays)
 
     def _get(self, arrays: list[np.ndarray]) -> _Compiled:
+        return self._select(arrays)[0]
+
+    def _select(self, arrays: list[np.ndarray]) -> tuple[_Compiled, list[np.ndarray]]:
+        """The compiled graph for this batch and the modules' modes and arrays now (compiling
+        it if there is none), with the arrays of its implicit inputs."""
         signature = self._signature(arrays)
-        compiled = self._compiled.get(signature)
-        if compiled is None:
-            if self._compiled:
-                old = next(reversed(self._compiled))
-                log.warning("graphc: recompiling %s for a new batch signature: %s -> %s", self.name,
-                            ", ".join(str(TensorType(*s)) for s in old),
-                            ", ".join(str(TensorType(*s)) for s in signature))
-            traced, donate = self._trace(arrays)
-            optimized = run_pipeline(traced, [SIMPLIFY])
-            compiled = _Compiled(traced, optimized, compile_graph(optimized, self.backend, donate), donate)
-            self._compiled[signature] = compiled
-        return compiled
+        last = self._last
+        for compiled in (last, *self._compiled.values()):
+            if compiled is not None and compiled.signature == signature:
+                implicit = compiled.reads.arrays()
+                if compiled.reads.matches(implicit):
+                    self._last = compiled
+                    return compiled, implicit
+        if last is not None:
+            self._log_recompile(last, signature)
+        traced, donate, reads = self._trace(arrays)
+        optimized = run_pipeline(traced, [SIMPLIFY])
+        compiled = _Compiled(traced, optimized, compile_graph(optimized, self.backend, donate), donate,
+                             signature, reads)
+        self._compiled[(signature, reads.modes, reads.types)] = self._last = compiled
+        return compiled, reads.arrays()
+
+    def _log_recompile(self, last: _Compiled, signature: tuple) -> None:
+        if last.signature != signature:
+            log.warning("graphc: recompiling %s for a new batch signature: %s -> %s", self.name,
+                        ", ".join(str(TensorType(*s)) for s in last.signature),
+                        ", ".join(str(TensorType(*s)) for s in signature))
+        else:
+            log.warning("graphc: recompiling %s: %s", self.name,
+                        "; ".join(last.reads.changes(last.reads.arrays())))
 
     @property
     def _latest(self) -> _Compiled:
-        return next(reversed(self._compiled.values()))
+        """The most recently used compiled graph."""
+        return self._last
 
     @property
     def graph(self) -> Graph:
@@ -93,7 +128,14 @@ class _CompiledModelBase:
 
     def state_bindings(self) -> dict[str, str]:
         """Graph input name -> key of the array it reads, for every non-batch input."""
-        return {name: f"model/{name}" for name in (*self.params, *self.buffers)}
+        return {**{name: f"model/{name}" for name in (*self.params, *self.buffers)},
+                **{name: f"implicit/{name}" for name in self._latest.reads.names}}
+
+    def implicit_state(self) -> dict[str, np.ndarray]:
+        """The arrays of other modules the graph reads (a target network in the loss), by
+        state key: an export saves them, so the file runs without those modules."""
+        reads = self._latest.reads
+        return {f"implicit/{name}": array for name, array in zip(reads.names, reads.arrays())}
 
     def stage_graph(self, stage: str = "optimized") -> Graph:
         latest = self._latest
@@ -200,25 +242,21 @@ class TrainStep(_CompiledModelBase):
             release_state_holders(self.model)
             return
         executable.keep_on_device(i for i, inp in enumerate(compiled.optimized.inputs)
-                                  if inp.role != "data")
+                                  if inp.role != "data" and i not in compiled.implicit_inputs)
         claim_state(self.model, self)
         self._holding = executable
 
     # -- graph construction ----------------------------------------------------------------
-    def _forward_graph(self, batch: list[np.ndarray]) -> Graph:
-        """loss (and new buffer values) as a function of batch, parameters and buffers."""
+    def _forward_graph(self, batch: list[np.ndarray]) -> tuple[Graph, ModuleReads]:
+        """loss (and new buffer values) as a function of batch, parameters and buffers, in the
+        modules' present modes; other modules the loss reaches are read-only implicit inputs."""
         with tracing(f"{self.name}_forward") as t:
             b = t.builder
             data = [Tensor(b.add_input(TensorType.of(a), f"input{i}")) for i, a in enumerate(batch)]
             params = _add_inputs(b, self.params, "param")
             buffers = _add_inputs(b, self.buffers, "state")
-            was_training = self.model.training
-            self.model.train()
-            try:
-                out, updates = functional_call(self.model, {**params, **buffers},
-                                               *data[:-self.targets], return_buffers=True)
-            finally:
-                self.model.train(was_training)
+            out, updates = functional_call(self.model, {**params, **buffers},
+                                           *data[:-self.targets], return_buffers=True)
             loss = self.loss_fn(out, *data[-self.targets:])
             if not isinstance(loss, Tensor) or loss.shape != ():
                 raise GraphcError(f"{self.name}: loss_fn must return a scalar tensor, got {loss!r}")
@@ -227,10 +265,10 @@ class TrainStep(_CompiledModelBase):
             b.add_output("loss", loss.value)
             for name, value in updates.items():
                 b.add_output(f"buffer:{name}", value.value)
-        return t.builder.graph
+        return t.builder.graph, t.module_reads()
 
-    def _trace(self, batch: list[np.ndarray]) -> tuple[Graph, dict[int, int]]:
-        forward = self._forward_graph(batch)
+    def _trace(self, batch: list[np.ndarray]) -> tuple[Graph, dict[int, int], ModuleReads]:
+        forward, reads = self._forward_graph(batch)
         n_batch, n_params = len(batch), len(self.params)
         param_index = {n: n_batch + i for i, n in enumerate(self.params)}
         with_grads = autodiff(forward, wrt=[param_index[n] for n in self.trainable], output="loss")
@@ -243,7 +281,8 @@ class TrainStep(_CompiledModelBase):
                      for n, s in self._opt_state.items()}
             step = Tensor(b.add_input(TensorType((), "float32"), "step", "state"))
             lr = Tensor(b.add_input(TensorType((), self.optimizer.lr_dtype.name), "lr", "data"))
-            outs = _inline(with_grads, [*data, *params.values(), *buffers.values()])
+            outs = _inline(with_grads, [*data, *params.values(), *buffers.values()], reads)
+            _move_before(b.graph.inputs, set(reads.names), "lr")  # the learning rate stays last
             n_buffer_out = len(forward.outputs) - 1
             loss, new_buffers = outs[0], outs[1:1 + n_buffer_out]
             grads = dict(zip(self.trainable, outs[1 + n_buffer_out:]))
@@ -274,7 +313,7 @@ class TrainStep(_CompiledModelBase):
             output("step", new_step, "step")
             if t.rng_key is not None:  # dropout drew numbers: advance the counter for the next step
                 output("rng", Tensor(t.rng_key) + np.array([0, 1], np.int64), "rng")
-        return t.builder.graph, donate
+        return t.builder.graph, donate, t.module_reads()
 
     # -- running ---------------------------------------------------------------------------
     def _persistent(self, graph: Graph) -> list[np.ndarray]:
@@ -284,16 +323,21 @@ class TrainStep(_CompiledModelBase):
 
     def _arguments(self, batch: Sequence[Any]) -> tuple[_Compiled, list[Any]]:
         arrays = _batch_arrays(batch)
-        compiled = self._get(arrays)
+        compiled, implicit = self._select(arrays)
         if not compiled.persistent:
             compiled.persistent = self._persistent(compiled.optimized)
-        args = [*arrays, *compiled.persistent, self.optimizer.lr_dtype.type(self.optimizer.lr)]
+        args = [*arrays, *compiled.persistent, *implicit,
+                self.optimizer.lr_dtype.type(self.optimizer.lr)]
         if compiled.optimized.inputs[-1].role == "rng":
             args.append(self._rng_key)
         return compiled, args
 
     @user_facing
     def __call__(self, *batch: Any) -> float:
+        if is_tracing():
+            raise GraphcError(f"{self.name}: a compiled training step updates the model and "
+                              "cannot run inside gc.jit, gc.grad or another trace; call it "
+                              "outside, or use gc.value_and_grad on the loss")
         compiled, args = self._arguments(batch)
         if compiled.executable is not self._holding:
             self._hold_state(compiled)
@@ -319,42 +363,105 @@ class TrainStep(_CompiledModelBase):
 
 
 class CompiledModel(_CompiledModelBase):
-    """Inference: the model in eval mode (no dropout, running statistics), weights as inputs
-    so later training is seen without recompiling."""
+    """Inference: the model in eval mode (no dropout, running statistics). Its parameters and
+    buffers are inputs read from the model at each call, so training, load_state_dict and
+    reassigned parameters are seen without recompiling (a new shape or dtype compiles again).
+    Called inside gc.jit or gc.grad, it is the model's eval-mode forward, inlined."""
 
     def __init__(self, model: Module, example_inputs: Sequence[Any], backend: str | None = None,
                  name: str = "inference") -> None:
         self.model, self.name = model, name
         self.backend = backend or default_backend()
-        self.params = dict(model.named_parameters())
-        self.buffers = dict(model.named_buffers())
+        # (state-dict name, where it lives), parameters then buffers as in state_dict
+        self._state = [(prefix + attr, StateRef(m, table, attr))
+                       for table in ("_parameters", "_buffers")
+                       for prefix, m in model.named_modules() for attr in m.__dict__[table]]
         self._compiled: dict[tuple, _Compiled] = {}
         self._get(_batch_arrays(example_inputs))
 
-    def _trace(self, batch: list[np.ndarray]) -> tuple[Graph, dict[int, int]]:
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        return dict(zip(self._names("_parameters"), self._arrays("_parameters")))
+
+    @property
+    def buffers(self) -> dict[str, np.ndarray]:
+        return dict(zip(self._names("_buffers"), self._arrays("_buffers")))
+
+    def _names(self, table: str | None = None) -> list[str]:
+        return [name for name, ref in self._state if table in (None, ref.table)]
+
+    def _arrays(self, table: str | None = None, sync: bool = True) -> list[np.ndarray]:
+        """The model's arrays now; `sync`: with the newest values a training step on a GPU may
+        hold (not needed for their types)."""
+        if sync:
+            sync_state_holders(self.model)
+        arrays = []
+        for name, ref in self._state:
+            if table in (None, ref.table):
+                array = ref.read()
+                if array is None:
+                    raise GraphcError(f"{self.name}: the model no longer has {name!r}; compile "
+                                      "it again")
+                arrays.append(array)
+        return arrays
+
+    def _signature(self, arrays: list[np.ndarray]) -> tuple:
+        return super()._signature([*arrays, *self._arrays(sync=False)])
+
+    def _trace(self, batch: Sequence[np.ndarray | TensorType]) -> tuple[Graph, dict[int, int], ModuleReads]:
+        state = dict(zip(self._names(), self._arrays()))
         with tracing(self.name) as t:
             b = t.builder
-            data = [Tensor(b.add_input(TensorType.of(a), f"input{i}")) for i, a in enumerate(batch)]
-            state = {**_add_inputs(b, self.params, "param"), **_add_inputs(b, self.buffers, "state")}
-            was_training = self.model.training
-            self.model.eval()
-            try:
-                out = functional_call(self.model, state, *data)
-            finally:
-                self.model.train(was_training)
+            data = [Tensor(b.add_input(a if isinstance(a, TensorType) else TensorType.of(a), f"input{i}"))
+                    for i, a in enumerate(batch)]
+            params = _add_inputs(b, {n: state[n] for n in self._names("_parameters")}, "param")
+            buffers = _add_inputs(b, {n: state[n] for n in self._names("_buffers")}, "state")
+            with _modes_restored(self.model):
+                self.model.eval()
+                out = functional_call(self.model, {**params, **buffers}, *data)
             outs = out if isinstance(out, (tuple, list)) else (out,)
             for i, o in enumerate(outs):
                 b.add_output("out" if len(outs) == 1 else f"out{i}", o.value)
         self._multiple = isinstance(out, (tuple, list))
-        return t.builder.graph, {}
+        # The model's own modes are set here, not read: only other modules' modes matter.
+        return t.builder.graph, {}, t.module_reads().excluding(self.model.modules())
+
+    def _inlined(self, inputs: Sequence[Any]) -> Any:
+        """The eval-mode forward in the trace in progress, reading the model's arrays there."""
+        tensors = [as_tensor(x) for x in inputs]
+        graph, _, reads = self._trace([x.value.type for x in tensors])
+        root = current_trace().module_name(self.model)
+        state = [traced_state(ref, f"{root}.{name}") for name, ref in self._state]
+        outs = _inline(run_pipeline(graph, [SIMPLIFY]), [*tensors, *state], reads)
+        return tuple(outs) if self._multiple else outs[0]
 
     @user_facing
     def __call__(self, *inputs: Any) -> Any:
+        if is_tracing():
+            return self._inlined(inputs)
         arrays = _batch_arrays(inputs)
-        compiled = self._get(arrays)
-        sync_state_holders(self.model)  # a training step on a GPU may hold newer weights
-        outs = compiled.executable(*arrays, *self.params.values(), *self.buffers.values())
+        compiled, implicit = self._select(arrays)
+        outs = compiled.executable(*arrays, *self._arrays(), *implicit)
         return tuple(outs) if self._multiple else outs[0]
+
+
+@contextmanager
+def _modes_restored(model: Module) -> Iterator[None]:
+    """Every module of the tree gets its own train/eval mode back after the block."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            object.__setattr__(m, "training", training)
+
+
+def _move_before(inputs: list, names: set[str], anchor: str) -> None:
+    """Move the graph inputs named in `names` (keeping their order) just before `anchor`."""
+    moved = [inp for inp in inputs if inp.name in names]
+    rest = [inp for inp in inputs if inp.name not in names]
+    at = next(i for i, inp in enumerate(rest) if inp.name == anchor)
+    inputs[:] = rest[:at] + moved + rest[at:]
 
 
 @user_facing

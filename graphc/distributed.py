@@ -44,7 +44,7 @@ from .data import Batch, DataLoader, Dataset, Subset, Transform
 from .functions import concatenate
 from .nn.module import Module
 from .optim import Optimizer, clip_by_global_norm
-from .tensor import Tensor, tracing
+from .tensor import ModuleReads, Tensor, tracing
 from .train import (EarlyStopping, History, _close_epoch, _finish, _Validation, load_checkpoint,
                     save_checkpoint, training_state)
 
@@ -316,10 +316,10 @@ class DataParallelStep(TrainStep):
         self.world.broadcast_(training_state(self))
 
     # -- graph construction ----------------------------------------------------------------
-    def _trace(self, batch: list[np.ndarray]) -> tuple[Graph, dict[int, int]]:
+    def _trace(self, batch: list[np.ndarray]) -> tuple[Graph, dict[int, int], ModuleReads]:
         """The gradients graph: forward and backward, every value to reduce packed into one
         flat output; buffers that are not averaged (integer counters) are updated in place."""
-        forward = self._forward_graph(batch)
+        forward, reads = self._forward_graph(batch)
         param_index = {n: len(batch) + i for i, n in enumerate(self.params)}
         with_grads = autodiff(forward, wrt=[param_index[n] for n in self.trainable], output="loss")
         buffer_names = [name.split(":", 1)[1] for name, _ in forward.outputs[1:]]
@@ -328,7 +328,7 @@ class DataParallelStep(TrainStep):
             data = [Tensor(b.add_input(TensorType.of(a), f"input{i}")) for i, a in enumerate(batch)]
             params = _add_inputs(b, self.params, "param")
             buffers = _add_inputs(b, self.buffers, "state")
-            outs = _inline(with_grads, [*data, *params.values(), *buffers.values()])
+            outs = _inline(with_grads, [*data, *params.values(), *buffers.values()], reads)
             new_buffers = dict(zip(buffer_names, outs[1:1 + len(buffer_names)]))
             grads = dict(zip(self.trainable, outs[1 + len(buffer_names):]))
             layout = self._set_layout(grads, new_buffers)
@@ -342,7 +342,7 @@ class DataParallelStep(TrainStep):
                 if name not in averaged:
                     donate[inputs[name]] = len(b.graph.outputs)
                     b.add_output(f"buffer:{name}", value.astype(self.buffers[name].dtype).value)
-        return t.builder.graph, donate
+        return t.builder.graph, donate, t.module_reads()
 
     def _set_layout(self, grads: dict[str, Tensor], new_buffers: dict[str, Tensor]) -> FlatLayout:
         dtypes = {self.params[n].dtype.name for n in self.trainable}
@@ -420,10 +420,10 @@ class DataParallelStep(TrainStep):
     @user_facing
     def __call__(self, *batch: Any) -> float:
         arrays = _batch_arrays(batch)
-        gradients = self._get(arrays)
+        gradients, implicit = self._select(arrays)
         if not gradients.persistent:
             gradients.persistent = self._persistent(gradients.optimized)
-        args = [*arrays, *gradients.persistent]
+        args = [*arrays, *gradients.persistent, *implicit]
         uses_rng = gradients.optimized.inputs[-1].role == "rng"
         if uses_rng:
             args.append(self._rank_key())

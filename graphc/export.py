@@ -103,6 +103,7 @@ def export(compiled: Any, path: str) -> None:
         kind = "inference"
         state = {f"model/{k}": v for k, v in compiled.model.state_dict().items()}
         lr = None
+    state.update(compiled.implicit_state())  # other modules' arrays the graph reads, read-only
     bindings = {inp.name: compiled.state_bindings()[inp.name] for inp in graph.inputs
                 if inp.role != "data"}
     fused = compiled.stage_graph("fused")

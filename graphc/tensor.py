@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -25,8 +26,78 @@ class _TraceState(threading.local):
 _STATE = _TraceState()
 
 
+class StateRef(NamedTuple):
+    """A module's parameter or buffer, by owner and attribute: what a compiled graph reads
+    afresh at each call (so in-place updates, load_state_dict and reassignment are all seen)."""
+
+    module: Any  # graphc.nn.Module
+    table: str  # "_parameters" or "_buffers"
+    attr: str
+
+    def read(self) -> np.ndarray | None:
+        """The array now held under that name (None if the module no longer has it)."""
+        return self.module.__dict__[self.table].get(self.attr)
+
+
+@dataclass(frozen=True)
+class ModuleReads:
+    """What a traced graph took from modules besides its arguments: the parameters and buffers
+    it reads as implicit inputs (in input order, with the names and types they had when traced)
+    and the modules it called, whose train/eval modes it was traced in."""
+
+    refs: tuple[StateRef, ...] = ()
+    names: tuple[str, ...] = ()
+    types: tuple[TensorType, ...] = ()
+    modules: tuple[Any, ...] = ()
+    module_names: tuple[str, ...] = ()
+    modes: tuple[bool, ...] = ()
+
+    def excluding(self, modules: Iterable[Any]) -> ModuleReads:
+        """Without the modes of `modules` (a caller that sets their modes itself)."""
+        ids = {id(m) for m in modules}
+        kept = [i for i, m in enumerate(self.modules) if id(m) not in ids]
+        return replace(self, modules=tuple(self.modules[i] for i in kept),
+                       module_names=tuple(self.module_names[i] for i in kept),
+                       modes=tuple(self.modes[i] for i in kept))
+
+    def arrays(self) -> list[np.ndarray | None]:
+        """The implicit inputs' arrays now; a training step holding newer values on a device
+        copies them back first."""
+        if self.refs:
+            from .nn.module import sync_state_holders
+            for module in {id(r.module): r.module for r in self.refs}.values():
+                sync_state_holders(module)
+        return [ref.read() for ref in self.refs]
+
+    def matches(self, arrays: list[np.ndarray | None]) -> bool:
+        """Whether the graph still computes what the modules would: same modes, same types."""
+        return (all(m.training == mode for m, mode in zip(self.modules, self.modes))
+                and all(a is not None and a.shape == t.shape and a.dtype == t.np_dtype
+                        for a, t in zip(arrays, self.types)))
+
+    def changes(self, arrays: list[np.ndarray | None]) -> list[str]:
+        """What differs now from when the graph was traced, in words, for the retrace log."""
+        mode = {True: "train", False: "eval"}
+        found = [f"mode of {name}: {mode[old]} -> {mode[m.training]}"
+                 for m, name, old in zip(self.modules, self.module_names, self.modes)
+                 if m.training != old]
+        for name, array, old in zip(self.names, arrays, self.types):
+            if array is None:
+                found.append(f"{name}: no longer a parameter or buffer")
+            elif array.shape != old.shape or array.dtype != old.np_dtype:
+                found.append(f"{name}: {old} -> {TensorType.of(array)}")
+        return found
+
+
 class Trace:
-    """One tracing session: the builder and the implicit RNG key input, created on first use."""
+    """One tracing session: the builder, the implicit RNG key input (created on first use) and
+    the implicit inputs lifted from modules' parameters and buffers.
+
+    A parameter or buffer a traced function reads, unless `bound` to a Tensor of this trace,
+    becomes a graph input of its own (role "param" or "state", named by the module's path), so
+    the compiled graph reads the module's current array at each call instead of baking in the
+    value it had when traced. Implicit inputs come after all others but the RNG key.
+    """
 
     def __init__(self, name: str) -> None:
         self.builder = Builder(name)
@@ -34,6 +105,10 @@ class Trace:
         self.next_stream = 0
         # Set by compiled training steps: buffer updates recorded by modules (running stats).
         self.buffer_updates: dict | None = None
+        self.implicit: dict[tuple[int, str], tuple[StateRef, Value, str]] = {}
+        self.modules: dict[int, Any] = {}  # modules called: the graph depends on their modes
+        self._calling: list[Any] = []  # modules whose forward is running, outermost first
+        self._module_names: dict[int, str] = {}
 
     def random_key(self) -> tuple[Value, int]:
         """The (seed, counter) key input and a fresh stream number for one random op."""
@@ -42,6 +117,77 @@ class Trace:
         stream = self.next_stream
         self.next_stream += 1
         return self.rng_key, stream
+
+    @contextmanager
+    def calling(self, module: Any) -> Iterator[None]:
+        """Within the block, `module`'s forward runs (names its submodules' inputs)."""
+        if id(module) not in self.modules:
+            self.modules[id(module)] = module
+            self.module_name(module)  # while its callers are known
+        self._calling.append(module)
+        try:
+            yield
+        finally:
+            self._calling.pop()
+
+    def read_state(self, ref: StateRef, name: str | None = None) -> Tensor:
+        """The implicit input standing for a module's parameter or buffer (one per ref), named
+        `name` (an inner trace's name for it) or by the module's path."""
+        key = (id(ref.module), ref.attr)
+        found = self.implicit.get(key)
+        if found is None:
+            array = ref.read()
+            role = "param" if ref.table == "_parameters" else "state"
+            name = self._unique_input_name(name or f"{self.module_name(ref.module)}.{ref.attr}")
+            value = self.builder.add_input(TensorType.of(array), name, role)
+            inputs = self.builder.graph.inputs
+            if self.rng_key is not None:  # the RNG key stays last
+                lifted = inputs.pop()
+                inputs.insert(next(i for i, inp in enumerate(inputs) if inp.value is self.rng_key),
+                              lifted)
+            found = self.implicit[key] = (ref, value, name)
+        return Tensor(found[1])
+
+    def module_name(self, module: Any) -> str:
+        """The module's path from the outermost module being called that holds it
+        ("Sequential.0"); a module outside them all is named by its type."""
+        name = self._module_names.get(id(module))
+        if name is None:
+            for outer in self._calling:
+                path = next((p for p, m in outer.named_modules() if m is module), None)
+                if path is not None and outer is not module:
+                    name = f"{self.module_name(outer)}.{path[:-1]}"
+                    break
+            else:
+                name = self._fresh_root_name(type(module).__name__)
+            self._module_names[id(module)] = name
+        return name
+
+    def _unique_input_name(self, name: str) -> str:
+        taken = {i.name for i in self.builder.graph.inputs}
+        unique, n = name, 1
+        while unique in taken:
+            n += 1
+            unique = f"{name}_{n}"
+        return unique
+
+    def _fresh_root_name(self, base: str) -> str:
+        taken = set(self._module_names.values()) | {i.name for i in self.builder.graph.inputs}
+        name, n = base, 1
+        while name in taken or any(t.startswith(name + ".") for t in taken):
+            n += 1
+            name = f"{base}_{n}"
+        return name
+
+    def module_reads(self) -> ModuleReads:
+        implicit = list(self.implicit.values())
+        modules = list(self.modules.values())
+        return ModuleReads(
+            refs=tuple(ref for ref, _, _ in implicit), names=tuple(name for _, _, name in implicit),
+            types=tuple(value.type for _, value, _ in implicit),
+            modules=tuple(modules), module_names=tuple(
+                f"{self.module_name(m)} ({type(m).__name__})" for m in modules),
+            modes=tuple(m.training for m in modules))
 
 
 @contextmanager
