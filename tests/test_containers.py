@@ -113,3 +113,35 @@ def test_nested_containers_register_under_dotted_names():
             self.blocks = nn.ModuleList([nn.ModuleDict({"proj": nn.Linear(2, 2)})])
 
     assert list(Model().state_dict()) == ["blocks.0.proj.weight", "blocks.0.proj.bias"]
+
+
+def test_modules_appended_to_a_plain_list_later_are_found_with_the_parameters():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = []
+            for _ in range(2):
+                self.blocks.append(nn.Linear(2, 2))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    model = Model()
+    with pytest.raises(gc.GraphcError, match=r"Model\.blocks: a plain list holding modules .*"
+                                             r"self\.blocks = nn\.ModuleList"):
+        optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(gc.GraphcError, match="Model.blocks"):
+        model.state_dict()
+
+
+def test_a_plain_list_of_registered_submodules_is_allowed():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.decoder = nn.Linear(2, 3), nn.Linear(3, 2)
+            self.stages = [self.encoder, self.decoder]  # a view of registered modules
+
+    assert list(Model().state_dict()) == ["encoder.weight", "encoder.bias", "decoder.weight",
+                                          "decoder.bias"]
