@@ -3,7 +3,9 @@
 Parameters and buffers are NumPy arrays owned by the module. A module's forward only ever runs
 while graphc traces it: for that, `bound(module, tensors)` swaps every parameter and buffer for
 the traced Tensor that stands for it, so the compiled step reads (and, through donated buffers,
-updates) the module's own arrays.
+updates) the module's own arrays. A parameter or buffer read in a trace without being bound
+becomes an implicit input of the trace (tensor.Trace.read_state): compiled functions read it
+from the module at each call, never as a constant.
 
 A training step running on a GPU keeps the newest values on the device instead: it *claims*
 the module tree (`claim_state`). Whatever hands the module's arrays out (state_dict,
@@ -23,7 +25,7 @@ import numpy as np
 from graphc.ir.errors import GraphcError, user_location
 from graphc.ir.types import FLOAT_DTYPES, canonical_dtype
 
-from ..tensor import Tensor, current_trace
+from ..tensor import StateRef, Tensor, current_trace, is_tracing
 
 
 class StateHolder(Protocol):
@@ -160,13 +162,15 @@ class Module:
 
     def __getattr__(self, name: str) -> Any:
         d = self.__dict__
-        bound = d.get("_bound")
-        if bound is not None and name in bound:
-            return bound[name]
         for table in ("_parameters", "_buffers"):
             if name in d.get(table, {}):
+                if is_tracing():  # a Tensor of the trace: the array is read at each call
+                    return traced_state(StateRef(self, table, name))
                 release_state_holders(self)
                 return d[table][name]
+        bound = d.get("_bound")
+        if bound is not None and name in bound[1] and is_tracing() and bound[0] is current_trace():
+            return bound[1][name]
         if name in d.get("_modules", {}):
             return d["_modules"][name]
         raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
@@ -277,7 +281,10 @@ class Module:
 
     # -- calling ----------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.forward(*args, **kwargs)
+        if not is_tracing():
+            return self.forward(*args, **kwargs)
+        with current_trace().calling(self):  # the graph depends on this module's mode
+            return self.forward(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must define forward()")
@@ -302,18 +309,31 @@ class Module:
 @contextmanager
 def bound(module: Module, tensors: dict[str, Tensor]) -> Iterator[None]:
     """Within the block, the module tree's parameters/buffers named in `tensors` read as those
-    traced Tensors (names as in state_dict)."""
+    Tensors of the trace in progress (names as in state_dict). Traces nested in it (an inner
+    gc.jit or gc.grad) read them as implicit inputs, which inlining maps back to these."""
+    trace = current_trace()
     saved = []
     for prefix, m in module.named_modules():
         own = {name[len(prefix):]: t for name, t in tensors.items()
                if name.startswith(prefix) and "." not in name[len(prefix):]}
         saved.append((m, m.__dict__.get("_bound")))
-        object.__setattr__(m, "_bound", own)
+        object.__setattr__(m, "_bound", (trace, own))
     try:
         yield
     finally:
         for m, previous in saved:
             object.__setattr__(m, "_bound", previous)
+
+
+def traced_state(ref: StateRef, name: str | None = None) -> Tensor:
+    """The Tensor standing for a module's parameter or buffer in the trace in progress: the one
+    `bound` gave it in this trace, else the trace's implicit input for it (see Trace.read_state
+    for `name`)."""
+    trace = current_trace()
+    bound = ref.module.__dict__.get("_bound")
+    if bound is not None and bound[0] is trace and ref.attr in bound[1]:
+        return bound[1][ref.attr]
+    return trace.read_state(ref, name)
 
 
 def buffer_owner(module: Module) -> dict[tuple[int, str], str]:
@@ -325,7 +345,8 @@ def buffer_owner(module: Module) -> dict[tuple[int, str], str]:
 def functional_call(module: Module, state: dict[str, Any], *args: Any,
                     return_buffers: bool = False) -> Any:
     """Run `module` inside a trace with its parameters/buffers read from `state` (Tensors or
-    arrays, by state-dict name; names left out keep the module's arrays as constants).
+    arrays, by state-dict name; names left out become implicit inputs of the trace, read from
+    the module at each call).
 
     With `return_buffers`, returns (output, {buffer name: new value Tensor}) for the buffers the
     forward updated (e.g. batch-norm running statistics in training mode).
