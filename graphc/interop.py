@@ -65,7 +65,7 @@ SUGGESTIONS: dict[str, str] = {
     "np.std": "gc.sqrt(((x - x.mean(axis, keepdims=True)).square()).mean(axis))",
     "np.add.reduce": "gc.sum(x, axis)", "np.maximum.reduce": "gc.max(x, axis)",
     "np.minimum.reduce": "-gc.max(-x, axis)", "np.linalg.norm": "gc.sqrt(x.square().sum())",
-    "np.concat": "gc.concatenate(xs, axis)", "np.clip": "gc.minimum(gc.maximum(x, low), high)",
+    "np.clip": "gc.minimum(gc.maximum(x, low), high)",
 }
 
 
