@@ -3,16 +3,22 @@
 A kernel's module is written once, atomically, to ``<cache dir>/k_<key>.py`` and imported from
 that path under its own name (registered in ``sys.modules``: Numba's on-disk cache locates a
 function by its module's file, so ``exec`` of a string could not be cached). The JIT keeps the
-compiled code beside it in ``__pycache__``. A module file whose text is not its kernel's is
-deleted, with the compiled code, and written again.
+compiled code beside it in ``__pycache__``. Every file of an entry is checked before it is
+loaded (the module's text against its kernel's, the bytecode and compiled code against the
+entry's manifest, kernel_manifest.py); an entry that does not match is deleted, counted in
+`rebuilt`, and built again.
+
+The cache directory is only used when it is this user's alone (`usable_cache_dir`).
 """
 from __future__ import annotations
 
-import glob
+import atexit
 import hashlib
 import importlib.util
 import os
 import py_compile
+import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -23,8 +29,10 @@ from typing import Any
 import numba
 from numba import types
 
+from graphc.backends import kernel_manifest
 from graphc.backends.source_guard import check_source
 from graphc.ir import TensorType
+from graphc.ir.errors import GraphcError
 
 
 def package_version(package: str) -> str:
@@ -46,14 +54,116 @@ def signature_of(args: list[TensorType | int]) -> tuple:
                  types.Array(numba.from_dtype(a.np_dtype), a.ndim, "C") for a in args)
 
 
+# The trust boundary. Python runs a cached .pyc as it finds it and Numba unpickles its index
+# and code files: whoever can write into the cache directory runs code in every process that
+# compiles through it. So, as ssh does with ~/.ssh, graphc uses a cache directory only when it
+# is this user's alone: the directory and its __pycache__ owned by this user, no symbolic link,
+# writable by nobody else (the kernel manifests cannot help there: they live in the same place).
+# Directories graphc creates are made 0700 and files 0600 whatever the umask, so what passes
+# the check stays private. Anyone else able to write there could run code as this user without
+# graphc anyway; a directory that fails the check is not touched, and kernels compile into a
+# private temporary directory instead.
+PRIVATE_DIR_MODE = 0o700
+BYTECODE_FOLDER = "__pycache__"
+
+
+class KernelCacheWarning(UserWarning):
+    """The kernel cache directory is not used, or one of its entries was damaged and rebuilt."""
+
+
+class CacheDirectoryError(GraphcError, OSError):
+    """No directory graphc could compile kernels into."""
+
+
+_USABLE: dict[str, str] = {}  # requested cache directory -> the one used (warned about once)
+_USABLE_LOCK = threading.Lock()
+_fallback_dir: str | None = None
+
+
+def usable_cache_dir(requested: str) -> str:
+    """`requested` if it is private to this user and writable (created, 0700, if missing); else,
+    with one warning per process, a private temporary directory removed at exit."""
+    with _USABLE_LOCK:
+        if requested not in _USABLE:
+            try:
+                reason = _not_usable(requested)
+            except OSError as exc:
+                reason = f"it cannot be created or written ({exc.strerror or exc})"
+            _USABLE[requested] = requested if reason is None else _private_temporary_dir(requested, reason)
+        return _USABLE[requested]
+
+
+def _not_usable(root: str) -> str | None:
+    """Why `root` may not hold the kernel cache, or None. Creates what is missing of it and its
+    __pycache__; raises OSError where it cannot (a file in the way, a read-only file system)."""
+    bytecode = os.path.join(root, BYTECODE_FOLDER)
+    for folder, checked in ((root, [root]), (bytecode, [bytecode])):
+        for path in _make_private_dirs(folder) + checked:
+            reason = _not_private(path)
+            if reason is not None:
+                return f"{path} {reason}"
+    os.remove(tempfile.mkstemp(dir=bytecode)[1])  # writable (root can be refused: a read-only fs)
+    return None
+
+
+def _make_private_dirs(path: str) -> list[str]:
+    """Create `path` and its missing parents, each 0700: the directories created (a directory
+    someone else made meanwhile included, to be checked like the rest)."""
+    missing = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, PRIVATE_DIR_MODE)
+        except FileExistsError:
+            continue
+        os.chmod(path, PRIVATE_DIR_MODE)  # mkdir's mode passes through the umask
+    return missing[::-1]
+
+
+def _not_private(path: str) -> str | None:
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(info.st_mode):
+        return "is not a directory"
+    if info.st_uid != os.geteuid():
+        return f"is owned by another user (uid {info.st_uid}; you are uid {os.geteuid()})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by others (mode {stat.S_IMODE(info.st_mode):04o}; `chmod go-w` it)"
+    return None
+
+
+def _private_temporary_dir(requested: str, reason: str) -> str:
+    """This process's private kernel directory (made once, removed at exit), and the warning."""
+    global _fallback_dir
+    if _fallback_dir is None:
+        try:
+            _fallback_dir = tempfile.mkdtemp(prefix="graphc-kernels-")  # 0700
+            os.mkdir(os.path.join(_fallback_dir, BYTECODE_FOLDER), PRIVATE_DIR_MODE)
+        except OSError as exc:
+            raise CacheDirectoryError(
+                f"graphc: cannot use the kernel cache {requested}: {reason}; and no private "
+                f"temporary directory could be made ({exc}). Set GRAPHC_CACHE_DIR to a directory "
+                f"only you can write to.") from exc
+        atexit.register(shutil.rmtree, _fallback_dir, ignore_errors=True)
+    warnings.warn(f"graphc: not using the kernel cache {requested}: {reason}. Kernels compile into "
+                  f"{_fallback_dir} (removed at exit); set GRAPHC_CACHE_DIR to a directory only "
+                  f"you can write to.", KernelCacheWarning)
+    return _fallback_dir
+
+
 class KernelFiles:
-    """The kernel modules of one cache directory."""
+    """The kernel modules of one cache directory (`usable_cache_dir` of the one requested)."""
 
     def __init__(self, directory: str) -> None:
-        self.directory = directory
+        self.directory = usable_cache_dir(directory)
         self._loaded: dict[str, Any] = {}  # cache key -> the loaded kernel (a dispatcher)
         self._lock = threading.Lock()
-        os.makedirs(directory, exist_ok=True)
 
     def module_name(self, key: str) -> str:
         return f"k_{key}"
@@ -64,10 +174,10 @@ class KernelFiles:
     def _write_source(self, key: str, source: str) -> None:
         """Atomically: a reader never sees half a file (temporary file, then rename). Byte-
         compiled at once (also atomically), since Python does not write bytecode on import where
-        PYTHONDONTWRITEBYTECODE is set: every process would compile the module again. Nothing
-        the source guard refuses reaches the disk."""
+        PYTHONDONTWRITEBYTECODE is set: every process would compile the module again. The
+        manifest then records the bytecode. Nothing the source guard refuses reaches the disk."""
         check_source(source)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")  # mode 0600
         with os.fdopen(fd, "w") as f:
             f.write(source)
         os.replace(tmp, self.path(key))
@@ -76,31 +186,56 @@ class KernelFiles:
                                invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
         except (py_compile.PyCompileError, OSError):
             pass  # imported from source then; a syntax error is raised there, naming the kernel
+        kernel_manifest.record(self.path(key), None)
 
     def _check_source(self, key: str, source: str, stats: Any) -> bool:
-        """Whether the kernel's module file was on disk, intact; written if not (a corrupt one
-        is purged, counted in `stats.rebuilt`, and replaced)."""
+        """Whether the kernel's module file was on disk, intact, with the bytecode its manifest
+        records; written if not (a damaged entry is purged, counted in `stats.rebuilt`, and
+        replaced)."""
         path = self.path(key)
         if os.path.exists(path):
             with open(path, "rb") as f:
-                if f.read() == source.encode():
+                if f.read() == source.encode() and kernel_manifest.bytecode_intact(path):
                     return True
-            warnings.warn(f"graphc: kernel cache entry {path} is corrupt; rebuilding it")
+            self._rebuilding(path)
             self._purge(key)
             stats.rebuilt += 1
         self._write_source(key, source)
         return False
 
+    def _check_compiled(self, key: str, compiled_in: str, stats: Any) -> None:
+        """Before the JIT loads the kernel's compiled files (pickles) from `compiled_in`: delete
+        them, counted in `stats.rebuilt`, unless they are the ones its manifest records."""
+        if not kernel_manifest.compiled_intact(self.path(key), compiled_in):
+            self._rebuilding(self.path(key))
+            self._purge_compiled(key, compiled_in)
+            stats.rebuilt += 1
+
+    def _record_compiled(self, key: str, compiled_in: str) -> None:
+        """After the JIT wrote the kernel's compiled files: record them in its manifest."""
+        kernel_manifest.record(self.path(key), compiled_in)
+
+    def _rebuilding(self, path: str) -> None:
+        """Warn of a damaged entry; one whose files predate manifests is rebuilt silently."""
+        if os.path.exists(kernel_manifest.manifest_path(path)):
+            warnings.warn(f"graphc: kernel cache entry {path} is damaged; rebuilding it",
+                          KernelCacheWarning)
+
     def _purge(self, key: str, compiled_in: str | None = None) -> None:
-        """Delete an entry's module file and the JIT's index and code files for it (in the
-        cache directory's __pycache__ and in `compiled_in`, where the JIT keeps them)."""
-        name = self.module_name(key)
-        for folder in {os.path.join(self.directory, "__pycache__"), compiled_in or ""} - {""}:
-            for path in glob.glob(os.path.join(folder, name + ".*")):
-                os.remove(path)
-        if os.path.exists(self.path(key)):
-            os.remove(self.path(key))
-        sys.modules.pop(name, None)
+        """Delete an entry's module file, manifest and bytecode, and the JIT's index and code
+        files for it (in the cache directory's __pycache__ and in `compiled_in`, where the JIT
+        keeps them)."""
+        path = self.path(key)
+        for folder in {os.path.join(self.directory, BYTECODE_FOLDER), compiled_in} - {None}:
+            self._purge_compiled(key, folder)
+        for file in (path, kernel_manifest.manifest_path(path), kernel_manifest.bytecode_path(path)):
+            if os.path.exists(file):
+                os.remove(file)
+        sys.modules.pop(self.module_name(key), None)
+
+    def _purge_compiled(self, key: str, compiled_in: str) -> None:
+        for file in kernel_manifest.compiled_files(self.path(key), compiled_in):
+            os.remove(file)
 
     def _import(self, key: str, entry: str) -> Any:
         """The function `entry` of the kernel's module, imported from its file."""
@@ -110,7 +245,3 @@ class KernelFiles:
         sys.modules[name] = module
         spec.loader.exec_module(module)
         return getattr(module, entry)
-
-    def _compiled_files(self, key: str, compiled_in: str) -> list[str]:
-        """The JIT's files for the entry in `compiled_in`."""
-        return glob.glob(os.path.join(compiled_in, self.module_name(key) + ".*"))

@@ -468,45 +468,46 @@ def test_corrupt_cached_kernel_is_detected_and_rebuilt(warm_cache, tmp_path):
 
 
 class FakeGpuKernel:
-    """numba-cuda's dispatcher as the GPU cache path uses it: `compile` loads the signatures
-    in `on_disk` (counting a cache hit) and compiles others; corrupt cached code raises."""
+    """numba-cuda's dispatcher as the GPU cache path uses it, its disk cache one index file:
+    `compile` loads a signature listed there (a cache hit) and compiles and lists others; an
+    index it cannot read raises, as unpickling a damaged one does."""
 
-    def __init__(self, cache_path: str, on_disk: set, corrupt: bool = False) -> None:
+    def __init__(self, index: Path) -> None:
         from collections import Counter
         from types import SimpleNamespace
 
-        self.overloads, self.on_disk, self.corrupt = {}, on_disk, corrupt
-        self.stats = SimpleNamespace(cache_path=cache_path, cache_hits=Counter())
+        self.index, self.overloads = index, {}
+        self.stats = SimpleNamespace(cache_path=str(index.parent), cache_hits=Counter())
 
     def compile(self, signature: tuple) -> None:
-        if self.corrupt:
+        listed = self.index.read_text().splitlines() if self.index.exists() else []
+        if "garbage" in listed:
             raise EOFError("truncated cache file")
-        if signature in self.on_disk:
+        if str(signature) in listed:
             self.stats.cache_hits[signature] += 1
-        self.on_disk.add(signature)
+        else:
+            self.index.write_text("\n".join(listed + [str(signature)]))
         self.overloads[signature] = "code"
 
 
-def test_gpu_cache_counts_numba_cuda_hits_and_rebuilds_unloadable_code(monkeypatch, tmp_path):
-    """The GPU branch of the kernel cache, which the simulator never takes, on fake kernels."""
+def test_gpu_cache_counts_numba_cuda_hits_and_rebuilds_damaged_code(monkeypatch, tmp_path):
+    """The GPU branch of the kernel cache, which the simulator never takes, on fake kernels: a
+    compiled file that is not the one the kernel's manifest records is purged before
+    numba-cuda would load it."""
     pytest.importorskip("numba.cuda")
     from numba import types
 
+    from graphc.backends.kernel_files import KernelCacheWarning
     from graphc.backends.numba_cpu import CacheStats
     from graphc.backends.numba_cuda import cache
     from graphc.backends.numba_cuda.codegen import CudaCall
 
-    on_disk, pycache = set(), tmp_path / "__pycache__"
-    state = {"corrupt": False}
-
-    def fake_import(self, key: str, entry: str) -> FakeGpuKernel:
-        kernel = FakeGpuKernel(str(pycache), on_disk, state["corrupt"])
-        state["corrupt"] = False  # the rebuilt entry loads
-        return kernel
-
+    call = CudaCall("from numba import cuda\n\n\n@cuda.jit(cache=True)\ndef k(x):\n    pass\n", "k",
+                    ("x0",), (1,), (1,))
+    key = cache.cache_key(call.source)
+    index = tmp_path / "__pycache__" / f"k_{key}.k-1.py311.nbi"  # beside the module's bytecode
     monkeypatch.setattr(cache, "SIMULATED", False)
-    monkeypatch.setattr(cache.CudaKernelCache, "_import", fake_import)
-    call = CudaCall("@cuda.jit(cache=True)\ndef k(x):\n    pass\n", "k", ("x0",), (1,), (1,))
+    monkeypatch.setattr(cache.CudaKernelCache, "_import", lambda self, key, entry: FakeGpuKernel(index))
     signature = (types.Array(types.float32, 1, "C"),)
 
     def load_in_a_new_process() -> CacheStats:
@@ -515,13 +516,12 @@ def test_gpu_cache_counts_numba_cuda_hits_and_rebuilds_unloadable_code(monkeypat
         return stats
 
     assert (load_in_a_new_process().misses, load_in_a_new_process().hits) == (1, 1)
-    garbage = pycache / f"k_{cache.cache_key(call.source)}.k-1.py311.nbi"
-    garbage.write_bytes(b"garbage")  # beside the module's bytecode
-    state["corrupt"] = True
-    with pytest.warns(UserWarning, match="corrupt"):
+    index.write_text("garbage")
+    with pytest.warns(KernelCacheWarning, match="damaged"):
         rebuilt = load_in_a_new_process()
     assert (rebuilt.rebuilt, rebuilt.misses, rebuilt.hits) == (1, 1, 0)
-    assert not garbage.exists() and (tmp_path / f"k_{cache.cache_key(call.source)}.py").exists()
+    assert "garbage" not in index.read_text() and (tmp_path / f"k_{key}.py").exists()
+    assert load_in_a_new_process().hits == 1
 
 
 def test_kernel_cache_key_covers_the_numba_cuda_version():

@@ -8,8 +8,10 @@ entry function is decorated with ``cache=True``, so Numba keeps the compiled mac
 (NUMBA_NOTES.md explains each of these choices).
 
 The cache directory is ``$GRAPHC_CACHE_DIR``, else ``$XDG_CACHE_HOME/graphc``, else
-``~/.cache/graphc``. A cache entry whose source file does not match its name, or whose compiled
-code cannot be loaded, is deleted and rebuilt.
+``~/.cache/graphc``, used only when it is this user's alone (kernel_files.usable_cache_dir: a
+private temporary directory otherwise). Every file of an entry is checked before it is loaded (the
+module's text, the bytecode and Numba's pickled index and code against the entry's manifest,
+kernel_manifest.py); an entry that does not match is deleted, rebuilt and counted.
 
 Numba compiles one function at a time per process, so when a graph brings several kernels the
 disk cache lacks, `load_all` compiles them together with worker processes
@@ -202,27 +204,20 @@ class KernelCache(KernelFiles):
 
     def _compile(self, key: str, kernel: Call, dispatcher: Any, signature: tuple,
                  stats: CacheStats, compiled_elsewhere: bool = False) -> Any:
-        """Load `signature` from Numba's disk cache or compile it; an unreadable cache entry
-        (Numba raises while unpickling it) is purged and compiled afresh. A kernel a worker
-        process just compiled counts as a miss, not a hit."""
+        """Load `signature` from Numba's disk cache (its files checked against the kernel's
+        manifest first: a damaged entry is purged and rebuilt) or compile it, and record what
+        Numba wrote. A kernel a worker process just compiled counts as a miss, not a hit."""
+        compiled_in = dispatcher.stats.cache_path
+        self._check_compiled(key, compiled_in, stats)
         start = time.perf_counter()
         hits_before = sum(dispatcher.stats.cache_hits.values())
-        try:
-            with kernel_optimization_level():
-                dispatcher.compile(signature)
-        except Exception:
-            if not self._compiled_files(key, dispatcher.stats.cache_path):
-                raise  # nothing cached: a genuine compile error
-            warnings.warn(f"graphc: compiled kernel cache for {kernel.entry} is corrupt; rebuilding it")
-            self._purge(key, dispatcher.stats.cache_path)
-            stats.rebuilt += 1
-            self._write_source(key, kernel.source)
-            dispatcher = self._import(key, kernel.entry)
-            hits_before = 0
-            with kernel_optimization_level():
-                dispatcher.compile(signature)
+        with kernel_optimization_level():
+            dispatcher.compile(signature)
         elapsed = time.perf_counter() - start
-        if sum(dispatcher.stats.cache_hits.values()) > hits_before and not compiled_elsewhere:
+        loaded = sum(dispatcher.stats.cache_hits.values()) > hits_before
+        if not loaded:
+            self._record_compiled(key, compiled_in)
+        if loaded and not compiled_elsewhere:
             stats.hits += 1
             stats.load_seconds += elapsed
         else:

@@ -36,11 +36,18 @@ def claim(folder: str, key: str) -> bool:
 
 
 def compile_file(path: str, name: str, entry: str, signature: tuple) -> None:
+    """Compile into the disk cache and record the files in the kernel's manifest (the parent
+    checks them against it before loading them). The parent has checked the module and its
+    bytecode, and found no compiled code for it."""
+    from graphc.backends import kernel_manifest  # here: the packages are registered by now
+
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # or Numba's cache entry could not be loaded by name later
     spec.loader.exec_module(module)
-    getattr(module, entry).compile(signature)
+    dispatcher = getattr(module, entry)
+    dispatcher.compile(signature)
+    kernel_manifest.record(path, dispatcher.stats.cache_path)
 
 
 def compile_claimed(claims: str, tasks: list[tuple]) -> dict[str, str | None]:

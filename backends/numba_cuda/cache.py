@@ -7,20 +7,21 @@ CPU backend's) and imported under that name, registered in ``sys.modules``.
 On a GPU the kernels are ``@cuda.jit(cache=True)`` and compiled here, eagerly, for the argument
 types the executor passes: numba-cuda keeps the compiled code in ``<cache dir>/__pycache__``,
 its index stamped with the module file's mtime and size (so a module file is never rewritten).
-A hit is a kernel whose compiled code numba-cuda loaded from there; an entry that fails to load
-is purged and compiled afresh.
+A hit is a kernel whose compiled code numba-cuda loaded from there, after checking it against the
+entry's manifest (kernel_manifest.py); an entry that does not match is purged and compiled afresh.
 
 Under the simulator (NUMBA_ENABLE_CUDASIM=1) kernels run as Python and nothing is compiled:
 the module files still go through the cache directory, a hit being an intact module file found
 on disk and a miss one written, so that the files and counters are the ones a GPU uses.
 
-Either way a module file whose text is not its kernel's is deleted and rebuilt.
+Either way a module file whose text is not its kernel's, or whose bytecode is not the one its
+manifest records, is deleted and rebuilt; the directory is used only when it is this user's alone
+(kernel_files.usable_cache_dir).
 """
 from __future__ import annotations
 
 import sys
 import time
-import warnings
 from typing import Any
 
 import llvmlite
@@ -88,23 +89,17 @@ class CudaKernelCache(KernelFiles):
 
     def _compile(self, key: str, call: CudaCall, kernel: Any, signature: tuple,
                  stats: CacheStats) -> tuple[Any, bool]:
-        """(GPU) Load `signature` from numba-cuda's disk cache or compile it: the kernel and
-        whether it was a hit. An entry numba-cuda fails to load is purged and compiled afresh."""
+        """(GPU) Load `signature` from numba-cuda's disk cache (its files checked against the
+        kernel's manifest first: a damaged entry is purged and rebuilt) or compile it and record
+        what numba-cuda wrote: the kernel and whether it was a hit."""
+        compiled_in = kernel.stats.cache_path
+        self._check_compiled(key, compiled_in, stats)
         hits = sum(kernel.stats.cache_hits.values())
-        try:
-            kernel.compile(signature)
-        except Exception:
-            compiled_in = kernel.stats.cache_path
-            if not self._compiled_files(key, compiled_in):
-                raise  # nothing cached: a genuine compile error
-            warnings.warn(f"graphc: compiled CUDA kernel cache for {call.entry} is corrupt; rebuilding it")
-            self._purge(key, compiled_in)
-            stats.rebuilt += 1
-            self._write_source(key, call.source)
-            kernel = self._import(key, call.entry)
-            kernel.compile(signature)
-            return kernel, False
-        return kernel, sum(kernel.stats.cache_hits.values()) > hits
+        kernel.compile(signature)
+        loaded = sum(kernel.stats.cache_hits.values()) > hits
+        if not loaded:
+            self._record_compiled(key, compiled_in)
+        return kernel, loaded
 
 
 _CACHES: dict[str, CudaKernelCache] = {}
