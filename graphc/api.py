@@ -231,9 +231,12 @@ class Staged:
         """The compiled entry for these arguments and the modules as they are now, with the
         arrays of its implicit inputs."""
         last = self._last
-        candidates = [last] if last is not None and last.signature == signature else []
-        for entry in (*candidates, *self._cache.values()):
-            if entry.signature == signature:
+        if last is not None and last.signature == signature:  # the usual case: as last call
+            implicit = last.reads.arrays()
+            if last.reads.matches(implicit):
+                return last, implicit
+        for entry in self._cache.values():
+            if entry is not last and entry.signature == signature:
                 implicit = entry.reads.arrays()
                 if entry.reads.matches(implicit):
                     return entry, implicit

@@ -83,8 +83,12 @@ class _CompiledModelBase:
         it if there is none), with the arrays of its implicit inputs."""
         signature = self._signature(arrays)
         last = self._last
-        for compiled in (last, *self._compiled.values()):
-            if compiled is not None and compiled.signature == signature:
+        if last is not None and last.signature == signature:  # the usual case: as last call
+            implicit = last.reads.arrays()
+            if last.reads.matches(implicit):
+                return last, implicit
+        for compiled in self._compiled.values():
+            if compiled is not last and compiled.signature == signature:
                 implicit = compiled.reads.arrays()
                 if compiled.reads.matches(implicit):
                     self._last = compiled

@@ -6,6 +6,7 @@ time and point at the user's line.
 """
 from __future__ import annotations
 
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -52,6 +53,13 @@ class ModuleReads:
     module_names: tuple[str, ...] = ()
     modes: tuple[bool, ...] = ()
 
+    def __post_init__(self) -> None:
+        # Precomputed for the per-call reads and checks: the arrays' owners, the (table, name)
+        # each is read from (a module's tables are never replaced), and (shape, dtype) pairs.
+        object.__setattr__(self, "_owners", tuple({id(r.module): r.module for r in self.refs}.values()))
+        object.__setattr__(self, "_slots", tuple((r.module.__dict__[r.table], r.attr) for r in self.refs))
+        object.__setattr__(self, "_expected", tuple((t.shape, t.np_dtype) for t in self.types))
+
     def excluding(self, modules: Iterable[Any]) -> ModuleReads:
         """Without the modes of `modules` (a caller that sets their modes itself)."""
         ids = {id(m) for m in modules}
@@ -63,17 +71,23 @@ class ModuleReads:
     def arrays(self) -> list[np.ndarray | None]:
         """The implicit inputs' arrays now; a training step holding newer values on a device
         copies them back first."""
-        if self.refs:
-            from .nn.module import sync_state_holders
-            for module in {id(r.module): r.module for r in self.refs}.values():
-                sync_state_holders(module)
-        return [ref.read() for ref in self.refs]
+        if self._owners:
+            nn_module = sys.modules["graphc.nn.module"]  # loaded: it made the owners
+            if nn_module.state_claimed():
+                for module in self._owners:
+                    nn_module.sync_state_holders(module)
+        return [table.get(name) for table, name in self._slots]
 
     def matches(self, arrays: list[np.ndarray | None]) -> bool:
         """Whether the graph still computes what the modules would: same modes, same types."""
-        return (all(m.training == mode for m, mode in zip(self.modules, self.modes))
-                and all(a is not None and a.shape == t.shape and a.dtype == t.np_dtype
-                        for a, t in zip(arrays, self.types)))
+        for module, mode in zip(self.modules, self.modes):
+            if module.training != mode:
+                return False
+        for array, (shape, dtype) in zip(arrays, self._expected):
+            if array is None or array.shape != shape or (array.dtype is not dtype
+                                                         and array.dtype != dtype):
+                return False
+        return True
 
     def changes(self, arrays: list[np.ndarray | None]) -> list[str]:
         """What differs now from when the graph was traced, in words, for the retrace log."""

@@ -59,6 +59,11 @@ def unclaim_state(module: Module, holder: StateHolder) -> None:
     _CLAIMING.discard(holder)
 
 
+def state_claimed() -> bool:
+    """Whether any holder has a claim now (on the CPU, never)."""
+    return bool(_CLAIMING)
+
+
 def _holders(module: Module) -> list[StateHolder]:
     if not _CLAIMING:
         return []
