@@ -25,7 +25,9 @@ A merge must keep the kernel graph acyclic; it is checked on the contracted grou
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from graphc.ir import Graph, Node, Value
 from graphc.ir.registry import ELEMENTWISE, OPAQUE, REDUCTION, SHAPE, SOURCE, get
@@ -347,13 +349,31 @@ def _pattern_of(group: _Group) -> str:
     return group.pattern
 
 
+# Kernel names become function names, and Numba names its cache files after the function: an
+# LSTM unrolled over 60 steps fused 59 adds into one name, longer than a file name may be. The
+# bound leaves room for the backends' prefixes and suffixes ("kernel_", "_epilogue").
+MAX_LABEL_LENGTH = 40
+LABEL_HASH_LENGTH = 8
+
+
+def bounded_label(words: Sequence[str], limit: int = MAX_LABEL_LENGTH) -> str:
+    """`words` joined by '_', readable and at most `limit` characters: a label that is too long
+    keeps its start and ends in a short hash of the whole. Deterministic (a function of `words`
+    alone), so one kernel is named alike in every graph and process and its source, the
+    kernel cache's key, stays the same."""
+    label = "_".join(words)
+    if len(label) <= limit:
+        return label
+    digest = hashlib.sha256(label.encode()).hexdigest()[:LABEL_HASH_LENGTH]
+    return f"{label[:limit - LABEL_HASH_LENGTH - 1].rstrip('_')}_{digest}"
+
+
 def _kernel_name(index: int, pattern: str, members: list[Node]) -> str:
     ops: list[str] = []
     for m in members:
         if m.op not in ops and m.op != "constant":
             ops.append(m.op)
-    label = "_".join(ops[:4]) or pattern
-    return f"k{index}_{label}"
+    return f"k{index}_{bounded_label(ops[:4]) if ops else pattern}"
 
 
 class _KernelBuilder:

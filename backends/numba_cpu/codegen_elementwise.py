@@ -331,7 +331,10 @@ def _collapsed_views(members: list[Node], sub: Graph) -> dict[Value, tuple[int, 
     def view(v: Value) -> tuple[int, ...]:
         padded = (1,) * (len(shape) - len(v.shape)) + v.shape
         return tuple(size_of(tuple(padded[a] for a in run)) for run in runs)
-    return {v: view(v) for v in [*arrays, *(m.output for m in members)]}
+    # Every value a member reads is indexed over the collapsed axes, literals included: a
+    # gradient's seed is a rank-n literal of ones broadcast to the loss's operand.
+    literals = [n.output for n in sub.nodes if is_literal(n)]
+    return {v: view(v) for v in [*arrays, *literals, *(m.output for m in members)]}
 
 
 def _parallel_rows(loop: Writer, domain: Domain) -> None:

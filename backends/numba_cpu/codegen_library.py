@@ -28,7 +28,7 @@ from typing import Callable
 import numba
 
 from graphc.ir import Graph, Node, TensorType, Value
-from graphc.passes.fusion import is_literal
+from graphc.passes.fusion import bounded_label, is_literal
 
 from .codegen_common import (HELPER_DECORATOR, HELPER_OPTIONS, PARALLEL_MIN_ELEMENTS, Call, KernelSource, Writer,
                              decorator, index_text, loop_header, module, size_of)
@@ -692,7 +692,7 @@ def _epilogue_call(kernel: Node, anchor: Node, epilogue: list[Node], names: dict
     named after its own ops, so that the same epilogue after different library ops (a ReLU
     mask after a pooling or a convolution gradient) is one compiled function."""
     part, refs = epilogue_graph(kernel, anchor, epilogue, names)
-    call = elementwise_call("epilogue_" + "_".join(m.op for m in epilogue), part)
+    call = elementwise_call("epilogue_" + bounded_label([m.op for m in epilogue]), part)
     translate = dict(zip(argument_names(part).values(), refs))
     return replace(call, args=tuple(translate.get(a, a) for a in call.args))
 
