@@ -158,3 +158,38 @@ def test_jitted_model_sees_new_weights_on_numba(backend):
     forward(x)
     model.load_state_dict({"weight": np.ones((2, 3), np.float32), "bias": np.zeros(2, np.float32)})
     np.testing.assert_allclose(forward(x), x @ np.ones((3, 2), np.float32), rtol=1e-5, atol=1e-6)
+
+
+SIMULATED_TARGET_NETWORK = """
+import os
+os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before numba is imported
+import numpy as np, graphc as gc, graphc.nn.functional as F
+from graphc import nn, optim
+gc.manual_seed(0)
+model, target = nn.Linear(3, 2), nn.Linear(3, 2)
+x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+step = gc.compile_train_step(model, lambda out, v: F.mse_loss(out, target(v)),
+                             optim.SGD(model.parameters(), lr=0.1), (x, x), backend="numba-cuda")
+reference = gc.jit(lambda v: F.mse_loss(model(v), target(v)), backend="reference")
+for i in range(3):
+    expected = float(reference(x))
+    got = step(x, x)
+    assert abs(got - expected) <= 1e-5 * max(1.0, abs(expected)), (i, got, expected)
+    target.load_state_dict({"weight": np.full((2, 3), i + 1.0, np.float32),
+                            "bias": np.zeros(2, np.float32)})
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_target_network_is_read_each_step_while_the_model_stays_on_the_device(tmp_path):
+    """numba-cuda keeps the step's own state resident between steps; a target network's
+    arrays are uploaded at each step, so synchronising it is seen (simulated GPU)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GRAPHC_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", SIMULATED_TARGET_NETWORK], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
