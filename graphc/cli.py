@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,17 @@ class CommandError(Exception):
     """An expected failure: printed as one line, exit status 1."""
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped: names and locations read from a file reach the
+    terminal as text, never as escape sequences."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _load(path: str, backend: str | None = None):
+    """An export, verified and compiled (see graphc.export.load); a bad file raises LoadError."""
     from .export import load
     return load(path, backend=backend or "reference")
 
@@ -68,7 +79,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
             f.write(text)
         print(f"wrote {args.output}")
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(printable(text))
 
 
 def info_lines(loaded) -> list[str]:
@@ -99,7 +110,7 @@ def info_lines(loaded) -> list[str]:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    print("\n".join(info_lines(_load(args.file))))
+    print(printable("\n".join(info_lines(_load(args.file)))))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -216,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except (CommandError, GraphcError, OSError) as exc:
-        print(f"graphc {args.command}: error: {exc}", file=sys.stderr)
+        print(printable(f"graphc {args.command}: error: {exc}"), file=sys.stderr)
         return 1
     return 0
 

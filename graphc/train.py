@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from graphc.ir.errors import GraphcError, SerializationError
+from graphc.ir.errors import GraphcError, LoadError
 
 from . import metrics
 from .api import jit
@@ -20,11 +20,20 @@ from .compile import CompiledModel, TrainStep, compile
 
 
 # -- checkpoints -----------------------------------------------------------------------------
+CHECKPOINT_FORMAT = "graphc.checkpoint"
+CHECKPOINT_VERSION = "2"  # 2: a SHA-256 of every tensor's bytes in the header's metadata
+_HEADER_ALLOWANCE = 64 << 10  # a safetensors header: this plus _PER_TENSOR_HEADER per tensor
+_PER_TENSOR_HEADER = 1 << 10
+
+
 def atomic_write(path: str, write: Callable[[Any], None]) -> None:
     """Write through a temporary file in the same folder, fsync, then rename over `path`: an
-    interrupted write leaves the previous file untouched."""
+    interrupted write leaves the previous file untouched. A write killed outright (no chance to
+    clean up) leaves its temporary file; the next write to `path` removes it."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    prefix = f".tmp-{os.path.basename(path)}.{os.getpid()}."
+    _remove_stale_temporaries(directory, os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -41,6 +50,31 @@ def atomic_write(path: str, write: Callable[[Any], None]) -> None:
         os.close(dir_fd)
 
 
+def _remove_stale_temporaries(directory: str, name: str) -> None:
+    """Delete `.tmp-<name>.<pid>.*` files of earlier writes to `name` whose process is gone
+    (a live process may be writing it now)."""
+    prefix = f".tmp-{name}."
+    for entry in os.listdir(directory):
+        if not entry.startswith(prefix):
+            continue
+        pid = entry[len(prefix):].partition(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            try:
+                os.unlink(os.path.join(directory, entry))
+            except FileNotFoundError:  # another writer removed it first
+                pass
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def training_state(step: TrainStep) -> dict[str, np.ndarray]:
     """Everything needed to continue training exactly: weights, buffers, optimizer state,
     step count and RNG key."""
@@ -53,38 +87,71 @@ def training_state(step: TrainStep) -> dict[str, np.ndarray]:
 
 
 def save_checkpoint(path: str, step: TrainStep) -> None:
-    """Atomically write the training state as safetensors (no pickle)."""
+    """Atomically write the training state as safetensors (no pickle), with a SHA-256 of
+    every tensor in its metadata."""
     from safetensors.numpy import save
 
-    payload = save({k: np.ascontiguousarray(v) for k, v in training_state(step).items()},
-                   metadata={"format": "graphc.checkpoint", "version": "1"})
+    from .export import tensor_digest
+
+    state = {k: np.ascontiguousarray(v) for k, v in training_state(step).items()}
+    metadata = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                **{f"sha256/{k}": tensor_digest(v) for k, v in state.items()}}
+    payload = save(state, metadata=metadata)
     atomic_write(path, lambda f: f.write(payload))
 
 
 def load_checkpoint(path: str, step: TrainStep) -> None:
-    """Restore a checkpoint into `step` (in place); refuses files that do not match."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
+    """Restore a checkpoint into `step` (in place). Refuses, with a LoadError naming the file
+    and the tensor, files that do not match the step or fail a checksum; reads no more than a
+    checkpoint of this step can hold."""
+    from .bounded_io import open_regular, read_at_most
 
-    try:
-        with open(path, "rb") as f:
-            data = load(f.read())
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise SerializationError(f"cannot read checkpoint {path!r}: {exc}") from None
     own = training_state(step)
     # safetensors stores 0-d arrays (the step count) with shape (1,)
+    limit = 8 + _HEADER_ALLOWANCE + sum(_PER_TENSOR_HEADER + np.asarray(v).nbytes for v in own.values())
+    with open_regular(path) as f:
+        data = read_at_most(f, limit, path)
+    metadata, arrays = _parse_checkpoint(path, data)
     data = {k: v.reshape(()) if own.get(k) is not None and own[k].ndim == 0 and v.size == 1 else v
-            for k, v in data.items()}
+            for k, v in arrays.items()}
     if set(data) != set(own):
-        raise SerializationError(f"checkpoint {path!r} does not match this training step "
-                                 f"(missing {sorted(set(own) - set(data))[:5]}, "
-                                 f"unexpected {sorted(set(data) - set(own))[:5]})")
+        raise LoadError(path, f"does not match this training step (missing "
+                        f"{sorted(set(own) - set(data))[:5]}, unexpected {sorted(set(data) - set(own))[:5]})")
     for name, array in data.items():
         if array.shape != own[name].shape or array.dtype != own[name].dtype:
-            raise SerializationError(f"checkpoint {path!r}: {name} is {array.dtype}{list(array.shape)}, "
-                                     f"expected {own[name].dtype}{list(own[name].shape)}")
+            raise LoadError(path, f"is {array.dtype}{list(array.shape)}, expected "
+                            f"{own[name].dtype}{list(own[name].shape)}", name)
+    if metadata.get("version") == CHECKPOINT_VERSION:
+        from .export import tensor_digest
+
+        for name, array in data.items():
+            if metadata.get(f"sha256/{name}") != tensor_digest(array):
+                raise LoadError(path, "fails its checksum: the checkpoint is corrupted", name)
     for name, array in data.items():
         np.copyto(own[name], array)
+
+
+def _parse_checkpoint(path: str, data: bytes) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """The header metadata (format checked) and the tensors of a safetensors checkpoint."""
+    from safetensors.numpy import load
+
+    from .bounded_io import parse_json
+
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < size <= len(data) - 8:
+        raise LoadError(path, f"cannot read checkpoint: {len(data)} bytes hold no safetensors header")
+    header = parse_json(data[8:8 + size], path, "header")
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or metadata.get("format") != CHECKPOINT_FORMAT:
+        raise LoadError(path, "cannot read checkpoint: not a graphc checkpoint (no graphc metadata)")
+    if metadata.get("version") not in ("1", CHECKPOINT_VERSION):
+        raise LoadError(path, f"cannot read checkpoint version {metadata.get('version')!r:.20} "
+                        f"(this graphc reads 1 and {CHECKPOINT_VERSION})")
+    try:
+        arrays = load(data)
+    except Exception as exc:  # the safetensors parser's own errors, whatever their type
+        raise LoadError(path, f"cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+    return metadata, arrays
 
 
 # -- early stopping ------------------------------------------------------------------------
