@@ -95,6 +95,8 @@ class ModuleReads:
         found = [f"mode of {name}: {mode[old]} -> {mode[m.training]}"
                  for m, name, old in zip(self.modules, self.module_names, self.modes)
                  if m.training != old]
+        if len(found) > 3:  # model.train() flips every module: name a few
+            found[3:] = [f"and of {len(found) - 3} more modules"]
         for name, array, old in zip(self.names, arrays, self.types):
             if array is None:
                 found.append(f"{name}: no longer a parameter or buffer")
