@@ -81,7 +81,9 @@ def test_second_process_finds_every_kernel_on_disk(warm_cache, tmp_path):
 
 
 def copy_cache(source, destination):
-    subprocess.run(["cp", "-r", f"{source}/.", str(destination)], check=True)
+    """A copy keeping modification times: Numba before 0.68 stamps its index with the module
+    file's mtime and size (0.68 with a hash of its text), so a plain copy is a stale cache."""
+    subprocess.run(["cp", "-a", f"{source}/.", str(destination)], check=True)
     return destination
 
 
@@ -96,8 +98,7 @@ def test_corrupt_kernel_source_is_detected_and_rebuilt(warm_cache, tmp_path):
 
 
 def test_corrupt_compiled_code_is_detected_and_rebuilt(warm_cache, tmp_path):
-    """Detected by the kernel's manifest before Numba reads the file (Numba 0.65 and later no
-    longer raise on a truncated code file: they compile again silently, every time)."""
+    """Detected by the kernel's manifest before Numba unpickles the file."""
     cache_dir = copy_cache(warm_cache, tmp_path / "cache")
     victim = sorted(glob.glob(str(cache_dir / "__pycache__" / "*.nbc")))[0]
     with open(victim, "r+b") as f:
