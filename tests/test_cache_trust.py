@@ -198,3 +198,13 @@ def test_a_cache_directory_owned_by_another_user_is_never_loaded(tmp_path):
     os.chown(foreign, os.geteuid(), os.getegid())
     compile_tiny_graph(foreign, tmp_path)
     assert marker.exists()
+
+
+def test_no_usable_directory_at_all_is_an_error_that_says_what_to_set(tmp_path, monkeypatch):
+    from graphc.backends import kernel_files
+
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(kernel_files, "_fallback_dir", None)  # as in a process that has none yet
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "a_file"))  # TMPDIR unusable too
+    with pytest.raises(kernel_files.CacheDirectoryError, match="Set GRAPHC_CACHE_DIR"):
+        usable_cache_dir(str(tmp_path / "a_file" / "cache"))
