@@ -16,3 +16,12 @@ def graphc_cache_dir(tmp_path_factory):
         del os.environ["GRAPHC_CACHE_DIR"]
     else:
         os.environ["GRAPHC_CACHE_DIR"] = previous
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many random programs ran on each backend, and how many failed (when any ran)."""
+    programs = sys.modules.get("random_programs")
+    if programs is None or not programs.COUNTS:
+        return
+    counts = ", ".join(f"{name}: {count}" for name, count in sorted(programs.COUNTS.items()))
+    terminalreporter.write_line(f"random programs run: {counts}")

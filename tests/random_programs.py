@@ -72,6 +72,18 @@ BINARY = {
 INNER_BODIES = ("gc.tanh(t) * t", "gc.sigmoid(t) ** 2", "gc.exp(gc.tanh(t)) * 0.5", "t * t * t")
 INNER_FORMS = ("jit", "grad", "value_and_grad", "grad_jit", "grad_grad")
 
+# Forms not drawn while a bug they hit waits for its fix (the xfail test that shows it, in
+# test_random_program_regressions.py): remove the entry when that test starts to pass.
+AWAITING_FIX = {
+    "constant_image": "test_layers_accept_a_closure_constant_image",
+    "where_constant": "test_where_and_dropout_of_a_closure_constant",
+}
+# Failures of a compiled backend already reported (message pattern -> the regression test).
+KNOWN_BACKEND_FAILURES = {
+    "numba-cuda": {r"gradient \d+: shape \(1,\), expected \(\)":
+                   "test_zero_dimensional_constant_output_keeps_its_shape_on_numba_cuda"},
+}
+
 
 @dataclass
 class Program:
@@ -213,7 +225,8 @@ def _step(d: _Draft) -> None:
     kind = draw(st.sampled_from(
         ["unary", "unary", "kinked", "binary", "binary", "reduce", "softmax", "reshape",
          "unsqueeze", "squeeze", "broadcast", "join", "transpose", "slice", "pad", "gather",
-         "take_along_axis", "matmul", "conv", "pool", "random", "inner", "one_hot"]))
+         "take_along_axis", "matmul", "conv", "pool", "random", "inner", "one_hot",
+         "where_constant"]))
     if kind == "unary":
         d.emit(SMOOTH_UNARY[draw(st.sampled_from(sorted(SMOOTH_UNARY)))].format(x=name), s)
     elif kind == "kinked":
@@ -333,7 +346,10 @@ def _step(d: _Draft) -> None:
         cout = groups * draw(st.integers(1, 2))
         w = d.weight((cout, cin // groups, kh, kw))
         bias = d.weight((cout,)) if draw(st.booleans()) else "None"
-        d.emit(f"F.conv2d({name}, {w}, {bias}, stride=({sh}, {sw}), padding=({ph}, {pw}), "
+        image = name
+        if "constant_image" not in AWAITING_FIX and draw(st.integers(0, 3)) == 0:
+            image = d.constant(s)  # the weight is then the only thing differentiated
+        d.emit(f"F.conv2d({image}, {w}, {bias}, stride=({sh}, {sw}), padding=({ph}, {pw}), "
                f"dilation=({dh}, {dw}), groups={groups})",
                (s[0], cout, _out(s[2], kh, sh, ph, dh), _out(s[3], kw, sw, pw, dw)))
     elif kind == "pool" and r == 4:
@@ -351,6 +367,11 @@ def _step(d: _Draft) -> None:
             include = draw(st.booleans())
             d.emit(f"F.avg_pool2d({name}, {kernel}, stride={stride}, padding={padding}, "
                    f"count_include_pad={include})", s[:2] + (oh, ow))
+    elif kind == "where_constant" and "where_constant" not in AWAITING_FIX:
+        c = d.constant(s)
+        form = draw(st.sampled_from([f"gc.where({name} > 0, {c}, 0)", f"F.dropout({c}, p=0.5) * {name}"]))
+        d.random = d.random or "dropout" in form
+        d.emit(form, s)
     elif kind == "random":
         d.random = True
         form = draw(st.sampled_from(["dropout", "uniform", "bernoulli"]))
@@ -363,7 +384,7 @@ def _step(d: _Draft) -> None:
     elif kind == "inner":
         body = draw(st.sampled_from(INNER_BODIES))
         body_of_u = re.sub(r"\bt\b", "u", body)
-        form = draw(st.sampled_from([f for f in INNER_FORMS if f not in BROKEN_INNER_FORMS]))
+        form = draw(st.sampled_from(INNER_FORMS))
         text = {
             "jit": f"gc.jit(lambda t: {body})({name})",
             "grad": f"gc.grad(lambda t: ({body}).sum())({name})",
@@ -384,10 +405,6 @@ WRAPPERS = {
     "grad(jit)": "gc.grad(gc.jit(f), argnums={argnums}, backend=BACKEND)",
     "jit(grad)": "gc.jit(gc.grad(f, argnums={argnums}), backend=BACKEND)",
 }
-# grad(jit(f)) returns f(x) instead of its gradient (test_random_program_regressions.py,
-# test_grad_of_jit_is_the_gradient): drawn again once that is fixed.
-BROKEN_WRAPPERS = frozenset({"value_and_grad(jit)", "grad(jit)"})
-BROKEN_INNER_FORMS = frozenset({"grad_jit"})
 
 
 def _input_shape(draw, large: bool) -> tuple[int, ...]:
@@ -421,7 +438,7 @@ def programs(draw, max_steps: int = 8, large: bool = False,
     outputs = outputs or [d.values[-1]]
     terms = [f"({n} * {d.constant(v.shape)}).sum()" for n, v in outputs]
     argnums = tuple(range(len(d.args)))
-    wrapper = draw(st.sampled_from(wrappers or [w for w in WRAPPERS if w not in BROKEN_WRAPPERS]))
+    wrapper = draw(st.sampled_from(wrappers or sorted(WRAPPERS)))
     lines = ["import numpy as np", "import graphc as gc", "import graphc.nn.functional as F", "",
              *d.preamble, "", "", f"def f({', '.join(n for n, _ in d.args)}):",
              *(f"    {line}" for line in d.body), f"    return {' + '.join(terms)}", "", "",
@@ -525,6 +542,14 @@ def check_backend(program: Program, backend: str) -> None:
         for i, (g, w) in enumerate(zip(grads, want_grads)):
             assert g.dtype == w.dtype, f"{backend} gradient {i}: dtype {g.dtype}, expected {w.dtype}"
             _close(g, w, f"{backend} gradient {i}", **tol)
+    except AssertionError as exc:
+        known = [test for pattern, test in KNOWN_BACKEND_FAILURES.get(backend, {}).items()
+                 if re.search(pattern, str(exc))]
+        if known:
+            COUNTS[f"{backend} known failures ({known[0]})"] += 1
+            return
+        COUNTS[f"{backend} failures"] += 1
+        raise
     except BaseException:
         COUNTS[f"{backend} failures"] += 1
         raise

@@ -31,7 +31,7 @@ CI = settings(derandomize=True, database=None, deadline=None, print_blob=False,
 REFERENCE_PROGRAMS = 2000
 CPU_PROGRAMS = 60
 CPU_LARGE_PROGRAMS = 4
-CUDA_PROGRAMS = 12
+CUDA_PROGRAMS = 24
 
 
 @settings(CI, max_examples=REFERENCE_PROGRAMS)
@@ -85,15 +85,15 @@ def test_programs_on_the_numba_cuda_simulator():
                            capture_output=True, text=True, timeout=900,
                            cwd=Path(__file__).resolve().parent)
     assert child.returncode == 0, child.stderr[-4000:]
-    verdicts = json.loads(child.stdout.splitlines()[-1])
-    rp.COUNTS["numba-cuda (simulator)"] += len(verdicts)
-    failures = [(p, v) for p, v in zip(programs, verdicts) if v]
-    rp.COUNTS["numba-cuda (simulator) failures"] += len(failures)
+    report = json.loads(child.stdout.splitlines()[-1])
+    rp.COUNTS.update({f"simulated {name}": n for name, n in report["counts"].items()})
+    failures = [(p, v) for p, v in zip(programs, report["verdicts"]) if v]
     assert not failures, "\n\n".join(f"{v}\n{p}" for p, v in failures)
 
 
-def _simulate(programs: list[dict]) -> list[str]:
-    """The child: each program on the simulated numba-cuda backend; '' or the failure."""
+def _simulate(programs: list[dict]) -> dict:
+    """The child: each program on the simulated numba-cuda backend; verdicts ('' or the
+    failure, one per program) and the counts."""
     verdicts = []
     for fields in programs:
         program = rp.Program(**{**fields, "arg_shapes": [tuple(s) for s in fields["arg_shapes"]]})
@@ -102,7 +102,7 @@ def _simulate(programs: list[dict]) -> list[str]:
             verdicts.append("")
         except Exception as exc:  # every failure is reported with its program by the parent
             verdicts.append(f"{type(exc).__name__}: {exc}")
-    return verdicts
+    return {"verdicts": verdicts, "counts": dict(rp.COUNTS)}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,86 @@
+"""Failures the random-program generator (tests/random_programs.py) found, minimised.
+
+Each test is the smallest program that showed one bug. Tests marked xfail(strict=True) are bugs
+outside the passes, ops and reference backend, waiting for their owners: the reason names the
+bug and where it lives; the test turns into an unexpected pass (a failure) once it is fixed, and
+the form can then join the generator (see AWAITING_FIX in random_programs.py).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import graphc as gc
+import graphc.nn.functional as F
+
+
+def test_grad_of_jit_is_the_gradient():
+    """gc.grad(gc.jit(f)) returned f(x) (the wrapped Staged ran jit's compiled function)."""
+    def f(x):
+        return (x * x).sum()
+
+    x = np.arange(3.0)
+    np.testing.assert_array_equal(gc.grad(gc.jit(f), backend="reference")(x), 2 * x)
+    value, grads = gc.value_and_grad(gc.jit(f), argnums=(0,), backend="reference")(x)
+    assert value == 5.0
+    np.testing.assert_array_equal(grads[0], 2 * x)
+
+
+IMAGE = np.random.default_rng(0).standard_normal((1, 2, 4, 4))
+
+
+@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
+    "graphc/nn/functional.py: conv2d, max_pool2d, avg_pool2d and relu bind a NumPy operand "
+    "without as_tensor: 'numpy.ndarray' object has no attribute 'value'"))
+@pytest.mark.parametrize("layer", [
+    lambda w: F.conv2d(IMAGE, w),
+    lambda w: F.max_pool2d(IMAGE, 2) * w.sum(),
+    lambda w: F.avg_pool2d(IMAGE, 2) * w.sum(),
+    lambda w: F.relu(IMAGE) * w.sum(),
+], ids=["conv2d", "max_pool2d", "avg_pool2d", "relu"])
+def test_layers_accept_a_closure_constant_image(layer):
+    w = np.random.default_rng(1).standard_normal((3, 2, 3, 3))
+    value = gc.jit(lambda w: layer(w).sum(), backend="reference")(w)
+    assert np.isfinite(value)
+
+
+@pytest.mark.xfail(strict=True, raises=gc.DTypeError, reason=(
+    "graphc/functions.py _pair: gc.where(cond, float NumPy array, 0) makes 0 an int64 constant "
+    "(the array is not a Tensor, so the number gets no dtype to follow); F.dropout of a closure "
+    "constant goes through it"))
+def test_where_and_dropout_of_a_closure_constant():
+    def f(x):
+        return (gc.where(x > 0, IMAGE, 0) + F.dropout(IMAGE, p=0.5) * x).sum()
+
+    gc.manual_seed(0)
+    value = gc.jit(f, backend="reference")(np.ones((1, 2, 4, 4)))
+    assert np.isfinite(value)
+
+
+SIMULATED_CONSTANT_OUTPUT = textwrap.dedent("""
+    import numpy as np
+    from graphc.backends.numba_cuda import compile_graph
+    from graphc.ir import Builder, TensorType
+
+    b = Builder("constant_output")
+    x = b.add_input(TensorType((), "float32"), "x")
+    b.add_output("three", b.const(3.0, "float32"))  # e.g. the gradient of x * 3.0
+    b.add_output("y", b.neg(x))
+    three, y = compile_graph(b.graph)(np.array(2.0, np.float32))
+    assert three.shape == () and y.shape == (), (three.shape, y.shape)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "backends/numba_cuda: a 0-d one-element constant output comes back with shape (1,) "
+    "(gc.grad(lambda x: x * 3.0) on numba-cuda returns array([3.]))"))
+def test_zero_dimensional_constant_output_keeps_its_shape_on_numba_cuda():
+    child = subprocess.run([sys.executable, "-c", SIMULATED_CONSTANT_OUTPUT], capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"})
+    assert child.returncode == 0, child.stderr[-2000:]
