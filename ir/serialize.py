@@ -41,9 +41,12 @@ def json_depth(text: str) -> int:
     data = np.frombuffer(_STRING.sub(b'""', text.encode("utf-8", "surrogatepass")), np.uint8)
     if data.size == 0:
         return 0
-    steps = (np.isin(data, (ord("["), ord("{"))).astype(np.int64)
-             - np.isin(data, (ord("]"), ord("}"))))
-    return int(np.cumsum(steps).max())
+    return int(np.cumsum(_BRACKET_STEP[data], dtype=np.int64).max())
+
+
+_BRACKET_STEP = np.zeros(256, np.int8)
+_BRACKET_STEP[[ord("["), ord("{")]] = 1
+_BRACKET_STEP[[ord("]"), ord("}")]] = -1
 
 
 def load_json(text: str, max_depth: int = MAX_JSON_DEPTH) -> Any:

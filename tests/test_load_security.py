@@ -99,3 +99,404 @@ def test_identifier_refuses_what_graphc_does_not_make(name):
     with pytest.raises(UnsafeSourceError):
         identifier(name)
     assert identifier("kernel_add_relu_3") == "kernel_add_relu_3"
+
+
+# -- exports crafted by an attacker ---------------------------------------------------------------
+def make_step():
+    gc.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    return gc.compile_train_step(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1),
+                                 (X, Y), backend=REF)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("export") / "step.gcx")
+    step = make_step()
+    step(X, Y)
+    step.export(path)
+    return path, gc.load(path, backend=REF)(X, Y)
+
+
+def members_of(path):
+    with zipfile.ZipFile(path) as z:
+        return {n: z.read(n) for n in z.namelist()}
+
+
+def write_export(members, out, recompute=True):
+    """An export with the given members, its member checksums recomputed (they are plain
+    SHA-256: anyone can) unless `recompute` is False."""
+    members = dict(members)
+    if recompute:
+        manifest = json.loads(members["checksums.json"])
+        manifest["members"] = {n: hashlib.sha256(d).hexdigest() for n, d in members.items()
+                               if n != "checksums.json"}
+        members["checksums.json"] = json.dumps(manifest).encode()
+    with zipfile.ZipFile(out, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data, zipfile.ZIP_STORED if name == "state.safetensors" else zipfile.ZIP_DEFLATED)
+    return str(out)
+
+
+def test_export_with_a_hostile_fused_graph_is_refused(exported, tmp_path):
+    """The attack as reported: graph.json replaced by a fused graph whose kernel name is Python
+    that the kernel generator would paste into `def kernel_<name>(`."""
+    from graphc.ir.serialize import graph_to_json
+
+    path, _ = exported
+    marker = tmp_path / "pwned"
+    fused = fuse(gc.load(path, backend=REF).graph)
+    for kernel in fused.nodes:
+        kernel.attrs["name"] = payload(marker)
+    members = members_of(path)
+    members["graph.json"] = graph_to_json(fused).encode()
+    hostile = write_export(members, tmp_path / "hostile.gcx")
+    for backend in (REF, "numba-cpu"):
+        with pytest.raises(LoadError, match="graph.json: .*fused kernel nodes"):
+            gc.load(hostile, backend=backend)
+    assert not marker.exists()
+
+
+def string_sites(doc, path=()):
+    """Every place in a JSON document holding a string: (path, is_key)."""
+    if isinstance(doc, str):
+        yield path, False
+    elif isinstance(doc, dict):
+        for key, value in doc.items():
+            yield path + (key,), True
+            yield from string_sites(value, path + (key,))
+    elif isinstance(doc, list):
+        for i, value in enumerate(doc):
+            yield from string_sites(value, path + (i,))
+
+
+def replaced(doc, path, is_key, text):
+    """A copy of `doc` with the string at `path` (or the key naming it) replaced by `text`."""
+    if not path:
+        return text
+    doc = json.loads(json.dumps(doc))
+    parent = doc
+    for step in path[:-1]:
+        parent = parent[step]
+    if is_key:
+        parent[text] = parent.pop(path[-1])
+    else:
+        parent[path[-1]] = text
+    return doc
+
+
+def hostile_strings(marker):
+    """Python creating `marker`, shaped to break out of an identifier, a call, a dtype name."""
+    return [payload(marker), f"1); open({str(marker)!r}, 'w')#",
+            f"float32; __import__('os').system('touch {marker}')"]
+
+
+def check_every_string_of_every_json_member(path, expected, tmp_path, stride):
+    """Every `stride`-th string (or key) of the JSON members, in turn, replaced by Python that
+    creates a marker file if it is ever run; the checksums recomputed. Each file either loads
+    and computes what the original does, or is refused with a GraphcError; the marker never
+    appears."""
+    marker = tmp_path / "pwned"
+    original = members_of(path)
+    texts = hostile_strings(marker)
+    outcomes = {"loaded": 0, "refused": 0}
+    sites = [(member, site, is_key) for member in sorted(n for n in original if n.endswith(".json"))
+             for site, is_key in string_sites(json.loads(original[member]))]
+    for index, (member, site, is_key) in enumerate(sites[::stride]):
+        members = dict(original)
+        doc = replaced(json.loads(original[member]), site, is_key, texts[index % len(texts)])
+        members[member] = json.dumps(doc).encode()
+        variant = write_export(members, tmp_path / "variant.gcx", recompute=member != "checksums.json")
+        try:
+            loaded = gc.load(variant, backend=REF)
+            loaded.traced_graph()  # parsed when asked for (graphc inspect)
+            loss = loaded(X, Y)
+        except GraphcError:
+            outcomes["refused"] += 1
+        else:
+            assert loss == expected, (member, site)
+            outcomes["loaded"] += 1
+        assert not marker.exists(), (member, site)
+    return outcomes
+
+
+def test_no_sampled_string_of_a_json_member_reaches_code(exported, tmp_path):
+    outcomes = check_every_string_of_every_json_member(*exported, tmp_path, stride=11)
+    assert outcomes["refused"] > 20 and outcomes["loaded"] > 20, outcomes
+
+
+@pytest.mark.slow
+def test_no_string_of_any_json_member_reaches_code(exported, tmp_path):
+    outcomes = check_every_string_of_every_json_member(*exported, tmp_path, stride=1)
+    assert outcomes["refused"] > 200 and outcomes["loaded"] > 200, outcomes
+
+
+def test_dtype_strings_map_through_a_fixed_table():
+    from graphc.ir.serialize import graph_from_json, graph_to_json
+
+    b = Builder("c")
+    x = b.add_input(TensorType((2,), "float32"), "x", "data")
+    b.add_output("y", b.bind("add", x, b.bind("constant", value=np.ones(2, np.float32))))
+    doc = json.loads(graph_to_json(b.graph))
+    attrs = doc["graph"]["nodes"][0]["attrs"]
+    for dtype in ("<f4", "f4", "float32); __import__('os')#", "object"):
+        attrs["value"]["ndarray"]["dtype"] = dtype
+        with pytest.raises(gc.SerializationError, match="unsupported dtype"):
+            graph_from_json(json.dumps(doc))
+
+
+def test_deep_json_is_refused_before_it_is_parsed(exported, tmp_path):
+    path, _ = exported
+    members = members_of(path)
+    members["graph.json"] = b"[" * 200_000 + b"]" * 200_000
+    with pytest.raises(LoadError, match="graph.json: JSON nested 200000 levels deep"):
+        gc.load(write_export(members, tmp_path / "deep.gcx"), backend=REF)
+    members = members_of(path)
+    members["checksums.json"] = b'{"members": ' * 100_000 + b"}" * 100_000
+    with pytest.raises(LoadError, match="checksums.json: JSON nested"):
+        gc.load(write_export(members, tmp_path / "deep2.gcx", recompute=False), backend=REF)
+
+
+def test_a_member_inflating_past_its_declared_size_is_refused(exported, tmp_path):
+    path, _ = exported
+    out = write_export(members_of(path), tmp_path / "lie.gcx")
+    blob = bytearray(open(out, "rb").read())
+    with zipfile.ZipFile(out) as z:
+        info = z.getinfo("graph.json")
+    # the central directory's entry for graph.json: its uncompressed size (offset 24) says 100
+    entry = blob.index(b"PK\x01\x02")
+    while blob[entry + 46:entry + 46 + len(b"graph.json")] != b"graph.json":
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", blob, entry + 28)
+        entry += 46 + name_len + extra_len + comment_len
+    assert struct.unpack_from("<I", blob, entry + 24)[0] == info.file_size
+    struct.pack_into("<I", blob, entry + 24, 100)
+    open(out, "wb").write(bytes(blob))
+    with pytest.raises(LoadError, match="graph.json"):
+        gc.load(out, backend=REF)
+
+
+def test_unknown_members_and_old_versions_are_refused(exported, tmp_path):
+    path, _ = exported
+    members = members_of(path)
+    members["payload.py"] = b"import os"
+    with pytest.raises(LoadError, match=r"unexpected members \['payload.py'\]"):
+        gc.load(write_export(members, tmp_path / "extra.gcx"), backend=REF)
+    members = members_of(path)
+    members["format.json"] = json.dumps({"format": "graphc.export", "version": 1,
+                                         "kind": "train_step"}).encode()
+    with pytest.raises(LoadError, match="version 1 predates per-tensor checksums"):
+        gc.load(write_export(members, tmp_path / "v1.gcx"), backend=REF)
+
+
+def test_every_flipped_bit_of_the_state_is_detected_naming_the_tensor(exported, tmp_path):
+    path, _ = exported
+    members = members_of(path)
+    state = members["state.safetensors"]
+    header = 8 + int.from_bytes(state[:8], "little")
+    picks = np.random.default_rng(1).integers(header * 8, len(state) * 8, 20)
+    for bit in picks:
+        flipped = bytearray(state)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        members["state.safetensors"] = bytes(flipped)
+        out = write_export(members, tmp_path / "flip.gcx", recompute=False)
+        with pytest.raises(LoadError, match=r"state.safetensors: tensor '[^']+' fails its checksum"):
+            gc.load(out, backend=REF)
+
+
+# -- bombs and special files --------------------------------------------------------------------
+MiB = 1 << 20
+
+
+def deflate_pieces(prefix: bytes, fill: bytes, count: int) -> list[tuple[bytes, int]]:
+    """Raw deflate of prefix + fill * count as (bytes, repeat) pieces, without compressing
+    `count` copies: each fully flushed block of `fill` is self-contained, so one compressed copy
+    repeated is a valid stream (how a bomb is built in milliseconds)."""
+    def flushed(data):
+        c = zlib.compressobj(9, zlib.DEFLATED, -15)
+        return c.compress(data) + c.flush(zlib.Z_FULL_FLUSH)
+    return [(flushed(prefix), 1), (flushed(fill), count), (zlib.compressobj(9, zlib.DEFLATED, -15).flush(), 1)]
+
+
+def write_zip(path, entries):
+    """A zip written by hand: entries are (name, method, crc, declared size, pieces). The
+    bombs' CRCs are not computed (a loader must refuse them long before it could check one)."""
+    with open(path, "wb") as f:
+        central = []
+        for name, method, crc, size, pieces in entries:
+            offset = f.tell()
+            csize = sum(len(b) * n for b, n in pieces)
+            f.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, method, 0, 0x21, crc, csize, size,
+                                len(name), 0) + name.encode())
+            for data, repeat in pieces:
+                for _ in range(repeat):
+                    f.write(data)
+            central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, method, 0, 0x21, crc,
+                                       csize, size, len(name), 0, 0, 0, 0, 0, offset) + name.encode())
+        start = f.tell()
+        f.write(b"".join(central))
+        f.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(central), len(central),
+                            f.tell() - start, start, 0))
+    return str(path)
+
+
+def export_with(path, out, name, pieces, size):
+    """The export at `path` with member `name` replaced by the deflate `pieces` of `size` bytes."""
+    entries = []
+    for member, data in members_of(path).items():
+        if member == name:
+            entries.append((name, 8, 0, size, pieces))
+        else:
+            c = zlib.compressobj(9, zlib.DEFLATED, -15)
+            entries.append((member, 8, zlib.crc32(data), len(data), [(c.compress(data) + c.flush(), 1)]))
+    return write_zip(out, entries)
+
+
+def peak_rss_of(code: str, *args: str) -> tuple[int, str]:
+    """Peak resident memory (bytes) of a fresh interpreter running `code`, and its output."""
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read()
+    _, _, usage = os.wait4(proc.pid, 0)
+    proc.returncode = 0
+    return usage.ru_maxrss * 1024, output
+
+
+LOAD_EXPORT = """
+import sys, graphc as gc
+from graphc.ir.errors import LoadError
+try:
+    gc.load(sys.argv[1], backend="reference")
+    print("LOADED")
+except LoadError as exc:
+    print("REFUSED", exc)
+"""
+READ_IDX = """
+import sys
+from graphc.data import DatasetError, read_idx
+try:
+    read_idx(sys.argv[1])
+    print("LOADED")
+except DatasetError as exc:
+    print("REFUSED", exc)
+"""
+
+
+def test_bombs_are_refused_in_bounded_memory(exported, tmp_path):
+    path, _ = exported
+    graph_json = members_of(path)["graph.json"]
+    zeros = deflate_pieces(b"", bytes(MiB), 2048)  # 2 GiB of zeros in ~2 MB
+    spaces = deflate_pieces(graph_json, b" " * MiB, 1024)  # valid JSON, padded by 1 GiB
+    idx_header = bytes([0, 0, 0x08, 3]) + b"".join(d.to_bytes(4, "big") for d in (10, 28, 28))
+    huge_idx_header = bytes([0, 0, 0x08, 1]) + (1 << 31).to_bytes(4, "big")
+
+    def gzip_file(out, pieces):
+        with open(out, "wb") as f:
+            f.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")
+            for data, repeat in pieces:
+                for _ in range(repeat):
+                    f.write(data)
+            f.write(struct.pack("<II", 0, 0))  # CRC and size never reached
+        return str(out)
+
+    cases = {
+        "2 GiB zero member": (LOAD_EXPORT, export_with(path, tmp_path / "zeros.gcx", "graph.json",
+                                                       zeros, 2048 * MiB), "declares 2,147,483,648 bytes"),
+        "2 GiB zero member declared 100 bytes": (
+            LOAD_EXPORT, export_with(path, tmp_path / "lie.gcx", "graph.json", zeros, 100), "graph.json"),
+        "2 GiB unknown member": (LOAD_EXPORT, export_with(path, tmp_path / "extra.gcx", "metadata.json",
+                                                          zeros, 2048 * MiB), "metadata.json: declares"),
+        "1 GiB whitespace padding": (LOAD_EXPORT, export_with(path, tmp_path / "pad.gcx", "graph.json",
+                                                              spaces, len(graph_json) + 1024 * MiB),
+                                     "graph.json: declares"),
+        "IDX .gz bomb": (READ_IDX, gzip_file(tmp_path / "bomb.gz", deflate_pieces(idx_header, bytes(MiB), 2048)),
+                         "trailing bytes"),
+        "IDX .gz declaring 2 GiB": (READ_IDX, gzip_file(tmp_path / "huge.gz",
+                                                        deflate_pieces(huge_idx_header, bytes(MiB), 2048)),
+                                    "more than the 1,073,741,824 a compressed file may hold"),
+    }
+    for name, (code, file, fragment) in cases.items():
+        assert os.path.getsize(file) < 4 * MiB, name
+        peak, output = peak_rss_of(code, file)
+        assert output.startswith("REFUSED") and fragment in output, (name, output)
+        assert peak < 600 * MiB, (name, peak // MiB)
+
+
+def run_with_deadline(fn, seconds=5.0):
+    """`fn()`'s exception (or None) if it returns within `seconds`; fails the test otherwise."""
+    outcome = []
+
+    def target():
+        try:
+            fn()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"still reading after {seconds} s"
+    return outcome[0]
+
+
+def test_special_files_are_refused_promptly(tmp_path):
+    from graphc.data import DatasetError, read_idx
+    from graphc.train import load_checkpoint
+
+    step = make_step()
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    for path, kind in (("/dev/zero", "character device"), (fifo, "FIFO"), (str(tmp_path), "directory")):
+        for load, error in ((lambda: gc.load(path, backend=REF), LoadError),
+                            (lambda: load_checkpoint(path, step), LoadError),
+                            (lambda: read_idx(path), DatasetError)):
+            exc = run_with_deadline(load)
+            assert isinstance(exc, error) and kind in str(exc) and path in str(exc), exc
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+def test_every_flipped_bit_of_a_checkpoint_is_refused(tmp_path):
+    from graphc.train import load_checkpoint, save_checkpoint
+
+    step = make_step()
+    step(X, Y)
+    path = tmp_path / "ck.safetensors"
+    save_checkpoint(str(path), step)
+    good = path.read_bytes()
+    target = make_step()
+    before = {k: v.copy() for k, v in target.state_dict().items()}
+    for bit in np.random.default_rng(2).choice(len(good) * 8, 60, replace=False):
+        flipped = bytearray(good)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(LoadError):
+            load_checkpoint(str(path), target)
+    assert all(np.array_equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+def test_a_corrupted_checkpoint_tensor_is_named(tmp_path):
+    from graphc.train import load_checkpoint, save_checkpoint
+
+    step = make_step()
+    path = tmp_path / "ck.safetensors"
+    save_checkpoint(str(path), step)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40  # the last tensor's last byte
+    path.write_bytes(bytes(data))
+    with pytest.raises(LoadError, match=r"ck.safetensors: [^:]+: fails its checksum"):
+        load_checkpoint(str(path), step)
+
+
+def test_a_killed_write_leaves_a_temporary_file_the_next_write_removes(tmp_path):
+    from graphc.train import save_checkpoint
+
+    path = str(tmp_path / "ck.safetensors")
+    killed = subprocess.run([sys.executable, "-c",
+                             "import os, sys\nfrom graphc.train import atomic_write\n"
+                             "atomic_write(sys.argv[1], lambda f: (f.write(b'half'), f.flush(), "
+                             "os.kill(os.getpid(), 9)))", path])
+    assert killed.returncode == -9
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp-ck.safetensors.")]
+    other = tmp_path / ".tmp-other.safetensors.1.x"  # another file's temporary is not ours
+    other.write_bytes(b"")
+    save_checkpoint(path, make_step())
+    assert sorted(os.listdir(tmp_path)) == [other.name, "ck.safetensors"]
