@@ -164,6 +164,8 @@ class KernelFiles:
         self.directory = usable_cache_dir(directory)
         self._loaded: dict[str, Any] = {}  # cache key -> the loaded kernel (a dispatcher)
         self._lock = threading.Lock()
+        # folder -> its file names, listed once per load while this process writes nothing there
+        self._listings: dict[str, list[str]] = {}
 
     def module_name(self, key: str) -> str:
         return f"k_{key}"
@@ -206,13 +208,16 @@ class KernelFiles:
     def _check_compiled(self, key: str, compiled_in: str, stats: Any) -> None:
         """Before the JIT loads the kernel's compiled files (pickles) from `compiled_in`: delete
         them, counted in `stats.rebuilt`, unless they are the ones its manifest records."""
-        if not kernel_manifest.compiled_intact(self.path(key), compiled_in):
+        if compiled_in not in self._listings and os.path.isdir(compiled_in):
+            self._listings[compiled_in] = os.listdir(compiled_in)
+        if not kernel_manifest.compiled_intact(self.path(key), compiled_in, self._listings.get(compiled_in)):
             self._rebuilding(self.path(key))
             self._purge_compiled(key, compiled_in)
             stats.rebuilt += 1
 
     def _record_compiled(self, key: str, compiled_in: str) -> None:
         """After the JIT wrote the kernel's compiled files: record them in its manifest."""
+        self._listings.clear()
         kernel_manifest.record(self.path(key), compiled_in)
 
     def _rebuilding(self, path: str) -> None:
@@ -234,6 +239,7 @@ class KernelFiles:
         sys.modules.pop(self.module_name(key), None)
 
     def _purge_compiled(self, key: str, compiled_in: str) -> None:
+        self._listings.clear()
         for file in kernel_manifest.compiled_files(self.path(key), compiled_in):
             os.remove(file)
 

@@ -32,14 +32,15 @@ def bytecode_path(module_path: str) -> str:
     return importlib.util.cache_from_source(module_path)
 
 
-def compiled_files(module_path: str, compiled_in: str | None) -> list[str]:
+def compiled_files(module_path: str, compiled_in: str | None, names: list[str] | None = None) -> list[str]:
     """The JIT's index and code files for the module in `compiled_in` (its bytecode and the
-    JIT's half-written temporary files aside)."""
+    JIT's half-written temporary files aside). `names`: the folder's listing, when the caller
+    has a fresh one (it holds every kernel ever cached: one listing serves a whole graph)."""
     if not compiled_in or not os.path.isdir(compiled_in):
         return []
     prefix = os.path.basename(module_path)[: -len(".py")] + "."
     bytecode = os.path.basename(bytecode_path(module_path))
-    return sorted(os.path.join(compiled_in, name) for name in os.listdir(compiled_in)
+    return sorted(os.path.join(compiled_in, name) for name in (os.listdir(compiled_in) if names is None else names)
                   if name.startswith(prefix) and name != bytecode and ".tmp." not in name)
 
 
@@ -82,10 +83,10 @@ def bytecode_intact(module_path: str) -> bool:
     return manifest is not None and manifest.get("bytecode") == _digest(bytecode_path(module_path))
 
 
-def compiled_intact(module_path: str, compiled_in: str | None) -> bool:
+def compiled_intact(module_path: str, compiled_in: str | None, names: list[str] | None = None) -> bool:
     """Whether the module's compiled files in `compiled_in`, if any, are exactly those recorded
     (no file changed, missing, swapped or added)."""
-    files = compiled_files(module_path, compiled_in)
+    files = compiled_files(module_path, compiled_in, names)
     if not files:
         return True  # nothing the JIT could load: it compiles
     manifest = _read(module_path)

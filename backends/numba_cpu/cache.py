@@ -122,6 +122,7 @@ class KernelCache(KernelFiles):
         """`load` for each (kernel, signature), compiling what the disk cache lacks in parallel."""
         local = CacheStats()
         with self._lock:
+            self._listings.clear()  # other processes may have written since the last load
             for kernel, _ in requests:
                 key = cache_key(kernel.source)
                 if key not in self._loaded:
@@ -129,6 +130,7 @@ class KernelCache(KernelFiles):
             start = time.perf_counter()
             result: list[Any] = [None] * len(requests)
             compiled_elsewhere = self._compile_with_workers(requests, result, local)
+            self._listings.clear()  # the workers wrote there
             for i, (kernel, signature) in enumerate(requests):
                 if result[i] is None:
                     key = cache_key(kernel.source)

@@ -53,6 +53,7 @@ class CudaKernelCache(KernelFiles):
         key = cache_key(call.source)
         local = CacheStats()
         with self._lock:
+            self._listings.clear()  # other processes may have written since the last load
             kernel = self._loaded.get(key)
             if kernel is not None and (SIMULATED or signature in kernel.overloads):
                 local.reused += 1
