@@ -187,7 +187,8 @@ def _checked_manifest(path: str, archive: ZipMembers) -> tuple[dict[str, str], d
     if set(members) != names - {"checksums.json"}:
         raise LoadError(path, "does not list exactly the archive's members", "checksums.json")
     for name, spec in tensors.items():
-        if (not isinstance(spec, dict) or spec.get("dtype") not in _NP_DTYPES
+        if (not isinstance(spec, dict) or not isinstance(spec.get("dtype"), str)
+                or spec["dtype"] not in _NP_DTYPES
                 or not isinstance(spec.get("shape"), list)
                 or not all(type(d) is int and d >= 0 for d in spec["shape"])
                 or not isinstance(spec.get("sha256"), str) or not _HEX_DIGEST.match(spec["sha256"])):
