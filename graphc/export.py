@@ -268,6 +268,15 @@ def _checked_plan(path: str, plan: Any, graph: Graph) -> tuple[dict[int, int], d
     donate = {int(k): v for k, v in donate_doc.items()}
     if any(not 0 <= i < len(graph.inputs) or not 0 <= o < len(graph.outputs) for i, o in donate.items()):
         raise LoadError(path, "the donation map refers to missing inputs or outputs", "plan.json")
+    # a donated input's buffer receives its output: same type, one output each, never the
+    # caller's data (it would be overwritten)
+    for i, o in donate.items():
+        inp, (name, out) = graph.inputs[i], graph.outputs[o]
+        if inp.role == "data" or inp.value.type != out.type:
+            raise LoadError(path, f"the donation map gives {inp.role} input {inp.name!r:.60} "
+                            f"({inp.value.type}) the buffer of output {name!r:.60} ({out.type})", "plan.json")
+    if len(set(donate.values())) != len(donate):
+        raise LoadError(path, "the donation map gives one output to two inputs", "plan.json")
     if plan.get("signature") != _signature(graph):
         raise LoadError(path, "the recorded signature does not match the graph", "plan.json")
     bindings = plan.get("bindings")
@@ -292,8 +301,9 @@ def _checked_metadata(path: str, metadata: Any, kind: str) -> dict[str, Any]:
     if not all(isinstance(v, str) for v in metadata.get("versions", {}).values()):
         raise LoadError(path, "malformed versions", "metadata.json")
     lr = metadata.get("lr")
-    if kind == "train_step" and (lr is None or not math.isfinite(lr)):
-        raise LoadError(path, "lacks a finite learning rate", "metadata.json")
+    if kind == "train_step" and (lr is None or not abs(lr) <= float(np.finfo(np.float32).max)):
+        raise LoadError(path, f"needs a learning rate that is a finite float32, not {lr!r}",
+                        "metadata.json")
     return metadata
 
 

@@ -500,3 +500,31 @@ def test_a_killed_write_leaves_a_temporary_file_the_next_write_removes(tmp_path)
     other.write_bytes(b"")
     save_checkpoint(path, make_step())
     assert sorted(os.listdir(tmp_path)) == [other.name, "ck.safetensors"]
+
+
+def test_plan_and_metadata_lies_are_refused(tmp_path):
+    """Found by the fuzzer: a donation map pairing an input with an output of another type
+    raised ValueError in the first step; one naming a data input would overwrite the batch."""
+    gc.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    step = gc.compile_train_step(model, F.cross_entropy, optim.Adam(model.parameters()), (X, Y), backend=REF)
+    path = str(tmp_path / "adam.gcx")
+    step.export(path)
+    original = members_of(path)
+    plan = json.loads(original["plan.json"])
+    donate = {int(k): v for k, v in plan["donate"].items()}
+    types = {i: entry["type"] for i, entry in enumerate(plan["signature"]["inputs"])}
+    i, j = next((i, j) for i in donate for j in donate if i < j and types[i] == types[j])
+    other = next(o for k, o in donate.items() if types[k] != types[i])
+    lies = {"the buffer of output": {**donate, i: other}, "data input": {0: donate[i]},
+            "one output to two inputs": {**donate, j: donate[i]}}
+    for fragment, lie in lies.items():
+        members = dict(original)
+        members["plan.json"] = json.dumps({**plan, "donate": {str(k): v for k, v in lie.items()}}).encode()
+        with pytest.raises(LoadError, match=f"plan.json: .*{fragment}"):
+            gc.load(write_export(members, tmp_path / "donate.gcx"), backend=REF)
+    members = dict(original)
+    metadata = json.loads(original["metadata.json"])
+    members["metadata.json"] = json.dumps({**metadata, "lr": 1e300}).encode()
+    with pytest.raises(LoadError, match="metadata.json: needs a learning rate that is a finite float32"):
+        gc.load(write_export(members, tmp_path / "lr.gcx"), backend=REF)
