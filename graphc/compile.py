@@ -31,8 +31,9 @@ from graphc.passes import SIMPLIFY, autodiff, run_pipeline
 
 from . import random as gc_random
 from .api import _inline, to_array, user_facing
-from .nn.module import (Module, claim_state, functional_call, release_state_holders,
-                        sync_state_holders, traced_state, unclaim_state)
+from .nn.module import (Module, bound, claim_state, functional_call, named_arrays,
+                        release_state_holders, state_arrays, sync_state_holders, traced_state,
+                        unclaim_state)
 from .optim import Optimizer, clip_by_global_norm, l1_penalty
 from .tensor import ModuleReads, StateRef, Tensor, as_tensor, current_trace, is_tracing, tracing
 
@@ -189,14 +190,14 @@ class TrainStep(_CompiledModelBase):
         self.model, self.loss_fn, self.optimizer, self.targets = model, loss_fn, optimizer, targets
         self.backend = backend or default_backend()
         self.clip_grad_norm, self.l1, self.name = clip_grad_norm, l1, name
-        owned = {id(p): n for n, p in model.named_parameters()}
+        owned = {id(p): n for n, p in named_arrays(model, "_parameters")}
         missing = [i for i, p in enumerate(optimizer.params) if id(p) not in owned]
         if missing:
             raise GraphcError(f"{name}: optimizer parameters {missing} do not belong to the model "
                               "(build the optimizer from model.parameters())")
         self.trainable = [owned[id(p)] for p in optimizer.params]
-        self.params = dict(model.named_parameters())
-        self.buffers = dict(model.named_buffers())
+        self.params = dict(named_arrays(model, "_parameters"))
+        self.buffers = dict(named_arrays(model, "_buffers"))
         self._opt_state = {n: optimizer.init_state(self.params[n]) for n in self.trainable}
         self._step_count = np.zeros((), np.float32)
         self._rng_key = np.array([gc_random.next_key()[0], 0], np.int64)
@@ -259,9 +260,13 @@ class TrainStep(_CompiledModelBase):
             data = [Tensor(b.add_input(TensorType.of(a), f"input{i}")) for i, a in enumerate(batch)]
             params = _add_inputs(b, self.params, "param")
             buffers = _add_inputs(b, self.buffers, "state")
-            out, updates = functional_call(self.model, {**params, **buffers},
-                                           *data[:-self.targets], return_buffers=True)
-            loss = self.loss_fn(out, *data[-self.targets:])
+            state = {**params, **buffers}
+            # The loss reads the model as these inputs too: a penalty over its weights (through
+            # attributes or model.parameters()) is differentiated like the forward.
+            with bound(self.model, state):
+                out, updates = functional_call(self.model, state, *data[:-self.targets],
+                                               return_buffers=True)
+                loss = self.loss_fn(out, *data[-self.targets:])
             if not isinstance(loss, Tensor) or loss.shape != ():
                 raise GraphcError(f"{self.name}: loss_fn must return a scalar tensor, got {loss!r}")
             if self.l1:
@@ -357,7 +362,7 @@ class TrainStep(_CompiledModelBase):
         return find_nonfinite(compiled.optimized, args)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return self.model.state_dict()
+        return state_arrays(self.model)
 
     def state_bindings(self) -> dict[str, str]:
         bindings = {**super().state_bindings(), "step": "step", "rng": "rng"}

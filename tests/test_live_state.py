@@ -193,3 +193,116 @@ def test_target_network_is_read_each_step_while_the_model_stays_on_the_device(tm
     done = subprocess.run([sys.executable, "-c", SIMULATED_TARGET_NETWORK], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+# -- parameters(), named_parameters(), buffers(), named_buffers(), state_dict() in a trace ----
+def l2_via_parameters(model):
+    return sum((p ** 2).sum() for p in model.parameters())
+
+
+def l2_via_attributes(model):
+    return sum((getattr(model[i], name) ** 2).sum() for i in (0, 2) for name in ("weight", "bias"))
+
+
+def explicit_sgd_step(model, state, x, y, lr, coef):
+    """The oracle: the penalised loss and one SGD update with the weights as explicit arguments."""
+    def loss(s):
+        return (F.mse_loss(nn.functional_call(model, s, x), y)
+                + coef * sum((p ** 2).sum() for p in s.values()))
+
+    value, grads = gc.value_and_grad(loss, backend=REF)(state)
+    return float(value), {k: state[k] - lr * grads[k] for k in state}
+
+
+@pytest.mark.parametrize("backend", [REF, "numba-cpu"])
+@pytest.mark.parametrize("penalty", [l2_via_parameters, l2_via_attributes])
+def test_l2_penalty_in_a_train_step_trains_the_model(backend, penalty):
+    """An L2 penalty over the model's own weights in loss_fn is differentiated: the model is
+    bound while the loss runs, so its weights are the step's parameters, not read-only inputs."""
+    lr, coef = 0.5, 0.1
+    model, oracle = mlp(), mlp()
+    x, y = data()
+    step = gc.compile_train_step(model, lambda out, t: F.mse_loss(out, t) + coef * penalty(model),
+                                 optim.SGD(model.parameters(), lr=lr), (x, y), backend=backend)
+    state = {k: v.copy() for k, v in oracle.state_dict().items()}
+    for _ in range(2):
+        expected, state = explicit_sgd_step(oracle, state, x, y, lr, coef)
+        np.testing.assert_allclose(step(x, y), expected, rtol=1e-5)
+    for name, array in model.state_dict().items():
+        np.testing.assert_allclose(array, state[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert not [inp.name for inp in step.graph.inputs if inp.name.startswith("Sequential")], \
+        "the model's own weights must not also be read-only implicit inputs"
+
+
+class PenalisedLinear(nn.Module):
+    """A forward that reads its weights through self.parameters()."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, v):
+        return (self.fc(v) ** 2).mean() + 0.1 * sum((p ** 2).sum() for p in self.parameters())
+
+
+def test_grad_of_a_loss_using_parameters_includes_the_penalty():
+    gc.manual_seed(0)
+    model = PenalisedLinear()
+    x = data()[0]
+    w, b = model.fc.weight.copy(), model.fc.bias.copy()
+    grads = gc.grad(lambda s: nn.functional_call(model, s, x), backend=REF)(model.state_dict())
+    r = x @ w.T + b
+    np.testing.assert_allclose(grads["fc.weight"], 2 / r.size * r.T @ x + 0.2 * w, rtol=1e-5)
+    np.testing.assert_allclose(grads["fc.bias"], 2 / r.size * r.sum(0) + 0.2 * b, rtol=1e-5)
+
+
+def test_grad_wrt_input_reads_the_weights_of_parameters_at_each_call():
+    model = mlp()
+    x = data()[0]
+    grad = gc.grad(lambda v: (v * l2_via_parameters(model)).sum(), backend=REF)
+    for seed in (0, 9):
+        model.load_state_dict(mlp(seed=seed).state_dict())
+        norm = sum(float((p.astype(np.float64) ** 2).sum()) for p in model.parameters())
+        np.testing.assert_allclose(grad(x), np.full_like(x, norm), rtol=1e-5)
+
+
+def test_jitted_function_using_state_dict_sees_trained_weights_and_buffers():
+    gc.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    x = data()[0]
+    y = np.zeros((len(x), 4), np.float32)
+
+    def total(v):  # every floating-point entry of the state, through each traversal method
+        state = model.state_dict()
+        assert {k for k, _ in model.named_parameters()} | {k for k, _ in model.named_buffers()} \
+            == set(state)
+        floats = [t for t in (*model.parameters(), *model.buffers()) if t.dtype == "float32"]
+        return v.sum() * 0 + sum(t.sum() for t in floats) + sum(
+            state[k].sum() for k in state if state[k].dtype == "float32")
+
+    summed = gc.jit(total, backend=REF)
+    implicit = summed.lower(x).inputs[1:]
+    assert {inp.name for inp in implicit} == {f"Sequential.{k}" for k in model.state_dict()}
+    step = gc.compile_train_step(model, F.mse_loss, optim.SGD(model.parameters(), lr=0.5),
+                                 (x, y), backend=REF)
+    for _ in range(2):
+        step(x, y)
+    expected = 2 * sum(float(a.sum()) for a in model.state_dict().values() if a.dtype == np.float32)
+    np.testing.assert_allclose(summed(x), expected, rtol=1e-5)
+    assert len(summed._cache) == 1
+
+
+def test_traversal_outside_a_trace_returns_the_live_arrays():
+    gc.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    own = {**{f"0.{k}": v for k, v in model[0].__dict__["_parameters"].items()},
+           **{f"1.{k}": v for k, v in model[1].__dict__["_parameters"].items()}}
+    named = dict(model.named_parameters())
+    assert named.keys() == own.keys() and all(named[k] is own[k] for k in own)
+    assert [id(p) for p in model.parameters()] == [id(own[k]) for k in own]
+    buffers = dict(model.named_buffers())
+    assert buffers and all(isinstance(b, np.ndarray) for b in buffers.values())
+    assert [id(b) for b in model.buffers()] == [id(b) for b in buffers.values()]
+    state = model.state_dict()
+    assert all(state[k] is v for k, v in {**named, **buffers}.items())
+    assert model.num_parameters() == sum(v.size for v in own.values())

@@ -200,24 +200,34 @@ class Module:
     def children(self) -> Iterator[Module]:
         return iter(self._modules.values())
 
-    def named_parameters(self) -> Iterator[tuple[str, np.ndarray]]:
-        release_state_holders(self)
-        for prefix, module in self.named_modules():
-            module._refuse_hidden_modules()
-            for name, p in module._parameters.items():
-                yield prefix + name, p
+    def named_parameters(self) -> Iterator[tuple[str, np.ndarray | Tensor]]:
+        """(dotted name, parameter) over the tree. While tracing, the parameters are Tensors of
+        the trace, as attribute access gives them: bound ones where the tree is bound (a model
+        being trained: gradients reach them), else implicit inputs read at each call."""
+        return self._named_state("_parameters")
 
-    def parameters(self) -> list[np.ndarray]:
+    def parameters(self) -> list[np.ndarray | Tensor]:
         return [p for _, p in self.named_parameters()]
 
-    def named_buffers(self) -> Iterator[tuple[str, np.ndarray]]:
-        release_state_holders(self)
-        for prefix, module in self.named_modules():
-            for name, b in module._buffers.items():
-                yield prefix + name, b
+    def named_buffers(self) -> Iterator[tuple[str, np.ndarray | Tensor]]:
+        """(dotted name, buffer) over the tree; Tensors of the trace while tracing (see
+        named_parameters)."""
+        return self._named_state("_buffers")
+
+    def buffers(self) -> list[np.ndarray | Tensor]:
+        return [b for _, b in self.named_buffers()]
 
     def num_parameters(self) -> int:
-        return sum(p.size for p in self.parameters())
+        return sum(p.size for _, p in named_arrays(self, "_parameters"))
+
+    def _named_state(self, table: str) -> Iterator[tuple[str, np.ndarray | Tensor]]:
+        if not is_tracing():
+            return named_arrays(self, table)
+        # Read now, in the trace in progress, however late the caller iterates; implicit inputs
+        # are named by their path from this module, as when it is called ("Sequential.0.weight").
+        root = current_trace().module_name(self)
+        return iter([(name, traced_state(ref, f"{root}.{name}"))
+                     for name, ref in _named_refs(self, table)])
 
     # -- modes and state ------------------------------------------------------------------
     def train(self, mode: bool = True) -> Module:
@@ -258,14 +268,16 @@ class Module:
         """Parameters and floating-point buffers to float32 (see `to`)."""
         return self.to(np.float32)
 
-    def state_dict(self) -> dict[str, np.ndarray]:
+    def state_dict(self) -> dict[str, np.ndarray | Tensor]:
         """The live arrays (parameters, then buffers) by dotted name; compiled training steps
-        update them in place."""
+        update them in place. While tracing, Tensors of the trace (see named_parameters)."""
+        if not is_tracing():
+            return state_arrays(self)
         return {**dict(self.named_parameters()), **dict(self.named_buffers())}
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Copy arrays into the module's own (so compiled steps keep seeing them)."""
-        own = self.state_dict()  # a step keeping them on a GPU has let go: it re-reads them
+        own = state_arrays(self)  # a step keeping them on a GPU has let go: it re-reads them
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if strict and (missing or unexpected):
@@ -309,6 +321,29 @@ class Module:
         children = [f"  ({n}): " + repr(m).replace("\n", "\n  ") for n, m in self._modules.items()]
         head = f"{type(self).__name__}({self.extra_repr()}"
         return head + ("\n" + "\n".join(children) + "\n)" if children else ")")
+
+
+def _named_refs(module: Module, table: str) -> Iterator[tuple[str, StateRef]]:
+    """(dotted name, StateRef) for every entry of `table` ("_parameters" or "_buffers") in the
+    tree."""
+    for prefix, m in module.named_modules():
+        if table == "_parameters":
+            m._refuse_hidden_modules()
+        for attr in m.__dict__[table]:
+            yield prefix + attr, StateRef(m, table, attr)
+
+
+def named_arrays(module: Module, table: str) -> Iterator[tuple[str, np.ndarray]]:
+    """The tree's own arrays of `table` by dotted name, also while tracing: for graphc's own
+    bookkeeping (optimizers, compiled steps, checkpoints, export), which needs the arrays where
+    a user's traced code gets Tensors. A holder of newer values copies them back first."""
+    release_state_holders(module)
+    return ((name, ref.read()) for name, ref in _named_refs(module, table))
+
+
+def state_arrays(module: Module) -> dict[str, np.ndarray]:
+    """state_dict()'s arrays, also while tracing (see named_arrays)."""
+    return {**dict(named_arrays(module, "_parameters")), **dict(named_arrays(module, "_buffers"))}
 
 
 @contextmanager
