@@ -528,3 +528,34 @@ def test_plan_and_metadata_lies_are_refused(tmp_path):
     members["metadata.json"] = json.dumps({**metadata, "lr": 1e300}).encode()
     with pytest.raises(LoadError, match="metadata.json: needs a learning rate that is a finite float32"):
         gc.load(write_export(members, tmp_path / "lr.gcx"), backend=REF)
+
+
+def test_command_line_refuses_a_hostile_file_in_one_line(exported, tmp_path, capsys):
+    from graphc.cli import main
+    from graphc.ir.serialize import graph_to_json
+
+    path, _ = exported
+    marker = tmp_path / "pwned"
+    fused = fuse(gc.load(path, backend=REF).graph)
+    fused.nodes[0].attrs["name"] = payload(marker)
+    members = members_of(path)
+    members["graph.json"] = graph_to_json(fused).encode()
+    hostile = write_export(members, tmp_path / "hostile.gcx")
+    for argv in (["info", hostile], ["inspect", hostile], ["train", hostile, "--data", str(tmp_path),
+                                                           "--steps", "1", "--save", hostile]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "fused kernel nodes" in err, err
+    assert not marker.exists()
+
+
+def test_command_line_prints_names_from_a_file_without_terminal_escapes(exported, tmp_path, capsys):
+    from graphc.cli import main
+
+    path, _ = exported
+    members = members_of(path)
+    metadata = json.loads(members["metadata.json"])
+    members["metadata.json"] = json.dumps({**metadata, "name": "step\x1b]0;owned\x07"}).encode()
+    assert main(["info", write_export(members, tmp_path / "escape.gcx")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "step\\x1b]0;owned\\x07" in out
