@@ -2,16 +2,21 @@
 
     python benchmarks/bounds_check_cost.py [--rounds 30] [--steps 5] [--backend numba-cpu]
 
-Two workloads, each compiled twice in this process: with the checks (the default) and without
-(GRAPHC_BOUNDS_CHECK=0 at compile time, an internal switch for this measurement only). The
-variants share every kernel; only the checks differ. Rounds alternate the variants, so drifts
-of the machine (clock, other processes) hit both alike; each round times `steps` steps per
-variant. Prints per-step medians and their ratio, and the checks' own time measured alone
-(the same checks on the same arrays, many times), which a ratio of two noisy medians cannot
-resolve below a percent.
+Two workloads, each compiled four times in this process, in the order with, without, without,
+with the checks (without: GRAPHC_BOUNDS_CHECK=0 at compile time, an internal switch for this
+measurement only). The variants share every kernel; only the checks differ. Compiling in
+this ABBA order matters: of two identical executables of the LM step, the first compiled ran
+2-4% slower than the second (where their arenas landed, presumably), more than the checks
+cost. Rounds alternate the order of the four, so drifts of the machine hit all alike; each
+round times `steps` steps of each. Prints per-step medians of each variant (its two
+executables pooled) and their ratio, the ratio of the two executables *with* checks (the
+noise floor: they are identical), and the checks' own time measured alone (the same checks
+on the same arrays, many times), which a ratio of noisy medians cannot resolve below a
+percent. On a busy 2-core machine, GRAPHC_NUM_THREADS=1 keeps parallel kernels from waiting
+on preempted threads.
 
 - cnn: the MNIST CNN training step (graphc.models.mnist_cnn, batch 64, Adam), one check of
-  the labels (the loss's gather and its gradient's scatter share it).
+  the labels (the loss's take_along_axis and its gradient's scatter share it).
 - lm: a small transformer language model built from graphc ops (token embedding, causal
   self-attention with batched matmuls and softmax, layer norm written from mean and variance,
   an MLP, cross-entropy over every token), batch 16 x 32 tokens, Adam: one check of the token
@@ -133,18 +138,23 @@ def main() -> None:
     parser.add_argument("--backend", default=None)
     args = parser.parse_args()
     for name in ("cnn", "lm"):
-        (on, batch), (off, _) = workload(name, args.backend, True), workload(name, args.backend, False)
-        for step in (on, off):  # warm up
+        checked = (True, False, False, True)
+        built = [workload(name, args.backend, c) for c in checked]
+        steps, batch = [step for step, _ in built], built[0][1]
+        for step in steps:  # warm up
             time_steps(step, batch, 3)
-        times: dict[bool, list[float]] = {True: [], False: []}
+        times: list[list[float]] = [[] for _ in steps]
         for r in range(args.rounds):
-            for checked in ((True, False) if r % 2 == 0 else (False, True)):
-                times[checked].append(time_steps(on if checked else off, batch, args.steps))
-        with_checks, without = statistics.median(times[True]), statistics.median(times[False])
+            for k in (range(4) if r % 2 == 0 else reversed(range(4))):
+                times[k].append(time_steps(steps[k], batch, args.steps))
+        with_checks = statistics.median(times[0] + times[3])
+        without = statistics.median(times[1] + times[2])
+        floor = statistics.median(times[0]) / statistics.median(times[3])
         alone = checks_alone(name, batch)
         print(f"{name}: step {with_checks * 1e3:.3f} ms with checks, {without * 1e3:.3f} ms without "
-              f"(medians of {args.rounds} rounds x {args.steps} steps): ratio {with_checks / without:.4f}; "
-              f"the checks alone {alone * 1e6:.2f} us = {alone / without:.3%} of the step")
+              f"(medians of {args.rounds} rounds x {args.steps} steps x 2 executables): ratio "
+              f"{with_checks / without:.4f} (two identical executables: {floor:.4f}); the checks "
+              f"alone {alone * 1e6:.2f} us = {alone / without:.3%} of the step")
 
 
 if __name__ == "__main__":
