@@ -6,8 +6,10 @@ their updated outputs, so the backend updates them in place: after `step(x, y)`,
 `model.state_dict()` already holds the new weights. The learning rate is an input, so schedules
 never recompile. A batch of a new shape compiles once more and says so.
 
-Modules the loss reaches besides the model (a target network, a frozen teacher, a GAN's other
-half) are read-only inputs, read from them at each step: never trained, donated or baked in.
+The loss function runs with the model bound: its weights read there (a penalty over
+`model.parameters()`) are the step's parameters, differentiated and trained. Modules the loss
+reaches besides the model (a target network, a frozen teacher, a GAN's other half) are read-only
+inputs, read from them at each step: never trained, donated or baked in.
 Each graph runs the train/eval modes its modules had when it was compiled; a mode switched
 since compiles once more (and says so), as does a new batch shape.
 

@@ -3,9 +3,10 @@
 Parameters and buffers are NumPy arrays owned by the module. A module's forward only ever runs
 while graphc traces it: for that, `bound(module, tensors)` swaps every parameter and buffer for
 the traced Tensor that stands for it, so the compiled step reads (and, through donated buffers,
-updates) the module's own arrays. A parameter or buffer read in a trace without being bound
-becomes an implicit input of the trace (tensor.Trace.read_state): compiled functions read it
-from the module at each call, never as a constant.
+updates) the module's own arrays. A parameter or buffer read in a trace (as an attribute or
+through parameters(), state_dict() and the like) without being bound becomes an implicit input
+of the trace (tensor.Trace.read_state): compiled functions read it from the module at each
+call, never as a constant.
 
 A training step running on a GPU keeps the newest values on the device instead: it *claims*
 the module tree (`claim_state`). Whatever hands the module's arrays out (state_dict,
