@@ -52,6 +52,7 @@ SMOOTH_UNARY = {
     "pow_shifted": "({x} * {x} + 1.0) ** 1.5",
     "affine": "{x} * 0.5 + 1.0",
     "rdiv": "1.0 / ({x} * {x} + 2.0)",
+    "rpow": "2.0 ** gc.tanh({x})",
     "cast_round_trip": "({x}.astype(OTHER) * 2.0).astype(DTYPE)",
 }
 KINKED_UNARY = {
@@ -67,7 +68,14 @@ BINARY = {
     "maximum": "gc.maximum({x}, {y})",
     "minimum": "gc.minimum({x}, {y})",
     "where": "gc.where({x} > {y}, {x}, {y} * 0.5)",
+    "pow": "({x} * {x} + 1.0) ** gc.tanh({y})",
 }
+# Forms simplify rewrites (identities, inverse pairs, folding) or must not (broadcasts).
+IDENTITIES = ("{x} * 1.0", "1.0 * {x}", "{x} + 0.0", "{x} - 0.0", "{x} / 1.0", "{x} ** 1",
+              "-(-{x})", "{x}.reshape(-1).reshape({s})", "{x}.T.T", "{x}.sum(axis=())",
+              "{x}.astype(DTYPE)", "{x}.broadcast_to({s})", "{x} + np.zeros((2,) + {s})",
+              "{x} * np.ones((2,) + {s}, DTYPE)", "{x} * gc.tanh(np.full({s}, 0.5, DTYPE))",
+              "({x} @ {x}.T).T")
 # Bodies of functions transformed inside the program: smooth, of one tensor t.
 INNER_BODIES = ("gc.tanh(t) * t", "gc.sigmoid(t) ** 2", "gc.exp(gc.tanh(t)) * 0.5", "t * t * t")
 INNER_FORMS = ("jit", "grad", "value_and_grad", "grad_jit", "grad_grad")
@@ -222,11 +230,13 @@ def _step(d: _Draft) -> None:
     # Mostly the latest value, so programs are chains with some fan-out, not many short branches.
     name, x = d.values[-1] if draw(st.integers(0, 2)) else draw(st.sampled_from(d.values))
     s, r = x.shape, x.ndim
-    kind = draw(st.sampled_from(
-        ["unary", "unary", "kinked", "binary", "binary", "reduce", "softmax", "reshape",
-         "unsqueeze", "squeeze", "broadcast", "join", "transpose", "slice", "pad", "gather",
-         "take_along_axis", "matmul", "conv", "pool", "random", "inner", "one_hot",
-         "where_constant"]))
+    kinds = ["unary", "unary", "kinked", "binary", "binary", "reduce", "softmax", "reshape",
+             "unsqueeze", "squeeze", "broadcast", "join", "transpose", "slice", "pad", "gather",
+             "take_along_axis", "matmul", "random", "inner", "one_hot", "where_constant",
+             "identity"]
+    if r == 4:  # images: mostly convolution and pooling
+        kinds = ["conv", "pool", "conv", "pool"] + kinds
+    kind = draw(st.sampled_from(kinds))
     if kind == "unary":
         d.emit(SMOOTH_UNARY[draw(st.sampled_from(sorted(SMOOTH_UNARY)))].format(x=name), s)
     elif kind == "kinked":
@@ -235,12 +245,17 @@ def _step(d: _Draft) -> None:
         other, o = _partner(d, s)
         op = draw(st.sampled_from(sorted(BINARY)))
         x_text, y_text = (name, other) if draw(st.booleans()) or op == "where" else (other, name)
-        d.emit(BINARY[op].format(x=x_text, y=y_text), np.broadcast_shapes(s, o))
+        template = BINARY[op]
+        if op == "pow" and y_text[0] in "-0123456789":  # gc.tanh(0.5) would be float32
+            template = "({x} * {x} + 1.0) ** {y}"
+        d.emit(template.format(x=x_text, y=y_text), np.broadcast_shapes(s, o))
     elif kind == "reduce":
         op = draw(st.sampled_from(["sum", "mean", "max"]))
         keep = draw(st.booleans())
         if r == 0 or draw(st.integers(0, 3)) == 0:
             axes, text = tuple(range(r)), ""
+        elif draw(st.integers(0, 5)) == 0:
+            axes, text = (), "axis=()"  # reduces nothing
         elif draw(st.booleans()) or r == 1:
             a = _axis(draw, r)
             axes, text = (a % r,), f"axis={a}"
@@ -294,10 +309,13 @@ def _step(d: _Draft) -> None:
         if draw(st.booleans()) or r == 0:
             a = draw(st.integers(0, r))
             d.emit(f"gc.stack([{', '.join(parts)}], axis={a})", s[:a] + (len(parts),) + s[a:])
-        else:
+        else:  # parts of other lengths along the axis: the value sliced
             a = draw(st.integers(0, r - 1))
-            d.emit(f"gc.concatenate([{', '.join(parts)}], axis={a})",
-                   s[:a] + (s[a] * len(parts),) + s[a + 1:])
+            lengths = [draw(st.integers(1, s[a])) for _ in parts]
+            texts = [p if n == s[a] else f"{p}[{', '.join([':'] * a + [f':{n}'])}]"
+                     for p, n in zip(parts, lengths)]
+            d.emit(f"gc.concatenate([{', '.join(texts)}], axis={a})",
+                   s[:a] + (sum(lengths),) + s[a + 1:])
     elif kind == "transpose" and r >= 2:
         form = draw(st.sampled_from(["T", "swap", "permute"]))
         if form == "T":
@@ -367,6 +385,15 @@ def _step(d: _Draft) -> None:
             include = draw(st.booleans())
             d.emit(f"F.avg_pool2d({name}, {kernel}, stride={stride}, padding={padding}, "
                    f"count_include_pad={include})", s[:2] + (oh, ow))
+    elif kind == "identity":
+        form = draw(st.sampled_from(IDENTITIES))
+        text = form.format(x=name, s=repr(s))
+        shape = (2,) + s if "(2,) +" in form else s
+        if form.startswith("({x} @"):
+            if r != 2:
+                return
+            text, shape = f"({name} @ {name}.T).T", (s[0], s[0])
+        d.emit(text, shape)
     elif kind == "where_constant" and "where_constant" not in AWAITING_FIX:
         c = d.constant(s)
         form = draw(st.sampled_from([f"gc.where({name} > 0, {c}, 0)", f"F.dropout({c}, p=0.5) * {name}"]))
@@ -412,7 +439,7 @@ def _input_shape(draw, large: bool) -> tuple[int, ...]:
         shape = [draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(2, 5)),
                  draw(st.integers(2, 5))]
     else:
-        shape = draw(st.lists(st.integers(1, 5), min_size=0 if not large else 1, max_size=3))
+        shape = draw(st.lists(st.integers(1, 6), min_size=0 if not large else 1, max_size=4))
     if large:  # one long axis: the CPU backend's loops over it run in parallel
         axis = draw(st.integers(0, len(shape) - 1))
         rest = int(np.prod(shape)) // shape[axis]
@@ -431,7 +458,10 @@ def programs(draw, max_steps: int = 8, large: bool = False,
         second = tuple(1 if draw(st.booleans()) else n for n in shape[draw(st.integers(0, len(shape))):])
         d.args.append(("x1", second))
         d.values.append(("x1", _stand_in(second)))
-    for _ in range(draw(st.integers(1, max_steps))):
+    steps = draw(st.integers(min(3, max_steps), max_steps))
+    for _ in range(4 * steps):  # a drawn op that does not apply to its operand adds nothing
+        if len(d.body) == steps:
+            break
         _step(d)
     # Every value nothing else reads feeds the loss: no step is dead code.
     outputs = [(n, v) for n, v in d.values if n not in d.used and not n.startswith("x")]
