@@ -133,7 +133,7 @@ def fold_constants(graph: Graph) -> Graph:
         # Fold only what does not grow: a broadcast constant stays a cheap scalar broadcast.
         if (prim.kind != SOURCE and ins and all(c is not None for c in constants)
                 and node.output.type.size <= min(FOLD_LIMIT, max(c.size for c in constants))):
-            probe = Node(node.op, ins, node.attrs, (node.output.type,))
+            probe = Node(node.op, ins, node.attrs, (node.output.type,), node.loc)  # errors name the line
             (value,) = run_node(probe, constants)
             return b.const(value, node.output.dtype)
         for rule in RULES_BY_OP.get(node.op, ()):

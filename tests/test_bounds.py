@@ -122,6 +122,14 @@ def test_constant_indices_out_of_range_are_refused(backend):
         gc.jit(lookup, backend=backend)(x)
 
 
+def test_indices_folded_at_compile_time_name_the_line():
+    def folded(x):
+        return x + gc.gather(np.ones((5, 2), np.float32), np.array([0, 7]), axis=0)  # constant: folded
+
+    with pytest.raises(IndexOutOfRangeError, match=rf"gather: index 7 .*\(at .*{re.escape(line_of(folded))}\)"):
+        gc.jit(folded, backend="reference")(np.ones((2, 2), np.float32))
+
+
 # -- embedding: ids and the scatter-add of its gradient ------------------------------------------
 def embedding_sum(weight, ids):
     return embedding(ids, weight).sum()
