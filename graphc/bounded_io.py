@@ -60,9 +60,9 @@ def read_at_most(stream: BinaryIO, limit: int, path: str, member: str | None = N
 
 
 def parse_json(data: bytes, path: str, member: str) -> object:
-    """A JSON document of a file, nesting depth checked before it is parsed."""
+    """A JSON document of a file, its nesting and element count checked before it is parsed."""
     try:
-        return load_json(data.decode("utf-8"))
+        return load_json(data)
     except UnicodeDecodeError as exc:
         raise LoadError(path, f"is not UTF-8 text ({exc.reason} at byte {exc.start})", member) from None
     except JSONDepthError as exc:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from typing import Any
 
 import numpy as np
@@ -27,36 +26,67 @@ from .types import DTYPES, TensorType
 FORMAT = "graphc.ir"
 VERSION = 1
 MAX_JSON_DEPTH = 64  # graph documents nest about 8 deep; json.loads recurses once per level
+# Parsed JSON takes ~60-100 bytes per element whatever the text's size: the element count bounds
+# the memory a document costs (the MNIST CNN's graph has ~5,000 elements).
+MAX_JSON_ITEMS = 2_000_000
 _NP_DTYPES = {name: np.dtype(name) for name in DTYPES}
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
-
-
-class JSONDepthError(SerializationError):
-    """A JSON document nested deeper than graphc's documents ever are."""
-
-
-def json_depth(text: str) -> int:
-    """The deepest nesting of arrays and objects in a JSON text (strings skipped), counted
-    without parsing it."""
-    data = np.frombuffer(_STRING.sub(b'""', text.encode("utf-8", "surrogatepass")), np.uint8)
-    if data.size == 0:
-        return 0
-    return int(np.cumsum(_BRACKET_STEP[data], dtype=np.int64).max())
-
-
 _BRACKET_STEP = np.zeros(256, np.int8)
 _BRACKET_STEP[[ord("["), ord("{")]] = 1
 _BRACKET_STEP[[ord("]"), ord("}")]] = -1
+_ITEM_MARK = np.zeros(256, bool)  # one per element at most: separators and openers
+_ITEM_MARK[[ord(","), ord(":"), ord("["), ord("{")]] = True
+_SCAN_CHUNK = 1 << 20
 
 
-def load_json(text: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """json.loads for documents from outside: nesting deeper than `max_depth` raises
-    JSONDepthError (json.loads itself would exhaust the stack), bad JSON a ValueError."""
-    depth = json_depth(text)
+class JSONDepthError(SerializationError):
+    """A JSON document nested deeper, or holding more elements, than graphc's documents do."""
+
+
+def json_shape(document: str | bytes) -> tuple[int, int]:
+    """(deepest nesting of arrays and objects, upper bound on the element count) of a JSON
+    text, counted without parsing it: in chunks, vectorised, with the state that crosses a
+    chunk boundary (inside a string or not, the run of backslashes before) carried over."""
+    data = document.encode("utf-8", "surrogatepass") if isinstance(document, str) else document
+    depth = deepest = 0
+    items = 1
+    in_string, backslashes = 0, 0
+    for start in range(0, len(data), _SCAN_CHUNK):
+        chunk = np.frombuffer(data, np.uint8, min(_SCAN_CHUNK, len(data) - start), start)
+        quote = chunk == ord('"')
+        is_backslash = chunk == ord("\\")
+        if backslashes or is_backslash.any():
+            # the run of backslashes ending at each byte (one carried in from the last chunk):
+            # a quote after an odd run is escaped
+            position = np.arange(len(chunk), dtype=np.int32)
+            last_other = np.maximum.accumulate(np.where(is_backslash, -1, position))
+            run = position - last_other + np.where(last_other < 0, backslashes, 0)
+            quote &= np.concatenate(([backslashes], run[:-1])) % 2 == 0
+            backslashes = int(run[-1])
+        inside = (np.cumsum(quote, dtype=np.int32) + in_string) % 2 == 1
+        structural = ~(inside | quote)
+        steps = _BRACKET_STEP[chunk]
+        steps[~structural] = 0
+        levels = np.cumsum(steps, dtype=np.int32) + depth
+        deepest, depth = max(deepest, int(levels.max())), int(levels[-1])
+        items += int(np.count_nonzero(_ITEM_MARK[chunk] & structural))
+        in_string = int(inside[-1])
+    return deepest, items
+
+
+def load_json(document: str | bytes, max_depth: int = MAX_JSON_DEPTH,
+              max_items: int = MAX_JSON_ITEMS) -> Any:
+    """json.loads for documents from outside, their nesting and size checked first (json.loads
+    would exhaust the stack on deep nesting, and memory on millions of tiny elements):
+    JSONDepthError beyond the limits, a ValueError for bad JSON (bytes must be UTF-8)."""
+    depth, items = json_shape(document)
     if depth > max_depth:
         raise JSONDepthError(f"JSON nested {depth} levels deep (at most {max_depth})")
+    if items > max_items:
+        raise JSONDepthError(f"JSON of up to {items:,} elements (at most {max_items:,})")
+    if isinstance(document, bytes):
+        document = document.decode("utf-8")  # json.loads would also accept UTF-16 and -32
     try:
-        return json.loads(text)
+        return json.loads(document)
     except RecursionError:  # unreachable given the depth check; never let it escape
         raise JSONDepthError(f"JSON nested too deeply (at most {max_depth})") from None
 
@@ -186,13 +216,14 @@ def graph_to_json(graph: Graph, indent: int | None = None) -> str:
                       indent=indent, sort_keys=False)
 
 
-def graph_from_json(text: str) -> Graph:
-    """Parse, rebuild and verify a graph document; anything wrong raises SerializationError."""
+def graph_from_json(text: str | bytes) -> Graph:
+    """Parse, rebuild and verify a graph document (bytes: UTF-8); anything wrong raises
+    SerializationError."""
     from .verify import verify
 
     try:
         doc = load_json(text)
-    except ValueError as exc:  # JSONDecodeError; JSONDepthError is a SerializationError
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError; JSONDepthError is ours
         if isinstance(exc, SerializationError):
             raise
         raise SerializationError(f"not a JSON document: {exc}") from None

@@ -72,3 +72,35 @@ def test_manifest_entries_of_any_type_are_refused_cleanly(seeds, tmp_path):
         path.write_bytes(fuzz.write_zip(list(fuzz.with_checksums(members).items())))
         with pytest.raises(GraphcError, match="checksums.json: malformed entry for tensor"):
             load_export(str(path))
+
+
+def true_shape(doc, depth=0):
+    """(nesting depth, element count) of a parsed JSON value."""
+    if isinstance(doc, dict):
+        inner = [true_shape(v, depth + 1) for v in doc.values()]
+        return max([depth + 1] + [d for d, _ in inner]), 1 + 2 * len(doc) + sum(n - 1 for _, n in inner)
+    if isinstance(doc, list):
+        inner = [true_shape(v, depth + 1) for v in doc]
+        return max([depth + 1] + [d for d, _ in inner]), 1 + sum(n for _, n in inner)
+    return depth, 1
+
+
+JSON_TEXT = st.text(alphabet=st.sampled_from('ab"\\[]{},:\n é'), max_size=8)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | JSON_TEXT,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(JSON_TEXT, children, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(doc=JSON_VALUES, chunk=st.sampled_from([1, 2, 3, 7, 1 << 20]), indent=st.sampled_from([None, 1]))
+def test_json_shape_counts_nesting_without_parsing(monkeypatch, doc, chunk, indent):
+    """Strings holding brackets, quotes and backslashes are skipped, across chunk boundaries."""
+    import json
+
+    from graphc.ir import serialize
+
+    monkeypatch.setattr(serialize, "_SCAN_CHUNK", chunk)
+    depth, items = serialize.json_shape(json.dumps(doc, indent=indent, ensure_ascii=False))
+    expected_depth, expected_items = true_shape(doc)
+    assert depth == expected_depth and items >= expected_items

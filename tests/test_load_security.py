@@ -2,14 +2,12 @@
 export files, bombs, special files, corruption of exports and checkpoints, and the source
 guard that stands between code generation and the interpreter."""
 import hashlib
-import io
 import json
 import os
 import struct
 import subprocess
 import sys
 import threading
-import time
 import zipfile
 import zlib
 
@@ -339,12 +337,24 @@ def write_zip(path, entries):
     return str(path)
 
 
-def export_with(path, out, name, pieces, size):
-    """The export at `path` with member `name` replaced by the deflate `pieces` of `size` bytes."""
+def export_with(path, out, name, pieces, size, content=None):
+    """The export at `path` with member `name` replaced by the deflate `pieces` of `size` bytes.
+    Given the member's `content` as (bytes, repeat) pieces, its CRC and checksum are right too."""
+    members = members_of(path)
+    crc = 0
+    if content is not None:
+        digest = hashlib.sha256()
+        for data, repeat in content:
+            for _ in range(repeat):
+                crc = zlib.crc32(data, crc)
+                digest.update(data)
+        manifest = json.loads(members["checksums.json"])
+        manifest["members"][name] = digest.hexdigest()
+        members["checksums.json"] = json.dumps(manifest).encode()
     entries = []
-    for member, data in members_of(path).items():
+    for member, data in members.items():
         if member == name:
-            entries.append((name, 8, 0, size, pieces))
+            entries.append((name, 8, crc, size, pieces))
         else:
             c = zlib.compressobj(9, zlib.DEFLATED, -15)
             entries.append((member, 8, zlib.crc32(data), len(data), [(c.compress(data) + c.flush(), 1)]))
@@ -386,6 +396,7 @@ def test_bombs_are_refused_in_bounded_memory(exported, tmp_path):
     graph_json = members_of(path)["graph.json"]
     zeros = deflate_pieces(b"", bytes(MiB), 2048)  # 2 GiB of zeros in ~2 MB
     spaces = deflate_pieces(graph_json, b" " * MiB, 1024)  # valid JSON, padded by 1 GiB
+    short_strings = b'"ab",' * (MiB // 5)
     idx_header = bytes([0, 0, 0x08, 3]) + b"".join(d.to_bytes(4, "big") for d in (10, 28, 28))
     huge_idx_header = bytes([0, 0, 0x08, 1]) + (1 << 31).to_bytes(4, "big")
 
@@ -406,8 +417,14 @@ def test_bombs_are_refused_in_bounded_memory(exported, tmp_path):
         "2 GiB unknown member": (LOAD_EXPORT, export_with(path, tmp_path / "extra.gcx", "metadata.json",
                                                           zeros, 2048 * MiB), "metadata.json: declares"),
         "1 GiB whitespace padding": (LOAD_EXPORT, export_with(path, tmp_path / "pad.gcx", "graph.json",
-                                                              spaces, len(graph_json) + 1024 * MiB),
+                                                              spaces, len(graph_json) + 1024 * MiB,
+                                                              content=[(graph_json, 1), (b" " * MiB, 1024)]),
                                      "graph.json: declares"),
+        "graph.json of 6 million short strings": (
+            LOAD_EXPORT, export_with(path, tmp_path / "many.gcx", "graph.json",
+                                     deflate_pieces(b"[", short_strings, 31), 1 + 31 * len(short_strings),
+                                     content=[(b"[", 1), (short_strings, 31)]),
+            "graph.json: JSON of up to 6,501,"),
         "IDX .gz bomb": (READ_IDX, gzip_file(tmp_path / "bomb.gz", deflate_pieces(idx_header, bytes(MiB), 2048)),
                          "trailing bytes"),
         "IDX .gz declaring 2 GiB": (READ_IDX, gzip_file(tmp_path / "huge.gz",
