@@ -161,7 +161,25 @@ def _expect(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
     return value
 
 
-def _primitive_node(entry: dict[str, Any], values: dict[int, Value], types: list[TensorType]) -> Node:
+class _ValueTypes:
+    """The document's value types, parsed when a value is defined (one TensorType per distinct
+    text): a document cannot make the loader build types for values no node defines."""
+
+    def __init__(self, texts: Any) -> None:
+        self.texts = _expect(texts, list, "the value types")
+        self.parsed: dict[str, TensorType] = {}
+
+    def __getitem__(self, index: Any) -> TensorType:
+        if type(index) is not int or not 0 <= index < len(self.texts):
+            raise SerializationError(f"value index {index!r:.40} is not one of the "
+                                     f"{len(self.texts)} values")
+        text = _expect(self.texts[index], str, "a value type")
+        if text not in self.parsed:
+            self.parsed[text] = TensorType.parse(text)
+        return self.parsed[text]
+
+
+def _primitive_node(entry: dict[str, Any], values: dict[int, Value], types: _ValueTypes) -> Node:
     """A node rebuilt from the registry: its op name and attributes come from the registry's
     schema, never from the document's strings."""
     op = _expect(entry["op"], str, "a node's op")
@@ -178,28 +196,27 @@ def _primitive_node(entry: dict[str, Any], values: dict[int, Value], types: list
         raise SerializationError(f"{op}: {exc}") from None
     loc = _expect(entry["loc"], (str, type(None)), f"{op}'s loc")
     inputs = tuple(values[_expect(i, int, f"{op}'s input")] for i in entry["inputs"])
-    outputs = [_expect(i, int, f"{op}'s output") for i in entry["outputs"]]
+    outputs = _expect(entry["outputs"], list, f"{op}'s outputs")
+    if any(i in values for i in outputs) or len(set(outputs)) != len(outputs):
+        raise SerializationError(f"node {op} redefines a value")
     return Node(prim.name, inputs, attrs, tuple(types[i] for i in outputs), loc)
 
 
 def graph_from_dict(doc: dict[str, Any]) -> Graph:
     """The graph of a document (not yet verified: see graph_from_json)."""
     try:
-        types = [TensorType.parse(_expect(t, str, "a value type")) for t in doc["values"]]
+        types = _ValueTypes(doc["values"])
         graph = Graph(_expect(doc["name"], str, "the graph's name"))
         values: dict[int, Value] = {}
         for inp in doc["inputs"]:
-            index = _expect(inp["value"], int, "an input's value")
-            if index in values or index < 0:
+            index = inp["value"]
+            if index in values:
                 raise SerializationError(f"input {inp['name']!r:.60} redefines value {index}")
             values[index] = graph.add_input(types[index], _expect(inp["name"], str, "an input's name"),
                                             _expect(inp["role"], str, "an input's role"))
         for entry in doc["nodes"]:
             node = _primitive_node(entry, values, types)
-            outputs = entry["outputs"]
-            if any(i in values or i < 0 for i in outputs):
-                raise SerializationError(f"node {node.op} redefines a value")
-            values.update(zip(outputs, node.outputs))
+            values.update(zip(entry["outputs"], node.outputs))
             graph.nodes.append(node)
         for out in doc["outputs"]:
             graph.add_output(_expect(out["name"], str, "an output's name"),
