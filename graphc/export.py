@@ -45,7 +45,8 @@ _KERNEL_MEMBER = re.compile(r"kernels/[A-Za-z0-9_]{1,200}\.py\Z")
 # bounded by the element count (ir.serialize.MAX_JSON_ITEMS).
 _JSON_LIMITS = {"format.json": 4 << 10, "checksums.json": 4 << 20, "metadata.json": 1 << 20,
                 "plan.json": 16 << 20, "graph.json": 32 << 20, "graph.traced.json": 32 << 20}
-_KERNEL_SOURCE_LIMIT = 4 << 20
+_KERNEL_SOURCE_LIMIT = 4 << 20  # each; all of them together: _KERNEL_SOURCES_LIMIT
+_KERNEL_SOURCES_LIMIT = 32 << 20
 _SAFETENSORS_HEADER_ALLOWANCE = 64 << 10  # plus _PER_TENSOR_ALLOWANCE per tensor
 _PER_TENSOR_ALLOWANCE = 1 << 10
 _MAX_TENSOR_BYTES = 1 << 34  # no single tensor of a graph may declare more (16 GiB)
@@ -149,10 +150,12 @@ def _archive(members: dict[str, bytes], state: dict[str, np.ndarray]) -> bytes:
 
 
 # -- loading ----------------------------------------------------------------------------------
-def _checked_format(path: str, archive: ZipMembers) -> dict[str, Any]:
+def _checked_format(path: str, archive: ZipMembers) -> tuple[dict[str, Any], bytes]:
+    """format.json, parsed and checked, and its bytes."""
     if "format.json" not in archive.infos:
         raise LoadError(path, "not a graphc export (no format.json)")
-    fmt = parse_json(archive.read("format.json", _JSON_LIMITS["format.json"]), path, "format.json")
+    data = archive.read("format.json", _JSON_LIMITS["format.json"])
+    fmt = parse_json(data, path, "format.json")
     if not isinstance(fmt, dict) or fmt.get("format") != FORMAT:
         raise LoadError(path, f"not a graphc export (format is {fmt!r:.80})", "format.json")
     version = fmt.get("version")
@@ -164,7 +167,7 @@ def _checked_format(path: str, archive: ZipMembers) -> dict[str, Any]:
                         f"and is no longer read; export the step again with this graphc", "format.json")
     if fmt.get("kind") not in ("train_step", "inference"):
         raise LoadError(path, f"unknown export kind {fmt.get('kind')!r:.40}", "format.json")
-    return fmt
+    return fmt, data
 
 
 def _checked_manifest(path: str, archive: ZipMembers) -> tuple[dict[str, str], dict[str, dict]]:
@@ -177,6 +180,10 @@ def _checked_manifest(path: str, archive: ZipMembers) -> tuple[dict[str, str], d
                      and not _KERNEL_MEMBER.match(n))
     if unknown:
         raise LoadError(path, f"unexpected members {[u[:80] for u in unknown[:5]]}")
+    sources = sum(archive.declared_size(n) for n in names if _KERNEL_MEMBER.match(n))
+    if sources > _KERNEL_SOURCES_LIMIT:
+        raise LoadError(path, f"the kernel sources declare {sources:,} bytes in all (at most "
+                        f"{_KERNEL_SOURCES_LIMIT:,})")
     doc = parse_json(archive.read("checksums.json", _JSON_LIMITS["checksums.json"]), path,
                      "checksums.json")
     members = doc.get("members") if isinstance(doc, dict) else None
@@ -415,10 +422,10 @@ class LoadedFunction(_Loaded):
 def load(path: str, backend: str | None = None) -> LoadedTrainStep | LoadedFunction:
     """Load an exported step or function; it runs without tracing or the model's code.
     Anything wrong with the file raises LoadError (a SerializationError)."""
+    members: dict[str, bytes] = {}
     with ZipMembers(path, "graphc export") as archive:
-        fmt = _checked_format(path, archive)
+        fmt, members["format.json"] = _checked_format(path, archive)
         digests, tensors = _checked_manifest(path, archive)
-        members = {"format.json": archive.read("format.json", _JSON_LIMITS["format.json"])}
         for name in sorted(archive.infos):
             if name in ("format.json", "checksums.json", "state.safetensors"):
                 continue

@@ -276,6 +276,10 @@ def test_a_member_inflating_past_its_declared_size_is_refused(exported, tmp_path
 def test_unknown_members_and_old_versions_are_refused(exported, tmp_path):
     path, _ = exported
     members = members_of(path)
+    members.update({f"kernels/k{i}.py": bytes(4 * MiB) for i in range(9)})
+    with pytest.raises(LoadError, match="kernel sources declare 37,748,736 bytes in all"):
+        gc.load(write_export(members, tmp_path / "sources.gcx"), backend=REF)
+    members = members_of(path)
     members["payload.py"] = b"import os"
     with pytest.raises(LoadError, match=r"unexpected members \['payload.py'\]"):
         gc.load(write_export(members, tmp_path / "extra.gcx"), backend=REF)
