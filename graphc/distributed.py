@@ -374,7 +374,7 @@ class DataParallelStep(TrainStep):
             state = {n: _add_inputs(b, {f"{n}.{k}": v for k, v in s.items()}, "state")
                      for n, s in self.opt_state.items()}
             step = Tensor(b.add_input(TensorType((), "float32"), "step", "state"))
-            lr = Tensor(b.add_input(TensorType((), "float32"), "lr", "data"))
+            lr = Tensor(b.add_input(TensorType((), self.optimizer.lr_dtype.name), "lr", "data"))
             mean = layout.unpack(reduced * (1.0 / self.world.size))
             grads = {n: mean[f"grad:{n}"] for n in self.trainable}
             if self.clip_grad_norm is not None:
@@ -432,7 +432,7 @@ class DataParallelStep(TrainStep):
         reduced_at = time.perf_counter()
         self.world.allreduce_(reduced)
         updated_at = time.perf_counter()
-        self._update.executable(reduced, *self._update.persistent, np.float32(self.optimizer.lr))
+        self._update.executable(reduced, *self._update.persistent, self.optimizer.lr_dtype.type(self.optimizer.lr))
         if uses_rng:
             self.rng_key[1] += 1
         self._record_times(start, reduced_at, updated_at, time.perf_counter())

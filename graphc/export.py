@@ -390,6 +390,12 @@ class LoadedTrainStep(_Loaded):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lr = float(self.metadata["lr"])
+        # The step's own dtype for it: a float64 model's rate is not rounded to float32.
+        rates = [inp.value.type for inp in self.graph.inputs if inp.name == "lr" and inp.role == "data"]
+        if len(rates) != 1 or rates[0].shape != () or rates[0].dtype not in ("float32", "float64"):
+            raise LoadError(self.path, "a training step needs one scalar float input named 'lr'",
+                            "graph.json")
+        self._lr_dtype = rates[0].np_dtype
         if hasattr(self.executable, "keep_on_device"):  # the state stays on the GPU between steps
             self.executable.keep_on_device(i for i, inp in enumerate(self.graph.inputs)
                                            if inp.role != "data")
@@ -405,7 +411,7 @@ class LoadedTrainStep(_Loaded):
         rng = self.graph.inputs[-1].role == "rng"
         if rng:
             persistent = persistent[:-1]
-        args += [*persistent, np.float32(self.lr)]
+        args += [*persistent, self._lr_dtype.type(self.lr)]
         if rng:
             args.append(self.persistent[-1])
         return float(self.executable(*args)[0])

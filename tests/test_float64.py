@@ -210,3 +210,16 @@ def test_every_layer_in_float64_matches_the_reference(name):
     for k in grads:
         assert grads[k].dtype == np.float64, k
         np.testing.assert_allclose(grads[k], ref_grads[k], **TIGHT, err_msg=k)
+
+
+def test_a_loaded_float64_step_keeps_its_learning_rate_in_float64(tmp_path):
+    """The loaded step passes lr in the step's own dtype, as the compiled one does."""
+    model = nn.Linear(3, 2, bias=False).double()
+    w0 = model.weight.copy()
+    step = gc.compile_train_step(model, F.mse_loss, optim.SGD(model.parameters(), lr=0.1),
+                                 (X, Y), backend="reference")
+    step.export(str(tmp_path / "step.gcx"))
+    loaded = gc.load(str(tmp_path / "step.gcx"), backend="reference")
+    loaded(X, Y)
+    gradient = 2 * (X @ w0.T - Y).T @ X / Y.size
+    np.testing.assert_allclose(loaded.state_dict()["weight"], w0 - 0.1 * gradient, rtol=1e-14, atol=1e-15)
