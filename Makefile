@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-fast bench install bytecode clean
+.PHONY: demo test test-fast test-oldest bench install bytecode clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,24 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
+# The suite again on the lowest numba, llvmlite and numpy pyproject.toml allows (its `>=` floors,
+# read from it, pinned with `==`): a declared floor is one the whole suite passed on.
+OLDEST       := .venv-oldest
+OLDEST_PINS   = $(shell sed -nE 's/^ *"(numba|llvmlite|numpy)>=([0-9.]+)",?/\1==\2/p' pyproject.toml)
+OLDEST_STAMP := $(OLDEST)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+$(OLDEST_STAMP): pyproject.toml
+	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST)/bin/python -m pip install -q $(OLDEST_PINS) -e ".[dev]"
+	-$(OLDEST)/bin/python -m pip install -q $(OLDEST_PINS) -e ".[compare]"
+	rm -f $(OLDEST)/.installed-*
+	touch $@
+
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST)/bin/python -m pip freeze | grep -iE '^(numba|llvmlite|numpy)=='
+	$(OLDEST)/bin/python -m pytest -q tests
+
 # The peers (extra `peers`) may not move graphc's own Numba: PyTensor's newest release pins an older one.
 bench: $(STAMP) bytecode
 	$(BIN)/python -m pip freeze | grep -iE '^(numba|llvmlite|numpy)==' > $(VENV)/pins.txt
@@ -40,4 +58,4 @@ bench: $(STAMP) bytecode
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(OLDEST) build *.egg-info .pytest_cache
