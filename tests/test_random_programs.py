@@ -31,7 +31,7 @@ CI = settings(derandomize=True, database=None, deadline=None, print_blob=False,
 REFERENCE_PROGRAMS = 2000
 CPU_PROGRAMS = 60
 CPU_LARGE_PROGRAMS = 4
-CUDA_PROGRAMS = 24
+CUDA_PROGRAMS = 60
 
 
 @settings(CI, max_examples=REFERENCE_PROGRAMS)
