@@ -29,7 +29,7 @@ def functions(x):
             np.squeeze(np.expand_dims(x, 0), 0), np.broadcast_to(x[:1], (4, 3)),
             np.take(x, [2, 0], axis=1), np.take_along_axis(x, INDICES, axis=1),
             np.pad(x, ((1, 0), (0, 2)), constant_values=1.5), np.transpose(np.stack([x, x]), (2, 0, 1)),
-            np.reshape(x, shape=(6,)), np.shape(x), np.ndim(x), np.size(x)]
+            np.reshape(x, (6,)), np.shape(x), np.ndim(x), np.size(x)]  # (shape= needs numpy >= 2.1)
 
 
 def assert_same(actual, expected):

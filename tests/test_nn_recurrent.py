@@ -189,7 +189,10 @@ def test_parameters_are_named_shaped_and_initialised_as_in_pytorch(name, gates):
     for k, v in state.items():
         assert v.dtype == np.float32
         assert np.all(np.abs(v) <= bound), k
-        assert np.std(v) > bound / 4, f"{k} looks uninitialised"
+        # Five draws can spread less than bound / 4 (about 1 run in 30): judge spread on large arrays.
+        if v.size >= 20:
+            assert np.std(v) > bound / 4, f"{k} looks uninitialised"
+        assert len(np.unique(v)) == v.size, f"{k} looks uninitialised"
     without_bias = getattr(nn, name)(3, 5, bias=False).state_dict()
     assert list(without_bias) == ["weight_ih_l0", "weight_hh_l0"]
 
