@@ -17,6 +17,7 @@ import numpy as np
 from graphc.backends import compile_graph
 from graphc.ir import Graph, InputError, TensorType, Value
 from graphc.ir.errors import GraphcError, without_internal_frames
+from graphc.ir.graph import safe_module_path
 from graphc.passes import SIMPLIFY, autodiff, run_pipeline
 from graphc.tree import TreeDef, flatten, unflatten
 
@@ -146,6 +147,7 @@ def _inline(graph: Graph, args: list[Tensor], reads: ModuleReads = ModuleReads()
         key, first_stream = t.random_key()
         mapping[graph.inputs[-1].value] = key
     stream_offset = None
+    caller_module = t.builder.module  # inlined nodes keep their module paths below the caller's
     for node in graph.nodes:
         attrs = node.attrs
         if "stream" in attrs and node.op.startswith("random_"):
@@ -155,8 +157,9 @@ def _inline(graph: Graph, args: list[Tensor], reads: ModuleReads = ModuleReads()
             attrs = {**attrs, "stream": attrs["stream"] + stream_offset}
             t.next_stream = max(t.next_stream, attrs["stream"] + 1)
         t.builder.loc = node.loc
+        t.builder.module = safe_module_path(".".join(p for p in (caller_module, node.module) if p)) or None
         mapping[node.output] = t.builder.bind(node.op, *(mapping[v] for v in node.inputs), **attrs)
-    t.builder.loc = None
+    t.builder.loc, t.builder.module = None, caller_module
     return [Tensor(mapping[v]) for v in graph.output_values]
 
 

@@ -96,6 +96,12 @@ def info_lines(loaded) -> list[str]:
     lines.append(f"parameters: {sum(a.size for a in params.values()):,} in {len(params)} tensors, "
                  f"{sum(a.nbytes for a in params.values()):,} bytes")
     lines.append(f"graph: {len(graph.nodes)} nodes")
+    modules: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.module:
+            modules[node.module] = modules.get(node.module, 0) + 1
+    if modules:
+        lines.append("modules (nodes): " + ", ".join(f"{m} ({n})" for m, n in modules.items()))
     plan = loaded.plan
     kernels = plan.get("kernels") or []
     lines.append(f"kernels: {len(kernels)}")

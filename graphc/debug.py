@@ -1,8 +1,8 @@
 """Numerics debugging: which op made the NaN?
 
 The graph is rerun on the reference interpreter node by node, and the first primitive whose
-result holds a NaN or an infinity is reported with its operands and the user's source line
-(as JAX's debug_nans). The compiled step's own state is not touched.
+result holds a NaN or an infinity is reported with its operands, the module path it came from
+and the user's source line (as JAX's debug_nans). The compiled step's own state is not touched.
 """
 from __future__ import annotations
 
@@ -22,11 +22,13 @@ class NonFiniteReport:
     index: int
     kind: str  # "NaN" or "Inf"
     inputs: list[str]
+    module: str | None = None  # the module path the op came from ("features.0")
 
     def __str__(self) -> str:
         if self.index < 0:
             return f"{self.op} already holds {self.kind} ({self.inputs[0]})"
-        where = f" at {self.loc}" if self.loc else ""
+        where = f" in module {self.module}" if self.module else ""
+        where += f" at {self.loc}" if self.loc else ""
         return (f"first non-finite value: {self.op}{where} (node {self.index}) produced {self.kind}; "
                 f"operands: {'; '.join(self.inputs) or 'none'}")
 
@@ -63,7 +65,8 @@ def find_nonfinite(graph: Graph, args: Sequence[Any]) -> NonFiniteReport | None:
             if out.dtype.kind == "f" and not np.all(np.isfinite(out)):
                 kind = "NaN" if np.isnan(out).any() else "Inf"
                 inputs = [_describe(np.asarray(env[v])) for v in node.inputs]
-                raise _Found(NonFiniteReport(node.op, node.loc, position[node], kind, inputs))
+                raise _Found(NonFiniteReport(node.op, node.loc, position[node], kind, inputs,
+                                             node.module))
 
     try:
         with np.errstate(all="ignore"):

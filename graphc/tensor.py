@@ -16,6 +16,7 @@ import numpy as np
 
 from graphc.ir import Builder, Value
 from graphc.ir.errors import DTypeError, GraphcError, ShapeError, user_location
+from graphc.ir.graph import safe_module_path
 from graphc.ir.types import SHORT_NAMES, TensorType, canonical_dtype, is_float
 
 
@@ -140,11 +141,29 @@ class Trace:
         if id(module) not in self.modules:
             self.modules[id(module)] = module
             self.module_name(module)  # while its callers are known
+        outer_path = self.builder.module
+        self.builder.module = self._module_path(module)  # the nodes it makes are stamped with it
         self._calling.append(module)
         try:
             yield
         finally:
             self._calling.pop()
+            self.builder.module = outer_path
+
+    def _module_path(self, module: Any) -> str | None:
+        """`module`'s path from the outermost module being called ("encoder.layers.1"), None
+        for that module itself: the provenance its nodes carry."""
+        if not self._calling:
+            return None
+        parent, parent_path = self._calling[-1], self.builder.module
+        name = next((n for n, m in parent._modules.items() if m is module), None)
+        if name is None:  # not the caller's own child: look it up from the outermost module
+            outermost = self._calling[0]
+            found = next((p for p, m in outermost.named_modules() if m is module), None)
+            name, parent_path = (found[:-1], None) if found else (type(module).__name__, parent_path)
+            if not name:  # the outermost module, called again inside itself
+                return None
+        return safe_module_path(f"{parent_path}.{name}" if parent_path else name)
 
     def read_state(self, ref: StateRef, name: str | None = None) -> Tensor:
         """The implicit input standing for a module's parameter or buffer (one per ref), named

@@ -16,11 +16,18 @@ from .types import TensorType
 
 
 class Builder:
-    """Appends nodes to one graph. `loc`, when set, overrides the traced user location."""
+    """Appends nodes to one graph. `loc`, when set, overrides the traced user location;
+    `module` is the module path new nodes are stamped with (set while a module's forward is
+    traced, or copied from the node a pass rewrites)."""
 
     def __init__(self, graph: Graph | str = "graph") -> None:
         self.graph = graph if isinstance(graph, Graph) else Graph(graph)
         self.loc: str | None = None
+        self.module: str | None = None
+
+    def at(self, node: Node | None) -> None:
+        """New nodes take `node`'s user line and module path (None: the traced ones again)."""
+        self.loc, self.module = (node.loc, node.module) if node is not None else (None, None)
 
     def add_input(self, type: TensorType, name: str, role: str = "data") -> Value:
         return self.graph.add_input(type, name, role)
@@ -44,7 +51,7 @@ class Builder:
             where = f" at {loc}" if loc else ""
             cls = DTypeError if exc.dtype else ShapeError
             raise cls(f"{op}: {exc} (operands: {operands}){where}") from None
-        node = Node(op, inputs, attrs, (out_type,), loc)
+        node = Node(op, inputs, attrs, (out_type,), loc, module=self.module)
         self.graph.nodes.append(node)
         return node.output
 

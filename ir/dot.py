@@ -1,14 +1,15 @@
 """Graph views for people and for graph algorithms: Graphviz DOT and networkx.
 
-DOT: one box per node (op and result type), inputs and outputs drawn distinctly, fused kernels
-as clusters holding their subgraph, and optionally values coloured by memory slot.
+DOT: one box per node (op, result type and module path; its user line in the tooltip), inputs
+and outputs drawn distinctly, fused kernels as clusters holding their subgraph (the module paths
+they cover in the tooltip), and optionally values coloured by memory slot.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 from .graph import Graph, Value
-from .printer import format_attr
+from .printer import format_attr, format_origin
 
 _ROLE_COLORS = {"data": "#cfe8ff", "param": "#ffe4b5", "state": "#e6d5ff", "rng": "#d8f5d0"}
 _SLOT_COLORS = ["#fbb4ae", "#b3cde3", "#ccebc5", "#decbe4", "#fed9a6", "#ffffcc", "#e5d8bd",
@@ -23,7 +24,8 @@ def _label(node) -> str:
     attrs = [f"{k}={format_attr(v)}" for k, v in node.attrs.items()
              if k not in ("value", "name", "pattern")]
     text = node.op + ("\n" + ", ".join(attrs) if attrs and len(", ".join(attrs)) < 60 else "")
-    return text + "\n" + ", ".join(str(v.type) for v in node.outputs)
+    text += "\n" + ", ".join(str(v.type) for v in node.outputs)
+    return text + (f"\n[{node.module}]" if node.module else "")
 
 
 def graph_to_dot(graph: Graph, slot_of: Callable[[Value], int | None] | None = None,
@@ -53,8 +55,10 @@ def graph_to_dot(graph: Graph, slot_of: Callable[[Value], int | None] | None = N
         for node in g.nodes:
             if node.subgraph is None:
                 nid = fresh("n")
+                tooltip = f", tooltip={_quote(format_origin(node))}" if node.loc or node.module else ""
                 lines.append(f"{indent}{nid} [shape=box, style=\"rounded,filled\", "
-                             f"fillcolor={_quote(fill(node.outputs[0], 'white'))}, label={_quote(_label(node))}];")
+                             f"fillcolor={_quote(fill(node.outputs[0], 'white'))}, label={_quote(_label(node))}"
+                             f"{tooltip}];")
                 for v in node.inputs:
                     lines.append(f"{indent}{ids[v]} -> {nid};")
                 ids[node.outputs[0]] = nid
@@ -63,7 +67,10 @@ def graph_to_dot(graph: Graph, slot_of: Callable[[Value], int | None] | None = N
             cid = fresh("cluster_k")
             title = f"{node.attrs.get('name', 'kernel')} ({node.attrs.get('pattern', '')})"
             lines.append(f"{indent}subgraph {cid} {{")
-            lines.append(f"{indent}  label={_quote(title)}; style=\"rounded,filled\"; fillcolor=\"#f7f7f7\";")
+            covered = ", ".join(node.module_paths())
+            tooltip = f" tooltip={_quote(covered)};" if covered else ""
+            lines.append(f"{indent}  label={_quote(title)}; style=\"rounded,filled\"; fillcolor=\"#f7f7f7\";"
+                         f"{tooltip}")
             for outer, inner in zip(node.inputs, node.subgraph.input_values):
                 ids[inner] = ids[outer]
             emit_nodes(node.subgraph, indent + "  ")
@@ -92,7 +99,8 @@ def graph_to_networkx(graph: Graph):
         g.add_node(("input", i), op="input", name=inp.name, role=inp.role, type=str(inp.value.type))
         where[inp.value] = ("input", i)
     for i, node in enumerate(graph.nodes):
-        g.add_node(("node", i), op=node.op, type=[str(v.type) for v in node.outputs], loc=node.loc)
+        g.add_node(("node", i), op=node.op, type=[str(v.type) for v in node.outputs], loc=node.loc,
+                   module=node.module)
         for pos, v in enumerate(node.inputs):
             g.add_edge(where[v], ("node", i), key=pos)
         for v in node.outputs:

@@ -7,12 +7,24 @@ have several.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 from .types import TensorType
 
 ROLES = ("data", "param", "state", "rng")
+
+MODULE_PATH_MAX = 200
+MODULE_PATH_CHARS = re.compile(r"[A-Za-z0-9_.]+")
+_MODULE_PATH_OTHER = re.compile(r"[^A-Za-z0-9_.]")
+
+
+def safe_module_path(path: str) -> str:
+    """`path` in the characters module paths may hold (`[A-Za-z0-9_.]`, MODULE_PATH_MAX at
+    most), others replaced by "_": a ModuleDict key may be any string, and paths are printed in
+    generated kernels' comments, where a line break would be code."""
+    return _MODULE_PATH_OTHER.sub("_", path)[:MODULE_PATH_MAX]
 
 
 class Value:
@@ -37,19 +49,28 @@ class Value:
 
 
 class Node:
-    """One operation: `outputs = op(*inputs, **attrs)`, recorded at the user's `loc`."""
+    """One operation: `outputs = op(*inputs, **attrs)`, recorded at the user's `loc` and inside
+    the `module` it came from: its path from the outermost module called while tracing
+    ("encoder.layers.1.fc", as fx's nn_module_stack), None outside any submodule."""
 
-    __slots__ = ("op", "inputs", "attrs", "outputs", "loc", "subgraph")
+    __slots__ = ("op", "inputs", "attrs", "outputs", "loc", "subgraph", "module")
 
     def __init__(self, op: str, inputs: tuple[Value, ...], attrs: dict[str, Any],
                  output_types: tuple[TensorType, ...], loc: str | None = None,
-                 subgraph: Graph | None = None) -> None:
+                 subgraph: Graph | None = None, module: str | None = None) -> None:
         self.op = op
         self.inputs = tuple(inputs)
         self.attrs = attrs
         self.outputs = tuple(Value(t, self) for t in output_types)
         self.loc = loc
         self.subgraph = subgraph
+        self.module = module
+
+    def module_paths(self) -> list[str]:
+        """The module paths this node covers, in order: its own, or a kernel's members'."""
+        if self.subgraph is None:
+            return [self.module] if self.module else []
+        return list(dict.fromkeys(p for n in self.subgraph.nodes for p in n.module_paths()))
 
     @property
     def output(self) -> Value:
@@ -171,7 +192,8 @@ class Graph:
         for node in self.nodes:
             clone = Node(node.op, tuple(mapping[v] for v in node.inputs), node.attrs,
                          tuple(v.type for v in node.outputs), node.loc,
-                         node.subgraph.copy() if node.subgraph is not None else None)
+                         node.subgraph.copy() if node.subgraph is not None else None,
+                         node.module)
             mapping.update(zip(node.outputs, clone.outputs))
             new.nodes.append(clone)
         new.outputs = [(n, mapping[v]) for n, v in self.outputs]

@@ -1,7 +1,7 @@
 """A stable, readable text form of graphs (in the spirit of a jaxpr).
 
     graph mlp(%0: f32[4,3] x [data], %1: f32[3,2] w [param]) {
-      %2: f32[4,2] = matmul(%0, %1)                      # model.py:12
+      %2: f32[4,2] = matmul(%0, %1)                      # fc @ model.py:12
       return (y: %2)
     }
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .graph import Graph, Value
+from .graph import Graph, Node, Value
 
 _LOC_COLUMN = 56
 
@@ -42,8 +42,9 @@ def format_graph(graph: Graph, indent: str = "", names: dict[Value, str] | None 
         attrs = ", ".join(f"{k}={format_attr(v)}" for k, v in node.attrs.items())
         sep = "; " if args and attrs else ""
         text = f"{indent}  {outs} = {node.op}({args}{sep}{attrs})"
-        if node.loc:
-            text = f"{text.ljust(_LOC_COLUMN)}  # {_short_loc(node.loc)}"
+        origin = format_origin(node)
+        if origin:
+            text = f"{text.ljust(_LOC_COLUMN)}  # {origin}"
         lines.append(text)
         if node.subgraph is not None:
             # Name the subgraph's values afresh: they are a separate scope.
@@ -54,7 +55,15 @@ def format_graph(graph: Graph, indent: str = "", names: dict[Value, str] | None 
     return "\n".join(lines)
 
 
-def _short_loc(loc: str) -> str:
+def format_origin(node: Node) -> str:
+    """Where a node came from, for people: "features.0 @ model.py:12" (module path and user
+    line, either may be missing); a kernel names the module paths of its members."""
+    modules = ", ".join(node.module_paths())
+    loc = short_loc(node.loc) if node.loc else ""
+    return " @ ".join(part for part in (modules, loc) if part)
+
+
+def short_loc(loc: str) -> str:
     """Keep the file's base name: the full path is in the JSON, the text form stays narrow."""
     path, _, line = loc.rpartition(":")
     return f"{path.rsplit('/', 1)[-1]}:{line}"

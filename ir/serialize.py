@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GraphcError, SerializationError
-from .graph import Graph, Node, Value
+from .graph import MODULE_PATH_CHARS, MODULE_PATH_MAX, Graph, Node, Value
 from .registry import PRIMITIVES
 from .types import DTYPES, TensorType
 
@@ -147,6 +147,8 @@ def graph_to_dict(graph: Graph) -> dict[str, Any]:
             "attrs": {k: _encode_attr(v) for k, v in node.attrs.items()},
             "loc": node.loc,
         }
+        if node.module:
+            entry["module"] = node.module
         if node.subgraph is not None:
             entry["subgraph"] = graph_to_dict(node.subgraph)
         nodes.append(entry)
@@ -195,11 +197,22 @@ def _primitive_node(entry: dict[str, Any], values: dict[int, Value], types: _Val
     except GraphcError as exc:
         raise SerializationError(f"{op}: {exc}") from None
     loc = _expect(entry["loc"], (str, type(None)), f"{op}'s loc")
+    module = _module_path(entry.get("module"), op)
     inputs = tuple(values[_expect(i, int, f"{op}'s input")] for i in entry["inputs"])
     outputs = _expect(entry["outputs"], list, f"{op}'s outputs")
     if any(i in values for i in outputs) or len(set(outputs)) != len(outputs):
         raise SerializationError(f"node {op} redefines a value")
-    return Node(prim.name, inputs, attrs, tuple(types[i] for i in outputs), loc)
+    return Node(prim.name, inputs, attrs, tuple(types[i] for i in outputs), loc, module=module)
+
+
+def _module_path(path: Any, op: str) -> str | None:
+    """A node's module path from a document: dotted names only (it is printed in generated
+    kernels' comments, where anything else, a line break first, could become code)."""
+    _expect(path, (str, type(None)), f"{op}'s module path")
+    if path is not None and (len(path) > MODULE_PATH_MAX or not MODULE_PATH_CHARS.fullmatch(path)):
+        raise SerializationError(f"{op}'s module path {path!r:.60} is not a dotted name of at most "
+                                 f"{MODULE_PATH_MAX} characters from [A-Za-z0-9_.]")
+    return path
 
 
 def graph_from_dict(doc: dict[str, Any]) -> Graph:

@@ -139,7 +139,7 @@ def autodiff(graph: Graph, wrt: Sequence[int | str], output: str | None = None,
         raise GraphcError(f"autodiff: output {out_name!r} has shape {target.shape}; grad needs a "
                           "scalar (reduce it, e.g. with .sum(), or use vjp with a cotangent)")
     else:
-        b.loc = target.producer.loc if target.producer is not None else None
+        b.at(target.producer)
         seed = b.const(1, target.dtype)
 
     sources = {new.inputs[i].value for i in indices}
@@ -149,9 +149,8 @@ def autodiff(graph: Graph, wrt: Sequence[int | str], output: str | None = None,
     for node in _active_nodes(new, sources, target):
         if node.output not in cts:
             continue
-        b.loc = node.loc
+        b.at(node)  # gradient nodes point at the user line and module of the forward op
         g = _sum_cotangents(b, cts.pop(node.output))
-        b.loc = node.loc  # gradient nodes point at the user line of the forward op
         rule = get(node.op).vjp
         if rule is None:
             raise GraphcError(f"autodiff: op {node.op!r} has no differentiation rule"
@@ -162,7 +161,7 @@ def autodiff(graph: Graph, wrt: Sequence[int | str], output: str | None = None,
 
     if not keep_outputs:
         new.outputs = []
-    b.loc = None
+    b.at(None)
     for i in indices:
         inp = new.inputs[i]
         parts = cts.get(inp.value)

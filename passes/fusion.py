@@ -429,7 +429,7 @@ class _KernelBuilder:
             local[v] = clone.output
         for m in members:
             clone = Node(m.op, tuple(local[v] for v in m.inputs), m.attrs,
-                         tuple(v.type for v in m.outputs), m.loc)
+                         tuple(v.type for v in m.outputs), m.loc, module=m.module)
             sub.nodes.append(clone)
             local.update(zip(m.outputs, clone.outputs))
         for i, v in enumerate(outputs):

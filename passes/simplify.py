@@ -110,11 +110,11 @@ def _rebuild(graph: Graph, rewrite: Callable[[Builder, Node, tuple[Value, ...]],
     mapping = {i.value: new.add_input(i.value.type, i.name, i.role) for i in graph.inputs}
     for node in graph.nodes:
         ins = tuple(mapping[v] for v in node.inputs)
-        b.loc = node.loc
+        b.at(node)
         replacement = rewrite(b, node, ins) if node.subgraph is None else None
         if replacement is None:
             clone = Node(node.op, ins, node.attrs, tuple(v.type for v in node.outputs), node.loc,
-                         node.subgraph)
+                         node.subgraph, node.module)
             new.nodes.append(clone)
             mapping.update(zip(node.outputs, clone.outputs))
             if on_clone is not None and node.subgraph is None:

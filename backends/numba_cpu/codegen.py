@@ -5,7 +5,7 @@ from graphc.ir import Node
 from graphc.ir.registry import PRIMITIVES
 from graphc.passes.fusion import op_class
 
-from .codegen_common import KernelSource
+from .codegen_common import KernelSource, origin_comment
 from .codegen_elementwise import generate_elementwise, lowerable_pointwise
 from .codegen_library import LIBRARY_LOWERINGS, generate_library
 from .codegen_reduction import REDUCTION_OPS, generate_reduction
@@ -20,7 +20,9 @@ GENERATORS = {
 
 def generate(kernel: Node) -> KernelSource:
     """The source of one fused kernel (not for 'view' and 'constant' kernels: no code runs)."""
-    return GENERATORS[kernel.attrs["pattern"]](kernel)
+    generated = GENERATORS[kernel.attrs["pattern"]](kernel)
+    generated.origin = origin_comment(kernel)
+    return generated
 
 
 def unlowered_primitives() -> list[str]:

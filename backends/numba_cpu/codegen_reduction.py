@@ -285,7 +285,7 @@ def collapse_reduced_axes(kernel: Node) -> tuple[Node, dict[str, tuple[int, ...]
             attrs = {**attrs, "axes": tuple(run[0] - sum(len(r) - 1 for r in runs if r[0] < run[0])
                                             for run in runs)}
         clone = Node(node.op, tuple(mapping[v] for v in node.inputs), attrs,
-                     tuple(types[v] for v in node.outputs), node.loc)
+                     tuple(types[v] for v in node.outputs), node.loc, module=node.module)
         mapping.update(zip(node.outputs, clone.outputs))
         graph.nodes.append(clone)
     for name, v in sub.outputs:

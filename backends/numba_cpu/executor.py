@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numba
@@ -301,7 +301,8 @@ class Executable:
         for k in self.kernels:
             parts = [(call.entry, totals.get((k.name, i), 0.0) / max(calls, 1))
                      for i, call in enumerate(k.generated.calls)]
-            rows.append(ProfileRow(k.name, k.pattern, sum(t for _, t in parts), k.flops, parts))
+            rows.append(ProfileRow(k.name, k.pattern, sum(t for _, t in parts), k.flops, parts,
+                                   k.node.module_paths()))
         return ProfileReport(self.graph.name, rows, calls)
 
     def __repr__(self) -> str:
@@ -328,6 +329,7 @@ class ProfileRow:
     seconds: float      # mean per graph call
     flops: int
     parts: list[tuple[str, float]]  # (function, mean seconds) for each call of the kernel
+    modules: list[str] = field(default_factory=list)  # the module paths its ops came from
 
     @property
     def gflops(self) -> float:
@@ -348,16 +350,18 @@ class ProfileReport:
         return self.table()
 
     def table(self, parts: bool = False) -> str:
-        """One line per kernel, slowest first; with `parts`, one more per function it calls."""
+        """One line per kernel, slowest first, with the module paths its ops came from; with
+        `parts`, one more line per function it calls."""
         total = self.total_seconds or 1.0
         width = max([len(r.name) for r in self.rows] + [6])
         lines = [f"profile of {self.graph!r}: {len(self.rows)} kernels, mean of {self.calls} calls, "
                  f"{self.total_seconds * 1e3:.3f} ms in kernels",
                  f"{'kernel':<{width}}  {'pattern':<11} {'time us':>10} {'share':>6} "
-                 f"{'MFLOP':>9} {'GFLOP/s':>8}"]
+                 f"{'MFLOP':>9} {'GFLOP/s':>8}  modules"]
         for r in sorted(self.rows, key=lambda r: -r.seconds):
-            lines.append(f"{r.name:<{width}}  {r.pattern:<11} {r.seconds * 1e6:>10.1f} "
-                         f"{r.seconds / total:>6.1%} {r.flops / 1e6:>9.3f} {r.gflops:>8.2f}")
+            row = (f"{r.name:<{width}}  {r.pattern:<11} {r.seconds * 1e6:>10.1f} "
+                   f"{r.seconds / total:>6.1%} {r.flops / 1e6:>9.3f} {r.gflops:>8.2f}  ")
+            lines.append((row + ", ".join(r.modules)).rstrip())
             if parts and len(r.parts) > 1:
                 lines.extend(f"  {entry:<{width - 2}}  {'':<11} {seconds * 1e6:>10.1f} "
                              f"{seconds / total:>6.1%}" for entry, seconds in r.parts)

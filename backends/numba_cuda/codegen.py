@@ -21,7 +21,8 @@ from typing import Callable
 
 from graphc.ir import Node, TensorType, Value
 from graphc.ir.ops.random import rng_source
-from graphc.backends.numba_cpu.codegen_common import Writer, index_text, literal, size_of
+from graphc.backends.numba_cpu.codegen_common import (Writer, index_text, literal, origin_comment,
+                                                      size_of)
 from graphc.backends.numba_cpu.codegen_elementwise import (RNG_HELPERS, Domain, PointwiseEmitter,
                                                            argument_names, broadcast_index,
                                                            members_of)
@@ -67,10 +68,14 @@ class CudaKernelSource:
     pattern: str
     calls: list[CudaCall]
     scratch: tuple[TensorType, ...] = ()
+    origin: str = ""  # a comment naming the module paths and lines of its ops
 
     @property
     def source(self) -> str:
-        return "\n\n".join(call.source for call in self.calls)
+        """For reading: the origin comment (kept out of the compiled, cached modules), then
+        each call's module."""
+        code = "\n\n".join(call.source for call in self.calls)
+        return f"{self.origin}\n{code}" if self.origin else code
 
 
 def _module(name: str, body: Writer, helpers: list[str] = ()) -> str:
@@ -594,4 +599,6 @@ GENERATORS = {
 
 def generate(kernel: Node) -> CudaKernelSource:
     """The CUDA source of one fused kernel (not for 'view' and 'constant' kernels)."""
-    return GENERATORS[kernel.attrs["pattern"]](kernel)
+    generated = GENERATORS[kernel.attrs["pattern"]](kernel)
+    generated.origin = origin_comment(kernel)
+    return generated
