@@ -1,44 +1,13 @@
-"""The reference backend: a NumPy interpreter that runs any verified graph op by op.
+"""The reference backend: the IR's NumPy interpreter (ir/interpret.py) run op by op over a graph.
 
 It is the oracle every other backend is tested against, and the engine of the NaN locator.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
 import numpy as np
 
-from graphc.ir import Graph, IndexOutOfRangeError, Node
-from graphc.ir.registry import get
-
-NodeHook = Callable[[Node, list[np.ndarray]], None]
-
-
-def run_node(node: Node, args: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Evaluate one node (a primitive, or a fused kernel through its subgraph)."""
-    if node.subgraph is not None:
-        return evaluate(node.subgraph, args)
-    try:
-        out = get(node.op).impl(*args, **node.attrs)
-    except IndexOutOfRangeError as error:  # the impl knows the op, the node knows the user's line
-        raise error.at(node.loc) from None
-    expected = node.output.type
-    out = np.asarray(out, dtype=expected.dtype)
-    if out.shape != expected.shape:
-        raise AssertionError(f"{node.op}: reference produced shape {out.shape}, type says {expected}")
-    return [out]
-
-
-def evaluate(graph: Graph, args: Sequence[np.ndarray], on_node: NodeHook | None = None
-             ) -> list[np.ndarray]:
-    """Run `graph` on NumPy arrays (one per input, already of the input's type)."""
-    env = dict(zip(graph.input_values, args))
-    for node in graph.nodes:
-        outs = run_node(node, [env[v] for v in node.inputs])
-        env.update(zip(node.outputs, outs))
-        if on_node is not None:
-            on_node(node, outs)
-    return [env[v] for v in graph.output_values]
+from graphc.ir import Graph
+from graphc.ir.interpret import evaluate, run_node
 
 
 class ReferenceExecutable:
@@ -61,3 +30,6 @@ class ReferenceExecutable:
 
 def compile_graph(graph: Graph, donate: dict[int, int] | None = None) -> ReferenceExecutable:
     return ReferenceExecutable(graph, donate)
+
+
+__all__ = ["ReferenceExecutable", "compile_graph", "evaluate", "run_node"]

@@ -9,8 +9,8 @@ from typing import Callable
 
 import numpy as np
 
-from graphc.backends.reference import run_node
 from graphc.ir import Builder, Graph, Node, Value
+from graphc.ir.interpret import run_node
 from graphc.ir.registry import SOURCE, get
 
 FOLD_LIMIT = 1 << 16  # elements: larger constants stay computed, the graph stays small
