@@ -79,3 +79,27 @@ def test_shape_and_dtype_errors_name_the_op_and_operands():
         run_op("mul", [np.ones(2), np.ones(2, np.float32)])
     with pytest.raises(DTypeError, match="exp: expects a floating-point operand"):
         run_op("exp", [np.ones(2, np.int64)])
+
+
+@pytest.mark.parametrize("op", ["maximum", "minimum"])
+def test_maximum_minimum_propagate_nan_from_either_operand(op):
+    """NumPy's rule, in the registry's scalar expression (which every code generator composes)
+    and in the reference and numba-cpu backends."""
+    from graphc.backends import numba_cpu, reference
+    from graphc.ir import Builder, Graph, TensorType
+    from graphc.ir.registry import get
+
+    nan = float("nan")
+    x = np.array([nan, 1.0, nan, 2.0, -1.0], np.float32)
+    y = np.array([1.0, nan, nan, -3.0, 4.0], np.float32)
+    want = getattr(np, op)(x, y)
+    expression = get(op).scalar("a", "b")
+    scalar_results = [eval(expression, {"np": np}, {"a": a, "b": b}) for a, b in zip(x, y)]
+    np.testing.assert_array_equal(np.array(scalar_results, np.float32), want)
+
+    graph = Graph(op)
+    a = graph.add_input(TensorType((5,), "float32"), "x")
+    b = graph.add_input(TensorType((5,), "float32"), "y")
+    graph.add_output("out", getattr(Builder(graph), op)(a, b))
+    for backend in (reference, numba_cpu):
+        np.testing.assert_array_equal(backend.compile_graph(graph)(x, y)[0], want, err_msg=backend.__name__)

@@ -29,11 +29,6 @@ RANDOM_OPS = ("random_uniform", "random_bernoulli")
 # The generator's functions as helpers of the kernel that calls them: without the wrappers that
 # let Python or C call them, a dropout kernel compiles in 0.74-0.97 s instead of 1.07-1.23 s.
 RNG_HELPERS = rng_source(f"njit({HELPER_OPTIONS})")
-# The registry's `scalar` for these uses Python's max/min, which drop a NaN in the first operand.
-SCALAR_OVERRIDES: dict[str, Callable[..., str]] = {
-    "maximum": lambda x, y: f"np.maximum({x}, {y})",
-    "minimum": lambda x, y: f"np.minimum({x}, {y})",
-}
 
 
 @dataclass(frozen=True)
@@ -145,7 +140,7 @@ def _affine(i: str, start: int, step: int) -> str:
 
 # -- rules: op -> expression of its value at an output index ------------------------------------
 def _elementwise_rule(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
-    scalar = SCALAR_OVERRIDES.get(node.op) or get(node.op).scalar
+    scalar = get(node.op).scalar
     operands = [e.broadcast_operand(node, k, domain.index) for k in range(len(node.inputs))]
     return scalar(*operands, **node.attrs)
 

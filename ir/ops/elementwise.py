@@ -200,8 +200,10 @@ binary("mul", _quiet(np.multiply), _mul_vjp, lambda x, y: f"({x} * {y})")
 binary("div", _quiet(np.true_divide), _div_vjp, lambda x, y: f"({x} / {y})", infer=_float_binary)
 binary("pow", _quiet(np.power), _pow_vjp, lambda x, y: f"({x} ** {y})", infer=_float_binary)
 # maximum/minimum send the cotangent to x on ties, as the where-based rule of most frameworks.
-binary("maximum", _quiet(np.maximum), _select_vjp("ge"), lambda x, y: f"max({x}, {y})")
-binary("minimum", _quiet(np.minimum), _select_vjp("le"), lambda x, y: f"min({x}, {y})")
+# Their scalar is NumPy's, which returns a NaN from either operand: Python's max/min drop a NaN
+# in the second operand (max(1.0, nan) == 1.0, max(nan, 1.0) is nan).
+binary("maximum", _quiet(np.maximum), _select_vjp("ge"), lambda x, y: f"np.maximum({x}, {y})")
+binary("minimum", _quiet(np.minimum), _select_vjp("le"), lambda x, y: f"np.minimum({x}, {y})")
 
 for _name, _fn, _sym in [("eq", np.equal, "=="), ("ne", np.not_equal, "!="), ("lt", np.less, "<"),
                          ("le", np.less_equal, "<="), ("gt", np.greater, ">"),
