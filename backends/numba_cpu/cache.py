@@ -4,8 +4,11 @@ Each kernel module is written once, atomically, to ``<cache dir>/k_<hash>.py`` (
 the source and the graphc, Numba, llvmlite and Python versions) and imported under that name
 (registered in ``sys.modules``, or Numba's cache would be unloadable in the next process). Its
 entry function is decorated with ``cache=True``, so Numba keeps the compiled machine code in
-``<cache dir>/__pycache__``; a second process loads it in milliseconds instead of compiling
-(NUMBA_NOTES.md explains each of these choices).
+``<cache dir>/__pycache__``; a second process loads it in milliseconds instead of compiling.
+Why so: Numba cannot cache a function compiled from a string given to exec() (no file to locate
+it by); a module imported without its ``sys.modules`` entry leaves a cache the next process fails
+to load; and Numba stamps its index with the file's mtime and size, not its text, so a module
+file is never rewritten.
 
 The cache directory is ``$GRAPHC_CACHE_DIR``, else ``$XDG_CACHE_HOME/graphc``, else
 ``~/.cache/graphc``, used only when it is this user's alone (kernel_files.usable_cache_dir: a
@@ -369,9 +372,10 @@ class _Worker:
 
 def _can_fork() -> bool:
     """Forking is safe while this process runs no threads but its own: no other Python thread
-    (one could hold a lock the child needs) and no Numba thread pool yet (forking after OpenMP
-    has run is unsafe, NUMBA_NOTES.md). Linux only: elsewhere system libraries forbid it; and
-    not in an MPI rank, whose library may not survive a fork (pinned network memory)."""
+    (one could hold a lock the child needs) and no Numba thread pool yet (once OpenMP has run,
+    GNU OpenMP kills a forked child that runs a parallel kernel). Linux only: elsewhere system
+    libraries forbid it; and not in an MPI rank, whose library may not survive a fork (pinned
+    network memory)."""
     if not sys.platform.startswith("linux") or threading.active_count() > 1:
         return False
     mpi = sys.modules.get("mpi4py.MPI")

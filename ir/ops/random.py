@@ -22,7 +22,7 @@ numba.njit / numba.cuda.jit (every constant is an explicit np.uint64, so Numba n
 and unsigned integers into float64). Backends do not call them from this module: they paste
 `rng_source(decorator)` into the generated kernel module (which must `import numpy as np`), e.g.
 `rng_source("numba.njit(inline='always')")`. Inlining the text keeps Numba's on-disk kernel cache
-correct, as the cache does not notice edits to helpers in other files (NUMBA_NOTES.md). All
+correct: a cached kernel is not recompiled when a helper it calls in another file changes. All
 arguments are uint64: convert the key entries and the element index with np.uint64(...).
 The reference implementation below calls the very same functions on whole arrays.
 """
