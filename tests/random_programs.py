@@ -32,6 +32,9 @@ import graphc as gc
 from graphc.backends.reference import evaluate
 from graphc.ir import Graph
 from graphc.passes import SIMPLIFY, autodiff, run_pipeline
+# Fusion and memory planning run through the interpreter, buffer by buffer. Imported here, not
+# in a test: the module defines @given tests, which must not be created inside one.
+from test_memplan import plan_for, run_plan
 
 # Programs run per check and failures seen, printed at the end of a pytest session.
 COUNTS: collections.Counter = collections.Counter()
@@ -534,8 +537,6 @@ def check_reference(program: Program, directions: int = 2) -> None:
 
 
 def _check_reference(program: Program, directions: int) -> None:
-    from test_memplan import plan_for, run_plan  # fusion + memory plan, run through the interpreter
-
     args = program.arguments("float64")
     # Cast round trips through float64 too: a float32 one would defeat finite differences.
     f = program.compile("float64", "reference", "float64")["loss"]

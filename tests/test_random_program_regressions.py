@@ -114,3 +114,17 @@ SIMULATED_CONSTANT_READ_AND_RETURNED = textwrap.dedent("""
     "F.relu(x0) * 2.0, argnums=(0, 1)) on 0-d arguments)"))
 def test_constant_read_by_a_kernel_and_returned_on_numba_cuda():
     run_simulated(SIMULATED_CONSTANT_READ_AND_RETURNED)
+
+
+def test_second_derivative_of_a_power_of_one_is_finite_at_zero():
+    """pow's VJP was y * x**(y-1): differentiated again, its exponent y-1 = 0 gave 0 * x**-1,
+    NaN at x = 0 (found as relu(x) ** 1 inside the squared norm of a gradient)."""
+    def squared_gradient(x):
+        return sum((g * g).sum() for g in gc.grad(lambda x: (F.relu(x) ** 1 * 3.0).sum(),
+                                                   argnums=(0,))(x))
+
+    x = np.array([-1.0, 0.0, 2.0])
+    np.testing.assert_array_equal(gc.grad(squared_gradient, backend="reference")(x), [0, 0, 0])
+    # d/dx x**0 = 0 at x = 0 as well (y * x**(y-1) is 0 * inf there)
+    np.testing.assert_array_equal(
+        gc.grad(lambda x: (x ** np.zeros(3)).sum(), backend="reference")(x), [0, 0, 0])

@@ -174,9 +174,19 @@ def _div_vjp(b, g, x, y, *, out):
     return b.unbroadcast(gx, x.shape), b.unbroadcast(b.neg(b.mul(gx, out)), y.shape)
 
 
+def _nonzero_constant(v) -> bool:
+    node = v.producer
+    return node is not None and node.op == "constant" and bool(np.all(node.attrs["value"] != 0))
+
+
 def _pow_vjp(b, g, x, y, *, out):
     one = b.scalar_like(1, y)
-    gx = b.mul(g, b.mul(y, b.pow(x, b.sub(y, one))))
+    dx = b.mul(y, b.pow(x, b.sub(y, one)))
+    if not _nonzero_constant(y):
+        # d/dx x**0 is 0, at x = 0 too, where y * x**(y-1) is 0 * inf (JAX's rule). The exponent
+        # of the derivative is y - 1, so without this the second derivative of x**1 is NaN at 0.
+        dx = b.where(b.eq(y, b.scalar_like(0, y)), b.scalar_like(0, dx), dx)
+    gx = b.mul(g, dx)
     zero = b.scalar_like(0, x)
     positive = b.gt(x, zero)
     # d/dy x**y = x**y * log(x); taken as 0 where x <= 0 (the real derivative is undefined there)
