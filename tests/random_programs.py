@@ -146,6 +146,7 @@ class _Draft:
     random: bool = False
     used: set[str] = field(default_factory=set)
     second_order: bool = False  # the loss differentiates f twice
+    max_elements: int = 4096  # a larger value is not emitted (x @ x.T of a long axis is huge)
 
     def name(self, prefix: str) -> str:
         return f"{prefix}{len(self.preamble) + len(self.body) + len(self.args)}"
@@ -173,6 +174,8 @@ class _Draft:
         return name
 
     def emit(self, expression: str, shape: tuple[int, ...]) -> None:
+        if int(np.prod(shape)) > self.max_elements:
+            return
         name = self.name("v")
         self.body.append(f"{name} = {expression}")
         self.used.update(re.findall(r"\b[vx]\d+\b", expression))
@@ -468,7 +471,8 @@ def programs(draw, max_steps: int = 8, large: bool = False,
     """A random program; `large` gives its first argument one axis over the parallel threshold."""
     shape = _input_shape(draw, large)
     d = _Draft(draw, values=[("x0", _stand_in(shape))], args=[("x0", shape)],
-               second_order=draw(st.integers(0, 3)) == 0)
+               second_order=draw(st.integers(0, 3)) == 0,
+               max_elements=4 * PARALLEL_ELEMENTS if large else 4096)
     if draw(st.booleans()):  # a second argument broadcasting against the first
         second = tuple(1 if draw(st.booleans()) else n for n in shape[draw(st.integers(0, len(shape))):])
         d.args.append(("x1", second))

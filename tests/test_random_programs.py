@@ -1,6 +1,6 @@
 """Random programs over the public API (tests/random_programs.py), run as users run them.
 
-Budget per CI run: every program gets the float64 reference checks (transform composition,
+Budget per CI run (over 2,000 programs): every program gets the float64 reference checks (transform composition,
 simplify, fusion and memory planning, finite differences), which cost milliseconds; a bounded
 subset compiles for numba-cpu (each new kernel costs 0.1-1 s of Numba compile), a few with an
 axis over the CPU backend's parallel threshold; a handful of tiny ones run on the numba-cuda
@@ -28,15 +28,32 @@ import random_programs as rp
 CI = settings(derandomize=True, database=None, deadline=None, print_blob=False,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                      HealthCheck.filter_too_much])
-REFERENCE_PROGRAMS = 2000
+QUICK_REFERENCE_PROGRAMS = 200  # in the default suite (~60 ms each)
+REFERENCE_PROGRAMS_PER_DTYPE = 900  # marked slow; with the rest, over 2,000 programs per CI run
 CPU_PROGRAMS = 60
 CPU_LARGE_PROGRAMS = 4
 CUDA_PROGRAMS = 60
 
 
-@settings(CI, max_examples=REFERENCE_PROGRAMS)
+@settings(CI, max_examples=QUICK_REFERENCE_PROGRAMS)
 @given(rp.programs())
 def test_programs_on_the_reference_backend(program):
+    note(str(program))
+    rp.check_reference(program)
+
+
+@pytest.mark.slow
+@settings(CI, max_examples=REFERENCE_PROGRAMS_PER_DTYPE)
+@given(rp.programs(dtypes=("float32",)))
+def test_float32_programs_on_the_reference_backend(program):
+    note(str(program))
+    rp.check_reference(program)
+
+
+@pytest.mark.slow
+@settings(CI, max_examples=REFERENCE_PROGRAMS_PER_DTYPE)
+@given(rp.programs(dtypes=("float64",)))
+def test_float64_programs_on_the_reference_backend(program):
     note(str(program))
     rp.check_reference(program)
 
