@@ -204,6 +204,30 @@ def test_long_labels_keep_a_readable_start_and_differ_by_their_hash():
     assert bounded_label(list(long_a)) == label_a
 
 
+def test_the_same_kernel_at_another_position_has_the_same_source_on_both_backends():
+    """Sources are the kernel cache's keys: a kernel's position in its graph must not be part of
+    its source, or the same kernel compiles again for every graph it appears in."""
+    from graphc.backends.numba_cpu.codegen import generate as generate_cpu
+    from graphc.backends.numba_cuda.codegen import generate as generate_cuda
+
+    def graph(with_reduction_first):
+        b = Builder("g")
+        x = b.add_input(TensorType((3, 4), "float32"), "x")
+        if with_reduction_first:
+            b.add_output("s", b.sum(b.add_input(TensorType((5,), "float32"), "v"), axes=(0,)))
+        b.add_output("y", b.add(b.exp(x), b.scalar_like(1.0, x)))
+        return fuse(b.graph.verify())
+
+    def exp_add_kernel(fused):
+        (kernel,) = [k for k in fused.nodes if k.attrs["pattern"] == "elementwise"]
+        return kernel
+
+    alone, after = exp_add_kernel(graph(False)), exp_add_kernel(graph(True))
+    assert alone.attrs["name"] != after.attrs["name"]  # k0_... and k1_...
+    for generate in (generate_cpu, generate_cuda):
+        assert generate(alone).source == generate(after).source
+
+
 def lstm_loss(lstm, sequence):
     def loss(params):
         out, _ = functional_call(lstm, params, sequence)

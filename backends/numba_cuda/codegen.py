@@ -21,8 +21,8 @@ from typing import Callable
 
 from graphc.ir import Node, TensorType, Value
 from graphc.ir.ops.random import rng_source
-from graphc.backends.numba_cpu.codegen_common import (Writer, index_text, literal, origin_comment,
-                                                      size_of)
+from graphc.backends.numba_cpu.codegen_common import (Writer, entry_name, index_text, literal,
+                                                      origin_comment, size_of)
 from graphc.backends.numba_cpu.codegen_elementwise import (RNG_HELPERS, Domain, PointwiseEmitter,
                                                            argument_names, broadcast_index,
                                                            members_of)
@@ -148,7 +148,9 @@ def generate_elementwise(kernel: Node) -> CudaKernelSource:
 
 
 def _entry(kernel: Node) -> str:
-    return "kernel_" + kernel.attrs["name"]
+    """The CPU backend's entry name: without the kernel's position, so the same kernel in two
+    graphs has one source and one cache entry."""
+    return entry_name(kernel.attrs["name"])
 
 
 # -- reductions -----------------------------------------------------------------------------------
