@@ -96,6 +96,8 @@ KNOWN_BACKEND_FAILURES = {
             "test_zero_dimensional_constant_output_keeps_its_shape_on_numba_cuda",
         r"setting an array element with a sequence":
             "test_constant_read_by_a_kernel_and_returned_on_numba_cuda",
+        r"unsupported operand type\(s\) for \+=: 'FakeWithinKernelCUDAArray'":
+            "test_scatter_at_a_zero_dimensional_index_on_numba_cuda",
     },
 }
 
