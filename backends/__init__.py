@@ -1,15 +1,20 @@
 """graphc.backends: turn an optimized graph into something that runs.
 
-Each backend module exposes ``compile_graph(graph, donate=None) -> executable``; executables are
-called with NumPy arrays (one per graph input) and return a list of arrays (one per output).
-`donate` maps input index -> output index: that output is written into the input's buffer.
+A backend never fuses or plans memory itself (graphc.lowering runs those passes and hands it
+their results). Kernel backends (numba-cpu, numba-cuda) expose ``lower(fused) -> LoweredGraph``,
+the generated source of every kernel (which tells the memory planner each kernel's scratch), and
+``compile_plan(lowered, plan) -> executable``. The reference interpreter runs the primitive graph
+as it is: ``compile_graph(graph, donate=None) -> executable``. Executables are called with NumPy
+arrays (one per graph input) and return a list of arrays (one per output); `donate` maps input
+index -> output index: that output is written into the input's buffer.
 """
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import Any
 
-from graphc.ir import Graph
+from graphc.ir import Graph, Node, TensorType
 from graphc.ir.errors import GraphcError
 
 _MODULES = {
@@ -53,5 +58,19 @@ def get_backend(name: str | None = None) -> Any:
     return mod
 
 
-def compile_graph(graph: Graph, backend: str | None = None, donate: dict[int, int] | None = None) -> Any:
-    return get_backend(backend).compile_graph(graph, donate)
+def lowers_kernels(backend: Any) -> bool:
+    """Does `backend` (a module from get_backend) compile a fused, memory-planned graph?"""
+    return hasattr(backend, "compile_plan")
+
+
+@dataclass
+class LoweredGraph:
+    """A fused graph and the generated source of each kernel that runs code (not views and
+    constants); a source lists the `scratch` tensors its kernel needs while it runs."""
+
+    graph: Graph
+    sources: dict[Node, Any]
+
+    def scratch(self, kernel: Node) -> list[TensorType]:
+        source = self.sources.get(kernel)
+        return list(source.scratch) if source is not None else []

@@ -8,7 +8,7 @@ position), which a racing flag set inside a parallel loop could not. An array he
 input is checked before any kernel runs, so a step with a bad label changes no parameter.
 
 This needs every index array to be a kernel input, never a value computed inside the reading
-kernel: fusion does not fuse an index's producer into its consumer (passes/fusion.py,
+kernel: fusion does not fuse an index's producer into its consumer (ir/kernels.py,
 INDEX_OPS), and the planner refuses a fused graph that does. Constant indices are checked once,
 at compile time.
 
@@ -24,8 +24,8 @@ import numpy as np
 
 from graphc.ir import Graph, Node, Value
 from graphc.ir.ops.indexing import check_indices, index_bounds
-from graphc.passes.fusion import is_literal
-from graphc.passes.memplan import MemoryPlan
+from graphc.ir.kernels import is_literal
+from graphc.ir.memory import MemoryPlan
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from graphc.backends.numba_cpu import compile_graph
 from graphc.ir import Builder, TensorType
+from graphc.lowering import compile_graph
 
 # (M, K, N) of the products in the MLP 784-256-256-10 step at batch 128: forward, then the
 # weight gradients (K = batch) and an input gradient
@@ -61,7 +61,7 @@ def main() -> None:
         x = builder.add_input(TensorType((m, k), "float32"), "a")
         y = builder.add_input(TensorType((k, n), "float32"), "b")
         builder.add_output("c", builder.matmul(x, y))
-        executable = compile_graph(builder.graph)
+        executable = compile_graph(builder.graph, "numba-cpu")
         out = np.empty((m, n), np.float32)
         np.testing.assert_allclose(executable(a, b)[0], np.matmul(a, b), rtol=1e-4, atol=1e-3)
         gflop = 2 * m * k * n / 1e9

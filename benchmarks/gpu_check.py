@@ -84,13 +84,13 @@ def _cases(rng: np.random.Generator) -> dict[str, tuple]:
 
 
 def differential_tests() -> dict[str, str]:
-    from graphc.backends import numba_cpu, numba_cuda
+    from graphc.lowering import compile_graph
     results = {}
     for name, (arrays, fn) in _cases(np.random.default_rng(0)).items():
         try:
             graph = _graph(name, arrays, fn)
-            got = numba_cuda.compile_graph(graph)(*arrays)
-            want = numba_cpu.compile_graph(graph)(*arrays)
+            got = compile_graph(graph, "numba-cuda")(*arrays)
+            want = compile_graph(graph, "numba-cpu")(*arrays)
             for g, w, out in zip(got, want, graph.output_names):
                 if name == "random_bits" or w.dtype.kind != "f":
                     np.testing.assert_array_equal(g, w, err_msg=out)

@@ -14,14 +14,14 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from graphc.backends import compile_graph
 from graphc.ir import Graph, InputError, TensorType, Value
 from graphc.ir.errors import GraphcError, without_internal_frames
 from graphc.ir.graph import safe_module_path
-from graphc.passes import SIMPLIFY, autodiff, run_pipeline
+from graphc.passes import SIMPLIFY, Stages, autodiff
 from graphc.tree import TreeDef, flatten, unflatten
 
 from . import random as gc_random
+from .lowering import compile_graph
 from .tensor import ModuleReads, Tensor, current_trace, is_tracing, tracing
 
 log = logging.getLogger("graphc")
@@ -176,7 +176,8 @@ class Staged:
     """A traced-and-compiled function with one compiled graph per input signature.
 
     `stage(graph, in_tree, out_tree) -> (graph, out_tree)` transforms the traced
-    graph (e.g. differentiates it) before it is simplified and compiled.
+    graph (e.g. differentiates it) before it is simplified and compiled; `stage_name` names its
+    result among the compilation's stages (GRAPHC_DUMP).
 
     Called inside another trace (a function given to an outer jit, grad or compile), a Staged
     function is inlined into that trace instead of compiled: only the outermost wrapper
@@ -185,10 +186,12 @@ class Staged:
     """
 
     def __init__(self, fn: Callable, backend: str | None = None,
-                 stage: Callable[..., tuple[Graph, TreeDef]] | None = None, name: str | None = None) -> None:
+                 stage: Callable[..., tuple[Graph, TreeDef]] | None = None, name: str | None = None,
+                 stage_name: str = "stage") -> None:
         self.fn = fn
         self.backend = backend
         self.stage = stage
+        self.stage_name = stage_name
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self._cache: dict[tuple, _Entry] = {}
         self._last: _Entry | None = None
@@ -196,13 +199,14 @@ class Staged:
         # backend, stage and cache) must not overwrite this wrapper's own.
         functools.update_wrapper(self, fn, updated=())
 
-    def build(self, args: Sequence[Any]) -> Traced:
+    def build(self, args: Sequence[Any], stages: Stages) -> Traced:
         traced, _ = _trace(self.fn, args, self.name)
-        graph, out_tree = traced.graph, traced.out_tree
+        graph, out_tree = stages.record("trace", traced.graph), traced.out_tree
         in_tree = flatten(tuple(args), is_leaf=lambda x: isinstance(x, TensorType))[2]
         if self.stage is not None:
             graph, out_tree = self.stage(graph, in_tree, out_tree)
-        return Traced(run_pipeline(graph, [SIMPLIFY]), out_tree, traced.reads)
+            stages.record(self.stage_name, graph)
+        return Traced(stages.run(graph, [SIMPLIFY]), out_tree, traced.reads)
 
     @user_facing
     def __call__(self, *args: Any) -> Any:
@@ -210,7 +214,7 @@ class Staged:
         if is_tracing():  # staged into the caller's graph, even on constant arguments
             from .tensor import as_tensor
             tensors = [as_tensor(l) for l in leaves]
-            traced = self.build(unflatten(treedef, tensors))
+            traced = self.build(unflatten(treedef, tensors), Stages(self.name))
             return unflatten(traced.out_tree, _inline(traced.graph, tensors, traced.reads))
         names = _input_names(self.fn, paths, len(args))
         arrays = [to_array(l, n) for l, n in zip(leaves, names)]
@@ -218,10 +222,11 @@ class Staged:
         entry, implicit = self._lookup(signature)
         if entry is None:
             self._log_retrace(signature, names)
-            traced = self.build(arrays_like(treedef, arrays))
+            stages = Stages(self.name)
+            traced = self.build(arrays_like(treedef, arrays), stages)
             reads = traced.reads
-            entry = _Entry(signature, compile_graph(traced.graph, self.backend), traced.graph,
-                           traced.out_tree, reads)
+            executable = compile_graph(traced.graph, self.backend, stages=stages)
+            entry = _Entry(signature, executable, traced.graph, traced.out_tree, reads)
             self._cache[(signature, reads.modes, reads.types)] = entry
             implicit = reads.arrays()
         self._last = entry
@@ -262,7 +267,7 @@ class Staged:
 
     def lower(self, *args: Any) -> Graph:
         """The optimized graph this function compiles for these arguments."""
-        return self.build(args).graph
+        return self.build(args, Stages(self.name)).graph
 
 
 def arrays_like(treedef: TreeDef, arrays: list[np.ndarray]) -> Any:
@@ -334,10 +339,10 @@ def _grad_stage(argnums: int | Sequence[int], has_aux: bool, with_value: bool):
 def grad(fn: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
          backend: str | None = None) -> Staged:
     """The gradient of a scalar function w.r.t. argument(s) `argnums`, by symbolic autodiff."""
-    return Staged(fn, backend, _grad_stage(argnums, has_aux, with_value=False))
+    return Staged(fn, backend, _grad_stage(argnums, has_aux, with_value=False), stage_name="autodiff")
 
 
 def value_and_grad(fn: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
                    backend: str | None = None) -> Staged:
     """Like grad, returning (value, gradients); with has_aux, ((value, aux), gradients)."""
-    return Staged(fn, backend, _grad_stage(argnums, has_aux, with_value=True))
+    return Staged(fn, backend, _grad_stage(argnums, has_aux, with_value=True), stage_name="autodiff")

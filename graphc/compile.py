@@ -26,13 +26,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from graphc.backends import compile_graph, default_backend
+from graphc.backends import default_backend
 from graphc.ir import Graph, TensorType
 from graphc.ir.errors import GraphcError
-from graphc.passes import SIMPLIFY, autodiff, run_pipeline
+from graphc.passes import SIMPLIFY, Stages, autodiff
 
 from . import random as gc_random
 from .api import _inline, to_array, user_facing
+from .lowering import compile_graph
 from .nn.module import (Module, bound, claim_state, functional_call, named_arrays,
                         release_state_holders, state_arrays, sync_state_holders, traced_state,
                         unclaim_state)
@@ -98,10 +99,11 @@ class _CompiledModelBase:
                     return compiled, implicit
         if last is not None:
             self._log_recompile(last, signature)
-        traced, donate, reads = self._trace(arrays)
-        optimized = run_pipeline(traced, [SIMPLIFY])
-        compiled = _Compiled(traced, optimized, compile_graph(optimized, self.backend, donate), donate,
-                             signature, reads)
+        stages = Stages(self.name)
+        traced, donate, reads = self._trace(arrays, stages)
+        optimized = stages.run(traced, [SIMPLIFY])
+        compiled = _Compiled(traced, optimized, compile_graph(optimized, self.backend, donate, stages),
+                             donate, signature, reads)
         self._compiled[(signature, reads.modes, reads.types)] = self._last = compiled
         return compiled, reads.arrays()
 
@@ -278,11 +280,15 @@ class TrainStep(_CompiledModelBase):
                 b.add_output(f"buffer:{name}", value.value)
         return t.builder.graph, t.module_reads()
 
-    def _trace(self, batch: list[np.ndarray]) -> tuple[Graph, dict[int, int], ModuleReads]:
+    def _trace(self, batch: list[np.ndarray], stages: Stages) -> tuple[Graph, dict[int, int], ModuleReads]:
+        """The training step's graph, recorded in `stages` after the traced forward and its
+        gradients (autodiff)."""
         forward, reads = self._forward_graph(batch)
+        stages.record("trace", forward)
         n_batch, n_params = len(batch), len(self.params)
         param_index = {n: n_batch + i for i, n in enumerate(self.params)}
         with_grads = autodiff(forward, wrt=[param_index[n] for n in self.trainable], output="loss")
+        stages.record("autodiff", with_grads)
         with tracing(self.name) as t:
             b = t.builder
             data = [Tensor(b.add_input(TensorType.of(a), f"input{i}")) for i, a in enumerate(batch)]
@@ -324,7 +330,7 @@ class TrainStep(_CompiledModelBase):
             output("step", new_step, "step")
             if t.rng_key is not None:  # dropout drew numbers: advance the counter for the next step
                 output("rng", Tensor(t.rng_key) + np.array([0, 1], np.int64), "rng")
-        return t.builder.graph, donate, t.module_reads()
+        return stages.record("train_step", t.builder.graph), donate, t.module_reads()
 
     # -- running ---------------------------------------------------------------------------
     def _persistent(self, graph: Graph) -> list[np.ndarray]:
@@ -419,7 +425,8 @@ class CompiledModel(_CompiledModelBase):
     def _signature(self, arrays: list[np.ndarray]) -> tuple:
         return super()._signature([*arrays, *self._arrays(sync=False)])
 
-    def _trace(self, batch: Sequence[np.ndarray | TensorType]) -> tuple[Graph, dict[int, int], ModuleReads]:
+    def _trace(self, batch: Sequence[np.ndarray | TensorType], stages: Stages
+               ) -> tuple[Graph, dict[int, int], ModuleReads]:
         state = dict(zip(self._names(), self._arrays()))
         with tracing(self.name) as t:
             b = t.builder
@@ -435,15 +442,16 @@ class CompiledModel(_CompiledModelBase):
                 b.add_output("out" if len(outs) == 1 else f"out{i}", o.value)
         self._multiple = isinstance(out, (tuple, list))
         # The model's own modes are set here, not read: only other modules' modes matter.
-        return t.builder.graph, {}, t.module_reads().excluding(self.model.modules())
+        return stages.record("trace", t.builder.graph), {}, t.module_reads().excluding(self.model.modules())
 
     def _inlined(self, inputs: Sequence[Any]) -> Any:
         """The eval-mode forward in the trace in progress, reading the model's arrays there."""
         tensors = [as_tensor(x) for x in inputs]
-        graph, _, reads = self._trace([x.value.type for x in tensors])
+        stages = Stages(self.name)
+        graph, _, reads = self._trace([x.value.type for x in tensors], stages)
         root = current_trace().module_name(self.model)
         state = [traced_state(ref, f"{root}.{name}") for name, ref in self._state]
-        outs = _inline(run_pipeline(graph, [SIMPLIFY]), [*tensors, *state], reads)
+        outs = _inline(stages.run(graph, [SIMPLIFY]), [*tensors, *state], reads)
         return tuple(outs) if self._multiple else outs[0]
 
     @user_facing

@@ -33,15 +33,15 @@ from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import numpy as np
 
-from graphc.backends import compile_graph
 from graphc.ir import Graph, TensorType
 from graphc.ir.errors import GraphcError
-from graphc.passes import SIMPLIFY, autodiff, run_pipeline
+from graphc.passes import SIMPLIFY, Stages, autodiff
 
 from .api import _inline, jit, user_facing
 from .compile import TrainStep, _add_inputs, _batch_arrays, _Compiled
 from .data import Batch, DataLoader, Dataset, Subset, Transform
 from .functions import concatenate
+from .lowering import compile_graph
 from .nn.module import Module
 from .optim import Optimizer, clip_by_global_norm
 from .tensor import ModuleReads, Tensor, tracing
@@ -316,12 +316,14 @@ class DataParallelStep(TrainStep):
         self.world.broadcast_(training_state(self))
 
     # -- graph construction ----------------------------------------------------------------
-    def _trace(self, batch: list[np.ndarray]) -> tuple[Graph, dict[int, int], ModuleReads]:
+    def _trace(self, batch: list[np.ndarray], stages: Stages) -> tuple[Graph, dict[int, int], ModuleReads]:
         """The gradients graph: forward and backward, every value to reduce packed into one
         flat output; buffers that are not averaged (integer counters) are updated in place."""
         forward, reads = self._forward_graph(batch)
+        stages.record("trace", forward)
         param_index = {n: len(batch) + i for i, n in enumerate(self.params)}
         with_grads = autodiff(forward, wrt=[param_index[n] for n in self.trainable], output="loss")
+        stages.record("autodiff", with_grads)
         buffer_names = [name.split(":", 1)[1] for name, _ in forward.outputs[1:]]
         with tracing(f"{self.name}_gradients") as t:
             b = t.builder
@@ -342,7 +344,7 @@ class DataParallelStep(TrainStep):
                 if name not in averaged:
                     donate[inputs[name]] = len(b.graph.outputs)
                     b.add_output(f"buffer:{name}", value.astype(self.buffers[name].dtype).value)
-        return t.builder.graph, donate, t.module_reads()
+        return stages.record("gradients", t.builder.graph), donate, t.module_reads()
 
     def _set_layout(self, grads: dict[str, Tensor], new_buffers: dict[str, Tensor]) -> FlatLayout:
         dtypes = {self.params[n].dtype.name for n in self.trainable}
@@ -402,8 +404,10 @@ class DataParallelStep(TrainStep):
 
     def _compile_update(self) -> _Compiled:
         traced, donate = self._update_graph()
-        optimized = run_pipeline(traced, [SIMPLIFY])
-        compiled = _Compiled(traced, optimized, compile_graph(optimized, self.backend, donate), donate)
+        stages = Stages(traced.name)
+        optimized = stages.run(stages.record("update", traced), [SIMPLIFY])
+        executable = compile_graph(optimized, self.backend, donate, stages)
+        compiled = _Compiled(traced, optimized, executable, donate)
         compiled.persistent = self._persistent(optimized)
         return compiled
 

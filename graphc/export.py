@@ -29,12 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from graphc.backends import compile_graph, default_backend
+from graphc.backends import default_backend
 from graphc.ir import Graph, SerializationError
 from graphc.ir.errors import GraphcError, LoadError
 from graphc.ir.types import DTYPES
 
 from .bounded_io import ZipMembers, parse_json
+from .lowering import compile_graph
 
 FORMAT = "graphc.export"
 VERSION = 2  # 2: state stored uncompressed, per-tensor checksums in checksums.json

@@ -1,8 +1,10 @@
-"""Named passes and the pipeline that runs them.
+"""Named passes, the pipeline that runs them, and the record of one compilation's stages.
 
-A pass is a named function Graph -> Graph. The pipeline verifies the graph after each pass
-when asked (always in tests: GRAPHC_VERIFY=1) and, with GRAPHC_DUMP=dir, writes every stage's
-IR as text and DOT, numbered in order, so a user can see what each pass did.
+A pass is a named function Graph -> Graph. Every stage of a compilation (the traced graph, the
+autodiff result, each pass, fusion and the memory plan) goes through `Stages.record`, which
+verifies it when asked (GRAPHC_VERIFY=1; the test suite sets it) and, with GRAPHC_DUMP=dir,
+writes it as text and DOT, numbered in order (`<name>.<NN>.<stage>.txt/.dot`), so a user can see
+what each stage did.
 """
 from __future__ import annotations
 
@@ -11,7 +13,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from graphc.ir import Graph
+from graphc.ir.dot import graph_to_dot
 from graphc.ir.verify import verify as verify_graph
+
+from .memplan import MemoryPlan, ScratchFn, plan_memory, validate
 
 
 @dataclass(frozen=True)
@@ -23,26 +28,71 @@ class Pass:
         return self.run(graph)
 
 
+class Stages:
+    """The stages of one compilation named `name`, verified and dumped in the order they come.
+
+    `verify`/`dump_dir` default to GRAPHC_VERIFY / GRAPHC_DUMP, read when the compilation starts.
+    """
+
+    def __init__(self, name: str, verify: bool | None = None, dump_dir: str | None = None) -> None:
+        self.name = name
+        self.verify = os.environ.get("GRAPHC_VERIFY", "") not in ("", "0") if verify is None else verify
+        self.dump_dir = (os.environ.get("GRAPHC_DUMP") or None) if dump_dir is None else dump_dir
+        self.count = 0
+
+    def record(self, stage: str, graph: Graph) -> Graph:
+        """Verify and dump `graph` as the next stage; returns it."""
+        if self.verify:
+            verify_graph(graph)
+        self._write(stage, str(graph) + "\n", graph_to_dot(graph))
+        return graph
+
+    def run(self, graph: Graph, passes: Sequence[Pass]) -> Graph:
+        """Run `passes` in order, recording each result."""
+        for p in passes:
+            graph = self.record(p.name, p(graph))
+        return graph
+
+    def plan_memory(self, fused: Graph, donate: dict[int, int] | None = None,
+                    scratch: ScratchFn | None = None) -> MemoryPlan:
+        """Memory planning as a stage: the plan is validated under GRAPHC_VERIFY and dumped as a
+        table of buffers (text) and the fused graph with values coloured by arena slot (DOT)."""
+        plan = plan_memory(fused, donate, scratch)
+        if self.verify:
+            validate(plan)
+        self._write("memory_plan", describe_plan(plan), graph_to_dot(fused, plan.slot_of))
+        return plan
+
+    def _write(self, stage: str, text: str, dot: str) -> None:
+        index, self.count = self.count, self.count + 1
+        if not self.dump_dir:
+            return
+        os.makedirs(self.dump_dir, exist_ok=True)
+        stem = os.path.join(self.dump_dir, f"{self.name}.{index:02d}.{stage}")
+        with open(stem + ".txt", "w") as f:
+            f.write(text)
+        with open(stem + ".dot", "w") as f:
+            f.write(dot)
+
+
+def describe_plan(plan: MemoryPlan) -> str:
+    """The plan as text: its summary, then one line per arena buffer (slot, offset, size, the
+    schedule positions it is live between, and the kernel outputs or scratch it holds)."""
+    position = {node: t for t, node in enumerate(plan.schedule)}
+    names = {v: f"{node.attrs['name']}.y{q}" for node in plan.schedule for q, v in enumerate(node.outputs)}
+    lines = [plan.summary(), "",
+             "schedule: " + ", ".join(f"{position[n]}:{n.attrs['name']}" for n in plan.schedule), "",
+             f"{'slot':>4} {'offset':>10} {'bytes':>10} {'live':>9}  holds"]
+    for s in plan.storages:
+        holds = (f"scratch of {s.scratch_of.attrs['name']}" if s.scratch_of is not None
+                 else ", ".join(names.get(v, str(v)) for v in s.values))
+        lines.append(f"{s.slot:>4} {s.offset:>10} {s.nbytes:>10} {f'{s.start}-{s.end}':>9}  {holds}")
+    return "\n".join(lines) + "\n"
+
+
 def run_pipeline(graph: Graph, passes: Sequence[Pass], verify: bool | None = None,
                  dump_dir: str | None = None) -> Graph:
-    """Run `passes` in order. `verify`/`dump_dir` default to GRAPHC_VERIFY / GRAPHC_DUMP."""
-    verify = os.environ.get("GRAPHC_VERIFY", "") not in ("", "0") if verify is None else verify
-    dump_dir = os.environ.get("GRAPHC_DUMP") or None if dump_dir is None else dump_dir
-    if dump_dir:
-        os.makedirs(dump_dir, exist_ok=True)
-        _dump(graph, dump_dir, 0, "input")
-    for index, p in enumerate(passes, start=1):
-        graph = p(graph)
-        if verify:
-            verify_graph(graph)
-        if dump_dir:
-            _dump(graph, dump_dir, index, p.name)
-    return graph
-
-
-def _dump(graph: Graph, directory: str, index: int, stage: str) -> None:
-    stem = os.path.join(directory, f"{graph.name}.{index:02d}.{stage}")
-    with open(stem + ".txt", "w") as f:
-        f.write(str(graph) + "\n")
-    with open(stem + ".dot", "w") as f:
-        f.write(graph.to_dot())
+    """Run `passes` in order as the stages of a compilation named after `graph`, its input
+    recorded first. `verify`/`dump_dir` default to GRAPHC_VERIFY / GRAPHC_DUMP."""
+    stages = Stages(graph.name, verify, dump_dir)
+    return stages.run(stages.record("input", graph), passes)

@@ -142,13 +142,14 @@ SCRIPT = r'''
 import json, warnings
 import numpy as np
 warnings.simplefilter("always")
-from graphc.backends.numba_cpu import compile_graph, get_cache
+from graphc.backends.numba_cpu import get_cache
+from graphc.lowering import compile_graph
 from graphc.ir import Builder, TensorType
 
 b = Builder("tiny")
 x = b.add_input(TensorType((2, 3), "float32"), "x")
 b.add_output("y", b.tanh(b.mul(x, b.scalar_like(1.8125, x))))
-executable = compile_graph(b.graph)
+executable = compile_graph(b.graph, "numba-cpu")
 arg = np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)
 stats = executable.cache_stats
 print(json.dumps({"directory": get_cache().directory, "hits": stats.hits, "misses": stats.misses,

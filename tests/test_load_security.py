@@ -64,7 +64,7 @@ def test_hostile_kernel_name_never_reaches_disk_or_interpreter(tmp_path):
         files._write_source("k", call.source)
     assert not os.path.exists(files.path("k"))
     with pytest.raises(UnsafeSourceError):
-        gc.backends.compile_graph(fused, "numba-cpu")
+        gc.lowering.compile_graph(fused, "numba-cpu")
     assert not marker.exists()
 
 

@@ -13,14 +13,15 @@ import sys
 import numpy as np
 import pytest
 
-from graphc.backends.numba_cpu import compile_graph, default_cache_dir
+from graphc.backends.numba_cpu import default_cache_dir
+from graphc.lowering import compile_graph
 from graphc.ir import Builder, TensorType
 
 # A small network built and run by a separate Python process; prints its cache counters.
 SCRIPT = r'''
 import json, sys
 import numpy as np
-from graphc.backends.numba_cpu import compile_graph
+from graphc.lowering import compile_graph
 from graphc.backends.reference import evaluate
 from graphc.ir import Builder, TensorType
 
@@ -37,7 +38,7 @@ graph = b.graph
 rng = np.random.default_rng(0)
 args = [rng.standard_normal(v.shape).astype(v.dtype) for v in graph.input_values[:3]]
 args.append(np.array([1, 2], np.int64))
-executable = compile_graph(graph)
+executable = compile_graph(graph, "numba-cpu")
 (got,) = executable(*args)
 (want,) = evaluate(graph, args)
 stats = executable.cache_stats
@@ -120,8 +121,8 @@ def layer(batch):
 
 
 def test_identical_kernels_compile_once_per_process():
-    first = compile_graph(layer(4))
-    second = compile_graph(layer(4))
+    first = compile_graph(layer(4), "numba-cpu")
+    second = compile_graph(layer(4), "numba-cpu")
     calls = sum(len(k.generated.calls) for k in second.kernels)
     assert second.cache_stats.reused == calls
     assert second.cache_stats.misses == second.cache_stats.hits == 0
@@ -129,8 +130,8 @@ def test_identical_kernels_compile_once_per_process():
 
 
 def test_kernels_are_reused_across_batch_sizes():
-    compile_graph(layer(5))
-    other = compile_graph(layer(9))
+    compile_graph(layer(5), "numba-cpu")
+    other = compile_graph(layer(9), "numba-cpu")
     assert other.cache_stats.compiled == 0 and other.cache_stats.reused > 0
     x = np.ones((9, 6), np.float32)
     y, s = other(x, np.ones((6, 3), np.float32), np.zeros(3, np.float32))
@@ -157,7 +158,7 @@ def compile_scaled_tanh_chain(scales):
     for scale in scales:
         v = b.transpose(b.tanh(b.mul(v, b.scalar_like(scale, v))), perm=(1, 0))
     b.add_output("y", v)
-    executable = compile_graph(b.graph)
+    executable = compile_graph(b.graph, "numba-cpu")
     arg = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
     want = arg
     for scale in scales:
@@ -211,7 +212,8 @@ FORK_SCRIPT = r'''
 import json, os, sys
 import numpy as np
 from numba import njit, prange
-from graphc.backends.numba_cpu import cache, compile_graph
+from graphc.backends.numba_cpu import cache
+from graphc.lowering import compile_graph
 from graphc.ir import Builder, TensorType
 
 cache.WORKER_SCRIPT = os.devnull
@@ -232,7 +234,7 @@ scales = [float(sys.argv[3]) + k for k in range(12)]  # literals no other compil
 for scale in scales:
     v = b.transpose(b.tanh(b.mul(v, b.scalar_like(scale, v))), perm=(1, 0))
 b.add_output("y", v)
-executable = compile_graph(b.graph)
+executable = compile_graph(b.graph, "numba-cpu")
 arg = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
 want = arg
 for scale in scales:

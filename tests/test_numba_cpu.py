@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from graphc.backends.numba_cpu import compile_graph, unlowered_primitives
+from graphc.backends.numba_cpu import unlowered_primitives
+from graphc.lowering import compile_graph
 from graphc.backends.numba_cpu.codegen import generate
 from graphc.backends.numba_cpu.codegen_elementwise import collapsed_axes
 from graphc.backends.numba_cpu.gemm import gemm
@@ -55,7 +56,7 @@ def build(name, arrays, fn):
 
 def check(graph, arrays, tolerance=None):
     """Compile `graph`, run it, compare every output with the reference; return the executable."""
-    executable = compile_graph(graph)
+    executable = compile_graph(graph, "numba-cpu")
     got = executable(*arrays)
     want = evaluate(graph, [np.asarray(a) for a in arrays])
     assert len(got) == len(want)
@@ -437,7 +438,7 @@ def affine():
 
 
 def test_inputs_are_checked_before_running():
-    executable = compile_graph(affine())
+    executable = compile_graph(affine(), "numba-cpu")
     x, y = normal(2, 3), np.arange(3, dtype=np.int32)
     with pytest.raises(InputError, match=r"input 'x'.*expected shape \(2, 3\).*got \(3, 2\)"):
         executable(normal(3, 2), y)
@@ -452,7 +453,7 @@ def test_inputs_are_checked_before_running():
 
 
 def test_outputs_are_fresh_arrays_the_caller_keeps():
-    executable = compile_graph(affine())
+    executable = compile_graph(affine(), "numba-cpu")
     y = np.arange(3, dtype=np.int32)
     first = executable(np.ones((2, 3), np.float32), y)[0]
     kept = first.copy()
@@ -471,7 +472,7 @@ def test_donated_inputs_are_updated_in_place():
     graph = b.graph.verify()
     w0, x0 = normal(8, 4), normal(5, 8)
     want = evaluate(graph, [w0, x0])
-    executable = compile_graph(graph, donate={0: 1})
+    executable = compile_graph(graph, "numba-cpu", donate={0: 1})
     w_arg = w0.copy()
     y_out, w_out = executable(w_arg, x0)
     assert w_out is w_arg
@@ -490,7 +491,7 @@ def test_views_of_arguments_follow_the_arrays_passed_to_each_call():
     x = b.add_input(TensorType((6, 5), "float32"), "x")
     b.add_output("w", b.add(b.mul(w, b.scalar_like(0.5, w)), x))
     graph = b.graph.verify()
-    executable = compile_graph(graph, donate={0: 0})
+    executable = compile_graph(graph, "numba-cpu", donate={0: 0})
     assert executable._views, "the kernel should take per-call views of its arguments"
     first, second, x0 = normal(6, 5), normal(6, 5), normal(6, 5)
     first_before, second_before = first.copy(), second.copy()
@@ -519,7 +520,7 @@ def test_outputs_sharing_an_input_buffer_are_written_through_the_input():
     graph = b.graph.verify()
     arrays = [normal(300, 256), integers(0, 2, 300, 256).astype(bool), normal(300, 256)]
     want = evaluate(graph, arrays)
-    executable = compile_graph(graph, donate={0: 1})
+    executable = compile_graph(graph, "numba-cpu", donate={0: 1})
     w_arg = arrays[0].copy()
     got = executable(w_arg, *arrays[1:])
     assert got[1] is w_arg
@@ -537,7 +538,7 @@ def test_outputs_sharing_an_input_buffer_are_written_through_the_input():
 
 def test_thread_count_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("GRAPHC_NUM_THREADS", "1")
-    executable = compile_graph(affine())
+    executable = compile_graph(affine(), "numba-cpu")
     previous = numba.get_num_threads()
     try:
         executable(normal(2, 3), np.arange(3, dtype=np.int32))
@@ -549,7 +550,7 @@ def test_thread_count_comes_from_the_environment(monkeypatch):
 def test_profile_reports_every_kernel():
     arrays = [normal(16, 32), normal(32, 8)]
     graph = build("profiled", arrays, lambda b, x, w: b.sum(b.tanh(b.matmul(x, w)), axes=(1,)))
-    report = compile_graph(graph).profile(*arrays, repeat=3)
+    report = compile_graph(graph, "numba-cpu").profile(*arrays, repeat=3)
     assert report.calls == 3 and len(report.rows) == 2
     matmul = next(r for r in report.rows if r.pattern == "library")
     assert matmul.flops == 2 * 16 * 32 * 8 + 16 * 8
@@ -609,9 +610,9 @@ def test_generated_source_matches_golden_file(name):
 def test_profiling_every_call_from_the_environment(monkeypatch):
     arrays = [normal(16, 32), normal(32, 8)]
     graph = build("env_profiled", arrays, lambda b, x, w: b.relu(b.matmul(x, w)))
-    assert compile_graph(graph).profile_report is None
+    assert compile_graph(graph, "numba-cpu").profile_report is None
     monkeypatch.setenv("GRAPHC_PROFILE", "1")
-    executable = compile_graph(graph)
+    executable = compile_graph(graph, "numba-cpu")
     for _ in range(3):
         executable(*arrays)
     report = executable.profile_report
@@ -634,7 +635,7 @@ def test_division_by_zero_gives_ieee_results_as_the_reference():
 def test_degenerate_graphs_and_empty_arrays():
     x = np.arange(3, dtype=np.float32)
     identity = build("identity", [x], lambda b, v: [v, v])
-    outputs = compile_graph(identity)(x)
+    outputs = compile_graph(identity, "numba-cpu")(x)
     assert all(np.array_equal(o, x) and not np.shares_memory(o, x) for o in outputs)
     constants = build("constants", [], lambda b: [b.const(np.arange(4.0), "float64"), b.const(2.0, "float32")])
     check(constants, [])

@@ -33,10 +33,10 @@ TOLERANCE = {"float32": dict(rtol=1e-4, atol=1e-5), "float64": dict(rtol=1e-10, 
 
 # -- the child ------------------------------------------------------------------------------------
 def compare(graph, arrays, donate=None) -> None:
-    from graphc.backends.numba_cuda import compile_graph
+    from graphc.lowering import compile_graph
     from graphc.backends.reference import evaluate
 
-    got = compile_graph(graph, donate)(*arrays)
+    got = compile_graph(graph, "numba-cuda", donate)(*arrays)
     want = evaluate(graph, [np.asarray(a) for a in arrays])
     assert len(got) == len(want)
     for name, g, w in zip(graph.output_names, got, want):
@@ -56,11 +56,10 @@ def cpu_case(name: str) -> None:
 
 def check_random_bits_equal_the_cpu_backend() -> None:
     import test_numba_cpu as cpu
-    from graphc.backends.numba_cpu import compile_graph as compile_cpu
-    from graphc.backends.numba_cuda import compile_graph as compile_cuda
+    from graphc.lowering import compile_graph
 
     graph, arrays = cpu.CASES["random"]()
-    for g, c in zip(compile_cuda(graph)(*arrays), compile_cpu(graph)(*arrays)):
+    for g, c in zip(compile_graph(graph, "numba-cuda")(*arrays), compile_graph(graph, "numba-cpu")(*arrays)):
         np.testing.assert_array_equal(g, c)
 
 
@@ -100,13 +99,13 @@ def check_small_cnn_gradient() -> None:
 
 def check_donated_inputs_are_updated_in_place() -> None:
     import test_numba_cpu as cpu
-    from graphc.backends.numba_cuda import compile_graph
+    from graphc.lowering import compile_graph
 
     x, y = cpu.normal(3, 4), cpu.normal(3, 4)
     graph = cpu.build("update", [x, y], lambda b, x, y: [b.sub(x, b.mul(y, b.scalar_like(0.5, y))),
                                                          b.sum(y, axes=(0, 1))])
     want = x - y * np.float32(0.5)
-    out = compile_graph(graph, donate={0: 0})(x, y)
+    out = compile_graph(graph, "numba-cuda", donate={0: 0})(x, y)
     assert out[0] is x
     np.testing.assert_allclose(x, want, **TOLERANCE["float32"])
 
@@ -144,11 +143,11 @@ def update_graph():
 
 
 def check_resident_inputs_are_uploaded_once_and_synced_on_request() -> None:
-    from graphc.backends.numba_cuda import compile_graph
+    from graphc.lowering import compile_graph
 
     graph, w, g = update_graph()
     start = w.copy()
-    executable = compile_graph(graph, donate={0: 0})
+    executable = compile_graph(graph, "numba-cuda", donate={0: 0})
     executable.keep_on_device({0})
     executable(w, g)
     before = dict(executable.transfers)
@@ -166,11 +165,11 @@ def check_resident_inputs_are_uploaded_once_and_synced_on_request() -> None:
 
 
 def check_another_array_for_a_resident_input_is_uploaded() -> None:
-    from graphc.backends.numba_cuda import compile_graph
+    from graphc.lowering import compile_graph
 
     graph, w, g = update_graph()
     other, w_start, other_start = w + 10, w.copy(), w + 10
-    executable = compile_graph(graph, donate={0: 0})
+    executable = compile_graph(graph, "numba-cuda", donate={0: 0})
     executable.keep_on_device({0})
     executable(w, g)
     executable(other, g)  # w gets its pending update back before `other` takes the buffer
@@ -182,13 +181,13 @@ def check_another_array_for_a_resident_input_is_uploaded() -> None:
 def check_a_donation_by_copy_is_copied_on_the_device() -> None:
     """w <- w.T reads w off-index while writing it: the plan copies the new value at the end."""
     import test_numba_cpu as cpu
-    from graphc.backends.numba_cuda import compile_graph
+    from graphc.lowering import compile_graph
 
     w = cpu.normal(4, 4)
     graph = cpu.build("transposed", [w], lambda b, w: [b.transpose(w, perm=(1, 0))])
     for resident in (set(), {0}):
         array = w.copy()
-        executable = compile_graph(graph, donate={0: 0})
+        executable = compile_graph(graph, "numba-cuda", donate={0: 0})
         assert executable.plan.donated_by_copy == {0: 0}
         executable.keep_on_device(resident)
         for want in (w.T, w):
@@ -408,7 +407,7 @@ def test_long_reductions_share_each_output_among_a_block():
 CACHE_SCRIPT = r'''
 import json
 import numpy as np
-from graphc.backends.numba_cuda import compile_graph
+from graphc.lowering import compile_graph
 from graphc.backends.reference import evaluate
 from graphc.ir import Builder, TensorType
 
@@ -424,7 +423,7 @@ rng = np.random.default_rng(0)
 args = [rng.standard_normal((4, 6)).astype(np.float32), rng.standard_normal((6, 3)).astype(np.float32),
         np.array([1, 2], np.int64)]
 with np.errstate(all="ignore"):  # the simulator runs the RNG's wrapping uint64 math in NumPy
-    executable = compile_graph(b.graph)
+    executable = compile_graph(b.graph, "numba-cuda")
     (got,) = executable(*args)
 (want,) = evaluate(b.graph, args)
 stats = executable.cache_stats

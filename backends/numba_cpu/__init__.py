@@ -1,6 +1,6 @@
 """The numba-cpu backend: fused kernels generated as Python source, compiled by Numba.
 
-    compile_graph(graph, donate=None) -> Executable
+    lower(fused) -> LoweredGraph;  compile_plan(lowered, plan) -> Executable
 
 See executor.py (the executable and its memory), codegen_*.py (one generator per kernel
 pattern) and cache.py (the on-disk kernel cache).
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .cache import CacheStats, default_cache_dir, get_cache
 from .codegen import unlowered_primitives
-from .executor import CompiledKernel, Executable, ProfileReport, compile_graph
+from .executor import CompiledKernel, Executable, ProfileReport, compile_plan, lower
 
 
 def _missing_dependency() -> str | None:
@@ -30,6 +30,6 @@ def unavailable_reason() -> str:
     return f"the {missing!r} package is not installed" if missing else ""
 
 
-__all__ = ["CacheStats", "CompiledKernel", "Executable", "ProfileReport", "compile_graph",
-           "default_cache_dir", "get_cache", "is_available", "unavailable_reason",
+__all__ = ["CacheStats", "CompiledKernel", "Executable", "ProfileReport", "compile_plan",
+           "default_cache_dir", "get_cache", "is_available", "lower", "unavailable_reason",
            "unlowered_primitives"]

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from graphc.ir import Node
+from graphc.ir.kernels import op_class
 from graphc.ir.registry import PRIMITIVES
-from graphc.passes.fusion import op_class
 
 from .codegen_common import KernelSource, origin_comment
 from .codegen_elementwise import generate_elementwise, lowerable_pointwise

@@ -17,9 +17,9 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from graphc.ir import Graph, Node, Value
+from graphc.ir.kernels import is_literal
 from graphc.ir.ops.random import rng_source
 from graphc.ir.registry import ELEMENTWISE, get
-from graphc.passes.fusion import is_literal
 
 from .codegen_common import (HELPER_OPTIONS, PARALLEL_MIN_ELEMENTS, Call, KernelSource, Writer, cast,
                              decorator, entry_name, index_text, literal, loop_header, module, size_of)

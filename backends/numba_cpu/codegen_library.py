@@ -28,7 +28,7 @@ from typing import Callable
 import numba
 
 from graphc.ir import Graph, Node, TensorType, Value
-from graphc.passes.fusion import bounded_label, is_literal
+from graphc.ir.kernels import bounded_label, is_literal
 
 from .codegen_common import (HELPER_DECORATOR, HELPER_OPTIONS, PARALLEL_MIN_ELEMENTS, Call, KernelSource, Writer,
                              decorator, index_text, loop_header, module, size_of)

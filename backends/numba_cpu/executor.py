@@ -1,10 +1,12 @@
-"""compile_graph and the Executable: one arena, a pre-bound kernel list, minimal Python per call.
+"""lower, compile_plan and the Executable: one arena, a pre-bound kernel list, minimal Python
+per call.
 
-Compilation: fuse the graph, generate every kernel's source, plan memory (kernel scratch
-included), then load each kernel through the cache, compiled eagerly for the exact argument
-types the executor will pass. A call then checks its inputs, allocates the fresh output arrays,
-and runs the kernel list; each step is a compiled function and the indices of its arguments
-in one flat list of arrays, most of which (arena views, constants, scratch) never change.
+Compilation: `lower` generates every kernel's source of a fused graph; memory is planned from it
+(kernel scratch included, by graphc.lowering); `compile_plan` then loads each kernel through the
+cache, compiled eagerly for the exact argument types the executor will pass. A call then checks
+its inputs, allocates the fresh output arrays, and runs the kernel list; each step is a compiled
+function and the indices of its arguments in one flat list of arrays, most of which (arena
+views, constants, scratch) never change.
 """
 from __future__ import annotations
 
@@ -21,13 +23,12 @@ from typing import Any, Callable, Sequence
 import numba
 import numpy as np
 
+from graphc.backends import LoweredGraph
 from graphc.backends.bounds import IndexCheck, IndexChecks, plan_index_checks
 from graphc.backends.kernel_files import signature_of
 from graphc.backends.signature import InputSignature
 from graphc.ir import Graph, Node, TensorType, Value
-from graphc.ir.verify import KERNEL_OP
-from graphc.passes.fusion import fuse
-from graphc.passes.memplan import ALIGNMENT, MemoryPlan, plan_memory
+from graphc.ir.memory import ALIGNMENT, MemoryPlan
 
 from .blas import single_threaded_scipy_blas
 from .cache import CacheStats, get_cache
@@ -394,17 +395,19 @@ def _limit_blas_threads() -> None:
         _BLAS_LIMITED.append(single_threaded_scipy_blas())
 
 
-def compile_graph(graph: Graph, donate: dict[int, int] | None = None) -> Executable:
-    """Compile `graph` (primitive nodes, or already fused) for the CPU through Numba.
+def lower(fused: Graph) -> LoweredGraph:
+    """The generated source of every kernel of `fused` that runs code."""
+    return LoweredGraph(fused, {n: generate(n) for n in fused.nodes
+                                if n.attrs["pattern"] not in ("view", "constant")})
 
-    `donate` maps a graph input index to an output index written into that input's buffer:
-    the caller's array is updated in place and returned as that output.
-    """
+
+def compile_plan(lowered: LoweredGraph, plan: MemoryPlan) -> Executable:
+    """Compile the kernels of `lowered` for the CPU through Numba, run in `plan`'s order over its
+    arena. The plan's donations (input index -> output index written into that input's buffer)
+    update the caller's array in place and return it as that output."""
     start = time.perf_counter()
     _limit_blas_threads()
-    fused = graph if any(n.op == KERNEL_OP for n in graph.nodes) else fuse(graph)
-    sources = {n: generate(n) for n in fused.nodes if n.attrs["pattern"] not in ("view", "constant")}
-    plan = plan_memory(fused, donate, scratch=lambda n: list(sources[n].scratch) if n in sources else [])
+    fused, sources = lowered.graph, lowered.sources
     checks = plan_index_checks(fused, plan)  # first: constant indices out of range fail here
     for node, source in sources.items():
         pairs = {(f"x{p}", f"y{q}") for p, q in plan.written_in_place(node)}

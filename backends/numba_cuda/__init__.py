@@ -1,7 +1,7 @@
 """The numba-cuda backend: fused kernels generated as numba.cuda source, run on an NVIDIA GPU
 (or, with NUMBA_ENABLE_CUDASIM=1 set before numba is imported, on Numba's CUDA simulator).
 
-    compile_graph(graph, donate=None) -> Executable
+    lower(fused) -> LoweredGraph;  compile_plan(lowered, plan) -> Executable
 
 See codegen.py (one generator per fusion pattern) and executor.py (device arena, calls).
 """
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 
+from graphc.backends import LoweredGraph
 from graphc.ir import Graph
+from graphc.ir.memory import MemoryPlan
 
 
 def _problem() -> str | None:
@@ -34,9 +36,15 @@ def unavailable_reason() -> str:
     return _problem() or ""
 
 
-def compile_graph(graph: Graph, donate: dict[int, int] | None = None):
-    from .executor import compile_graph as compile_for_cuda
-    return compile_for_cuda(graph, donate)
+# numba.cuda is imported when a graph is lowered, not when graphc looks for backends.
+def lower(fused: Graph) -> LoweredGraph:
+    from .executor import lower as lower_for_cuda
+    return lower_for_cuda(fused)
 
 
-__all__ = ["compile_graph", "is_available", "unavailable_reason"]
+def compile_plan(lowered: LoweredGraph, plan: MemoryPlan):
+    from .executor import compile_plan as compile_for_cuda
+    return compile_for_cuda(lowered, plan)
+
+
+__all__ = ["compile_plan", "is_available", "lower", "unavailable_reason"]

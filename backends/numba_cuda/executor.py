@@ -1,4 +1,4 @@
-"""compile_graph for numba.cuda: kernels launched in the memory plan's order over device memory
+"""lower and compile_plan for numba.cuda: kernels launched in the memory plan's order over device memory
 allocated once.
 
 Device memory, all allocated at compile time: the arena (one allocation holding every
@@ -26,14 +26,13 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from graphc.backends import LoweredGraph
 from graphc.backends.bounds import IndexChecks, plan_index_checks
 from graphc.backends.kernel_files import signature_of
 from graphc.backends.numba_cpu import CacheStats
 from graphc.backends.signature import prepare_inputs
 from graphc.ir import Graph, Node, TensorType, Value
-from graphc.ir.verify import KERNEL_OP
-from graphc.passes.fusion import fuse
-from graphc.passes.memplan import MemoryPlan, plan_memory
+from graphc.ir.memory import MemoryPlan
 
 from .cache import get_cache
 from .codegen import CudaCall, CudaKernelSource, generate
@@ -277,13 +276,18 @@ class Executable:
                 f"{self.plan.summary()}; {self.cache_stats}>")
 
 
-def compile_graph(graph: Graph, donate: dict[int, int] | None = None) -> Executable:
-    """Compile `graph` (primitive nodes, or already fused) for numba.cuda. `donate` maps a graph
-    input index to the output index written into that input's (caller's) array."""
+def lower(fused: Graph) -> LoweredGraph:
+    """The CUDA source of every kernel of `fused` that runs code."""
+    return LoweredGraph(fused, {n: generate(n) for n in fused.nodes
+                                if n.attrs["pattern"] not in ("view", "constant")})
+
+
+def compile_plan(lowered: LoweredGraph, plan: MemoryPlan) -> Executable:
+    """Compile the kernels of `lowered` for numba.cuda, launched in `plan`'s order over its
+    device arena. The plan's donations (input index -> output index) write that output into
+    the input's (caller's) array."""
     start = time.perf_counter()
-    fused = graph if any(n.op == KERNEL_OP for n in graph.nodes) else fuse(graph)
-    sources = {n: generate(n) for n in fused.nodes if n.attrs["pattern"] not in ("view", "constant")}
-    plan = plan_memory(fused, donate, scratch=lambda n: list(sources[n].scratch) if n in sources else [])
+    fused, sources = lowered.graph, lowered.sources
     checks = plan_index_checks(fused, plan)  # first: constant indices out of range fail here
     stats = CacheStats()
     functions = {node: [_load(node, source, call, stats) for call in source.calls]

@@ -1,0 +1,33 @@
+"""The back half of every compilation: fusion and memory planning as stages of the pipeline,
+then the backend.
+
+The passes never import a backend and the backends never import a pass: this layer joins them.
+It fuses the optimized graph, asks the backend for each kernel's source (which says how much
+scratch the kernel needs), plans memory with those sizes and hands the backend the plan. Both
+stages are recorded like the others (GRAPHC_DUMP, GRAPHC_VERIFY: passes/pipeline.py).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from graphc.backends import get_backend, lowers_kernels
+from graphc.ir import Graph
+from graphc.ir.verify import KERNEL_OP
+from graphc.passes import FUSION, Stages
+
+
+def compile_graph(graph: Graph, backend: str | None = None, donate: dict[int, int] | None = None,
+                  stages: Stages | None = None) -> Any:
+    """Compile `graph` (primitive nodes, or already fused) for `backend` (the default when None).
+
+    `donate` maps a graph input index to the output index written into that input's buffer;
+    `stages` records fusion and the memory plan after the compilation's earlier stages (a new
+    record named after the graph when None).
+    """
+    module = get_backend(backend)
+    if not lowers_kernels(module):  # the interpreter runs the primitive graph as it is
+        return module.compile_graph(graph, donate)
+    stages = stages if stages is not None else Stages(graph.name)
+    fused = graph if any(n.op == KERNEL_OP for n in graph.nodes) else stages.run(graph, [FUSION])
+    lowered = module.lower(fused)
+    return module.compile_plan(lowered, stages.plan_memory(fused, donate, lowered.scratch))
