@@ -30,8 +30,8 @@ CI = settings(derandomize=True, database=None, deadline=None, print_blob=False,
                                      HealthCheck.filter_too_much])
 QUICK_REFERENCE_PROGRAMS = 200  # in the default suite (~60 ms each)
 REFERENCE_PROGRAMS_PER_DTYPE = 900  # marked slow; with the rest, over 2,000 programs per CI run
-CPU_PROGRAMS = 60
-CPU_LARGE_PROGRAMS = 4
+CPU_PROGRAMS = 120
+CPU_LARGE_PROGRAMS = 6
 CUDA_PROGRAMS = 60
 
 
