@@ -104,13 +104,13 @@ KNOWN_BACKEND_FAILURES = {
 
 @dataclass
 class Program:
-    """One generated program: `source` defines `f` and `step`, the transformed `f`."""
+    """One generated program: `source` defines `f`, `loss` (f, or the squared norm of its
+    gradient) and `step`, the transformed `loss`."""
 
     source: str
     dtype: str
     arg_shapes: list[tuple[int, ...]]
     wrapper: str
-    random: bool
     size: int  # elements of the largest value
 
     def arguments(self, dtype: str | None = None, seed: int = 0) -> list[np.ndarray]:
@@ -145,7 +145,6 @@ class _Draft:
     args: list[tuple[str, tuple[int, ...]]]
     preamble: list[str] = field(default_factory=list)
     body: list[str] = field(default_factory=list)
-    random: bool = False
     used: set[str] = field(default_factory=set)
     second_order: bool = False  # the loss differentiates f twice
     max_elements: int = 4096  # a larger value is not emitted (x @ x.T of a long axis is huge)
@@ -412,10 +411,8 @@ def _step(d: _Draft) -> None:
     elif kind == "where_constant" and "where_constant" not in AWAITING_FIX:
         c = d.constant(s)
         form = draw(st.sampled_from([f"gc.where({name} > 0, {c}, 0)", f"F.dropout({c}, p=0.5) * {name}"]))
-        d.random = d.random or "dropout" in form
         d.emit(form, s)
     elif kind == "random":
-        d.random = True
         form = draw(st.sampled_from(["dropout", "uniform", "bernoulli"]))
         if form == "dropout":
             d.emit(f"F.dropout({name}, p={draw(st.sampled_from([0.25, 0.5]))})", s)
@@ -498,7 +495,7 @@ def programs(draw, max_steps: int = 8, large: bool = False,
              loss, "", f"step = {WRAPPERS[wrapper].format(argnums=argnums)}"]
     size = max(v.size for _, v in d.values)
     return Program("\n".join(lines) + "\n", draw(st.sampled_from(dtypes)),
-                   [s for _, s in d.args], wrapper, d.random, size)
+                   [s for _, s in d.args], wrapper, size)
 
 
 # -- checks -------------------------------------------------------------------------------------
