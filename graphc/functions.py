@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
+
 from .tensor import Tensor, _normalize_axes, as_tensor, bind, current_trace, matmul
 
 __all__ = ["exp", "log", "log1p", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "sign", "square",
@@ -25,10 +27,17 @@ exp, log, log1p, sqrt, rsqrt, tanh, sigmoid, abs, sign, square, reciprocal, stop
 
 
 def _pair(x: Any, y: Any) -> tuple[Tensor, Tensor]:
-    if isinstance(x, Tensor):
-        return x, as_tensor(y, like=x)
-    y = as_tensor(y)
-    return as_tensor(x, like=y), y
+    """Both operands as Tensors; a Python or NumPy number takes the other operand's dtype (an
+    array operand, a NumPy constant included, sets it, not only a traced Tensor)."""
+    if _is_number(x) and not _is_number(y):
+        y = as_tensor(y)
+        return as_tensor(x, like=y), y
+    x = as_tensor(x)
+    return x, as_tensor(y, like=x)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (bool, int, float, np.number))
 
 
 def maximum(x: Any, y: Any) -> Tensor:

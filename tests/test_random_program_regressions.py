@@ -34,9 +34,6 @@ def test_grad_of_jit_is_the_gradient():
 IMAGE = np.random.default_rng(0).standard_normal((1, 2, 4, 4))
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "graphc/nn/functional.py: conv2d, max_pool2d, avg_pool2d and relu bind a NumPy operand "
-    "without as_tensor: 'numpy.ndarray' object has no attribute 'value'"))
 @pytest.mark.parametrize("layer", [
     lambda w: F.conv2d(IMAGE, w),
     lambda w: F.max_pool2d(IMAGE, 2) * w.sum(),
@@ -49,10 +46,6 @@ def test_layers_accept_a_closure_constant_image(layer):
     assert np.isfinite(value)
 
 
-@pytest.mark.xfail(strict=True, raises=gc.DTypeError, reason=(
-    "graphc/functions.py _pair: gc.where(cond, float NumPy array, 0) makes 0 an int64 constant "
-    "(the array is not a Tensor, so the number gets no dtype to follow); F.dropout of a closure "
-    "constant goes through it"))
 def test_where_and_dropout_of_a_closure_constant():
     def f(x):
         return (gc.where(x > 0, IMAGE, 0) + F.dropout(IMAGE, p=0.5) * x).sum()

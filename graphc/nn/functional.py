@@ -17,49 +17,51 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
 
 
 def relu(x: Tensor) -> Tensor:
-    return bind("relu", x)
+    return bind("relu", as_tensor(x))
 
 
 def sigmoid(x: Tensor) -> Tensor:
-    return bind("sigmoid", x)
+    return bind("sigmoid", as_tensor(x))
 
 
 def tanh(x: Tensor) -> Tensor:
-    return bind("tanh", x)
+    return bind("tanh", as_tensor(x))
 
 
 def softmax(x: Tensor, dim: int = -1) -> Tensor:
+    x = as_tensor(x)
     e = (x - stop_gradient(x.max(dim, keepdims=True))).exp()
     return e / e.sum(dim, keepdims=True)
 
 
 def log_softmax(x: Tensor, dim: int = -1) -> Tensor:
+    x = as_tensor(x)
     return x - logsumexp(x, dim, keepdims=True)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ weight.T + bias, with weight of shape (out_features, in_features)."""
-    out = x @ as_tensor(weight).T
+    out = as_tensor(x) @ as_tensor(weight).T
     return out + bias if bias is not None else out
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0,
            dilation: Any = 1, groups: int = 1) -> Tensor:
-    out = bind("conv2d", x, as_tensor(weight), stride=_pair(stride), padding=_pair(padding),
+    out = bind("conv2d", as_tensor(x), as_tensor(weight), stride=_pair(stride), padding=_pair(padding),
                dilation=_pair(dilation), groups=groups)
     return out + as_tensor(bias).reshape(1, -1, 1, 1) if bias is not None else out
 
 
 def max_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0) -> Tensor:
     kernel = _pair(kernel_size)
-    return bind("max_pool2d", x, kernel=kernel, stride=_pair(stride) if stride else kernel,
+    return bind("max_pool2d", as_tensor(x), kernel=kernel, stride=_pair(stride) if stride else kernel,
                 padding=_pair(padding))
 
 
 def avg_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
                count_include_pad: bool = True) -> Tensor:
     kernel = _pair(kernel_size)
-    return bind("avg_pool2d", x, kernel=kernel, stride=_pair(stride) if stride else kernel,
+    return bind("avg_pool2d", as_tensor(x), kernel=kernel, stride=_pair(stride) if stride else kernel,
                 padding=_pair(padding), count_include_pad=count_include_pad)
 
 
@@ -69,6 +71,7 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     if not training or p == 0:
         return x
+    x = as_tensor(x)
     keep = bernoulli(1 - p, x.shape)
     return where(keep, x * (1.0 / (1 - p)), 0)
 
