@@ -74,9 +74,6 @@ SIMULATED_CONSTANT_OUTPUT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "backends/numba_cuda: a 0-d one-element constant output comes back with shape (1,) "
-    "(gc.grad(lambda x: x * 3.0) on numba-cuda returns array([3.]))"))
 def test_zero_dimensional_constant_output_keeps_its_shape_on_numba_cuda():
     run_simulated(SIMULATED_CONSTANT_OUTPUT)
 
@@ -94,9 +91,6 @@ SIMULATED_CONSTANT_READ_AND_RETURNED = textwrap.dedent("""
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "backends/numba_cuda: a 0-d constant that a kernel reads and the graph also returns fails "
-    "in the kernel: 'setting an array element with a sequence'"))
 def test_constant_read_by_a_kernel_and_returned_on_numba_cuda():
     run_simulated(SIMULATED_CONSTANT_READ_AND_RETURNED)
 
@@ -113,10 +107,6 @@ SIMULATED_SCATTER_AT_A_ZERO_DIMENSIONAL_INDEX = textwrap.dedent("""
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "backends/numba_cuda/codegen.py scatter_add: cuda.atomic.add(out, (indices[()],), g[()]) "
-    "with 0-d indices fails on the simulator (g[()] is a 0-d array there: unsupported operand "
-    "type(s) for +=); not checked on a GPU"))
 def test_scatter_at_a_zero_dimensional_index_on_numba_cuda():
     run_simulated(SIMULATED_SCATTER_AT_A_ZERO_DIMENSIONAL_INDEX)
 

@@ -164,8 +164,10 @@ class Executable:
                     storage = plan.storages[loc.index]
                     env[v] = self._arena_view(storage.offset, v.type.shape, v.type.np_dtype)
                 elif loc.kind == "constant":
-                    value = np.array(node.subgraph.nodes[0].attrs["value"], dtype=v.type.np_dtype)
-                    env[v] = cuda.to_device(np.ascontiguousarray(value))
+                    # np.array, not np.ascontiguousarray: that one turns a 0-d constant into
+                    # shape (1,), which kernels indexing it with () and callers reject
+                    value = np.array(node.subgraph.nodes[0].attrs["value"], dtype=v.type.np_dtype, order="C")
+                    env[v] = cuda.to_device(value)
                 elif loc.kind == "output":
                     env[v] = cuda.device_array(v.type.shape, v.type.np_dtype)
                 elif loc.kind == "donated":
