@@ -8,8 +8,8 @@ position), which a racing flag set inside a parallel loop could not. An array he
 input is checked before any kernel runs, so a step with a bad label changes no parameter.
 
 This needs every index array to be a kernel input, never a value computed inside the reading
-kernel: fusion does not fuse an index's producer into its consumer (ir/kernels.py,
-INDEX_OPS), and the planner refuses a fused graph that does. Constant indices are checked once,
+kernel: fusion does not fuse an index's producer into its consumer (indexed-load ops declare
+no identity reads in ir/ops/indexing.py), and the planner refuses a fused graph that does. Constant indices are checked once,
 at compile time.
 
 GRAPHC_BOUNDS_CHECK=0 at compile time drops the checks: only for measuring what they cost

@@ -11,32 +11,22 @@ from .graph import Node
 from .registry import ELEMENTWISE, OPAQUE, REDUCTION, SHAPE, SOURCE, get
 from .verify import KERNEL_OP
 
-# Shape ops that only reinterpret a contiguous buffer: they become aliases, never loops.
-VIEW_OPS = frozenset({"reshape", "expand_dims", "squeeze"})
-# Opaque ops that still make one load per output element (at a data-dependent index), so they
-# fuse like elementwise ops. Value: the operand positions read at the output index itself.
-# take_along_axis reads its indices there too, but they stay a kernel input: the backends check
-# every index array before the kernel that reads through it runs (backends/bounds.py).
-INDEX_OPS: dict[str, frozenset[int]] = {
-    "take_along_axis": frozenset(),
-    "gather": frozenset(),
-    "one_hot": frozenset(),
-}
-
-
 def is_literal(node: Node) -> bool:
     """A one-element constant: code generators inline it instead of loading it."""
     return node.op == "constant" and node.output.type.size == 1
 
 
 def op_class(op: str) -> str:
-    """How fusion treats an op: 'constant', 'view', 'pointwise', 'reduction' or 'library'."""
+    """How fusion treats an op: 'constant', 'view', 'pointwise', 'reduction' or 'library'.
+    Read from the op's registry properties: views alias their operand; opaque ops with an
+    indexed load (gather-like) fuse as pointwise members."""
     if op == "constant":
         return "constant"
-    if op in VIEW_OPS:
+    prim = get(op)
+    if prim.view:
         return "view"
-    kind = get(op).kind
-    if kind in (ELEMENTWISE, SHAPE, SOURCE) or op in INDEX_OPS:
+    kind = prim.kind
+    if kind in (ELEMENTWISE, SHAPE, SOURCE) or prim.indexed_load:
         return "pointwise"
     if kind == REDUCTION:
         return "reduction"
@@ -64,5 +54,4 @@ def bounded_label(words: Sequence[str], limit: int = MAX_LABEL_LENGTH) -> str:
     return f"{label[:limit - LABEL_HASH_LENGTH - 1].rstrip('_')}_{digest}"
 
 
-__all__ = ["INDEX_OPS", "KERNEL_OP", "LABEL_HASH_LENGTH", "MAX_LABEL_LENGTH", "VIEW_OPS", "bounded_label",
-           "is_literal", "op_class"]
+__all__ = ["KERNEL_OP", "LABEL_HASH_LENGTH", "MAX_LABEL_LENGTH", "bounded_label", "is_literal", "op_class"]

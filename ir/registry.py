@@ -110,6 +110,18 @@ class Primitive:
     scalar: Callable[..., str] | None = None  # elementwise: scalar(*input_exprs, **attrs) -> code
     num_inputs: int | None = None             # None: variadic
     doc: str = ""
+    # Properties fusion reads (it never tests op names); see passes/fusion.py.
+    view: bool = False            # shape op that only reinterprets a contiguous buffer: an alias
+    indexed_load: bool = False    # opaque op making one load per output element, at a computed
+    #                               (data-dependent) index: it fuses like an elementwise op
+    identity_reads: frozenset[int] = frozenset()  # operands a non-elementwise op reads at its
+    #                                               own output index (elementwise ops read all so)
+    transposed_operands: bool = False  # library op reading operands with the last two axes
+    #                                    swapped at no cost (BLAS flags): it absorbs such transposes
+
+    def reads_at_identity(self, position: int) -> bool:
+        """Does this op read operand `position` only at the index of the element it writes?"""
+        return self.kind == ELEMENTWISE or position in self.identity_reads
 
     def check_attrs(self, attrs: dict[str, Any]) -> dict[str, Any]:
         """Validate and normalise attributes against the schema (lists become tuples, ...)."""
@@ -144,6 +156,10 @@ def register(prim: Primitive) -> Primitive:
         raise ValueError(f"{prim.name}: unknown kind {prim.kind!r}")
     if prim.kind == ELEMENTWISE and prim.scalar is None:
         raise ValueError(f"{prim.name}: elementwise primitives need a scalar expression")
+    if prim.view and prim.kind != SHAPE:
+        raise ValueError(f"{prim.name}: only shape ops can be views, not {prim.kind} ops")
+    if (prim.indexed_load or prim.transposed_operands) and prim.kind != OPAQUE:
+        raise ValueError(f"{prim.name}: indexed_load and transposed_operands are properties of opaque ops")
     PRIMITIVES[prim.name] = prim
     return prim
 

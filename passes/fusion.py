@@ -12,10 +12,15 @@ holding the subgraph it computes and attrs ``{"name": str, "pattern": str}``. Pa
   (the *body*, evaluated inside the reduction loop) and pointwise consumers of the reduced value
   (the *epilogue*). In the subgraph the body comes first, then the anchor, then the epilogue.
 - ``library``: an opaque op (matmul, conv, pooling, scatter) with an elementwise epilogue over
-  its output (bias add, ReLU). A matmul also absorbs transposes of its operands (swapping the
-  last two axes, read by nothing else): BLAS reads them transposed for free. In the subgraph
+  its output (bias add, ReLU). An op declaring ``transposed_operands`` (matmul) also absorbs
+  transposes of its operands (swapping the last two axes, read by nothing else): BLAS reads them
+  transposed for free. In the subgraph
   the prologue transposes come first, then the anchor, then the epilogue.
-- ``view``: reshape, expand_dims or squeeze of a contiguous buffer: a zero-cost alias.
+- ``view``: an op declaring ``view`` (reshape, expand_dims, squeeze) of a contiguous buffer: a
+  zero-cost alias.
+
+Fusion reads what it needs of an op from its registry entry (``view``, ``indexed_load``,
+``identity_reads``, ``transposed_operands``, the kind), never from its name.
 - ``constant``: a constant tensor, materialised once by the backend.
 
 Scalar constants (one element) are not kernels: every kernel that reads one copies it into its
@@ -28,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from graphc.ir import Graph, Node, Value
-from graphc.ir.kernels import INDEX_OPS, KERNEL_OP, bounded_label, is_literal, op_class
+from graphc.ir.kernels import KERNEL_OP, bounded_label, is_literal, op_class
 from graphc.ir.registry import ELEMENTWISE, SHAPE, get
 
 from .dag import DiGraph
@@ -52,9 +57,7 @@ def reads_at_identity(node: Node, position: int) -> bool:
     """Does the pointwise `node` read operand `position` only at its own output index?"""
     if node.inputs[position].shape != node.output.shape:
         return False
-    if get(node.op).kind == ELEMENTWISE:
-        return True
-    return position in INDEX_OPS.get(node.op, ())
+    return get(node.op).reads_at_identity(position)
 
 
 # -- groups under construction -----------------------------------------------------------------
@@ -254,7 +257,7 @@ class _Partitioner:
     # -- library calls -------------------------------------------------------------------------
     def _add_library(self, node: Node) -> None:
         group = self._new_group(node, "library", anchored=True)
-        if node.op != "matmul":
+        if not get(node.op).transposed_operands:
             return
         for v in set(node.inputs):
             producer = self.group_of.get(v)
@@ -310,7 +313,7 @@ def _shares_loop(a: _Group, b: _Group) -> bool:
 # -- building the kernel graph ------------------------------------------------------------------
 def _pattern_of(group: _Group) -> str:
     if group.pattern == "elementwise" and all(
-            get(m.op).kind == SHAPE or m.op in INDEX_OPS for m in group.body):
+            get(m.op).kind == SHAPE or get(m.op).indexed_load for m in group.body):
         return "shape"
     return group.pattern
 

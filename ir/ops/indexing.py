@@ -84,9 +84,9 @@ def _axis_canon(rank_of):
     return canon
 
 
-def _op(name, infer, impl, vjp, attrs, canon=None, num_inputs=2, doc=""):
+def _op(name, infer, impl, vjp, attrs, canon=None, num_inputs=2, doc="", indexed_load=False):
     register(Primitive(name, OPAQUE, infer, impl, vjp, attrs=attrs, canon=canon,
-                       num_inputs=num_inputs, doc=doc))
+                       num_inputs=num_inputs, doc=doc, indexed_load=indexed_load))
 
 
 # -- take_along_axis / scatter_add_along_axis ---------------------------------------------------
@@ -123,9 +123,12 @@ def _take_along_axis_vjp(b, g, x, indices, *, out, axis, wrap_negative):
                                      wrap_negative=wrap_negative), None)
 
 
+# take_along_axis reads its indices at its output index, but declares no identity_reads: the
+# indices stay a kernel input, because the backends check every index array before the kernel
+# reading through it runs (backends/bounds.py).
 _op("take_along_axis", _take_along_axis_infer, _take_along_axis_impl, _take_along_axis_vjp,
     attrs={"axis": Attr("int"), "wrap_negative": Attr("bool", True)},
-    canon=_axis_canon(lambda types, attrs: types[0].ndim),
+    canon=_axis_canon(lambda types, attrs: types[0].ndim), indexed_load=True,
     doc="out[..., i, ...] = x[..., indices[..., i, ...], ...] along `axis` (np.take_along_axis); "
         "indices in [-n, n), or [0, n) without wrap_negative (PyTorch's gather).")
 
@@ -194,7 +197,7 @@ def _gather_vjp(b, g, x, indices, *, out, axis, wrap_negative):
 
 _op("gather", _gather_infer, _gather_impl, _gather_vjp,
     attrs={"axis": Attr("int"), "wrap_negative": Attr("bool", True)},
-    canon=_axis_canon(lambda types, attrs: types[0].ndim),
+    canon=_axis_canon(lambda types, attrs: types[0].ndim), indexed_load=True,
     doc="np.take(x, indices, axis): x.shape[:axis] + indices.shape + x.shape[axis+1:]; indices "
         "in [-n, n), or [0, n) without wrap_negative (PyTorch's embedding).")
 
@@ -252,7 +255,7 @@ def _one_hot_infer(indices: TensorType, *, num_classes: int, dtype: str) -> Tens
 _op("one_hot", _one_hot_infer,
     lambda indices, *, num_classes, dtype: (indices[..., None] == np.arange(num_classes)).astype(dtype),
     lambda b, g, indices, *, out, num_classes, dtype: (None,),  # integer input: no cotangent
-    attrs={"num_classes": Attr("int"), "dtype": Attr("dtype", "float32")}, num_inputs=1,
+    attrs={"num_classes": Attr("int"), "dtype": Attr("dtype", "float32")}, num_inputs=1, indexed_load=True,
     doc="indices.shape + (num_classes,), 1 at each index; out-of-range indices give zero rows.")
 
 

@@ -162,6 +162,7 @@ def _matmul_vjp(b, g, x, y, *, out):
 
 register(Primitive(
     "matmul", OPAQUE, _matmul_type, lambda x, y: np.matmul(x, y), _matmul_vjp, num_inputs=2,
+    transposed_operands=True,
     doc="(..., m, k) @ (..., k, n) -> (..., m, n); batch dimensions broadcast as in NumPy."))
 
 

@@ -66,9 +66,9 @@ def _copy(fn):
     return run
 
 
-def _shape_op(name, infer, impl, vjp, attrs, canon=None, num_inputs=1, doc=""):
+def _shape_op(name, infer, impl, vjp, attrs, canon=None, num_inputs=1, doc="", view=False):
     register(Primitive(name, SHAPE, infer, _copy(impl), vjp, attrs=attrs, canon=canon,
-                       num_inputs=num_inputs, doc=doc))
+                       num_inputs=num_inputs, doc=doc, view=view))
 
 
 # -- reshape --------------------------------------------------------------------------------
@@ -82,7 +82,8 @@ def _reshape_infer(x: TensorType, *, shape: tuple[int, ...]) -> TensorType:
 
 _shape_op("reshape", _reshape_infer, lambda x, *, shape: x.reshape(shape),
           lambda b, g, x, *, out, shape: (b.reshape(g, shape=x.shape),),
-          attrs={"shape": Attr("ints")}, doc="Same elements in C order, new shape of the same size.")
+          attrs={"shape": Attr("ints")}, view=True,
+          doc="Same elements in C order, new shape of the same size.")
 
 
 # -- transpose ------------------------------------------------------------------------------
@@ -160,11 +161,11 @@ def _squeeze_infer(x: TensorType, *, axes: tuple[int, ...]) -> TensorType:
 
 _shape_op("expand_dims", _expand_dims_infer, lambda x, *, axes: np.expand_dims(x, axes),
           lambda b, g, x, *, out, axes: (b.squeeze(g, axes=axes),),
-          attrs={"axes": Attr("ints")}, canon=_expand_dims_canon,
+          attrs={"axes": Attr("ints")}, canon=_expand_dims_canon, view=True,
           doc="Insert size-1 axes; `axes` index the output, as in np.expand_dims.")
 _shape_op("squeeze", _squeeze_infer, lambda x, *, axes: np.squeeze(x, axis=axes),
           lambda b, g, x, *, out, axes: (b.expand_dims(g, axes=axes),),
-          attrs={"axes": Attr("ints")}, canon=_squeeze_canon,
+          attrs={"axes": Attr("ints")}, canon=_squeeze_canon, view=True,
           doc="Remove the named axes, each of which must have size 1.")
 
 
