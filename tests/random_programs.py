@@ -90,16 +90,7 @@ AWAITING_FIX = {
     "where_constant": "test_where_and_dropout_of_a_closure_constant",
 }
 # Failures of a compiled backend already reported (message pattern -> the regression test).
-KNOWN_BACKEND_FAILURES = {
-    "numba-cuda": {
-        r"gradient \d+: shape \(1,\), expected \(\)":
-            "test_zero_dimensional_constant_output_keeps_its_shape_on_numba_cuda",
-        r"setting an array element with a sequence":
-            "test_constant_read_by_a_kernel_and_returned_on_numba_cuda",
-        r"unsupported operand type\(s\) for \+=: 'FakeWithinKernelCUDAArray'":
-            "test_scatter_at_a_zero_dimensional_index_on_numba_cuda",
-    },
-}
+KNOWN_BACKEND_FAILURES: dict[str, dict[str, str]] = {}
 
 
 @dataclass
