@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from graphc.ir import Node
+from graphc.ir import lowering as lowering_registry
 from graphc.ir.kernels import op_class
-from graphc.ir.registry import PRIMITIVES
 
-from .codegen_common import KernelSource, origin_comment
-from .codegen_elementwise import generate_elementwise, lowerable_pointwise
-from .codegen_library import LIBRARY_LOWERINGS, generate_library
-from .codegen_reduction import REDUCTION_OPS, generate_reduction
+from .codegen_common import TARGET, KernelSource, origin_comment
+from .codegen_elementwise import generate_elementwise
+from .codegen_library import generate_library
+from .codegen_reduction import generate_reduction
 
 GENERATORS = {
     "elementwise": generate_elementwise,
@@ -26,8 +26,6 @@ def generate(kernel: Node) -> KernelSource:
 
 
 def unlowered_primitives() -> list[str]:
-    """Registered primitives this backend has no lowering for (empty when complete)."""
-    lowered = {"constant": lambda op: True, "view": lambda op: True,
-               "pointwise": lowerable_pointwise, "reduction": REDUCTION_OPS.__contains__,
-               "library": LIBRARY_LOWERINGS.__contains__}
-    return [op for op in sorted(PRIMITIVES) if not lowered[op_class(op)](op)]
+    """Registered primitives this backend has no lowering for (empty when complete). Constants
+    and views need none: the executor materialises constants and aliases views, no code runs."""
+    return [op for op in lowering_registry.unlowered_primitives(TARGET) if op_class(op) not in ("constant", "view")]

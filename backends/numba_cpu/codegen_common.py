@@ -20,6 +20,8 @@ from graphc.ir import Node, TensorType
 from graphc.ir.graph import safe_module_path
 from graphc.ir.printer import short_loc
 
+# This backend's name in the lowering registry (ir/lowering.py).
+TARGET = "numba-cpu"
 # fastmath without 'nnan'/'ninf': FMA contraction and reassociation (vectorised reductions),
 # but NaN and inf keep their IEEE meaning, as in the reference (log(0) = -inf, relu(nan) = nan).
 FASTMATH_FLAGS = ("afn", "arcp", "contract", "nsz", "reassoc")

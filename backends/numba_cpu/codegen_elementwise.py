@@ -1,10 +1,11 @@
 """Elementwise and shape kernels, and the pointwise expression engine every generator uses.
 
 A pointwise member is evaluated at one index of its output: `PointwiseEmitter.emit` writes
-``tK = <expr>`` for it, where the op's rule (`POINTWISE_RULES`, or the registry's `scalar`
-expression for elementwise ops) reads its operands at the indices it needs: values computed in
-the kernel are locals (fusion only lets a member read them at its own index), kernel inputs are
-loads at a computed index, scalar constants are literals declared once before the loops.
+``tK = <expr>`` for it, where the op's rule (its lowering in ir/lowering.py's registry; for
+elementwise ops the kind default, which composes the registry's `scalar` expression) reads its
+operands at the indices it needs: values computed in the kernel are locals (fusion only lets a
+member read them at its own index), kernel inputs are loads at a computed index, scalar
+constants are literals declared once before the loops.
 
 A kernel whose members read their operands only at the loop index, or whole-array scalars, is
 *flat*: it loops over one 1-D index and the executor passes 1-D views, so the same kernel (and
@@ -14,14 +15,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Callable
 
 from graphc.ir import Graph, Node, Value
 from graphc.ir.kernels import is_literal
+from graphc.ir.lowering import lowering, lowering_for, register_kind_default
 from graphc.ir.ops.random import rng_source
 from graphc.ir.registry import ELEMENTWISE, get
 
-from .codegen_common import (HELPER_OPTIONS, PARALLEL_MIN_ELEMENTS, Call, KernelSource, Writer, cast,
+from .codegen_common import (HELPER_OPTIONS, PARALLEL_MIN_ELEMENTS, TARGET, Call, KernelSource, Writer, cast,
                              decorator, entry_name, index_text, literal, loop_header, module, size_of)
 
 Index = tuple[str, ...]
@@ -53,8 +54,9 @@ class PointwiseEmitter:
     """Turns pointwise subgraph nodes into statements; shared by every kernel generator."""
 
     def __init__(self, sub: Graph, arrays: dict[Value, str], flat: bool = False,
-                 views: dict[Value, tuple[int, ...]] | None = None) -> None:
+                 views: dict[Value, tuple[int, ...]] | None = None, target: str = TARGET) -> None:
         self.sub = sub
+        self.target = target            # whose registered pointwise rules `emit` applies
         self.arrays = arrays            # kernel inputs/outputs -> parameter names
         self.flat = flat
         self.views = views or {}        # arrays (and members) passed and indexed reshaped
@@ -118,7 +120,7 @@ class PointwiseEmitter:
     # -- writing members -------------------------------------------------------------------------
     def emit(self, w: Writer, node: Node, domain: Domain) -> str:
         """Write `tK = <node's value at domain.index>` and return the local's name."""
-        rule = POINTWISE_RULES.get(node.op, _elementwise_rule)
+        rule = lowering_for(self.target, node.op)
         expr = cast(rule(self, node, domain), node.output.dtype)
         name = self.fresh("t")
         w.line(f"{name} = {expr}  # {node.op}")
@@ -145,10 +147,15 @@ def _elementwise_rule(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     return scalar(*operands, **node.attrs)
 
 
+register_kind_default(TARGET, ELEMENTWISE, _elementwise_rule)
+
+
+@lowering(TARGET, "broadcast_to")
 def _broadcast_to(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     return e.broadcast_operand(node, 0, domain.index)
 
 
+@lowering(TARGET, "transpose")
 def _transpose(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     index = [""] * len(domain.index)
     for k, axis in enumerate(node.attrs["perm"]):
@@ -156,12 +163,14 @@ def _transpose(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     return e.operand(node, 0, tuple(index))
 
 
+@lowering(TARGET, "slice")
 def _slice(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     a = node.attrs
     return e.operand(node, 0, tuple(_affine(i, start, step) for i, start, step
                                     in zip(domain.index, a["starts"], a["steps"])))
 
 
+@lowering(TARGET, "slice_grad")
 def _slice_grad(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     a = node.attrs
     conditions, index = [], []
@@ -180,6 +189,7 @@ def _slice_grad(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     return f"({value} if {' and '.join(conditions)} else {literal(0, node.output.dtype)})"
 
 
+@lowering(TARGET, "pad")
 def _pad(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     x = node.inputs[0]
     conditions, index = [], []
@@ -196,6 +206,7 @@ def _pad(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     return f"({value} if {' and '.join(conditions)} else {fill})"
 
 
+@lowering(TARGET, "concatenate")
 def _concatenate(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     axis = node.attrs["axis"]
     i = domain.index[axis]
@@ -214,6 +225,7 @@ def _concatenate(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     return expr
 
 
+@lowering(TARGET, "take_along_axis")
 def _take_along_axis(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     x, indices = node.inputs
     axis = node.attrs["axis"]
@@ -223,6 +235,7 @@ def _take_along_axis(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     return e.operand(node, 0, index[:axis] + (position,) + index[axis + 1:])
 
 
+@lowering(TARGET, "gather")
 def _gather(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     axis = node.attrs["axis"]
     rank = node.inputs[1].type.ndim
@@ -230,6 +243,7 @@ def _gather(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     return e.operand(node, 0, domain.index[:axis] + (position,) + domain.index[axis + rank:])
 
 
+@lowering(TARGET, "one_hot")
 def _one_hot(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     dtype = node.output.dtype
     position = e.operand(node, 0, domain.index[:-1])
@@ -245,31 +259,14 @@ def _random_bits(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     return f"element_bits({key}, np.uint64({domain.flat_index()}))"
 
 
+@lowering(TARGET, "random_uniform")
 def _random_uniform(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     return f"uniform_{node.attrs['dtype']}({_random_bits(e, node, domain)})"
 
 
+@lowering(TARGET, "random_bernoulli")
 def _random_bernoulli(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     return f"bernoulli({_random_bits(e, node, domain)}, {literal(node.attrs['p'], 'float64')})"
-
-
-POINTWISE_RULES: dict[str, Callable[[PointwiseEmitter, Node, Domain], str]] = {
-    "broadcast_to": _broadcast_to,
-    "transpose": _transpose,
-    "slice": _slice,
-    "slice_grad": _slice_grad,
-    "pad": _pad,
-    "concatenate": _concatenate,
-    "take_along_axis": _take_along_axis,
-    "gather": _gather,
-    "one_hot": _one_hot,
-    "random_uniform": _random_uniform,
-    "random_bernoulli": _random_bernoulli,
-}
-
-
-def lowerable_pointwise(op: str) -> bool:
-    return op in POINTWISE_RULES or get(op).kind == ELEMENTWISE
 
 
 # -- the elementwise / shape kernel -------------------------------------------------------------

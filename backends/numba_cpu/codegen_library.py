@@ -28,10 +28,11 @@ from typing import Callable
 import numba
 
 from graphc.ir import Graph, Node, TensorType, Value
-from graphc.ir.kernels import bounded_label, is_literal
+from graphc.ir.kernels import bounded_label, is_literal, op_class
+from graphc.ir.lowering import lowering, lowering_for, register_lowering
 
-from .codegen_common import (HELPER_DECORATOR, HELPER_OPTIONS, PARALLEL_MIN_ELEMENTS, Call, KernelSource, Writer,
-                             decorator, index_text, loop_header, module, size_of)
+from .codegen_common import (HELPER_DECORATOR, HELPER_OPTIONS, PARALLEL_MIN_ELEMENTS, TARGET, Call, KernelSource,
+                             Writer, decorator, index_text, loop_header, module, size_of)
 from .codegen_elementwise import (argument_names, broadcast_index, elementwise_call,
                                   elementwise_flops, members_of)
 from .codegen_winograd import (ENTRY, FORWARD, INPUT_GRAD, WEIGHT_GRAD, winograd_applies,
@@ -96,6 +97,7 @@ def _per_plane(entry: str, params: list[str], args: list[str], constants: dict[s
 
 
 # -- matmul ---------------------------------------------------------------------------------------
+@lowering(TARGET, "matmul")
 def _matmul(node: Node, refs: Refs) -> tuple[list[Call], int]:
     """A plain product is one (row-blocked) GEMM; a batched one loops over the (broadcast) batch
     index, one GEMM per batch element, the outer batch axis in parallel when large. Operands
@@ -408,6 +410,7 @@ def _plane_size(shape: tuple[int, ...]) -> int:
     return shape[2] * shape[3]
 
 
+@lowering(TARGET, "conv2d")
 def _conv2d(node: Node, refs: Refs) -> tuple[list[Call], int]:
     """im2col (see `_im2col_conv`); 3x3 filters with enough channels: Winograd instead."""
     x, weight = node.inputs
@@ -416,6 +419,7 @@ def _conv2d(node: Node, refs: Refs) -> tuple[list[Call], int]:
     return _im2col_conv(node, refs, x, weight, node.output, weight, grad=False)
 
 
+@lowering(TARGET, "conv2d_input_grad")
 def _conv2d_input_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
     """Per image: dcol = w.T @ dy[n] per group into this thread's column matrix, then col2im
     into dx[n]. 3x3 filters with enough channels: Winograd instead (dx is the correlation of dy,
@@ -438,6 +442,7 @@ def _conv2d_input_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
                            (_col2im_plane, "dcol, dx, row0"), steps)
 
 
+@lowering(TARGET, "conv2d_weight_grad")
 def _conv2d_weight_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
     """im2col (see `_im2col_conv`); 3x3 filters with enough channels: Winograd instead."""
     x, dy = node.inputs
@@ -618,6 +623,7 @@ def _scatter_loops(w: Writer, rank: int, parallel_axis: int | None) -> tuple[str
     return index
 
 
+@lowering(TARGET, "scatter_add_along_axis")
 def _scatter_add_along_axis(node: Node, refs: Refs) -> tuple[list[Call], int]:
     """out[..., indices[i], ...] += g[i]. Parallel over axis 0 when each iteration owns its own
     slice of the output (not the scattered axis, not a broadcast one)."""
@@ -639,6 +645,7 @@ def _scatter_add_along_axis(node: Node, refs: Refs) -> tuple[list[Call], int]:
     return [call], size_of(g.shape)
 
 
+@lowering(TARGET, "scatter_add")
 def _scatter_add(node: Node, refs: Refs) -> tuple[list[Call], int]:
     """out[pre, indices[mid], post] += g[pre, mid, post]; parallel over the first pre axis."""
     g, indices = node.inputs
@@ -657,29 +664,23 @@ def _scatter_add(node: Node, refs: Refs) -> tuple[list[Call], int]:
     return [call], size_of(g.shape)
 
 
-LIBRARY_LOWERINGS: dict[str, Callable[[Node, Refs], tuple[list[Call], int]]] = {
-    "matmul": _matmul,
-    "conv2d": _conv2d,
-    "conv2d_input_grad": _conv2d_input_grad,
-    "conv2d_weight_grad": _conv2d_weight_grad,
-    "max_pool2d": _pool("max_pool2d", ["x", "y"], _max_pool_plane),
-    "max_pool2d_grad": _pool("max_pool2d_grad", ["x", "dy", "dx"], _max_pool_grad_plane,
-                             _tiled_max_pool_grad_plane),
-    "avg_pool2d": _pool("avg_pool2d", ["x", "y"], _avg_pool_plane),
-    "avg_pool2d_grad": _pool("avg_pool2d_grad", ["dy", "dx"], _avg_pool_grad_plane),
-    "scatter_add_along_axis": _scatter_add_along_axis,
-    "scatter_add": _scatter_add,
-}
+for _op, _lowering in {
+        "max_pool2d": _pool("max_pool2d", ["x", "y"], _max_pool_plane),
+        "max_pool2d_grad": _pool("max_pool2d_grad", ["x", "dy", "dx"], _max_pool_grad_plane,
+                                 _tiled_max_pool_grad_plane),
+        "avg_pool2d": _pool("avg_pool2d", ["x", "y"], _avg_pool_plane),
+        "avg_pool2d_grad": _pool("avg_pool2d_grad", ["dy", "dx"], _avg_pool_grad_plane)}.items():
+    register_lowering(TARGET, _op, _lowering)
 
 
 # -- the kernel -----------------------------------------------------------------------------------
 def generate_library(kernel: Node) -> KernelSource:
     sub = kernel.subgraph
     members = members_of(sub)
-    at = next(i for i, m in enumerate(members) if m.op in LIBRARY_LOWERINGS)
+    at = next(i for i, m in enumerate(members) if op_class(m.op) == "library")
     prologue, anchor, epilogue = members[:at], members[at], members[at + 1:]
     refs = Refs(argument_names(sub), prologue)
-    calls, flops = LIBRARY_LOWERINGS[anchor.op](anchor, refs)
+    calls, flops = lowering_for(TARGET, anchor.op)(anchor, refs)
     if epilogue:
         calls.append(_epilogue_call(kernel, anchor, epilogue, refs.names))
     return KernelSource(kernel.attrs["name"], kernel.attrs["pattern"], calls, tuple(refs.scratch),

@@ -17,15 +17,13 @@ from dataclasses import replace
 from typing import Callable
 
 from graphc.ir import Graph, Node, TensorType, Value
-from graphc.ir.registry import ELEMENTWISE, get
+from graphc.ir.lowering import lowering, lowering_for
+from graphc.ir.registry import ELEMENTWISE, REDUCTION, get
 
-from .codegen_common import (PARALLEL_MIN_ELEMENTS, Call, KernelSource, Writer, cast, decorator,
+from .codegen_common import (PARALLEL_MIN_ELEMENTS, TARGET, Call, KernelSource, Writer, cast, decorator,
                              entry_name, index_text, literal, loop_header, lowest, module, size_of)
 from .codegen_elementwise import (Domain, PointwiseEmitter, argument_names, elementwise_flops,
                                   members_of)
-
-
-REDUCTION_OPS = ("sum", "max", "argmax")
 
 
 def _accumulator_dtype(op: str, dtype: str) -> str:
@@ -34,8 +32,10 @@ def _accumulator_dtype(op: str, dtype: str) -> str:
     return dtype
 
 
+@lowering(TARGET, "sum", "max", "argmax")
 class _Reduction:
-    """How one reduction op initialises, updates and finishes its accumulator."""
+    """How one reduction op initialises, updates and finishes its accumulator: the lowering of
+    each reduction primitive, which the reduction kernel's loop nest calls."""
 
     def __init__(self, node: Node) -> None:
         self.op = node.op
@@ -73,19 +73,20 @@ class ReductionKernel:
     """A fused reduction kernel taken apart, for any backend's generator: the body (producers,
     evaluated at every element of the reduced operand), the anchor reduction, the epilogue
     (consumers, evaluated once per output element), the index names, and the statements that
-    accumulate one element and finish one output element."""
+    accumulate one element and finish one output element. The pointwise rules and the
+    reduction's accumulator are `target`'s registered lowerings."""
 
-    def __init__(self, kernel: Node) -> None:
+    def __init__(self, kernel: Node, target: str = TARGET) -> None:
         self.sub = sub = kernel.subgraph
         members = members_of(sub)
-        at = next(i for i, m in enumerate(members) if m.op in REDUCTION_OPS)
+        at = next(i for i, m in enumerate(members) if get(m.op).kind == REDUCTION)
         self.body, self.anchor, self.epilogue = members[:at], members[at], members[at + 1:]
-        self.reduction = reduction = _Reduction(self.anchor)
+        self.reduction = reduction = lowering_for(target, self.anchor.op)(self.anchor)
         self.shape = shape = self.anchor.inputs[0].shape
         rank = len(shape)
         self.kept = [d for d in range(rank) if d not in reduction.axes]
         self.arrays = argument_names(sub)
-        self.emitter = PointwiseEmitter(sub, self.arrays)
+        self.emitter = PointwiseEmitter(sub, self.arrays, target=target)
         self.index = index = tuple(f"i{d}" for d in range(rank))
         self.dims = dims = tuple(f"n{d}" for d in range(rank))
         self.full = Domain(index, dims)
@@ -232,7 +233,7 @@ def collapse_reduced_axes(kernel: Node) -> tuple[Node, dict[str, tuple[int, ...]
     and every array read over the merged axes must span them fully or not at all."""
     sub = kernel.subgraph
     members = [n for n in sub.nodes if n.op != "constant"]
-    anchor = next(n for n in members if n.op in REDUCTION_OPS)
+    anchor = next(n for n in members if get(n.op).kind == REDUCTION)
     if anchor.op == "argmax" or any(get(m.op).kind != ELEMENTWISE for m in members if m is not anchor):
         return None
     full = anchor.inputs[0].shape
