@@ -1,10 +1,11 @@
 """Export of inference graphs to ONNX.
 
-The optimized inference IR maps almost one to one onto ONNX operators: `CONVERTERS` holds one
-converter per primitive, each emitting the ONNX nodes that compute it. Data inputs stay graph
-inputs with their static shapes; parameters and buffers become initializers holding the model's
-current values; graph outputs keep their names. Every intermediate value is declared with its
-static type, so the checker's strict shape inference re-verifies each converter's output type.
+The optimized inference IR maps almost one to one onto ONNX operators: each primitive's converter
+is its "onnx" lowering in the registry (ir/lowering.py), emitting the ONNX nodes that compute it.
+Data inputs stay graph inputs with their static shapes; parameters and buffers become
+initializers holding the model's current values; graph outputs keep their names. Every
+intermediate value is declared with its static type, so the checker's strict shape inference
+re-verifies each converter's output type.
 
 onnx is an optional dependency (`pip install 'graphc[onnx]'`), imported only when exporting.
 """
@@ -17,14 +18,16 @@ import numpy as np
 
 from graphc.ir import Graph, Node, TensorType, Value
 from graphc.ir.errors import GraphcError
+from graphc.ir.lowering import find_lowering, lowered_primitives, lowering, register_lowering
 
 from .api import to_array, user_facing
 from .compile import CompiledModel, compile
 from .nn.module import Module
 from .train import atomic_write
 
-__all__ = ["CONVERTERS", "DEFAULT_OPSET", "MIN_OPSET", "export_onnx", "graph_to_onnx"]
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "TARGET", "export_onnx", "graph_to_onnx"]
 
+TARGET = "onnx"  # the exporter's name in the lowering registry
 DEFAULT_OPSET = 17
 # Opset 14 gives Reshape its `allowzero` flag (graphc has zero-size dimensions); ReduceSum,
 # Squeeze and Unsqueeze already take their axes as inputs there.
@@ -91,15 +94,6 @@ class OnnxGraphBuilder:
 # A converter emits ONNX nodes computing `node` from the ONNX names of its inputs, and writes the
 # result to the name `out`.
 Converter = Callable[[OnnxGraphBuilder, Node, list[str], str], None]
-CONVERTERS: dict[str, Converter] = {}
-
-
-def converts(*ops: str) -> Callable[[Converter], Converter]:
-    def register(fn: Converter) -> Converter:
-        for op in ops:
-            CONVERTERS[op] = fn
-        return fn
-    return register
 
 
 def _one_to_one(op_type: str) -> Converter:
@@ -116,25 +110,25 @@ for _op, _op_type in {
         "add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow", "maximum": "Max",
         "minimum": "Min", "eq": "Equal", "logical_and": "And", "logical_or": "Or",
         "where": "Where", "matmul": "MatMul"}.items():
-    CONVERTERS[_op] = _one_to_one(_op_type)
+    register_lowering(TARGET, _op, _one_to_one(_op_type))
 
 
-@converts("square")
+@lowering(TARGET, "square")
 def _square(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.emit("Mul", [xs[0], xs[0]], out)
 
 
-@converts("rsqrt")
+@lowering(TARGET, "rsqrt")
 def _rsqrt(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.emit("Reciprocal", [g.emit("Sqrt", xs)], out)
 
 
-@converts("cast")
+@lowering(TARGET, "cast")
 def _cast(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.emit("Cast", xs, out, to=g.elem_type(node.attrs["dtype"]))
 
 
-@converts("ne")
+@lowering(TARGET, "ne")
 def _not_equal(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.emit("Not", [g.emit("Equal", xs)], out)
 
@@ -149,16 +143,16 @@ def _ordering(op_type: str) -> Converter:
 
 for _op, _op_type in {"lt": "Less", "le": "LessOrEqual", "gt": "Greater",
                       "ge": "GreaterOrEqual"}.items():
-    CONVERTERS[_op] = _ordering(_op_type)
+    register_lowering(TARGET, _op, _ordering(_op_type))
 
 
-@converts("constant")
+@lowering(TARGET, "constant")
 def _constant(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.constant(node.attrs["value"], name=out)
 
 
 # -- shape ops ----------------------------------------------------------------------------------
-@converts("reshape")
+@lowering(TARGET, "reshape")
 def _reshape(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     shape = node.attrs["shape"]
     # Without allowzero, ONNX reads a 0 in the target shape as "keep the input's dimension".
@@ -166,12 +160,12 @@ def _reshape(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.emit("Reshape", [xs[0], g.ints(shape)], out, **flags)
 
 
-@converts("transpose")
+@lowering(TARGET, "transpose")
 def _transpose(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.emit("Transpose", xs, out, perm=list(node.attrs["perm"]))
 
 
-@converts("broadcast_to")
+@lowering(TARGET, "broadcast_to")
 def _broadcast_to(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.emit("Expand", [xs[0], g.ints(node.attrs["shape"])], out)
 
@@ -190,15 +184,15 @@ def _with_axes_input(op_type: str) -> Converter:
     return convert
 
 
-CONVERTERS["expand_dims"] = _with_axes_input("Unsqueeze")
-CONVERTERS["squeeze"] = _with_axes_input("Squeeze")
-CONVERTERS["sum"] = _with_axes_input("ReduceSum")
+register_lowering(TARGET, "expand_dims", _with_axes_input("Unsqueeze"))
+register_lowering(TARGET, "squeeze", _with_axes_input("Squeeze"))
+register_lowering(TARGET, "sum", _with_axes_input("ReduceSum"))
 
 
 _reduce_max_axes_input = _with_axes_input("ReduceMax")
 
 
-@converts("max")
+@lowering(TARGET, "max")
 def _reduce_max(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     if g.opset >= 18:  # ReduceMax took its axes as an attribute before opset 18
         _reduce_max_axes_input(g, node, xs, out)
@@ -209,7 +203,7 @@ def _reduce_max(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> Non
                keepdims=int(node.attrs["keepdims"]))
 
 
-@converts("slice")
+@lowering(TARGET, "slice")
 def _slice(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     starts, stops, steps = (node.attrs[k] for k in ("starts", "stops", "steps"))
     axes = tuple(axis for axis, size in enumerate(node.inputs[0].shape)
@@ -221,7 +215,7 @@ def _slice(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.emit("Slice", [xs[0], *bounds, g.ints(axes), g.ints(tuple(steps[a] for a in axes))], out)
 
 
-@converts("pad")
+@lowering(TARGET, "pad")
 def _pad(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     pads = node.attrs["pads"]
     widths = tuple(lo for lo, _ in pads) + tuple(hi for _, hi in pads)  # all befores, all afters
@@ -236,16 +230,16 @@ def _with_axis(op_type: str) -> Converter:
     return convert
 
 
-CONVERTERS["concatenate"] = _with_axis("Concat")
-CONVERTERS["gather"] = _with_axis("Gather")
+register_lowering(TARGET, "concatenate", _with_axis("Concat"))
+register_lowering(TARGET, "gather", _with_axis("Gather"))
 
 
-@converts("argmax")
+@lowering(TARGET, "argmax")
 def _argmax(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.emit("ArgMax", xs, out, axis=node.attrs["axis"], keepdims=int(node.attrs["keepdims"]))
 
 
-@converts("take_along_axis")
+@lowering(TARGET, "take_along_axis")
 def _take_along_axis(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     # GatherElements does not broadcast: give both operands the output's shape off the axis.
     (x, indices), axis, shape = node.inputs, node.attrs["axis"], node.output.shape
@@ -256,7 +250,7 @@ def _take_along_axis(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -
     g.emit("GatherElements", operands, out, axis=axis)
 
 
-@converts("one_hot")
+@lowering(TARGET, "one_hot")
 def _one_hot(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     # indices[..., None] == arange(n), as graphc defines it. ONNX's OneHot would count negative
     # indices from the end, where graphc gives an all-zero row.
@@ -273,18 +267,18 @@ def _window_attrs(attrs: dict[str, Any], kernel: tuple[int, ...]) -> dict[str, A
             "pads": [ph, pw, ph, pw]}  # begins then ends; graphc pads symmetrically
 
 
-@converts("conv2d")
+@lowering(TARGET, "conv2d")
 def _conv2d(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.emit("Conv", xs, out, **_window_attrs(node.attrs, node.inputs[1].shape[2:]),
            dilations=list(node.attrs["dilation"]), group=node.attrs["groups"])
 
 
-@converts("max_pool2d")
+@lowering(TARGET, "max_pool2d")
 def _max_pool2d(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.emit("MaxPool", xs, out, **_window_attrs(node.attrs, node.attrs["kernel"]))
 
 
-@converts("avg_pool2d")
+@lowering(TARGET, "avg_pool2d")
 def _avg_pool2d(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.emit("AveragePool", xs, out, **_window_attrs(node.attrs, node.attrs["kernel"]),
            count_include_pad=int(node.attrs["count_include_pad"]))
@@ -292,13 +286,13 @@ def _avg_pool2d(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> Non
 
 # -- whole graphs ---------------------------------------------------------------------------------
 def _converter(node: Node) -> Converter:
-    convert = CONVERTERS.get(node.op)
+    convert = find_lowering(TARGET, node.op)
     if convert is None:
         operands = ", ".join(str(v.type) for v in node.inputs) or "no operands"
         raise GraphcError(
             f"export_onnx: op {node.op!r} ({operands}) has no ONNX converter; used at "
             f"{node.loc or 'an unknown source line'}. "
-            f"Ops that export: {', '.join(sorted(CONVERTERS))}")
+            f"Ops that export: {', '.join(lowered_primitives(TARGET))}")
     return convert
 
 

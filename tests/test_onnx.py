@@ -14,7 +14,8 @@ import graphc as gc  # noqa: E402
 from graphc import models, nn  # noqa: E402
 from graphc.backends.reference import evaluate  # noqa: E402
 from graphc.ir import Builder, GraphcError, TensorType  # noqa: E402
-from graphc.onnx_export import CONVERTERS, DEFAULT_OPSET, MIN_OPSET, graph_to_onnx  # noqa: E402
+from graphc.ir.lowering import lowered_primitives  # noqa: E402
+from graphc.onnx_export import DEFAULT_OPSET, MIN_OPSET, TARGET, graph_to_onnx  # noqa: E402
 
 REF = "reference"  # graphc's own outputs come from the NumPy oracle, whatever the default backend
 rng = np.random.default_rng(0)
@@ -230,7 +231,7 @@ def test_primitive_matches_reference(case, opset):
 
 
 def test_every_inference_op_family_has_cases():
-    assert {op for op, _, _ in OP_CASES} == set(CONVERTERS) - {"constant"}
+    assert {op for op, _, _ in OP_CASES} == set(lowered_primitives(TARGET)) - {"constant"}
 
 
 def test_constants_params_state_and_output_names():
