@@ -66,12 +66,17 @@ def register_kind_default(target: str, kind: str, fn: F) -> F:
     return fn
 
 
+def kind_default(target: str, kind: str) -> Callable[..., Any] | None:
+    """`target`'s lowering of the primitives of `kind` that have none of their own, or None."""
+    return _KIND_DEFAULTS.get(target, {}).get(kind)
+
+
 def find_lowering(target: str, primitive: str) -> Callable[..., Any] | None:
     """`target`'s lowering of `primitive`: its own, else its kind's default, else None."""
     own = _LOWERINGS.get(target, {}).get(primitive)
     if own is not None:
         return own
-    return _KIND_DEFAULTS.get(target, {}).get(get(primitive).kind)
+    return kind_default(target, get(primitive).kind)
 
 
 def lowering_for(target: str, primitive: str) -> Callable[..., Any]:
@@ -99,5 +104,5 @@ def unlowered_primitives(target: str, primitives: Iterable[str] | None = None) -
     return sorted(p for p in names if find_lowering(target, p) is None)
 
 
-__all__ = ["LoweringMissing", "find_lowering", "has_lowering", "lowered_primitives", "lowering", "lowering_for",
-           "register_kind_default", "register_lowering", "unlowered_primitives"]
+__all__ = ["LoweringMissing", "find_lowering", "has_lowering", "kind_default", "lowered_primitives", "lowering",
+           "lowering_for", "register_kind_default", "register_lowering", "unlowered_primitives"]
