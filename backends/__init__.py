@@ -7,15 +7,21 @@ the generated source of every kernel (which tells the memory planner each kernel
 as it is: ``compile_graph(graph, donate=None) -> executable``. Executables are called with NumPy
 arrays (one per graph input) and return a list of arrays (one per output); `donate` maps input
 index -> output index: that output is written into the input's buffer.
+
+What callers may ask of an executable is stated by the protocols below (`Executable`,
+`PlannedExecutable`, `DeviceResident`), checked with isinstance, never by probing attributes.
 """
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Protocol, runtime_checkable
+
+import numpy as np
 
 from graphc.ir import Graph, Node, TensorType
 from graphc.ir.errors import GraphcError
+from graphc.ir.memory import MemoryPlan
 
 _MODULES = {
     "reference": "graphc.backends.reference",
@@ -74,3 +80,43 @@ class LoweredGraph:
     def scratch(self, kernel: Node) -> list[TensorType]:
         source = self.sources.get(kernel)
         return list(source.scratch) if source is not None else []
+
+
+@runtime_checkable
+class Executable(Protocol):
+    """A compiled graph: called with one array per input of `graph`, returns one per output.
+    `graph` is the graph it runs (fused into kernels on the kernel backends)."""
+
+    graph: Graph
+
+    def __call__(self, *args: np.ndarray) -> list[np.ndarray]: ...
+
+
+@runtime_checkable
+class PlannedExecutable(Executable, Protocol):
+    """An executable of a kernel backend: its memory plan and its kernels' generated sources,
+    in execution order."""
+
+    plan: MemoryPlan
+    kernels: list[Any]
+
+
+@runtime_checkable
+class DeviceResident(Protocol):
+    """An executable that can keep inputs on its device between calls (numba-cuda), so that a
+    training step's state is not copied to and from the host at every step. The host arrays
+    go stale meanwhile: `sync_to_host` before they are read, `invalidate` after they are
+    written."""
+
+    @property
+    def resident(self) -> frozenset[int]:
+        """Indices of the inputs kept on the device."""
+
+    def keep_on_device(self, inputs: Iterable[int]) -> None:
+        """Keep exactly these inputs on the device between calls."""
+
+    def sync_to_host(self) -> None:
+        """Copy the resident inputs the kernels updated into their host arrays."""
+
+    def invalidate(self, array: np.ndarray | None = None) -> None:
+        """Forget the device copy of `array` (of all when None): the next call uploads it."""

@@ -130,9 +130,12 @@ def trace(fn: Callable, *example_args: Any) -> Graph:
     return _trace(fn, example_args, getattr(fn, "__name__", "fn"))[0].graph
 
 
-def _inline(graph: Graph, args: list[Tensor], reads: ModuleReads = ModuleReads()) -> list[Tensor]:
+def inline_graph(graph: Graph, args: Sequence[Tensor], reads: ModuleReads = ModuleReads()
+                 ) -> list[Tensor]:
     """Copy `graph` into the trace in progress, reading its inputs from `args`; its implicit
-    inputs (`reads`, after `args`) become the modules' Tensors in this trace."""
+    inputs (`reads`, after `args`) become the modules' Tensors in this trace, its RNG key
+    input this trace's key (its random streams renumbered after the trace's own). Nodes keep
+    their user lines and their module paths, below the module calling them."""
     from .nn.module import traced_state
 
     t = current_trace()
@@ -215,7 +218,7 @@ class Staged:
             from .tensor import as_tensor
             tensors = [as_tensor(l) for l in leaves]
             traced = self.build(unflatten(treedef, tensors), Stages(self.name))
-            return unflatten(traced.out_tree, _inline(traced.graph, tensors, traced.reads))
+            return unflatten(traced.out_tree, inline_graph(traced.graph, tensors, traced.reads))
         names = _input_names(self.fn, paths, len(args))
         arrays = [to_array(l, n) for l, n in zip(leaves, names)]
         signature = (treedef, tuple((a.shape, a.dtype.name) for a in arrays))

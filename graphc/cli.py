@@ -83,6 +83,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def info_lines(loaded) -> list[str]:
+    from .export import LoadedTrainStep
+
     graph = loaded.graph
     params = {n: a for n, a in loaded.state_dict().items()
               if any(i.name == n and i.role == "param" for i in graph.inputs)}
@@ -110,7 +112,7 @@ def info_lines(loaded) -> list[str]:
         lines.append(f"arena: peak {memory['peak_bytes']:,} bytes vs {memory['naive_bytes']:,} "
                      "bytes naive")
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(meta.get("versions", {}).items())))
-    if hasattr(loaded, "step_count"):
+    if isinstance(loaded, LoadedTrainStep):
         lines.append(f"training steps taken: {loaded.step_count}, learning rate {loaded.lr}")
     return lines
 

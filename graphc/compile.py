@@ -26,32 +26,26 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from graphc.backends import default_backend
+from graphc.backends import DeviceResident, Executable, PlannedExecutable, default_backend
 from graphc.ir import Graph, TensorType
+from graphc.ir.memory import MemoryPlan
 from graphc.ir.errors import GraphcError
-from graphc.passes import SIMPLIFY, Stages, autodiff
+from graphc.passes import SIMPLIFY, Stages
 
 from . import random as gc_random
-from .api import _inline, to_array, user_facing
+from .api import inline_graph, user_facing
 from .lowering import compile_graph
-from .nn.module import (Module, bound, claim_state, functional_call, named_arrays,
+from .nn.module import (Module, claim_state, functional_call, named_arrays,
                         release_state_holders, state_arrays, sync_state_holders, traced_state,
                         unclaim_state)
-from .optim import Optimizer, clip_by_global_norm, l1_penalty
+from .optim import Optimizer
+from .step_builder import StepBuilder, StepSpec, batch_arrays, trace_gradients
 from .tensor import ModuleReads, StateRef, Tensor, as_tensor, current_trace, is_tracing, tracing
 
 log = logging.getLogger("graphc")
 
 
-def _add_inputs(builder, arrays: dict[str, np.ndarray], role: str) -> dict[str, Tensor]:
-    return {name: Tensor(builder.add_input(TensorType.of(a), name, role)) for name, a in arrays.items()}
-
-
-def _batch_arrays(batch: Sequence[Any]) -> list[np.ndarray]:
-    return [to_array(x, f"input {i}") for i, x in enumerate(batch)]
-
-
-class _Compiled:
+class CompiledGraph:
     """What one input signature compiles to: graphs at each stage and the executable.
 
     `reads` are the parameters and buffers of modules outside the compiled model's own state
@@ -59,9 +53,11 @@ class _Compiled:
     the modes of the modules it called: the graph serves while they are as when traced.
     """
 
-    def __init__(self, traced: Graph, optimized: Graph, executable: Any, donate: dict[int, int],
+    def __init__(self, traced: Graph, optimized: Graph, executable: Executable, donate: dict[int, int],
                  signature: tuple = (), reads: ModuleReads = ModuleReads()) -> None:
         self.traced, self.optimized, self.executable = traced, optimized, executable
+        # Asked once here (a protocol check costs tens of microseconds): the step asks often.
+        self.device_resident = isinstance(executable, DeviceResident)
         self.donate = donate
         self.signature, self.reads = signature, reads
         self.persistent: list[np.ndarray] = []  # arrays the step reads after the batch
@@ -72,17 +68,17 @@ class _Compiled:
 
 class _CompiledModelBase:
     backend: str
-    _compiled: dict[tuple, _Compiled]
-    _last: _Compiled | None = None
+    _compiled: dict[tuple, CompiledGraph]
+    _last: CompiledGraph | None = None
     name: str
 
     def _signature(self, arrays: list[np.ndarray]) -> tuple:
         return tuple((a.shape, a.dtype) for a in arrays)
 
-    def _get(self, arrays: list[np.ndarray]) -> _Compiled:
+    def _get(self, arrays: list[np.ndarray]) -> CompiledGraph:
         return self._select(arrays)[0]
 
-    def _select(self, arrays: list[np.ndarray]) -> tuple[_Compiled, list[np.ndarray]]:
+    def _select(self, arrays: list[np.ndarray]) -> tuple[CompiledGraph, list[np.ndarray]]:
         """The compiled graph for this batch and the modules' modes and arrays now (compiling
         it if there is none), with the arrays of its implicit inputs."""
         signature = self._signature(arrays)
@@ -102,12 +98,12 @@ class _CompiledModelBase:
         stages = Stages(self.name)
         traced, donate, reads = self._trace(arrays, stages)
         optimized = stages.run(traced, [SIMPLIFY])
-        compiled = _Compiled(traced, optimized, compile_graph(optimized, self.backend, donate, stages),
+        compiled = CompiledGraph(traced, optimized, compile_graph(optimized, self.backend, donate, stages),
                              donate, signature, reads)
         self._compiled[(signature, reads.modes, reads.types)] = self._last = compiled
         return compiled, reads.arrays()
 
-    def _log_recompile(self, last: _Compiled, signature: tuple) -> None:
+    def _log_recompile(self, last: CompiledGraph, signature: tuple) -> None:
         if last.signature != signature:
             log.warning("graphc: recompiling %s for a new batch signature: %s -> %s", self.name,
                         ", ".join(str(TensorType(*s)) for s in last.signature),
@@ -117,7 +113,7 @@ class _CompiledModelBase:
                         "; ".join(last.reads.changes(last.reads.arrays())))
 
     @property
-    def _latest(self) -> _Compiled:
+    def _latest(self) -> CompiledGraph:
         """The most recently used compiled graph."""
         return self._last
 
@@ -127,7 +123,7 @@ class _CompiledModelBase:
         return self._latest.optimized
 
     @property
-    def executable(self) -> Any:
+    def executable(self) -> Executable:
         return self._latest.executable
 
     @property
@@ -153,11 +149,10 @@ class _CompiledModelBase:
         if stage == "optimized":
             return latest.optimized
         if stage == "fused":
-            fused = getattr(latest.executable, "graph", None)
-            if fused is None or fused is latest.optimized:
-                from graphc.passes.fusion import fuse
-                fused = fuse(latest.optimized)
-            return fused
+            if isinstance(latest.executable, PlannedExecutable):
+                return latest.executable.graph
+            from graphc.passes.fusion import fuse
+            return fuse(latest.optimized)
         raise GraphcError(f"unknown stage {stage!r}; use 'traced', 'optimized' or 'fused'")
 
     def to_dot(self, path: str | None = None, stage: str = "optimized") -> str:
@@ -174,11 +169,10 @@ class _CompiledModelBase:
         export(self, path)
 
     @property
-    def memory_plan(self) -> Any:
-        plan = getattr(self.executable, "plan", None)
-        if plan is None:
+    def memory_plan(self) -> MemoryPlan:
+        if not isinstance(self.executable, PlannedExecutable):
             raise GraphcError(f"backend {self.backend!r} has no memory plan")
-        return plan
+        return self.executable.plan
 
 
 class TrainStep(_CompiledModelBase):
@@ -205,9 +199,9 @@ class TrainStep(_CompiledModelBase):
         self._opt_state = {n: optimizer.init_state(self.params[n]) for n in self.trainable}
         self._step_count = np.zeros((), np.float32)
         self._rng_key = np.array([gc_random.next_key()[0], 0], np.int64)
-        self._holding: Any = None  # the executable keeping the state on its device, if any
-        self._compiled: dict[tuple, _Compiled] = {}
-        self._get(_batch_arrays(example_inputs))
+        self._holding: DeviceResident | None = None  # the executable keeping the state on its device
+        self._compiled: dict[tuple, CompiledGraph] = {}
+        self._get(batch_arrays(example_inputs))
 
     # -- state (the host arrays; a device may hold newer values) ---------------------------
     @property
@@ -241,96 +235,39 @@ class TrainStep(_CompiledModelBase):
             self._holding = None
             unclaim_state(self.model, self)
 
-    def _hold_state(self, compiled: _Compiled) -> None:
+    def _hold_state(self, compiled: CompiledGraph) -> None:
         """Before `compiled` runs while it does not hold the state: the state comes back from
         wherever it is (this step's executable for another batch signature, another step
         training the model); then `compiled` keeps it on its device, if its backend can."""
         self.release_state()
-        executable = compiled.executable
-        if not hasattr(executable, "keep_on_device"):  # the CPU backends update the host arrays
+        if not compiled.device_resident:  # the CPU backends update the host arrays
             release_state_holders(self.model)
             return
+        executable = compiled.executable
         executable.keep_on_device(i for i, inp in enumerate(compiled.optimized.inputs)
                                   if inp.role != "data" and i not in compiled.implicit_inputs)
         claim_state(self.model, self)
         self._holding = executable
 
     # -- graph construction ----------------------------------------------------------------
-    def _forward_graph(self, batch: list[np.ndarray]) -> tuple[Graph, ModuleReads]:
-        """loss (and new buffer values) as a function of batch, parameters and buffers, in the
-        modules' present modes; other modules the loss reaches are read-only implicit inputs."""
-        with tracing(f"{self.name}_forward") as t:
-            b = t.builder
-            data = [Tensor(b.add_input(TensorType.of(a), f"input{i}")) for i, a in enumerate(batch)]
-            params = _add_inputs(b, self.params, "param")
-            buffers = _add_inputs(b, self.buffers, "state")
-            state = {**params, **buffers}
-            # The loss reads the model as these inputs too: a penalty over its weights (through
-            # attributes or model.parameters()) is differentiated like the forward.
-            with bound(self.model, state):
-                out, updates = functional_call(self.model, state, *data[:-self.targets],
-                                               return_buffers=True)
-                loss = self.loss_fn(out, *data[-self.targets:])
-            if not isinstance(loss, Tensor) or loss.shape != ():
-                raise GraphcError(f"{self.name}: loss_fn must return a scalar tensor, got {loss!r}")
-            if self.l1:
-                loss = loss + l1_penalty([params[n] for n in self.trainable], self.l1)
-            b.add_output("loss", loss.value)
-            for name, value in updates.items():
-                b.add_output(f"buffer:{name}", value.value)
-        return t.builder.graph, t.module_reads()
+    @property
+    def spec(self) -> StepSpec:
+        """What this step trains and how, for the step builder."""
+        return StepSpec(self.name, self.model, self.loss_fn, self.optimizer, self.params,
+                        self.buffers, self.trainable, self._opt_state, self.targets,
+                        self.clip_grad_norm, self.l1)
 
     def _trace(self, batch: list[np.ndarray], stages: Stages) -> tuple[Graph, dict[int, int], ModuleReads]:
         """The training step's graph, recorded in `stages` after the traced forward and its
         gradients (autodiff)."""
-        forward, reads = self._forward_graph(batch)
-        stages.record("trace", forward)
-        n_batch, n_params = len(batch), len(self.params)
-        param_index = {n: n_batch + i for i, n in enumerate(self.params)}
-        with_grads = autodiff(forward, wrt=[param_index[n] for n in self.trainable], output="loss")
-        stages.record("autodiff", with_grads)
-        with tracing(self.name) as t:
-            b = t.builder
-            data = [Tensor(b.add_input(TensorType.of(a), f"input{i}")) for i, a in enumerate(batch)]
-            params = _add_inputs(b, self.params, "param")
-            buffers = _add_inputs(b, self.buffers, "state")
-            state = {n: _add_inputs(b, {f"{n}.{k}": v for k, v in s.items()}, "state")
-                     for n, s in self._opt_state.items()}
-            step = Tensor(b.add_input(TensorType((), "float32"), "step", "state"))
-            lr = Tensor(b.add_input(TensorType((), self.optimizer.lr_dtype.name), "lr", "data"))
-            outs = _inline(with_grads, [*data, *params.values(), *buffers.values()], reads)
-            _move_before(b.graph.inputs, set(reads.names), "lr")  # the learning rate stays last
-            n_buffer_out = len(forward.outputs) - 1
-            loss, new_buffers = outs[0], outs[1:1 + n_buffer_out]
-            grads = dict(zip(self.trainable, outs[1 + n_buffer_out:]))
-            if self.clip_grad_norm is not None:
-                grads = clip_by_global_norm(grads, self.clip_grad_norm)
-            new_step = step + 1
-            new_params, new_state = self.optimizer.update(
-                {n: params[n] for n in self.trainable}, grads,
-                {n: {k.rsplit(".", 1)[1]: v for k, v in s.items()} for n, s in state.items()},
-                lr, new_step)
-
-            donate: dict[int, int] = {}
-            inputs = {inp.name: i for i, inp in enumerate(b.graph.inputs)}
-
-            def output(name: str, value: Tensor, donor: str | None = None) -> None:
-                if donor is not None:
-                    donate[inputs[donor]] = len(b.graph.outputs)
-                b.add_output(name, value.value)
-
-            output("loss", loss)
-            for n in self.trainable:
-                output(f"param:{n}", new_params[n], n)
-                for k, v in new_state[n].items():
-                    output(f"state:{n}.{k}", v, f"{n}.{k}")
-            for (out_name, _), value in zip(forward.outputs[1:], new_buffers):
-                name = out_name.split(":", 1)[1]
-                output(f"buffer:{name}", value.astype(self.buffers[name].dtype), name)
-            output("step", new_step, "step")
-            if t.rng_key is not None:  # dropout drew numbers: advance the counter for the next step
-                output("rng", Tensor(t.rng_key) + np.array([0, 1], np.int64), "rng")
-        return stages.record("train_step", t.builder.graph), donate, t.module_reads()
+        gradients = trace_gradients(self.spec, batch, stages)
+        with StepBuilder(self.spec, self.name) as b:
+            data, params, buffers = b.batch(batch), b.params(), b.buffers()
+            opt_state, step = b.optimizer_state(), b.step_count()
+            loss, new_buffers, grads = b.splice(gradients, data, params, buffers)
+            b.output("loss", loss)
+            b.update(params, grads, opt_state, step, new_buffers)
+        return stages.record("train_step", b.graph), b.donate, b.reads
 
     # -- running ---------------------------------------------------------------------------
     def _persistent(self, graph: Graph) -> list[np.ndarray]:
@@ -338,8 +275,8 @@ class TrainStep(_CompiledModelBase):
                   **{f"{n}.{k}": v for n, s in self._opt_state.items() for k, v in s.items()}}
         return [arrays[inp.name] for inp in graph.inputs if inp.name in arrays]
 
-    def _arguments(self, batch: Sequence[Any]) -> tuple[_Compiled, list[Any]]:
-        arrays = _batch_arrays(batch)
+    def _arguments(self, batch: Sequence[Any]) -> tuple[CompiledGraph, list[Any]]:
+        arrays = batch_arrays(batch)
         compiled, implicit = self._select(arrays)
         if not compiled.persistent:
             compiled.persistent = self._persistent(compiled.optimized)
@@ -393,8 +330,8 @@ class CompiledModel(_CompiledModelBase):
         self._state = [(prefix + attr, StateRef(m, table, attr))
                        for table in ("_parameters", "_buffers")
                        for prefix, m in model.named_modules() for attr in m.__dict__[table]]
-        self._compiled: dict[tuple, _Compiled] = {}
-        self._get(_batch_arrays(example_inputs))
+        self._compiled: dict[tuple, CompiledGraph] = {}
+        self._get(batch_arrays(example_inputs))
 
     @property
     def params(self) -> dict[str, np.ndarray]:
@@ -432,8 +369,10 @@ class CompiledModel(_CompiledModelBase):
             b = t.builder
             data = [Tensor(b.add_input(a if isinstance(a, TensorType) else TensorType.of(a), f"input{i}"))
                     for i, a in enumerate(batch)]
-            params = _add_inputs(b, {n: state[n] for n in self._names("_parameters")}, "param")
-            buffers = _add_inputs(b, {n: state[n] for n in self._names("_buffers")}, "state")
+            params = {n: Tensor(b.add_input(TensorType.of(state[n]), n, "param"))
+                      for n in self._names("_parameters")}
+            buffers = {n: Tensor(b.add_input(TensorType.of(state[n]), n, "state"))
+                       for n in self._names("_buffers")}
             with _modes_restored(self.model):
                 self.model.eval()
                 out = functional_call(self.model, {**params, **buffers}, *data)
@@ -451,14 +390,14 @@ class CompiledModel(_CompiledModelBase):
         graph, _, reads = self._trace([x.value.type for x in tensors], stages)
         root = current_trace().module_name(self.model)
         state = [traced_state(ref, f"{root}.{name}") for name, ref in self._state]
-        outs = _inline(stages.run(graph, [SIMPLIFY]), [*tensors, *state], reads)
+        outs = inline_graph(stages.run(graph, [SIMPLIFY]), [*tensors, *state], reads)
         return tuple(outs) if self._multiple else outs[0]
 
     @user_facing
     def __call__(self, *inputs: Any) -> Any:
         if is_tracing():
             return self._inlined(inputs)
-        arrays = _batch_arrays(inputs)
+        arrays = batch_arrays(inputs)
         compiled, implicit = self._select(arrays)
         outs = compiled.executable(*arrays, *self._arrays(), *implicit)
         return tuple(outs) if self._multiple else outs[0]
@@ -473,14 +412,6 @@ def _modes_restored(model: Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             object.__setattr__(m, "training", training)
-
-
-def _move_before(inputs: list, names: set[str], anchor: str) -> None:
-    """Move the graph inputs named in `names` (keeping their order) just before `anchor`."""
-    moved = [inp for inp in inputs if inp.name in names]
-    rest = [inp for inp in inputs if inp.name not in names]
-    at = next(i for i, inp in enumerate(rest) if inp.name == anchor)
-    inputs[:] = rest[:at] + moved + rest[at:]
 
 
 @user_facing

@@ -35,16 +35,17 @@ import numpy as np
 
 from graphc.ir import Graph, TensorType
 from graphc.ir.errors import GraphcError
-from graphc.passes import SIMPLIFY, Stages, autodiff
+from graphc.passes import SIMPLIFY, Stages
 
-from .api import _inline, jit, user_facing
-from .compile import TrainStep, _add_inputs, _batch_arrays, _Compiled
+from .api import jit, user_facing
+from .compile import CompiledGraph, TrainStep
 from .data import Batch, DataLoader, Dataset, Subset, Transform
 from .functions import concatenate
 from .lowering import compile_graph
 from .nn.module import Module
-from .optim import Optimizer, clip_by_global_norm
-from .tensor import ModuleReads, Tensor, tracing
+from .optim import Optimizer
+from .step_builder import StepBuilder, batch_arrays, trace_gradients
+from .tensor import ModuleReads, Tensor
 from .train import (EarlyStopping, History, _close_epoch, _finish, _Validation, load_checkpoint,
                     save_checkpoint, training_state)
 
@@ -319,32 +320,19 @@ class DataParallelStep(TrainStep):
     def _trace(self, batch: list[np.ndarray], stages: Stages) -> tuple[Graph, dict[int, int], ModuleReads]:
         """The gradients graph: forward and backward, every value to reduce packed into one
         flat output; buffers that are not averaged (integer counters) are updated in place."""
-        forward, reads = self._forward_graph(batch)
-        stages.record("trace", forward)
-        param_index = {n: len(batch) + i for i, n in enumerate(self.params)}
-        with_grads = autodiff(forward, wrt=[param_index[n] for n in self.trainable], output="loss")
-        stages.record("autodiff", with_grads)
-        buffer_names = [name.split(":", 1)[1] for name, _ in forward.outputs[1:]]
-        with tracing(f"{self.name}_gradients") as t:
-            b = t.builder
-            data = [Tensor(b.add_input(TensorType.of(a), f"input{i}")) for i, a in enumerate(batch)]
-            params = _add_inputs(b, self.params, "param")
-            buffers = _add_inputs(b, self.buffers, "state")
-            outs = _inline(with_grads, [*data, *params.values(), *buffers.values()], reads)
-            new_buffers = dict(zip(buffer_names, outs[1:1 + len(buffer_names)]))
-            grads = dict(zip(self.trainable, outs[1 + len(buffer_names):]))
+        gradients = trace_gradients(self.spec, batch, stages)
+        with StepBuilder(self.spec, f"{self.name}_gradients") as b:
+            data, params, buffers = b.batch(batch), b.params(), b.buffers()
+            loss, new_buffers, grads = b.splice(gradients, data, params, buffers)
             layout = self._set_layout(grads, new_buffers)
             averaged = set(layout.keys("buffer"))
-            b.add_output("reduced", layout.pack({**{f"grad:{n}": g for n, g in grads.items()},
-                                                 **{f"buffer:{n}": v for n, v in new_buffers.items()},
-                                                 "loss": outs[0]}).value)
-            donate: dict[int, int] = {}
-            inputs = {inp.name: i for i, inp in enumerate(b.graph.inputs)}
+            b.output("reduced", layout.pack({**{f"grad:{n}": g for n, g in grads.items()},
+                                             **{f"buffer:{n}": v for n, v in new_buffers.items()},
+                                             "loss": loss}))
             for name, value in new_buffers.items():
                 if name not in averaged:
-                    donate[inputs[name]] = len(b.graph.outputs)
-                    b.add_output(f"buffer:{name}", value.astype(self.buffers[name].dtype).value)
-        return stages.record("gradients", t.builder.graph), donate, t.module_reads()
+                    b.output(f"buffer:{name}", value, donor=name)
+        return stages.record("gradients", b.graph), b.donate, b.reads
 
     def _set_layout(self, grads: dict[str, Tensor], new_buffers: dict[str, Tensor]) -> FlatLayout:
         dtypes = {self.params[n].dtype.name for n in self.trainable}
@@ -368,46 +356,22 @@ class DataParallelStep(TrainStep):
         (and the mean of averaged buffers); then clipping and the optimizer's rule."""
         layout = self.layout
         averaged = layout.keys("buffer")
-        with tracing(f"{self.name}_update") as t:
-            b = t.builder
-            reduced = Tensor(b.add_input(TensorType((layout.size,), layout.dtype), "reduced"))
-            params = _add_inputs(b, {n: self.params[n] for n in self.trainable}, "param")
-            buffers = _add_inputs(b, {n: self.buffers[n] for n in averaged}, "state")
-            state = {n: _add_inputs(b, {f"{n}.{k}": v for k, v in s.items()}, "state")
-                     for n, s in self.opt_state.items()}
-            step = Tensor(b.add_input(TensorType((), "float32"), "step", "state"))
-            lr = Tensor(b.add_input(TensorType((), self.optimizer.lr_dtype.name), "lr", "data"))
+        with StepBuilder(self.spec, f"{self.name}_update") as b:
+            reduced = b.input(TensorType((layout.size,), layout.dtype), "reduced")
+            params = b.params(self.trainable)
+            b.buffers(averaged)  # read by no node: inputs only for their means to overwrite
+            opt_state, step = b.optimizer_state(), b.step_count()
             mean = layout.unpack(reduced * (1.0 / self.world.size))
-            grads = {n: mean[f"grad:{n}"] for n in self.trainable}
-            if self.clip_grad_norm is not None:
-                grads = clip_by_global_norm(grads, self.clip_grad_norm)
-            new_step = step + 1
-            new_params, new_state = self.optimizer.update(
-                params, grads,
-                {n: {k.rsplit(".", 1)[1]: v for k, v in s.items()} for n, s in state.items()},
-                lr, new_step)
-            donate: dict[int, int] = {}
-            inputs = {inp.name: i for i, inp in enumerate(b.graph.inputs)}
+            b.update(params, {n: mean[f"grad:{n}"] for n in self.trainable}, opt_state, step,
+                     {n: mean[f"buffer:{n}"] for n in averaged})
+        return b.graph, b.donate
 
-            def output(name: str, value: Tensor, donor: str) -> None:
-                donate[inputs[donor]] = len(b.graph.outputs)
-                b.add_output(name, value.value)
-
-            for n in self.trainable:
-                output(f"param:{n}", new_params[n], n)
-                for k, v in new_state[n].items():
-                    output(f"state:{n}.{k}", v, f"{n}.{k}")
-            for n in averaged:
-                output(f"buffer:{n}", mean[f"buffer:{n}"], n)
-            output("step", new_step, "step")
-        return t.builder.graph, donate
-
-    def _compile_update(self) -> _Compiled:
+    def _compile_update(self) -> CompiledGraph:
         traced, donate = self._update_graph()
         stages = Stages(traced.name)
         optimized = stages.run(stages.record("update", traced), [SIMPLIFY])
         executable = compile_graph(optimized, self.backend, donate, stages)
-        compiled = _Compiled(traced, optimized, executable, donate)
+        compiled = CompiledGraph(traced, optimized, executable, donate)
         compiled.persistent = self._persistent(optimized)
         return compiled
 
@@ -423,7 +387,7 @@ class DataParallelStep(TrainStep):
     # -- running ---------------------------------------------------------------------------
     @user_facing
     def __call__(self, *batch: Any) -> float:
-        arrays = _batch_arrays(batch)
+        arrays = batch_arrays(batch)
         gradients, implicit = self._select(arrays)
         if not gradients.persistent:
             gradients.persistent = self._persistent(gradients.optimized)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from graphc.backends import default_backend
+from graphc.backends import DeviceResident, Executable, PlannedExecutable, default_backend
 from graphc.ir import Graph, SerializationError
 from graphc.ir.errors import GraphcError, LoadError
 from graphc.ir.types import DTYPES
@@ -82,12 +82,11 @@ def _signature(graph: Graph) -> dict[str, Any]:
             "outputs": [{"name": n, "type": str(v.type)} for n, v in graph.outputs]}
 
 
-def _plan_summary(executable: Any, fused: Graph) -> dict[str, Any]:
+def _plan_summary(executable: Executable, fused: Graph) -> dict[str, Any]:
     kernels = [{"name": n.attrs.get("name", n.op), "pattern": n.attrs.get("pattern", ""),
                 "ops": [m.op for m in n.subgraph.nodes] if n.subgraph is not None else [n.op]}
                for n in fused.nodes]
-    plan = getattr(executable, "plan", None)
-    memory = plan.to_dict() if plan is not None and hasattr(plan, "to_dict") else None
+    memory = executable.plan.to_dict() if isinstance(executable, PlannedExecutable) else None
     return {"kernels": kernels, "memory": memory}
 
 
@@ -121,7 +120,7 @@ def export(compiled: Any, path: str) -> None:
                                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                 "lr": lr, "name": compiled.name}),
     }
-    for kernel in getattr(executable, "kernels", []) or []:
+    for kernel in executable.kernels if isinstance(executable, PlannedExecutable) else []:
         source = getattr(kernel, "source", None)
         if source:
             members[f"kernels/{kernel.name}.py"] = source.encode()
@@ -374,7 +373,7 @@ class _Loaded:
     def _state_to_host(self) -> None:
         """Before the state arrays are read or handed out: an executable keeping them on its
         device (numba-cuda) copies them back, and uploads them again before its next call."""
-        if hasattr(self.executable, "sync_to_host"):
+        if isinstance(self.executable, DeviceResident):
             self.executable.sync_to_host()
             self.executable.invalidate()
 
@@ -397,7 +396,7 @@ class LoadedTrainStep(_Loaded):
             raise LoadError(self.path, "a training step needs one scalar float input named 'lr'",
                             "graph.json")
         self._lr_dtype = rates[0].np_dtype
-        if hasattr(self.executable, "keep_on_device"):  # the state stays on the GPU between steps
+        if isinstance(self.executable, DeviceResident):  # the state stays on the GPU between steps
             self.executable.keep_on_device(i for i, inp in enumerate(self.graph.inputs)
                                            if inp.role != "data")
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numba
 import numpy as np
 
-from graphc.backends import LoweredGraph
+from graphc.backends import LoweredGraph, PlannedExecutable
 from graphc.backends.bounds import IndexCheck, IndexChecks, plan_index_checks
 from graphc.backends.kernel_files import signature_of
 from graphc.backends.signature import InputSignature
@@ -108,7 +108,7 @@ class _Environment:
         return len(self.template) - 1
 
 
-class Executable:
+class Executable(PlannedExecutable):
     """A compiled graph. Call it with one array per graph input; it returns one array per output.
 
     Attributes: `graph` (the fused graph), `plan` (the MemoryPlan), `kernels` (CompiledKernel

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from graphc.backends import LoweredGraph
+from graphc.backends import DeviceResident, LoweredGraph, PlannedExecutable
 from graphc.backends.bounds import IndexChecks, plan_index_checks
 from graphc.backends.kernel_files import signature_of
 from graphc.backends.numba_cpu import CacheStats
@@ -104,7 +104,7 @@ class _HostLaunch:
         return self.function
 
 
-class Executable:
+class Executable(PlannedExecutable, DeviceResident):
     """A graph compiled for numba.cuda. Call it with one array per graph input; it returns one
     fresh NumPy array per output, and a donated input's own array for its output (stale while
     that input is resident: see the module docstring). `kernels` holds each kernel's generated
