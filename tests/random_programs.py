@@ -85,10 +85,7 @@ INNER_FORMS = ("jit", "grad", "value_and_grad", "grad_jit", "grad_grad")
 
 # Forms not drawn while a bug they hit waits for its fix (the xfail test that shows it, in
 # test_random_program_regressions.py): remove the entry when that test starts to pass.
-AWAITING_FIX = {
-    "constant_image": "test_layers_accept_a_closure_constant_image",
-    "where_constant": "test_where_and_dropout_of_a_closure_constant",
-}
+AWAITING_FIX: dict[str, str] = {}
 # Failures of a compiled backend already reported (message pattern -> the regression test).
 KNOWN_BACKEND_FAILURES: dict[str, dict[str, str]] = {}
 
