@@ -46,8 +46,8 @@ from .nn.module import Module
 from .optim import Optimizer
 from .step_builder import StepBuilder, batch_arrays, trace_gradients
 from .tensor import ModuleReads, Tensor
-from .train import (EarlyStopping, History, _close_epoch, _finish, _Validation, load_checkpoint,
-                    save_checkpoint, training_state)
+from . import train
+from .train import EarlyStopping, History, load_checkpoint, training_state
 
 TIMEOUT_ENV = "GRAPHC_DDP_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0
@@ -95,6 +95,11 @@ class World:
         self._check_agreement("the arrays to broadcast (names, shapes, dtypes)",
                               [(n, arrays[n].shape, arrays[n].dtype.str) for n in names])
         self._wait([self.comm.Ibcast(arrays[n], root=0) for n in names], "broadcast")
+
+    def evaluate(self, model_fn: Callable[..., np.ndarray], loss_fn: Callable | None,
+                 loader: DistributedLoader) -> dict[str, float]:
+        """Validation for the fit loop: `evaluate` over every rank's shard."""
+        return evaluate(model_fn, loss_fn, loader)
 
     def shared_seed(self, seed: int | None) -> int:
         """`seed`, or when None one drawn by rank 0 and sent to all, so permutations agree."""
@@ -298,6 +303,7 @@ class DataParallelStep(TrainStep):
     `graph`, `to_dot` and `memory_plan` describe the forward+backward graph; `update_graph`
     the optimizer's. Batch norm normalises with each rank's own batch statistics (as PyTorch's
     DistributedDataParallel without SyncBatchNorm); its running statistics are averaged.
+    `check_numerics` reruns the gradients graph of this rank's batch.
     """
 
     def __init__(self, model: Module, loss_fn: Callable[..., Tensor], optimizer: Optimizer,
@@ -385,23 +391,27 @@ class DataParallelStep(TrainStep):
                           "export a single-process step (compile_train_step) instead")
 
     # -- running ---------------------------------------------------------------------------
-    @user_facing
-    def __call__(self, *batch: Any) -> float:
+    def _arguments(self, batch: Sequence[Any]) -> tuple[CompiledGraph, list[Any]]:
+        """The gradients graph for `batch` and its arguments (check_numerics reruns it)."""
         arrays = batch_arrays(batch)
         gradients, implicit = self._select(arrays)
         if not gradients.persistent:
             gradients.persistent = self._persistent(gradients.optimized)
         args = [*arrays, *gradients.persistent, *implicit]
-        uses_rng = gradients.optimized.inputs[-1].role == "rng"
-        if uses_rng:
+        if gradients.optimized.inputs[-1].role == "rng":
             args.append(self._rank_key())
+        return gradients, args
+
+    @user_facing
+    def __call__(self, *batch: Any) -> float:
+        gradients, args = self._arguments(batch)
         start = time.perf_counter()
         reduced = np.require(gradients.executable(*args)[0], requirements=["C", "W"])
         reduced_at = time.perf_counter()
         self.world.allreduce_(reduced)
         updated_at = time.perf_counter()
         self._update.executable(reduced, *self._update.persistent, self.optimizer.lr_dtype.type(self.optimizer.lr))
-        if uses_rng:
+        if gradients.optimized.inputs[-1].role == "rng":
             self.rng_key[1] += 1
         self._record_times(start, reduced_at, updated_at, time.perf_counter())
         return float(reduced[-1]) / self.world.size
@@ -460,46 +470,22 @@ def fit(step: DataParallelStep, train_loader: DistributedLoader, epochs: int = 1
         val_loader: DistributedLoader | None = None, checkpoint_path: str | None = None,
         resume_from_checkpoint: bool = False, early_stopping: EarlyStopping | None = None,
         scheduler: Any = None, progress: bool = True,
-        on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> History:
+        on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+        check_numerics: bool | None = None) -> History:
     """Train for `epochs` on every rank in lockstep; returns the same History on every rank.
 
-    Logged metrics are global (reduced over ranks). Only rank 0 shows progress, calls
-    `on_epoch_end` and writes the checkpoint (atomically, after every epoch). With
-    `resume_from_checkpoint`, training continues after the last completed epoch of the
-    checkpoint at `checkpoint_path` (when it exists).
+    This is graphc.train.fit in the step's world: logged metrics are global (reduced over
+    ranks); only rank 0 shows progress, calls `on_epoch_end` and writes the checkpoint
+    (atomically, after every epoch). With `resume_from_checkpoint`, training continues after
+    the last completed epoch of the checkpoint at `checkpoint_path` (when it exists).
     """
-    from tqdm.auto import tqdm
-
-    world = step.world
     first_epoch = 1
     if resume_from_checkpoint and checkpoint_path is not None and resume(step, checkpoint_path):
         first_epoch = int(step.step_count) // max(len(train_loader), 1) + 1
-    history = History()
-    validation = _Validation(step, val_loader, evaluate)
-    for epoch in range(first_epoch, epochs + 1):
-        train_loader.set_epoch(epoch)
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", leave=True,
-                   disable=not (progress and world.is_root))
-        total, seen, start = 0.0, 0, time.perf_counter()
-        for batch in bar:
-            loss = step(*batch)
-            if not math.isfinite(loss):
-                raise GraphcError(f"training loss became {loss} at epoch {epoch}")
-            total, seen = total + loss * len(batch[-1]), seen + len(batch[-1])
-            bar.set_postfix(loss=f"{loss:.4f}")
-        logs = {"epoch": epoch, "loss": total / max(seen, 1),
-                "samples_per_s": seen * world.size / (time.perf_counter() - start),
-                **validation.logs()}
-
-        def announce() -> None:
-            if world.is_root and on_epoch_end is not None:
-                on_epoch_end(epoch, logs)
-            if world.is_root and checkpoint_path is not None:
-                save_checkpoint(checkpoint_path, step)
-        if _close_epoch(step, epoch, logs, history, scheduler, early_stopping, announce):
-            break
-    _finish(step, history, early_stopping)
-    return history
+    return train.fit(step, train_loader, epochs, val_loader, early_stopping, checkpoint_path,
+                     progress=progress, scheduler=scheduler, on_epoch_end=on_epoch_end,
+                     check_numerics=check_numerics, world=step.world, initial_epoch=first_epoch,
+                     on_epoch_start=train_loader.set_epoch)
 
 
 __all__ = ["DEFAULT_TIMEOUT", "DataParallelStep", "DistributedError", "DistributedLoader",

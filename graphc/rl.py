@@ -255,12 +255,12 @@ class EpisodeLog:
                  log_dir: str | None = None) -> None:
         from tqdm.auto import tqdm
 
-        from .train import _tensorboard
+        from .train import tensorboard_writer
 
         self.result, self.solved_at = result, solved_at
         self.recent: deque[float] = deque(maxlen=result.window)
         self.bar = tqdm(total=episodes, desc="episodes", disable=not progress)
-        self.writer = _tensorboard(log_dir)
+        self.writer = tensorboard_writer(log_dir)
 
     def episode(self, episode_return: float, **scalars: float) -> bool:
         """Record one finished episode; True once the moving average over a full window

@@ -8,7 +8,8 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from collections.abc import Sized
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -235,14 +236,42 @@ class History:
         return [e[key] for e in self.epochs if key in e]
 
 
+@runtime_checkable
+class World(Protocol):
+    """What the fit loop asks of the processes training together: how many there are
+    (`size`), whether this one speaks for them all (`is_root`: progress, callbacks,
+    checkpoints, TensorBoard) and how they evaluate a validation loader together.
+    graphc.distributed.World is one; `SINGLE_PROCESS` is the world of one process."""
+
+    size: int
+
+    @property
+    def is_root(self) -> bool: ...
+
+    def evaluate(self, model_fn: Callable[..., Any], loss_fn: Callable | None, loader: Iterable
+                 ) -> dict[str, Any]: ...
+
+
+class _SingleProcess:
+    size = 1
+    is_root = True
+
+    def evaluate(self, model_fn: Callable[..., Any], loss_fn: Callable | None, loader: Iterable
+                 ) -> dict[str, Any]:
+        return evaluate(model_fn, loss_fn, loader)
+
+
+SINGLE_PROCESS: World = _SingleProcess()
+
+
 class _Validation:
-    """The validation logs of each epoch: `evaluate_fn` over `loader` with the model compiled
-    for inference (on the first validation batch, once)."""
+    """The validation logs of each epoch: the world's evaluation over `loader` with the model
+    compiled for inference (on the first validation batch, once)."""
 
     SCALARS = ("loss", "accuracy", "precision", "recall", "f1")
 
-    def __init__(self, step: TrainStep, loader: Iterable | None, evaluate_fn: Callable[..., dict]) -> None:
-        self.step, self.loader, self.evaluate_fn = step, loader, evaluate_fn
+    def __init__(self, step: TrainStep, loader: Iterable | None, world: World) -> None:
+        self.step, self.loader, self.world = step, loader, world
         self.model: CompiledModel | None = None
 
     def logs(self) -> dict[str, float]:
@@ -251,54 +280,41 @@ class _Validation:
         if self.model is None:
             first = next(iter(self.loader))
             self.model = compile(self.step.model, tuple(first[:-1]), backend=self.step.backend)
-        result = self.evaluate_fn(self.model, self.step.loss_fn, self.loader)
+        result = self.world.evaluate(self.model, self.step.loss_fn, self.loader)
         return {f"val_{k}": float(v) for k, v in result.items() if k in self.SCALARS}
-
-
-def _close_epoch(step: TrainStep, epoch: int, logs: dict[str, float], history: History,
-                 scheduler: Any, early_stopping: EarlyStopping | None,
-                 announce: Callable[[], None]) -> bool:
-    """The end of an epoch in every fit loop: step the learning-rate schedule, record `logs`,
-    `announce` them (callbacks, checkpoint), then ask early stopping. True: stop training."""
-    if scheduler is not None:
-        scheduler.step()
-    history.epochs.append(logs)
-    announce()
-    if early_stopping is not None and early_stopping.update(epoch, logs, step):
-        history.stopped_early = True
-        return True
-    return False
-
-
-def _finish(step: TrainStep, history: History, early_stopping: EarlyStopping | None) -> None:
-    if early_stopping is not None:
-        history.best_epoch = early_stopping.best_epoch
-        if early_stopping.restore_best_weights:
-            early_stopping.restore(step)
 
 
 def fit(step: TrainStep, train_loader: Iterable, epochs: int = 1, val_loader: Iterable | None = None,
         early_stopping: EarlyStopping | None = None, checkpoint_path: str | None = None,
         log_dir: str | None = None, progress: bool = True, scheduler: Any = None,
         on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
-        check_numerics: bool | None = None) -> History:
+        check_numerics: bool | None = None, world: World = SINGLE_PROCESS,
+        initial_epoch: int = 1, on_epoch_start: Callable[[int], None] | None = None) -> History:
     """Train `step` for `epochs` over `train_loader` ((inputs..., target) batches).
 
     With `check_numerics` (or GRAPHC_CHECK_NUMERICS=1) the state before each step is kept, so
-    a non-finite loss is traced back to the op and source line that produced it."""
+    a non-finite loss is traced back to the op and source line that produced it.
+
+    Several processes training together (graphc.distributed.fit) pass their `world`: then only
+    its root shows progress, logs to TensorBoard, calls `on_epoch_end` and writes the
+    checkpoint, and validation is evaluated across the world. Epochs are numbered from 1;
+    training resumed after epoch k starts at `initial_epoch` k + 1. `on_epoch_start(epoch)`
+    runs before each epoch's first batch (a sharded loader picks its epoch's shard there)."""
     from tqdm.auto import tqdm
 
     if check_numerics is None:
         check_numerics = os.environ.get("GRAPHC_CHECK_NUMERICS", "") not in ("", "0")
-    writer = _tensorboard(log_dir)
+    writer = tensorboard_writer(log_dir) if world.is_root else None
     history = History()
-    validation = _Validation(step, val_loader, evaluate)
+    validation = _Validation(step, val_loader, world)
     global_step = 0
-    for epoch in range(1, epochs + 1):
+    for epoch in range(initial_epoch, epochs + 1):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
         # One iter() per epoch: a DataLoader draws its next shuffle on each call.
-        total_batches = len(train_loader) if hasattr(train_loader, "__len__") else None
+        total_batches = len(train_loader) if isinstance(train_loader, Sized) else None
         bar = tqdm(iter(train_loader), total=total_batches, desc=f"epoch {epoch}/{epochs}",
-                   disable=not progress, leave=True)
+                   disable=not (progress and world.is_root), leave=True)
         total, seen, start = 0.0, 0, time.perf_counter()
         for batch in bar:
             before = copy.deepcopy(training_state(step)) if check_numerics else None
@@ -310,25 +326,40 @@ def fit(step: TrainStep, train_loader: Iterable, epochs: int = 1, val_loader: It
             total, seen, global_step = total + loss * n, seen + n, global_step + 1
             if writer is not None:
                 writer.add_scalar("train/loss", loss, global_step)
-            bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{seen / (time.perf_counter() - start):.0f}")
+            rate = seen * world.size / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:.0f}")
         logs = {"epoch": epoch, "loss": total / max(seen, 1),
-                "samples_per_s": seen / (time.perf_counter() - start), **validation.logs()}
-
-        def announce() -> None:
-            if writer is not None:
-                for key, value in logs.items():
-                    if key != "epoch":
-                        writer.add_scalar(f"epoch/{key}", value, epoch)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, logs)
-            if checkpoint_path is not None:
-                save_checkpoint(checkpoint_path, step)
-        if _close_epoch(step, epoch, logs, history, scheduler, early_stopping, announce):
+                "samples_per_s": seen * world.size / (time.perf_counter() - start),
+                **validation.logs()}
+        if scheduler is not None:
+            scheduler.step()
+        history.epochs.append(logs)
+        if world.is_root:
+            _announce(epoch, logs, writer, on_epoch_end, checkpoint_path, step)
+        if early_stopping is not None and early_stopping.update(epoch, logs, step):
+            history.stopped_early = True
             break
-    _finish(step, history, early_stopping)
+    if early_stopping is not None:
+        history.best_epoch = early_stopping.best_epoch
+        if early_stopping.restore_best_weights:
+            early_stopping.restore(step)
     if writer is not None:
         writer.close()
     return history
+
+
+def _announce(epoch: int, logs: dict[str, float], writer: Any,
+              on_epoch_end: Callable[[int, dict[str, float]], None] | None,
+              checkpoint_path: str | None, step: TrainStep) -> None:
+    """The end of an epoch, told once: TensorBoard, the user's callback, the checkpoint."""
+    if writer is not None:
+        for key, value in logs.items():
+            if key != "epoch":
+                writer.add_scalar(f"epoch/{key}", value, epoch)
+    if on_epoch_end is not None:
+        on_epoch_end(epoch, logs)
+    if checkpoint_path is not None:
+        save_checkpoint(checkpoint_path, step)
 
 
 def _numerics_report(step: TrainStep, batch: Any, before: dict[str, np.ndarray] | None) -> str:
@@ -342,7 +373,8 @@ def _numerics_report(step: TrainStep, batch: Any, before: dict[str, np.ndarray] 
     return f": {report or 'the rerun on the reference backend stayed finite'}"
 
 
-def _tensorboard(log_dir: str | None) -> Any:
+def tensorboard_writer(log_dir: str | None) -> Any:
+    """A tensorboardX SummaryWriter logging to `log_dir`; None when `log_dir` is None."""
     if log_dir is None:
         return None
     try:

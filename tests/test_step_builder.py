@@ -6,9 +6,10 @@ import pytest
 
 import graphc as gc
 import graphc.nn.functional as F
-from graphc import nn, optim
+from graphc import distributed, nn, optim, train
 from graphc.backends import DeviceResident, Executable, PlannedExecutable
-from graphc.distributed import DataParallelStep, World
+from graphc.data import TensorDataset
+from graphc.distributed import DataParallelStep, DistributedLoader, World
 from graphc.ir.interpret import evaluate
 from graphc.passes import Stages
 from graphc.step_builder import StepBuilder, trace_gradients
@@ -117,3 +118,54 @@ def test_executables_declare_what_they_offer():
     executable = compiled._last.executable
     assert isinstance(executable, PlannedExecutable) and not isinstance(executable, DeviceResident)
     assert executable.plan.peak_bytes >= 0 and executable.kernels
+
+
+class NoisySqrt(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.drop = nn.Linear(4, 3), nn.Dropout(0.5)
+
+    def forward(self, x: gc.Tensor) -> gc.Tensor:
+        return gc.sqrt(self.drop(self.lin(x)) - 1e6)  # negative: NaN
+
+
+def test_a_data_parallel_step_locates_the_op_that_made_the_nan():
+    """It reruns its gradients graph with this rank's RNG key (it used to pass the learning
+    rate, which that graph does not take, where the key goes: TypeError)."""
+    model = NoisySqrt()
+    step = DataParallelStep(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1),
+                            batch(), backend=REF, world=World())
+    report = step.check_numerics(*batch())
+    assert report.op == "sqrt" and report.kind == "NaN" and "test_step_builder.py" in report.loc
+    with pytest.raises(gc.GraphcError, match=r"sqrt at .*test_step_builder.py:\d+ .*produced NaN"):
+        distributed.fit(step, DistributedLoader(TensorDataset(*batch(10)), 5, World()),
+                        progress=False, check_numerics=True)
+
+
+class FakeWorld:
+    """Rank 1 of 2: not the root; it evaluates through a stand-in for the collective."""
+
+    size, is_root = 2, False
+
+    def __init__(self) -> None:
+        self.evaluated = 0
+
+    def evaluate(self, model_fn, loss_fn, loader) -> dict:
+        self.evaluated += 1
+        return {"loss": 0.5, "outputs": None}
+
+
+def test_fit_leaves_announcing_to_the_root_and_evaluation_to_the_world(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 3))
+    step = gc.compile_train_step(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1),
+                                 batch(), backend=REF)
+    world, announced, started = FakeWorld(), [], []
+    assert isinstance(world, train.World) and isinstance(train.SINGLE_PROCESS, train.World)
+    history = train.fit(step, [batch()], epochs=3, val_loader=[batch()], world=world,
+                        checkpoint_path=str(tmp_path / "ckpt"), initial_epoch=2,
+                        on_epoch_start=started.append,
+                        on_epoch_end=lambda epoch, logs: announced.append(epoch))
+    assert [e["epoch"] for e in history.epochs] == started == [2, 3]
+    assert history["val_loss"] == [0.5, 0.5] and world.evaluated == 2
+    assert not announced and not (tmp_path / "ckpt").exists()
+    assert step.step_count == 2
