@@ -260,8 +260,9 @@ class TrainStep(_CompiledModelBase):
     def _trace(self, batch: list[np.ndarray], stages: Stages) -> tuple[Graph, dict[int, int], ModuleReads]:
         """The training step's graph, recorded in `stages` after the traced forward and its
         gradients (autodiff)."""
-        gradients = trace_gradients(self.spec, batch, stages)
-        with StepBuilder(self.spec, self.name) as b:
+        spec = self.spec
+        gradients = trace_gradients(spec, batch, stages)
+        with StepBuilder(spec, self.name) as b:
             data, params, buffers = b.batch(batch), b.params(), b.buffers()
             opt_state, step = b.optimizer_state(), b.step_count()
             loss, new_buffers, grads = b.splice(gradients, data, params, buffers)

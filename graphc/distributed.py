@@ -326,8 +326,9 @@ class DataParallelStep(TrainStep):
     def _trace(self, batch: list[np.ndarray], stages: Stages) -> tuple[Graph, dict[int, int], ModuleReads]:
         """The gradients graph: forward and backward, every value to reduce packed into one
         flat output; buffers that are not averaged (integer counters) are updated in place."""
-        gradients = trace_gradients(self.spec, batch, stages)
-        with StepBuilder(self.spec, f"{self.name}_gradients") as b:
+        spec = self.spec
+        gradients = trace_gradients(spec, batch, stages)
+        with StepBuilder(spec, f"{self.name}_gradients") as b:
             data, params, buffers = b.batch(batch), b.params(), b.buffers()
             loss, new_buffers, grads = b.splice(gradients, data, params, buffers)
             layout = self._set_layout(grads, new_buffers)

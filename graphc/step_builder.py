@@ -8,18 +8,21 @@ here, so inputs, roles, donations and output names are the same wherever a step 
     gradients = trace_gradients(spec, batch, stages)    # forward traced once, differentiated
     with StepBuilder(spec, name) as b:
         data, params, buffers = b.batch(batch), b.params(), b.buffers()
-        loss, new_buffers, grads = b.splice(gradients, data, params, buffers)
         opt_state, step = b.optimizer_state(), b.step_count()
+        loss, new_buffers, grads = b.splice(gradients, data, params, buffers)
         b.output("loss", loss)
         b.update(params, grads, opt_state, step, new_buffers)   # donated to their inputs
     graph, donate, reads = b.graph, b.donate, b.reads
 
 The differentiated forward is spliced into the step's trace (its nodes copied, its implicit
-module inputs and random streams remapped), never traced again.
+module inputs and random streams remapped), never traced again. The order of the calls is
+the order of the inputs: a step's callers pass the batch, then the step's own state, then
+the implicit inputs the splice adds (other modules' arrays), the learning rate (`update`
+adds it) and the RNG key, which stays last.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -67,7 +70,7 @@ class Gradients:
 
     graph: Graph
     reads: ModuleReads
-    buffer_names: list[str] = field(default_factory=list)
+    buffer_names: list[str]
 
 
 def trace_loss(spec: StepSpec, batch: Sequence[np.ndarray]) -> tuple[Graph, ModuleReads]:
@@ -208,7 +211,7 @@ class StepBuilder:
         """Add an output; with `donor`, it is written into that input's buffer (and has its
         dtype: a buffer's update may come out wider than the buffer)."""
         if donor is not None:
-            index = next(i for i, inp in enumerate(self.graph.inputs) if inp.name == donor)
+            index = [inp.name for inp in self.graph.inputs].index(donor)
             dtype = self.graph.inputs[index].value.type.dtype
             if value.dtype != dtype:
                 value = value.astype(dtype)
