@@ -22,7 +22,7 @@ from graphc.tree import TreeDef, flatten, unflatten
 
 from . import random as gc_random
 from .lowering import compile_graph
-from .tensor import ModuleReads, Tensor, current_trace, is_tracing, tracing
+from .tensor import ModuleReads, Tensor, current_trace, is_tracing, matching_variant, tracing
 
 log = logging.getLogger("graphc")
 
@@ -222,7 +222,7 @@ class Staged:
         names = _input_names(self.fn, paths, len(args))
         arrays = [to_array(l, n) for l, n in zip(leaves, names)]
         signature = (treedef, tuple((a.shape, a.dtype.name) for a in arrays))
-        entry, implicit = self._lookup(signature)
+        entry, implicit = matching_variant(self._last, self._cache.values(), signature)
         if entry is None:
             self._log_retrace(signature, names)
             stages = Stages(self.name)
@@ -237,21 +237,6 @@ class Staged:
         if entry.graph.inputs and entry.graph.inputs[-1].role == "rng":
             arrays.append(gc_random.next_key())
         return unflatten(entry.out_tree, entry.executable(*arrays))
-
-    def _lookup(self, signature: tuple) -> tuple[_Entry | None, list[np.ndarray]]:
-        """The compiled entry for these arguments and the modules as they are now, with the
-        arrays of its implicit inputs."""
-        last = self._last
-        if last is not None and last.signature == signature:  # the usual case: as last call
-            implicit = last.reads.arrays()
-            if last.reads.matches(implicit):
-                return last, implicit
-        for entry in self._cache.values():
-            if entry is not last and entry.signature == signature:
-                implicit = entry.reads.arrays()
-                if entry.reads.matches(implicit):
-                    return entry, implicit
-        return None, []
 
     def _log_retrace(self, signature: tuple, names: list[str]) -> None:
         previous = self._last

@@ -40,7 +40,8 @@ from .nn.module import (Module, claim_state, functional_call, named_arrays,
                         unclaim_state)
 from .optim import Optimizer
 from .step_builder import StepBuilder, StepSpec, batch_arrays, trace_gradients
-from .tensor import ModuleReads, StateRef, Tensor, as_tensor, current_trace, is_tracing, tracing
+from .tensor import (ModuleReads, StateRef, Tensor, as_tensor, current_trace, is_tracing,
+                     matching_variant, tracing)
 
 log = logging.getLogger("graphc")
 
@@ -83,16 +84,10 @@ class _CompiledModelBase:
         it if there is none), with the arrays of its implicit inputs."""
         signature = self._signature(arrays)
         last = self._last
-        if last is not None and last.signature == signature:  # the usual case: as last call
-            implicit = last.reads.arrays()
-            if last.reads.matches(implicit):
-                return last, implicit
-        for compiled in self._compiled.values():
-            if compiled is not last and compiled.signature == signature:
-                implicit = compiled.reads.arrays()
-                if compiled.reads.matches(implicit):
-                    self._last = compiled
-                    return compiled, implicit
+        found, implicit = matching_variant(last, self._compiled.values(), signature)
+        if found is not None:
+            self._last = found
+            return found, implicit
         if last is not None:
             self._log_recompile(last, signature)
         stages = Stages(self.name)

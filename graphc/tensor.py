@@ -6,6 +6,7 @@ time and point at the user's line.
 """
 from __future__ import annotations
 
+import itertools
 import sys
 import threading
 from contextlib import contextmanager
@@ -223,6 +224,19 @@ class Trace:
             modules=tuple(modules), module_names=tuple(
                 f"{self.module_name(m)} ({type(m).__name__})" for m in modules),
             modes=tuple(m.training for m in modules))
+
+
+def matching_variant(last: Any, variants: Iterable[Any], signature: tuple) -> tuple[Any, list]:
+    """Of the compiled variants (each with `.signature` and `.reads`), the one for these
+    arguments whose module reads match the modules as they are now, with its implicit inputs'
+    arrays; (None, []) when none does. The variant used last is tried first: the usual case."""
+    others = (v for v in variants if v is not last)
+    for variant in itertools.chain((last,) if last is not None else (), others):
+        if variant.signature == signature:
+            implicit = variant.reads.arrays()
+            if variant.reads.matches(implicit):
+                return variant, implicit
+    return None, []
 
 
 @contextmanager
