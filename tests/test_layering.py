@@ -1,7 +1,10 @@
 """The layers import downwards only: `ir` at the bottom, `passes` and `backends` side by side
 (neither imports the other), the user API (`graphc/`) on top joining them."""
 import ast
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -47,3 +50,33 @@ def test_relative_imports_resolve_within_their_package():
     nested = {module for _, module in imported_modules(ROOT / "backends" / "numba_cpu" / "executor.py",
                                                      "graphc.backends")}
     assert "graphc.backends.numba_cpu.cache" in nested
+
+
+def test_numba_backends_share_the_kernel_layer_not_each_other():
+    """numba-cuda and numba-cpu both build on backends/kernels; neither imports the other,
+    and the kernel layer imports neither."""
+    backend = {"numba_cpu": "graphc.backends.numba_cpu", "numba_cuda": "graphc.backends.numba_cuda"}
+    others = {"numba_cpu": ("graphc.backends.numba_cuda",), "numba_cuda": ("graphc.backends.numba_cpu",),
+              "kernels": tuple(backend.values())}
+    offending = [f"{path.relative_to(ROOT)}:{line}: {module}"
+                 for folder, forbidden in others.items()
+                 for path in sorted((ROOT / "backends" / folder).rglob("*.py"))
+                 for line, module in imported_modules(path, "graphc.backends")
+                 if module.startswith(forbidden)]
+    assert offending == []
+
+
+def test_loading_numba_cuda_loads_nothing_of_numba_cpu():
+    """The CUDA backend's code generator, cache and executor run without the CPU backend (which
+    sets BLAS threads and loads its GEMMs on import). scipy is not checked: numba itself
+    imports it."""
+    pytest.importorskip("numba")
+    script = ("import sys\n"
+              "import graphc.backends.numba_cuda.codegen, graphc.backends.numba_cuda.cache\n"
+              "import graphc.backends.numba_cuda.executor\n"
+              "print(sorted(m for m in sys.modules if m.startswith('graphc.backends.numba_cpu')))\n")
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                           timeout=120)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.strip() == "[]"

@@ -40,7 +40,6 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import llvmlite
@@ -49,45 +48,10 @@ from numba.core.compiler_lock import global_compiler_lock
 from numba.core.registry import cpu_target
 
 
-from graphc.backends.kernel_files import KernelFiles, hashed_key, package_version
+from graphc.backends.kernel_files import CacheStats, KernelFiles, default_cache_dir, hashed_key, package_version
 
 from .codegen_common import Call
 from .compile_worker import claim, compile_claimed
-
-
-@dataclass
-class CacheStats:
-    """Counters over kernel loads. `hits`: compiled code found on disk; `misses`: not found,
-    so compiled (`compiled` counts the compilations, `in_workers` those done by worker
-    processes, `compile_seconds` the wall time); `reused`: an identical kernel already loaded
-    by this process; `rebuilt`: corrupt entries replaced."""
-
-    hits: int = 0
-    misses: int = 0
-    compiled: int = 0
-    in_workers: int = 0
-    reused: int = 0
-    rebuilt: int = 0
-    compile_seconds: float = 0.0
-    load_seconds: float = 0.0
-
-    def add(self, other: CacheStats) -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-    def __str__(self) -> str:
-        workers = f", {self.in_workers} of them by workers" if self.in_workers else ""
-        return (f"{self.hits} disk hits, {self.misses} misses ({self.compiled} compiled in "
-                f"{self.compile_seconds:.2f} s{workers}), {self.reused} reused in process, "
-                f"{self.rebuilt} rebuilt")
-
-
-def default_cache_dir() -> str:
-    explicit = os.environ.get("GRAPHC_CACHE_DIR")
-    if explicit:
-        return os.path.abspath(os.path.expanduser(explicit))
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "graphc")
 
 
 def _linked_helpers_digest() -> str:

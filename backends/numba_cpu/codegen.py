@@ -4,8 +4,9 @@ from __future__ import annotations
 from graphc.ir import Node
 from graphc.ir import lowering as lowering_registry
 from graphc.ir.kernels import op_class
+from graphc.backends.kernels.source import origin_comment
 
-from .codegen_common import TARGET, KernelSource, origin_comment
+from .codegen_common import TARGET, KernelSource
 from .codegen_elementwise import generate_elementwise
 from .codegen_library import generate_library
 from .codegen_reduction import generate_reduction

@@ -27,39 +27,18 @@ from typing import Callable
 
 import numba
 
-from graphc.ir import Graph, Node, TensorType, Value
-from graphc.ir.kernels import bounded_label, is_literal, op_class
+from graphc.ir import Node, Value
+from graphc.ir.kernels import bounded_label, op_class
 from graphc.ir.lowering import lowering, lowering_for, register_lowering
+from graphc.backends.kernels.library import Refs, epilogue_graph
+from graphc.backends.kernels.pointwise import argument_names, broadcast_index, members_of
+from graphc.backends.kernels.source import Writer, index_text, size_of
 
 from .codegen_common import (HELPER_DECORATOR, HELPER_OPTIONS, PARALLEL_MIN_ELEMENTS, TARGET, Call, KernelSource,
-                             Writer, decorator, index_text, loop_header, module, size_of)
-from .codegen_elementwise import (argument_names, broadcast_index, elementwise_call,
-                                  elementwise_flops, members_of)
+                             decorator, loop_header, module)
+from .codegen_elementwise import elementwise_call, elementwise_flops
 from .codegen_winograd import (ENTRY, FORWARD, INPUT_GRAD, WEIGHT_GRAD, winograd_applies,
                                winograd_scratch, winograd_source)
-
-
-class Refs:
-    """What a lowering may reference: the kernel array holding a value ('x0', 'y1'), the
-    values a matmul prologue transposes, and scratch arrays it asks for ('s0', ...)."""
-
-    def __init__(self, names: dict[Value, str], prologue: list[Node]) -> None:
-        self.names = names
-        self.transposed = {t.output: t.inputs[0] for t in prologue}
-        self.scratch: list[TensorType] = []
-
-    def __getitem__(self, value: Value) -> str:
-        return self.names[value]
-
-    def operand(self, value: Value) -> tuple[str, bool]:
-        """The array to read for `value`, and whether to read it transposed."""
-        if value in self.transposed:
-            return self.names[self.transposed[value]], True
-        return self.names[value], False
-
-    def new_scratch(self, shape: tuple[int, ...], dtype: str) -> str:
-        self.scratch.append(TensorType(shape, dtype))
-        return f"s{len(self.scratch) - 1}"
 
 
 def _call(entry: str, params: list[str], args: list[str | int], parallel: bool,
@@ -698,32 +677,3 @@ def _epilogue_call(kernel: Node, anchor: Node, epilogue: list[Node], names: dict
     return replace(call, args=tuple(translate.get(a, a) for a in call.args))
 
 
-def epilogue_graph(kernel: Node, anchor: Node, epilogue: list[Node], names: dict[Value, str]
-                   ) -> tuple[Graph, list[str]]:
-    """The epilogue as a graph of its own (the numba-cuda backend lowers it too), and the
-    kernel array each of its inputs and outputs is, in order."""
-    sub = kernel.subgraph
-    part = Graph(f"{sub.name}_epilogue")
-    local = {anchor.output: part.add_input(anchor.output.type, "anchor")}
-    refs = [names[anchor.output]]
-    produced = {v for m in epilogue for v in m.outputs}
-    for m in epilogue:
-        for v in m.inputs:
-            if v in local or v in produced:
-                continue
-            if v.producer is not None and is_literal(v.producer):
-                clone = Node("constant", (), v.producer.attrs, (v.type,))
-                part.nodes.append(clone)
-                local[v] = clone.output
-            else:
-                local[v] = part.add_input(v.type, f"in{len(refs)}")
-                refs.append(names[v])
-    for m in epilogue:
-        clone = Node(m.op, tuple(local[v] for v in m.inputs), m.attrs, tuple(v.type for v in m.outputs), m.loc)
-        part.nodes.append(clone)
-        local.update(zip(m.outputs, clone.outputs))
-    for v in sub.output_values:
-        if v in produced:
-            part.add_output(f"out{len(part.outputs)}", local[v])
-            refs.append(names[v])
-    return part, refs

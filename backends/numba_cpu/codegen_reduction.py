@@ -17,111 +17,15 @@ from dataclasses import replace
 from typing import Callable
 
 from graphc.ir import Graph, Node, TensorType, Value
-from graphc.ir.lowering import lowering, lowering_for
 from graphc.ir.registry import ELEMENTWISE, REDUCTION, get
+from graphc.backends.kernels.pointwise import argument_names
+from graphc.backends.kernels.reduction import Reduction, ReductionKernel, register_reduction_lowerings
+from graphc.backends.kernels.source import Writer, entry_name, index_text, size_of
 
-from .codegen_common import (PARALLEL_MIN_ELEMENTS, TARGET, Call, KernelSource, Writer, cast, decorator,
-                             entry_name, index_text, literal, loop_header, lowest, module, size_of)
-from .codegen_elementwise import (Domain, PointwiseEmitter, argument_names, elementwise_flops,
-                                  members_of)
+from .codegen_common import CPU, PARALLEL_MIN_ELEMENTS, TARGET, Call, KernelSource, decorator, loop_header, module
+from .codegen_elementwise import elementwise_flops
 
-
-def _accumulator_dtype(op: str, dtype: str) -> str:
-    if op == "sum":
-        return "float64" if dtype in ("float32", "float64") else "int64"
-    return dtype
-
-
-@lowering(TARGET, "sum", "max", "argmax")
-class _Reduction:
-    """How one reduction op initialises, updates and finishes its accumulator: the lowering of
-    each reduction primitive, which the reduction kernel's loop nest calls."""
-
-    def __init__(self, node: Node) -> None:
-        self.op = node.op
-        self.dtype = node.inputs[0].dtype
-        self.acc_dtype = _accumulator_dtype(node.op, self.dtype)
-        self.axes = (node.attrs["axis"],) if node.op == "argmax" else node.attrs["axes"]
-
-    def init(self, w: Writer, acc: str = "acc") -> None:
-        if self.op == "sum":
-            w.line(f"{acc} = {literal(0, self.acc_dtype)}")
-        else:
-            w.line(f"{acc} = {lowest(self.dtype)}")
-        if self.op == "argmax":
-            w.line("arg = np.int64(0)")
-
-    def update(self, w: Writer, value: str, position: str = "", acc: str = "acc") -> None:
-        """Fold `value` (at reduced-axis `position`, for argmax) into the accumulator. max keeps a
-        NaN once seen; argmax keeps the first maximum, a NaN counting as the maximum."""
-        if self.op == "sum":
-            w.line(f"{acc} += {value}")
-        elif self.op == "max":
-            with w.block(f"if {value} > {acc} or {value} != {value}:"):
-                w.line(f"{acc} = {value}")
-        else:
-            with w.block(f"if {value} > {acc} or ({value} != {value} and {acc} == {acc}):"):
-                w.line(f"{acc} = {value}")
-                w.line(f"arg = {position}")
-
-    @property
-    def result(self) -> str:
-        return "arg" if self.op == "argmax" else "acc"
-
-
-class ReductionKernel:
-    """A fused reduction kernel taken apart, for any backend's generator: the body (producers,
-    evaluated at every element of the reduced operand), the anchor reduction, the epilogue
-    (consumers, evaluated once per output element), the index names, and the statements that
-    accumulate one element and finish one output element. The pointwise rules and the
-    reduction's accumulator are `target`'s registered lowerings."""
-
-    def __init__(self, kernel: Node, target: str = TARGET) -> None:
-        self.sub = sub = kernel.subgraph
-        members = members_of(sub)
-        at = next(i for i, m in enumerate(members) if get(m.op).kind == REDUCTION)
-        self.body, self.anchor, self.epilogue = members[:at], members[at], members[at + 1:]
-        self.reduction = reduction = lowering_for(target, self.anchor.op)(self.anchor)
-        self.shape = shape = self.anchor.inputs[0].shape
-        rank = len(shape)
-        self.kept = [d for d in range(rank) if d not in reduction.axes]
-        self.arrays = argument_names(sub)
-        self.emitter = PointwiseEmitter(sub, self.arrays, target=target)
-        self.index = index = tuple(f"i{d}" for d in range(rank))
-        self.dims = dims = tuple(f"n{d}" for d in range(rank))
-        self.full = Domain(index, dims)
-        if self.anchor.attrs["keepdims"]:
-            self.reduced = Domain(tuple("0" if d in reduction.axes else index[d] for d in range(rank)),
-                                  tuple("1" if d in reduction.axes else dims[d] for d in range(rank)))
-        else:
-            self.reduced = Domain(tuple(index[d] for d in self.kept), tuple(dims[d] for d in self.kept))
-        self.outputs = {v: self.arrays[v] for v in sub.output_values}
-        self.body_outputs = [v for v in self.outputs if v.producer in self.body]
-
-    def accumulate(self, w: Writer, acc: str = "acc") -> None:
-        """The body, its stores and the accumulator update, at the full index."""
-        emitter, reduction = self.emitter, self.reduction
-        for m in self.body:
-            emitter.emit(w, m, self.full)
-        for v in self.body_outputs:
-            w.line(f"{self.outputs[v]}[{index_text(self.index)}] = {emitter.locals[v]}")
-        operand = emitter.load(self.anchor.inputs[0], self.index)
-        if reduction.op != "sum" and operand not in emitter.locals.values():
-            w.line(f"v = {operand}")  # max and argmax read it more than once
-            operand = "v"
-        position = self.index[reduction.axes[0]] if reduction.op == "argmax" else ""
-        reduction.update(w, operand, position, acc)
-
-    def finish(self, w: Writer) -> None:
-        """The reduced value, the epilogue, and the stores at the output index."""
-        emitter = self.emitter
-        emitter.locals[self.anchor.output] = name = emitter.fresh("t")
-        w.line(f"{name} = {cast(self.reduction.result, self.anchor.output.dtype)}  # {self.anchor.op}")
-        for m in self.epilogue:
-            emitter.emit(w, m, self.reduced)
-        for v, array in self.outputs.items():
-            if v not in self.body_outputs:
-                w.line(f"{array}[{index_text(self.reduced.index)}] = {emitter.locals[v]}")
+register_reduction_lowerings(TARGET)
 
 
 def generate_reduction(kernel: Node) -> KernelSource:
@@ -135,7 +39,7 @@ def generate_reduction(kernel: Node) -> KernelSource:
 
 
 def _generate(kernel: Node) -> KernelSource:
-    parts = ReductionKernel(kernel)
+    parts = ReductionKernel(kernel, CPU)
     reduction, shape, kept = parts.reduction, parts.shape, parts.kept
     index, dims, arrays, emitter = parts.index, parts.dims, parts.arrays, parts.emitter
     large = size_of(shape) >= PARALLEL_MIN_ELEMENTS
@@ -176,7 +80,7 @@ def _generate(kernel: Node) -> KernelSource:
     return KernelSource(kernel.attrs["name"], kernel.attrs["pattern"], [call], flops=flops)
 
 
-def _split_reduction(code: Writer, reduction: _Reduction, index, dims, inner) -> None:
+def _split_reduction(code: Writer, reduction: Reduction, index, dims, inner) -> None:
     """Full reduction in parallel: one partial result per step of axis 0, then combined."""
     acc_type = f"np.{reduction.acc_dtype}"
     code.line(f"partial = np.empty({dims[0]}, {acc_type})")
@@ -189,7 +93,7 @@ def _split_reduction(code: Writer, reduction: _Reduction, index, dims, inner) ->
         reduction.update(code, f"partial[{index[0]}]")
 
 
-def _leading_reduction(reduction: _Reduction, rank: int) -> bool:
+def _leading_reduction(reduction: Reduction, rank: int) -> bool:
     """Whether the reduced axes are the leading ones, with at least one kept axis after them."""
     axes = sorted(reduction.axes)
     return reduction.op != "argmax" and axes == list(range(len(axes))) and len(axes) < rank

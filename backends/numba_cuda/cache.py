@@ -27,8 +27,7 @@ from typing import Any
 import llvmlite
 import numba
 
-from graphc.backends.kernel_files import KernelFiles, hashed_key, package_version
-from graphc.backends.numba_cpu import CacheStats, default_cache_dir
+from graphc.backends.kernel_files import CacheStats, KernelFiles, default_cache_dir, hashed_key, package_version
 
 from .codegen import SIMULATED, CudaCall
 

@@ -28,8 +28,7 @@ import numpy as np
 
 from graphc.backends import DeviceResident, LoweredGraph, PlannedExecutable
 from graphc.backends.bounds import IndexChecks, plan_index_checks
-from graphc.backends.kernel_files import signature_of
-from graphc.backends.numba_cpu import CacheStats
+from graphc.backends.kernel_files import CacheStats, signature_of
 from graphc.backends.signature import prepare_inputs
 from graphc.ir import Graph, Node, TensorType, Value
 from graphc.ir.memory import MemoryPlan
