@@ -330,7 +330,7 @@ def test_worker_compiles_a_gemm_kernel_without_importing_all_of_graphc(tmp_path)
     from numba import types
 
     from graphc.backends.numba_cpu.cache import WORKER_SCRIPT, CacheStats, KernelCache, cache_key
-    from graphc.backends.numba_cpu.codegen_library import _gemm
+    from graphc.backends.numba_cpu.codegen_matmul import _gemm
 
     kernel = _gemm("graphc_test_worker_gemm", ["x0", "x1", "y0"], flops=10)
     signature = (types.Array(types.float32, 2, "C"),) * 3 + (types.int64,) * 2

@@ -4,7 +4,7 @@ OpenBLAS synchronises its threads by spinning. When the cores are busy, whether 
 own OpenMP workers still spinning after a parallel loop or with other processes, a
 two-thread GEMM can run 20-40 times slower than a one-thread one (measured on 2 cores: a
 64x36864 by 36864x288 product, 1.4 s against 34 ms). graphc therefore runs that library on one
-thread and splits large GEMMs into row blocks across Numba's threads itself (codegen_library).
+thread and splits large GEMMs into row blocks across Numba's threads itself (codegen_matmul).
 NumPy's own BLAS (a different library) is left alone.
 """
 from __future__ import annotations

@@ -10,6 +10,7 @@ dtypes) is part of the source and therefore of the cache key.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from graphc.ir import TensorType
 from graphc.backends.kernels.pointwise import KernelTarget
@@ -111,3 +112,11 @@ def loop_header(var: str, extent: str, parallel: bool) -> str:
     return f"for {var} in {'prange' if parallel else 'range'}({extent}):"
 
 
+def library_call(entry: str, params: list[str], args: list[str | int], parallel: bool,
+                 write_body: Callable[[Writer], None], fastmath: bool = True) -> Call:
+    """A call of a hand-written library function `entry(*params)` with these `args`."""
+    w = Writer()
+    w.line(decorator(parallel, fastmath))
+    with w.block(f"def {entry}({', '.join(params)}):"):
+        write_body(w)
+    return Call(module(entry, w), entry, tuple(args), parallel=parallel)
