@@ -145,3 +145,14 @@ def kernel(key, stream, out32, out64, coin, p):
         out64[i] = uniform_float64(bits)
         coin[i] = bernoulli(bits, p)
 """
+
+
+@pytest.mark.parametrize("op, attrs", [("random_uniform", {"dtype": "float32"}),
+                                       ("random_uniform", {"dtype": "float64"}),
+                                       ("random_bernoulli", {"p": 0.5})])
+def test_a_one_element_random_value_keeps_its_shape_on_the_reference(op, attrs):
+    """np.float32(array) of one element is a scalar before NumPy 2 (found on the numpy floor)."""
+    from graphc.ir.registry import get
+    key = np.array([3, 4], np.int64)
+    for shape in [(1,), (1, 1)]:
+        assert get(op).impl(key, shape=shape, stream=0, **attrs).shape == shape

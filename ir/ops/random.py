@@ -91,13 +91,14 @@ def _bits(key: np.ndarray, stream: int, shape: tuple[int, ...]) -> np.ndarray:
         return element_bits(key64, np.arange(size, dtype=np.uint64)).reshape(shape)
 
 
+# np.float32(array) of one element is a scalar before NumPy 2: the shape is restored.
 def _uniform_impl(key, *, shape, dtype, stream):
     bits = _bits(key, stream, shape)
-    return (uniform_float32 if dtype == "float32" else uniform_float64)(bits)
+    return np.asarray((uniform_float32 if dtype == "float32" else uniform_float64)(bits)).reshape(shape)
 
 
 def _bernoulli_impl(key, *, p, shape, stream):
-    return bernoulli(_bits(key, stream, shape), p)
+    return np.asarray(bernoulli(_bits(key, stream, shape), p)).reshape(shape)
 
 
 # -- shape rules ----------------------------------------------------------------------------
