@@ -235,8 +235,12 @@ class KernelFiles:
             with open(path, "rb") as f:
                 if f.read() == source.encode() and kernel_manifest.bytecode_intact(path):
                     return True
+            # Rewritten in place, not deleted first: another process (an MPI rank, a compile
+            # worker) may be writing this very entry, and every write is an atomic rename of the
+            # same bytes. The JIT's files for it go (the new manifest lists none).
             self._rebuilding(path)
-            self._purge(key)
+            self._purge_compiled(key, os.path.join(self.directory, BYTECODE_FOLDER))
+            sys.modules.pop(self.module_name(key), None)
             stats.rebuilt += 1
         self._write_source(key, source)
         return False
@@ -262,22 +266,13 @@ class KernelFiles:
             warnings.warn(f"graphc: kernel cache entry {path} is damaged; rebuilding it",
                           KernelCacheWarning)
 
-    def _purge(self, key: str, compiled_in: str | None = None) -> None:
-        """Delete an entry's module file, manifest and bytecode, and the JIT's index and code
-        files for it (in the cache directory's __pycache__ and in `compiled_in`, where the JIT
-        keeps them)."""
-        path = self.path(key)
-        for folder in {os.path.join(self.directory, BYTECODE_FOLDER), compiled_in} - {None}:
-            self._purge_compiled(key, folder)
-        for file in (path, kernel_manifest.manifest_path(path), kernel_manifest.bytecode_path(path)):
-            if os.path.exists(file):
-                os.remove(file)
-        sys.modules.pop(self.module_name(key), None)
-
     def _purge_compiled(self, key: str, compiled_in: str) -> None:
         self._listings.clear()
         for file in kernel_manifest.compiled_files(self.path(key), compiled_in):
-            os.remove(file)
+            try:
+                os.remove(file)
+            except FileNotFoundError:
+                pass  # another process purged it first
 
     def _import(self, key: str, entry: str) -> Any:
         """The function `entry` of the kernel's module, imported from its file."""

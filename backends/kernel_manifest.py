@@ -33,15 +33,16 @@ def bytecode_path(module_path: str) -> str:
 
 
 def compiled_files(module_path: str, compiled_in: str | None, names: list[str] | None = None) -> list[str]:
-    """The JIT's index and code files for the module in `compiled_in` (its bytecode and the
-    JIT's half-written temporary files aside). `names`: the folder's listing, when the caller
+    """The JIT's index and code files for the module in `compiled_in` (its bytecode, the
+    bytecode's temporaries (`.pyc.<n>`, another process writing it) and the JIT's half-written
+    temporary files aside). `names`: the folder's listing, when the caller
     has a fresh one (it holds every kernel ever cached: one listing serves a whole graph)."""
     if not compiled_in or not os.path.isdir(compiled_in):
         return []
     prefix = os.path.basename(module_path)[: -len(".py")] + "."
     bytecode = os.path.basename(bytecode_path(module_path))
     return sorted(os.path.join(compiled_in, name) for name in (os.listdir(compiled_in) if names is None else names)
-                  if name.startswith(prefix) and name != bytecode and ".tmp." not in name)
+                  if name.startswith(prefix) and not name.startswith(bytecode) and ".tmp." not in name)
 
 
 def _digest(path: str) -> str | None:
@@ -67,8 +68,10 @@ def record(module_path: str, compiled_in: str | None) -> None:
     files = compiled_files(module_path, compiled_in)
     bytecode = bytecode_path(module_path)
     for path in [module_path, bytecode, *files]:
-        if os.path.exists(path):
+        try:
             os.chmod(path, PRIVATE_FILE_MODE)
+        except FileNotFoundError:
+            pass  # no bytecode (it could not be written), or purged meanwhile by another process
     manifest = {"bytecode": _digest(bytecode),  # by name: a cache moved elsewhere stays valid
                 "compiled": {os.path.basename(p): _digest(p) for p in files}}
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(module_path), suffix=".tmp")  # mode 0600

@@ -79,6 +79,22 @@ def test_a_damaged_entry_is_detected_rebuilt_and_counted(damage, tmp_path):
     assert again.hits == 2 and again.rebuilt == again.misses == 0
 
 
+def test_an_entry_another_process_is_writing_is_rewritten_not_torn_down(tmp_path):
+    """Two MPI ranks sharing a cache: one finds the other's entry before its manifest is written
+    (it looks damaged) while the other's bytecode temporary is still in the folder. It rewrites
+    the entry in place and leaves the temporary alone: deleting it made the writer's rename (or
+    its own os.remove) fail with FileNotFoundError, which killed a rank."""
+    kernel = add_one("graphc_test_concurrent_writer")
+    load_in_fresh_cache(tmp_path, kernel)
+    module = only(tmp_path / "k_*.py")
+    os.remove(kernel_manifest.manifest_path(module))  # the writer has not recorded it yet
+    in_flight = kernel_manifest.bytecode_path(module) + ".139725467385360"
+    open(in_flight, "wb").close()
+    stats = load_in_fresh_cache(tmp_path, kernel)
+    assert stats.rebuilt == 1 and os.path.exists(in_flight) and os.path.exists(module)
+    assert load_in_fresh_cache(tmp_path, kernel).hits == 2
+
+
 def test_cache_directories_and_files_are_private_under_a_permissive_umask(tmp_path):
     cache_dir = tmp_path / "made" / "by" / "graphc"
     previous = os.umask(0o002)
