@@ -91,14 +91,20 @@ def _bits(key: np.ndarray, stream: int, shape: tuple[int, ...]) -> np.ndarray:
         return element_bits(key64, np.arange(size, dtype=np.uint64)).reshape(shape)
 
 
-# np.float32(array) of one element is a scalar before NumPy 2: the shape is restored.
-def _uniform_impl(key, *, shape, dtype, stream):
+def _element_bits(key: np.ndarray, stream: int, shape: tuple[int, ...]) -> np.ndarray:
+    """_bits, with a one-element array made 0-d: before NumPy 2, np.float32(array) of one
+    element is a scalar (and deprecated); callers restore the shape."""
     bits = _bits(key, stream, shape)
+    return bits.reshape(()) if bits.size == 1 else bits
+
+
+def _uniform_impl(key, *, shape, dtype, stream):
+    bits = _element_bits(key, stream, shape)
     return np.asarray((uniform_float32 if dtype == "float32" else uniform_float64)(bits)).reshape(shape)
 
 
 def _bernoulli_impl(key, *, p, shape, stream):
-    return np.asarray(bernoulli(_bits(key, stream, shape), p)).reshape(shape)
+    return np.asarray(bernoulli(_element_bits(key, stream, shape), p)).reshape(shape)
 
 
 # -- shape rules ----------------------------------------------------------------------------
