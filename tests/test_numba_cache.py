@@ -181,9 +181,9 @@ def test_kernels_a_dead_worker_claimed_are_compiled_by_the_parent(monkeypatch, t
     """A worker that claims kernels and dies before compiling them loses nothing: the parent
     compiles what the worker did not report as done, and the graph runs. (A fresh-interpreter
     worker here; the forked one: test_forked_worker_*.)"""
-    from graphc.backends.numba_cpu import cache
+    from graphc.backends.numba_cpu import compile_pool
 
-    monkeypatch.setattr(cache, "_can_fork", lambda: False)
+    monkeypatch.setattr(compile_pool, "_can_fork", lambda: False)
     dying, claimed = tmp_path / "dying_worker.py", tmp_path / "claimed"
     dying.write_text("import os, pickle, sys\n"
                      "claims, tasks = pickle.load(sys.stdin.buffer)\n"
@@ -196,7 +196,7 @@ def test_kernels_a_dead_worker_claimed_are_compiled_by_the_parent(monkeypatch, t
                      "        pass\n"
                      f"open({str(claimed)!r}, 'w').write(str(mine))\n"
                      "os._exit(1)\n")
-    monkeypatch.setattr(cache, "WORKER_SCRIPT", str(dying))
+    monkeypatch.setattr(compile_pool, "WORKER_SCRIPT", str(dying))
     monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "1")
     monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path / "cache"))
     executable = compile_scaled_tanh_chain(tuple(0.8125 + k for k in range(6)))
@@ -212,21 +212,21 @@ FORK_SCRIPT = r'''
 import json, os, sys
 import numpy as np
 from numba import njit, prange
-from graphc.backends.numba_cpu import cache
+from graphc.backends.numba_cpu import compile_pool
 from graphc.lowering import compile_graph
 from graphc.ir import Builder, TensorType
 
-cache.WORKER_SCRIPT = os.devnull
+compile_pool.WORKER_SCRIPT = os.devnull
 forks = []
 fork = os.fork
 os.fork = lambda: forks.append(1) or fork()
 if sys.argv[1] == "dies":
     def claim_and_die(claims, tasks):
-        claimed = sum(cache.claim(claims, key) for key, *_ in tasks)
+        claimed = sum(compile_pool.claim(claims, key) for key, *_ in tasks)
         open(sys.argv[2], "w").write(str(claimed))
         os._exit(1)
-    cache.compile_claimed = claim_and_die
-could_fork = cache._can_fork()
+    compile_pool.compile_claimed = claim_and_die
+could_fork = compile_pool._can_fork()
 b = Builder("chain")
 x = b.add_input(TensorType((3, 4), "float32"), "x")
 v = x
@@ -246,7 +246,7 @@ def start_threads(a):
         a[i] += 1
 start_threads(np.zeros(4))
 stats = executable.cache_stats
-print(json.dumps({"forks": len(forks), "could_fork": could_fork, "can_fork_after_threads": cache._can_fork(),
+print(json.dumps({"forks": len(forks), "could_fork": could_fork, "can_fork_after_threads": compile_pool._can_fork(),
                   "in_workers": stats.in_workers, "compiled": stats.compiled, "misses": stats.misses,
                   "kernels": len(executable.kernels),
                   "error": float(np.max(np.abs(executable(arg)[0] - want)))}))
@@ -281,13 +281,13 @@ def test_kernels_a_dead_forked_worker_claimed_are_compiled_by_the_parent(tmp_pat
 
 
 def test_a_refused_fork_falls_back_to_a_fresh_interpreter(monkeypatch):
-    from graphc.backends.numba_cpu import cache
+    from graphc.backends.numba_cpu import compile_pool
 
     def refuse():
         raise OSError(12, "Cannot allocate memory")
 
-    monkeypatch.setattr(cache, "_can_fork", lambda: True)
-    monkeypatch.setattr(cache.os, "fork", refuse)
+    monkeypatch.setattr(compile_pool, "_can_fork", lambda: True)
+    monkeypatch.setattr(compile_pool.os, "fork", refuse)
     monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "1")
     executable = compile_scaled_tanh_chain(tuple(4.0625 + k for k in range(8)))
     assert executable.cache_stats.in_workers > 0
@@ -296,22 +296,22 @@ def test_a_refused_fork_falls_back_to_a_fresh_interpreter(monkeypatch):
 def test_no_fork_in_an_mpi_rank(monkeypatch):
     import types
 
-    from graphc.backends.numba_cpu import cache
+    from graphc.backends.numba_cpu import compile_pool
 
     def no_thread_pool_yet():
         raise ValueError("Threading layer is not initialized.")
 
-    monkeypatch.setattr(cache, "threading", types.SimpleNamespace(active_count=lambda: 1))
-    monkeypatch.setattr(cache.numba, "threading_layer", no_thread_pool_yet)
-    assert cache._can_fork()  # as in a fresh process
+    monkeypatch.setattr(compile_pool, "threading", types.SimpleNamespace(active_count=lambda: 1))
+    monkeypatch.setattr(compile_pool.numba, "threading_layer", no_thread_pool_yet)
+    assert compile_pool._can_fork()  # as in a fresh process
     monkeypatch.setitem(sys.modules, "mpi4py.MPI", types.SimpleNamespace(Is_initialized=lambda: True))
-    assert not cache._can_fork()
+    assert not compile_pool._can_fork()
 
 
 def test_no_fork_while_another_python_thread_runs():
     import threading
 
-    from graphc.backends.numba_cpu.cache import _can_fork
+    from graphc.backends.numba_cpu.compile_pool import _can_fork
 
     release = threading.Event()
     thread = threading.Thread(target=release.wait)
@@ -329,7 +329,8 @@ def test_worker_compiles_a_gemm_kernel_without_importing_all_of_graphc(tmp_path)
     next load is a hit."""
     from numba import types
 
-    from graphc.backends.numba_cpu.cache import WORKER_SCRIPT, CacheStats, KernelCache, cache_key
+    from graphc.backends.numba_cpu.cache import CacheStats, KernelCache, cache_key
+    from graphc.backends.numba_cpu.compile_pool import WORKER_SCRIPT
     from graphc.backends.numba_cpu.codegen_matmul import _gemm
 
     kernel = _gemm("graphc_test_worker_gemm", ["x0", "x1", "y0"], flops=10)
@@ -359,7 +360,8 @@ def test_workers_compile_only_the_kernels_they_claim_first(tmp_path):
     stops when the parent has removed the claims folder."""
     from numba import types
 
-    from graphc.backends.numba_cpu.cache import WORKER_SCRIPT, KernelCache, cache_key
+    from graphc.backends.numba_cpu.cache import KernelCache, cache_key
+    from graphc.backends.numba_cpu.compile_pool import WORKER_SCRIPT
     from graphc.backends.numba_cpu.compile_worker import claim
 
     claims = tmp_path / "claims"
@@ -393,8 +395,8 @@ def test_kernels_compile_at_the_kernel_optimization_level_unless_numba_opt_is_se
     NUMBA_OPT the user set is kept."""
     import numba
 
-    from graphc.backends.numba_cpu.cache import (KERNEL_OPT_LEVEL, kernel_optimization_level,
-                                                 worker_environment)
+    from graphc.backends.numba_cpu.opt_level import (KERNEL_OPT_LEVEL, kernel_optimization_level,
+                                                     worker_environment)
 
     monkeypatch.delenv("NUMBA_OPT", raising=False)
     before = numba.config.OPT
@@ -411,7 +413,7 @@ def test_kernels_compile_at_the_kernel_optimization_level_unless_numba_opt_is_se
 def test_worker_count_takes_the_idle_cores_of_the_most_idle_short_window(monkeypatch):
     """One worker per idle core besides this process's; a window with every other core idle
     ends the sampling at once, a busy one is sampled again (up to three windows)."""
-    import graphc.backends.numba_cpu.cache as cache
+    import graphc.backends.numba_cpu.compile_pool as compile_pool
 
     def sampled(values):
         calls = []
@@ -419,18 +421,18 @@ def test_worker_count_takes_the_idle_cores_of_the_most_idle_short_window(monkeyp
         def idle_cores(cores, interval=0.05):
             calls.append(cores)
             return values[len(calls) - 1]
-        monkeypatch.setattr(cache, "_idle_cores", idle_cores)
+        monkeypatch.setattr(compile_pool, "_idle_cores", idle_cores)
         return calls
 
     monkeypatch.delenv("GRAPHC_COMPILE_WORKERS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     calls = sampled([3.9])
-    assert cache._worker_count() == 3 and len(calls) == 1
+    assert compile_pool._worker_count() == 3 and len(calls) == 1
     calls = sampled([1.2, 3.1, 2.0])
-    assert cache._worker_count() == 2 and len(calls) == 3
+    assert compile_pool._worker_count() == 2 and len(calls) == 3
     calls = sampled([0.4, 4.0])
-    assert cache._worker_count() == 3 and len(calls) == 2
+    assert compile_pool._worker_count() == 3 and len(calls) == 2
     calls = sampled([0.3, 0.9, 0.2])
-    assert cache._worker_count() == 0 and len(calls) == 3
+    assert compile_pool._worker_count() == 0 and len(calls) == 3
     monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "5")
-    assert cache._worker_count() == 5
+    assert compile_pool._worker_count() == 5

@@ -1,4 +1,4 @@
-"""A kernel compile worker, run as a script by cache.py: ``python compile_worker.py``.
+"""A kernel compile worker, run as a script by compile_pool.py: ``python compile_worker.py``.
 
 Reads a pickled (claims folder, tasks) from stdin, each task (cache key, module path, module
 name, entry, Numba signature), longest first. Compiles every task it can claim (see `claim`:
