@@ -113,7 +113,7 @@ def info_lines(loaded) -> list[str]:
                      "bytes naive")
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(meta.get("versions", {}).items())))
     if isinstance(loaded, LoadedTrainStep):
-        lines.append(f"training steps taken: {loaded.step_count}, learning rate {loaded.lr}")
+        lines.append(f"training steps taken: {loaded.step_count}, learning rate {', '.join(map(str, loaded.lrs))}")
     return lines
 
 

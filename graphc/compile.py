@@ -192,6 +192,8 @@ class TrainStep(_CompiledModelBase):
         self.params = dict(named_arrays(model, "_parameters"))
         self.buffers = dict(named_arrays(model, "_buffers"))
         self._opt_state = {n: optimizer.init_state(self.params[n]) for n in self.trainable}
+        # Hyperparameters but the rates are compiled in: fixed for the life of the step.
+        self._optimizer_settings = optimizer.compiled_settings()
         self._step_count = np.zeros((), np.float32)
         self._rng_key = np.array([gc_random.next_key()[0], 0], np.int64)
         self._holding: DeviceResident | None = None  # the executable keeping the state on its device
@@ -276,8 +278,8 @@ class TrainStep(_CompiledModelBase):
         compiled, implicit = self._select(arrays)
         if not compiled.persistent:
             compiled.persistent = self._persistent(compiled.optimized)
-        args = [*arrays, *compiled.persistent, *implicit,
-                self.optimizer.lr_dtype.type(self.optimizer.lr)]
+        self.optimizer.check_settings(self._optimizer_settings, self.name)
+        args = [*arrays, *compiled.persistent, *implicit, *self.optimizer.learning_rates()]
         if compiled.optimized.inputs[-1].role == "rng":
             args.append(self._rng_key)
         return compiled, args

@@ -395,6 +395,7 @@ class DataParallelStep(TrainStep):
     def _arguments(self, batch: Sequence[Any]) -> tuple[CompiledGraph, list[Any]]:
         """The gradients graph for `batch` and its arguments (check_numerics reruns it)."""
         arrays = batch_arrays(batch)
+        self.optimizer.check_settings(self._optimizer_settings, self.name)
         gradients, implicit = self._select(arrays)
         if not gradients.persistent:
             gradients.persistent = self._persistent(gradients.optimized)
@@ -411,7 +412,7 @@ class DataParallelStep(TrainStep):
         reduced_at = time.perf_counter()
         self.world.allreduce_(reduced)
         updated_at = time.perf_counter()
-        self._update.executable(reduced, *self._update.persistent, self.optimizer.lr_dtype.type(self.optimizer.lr))
+        self._update.executable(reduced, *self._update.persistent, *self.optimizer.learning_rates())
         if gradients.optimized.inputs[-1].role == "rng":
             self.rng_key[1] += 1
         self._record_times(start, reduced_at, updated_at, time.perf_counter())

@@ -36,6 +36,7 @@ from graphc.ir.types import DTYPES
 
 from .bounded_io import ZipMembers, parse_json
 from .lowering import compile_graph
+from .step_builder import rate_input_names
 
 FORMAT = "graphc.export"
 VERSION = 2  # 2: state stored uncompressed, per-tensor checksums in checksums.json
@@ -100,7 +101,8 @@ def export(compiled: Any, path: str) -> None:
     if isinstance(compiled, TrainStep):
         kind = "train_step"
         state = training_state(compiled)
-        lr = compiled.optimizer.lr
+        rates = [group["lr"] for group in compiled.optimizer.param_groups]
+        lr = rates[0] if len(rates) == 1 else rates  # one number per parameter group
     else:
         kind = "inference"
         state = {f"model/{k}": v for k, v in compiled.model.state_dict().items()}
@@ -298,7 +300,7 @@ def _checked_plan(path: str, plan: Any, graph: Graph) -> tuple[dict[int, int], d
 
 def _checked_metadata(path: str, metadata: Any, kind: str) -> dict[str, Any]:
     expected = {"versions": dict, "backend": (str, type(None)), "created": str, "name": str,
-                "lr": (int, float, type(None))}
+                "lr": (int, float, list, type(None))}
     if not isinstance(metadata, dict) or any(
             k in metadata and (not isinstance(metadata[k], t) or isinstance(metadata[k], bool))
             for k, t in expected.items()):
@@ -307,8 +309,11 @@ def _checked_metadata(path: str, metadata: Any, kind: str) -> dict[str, Any]:
     if not all(isinstance(v, str) for v in metadata.get("versions", {}).values()):
         raise LoadError(path, "malformed versions", "metadata.json")
     lr = metadata.get("lr")
-    if kind == "train_step" and (lr is None or not abs(lr) <= float(np.finfo(np.float32).max)):
-        raise LoadError(path, f"needs a learning rate that is a finite float32, not {lr!r}",
+    rates = lr if isinstance(lr, list) else [lr]
+    if kind == "train_step" and not (rates and all(
+            isinstance(r, (int, float)) and not isinstance(r, bool)
+            and abs(r) <= float(np.finfo(np.float32).max) for r in rates)):
+        raise LoadError(path, f"needs learning rates that are finite float32s, not {lr!r:.80}",
                         "metadata.json")
     return metadata
 
@@ -328,7 +333,7 @@ class _Loaded:
         self._data_inputs = []
         for inp in graph.inputs:
             if inp.role == "data":
-                if inp.name != "lr":
+                if not _is_rate(inp.name):
                     self._data_inputs.append(inp)
                 continue
             key = bindings.get(inp.name)
@@ -360,8 +365,8 @@ class _Loaded:
         self._state_to_host()
         members = dict(self.members)
         metadata = {**self.metadata, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        if "lr" in metadata and hasattr(self, "lr"):
-            metadata["lr"] = self.lr
+        if "lr" in metadata and hasattr(self, "lrs"):
+            metadata["lr"] = self.lrs[0] if len(self.lrs) == 1 else list(self.lrs)
         members["metadata.json"] = _json(metadata)
         atomic_write(path, lambda f: f.write(_archive(members, self._state)))
 
@@ -389,16 +394,34 @@ class LoadedTrainStep(_Loaded):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.lr = float(self.metadata["lr"])
-        # The step's own dtype for it: a float64 model's rate is not rounded to float32.
-        rates = [inp.value.type for inp in self.graph.inputs if inp.name == "lr" and inp.role == "data"]
-        if len(rates) != 1 or rates[0].shape != () or rates[0].dtype not in ("float32", "float64"):
-            raise LoadError(self.path, "a training step needs one scalar float input named 'lr'",
+        saved = self.metadata["lr"]
+        # The learning rate of each parameter group, read at every call.
+        self.lrs = [float(r) for r in (saved if isinstance(saved, list) else [saved])]
+        # The step's own dtype for them: a float64 model's rate is not rounded to float32.
+        rates = [inp.value.type for inp in self.graph.inputs
+                 if _is_rate(inp.name) and inp.role == "data"]
+        names = [inp.name for inp in self.graph.inputs if _is_rate(inp.name)]
+        if (names != rate_input_names(len(self.lrs)) or len({r.dtype for r in rates}) != 1
+                or any(r.shape != () or r.dtype not in ("float32", "float64") for r in rates)):
+            raise LoadError(self.path, f"a training step with {len(self.lrs)} learning rate(s) "
+                            f"needs scalar float inputs {', '.join(rate_input_names(len(self.lrs)))}",
                             "graph.json")
         self._lr_dtype = rates[0].np_dtype
         if isinstance(self.executable, DeviceResident):  # the state stays on the GPU between steps
             self.executable.keep_on_device(i for i, inp in enumerate(self.graph.inputs)
                                            if inp.role != "data")
+
+    @property
+    def lr(self) -> float:
+        """The learning rate when every parameter group has the same one; setting it sets all."""
+        if len(set(self.lrs)) > 1:
+            raise GraphcError(f"{self.name}: its {len(self.lrs)} parameter groups have different "
+                              "learning rates; read or set step.lrs[i]")
+        return self.lrs[0]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.lrs = [float(value)] * len(self.lrs)
 
     @property
     def step_count(self) -> int:
@@ -411,7 +434,7 @@ class LoadedTrainStep(_Loaded):
         rng = self.graph.inputs[-1].role == "rng"
         if rng:
             persistent = persistent[:-1]
-        args += [*persistent, self._lr_dtype.type(self.lr)]
+        args += [*persistent, *(self._lr_dtype.type(r) for r in self.lrs)]
         if rng:
             args.append(self.persistent[-1])
         return float(self.executable(*args)[0])
@@ -423,6 +446,11 @@ class LoadedFunction(_Loaded):
     def __call__(self, *inputs: Any) -> Any:
         outs = self.executable(*self._args(inputs), *self.persistent)
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _is_rate(name: str) -> bool:
+    """Whether a step's input is a learning rate ("lr", or "lr.<group>" with several groups)."""
+    return name == "lr" or name.startswith("lr.") and name[3:].isdigit()
 
 
 def load(path: str, backend: str | None = None) -> LoadedTrainStep | LoadedFunction:

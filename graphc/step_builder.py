@@ -17,8 +17,8 @@ here, so inputs, roles, donations and output names are the same wherever a step 
 The differentiated forward is spliced into the step's trace (its nodes copied, its implicit
 module inputs and random streams remapped), never traced again. The order of the calls is
 the order of the inputs: a step's callers pass the batch, then the step's own state, then
-the implicit inputs the splice adds (other modules' arrays), the learning rate (`update`
-adds it) and the RNG key, which stays last.
+the implicit inputs the splice adds (other modules' arrays), the learning rates (`update`
+adds them) and the RNG key, which stays last.
 """
 from __future__ import annotations
 
@@ -35,6 +35,11 @@ from .api import inline_graph, to_array
 from .nn.module import Module, bound, functional_call
 from .optim import Optimizer, clip_by_global_norm, l1_penalty
 from .tensor import ModuleReads, Trace, Tensor, tracing
+
+
+def rate_input_names(groups: int) -> list[str]:
+    """The names of a step's learning-rate inputs, one per parameter group."""
+    return ["lr"] if groups == 1 else [f"lr.{i}" for i in range(groups)]
 
 
 def batch_arrays(batch: Sequence[Any]) -> list[np.ndarray]:
@@ -168,9 +173,13 @@ class StepBuilder:
     def step_count(self) -> Tensor:
         return self.input(TensorType((), "float32"), "step", "state")
 
-    def learning_rate(self) -> Tensor:
-        """The rate is an input (the last before the RNG key), so schedules never recompile."""
-        return self.input(TensorType((), self.spec.optimizer.lr_dtype.name), "lr")
+    def learning_rates(self) -> list[Tensor]:
+        """One rate per parameter group, inputs (the last before the RNG key), so schedules
+        never recompile: "lr" for a single group, "lr.0", "lr.1"... for several."""
+        optimizer = self.spec.optimizer
+        n = len(optimizer.param_groups)
+        rate = TensorType((), optimizer.lr_dtype.name)
+        return [self.input(rate, name) for name in rate_input_names(n)]
 
     # -- computation -------------------------------------------------------------------------
     def splice(self, gradients: Gradients, data: list[Tensor], params: dict[str, Tensor],
@@ -186,16 +195,16 @@ class StepBuilder:
     def update(self, params: dict[str, Tensor], grads: dict[str, Tensor],
                opt_state: dict[str, dict[str, Tensor]], step: Tensor,
                new_buffers: dict[str, Tensor]) -> None:
-        """Clip the gradients (when asked), apply the optimizer's rule with the learning rate
-        (a new input) and output every updated state, each donated to its input: parameters
+        """Clip the gradients (when asked), apply the optimizer's rule with the learning rates
+        (new inputs, one per parameter group) and output every updated state, each donated to its input: parameters
         with their optimizer slots, then `new_buffers`, the step count and the RNG key."""
         spec = self.spec
-        lr = self.learning_rate()
+        lrs = self.learning_rates()
         if spec.clip_grad_norm is not None:
             grads = clip_by_global_norm(grads, spec.clip_grad_norm)
         new_step = step + 1
         new_params, new_state = spec.optimizer.update(
-            {n: params[n] for n in spec.trainable}, grads, opt_state, lr, new_step)
+            {n: params[n] for n in spec.trainable}, grads, opt_state, lrs, new_step)
         for n in spec.trainable:
             self.output(f"param:{n}", new_params[n], donor=n)
             for slot, value in new_state[n].items():

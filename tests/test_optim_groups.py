@@ -1,0 +1,220 @@
+"""Parameter groups: per-group hyperparameters and learning rates, as PyTorch's optimizers take
+them; the rates are inputs of the compiled step (changing them never recompiles), and the data-
+parallel step, checkpoints and exported steps keep them per group."""
+import numpy as np
+import pytest
+
+import graphc as gc
+import graphc.nn.functional as F
+from graphc import GraphcError, nn, optim
+from graphc.distributed import DataParallelStep, World
+from graphc.train import load_checkpoint, save_checkpoint
+
+rng = np.random.default_rng(0)
+X = rng.standard_normal((8, 3)).astype(np.float32)
+Y = rng.standard_normal((8, 2)).astype(np.float32)
+STEPS = 4
+
+# (optimizer, defaults, group 0 = weight, group 1 = bias): groups differ in lr and more
+CASES = [
+    ("SGD", {"lr": 0.1}, {"momentum": 0.9, "weight_decay": 0.01}, {"lr": 0.3}),
+    ("Adam", {"lr": 0.01}, {"betas": (0.8, 0.99)}, {"lr": 0.05, "weight_decay": 0.1}),
+    ("AdamW", {"lr": 0.01}, {"weight_decay": 0.1}, {"weight_decay": 0.0, "lr": 0.03}),
+    # PyTorch's Adagrad reads initial_accumulator_value from its defaults only: set it there
+    ("Adagrad", {"lr": 0.1, "initial_accumulator_value": 0.1}, {"eps": 1e-6}, {"lr_decay": 0.01}),
+    ("RMSprop", {"lr": 0.01}, {"momentum": 0.9, "centered": True}, {"alpha": 0.9, "lr": 0.02}),
+]
+IDS = [c[0] for c in CASES]
+
+
+def grouped(name, defaults, first, second, params):
+    weight, bias = params
+    return getattr(optim, name)([{"params": [weight], **first}, {"params": [bias], **second}],
+                                **defaults)
+
+
+def graphc_run(name, defaults, first, second, backend="reference", rates=None):
+    """Weights after each step, with `rates[t]` = (lr0, lr1) set before step t when given."""
+    gc.manual_seed(0)
+    model = nn.Linear(3, 2)
+    start = {k: v.copy() for k, v in model.state_dict().items()}
+    opt = grouped(name, defaults, first, second, [model.weight, model.bias])
+    step = gc.compile_train_step(model, F.mse_loss, opt, (X, Y), backend=backend)
+    history = []
+    for t in range(STEPS):
+        if rates is not None:
+            for group, lr in zip(opt.param_groups, rates[t]):
+                group["lr"] = lr
+        step(X, Y)
+        history.append({k: v.copy() for k, v in model.state_dict().items()})
+    return start, history, step
+
+
+def torch_run(name, defaults, first, second, start, rates=None):
+    torch = pytest.importorskip("torch")
+    weight = torch.tensor(start["weight"], requires_grad=True)
+    bias = torch.tensor(start["bias"], requires_grad=True)
+    opt = getattr(torch.optim, name)([{"params": [weight], **first}, {"params": [bias], **second}],
+                                     **defaults)
+    history = []
+    for t in range(STEPS):
+        if rates is not None:
+            for group, lr in zip(opt.param_groups, rates[t]):
+                group["lr"] = lr
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(torch.tensor(X) @ weight.T + bias, torch.tensor(Y)).backward()
+        opt.step()
+        history.append({"weight": weight.detach().numpy().copy(), "bias": bias.detach().numpy().copy()})
+    return history, opt
+
+
+def assert_same(ours, theirs):
+    for t, (a, b) in enumerate(zip(ours, theirs)):
+        for key in ("weight", "bias"):
+            np.testing.assert_allclose(a[key], b[key], rtol=2e-5, atol=2e-6, err_msg=f"step {t + 1} {key}")
+
+
+@pytest.mark.parametrize("name,defaults,first,second", CASES, ids=IDS)
+def test_groups_match_pytorch(name, defaults, first, second):
+    start, ours, _ = graphc_run(name, defaults, first, second)
+    theirs, _ = torch_run(name, defaults, first, second, start)
+    assert_same(ours, theirs)
+
+
+def test_param_groups_are_dicts_like_pytorchs():
+    torch = pytest.importorskip("torch")
+    model = nn.Linear(3, 2)
+    name, defaults, first, second = CASES[2]
+    ours = grouped(name, defaults, first, second, [model.weight, model.bias]).param_groups
+    tw, tb = torch.zeros(2, 3, requires_grad=True), torch.zeros(2, requires_grad=True)
+    theirs = torch.optim.AdamW([{"params": [tw], **first}, {"params": [tb], **second}],
+                               **defaults).param_groups
+    assert len(ours) == 2 and ours[0]["params"][0] is model.weight
+    for group, torch_group in zip(ours, theirs):
+        for key, value in group.items():
+            if key != "params":
+                assert torch_group[key] == value, key
+
+
+def test_changing_a_groups_rate_between_steps_never_recompiles():
+    rates = [(0.1, 0.3), (0.05, 0.3), (0.05, 0.0), (0.2, 0.01)]
+    name, defaults, first, second = CASES[0]
+    start, ours, step = graphc_run(name, defaults, first, second, rates=rates)
+    theirs, _ = torch_run(name, defaults, first, second, start, rates=rates)
+    assert_same(ours, theirs)
+    assert len(step._compiled) == 1
+    assert [i.name for i in step.graph.inputs if i.name.startswith("lr")] == ["lr.0", "lr.1"]
+
+
+def test_groups_on_numba_cpu_equal_the_reference():
+    name, defaults, first, second = CASES[2]
+    rates = [(0.01, 0.03), (0.02, 0.0), (0.005, 0.1), (0.01, 0.03)]
+    _, reference, _ = graphc_run(name, defaults, first, second, rates=rates)
+    _, compiled, step = graphc_run(name, defaults, first, second, "numba-cpu", rates=rates)
+    assert_same(compiled, reference)
+    assert len(step._compiled) == 1
+
+
+def test_one_rate_for_all_groups_or_a_clear_error():
+    model = nn.Linear(3, 2)
+    opt = optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.5}], lr=0.1)
+    with pytest.raises(GraphcError, match=r"different learning rates.*param_groups\[i\]\['lr'\]"):
+        opt.lr
+    opt.lr = 0.2
+    assert opt.lr == 0.2 and [g["lr"] for g in opt.param_groups] == [0.2, 0.2]
+
+
+def test_a_parameter_in_two_groups_is_refused():
+    model = nn.Linear(3, 2)
+    with pytest.raises(GraphcError, match=r"shape \(2, 3\) appears in parameter group 1 and in group 0"):
+        optim.Adam([{"params": [model.weight]}, {"params": [model.weight, model.bias]}])
+    with pytest.raises(GraphcError, match="appears in parameter group 0 and in group 0"):
+        optim.Adam([model.weight, model.weight])
+
+
+def test_unknown_group_keys_and_malformed_groups_are_refused():
+    model = nn.Linear(3, 2)
+    with pytest.raises(GraphcError, match=r"unknown key\(s\) \['momentum'\] in parameter group 1; "
+                                          "AdamW takes betas, eps, lr, weight_decay"):
+        optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "momentum": 0.9}])
+    with pytest.raises(GraphcError, match="group 0 has no parameters"):
+        optim.SGD([{"params": []}], lr=0.1)
+    with pytest.raises(GraphcError, match="dict with a 'params' key"):
+        optim.SGD([{"params": [model.weight]}, {"lr": 0.1}], lr=0.1)
+    with pytest.raises(ValueError, match="group 1: Nesterov"):
+        optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "nesterov": True}], lr=0.1,
+                  momentum=0.0)
+
+
+def test_a_compiled_in_hyperparameter_changed_after_compiling_is_refused():
+    model = nn.Linear(3, 2)
+    opt = optim.AdamW([{"params": [model.weight], "weight_decay": 0.1},
+                       {"params": [model.bias], "weight_decay": 0.0}], lr=0.01)
+    step = gc.compile_train_step(model, F.mse_loss, opt, (X, Y), backend="reference")
+    step(X, Y)
+    opt.param_groups[0]["weight_decay"] = 0.2
+    with pytest.raises(GraphcError, match=r"param_groups\[0\]\['weight_decay'\] changed from 0.1 "
+                                          r"to 0.2 .*only 'lr' is an input"):
+        step(X, Y)
+    opt.param_groups[0]["weight_decay"] = 0.1
+    step(X, Y)
+    assert float(step.step_count) == 2
+
+
+def test_a_world_of_one_steps_groups_as_the_single_process_step():
+    name, defaults, first, second = CASES[1]
+    results = []
+    for build in (gc.compile_train_step, lambda *a, **k: DataParallelStep(*a, **k, world=World())):
+        gc.manual_seed(0)
+        model = nn.Linear(3, 2)
+        opt = grouped(name, defaults, first, second, [model.weight, model.bias])
+        step = build(model, F.mse_loss, opt, (X, Y), backend="reference")
+        for lr1 in (0.05, 0.01, 0.2):
+            opt.param_groups[1]["lr"] = lr1
+            step(X, Y)
+        results.append(model.state_dict())
+    for key in ("weight", "bias"):
+        np.testing.assert_array_equal(results[0][key], results[1][key])
+
+
+def test_checkpoints_hold_each_groups_state(tmp_path):
+    """SGD with momentum in one group only: that group's parameters alone have a buffer."""
+    def build():
+        gc.manual_seed(0)
+        model = nn.Linear(3, 2)
+        opt = optim.SGD([{"params": [model.weight], "momentum": 0.9},
+                         {"params": [model.bias]}], lr=0.1)
+        return model, gc.compile_train_step(model, F.mse_loss, opt, (X, Y), backend="reference")
+
+    model, step = build()
+    assert {n: sorted(s) for n, s in step.opt_state.items()} == {"weight": ["momentum_buffer"], "bias": []}
+    step(X, Y)
+    save_checkpoint(str(tmp_path / "ckpt.safetensors"), step)
+    step(X, Y)
+    model2, step2 = build()
+    load_checkpoint(str(tmp_path / "ckpt.safetensors"), step2)
+    step2(X, Y)
+    np.testing.assert_array_equal(model2.weight, model.weight)
+
+
+def test_an_exported_grouped_step_keeps_each_groups_rate(tmp_path):
+    name, defaults, first, second = CASES[2]
+    gc.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = grouped(name, defaults, first, second, [model.weight, model.bias])
+    step = gc.compile_train_step(model, F.mse_loss, opt, (X, Y), backend="reference")
+    step(X, Y)
+    path = str(tmp_path / "step.graphc")
+    step.export(path)
+    loaded = gc.load(path, backend="reference")
+    assert loaded.lrs == [0.01, 0.03]
+    with pytest.raises(GraphcError, match="different learning rates"):
+        loaded.lr
+    for lrs in ([0.01, 0.03], [0.02, 0.001]):  # the same rates, then new ones, on both
+        loaded.lrs = list(lrs)
+        for group, lr in zip(opt.param_groups, lrs):
+            group["lr"] = lr
+        assert loaded(X, Y) == step(X, Y)
+    np.testing.assert_array_equal(loaded.state_dict()["weight"], model.weight)
+    loaded.export(path)
+    assert gc.load(path, backend="reference").lrs == [0.02, 0.001]
