@@ -105,7 +105,8 @@ def _one_to_one(op_type: str) -> Converter:
 # -- elementwise --------------------------------------------------------------------------------
 for _op, _op_type in {
         "neg": "Neg", "exp": "Exp", "log": "Log", "sqrt": "Sqrt", "tanh": "Tanh",
-        "sigmoid": "Sigmoid", "relu": "Relu", "abs": "Abs", "sign": "Sign",
+        "sigmoid": "Sigmoid", "relu": "Relu", "abs": "Abs", "sign": "Sign", "sin": "Sin",
+        "cos": "Cos", "erf": "Erf",
         "reciprocal": "Reciprocal", "stop_gradient": "Identity", "logical_not": "Not",
         "add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow", "maximum": "Max",
         "minimum": "Min", "eq": "Equal", "logical_and": "And", "logical_or": "Or",
@@ -258,6 +259,32 @@ def _one_hot(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     classes = g.constant(np.arange(n, dtype=indices.dtype))
     hits = g.emit("Equal", [g.emit("Unsqueeze", [xs[0], g.ints((-1,))]), classes])
     g.emit("Cast", [hits], out, to=g.elem_type(node.attrs["dtype"]))
+
+
+# -- cumulative ops ---------------------------------------------------------------------------
+@lowering(TARGET, "cumsum")
+def _cumsum(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    axis = g.constant(np.asarray(node.attrs["axis"], np.int64))
+    g.emit("CumSum", [xs[0], axis], out, reverse=int(node.attrs["reverse"]))
+
+
+@lowering(TARGET, "cumprod")
+def _cumprod(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    """ONNX has no CumProd, and exp(CumSum(log x)) fails at zeros and negative numbers: each
+    output is the product of its line with the elements it does not include set to one, an
+    (n, n) mask per line (n the axis length)."""
+    x, axis = node.inputs[0], node.attrs["axis"]
+    n, trailing = x.shape[axis], (1,) * (len(x.shape) - axis - 1)
+    i, k = np.arange(n).reshape(n, 1), np.arange(n).reshape(1, n)
+    included = (k >= i) if node.attrs["reverse"] else (k <= i)
+    # axis `axis` of the masked lines is the output position i, axis + 1 the factor k
+    lines = g.emit("Unsqueeze", [xs[0], g.ints((axis,))])
+    masked = g.emit("Where", [g.constant(included.reshape((n, n) + trailing)), lines,
+                              g.constant(np.ones((), x.dtype))])
+    if g.opset >= 18:  # ReduceProd took its axes as an attribute before opset 18
+        g.emit("ReduceProd", [masked, g.ints((axis + 1,))], out, keepdims=0)
+    else:
+        g.emit("ReduceProd", [masked], out, axes=[axis + 1], keepdims=0)
 
 
 # -- convolution and pooling ----------------------------------------------------------------------

@@ -80,7 +80,8 @@ def fused_together(b, values):
 
 
 # -- every primitive -------------------------------------------------------------------------
-UNARY = ["neg", "exp", "tanh", "sigmoid", "relu", "abs", "sign", "square", "stop_gradient"]
+UNARY = ["neg", "exp", "tanh", "sigmoid", "relu", "abs", "sign", "square", "stop_gradient", "sin",
+         "cos", "erf"]
 UNARY_POSITIVE = ["log", "log1p", "sqrt", "rsqrt", "reciprocal"]
 BINARY = ["add", "sub", "mul", "div", "maximum", "minimum"]
 COMPARE = ["eq", "ne", "lt", "le", "gt", "ge"]
@@ -109,6 +110,11 @@ CASES = {
     "binary_same": lambda: binary_case(((3, 4), (3, 4))),
     "binary_broadcast": lambda: binary_case(((2, 1, 4), (3, 1))),
     "binary_scalar": lambda: binary_case(((), (2, 3))),
+    "cumulative": lambda: (lambda arrays: (build("cumulative", arrays, lambda b, x, z, i: [
+        b.cumsum(x, axis=1), b.cumsum(x, axis=0, reverse=True), b.cumprod(z, axis=2),
+        b.cumprod(z, axis=1, reverse=True), b.cumsum(i, axis=-1), b.cumsum(b.exp(x), axis=2)]), arrays))(
+        [normal(2, 3, 4), np.where(rng.random((2, 3, 4)) < 0.2, 0, normal(2, 3, 4, dtype="float64")),
+         integers(-9, 9, 3, 4, dtype="int32")]),
     "logical": lambda: (lambda arrays: (build("logical", arrays, lambda b, p, q: [
         b.logical_and(p, q), b.logical_or(p, q), b.logical_not(p),
         b.where(p, b.cast(q, dtype="int32"), b.cast(p, dtype="int32"))]), arrays))(

@@ -158,6 +158,12 @@ OP_CASES = [
     *[(op, [f32(2, 3)], {}) for op in ("neg", "exp", "tanh", "sigmoid", "relu", "abs", "sign",
                                        "square", "stop_gradient")],
     *[(op, [POSITIVE], {}) for op in ("log", "sqrt", "rsqrt", "reciprocal")],
+    *[(op, [f32(2, 3)], {}) for op in ("sin", "cos", "erf")],
+    ("sin", [f32(2, 3).astype(np.float64)], {}),  # (onnxruntime implements Erf for float32 only)
+    ("cumsum", [f32(2, 3, 4)], {"axis": 1}),
+    ("cumsum", [INTS], {"axis": 1, "reverse": True}),
+    ("cumprod", [np.array([[1.5, 0.0, -2.0, 3.0], [0.5, -1.0, 2.0, 0.0]], np.float32)], {"axis": 1}),
+    ("cumprod", [f32(3, 2, 2)], {"axis": 0, "reverse": True}),
     ("exp", [f32(2, 3).astype(np.float64)], {}),
     ("neg", [INTS], {}),
     ("abs", [INTS.astype(np.int64)], {}),

@@ -171,6 +171,13 @@ def _elementwise_rule(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     return scalar(*operands, **node.attrs)
 
 
+@_rule("erf")
+def _erf(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
+    """The registry's scalar (math.erf: NumPy has none), with the import it needs."""
+    e.require_helper("import math")
+    return _elementwise_rule(e, node, domain)
+
+
 @_rule("broadcast_to")
 def _broadcast_to(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     return e.broadcast_operand(node, 0, domain.index)

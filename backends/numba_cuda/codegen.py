@@ -578,6 +578,29 @@ def _scatter_add(node: Node, refs: Refs) -> list[CudaCall]:
     return _scatter(node, refs, target)
 
 
+@lowering(TARGET, "cumsum", "cumprod")
+def _cumulative(node: Node, refs: Refs) -> list[CudaCall]:
+    """One thread per line along the axis (operand and output viewed (outer, n, inner)): a
+    serial running sum or product, the neighbouring threads reading neighbouring elements."""
+    x = node.inputs[0]
+    axis, reverse = node.attrs["axis"], node.attrs["reverse"]
+    view = (size_of(x.shape[:axis]), x.shape[axis], size_of(x.shape[axis + 1:]))
+    combine = {"cumsum": "+", "cumprod": "*"}[node.op]
+
+    def body(w: Writer) -> None:
+        w.line("o, k = flat // INNER, flat % INNER")
+        w.line("acc = x[o, N - 1, k]" if reverse else "acc = x[o, 0, k]")
+        w.line("y[o, N - 1, k] = acc" if reverse else "y[o, 0, k] = acc")
+        with w.block("for i in range(N - 2, -1, -1):" if reverse else "for i in range(1, N):"):
+            w.line(f"acc = acc {combine} x[o, i, k]")
+            w.line("y[o, i, k] = acc")
+
+    lines = view[0] * view[2] if view[1] else 0  # an empty axis leaves nothing to write
+    call = _call(node.op, ["x", "y"], [refs[x], refs[node.output]], lines, body,
+                 dict(N=view[1], INNER=view[2]))
+    return [_with_views(call, (view, view))]
+
+
 def generate_library(kernel: Node) -> CudaKernelSource:
     members = members_of(kernel.subgraph)
     at = next(i for i, m in enumerate(members) if op_class(m.op) == "library")

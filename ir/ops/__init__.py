@@ -5,3 +5,4 @@ from . import reductions  # noqa: F401
 from . import indexing  # noqa: F401
 from . import random  # noqa: F401
 from . import nn  # noqa: F401
+from . import cumulative  # noqa: F401

@@ -118,6 +118,25 @@ unary("rsqrt", _quiet(lambda x: 1 / np.sqrt(x)),
 unary("tanh", _quiet(np.tanh),
       lambda b, g, x, *, out: (b.mul(g, b.sub(b.scalar_like(1, x), b.square(out))),),
       lambda x: f"np.tanh({x})")
+unary("sin", _quiet(np.sin), lambda b, g, x, *, out: (b.mul(g, b.cos(x)),), lambda x: f"np.sin({x})")
+unary("cos", _quiet(np.cos), lambda b, g, x, *, out: (b.neg(b.mul(g, b.sin(x))),),
+      lambda x: f"np.cos({x})")
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    from scipy.special import erf  # NumPy has no erf; scipy is a dependency (BLAS in njit)
+    return erf(x).astype(x.dtype, copy=False)
+
+
+def _erf_vjp(b, g, x, *, out):
+    """d/dx erf(x) = 2/sqrt(pi) exp(-x^2)."""
+    slope = b.mul(b.exp(b.neg(b.square(x))), b.scalar_like(2 / np.sqrt(np.pi), x))
+    return (b.mul(g, slope),)
+
+
+# The code generators import `math` for it (NumPy has no erf; Numba compiles math.erf for the
+# CPU and for CUDA): see the "erf" rule in backends/kernels/pointwise.py.
+unary("erf", _quiet(_erf), _erf_vjp, lambda x: f"math.erf({x})")
 unary("sigmoid", _quiet(lambda x: np.asarray(1 / (1 + np.exp(-x)), dtype=x.dtype)),
       lambda b, g, x, *, out: (b.mul(b.mul(g, out), b.sub(b.scalar_like(1, x), out)),),
       lambda x: f"(1 / (1 + np.exp(-{x})))")

@@ -1,0 +1,50 @@
+"""Library kernels: cumsum and cumprod along one axis.
+
+The operand and the output are passed as (outer, n, inner) views, n the cumulated axis, so one
+compiled function serves every rank and axis. Each step adds (multiplies) a whole contiguous
+row of `inner` elements into the running one: the inner loop reads and writes memory in order.
+The outer lines run in parallel when there are enough elements.
+"""
+from __future__ import annotations
+
+from graphc.ir import Node
+from graphc.ir.lowering import lowering
+from graphc.backends.kernels.library import Refs
+from graphc.backends.kernels.source import Writer, size_of
+
+from .codegen_common import PARALLEL_MIN_ELEMENTS, TARGET, Call, library_call, loop_header
+
+_COMBINE = {"cumsum": "+", "cumprod": "*"}
+
+
+def lines_view(shape: tuple[int, ...], axis: int) -> tuple[int, int, int]:
+    """`shape` as (outer, n, inner) around `axis`."""
+    return size_of(shape[:axis]), shape[axis], size_of(shape[axis + 1:])
+
+
+@lowering(TARGET, "cumsum", "cumprod")
+def _cumulative(node: Node, refs: Refs) -> tuple[list[Call], int]:
+    x = node.inputs[0]
+    axis, reverse = node.attrs["axis"], node.attrs["reverse"]
+    view = lines_view(x.shape, axis)
+    parallel = view[0] > 1 and size_of(x.shape) >= PARALLEL_MIN_ELEMENTS
+    combine = _COMBINE[node.op]
+
+    def body(w: Writer) -> None:
+        w.line("outer, n, inner = x.shape")
+        with w.block(loop_header("o", "outer", parallel)):
+            steps = "range(n - 1, -1, -1)" if reverse else "range(n)"
+            first = "n - 1" if reverse else "0"
+            previous = "i + 1" if reverse else "i - 1"
+            with w.block(f"for i in {steps}:"):
+                with w.block(f"if i == {first}:"):
+                    with w.block("for k in range(inner):"):
+                        w.line("y[o, i, k] = x[o, i, k]")
+                with w.block("else:"):
+                    with w.block("for k in range(inner):"):
+                        w.line(f"y[o, i, k] = y[o, {previous}, k] {combine} x[o, i, k]")
+
+    entry = node.op + ("_reverse" if reverse else "")
+    call = library_call(entry, ["x", "y"], [refs[x], refs[node.output]], parallel, body)
+    call.views = (view, view)
+    return [call], size_of(x.shape)
