@@ -146,12 +146,6 @@ class Graph:
         for node in self.nodes:
             yield from node.outputs
 
-    def op_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for node in self.nodes:
-            counts[node.op] = counts.get(node.op, 0) + 1
-        return counts
-
     def __len__(self) -> int:
         return len(self.nodes)
 

@@ -88,10 +88,6 @@ def lowering_for(target: str, primitive: str) -> Callable[..., Any]:
     return fn
 
 
-def has_lowering(target: str, primitive: str) -> bool:
-    return find_lowering(target, primitive) is not None
-
-
 def lowered_primitives(target: str, primitives: Iterable[str] | None = None) -> list[str]:
     """The registered primitives (or `primitives`) that `target` lowers, sorted."""
     names = PRIMITIVES if primitives is None else primitives
@@ -104,5 +100,5 @@ def unlowered_primitives(target: str, primitives: Iterable[str] | None = None) -
     return sorted(p for p in names if find_lowering(target, p) is None)
 
 
-__all__ = ["LoweringMissing", "find_lowering", "has_lowering", "kind_default", "lowered_primitives", "lowering",
+__all__ = ["LoweringMissing", "find_lowering", "kind_default", "lowered_primitives", "lowering",
            "lowering_for", "register_kind_default", "register_lowering", "unlowered_primitives"]

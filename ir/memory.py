@@ -75,10 +75,6 @@ class MemoryPlan:
         return {inner: outer for node in self.schedule if node.subgraph is not None
                 for inner, outer in zip(node.subgraph.output_values, node.outputs)}
 
-    def offset_of(self, value: Value) -> int | None:
-        slot = self.slot_of(value)
-        return None if slot is None else self.storages[slot].offset
-
     def root(self, value: Value) -> Value:
         """The value owning the buffer `value` is stored in (itself unless it is a view)."""
         while self.locations[value].kind == "view":

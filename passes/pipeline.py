@@ -88,11 +88,3 @@ def describe_plan(plan: MemoryPlan) -> str:
                  else ", ".join(names.get(v, str(v)) for v in s.values))
         lines.append(f"{s.slot:>4} {s.offset:>10} {s.nbytes:>10} {f'{s.start}-{s.end}':>9}  {holds}")
     return "\n".join(lines) + "\n"
-
-
-def run_pipeline(graph: Graph, passes: Sequence[Pass], verify: bool | None = None,
-                 dump_dir: str | None = None) -> Graph:
-    """Run `passes` in order as the stages of a compilation named after `graph`, its input
-    recorded first. `verify`/`dump_dir` default to GRAPHC_VERIFY / GRAPHC_DUMP."""
-    stages = Stages(graph.name, verify, dump_dir)
-    return stages.run(stages.record("input", graph), passes)

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 import graphc as gc
 from graphc.backends.reference import evaluate
 from graphc.ir import Graph
-from graphc.passes import SIMPLIFY, autodiff, run_pipeline
+from graphc.passes import SIMPLIFY, Stages, autodiff
 # Fusion and memory planning run through the interpreter, buffer by buffer. Imported here, not
 # in a test: the module defines @given tests, which must not be created inside one.
 from test_memplan import plan_for, run_plan
@@ -547,7 +547,8 @@ def _check_reference(program: Program, directions: int) -> None:
 
     # The optimized gradient graph, fused and memory-planned, run buffer by buffer; x0 is
     # donated to its gradient (same type), as a training step donates a parameter to its update.
-    optimized = run_pipeline(gradient, [SIMPLIFY], verify=True)
+    stages = Stages(gradient.name, verify=True)
+    optimized = stages.run(stages.record("input", gradient), [SIMPLIFY])
     donate = {0: 1} if optimized.output_values[1].type == optimized.input_values[0].type else None
     planned, updated = run_plan(plan_for(optimized, donate), inputs)
     for name, got, want in zip(optimized.output_names, planned, plain):

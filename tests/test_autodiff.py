@@ -127,6 +127,7 @@ def test_cotangents_of_slices_are_joined_not_summed_as_full_tensors():
         return total.sum()
 
     graph = gc.grad(f, backend=REF).lower(x)
-    assert graph.op_counts().get("slice_grad", 0) <= 1 and graph.op_counts()["concatenate"] == 1
+    ops = [node.op for node in graph.nodes]
+    assert ops.count("slice_grad") <= 1 and ops.count("concatenate") == 1
     expected = numeric_grad(gc.jit(f, backend=REF), [x], 0)
     np.testing.assert_allclose(gc.grad(f, backend=REF)(x), expected, rtol=1e-6, atol=1e-8)

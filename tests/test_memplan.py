@@ -199,7 +199,6 @@ def test_slots_cover_arena_values_only():
     assert plan.slot_of(plan.graph.output_values[0]) is None
     first = plan.schedule[0].output
     assert plan.slot_of(first) == plan.locations[first].index
-    assert plan.offset_of(first) == plan.storages[plan.slot_of(first)].offset
     assert "arena" in plan.summary()
     # inside a kernel, its output value has the kernel output's slot; temporaries have none
     kernel = plan.schedule[0]
