@@ -60,11 +60,11 @@ UFUNCS: dict[np.ufunc, Callable[..., Tensor]] = {
 SUGGESTIONS: dict[str, str] = {
     "np.expm1": "gc.exp(x) - 1", "np.log2": "gc.log(x) / math.log(2)",
     "np.log10": "gc.log(x) / math.log(10)", "np.exp2": "gc.exp(x * math.log(2))",
-    "np.min": "-gc.max(-x, axis)", "np.amin": "-gc.max(-x, axis)", "np.argmin": "gc.argmax(-x, axis)",
+    "np.min": "-(-x).amax(axis)", "np.amin": "-(-x).amax(axis)", "np.argmin": "gc.argmax(-x, axis)",
     "np.var": "((x - x.mean(axis, keepdims=True)).square()).mean(axis)",
     "np.std": "gc.sqrt(((x - x.mean(axis, keepdims=True)).square()).mean(axis))",
-    "np.add.reduce": "gc.sum(x, axis)", "np.maximum.reduce": "gc.max(x, axis)",
-    "np.minimum.reduce": "-gc.max(-x, axis)", "np.linalg.norm": "gc.sqrt(x.square().sum())",
+    "np.add.reduce": "gc.sum(x, axis)", "np.maximum.reduce": "x.amax(axis)",
+    "np.minimum.reduce": "-(-x).amax(axis)", "np.linalg.norm": "gc.sqrt(x.square().sum())",
     "np.clip": "gc.minimum(gc.maximum(x, low), high)",
 }
 
@@ -96,7 +96,7 @@ def array_ufunc(ufunc: np.ufunc, method: str, inputs: tuple[Any, ...],
 # -- NumPy functions --------------------------------------------------------------------------
 def _sum(a, axis=None, keepdims=False): return as_tensor(a).sum(axis, keepdims)
 def _mean(a, axis=None, keepdims=False): return as_tensor(a).mean(axis, keepdims)
-def _max(a, axis=None, keepdims=False): return as_tensor(a).max(axis, keepdims)
+def _max(a, axis=None, keepdims=False): return as_tensor(a).amax(axis, keepdims)
 def _argmax(a, axis=None, keepdims=False): return as_tensor(a).argmax(axis, keepdims)
 def _concatenate(arrays, axis=0): return gcf.concatenate(arrays, axis)
 def _stack(arrays, axis=0): return gcf.stack(arrays, axis)
@@ -107,7 +107,7 @@ def _broadcast_to(array, shape): return as_tensor(array).broadcast_to(shape)
 def _take_along_axis(arr, indices, axis): return gcf.take_along_axis(arr, indices, axis)
 def _shape(a): return as_tensor(a).shape
 def _ndim(a): return as_tensor(a).ndim
-def _size(a): return as_tensor(a).size
+def _size(a): return as_tensor(a).numel()
 def _reshape(a, shape): return as_tensor(a).reshape(shape)
 
 
@@ -181,10 +181,10 @@ def array_function(func: Callable, args: Sequence[Any], kwargs: dict[str, Any]) 
 
 # -- PyTorch ----------------------------------------------------------------------------------
 TORCH_EQUIVALENTS: dict[str, str] = {
-    "cat": "gc.concatenate", "concat": "gc.concatenate", "concatenate": "gc.concatenate",
+    "cat": "gc.cat", "concat": "gc.cat", "concatenate": "gc.concatenate",
     "mm": "gc.matmul (or @)", "bmm": "gc.matmul (or @)", "matmul": "gc.matmul (or @)",
     "clamp": "gc.minimum(gc.maximum(x, low), high)", "clip": "gc.minimum(gc.maximum(x, low), high)",
-    "amax": "gc.max", "view": "x.reshape", "reshape": "x.reshape", "transpose": "x.transpose",
+    "amax": "x.amax", "view": "x.reshape", "reshape": "x.reshape", "transpose": "x.transpose",
     "permute": "x.permute", "flatten": "x.flatten", "squeeze": "x.squeeze",
     "unsqueeze": "x.unsqueeze", "embedding": "gc.nn.Embedding (graphc.nn.sparse.embedding)",
     "layer_norm": "gc.nn.LayerNorm (graphc.nn.normalization.layer_norm)",

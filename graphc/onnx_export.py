@@ -166,6 +166,18 @@ def _transpose(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None
     g.emit("Transpose", xs, out, perm=list(node.attrs["perm"]))
 
 
+@lowering(TARGET, "flip")
+def _flip(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    axes = node.attrs["axes"]
+    if not axes:
+        g.emit("Identity", xs, out)
+        return
+    # Slice from the last element backwards, past the first (ONNX clamps the end to -1).
+    lowest = np.iinfo(np.int64).min
+    g.emit("Slice", [xs[0], g.ints((-1,) * len(axes)), g.ints((lowest,) * len(axes)),
+                     g.ints(axes), g.ints((-1,) * len(axes))], out)
+
+
 @lowering(TARGET, "broadcast_to")
 def _broadcast_to(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.emit("Expand", [xs[0], g.ints(node.attrs["shape"])], out)

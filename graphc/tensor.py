@@ -280,6 +280,29 @@ def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
     return Tensor(b.const(arr, canonical_dtype(arr.dtype)))
 
 
+def dtype_name(dtype: Any) -> str:
+    """graphc's name of a dtype given as a name ('float32', 'f32'), a NumPy dtype or type, or a
+    torch dtype (torch.float32): the spellings ported code uses."""
+    if type(dtype).__module__ == "torch":  # torch.float32 prints as 'torch.float32'
+        dtype = str(dtype).removeprefix("torch.")
+    return canonical_dtype(dtype)
+
+
+def _is_device(target: Any) -> bool:
+    if type(target).__name__ == "device":  # torch.device
+        return True
+    return isinstance(target, str) and target.split(":")[0] in ("cpu", "cuda")
+
+
+def _reduction_axes(dim: Any, axis: Any, op: str) -> Any:
+    """PyTorch's `dim` or NumPy's `axis`, whichever was given."""
+    if axis is None:
+        return dim
+    if dim is not None:
+        raise GraphcError(f"{op}: give dim or axis, not both (at {user_location()})")
+    return axis
+
+
 def _normalize_axes(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
     if axis is None:
         return tuple(range(ndim))
@@ -290,6 +313,20 @@ def _normalize_axes(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, .
             raise ShapeError(f"axis {a} is out of range for a tensor of rank {ndim} (at {user_location()})")
         out.append(a % ndim if ndim else 0)
     return tuple(out)
+
+
+def _dims_argument(dims: tuple) -> tuple[int, ...]:
+    """Sizes or axes given PyTorch's two ways: as arguments, f(2, 3), or as one sequence, f((2, 3))."""
+    if len(dims) == 1 and not isinstance(dims[0], (int, np.integer)):
+        return tuple(int(d) for d in dims[0])
+    return tuple(int(d) for d in dims)
+
+
+class ValuesIndices(NamedTuple):
+    """What x.max(dim) and x.min(dim) return, as PyTorch's torch.return_types.max."""
+
+    values: Tensor
+    indices: Tensor
 
 
 class Tensor:
@@ -314,8 +351,18 @@ class Tensor:
     def ndim(self) -> int:
         return len(self.shape)
 
-    @property
-    def size(self) -> int:
+    def size(self, dim: int | None = None) -> tuple[int, ...] | int:
+        """PyTorch's: the shape (a tuple), or the length of axis `dim`. The element count is
+        `numel()`."""
+        if dim is None:
+            return self.shape
+        (axis,) = _normalize_axes(dim, self.ndim)
+        return self.shape[axis]
+
+    def dim(self) -> int:
+        return self.ndim
+
+    def numel(self) -> int:
         return self.value.type.size
 
     def __len__(self) -> int:
@@ -377,28 +424,88 @@ class Tensor:
     def abs(self): return bind("abs", self)
     def square(self): return bind("square", self)
 
+    # -- dtype conversions ---------------------------------------------------------------------
     def astype(self, dtype: Any) -> Tensor:
-        return bind("cast", self, dtype=canonical_dtype(dtype))
+        dtype = dtype_name(dtype)
+        return self if dtype == self.dtype else bind("cast", self, dtype=dtype)
 
-    float = lambda self: self.astype("float32")  # noqa: E731
+    def float(self) -> Tensor: return self.astype("float32")
+    def double(self) -> Tensor: return self.astype("float64")
+    def int(self) -> Tensor: return self.astype("int32")
+    def long(self) -> Tensor: return self.astype("int64")
+    def bool(self) -> Tensor: return self.astype("bool")
+
+    def type_as(self, other: Tensor) -> Tensor:
+        return self.astype(other.dtype)
+
+    def to(self, target: Any) -> Tensor:
+        """PyTorch's `to`: a dtype (a name, a NumPy or torch dtype) or another tensor's dtype. A
+        device ('cpu', 'cuda', torch.device) leaves the tensor as it is: the backend given to
+        jit/compile places every tensor of the graph."""
+        if isinstance(target, Tensor):
+            return self.astype(target.dtype)
+        if _is_device(target):
+            return self
+        return self.astype(target)
+
+    def contiguous(self) -> Tensor:
+        """Every traced value is contiguous: there are no strided views to compact."""
+        return self
 
     # -- reductions ------------------------------------------------------------------------
-    def sum(self, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
-        return bind("sum", self, axes=_normalize_axes(axis, self.ndim), keepdims=keepdims)
+    # Each takes PyTorch's `dim`/`keepdim` and NumPy's `axis`/`keepdims` alike.
+    def sum(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
+            axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
+        """The sum over `dim` (all axes by default); booleans count as int64, as in PyTorch."""
+        axes = _normalize_axes(_reduction_axes(dim, axis, "sum"), self.ndim)
+        x = self.astype("int64") if self.dtype == "bool" else self
+        return bind("sum", x, axes=axes, keepdims=keepdim or keepdims)
 
-    def mean(self, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
-        axes = _normalize_axes(axis, self.ndim)
+    def mean(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
+             axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
+        axes = _normalize_axes(_reduction_axes(dim, axis, "mean"), self.ndim)
         count = int(np.prod([self.shape[a] for a in axes], dtype=np.int64))
-        return self.sum(axes, keepdims) * (1.0 / max(count, 1))
+        return self.sum(axes, keepdim or keepdims) * (1.0 / max(count, 1))
 
-    def max(self, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
-        return bind("max", self, axes=_normalize_axes(axis, self.ndim), keepdims=keepdims)
+    def amax(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
+             axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
+        """The maximum over `dim` (one axis, several, or all by default): values only."""
+        axes = _normalize_axes(_reduction_axes(dim, axis, "amax"), self.ndim)
+        return bind("max", self, axes=axes, keepdims=keepdim or keepdims)
 
-    def argmax(self, axis: int | None = None, keepdims: bool = False) -> Tensor:
-        if axis is None:
+    def max(self, dim: Any = None, keepdim: bool = False, *, axis: Any = None,
+            keepdims: bool = False) -> Tensor | ValuesIndices:
+        """PyTorch's max. `x.max()` is the maximum of all elements; `x.max(dim)` with one axis
+        is the named tuple (values, indices); over several axes (a tuple), the values only, as
+        amax; `x.max(other)` with a tensor is the elementwise maximum."""
+        dim = _reduction_axes(dim, axis, "max")
+        if isinstance(dim, Tensor):
+            return bind("maximum", self, dim)
+        keep = keepdim or keepdims
+        if not isinstance(dim, (int, np.integer)):
+            return self.amax(dim, keep)
+        return ValuesIndices(self.amax(dim, keep), self.argmax(dim, keep))
+
+    def argmax(self, dim: int | None = None, keepdim: bool = False, *, axis: int | None = None,
+               keepdims: bool = False) -> Tensor:
+        dim = _reduction_axes(dim, axis, "argmax")
+        if dim is None:
             return self.reshape(-1).argmax(0)
-        (axis,) = _normalize_axes(axis, self.ndim)
-        return bind("argmax", self, axis=axis, keepdims=keepdims)
+        (dim,) = _normalize_axes(dim, self.ndim)
+        return bind("argmax", self, axis=dim, keepdims=keepdim or keepdims)
+
+    def logsumexp(self, dim: int | Sequence[int] = -1, keepdim: bool = False, *,
+                  axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
+        from .functions import logsumexp
+        return logsumexp(self, dim, keepdim, axis=axis, keepdims=keepdims)
+
+    def softmax(self, dim: int = -1) -> Tensor:
+        from .nn.functional import softmax
+        return softmax(self, dim)
+
+    def log_softmax(self, dim: int = -1) -> Tensor:
+        from .nn.functional import log_softmax
+        return log_softmax(self, dim)
 
     # -- shape -----------------------------------------------------------------------------
     def reshape(self, *shape: int | Sequence[int]) -> Tensor:
@@ -407,10 +514,10 @@ class Tensor:
             raise ShapeError(f"reshape: at most one -1 in {tuple(dims)} (at {user_location()})")
         if -1 in dims:
             known = int(np.prod([d for d in dims if d != -1], dtype=np.int64))
-            if known == 0 or self.size % known:
+            if known == 0 or self.numel() % known:
                 raise ShapeError(f"reshape: cannot reshape {self.shape} into {tuple(dims)} "
                                  f"(at {user_location()})")
-            dims[dims.index(-1)] = self.size // known
+            dims[dims.index(-1)] = self.numel() // known
         return bind("reshape", self, shape=tuple(dims))
 
     view = reshape
@@ -435,6 +542,21 @@ class Tensor:
     def T(self) -> Tensor:
         return self.transpose()
 
+    @property
+    def mT(self) -> Tensor:
+        """The last two axes swapped (a batch of matrices transposed)."""
+        if self.ndim < 2:
+            raise ShapeError(f"mT needs at least two dimensions, got shape {self.shape} "
+                             f"(at {user_location()})")
+        return self.transpose(-2, -1)
+
+    def t(self) -> Tensor:
+        """PyTorch's t(): a matrix transposed; a vector or a scalar as it is."""
+        if self.ndim > 2:
+            raise ShapeError(f"t() expects a tensor of at most 2 dimensions, got shape "
+                             f"{self.shape}; use transpose(a, b) or mT (at {user_location()})")
+        return self.transpose(0, 1) if self.ndim == 2 else self
+
     def flatten(self, start_dim: int = 0, end_dim: int = -1) -> Tensor:
         if self.ndim == 0:
             return self.reshape(1)
@@ -451,12 +573,99 @@ class Tensor:
         return bind("squeeze", self, axes=axes) if axes else self
 
     def broadcast_to(self, shape: Sequence[int]) -> Tensor:
-        return bind("broadcast_to", self, shape=tuple(shape))
+        shape = tuple(shape)
+        return self if shape == self.shape else bind("broadcast_to", self, shape=shape)
 
-    expand = broadcast_to
+    def expand(self, *sizes: int | Sequence[int]) -> Tensor:
+        """PyTorch's expand: broadcast to `sizes`, where -1 keeps that axis's size."""
+        sizes = _dims_argument(sizes)
+        lead = len(sizes) - self.ndim
+        if lead < 0:
+            raise ShapeError(f"expand: {len(sizes)} sizes for a tensor of {self.ndim} "
+                             f"dimensions {self.shape} (at {user_location()})")
+        if -1 in sizes[:lead]:
+            raise ShapeError(f"expand: -1 cannot size a new leading dimension in {sizes} "
+                             f"(at {user_location()})")
+        return self.broadcast_to(tuple(self.shape[i - lead] if n == -1 else n
+                                       for i, n in enumerate(sizes)))
+
+    def expand_as(self, other: Tensor) -> Tensor:
+        return self.broadcast_to(other.shape)
+
+    def repeat(self, *repeats: int | Sequence[int]) -> Tensor:
+        """PyTorch's repeat (NumPy's tile): the tensor tiled `repeats[i]` times along axis i;
+        extra leading repeats add dimensions."""
+        repeats = _dims_argument(repeats)
+        lead = len(repeats) - self.ndim
+        if lead < 0:
+            raise ShapeError(f"repeat: {len(repeats)} repeat counts for a tensor of "
+                             f"{self.ndim} dimensions {self.shape} (at {user_location()})")
+        shape = (1,) * lead + self.shape
+        # A copy axis before each axis, broadcast to the count, then merged into it.
+        interleaved = self.reshape(tuple(d for n in shape for d in (1, n)))
+        tiled = interleaved.broadcast_to(tuple(d for r, n in zip(repeats, shape) for d in (r, n)))
+        return tiled.reshape(tuple(r * n for r, n in zip(repeats, shape)))
+
+    def flip(self, *dims: int | Sequence[int]) -> Tensor:
+        """The elements in reverse order along `dims`."""
+        axes = _normalize_axes(_dims_argument(dims), self.ndim)
+        if len(set(axes)) != len(axes):
+            raise ShapeError(f"flip: an axis is named twice in {dims} (at {user_location()})")
+        return bind("flip", self, axes=axes) if axes else self
+
+    def split(self, split_size_or_sections: int | Sequence[int], dim: int = 0) -> tuple[Tensor, ...]:
+        """PyTorch's split: pieces of `split_size` along `dim` (the last may be shorter), or
+        pieces of the listed sizes, which must add up to the axis's length."""
+        (axis,) = _normalize_axes(dim, self.ndim)
+        length = self.shape[axis]
+        if isinstance(split_size_or_sections, (int, np.integer)):
+            size = int(split_size_or_sections)
+            if size <= 0:
+                raise ShapeError(f"split: split_size must be positive, got {size} "
+                                 f"(at {user_location()})")
+            sizes = [min(size, length - start) for start in range(0, length, size)] or [0]
+        else:
+            sizes = [int(n) for n in split_size_or_sections]
+            if sum(sizes) != length or any(n < 0 for n in sizes):
+                raise ShapeError(f"split: sizes {sizes} do not add up to {length}, the length of "
+                                 f"axis {axis} of {self.shape} (at {user_location()})")
+        starts = np.cumsum([0] + sizes[:-1])
+        before = (slice(None),) * axis
+        return tuple(self[before + (slice(int(start), int(start) + n),)]
+                     for start, n in zip(starts, sizes))
+
+    def chunk(self, chunks: int, dim: int = 0) -> tuple[Tensor, ...]:
+        """PyTorch's chunk: at most `chunks` pieces of equal size along `dim` (the last may be
+        shorter, and there are fewer when the length does not allow that many)."""
+        if chunks <= 0:
+            raise ShapeError(f"chunk: chunks must be positive, got {chunks} (at {user_location()})")
+        (axis,) = _normalize_axes(dim, self.ndim)
+        return self.split(max(-(-self.shape[axis] // chunks), 1), axis)
+
+    def masked_fill(self, mask: Any, value: Any) -> Tensor:
+        """`value` where `mask` (boolean, broadcasting against the tensor) is True."""
+        mask = as_tensor(mask)
+        if mask.dtype != "bool":
+            raise DTypeError(f"masked_fill: the mask must be bool, got {mask.dtype} "
+                             f"(at {user_location()})")
+        value = as_tensor(value, like=self).astype(self.dtype)
+        if value.ndim:
+            raise ShapeError(f"masked_fill: the value must be a number or a 0-d tensor, got "
+                             f"shape {value.shape} (at {user_location()})")
+        filled = bind("where", mask, value, self)
+        if filled.shape != self.shape:
+            raise ShapeError(f"masked_fill: mask of shape {mask.shape} does not broadcast to the "
+                             f"tensor's shape {self.shape} (at {user_location()})")
+        return filled
 
     def __getitem__(self, index: Any) -> Tensor:
         return _getitem(self, index)
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        """`x[index] = value` as a functional update: the Tensor takes a new value that equals
+        `value` in the indexed region and the old one elsewhere (gradients flow to both). Only
+        this Tensor object changes: a tensor sliced from it earlier keeps its value."""
+        self.value = _setitem(self, index, value).value
 
     # -- NumPy and PyTorch functions called on a Tensor (see graphc/interop.py) --------------
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Tensor:
@@ -487,51 +696,223 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
+# -- indexing ----------------------------------------------------------------------------------
+# x[index] is built from view-like steps on x (flip, slice, squeeze, expand_dims, and gather /
+# take_along_axis for integer arrays), each taking the previous step's result as operand 0.
+# x[index] = v scatters v back through the adjoints of those steps (_scatter_back).
+
 def _getitem(x: Tensor, index: Any) -> Tensor:
-    """Basic indexing: ints, slices (positive steps), None and Ellipsis."""
-    index = index if isinstance(index, tuple) else (index,)
-    if any(isinstance(i, Tensor) or isinstance(i, (list, np.ndarray)) for i in index):
-        raise GraphcError(f"advanced (tensor) indexing is not supported by []: use gc.gather or "
-                          f"take_along_axis (at {user_location()})")
-    if index.count(Ellipsis) > 1:
-        raise ShapeError("an index can only have a single ellipsis")
-    explicit = sum(1 for i in index if i is not None and i is not Ellipsis)
+    """NumPy's and PyTorch's indexing: ints, slices (any step), None, Ellipsis, integer arrays
+    (lists, NumPy arrays or int tensors, broadcast together as NumPy does) and constant boolean
+    masks. A traced boolean mask would give a shape known only from the data: refused."""
+    index = _expand_index(x, index if isinstance(index, tuple) else (index,))
+    arrays = [item for item in index if _is_array_index(item)]
+    if arrays and any(item is None for item in index):
+        raise GraphcError(f"None (a new axis) together with integer-array indices is not "
+                          f"supported; unsqueeze the result instead (at {user_location()})")
+    out = _basic_index(x, tuple(slice(None) if _is_array_index(item) else item for item in index))
+    if arrays:
+        # As in PyTorch (not NumPy), an int beside the arrays is a plain index: its axis is
+        # gone before the arrays pick along the axes that remain.
+        remaining = [item for item in index if not isinstance(item, (int, np.integer))]
+        axes = [k for k, item in enumerate(remaining) if _is_array_index(item)]
+        out = _array_index(out, axes, arrays)
+    return out
+
+
+def _is_array_index(item: Any) -> bool:
+    return isinstance(item, (Tensor, np.ndarray))
+
+
+def _expand_index(x: Tensor, index: tuple) -> tuple:
+    """The index with lists as arrays, constant boolean masks as the integer arrays they stand
+    for (np.nonzero), and Ellipsis and the missing trailing axes as full slices."""
+    items: list[Any] = []
+    for item in index:
+        if isinstance(item, Tensor) and item.dtype == "bool":
+            raise GraphcError(
+                f"x[mask] with a traced boolean mask has a shape known only from the mask's "
+                f"values; graphc needs static shapes: use gc.where(mask, x, other) or "
+                f"x.masked_fill(~mask, value) to keep the shape, or (x * mask).sum() to reduce "
+                f"(at {user_location()})")
+        if isinstance(item, (list, np.ndarray)):
+            item = np.asarray(item)
+            if item.dtype == np.bool_:
+                items.extend(np.nonzero(item))
+                continue
+            if item.size == 0:
+                item = item.astype(np.int64)
+            if not np.issubdtype(item.dtype, np.integer):
+                raise GraphcError(f"an array index must hold integers or booleans, got "
+                                  f"{item.dtype} (at {user_location()})")
+        elif isinstance(item, Tensor) and item.dtype not in ("int32", "int64"):
+            raise DTypeError(f"a tensor index must be int32, int64 or bool, got {item.dtype} "
+                             f"(at {user_location()})")
+        elif not (item is None or item is Ellipsis or isinstance(item, (Tensor, slice, int,
+                                                                        np.integer))):
+            raise GraphcError(f"unsupported index {item!r} (at {user_location()})")
+        items.append(item)
+    ellipses = [k for k, i in enumerate(items) if i is Ellipsis]  # `is`: items hold arrays
+    if len(ellipses) > 1:
+        raise ShapeError(f"an index can only have a single ellipsis (at {user_location()})")
+    explicit = sum(1 for i in items if i is not None and i is not Ellipsis)
     if explicit > x.ndim:
         raise ShapeError(f"too many indices for a tensor of shape {x.shape} (at {user_location()})")
-    if Ellipsis in index:
-        at = index.index(Ellipsis)
-        index = index[:at] + (slice(None),) * (x.ndim - explicit) + index[at + 1:]
-    else:
-        index = index + (slice(None),) * (x.ndim - explicit)
-    starts, stops, steps, drop, new_axes = [], [], [], [], []
-    axis = 0
-    out_axis = 0
+    fill = [slice(None)] * (x.ndim - explicit)
+    if ellipses:
+        return tuple(items[:ellipses[0]] + fill + items[ellipses[0] + 1:])
+    return tuple(items + fill)
+
+
+def _basic_index(x: Tensor, index: tuple) -> Tensor:
+    """Ints, slices and None, one item per axis of x (None aside): a flip for the axes sliced
+    with a negative step, one slice, then the squeeze and expand_dims."""
+    flips, starts, stops, steps, drop, new_axes = [], [], [], [], [], []
+    axis = out_axis = 0
     for item in index:
         if item is None:
             new_axes.append(out_axis)
             out_axis += 1
             continue
         dim = x.shape[axis]
-        if isinstance(item, (int, np.integer)):
+        if isinstance(item, slice):
+            start, stop, step = item.indices(dim)
+            count = len(range(start, stop, step))
+            if step < 0:  # position i of x is dim - 1 - i of flip(x), where the step is positive
+                flips.append(axis)
+                start, step = dim - 1 - start, -step
+            starts.append(start), stops.append(start + (count - 1) * step + 1 if count else start)
+            steps.append(step)
+            out_axis += 1
+        else:
             if not -dim <= item < dim:
                 raise ShapeError(f"index {item} is out of bounds for axis {axis} with size {dim} "
                                  f"(at {user_location()})")
             start = int(item) % dim
             starts.append(start), stops.append(start + 1), steps.append(1), drop.append(axis)
-        elif isinstance(item, slice):
-            start, stop, step = item.indices(dim)
-            if step <= 0:
-                raise GraphcError(f"slices with non-positive steps are not supported (at {user_location()})")
-            starts.append(start), stops.append(max(stop, start)), steps.append(step)
-            out_axis += 1
-        else:
-            raise GraphcError(f"unsupported index {item!r} (at {user_location()})")
         axis += 1
-    out = x
+    out = bind("flip", x, axes=tuple(flips)) if flips else x
     if (tuple(starts), tuple(stops), tuple(steps)) != ((0,) * x.ndim, x.shape, (1,) * x.ndim):
-        out = bind("slice", x, starts=tuple(starts), stops=tuple(stops), steps=tuple(steps))
+        out = bind("slice", out, starts=tuple(starts), stops=tuple(stops), steps=tuple(steps))
     if drop:
         out = bind("squeeze", out, axes=tuple(drop))
     if new_axes:
         out = bind("expand_dims", out, axes=tuple(new_axes))
     return out
+
+
+def _array_index(x: Tensor, axes: list[int], arrays: list[Any]) -> Tensor:
+    """x indexed along `axes` by integer arrays broadcast together (NumPy's advanced indexing):
+    the broadcast shape replaces those axes where they are adjacent, and leads otherwise."""
+    indices = [as_tensor(a if isinstance(a, Tensor) else a.astype(np.int64)) for a in arrays]
+    try:
+        common = tuple(np.broadcast_shapes(*(i.shape for i in indices)))
+    except ValueError:
+        raise ShapeError(f"index arrays of shapes {[i.shape for i in indices]} do not broadcast "
+                         f"together (at {user_location()})") from None
+    if len(axes) == 1:
+        return bind("gather", x, indices[0].broadcast_to(common), axis=axes[0])
+    rest = [a for a in range(x.ndim) if a not in axes]
+    out = x.permute(axes + rest) if axes != list(range(len(axes))) else x
+    out = bind("gather", out, indices[0].broadcast_to(common), axis=0)
+    lead = len(common)
+    for index in indices[1:]:  # pair each next axis with the elements already picked
+        trailing = (1,) * (out.ndim - lead)
+        picked = bind("take_along_axis", out, index.broadcast_to(common).reshape(common + trailing),
+                      axis=lead)
+        out = bind("squeeze", picked, axes=(lead,))
+    if axes == list(range(axes[0], axes[0] + len(axes))) and axes[0] > 0:
+        # Adjacent: the indexed dimensions take the place of the axes they replace.
+        before = list(range(lead, lead + axes[0]))
+        out = out.permute(before + list(range(lead)) + list(range(lead + axes[0], out.ndim)))
+    return out
+
+
+def _setitem(x: Tensor, index: Any, value: Any) -> Tensor:
+    """x with `value` written at `index`: where(region, value scattered back, x)."""
+    index_tuple = index if isinstance(index, tuple) else (index,)
+    masks = [i for i in index_tuple if isinstance(i, Tensor) and i.dtype == "bool"]
+    if masks:
+        return _masked_assign(x, index_tuple, value)
+    region = _getitem(x, index)
+    update = as_tensor(value, like=region).astype(x.dtype)
+    try:
+        update = update.broadcast_to(region.shape)
+    except ShapeError:
+        raise ShapeError(f"cannot assign a value of shape {update.shape} to the region of shape "
+                         f"{region.shape} that {_index_text(index_tuple)} selects from "
+                         f"{x.shape} (at {user_location()})") from None
+    if region.value is x.value:  # the whole tensor
+        return update
+    steps = _steps_from(x, region)
+    # Scatters add, so an integer-array index naming a position twice writes the sum there.
+    carrier = "int32" if x.dtype == "bool" else x.dtype  # the scatters add: no bools
+    written = _scatter_back(steps, update.astype(carrier))
+    ones = current_trace().builder.full(1, TensorType(region.shape, carrier))
+    covered = _scatter_back(steps, Tensor(ones))
+    return bind("where", covered != 0, written.astype(x.dtype), x)
+
+
+def _masked_assign(x: Tensor, index: tuple, value: Any) -> Tensor:
+    """x[mask] = value with a traced boolean mask over x's leading axes: a where."""
+    mask = index[0]
+    if len(index) != 1 or mask.shape != x.shape[:mask.ndim]:
+        raise GraphcError(f"assignment through a boolean mask takes one mask of the tensor's "
+                          f"leading shape (x[mask] = v with mask of shape {x.shape[:1]}..."
+                          f"{x.shape}); use gc.where(mask, v, x) for anything else "
+                          f"(at {user_location()})")
+    update = as_tensor(value, like=x).astype(x.dtype)
+    rest = x.shape[mask.ndim:]
+    try:
+        fits = update.ndim <= len(rest) and np.broadcast_shapes(update.shape, rest) == rest
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ShapeError(f"x[mask] = v needs v to be one value or broadcast to {rest}, the shape "
+                         f"of each masked element, got {update.shape}: the number of masked "
+                         f"elements is known only from the data (at {user_location()})")
+    selected = mask.reshape(mask.shape + (1,) * len(rest))
+    return bind("where", selected, update, x)
+
+
+def _steps_from(x: Tensor, region: Tensor) -> list:
+    """The nodes that made `region` from `x`, last first (see _getitem)."""
+    steps, value = [], region.value
+    while value is not x.value:
+        steps.append(value.producer)
+        value = value.producer.inputs[0]
+    return steps
+
+
+def _scatter_back(steps: list, update: Tensor) -> Tensor:
+    """`update`, shaped like the indexed region, placed where each step read it from: the
+    adjoints of the steps, zeros elsewhere."""
+    b, v = current_trace().builder, update.value
+    for node in steps:
+        source, attrs = node.inputs[0], node.attrs
+        if node.op == "slice":
+            v = b.slice_grad(v, shape=source.shape, **attrs)
+        elif node.op == "flip":
+            v = b.flip(v, **attrs)
+        elif node.op == "squeeze":
+            v = b.expand_dims(v, **attrs)
+        elif node.op == "expand_dims":
+            v = b.squeeze(v, **attrs)
+        elif node.op == "transpose":
+            v = b.transpose(v, perm=tuple(int(i) for i in np.argsort(attrs["perm"])))
+        elif node.op == "gather":
+            v = b.scatter_add(v, node.inputs[1], size=source.shape[attrs["axis"]], **attrs)
+        elif node.op == "take_along_axis":
+            v = b.scatter_add_along_axis(v, node.inputs[1], shape=source.shape, **attrs)
+        else:  # _getitem makes no other op
+            raise AssertionError(f"no scatter for the indexing step {node.op}")
+    return Tensor(v)
+
+
+def _index_text(index: tuple) -> str:
+    def item(i: Any) -> str:
+        if isinstance(i, slice):
+            return ":".join("" if p is None else str(p) for p in (i.start, i.stop, i.step)
+                            ).rstrip(":") or ":"
+        return "..." if i is Ellipsis else repr(i)
+    return f"x[{', '.join(item(i) for i in index)}]"

@@ -264,6 +264,7 @@ def _step(d: _Draft) -> None:
             axes = tuple(sorted(draw(st.sets(st.integers(0, r - 1), min_size=2, max_size=r))))
             text = f"axis={axes}"
         args = ", ".join(t for t in (text, "keepdims=True" if keep else "") if t)
+        op = "amax" if op == "max" else op  # max over one axis gives (values, indices)
         call = f"{name}.{op}({args})" if draw(st.booleans()) else f"gc.{op}({name}{', ' if args else ''}{args})"
         shape = tuple(1 if i in axes else n for i, n in enumerate(s)) if keep else \
             tuple(n for i, n in enumerate(s) if i not in axes)

@@ -198,6 +198,13 @@ def _slice(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
                                     in zip(domain.index, a["starts"], a["steps"])))
 
 
+@_rule("flip")
+def _flip(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
+    x, flipped = node.inputs[0], node.attrs["axes"]
+    return e.operand(node, 0, tuple(f"{e.extent(x, axis)} - 1 - {i}" if axis in flipped else i
+                                    for axis, i in enumerate(domain.index)))
+
+
 @_rule("slice_grad")
 def _slice_grad(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     a = node.attrs

@@ -30,7 +30,7 @@ def tanh(x: Tensor) -> Tensor:
 
 def softmax(x: Tensor, dim: int = -1) -> Tensor:
     x = as_tensor(x)
-    e = (x - stop_gradient(x.max(dim, keepdims=True))).exp()
+    e = (x - stop_gradient(x.amax(dim, keepdim=True))).exp()
     return e / e.sum(dim, keepdims=True)
 
 

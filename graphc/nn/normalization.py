@@ -83,7 +83,7 @@ class _BatchNorm(Module):
     def _update_running_stats(self, x: Tensor) -> None:
         """running = (1 - m) * running + m * batch statistic, with the unbiased batch variance;
         m is `momentum`, or 1/num_batches_tracked (a cumulative average) when momentum is None."""
-        count = x.size // x.shape[1]
+        count = x.numel() // x.shape[1]
         if count < 2:
             raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
                              f"when training, got input of shape {x.shape}")

@@ -1,7 +1,8 @@
 """Shape primitives: ops that move elements without arithmetic.
 
 reshape, transpose, broadcast_to, expand_dims, squeeze, slice (with `slice_grad`, its
-scatter-into-zeros adjoint), concatenate and pad.
+scatter-into-zeros adjoint), flip, concatenate and pad. A negative-step slice is a flip followed
+by a positive-step slice, so `slice` keeps positive steps only.
 
 Attributes have one canonical spelling. `canon` turns what a user may write (negative axes,
 NumPy-style out-of-range slice bounds) into it, and the shape rules accept only that form, so
@@ -242,6 +243,23 @@ _shape_op("slice_grad", _slice_grad_infer, _slice_grad_impl,
           (b.slice(g, starts=starts, stops=stops, steps=steps),),
           attrs={"shape": Attr("ints"), **_SLICE_ATTRS}, canon=_slice_grad_canon,
           doc="Zeros of `shape` with the operand written into the sliced positions.")
+
+
+# -- flip ----------------------------------------------------------------------------------
+def _flip_canon(types, attrs):
+    (x,) = types
+    return {"axes": normalize_axes(attrs["axes"], x.ndim)}
+
+
+def _flip_infer(x: TensorType, *, axes: tuple[int, ...]) -> TensorType:
+    require_canonical("axes", axes, normalize_axes(axes, x.ndim))
+    return x
+
+
+_shape_op("flip", _flip_infer, lambda x, *, axes: np.flip(x, axes),
+          lambda b, g, x, *, out, axes: (b.flip(g, axes=axes),),
+          attrs={"axes": Attr("ints")}, canon=_flip_canon,
+          doc="Reverse the order of elements along `axes` (np.flip); its own adjoint.")
 
 
 # -- concatenate ----------------------------------------------------------------------------

@@ -1,0 +1,239 @@
+"""The PyTorch surface for shapes and indexing: each call traced by graphc against PyTorch
+(values and gradients, float64), the flip primitive's VJP against finite differences, and the
+indexing kernels compiled by numba-cpu against the reference interpreter."""
+import numpy as np
+import pytest
+
+import graphc as gc
+from graphc.backends.reference import evaluate
+
+from opcheck import check_vjp
+
+torch = pytest.importorskip("torch")
+
+REF = "reference"
+rng = np.random.default_rng(0)
+
+
+def _clone_set(index, value):
+    """torch: x with x[index] = value (on a copy); graphc's setitem is functional anyway."""
+    def torch_fn(x):
+        y = x.clone()
+        y[index] = value if not callable(value) else value(y)
+        return y
+
+    def graphc_fn(x):
+        x[index] = value if not callable(value) else value(x)
+        return x
+    return graphc_fn, torch_fn
+
+
+_SET_ROW = _clone_set((slice(None), 0), 0.0)
+_SET_BLOCK = _clone_set(slice(1, 3), lambda x: x[0:2] * 2.0)
+_SET_ADD_LIST = _clone_set([0, 2], lambda x: x[[0, 2]] + 1.5)
+_SET_REVERSED = (_clone_set((slice(None), slice(None, None, -2)), lambda x: x[:, 2:] * 3.0)[0],
+                 _clone_set((slice(None), [4, 2, 0]), lambda x: x[:, 2:] * 3.0)[1])
+
+# name: (graphc function, torch function, input shape); both see one float64 tensor.
+CASES = {
+    "cat": (lambda x: gc.cat([x, x * 2.0], dim=1), lambda x: torch.cat([x, x * 2.0], dim=1), (2, 3)),
+    "cat_negative_dim": (lambda x: gc.cat([x, x[:1]], -2), lambda x: torch.cat([x, x[:1]], -2), (2, 3)),
+    "stack_dim": (lambda x: gc.stack([x, -x], dim=2), lambda x: torch.stack([x, -x], dim=2), (2, 3)),
+    "split_size": (lambda x: x.split(2, dim=1), lambda x: x.split(2, dim=1), (2, 5)),
+    "split_sections": (lambda x: gc.split(x, [1, 3, 1], 1), lambda x: torch.split(x, [1, 3, 1], 1),
+                       (2, 5)),
+    "chunk": (lambda x: x.chunk(3, 1), lambda x: x.chunk(3, 1), (2, 7)),
+    "chunk_fewer": (lambda x: gc.chunk(x, 4, 0), lambda x: torch.chunk(x, 4, 0), (3, 2)),
+    "repeat": (lambda x: x.repeat(2, 1, 3), lambda x: x.repeat(2, 1, 3), (2, 3)),
+    "expand": (lambda x: x[:, :1].expand(-1, 4), lambda x: x[:, :1].expand(-1, 4), (2, 3)),
+    "expand_new_axis": (lambda x: x.expand(2, -1, -1), lambda x: x.expand(2, -1, -1), (3, 2)),
+    "flip": (lambda x: x.flip(0, 2), lambda x: x.flip(0, 2), (2, 3, 2)),
+    "gc_flip": (lambda x: gc.flip(x, -1), lambda x: torch.flip(x, (-1,)), (2, 3)),
+    "negative_step": (lambda x: x[:, ::-1], lambda x: x.flip(1), (2, 4)),
+    "negative_step_2": (lambda x: x[::-2], lambda x: x.flip(0)[::2], (5, 2)),
+    "negative_step_bounds": (lambda x: x[3:0:-2, 1], lambda x: x[[3, 1], 1], (5, 2)),
+    "int_list_index": (lambda x: x[:, [0, 2]], lambda x: x[:, [0, 2]], (2, 3)),
+    "int_tensor_index": (lambda x: x[gc.Tensor.long(x[:, 0] * 0.0 + 1.0)],
+                         lambda x: x[(x[:, 0] * 0.0 + 1.0).long()], (3, 2)),
+    "negative_list_index": (lambda x: x[[-1, 0, -1]], lambda x: x[[-1, 0, -1]], (3, 2)),
+    "paired_arrays": (lambda x: x[[0, 1, 1], [2, 0, 2]], lambda x: x[[0, 1, 1], [2, 0, 2]], (2, 3)),
+    "adjacent_arrays": (lambda x: x[:, [1, 0], [2, 2]], lambda x: x[:, [1, 0], [2, 2]], (2, 2, 3)),
+    "split_arrays": (lambda x: x[[1, 0], :, [2, 2]], lambda x: x[[1, 0], :, [2, 2]], (2, 2, 3)),
+    "int_beside_array": (lambda x: x[0, :, [1, 2]], lambda x: x[0, :, [1, 2]], (2, 2, 3)),
+    "constant_bool_mask": (lambda x: x[np.array([True, False, True])],
+                           lambda x: x[torch.tensor([True, False, True])], (3, 2)),
+    "masked_fill": (lambda x: x.masked_fill(x > 0.5, -1.0), lambda x: x.masked_fill(x > 0.5, -1.0),
+                    (2, 3)),
+    "masked_fill_broadcast": (lambda x: gc.masked_fill(x, np.array([True, False, True]), 0.0),
+                              lambda x: x.masked_fill(torch.tensor([True, False, True]), 0.0), (2, 3)),
+    "set_row": (*_SET_ROW, (3, 2)),
+    "set_block": (*_SET_BLOCK, (4, 2)),
+    "set_add_list": (*_SET_ADD_LIST, (3, 2)),
+    "set_reversed_step": (*_SET_REVERSED, (2, 5)),
+    "set_paired_arrays": (*_clone_set(([0, 2], [1, 0]), lambda x: x[0:2, 1] * -1.0), (3, 2)),
+    "t": (lambda x: x.t(), lambda x: x.t(), (2, 3)),
+    "mT": (lambda x: x.mT, lambda x: x.mT, (2, 3, 4)),
+    "view": (lambda x: x.view(-1, 2), lambda x: x.view(-1, 2), (3, 4)),
+    "contiguous": (lambda x: x.t().contiguous() * 2.0, lambda x: x.t().contiguous() * 2.0, (2, 3)),
+    "type_as": (lambda x: x.float().double().type_as(x), lambda x: x.float().double().type_as(x),
+                (2, 2)),
+    "sum_dim_keepdim": (lambda x: x.sum(dim=1, keepdim=True), lambda x: x.sum(dim=1, keepdim=True),
+                        (2, 3)),
+    "mean_dims": (lambda x: gc.mean(x, dim=(0, 2)), lambda x: torch.mean(x, dim=(0, 2)), (2, 3, 2)),
+    "max_values": (lambda x: x.max(dim=1, keepdim=True).values,
+                   lambda x: x.max(dim=1, keepdim=True).values, (2, 3)),
+    "max_all": (lambda x: x.max(), lambda x: x.max(), (2, 3)),
+    "logsumexp_dim": (lambda x: gc.logsumexp(x, dim=0, keepdim=True),
+                      lambda x: torch.logsumexp(x, dim=0, keepdim=True), (3, 2)),
+    "softmax_method": (lambda x: x.softmax(dim=-1), lambda x: x.softmax(dim=-1), (2, 3)),
+}
+
+
+def _as_tuple(out):
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_pytorch_values_and_gradients(name):
+    graphc_fn, torch_fn, shape = CASES[name]
+    x = rng.standard_normal(shape)
+    got = _as_tuple(gc.jit(graphc_fn, backend=REF)(x))
+    tx = torch.tensor(x, requires_grad=True)
+    want = _as_tuple(torch_fn(tx))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == tuple(w.shape)
+        np.testing.assert_allclose(g, w.detach().numpy(), rtol=1e-12, atol=1e-12)
+    # The gradient of a weighted sum of every output reaches each element the outputs read.
+    weights = [rng.standard_normal(w.shape) for w in want]
+
+    def loss(x):
+        outs = _as_tuple(graphc_fn(x))
+        return sum((o * w).sum() for o, w in zip(outs, weights))
+    grad = gc.grad(loss, backend=REF)(x)
+    sum((w * torch.tensor(v)).sum() for w, v in zip(want, weights)).backward()
+    np.testing.assert_allclose(grad, tx.grad.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_max_over_an_axis_returns_values_and_indices():
+    """Regression: `v, i = x.max(1)` unpacked two rows of maxima (x.max returned the values)."""
+    x = np.array([[1.0, 5.0, 2.0], [7.0, 0.0, 3.0]], np.float32)
+    values, indices = gc.jit(lambda x: x.max(1), backend=REF)(x)
+    np.testing.assert_array_equal(values, [5.0, 7.0])
+    np.testing.assert_array_equal(indices, [1, 0])
+    assert indices.dtype == np.int64
+
+    def named(x):
+        out = gc.max(x, dim=0, keepdim=True)
+        return out.values, out.indices
+    values, indices = gc.jit(named, backend=REF)(x)
+    np.testing.assert_array_equal(values, [[7.0, 5.0, 3.0]])
+    np.testing.assert_array_equal(indices, [[1, 0, 1]])
+    # No axis: the value alone, a 0-d tensor; several axes: values only, as amax.
+    assert gc.jit(lambda x: x.max(), backend=REF)(x).shape == ()
+    np.testing.assert_array_equal(gc.jit(lambda x: x.max((0, 1)), backend=REF)(x), 7.0)
+    # np.max on a traced Tensor keeps NumPy's meaning.
+    np.testing.assert_array_equal(gc.jit(lambda x: np.max(x, axis=1), backend=REF)(x), [5.0, 7.0])
+
+
+def test_sizes_and_dtype_conversions():
+    seen = {}
+
+    def fn(x):
+        seen.update(size=x.size(), size1=x.size(1), size_last=x.size(-1), dim=x.dim(),
+                    numel=x.numel(), gc_numel=gc.numel(x))
+        return (x.long(), x.int(), x.double(), x.bool(), x.to("float64"), x.to(np.int32),
+                x.to(torch.float64), x.to("cpu"), x.to(x.long()), x.long().float())
+    x = np.array([[1.5, -2.0, 0.0]], np.float32)
+    outs = gc.jit(fn, backend=REF)(x)
+    assert seen == dict(size=(1, 3), size1=3, size_last=3, dim=2, numel=3, gc_numel=3)
+    t = torch.tensor(x)
+    want = (t.long(), t.int(), t.double(), t.bool(), t.to(torch.float64), t.to(torch.int32),
+            t.to(torch.float64), t, t.to(torch.int64), t.long().float())
+    for out, w in zip(outs, want):
+        assert out.dtype == w.numpy().dtype
+        np.testing.assert_array_equal(out, w.numpy())
+
+
+def test_summing_booleans_gives_int64():
+    x = np.array([[1.0, -1.0, 2.0], [0.5, 3.0, -4.0]], np.float32)
+    total, per_row = gc.jit(lambda x: ((x > 0).sum(), gc.sum(x > 0, dim=1)), backend=REF)(x)
+    assert total.dtype == per_row.dtype == np.int64
+    assert total == 4
+    np.testing.assert_array_equal(per_row, [2, 2])
+
+
+def test_index_assignment_rebinds_and_differentiates_both_parts():
+    """x[idx] += v with an int tensor index; the old value outside the region and the written
+    value inside both receive gradients."""
+    x = rng.standard_normal((4, 3))
+    v = rng.standard_normal((2, 3))
+    idx = np.array([3, 1])
+
+    def fn(x, v, idx):
+        y = x * 1.0
+        y[idx] += v
+        y[:, 0] = 0
+        return (y * y).sum()
+    tx, tv = torch.tensor(x, requires_grad=True), torch.tensor(v, requires_grad=True)
+    y = tx.clone()
+    y[torch.tensor(idx)] += tv
+    y[:, 0] = 0
+    (y * y).sum().backward()
+    np.testing.assert_allclose(gc.jit(fn, backend=REF)(x, v, idx), (y * y).sum().item())
+    dx, dv = gc.grad(fn, argnums=(0, 1), backend=REF)(x, v, idx)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(dv, tv.grad.numpy(), rtol=1e-12)
+
+
+def test_assignment_through_a_traced_mask_is_a_where():
+    x = rng.standard_normal((3, 2))
+
+    def fn(x):
+        x[x < 0] = 0.0
+        return x
+    np.testing.assert_array_equal(gc.jit(fn, backend=REF)(x), np.maximum(x, 0))
+
+
+def test_refusals_name_the_static_way():
+    x = np.ones((2, 3), np.float32)
+    with pytest.raises(gc.GraphcError, match=r"x\[mask\].*gc\.where.*masked_fill"):
+        gc.jit(lambda x: x[x > 0], backend=REF)(x)
+    with pytest.raises(gc.ShapeError, match="cannot assign a value of shape \\(4,\\)"):
+        def assign(x):
+            x[0] = gc.cat([x[0], x[0, :1]])
+            return x
+        gc.jit(assign, backend=REF)(x)
+    with pytest.raises(gc.ShapeError, match="split: sizes \\[1, 1\\] do not add up to 3"):
+        gc.jit(lambda x: x.split([1, 1], 1), backend=REF)(x)
+    with pytest.raises(gc.ShapeError, match="t\\(\\) expects a tensor of at most 2"):
+        gc.jit(lambda x: x.reshape(1, 2, 3).t(), backend=REF)(x)
+    with pytest.raises(gc.GraphcError, match="give dim or axis, not both"):
+        gc.jit(lambda x: x.sum(0, axis=1), backend=REF)(x)
+
+
+def test_flip_vjp_matches_finite_differences():
+    check_vjp("flip", [rng.standard_normal((2, 3, 2))], axes=(0, 2))
+    check_vjp("flip", [rng.standard_normal((3,))], axes=(-1,))
+
+
+def test_indexing_kernels_on_numba_cpu_match_the_reference():
+    """One compiled function exercising every kernel indexing adds: flip, the slice-and-flip of
+    a negative step, gathers and take_along_axis from integer arrays, and the scatters of
+    index assignment, with their gradients."""
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    idx = np.array([2, 0, 3], np.int64)
+
+    def fn(x, idx):
+        y = x.flip(0) + x[:, ::-1] * 0.5 + x[::-2].repeat(2, 1)
+        y[idx] += 1.0
+        y[1:3, ::2] = x[[0, 1], 1:4:1][:, [0, 1, 2]]
+        picked = x[[0, 3, 1], [4, 0, 2]]
+        return (y * y).sum() + (picked * picked).sum(), y
+    value_and_grad = lambda backend: gc.value_and_grad(fn, has_aux=True, backend=backend)(x, idx)  # noqa: E731
+    (ref_loss, ref_y), ref_grad = value_and_grad(REF)
+    (loss, y), grad = value_and_grad("numba-cpu")
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-6)
+
