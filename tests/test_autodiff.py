@@ -11,6 +11,14 @@ rng = np.random.default_rng(0)
 REF = "reference"
 
 
+@pytest.fixture(autouse=True)
+def fresh_rng():
+    """Each test draws from `rng` seeded afresh: its values never depend on which tests ran
+    before it."""
+    global rng
+    rng = np.random.default_rng(0)
+
+
 def numeric_grad(f, args, index, eps=1e-6):
     args = [np.array(a, dtype=np.float64) if i == index else a for i, a in enumerate(args)]
     x = args[index]

@@ -34,6 +34,14 @@ HUGE = 10**9
 BACKENDS = ["reference", "numba-cpu"]  # numba-cuda: the same tests, run by the simulated child
 
 
+@pytest.fixture(autouse=True)
+def fresh_rng():
+    """Each test draws from `rng` seeded afresh: its values never depend on which tests ran
+    before it."""
+    global rng
+    rng = np.random.default_rng(0)
+
+
 # Each index-consuming op, traced from a function whose op is on its second line: the line the
 # error must name. The indices index an axis of size 5.
 def take_along_axis(x, i, wrap_negative):

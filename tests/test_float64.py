@@ -15,6 +15,14 @@ X = rng.standard_normal((6, 3))
 Y = rng.standard_normal((6, 2))
 
 
+@pytest.fixture(autouse=True)
+def fresh_rng():
+    """Each test draws from `rng` seeded afresh: its values never depend on which tests ran
+    before it."""
+    global rng
+    rng = np.random.default_rng(0)
+
+
 @pytest.fixture
 def torch():
     return pytest.importorskip("torch")

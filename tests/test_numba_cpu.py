@@ -32,6 +32,14 @@ TOLERANCE = {"float32": dict(rtol=1e-5, atol=1e-6), "float64": dict(rtol=1e-11, 
 BLAS_TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
 
+@pytest.fixture(autouse=True)
+def fresh_rng():
+    """Each test draws from `rng` seeded afresh: its values never depend on which tests ran
+    before it."""
+    global rng
+    rng = np.random.default_rng(0)
+
+
 def normal(*shape, dtype="float32"):
     return rng.standard_normal(shape).astype(dtype)
 

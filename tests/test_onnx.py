@@ -21,6 +21,14 @@ REF = "reference"  # graphc's own outputs come from the NumPy oracle, whatever t
 rng = np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def fresh_rng():
+    """Each test draws from `rng` seeded afresh: its values never depend on which tests ran
+    before it."""
+    global rng
+    rng = np.random.default_rng(0)
+
+
 def f32(*shape, low=-2.0, high=2.0):
     return rng.uniform(low, high, shape).astype(np.float32)
 
@@ -188,7 +196,6 @@ OP_CASES = [
     ("squeeze", [f32(2, 1, 3)], {"axes": ()}),
     ("slice", [f32(4, 5, 3)], {"starts": (1, 0, 0), "stops": (4, 5, 2), "steps": (2, 1, 1)}),
     ("slice", [f32(4, 5)], {"starts": (0, 0), "stops": (4, 5), "steps": (1, 1)}),
-    ("flip", [f32(2, 3, 2)], {"axes": (0, 2)}),
     ("concatenate", [f32(2, 1), f32(2, 3), f32(2, 2)], {"axis": 1}),
     ("pad", [f32(2, 3)], {"pads": ((1, 0), (2, 1)), "value": 1.5}),
     ("pad", [INTS], {"pads": ((0, 2), (1, 1)), "value": -1.0}),

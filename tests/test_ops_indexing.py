@@ -8,6 +8,14 @@ from opcheck import check_vjp, run_op
 rng = np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def fresh_rng():
+    """Each test draws from `rng` seeded afresh: its values never depend on which tests ran
+    before it."""
+    global rng
+    rng = np.random.default_rng(0)
+
+
 def sample(shape):
     return rng.standard_normal(shape)
 

@@ -11,6 +11,14 @@ from opcheck import check_vjp, numeric_vjp, run_op, vjp_graph
 rng = np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def fresh_rng():
+    """Each test draws from `rng` seeded afresh: its values never depend on which tests ran
+    before it."""
+    global rng
+    rng = np.random.default_rng(0)
+
+
 def randn(*shape):
     return rng.standard_normal(shape)
 

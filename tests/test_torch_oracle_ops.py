@@ -43,6 +43,14 @@ def compare_with_torch(op: str, torch_fn, arrays: list[np.ndarray], dtype: str, 
 rng = np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def fresh_rng():
+    """Each test draws from `rng` seeded afresh: its values never depend on which tests ran
+    before it."""
+    global rng
+    rng = np.random.default_rng(0)
+
+
 def randn(*shape):
     return rng.standard_normal(shape)
 
