@@ -1,14 +1,22 @@
 """One benchmark measurement in its own process: prints a JSON line with the results.
 
-    python benchmarks/worker.py --system graphc|torch|jax|pytensor --workload mlp|cnn [--steps N]
-                                [--min-seconds S]
+    python benchmarks/worker.py --system graphc|torch|torch-compile|jax|pytensor
+                                --workload NAME [--steps N] [--min-seconds S] [--tiny]
+                                [--init STATE.npz]
+    python benchmarks/worker.py --export-init STATE.npz --workload NAME [--tiny]
+
+Workloads and their models are in models.py. `--export-init` writes PyTorch's seeded initial
+state dict as NumPy arrays; graphc given it with `--init` starts from the same weights, so the
+first losses of the two agree (reported as `first_loss`).
 
 Measures: time to the end of the first training step (compilation included), steady-state
-per-step times (median reported as samples/s), the peak resident memory that the training
-steps themselves add (Linux's VmHWM, reset after warm-up through /proc/self/clear_refs), and
-the peak growth from before the model was built (parameters, optimizer state, gradients
-and activations together: what graphc's arena plus its state holds; measured the same way
-for graphc, it also counts Numba's and LLVM's memory).
+per-step times (median reported as samples/s; a sample is an image or a sequence), the peak
+resident memory that the training steps themselves add (Linux's VmHWM, reset after warm-up
+through /proc/self/clear_refs), and the peak growth from before the model was built
+(parameters, optimizer state, gradients and activations together: what graphc's arena plus its
+state holds; measured the same way for graphc, it also counts Numba's and LLVM's memory).
+A system that fails to build or run the step prints {"error": ...} and exits with status 1.
+With GRAPHC_PROFILE=1, graphc's per-kernel profile of the timed steps goes to stderr.
 """
 from __future__ import annotations
 
@@ -18,10 +26,15 @@ import os
 import statistics
 import sys
 import time
+import traceback
+from typing import Any, Callable
 
 import numpy as np
 
-WORKLOADS = {"mlp": {"batch": 128, "shape": (784,)}, "cnn": {"batch": 64, "shape": (1, 28, 28)}}
+import models
+
+# (one training step returning its loss, extra fields for the result)
+Step = tuple[Callable[[], float], dict[str, Any]]
 
 
 def rss_kib(field: str) -> int:
@@ -41,70 +54,81 @@ def reset_peak() -> bool:
         return False
 
 
-def batch_data(workload: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    spec = WORKLOADS[workload]
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((spec["batch"], *spec["shape"])).astype(np.float32)
-    y = rng.integers(0, 10, spec["batch"]).astype(np.int64)
-    return x, y
-
-
-def graphc_step(workload: str, x: np.ndarray, y: np.ndarray):
+def graphc_step(workload: str, x: np.ndarray, y: np.ndarray, tiny: bool, init: str | None) -> Step:
     import graphc as gc
     import graphc.nn.functional as F
     from graphc import optim
-    from graphc.models import mlp, mnist_cnn
 
     gc.manual_seed(0)
     before_model = rss_kib("VmRSS")
-    model = mlp() if workload == "mlp" else mnist_cnn()
-    step = gc.compile_train_step(model, F.cross_entropy, optim.Adam(model.parameters(), lr=1e-3), (x, y))
-    extra = {"rss_before_model_kib": before_model}
+    model = models.build_model(workload, models.graphc_framework(), tiny)
+    if init:
+        with np.load(init) as state:
+            model.load_state_dict(dict(state))
+    optimizer = models.optimizer_for(workload, optim, model.parameters())
+    step = gc.compile_train_step(model, F.cross_entropy, optimizer, (x, y))
+    extra = {"rss_before_model_kib": before_model, "init": "pytorch" if init else "graphc"}
     plan = getattr(step.executable, "plan", None)
     if plan is not None:
         state_bytes = sum(a.nbytes for a in step.model.state_dict().values()) + sum(
             a.nbytes for s in step.opt_state.values() for a in s.values())
         extra.update(arena_bytes=int(plan.peak_bytes), naive_bytes=int(plan.naive_bytes),
-                     state_bytes=int(state_bytes))
+                     state_bytes=int(state_bytes), kernels=len(step.executable.kernels))
         stats = getattr(step.executable, "cache_stats", None)
         if stats is not None:
             extra["cache"] = stats if isinstance(stats, dict) else getattr(stats, "__dict__", str(stats))
-    return (lambda: step(x, y)), extra
+    # read after the timed steps (None unless GRAPHC_PROFILE=1); not part of the JSON
+    extra["profile"] = lambda: getattr(step.executable, "profile_report", None)
+    return (lambda: float(step(x, y))), extra
 
 
-def torch_step(workload: str, x: np.ndarray, y: np.ndarray):
+def torch_model(workload: str, tiny: bool):
     import torch
-    from torch import nn
 
     torch.manual_seed(0)
+    return models.build_model(workload, models.torch_framework(), tiny)
+
+
+def torch_step(workload: str, x: np.ndarray, y: np.ndarray, tiny: bool, compiled: bool) -> Step:
+    """PyTorch eager, or with `compiled` the loss (forward, and backward through AOTAutograd)
+    and the optimizer step each through torch.compile, as PyTorch's tutorials do."""
+    import torch
+    import torch.nn.functional as F
+
     before_model = rss_kib("VmRSS")
-    if workload == "mlp":
-        model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    else:
-        model = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(),
-                              nn.MaxPool2d(2), nn.Dropout(0.25), nn.Flatten(), nn.Linear(9216, 128),
-                              nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = torch_model(workload, tiny)
+    opt = models.optimizer_for(workload, torch.optim, model.parameters())
     tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-    loss_fn = nn.CrossEntropyLoss()
+
+    def loss_of(x, y):
+        return F.cross_entropy(model(x), y)
+    update = opt.step
+    if compiled:
+        loss_of, update = torch.compile(loss_of), torch.compile(opt.step)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(tx), ty)
+        loss = loss_of(tx, ty)
         loss.backward()
-        opt.step()
+        update()
         return loss.item()
     return step, {"threads": torch.get_num_threads(), "rss_before_model_kib": before_model}
 
 
-def jax_step(workload: str, x: np.ndarray, y: np.ndarray):
+def export_init(workload: str, tiny: bool, path: str) -> None:
+    """PyTorch's initial state dict as NumPy arrays (the file graphc loads with --init)."""
+    state = {k: v.detach().numpy() for k, v in torch_model(workload, tiny).state_dict().items()}
+    np.savez(path, **state)
+
+
+def jax_step(workload: str, x: np.ndarray, y: np.ndarray, tiny: bool) -> Step:
     import jax
     import jax.numpy as jnp
 
-    key = jax.random.PRNGKey(0)
-    sizes = (784, 256, 256, 10)
     if workload != "mlp":
         raise SystemExit("jax: only the MLP workload is implemented")
+    key = jax.random.PRNGKey(0)
+    sizes = models.WORKLOADS[workload].sized(tiny)[0]["sizes"]
     params = []
     for a, b in zip(sizes[:-1], sizes[1:]):
         key, k = jax.random.split(key)
@@ -140,7 +164,7 @@ def jax_step(workload: str, x: np.ndarray, y: np.ndarray):
     return step, {}
 
 
-def pytensor_step(workload: str, x: np.ndarray, y: np.ndarray):
+def pytensor_step(workload: str, x: np.ndarray, y: np.ndarray, tiny: bool) -> Step:
     """PyTensor with its Numba backend: the MLP step as one compiled function with the Adam
     updates on shared variables (its CNN falls back to object mode, far too slow to time)."""
     import pytensor
@@ -150,7 +174,7 @@ def pytensor_step(workload: str, x: np.ndarray, y: np.ndarray):
         raise SystemExit("pytensor: only the MLP workload is implemented")
     pytensor.config.floatX = "float32"  # else Python constants promote the updates to float64
     rng = np.random.default_rng(0)
-    sizes = (784, 256, 256, 10)
+    sizes = models.WORKLOADS[workload].sized(tiny)[0]["sizes"]
     params = []
     for a, b in zip(sizes[:-1], sizes[1:]):
         params.append(pytensor.shared(rng.uniform(-a ** -0.5, a ** -0.5, (a, b)).astype(np.float32)))
@@ -176,23 +200,19 @@ def pytensor_step(workload: str, x: np.ndarray, y: np.ndarray):
     return (lambda: float(update(x, y))), {}
 
 
-SYSTEMS = {"graphc": graphc_step, "torch": torch_step, "jax": jax_step, "pytensor": pytensor_step}
+SYSTEMS = {
+    "graphc": lambda w, x, y, args: graphc_step(w, x, y, args.tiny, args.init),
+    "torch": lambda w, x, y, args: torch_step(w, x, y, args.tiny, compiled=False),
+    "torch-compile": lambda w, x, y, args: torch_step(w, x, y, args.tiny, compiled=True),
+    "jax": lambda w, x, y, args: jax_step(w, x, y, args.tiny),
+    "pytensor": lambda w, x, y, args: pytensor_step(w, x, y, args.tiny),
+}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--system", choices=sorted(SYSTEMS), required=True)
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--min-seconds", type=float, default=1.0,
-                        help="keep timing steps until this much time is measured (short steps "
-                             "would otherwise sample the noisy machine for a few milliseconds)")
-    args = parser.parse_args()
-
-    x, y = batch_data(args.workload)
+def measure(args: argparse.Namespace) -> dict:
+    x, y = models.batch_data(args.workload, args.tiny)
     start = time.perf_counter()
-    step, extra = SYSTEMS[args.system](args.workload, x, y)
+    step, extra = SYSTEMS[args.system](args.workload, x, y, args)
     first_loss = step()
     first_call_s = time.perf_counter() - start
     for _ in range(args.warmup):
@@ -206,10 +226,13 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
         measured += times[-1]
     median = statistics.median(times)
-    result = {
-        "system": args.system, "workload": args.workload, "batch": len(y),
+    profile = extra.pop("profile", lambda: None)()
+    if profile is not None:
+        print(profile.table(), file=sys.stderr)
+    return {
+        "system": args.system, "workload": args.workload, "batch": len(x),
         "first_call_s": first_call_s, "median_step_s": median,
-        "samples_per_s": len(y) / median, "first_loss": first_loss,
+        "samples_per_s": len(x) / median, "first_loss": first_loss,
         "step_peak_extra_kib": (rss_kib("VmHWM") - baseline) if peak_reset else None,
         # model, optimizer state and the steps' peak together (for graphc this includes what
         # loading or compiling the kernels took: Numba and LLVM)
@@ -217,9 +240,41 @@ def main() -> None:
         if peak_reset and "rss_before_model_kib" in extra else None,
         "rss_kib": rss_kib("VmRSS"), **extra,
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--system", choices=sorted(SYSTEMS))
+    parser.add_argument("--workload", choices=sorted(models.WORKLOADS), required=True)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--min-seconds", type=float, default=1.0,
+                        help="keep timing steps until this much time is measured (short steps "
+                             "would otherwise sample the noisy machine for a few milliseconds)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the workload's smoke-test sizes (tests: the benchmarks still run)")
+    parser.add_argument("--init", metavar="STATE.npz",
+                        help="graphc: start from these weights (written by --export-init)")
+    parser.add_argument("--export-init", metavar="STATE.npz",
+                        help="write PyTorch's initial state dict for the workload and exit")
+    args = parser.parse_args()
+    if args.export_init:
+        export_init(args.workload, args.tiny, args.export_init)
+        return
+    if args.system is None:
+        parser.error("--system is required unless --export-init is given")
+    try:
+        result = measure(args)
+    except Exception as error:  # the caller reports it and goes on with the other systems
+        traceback.print_exc()
+        result, status = {"system": args.system, "workload": args.workload,
+                          "error": f"{type(error).__name__}: {error}"}, 1
+    else:
+        status = 0
     print(json.dumps(result))
     sys.stdout.flush()
-    os._exit(0)  # skip interpreter teardown (numba/torch thread pools), it is not measured
+    sys.stderr.flush()
+    os._exit(status)  # skip interpreter teardown (numba/torch thread pools), it is not measured
 
 
 if __name__ == "__main__":
