@@ -31,7 +31,8 @@ from typing import Any
 import llvmlite
 import numba
 
-from graphc.backends.kernel_files import CacheStats, KernelFiles, default_cache_dir, hashed_key, package_version
+from graphc.backends.kernel_files import (CacheStats, KernelFiles, default_cache_dir, hashed_key,
+                                          package_version)
 
 from .codegen_common import Call
 from .compile_pool import compile_with_workers, estimated_compile_seconds
