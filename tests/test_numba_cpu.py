@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from graphc.backends.kernels.arrays import INPUT, OUTPUT, KernelArray
 from graphc.backends.numba_cpu import unlowered_primitives
 from graphc.lowering import compile_graph
 from graphc.backends.numba_cpu.codegen import generate
@@ -540,14 +541,36 @@ def test_outputs_sharing_an_input_buffer_are_written_through_the_input():
     assert got[1] is w_arg
     for g_, w_ in zip(got, want):
         np.testing.assert_allclose(g_, w_, **TOLERANCE["float32"])
-    rewritten = [k for k in executable.kernels if executable.plan.written_in_place(k.node)]
-    assert len(rewritten) == 2
-    for k in rewritten:
+    in_place = [k for k in executable.kernels if executable.plan.written_in_place(k.node)]
+    assert len(in_place) == 2
+    for k in in_place:
         call = k.generated.calls[-1]
-        body = call.source.split(f"def {call.entry}(")[1]
-        params = body.split(")")[0].split(", ")
-        for _, q in executable.plan.written_in_place(k.node):
-            assert f"{params[call.args.index(f'y{q}')]}[" not in body
+        params = call.source.split(f"def {call.entry}(")[1].split(")")[0].split(", ")
+        stores = [line.split("[")[0].strip() for line in call.source.splitlines() if "] = " in line]
+        for p, q in executable.plan.written_in_place(k.node):
+            assert KernelArray(OUTPUT, q) not in call.args  # no parameter of its own
+            assert params[call.args.index(KernelArray(INPUT, p))] in stores
+
+
+def test_an_in_place_kernel_reads_and_writes_one_parameter():
+    """The emitter is told which output the memory plan puts in which input's buffer (here a
+    donated parameter updated by w - 0.1 * g) and writes the loop through that one parameter."""
+    b = Builder("sgd")
+    w = b.add_input(TensorType((4, 3), "float32"), "w", role="param")
+    g = b.add_input(TensorType((4, 3), "float32"), "g")
+    b.add_output("w", b.sub(w, b.mul(g, b.scalar_like(0.1, g))))
+    executable = compile_graph(b.graph.verify(), "numba-cpu", donate={0: 0})
+    (kernel,) = executable.kernels
+    (call,) = kernel.generated.calls
+    ((p, q),) = executable.plan.written_in_place(kernel.node)
+    assert kernel.node.inputs[p] is executable.graph.input_values[0]  # w's buffer
+    assert call.args == (KernelArray(INPUT, 0), KernelArray(INPUT, 1), 12)
+    assert "def kernel_mul_sub(x0, x1, n):" in call.source
+    assert f"        x{p}[i] = t1\n" in call.source and "y0" not in call.source
+    w_arg, g_arg = normal(4, 3), normal(4, 3)
+    want = w_arg - g_arg * np.float32(0.1)
+    assert executable(w_arg, g_arg)[0] is w_arg
+    np.testing.assert_allclose(w_arg, want, **TOLERANCE["float32"])
 
 
 def test_thread_count_comes_from_the_environment(monkeypatch):

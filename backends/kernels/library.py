@@ -1,43 +1,45 @@
 """What both Numba backends share of a library kernel (matmul, conv2d, pooling, scatters):
-the names its lowerings reference, and its epilogue as a graph of its own."""
+the kernel arrays its lowerings reference, and its epilogue as a graph of its own."""
 from __future__ import annotations
 
 from graphc.ir import Graph, Node, TensorType, Value
 from graphc.ir.kernels import is_literal
 
+from .arrays import SCRATCH, KernelArray
+
 
 class Refs:
-    """What a lowering may reference: the kernel array holding a value ('x0', 'y1'), the
-    values a matmul prologue transposes, and scratch arrays it asks for ('s0', ...)."""
+    """What a lowering may reference: the kernel array holding a value (an input or output of
+    the kernel), the values a matmul prologue transposes, and scratch arrays it asks for."""
 
-    def __init__(self, names: dict[Value, str], prologue: list[Node]) -> None:
-        self.names = names
+    def __init__(self, arrays: dict[Value, KernelArray], prologue: list[Node]) -> None:
+        self.arrays = arrays
         self.transposed = {t.output: t.inputs[0] for t in prologue}
         self.scratch: list[TensorType] = []
 
-    def __getitem__(self, value: Value) -> str:
-        return self.names[value]
+    def __getitem__(self, value: Value) -> KernelArray:
+        return self.arrays[value]
 
-    def operand(self, value: Value) -> tuple[str, bool]:
+    def operand(self, value: Value) -> tuple[KernelArray, bool]:
         """The array to read for `value`, and whether to read it transposed."""
         if value in self.transposed:
-            return self.names[self.transposed[value]], True
-        return self.names[value], False
+            return self.arrays[self.transposed[value]], True
+        return self.arrays[value], False
 
-    def new_scratch(self, shape: tuple[int, ...], dtype: str) -> str:
+    def new_scratch(self, shape: tuple[int, ...], dtype: str) -> KernelArray:
         self.scratch.append(TensorType(shape, dtype))
-        return f"s{len(self.scratch) - 1}"
+        return KernelArray(SCRATCH, len(self.scratch) - 1)
 
 
 
-def epilogue_graph(kernel: Node, anchor: Node, epilogue: list[Node], names: dict[Value, str]
-                   ) -> tuple[Graph, list[str]]:
+def epilogue_graph(kernel: Node, anchor: Node, epilogue: list[Node], arrays: dict[Value, KernelArray]
+                   ) -> tuple[Graph, list[KernelArray]]:
     """The epilogue as a graph of its own (the numba-cuda backend lowers it too), and the
     kernel array each of its inputs and outputs is, in order."""
     sub = kernel.subgraph
     part = Graph(f"{sub.name}_epilogue")
     local = {anchor.output: part.add_input(anchor.output.type, "anchor")}
-    refs = [names[anchor.output]]
+    refs = [arrays[anchor.output]]
     produced = {v for m in epilogue for v in m.outputs}
     for m in epilogue:
         for v in m.inputs:
@@ -49,7 +51,7 @@ def epilogue_graph(kernel: Node, anchor: Node, epilogue: list[Node], names: dict
                 local[v] = clone.output
             else:
                 local[v] = part.add_input(v.type, f"in{len(refs)}")
-                refs.append(names[v])
+                refs.append(arrays[v])
     for m in epilogue:
         clone = Node(m.op, tuple(local[v] for v in m.inputs), m.attrs, tuple(v.type for v in m.outputs), m.loc)
         part.nodes.append(clone)
@@ -57,5 +59,5 @@ def epilogue_graph(kernel: Node, anchor: Node, epilogue: list[Node], names: dict
     for v in sub.output_values:
         if v in produced:
             part.add_output(f"out{len(part.outputs)}", local[v])
-            refs.append(names[v])
+            refs.append(arrays[v])
     return part, refs

@@ -22,6 +22,7 @@ from graphc.ir.lowering import lowering_for, register_kind_default, register_low
 from graphc.ir.ops.random import rng_source
 from graphc.ir.registry import ELEMENTWISE, get
 
+from .arrays import INPUT, OUTPUT, KernelArray
 from .source import Writer, cast, index_text, literal
 
 Index = tuple[str, ...]
@@ -69,7 +70,7 @@ class PointwiseEmitter:
                  views: dict[Value, tuple[int, ...]] | None = None) -> None:
         self.sub = sub
         self.target = target            # whose registered pointwise rules `emit` applies
-        self.arrays = arrays            # kernel inputs/outputs -> parameter names
+        self.arrays = arrays            # kernel inputs/outputs -> their names in the source
         self.flat = flat
         self.views = views or {}        # arrays (and members) passed and indexed reshaped
         self.literals: dict[Value, str] = {}
@@ -305,10 +306,16 @@ def _random_bernoulli(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
 
 
 
-def argument_names(sub: Graph) -> dict[Value, str]:
-    names = {v: f"x{i}" for i, v in enumerate(sub.input_values)}
-    names.update({v: f"y{i}" for i, v in enumerate(sub.output_values)})
-    return names
+def kernel_arrays(sub: Graph) -> dict[Value, KernelArray]:
+    """The kernel array each of `sub`'s inputs and outputs is passed as: input i, output j."""
+    arrays = {v: KernelArray(INPUT, i) for i, v in enumerate(sub.input_values)}
+    arrays.update({v: KernelArray(OUTPUT, j) for j, v in enumerate(sub.output_values)})
+    return arrays
+
+
+def source_names(arrays: dict[Value, KernelArray]) -> dict[Value, str]:
+    """What the generated source calls each array: 'x0', 'y1'."""
+    return {v: array.name for v, array in arrays.items()}
 
 
 def members_of(sub: Graph) -> list[Node]:

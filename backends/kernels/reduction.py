@@ -11,7 +11,7 @@ from graphc.ir import Node
 from graphc.ir.lowering import lowering_for, register_lowering
 from graphc.ir.registry import REDUCTION, get
 
-from .pointwise import Domain, KernelTarget, PointwiseEmitter, argument_names, members_of
+from .pointwise import Domain, KernelTarget, PointwiseEmitter, kernel_arrays, members_of, source_names
 from .source import Writer, cast, index_text, literal, lowest
 
 REDUCTION_OPS = ("sum", "max", "argmax")
@@ -75,8 +75,8 @@ class ReductionKernel:
         self.shape = shape = self.anchor.inputs[0].shape
         rank = len(shape)
         self.kept = [d for d in range(rank) if d not in reduction.axes]
-        self.arrays = argument_names(sub)
-        self.emitter = PointwiseEmitter(sub, self.arrays, target)
+        self.arrays = kernel_arrays(sub)
+        self.emitter = PointwiseEmitter(sub, source_names(self.arrays), target)
         self.index = index = tuple(f"i{d}" for d in range(rank))
         self.dims = dims = tuple(f"n{d}" for d in range(rank))
         self.full = Domain(index, dims)
@@ -85,7 +85,7 @@ class ReductionKernel:
                                   tuple("1" if d in reduction.axes else dims[d] for d in range(rank)))
         else:
             self.reduced = Domain(tuple(index[d] for d in self.kept), tuple(dims[d] for d in self.kept))
-        self.outputs = {v: self.arrays[v] for v in sub.output_values}
+        self.outputs = {v: self.arrays[v].name for v in sub.output_values}
         self.body_outputs = [v for v in self.outputs if v.producer in self.body]
 
     def accumulate(self, w: Writer, acc: str = "acc") -> None:

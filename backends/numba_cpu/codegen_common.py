@@ -10,9 +10,10 @@ dtypes) is part of the source and therefore of the cache key.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from graphc.ir import TensorType
+from graphc.backends.kernels.arrays import KernelArray
 from graphc.backends.kernels.pointwise import KernelTarget
 from graphc.backends.kernels.source import Writer
 
@@ -33,18 +34,17 @@ from numba import njit, prange
 
 @dataclass
 class Call:
-    """One compiled function of a kernel and what to pass it: `args` names the kernel's arrays
-    ('x0': input 0, 'y1': output 1, 's0': scratch 0) or gives an integer. With `flat`, every
+    """One compiled function of a kernel and what to pass it: each of `args` is one of the
+    kernel's arrays (an input, output or scratch array) or an integer. With `flat`, every
     array is passed as a 1-D view; `views` may give, per argument, the shape of the view to
     pass instead of the array (None: as it is)."""
 
     source: str                   # a complete module
     entry: str                    # the function to call in it
-    args: tuple[str | int, ...]
+    args: tuple[KernelArray | int, ...]
     flat: bool = False
     parallel: bool = False
     views: tuple[tuple[int, ...] | None, ...] = ()
-    pointwise: bool = False       # one loop nest reading and writing every array at its index
 
     def view_of(self, position: int, array: TensorType) -> tuple[int, ...] | None:
         """The shape argument `position` (an array of type `array`) is passed as, or None."""
@@ -77,12 +77,15 @@ class KernelSource:
         return any(call.parallel for call in self.calls)
 
 
-def module(name: str, body: Writer, helpers: list[str] = ()) -> str:
-    """A complete kernel module: header, inlined helper functions, the entry function."""
+def module(name: str, body: Writer, helpers: Sequence[str] = (), *, gemm: bool = False,
+           fastmath: bool = False) -> str:
+    """A complete kernel module: header, inlined helper functions, the entry function. Its
+    writer declares what the code uses: `gemm`, the GEMM helper (gemm.py), imported;
+    `fastmath`, the FASTMATH flag set a decorator names (`decorator`, HELPER_DECORATOR)."""
     header = HEADER.format(name=name)
-    if any("gemm(" in text for text in [body.text(), *helpers]):
+    if gemm:
         header += "from graphc.backends.numba_cpu.gemm import gemm\n"
-    if any("FASTMATH" in text for text in [body.text(), *helpers]):
+    if fastmath:
         header += f"\nFASTMATH = {{{', '.join(repr(f) for f in FASTMATH_FLAGS)}}}\n"
     parts = [header] + [h.rstrip() + "\n" for h in helpers] + [body.text()]
     return "\n\n".join(parts)
@@ -112,11 +115,12 @@ def loop_header(var: str, extent: str, parallel: bool) -> str:
     return f"for {var} in {'prange' if parallel else 'range'}({extent}):"
 
 
-def library_call(entry: str, params: list[str], args: list[str | int], parallel: bool,
-                 write_body: Callable[[Writer], None], fastmath: bool = True) -> Call:
-    """A call of a hand-written library function `entry(*params)` with these `args`."""
+def library_call(entry: str, params: list[str], args: list[KernelArray | int], parallel: bool,
+                 write_body: Callable[[Writer], None], fastmath: bool = True, gemm: bool = False) -> Call:
+    """A call of a hand-written library function `entry(*params)` with these `args`; `gemm`:
+    its body calls the GEMM helper."""
     w = Writer()
     w.line(decorator(parallel, fastmath))
     with w.block(f"def {entry}({', '.join(params)}):"):
         write_body(w)
-    return Call(module(entry, w), entry, tuple(args), parallel=parallel)
+    return Call(module(entry, w, gemm=gemm, fastmath=fastmath), entry, tuple(args), parallel=parallel)

@@ -14,6 +14,7 @@ import numba
 
 from graphc.ir import Node, Value
 from graphc.ir.lowering import lowering
+from graphc.backends.kernels.arrays import KernelArray
 from graphc.backends.kernels.library import Refs
 from graphc.backends.kernels.source import Writer, size_of
 
@@ -98,7 +99,7 @@ def _conv_module(entry: str, params: list[str], node: Node, kernel: tuple[int, i
                  body: Callable[[Writer], None], parallel: bool, helpers: tuple[str, ...] = ()) -> str:
     """A conv module: the window geometry as constants, the serial per-plane helper (im2col or
     col2im) and any other `helpers`, and the entry, which loops over the batch in T chunks
-    (`prange` over chunks)."""
+    (`prange` over chunks) and calls the GEMM helper."""
     geometry = "\n".join(f"{k} = {v}" for k, v in _conv_geometry(node, kernel).items())
     helper = Writer()
     helper.line(HELPER_DECORATOR)
@@ -108,7 +109,7 @@ def _conv_module(entry: str, params: list[str], node: Node, kernel: tuple[int, i
     w.line(decorator(parallel, fastmath=False))
     with w.block(f"def {entry}({', '.join(params)}):"):
         body(w)
-    return module(entry, w, [geometry, helper.text(), *helpers])
+    return module(entry, w, [geometry, helper.text(), *helpers], gemm=True, fastmath=True)
 
 
 def _batch(w: Writer, images: str) -> None:
@@ -140,7 +141,7 @@ def _group_rows(w: Writer, matrix: str) -> None:
 
 
 def _scratch_per_chunk(refs: Refs, images: int, rows: int, positions: int,
-                       dtype: str) -> tuple[str, int]:
+                       dtype: str) -> tuple[KernelArray, int]:
     """One (C*kh*kw, Ho*Wo) column matrix per thread (one thread for small convolutions): an
     image's receptive fields stay in cache between im2col and its GEMM, instead of a whole
     batch's going through memory. Returns the scratch and the number of threads."""

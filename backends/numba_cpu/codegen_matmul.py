@@ -9,6 +9,7 @@ import numba
 
 from graphc.ir import Node
 from graphc.ir.lowering import lowering
+from graphc.backends.kernels.arrays import KernelArray
 from graphc.backends.kernels.library import Refs
 from graphc.backends.kernels.pointwise import broadcast_index
 from graphc.backends.kernels.source import Writer, size_of
@@ -44,7 +45,7 @@ def _matmul(node: Node, refs: Refs) -> tuple[list[Call], int]:
         w.line(gemm_call(a_t, b_t, "M", "N", "K", "av", "0", "bv", "0", "0.0", "ov", "0"))
 
     call = library_call("batched_matmul", ["a", "b", "out"], [a, b, refs[node.output]], parallel, body,
-                        fastmath=False)
+                        fastmath=False, gemm=True)
     return [call], flops
 
 
@@ -94,7 +95,7 @@ def _gemm_body(parallel: bool) -> Callable[[Writer], None]:
 GEMM_PARALLEL_MIN_FLOPS = 1 << 22
 
 
-def _gemm(entry: str, operands: list[str], flops: int, transpose_a: bool = False,
+def _gemm(entry: str, operands: list[KernelArray], flops: int, transpose_a: bool = False,
           transpose_b: bool = False) -> Call:
     """out = a @ b for the matrices named by operands [a, b, out], read transposed as flagged."""
     parallel = flops >= GEMM_PARALLEL_MIN_FLOPS and numba.config.NUMBA_NUM_THREADS > 1
@@ -102,4 +103,4 @@ def _gemm(entry: str, operands: list[str], flops: int, transpose_a: bool = False
     if parallel:
         params.append("T")
         args.append(numba.config.NUMBA_NUM_THREADS)
-    return library_call(entry, params, args, parallel, _gemm_body(parallel), fastmath=False)
+    return library_call(entry, params, args, parallel, _gemm_body(parallel), fastmath=False, gemm=True)

@@ -7,6 +7,7 @@ from typing import Callable
 
 from graphc.ir import Node
 from graphc.ir.lowering import register_lowering
+from graphc.backends.kernels.arrays import KernelArray
 from graphc.backends.kernels.library import Refs
 from graphc.backends.kernels.source import Writer, size_of
 
@@ -15,7 +16,7 @@ from .codegen_common import (HELPER_DECORATOR, PARALLEL_MIN_ELEMENTS, TARGET, Ca
 from .codegen_conv import zero_plane
 
 
-def _per_plane(entry: str, params: list[str], args: list[str], constants: dict[str, int],
+def _per_plane(entry: str, params: list[str], args: list[KernelArray], constants: dict[str, int],
                plane_params: list[str], plane_args: str, plane_body: Callable[[Writer], None],
                parallel: bool, planes_of: str, preamble: tuple[str, ...] = ()) -> Call:
     """entry(*params) calls plane(*plane_args) for every image plane (n, c) of `planes_of`, the
@@ -36,7 +37,7 @@ def _per_plane(entry: str, params: list[str], args: list[str], constants: dict[s
         with w.block(loop_header("nc", "N * C", parallel)):
             w.line("n, c = nc // C, nc % C")
             w.line(f"plane({plane_args})")
-    return Call(module(entry, w, [geometry, helper.text()]), entry, tuple(args), parallel=parallel)
+    return Call(module(entry, w, [geometry, helper.text()], fastmath=True), entry, tuple(args), parallel=parallel)
 
 
 # -- pooling --------------------------------------------------------------------------------------

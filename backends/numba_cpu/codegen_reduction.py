@@ -18,7 +18,8 @@ from typing import Callable
 
 from graphc.ir import Graph, Node, TensorType, Value
 from graphc.ir.registry import ELEMENTWISE, REDUCTION, get
-from graphc.backends.kernels.pointwise import argument_names
+from graphc.backends.kernels.arrays import KernelArray
+from graphc.backends.kernels.pointwise import kernel_arrays
 from graphc.backends.kernels.reduction import Reduction, ReductionKernel, register_reduction_lowerings
 from graphc.backends.kernels.source import Writer, entry_name, index_text, size_of
 
@@ -33,7 +34,7 @@ def generate_reduction(kernel: Node) -> KernelSource:
     source = _generate(collapsed[0] if collapsed else kernel)
     if collapsed:
         call = source.calls[0]
-        views = tuple(collapsed[1].get(a) if isinstance(a, str) else None for a in call.args)
+        views = tuple(collapsed[1].get(a) if isinstance(a, KernelArray) else None for a in call.args)
         source.calls[0] = replace(call, views=views)
     return source
 
@@ -71,11 +72,11 @@ def _generate(kernel: Node) -> KernelSource:
     entry = entry_name(kernel.attrs["name"])
     source = Writer()
     source.line(decorator(parallel))
-    with source.block(f"def {entry}({', '.join(list(arrays.values()) + list(dims))}):"):
+    with source.block(f"def {entry}({', '.join([a.name for a in arrays.values()] + list(dims))}):"):
         source.extend(emitter.prelude)
     source.extend(code)
     flops = size_of(shape) + elementwise_flops(parts.body) + elementwise_flops(parts.epilogue)
-    call = Call(module(entry, source, emitter.helpers), entry, tuple(arrays.values()) + shape,
+    call = Call(module(entry, source, emitter.helpers, fastmath=True), entry, tuple(arrays.values()) + shape,
                 parallel=parallel)
     return KernelSource(kernel.attrs["name"], kernel.attrs["pattern"], [call], flops=flops)
 
@@ -127,7 +128,7 @@ def _column_reduction(code: Writer, parts: ReductionKernel) -> None:
 
 
 # -- merging adjacent reduced axes ------------------------------------------------------------
-def collapse_reduced_axes(kernel: Node) -> tuple[Node, dict[str, tuple[int, ...]]] | None:
+def collapse_reduced_axes(kernel: Node) -> tuple[Node, dict[KernelArray, tuple[int, ...]]] | None:
     """The reduction kernel with each run of adjacent reduced axes merged into one, and the
     shape each changed kernel array is viewed as; None when no run merges.
 
@@ -195,8 +196,8 @@ def collapse_reduced_axes(kernel: Node) -> tuple[Node, dict[str, tuple[int, ...]
         graph.nodes.append(clone)
     for name, v in sub.outputs:
         graph.add_output(name, mapping[v])
-    names = argument_names(sub)
-    views = {names[v]: types[v].shape for v in names if types[v].shape != v.shape}
+    arrays = kernel_arrays(sub)
+    views = {arrays[v]: types[v].shape for v in arrays if types[v].shape != v.shape}
     collapsed = Node(kernel.op, kernel.inputs, kernel.attrs, tuple(v.type for v in kernel.outputs),
                      kernel.loc, graph)
     return collapsed, views

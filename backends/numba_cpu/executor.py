@@ -2,11 +2,12 @@
 per call.
 
 Compilation: `lower` generates every kernel's source of a fused graph; memory is planned from it
-(kernel scratch included, by graphc.lowering); `compile_plan` then loads each kernel through the
-cache, compiled eagerly for the exact argument types the executor will pass. A call then checks
-its inputs, allocates the fresh output arrays, and runs the kernel list; each step is a compiled
-function and the indices of its arguments in one flat list of arrays, most of which (arena
-views, constants, scratch) never change.
+(kernel scratch included, by graphc.lowering); `compile_plan` then generates again the kernels
+the plan writes in place, telling their emitters which outputs share an input's buffer, and
+loads each kernel through the cache, compiled eagerly for the exact argument types the executor
+will pass. A call then checks its inputs, allocates the fresh output arrays, and runs the kernel
+list; each step is a compiled function and the indices of its arguments in one flat list of
+arrays, most of which (arena views, constants, scratch) never change.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import numpy as np
 
 from graphc.backends import LoweredGraph, PlannedExecutable
 from graphc.backends.bounds import IndexCheck, IndexChecks, plan_index_checks
+from graphc.backends.kernels.arrays import INPUT, OUTPUT, SCRATCH, KernelArray
 from graphc.backends.kernel_files import signature_of
 from graphc.backends.signature import InputSignature
 from graphc.ir import Graph, Node, TensorType, Value
@@ -32,9 +34,8 @@ from graphc.ir.memory import ALIGNMENT, MemoryPlan
 
 from .blas import single_threaded_scipy_blas
 from .cache import CacheStats, get_cache
-from .codegen import generate
+from .codegen import POINTWISE_GENERATORS, generate
 from .codegen_common import Call, KernelSource
-from .codegen_elementwise import write_in_place
 
 
 @dataclass
@@ -210,10 +211,10 @@ class Executable(PlannedExecutable):
             for k, arg in enumerate(call.args):
                 if isinstance(arg, int):
                     slots.append(env.constant(arg))
-                elif arg[0] == "s":
-                    slots.append(scratch[int(arg[1:])])
+                elif arg.kind is SCRATCH:
+                    slots.append(scratch[arg.index])
                 else:
-                    value = (node.inputs if arg[0] == "x" else node.outputs)[int(arg[1:])]
+                    value = arg.pick(node.inputs, node.outputs, ())
                     slots.append(self._slot(value, call.view_of(k, value.type)))
             calls.append((function, tuple(slots)))
         return _Step(kernel, tuple(calls), tuple((c, self._slot(c.indices, None)) for c in checks))
@@ -378,9 +379,7 @@ def _argument_types(node: Node, kernel: KernelSource, call: Call) -> list[Tensor
         if isinstance(arg, int):
             types.append(arg)
         else:
-            table = {"x": [v.type for v in node.inputs], "y": [v.type for v in node.outputs],
-                     "s": list(kernel.scratch)}[arg[0]]
-            t = table[int(arg[1:])]
+            t = arg.pick([v.type for v in node.inputs], [v.type for v in node.outputs], kernel.scratch)
             view = call.view_of(k, t)
             types.append(t if view is None else TensorType(view, t.dtype))
     return types
@@ -401,6 +400,15 @@ def lower(fused: Graph) -> LoweredGraph:
                                 if n.attrs["pattern"] not in ("view", "constant")})
 
 
+def in_place_aliases(plan: MemoryPlan, kernel: Node) -> dict[KernelArray, KernelArray]:
+    """The outputs of `kernel` that `plan` writes into an input's buffer, each mapped to that
+    input (the first, should one buffer be passed as several inputs)."""
+    aliases: dict[KernelArray, KernelArray] = {}
+    for p, q in sorted(plan.written_in_place(kernel)):
+        aliases.setdefault(KernelArray(OUTPUT, q), KernelArray(INPUT, p))
+    return aliases
+
+
 def compile_plan(lowered: LoweredGraph, plan: MemoryPlan) -> Executable:
     """Compile the kernels of `lowered` for the CPU through Numba, run in `plan`'s order over its
     arena. The plan's donations (input index -> output index written into that input's buffer)
@@ -409,10 +417,13 @@ def compile_plan(lowered: LoweredGraph, plan: MemoryPlan) -> Executable:
     _limit_blas_threads()
     fused, sources = lowered.graph, lowered.sources
     checks = plan_index_checks(fused, plan)  # first: constant indices out of range fail here
-    for node, source in sources.items():
-        pairs = {(f"x{p}", f"y{q}") for p, q in plan.written_in_place(node)}
-        if pairs:
-            source.calls = [write_in_place(call, pairs) for call in source.calls]
+    # Lowering came first because it tells the planner each kernel's scratch (the algorithm a
+    # convolution picks decides it); now that the plan says which outputs share an input's
+    # buffer, the kernels writing in place are generated again, through one parameter per buffer.
+    for node in sources:
+        aliases = in_place_aliases(plan, node)
+        if aliases and node.attrs["pattern"] in POINTWISE_GENERATORS:
+            sources[node] = generate(node, aliases)
     cache = get_cache()
     stats = CacheStats()
     kernels = {}

@@ -23,9 +23,11 @@ from typing import Callable
 from graphc.ir import Node, TensorType, Value
 from graphc.ir.kernels import op_class
 from graphc.ir.lowering import lowering, lowering_for
+from graphc.backends.kernels.arrays import KernelArray
 from graphc.backends.kernels.library import Refs, epilogue_graph
-from graphc.backends.kernels.pointwise import (Domain, KernelTarget, PointwiseEmitter, argument_names,
-                                               broadcast_index, members_of, register_pointwise_lowerings)
+from graphc.backends.kernels.pointwise import (Domain, KernelTarget, PointwiseEmitter, broadcast_index,
+                                               kernel_arrays, members_of, register_pointwise_lowerings,
+                                               source_names)
 from graphc.backends.kernels.reduction import Reduction, ReductionKernel, register_reduction_lowerings
 from graphc.backends.kernels.source import Writer, entry_name, index_text, literal, origin_comment, size_of
 
@@ -59,11 +61,12 @@ KERNEL_DECORATOR = "@cuda.jit" if SIMULATED else "@cuda.jit(cache=True)"
 
 @dataclass
 class CudaCall:
-    """One kernel launch: `args` name kernel arrays ('x0', 'y1', 's0') or give integers."""
+    """One kernel launch: each of `args` is one of the kernel's arrays (an input, output or
+    scratch array) or an integer."""
 
     source: str
     entry: str
-    args: tuple[str | int, ...]
+    args: tuple[KernelArray | int, ...]
     grid: tuple[int, ...]
     block: tuple[int, ...]
     gemm: tuple[bool, bool] | None = None  # a matmul cuBLAS may run instead: operands transposed?
@@ -118,13 +121,14 @@ def _product(dims: tuple[str, ...]) -> str:
 
 
 # -- elementwise / shape --------------------------------------------------------------------------
-def elementwise_call(entry: str, sub, refs: list[str] | None = None) -> CudaCall:
+def elementwise_call(entry: str, sub, refs: list[KernelArray] | None = None) -> CudaCall:
     """A grid-stride kernel computing every member of `sub` at each index of their shape. With
     `refs`, its parameters (sub's inputs then outputs) are those kernel arrays."""
     members = members_of(sub)
     shape = members[0].output.shape
-    arrays = argument_names(sub)
-    emitter = PointwiseEmitter(sub, arrays, CUDA)
+    arrays = kernel_arrays(sub)
+    names = source_names(arrays)
+    emitter = PointwiseEmitter(sub, names, CUDA)
     index = tuple(f"i{d}" for d in range(len(shape)))
     dims = tuple(f"n{d}" for d in range(len(shape)))
     domain = Domain(index, dims)
@@ -134,14 +138,14 @@ def elementwise_call(entry: str, sub, refs: list[str] | None = None) -> CudaCall
     for m in members:
         emitter.emit(loop, m, domain)
     for v in sub.output_values:
-        loop.line(f"{arrays[v]}[{index_text(index)}] = {emitter.locals[v]}")
+        loop.line(f"{names[v]}[{index_text(index)}] = {emitter.locals[v]}")
     body = Writer()
     body.line(KERNEL_DECORATOR)
-    with body.block(f"def {entry}({', '.join(list(arrays.values()) + list(dims))}):"):
+    with body.block(f"def {entry}({', '.join(list(names.values()) + list(dims))}):"):
         body.extend(emitter.prelude)
     body.extend(loop)
-    names = tuple(refs) if refs is not None else tuple(arrays.values())
-    return CudaCall(_module(entry, body, emitter.helpers), entry, names + shape,
+    passed = tuple(refs) if refs is not None else tuple(arrays.values())
+    return CudaCall(_module(entry, body, emitter.helpers), entry, passed + shape,
                     *_grid_for(size_of(shape)))
 
 
@@ -203,7 +207,7 @@ def generate_reduction(kernel: Node) -> CudaKernelSource:
     entry = _entry(kernel)
     source = Writer()
     source.line(KERNEL_DECORATOR)
-    with source.block(f"def {entry}({', '.join(list(arrays.values()) + list(dims))}):"):
+    with source.block(f"def {entry}({', '.join([a.name for a in arrays.values()] + list(dims))}):"):
         source.extend(emitter.prelude)
     source.extend(code)
     call = CudaCall(_module(entry, source, emitter.helpers), entry,
@@ -227,7 +231,7 @@ def _tree(w: Writer, reduction: Reduction) -> None:
 
 
 # -- library kernels ------------------------------------------------------------------------------
-def _call(entry: str, params: list[str], args: list[str | int], threads: int,
+def _call(entry: str, params: list[str], args: list[KernelArray | int], threads: int,
           write_body: Callable[[Writer], None], constants: dict[str, int] | None = None) -> CudaCall:
     """A hand-written kernel `entry(*params)`: write_body writes the per-thread work for flat
     position `flat` (a grid-stride loop over `threads` positions is opened for it)."""
@@ -240,7 +244,7 @@ def _call(entry: str, params: list[str], args: list[str | int], threads: int,
     return CudaCall(_module(entry, w, helpers), entry, tuple(args), *_grid_for(threads))
 
 
-def _zero_call(array: str, value: Value) -> CudaCall:
+def _zero_call(array: KernelArray, value: Value) -> CudaCall:
     shape = value.shape
     index = tuple(f"i{d}" for d in range(len(shape)))
     dims = tuple(str(n) for n in shape)
@@ -262,7 +266,7 @@ class Operand:
     """A GEMM operand: the kernel array, its logical (..., rows, cols) shape as the product
     reads it, and whether the array holds it transposed (its last two axes swapped)."""
 
-    name: str
+    array: KernelArray
     shape: tuple[int, ...]
     transposed: bool = False
 
@@ -272,7 +276,7 @@ class Operand:
         return s[:-2] + (s[-1], s[-2]) if self.transposed else s
 
 
-def _gemm(x: Operand, y: Operand, out_name: str, out: tuple[int, ...], dtype: str) -> CudaCall:
+def _gemm(x: Operand, y: Operand, out_array: KernelArray, out: tuple[int, ...], dtype: str) -> CudaCall:
     """out = x @ y, batched over out's leading axes (broadcast). Tiled: each block computes a
     TILE x TILE tile of one batch element's product, staging TILE-wide slabs of both operands
     in shared memory. Operand arrays are passed reshaped to their stored shapes."""
@@ -312,7 +316,7 @@ def _gemm(x: Operand, y: Operand, out_name: str, out: tuple[int, ...], dtype: st
             w.line(f"out[{', '.join(bindex + ('row', 'col'))}] = acc")
     grid = (min(tiles, MAX_GEMM_BLOCKS),)
     gemm = (x.transposed, y.transposed) if dtype in ("float32", "float64") else None
-    return CudaCall(_module("matmul", w), "matmul", (x.name, y.name, out_name), grid, (TILE, TILE),
+    return CudaCall(_module("matmul", w), "matmul", (x.array, y.array, out_array), grid, (TILE, TILE),
                     gemm, views=(x.stored_shape, y.stored_shape, out))
 
 
@@ -342,7 +346,7 @@ class _ConvLayout:
         self.col_size, self.rows_size = size_of(self.col), size_of(self.rows)
 
 
-def _im2col(layout: _ConvLayout, x: str, col: str) -> CudaCall:
+def _im2col(layout: _ConvLayout, x: KernelArray, col: KernelArray) -> CudaCall:
     def body(w: Writer) -> None:
         w.line("r, q = flat // (N * P), flat % (N * P)")
         w.line("c, ij = r // (KH * KW), r % (KH * KW)")
@@ -355,7 +359,7 @@ def _im2col(layout: _ConvLayout, x: str, col: str) -> CudaCall:
     return _with_views(call, (None, (layout.col_size // layout.col[2], layout.col[2])))
 
 
-def _col2im(layout: _ConvLayout, dcol: str, dx: str, dx_type: TensorType) -> CudaCall:
+def _col2im(layout: _ConvLayout, dcol: KernelArray, dx: KernelArray, dx_type: TensorType) -> CudaCall:
     """dx[n, c, ih, iw] gathers the col entries that im2col copied from it: no atomics."""
     def body(w: Writer) -> None:
         _unravel(w, "flat", ("n", "c", "ih", "iw"), ("N", "C", "H", "W"))
@@ -374,7 +378,7 @@ def _col2im(layout: _ConvLayout, dcol: str, dx: str, dx_type: TensorType) -> Cud
     return _with_views(call, ((layout.col_size // layout.col[2], layout.col[2]), None))
 
 
-def _to_gemm_layout(layout: _ConvLayout, nchw: str, rows: str) -> CudaCall:
+def _to_gemm_layout(layout: _ConvLayout, nchw: KernelArray, rows: KernelArray) -> CudaCall:
     def body(w: Writer) -> None:
         w.line("o, q = flat // (N * P), flat % (N * P)")
         w.line("rows[o, q] = nchw[q // P, o, q % P]")
@@ -383,7 +387,7 @@ def _to_gemm_layout(layout: _ConvLayout, nchw: str, rows: str) -> CudaCall:
                               (layout.consts["O"], layout.rows[2])))
 
 
-def _from_gemm_layout(layout: _ConvLayout, rows: str, nchw: str) -> CudaCall:
+def _from_gemm_layout(layout: _ConvLayout, rows: KernelArray, nchw: KernelArray) -> CudaCall:
     def body(w: Writer) -> None:
         w.line("n, r = flat // (O * P), flat % (O * P)")
         w.line("nchw[n, r // P, r % P] = rows[r // P, n * P + r % P]")
@@ -605,11 +609,11 @@ def generate_library(kernel: Node) -> CudaKernelSource:
     members = members_of(kernel.subgraph)
     at = next(i for i, m in enumerate(members) if op_class(m.op) == "library")
     prologue, anchor, epilogue = members[:at], members[at], members[at + 1:]
-    refs = Refs(argument_names(kernel.subgraph), prologue)
+    refs = Refs(kernel_arrays(kernel.subgraph), prologue)
     calls = lowering_for(TARGET, anchor.op)(anchor, refs)
     if epilogue:
-        part, names = epilogue_graph(kernel, anchor, epilogue, refs.names)
-        calls.append(elementwise_call(_entry(kernel) + "_epilogue", part, names))
+        part, arrays = epilogue_graph(kernel, anchor, epilogue, refs.arrays)
+        calls.append(elementwise_call(_entry(kernel) + "_epilogue", part, arrays))
     return CudaKernelSource(kernel.attrs["name"], kernel.attrs["pattern"], calls, tuple(refs.scratch))
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from graphc.backends import DeviceResident, LoweredGraph, PlannedExecutable
 from graphc.backends.bounds import IndexChecks, plan_index_checks
+from graphc.backends.kernels.arrays import SCRATCH
 from graphc.backends.kernel_files import CacheStats, signature_of
 from graphc.backends.signature import prepare_inputs
 from graphc.ir import Graph, Node, TensorType, Value
@@ -76,9 +77,7 @@ def _argument_types(node: Node, source: CudaKernelSource, call: CudaCall) -> lis
         if isinstance(arg, int):
             result.append(arg)
             continue
-        table = {"x": [v.type for v in node.inputs], "y": [v.type for v in node.outputs],
-                 "s": list(source.scratch)}[arg[0]]
-        t = table[int(arg[1:])]
+        t = arg.pick([v.type for v in node.inputs], [v.type for v in node.outputs], source.scratch)
         view = call.views[k] if k < len(call.views) else None
         result.append(TensorType(view, t.dtype) if view is not None else t)
     return result
@@ -182,9 +181,10 @@ class Executable(PlannedExecutable, DeviceResident):
             if isinstance(arg, int):
                 args.append(arg)
                 continue
-            position = int(arg[1:])
-            value = scratch[position] if arg[0] == "s" else \
-                self._env[(node.inputs if arg[0] == "x" else node.outputs)[position]]
+            if arg.kind is SCRATCH:
+                value = scratch[arg.index]
+            else:
+                value = self._env[arg.pick(node.inputs, node.outputs, ())]
             view = call.views[k] if k < len(call.views) else None
             args.append(value.reshape(view) if view is not None else value)
         return args
