@@ -5,10 +5,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from graphc.ir.errors import GraphcError, ShapeError, user_location
+from graphc.ir import TensorType
+from graphc.ir.errors import DTypeError, GraphcError, ShapeError, user_location
+from graphc.ir.types import is_float
 
-from .tensor import (Tensor, ValuesIndices, _normalize_axes, as_tensor, bind, current_trace,
-                     matmul)
+from .tensor import (Tensor, ValuesIndices, _normalize_axes, _reduction_axes, as_tensor, bind,
+                     current_trace, dtype_name, matmul)
 
 __all__ = ["exp", "log", "log1p", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "sign", "square",
            "reciprocal", "maximum", "minimum", "where", "sum", "mean", "max", "amax", "argmax", "matmul",
@@ -184,3 +186,295 @@ def bernoulli(p: float, shape: Sequence[int]) -> Tensor:
     key, stream = current_trace().random_key()
     return Tensor(current_trace().builder.bind("random_bernoulli", key, p=float(p),
                                                shape=tuple(shape), stream=stream))
+
+
+# -- math with PyTorch's names, keywords and dtypes ---------------------------------------------
+sin, cos, erf = (_unary(op) for op in ("sin", "cos", "erf"))
+
+__all__ += ["sin", "cos", "erf", "clamp", "clip", "cumsum", "cumprod", "var", "std", "min", "amin",
+            "argmin", "norm", "einsum", "triu", "tril", "arange", "zeros", "ones", "full",
+            "zeros_like", "ones_like", "full_like"]
+
+
+def clamp(x: Tensor, min: Any = None, max: Any = None) -> Tensor:
+    """Each element limited to [min, max]; either bound may be None, a number or a tensor
+    (broadcasting). As in PyTorch, NaN stays NaN, min > max gives max, and the gradient flows
+    where min <= x <= max."""
+    x = as_tensor(x)
+    if min is None and max is None:
+        raise GraphcError(f"clamp: give min, max or both (at {user_location()})")
+    out = x if min is None else maximum(x, min)
+    return out if max is None else minimum(out, max)
+
+
+clip = clamp
+
+
+def _cumulative(op: str, x: Any, dim: int | None, axis: int | None, dtype: Any) -> Tensor:
+    x = as_tensor(x)
+    dim = _reduction_axes(dim, axis, op)
+    if dim is None:  # NumPy's: over the flattened array (PyTorch requires dim)
+        x, dim = x.reshape(-1), 0
+    if dtype is not None:
+        x = x.astype(dtype)
+    elif not is_float(x.dtype):
+        x = x.astype("int64")  # PyTorch and NumPy accumulate integers and booleans in int64
+    if x.ndim == 0:
+        _normalize_axes(dim, 1)
+        return bind(op, x.reshape(1), axis=0).reshape(())
+    (dim,) = _normalize_axes(dim, x.ndim)
+    return bind(op, x, axis=dim)
+
+
+def cumsum(x: Tensor, dim: int | None = None, *, axis: int | None = None, dtype: Any = None) -> Tensor:
+    """Running sum along `dim`; integers and booleans sum in int64 unless `dtype` says otherwise."""
+    return _cumulative("cumsum", x, dim, axis, dtype)
+
+
+def cumprod(x: Tensor, dim: int | None = None, *, axis: int | None = None, dtype: Any = None) -> Tensor:
+    """Running product along `dim`; its gradient is exact where elements are zero (it costs
+    O(n^2) memory per line, n the length of `dim`)."""
+    return _cumulative("cumprod", x, dim, axis, dtype)
+
+
+def var(x: Tensor, dim: int | Sequence[int] | None = None, unbiased: bool | None = None,
+        keepdim: bool = False, *, correction: float | None = None, axis: Any = None,
+        keepdims: bool = False, ddof: float | None = None) -> Tensor:
+    """Variance over `dim` (all axes by default), sum((x - mean)^2) / (N - correction), with
+    PyTorch's default correction=1 (`unbiased=False` or NumPy's `ddof=0` for the population
+    variance). N - correction <= 0 divides by zero, giving nan or inf as in PyTorch."""
+    x = as_tensor(x)
+    if isinstance(dim, bool):  # torch.var(x, False): the legacy positional `unbiased`
+        dim, unbiased = None, dim
+    given = [name for name, v in (("unbiased", unbiased), ("correction", correction), ("ddof", ddof))
+             if v is not None]
+    if len(given) > 1:
+        raise GraphcError(f"var/std: give one of unbiased, correction and ddof, not "
+                          f"{' and '.join(given)} (at {user_location()})")
+    if not is_float(x.dtype):
+        raise DTypeError(f"var/std: expects a floating-point tensor, got {x.dtype}; cast it "
+                         f"with .float() (at {user_location()})")
+    if correction is None:
+        correction = ddof if ddof is not None else (0 if unbiased is False else 1)
+    axes = _normalize_axes(_reduction_axes(dim, axis, "var"), x.ndim)
+    count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+    centered = x - x.mean(axes, keepdim=True)
+    squares = centered.square().sum(axes, keepdim=keepdim or keepdims)
+    return squares / float(count - correction if count > correction else 0)
+
+
+def std(x: Tensor, dim: int | Sequence[int] | None = None, unbiased: bool | None = None,
+        keepdim: bool = False, *, correction: float | None = None, axis: Any = None,
+        keepdims: bool = False, ddof: float | None = None) -> Tensor:
+    """Standard deviation: the square root of `var` (same arguments, correction=1 by default)."""
+    return var(x, dim, unbiased, keepdim, correction=correction, axis=axis, keepdims=keepdims,
+               ddof=ddof).sqrt()
+
+
+def min(x: Tensor, dim: Any = None, keepdim: bool = False, *, axis: Any = None,
+        keepdims: bool = False) -> Tensor | ValuesIndices:
+    """torch.min, as Tensor.min: see `max`."""
+    return as_tensor(x).min(dim, keepdim, axis=axis, keepdims=keepdims)
+
+
+def amin(x: Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
+         axis: Any = None, keepdims: bool = False) -> Tensor:
+    """The minimum over one axis, several or all: values only (torch.amin, np.min)."""
+    return as_tensor(x).amin(dim, keepdim, axis=axis, keepdims=keepdims)
+
+
+def argmin(x: Tensor, dim: int | None = None, keepdim: bool = False, *, axis: int | None = None,
+           keepdims: bool = False) -> Tensor:
+    return as_tensor(x).argmin(dim, keepdim, axis=axis, keepdims=keepdims)
+
+
+def norm(x: Tensor, p: float | str | None = "fro", dim: int | Sequence[int] | None = None,
+         keepdim: bool = False, *, axis: Any = None, keepdims: bool = False) -> Tensor:
+    """torch.norm over `dim` (all axes by default): p = 'fro' or 2 (the Euclidean norm, with
+    gradient 0 at a zero vector, as in PyTorch), 1, inf, -inf, 0 (the count of non-zeros) or
+    any other number (sum(|x|^p)^(1/p))."""
+    x = as_tensor(x)
+    axes = _normalize_axes(_reduction_axes(dim, axis, "norm"), x.ndim)
+    keep = keepdim or keepdims
+    if p is None or p == "fro" or p == 2:
+        squares = x.square().sum(axes, keepdim=keep)
+        nonzero = squares > 0  # sqrt's derivative is infinite at 0: route zero vectors around it
+        return where(nonzero, where(nonzero, squares, 1).sqrt(), 0)
+    if isinstance(p, str):
+        raise GraphcError(f"norm: p={p!r} is not supported; use 'fro', 1, 2, inf, -inf, 0 or "
+                          f"another number (at {user_location()})")
+    if p == 1:
+        return x.abs().sum(axes, keepdim=keep)
+    if p == np.inf:
+        return bind("max", x.abs(), axes=axes, keepdims=keep)
+    if p == -np.inf:
+        return x.abs().amin(axes, keepdim=keep)
+    if p == 0:
+        return (x != 0).astype(x.dtype).sum(axes, keepdim=keep)
+    return (x.abs() ** float(p)).sum(axes, keepdim=keep) ** (1.0 / float(p))
+
+
+def triu(x: Tensor, diagonal: int = 0) -> Tensor:
+    """The upper triangle of the last two axes: elements with column - row >= diagonal."""
+    return _triangle(x, diagonal, upper=True)
+
+
+def tril(x: Tensor, diagonal: int = 0) -> Tensor:
+    """The lower triangle of the last two axes: elements with column - row <= diagonal."""
+    return _triangle(x, diagonal, upper=False)
+
+
+def _triangle(x: Any, diagonal: int, upper: bool) -> Tensor:
+    x = as_tensor(x)
+    if x.ndim < 2:
+        raise ShapeError(f"{'triu' if upper else 'tril'}: expects at least two dimensions, got "
+                         f"shape {x.shape} (at {user_location()})")
+    rows, cols = x.shape[-2:]
+    offset = np.arange(cols)[None, :] - np.arange(rows)[:, None]
+    keep = offset >= diagonal if upper else offset <= diagonal
+    return where(keep, x, 0)
+
+
+# -- einsum ---------------------------------------------------------------------------------------
+def einsum(equation: str, *operands: Any) -> Tensor:
+    """np.einsum / torch.einsum for one or more operands, contracted left to right: each pair
+    becomes transposes, reshapes and one batched matmul (labels on both sides and in the output
+    are the batch, labels on both sides only are summed by the product); a label on one side
+    only and not in the output is summed first. Without '->' the output is the labels used
+    once, in alphabetical order. A label repeated within one operand (a diagonal, 'ii->i') and
+    '...' are refused."""
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])  # torch.einsum(eq, [a, b])
+    tensors = [as_tensor(x) for x in operands]
+    inputs, output = _parse_einsum(equation, tensors)
+    sizes: dict[str, int] = {}
+    for labels, t in zip(inputs, tensors):
+        for label, n in zip(labels, t.shape):
+            if sizes.setdefault(label, n) != n:
+                raise ShapeError(f"einsum {equation!r}: label {label!r} has sizes {sizes[label]} "
+                                 f"and {n} (at {user_location()})")
+    labels, result = inputs[0], tensors[0]
+    for k in range(1, len(tensors)):
+        later = set(output).union(*inputs[k + 1:])
+        labels, result = _contract_pair(labels, result, inputs[k], tensors[k], later)
+    result = _sum_labels(labels, result, keep=set(output))
+    labels = "".join(l for l in labels if l in output)
+    perm = tuple(labels.index(l) for l in output)
+    return result if perm == tuple(range(len(perm))) else result.permute(perm)
+
+
+def _parse_einsum(equation: str, tensors: list[Tensor]) -> tuple[list[str], str]:
+    at = f"(at {user_location()})"
+    spec = equation.replace(" ", "")
+    if "." in spec:
+        raise GraphcError(f"einsum {equation!r}: '...' is not supported; name every axis {at}")
+    lhs, arrow, output = spec.partition("->")
+    inputs = lhs.split(",")
+    if len(inputs) != len(tensors):
+        raise ShapeError(f"einsum {equation!r}: {len(inputs)} operand specs for {len(tensors)} "
+                         f"operands {at}")
+    for labels, t in zip(inputs, tensors):
+        if labels and not labels.isalpha():
+            raise GraphcError(f"einsum {equation!r}: labels must be letters, got {labels!r} {at}")
+        if len(labels) != t.ndim:
+            raise ShapeError(f"einsum {equation!r}: {labels!r} names {len(labels)} axes of an "
+                             f"operand of shape {t.shape} {at}")
+        repeated = sorted({l for l in labels if labels.count(l) > 1})
+        if repeated:
+            raise GraphcError(f"einsum {equation!r}: label {repeated[0]!r} repeats within "
+                              f"{labels!r} (a diagonal), which graphc does not support; take "
+                              f"the diagonal with a mask, x * eye, summed {at}")
+    if not arrow:
+        counts = "".join(inputs)
+        output = "".join(sorted(l for l in set(counts) if counts.count(l) == 1))
+    unknown = sorted(set(output) - set("".join(inputs)))
+    if unknown or len(set(output)) != len(output):
+        raise GraphcError(f"einsum {equation!r}: the output {output!r} must name distinct labels of "
+                          f"the operands {at}")
+    return inputs, output
+
+
+def _sum_labels(labels: str, x: Tensor, keep: set[str]) -> Tensor:
+    gone = tuple(i for i, l in enumerate(labels) if l not in keep)
+    return x.sum(gone) if gone else x
+
+
+def _contract_pair(a_labels: str, a: Tensor, b_labels: str, b: Tensor, later: set[str]
+                   ) -> tuple[str, Tensor]:
+    """a and b contracted into (batch, a's free, b's free) labels, keeping what `later` needs."""
+    a = _sum_labels(a_labels, a, set(b_labels) | later)
+    a_labels = "".join(l for l in a_labels if l in set(b_labels) | later)
+    b = _sum_labels(b_labels, b, set(a_labels) | later)
+    b_labels = "".join(l for l in b_labels if l in set(a_labels) | later)
+    batch = [l for l in a_labels if l in b_labels and l in later]
+    summed = [l for l in a_labels if l in b_labels and l not in later]
+    a_free = [l for l in a_labels if l not in b_labels]
+    b_free = [l for l in b_labels if l not in a_labels]
+
+    def arranged(labels: str, x: Tensor, order: list[str], groups: list[list[str]]) -> Tensor:
+        perm = tuple(labels.index(l) for l in order)
+        x = x.permute(perm) if perm != tuple(range(x.ndim)) else x
+        return x.reshape(tuple(int(np.prod([x.shape[order.index(l)] for l in g], dtype=np.int64))
+                               for g in groups))
+
+    left = arranged(a_labels, a, batch + a_free + summed, [batch, a_free, summed])
+    right = arranged(b_labels, b, batch + summed + b_free, [batch, summed, b_free])
+    product = bind("matmul", left, right)
+    shape = tuple(a.shape[a_labels.index(l)] for l in batch + a_free) + tuple(
+        b.shape[b_labels.index(l)] for l in b_free)
+    return "".join(batch + a_free + b_free), product.reshape(shape)
+
+
+# -- constants ------------------------------------------------------------------------------------
+def _default_dtype(*values: Any) -> str:
+    """PyTorch's dtype for a tensor made from Python numbers: bool, int64, or float32."""
+    if all(isinstance(v, (bool, np.bool_)) for v in values):
+        return "bool"
+    if all(isinstance(v, (int, np.integer)) for v in values):
+        return "int64"
+    return "float32"
+
+
+def _filled(shape: Sequence[int], value: Any, dtype: str) -> Tensor:
+    tensor_type = TensorType(tuple(int(d) for d in shape), dtype_name(dtype))
+    return Tensor(current_trace().builder.full(value, tensor_type))
+
+
+def _shape_argument(size: tuple[Any, ...]) -> tuple[int, ...]:
+    return tuple(size[0]) if len(size) == 1 and not isinstance(size[0], (int, np.integer)) else size
+
+
+def arange(start: float, end: float | None = None, step: float = 1, *, dtype: Any = None) -> Tensor:
+    """torch.arange: start, start + step, ... below end (int64 from integers, else float32)."""
+    if end is None:
+        start, end = 0, start
+    if step == 0:
+        raise GraphcError(f"arange: step must be non-zero (at {user_location()})")
+    dtype = dtype_name(dtype) if dtype is not None else _default_dtype(start, end, step)
+    return as_tensor(np.arange(start, end, step).astype(dtype))
+
+
+def full(size: Sequence[int], fill_value: Any, *, dtype: Any = None) -> Tensor:
+    """A tensor of `size` holding `fill_value` (its dtype by PyTorch's rule unless given)."""
+    return _filled(size, fill_value, dtype or _default_dtype(fill_value))
+
+
+def zeros(*size: Any, dtype: Any = "float32") -> Tensor:
+    return _filled(_shape_argument(size), 0, dtype)
+
+
+def ones(*size: Any, dtype: Any = "float32") -> Tensor:
+    return _filled(_shape_argument(size), 1, dtype)
+
+
+def full_like(x: Tensor, fill_value: Any, *, dtype: Any = None) -> Tensor:
+    x = as_tensor(x)
+    return _filled(x.shape, fill_value, dtype or x.dtype)
+
+
+def zeros_like(x: Tensor, *, dtype: Any = None) -> Tensor:
+    return full_like(x, 0, dtype=dtype)
+
+
+def ones_like(x: Tensor, *, dtype: Any = None) -> Tensor:
+    return full_like(x, 1, dtype=dtype)

@@ -322,6 +322,13 @@ def _dims_argument(dims: tuple) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 
 
+def _order_reversed(x: Tensor) -> Tensor:
+    """A map reversing the order, its own inverse: -x for floats, -x - 1 for integers (~x in the
+    wrap-around arithmetic of every backend, so the smallest integer maps to the largest where
+    -x would overflow). min and argmin are max and argmax of the reversed values."""
+    return -x if is_float(x.dtype) else -x - 1
+
+
 class ValuesIndices(NamedTuple):
     """What x.max(dim) and x.min(dim) return, as PyTorch's torch.return_types.max."""
 
@@ -506,6 +513,69 @@ class Tensor:
     def log_softmax(self, dim: int = -1) -> Tensor:
         from .nn.functional import log_softmax
         return log_softmax(self, dim)
+
+    def amin(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
+             axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
+        """The minimum over `dim` (one axis, several, or all by default): values only."""
+        reversed_max = _order_reversed(self).amax(dim, keepdim, axis=axis, keepdims=keepdims)
+        return _order_reversed(reversed_max)
+
+    def min(self, dim: Any = None, keepdim: bool = False, *, axis: Any = None,
+            keepdims: bool = False) -> Tensor | ValuesIndices:
+        """PyTorch's min, as `max`: over one axis the named tuple (values, indices)."""
+        dim = _reduction_axes(dim, axis, "min")
+        if isinstance(dim, Tensor):
+            return bind("minimum", self, dim)
+        keep = keepdim or keepdims
+        if not isinstance(dim, (int, np.integer)):
+            return self.amin(dim, keep)
+        return ValuesIndices(self.amin(dim, keep), self.argmin(dim, keep))
+
+    def argmin(self, dim: int | None = None, keepdim: bool = False, *, axis: int | None = None,
+               keepdims: bool = False) -> Tensor:
+        """The index of the first minimum (a NaN counts as the minimum, as in PyTorch)."""
+        return _order_reversed(self).argmax(dim, keepdim, axis=axis, keepdims=keepdims)
+
+    # -- math: graphc/functions.py defines these ----------------------------------------------
+    def sin(self) -> Tensor: return bind("sin", self)
+    def cos(self) -> Tensor: return bind("cos", self)
+    def erf(self) -> Tensor: return bind("erf", self)
+
+    def clamp(self, min: Any = None, max: Any = None) -> Tensor:
+        from .functions import clamp
+        return clamp(self, min, max)
+
+    clip = clamp
+
+    def cumsum(self, dim: int | None = None, *, axis: int | None = None, dtype: Any = None) -> Tensor:
+        from .functions import cumsum
+        return cumsum(self, dim, axis=axis, dtype=dtype)
+
+    def cumprod(self, dim: int | None = None, *, axis: int | None = None, dtype: Any = None) -> Tensor:
+        from .functions import cumprod
+        return cumprod(self, dim, axis=axis, dtype=dtype)
+
+    def var(self, dim: Any = None, unbiased: bool | None = None, keepdim: bool = False,
+            **keywords: Any) -> Tensor:
+        from .functions import var
+        return var(self, dim, unbiased, keepdim, **keywords)
+
+    def std(self, dim: Any = None, unbiased: bool | None = None, keepdim: bool = False,
+            **keywords: Any) -> Tensor:
+        from .functions import std
+        return std(self, dim, unbiased, keepdim, **keywords)
+
+    def norm(self, p: Any = "fro", dim: Any = None, keepdim: bool = False, **keywords: Any) -> Tensor:
+        from .functions import norm
+        return norm(self, p, dim, keepdim, **keywords)
+
+    def triu(self, diagonal: int = 0) -> Tensor:
+        from .functions import triu
+        return triu(self, diagonal)
+
+    def tril(self, diagonal: int = 0) -> Tensor:
+        from .functions import tril
+        return tril(self, diagonal)
 
     # -- shape -----------------------------------------------------------------------------
     def reshape(self, *shape: int | Sequence[int]) -> Tensor:
