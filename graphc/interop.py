@@ -60,21 +60,29 @@ UFUNCS: dict[np.ufunc, Callable[..., Tensor]] = {
 SUGGESTIONS: dict[str, str] = {
     "np.expm1": "gc.exp(x) - 1", "np.log2": "gc.log(x) / math.log(2)",
     "np.log10": "gc.log(x) / math.log(10)", "np.exp2": "gc.exp(x * math.log(2))",
-    "np.min": "-(-x).amax(axis)", "np.amin": "-(-x).amax(axis)", "np.argmin": "gc.argmax(-x, axis)",
-    "np.var": "((x - x.mean(axis, keepdims=True)).square()).mean(axis)",
-    "np.std": "gc.sqrt(((x - x.mean(axis, keepdims=True)).square()).mean(axis))",
     "np.add.reduce": "gc.sum(x, axis)", "np.maximum.reduce": "x.amax(axis)",
-    "np.minimum.reduce": "-(-x).amax(axis)", "np.linalg.norm": "gc.sqrt(x.square().sum())",
-    "np.clip": "gc.minimum(gc.maximum(x, low), high)",
+    "np.minimum.reduce": "x.amin(axis)", "np.linalg.norm": "x.norm(p, dim)",
 }
 
 
 def _unsupported(call: str) -> GraphcError:
     instead = SUGGESTIONS.get(call)
+    name = call.rpartition(".")[2]
+    if instead is None and name in gcf.__all__:  # same name, but arguments may differ
+        instead = f"gc.{name}{inspect.signature(getattr(gcf, name))}"
     advice = (f"write {instead} instead" if instead else
               "graphc has no equivalent op; compute it outside the traced function, or build it "
               "from graphc ops")
     return GraphcError(f"{call} on a graphc Tensor: {advice} (at {user_location()})")
+
+
+def _ufunc_rule(ufunc: np.ufunc) -> Callable[..., Tensor] | None:
+    """The graphc op for a ufunc: from the table, or graphc's function of the same name for a
+    one-operand, one-result ufunc (np.sin is gc.sin: graphc names its math as NumPy does)."""
+    apply = UFUNCS.get(ufunc)
+    if apply is None and ufunc.nin == 1 and ufunc.nout == 1 and ufunc.__name__ in gcf.__all__:
+        apply = getattr(gcf, ufunc.__name__)
+    return apply
 
 
 def array_ufunc(ufunc: np.ufunc, method: str, inputs: tuple[Any, ...],
@@ -83,7 +91,7 @@ def array_ufunc(ufunc: np.ufunc, method: str, inputs: tuple[Any, ...],
     call = f"np.{ufunc.__name__}" + ("" if method == "__call__" else f".{method}")
     if method != "__call__":
         raise _unsupported(call)
-    apply = UFUNCS.get(ufunc)
+    apply = _ufunc_rule(ufunc)
     if apply is None:
         raise _unsupported(call)
     if kwargs:
@@ -98,6 +106,20 @@ def _sum(a, axis=None, keepdims=False): return as_tensor(a).sum(axis, keepdims)
 def _mean(a, axis=None, keepdims=False): return as_tensor(a).mean(axis, keepdims)
 def _max(a, axis=None, keepdims=False): return as_tensor(a).amax(axis, keepdims)
 def _argmax(a, axis=None, keepdims=False): return as_tensor(a).argmax(axis, keepdims)
+def _min(a, axis=None, keepdims=False): return as_tensor(a).amin(axis, keepdims)
+def _argmin(a, axis=None, keepdims=False): return as_tensor(a).argmin(axis, keepdims)
+def _var(a, axis=None, ddof=0, keepdims=False): return as_tensor(a).var(axis, correction=ddof, keepdim=keepdims)
+def _std(a, axis=None, ddof=0, keepdims=False): return as_tensor(a).std(axis, correction=ddof, keepdim=keepdims)
+def _clip(a, a_min, a_max): return gcf.clip(a, a_min, a_max)
+def _norm(x): return as_tensor(x).norm()  # the 2-norm of all entries; ord= and axis= refused
+
+
+def _cumsum(a, axis=None):
+    """NumPy's cumsum runs over the flattened array when no axis is given."""
+    a = as_tensor(a)
+    return a.reshape(-1).cumsum(0) if axis is None else a.cumsum(axis)
+
+
 def _concatenate(arrays, axis=0): return gcf.concatenate(arrays, axis)
 def _stack(arrays, axis=0): return gcf.stack(arrays, axis)
 def _where(condition, x, y): return gcf.where(condition, x, y)
@@ -154,7 +176,8 @@ FUNCTIONS: dict[Callable, Callable] = {
     np.stack: _stack, np.where: _where, np.dot: _dot, np.squeeze: _squeeze,
     np.expand_dims: _expand_dims, np.broadcast_to: _broadcast_to, np.take: _take,
     np.take_along_axis: _take_along_axis, np.pad: _pad, np.shape: _shape, np.ndim: _ndim,
-    np.size: _size,
+    np.size: _size, np.min: _min, np.amin: _min, np.argmin: _argmin, np.var: _var,
+    np.std: _std, np.clip: _clip, np.cumsum: _cumsum, np.linalg.norm: _norm,
 }
 
 
@@ -180,16 +203,21 @@ def array_function(func: Callable, args: Sequence[Any], kwargs: dict[str, Any]) 
 
 
 # -- PyTorch ----------------------------------------------------------------------------------
-TORCH_EQUIVALENTS: dict[str, str] = {
-    "cat": "gc.cat", "concat": "gc.cat", "concatenate": "gc.concatenate",
-    "mm": "gc.matmul (or @)", "bmm": "gc.matmul (or @)", "matmul": "gc.matmul (or @)",
-    "clamp": "gc.minimum(gc.maximum(x, low), high)", "clip": "gc.minimum(gc.maximum(x, low), high)",
-    "amax": "x.amax", "view": "x.reshape", "reshape": "x.reshape", "transpose": "x.transpose",
-    "permute": "x.permute", "flatten": "x.flatten", "squeeze": "x.squeeze",
-    "unsqueeze": "x.unsqueeze", "embedding": "gc.nn.Embedding (graphc.nn.sparse.embedding)",
-    "layer_norm": "gc.nn.LayerNorm (graphc.nn.normalization.layer_norm)",
-    "batch_norm": "gc.nn.BatchNorm1d/2d (graphc.nn.normalization.batch_norm)",
-    "add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**", "neg": "unary -",
+# Python operators PyTorch names as functions (torch.add, Tensor.__radd__, add_).
+TORCH_OPERATORS: dict[str, str] = {
+    "add": "+", "sub": "-", "subtract": "-", "mul": "*", "multiply": "*", "div": "/",
+    "divide": "/", "true_divide": "/", "pow": "**", "neg": "unary -", "negative": "unary -",
+    "matmul": "@ (or gc.matmul)", "eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">",
+    "ge": ">=",
+}
+
+# PyTorch names graphc spells differently; used when graphc has nothing of the same name.
+TORCH_RENAMED: dict[str, str] = {
+    "concat": "gc.cat", "concatenate": "gc.cat", "mm": "gc.matmul (or @)",
+    "bmm": "gc.matmul (or @)", "clamp": "gc.minimum(gc.maximum(x, low), high)",
+    "clip": "gc.minimum(gc.maximum(x, low), high)", "view": "x.reshape",
+    "embedding": "gc.nn.Embedding", "layer_norm": "gc.nn.LayerNorm",
+    "batch_norm": "gc.nn.BatchNorm1d/2d",
 }
 
 
@@ -201,26 +229,36 @@ def _torch_name(func: Callable) -> str:
 
 
 def _graphc_equivalent(name: str) -> str | None:
+    """What graphc offers for the PyTorch function `name`: an operator, a function of the same
+    name (gc.nn.functional first, as PyTorch's own), a Tensor method, or a renamed one. Looked
+    up when asked, so what graphc gains is suggested without a table to keep."""
     from .nn import functional as F
 
     bare = name.strip("_")  # __add__, add_ (in place) -> add
-    if bare not in TORCH_EQUIVALENTS and bare[1:] in TORCH_EQUIVALENTS and bare[0] == "r":
+    if bare not in TORCH_OPERATORS and bare[1:] in TORCH_OPERATORS and bare[0] == "r":
         bare = bare[1:]  # __radd__ -> add
-    if bare in TORCH_EQUIVALENTS:
-        return TORCH_EQUIVALENTS[bare]
+    if bare in TORCH_OPERATORS:
+        return TORCH_OPERATORS[bare]
     if bare in F.__all__:
         return f"gc.nn.functional.{bare}"
     if bare in gcf.__all__:
         return f"gc.{bare}"
-    return None
+    if not bare.startswith("_") and callable(getattr(Tensor, bare, None)):
+        return f"the Tensor method x.{bare}(...)"
+    return TORCH_RENAMED.get(bare)
 
 
 def torch_function(func: Callable) -> Any:
     """`Tensor.__torch_function__`: PyTorch cannot compute on a traced graphc Tensor; say what
     to write instead."""
     call = _torch_name(func)
-    instead = _graphc_equivalent(func.__name__)
-    advice = f"use {instead}" if instead else "graphc has no equivalent op"
+    if call.startswith("torch.Tensor."):  # a PyTorch tensor's method (or operator) met ours
+        advice = ("a PyTorch tensor cannot compute with a traced graphc Tensor: make it a NumPy "
+                  "array (t.detach().numpy()), which graphc takes as a constant")
+    else:
+        instead = _graphc_equivalent(func.__name__)
+        advice = (f"use {instead}" if instead else
+                  "graphc has no equivalent op; build it from graphc ops (gc.*, gc.nn.functional)")
     raise GraphcError(f"{call} was called on a graphc Tensor: PyTorch functions and modules cannot "
                       f"run inside a graphc trace; {advice} (at {_caller_outside_torch()})")
 
