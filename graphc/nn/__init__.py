@@ -1,11 +1,13 @@
 """graphc.nn: neural-network building blocks with PyTorch's names."""
 from . import functional
+from .attention import MultiheadAttention, TransformerEncoder, TransformerEncoderLayer
 from .containers import ModuleDict, ModuleList
+from .conv import Conv1d
 from .layers import (AvgPool2d, Conv2d, Dropout, Flatten, Identity, Linear, LogSoftmax, MaxPool2d,
                      ReLU, Sequential, Sigmoid, Softmax, Tanh)
-from .layers import ELU, GELU, LeakyReLU, SiLU, Softplus
 from .module import Module, Parameter, functional_call
 from .normalization import BatchNorm1d, BatchNorm2d, LayerNorm
+from .pooling import AdaptiveAvgPool2d, AdaptiveMaxPool2d
 from .recurrent import GRU, LSTM, RNN
 from .sparse import Embedding
 
@@ -14,4 +16,5 @@ __all__ = ["AvgPool2d", "Conv2d", "Dropout", "Flatten", "Identity", "Linear", "L
            "functional", "functional_call"]
 __all__ += ["BatchNorm1d", "BatchNorm2d", "Embedding", "GRU", "LSTM", "LayerNorm", "ModuleDict",
             "ModuleList", "RNN"]
-__all__ += ["ELU", "GELU", "LeakyReLU", "SiLU", "Softplus"]
+__all__ += ["AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "Conv1d", "MultiheadAttention",
+            "TransformerEncoder", "TransformerEncoderLayer"]

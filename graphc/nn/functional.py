@@ -4,13 +4,20 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from ..functions import bernoulli, logsumexp, one_hot, stop_gradient, where
-from graphc.ir.errors import GraphcError, ShapeError, user_location
+import numpy as np
+
+from graphc.ir.errors import DTypeError, GraphcError, InputError, ShapeError, user_location
+
+from ..functions import bernoulli, concatenate, logsumexp, maximum, one_hot, stop_gradient, where
 from ..tensor import Tensor, as_tensor, bind
+from . import normalization
+from . import sparse as sparse_layers
 
 __all__ = ["relu", "sigmoid", "tanh", "softmax", "log_softmax", "logsumexp", "linear", "conv2d",
-           "max_pool2d", "avg_pool2d", "dropout", "cross_entropy", "nll_loss", "mse_loss",
-           "l1_loss", "one_hot", "binary_cross_entropy_with_logits", "smooth_l1_loss"]
+           "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "conv1d",
+           "dropout", "one_hot", "pad", "scaled_dot_product_attention", "layer_norm", "embedding",
+           "cross_entropy", "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss",
+           "binary_cross_entropy", "binary_cross_entropy_with_logits", "kl_div"]
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -27,57 +34,6 @@ def sigmoid(x: Tensor) -> Tensor:
 
 def tanh(x: Tensor) -> Tensor:
     return bind("tanh", as_tensor(x))
-
-
-# -- activations: PyTorch's formulas, defaults and gradients (at 0 too) ---------------------------
-__all__ += ["gelu", "silu", "leaky_relu", "elu", "softplus", "normalize"]
-
-
-def gelu(x: Tensor, approximate: str = "none") -> Tensor:
-    """x * Phi(x), Phi the standard normal CDF: exact through erf, or PyTorch's tanh
-    approximation with `approximate="tanh"`."""
-    x = as_tensor(x)
-    if approximate == "none":
-        return x * 0.5 * (1 + bind("erf", x * (1 / math.sqrt(2))))
-    if approximate == "tanh":
-        inner = (x + 0.044715 * x * x * x) * math.sqrt(2 / math.pi)
-        return 0.5 * x * (1 + bind("tanh", inner))
-    raise GraphcError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r} "
-                      f"(at {user_location()})")
-
-
-def silu(x: Tensor) -> Tensor:
-    """x * sigmoid(x) (swish)."""
-    x = as_tensor(x)
-    return x * bind("sigmoid", x)
-
-
-def leaky_relu(x: Tensor, negative_slope: float = 0.01) -> Tensor:
-    """x where x > 0, else negative_slope * x (the slope's gradient at 0, as in PyTorch)."""
-    x = as_tensor(x)
-    return where(x > 0, x, x * negative_slope)
-
-
-def elu(x: Tensor, alpha: float = 1.0) -> Tensor:
-    """x where x > 0, else alpha * (exp(x) - 1)."""
-    x = as_tensor(x)
-    # exp of the clamped value: the branch not taken must not overflow, or its zero
-    # cotangent times an infinite derivative would be NaN
-    return where(x > 0, x, alpha * (x.clamp(max=0).exp() - 1))
-
-
-def softplus(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
-    """log(1 + exp(beta * x)) / beta, and x itself where beta * x > threshold."""
-    x = as_tensor(x)
-    scaled = x * beta
-    smooth = bind("log1p", scaled.clamp(max=threshold).exp()) * (1 / beta)
-    return where(scaled > threshold, x, smooth)
-
-
-def normalize(x: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12) -> Tensor:
-    """x divided by its p-norm along `dim`, the norm kept at least `eps`."""
-    x = as_tensor(x)
-    return x / x.norm(p, dim, keepdim=True).clamp(min=eps)
 
 
 def softmax(x: Tensor, dim: int = -1) -> Tensor:
@@ -128,6 +84,233 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     return where(keep, x * (1.0 / (1 - p)), 0)
 
 
+# -- layers as functions ---------------------------------------------------------------------
+def _single(v: Any, name: str) -> int:
+    if isinstance(v, (tuple, list)):
+        if len(v) != 1:
+            raise ValueError(f"conv1d: {name} must be an int or a 1-tuple, got {v!r}")
+        v = v[0]
+    return int(v)
+
+
+def conv1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
+           dilation: Any = 1, groups: int = 1) -> Tensor:
+    """PyTorch's F.conv1d: input (N, C_in, L) or (C_in, L), weight (C_out, C_in/groups, K)."""
+    x, weight = as_tensor(input), as_tensor(weight)
+    if x.ndim not in (2, 3) or weight.ndim != 3:
+        raise ShapeError(f"conv1d: expects input (N, C, L) or (C, L) and weight (C_out, C_in/"
+                         f"groups, K), got {x.shape} and {weight.shape} (at {user_location()})")
+    batched = x.ndim == 3
+    x = x if batched else x.unsqueeze(0)
+    out = conv2d(x.unsqueeze(2), weight.unsqueeze(2), bias, stride=(1, _single(stride, "stride")),
+                 padding=(0, _single(padding, "padding")),
+                 dilation=(1, _single(dilation, "dilation")), groups=groups).squeeze(2)
+    return out if batched else out.squeeze(0)
+
+
+# -- adaptive pooling: output cell i of an axis of size n pooled to m covers input positions
+# [floor(i*n/m), ceil((i+1)*n/m)), as PyTorch's. When m divides n the windows tile the axis and
+# the pool is one ordinary pooling op; otherwise windows vary in size (and may overlap), and the
+# pool reduces one slice per output row, then per output column: max and mean over a rectangle
+# are the same reduction over its rows, then over its columns.
+def _output_size(op: str, x: Tensor, output_size: Any) -> tuple[int, int]:
+    """(out_h, out_w); None in `output_size` keeps that input size."""
+    if x.ndim not in (3, 4):
+        raise ShapeError(f"{op}: expects an (N, C, H, W) or (C, H, W) input, got shape {x.shape} "
+                         f"(at {user_location()})")
+    sizes = (output_size, output_size) if isinstance(output_size, int) or output_size is None \
+        else tuple(output_size)
+    if len(sizes) != 2:
+        raise ValueError(f"{op}: output_size must be an int or a pair, got {output_size!r}")
+    out = tuple(x.shape[-2 + i] if s is None else int(s) for i, s in enumerate(sizes))
+    if min(out) <= 0:
+        raise ValueError(f"{op}: output sizes must be positive, got {out}")
+    return out  # type: ignore[return-value]
+
+
+def _adaptive_pool2d(op: str, x: Any, output_size: Any, average: bool) -> Tensor:
+    x = as_tensor(x)
+    out_h, out_w = _output_size(op, x, output_size)
+    batched = x.ndim == 4
+    x = x if batched else x.unsqueeze(0)
+    height, width = x.shape[2:]
+    if height % out_h == 0 and width % out_w == 0:  # equal windows tiling the input
+        kernel = (height // out_h, width // out_w)
+        pooled = avg_pool2d(x, kernel) if average else max_pool2d(x, kernel)
+    else:
+        pooled = _pool_axis(_pool_axis(x, 2, out_h, average), 3, out_w, average)
+    return pooled if batched else pooled.squeeze(0)
+
+
+def _pool_axis(x: Tensor, axis: int, out_size: int, average: bool) -> Tensor:
+    """Each of `out_size` windows of `axis` reduced to one position (kept as size 1)."""
+    size = x.shape[axis]
+    if size == out_size:
+        return x
+    cells = []
+    for i in range(out_size):
+        start, stop = (i * size) // out_size, -(-(i + 1) * size // out_size)
+        window = x[(slice(None),) * axis + (slice(start, stop),)]
+        cells.append(window.mean(axis, keepdims=True) if average
+                     else window.amax(axis, keepdim=True))
+    return concatenate(cells, axis)
+
+
+def adaptive_avg_pool2d(input: Any, output_size: Any) -> Tensor:
+    """The mean over each of PyTorch's adaptive windows (see the module docstring)."""
+    return _adaptive_pool2d("adaptive_avg_pool2d", input, output_size, average=True)
+
+
+def adaptive_max_pool2d(input: Any, output_size: Any, return_indices: bool = False) -> Tensor:
+    """The maximum over each of PyTorch's adaptive windows (see the module docstring)."""
+    if return_indices:
+        raise NotImplementedError("adaptive_max_pool2d: return_indices=True is not supported")
+    return _adaptive_pool2d("adaptive_max_pool2d", input, output_size, average=False)
+
+
+def pad(input: Tensor, pad: Sequence[int], mode: str = "constant", value: float | None = None) -> Tensor:
+    """PyTorch's F.pad: `pad` lists (before, after) widths from the last dimension backwards,
+    (left, right, top, bottom, ...). Modes: 'constant' (filled with `value`, default 0; a
+    negative width crops), 'reflect' (mirrored without repeating the edge), 'replicate' (the
+    edge repeated) and 'circular' (wrapped around)."""
+    x = as_tensor(input)
+    widths = [int(w) for w in pad]
+    if len(widths) % 2 or len(widths) // 2 > x.ndim:
+        raise ShapeError(f"pad: expects an even number of widths, two per padded dimension and "
+                         f"at most {2 * x.ndim} for a rank-{x.ndim} input, got {tuple(widths)} "
+                         f"(at {user_location()})")
+    per_axis = {x.ndim - 1 - i: (widths[2 * i], widths[2 * i + 1]) for i in range(len(widths) // 2)}
+    if mode == "constant":
+        return _pad_constant(x, per_axis, 0.0 if value is None else value)
+    if mode not in ("reflect", "replicate", "circular"):
+        raise ValueError(f"pad: mode must be 'constant', 'reflect', 'replicate' or 'circular', "
+                         f"got {mode!r}")
+    if value:
+        raise ValueError(f"pad: a fill value ({value}) only applies to mode='constant'")
+    for axis, (before, after) in per_axis.items():
+        size = x.shape[axis]
+        limit = size - 1 if mode == "reflect" else size
+        if min(before, after) < 0 or max(before, after) > limit:
+            raise ShapeError(f"pad: {mode} padding of ({before}, {after}) needs widths in "
+                             f"[0, {limit}] for dimension {axis} of size {size}, input shape "
+                             f"{x.shape} (at {user_location()})")
+        if before or after:
+            x = bind("gather", x, as_tensor(_pad_source_indices(mode, size, before, after)),
+                     axis=axis, wrap_negative=False)
+    return x
+
+
+def _pad_constant(x: Tensor, per_axis: dict[int, tuple[int, int]], value: float) -> Tensor:
+    """Negative widths crop (a slice), positive ones pad (the pad op)."""
+    crop = tuple(slice(max(-before, 0), x.shape[axis] - max(-after, 0)) if axis in per_axis
+                 else slice(None) for axis, (before, after)
+                 in ((a, per_axis.get(a, (0, 0))) for a in range(x.ndim)))
+    if any(min(w) < 0 for w in per_axis.values()):
+        x = x[crop]
+    widths = tuple((max(per_axis.get(a, (0, 0))[0], 0), max(per_axis.get(a, (0, 0))[1], 0))
+                   for a in range(x.ndim))
+    if not any(before or after for before, after in widths):
+        return x
+    return bind("pad", x, pads=widths, value=float(value))
+
+
+def _pad_source_indices(mode: str, size: int, before: int, after: int) -> np.ndarray:
+    """For each position of the padded axis, the input position it copies."""
+    positions = np.arange(-before, size + after)
+    if mode == "replicate":
+        return np.clip(positions, 0, size - 1)
+    if mode == "circular":
+        return positions % size
+    period = 2 * (size - 1)  # reflect: ... 2 1 [0 1 2 ... n-1] n-2 ...
+    folded = np.abs(positions) % period if period else np.zeros_like(positions)
+    return np.where(folded < size, folded, period - folded)
+
+
+def attention_probabilities(query: Tensor, key: Tensor, scale: float, keep: Any = None,
+                            bias: Any = None) -> Tensor:
+    """softmax(query @ key^T * scale + bias) over the keys, with the scores of keys where
+    `keep` is False removed. A query that may see no key gets all-zero weights (as PyTorch's
+    scaled_dot_product_attention), not NaN; `keep` and `bias` broadcast against the scores."""
+    scores = (query @ key.transpose(-2, -1)) * scale
+    if keep is None and bias is None:
+        return softmax(scores, -1)
+    if keep is not None:
+        scores = where(keep, scores, float("-inf"))
+    if bias is not None:
+        scores = scores + _cast_like(bias, scores)
+    peak = stop_gradient(scores.amax(-1, keepdim=True))
+    e = (scores - where(peak == float("-inf"), 0.0, peak)).exp()
+    total = e.sum(-1, keepdims=True)
+    return e / where(total == 0, 1.0, total)
+
+
+def _cast_like(x: Any, like: Tensor) -> Tensor:
+    x = as_tensor(x, like=like)
+    return x if x.dtype == like.dtype else x.astype(like.dtype)
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Any = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False,
+                                 scale: float | None = None) -> Tensor:
+    """softmax(query @ key^T * scale + mask) @ value over (..., L, E), (..., S, E), (..., S, Ev),
+    as PyTorch's: a boolean `attn_mask` keeps the scores where it is True, a float one is added;
+    `is_causal` lets query i see keys 0..i; `scale` defaults to 1/sqrt(E). Dropout with
+    probability `dropout_p` applies to the attention weights whenever dropout_p > 0."""
+    query, key, value = as_tensor(query), as_tensor(key), as_tensor(value)
+    if (min(query.ndim, key.ndim, value.ndim) < 2 or query.shape[-1] != key.shape[-1]
+            or key.shape[-2] != value.shape[-2]):
+        raise ShapeError(f"scaled_dot_product_attention: expects query (..., L, E), key "
+                         f"(..., S, E) and value (..., S, Ev), got {query.shape}, {key.shape} "
+                         f"and {value.shape} (at {user_location()})")
+    keep = bias = None
+    if is_causal:
+        if attn_mask is not None:
+            raise ValueError("scaled_dot_product_attention: give either attn_mask or "
+                             "is_causal=True, not both")
+        keep = np.tril(np.ones((query.shape[-2], key.shape[-2]), dtype=bool))
+    elif attn_mask is not None:
+        mask = as_tensor(attn_mask)
+        keep, bias = (mask, None) if mask.dtype == "bool" else (None, mask)
+    scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
+    weights = attention_probabilities(query, key, scale, keep, bias)
+    if dropout_p > 0:
+        weights = dropout(weights, dropout_p)
+    return weights @ value
+
+
+def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
+               bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """Normalise over the trailing dimensions `normalized_shape` (biased variance), then scale
+    by `weight` and shift by `bias`."""
+    return normalization.layer_norm(as_tensor(input), normalized_shape, weight, bias, eps)
+
+
+def embedding(input: Any, weight: Tensor, padding_idx: int | None = None,
+              max_norm: float | None = None, norm_type: float = 2.0,
+              scale_grad_by_freq: bool = False, sparse: bool = False) -> Tensor:
+    """Rows of `weight` (num_embeddings, dim) picked by integer ids `input`; the rows picked at
+    `padding_idx` take no gradient. `sparse` is a PyTorch storage hint and changes nothing."""
+    if max_norm is not None or scale_grad_by_freq:
+        raise GraphcError(f"embedding: max_norm (renormalising rows in place) and "
+                          f"scale_grad_by_freq are not supported; renormalise the table in the "
+                          f"training step instead (at {user_location()})")
+    weight = as_tensor(weight)
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += weight.shape[0]
+    return sparse_layers.embedding(input, weight, padding_idx)
+
+
+# -- losses ----------------------------------------------------------------------------------
+def _reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
+    """PyTorch's deprecated size_average/reduce flags, when given, choose the reduction as
+    they do there: reduce=False gives 'none', else size_average=False 'sum', else 'mean'."""
+    if size_average is None and reduce is None:
+        return reduction
+    if reduce is False:
+        return "none"
+    return "sum" if size_average is False else "mean"
+
+
 def _reduce(loss: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
         return loss.mean()
@@ -138,60 +321,252 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-def nll_loss(log_probs: Tensor, target: Any, reduction: str = "mean", ignore_index: int = -100) -> Tensor:
-    """Negative log-likelihood of integer class targets, for log-probabilities (N, C).
+def _loss_input(op: str, input: Any) -> Tensor:
+    """The prediction as a Tensor; a tuple or list (a model returning several outputs) is
+    refused with the fix, instead of being stacked into a constant."""
+    if isinstance(input, (tuple, list)):
+        raise InputError(f"{op}: the input is a {type(input).__name__} of {len(input)} values, "
+                         f"not a tensor: a model that returns several outputs must hand the "
+                         f"loss its prediction alone, e.g. {op}(outputs[0], target) "
+                         f"(at {user_location()})")
+    return as_tensor(input)
+
+
+def _same_shape_target(op: str, input: Tensor, target: Any) -> Tensor:
+    target = _cast_like(target, input)
+    if target.shape != input.shape:
+        raise ShapeError(f"{op}: the target's shape {target.shape} must equal the input's "
+                         f"{input.shape} (at {user_location()})")
+    return target
+
+
+def _class_rows(op: str, scores: Tensor, target: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """Class scores (C,), (N, C) or (N, C, d1, ...) as rows (M, C), their class targets (M,),
+    and the shape of the per-target losses ((), (N,) or (N, d1, ...))."""
+    if scores.ndim == 0:
+        raise ShapeError(f"{op}: expects class scores (C,), (N, C) or (N, C, d1, ...), got a "
+                         f"0-d input (at {user_location()})")
+    target_shape = () if scores.ndim == 1 else scores.shape[:1] + scores.shape[2:]
+    if target.shape != target_shape:
+        raise ShapeError(f"{op}: class targets for input {scores.shape} must have shape "
+                         f"{target_shape}, got {target.shape} (at {user_location()})")
+    if target.dtype not in ("int32", "int64"):
+        raise DTypeError(f"{op}: class targets must be integers (or float probabilities shaped "
+                         f"like the input), got {target.dtype} (at {user_location()})")
+    if scores.ndim > 2:  # classes last, then one row per position
+        scores = scores.permute((0,) + tuple(range(2, scores.ndim)) + (1,))
+    return scores.reshape(-1, scores.shape[-1]), target.reshape(-1), target_shape
+
+
+def _class_weights(weight: Any, num_classes: int, like: Tensor) -> Tensor | None:
+    if weight is None:
+        return None
+    weight = _cast_like(weight, like)
+    if weight.shape != (num_classes,):
+        raise ShapeError(f"class weights must have shape ({num_classes},), one per class, got "
+                         f"{weight.shape} (at {user_location()})")
+    return weight
+
+
+def _target_terms(op: str, log_probs: Tensor, target: Any, weight: Tensor | None,
+                  ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[int, ...]]:
+    """For class targets: per target, -weight[y] * log_probs[y] and weight[y] (both 0 where
+    y == ignore_index), and the rows (M, C), the kept mask (M,) and the per-target shape."""
+    rows, targets, shape = _class_rows(op, log_probs, as_tensor(target))
+    column = targets.reshape(-1, 1)
+    kept = column != ignore_index
+    safe = where(kept, column, 0)
+    picked = bind("take_along_axis", rows, safe, axis=1, wrap_negative=False)
+    if weight is None:
+        target_weight = kept.astype(rows.dtype)
+    else:
+        target_weight = where(kept, bind("gather", weight, safe, axis=0, wrap_negative=False), 0)
+    losses = where(kept, -picked * target_weight if weight is not None else -picked, 0)
+    return losses.reshape(-1), target_weight.reshape(-1), rows, kept.reshape(-1), shape
+
+
+def _weighted_reduce(losses: Tensor, weights: Tensor, shape: tuple[int, ...], reduction: str) -> Tensor:
+    """'mean' divides by the summed target weights (PyTorch's weighted mean; nan when every
+    target is ignored), 'none' gives the per-target shape."""
+    if reduction == "mean":
+        return losses.sum() / weights.sum()
+    if reduction == "none":
+        return losses.reshape(shape)
+    return _reduce(losses, reduction)
+
+
+def nll_loss(input: Tensor, target: Any, weight: Any = None, size_average: bool | None = None,
+             ignore_index: int = -100, reduce: bool | None = None, reduction: str = "mean") -> Tensor:
+    """Negative log-likelihood of integer class targets, for log-probabilities (N, C), (C,) or
+    (N, C, d1, ...) with targets (N,), () or (N, d1, ...); `weight` (C,) scales each class.
 
     As PyTorch's: a target must lie in [0, C) (a negative one is not counted from the end) or
     equal `ignore_index`, else the call raises IndexOutOfRangeError naming the target, its
     position and this line, before any kernel reads through it. An ignored target adds no loss
-    (0 with reduction='none') and no gradient; the mean is over the other targets, nan when
-    every target is ignored."""
-    target = as_tensor(target)
-    if log_probs.ndim != 2 or target.shape != log_probs.shape[:1]:
-        raise ShapeError(f"nll_loss: expects log-probabilities (N, C) and targets (N,), got "
-                         f"{log_probs.shape} and {target.shape} (at {user_location()})")
-    if target.dtype not in ("int32", "int64"):
-        raise ShapeError(f"nll_loss: targets must be integer class indices, got {target.dtype} "
-                         f"(at {user_location()})")
-    column = target.reshape(-1, 1)
-    kept = column != ignore_index
-    picked = bind("take_along_axis", log_probs, where(kept, column, 0), axis=1, wrap_negative=False)
-    losses = where(kept, -picked, 0).reshape(-1)
-    if reduction == "mean":
-        return losses.sum() / kept.astype(losses.dtype).sum()
-    return _reduce(losses, reduction)
+    (0 with reduction='none') and no gradient; the mean is weighted (divided by the summed
+    weights of the kept targets), nan when every target is ignored."""
+    log_probs = _loss_input("nll_loss", input)
+    reduction = _reduction(size_average, reduce, reduction)
+    class_axis = 0 if log_probs.ndim == 1 else 1
+    weight = _class_weights(weight, log_probs.shape[class_axis] if log_probs.ndim else 0, log_probs)
+    losses, weights, _, _, shape = _target_terms("nll_loss", log_probs, target, weight, ignore_index)
+    return _weighted_reduce(losses, weights, shape, reduction)
 
 
-def cross_entropy(logits: Tensor, target: Any, reduction: str = "mean", ignore_index: int = -100) -> Tensor:
-    """Softmax cross-entropy of logits (N, C): integer targets (N,) or probabilities (N, C).
-    Integer targets follow nll_loss: in [0, C) or `ignore_index` (those rows add nothing)."""
+def cross_entropy(input: Tensor, target: Any, weight: Any = None, size_average: bool | None = None,
+                  ignore_index: int = -100, reduce: bool | None = None, reduction: str = "mean",
+                  label_smoothing: float = 0.0) -> Tensor:
+    """Softmax cross-entropy of logits (N, C), (C,) or (N, C, d1, ...) (classes on axis 1), with
+    integer class targets (as nll_loss, `ignore_index` included) or class probabilities shaped
+    like the logits. `weight` (C,) scales each class; `label_smoothing` ε mixes the target
+    with the uniform distribution: (1-ε)·target + ε/C, as PyTorch's."""
+    logits = _loss_input("cross_entropy", input)
+    reduction = _reduction(size_average, reduce, reduction)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if logits.ndim == 0:
+        raise ShapeError(f"cross_entropy: expects logits (C,), (N, C) or (N, C, d1, ...), got a "
+                         f"0-d input (at {user_location()})")
+    class_axis = 0 if logits.ndim == 1 else 1
+    num_classes = logits.shape[class_axis]
+    log_probs = log_softmax(logits, dim=class_axis)
+    weight = _class_weights(weight, num_classes, logits)
     target = as_tensor(target)
-    logp = log_softmax(logits, dim=1)
     if target.dtype in ("float32", "float64"):
-        if target.shape != logits.shape:
-            raise ShapeError(f"cross_entropy: probability targets must match logits {logits.shape}, "
-                             f"got {target.shape} (at {user_location()})")
-        return _reduce(-(target * logp).sum(1), reduction)
-    return nll_loss(logp, target, reduction, ignore_index)
+        return _probability_cross_entropy(log_probs, target, weight, class_axis, label_smoothing,
+                                          reduction)
+    losses, weights, rows, kept, shape = _target_terms("cross_entropy", log_probs, target, weight,
+                                                       ignore_index)
+    loss = _weighted_reduce(losses, weights, shape, reduction)
+    if not label_smoothing:
+        return loss
+    # The uniform part: -sum_c weight[c] * log p_c / C per kept target, reduced as the rest.
+    per_class = rows * weight if weight is not None else rows
+    uniform = where(kept, -per_class.sum(1), 0)
+    return loss * (1 - label_smoothing) + _weighted_reduce(uniform, weights, shape, reduction) * (
+        label_smoothing / num_classes)
 
 
-def mse_loss(input: Tensor, target: Any, reduction: str = "mean") -> Tensor:
-    return _reduce((input - as_tensor(target, like=input)).square(), reduction)
+def _probability_cross_entropy(log_probs: Tensor, target: Tensor, weight: Tensor | None,
+                               class_axis: int, label_smoothing: float, reduction: str) -> Tensor:
+    """-sum_c weight[c] * target_c * log p_c per sample; the mean is over samples, unweighted."""
+    if target.shape != log_probs.shape:
+        raise ShapeError(f"cross_entropy: probability targets must match the logits' shape "
+                         f"{log_probs.shape}, got {target.shape} (at {user_location()})")
+    target = _cast_like(target, log_probs)
+    num_classes = log_probs.shape[class_axis]
+    if label_smoothing:
+        target = target * (1 - label_smoothing) + label_smoothing / num_classes
+    per_class = target * log_probs
+    if weight is not None:
+        per_class = per_class * weight.reshape((-1,) + (1,) * (log_probs.ndim - class_axis - 1))
+    return _reduce(-per_class.sum(class_axis), reduction)
 
 
-def l1_loss(input: Tensor, target: Any, reduction: str = "mean") -> Tensor:
-    return _reduce((input - as_tensor(target, like=input)).abs(), reduction)
-
-
-def smooth_l1_loss(input: Tensor, target: Any, reduction: str = "mean", beta: float = 1.0) -> Tensor:
-    """Huber loss (PyTorch's smooth_l1 with `beta`): quadratic near zero, linear beyond."""
-    diff = (input - as_tensor(target, like=input)).abs()
-    loss = where(diff < beta, diff.square() * (0.5 / beta), diff - 0.5 * beta)
+def binary_cross_entropy(input: Tensor, target: Any, weight: Any = None,
+                         size_average: bool | None = None, reduce: bool | None = None,
+                         reduction: str = "mean") -> Tensor:
+    """-weight * (t log p + (1-t) log(1-p)) for probabilities p; each log is clamped at -100,
+    as PyTorch's, so p of exactly 0 or 1 gives a finite loss."""
+    probs = _loss_input("binary_cross_entropy", input)
+    target = _same_shape_target("binary_cross_entropy", probs, target)
+    reduction = _reduction(size_average, reduce, reduction)
+    log_p = maximum(probs.log(), -100.0)
+    log_not_p = maximum(bind("log1p", -probs), -100.0)
+    loss = -(target * log_p + (1 - target) * log_not_p)
+    if weight is not None:
+        loss = loss * _cast_like(weight, probs)
     return _reduce(loss, reduction)
 
 
-def binary_cross_entropy_with_logits(logits: Tensor, target: Any, reduction: str = "mean") -> Tensor:
-    target = as_tensor(target, like=logits)
-    # max(x, 0) - x*t + log(1 + exp(-|x|)): stable for large |x|.
-    loss = relu(logits) - logits * target + bind("log1p", (-logits.abs()).exp())
+def binary_cross_entropy_with_logits(input: Tensor, target: Any, weight: Any = None,
+                                     size_average: bool | None = None, reduce: bool | None = None,
+                                     reduction: str = "mean", pos_weight: Any = None) -> Tensor:
+    """binary_cross_entropy(sigmoid(x), t) computed stably from the logits x; `pos_weight`
+    scales the positive term (broadcast along the last axis, one per class), `weight` each
+    element's loss."""
+    logits = _loss_input("binary_cross_entropy_with_logits", input)
+    target = _same_shape_target("binary_cross_entropy_with_logits", logits, target)
+    reduction = _reduction(size_average, reduce, reduction)
+    # -log sigmoid(x) = max(-x, 0) + log(1 + exp(-|x|)): no overflow for large |x|.
+    neg_log_sigmoid = relu(-logits) + bind("log1p", (-logits.abs()).exp())
+    positive_scale = target if pos_weight is None else target * _cast_like(pos_weight, logits)
+    # t·(-log σ(x)) + (1-t)·(-log(1-σ(x))), with -log(1-σ(x)) = x - log σ(x).
+    loss = (1 - target) * logits + (positive_scale + 1 - target) * neg_log_sigmoid
+    if weight is not None:
+        loss = loss * _cast_like(weight, logits)
     return _reduce(loss, reduction)
+
+
+def kl_div(input: Tensor, target: Any, size_average: bool | None = None, reduce: bool | None = None,
+           reduction: str = "mean", log_target: bool = False) -> Tensor:
+    """Kullback-Leibler divergence with `input` as log-probabilities: target * (log target -
+    input), 0 where target is 0 (or exp(target) * (target - input) with `log_target`).
+    reduction='batchmean' divides the sum by the batch size (the true KL divergence); 'mean'
+    averages over every element, as PyTorch's."""
+    log_q = _loss_input("kl_div", input)
+    target = _cast_like(target, log_q)
+    reduction = _reduction(size_average, reduce, reduction)
+    if log_target:
+        loss = target.exp() * (target - log_q)
+    else:
+        positive = target > 0
+        # The inner where keeps log's argument positive, so 0·log 0 has a zero gradient too.
+        loss = where(positive, target * (where(positive, target, 1.0).log() - log_q), 0.0)
+    if reduction == "batchmean":
+        return loss.sum() / (log_q.shape[0] if log_q.ndim else 1)
+    return _reduce(loss, reduction)
+
+
+def _elementwise_weighted(loss: Tensor, weight: Any, reduction: str, op: str,
+                          mean_over_weights: bool = True) -> Tensor:
+    """PyTorch's per-element `weight` of the regression losses: mse_loss's and l1_loss's mean
+    divides by the summed weights, huber_loss's by the element count."""
+    if weight is None:
+        return _reduce(loss, reduction)
+    weight = _cast_like(weight, loss)
+    if weight.shape != loss.shape:
+        raise ShapeError(f"{op}: weight must have the input's shape {loss.shape}, got "
+                         f"{weight.shape} (at {user_location()})")
+    loss = loss * weight
+    if reduction == "mean" and mean_over_weights:
+        return loss.sum() / weight.sum()
+    return _reduce(loss, reduction)
+
+
+def mse_loss(input: Tensor, target: Any, size_average: bool | None = None,
+             reduce: bool | None = None, reduction: str = "mean", weight: Any = None) -> Tensor:
+    input = _loss_input("mse_loss", input)
+    loss = (input - _cast_like(target, input)).square()
+    return _elementwise_weighted(loss, weight, _reduction(size_average, reduce, reduction), "mse_loss")
+
+
+def l1_loss(input: Tensor, target: Any, size_average: bool | None = None,
+            reduce: bool | None = None, reduction: str = "mean", weight: Any = None) -> Tensor:
+    input = _loss_input("l1_loss", input)
+    loss = (input - _cast_like(target, input)).abs()
+    return _elementwise_weighted(loss, weight, _reduction(size_average, reduce, reduction), "l1_loss")
+
+
+def smooth_l1_loss(input: Tensor, target: Any, size_average: bool | None = None,
+                   reduce: bool | None = None, reduction: str = "mean", beta: float = 1.0) -> Tensor:
+    """0.5·d²/beta where |d| < beta, |d| - 0.5·beta beyond (the L1 loss when beta is 0)."""
+    input = _loss_input("smooth_l1_loss", input)
+    reduction = _reduction(size_average, reduce, reduction)
+    if beta < 0:
+        raise ValueError(f"smooth_l1_loss: beta must be non-negative, got {beta}")
+    diff = (input - _cast_like(target, input)).abs()
+    if beta == 0:
+        return _reduce(diff, reduction)
+    return _reduce(where(diff < beta, diff.square() * (0.5 / beta), diff - 0.5 * beta), reduction)
+
+
+def huber_loss(input: Tensor, target: Any, reduction: str = "mean", delta: float = 1.0,
+               weight: Any = None) -> Tensor:
+    """0.5·d² where |d| < delta, delta·(|d| - 0.5·delta) beyond: smooth_l1_loss scaled by delta."""
+    input = _loss_input("huber_loss", input)
+    if delta <= 0:
+        raise ValueError(f"huber_loss: delta must be positive, got {delta}")
+    diff = (input - _cast_like(target, input)).abs()
+    loss = where(diff < delta, diff.square() * 0.5, (diff - 0.5 * delta) * delta)
+    return _elementwise_weighted(loss, weight, reduction, "huber_loss", mean_over_weights=False)

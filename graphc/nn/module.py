@@ -286,7 +286,7 @@ class Module:
         for name, value in state.items():
             if name not in own:
                 continue
-            value = np.asarray(value)
+            value = _host_array(value)
             if value.shape != own[name].shape:
                 raise GraphcError(f"load_state_dict: {name!r} has shape {value.shape}, "
                                   f"the module expects {own[name].shape}")
@@ -322,6 +322,14 @@ class Module:
         children = [f"  ({n}): " + repr(m).replace("\n", "\n  ") for n, m in self._modules.items()]
         head = f"{type(self).__name__}({self.extra_repr()}"
         return head + ("\n" + "\n".join(children) + "\n)" if children else ")")
+
+
+def _host_array(value: Any) -> np.ndarray:
+    """A NumPy view of a state-dict entry. PyTorch tensors are detached and copied to the host
+    first: np.asarray refuses one on a GPU or one that requires grad (a Parameter)."""
+    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
 
 
 def _named_refs(module: Module, table: str) -> Iterator[tuple[str, StateRef]]:

@@ -124,10 +124,11 @@ class BatchNorm2d(_BatchNorm):
     ranks = (4,)
 
 
-def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
+def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
                bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """Normalise over the trailing dimensions `normalized_shape` (biased variance)."""
-    shape = tuple(normalized_shape)
+    x = as_tensor(x)
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not shape or x.shape[x.ndim - len(shape):] != shape:
         raise ShapeError(f"layer_norm: normalized_shape {shape} must be the trailing dimensions "
                          f"of the input, got shape {x.shape} (at {user_location()})")

@@ -1,0 +1,245 @@
+"""Multi-head attention and the transformer encoder, with PyTorch's parameter names, shapes,
+mask conventions and defaults, so a PyTorch `state_dict` loads as it is.
+
+Layouts follow PyTorch: (L, N, E) unless `batch_first` ((N, L, E)); an unbatched (L, E) input
+is accepted. Masks passed to these modules are PyTorch's module masks: a boolean mask is True
+where attention is *not* allowed (the opposite of F.scaled_dot_product_attention's), a float
+mask is added to the scores. One difference: a query that may attend to no key at all gets
+all-zero weights (as PyTorch's scaled_dot_product_attention), where PyTorch's module returns NaN.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from graphc.ir.errors import ShapeError, user_location
+
+from ..tensor import Tensor, as_tensor
+from . import functional as F
+from .containers import ModuleList
+from .layers import Dropout, Linear, uniform
+from .module import Module, Parameter
+from .normalization import LayerNorm
+
+__all__ = ["MultiheadAttention", "TransformerEncoderLayer", "TransformerEncoder"]
+
+
+class MultiheadAttention(Module):
+    """softmax(Q K^T / sqrt(head_dim)) V over `num_heads` heads of embed_dim / num_heads.
+
+    Parameters as PyTorch's: `in_proj_weight` (3E, E) stacking the query, key and value
+    projections (or `q_proj_weight`, `k_proj_weight`, `v_proj_weight` when kdim or vdim differ
+    from embed_dim), `in_proj_bias` (3E,), and `out_proj` a Linear(E, E).
+    forward(query, key, value, ...) -> (output, attention weights or None)."""
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
+                 vdim: int | None = None, batch_first: bool = False) -> None:
+        super().__init__()
+        if num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(f"MultiheadAttention: embed_dim ({embed_dim}) must be divisible by "
+                             f"num_heads ({num_heads})")
+        if add_bias_kv or add_zero_attn:
+            raise NotImplementedError("MultiheadAttention: add_bias_kv and add_zero_attn are not "
+                                      "supported")
+        self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
+        self.head_dim = embed_dim // num_heads
+        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        self.batch_first, self.has_bias = batch_first, bias
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        # PyTorch's initialisation: Xavier-uniform projections, zero biases.
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = _xavier_uniform((3 * embed_dim, embed_dim))
+        else:
+            self.q_proj_weight = _xavier_uniform((embed_dim, embed_dim))
+            self.k_proj_weight = _xavier_uniform((embed_dim, self.kdim))
+            self.v_proj_weight = _xavier_uniform((embed_dim, self.vdim))
+        if bias:
+            self.in_proj_bias = Parameter(np.zeros(3 * embed_dim, dtype=np.float32))
+        self.out_proj = Linear(embed_dim, embed_dim, bias=bias)
+        if bias:
+            self.out_proj.bias = Parameter(np.zeros(embed_dim, dtype=np.float32))
+
+    def forward(self, query: Any, key: Any, value: Any, key_padding_mask: Any = None,
+                need_weights: bool = True, attn_mask: Any = None,
+                average_attn_weights: bool = True, is_causal: bool = False
+                ) -> tuple[Tensor, Tensor | None]:
+        """(output shaped like query, weights): weights (N, L, S) averaged over heads, or
+        (N, num_heads, L, S) without `average_attn_weights`; None unless `need_weights`.
+        `key_padding_mask` (N, S) marks keys to ignore; `attn_mask` is (L, S) or
+        (N * num_heads, L, S); `is_causal` without an attn_mask applies the causal mask."""
+        query, key, value = as_tensor(query), as_tensor(key), as_tensor(value)
+        batched = self._check_inputs(query, key, value)
+        q, k, v = (self._batch_major(t, batched) for t in (query, key, value))
+        batch, target_len, _ = q.shape
+        source_len = k.shape[1]
+        q, k, v = (self._heads(F.linear(t, w, b)) for t, w, b in zip((q, k, v), *self._projections()))
+        keep, bias = self._masks(attn_mask, key_padding_mask, is_causal, batch, target_len,
+                                 source_len)
+        weights = F.attention_probabilities(q, k, 1 / math.sqrt(self.head_dim), keep, bias)
+        weights = F.dropout(weights, self.dropout, self.training)
+        heads = (weights @ v).transpose(1, 2).reshape(batch, target_len, self.embed_dim)
+        output = self.out_proj(heads)
+        if not batched:
+            output = output.squeeze(0)
+        elif not self.batch_first:
+            output = output.transpose(0, 1)
+        if not need_weights:
+            return output, None
+        if average_attn_weights:
+            weights = weights.mean(1)
+        return output, (weights if batched else weights.squeeze(0))
+
+    def _projections(self) -> tuple[list[Tensor], list[Tensor | None]]:
+        """The query, key and value projection weights and biases."""
+        E = self.embed_dim
+        if self._qkv_same_embed_dim:
+            stacked = self.in_proj_weight
+            weights = [stacked[i * E:(i + 1) * E] for i in range(3)]
+        else:
+            weights = [self.q_proj_weight, self.k_proj_weight, self.v_proj_weight]
+        if not self.has_bias:
+            return weights, [None] * 3
+        bias = self.in_proj_bias
+        return weights, [bias[i * E:(i + 1) * E] for i in range(3)]
+
+    def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> bool:
+        """Whether the inputs are batched; raises on shapes PyTorch would refuse."""
+        batched = query.ndim == 3
+        layout = "(N, L, E)" if self.batch_first else "(L, N, E)"
+        if query.ndim not in (2, 3) or key.ndim != query.ndim or value.ndim != query.ndim:
+            raise ShapeError(f"MultiheadAttention: query, key and value must all be {layout} or "
+                             f"all unbatched (L, E), got {query.shape}, {key.shape} and "
+                             f"{value.shape} (at {user_location()})")
+        batch_axis = (0 if self.batch_first else 1) if batched else None
+        sizes_agree = (query.shape[-1] == self.embed_dim and key.shape[-1] == self.kdim
+                       and value.shape[-1] == self.vdim and key.shape[:-1] == value.shape[:-1]
+                       and (batch_axis is None or query.shape[batch_axis] == key.shape[batch_axis]))
+        if not sizes_agree:
+            raise ShapeError(f"MultiheadAttention(embed_dim={self.embed_dim}, kdim={self.kdim}, "
+                             f"vdim={self.vdim}): query, key and value of shapes {query.shape}, "
+                             f"{key.shape} and {value.shape} do not fit the layout {layout} "
+                             f"(at {user_location()})")
+        return batched
+
+    def _batch_major(self, x: Tensor, batched: bool) -> Tensor:
+        if not batched:
+            return x.unsqueeze(0)
+        return x if self.batch_first else x.transpose(0, 1)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """(N, T, E) -> (N, heads, T, head_dim)."""
+        batch, steps, _ = x.shape
+        return x.reshape(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _masks(self, attn_mask: Any, key_padding_mask: Any, is_causal: bool, batch: int,
+               target_len: int, source_len: int) -> tuple[Tensor | None, Tensor | None]:
+        """PyTorch's module masks as (keep, bias), both broadcasting against (N, H, L, S)."""
+        keep = bias = None
+        if attn_mask is not None:
+            mask = as_tensor(attn_mask)
+            allowed = {(target_len, source_len), (batch * self.num_heads, target_len, source_len)}
+            if mask.shape not in allowed:
+                raise ShapeError(f"MultiheadAttention: attn_mask must have shape "
+                                 f"({target_len}, {source_len}) or "
+                                 f"({batch * self.num_heads}, {target_len}, {source_len}), got "
+                                 f"{mask.shape} (at {user_location()})")
+            if mask.ndim == 3:
+                mask = mask.reshape(batch, self.num_heads, target_len, source_len)
+            keep, bias = (~mask, None) if mask.dtype == "bool" else (None, mask)
+        elif is_causal:
+            keep = as_tensor(np.tril(np.ones((target_len, source_len), dtype=bool)))
+        if key_padding_mask is not None:
+            padding = as_tensor(key_padding_mask)
+            allowed = {(batch, source_len)} | ({(source_len,)} if batch == 1 else set())
+            if padding.shape not in allowed:
+                raise ShapeError(f"MultiheadAttention: key_padding_mask must have shape "
+                                 f"({batch}, {source_len}), got {padding.shape} "
+                                 f"(at {user_location()})")
+            padding = padding.reshape(batch, 1, 1, source_len)
+            if padding.dtype == "bool":
+                keep = ~padding if keep is None else keep & ~padding
+            else:
+                bias = padding if bias is None else bias + padding
+        return keep, bias
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
+                f"batch_first={self.batch_first}")
+
+
+def _xavier_uniform(shape: tuple[int, int]) -> Parameter:
+    fan_out, fan_in = shape
+    return uniform(shape, math.sqrt(6 / (fan_in + fan_out)))
+
+
+_ACTIVATIONS = ("relu", "gelu")
+
+
+class TransformerEncoderLayer(Module):
+    """Self-attention then a feed-forward block, each with dropout, a residual connection and
+    layer norm (after the residual sum, or before each block with `norm_first`); submodules
+    named as PyTorch's: self_attn, linear1, dropout, linear2, norm1, norm2, dropout1, dropout2.
+    forward(src, src_mask=None, src_key_padding_mask=None, is_causal=False)."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: str | Callable[[Tensor], Tensor] = "relu", layer_norm_eps: float = 1e-5,
+                 batch_first: bool = False, norm_first: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        if isinstance(activation, str) and activation not in _ACTIVATIONS:
+            raise ValueError(f"TransformerEncoderLayer: activation must be 'relu', 'gelu' or a "
+                             f"callable, got {activation!r}")
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
+                                            batch_first=batch_first)
+        self.linear1 = Linear(d_model, dim_feedforward, bias=bias)
+        self.dropout = Dropout(dropout)
+        self.linear2 = Linear(dim_feedforward, d_model, bias=bias)
+        self.norm_first = norm_first
+        self.norm1 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
+        self.norm2 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
+        self.activation = activation
+
+    def forward(self, src: Any, src_mask: Any = None, src_key_padding_mask: Any = None,
+                is_causal: bool = False) -> Tensor:
+        x = as_tensor(src)
+        if self.norm_first:
+            x = x + self._attention_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
+            return x + self._feed_forward_block(self.norm2(x))
+        x = self.norm1(x + self._attention_block(x, src_mask, src_key_padding_mask, is_causal))
+        return self.norm2(x + self._feed_forward_block(x))
+
+    def _attention_block(self, x: Tensor, mask: Any, key_padding_mask: Any, is_causal: bool) -> Tensor:
+        out, _ = self.self_attn(x, x, x, attn_mask=mask, key_padding_mask=key_padding_mask,
+                                need_weights=False, is_causal=is_causal)
+        return self.dropout1(out)
+
+    def _feed_forward_block(self, x: Tensor) -> Tensor:
+        activate = getattr(F, self.activation) if isinstance(self.activation, str) else self.activation
+        return self.dropout2(self.linear2(self.dropout(activate(self.linear1(x)))))
+
+
+class TransformerEncoder(Module):
+    """`num_layers` copies of `encoder_layer` applied in turn (each with its own parameters,
+    `layers.0.`, `layers.1.`, ... in the state dict), then the optional final `norm`."""
+
+    def __init__(self, encoder_layer: TransformerEncoderLayer, num_layers: int,
+                 norm: Module | None = None) -> None:
+        super().__init__()
+        self.layers = ModuleList([copy.deepcopy(encoder_layer) for _ in range(num_layers)])
+        self.num_layers = num_layers
+        if norm is not None:
+            self.norm = norm
+        self.has_norm = norm is not None
+
+    def forward(self, src: Any, mask: Any = None, src_key_padding_mask: Any = None,
+                is_causal: bool | None = None) -> Tensor:
+        x = as_tensor(src)
+        for layer in self.layers:
+            x = layer(x, src_mask=mask, src_key_padding_mask=src_key_padding_mask,
+                      is_causal=bool(is_causal))
+        return self.norm(x) if self.has_norm else x

@@ -1,0 +1,51 @@
+"""`Conv1d`: a 1-D convolution over (N, C, L) (F.conv1d computes it as a 2-D one over
+(N, C, 1, L))."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..tensor import Tensor
+from . import functional as F
+from .layers import uniform
+from .module import Module
+
+__all__ = ["Conv1d"]
+
+
+def _one(v: Any) -> tuple[int]:
+    """PyTorch's 1-tuple form of a size (an int or a 1-tuple)."""
+    return (int(v),) if isinstance(v, int) else tuple(int(d) for d in v)  # type: ignore[return-value]
+
+
+class Conv1d(Module):
+    """weight (out_channels, in_channels/groups, kernel_size), bias (out_channels,), both
+    U(±1/sqrt(in_channels/groups * kernel_size)) as PyTorch's."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
+                 padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros") -> None:
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"Conv1d: channels ({in_channels}, {out_channels}) must be divisible "
+                             f"by groups={groups}")
+        if padding_mode != "zeros" or isinstance(padding, str):
+            raise NotImplementedError(f"Conv1d: only integer zero padding is supported, got "
+                                      f"padding={padding!r}, padding_mode={padding_mode!r}; pad "
+                                      f"the input with F.pad first")
+        (kernel,) = _one(kernel_size)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kernel,)
+        self.stride, self.padding, self.dilation = _one(stride), _one(padding), _one(dilation)
+        self.groups, self.has_bias = groups, bias
+        bound = 1 / math.sqrt(in_channels // groups * kernel)
+        self.weight = uniform((out_channels, in_channels // groups, kernel), bound)
+        if bias:
+            self.bias = uniform((out_channels,), bound)
+
+    def forward(self, x: Any) -> Tensor:
+        return F.conv1d(x, self.weight, self.bias if self.has_bias else None, self.stride,
+                        self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}")

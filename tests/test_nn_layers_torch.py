@@ -1,0 +1,137 @@
+"""Layers and functions with PyTorch's names against PyTorch (skipped without torch): F.pad,
+F.embedding, F.layer_norm, nn.AdaptiveAvgPool2d/AdaptiveMaxPool2d, nn.Conv1d, nn.Flatten and
+nn.Identity; outputs and gradients in float64 on the reference backend, weights loaded from
+PyTorch's state_dict."""
+import numpy as np
+import pytest
+
+import graphc as gc
+import graphc.nn as nn
+import graphc.nn.functional as F
+from graphc.ir.errors import ShapeError
+from torch_compare import check_against_torch
+
+torch = pytest.importorskip("torch")
+TF = torch.nn.functional
+
+
+def rand(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+def check_function(ours, theirs, arrays, constants=()):
+    """ours(*arrays) against theirs(*tensors): values and the gradients of a random projection
+    w.r.t. every float array; `constants` are passed after them, unchanged, to both."""
+    tensors = [torch.tensor(a, requires_grad=True) for a in arrays]
+    expected = theirs(*tensors, *constants)
+    cotangent = np.random.default_rng(9).uniform(0.5, 1.5, tuple(expected.shape))
+    (expected * torch.tensor(cotangent)).sum().backward()
+
+    def loss(*xs):
+        out = ours(*xs, *constants)
+        return (out * cotangent).sum(), out
+
+    (_, out), grads = gc.value_and_grad(loss, argnums=tuple(range(len(arrays))), has_aux=True,
+                                        backend="reference")(*arrays)
+    np.testing.assert_allclose(out, expected.detach().numpy(), rtol=1e-10, atol=1e-12)
+    for ours_grad, t in zip(grads, tensors):
+        np.testing.assert_allclose(ours_grad, t.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+PADS = {
+    "constant_last_dim": ((1, 2), "constant", None),
+    "constant_value_three_dims": ((1, 0, 0, 2, 1, 1), "constant", 1.5),
+    "constant_negative_crops": ((-1, 2, 1, -2), "constant", None),
+    "reflect_two_dims": ((2, 3, 1, 2), "reflect", None),
+    "replicate_two_dims": ((3, 0, 2, 4), "replicate", None),
+    "circular_two_dims": ((2, 1, 0, 3), "circular", None),
+}
+
+
+@pytest.mark.parametrize("case", PADS)
+def test_pad_matches_pytorch(case):
+    widths, mode, value = PADS[case]
+    x = rand(2, 3, 4, 5)
+    keywords = {"mode": mode} | ({"value": value} if value is not None else {})
+    check_function(lambda x: F.pad(x, widths, **keywords),
+                   lambda x: TF.pad(x, widths, **keywords), [x])
+
+
+def test_pad_refuses_widths_pytorch_refuses():
+    x = np.zeros((1, 2, 3, 3), np.float32)
+    with pytest.raises(ShapeError, match=r"reflect padding of \(3, 0\) needs widths in \[0, 2\]"):
+        gc.jit(lambda x: F.pad(x, (3, 0), mode="reflect"), backend="reference")(x)
+    with pytest.raises(ShapeError, match="an even number of widths"):
+        gc.jit(lambda x: F.pad(x, (1, 1, 1)), backend="reference")(x)
+
+
+@pytest.mark.parametrize("normalized_shape", [5, (4, 5)])
+def test_layer_norm_function_matches_pytorch(normalized_shape):
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
+    x, weight, bias = rand(3, 4, 5), rand(*shape, seed=1), rand(*shape, seed=2)
+    check_function(lambda x, w, b: F.layer_norm(x, normalized_shape, w, b, eps=1e-3),
+                   lambda x, w, b: TF.layer_norm(x, shape, w, b, eps=1e-3), [x, weight, bias])
+
+
+def test_embedding_function_matches_pytorch_with_a_negative_padding_index():
+    ids = np.array([[0, 3, 4], [4, 1, 3]])
+    check_function(lambda w, i: F.embedding(i, w, padding_idx=-2),
+                   lambda w, i: TF.embedding(torch.tensor(i), w, padding_idx=-2), [rand(5, 3)],
+                   constants=(ids,))
+
+
+POOLS = {
+    "dividing": (2, 3),
+    "non_dividing": (3, 5),
+    "keep_height": (None, 2),
+    "square_int": 4,
+    "global": 1,
+}
+
+
+@pytest.mark.parametrize("kind", ["AdaptiveAvgPool2d", "AdaptiveMaxPool2d"])
+@pytest.mark.parametrize("size", POOLS)
+def test_adaptive_pools_match_pytorch(kind, size):
+    x = rand(2, 3, 6, 9)
+    output_size = POOLS[size]
+    check_against_torch(torch, getattr(nn, kind)(output_size),
+                        getattr(torch.nn, kind)(output_size), [x])
+    check_against_torch(torch, getattr(nn, kind)(output_size),  # unbatched (C, H, W)
+                        getattr(torch.nn, kind)(output_size), [x[0]])
+
+
+CONV1D = {
+    "plain": (dict(kernel_size=3), (2, 4, 9)),
+    "strided_padded_dilated": (dict(kernel_size=3, stride=2, padding=2, dilation=2), (2, 4, 9)),
+    "grouped_no_bias": (dict(kernel_size=(2,), groups=2, bias=False), (2, 4, 7)),
+    "unbatched": (dict(kernel_size=3, padding=1), (4, 6)),
+}
+
+
+@pytest.mark.parametrize("case", CONV1D)
+def test_conv1d_matches_pytorch(case):
+    options, shape = CONV1D[case]
+    check_against_torch(torch, nn.Conv1d(4, 6, **options), torch.nn.Conv1d(4, 6, **options),
+                        [rand(*shape)])
+
+
+def test_conv1d_parameters_match_pytorch_names_shapes_and_initialisation_bounds():
+    ours, theirs = nn.Conv1d(4, 6, 3, groups=2), torch.nn.Conv1d(4, 6, 3, groups=2)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    bound = 1 / np.sqrt(2 * 3)
+    assert np.abs(ours.weight).max() <= bound and np.abs(ours.weight).max() > bound / 2
+
+
+@pytest.mark.parametrize("start,end", [(1, -1), (0, 1), (1, 2), (2, 3)])
+def test_flatten_and_identity_match_pytorch(start, end):
+    x = rand(2, 3, 4, 5)
+    check_against_torch(torch, nn.Sequential(nn.Identity(), nn.Flatten(start, end)),
+                        torch.nn.Sequential(torch.nn.Identity(), torch.nn.Flatten(start, end)), [x])
+
+
+def test_load_state_dict_takes_pytorch_parameters_that_require_grad():
+    theirs = torch.nn.Conv1d(2, 3, 2)
+    ours = nn.Conv1d(2, 3, 2)
+    ours.load_state_dict(dict(theirs.named_parameters()))  # Parameters, not detached tensors
+    np.testing.assert_array_equal(ours.weight, theirs.weight.detach().numpy())
