@@ -69,8 +69,8 @@ def graphc_loss_and_grads(model, state, x, hx):
     return (value, *aux), grads
 
 
-def torch_loss_and_grads(torch, name, kwargs, state, x, hx):
-    module = getattr(torch.nn, name)(**kwargs).to(getattr(torch, x.dtype.name))
+def torch_loss_and_grads(torch, name, kwargs, state, x, hx, training=True):
+    module = getattr(torch.nn, name)(**kwargs).to(getattr(torch, x.dtype.name)).train(training)
     module.load_state_dict({k: torch.tensor(v) for k, v in state.items()})
     tx = torch.tensor(x, requires_grad=True)
     thx = None if hx is None else (
@@ -85,18 +85,20 @@ def torch_loss_and_grads(torch, name, kwargs, state, x, hx):
     return value.item(), detached, grads, tx.grad.numpy(), grad_hx
 
 
-def check_against_torch(torch, name, kwargs, x_shape, with_state, dtype, seed=0):
+def check_against_torch(torch, name, kwargs, x_shape, with_state, dtype, seed=0, training=True):
     rng = np.random.default_rng(seed)
-    model = getattr(nn, name)(**kwargs)
+    model = getattr(nn, name)(**kwargs).train(training)
     state = random_state(model, dtype, rng)
     x = rng.standard_normal(x_shape).astype(dtype)
-    batch = (x_shape[0] if kwargs["batch_first"] else x_shape[1]) if len(x_shape) == 3 else None
-    state_shape = ((kwargs.get("num_layers", 1),) + ((batch,) if batch else ())
+    batch = (x_shape[0] if kwargs.get("batch_first") else x_shape[1]) if len(x_shape) == 3 else None
+    layers = kwargs.get("num_layers", 1) * (2 if kwargs.get("bidirectional") else 1)
+    state_shape = ((layers,) + ((batch,) if batch else ())
                    + (kwargs["hidden_size"],))
     hx = initial_states(name, state_shape, dtype, rng) if with_state else None
 
     (value, output, final), (g_state, g_x, g_hx) = graphc_loss_and_grads(model, state, x, hx)
-    t_value, t_outs, t_grads, t_gx, t_ghx = torch_loss_and_grads(torch, name, kwargs, state, x, hx)
+    t_value, t_outs, t_grads, t_gx, t_ghx = torch_loss_and_grads(torch, name, kwargs, state, x, hx,
+                                                                 training)
 
     tol = TOLERANCES[dtype]
     np.testing.assert_allclose(value, t_value, **tol)
@@ -124,6 +126,11 @@ LAYOUTS = {
     "time_major": (dict(num_layers=2, batch_first=False), (4, 2, 3), True),
     "unbatched": (dict(num_layers=2, batch_first=True), (4, 3), True),
     "no_bias_zero_state": (dict(bias=False, batch_first=True), (2, 3, 3), False),
+    "default_time_major": (dict(), (4, 2, 3), True),
+    "bidirectional_two_layers": (dict(num_layers=2, bidirectional=True), (4, 2, 3), True),
+    "bidirectional_batch_first": (dict(bidirectional=True, batch_first=True), (2, 4, 3), True),
+    "bidirectional_unbatched": (dict(num_layers=2, bidirectional=True), (4, 3), False),
+    "dropout_in_eval_mode": (dict(num_layers=2, dropout=0.5), (4, 2, 3), True),
 }
 
 
@@ -132,15 +139,24 @@ LAYOUTS = {
 def test_layouts_match_pytorch(torch, name, layout):
     extra, x_shape, with_state = LAYOUTS[layout]
     kwargs = dict(input_size=3, hidden_size=4, **extra)
-    check_against_torch(torch, name, kwargs, x_shape, with_state, np.float64, seed=1)
+    check_against_torch(torch, name, kwargs, x_shape, with_state, np.float64, seed=1,
+                        training=not extra.get("dropout"))
 
 
 @pytest.mark.parametrize("name", ["RNN", "LSTM", "GRU"])
-def test_state_dict_keys_and_shapes_match_pytorch(torch, name):
-    ours = getattr(nn, name)(3, 4, num_layers=2).state_dict()
-    theirs = getattr(torch.nn, name)(3, 4, num_layers=2).state_dict()
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_state_dict_keys_and_shapes_match_pytorch(torch, name, bidirectional):
+    ours = getattr(nn, name)(3, 4, num_layers=2, bidirectional=bidirectional).state_dict()
+    theirs = getattr(torch.nn, name)(3, 4, num_layers=2, bidirectional=bidirectional).state_dict()
     assert list(ours) == list(theirs)
     assert {k: v.shape for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+
+
+@pytest.mark.parametrize("name", ["RNN", "LSTM", "GRU"])
+def test_batch_first_defaults_to_false_as_in_pytorch(torch, name):
+    """A model ported from PyTorch reads (T, N, features) unless it says otherwise."""
+    assert getattr(nn, name)(3, 4).batch_first is False
+    assert getattr(torch.nn, name)(3, 4).batch_first is False
 
 
 # -- without PyTorch ------------------------------------------------------------------------
@@ -150,7 +166,7 @@ def test_gradients_match_finite_differences(name):
     rng = np.random.default_rng(2)
     model = getattr(nn, name)(2, 3, num_layers=2)
     state = random_state(model, np.float64, rng)
-    x = rng.standard_normal((2, 3, 2))
+    x = rng.standard_normal((3, 2, 2))  # (T, N, input_size)
     hx = initial_states(name, (2, 2, 3), np.float64, rng)
     args = [state, x, hx]
 
@@ -203,7 +219,7 @@ def test_input_projection_is_one_matmul_per_layer(name):
     model = getattr(nn, name)(3, 4, num_layers=2)
     steps, batch = 5, 2
     graph = gc.trace(lambda p, x: nn.functional_call(model, p, x)[0], model.state_dict(),
-                     np.zeros((batch, steps, 3), np.float32))
+                     np.zeros((steps, batch, 3), np.float32))
     matmuls = [n for n in graph.nodes if n.op == "matmul"]
     all_steps = [n for n in matmuls if n.inputs[0].shape[0] == steps * batch]
     assert len(all_steps) == 2
@@ -212,19 +228,17 @@ def test_input_projection_is_one_matmul_per_layer(name):
 
 def test_default_float32_parameters_run_and_output_shapes():
     model = nn.LSTM(3, 4, num_layers=2)
-    x = np.random.default_rng(0).standard_normal((2, 5, 3)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)  # (T, N, I)
     output, (h_n, c_n) = gc.jit(lambda p, x: nn.functional_call(model, p, x),
                                 backend="reference")(model.state_dict(), x)
-    assert output.shape == (2, 5, 4) and output.dtype == np.float32
+    assert output.shape == (5, 2, 4) and output.dtype == np.float32
     assert h_n.shape == c_n.shape == (2, 2, 4)
-    np.testing.assert_array_equal(output[:, -1], h_n[-1])
+    np.testing.assert_array_equal(output[-1], h_n[-1])
 
 
 def test_unsupported_options_and_bad_shapes_raise_clear_errors():
-    with pytest.raises(NotImplementedError, match="bidirectional"):
-        nn.LSTM(3, 4, bidirectional=True)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        nn.GRU(3, 4, num_layers=2, dropout=0.5)
+    with pytest.raises(ValueError, match="dropout must be a probability"):
+        nn.GRU(3, 4, num_layers=2, dropout=1.5)
     with pytest.raises(NotImplementedError, match="proj_size"):
         nn.LSTM(3, 4, proj_size=2)
     with pytest.raises(ValueError, match="nonlinearity"):
@@ -232,9 +246,9 @@ def test_unsupported_options_and_bad_shapes_raise_clear_errors():
     model = nn.GRU(3, 4, num_layers=2)
     run = gc.jit(lambda p, x, h: nn.functional_call(model, p, x, h), backend="reference")
     with pytest.raises(ShapeError, match="input_size=3"):
-        run(model.state_dict(), np.zeros((2, 5, 4), np.float32), np.zeros((2, 2, 4), np.float32))
+        run(model.state_dict(), np.zeros((5, 2, 4), np.float32), np.zeros((2, 2, 4), np.float32))
     with pytest.raises(ShapeError, match=r"initial states must have shape \(2, 2, 4\)"):
-        run(model.state_dict(), np.zeros((2, 5, 3), np.float32), np.zeros((1, 2, 4), np.float32))
+        run(model.state_dict(), np.zeros((5, 2, 3), np.float32), np.zeros((1, 2, 4), np.float32))
 
 
 # -- Embedding ----------------------------------------------------------------------------------
@@ -293,10 +307,23 @@ def test_embedding_feeds_an_lstm():
             return self.lstm(self.embed(tokens))[0]
 
     tagger = Tagger()
-    tokens = np.array([[1, 2, 3], [4, 5, 9]])
+    tokens = np.array([[1, 2, 3], [4, 5, 9]])  # (T, N)
     out = gc.jit(lambda p, t: nn.functional_call(tagger, p, t), backend="reference")(
         tagger.state_dict(), tokens)
     alone = gc.jit(lambda p, x: nn.functional_call(lstm, p, x)[0], backend="reference")(
         lstm.state_dict(), embed.weight[tokens])
     np.testing.assert_allclose(out, alone, rtol=1e-6)
     assert list(tagger.state_dict())[:2] == ["embed.weight", "lstm.weight_ih_l0"]
+
+
+def test_inter_layer_dropout_applies_only_while_training():
+    model = nn.GRU(3, 4, num_layers=2, dropout=0.5)
+    x = np.random.default_rng(0).standard_normal((4, 2, 3)).astype(np.float32)
+    run = gc.jit(lambda x: model(x)[0], backend="reference")
+    trained = run(x)
+    model.eval()
+    evaluated = run(x)
+    single = nn.GRU(3, 4, num_layers=2)
+    single.load_state_dict(model.state_dict())
+    np.testing.assert_allclose(evaluated, gc.jit(lambda x: single(x)[0], backend="reference")(x))
+    assert not np.allclose(trained, evaluated)

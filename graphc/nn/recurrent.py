@@ -4,9 +4,10 @@ The sequence length is static, so a layer unrolls into one cell per time step. T
 projection x @ W_ih^T of every step is one matrix product over (T*N, I); only the hidden
 recurrence h @ W_hh^T runs per step, which is what keeps long sequences fast.
 
-Unlike PyTorch, `batch_first` defaults to True: inputs are (N, T, input_size). Unbatched inputs
-(T, input_size) are accepted as in PyTorch. Only unidirectional layers without inter-layer
-dropout are supported.
+As in PyTorch, inputs are time-major (T, N, input_size) unless `batch_first` ((N, T,
+input_size)), and unbatched inputs (T, input_size) are accepted. A bidirectional layer runs a
+second recurrence backwards in time with its own `*_reverse` parameters and concatenates the two
+outputs; `dropout` applies to every layer's output but the last's, while training.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from graphc.ir.errors import ShapeError, user_location
 
-from ..functions import sigmoid, stack, tanh
+from ..functions import concatenate, sigmoid, stack, tanh
 from ..tensor import Tensor, as_tensor
 from . import functional as F
 from .layers import uniform
@@ -35,29 +36,29 @@ class _RecurrentBase(Module):
     state_size = 1  # tensors in a layer's state: h, or h and c
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = True, dropout: float = 0.0,
+                 batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False) -> None:
         super().__init__()
         name = type(self).__name__
         if hidden_size <= 0 or num_layers <= 0:
             raise ValueError(f"{name}: hidden_size and num_layers must be positive, got "
                              f"{hidden_size} and {num_layers}")
-        if bidirectional:
-            raise NotImplementedError(f"{name}: bidirectional layers are not supported")
-        if dropout:
-            raise NotImplementedError(f"{name}: dropout between layers is not supported "
-                                      f"(got dropout={dropout})")
+        if not 0 <= dropout <= 1:
+            raise ValueError(f"{name}: dropout must be a probability in [0, 1], got {dropout}")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.has_bias, self.batch_first = bias, batch_first
+        self.dropout, self.bidirectional = dropout, bidirectional
+        self.directions = ("", "_reverse") if bidirectional else ("",)
         bound = 1 / math.sqrt(hidden_size)
         rows = self.gates * hidden_size
-        for k in range(num_layers):
-            layer_input = input_size if k == 0 else hidden_size
-            setattr(self, f"weight_ih_l{k}", uniform((rows, layer_input), bound))
-            setattr(self, f"weight_hh_l{k}", uniform((rows, hidden_size), bound))
-            if bias:
-                setattr(self, f"bias_ih_l{k}", uniform((rows,), bound))
-                setattr(self, f"bias_hh_l{k}", uniform((rows,), bound))
+        for k in range(num_layers):  # PyTorch's order: per layer, forward then reverse
+            layer_input = input_size if k == 0 else hidden_size * len(self.directions)
+            for suffix in self.directions:
+                setattr(self, f"weight_ih_l{k}{suffix}", uniform((rows, layer_input), bound))
+                setattr(self, f"weight_hh_l{k}{suffix}", uniform((rows, hidden_size), bound))
+                if bias:
+                    setattr(self, f"bias_ih_l{k}{suffix}", uniform((rows,), bound))
+                    setattr(self, f"bias_hh_l{k}{suffix}", uniform((rows,), bound))
 
     # -- what subclasses define ------------------------------------------------------------
     def _input_bias(self, bias_ih: Tensor, bias_hh: Tensor) -> Tensor:
@@ -71,53 +72,68 @@ class _RecurrentBase(Module):
 
     # -- the unrolled recurrence ----------------------------------------------------------
     def forward(self, x: Any, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(output, h_n): output (N, T, hidden) holds the last layer's h at every step, h_n
-        (num_layers, N, hidden) every layer's last h; hx is h_0, shaped like h_n (zeros if None)."""
+        """(output, h_n): output (T, N, D * hidden) ((N, T, ...) with batch_first) holds the last
+        layer's h at every step, D = 2 directions when bidirectional, else 1; h_n
+        (num_layers * D, N, hidden) every layer's and direction's last h; hx is h_0, shaped
+        like h_n (zeros if None)."""
         output, (h_n,) = self._run(x, None if hx is None else (hx,))
         return output, h_n
 
     def _run(self, x: Any, initial: tuple[Tensor, ...] | None) -> tuple[Tensor, State]:
-        """(output, final states stacked over layers) for x and optional initial states
-        (each (num_layers, N, hidden), or (num_layers, hidden) for unbatched input)."""
+        """(output, final states stacked over layers and directions) for x and optional
+        initial states (each (num_layers * D, N, hidden), or (num_layers * D, hidden) for
+        unbatched input)."""
         x = as_tensor(x)
         self._check_input(x)
         batched = x.ndim == 3
         # Time-major inside: each step reads a contiguous (N, ·) block.
         seq = (x.transpose(0, 1) if self.batch_first else x) if batched else x.unsqueeze(1)
-        states = self._initial_states(initial, seq.shape[1], x.dtype, batched)
+        states = iter(self._initial_states(initial, seq.shape[1], x.dtype, batched))
         finals = []
         for k in range(self.num_layers):
-            seq, final = self._run_layer(k, seq, states[k])
-            finals.append(final)
+            if k and self.dropout:
+                seq = F.dropout(seq, self.dropout, self.training)
+            outputs = []
+            for suffix in self.directions:
+                output, final = self._run_layer(f"l{k}{suffix}", seq, next(states),
+                                                reverse=bool(suffix))
+                outputs.append(output)
+                finals.append(final)
+            seq = concatenate(outputs, axis=2) if len(outputs) > 1 else outputs[0]
         stacked = tuple(stack([f[i] for f in finals]) for i in range(self.state_size))
         if not batched:
             return seq.squeeze(1), tuple(s.squeeze(1) for s in stacked)
         return (seq.transpose(0, 1) if self.batch_first else seq), stacked
 
-    def _run_layer(self, k: int, seq: Tensor, state: State) -> tuple[Tensor, State]:
-        """One layer over a time-major (T, N, features) sequence: ((T, N, hidden), final state)."""
-        weight_ih, weight_hh = getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}")
-        bias_ih = getattr(self, f"bias_ih_l{k}") if self.has_bias else None
-        bias_hh = getattr(self, f"bias_hh_l{k}") if self.has_bias else None
+    def _run_layer(self, name: str, seq: Tensor, state: State, reverse: bool) -> tuple[Tensor, State]:
+        """One layer's direction (parameters `*_{name}`, "l1_reverse") over a time-major
+        (T, N, features) sequence, backwards in time if `reverse`: ((T, N, hidden) in the
+        sequence's order, final state)."""
+        weight_ih, weight_hh = getattr(self, f"weight_ih_{name}"), getattr(self, f"weight_hh_{name}")
+        bias_ih = getattr(self, f"bias_ih_{name}") if self.has_bias else None
+        bias_hh = getattr(self, f"bias_hh_{name}") if self.has_bias else None
         steps, batch, features = seq.shape
         input_bias = (self._input_bias(as_tensor(bias_ih), as_tensor(bias_hh)) if self.has_bias
                       else None)
         projected = F.linear(seq.reshape(steps * batch, features), weight_ih, input_bias)
         projected = projected.reshape(steps, batch, -1)
         weight_hh_t = as_tensor(weight_hh).T
+        order = range(steps - 1, -1, -1) if reverse else range(steps)
         outputs = []
-        for t in range(steps):
+        for t in order:
             state = self._cell(projected[t], state, weight_hh_t, bias_hh)
             outputs.append(state[0])
-        return stack(outputs), state
+        return stack(outputs[::-1] if reverse else outputs), state
 
     def _initial_states(self, initial: tuple[Tensor, ...] | None, batch: int, dtype: str,
                         batched: bool) -> list[State]:
-        """Per layer, the (N, hidden) state tensors: zeros, or the given ones split by layer."""
+        """Per layer and direction, the (N, hidden) state tensors: zeros, or the given ones split
+        by layer and direction."""
+        count = self.num_layers * len(self.directions)
         if initial is None:
             zeros = as_tensor(np.zeros((batch, self.hidden_size), dtype=np.dtype(dtype)))
-            return [(zeros,) * self.state_size] * self.num_layers
-        expected = (self.num_layers,) + ((batch,) if batched else ()) + (self.hidden_size,)
+            return [(zeros,) * self.state_size] * count
+        expected = (count,) + ((batch,) if batched else ()) + (self.hidden_size,)
         tensors = []
         for s in initial:
             s = as_tensor(s)
@@ -125,7 +141,7 @@ class _RecurrentBase(Module):
                 raise ShapeError(f"{type(self).__name__}: initial states must have shape "
                                  f"{expected}, got {s.shape} (at {user_location()})")
             tensors.append(s if batched else s.unsqueeze(1))
-        return [tuple(s[k] for s in tensors) for k in range(self.num_layers)]
+        return [tuple(s[k] for s in tensors) for k in range(count)]
 
     def _check_input(self, x: Tensor) -> None:
         layout = "(N, T, input_size)" if self.batch_first else "(T, N, input_size)"
@@ -139,7 +155,8 @@ class _RecurrentBase(Module):
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
-                f"bias={self.has_bias}, batch_first={self.batch_first}")
+                f"bias={self.has_bias}, batch_first={self.batch_first}, dropout={self.dropout}, "
+                f"bidirectional={self.bidirectional}")
 
 
 class RNN(_RecurrentBase):
@@ -147,7 +164,7 @@ class RNN(_RecurrentBase):
     forward(x, hx=None) -> (output, h_n)."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
-                 nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = True,
+                 nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False) -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
@@ -171,7 +188,7 @@ class LSTM(_RecurrentBase):
     gates, state_size = 4, 2
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = True, dropout: float = 0.0, bidirectional: bool = False,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0) -> None:
         if proj_size:
             raise NotImplementedError(f"LSTM: projections are not supported "
