@@ -23,6 +23,14 @@ def graphc_cache_dir(tmp_path_factory):
         os.environ["GRAPHC_CACHE_DIR"] = previous
 
 
+@pytest.fixture(autouse=True)
+def seeded_graphc():
+    """graphc's own generator (parameter initialisation, traced randomness) starts from one seed
+    in every test, so a test's weights never depend on which tests ran before it."""
+    import graphc
+    graphc.manual_seed(0)
+
+
 def pytest_terminal_summary(terminalreporter):
     """How many random programs ran on each backend, and how many failed (when any ran)."""
     programs = sys.modules.get("random_programs")
