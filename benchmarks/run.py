@@ -96,11 +96,14 @@ def main() -> None:
         print("PyTorch is not installed (pip install -e '.[compare]'): ratios are to the other "
               "peers, and graphc starts from its own initial weights")
     scratch = tempfile.mkdtemp(prefix="graphc-bench-")
-    # Fresh caches: the first run of each compiler per workload is its cold start.
-    base_env = {**os.environ, "GRAPHC_CACHE_DIR": os.path.join(scratch, "graphc"),
-                "TORCHINDUCTOR_CACHE_DIR": os.path.join(scratch, "inductor")}
+    base_env = dict(os.environ)
     if args.threads:
         base_env.update(GRAPHC_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
+    # Fresh caches per workload: the first run of each compiler on a workload is its cold start
+    # (with a shared cache, a workload would find the kernels an earlier one compiled).
+    envs = {w: {**base_env, "GRAPHC_CACHE_DIR": os.path.join(scratch, w, "graphc"),
+                "TORCHINDUCTOR_CACHE_DIR": os.path.join(scratch, w, "inductor")}
+            for w in args.workloads}
     runs = [(s, w) for w in args.workloads for s in systems if not (s in MLP_ONLY and w != "mlp")]
     results: dict[tuple[str, str], list[dict]] = {}
     cold: dict[tuple[str, str], dict] = {}
@@ -109,7 +112,7 @@ def main() -> None:
         inits = export_inits(args.workloads, scratch, base_env, args.tiny) if has_torch else {}
         for system, workload in runs:
             if system in COMPILERS:
-                res = measure(system, workload, 3, base_env, inits.get(workload), args.tiny)
+                res = measure(system, workload, 3, envs[workload], inits.get(workload), args.tiny)
                 if "error" in res:
                     errors[(system, workload)] = res["error"]
                 else:
@@ -120,7 +123,8 @@ def main() -> None:
                 for system in order:
                     if (system, workload) not in runs or (system, workload) in errors:
                         continue
-                    res = measure(system, workload, args.steps, base_env, inits.get(workload), args.tiny)
+                    res = measure(system, workload, args.steps, envs[workload], inits.get(workload),
+                                  args.tiny)
                     if "error" in res:
                         errors[(system, workload)] = res["error"]
                         continue
