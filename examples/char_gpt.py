@@ -1,6 +1,6 @@
 """A character-level GPT trained on graphc's own README, written as one writes it in PyTorch.
 
-    python examples/char_gpt.py [--steps 300] [--backend numba-cpu] [--sample 300]
+    python examples/char_gpt.py [--steps 1000] [--backend numba-cpu] [--sample 300]
 
 Token and position embeddings, pre-norm blocks of causal self-attention
 (F.scaled_dot_product_attention with is_causal=True) and a GELU MLP, a final LayerNorm and an
@@ -116,7 +116,7 @@ def sample(model: CharGPT, prompt: np.ndarray, length: int, backend: str | None,
     return np.array(text)
 
 
-def train(steps: int = 300, backend: str | None = None, batch_size: int = 16, context: int = 32,
+def train(steps: int = 1000, backend: str | None = None, batch_size: int = 16, context: int = 32,
           lr: float = 3e-3, warmup: int | None = None, sample_chars: int = 200, seed: int = 0,
           text_path: str | None = None, log_every: int = 50) -> dict:
     """Train for `steps` steps; returns the per-step losses and the sampled text."""
@@ -162,7 +162,7 @@ def train(steps: int = 300, backend: str | None = None, batch_size: int = 16, co
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--backend", default=None, help="default: numba-cpu when it loads")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
