@@ -69,11 +69,18 @@ def _unsupported(call: str) -> GraphcError:
     instead = SUGGESTIONS.get(call)
     name = call.rpartition(".")[2]
     if instead is None and name in gcf.__all__:  # same name, but arguments may differ
-        instead = f"gc.{name}{inspect.signature(getattr(gcf, name))}"
+        instead = f"gc.{name}{_parameters(getattr(gcf, name))}"
     advice = (f"write {instead} instead" if instead else
               "graphc has no equivalent op; compute it outside the traced function, or build it "
               "from graphc ops")
     return GraphcError(f"{call} on a graphc Tensor: {advice} (at {user_location()})")
+
+
+def _parameters(fn: Callable) -> str:
+    """`fn`'s signature as a call is written: names and defaults, no annotations."""
+    signature = inspect.signature(fn)
+    return str(signature.replace(return_annotation=inspect.Signature.empty, parameters=[
+        p.replace(annotation=inspect.Parameter.empty) for p in signature.parameters.values()]))
 
 
 def _ufunc_rule(ufunc: np.ufunc) -> Callable[..., Tensor] | None:
