@@ -445,15 +445,17 @@ class Tensor:
     def type_as(self, other: Tensor) -> Tensor:
         return self.astype(other.dtype)
 
-    def to(self, target: Any) -> Tensor:
+    def to(self, *targets: Any, dtype: Any = None, device: Any = None) -> Tensor:
         """PyTorch's `to`: a dtype (a name, a NumPy or torch dtype) or another tensor's dtype. A
         device ('cpu', 'cuda', torch.device) leaves the tensor as it is: the backend given to
         jit/compile places every tensor of the graph."""
-        if isinstance(target, Tensor):
-            return self.astype(target.dtype)
-        if _is_device(target):
-            return self
-        return self.astype(target)
+        del device
+        for target in targets:
+            if isinstance(target, Tensor):
+                dtype = target.dtype
+            elif not _is_device(target):
+                dtype = target
+        return self if dtype is None else self.astype(dtype)
 
     def contiguous(self) -> Tensor:
         """Every traced value is contiguous: there are no strided views to compact."""
@@ -734,7 +736,8 @@ class Tensor:
     def __setitem__(self, index: Any, value: Any) -> None:
         """`x[index] = value` as a functional update: the Tensor takes a new value that equals
         `value` in the indexed region and the old one elsewhere (gradients flow to both). Only
-        this Tensor object changes: a tensor sliced from it earlier keeps its value."""
+        this Tensor object changes: a tensor sliced from it earlier keeps its value. Where an
+        integer-array index names a position twice, the values written there add up."""
         self.value = _setitem(self, index, value).value
 
     # -- NumPy and PyTorch functions called on a Tensor (see graphc/interop.py) --------------

@@ -186,7 +186,7 @@ def forward_and_gradients(model, state, x, backend):
     def loss(p, x):
         out, updates = nn.functional_call(model, {**p, **buffers}, x, return_buffers=True)
         out = first_output(out)
-        weights = np.cos(np.arange(out.size)).reshape(out.shape)
+        weights = np.cos(np.arange(out.numel())).reshape(out.shape)
         return (out * weights).sum(), (out, updates)
 
     argnums = (0,) * bool(params) + (1,) * (x.dtype == np.float64)  # no gradient for int ids

@@ -162,7 +162,8 @@ CASES = {
         b.transpose(x, perm=(2, 0, 1)), b.broadcast_to(y, shape=(3, 2, 4)),
         b.slice(x, starts=(0, 1, 0), stops=(2, 3, 4), steps=(1, 1, 3)),
         b.slice_grad(y, shape=(5, 9), starts=(1, 2), stops=(4, 9), steps=(2, 2)),
-        b.concatenate(y, z, b.neg(y), axis=1), b.pad(z, pads=((1, 2), (0, 3)), value=-1.5)]), arrays))(
+        b.concatenate(y, z, b.neg(y), axis=1), b.pad(z, pads=((1, 2), (0, 3)), value=-1.5),
+        b.flip(x, axes=(0, 2)), b.flip(b.tanh(y), axes=(1,))]), arrays))(
         [normal(2, 3, 4), normal(2, 4), normal(2, 1)]),
     "indexing": lambda: (lambda arrays: (build("indexing", arrays, lambda b, x, i, j, g: [
         b.take_along_axis(x, i, axis=1), b.take_along_axis(x, b.slice(i, starts=(0, 0), stops=(1, 3), steps=(1, 1)), axis=1),

@@ -143,13 +143,15 @@ def test_sizes_and_dtype_conversions():
         seen.update(size=x.size(), size1=x.size(1), size_last=x.size(-1), dim=x.dim(),
                     numel=x.numel(), gc_numel=gc.numel(x))
         return (x.long(), x.int(), x.double(), x.bool(), x.to("float64"), x.to(np.int32),
-                x.to(torch.float64), x.to("cpu"), x.to(x.long()), x.long().float())
+                x.to(torch.float64), x.to("cpu"), x.to(x.long()), x.long().float(),
+                x.to("cuda:0", torch.float64), x.to(dtype=np.int64))
     x = np.array([[1.5, -2.0, 0.0]], np.float32)
     outs = gc.jit(fn, backend=REF)(x)
     assert seen == dict(size=(1, 3), size1=3, size_last=3, dim=2, numel=3, gc_numel=3)
     t = torch.tensor(x)
     want = (t.long(), t.int(), t.double(), t.bool(), t.to(torch.float64), t.to(torch.int32),
-            t.to(torch.float64), t, t.to(torch.int64), t.long().float())
+            t.to(torch.float64), t, t.to(torch.int64), t.long().float(), t.double(), t.long())
+    assert len(outs) == len(want)
     for out, w in zip(outs, want):
         assert out.dtype == w.numpy().dtype
         np.testing.assert_array_equal(out, w.numpy())
@@ -193,6 +195,30 @@ def test_assignment_through_a_traced_mask_is_a_where():
         x[x < 0] = 0.0
         return x
     np.testing.assert_array_equal(gc.jit(fn, backend=REF)(x), np.maximum(x, 0))
+
+
+def test_assignment_keeps_integer_and_boolean_dtypes():
+    def fn(n, flags, idx):
+        n[idx] += 10
+        n[:, -1] = -1
+        flags[idx, 0] = True
+        return n, flags
+    n = np.arange(6, dtype=np.int32).reshape(3, 2)
+    flags = np.zeros((3, 2), bool)
+    got_n, got_flags = gc.jit(fn, backend=REF)(n, flags, np.array([2, 0]))
+    want_n, want_flags = n.copy(), flags.copy()
+    want_n[[2, 0]] += 10
+    want_n[:, -1] = -1
+    want_flags[[2, 0], 0] = True
+    assert got_n.dtype == np.int32 and got_flags.dtype == np.bool_
+    np.testing.assert_array_equal(got_n, want_n)
+    np.testing.assert_array_equal(got_flags, want_flags)
+
+
+def test_an_index_tensor_out_of_range_is_refused():
+    x = np.ones((3, 2), np.float32)
+    with pytest.raises(gc.IndexOutOfRangeError, match="gather"):
+        gc.jit(lambda x, i: x[i], backend=REF)(x, np.array([0, 3]))
 
 
 def test_refusals_name_the_static_way():
