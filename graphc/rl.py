@@ -21,7 +21,7 @@ import numpy as np
 
 from . import nn, optim
 from .compile import compile, compile_train_step
-from .functions import max as reduce_max, stop_gradient, take_along_axis
+from .functions import amax, stop_gradient, take_along_axis
 from .nn import functional as F
 from .tensor import Tensor
 
@@ -142,7 +142,7 @@ def td_loss(gamma: float, beta: float = 1.0) -> Callable[..., Tensor]:
     def loss(q_pair: tuple[Tensor, Tensor], actions: Tensor, rewards: Tensor, dones: Tensor) -> Tensor:
         q, q_next = q_pair
         q_taken = take_along_axis(q, actions.reshape(-1, 1), axis=1).reshape(-1)
-        target = rewards + gamma * (1.0 - dones) * reduce_max(q_next, axis=1)
+        target = rewards + gamma * (1.0 - dones) * amax(q_next, axis=1)
         return F.smooth_l1_loss(q_taken, target, beta=beta)
     return loss
 
