@@ -110,7 +110,8 @@ def test_kl_div_batchmean_and_legacy_reduction_flags_match_pytorch():
     got = gc.jit(lambda x, y: (F.kl_div(x, y, reduction="batchmean"),
                                F.l1_loss(x, y, size_average=False),
                                F.mse_loss(x, y, reduce=False)), backend="reference")(a["x"], a["t"])
-    expected = (TF.kl_div(t["x"], t["t"], reduction="batchmean"), TF.l1_loss(t["x"], t["t"], reduction="sum"),
+    expected = (TF.kl_div(t["x"], t["t"], reduction="batchmean"),
+                TF.l1_loss(t["x"], t["t"], reduction="sum"),
                 TF.mse_loss(t["x"], t["t"], reduction="none"))
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g, e.numpy(), rtol=1e-12)
@@ -136,7 +137,8 @@ def test_a_tuple_given_as_the_prediction_is_refused_with_the_fix():
 
 def test_bad_target_shapes_and_weights_are_refused():
     logits = np.zeros((2, 3, 4), np.float32)
-    with pytest.raises(ShapeError, match=r"class targets for input \(2, 3, 4\) must have shape \(2, 4\)"):
+    with pytest.raises(ShapeError,
+                       match=r"class targets for input \(2, 3, 4\) must have shape \(2, 4\)"):
         gc.jit(lambda x: F.cross_entropy(x, np.zeros(2, np.int64)), backend="reference")(logits)
     with pytest.raises(ShapeError, match=r"class weights must have shape \(3,\)"):
         gc.jit(lambda x: F.nll_loss(x, np.zeros((2, 4), np.int64), weight=np.ones(4)),

@@ -54,6 +54,24 @@ def test_sdpa_matches_pytorch(mask):
         np.testing.assert_allclose(ours, theirs.grad.numpy(), rtol=1e-9, atol=1e-12)
 
 
+def test_sdpa_grouped_query_attention_matches_pytorch():
+    q, k, v = rand(2, 4, 3, 5), rand(2, 2, 6, 5, seed=1), rand(2, 2, 6, 3, seed=2)
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    expected = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True,
+                                                                enable_gqa=True)
+    expected.sum().backward()
+    out, grads = gc.value_and_grad(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                       enable_gqa=True).sum(),
+        argnums=(0, 1, 2), backend="reference")(q, k, v)
+    np.testing.assert_allclose(out, expected.sum().item(), rtol=1e-10)
+    for ours, theirs in zip(grads, (tq, tk, tv)):
+        np.testing.assert_allclose(ours, theirs.grad.numpy(), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ShapeError, match="must be a multiple"):
+        gc.jit(lambda q, k: F.scaled_dot_product_attention(q, k, k, enable_gqa=True),
+               backend="reference")(q, rand(2, 3, 6, 5))
+
+
 def test_sdpa_dropout_drops_weights_with_the_training_key():
     q = rand(1, 4, 3).astype(np.float32)
     out = gc.jit(lambda q: F.scaled_dot_product_attention(q, q, q, dropout_p=0.5),
@@ -124,8 +142,8 @@ ENCODER_CASES = {
         dict(norm_first=True, batch_first=True), lambda: rand(2, 5, 8),
         {"src_mask": np.triu(np.full((5, 5), -np.inf), 1),
          "src_key_padding_mask": key_padding(2, 5)}),
-    "causal_no_bias": (dict(bias=False), lambda: rand(5, 2, 8), {"is_causal": True,
-                                                                  "src_mask": np.triu(np.ones((5, 5), bool), 1)}),
+    "causal_no_bias": (dict(bias=False), lambda: rand(5, 2, 8),
+                       {"is_causal": True, "src_mask": np.triu(np.ones((5, 5), bool), 1)}),
 }
 
 
@@ -153,6 +171,7 @@ def test_transformer_encoder_stacks_copies_with_pytorch_names():
     ours = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8))
     theirs = torch.nn.TransformerEncoder(t_layer, 2, norm=torch.nn.LayerNorm(8),
                                          enable_nested_tensor=False)
+    ours = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8), enable_nested_tensor=False)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     check_against_torch(torch, ours, theirs, [rand(2, 5, 8)],
                         {"src_key_padding_mask": key_padding(2, 5)})

@@ -9,7 +9,7 @@ import graphc as gc
 import graphc.nn as nn
 import graphc.nn.functional as F
 from graphc.ir.errors import ShapeError
-from torch_compare import check_against_torch
+from torch_compare import check_against_torch, graphc_run
 
 torch = pytest.importorskip("torch")
 TF = torch.nn.functional
@@ -128,6 +128,37 @@ def test_flatten_and_identity_match_pytorch(start, end):
     x = rand(2, 3, 4, 5)
     check_against_torch(torch, nn.Sequential(nn.Identity(), nn.Flatten(start, end)),
                         torch.nn.Sequential(torch.nn.Identity(), torch.nn.Flatten(start, end)), [x])
+
+
+def test_identity_ignores_constructor_arguments_as_pytorchs():
+    assert isinstance(torch.nn.Identity(54, unused_argument=0.1), torch.nn.Identity)
+    x = rand(2, 3)
+    np.testing.assert_array_equal(
+        gc.jit(nn.Identity(54, unused_argument=0.1), backend="reference")(x), x)
+
+
+class PadPoolConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AdaptiveMaxPool2d((3, 2))  # from (8, 9): windows of unequal sizes
+        self.conv = nn.Conv1d(3, 4, 3, stride=2)
+
+    def forward(self, x):
+        padded = F.pad(x, (2, 1, 1, 2), mode="reflect")
+        pooled = self.pool(padded) + F.adaptive_avg_pool2d(padded, (3, 2))
+        return self.conv(pooled.flatten(2))
+
+
+def test_reflect_pad_adaptive_pools_and_conv1d_on_numba_cpu_match_the_reference():
+    model = PadPoolConv()
+    x = rand(2, 3, 5, 6).astype(np.float32)
+    cotangents = [np.random.default_rng(1).uniform(0.5, 1.5, (2, 4, 2)).astype(np.float32)]
+    reference = graphc_run(model, [x], {}, cotangents)
+    compiled = graphc_run(model, [x], {}, cotangents, backend="numba-cpu")
+    np.testing.assert_allclose(compiled[0][0], reference[0][0], rtol=1e-5, atol=1e-6)
+    for name in reference[1]:
+        np.testing.assert_allclose(compiled[1][name], reference[1][name], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(compiled[2][0], reference[2][0], rtol=1e-5, atol=1e-6)
 
 
 def test_load_state_dict_takes_pytorch_parameters_that_require_grad():

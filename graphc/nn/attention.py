@@ -228,7 +228,10 @@ class TransformerEncoder(Module):
     `layers.0.`, `layers.1.`, ... in the state dict), then the optional final `norm`."""
 
     def __init__(self, encoder_layer: TransformerEncoderLayer, num_layers: int,
-                 norm: Module | None = None) -> None:
+                 norm: Module | None = None, enable_nested_tensor: bool = True,
+                 mask_check: bool = True) -> None:
+        """`enable_nested_tensor` and `mask_check` select PyTorch's fast paths for padded
+        batches; graphc has one path, so they change nothing (accepted for ported code)."""
         super().__init__()
         self.layers = ModuleList([copy.deepcopy(encoder_layer) for _ in range(num_layers)])
         self.num_layers = num_layers

@@ -251,17 +251,21 @@ def _cast_like(x: Any, like: Tensor) -> Tensor:
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Any = None,
                                  dropout_p: float = 0.0, is_causal: bool = False,
-                                 scale: float | None = None) -> Tensor:
+                                 scale: float | None = None, enable_gqa: bool = False) -> Tensor:
     """softmax(query @ key^T * scale + mask) @ value over (..., L, E), (..., S, E), (..., S, Ev),
     as PyTorch's: a boolean `attn_mask` keeps the scores where it is True, a float one is added;
     `is_causal` lets query i see keys 0..i; `scale` defaults to 1/sqrt(E). Dropout with
-    probability `dropout_p` applies to the attention weights whenever dropout_p > 0."""
+    probability `dropout_p` applies to the attention weights whenever dropout_p > 0. With
+    `enable_gqa`, keys and values of (..., H_kv, S, ·) serve query heads H_q, a multiple of
+    H_kv, in consecutive groups (grouped-query attention)."""
     query, key, value = as_tensor(query), as_tensor(key), as_tensor(value)
     if (min(query.ndim, key.ndim, value.ndim) < 2 or query.shape[-1] != key.shape[-1]
             or key.shape[-2] != value.shape[-2]):
         raise ShapeError(f"scaled_dot_product_attention: expects query (..., L, E), key "
                          f"(..., S, E) and value (..., S, Ev), got {query.shape}, {key.shape} "
                          f"and {value.shape} (at {user_location()})")
+    if enable_gqa:
+        key, value = _shared_heads(query, key), _shared_heads(query, value)
     keep = bias = None
     if is_causal:
         if attn_mask is not None:
@@ -276,6 +280,21 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if dropout_p > 0:
         weights = dropout(weights, dropout_p)
     return weights @ value
+
+
+def _shared_heads(query: Tensor, x: Tensor) -> Tensor:
+    """Key or value heads (..., H_kv, S, ·) repeated in place to the query's H_q heads: head h
+    of the query reads head h // (H_q / H_kv)."""
+    if min(query.ndim, x.ndim) < 3 or query.shape[-3] % x.shape[-3]:
+        raise ShapeError(f"scaled_dot_product_attention: with enable_gqa, the query's heads "
+                         f"(axis -3) must be a multiple of the key's and value's, got {query.shape} "
+                         f"and {x.shape} (at {user_location()})")
+    groups = query.shape[-3] // x.shape[-3]
+    if groups == 1:
+        return x
+    *batch, heads, steps, width = x.shape
+    repeated = x.unsqueeze(-3).expand(*batch, heads, groups, steps, width)
+    return repeated.reshape(*batch, heads * groups, steps, width)
 
 
 def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,

@@ -22,6 +22,12 @@ def _pair(v: Any) -> tuple[int, int]:
 
 
 class Identity(Module):
+    """Returns its input. Takes and ignores any constructor arguments, as PyTorch's does (so a
+    layer chosen by configuration can be swapped for it)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+
     def forward(self, x: Tensor) -> Tensor:
         return x
 
