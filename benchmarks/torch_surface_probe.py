@@ -5,7 +5,9 @@ written once, the way a PyTorch user writes it, and run with both libraries.
 
 For every entry the call is traced inside a model and run through `gc.compile` on the
 reference backend ("traces"), then compiled and run on numba-cpu ("compiles"); both results
-are compared with PyTorch's on the same inputs and weights ("matches torch"). A call that
+are compared with PyTorch's on the same inputs and weights ("matches torch"), and for
+functions of float inputs the gradients of a random weighting of the results are compared
+with PyTorch autograd's (gc.grad on the reference backend: "gradients"). A call that
 fails shows the first line of its error (the "refusal"). Optimizer and scheduler entries run
 a compiled training step (or the schedule) instead and compare the weights (or the rates).
 The table ends with the counts. Entries are written in PyTorch's names whether or not graphc
@@ -32,7 +34,8 @@ class Probe:
     """One entry. `call(T, F, *inputs)` runs with T = torch or graphc and F = its
     nn.functional; with `module`, `module(T.nn)` builds a module (PyTorch's weights are loaded
     into graphc's through load_state_dict) passed to `call` before the inputs. `run`, instead,
-    is a whole computation `run(library, backend)` (backend None for PyTorch) returning arrays."""
+    is a whole computation `run(library, backend)` (backend None for PyTorch) returning arrays.
+    Gradients are taken with respect to the float inputs but `constants`."""
 
     name: str
     category: str
@@ -40,6 +43,7 @@ class Probe:
     inputs: Callable[[np.random.Generator], tuple] = lambda rng: (_floats(rng, 3, 4),)
     module: Callable[[Any], Any] | None = None
     run: Callable[[Any, str | None], list[np.ndarray]] | None = None
+    constants: tuple[int, ...] = ()  # float inputs PyTorch does not differentiate (class weights)
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Result:
     traces: bool = False
     compiles: bool | None = None  # None: not tried (backend not asked for, or tracing failed)
     matches: bool | None = None  # None: no PyTorch to compare with
+    gradients: bool | None = None  # None: not a function of float inputs, or nothing to compare
     refusal: str = ""
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -203,14 +208,14 @@ PROBES: list[Probe] = [
           lambda rng: (_floats(rng, 4, 5), _ints(rng, 5, 4))),
     Probe("F.cross_entropy(weight)", LOSSES,
           lambda T, F, x, y, w: F.cross_entropy(x, y, weight=w),
-          lambda rng: (_floats(rng, 4, 5), _ints(rng, 5, 4), _probs(rng, 5))),
+          lambda rng: (_floats(rng, 4, 5), _ints(rng, 5, 4), _probs(rng, 5)), constants=(2,)),
     Probe("F.cross_entropy (N, C, d)", LOSSES, lambda T, F, x, y: F.cross_entropy(x, y),
           lambda rng: (_floats(rng, 2, 5, 3), _ints(rng, 5, 2, 3))),
     Probe("F.binary_cross_entropy", LOSSES, lambda T, F, p, y: F.binary_cross_entropy(p, y),
           lambda rng: (_probs(rng, 3, 4), _probs(rng, 3, 4))),
     Probe("F.binary_cross_entropy_with_logits(pos_weight)", LOSSES,
           lambda T, F, x, y, w: F.binary_cross_entropy_with_logits(x, y, pos_weight=w),
-          lambda rng: (_floats(rng, 3, 4), _probs(rng, 3, 4), _probs(rng, 4))),
+          lambda rng: (_floats(rng, 3, 4), _probs(rng, 3, 4), _probs(rng, 4)), constants=(2,)),
     Probe("F.nll_loss", LOSSES, lambda T, F, x, y: F.nll_loss(F.log_softmax(x, 1), y),
           lambda rng: (_floats(rng, 4, 5), _ints(rng, 5, 4))),
     Probe("F.kl_div", LOSSES,
@@ -351,6 +356,63 @@ def _graphc_model(probe: Probe, torch_module: Any) -> gc.nn.Module:
     return _Wrapped(probe, inner)
 
 
+def _differentiable(probe: Probe, inputs: tuple, expected: list[np.ndarray] | None) -> bool:
+    """Gradients are compared for functions (no module, no training run) of float inputs with
+    float results."""
+    return (probe.run is None and probe.module is None and expected is not None
+            and any(a.dtype.kind == "f" for a in inputs) and any(e.dtype.kind == "f" for e in expected))
+
+
+def _cotangents(expected: list[np.ndarray]) -> list[np.ndarray | None]:
+    """A fixed random weight for each float result (None for the others): the gradients of
+    sum(result * weight) are compared, which checks every result's vector-Jacobian product."""
+    rng = np.random.default_rng(1)
+    return [rng.standard_normal(e.shape).astype(e.dtype) if e.dtype.kind == "f" else None
+            for e in expected]
+
+
+def _weighted_sum(results: list[Any], cotangents: list[np.ndarray | None]) -> Any:
+    terms = [(r * c).sum() for r, c in zip(results, cotangents) if c is not None]
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
+def _graphc_leaves(out: Any) -> list[Any]:
+    return [a for o in out for a in _graphc_leaves(o)] if isinstance(out, (tuple, list)) else [out]
+
+
+def _wrt(probe: Probe, inputs: tuple) -> list[int]:
+    return [i for i, a in enumerate(inputs) if a.dtype.kind == "f" and i not in probe.constants]
+
+
+def _torch_gradients(probe: Probe, inputs: tuple, cotangents: list, torch: Any) -> list[np.ndarray]:
+    wrt = _wrt(probe, inputs)
+    args = [torch.tensor(a, requires_grad=i in wrt) for i, a in enumerate(inputs)]
+    outs = probe.call(torch, torch.nn.functional, *args)
+    leaves = [o for o in (outs if isinstance(outs, (tuple, list)) else [outs])]
+    total = _weighted_sum(leaves, [None if c is None else torch.tensor(c) for c in cotangents])
+    wrt = [a for a in args if a.requires_grad]
+    if not total.requires_grad:  # no float input reaches the results
+        return [np.zeros(a.shape, np.float32) for a in wrt]
+    grads = torch.autograd.grad(total, wrt, allow_unused=True)
+    return [np.zeros(a.shape, np.float32) if g is None else g.numpy() for a, g in zip(wrt, grads)]
+
+
+def _graphc_gradients(probe: Probe, inputs: tuple, cotangents: list) -> list[np.ndarray]:
+    def loss(*args):
+        return _weighted_sum(_graphc_leaves(probe.call(gc, gF, *args)), cotangents)
+    return list(gc.grad(loss, argnums=_wrt(probe, inputs), backend="reference")(*inputs))
+
+
+def check_gradients(probe: Probe, inputs: tuple, expected: list[np.ndarray], torch: Any) -> str:
+    """'' when graphc's gradients (reference backend) equal PyTorch's, else what differs."""
+    cotangents = _cotangents(expected)
+    return _close(_graphc_gradients(probe, inputs, cotangents),
+                  _torch_gradients(probe, inputs, cotangents, torch))
+
+
 def _refusal(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}"
@@ -392,6 +454,14 @@ def run_probe(probe: Probe, backends: Sequence[str] = ("reference", "numba-cpu")
         result.compiles = False
     if expected is not None and result.traces:
         result.matches = all(matches) and len(matches) == len(backends)
+        if _differentiable(probe, inputs, expected):
+            try:
+                difference = check_gradients(probe, inputs, expected, torch)
+            except Exception as exc:
+                difference = f"gradients: {_refusal(exc)}"
+            result.gradients = not difference
+            if difference:
+                result.notes.append(f"[gradients] {difference}")
     result.seconds = time.perf_counter() - start
     return result
 
@@ -403,19 +473,22 @@ def _mark(value: bool | None) -> str:
 def report(results: Sequence[Result], out: Any = sys.stdout) -> None:
     width = max(len(r.probe.name) for r in results)
     category = None
-    print(f"{'entry':{width}}  traces  compiles  matches torch  refusal / difference", file=out)
+    print(f"{'entry':{width}}  traces  compiles  matches torch  gradients  refusal / difference",
+          file=out)
     for r in results:
         if r.probe.category != category:
             category = r.probe.category
             print(f"-- {category}", file=out)
         detail = r.refusal or "; ".join(r.notes)
         print(f"{r.probe.name:{width}}  {_mark(r.traces):6}  {_mark(r.compiles):8}  "
-              f"{_mark(r.matches):13}  {detail[:160]}", file=out)
+              f"{_mark(r.matches):13}  {_mark(r.gradients):9}  {detail[:160]}", file=out)
     n = len(results)
     print(f"\n{n} entries: {sum(r.traces for r in results)} trace, "
           f"{sum(bool(r.compiles) for r in results)} compile on numba-cpu, "
           f"{sum(bool(r.matches) for r in results)} match PyTorch, "
-          f"{sum(not r.traces for r in results)} refused", file=out)
+          f"{sum(not r.traces for r in results)} refused; gradients match PyTorch for "
+          f"{sum(bool(r.gradients) for r in results)} of "
+          f"{sum(r.gradients is not None for r in results)} differentiable functions", file=out)
     failed = [r for r in results if r.refusal]
     if failed:
         print("\nrefused or failed to compile:", file=out)

@@ -1,6 +1,6 @@
-"""benchmarks/torch_surface_probe.py runs: a few real entries trace and match PyTorch, a wrong
-result is reported as a mismatch and a missing call as a refusal with its text (so the table
-cannot say more than it checked)."""
+"""benchmarks/torch_surface_probe.py runs: a few real entries trace and match PyTorch (values
+and gradients), a wrong result or gradient is reported as a mismatch and a missing call as a
+refusal with its text (so the table cannot say more than it checked)."""
 import importlib.util
 import io
 import os
@@ -64,6 +64,18 @@ def test_a_different_result_is_a_mismatch_and_a_missing_call_a_refusal(probe, to
     out = io.StringIO()
     probe.report([r_wrong, r_missing], out)
     assert "2 entries: 1 trace, 0 compile on numba-cpu, 0 match PyTorch, 1 refused" in out.getvalue()
+
+
+def test_gradients_are_compared_with_autograds(probe, torch):
+    chosen = entries(probe, "F.gelu", "torch.split", "F.cross_entropy(weight)", "x.argmin")
+    results = [probe.run_probe(p, ("reference",), torch) for p in chosen]
+    assert [r.gradients for r in results] == [True, True, True, None]  # argmin: integer result
+    # equal values, different gradients (PyTorch's result is cut from the graph)
+    detached = probe.Probe("detached", probe.MATH,
+                           lambda T, F, x: x * 1 if T.__name__ == "graphc" else x.detach() * 1)
+    result = probe.run_probe(detached, ("reference",), torch)
+    assert result.matches and result.gradients is False
+    assert "[gradients] result 0: max |difference|" in result.notes[0]
 
 
 def test_numba_cpu_is_compared_too(probe, torch):
