@@ -1,9 +1,9 @@
 """Failures the random-program generator (tests/random_programs.py) found, minimised.
 
-Each test is the smallest program that showed one bug. Tests marked xfail(strict=True) are bugs
-outside the passes, ops and reference backend, waiting for their owners: the reason names the
-bug and where it lives; the test turns into an unexpected pass (a failure) once it is fixed, and
-the form can then join the generator (see AWAITING_FIX in random_programs.py).
+Each test is the smallest program that showed one bug, kept after its fix so the bug stays
+fixed. A bug found but not yet fixed gets an xfail(strict=True) test naming it and where it
+lives (an unexpected pass then fails the suite once it is fixed), and the generator stops
+drawing the form that hits it until then.
 """
 from __future__ import annotations
 
