@@ -3,8 +3,10 @@ then the backend.
 
 The passes never import a backend and the backends never import a pass: this layer joins them.
 It fuses the optimized graph, asks the backend for each kernel's source (which says how much
-scratch the kernel needs), plans memory with those sizes and hands the backend the plan. Both
-stages are recorded like the others (GRAPHC_DUMP, GRAPHC_VERIFY: passes/pipeline.py).
+scratch the kernel needs), plans memory with those sizes and hands the backend the plan (which
+also says which kernel outputs share an input's buffer: numba-cpu generates those kernels again
+to write them through the input's parameter). Both stages are recorded like the others (GRAPHC_DUMP,
+GRAPHC_VERIFY: passes/pipeline.py).
 """
 from __future__ import annotations
 
