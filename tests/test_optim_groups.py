@@ -161,6 +161,17 @@ def test_a_compiled_in_hyperparameter_changed_after_compiling_is_refused():
     assert float(step.step_count) == 2
 
 
+def test_a_group_added_after_compiling_is_refused():
+    model, other = nn.Linear(3, 2), nn.Linear(2, 2)
+    opt = optim.SGD([model.weight], lr=0.1)
+    step = gc.compile_train_step(model, F.mse_loss, opt, (X, Y), backend="reference")
+    opt.add_param_group({"params": [model.bias], "lr": 0.01})
+    with pytest.raises(GraphcError, match="parameter groups changed after the step was compiled"):
+        step(X, Y)
+    with pytest.raises(GraphcError, match="not one of its parameters"):
+        opt.init_state(other.weight)
+
+
 def test_a_world_of_one_steps_groups_as_the_single_process_step():
     name, defaults, first, second = CASES[1]
     results = []
