@@ -186,6 +186,25 @@ def test_encoder_layer_in_training_mode_applies_dropout():
     assert not np.allclose(trained, forward(x))
 
 
+def test_masked_sdpa_on_numba_cpu_matches_reference():
+    q, k, v = (rand(2, 4, 3, seed=i).astype(np.float32) for i in range(3))
+    keep = np.tril(np.ones((4, 4), dtype=bool), -1)  # query i sees keys < i: query 0 none
+
+    def loss(q, k, v):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        return (out * np.cos(np.arange(out.numel()), dtype=np.float32).reshape(out.shape)).sum(), out
+
+    runs = [gc.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True, backend=backend)(q, k, v)
+            for backend in ("reference", "numba-cpu")]
+    (_, reference), reference_grads = runs[0]
+    (_, compiled), compiled_grads = runs[1]
+    np.testing.assert_allclose(compiled, reference, rtol=1e-5, atol=1e-6)
+    assert np.all(reference[:, 0] == 0)
+    for ours, theirs in zip(compiled_grads, reference_grads):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # ~14 s: the whole encoder layer's forward and backward kernels
 def test_attention_block_on_numba_cpu_matches_reference():
     layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
     x = rand(2, 5, 8).astype(np.float32)

@@ -149,6 +149,7 @@ class PadPoolConv(nn.Module):
         return self.conv(pooled.flatten(2))
 
 
+@pytest.mark.slow  # ~14 s of kernel compilation
 def test_reflect_pad_adaptive_pools_and_conv1d_on_numba_cpu_match_the_reference():
     model = PadPoolConv()
     x = rand(2, 3, 5, 6).astype(np.float32)
