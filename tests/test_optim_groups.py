@@ -1,6 +1,11 @@
 """Parameter groups: per-group hyperparameters and learning rates, as PyTorch's optimizers take
 them; the rates are inputs of the compiled step (changing them never recompiles), and the data-
 parallel step, checkpoints and exported steps keep them per group."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -229,3 +234,37 @@ def test_an_exported_grouped_step_keeps_each_groups_rate(tmp_path):
     np.testing.assert_array_equal(loaded.state_dict()["weight"], model.weight)
     loaded.export(path)
     assert gc.load(path, backend="reference").lrs == [0.02, 0.001]
+
+
+SIMULATED_CUDA = textwrap.dedent("""
+    import numpy as np, graphc as gc
+    from graphc import nn, optim
+    import graphc.nn.functional as F
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    y = np.zeros((4, 2), np.float32)
+    weights = []
+    for backend in ("reference", "numba-cuda"):
+        gc.manual_seed(0)
+        model = nn.Linear(3, 2)
+        opt = optim.AdamW([{"params": [model.weight], "weight_decay": 0.1},
+                           {"params": [model.bias], "lr": 0.05, "weight_decay": 0.0}], lr=0.01)
+        step = gc.compile_train_step(model, F.mse_loss, opt, (x, y), backend=backend)
+        for lr in (0.05, 0.2, 0.0):
+            opt.param_groups[1]["lr"] = lr
+            step(x, y)
+        assert len(step._compiled) == 1
+        weights.append(model.state_dict())
+    for key in weights[0]:
+        np.testing.assert_allclose(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-6)
+    print("same weights")
+""")
+
+
+def test_rates_reach_a_step_whose_state_stays_on_the_device():
+    """numba-cuda keeps parameters and optimizer state on the device between steps; the rates,
+    inputs that change, are passed at every call (Numba's simulator, in a child process:
+    it must be switched on before numba is imported)."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    child = subprocess.run([sys.executable, "-c", SIMULATED_CUDA], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert child.returncode == 0 and "same weights" in child.stdout, child.stderr[-2000:]
