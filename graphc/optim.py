@@ -70,11 +70,13 @@ class Optimizer:
         seen = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         ids = [id(p) for p in params]
         for p in params:
-            if id(p) in seen or ids.count(id(p)) > 1:
-                where_else = seen.get(id(p), index)
+            if id(p) in seen:
                 raise GraphcError(f"{cls}: a parameter of shape {p.shape} appears in parameter "
-                                  f"group {index} and in group {where_else}; each parameter "
+                                  f"group {index} and in group {seen[id(p)]}; each parameter "
                                   "belongs to one group")
+            if ids.count(id(p)) > 1:
+                raise GraphcError(f"{cls}: a parameter of shape {p.shape} appears twice in "
+                                  f"parameter group {index}")
         full = {**self.defaults, **group, "params": params}
         full["lr"] = float(full["lr"])
         if full["lr"] < 0 or full.get("weight_decay", 0.0) < 0:
