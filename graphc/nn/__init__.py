@@ -5,6 +5,7 @@ from .containers import ModuleDict, ModuleList
 from .conv import Conv1d
 from .layers import (AvgPool2d, Conv2d, Dropout, Flatten, Identity, Linear, LogSoftmax, MaxPool2d,
                      ReLU, Sequential, Sigmoid, Softmax, Tanh)
+from .layers import ELU, GELU, LeakyReLU, SiLU, Softplus
 from .module import Module, Parameter, functional_call
 from .normalization import BatchNorm1d, BatchNorm2d, LayerNorm
 from .pooling import AdaptiveAvgPool2d, AdaptiveMaxPool2d
@@ -18,3 +19,4 @@ __all__ += ["BatchNorm1d", "BatchNorm2d", "Embedding", "GRU", "LSTM", "LayerNorm
             "ModuleList", "RNN"]
 __all__ += ["AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "Conv1d", "MultiheadAttention",
             "TransformerEncoder", "TransformerEncoderLayer"]
+__all__ += ["ELU", "GELU", "LeakyReLU", "SiLU", "Softplus"]

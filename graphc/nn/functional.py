@@ -36,6 +36,57 @@ def tanh(x: Tensor) -> Tensor:
     return bind("tanh", as_tensor(x))
 
 
+# -- activations: PyTorch's formulas, defaults and gradients (at 0 too) ---------------------------
+__all__ += ["gelu", "silu", "leaky_relu", "elu", "softplus", "normalize"]
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """x * Phi(x), Phi the standard normal CDF: exact through erf, or PyTorch's tanh
+    approximation with `approximate="tanh"`."""
+    x = as_tensor(x)
+    if approximate == "none":
+        return x * 0.5 * (1 + bind("erf", x * (1 / math.sqrt(2))))
+    if approximate == "tanh":
+        inner = (x + 0.044715 * x * x * x) * math.sqrt(2 / math.pi)
+        return 0.5 * x * (1 + bind("tanh", inner))
+    raise GraphcError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r} "
+                      f"(at {user_location()})")
+
+
+def silu(x: Tensor) -> Tensor:
+    """x * sigmoid(x) (swish)."""
+    x = as_tensor(x)
+    return x * bind("sigmoid", x)
+
+
+def leaky_relu(x: Tensor, negative_slope: float = 0.01) -> Tensor:
+    """x where x > 0, else negative_slope * x (the slope's gradient at 0, as in PyTorch)."""
+    x = as_tensor(x)
+    return where(x > 0, x, x * negative_slope)
+
+
+def elu(x: Tensor, alpha: float = 1.0) -> Tensor:
+    """x where x > 0, else alpha * (exp(x) - 1)."""
+    x = as_tensor(x)
+    # exp of the clamped value: the branch not taken must not overflow, or its zero
+    # cotangent times an infinite derivative would be NaN
+    return where(x > 0, x, alpha * (x.clamp(max=0).exp() - 1))
+
+
+def softplus(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+    """log(1 + exp(beta * x)) / beta, and x itself where beta * x > threshold."""
+    x = as_tensor(x)
+    scaled = x * beta
+    smooth = bind("log1p", scaled.clamp(max=threshold).exp()) * (1 / beta)
+    return where(scaled > threshold, x, smooth)
+
+
+def normalize(x: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12) -> Tensor:
+    """x divided by its p-norm along `dim`, the norm kept at least `eps`."""
+    x = as_tensor(x)
+    return x / x.norm(p, dim, keepdim=True).clamp(min=eps)
+
+
 def softmax(x: Tensor, dim: int = -1) -> Tensor:
     x = as_tensor(x)
     e = (x - stop_gradient(x.amax(dim, keepdim=True))).exp()
