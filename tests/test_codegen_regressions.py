@@ -238,7 +238,7 @@ def lstm_loss(lstm, sequence):
 @pytest.mark.slow  # ~40 s with an empty kernel cache
 def test_lstm_unrolled_over_60_steps_compiles_and_its_gradient_matches_the_reference():
     lstm = nn.LSTM(3, 4)
-    sequence = np.random.default_rng(0).standard_normal((2, 60, 3)).astype(np.float32)
+    sequence = np.random.default_rng(0).standard_normal((60, 2, 3)).astype(np.float32)  # (T, N, I)
     loss, params = lstm_loss(lstm, sequence), lstm.state_dict()
     assert_close(gc.value_and_grad(loss, backend="numba-cpu")(params),
                  gc.value_and_grad(loss, backend="reference")(params))
