@@ -11,6 +11,7 @@ from .api import Staged, grad, jit, trace, value_and_grad
 from .functions import *  # noqa: F401,F403  (gc.exp, gc.where, ...)
 from .functions import __all__ as _function_names
 from .compile import CompiledModel, TrainStep, compile, compile_train_step
+from .control import scan
 from .export import load
 from .onnx_export import export_onnx
 from .random import manual_seed
@@ -21,4 +22,4 @@ __version__ = "0.1.0"
 __all__ = ["DTypeError", "Graph", "GraphcError", "IndexOutOfRangeError", "InputError", "SerializationError", "ShapeError",
            "CompiledModel", "Staged", "Tensor", "TrainStep", "compile", "compile_train_step", "optim", "TensorType", "VerificationError", "grad", "jit", "load", "manual_seed", "nn",
            "trace", "value_and_grad", *_function_names]
-__all__ += ["export_onnx"]
+__all__ += ["export_onnx", "scan"]

@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from graphc.ir import Graph, InputError, TensorType, Value
+from graphc.ir import Graph, InputError, Node, TensorType, Value
 from graphc.ir.errors import GraphcError, without_internal_frames
 from graphc.ir.graph import safe_module_path
 from graphc.passes import SIMPLIFY, Stages, autodiff
@@ -161,6 +161,12 @@ def inline_graph(graph: Graph, args: Sequence[Tensor], reads: ModuleReads = Modu
             t.next_stream = max(t.next_stream, attrs["stream"] + 1)
         t.builder.loc = node.loc
         t.builder.module = safe_module_path(".".join(p for p in (caller_module, node.module) if p)) or None
+        if node.subgraph is not None:  # a scan: its body is closed, copied as it is
+            clone = Node(node.op, tuple(mapping[v] for v in node.inputs), attrs,
+                         tuple(v.type for v in node.outputs), node.loc, node.subgraph, t.builder.module)
+            t.builder.graph.nodes.append(clone)
+            mapping.update(zip(node.outputs, clone.outputs))
+            continue
         mapping[node.output] = t.builder.bind(node.op, *(mapping[v] for v in node.inputs), **attrs)
     t.builder.loc, t.builder.module = None, caller_module
     return [Tensor(mapping[v]) for v in graph.output_values]

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from graphc.backends import get_backend, lowers_kernels
+from graphc.backends import default_backend, get_backend, lowers_kernels
 from graphc.ir import Graph
+from graphc.ir.lowering import LoweringMissing
+from graphc.ir.ops.control import SCAN_OP
 from graphc.ir.verify import KERNEL_OP
 from graphc.passes import FUSION, Stages
 
@@ -29,6 +31,12 @@ def compile_graph(graph: Graph, backend: str | None = None, donate: dict[int, in
     module = get_backend(backend)
     if not lowers_kernels(module):  # the interpreter runs the primitive graph as it is
         return module.compile_graph(graph, donate)
+    scan = next((n for n in graph.nodes if n.op == SCAN_OP), None)
+    if scan is not None:
+        where = f" (the scan at {scan.loc})" if scan.loc else ""
+        raise LoweringMissing(f"scan lowering on {backend or default_backend()}: "
+                              f"issue 20 item 4, not yet built{where}; compile this function with "
+                              "backend='reference'")
     stages = stages if stages is not None else Stages(graph.name)
     fused = graph if any(n.op == KERNEL_OP for n in graph.nodes) else stages.run(graph, [FUSION])
     lowered = module.lower(fused)

@@ -2,13 +2,16 @@
 
 DOT: one box per node (op, result type and module path; its user line in the tooltip), inputs
 and outputs drawn distinctly, fused kernels as clusters holding their subgraph (the module paths
-they cover in the tooltip), and optionally values coloured by memory slot.
+they cover in the tooltip), scans as clusters holding their body (its inputs drawn as the
+consts, carry and per-step slices they are, its outputs gathered into the scan's result box),
+and optionally values coloured by memory slot.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from .graph import Graph, Value
+from .graph import Graph, Node, Value
+from .ops.control import SCAN_OP, split_inputs
 from .printer import format_attr, format_origin
 
 _ROLE_COLORS = {"data": "#cfe8ff", "param": "#ffe4b5", "state": "#e6d5ff", "rng": "#d8f5d0"}
@@ -51,8 +54,35 @@ def graph_to_dot(graph: Graph, slot_of: Callable[[Value], int | None] | None = N
         lines.append(f"  {nid} [shape=ellipse, style=filled, fillcolor={_quote(_ROLE_COLORS[inp.role])}, "
                      f"label={_quote(label)}];")
 
+    def emit_scan(node: Node, indent: str) -> None:
+        cid = fresh("cluster_scan")
+        a = node.attrs
+        title = f"scan: {a['length']} steps" + (", reversed" if a["reverse"] else "")
+        lines.append(f"{indent}subgraph {cid} {{")
+        lines.append(f"{indent}  label={_quote(title)}; style=\"rounded,dashed\"; color=\"#555555\";")
+        consts, carry, xs = split_inputs(node, list(zip(node.inputs, node.subgraph.input_values)))
+        for kind, pairs in (("const", consts), ("carry", carry), ("x[t]", xs)):
+            for outer, inner in pairs:
+                nid = fresh("b")
+                lines.append(f"{indent}  {nid} [shape=plaintext, label={_quote(kind + chr(10) + str(inner.type))}];")
+                lines.append(f"{indent}  {ids[outer]} -> {nid};")
+                ids[inner] = nid
+        emit_nodes(node.subgraph, indent + "  ")
+        result = fresh("n")
+        label = "scan results\n" + ", ".join(str(v.type) for v in node.outputs)
+        lines.append(f"{indent}  {result} [shape=box, style=filled, fillcolor="
+                     f"{_quote(fill(node.outputs[0], '#eeeeee'))}, label={_quote(label)}];")
+        for inner in node.subgraph.output_values:
+            lines.append(f"{indent}  {ids[inner]} -> {result};")
+        lines.append(f"{indent}}}")
+        for outer in node.outputs:
+            ids[outer] = result
+
     def emit_nodes(g: Graph, indent: str) -> None:
         for node in g.nodes:
+            if node.op == SCAN_OP:
+                emit_scan(node, indent)
+                continue
             if node.subgraph is None:
                 nid = fresh("n")
                 tooltip = f", tooltip={_quote(format_origin(node))}" if node.loc or node.module else ""

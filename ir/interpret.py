@@ -12,13 +12,16 @@ import numpy as np
 
 from .errors import IndexOutOfRangeError
 from .graph import Graph, Node
+from .ops.control import SCAN_OP, evaluate_scan
 from .registry import get
 
 NodeHook = Callable[[Node, list[np.ndarray]], None]
 
 
 def run_node(node: Node, args: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Evaluate one node (a primitive, or a fused kernel through its subgraph)."""
+    """Evaluate one node (a primitive, a scan, or a fused kernel through its subgraph)."""
+    if node.op == SCAN_OP:
+        return evaluate_scan(node, args, evaluate)
     if node.subgraph is not None:
         return evaluate(node.subgraph, args)
     try:

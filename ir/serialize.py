@@ -7,8 +7,9 @@ A document is data from outside: nothing in it is executed, and nothing in it re
 generated source. Reading rebuilds the graph from the registry: op names are the registry's
 own strings, attributes are re-validated against each op's schema (dtype names map through a
 fixed table), and fused kernel nodes are refused (their names and patterns would be pasted
-into kernel source; graphc fuses a loaded graph itself). JSON nesting is bounded before the
-document is parsed.
+into kernel source; graphc fuses a loaded graph itself). A scan's body is rebuilt the same way,
+primitive by primitive, its own nested scans counted against MAX_BODY_DEPTH. JSON nesting is
+bounded before the document is parsed.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from .errors import GraphcError, SerializationError
 from .graph import MODULE_PATH_CHARS, MODULE_PATH_MAX, Graph, Node, Value
+from .ops.control import MAX_BODY_DEPTH, SCAN_ATTRS, SCAN_OP, make_scan
 from .registry import PRIMITIVES
 from .types import DTYPES, TensorType
 
@@ -181,6 +183,41 @@ class _ValueTypes:
         return self.parsed[text]
 
 
+def _scan_node(entry: dict[str, Any], values: dict[int, Value], depth: int) -> Node:
+    """A scan rebuilt from its body document (loaded like a graph, one level deeper) and its
+    four integer/bool attributes; the verifier then checks the body against the operands."""
+    if depth >= MAX_BODY_DEPTH:
+        raise SerializationError(f"scan bodies nest more than {MAX_BODY_DEPTH} deep")
+    raw = _expect(entry["attrs"], dict, "scan's attrs")
+    if sorted(raw) != sorted(SCAN_ATTRS):
+        raise SerializationError(f"scan's attributes are {sorted(SCAN_ATTRS)}")
+    length, reverse, num_consts, num_carry = (raw[a] for a in SCAN_ATTRS)
+    for name, v in (("length", length), ("num_consts", num_consts), ("num_carry", num_carry)):
+        _expect(v, int, f"scan's {name}")
+    _expect(reverse, bool, "scan's reverse")
+    body = graph_from_dict(_expect(entry["subgraph"], dict, "scan's body"), depth + 1)
+    body.name = "body"  # the document's name for it is not needed, so not kept
+    if num_carry > len(body.outputs):
+        raise SerializationError(f"scan carries {num_carry} values; its body returns {len(body.outputs)}")
+    inputs = tuple(values[_expect(i, int, "scan's input")] for i in entry["inputs"])
+    loc = _expect(entry["loc"], (str, type(None)), "scan's loc")
+    return make_scan(inputs, body, length, reverse, num_consts, num_carry, loc,
+                     _module_path(entry.get("module"), SCAN_OP))
+
+
+def _node(entry: dict[str, Any], values: dict[int, Value], types: _ValueTypes, depth: int) -> Node:
+    if entry.get("op") != SCAN_OP:
+        return _primitive_node(entry, values, types)
+    node = _scan_node(entry, values, depth)
+    outputs = _expect(entry["outputs"], list, "scan's outputs")
+    if (len(outputs) != len(node.outputs) or any(i in values for i in outputs)
+            or len(set(outputs)) != len(outputs)):
+        raise SerializationError("scan's outputs do not match its body, or redefine a value")
+    if [types[i] for i in outputs] != [v.type for v in node.outputs]:
+        raise SerializationError("scan's output types do not match its body's outputs")
+    return node
+
+
 def _primitive_node(entry: dict[str, Any], values: dict[int, Value], types: _ValueTypes) -> Node:
     """A node rebuilt from the registry: its op name and attributes come from the registry's
     schema, never from the document's strings."""
@@ -215,8 +252,9 @@ def _module_path(path: Any, op: str) -> str | None:
     return path
 
 
-def graph_from_dict(doc: dict[str, Any]) -> Graph:
-    """The graph of a document (not yet verified: see graph_from_json)."""
+def graph_from_dict(doc: dict[str, Any], depth: int = 0) -> Graph:
+    """The graph of a document (not yet verified: see graph_from_json); `depth` counts the scan
+    bodies it is nested in."""
     try:
         types = _ValueTypes(doc["values"])
         graph = Graph(_expect(doc["name"], str, "the graph's name"))
@@ -228,7 +266,7 @@ def graph_from_dict(doc: dict[str, Any]) -> Graph:
             values[index] = graph.add_input(types[index], _expect(inp["name"], str, "an input's name"),
                                             _expect(inp["role"], str, "an input's role"))
         for entry in doc["nodes"]:
-            node = _primitive_node(entry, values, types)
+            node = _node(_expect(entry, dict, "a node"), values, types, depth)
             values.update(zip(entry["outputs"], node.outputs))
             graph.nodes.append(node)
         for out in doc["outputs"]:

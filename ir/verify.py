@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from .errors import GraphcError, VerificationError
 from .graph import ROLES, Graph
+from .ops.control import SCAN_OP, verify_scan
 from .registry import PRIMITIVES, OpTypeError
 
 KERNEL_OP = "kernel"  # a fused kernel: a node holding its subgraph
 
 
-def verify(graph: Graph) -> None:
-    """Raise VerificationError naming the first broken invariant."""
+def verify(graph: Graph, depth: int = 0) -> None:
+    """Raise VerificationError naming the first broken invariant. `depth` counts the scan
+    bodies `graph` is nested in."""
     where = f"graph {graph.name!r}"
     defined = set()
     names = set()
@@ -35,6 +37,8 @@ def verify(graph: Graph) -> None:
             defined.add(v)
         if node.op == KERNEL_OP:
             _verify_kernel(node, label)
+        elif node.op == SCAN_OP:
+            verify_scan(node, label, lambda body: verify(body, depth + 1), depth)
         else:
             _verify_primitive(node, label)
     out_names = set()

@@ -4,13 +4,17 @@ The forward nodes are copied, then each node's VJP rule (from the op registry) i
 reverse order. Cotangents are summed where a value fans out, and only nodes that lie on a path
 from a requested input to the differentiated output get a rule. Gradients are ordinary IR, so
 the result can itself be differentiated (grad of grad).
+
+A scan's VJP is a scan running the other way (`_scan_vjp`); its body is the VJP of the forward
+body, so a scan's gradient can be differentiated again like any other graph.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
-from graphc.ir import Builder, Graph, Value
+from graphc.ir import Builder, Graph, Node, Value
 from graphc.ir.errors import GraphcError
+from graphc.ir.ops.control import SCAN_OP, make_scan, split_inputs
 from graphc.ir.registry import get
 from graphc.ir.types import is_float
 
@@ -29,13 +33,13 @@ def _resolve_inputs(graph: Graph, wrt: Sequence[int | str]) -> list[int]:
     return indices
 
 
-def _active_nodes(graph: Graph, sources: set[Value], target: Value) -> list:
-    """Nodes whose output depends on a source and on which the target depends."""
+def _active_nodes(graph: Graph, sources: set[Value], targets: set[Value]) -> list:
+    """Nodes whose output depends on a source and on which a target depends."""
     depends = set(sources)
     for node in graph.nodes:
         if any(v in depends for v in node.inputs):
             depends.update(node.outputs)
-    needed = {target}
+    needed = set(targets)
     active = []
     for node in reversed(graph.nodes):
         if any(v in needed for v in node.outputs) and any(v in depends for v in node.outputs):
@@ -143,22 +147,7 @@ def autodiff(graph: Graph, wrt: Sequence[int | str], output: str | None = None,
         seed = b.const(1, target.dtype)
 
     sources = {new.inputs[i].value for i in indices}
-    # Contributions are kept apart until the value's cotangent is needed, so that slices of
-    # one tensor (RNN time steps, gate splits) are joined instead of summed as full-size zeros.
-    cts: dict[Value, list[Value]] = {target: [seed]}
-    for node in _active_nodes(new, sources, target):
-        if node.output not in cts:
-            continue
-        b.at(node)  # gradient nodes point at the user line and module of the forward op
-        g = _sum_cotangents(b, cts.pop(node.output))
-        rule = get(node.op).vjp
-        if rule is None:
-            raise GraphcError(f"autodiff: op {node.op!r} has no differentiation rule"
-                              + (f" (used at {node.loc})" if node.loc else ""))
-        for x, ct in zip(node.inputs, rule(b, g, *node.inputs, out=node.output, **node.attrs)):
-            if ct is not None and is_float(x.dtype):
-                cts.setdefault(x, []).append(ct)
-
+    cts = _backprop(b, new, sources, {target: [seed]})
     if not keep_outputs:
         new.outputs = []
     b.at(None)
@@ -168,3 +157,150 @@ def autodiff(graph: Graph, wrt: Sequence[int | str], output: str | None = None,
         new.add_output(f"grad_{inp.name}", _sum_cotangents(b, parts) if parts else b.zeros_like(inp.value))
     from .simplify import dce
     return dce(new)
+
+
+def _backprop(b: Builder, graph: Graph, sources: set[Value], seeds: dict[Value, list[Value]]
+              ) -> dict[Value, list[Value]]:
+    """Emit the VJP rules of the nodes between `sources` and the seeded values, last node
+    first; returns the contributions to each remaining value's cotangent."""
+    # Contributions are kept apart until the value's cotangent is needed, so that slices of
+    # one tensor (RNN time steps, gate splits) are joined instead of summed as full-size zeros.
+    cts = {v: list(parts) for v, parts in seeds.items()}
+    for node in _active_nodes(graph, sources, set(seeds)):
+        if not any(v in cts for v in node.outputs):
+            continue
+        b.at(node)  # gradient nodes point at the user line and module of the forward op
+        if node.op == SCAN_OP:
+            gs = [_sum_cotangents(b, cts.pop(v)) if v in cts else None for v in node.outputs]
+            input_cts = _scan_vjp(b, node, gs)
+        else:
+            g = _sum_cotangents(b, cts.pop(node.output))
+            rule = get(node.op).vjp
+            if rule is None:
+                raise GraphcError(f"autodiff: op {node.op!r} has no differentiation rule"
+                                  + (f" (used at {node.loc})" if node.loc else ""))
+            input_cts = rule(b, g, *node.inputs, out=node.output, **node.attrs)
+        for x, ct in zip(node.inputs, input_cts):
+            if ct is not None and is_float(x.dtype):
+                cts.setdefault(x, []).append(ct)
+    return cts
+
+
+def vjp_graph(graph: Graph, wrt: Sequence[int], seeded: Sequence[int]) -> Graph:
+    """The vector-Jacobian product of `graph`: its inputs, then one cotangent input per output
+    in `seeded` (output indices; the others count as zero), returning the cotangent of each
+    input in `wrt` (input indices)."""
+    new = graph.copy()
+    new.name = f"vjp_{graph.name}"
+    b = Builder(new)
+    seeds: dict[Value, list[Value]] = {}
+    for i in seeded:  # an output listed twice gets both cotangents; an input returned as it
+        value = new.outputs[i][1]  # is gets its seed directly
+        seeds.setdefault(value, []).append(b.add_input(value.type, f"ct_{i}"))
+    cts = _backprop(b, new, {new.inputs[i].value for i in wrt}, seeds)
+    b.at(None)
+    grads = []
+    for i in wrt:
+        parts = cts.get(new.inputs[i].value)
+        grads.append(_sum_cotangents(b, parts) if parts else b.zeros_like(new.inputs[i].value))
+    new.outputs = [(f"ct_in{i}", g) for i, g in zip(wrt, grads)]
+    from .simplify import dce
+    return dce(new)
+
+
+def _inline(b: Builder, graph: Graph, args: Sequence[Value]) -> list[Value]:
+    """Copy `graph`'s nodes into `b`'s graph, reading its inputs from `args`; its outputs."""
+    mapping = dict(zip(graph.input_values, args))
+    for node in graph.nodes:
+        clone = Node(node.op, tuple(mapping[v] for v in node.inputs), node.attrs,
+                     tuple(v.type for v in node.outputs), node.loc, node.subgraph, node.module)
+        b.graph.nodes.append(clone)
+        mapping.update(zip(node.outputs, clone.outputs))
+    return [mapping[v] for v in graph.output_values]
+
+
+def _save_carries(graph: Graph, node: Node) -> list[Value]:
+    """Make the forward scan `node` also stack the carry entering each step; returns those
+    stacks. The node is replaced in place by one with the extra outputs, its own outputs kept
+    (the same Values), so nothing that reads them changes."""
+    a = node.attrs
+    c, k = a["num_consts"], a["num_carry"]
+    body = node.subgraph.copy()
+    taken = set(body.output_names)
+    for i, carry in enumerate(body.input_values[c:c + k]):
+        name = f"saved_carry{i}"
+        while name in taken:
+            name += "_"
+        body.add_output(name, carry)
+    saving = make_scan(node.inputs, body, a["length"], a["reverse"], a["num_consts"], k,
+                       node.loc, node.module)
+    extra = saving.outputs[len(node.outputs):]
+    saving.outputs = (*node.outputs, *extra)
+    for v in node.outputs:
+        v.producer = saving
+    graph.nodes[graph.nodes.index(node)] = saving
+    return list(extra)
+
+
+def _scan_vjp(b: Builder, node: Node, gs: list[Value | None]) -> list[Value | None]:
+    """The VJP of a scan: a scan over the same steps in the opposite order.
+
+    Residuals: the forward scan stacks the carry entering each step, and nothing else; the
+    backward body recomputes the forward body from (consts, carry[t], xs[t]) before applying
+    its VJP (rematerialisation, as JAX's checkpointed scans). Saving every intermediate of the
+    body instead would cost length x (all of the body's temporaries) of memory, where the
+    carries are the least that lets the loop run backwards; the price is one more evaluation
+    of the body per step, and DCE drops whatever part of it the VJP does not read.
+
+    Backward loop: carry = (cotangent of the carry, running sum of the consts' cotangents),
+    per step = (xs[t], the saved carry[t], cotangent of ys[t]), outputs per step = the
+    cotangent of xs[t]."""
+    a = node.attrs
+    consts, carry, xs = split_inputs(node, node.inputs)
+    c, k = a["num_consts"], a["num_carry"]
+    body = node.subgraph
+    saved = _save_carries(b.graph, node)
+    n_ys = len(body.outputs) - k
+    float_consts = [i for i in range(c) if is_float(consts[i].dtype)]
+    float_carry = [i for i in range(k) if is_float(carry[i].dtype)]
+    float_xs = [i for i in range(len(xs)) if is_float(xs[i].dtype)]
+    seeded_ys = [j for j in range(n_ys) if gs[k + j] is not None and is_float(node.outputs[k + j].dtype)]
+    vjp = vjp_graph(body, [*float_consts, *(c + i for i in float_carry), *(c + k + i for i in float_xs)],
+                    [*float_carry, *(k + j for j in seeded_ys)])
+
+    back = Builder("body")
+    inputs = body.input_values
+    b_consts = [back.add_input(v.type, f"const{i}") for i, v in enumerate(inputs[:c])]
+    b_ct_carry = [back.add_input(carry[i].type, f"ct_carry{i}") for i in float_carry]
+    b_acc = [back.add_input(consts[i].type, f"ct_const{i}") for i in float_consts]
+    b_xs = [back.add_input(v.type, f"x{i}") for i, v in enumerate(inputs[c + k:])]
+    b_carry = [back.add_input(v.type, f"carry{i}") for i, v in enumerate(inputs[c:c + k])]
+    b_ct_ys = [back.add_input(body.output_values[k + j].type, f"ct_y{j}") for j in seeded_ys]
+    back.at(node)
+    grads = _inline(back, vjp, [*b_consts, *b_carry, *b_xs, *b_ct_carry, *b_ct_ys])
+    g_consts = grads[:len(float_consts)]
+    g_carry = grads[len(float_consts):len(float_consts) + len(float_carry)]
+    g_xs = grads[len(float_consts) + len(float_carry):]
+    for i, g in enumerate(g_carry):
+        back.add_output(f"ct_carry{i}", g)
+    for i, (acc, g) in enumerate(zip(b_acc, g_consts)):
+        back.add_output(f"ct_const{i}", back.add(acc, g))
+    for i, g in enumerate(g_xs):
+        back.add_output(f"ct_x{i}", g)
+
+    ct_carry_init = [gs[i] if gs[i] is not None else b.zeros_like(node.outputs[i]) for i in float_carry]
+    acc_init = [b.zeros_like(consts[i]) for i in float_consts]
+    ct_ys = [gs[k + j] for j in seeded_ys]
+    backward = make_scan([*consts, *ct_carry_init, *acc_init, *xs, *saved, *ct_ys], back.graph,
+                         a["length"], not a["reverse"], c, len(float_carry) + len(float_consts),
+                         node.loc, node.module)
+    b.graph.nodes.append(backward)
+    outs = backward.outputs
+    result: list[Value | None] = [None] * len(node.inputs)
+    for n, i in enumerate(float_carry):
+        result[c + i] = outs[n]
+    for n, i in enumerate(float_consts):
+        result[i] = outs[len(float_carry) + n]
+    for n, i in enumerate(float_xs):
+        result[c + k + i] = outs[len(float_carry) + len(float_consts) + n]
+    return result

@@ -11,6 +11,7 @@ import numpy as np
 
 from graphc.ir import Builder, Graph, Node, Value
 from graphc.ir.interpret import run_node
+from graphc.ir.ops.control import SCAN_OP
 from graphc.ir.registry import SOURCE, get
 
 FOLD_LIMIT = 1 << 16  # elements: larger constants stay computed, the graph stays small
@@ -102,9 +103,11 @@ def _attrs_key(attrs: dict) -> tuple:
 
 
 def _rebuild(graph: Graph, rewrite: Callable[[Builder, Node, tuple[Value, ...]], Value | None],
-             on_clone: Callable[[Node], None] | None = None) -> Graph:
+             on_clone: Callable[[Node], None] | None = None,
+             body: Callable[[Graph], Graph] | None = None) -> Graph:
     """Copy `graph` node by node; `rewrite` may return a replacement for a node's output.
-    `on_clone` sees every primitive node that is kept."""
+    `on_clone` sees every primitive node that is kept; `body`, when given, rewrites each scan's
+    body graph."""
     new = Graph(graph.name)
     b = Builder(new)
     mapping = {i.value: new.add_input(i.value.type, i.name, i.role) for i in graph.inputs}
@@ -113,8 +116,9 @@ def _rebuild(graph: Graph, rewrite: Callable[[Builder, Node, tuple[Value, ...]],
         b.at(node)
         replacement = rewrite(b, node, ins) if node.subgraph is None else None
         if replacement is None:
+            subgraph = body(node.subgraph) if body is not None and node.op == SCAN_OP else node.subgraph
             clone = Node(node.op, ins, node.attrs, tuple(v.type for v in node.outputs), node.loc,
-                         node.subgraph, node.module)
+                         subgraph, node.module)
             new.nodes.append(clone)
             mapping.update(zip(node.outputs, clone.outputs))
             if on_clone is not None and node.subgraph is None:
@@ -211,8 +215,19 @@ def transpose_products(graph: Graph) -> Graph:
     return _rebuild(graph, rewrite)
 
 
+def simplify_bodies(graph: Graph) -> Graph:
+    """Simplify each scan's body on its own: its inputs and outputs stay as they are (the scan
+    node's operands and results), the nodes between them are folded, merged and pruned. The
+    scan node itself is never merged or folded by the passes above (they skip nodes holding a
+    subgraph), and DCE keeps it while any of its results is read."""
+    if not any(node.op == SCAN_OP for node in graph.nodes):
+        return graph
+    return _rebuild(graph, lambda b, node, ins: None, body=simplify)
+
+
 def simplify(graph: Graph) -> Graph:
-    """Fold and rewrite to a fixed point (bounded), then CSE and DCE."""
+    """Fold and rewrite to a fixed point (bounded), then CSE and DCE; scan bodies likewise."""
+    graph = simplify_bodies(graph)
     for _ in range(4):
         before = len(graph.nodes)
         graph = dce(cse(transpose_products(fold_constants(graph))))
