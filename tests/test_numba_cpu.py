@@ -16,7 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from graphc.backends.kernels.arrays import INPUT, OUTPUT, KernelArray
 from graphc.backends.numba_cpu import unlowered_primitives
 from graphc.lowering import compile_graph
+from graphc.backends.kernels.source import Writer
 from graphc.backends.numba_cpu.codegen import generate
+from graphc.backends.numba_cpu.codegen_common import module
 from graphc.backends.numba_cpu.codegen_elementwise import collapsed_axes
 from graphc.backends.numba_cpu.gemm import gemm
 from graphc.backends.reference import evaluate
@@ -572,6 +574,19 @@ def test_an_in_place_kernel_reads_and_writes_one_parameter():
     want = w_arg - g_arg * np.float32(0.1)
     assert executable(w_arg, g_arg)[0] is w_arg
     np.testing.assert_allclose(w_arg, want, **TOLERANCE["float32"])
+
+
+def test_kernel_modules_import_what_their_writers_declare():
+    """The module header follows what the code generator declares (a GEMM call, the fastmath
+    flags), not what the text happens to contain."""
+    body = Writer()
+    with body.block("def kernel_note(x0):"):
+        body.line("x0[0] = 1  # no gemm(...) call here, and no FASTMATH decorator")
+    plain = module("kernel_note", body)
+    assert "import gemm" not in plain and "FASTMATH =" not in plain
+    declared = module("kernel_note", body, gemm=True, fastmath=True)
+    assert "from graphc.backends.numba_cpu.gemm import gemm\n" in declared
+    assert "FASTMATH = {" in declared
 
 
 def test_thread_count_comes_from_the_environment(monkeypatch):
