@@ -22,6 +22,8 @@ holding the subgraph it computes and attrs ``{"name": str, "pattern": str}``. Pa
 Fusion reads what it needs of an op from its registry entry (``view``, ``indexed_load``,
 ``identity_reads``, ``transposed_operands``, the kind), never from its name.
 - ``constant``: a constant tensor, materialised once by the backend.
+- ``scan``: a scan node alone (ir/ops/control.py), never fused with its neighbours; its body
+  is left unfused here (the backends that will run it compile the body themselves).
 
 Scalar constants (one element) are not kernels: every kernel that reads one copies it into its
 subgraph, where the code generator emits it as a literal.
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 
 from graphc.ir import Graph, Node, Value
 from graphc.ir.kernels import KERNEL_OP, bounded_label, is_literal, op_class
+from graphc.ir.ops.control import SCAN_OP
 from graphc.ir.registry import ELEMENTWISE, SHAPE, get
 
 from .dag import DiGraph
@@ -43,7 +46,9 @@ ANCHORED_PATTERNS = ("reduction", "library")
 
 # -- op classification -----------------------------------------------------------------------
 def fusion_class(node: Node) -> str:
-    """op_class, with one-element constants told apart as 'literal'."""
+    """op_class, with one-element constants told apart as 'literal' and scans as 'scan'."""
+    if node.op == SCAN_OP:
+        return "scan"
     return "literal" if is_literal(node) else op_class(node.op)
 
 
@@ -116,7 +121,7 @@ class _Partitioner:
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _new_group(self, node: Node, pattern: str, anchored: bool = False) -> _Group:
-        group = _Group(self._next_key, pattern, node.output.shape, open_values={node.output})
+        group = _Group(self._next_key, pattern, node.outputs[0].shape, open_values=set(node.outputs))
         self._next_key += 1
         if anchored:
             group.anchor = node
@@ -212,6 +217,8 @@ class _Partitioner:
         if not users or value in self.graph_outputs or depth == 0:
             return False
         for user in users:
+            if user.op == SCAN_OP:
+                return False
             others = [v for v in user.inputs if v is not value
                       and not (v.producer is not None and is_literal(v.producer))]
             if not others:
@@ -379,7 +386,7 @@ class _KernelBuilder:
             local[v] = clone.output
         for m in members:
             clone = Node(m.op, tuple(local[v] for v in m.inputs), m.attrs,
-                         tuple(v.type for v in m.outputs), m.loc, module=m.module)
+                         tuple(v.type for v in m.outputs), m.loc, m.subgraph, m.module)
             sub.nodes.append(clone)
             local.update(zip(m.outputs, clone.outputs))
         for i, v in enumerate(outputs):
