@@ -324,8 +324,10 @@ CHECKS = {**{f"case_{name}": (lambda name=name: cpu_case(name)) for name in CPU_
 def run_checks() -> dict[str, str]:
     """Every check's verdict: 'ok' or its traceback."""
     sys.path.insert(0, str(TESTS))
+    import test_numba_cpu as cpu
     verdicts = {}
     for name, check in CHECKS.items():
+        cpu.rng = np.random.default_rng(0)  # as each CPU test draws: values never depend on order
         try:
             with np.errstate(all="ignore"):  # the simulator runs the RNG's wrapping uint64 math in NumPy
                 check()
