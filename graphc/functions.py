@@ -10,7 +10,7 @@ from graphc.ir.errors import DTypeError, GraphcError, ShapeError, user_location
 from graphc.ir.types import is_float
 
 from .tensor import (Tensor, ValuesIndices, _normalize_axes, _reduction_axes, as_tensor, bind,
-                     current_trace, dtype_name, matmul)
+                     current_trace, dtype_name, matmul, promoted)
 
 __all__ = ["exp", "log", "log1p", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "sign", "square",
            "reciprocal", "maximum", "minimum", "where", "sum", "mean", "max", "amax", "argmax", "matmul",
@@ -33,17 +33,10 @@ exp, log, log1p, sqrt, rsqrt, tanh, sigmoid, abs, sign, square, reciprocal, stop
 
 
 def _pair(x: Any, y: Any) -> tuple[Tensor, Tensor]:
-    """Both operands as Tensors; a Python or NumPy number takes the other operand's dtype (an
-    array operand, a NumPy constant included, sets it, not only a traced Tensor)."""
-    if _is_number(x) and not _is_number(y):
-        y = as_tensor(y)
-        return as_tensor(x, like=y), y
-    x = as_tensor(x)
-    return x, as_tensor(y, like=x)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (bool, int, float, np.number))
+    """Both operands as Tensors of one dtype, promoted as PyTorch does (see
+    tensor.result_dtype): a Python number never widens a tensor's dtype of its own kind."""
+    x, y = promoted(x, y)
+    return x, y
 
 
 def maximum(x: Any, y: Any) -> Tensor:

@@ -7,6 +7,7 @@ time and point at the user's line.
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import threading
 from contextlib import contextmanager
@@ -16,7 +17,8 @@ from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from graphc.ir import Builder, Value
-from graphc.ir.errors import DTypeError, GraphcError, ShapeError, user_location
+from graphc.ir.errors import (DTypeError, GraphcError, ShapeError, TracedValueError,
+                              _is_internal, user_location)
 from graphc.ir.graph import safe_module_path
 from graphc.ir.types import SHORT_NAMES, TensorType, canonical_dtype, is_float
 
@@ -280,6 +282,61 @@ def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
     return Tensor(b.const(arr, canonical_dtype(arr.dtype)))
 
 
+# -- type promotion ------------------------------------------------------------------------------
+# PyTorch's rule, so ported arithmetic has the dtypes it had there: bool < integer < floating;
+# an operand of a higher kind sets the result's kind, and within a kind the widest operand wins,
+# except that 0-d tensors and then Python numbers count only where they raise the kind (a
+# float32 tensor times 2.5, or times a 0-d float64 tensor, stays float32). A Python float
+# stands for the default float32, a Python int for int64.
+_KINDS = {"bool": 0, "int32": 1, "int64": 1, "float32": 2, "float64": 2}
+
+
+def promote_types(a: str, b: str) -> str:
+    """The dtype holding both `a` and `b` (torch.promote_types over graphc's dtypes)."""
+    if _KINDS[a] != _KINDS[b]:
+        return a if _KINDS[a] > _KINDS[b] else b
+    return a if np.dtype(a).itemsize >= np.dtype(b).itemsize else b
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (bool, int, float, np.bool_, np.integer, np.floating))
+
+
+def _number_dtype(x: Any) -> str:
+    if isinstance(x, (bool, np.bool_)):
+        return "bool"
+    return "int64" if isinstance(x, (int, np.integer)) else "float32"
+
+
+def result_dtype(*operands: Tensor | bool | int | float) -> str:
+    """The dtype an elementwise op over `operands` (Tensors and Python numbers) computes in."""
+    widest: list[str | None] = [None, None, None]  # tensors with axes, 0-d tensors, numbers
+    for x in operands:
+        group, dtype = (2, _number_dtype(x)) if _is_number(x) else (int(x.ndim == 0), x.dtype)
+        widest[group] = dtype if widest[group] is None else promote_types(widest[group], dtype)
+
+    def combine(higher: str | None, lower: str | None) -> str | None:
+        if higher is None or lower is None:
+            return higher or lower
+        if is_float(higher):
+            return higher
+        return promote_types(higher, lower) if higher == "bool" or is_float(lower) else higher
+
+    return combine(widest[0], combine(widest[1], widest[2]))
+
+
+def promoted(*operands: Any, true_division: bool = False) -> list[Tensor]:
+    """The operands of an elementwise op as Tensors of their `result_dtype` (arrays become
+    constants of their own dtype first); with `true_division`, integers and booleans compute in
+    float32, as PyTorch's `/` does."""
+    tensors = [x if _is_number(x) else as_tensor(x) for x in operands]
+    dtype = result_dtype(*tensors)
+    if true_division and not is_float(dtype):
+        dtype = "float32"
+    b = current_trace().builder
+    return [Tensor(b.const(x, dtype)) if _is_number(x) else x.astype(dtype) for x in tensors]
+
+
 def dtype_name(dtype: Any) -> str:
     """graphc's name of a dtype given as a name ('float32', 'f32'), a NumPy dtype or type, or a
     torch dtype (torch.float32): the spellings ported code uses."""
@@ -327,6 +384,27 @@ def _order_reversed(x: Tensor) -> Tensor:
     wrap-around arithmetic of every backend, so the smallest integer maps to the largest where
     -x would overflow). min and argmin are max and argmax of the reversed values."""
     return -x if is_float(x.dtype) else -x - 1
+
+
+def _no_value(call: str, instead: str) -> TracedValueError:
+    """The error for asking a traced Tensor for its value (`call`), saying what to do instead."""
+    return TracedValueError(f"{call} on a traced Tensor: it has no value while graphc traces the "
+                            f"function, only a shape and dtype; {instead} (at {_caller()})")
+
+
+def _caller() -> str | None:
+    """The user's line, past graphc's frames and those of torch (torch.tensor(x) asks for the
+    value from its own Python code)."""
+    torch = sys.modules.get("torch")
+    torch_dir = os.path.dirname(torch.__file__) + os.sep if torch is not None else None
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not (_is_internal(filename) or filename.startswith("<frozen")
+                or (torch_dir and os.path.abspath(filename).startswith(torch_dir))):
+            return f"{filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None
 
 
 class ValuesIndices(NamedTuple):
@@ -380,17 +458,67 @@ class Tensor:
     def __repr__(self) -> str:
         return f"Tensor({SHORT_NAMES[self.dtype]}{list(self.shape)})"
 
+    # -- values: a traced Tensor has none until the compiled graph runs ---------------------
     def __bool__(self) -> bool:
-        raise GraphcError("a traced Tensor has no value yet, so it cannot decide Python control "
-                          f"flow (if/while on a tensor at {user_location()}); use gc.where instead")
+        raise _no_value("bool(x) (if/while/and/or on a tensor)",
+                        "Python control flow cannot depend on it: use gc.where(cond, a, b) to "
+                        "choose values, or compute the condition outside the traced function")
+
+    def __float__(self) -> float:
+        raise _no_value("float(x)", "return the tensor from the traced function and convert the "
+                        "result; inside it, keep computing with the tensor (x.float() casts it)")
+
+    def __int__(self) -> int:
+        raise _no_value("int(x)", "return the tensor from the traced function and convert the "
+                        "result; inside it, keep computing with the tensor (x.long() casts it)")
+
+    def __index__(self) -> int:
+        raise _no_value("using it as a Python int (an index into a list or array, range(), a "
+                        "size)", "shapes are static: take sizes from x.shape; to pick elements "
+                        "by a traced index, index a tensor with it (table[idx], gc.gather)")
+
+    def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        raise _no_value("np.asarray(x) / np.array(x)", "return the tensor from the traced "
+                        "function and convert the result; NumPy math on it traces as graphc "
+                        "ops (np.exp(x), x + array)")
+
+    # torch.tensor(x) and torch.as_tensor(x) ask a foreign tensor for DLPack first.
+    def __dlpack_device__(self) -> tuple[int, int]:
+        raise _no_value("torch.tensor(x) / torch.as_tensor(x)", "graphc cannot run torch "
+                        "functions on its tensors: return the tensor from the traced function, "
+                        "or keep computing with graphc ops (x.to(dtype), gc.stack)")
+
+    def __dlpack__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__dlpack_device__()
+
+    def item(self) -> Any:
+        raise _no_value("x.item()", "return the tensor from the traced function and take the "
+                        "number from the result (a logged loss: return it)")
+
+    def numpy(self) -> np.ndarray:
+        raise _no_value("x.numpy()", "return the tensor from the traced function: the "
+                        "compiled function returns NumPy arrays")
+
+    def tolist(self) -> list:
+        raise _no_value("x.tolist()", "return the tensor from the traced function and call "
+                        ".tolist() on the array it returns")
+
+    def detach(self) -> Tensor:
+        """PyTorch's detach: the same values, through which no gradient flows."""
+        return bind("stop_gradient", self)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
     # -- arithmetic ------------------------------------------------------------------------
     def _binary(self, op: str, other: Any, reverse: bool = False) -> Tensor:
-        other = as_tensor(other, like=self)
-        return bind(op, other, self) if reverse else bind(op, self, other)
+        """`self op other` (`other op self` when `reverse`), the operands promoted to one
+        dtype as in PyTorch (see result_dtype); `&` and `|` take booleans as they are."""
+        if op in ("logical_and", "logical_or"):
+            a, b = self, as_tensor(other, like=self)
+        else:
+            a, b = promoted(self, other, true_division=op == "div")
+        return bind(op, b, a) if reverse else bind(op, a, b)
 
     def __add__(self, o): return self._binary("add", o)
     def __radd__(self, o): return self._binary("add", o, True)
@@ -401,8 +529,8 @@ class Tensor:
     def __truediv__(self, o): return self._binary("div", o)
     def __rtruediv__(self, o): return self._binary("div", o, True)
     def __pow__(self, o):
-        if isinstance(o, (int, float)) and o == 2:
-            return bind("square", self)
+        if isinstance(o, (int, float)) and not isinstance(o, bool) and o == 2:
+            return bind("square", self.astype(result_dtype(self, o)))
         return self._binary("pow", o)
     def __rpow__(self, o): return self._binary("pow", o, True)
     def __matmul__(self, o): return matmul(self, as_tensor(o, like=self))

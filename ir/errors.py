@@ -39,6 +39,11 @@ class InputError(GraphcError, TypeError):
     """Arguments given to a traced or compiled function that it cannot take."""
 
 
+class TracedValueError(GraphcError, TypeError):
+    """A traced Tensor asked for its value (float(x), np.asarray(x), x.item(), if x: ...): it
+    has none until the compiled graph runs. A TypeError, as Python's own conversions raise."""
+
+
 class SerializationError(GraphcError, ValueError):
     """A file or document graphc cannot read back."""
 
