@@ -23,7 +23,12 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, TypeVar
 
 from .errors import GraphcError
+from .ops.control import SCAN_OP
 from .registry import KINDS, PRIMITIVES, get
+
+# Ops that are not registry primitives but still lower per target: nodes holding a body graph
+# (ir/ops/control.py). They have no kind, hence no kind default.
+STRUCTURED_OPS = (SCAN_OP,)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -36,8 +41,10 @@ class LoweringMissing(GraphcError, LookupError):
 
 
 def register_lowering(target: str, primitive: str, fn: F) -> F:
-    """Record `fn` as `target`'s lowering of `primitive` (a name in the op registry)."""
-    get(primitive)  # a typo must fail at import, not when the op first reaches the backend
+    """Record `fn` as `target`'s lowering of `primitive` (a name in the op registry, or a
+    structured op)."""
+    if primitive not in STRUCTURED_OPS:
+        get(primitive)  # a typo must fail at import, not when the op first reaches the backend
     table = _LOWERINGS.setdefault(target, {})
     if primitive in table:
         raise ValueError(f"{target}: primitive {primitive!r} has two lowerings "
@@ -74,7 +81,7 @@ def kind_default(target: str, kind: str) -> Callable[..., Any] | None:
 def find_lowering(target: str, primitive: str) -> Callable[..., Any] | None:
     """`target`'s lowering of `primitive`: its own, else its kind's default, else None."""
     own = _LOWERINGS.get(target, {}).get(primitive)
-    if own is not None:
+    if own is not None or primitive in STRUCTURED_OPS:
         return own
     return kind_default(target, get(primitive).kind)
 
@@ -100,5 +107,5 @@ def unlowered_primitives(target: str, primitives: Iterable[str] | None = None) -
     return sorted(p for p in names if find_lowering(target, p) is None)
 
 
-__all__ = ["LoweringMissing", "find_lowering", "kind_default", "lowered_primitives", "lowering",
+__all__ = ["LoweringMissing", "STRUCTURED_OPS", "find_lowering", "kind_default", "lowered_primitives", "lowering",
            "lowering_for", "register_kind_default", "register_lowering", "unlowered_primitives"]

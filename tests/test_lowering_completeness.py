@@ -16,8 +16,8 @@ import graphc.backends.numba_cpu  # noqa: F401  (each import registers the targe
 import graphc.backends.numba_cuda.codegen  # noqa: F401
 import graphc.onnx_export  # noqa: F401
 from graphc.ir.errors import GraphcError
-from graphc.ir.lowering import (LoweringMissing, find_lowering, lowering, lowering_for, register_lowering,
-                                unlowered_primitives)
+from graphc.ir.lowering import (STRUCTURED_OPS, LoweringMissing, find_lowering, lowering, lowering_for,
+                                register_lowering, unlowered_primitives)
 from graphc.ir.registry import ELEMENTWISE, OPAQUE, PRIMITIVES, Primitive
 from graphc.ir.types import TensorType
 
@@ -49,6 +49,25 @@ EXCLUSIONS: dict[str, dict[str, str]] = {
                   "(test_onnx.py::test_unsupported_op_names_op_and_user_line)"),
     },
 }
+
+
+# Structured ops (a body graph, several outputs) are not registry primitives; the same rule holds.
+_SCAN_PENDING = "scan lowering on {target}: issue 20 item 4, not yet built"
+STRUCTURED_EXCLUSIONS: dict[str, dict[str, str]] = {
+    target: {"scan": _SCAN_PENDING.format(target=target)} for target in TARGETS}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("op", STRUCTURED_OPS)
+def test_structured_op_lowers_or_is_excluded_with_a_reason(target, op):
+    reason = STRUCTURED_EXCLUSIONS[target].get(op)
+    lowers = find_lowering(target, op) is not None
+    if reason is None:
+        assert lowers, f"{target} cannot lower {op!r}: register a lowering or exclude it"
+    else:
+        assert not lowers, f"{target} lowers {op!r}: its exclusion is stale"
+        with pytest.raises(LoweringMissing, match=f"{target} has no lowering for {op!r}"):
+            lowering_for(target, op)
 
 
 def completeness_failures(target: str, exclusions: dict[str, str]) -> list[str]:
