@@ -19,6 +19,8 @@ from graphc.ir.ops.control import SCAN_OP
 from graphc.ir.verify import KERNEL_OP
 from graphc.passes import FUSION, Stages
 
+from .scan_lowering import compile_with_scans
+
 
 def compile_graph(graph: Graph, backend: str | None = None, donate: dict[int, int] | None = None,
                   stages: Stages | None = None) -> Any:
@@ -33,10 +35,12 @@ def compile_graph(graph: Graph, backend: str | None = None, donate: dict[int, in
         return module.compile_graph(graph, donate)
     scan = next((n for n in graph.nodes if n.op == SCAN_OP), None)
     if scan is not None:
+        name = backend or default_backend()
+        if name == "numba-cpu":  # its body compiled once, stepped from Python for now
+            return compile_with_scans(graph, lambda part: compile_graph(part, name), donate)
         where = f" (the scan at {scan.loc})" if scan.loc else ""
-        raise LoweringMissing(f"scan lowering on {backend or default_backend()}: "
-                              f"issue 20 item 4, not yet built{where}; compile this function with "
-                              "backend='reference'")
+        raise LoweringMissing(f"scan lowering on {name}: issue 20 item 4, not yet built{where}; "
+                              "compile this function with backend='reference' or 'numba-cpu'")
     stages = stages if stages is not None else Stages(graph.name)
     fused = graph if any(n.op == KERNEL_OP for n in graph.nodes) else stages.run(graph, [FUSION])
     lowered = module.lower(fused)

@@ -1,0 +1,128 @@
+"""Running scans on numba-cpu: the first, interpreted step of issue 20 item 4.
+
+What the issue wants is one compiled driver per scan (the loop itself inside compiled code,
+no Python per step). What this module does for now: the graph is cut at its scan nodes, every
+part between them is compiled as usual (fusion, memory plan, kernels), each scan's body is
+compiled on its own as one executable, and a Python loop calls that body executable once per
+step, writing each step's outputs into the stacked results in place. The compile time does
+not grow with the trip count (the body compiles once), but every step costs one executable
+call from Python (~tens of microseconds), and the parts do not share one arena.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from graphc.backends.signature import InputSignature
+from graphc.ir import Graph, Node, Value
+from graphc.ir.ops.control import SCAN_OP, split_inputs
+
+Run = Callable[[list[np.ndarray]], list[np.ndarray]]
+Compile = Callable[[Graph], Any]  # a graph without scans at its top level -> an executable
+
+
+class ScanLoop:
+    """One scan run step by step: its compiled body called from Python per step."""
+
+    def __init__(self, node: Node, body: Any) -> None:
+        self.node = node
+        self.body = body
+        self.steps = range(node.attrs["length"])[::-1] if node.attrs["reverse"] else range(node.attrs["length"])
+
+    def __call__(self, args: list[np.ndarray]) -> list[np.ndarray]:
+        consts, carry, xs = split_inputs(self.node, args)
+        k = self.node.attrs["num_carry"]
+        ys = [np.empty(v.type.shape, v.type.np_dtype) for v in self.node.outputs[k:]]
+        for t in self.steps:
+            outs = self.body(*consts, *carry, *(x[t] for x in xs))
+            carry = outs[:k]
+            for y, out in zip(ys, outs[k:]):
+                y[t] = out
+        # the body executable may hand back an input as an output: never return the caller's array
+        return [np.array(c) for c in carry] + ys
+
+
+class SegmentedExecutable:
+    """A graph with scans, run as its compiled parts and loops in order. Donated inputs receive
+    their outputs by copy at the end (the parts are compiled without donation)."""
+
+    def __init__(self, graph: Graph, parts: list[tuple[Run, list[Value], list[Value]]],
+                 donate: dict[int, int] | None = None) -> None:
+        self.graph = graph
+        self.parts = parts
+        self.donate = dict(donate or {})
+        self._signature = InputSignature(graph, tuple(self.donate))
+
+    def __call__(self, *args: Any) -> list[np.ndarray]:
+        arrays = self._signature.prepare(args)
+        env: dict[Value, np.ndarray] = dict(zip(self.graph.input_values, arrays))
+        for run, inputs, outputs in self.parts:
+            env.update(zip(outputs, run([env[v] for v in inputs])))
+        results = [env[v] for v in self.graph.output_values]
+        for i, o in self.donate.items():
+            np.copyto(arrays[i], results[o])
+            results[o] = arrays[i]
+        return results
+
+
+def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, int] | None = None
+                       ) -> SegmentedExecutable:
+    """Cut `graph` at its scans; compile each run of other nodes and each scan's body with
+    `compile_part` (a body with scans of its own comes back here through it)."""
+    read_later = _values_read_after(graph)
+    parts: list[tuple[Run, list[Value], list[Value]]] = []
+    pending: list[Node] = []
+
+    def close_segment() -> None:
+        if not pending:
+            return
+        position = graph.nodes.index(pending[-1])
+        segment, inputs, outputs = _segment(graph, pending, read_later[position], len(parts))
+        pending.clear()
+        if outputs:
+            executable = compile_part(segment)
+            parts.append((lambda args, run=executable: list(run(*args)), inputs, outputs))
+
+    for node in graph.nodes:
+        if node.op != SCAN_OP:
+            pending.append(node)
+            continue
+        close_segment()
+        body = node.subgraph.copy()
+        body.name = f"{graph.name}_scan{len(parts)}_body"
+        parts.append((ScanLoop(node, compile_part(body)), list(node.inputs), list(node.outputs)))
+    close_segment()
+    return SegmentedExecutable(graph, parts, donate)
+
+
+def _values_read_after(graph: Graph) -> list[set[Value]]:
+    """For each node position, the values read by later nodes or returned by the graph."""
+    later = set(graph.output_values)
+    result = [set() for _ in graph.nodes]
+    for i in range(len(graph.nodes) - 1, -1, -1):
+        result[i] = set(later)
+        later.update(graph.nodes[i].inputs)
+    return result
+
+
+def _segment(graph: Graph, nodes: Sequence[Node], read_later: set[Value], index: int
+             ) -> tuple[Graph, list[Value], list[Value]]:
+    """`nodes` as a graph of their own: (graph, the outer values it reads, those it defines
+    that are read later)."""
+    defined = {v for n in nodes for v in n.outputs}
+    inputs = list(dict.fromkeys(v for n in nodes for v in n.inputs if v not in defined))
+    outputs = [v for n in nodes for v in n.outputs if v in read_later]
+    part = Graph(f"{graph.name}_part{index}")
+    mapping = {v: part.add_input(v.type, f"in{i}") for i, v in enumerate(inputs)}
+    for n in nodes:
+        clone = Node(n.op, tuple(mapping[v] for v in n.inputs), n.attrs,
+                     tuple(v.type for v in n.outputs), n.loc, n.subgraph, n.module)
+        part.nodes.append(clone)
+        mapping.update(zip(n.outputs, clone.outputs))
+    for i, v in enumerate(outputs):
+        part.add_output(f"out{i}", mapping[v])
+    return part, inputs, outputs
+
+
+__all__ = ["ScanLoop", "SegmentedExecutable", "compile_with_scans"]
