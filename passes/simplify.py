@@ -11,7 +11,7 @@ import numpy as np
 
 from graphc.ir import Builder, Graph, Node, Value
 from graphc.ir.interpret import run_node
-from graphc.ir.ops.control import SCAN_OP
+from graphc.ir.ops.control import SCAN_OP, make_scan
 from graphc.ir.registry import SOURCE, get
 
 FOLD_LIMIT = 1 << 16  # elements: larger constants stay computed, the graph stays small
@@ -225,9 +225,54 @@ def simplify_bodies(graph: Graph) -> Graph:
     return _rebuild(graph, lambda b, node, ins: None, body=simplify)
 
 
+def prune_scans(graph: Graph) -> Graph:
+    """Drop the per-step outputs of scans that nothing reads, then the body's nodes computing
+    only them, then the stacked and loop-invariant operands the body no longer reads. (The
+    carry stays whole: each step reads what the last one wrote.)"""
+    read = set(graph.output_values) | {v for node in graph.nodes for v in node.inputs}
+    if not any(node.op == SCAN_OP and (any(v not in read for v in node.outputs[node.attrs["num_carry"]:])
+                                       or _unread_operands(node.subgraph, node))
+               for node in graph.nodes):
+        return graph
+    new = Graph(graph.name)
+    mapping = {i.value: new.add_input(i.value.type, i.name, i.role) for i in graph.inputs}
+    for node in graph.nodes:
+        ins = [mapping[v] for v in node.inputs]
+        if node.op != SCAN_OP:
+            clone = Node(node.op, tuple(ins), node.attrs, tuple(v.type for v in node.outputs),
+                         node.loc, node.subgraph, node.module)
+            new.nodes.append(clone)
+            mapping.update(zip(node.outputs, clone.outputs))
+            continue
+        a, k = node.attrs, node.attrs["num_carry"]
+        kept_outputs = [q for q, v in enumerate(node.outputs) if q < k or v in read]
+        if not any(node.outputs[q] in read for q in kept_outputs):
+            continue  # a dead scan
+        body = node.subgraph.copy()
+        body.outputs = [body.outputs[q] for q in kept_outputs]
+        body = dce(body)
+        unread = _unread_operands(body, node)
+        body.inputs = [inp for p, inp in enumerate(body.inputs) if p not in unread]
+        consts = a["num_consts"] - sum(p < a["num_consts"] for p in unread)
+        clone = make_scan([v for p, v in enumerate(ins) if p not in unread], body, a["length"],
+                          a["reverse"], consts, k, node.loc, node.module)
+        new.nodes.append(clone)
+        mapping.update(zip([node.outputs[q] for q in kept_outputs], clone.outputs))
+    new.outputs = [(n, mapping[v]) for n, v in graph.outputs]
+    return new
+
+
+def _unread_operands(body: Graph, node: Node) -> set[int]:
+    """Positions of the consts and stacked inputs of scan `node` that `body` never reads."""
+    read = set(body.output_values) | {v for n in body.nodes for v in n.inputs}
+    c, k = node.attrs["num_consts"], node.attrs["num_carry"]
+    return {p for p, v in enumerate(body.input_values) if not c <= p < c + k and v not in read}
+
+
 def simplify(graph: Graph) -> Graph:
-    """Fold and rewrite to a fixed point (bounded), then CSE and DCE; scan bodies likewise."""
-    graph = simplify_bodies(graph)
+    """Fold and rewrite to a fixed point (bounded), then CSE and DCE; scan bodies likewise,
+    and scans lose the outputs nothing reads."""
+    graph = prune_scans(simplify_bodies(graph))
     for _ in range(4):
         before = len(graph.nodes)
         graph = dce(cse(transpose_products(fold_constants(graph))))

@@ -326,6 +326,22 @@ def test_simplify_runs_inside_the_body_and_keeps_distinct_scans_apart():
     np.testing.assert_allclose(jit(f)(C0, XS), C0 + XS.sum(0) + python_loop_affine(C0, XS, 2.0), rtol=1e-12)
 
 
+def test_simplify_drops_per_step_outputs_and_operands_nothing_reads():
+    def f(c, xs, w):
+        return gc.scan(lambda h, x: ((h + x).tanh(), (h @ w, x * 2.0)), c, xs)[0]
+    graph = jit(f).lower(C0, XS, W)
+    (node,) = [n for n in graph.nodes if n.op == SCAN_OP]
+    assert len(node.outputs) == 1 and node.attrs["num_consts"] == 0  # w is no longer read
+    assert [n.op for n in node.subgraph.nodes] == ["add", "tanh"]
+    np.testing.assert_allclose(jit(f)(C0, XS, W), python_loop_tanh(C0, XS), rtol=1e-12)
+
+
+def python_loop_tanh(c, xs):
+    for x in xs:
+        c = np.tanh(c + x)
+    return c
+
+
 def python_loop_affine(c, xs, a):
     for x in xs:
         c = c * a + x
