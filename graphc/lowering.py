@@ -6,15 +6,15 @@ It fuses the optimized graph, asks the backend for each kernel's source (which s
 scratch the kernel needs), plans memory with those sizes and hands the backend the plan (which
 also says which kernel outputs share an input's buffer: numba-cpu generates those kernels again
 to write them through the input's parameter). Both stages are recorded like the others (GRAPHC_DUMP,
-GRAPHC_VERIFY: passes/pipeline.py).
+GRAPHC_VERIFY: passes/pipeline.py). A graph holding scans is compiled in parts around them, each
+body on its own (graphc/scan_lowering.py).
 """
 from __future__ import annotations
 
 from typing import Any
 
-from graphc.backends import default_backend, get_backend, lowers_kernels
+from graphc.backends import get_backend, lowers_kernels
 from graphc.ir import Graph
-from graphc.ir.lowering import LoweringMissing
 from graphc.ir.ops.control import SCAN_OP
 from graphc.ir.verify import KERNEL_OP
 from graphc.passes import FUSION, Stages
@@ -33,14 +33,8 @@ def compile_graph(graph: Graph, backend: str | None = None, donate: dict[int, in
     module = get_backend(backend)
     if not lowers_kernels(module):  # the interpreter runs the primitive graph as it is
         return module.compile_graph(graph, donate)
-    scan = next((n for n in graph.nodes if n.op == SCAN_OP), None)
-    if scan is not None:
-        name = backend or default_backend()
-        if name == "numba-cpu":  # its body compiled once, stepped from Python for now
-            return compile_with_scans(graph, lambda part: compile_graph(part, name), donate)
-        where = f" (the scan at {scan.loc})" if scan.loc else ""
-        raise LoweringMissing(f"scan lowering on {name}: issue 20 item 4, not yet built{where}; "
-                              "compile this function with backend='reference' or 'numba-cpu'")
+    if any(n.op == SCAN_OP for n in graph.nodes):  # bodies compiled once, stepped from Python for now
+        return compile_with_scans(graph, lambda part: compile_graph(part, backend), donate)
     stages = stages if stages is not None else Stages(graph.name)
     fused = graph if any(n.op == KERNEL_OP for n in graph.nodes) else stages.run(graph, [FUSION])
     lowered = module.lower(fused)

@@ -1,12 +1,14 @@
-"""Running scans on numba-cpu: the first, interpreted step of issue 20 item 4.
+"""Running scans on the kernel backends: the first, interpreted step of issue 20 item 4.
 
-What the issue wants is one compiled driver per scan (the loop itself inside compiled code,
-no Python per step). What this module does for now: the graph is cut at its scan nodes, every
+What the issue wants is one compiled driver per scan on numba-cpu (the loop itself inside
+compiled code, no Python per step) and, on numba-cuda, the body's kernels launched per step on
+device-resident buffers. What this module does for now, on both: the graph is cut at its scan nodes, every
 part between them is compiled as usual (fusion, memory plan, kernels), each scan's body is
 compiled on its own as one executable, and a Python loop calls that body executable once per
 step, writing each step's outputs into the stacked results in place. The compile time does
 not grow with the trip count (the body compiles once), but every step costs one executable
-call from Python (~tens of microseconds), and the parts do not share one arena.
+call from Python (~tens of microseconds; on numba-cuda also a host round trip of the carry
+and the step's slices), and the parts do not share one arena.
 """
 from __future__ import annotations
 
