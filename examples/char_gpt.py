@@ -65,13 +65,15 @@ class CharGPT(nn.Module):
             table *= 0.02  # GPT-2's N(0, 0.02) rather than Embedding's N(0, 1)
         self.blocks = nn.Sequential(*(Block(d_model, n_heads) for _ in range(n_layers)))
         self.ln_f = nn.LayerNorm(d_model)
+        # Weight tying: the output layer's weight is the token embedding (logits = x @ E^T),
+        # one parameter reached from both modules, its gradient the sum of both uses.
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.lm_head.weight = self.token_embedding.weight
 
     def forward(self, idx):
         positions = gc.arange(idx.shape[1])
         x = self.token_embedding(idx) + self.position_embedding(positions)
-        x = self.ln_f(self.blocks(x))
-        # The output layer is the token embedding (weight tying): logits = x @ E^T.
-        return F.linear(x, self.token_embedding.weight)
+        return self.lm_head(self.ln_f(self.blocks(x)))
 
 
 def next_char_loss(logits, targets):

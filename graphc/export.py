@@ -110,12 +110,18 @@ def export(compiled: Any, path: str) -> None:
     state.update(compiled.implicit_state())  # other modules' arrays the graph reads, read-only
     bindings = {inp.name: compiled.state_bindings()[inp.name] for inp in graph.inputs
                 if inp.role != "data"}
+    # A tied parameter is saved under each of its state-dict names; the plan names the ones
+    # that are one array, so the loaded file keeps them one as it trains.
+    first: dict[int, str] = {}
+    tied = {key: first.setdefault(id(array), key) for key, array in state.items()}
+    tied = {key: target for key, target in tied.items() if key != target}
     fused = compiled.stage_graph("fused")
     members = {
         "format.json": _json({"format": FORMAT, "version": VERSION, "kind": kind}),
         "graph.json": graph.to_json().encode(),
         "graph.traced.json": compiled.stage_graph("traced").to_json().encode(),
         "plan.json": _json({"signature": _signature(graph), "bindings": bindings,
+                            **({"tied": tied} if tied else {}),
                             "donate": {str(k): v for k, v in compiled.donate.items()},
                             **_plan_summary(executable, fused)}),
         "metadata.json": _json({"versions": _versions(), "backend": compiled.backend,
@@ -346,6 +352,13 @@ class _Loaded:
                                 f"needs {expected}", "state.safetensors")
             state[key] = array = array.reshape(expected.shape).copy()
             self.persistent.append(array)
+        tied = plan.get("tied", {})
+        if not isinstance(tied, dict) or not all(
+                isinstance(v, str) and k in state and v in state and v not in tied
+                for k, v in tied.items()):
+            raise LoadError(path, "malformed tied state names", "plan.json")
+        for alias, key in tied.items():  # one array under both names, as in the saved model
+            state[alias] = state[key]
         try:
             self.executable = compile_graph(graph, self.backend, donate)
         except GraphcError:

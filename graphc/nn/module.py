@@ -152,10 +152,17 @@ class Module:
         if "_parameters" not in self.__dict__:
             raise GraphcError(f"{type(self).__name__}.__init__ must call super().__init__() "
                               "before assigning attributes")
+        # An array put in a parameter's place, or one of the tree's parameters assigned again
+        # (`self.head.weight = self.embed.weight`, PyTorch's weight tying), is a parameter:
+        # reached under both names, one array, trained as one (named_parameters lists it once).
+        tied = isinstance(value, np.ndarray) and (name in self._parameters
+                                                  or _holds_parameter(self, value))
         for table in (self._parameters, self._buffers, self._modules):
             table.pop(name, None)
         if isinstance(value, Parameter):
             self._parameters[name] = value.data
+        elif tied:
+            self._parameters[name] = Parameter(value).data  # the same array if float and C-contiguous
         elif isinstance(value, Module):
             self._modules[name] = value
         else:
@@ -202,7 +209,8 @@ class Module:
         return iter(self._modules.values())
 
     def named_parameters(self) -> Iterator[tuple[str, np.ndarray | Tensor]]:
-        """(dotted name, parameter) over the tree. While tracing, the parameters are Tensors of
+        """(dotted name, parameter) over the tree, a parameter reached by several names (tied)
+        once, under the first, as PyTorch's. While tracing, the parameters are Tensors of
         the trace, as attribute access gives them: bound ones where the tree is bound (a model
         being trained: gradients reach them), else implicit inputs read at each call."""
         return self._named_state("_parameters")
@@ -228,7 +236,7 @@ class Module:
         # are named by their path from this module, as when it is called ("Sequential.0.weight").
         root = current_trace().module_name(self)
         return iter([(name, traced_state(ref, f"{root}.{name}"))
-                     for name, ref in _named_refs(self, table)])
+                     for name, ref in _named_refs(self, table, remove_duplicate=True)])
 
     # -- modes and state ------------------------------------------------------------------
     def train(self, mode: bool = True) -> Module:
@@ -254,11 +262,17 @@ class Module:
                               f"models on devices through the backend, not through .to)")
         target = np.dtype(name)
         release_state_holders(self)  # the newest values are the ones to cast
+        # A tied array is cast once, so its names stay one array (the source is kept: its id
+        # stays its own while the loop runs).
+        cast: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for m in self.modules():
             for table in (m._parameters, m._buffers):
                 for key, array in table.items():
                     if array.dtype.kind == "f" and array.dtype != target:
-                        table[key] = np.require(array.astype(target), requirements="C")
+                        if id(array) not in cast:
+                            cast[id(array)] = (array, np.require(array.astype(target),
+                                                                 requirements="C"))
+                        table[key] = cast[id(array)][1]
         return self
 
     def double(self) -> Module:
@@ -270,11 +284,14 @@ class Module:
         return self.to(np.float32)
 
     def state_dict(self) -> dict[str, np.ndarray | Tensor]:
-        """The live arrays (parameters, then buffers) by dotted name; compiled training steps
-        update them in place. While tracing, Tensors of the trace (see named_parameters)."""
+        """The live arrays (parameters, then buffers) by dotted name, a tied parameter under
+        each of its names (as PyTorch's); compiled training steps update them in place. While
+        tracing, Tensors of the trace (see named_parameters)."""
         if not is_tracing():
             return state_arrays(self)
-        return {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        root = current_trace().module_name(self)
+        return {name: traced_state(ref, f"{root}.{name}")
+                for table in ("_parameters", "_buffers") for name, ref in _named_refs(self, table)}
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Copy arrays into the module's own (so compiled steps keep seeing them)."""
@@ -332,27 +349,43 @@ def _host_array(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _named_refs(module: Module, table: str) -> Iterator[tuple[str, StateRef]]:
+def _holds_parameter(module: Module, array: np.ndarray) -> bool:
+    """Whether `array` is a parameter of a module in `module`'s tree."""
+    return any(p is array for m in module.modules() for p in m._parameters.values())
+
+
+def _named_refs(module: Module, table: str, remove_duplicate: bool = False
+                ) -> Iterator[tuple[str, StateRef]]:
     """(dotted name, StateRef) for every entry of `table` ("_parameters" or "_buffers") in the
-    tree."""
+    tree; with `remove_duplicate`, an array held under several names (tied) only under the
+    first."""
+    seen: set[int] = set()
     for prefix, m in module.named_modules():
         if table == "_parameters":
             m._refuse_hidden_modules()
-        for attr in m.__dict__[table]:
+        for attr, array in m.__dict__[table].items():
+            if remove_duplicate:
+                if id(array) in seen:
+                    continue
+                seen.add(id(array))
             yield prefix + attr, StateRef(m, table, attr)
 
 
-def named_arrays(module: Module, table: str) -> Iterator[tuple[str, np.ndarray]]:
+def named_arrays(module: Module, table: str, remove_duplicate: bool = True
+                 ) -> Iterator[tuple[str, np.ndarray]]:
     """The tree's own arrays of `table` by dotted name, also while tracing: for graphc's own
     bookkeeping (optimizers, compiled steps, checkpoints, export), which needs the arrays where
-    a user's traced code gets Tensors. A holder of newer values copies them back first."""
+    a user's traced code gets Tensors. A tied array comes once, under its first name, unless
+    `remove_duplicate` is False. A holder of newer values copies them back first."""
     release_state_holders(module)
-    return ((name, ref.read()) for name, ref in _named_refs(module, table))
+    return ((name, ref.read()) for name, ref in _named_refs(module, table, remove_duplicate))
 
 
 def state_arrays(module: Module) -> dict[str, np.ndarray]:
-    """state_dict()'s arrays, also while tracing (see named_arrays)."""
-    return {**dict(named_arrays(module, "_parameters")), **dict(named_arrays(module, "_buffers"))}
+    """state_dict()'s arrays, a tied one under each of its names, also while tracing (see
+    named_arrays)."""
+    return {name: array for table in ("_parameters", "_buffers")
+            for name, array in named_arrays(module, table, remove_duplicate=False)}
 
 
 @contextmanager
@@ -361,10 +394,18 @@ def bound(module: Module, tensors: dict[str, Tensor]) -> Iterator[None]:
     Tensors of the trace in progress (names as in state_dict). Traces nested in it (an inner
     gc.jit or gc.grad) read them as implicit inputs, which inlining maps back to these."""
     trace = current_trace()
+    # A tied array reached under a name `tensors` leaves out reads as the Tensor given for it
+    # under another: both uses of the one parameter are uses of one input.
+    given = {id(ref.read()): tensors[name] for table in ("_parameters", "_buffers")
+             for name, ref in _named_refs(module, table) if name in tensors}
     saved = []
     for prefix, m in module.named_modules():
         own = {name[len(prefix):]: t for name, t in tensors.items()
                if name.startswith(prefix) and "." not in name[len(prefix):]}
+        for table in ("_parameters", "_buffers"):
+            for attr, array in m.__dict__[table].items():
+                if attr not in own and id(array) in given:
+                    own[attr] = given[id(array)]
         saved.append((m, m.__dict__.get("_bound")))
         object.__setattr__(m, "_bound", (trace, own))
     try:
