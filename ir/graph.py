@@ -3,7 +3,8 @@
 A `Graph` has named, role-tagged inputs, a topologically ordered list of `Node`s and named
 outputs. Every `Value` is defined exactly once: by a graph input or by one node's outputs.
 Primitive nodes have one output; fused kernel nodes (op ``"kernel"``) hold a subgraph and may
-have several.
+have several, as do scan nodes (op ``"scan"``, ir/ops/control.py), whose subgraph is the loop's
+body.
 """
 from __future__ import annotations
 
