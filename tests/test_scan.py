@@ -69,6 +69,18 @@ def test_scan_matches_a_python_loop(reverse):
     np.testing.assert_allclose(ys, want_ys, rtol=1e-12)
 
 
+def test_a_one_step_scan_and_its_gradient():
+    xs = XS[:1]
+    last, ys = jit(scanned)(C0, xs, W)
+    want_last, want_ys = python_loop(C0, xs, W)
+    np.testing.assert_allclose(last, want_last, rtol=1e-12)
+    np.testing.assert_allclose(ys, want_ys, rtol=1e-12)
+    grads = gc.grad(loss_of(scanned), argnums=(0, 1, 2), backend=REF)(C0, xs, W)
+    for i, g in enumerate(grads):
+        np.testing.assert_allclose(g, finite_differences(loss_of(python_loop), [C0, xs, W], i),
+                                   rtol=1e-6, atol=1e-8)
+
+
 def test_the_body_is_traced_once_and_weights_are_loop_invariant_operands():
     graph = jit(scanned).lower(C0, XS, W)
     (node,) = [n for n in graph.nodes if n.op == SCAN_OP]
