@@ -220,26 +220,31 @@ def _inline(b: Builder, graph: Graph, args: Sequence[Value]) -> list[Value]:
 
 
 def _save_carries(graph: Graph, node: Node) -> list[Value]:
-    """Make the forward scan `node` also stack the carry entering each step; returns those
-    stacks. The node is replaced in place by one with the extra outputs, its own outputs kept
-    (the same Values), so nothing that reads them changes."""
+    """The stacks of the carry entering each step of the forward scan `node`. Where the scan does
+    not output them yet, it is replaced in place by one with the extra outputs, its own outputs
+    kept (the same Values), so nothing that reads them changes."""
     a = node.attrs
     c, k = a["num_consts"], a["num_carry"]
-    body = node.subgraph.copy()
-    taken = set(body.output_names)
-    for i, carry in enumerate(body.input_values[c:c + k]):
-        name = f"saved_carry{i}"
-        while name in taken:
-            name += "_"
-        body.add_output(name, carry)
-    saving = make_scan(node.inputs, body, a["length"], a["reverse"], a["num_consts"], k,
-                       node.loc, node.module)
-    extra = saving.outputs[len(node.outputs):]
-    saving.outputs = (*node.outputs, *extra)
-    for v in node.outputs:
-        v.producer = saving
-    graph.nodes[graph.nodes.index(node)] = saving
-    return list(extra)
+    carries = node.subgraph.input_values[c:c + k]
+    stacked_at = {v: k + j for j, v in enumerate(node.subgraph.output_values[k:])}
+    missing = [i for i, v in enumerate(carries) if v not in stacked_at]
+    if missing:  # a scan differentiated before (grad of grad) stacks its carries already
+        body = node.subgraph.copy()
+        taken = set(body.output_names)
+        for i in missing:
+            name = f"saved_carry{i}"
+            while name in taken:
+                name += "_"
+            body.add_output(name, body.input_values[c + i])
+        saving = make_scan(node.inputs, body, a["length"], a["reverse"], a["num_consts"], k,
+                           node.loc, node.module)
+        saving.outputs = (*node.outputs, *saving.outputs[len(node.outputs):])
+        for v in node.outputs:
+            v.producer = saving
+        graph.nodes[graph.nodes.index(node)] = saving
+        node = saving
+        stacked_at.update({carries[i]: len(node.outputs) - len(missing) + n for n, i in enumerate(missing)})
+    return [node.outputs[stacked_at[v]] for v in carries]
 
 
 def _scan_vjp(b: Builder, node: Node, gs: list[Value | None]) -> list[Value | None]:
