@@ -58,13 +58,13 @@ def scan(f: Callable[[Any, Any], tuple[Any, Any]], init: Any, xs: Any = None,
     carry_in = [Value(v.type) for v in init_values]
     x_in = [Value(v.type.with_shape(v.shape[1:])) for v in x_values]
     first_node, first_stream = len(graph.nodes), t.next_stream
-    updates = dict(t.buffer_updates) if t.buffer_updates is not None else None
+    updates = _identities(t.buffer_updates)
     result = f(unflatten(init_tree, [Tensor(v) for v in carry_in]),
                unflatten(x_tree, [Tensor(v) for v in x_in]))
     if t.next_stream != first_stream:
         raise GraphcError(f"gc.scan: the body draws random numbers (dropout, gc.random); random "
                           f"ops inside a scan are not supported yet{at}")
-    if t.buffer_updates is not None and t.buffer_updates != updates:
+    if _identities(t.buffer_updates) != updates:
         raise GraphcError(f"gc.scan: the body updates a module buffer (batch-norm running "
                           f"statistics in training mode); that is not supported inside a scan{at}")
     if not isinstance(result, (tuple, list)) or len(result) != 2:
@@ -90,6 +90,11 @@ def scan(f: Callable[[Any, Any], tuple[Any, Any]], init: Any, xs: Any = None,
     graph.nodes.append(node)
     outs = [Tensor(v) for v in node.outputs]
     return unflatten(init_tree, outs[:len(carry_in)]), unflatten(y_tree, outs[len(carry_in):])
+
+
+def _identities(updates: dict | None) -> dict | None:
+    """Buffer updates by the identity of their values (Tensors compare elementwise)."""
+    return None if updates is None else {k: id(v) for k, v in updates.items()}
 
 
 def _trip_count(xs: list[Value], paths: list[str], length: int | None, at: str) -> int:

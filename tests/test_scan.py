@@ -468,3 +468,19 @@ def test_onnx_export_refuses_a_scan_naming_it():
     compiled = gc.compile(ScanRNN(nn.RNN(3, 4)), [x], backend=REF)
     with pytest.raises(GraphcError, match="op 'scan' .* has no ONNX converter; used at .*test_scan.py"):
         gc.export_onnx(compiled, "unused.onnx")
+
+
+def test_a_buffer_update_inside_a_body_is_refused():
+    class Normalised(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.BatchNorm1d(3)
+
+        def forward(self, xs):
+            return gc.scan(lambda h, x: (self.norm(h + x), None), gc.zeros((2, 3)), xs)[0]
+
+    model = Normalised()
+    xs, target = rng.normal(size=(4, 2, 3)).astype(np.float32), np.zeros((2, 3), np.float32)
+    with pytest.raises(GraphcError, match="updates a module buffer .* not supported inside a scan .*test_scan.py"):
+        gc.compile_train_step(model, lambda out, t: ((out - t) ** 2).mean(),
+                              gc.optim.SGD(model.parameters(), lr=0.1), [xs, target], backend=REF)(xs, target)
