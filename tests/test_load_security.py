@@ -548,9 +548,10 @@ def test_plan_and_metadata_lies_are_refused(tmp_path):
             gc.load(write_export(members, tmp_path / "donate.gcx"), backend=REF)
     members = dict(original)
     metadata = json.loads(original["metadata.json"])
-    members["metadata.json"] = json.dumps({**metadata, "lr": 1e300}).encode()
-    with pytest.raises(LoadError, match="metadata.json: needs a learning rate that is a finite float32"):
-        gc.load(write_export(members, tmp_path / "lr.gcx"), backend=REF)
+    for lie in (1e300, [1e-3, float("nan")], [], "0.1"):
+        members["metadata.json"] = json.dumps({**metadata, "lr": lie}).encode()
+        with pytest.raises(LoadError, match="metadata.json: .*(learning rates that are finite float32s|malformed)"):
+            gc.load(write_export(members, tmp_path / "lr.gcx"), backend=REF)
 
 
 def test_command_line_refuses_a_hostile_file_in_one_line(exported, tmp_path, capsys):
