@@ -72,15 +72,17 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
                        ) -> SegmentedExecutable:
     """Cut `graph` at its scans; compile each run of other nodes and each scan's body with
     `compile_part` (a body with scans of its own comes back here through it)."""
-    read_later = _values_read_after(graph)
+    last_read = _last_reads(graph)
+    position = {node: i for i, node in enumerate(graph.nodes)}
     parts: list[tuple[Run, list[Value], list[Value]]] = []
     pending: list[Node] = []
 
     def close_segment() -> None:
         if not pending:
             return
-        position = graph.nodes.index(pending[-1])
-        segment, inputs, outputs = _segment(graph, pending, read_later[position], len(parts))
+        end = position[pending[-1]]
+        read_later = {v for n in pending for v in n.outputs if last_read.get(v, -1) > end}
+        segment, inputs, outputs = _segment(graph, pending, read_later, len(parts))
         pending.clear()
         if outputs:
             executable = compile_part(segment)
@@ -98,14 +100,14 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
     return SegmentedExecutable(graph, parts, donate)
 
 
-def _values_read_after(graph: Graph) -> list[set[Value]]:
-    """For each node position, the values read by later nodes or returned by the graph."""
-    later = set(graph.output_values)
-    result = [set() for _ in graph.nodes]
-    for i in range(len(graph.nodes) - 1, -1, -1):
-        result[i] = set(later)
-        later.update(graph.nodes[i].inputs)
-    return result
+def _last_reads(graph: Graph) -> dict[Value, int | float]:
+    """The position of the last node reading each value (infinity for the graph's outputs)."""
+    last: dict[Value, int | float] = {}
+    for i, node in enumerate(graph.nodes):
+        for v in node.inputs:
+            last[v] = i
+    last.update({v: float("inf") for v in graph.output_values})
+    return last
 
 
 def _segment(graph: Graph, nodes: Sequence[Node], read_later: set[Value], index: int
