@@ -24,8 +24,18 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def relu(x: Tensor) -> Tensor:
-    return bind("relu", as_tensor(x))
+def _result(x: Any, result: Tensor, inplace: bool) -> Tensor:
+    """PyTorch's `inplace=True`: the input Tensor object takes the result's value and is
+    returned, so code relying on the input changing sees it change (as with `x[i] = v`, a
+    tensor viewed from `x` earlier keeps its old value). Anything else gets `result`."""
+    if inplace and isinstance(x, Tensor):
+        x.value = result.value
+        return x
+    return result
+
+
+def relu(x: Tensor, inplace: bool = False) -> Tensor:
+    return _result(x, bind("relu", as_tensor(x)), inplace)
 
 
 def sigmoid(x: Tensor) -> Tensor:
@@ -53,24 +63,24 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
                       f"(at {user_location()})")
 
 
-def silu(x: Tensor) -> Tensor:
+def silu(x: Tensor, inplace: bool = False) -> Tensor:
     """x * sigmoid(x) (swish)."""
-    x = as_tensor(x)
-    return x * bind("sigmoid", x)
+    t = as_tensor(x)
+    return _result(x, t * bind("sigmoid", t), inplace)
 
 
-def leaky_relu(x: Tensor, negative_slope: float = 0.01) -> Tensor:
+def leaky_relu(x: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
     """x where x > 0, else negative_slope * x (the slope's gradient at 0, as in PyTorch)."""
-    x = as_tensor(x)
-    return where(x > 0, x, x * negative_slope)
+    t = as_tensor(x)
+    return _result(x, where(t > 0, t, t * negative_slope), inplace)
 
 
-def elu(x: Tensor, alpha: float = 1.0) -> Tensor:
+def elu(x: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
     """x where x > 0, else alpha * (exp(x) - 1)."""
-    x = as_tensor(x)
+    t = as_tensor(x)
     # exp of the clamped value: the branch not taken must not overflow, or its zero
     # cotangent times an infinite derivative would be NaN
-    return where(x > 0, x, alpha * (x.clamp(max=0).exp() - 1))
+    return _result(x, where(t > 0, t, alpha * (t.clamp(max=0).exp() - 1)), inplace)
 
 
 def softplus(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
@@ -124,15 +134,15 @@ def avg_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0
                 padding=_pair(padding), count_include_pad=count_include_pad)
 
 
-def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
+def dropout(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
     """Zero each element with probability p and scale the rest by 1/(1-p), while training."""
     if not 0 <= p < 1:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     if not training or p == 0:
         return x
-    x = as_tensor(x)
-    keep = bernoulli(1 - p, x.shape)
-    return where(keep, x * (1.0 / (1 - p)), 0)
+    t = as_tensor(x)
+    keep = bernoulli(1 - p, t.shape)
+    return _result(x, where(keep, t * (1.0 / (1 - p)), 0), inplace)
 
 
 # -- layers as functions ---------------------------------------------------------------------
