@@ -14,7 +14,7 @@ from .tensor import (Tensor, ValuesIndices, _normalize_axes, _reduction_axes, as
 
 __all__ = ["exp", "log", "log1p", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "sign", "square",
            "reciprocal", "maximum", "minimum", "where", "sum", "mean", "max", "amax", "argmax", "matmul",
-           "concatenate", "cat", "stack", "split", "chunk", "flip", "masked_fill", "numel",
+           "concatenate", "cat", "stack", "split", "chunk", "flip", "flatten", "masked_fill", "numel",
            "pad", "gather", "take_along_axis", "one_hot", "stop_gradient",
            "cast", "uniform", "bernoulli", "logsumexp"]
 
@@ -144,6 +144,12 @@ def masked_fill(x: Tensor, mask: Any, value: Any) -> Tensor:
 
 def numel(x: Tensor) -> int:
     return as_tensor(x).numel()
+
+
+def flatten(x: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
+    """torch.flatten: axes start_dim..end_dim merged into one (`gc.flatten(x, 1)` keeps the
+    batch axis)."""
+    return as_tensor(x).flatten(start_dim, end_dim)
 
 
 def pad(x: Tensor, pad_width: Sequence[tuple[int, int]], value: float = 0.0) -> Tensor:

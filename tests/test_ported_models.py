@@ -395,6 +395,7 @@ def torch_resnet_classes():
 
 
 def graphc_resnet_classes():
+    import graphc as gc
     import graphc.nn as nn
     import graphc.nn.functional as F
     from graphc import optim
@@ -457,8 +458,7 @@ def graphc_resnet_classes():
             x = self.layer2(x)
             x = self.layer3(x)
             x = self.avgpool(x)
-            # graphc: no gc.flatten function (torch.flatten); the Tensor method is the same call
-            x = x.flatten(1)
+            x = gc.flatten(x, 1)
             x = self.fc(x)
             return x
 
