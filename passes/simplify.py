@@ -269,10 +269,87 @@ def _unread_operands(body: Graph, node: Node) -> set[int]:
     return {p for p, v in enumerate(body.input_values) if not c <= p < c + k and v not in read}
 
 
+def hoist_invariants(graph: Graph) -> Graph:
+    """Move the nodes of each scan's body that read only loop-invariant operands (and
+    constants) out of the loop: computed once before it, they enter the body as new
+    loop-invariant operands. A weight's transpose in a gradient's body is computed once, not at
+    every step."""
+    if not any(node.op == SCAN_OP and _invariant_nodes(node) for node in graph.nodes):
+        return graph
+    new = Graph(graph.name)
+    b = Builder(new)
+    mapping = {i.value: new.add_input(i.value.type, i.name, i.role) for i in graph.inputs}
+    for node in graph.nodes:
+        ins = [mapping[v] for v in node.inputs]
+        hoisted = _invariant_nodes(node) if node.op == SCAN_OP else []
+        if hoisted:
+            clone = _hoisted_scan(b, node, ins, hoisted)
+        else:
+            clone = Node(node.op, tuple(ins), node.attrs, tuple(v.type for v in node.outputs),
+                         node.loc, node.subgraph, node.module)
+        new.nodes.append(clone)
+        mapping.update(zip(node.outputs, clone.outputs))
+    new.outputs = [(n, mapping[v]) for n, v in graph.outputs]
+    return new
+
+
+def _invariant_nodes(scan: Node) -> list[Node]:
+    """The body nodes of `scan` computed from its loop-invariant operands and constants only."""
+    body = scan.subgraph
+    invariant = set(body.input_values[:scan.attrs["num_consts"]])
+    found = []
+    for node in body.nodes:
+        if node.op == "constant":
+            invariant.update(node.outputs)
+        elif node.inputs and node.op != SCAN_OP and all(v in invariant for v in node.inputs):
+            invariant.update(node.outputs)
+            found.append(node)
+    return found
+
+
+def _hoisted_scan(b: Builder, scan: Node, ins: list[Value], hoisted: list[Node]) -> Node:
+    """Emit `hoisted` (nodes of `scan`'s body) through `b` before the loop; returns the scan
+    (not yet appended) reading their results as loop-invariant operands."""
+    body = scan.subgraph
+    c = scan.attrs["num_consts"]
+    moved = set(hoisted)
+    constants = {v for n in hoisted for v in n.inputs if v.producer is not None and v.producer.op == "constant"}
+    outer = dict(zip(body.input_values[:c], ins[:c]))
+    for node in body.nodes:
+        if node in moved or node.op == "constant" and node.output in constants:
+            clone = Node(node.op, tuple(outer[v] for v in node.inputs), node.attrs,
+                         tuple(v.type for v in node.outputs), node.loc, node.subgraph, node.module)
+            b.graph.nodes.append(clone)
+            outer.update(zip(node.outputs, clone.outputs))
+    kept = [n for n in body.nodes if n not in moved]
+    read = {v for n in kept for v in n.inputs} | set(body.output_values)
+    crossing = [v for n in hoisted for v in n.outputs if v in read]
+
+    new_body = Graph(body.name)
+    mapping = {inp.value: new_body.add_input(inp.value.type, inp.name, inp.role) for inp in body.inputs[:c]}
+    taken = {inp.name for inp in body.inputs}
+    for v in crossing:
+        name = next(f"hoisted{i}" for i in range(len(taken) + 1) if f"hoisted{i}" not in taken)
+        taken.add(name)
+        mapping[v] = new_body.add_input(v.type, name)
+    mapping.update({inp.value: new_body.add_input(inp.value.type, inp.name, inp.role)
+                    for inp in body.inputs[c:]})
+    for node in kept:
+        clone = Node(node.op, tuple(mapping[v] for v in node.inputs), node.attrs,
+                     tuple(v.type for v in node.outputs), node.loc, node.subgraph, node.module)
+        new_body.nodes.append(clone)
+        mapping.update(zip(node.outputs, clone.outputs))
+    new_body.outputs = [(n, mapping[v]) for n, v in body.outputs]
+    a = scan.attrs
+    operands = [*ins[:c], *(outer[v] for v in crossing), *ins[c:]]
+    return make_scan(operands, dce(new_body), a["length"], a["reverse"], c + len(crossing),
+                     a["num_carry"], scan.loc, scan.module)
+
+
 def simplify(graph: Graph) -> Graph:
     """Fold and rewrite to a fixed point (bounded), then CSE and DCE; scan bodies likewise,
-    and scans lose the outputs nothing reads."""
-    graph = prune_scans(simplify_bodies(graph))
+    and scans lose the outputs nothing reads and compute their loop invariants once."""
+    graph = hoist_invariants(prune_scans(simplify_bodies(graph)))
     for _ in range(4):
         before = len(graph.nodes)
         graph = dce(cse(transpose_products(fold_constants(graph))))

@@ -122,7 +122,13 @@ def test_the_vjp_is_a_reverse_scan_over_the_saved_carries():
     assert (forward.attrs["reverse"], backward.attrs["reverse"]) == (False, True)
     # residuals: the outputs plus one stack of the carry entering each step, nothing else
     assert [str(v.type) for v in forward.outputs] == ["f64[2,3]", "f64[5,2,3]", "f64[5,2,3]"]
-    assert backward.inputs[forward.attrs["num_consts"]:][-2] is forward.outputs[2]
+    assert backward.inputs[-2] is forward.outputs[2]
+    # w.T, which the gradient of `carry @ w` reads at every step, is computed once before the loop
+    hoisted = backward.inputs[1].producer
+    assert (hoisted.op, hoisted.inputs[0]) == ("transpose", graph.inputs[2].value)
+    assert backward.attrs["num_consts"] == 2
+    assert all(n.inputs[0] is not backward.subgraph.input_values[0] for n in backward.subgraph.nodes
+               if n.op == "transpose")
 
 
 def test_pytrees_of_carries_inputs_and_outputs():
