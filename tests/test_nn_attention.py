@@ -11,6 +11,9 @@ from graphc.ir.errors import ShapeError
 from torch_compare import check_against_torch, graphc_run
 
 torch = pytest.importorskip("torch")
+# A bool padding mask with a float attention mask is a combination PyTorch deprecates but still
+# accepts; graphc accepts it too, and the test compares the two on it.
+pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched src_key_padding_mask:UserWarning")
 
 
 @pytest.fixture(autouse=True)
