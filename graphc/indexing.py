@@ -1,0 +1,233 @@
+"""Indexing a traced Tensor: `x[index]` and `x[index] = value`, NumPy's and PyTorch's rules.
+
+x[index] is built from view-like steps on x (flip, slice, squeeze, expand_dims, and gather /
+take_along_axis for integer arrays), each taking the previous step's result as operand 0.
+x[index] = v scatters v back through the adjoints of those steps (_scatter_back).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from graphc.ir.errors import DTypeError, GraphcError, ShapeError, user_location
+from graphc.ir.types import TensorType
+
+from .tensor import Tensor, as_tensor, bind, current_trace
+
+
+def getitem(x: Tensor, index: Any) -> Tensor:
+    """NumPy's and PyTorch's indexing: ints, slices (any step), None, Ellipsis, integer arrays
+    (lists, NumPy arrays or int tensors, broadcast together as NumPy does) and constant boolean
+    masks. A traced boolean mask would give a shape known only from the data: refused."""
+    index = _expand_index(x, index if isinstance(index, tuple) else (index,))
+    arrays = [item for item in index if _is_array_index(item)]
+    if arrays and any(item is None for item in index):
+        raise GraphcError(f"None (a new axis) together with integer-array indices is not "
+                          f"supported; unsqueeze the result instead (at {user_location()})")
+    out = _basic_index(x, tuple(slice(None) if _is_array_index(item) else item for item in index))
+    if arrays:
+        # As in PyTorch (not NumPy), an int beside the arrays is a plain index: its axis is
+        # gone before the arrays pick along the axes that remain.
+        remaining = [item for item in index if not isinstance(item, (int, np.integer))]
+        axes = [k for k, item in enumerate(remaining) if _is_array_index(item)]
+        out = _array_index(out, axes, arrays)
+    return out
+
+
+def _is_array_index(item: Any) -> bool:
+    return isinstance(item, (Tensor, np.ndarray))
+
+
+def _expand_index(x: Tensor, index: tuple) -> tuple:
+    """The index with lists as arrays, constant boolean masks as the integer arrays they stand
+    for (np.nonzero), and Ellipsis and the missing trailing axes as full slices."""
+    items: list[Any] = []
+    for item in index:
+        if isinstance(item, Tensor) and item.dtype == "bool":
+            raise GraphcError(
+                f"x[mask] with a traced boolean mask has a shape known only from the mask's "
+                f"values; graphc needs static shapes: use gc.where(mask, x, other) or "
+                f"x.masked_fill(~mask, value) to keep the shape, or (x * mask).sum() to reduce "
+                f"(at {user_location()})")
+        if isinstance(item, (list, np.ndarray)):
+            item = np.asarray(item)
+            if item.dtype == np.bool_:
+                items.extend(np.nonzero(item))
+                continue
+            if item.size == 0:
+                item = item.astype(np.int64)
+            if not np.issubdtype(item.dtype, np.integer):
+                raise GraphcError(f"an array index must hold integers or booleans, got "
+                                  f"{item.dtype} (at {user_location()})")
+        elif isinstance(item, Tensor) and item.dtype not in ("int32", "int64"):
+            raise DTypeError(f"a tensor index must be int32, int64 or bool, got {item.dtype} "
+                             f"(at {user_location()})")
+        elif not (item is None or item is Ellipsis or isinstance(item, (Tensor, slice, int,
+                                                                        np.integer))):
+            raise GraphcError(f"unsupported index {item!r} (at {user_location()})")
+        items.append(item)
+    ellipses = [k for k, i in enumerate(items) if i is Ellipsis]  # `is`: items hold arrays
+    if len(ellipses) > 1:
+        raise ShapeError(f"an index can only have a single ellipsis (at {user_location()})")
+    explicit = sum(1 for i in items if i is not None and i is not Ellipsis)
+    if explicit > x.ndim:
+        raise ShapeError(f"too many indices for a tensor of shape {x.shape} (at {user_location()})")
+    fill = [slice(None)] * (x.ndim - explicit)
+    if ellipses:
+        return tuple(items[:ellipses[0]] + fill + items[ellipses[0] + 1:])
+    return tuple(items + fill)
+
+
+def _basic_index(x: Tensor, index: tuple) -> Tensor:
+    """Ints, slices and None, one item per axis of x (None aside): a flip for the axes sliced
+    with a negative step, one slice, then the squeeze and expand_dims."""
+    flips, starts, stops, steps, drop, new_axes = [], [], [], [], [], []
+    axis = out_axis = 0
+    for item in index:
+        if item is None:
+            new_axes.append(out_axis)
+            out_axis += 1
+            continue
+        dim = x.shape[axis]
+        if isinstance(item, slice):
+            start, stop, step = item.indices(dim)
+            count = len(range(start, stop, step))
+            if step < 0:  # position i of x is dim - 1 - i of flip(x), where the step is positive
+                flips.append(axis)
+                start, step = dim - 1 - start, -step
+            starts.append(start), stops.append(start + (count - 1) * step + 1 if count else start)
+            steps.append(step)
+            out_axis += 1
+        else:
+            if not -dim <= item < dim:
+                raise ShapeError(f"index {item} is out of bounds for axis {axis} with size {dim} "
+                                 f"(at {user_location()})")
+            start = int(item) % dim
+            starts.append(start), stops.append(start + 1), steps.append(1), drop.append(axis)
+        axis += 1
+    out = bind("flip", x, axes=tuple(flips)) if flips else x
+    if (tuple(starts), tuple(stops), tuple(steps)) != ((0,) * x.ndim, x.shape, (1,) * x.ndim):
+        out = bind("slice", out, starts=tuple(starts), stops=tuple(stops), steps=tuple(steps))
+    if drop:
+        out = bind("squeeze", out, axes=tuple(drop))
+    if new_axes:
+        out = bind("expand_dims", out, axes=tuple(new_axes))
+    return out
+
+
+def _array_index(x: Tensor, axes: list[int], arrays: list[Any]) -> Tensor:
+    """x indexed along `axes` by integer arrays broadcast together (NumPy's advanced indexing):
+    the broadcast shape replaces those axes where they are adjacent, and leads otherwise."""
+    indices = [as_tensor(a if isinstance(a, Tensor) else a.astype(np.int64)) for a in arrays]
+    try:
+        common = tuple(np.broadcast_shapes(*(i.shape for i in indices)))
+    except ValueError:
+        raise ShapeError(f"index arrays of shapes {[i.shape for i in indices]} do not broadcast "
+                         f"together (at {user_location()})") from None
+    if len(axes) == 1:
+        return bind("gather", x, indices[0].broadcast_to(common), axis=axes[0])
+    rest = [a for a in range(x.ndim) if a not in axes]
+    out = x.permute(axes + rest) if axes != list(range(len(axes))) else x
+    out = bind("gather", out, indices[0].broadcast_to(common), axis=0)
+    lead = len(common)
+    for index in indices[1:]:  # pair each next axis with the elements already picked
+        trailing = (1,) * (out.ndim - lead)
+        picked = bind("take_along_axis", out, index.broadcast_to(common).reshape(common + trailing),
+                      axis=lead)
+        out = bind("squeeze", picked, axes=(lead,))
+    if axes == list(range(axes[0], axes[0] + len(axes))) and axes[0] > 0:
+        # Adjacent: the indexed dimensions take the place of the axes they replace.
+        before = list(range(lead, lead + axes[0]))
+        out = out.permute(before + list(range(lead)) + list(range(lead + axes[0], out.ndim)))
+    return out
+
+
+def setitem(x: Tensor, index: Any, value: Any) -> Tensor:
+    """x with `value` written at `index`: where(region, value scattered back, x)."""
+    index_tuple = index if isinstance(index, tuple) else (index,)
+    masks = [i for i in index_tuple if isinstance(i, Tensor) and i.dtype == "bool"]
+    if masks:
+        return _masked_assign(x, index_tuple, value)
+    region = getitem(x, index)
+    update = as_tensor(value, like=region).astype(x.dtype)
+    try:
+        update = update.broadcast_to(region.shape)
+    except ShapeError:
+        raise ShapeError(f"cannot assign a value of shape {update.shape} to the region of shape "
+                         f"{region.shape} that {_index_text(index_tuple)} selects from "
+                         f"{x.shape} (at {user_location()})") from None
+    if region.value is x.value:  # the whole tensor
+        return update
+    steps = _steps_from(x, region)
+    # Scatters add, so an integer-array index naming a position twice writes the sum there.
+    carrier = "int32" if x.dtype == "bool" else x.dtype  # the scatters add: no bools
+    written = _scatter_back(steps, update.astype(carrier))
+    ones = current_trace().builder.full(1, TensorType(region.shape, carrier))
+    covered = _scatter_back(steps, Tensor(ones))
+    return bind("where", covered != 0, written.astype(x.dtype), x)
+
+
+def _masked_assign(x: Tensor, index: tuple, value: Any) -> Tensor:
+    """x[mask] = value with a traced boolean mask over x's leading axes: a where."""
+    mask = index[0]
+    if len(index) != 1 or mask.shape != x.shape[:mask.ndim]:
+        raise GraphcError(f"assignment through a boolean mask takes one mask of the tensor's "
+                          f"leading shape (x[mask] = v with mask of shape {x.shape[:1]}..."
+                          f"{x.shape}); use gc.where(mask, v, x) for anything else "
+                          f"(at {user_location()})")
+    update = as_tensor(value, like=x).astype(x.dtype)
+    rest = x.shape[mask.ndim:]
+    try:
+        fits = update.ndim <= len(rest) and np.broadcast_shapes(update.shape, rest) == rest
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ShapeError(f"x[mask] = v needs v to be one value or broadcast to {rest}, the shape "
+                         f"of each masked element, got {update.shape}: the number of masked "
+                         f"elements is known only from the data (at {user_location()})")
+    selected = mask.reshape(mask.shape + (1,) * len(rest))
+    return bind("where", selected, update, x)
+
+
+def _steps_from(x: Tensor, region: Tensor) -> list:
+    """The nodes that made `region` from `x`, last first (see getitem)."""
+    steps, value = [], region.value
+    while value is not x.value:
+        steps.append(value.producer)
+        value = value.producer.inputs[0]
+    return steps
+
+
+def _scatter_back(steps: list, update: Tensor) -> Tensor:
+    """`update`, shaped like the indexed region, placed where each step read it from: the
+    adjoints of the steps, zeros elsewhere."""
+    b, v = current_trace().builder, update.value
+    for node in steps:
+        source, attrs = node.inputs[0], node.attrs
+        if node.op == "slice":
+            v = b.slice_grad(v, shape=source.shape, **attrs)
+        elif node.op == "flip":
+            v = b.flip(v, **attrs)
+        elif node.op == "squeeze":
+            v = b.expand_dims(v, **attrs)
+        elif node.op == "expand_dims":
+            v = b.squeeze(v, **attrs)
+        elif node.op == "transpose":
+            v = b.transpose(v, perm=tuple(int(i) for i in np.argsort(attrs["perm"])))
+        elif node.op == "gather":
+            v = b.scatter_add(v, node.inputs[1], size=source.shape[attrs["axis"]], **attrs)
+        elif node.op == "take_along_axis":
+            v = b.scatter_add_along_axis(v, node.inputs[1], shape=source.shape, **attrs)
+        else:  # getitem makes no other op
+            raise AssertionError(f"no scatter for the indexing step {node.op}")
+    return Tensor(v)
+
+
+def _index_text(index: tuple) -> str:
+    def item(i: Any) -> str:
+        if isinstance(i, slice):
+            return ":".join("" if p is None else str(p) for p in (i.start, i.stop, i.step)
+                            ).rstrip(":") or ":"
+        return "..." if i is Ellipsis else repr(i)
+    return f"x[{', '.join(item(i) for i in index)}]"
