@@ -95,10 +95,7 @@ def graphc_framework() -> Framework:
     import graphc.nn as nn
     import graphc.nn.functional as F
 
-    def gelu(x: Any) -> Any:
-        # graphc has no GELU op yet: the tanh approximation from its elementwise ops
-        return 0.5 * x * (1 + (math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)).tanh())
-    return Framework(nn, F, lambda a: a, gelu)
+    return Framework(nn, F, lambda a: a, lambda x: F.gelu(x, approximate="tanh"))
 
 
 def torch_framework() -> Framework:
@@ -258,7 +255,7 @@ def _lstm(fw: Framework, features: int, hidden: int, steps: int) -> Any:
     class SequenceClassifier(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            # explicit: graphc's default layout is changing to PyTorch's (time-major)
+            # the data is (batch, steps, features); both defaults are time-major
             self.lstm = nn.LSTM(features, hidden, batch_first=True)
             self.fc = nn.Linear(hidden, CLASSES)
 
