@@ -9,7 +9,7 @@ from graphc.ir import TensorType
 from graphc.ir.errors import DTypeError, GraphcError, ShapeError, user_location
 from graphc.ir.types import is_float
 
-from .tensor import (Tensor, ValuesIndices, _normalize_axes, _reduction_axes, as_tensor, bind,
+from .tensor import (Tensor, ValuesIndices, normalize_axes, reduction_axes, as_tensor, bind,
                      current_trace, dtype_name, matmul, promoted)
 
 __all__ = ["exp", "log", "log1p", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "sign", "square",
@@ -91,7 +91,7 @@ def logsumexp(x: Tensor, dim: int | Sequence[int] = -1, keepdim: bool = False, *
               axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
     """log(sum(exp(x))) computed stably: the maximum is factored out (and not differentiated)."""
     x = as_tensor(x)
-    axes = _normalize_axes(dim if axis is None else axis, x.ndim)
+    axes = normalize_axes(dim if axis is None else axis, x.ndim)
     m = stop_gradient(x.amax(axes, keepdim=True))
     out = (x - m).exp().sum(axes, keepdim=True).log() + m
     return out if keepdim or keepdims else out.squeeze(axes)
@@ -101,7 +101,7 @@ def concatenate(xs: Sequence[Tensor], axis: int = 0, *, dim: int | None = None) 
     tensors = [as_tensor(x) for x in xs]
     if not tensors:
         raise GraphcError(f"concatenate/cat needs at least one tensor (at {user_location()})")
-    (axis,) = _normalize_axes(axis if dim is None else dim, tensors[0].ndim)
+    (axis,) = normalize_axes(axis if dim is None else dim, tensors[0].ndim)
     return tensors[0] if len(tensors) == 1 else bind("concatenate", *tensors, axis=axis)
 
 
@@ -159,13 +159,13 @@ def pad(x: Tensor, pad_width: Sequence[tuple[int, int]], value: float = 0.0) -> 
 def gather(x: Tensor, indices: Any, axis: int = 0) -> Tensor:
     """np.take: pick slices of `x` along `axis` (embedding lookup)."""
     x = as_tensor(x)
-    (axis,) = _normalize_axes(axis, x.ndim)
+    (axis,) = normalize_axes(axis, x.ndim)
     return bind("gather", x, as_tensor(indices), axis=axis)
 
 
 def take_along_axis(x: Tensor, indices: Any, axis: int) -> Tensor:
     x = as_tensor(x)
-    (axis,) = _normalize_axes(axis, x.ndim)
+    (axis,) = normalize_axes(axis, x.ndim)
     return bind("take_along_axis", x, as_tensor(indices), axis=axis)
 
 
@@ -211,7 +211,7 @@ clip = clamp
 
 def _cumulative(op: str, x: Any, dim: int | None, axis: int | None, dtype: Any) -> Tensor:
     x = as_tensor(x)
-    dim = _reduction_axes(dim, axis, op)
+    dim = reduction_axes(dim, axis, op)
     if dim is None:  # NumPy's: over the flattened array (PyTorch requires dim)
         x, dim = x.reshape(-1), 0
     if dtype is not None:
@@ -219,9 +219,9 @@ def _cumulative(op: str, x: Any, dim: int | None, axis: int | None, dtype: Any) 
     elif not is_float(x.dtype):
         x = x.astype("int64")  # PyTorch and NumPy accumulate integers and booleans in int64
     if x.ndim == 0:
-        _normalize_axes(dim, 1)
+        normalize_axes(dim, 1)
         return bind(op, x.reshape(1), axis=0).reshape(())
-    (dim,) = _normalize_axes(dim, x.ndim)
+    (dim,) = normalize_axes(dim, x.ndim)
     return bind(op, x, axis=dim)
 
 
@@ -255,7 +255,7 @@ def var(x: Tensor, dim: int | Sequence[int] | None = None, unbiased: bool | None
                          f"with .float() (at {user_location()})")
     if correction is None:
         correction = ddof if ddof is not None else (0 if unbiased is False else 1)
-    axes = _normalize_axes(_reduction_axes(dim, axis, "var"), x.ndim)
+    axes = normalize_axes(reduction_axes(dim, axis, "var"), x.ndim)
     count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
     centered = x - x.mean(axes, keepdim=True)
     squares = centered.square().sum(axes, keepdim=keepdim or keepdims)
@@ -293,7 +293,7 @@ def norm(x: Tensor, p: float | str | None = "fro", dim: int | Sequence[int] | No
     gradient 0 at a zero vector, as in PyTorch), 1, inf, -inf, 0 (the count of non-zeros) or
     any other number (sum(|x|^p)^(1/p))."""
     x = as_tensor(x)
-    axes = _normalize_axes(_reduction_axes(dim, axis, "norm"), x.ndim)
+    axes = normalize_axes(reduction_axes(dim, axis, "norm"), x.ndim)
     keep = keepdim or keepdims
     if p is None or p == "fro" or p == 2:
         squares = x.square().sum(axes, keepdim=keep)

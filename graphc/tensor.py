@@ -18,7 +18,7 @@ import numpy as np
 
 from graphc.ir import Builder, Value
 from graphc.ir.errors import (DTypeError, GraphcError, ShapeError, TracedValueError,
-                              _is_internal, user_location)
+                              is_internal_file, user_location)
 from graphc.ir.graph import safe_module_path
 from graphc.ir.types import SHORT_NAMES, TensorType, canonical_dtype, is_float
 
@@ -351,7 +351,7 @@ def _is_device(target: Any) -> bool:
     return isinstance(target, str) and target.split(":")[0] in ("cpu", "cuda")
 
 
-def _reduction_axes(dim: Any, axis: Any, op: str) -> Any:
+def reduction_axes(dim: Any, axis: Any, op: str) -> Any:
     """PyTorch's `dim` or NumPy's `axis`, whichever was given."""
     if axis is None:
         return dim
@@ -360,7 +360,7 @@ def _reduction_axes(dim: Any, axis: Any, op: str) -> Any:
     return axis
 
 
-def _normalize_axes(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
+def normalize_axes(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
     if axis is None:
         return tuple(range(ndim))
     axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
@@ -400,7 +400,7 @@ def _caller() -> str | None:
     frame = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not (_is_internal(filename) or filename.startswith("<frozen")
+        if not (is_internal_file(filename) or filename.startswith("<frozen")
                 or (torch_dir and os.path.abspath(filename).startswith(torch_dir))):
             return f"{filename}:{frame.f_lineno}"
         frame = frame.f_back
@@ -441,7 +441,7 @@ class Tensor:
         `numel()`."""
         if dim is None:
             return self.shape
-        (axis,) = _normalize_axes(dim, self.ndim)
+        (axis,) = normalize_axes(dim, self.ndim)
         return self.shape[axis]
 
     def dim(self) -> int:
@@ -594,20 +594,20 @@ class Tensor:
     def sum(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
             axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
         """The sum over `dim` (all axes by default); booleans count as int64, as in PyTorch."""
-        axes = _normalize_axes(_reduction_axes(dim, axis, "sum"), self.ndim)
+        axes = normalize_axes(reduction_axes(dim, axis, "sum"), self.ndim)
         x = self.astype("int64") if self.dtype == "bool" else self
         return bind("sum", x, axes=axes, keepdims=keepdim or keepdims)
 
     def mean(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
              axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
-        axes = _normalize_axes(_reduction_axes(dim, axis, "mean"), self.ndim)
+        axes = normalize_axes(reduction_axes(dim, axis, "mean"), self.ndim)
         count = int(np.prod([self.shape[a] for a in axes], dtype=np.int64))
         return self.sum(axes, keepdim or keepdims) * (1.0 / max(count, 1))
 
     def amax(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
              axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
         """The maximum over `dim` (one axis, several, or all by default): values only."""
-        axes = _normalize_axes(_reduction_axes(dim, axis, "amax"), self.ndim)
+        axes = normalize_axes(reduction_axes(dim, axis, "amax"), self.ndim)
         return bind("max", self, axes=axes, keepdims=keepdim or keepdims)
 
     def max(self, dim: Any = None, keepdim: bool = False, *, axis: Any = None,
@@ -615,7 +615,7 @@ class Tensor:
         """PyTorch's max. `x.max()` is the maximum of all elements; `x.max(dim)` with one axis
         is the named tuple (values, indices); over several axes (a tuple), the values only, as
         amax; `x.max(other)` with a tensor is the elementwise maximum."""
-        dim = _reduction_axes(dim, axis, "max")
+        dim = reduction_axes(dim, axis, "max")
         if isinstance(dim, Tensor):
             return bind("maximum", self, dim)
         keep = keepdim or keepdims
@@ -625,10 +625,10 @@ class Tensor:
 
     def argmax(self, dim: int | None = None, keepdim: bool = False, *, axis: int | None = None,
                keepdims: bool = False) -> Tensor:
-        dim = _reduction_axes(dim, axis, "argmax")
+        dim = reduction_axes(dim, axis, "argmax")
         if dim is None:
             return self.reshape(-1).argmax(0)
-        (dim,) = _normalize_axes(dim, self.ndim)
+        (dim,) = normalize_axes(dim, self.ndim)
         return bind("argmax", self, axis=dim, keepdims=keepdim or keepdims)
 
     def logsumexp(self, dim: int | Sequence[int] = -1, keepdim: bool = False, *,
@@ -653,7 +653,7 @@ class Tensor:
     def min(self, dim: Any = None, keepdim: bool = False, *, axis: Any = None,
             keepdims: bool = False) -> Tensor | ValuesIndices:
         """PyTorch's min, as `max`: over one axis the named tuple (values, indices)."""
-        dim = _reduction_axes(dim, axis, "min")
+        dim = reduction_axes(dim, axis, "min")
         if isinstance(dim, Tensor):
             return bind("minimum", self, dim)
         keep = keepdim or keepdims
@@ -729,14 +729,14 @@ class Tensor:
         if len(dims) != 2:
             raise GraphcError(f"transpose takes two axes to swap; use permute for a permutation "
                               f"(at {user_location()})")
-        a, b = _normalize_axes(dims, self.ndim)
+        a, b = normalize_axes(dims, self.ndim)
         perm = list(range(self.ndim))
         perm[a], perm[b] = perm[b], perm[a]
         return bind("transpose", self, perm=tuple(perm))
 
     def permute(self, *dims: int) -> Tensor:
         dims = tuple(dims[0]) if len(dims) == 1 and not isinstance(dims[0], int) else dims
-        return bind("transpose", self, perm=_normalize_axes(dims, self.ndim))
+        return bind("transpose", self, perm=normalize_axes(dims, self.ndim))
 
     @property
     def T(self) -> Tensor:
@@ -760,7 +760,7 @@ class Tensor:
     def flatten(self, start_dim: int = 0, end_dim: int = -1) -> Tensor:
         if self.ndim == 0:
             return self.reshape(1)
-        start, end = _normalize_axes((start_dim, end_dim), self.ndim)
+        start, end = normalize_axes((start_dim, end_dim), self.ndim)
         merged = int(np.prod(self.shape[start:end + 1], dtype=np.int64))
         return self.reshape(self.shape[:start] + (merged,) + self.shape[end + 1:])
 
@@ -769,7 +769,7 @@ class Tensor:
 
     def squeeze(self, dim: int | Sequence[int] | None = None) -> Tensor:
         axes = (tuple(i for i, d in enumerate(self.shape) if d == 1) if dim is None
-                else _normalize_axes(dim, self.ndim))
+                else normalize_axes(dim, self.ndim))
         return bind("squeeze", self, axes=axes) if axes else self
 
     def broadcast_to(self, shape: Sequence[int]) -> Tensor:
@@ -808,7 +808,7 @@ class Tensor:
 
     def flip(self, *dims: int | Sequence[int]) -> Tensor:
         """The elements in reverse order along `dims`."""
-        axes = _normalize_axes(_dims_argument(dims), self.ndim)
+        axes = normalize_axes(_dims_argument(dims), self.ndim)
         if len(set(axes)) != len(axes):
             raise ShapeError(f"flip: an axis is named twice in {dims} (at {user_location()})")
         return bind("flip", self, axes=axes) if axes else self
@@ -816,7 +816,7 @@ class Tensor:
     def split(self, split_size_or_sections: int | Sequence[int], dim: int = 0) -> tuple[Tensor, ...]:
         """PyTorch's split: pieces of `split_size` along `dim` (the last may be shorter), or
         pieces of the listed sizes, which must add up to the axis's length."""
-        (axis,) = _normalize_axes(dim, self.ndim)
+        (axis,) = normalize_axes(dim, self.ndim)
         length = self.shape[axis]
         if isinstance(split_size_or_sections, (int, np.integer)):
             size = int(split_size_or_sections)
@@ -839,7 +839,7 @@ class Tensor:
         shorter, and there are fewer when the length does not allow that many)."""
         if chunks <= 0:
             raise ShapeError(f"chunk: chunks must be positive, got {chunks} (at {user_location()})")
-        (axis,) = _normalize_axes(dim, self.ndim)
+        (axis,) = normalize_axes(dim, self.ndim)
         return self.split(max(-(-self.shape[axis] // chunks), 1), axis)
 
     def masked_fill(self, mask: Any, value: Any) -> Tensor:

@@ -82,7 +82,8 @@ class IndexOutOfRangeError(GraphcError, IndexError):
         return IndexOutOfRangeError, (self.op, self.value, self.position, self.low, self.high, self.loc)
 
 
-def _is_internal(filename: str) -> bool:
+def is_internal_file(filename: str) -> bool:
+    """Is `filename` part of graphc (so not the user's code a location should name)?"""
     path = os.path.abspath(filename)
     return any(path == d or path.startswith(d + os.sep) for d in INTERNAL_DIRS)
 
@@ -92,7 +93,7 @@ def user_location(skip_internal: bool = True) -> str | None:
     frame = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not (skip_internal and _is_internal(filename)) and not filename.startswith("<frozen"):
+        if not (skip_internal and is_internal_file(filename)) and not filename.startswith("<frozen"):
             return f"{filename}:{frame.f_lineno}"
         frame = frame.f_back
     return None
@@ -102,7 +103,7 @@ def without_internal_frames(tb: types.TracebackType | None) -> types.TracebackTy
     """Rebuild a traceback keeping only frames outside graphc, so errors show the user's code."""
     kept = []
     while tb is not None:
-        if not _is_internal(tb.tb_frame.f_code.co_filename):
+        if not is_internal_file(tb.tb_frame.f_code.co_filename):
             kept.append(tb)
         tb = tb.tb_next
     result = None

@@ -17,8 +17,8 @@ from graphc.ir.memory import MemoryPlan
 def _problem() -> str | None:
     """Why this backend cannot run here, or None."""
     try:
-        from .executor import _cuda
-        cuda = _cuda()
+        from .executor import numba_cuda_module
+        cuda = numba_cuda_module()
     except ImportError as exc:
         return f"numba-cuda is not installed ({exc}); pip install numba-cuda"
     if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):

@@ -38,7 +38,7 @@ from .cache import get_cache
 from .codegen import CudaCall, CudaKernelSource, generate
 
 
-def _cuda():
+def numba_cuda_module() -> Any:
     """numba.cuda, after patching the NumPy 2.5 alias numba-cuda 0.30.4 still uses."""
     if not hasattr(np, "row_stack"):
         np.row_stack = np.vstack
@@ -117,7 +117,7 @@ class Executable(PlannedExecutable, DeviceResident):
         self.cache_stats = cache_stats
         self.compile_seconds = compile_seconds
         self.transfers = {"to_device": 0, "to_host": 0}  # bytes copied since compiling
-        self._cuda = _cuda()
+        self._cuda = numba_cuda_module()
         self._arena = self._cuda.device_array(max(plan.peak_bytes, 1), np.uint8)
         self._inputs = [self._cuda.device_array(v.type.shape, v.type.np_dtype) for v in graph.input_values]
         self._env = self._bind()
