@@ -1,4 +1,4 @@
-"""The on-disk cache of generated CUDA kernels, with the CPU backend's design (numba_cpu/cache.py).
+"""The on-disk cache of generated CUDA kernels, designed as the CPU backend's kernel cache.
 
 Each kernel module is written once, atomically, to ``<cache dir>/k_<hash>.py`` (the hash covers
 the source and the graphc, Numba, numba-cuda, llvmlite and Python versions; the directory is the
