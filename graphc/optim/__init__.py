@@ -18,8 +18,8 @@ import numpy as np
 
 from graphc.ir.errors import GraphcError
 
-from .functions import minimum, sqrt, where
-from .tensor import Tensor
+from ..functions import minimum, sqrt, where
+from ..tensor import Tensor
 
 Params = dict[str, Tensor]
 State = dict[str, dict[str, Tensor]]
