@@ -144,3 +144,14 @@ def test_gradient_clipping_and_l1():
     g = grad_of(w0.astype(np.float64)) + 0.5 * np.sign(w0)
     expected = w0 - g * min(1.0, 0.01 / (np.linalg.norm(g) + 1e-6))
     np.testing.assert_allclose(model.weight, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_schedulers_import_from_pytorchs_module_path():
+    """Ports keep `from torch.optim.lr_scheduler import ...` as graphc.optim.lr_scheduler."""
+    from graphc.optim import lr_scheduler
+
+    assert lr_scheduler.CosineAnnealingLR is gc.optim.CosineAnnealingLR
+    opt = gc.optim.SGD([np.zeros(1, np.float32)], lr=1.0)
+    sched = lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    sched.step()
+    assert sched.get_last_lr() == [0.5]

@@ -1,0 +1,215 @@
+"""Learning-rate schedules, as PyTorch's torch.optim.lr_scheduler (all re-exported from
+graphc.optim).
+
+Host side: a scheduler sets each group's "lr", which the compiled step reads as an input at
+every call. Each rate is computed in closed form from the group's initial rate and the epoch
+count, which equals PyTorch's chained updates (up to rounding) when nothing else sets the rates.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+from graphc.ir.errors import GraphcError
+
+from . import Optimizer
+
+
+class LRScheduler:
+    """PyTorch's protocol: construction sets the epoch-0 rates, each `step()` advances one
+    epoch (or one batch, as the schedule is meant), `get_last_lr()` returns the rates set."""
+
+    def __init__(self, optimizer: Optimizer, last_epoch: int = -1) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise GraphcError(f"{type(self).__name__}: expected a graphc optimizer, got "
+                              f"{type(optimizer).__name__}")
+        self.optimizer = optimizer
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        self.last_epoch = last_epoch
+        self.step()
+
+    def rate(self, epoch: int, group: int = 0) -> float:
+        """Group `group`'s learning rate after `epoch` steps."""
+        raise NotImplementedError
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = self.rate(self.last_epoch, i)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_last_lr(self) -> list[float]:
+        return list(self._last_lr)
+
+
+def _per_group(value: Any, optimizer: Optimizer, name: str, what: str) -> list[Any]:
+    """One value per parameter group: a list (or tuple) of them, or one for every group."""
+    n = len(optimizer.param_groups)
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise GraphcError(f"{name}: expected {n} {what} (one per parameter group), got "
+                              f"{len(value)}")
+        return list(value)
+    return [value] * n
+
+
+class LambdaLR(LRScheduler):
+    """lr = initial_lr * lr_lambda(epoch), one function or one per group."""
+
+    def __init__(self, optimizer: Optimizer, lr_lambda: Callable[[int], float]
+                 | Sequence[Callable[[int], float]], last_epoch: int = -1) -> None:
+        self.lr_lambdas = _per_group(lr_lambda, optimizer, "LambdaLR", "lr_lambda functions")
+        super().__init__(optimizer, last_epoch)
+
+    def rate(self, epoch, group=0):
+        return self.base_lrs[group] * self.lr_lambdas[group](epoch)
+
+
+class StepLR(LRScheduler):
+    def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1,
+                 last_epoch: int = -1) -> None:
+        self.step_size, self.gamma = step_size, gamma
+        super().__init__(optimizer, last_epoch)
+
+    def rate(self, epoch, group=0):
+        return self.base_lrs[group] * self.gamma ** (epoch // self.step_size)
+
+
+class MultiStepLR(LRScheduler):
+    """The rate times gamma at each milestone passed."""
+
+    def __init__(self, optimizer: Optimizer, milestones: Iterable[int], gamma: float = 0.1,
+                 last_epoch: int = -1) -> None:
+        self.milestones, self.gamma = sorted(milestones), gamma
+        super().__init__(optimizer, last_epoch)
+
+    def rate(self, epoch, group=0):
+        return self.base_lrs[group] * self.gamma ** bisect.bisect_right(self.milestones, epoch)
+
+
+class ExponentialLR(LRScheduler):
+    def __init__(self, optimizer: Optimizer, gamma: float, last_epoch: int = -1) -> None:
+        self.gamma = gamma
+        super().__init__(optimizer, last_epoch)
+
+    def rate(self, epoch, group=0):
+        return self.base_lrs[group] * self.gamma ** epoch
+
+
+class LinearLR(LRScheduler):
+    """The rate's factor moves linearly from start_factor to end_factor over total_iters
+    epochs, then stays (the usual warm-up: LinearLR(opt, start_factor=0.01, total_iters=k))."""
+
+    def __init__(self, optimizer: Optimizer, start_factor: float = 1 / 3, end_factor: float = 1.0,
+                 total_iters: int = 5, last_epoch: int = -1) -> None:
+        if not 0 < start_factor <= 1 or not 0 <= end_factor <= 1:
+            raise ValueError("LinearLR: start_factor must be in (0, 1] and end_factor in [0, 1]")
+        self.start_factor, self.end_factor, self.total_iters = start_factor, end_factor, total_iters
+        super().__init__(optimizer, last_epoch)
+
+    def rate(self, epoch, group=0):
+        progress = min(epoch, self.total_iters) / self.total_iters if self.total_iters else 1.0
+        return self.base_lrs[group] * (self.start_factor
+                                       + (self.end_factor - self.start_factor) * progress)
+
+
+class CosineAnnealingLR(LRScheduler):
+    """eta_min + (initial_lr - eta_min) * (1 + cos(pi * epoch / T_max)) / 2; past T_max the
+    cosine rises again, as PyTorch's does."""
+
+    def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0,
+                 last_epoch: int = -1) -> None:
+        self.T_max, self.eta_min = T_max, eta_min
+        super().__init__(optimizer, last_epoch)
+
+    def rate(self, epoch, group=0):
+        cos = (1 + math.cos(math.pi * epoch / self.T_max)) / 2
+        return self.eta_min + (self.base_lrs[group] - self.eta_min) * cos
+
+
+class OneCycleLR(LRScheduler):
+    """The 1cycle policy, stepped once per batch: from max_lr / div_factor up to max_lr over
+    pct_start of total_steps, then down to initial_lr / final_div_factor (three_phase: down to
+    the initial rate first). Cycling the momentum is refused: momentum and betas are compiled
+    into the step, only the rates are its inputs."""
+
+    def __init__(self, optimizer: Optimizer, max_lr: float | Sequence[float],
+                 total_steps: int | None = None, epochs: int | None = None,
+                 steps_per_epoch: int | None = None, pct_start: float = 0.3,
+                 anneal_strategy: str = "cos", cycle_momentum: bool = True,
+                 base_momentum: float = 0.85, max_momentum: float = 0.95,
+                 div_factor: float = 25.0, final_div_factor: float = 1e4,
+                 three_phase: bool = False, last_epoch: int = -1) -> None:
+        if cycle_momentum:
+            raise GraphcError("OneCycleLR: cycle_momentum=True would change momentum/betas at "
+                              "every step, but those are compiled into the training step (only "
+                              "the learning rates are its inputs); pass cycle_momentum=False")
+        if total_steps is None:
+            if epochs is None or steps_per_epoch is None:
+                raise ValueError("OneCycleLR: give total_steps, or epochs and steps_per_epoch")
+            total_steps = epochs * steps_per_epoch
+        if total_steps <= 0 or not 0 <= pct_start <= 1 or anneal_strategy not in ("cos", "linear"):
+            raise ValueError("OneCycleLR: total_steps must be positive, pct_start in [0, 1] and "
+                             "anneal_strategy 'cos' or 'linear'")
+        self.total_steps = total_steps
+        self.anneal = _cosine_anneal if anneal_strategy == "cos" else _linear_anneal
+        up = float(pct_start * total_steps) - 1
+        # (last step of the phase, its start and end as names of the group's rates)
+        self.phases = ([(up, "initial_lr", "max_lr"), (2 * up, "max_lr", "initial_lr"),
+                        (total_steps - 1, "initial_lr", "min_lr")] if three_phase else
+                       [(up, "initial_lr", "max_lr"), (total_steps - 1, "max_lr", "min_lr")])
+        if last_epoch == -1:
+            for group, top in zip(optimizer.param_groups,
+                                  _per_group(max_lr, optimizer, "OneCycleLR", "max_lr values")):
+                group["initial_lr"] = top / div_factor
+                group["max_lr"] = top
+                group["min_lr"] = group["initial_lr"] / final_div_factor
+        super().__init__(optimizer, last_epoch)
+
+    def rate(self, epoch, group=0):
+        if epoch > self.total_steps:
+            raise GraphcError(f"OneCycleLR: stepped {epoch} times, past its total_steps "
+                              f"({self.total_steps}); give it more steps")
+        rates = self.optimizer.param_groups[group]
+        start = 0.0
+        for i, (end, begin_key, end_key) in enumerate(self.phases):
+            if epoch <= end or i == len(self.phases) - 1:
+                fraction = (epoch - start) / (end - start)
+                return self.anneal(rates[begin_key], rates[end_key], fraction)
+            start = end
+        raise AssertionError("unreachable: the last phase always returns")
+
+
+def _cosine_anneal(start: float, end: float, fraction: float) -> float:
+    return end + (start - end) / 2.0 * (math.cos(math.pi * fraction) + 1)
+
+
+def _linear_anneal(start: float, end: float, fraction: float) -> float:
+    return (end - start) * fraction + start
+
+
+class SequentialLR(LRScheduler):
+    """`schedulers[i]` sets the rates from milestones[i-1] on, counting its epochs from there
+    (warm-up then decay: SequentialLR(opt, [LinearLR(...), CosineAnnealingLR(...)], [k]))."""
+
+    def __init__(self, optimizer: Optimizer, schedulers: Sequence[LRScheduler],
+                 milestones: Sequence[int], last_epoch: int = -1) -> None:
+        if len(schedulers) != len(milestones) + 1:
+            raise ValueError(f"SequentialLR: {len(schedulers)} schedulers need "
+                             f"{len(schedulers) - 1} milestones, got {len(milestones)}")
+        if any(s.optimizer is not optimizer for s in schedulers):
+            raise GraphcError("SequentialLR: every scheduler must drive the same optimizer")
+        self.schedulers, self.milestones = list(schedulers), list(milestones)
+        super().__init__(optimizer, last_epoch)
+
+    def rate(self, epoch, group=0):
+        index = bisect.bisect_right(self.milestones, epoch)
+        start = self.milestones[index - 1] if index else 0
+        return self.schedulers[index].rate(epoch - start, group)
+
+
+__all__ = ["LRScheduler", "LambdaLR", "StepLR", "MultiStepLR", "ExponentialLR", "LinearLR",
+           "CosineAnnealingLR", "OneCycleLR", "SequentialLR"]
