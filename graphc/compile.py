@@ -35,12 +35,12 @@ from graphc.passes import SIMPLIFY, Stages
 from . import random as gc_random
 from .api import inline_graph, user_facing
 from .lowering import compile_graph
-from .nn.module import (Module, claim_state, functional_call, named_arrays,
+from .nn.module import (Module, claim_state, functional_call, named_arrays, named_state_refs,
                         release_state_holders, state_arrays, sync_state_holders, traced_state,
                         unclaim_state)
 from .optim import Optimizer
 from .step_builder import StepBuilder, StepSpec, batch_arrays, trace_gradients
-from .tensor import (ModuleReads, StateRef, Tensor, as_tensor, current_trace, is_tracing,
+from .tensor import (ModuleReads, Tensor, as_tensor, current_trace, is_tracing,
                      matching_variant, tracing)
 
 log = logging.getLogger("graphc")
@@ -325,9 +325,8 @@ class CompiledModel(_CompiledModelBase):
         self.model, self.name = model, name
         self.backend = backend or default_backend()
         # (state-dict name, where it lives), parameters then buffers as in state_dict
-        self._state = [(prefix + attr, StateRef(m, table, attr))
-                       for table in ("_parameters", "_buffers")
-                       for prefix, m in model.named_modules() for attr in m.__dict__[table]]
+        self._state = [ref for table in ("_parameters", "_buffers")
+                       for ref in named_state_refs(model, (table,))]
         self._compiled: dict[tuple, CompiledGraph] = {}
         self._get(batch_arrays(example_inputs))
 

@@ -163,7 +163,7 @@ class Trace:
         if name is None:  # not the caller's own child: look it up from the outermost module
             outermost = self._calling[0]
             found = next((p for p, m in outermost.named_modules() if m is module), None)
-            name, parent_path = (found[:-1], None) if found else (type(module).__name__, parent_path)
+            name, parent_path = (found, None) if found else (type(module).__name__, parent_path)
             if not name:  # the outermost module, called again inside itself
                 return None
         return safe_module_path(f"{parent_path}.{name}" if parent_path else name)
@@ -194,7 +194,7 @@ class Trace:
             for outer in self._calling:
                 path = next((p for p, m in outer.named_modules() if m is module), None)
                 if path is not None and outer is not module:
-                    name = f"{self.module_name(outer)}.{path[:-1]}"
+                    name = f"{self.module_name(outer)}.{path}"
                     break
             else:
                 name = self._fresh_root_name(type(module).__name__)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -136,12 +136,17 @@ def _refuse_unregistered_modules(owner: Module, name: str, value: Any) -> None:
         f"would be neither trained nor saved; use self.{name} = {fix} (at {user_location()})")
 
 
+class ModuleAssignmentError(GraphcError, TypeError):
+    """A value of the wrong kind assigned to a registered name, or registered under a bad name."""
+
+
 class Module:
     training: bool
 
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", {})
         object.__setattr__(self, "_buffers", {})
+        object.__setattr__(self, "_non_persistent_buffers", set())  # left out of state_dict
         object.__setattr__(self, "_modules", {})
         object.__setattr__(self, "_bound", None)
         object.__setattr__(self, "_state_holder", None)
@@ -149,34 +154,112 @@ class Module:
 
     # -- registration -------------------------------------------------------------------
     def __setattr__(self, name: str, value: Any) -> None:
+        """Registers as PyTorch does: a Parameter (or, beyond PyTorch, an array put in a
+        parameter's place) as a parameter, a Module as a child, an array over a buffer as that
+        buffer, whatever the name held before; None over a parameter, buffer or child keeps the
+        name registered as absent (`self.bias = None`)."""
         if "_parameters" not in self.__dict__:
             raise GraphcError(f"{type(self).__name__}.__init__ must call super().__init__() "
                               "before assigning attributes")
-        # An array put in a parameter's place, or one of the tree's parameters assigned again
-        # (`self.head.weight = self.embed.weight`, PyTorch's weight tying), is a parameter:
-        # reached under both names, one array, trained as one (named_parameters lists it once).
-        tied = isinstance(value, np.ndarray) and (name in self._parameters
-                                                  or _holds_parameter(self, value))
-        for table in (self._parameters, self._buffers, self._modules):
-            table.pop(name, None)
-        if isinstance(value, Parameter):
-            self._parameters[name] = value.data
-        elif tied:
-            self._parameters[name] = Parameter(value).data  # the same array if float and C-contiguous
+        params, buffers, modules = self._parameters, self._buffers, self._modules
+        # One of the tree's parameters assigned again (`self.head.weight = self.embed.weight`,
+        # PyTorch's weight tying) is a parameter: reached under both names, one array, trained
+        # as one (named_parameters lists it once).
+        tied = isinstance(value, np.ndarray) and (name in params or _holds_parameter(self, value))
+        if isinstance(value, Parameter) or tied:
+            self._forget(name)
+            params[name] = value.data if isinstance(value, Parameter) else Parameter(value).data
+        elif name in params:
+            self._refuse_unless_none(value, name, "parameter", "an nn.Parameter, an array")
+            params[name] = None
         elif isinstance(value, Module):
-            self._modules[name] = value
+            self._forget(name)
+            modules[name] = value
+        elif name in modules:
+            self._refuse_unless_none(value, name, "child module", "an nn.Module")
+            modules[name] = None
+        elif name in buffers:
+            if not isinstance(value, np.ndarray):
+                self._refuse_unless_none(value, name, "buffer", "an array")
+            buffers[name] = None if value is None else np.require(value, requirements="C")
         else:
             _refuse_unregistered_modules(self, name, value)
             object.__setattr__(self, name, value)
 
-    def register_buffer(self, name: str, array: Any) -> None:
-        """Non-trainable state (e.g. running statistics) saved in the state dict."""
-        self._buffers[name] = np.require(array, requirements="C")  # keeps 0-d arrays 0-d
+    def __delattr__(self, name: str) -> None:
+        for table in (self._parameters, self._buffers, self._modules):
+            if name in table:
+                del table[name]
+                self._non_persistent_buffers.discard(name)
+                return
+        object.__delattr__(self, name)
+
+    def _forget(self, name: str) -> None:
+        """Drop `name` from every table and from the plain attributes, before registering it
+        anew: a value left behind in __dict__ would be what forward reads."""
+        for table in (self._parameters, self._buffers, self._modules):
+            table.pop(name, None)
+        self._non_persistent_buffers.discard(name)
+        self.__dict__.pop(name, None)
+
+    def _refuse_unless_none(self, value: Any, name: str, kind: str, expected: str) -> None:
+        if value is not None:
+            raise ModuleAssignmentError(
+                f"{type(self).__name__}.{name} is a {kind}: it takes {expected} or None, not a "
+                f"{type(value).__name__} (del self.{name} first to make it a plain attribute; "
+                f"at {user_location()})")
+
+    def register_parameter(self, name: str, param: Parameter | None) -> None:
+        """Add a parameter (None: the name is registered, absent), as PyTorch's."""
+        if param is not None and not isinstance(param, Parameter):
+            raise ModuleAssignmentError(
+                f"{type(self).__name__}.register_parameter({name!r}): takes an nn.Parameter or "
+                f"None, not a {type(param).__name__} (at {user_location()})")
+        self._check_new_name(name, "register_parameter", self._parameters)
+        self._forget(name)
+        self._parameters[name] = None if param is None else param.data
+
+    def register_buffer(self, name: str, array: Any, persistent: bool = True) -> None:
+        """Non-trainable state (e.g. running statistics); saved in the state dict unless
+        `persistent` is False. None registers the name, absent."""
+        self._check_new_name(name, "register_buffer", self._buffers)
+        self._forget(name)
+        # np.require keeps 0-d arrays 0-d
+        self._buffers[name] = None if array is None else np.require(array, requirements="C")
+        if not persistent:
+            self._non_persistent_buffers.add(name)
+
+    def register_module(self, name: str, module: Module | None) -> None:
+        """Add a child module (None: the name is registered, absent), as PyTorch's."""
+        if module is not None and not isinstance(module, Module):
+            raise ModuleAssignmentError(
+                f"{type(self).__name__}.register_module({name!r}): takes an nn.Module or None, "
+                f"not a {type(module).__name__} (at {user_location()})")
+        self._check_new_name(name, "register_module", self._modules)
+        self._forget(name)
+        self._modules[name] = module
+
+    add_module = register_module
+
+    def _check_new_name(self, name: str, method: str, table: dict[str, Any]) -> None:
+        """PyTorch's rules: a non-empty string without dots, not already an attribute of another
+        kind (a plain one, a method, or an entry of another table)."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ModuleAssignmentError(f"{type(self).__name__}.{method}: the name must be a "
+                                        f"non-empty string without '.', got {name!r}")
+        taken = name in self.__dict__ or hasattr(type(self), name) or any(
+            name in other for other in (self._parameters, self._buffers, self._modules)
+            if other is not table)
+        if taken:
+            raise ModuleAssignmentError(f"{type(self).__name__}.{method}: {name!r} is already "
+                                        f"an attribute of another kind (at {user_location()})")
 
     def __getattr__(self, name: str) -> Any:
         d = self.__dict__
         for table in ("_parameters", "_buffers"):
             if name in d.get(table, {}):
+                if d[table][name] is None:  # registered as absent (`self.bias = None`)
+                    return None
                 if is_tracing():  # a Tensor of the trace: the array is read at each call
                     return traced_state(StateRef(self, table, name))
                 release_state_holders(self)
@@ -197,16 +280,36 @@ class Module:
                 _refuse_unregistered_modules(self, name, value)
 
     # -- traversal ----------------------------------------------------------------------
-    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
-        yield prefix, self
-        for name, child in self._modules.items():
-            yield from child.named_modules(f"{prefix}{name}.")
+    def named_modules(self, memo: set[Module] | None = None, prefix: str = "",
+                      remove_duplicate: bool = True) -> Iterator[tuple[str, Module]]:
+        """(dotted name, module) over the tree in PyTorch's order and naming: each module before
+        its children, the root named `prefix` ("" by default), a module reached by several names
+        once, under the first, unless `remove_duplicate` is False."""
+        seen = memo if memo is not None else set()
+        for path, module in _prefixed_modules(self, remove_duplicate, seen):
+            yield (prefix + ("." if prefix and path else "") + path[:-1]), module
 
     def modules(self) -> Iterator[Module]:
         return (m for _, m in self.named_modules())
 
+    def named_children(self) -> Iterator[tuple[str, Module]]:
+        """(name, child) for the direct children, each once, as PyTorch's."""
+        seen: set[int] = set()
+        for name, child in self._modules.items():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                yield name, child
+
     def children(self) -> Iterator[Module]:
-        return iter(self._modules.values())
+        return (child for _, child in self.named_children())
+
+    def apply(self, fn: Callable[[Module], Any]) -> Module:
+        """Call `fn` on every child's tree, then on this module, and return this module, as
+        PyTorch's (the usual way to initialise weights: `model.apply(init_weights)`)."""
+        for child in self.children():
+            child.apply(fn)
+        fn(self)
+        return self
 
     def named_parameters(self) -> Iterator[tuple[str, np.ndarray | Tensor]]:
         """(dotted name, parameter) over the tree, a parameter reached by several names (tied)
@@ -236,7 +339,7 @@ class Module:
         # are named by their path from this module, as when it is called ("Sequential.0.weight").
         root = current_trace().module_name(self)
         return iter([(name, traced_state(ref, f"{root}.{name}"))
-                     for name, ref in _named_refs(self, table, remove_duplicate=True)])
+                     for name, ref in named_state_refs(self, (table,), remove_duplicate=True)])
 
     # -- modes and state ------------------------------------------------------------------
     def train(self, mode: bool = True) -> Module:
@@ -268,7 +371,7 @@ class Module:
         for m in self.modules():
             for table in (m._parameters, m._buffers):
                 for key, array in table.items():
-                    if array.dtype.kind == "f" and array.dtype != target:
+                    if array is not None and array.dtype.kind == "f" and array.dtype != target:
                         if id(array) not in cast:
                             cast[id(array)] = (array, np.require(array.astype(target),
                                                                  requirements="C"))
@@ -284,14 +387,15 @@ class Module:
         return self.to(np.float32)
 
     def state_dict(self) -> dict[str, np.ndarray | Tensor]:
-        """The live arrays (parameters, then buffers) by dotted name, a tied parameter under
-        each of its names (as PyTorch's); compiled training steps update them in place. While
-        tracing, Tensors of the trace (see named_parameters)."""
+        """The live arrays by dotted name in PyTorch's order (module by module: its parameters,
+        its persistent buffers, then its children's), a tied parameter under each of its names
+        (as PyTorch's); compiled training steps update them in place. While tracing, Tensors of
+        the trace (see named_parameters)."""
         if not is_tracing():
             return state_arrays(self)
         root = current_trace().module_name(self)
         return {name: traced_state(ref, f"{root}.{name}")
-                for table in ("_parameters", "_buffers") for name, ref in _named_refs(self, table)}
+                for name, ref in named_state_refs(self, _STATE_TABLES, persistent_only=True)}
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Copy arrays into the module's own (so compiled steps keep seeing them)."""
@@ -313,6 +417,10 @@ class Module:
         """Copies and pickles get the newest values, and not the holder of them."""
         release_state_holders(self)
         return {**self.__dict__, "_state_holder": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_non_persistent_buffers", set())  # pickled before it existed
 
     # -- calling ----------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -354,21 +462,47 @@ def _holds_parameter(module: Module, array: np.ndarray) -> bool:
     return any(p is array for m in module.modules() for p in m._parameters.values())
 
 
-def _named_refs(module: Module, table: str, remove_duplicate: bool = False
-                ) -> Iterator[tuple[str, StateRef]]:
-    """(dotted name, StateRef) for every entry of `table` ("_parameters" or "_buffers") in the
-    tree; with `remove_duplicate`, an array held under several names (tied) only under the
-    first."""
+_STATE_TABLES = ("_parameters", "_buffers")
+
+
+def _prefixed_modules(module: Module, remove_duplicate: bool = True, seen: set | None = None,
+                      prefix: str = "") -> Iterator[tuple[str, Module]]:
+    """(dotted path with a trailing dot, "" for the root; module) in pre-order, PyTorch's
+    traversal; with `remove_duplicate`, a module reached by several paths only under the
+    first. Children registered as None are skipped."""
+    if seen is None:
+        seen = set()
+    if remove_duplicate:
+        if module in seen:
+            return
+        seen.add(module)
+    yield prefix, module
+    for name, child in module._modules.items():
+        if child is not None:
+            yield from _prefixed_modules(child, remove_duplicate, seen, f"{prefix}{name}.")
+
+
+def named_state_refs(module: Module, tables: tuple[str, ...], remove_duplicate: bool = False,
+                     persistent_only: bool = False) -> Iterator[tuple[str, StateRef]]:
+    """(dotted name, StateRef) for every entry of `tables` ("_parameters", "_buffers") in the
+    tree, module by module as PyTorch orders them; entries registered as None are skipped. With
+    `remove_duplicate`, a module or array reached under several names (shared, tied) only under
+    the first; with `persistent_only`, buffers registered with persistent=False are left out
+    (as state_dict does)."""
     seen: set[int] = set()
-    for prefix, m in module.named_modules():
-        if table == "_parameters":
+    for prefix, m in _prefixed_modules(module, remove_duplicate):
+        if "_parameters" in tables:
             m._refuse_hidden_modules()
-        for attr, array in m.__dict__[table].items():
-            if remove_duplicate:
-                if id(array) in seen:
+        for table in tables:
+            for attr, array in m.__dict__[table].items():
+                if array is None or (persistent_only and table == "_buffers"
+                                     and attr in m.__dict__["_non_persistent_buffers"]):
                     continue
-                seen.add(id(array))
-            yield prefix + attr, StateRef(m, table, attr)
+                if remove_duplicate:
+                    if id(array) in seen:
+                        continue
+                    seen.add(id(array))
+                yield prefix + attr, StateRef(m, table, attr)
 
 
 def named_arrays(module: Module, table: str, remove_duplicate: bool = True
@@ -378,14 +512,16 @@ def named_arrays(module: Module, table: str, remove_duplicate: bool = True
     a user's traced code gets Tensors. A tied array comes once, under its first name, unless
     `remove_duplicate` is False. A holder of newer values copies them back first."""
     release_state_holders(module)
-    return ((name, ref.read()) for name, ref in _named_refs(module, table, remove_duplicate))
+    refs = named_state_refs(module, (table,), remove_duplicate)
+    return ((name, ref.read()) for name, ref in refs)
 
 
 def state_arrays(module: Module) -> dict[str, np.ndarray]:
-    """state_dict()'s arrays, a tied one under each of its names, also while tracing (see
-    named_arrays)."""
-    return {name: array for table in ("_parameters", "_buffers")
-            for name, array in named_arrays(module, table, remove_duplicate=False)}
+    """state_dict()'s arrays in its order, a tied one under each of its names, also while
+    tracing (see named_arrays)."""
+    release_state_holders(module)
+    refs = named_state_refs(module, _STATE_TABLES, persistent_only=True)
+    return {name: ref.read() for name, ref in refs}
 
 
 @contextmanager
@@ -396,15 +532,15 @@ def bound(module: Module, tensors: dict[str, Tensor]) -> Iterator[None]:
     trace = current_trace()
     # A tied array reached under a name `tensors` leaves out reads as the Tensor given for it
     # under another: both uses of the one parameter are uses of one input.
-    given = {id(ref.read()): tensors[name] for table in ("_parameters", "_buffers")
-             for name, ref in _named_refs(module, table) if name in tensors}
+    given = {id(ref.read()): tensors[name]
+             for name, ref in named_state_refs(module, _STATE_TABLES) if name in tensors}
     saved = []
-    for prefix, m in module.named_modules():
+    for prefix, m in _prefixed_modules(module):
         own = {name[len(prefix):]: t for name, t in tensors.items()
                if name.startswith(prefix) and "." not in name[len(prefix):]}
-        for table in ("_parameters", "_buffers"):
+        for table in _STATE_TABLES:
             for attr, array in m.__dict__[table].items():
-                if attr not in own and id(array) in given:
+                if attr not in own and array is not None and id(array) in given:
                     own[attr] = given[id(array)]
         saved.append((m, m.__dict__.get("_bound")))
         object.__setattr__(m, "_bound", (trace, own))
@@ -429,7 +565,7 @@ def traced_state(ref: StateRef, name: str | None = None) -> Tensor:
 def buffer_owner(module: Module) -> dict[tuple[int, str], str]:
     """Map (id(submodule), buffer name) -> dotted state-dict name, to apply recorded updates."""
     return {(id(m), name): prefix + name
-            for prefix, m in module.named_modules() for name in m._buffers}
+            for prefix, m in _prefixed_modules(module) for name in m._buffers}
 
 
 def functional_call(module: Module, state: dict[str, Any], *args: Any,
