@@ -1,5 +1,5 @@
 """graphc.nn: neural-network building blocks with PyTorch's names."""
-from . import functional
+from . import functional, init
 from .attention import MultiheadAttention, TransformerEncoder, TransformerEncoderLayer
 from .containers import ModuleDict, ModuleList
 from .conv import Conv1d
@@ -14,7 +14,7 @@ from .sparse import Embedding
 
 __all__ = ["AvgPool2d", "Conv2d", "Dropout", "Flatten", "Identity", "Linear", "LogSoftmax",
            "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential", "Sigmoid", "Softmax", "Tanh",
-           "functional", "functional_call"]
+           "functional", "functional_call", "init"]
 __all__ += ["BatchNorm1d", "BatchNorm2d", "Embedding", "GRU", "LSTM", "LayerNorm", "ModuleDict",
             "ModuleList", "RNN"]
 __all__ += ["AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "Conv1d", "MultiheadAttention",
