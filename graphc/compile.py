@@ -42,6 +42,7 @@ from .optim import Optimizer
 from .step_builder import StepBuilder, StepSpec, batch_arrays, trace_gradients
 from .tensor import (ModuleReads, Tensor, as_tensor, current_trace, is_tracing,
                      matching_variant, tracing)
+from .tree import LEAF, flatten, unflatten
 
 log = logging.getLogger("graphc")
 
@@ -373,10 +374,11 @@ class CompiledModel(_CompiledModelBase):
             with _modes_restored(self.model):
                 self.model.eval()
                 out = functional_call(self.model, {**params, **buffers}, *data)
-            outs = out if isinstance(out, (tuple, list)) else (out,)
+            # nested outputs, as LSTM's (output, (h_n, c_n)), come back in the same structure
+            outs, _, self._output_tree = flatten(out)
             for i, o in enumerate(outs):
-                b.add_output("out" if len(outs) == 1 else f"out{i}", o.value)
-        self._multiple = isinstance(out, (tuple, list))
+                name = "out" if self._output_tree == LEAF else f"out{i}"
+                b.add_output(name, as_tensor(o).value)
         # The model's own modes are set here, not read: only other modules' modes matter.
         return stages.record("trace", t.builder.graph), {}, t.module_reads().excluding(self.model.modules())
 
@@ -388,7 +390,7 @@ class CompiledModel(_CompiledModelBase):
         root = current_trace().module_name(self.model)
         state = [traced_state(ref, f"{root}.{name}") for name, ref in self._state]
         outs = inline_graph(stages.run(graph, [SIMPLIFY]), [*tensors, *state], reads)
-        return tuple(outs) if self._multiple else outs[0]
+        return unflatten(self._output_tree, list(outs))
 
     @user_facing
     def __call__(self, *inputs: Any) -> Any:
@@ -397,7 +399,7 @@ class CompiledModel(_CompiledModelBase):
         arrays = batch_arrays(inputs)
         compiled, implicit = self._select(arrays)
         outs = compiled.executable(*arrays, *self._arrays(), *implicit)
-        return tuple(outs) if self._multiple else outs[0]
+        return unflatten(self._output_tree, list(outs))
 
 
 @contextmanager

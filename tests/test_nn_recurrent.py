@@ -85,9 +85,12 @@ def torch_loss_and_grads(torch, name, kwargs, state, x, hx, training=True):
     return value.item(), detached, grads, tx.grad.numpy(), grad_hx
 
 
-def check_against_torch(torch, name, kwargs, x_shape, with_state, dtype, seed=0, training=True):
+def check_against_torch(torch, name, kwargs, x_shape, with_state, dtype, seed=0, training=True,
+                        unroll=None):
+    """`unroll` forces graphc's time loop unrolled (True) or on gc.scan (False)."""
     rng = np.random.default_rng(seed)
     model = getattr(nn, name)(**kwargs).train(training)
+    model.unroll = unroll
     state = random_state(model, dtype, rng)
     x = rng.standard_normal(x_shape).astype(dtype)
     batch = (x_shape[0] if kwargs.get("batch_first") else x_shape[1]) if len(x_shape) == 3 else None

@@ -1,8 +1,10 @@
 """Recurrent layers (RNN, LSTM, GRU) with PyTorch's parameter names, shapes and gate order.
 
-The sequence length is static, so a layer unrolls into one cell per time step. The input
-projection x @ W_ih^T of every step is one matrix product over (T*N, I); only the hidden
-recurrence h @ W_hh^T runs per step, which is what keeps long sequences fast.
+The input projection x @ W_ih^T of every step is one matrix product over (T*N, I), outside the
+time loop; only the hidden recurrence h @ W_hh^T runs per step. The time loop itself is a
+`gc.scan` (one traced cell, compiled once whatever the length) for sequences longer than
+`UNROLL_MAX_STEPS`, and unrolled into one cell per step for shorter ones, where that measures
+faster; `unroll=True/False` on the constructor (or the attribute) forces either.
 
 As in PyTorch, inputs are time-major (T, N, input_size) unless `batch_first` ((N, T,
 input_size)), and unbatched inputs (T, input_size) are accepted. A bidirectional layer runs a
@@ -18,6 +20,7 @@ import numpy as np
 
 from graphc.ir.errors import ShapeError, user_location
 
+from ..control import scan
 from ..functions import concatenate, sigmoid, stack, tanh
 from ..tensor import Tensor, as_tensor
 from . import functional as F
@@ -28,16 +31,19 @@ __all__ = ["RNN", "LSTM", "GRU"]
 
 State = tuple[Tensor, ...]  # (h,) for RNN and GRU, (h, c) for LSTM
 
+# Sequences up to this many steps unroll; longer ones run on gc.scan. MEASURED_PLACEHOLDER
+UNROLL_MAX_STEPS = 16
+
 
 class _RecurrentBase(Module):
-    """Multi-layer unrolled recurrence; subclasses define the gates and the cell."""
+    """Multi-layer recurrence, scanned or unrolled; subclasses define the gates and the cell."""
 
     gates = 1  # gate blocks stacked along the rows of weight_ih/weight_hh
     state_size = 1  # tensors in a layer's state: h, or h and c
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0,
-                 bidirectional: bool = False) -> None:
+                 bidirectional: bool = False, *, unroll: bool | None = None) -> None:
         super().__init__()
         name = type(self).__name__
         if hidden_size <= 0 or num_layers <= 0:
@@ -48,6 +54,7 @@ class _RecurrentBase(Module):
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.has_bias, self.batch_first = bias, batch_first
         self.dropout, self.bidirectional = dropout, bidirectional
+        self.unroll = unroll  # None: unroll up to UNROLL_MAX_STEPS steps, scan beyond
         self.directions = ("", "_reverse") if bidirectional else ("",)
         bound = 1 / math.sqrt(hidden_size)
         rows = self.gates * hidden_size
@@ -70,7 +77,7 @@ class _RecurrentBase(Module):
               bias_hh: Tensor | None) -> State:
         raise NotImplementedError
 
-    # -- the unrolled recurrence ----------------------------------------------------------
+    # -- the recurrence ----------------------------------------------------------------
     def forward(self, x: Any, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(output, h_n): output (T, N, D * hidden) ((N, T, ...) with batch_first) holds the last
         layer's h at every step, D = 2 directions when bidirectional, else 1; h_n
@@ -118,6 +125,14 @@ class _RecurrentBase(Module):
         projected = F.linear(seq.reshape(steps * batch, features), weight_ih, input_bias)
         projected = projected.reshape(steps, batch, -1)
         weight_hh_t = as_tensor(weight_hh).T
+        unroll = steps <= UNROLL_MAX_STEPS if self.unroll is None else self.unroll
+        if not unroll:
+            def step(state: State, projected_x: Tensor) -> tuple[State, Tensor]:
+                state = self._cell(projected_x, state, weight_hh_t, bias_hh)
+                return state, state[0]
+
+            state, outputs = scan(step, tuple(state), projected, reverse=reverse)
+            return outputs, state
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         outputs = []
         for t in order:
@@ -165,11 +180,12 @@ class RNN(_RecurrentBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
-                 dropout: float = 0.0, bidirectional: bool = False) -> None:
+                 dropout: float = 0.0, bidirectional: bool = False, *,
+                 unroll: bool | None = None) -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional)
+                         bidirectional, unroll=unroll)
         self.nonlinearity = nonlinearity
 
     def _cell(self, projected_x, state, weight_hh_t, bias_hh):
@@ -189,12 +205,12 @@ class LSTM(_RecurrentBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0) -> None:
+                 proj_size: int = 0, *, unroll: bool | None = None) -> None:
         if proj_size:
             raise NotImplementedError(f"LSTM: projections are not supported "
                                       f"(got proj_size={proj_size})")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional)
+                         bidirectional, unroll=unroll)
 
     def forward(self, x: Any, hx: tuple[Tensor, Tensor] | None = None
                 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
