@@ -143,3 +143,16 @@ def test_numba_cpu_matches_the_reference():
     for k in state:
         np.testing.assert_allclose(got[1][0][k], want[1][0][k], rtol=1e-9, atol=1e-12, err_msg=k)
     np.testing.assert_allclose(got[1][1], want[1][1], rtol=1e-9, atol=1e-12)
+
+
+def test_inter_layer_dropout_stays_between_the_scans():
+    """Dropout draws random numbers, which a scan body refuses: it must run between layers."""
+    model = nn.LSTM(3, 4, num_layers=2, dropout=0.5, unroll=False)
+    x = np.random.default_rng(9).standard_normal((6, 2, 3)).astype(np.float32)
+    run = gc.jit(lambda x: model(x)[0], backend=REF)
+    trained = run(x)
+    model.eval()
+    evaluated = run(x)
+    model.unroll = True
+    np.testing.assert_allclose(evaluated, run(x), rtol=1e-6)
+    assert not np.allclose(trained, evaluated)
