@@ -200,10 +200,9 @@ def graphc_gpt_classes():
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
     def warmup_cosine(optimizer, warmup, total):
-        # graphc: the schedulers live in graphc.optim itself, not in optim.lr_scheduler
-        warm = optim.LinearLR(optimizer, start_factor=0.1, total_iters=warmup)
-        decay = optim.CosineAnnealingLR(optimizer, T_max=total - warmup, eta_min=1e-4)
-        return optim.SequentialLR(optimizer, [warm, decay], milestones=[warmup])
+        warm = optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=warmup)
+        decay = optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - warmup, eta_min=1e-4)
+        return optim.lr_scheduler.SequentialLR(optimizer, [warm, decay], milestones=[warmup])
 
     return GPT, gpt_loss, warmup_cosine
 
