@@ -179,3 +179,14 @@ def test_state_dicts_zip_with_pytorchs():
     ours, theirs = _tree(nn), _tree(torch.nn)
     for (name, a), (their_name, t) in zip(ours.state_dict().items(), theirs.state_dict().items()):
         assert name == their_name and a.shape == tuple(t.shape)
+
+
+def test_a_module_pickled_before_non_persistent_buffers_existed_loads():
+    import pickle
+
+    old = nn.BatchNorm1d(2)
+    del old.__dict__["_non_persistent_buffers"]  # as pickled by earlier versions
+    loaded = pickle.loads(pickle.dumps(old))
+    assert list(loaded.state_dict()) == list(nn.BatchNorm1d(2).state_dict())
+    loaded.register_buffer("scratch", np.zeros(1, np.float32), persistent=False)
+    assert "scratch" not in loaded.state_dict()

@@ -276,7 +276,7 @@ class Module:
         `self.layers.append(...)`) escape __setattr__'s check; asking for the parameters (to
         build an optimizer or compile a step) finds them."""
         for name, value in self.__dict__.items():
-            if name not in ("_parameters", "_buffers", "_modules"):
+            if name not in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers"):
                 _refuse_unregistered_modules(self, name, value)
 
     # -- traversal ----------------------------------------------------------------------
