@@ -325,7 +325,7 @@ class CompiledModel(_CompiledModelBase):
                  name: str = "inference") -> None:
         self.model, self.name = model, name
         self.backend = backend or default_backend()
-        # (state-dict name, where it lives), parameters then buffers as in state_dict
+        # (state-dict name, where it lives): every parameter, then every buffer (the graph's inputs)
         self._state = [ref for table in ("_parameters", "_buffers")
                        for ref in named_state_refs(model, (table,))]
         self._compiled: dict[tuple, CompiledGraph] = {}
