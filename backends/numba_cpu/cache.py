@@ -26,7 +26,7 @@ import hashlib
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import llvmlite
 import numba
@@ -101,6 +101,14 @@ class KernelCache(KernelFiles):
         dispatcher = self._compile(key, kernel, dispatcher, signature, stats, compiled_elsewhere)
         self._loaded[key] = dispatcher
         return dispatcher
+
+    def compiled(self, sources: Sequence[str]) -> list[bool]:
+        """For each kernel module source: is it loaded in this process, or compiled on disk (for
+        some signature)? Loading it then costs milliseconds, compiling it up to seconds."""
+        on_disk = self._compiled_on_disk()
+        with self._lock:
+            return [key in self._loaded or self.module_name(key) in on_disk
+                    for key in map(cache_key, sources)]
 
     def _compiled_on_disk(self) -> set[str]:
         """The module names for which Numba's cache holds compiled code (for some signature).

@@ -18,8 +18,8 @@ from graphc.backends.kernels.arrays import KernelArray
 from graphc.backends.kernels.library import Refs
 from graphc.backends.kernels.source import Writer, size_of
 
-from .codegen_common import (HELPER_DECORATOR, HELPER_OPTIONS, PARALLEL_MIN_ELEMENTS, TARGET, Call,
-                             decorator, module)
+from .codegen_common import (HELPER_DECORATOR, HELPER_OPTIONS, TARGET, Call,
+                             decorator, module, runs_parallel)
 from .codegen_matmul import gemm_call
 from .codegen_winograd import (ENTRY, FORWARD, INPUT_GRAD, WEIGHT_GRAD, winograd_applies, winograd_scratch,
                                winograd_source)
@@ -146,7 +146,7 @@ def _scratch_per_chunk(refs: Refs, images: int, rows: int, positions: int,
     image's receptive fields stay in cache between im2col and its GEMM, instead of a whole
     batch's going through memory. Returns the scratch and the number of threads."""
     threads = max(1, numba.config.NUMBA_NUM_THREADS)
-    if images * rows * positions < PARALLEL_MIN_ELEMENTS:
+    if not runs_parallel(images * rows * positions):
         threads = 1
     return refs.new_scratch((threads, rows, positions), dtype), threads
 

@@ -12,7 +12,7 @@ from graphc.ir.lowering import lowering
 from graphc.backends.kernels.library import Refs
 from graphc.backends.kernels.source import Writer, size_of
 
-from .codegen_common import PARALLEL_MIN_ELEMENTS, TARGET, Call, library_call, loop_header
+from .codegen_common import TARGET, Call, library_call, loop_header, runs_parallel
 
 _COMBINE = {"cumsum": "+", "cumprod": "*"}
 
@@ -27,7 +27,7 @@ def _cumulative(node: Node, refs: Refs) -> tuple[list[Call], int]:
     x = node.inputs[0]
     axis, reverse = node.attrs["axis"], node.attrs["reverse"]
     view = lines_view(x.shape, axis)
-    parallel = view[0] > 1 and size_of(x.shape) >= PARALLEL_MIN_ELEMENTS
+    parallel = view[0] > 1 and runs_parallel(size_of(x.shape))
     combine = _COMBINE[node.op]
 
     def body(w: Writer) -> None:

@@ -17,7 +17,8 @@ from graphc.backends.kernels.pointwise import (RANDOM_OPS, Domain, PointwiseEmit
                                                register_pointwise_lowerings)
 from graphc.backends.kernels.source import Writer, entry_name, index_text, size_of
 
-from .codegen_common import CPU, PARALLEL_MIN_ELEMENTS, TARGET, Call, KernelSource, decorator, loop_header, module
+from .codegen_common import (CPU, TARGET, Call, KernelSource, decorator, loop_header, module,
+                             runs_parallel)
 
 register_pointwise_lowerings(TARGET)
 
@@ -117,7 +118,7 @@ def elementwise_call(entry: str, sub: Graph, in_place: Mapping[KernelArray, Kern
     shape = members[0].output.shape
     flat = is_flat(members)
     size = size_of(shape)
-    parallel = size >= PARALLEL_MIN_ELEMENTS
+    parallel = runs_parallel(size)
     arrays = kernel_arrays(sub)
     params = {v: array for v, array in arrays.items() if array not in in_place}
     names = {v: in_place.get(array, array).name for v, array in arrays.items()}

@@ -11,8 +11,8 @@ from graphc.backends.kernels.arrays import KernelArray
 from graphc.backends.kernels.library import Refs
 from graphc.backends.kernels.source import Writer, size_of
 
-from .codegen_common import (HELPER_DECORATOR, PARALLEL_MIN_ELEMENTS, TARGET, Call, decorator, loop_header,
-                             module)
+from .codegen_common import (HELPER_DECORATOR, TARGET, Call, decorator, loop_header,
+                             module, runs_parallel)
 from .codegen_conv import zero_plane
 
 
@@ -174,7 +174,7 @@ def _pool(entry: str, operands: list[str], plane_body: Callable[[Writer], None],
             geometry["INCLUDE_PAD"] = int(a["count_include_pad"])
         tiled = (sh, sw, ph, pw) == (kh, kw, 0, 0) and 2 <= kh * kw <= TILED_POOL_MAX_CELLS
         body = tiled_body(kh, kw) if tiled and tiled_body is not None else plane_body
-        parallel = max(size_of(v.shape) for v in values) >= PARALLEL_MIN_ELEMENTS
+        parallel = runs_parallel(max(size_of(v.shape) for v in values))
         plane_args = ", ".join(f"{name}[n, c]" for name in operands)
         call = _per_plane(entry, operands, [refs[v] for v in values], geometry, operands,
                           plane_args, body, parallel, operands[0])

@@ -23,7 +23,8 @@ from graphc.backends.kernels.pointwise import kernel_arrays
 from graphc.backends.kernels.reduction import Reduction, ReductionKernel, register_reduction_lowerings
 from graphc.backends.kernels.source import Writer, entry_name, index_text, size_of
 
-from .codegen_common import CPU, PARALLEL_MIN_ELEMENTS, TARGET, Call, KernelSource, decorator, loop_header, module
+from .codegen_common import (CPU, TARGET, Call, KernelSource, decorator, loop_header, module,
+                             runs_parallel)
 from .codegen_elementwise import elementwise_flops
 
 register_reduction_lowerings(TARGET)
@@ -43,7 +44,7 @@ def _generate(kernel: Node) -> KernelSource:
     parts = ReductionKernel(kernel, CPU)
     reduction, shape, kept = parts.reduction, parts.shape, parts.kept
     index, dims, arrays, emitter = parts.index, parts.dims, parts.arrays, parts.emitter
-    large = size_of(shape) >= PARALLEL_MIN_ELEMENTS
+    large = runs_parallel(size_of(shape))
     split = large and not kept and len(shape) > 0 and reduction.op != "argmax"
     parallel = large and (bool(kept) or split)
 

@@ -9,7 +9,7 @@ from graphc.backends.kernels.library import Refs
 from graphc.backends.kernels.pointwise import broadcast_index
 from graphc.backends.kernels.source import Writer, index_text, size_of
 
-from .codegen_common import PARALLEL_MIN_ELEMENTS, TARGET, Call, library_call, loop_header
+from .codegen_common import TARGET, Call, library_call, loop_header, runs_parallel
 
 
 def _scatter_loops(w: Writer, rank: int, parallel_axis: int | None) -> tuple[str, ...]:
@@ -28,7 +28,7 @@ def _scatter_add_along_axis(node: Node, refs: Refs) -> tuple[list[Call], int]:
     axis = node.attrs["axis"]
     shape = node.output.shape
     parallel = (axis != 0 and shape[0] == g.shape[0]
-                and size_of(g.shape) >= PARALLEL_MIN_ELEMENTS)
+                and runs_parallel(size_of(g.shape)))
 
     def body(w: Writer) -> None:
         w.line("out[...] = 0")
@@ -48,7 +48,7 @@ def _scatter_add(node: Node, refs: Refs) -> tuple[list[Call], int]:
     g, indices = node.inputs
     axis = node.attrs["axis"]
     rank = indices.type.ndim
-    parallel = axis > 0 and size_of(g.shape) >= PARALLEL_MIN_ELEMENTS
+    parallel = axis > 0 and runs_parallel(size_of(g.shape))
 
     def body(w: Writer) -> None:
         w.line("out[...] = 0")

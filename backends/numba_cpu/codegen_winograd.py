@@ -27,7 +27,7 @@ import numba
 
 from graphc.ir import Node
 
-from .codegen_common import ENTRY_OPTIONS, HELPER_OPTIONS, PARALLEL_MIN_ELEMENTS
+from .codegen_common import ENTRY_OPTIONS, HELPER_OPTIONS, runs_parallel
 
 ENTRY = "conv3x3_winograd"
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = 0, 1, 2  # its modes
@@ -242,7 +242,7 @@ def winograd_scratch(images: int, channels_in: int, channels_out: int, plane: tu
     `channels_out` x `plane`. Each mode leaves one unused: a single element of it."""
     tiles = ((plane[0] + 1) // 2) * ((plane[1] + 1) // 2)
     threads = max(1, numba.config.NUMBA_NUM_THREADS)
-    if images * channels_in * 16 * tiles < PARALLEL_MIN_ELEMENTS:
+    if not runs_parallel(images * channels_in * 16 * tiles):
         threads = 1
 
     def padded_row(elements: int) -> int:

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -35,7 +36,7 @@ from graphc.ir.memory import ALIGNMENT, MemoryPlan
 from .blas import single_threaded_scipy_blas
 from .cache import CacheStats, get_cache
 from .codegen import POINTWISE_GENERATORS, generate
-from .codegen_common import Call, KernelSource
+from .codegen_common import Call, KernelSource, always_parallel
 
 
 @dataclass
@@ -396,8 +397,35 @@ def _limit_blas_threads() -> None:
 
 def lower(fused: Graph) -> LoweredGraph:
     """The generated source of every kernel of `fused` that runs code."""
-    return LoweredGraph(fused, {n: generate(n) for n in fused.nodes
-                                if n.attrs["pattern"] not in ("view", "constant")})
+    nodes = [n for n in fused.nodes if n.attrs["pattern"] not in ("view", "constant")]
+    return LoweredGraph(fused, _choose_variants({n: generate(n) for n in nodes}, {}))
+
+
+def _choose_variants(sources: dict[Node, KernelSource], aliases: dict[Node, dict[KernelArray, KernelArray]],
+                     scratch: dict[Node, tuple[TensorType, ...]] | None = None) -> dict[Node, KernelSource]:
+    """`sources`, except that a kernel the cache would compile becomes its always-parallel
+    variant where that one is already compiled (in this process or on disk).
+
+    Kernel sources are generic over extents; their one size-dependent choice is running a loop
+    serially below PARALLEL_MIN_ELEMENTS. So a model compiled for batch 64 and then called with
+    batch 1 would compile its kernels again, serial, for seconds: the parallel ones it has serve
+    as well (a parallel region costs ~10 us). Only that way round: a serial kernel left by a
+    smaller batch never replaces a parallel one. `aliases` are the in-place outputs to generate
+    with (compile_plan); `scratch`, once memory is planned, the scratch each kernel must keep
+    (an always-parallel convolution wants a column matrix per thread)."""
+    cache = get_cache()
+    ready = iter(cache.compiled([c.source for s in sources.values() for c in s.calls]))
+    missing = [n for n, s in sources.items() if not all([next(ready) for _ in s.calls])]
+    variants = {}
+    for node in missing:
+        with always_parallel():
+            variant = generate(node, aliases.get(node))
+        variant.always_parallel = True
+        if scratch is None or variant.scratch == scratch[node]:
+            variants[node] = variant
+    ready = iter(cache.compiled([c.source for s in variants.values() for c in s.calls]))
+    chosen = [n for n, s in variants.items() if all([next(ready) for _ in s.calls])]
+    return {**sources, **{n: variants[n] for n in chosen}}
 
 
 def in_place_aliases(plan: MemoryPlan, kernel: Node) -> dict[KernelArray, KernelArray]:
@@ -420,10 +448,16 @@ def compile_plan(lowered: LoweredGraph, plan: MemoryPlan) -> Executable:
     # Lowering came first because it tells the planner each kernel's scratch (the algorithm a
     # convolution picks decides it); now that the plan says which outputs share an input's
     # buffer, the kernels writing in place are generated again, through one parameter per buffer.
-    for node in sources:
-        aliases = in_place_aliases(plan, node)
-        if aliases and node.attrs["pattern"] in POINTWISE_GENERATORS:
-            sources[node] = generate(node, aliases)
+    # A kernel lowered as its always-parallel variant stays one (its scratch was planned so).
+    aliases = {node: in_place_aliases(plan, node) for node in sources
+               if node.attrs["pattern"] in POINTWISE_GENERATORS}
+    for node, source in sources.items():
+        if aliases.get(node):
+            with always_parallel() if source.always_parallel else nullcontext():
+                regenerated = generate(node, aliases[node])
+            regenerated.always_parallel = source.always_parallel
+            sources[node] = regenerated
+    sources.update(_choose_variants(sources, aliases, {node: s.scratch for node, s in sources.items()}))
     cache = get_cache()
     stats = CacheStats()
     kernels = {}
