@@ -217,8 +217,8 @@ def measure(args: argparse.Namespace) -> dict:
     first_call_s = time.perf_counter() - start
     for _ in range(args.warmup):
         step()
-    baseline = rss_kib("VmRSS")
     peak_reset = reset_peak()
+    baseline = rss_kib("VmRSS")  # after the reset: the peak restarts from here, never below
     times, measured = [], 0.0
     while len(times) < args.steps or measured < args.min_seconds:
         t0 = time.perf_counter()
