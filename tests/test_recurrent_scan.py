@@ -126,7 +126,6 @@ def test_a_training_step_over_100_steps_compiles_to_one_scan_per_layer_and_direc
     assert np.all(np.isfinite(losses)) and losses[1] < losses[0]
 
 
-@pytest.mark.slow  # about 10 s of kernel compiles on a cold cache
 def test_numba_cpu_matches_the_reference():
     rng = np.random.default_rng(8)
     model = nn.GRU(3, 4, num_layers=2, bidirectional=True, unroll=False)
