@@ -44,9 +44,9 @@ State = tuple[Tensor, ...]  # (h,) for RNN and GRU, (h, c) for LSTM
 #
 # Unrolled calls run up to 3x faster (the scan's gradient recomputes each step's cell from the
 # saved carries, and its loop calls the body from Python), but the unrolled compile grows by
-# about a second per step while the scan's stays flat. Up to 16 steps the unrolled compile costs
+# about 0.7 s per step while the scan's stays flat. Up to 16 steps the unrolled compile costs
 # at most ~8 s more, once (the kernel cache keeps it), for calls up to 1.8x faster; beyond, it
-# costs 14-30 s more and stops being practical. (With 2 threads on the busy 2-core machine the
+# costs 14-32 s more and stops being practical. (With 2 threads on the busy 2-core machine the
 # per-call times spread over two orders of magnitude, 72 ms to 3.4 s for the same 50-step scan,
 # and decide nothing.)
 UNROLL_MAX_STEPS = 16
@@ -148,7 +148,7 @@ class _RecurrentBase(Module):
                 state = self._cell(projected_x, state, weight_hh_t, bias_hh)
                 return state, state[0]
 
-            state, outputs = scan(step, tuple(state), projected, reverse=reverse)
+            state, outputs = scan(step, state, projected, reverse=reverse)
             return outputs, state
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         outputs = []
