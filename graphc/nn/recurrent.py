@@ -42,14 +42,15 @@ State = tuple[Tensor, ...]  # (h,) for RNN and GRU, (h, c) for LSTM
 #   per call (1 thread)     unrolled   13.3 ms   25.2 ms   23.8 ms   93.2 ms
 #                           scan       10.9 ms   45.0 ms   81.5 ms  146.1 ms
 #
-# Unrolled calls run up to 3x faster (the scan's gradient recomputes each step's cell from the
-# saved carries, and its loop calls the body from Python), but the unrolled compile grows by
-# about 0.7 s per step while the scan's stays flat. Up to 16 steps the unrolled compile costs
-# at most ~8 s more, once (the kernel cache keeps it), for calls up to 1.8x faster; beyond, it
-# costs 14-32 s more and stops being practical. (With 2 threads on the busy 2-core machine the
-# per-call times spread over two orders of magnitude, 72 ms to 3.4 s for the same 50-step scan,
-# and decide nothing.)
-UNROLL_MAX_STEPS = 16
+# Unrolled calls run up to 3.4x faster (the scan's gradient recomputes each step's cell from
+# the saved carries, and its loop calls the body from Python), but the unrolled compile grows by
+# about 0.7 s per step while the scan's stays flat. A training run pays the compile once (the
+# kernel cache keeps it) and the call on every step: at 28 steps the unrolled compile's extra
+# ~14 s is repaid after ~250 steps (58 ms saved per step), so sequences up to 32 steps unroll
+# (MNIST rows, 28, among them). Beyond, the compile grows past 25 s and the gap per call narrows
+# (50 steps: 1.6x). (With 2 threads on the busy 2-core machine the per-call times spread over two
+# orders of magnitude, 72 ms to 3.4 s for the same 50-step scan, and decide nothing.)
+UNROLL_MAX_STEPS = 32
 
 
 class _RecurrentBase(Module):
