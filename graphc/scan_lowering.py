@@ -120,8 +120,7 @@ def _segment(graph: Graph, nodes: Sequence[Node], read_later: set[Value], index:
     part = Graph(f"{graph.name}_part{index}")
     mapping = {v: part.add_input(v.type, f"in{i}") for i, v in enumerate(inputs)}
     for n in nodes:
-        clone = Node(n.op, tuple(mapping[v] for v in n.inputs), n.attrs,
-                     tuple(v.type for v in n.outputs), n.loc, n.subgraph, n.module)
+        clone = n.clone(mapping[v] for v in n.inputs)
         part.nodes.append(clone)
         mapping.update(zip(n.outputs, clone.outputs))
     for i, v in enumerate(outputs):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .types import TensorType
 
@@ -66,6 +66,14 @@ class Node:
         self.loc = loc
         self.subgraph = subgraph
         self.module = module
+
+    def clone(self, inputs: Iterable[Value], attrs: dict[str, Any] | None = None,
+              subgraph: Graph | None = None) -> Node:
+        """This node reading `inputs` instead, with fresh outputs of the same types: the same op,
+        attributes (or `attrs`), body (or `subgraph`), location and module. Not yet in a graph."""
+        return Node(self.op, tuple(inputs), self.attrs if attrs is None else attrs,
+                    tuple(v.type for v in self.outputs), self.loc,
+                    self.subgraph if subgraph is None else subgraph, self.module)
 
     def module_paths(self) -> list[str]:
         """The module paths this node covers, in order: its own, or a kernel's members'."""
@@ -185,10 +193,8 @@ class Graph:
         new = Graph(self.name)
         mapping = {inp.value: new.add_input(inp.value.type, inp.name, inp.role) for inp in self.inputs}
         for node in self.nodes:
-            clone = Node(node.op, tuple(mapping[v] for v in node.inputs), node.attrs,
-                         tuple(v.type for v in node.outputs), node.loc,
-                         node.subgraph.copy() if node.subgraph is not None else None,
-                         node.module)
+            clone = node.clone((mapping[v] for v in node.inputs),
+                               subgraph=node.subgraph.copy() if node.subgraph is not None else None)
             mapping.update(zip(node.outputs, clone.outputs))
             new.nodes.append(clone)
         new.outputs = [(n, mapping[v]) for n, v in self.outputs]

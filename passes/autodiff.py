@@ -212,8 +212,7 @@ def _inline(b: Builder, graph: Graph, args: Sequence[Value]) -> list[Value]:
     """Copy `graph`'s nodes into `b`'s graph, reading its inputs from `args`; its outputs."""
     mapping = dict(zip(graph.input_values, args))
     for node in graph.nodes:
-        clone = Node(node.op, tuple(mapping[v] for v in node.inputs), node.attrs,
-                     tuple(v.type for v in node.outputs), node.loc, node.subgraph, node.module)
+        clone = node.clone(mapping[v] for v in node.inputs)
         b.graph.nodes.append(clone)
         mapping.update(zip(node.outputs, clone.outputs))
     return [mapping[v] for v in graph.output_values]

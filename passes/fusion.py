@@ -385,8 +385,7 @@ class _KernelBuilder:
             sub.nodes.append(clone)
             local[v] = clone.output
         for m in members:
-            clone = Node(m.op, tuple(local[v] for v in m.inputs), m.attrs,
-                         tuple(v.type for v in m.outputs), m.loc, m.subgraph, m.module)
+            clone = m.clone(local[v] for v in m.inputs)
             sub.nodes.append(clone)
             local.update(zip(m.outputs, clone.outputs))
         for i, v in enumerate(outputs):

@@ -239,8 +239,7 @@ def prune_scans(graph: Graph) -> Graph:
     for node in graph.nodes:
         ins = [mapping[v] for v in node.inputs]
         if node.op != SCAN_OP:
-            clone = Node(node.op, tuple(ins), node.attrs, tuple(v.type for v in node.outputs),
-                         node.loc, node.subgraph, node.module)
+            clone = node.clone(ins)
             new.nodes.append(clone)
             mapping.update(zip(node.outputs, clone.outputs))
             continue
@@ -285,8 +284,7 @@ def hoist_invariants(graph: Graph) -> Graph:
         if hoisted:
             clone = _hoisted_scan(b, node, ins, hoisted)
         else:
-            clone = Node(node.op, tuple(ins), node.attrs, tuple(v.type for v in node.outputs),
-                         node.loc, node.subgraph, node.module)
+            clone = node.clone(ins)
         new.nodes.append(clone)
         mapping.update(zip(node.outputs, clone.outputs))
     new.outputs = [(n, mapping[v]) for n, v in graph.outputs]
@@ -317,8 +315,7 @@ def _hoisted_scan(b: Builder, scan: Node, ins: list[Value], hoisted: list[Node])
     outer = dict(zip(body.input_values[:c], ins[:c]))
     for node in body.nodes:
         if node in moved or node.op == "constant" and node.output in constants:
-            clone = Node(node.op, tuple(outer[v] for v in node.inputs), node.attrs,
-                         tuple(v.type for v in node.outputs), node.loc, node.subgraph, node.module)
+            clone = node.clone(outer[v] for v in node.inputs)
             b.graph.nodes.append(clone)
             outer.update(zip(node.outputs, clone.outputs))
     kept = [n for n in body.nodes if n not in moved]
@@ -335,8 +332,7 @@ def _hoisted_scan(b: Builder, scan: Node, ins: list[Value], hoisted: list[Node])
     mapping.update({inp.value: new_body.add_input(inp.value.type, inp.name, inp.role)
                     for inp in body.inputs[c:]})
     for node in kept:
-        clone = Node(node.op, tuple(mapping[v] for v in node.inputs), node.attrs,
-                     tuple(v.type for v in node.outputs), node.loc, node.subgraph, node.module)
+        clone = node.clone(mapping[v] for v in node.inputs)
         new_body.nodes.append(clone)
         mapping.update(zip(node.outputs, clone.outputs))
     new_body.outputs = [(n, mapping[v]) for n, v in body.outputs]

@@ -53,7 +53,7 @@ def epilogue_graph(kernel: Node, anchor: Node, epilogue: list[Node], arrays: dic
                 local[v] = part.add_input(v.type, f"in{len(refs)}")
                 refs.append(arrays[v])
     for m in epilogue:
-        clone = Node(m.op, tuple(local[v] for v in m.inputs), m.attrs, tuple(v.type for v in m.outputs), m.loc)
+        clone = m.clone(local[v] for v in m.inputs)
         part.nodes.append(clone)
         local.update(zip(m.outputs, clone.outputs))
     for v in sub.output_values:
