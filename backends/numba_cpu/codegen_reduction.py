@@ -60,8 +60,8 @@ def _generate(kernel: Node) -> KernelSource:
     if split:
         _split_reduction(code, reduction, index, dims, inner)
         parts.finish(code)
-    elif not parallel and _leading_reduction(reduction, len(shape)):
-        _column_reduction(code, parts)
+    elif _leading_reduction(reduction, len(shape)):
+        (_parallel_column_reduction if parallel else _column_reduction)(code, parts)
     else:
         for k, d in enumerate(kept):
             code.line(loop_header(index[d], dims[d], parallel and k == 0))
@@ -96,9 +96,10 @@ def _split_reduction(code: Writer, reduction: Reduction, index, dims, inner) -> 
 
 
 def _leading_reduction(reduction: Reduction, rank: int) -> bool:
-    """Whether the reduced axes are the leading ones, with at least one kept axis after them."""
+    """Whether the reduced axes are the leading ones (one at least), with at least one kept axis
+    after them."""
     axes = sorted(reduction.axes)
-    return reduction.op != "argmax" and axes == list(range(len(axes))) and len(axes) < rank
+    return reduction.op != "argmax" and axes == list(range(len(axes))) and 0 < len(axes) < rank
 
 
 def _column_reduction(code: Writer, parts: ReductionKernel) -> None:
@@ -126,6 +127,49 @@ def _column_reduction(code: Writer, parts: ReductionKernel) -> None:
     loops(kept, lambda: reduction.init(code, accs))
     loops(reduced + kept, lambda: parts.accumulate(code, accs))
     loops(kept, finish)
+
+
+# elements of the operand (at least) in one row block of a parallel column reduction: enough rows
+# that combining the blocks' partial sums costs little beside summing the rows (1/32 of it)
+ROW_BLOCK_ELEMENTS = 1 << 15
+
+
+def _parallel_column_reduction(code: Writer, parts: ReductionKernel) -> None:
+    """The column reduction split into blocks of rows run in parallel, each summing its rows
+    into its own row of partial sums, which a parallel loop over the kept axes then combines
+    before the epilogue. Parallel over the kept axes instead, each thread read down its columns
+    with a stride of a whole row (an LSTM's (T*N, 4H) bias gradient, 1792 x 512: 0.12 GFLOP/s).
+    The blocks depend on the extents only, never on the thread count: the result does too."""
+    reduction, index, dims = parts.reduction, parts.index, parts.dims
+    reduced, kept = sorted(reduction.axes), parts.kept
+    first = reduced[0]
+    row = " * ".join(dims[d] for d in range(len(dims)) if d != first)
+    kept_index = index_text(tuple(index[d] for d in kept))
+    partial = f"partial[block, {kept_index}]"
+    code.line(f"block_rows = max(1, {ROW_BLOCK_ELEMENTS} // max(1, {row}))")
+    code.line(f"blocks = ({dims[first]} + block_rows - 1) // block_rows")
+    code.line(f"partial = np.empty((blocks, {', '.join(dims[d] for d in kept)}), np.{reduction.acc_dtype})")
+
+    def loops(axes: list[int], emit: Callable[[], None], parallel: bool = False) -> None:
+        for k, d in enumerate(axes):
+            code.line(loop_header(index[d], dims[d], parallel and k == 0))
+            code.depth += 1
+        emit()
+        code.depth -= len(axes)
+
+    with code.block(loop_header("block", "blocks", True)):
+        loops(kept, lambda: reduction.init(code, partial))
+        start = "block * block_rows"
+        with code.block(f"for {index[first]} in range({start}, min({dims[first]}, {start} + block_rows)):"):
+            loops(reduced[1:] + kept, lambda: parts.accumulate(code, partial))
+
+    def combine() -> None:
+        reduction.init(code)
+        with code.block("for block in range(blocks):"):
+            reduction.update(code, partial)
+        parts.finish(code)
+
+    loops(kept, combine, parallel=True)
 
 
 # -- merging adjacent reduced axes ------------------------------------------------------------
