@@ -5,6 +5,10 @@ reduced axes inside. The body (the elementwise producers of the operand) is eval
 innermost loop and its values that leave the kernel are stored there; the epilogue (pointwise
 consumers of the reduced value) runs once per output element after the inner loops.
 
+A reduction over leading axes (a column sum) runs the other way round: rows outside, the kept
+axes innermost over a row of accumulators, so reads are contiguous; in parallel, blocks of rows
+each fill their own row of partial sums, combined before the epilogue.
+
 A reduction to a single element of a large operand splits its first axis into per-iteration
 partial results computed in parallel, then combines them.
 
