@@ -179,6 +179,53 @@ def _erf(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     return _elementwise_rule(e, node, domain)
 
 
+# On the CPU, LLVM vectorises a loop only if every call in it has a vector version, and Numba's
+# llvmlite has no vector math library (no SVML: `numba -s` reports "SVML Operational: False"),
+# so a float32 libm tanhf call keeps the whole fused loop scalar: a GELU epilogue ran ~27x
+# slower than the polynomial below, which is plain arithmetic and vectorises. (CUDA's tanhf is
+# fast; float64 keeps libm, whose accuracy a float32 polynomial cannot give.)
+SCALAR_LIBM_TARGETS = frozenset({"numba-cpu"})
+
+# tanh of a float32 in float32 arithmetic, within 1.5 ulp of the exact value (NumPy's tanhf:
+# 1.4; tests/test_transcendentals.py measures both). Below |x| = 0.625, Cephes' tanhf odd
+# polynomial; above, 1 - 2 / (e**2|x| + 1), with |x| clamped at 10 (tanh rounds to 1 from 9.01) and
+# e**t for t in [0, 20] as 2**n * e**r, r = t - n ln 2 in [-ln 2 / 2, ln 2 / 2] (Cody and
+# Waite's two-part ln 2), e**r by Cephes' expf polynomial and 2**n built from its exponent
+# bits. Selects rather than branches, so NaN passes through and the loop stays vectorisable.
+_TANH_FLOAT32 = """\
+@{decorator}
+def tanh_float32(x):
+    z = x * x
+    p = np.float32(-5.70498872745e-3)
+    p = p * z + np.float32(2.06390887954e-2)
+    p = p * z + np.float32(-5.37397155531e-2)
+    p = p * z + np.float32(1.33314422036e-1)
+    p = p * z + np.float32(-3.33332819422e-1)
+    small = x + x * z * p
+    t = np.float32(2.0) * min(abs(x), np.float32(10.0))
+    n = np.float32(np.floor(t * np.float32(1.44269504088896341) + np.float32(0.5)))
+    r = (t - n * np.float32(0.693359375)) - n * np.float32(-2.12194440e-4)
+    q = np.float32(1.9875691500e-4)
+    q = q * r + np.float32(1.3981999507e-3)
+    q = q * r + np.float32(8.3334519073e-3)
+    q = q * r + np.float32(4.1665795894e-2)
+    q = q * r + np.float32(1.6666665459e-1)
+    q = q * r + np.float32(5.0000001201e-1)
+    exp_t = (q * (r * r) + r + np.float32(1.0)) * np.int32((np.int32(n) + 127) << 23).view(np.float32)
+    large = np.float32(1.0) - np.float32(2.0) / (exp_t + np.float32(1.0))
+    y = small if abs(x) < np.float32(0.625) else (large if x > 0 else -large)
+    return y if x == x else x
+"""
+
+
+@_rule("tanh")
+def _tanh(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
+    if node.output.dtype != "float32" or e.target.name not in SCALAR_LIBM_TARGETS:
+        return _elementwise_rule(e, node, domain)
+    e.require_helper(_TANH_FLOAT32.format(decorator=e.target.helper_decorator))
+    return f"tanh_float32({e.broadcast_operand(node, 0, domain.index)})"
+
+
 @_rule("broadcast_to")
 def _broadcast_to(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     return e.broadcast_operand(node, 0, domain.index)
