@@ -2,6 +2,9 @@
 plan is new (issue 21, item 3). The kernels' one size-dependent choice, a parallel loop from
 PARALLEL_MIN_ELEMENTS on, is lowered here so that these tiny models cross it between batch sizes:
 a smaller batch must reuse the parallel kernels the first size compiled, not compile serial ones.
+The CNN's threshold splits its convolutions (8 images x 9 x 36 = 2592 elements parallel, 5 images
+serial), whose scratch depends on the choice and whose epilogue writes in place; the MLP's its
+hidden layers (8 x 16 = 128 parallel, 5 x 16 serial).
 """
 from __future__ import annotations
 
@@ -13,13 +16,13 @@ import graphc.nn.functional as F
 from graphc import nn, optim
 from graphc.backends.numba_cpu import codegen_common
 
-# 8 x 16 hidden units = 128 elements run in parallel; 5 x 16 = 80 would not.
-SMALL_PARALLEL_THRESHOLD = 100
 
 
-@pytest.fixture
-def low_parallel_threshold(monkeypatch):
-    monkeypatch.setattr(codegen_common, "PARALLEL_MIN_ELEMENTS", SMALL_PARALLEL_THRESHOLD)
+def isolated_with_low_threshold(monkeypatch, tmp_path, name: str) -> None:
+    """The model's parallel threshold, and a cache of its own (kernels another test compiled at
+    another threshold would be found, and reused rightly, but they are not the first size's)."""
+    monkeypatch.setattr(codegen_common, "PARALLEL_MIN_ELEMENTS", MODELS[name][2])
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
 
 
 def small_cnn() -> nn.Module:
@@ -31,7 +34,8 @@ def small_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5))
 
 
-MODELS = {"cnn": (small_cnn, (1, 8, 8)), "mlp": (small_mlp, (12,))}
+# builder, features of one example, parallel threshold
+MODELS = {"cnn": (small_cnn, (1, 8, 8), 2000), "mlp": (small_mlp, (12,), 100)}
 
 
 def batch(features: tuple[int, ...], size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,10 +61,10 @@ def assert_kernels_reused(first, later) -> None:
     assert later.cache_stats.compiled == 0 and later.cache_stats.misses == 0, later.cache_stats
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
-def test_train_step_new_batch_sizes_reuse_kernels(name, low_parallel_threshold):
-    build, features = MODELS[name]
+def test_train_step_new_batch_sizes_reuse_kernels(name, monkeypatch, tmp_path):
+    isolated_with_low_threshold(monkeypatch, tmp_path, name)
+    build, features, _ = MODELS[name]
     gc.manual_seed(1)
     model, oracle = build(), build()
     oracle.load_state_dict(model.state_dict())
@@ -82,11 +86,13 @@ def test_train_step_new_batch_sizes_reuse_kernels(name, low_parallel_threshold):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_inference_new_batch_sizes_reuse_kernels(name, low_parallel_threshold):
-    build, features = MODELS[name]
+def test_inference_new_batch_sizes_reuse_kernels(name, monkeypatch, tmp_path):
+    isolated_with_low_threshold(monkeypatch, tmp_path, name)
+    build, features, _ = MODELS[name]
     model = build()
     compiled = gc.compile(model, batch(features, 8, 0)[0], backend="numba-cpu")
     first = compiled.executable
+    assert any(k.generated.parallel for k in first.kernels)  # the threshold is crossed
     for size in (8, 5, 3):
         x = batch(features, size, size)[0]
         expected = gc.compile(model, x, backend="reference")(x)

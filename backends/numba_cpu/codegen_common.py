@@ -43,7 +43,7 @@ def runs_parallel(elements: int) -> bool:
 def always_parallel() -> Iterator[None]:
     """Generate every loop that can run in parallel as parallel, whatever its size. A kernel's
     source then no longer depends on its batch extent: the variant a larger batch compiled
-    serves a smaller batch of the same model (the executor's choice, `_choose_variants`)."""
+    serves a smaller batch of the same model (the executor's choice, `choose_variants`)."""
     token = _ALWAYS_PARALLEL.set(True)
     try:
         yield
@@ -87,7 +87,7 @@ class KernelSource:
     scratch: tuple[TensorType, ...] = ()
     flops: int = 0
     origin: str = ""              # a comment naming the module paths and lines of its ops
-    always_parallel: bool = False  # generated inside always_parallel()
+    parallel_calls: tuple[bool, ...] = ()  # the calls taken from the always_parallel() variant
 
     @property
     def source(self) -> str:

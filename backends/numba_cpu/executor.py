@@ -18,8 +18,7 @@ import sys
 import threading
 import time
 import weakref
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import numba
@@ -398,34 +397,57 @@ def _limit_blas_threads() -> None:
 def lower(fused: Graph) -> LoweredGraph:
     """The generated source of every kernel of `fused` that runs code."""
     nodes = [n for n in fused.nodes if n.attrs["pattern"] not in ("view", "constant")]
-    return LoweredGraph(fused, _choose_variants({n: generate(n) for n in nodes}, {}))
+    return LoweredGraph(fused, choose_variants({n: generate(n) for n in nodes}, {}, planned=False))
 
 
-def _choose_variants(sources: dict[Node, KernelSource], aliases: dict[Node, dict[KernelArray, KernelArray]],
-                     scratch: dict[Node, tuple[TensorType, ...]] | None = None) -> dict[Node, KernelSource]:
-    """`sources`, except that a kernel the cache would compile becomes its always-parallel
+def choose_variants(sources: dict[Node, KernelSource], aliases: dict[Node, dict[KernelArray, KernelArray]],
+                    planned: bool) -> dict[Node, KernelSource]:
+    """`sources`, except that a call the cache would compile becomes its always-parallel
     variant where that one is already compiled (in this process or on disk).
 
     Kernel sources are generic over extents; their one size-dependent choice is running a loop
     serially below PARALLEL_MIN_ELEMENTS. So a model compiled for batch 64 and then called with
     batch 1 would compile its kernels again, serial, for seconds: the parallel ones it has serve
     as well (a parallel region costs ~10 us). Only that way round: a serial kernel left by a
-    smaller batch never replaces a parallel one. `aliases` are the in-place outputs to generate
-    with (compile_plan); `scratch`, once memory is planned, the scratch each kernel must keep
-    (an always-parallel convolution wants a column matrix per thread)."""
+    smaller batch never replaces a parallel one. Chosen call by call: a convolution may be
+    parallel at batch 64 and its epilogue serial. `aliases` are the in-place outputs to generate
+    with; once memory is `planned`, a kernel keeps its scratch (an always-parallel convolution
+    wants a column matrix per thread)."""
     cache = get_cache()
-    ready = iter(cache.compiled([c.source for s in sources.values() for c in s.calls]))
-    missing = [n for n, s in sources.items() if not all([next(ready) for _ in s.calls])]
-    variants = {}
-    for node in missing:
-        with always_parallel():
-            variant = generate(node, aliases.get(node))
-        variant.always_parallel = True
-        if scratch is None or variant.scratch == scratch[node]:
-            variants[node] = variant
-    ready = iter(cache.compiled([c.source for s in variants.values() for c in s.calls]))
-    chosen = [n for n, s in variants.items() if all([next(ready) for _ in s.calls])]
-    return {**sources, **{n: variants[n] for n in chosen}}
+    found = iter(cache.compiled([c.source for s in sources.values() for c in s.calls]))
+    missing = [n for n, s in sources.items() if not all([next(found) for _ in s.calls])]
+    variants = {n: _parallel_variant(n, aliases.get(n), sources[n]) for n in missing}
+    variants = {n: v for n, v in variants.items()
+                if v is not None and not (planned and v.scratch != sources[n].scratch)}
+    candidates = list({c.source for n, v in variants.items() for c in (*v.calls, *sources[n].calls)})
+    ready = {source for source, compiled in zip(candidates, cache.compiled(candidates)) if compiled}
+    chosen = dict(sources)
+    for node, variant in variants.items():
+        mask = tuple(p.source in ready and d.source not in ready
+                     for d, p in zip(sources[node].calls, variant.calls))
+        chosen[node] = _mixed(sources[node], variant, mask)
+    return chosen
+
+
+def _parallel_variant(node: Node, aliases: dict[KernelArray, KernelArray] | None,
+                      default: KernelSource) -> KernelSource | None:
+    """`node`'s kernel generated inside always_parallel(), if its calls and scratch arrays
+    correspond one to one with `default`'s."""
+    with always_parallel():
+        variant = generate(node, aliases)
+    if len(variant.calls) != len(default.calls) or len(variant.scratch) != len(default.scratch):
+        return None
+    return variant
+
+
+def _mixed(default: KernelSource, variant: KernelSource | None, mask: tuple[bool, ...]) -> KernelSource:
+    """`default` with the calls `mask` picks (and those it already took) from `variant`, whose
+    scratch it then takes: the calls read their extents, thread counts included, from it."""
+    mask = tuple(a or b for a, b in zip(mask, default.parallel_calls or mask))
+    if variant is None or not any(mask):
+        return default
+    calls = [v if m else d for d, v, m in zip(default.calls, variant.calls, mask)]
+    return replace(default, calls=calls, scratch=variant.scratch, parallel_calls=mask)
 
 
 def in_place_aliases(plan: MemoryPlan, kernel: Node) -> dict[KernelArray, KernelArray]:
@@ -448,16 +470,15 @@ def compile_plan(lowered: LoweredGraph, plan: MemoryPlan) -> Executable:
     # Lowering came first because it tells the planner each kernel's scratch (the algorithm a
     # convolution picks decides it); now that the plan says which outputs share an input's
     # buffer, the kernels writing in place are generated again, through one parameter per buffer.
-    # A kernel lowered as its always-parallel variant stays one (its scratch was planned so).
+    # A call lowered as its always-parallel variant stays one (its scratch was planned so).
     aliases = {node: in_place_aliases(plan, node) for node in sources
                if node.attrs["pattern"] in POINTWISE_GENERATORS}
     for node, source in sources.items():
         if aliases.get(node):
-            with always_parallel() if source.always_parallel else nullcontext():
-                regenerated = generate(node, aliases[node])
-            regenerated.always_parallel = source.always_parallel
-            sources[node] = regenerated
-    sources.update(_choose_variants(sources, aliases, {node: s.scratch for node, s in sources.items()}))
+            default = generate(node, aliases[node])
+            variant = _parallel_variant(node, aliases[node], default) if any(source.parallel_calls) else None
+            sources[node] = _mixed(default, variant, source.parallel_calls)
+    sources.update(choose_variants(sources, aliases, planned=True))
     cache = get_cache()
     stats = CacheStats()
     kernels = {}
