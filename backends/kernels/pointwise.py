@@ -181,18 +181,44 @@ def _erf(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
 
 # On the CPU, LLVM vectorises a loop only if every call in it has a vector version, and Numba's
 # llvmlite has no vector math library (no SVML: `numba -s` reports "SVML Operational: False"),
-# so a float32 libm tanhf call keeps the whole fused loop scalar: a GELU epilogue ran ~27x
-# slower than the polynomial below, which is plain arithmetic and vectorises. (CUDA's tanhf is
-# fast; float64 keeps libm, whose accuracy a float32 polynomial cannot give.)
+# so one libm expf/tanhf call keeps a whole fused loop scalar: a GELU epilogue ran ~27x slower
+# than the polynomials below, which are plain arithmetic and vectorise. (CUDA's expf and tanhf
+# are fast; float64 keeps libm, whose accuracy a float32 polynomial cannot give.)
 SCALAR_LIBM_TARGETS = frozenset({"numba-cpu"})
 
-# tanh of a float32 in float32 arithmetic, within 1.5 ulp of the exact value (NumPy's tanhf:
-# 1.4; tests/test_transcendentals.py measures both). Below |x| = 0.625, Cephes' tanhf odd
-# polynomial; above, 1 - 2 / (e**2|x| + 1), with |x| clamped at 10 (tanh rounds to 1 from 9.01) and
-# e**t for t in [0, 20] as 2**n * e**r, r = t - n ln 2 in [-ln 2 / 2, ln 2 / 2] (Cody and
-# Waite's two-part ln 2), e**r by Cephes' expf polynomial and 2**n built from its exponent
-# bits. Selects rather than branches, so NaN passes through and the loop stays vectorisable.
-_TANH_FLOAT32 = """\
+# float32 exp, tanh and sigmoid in float32 arithmetic, each within 1.5 ulp of the exact value
+# (as NumPy's: tests/test_transcendentals.py measures both). Selects rather than branches, so
+# NaN passes through and loops stay vectorisable.
+# exp: e**x = 2**n * e**r, r = x - n ln 2 in [-ln 2 / 2, ln 2 / 2] (Cody and Waite's two-part
+# ln 2), e**r by Cephes' expf polynomial, 2**n as two powers of two built from exponent bits so
+# that results from overflow (inf) down to the smallest subnormal round once.
+# tanh: below |x| = 0.625 Cephes' tanhf odd polynomial; above, 1 - 2 / (e**2|x| + 1), |x|
+# clamped at 10 (tanh rounds to 1 from 9.01). It computes e**2|x| itself, as exp_float32 on
+# [0, 20] (one power of two suffices): calling exp_float32 made it too large for LLVM to inline,
+# and a call keeps the loop scalar.
+# The helpers are compiled without the kernels' fast-math flags (a callee inherits its caller's
+# unless it sets its own): reassociation would merge the two parts of ln 2 and the two powers
+# of two (2**64 * 2**64 is inf).
+_FLOAT32_MATH = """\
+@{decorator}
+def exp_float32(x):
+    c = min(max(x, np.float32(-104.0)), np.float32(89.0))
+    n = np.float32(np.floor(c * np.float32(1.44269504088896341) + np.float32(0.5)))
+    r = (c - n * np.float32(0.693359375)) - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    k = np.int32(n)
+    half = k >> 1
+    low = np.int32((half + 127) << 23).view(np.float32)
+    high = np.int32((k - half + 127) << 23).view(np.float32)
+    y = (p * (r * r) + r + np.float32(1.0)) * low * high
+    return y if x == x else x
+
+
 @{decorator}
 def tanh_float32(x):
     z = x * x
@@ -215,15 +241,21 @@ def tanh_float32(x):
     large = np.float32(1.0) - np.float32(2.0) / (exp_t + np.float32(1.0))
     y = small if abs(x) < np.float32(0.625) else (large if x > 0 else -large)
     return y if x == x else x
+
+
+@{decorator}
+def sigmoid_float32(x):
+    return np.float32(1.0) / (np.float32(1.0) + exp_float32(-x))
 """
 
 
-@_rule("tanh")
-def _tanh(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
+@_rule("exp", "tanh", "sigmoid")
+def _float32_transcendental(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     if node.output.dtype != "float32" or e.target.name not in SCALAR_LIBM_TARGETS:
         return _elementwise_rule(e, node, domain)
-    e.require_helper(_TANH_FLOAT32.format(decorator=e.target.helper_decorator))
-    return f"tanh_float32({e.broadcast_operand(node, 0, domain.index)})"
+    strict = e.target.helper_decorator.replace("(", "(fastmath=False, ", 1)
+    e.require_helper(_FLOAT32_MATH.format(decorator=strict))
+    return f"{node.op}_float32({e.broadcast_operand(node, 0, domain.index)})"
 
 
 @_rule("broadcast_to")

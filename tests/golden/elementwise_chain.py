@@ -5,7 +5,26 @@ from numba import njit, prange
 FASTMATH = {'afn', 'arcp', 'contract', 'nsz', 'reassoc'}
 
 
-@njit(error_model='numpy', no_cfunc_wrapper=True, no_cpython_wrapper=True)
+@njit(fastmath=False, error_model='numpy', no_cfunc_wrapper=True, no_cpython_wrapper=True)
+def exp_float32(x):
+    c = min(max(x, np.float32(-104.0)), np.float32(89.0))
+    n = np.float32(np.floor(c * np.float32(1.44269504088896341) + np.float32(0.5)))
+    r = (c - n * np.float32(0.693359375)) - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    k = np.int32(n)
+    half = k >> 1
+    low = np.int32((half + 127) << 23).view(np.float32)
+    high = np.int32((k - half + 127) << 23).view(np.float32)
+    y = (p * (r * r) + r + np.float32(1.0)) * low * high
+    return y if x == x else x
+
+
+@njit(fastmath=False, error_model='numpy', no_cfunc_wrapper=True, no_cpython_wrapper=True)
 def tanh_float32(x):
     z = x * x
     p = np.float32(-5.70498872745e-3)
@@ -27,6 +46,11 @@ def tanh_float32(x):
     large = np.float32(1.0) - np.float32(2.0) / (exp_t + np.float32(1.0))
     y = small if abs(x) < np.float32(0.625) else (large if x > 0 else -large)
     return y if x == x else x
+
+
+@njit(fastmath=False, error_model='numpy', no_cfunc_wrapper=True, no_cpython_wrapper=True)
+def sigmoid_float32(x):
+    return np.float32(1.0) / (np.float32(1.0) + exp_float32(-x))
 
 
 @njit(parallel=False, fastmath=FASTMATH, error_model='numpy', no_cfunc_wrapper=True, cache=True)

@@ -5,13 +5,61 @@ from numba import njit, prange
 FASTMATH = {'afn', 'arcp', 'contract', 'nsz', 'reassoc'}
 
 
+@njit(fastmath=False, error_model='numpy', no_cfunc_wrapper=True, no_cpython_wrapper=True)
+def exp_float32(x):
+    c = min(max(x, np.float32(-104.0)), np.float32(89.0))
+    n = np.float32(np.floor(c * np.float32(1.44269504088896341) + np.float32(0.5)))
+    r = (c - n * np.float32(0.693359375)) - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    k = np.int32(n)
+    half = k >> 1
+    low = np.int32((half + 127) << 23).view(np.float32)
+    high = np.int32((k - half + 127) << 23).view(np.float32)
+    y = (p * (r * r) + r + np.float32(1.0)) * low * high
+    return y if x == x else x
+
+
+@njit(fastmath=False, error_model='numpy', no_cfunc_wrapper=True, no_cpython_wrapper=True)
+def tanh_float32(x):
+    z = x * x
+    p = np.float32(-5.70498872745e-3)
+    p = p * z + np.float32(2.06390887954e-2)
+    p = p * z + np.float32(-5.37397155531e-2)
+    p = p * z + np.float32(1.33314422036e-1)
+    p = p * z + np.float32(-3.33332819422e-1)
+    small = x + x * z * p
+    t = np.float32(2.0) * min(abs(x), np.float32(10.0))
+    n = np.float32(np.floor(t * np.float32(1.44269504088896341) + np.float32(0.5)))
+    r = (t - n * np.float32(0.693359375)) - n * np.float32(-2.12194440e-4)
+    q = np.float32(1.9875691500e-4)
+    q = q * r + np.float32(1.3981999507e-3)
+    q = q * r + np.float32(8.3334519073e-3)
+    q = q * r + np.float32(4.1665795894e-2)
+    q = q * r + np.float32(1.6666665459e-1)
+    q = q * r + np.float32(5.0000001201e-1)
+    exp_t = (q * (r * r) + r + np.float32(1.0)) * np.int32((np.int32(n) + 127) << 23).view(np.float32)
+    large = np.float32(1.0) - np.float32(2.0) / (exp_t + np.float32(1.0))
+    y = small if abs(x) < np.float32(0.625) else (large if x > 0 else -large)
+    return y if x == x else x
+
+
+@njit(fastmath=False, error_model='numpy', no_cfunc_wrapper=True, no_cpython_wrapper=True)
+def sigmoid_float32(x):
+    return np.float32(1.0) / (np.float32(1.0) + exp_float32(-x))
+
+
 @njit(parallel=False, fastmath=FASTMATH, error_model='numpy', no_cfunc_wrapper=True, cache=True)
 def kernel_sub_exp_sum(x0, x1, y0, y1, n0, n1):
     for i0 in range(n0):
         acc = np.float64(0.0)
         for i1 in range(n1):
             t0 = np.float32((x0[i0, i1] - x1[i0, 0]))  # sub
-            t1 = np.float32(np.exp(t0))  # exp
+            t1 = np.float32(exp_float32(t0))  # exp
             y0[i0, i1] = t1
             acc += t1
         t2 = np.float32(acc)  # sum
