@@ -78,8 +78,9 @@ def test_parallel_column_sum_reads_rows_with_the_kept_axis_innermost():
 
 
 def test_parallel_column_reductions_over_several_axes_with_nans():
-    """Two reduced axes kept apart (an operand broadcast over one of them), two kept axes, max
-    with a NaN, keepdims: each through the row blocks, against the reference."""
+    """Two reduced axes kept apart (an operand broadcast over one of them) through the row
+    blocks; two kept axes (max with a NaN, keepdims), parallel over the first kept axis with the
+    rows inside it: against the reference."""
     rng = np.random.default_rng(2)
     x, row = rng.random((40, 30, 60)).astype("float32"), rng.random((40, 1, 60)).astype("float32")
     y = rng.random((300, 16, 20)).astype("float32")
@@ -87,8 +88,25 @@ def test_parallel_column_reductions_over_several_axes_with_nans():
     arrays = [x, row, y]
     executable, _ = check(build("column_axes", arrays, lambda b, v, r, w: [
         b.sum(b.mul(v, r), axes=(0, 1)), b.max(w, axes=(0,)), b.sum(w, axes=(0,), keepdims=True)]), arrays)
-    sources = reduction_sources(executable)
-    assert len(sources) == 3 and all("for block in prange(blocks):" in s for s in sources)
+    blocks, by_kept_axis = [], []
+    for source in reduction_sources(executable):
+        (blocks if "for block in prange(blocks):" in source else by_kept_axis).append(source)
+    assert len(blocks) == 1 and len(by_kept_axis) == 2
+    for source in by_kept_axis:
+        lines = [line.strip() for line in source.splitlines()]
+        outer = lines.index("for i1 in prange(n1):")
+        assert lines[outer + 1] == "for i2 in range(n2):" and lines[outer + 2].startswith("accs[i1, i2] = ")
+        assert "for i0 in range(n0):" in lines[outer + 3:]
+
+
+def test_parallel_column_sum_over_two_kept_axes_matches_the_reference():
+    """A batched weight gradient: (batch, rows, cols) summed over the batch, with an epilogue."""
+    for dtype in ("float32", "float64"):
+        x = np.random.default_rng(4).random((9, 70, 110)).astype(dtype)
+        executable, _ = check(build(f"weight_grad_{dtype}", [x], lambda b, v: [
+            b.mul(b.sum(v, axes=(0,)), b.const(0.5, dtype))]), [x])
+        [source] = reduction_sources(executable)
+        assert "for i1 in prange(n1):" in source and "partial" not in source
 
 
 def test_parallel_column_sum_does_not_depend_on_the_thread_count():
