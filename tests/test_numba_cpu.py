@@ -409,7 +409,11 @@ def test_broadcast_kernels_loop_over_collapsed_axes(shape, bias_shape, rank):
     assert len(calls) == 2  # relu(x + c), and dropout's where (exp(c) is a kernel of its own)
     for call in calls:
         assert all(view is None or len(view) == rank for view in call.views)
-        assert call.parallel == (np.prod(shape) >= 1 << 16)
+        # Large loops run in parallel; a small one may too, when this kernel's always-parallel
+        # variant is already compiled (a larger size of the same source, reused rather than
+        # compiled again serially: executor.choose_variants), so that side depends on test order.
+        if np.prod(shape) >= 1 << 16:
+            assert call.parallel
         if call.parallel and rank == 3:
             assert "for k in prange(n0 * n1):" in call.source and "i1 = k % n1" in call.source
 
