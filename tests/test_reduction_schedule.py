@@ -60,8 +60,11 @@ def test_column_sum_of_a_tall_matrix_matches_the_reference(rows, cols, parallel,
               (rng.random(cols) + 0.5).astype(dtype)]
     executable, _ = check(build(f"column_sum_{dtype}", arrays, adam_like), arrays)
     [source] = reduction_sources(executable)
-    assert ("for block in prange(blocks):" in source) == parallel
+    # a small case may run the parallel schedule too, when that source is already compiled
+    # (executor.choose_variants reuses it rather than compile a serial one): only large cases
+    # are asserted
     if parallel:
+        assert "for block in prange(blocks):" in source
         block_rows = max(1, ROW_BLOCK_ELEMENTS // cols)
         assert rows % block_rows and rows // block_rows >= 1  # a partial last block is covered
 
