@@ -186,6 +186,19 @@ def _erf(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
 # are fast; float64 keeps libm, whose accuracy a float32 polynomial cannot give.)
 SCALAR_LIBM_TARGETS = frozenset({"numba-cpu"})
 
+
+def _exp_reduction(x: str, p: str) -> str:
+    """Lines giving n and r with x = n ln 2 + r (Cody-Waite: ln 2 in two parts), then the
+    Cephes expf polynomial `p` with e**r = p r**2 + r + 1."""
+    lines = [f"n = np.float32(np.floor({x} * np.float32(1.44269504088896341) + np.float32(0.5)))",
+             f"r = ({x} - n * np.float32(0.693359375)) - n * np.float32(-2.12194440e-4)",
+             f"{p} = np.float32(1.9875691500e-4)"]
+    lines += [f"{p} = {p} * r + np.float32({c})"
+              for c in ("1.3981999507e-3", "8.3334519073e-3", "4.1665795894e-2", "1.6666665459e-1",
+                        "5.0000001201e-1")]
+    return "".join(f"    {line}\n" for line in lines)
+
+
 # float32 exp, tanh and sigmoid in float32 arithmetic, each within 1.5 ulp of the exact value
 # (as NumPy's: tests/test_transcendentals.py measures both). Selects rather than branches, so
 # NaN passes through and loops stay vectorisable.
@@ -203,15 +216,7 @@ _FLOAT32_MATH = """\
 @{decorator}
 def exp_float32(x):
     c = min(max(x, np.float32(-104.0)), np.float32(89.0))
-    n = np.float32(np.floor(c * np.float32(1.44269504088896341) + np.float32(0.5)))
-    r = (c - n * np.float32(0.693359375)) - n * np.float32(-2.12194440e-4)
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    k = np.int32(n)
+{exp_reduction_c}    k = np.int32(n)
     half = k >> 1
     low = np.int32((half + 127) << 23).view(np.float32)
     high = np.int32((k - half + 127) << 23).view(np.float32)
@@ -229,15 +234,7 @@ def tanh_float32(x):
     p = p * z + np.float32(-3.33332819422e-1)
     small = x + x * z * p
     t = np.float32(2.0) * min(abs(x), np.float32(10.0))
-    n = np.float32(np.floor(t * np.float32(1.44269504088896341) + np.float32(0.5)))
-    r = (t - n * np.float32(0.693359375)) - n * np.float32(-2.12194440e-4)
-    q = np.float32(1.9875691500e-4)
-    q = q * r + np.float32(1.3981999507e-3)
-    q = q * r + np.float32(8.3334519073e-3)
-    q = q * r + np.float32(4.1665795894e-2)
-    q = q * r + np.float32(1.6666665459e-1)
-    q = q * r + np.float32(5.0000001201e-1)
-    exp_t = (q * (r * r) + r + np.float32(1.0)) * np.int32((np.int32(n) + 127) << 23).view(np.float32)
+{exp_reduction_t}    exp_t = (q * (r * r) + r + np.float32(1.0)) * np.int32((np.int32(n) + 127) << 23).view(np.float32)
     large = np.float32(1.0) - np.float32(2.0) / (exp_t + np.float32(1.0))
     y = small if abs(x) < np.float32(0.625) else (large if x > 0 else -large)
     return y if x == x else x
@@ -254,7 +251,8 @@ def _float32_transcendental(e: PointwiseEmitter, node: Node, domain: Domain) -> 
     if node.output.dtype != "float32" or e.target.name not in SCALAR_LIBM_TARGETS:
         return _elementwise_rule(e, node, domain)
     strict = e.target.helper_decorator.replace("(", "(fastmath=False, ", 1)
-    e.require_helper(_FLOAT32_MATH.format(decorator=strict))
+    e.require_helper(_FLOAT32_MATH.format(decorator=strict, exp_reduction_c=_exp_reduction("c", "p"),
+                                         exp_reduction_t=_exp_reduction("t", "q")))
     return f"{node.op}_float32({e.broadcast_operand(node, 0, domain.index)})"
 
 
