@@ -37,17 +37,17 @@ from graphc.ir import Graph, TensorType
 from graphc.ir.errors import GraphcError
 from graphc.passes import SIMPLIFY, Stages
 
-from .api import jit, user_facing
-from .compile import CompiledGraph, TrainStep
-from .data import Batch, DataLoader, Dataset, Subset, Transform
-from .functions import concatenate
-from .lowering import compile_graph
-from .nn.module import Module
-from .optim import Optimizer
-from .step_builder import StepBuilder, batch_arrays, trace_gradients
-from .tensor import ModuleReads, Tensor
-from . import train
-from .train import EarlyStopping, History, load_checkpoint, training_state
+from ..api import jit, user_facing
+from ..compile import CompiledGraph, TrainStep
+from ..data import Batch, DataLoader, Dataset, Subset, Transform
+from ..functions import concatenate
+from ..lowering import compile_graph
+from ..nn.module import Module
+from ..optim import Optimizer
+from ..step_builder import StepBuilder, batch_arrays, trace_gradients
+from ..tensor import ModuleReads, Tensor
+from .. import train
+from ..train import EarlyStopping, History, load_checkpoint, training_state
 
 TIMEOUT_ENV = "GRAPHC_DDP_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0

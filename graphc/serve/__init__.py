@@ -1,0 +1,1 @@
+"""graphc serve: compiled models behind an HTTP inference server."""
