@@ -5,7 +5,8 @@ is its "onnx" lowering in the registry (ir/lowering.py), emitting the ONNX nodes
 Data inputs stay graph inputs with their static shapes; parameters and buffers become
 initializers holding the model's current values; graph outputs keep their names. Every
 intermediate value is declared with its static type, so the checker's strict shape inference
-re-verifies each converter's output type.
+re-verifies each converter's output type. A `scan` becomes an ONNX `Scan` whose body is the
+scan's body graph, converted the same way (nested scans nest).
 
 onnx is an optional dependency (`pip install 'graphc[onnx]'`), imported only when exporting.
 """
@@ -19,6 +20,7 @@ import numpy as np
 from graphc.ir import Graph, Node, TensorType, Value
 from graphc.ir.errors import GraphcError
 from graphc.ir.lowering import find_lowering, lowered_primitives, lowering, register_lowering
+from graphc.ir.ops.control import SCAN_OP, split_inputs
 
 from .api import to_array, user_facing
 from .compile import CompiledModel, compile
@@ -62,16 +64,28 @@ class OnnxGraphBuilder:
         self._taken.add(name)
         return name
 
+    def body_builder(self) -> OnnxGraphBuilder:
+        """A builder for a loop body: nodes of its own, but this model's names (ONNX wants every
+        name unique across the model, subgraphs included) and initializers (a body reads outer
+        values by name)."""
+        body = OnnxGraphBuilder(self.onnx, self.opset, reserved=set())
+        body._taken, body.initializers = self._taken, self.initializers
+        return body
+
     def emit(self, op_type: str, inputs: list[str], output: str | None = None, **attrs: Any) -> str:
         """Append one ONNX node; returns its output name (`output`, or a fresh one)."""
         output = output or self.fresh(op_type.lower())
+        self.emit_multi(op_type, inputs, [output], **attrs)
+        return output
+
+    def emit_multi(self, op_type: str, inputs: list[str], outputs: list[str], **attrs: Any) -> None:
+        """Append one ONNX node writing several outputs."""
         source, doc = self.source, ""
         if source is not None:  # tools such as Netron show where each node came from
             doc = f"graphc {source.op}" + (f" at {source.loc}" if source.loc else "")
         self.nodes.append(self.onnx.helper.make_node(
-            op_type, inputs, [output], name=self.fresh(source.op if source else op_type),
+            op_type, inputs, outputs, name=self.fresh(source.op if source else op_type),
             doc_string=doc, **attrs))
-        return output
 
     def constant(self, array: np.ndarray, name: str | None = None) -> str:
         """An initializer holding `array`; returns its name."""
@@ -353,6 +367,67 @@ def _initializer_array(graph: Graph, name: str, type: TensorType,
     return array
 
 
+def _convert_nodes(g: OnnxGraphBuilder, graph: Graph, names: dict[Value, str],
+                   output_names: list[str]) -> list[Any]:
+    """Emit the nodes of `graph` through `g`, reading its inputs under `names` and writing its
+    outputs under `output_names` (one per graph output); returns the declared types of the
+    intermediate values."""
+    # A node's value takes its first graph output's name; a constant's does not, since it
+    # becomes an initializer of the whole model, and a body's outputs must be made in the body.
+    output_name: dict[Value, str] = {}
+    for name, (_, value) in zip(output_names, graph.outputs):
+        if value.producer is None or value.producer.op != "constant":
+            output_name.setdefault(value, name)
+    value_info = []
+    for node in graph.nodes:
+        outs = [output_name.get(v) or g.fresh(node.op) for v in node.outputs]
+        g.source = node
+        xs = [names[v] for v in node.inputs]
+        if node.op == SCAN_OP:
+            _scan(g, node, xs, outs)
+        else:
+            _converter(node)(g, node, xs, outs[0])
+        for value, out in zip(node.outputs, outs):
+            names[value] = out
+            if value not in output_name:
+                value_info.append(g.value_info(out, value.type))
+    g.source = None
+    for name, (_, value) in zip(output_names, graph.outputs):
+        if names[value] != name:  # an input, a constant, or a value under a second name
+            g.emit("Identity", [names[value]], name)
+    return value_info
+
+
+def _scan(g: OnnxGraphBuilder, node: Node, xs: list[str], outs: list[str]) -> None:
+    """graphc's scan as ONNX's Scan: the carry is Scan's state, the stacked inputs and outputs
+    its scan inputs and outputs, the loop invariants outer values the body reads by name."""
+    body, length, reverse = node.subgraph, node.attrs["length"], node.attrs["reverse"]
+    consts, carry, stacked = split_inputs(node, xs)
+    _, carry_inputs, slice_inputs = split_inputs(node, body.inputs)
+    inner = g.body_builder()
+    names = {inp.value: outer for inp, outer in zip(body.inputs, consts)}
+    body_inputs = []
+    for inp in carry_inputs + slice_inputs:
+        names[inp.value] = inner.fresh(inp.name)
+        body_inputs.append(inner.value_info(names[inp.value], inp.value.type))
+    if not stacked:  # Scan takes its trip count from its scan inputs: give it one to count
+        stacked = [g.constant(np.zeros(length, np.bool_))]
+        unused = inner.fresh("step")
+        body_inputs.append(inner.value_info(unused, TensorType((), "bool")))
+    output_names = [inner.fresh(name) for name in body.output_names]
+    value_info = _convert_nodes(inner, body, names, output_names)
+    body_outputs = [inner.value_info(name, value.type)
+                    for name, value in zip(output_names, body.output_values)]
+    body_proto = g.onnx.helper.make_graph(inner.nodes, g.fresh("scan_body"), body_inputs,
+                                          body_outputs, value_info=value_info)
+    num_ys = len(node.outputs) - len(carry)
+    # Reversed, the steps read the scan inputs from the end and write the outputs from the end
+    # (ONNX's direction 1), so ys[t] is the output of the step that read xs[t], as in graphc.
+    g.emit_multi("Scan", carry + stacked, outs, body=body_proto, num_scan_inputs=len(stacked),
+                 scan_input_directions=[int(reverse)] * len(stacked),
+                 scan_output_directions=[int(reverse)] * num_ys)
+
+
 def _used_values(graph: Graph) -> set[Value]:
     return {v for node in graph.nodes for v in node.inputs} | set(graph.output_values)
 
@@ -374,22 +449,7 @@ def graph_to_onnx(graph: Graph, arrays: Mapping[str, np.ndarray],
     g = OnnxGraphBuilder(onnx, opset, reserved=set(input_names) | set(graph.output_names))
 
     names = {inp.value: inp.name for inp in graph.inputs}
-    output_names: dict[Value, str] = {}  # a node's value takes its first graph output's name
-    for name, value in graph.outputs:
-        output_names.setdefault(value, name)
-    value_info = []
-    for node in graph.nodes:
-        convert = _converter(node)
-        out = output_names.get(node.output) or g.fresh(node.op)
-        g.source = node
-        convert(g, node, [names[v] for v in node.inputs], out)
-        names[node.output] = out
-        if node.output not in output_names:
-            value_info.append(g.value_info(out, node.output.type))
-    g.source = None
-    for name, value in graph.outputs:  # outputs that are inputs, or a value under a second name
-        if names[value] != name:
-            g.emit("Identity", [names[value]], name)
+    value_info = _convert_nodes(g, graph, names, graph.output_names)
 
     inputs, used = [], _used_values(graph)
     for inp in graph.inputs:
