@@ -1,4 +1,4 @@
-"""The `graphc` command line: inspect, info, train and trace.
+"""The `graphc` command line: inspect, info, train, trace and serve.
 
 Exit codes: 0 on success, 2 for usage errors, 1 for failures (a one-line message, no traceback
 for the errors graphc expects).
@@ -194,6 +194,24 @@ def cmd_trace(args: argparse.Namespace) -> None:
     print(f"wrote {args.dot} ({len(graph.nodes)} nodes)")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from functools import partial
+
+    from .serve import GraphcRunner, serve
+
+    load = partial(GraphcRunner.from_file, backend=args.backend)
+    runners = [load(path, max_batch=args.max_batch) for path in args.models]
+
+    def ready(host: str, port: int) -> None:
+        names = ", ".join(f"{r.name} v{r.version} (batch <= {min(r.max_batch, args.max_batch)})"
+                          for r in runners)
+        print(f"graphc serve: {names} on http://{host}:{port}", flush=True)
+
+    serve(runners, host=args.host, port=args.port, max_batch=args.max_batch,
+          max_delay_ms=args.max_delay_ms, max_body_bytes=args.max_body_bytes,
+          drain_timeout_s=args.drain_timeout_s, loader=load, ready=ready)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphc", description="Inspect, run and trace graphc graphs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -227,6 +245,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=["optimized", "fused"], default="optimized")
     p.add_argument("--dot", required=True)
     p.set_defaults(run=cmd_trace)
+
+    p = sub.add_parser("serve", help="serve inference exports over HTTP with dynamic batching",
+                       description="POST /v1/models/NAME/predict, /v1/models/NAME/load; GET "
+                       "/v1/models, /healthz, /metrics (see graphc/serve/__init__.py). NAME is "
+                       "the file name without .gcx. SIGTERM drains in-flight requests and exits 0.")
+    p.add_argument("models", nargs="+", metavar="MODEL.gcx")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
+    p.add_argument("--max-batch", type=int, default=64, help="most samples in one compiled call")
+    p.add_argument("--max-delay-ms", type=float, default=2.0,
+                   help="longest wait for more requests after a batch's first")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger bodies get 413")
+    p.add_argument("--drain-timeout-s", type=float, default=30.0,
+                   help="on SIGTERM, the longest wait for requests in flight")
+    p.add_argument("--backend", default=None)
+    p.set_defaults(run=cmd_serve)
     return parser
 
 

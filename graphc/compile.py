@@ -159,10 +159,12 @@ class _CompiledModelBase:
                 f.write(dot)
         return dot
 
-    def export(self, path: str) -> None:
-        """Write this compiled step/function to one file that `gc.load` runs without the model."""
+    def export(self, path: str, max_batch: int | None = None) -> None:
+        """Write this compiled step/function to one file that `gc.load` runs without the model;
+        an inference function exported with `max_batch` takes any batch of 1 to max_batch
+        samples (graphc/export.py says how)."""
         from .export import export
-        export(self, path)
+        export(self, path, max_batch)
 
     @property
     def memory_plan(self) -> MemoryPlan:

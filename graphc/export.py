@@ -9,6 +9,13 @@ creation time, learning rate), the generated kernel sources for reading under `k
 `checksums.json` (SHA-256 of every other member, and of every tensor's bytes with its dtype
 and shape). Writes are atomic.
 
+An inference export made with `max_batch` is batch-polymorphic: graph.json is the graph at
+`max_batch` samples and `buckets/<n>.json` the same function traced at each smaller power of two
+(metadata.json lists them). Kernels take extents as arguments, so the buckets share compiled
+kernels and only their memory plans differ; the loaded function runs a batch of n samples on the
+smallest bucket holding n, padding it with zeros and slicing the outputs (samples must not
+interact, as in any eval-mode model).
+
 Loading treats the file as hostile (see docs/security.md): only a regular file is read; every
 member is read within a byte budget (JSON members have fixed caps, the state exactly the bytes
 its tensors declare, and it is stored, so a small file cannot inflate into a large one); every
@@ -30,9 +37,10 @@ from typing import Any
 import numpy as np
 
 from graphc.backends import DeviceResident, Executable, PlannedExecutable, default_backend
-from graphc.ir import Graph, SerializationError
-from graphc.ir.errors import GraphcError, LoadError
+from graphc.ir import Graph, SerializationError, TensorType
+from graphc.ir.errors import GraphcError, InputError, LoadError
 from graphc.ir.types import DTYPES
+from graphc.passes import SIMPLIFY, Stages
 
 from .bounded_io import ZipMembers, parse_json
 from .lowering import compile_graph
@@ -42,6 +50,8 @@ FORMAT = "graphc.export"
 VERSION = 2  # 2: state stored uncompressed, per-tensor checksums in checksums.json
 _REQUIRED = ("format.json", "graph.json", "plan.json", "state.safetensors", "metadata.json")
 _KERNEL_MEMBER = re.compile(r"kernels/[A-Za-z0-9_]{1,200}\.py\Z")
+_BUCKET_MEMBER = re.compile(r"buckets/([1-9][0-9]{0,6})\.json\Z")
+_MAX_BUCKETS = 24  # powers of two: up to 2^23 samples per batch
 # Byte caps of the members that are not tensors: generous for any graph a tracer makes (the
 # MNIST CNN's graph.json is 26 kB), small beside what a bomb would need; the parsed size is
 # bounded by the element count (ir.serialize.MAX_JSON_ITEMS).
@@ -91,11 +101,53 @@ def _plan_summary(executable: Executable, fused: Graph) -> dict[str, Any]:
     return {"kernels": kernels, "memory": memory}
 
 
-def export(compiled: Any, path: str) -> None:
-    """Write a TrainStep or CompiledModel (its most recent input signature) to `path`."""
+def batch_buckets(max_batch: int) -> list[int]:
+    """The batch sizes a batch-polymorphic export holds: powers of two below `max_batch`, and it."""
+    return [1 << k for k in range(max_batch.bit_length()) if 1 << k < max_batch] + [max_batch]
+
+
+def _bucket_graphs(compiled: Any, max_batch: int) -> dict[int, Graph]:
+    """The inference function at each batch bucket (optimized graphs; the caller compiles the
+    largest, whose kernels serve them all). Every data input and output must be batch-major."""
+    from .compile import CompiledModel
+
+    if not isinstance(compiled, CompiledModel):
+        raise GraphcError("export(max_batch=...) is for inference functions (gc.compile); a "
+                          "training step's batch is fixed by its optimizer update")
+    if type(max_batch) is not int or not 1 <= max_batch <= 1 << (_MAX_BUCKETS - 1):
+        raise GraphcError(f"export: max_batch must be an int in [1, {1 << (_MAX_BUCKETS - 1)}], "
+                          f"not {max_batch!r}")
+    data = [inp.value.type for inp in compiled.graph.inputs if inp.role == "data"]
+    if any(t.ndim == 0 for t in data) or len({t.shape[0] for t in data}) != 1:
+        raise GraphcError(f"export(max_batch=...): every input needs the batch as its first axis; "
+                          f"the inputs are {', '.join(map(str, data))}")
+    graphs = {}
+    for size in batch_buckets(max_batch):
+        types = [TensorType((size, *t.shape[1:]), t.dtype) for t in data]
+        stages = Stages(compiled.name)
+        traced, _, _ = compiled._trace(types, stages)
+        graphs[size] = stages.run(traced, [SIMPLIFY])
+        unbatched = [f"{n}: {v.type}" for n, v in graphs[size].outputs
+                     if v.type.ndim == 0 or v.type.shape[0] != size]
+        if unbatched:
+            raise GraphcError(f"export(max_batch=...): at batch {size} the output {unbatched[0]} "
+                              "does not have the batch as its first axis, so batches cannot be "
+                              "padded and split")
+    return graphs
+
+
+def export(compiled: Any, path: str, max_batch: int | None = None) -> None:
+    """Write a TrainStep or CompiledModel (its most recent input signature) to `path`; with
+    `max_batch`, an inference function for any batch of 1 to max_batch samples (the module
+    docstring says how)."""
     from .compile import TrainStep
     from .train import atomic_write, training_state
 
+    buckets: dict[int, Graph] = {}
+    if max_batch is not None:
+        buckets = _bucket_graphs(compiled, max_batch)
+        data = [inp.value.type for inp in compiled.graph.inputs if inp.role == "data"]
+        compiled._get([np.zeros((max_batch, *t.shape[1:]), t.np_dtype) for t in data])
     graph = compiled.graph
     executable = compiled.executable
     if isinstance(compiled, TrainStep):
@@ -126,8 +178,12 @@ def export(compiled: Any, path: str) -> None:
                             **_plan_summary(executable, fused)}),
         "metadata.json": _json({"versions": _versions(), "backend": compiled.backend,
                                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                "lr": lr, "name": compiled.name}),
+                                "lr": lr, "name": compiled.name,
+                                **({"buckets": sorted(buckets)} if buckets else {})}),
     }
+    for size, bucket in buckets.items():
+        if size != max_batch:
+            members[f"buckets/{size}.json"] = bucket.to_json().encode()
     for kernel in executable.kernels if isinstance(executable, PlannedExecutable) else []:
         source = getattr(kernel, "source", None)
         if source:
@@ -185,7 +241,7 @@ def _checked_manifest(path: str, archive: ZipMembers) -> tuple[dict[str, str], d
     if missing:
         raise LoadError(path, f"not a complete graphc export: missing members {missing}")
     unknown = sorted(n for n in names if n not in _JSON_LIMITS and n not in _REQUIRED
-                     and not _KERNEL_MEMBER.match(n))
+                     and not _KERNEL_MEMBER.match(n) and not _BUCKET_MEMBER.match(n))
     if unknown:
         raise LoadError(path, f"unexpected members {[u[:80] for u in unknown[:5]]}")
     sources = sum(archive.declared_size(n) for n in names if _KERNEL_MEMBER.match(n))
@@ -314,6 +370,14 @@ def _checked_metadata(path: str, metadata: Any, kind: str) -> dict[str, Any]:
                         "of their types", "metadata.json")
     if not all(isinstance(v, str) for v in metadata.get("versions", {}).values()):
         raise LoadError(path, "malformed versions", "metadata.json")
+    if "buckets" in metadata:
+        buckets = metadata["buckets"]
+        if (kind != "inference" or not isinstance(buckets, list) or not buckets
+                or not all(type(b) is int for b in buckets)
+                or not 1 <= buckets[-1] < 1 << _MAX_BUCKETS or buckets != batch_buckets(buckets[-1])):
+            raise LoadError(path, f"malformed batch buckets {buckets!r:.80} (expected the powers "
+                            "of two below max_batch, then max_batch, in an inference export)",
+                            "metadata.json")
     lr = metadata.get("lr")
     rates = lr if isinstance(lr, list) else [lr]
     if kind == "train_step" and not (rates and all(
@@ -454,11 +518,77 @@ class LoadedTrainStep(_Loaded):
 
 
 class LoadedFunction(_Loaded):
-    """An inference function loaded from a file."""
+    """An inference function loaded from a file. A batch-polymorphic one (exported with
+    `max_batch`) takes any batch of 1 to `max_batch` samples, running it on the smallest bucket
+    that holds it; each bucket compiles on first use, or all of them at once in `warm_up()`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.buckets: list[int] = self.metadata.get("buckets", [])
+        self.max_batch: int | None = self.buckets[-1] if self.buckets else None
+        self._bucket_graphs = {size: self._checked_bucket(size) for size in self.buckets[:-1]}
+        self._executables = {self.max_batch: self.executable} if self.buckets else {}
+        stray = sorted(n for n in self.members if _BUCKET_MEMBER.match(n)
+                       and int(_BUCKET_MEMBER.match(n).group(1)) not in self._bucket_graphs)
+        if stray:
+            raise LoadError(self.path, f"holds {stray[0]}, a batch size metadata.json does not "
+                            "list", stray[0])
+
+    def _checked_bucket(self, size: int) -> Graph:
+        """The graph of bucket `size`: the function of graph.json at another batch size."""
+        member = f"buckets/{size}.json"
+        if member not in self.members:
+            raise LoadError(self.path, f"metadata.json lists batch {size} but {member} is missing")
+        graph = _graph(self.path, self.members[member], member)
+
+        def rebatched(t: TensorType, batched: bool) -> TensorType:
+            return TensorType((size, *t.shape[1:]), t.dtype) if batched else t
+
+        expected_inputs = [(i.name, i.role, rebatched(i.value.type, i.role == "data"))
+                           for i in self.graph.inputs]
+        expected_outputs = [(n, rebatched(v.type, True)) for n, v in self.graph.outputs]
+        if ([(i.name, i.role, i.value.type) for i in graph.inputs] != expected_inputs
+                or [(n, v.type) for n, v in graph.outputs] != expected_outputs):
+            raise LoadError(self.path, f"its signature is not graph.json's at batch {size}", member)
+        return graph
+
+    def warm_up(self) -> None:
+        """Compile every batch bucket now rather than on its first call."""
+        for size in self.buckets:
+            self._executable_for(size)
+
+    def _executable_for(self, size: int) -> Executable:
+        if size not in self._executables:
+            self._executables[size] = compile_graph(self._bucket_graphs[size], self.backend, {})
+        return self._executables[size]
 
     def __call__(self, *inputs: Any) -> Any:
-        outs = self.executable(*self._args(inputs), *self.persistent)
+        args = self._args(inputs)
+        if not self.buckets:
+            outs = self.executable(*args, *self.persistent)
+        else:
+            outs = self._bucketed(args)
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _bucketed(self, args: list[Any]) -> list[np.ndarray]:
+        arrays = [np.asarray(a) for a in args]
+        sizes = {a.shape[0] if a.ndim else None for a in arrays}
+        if len(sizes) != 1 or None in sizes or not 1 <= min(sizes) <= self.max_batch:
+            raise InputError(f"{self.name}: expects batches of 1 to {self.max_batch} samples as "
+                             f"the first axis of every input, got shapes "
+                             f"{', '.join(str(a.shape) for a in arrays)}")
+        n = sizes.pop()
+        bucket = next(b for b in self.buckets if b >= n)
+        if bucket != n:
+            padded = []
+            for a in arrays:
+                full = np.zeros((bucket, *a.shape[1:]), a.dtype)
+                full[:n] = a
+                padded.append(full)
+            arrays = padded
+        outs = self._executable_for(bucket)(*arrays, *self.persistent)
+        # the executable reuses its output buffers on the next call: hand out copies
+        return [np.array(o[:n]) for o in outs] if bucket != n else list(outs)
 
 
 def _is_rate(name: str) -> bool:
@@ -476,7 +606,8 @@ def load(path: str, backend: str | None = None) -> LoadedTrainStep | LoadedFunct
         for name in sorted(archive.infos):
             if name in ("format.json", "checksums.json", "state.safetensors"):
                 continue
-            limit = _JSON_LIMITS.get(name, _KERNEL_SOURCE_LIMIT)
+            limit = _JSON_LIMITS.get("graph.json" if _BUCKET_MEMBER.match(name) else name,
+                                     _KERNEL_SOURCE_LIMIT)
             members[name] = _read_verified(path, archive, digests, name, limit)
         if _sha256(members["format.json"]) != digests["format.json"]:
             raise LoadError(path, "checksum mismatch: the file is corrupted", "format.json")

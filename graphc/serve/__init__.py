@@ -44,3 +44,8 @@ behind the same HTTP stack, batcher and metrics:
 `graphc serve MODEL.gcx [MODEL2.gcx ...]` (graphc/cli.py) is `serve` over GraphcRunners.
 """
 from __future__ import annotations
+
+from .app import NPY_CONTENT_TYPE, make_app, serve
+from .runner import GraphcRunner, Runner, TensorSpec
+
+__all__ = ["NPY_CONTENT_TYPE", "GraphcRunner", "Runner", "TensorSpec", "make_app", "serve"]

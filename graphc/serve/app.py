@@ -1,0 +1,408 @@
+"""The HTTP server: request parsing and validation, one dynamic batcher per model, metrics,
+zero-downtime model updates and graceful shutdown (the package docstring lists the endpoints)."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from graphc.ir.errors import GraphcError
+
+from .runner import GraphcRunner, Runner
+
+NPY_CONTENT_TYPE = "application/x-npy"
+_NPY_MAGIC = b"\x93NUMPY"
+_LATENCY_BUCKETS = (.0005, .001, .002, .005, .01, .02, .03, .05, .075, .1, .25, .5, 1, 2.5, 5, 10)
+_UNKNOWN_MODEL = "(unknown)"  # the label of requests for names no model has: bounded cardinality
+
+Loader = Callable[..., Runner]
+
+
+class RequestError(Exception):
+    """A client mistake: answered with `status` and {"error": message}, never a 5xx."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class _Pending:
+    """One validated request waiting for its batch: its samples and the runner it was
+    validated against (a request queued before an update runs on the version it was checked for)."""
+
+    samples: np.ndarray
+    runner: Runner
+    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class _Metrics:
+    def __init__(self, max_batch: int) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("graphc_requests", "Prediction requests by model and HTTP status",
+                                ["model", "status"], registry=r)
+        self.latency = Histogram("graphc_request_latency_seconds", "Prediction latency, from "
+                                 "the request read to the answer ready", ["model"],
+                                 buckets=_LATENCY_BUCKETS, registry=r)
+        sizes = sorted({1 << k for k in range(max_batch.bit_length())} | {max_batch})
+        self.batch_size = Histogram("graphc_batch_size", "Samples per compiled call", ["model"],
+                                    buckets=sizes, registry=r)
+        self.queue_depth = Gauge("graphc_queue_depth", "Samples waiting for a batch", ["model"],
+                                 registry=r)
+        self.load_seconds = Gauge("graphc_model_load_seconds", "Seconds the serving version took "
+                                  "to load, verify and compile", ["model"], registry=r)
+        self.version = Gauge("graphc_model_version", "The version serving", ["model"], registry=r)
+
+
+class _Model:
+    """One name's serving state: the current runner, its request queue and batcher, and the
+    worker thread every batch of this model runs on."""
+
+    def __init__(self, runner: Runner, max_batch: int, max_delay: float, metrics: _Metrics) -> None:
+        self.runner = runner
+        self.name = runner.name
+        self.server_max_batch = max_batch
+        self.max_batch = min(max_batch, runner.max_batch)
+        self.max_delay = max_delay
+        self.metrics = metrics
+        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix=f"graphc-serve-{self.name}")
+        self.load_lock = asyncio.Lock()
+        self._held: _Pending | None = None  # took no place in the last batch: first of the next
+        self._queued_samples = 0
+        self.batcher: asyncio.Task | None = None
+        metrics.version.labels(self.name).set(runner.version)
+        metrics.load_seconds.labels(self.name).set(getattr(runner, "load_seconds", 0.0))
+
+    def switch(self, runner: Runner) -> None:
+        """Serve `runner` from the next request on; queued requests keep the version they were
+        validated against."""
+        self.runner = runner
+        self.max_batch = min(self.server_max_batch, runner.max_batch)
+        self.metrics.version.labels(self.name).set(runner.version)
+        self.metrics.load_seconds.labels(self.name).set(getattr(runner, "load_seconds", 0.0))
+
+    async def predict(self, samples: np.ndarray, runner: Runner) -> np.ndarray:
+        pending = _Pending(samples, runner)
+        self._queued_samples += len(samples)
+        self.metrics.queue_depth.labels(self.name).set(self._queued_samples)
+        self.queue.put_nowait(pending)
+        return await pending.done
+
+    async def run_batches(self) -> None:
+        """Forever: gather requests up to max_batch samples or max_delay after the first, run
+        them as one call on the worker thread, hand each request its rows."""
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._gather(loop)
+            runner = batch[0].runner
+            samples = batch[0].samples if len(batch) == 1 else np.concatenate([p.samples for p in batch])
+            self._queued_samples -= len(samples)
+            self.metrics.queue_depth.labels(self.name).set(self._queued_samples)
+            self.metrics.batch_size.labels(self.name).observe(len(samples))
+            try:
+                outputs = await loop.run_in_executor(self.worker, runner.run, samples)
+            except Exception as exc:  # the model failed, not the requests: a 500 for each
+                for p in batch:
+                    if not p.done.done():
+                        p.done.set_exception(exc)
+                continue
+            start = 0
+            for p in batch:
+                if not p.done.done():  # a client that went away cancelled its future
+                    p.done.set_result(outputs[start:start + len(p.samples)])
+                start += len(p.samples)
+
+    async def _gather(self, loop: asyncio.AbstractEventLoop) -> list[_Pending]:
+        first = self._held or await self.queue.get()
+        self._held = None
+        batch, size = [first], len(first.samples)
+        deadline = loop.time() + self.max_delay
+        while size < self.max_batch:
+            try:
+                nxt = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    nxt = await asyncio.wait_for(self.queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            if nxt.runner is not first.runner or size + len(nxt.samples) > self.max_batch:
+                self._held = nxt
+                break
+            batch.append(nxt)
+            size += len(nxt.samples)
+        return batch
+
+
+def _json_error(message: str, status: int) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _parse_npy(body: bytes) -> np.ndarray:
+    if not body.startswith(_NPY_MAGIC):  # base64 text of an .npy file
+        try:
+            body = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(f"an {NPY_CONTENT_TYPE} body must be an .npy file, raw or base64") from None
+    try:
+        return np.load(io.BytesIO(body), allow_pickle=False)
+    except Exception as exc:  # numpy's parser raises several types for malformed headers
+        raise RequestError(f"unreadable .npy body ({type(exc).__name__}: {exc})") from None
+
+
+def _parse_json(body: bytes) -> tuple[Any, dict[str, Any]]:
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(f"malformed JSON: {exc}") from None
+    if not isinstance(doc, dict) or "inputs" not in doc:
+        raise RequestError('expected a JSON object {"inputs": [...]}, one entry per sample')
+    return doc["inputs"], doc
+
+
+def _samples_from_json(inputs: Any, runner: Runner) -> np.ndarray:
+    if not isinstance(inputs, list) or not inputs:
+        raise RequestError('"inputs" must be a non-empty list, one entry per sample')
+    try:
+        array = np.asarray(inputs)
+    except ValueError:
+        raise RequestError('"inputs" is ragged: every sample must have the same nested-list '
+                           f"shape {list(runner.input.shape)}") from None
+    if array.dtype.kind not in "iuf" or array.dtype == object:
+        raise RequestError(f'"inputs" must hold numbers ({runner.input.dtype.name}), not '
+                           f"{'booleans' if array.dtype.kind == 'b' else 'strings or nulls'}")
+    if array.dtype.kind == "f" and runner.input.dtype.kind != "f":
+        raise RequestError(f"model {runner.name!r} takes {runner.input.dtype.name} inputs; got "
+                           "numbers with fractions")
+    return array
+
+
+def _checked_samples(array: np.ndarray, runner: Runner, max_batch: int, exact_dtype: bool) -> np.ndarray:
+    spec = runner.input
+    if array.ndim != len(spec.shape) + 1 or array.shape[1:] != spec.shape:
+        raise RequestError(f"model {runner.name!r} takes samples of shape {list(spec.shape)}; got "
+                           f"{array.shape[0] if array.ndim else 0} of shape "
+                           f"{list(array.shape[1:])} (inputs shaped {list(array.shape)})")
+    if not 1 <= array.shape[0] <= max_batch:
+        raise RequestError(f"{array.shape[0]} samples in one request; model {runner.name!r} "
+                           f"takes 1 to {max_batch}")
+    if exact_dtype and array.dtype != spec.dtype:
+        raise RequestError(f"model {runner.name!r} takes {spec.dtype.name} inputs; the .npy "
+                           f"body holds {array.dtype.name}")
+    samples = np.ascontiguousarray(array, dtype=spec.dtype)
+    if spec.dtype.kind == "f" and not np.isfinite(samples).all():
+        raise RequestError("inputs hold NaN or infinity, or numbers too large for "
+                           f"{spec.dtype.name}")
+    return samples
+
+
+def _options(doc: dict[str, Any], runner: Runner) -> tuple[int | None, bool]:
+    top_k, softmax = doc.get("top_k"), doc.get("softmax", False)
+    if not isinstance(softmax, bool):
+        raise RequestError('"softmax" must be true or false')
+    classes = runner.output.shape[0] if len(runner.output.shape) == 1 else None
+    if (softmax or top_k is not None) and classes is None:
+        raise RequestError(f"top_k and softmax are for classifiers; model {runner.name!r} "
+                           f"outputs samples of shape {list(runner.output.shape)}")
+    if top_k is not None and (type(top_k) is not int or not 1 <= top_k <= classes):
+        raise RequestError(f'"top_k" must be an integer from 1 to {classes}')
+    return top_k, softmax
+
+
+def _answer(outputs: np.ndarray, runner: Runner, top_k: int | None, softmax: bool) -> dict[str, Any]:
+    if softmax:
+        shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+        outputs = shifted / shifted.sum(axis=1, keepdims=True)
+    answer: dict[str, Any] = {"outputs": outputs.tolist(), "model": runner.name,
+                              "version": runner.version}
+    if top_k is not None:
+        order = np.argsort(-outputs, axis=1, kind="stable")[:, :top_k]
+        answer["top_k"] = {"indices": order.tolist(),
+                           "values": np.take_along_axis(outputs, order, axis=1).tolist()}
+    return answer
+
+
+class _Server:
+    def __init__(self, runners: Sequence[Runner], max_batch: int, max_delay_ms: float,
+                 max_body_bytes: int, loader: Loader) -> None:
+        if max_batch < 1 or max_delay_ms < 0 or max_body_bytes < 1:
+            raise GraphcError(f"serve: max_batch >= 1, max_delay_ms >= 0 and max_body_bytes >= 1 "
+                              f"are needed (got {max_batch}, {max_delay_ms}, {max_body_bytes})")
+        names = [r.name for r in runners]
+        if len(set(names)) != len(names):
+            raise GraphcError(f"serve: two models are named {sorted(n for n in names if names.count(n) > 1)[0]!r}")
+        self.max_batch, self.max_delay = max_batch, max_delay_ms / 1000
+        self.max_body_bytes, self.loader = max_body_bytes, loader
+        self.metrics = _Metrics(max_batch)
+        self.models = {r.name: _Model(r, max_batch, self.max_delay, self.metrics) for r in runners}
+        self.loading = ThreadPoolExecutor(1, thread_name_prefix="graphc-serve-load")
+
+    def model(self, request: web.Request) -> _Model:
+        name = request.match_info["name"]
+        if name not in self.models:
+            raise RequestError(f"no model named {name!r}; serving {sorted(self.models)}", 404)
+        return self.models[name]
+
+    async def body(self, request: web.Request) -> bytes:
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            raise RequestError(f"body of {request.content_length} bytes is over the "
+                               f"{self.max_body_bytes}-byte limit", 413)
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise RequestError(f"body is over the {self.max_body_bytes}-byte limit", 413) from None
+
+    async def predict(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        label = _UNKNOWN_MODEL
+        try:
+            model = self.model(request)
+            label = model.name
+            runner = model.runner
+            body = await self.body(request)
+            if request.content_type == NPY_CONTENT_TYPE:
+                array, exact = _parse_npy(body), True
+                doc = {k: _query_option(v) for k, v in request.query.items() if k in ("top_k", "softmax")}
+            else:
+                inputs, doc = _parse_json(body)
+                array, exact = _samples_from_json(inputs, runner), False
+            top_k, softmax = _options(doc, runner)
+            samples = _checked_samples(array, runner, model.max_batch, exact)
+            outputs = await model.predict(samples, runner)
+            response = web.json_response(_answer(outputs, runner, top_k, softmax))
+        except RequestError as exc:
+            response = _json_error(str(exc), exc.status)
+        except Exception as exc:  # the model's own failure: the server's fault, said so
+            response = _json_error(f"model {label!r} failed: {type(exc).__name__}: {exc}", 500)
+        self.metrics.requests.labels(label, str(response.status)).inc()
+        if response.status == 200:
+            self.metrics.latency.labels(label).observe(time.perf_counter() - started)
+        return response
+
+    async def load(self, request: web.Request) -> web.Response:
+        try:
+            model = self.model(request)
+            body = await self.body(request)
+            try:
+                doc = json.loads(body)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise RequestError(f"malformed JSON: {exc}") from None
+            if not isinstance(doc, dict) or not isinstance(doc.get("path"), str):
+                raise RequestError('expected a JSON object {"path": "model.gcx"}')
+            async with model.load_lock:
+                old = model.runner
+                loop = asyncio.get_running_loop()
+                try:
+                    runner = await loop.run_in_executor(
+                        self.loading, lambda: self.loader(doc["path"], name=model.name,
+                                                          max_batch=self.max_batch))
+                except (GraphcError, OSError) as exc:
+                    raise RequestError(f"{model.name!r} keeps version {old.version}: {exc}") from None
+                runner.version = old.version + 1
+                model.switch(runner)
+            return web.json_response({"model": model.name, "version": runner.version,
+                                      "previous_version": old.version})
+        except RequestError as exc:
+            return _json_error(str(exc), exc.status)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return web.json_response({"models": [
+            {"name": m.name, "version": m.runner.version, "input": m.runner.input.to_json(),
+             "output": m.runner.output.to_json(), "max_batch": m.max_batch}
+            for m in self.models.values()]})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "models": len(self.models)})
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest(self.metrics.registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    async def start(self, app: web.Application) -> None:
+        for model in self.models.values():
+            model.batcher = asyncio.create_task(model.run_batches())
+
+    async def stop(self, app: web.Application) -> None:
+        """After the HTTP server has answered what was in flight: the batchers and threads go."""
+        for model in self.models.values():
+            model.batcher.cancel()
+        await asyncio.gather(*(m.batcher for m in self.models.values()), return_exceptions=True)
+        for model in self.models.values():
+            model.worker.shutdown(wait=True)
+        self.loading.shutdown(wait=True)
+
+
+def _query_option(value: str) -> Any:
+    """`?top_k=3&softmax=true` on an .npy request, as the JSON body would carry them."""
+    if value in ("true", "false"):
+        return value == "true"
+    return int(value) if value.isdigit() else value
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """aiohttp's own client errors (no such route, wrong method) as JSON too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _json_error(exc.reason, exc.status)
+
+
+def make_app(runners: Sequence[Runner], *, max_batch: int = 64, max_delay_ms: float = 2.0,
+             max_body_bytes: int = 8 << 20, loader: Loader = GraphcRunner.from_file) -> web.Application:
+    """The server's aiohttp application over `runners` (see the package docstring)."""
+    server = _Server(runners, max_batch, max_delay_ms, max_body_bytes, loader)
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[_json_errors])
+    app.add_routes([web.post("/v1/models/{name}/predict", server.predict),
+                    web.post("/v1/models/{name}/load", server.load),
+                    web.get("/v1/models", server.list_models),
+                    web.get("/healthz", server.healthz),
+                    web.get("/metrics", server.metrics_text)])
+    app.on_startup.append(server.start)
+    app.on_cleanup.append(server.stop)
+    return app
+
+
+def serve(runners: Sequence[Runner], *, host: str = "127.0.0.1", port: int = 8000,
+          drain_timeout_s: float = 30.0, ready: Callable[[str, int], None] | None = None,
+          **options: Any) -> None:
+    """Serve until SIGTERM or SIGINT; then stop accepting, answer every request in flight (up
+    to `drain_timeout_s`) and return. `ready(host, port)` is called once listening (the port
+    actually bound when `port` is 0)."""
+    asyncio.run(_serve(make_app(runners, **options), host, port, drain_timeout_s, ready))
+
+
+async def _serve(app: web.Application, host: str, port: int, drain_timeout_s: float,
+                 ready: Callable[[str, int], None] | None) -> None:
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=drain_timeout_s,
+                           access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        bound_host, bound_port = runner.addresses[0][:2]
+        ready(bound_host, bound_port)
+    await stop.wait()
+    await runner.cleanup()

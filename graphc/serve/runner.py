@@ -1,0 +1,97 @@
+"""What the server runs: a model behind a small interface, so any engine can serve behind the
+same HTTP stack (graphc's compiled functions here; see the package docstring)."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from graphc.ir.errors import GraphcError, LoadError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One sample's tensor: its shape without the batch axis, and its dtype."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype.name}
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """A model the server batches requests for. `run` takes (n, *input.shape) of input.dtype,
+    C-contiguous, 1 <= n <= max_batch, and returns (n, *output.shape); the server calls it from
+    one worker thread per model, never concurrently with itself."""
+
+    name: str
+    version: int
+    input: TensorSpec
+    output: TensorSpec
+    max_batch: int
+
+    def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+class GraphcRunner:
+    """A graphc inference export (graphc.export.load) as a runner. A batch-polymorphic export
+    (exported with max_batch) runs each batch on its smallest bucket, all compiled here ahead of
+    the first request; a fixed-batch export pads every batch to its one size."""
+
+    def __init__(self, function: Any, name: str, max_batch: int | None = None) -> None:
+        from graphc.export import LoadedFunction
+
+        if not isinstance(function, LoadedFunction):
+            raise LoadError(function.path, "is a training step; serve an inference export "
+                            "(gc.compile(model, example_inputs=x).export(path, max_batch=N))")
+        data = [i for i in function.graph.inputs if i.role == "data"]
+        outputs = function.graph.outputs
+        if len(data) != 1 or len(outputs) != 1:
+            raise LoadError(function.path, f"has {len(data)} inputs and {len(outputs)} outputs; "
+                            "the server runs functions of one input and one output")
+        in_type, out_type = data[0].value.type, outputs[0][1].type
+        if in_type.ndim == 0 or out_type.ndim == 0:
+            raise LoadError(function.path, f"maps {in_type} to {out_type}; the server needs the "
+                            "batch as the first axis of both")
+        self._function = function
+        self._fixed_batch = None if function.max_batch else in_type.shape[0]
+        largest = function.max_batch or in_type.shape[0]
+        if max_batch is not None and max_batch < 1:
+            raise GraphcError(f"max_batch must be at least 1, not {max_batch}")
+        self.name = name
+        self.version = 1
+        self.max_batch = min(largest, max_batch) if max_batch is not None else largest
+        self.input = TensorSpec(tuple(in_type.shape[1:]), in_type.np_dtype)
+        self.output = TensorSpec(tuple(out_type.shape[1:]), out_type.np_dtype)
+        self.path = function.path
+        self.load_seconds = 0.0  # from_file measures reading, verifying and compiling the file
+        function.warm_up()
+
+    @classmethod
+    def from_file(cls, path: str, name: str | None = None, max_batch: int | None = None,
+                  backend: str | None = None) -> GraphcRunner:
+        """Load, verify and compile `path` (a LoadError says what is wrong with the file)."""
+        from graphc.export import load
+
+        started = time.perf_counter()
+        runner = cls(load(path, backend=backend), name or _default_name(path), max_batch)
+        runner.load_seconds = time.perf_counter() - started
+        return runner
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        n = batch.shape[0]
+        if self._fixed_batch is None:
+            return self._function(batch)
+        padded = np.zeros((self._fixed_batch, *batch.shape[1:]), batch.dtype)
+        padded[:n] = batch
+        return np.array(self._function(padded)[:n])
+
+
+def _default_name(path: str) -> str:
+    """The file's name without directory and extension: `models/mnist.gcx` serves as `mnist`."""
+    return os.path.splitext(os.path.basename(path))[0]
