@@ -1,0 +1,546 @@
+"""Load generator for `graphc serve`: throughput and latency under concurrency, and a
+malformed-request soak.
+
+    python benchmarks/serve.py [--requests 2000] [--seconds 20] [--concurrency 1 8 64]
+    python benchmarks/serve.py --malformed [--requests 10000]
+
+The model is the MNIST CNN of the demo (graphc.models.mnist_cnn, random weights: serving cost
+does not depend on them), exported once as a batch-polymorphic `.gcx` and once as ONNX. Four
+servers, one at a time, each a subprocess on a free loopback port:
+
+  graphc          `graphc serve` with dynamic batching (--max-batch, --max-delay-ms)
+  graphc b=1      `graphc serve --max-batch 1`: one compiled call per request
+  onnxruntime     the ONNX file in an onnxruntime session behind the same HTTP stack, batcher
+                  and metrics (graphc.serve.make_app with the OnnxRunner below)
+  onnxruntime b=1 the same, --max-batch 1
+
+Each is driven by an aiohttp client at every --concurrency: that many requests in flight, one
+sample per request, until --requests are answered or --seconds have passed (whichever first),
+after --warmup unmeasured requests. The table gives throughput, p50/p95/p99 latency, failures,
+the server's resident memory after start-up and at the end, and the batching / batch-1 ratios
+at the highest concurrency. The client runs on the same cores as the server: on a small
+machine it takes part of the throughput it measures, the same part for every server.
+
+--malformed sends --requests requests to `graphc serve` (1% malformed: wrong shape, bad JSON,
+wrong dtype, an .npy body that is not one) and checks that every valid answer equals
+gc.load(model)(x), every bad one is a 4xx, none is a 5xx, the server is still alive and its
+resident memory stays flat. Exit status 1 if any check fails.
+
+Everything stays on 127.0.0.1; nothing is downloaded. `--json PATH` writes the results.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+HOST = "127.0.0.1"
+ONNX_EXPORT_BATCH = 3  # a batch no other dimension of the model has (see dynamic_batch_onnx)
+
+
+# --- the models -------------------------------------------------------------------------------
+
+@dataclass
+class Models:
+    gcx: str
+    onnx: str
+    samples: np.ndarray  # (n, *sample shape): the inputs requests are made of
+    expected: np.ndarray  # gc.load(gcx)(samples)
+
+
+def export_models(workdir: str, image_size: int, max_batch: int, pool: int, seed: int) -> Models:
+    """The MNIST CNN exported as `model.gcx` (batch-polymorphic up to max_batch) and
+    `model.onnx` (any batch), with `pool` input samples and the .gcx's outputs for them."""
+    import graphc as gc
+    from graphc.models import mnist_cnn
+    from graphc.onnx_export import export_onnx
+
+    gc.manual_seed(seed)
+    model = mnist_cnn(image_size=image_size)
+    rng = np.random.default_rng(seed)
+    samples = rng.standard_normal((pool, 1, image_size, image_size)).astype(np.float32)
+    gcx, onnx_path = os.path.join(workdir, "model.gcx"), os.path.join(workdir, "model.onnx")
+    gc.compile(model, example_inputs=samples[:1]).export(gcx, max_batch=max_batch)
+    export_onnx(model, onnx_path, example_inputs=samples[:ONNX_EXPORT_BATCH])
+    dynamic_batch_onnx(onnx_path)
+
+    loaded = gc.load(gcx)
+    expected = np.concatenate([loaded(samples[i:i + max_batch]) for i in range(0, pool, max_batch)])
+    check_onnx_agrees(onnx_path, samples, expected)
+    return Models(gcx, onnx_path, samples, expected)
+
+
+def dynamic_batch_onnx(path: str) -> None:
+    """export_onnx writes the example's batch size into the file: the first dimension of the
+    input and output, and the target shape of the flatten's Reshape. Make the first a symbolic
+    `batch` and the second -1 so one onnxruntime session takes any batch, as graphc's export
+    does (the example batch is a size no other dimension has, and check_onnx_agrees checks the
+    result at several batch sizes)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(path)
+    for value in [*model.graph.input, *model.graph.output]:
+        dim = value.type.tensor_type.shape.dim[0]
+        assert dim.dim_value == ONNX_EXPORT_BATCH, f"{value.name}: batch dimension {dim}"
+        dim.ClearField("dim_value")
+        dim.dim_param = "batch"
+    reshape_shapes = {node.input[1] for node in model.graph.node if node.op_type == "Reshape"}
+    for i, initializer in enumerate(model.graph.initializer):
+        shape = numpy_helper.to_array(initializer)
+        if initializer.name in reshape_shapes and shape[0] == ONNX_EXPORT_BATCH:
+            model.graph.initializer[i].CopyFrom(
+                numpy_helper.from_array(np.array([-1, *shape[1:]], np.int64), initializer.name))
+    del model.graph.value_info[:]  # intermediate shapes were inferred at the fixed batch
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+
+
+def check_onnx_agrees(path: str, samples: np.ndarray, expected: np.ndarray) -> None:
+    runner = OnnxRunner(path)
+    for size in sorted({1, 2, min(len(samples), 64)}):
+        got = runner.run(samples[:size])
+        if not np.allclose(got, expected[:size], rtol=1e-4, atol=1e-4):
+            raise SystemExit(f"the ONNX model disagrees with the .gcx at batch {size}: max "
+                             f"difference {np.abs(got - expected[:size]).max():.3g}")
+
+
+class OnnxRunner:
+    """The peer engine: an ONNX file in an onnxruntime session, as a graphc.serve runner, so it
+    is served by the same HTTP stack, batcher and metrics as graphc's own."""
+
+    def __init__(self, path: str, name: str | None = None, max_batch: int | None = None) -> None:
+        import onnxruntime as ort
+
+        from graphc.serve.runner import TensorSpec
+
+        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        self._input_name, self._output_name = inp.name, out.name
+        self.name = name or os.path.splitext(os.path.basename(path))[0]
+        self.version = 1
+        self.input = TensorSpec(shape=tuple(inp.shape[1:]), dtype=np.dtype(np.float32))
+        self.output = TensorSpec(shape=tuple(out.shape[1:]), dtype=np.dtype(np.float32))
+        self.max_batch = max_batch or 64
+
+    @classmethod
+    def from_file(cls, path: str, name: str | None = None, max_batch: int | None = None
+                  ) -> "OnnxRunner":
+        return cls(path, name, max_batch)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([self._output_name], {self._input_name: batch})[0]
+
+
+def serve_onnx(args: argparse.Namespace) -> None:
+    """The peer's server process (--serve-onnx PATH)."""
+    from graphc.serve import serve
+
+    runner = OnnxRunner(args.serve_onnx, name="model", max_batch=args.max_batch)
+    serve([runner], host=HOST, port=args.port, max_batch=args.max_batch,
+          max_delay_ms=args.max_delay_ms, loader=OnnxRunner.from_file)
+
+
+# --- servers ----------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def resident_mib(pid: int) -> float:
+    """A process's resident set size (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+class Server:
+    """A server subprocess on a free loopback port, up once /healthz answers."""
+
+    def __init__(self, label: str, command: list[str], startup_seconds: float) -> None:
+        self.label = label
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen([*command, "--port", str(self.port)],
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait_healthy(startup_seconds)
+
+    def _wait_healthy(self, seconds: float) -> None:
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"{self.label}: the server exited with {self.process.returncode}"
+                                 f" at start-up:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise SystemExit(f"{self.label}: no answer on /healthz within {seconds:.0f} s:\n{self.output()}")
+
+    def model_name(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + "/v1/models", timeout=10) as response:
+            listing = json.load(response)
+        models = listing["models"] if isinstance(listing, dict) else listing
+        return models[0]["name"]
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def rss_mib(self) -> float:
+        return resident_mib(self.process.pid)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-4000:]
+
+    def stop(self) -> int:
+        """SIGTERM (the server drains and exits); the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def graphc_command(gcx: str, max_batch: int, max_delay_ms: float) -> list[str]:
+    return [sys.executable, "-m", "graphc.cli", "serve", gcx, "--host", HOST,
+            "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms)]
+
+
+def onnx_command(onnx_path: str, max_batch: int, max_delay_ms: float) -> list[str]:
+    return [sys.executable, os.path.abspath(__file__), "--serve-onnx", onnx_path,
+            "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms)]
+
+
+# --- requests ---------------------------------------------------------------------------------
+
+@dataclass
+class Request:
+    body: bytes
+    content_type: str
+    sample: int | None  # index of the expected output; None: a malformed request
+
+
+def json_request(sample: np.ndarray, index: int | None) -> Request:
+    return Request(json.dumps({"inputs": sample[None].tolist()}).encode(), "application/json", index)
+
+
+def npy_request(batch: np.ndarray, index: int | None) -> Request:
+    buffer = io.BytesIO()
+    np.save(buffer, batch, allow_pickle=False)
+    return Request(buffer.getvalue(), "application/x-npy", index)
+
+
+def valid_requests(samples: np.ndarray, body: str) -> list[Request]:
+    encode = json_request if body == "json" else lambda s, i: npy_request(s[None], i)
+    return [encode(sample, i) for i, sample in enumerate(samples)]
+
+
+def malformed_requests(samples: np.ndarray) -> list[Request]:
+    """One of each kind of bad request a client makes."""
+    sample = samples[0]
+    truncated = json_request(sample, None).body[:-7]
+    return [
+        json_request(sample[:, :-1], None),                                   # wrong shape
+        Request(truncated, "application/json", None),                         # bad JSON
+        Request(b'{"inputs": "not a list"}', "application/json", None),       # wrong type
+        Request(json.dumps({"inputs": [[["x"] * sample.shape[-1]] * sample.shape[-2]]}).encode(),
+                "application/json", None),                                    # wrong dtype
+        npy_request(sample[None, :, :-1], None),                              # wrong shape
+        npy_request(np.full((1, *sample.shape), "x"), None),                  # wrong dtype
+        Request(b"\x93NUMPY not really", "application/x-npy", None),          # bad .npy
+    ]
+
+
+@dataclass
+class Outcome:
+    latencies: list[float] = field(default_factory=list)  # seconds, answered requests
+    statuses: dict[int, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)  # transport failures, wrong answers
+    seconds: float = 0.0
+
+    @property
+    def answered(self) -> int:
+        return len(self.latencies)
+
+    @property
+    def failed(self) -> int:
+        return len(self.errors) + sum(n for s, n in self.statuses.items() if s != 200)
+
+
+async def drive(url: str, requests: list[Request], *, concurrency: int, count: int,
+                seconds: float, expected: np.ndarray | None = None) -> Outcome:
+    """Send requests[i % len(requests)] for i < count with `concurrency` in flight, stopping
+    early after `seconds`. With `expected`, every 200 is compared with expected[sample] and
+    every malformed request must get a 4xx."""
+    outcome = Outcome()
+    next_index = 0
+    deadline = time.perf_counter() + seconds
+    timeout = aiohttp.ClientTimeout(total=60)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+
+    async def one(session: aiohttp.ClientSession, index: int) -> None:
+        request = requests[index % len(requests)]
+        start = time.perf_counter()
+        try:
+            async with session.post(url, data=request.body,
+                                    headers={"Content-Type": request.content_type}) as response:
+                body = await response.read()
+                status = response.status
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            outcome.errors.append(f"request {index}: {type(exc).__name__}: {exc}")
+            return
+        outcome.latencies.append(time.perf_counter() - start)
+        outcome.statuses[status] = outcome.statuses.get(status, 0) + 1
+        if expected is not None:
+            outcome.errors.extend(checked(index, request, status, body, expected))
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal next_index
+        while next_index < count and time.perf_counter() < deadline:
+            index, next_index = next_index, next_index + 1
+            await one(session, index)
+
+    start = time.perf_counter()
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+def checked(index: int, request: Request, status: int, body: bytes, expected: np.ndarray
+            ) -> list[str]:
+    """What is wrong with one answer (nothing: an empty list)."""
+    if request.sample is None:
+        if not 400 <= status < 500:
+            return [f"request {index} (malformed): status {status}, expected a 4xx: {body[:200]!r}"]
+        try:
+            error = json.loads(body)["error"]
+        except (ValueError, KeyError, TypeError):
+            return [f"request {index} (malformed): a {status} without a JSON error: {body[:200]!r}"]
+        return [] if isinstance(error, str) and error else [f"request {index}: empty error"]
+    if status != 200:
+        return [f"request {index}: status {status}: {body[:200]!r}"]
+    outputs = np.asarray(json.loads(body)["outputs"], np.float32)
+    want = expected[request.sample][None]
+    if outputs.shape != want.shape or not np.allclose(outputs, want, rtol=1e-4, atol=1e-4):
+        return [f"request {index}: outputs {outputs.ravel()[:4]}... differ from gc.load's "
+                f"{want.ravel()[:4]}..."]
+    return []
+
+
+# --- the two modes ----------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    server: str
+    concurrency: int
+    requests: int
+    failed: int
+    throughput: float  # answered requests per second
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+
+
+def row(label: str, concurrency: int, outcome: Outcome) -> Row:
+    p50, p95, p99 = (np.percentile(outcome.latencies, [50, 95, 99]) * 1e3
+                     if outcome.latencies else (float("nan"),) * 3)
+    return Row(label, concurrency, outcome.answered, outcome.failed,
+               outcome.answered / outcome.seconds, float(p50), float(p95), float(p99))
+
+
+def benchmark(args: argparse.Namespace, models: Models) -> dict[str, Any]:
+    servers = [
+        ("graphc", graphc_command(models.gcx, args.max_batch, args.max_delay_ms)),
+        ("graphc b=1", graphc_command(models.gcx, 1, args.max_delay_ms)),
+        ("onnxruntime", onnx_command(models.onnx, args.max_batch, args.max_delay_ms)),
+        ("onnxruntime b=1", onnx_command(models.onnx, 1, args.max_delay_ms)),
+    ]
+    requests = valid_requests(models.samples, args.body)
+    rows: list[Row] = []
+    memory: dict[str, tuple[float, float]] = {}
+    for label, command in servers:
+        if args.servers and label not in args.servers:
+            continue
+        server = Server(label, command, args.startup_seconds)
+        try:
+            url = f"{server.url}/v1/models/{server.model_name()}/predict"
+            rss_start = server.rss_mib()
+            for concurrency in args.concurrency:
+                warm = asyncio.run(drive(url, requests, concurrency=concurrency,
+                                         count=args.warmup, seconds=args.seconds))
+                outcome = asyncio.run(drive(url, requests, concurrency=concurrency,
+                                            count=args.requests, seconds=args.seconds))
+                outcome.errors += warm.errors
+                rows.append(row(label, concurrency, outcome))
+                print(format_row(rows[-1]), file=sys.stderr, flush=True)
+            memory[label] = (rss_start, server.rss_mib())
+        finally:
+            status = server.stop()
+        if status != 0:
+            raise SystemExit(f"{label}: exit status {status} after SIGTERM:\n{server.output()}")
+    return {"rows": [r.__dict__ for r in rows], "rss_mib": memory,
+            "ratios": ratios(rows, max(args.concurrency))}
+
+
+def ratios(rows: list[Row], concurrency: int) -> dict[str, float]:
+    at = {r.server: r.throughput for r in rows if r.concurrency == concurrency}
+    pairs = {"graphc / graphc b=1": ("graphc", "graphc b=1"),
+             "onnxruntime / onnxruntime b=1": ("onnxruntime", "onnxruntime b=1"),
+             "graphc / onnxruntime": ("graphc", "onnxruntime")}
+    return {name: at[a] / at[b] for name, (a, b) in pairs.items() if a in at and b in at}
+
+
+HEADER = ("| server | concurrency | requests | failed | req/s | p50 ms | p95 ms | p99 ms |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def format_row(r: Row) -> str:
+    return (f"| {r.server} | {r.concurrency} | {r.requests} | {r.failed} | {r.throughput:.0f} | "
+            f"{r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} |")
+
+
+def print_table(results: dict[str, Any], concurrency: int) -> None:
+    print(HEADER)
+    for r in results["rows"]:
+        print(format_row(Row(**r)))
+    print()
+    for label, (start, end) in results["rss_mib"].items():
+        print(f"{label}: RSS {start:.0f} MiB after start-up, {end:.0f} MiB at the end")
+    for name, value in results["ratios"].items():
+        print(f"throughput at concurrency {concurrency}, {name}: {value:.2f}x")
+
+
+def soak(args: argparse.Namespace, models: Models) -> dict[str, Any]:
+    """--malformed: every valid answer right, every bad request a 4xx, no 5xx, RSS flat."""
+    valid = [request for body in ("json", "npy") for request in valid_requests(models.samples, body)]
+    bad = malformed_requests(models.samples)
+    # every 100th request is malformed, the kinds in turn
+    requests = [bad[(i // 100) % len(bad)] if i % 100 == 50 else valid[i % len(valid)]
+                for i in range(args.requests)]
+    server = Server("graphc", graphc_command(models.gcx, args.max_batch, args.max_delay_ms),
+                    args.startup_seconds)
+    try:
+        url = f"{server.url}/v1/models/{server.model_name()}/predict"
+        warmup = max(args.requests // 10, 1)
+        first = asyncio.run(drive(url, requests, concurrency=args.soak_concurrency, count=warmup,
+                                  seconds=args.seconds, expected=models.expected))
+        rss_warm = server.rss_mib()
+        rest = asyncio.run(drive(url, requests[warmup:], concurrency=args.soak_concurrency,
+                                 count=args.requests - warmup, seconds=args.seconds,
+                                 expected=models.expected))
+        rss_end = server.rss_mib()
+        alive = server.alive()
+    finally:
+        status = server.stop()
+    statuses: dict[int, int] = {}
+    for outcome in (first, rest):
+        for code, n in outcome.statuses.items():
+            statuses[code] = statuses.get(code, 0) + n
+    errors = first.errors + rest.errors
+    growth = rss_end - rss_warm
+    result = {
+        "requests": first.answered + rest.answered,
+        "malformed": sum(1 for r in requests[:first.answered + rest.answered] if r.sample is None),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "server_errors": sum(n for code, n in statuses.items() if code >= 500),
+        "errors": errors[:20], "error_count": len(errors),
+        "alive": alive, "exit_status": status,
+        "rss_mib": {"after_warmup": rss_warm, "end": rss_end},
+        "rss_flat": growth <= max(16.0, 0.05 * rss_warm),
+        "seconds": first.seconds + rest.seconds,
+    }
+    result["passed"] = (not errors and result["server_errors"] == 0 and alive and status == 0
+                        and result["rss_flat"] and result["requests"] == args.requests)
+    return result
+
+
+def print_soak(result: dict[str, Any]) -> None:
+    rss = result["rss_mib"]
+    print(f"{result['requests']} requests ({result['malformed']} malformed) in "
+          f"{result['seconds']:.1f} s; statuses {result['statuses']}; 5xx: "
+          f"{result['server_errors']}; wrong or missing answers: {result['error_count']}")
+    for error in result["errors"]:
+        print(f"  {error}")
+    print(f"server alive: {result['alive']}, exit status after SIGTERM: {result['exit_status']}; "
+          f"RSS {rss['after_warmup']:.0f} MiB after the first tenth, {rss['end']:.0f} MiB at the "
+          f"end ({'flat' if result['rss_flat'] else 'GROWING'})")
+    print("PASSED" if result["passed"] else "FAILED")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=None,
+                        help="measured requests per run (default 2000; --malformed: 10000)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="time limit per run")
+    parser.add_argument("--warmup", type=int, default=200, help="unmeasured requests per run")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--servers", nargs="+", default=None,
+                        help='only these (e.g. "graphc" "graphc b=1")')
+    parser.add_argument("--body", choices=["json", "npy"], default="json")
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--max-delay-ms", type=float, default=2.0)
+    parser.add_argument("--image-size", type=int, default=28, help="8: a tiny CNN for tests")
+    parser.add_argument("--pool", type=int, default=256, help="distinct input samples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--startup-seconds", type=float, default=300.0)
+    parser.add_argument("--malformed", action="store_true", help="the malformed-request soak")
+    parser.add_argument("--soak-concurrency", type=int, default=16)
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--serve-onnx", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_onnx:
+        serve_onnx(args)
+        return
+    if args.requests is None:
+        args.requests = 10_000 if args.malformed else 2000
+    with tempfile.TemporaryDirectory(prefix="graphc-serve-bench-") as workdir:
+        models = export_models(workdir, args.image_size, args.max_batch, args.pool, args.seed)
+        if args.malformed:
+            results = soak(args, models)
+            print_soak(results)
+        else:
+            results = benchmark(args, models)
+            print_table(results, max(args.concurrency))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.malformed and not results["passed"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
