@@ -1,11 +1,16 @@
 """Distributed training over MPI.
 
 - `data_parallel`: every rank runs the whole step on its shard; one allreduce per step.
+- `async_ps`: a parameter server (rank 0) applies the gradients workers push, with bounded
+  staleness.
 """
+from .async_ps import AsyncStats, AsyncStep, WorkerTimes
 from .data_parallel import (DEFAULT_TIMEOUT, DataParallelStep, DistributedError, DistributedLoader,
                             DistributedSampler, FlatLayout, StepTimes, TIMEOUT_ENV, World, evaluate, fit,
                             init, resume)
 
-__all__ = ["DEFAULT_TIMEOUT", "DataParallelStep", "DistributedError", "DistributedLoader",
+__all__ = ["AsyncStats", "AsyncStep", "WorkerTimes", "DEFAULT_TIMEOUT", "DataParallelStep", "DistributedError", "DistributedLoader",
            "DistributedSampler", "FlatLayout", "StepTimes", "TIMEOUT_ENV", "World", "evaluate", "fit", "init",
            "resume"]
+from .pipeline import PipelineParallelStep, StageTimes, stage_boundary  # noqa: E402
+__all__ += ["PipelineParallelStep", "StageTimes", "stage_boundary"]

@@ -1,0 +1,719 @@
+"""Pipeline parallelism over MPI: the training step cut into stages, one stage per rank.
+
+    step = distributed.PipelineParallelStep(model, loss_fn, optimizer, (x, y), stages=2,
+                                            microbatches=4)
+    loss = step(x, y)               # on every rank, with the same global batch
+
+The forward and loss are traced once, on one micro-batch, into one graph (the step builder's
+`trace_loss`). The partitioner cuts that graph's nodes, in their forward order, into `stages`
+contiguous pieces: after the values the user marks with `stage_boundary(x)` inside forward,
+after the modules named in `boundaries`, or where the estimated cost (FLOPs) balances, at
+module boundaries. Every value computed in one stage and read in a later one *crosses*: it
+is an output of its stage's forward graph and an input of each stage that reads it.
+
+Each rank compiles only its own stage, as three graphs:
+
+    forward    received activations, the batch inputs it reads, its parameters -> sent values
+               (the last stage: the loss)
+    backward   the VJP of forward (autodiff's vjp_graph; forward is recomputed inside, so no
+               activation but the stage's inputs is kept between the passes): the cotangents of
+               the sent values -> cotangents of the received ones, gradients of its parameters
+    update     the mean gradient over the micro-batches -> the optimizer's rule for its own
+               parameters and their state (donated: updated in place)
+
+Activations travel forward and cotangents backward as MPI point-to-point messages between the
+graphs (nonblocking Isend/Irecv on contiguous buffers, each completed within the deadline of
+$GRAPHC_DDP_TIMEOUT, so a dead rank ends the job with a message naming it). The last stage
+seeds the backward pass with 1/M, so the accumulated gradients are those of the mean loss over
+the global batch: losses and updates equal the single-process step's up to rounding.
+
+Micro-batches run in a 1F1B schedule (PipeDream-flush: a stage runs at most stages - s
+forwards ahead of its backwards) or GPipe's (all forwards, then all backwards). With a single
+process (no mpiexec) one step runs every stage in turn, following the same schedules with
+messages kept in memory: the partition can be checked without MPI.
+
+Not yet supported: buffers updated in training (batch norm's running statistics), parameters
+read by two stages (tied weights), gradient clipping, and combining with data parallelism.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from graphc.ir import Graph, Node, TensorType, Value
+from graphc.ir.types import is_float
+from graphc.passes import SIMPLIFY, Stages
+from graphc.passes.autodiff import vjp_graph
+
+from .. import random as gc_random
+from ..api import user_facing
+from ..compile import CompiledGraph
+from ..lowering import compile_graph
+from ..nn.module import Module, named_arrays
+from ..optim import Optimizer, _in_dtype
+from ..step_builder import StepBuilder, StepSpec, batch_arrays, trace_loss
+from ..tensor import Tensor, is_tracing
+from .data_parallel import DistributedError, World, init
+
+SCHEDULES = ("1f1b", "gpipe")
+FORWARD, BACKWARD = 0, 1
+
+# -- marking stage boundaries --------------------------------------------------------------
+_marked: list[Value] | None = None  # set while a pipeline traces its forward
+
+
+def stage_boundary(x: Tensor) -> Tensor:
+    """`x` itself; while a PipelineParallelStep traces the model, the stage in progress ends
+    with the node computing `x` and the next stage starts after it. Anywhere else a no-op."""
+    if _marked is not None and isinstance(x, Tensor):
+        _marked.append(x.value)
+    return x
+
+
+@contextmanager
+def _collecting_boundaries() -> Iterator[list[Value]]:
+    global _marked
+    outer, _marked = _marked, []
+    try:
+        yield _marked
+    finally:
+        _marked = outer
+
+
+# -- the partition -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Crossing:
+    """A value computed by stage `source` and read by the later `readers`: its forward
+    sends it to each of them, and each sends its cotangent back."""
+
+    index: int
+    name: str
+    type: TensorType
+    source: int
+    readers: tuple[int, ...]
+    value: Value = field(compare=False, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.type.shape) * np.dtype(self.type.np_dtype).itemsize
+
+    @property
+    def differentiable(self) -> bool:
+        """Whether a cotangent comes back for it (integer values have none)."""
+        return is_float(self.type.dtype)
+
+
+@dataclass
+class StagePlan:
+    """One stage's share of the traced forward: its nodes, the batch inputs, parameters and
+    buffers it reads, and the crossings it receives and sends (in message order)."""
+
+    index: int
+    nodes: list[Node]
+    data: list[int]
+    params: list[str]
+    buffers: list[str]
+    receives: list[Crossing] = field(default_factory=list)
+    sends: list[Crossing] = field(default_factory=list)
+    cost: float = 0.0
+    uses_rng: bool = False
+
+    @property
+    def modules(self) -> list[str]:
+        """The top-level modules (the first part of their paths) the stage's nodes come from."""
+        return list(dict.fromkeys(n.module.split(".")[0] for n in self.nodes if n.module))
+
+
+@dataclass
+class Partition:
+    """The traced micro-batch forward (`graph`: batch, params, buffers[, rng] -> loss) cut
+    after the nodes at `cuts` into stages."""
+
+    graph: Graph
+    cuts: list[int]
+    stages: list[StagePlan]
+    crossings: list[Crossing]
+
+    def bytes_between(self, source: int, reader: int) -> int:
+        """Bytes one micro-batch's forward sends from stage `source` to stage `reader` (its
+        backward sends as many back)."""
+        return sum(c.nbytes for c in self.crossings if c.source == source and reader in c.readers)
+
+    def describe(self) -> str:
+        lines = []
+        for s in self.stages:
+            lines.append(f"stage {s.index}: {len(s.nodes)} nodes, modules {s.modules}, "
+                         f"{len(s.params)} parameters, ~{s.cost:.3g} FLOPs")
+            for c in s.sends:
+                lines.append(f"  sends {c.name} {c.type} ({c.nbytes} bytes) to stages {list(c.readers)}")
+        return "\n".join(lines)
+
+
+def node_cost(node: Node) -> float:
+    """Estimated FLOPs of one node: multiply-adds for matmul and convolutions, else one per
+    output element (a scan: its body's cost per step)."""
+    out = node.outputs[0].type
+    if node.op == "matmul":
+        return 2.0 * math.prod(out.shape) * node.inputs[0].shape[-1]
+    if node.op == "conv2d":
+        weight = node.inputs[1].shape
+        return 2.0 * math.prod(out.shape) * math.prod(weight[1:])
+    if node.subgraph is not None:
+        return sum(node_cost(n) for n in node.subgraph.nodes) * max(node.attrs.get("length", 1), 1)
+    return float(sum(math.prod(v.shape) for v in node.outputs))
+
+
+def _sourceless(node: Node) -> bool:
+    """A node without inputs (a constant): every stage reading it computes its own copy."""
+    return not node.inputs and node.subgraph is None
+
+
+def _last_node(graph: Graph, module_path: str) -> int:
+    members = [i for i, n in enumerate(graph.nodes)
+               if n.module and (n.module == module_path or n.module.startswith(module_path + "."))]
+    if not members:
+        paths = sorted({n.module.split(".")[0] for n in graph.nodes if n.module})
+        raise DistributedError(f"PipelineParallelStep: boundary {module_path!r} names no module the "
+                               f"forward calls (top-level modules: {paths})")
+    return members[-1]
+
+
+def _crossing_bytes(graph: Graph) -> list[int]:
+    """Bytes of the values computed at or before node i and read after it, for each i."""
+    position = {}
+    for i, node in enumerate(graph.nodes):
+        for v in node.outputs:
+            position[v] = i
+    last_use: dict[Value, int] = {}
+    for i, node in enumerate(graph.nodes):
+        for v in node.inputs:
+            last_use[v] = i
+    for _, v in graph.outputs:
+        last_use[v] = len(graph.nodes)
+    delta = [0] * (len(graph.nodes) + 1)
+    for v, end in last_use.items():
+        start = position.get(v)
+        if start is None or _sourceless(v.producer):
+            continue
+        nbytes = math.prod(v.shape) * np.dtype(v.type.np_dtype).itemsize
+        delta[start] += nbytes
+        delta[end] -= nbytes
+    return list(np.cumsum(delta[:-1]))
+
+
+def balanced_cuts(graph: Graph, stages: int) -> list[int]:
+    """Cut positions (a stage's last node) at module boundaries, each where the cumulative
+    estimated cost is closest to its share k/stages of the total; ties go to the cut sending
+    fewer bytes."""
+    nodes = graph.nodes
+    costs = np.cumsum([node_cost(n) for n in nodes])
+    sizes = _crossing_bytes(graph)
+    candidates = [i for i in range(len(nodes) - 1)
+                  if nodes[i].module and nodes[i].module != nodes[i + 1].module]
+    cuts: list[int] = []
+    for k in range(1, stages):
+        target = costs[-1] * k / stages
+        open_ = [i for i in candidates if not cuts or i > cuts[-1]]
+        open_ = open_[:len(open_) - (stages - 1 - k)]  # leave one candidate per later cut
+        if not open_:
+            raise DistributedError(f"PipelineParallelStep: the forward has too few module "
+                                   f"boundaries for {stages} stages; use fewer stages or mark "
+                                   "boundaries with stage_boundary()")
+        cuts.append(min(open_, key=lambda i: (abs(costs[i] - target), sizes[i])))
+    return cuts
+
+
+def partition(graph: Graph, cuts: Sequence[int]) -> Partition:
+    """Cut the traced forward after the nodes at `cuts` (strictly increasing) into stages."""
+    nodes = graph.nodes
+    if list(cuts) != sorted(set(cuts)) or (cuts and (cuts[0] < 0 or cuts[-1] >= len(nodes) - 1)):
+        raise DistributedError(f"PipelineParallelStep: stage boundaries must follow one another "
+                               f"in the forward order; they end at nodes {list(cuts)}")
+    stage_of_node = [bisect.bisect_left(cuts, i) for i in range(len(nodes))]
+    count = len(cuts) + 1
+    stage_of: dict[Value, int] = {}
+    for node, s in zip(nodes, stage_of_node):
+        for v in node.outputs:
+            stage_of[v] = s
+    inputs = {inp.value: (i, inp) for i, inp in enumerate(graph.inputs)}
+    readers: dict[Value, set[int]] = {}
+    input_readers: dict[Value, set[int]] = {}
+    plans = [StagePlan(s, [], [], [], []) for s in range(count)]
+    copied: list[set[Node]] = [set() for _ in range(count)]
+    for node, s in zip(nodes, stage_of_node):
+        plans[s].cost += node_cost(node)
+        for v in node.inputs:
+            if v in inputs:
+                input_readers.setdefault(v, set()).add(s)
+            elif _sourceless(v.producer):
+                if stage_of[v] != s and v.producer not in copied[s]:
+                    copied[s].add(v.producer)  # recomputed here rather than sent
+            elif stage_of[v] != s:
+                readers.setdefault(v, set()).add(s)
+    updated = [name.split(":", 1)[1] for name, _ in graph.outputs if name != "loss"]
+    if updated:
+        raise DistributedError(f"PipelineParallelStep: the forward updates the buffers "
+                               f"{', '.join(sorted(updated))} in training (batch norm's running "
+                               "statistics?); pipelines do not support buffer updates yet: put "
+                               "such modules in eval mode")
+    loss = graph.output("loss")
+    if loss in inputs or stage_of[loss] != count - 1:
+        raise DistributedError("PipelineParallelStep: the loss must be computed in the last "
+                               "stage; move the last boundary before the loss")
+    for node, s in zip(nodes, stage_of_node):
+        plans[s].nodes.append(node)
+    for s in range(count):  # constants a stage reads from another go first, in their order
+        plans[s].nodes = [n for n in nodes if n in copied[s]] + plans[s].nodes
+    for value, stages_reading in input_readers.items():
+        index, inp = inputs[value]
+        if inp.role == "param" and len(stages_reading) > 1:
+            raise DistributedError(f"PipelineParallelStep: parameter {inp.name!r} is read by "
+                                   f"stages {sorted(stages_reading)}; tied weights must stay in one "
+                                   "stage: move the boundaries")
+        for s in stages_reading:
+            plan = plans[s]
+            if inp.role == "data":
+                plan.data.append(index)
+            elif inp.role == "param":
+                plan.params.append(inp.name)
+            elif inp.role == "state":
+                plan.buffers.append(inp.name)
+            else:
+                plan.uses_rng = True
+    for plan in plans:  # in the graph's input order, whatever order the nodes read them in
+        order = {inp.name: i for i, inp in enumerate(graph.inputs)}
+        plan.data.sort()
+        plan.params.sort(key=order.__getitem__)
+        plan.buffers.sort(key=order.__getitem__)
+    crossings = []
+    value_order = {v: i for i, v in enumerate(graph.values())}
+    for value in sorted(readers, key=value_order.__getitem__):
+        producer = value.producer
+        where = f"{producer.op} in {producer.module}" if producer.module else producer.op
+        crossing = Crossing(len(crossings), f"v{value_order[value]} ({where})", value.type,
+                            stage_of[value], tuple(sorted(readers[value])), value)
+        crossings.append(crossing)
+        plans[crossing.source].sends.append(crossing)
+        for s in crossing.readers:
+            plans[s].receives.append(crossing)
+    return Partition(graph, list(cuts), plans, crossings)
+
+
+def stage_forward_graph(partition: Partition, stage: int) -> Graph:
+    """Stage `stage`'s forward: inputs batch data, received crossings ("recv:<i>"), parameters,
+    buffers[, rng]; outputs each sent crossing ("send:<i>"), and in the last stage the loss."""
+    graph, plan = partition.graph, partition.stages[stage]
+    new = Graph(f"{graph.name}_stage{stage}")
+    mapping: dict[Value, Value] = {}
+    for i in plan.data:
+        inp = graph.inputs[i]
+        mapping[inp.value] = new.add_input(inp.value.type, inp.name, "data")
+    for c in plan.receives:
+        mapping[c.value] = new.add_input(c.type, f"recv:{c.index}", "data")
+    for role, names in (("param", plan.params), ("state", plan.buffers)):
+        for name in names:
+            inp = graph.input(name)
+            mapping[inp.value] = new.add_input(inp.value.type, name, role)
+    if plan.uses_rng:
+        rng = graph.inputs[-1]
+        mapping[rng.value] = new.add_input(rng.value.type, rng.name, "rng")
+    for node in plan.nodes:
+        clone = node.clone(mapping[v] for v in node.inputs)
+        mapping.update(zip(node.outputs, clone.outputs))
+        new.nodes.append(clone)
+    for c in plan.sends:
+        new.add_output(f"send:{c.index}", mapping[c.value])
+    if stage == len(partition.stages) - 1:
+        new.add_output("loss", mapping[graph.output("loss")])
+    return new.verify()
+
+
+def stage_backward_graph(forward: Graph, plan: StagePlan, trainable: Sequence[str]) -> Graph:
+    """The VJP of a stage's forward: its inputs, then one cotangent per (differentiable sent
+    crossing, reader) (and the loss's, in the last stage); outputs the cotangents of the
+    differentiable received crossings, then the gradients of the stage's trainable parameters."""
+    names = [inp.name for inp in forward.inputs]
+    wrt = [names.index(f"recv:{c.index}") for c in plan.receives if c.differentiable]
+    wrt += [names.index(n) for n in plan.params if n in trainable]
+    seeds = [(i, f"ct:{c.index}:{reader}") for i, c in enumerate(plan.sends) if c.differentiable
+             for reader in c.readers]
+    if forward.outputs[-1][0] == "loss":
+        seeds.append((len(forward.outputs) - 1, "ct:loss"))
+    backward = vjp_graph(forward, wrt, [i for i, _ in seeds])
+    # vjp_graph names its cotangent inputs after the output ("ct_<i>"), once per reader
+    for inp, (_, name) in zip(backward.inputs[len(forward.inputs):], seeds):
+        inp.name = name
+    return backward.verify()
+
+
+# -- schedules -----------------------------------------------------------------------------
+def schedule(kind: str, stage: int, stages: int, microbatches: int) -> list[tuple[int, int]]:
+    """Stage `stage`'s actions in order: (FORWARD or BACKWARD, micro-batch)."""
+    if kind == "gpipe":
+        return ([(FORWARD, m) for m in range(microbatches)]
+                + [(BACKWARD, m) for m in range(microbatches)])
+    warmup = min(stages - 1 - stage, microbatches)
+    actions = [(FORWARD, m) for m in range(warmup)]
+    for m in range(microbatches - warmup):
+        actions += [(FORWARD, warmup + m), (BACKWARD, m)]
+    return actions + [(BACKWARD, m) for m in range(microbatches - warmup, microbatches)]
+
+
+# -- message transport ---------------------------------------------------------------------
+class _Messages:
+    """Point-to-point messages between stages: in memory when one process runs them all,
+    else MPI to the rank running the other stage (rank = stage). A message is identified by
+    its source and destination stages, direction, micro-batch and crossing."""
+
+    def __init__(self, world: World, crossings: int) -> None:
+        self.world, self.crossings = world, crossings
+        self.local: dict[tuple[int, ...], np.ndarray] = {}
+        self.pending: list[Any] = []  # MPI sends in flight, their buffers kept alive
+        self.wait_s = 0.0
+
+    def _tag(self, direction: int, microbatch: int, crossing: int) -> int:
+        return (microbatch * 2 + direction) * self.crossings + crossing
+
+    def send(self, array: np.ndarray, source: int, to: int, direction: int, microbatch: int,
+             crossing: int) -> None:
+        if self.world.comm is None:
+            self.local[to, source, direction, microbatch, crossing] = array
+            return
+        buffer = np.ascontiguousarray(array)
+        request = self.world.comm.Isend(buffer, dest=to, tag=self._tag(direction, microbatch, crossing))
+        self.pending.append((request, buffer))
+
+    def ready(self, at: int, source: int, direction: int, microbatch: int, crossing: int) -> bool:
+        """Whether receiving would not block (under MPI: receive, which waits with a deadline)."""
+        return self.world.comm is not None or (at, source, direction, microbatch, crossing) in self.local
+
+    def receive(self, type: TensorType, at: int, source: int, direction: int, microbatch: int,
+                crossing: int, what: str) -> np.ndarray:
+        if self.world.comm is None:
+            return self.local.pop((at, source, direction, microbatch, crossing))
+        buffer = np.empty(type.shape, type.np_dtype)
+        start = time.perf_counter()
+        request = self.world.comm.Irecv(buffer, source=source,
+                                        tag=self._tag(direction, microbatch, crossing))
+        self.world._wait([request], f"receiving {what} from rank {source}")
+        self.wait_s += time.perf_counter() - start
+        return buffer
+
+    def flush(self) -> None:
+        """Complete this step's sends (their peers have received them by the step's end)."""
+        if self.pending:
+            start = time.perf_counter()
+            self.world._wait([r for r, _ in self.pending], "sending to the next stages")
+            self.wait_s += time.perf_counter() - start
+            self.pending.clear()
+
+
+# -- timing --------------------------------------------------------------------------------
+@dataclass
+class StageTimes:
+    """Wall-clock seconds one stage spent over the steps run so far: in its compiled graphs
+    (`forward`, `backward`, `update`), blocked on messages (`wait`), and in all (`total`).
+    `bubble` is the rest: time the stage had no work (mostly waiting on its neighbours)."""
+
+    stage: int
+    forward: float = 0.0
+    backward: float = 0.0
+    update: float = 0.0
+    wait: float = 0.0
+    total: float = 0.0
+    steps: int = 0
+
+    @property
+    def compute(self) -> float:
+        return self.forward + self.backward + self.update
+
+    @property
+    def bubble(self) -> float:
+        return max(self.total - self.compute, 0.0)
+
+    @property
+    def bubble_fraction(self) -> float:
+        return self.bubble / self.total if self.total else 0.0
+
+
+# -- the step ------------------------------------------------------------------------------
+@dataclass
+class _StageRuntime:
+    plan: StagePlan
+    forward: CompiledGraph
+    backward: CompiledGraph
+    update: CompiledGraph
+    trainable: list[str]
+    times: StageTimes
+    step_count: np.ndarray = field(default_factory=lambda: np.zeros((), np.float32))
+    saved: dict[int, list[np.ndarray]] = field(default_factory=dict)  # forward inputs per micro-batch
+    grads: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class PipelineParallelStep:
+    """`step(*inputs, target) -> loss`: one pipeline-parallel training step on the global batch
+    (every rank passes the same batch; each stage reads the inputs it needs). Returns the mean
+    loss over the batch on every rank.
+
+    Run under `mpiexec -n stages` (rank r runs stage r), or as a single process running every
+    stage in turn. Each rank updates its own stage's parameters and optimizer state in place;
+    the other stages' parameters in its copy of the model are left as they were. `partition`
+    describes the cut, `times` holds one StageTimes per stage this process runs.
+    """
+
+    def __init__(self, model: Module, loss_fn: Callable[..., Tensor], optimizer: Optimizer,
+                 example_inputs: Sequence[Any], stages: int = 2, microbatches: int = 4,
+                 boundaries: Sequence[str] | None = None, schedule: str = "1f1b",
+                 backend: str | None = None, targets: int = 1, world: World | None = None) -> None:
+        from graphc.backends import default_backend
+
+        self.world = world or init()
+        if stages < 1 or microbatches < 1:
+            raise DistributedError(f"PipelineParallelStep: stages={stages} and "
+                                   f"microbatches={microbatches} must be at least 1")
+        if self.world.size not in (1, stages):
+            raise DistributedError(f"PipelineParallelStep: {stages} stages need {stages} ranks "
+                                   f"(or one process), not {self.world.size}")
+        if schedule not in SCHEDULES:
+            raise DistributedError(f"PipelineParallelStep: schedule {schedule!r} is not one of {SCHEDULES}")
+        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.num_stages, self.microbatches, self.schedule = stages, microbatches, schedule
+        self.backend, self.targets, self.name = backend or default_backend(), targets, "pipeline_step"
+        owned = {id(p): n for n, p in named_arrays(model, "_parameters")}
+        if any(id(p) not in owned for p in optimizer.params):
+            raise DistributedError(f"{self.name}: the optimizer's parameters must be the model's")
+        self.trainable = [owned[id(p)] for p in optimizer.params]
+        self.params = dict(named_arrays(model, "_parameters"))
+        self.buffers = dict(named_arrays(model, "_buffers"))
+        self.opt_state = {n: optimizer.init_state(self.params[n]) for n in self.trainable}
+        self._optimizer_settings = optimizer.compiled_settings()
+        self.rng_key = np.array([gc_random.next_key()[0], 0], np.int64)
+        batch = self._microbatch(batch_arrays(example_inputs), 0)
+        self.signature = tuple((a.shape, a.dtype) for a in batch)
+        self.partition = self._partition(batch, boundaries)
+        self._messages = _Messages(self.world, max(len(self.partition.crossings), 1))
+        mine = range(stages) if self.world.size == 1 else [self.world.rank]
+        self._stages = [self._compile_stage(s) for s in mine]
+        self.times = [rt.times for rt in self._stages]
+
+    # -- construction ----------------------------------------------------------------------
+    def _microbatch(self, arrays: list[np.ndarray], m: int) -> list[np.ndarray]:
+        rows = arrays[0].shape[0] if arrays and arrays[0].ndim else 0
+        if any(a.ndim == 0 or a.shape[0] != rows for a in arrays) or rows % self.microbatches:
+            raise DistributedError(f"{self.name}: every input's first axis is the batch, the same "
+                                   f"for all and divisible by microbatches={self.microbatches}; got "
+                                   f"shapes {[a.shape for a in arrays]}")
+        size = rows // self.microbatches
+        return [np.ascontiguousarray(a[m * size:(m + 1) * size]) for a in arrays]
+
+    def _spec(self, trainable: list[str]) -> StepSpec:
+        return StepSpec(self.name, self.model, self.loss_fn, self.optimizer, self.params,
+                        self.buffers, trainable, {n: self.opt_state[n] for n in trainable},
+                        self.targets)
+
+    def _partition(self, batch: list[np.ndarray], boundaries: Sequence[str] | None) -> Partition:
+        with _collecting_boundaries() as marked:
+            graph, reads = trace_loss(self._spec(self.trainable), batch)
+        if reads.names:
+            raise DistributedError(f"{self.name}: the loss reads modules besides the model "
+                                   f"({', '.join(reads.names)}); pipelines train one model")
+        if boundaries is not None and marked:
+            raise DistributedError(f"{self.name}: boundaries are given twice, as module paths and "
+                                   "with stage_boundary(); keep one")
+        position = {v: i for i, n in enumerate(graph.nodes) for v in n.outputs}
+        if boundaries is not None:
+            cuts = [_last_node(graph, path) for path in boundaries]
+        elif marked:
+            if any(v not in position for v in marked):
+                raise DistributedError(f"{self.name}: stage_boundary() marks an input of the "
+                                       "model; mark a value computed in forward")
+            cuts = list(dict.fromkeys(position[v] for v in marked))
+        else:
+            cuts = balanced_cuts(graph, self.num_stages)
+        if len(cuts) != self.num_stages - 1:
+            raise DistributedError(f"{self.name}: {len(cuts)} boundaries make {len(cuts) + 1} stages, "
+                                   f"not stages={self.num_stages}")
+        result = partition(graph, cuts)
+        if self.world.comm is not None:
+            self.world._check_agreement("the pipeline's partition", (result.cuts, [
+                (c.type, c.source, c.readers) for c in result.crossings]))
+        return result
+
+    def _compile(self, graph: Graph, donate: dict[int, int] | None = None) -> CompiledGraph:
+        stages = Stages(graph.name)
+        optimized = stages.run(stages.record("traced", graph), [SIMPLIFY])
+        executable = compile_graph(optimized, self.backend, donate or {}, stages)
+        return CompiledGraph(graph, optimized, executable, donate or {})
+
+    def _compile_stage(self, s: int) -> _StageRuntime:
+        plan = self.partition.stages[s]
+        trainable = [n for n in plan.params if n in self.trainable]
+        forward = stage_forward_graph(self.partition, s)
+        backward = stage_backward_graph(forward, plan, trainable)
+        update, donate = self._update_graph(s, trainable)
+        return _StageRuntime(plan, self._compile(forward), self._compile(backward),
+                             self._compile(update, donate), trainable, StageTimes(s))
+
+    def _update_graph(self, s: int, trainable: list[str]) -> tuple[Graph, dict[int, int]]:
+        """Mean gradients -> the optimizer's rule for this stage's parameters, each parameter
+        and slot donated to its input; the step count too."""
+        spec = self._spec(trainable)
+        with StepBuilder(spec, f"{self.name}_stage{s}_update") as b:
+            grads = {n: b.input(TensorType.of(self.params[n]), f"grad:{n}") for n in trainable}
+            params, opt_state, step = b.params(trainable), b.optimizer_state(), b.step_count()
+            lrs = b.learning_rates()
+            new_step = step + 1
+            groups = [self.optimizer._group_of(self.params[n]) for n in trainable]
+            for n, group in zip(trainable, groups):
+                rate = lrs[next(i for i, g in enumerate(self.optimizer.param_groups) if g is group)]
+                p = params[n]
+                new_p, new_state = self.optimizer.rule(p, grads[n], opt_state[n],
+                                                       _in_dtype(rate, p.dtype),
+                                                       _in_dtype(new_step, p.dtype), group)
+                b.output(f"param:{n}", new_p, donor=n)
+                for slot, value in new_state.items():
+                    b.output(f"state:{n}.{slot}", value, donor=f"{n}.{slot}")
+            b.output("step", new_step, donor="step")
+        return b.graph, b.donate
+
+    # -- running ---------------------------------------------------------------------------
+    @user_facing
+    def __call__(self, *batch: Any) -> float:
+        if is_tracing():
+            raise DistributedError(f"{self.name}: a pipeline step cannot run inside a trace")
+        arrays = batch_arrays(batch)
+        micro = [self._microbatch(arrays, m) for m in range(self.microbatches)]
+        if tuple((a.shape, a.dtype) for a in micro[0]) != self.signature:
+            raise DistributedError(f"{self.name}: the batch's micro-batches are "
+                                   f"{[(a.shape, str(a.dtype)) for a in micro[0]]}, compiled for "
+                                   f"{[(s, str(d)) for s, d in self.signature]}; build a new step")
+        self.optimizer.check_settings(self._optimizer_settings, self.name)
+        losses: list[float] = []
+        plans = {rt.plan.index: (rt, schedule(self.schedule, rt.plan.index, self.num_stages,
+                                              self.microbatches)) for rt in self._stages}
+        started = {s: time.perf_counter() for s in plans}
+        done = {s: 0 for s in plans}
+        while any(done[s] < len(actions) for s, (_, actions) in plans.items()):
+            progressed = False
+            for s, (rt, actions) in plans.items():
+                while done[s] < len(actions) and self._ready(rt, *actions[done[s]]):
+                    direction, m = actions[done[s]]
+                    if direction == FORWARD:
+                        self._forward(rt, m, micro[m], losses)
+                    else:
+                        self._backward(rt, m)
+                    done[s] += 1
+                    progressed = True
+            if not progressed:  # one process: a schedule waiting on itself is a bug here
+                raise DistributedError(f"{self.name}: the {self.schedule} schedule deadlocked "
+                                       f"after {done} actions")
+        self._messages.flush()
+        for rt in self._stages:
+            self._update(rt)
+        loss = self._mean_loss(losses)
+        for rt in self._stages:
+            rt.times.total += time.perf_counter() - started[rt.plan.index]
+            rt.times.wait = self._messages.wait_s  # one stage per rank: the rank's waits
+            rt.times.steps += 1
+        self.rng_key[1] += 1
+        return loss
+
+    def _ready(self, rt: _StageRuntime, direction: int, m: int) -> bool:
+        plan, messages = rt.plan, self._messages
+        if direction == FORWARD:
+            return all(messages.ready(plan.index, c.source, FORWARD, m, c.index) for c in plan.receives)
+        return all(messages.ready(plan.index, reader, BACKWARD, m, c.index)
+                   for c in plan.sends if c.differentiable for reader in c.readers)
+
+    def _key(self, m: int) -> np.ndarray:
+        """Micro-batch m's RNG key: its forward and the backward recomputing it draw alike."""
+        seed, counter = self.rng_key
+        return np.array([seed, counter * self.microbatches + m], np.int64)
+
+    def _forward(self, rt: _StageRuntime, m: int, batch: list[np.ndarray], losses: list[float]) -> None:
+        plan, messages = rt.plan, self._messages
+        received = [messages.receive(c.type, plan.index, c.source, FORWARD, m, c.index,
+                                     f"{c.name} of micro-batch {m} for stage {plan.index}")
+                    for c in plan.receives]
+        args = [*(batch[i] for i in plan.data), *received, *(self.params[n] for n in plan.params),
+                *(self.buffers[n] for n in plan.buffers)]
+        if plan.uses_rng:
+            args.append(self._key(m))
+        rt.saved[m] = args
+        start = time.perf_counter()
+        outputs = rt.forward.executable(*args)
+        rt.times.forward += time.perf_counter() - start
+        for c, value in zip(plan.sends, outputs):
+            for reader in c.readers:  # a copy: the executable reuses its output buffers
+                messages.send(np.array(value, copy=True, order="C"), plan.index, reader, FORWARD,
+                              m, c.index)
+        if len(outputs) > len(plan.sends):
+            losses.append(float(outputs[-1]))
+
+    def _backward(self, rt: _StageRuntime, m: int) -> None:
+        plan, messages = rt.plan, self._messages
+        cotangents = [messages.receive(c.type, plan.index, reader, BACKWARD, m, c.index,
+                                       f"the cotangent of {c.name}, micro-batch {m}, for stage "
+                                       f"{plan.index}")
+                      for c in plan.sends if c.differentiable for reader in c.readers]
+        if plan.index == self.num_stages - 1:
+            loss_type = rt.forward.optimized.outputs[-1][1].type
+            cotangents.append(np.array(1.0 / self.microbatches, loss_type.np_dtype))
+        start = time.perf_counter()
+        outputs = rt.backward.executable(*rt.saved.pop(m), *cotangents)
+        rt.times.backward += time.perf_counter() - start
+        floats = [c for c in plan.receives if c.differentiable]
+        for c, value in zip(floats, outputs):
+            messages.send(np.array(value, copy=True, order="C"), plan.index, c.source, BACKWARD,
+                          m, c.index)
+        for name, grad in zip(rt.trainable, outputs[len(floats):]):
+            if name in rt.grads:
+                np.add(rt.grads[name], grad, out=rt.grads[name])
+            else:
+                rt.grads[name] = np.array(grad, copy=True, order="C")
+
+    def _update(self, rt: _StageRuntime) -> None:
+        start = time.perf_counter()
+        state = [self.opt_state[n][slot] for n in rt.trainable for slot in self.opt_state[n]]
+        rt.update.executable(*(rt.grads[n] for n in rt.trainable),
+                             *(self.params[n] for n in rt.trainable), *state, rt.step_count,
+                             *self.optimizer.learning_rates())
+        rt.grads.clear()
+        rt.times.update += time.perf_counter() - start
+
+    def _mean_loss(self, losses: list[float]) -> float:
+        """The mean loss over the micro-batches, computed by the last stage, on every rank."""
+        last = self.num_stages - 1
+        value = np.array([sum(losses) / self.microbatches if losses else 0.0])
+        if self.world.comm is not None:
+            start = time.perf_counter()
+            self.world._wait([self.world.comm.Ibcast(value, root=last)],
+                             f"the loss broadcast from rank {last}")
+            self._messages.wait_s += time.perf_counter() - start
+        return float(value[0])
+
+    @property
+    def step_count(self) -> np.ndarray:
+        """Steps taken (a float32 scalar array; every stage counts its own)."""
+        return self._stages[0].step_count
+
+    def stage_state(self) -> dict[str, np.ndarray]:
+        """The state this process updates: its stages' parameters ("<name>"), optimizer slots
+        ("optim/<name>/<slot>") and the step count ("step")."""
+        state: dict[str, np.ndarray] = {"step": self.step_count}
+        for rt in self._stages:
+            for n in rt.plan.params:
+                state[n] = self.params[n]
+            for n in rt.trainable:
+                state.update({f"optim/{n}/{k}": v for k, v in self.opt_state[n].items()})
+        return state
+
+
+__all__ = ["Crossing", "Partition", "PipelineParallelStep", "StagePlan", "StageTimes",
+           "balanced_cuts", "node_cost", "partition", "schedule", "stage_boundary"]

@@ -1,0 +1,268 @@
+"""graphc.distributed.PipelineParallelStep: the partitioner, the schedules, and real 2-rank jobs.
+
+Most tests run every stage in this process (a world of one: messages stay in memory, the
+same schedules run); the MPI tests launch `mpiexec -n 2` on tests/mpi_scripts/pipeline_steps.py
+(bounded by a timeout) and skip when mpi4py or mpiexec is missing.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import graphc as gc
+import graphc.nn.functional as F
+from graphc import nn, optim
+from graphc.distributed import (DistributedError, PipelineParallelStep, World, stage_boundary)
+from graphc.distributed.pipeline import (BACKWARD, FORWARD, balanced_cuts, node_cost, partition,
+                                         schedule)
+from graphc.models import mlp, mnist_cnn
+from graphc.step_builder import StepSpec, trace_loss
+
+from test_distributed import SCRIPTS, launch, load_script, needs_mpi
+
+
+class Skip(nn.Module):
+    """Three marked stages; the first stage's output is read again by the last (a skip)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 8)
+        self.fc3, self.fc4 = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        a = stage_boundary(F.relu(self.fc1(x)))
+        b = stage_boundary(F.tanh(self.fc3(F.relu(self.fc2(a)))))
+        return self.fc4(b + a)
+
+
+def traced(model: nn.Module, batch) -> gc.ir.Graph:
+    params = dict(model.named_parameters())
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    spec = StepSpec("t", model, F.cross_entropy, opt, params, dict(model.named_buffers()),
+                    list(params), {})
+    return trace_loss(spec, batch)[0]
+
+
+def mlp_batch(rows: int = 8, features: int = 12, classes: int = 4, dtype: str = "float32"):
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((rows, features)).astype(dtype), rng.integers(0, classes, rows)
+
+
+def pipeline(model: nn.Module, batch, **options) -> PipelineParallelStep:
+    return PipelineParallelStep(model, F.cross_entropy, optim.Adam(model.parameters(), lr=1e-2),
+                                batch, backend="reference", world=World(), **options)
+
+
+# -- the partitioner ---------------------------------------------------------------------------
+def test_module_paths_cut_after_the_module_and_one_activation_crosses():
+    gc.manual_seed(0)
+    model = mlp((12, 16, 16, 4))
+    step = pipeline(model, mlp_batch(), stages=2, microbatches=4, boundaries=["1"])
+    first, second = step.partition.stages
+    assert first.modules == ["0", "1"] and second.modules == ["2", "3", "4"]
+    assert first.params == ["0.weight", "0.bias"]
+    assert second.params == ["2.weight", "2.bias", "4.weight", "4.bias"]
+    (crossing,) = step.partition.crossings
+    assert (crossing.source, crossing.readers) == (0, (1,))
+    assert crossing.type.shape == (2, 16) and crossing.nbytes == 2 * 16 * 4  # one micro-batch
+    assert step.partition.bytes_between(0, 1) == 128
+    assert first.data == [0] and second.data == [1]  # inputs to the first, labels to the last
+
+
+def test_a_value_read_two_stages_later_is_sent_to_that_stage_directly():
+    gc.manual_seed(0)
+    batch = mlp_batch(4, 6, 3)
+    part = pipeline(Skip(), batch, stages=3, microbatches=2).partition
+    by_reader = {c.readers: c for c in part.crossings}
+    assert set(by_reader) == {(1, 2), (2,)}
+    assert by_reader[(1, 2)].source == 0 and by_reader[(2,)].source == 1
+    assert [len(s.receives) for s in part.stages] == [0, 1, 2]
+    assert part.bytes_between(0, 2) == part.bytes_between(0, 1) == 2 * 8 * 4
+
+
+def test_marked_and_named_boundaries_must_agree_with_the_stage_count():
+    gc.manual_seed(0)
+    with pytest.raises(DistributedError, match="2 boundaries make 3 stages, not stages=2"):
+        pipeline(Skip(), mlp_batch(4, 6, 3), stages=2, microbatches=2)
+    with pytest.raises(DistributedError, match="boundary 'fc9' names no module"):
+        pipeline(mlp((12, 16, 4)), mlp_batch(), stages=2, microbatches=2, boundaries=["fc9"])
+    with pytest.raises(DistributedError, match="must follow one another"):
+        pipeline(mlp((12, 16, 16, 4)), mlp_batch(), stages=3, microbatches=2, boundaries=["2", "0"])
+
+
+def test_costs_count_multiply_adds_and_the_balanced_cut_splits_them_evenly():
+    gc.manual_seed(0)
+    model = mlp((64, 64, 64, 64, 64, 4))
+    graph = traced(model, mlp_batch(4, 64))
+    matmuls = [n for n in graph.nodes if n.op == "matmul"]
+    assert node_cost(matmuls[0]) == 2 * 4 * 64 * 64
+    (cut,) = balanced_cuts(graph, 2)
+    part = partition(graph, [cut])
+    costs = [s.cost for s in part.stages]
+    assert max(costs) / sum(costs) < 0.6
+    assert [c.type.shape for c in part.crossings] == [(4, 64)]
+
+
+def test_tied_weights_across_stages_and_training_batch_norm_are_refused():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(stage_boundary(F.relu(self.fc(x))))
+
+    gc.manual_seed(0)
+    with pytest.raises(DistributedError, match="parameter 'fc.weight' is read by stages \\[0, 1\\]"):
+        pipeline(Tied(), mlp_batch(4, 4), stages=2, microbatches=2)
+    bn = nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(DistributedError, match="updates the buffers 1.num_batches_tracked, 1.running_mean, "
+                       "1.running_var in training"):
+        pipeline(bn, mlp_batch(), stages=2, microbatches=2)
+    with pytest.raises(DistributedError, match="divisible by microbatches=3"):
+        pipeline(mlp((12, 4, 4)), mlp_batch(), stages=2, microbatches=3)
+
+
+# -- schedules -----------------------------------------------------------------------------------
+def test_1f1b_keeps_at_most_stages_minus_s_forwards_in_flight():
+    for stage in range(4):
+        actions = schedule("1f1b", stage, 4, 8)
+        assert sorted(actions) == sorted(schedule("gpipe", stage, 4, 8))
+        in_flight = np.cumsum([1 if d == FORWARD else -1 for d, _ in actions])
+        assert in_flight.max() == 4 - stage
+        assert [m for d, m in actions if d == BACKWARD] == list(range(8))
+    assert schedule("1f1b", 1, 2, 3) == [(FORWARD, 0), (BACKWARD, 0), (FORWARD, 1), (BACKWARD, 1),
+                                         (FORWARD, 2), (BACKWARD, 2)]
+
+
+# -- equivalence with the single-process step (one process running every stage) -------------------
+def adam(model: nn.Module) -> optim.Optimizer:
+    return optim.Adam(model.parameters(), lr=1e-2)
+
+
+def momentum(model: nn.Module) -> optim.Optimizer:
+    return optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def assert_same_training(build, batch, steps: int = 3, rtol: float = 1e-5, atol: float = 0.0,
+                         make_optimizer=adam, **options) -> PipelineParallelStep:
+    gc.manual_seed(0)
+    reference_model = build()
+    single = gc.compile_train_step(reference_model, F.cross_entropy, make_optimizer(reference_model),
+                                   batch, backend="reference")
+    gc.manual_seed(0)
+    model = build()
+    step = PipelineParallelStep(model, F.cross_entropy, make_optimizer(model), batch,
+                                backend="reference", world=World(), **options)
+    expected = [single(*batch) for _ in range(steps)]
+    np.testing.assert_allclose([step(*batch) for _ in range(steps)], expected, rtol=rtol)
+    for name, value in reference_model.state_dict().items():
+        np.testing.assert_allclose(model.state_dict()[name], value, rtol=rtol, atol=atol, err_msg=name)
+    for name, slots in single.opt_state.items():
+        for slot, value in slots.items():
+            np.testing.assert_allclose(step.opt_state[name][slot], value, rtol=rtol, atol=atol,
+                                       err_msg=f"{name}.{slot}")
+    assert float(step.step_count) == steps
+    return step
+
+
+@pytest.mark.parametrize("kind", ["1f1b", "gpipe"])
+def test_three_stages_with_a_skip_train_as_one_process_does(kind):
+    step = assert_same_training(lambda: Skip().to("float64"), mlp_batch(8, 6, 3, "float64"),
+                                stages=3, microbatches=4, schedule=kind)
+    assert [t.steps for t in step.times] == [3, 3, 3]
+    assert all(t.forward > 0 and t.backward > 0 and t.update > 0 for t in step.times)
+
+
+def cnn_batch(dtype: str):
+    rng = np.random.default_rng(1)
+    return rng.standard_normal((8, 1, 8, 8)).astype(dtype), rng.integers(0, 4, 8)
+
+
+def test_the_mnist_cnn_with_adam_in_float64_matches():
+    step = assert_same_training(lambda: mnist_cnn(8, 4).eval().to("float64"), cnn_batch("float64"),
+                                stages=2, microbatches=4)
+    assert step.partition.stages[0].modules[0] == "0"  # the convolutions carry most FLOPs
+
+
+def test_the_mnist_cnn_with_momentum_in_float32_matches_to_rounding():
+    """float32: gradients summed over micro-batches round differently from the whole batch's,
+    and elements near zero differ by ~1e-10 absolute. (Adam divides by the root of the squared
+    gradient and turns such rounding into ~1e-6 absolute after three steps: see float64.)"""
+    assert_same_training(lambda: mnist_cnn(8, 4).eval(), cnn_batch("float32"), atol=1e-7,
+                         make_optimizer=momentum, stages=2, microbatches=4)
+
+
+def test_dropout_draws_the_same_mask_in_a_micro_batch_forward_and_its_recomputation():
+    """With dropout the step differs from the whole batch's (other masks) but must still be
+    the exact gradient of what the forward computed: compare with the single-process step
+    on micro-batch-sized batches, one micro-batch at a time."""
+    gc.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 4))
+    step = PipelineParallelStep(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1),
+                                mlp_batch(), stages=2, microbatches=1, backend="reference",
+                                world=World(), boundaries=["1"])
+    assert step.partition.stages[1].uses_rng
+    before = {n: p.copy() for n, p in model.state_dict().items()}
+    loss = step(*mlp_batch())
+    assert np.isfinite(loss) and any(not np.array_equal(before[n], p)
+                                     for n, p in model.state_dict().items())
+
+
+# -- real ranks --------------------------------------------------------------------------------
+def two_rank_state(out_dir) -> tuple[np.ndarray, dict[str, np.ndarray], list[np.ndarray]]:
+    ranks = [dict(np.load(os.path.join(out_dir, f"rank{r}.npz"))) for r in range(2)]
+    np.testing.assert_array_equal(ranks[0]["losses"], ranks[1]["losses"])
+    merged = {k: v for rank in ranks for k, v in rank.items() if k not in ("losses", "times", "step")}
+    return ranks[0]["losses"], merged, [rank["times"] for rank in ranks]
+
+
+@needs_mpi
+@pytest.mark.parametrize("model, dtype, optimizer, atol", [
+    ("mlp", "float32", "adam", 1e-7), ("cnn", "float32", "sgd", 1e-7), ("cnn", "float64", "adam", 0.0)])
+def test_two_ranks_four_micro_batches_equal_the_single_process_step(tmp_path, model, dtype,
+                                                                    optimizer, atol):
+    status, output = launch([os.path.join(SCRIPTS, "pipeline_steps.py"), "equivalent", model,
+                             dtype, optimizer, str(tmp_path)], timeout=120)
+    assert status == 0, output
+    script = load_script("pipeline_steps")
+    net, batches = script.build(model, dtype)
+    single = gc.compile_train_step(net, F.cross_entropy, script.optimizer(net, optimizer),
+                                   batches[0], backend="reference")
+    losses, state, times = two_rank_state(tmp_path)
+    np.testing.assert_allclose(losses, [single(*batch) for batch in batches], rtol=1e-5)
+    expected = {**net.state_dict(), **{f"optim/{n}/{k}": v for n, s in single.opt_state.items()
+                                       for k, v in s.items()}}
+    assert state.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_allclose(state[name], value, rtol=1e-5, atol=atol, err_msg=name)
+    for forward, backward, update, wait, total in times:
+        assert min(forward, backward, update) > 0 and forward + backward + update + wait <= total
+
+
+@needs_mpi
+@pytest.mark.slow
+def test_two_ranks_on_numba_cpu_with_gpipe(tmp_path):
+    status, output = launch([os.path.join(SCRIPTS, "pipeline_steps.py"), "equivalent", "cnn",
+                             "float64", "adam", str(tmp_path), "numba-cpu", "gpipe"], timeout=300)
+    assert status == 0, output
+    script = load_script("pipeline_steps")
+    net, batches = script.build("cnn", "float64")
+    single = gc.compile_train_step(net, F.cross_entropy, script.optimizer(net), batches[0],
+                                   backend="reference")
+    losses, state, _ = two_rank_state(tmp_path)
+    np.testing.assert_allclose(losses, [single(*batch) for batch in batches], rtol=1e-5)
+    for name, value in net.state_dict().items():
+        np.testing.assert_allclose(state[name], value, rtol=1e-5, err_msg=name)
+
+
+@needs_mpi
+def test_a_rank_leaving_quietly_ends_the_job_naming_it(tmp_path):
+    status, output = launch([os.path.join(SCRIPTS, "pipeline_steps.py"), "exit"], timeout=60,
+                            GRAPHC_DDP_TIMEOUT="3")
+    assert status != 0
+    assert "rank 1 leaving before its first step" in output
+    assert "rank 0 of 2: receiving the cotangent of" in output
+    assert "from rank 1 did not complete within 3 s" in output
