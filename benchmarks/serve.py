@@ -35,6 +35,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -122,12 +123,16 @@ class OnnxRunner:
     """The peer engine: an ONNX file in an onnxruntime session, as a graphc.serve runner, so it
     is served by the same HTTP stack, batcher and metrics as graphc's own."""
 
-    def __init__(self, path: str, name: str | None = None, max_batch: int | None = None) -> None:
+    def __init__(self, path: str, name: str | None = None, max_batch: int | None = None,
+                 threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        from graphc.serve.runner import TensorSpec
+        from graphc.serve import TensorSpec
 
-        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self._input_name, self._output_name = inp.name, out.name
         self.name = name or os.path.splitext(os.path.basename(path))[0]
@@ -149,7 +154,8 @@ def serve_onnx(args: argparse.Namespace) -> None:
     """The peer's server process (--serve-onnx PATH)."""
     from graphc.serve import serve
 
-    runner = OnnxRunner(args.serve_onnx, name="model", max_batch=args.max_batch)
+    runner = OnnxRunner(args.serve_onnx, name="model", max_batch=args.max_batch,
+                        threads=args.threads)
     serve([runner], host=HOST, port=args.port, max_batch=args.max_batch,
           max_delay_ms=args.max_delay_ms, loader=OnnxRunner.from_file)
 
@@ -210,6 +216,19 @@ class Server:
         models = listing["models"] if isinstance(listing, dict) else listing
         return models[0]["name"]
 
+    def batch_counts(self, model: str) -> tuple[float, float]:
+        """(samples, model calls) so far, from the graphc_batch_size histogram of /metrics."""
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+        totals = {}
+        for suffix in ("sum", "count"):
+            match = re.search(rf'^graphc_batch_size_{suffix}{{model="{re.escape(model)}"}} (\S+)$',
+                              text, re.M)
+            totals[suffix] = float(match.group(1)) if match else 0.0
+        return totals["sum"], totals["count"]
+
     def alive(self) -> bool:
         return self.process.poll() is None
 
@@ -232,14 +251,18 @@ class Server:
         return self.process.returncode
 
 
-def graphc_command(gcx: str, max_batch: int, max_delay_ms: float) -> list[str]:
-    return [sys.executable, "-m", "graphc.cli", "serve", gcx, "--host", HOST,
+def graphc_command(gcx: str, max_batch: int, max_delay_ms: float, threads: int | None
+                   ) -> list[str]:
+    environment = [f"GRAPHC_NUM_THREADS={threads}"] if threads else []
+    return ["env", *environment, sys.executable, "-m", "graphc.cli", "serve", gcx, "--host", HOST,
             "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms)]
 
 
-def onnx_command(onnx_path: str, max_batch: int, max_delay_ms: float) -> list[str]:
+def onnx_command(onnx_path: str, max_batch: int, max_delay_ms: float, threads: int | None
+                 ) -> list[str]:
     return [sys.executable, os.path.abspath(__file__), "--serve-onnx", onnx_path,
-            "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms)]
+            "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms),
+            *(["--threads", str(threads)] if threads else [])]
 
 
 # --- requests ---------------------------------------------------------------------------------
@@ -371,47 +394,74 @@ class Row:
     p50_ms: float
     p95_ms: float
     p99_ms: float
+    mean_batch: float  # samples per model call, from the server's graphc_batch_size histogram
 
 
-def row(label: str, concurrency: int, outcome: Outcome) -> Row:
+def row(label: str, concurrency: int, outcome: Outcome, mean_batch: float) -> Row:
     p50, p95, p99 = (np.percentile(outcome.latencies, [50, 95, 99]) * 1e3
                      if outcome.latencies else (float("nan"),) * 3)
     return Row(label, concurrency, outcome.answered, outcome.failed,
-               outcome.answered / outcome.seconds, float(p50), float(p95), float(p99))
+               outcome.answered / outcome.seconds, float(p50), float(p95), float(p99), mean_batch)
 
 
 def benchmark(args: argparse.Namespace, models: Models) -> dict[str, Any]:
+    """Every server at every concurrency, --rounds times with the servers interleaved (a busy
+    neighbour slows one round of each, not all of one); the median over rounds."""
     servers = [
-        ("graphc", graphc_command(models.gcx, args.max_batch, args.max_delay_ms)),
-        ("graphc b=1", graphc_command(models.gcx, 1, args.max_delay_ms)),
-        ("onnxruntime", onnx_command(models.onnx, args.max_batch, args.max_delay_ms)),
-        ("onnxruntime b=1", onnx_command(models.onnx, 1, args.max_delay_ms)),
+        ("graphc", graphc_command(models.gcx, args.max_batch, args.max_delay_ms, args.threads)),
+        ("graphc b=1", graphc_command(models.gcx, 1, args.max_delay_ms, args.threads)),
+        ("onnxruntime", onnx_command(models.onnx, args.max_batch, args.max_delay_ms, args.threads)),
+        ("onnxruntime b=1", onnx_command(models.onnx, 1, args.max_delay_ms, args.threads)),
     ]
+    servers = [(label, command) for label, command in servers
+               if not args.servers or label in args.servers]
     requests = valid_requests(models.samples, args.body)
-    rows: list[Row] = []
+    rounds: list[list[Row]] = []
     memory: dict[str, tuple[float, float]] = {}
-    for label, command in servers:
-        if args.servers and label not in args.servers:
-            continue
-        server = Server(label, command, args.startup_seconds)
-        try:
-            url = f"{server.url}/v1/models/{server.model_name()}/predict"
-            rss_start = server.rss_mib()
-            for concurrency in args.concurrency:
-                warm = asyncio.run(drive(url, requests, concurrency=concurrency,
-                                         count=args.warmup, seconds=args.seconds))
-                outcome = asyncio.run(drive(url, requests, concurrency=concurrency,
-                                            count=args.requests, seconds=args.seconds))
-                outcome.errors += warm.errors
-                rows.append(row(label, concurrency, outcome))
-                print(format_row(rows[-1]), file=sys.stderr, flush=True)
-            memory[label] = (rss_start, server.rss_mib())
-        finally:
-            status = server.stop()
-        if status != 0:
-            raise SystemExit(f"{label}: exit status {status} after SIGTERM:\n{server.output()}")
-    return {"rows": [r.__dict__ for r in rows], "rss_mib": memory,
-            "ratios": ratios(rows, max(args.concurrency))}
+    for round_index in range(args.rounds):
+        rows: list[Row] = []
+        for label, command in servers:
+            server = Server(label, command, args.startup_seconds)
+            try:
+                model = server.model_name()
+                url = f"{server.url}/v1/models/{model}/predict"
+                rss_start = server.rss_mib()
+                for concurrency in args.concurrency:
+                    warm = asyncio.run(drive(url, requests, concurrency=concurrency,
+                                             count=args.warmup, seconds=args.seconds))
+                    calls_before = server.batch_counts(model)
+                    outcome = asyncio.run(drive(url, requests, concurrency=concurrency,
+                                                count=args.requests, seconds=args.seconds))
+                    samples, calls = np.subtract(server.batch_counts(model), calls_before)
+                    outcome.errors += warm.errors
+                    rows.append(row(label, concurrency, outcome, samples / max(calls, 1)))
+                    print(f"round {round_index + 1}: {format_row(rows[-1])}", file=sys.stderr,
+                          flush=True)
+                rss_end = server.rss_mib()
+                # start-up memory of the first round, the largest end of any round
+                memory[label] = (memory.get(label, (rss_start,))[0],
+                                 max(rss_end, memory.get(label, (0, 0))[1]))
+            finally:
+                status = server.stop()
+            if status != 0:
+                raise SystemExit(f"{label}: exit status {status} after SIGTERM:\n{server.output()}")
+        rounds.append(rows)
+    top = max(args.concurrency)
+    per_round = [ratios(rows, top) for rows in rounds]
+    return {"rows": [r.__dict__ for r in median_rows(rounds)], "rss_mib": memory,
+            "ratios": {name: float(np.median([r[name] for r in per_round])) for name in per_round[0]},
+            "ratios_by_round": per_round, "rounds": args.rounds}
+
+
+def median_rows(rounds: list[list[Row]]) -> list[Row]:
+    """Per server and concurrency: requests and failures summed over rounds, the rest medians."""
+    merged = []
+    for same in zip(*rounds):
+        median = lambda attribute: float(np.median([getattr(r, attribute) for r in same]))
+        merged.append(Row(same[0].server, same[0].concurrency, sum(r.requests for r in same),
+                          sum(r.failed for r in same), median("throughput"), median("p50_ms"),
+                          median("p95_ms"), median("p99_ms"), median("mean_batch")))
+    return merged
 
 
 def ratios(rows: list[Row], concurrency: int) -> dict[str, float]:
@@ -422,13 +472,13 @@ def ratios(rows: list[Row], concurrency: int) -> dict[str, float]:
     return {name: at[a] / at[b] for name, (a, b) in pairs.items() if a in at and b in at}
 
 
-HEADER = ("| server | concurrency | requests | failed | req/s | p50 ms | p95 ms | p99 ms |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|")
+HEADER = ("| server | concurrency | requests | failed | req/s | p50 ms | p95 ms | p99 ms | batch |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def format_row(r: Row) -> str:
     return (f"| {r.server} | {r.concurrency} | {r.requests} | {r.failed} | {r.throughput:.0f} | "
-            f"{r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} |")
+            f"{r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} | {r.mean_batch:.1f} |")
 
 
 def print_table(results: dict[str, Any], concurrency: int) -> None:
@@ -439,7 +489,9 @@ def print_table(results: dict[str, Any], concurrency: int) -> None:
     for label, (start, end) in results["rss_mib"].items():
         print(f"{label}: RSS {start:.0f} MiB after start-up, {end:.0f} MiB at the end")
     for name, value in results["ratios"].items():
-        print(f"throughput at concurrency {concurrency}, {name}: {value:.2f}x")
+        by_round = ", ".join(f"{r[name]:.2f}" for r in results["ratios_by_round"])
+        print(f"throughput at concurrency {concurrency}, {name}: {value:.2f}x "
+              f"(median of {results['rounds']} rounds: {by_round})")
 
 
 def soak(args: argparse.Namespace, models: Models) -> dict[str, Any]:
@@ -449,7 +501,8 @@ def soak(args: argparse.Namespace, models: Models) -> dict[str, Any]:
     # every 100th request is malformed, the kinds in turn
     requests = [bad[(i // 100) % len(bad)] if i % 100 == 50 else valid[i % len(valid)]
                 for i in range(args.requests)]
-    server = Server("graphc", graphc_command(models.gcx, args.max_batch, args.max_delay_ms),
+    server = Server("graphc", graphc_command(models.gcx, args.max_batch, args.max_delay_ms,
+                                             args.threads),
                     args.startup_seconds)
     try:
         url = f"{server.url}/v1/models/{server.model_name()}/predict"
@@ -509,6 +562,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--servers", nargs="+", default=None,
                         help='only these (e.g. "graphc" "graphc b=1")')
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="sweeps over all servers, interleaved; the table gives medians")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="compute threads per server (GRAPHC_NUM_THREADS, onnxruntime's "
+                        "intra_op_num_threads); default: all cores")
     parser.add_argument("--body", choices=["json", "npy"], default="json")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-delay-ms", type=float, default=2.0)
