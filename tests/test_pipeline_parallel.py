@@ -125,6 +125,14 @@ def test_tied_weights_across_stages_and_training_batch_norm_are_refused():
         pipeline(mlp((12, 4, 4)), mlp_batch(), stages=2, microbatches=3)
 
 
+def test_the_partition_draws_stages_as_clusters_and_cut_edges_with_their_bytes():
+    gc.manual_seed(0)
+    step = pipeline(mlp((12, 16, 16, 4)), mlp_batch(), stages=2, microbatches=4, boundaries=["1"])
+    dot = step.partition.to_dot()
+    assert dot.count("subgraph cluster_stage") == 2
+    assert dot.count("color=red") == 1 and 'label="128 B"' in dot
+
+
 # -- schedules -----------------------------------------------------------------------------------
 def test_1f1b_keeps_at_most_stages_minus_s_forwards_in_flight():
     for stage in range(4):
@@ -266,3 +274,4 @@ def test_a_rank_leaving_quietly_ends_the_job_naming_it(tmp_path):
     assert "rank 1 leaving before its first step" in output
     assert "rank 0 of 2: receiving the cotangent of" in output
     assert "from rank 1 did not complete within 3 s" in output
+

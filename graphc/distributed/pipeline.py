@@ -154,6 +154,37 @@ class Partition:
                 lines.append(f"  sends {c.name} {c.type} ({c.nbytes} bytes) to stages {list(c.readers)}")
         return "\n".join(lines)
 
+    def to_dot(self) -> str:
+        """Graphviz source: each stage a cluster of its nodes (op, type, module), the graph's
+        inputs outside, and every edge that crosses a cut in red, labelled with its bytes per
+        micro-batch."""
+        from graphc.ir.dot import _label, _quote
+
+        lines = [f"digraph {_quote(self.graph.name + ' pipeline')} {{",
+                 '  node [fontname="Helvetica", fontsize=10, shape=box]; edge [fontsize=9];']
+        ids = {inp.value: f"in{i}" for i, inp in enumerate(self.graph.inputs)}
+        for i, inp in enumerate(self.graph.inputs):
+            label = _quote(f"{inp.name} [{inp.role}]")
+            lines.append(f"  in{i} [shape=ellipse, label={label}];")
+        edges = []
+        for plan in self.stages:
+            lines.append(f"  subgraph cluster_stage{plan.index} {{")
+            lines.append(f"    label={_quote(f'stage {plan.index} (~{plan.cost:.3g} FLOPs)')};")
+            for node in plan.nodes:
+                if node.outputs[0] in ids:  # a constant every reading stage copies: drawn once
+                    continue
+                nid = f"n{len(ids)}"
+                ids.update((v, nid) for v in node.outputs)
+                lines.append(f"    {nid} [label={_quote(_label(node))}];")
+                edges += [(v, nid) for v in node.inputs]
+            lines.append("  }")
+        crossing = {c.value: c for c in self.crossings}
+        for value, target in edges:
+            c = crossing.get(value)
+            style = f' [color=red, label="{c.nbytes} B"]' if c is not None else ""
+            lines.append(f"  {ids[value]} -> {target}{style};")
+        return "\n".join(lines + ["}"])
+
 
 def node_cost(node: Node) -> float:
     """Estimated FLOPs of one node: multiply-adds for matmul and convolutions, else one per
@@ -286,8 +317,8 @@ def partition(graph: Graph, cuts: Sequence[int]) -> Partition:
                 plan.buffers.append(inp.name)
             else:
                 plan.uses_rng = True
+    order = {inp.name: i for i, inp in enumerate(graph.inputs)}
     for plan in plans:  # in the graph's input order, whatever order the nodes read them in
-        order = {inp.name: i for i, inp in enumerate(graph.inputs)}
         plan.data.sort()
         plan.params.sort(key=order.__getitem__)
         plan.buffers.sort(key=order.__getitem__)
