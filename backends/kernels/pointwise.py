@@ -172,13 +172,6 @@ def _elementwise_rule(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     return scalar(*operands, **node.attrs)
 
 
-@_rule("erf")
-def _erf(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
-    """The registry's scalar (math.erf: NumPy has none), with the import it needs."""
-    e.require_helper("import math")
-    return _elementwise_rule(e, node, domain)
-
-
 # On the CPU, LLVM vectorises a loop only if every call in it has a vector version, and Numba's
 # llvmlite has no vector math library (no SVML: `numba -s` reports "SVML Operational: False"),
 # so one libm expf/tanhf call keeps a whole fused loop scalar: a GELU epilogue ran ~27x slower
@@ -254,6 +247,55 @@ def _float32_transcendental(e: PointwiseEmitter, node: Node, domain: Domain) -> 
     e.require_helper(_FLOAT32_MATH.format(decorator=strict, exp_reduction_c=_exp_reduction("c", "p"),
                                          exp_reduction_t=_exp_reduction("t", "q")))
     return f"{node.op}_float32({e.broadcast_operand(node, 0, domain.index)})"
+
+
+# float32 erf in float32 arithmetic, within 1.3 ulp of the exact value (tests/test_pointwise_erf.py
+# measures it), branch-free so that its loops vectorise as exp's do (math.erf is a libm call).
+# Two fits to the exact function, least squares driven to equal ripple (Lawson's iteration):
+# below |x| = 475/512, erf(x) = x + x P(x**2) with P of degree 5 (P(0) = 2/sqrt(pi) - 1);
+# above, erf(|x|) = 1 - e**Q(|x|) with Q of degree 6 fitted to log(erfc), |x| clamped at 4
+# (erf rounds to 1 from 3.92) and e**Q as exp_float32 computes it (Q in [-18, -1.6]: one power
+# of two suffices). The kernel calls the two halves apart, `erf_float32(x, erf_far_float32(x))`:
+# LLVM inlines each call by its callee's size, and as one function erf was too large to inline.
+_ERF_FLOAT32 = """\
+@{decorator}
+def erf_far_float32(x):
+    a = min(abs(x), np.float32(4.0))
+    q = np.float32(0.00019407201)
+    q = q * a + np.float32(-0.00302505796)
+    q = q * a + np.float32(0.0221551303)
+    q = q * a + np.float32(-0.103784002)
+    q = q * a + np.float32(-0.637348771)
+    q = q * a + np.float32(-1.12757778)
+    q = q * a + np.float32(-0.000219119203)
+{exp_reduction}    return np.float32(1.0) - (e * (r * r) + r + np.float32(1.0)) * np.int32((np.int32(n) + 127) << 23).view(np.float32)
+
+
+@{decorator}
+def erf_float32(x, far):
+    s = x * x
+    p = np.float32(-0.000598738145)
+    p = p * s + np.float32(0.00499302289)
+    p = p * s + np.float32(-0.0267669465)
+    p = p * s + np.float32(0.112818405)
+    p = p * s + np.float32(-0.376124978)
+    p = p * s + np.float32(0.128379151)
+    y = x + x * p if abs(x) < np.float32(0.927734375) else (far if x > 0 else -far)
+    return y if x == x else x
+"""
+
+
+@_rule("erf")
+def _erf(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
+    """float32 on the CPU: erf_float32; otherwise the registry's scalar (math.erf: NumPy has
+    none), with the import it needs."""
+    if node.output.dtype != "float32" or e.target.name not in SCALAR_LIBM_TARGETS:
+        e.require_helper("import math")
+        return _elementwise_rule(e, node, domain)
+    strict = e.target.helper_decorator.replace("(", "(fastmath=False, ", 1)
+    e.require_helper(_ERF_FLOAT32.format(decorator=strict, exp_reduction=_exp_reduction("q", "e")))
+    x = e.broadcast_operand(node, 0, domain.index)
+    return f"erf_float32({x}, erf_far_float32({x}))"
 
 
 @_rule("broadcast_to")
