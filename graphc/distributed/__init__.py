@@ -7,10 +7,10 @@
 from .async_ps import AsyncStats, AsyncStep, WorkerTimes
 from .data_parallel import (DEFAULT_TIMEOUT, DataParallelStep, DistributedError, DistributedLoader,
                             DistributedSampler, FlatLayout, StepTimes, TIMEOUT_ENV, World, evaluate, fit,
-                            init, resume)
+                            init, resume, tensor_digest)
 
-__all__ = ["AsyncStats", "AsyncStep", "WorkerTimes", "DEFAULT_TIMEOUT", "DataParallelStep", "DistributedError", "DistributedLoader",
-           "DistributedSampler", "FlatLayout", "StepTimes", "TIMEOUT_ENV", "World", "evaluate", "fit", "init",
-           "resume"]
+__all__ = ["AsyncStats", "AsyncStep", "DEFAULT_TIMEOUT", "DataParallelStep", "DistributedError",
+           "DistributedLoader", "DistributedSampler", "FlatLayout", "StepTimes", "TIMEOUT_ENV",
+           "World", "WorkerTimes", "evaluate", "fit", "init", "resume", "tensor_digest"]
 from .pipeline import PipelineParallelStep, StageTimes, stage_boundary  # noqa: E402
 __all__ += ["PipelineParallelStep", "StageTimes", "stage_boundary"]

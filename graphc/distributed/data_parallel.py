@@ -19,6 +19,11 @@ exits non-zero, which makes mpiexec end every rank; a killed rank brings down th
 way; and every collective waits with a deadline (`GRAPHC_DDP_TIMEOUT` seconds, default 300),
 so a rank that exits early or is stuck makes the others abort instead of waiting forever.
 
+Replicas that drift apart (a bug, a rank's memory corrupted, a user writing to one rank's
+weights) are caught: every `check_every` steps (default 100) the ranks allgather a digest of each
+tensor of their training state and a mismatch raises DistributedError naming the tensor and
+the ranks, instead of training on with different models.
+
 Without mpi4py, or with a single process, the world has size 1 and every collective is a no-op.
 """
 from __future__ import annotations
@@ -124,6 +129,25 @@ class World:
         self.comm.Abort(1)
         os._exit(1)  # should this MPI's Abort return after all, this rank still ends
 
+    def check_replicas(self, state: dict[str, np.ndarray], when: str) -> None:
+        """Raise DistributedError unless every rank holds the same bytes in `state` (same names
+        on every rank); `when` says where in training, for the message. One allgather of a
+        16-byte digest per tensor: cheap against a step."""
+        if self.comm is None:
+            return
+        names = sorted(state)
+        digests = np.stack([tensor_digest(state[name]) for name in names])
+        gathered = np.empty((self.size, *digests.shape), np.uint8)
+        self._wait([self.comm.Iallgather(digests, gathered)], "allgather of the replica digests")
+        for index, name in enumerate(names):
+            differing = [r for r in range(1, self.size)
+                         if not np.array_equal(gathered[r, index], gathered[0, index])]
+            if differing:
+                raise DistributedError(
+                    f"replicas diverged {when}: '{name}' differs on ranks {differing} from rank 0 "
+                    f"(first differing tensor in name order); every rank must apply the same "
+                    "updates: something changed one rank's copy outside the training step")
+
     def _check_agreement(self, what: str, description: Any) -> None:
         digest = np.frombuffer(hashlib.sha256(repr(description).encode()).digest(), np.uint8)
         digests = np.empty((self.size, digest.size), np.uint8)
@@ -133,16 +157,29 @@ class World:
             raise DistributedError(f"ranks {differing} disagree with rank 0 on {what}; every rank "
                                    "must build the same model and optimizer")
 
-    def _wait(self, requests: list, what: str) -> None:
+    def _wait(self, requests: list, what: str, peer: int | None = None, pause: float = 0.0) -> None:
         """Complete nonblocking `requests` within the deadline: a peer that exited cleanly or is
         stuck would otherwise leave this rank blocked in the collective forever. Polling spins,
-        as MPICH's blocking collectives do, so it costs no latency."""
+        as MPICH's blocking collectives do, so it costs no latency; a wait expected to be long
+        sleeps `pause` seconds between polls instead, leaving the core to ranks that compute.
+        `peer` names the one rank a point-to-point transfer waits for."""
         from mpi4py import MPI
         deadline = time.monotonic() + self.timeout
         while not MPI.Request.Testall(requests):
+            if pause:
+                time.sleep(pause)
             if time.monotonic() > deadline:
+                culprit = "another rank" if peer is None else f"rank {peer}"
                 self.abort(f"{what} did not complete within {self.timeout:g} s "
-                           f"({TIMEOUT_ENV}); another rank has exited or is stuck")
+                           f"({TIMEOUT_ENV}); {culprit} has exited or is stuck")
+
+
+def tensor_digest(array: np.ndarray) -> np.ndarray:
+    """A 16-byte BLAKE2b digest of the array's bytes (dtype and shape included)."""
+    array = np.ascontiguousarray(array)
+    digest = hashlib.blake2b(f"{array.dtype.str}{array.shape}".encode(), digest_size=16)
+    digest.update(array.tobytes())
+    return np.frombuffer(digest.digest(), np.uint8)
 
 
 _world: World | None = None
@@ -303,14 +340,18 @@ class DataParallelStep(TrainStep):
     `graph`, `to_dot` and `memory_plan` describe the forward+backward graph; `update_graph`
     the optimizer's. Batch norm normalises with each rank's own batch statistics (as PyTorch's
     DistributedDataParallel without SyncBatchNorm); its running statistics are averaged.
-    `check_numerics` reruns the gradients graph of this rank's batch.
+    `check_numerics` reruns the gradients graph of this rank's batch. Every `check_every` steps
+    (0: never) the ranks compare digests of their training state (`check_replicas`).
     """
 
     def __init__(self, model: Module, loss_fn: Callable[..., Tensor], optimizer: Optimizer,
                  example_inputs: Sequence[Any], backend: str | None = None,
                  clip_grad_norm: float | None = None, l1: float = 0.0, targets: int = 1,
-                 world: World | None = None) -> None:
+                 world: World | None = None, check_every: int = 100) -> None:
+        if check_every < 0:
+            raise ValueError(f"check_every={check_every}: give a number of steps, or 0 for never")
         self.world = world or init()
+        self.check_every = check_every
         self.layout: FlatLayout | None = None
         self.times = StepTimes()
         super().__init__(model, loss_fn, optimizer, example_inputs, backend, clip_grad_norm, l1,
@@ -321,6 +362,15 @@ class DataParallelStep(TrainStep):
     def broadcast_state(self) -> None:
         """Give every rank rank 0's weights, buffers, optimizer state, step count and RNG key."""
         self.world.broadcast_(training_state(self))
+
+    def check_replicas(self) -> None:
+        """Raise DistributedError naming the first tensor of the training state (parameters,
+        buffers, optimizer state, step count, RNG key) that differs between ranks."""
+        self.world.check_replicas(training_state(self), f"after step {self.times.steps}")
+
+    def _gradient_divisor(self) -> int:
+        """What the update graph divides the reduced buffer by to get the mean gradient."""
+        return self.world.size
 
     # -- graph construction ----------------------------------------------------------------
     def _trace(self, batch: list[np.ndarray], stages: Stages) -> tuple[Graph, dict[int, int], ModuleReads]:
@@ -368,7 +418,7 @@ class DataParallelStep(TrainStep):
             params = b.params(self.trainable)
             b.buffers(averaged)  # read by no node: inputs only for their means to overwrite
             opt_state, step = b.optimizer_state(), b.step_count()
-            mean = layout.unpack(reduced * (1.0 / self.world.size))
+            mean = layout.unpack(reduced * (1.0 / self._gradient_divisor()))
             b.update(params, {n: mean[f"grad:{n}"] for n in self.trainable}, opt_state, step,
                      {n: mean[f"buffer:{n}"] for n in averaged})
         return b.graph, b.donate
@@ -416,6 +466,8 @@ class DataParallelStep(TrainStep):
         if gradients.optimized.inputs[-1].role == "rng":
             self.rng_key[1] += 1
         self._record_times(start, reduced_at, updated_at, time.perf_counter())
+        if self.check_every and self.times.steps % self.check_every == 0:
+            self.check_replicas()
         return float(reduced[-1]) / self.world.size
 
     def _rank_key(self) -> np.ndarray:
@@ -480,7 +532,18 @@ def fit(step: DataParallelStep, train_loader: DistributedLoader, epochs: int = 1
     ranks); only rank 0 shows progress, calls `on_epoch_end` and writes the checkpoint
     (atomically, after every epoch). With `resume_from_checkpoint`, training continues after
     the last completed epoch of the checkpoint at `checkpoint_path` (when it exists).
+    An AsyncStep trains asynchronously instead (AsyncStep.fit; early stopping, schedulers and
+    check_numerics are not supported there).
     """
+    from .async_ps import AsyncStep  # imported here: async_ps builds on this module
+    if isinstance(step, AsyncStep):
+        unsupported = [name for name, value in (("early_stopping", early_stopping),
+                                                ("scheduler", scheduler),
+                                                ("check_numerics", check_numerics)) if value]
+        if unsupported:
+            raise DistributedError(f"fit: an AsyncStep does not support {', '.join(unsupported)}")
+        return step.fit(train_loader, epochs, val_loader, checkpoint_path, resume_from_checkpoint,
+                        on_epoch_end)
     first_epoch = 1
     if resume_from_checkpoint and checkpoint_path is not None and resume(step, checkpoint_path):
         first_epoch = int(step.step_count) // max(len(train_loader), 1) + 1
@@ -492,4 +555,4 @@ def fit(step: DataParallelStep, train_loader: DistributedLoader, epochs: int = 1
 
 __all__ = ["DEFAULT_TIMEOUT", "DataParallelStep", "DistributedError", "DistributedLoader",
            "DistributedSampler", "FlatLayout", "StepTimes", "TIMEOUT_ENV", "World", "evaluate",
-           "fit", "init", "resume"]
+           "fit", "init", "resume", "tensor_digest"]
