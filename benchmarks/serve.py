@@ -96,7 +96,9 @@ def dynamic_batch_onnx(path: str) -> None:
     model = onnx.load(path)
     for value in [*model.graph.input, *model.graph.output]:
         dim = value.type.tensor_type.shape.dim[0]
-        assert dim.dim_value == ONNX_EXPORT_BATCH, f"{value.name}: batch dimension {dim}"
+        if dim.dim_value != ONNX_EXPORT_BATCH:
+            raise SystemExit(f"{path}: {value.name} has first dimension {dim}, expected the "
+                             f"example batch {ONNX_EXPORT_BATCH}")
         dim.ClearField("dim_value")
         dim.dim_param = "batch"
     reshape_shapes = {node.input[1] for node in model.graph.node if node.op_type == "Reshape"}
@@ -511,8 +513,8 @@ def soak(args: argparse.Namespace, models: Models) -> dict[str, Any]:
                                   seconds=args.seconds, expected=models.expected))
         rss_warm = server.rss_mib()
         rest = asyncio.run(drive(url, requests[warmup:], concurrency=args.soak_concurrency,
-                                 count=args.requests - warmup, seconds=args.seconds,
-                                 expected=models.expected))
+                                 count=args.requests - warmup,
+                                 seconds=args.seconds - first.seconds, expected=models.expected))
         rss_end = server.rss_mib()
         alive = server.alive()
     finally:
@@ -532,7 +534,7 @@ def soak(args: argparse.Namespace, models: Models) -> dict[str, Any]:
         "alive": alive, "exit_status": status,
         "rss_mib": {"after_warmup": rss_warm, "end": rss_end},
         "rss_flat": growth <= max(16.0, 0.05 * rss_warm),
-        "seconds": first.seconds + rest.seconds,
+        "seconds": first.seconds + rest.seconds, "sent_limit": args.requests,
     }
     result["passed"] = (not errors and result["server_errors"] == 0 and alive and status == 0
                         and result["rss_flat"] and result["requests"] == args.requests)
@@ -549,6 +551,9 @@ def print_soak(result: dict[str, Any]) -> None:
     print(f"server alive: {result['alive']}, exit status after SIGTERM: {result['exit_status']}; "
           f"RSS {rss['after_warmup']:.0f} MiB after the first tenth, {rss['end']:.0f} MiB at the "
           f"end ({'flat' if result['rss_flat'] else 'GROWING'})")
+    if result["requests"] < result["sent_limit"]:
+        print(f"stopped by the time limit after {result['requests']} of {result['sent_limit']} "
+              "requests (--seconds)")
     print("PASSED" if result["passed"] else "FAILED")
 
 
@@ -557,7 +562,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=None,
                         help="measured requests per run (default 2000; --malformed: 10000)")
-    parser.add_argument("--seconds", type=float, default=20.0, help="time limit per run")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="time limit per run (default 20; --malformed: 600 in all)")
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured requests per run")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--servers", nargs="+", default=None,
@@ -585,6 +591,8 @@ def main() -> None:
         return
     if args.requests is None:
         args.requests = 10_000 if args.malformed else 2000
+    if args.seconds is None:
+        args.seconds = 600.0 if args.malformed else 20.0
     with tempfile.TemporaryDirectory(prefix="graphc-serve-bench-") as workdir:
         models = export_models(workdir, args.image_size, args.max_batch, args.pool, args.seed)
         if args.malformed:
