@@ -133,6 +133,22 @@ def test_the_partition_draws_stages_as_clusters_and_cut_edges_with_their_bytes()
     assert dot.count("color=red") == 1 and 'label="128 B"' in dot
 
 
+def test_saved_residuals_are_computed_once_and_spare_the_backward_its_recomputation():
+    def matmuls(graph) -> int:
+        return sum(n.op == "matmul" for n in graph.nodes)
+
+    counts = {}
+    for recompute in (False, True):
+        gc.manual_seed(0)
+        step = pipeline(mlp((12, 16, 16, 4)), mlp_batch(), stages=2, microbatches=4,
+                        boundaries=["1"], recompute=recompute)
+        last = step._stages[1]
+        counts[recompute] = matmuls(last.forward.optimized), matmuls(last.backward.optimized)
+        saved = [n for n in last.forward.optimized.output_names if n.startswith("saved:")]
+        assert (saved == []) == recompute
+    assert counts[False][0] == counts[True][0] == 2  # CSE merged the copies the split added
+    assert counts[True][1] == counts[False][1] + 2  # the forward's two products, again
+
 # -- schedules -----------------------------------------------------------------------------------
 def test_1f1b_keeps_at_most_stages_minus_s_forwards_in_flight():
     for stage in range(4):
@@ -176,10 +192,10 @@ def assert_same_training(build, batch, steps: int = 3, rtol: float = 1e-5, atol:
     return step
 
 
-@pytest.mark.parametrize("kind", ["1f1b", "gpipe"])
-def test_three_stages_with_a_skip_train_as_one_process_does(kind):
+@pytest.mark.parametrize("kind, recompute", [("1f1b", False), ("gpipe", False), ("1f1b", True)])
+def test_three_stages_with_a_skip_train_as_one_process_does(kind, recompute):
     step = assert_same_training(lambda: Skip().to("float64"), mlp_batch(8, 6, 3, "float64"),
-                                stages=3, microbatches=4, schedule=kind)
+                                stages=3, microbatches=4, schedule=kind, recompute=recompute)
     assert [t.steps for t in step.times] == [3, 3, 3]
     assert all(t.forward > 0 and t.backward > 0 and t.update > 0 for t in step.times)
 

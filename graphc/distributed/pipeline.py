@@ -14,10 +14,11 @@ is an output of its stage's forward graph and an input of each stage that reads 
 Each rank compiles only its own stage, as three graphs:
 
     forward    received activations, the batch inputs it reads, its parameters -> sent values
-               (the last stage: the loss)
-    backward   the VJP of forward (autodiff's vjp_graph; forward is recomputed inside, so no
-               activation but the stage's inputs is kept between the passes): the cotangents of
-               the sent values -> cotangents of the received ones, gradients of its parameters
+               (the last stage: the loss), and the intermediate values backward reads
+    backward   the VJP of forward (autodiff's vjp_graph, split where it stops recomputing the
+               forward; with `recompute=True` it recomputes it instead, keeping only the
+               stage's inputs between the passes): the cotangents of the sent values ->
+               cotangents of the received ones, gradients of its parameters
     update     the mean gradient over the micro-batches -> the optimizer's rule for its own
                parameters and their state (donated: updated in place)
 
@@ -383,6 +384,49 @@ def stage_backward_graph(forward: Graph, plan: StagePlan, trainable: Sequence[st
     return backward.verify()
 
 
+def save_residuals(forward: Graph, backward: Graph) -> tuple[Graph, Graph]:
+    """Split `backward` (forward's inputs, then cotangents) where it stops recomputing forward:
+    returns forward with the intermediate values the rest needs as extra outputs ("saved:<i>"),
+    and that rest, whose inputs are forward's, the saved values, then the cotangents. The
+    recomputed nodes are copies of forward's, which CSE (in SIMPLIFY) merges back."""
+    primal_inputs = len(forward.inputs)
+    adjoint: set[Value] = {inp.value for inp in backward.inputs[primal_inputs:]}
+    primal_nodes, adjoint_nodes = [], []
+    for node in backward.nodes:
+        if any(v in adjoint for v in node.inputs) or _sourceless(node):
+            adjoint_nodes.append(node)  # constants: computed where they are read
+            adjoint.update(node.outputs)
+        else:
+            primal_nodes.append(node)
+    computed = {v for node in primal_nodes for v in node.outputs}
+    needed = [v for node in adjoint_nodes for v in node.inputs] + backward.output_values
+    saved = list(dict.fromkeys(v for v in needed if v in computed))
+
+    primal = forward.copy()
+    mapping = dict(zip(backward.input_values[:primal_inputs], primal.input_values))
+    for node in primal_nodes:
+        clone = node.clone(mapping[v] for v in node.inputs)
+        mapping.update(zip(node.outputs, clone.outputs))
+        primal.nodes.append(clone)
+    for i, v in enumerate(saved):
+        primal.add_output(f"saved:{i}", mapping[v])
+
+    rest = Graph(backward.name)
+    mapping = {}
+    for inp in backward.inputs[:primal_inputs]:
+        mapping[inp.value] = rest.add_input(inp.value.type, inp.name, inp.role)
+    for i, v in enumerate(saved):
+        mapping[v] = rest.add_input(v.type, f"saved:{i}", "data")
+    for inp in backward.inputs[primal_inputs:]:
+        mapping[inp.value] = rest.add_input(inp.value.type, inp.name, inp.role)
+    for node in adjoint_nodes:
+        clone = node.clone(mapping[v] for v in node.inputs)
+        mapping.update(zip(node.outputs, clone.outputs))
+        rest.nodes.append(clone)
+    rest.outputs = [(name, mapping[v]) for name, v in backward.outputs]
+    return primal.verify(), rest.verify()
+
+
 # -- schedules -----------------------------------------------------------------------------
 def schedule(kind: str, stage: int, stages: int, microbatches: int) -> list[tuple[int, int]]:
     """Stage `stage`'s actions in order: (FORWARD or BACKWARD, micro-batch)."""
@@ -492,6 +536,11 @@ class PipelineParallelStep:
     (every rank passes the same batch; each stage reads the inputs it needs). Returns the mean
     loss over the batch on every rank.
 
+    `boundaries`: module paths whose last node ends a stage (else the values marked with
+    `stage_boundary`, else balanced estimated FLOPs); `schedule`: "1f1b" or "gpipe";
+    `recompute`: the backward recomputes each micro-batch's forward instead of keeping its
+    intermediate values (less memory, about a third more compute).
+
     Run under `mpiexec -n stages` (rank r runs stage r), or as a single process running every
     stage in turn. Each rank updates its own stage's parameters and optimizer state in place;
     the other stages' parameters in its copy of the model are left as they were. `partition`
@@ -501,7 +550,8 @@ class PipelineParallelStep:
     def __init__(self, model: Module, loss_fn: Callable[..., Tensor], optimizer: Optimizer,
                  example_inputs: Sequence[Any], stages: int = 2, microbatches: int = 4,
                  boundaries: Sequence[str] | None = None, schedule: str = "1f1b",
-                 backend: str | None = None, targets: int = 1, world: World | None = None) -> None:
+                 recompute: bool = False, backend: str | None = None, targets: int = 1,
+                 world: World | None = None) -> None:
         from graphc.backends import default_backend
 
         self.world = world or init()
@@ -515,6 +565,7 @@ class PipelineParallelStep:
             raise DistributedError(f"PipelineParallelStep: schedule {schedule!r} is not one of {SCHEDULES}")
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.num_stages, self.microbatches, self.schedule = stages, microbatches, schedule
+        self.recompute = recompute
         self.backend, self.targets, self.name = backend or default_backend(), targets, "pipeline_step"
         owned = {id(p): n for n, p in named_arrays(model, "_parameters")}
         if any(id(p) not in owned for p in optimizer.params):
@@ -587,6 +638,8 @@ class PipelineParallelStep:
         trainable = [n for n in plan.params if n in self.trainable]
         forward = stage_forward_graph(self.partition, s)
         backward = stage_backward_graph(forward, plan, trainable)
+        if not self.recompute:
+            forward, backward = save_residuals(forward, backward)
         update, donate = self._update_graph(s, trainable)
         return _StageRuntime(plan, self._compile(forward), self._compile(backward),
                              self._compile(update, donate), trainable, StageTimes(s))
@@ -676,16 +729,20 @@ class PipelineParallelStep:
                 *(self.buffers[n] for n in plan.buffers)]
         if plan.uses_rng:
             args.append(self._key(m))
-        rt.saved[m] = args
         start = time.perf_counter()
         outputs = rt.forward.executable(*args)
         rt.times.forward += time.perf_counter() - start
+        # copies: the executable reuses its output buffers
         for c, value in zip(plan.sends, outputs):
-            for reader in c.readers:  # a copy: the executable reuses its output buffers
+            for reader in c.readers:
                 messages.send(np.array(value, copy=True, order="C"), plan.index, reader, FORWARD,
                               m, c.index)
-        if len(outputs) > len(plan.sends):
-            losses.append(float(outputs[-1]))
+        residuals = outputs[len(plan.sends):]
+        if plan.index == self.num_stages - 1:
+            losses.append(float(residuals[0]))
+            residuals = residuals[1:]
+        # backward reads the forward's inputs, then what it saved (nothing when recomputing)
+        rt.saved[m] = args + [np.array(value, copy=True, order="C") for value in residuals]
 
     def _backward(self, rt: _StageRuntime, m: int) -> None:
         plan, messages = rt.plan, self._messages
@@ -694,7 +751,7 @@ class PipelineParallelStep:
                                        f"{plan.index}")
                       for c in plan.sends if c.differentiable for reader in c.readers]
         if plan.index == self.num_stages - 1:
-            loss_type = rt.forward.optimized.outputs[-1][1].type
+            loss_type = rt.forward.optimized.output("loss").type
             cotangents.append(np.array(1.0 / self.microbatches, loss_type.np_dtype))
         start = time.perf_counter()
         outputs = rt.backward.executable(*rt.saved.pop(m), *cotangents)
