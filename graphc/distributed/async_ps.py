@@ -32,7 +32,6 @@ naming the rank; a rank that raises or is killed ends it at once (see data_paral
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -244,7 +243,7 @@ class AsyncStep(DataParallelStep):
     def _serve_epoch(self, epoch: int, batches: int, batch_size: int) -> list[float]:
         """Hand out the epoch's batches and apply the pushes until all are applied; returns
         the loss of every push."""
-        comm, world = self.world.comm, self.world
+        comm = self.world.comm
         queue = deque(range(batches))
         base: dict[int, int] = {}          # the version each worker computes on
         computing: dict[int, Any] = {}     # worker -> its pending push-header receive
