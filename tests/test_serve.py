@@ -156,6 +156,28 @@ def test_fixed_batch_export_serves_smaller_batches_padded(tmp_path):
     np.testing.assert_array_equal(runner.run(x[:1]), gc.load(path, backend="numba-cpu")(x)[:1])
 
 
+@pytest.mark.parametrize("array", [np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+                                   np.arange(10.0).reshape(2, 5).copy(order="F"),
+                                   np.arange(3, dtype=">i4"), np.float32(2).reshape(()),
+                                   np.zeros((0, 3), np.uint8)],
+                         ids=["float32", "fortran", "big-endian", "scalar", "empty"])
+def test_npy_bodies_read_as_np_load_reads_them(array):
+    from graphc.serve.app import _parse_npy
+    body = npy_bytes(array)
+    header_end = body.index(b"\n") + 1
+    # the same array under a header np.save would not write (keys reordered): np.load's path
+    reordered = body[10:header_end].decode().replace("{'descr'", "{'shape': %r, 'descr'" % (array.shape,))
+    reordered = reordered.replace(", 'shape': %r, }" % (array.shape,), ", }")
+    other = b"\x93NUMPY\x01\x00" + len(reordered).to_bytes(2, "little") + reordered.encode() + body[header_end:]
+    for body in (body, other, base64.b64encode(body)):
+        parsed = _parse_npy(body)
+        assert parsed.dtype == array.dtype and parsed.flags.writeable
+        np.testing.assert_array_equal(parsed, array)
+    if array.size:
+        with pytest.raises(Exception, match="unreadable .npy body"):
+            _parse_npy(npy_bytes(array)[:-1])
+
+
 # -- predictions ------------------------------------------------------------------------------
 def test_json_and_npy_predictions_equal_the_loaded_function(server, reference):
     x = samples(3, 7)

@@ -41,7 +41,14 @@ behind the same HTTP stack, batcher and metrics:
     serve(runners, *, host="127.0.0.1", port=8000, **make_app_options) -> None
         runs until SIGTERM or SIGINT: stops accepting, answers what is in flight, returns.
 
-`graphc serve MODEL.gcx [MODEL2.gcx ...]` (graphc/cli.py) is `serve` over GraphcRunners.
+`graphc serve MODEL.gcx [MODEL2.gcx ...]` (graphc/cli.py) is `serve` over GraphcRunners. It
+sets OMP_WAIT_POLICY=PASSIVE unless set: OpenMP threads spinning between parallel kernels take
+the cores the event loop needs (a program embedding `serve` should do the same before its first
+compiled call).
+
+/load reads a path on the server's machine: anyone who can reach the port can make it load any
+graphc export there (never run code: exports are data, verified on load). Bind to loopback, or
+put the server behind an authenticating proxy.
 """
 from __future__ import annotations
 

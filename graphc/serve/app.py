@@ -7,6 +7,8 @@ import base64
 import binascii
 import io
 import json
+import math
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -159,10 +161,38 @@ def _parse_npy(body: bytes) -> np.ndarray:
             body = base64.b64decode(body, validate=True)
         except (binascii.Error, ValueError):
             raise RequestError(f"an {NPY_CONTENT_TYPE} body must be an .npy file, raw or base64") from None
+    fast = _npy_as_numpy_saves_it(body)
+    if fast is not None:
+        return fast
     try:
         return np.load(io.BytesIO(body), allow_pickle=False)
     except Exception as exc:  # numpy's parser raises several types for malformed headers
         raise RequestError(f"unreadable .npy body ({type(exc).__name__}: {exc})") from None
+
+
+# The version 1.0 header exactly as np.save writes it. np.load parses any header with
+# ast.literal_eval, which took 0.7 ms of the event loop's ~1.4 ms per request at concurrency 64;
+# other headers still go through np.load.
+_NPY_SAVE_HEADER = re.compile(rb"\x93NUMPY\x01\x00..\{'descr': '([<|>]?[a-z][0-9]{1,2})', "
+                              rb"'fortran_order': (False|True), 'shape': \(([0-9, ]{0,200})\), \} *\n",
+                              re.DOTALL)
+
+
+def _npy_as_numpy_saves_it(body: bytes) -> np.ndarray | None:
+    """The array of an .npy body whose header is np.save's own (None for any other header)."""
+    match = _NPY_SAVE_HEADER.match(body)
+    if match is None or match.end() != 10 + int.from_bytes(body[8:10], "little"):
+        return None
+    try:
+        dtype = np.dtype(match.group(1).decode())
+        shape = tuple(int(d) for d in match.group(3).split(b",") if d.strip())
+    except (TypeError, ValueError):
+        return None
+    if dtype.kind not in "biuf" or len(body) - match.end() != math.prod(shape) * dtype.itemsize:
+        return None  # np.load says what is wrong
+    flat = np.frombuffer(body, dtype, offset=match.end())
+    # a copy: the kernels are compiled for writable arrays (a read-only one compiles again)
+    return flat.reshape(shape, order="F" if match.group(2) == b"True" else "C").copy()
 
 
 def _parse_json(body: bytes) -> tuple[Any, dict[str, Any]]:
