@@ -132,6 +132,9 @@ class OnnxRunner:
         from graphc.serve import TensorSpec
 
         options = ort.SessionOptions()
+        # Idle pool threads sleep rather than spin on the cores the event loop needs, as
+        # `graphc serve` sets OMP_WAIT_POLICY=PASSIVE for graphc's OpenMP threads.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
