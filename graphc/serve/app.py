@@ -39,6 +39,10 @@ class RequestError(Exception):
         self.status = status
 
 
+class _ModelFailure(Exception):
+    """A runner raised: a 500 for the requests of its batch."""
+
+
 @dataclass
 class _Pending:
     """One validated request waiting for its batch: its samples and the runner it was
@@ -195,12 +199,21 @@ def _npy_as_numpy_saves_it(body: bytes) -> np.ndarray | None:
     return flat.reshape(shape, order="F" if match.group(2) == b"True" else "C").copy()
 
 
-def _parse_json(body: bytes) -> tuple[Any, dict[str, Any]]:
+def _json_object(body: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(f"malformed JSON: {exc}") from None
-    if not isinstance(doc, dict) or "inputs" not in doc:
+    except RecursionError:
+        raise RequestError("malformed JSON: nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise RequestError(f"expected a JSON object, got a {type(doc).__name__}")
+    return doc
+
+
+def _parse_json(body: bytes) -> tuple[Any, dict[str, Any]]:
+    doc = _json_object(body)
+    if "inputs" not in doc:
         raise RequestError('expected a JSON object {"inputs": [...]}, one entry per sample')
     return doc["inputs"], doc
 
@@ -211,8 +224,8 @@ def _samples_from_json(inputs: Any, runner: Runner) -> np.ndarray:
     try:
         array = np.asarray(inputs)
     except ValueError:
-        raise RequestError('"inputs" is ragged: every sample must have the same nested-list '
-                           f"shape {list(runner.input.shape)}") from None
+        raise RequestError('"inputs" is ragged or nested too deeply: every sample must be a '
+                           f"nested list of shape {list(runner.input.shape)}") from None
     if array.dtype.kind not in "iuf" or array.dtype == object:
         raise RequestError(f'"inputs" must hold numbers ({runner.input.dtype.name}), not '
                            f"{'booleans' if array.dtype.kind == 'b' else 'strings or nulls'}")
@@ -313,12 +326,15 @@ class _Server:
                 array, exact = _samples_from_json(inputs, runner), False
             top_k, softmax = _options(doc, runner)
             samples = _checked_samples(array, runner, model.max_batch, exact)
-            outputs = await model.predict(samples, runner)
+            try:
+                outputs = await model.predict(samples, runner)
+            except Exception as exc:  # the model's own failure: the server's fault, said so
+                raise _ModelFailure(f"model {label!r} failed: {type(exc).__name__}: {exc}") from exc
             response = web.json_response(_answer(outputs, runner, top_k, softmax))
         except RequestError as exc:
             response = _json_error(str(exc), exc.status)
-        except Exception as exc:  # the model's own failure: the server's fault, said so
-            response = _json_error(f"model {label!r} failed: {type(exc).__name__}: {exc}", 500)
+        except _ModelFailure as exc:
+            response = _json_error(str(exc), 500)
         self.metrics.requests.labels(label, str(response.status)).inc()
         if response.status == 200:
             self.metrics.latency.labels(label).observe(time.perf_counter() - started)
@@ -328,11 +344,8 @@ class _Server:
         try:
             model = self.model(request)
             body = await self.body(request)
-            try:
-                doc = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise RequestError(f"malformed JSON: {exc}") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get("path"), str):
+            doc = _json_object(body)
+            if not isinstance(doc.get("path"), str):
                 raise RequestError('expected a JSON object {"path": "model.gcx"}')
             async with model.load_lock:
                 old = model.runner
