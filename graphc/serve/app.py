@@ -120,6 +120,11 @@ class _Model:
             self.metrics.batch_size.labels(self.name).observe(len(samples))
             try:
                 outputs = await loop.run_in_executor(self.worker, runner.run, samples)
+                expected = (len(samples), *runner.output.shape)
+                if not isinstance(outputs, np.ndarray) or outputs.shape != expected:
+                    raise GraphcError(f"{type(runner).__name__}.run returned "
+                                      f"{getattr(outputs, 'shape', type(outputs).__name__)} for "
+                                      f"{len(samples)} samples; its output signature says {expected}")
             except Exception as exc:  # the model failed, not the requests: a 500 for each
                 for p in batch:
                     if not p.done.done():

@@ -1,0 +1,93 @@
+"""The server over a runner that is not graphc's (as an onnxruntime-backed peer plugs in): the
+runner interface is all the HTTP stack, batcher and /load need. In-process on a free loopback
+port, with aiohttp's client."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+from aiohttp import ClientSession
+from aiohttp.test_utils import TestServer
+
+from graphc.ir.errors import LoadError
+from graphc.serve import TensorSpec, make_app
+
+
+class Affine:
+    """y = x @ weight + shift, in NumPy; records the batch sizes it ran."""
+
+    def __init__(self, name: str, shift: float, max_batch: int = 16, broken: bool = False) -> None:
+        self.name, self.version, self.max_batch = name, 1, max_batch
+        self.input = TensorSpec((3,), np.dtype(np.float32))
+        self.output = TensorSpec((2,), np.dtype(np.float32))
+        self.weight = np.arange(6, dtype=np.float32).reshape(3, 2)
+        self.shift, self.broken, self.batches = shift, broken, []
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.batches.append(len(batch))
+        if self.broken:
+            return np.zeros((len(batch) + 1, 2), np.float32)
+        return batch @ self.weight + np.float32(self.shift)
+
+
+def loader(path: str, name: str, max_batch: int) -> Affine:
+    if path == "missing.bin":
+        raise LoadError(path, "no such file")
+    return Affine(name, shift=float(path), max_batch=max_batch)
+
+
+def run_with_server(runners, check, **options) -> None:
+    async def main() -> None:
+        server = TestServer(make_app(runners, loader=loader, **options), host="127.0.0.1")
+        await server.start_server()
+        try:
+            async with ClientSession(str(server.make_url(""))) as session:
+                await check(session)
+        finally:
+            await server.close()
+    asyncio.run(main())
+
+
+async def predict(session, name: str, x: np.ndarray) -> tuple[int, dict]:
+    async with session.post(f"/v1/models/{name}/predict", json={"inputs": x.tolist()}) as r:
+        return r.status, await r.json()
+
+
+def test_a_numpy_runner_is_batched_updated_and_listed():
+    runner = Affine("affine", shift=0.0)
+    x = np.random.default_rng(0).standard_normal((24, 3)).astype(np.float32)
+
+    async def check(session) -> None:
+        answers = await asyncio.gather(*(predict(session, "affine", x[i:i + 1]) for i in range(24)))
+        for i, (status, answer) in enumerate(answers):
+            assert status == 200, answer
+            np.testing.assert_allclose(answer["outputs"], x[i:i + 1] @ runner.weight, rtol=1e-6)
+        assert max(runner.batches) > 1 and max(runner.batches) <= 16 and sum(runner.batches) == 24
+        async with session.post("/v1/models/affine/load", json={"path": "missing.bin"}) as r:
+            assert r.status == 400 and "keeps version 1" in (await r.json())["error"]
+        async with session.post("/v1/models/affine/load", json={"path": "10"}) as r:
+            assert (await r.json()) == {"model": "affine", "version": 2, "previous_version": 1}
+        status, answer = await predict(session, "affine", x[:2])
+        assert answer["version"] == 2
+        np.testing.assert_allclose(answer["outputs"], x[:2] @ runner.weight + 10, rtol=1e-6)
+        async with session.get("/v1/models") as r:
+            assert (await r.json())["models"] == [{
+                "name": "affine", "version": 2, "max_batch": 16,
+                "input": {"shape": [3], "dtype": "float32"}, "output": {"shape": [2], "dtype": "float32"}}]
+
+    run_with_server([runner], check, max_batch=16, max_delay_ms=20)
+
+
+def test_a_runner_returning_the_wrong_shape_is_a_500_and_the_server_goes_on():
+    broken, good = Affine("broken", 0.0, broken=True), Affine("good", 0.0)
+
+    async def check(session) -> None:
+        status, answer = await predict(session, "broken", np.zeros((2, 3), np.float32))
+        assert status == 500 and "returned (3, 2) for 2 samples" in answer["error"]
+        status, answer = await predict(session, "good", np.ones((1, 3), np.float32))
+        assert status == 200 and answer["outputs"] == [[6.0, 9.0]]
+        async with session.get("/no/such/route") as r:
+            assert r.status == 404 and "error" in json.loads(await r.text())
+
+    run_with_server([broken, good], check)
