@@ -236,11 +236,19 @@ def test_dropout_draws_the_same_mask_in_a_micro_batch_forward_and_its_recomputat
 
 
 # -- real ranks --------------------------------------------------------------------------------
-def two_rank_state(out_dir) -> tuple[np.ndarray, dict[str, np.ndarray], list[np.ndarray]]:
-    ranks = [dict(np.load(os.path.join(out_dir, f"rank{r}.npz"))) for r in range(2)]
-    np.testing.assert_array_equal(ranks[0]["losses"], ranks[1]["losses"])
-    merged = {k: v for rank in ranks for k, v in rank.items() if k not in ("losses", "times", "step")}
-    return ranks[0]["losses"], merged, [rank["times"] for rank in ranks]
+def ranks_state(out_dir, ranks: int = 2) -> tuple[np.ndarray, dict[str, np.ndarray], list[np.ndarray]]:
+    """The losses (every rank's the same), the stages' state merged (replicas of a stage must
+    hold the same) and each rank's times."""
+    saved = [dict(np.load(os.path.join(out_dir, f"rank{r}.npz"))) for r in range(ranks)]
+    merged: dict[str, np.ndarray] = {}
+    for rank in saved:
+        np.testing.assert_array_equal(rank["losses"], saved[0]["losses"])
+        for name, value in rank.items():
+            if name not in ("losses", "times", "step"):
+                if name in merged:
+                    np.testing.assert_array_equal(value, merged[name], err_msg=name)
+                merged[name] = value
+    return saved[0]["losses"], merged, [rank["times"] for rank in saved]
 
 
 @needs_mpi
@@ -255,15 +263,16 @@ def test_two_ranks_four_micro_batches_equal_the_single_process_step(tmp_path, mo
     net, batches = script.build(model, dtype)
     single = gc.compile_train_step(net, F.cross_entropy, script.optimizer(net, optimizer),
                                    batches[0], backend="reference")
-    losses, state, times = two_rank_state(tmp_path)
+    losses, state, times = ranks_state(tmp_path)
     np.testing.assert_allclose(losses, [single(*batch) for batch in batches], rtol=1e-5)
     expected = {**net.state_dict(), **{f"optim/{n}/{k}": v for n, s in single.opt_state.items()
                                        for k, v in s.items()}}
     assert state.keys() == expected.keys()
     for name, value in expected.items():
         np.testing.assert_allclose(state[name], value, rtol=1e-5, atol=atol, err_msg=name)
-    for forward, backward, update, wait, total in times:
+    for forward, backward, update, wait, allreduce, total in times:
         assert min(forward, backward, update) > 0 and forward + backward + update + wait <= total
+        assert allreduce == 0
 
 
 @needs_mpi
@@ -276,10 +285,27 @@ def test_two_ranks_on_numba_cpu_with_gpipe(tmp_path):
     net, batches = script.build("cnn", "float64")
     single = gc.compile_train_step(net, F.cross_entropy, script.optimizer(net), batches[0],
                                    backend="reference")
-    losses, state, _ = two_rank_state(tmp_path)
+    losses, state, _ = ranks_state(tmp_path)
     np.testing.assert_allclose(losses, [single(*batch) for batch in batches], rtol=1e-5)
     for name, value in net.state_dict().items():
         np.testing.assert_allclose(state[name], value, rtol=1e-5, err_msg=name)
+
+
+@needs_mpi
+def test_two_stages_by_two_replicas_equal_the_single_process_step(tmp_path):
+    """4 ranks (on 2 cores): each replica pipelines its half of the batch in 2 micro-batches."""
+    status, output = launch([os.path.join(SCRIPTS, "pipeline_steps.py"), "equivalent", "cnn",
+                             "float64", "adam", str(tmp_path)], ranks=4, timeout=240)
+    assert status == 0, output
+    script = load_script("pipeline_steps")
+    net, batches = script.build("cnn", "float64")
+    single = gc.compile_train_step(net, F.cross_entropy, script.optimizer(net), batches[0],
+                                   backend="reference")
+    losses, state, times = ranks_state(tmp_path, ranks=4)
+    np.testing.assert_allclose(losses, [single(*batch) for batch in batches], rtol=1e-5)
+    for name, value in net.state_dict().items():
+        np.testing.assert_allclose(state[name], value, rtol=1e-5, err_msg=name)
+    assert all(t[4] > 0 for t in times)  # every stage averaged over its replicas
 
 
 @needs_mpi

@@ -33,8 +33,12 @@ forwards ahead of its backwards) or GPipe's (all forwards, then all backwards). 
 process (no mpiexec) one step runs every stage in turn, following the same schedules with
 messages kept in memory: the partition can be checked without MPI.
 
+With a world of stages x replicas ranks, each replica runs its own pipeline on its shard of
+the batch and each stage's replicas average their gradients with one allreduce before the
+update (data parallelism across pipelines).
+
 Not yet supported: buffers updated in training (batch norm's running statistics), parameters
-read by two stages (tied weights), gradient clipping, and combining with data parallelism.
+read by two stages (tied weights), gradient clipping, batch signatures other than the example's.
 """
 from __future__ import annotations
 
@@ -443,11 +447,13 @@ def schedule(kind: str, stage: int, stages: int, microbatches: int) -> list[tupl
 # -- message transport ---------------------------------------------------------------------
 class _Messages:
     """Point-to-point messages between stages: in memory when one process runs them all,
-    else MPI to the rank running the other stage (rank = stage). A message is identified by
-    its source and destination stages, direction, micro-batch and crossing."""
+    else MPI over `comm`, the communicator of this replica's pipeline, whose rank r runs
+    stage r. A message is identified by its source and destination stages, direction,
+    micro-batch and crossing. `world_rank(stage)` names the peer in errors."""
 
-    def __init__(self, world: World, crossings: int) -> None:
-        self.world, self.crossings = world, crossings
+    def __init__(self, world: World, comm: Any, world_rank: Callable[[int], int],
+                 crossings: int) -> None:
+        self.world, self.comm, self.world_rank, self.crossings = world, comm, world_rank, crossings
         self.local: dict[tuple[int, ...], np.ndarray] = {}
         self.pending: list[Any] = []  # MPI sends in flight, their buffers kept alive
         self.wait_s = 0.0
@@ -457,26 +463,25 @@ class _Messages:
 
     def send(self, array: np.ndarray, source: int, to: int, direction: int, microbatch: int,
              crossing: int) -> None:
-        if self.world.comm is None:
+        if self.comm is None:
             self.local[to, source, direction, microbatch, crossing] = array
             return
         buffer = np.ascontiguousarray(array)
-        request = self.world.comm.Isend(buffer, dest=to, tag=self._tag(direction, microbatch, crossing))
+        request = self.comm.Isend(buffer, dest=to, tag=self._tag(direction, microbatch, crossing))
         self.pending.append((request, buffer))
 
     def ready(self, at: int, source: int, direction: int, microbatch: int, crossing: int) -> bool:
         """Whether receiving would not block (under MPI: receive, which waits with a deadline)."""
-        return self.world.comm is not None or (at, source, direction, microbatch, crossing) in self.local
+        return self.comm is not None or (at, source, direction, microbatch, crossing) in self.local
 
     def receive(self, type: TensorType, at: int, source: int, direction: int, microbatch: int,
                 crossing: int, what: str) -> np.ndarray:
-        if self.world.comm is None:
+        if self.comm is None:
             return self.local.pop((at, source, direction, microbatch, crossing))
         buffer = np.empty(type.shape, type.np_dtype)
         start = time.perf_counter()
-        request = self.world.comm.Irecv(buffer, source=source,
-                                        tag=self._tag(direction, microbatch, crossing))
-        self.world._wait([request], f"receiving {what} from rank {source}")
+        request = self.comm.Irecv(buffer, source=source, tag=self._tag(direction, microbatch, crossing))
+        self.world._wait([request], f"receiving {what} from rank {self.world_rank(source)}")
         self.wait_s += time.perf_counter() - start
         return buffer
 
@@ -493,14 +498,17 @@ class _Messages:
 @dataclass
 class StageTimes:
     """Wall-clock seconds one stage spent over the steps run so far: in its compiled graphs
-    (`forward`, `backward`, `update`), blocked on messages (`wait`), and in all (`total`).
-    `bubble` is the rest: time the stage had no work (mostly waiting on its neighbours)."""
+    (`forward`, `backward`, `update`), blocked on the other stages' messages and the loss
+    (`wait`), averaging gradients over replicas (`allreduce`), and in all (`total`).
+    `bubble` is the time the stage had no work: the total less compute and allreduce (mostly
+    `wait`: the schedule's idle slots and transfers on the critical path)."""
 
     stage: int
     forward: float = 0.0
     backward: float = 0.0
     update: float = 0.0
     wait: float = 0.0
+    allreduce: float = 0.0
     total: float = 0.0
     steps: int = 0
 
@@ -510,7 +518,7 @@ class StageTimes:
 
     @property
     def bubble(self) -> float:
-        return max(self.total - self.compute, 0.0)
+        return max(self.total - self.compute - self.allreduce, 0.0)
 
     @property
     def bubble_fraction(self) -> float:
@@ -541,8 +549,10 @@ class PipelineParallelStep:
     `recompute`: the backward recomputes each micro-batch's forward instead of keeping its
     intermediate values (less memory, about a third more compute).
 
-    Run under `mpiexec -n stages` (rank r runs stage r), or as a single process running every
-    stage in turn. Each rank updates its own stage's parameters and optimizer state in place;
+    Run under `mpiexec -n stages` (rank r runs stage r), under `mpiexec -n stages*replicas`
+    (rank r runs stage r // replicas of replica r % replicas: pass each replica its own shard
+    of the batch, as to a DataParallelStep; a stage's replicas average their gradients with
+    one allreduce), or as a single process running every stage in turn. Each rank updates its own stage's parameters and optimizer state in place;
     the other stages' parameters in its copy of the model are left as they were. `partition`
     describes the cut, `times` holds one StageTimes per stage this process runs.
     """
@@ -558,9 +568,10 @@ class PipelineParallelStep:
         if stages < 1 or microbatches < 1:
             raise DistributedError(f"PipelineParallelStep: stages={stages} and "
                                    f"microbatches={microbatches} must be at least 1")
-        if self.world.size not in (1, stages):
-            raise DistributedError(f"PipelineParallelStep: {stages} stages need {stages} ranks "
-                                   f"(or one process), not {self.world.size}")
+        if self.world.size > 1 and self.world.size % stages:
+            raise DistributedError(f"PipelineParallelStep: {self.world.size} ranks cannot run "
+                                   f"{stages} stages: the world size must be a multiple of the "
+                                   "stages (stages x replicas), or one process")
         if schedule not in SCHEDULES:
             raise DistributedError(f"PipelineParallelStep: schedule {schedule!r} is not one of {SCHEDULES}")
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
@@ -579,10 +590,21 @@ class PipelineParallelStep:
         batch = self._microbatch(batch_arrays(example_inputs), 0)
         self.signature = tuple((a.shape, a.dtype) for a in batch)
         self.partition = self._partition(batch, boundaries)
-        self._messages = _Messages(self.world, max(len(self.partition.crossings), 1))
-        mine = range(stages) if self.world.size == 1 else [self.world.rank]
+        # Rank r runs stage r // replicas of replica r % replicas; a replica's stages talk over
+        # its pipeline communicator, a stage's replicas average gradients over theirs.
+        self.replicas = max(self.world.size // stages, 1)
+        stage, replica = divmod(self.world.rank, self.replicas)
+        pipeline_comm = stage_comm = None
+        if self.world.comm is not None:
+            pipeline_comm = self.world.comm.Split(color=replica, key=stage)
+            stage_comm = self.world.comm.Split(color=stage, key=replica)
+        self._stage_comm = stage_comm if self.replicas > 1 else None
+        self._messages = _Messages(self.world, pipeline_comm, lambda s: s * self.replicas + replica,
+                                   max(len(self.partition.crossings), 1))
+        mine = range(stages) if self.world.comm is None else [stage]
         self._stages = [self._compile_stage(s) for s in mine]
         self.times = [rt.times for rt in self._stages]
+        self._broadcast_replica_state()
 
     # -- construction ----------------------------------------------------------------------
     def _microbatch(self, arrays: list[np.ndarray], m: int) -> list[np.ndarray]:
@@ -699,6 +721,7 @@ class PipelineParallelStep:
                                        f"after {done} actions")
         self._messages.flush()
         for rt in self._stages:
+            self._average_over_replicas(rt)
             self._update(rt)
         loss = self._mean_loss(losses)
         for rt in self._stages:
@@ -776,15 +799,49 @@ class PipelineParallelStep:
         rt.times.update += time.perf_counter() - start
 
     def _mean_loss(self, losses: list[float]) -> float:
-        """The mean loss over the micro-batches, computed by the last stage, on every rank."""
+        """The mean loss over the micro-batches (computed by the last stage) and the replicas,
+        on every rank."""
         last = self.num_stages - 1
         value = np.array([sum(losses) / self.microbatches if losses else 0.0])
-        if self.world.comm is not None:
+        messages = self._messages
+        if messages.comm is not None:
             start = time.perf_counter()
-            self.world._wait([self.world.comm.Ibcast(value, root=last)],
-                             f"the loss broadcast from rank {last}")
-            self._messages.wait_s += time.perf_counter() - start
+            self.world._wait([messages.comm.Ibcast(value, root=last)],
+                             f"the loss broadcast from rank {messages.world_rank(last)}")
+            messages.wait_s += time.perf_counter() - start
+        if self._stage_comm is not None:
+            self._allreduce(self._stages[0], value, "the loss")
+            value /= self.replicas
         return float(value[0])
+
+    def _allreduce(self, rt: _StageRuntime, buffer: np.ndarray, what: str) -> None:
+        from mpi4py import MPI
+        start = time.perf_counter()
+        self.world._wait([self._stage_comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)],
+                         f"the allreduce of {what} over stage {rt.plan.index}'s replicas")
+        rt.times.allreduce += time.perf_counter() - start
+
+    def _average_over_replicas(self, rt: _StageRuntime) -> None:
+        """Each replica's gradients are the mean over its own batch: their mean over the
+        replicas is the global batch's (one allreduce of one flat buffer per stage)."""
+        if self._stage_comm is None or not rt.trainable:
+            return
+        flat = np.concatenate([rt.grads[n].reshape(-1) for n in rt.trainable])
+        self._allreduce(rt, flat, "gradients")
+        flat /= self.replicas
+        offset = 0
+        for n in rt.trainable:
+            grad = rt.grads[n]
+            grad[...] = flat[offset:offset + grad.size].reshape(grad.shape)
+            offset += grad.size
+
+    def _broadcast_replica_state(self) -> None:
+        """Every replica of a stage starts from replica 0's parameters and optimizer state."""
+        if self._stage_comm is None:
+            return
+        state = self.stage_state()
+        self.world._wait([self._stage_comm.Ibcast(state[name], root=0) for name in sorted(state)],
+                         "the broadcast of the stage's state from its first replica")
 
     @property
     def step_count(self) -> np.ndarray:

@@ -1,10 +1,12 @@
 """A few pipeline-parallel steps, run by tests/test_pipeline_parallel.py under `mpiexec -n 2`.
 
     python pipeline_steps.py equivalent MODEL DTYPE OPTIMIZER OUT_DIR [BACKEND] [SCHEDULE]
-    python pipeline_steps.py exit OUT_DIR
+    python pipeline_steps.py exit
 
   equivalent  2 stages, 4 micro-batches, STEPS steps on `batches()`; rank r writes
-              OUT_DIR/rank<r>.npz: the losses, its stage's state (`stage_state()`) and its times
+              OUT_DIR/rank<r>.npz: the losses, its stage's state (`stage_state()`) and its times.
+              Under 4 ranks: 2 stages x 2 replicas, replica k taking rows [kB/2, (k+1)B/2)
+              of each batch in 2 micro-batches
   exit        rank 1 leaves quietly before its first step: rank 0 must give up on the
               activation's cotangent within $GRAPHC_DDP_TIMEOUT and name rank 1
 """
@@ -65,14 +67,19 @@ def main(argv: list[str]) -> None:
     backend = argv[5] if len(argv) > 5 else "reference"
     schedule = argv[6] if len(argv) > 6 else "1f1b"
     model, batches = build(model_name, dtype)
+    replicas = world.size // 2
+    if replicas > 1:
+        replica, rows = world.rank % replicas, BATCH // replicas
+        batches = [tuple(a[replica * rows:(replica + 1) * rows] for a in batch) for batch in batches]
     step = distributed.PipelineParallelStep(model, F.cross_entropy,
                                             optimizer(model, optimizer_name), batches[0],
-                                            stages=2, microbatches=MICROBATCHES, schedule=schedule,
-                                            backend=backend, world=world)
+                                            stages=2, microbatches=MICROBATCHES // replicas,
+                                            schedule=schedule, backend=backend, world=world)
     losses = [step(*batch) for batch in batches]
     (times,) = step.times
     np.savez(os.path.join(out_dir, f"rank{world.rank}.npz"), losses=np.array(losses),
-             times=np.array([times.forward, times.backward, times.update, times.wait, times.total]),
+             times=np.array([times.forward, times.backward, times.update, times.wait,
+                             times.allreduce, times.total]),
              **step.stage_state())
 
 
