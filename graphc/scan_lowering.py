@@ -1,14 +1,17 @@
-"""Running scans on the kernel backends: the first, interpreted step of issue 20 item 4.
+"""Running scans on the kernel backends (issue 20 item 4).
 
-What the issue wants is one compiled driver per scan on numba-cpu (the loop itself inside
-compiled code, no Python per step) and, on numba-cuda, the body's kernels launched per step on
-device-resident buffers. What this module does for now, on both: the graph is cut at its scan nodes, every
-part between them is compiled as usual (fusion, memory plan, kernels), each scan's body is
-compiled on its own as one executable, and a Python loop calls that body executable once per
-step, writing each step's outputs into the stacked results in place. The compile time does
-not grow with the trip count (the body compiles once), but every step costs one executable
-call from Python (~tens of microseconds; on numba-cuda also a host round trip of the carry
-and the step's slices), and the parts do not share one arena.
+The graph is cut at its scan nodes; every part between them is compiled as usual (fusion,
+memory plan, kernels) and each scan's body is compiled on its own as one executable, once,
+whatever the trip count. A body executable that can run as a compiled loop offers
+`scan_driver(node)`: on numba-cpu that is one generated @njit driver per scan
+(backends/numba_cpu/driver.py), which runs every step's kernels over the body's planned arena,
+reads step t's slices of the stacked inputs and writes its outputs straight into the stacked
+results, with no Python per step. Elsewhere the scan runs as a `ScanLoop`: a Python loop calling
+the body executable once per step (~tens of microseconds each; on numba-cuda also a host round
+trip of the carry and the step's slices). That is numba-cuda, a body holding a scan of its own
+(its inner scans get drivers; the outer steps from Python), and numba-cpu bodies whose steps
+need Python (index checks, GRAPHC_PROFILE's per-kernel timing). The parts do not share one
+arena.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ Compile = Callable[[Graph], Any]  # a graph without scans at its top level -> an
 
 
 class ScanLoop:
-    """One scan run step by step: its compiled body called from Python per step."""
+    """One scan run step by step: its compiled body called from Python per step (where the
+    body offers no compiled driver)."""
 
     def __init__(self, node: Node, body: Any) -> None:
         self.node = node
@@ -95,9 +99,16 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
         close_segment()
         body = node.subgraph.copy()
         body.name = f"{graph.name}_scan{len(parts)}_body"
-        parts.append((ScanLoop(node, compile_part(body)), list(node.inputs), list(node.outputs)))
+        parts.append((_scan_runner(node, compile_part(body)), list(node.inputs), list(node.outputs)))
     close_segment()
     return SegmentedExecutable(graph, parts, donate)
+
+
+def _scan_runner(node: Node, body: Any) -> Run:
+    """The body's compiled driver for `node` where it offers one, else a Python loop."""
+    make_driver = getattr(body, "scan_driver", None)
+    driver = make_driver(node) if make_driver is not None else None
+    return driver if driver is not None else ScanLoop(node, body)
 
 
 def _last_reads(graph: Graph) -> dict[Value, int | float]:

@@ -102,6 +102,29 @@ class KernelCache(KernelFiles):
         self._loaded[key] = dispatcher
         return dispatcher
 
+    def load_bound(self, module: Call, signature: tuple, names: dict[str, Any],
+                   stats: CacheStats | None = None) -> Any:
+        """`load` for a module whose module-level placeholders `names` sets before it compiles:
+        a scan driver (driver.py) calls kernels that only this process holds as dispatchers. The
+        module's text must identify what it binds (the key covers the text alone); compiled code
+        from the disk cache needs none of them."""
+        local = CacheStats()
+        key = cache_key(module.source)
+        with self._lock:
+            self._listings.clear()
+            self._check_source(key, module.source, local)
+            dispatcher = self._loaded.get(key) or self._import(key, module.entry)
+            vars(sys.modules[self.module_name(key)]).update(names)
+            if signature in dispatcher.overloads:
+                local.reused += 1
+            else:
+                dispatcher = self._compile(key, module, dispatcher, signature, local)
+            self._loaded[key] = dispatcher
+        self.stats.add(local)
+        if stats is not None:
+            stats.add(local)
+        return dispatcher
+
     def compiled(self, sources: Sequence[str]) -> list[bool]:
         """For each kernel module source: is it loaded in this process, or compiled on disk (for
         some signature)? Loading it then costs milliseconds, compiling it up to seconds."""

@@ -264,6 +264,13 @@ class Executable(PlannedExecutable):
             outputs[j] = env[self._inputs[k]]
         return outputs
 
+    # -- as a scan's body ------------------------------------------------------------------------
+    def scan_driver(self, node: Node) -> Callable[[list[np.ndarray]], list[np.ndarray]] | None:
+        """A compiled loop running this executable as the body of scan `node`, no Python per
+        step (driver.py); None where its steps need Python."""
+        from .driver import scan_driver
+        return scan_driver(node, self)
+
     # -- profiling ------------------------------------------------------------------------------
     def _timed_run(self, env: list[Any], totals: dict[tuple[str, int], float]) -> None:
         """Add each call's time to totals[(kernel name, call index)]."""

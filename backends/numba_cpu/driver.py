@@ -1,0 +1,174 @@
+"""The compiled loop of a scan on numba-cpu: one generated @njit driver per scan body.
+
+The body is compiled as an Executable of its own (fused, memory-planned, kernels loaded): its
+pre-bound kernel list says which array every call takes. The driver is that list written out as
+Python inside a loop over the steps, compiled by Numba, so no Python runs per step:
+
+- loop-invariant arrays (the scan's consts, the body's arena views, constants, scratch and the
+  integer extents) are arguments of the driver, passed once per call;
+- step t's slice of each stacked input is `xs[t]`, a view;
+- each per-step output is computed straight into `ys[t]` (in place, no copy) and each new carry
+  into the carry's second buffer; the two buffers of a carry swap after every step.
+
+A body output the kernels do not write themselves (an input or constant returned as it is, or one
+value returned twice) is copied into its destination at the end of the step.
+
+The kernels are Numba dispatchers called from the driver with the exact types they were compiled
+for, so the driver compiles once per body (its trip count is an argument) and never recompiles a
+kernel. Numba links the kernels' code into the driver and optimizes it again, which costs about
+what compiling them did, so the driver goes through the kernel cache like a kernel: its text names
+the kernel modules it calls (so they key it too) and a later process loads it in milliseconds. No driver is built where the body has index checks (their checks are Python, run per
+step) or where its kernels are being profiled (GRAPHC_PROFILE times each call from Python): the
+scan then steps the body executable from Python (graphc/scan_lowering.py).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numba
+import numpy as np
+
+from graphc.backends.kernel_files import CacheStats
+from graphc.backends.source_guard import identifier
+from graphc.ir import Node
+from graphc.ir.ops.control import split_inputs
+
+from .cache import cache_key, get_cache
+from .codegen_common import Call
+from .executor import Executable
+
+
+class ScanDriver:
+    """One scan run by its compiled driver. Call it with the scan node's operands (consts,
+    initial carry, stacked xs); it returns the final carry and the stacked per-step outputs.
+
+    Attributes: `source` (the generated driver module), `cache_stats` (loading the driver,
+    compiled or from the disk cache, on the first call), `compile_seconds` (that load)."""
+
+    def __init__(self, node: Node, body: Executable) -> None:
+        self.node = node
+        self.body = body
+        self.length = node.attrs["length"]
+        self.num_carry = node.attrs["num_carry"]
+        self.source, self._fixed, self._kernels = _generate(node, body)
+        self.cache_stats = CacheStats()
+        self.compile_seconds = 0.0
+        self._driver: Any = None
+
+    def __call__(self, args: list[np.ndarray]) -> list[np.ndarray]:
+        consts, carry, xs = split_inputs(self.node, [_usable(a) for a in args])
+        k, length = self.num_carry, self.length
+        current = [np.array(c, order="C") for c in carry]  # the caller's arrays stay as they are
+        following = [np.empty_like(c) for c in current]
+        ys = [np.empty(v.type.shape, v.type.np_dtype) for v in self.node.outputs[k:]]
+        rows = [a.reshape(length, int(np.prod(a.shape[1:]))) for a in xs + ys]
+        body = self.body
+        with body._lock:
+            if body._threads is not None and numba.get_num_threads() != body._threads:
+                numba.set_num_threads(body._threads)
+            arguments = (length, *consts, *current, *following, *rows, *self._fixed)
+            if self._driver is None:
+                self._driver = self._load(arguments)
+            self._driver(*arguments)
+        # the driver swaps each carry's two buffers after every step
+        return (current if length % 2 == 0 else following) + ys
+
+    def _load(self, arguments: tuple) -> Any:
+        """The driver compiled for `arguments`' types, through the kernel cache."""
+        start = time.perf_counter()
+        signature = tuple(numba.typeof(a) for a in arguments)
+        kernels = {f"kernel{i}": kernel for i, kernel in enumerate(self._kernels)}
+        driver = get_cache().load_bound(Call(self.source, "scan_driver", ()), signature, kernels,
+                                        self.cache_stats)
+        self.compile_seconds = time.perf_counter() - start
+        return driver
+
+
+def _usable(array: Any) -> np.ndarray:
+    """`array` as the kernels were compiled for it: C-contiguous, aligned and writeable."""
+    array = np.asarray(array)  # (np.ascontiguousarray would make a shape () array (1,))
+    ready = array.flags.c_contiguous and array.flags.writeable and array.flags.aligned
+    return array if ready else np.array(array, order="C")
+
+
+def scan_driver(node: Node, body: Executable) -> ScanDriver | None:
+    """A compiled driver for `node` over its compiled `body`, or None where the body's steps need
+    Python (index checks, GRAPHC_PROFILE)."""
+    if body._profile_totals is not None or body._donated_slots:
+        return None
+    if any(step.checks for step in body._steps):
+        return None
+    return ScanDriver(node, body)
+
+
+def _generate(node: Node, body: Executable) -> tuple[str, list[Any], list[Callable]]:
+    """(the driver module's source, the loop-invariant values the driver takes after the per-call
+    arrays, the kernels its placeholders `kernel0`, `kernel1`, ... stand for)."""
+    graph, env = body.graph, body._env
+    c, k = node.attrs["num_consts"], node.attrs["num_carry"]
+    step_types = [v.type for v in graph.input_values[c + k:]] + [v.type for v in graph.output_values[k:]]
+    consts = [f"const{i}" for i in range(c)]
+    current = [f"carry{i}" for i in range(k)]
+    following = [f"next_carry{i}" for i in range(k)]
+    xs = [f"xs{i}" for i in range(len(graph.input_values) - c - k)]
+    ys = [f"ys{i}" for i in range(len(graph.output_values) - k)]
+    # Stacked arrays come as (length, elements of a step): row t, reshaped, is step t's array
+    # (also for a step of shape (), which indexing alone would turn into a scalar).
+    step_slices = [f"{name}[t].reshape({t.shape!r})" for name, t in zip(xs + ys, step_types)]
+
+    names: dict[int, str] = {}  # env slot -> what the driver reads it from
+    for i, slot in enumerate(body._inputs):
+        names[slot] = (consts + current + step_slices)[i]
+    # An output a kernel writes is computed in its destination; the others are copied there,
+    # element by element (`rows`: each destination as one dimension).
+    destinations = following + step_slices[len(xs):]
+    rows = [f"{name}.reshape({v.type.size})" for name, v in zip(following, graph.output_values)]
+    rows += [f"{name}[t]" for name in ys]
+    fresh = {slot for slot, _, _ in body._fresh}
+    copies: list[tuple[int, str, int]] = []  # (slot, destination row, elements)
+    for j, v in enumerate(graph.output_values):
+        slot = env.slot[(v, False)]
+        if slot in fresh and slot not in names:
+            names[slot] = destinations[j]
+        else:
+            copies.append((slot, rows[j], v.type.size))
+    fixed = [slot for slot, value in enumerate(env.template) if value is not None]
+    names.update({slot: f"fixed{i}" for i, slot in enumerate(fixed)})
+    views = {slot: (base, shape) for slot, base, shape in body._views}  # bases bound first
+
+    kernels: list[Callable] = []
+    calls = []
+    for step in body._steps:
+        for function, (_, slots), call in zip(step.kernel.functions, step.calls, step.kernel.generated.calls):
+            calls.append(f"kernel{len(kernels)}({', '.join(f'a{s}' for s in slots)})"
+                         f"  # {identifier(step.kernel.name)}: {identifier(call.entry)} of k_{cache_key(call.source)}")
+            kernels.append(function)
+    needed = {s for step in body._steps for _, slots in step.calls for s in slots}
+    needed |= {slot for slot, _, _ in copies}
+    for slot in needed & views.keys():
+        while slot in views:  # a view needs its base (bound before it: a lower slot)
+            slot = views[slot][0]
+            needed.add(slot)
+
+    step_index = "length - 1 - i" if node.attrs["reverse"] else "i"
+    parameters = ["length", *consts, *current, *following, *xs, *ys, *(names[s] for s in fixed)]
+    lines = [f'"""The loop of a scan body: {len(calls)} kernel calls per step, generated by graphc '
+             '(backends/numba_cpu/driver.py)."""',
+             "import numba", ""]
+    # the kernels, set before the driver compiles (named with their modules in the calls' comments)
+    lines += [f"kernel{i} = None" for i in range(len(kernels))]
+    lines += ["", "", "@numba.njit(cache=True)", f"def scan_driver({', '.join(parameters)}):",
+              "    for i in range(length):",
+              f"        t = {step_index}"]
+    lines += [f"        a{slot} = {names[slot]}" for slot in sorted(needed) if slot not in views]
+    lines += [f"        a{slot} = a{views[slot][0]}.reshape({views[slot][1]!r})"
+              for slot in sorted(needed) if slot in views]
+    lines += [f"        {call}" for call in calls]
+    lines += [f"        {row}[:] = a{slot}.reshape({size})" for slot, row, size in copies]
+    if k:
+        lines.append(f"        {', '.join(current + following)} = {', '.join(following + current)}")
+    return "\n".join(lines) + "\n", [env.template[s] for s in fixed], kernels
+
+
+__all__ = ["ScanDriver", "scan_driver"]

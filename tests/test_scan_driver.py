@@ -1,0 +1,159 @@
+"""The compiled scan driver on numba-cpu (backends/numba_cpu/driver.py): values and gradients as
+the reference backend's, with no Python per step, compiled once whatever the trip count."""
+import numpy as np
+import pytest
+
+import graphc as gc
+import graphc.nn as nn
+from graphc.backends.numba_cpu.driver import ScanDriver
+from graphc.backends.numba_cpu.executor import Executable
+from graphc.ir import IndexOutOfRangeError
+from graphc.lowering import compile_graph
+from graphc.scan_lowering import ScanLoop
+
+CPU, REF = "numba-cpu", "reference"
+rng = np.random.default_rng(7)
+
+
+def f32(*shape):
+    return rng.normal(size=shape).astype(np.float32)
+
+
+@pytest.fixture
+def body_calls(monkeypatch):
+    """How often a scan body's executable and the Python loop were called, by kind."""
+    calls = {"body executable": 0, "python loop": 0}
+    executable_call, loop_call = Executable.__call__, ScanLoop.__call__
+
+    def counted_executable(self, *args):
+        calls["body executable"] += self.graph.name.endswith("_body")
+        return executable_call(self, *args)
+
+    def counted_loop(self, args):
+        calls["python loop"] += 1
+        return loop_call(self, args)
+    monkeypatch.setattr(Executable, "__call__", counted_executable)
+    monkeypatch.setattr(ScanLoop, "__call__", counted_loop)
+    return calls
+
+
+def close(got, want):
+    for g, w in zip(gc.tree.flatten(got)[0], gc.tree.flatten(want)[0]):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-6)
+
+
+def drivers(executable):
+    return [run for run, _, _ in executable.parts if isinstance(run, ScanDriver)]
+
+
+def pytree_scan(state, xs, w, reverse=False):
+    """Carries and per-step inputs and outputs as pytrees; a carry returned unchanged, one value
+    returned twice, an input returned as an output, a per-step output of shape ()."""
+    def step(carry, x):
+        h, (count, fixed) = carry["h"], carry["rest"]
+        h = (h @ w + x["a"] * x["b"]).tanh()
+        return {"h": h, "rest": (count + 1.0, fixed)}, (h, h.sum(), x["a"], h)
+    return gc.scan(step, state, xs, reverse=reverse)
+
+
+def pytree_loss(h, count, fixed, a, b, w, reverse=False):
+    last, (hs, sums, a_again, hs_again) = pytree_scan({"h": h, "rest": (count, fixed)},
+                                                      {"a": a, "b": b}, w, reverse)
+    return ((last["h"] ** 2).sum() + last["rest"][0] * last["rest"][1].sum() + (hs * hs_again).sum()
+            + (sums * np.arange(1.0, 6.0, dtype=np.float32)).sum() + (a_again * a_again).sum())
+
+
+@pytest.mark.slow  # 15-30 s on the busy 2-core machine (gradient kernels of a pytree body)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_values_and_gradients_of_a_pytree_scan_match_the_reference(reverse, body_calls):
+    args = (f32(2, 3), np.float32(0.5), f32(3), f32(5, 2, 3), f32(5, 2, 3), f32(3, 3))
+    loss = lambda *a: pytree_loss(*a, reverse=reverse)  # noqa: E731
+    want = gc.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5), backend=REF)(*args)
+    got = gc.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5), backend=CPU)(*args)
+    close(got, want)
+    close(gc.jit(lambda *a: pytree_scan({"h": a[0], "rest": (a[1], a[2])}, {"a": a[3], "b": a[4]}, a[5],
+                                        reverse), backend=CPU)(*args),
+          gc.jit(lambda *a: pytree_scan({"h": a[0], "rest": (a[1], a[2])}, {"a": a[3], "b": a[4]}, a[5],
+                                        reverse), backend=REF)(*args))
+    assert body_calls == {"body executable": 0, "python loop": 0}
+
+
+def test_a_one_step_scan_and_its_gradient(body_calls):
+    def loss(h, xs, w):
+        last, ys = gc.scan(lambda c, x: ((c @ w + x).tanh(),) * 2, h, xs)
+        return (last * ys[0]).sum()
+    args = (f32(2, 3), f32(1, 2, 3), f32(3, 3))
+    close(gc.value_and_grad(loss, argnums=(0, 1, 2), backend=CPU)(*args),
+          gc.value_and_grad(loss, argnums=(0, 1, 2), backend=REF)(*args))
+    assert body_calls == {"body executable": 0, "python loop": 0}
+
+
+def test_a_scan_in_a_scan_runs_its_inner_loops_compiled(body_calls):
+    """The outer body holds a scan, so it is no single executable: the outer loop steps from
+    Python, each step running the inner scan's driver."""
+    def f(h, xss, w):
+        def outer(carry, xs):
+            inner_last, inner_ys = gc.scan(lambda c, x: ((c @ w + x).tanh(),) * 2, carry, xs)
+            return inner_last, inner_ys.sum(0)
+        return gc.scan(outer, h, xss)
+    args = (f32(2, 3), f32(3, 4, 2, 3), f32(3, 3))
+    close(gc.jit(f, backend=CPU)(*args), gc.jit(f, backend=REF)(*args))
+    assert body_calls == {"body executable": 0, "python loop": 1}
+
+
+@pytest.mark.slow  # ~15 s each on the busy 2-core machine
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_recurrent_layers_on_scan_train_as_on_the_reference(cell, body_calls):
+    """One SGD step: the updated parameters are the gradients', so they match only if the
+    forward and backward scans do."""
+    x, target = f32(6, 2, 3), f32(2, 4)
+    states = []
+    for backend in (REF, CPU):
+        gc.manual_seed(1)
+        layer = getattr(nn, cell)(3, 4, unroll=False)
+        step = gc.compile_train_step(layer, lambda out, t: ((out[0][-1] - t) ** 2).mean(),
+                                     gc.optim.SGD(layer.parameters(), lr=0.5), [x, target], backend=backend)
+        loss = step(x, target)
+        states.append((loss, {k: np.array(v) for k, v in layer.state_dict().items()}))
+    (want_loss, want), (got_loss, got) = states
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert body_calls["python loop"] == 0
+
+
+def test_the_driver_compiles_once_whatever_the_trip_count():
+    """Lengths 4 and 64 compile the same body kernels and the same driver source, once each;
+    the driver's calls reuse the kernels' compiled code (no new overload)."""
+    w = f32(3, 3)
+
+    def f(h, xs):
+        return gc.scan(lambda c, x: ((c @ w + x).tanh(), c.sum()), h, xs)
+    compiled = []
+    for length in (4, 64):
+        h, xs = f32(2, 3), f32(length, 2, 3)
+        executable = compile_graph(gc.trace(f, h, xs), CPU)
+        (driver,) = drivers(executable)
+        kernels = [fn for k in driver.body.kernels for fn in k.functions]
+        overloads = [len(fn.overloads) for fn in kernels]
+        got = executable(h, xs)
+        close(got, gc.jit(f, backend=REF)(h, xs))
+        assert [len(fn.overloads) for fn in kernels] == overloads
+        assert len(driver._driver.overloads) == 1
+        compiled.append((driver.source, len(driver.body.kernels)))
+    assert compiled[0] == compiled[1]
+
+
+def test_a_body_with_index_checks_steps_from_python_and_still_checks(body_calls):
+    """Index checks are Python, run before the kernels that read the indices: such a body keeps
+    the Python loop, and a bad id still stops the step naming the op."""
+    table = f32(5, 3)
+
+    def f(h, ids):
+        return gc.scan(lambda c, i: ((c + gc.gather(table, i)).tanh(),) * 2, h, ids)
+    h, ids = f32(2, 3), np.array([[0, 4], [3, 1], [2, 2]], np.int64)
+    run = gc.jit(f, backend=CPU)
+    close(run(h, ids), gc.jit(f, backend=REF)(h, ids))
+    assert body_calls["python loop"] == 1
+    with pytest.raises(IndexOutOfRangeError, match="gather"):
+        run(h, np.array([[0, 4], [3, 5], [2, 2]], np.int64))
