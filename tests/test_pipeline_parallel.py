@@ -149,6 +149,14 @@ def test_saved_residuals_are_computed_once_and_spare_the_backward_its_recomputat
     assert counts[False][0] == counts[True][0] == 2  # CSE merged the copies the split added
     assert counts[True][1] == counts[False][1] + 2  # the forward's two products, again
 
+
+def test_only_activations_are_saved_never_weights_or_their_transposes():
+    gc.manual_seed(0)
+    step = pipeline(mlp((12, 16, 16, 4)), mlp_batch(), stages=2, microbatches=4, boundaries=["1"])
+    for rt in step._stages:
+        saved = [v for name, v in rt.forward.optimized.outputs if name.startswith("saved:")]
+        assert saved and all(v.shape[0] == 2 for v in saved)  # one micro-batch's rows
+
 # -- schedules -----------------------------------------------------------------------------------
 def test_1f1b_keeps_at_most_stages_minus_s_forwards_in_flight():
     for stage in range(4):

@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from graphc.ir import Graph, Node, TensorType, Value
+from graphc.ir.registry import ELEMENTWISE, SHAPE, get as get_primitive
 from graphc.ir.types import is_float
 from graphc.passes import SIMPLIFY, Stages
 from graphc.passes.autodiff import vjp_graph
@@ -61,7 +62,7 @@ from ..api import user_facing
 from ..compile import CompiledGraph
 from ..lowering import compile_graph
 from ..nn.module import Module, named_arrays
-from ..optim import Optimizer, _in_dtype
+from ..optim import Optimizer
 from ..step_builder import StepBuilder, StepSpec, batch_arrays, trace_loss
 from ..tensor import Tensor, is_tracing
 from .data_parallel import DistributedError, World, init
@@ -208,6 +209,14 @@ def node_cost(node: Node) -> float:
 def _sourceless(node: Node) -> bool:
     """A node without inputs (a constant): every stage reading it computes its own copy."""
     return not node.inputs and node.subgraph is None
+
+
+def _cheap(node: Node) -> bool:
+    """Moves or converts elements without arithmetic worth saving (shape ops, casts)."""
+    if node.subgraph is not None:
+        return False
+    kind = get_primitive(node.op).kind
+    return kind == SHAPE or (kind == ELEMENTWISE and len(node.inputs) == 1 and node.op == "cast")
 
 
 def _last_node(graph: Graph, module_path: str) -> int:
@@ -394,15 +403,22 @@ def save_residuals(forward: Graph, backward: Graph) -> tuple[Graph, Graph]:
     and that rest, whose inputs are forward's, the saved values, then the cotangents. The
     recomputed nodes are copies of forward's, which CSE (in SIMPLIFY) merges back."""
     primal_inputs = len(forward.inputs)
-    adjoint: set[Value] = {inp.value for inp in backward.inputs[primal_inputs:]}
-    primal_nodes, adjoint_nodes = [], []
+    tangent: set[Value] = {inp.value for inp in backward.inputs[primal_inputs:]}
+    on_adjoint_side: set[Node] = set()
     for node in backward.nodes:
-        if any(v in adjoint for v in node.inputs) or _sourceless(node):
-            adjoint_nodes.append(node)  # constants: computed where they are read
-            adjoint.update(node.outputs)
-        else:
-            primal_nodes.append(node)
-    computed = {v for node in primal_nodes for v in node.outputs}
+        if any(v in tangent for v in node.inputs) or _sourceless(node):
+            on_adjoint_side.add(node)  # constants: computed where they are read
+            tangent.update(node.outputs)
+    primal_nodes = [n for n in backward.nodes if n not in on_adjoint_side]
+    # Cheap primal nodes the rest reads (a weight's or an activation's transpose, a mask's
+    # cast) are computed again there: the value they read is saved instead, or is an input
+    # already, and the rest's simplifier cancels transposes of transposes.
+    users = backward.users()
+    for node in reversed(primal_nodes):
+        if _cheap(node) and any(u in on_adjoint_side for v in node.outputs for u in users.get(v, ())):
+            on_adjoint_side.add(node)
+    adjoint_nodes = [n for n in backward.nodes if n in on_adjoint_side]
+    computed = {v for node in primal_nodes if node not in on_adjoint_side for v in node.outputs}
     needed = [v for node in adjoint_nodes for v in node.inputs] + backward.output_values
     saved = list(dict.fromkeys(v for v in needed if v in computed))
 
@@ -552,9 +568,10 @@ class PipelineParallelStep:
     Run under `mpiexec -n stages` (rank r runs stage r), under `mpiexec -n stages*replicas`
     (rank r runs stage r // replicas of replica r % replicas: pass each replica its own shard
     of the batch, as to a DataParallelStep; a stage's replicas average their gradients with
-    one allreduce), or as a single process running every stage in turn. Each rank updates its own stage's parameters and optimizer state in place;
-    the other stages' parameters in its copy of the model are left as they were. `partition`
-    describes the cut, `times` holds one StageTimes per stage this process runs.
+    one allreduce), or as a single process running every stage in turn. Each rank updates its
+    own stage's parameters and optimizer state in place (`stage_state()`); the other stages'
+    parameters in its copy of the model are left as they were. `partition` describes the cut
+    (`partition.to_dot()` draws it), `times` holds one StageTimes per stage this process runs.
     """
 
     def __init__(self, model: Module, loss_fn: Callable[..., Tensor], optimizer: Optimizer,
@@ -675,13 +692,13 @@ class PipelineParallelStep:
             params, opt_state, step = b.params(trainable), b.optimizer_state(), b.step_count()
             lrs = b.learning_rates()
             new_step = step + 1
-            groups = [self.optimizer._group_of(self.params[n]) for n in trainable]
-            for n, group in zip(trainable, groups):
-                rate = lrs[next(i for i, g in enumerate(self.optimizer.param_groups) if g is group)]
-                p = params[n]
+            groups = self.optimizer.param_groups
+            group_of = {id(p): i for i, group in enumerate(groups) for p in group["params"]}
+            for n in trainable:  # Optimizer.update's loop, over this stage's parameters only
+                p, i = params[n], group_of[id(self.params[n])]
                 new_p, new_state = self.optimizer.rule(p, grads[n], opt_state[n],
-                                                       _in_dtype(rate, p.dtype),
-                                                       _in_dtype(new_step, p.dtype), group)
+                                                       lrs[i].astype(p.dtype),
+                                                       new_step.astype(p.dtype), groups[i])
                 b.output(f"param:{n}", new_p, donor=n)
                 for slot, value in new_state.items():
                     b.output(f"state:{n}.{slot}", value, donor=f"{n}.{slot}")
