@@ -52,6 +52,7 @@ _REQUIRED = ("format.json", "graph.json", "plan.json", "state.safetensors", "met
 _KERNEL_MEMBER = re.compile(r"kernels/[A-Za-z0-9_]{1,200}\.py\Z")
 _BUCKET_MEMBER = re.compile(r"buckets/([1-9][0-9]{0,6})\.json\Z")
 _MAX_BUCKETS = 24  # powers of two: up to 2^23 samples per batch
+_BUCKET_GRAPHS_LIMIT = 64 << 20  # all buckets/*.json together
 # Byte caps of the members that are not tensors: generous for any graph a tracer makes (the
 # MNIST CNN's graph.json is 26 kB), small beside what a bomb would need; the parsed size is
 # bounded by the element count (ir.serialize.MAX_JSON_ITEMS).
@@ -248,6 +249,10 @@ def _checked_manifest(path: str, archive: ZipMembers) -> tuple[dict[str, str], d
     if sources > _KERNEL_SOURCES_LIMIT:
         raise LoadError(path, f"the kernel sources declare {sources:,} bytes in all (at most "
                         f"{_KERNEL_SOURCES_LIMIT:,})")
+    buckets = sum(archive.declared_size(n) for n in names if _BUCKET_MEMBER.match(n))
+    if buckets > _BUCKET_GRAPHS_LIMIT:
+        raise LoadError(path, f"the batch buckets' graphs declare {buckets:,} bytes in all (at "
+                        f"most {_BUCKET_GRAPHS_LIMIT:,})")
     doc = parse_json(archive.read("checksums.json", _JSON_LIMITS["checksums.json"]), path,
                      "checksums.json")
     members = doc.get("members") if isinstance(doc, dict) else None
@@ -552,9 +557,13 @@ class LoadedFunction(_Loaded):
             raise LoadError(self.path, f"its signature is not graph.json's at batch {size}", member)
         return graph
 
-    def warm_up(self) -> None:
-        """Compile every batch bucket now rather than on its first call."""
-        for size in self.buckets:
+    def warm_up(self, up_to: int | None = None) -> None:
+        """Compile now, rather than on first use, every batch bucket that batches of up to
+        `up_to` samples (of any size when None) run on."""
+        if not self.buckets:
+            return
+        limit = self.max_batch if up_to is None else max(1, min(up_to, self.max_batch))
+        for size in self.buckets[:self.buckets.index(next(b for b in self.buckets if b >= limit)) + 1]:
             self._executable_for(size)
 
     def _executable_for(self, size: int) -> Executable:

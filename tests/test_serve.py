@@ -147,6 +147,14 @@ def test_bucket_graph_of_another_function_is_refused(model_path, tmp_path):
         gc.load(str(tampered), backend="numba-cpu")
 
 
+def test_a_runner_compiles_only_the_buckets_its_max_batch_reaches(model_path):
+    runner = GraphcRunner.from_file(model_path, max_batch=3, backend="numba-cpu")
+    # 8 is graph.json's own batch, compiled by gc.load; 1, 2 and 4 serve batches of 1 to 3
+    assert runner.max_batch == 3 and sorted(runner._function._executables) == [1, 2, 4, 8]
+    runner = GraphcRunner.from_file(model_path, max_batch=1, backend="numba-cpu")
+    assert sorted(runner._function._executables) == [1, 8]
+
+
 def test_fixed_batch_export_serves_smaller_batches_padded(tmp_path):
     path = export_model(tmp_path / "fixed.gcx", seed=1, max_batch=None)
     runner = GraphcRunner.from_file(path, backend="numba-cpu")

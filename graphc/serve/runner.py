@@ -40,8 +40,9 @@ class Runner(Protocol):
 
 class GraphcRunner:
     """A graphc inference export (graphc.export.load) as a runner. A batch-polymorphic export
-    (exported with max_batch) runs each batch on its smallest bucket, all compiled here ahead of
-    the first request; a fixed-batch export pads every batch to its one size."""
+    (exported with max_batch) runs each batch on its smallest bucket, the buckets up to the
+    runner's max_batch compiled here ahead of the first request; a fixed-batch export pads every
+    batch to its one size."""
 
     def __init__(self, function: Any, name: str, max_batch: int | None = None) -> None:
         from graphc.export import LoadedFunction
@@ -70,7 +71,7 @@ class GraphcRunner:
         self.output = TensorSpec(tuple(out_type.shape[1:]), out_type.np_dtype)
         self.path = function.path
         self.load_seconds = 0.0  # from_file measures reading, verifying and compiling the file
-        function.warm_up()
+        function.warm_up(self.max_batch)
 
     @classmethod
     def from_file(cls, path: str, name: str | None = None, max_batch: int | None = None,
