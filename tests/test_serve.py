@@ -127,6 +127,8 @@ def test_bucketed_export_runs_every_batch_size_as_the_model(model_path, referenc
         np.testing.assert_allclose(reference(x), expected, atol=1e-6)
     with pytest.raises(GraphcError, match="1 to 8 samples"):
         reference(samples(9, 0))
+    interpreted = gc.load(model_path, backend="reference")
+    np.testing.assert_allclose(interpreted(samples(3, 3)), reference(samples(3, 3)), atol=ATOL)
 
 
 def test_bucket_graph_of_another_function_is_refused(model_path, tmp_path):
