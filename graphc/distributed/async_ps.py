@@ -126,8 +126,8 @@ class AsyncStep(DataParallelStep):
     Rank 0 holds the parameters and optimizer state and applies updates; ranks 1.. compute
     gradients. `max_staleness` bounds how many versions behind the server a gradient may be
     when applied (0: synchronous). After `fit`, every rank holds the server's final training
-    state. `stats` (rank 0) reports staleness and throughput per worker; `times` (workers)
-    where a worker's time went.
+    state. `stats` (rank 0) reports staleness and throughput per worker; `worker_times`
+    (workers) where a worker's time went.
     """
 
     def __init__(self, model: Module, loss_fn: Callable[..., Tensor], optimizer: Optimizer,
@@ -369,7 +369,8 @@ class AsyncStep(DataParallelStep):
                         "staleness_mean": float(np.mean(staleness)),
                         "staleness_max": float(max(staleness))}
             else:
-                logs = self._work_epoch(train_loader, epoch)
+                self._work_epoch(train_loader, epoch)
+                logs = {}  # rank 0's come with _share
             # Every rank now holds the server's parameters: the replicas must agree.
             self.world.check_replicas(self._shipped(), f"at the end of epoch {epoch}")
             logs = {"epoch": epoch, **self._share(logs), **evaluator.logs()}
@@ -390,7 +391,7 @@ class AsyncStep(DataParallelStep):
         self.broadcast_state()
         return history
 
-    def _work_epoch(self, loader: DistributedLoader, epoch: int) -> dict[str, float]:
+    def _work_epoch(self, loader: DistributedLoader, epoch: int) -> None:
         """Compute the batches the server assigns until it ends the epoch."""
         self._receive()
         order = _epoch_order(loader, epoch)
@@ -401,7 +402,6 @@ class AsyncStep(DataParallelStep):
         if self._reply[0] != EPOCH_END:
             raise DistributedError(f"{self.name}: worker rank {self.world.rank} expected the end "
                                    f"of epoch {epoch}, the server sent {self._reply.tolist()}")
-        return {}
 
     def _share(self, logs: dict[str, float]) -> dict[str, float]:
         """Rank 0's epoch logs on every rank."""
