@@ -97,6 +97,9 @@ def info_lines(loaded) -> list[str]:
                                           if not n.startswith(("param:", "state:", "buffer:"))))
     lines.append(f"parameters: {sum(a.size for a in params.values()):,} in {len(params)} tensors, "
                  f"{sum(a.nbytes for a in params.values()):,} bytes")
+    if getattr(loaded, "buckets", None):
+        lines.append(f"batch: 1 to {loaded.max_batch} samples, compiled per bucket "
+                     f"{', '.join(map(str, loaded.buckets))}")
     lines.append(f"graph: {len(graph.nodes)} nodes")
     modules: dict[str, int] = {}
     for node in graph.nodes:

@@ -131,6 +131,12 @@ def test_bucketed_export_runs_every_batch_size_as_the_model(model_path, referenc
     np.testing.assert_allclose(interpreted(samples(3, 3)), reference(samples(3, 3)), atol=ATOL)
 
 
+def test_info_shows_the_batch_buckets(model_path):
+    result = subprocess.run([sys.executable, "-m", "graphc.cli", "info", model_path],
+                            capture_output=True, text=True, check=True)
+    assert "batch: 1 to 8 samples, compiled per bucket 1, 2, 4, 8" in result.stdout
+
+
 def test_bucket_graph_of_another_function_is_refused(model_path, tmp_path):
     other = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                           nn.Linear(4 * 3 * 3, 7))
