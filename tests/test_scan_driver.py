@@ -157,3 +157,19 @@ def test_a_body_with_index_checks_steps_from_python_and_still_checks(body_calls)
     assert body_calls["python loop"] == 1
     with pytest.raises(IndexOutOfRangeError, match="gather"):
         run(h, np.array([[0, 4], [3, 5], [2, 2]], np.int64))
+
+
+def test_profiling_times_the_body_kernels_step_by_step(monkeypatch, body_calls):
+    """GRAPHC_PROFILE times each kernel call from Python, so the body keeps the Python loop and
+    its profile counts every step."""
+    monkeypatch.setenv("GRAPHC_PROFILE", "1")
+    w = f32(3, 3)
+
+    def f(h, xs):
+        return gc.scan(lambda c, x: ((c @ w + x).tanh(),) * 2, h, xs)
+    h, xs = f32(2, 3), f32(4, 2, 3)
+    executable = compile_graph(gc.trace(f, h, xs), CPU)
+    close(executable(h, xs), gc.jit(f, backend=REF)(h, xs))
+    (loop,) = [run for run, _, _ in executable.parts if isinstance(run, ScanLoop)]
+    assert not drivers(executable) and loop.body.profile_report.calls == 4
+    assert body_calls == {"body executable": 4, "python loop": 1}
