@@ -219,6 +219,24 @@ register_lowering(TARGET, "sum", _with_axes_input("ReduceSum"))
 _reduce_max_axes_input = _with_axes_input("ReduceMax")
 
 
+@lowering(TARGET, "moments")
+def _moments(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    """Mean and biased variance (sums times 1/n: ReduceSum takes its axes as an input from
+    opset 13 on, ReduceMean only from 18), stacked on a new leading axis."""
+    x, axes = node.inputs[0], node.attrs["axes"]
+    inverse = g.constant(np.asarray(1 / np.prod([x.shape[a] for a in axes]), x.dtype))
+
+    def mean(v: str) -> str:
+        return g.emit("Mul", [g.emit("ReduceSum", [v, g.ints(axes)], keepdims=1), inverse])
+
+    average = mean(xs[0])
+    centred = g.emit("Sub", [xs[0], average])
+    var = mean(g.emit("Mul", [centred, centred]))
+    first = g.ints((0,))
+    g.emit("Concat", [g.emit("Unsqueeze", [average, first]), g.emit("Unsqueeze", [var, first])], out,
+           axis=0)
+
+
 @lowering(TARGET, "max")
 def _reduce_max(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     if g.opset >= 18:  # ReduceMax took its axes as an attribute before opset 18

@@ -68,10 +68,30 @@ def _compose_transposes(node: Node, ins: tuple[Value, ...]) -> Value | None:
 
 
 def _reshape_back(node: Node, ins: tuple[Value, ...]) -> Value | None:
-    """reshape(reshape(x, s), x.shape) -> x."""
+    """reshape(reshape(x, s), x.shape) -> x, and so for the reshapes that expand_dims and
+    squeeze are."""
     inner = ins[0].producer
-    if inner is not None and inner.op == "reshape" and _keeps_type(inner.inputs[0], node):
+    if (inner is not None and inner.op in ("reshape", "expand_dims", "squeeze")
+            and _keeps_type(inner.inputs[0], node)):
         return inner.inputs[0]
+    return None
+
+
+def _slice_of_concatenate(node: Node, ins: tuple[Value, ...]) -> Value | None:
+    """slice(concatenate(a, b, ...; axis), exactly b's span along axis) -> b: a gradient sums
+    the cotangents of slices of one value into a concatenate, which the VJP of the sliced op
+    slices apart again (a `moments` output's mean and variance)."""
+    inner = ins[0].producer
+    if inner is None or inner.op != "concatenate":
+        return None
+    axis, start = inner.attrs["axis"], 0
+    if any(step != 1 for step in node.attrs["steps"]):
+        return None
+    for part in inner.inputs:
+        stop = start + part.shape[axis]
+        if node.attrs["starts"][axis] == start and node.attrs["stops"][axis] == stop:
+            return part if _keeps_type(part, node) else None
+        start = stop
     return None
 
 
@@ -87,6 +107,8 @@ RULES: list[tuple[str, Rule]] = [
     ("reshape", _same_type_noop),
     ("reshape", _reshape_back),
     ("broadcast_to", _same_type_noop),
+    ("slice", _slice_of_concatenate),
+    ("slice_grad", _same_type_noop),  # scattering into zeros of its own shape: all of it
     ("cast", _same_type_noop),
     ("sum", lambda node, ins: ins[0] if node.attrs["axes"] == () and _keeps_type(ins[0], node) else None),
     ("transpose", _identity_transpose),

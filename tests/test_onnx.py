@@ -170,6 +170,8 @@ OP_CASES = [
     ("sin", [f32(2, 3).astype(np.float64)], {}),  # (onnxruntime implements Erf for float32 only)
     ("cumsum", [f32(2, 3, 4)], {"axis": 1}),
     ("cumsum", [INTS], {"axis": 1, "reverse": True}),
+    ("moments", [f32(2, 3, 4, 5)], {"axes": (0, 2, 3)}),
+    ("moments", [f32(2, 3, 4)], {"axes": (2,)}),
     ("cumprod", [np.array([[1.5, 0.0, -2.0, 3.0], [0.5, -1.0, 2.0, 0.0]], np.float32)], {"axis": 1}),
     ("cumprod", [f32(3, 2, 2)], {"axis": 0, "reverse": True}),
     ("exp", [f32(2, 3).astype(np.float64)], {}),

@@ -23,6 +23,7 @@ from typing import Callable
 from graphc.ir import Node, TensorType, Value
 from graphc.ir.kernels import op_class
 from graphc.ir.lowering import lowering, lowering_for
+from graphc.ir.ops.norm import lines_view
 from graphc.backends.kernels.arrays import KernelArray
 from graphc.backends.kernels.library import Refs, epilogue_graph
 from graphc.backends.kernels.pointwise import (Domain, KernelTarget, PointwiseEmitter, broadcast_index,
@@ -603,6 +604,31 @@ def _cumulative(node: Node, refs: Refs) -> list[CudaCall]:
     call = _call(node.op, ["x", "y"], [refs[x], refs[node.output]], lines, body,
                  dict(N=view[1], INNER=view[2]))
     return [_with_views(call, (view, view))]
+
+
+@lowering(TARGET, "moments")
+def _moments(node: Node, refs: Refs) -> list[CudaCall]:
+    """One thread per kept index (operand viewed (before, kept, after), output (2, kept)):
+    float64 sums of x - x0 and its square, x0 the line's first element, as on numba-cpu."""
+    x = node.inputs[0]
+    view = lines_view(x.shape, node.attrs["axes"])
+
+    def body(w: Writer) -> None:
+        w.line("shift = np.float64(x[0, flat, 0])")
+        w.line("total = np.float64(0.0)")
+        w.line("squares = np.float64(0.0)")
+        with w.block("for a in range(BEFORE):"):
+            with w.block("for k in range(AFTER):"):
+                w.line("d = np.float64(x[a, flat, k]) - shift")
+                w.line("total += d")
+                w.line("squares += d * d")
+        w.line("mean = total / (BEFORE * AFTER)")
+        w.line("out[0, flat] = shift + mean")
+        w.line("out[1, flat] = max(squares / (BEFORE * AFTER) - mean * mean, 0.0)")
+
+    call = _call("moments", ["x", "out"], [refs[x], refs[node.output]], view[1], body,
+                 dict(BEFORE=view[0], AFTER=view[2]))
+    return [_with_views(call, (view, (2, view[1])))]
 
 
 def generate_library(kernel: Node) -> CudaKernelSource:

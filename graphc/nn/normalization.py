@@ -14,7 +14,7 @@ import numpy as np
 from graphc.ir.errors import ShapeError, user_location
 
 from ..functions import rsqrt, stop_gradient
-from ..tensor import Tensor, as_tensor
+from ..tensor import Tensor, as_tensor, bind
 from .module import Module, Parameter
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "LayerNorm", "batch_norm", "layer_norm"]
@@ -46,11 +46,17 @@ def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | Non
     return out
 
 
+def _moments(x: Tensor, axes: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance over `axes`, kept broadcastable, from one `moments` op (one pass
+    over x, and a backward pass with no reductions of its own: ir/ops/norm.py)."""
+    stats = bind("moments", x, axes=axes)
+    # sliced as moments' VJP slices its cotangent, so that simplify's rules and CSE meet them
+    return tuple(stats[k:k + 1].reshape(stats.shape[1:]) for k in (0, 1))
+
+
 def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance over every axis but 1, kept broadcastable."""
-    axes = (0,) + tuple(range(2, x.ndim))
-    mean = x.mean(axes, keepdims=True)
-    return mean, (x - mean).square().mean(axes, keepdims=True)
+    return _moments(x, (0,) + tuple(range(2, x.ndim)))
 
 
 class _BatchNorm(Module):
@@ -132,9 +138,7 @@ def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor 
     if not shape or x.shape[x.ndim - len(shape):] != shape:
         raise ShapeError(f"layer_norm: normalized_shape {shape} must be the trailing dimensions "
                          f"of the input, got shape {x.shape} (at {user_location()})")
-    axes = tuple(range(x.ndim - len(shape), x.ndim))
-    mean = x.mean(axes, keepdims=True)
-    out = _normalize(x, mean, (x - mean).square().mean(axes, keepdims=True), eps)
+    out = _normalize(x, *_moments(x, tuple(range(x.ndim - len(shape), x.ndim))), eps)
     if weight is not None:
         out = out * weight
     if bias is not None:

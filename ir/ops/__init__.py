@@ -6,3 +6,4 @@ from . import indexing  # noqa: F401
 from . import random  # noqa: F401
 from . import nn  # noqa: F401
 from . import cumulative  # noqa: F401
+from . import norm  # noqa: F401
