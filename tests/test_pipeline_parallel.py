@@ -243,6 +243,30 @@ def test_dropout_draws_the_same_mask_in_a_micro_batch_forward_and_its_recomputat
                                      for n, p in model.state_dict().items())
 
 
+def test_a_checkpoint_per_stage_resumes_training_exactly(tmp_path):
+    path = str(tmp_path / "ckpt")
+
+    def fresh() -> tuple[nn.Module, PipelineParallelStep]:
+        gc.manual_seed(0)
+        model = mlp((12, 16, 16, 4))
+        return model, pipeline(model, mlp_batch(), stages=2, microbatches=2, boundaries=["1"])
+
+    model, step = fresh()
+    assert not step.load_checkpoint(path)
+    step(*mlp_batch())
+    step.save_checkpoint(path)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.stage0", "ckpt.stage1"]
+    step(*mlp_batch())
+    expected = {**model.state_dict(), "step": step.step_count.copy()}
+    model, step = fresh()
+    assert step.load_checkpoint(path) and float(step.step_count) == 1
+    step(*mlp_batch())
+    for name, value in expected.items():
+        np.testing.assert_array_equal({**model.state_dict(), "step": step.step_count}[name], value,
+                                      err_msg=name)
+    os.remove(path + ".stage1")
+    assert not fresh()[1].load_checkpoint(path)
+
 # -- real ranks --------------------------------------------------------------------------------
 def ranks_state(out_dir, ranks: int = 2) -> tuple[np.ndarray, dict[str, np.ndarray], list[np.ndarray]]:
     """The losses (every rank's the same), the stages' state merged (replicas of a stage must

@@ -47,6 +47,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -65,6 +66,7 @@ from ..nn.module import Module, named_arrays
 from ..optim import Optimizer
 from ..step_builder import StepBuilder, StepSpec, batch_arrays, trace_loss
 from ..tensor import Tensor, is_tracing
+from ..train import load_checkpoint, save_checkpoint
 from .data_parallel import DistributedError, World, init
 
 SCHEDULES = ("1f1b", "gpipe")
@@ -875,6 +877,42 @@ class PipelineParallelStep:
             for n in rt.trainable:
                 state.update({f"optim/{n}/{k}": v for k, v in self.opt_state[n].items()})
         return state
+
+    # -- checkpoints -----------------------------------------------------------------------
+    @staticmethod
+    def checkpoint_path(path: str, stage: int) -> str:
+        """Where stage `stage`'s part of the checkpoint `path` lives."""
+        return f"{path}.stage{stage}"
+
+    def _stage_training_state(self, rt: _StageRuntime) -> SimpleNamespace:
+        """One stage's state as graphc.train's checkpoint functions read a step's: the model's
+        arrays (this stage's parameters), optimizer slots, step count and RNG key."""
+        params = {n: self.params[n] for n in rt.plan.params}
+        return SimpleNamespace(model=SimpleNamespace(state_dict=lambda: params),
+                               opt_state={n: self.opt_state[n] for n in rt.trainable},
+                               step_count=rt.step_count, rng_key=self.rng_key)
+
+    def save_checkpoint(self, path: str) -> None:
+        """Each stage's first replica writes its stage's state to `checkpoint_path(path, s)`,
+        atomically and with checksums (graphc.train.save_checkpoint's format)."""
+        if self.world.rank % self.replicas == 0:
+            for rt in self._stages:
+                save_checkpoint(self.checkpoint_path(path, rt.plan.index),
+                                self._stage_training_state(rt))
+
+    def load_checkpoint(self, path: str) -> bool:
+        """Continue from the checkpoint `path` when every stage's file exists (on a filesystem
+        all ranks share): each rank loads its stage's; returns whether they did. A file that
+        does not match its stage raises graphc's LoadError naming it."""
+        import os
+        found = np.array([all(os.path.exists(self.checkpoint_path(path, rt.plan.index))
+                              for rt in self._stages)], np.float64)
+        self.world.allreduce_(found)
+        if found[0] != self.world.size:
+            return False
+        for rt in self._stages:
+            load_checkpoint(self.checkpoint_path(path, rt.plan.index), self._stage_training_state(rt))
+        return True
 
 
 __all__ = ["Crossing", "Partition", "PipelineParallelStep", "StagePlan", "StageTimes",
