@@ -126,6 +126,9 @@ CASES = {
         b.cumprod(z, axis=1, reverse=True), b.cumsum(i, axis=-1), b.cumsum(b.exp(x), axis=2)]), arrays))(
         [normal(2, 3, 4), np.where(rng.random((2, 3, 4)) < 0.2, 0, normal(2, 3, 4, dtype="float64")),
          integers(-9, 9, 3, 4, dtype="int32")]),
+    "moments": lambda: (lambda arrays: (build("moments", arrays, lambda b, x, r: [
+        b.moments(x, axes=(0, 2, 3)), b.moments(r, axes=(1,)), b.moments(r, axes=(0,))]), arrays))(
+        [normal(3, 4, 2, 5), normal(6, 7, dtype="float64")]),
     "logical": lambda: (lambda arrays: (build("logical", arrays, lambda b, p, q: [
         b.logical_and(p, q), b.logical_or(p, q), b.logical_not(p),
         b.where(p, b.cast(q, dtype="int32"), b.cast(p, dtype="int32"))]), arrays))(
