@@ -173,3 +173,35 @@ def test_profiling_times_the_body_kernels_step_by_step(monkeypatch, body_calls):
     (loop,) = [run for run, _, _ in executable.parts if isinstance(run, ScanLoop)]
     assert not drivers(executable) and loop.body.profile_report.calls == 4
     assert body_calls == {"body executable": 4, "python loop": 1}
+
+
+_CHILD = """
+import numpy as np, graphc as gc
+from graphc.lowering import compile_graph
+from graphc.backends.numba_cpu.driver import ScanDriver
+w = np.linspace(-1, 1, 9, dtype=np.float32).reshape(3, 3)
+def f(h, xs):
+    return gc.scan(lambda c, x: ((c @ w + x).tanh(),) * 2, h, xs)
+h, xs = np.ones((2, 3), np.float32), np.linspace(0, 1, 30, dtype=np.float32).reshape(5, 2, 3)
+executable = compile_graph(gc.trace(f, h, xs), "numba-cpu")
+got = executable(h, xs)
+want = gc.jit(f, backend="reference")(h, xs)
+assert all(np.allclose(g, v, atol=1e-6) for g, v in zip(got, want))
+(driver,) = [run for run, _, _ in executable.parts if isinstance(run, ScanDriver)]
+print("driver", driver.cache_stats.hits, driver.cache_stats.misses)
+"""
+
+
+@pytest.mark.slow  # two processes, the first compiling every kernel: ~16 s on the busy machine
+def test_a_later_process_loads_the_driver_from_the_disk_cache(tmp_path):
+    """The cached driver calls the kernels by their symbols: a second process, which loads the
+    kernels from the cache too, runs it without compiling it."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "GRAPHC_CACHE_DIR": str(tmp_path / "cache")}
+    runs = [subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True,
+                           timeout=300) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert [run.stdout.split()[-2:] for run in runs] == [["0", "1"], ["1", "0"]]

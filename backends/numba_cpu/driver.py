@@ -13,21 +13,25 @@ Python inside a loop over the steps, compiled by Numba, so no Python runs per st
 A body output the kernels do not write themselves (an input or constant returned as it is, or one
 value returned twice) is copied into its destination at the end of the step.
 
-The kernels are Numba dispatchers called from the driver with the exact types they were compiled
-for, so the driver compiles once per body (its trip count is an argument) and never recompiles a
-kernel. Numba links the kernels' code into the driver and optimizes it again, which costs about
-what compiling them did, so the driver goes through the kernel cache like a kernel: its text names
-the kernel modules it calls (so they key it too) and a later process loads it in milliseconds. No driver is built where the body has index checks (their checks are Python, run per
+The driver calls each kernel's compiled code by its symbol, with the exact argument types it was
+compiled for (`_unlinked_call`): the driver compiles once per body (its trip count is an
+argument), no kernel compiles again, and the kernels' code is not linked into the driver to be
+optimized once more. The driver goes through the kernel cache like a kernel: its text names the
+kernel modules and symbols it calls (so they key it too) and a later process loads it in
+milliseconds. No driver is built where the body has index checks (their checks are Python, run per
 step) or where its kernels are being profiled (GRAPHC_PROFILE times each call from Python): the
 scan then steps the body executable from Python (graphc/scan_lowering.py).
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any, Callable
 
 import numba
 import numpy as np
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 from graphc.backends.kernel_files import CacheStats
 from graphc.backends.source_guard import identifier
@@ -102,6 +106,36 @@ def scan_driver(node: Node, body: Executable) -> ScanDriver | None:
     return ScanDriver(node, body)
 
 
+def _unlinked_call(dispatcher: Any, entry_point: Callable) -> tuple[Callable, str]:
+    """(the overload of `dispatcher` whose entry point is `entry_point`, callable from the driver
+    by its symbol alone; that symbol). Calling the dispatcher itself would link the kernel's code
+    into the driver, which Numba would optimize and compile to machine code once more. The symbol
+    is defined in Numba's JIT already (the body executable loaded the kernel), and the driver's
+    cached machine code resolves it again in a later process, whose executor loads the kernels
+    first. The symbol carries a number Numba gives each compile, so the driver's text names it
+    (hashed): a kernel compiled again makes another driver, never a stale reference."""
+    (compiled,) = [c for c in dispatcher.overloads.values() if c.entry_point is entry_point]
+    function = compiled.fndesc
+
+    @intrinsic
+    def call(typingctx: Any, *args: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, values: Any) -> Any:
+            callee = context.declare_function(builder.module, function)
+            status, _ = context.call_conv.call_function(builder, callee, function.restype, function.argtypes,
+                                                        cgutils.unpack_tuple(builder, values[0]))
+            with cgutils.if_unlikely(builder, status.is_error):
+                context.call_conv.return_status_propagate(builder, status)
+            return context.get_dummy_value()
+        if tuple(args) != tuple(function.argtypes):
+            return None  # a typing error, never a call with other argument types than compiled
+        return types.none(types.StarArgTuple.from_types(args)), codegen
+    return call, function.mangled_name
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _generate(node: Node, body: Executable) -> tuple[str, list[Any], list[Callable]]:
     """(the driver module's source, the loop-invariant values the driver takes after the per-call
     arrays, the kernels its placeholders `kernel0`, `kernel1`, ... stand for)."""
@@ -140,10 +174,13 @@ def _generate(node: Node, body: Executable) -> tuple[str, list[Any], list[Callab
     kernels: list[Callable] = []
     calls = []
     for step in body._steps:
-        for function, (_, slots), call in zip(step.kernel.functions, step.calls, step.kernel.generated.calls):
+        compiled = zip(step.kernel.functions, step.kernel.entry_points, step.calls, step.kernel.generated.calls)
+        for function, entry_point, (_, slots), call in compiled:
+            kernel, symbol = _unlinked_call(function, entry_point)
             calls.append(f"kernel{len(kernels)}({', '.join(f'a{s}' for s in slots)})"
-                         f"  # {identifier(step.kernel.name)}: {identifier(call.entry)} of k_{cache_key(call.source)}")
-            kernels.append(function)
+                         f"  # {identifier(step.kernel.name)}: {identifier(call.entry)} of "
+                         f"k_{cache_key(call.source)}, symbol {_digest(symbol)}")
+            kernels.append(kernel)
     needed = {s for step in body._steps for _, slots in step.calls for s in slots}
     needed |= {slot for slot, _, _ in copies}
     for slot in needed & views.keys():
@@ -153,8 +190,8 @@ def _generate(node: Node, body: Executable) -> tuple[str, list[Any], list[Callab
 
     step_index = "length - 1 - i" if node.attrs["reverse"] else "i"
     parameters = ["length", *consts, *current, *following, *xs, *ys, *(names[s] for s in fixed)]
-    lines = [f'"""The loop of a scan body: {len(calls)} kernel calls per step, generated by graphc '
-             '(backends/numba_cpu/driver.py)."""',
+    lines = [f'"""The loop of a scan body: {len(calls)} kernel calls per step, each by the symbol of '
+             'its compiled code; generated by graphc (backends/numba_cpu/driver.py)."""',
              "import numba", ""]
     # the kernels, set before the driver compiles (named with their modules in the calls' comments)
     lines += [f"kernel{i} = None" for i in range(len(kernels))]
