@@ -2,6 +2,7 @@
 numba-cpu runs it as one GEMM over the stacked rows, and the shared matrix's gradient is one
 product of the stacked rows instead of a GEMM per stack element and a sum. Checked against the
 reference interpreter, finite differences (float64) and the kernels actually generated."""
+import numba
 import numpy as np
 import pytest
 
@@ -50,6 +51,9 @@ def test_large_stack_splits_its_rows_across_threads():
     graph = build("stacked_parallel", [x, w], lambda b, x, w: [b.matmul(x, b.transpose(w, perm=(1, 0)))])
     executable = run_both(graph, [x, w])
     assert gemm_entries(executable) == ["matmul"]
+    (call,) = executable.kernels[0].generated.calls
+    if numba.config.NUMBA_NUM_THREADS > 1:  # row blocks of the whole stack, one per thread
+        assert call.parallel and "prange" in call.source
 
 
 def test_transposed_or_broadcast_stacks_keep_one_gemm_per_element():
