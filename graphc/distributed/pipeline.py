@@ -613,6 +613,7 @@ class PipelineParallelStep:
         # its pipeline communicator, a stage's replicas average gradients over theirs.
         self.replicas = max(self.world.size // stages, 1)
         stage, replica = divmod(self.world.rank, self.replicas)
+        self.replica = replica
         pipeline_comm = stage_comm = None
         if self.world.comm is not None:
             pipeline_comm = self.world.comm.Split(color=replica, key=stage)
@@ -758,9 +759,11 @@ class PipelineParallelStep:
                    for c in plan.sends if c.differentiable for reader in c.readers)
 
     def _key(self, m: int) -> np.ndarray:
-        """Micro-batch m's RNG key: its forward and the backward recomputing it draw alike."""
+        """Micro-batch m's RNG key, this replica's own: the forward and the backward recomputing
+        it draw alike."""
         seed, counter = self.rng_key
-        return np.array([seed, counter * self.microbatches + m], np.int64)
+        return np.array([seed, (counter * self.replicas + self.replica) * self.microbatches + m],
+                        np.int64)
 
     def _forward(self, rt: _StageRuntime, m: int, batch: list[np.ndarray], losses: list[float]) -> None:
         plan, messages = rt.plan, self._messages
