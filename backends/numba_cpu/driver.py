@@ -202,7 +202,9 @@ def _generate(node: Node, body: Executable) -> tuple[str, list[Any], list[Callab
     lines += [f"        a{slot} = a{views[slot][0]}.reshape({views[slot][1]!r})"
               for slot in sorted(needed) if slot in views]
     lines += [f"        {call}" for call in calls]
-    lines += [f"        {row}[:] = a{slot}.reshape({size})" for slot, row, size in copies]
+    for slot, row, size in copies:  # a loop: Numba compiles `row[:] = array` for seconds
+        lines += [f"        copy_to, copy_from = {row}, a{slot}.reshape({size})",
+                  f"        for e in range({size}):", "            copy_to[e] = copy_from[e]"]
     if k:
         lines.append(f"        {', '.join(current + following)} = {', '.join(following + current)}")
     return "\n".join(lines) + "\n", [env.template[s] for s in fixed], kernels
