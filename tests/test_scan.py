@@ -468,14 +468,6 @@ def test_refusals_name_the_problem_and_the_users_line(case, message):
     assert "test_scan.py" in str(info.value)
 
 
-def test_onnx_export_refuses_a_scan_naming_it():
-    pytest.importorskip("onnx")
-    x = rng.normal(size=(5, 2, 3)).astype(np.float32)
-    compiled = gc.compile(ScanRNN(nn.RNN(3, 4)), [x], backend=REF)
-    with pytest.raises(GraphcError, match="op 'scan' .* has no ONNX converter; used at .*test_scan.py"):
-        gc.export_onnx(compiled, "unused.onnx")
-
-
 def test_a_buffer_update_inside_a_body_is_refused():
     class Normalised(nn.Module):
         def __init__(self):
