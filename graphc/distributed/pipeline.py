@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from graphc.ir import Graph, Node, TensorType, Value
+from graphc.ir import Builder, Graph, Node, TensorType, Value
 from graphc.ir.registry import ELEMENTWISE, SHAPE, get as get_primitive
 from graphc.ir.types import is_float
 from graphc.passes import SIMPLIFY, Stages
@@ -399,6 +399,22 @@ def stage_backward_graph(forward: Graph, plan: StagePlan, trainable: Sequence[st
     return backward.verify()
 
 
+def accumulating(backward: Graph, trainable: Sequence[str]) -> tuple[Graph, dict[int, int]]:
+    """`backward` adding each parameter's gradient to an accumulator input ("acc:<name>",
+    last) donated to it, so micro-batches sum their gradients in place (in a GEMM's epilogue
+    when fused) instead of writing a fresh gradient each to add afterwards."""
+    new = backward.copy()
+    b = Builder(new)
+    first_grad = len(new.outputs) - len(trainable)
+    donate = {}
+    for i, name in enumerate(trainable):
+        out_name, grad = new.outputs[first_grad + i]
+        acc = b.add_input(grad.type, f"acc:{name}")
+        new.outputs[first_grad + i] = (out_name, b.add(acc, grad))
+        donate[len(new.inputs) - 1] = first_grad + i
+    return new.verify(), donate
+
+
 def save_residuals(forward: Graph, backward: Graph) -> tuple[Graph, Graph]:
     """Split `backward` (forward's inputs, then cotangents) where it stops recomputing forward:
     returns forward with the intermediate values the rest needs as extra outputs ("saved:<i>"),
@@ -554,7 +570,7 @@ class _StageRuntime:
     times: StageTimes
     step_count: np.ndarray = field(default_factory=lambda: np.zeros((), np.float32))
     saved: dict[int, list[np.ndarray]] = field(default_factory=dict)  # forward inputs per micro-batch
-    grads: dict[str, np.ndarray] = field(default_factory=dict)
+    grads: dict[str, np.ndarray] = field(default_factory=dict)  # summed over micro-batches
 
 
 class PipelineParallelStep:
@@ -682,9 +698,12 @@ class PipelineParallelStep:
         backward = stage_backward_graph(forward, plan, trainable)
         if not self.recompute:
             forward, backward = save_residuals(forward, backward)
+        backward, accumulate = accumulating(backward, trainable)
         update, donate = self._update_graph(s, trainable)
-        return _StageRuntime(plan, self._compile(forward), self._compile(backward),
-                             self._compile(update, donate), trainable, StageTimes(s))
+        runtime = _StageRuntime(plan, self._compile(forward), self._compile(backward, accumulate),
+                                self._compile(update, donate), trainable, StageTimes(s))
+        runtime.grads = {n: np.zeros_like(self.params[n]) for n in trainable}
+        return runtime
 
     def _update_graph(self, s: int, trainable: list[str]) -> tuple[Graph, dict[int, int]]:
         """Mean gradients -> the optimizer's rule for this stage's parameters, each parameter
@@ -799,17 +818,13 @@ class PipelineParallelStep:
             loss_type = rt.forward.optimized.output("loss").type
             cotangents.append(np.array(1.0 / self.microbatches, loss_type.np_dtype))
         start = time.perf_counter()
-        outputs = rt.backward.executable(*rt.saved.pop(m), *cotangents)
+        outputs = rt.backward.executable(*rt.saved.pop(m), *cotangents,
+                                         *(rt.grads[n] for n in rt.trainable))
         rt.times.backward += time.perf_counter() - start
         floats = [c for c in plan.receives if c.differentiable]
         for c, value in zip(floats, outputs):
             messages.send(np.array(value, copy=True, order="C"), plan.index, c.source, BACKWARD,
                           m, c.index)
-        for name, grad in zip(rt.trainable, outputs[len(floats):]):
-            if name in rt.grads:
-                np.add(rt.grads[name], grad, out=rt.grads[name])
-            else:
-                rt.grads[name] = np.array(grad, copy=True, order="C")
 
     def _update(self, rt: _StageRuntime) -> None:
         start = time.perf_counter()
@@ -817,7 +832,8 @@ class PipelineParallelStep:
         rt.update.executable(*(rt.grads[n] for n in rt.trainable),
                              *(self.params[n] for n in rt.trainable), *state, rt.step_count,
                              *self.optimizer.learning_rates())
-        rt.grads.clear()
+        for grad in rt.grads.values():
+            grad.fill(0)
         rt.times.update += time.perf_counter() - start
 
     def _mean_loss(self, losses: list[float]) -> float:
