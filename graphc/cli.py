@@ -1,4 +1,4 @@
-"""The `graphc` command line: inspect, info, train, trace and serve.
+"""The `graphc` command line: inspect, info, train, export-inference, trace and serve.
 
 Exit codes: 0 on success, 2 for usage errors, 1 for failures (a one-line message, no traceback
 for the errors graphc expects).
@@ -162,6 +162,18 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"wrote {args.save}")
 
 
+def cmd_export_inference(args: argparse.Namespace) -> None:
+    from .export import LoadedTrainStep
+
+    step = _load(args.step, args.backend)
+    if not isinstance(step, LoadedTrainStep):
+        raise CommandError(f"{args.step} holds an inference function already, not a training step")
+    step.export_inference(args.output, max_batch=args.max_batch)
+    batches = f"any batch of 1 to {args.max_batch} samples" if args.max_batch else "its batch"
+    print(f"wrote {args.output}: the eval-mode forward after {step.step_count} training steps, "
+          f"for {batches}")
+
+
 def _parse_example(spec: str) -> TensorType:
     try:
         return TensorType.parse(spec)
@@ -244,6 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("export-inference", help="write a training step's model in eval mode, with "
+                       "its current weights, as an inference export (for gc.load and serve)")
+    p.add_argument("step", metavar="STEP.gcx")
+    p.add_argument("output", metavar="OUT.gcx")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="take any batch of 1 to N samples (N: the step's batch or a power of two)")
+    p.add_argument("--backend", default=None, help="compile the forward here to record its "
+                   "kernels and memory plan (default: reference)")
+    p.set_defaults(run=cmd_export_inference)
 
     p = sub.add_parser("trace", help="trace a function of a script and write its graph as DOT")
     p.add_argument("target", help="SCRIPT.py:FUNCTION")

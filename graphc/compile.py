@@ -325,13 +325,24 @@ class CompiledModel(_CompiledModelBase):
 
     def __init__(self, model: Module, example_inputs: Sequence[Any], backend: str | None = None,
                  name: str = "inference") -> None:
+        self._bind(model, backend, name)
+        self._get(batch_arrays(example_inputs))
+
+    def _bind(self, model: Module, backend: str | None, name: str) -> None:
         self.model, self.name = model, name
         self.backend = backend or default_backend()
         # (state-dict name, where it lives): every parameter, then every buffer (the graph's inputs)
         self._state = [ref for table in ("_parameters", "_buffers")
                        for ref in named_state_refs(model, (table,))]
         self._compiled: dict[tuple, CompiledGraph] = {}
-        self._get(batch_arrays(example_inputs))
+
+    @classmethod
+    def tracer(cls, model: Module, name: str = "inference") -> CompiledModel:
+        """One that compiles nothing: its `_trace` gives the model's eval-mode forward at any
+        input types (a training step's export stores it for `export_inference`)."""
+        forward = cls.__new__(cls)
+        forward._bind(model, None, name)
+        return forward
 
     @property
     def params(self) -> dict[str, np.ndarray]:

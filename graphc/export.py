@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import re
 import time
@@ -46,11 +47,15 @@ from .bounded_io import ZipMembers, parse_json
 from .lowering import compile_graph
 from .step_builder import rate_input_names
 
+log = logging.getLogger("graphc")
+
 FORMAT = "graphc.export"
 VERSION = 2  # 2: state stored uncompressed, per-tensor checksums in checksums.json
 _REQUIRED = ("format.json", "graph.json", "plan.json", "state.safetensors", "metadata.json")
 _KERNEL_MEMBER = re.compile(r"kernels/[A-Za-z0-9_]{1,200}\.py\Z")
 _BUCKET_MEMBER = re.compile(r"buckets/([1-9][0-9]{0,6})\.json\Z")
+_FORWARD_MEMBER = re.compile(r"forward/([1-9][0-9]{0,6})\.json\Z")  # a training step's eval forward
+_FORWARD_BATCHES_UP_TO = 256  # a step file's forward: at each power of two up to this (or its batch)
 _MAX_BUCKETS = 24  # powers of two: up to 2^23 samples per batch
 _BUCKET_GRAPHS_LIMIT = 64 << 20  # all buckets/*.json together
 # Byte caps of the members that are not tensors: generous for any graph a tracer makes (the
@@ -107,26 +112,25 @@ def batch_buckets(max_batch: int) -> list[int]:
     return [1 << k for k in range(max_batch.bit_length()) if 1 << k < max_batch] + [max_batch]
 
 
-def _bucket_graphs(compiled: Any, max_batch: int) -> dict[int, Graph]:
-    """The inference function at each batch bucket (optimized graphs; the caller compiles the
-    largest, whose kernels serve them all). Every data input and output must be batch-major."""
-    from .compile import CompiledModel
-
-    if not isinstance(compiled, CompiledModel):
-        raise GraphcError("export(max_batch=...) is for inference functions (gc.compile); a "
-                          "training step's batch is fixed by its optimizer update")
+def _checked_max_batch(max_batch: Any) -> list[int]:
+    """The batch buckets of an export with `max_batch`, which must be a supported int."""
     if type(max_batch) is not int or not 1 <= max_batch <= 1 << (_MAX_BUCKETS - 1):
         raise GraphcError(f"export: max_batch must be an int in [1, {1 << (_MAX_BUCKETS - 1)}], "
                           f"not {max_batch!r}")
-    data = [inp.value.type for inp in compiled.graph.inputs if inp.role == "data"]
+    return batch_buckets(max_batch)
+
+
+def _forward_graphs(forward: Any, data: list[TensorType], sizes: list[int]) -> dict[int, Graph]:
+    """The eval-mode forward of `forward` (a CompiledModel) traced and simplified at each batch
+    size, but not compiled. Every data input and output must be batch-major."""
     if any(t.ndim == 0 for t in data) or len({t.shape[0] for t in data}) != 1:
         raise GraphcError(f"export(max_batch=...): every input needs the batch as its first axis; "
                           f"the inputs are {', '.join(map(str, data))}")
     graphs = {}
-    for size in batch_buckets(max_batch):
+    for size in sizes:
         types = [TensorType((size, *t.shape[1:]), t.dtype) for t in data]
-        stages = Stages(compiled.name)
-        traced, _, _ = compiled._trace(types, stages)
+        stages = Stages(forward.name)
+        traced, _, _ = forward._trace(types, stages)
         graphs[size] = stages.run(traced, [SIMPLIFY])
         unbatched = [f"{n}: {v.type}" for n, v in graphs[size].outputs
                      if v.type.ndim == 0 or v.type.shape[0] != size]
@@ -137,10 +141,68 @@ def _bucket_graphs(compiled: Any, max_batch: int) -> dict[int, Graph]:
     return graphs
 
 
+def _bucket_graphs(compiled: Any, max_batch: int) -> dict[int, Graph]:
+    """The inference function at each batch bucket (the caller compiles the largest, whose
+    kernels serve them all)."""
+    from .compile import CompiledModel
+
+    if not isinstance(compiled, CompiledModel):
+        raise GraphcError("export(max_batch=...) is for inference functions (gc.compile); a "
+                          "training step's batch is fixed by its optimizer update")
+    sizes = _checked_max_batch(max_batch)
+    data = [inp.value.type for inp in compiled.graph.inputs if inp.role == "data"]
+    return _forward_graphs(compiled, data, sizes)
+
+
+def _step_forward(step: Any) -> tuple[dict[str, Any], dict[int, Graph], dict[str, np.ndarray]]:
+    """A training step's model in eval mode, as `gc.compile(step.model, x)` traces it, for
+    `export_inference`: plan.json's "forward" entry (the step's batch, the batches stored, the
+    state each non-batch input reads), the graph at each of those batches, and the arrays of
+    other modules it reads. Stored at the step's batch and, where the model is batch-major, at
+    each power of two up to the larger of it and _FORWARD_BATCHES_UP_TO: a file cannot be
+    traced again without the model's code."""
+    from .compile import CompiledModel
+
+    data = [inp.value.type for inp in step.graph.inputs
+            if inp.role == "data" and not _is_rate(inp.name)]
+    model_inputs = data[:len(data) - step.targets]
+    tracer = CompiledModel.tracer(step.model)
+    stages = Stages(tracer.name)
+    # The step's own file comes first: a model whose eval forward cannot be stored still
+    # exports its training step, and export_inference says to export it again.
+    why = "its first input has no batch axis" if not model_inputs or model_inputs[0].ndim == 0 else None
+    if why is None:
+        try:
+            traced, _, reads = tracer._trace(model_inputs, stages)
+        except GraphcError as exc:
+            why = f"it does not trace ({exc})"
+    if why is None and any(inp.role == "rng" for inp in traced.inputs):
+        why = "it draws random numbers in eval mode"
+    if why is not None:
+        log.warning("graphc: %s: the model's eval-mode forward is not stored, so the file "
+                    "cannot export_inference: %s", step.name, why)
+        return {}, {}, {}
+    batch = model_inputs[0].shape[0]
+    graphs = {batch: stages.run(traced, [SIMPLIFY])}
+    largest = max(batch, _FORWARD_BATCHES_UP_TO)
+    powers = [1 << k for k in range(largest.bit_length()) if 1 << k <= largest and 1 << k != batch]
+    try:
+        graphs.update(_forward_graphs(tracer, model_inputs, powers))
+    except GraphcError:
+        pass  # inputs or outputs not batch-major: the forward serves the step's batch alone
+    bindings = {**{name: f"model/{name}" for name in tracer._names()},
+                **{name: f"implicit/{name}" for name in reads.names}}
+    bindings = {inp.name: bindings[inp.name] for inp in graphs[batch].inputs if inp.role != "data"}
+    implicit = {f"implicit/{name}": array for name, array in zip(reads.names, reads.arrays())}
+    entry = {"batch": batch, "batches": sorted(graphs), "bindings": bindings}
+    return entry, graphs, implicit
+
+
 def export(compiled: Any, path: str, max_batch: int | None = None) -> None:
     """Write a TrainStep or CompiledModel (its most recent input signature) to `path`; with
     `max_batch`, an inference function for any batch of 1 to max_batch samples (the module
-    docstring says how)."""
+    docstring says how). A training step's file also holds its model's eval-mode forward, for
+    `LoadedTrainStep.export_inference`."""
     from .compile import TrainStep
     from .train import atomic_write, training_state
 
@@ -150,46 +212,64 @@ def export(compiled: Any, path: str, max_batch: int | None = None) -> None:
         data = [inp.value.type for inp in compiled.graph.inputs if inp.role == "data"]
         compiled._get([np.zeros((max_batch, *t.shape[1:]), t.np_dtype) for t in data])
     graph = compiled.graph
-    executable = compiled.executable
+    forward: dict[str, Any] = {}
+    forward_graphs: dict[int, Graph] = {}
     if isinstance(compiled, TrainStep):
         kind = "train_step"
+        forward, forward_graphs, forward_reads = _step_forward(compiled)
         state = training_state(compiled)
         rates = [group["lr"] for group in compiled.optimizer.param_groups]
         lr = rates[0] if len(rates) == 1 else rates  # one number per parameter group
     else:
         kind = "inference"
         state = {f"model/{k}": v for k, v in compiled.model.state_dict().items()}
-        lr = None
+        forward_reads, lr = {}, None
     state.update(compiled.implicit_state())  # other modules' arrays the graph reads, read-only
+    for key, array in forward_reads.items():
+        state.setdefault(key, array)
     bindings = {inp.name: compiled.state_bindings()[inp.name] for inp in graph.inputs
                 if inp.role != "data"}
+    members = _function_members(
+        kind, graph, compiled.executable, compiled.stage_graph("fused"), bindings, compiled.donate,
+        state, {"backend": compiled.backend, "lr": lr, "name": compiled.name,
+                **({"buckets": sorted(buckets)} if buckets else {})},
+        {"forward": forward} if forward else {})
+    members["graph.traced.json"] = compiled.stage_graph("traced").to_json().encode()
+    for size, bucket in buckets.items():
+        if size != max_batch:
+            members[f"buckets/{size}.json"] = bucket.to_json().encode()
+    for size, forward_graph in forward_graphs.items():
+        members[f"forward/{size}.json"] = forward_graph.to_json().encode()
+    atomic_write(path, lambda f: f.write(_archive(members, state)))
+
+
+def _function_members(kind: str, graph: Graph, executable: Executable, fused: Graph,
+                      bindings: dict[str, str], donate: dict[int, int],
+                      state: dict[str, np.ndarray], metadata: dict[str, Any],
+                      plan: dict[str, Any]) -> dict[str, bytes]:
+    """format.json, graph.json, plan.json, metadata.json and the kernel sources of a compiled
+    graph whose non-batch inputs read `state` through `bindings`."""
     # A tied parameter is saved under each of its state-dict names; the plan names the ones
     # that are one array, so the loaded file keeps them one as it trains.
     first: dict[int, str] = {}
     tied = {key: first.setdefault(id(array), key) for key, array in state.items()}
     tied = {key: target for key, target in tied.items() if key != target}
-    fused = compiled.stage_graph("fused")
     members = {
         "format.json": _json({"format": FORMAT, "version": VERSION, "kind": kind}),
         "graph.json": graph.to_json().encode(),
-        "graph.traced.json": compiled.stage_graph("traced").to_json().encode(),
         "plan.json": _json({"signature": _signature(graph), "bindings": bindings,
                             **({"tied": tied} if tied else {}),
-                            "donate": {str(k): v for k, v in compiled.donate.items()},
-                            **_plan_summary(executable, fused)}),
-        "metadata.json": _json({"versions": _versions(), "backend": compiled.backend,
+                            "donate": {str(k): v for k, v in donate.items()},
+                            **_plan_summary(executable, fused), **plan}),
+        "metadata.json": _json({"versions": _versions(),
                                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                "lr": lr, "name": compiled.name,
-                                **({"buckets": sorted(buckets)} if buckets else {})}),
+                                **metadata}),
     }
-    for size, bucket in buckets.items():
-        if size != max_batch:
-            members[f"buckets/{size}.json"] = bucket.to_json().encode()
     for kernel in executable.kernels if isinstance(executable, PlannedExecutable) else []:
         source = getattr(kernel, "source", None)
         if source:
             members[f"kernels/{kernel.name}.py"] = source.encode()
-    atomic_write(path, lambda f: f.write(_archive(members, state)))
+    return members
 
 
 def _archive(members: dict[str, bytes], state: dict[str, np.ndarray]) -> bytes:
@@ -242,17 +322,21 @@ def _checked_manifest(path: str, archive: ZipMembers) -> tuple[dict[str, str], d
     if missing:
         raise LoadError(path, f"not a complete graphc export: missing members {missing}")
     unknown = sorted(n for n in names if n not in _JSON_LIMITS and n not in _REQUIRED
-                     and not _KERNEL_MEMBER.match(n) and not _BUCKET_MEMBER.match(n))
+                     and not _KERNEL_MEMBER.match(n) and not _BUCKET_MEMBER.match(n)
+                     and not _FORWARD_MEMBER.match(n))
     if unknown:
         raise LoadError(path, f"unexpected members {[u[:80] for u in unknown[:5]]}")
     sources = sum(archive.declared_size(n) for n in names if _KERNEL_MEMBER.match(n))
     if sources > _KERNEL_SOURCES_LIMIT:
         raise LoadError(path, f"the kernel sources declare {sources:,} bytes in all (at most "
                         f"{_KERNEL_SOURCES_LIMIT:,})")
-    buckets = sum(archive.declared_size(n) for n in names if _BUCKET_MEMBER.match(n))
-    if buckets > _BUCKET_GRAPHS_LIMIT:
-        raise LoadError(path, f"the batch buckets' graphs declare {buckets:,} bytes in all (at "
-                        f"most {_BUCKET_GRAPHS_LIMIT:,})")
+    for pattern, what in ((_BUCKET_MEMBER, "batch buckets'"), (_FORWARD_MEMBER, "forward's")):
+        graphs = [n for n in names if pattern.match(n)]
+        declared = sum(archive.declared_size(n) for n in graphs)
+        if declared > _BUCKET_GRAPHS_LIMIT or len(graphs) > _MAX_BUCKETS + 1:
+            raise LoadError(path, f"the {what} graphs are {len(graphs)} members declaring "
+                            f"{declared:,} bytes in all (at most {_MAX_BUCKETS + 1} and "
+                            f"{_BUCKET_GRAPHS_LIMIT:,})")
     doc = parse_json(archive.read("checksums.json", _JSON_LIMITS["checksums.json"]), path,
                      "checksums.json")
     members = doc.get("members") if isinstance(doc, dict) else None
@@ -492,6 +576,99 @@ class LoadedTrainStep(_Loaded):
         if isinstance(self.executable, DeviceResident):  # the state stays on the GPU between steps
             self.executable.keep_on_device(i for i, inp in enumerate(self.graph.inputs)
                                            if inp.role != "data")
+        self._forward_batch, self._forward, self._forward_bindings = self._checked_forward()
+
+    def _checked_forward(self) -> tuple[int | None, dict[int, Graph], dict[str, str]]:
+        """The step's batch, the model's eval-mode forward by batch size and the state its
+        non-batch inputs read (plan.json's "forward" and the forward/ members), checked against
+        the step's inputs and state; None and empty for a file exported before steps stored it."""
+        path, entry = self.path, self.plan.get("forward")
+        stored = sorted(int(m.group(1)) for m in map(_FORWARD_MEMBER.match, self.members) if m)
+        if entry is None:
+            if stored:
+                raise LoadError(path, f"holds forward/{stored[0]}.json but lists no forward",
+                                "plan.json")
+            return None, {}, {}
+        batches = entry.get("batches") if isinstance(entry, dict) else None
+        bindings = entry.get("bindings") if isinstance(entry, dict) else None
+        if (not isinstance(entry, dict) or set(entry) != {"batch", "batches", "bindings"}
+                or not isinstance(batches, list) or not all(type(b) is int for b in batches)
+                or batches != stored or type(entry["batch"]) is not int or entry["batch"] not in batches
+                or not isinstance(bindings, dict)
+                or not all(isinstance(v, str) for v in bindings.values())):
+            raise LoadError(path, f"malformed forward entry {entry!r:.120} (expected its batch, "
+                            f"the batches of the forward/ members, {stored}, and state bindings)",
+                            "plan.json")
+        batch = entry["batch"]
+        member = f"forward/{batch}.json"
+        forward = _graph(path, self.members[member], member)
+        inputs = [i.value.type for i in forward.inputs if i.role == "data"]
+        step_inputs = [i.value.type for i in self._data_inputs]
+        if (not 0 < len(inputs) < len(step_inputs) or inputs != step_inputs[:len(inputs)]
+                or any(t.ndim == 0 or t.shape[0] != batch for t in inputs)):
+            raise LoadError(path, f"takes {', '.join(map(str, inputs)) or 'no inputs'}, not the "
+                            f"step's model inputs at batch {batch} (the step takes "
+                            f"{', '.join(map(str, step_inputs))})", member)
+        for inp in forward.inputs:
+            if inp.role == "data":
+                continue
+            key = bindings.get(inp.name)
+            array = self._state.get(key) if isinstance(key, str) else None
+            expected = inp.value.type
+            if array is None or array.size != expected.size or array.dtype != expected.np_dtype:
+                found = "nothing" if array is None else f"{array.dtype}{list(array.shape)}"
+                raise LoadError(path, f"its input {inp.name!r:.80} ({expected}) is bound to "
+                                f"{key!r:.80}, which holds {found}", member)
+        graphs = {batch: forward}
+        for size in batches:
+            if size != batch:
+                graphs[size] = _rebatched_graph(path, self.members, f"forward/{size}.json", forward,
+                                                member, size)
+        return batch, graphs, bindings
+
+    def export_inference(self, path: str, max_batch: int | None = None) -> None:
+        """Write the model's eval-mode forward with the step's current weights as an inference
+        export: what `gc.compile(model, x).export(path, max_batch)` writes for the model
+        trained so far, x a batch of the step's model inputs. With `max_batch` it takes any
+        batch of 1 to max_batch samples; the step file holds the forward at its own batch and
+        at powers of two, so max_batch is one of those."""
+        from .train import atomic_write
+
+        if not self._forward:
+            raise LoadError(self.path, "holds no eval-mode forward graph to export (it was written "
+                            "by an older graphc, or the model's forward did not trace then: the "
+                            "export logged why); export the training step again with this "
+                            "graphc (step.export(path))")
+        sizes = [self._forward_batch] if max_batch is None else _checked_max_batch(max_batch)
+        missing = [n for n in sizes if n not in self._forward]
+        if missing:
+            raise GraphcError(f"export_inference: max_batch={max_batch} needs the forward at "
+                              f"batch {missing[0]}, which {self.path} does not hold (it holds "
+                              f"batches {', '.join(map(str, sorted(self._forward)))}); choose "
+                              "one of them")
+        graph = self._forward[sizes[-1]]
+        try:
+            executable = compile_graph(graph, self.backend, {})
+        except GraphcError:
+            raise
+        except Exception as exc:  # a verified graph no tracer would make; the cause is chained
+            raise LoadError(self.path, f"its forward does not compile ({type(exc).__name__}: "
+                            f"{exc})", f"forward/{sizes[-1]}.json") from exc
+        if isinstance(executable, PlannedExecutable):
+            fused = executable.graph
+        else:
+            from graphc.passes.fusion import fuse
+            fused = fuse(graph)
+        self._state_to_host()
+        bound = set(self._forward_bindings.values())
+        state = {k: v for k, v in self._state.items() if k.startswith("model/") or k in bound}
+        members = _function_members(
+            "inference", graph, executable, fused, self._forward_bindings, {}, state,
+            {"backend": self.backend, "lr": None, "name": graph.name,
+             **({"buckets": sizes} if max_batch is not None else {})}, {})
+        for size in sizes[:-1]:
+            members[f"buckets/{size}.json"] = self._forward[size].to_json().encode()
+        atomic_write(path, lambda f: f.write(_archive(members, state)))
 
     @property
     def lr(self) -> float:
@@ -533,29 +710,19 @@ class LoadedFunction(_Loaded):
         self.max_batch: int | None = self.buckets[-1] if self.buckets else None
         self._bucket_graphs = {size: self._checked_bucket(size) for size in self.buckets[:-1]}
         self._executables = {self.max_batch: self.executable} if self.buckets else {}
-        stray = sorted(n for n in self.members if _BUCKET_MEMBER.match(n)
-                       and int(_BUCKET_MEMBER.match(n).group(1)) not in self._bucket_graphs)
+        stray = sorted(n for n in self.members if _FORWARD_MEMBER.match(n) or (
+            _BUCKET_MEMBER.match(n) and int(_BUCKET_MEMBER.match(n).group(1)) not in self._bucket_graphs))
         if stray:
-            raise LoadError(self.path, f"holds {stray[0]}, a batch size metadata.json does not "
-                            "list", stray[0])
+            raise LoadError(self.path, f"holds {stray[0]}, which an inference export has no use "
+                            "for (a batch size metadata.json does not list, or a training step's "
+                            "forward)", stray[0])
 
     def _checked_bucket(self, size: int) -> Graph:
         """The graph of bucket `size`: the function of graph.json at another batch size."""
         member = f"buckets/{size}.json"
         if member not in self.members:
             raise LoadError(self.path, f"metadata.json lists batch {size} but {member} is missing")
-        graph = _graph(self.path, self.members[member], member)
-
-        def rebatched(t: TensorType, batched: bool) -> TensorType:
-            return TensorType((size, *t.shape[1:]), t.dtype) if batched else t
-
-        expected_inputs = [(i.name, i.role, rebatched(i.value.type, i.role == "data"))
-                           for i in self.graph.inputs]
-        expected_outputs = [(n, rebatched(v.type, True)) for n, v in self.graph.outputs]
-        if ([(i.name, i.role, i.value.type) for i in graph.inputs] != expected_inputs
-                or [(n, v.type) for n, v in graph.outputs] != expected_outputs):
-            raise LoadError(self.path, f"its signature is not graph.json's at batch {size}", member)
-        return graph
+        return _rebatched_graph(self.path, self.members, member, self.graph, "graph.json", size)
 
     def warm_up(self, up_to: int | None = None) -> None:
         """Compile now, rather than on first use, every batch bucket that batches of up to
@@ -600,6 +767,24 @@ class LoadedFunction(_Loaded):
         return [np.array(o[:n]) for o in outs] if bucket != n else list(outs)
 
 
+def _rebatched_graph(path: str, members: dict[str, bytes], member: str, reference: Graph,
+                     reference_member: str, size: int) -> Graph:
+    """The graph of `member`, checked to be the function of `reference` at batch `size`: the
+    same inputs and outputs, data inputs and outputs with `size` as their first axis."""
+    graph = _graph(path, members[member], member)
+
+    def rebatched(t: TensorType, batched: bool) -> TensorType:
+        return TensorType((size, *t.shape[1:]), t.dtype) if batched else t
+
+    expected_inputs = [(i.name, i.role, rebatched(i.value.type, i.role == "data"))
+                       for i in reference.inputs]
+    expected_outputs = [(n, rebatched(v.type, True)) for n, v in reference.outputs]
+    if ([(i.name, i.role, i.value.type) for i in graph.inputs] != expected_inputs
+            or [(n, v.type) for n, v in graph.outputs] != expected_outputs):
+        raise LoadError(path, f"its signature is not {reference_member}'s at batch {size}", member)
+    return graph
+
+
 def _is_rate(name: str) -> bool:
     """Whether a step's input is a learning rate ("lr", or "lr.<group>" with several groups)."""
     return name == "lr" or name.startswith("lr.") and name[3:].isdigit()
@@ -615,8 +800,8 @@ def load(path: str, backend: str | None = None) -> LoadedTrainStep | LoadedFunct
         for name in sorted(archive.infos):
             if name in ("format.json", "checksums.json", "state.safetensors"):
                 continue
-            limit = _JSON_LIMITS.get("graph.json" if _BUCKET_MEMBER.match(name) else name,
-                                     _KERNEL_SOURCE_LIMIT)
+            graph_member = _BUCKET_MEMBER.match(name) or _FORWARD_MEMBER.match(name)
+            limit = _JSON_LIMITS.get("graph.json" if graph_member else name, _KERNEL_SOURCE_LIMIT)
             members[name] = _read_verified(path, archive, digests, name, limit)
         if _sha256(members["format.json"]) != digests["format.json"]:
             raise LoadError(path, "checksum mismatch: the file is corrupted", "format.json")
