@@ -16,6 +16,11 @@ kernels and only their memory plans differ; the loaded function runs a batch of 
 smallest bucket holding n, padding it with zeros and slicing the outputs (samples must not
 interact, as in any eval-mode model).
 
+A training step's file also holds its model's eval-mode forward, as gc.compile traces it:
+`forward/<n>.json` at the step's batch and at powers of two (plan.json's "forward" entry lists
+them and binds their weights to the step's state), so that `LoadedTrainStep.export_inference`
+writes the inference export of the model trained so far without the model's code.
+
 Loading treats the file as hostile (see docs/security.md): only a regular file is read; every
 member is read within a byte budget (JSON members have fixed caps, the state exactly the bytes
 its tensors declare, and it is stored, so a small file cannot inflate into a large one); every

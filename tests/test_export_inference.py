@@ -163,6 +163,34 @@ def test_a_step_training_on_the_gpu_exports_its_device_weights(step_file, tmp_pa
                                rtol=1e-5, atol=1e-6)
 
 
+class TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(7, 4), nn.Linear(4, 7, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.embed(ids))
+
+
+def test_tied_weights_stay_tied(tmp_path):
+    ids, targets = np.array([1, 2, 3, 4]), np.array([2, 3, 4, 5])
+    model = TiedLM()
+    step = gc.compile_train_step(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.5),
+                                 (ids, targets), backend=REF)
+    step(ids, targets)
+    step.export(str(tmp_path / "step.gcx"))
+    loaded = gc.load(str(tmp_path / "step.gcx"), backend=REF)
+    loaded(ids, targets)
+    loaded.export_inference(str(tmp_path / "lm.gcx"))
+    function = gc.load(str(tmp_path / "lm.gcx"), backend=REF)
+    weights = function.state_dict()
+    assert weights["embed.weight"] is weights["head.weight"]
+    fresh = TiedLM()
+    fresh.load_state_dict(loaded.state_dict())
+    np.testing.assert_allclose(function(ids), gc.compile(fresh, ids, backend=REF)(ids), atol=1e-6)
+
+
 def test_command_line_writes_the_same_function(step_file, tmp_path, capsys):
     out = str(tmp_path / "cli.gcx")
     assert main(["export-inference", step_file[0], out]) == 0
