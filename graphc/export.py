@@ -60,7 +60,7 @@ _REQUIRED = ("format.json", "graph.json", "plan.json", "state.safetensors", "met
 _KERNEL_MEMBER = re.compile(r"kernels/[A-Za-z0-9_]{1,200}\.py\Z")
 _BUCKET_MEMBER = re.compile(r"buckets/([1-9][0-9]{0,6})\.json\Z")
 _FORWARD_MEMBER = re.compile(r"forward/([1-9][0-9]{0,6})\.json\Z")  # a training step's eval forward
-_FORWARD_BATCHES_UP_TO = 256  # a step file's forward: at each power of two up to this (or its batch)
+_FORWARD_BATCHES_UP_TO = 256  # a step file's forward: each power of two up to this (or its batch)
 _MAX_BUCKETS = 24  # powers of two: up to 2^23 samples per batch
 _BUCKET_GRAPHS_LIMIT = 64 << 20  # all buckets/*.json together
 # Byte caps of the members that are not tensors: generous for any graph a tracer makes (the
@@ -175,8 +175,10 @@ def _step_forward(step: Any) -> tuple[dict[str, Any], dict[int, Graph], dict[str
     stages = Stages(tracer.name)
     # The step's own file comes first: a model whose eval forward cannot be stored still
     # exports its training step, and export_inference says to export it again.
-    why = "its first input has no batch axis" if not model_inputs or model_inputs[0].ndim == 0 else None
-    if why is None:
+    why = None
+    if not model_inputs or model_inputs[0].ndim == 0:
+        why = "its first input has no batch axis"
+    else:
         try:
             traced, _, reads = tracer._trace(model_inputs, stages)
         except GraphcError as exc:
@@ -598,7 +600,8 @@ class LoadedTrainStep(_Loaded):
         bindings = entry.get("bindings") if isinstance(entry, dict) else None
         if (not isinstance(entry, dict) or set(entry) != {"batch", "batches", "bindings"}
                 or not isinstance(batches, list) or not all(type(b) is int for b in batches)
-                or batches != stored or type(entry["batch"]) is not int or entry["batch"] not in batches
+                or batches != stored or type(entry["batch"]) is not int
+                or entry["batch"] not in batches
                 or not isinstance(bindings, dict)
                 or not all(isinstance(v, str) for v in bindings.values())):
             raise LoadError(path, f"malformed forward entry {entry!r:.120} (expected its batch, "
@@ -715,8 +718,9 @@ class LoadedFunction(_Loaded):
         self.max_batch: int | None = self.buckets[-1] if self.buckets else None
         self._bucket_graphs = {size: self._checked_bucket(size) for size in self.buckets[:-1]}
         self._executables = {self.max_batch: self.executable} if self.buckets else {}
-        stray = sorted(n for n in self.members if _FORWARD_MEMBER.match(n) or (
-            _BUCKET_MEMBER.match(n) and int(_BUCKET_MEMBER.match(n).group(1)) not in self._bucket_graphs))
+        listed = {f"buckets/{size}.json" for size in self._bucket_graphs}
+        stray = sorted(n for n in self.members if _FORWARD_MEMBER.match(n)
+                       or _BUCKET_MEMBER.match(n) and n not in listed)
         if stray:
             raise LoadError(self.path, f"holds {stray[0]}, which an inference export has no use "
                             "for (a batch size metadata.json does not list, or a training step's "
