@@ -194,9 +194,12 @@ def vjp_graph(graph: Graph, wrt: Sequence[int], seeded: Sequence[int]) -> Graph:
     new.name = f"vjp_{graph.name}"
     b = Builder(new)
     seeds: dict[Value, list[Value]] = {}
+    named: dict[int, int] = {}
     for i in seeded:  # an output listed twice gets both cotangents; an input returned as it
         value = new.outputs[i][1]  # is gets its seed directly
-        seeds.setdefault(value, []).append(b.add_input(value.type, f"ct_{i}"))
+        repeat = named[i] = named.get(i, -1) + 1
+        name = f"ct_{i}" if repeat == 0 else f"ct_{i}_{repeat}"
+        seeds.setdefault(value, []).append(b.add_input(value.type, name))
     cts = _backprop(b, new, {new.inputs[i].value for i in wrt}, seeds)
     b.at(None)
     grads = []

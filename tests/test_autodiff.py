@@ -139,3 +139,15 @@ def test_cotangents_of_slices_are_joined_not_summed_as_full_tensors():
     assert ops.count("slice_grad") <= 1 and ops.count("concatenate") == 1
     expected = numeric_grad(gc.jit(f, backend=REF), [x], 0)
     np.testing.assert_allclose(gc.grad(f, backend=REF)(x), expected, rtol=1e-6, atol=1e-8)
+
+
+def test_vjp_graph_seeding_one_output_twice_sums_both_cotangents():
+    """An output seeded twice gets two cotangent inputs with distinct names (both were
+    'ct_0' and the graph failed verification) whose contributions add up."""
+    from graphc.backends.reference import compile_graph
+    from graphc.passes.autodiff import vjp_graph
+    g = gc.trace(lambda x: x * 2.0, np.ones(3))
+    vjp = vjp_graph(g, [0], [0, 0]).verify()
+    assert [inp.name for inp in vjp.inputs[1:]] == ["ct_0", "ct_0_1"]
+    (grad,) = compile_graph(vjp)(np.ones(3), np.full(3, 0.5), np.full(3, 0.25))
+    np.testing.assert_allclose(grad, np.full(3, 1.5))

@@ -393,7 +393,7 @@ def stage_backward_graph(forward: Graph, plan: StagePlan, trainable: Sequence[st
     if forward.outputs[-1][0] == "loss":
         seeds.append((len(forward.outputs) - 1, "ct:loss"))
     backward = vjp_graph(forward, wrt, [i for i, _ in seeds])
-    # vjp_graph names its cotangent inputs after the output ("ct_<i>"), once per reader
+    # vjp_graph names its cotangent inputs after the output index; here they name the reader
     for inp, (_, name) in zip(backward.inputs[len(forward.inputs):], seeds):
         inp.name = name
     return backward.verify()
