@@ -1,8 +1,8 @@
 """Graph views for people and for graph algorithms: Graphviz DOT and networkx.
 
-DOT: one box per node (op, result type and module path; its user line in the tooltip), inputs
-and outputs drawn distinctly, fused kernels as clusters holding their subgraph (the module paths
-they cover in the tooltip), scans as clusters holding their body (its inputs drawn as the
+DOT: one box per node (op, result type and module path; its user line in the tooltip; a send or
+recv an arrow naming its peer, tag and bytes), inputs and outputs drawn distinctly, fused
+kernels as clusters holding their subgraph (the module paths they cover in the tooltip), scans as clusters holding their body (its inputs drawn as the
 consts, carry and per-step slices they are, its outputs gathered into the scan's result box),
 and optionally values coloured by memory slot.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .graph import Graph, Node, Value
+from .ops.comm import COMM_OPS, SEND
 from .ops.control import SCAN_OP, split_inputs
 from .printer import format_attr, format_origin
 
@@ -29,6 +30,14 @@ def _label(node) -> str:
     text = node.op + ("\n" + ", ".join(attrs) if attrs and len(", ".join(attrs)) < 60 else "")
     text += "\n" + ", ".join(str(v.type) for v in node.outputs)
     return text + (f"\n[{node.module}]" if node.module else "")
+
+
+def _comm_label(node: Node) -> str:
+    """A message's end: its peer, tag and size, then the tensor's type."""
+    a = node.attrs
+    direction = "to" if node.op == SEND else "from"
+    return (f"{node.op} {direction} peer {a['peer']}\ntag {a['tag']}, {a['bytes']} bytes\n"
+            f"{node.outputs[0].type}")
 
 
 def graph_to_dot(graph: Graph, slot_of: Callable[[Value], int | None] | None = None,
@@ -86,8 +95,10 @@ def graph_to_dot(graph: Graph, slot_of: Callable[[Value], int | None] | None = N
             if node.subgraph is None:
                 nid = fresh("n")
                 tooltip = f", tooltip={_quote(format_origin(node))}" if node.loc or node.module else ""
-                lines.append(f"{indent}{nid} [shape=box, style=\"rounded,filled\", "
-                             f"fillcolor={_quote(fill(node.outputs[0], 'white'))}, label={_quote(_label(node))}"
+                comm = node.op in COMM_OPS  # drawn as arrows: where messages enter and leave
+                shape, label = ("cds", _comm_label(node)) if comm else ("box", _label(node))
+                lines.append(f"{indent}{nid} [shape={shape}, style=\"rounded,filled\", "
+                             f"fillcolor={_quote(fill(node.outputs[0], 'white'))}, label={_quote(label)}"
                              f"{tooltip}];")
                 for v in node.inputs:
                     lines.append(f"{indent}{ids[v]} -> {nid};")

@@ -18,6 +18,7 @@ import graphc.onnx_export  # noqa: F401
 from graphc.ir.errors import GraphcError
 from graphc.ir.lowering import (STRUCTURED_OPS, LoweringMissing, find_lowering, lowering, lowering_for,
                                 register_lowering, unlowered_primitives)
+from graphc.ir.ops.comm import COMM_OPS
 from graphc.ir.registry import ELEMENTWISE, OPAQUE, PRIMITIVES, Primitive
 from graphc.ir.types import TensorType
 
@@ -25,7 +26,12 @@ TARGETS = ("numba-cpu", "numba-cuda", "onnx")
 
 _CONSTANT = "no code runs: the executor writes a constant kernel's value into its buffer once"
 _VIEW = "no code runs: a view aliases its operand's buffer (the plan gives both one slot)"
-_CODEGEN_EXCLUSIONS = {"constant": _CONSTANT, **{op: _VIEW for op, prim in PRIMITIVES.items() if prim.view}}
+_COMM = ("a communication op: it sits only at a pipeline stage graph's boundary, where "
+         "graphc.distributed.pipeline.StageExecutable cuts it off and carries the message; "
+         "backends compile the rest (ir/ops/comm.py)")
+_COMM_EXCLUSIONS = {op: _COMM for op in COMM_OPS}
+_CODEGEN_EXCLUSIONS = {"constant": _CONSTANT, **_COMM_EXCLUSIONS,
+                       **{op: _VIEW for op, prim in PRIMITIVES.items() if prim.view}}
 
 _GRADIENT = ("a gradient op: ONNX export is of inference graphs, which never contain it "
              "(graphc.export covers compiled training steps)")
@@ -35,6 +41,7 @@ EXCLUSIONS: dict[str, dict[str, str]] = {
     "numba-cpu": _CODEGEN_EXCLUSIONS,
     "numba-cuda": _CODEGEN_EXCLUSIONS,
     "onnx": {
+        **_COMM_EXCLUSIONS,
         "conv2d_input_grad": _GRADIENT,
         "conv2d_weight_grad": _GRADIENT,
         "max_pool2d_grad": _GRADIENT,

@@ -23,6 +23,7 @@ from graphc.backends.numba_cpu.codegen_elementwise import collapsed_axes
 from graphc.backends.numba_cpu.gemm import gemm
 from graphc.backends.reference import evaluate
 from graphc.ir import PRIMITIVES, Builder, InputError, TensorType
+from graphc.ir.ops.comm import COMM_OPS
 from graphc.passes.autodiff import autodiff
 from graphc.passes.fusion import fuse
 from random_graphs import random_arguments, random_graphs
@@ -310,10 +311,11 @@ def test_gemm_reads_and_writes_sub_matrices_by_offset_and_leading_dimension(dtyp
 
 
 def test_every_primitive_is_covered_and_lowered():
-    assert unlowered_primitives() == []
+    # communication ops never reach a backend: the pipeline's StageExecutable cuts them off
+    assert unlowered_primitives() == sorted(COMM_OPS)
     covered = {n.op for cases in (CASES, BLAS_CASES) for make in cases.values()
                for n in make()[0].nodes}
-    assert set(PRIMITIVES) - covered == set()
+    assert set(PRIMITIVES) - covered == set(COMM_OPS)
 
 
 def test_max_pool_gradient_routes_ties_and_nans_like_the_reference():

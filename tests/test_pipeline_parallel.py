@@ -15,8 +15,10 @@ import graphc as gc
 import graphc.nn.functional as F
 from graphc import nn, optim
 from graphc.distributed import (DistributedError, PipelineParallelStep, World, stage_boundary)
-from graphc.distributed.pipeline import (BACKWARD, FORWARD, balanced_cuts, node_cost, partition,
-                                         schedule)
+from graphc.compile import CompiledGraph
+from graphc.distributed.pipeline import (BACKWARD, FORWARD, StageExecutable, balanced_cuts,
+                                         node_cost, partition, schedule, split_comm)
+from graphc.lowering import compile_graph
 from graphc.models import mlp, mnist_cnn
 from graphc.step_builder import StepSpec, trace_loss
 
@@ -133,6 +135,116 @@ def test_the_partition_draws_stages_as_clusters_and_cut_edges_with_their_bytes()
     assert dot.count("color=red") == 1 and 'label="128 B"' in dot
 
 
+# -- messages in the IR ----------------------------------------------------------------------------
+def comm_nodes(graph: gc.ir.Graph, op: str) -> list[tuple[int, int, int]]:
+    return [(n.attrs["peer"], n.attrs["tag"], n.attrs["bytes"]) for n in graph.nodes if n.op == op]
+
+
+def test_stage_graphs_receive_and_send_through_comm_ops_naming_peer_tag_and_bytes():
+    gc.manual_seed(0)
+    step = pipeline(Skip(), mlp_batch(4, 6, 3), stages=3, microbatches=2)
+    part = step.partition
+    by_reader = {c.readers: c for c in part.crossings}
+    a, b = by_reader[(1, 2)], by_reader[(2,)]  # fc1's activation, fc3's
+    assert a.nbytes == b.nbytes == 2 * 8 * 4  # two rows of eight float32 per micro-batch
+    back = len(part.crossings)  # cotangents are tagged after every activation
+    first, middle, last = step._stages
+    assert comm_nodes(first.forward.graph, "recv") == []
+    assert comm_nodes(first.forward.graph, "send") == [(1, a.index, 64), (2, a.index, 64)]
+    assert comm_nodes(middle.forward.graph, "recv") == [(0, a.index, 64)]
+    assert comm_nodes(middle.forward.graph, "send") == [(2, b.index, 64)]
+    assert sorted(comm_nodes(last.forward.graph, "recv")) == sorted([(0, a.index, 64), (1, b.index, 64)])
+    assert comm_nodes(last.forward.graph, "send") == []
+    # backward: cotangents come back from the readers and go back to the sources
+    assert comm_nodes(first.backward.graph, "recv") == [(1, back + a.index, 64), (2, back + a.index, 64)]
+    assert comm_nodes(first.backward.graph, "send") == []
+    assert comm_nodes(middle.backward.graph, "recv") == [(2, back + b.index, 64)]
+    assert comm_nodes(middle.backward.graph, "send") == [(0, back + a.index, 64)]
+    assert sorted(comm_nodes(last.backward.graph, "send")) == sorted([(0, back + a.index, 64),
+                                                                      (1, back + b.index, 64)])
+    for rt in step._stages:  # the compiled parts hold no message
+        assert not {"send", "recv"} & {n.op for n in rt.forward.compiled.traced.nodes}
+        assert not {"send", "recv"} & {n.op for n in rt.backward.compiled.traced.nodes}
+
+
+def test_stage_graphs_verify_print_and_round_trip_through_json():
+    gc.manual_seed(0)
+    step = pipeline(mlp((12, 16, 16, 4)), mlp_batch(), stages=2, microbatches=4, boundaries=["1"])
+    first, second = step._stages
+    text = str(second.forward.graph.verify())
+    assert "recv(shape=(2,16), dtype='float32', peer=0, tag=0, bytes=128)" in text
+    assert "send(" in str(first.forward.graph) and "peer=1, tag=0, bytes=128" in str(first.forward.graph)
+    for rt in step._stages:
+        for graph in (rt.forward.graph, rt.backward.graph):
+            assert str(gc.ir.Graph.from_json(graph.to_json()).verify()) == str(graph)
+    assert 'shape=cds' in first.forward.graph.to_dot()
+    assert 'label="send to peer 1\\ntag 0, 128 bytes\\nf32[2,16]"' in first.forward.graph.to_dot()
+    assert 'label="recv from peer 0\\ntag 0, 128 bytes\\nf32[2,16]"' in second.forward.graph.to_dot()
+
+
+def test_a_message_whose_bytes_disagree_with_its_type_is_refused():
+    b = gc.ir.Builder("g")
+    with pytest.raises(gc.ir.ShapeError, match=r"recv: bytes=100 does not match f32\[2,16\], "
+                                               r"which is 128 bytes"):
+        b.recv(shape=(2, 16), dtype="float32", peer=0, tag=0, bytes=100)
+    x = b.add_input(gc.ir.TensorType((3,), "float64"), "x")
+    with pytest.raises(gc.ir.ShapeError, match="send: peer .-1. and tag .0. must be non-negative"):
+        b.send(x, peer=-1, tag=0, bytes=24)
+
+
+def test_the_reference_interpreter_refuses_messages_without_a_communicator():
+    from graphc.backends.reference import evaluate
+    from graphc.ir.ops.comm import CommunicationError
+
+    gc.manual_seed(0)
+    step = pipeline(mlp((12, 16, 16, 4)), mlp_batch(), stages=2, microbatches=4, boundaries=["1"])
+    graph = step._stages[1].forward.graph
+    args = [np.zeros(inp.value.shape, inp.value.type.np_dtype) for inp in graph.inputs]
+    with pytest.raises(CommunicationError, match=r"recv \(peer 0, tag 0\) needs a communicator.*"
+                                                 "StageExecutable"):
+        evaluate(graph, args)
+
+
+class MemoryLink:
+    """A stage's messages in a dict: what it receives, by (peer, tag), and what it sent."""
+
+    def __init__(self, inbox: dict) -> None:
+        self.inbox, self.sent = inbox, {}
+
+    def receive(self, node, microbatch: int) -> np.ndarray:
+        return self.inbox[node.attrs["peer"], node.attrs["tag"]]
+
+    def send(self, array: np.ndarray, node, microbatch: int) -> None:
+        self.sent[node.attrs["peer"], node.attrs["tag"]] = np.array(array)
+
+
+def compile_on_reference(graph: gc.ir.Graph, donate: dict[int, int]) -> CompiledGraph:
+    return CompiledGraph(graph, graph, compile_graph(graph, "reference", donate), donate)
+
+
+def test_split_comm_cuts_the_messages_off_and_only_at_the_boundary():
+    b = gc.ir.Builder("stage")
+    w = b.add_input(gc.ir.TensorType((4,), "float32"), "w", "param")
+    x = b.recv(shape=(4,), dtype="float32", peer=0, tag=3, bytes=16)
+    sent = b.send(b.mul(x, w), peer=2, tag=1, bytes=16)
+    b.add_output("y", sent)
+    split = split_comm(b.graph)
+    assert [i.name for i in split.body.inputs] == ["w", "recv:0:3"]
+    assert [n.op for n in split.body.nodes] == ["mul"]
+    assert [(i, n.attrs["peer"]) for i, n in split.sends] == [(0, 2)]
+    # and run by StageExecutable on the reference backend, through an in-memory link
+    link = MemoryLink({(0, 3): np.arange(4, dtype=np.float32)})
+    executable = StageExecutable(b.graph, compile_on_reference)
+    (y,), (received,) = executable([np.full(4, 2, np.float32)], link, 0)
+    np.testing.assert_array_equal(y, [0, 2, 4, 6])
+    np.testing.assert_array_equal(link.sent[2, 1], [0, 2, 4, 6])
+    np.testing.assert_array_equal(received, np.arange(4))
+    # a send read inside the graph is no boundary
+    b.add_output("z", b.neg(sent))
+    with pytest.raises(DistributedError, match="neg reads the result of a send node"):
+        split_comm(b.graph)
+
+
 def test_saved_residuals_are_computed_once_and_spare_the_backward_its_recomputation():
     def matmuls(graph) -> int:
         return sum(n.op == "matmul" for n in graph.nodes)
@@ -143,8 +255,8 @@ def test_saved_residuals_are_computed_once_and_spare_the_backward_its_recomputat
         step = pipeline(mlp((12, 16, 16, 4)), mlp_batch(), stages=2, microbatches=4,
                         boundaries=["1"], recompute=recompute)
         last = step._stages[1]
-        counts[recompute] = matmuls(last.forward.optimized), matmuls(last.backward.optimized)
-        saved = [n for n in last.forward.optimized.output_names if n.startswith("saved:")]
+        counts[recompute] = matmuls(last.forward.compiled.optimized), matmuls(last.backward.compiled.optimized)
+        saved = [n for n in last.forward.compiled.optimized.output_names if n.startswith("saved:")]
         assert (saved == []) == recompute
     assert counts[False][0] == counts[True][0] == 2  # CSE merged the copies the split added
     assert counts[True][1] == counts[False][1] + 2  # the forward's two products, again
@@ -154,7 +266,7 @@ def test_only_activations_are_saved_never_weights_or_their_transposes():
     gc.manual_seed(0)
     step = pipeline(mlp((12, 16, 16, 4)), mlp_batch(), stages=2, microbatches=4, boundaries=["1"])
     for rt in step._stages:
-        saved = [v for name, v in rt.forward.optimized.outputs if name.startswith("saved:")]
+        saved = [v for name, v in rt.forward.compiled.optimized.outputs if name.startswith("saved:")]
         assert saved and all(v.shape[0] == 2 for v in saved)  # one micro-batch's rows
 
 # -- schedules -----------------------------------------------------------------------------------

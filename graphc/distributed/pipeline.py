@@ -22,9 +22,14 @@ Each rank compiles only its own stage, as three graphs:
     update     the mean gradient over the micro-batches -> the optimizer's rule for its own
                parameters and their state (donated: updated in place)
 
-Activations travel forward and cotangents backward as MPI point-to-point messages between the
-graphs (nonblocking Isend/Irecv on contiguous buffers, each completed within the deadline of
-$GRAPHC_DDP_TIMEOUT, so a dead rank ends the job with a message naming it). The last stage
+Activations travel forward and cotangents backward as messages the graphs spell out: a `recv`
+node (ir/ops/comm.py: peer stage, tag, bytes) where a value enters a stage graph, a `send`
+node where one leaves, one per reader. They sit at the graph's boundary only, so a stage runs
+as scans do between compiled segments (`StageExecutable`): `split_comm` cuts them off, the
+backend compiles the rest, and each call receives, runs the compiled part, then sends. Under
+MPI a message is a nonblocking Isend/Irecv on a contiguous buffer, tagged with the node's tag
+and the micro-batch, each completed within the deadline of $GRAPHC_DDP_TIMEOUT, so a dead rank
+ends the job with a message naming it. The last stage
 seeds the backward pass with 1/M, so the accumulated gradients are those of the mean loss over
 the global batch: losses and updates equal the single-process step's up to rounding.
 
@@ -53,6 +58,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from graphc.ir import Builder, Graph, Node, TensorType, Value
+from graphc.ir.ops.comm import COMM_OPS, RECV, SEND, message_bytes
 from graphc.ir.registry import ELEMENTWISE, SHAPE, get as get_primitive
 from graphc.ir.types import is_float
 from graphc.passes import SIMPLIFY, Stages
@@ -109,7 +115,7 @@ class Crossing:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.type.shape) * np.dtype(self.type.np_dtype).itemsize
+        return message_bytes(self.type)
 
     @property
     def differentiable(self) -> bool:
@@ -352,9 +358,33 @@ def partition(graph: Graph, cuts: Sequence[int]) -> Partition:
     return Partition(graph, list(cuts), plans, crossings)
 
 
-def stage_forward_graph(partition: Partition, stage: int) -> Graph:
-    """Stage `stage`'s forward: inputs batch data, received crossings ("recv:<i>"), parameters,
-    buffers[, rng]; outputs each sent crossing ("send:<i>"), and in the last stage the loss."""
+def forward_tag(c: Crossing) -> int:
+    """The tag of crossing `c`'s activation messages (its index)."""
+    return c.index
+
+
+def backward_tag(partition: Partition, c: Crossing) -> int:
+    """The tag of crossing `c`'s cotangent messages: after every forward tag."""
+    return len(partition.crossings) + c.index
+
+
+def received_name(peer: int, tag: int) -> str:
+    """The name a stage's compiled part gives the value a recv node delivers."""
+    return f"recv:{peer}:{tag}"
+
+
+def sent_name(c: Crossing, reader: int) -> str:
+    return f"send:{c.index}:{reader}"
+
+
+def cotangent_name(c: Crossing) -> str:
+    return f"ct_send:{c.index}"
+
+
+def stage_forward_body(partition: Partition, stage: int) -> Graph:
+    """Stage `stage`'s forward without its messages: inputs batch data, received crossings
+    (`received_name`), parameters, buffers[, rng]; outputs each sent crossing once per reader
+    (`sent_name`), and in the last stage the loss."""
     graph, plan = partition.graph, partition.stages[stage]
     new = Graph(f"{graph.name}_stage{stage}")
     mapping: dict[Value, Value] = {}
@@ -362,7 +392,7 @@ def stage_forward_graph(partition: Partition, stage: int) -> Graph:
         inp = graph.inputs[i]
         mapping[inp.value] = new.add_input(inp.value.type, inp.name, "data")
     for c in plan.receives:
-        mapping[c.value] = new.add_input(c.type, f"recv:{c.index}", "data")
+        mapping[c.value] = new.add_input(c.type, received_name(c.source, forward_tag(c)), "data")
     for role, names in (("param", plan.params), ("state", plan.buffers)):
         for name in names:
             inp = graph.input(name)
@@ -375,27 +405,62 @@ def stage_forward_graph(partition: Partition, stage: int) -> Graph:
         mapping.update(zip(node.outputs, clone.outputs))
         new.nodes.append(clone)
     for c in plan.sends:
-        new.add_output(f"send:{c.index}", mapping[c.value])
+        for reader in c.readers:
+            new.add_output(sent_name(c, reader), mapping[c.value])
     if stage == len(partition.stages) - 1:
         new.add_output("loss", mapping[graph.output("loss")])
     return new.verify()
 
 
-def stage_backward_graph(forward: Graph, plan: StagePlan, trainable: Sequence[str]) -> Graph:
-    """The VJP of a stage's forward: its inputs, then one cotangent per (differentiable sent
-    crossing, reader) (and the loss's, in the last stage); outputs the cotangents of the
-    differentiable received crossings, then the gradients of the stage's trainable parameters."""
+def forward_messages(partition: Partition, stage: int) -> tuple[dict, dict]:
+    """Which of a stage forward's inputs arrive and which outputs leave, as attach_comm reads
+    them: {input name: (peer, tag)}, {output name: (peer, tag)}."""
+    plan = partition.stages[stage]
+    receives = {received_name(c.source, forward_tag(c)): (c.source, forward_tag(c))
+                for c in plan.receives}
+    sends = {sent_name(c, reader): (reader, forward_tag(c)) for c in plan.sends for reader in c.readers}
+    return receives, sends
+
+
+def backward_messages(partition: Partition, stage: int) -> tuple[dict, dict]:
+    """The backward's: the cotangent of each differentiable sent crossing from each reader;
+    that of each differentiable received one, back to its source."""
+    plan = partition.stages[stage]
+    receives = {received_name(reader, backward_tag(partition, c)): (reader, backward_tag(partition, c))
+                for c in plan.sends if c.differentiable for reader in c.readers}
+    sends = {cotangent_name(c): (c.source, backward_tag(partition, c))
+             for c in plan.receives if c.differentiable}
+    return receives, sends
+
+
+def stage_forward_graph(partition: Partition, stage: int) -> Graph:
+    """Stage `stage`'s forward as it communicates: a recv node per received crossing, a send
+    node per sent crossing and reader (see stage_forward_body for the rest)."""
+    return attach_comm(stage_forward_body(partition, stage), *forward_messages(partition, stage))
+
+
+def stage_backward_body(forward: Graph, partition: Partition, stage: int,
+                        trainable: Sequence[str]) -> Graph:
+    """The VJP of a stage's forward body: its inputs, then one cotangent per (differentiable
+    sent crossing, reader), named as its message arrives (and the loss's, "ct:loss", in the
+    last stage); outputs the cotangents of the differentiable received crossings
+    (`cotangent_name`), then the gradients of the stage's trainable parameters."""
+    plan = partition.stages[stage]
     names = [inp.name for inp in forward.inputs]
-    wrt = [names.index(f"recv:{c.index}") for c in plan.receives if c.differentiable]
+    received = [c for c in plan.receives if c.differentiable]
+    wrt = [names.index(received_name(c.source, forward_tag(c))) for c in received]
     wrt += [names.index(n) for n in plan.params if n in trainable]
-    seeds = [(i, f"ct:{c.index}:{reader}") for i, c in enumerate(plan.sends) if c.differentiable
-             for reader in c.readers]
-    if forward.outputs[-1][0] == "loss":
-        seeds.append((len(forward.outputs) - 1, "ct:loss"))
+    outputs = forward.output_names
+    seeds = [(outputs.index(sent_name(c, reader)), received_name(reader, backward_tag(partition, c)))
+             for c in plan.sends if c.differentiable for reader in c.readers]
+    if outputs[-1] == "loss":
+        seeds.append((len(outputs) - 1, "ct:loss"))
     backward = vjp_graph(forward, wrt, [i for i, _ in seeds])
-    # vjp_graph names its cotangent inputs after the output index; here they name the reader
+    # vjp_graph names its cotangents after output and input indices; here, after the messages
     for inp, (_, name) in zip(backward.inputs[len(forward.inputs):], seeds):
         inp.name = name
+    backward.outputs = [(cotangent_name(c), v) for c, (_, v) in zip(received, backward.outputs)] \
+        + backward.outputs[len(received):]
     return backward.verify()
 
 
@@ -465,6 +530,105 @@ def save_residuals(forward: Graph, backward: Graph) -> tuple[Graph, Graph]:
     return primal.verify(), rest.verify()
 
 
+# -- messages in the IR ----------------------------------------------------------------------
+def _message_attrs(type: TensorType, peer: int, tag: int) -> dict[str, Any]:
+    return {"peer": peer, "tag": tag, "bytes": message_bytes(type)}
+
+
+def attach_comm(body: Graph, receives: dict[str, tuple[int, int]],
+                sends: dict[str, tuple[int, int]]) -> Graph:
+    """`body` as a stage graph that communicates: each input named in `receives` ({name:
+    (peer, tag)}) becomes a recv node (first, in input order) and each output named in `sends`
+    leaves through a send node."""
+    new = Graph(body.name)
+    mapping: dict[Value, Value] = {}
+    for inp in body.inputs:
+        if inp.name in receives:
+            t = inp.value.type
+            recv = Node(RECV, (), {"shape": t.shape, "dtype": t.dtype,
+                                   **_message_attrs(t, *receives[inp.name])}, (t,))
+            new.nodes.append(recv)
+            mapping[inp.value] = recv.output
+        else:
+            mapping[inp.value] = new.add_input(inp.value.type, inp.name, inp.role)
+    for node in body.nodes:
+        clone = node.clone(mapping[v] for v in node.inputs)
+        mapping.update(zip(node.outputs, clone.outputs))
+        new.nodes.append(clone)
+    for name, value in body.outputs:
+        value = mapping[value]
+        if name in sends:
+            send = Node(SEND, (value,), _message_attrs(value.type, *sends[name]), (value.type,))
+            new.nodes.append(send)
+            value = send.output
+        new.add_output(name, value)
+    return new.verify()
+
+
+@dataclass
+class CommSplit:
+    """A stage graph cut at its comm nodes: `body`, what a backend compiles (the graph's
+    inputs, then one per recv node, named `received_name(peer, tag)`; one output per graph
+    output, a sent one's being the value its send node reads), the recv nodes in body input
+    order and the send nodes with the output each sends."""
+
+    body: Graph
+    receives: list[Node]
+    sends: list[tuple[int, Node]]
+
+
+def split_comm(graph: Graph) -> CommSplit:
+    """Cut `graph`'s send and recv nodes off (scan_lowering's segments, with communication at
+    the boundary only: nothing may read a send node's result but the graph's outputs)."""
+    body = Graph(graph.name)
+    mapping = {inp.value: body.add_input(inp.value.type, inp.name, inp.role) for inp in graph.inputs}
+    receives = [n for n in graph.nodes if n.op == RECV]
+    for node in receives:
+        mapping[node.output] = body.add_input(node.output.type,
+                                              received_name(node.attrs["peer"], node.attrs["tag"]))
+    for node in graph.nodes:
+        if node.op in COMM_OPS:
+            continue
+        misplaced = [v for v in node.inputs if v.producer is not None and v.producer.op == SEND]
+        if misplaced:
+            raise DistributedError(f"{graph.name}: {node.op} reads the result of a send node; "
+                                   "sends end a stage graph: only its outputs may read them")
+        clone = node.clone(mapping[v] for v in node.inputs)
+        mapping.update(zip(node.outputs, clone.outputs))
+        body.nodes.append(clone)
+    sends = []
+    for i, (name, value) in enumerate(graph.outputs):
+        if value.producer is not None and value.producer.op == SEND:
+            sends.append((i, value.producer))
+            value = value.producer.inputs[0]
+        body.add_output(name, mapping[value])
+    return CommSplit(body.verify(), receives, sends)
+
+
+class StageExecutable:
+    """Runs a stage graph whose comm nodes sit at its boundary: its recv nodes (each message
+    received into a fresh contiguous buffer, within the deadline), the compiled rest (any
+    backend, the reference interpreter too), then its send nodes. Returns the graph's outputs
+    and the arrays received (the backward reads the activations again)."""
+
+    def __init__(self, graph: Graph, compile: Callable[[Graph, dict[int, int]], CompiledGraph],
+                 donate: dict[str, str] | None = None) -> None:
+        self.graph = graph
+        split = split_comm(graph)
+        inputs = {inp.name: i for i, inp in enumerate(split.body.inputs)}
+        self.receives, self.sends = split.receives, split.sends
+        self.compiled = compile(split.body, {inputs[a]: split.body.output_names.index(b)
+                                             for a, b in (donate or {}).items()})
+
+    def __call__(self, args: Sequence[np.ndarray], link: _Link, microbatch: int
+                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        received = [link.receive(node, microbatch) for node in self.receives]
+        outputs = self.compiled.executable(*args, *received)
+        for i, node in self.sends:
+            link.send(outputs[i], node, microbatch)
+        return list(outputs), received
+
+
 # -- schedules -----------------------------------------------------------------------------
 def schedule(kind: str, stage: int, stages: int, microbatches: int) -> list[tuple[int, int]]:
     """Stage `stage`'s actions in order: (FORWARD or BACKWARD, micro-batch)."""
@@ -482,40 +646,46 @@ def schedule(kind: str, stage: int, stages: int, microbatches: int) -> list[tupl
 class _Messages:
     """Point-to-point messages between stages: in memory when one process runs them all,
     else MPI over `comm`, the communicator of this replica's pipeline, whose rank r runs
-    stage r. A message is identified by its source and destination stages, direction,
-    micro-batch and crossing. `world_rank(stage)` names the peer in errors."""
+    stage r. A message is identified by its source and destination stages, its tag (the comm
+    node's) and micro-batch. `world_rank(stage)` names the peer in errors."""
 
     def __init__(self, world: World, comm: Any, world_rank: Callable[[int], int],
-                 crossings: int) -> None:
-        self.world, self.comm, self.world_rank, self.crossings = world, comm, world_rank, crossings
+                 partition: Partition) -> None:
+        self.world, self.comm, self.world_rank = world, comm, world_rank
+        self.crossings = partition.crossings
+        self.tags = 2 * max(len(self.crossings), 1)  # forward and backward tags per micro-batch
         self.local: dict[tuple[int, ...], np.ndarray] = {}
         self.pending: list[Any] = []  # MPI sends in flight, their buffers kept alive
         self.wait_s = 0.0
 
-    def _tag(self, direction: int, microbatch: int, crossing: int) -> int:
-        return (microbatch * 2 + direction) * self.crossings + crossing
+    def _describe(self, tag: int, microbatch: int, at: int) -> str:
+        c = self.crossings[tag % len(self.crossings)]
+        what = c.name if tag < len(self.crossings) else f"the cotangent of {c.name}"
+        return f"{what}, micro-batch {microbatch}, for stage {at}"
 
-    def send(self, array: np.ndarray, source: int, to: int, direction: int, microbatch: int,
-             crossing: int) -> None:
+    def send(self, array: np.ndarray, source: int, node: Node, microbatch: int) -> None:
+        # a copy: the executable reuses its output buffers
+        buffer = np.array(array, copy=True, order="C")
+        to, tag = node.attrs["peer"], node.attrs["tag"]
         if self.comm is None:
-            self.local[to, source, direction, microbatch, crossing] = array
+            self.local[to, source, tag, microbatch] = buffer
             return
-        buffer = np.ascontiguousarray(array)
-        request = self.comm.Isend(buffer, dest=to, tag=self._tag(direction, microbatch, crossing))
+        request = self.comm.Isend(buffer, dest=to, tag=microbatch * self.tags + tag)
         self.pending.append((request, buffer))
 
-    def ready(self, at: int, source: int, direction: int, microbatch: int, crossing: int) -> bool:
+    def ready(self, at: int, node: Node, microbatch: int) -> bool:
         """Whether receiving would not block (under MPI: receive, which waits with a deadline)."""
-        return self.comm is not None or (at, source, direction, microbatch, crossing) in self.local
+        return self.comm is not None or (at, node.attrs["peer"], node.attrs["tag"], microbatch) in self.local
 
-    def receive(self, type: TensorType, at: int, source: int, direction: int, microbatch: int,
-                crossing: int, what: str) -> np.ndarray:
+    def receive(self, at: int, node: Node, microbatch: int) -> np.ndarray:
+        source, tag = node.attrs["peer"], node.attrs["tag"]
         if self.comm is None:
-            return self.local.pop((at, source, direction, microbatch, crossing))
-        buffer = np.empty(type.shape, type.np_dtype)
+            return self.local.pop((at, source, tag, microbatch))
+        buffer = np.empty(node.attrs["shape"], np.dtype(node.output.type.np_dtype))
         start = time.perf_counter()
-        request = self.comm.Irecv(buffer, source=source, tag=self._tag(direction, microbatch, crossing))
-        self.world._wait([request], f"receiving {what} from rank {self.world_rank(source)}")
+        request = self.comm.Irecv(buffer, source=source, tag=microbatch * self.tags + tag)
+        self.world._wait([request], f"receiving {self._describe(tag, microbatch, at)} from rank "
+                                    f"{self.world_rank(source)}")
         self.wait_s += time.perf_counter() - start
         return buffer
 
@@ -526,6 +696,23 @@ class _Messages:
             self.world._wait([r for r, _ in self.pending], "sending to the next stages")
             self.wait_s += time.perf_counter() - start
             self.pending.clear()
+
+
+@dataclass
+class _Link:
+    """One stage's end of the messages: what its StageExecutables receive and send through."""
+
+    messages: _Messages
+    stage: int
+
+    def ready(self, node: Node, microbatch: int) -> bool:
+        return self.messages.ready(self.stage, node, microbatch)
+
+    def receive(self, node: Node, microbatch: int) -> np.ndarray:
+        return self.messages.receive(self.stage, node, microbatch)
+
+    def send(self, array: np.ndarray, node: Node, microbatch: int) -> None:
+        self.messages.send(array, self.stage, node, microbatch)
 
 
 # -- timing --------------------------------------------------------------------------------
@@ -563,13 +750,15 @@ class StageTimes:
 @dataclass
 class _StageRuntime:
     plan: StagePlan
-    forward: CompiledGraph
-    backward: CompiledGraph
+    forward: StageExecutable
+    backward: StageExecutable
     update: CompiledGraph
     trainable: list[str]
     times: StageTimes
+    link: _Link
     step_count: np.ndarray = field(default_factory=lambda: np.zeros((), np.float32))
-    saved: dict[int, list[np.ndarray]] = field(default_factory=dict)  # forward inputs per micro-batch
+    # per micro-batch, what the backward reads of its forward: inputs, received and saved values
+    saved: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     grads: dict[str, np.ndarray] = field(default_factory=dict)  # summed over micro-batches
 
 
@@ -636,7 +825,7 @@ class PipelineParallelStep:
             stage_comm = self.world.comm.Split(color=stage, key=replica)
         self._stage_comm = stage_comm if self.replicas > 1 else None
         self._messages = _Messages(self.world, pipeline_comm, lambda s: s * self.replicas + replica,
-                                   max(len(self.partition.crossings), 1))
+                                   self.partition)
         mine = range(stages) if self.world.comm is None else [stage]
         self._stages = [self._compile_stage(s) for s in mine]
         self.times = [rt.times for rt in self._stages]
@@ -694,14 +883,18 @@ class PipelineParallelStep:
     def _compile_stage(self, s: int) -> _StageRuntime:
         plan = self.partition.stages[s]
         trainable = [n for n in plan.params if n in self.trainable]
-        forward = stage_forward_graph(self.partition, s)
-        backward = stage_backward_graph(forward, plan, trainable)
+        forward = stage_forward_body(self.partition, s)
+        backward = stage_backward_body(forward, self.partition, s, trainable)
         if not self.recompute:
             forward, backward = save_residuals(forward, backward)
         backward, accumulate = accumulating(backward, trainable)
+        accumulators = {backward.inputs[i].name: backward.outputs[o][0] for i, o in accumulate.items()}
         update, donate = self._update_graph(s, trainable)
-        runtime = _StageRuntime(plan, self._compile(forward), self._compile(backward, accumulate),
-                                self._compile(update, donate), trainable, StageTimes(s))
+        runtime = _StageRuntime(
+            plan, StageExecutable(attach_comm(forward, *forward_messages(self.partition, s)), self._compile),
+            StageExecutable(attach_comm(backward, *backward_messages(self.partition, s)), self._compile,
+                            accumulators),
+            self._compile(update, donate), trainable, StageTimes(s), _Link(self._messages, s))
         runtime.grads = {n: np.zeros_like(self.params[n]) for n in trainable}
         return runtime
 
@@ -771,11 +964,8 @@ class PipelineParallelStep:
         return loss
 
     def _ready(self, rt: _StageRuntime, direction: int, m: int) -> bool:
-        plan, messages = rt.plan, self._messages
-        if direction == FORWARD:
-            return all(messages.ready(plan.index, c.source, FORWARD, m, c.index) for c in plan.receives)
-        return all(messages.ready(plan.index, reader, BACKWARD, m, c.index)
-                   for c in plan.sends if c.differentiable for reader in c.readers)
+        graph = rt.forward if direction == FORWARD else rt.backward
+        return all(rt.link.ready(node, m) for node in graph.receives)
 
     def _key(self, m: int) -> np.ndarray:
         """Micro-batch m's RNG key, this replica's own: the forward and the backward recomputing
@@ -785,46 +975,42 @@ class PipelineParallelStep:
                         np.int64)
 
     def _forward(self, rt: _StageRuntime, m: int, batch: list[np.ndarray], losses: list[float]) -> None:
-        plan, messages = rt.plan, self._messages
-        received = [messages.receive(c.type, plan.index, c.source, FORWARD, m, c.index,
-                                     f"{c.name} of micro-batch {m} for stage {plan.index}")
-                    for c in plan.receives]
-        args = [*(batch[i] for i in plan.data), *received, *(self.params[n] for n in plan.params),
+        plan, graph = rt.plan, rt.forward.graph
+        args = [*(batch[i] for i in plan.data), *(self.params[n] for n in plan.params),
                 *(self.buffers[n] for n in plan.buffers)]
         if plan.uses_rng:
             args.append(self._key(m))
-        start = time.perf_counter()
-        outputs = rt.forward.executable(*args)
-        rt.times.forward += time.perf_counter() - start
-        # copies: the executable reuses its output buffers
-        for c, value in zip(plan.sends, outputs):
-            for reader in c.readers:
-                messages.send(np.array(value, copy=True, order="C"), plan.index, reader, FORWARD,
-                              m, c.index)
-        residuals = outputs[len(plan.sends):]
+        (outputs, received), seconds = self._run(rt.forward, args, rt.link, m)
+        rt.times.forward += seconds
         if plan.index == self.num_stages - 1:
-            losses.append(float(residuals[0]))
-            residuals = residuals[1:]
-        # backward reads the forward's inputs, then what it saved (nothing when recomputing)
-        rt.saved[m] = args + [np.array(value, copy=True, order="C") for value in residuals]
+            losses.append(float(outputs[graph.output_names.index("loss")]))
+        # the backward reads the forward's inputs, what it received, then what it saved (nothing
+        # when recomputing): copies, as the executable reuses its output buffers
+        saved = dict(zip((inp.name for inp in graph.inputs), args))
+        saved.update((received_name(n.attrs["peer"], n.attrs["tag"]), value)
+                     for n, value in zip(rt.forward.receives, received))
+        saved.update((name, np.array(value, copy=True, order="C"))
+                     for name, value in zip(graph.output_names, outputs) if name.startswith("saved:"))
+        rt.saved[m] = saved
 
     def _backward(self, rt: _StageRuntime, m: int) -> None:
-        plan, messages = rt.plan, self._messages
-        cotangents = [messages.receive(c.type, plan.index, reader, BACKWARD, m, c.index,
-                                       f"the cotangent of {c.name}, micro-batch {m}, for stage "
-                                       f"{plan.index}")
-                      for c in plan.sends if c.differentiable for reader in c.readers]
-        if plan.index == self.num_stages - 1:
-            loss_type = rt.forward.optimized.output("loss").type
-            cotangents.append(np.array(1.0 / self.microbatches, loss_type.np_dtype))
-        start = time.perf_counter()
-        outputs = rt.backward.executable(*rt.saved.pop(m), *cotangents,
-                                         *(rt.grads[n] for n in rt.trainable))
-        rt.times.backward += time.perf_counter() - start
-        floats = [c for c in plan.receives if c.differentiable]
-        for c, value in zip(floats, outputs):
-            messages.send(np.array(value, copy=True, order="C"), plan.index, c.source, BACKWARD,
-                          m, c.index)
+        values = rt.saved.pop(m)
+        if rt.plan.index == self.num_stages - 1:
+            loss_type = rt.forward.graph.output("loss").type
+            values["ct:loss"] = np.array(1.0 / self.microbatches, loss_type.np_dtype)
+        values.update((f"acc:{n}", rt.grads[n]) for n in rt.trainable)
+        # the gradients accumulate in rt.grads, donated to the outputs
+        _, seconds = self._run(rt.backward, [values[inp.name] for inp in rt.backward.graph.inputs],
+                               rt.link, m)
+        rt.times.backward += seconds
+
+    def _run(self, executable: StageExecutable, args: list[np.ndarray], link: _Link, m: int
+             ) -> tuple[tuple[list[np.ndarray], list[np.ndarray]], float]:
+        """What `executable` returns and the seconds it computed: its time waiting for messages
+        counts as the stage's `wait`."""
+        start, waited = time.perf_counter(), self._messages.wait_s
+        result = executable(args, link, m)
+        return result, time.perf_counter() - start - (self._messages.wait_s - waited)
 
     def _update(self, rt: _StageRuntime) -> None:
         start = time.perf_counter()
@@ -934,5 +1120,6 @@ class PipelineParallelStep:
         return True
 
 
-__all__ = ["Crossing", "Partition", "PipelineParallelStep", "StagePlan", "StageTimes",
-           "balanced_cuts", "node_cost", "partition", "schedule", "stage_boundary"]
+__all__ = ["CommSplit", "Crossing", "Partition", "PipelineParallelStep", "StageExecutable",
+           "StagePlan", "StageTimes", "attach_comm", "balanced_cuts", "node_cost", "partition",
+           "schedule", "split_comm", "stage_boundary", "stage_forward_graph"]

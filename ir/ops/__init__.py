@@ -7,3 +7,4 @@ from . import random  # noqa: F401
 from . import nn  # noqa: F401
 from . import cumulative  # noqa: F401
 from . import norm  # noqa: F401
+from . import comm  # noqa: F401
