@@ -12,7 +12,8 @@ on the same seeded batch with the same optimizer, and their first losses are com
 Each measurement runs in its own process; systems are interleaved round by round so machine
 noise hits all of them alike. Reported: median samples/s over rounds, the ratio to PyTorch
 eager, graphc's round-by-round ratios to each peer (median and range), the first call of graphc
-and torch.compile with a cold and with a warm compilation cache, and the peak memory the steps
+and torch.compile with a cold and with a warm compilation cache, graphc's first call at another
+batch size (kernels reused, a new memory plan), and the peak memory the steps
 add (plus graphc's planned arena against the naive sum). A system that fails on a workload (for
 example torch.compile without a C compiler) is reported once and skipped there; the run exits
 with status 1 if graphc or PyTorch eager failed.
@@ -155,8 +156,8 @@ def median_of(runs: list[dict], key: str) -> float | None:
 
 def report_table(workloads: list[str], systems: list[str], results: dict, cold: dict) -> None:
     print("\n| workload | system | samples/s (median) | vs PyTorch eager | first call "
-          "(cold / warm cache) | step peak RSS | training peak RSS |")
-    print("|---|---|---|---|---|---|---|")
+          "(cold / warm cache) | another batch size: first call | step peak RSS | training peak RSS |")
+    print("|---|---|---|---|---|---|---|---|")
     for workload in workloads:
         torch_rate = median_of(results.get(("torch", workload), []), "samples_per_s")
         for system in systems:
@@ -168,8 +169,11 @@ def report_table(workloads: list[str], systems: list[str], results: dict, cold: 
             first = f"{median_of(runs, 'first_call_s'):.2f} s"
             if (system, workload) in cold:
                 first = f"{cold[(system, workload)]['first_call_s']:.2f} s / {first}"
+            other = median_of(runs, "other_batch_first_call_s")
+            other = f"{other:.2f} s (batch {runs[0]['other_batch']})" if other is not None else "-"
             peaks = [mib(median_of(runs, key)) for key in ("step_peak_extra_kib", "training_peak_kib")]
-            print(f"| {workload} | {system} | {rate:,.0f} | {ratio} | {first} | {peaks[0]} | {peaks[1]} |")
+            print(f"| {workload} | {system} | {rate:,.0f} | {ratio} | {first} | {other} | {peaks[0]} "
+                  f"| {peaks[1]} |")
 
 
 def mib(kib: float | None) -> str:

@@ -14,7 +14,9 @@ per-step times (median reported as samples/s; a sample is an image or a sequence
 resident memory that the training steps themselves add (Linux's VmHWM, reset after warm-up
 through /proc/self/clear_refs), and the peak growth from before the model was built
 (parameters, optimizer state, gradients and activations together: what graphc's arena plus its
-state holds; measured the same way for graphc, it also counts Numba's and LLVM's memory).
+state holds; measured the same way for graphc, it also counts Numba's and LLVM's memory),
+and for graphc the first call at another batch size (half the batch plus one, as a ragged last
+batch would be), which reuses the compiled kernels with a new memory plan.
 A system that fails to build or run the step prints {"error": ...} and exits with status 1.
 With GRAPHC_PROFILE=1, graphc's per-kernel profile of the timed steps goes to stderr.
 """
@@ -79,6 +81,11 @@ def graphc_step(workload: str, x: np.ndarray, y: np.ndarray, tiny: bool, init: s
             extra["cache"] = stats if isinstance(stats, dict) else getattr(stats, "__dict__", str(stats))
     # read after the timed steps (None unless GRAPHC_PROFILE=1); not part of the JSON
     extra["profile"] = lambda: getattr(step.executable, "profile_report", None)
+    # a ragged last batch: the step is called with a size it was not compiled for (a language
+    # model's targets are flattened: len(y) // len(x) of them per sample)
+    other = len(x) // 2 + 1
+    targets = other * (len(y) // len(x))
+    extra["other_batch"] = (other, lambda: float(step(x[:other], y[:targets])))
     return (lambda: float(step(x, y))), extra
 
 
@@ -229,14 +236,20 @@ def measure(args: argparse.Namespace) -> dict:
     profile = extra.pop("profile", lambda: None)()
     if profile is not None:
         print(profile.table(), file=sys.stderr)
+    peak = rss_kib("VmHWM")
+    if "other_batch" in extra:  # after the peaks are read: another size plans its own memory
+        size, other_step = extra.pop("other_batch")
+        t0 = time.perf_counter()
+        other_step()
+        extra.update(other_batch=size, other_batch_first_call_s=time.perf_counter() - t0)
     return {
         "system": args.system, "workload": args.workload, "batch": len(x),
         "first_call_s": first_call_s, "median_step_s": median,
         "samples_per_s": len(x) / median, "first_loss": first_loss,
-        "step_peak_extra_kib": (rss_kib("VmHWM") - baseline) if peak_reset else None,
+        "step_peak_extra_kib": (peak - baseline) if peak_reset else None,
         # model, optimizer state and the steps' peak together (for graphc this includes what
         # loading or compiling the kernels took: Numba and LLVM)
-        "training_peak_kib": (rss_kib("VmHWM") - extra["rss_before_model_kib"])
+        "training_peak_kib": (peak - extra["rss_before_model_kib"])
         if peak_reset and "rss_before_model_kib" in extra else None,
         "rss_kib": rss_kib("VmRSS"), **extra,
     }

@@ -41,6 +41,8 @@ def test_graphc_and_pytorch_train_the_same_model(workload, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
     graphc = worker("--system", "graphc", "--workload", workload, *init)
     assert graphc["samples_per_s"] > 0 and graphc["arena_bytes"] > 0
+    # a ragged batch ran after the timed steps (a size the step was not compiled for)
+    assert graphc["other_batch"] == graphc["batch"] // 2 + 1 and graphc["other_batch_first_call_s"] > 0
     if HAS_TORCH:
         assert graphc["init"] == "pytorch"
         torch = worker("--system", "torch", "--workload", workload)
