@@ -2,9 +2,10 @@
 
 DOT: one box per node (op, result type and module path; its user line in the tooltip; a send or
 recv an arrow naming its peer, tag and bytes), inputs and outputs drawn distinctly, fused
-kernels as clusters holding their subgraph (the module paths they cover in the tooltip), scans as clusters holding their body (its inputs drawn as the
-consts, carry and per-step slices they are, its outputs gathered into the scan's result box),
-and optionally values coloured by memory slot.
+kernels as clusters holding their subgraph (the module paths they cover in the tooltip), scans
+as clusters holding their body (its inputs drawn as the consts, carry and per-step slices they
+are, its outputs gathered into the scan's result box), and optionally values coloured by
+memory slot.
 """
 from __future__ import annotations
 

@@ -148,38 +148,40 @@ def test_stage_graphs_receive_and_send_through_comm_ops_naming_peer_tag_and_byte
     a, b = by_reader[(1, 2)], by_reader[(2,)]  # fc1's activation, fc3's
     assert a.nbytes == b.nbytes == 2 * 8 * 4  # two rows of eight float32 per micro-batch
     back = len(part.crossings)  # cotangents are tagged after every activation
-    first, middle, last = step._stages
-    assert comm_nodes(first.forward.graph, "recv") == []
-    assert comm_nodes(first.forward.graph, "send") == [(1, a.index, 64), (2, a.index, 64)]
-    assert comm_nodes(middle.forward.graph, "recv") == [(0, a.index, 64)]
-    assert comm_nodes(middle.forward.graph, "send") == [(2, b.index, 64)]
-    assert sorted(comm_nodes(last.forward.graph, "recv")) == sorted([(0, a.index, 64), (1, b.index, 64)])
-    assert comm_nodes(last.forward.graph, "send") == []
+    graphs = step.stage_graphs()
+    (first, first_back), (middle, middle_back), (last, last_back) = (graphs[s] for s in range(3))
+    assert comm_nodes(first, "recv") == []
+    assert comm_nodes(first, "send") == [(1, a.index, 64), (2, a.index, 64)]
+    assert comm_nodes(middle, "recv") == [(0, a.index, 64)]
+    assert comm_nodes(middle, "send") == [(2, b.index, 64)]
+    assert sorted(comm_nodes(last, "recv")) == sorted([(0, a.index, 64), (1, b.index, 64)])
+    assert comm_nodes(last, "send") == []
     # backward: cotangents come back from the readers and go back to the sources
-    assert comm_nodes(first.backward.graph, "recv") == [(1, back + a.index, 64), (2, back + a.index, 64)]
-    assert comm_nodes(first.backward.graph, "send") == []
-    assert comm_nodes(middle.backward.graph, "recv") == [(2, back + b.index, 64)]
-    assert comm_nodes(middle.backward.graph, "send") == [(0, back + a.index, 64)]
-    assert sorted(comm_nodes(last.backward.graph, "send")) == sorted([(0, back + a.index, 64),
-                                                                      (1, back + b.index, 64)])
+    assert comm_nodes(first_back, "recv") == [(1, back + a.index, 64), (2, back + a.index, 64)]
+    assert comm_nodes(first_back, "send") == []
+    assert comm_nodes(middle_back, "recv") == [(2, back + b.index, 64)]
+    assert comm_nodes(middle_back, "send") == [(0, back + a.index, 64)]
+    assert sorted(comm_nodes(last_back, "send")) == sorted([(0, back + a.index, 64),
+                                                            (1, back + b.index, 64)])
     for rt in step._stages:  # the compiled parts hold no message
-        assert not {"send", "recv"} & {n.op for n in rt.forward.compiled.traced.nodes}
-        assert not {"send", "recv"} & {n.op for n in rt.backward.compiled.traced.nodes}
+        for executable in (rt.forward, rt.backward):
+            assert not {"send", "recv"} & {n.op for n in executable.compiled.traced.nodes}
 
 
 def test_stage_graphs_verify_print_and_round_trip_through_json():
     gc.manual_seed(0)
     step = pipeline(mlp((12, 16, 16, 4)), mlp_batch(), stages=2, microbatches=4, boundaries=["1"])
-    first, second = step._stages
-    text = str(second.forward.graph.verify())
+    graphs = step.stage_graphs()
+    (first, _), (second, _) = graphs[0], graphs[1]
+    text = str(second.verify())
     assert "recv(shape=(2,16), dtype='float32', peer=0, tag=0, bytes=128)" in text
-    assert "send(" in str(first.forward.graph) and "peer=1, tag=0, bytes=128" in str(first.forward.graph)
-    for rt in step._stages:
-        for graph in (rt.forward.graph, rt.backward.graph):
+    assert "send(" in str(first) and "peer=1, tag=0, bytes=128" in str(first)
+    for forward, backward in graphs.values():
+        for graph in (forward, backward):
             assert str(gc.ir.Graph.from_json(graph.to_json()).verify()) == str(graph)
-    assert 'shape=cds' in first.forward.graph.to_dot()
-    assert 'label="send to peer 1\\ntag 0, 128 bytes\\nf32[2,16]"' in first.forward.graph.to_dot()
-    assert 'label="recv from peer 0\\ntag 0, 128 bytes\\nf32[2,16]"' in second.forward.graph.to_dot()
+    assert 'shape=cds' in first.to_dot()
+    assert 'label="send to peer 1\\ntag 0, 128 bytes\\nf32[2,16]"' in first.to_dot()
+    assert 'label="recv from peer 0\\ntag 0, 128 bytes\\nf32[2,16]"' in second.to_dot()
 
 
 def test_a_message_whose_bytes_disagree_with_its_type_is_refused():
@@ -198,7 +200,7 @@ def test_the_reference_interpreter_refuses_messages_without_a_communicator():
 
     gc.manual_seed(0)
     step = pipeline(mlp((12, 16, 16, 4)), mlp_batch(), stages=2, microbatches=4, boundaries=["1"])
-    graph = step._stages[1].forward.graph
+    graph = step.stage_graphs()[1][0]
     args = [np.zeros(inp.value.shape, inp.value.type.np_dtype) for inp in graph.inputs]
     with pytest.raises(CommunicationError, match=r"recv \(peer 0, tag 0\) needs a communicator.*"
                                                  "StageExecutable"):
@@ -376,15 +378,33 @@ def test_a_checkpoint_per_stage_resumes_training_exactly(tmp_path):
     assert not fresh()[1].load_checkpoint(path)
 
 # -- real ranks --------------------------------------------------------------------------------
+def assert_each_rank_compiled_its_stage(messages: list[np.ndarray]) -> None:
+    """Each rank's comm nodes ("STAGE GRAPH OP PEER TAG BYTES", tests/mpi_scripts) are its own
+    stage's, of a two-stage pipeline: the first stage's forward sends to the second and its
+    backward receives from it, the second's the mirror image, the same tags and bytes."""
+    ranks = len(messages)
+    ends = []
+    for r, lines in enumerate(messages):
+        stage = r // (ranks // 2)
+        ops = [line.split() for line in lines]
+        directions = ([("forward", "send"), ("backward", "recv")] if stage == 0
+                      else [("forward", "recv"), ("backward", "send")])
+        assert [(int(s), graph, op, int(peer)) for s, graph, op, peer, _, _ in ops] == [
+            (stage, graph, op, 1 - stage) for graph, op in directions], lines
+        ends.append([(int(tag), int(nbytes)) for *_, tag, nbytes in ops])
+    assert all(end == ends[0] for end in ends) and ends[0][0][1] > 0
+
+
 def ranks_state(out_dir, ranks: int = 2) -> tuple[np.ndarray, dict[str, np.ndarray], list[np.ndarray]]:
     """The losses (every rank's the same), the stages' state merged (replicas of a stage must
     hold the same) and each rank's times."""
     saved = [dict(np.load(os.path.join(out_dir, f"rank{r}.npz"))) for r in range(ranks)]
+    assert_each_rank_compiled_its_stage([rank["messages"] for rank in saved])
     merged: dict[str, np.ndarray] = {}
     for rank in saved:
         np.testing.assert_array_equal(rank["losses"], saved[0]["losses"])
         for name, value in rank.items():
-            if name not in ("losses", "times", "step"):
+            if name not in ("losses", "times", "step", "messages"):
                 if name in merged:
                     np.testing.assert_array_equal(value, merged[name], err_msg=name)
                 merged[name] = value

@@ -368,6 +368,11 @@ def backward_tag(partition: Partition, c: Crossing) -> int:
     return len(partition.crossings) + c.index
 
 
+# A stage graph's messages, by the name of the input they fill or the output they carry: (peer
+# stage, tag).
+MessageMap = dict[str, tuple[int, int]]
+
+
 def received_name(peer: int, tag: int) -> str:
     """The name a stage's compiled part gives the value a recv node delivers."""
     return f"recv:{peer}:{tag}"
@@ -412,7 +417,7 @@ def stage_forward_body(partition: Partition, stage: int) -> Graph:
     return new.verify()
 
 
-def forward_messages(partition: Partition, stage: int) -> tuple[dict, dict]:
+def forward_messages(partition: Partition, stage: int) -> tuple[MessageMap, MessageMap]:
     """Which of a stage forward's inputs arrive and which outputs leave, as attach_comm reads
     them: {input name: (peer, tag)}, {output name: (peer, tag)}."""
     plan = partition.stages[stage]
@@ -422,7 +427,7 @@ def forward_messages(partition: Partition, stage: int) -> tuple[dict, dict]:
     return receives, sends
 
 
-def backward_messages(partition: Partition, stage: int) -> tuple[dict, dict]:
+def backward_messages(partition: Partition, stage: int) -> tuple[MessageMap, MessageMap]:
     """The backward's: the cotangent of each differentiable sent crossing from each reader;
     that of each differentiable received one, back to its source."""
     plan = partition.stages[stage]
@@ -459,8 +464,8 @@ def stage_backward_body(forward: Graph, partition: Partition, stage: int,
     # vjp_graph names its cotangents after output and input indices; here, after the messages
     for inp, (_, name) in zip(backward.inputs[len(forward.inputs):], seeds):
         inp.name = name
-    backward.outputs = [(cotangent_name(c), v) for c, (_, v) in zip(received, backward.outputs)] \
-        + backward.outputs[len(received):]
+    cotangents = [(cotangent_name(c), v) for c, (_, v) in zip(received, backward.outputs)]
+    backward.outputs = cotangents + backward.outputs[len(received):]
     return backward.verify()
 
 
@@ -535,8 +540,7 @@ def _message_attrs(type: TensorType, peer: int, tag: int) -> dict[str, Any]:
     return {"peer": peer, "tag": tag, "bytes": message_bytes(type)}
 
 
-def attach_comm(body: Graph, receives: dict[str, tuple[int, int]],
-                sends: dict[str, tuple[int, int]]) -> Graph:
+def attach_comm(body: Graph, receives: MessageMap, sends: MessageMap) -> Graph:
     """`body` as a stage graph that communicates: each input named in `receives` ({name:
     (peer, tag)}) becomes a recv node (first, in input order) and each output named in `sends`
     leaves through a send node."""
@@ -589,8 +593,7 @@ def split_comm(graph: Graph) -> CommSplit:
     for node in graph.nodes:
         if node.op in COMM_OPS:
             continue
-        misplaced = [v for v in node.inputs if v.producer is not None and v.producer.op == SEND]
-        if misplaced:
+        if any(v.producer is not None and v.producer.op == SEND for v in node.inputs):
             raise DistributedError(f"{graph.name}: {node.op} reads the result of a send node; "
                                    "sends end a stage graph: only its outputs may read them")
         clone = node.clone(mapping[v] for v in node.inputs)
@@ -609,7 +612,10 @@ class StageExecutable:
     """Runs a stage graph whose comm nodes sit at its boundary: its recv nodes (each message
     received into a fresh contiguous buffer, within the deadline), the compiled rest (any
     backend, the reference interpreter too), then its send nodes. Returns the graph's outputs
-    and the arrays received (the backward reads the activations again)."""
+    and the arrays received (the backward reads the activations again).
+
+    `compile(body, donate)` compiles the rest; `donate` maps an input's name to the name of
+    the output written into its buffer."""
 
     def __init__(self, graph: Graph, compile: Callable[[Graph, dict[int, int]], CompiledGraph],
                  donate: dict[str, str] | None = None) -> None:
@@ -1071,6 +1077,11 @@ class PipelineParallelStep:
     def step_count(self) -> np.ndarray:
         """Steps taken (a float32 scalar array; every stage counts its own)."""
         return self._stages[0].step_count
+
+    def stage_graphs(self) -> dict[int, tuple[Graph, Graph]]:
+        """The forward and backward graph, with their send and recv nodes, of each stage this
+        process runs (the graphs before optimization: print them, or draw them with to_dot())."""
+        return {rt.plan.index: (rt.forward.graph, rt.backward.graph) for rt in self._stages}
 
     def stage_state(self) -> dict[str, np.ndarray]:
         """The state this process updates: its stages' parameters ("<name>"), optimizer slots

@@ -4,7 +4,8 @@
     python pipeline_steps.py exit
 
   equivalent  2 stages, 4 micro-batches, STEPS steps on `batches()`; rank r writes
-              OUT_DIR/rank<r>.npz: the losses, its stage's state (`stage_state()`) and its times.
+              OUT_DIR/rank<r>.npz: the losses, its stage's state (`stage_state()`), its times
+              and the messages its stage graphs send and receive (`messages()`).
               Under 4 ranks: 2 stages x 2 replicas, replica k taking rows [kB/2, (k+1)B/2)
               of each batch in 2 micro-batches
   exit        rank 1 leaves quietly before its first step: rank 0 must give up on the
@@ -80,7 +81,15 @@ def main(argv: list[str]) -> None:
     np.savez(os.path.join(out_dir, f"rank{world.rank}.npz"), losses=np.array(losses),
              times=np.array([times.forward, times.backward, times.update, times.wait,
                              times.allreduce, times.total]),
-             **step.stage_state())
+             messages=np.array(messages(step)), **step.stage_state())
+
+
+def messages(step) -> list[str]:
+    """The comm nodes of the one stage this rank compiled: "STAGE GRAPH OP PEER TAG BYTES"."""
+    ((stage, graphs),) = step.stage_graphs().items()
+    return [f"{stage} {part} {node.op} {node.attrs['peer']} {node.attrs['tag']} {node.attrs['bytes']}"
+            for part, graph in zip(("forward", "backward"), graphs) for node in graph.nodes
+            if node.op in ("send", "recv")]
 
 
 if __name__ == "__main__":
