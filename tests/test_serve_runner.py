@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import numpy as np
 from aiohttp import ClientSession
@@ -91,3 +92,21 @@ def test_a_runner_returning_the_wrong_shape_is_a_500_and_the_server_goes_on():
             assert r.status == 404 and "error" in json.loads(await r.text())
 
     run_with_server([broken, good], check)
+
+
+def test_requests_rarer_than_the_delay_run_at_once_and_a_burst_still_batches():
+    runner = Affine("affine", shift=0.0)
+    x = np.ones((1, 3), np.float32)
+
+    async def check(session) -> None:
+        for _ in range(3):  # one request every 0.6 s: waiting 0.3 s for a second gains nothing
+            started = time.perf_counter()
+            status, answer = await predict(session, "affine", x)
+            assert status == 200 and time.perf_counter() - started < 0.15, answer
+            await asyncio.sleep(0.6)
+        assert runner.batches == [1, 1, 1]
+        answers = await asyncio.gather(*(predict(session, "affine", x) for _ in range(40)))
+        assert all(status == 200 for status, _ in answers)
+        assert max(runner.batches) > 1 and sum(runner.batches) == 43
+
+    run_with_server([runner], check, max_batch=16, max_delay_ms=300)

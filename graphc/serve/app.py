@@ -26,6 +26,7 @@ from .runner import GraphcRunner, Runner
 NPY_CONTENT_TYPE = "application/x-npy"
 _NPY_MAGIC = b"\x93NUMPY"
 _LATENCY_BUCKETS = (.0005, .001, .002, .005, .01, .02, .03, .05, .075, .1, .25, .5, 1, 2.5, 5, 10)
+_LONGEST_GAP = 1.0  # seconds: the arrival rate of an idle model (an idle hour is not a rate)
 _UNKNOWN_MODEL = "(unknown)"  # the label of requests for names no model has: bounded cardinality
 
 Loader = Callable[..., Runner]
@@ -88,6 +89,10 @@ class _Model:
         self.load_lock = asyncio.Lock()
         self._held: _Pending | None = None  # took no place in the last batch: first of the next
         self._queued_samples = 0
+        # when the last request joined the queue, and a moving average of the gaps between
+        # arrivals: a batch waits for more only while the next is due before its deadline
+        self._last_arrival = -math.inf
+        self._arrival_gap = _LONGEST_GAP
         self.batcher: asyncio.Task | None = None
         metrics.version.labels(self.name).set(runner.version)
         metrics.load_seconds.labels(self.name).set(getattr(runner, "load_seconds", 0.0))
@@ -102,14 +107,17 @@ class _Model:
 
     async def predict(self, samples: np.ndarray, runner: Runner) -> np.ndarray:
         pending = _Pending(samples, runner)
+        now = asyncio.get_running_loop().time()
+        self._arrival_gap += 0.2 * (min(now - self._last_arrival, _LONGEST_GAP) - self._arrival_gap)
+        self._last_arrival = now
         self._queued_samples += len(samples)
         self.metrics.queue_depth.labels(self.name).set(self._queued_samples)
         self.queue.put_nowait(pending)
         return await pending.done
 
     async def run_batches(self) -> None:
-        """Forever: gather requests up to max_batch samples or max_delay after the first, run
-        them as one call on the worker thread, hand each request its rows."""
+        """Forever: gather a batch (see _gather), run it as one call on the worker thread, hand
+        each request its rows. Requests arriving while a batch runs queue up for the next."""
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._gather(loop)
@@ -137,6 +145,10 @@ class _Model:
                 start += len(p.samples)
 
     async def _gather(self, loop: asyncio.AbstractEventLoop) -> list[_Pending]:
+        """The queued requests up to max_batch samples, once the worker is free (the previous
+        batch has run). It waits for more, up to max_delay after the first, only while requests
+        arrive more often than that: at a low rate a lone request runs at once, not max_delay
+        later; under load, batches fill."""
         first = self._held or await self.queue.get()
         self._held = None
         batch, size = [first], len(first.samples)
@@ -146,7 +158,7 @@ class _Model:
                 nxt = self.queue.get_nowait()
             except asyncio.QueueEmpty:
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or self._last_arrival + self._arrival_gap > deadline:
                     break
                 try:
                     nxt = await asyncio.wait_for(self.queue.get(), remaining)
