@@ -29,7 +29,9 @@ def test_the_loss_falls_over_scanned_steps_and_it_samples_text(char_gru):
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         vocabulary = set(f.read())
-    assert first > 0.95 * math.log(len(vocabulary))  # starts near uniform guessing
+    # starts near uniform guessing (the first step's loss: the mean of five had already fallen
+    # below 0.95 log V once the README grew to 89 characters)
+    assert abs(losses[0] - math.log(len(vocabulary))) < 0.1 * math.log(len(vocabulary)), losses[0]
     assert last < first - 0.5, losses
 
     graph = result["step"].graph
