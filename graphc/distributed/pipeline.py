@@ -9,7 +9,8 @@ The forward and loss are traced once, on one micro-batch, into one graph (the st
 contiguous pieces: after the values the user marks with `stage_boundary(x)` inside forward,
 after the modules named in `boundaries`, or where the estimated cost (FLOPs) balances, at
 module boundaries. Every value computed in one stage and read in a later one *crosses*: it
-is an output of its stage's forward graph and an input of each stage that reads it.
+leaves its stage's forward graph through a send node per reading stage and enters each of
+theirs through a recv node (its cotangent goes back the same way in the backward graphs).
 
 Each rank compiles only its own stage, as three graphs:
 
@@ -29,9 +30,10 @@ as scans do between compiled segments (`StageExecutable`): `split_comm` cuts the
 backend compiles the rest, and each call receives, runs the compiled part, then sends. Under
 MPI a message is a nonblocking Isend/Irecv on a contiguous buffer, tagged with the node's tag
 and the micro-batch, each completed within the deadline of $GRAPHC_DDP_TIMEOUT, so a dead rank
-ends the job with a message naming it. The last stage
-seeds the backward pass with 1/M, so the accumulated gradients are those of the mean loss over
-the global batch: losses and updates equal the single-process step's up to rounding.
+ends the job with a message naming it. `step.stage_graphs()` returns the stage graphs to print
+or draw. The last stage seeds the backward pass with 1/M, so the accumulated gradients are
+those of the mean loss over the global batch: losses and updates equal the single-process
+step's up to rounding.
 
 Micro-batches run in a 1F1B schedule (PipeDream-flush: a stage runs at most stages - s
 forwards ahead of its backwards) or GPipe's (all forwards, then all backwards). With a single
