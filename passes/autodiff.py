@@ -211,62 +211,115 @@ def vjp_graph(graph: Graph, wrt: Sequence[int], seeded: Sequence[int]) -> Graph:
     return dce(new)
 
 
-def _inline(b: Builder, graph: Graph, args: Sequence[Value]) -> list[Value]:
-    """Copy `graph`'s nodes into `b`'s graph, reading its inputs from `args`; its outputs."""
+def _inline(b: Builder, graph: Graph, args: Sequence[Value],
+            given: dict[Value, Value] | None = None) -> list[Value]:
+    """Copy `graph`'s nodes into `b`'s graph, reading its inputs from `args`; its outputs. The
+    values in `given` are read from there instead of being computed again."""
     mapping = dict(zip(graph.input_values, args))
+    mapping.update(given or {})
     for node in graph.nodes:
+        if all(v in mapping for v in node.outputs):
+            continue
         clone = node.clone(mapping[v] for v in node.inputs)
         b.graph.nodes.append(clone)
         mapping.update(zip(node.outputs, clone.outputs))
     return [mapping[v] for v in graph.output_values]
 
 
-def _save_carries(graph: Graph, node: Node) -> list[Value]:
-    """The stacks of the carry entering each step of the forward scan `node`. Where the scan does
-    not output them yet, it is replaced in place by one with the extra outputs, its own outputs
-    kept (the same Values), so nothing that reads them changes."""
+# Ops whose results the backward body reads from a stack the forward scan writes rather than
+# computing them again: one (N, M) matrix saved per step costs far less than a matrix product per
+# step. Elementwise work is recomputed from them (cheaper than storing every activation).
+SAVED_OPS = frozenset({"matmul"})
+
+
+def _recomputed_products(vjp: Graph, primal_inputs: int, num_consts: int) -> list[Value]:
+    """The values of `vjp` (the VJP of a scan's body) that recompute an expensive forward node:
+    results of SAVED_OPS computed from the body's own inputs only (its first `primal_inputs`),
+    reading at least one that changes per step (what reads only the first `num_consts`, the
+    loop-invariant ones, is hoisted out of the loop instead)."""
+    primal = set(vjp.input_values[:primal_inputs])
+    invariant = set(vjp.input_values[:num_consts])
+    found = []
+    for node in vjp.nodes:
+        if node.subgraph is None and all(v in primal for v in node.inputs):
+            primal.update(node.outputs)
+            if all(v in invariant for v in node.inputs):
+                invariant.update(node.outputs)
+            elif node.op in SAVED_OPS:
+                found.append(node.output)
+    return found
+
+
+def _save_residuals(graph: Graph, node: Node, carries: list[int], products: list[Value],
+                    vjp: Graph) -> list[Value]:
+    """Stacks the forward scan `node` writes for its VJP: the carry entering each step (for the
+    carry indices in `carries`), then each value of `products` (values of `vjp`, computed from its
+    first inputs, the body's). Where the scan does not output them yet, it is replaced in place
+    by one with the extra outputs, its own outputs kept (the same Values), so nothing that reads
+    them changes; a product the body computes already is read from there, not computed twice."""
+    from .simplify import _attrs_key
     a = node.attrs
     c, k = a["num_consts"], a["num_carry"]
-    carries = node.subgraph.input_values[c:c + k]
-    stacked_at = {v: k + j for j, v in enumerate(node.subgraph.output_values[k:])}
-    missing = [i for i, v in enumerate(carries) if v not in stacked_at]
-    if missing:  # a scan differentiated before (grad of grad) stacks its carries already
-        body = node.subgraph.copy()
+    body = node.subgraph
+    extended = Graph(body.name)  # the body's nodes and values, plus what the VJP needs
+    extended.inputs, extended.nodes, extended.outputs = list(body.inputs), list(body.nodes), list(body.outputs)
+    known = {(n.op, tuple(id(v) for v in n.inputs), _attrs_key(n.attrs)): n for n in body.nodes
+             if n.subgraph is None}
+    mapping = dict(zip(vjp.input_values, body.input_values))
+    needed = set(products)
+    for vnode in reversed(vjp.nodes):
+        if any(v in needed for v in vnode.outputs):
+            needed.update(vnode.inputs)
+    for vnode in vjp.nodes:
+        if not any(v in needed for v in vnode.outputs) or vnode.subgraph is not None:
+            continue
+        ins = tuple(mapping[v] for v in vnode.inputs)
+        key = (vnode.op, tuple(id(v) for v in ins), _attrs_key(vnode.attrs))
+        if key not in known:
+            known[key] = vnode.clone(ins)
+            extended.nodes.append(known[key])
+        mapping.update(zip(vnode.outputs, known[key].outputs))
+    wanted = [body.input_values[c + i] for i in carries] + [mapping[v] for v in products]
+
+    stacked_at = {v: k + j for j, v in enumerate(body.output_values[k:])}
+    missing = list(dict.fromkeys(v for v in wanted if v not in stacked_at))
+    if missing:  # a scan differentiated before (grad of grad) stacks some of them already
         taken = set(body.output_names)
-        for i in missing:
-            name = f"saved_carry{i}"
+        for n, v in enumerate(missing):
+            name = f"saved_carry{carries[n]}" if n < len(carries) else "saved"
             while name in taken:
                 name += "_"
-            body.add_output(name, body.input_values[c + i])
-        saving = make_scan(node.inputs, body, a["length"], a["reverse"], a["num_consts"], k,
-                           node.loc, node.module)
+            taken.add(name)
+            extended.add_output(name, v)
+        saving = make_scan(node.inputs, extended, a["length"], a["reverse"], c, k, node.loc, node.module)
         saving.outputs = (*node.outputs, *saving.outputs[len(node.outputs):])
         for v in node.outputs:
             v.producer = saving
         graph.nodes[graph.nodes.index(node)] = saving
+        stacked_at.update({v: len(node.outputs) + n for n, v in enumerate(missing)})
         node = saving
-        stacked_at.update({carries[i]: len(node.outputs) - len(missing) + n for n, i in enumerate(missing)})
-    return [node.outputs[stacked_at[v]] for v in carries]
+    return [node.outputs[stacked_at[v]] for v in wanted]
 
 
 def _scan_vjp(b: Builder, node: Node, gs: list[Value | None]) -> list[Value | None]:
     """The VJP of a scan: a scan over the same steps in the opposite order.
 
-    Residuals: the forward scan stacks the carry entering each step, and nothing else; the
-    backward body recomputes the forward body from (consts, carry[t], xs[t]) before applying
-    its VJP (rematerialisation, as JAX's checkpointed scans). Saving every intermediate of the
-    body instead would cost length x (all of the body's temporaries) of memory, where the
-    carries are the least that lets the loop run backwards; the price is one more evaluation
-    of the body per step, and DCE drops whatever part of it the VJP does not read.
+    Residuals: the backward body is the VJP of the forward body, which reads the forward's
+    values at step t. The forward scan stacks the results of its matrix products (SAVED_OPS) and
+    the carries entering each step that the VJP reads, and nothing else; the backward body
+    recomputes the forward's elementwise work from them (rematerialisation, as JAX's
+    checkpointed scans). A product recomputed per step would cost as much as the forward's; an
+    activation saved per step would cost memory for each of them, where they are cheap to
+    recompute from the product they come from.
 
     Backward loop: carry = (cotangent of the carry, running sum of the consts' cotangents),
-    per step = (xs[t], the saved carry[t], cotangent of ys[t]), outputs per step = the
-    cotangent of xs[t]."""
+    per step = (xs[t], the saved carry[t], the saved products[t], cotangent of ys[t]), outputs
+    per step = the cotangent of xs[t]. (`hoist_accumulations` in passes/scan_rewrites.py takes
+    the running sums that are sums of matrix products out of the loop.)"""
     a = node.attrs
     consts, carry, xs = split_inputs(node, node.inputs)
     c, k = a["num_consts"], a["num_carry"]
     body = node.subgraph
-    saved = _save_carries(b.graph, node)
     n_ys = len(body.outputs) - k
     float_consts = [i for i in range(c) if is_float(consts[i].dtype)]
     float_carry = [i for i in range(k) if is_float(carry[i].dtype)]
@@ -274,6 +327,7 @@ def _scan_vjp(b: Builder, node: Node, gs: list[Value | None]) -> list[Value | No
     seeded_ys = [j for j in range(n_ys) if gs[k + j] is not None and is_float(node.outputs[k + j].dtype)]
     vjp = vjp_graph(body, [*float_consts, *(c + i for i in float_carry), *(c + k + i for i in float_xs)],
                     [*float_carry, *(k + j for j in seeded_ys)])
+    products = _recomputed_products(vjp, len(body.inputs), c)
 
     back = Builder("body")
     inputs = body.input_values
@@ -282,9 +336,11 @@ def _scan_vjp(b: Builder, node: Node, gs: list[Value | None]) -> list[Value | No
     b_acc = [back.add_input(consts[i].type, f"ct_const{i}") for i in float_consts]
     b_xs = [back.add_input(v.type, f"x{i}") for i, v in enumerate(inputs[c + k:])]
     b_carry = [back.add_input(v.type, f"carry{i}") for i, v in enumerate(inputs[c:c + k])]
+    b_products = [back.add_input(v.type, f"saved{i}") for i, v in enumerate(products)]
     b_ct_ys = [back.add_input(body.output_values[k + j].type, f"ct_y{j}") for j in seeded_ys]
     back.at(node)
-    grads = _inline(back, vjp, [*b_consts, *b_carry, *b_xs, *b_ct_carry, *b_ct_ys])
+    grads = _inline(back, vjp, [*b_consts, *b_carry, *b_xs, *b_ct_carry, *b_ct_ys],
+                    dict(zip(products, b_products)))
     g_consts = grads[:len(float_consts)]
     g_carry = grads[len(float_consts):len(float_consts) + len(float_carry)]
     g_xs = grads[len(float_consts) + len(float_carry):]
@@ -294,11 +350,18 @@ def _scan_vjp(b: Builder, node: Node, gs: list[Value | None]) -> list[Value | No
         back.add_output(f"ct_const{i}", back.add(acc, g))
     for i, g in enumerate(g_xs):
         back.add_output(f"ct_x{i}", g)
+    from .simplify import dce
+    back_body = dce(back.graph)
+    read = {v for n in back_body.nodes for v in n.inputs} | set(back_body.output_values)
+    saved_carries = [i for i, v in enumerate(b_carry) if v in read]
+    unread = {v for i, v in enumerate(b_carry) if i not in saved_carries}
+    back_body.inputs = [inp for inp in back_body.inputs if inp.value not in unread]
+    saved = _save_residuals(b.graph, node, saved_carries, products, vjp)
 
     ct_carry_init = [gs[i] if gs[i] is not None else b.zeros_like(node.outputs[i]) for i in float_carry]
     acc_init = [b.zeros_like(consts[i]) for i in float_consts]
     ct_ys = [gs[k + j] for j in seeded_ys]
-    backward = make_scan([*consts, *ct_carry_init, *acc_init, *xs, *saved, *ct_ys], back.graph,
+    backward = make_scan([*consts, *ct_carry_init, *acc_init, *xs, *saved, *ct_ys], back_body,
                          a["length"], not a["reverse"], c, len(float_carry) + len(float_consts),
                          node.loc, node.module)
     b.graph.nodes.append(backward)

@@ -366,11 +366,14 @@ def _hoisted_scan(b: Builder, scan: Node, ins: list[Value], hoisted: list[Node])
 
 def simplify(graph: Graph) -> Graph:
     """Fold and rewrite to a fixed point (bounded), then CSE and DCE; scan bodies likewise,
-    and scans lose the outputs nothing reads and compute their loop invariants once."""
-    graph = hoist_invariants(prune_scans(simplify_bodies(graph)))
+    and scans lose the outputs nothing reads, compute their loop invariants once and sum
+    their per-step matrix products after the loop (passes/scan_rewrites.py)."""
+    from .scan_rewrites import hoist_accumulations
+    graph = hoist_accumulations(hoist_invariants(prune_scans(simplify_bodies(graph))))
     for _ in range(4):
         before = len(graph.nodes)
-        graph = dce(cse(transpose_products(fold_constants(graph))))
+        # pruning follows DCE: a scan's stacked output read only by dead nodes goes too
+        graph = prune_scans(dce(cse(transpose_products(fold_constants(graph)))))
         if len(graph.nodes) == before:
             break
     return graph

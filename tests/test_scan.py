@@ -120,13 +120,19 @@ def test_the_vjp_is_a_reverse_scan_over_the_saved_carries():
     graph = gc.grad(loss_of(scanned), argnums=(0, 1, 2), backend=REF).lower(C0, XS, W)
     forward, backward = [n for n in graph.nodes if n.op == SCAN_OP]
     assert (forward.attrs["reverse"], backward.attrs["reverse"]) == (False, True)
-    # residuals: the outputs plus one stack of the carry entering each step, nothing else
+    # residuals: the final carry, the stack of the carry entering each step (read by w's
+    # gradient, one product after the loop) and of `carry @ w` (read by the backward body
+    # instead of computing it again), nothing else
     assert [str(v.type) for v in forward.outputs] == ["f64[2,3]", "f64[5,2,3]", "f64[5,2,3]"]
+    assert [n.op for n in forward.subgraph.nodes].count("matmul") == 1
     assert backward.inputs[-2] is forward.outputs[2]
+    # in the loop, only the carry's cotangent (dpre @ w.T); w's gradient is one product after it
+    assert [n.op for n in backward.subgraph.nodes].count("matmul") == 1
+    assert any(n.op == "matmul" and n.inputs[1].shape == (10, 3) for n in graph.nodes)
     # w.T, which the gradient of `carry @ w` reads at every step, is computed once before the loop
-    hoisted = backward.inputs[1].producer
+    hoisted = backward.inputs[0].producer
     assert (hoisted.op, hoisted.inputs[0]) == ("transpose", graph.inputs[2].value)
-    assert backward.attrs["num_consts"] == 2
+    assert backward.attrs["num_consts"] == 1
     assert all(n.inputs[0] is not backward.subgraph.input_values[0] for n in backward.subgraph.nodes
                if n.op == "transpose")
 
