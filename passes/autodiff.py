@@ -271,7 +271,7 @@ def _save_residuals(graph: Graph, node: Node, carries: list[int], products: list
         if any(v in needed for v in vnode.outputs):
             needed.update(vnode.inputs)
     for vnode in vjp.nodes:
-        if not any(v in needed for v in vnode.outputs) or vnode.subgraph is not None:
+        if not any(v in needed for v in vnode.outputs):
             continue
         ins = tuple(mapping[v] for v in vnode.inputs)
         key = (vnode.op, tuple(id(v) for v in ins), _attrs_key(vnode.attrs))
@@ -279,14 +279,15 @@ def _save_residuals(graph: Graph, node: Node, carries: list[int], products: list
             known[key] = vnode.clone(ins)
             extended.nodes.append(known[key])
         mapping.update(zip(vnode.outputs, known[key].outputs))
-    wanted = [body.input_values[c + i] for i in carries] + [mapping[v] for v in products]
+    names = {body.input_values[c + i]: f"saved_carry{i}" for i in carries}
+    wanted = list(names) + [mapping[v] for v in products]
 
     stacked_at = {v: k + j for j, v in enumerate(body.output_values[k:])}
     missing = list(dict.fromkeys(v for v in wanted if v not in stacked_at))
     if missing:  # a scan differentiated before (grad of grad) stacks some of them already
         taken = set(body.output_names)
-        for n, v in enumerate(missing):
-            name = f"saved_carry{carries[n]}" if n < len(carries) else "saved"
+        for v in missing:
+            name = names.get(v, "saved")
             while name in taken:
                 name += "_"
             taken.add(name)

@@ -1,0 +1,169 @@
+"""The scan VJP's residuals and `hoist_accumulations`: on an LSTM's gradient the backward body
+reads the forward's saved gate products instead of computing them again, and the recurrent
+weight's and bias's gradients are one product and one reduction after the loop; values and
+gradients stay those of a Python loop (float64, finite differences) on the reference backend and
+on numba-cpu."""
+import numpy as np
+import pytest
+
+import graphc as gc
+from graphc.ir.interpret import evaluate
+from graphc.ir.ops.control import SCAN_OP
+from graphc.passes.autodiff import autodiff
+from graphc.passes.scan_rewrites import hoist_accumulations
+
+REF = "reference"
+rng = np.random.default_rng(7)
+T, N, I, H = 5, 3, 2, 4
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def lstm_loss(xs, w_ih, w_hh, b, h0, c0):
+    """An LSTM whose bias is added inside the loop (its gradient is a sum over the batch per
+    step), on gc.scan; the loss reads every step's h and the last c."""
+    projected = xs @ w_ih.T
+
+    def step(state, px):
+        h, c = state
+        gates = px + h @ w_hh.T + b
+        i, f, o = (gc.sigmoid(gates[:, k * H:(k + 1) * H]) for k in (0, 1, 3))
+        c = f * c + i * gc.tanh(gates[:, 2 * H:3 * H])
+        h = o * gc.tanh(c)
+        return (h, c), h
+
+    (h, c), hs = gc.scan(step, (h0, c0), projected)
+    return (hs * hs).sum() + (c * c).sum()
+
+
+def numpy_lstm_loss(xs, w_ih, w_hh, b, h0, c0):
+    h, c, total = h0, c0, 0.0
+    for t in range(xs.shape[0]):
+        gates = xs[t] @ w_ih.T + h @ w_hh.T + b
+        i, f, o = (sigmoid(gates[:, k * H:(k + 1) * H]) for k in (0, 1, 3))
+        c = f * c + i * np.tanh(gates[:, 2 * H:3 * H])
+        h = o * np.tanh(c)
+        total += (h * h).sum()
+    return total + (c * c).sum()
+
+
+def lstm_args(dtype=np.float64):
+    return [a.astype(dtype) for a in (rng.normal(size=(T, N, I)), rng.normal(size=(4 * H, I)) * 0.5,
+                                      rng.normal(size=(4 * H, H)) * 0.5, rng.normal(size=(4 * H,)) * 0.5,
+                                      rng.normal(size=(N, H)), rng.normal(size=(N, H)))]
+
+
+def finite_differences(f, arrays, index, eps=1e-6):
+    x = arrays[index]
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        plus, minus = [a.copy() for a in arrays], [a.copy() for a in arrays]
+        plus[index][i] += eps
+        minus[index][i] -= eps
+        grad[i] = (f(*plus) - f(*minus)) / (2 * eps)
+    return grad
+
+
+def scans(graph):
+    forward, backward = [n for n in graph.nodes if n.op == SCAN_OP]
+    return forward, backward
+
+
+def matmuls(graph):
+    return [n for n in graph.nodes if n.op == "matmul"]
+
+
+def test_the_lstm_backward_body_reads_saved_products_and_sums_weight_gradients_after_the_loop():
+    args = lstm_args()
+    forward_graph = gc.jit(lstm_loss, backend=REF).lower(*args)
+    raw = autodiff(forward_graph, [1, 2, 3, 4, 5])  # no simplify: the VJP rule's own graph
+    forward, backward = scans(raw)
+    # the forward's one product per step, h @ w_hh.T, is stacked for the backward, which
+    # computes only the cotangents' products: dgates @ w_hh (for h) and h^T @ dgates (w_hh)
+    assert len(matmuls(forward.subgraph)) == 1
+    saved = forward.outputs[-1]
+    assert saved.shape == (T, N, 4 * H) and saved in backward.inputs
+    assert len(matmuls(backward.subgraph)) == 2
+    carried = [v.shape for v in backward.inputs[backward.attrs["num_consts"]:][:backward.attrs["num_carry"]]]
+    assert (H, 4 * H) in carried and (4 * H,) in carried  # w_hh.T's and b's running sums
+
+    rewritten = hoist_accumulations(raw)
+    _, loop = scans(rewritten)
+    assert len(matmuls(loop.subgraph)) == 1  # dgates @ w_hh only
+    assert "sum" not in {n.op for n in loop.subgraph.nodes}
+    assert loop.attrs["num_carry"] == 2  # the cotangents of h and c; no weight sums
+    after = [n for n in rewritten.nodes[rewritten.nodes.index(loop) + 1:] if n.op in ("matmul", "sum")]
+    assert any(n.op == "matmul" and n.inputs[1].shape == (T * N, 4 * H) for n in after)
+    assert any(n.op == "sum" and n.inputs[0].shape == (T, N, 4 * H) for n in after)
+    for got, want in zip(evaluate(rewritten, args), evaluate(raw, args)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_lstm_gradients_match_a_python_loop_by_finite_differences():
+    args = lstm_args()
+    loss, grads = gc.value_and_grad(lstm_loss, argnums=(0, 1, 2, 3, 4, 5), backend=REF)(*args)
+    np.testing.assert_allclose(loss, numpy_lstm_loss(*args), rtol=1e-12)
+    for i, g in enumerate(grads):
+        np.testing.assert_allclose(g, finite_differences(numpy_lstm_loss, args, i), rtol=1e-6, atol=1e-8)
+    graph = gc.grad(lstm_loss, argnums=(1, 2, 3), backend=REF).lower(*args)
+    _, backward = scans(graph)
+    assert len(matmuls(backward.subgraph)) == 1
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_an_accumulation_from_a_nonzero_start_leaves_the_loop(transposed):
+    """acc + a_t^T @ b_t (or a_t @ b_t) and acc + sum(b_t) carried from nonzero starts: after the
+    rewrite no carry is left, and the result is the start plus every step's term."""
+    a_shape = (T, N, 3) if transposed else (T, 3, N)
+    a, bs = rng.normal(size=a_shape), rng.normal(size=(T, N, 2))
+    start, bias_start = rng.normal(size=(3, 2)), rng.normal(size=(2,))
+
+    def f(start, bias_start, a, bs):
+        def step(carry, x):
+            acc, bias_acc = carry
+            a_t, b_t = x
+            return (acc + (a_t.T if transposed else a_t) @ (b_t * 2.0), bias_acc + b_t.sum(0)), None
+        return gc.scan(step, (start, bias_start), (a, bs))[0]
+
+    graph = gc.jit(f, backend=REF).lower(start, bias_start, a, bs)
+    assert not [n for n in graph.nodes if n.op == SCAN_OP and n.attrs["num_carry"]]
+    acc, bias_acc = gc.jit(f, backend=REF)(start, bias_start, a, bs)
+    terms = [(a[t].T if transposed else a[t]) @ (bs[t] * 2) for t in range(T)]
+    np.testing.assert_allclose(acc, start + sum(terms), rtol=1e-12)
+    np.testing.assert_allclose(bias_acc, bias_start + bs.sum((0, 1)), rtol=1e-12)
+
+
+def test_a_carry_read_elsewhere_in_the_body_stays_in_the_loop():
+    """acc + x^T @ y is not hoisted when the step also reads acc (its value mid-loop matters)."""
+    a, bs = rng.normal(size=(T, N, 2)), rng.normal(size=(T, N, 2))
+
+    def f(start, a, bs):
+        def step(acc, x):
+            a_t, b_t = x
+            return acc + a_t.T @ b_t, (acc * acc).sum()
+        return gc.scan(step, start, (a, bs))
+
+    start = rng.normal(size=(2, 2))
+    graph = gc.jit(f, backend=REF).lower(start, a, bs)
+    (loop,) = [n for n in graph.nodes if n.op == SCAN_OP]
+    assert loop.attrs["num_carry"] == 1 and matmuls(loop.subgraph)
+    last, ys = gc.jit(f, backend=REF)(start, a, bs)
+    acc, want = start, []
+    for t in range(T):
+        want.append((acc * acc).sum())
+        acc = acc + a[t].T @ bs[t]
+    np.testing.assert_allclose(last, acc, rtol=1e-12)
+    np.testing.assert_allclose(ys, want, rtol=1e-12)
+
+
+@pytest.mark.slow  # ~20 s on the busy 2-core machine (compiles the forward and backward bodies)
+def test_numba_cpu_lstm_gradients_match_the_reference():
+    args = lstm_args(np.float32)
+    argnums = (0, 1, 2, 3, 4, 5)
+    want = gc.value_and_grad(lstm_loss, argnums=argnums, backend=REF)(*args)
+    got = gc.value_and_grad(lstm_loss, argnums=argnums, backend="numba-cpu")(*args)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g, w in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
