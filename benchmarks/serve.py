@@ -19,7 +19,11 @@ sample per request, until --requests are answered or --seconds have passed (whic
 after --warmup unmeasured requests. The table gives throughput, p50/p95/p99 latency, failures,
 the server's resident memory after start-up and at the end, and the batching / batch-1 ratios
 at the highest concurrency. The client runs on the same cores as the server: on a small
-machine it takes part of the throughput it measures, the same part for every server.
+machine it takes part of the throughput it measures, the same part for every server. The
+`server CPU` and `client CPU` columns say how much: CPU milliseconds per answered request, of
+the server process (all its threads: event loop, model worker, compute threads) and of the
+client, which bound the throughput of a machine that has nothing else to do at
+cores / (server + client CPU).
 
 --malformed sends --requests requests to `graphc serve` (1% malformed: wrong shape, bad JSON,
 wrong dtype, an .npy body that is not one) and checks that every valid answer equals
@@ -36,6 +40,7 @@ import io
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -173,6 +178,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_seconds(pid: int) -> float:
+    """A process's user + system CPU time so far, all its threads (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # fields 3 on: state, ppid, ...
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """This process's (the client's) user + system CPU time so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def resident_mib(pid: int) -> float:
     """A process's resident set size (Linux /proc)."""
     with open(f"/proc/{pid}/status") as f:
@@ -239,6 +257,9 @@ class Server:
 
     def rss_mib(self) -> float:
         return resident_mib(self.process.pid)
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.process.pid)
 
     def output(self) -> str:
         self.log.seek(0)
@@ -400,13 +421,18 @@ class Row:
     p95_ms: float
     p99_ms: float
     mean_batch: float  # samples per model call, from the server's graphc_batch_size histogram
+    server_cpu_ms: float  # CPU time per answered request: the server process, all threads
+    client_cpu_ms: float  # the load generator's
 
 
-def row(label: str, concurrency: int, outcome: Outcome, mean_batch: float) -> Row:
+def row(label: str, concurrency: int, outcome: Outcome, mean_batch: float,
+        cpu_seconds: tuple[float, float]) -> Row:
     p50, p95, p99 = (np.percentile(outcome.latencies, [50, 95, 99]) * 1e3
                      if outcome.latencies else (float("nan"),) * 3)
+    server_ms, client_ms = (1e3 * seconds / max(outcome.answered, 1) for seconds in cpu_seconds)
     return Row(label, concurrency, outcome.answered, outcome.failed,
-               outcome.answered / outcome.seconds, float(p50), float(p95), float(p99), mean_batch)
+               outcome.answered / outcome.seconds, float(p50), float(p95), float(p99), mean_batch,
+               server_ms, client_ms)
 
 
 def benchmark(args: argparse.Namespace, models: Models) -> dict[str, Any]:
@@ -435,11 +461,13 @@ def benchmark(args: argparse.Namespace, models: Models) -> dict[str, Any]:
                     warm = asyncio.run(drive(url, requests, concurrency=concurrency,
                                              count=args.warmup, seconds=args.seconds))
                     calls_before = server.batch_counts(model)
+                    cpu_before = (server.cpu_seconds(), own_cpu_seconds())
                     outcome = asyncio.run(drive(url, requests, concurrency=concurrency,
                                                 count=args.requests, seconds=args.seconds))
+                    cpu = np.subtract((server.cpu_seconds(), own_cpu_seconds()), cpu_before)
                     samples, calls = np.subtract(server.batch_counts(model), calls_before)
                     outcome.errors += warm.errors
-                    rows.append(row(label, concurrency, outcome, samples / max(calls, 1)))
+                    rows.append(row(label, concurrency, outcome, samples / max(calls, 1), cpu))
                     print(f"round {round_index + 1}: {format_row(rows[-1])}", file=sys.stderr,
                           flush=True)
                 rss_end = server.rss_mib()
@@ -465,7 +493,8 @@ def median_rows(rounds: list[list[Row]]) -> list[Row]:
         median = lambda attribute: float(np.median([getattr(r, attribute) for r in same]))
         merged.append(Row(same[0].server, same[0].concurrency, sum(r.requests for r in same),
                           sum(r.failed for r in same), median("throughput"), median("p50_ms"),
-                          median("p95_ms"), median("p99_ms"), median("mean_batch")))
+                          median("p95_ms"), median("p99_ms"), median("mean_batch"),
+                          median("server_cpu_ms"), median("client_cpu_ms")))
     return merged
 
 
@@ -477,13 +506,15 @@ def ratios(rows: list[Row], concurrency: int) -> dict[str, float]:
     return {name: at[a] / at[b] for name, (a, b) in pairs.items() if a in at and b in at}
 
 
-HEADER = ("| server | concurrency | requests | failed | req/s | p50 ms | p95 ms | p99 ms | batch |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+HEADER = ("| server | concurrency | requests | failed | req/s | p50 ms | p95 ms | p99 ms | batch "
+          "| server CPU ms/req | client CPU ms/req |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def format_row(r: Row) -> str:
     return (f"| {r.server} | {r.concurrency} | {r.requests} | {r.failed} | {r.throughput:.0f} | "
-            f"{r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} | {r.mean_batch:.1f} |")
+            f"{r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} | {r.mean_batch:.1f} | "
+            f"{r.server_cpu_ms:.2f} | {r.client_cpu_ms:.2f} |")
 
 
 def print_table(results: dict[str, Any], concurrency: int) -> None:

@@ -38,6 +38,8 @@ def test_load_generator_table(tmp_path):
     for r in rows:
         assert r["requests"] == 24 and r["failed"] == 0, r
         assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"], r
+        assert r["server_cpu_ms"] >= 0 and r["client_cpu_ms"] > 0, r
+    assert sum(r["server_cpu_ms"] for r in rows) > 0  # /proc counts in 10 ms ticks
     assert "throughput at concurrency 8, graphc / onnxruntime" in proc.stdout
 
 
