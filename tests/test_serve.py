@@ -163,6 +163,21 @@ def test_a_runner_compiles_only_the_buckets_its_max_batch_reaches(model_path):
     assert sorted(runner._function._executables) == [1, 8]
 
 
+def test_a_batch_just_over_a_bucket_runs_as_bucket_sized_calls(model_path, reference, monkeypatch):
+    from graphc.export import batch_buckets
+    from graphc.serve import runner as runner_module
+
+    buckets = batch_buckets(64)
+    assert runner_module.bucket_chunks(33, buckets) == [32, 1]  # not padded to 64
+    assert runner_module.bucket_chunks(40, buckets) == [32, 8]
+    assert runner_module.bucket_chunks(63, buckets) == [63]  # one padded call is cheaper
+    runner = GraphcRunner.from_file(model_path, backend="numba-cpu")
+    monkeypatch.setattr(runner_module, "_CALL_COST_IN_SAMPLES", 0)  # calls free: 7 = 4 + 2 + 1
+    assert runner_module.bucket_chunks(7, runner._function.buckets) == [4, 2, 1]
+    x = samples(7, 11)
+    np.testing.assert_allclose(runner.run(x), reference(x), atol=ATOL)
+
+
 def test_fixed_batch_export_serves_smaller_batches_padded(tmp_path):
     path = export_model(tmp_path / "fixed.gcx", seed=1, max_batch=None)
     runner = GraphcRunner.from_file(path, backend="numba-cpu")

@@ -2,6 +2,7 @@
 same HTTP stack (graphc's compiled functions here; see the package docstring)."""
 from __future__ import annotations
 
+import bisect
 import os
 import time
 from dataclasses import dataclass
@@ -38,11 +39,35 @@ class Runner(Protocol):
     def run(self, batch: np.ndarray) -> np.ndarray: ...
 
 
+# What one compiled call costs beyond its samples, in samples: the MNIST CNN takes ~1.0 ms per
+# call plus ~0.25 ms per sample on 2 cores (batch 32: 10.3 ms; 33, padded to 64: 15.4 ms).
+_CALL_COST_IN_SAMPLES = 4
+
+
+def bucket_chunks(n: int, buckets: list[int]) -> list[int]:
+    """The cheapest way to run n samples on the batch buckets: a list of chunk sizes, each run
+    on its smallest bucket. A batch just over a bucket splits (33 on buckets 1, 2, ..., 64 runs
+    as 32 and 1, not padded to 64); one just under stays whole (63 runs padded to 64)."""
+    costs, plans = [0], [[]]  # for 0..n samples: the cheapest cost and its chunks
+    for m in range(1, n + 1):
+        padded = buckets[bisect.bisect_left(buckets, m)]
+        best_cost, best_plan = padded + _CALL_COST_IN_SAMPLES, [m]
+        fits = bisect.bisect_right(buckets, m) - 1  # the largest bucket <= m
+        if fits >= 0 and buckets[fits] < m:
+            first = buckets[fits]
+            split = first + _CALL_COST_IN_SAMPLES + costs[m - first]
+            if split < best_cost:
+                best_cost, best_plan = split, [first, *plans[m - first]]
+        costs.append(best_cost)
+        plans.append(best_plan)
+    return plans[n]
+
+
 class GraphcRunner:
     """A graphc inference export (graphc.export.load) as a runner. A batch-polymorphic export
-    (exported with max_batch) runs each batch on its smallest bucket, the buckets up to the
-    runner's max_batch compiled here ahead of the first request; a fixed-batch export pads every
-    batch to its one size."""
+    (exported with max_batch) runs each batch on its batch buckets, compiled here up to the
+    runner's max_batch ahead of the first request (see bucket_chunks); a fixed-batch export pads
+    every batch to its one size."""
 
     def __init__(self, function: Any, name: str, max_batch: int | None = None) -> None:
         from graphc.export import LoadedFunction
@@ -87,7 +112,15 @@ class GraphcRunner:
     def run(self, batch: np.ndarray) -> np.ndarray:
         n = batch.shape[0]
         if self._fixed_batch is None:
-            return self._function(batch)
+            chunks = bucket_chunks(n, self._function.buckets)
+            if len(chunks) == 1:
+                return self._function(batch)
+            outputs = np.empty((n, *self.output.shape), self.output.dtype)
+            start = 0
+            for size in chunks:  # each call's outputs copied out before the next call
+                outputs[start:start + size] = self._function(batch[start:start + size])
+                start += size
+            return outputs
         padded = np.zeros((self._fixed_batch, *batch.shape[1:]), batch.dtype)
         padded[:n] = batch
         return np.array(self._function(padded)[:n])
