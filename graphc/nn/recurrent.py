@@ -34,7 +34,7 @@ State = tuple[Tensor, ...]  # (h,) for RNN and GRU, (h, c) for LSTM
 # Sequences up to this many steps unroll; longer ones run on gc.scan. Measured on numba-cpu,
 # LSTM(28 -> 128), batch 64, value and gradient, medians of 3 alternated runs (2026-12); first
 # calls in a fresh process on an empty kernel cache (2 threads), per call the median of 7 calls
-# on 1 thread:
+# on 1 thread (first measured with the scan looping in Python):
 #
 #   steps                                8        16        28        50
 #   first call, cold cache  unrolled   12.1 s    18.1 s    21.9 s    42.8 s
@@ -42,14 +42,22 @@ State = tuple[Tensor, ...]  # (h,) for RNN and GRU, (h, c) for LSTM
 #   per call (1 thread)     unrolled   13.3 ms   25.2 ms   23.8 ms   93.2 ms
 #                           scan       10.9 ms   45.0 ms   81.5 ms  146.1 ms
 #
-# Unrolled calls run up to 3.4x faster (the scan's gradient recomputes each step's cell from
-# the saved carries, and its loop calls the body from Python), but the unrolled compile grows by
-# about 0.7 s per step while the scan's stays flat. A training run pays the compile once (the
-# kernel cache keeps it) and the call on every step: at 28 steps the unrolled compile's extra
-# ~14 s is repaid after ~250 steps (58 ms saved per step), so sequences up to 32 steps unroll
-# (MNIST rows, 28, among them). Beyond, the compile grows past 25 s and the gap per call narrows
-# (50 steps: 1.6x). (With 2 threads on the busy 2-core machine the per-call times spread over two
-# orders of magnitude, 72 ms to 3.4 s for the same 50-step scan, and decide nothing.)
+# Unrolled calls ran up to 3.4x faster then (the scan's gradient recomputed each step's cell
+# from the saved carries, and its loop called the body from Python), but the unrolled compile
+# grows by about 0.7 s per step while the scan's stays flat. Measured again once the scan ran in
+# a compiled driver and its gradient read the forward's saved products (the whole training step
+# with Adam, 1 thread, fresh kernel cache on the busy machine, then warm medians of 15 steps):
+#
+#   steps                                28               50
+#   first call, cold cache  unrolled   16.7 s           28.0 s
+#                           scan       15.1 s           10.4 s
+#   per step                unrolled   15.3-15.7 ms     26.1-27.2 ms
+#                           scan       17.7-20.6 ms     30.4-32.1 ms
+#
+# Unrolled steps are still 1.15-1.3x faster, and below ~32 steps the compiles cost about the
+# same, so sequences up to 32 steps unroll (MNIST rows, 28, among them); beyond, the unrolled
+# compile grows past 25 s for a gap per step of under 1.2x. (With 2 threads on the busy 2-core
+# machine per-call times spread over two orders of magnitude and decide nothing.)
 UNROLL_MAX_STEPS = 32
 
 
