@@ -44,7 +44,7 @@ class Stages:
         """Verify and dump `graph` as the next stage; returns it."""
         if self.verify:
             verify_graph(graph)
-        self._write(stage, str(graph) + "\n", graph_to_dot(graph))
+        self._write(stage, lambda: str(graph) + "\n", lambda: graph_to_dot(graph))
         return graph
 
     def run(self, graph: Graph, passes: Sequence[Pass]) -> Graph:
@@ -60,19 +60,22 @@ class Stages:
         plan = plan_memory(fused, donate, scratch)
         if self.verify:
             validate(plan)
-        self._write("memory_plan", describe_plan(plan), graph_to_dot(fused, plan.slot_of))
+        self._write("memory_plan", lambda: describe_plan(plan),
+                    lambda: graph_to_dot(fused, plan.slot_of))
         return plan
 
-    def _write(self, stage: str, text: str, dot: str) -> None:
+    def _write(self, stage: str, text: Callable[[], str], dot: Callable[[], str]) -> None:
+        """Number the stage; with a dump directory, write its text and DOT (made only then:
+        printing a large step's graph costs tens of milliseconds a stage)."""
         index, self.count = self.count, self.count + 1
         if not self.dump_dir:
             return
         os.makedirs(self.dump_dir, exist_ok=True)
         stem = os.path.join(self.dump_dir, f"{self.name}.{index:02d}.{stage}")
         with open(stem + ".txt", "w") as f:
-            f.write(text)
+            f.write(text())
         with open(stem + ".dot", "w") as f:
-            f.write(dot)
+            f.write(dot())
 
 
 def describe_plan(plan: MemoryPlan) -> str:
