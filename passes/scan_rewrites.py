@@ -18,7 +18,7 @@ from __future__ import annotations
 from graphc.ir import Builder, Graph, Node, Value
 from graphc.ir.ops.control import SCAN_OP, make_scan
 
-from .simplify import dce
+from .simplify import dce, rebuild_scans
 
 
 def _accumulated_term(body: Graph, scan: Node, i: int) -> Node | None:
@@ -54,21 +54,8 @@ def hoist_accumulations(graph: Graph) -> Graph:
     initial value."""
     if not any(node.op == SCAN_OP and _hoistable(node) for node in graph.nodes):
         return graph
-    new = Graph(graph.name)
-    b = Builder(new)
-    mapping = {i.value: new.add_input(i.value.type, i.name, i.role) for i in graph.inputs}
-    for node in graph.nodes:
-        ins = [mapping[v] for v in node.inputs]
-        terms = _hoistable(node) if node.op == SCAN_OP else {}
-        if terms:
-            b.at(node)
-            mapping.update(_hoisted_scan(b, node, ins, terms))
-        else:
-            clone = node.clone(ins)
-            new.nodes.append(clone)
-            mapping.update(zip(node.outputs, clone.outputs))
-    new.outputs = [(n, mapping[v]) for n, v in graph.outputs]
-    return new
+    return rebuild_scans(graph, lambda b, node, ins: (_hoisted_scan(b, node, ins, terms)
+                                                      if (terms := _hoistable(node)) else None))
 
 
 def _hoisted_scan(b: Builder, scan: Node, ins: list[Value], terms: dict[int, Node]

@@ -151,6 +151,28 @@ def _rebuild(graph: Graph, rewrite: Callable[[Builder, Node, tuple[Value, ...]],
     return new
 
 
+def rebuild_scans(graph: Graph,
+                  rewrite: Callable[[Builder, Node, list[Value]], dict[Value, Value] | None]) -> Graph:
+    """Copy `graph` node by node; for each scan node `rewrite(b, scan, operands)` may emit its
+    replacement through `b` and return the new value of each of the scan's outputs still read
+    (None: the scan is copied as it is)."""
+    new = Graph(graph.name)
+    b = Builder(new)
+    mapping = {i.value: new.add_input(i.value.type, i.name, i.role) for i in graph.inputs}
+    for node in graph.nodes:
+        ins = [mapping[v] for v in node.inputs]
+        b.at(node)
+        replaced = rewrite(b, node, ins) if node.op == SCAN_OP else None
+        if replaced is None:
+            clone = node.clone(ins)
+            new.nodes.append(clone)
+            mapping.update(zip(node.outputs, clone.outputs))
+        else:
+            mapping.update(replaced)
+    new.outputs = [(n, mapping[v]) for n, v in graph.outputs]
+    return new
+
+
 def fold_constants(graph: Graph) -> Graph:
     """Evaluate nodes whose operands are all small constants; apply the identity rules."""
     def rewrite(b: Builder, node: Node, ins: tuple[Value, ...]) -> Value | None:
@@ -256,19 +278,11 @@ def prune_scans(graph: Graph) -> Graph:
                                        or _unread_operands(node.subgraph, node))
                for node in graph.nodes):
         return graph
-    new = Graph(graph.name)
-    mapping = {i.value: new.add_input(i.value.type, i.name, i.role) for i in graph.inputs}
-    for node in graph.nodes:
-        ins = [mapping[v] for v in node.inputs]
-        if node.op != SCAN_OP:
-            clone = node.clone(ins)
-            new.nodes.append(clone)
-            mapping.update(zip(node.outputs, clone.outputs))
-            continue
+    def pruned(b: Builder, node: Node, ins: list[Value]) -> dict[Value, Value]:
         a, k = node.attrs, node.attrs["num_carry"]
         kept_outputs = [q for q, v in enumerate(node.outputs) if q < k or v in read]
         if not any(node.outputs[q] in read for q in kept_outputs):
-            continue  # a dead scan
+            return {}  # a dead scan
         body = node.subgraph.copy()
         body.outputs = [body.outputs[q] for q in kept_outputs]
         body = dce(body)
@@ -277,10 +291,9 @@ def prune_scans(graph: Graph) -> Graph:
         consts = a["num_consts"] - sum(p < a["num_consts"] for p in unread)
         clone = make_scan([v for p, v in enumerate(ins) if p not in unread], body, a["length"],
                           a["reverse"], consts, k, node.loc, node.module)
-        new.nodes.append(clone)
-        mapping.update(zip([node.outputs[q] for q in kept_outputs], clone.outputs))
-    new.outputs = [(n, mapping[v]) for n, v in graph.outputs]
-    return new
+        b.graph.nodes.append(clone)
+        return dict(zip([node.outputs[q] for q in kept_outputs], clone.outputs))
+    return rebuild_scans(graph, pruned)
 
 
 def _unread_operands(body: Graph, node: Node) -> set[int]:
@@ -297,20 +310,14 @@ def hoist_invariants(graph: Graph) -> Graph:
     every step."""
     if not any(node.op == SCAN_OP and _invariant_nodes(node) for node in graph.nodes):
         return graph
-    new = Graph(graph.name)
-    b = Builder(new)
-    mapping = {i.value: new.add_input(i.value.type, i.name, i.role) for i in graph.inputs}
-    for node in graph.nodes:
-        ins = [mapping[v] for v in node.inputs]
-        hoisted = _invariant_nodes(node) if node.op == SCAN_OP else []
-        if hoisted:
-            clone = _hoisted_scan(b, node, ins, hoisted)
-        else:
-            clone = node.clone(ins)
-        new.nodes.append(clone)
-        mapping.update(zip(node.outputs, clone.outputs))
-    new.outputs = [(n, mapping[v]) for n, v in graph.outputs]
-    return new
+    def hoisted(b: Builder, node: Node, ins: list[Value]) -> dict[Value, Value] | None:
+        nodes = _invariant_nodes(node)
+        if not nodes:
+            return None
+        clone = _hoisted_scan(b, node, ins, nodes)
+        b.graph.nodes.append(clone)
+        return dict(zip(node.outputs, clone.outputs))
+    return rebuild_scans(graph, hoisted)
 
 
 def _invariant_nodes(scan: Node) -> list[Node]:
