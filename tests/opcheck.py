@@ -75,3 +75,16 @@ def check_vjp(op: str, arrays: Sequence[np.ndarray], rtol: float = 1e-5, atol: f
                                    err_msg=f"{op}: VJP of input {i} differs from finite differences")
         checked += 1
     assert checked, f"{op}: no float input was checked"
+
+
+def finite_differences(f: Callable[..., float], arrays: list[np.ndarray], index: int,
+                       eps: float = 1e-6) -> np.ndarray:
+    """d f(*arrays) / d arrays[index], central differences (float64)."""
+    x = arrays[index]
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        plus, minus = [a.copy() for a in arrays], [a.copy() for a in arrays]
+        plus[index][i] += eps
+        minus[index][i] -= eps
+        grad[i] = (f(*plus) - f(*minus)) / (2 * eps)
+    return grad

@@ -13,6 +13,7 @@ from graphc.ir.interpret import evaluate
 from graphc.ir.ops.control import MAX_BODY_DEPTH, SCAN_OP
 from graphc.passes.fusion import fuse
 from graphc.passes.simplify import simplify
+from opcheck import finite_differences
 
 REF = "reference"
 rng = np.random.default_rng(0)
@@ -20,18 +21,6 @@ rng = np.random.default_rng(0)
 
 def jit(fn):
     return gc.jit(fn, backend=REF)
-
-
-def finite_differences(f, arrays, index, eps=1e-6):
-    """d f(*arrays) / d arrays[index], central differences (float64)."""
-    x = arrays[index]
-    grad = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        plus, minus = [a.copy() for a in arrays], [a.copy() for a in arrays]
-        plus[index][i] += eps
-        minus[index][i] -= eps
-        grad[i] = (f(*plus) - f(*minus)) / (2 * eps)
-    return grad
 
 
 def cell(c, x, w):

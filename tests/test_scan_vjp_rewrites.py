@@ -11,6 +11,7 @@ from graphc.ir.interpret import evaluate
 from graphc.ir.ops.control import SCAN_OP
 from graphc.passes.autodiff import autodiff
 from graphc.passes.scan_rewrites import hoist_accumulations
+from opcheck import finite_differences
 
 REF = "reference"
 rng = np.random.default_rng(7)
@@ -53,17 +54,6 @@ def lstm_args(dtype=np.float64):
     return [a.astype(dtype) for a in (rng.normal(size=(T, N, I)), rng.normal(size=(4 * H, I)) * 0.5,
                                       rng.normal(size=(4 * H, H)) * 0.5, rng.normal(size=(4 * H,)) * 0.5,
                                       rng.normal(size=(N, H)), rng.normal(size=(N, H)))]
-
-
-def finite_differences(f, arrays, index, eps=1e-6):
-    x = arrays[index]
-    grad = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        plus, minus = [a.copy() for a in arrays], [a.copy() for a in arrays]
-        plus[index][i] += eps
-        minus[index][i] -= eps
-        grad[i] = (f(*plus) - f(*minus)) / (2 * eps)
-    return grad
 
 
 def scans(graph):
