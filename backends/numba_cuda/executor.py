@@ -36,6 +36,7 @@ from graphc.ir.memory import MemoryPlan
 
 from .cache import get_cache
 from .codegen import CudaCall, CudaKernelSource, generate
+from .scan_loop import device_scan_loop
 
 
 def numba_cuda_module() -> Any:
@@ -271,6 +272,11 @@ class Executable(PlannedExecutable, DeviceResident):
             for k in [k for k, held in self._held.items() if array is None or held is array]:
                 del self._held[k]
                 self._newer.discard(k)
+
+    def scan_driver(self, node: Node) -> Callable[[list[np.ndarray]], list[np.ndarray]] | None:
+        """A loop running `node`'s steps (this executable being its body) on the device, or None
+        where the steps need the host (scan_loop.py)."""
+        return device_scan_loop(node, self)
 
     def __repr__(self) -> str:
         return (f"<numba-cuda Executable {self.graph.name!r}: {len(self.kernels)} kernels, "
