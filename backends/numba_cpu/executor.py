@@ -35,7 +35,7 @@ from graphc.ir.memory import ALIGNMENT, MemoryPlan
 from .blas import single_threaded_scipy_blas
 from .cache import CacheStats, get_cache
 from .codegen import POINTWISE_GENERATORS, generate
-from .codegen_common import Call, KernelSource, always_parallel
+from .codegen_common import Call, KernelSource, always_parallel, kernel_threads, requested_threads
 
 
 @dataclass
@@ -81,14 +81,7 @@ def _picker(slots: tuple[int, ...]) -> Callable[[list[Any]], tuple[Any, ...]]:
 
 
 def _thread_count() -> int | None:
-    text = os.environ.get("GRAPHC_NUM_THREADS")
-    if not text:
-        return None
-    try:
-        count = int(text)
-    except ValueError:
-        raise ValueError(f"GRAPHC_NUM_THREADS={text!r} is not an integer") from None
-    return max(1, min(count, numba.config.NUMBA_NUM_THREADS))
+    return kernel_threads() if requested_threads() is not None else None
 
 
 class _Environment:

@@ -1,0 +1,45 @@
+"""What keeps a cold start short: kernels compile serially where they can only run on one
+thread (a parallel kernel compiles 2-4 times as long)."""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from graphc.backends.numba_cpu.codegen_common import PARALLEL_MIN_ELEMENTS, kernel_threads, runs_parallel
+from graphc.backends.reference import evaluate
+from graphc.ir import Builder, TensorType
+from graphc.lowering import compile_graph
+
+
+def exp_of_difference(shape: tuple[int, ...]):
+    b = Builder("exp_of_difference")
+    x = b.add_input(TensorType(shape, "float32"), "x")
+    y = b.add_input(TensorType(shape[-1:], "float32"), "y")
+    b.add_output("out", b.exp(b.mul(b.sub(x, y), x)))
+    return b.graph.verify()
+
+
+def test_a_large_kernel_compiles_serially_when_kernels_run_on_one_thread(monkeypatch):
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", "1")
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((320, 240), np.float32), rng.standard_normal(240, np.float32)
+    assert x.size >= PARALLEL_MIN_ELEMENTS
+    graph = exp_of_difference(x.shape)
+    executable = compile_graph(graph, "numba-cpu")
+    [kernel] = executable.kernels
+    assert not kernel.generated.parallel and "prange(" not in kernel.source
+    np.testing.assert_allclose(executable(x, y)[0], evaluate(graph, [x, y])[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="Numba runs one thread here")
+def test_kernel_threads_follow_numba_and_the_requested_count(monkeypatch):
+    monkeypatch.delenv("GRAPHC_NUM_THREADS", raising=False)
+    assert kernel_threads() == numba.config.NUMBA_NUM_THREADS and runs_parallel(PARALLEL_MIN_ELEMENTS)
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", str(numba.config.NUMBA_NUM_THREADS + 5))
+    assert kernel_threads() == numba.config.NUMBA_NUM_THREADS
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", "1")
+    assert kernel_threads() == 1 and not runs_parallel(PARALLEL_MIN_ELEMENTS)
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", "two")
+    with pytest.raises(ValueError, match="GRAPHC_NUM_THREADS='two'"):
+        kernel_threads()
