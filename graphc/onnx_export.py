@@ -237,6 +237,24 @@ def _moments(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
            axis=0)
 
 
+@lowering(TARGET, "softmax")
+def _softmax(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    """Softmax along one axis (its meaning from opset 13 on). ONNX's gives NaN on a line of
+    -inf; with zero_masked_rows, lines whose max is -inf are set to 0."""
+    axis = node.attrs["axis"]
+    if not node.attrs["zero_masked_rows"]:
+        g.emit("Softmax", xs, out, axis=axis)
+        return
+    probabilities = g.emit("Softmax", xs, axis=axis)
+    dtype = node.inputs[0].dtype
+    if g.opset >= 18:  # ReduceMax took its axes as an attribute before opset 18
+        peak = g.emit("ReduceMax", [xs[0], g.ints((axis,))], keepdims=1)
+    else:
+        peak = g.emit("ReduceMax", xs, axes=[axis], keepdims=1)
+    masked = g.emit("Equal", [peak, g.constant(np.asarray(-np.inf, dtype))])
+    g.emit("Where", [masked, g.constant(np.asarray(0, dtype)), probabilities], out)
+
+
 @lowering(TARGET, "max")
 def _reduce_max(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     if g.opset >= 18:  # ReduceMax took its axes as an attribute before opset 18

@@ -239,13 +239,19 @@ def sigmoid_float32(x):
 """
 
 
+def float32_math_helpers(target: KernelTarget) -> str:
+    """Source of the helpers exp_float32, tanh_float32 and sigmoid_float32 for `target` (library
+    kernels call them too)."""
+    strict = target.helper_decorator.replace("(", "(fastmath=False, ", 1)
+    return _FLOAT32_MATH.format(decorator=strict, exp_reduction_c=_exp_reduction("c", "p"),
+                                exp_reduction_t=_exp_reduction("t", "q"))
+
+
 @_rule("exp", "tanh", "sigmoid")
 def _float32_transcendental(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
     if node.output.dtype != "float32" or e.target.name not in SCALAR_LIBM_TARGETS:
         return _elementwise_rule(e, node, domain)
-    strict = e.target.helper_decorator.replace("(", "(fastmath=False, ", 1)
-    e.require_helper(_FLOAT32_MATH.format(decorator=strict, exp_reduction_c=_exp_reduction("c", "p"),
-                                         exp_reduction_t=_exp_reduction("t", "q")))
+    e.require_helper(float32_math_helpers(e.target))
     return f"{node.op}_float32({e.broadcast_operand(node, 0, domain.index)})"
 
 

@@ -25,7 +25,8 @@ from graphc.backends.kernels.library import Refs, epilogue_graph
 from graphc.backends.kernels.pointwise import kernel_arrays, members_of
 
 # Each topic's module registers its lowerings, which generate_library looks up.
-from . import codegen_conv, codegen_cumulative, codegen_matmul, codegen_norm, codegen_pool, codegen_scatter  # noqa: F401
+from . import (codegen_conv, codegen_cumulative, codegen_matmul, codegen_norm, codegen_pool,  # noqa: F401
+               codegen_scatter, codegen_softmax)
 from .codegen_common import TARGET, Call, KernelSource
 from .codegen_elementwise import elementwise_call, elementwise_flops
 

@@ -24,6 +24,7 @@ from graphc.ir import Node, TensorType, Value
 from graphc.ir.kernels import op_class
 from graphc.ir.lowering import lowering, lowering_for
 from graphc.ir.ops.norm import lines_view
+from graphc.ir.ops.softmax import lines_view as softmax_lines_view
 from graphc.backends.kernels.arrays import KernelArray
 from graphc.backends.kernels.library import Refs, epilogue_graph
 from graphc.backends.kernels.pointwise import (Domain, KernelTarget, PointwiseEmitter, broadcast_index,
@@ -629,6 +630,50 @@ def _moments(node: Node, refs: Refs) -> list[CudaCall]:
     call = _call("moments", ["x", "out"], [refs[x], refs[node.output]], view[1], body,
                  dict(BEFORE=view[0], AFTER=view[2]))
     return [_with_views(call, (view, (2, view[1])))]
+
+
+@lowering(TARGET, "softmax", "softmax_grad")
+def _softmax(node: Node, refs: Refs) -> list[CudaCall]:
+    """One thread per line along the axis (arrays viewed (before, n, after)), as numba-cpu's
+    kernel: softmax takes the line's max, then its exponentials and their sum, then scales
+    them; softmax_grad is p (g - sum(g p))."""
+    view = softmax_lines_view(node.output.shape, node.attrs["axis"])
+    zero = f"np.{node.output.dtype}(0.0)"
+
+    def softmax(w: Writer) -> None:
+        w.line("peak = x[a, 0, k]")
+        with w.block("for j in range(1, N):"):
+            w.line("peak = max(peak, x[a, j, k])")
+        if node.attrs["zero_masked_rows"]:  # a line of -inf: exp(x - 0) is all 0, and so is y
+            with w.block("if peak == -np.inf:"):
+                w.line(f"peak = {zero}")
+        w.line(f"total = {zero}")
+        with w.block("for j in range(N):"):
+            w.line("e = np.exp(x[a, j, k] - peak)")
+            w.line("y[a, j, k] = e")
+            w.line("total += e")
+        w.line(f"scale = 1 / total if total > 0 else {zero}" if node.attrs["zero_masked_rows"]
+               else "scale = 1 / total")
+        with w.block("for j in range(N):"):
+            w.line("y[a, j, k] *= scale")
+
+    def softmax_grad(w: Writer) -> None:
+        w.line(f"total = {zero}")
+        with w.block("for j in range(N):"):
+            w.line("total += g[a, j, k] * p[a, j, k]")
+        with w.block("for j in range(N):"):
+            w.line("y[a, j, k] = p[a, j, k] * (g[a, j, k] - total)")
+
+    params = ["x", "y"] if node.op == "softmax" else ["g", "p", "y"]
+    write_line = softmax if node.op == "softmax" else softmax_grad
+
+    def body(w: Writer) -> None:
+        w.line("a, k = flat // AFTER, flat % AFTER")
+        write_line(w)
+
+    args = [refs[v] for v in node.inputs] + [refs[node.output]]
+    call = _call(node.op, params, args, view[0] * view[2], body, dict(N=view[1], AFTER=view[2]))
+    return [_with_views(call, (view,) * len(args))]
 
 
 def generate_library(kernel: Node) -> CudaKernelSource:

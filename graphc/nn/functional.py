@@ -8,7 +8,7 @@ import numpy as np
 
 from graphc.ir.errors import DTypeError, GraphcError, InputError, ShapeError, user_location
 
-from ..functions import bernoulli, concatenate, logsumexp, maximum, one_hot, stop_gradient, where
+from ..functions import bernoulli, concatenate, logsumexp, maximum, one_hot, where
 from ..tensor import Tensor, as_tensor, bind
 from . import normalization
 from . import sparse as sparse_layers
@@ -98,9 +98,9 @@ def normalize(x: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12) -> Te
 
 
 def softmax(x: Tensor, dim: int = -1) -> Tensor:
-    x = as_tensor(x)
-    e = (x - stop_gradient(x.amax(dim, keepdim=True))).exp()
-    return e / e.sum(dim, keepdims=True)
+    """exp(x) / sum(exp(x)) along `dim`, as one `softmax` op (ir/ops/softmax.py): NaN along a
+    line of -inf, as PyTorch's."""
+    return bind("softmax", as_tensor(x), axis=dim)
 
 
 def log_softmax(x: Tensor, dim: int = -1) -> Tensor:
@@ -293,16 +293,11 @@ def attention_probabilities(query: Tensor, key: Tensor, scale: float, keep: Any 
     `keep` is False removed. A query that may see no key gets all-zero weights (as PyTorch's
     scaled_dot_product_attention), not NaN; `keep` and `bias` broadcast against the scores."""
     scores = (query @ key.transpose(-2, -1)) * scale
-    if keep is None and bias is None:
-        return softmax(scores, -1)
     if keep is not None:
         scores = where(keep, scores, float("-inf"))
     if bias is not None:
         scores = scores + _cast_like(bias, scores)
-    peak = stop_gradient(scores.amax(-1, keepdim=True))
-    e = (scores - where(peak == float("-inf"), 0.0, peak)).exp()
-    total = e.sum(-1, keepdims=True)
-    return e / where(total == 0, 1.0, total)
+    return bind("softmax", scores, axis=-1, zero_masked_rows=True)
 
 
 def _cast_like(x: Any, like: Tensor) -> Tensor:

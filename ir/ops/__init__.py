@@ -8,3 +8,4 @@ from . import nn  # noqa: F401
 from . import cumulative  # noqa: F401
 from . import norm  # noqa: F401
 from . import comm  # noqa: F401
+from . import softmax  # noqa: F401
