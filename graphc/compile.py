@@ -31,6 +31,7 @@ from graphc.ir import Graph, TensorType
 from graphc.ir.memory import MemoryPlan
 from graphc.ir.errors import GraphcError
 from graphc.passes import SIMPLIFY, Stages
+from graphc.passes.rebatch import match_extents, rebatch
 
 from . import random as gc_random
 from .api import inline_graph, user_facing
@@ -93,11 +94,40 @@ class _CompiledModelBase:
             self._log_recompile(last, signature)
         stages = Stages(self.name)
         traced, donate, reads = self._trace(arrays, stages)
-        optimized = stages.run(traced, [SIMPLIFY])
-        compiled = CompiledGraph(traced, optimized, compile_graph(optimized, self.backend, donate, stages),
-                             donate, signature, reads)
+        compiled = self._rebatched(traced, donate, signature, reads, stages)
+        if compiled is None:
+            optimized = stages.run(traced, [SIMPLIFY])
+            compiled = CompiledGraph(traced, optimized, compile_graph(optimized, self.backend, donate, stages),
+                                     donate, signature, reads)
         self._compiled[(signature, reads.modes, reads.types)] = self._last = compiled
         return compiled, reads.arrays()
+
+    def _rebatched(self, traced: Graph, donate: dict[int, int], signature: tuple,
+                   reads: ModuleReads, stages: Stages) -> CompiledGraph | None:
+        """`traced` compiled from an earlier compilation of the same program at another batch
+        size (passes/rebatch.py proves it is one): that one's optimized and fused graphs with
+        the extents renamed, so simplify and fusion do not run again; the kernels' sources and
+        the memory plan are made for the new sizes, and the kernels, which take extents as
+        arguments, are the ones already compiled. None when no earlier compilation matches."""
+        for earlier in dict.fromkeys([self._last, *self._compiled.values()]):  # the last first
+            if earlier is None or earlier.donate != donate:
+                continue
+            match = match_extents(earlier.traced, traced)
+            if match is None:
+                continue
+            optimized = rebatch(earlier.optimized, match)
+            executable = earlier.executable
+            fused = (rebatch(executable.graph, match) if isinstance(executable, PlannedExecutable)
+                     else optimized)
+            if optimized is None or fused is None:
+                continue
+            log.info("graphc: %s reuses the graphs compiled for %s", self.name,
+                     ", ".join(str(TensorType(*s)) for s in earlier.signature))
+            stages.record("rebatched_optimized", optimized)
+            stages.record("rebatched_fusion", fused)
+            return CompiledGraph(traced, optimized, compile_graph(fused, self.backend, donate, stages),
+                                 donate, signature, reads)
+        return None
 
     def _log_recompile(self, last: CompiledGraph, signature: tuple) -> None:
         if last.signature != signature:
