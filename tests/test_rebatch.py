@@ -1,0 +1,185 @@
+"""Rebatching (passes/rebatch.py): another batch size of a compiled step or model reuses the
+earlier optimized and fused graphs, renamed, only when the new trace is provably the old one
+with its extents renamed; anything else (a branch on the batch size, a constant that depends on
+it) compiles afresh. Either way the values are those of a step compiled fresh at that size."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+import graphc as gc
+import graphc.nn.functional as F
+from graphc import nn, optim
+from graphc.ir import Builder, TensorType
+from graphc.passes.rebatch import match_extents, rebatch
+
+F32 = "float32"
+REUSED = "reuses the graphs compiled for"
+
+
+# -- the match, on small graphs ----------------------------------------------------------------
+def flatten_scale_sum(batch: int, scale: float = 2.0, features: int = 4):
+    """x (batch, features) -> reshape to (batch*features,) -> * scale -> sum."""
+    b = Builder("g")
+    x = b.add_input(TensorType((batch, features), F32), "x")
+    flat = b.reshape(x, shape=(batch * features,))
+    b.add_output("out", b.sum(b.mul(flat, b.const(scale, F32)), axes=(0,), keepdims=False))
+    return b.graph
+
+
+def test_match_renames_the_batch_and_its_products():
+    match = match_extents(flatten_scale_sum(8), flatten_scale_sum(5))
+    assert match is not None and match.extents == {8: 5, 32: 20}
+    # A graph not made from that trace: its reshape's attributes name the extent 32, which
+    # nothing proves to be the batch's there.
+    assert rebatch(flatten_scale_sum(8), match) is None
+
+
+def test_rebatch_takes_the_new_trace_attributes():
+    old, new = flatten_scale_sum(8), flatten_scale_sum(5)
+    match = match_extents(old, new)
+    renamed = rebatch(old, match)  # the traced graph itself: every node comes from the trace
+    assert [v.type for v in renamed.values()] == [v.type for v in new.values()]
+    assert renamed.nodes[0].attrs["shape"] == (20,)
+    renamed.verify()
+
+
+@pytest.mark.parametrize("old, new", [
+    (flatten_scale_sum(8), flatten_scale_sum(4)),        # 8 -> 4 but the features stay 4
+    (flatten_scale_sum(8, scale=0.125), flatten_scale_sum(5, scale=0.2)),  # a constant of 1/B
+    (flatten_scale_sum(2), flatten_scale_sum(1)),         # an extent becoming 1 reads as broadcast
+    (flatten_scale_sum(8), flatten_scale_sum(5, features=3)),  # two ratios: not one batch
+])
+def test_match_refuses(old, new):
+    assert match_extents(old, new) is None
+
+
+def test_match_refuses_a_changed_concatenated_extent():
+    def graph(batch):
+        b = Builder("g")
+        x = b.add_input(TensorType((batch, 3), F32), "x")
+        both = b.concatenate(x, x, axis=0)
+        b.add_output("out", b.slice(both, starts=(batch, 0), stops=(2 * batch, 3), steps=(1, 1)))
+        return b.graph
+    assert match_extents(graph(8), graph(5)) is None
+
+
+# -- steps and models ----------------------------------------------------------------------------
+class Regroup(nn.Module):
+    """Reshapes with the batch: (B, 12) -> (2B, 6) -> linear -> (B, 14)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(6, 7)
+
+    def forward(self, x):
+        batch = x.shape[0]
+        return self.inner(x.reshape(batch * 2, 6)).reshape(batch, 14)
+
+
+class BatchBranch(nn.Module):
+    """Different programs by batch size: another op, or another constant, from 7 up."""
+
+    def __init__(self, constant_only: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, 10)
+        self.constant_only = constant_only
+
+    def forward(self, x):
+        h = self.fc(x)
+        big = x.shape[0] > 6
+        if self.constant_only:
+            return h * (2.0 if big else 3.0)
+        return F.relu(h) if big else gc.tanh(h)
+
+
+def mlp() -> nn.Module:
+    """No extent of its own is 5 or 10 (the batches 5 and 2*5 would not be told apart from it)."""
+    return nn.Sequential(Regroup(), nn.ReLU(), nn.Linear(14, 3))
+
+
+def data(size: int, seed: int, regression: bool = False):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((size, 12)).astype(np.float32)
+    y = (rng.standard_normal((size, 3)).astype(np.float32) if regression
+         else rng.integers(0, 3, size).astype(np.int64))
+    return x, y
+
+
+def mse(out, target):
+    return ((out - target) ** 2).mean()
+
+
+def fresh_step(loss, state: dict, example):
+    twin = mlp()
+    twin.load_state_dict(state)
+    return twin, gc.compile_train_step(twin, loss, optim.SGD(twin.parameters(), lr=0.1), example,
+                                       backend="numba-cpu")
+
+
+def call_sources(executable) -> set[str]:
+    return {call.source for kernel in executable.kernels for call in kernel.generated.calls}
+
+
+@pytest.mark.parametrize("loss, regression", [(F.cross_entropy, False), (mse, True)])
+def test_step_at_other_batch_sizes_matches_fresh_steps(loss, regression, caplog):
+    """8, then 5, then 8 again: the loss and the updated weights are exactly those of a step
+    compiled fresh at each size. Cross-entropy divides by the count of its targets at run time,
+    so its step at 5 is the one at 8 renamed; a mean over the batch multiplies by the constant
+    1/B, so that step compiles afresh (its kernel holds the literal)."""
+    gc.manual_seed(3)
+    model = mlp()
+    step = gc.compile_train_step(model, loss, optim.SGD(model.parameters(), lr=0.1),
+                                 data(8, 0, regression), backend="numba-cpu")
+    first = step.executable
+    for size, seed in ((8, 1), (5, 2), (8, 3)):
+        batch = data(size, seed, regression)
+        twin, fresh = fresh_step(loss, model.state_dict(), batch)
+        with caplog.at_level(logging.INFO, logger="graphc"):
+            caplog.clear()
+            assert step(*batch) == fresh(*batch)
+        for key, value in model.state_dict().items():
+            np.testing.assert_array_equal(value, twin.state_dict()[key], err_msg=key)
+        if size == 5:
+            assert (REUSED in caplog.text) == (loss is F.cross_entropy)
+            if loss is F.cross_entropy:
+                assert step.executable.cache_stats.compiled == 0, step.executable.cache_stats
+                assert step.executable.cache_stats.misses == 0, step.executable.cache_stats
+                assert call_sources(step.executable) <= call_sources(first)
+    assert step.executable is first  # batch 8 again: the first compilation
+
+
+def test_model_at_other_batch_sizes_matches_fresh_models(caplog):
+    model = mlp()
+    compiled = gc.compile(model, data(8, 0)[0], backend="numba-cpu")
+    first = compiled.executable
+    for size in (8, 5, 8):
+        x = data(size, size)[0]
+        with caplog.at_level(logging.INFO, logger="graphc"):
+            caplog.clear()
+            out = compiled(x)
+        np.testing.assert_array_equal(out, gc.compile(model, x, backend="numba-cpu")(x))
+        if size == 5:
+            assert REUSED in caplog.text
+            assert compiled.executable.cache_stats.compiled == 0
+            assert call_sources(compiled.executable) <= call_sources(first)
+
+
+@pytest.mark.parametrize("constant_only", [False, True])
+def test_branch_on_the_batch_size_compiles_the_other_program(constant_only, caplog):
+    """The forward branches on x.shape[0]: at 5 it is another program (another op, or only
+    another constant), which a renaming of the program at 8 must not stand for."""
+    model = BatchBranch(constant_only)
+    compiled = gc.compile(model, data(8, 0)[0], backend="numba-cpu")
+    for size in (8, 5, 8):
+        x = data(size, size)[0]
+        with caplog.at_level(logging.INFO, logger="graphc"):
+            caplog.clear()
+            out = compiled(x)
+        assert REUSED not in caplog.text
+        h = x @ model.fc.weight.T + model.fc.bias
+        expected = h * (2.0 if size > 6 else 3.0) if constant_only else (
+            np.maximum(h, 0) if size > 6 else np.tanh(h))
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
