@@ -12,10 +12,9 @@ from graphc.ir import Node
 from graphc.ir.lowering import lowering
 from graphc.backends.kernels.arrays import KernelArray
 from graphc.backends.kernels.library import Refs
-from graphc.backends.kernels.pointwise import broadcast_index
 from graphc.backends.kernels.source import Writer, size_of
 
-from .codegen_common import TARGET, Call, library_call, loop_header
+from .codegen_common import TARGET, Call, library_call
 
 
 @lowering(TARGET, "matmul")
@@ -33,24 +32,8 @@ def _matmul(node: Node, refs: Refs) -> tuple[list[Call], int]:
     batch = out[:-2]
     if len(y.shape) == 2 and not a_t and x.shape[:-2] == batch:
         return [_stacked_gemm(node, a, b, b_t, refs[node.output], flops)], flops
-    index = tuple(f"b{d}" for d in range(len(batch)))
-    parallel = flops >= GEMM_PARALLEL_MIN_FLOPS and batch[0] > 1
-
-    def part(name: str, shape: tuple[int, ...]) -> str:
-        sub = broadcast_index(index, shape[:-2], batch)
-        return f"{name}[{', '.join(sub)}]" if sub else name
-
-    def body(w: Writer) -> None:
-        w.line(f"M, N, K = out.shape[-2], out.shape[-1], a.shape[{-2 if a_t else -1}]")
-        for d, i in enumerate(index):
-            w.line(loop_header(i, f"out.shape[{d}]", parallel and d == 0))
-            w.depth += 1
-        w.line(f"av, bv, ov = {part('a', x.shape)}, {part('b', y.shape)}, {part('out', out)}")
-        w.line(gemm_call(a_t, b_t, "M", "N", "K", "av", "0", "bv", "0", "0.0", "ov", "0"))
-
-    call = library_call("batched_matmul", ["a", "b", "out"], [a, b, refs[node.output]], parallel, body,
-                        fastmath=False, gemm=True)
-    return [call], flops
+    from .codegen_batched_matmul import batched_matmul  # here: it takes gemm_call from this module
+    return [batched_matmul(node, refs, GEMM_PARALLEL_MIN_FLOPS, gemm_call)], flops
 
 
 def _stacked_gemm(node: Node, a: KernelArray, b: KernelArray, b_t: bool, out: KernelArray,
