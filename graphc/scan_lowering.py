@@ -80,6 +80,7 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
     position = {node: i for i, node in enumerate(graph.nodes)}
     parts: list[tuple[Run, list[Value], list[Value]]] = []
     pending: list[Node] = []
+    stacked_by_scans: set[Value] = set()  # stacked outputs of scans: fresh arrays of their own
 
     def close_segment() -> None:
         if not pending:
@@ -99,7 +100,11 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
         close_segment()
         body = node.subgraph.copy()
         body.name = f"{graph.name}_scan{len(parts)}_body"
-        parts.append((_scan_runner(node, compile_part(body)), list(node.inputs), list(node.outputs)))
+        runner = _scan_runner(node, compile_part(body))
+        if hasattr(runner, "overwritable"):
+            runner.overwritable = _handed_over(node, position[node], last_read, stacked_by_scans)
+        stacked_by_scans.update(v for v in node.outputs[node.attrs["num_carry"]:])
+        parts.append((runner, list(node.inputs), list(node.outputs)))
     close_segment()
     return SegmentedExecutable(graph, parts, donate)
 
@@ -109,6 +114,14 @@ def _scan_runner(node: Node, body: Any) -> Run:
     make_driver = getattr(body, "scan_driver", None)
     driver = make_driver(node) if make_driver is not None else None
     return driver if driver is not None else ScanLoop(node, body)
+
+
+def _handed_over(node: Node, at: int, last_read: dict[Value, int | float],
+                 stacked_by_scans: set[Value]) -> frozenset[int]:
+    """The positions of `node`'s inputs whose arrays it may overwrite: stacks an earlier scan
+    made (arrays no other value shares), read by nothing after `node`, and passed once."""
+    return frozenset(p for p, v in enumerate(node.inputs)
+                     if v in stacked_by_scans and last_read.get(v) == at and node.inputs.count(v) == 1)
 
 
 def _last_reads(graph: Graph) -> dict[Value, int | float]:

@@ -228,15 +228,19 @@ def _inline(b: Builder, graph: Graph, args: Sequence[Value],
 
 # Ops whose results the backward body reads from a stack the forward scan writes rather than
 # computing them again: one (N, M) matrix saved per step costs far less than a matrix product per
-# step. Elementwise work is recomputed from them (cheaper than storing every activation).
-SAVED_OPS = frozenset({"matmul"})
+# step, and a concatenation (an RNN's [x_t, h] before its product) is stacked by the forward as it
+# is written, where the backward would copy it again and emit it for the weight's gradient.
+# Elementwise work is recomputed from them (cheaper than storing every activation).
+SAVED_OPS = frozenset({"matmul", "concatenate"})
 
 
 def _recomputed_products(vjp: Graph, primal_inputs: int, num_consts: int) -> list[Value]:
     """The values of `vjp` (the VJP of a scan's body) that recompute an expensive forward node:
     results of SAVED_OPS computed from the body's own inputs only (its first `primal_inputs`),
     reading at least one that changes per step (what reads only the first `num_consts`, the
-    loop-invariant ones, is hoisted out of the loop instead)."""
+    loop-invariant ones, is hoisted out of the loop instead). A product whose only reader is an
+    `add` (of a bias or of the step's projected input: the gates' pre-activations) is saved as
+    that sum: the backward then recomputes neither, and needs no other operand of the add."""
     primal = set(vjp.input_values[:primal_inputs])
     invariant = set(vjp.input_values[:num_consts])
     found = []
@@ -247,6 +251,12 @@ def _recomputed_products(vjp: Graph, primal_inputs: int, num_consts: int) -> lis
                 invariant.update(node.outputs)
             elif node.op in SAVED_OPS:
                 found.append(node.output)
+    users = vjp.users()
+    for n, value in enumerate(found):
+        readers = users.get(value, [])
+        if (len(readers) == 1 and readers[0].op == "add" and readers[0].output.type == value.type
+                and all(v in primal for v in readers[0].inputs)):
+            found[n] = readers[0].output
     return found
 
 

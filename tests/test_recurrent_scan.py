@@ -47,6 +47,39 @@ def test_scan_path_in_float32_matches_pytorch(torch):
     check_against_torch(torch, "LSTM", kwargs, (5, 2, 3), True, np.float32, seed=4, unroll=False)
 
 
+# -- a narrow input folded into the step's product ------------------------------------------------
+FOLDED = {  # input_size * FOLD_INPUT_RATIO <= hidden_size: [x_t, h] @ [W_ih, W_hh]^T per step
+    "two_layers_with_state": (dict(num_layers=2), (6, 2, 1), True),
+    "bidirectional_batch_first": (dict(bidirectional=True, batch_first=True), (2, 6, 1), False),
+    "no_bias": (dict(bias=False), (6, 2, 1), True),
+}
+
+
+@pytest.mark.parametrize("config", sorted(FOLDED))
+@pytest.mark.parametrize("name", ["RNN", "LSTM"])
+def test_a_narrow_input_folded_into_the_step_matches_pytorch(torch, name, config):
+    extra, x_shape, with_state = FOLDED[config]
+    kwargs = dict(input_size=1, hidden_size=4, **extra)
+    check_against_torch(torch, name, kwargs, x_shape, with_state, np.float64, seed=11,
+                        unroll=False)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_narrow_input_is_multiplied_with_the_state_inside_the_loop(name):
+    """RNN and LSTM: no all-steps input projection, one product of [x_t, h] per step; GRU,
+    whose bias_hh sits inside a gate, keeps the projection."""
+    model = getattr(nn, name)(1, 4, unroll=False)
+    graph = trace_forward(model, 6)
+    (loop,) = scans(graph)
+    outside = [n for n in graph.nodes if n.op == "matmul"]
+    (product,) = [n for n in loop.subgraph.nodes if n.op == "matmul"]
+    folded = name != "GRU"
+    assert len(outside) == (0 if folded else 1)
+    operand = product.inputs[0].producer
+    assert (operand is not None and operand.op == "concatenate") == folded
+    assert product.inputs[0].shape == ((2, 5) if folded else (2, 4))
+
+
 # -- scan against unrolled -----------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_scan_and_unrolled_paths_agree(name):

@@ -205,3 +205,38 @@ def test_a_later_process_loads_the_driver_from_the_disk_cache(tmp_path):
     for run in runs:
         assert run.returncode == 0, run.stderr[-3000:]
     assert [run.stdout.split()[-2:] for run in runs] == [["0", "1"], ["1", "0"]]
+
+
+def second_scan(h, ys, w, write_first):
+    """A scan over the stack `ys` of another: its per-step output z_t (ys[t]'s type) is written
+    after the last read of ys[t] (by a product of the new carry), or with `write_first` before
+    it (the product of the old carry, then read with ys[t])."""
+    def step(c, y):
+        if write_first:
+            z = c @ w
+            return (z * y).tanh(), z
+        c = (c * y).tanh()
+        return c, c @ w
+    return gc.scan(step, h, ys)
+
+
+@pytest.mark.parametrize("write_first", [False, True])
+@pytest.mark.parametrize("read_after", [False, True])
+def test_a_stacked_output_is_written_over_a_dying_stacked_input(write_first, read_after, body_calls):
+    """The second scan may write zs into the first's ys only where ys is read by nothing after
+    it and every step reads ys[t] before it writes zs[t]; the values are the reference's either
+    way."""
+    def f(h, xs, w):
+        _, ys = gc.scan(lambda c, x: ((c @ w + x).tanh(),) * 2, h, xs)
+        last, zs = second_scan(h, ys, w, write_first)
+        return (last, zs, ys * 2.0) if read_after else (last, zs)
+    args = (f32(2, 3), f32(6, 2, 3), f32(3, 3))
+    executable = compile_graph(gc.trace(f, *args), CPU)
+    first, second = drivers(executable)
+    assert first.overwritable == frozenset()  # xs is the caller's
+    ys_position = 2  # (w, the carry, ys)
+    assert second.overwritable == (frozenset() if read_after else {ys_position})
+    assert second._shareable == ([] if write_first else [(0, 0)])
+    for _ in range(2):  # the second call gets fresh stacks again
+        close(executable(*args), gc.jit(f, backend=REF)(*args))
+    assert body_calls["python loop"] == 0

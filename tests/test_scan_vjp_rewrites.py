@@ -157,3 +157,59 @@ def test_numba_cpu_lstm_gradients_match_the_reference():
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     for g, w in zip(got[1], want[1]):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_a_product_read_only_by_an_add_is_saved_as_the_sum():
+    """gates = px + h @ w_hh.T: the forward stacks the sum, so the backward body recomputes
+    neither the product nor the sum and does not read the projected input px at all."""
+    args = lstm_args()
+    raw = autodiff(gc.jit(lstm_loss, backend=REF).lower(*args), [1, 2, 3, 4, 5])
+    forward, backward = scans(raw)
+    body = forward.subgraph
+    saved = body.output_values[forward.outputs.index(forward.outputs[-1])]
+    assert saved.producer.op == "add" and any(v.producer is not None and v.producer.op == "matmul"
+                                              for v in saved.producer.inputs)
+    back = backward.subgraph
+    (projected_px,) = [i.value for i in back.inputs if i.name == "x0"]  # px at step t
+    assert projected_px not in back.users()
+    for got, want in zip(evaluate(hoist_accumulations(raw), args), evaluate(raw, args)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def folded_lstm_loss(xs, w, b, h0, c0):
+    """The gates as [x_t, h] @ w.T + b (nn.LSTM's form for a narrow input)."""
+    def step(state, x):
+        h, c = state
+        gates = gc.concatenate([x, h], axis=1) @ w.T + b
+        i, f, o = (gc.sigmoid(gates[:, k * H:(k + 1) * H]) for k in (0, 1, 3))
+        c = f * c + i * gc.tanh(gates[:, 2 * H:3 * H])
+        h = o * gc.tanh(c)
+        return (h, c), h
+
+    (h, c), hs = gc.scan(step, (h0, c0), xs)
+    return (hs * hs).sum() + (c * c).sum()
+
+
+def numpy_folded_lstm_loss(xs, w, b, h0, c0):
+    return numpy_lstm_loss(xs, w[:, :I], w[:, I:], b, h0, c0)
+
+
+def test_a_concatenation_before_the_product_is_stacked_by_the_forward():
+    """The backward neither concatenates [x_t, h] again nor reads a stack of h: the weight's
+    gradient after the loop is one product over the forward's stack of [x_t, h] (with
+    hoist_accumulations, which the gradient pipeline runs)."""
+    xs, w_ih, w_hh, b, h0, c0 = lstm_args()
+    args = [xs, np.concatenate([w_ih, w_hh], axis=1), b, h0, c0]
+    graph = gc.grad(folded_lstm_loss, argnums=(1, 2, 3, 4), backend=REF).lower(*args)
+    forward, backward = scans(graph)
+    assert not [n for n in backward.subgraph.nodes if n.op == "concatenate" and n.output.shape == (N, I + H)]
+    stacked = [v.shape for v in backward.inputs[backward.attrs["num_consts"] + backward.attrs["num_carry"]:]]
+    assert stacked == [(T, N, H), (T, N, 4 * H), (T, N, H)]  # c entering, gates, cotangent of h
+    assert (T, N, I + H) in [v.shape for v in forward.outputs]  # read after the loop only
+    after = [n for n in graph.nodes[graph.nodes.index(backward) + 1:] if n.op == "matmul"]
+    assert any(n.inputs[0].shape == (I + H, T * N) for n in after)
+    loss, grads = gc.value_and_grad(folded_lstm_loss, argnums=(1, 2, 3, 4), backend=REF)(*args)
+    np.testing.assert_allclose(loss, numpy_folded_lstm_loss(*args), rtol=1e-12)
+    for n, g in zip((1, 2, 3, 4), grads):
+        np.testing.assert_allclose(g, finite_differences(numpy_folded_lstm_loss, args, n),
+                                   rtol=1e-6, atol=1e-8)

@@ -56,6 +56,10 @@ class ScanDriver:
         self.length = node.attrs["length"]
         self.num_carry = node.attrs["num_carry"]
         self.source, self._fixed, self._kernels = _generate(node, body)
+        self._shareable = _shareable_stacks(node, body)
+        # node input positions whose arrays the caller hands over: read by nothing after the scan
+        # (compile_with_scans sets it), so a stacked output may be written over them
+        self.overwritable: frozenset[int] = frozenset()
         self.cache_stats = CacheStats()
         self.compile_seconds = 0.0
         self._driver: Any = None
@@ -65,7 +69,13 @@ class ScanDriver:
         k, length = self.num_carry, self.length
         current = [np.array(c, order="C") for c in carry]  # the caller's arrays stay as they are
         following = [np.empty_like(c) for c in current]
-        ys = [np.empty(v.type.shape, v.type.np_dtype) for v in self.node.outputs[k:]]
+        ys: list[np.ndarray | None] = [None] * (len(self.node.outputs) - k)
+        first_x = len(self.node.inputs) - len(xs)
+        for j, i in self._shareable:
+            if first_x + i in self.overwritable and ys[j] is None and all(y is not xs[i] for y in ys):
+                ys[j] = xs[i]
+        ys = [np.empty(v.type.shape, v.type.np_dtype) if y is None else y
+              for y, v in zip(ys, self.node.outputs[k:])]
         rows = [a.reshape(length, int(np.prod(a.shape[1:]))) for a in xs + ys]
         body = self.body
         with body._lock:
@@ -104,6 +114,38 @@ def scan_driver(node: Node, body: Executable) -> ScanDriver | None:
     if any(step.checks for step in body._steps):
         return None
     return ScanDriver(node, body)
+
+
+def _shareable_stacks(node: Node, body: Executable) -> list[tuple[int, int]]:
+    """(j, i) pairs: stacked output j may be written into stacked input i's array, step t's row
+    over row t. That holds where they have one type and every kernel reading x_t (or a view of
+    it) runs before the kernel writing y_t: step t reads row t only, and rows of other steps are
+    not touched. (The VJP of a scan reads each step's saved residuals once, before it writes
+    that step's cotangent of the same shape: the residual stack's memory serves for both.)"""
+    graph, env = body.graph, body._env
+    c, k = node.attrs["num_consts"], node.attrs["num_carry"]
+    xs, ys = graph.input_values[c + k:], graph.output_values[k:]
+    views = {slot: base for slot, base, _ in body._views}
+
+    def origin(slot: int) -> int:
+        while slot in views:
+            slot = views[slot]
+        return slot
+    calls = [{origin(s) for s in slots} for step in body._steps for _, slots in step.calls]
+    fresh = {slot for slot, _, _ in body._fresh}
+    inputs = set(body._inputs)
+    pairs = []
+    for j, y in enumerate(ys):
+        y_slot = env.slot[(y, False)]
+        if y_slot not in fresh or y_slot in inputs or ys.count(y) != 1:
+            continue  # copied at the end of the step, not written by a kernel
+        writer = min(n for n, slots in enumerate(calls) if y_slot in slots)
+        for i, x in enumerate(xs):
+            x_slot = body._inputs[c + k + i]
+            readers = [n for n, slots in enumerate(calls) if x_slot in slots]
+            if x.type == y.type and x not in ys and max(readers, default=-1) < writer:
+                pairs.append((j, i))
+    return pairs
 
 
 def _unlinked_call(dispatcher: Any, entry_point: Callable) -> tuple[Callable, str]:

@@ -1,7 +1,11 @@
 """Recurrent layers (RNN, LSTM, GRU) with PyTorch's parameter names, shapes and gate order.
 
 The input projection x @ W_ih^T of every step is one matrix product over (T*N, I), outside the
-time loop; only the hidden recurrence h @ W_hh^T runs per step. The time loop itself is a
+time loop; only the hidden recurrence h @ W_hh^T runs per step. A scanned RNN or LSTM whose input
+is narrow (at most hidden_size / FOLD_INPUT_RATIO features: MNIST's rows of 7 pixels, or one)
+multiplies [x_t, h] by [W_ih, W_hh]^T per step instead: the product's depth grows by the few
+features, while the all-steps projection (a GEMM of depth 1 to 7, slow in BLAS), its
+(T, N, 4 * hidden) stack and the separate weight gradient of W_ih go. The time loop itself is a
 `gc.scan` (one traced cell, compiled once whatever the length) for sequences longer than
 `UNROLL_MAX_STEPS`, and unrolled into one cell per step for shorter ones, where that measures
 faster; `unroll=True/False` on the constructor (or the attribute) forces either.
@@ -60,11 +64,16 @@ State = tuple[Tensor, ...]  # (h,) for RNN and GRU, (h, c) for LSTM
 # machine per-call times spread over two orders of magnitude and decide nothing.)
 UNROLL_MAX_STEPS = 32
 
+# A scanned layer whose input has at most hidden_size / FOLD_INPUT_RATIO features multiplies
+# [x_t, h] by [W_ih, W_hh]^T at each step instead of projecting all steps' inputs up front.
+FOLD_INPUT_RATIO = 4
+
 
 class _RecurrentBase(Module):
     """Multi-layer recurrence, scanned or unrolled; subclasses define the gates and the cell."""
 
     gates = 1  # gate blocks stacked along the rows of weight_ih/weight_hh
+    folds_input = True  # the gates are x W_ih^T + h W_hh^T + one bias (not GRU's)
     state_size = 1  # tensors in a layer's state: h, or h and c
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -101,6 +110,12 @@ class _RecurrentBase(Module):
 
     def _cell(self, projected_x: Tensor, state: State, weight_hh_t: Tensor,
               bias_hh: Tensor | None) -> State:
+        """One step from its input projected by W_ih (biases added): the gates' pre-activations
+        are that plus h @ W_hh^T (GRU, whose bias_hh sits inside a gate, overrides this)."""
+        return self._activate(projected_x + state[0] @ weight_hh_t, state)
+
+    def _activate(self, gates: Tensor, state: State) -> State:
+        """The next state from the gates' pre-activations (N, gates * hidden)."""
         raise NotImplementedError
 
     # -- the recurrence ----------------------------------------------------------------
@@ -148,10 +163,22 @@ class _RecurrentBase(Module):
         steps, batch, features = seq.shape
         input_bias = (self._input_bias(as_tensor(bias_ih), as_tensor(bias_hh)) if self.has_bias
                       else None)
+        unroll = steps <= UNROLL_MAX_STEPS if self.unroll is None else self.unroll
+        if not unroll and self.folds_input and features * FOLD_INPUT_RATIO <= self.hidden_size:
+            # [x_t, h] @ [W_ih, W_hh]^T: one product per step, no (T, N, gates * hidden)
+            # projection stored, and one weight-gradient product after the backward loop
+            weight_t = concatenate([as_tensor(weight_ih), as_tensor(weight_hh)], axis=1).T
+
+            def folded_step(state: State, x: Tensor) -> tuple[State, Tensor]:
+                gates = concatenate([x, state[0]], axis=1) @ weight_t
+                state = self._activate(gates if input_bias is None else gates + input_bias, state)
+                return state, state[0]
+
+            state, outputs = scan(folded_step, state, seq, reverse=reverse)
+            return outputs, state
         projected = F.linear(seq.reshape(steps * batch, features), weight_ih, input_bias)
         projected = projected.reshape(steps, batch, -1)
         weight_hh_t = as_tensor(weight_hh).T
-        unroll = steps <= UNROLL_MAX_STEPS if self.unroll is None else self.unroll
         if not unroll:
             def step(state: State, projected_x: Tensor) -> tuple[State, Tensor]:
                 state = self._cell(projected_x, state, weight_hh_t, bias_hh)
@@ -214,10 +241,8 @@ class RNN(_RecurrentBase):
                          bidirectional, unroll=unroll)
         self.nonlinearity = nonlinearity
 
-    def _cell(self, projected_x, state, weight_hh_t, bias_hh):
-        (h,) = state
-        pre = projected_x + h @ weight_hh_t
-        return (tanh(pre) if self.nonlinearity == "tanh" else F.relu(pre),)
+    def _activate(self, gates, state):
+        return (tanh(gates) if self.nonlinearity == "tanh" else F.relu(gates),)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", nonlinearity={self.nonlinearity!r}"
@@ -247,9 +272,8 @@ class LSTM(_RecurrentBase):
         output, (h_n, c_n) = self._run(x, hx)
         return output, (h_n, c_n)
 
-    def _cell(self, projected_x, state, weight_hh_t, bias_hh):
-        h, c = state
-        gates = projected_x + h @ weight_hh_t
+    def _activate(self, gates, state):
+        _, c = state
         H = self.hidden_size
         i, f, o = (sigmoid(gates[:, k * H:(k + 1) * H]) for k in (0, 1, 3))
         g = tanh(gates[:, 2 * H:3 * H])
@@ -263,6 +287,7 @@ class GRU(_RecurrentBase):
     forward(x, hx=None) -> (output, h_n)."""
 
     gates = 3
+    folds_input = False
 
     def _input_bias(self, bias_ih: Tensor, bias_hh: Tensor) -> Tensor:
         return bias_ih  # b_hn sits inside r * (...), so bias_hh is added per step
