@@ -255,6 +255,22 @@ def _softmax(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.emit("Where", [masked, g.constant(np.asarray(0, dtype)), probabilities], out)
 
 
+@lowering(TARGET, "layer_norm")
+def _layer_norm(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    """(x - mean) / sqrt(var + epsilon) over the trailing axes, from ReduceSum as `moments` is
+    (LayerNormalization needs opset 17 and a scale input)."""
+    x, axes = node.inputs[0], node.attrs["axes"]
+    inverse = g.constant(np.asarray(1 / np.prod([x.shape[a] for a in axes]), x.dtype))
+
+    def mean(v: str) -> str:
+        return g.emit("Mul", [g.emit("ReduceSum", [v, g.ints(axes)], keepdims=1), inverse])
+
+    centred = g.emit("Sub", [xs[0], mean(xs[0])])
+    var = mean(g.emit("Mul", [centred, centred]))
+    epsilon = g.constant(np.asarray(node.attrs["epsilon"], x.dtype))
+    g.emit("Div", [centred, g.emit("Sqrt", [g.emit("Add", [var, epsilon])])], out)
+
+
 @lowering(TARGET, "max")
 def _reduce_max(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     if g.opset >= 18:  # ReduceMax took its axes as an attribute before opset 18

@@ -138,7 +138,8 @@ def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor 
     if not shape or x.shape[x.ndim - len(shape):] != shape:
         raise ShapeError(f"layer_norm: normalized_shape {shape} must be the trailing dimensions "
                          f"of the input, got shape {x.shape} (at {user_location()})")
-    out = _normalize(x, *_moments(x, tuple(range(x.ndim - len(shape), x.ndim))), eps)
+    # one row-wise kernel each way (ir/ops/norm.py); the affine part fuses into its epilogue
+    out = bind("layer_norm", x, axes=tuple(range(x.ndim - len(shape), x.ndim)), epsilon=eps)
     if weight is not None:
         out = out * weight
     if bias is not None:

@@ -13,6 +13,13 @@ The output stacks the two statistics on a new leading axis, each in the keepdims
 `moments(x (N, C, H, W), axes=(0, 2, 3))` is (2, 1, C, 1, 1). The kept axes are one run of
 consecutive axes (a channel axis, or the leading rows), so the backends view the operand as
 (before, kept, after) and reduce the outer two.
+
+`layer_norm` and `layer_norm_grad` are layer norm's normalisation, (x - mean) / sqrt(var + eps)
+over trailing axes, and its VJP, each one row-wise kernel: rows are independent, and a row is
+short enough to stay in cache while a kernel takes its statistics and then writes it. The affine
+`* weight + bias` stays outside as elementwise ops that fuse into the kernel's epilogue, so the
+weight's and the bias's gradients are the usual sums over the rows. As `moments` plus
+elementwise ops and reductions, layer norm took five kernels forward and six backward.
 """
 from __future__ import annotations
 
@@ -81,3 +88,100 @@ register(Primitive(
     canon=_axes_canon, num_inputs=1,
     doc="Mean and biased variance over `axes` in one pass, stacked: (2,) + the keepdims shape; "
         "the axes kept must be consecutive."))
+
+
+
+# -- layer_norm, layer_norm_grad ---------------------------------------------------------------
+def rows_view(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, int]:
+    """A `layer_norm` operand as (rows, row length): the statistics are per row."""
+    split = len(shape) - len(axes)
+    size = lambda dims: int(np.prod(dims, dtype=np.int64))
+    return size(shape[:split]), size(shape[split:])
+
+
+def _check_rows(x: TensorType, axes: tuple[int, ...]) -> None:
+    if not is_float(x.dtype):
+        raise OpTypeError(f"expects a floating-point operand, got {x.dtype}; cast it first", dtype=True)
+    require_canonical("axes", axes, normalize_axes(axes, x.ndim))
+    if not axes or axes != tuple(range(x.ndim - len(axes), x.ndim)):
+        raise OpTypeError(f"normalises over trailing axes, got axes {axes} of shape {x.shape}; "
+                          "transpose the operand first")
+    if rows_view(x.shape, axes)[1] == 0:
+        raise OpTypeError(f"cannot normalise over axes {axes} of size 0 (shape {x.shape})")
+
+
+def _layer_norm_type(x: TensorType, *, axes: tuple[int, ...], epsilon: float) -> TensorType:
+    _check_rows(x, axes)
+    return x
+
+
+def _layer_norm_grad_type(g: TensorType, x: TensorType, *, axes: tuple[int, ...],
+                          epsilon: float) -> TensorType:
+    _check_rows(x, axes)
+    if g != x:
+        raise OpTypeError(f"the cotangent {g} must have the operand's type {x}")
+    return x
+
+
+def _statistics(x: np.ndarray, axes: tuple[int, ...],
+                epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+    """float64 x - mean and 1 / sqrt(var + epsilon), two passes: the oracle the kernels meet."""
+    centred = x - x.mean(axis=axes, keepdims=True, dtype=np.float64)
+    return centred, 1 / np.sqrt(np.square(centred).mean(axis=axes, keepdims=True) + epsilon)
+
+
+def _layer_norm(x: np.ndarray, *, axes: tuple[int, ...], epsilon: float) -> np.ndarray:
+    centred, rstd = _statistics(x, axes, epsilon)
+    return (centred * rstd).astype(x.dtype)
+
+
+def _layer_norm_grad(g: np.ndarray, x: np.ndarray, *, axes: tuple[int, ...],
+                     epsilon: float) -> np.ndarray:
+    centred, rstd = _statistics(x, axes, epsilon)
+    normalised, g = centred * rstd, g.astype(np.float64)
+    mean = lambda v: v.mean(axis=axes, keepdims=True)
+    return (rstd * (g - mean(g) - normalised * mean(g * normalised))).astype(x.dtype)
+
+
+def _layer_norm_vjp(b, g, x, *, out, axes, epsilon):
+    return (b.layer_norm_grad(g, x, axes=axes, epsilon=epsilon),)
+
+
+def _layer_norm_grad_vjp(b, c, g, x, *, out, axes, epsilon):
+    """With rstd = 1 / sqrt(var + epsilon), xhat = layer_norm(x) and n the row length,
+    out = rstd (g - mean(g) - xhat mean(g xhat)), linear in g through a symmetric Jacobian, so
+    d/dg is layer_norm_grad(c, x). Through x, <c, out> depends on xhat, whose own VJP is
+    layer_norm_grad again, and on rstd, with d rstd / dx = -rstd^2 xhat / n:
+    d/dx = layer_norm_grad(-rstd (c <g, xhat> + g <c, xhat>) / n, x) - <c, out> rstd xhat / n,
+    the inner products over each row."""
+    n = rows_view(x.shape, axes)[1]
+    normalised = b.layer_norm(x, axes=axes, epsilon=epsilon)
+    variance = statistic(b, b.moments(x, axes=axes), 1)
+    rstd = b.rsqrt(b.add(variance, b.scalar_like(epsilon, x)))
+    scale = b.mul(rstd, b.scalar_like(-1.0 / n, x))  # -rstd / n per row
+    row_dot = lambda u, v: b.sum(b.mul(u, v), axes=axes, keepdims=True)
+    through_normalised = b.mul(scale, b.add(b.mul(c, row_dot(g, normalised)),
+                                            b.mul(g, row_dot(c, normalised))))
+    through_rstd = b.mul(b.mul(scale, row_dot(c, out)), normalised)
+    return (b.layer_norm_grad(c, x, axes=axes, epsilon=epsilon),
+            b.add(b.layer_norm_grad(through_normalised, x, axes=axes, epsilon=epsilon), through_rstd))
+
+
+def _trailing_axes_canon(types, attrs):
+    x = types[-1]
+    return {**attrs, "axes": normalize_axes(attrs["axes"], x.ndim)}
+
+
+_LAYER_NORM_ATTRS = {"axes": Attr("ints"), "epsilon": Attr("float")}
+
+register(Primitive(
+    "layer_norm", OPAQUE, _layer_norm_type, _layer_norm, _layer_norm_vjp, attrs=_LAYER_NORM_ATTRS,
+    canon=_trailing_axes_canon, num_inputs=1,
+    doc="(x - mean) / sqrt(var + epsilon), the mean and the biased variance over the trailing "
+        "`axes`: layer norm without its affine part, one row-wise kernel."))
+
+register(Primitive(
+    "layer_norm_grad", OPAQUE, _layer_norm_grad_type, _layer_norm_grad, _layer_norm_grad_vjp,
+    attrs=_LAYER_NORM_ATTRS, canon=_trailing_axes_canon, num_inputs=2,
+    doc="The VJP of layer_norm for cotangent g at x: rstd (g - mean(g) - xhat mean(g xhat)) per "
+        "row, one row-wise kernel that recomputes the row's statistics."))
