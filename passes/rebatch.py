@@ -2,25 +2,27 @@
 derived from those of an earlier compilation instead of running simplify and fusion again.
 
 The program is always traced again (user code may branch on shapes). `match_extents` then
-proves that the new traced graph is the old one with only its extents renamed: the same ops in
-the same order reading the same operands, the same attributes and constants, and every extent
-that differs renamed by one map. `rebatch` gives an optimized or fused graph of the old
-compilation with that renaming applied: each node's attributes are the new trace's where the
-node came from it (simplify and fusion share a copied node's attribute dict with the traced
-node), every type is inferred again by the op's own rule from the renamed inputs.
+proves that the new traced graph is the old one with only its batch extents scaled: the same ops
+in the same order reading the same operands, the same constants, the same attributes but for
+ints scaled like the extents. `rebatch` gives an optimized or fused graph of the old compilation
+renamed so: each node's attributes are the new trace's where the node came from it (simplify and
+fusion share a copied node's attribute dict with the traced node), every type is inferred again
+by the op's own rule from the renamed inputs.
 
-Why the renamed graphs are what the passes would give: simplify and fusion look at extents only
-to compare them with each other and with 1 (a broadcast, a type kept, an operand read at its
-output's shape, a one-element literal), and constant folding computes from constants alone. The
-map preserves all of that, because it is checked to be
-- injective, never to or from 0 or 1, never onto an extent that stays (equal stays equal),
-- proportional to the batch: every renamed extent scales by the same ratio (a flattened batch
-  of tokens, B*T, with B), so sums and products of batch extents keep their relations,
-and a node computed from constants only keeps its type and attributes. One rewrite adds
-extents in its test (a slice of exactly one part of a concatenate); a graph in which both a
-concatenate and a slice change is compiled afresh. So are graphs with scans (their own
-rewrites), differing constants (a mean over the batch scales by 1/B: a new literal in a kernel)
-and anything else that does not match: the caller runs the whole pipeline then.
+Why the renamed graphs are what the passes would give: simplify and fusion look at shapes only
+to compare them with each other and extents with 1 (a broadcast, a type kept, an operand read at
+its output's shape, a one-element literal), and constant folding computes from constants alone.
+The match checks that all of that reads the same in both traces:
+- around each node (its results, operands and their operands: what a rewrite or a fusion of
+  it compares) the types equal in one trace are the equal ones in the other (a batch of 32
+  beside 32 channels is fine; x (32, 32) @ w (32, 32) that becomes (17, 32) @ (32, 32) is not);
+- an extent or attribute int that changes is scaled by one ratio (the new batch over the old:
+  a flattened batch of tokens, B*T, with B), and never is or becomes 0 or 1;
+- a node computed from constants alone keeps its type and attributes (it is folded).
+One rewrite adds extents in its test (a slice of exactly one part of a concatenate): the parts'
+extents along the axis must stay, and no changed int may equal one of their sums. Graphs with
+scans (their own rewrites), differing constants (a mean over the batch scales by 1/B: a new
+literal in a kernel) and whatever else does not match are compiled afresh by the caller.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from graphc.ir import Graph, Node, TensorType
+from graphc.ir import Graph, Node, TensorType, Value
 from graphc.ir.ops.control import SCAN_OP
 from graphc.ir.registry import PRIMITIVES, OpTypeError
 from graphc.ir.errors import GraphcError
@@ -38,12 +40,14 @@ from graphc.ir.errors import GraphcError
 
 @dataclass(frozen=True)
 class ExtentMatch:
-    """How a new trace renames an old one: `extents` old -> new for every extent that changed;
-    `attrs` maps id() of an old traced node's attribute dict to the new node's attributes
-    (kept alive by the old traced graph, which the caller holds); `input_types` are the new
-    graph's input types."""
+    """How a new trace renames an old one: every extent that changed scaled by `ratio` (new
+    batch / old batch); `changed` the old extents and attribute ints that changed somewhere;
+    `attrs` maps id() of an old traced node's attribute dict to the new node's attributes (kept
+    alive by the old traced graph, which the caller holds); `input_types` are the new graph's
+    input types."""
 
-    extents: dict[int, int]
+    ratio: Fraction
+    changed: frozenset[int]
     attrs: dict[int, dict[str, Any]]
     input_types: tuple[TensorType, ...]
 
@@ -56,28 +60,39 @@ def _same_constant(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 class _Matcher:
     def __init__(self) -> None:
-        self.renamed: dict[int, int] = {}
-        self.kept: set[int] = set()
+        self.ratio: Fraction | None = None
+        self.changed: set[int] = set()
+        self.sums: set[int] = set()  # bounds of concatenated parts (_fixed_concatenation)
 
-    def extents(self, old: tuple[int, ...], new: tuple[int, ...]) -> None:
+    def ints(self, old: tuple[int, ...], new: tuple[int, ...]) -> None:
+        """Position by position equal, or scaled by the one ratio, never from or to 0 or 1."""
         if len(old) != len(new):
             raise _Mismatch
         for o, n in zip(old, new):
-            if o == n:
-                self.kept.add(o)
-            elif self.renamed.setdefault(o, n) != n:
-                raise _Mismatch
+            if o != n:
+                if o in (0, 1) or n in (0, 1):
+                    raise _Mismatch
+                ratio = Fraction(n, o)
+                if self.ratio is None:
+                    self.ratio = ratio
+                elif ratio != self.ratio:
+                    raise _Mismatch
+                self.changed.add(o)
 
     def type(self, old: TensorType, new: TensorType) -> None:
         if old.dtype != new.dtype:
             raise _Mismatch
-        self.extents(old.shape, new.shape)
+        self.ints(old.shape, new.shape)
 
     def attr(self, old: Any, new: Any) -> bool:
-        """Whether `new` differs from `old`: equal attributes, or ints / tuples of ints differing
-        only in renamed extents."""
+        """Whether `new` differs from `old`: equal attributes, or ints / tuples of ints
+        differing only by the ratio."""
         if isinstance(old, np.ndarray) or isinstance(new, np.ndarray):
             if not (isinstance(old, np.ndarray) and isinstance(new, np.ndarray)
                     and _same_constant(old, new)):
@@ -87,27 +102,18 @@ class _Matcher:
             raise _Mismatch
         if old == new:
             return False
-        if isinstance(old, int) and not isinstance(old, bool):
-            self.extents((old,), (new,))
-        elif isinstance(old, tuple) and all(isinstance(x, int) and not isinstance(x, bool)
-                                            for x in (*old, *new)):
-            self.extents(old, new)
+        if _is_int(old):
+            self.ints((old,), (new,))
+        elif isinstance(old, tuple) and all(_is_int(x) for x in (*old, *new)):
+            self.ints(old, new)
         else:
             raise _Mismatch
         return True
 
-    def checked_map(self) -> dict[int, int]:
-        renamed = self.renamed
-        if not renamed:
-            return {}
-        images = list(renamed.values())
-        if (self.kept & renamed.keys() or self.kept & set(images) or len(set(images)) != len(images)
-                or {0, 1} & (renamed.keys() | set(images))):
+    def result(self, attrs: dict[int, dict[str, Any]], input_types: tuple[TensorType, ...]) -> ExtentMatch:
+        if self.ratio is None or self.changed & self.sums:
             raise _Mismatch
-        ratios = {Fraction(n, o) for o, n in renamed.items()}
-        if len(ratios) != 1:
-            raise _Mismatch
-        return renamed
+        return ExtentMatch(self.ratio, frozenset(self.changed), attrs, input_types)
 
 
 def match_extents(old: Graph, new: Graph) -> ExtentMatch | None:
@@ -152,24 +158,43 @@ def _match(old: Graph, new: Graph) -> ExtentMatch:
             from_constants.update(a.outputs)
         if a.op == "concatenate":
             _fixed_concatenation(m, a, b)
+        around = _neighbourhood(a)
+        if _equal_types(around) != _equal_types([values[v] for v in around]):
+            raise _Mismatch
         shared = attrs.setdefault(id(a.attrs), b.attrs)  # one dict for several nodes: one renaming
         if shared is not b.attrs and any(_Matcher().attr(shared[k], b.attrs[k]) for k in shared):
             raise _Mismatch
     if any(values[v] is not w for v, w in zip(old.output_values, new.output_values)):
         raise _Mismatch
-    return ExtentMatch(m.checked_map(), attrs, tuple(i.value.type for i in new.inputs))
+    return m.result(attrs, tuple(i.value.type for i in new.inputs))
+
+
+def _neighbourhood(node: Node) -> list[Value]:
+    """The values a rewrite of `node` compares types among: its results, its operands and
+    theirs (simplify looks two producers back; fusion compares a node with its operands)."""
+    around = [*node.outputs, *node.inputs]
+    for v in node.inputs:
+        if v.producer is not None:
+            around.extend(v.producer.inputs)
+    return around
+
+
+def _equal_types(values: list[Value]) -> list[int]:
+    """For each value, the position of the first of `values` with its type."""
+    first: dict[TensorType, int] = {}
+    return [first.setdefault(v.type, i) for i, v in enumerate(values)]
 
 
 def _fixed_concatenation(m: _Matcher, old: Node, new: Node) -> None:
     """simplify takes a slice of a concatenate as the part it spans by adding up the parts'
-    extents along the axis: those must stay, and so must their sums (no slice bound that
-    changes may equal one: recorded as extents kept)."""
+    extents along the axis: those must stay, and no slice bound that changes may equal one of
+    their sums (checked once all are known)."""
     axis, start = old.attrs["axis"], 0
     for v, w in zip(old.inputs, new.inputs):
         if v.shape[axis] != w.shape[axis]:
             raise _Mismatch
         start += v.shape[axis]
-        m.kept.add(start)
+        m.sums.add(start)
 
 
 def rebatch(graph: Graph, match: ExtentMatch) -> Graph | None:
@@ -186,7 +211,6 @@ def _rebatch(graph: Graph, match: ExtentMatch, input_types: tuple[TensorType, ..
     new = Graph(graph.name)
     mapping = {inp.value: new.add_input(t, inp.name, inp.role)
                for inp, t in zip(graph.inputs, input_types, strict=True)}
-    renamed = match.extents
     for node in graph.nodes:
         ins = tuple(mapping[v] for v in node.inputs)
         if node.subgraph is not None:
@@ -199,7 +223,7 @@ def _rebatch(graph: Graph, match: ExtentMatch, input_types: tuple[TensorType, ..
             attrs = match.attrs.get(id(node.attrs))
             if attrs is None:
                 attrs = node.attrs
-                if renamed and _names_extent(attrs, renamed):
+                if _names_extent(attrs, match.changed):
                     raise _Mismatch
             out = PRIMITIVES[node.op].infer(*(v.type for v in ins), **attrs)
             clone = Node(node.op, ins, attrs, (out,), node.loc, None, node.module)
@@ -209,13 +233,11 @@ def _rebatch(graph: Graph, match: ExtentMatch, input_types: tuple[TensorType, ..
     return new
 
 
-def _names_extent(attrs: dict[str, Any], renamed: dict[int, int]) -> bool:
+def _names_extent(attrs: dict[str, Any], changed: frozenset[int]) -> bool:
     """Whether an int in `attrs` equals an extent that changed (it might be one)."""
     for value in attrs.values():
-        if isinstance(value, int) and not isinstance(value, bool):
-            if value in renamed:
-                return True
-        elif isinstance(value, tuple):
-            if any(isinstance(x, int) and x in renamed for x in value):
-                return True
+        if _is_int(value) and value in changed:
+            return True
+        if isinstance(value, tuple) and any(_is_int(x) and x in changed for x in value):
+            return True
     return False

@@ -5,6 +5,7 @@ it) compiles afresh. Either way the values are those of a step compiled fresh at
 from __future__ import annotations
 
 import logging
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def flatten_scale_sum(batch: int, scale: float = 2.0, features: int = 4):
 
 def test_match_renames_the_batch_and_its_products():
     match = match_extents(flatten_scale_sum(8), flatten_scale_sum(5))
-    assert match is not None and match.extents == {8: 5, 32: 20}
+    assert match is not None and match.ratio == Fraction(5, 8) and match.changed == {8, 32}
     # A graph not made from that trace: its reshape's attributes name the extent 32, which
     # nothing proves to be the batch's there.
     assert rebatch(flatten_scale_sum(8), match) is None
@@ -46,8 +47,24 @@ def test_rebatch_takes_the_new_trace_attributes():
     renamed.verify()
 
 
+def test_match_takes_a_batch_equal_to_another_extent():
+    """(8, 8) -> (5, 8): the features are 8 too, but no shape is read two ways."""
+    match = match_extents(flatten_scale_sum(8, features=8), flatten_scale_sum(5, features=8))
+    assert match is not None and match.changed == {8, 64}
+
+
+def batch_times_weight(batch: int):
+    """x (batch, 8) @ w (8, 8): at batch 8 the operands have one type, at 5 two."""
+    b = Builder("g")
+    x = b.add_input(TensorType((batch, 8), F32), "x")
+    w = b.add_input(TensorType((8, 8), F32), "w", "param")
+    b.add_output("out", b.matmul(x, w))
+    return b.graph
+
+
 @pytest.mark.parametrize("old, new", [
-    (flatten_scale_sum(8), flatten_scale_sum(4)),        # 8 -> 4 but the features stay 4
+    (batch_times_weight(8), batch_times_weight(5)),   # operands of one type, then two
+    (batch_times_weight(5), batch_times_weight(8)),   # and the other way
     (flatten_scale_sum(8, scale=0.125), flatten_scale_sum(5, scale=0.2)),  # a constant of 1/B
     (flatten_scale_sum(2), flatten_scale_sum(1)),         # an extent becoming 1 reads as broadcast
     (flatten_scale_sum(8), flatten_scale_sum(5, features=3)),  # two ratios: not one batch
