@@ -8,7 +8,7 @@ paid by every process that compiles a graph. Fusion and memory planning need onl
 from __future__ import annotations
 
 import heapq
-from typing import Any, Callable, Generic, Hashable, Iterable, TypeVar
+from typing import Any, Callable, Container, Generic, Hashable, Iterable, TypeVar
 
 N = TypeVar("N", bound=Hashable)
 
@@ -67,6 +67,20 @@ class DiGraph(Generic[N]):
         while stack:
             node = stack.pop()
             if node == target:
+                return True
+            for successor in self._successors[node]:
+                if successor not in seen:
+                    seen.add(successor)
+                    stack.append(successor)
+        return False
+
+    def reaches_any(self, source: N, targets: Container[N]) -> bool:
+        """Whether some node of `targets` is reachable from `source` (itself included): one
+        search, where asking has_path of each target would search again for each."""
+        seen, stack = {source}, [source]
+        while stack:
+            node = stack.pop()
+            if node in targets:
                 return True
             for successor in self._successors[node]:
                 if successor not in seen:

@@ -29,6 +29,8 @@ def test_reachability_and_order_match_networkx(edges, rank, acyclic):
     for source in range(9):
         for target in range(9):
             assert ours.has_path(source, target) == nx.has_path(theirs, source, target)
+        targets = set(rank[:source])  # some nodes: reached when any one is
+        assert ours.reaches_any(source, targets) == any(nx.has_path(theirs, source, t) for t in targets)
     assert ours.is_acyclic() == nx.is_directed_acyclic_graph(theirs)
     if ours.is_acyclic():
         key = rank.__getitem__  # a random priority among the ready nodes
