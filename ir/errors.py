@@ -82,10 +82,19 @@ class IndexOutOfRangeError(GraphcError, IndexError):
         return IndexOutOfRangeError, (self.op, self.value, self.position, self.low, self.high, self.loc)
 
 
+_INTERNAL_ABSOLUTE: dict[str, bool] = {}  # tracing asks for every frame of every op traced
+
+
 def is_internal_file(filename: str) -> bool:
     """Is `filename` part of graphc (so not the user's code a location should name)?"""
+    known = _INTERNAL_ABSOLUTE.get(filename)
+    if known is not None:
+        return known
     path = os.path.abspath(filename)
-    return any(path == d or path.startswith(d + os.sep) for d in INTERNAL_DIRS)
+    internal = any(path == d or path.startswith(d + os.sep) for d in INTERNAL_DIRS)
+    if os.path.isabs(filename):  # a relative name may mean another file after a chdir
+        _INTERNAL_ABSOLUTE[filename] = internal
+    return internal
 
 
 def user_location(skip_internal: bool = True) -> str | None:

@@ -9,13 +9,17 @@ DTYPES = ("float32", "float64", "int32", "int64", "bool")
 FLOAT_DTYPES = ("float32", "float64")
 SHORT_NAMES = {"float32": "f32", "float64": "f64", "int32": "i32", "int64": "i64", "bool": "bool"}
 _FROM_SHORT = {v: k for k, v in SHORT_NAMES.items()}
+_CANONICAL = frozenset(DTYPES)
 _NP_DTYPES = {name: np.dtype(name) for name in DTYPES}  # executors ask on every call
 
 
 def canonical_dtype(dtype: object) -> str:
     """Return the canonical dtype name for a NumPy dtype, a type or a name ('f32' works too)."""
-    if isinstance(dtype, str) and dtype in _FROM_SHORT:
-        return _FROM_SHORT[dtype]
+    if isinstance(dtype, str):
+        if dtype in _CANONICAL:  # every TensorType built asks; NumPy's dtype lookup costs ~10 us
+            return dtype
+        if dtype in _FROM_SHORT:
+            return _FROM_SHORT[dtype]
     try:
         name = np.dtype(dtype).name  # type: ignore[arg-type]
     except TypeError as exc:
