@@ -175,6 +175,10 @@ OP_CASES = [
     ("layer_norm", [f32(2, 3, 4) * 3 + 2], {"axes": (2,), "epsilon": 1e-5}),
     ("layer_norm", [f32(2, 3, 4)], {"axes": (1, 2), "epsilon": 0.1}),
     ("cumprod", [np.array([[1.5, 0.0, -2.0, 3.0], [0.5, -1.0, 2.0, 0.0]], np.float32)], {"axis": 1}),
+    ("softmax", [f32(2, 3, 4)], {"axis": 1}),
+    ("softmax", [np.array([[-np.inf] * 3, [0.5, -np.inf, 1.0]], np.float32)],  # a masked row: zeros
+     {"axis": 1, "zero_masked_rows": True}),
+    ("log_softmax", [f32(2, 3, 4)], {"axis": 2}),
     ("cumprod", [f32(3, 2, 2)], {"axis": 0, "reverse": True}),
     ("exp", [f32(2, 3).astype(np.float64)], {}),
     ("neg", [INTS], {}),
