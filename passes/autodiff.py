@@ -267,13 +267,13 @@ def _save_residuals(graph: Graph, node: Node, carries: list[int], products: list
     first inputs, the body's). Where the scan does not output them yet, it is replaced in place
     by one with the extra outputs, its own outputs kept (the same Values), so nothing that reads
     them changes; a product the body computes already is read from there, not computed twice."""
-    from .simplify import _attrs_key
+    from .simplify import attrs_key
     a = node.attrs
     c, k = a["num_consts"], a["num_carry"]
     body = node.subgraph
     extended = Graph(body.name)  # the body's nodes and values, plus what the VJP needs
     extended.inputs, extended.nodes, extended.outputs = list(body.inputs), list(body.nodes), list(body.outputs)
-    known = {(n.op, tuple(id(v) for v in n.inputs), _attrs_key(n.attrs)): n for n in body.nodes
+    known = {(n.op, tuple(id(v) for v in n.inputs), attrs_key(n.attrs)): n for n in body.nodes
              if n.subgraph is None}
     mapping = dict(zip(vjp.input_values, body.input_values))
     needed = set(products)
@@ -284,7 +284,7 @@ def _save_residuals(graph: Graph, node: Node, carries: list[int], products: list
         if not any(v in needed for v in vnode.outputs):
             continue
         ins = tuple(mapping[v] for v in vnode.inputs)
-        key = (vnode.op, tuple(id(v) for v in ins), _attrs_key(vnode.attrs))
+        key = (vnode.op, tuple(id(v) for v in ins), attrs_key(vnode.attrs))
         if key not in known:
             known[key] = vnode.clone(ins)
             extended.nodes.append(known[key])

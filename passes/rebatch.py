@@ -3,9 +3,10 @@ derived from those of an earlier compilation instead of running simplify and fus
 
 The program is always traced again (user code may branch on shapes). `match_extents` then
 proves that the new traced graph is the old one with only its batch extents scaled: the same ops
-in the same order reading the same operands, the same constants, the same attributes but for
-ints scaled like the extents. `rebatch` gives an optimized or fused graph of the old compilation
-renamed so: each node's attributes are the new trace's where the node came from it (simplify and
+in the same order reading the same operands, the same attributes but for ints scaled like the
+extents, and constants of the same types (a mean over the batch multiplies by 1/B). `rebatch`
+gives an optimized or fused graph of the old compilation renamed so: each node's attributes
+(constants' values included) are the new trace's where the node came from it (simplify and
 fusion share a copied node's attribute dict with the traced node), every type is inferred again
 by the op's own rule from the renamed inputs.
 
@@ -18,23 +19,32 @@ The match checks that all of that reads the same in both traces:
   beside 32 channels is fine; x (32, 32) @ w (32, 32) that becomes (17, 32) @ (32, 32) is not);
 - an extent or attribute int that changes is scaled by one ratio (the new batch over the old:
   a flattened batch of tokens, B*T, with B), and never is or becomes 0 or 1;
-- a node computed from constants alone keeps its type and attributes (it is folded).
+- a node simplify folds (computed from constants alone) does so in both traces; its value is
+  computed here in both, and a folded constant of the old compilation takes the new value of
+  its old one (simplify makes it a node of its own);
+- constants (traced or folded) equal in one trace are equal in the other, and one that changes
+  is never 0 or 1 (simplify drops x * 1 and x + 0);
+- nodes of one op reading the same operands with equal attributes in one trace have equal ones
+  in the other (CSE merges them).
 One rewrite adds extents in its test (a slice of exactly one part of a concatenate): the parts'
 extents along the axis must stay, and no changed int may equal one of their sums. Graphs with
-scans (their own rewrites), differing constants (a mean over the batch scales by 1/B: a new
-literal in a kernel) and whatever else does not match are compiled afresh by the caller.
+scans (their own rewrites) and whatever else does not match are compiled afresh by the caller.
+A changed one-element constant is a literal in its kernel's source: that kernel is new code.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, Container
 
 import numpy as np
 
 from graphc.ir import Graph, Node, TensorType, Value
 from graphc.ir.ops.control import SCAN_OP
-from graphc.ir.registry import PRIMITIVES, OpTypeError
+from graphc.ir.interpret import run_node
+from graphc.ir.registry import PRIMITIVES, SOURCE, OpTypeError, get
+
+from .simplify import FOLD_LIMIT, attrs_key
 from graphc.ir.errors import GraphcError
 
 
@@ -43,12 +53,14 @@ class ExtentMatch:
     """How a new trace renames an old one: every extent that changed scaled by `ratio` (new
     batch / old batch); `changed` the old extents and attribute ints that changed somewhere;
     `attrs` maps id() of an old traced node's attribute dict to the new node's attributes (kept
-    alive by the old traced graph, which the caller holds); `input_types` are the new graph's
-    input types."""
+    alive by the old traced graph, which the caller holds); `constants` the new value of each
+    constant value (by `_value_key`) that changed, folded ones included: a folded constant is a
+    node of its own, made by simplify; `input_types` are the new graph's input types."""
 
     ratio: Fraction
     changed: frozenset[int]
     attrs: dict[int, dict[str, Any]]
+    constants: dict[tuple, np.ndarray]
     input_types: tuple[TensorType, ...]
 
 
@@ -110,10 +122,12 @@ class _Matcher:
             raise _Mismatch
         return True
 
-    def result(self, attrs: dict[int, dict[str, Any]], input_types: tuple[TensorType, ...]) -> ExtentMatch:
+    def result(self, attrs: dict[int, dict[str, Any]], constants: dict[tuple, tuple],
+               input_types: tuple[TensorType, ...]) -> ExtentMatch:
         if self.ratio is None or self.changed & self.sums:
             raise _Mismatch
-        return ExtentMatch(self.ratio, frozenset(self.changed), attrs, input_types)
+        changed = {old: _constant(new) for old, new in constants.items() if old != new}
+        return ExtentMatch(self.ratio, frozenset(self.changed), attrs, changed, input_types)
 
 
 def match_extents(old: Graph, new: Graph) -> ExtentMatch | None:
@@ -137,7 +151,11 @@ def _match(old: Graph, new: Graph) -> ExtentMatch:
         m.type(a.value.type, b.value.type)
         values[a.value] = b.value
     attrs: dict[int, dict[str, Any]] = {}
-    from_constants = set()  # old values computed from constants only: folded, so they must stay
+    same_nodes = _Bijection()  # CSE merges an op's nodes reading the same operands by attributes
+    position = {v: p for p, v in enumerate(old.input_values)}
+    constants = _Bijection()   # constant values, old to new, traced or folded (by value key)
+    folded: dict[Value, tuple[np.ndarray, np.ndarray]] = {}  # old and new values of folded nodes
+    folded_new: set[Value] = set()  # the new trace's values that are folded
     for a, b in zip(old.nodes, new.nodes):
         if (a.op != b.op or a.op == SCAN_OP or a.subgraph is not None or b.subgraph is not None
                 or len(a.inputs) != len(b.inputs) or len(a.outputs) != len(b.outputs)
@@ -145,28 +163,85 @@ def _match(old: Graph, new: Graph) -> ExtentMatch:
             raise _Mismatch
         if any(values.get(v) is not w for v, w in zip(a.inputs, b.inputs)):
             raise _Mismatch
-        changed = False
-        for key, value in a.attrs.items():
-            changed |= m.attr(value, b.attrs[key])
+        if a.op != "constant":
+            for key, value in a.attrs.items():
+                m.attr(value, b.attrs[key])
         for v, w in zip(a.outputs, b.outputs):
             m.type(v.type, w.type)
-            changed |= v.type != w.type
             values[v] = w
-        if all(v in from_constants for v in a.inputs):  # constants, and what folds from them
-            if changed:
-                raise _Mismatch
-            from_constants.update(a.outputs)
+        if a.op == "constant":
+            folded[a.output] = _constant_pair(constants, a.attrs["value"], b.attrs["value"])
+            folded_new.add(b.output)
+        elif _folds(a, folded) != _folds(b, folded_new):
+            raise _Mismatch
+        elif _folds(a, folded):  # simplify computes its value: so here, for both traces
+            (old_value,) = run_node(a, [folded[v][0] for v in a.inputs])
+            (new_value,) = run_node(b, [folded[v][1] for v in a.inputs])
+            folded[a.output] = _constant_pair(constants, old_value, new_value)
+            folded_new.add(b.output)
         if a.op == "concatenate":
             _fixed_concatenation(m, a, b)
         around = _neighbourhood(a)
         if _equal_types(around) != _equal_types([values[v] for v in around]):
             raise _Mismatch
-        shared = attrs.setdefault(id(a.attrs), b.attrs)  # one dict for several nodes: one renaming
-        if shared is not b.attrs and any(_Matcher().attr(shared[k], b.attrs[k]) for k in shared):
-            raise _Mismatch
+        operands = tuple(position[v] for v in a.inputs)
+        same_nodes.pair((a.op, operands, attrs_key(a.attrs)), (a.op, operands, attrs_key(b.attrs)))
+        position.update((v, len(position) + q) for q, v in enumerate(a.outputs))
+        attrs[id(a.attrs)] = b.attrs
     if any(values[v] is not w for v, w in zip(old.output_values, new.output_values)):
         raise _Mismatch
-    return m.result(attrs, tuple(i.value.type for i in new.inputs))
+    return m.result(attrs, constants.forward, tuple(i.value.type for i in new.inputs))
+
+
+class _Bijection:
+    """Pairs of keys, old to new, that must map one to one."""
+
+    def __init__(self) -> None:
+        self.forward: dict[Any, Any] = {}
+        self.backward: dict[Any, Any] = {}
+
+    def pair(self, old: Any, new: Any) -> None:
+        if self.forward.setdefault(old, new) != new or self.backward.setdefault(new, old) != old:
+            raise _Mismatch
+
+
+def _value_key(value: np.ndarray) -> tuple:
+    return value.dtype.name, value.shape, value.tobytes()
+
+
+def _constant(key: tuple) -> np.ndarray:
+    dtype, shape, data = key
+    value = np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+    value.setflags(write=False)  # attributes are immutable
+    return value
+
+
+def _constant_pair(constants: _Bijection, old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`old` and `new`, the values of one constant in both traces: equal constants in one trace
+    equal in the other; of one dtype, and either of one shape, never 0 or 1 where they differ
+    (simplify drops a product with 1 and a sum with 0), or filled with one value (zeros of the
+    batch's shape: an initial state)."""
+    if old.dtype != new.dtype:
+        raise _Mismatch
+    old_key, new_key = _value_key(old), _value_key(new)
+    if old.shape != new.shape:
+        if not (old.size and new.size and _filled(old) and _filled(new) and old.flat[0] == new.flat[0]):
+            raise _Mismatch
+    elif old_key != new_key and (old.size == 0 or any(np.any(c == k) for c in (old, new) for k in (0, 1))):
+        raise _Mismatch
+    constants.pair(old_key, new_key)
+    return old, new
+
+
+def _filled(value: np.ndarray) -> bool:
+    return bool(np.all(value == value.flat[0]))
+
+
+def _folds(node: Node, folded: Container[Value]) -> bool:
+    """Whether simplify's constant folding replaces primitive `node`, its operands in `folded`
+    (the size limit of fold_constants)."""
+    return (bool(node.inputs) and get(node.op).kind != SOURCE and all(v in folded for v in node.inputs)
+            and node.output.type.size <= min(FOLD_LIMIT, max(v.type.size for v in node.inputs)))
 
 
 def _neighbourhood(node: Node) -> list[Value]:
@@ -221,7 +296,10 @@ def _rebatch(graph: Graph, match: ExtentMatch, input_types: tuple[TensorType, ..
                          node.loc, body, node.module)
         else:
             attrs = match.attrs.get(id(node.attrs))
-            if attrs is None:
+            if attrs is None and node.op == "constant":  # folded by simplify: by its value
+                value = match.constants.get(_value_key(node.attrs["value"]))
+                attrs = node.attrs if value is None else {"value": value}
+            elif attrs is None:
                 attrs = node.attrs
                 if _names_extent(attrs, match.changed):
                     raise _Mismatch

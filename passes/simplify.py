@@ -119,7 +119,8 @@ for _op, _rule in RULES:
     RULES_BY_OP.setdefault(_op, []).append(_rule)
 
 
-def _attrs_key(attrs: dict) -> tuple:
+def attrs_key(attrs: dict) -> tuple:
+    """`attrs` as a hashable key (arrays by dtype, shape and bytes): equal keys, equal attributes."""
     return tuple((k, (v.dtype.name, v.shape, v.tobytes()) if isinstance(v, np.ndarray) else v)
                  for k, v in sorted(attrs.items()))
 
@@ -200,7 +201,7 @@ def cse(graph: Graph) -> Graph:
     seen: dict[tuple, Value] = {}
 
     def key(node: Node, ins: tuple[Value, ...]) -> tuple:
-        return (node.op, tuple(id(v) for v in ins), _attrs_key(node.attrs))
+        return (node.op, tuple(id(v) for v in ins), attrs_key(node.attrs))
 
     def rewrite(b: Builder, node: Node, ins: tuple[Value, ...]) -> Value | None:
         return seen.get(key(node, ins))
