@@ -137,9 +137,9 @@ def _shareable_stacks(node: Node, body: Executable) -> list[tuple[int, int]]:
     pairs = []
     for j, y in enumerate(ys):
         y_slot = env.slot[(y, False)]
-        if y_slot not in fresh or y_slot in inputs or ys.count(y) != 1:
+        writer = min((n for n, slots in enumerate(calls) if y_slot in slots), default=None)
+        if writer is None or y_slot not in fresh or y_slot in inputs or ys.count(y) != 1:
             continue  # copied at the end of the step, not written by a kernel
-        writer = min(n for n, slots in enumerate(calls) if y_slot in slots)
         for i, x in enumerate(xs):
             x_slot = body._inputs[c + k + i]
             readers = [n for n, slots in enumerate(calls) if x_slot in slots]
