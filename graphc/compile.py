@@ -56,17 +56,26 @@ class CompiledGraph:
     the modes of the modules it called: the graph serves while they are as when traced.
     """
 
-    def __init__(self, traced: Graph, optimized: Graph, executable: Executable, donate: dict[int, int],
-                 signature: tuple = (), reads: ModuleReads = ModuleReads()) -> None:
-        self.traced, self.optimized, self.executable = traced, optimized, executable
+    def __init__(self, traced: Graph, optimized: Graph | None, executable: Executable,
+                 donate: dict[int, int], signature: tuple = (), reads: ModuleReads = ModuleReads()) -> None:
+        self.traced, self._optimized, self.executable = traced, optimized, executable
         # Asked once here (a protocol check costs tens of microseconds): the step asks often.
         self.device_resident = isinstance(executable, DeviceResident)
         self.donate = donate
         self.signature, self.reads = signature, reads
         self.persistent: list[np.ndarray] = []  # arrays the step reads after the batch
         implicit = set(reads.names)
-        self.implicit_inputs = frozenset(i for i, inp in enumerate(optimized.inputs)
+        self.implicit_inputs = frozenset(i for i, inp in enumerate(traced.inputs)
                                          if inp.name in implicit)
+
+    @property
+    def optimized(self) -> Graph:
+        """The traced graph simplified; its inputs are the traced graph's. A compilation that
+        took its fused graph from another batch size's (passes/rebatch.py) simplifies only when
+        asked (for a dump, an export, the reference interpreter)."""
+        if self._optimized is None:
+            self._optimized = SIMPLIFY(self.traced)
+        return self._optimized
 
 
 class _CompiledModelBase:
@@ -105,28 +114,26 @@ class _CompiledModelBase:
     def _rebatched(self, traced: Graph, donate: dict[int, int], signature: tuple,
                    reads: ModuleReads, stages: Stages) -> CompiledGraph | None:
         """`traced` compiled from an earlier compilation of the same program at another batch
-        size (passes/rebatch.py proves it is one): that one's optimized and fused graphs with
-        the extents renamed, so simplify and fusion do not run again; the kernels' sources and
-        the memory plan are made for the new sizes, and the kernels, which take extents as
-        arguments, are the ones already compiled. None when no earlier compilation matches."""
+        size (passes/rebatch.py proves it is one): that one's fused graph renamed, so simplify
+        and fusion do not run again; the kernels' sources and the memory plan are made for the
+        new sizes, and the kernels, which take extents as arguments, are the ones already
+        compiled. None when no earlier compilation matches."""
         for earlier in dict.fromkeys([self._last, *self._compiled.values()]):  # the last first
             if earlier is None or earlier.donate != donate:
                 continue
             match = match_extents(earlier.traced, traced)
             if match is None:
                 continue
-            optimized = rebatch(earlier.optimized, match)
             executable = earlier.executable
-            fused = (rebatch(executable.graph, match) if isinstance(executable, PlannedExecutable)
-                     else optimized)
-            if optimized is None or fused is None:
+            planned = isinstance(executable, PlannedExecutable)  # else it runs the optimized graph
+            graph = rebatch(executable.graph if planned else earlier.optimized, match)
+            if graph is None:
                 continue
             log.info("graphc: %s reuses the graphs compiled for %s", self.name,
                      ", ".join(str(TensorType(*s)) for s in earlier.signature))
-            stages.record("rebatched_optimized", optimized)
-            stages.record("rebatched_fusion", fused)
-            return CompiledGraph(traced, optimized, compile_graph(fused, self.backend, donate, stages),
-                                 donate, signature, reads)
+            stages.record("rebatched_fusion" if planned else "rebatched_optimized", graph)
+            return CompiledGraph(traced, None if planned else graph,
+                                 compile_graph(graph, self.backend, donate, stages), donate, signature, reads)
         return None
 
     def _log_recompile(self, last: CompiledGraph, signature: tuple) -> None:
@@ -274,7 +281,7 @@ class TrainStep(_CompiledModelBase):
             release_state_holders(self.model)
             return
         executable = compiled.executable
-        executable.keep_on_device(i for i, inp in enumerate(compiled.optimized.inputs)
+        executable.keep_on_device(i for i, inp in enumerate(compiled.traced.inputs)
                                   if inp.role != "data" and i not in compiled.implicit_inputs)
         claim_state(self.model, self)
         self._holding = executable
@@ -310,10 +317,10 @@ class TrainStep(_CompiledModelBase):
         arrays = batch_arrays(batch)
         compiled, implicit = self._select(arrays)
         if not compiled.persistent:
-            compiled.persistent = self._persistent(compiled.optimized)
+            compiled.persistent = self._persistent(compiled.traced)
         self.optimizer.check_settings(self._optimizer_settings, self.name)
         args = [*arrays, *compiled.persistent, *implicit, *self.optimizer.learning_rates()]
-        if compiled.optimized.inputs[-1].role == "rng":
+        if compiled.traced.inputs[-1].role == "rng":
             args.append(self._rng_key)
         return compiled, args
 

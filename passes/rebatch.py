@@ -151,7 +151,8 @@ def _match(old: Graph, new: Graph) -> ExtentMatch:
         m.type(a.value.type, b.value.type)
         values[a.value] = b.value
     attrs: dict[int, dict[str, Any]] = {}
-    same_nodes = _Bijection()  # CSE merges an op's nodes reading the same operands by attributes
+    # CSE merges nodes of one op reading the same operands by their attributes
+    siblings: dict[tuple, list[tuple[dict, dict]]] = {}
     position = {v: p for p, v in enumerate(old.input_values)}
     constants = _Bijection()   # constant values, old to new, traced or folded (by value key)
     folded: dict[Value, tuple[np.ndarray, np.ndarray]] = {}  # old and new values of folded nodes
@@ -184,12 +185,16 @@ def _match(old: Graph, new: Graph) -> ExtentMatch:
         around = _neighbourhood(a)
         if _equal_types(around) != _equal_types([values[v] for v in around]):
             raise _Mismatch
-        operands = tuple(position[v] for v in a.inputs)
-        same_nodes.pair((a.op, operands, attrs_key(a.attrs)), (a.op, operands, attrs_key(b.attrs)))
+        siblings.setdefault((a.op, tuple(position[v] for v in a.inputs)), []).append((a.attrs, b.attrs))
         position.update((v, len(position) + q) for q, v in enumerate(a.outputs))
         attrs[id(a.attrs)] = b.attrs
     if any(values[v] is not w for v, w in zip(old.output_values, new.output_values)):
         raise _Mismatch
+    for group in siblings.values():
+        if len(group) > 1:
+            same = _Bijection()
+            for old_attrs, new_attrs in group:
+                same.pair(attrs_key(old_attrs), attrs_key(new_attrs))
     return m.result(attrs, constants.forward, tuple(i.value.type for i in new.inputs))
 
 
