@@ -260,10 +260,10 @@ def _softmax(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.emit("Where", [masked, g.constant(np.asarray(0, dtype)), probabilities], out)
 
 
-@lowering(TARGET, "layer_norm")
-def _layer_norm(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
-    """(x - mean) / sqrt(var + epsilon) over the trailing axes, from ReduceSum as `moments` is
-    (LayerNormalization needs opset 17 and a scale input)."""
+@lowering(TARGET, "normalize")
+def _normalize(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    """(x - mean) / sqrt(var + epsilon) over `axes`, from ReduceSum as `moments` is (the axes
+    need not be trailing, as LayerNormalization's are)."""
     x, axes = node.inputs[0], node.attrs["axes"]
     inverse = g.constant(np.asarray(1 / np.prod([x.shape[a] for a in axes]), x.dtype))
 

@@ -47,7 +47,7 @@ EXCLUSIONS: dict[str, dict[str, str]] = {
         "max_pool2d_grad": _GRADIENT,
         "avg_pool2d_grad": _GRADIENT,
         "slice_grad": _GRADIENT,
-        "layer_norm_grad": _GRADIENT,
+        "normalize_grad": _GRADIENT,
         "softmax_grad": _GRADIENT,
         "scatter_add": _GRADIENT + " (of gather)",
         "scatter_add_along_axis": _GRADIENT + " (of take_along_axis)",

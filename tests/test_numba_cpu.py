@@ -130,6 +130,10 @@ CASES = {
     "moments": lambda: (lambda arrays: (build("moments", arrays, lambda b, x, r: [
         b.moments(x, axes=(0, 2, 3)), b.moments(r, axes=(1,)), b.moments(r, axes=(0,))]), arrays))(
         [normal(3, 4, 2, 5), normal(6, 7, dtype="float64")]),
+    "normalize": lambda: (lambda arrays: (build("normalize", arrays, lambda b, x, g, r: [
+        b.normalize(x, axes=(0, 2, 3), epsilon=1e-5), b.normalize_grad(g, x, axes=(0, 2, 3), epsilon=1e-5),
+        b.normalize(r, axes=(1,), epsilon=1e-3), b.normalize_grad(r, r, axes=(0,), epsilon=1e-3)]), arrays))(
+        [normal(3, 4, 2, 5), normal(3, 4, 2, 5), normal(6, 7, dtype="float64")]),
     "logical": lambda: (lambda arrays: (build("logical", arrays, lambda b, p, q: [
         b.logical_and(p, q), b.logical_or(p, q), b.logical_not(p),
         b.where(p, b.cast(q, dtype="int32"), b.cast(p, dtype="int32"))]), arrays))(

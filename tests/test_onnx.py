@@ -172,8 +172,8 @@ OP_CASES = [
     ("cumsum", [INTS], {"axis": 1, "reverse": True}),
     ("moments", [f32(2, 3, 4, 5)], {"axes": (0, 2, 3)}),
     ("moments", [f32(2, 3, 4)], {"axes": (2,)}),
-    ("layer_norm", [f32(2, 3, 4) * 3 + 2], {"axes": (2,), "epsilon": 1e-5}),
-    ("layer_norm", [f32(2, 3, 4)], {"axes": (1, 2), "epsilon": 0.1}),
+    ("normalize", [f32(2, 3, 4) * 3 + 2], {"axes": (2,), "epsilon": 1e-5}),
+    ("normalize", [f32(2, 3, 4, 5)], {"axes": (0, 2, 3), "epsilon": 0.1}),
     ("cumprod", [np.array([[1.5, 0.0, -2.0, 3.0], [0.5, -1.0, 2.0, 0.0]], np.float32)], {"axis": 1}),
     ("softmax", [f32(2, 3, 4)], {"axis": 1}),
     ("softmax", [np.array([[-np.inf] * 3, [0.5, -np.inf, 1.0]], np.float32)],  # a masked row: zeros

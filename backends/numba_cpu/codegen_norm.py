@@ -1,5 +1,5 @@
 """Library kernels: `moments`, the mean and biased variance of each kept line in one pass, and
-`layer_norm` / `layer_norm_grad`, a row each (see the end of the file).
+`normalize` / `normalize_grad`, a line each (see the end of the file).
 
 The operand is passed as a (before, kept, after) view and the output as (2, kept), so one
 compiled function serves layer norm's rows (before = 1) and batch norm's channels. Each kept
@@ -15,7 +15,7 @@ from typing import Callable
 
 from graphc.ir import Node
 from graphc.ir.lowering import lowering
-from graphc.ir.ops.norm import lines_view, rows_view
+from graphc.ir.ops.norm import lines_view
 from graphc.backends.kernels.library import Refs
 from graphc.backends.kernels.source import Writer, literal, np_type, size_of
 
@@ -85,45 +85,51 @@ def _moments(node: Node, refs: Refs) -> tuple[list[Call], int]:
     return [call], 3 * size_of(x.shape)
 
 
-# -- layer_norm, layer_norm_grad: one row per iteration, the rows in parallel -------------------
-# The operand and the output are passed as (rows, row length) views. A row is read a few times
-# (its mean, its variance, then the output); at layer norm's row lengths it stays in L1 between
-# the passes, so recomputing the statistics costs less than storing them. Two passes, as the
-# reference takes them, so a mean large against the spread keeps the variance's digits. Rows up
-# to LONGEST_ROW_IN_OWN_DTYPE are summed in x's dtype, as `moments` does: float32 sums and
-# arithmetic halve the kernel's time (transformer-m's 1024 x 128 rows, one thread: 30 us against
-# 61 us in float64).
-def _accumulator(node: Node) -> str:
-    """The dtype a row's sums and arithmetic are in: numpy's name for the constructor."""
+# -- normalize, normalize_grad: one line per iteration, the lines in parallel -------------------
+# Arrays are passed as (before, kept, after) views, as `moments`'s operand: a kept index c is a
+# line (a row of layer norm's, a channel of batch norm's). Each kernel reads its line twice: once
+# for the sums, as `moments` takes them (of x - x0, x0 the line's first element, so the variance
+# keeps its digits when the mean is large against the spread), then to write the output; the
+# line is still in cache for the second pass. Runs of up to LONGEST_ROW_IN_OWN_DTYPE are summed
+# and normalised in x's dtype: float32 sums and arithmetic vectorise twice as wide
+# (transformer-m's 1024 x 128 rows, one thread: 30 us against 61 us in float64).
+def _write_line_sums(w: Writer, acc: str, terms: dict[str, str], setup: list[str]) -> None:
+    """A float64 sum over the line of each term (named by its key), each run of `after` summed
+    in `acc` first; the `setup` lines bind what the terms read."""
+    for name in terms:
+        w.line(f"{name} = 0.0")
+    with w.block("for a in range(before):"):
+        for name in terms:
+            w.line(f"{name}_run = {acc}(0.0)")
+        with w.block("for k in range(after):"):
+            for line in setup:
+                w.line(line)
+            for name, term in terms.items():
+                w.line(f"{name}_run += {term}")
+        for name in terms:
+            w.line(f"{name} += np.float64({name}_run)")
+
+
+def _write_statistics_from_sums(w: Writer, acc: str, epsilon: str) -> None:
+    """mean and rstd from the sums of d = x - x0 and of d^2."""
+    w.line("shift_mean = d_total / n")  # the mean less x0
+    w.line(f"mean = {acc}(x0 + shift_mean)")
+    w.line(f"rstd = {acc}(1.0 / np.sqrt(max(d_squares / n - shift_mean * shift_mean, 0.0) + {epsilon}))")
+
+
+def _line_call(node: Node, refs: Refs, params: list[str],
+               write_line: Callable[[Writer, str, str], None]) -> tuple[list[Call], int]:
     x = node.inputs[-1]
-    short = rows_view(x.shape, node.attrs["axes"])[1] <= LONGEST_ROW_IN_OWN_DTYPE
-    return np_type(x.dtype if short else "float64")
-
-
-def _write_row_statistics(w: Writer, acc: str, epsilon: str) -> None:
-    w.line(f"total = {acc}(0.0)")
-    with w.block("for k in range(n):"):
-        w.line(f"total += {acc}(x[r, k])")
-    w.line(f"mean = {acc}(total / n)")
-    w.line(f"squares = {acc}(0.0)")
-    with w.block("for k in range(n):"):
-        w.line(f"d = {acc}(x[r, k]) - mean")
-        w.line("squares += d * d")
-    w.line(f"rstd = {acc}(1.0 / np.sqrt(squares / n + {epsilon}))")
-
-
-def _row_call(node: Node, refs: Refs, params: list[str],
-              write_row: Callable[[Writer, str], None]) -> tuple[list[Call], int]:
-    x = node.inputs[-1]
-    view = rows_view(x.shape, node.attrs["axes"])
-    parallel = view[0] > 1 and runs_parallel(size_of(x.shape))
-    acc = _accumulator(node)
+    view = lines_view(x.shape, node.attrs["axes"])
+    parallel = view[1] > 1 and runs_parallel(size_of(x.shape))
+    acc = np_type(x.dtype if view[2] <= LONGEST_ROW_IN_OWN_DTYPE else "float64")
 
     def body(w: Writer) -> None:
-        w.line("rows, n = x.shape")
-        with w.block(loop_header("r", "rows", parallel)):
-            _write_row_statistics(w, acc, literal(node.attrs["epsilon"], "float64"))
-            write_row(w, acc)
+        w.line("before, kept, after = x.shape")
+        w.line("n = before * after")
+        with w.block(loop_header("c", "kept", parallel)):
+            w.line(f"x0 = {acc}(x[0, c, 0])")
+            write_line(w, acc, literal(node.attrs["epsilon"], "float64"))
 
     args = [refs[v] for v in node.inputs] + [refs[node.output]]
     call = library_call(node.op, params, args, parallel, body)
@@ -131,32 +137,35 @@ def _row_call(node: Node, refs: Refs, params: list[str],
     return [call], 4 * size_of(x.shape)
 
 
-@lowering(TARGET, "layer_norm")
-def _layer_norm(node: Node, refs: Refs) -> tuple[list[Call], int]:
-    def write_row(w: Writer, acc: str) -> None:
-        with w.block("for k in range(n):"):
-            w.line(f"out[r, k] = ({acc}(x[r, k]) - mean) * rstd")
+@lowering(TARGET, "normalize")
+def _normalize(node: Node, refs: Refs) -> tuple[list[Call], int]:
+    def write_line(w: Writer, acc: str, epsilon: str) -> None:
+        _write_line_sums(w, acc, {"d_total": "d", "d_squares": "d * d"}, [f"d = {acc}(x[a, c, k]) - x0"])
+        _write_statistics_from_sums(w, acc, epsilon)
+        with w.block("for a in range(before):"):
+            with w.block("for k in range(after):"):
+                w.line(f"out[a, c, k] = ({acc}(x[a, c, k]) - mean) * rstd")
 
-    return _row_call(node, refs, ["x", "out"], write_row)
+    return _line_call(node, refs, ["x", "out"], write_line)
 
 
-@lowering(TARGET, "layer_norm_grad")
-def _layer_norm_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
-    """dx = rstd (g - mean(g) - xhat mean(g xhat)), xhat = (x - mean) rstd. The sums take g
-    less its row's first element g0, which changes neither g - mean(g) nor, as xhat sums to
-    zero, mean(g xhat): an offset in g then costs no digits, as the mean's does not in x."""
-    def write_row(w: Writer, acc: str) -> None:
-        w.line(f"g0 = {acc}(g[r, 0])")
-        w.line(f"g_total = {acc}(0.0)")
-        w.line(f"g_dot_centred = {acc}(0.0)")
-        with w.block("for k in range(n):"):
-            w.line(f"gk = {acc}(g[r, k]) - g0")
-            w.line("g_total += gk")
-            w.line(f"g_dot_centred += gk * ({acc}(x[r, k]) - mean)")
-        w.line(f"g_mean = {acc}(g_total / n)")
-        w.line(f"g_normalised_mean = {acc}(g_dot_centred * rstd / n)")
-        with w.block("for k in range(n):"):
-            w.line(f"normalised = ({acc}(x[r, k]) - mean) * rstd")
-            w.line(f"out[r, k] = rstd * ({acc}(g[r, k]) - g0 - g_mean - normalised * g_normalised_mean)")
+@lowering(TARGET, "normalize_grad")
+def _normalize_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
+    """dx = rstd (g - mean(g) - xhat mean(g xhat)), xhat = (x - mean) rstd. The sums take
+    e = g - g0, g0 the line's first element, which changes neither g - mean(g) nor, as xhat sums
+    to zero, mean(g xhat): an offset in g then costs no digits, as the mean's does not in x.
+    <e, x - mean> is sum(e d) - sum(e) sum(d) / n, all four sums in one pass."""
+    def write_line(w: Writer, acc: str, epsilon: str) -> None:
+        w.line(f"g0 = {acc}(g[0, c, 0])")
+        _write_line_sums(w, acc, {"d_total": "d", "d_squares": "d * d", "e_total": "e", "e_dot_d": "e * d"},
+                         [f"d = {acc}(x[a, c, k]) - x0", f"e = {acc}(g[a, c, k]) - g0"])
+        _write_statistics_from_sums(w, acc, epsilon)
+        w.line(f"e_mean = {acc}(e_total / n)")
+        w.line(f"g_normalised_mean = {acc}((e_dot_d - e_total * shift_mean) * rstd / n)")
+        with w.block("for a in range(before):"):
+            with w.block("for k in range(after):"):
+                w.line(f"normalised = ({acc}(x[a, c, k]) - mean) * rstd")
+                w.line(f"out[a, c, k] = rstd * ({acc}(g[a, c, k]) - g0 - e_mean"
+                       " - normalised * g_normalised_mean)")
 
-    return _row_call(node, refs, ["g", "x", "out"], write_row)
+    return _line_call(node, refs, ["g", "x", "out"], write_line)

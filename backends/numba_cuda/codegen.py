@@ -23,7 +23,7 @@ from typing import Callable
 from graphc.ir import Node, TensorType, Value
 from graphc.ir.kernels import op_class
 from graphc.ir.lowering import lowering, lowering_for
-from graphc.ir.ops.norm import lines_view, rows_view
+from graphc.ir.ops.norm import lines_view
 from graphc.ir.ops.softmax import lines_view as softmax_lines_view
 from graphc.backends.kernels.arrays import KernelArray
 from graphc.backends.kernels.library import Refs, epilogue_graph
@@ -632,50 +632,52 @@ def _moments(node: Node, refs: Refs) -> list[CudaCall]:
     return [_with_views(call, (view, (2, view[1])))]
 
 
-@lowering(TARGET, "layer_norm", "layer_norm_grad")
-def _layer_norm(node: Node, refs: Refs) -> list[CudaCall]:
-    """One thread per row (arrays viewed (rows, N)), as numba-cpu's kernels, in float64: the
-    row's mean, then its variance, then xhat = (x - mean) rstd, or for layer_norm_grad
-    rstd (g - mean(g) - xhat mean(g xhat)), g's sums shifted by its first element."""
-    view = rows_view(node.output.shape, node.attrs["axes"])
+@lowering(TARGET, "normalize", "normalize_grad")
+def _normalize(node: Node, refs: Refs) -> list[CudaCall]:
+    """One thread per kept index (arrays viewed (before, kept, after)), as numba-cpu's kernels,
+    in float64: the line's mean, then its variance, then xhat = (x - mean) rstd, or for
+    normalize_grad rstd (g - mean(g) - xhat mean(g xhat)), g's sums shifted by its first element."""
+    view = lines_view(node.output.shape, node.attrs["axes"])
     epsilon = literal(node.attrs["epsilon"], "float64")
 
+    def line_sum(w: Writer, terms: dict[str, str], setup: str) -> None:
+        for name in terms:
+            w.line(f"{name} = np.float64(0.0)")
+        with w.block("for a in range(BEFORE):"):
+            with w.block("for k in range(AFTER):"):
+                w.line(setup)
+                for name, term in terms.items():
+                    w.line(f"{name} += {term}")
+
     def statistics(w: Writer) -> None:
-        w.line("total = np.float64(0.0)")
-        with w.block("for k in range(N):"):
-            w.line("total += np.float64(x[flat, k])")
-        w.line("mean = total / N")
-        w.line("squares = np.float64(0.0)")
-        with w.block("for k in range(N):"):
-            w.line("d = np.float64(x[flat, k]) - mean")
-            w.line("squares += d * d")
-        w.line(f"rstd = 1.0 / np.sqrt(squares / N + {epsilon})")
+        line_sum(w, {"total": "xk"}, "xk = np.float64(x[a, flat, k])")
+        w.line("mean = total / (BEFORE * AFTER)")
+        line_sum(w, {"squares": "d * d"}, "d = np.float64(x[a, flat, k]) - mean")
+        w.line(f"rstd = 1.0 / np.sqrt(squares / (BEFORE * AFTER) + {epsilon})")
 
-    def layer_norm(w: Writer) -> None:
+    def normalize(w: Writer) -> None:
         statistics(w)
-        with w.block("for k in range(N):"):
-            w.line("out[flat, k] = (np.float64(x[flat, k]) - mean) * rstd")
+        with w.block("for a in range(BEFORE):"):
+            with w.block("for k in range(AFTER):"):
+                w.line("out[a, flat, k] = (np.float64(x[a, flat, k]) - mean) * rstd")
 
-    def layer_norm_grad(w: Writer) -> None:
+    def normalize_grad(w: Writer) -> None:
         statistics(w)
-        w.line("g0 = np.float64(g[flat, 0])")
-        w.line("g_total = np.float64(0.0)")
-        w.line("g_dot_centred = np.float64(0.0)")
-        with w.block("for k in range(N):"):
-            w.line("gk = np.float64(g[flat, k]) - g0")
-            w.line("g_total += gk")
-            w.line("g_dot_centred += gk * (np.float64(x[flat, k]) - mean)")
-        w.line("g_mean = g_total / N")
-        w.line("g_normalised_mean = g_dot_centred * rstd / N")
-        with w.block("for k in range(N):"):
-            w.line("normalised = (np.float64(x[flat, k]) - mean) * rstd")
-            w.line("out[flat, k] = rstd * (np.float64(g[flat, k]) - g0 - g_mean"
-                   " - normalised * g_normalised_mean)")
+        w.line("g0 = np.float64(g[0, flat, 0])")
+        line_sum(w, {"g_total": "gk", "g_dot_centred": "gk * (np.float64(x[a, flat, k]) - mean)"},
+                 "gk = np.float64(g[a, flat, k]) - g0")
+        w.line("g_mean = g_total / (BEFORE * AFTER)")
+        w.line("g_normalised_mean = g_dot_centred * rstd / (BEFORE * AFTER)")
+        with w.block("for a in range(BEFORE):"):
+            with w.block("for k in range(AFTER):"):
+                w.line("normalised = (np.float64(x[a, flat, k]) - mean) * rstd")
+                w.line("out[a, flat, k] = rstd * (np.float64(g[a, flat, k]) - g0 - g_mean"
+                       " - normalised * g_normalised_mean)")
 
-    params = ["x", "out"] if node.op == "layer_norm" else ["g", "x", "out"]
-    body = layer_norm if node.op == "layer_norm" else layer_norm_grad
+    params = ["x", "out"] if node.op == "normalize" else ["g", "x", "out"]
+    body = normalize if node.op == "normalize" else normalize_grad
     args = [refs[v] for v in node.inputs] + [refs[node.output]]
-    call = _call(node.op, params, args, view[0], body, dict(N=view[1]))
+    call = _call(node.op, params, args, view[1], body, dict(BEFORE=view[0], AFTER=view[2]))
     return [_with_views(call, (view,) * len(args))]
 
 

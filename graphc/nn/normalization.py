@@ -35,10 +35,11 @@ def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | Non
     """Normalise each channel (axis 1) of x: with the batch's statistics when `training` (or
     when there are no running statistics), otherwise with `running_mean`/`running_var`."""
     if training or running_mean is None or running_var is None:
-        mean, var = _batch_moments(x)
+        # one kernel each way (ir/ops/norm.py); the affine part fuses into its epilogue
+        out = bind("normalize", x, axes=_batch_axes(x), epsilon=eps)
     else:
         mean, var = _channel_shaped(running_mean, x.ndim), _channel_shaped(running_var, x.ndim)
-    out = _normalize(x, mean, var, eps)
+        out = _normalize(x, mean, var, eps)
     if weight is not None:
         out = out * _channel_shaped(weight, x.ndim)
     if bias is not None:
@@ -46,17 +47,15 @@ def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | Non
     return out
 
 
-def _moments(x: Tensor, axes: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance over `axes`, kept broadcastable, from one `moments` op (one pass
-    over x, and a backward pass with no reductions of its own: ir/ops/norm.py)."""
-    stats = bind("moments", x, axes=axes)
-    # sliced as moments' VJP slices its cotangent, so that simplify's rules and CSE meet them
-    return tuple(stats[k:k + 1].reshape(stats.shape[1:]) for k in (0, 1))
+def _batch_axes(x: Tensor) -> tuple[int, ...]:
+    """Every axis but the channels' (1)."""
+    return (0,) + tuple(range(2, x.ndim))
 
 
 def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance over every axis but 1, kept broadcastable."""
-    return _moments(x, (0,) + tuple(range(2, x.ndim)))
+    """Per-channel mean and biased variance, (C,) each, from one `moments` op (one pass over x)."""
+    stats = bind("moments", x, axes=_batch_axes(x))
+    return stats[0].reshape(-1), stats[1].reshape(-1)
 
 
 class _BatchNorm(Module):
@@ -95,8 +94,8 @@ class _BatchNorm(Module):
                              f"when training, got input of shape {x.shape}")
         batches = as_tensor(self.num_batches_tracked) + 1
         self.update_buffer("num_batches_tracked", batches)
-        # The same moments as the normalisation's: CSE merges them. Running stats take no gradient.
-        mean, var = (stop_gradient(m.reshape(-1)) for m in _batch_moments(x))
+        # Running stats take no gradient.
+        mean, var = (stop_gradient(m) for m in _batch_moments(x))
         if self.momentum is None:
             factor = 1.0 / batches.astype(x.dtype)
         else:
@@ -138,8 +137,8 @@ def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor 
     if not shape or x.shape[x.ndim - len(shape):] != shape:
         raise ShapeError(f"layer_norm: normalized_shape {shape} must be the trailing dimensions "
                          f"of the input, got shape {x.shape} (at {user_location()})")
-    # one row-wise kernel each way (ir/ops/norm.py); the affine part fuses into its epilogue
-    out = bind("layer_norm", x, axes=tuple(range(x.ndim - len(shape), x.ndim)), epsilon=eps)
+    # one kernel each way (ir/ops/norm.py); the affine part fuses into its epilogue
+    out = bind("normalize", x, axes=tuple(range(x.ndim - len(shape), x.ndim)), epsilon=eps)
     if weight is not None:
         out = out * weight
     if bias is not None:

@@ -14,12 +14,13 @@ The output stacks the two statistics on a new leading axis, each in the keepdims
 consecutive axes (a channel axis, or the leading rows), so the backends view the operand as
 (before, kept, after) and reduce the outer two.
 
-`layer_norm` and `layer_norm_grad` are layer norm's normalisation, (x - mean) / sqrt(var + eps)
-over trailing axes, and its VJP, each one row-wise kernel: rows are independent, and a row is
-short enough to stay in cache while a kernel takes its statistics and then writes it. The affine
-`* weight + bias` stays outside as elementwise ops that fuse into the kernel's epilogue, so the
-weight's and the bias's gradients are the usual sums over the rows. As `moments` plus
-elementwise ops and reductions, layer norm took five kernels forward and six backward.
+`normalize` and `normalize_grad` are the normalisation of layer norm and batch norm,
+(x - mean) / sqrt(var + epsilon) over the same axes as `moments`, and its VJP, one kernel each:
+lines are independent, and a line (a row of layer norm's, a channel of batch norm's) stays in
+cache while a kernel takes its statistics and then writes it. The affine `* weight + bias`
+stays outside as elementwise ops that fuse into the kernel's epilogue, so the weight's and the
+bias's gradients are the usual sums. As `moments` plus elementwise ops and reductions, layer
+norm took five kernels forward and six backward.
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ from ..types import TensorType, is_float
 from .shape import normalize_axes, reduced_shape, require_canonical
 
 
-def _moments_type(x: TensorType, *, axes: tuple[int, ...]) -> TensorType:
+def _check_axes(x: TensorType, axes: tuple[int, ...]) -> None:
+    """Statistics over `axes` of x: float, some axes, each of them non-empty, and the axes kept
+    one run of consecutive axes."""
     if not is_float(x.dtype):
         raise OpTypeError(f"expects a floating-point operand, got {x.dtype}; cast it first", dtype=True)
     require_canonical("axes", axes, normalize_axes(axes, x.ndim))
@@ -43,6 +46,10 @@ def _moments_type(x: TensorType, *, axes: tuple[int, ...]) -> TensorType:
     for axis in axes:
         if x.shape[axis] == 0:
             raise OpTypeError(f"cannot take the mean over axis {axis} of size 0 (shape {x.shape})")
+
+
+def _moments_type(x: TensorType, *, axes: tuple[int, ...]) -> TensorType:
+    _check_axes(x, axes)
     return x.with_shape((2,) + reduced_shape(x.shape, axes, keepdims=True))
 
 
@@ -91,33 +98,15 @@ register(Primitive(
 
 
 
-# -- layer_norm, layer_norm_grad ---------------------------------------------------------------
-def rows_view(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, int]:
-    """A `layer_norm` operand as (rows, row length): the statistics are per row."""
-    split = len(shape) - len(axes)
-    size = lambda dims: int(np.prod(dims, dtype=np.int64))
-    return size(shape[:split]), size(shape[split:])
-
-
-def _check_rows(x: TensorType, axes: tuple[int, ...]) -> None:
-    if not is_float(x.dtype):
-        raise OpTypeError(f"expects a floating-point operand, got {x.dtype}; cast it first", dtype=True)
-    require_canonical("axes", axes, normalize_axes(axes, x.ndim))
-    if not axes or axes != tuple(range(x.ndim - len(axes), x.ndim)):
-        raise OpTypeError(f"normalises over trailing axes, got axes {axes} of shape {x.shape}; "
-                          "transpose the operand first")
-    if rows_view(x.shape, axes)[1] == 0:
-        raise OpTypeError(f"cannot normalise over axes {axes} of size 0 (shape {x.shape})")
-
-
-def _layer_norm_type(x: TensorType, *, axes: tuple[int, ...], epsilon: float) -> TensorType:
-    _check_rows(x, axes)
+# -- normalize, normalize_grad -----------------------------------------------------------------
+def _normalize_type(x: TensorType, *, axes: tuple[int, ...], epsilon: float) -> TensorType:
+    _check_axes(x, axes)
     return x
 
 
-def _layer_norm_grad_type(g: TensorType, x: TensorType, *, axes: tuple[int, ...],
-                          epsilon: float) -> TensorType:
-    _check_rows(x, axes)
+def _normalize_grad_type(g: TensorType, x: TensorType, *, axes: tuple[int, ...],
+                         epsilon: float) -> TensorType:
+    _check_axes(x, axes)
     if g != x:
         raise OpTypeError(f"the cotangent {g} must have the operand's type {x}")
     return x
@@ -130,58 +119,57 @@ def _statistics(x: np.ndarray, axes: tuple[int, ...],
     return centred, 1 / np.sqrt(np.square(centred).mean(axis=axes, keepdims=True) + epsilon)
 
 
-def _layer_norm(x: np.ndarray, *, axes: tuple[int, ...], epsilon: float) -> np.ndarray:
+def _normalize(x: np.ndarray, *, axes: tuple[int, ...], epsilon: float) -> np.ndarray:
     centred, rstd = _statistics(x, axes, epsilon)
     return (centred * rstd).astype(x.dtype)
 
 
-def _layer_norm_grad(g: np.ndarray, x: np.ndarray, *, axes: tuple[int, ...],
-                     epsilon: float) -> np.ndarray:
+def _normalize_grad(g: np.ndarray, x: np.ndarray, *, axes: tuple[int, ...],
+                    epsilon: float) -> np.ndarray:
     centred, rstd = _statistics(x, axes, epsilon)
     normalised, g = centred * rstd, g.astype(np.float64)
     mean = lambda v: v.mean(axis=axes, keepdims=True)
     return (rstd * (g - mean(g) - normalised * mean(g * normalised))).astype(x.dtype)
 
 
-def _layer_norm_vjp(b, g, x, *, out, axes, epsilon):
-    return (b.layer_norm_grad(g, x, axes=axes, epsilon=epsilon),)
+def _normalize_vjp(b, g, x, *, out, axes, epsilon):
+    return (b.normalize_grad(g, x, axes=axes, epsilon=epsilon),)
 
 
-def _layer_norm_grad_vjp(b, c, g, x, *, out, axes, epsilon):
-    """With rstd = 1 / sqrt(var + epsilon), xhat = layer_norm(x) and n the row length,
+def _normalize_grad_vjp(b, c, g, x, *, out, axes, epsilon):
+    """With rstd = 1 / sqrt(var + epsilon), xhat = normalize(x) and n the elements per line,
     out = rstd (g - mean(g) - xhat mean(g xhat)), linear in g through a symmetric Jacobian, so
-    d/dg is layer_norm_grad(c, x). Through x, <c, out> depends on xhat, whose own VJP is
-    layer_norm_grad again, and on rstd, with d rstd / dx = -rstd^2 xhat / n:
-    d/dx = layer_norm_grad(-rstd (c <g, xhat> + g <c, xhat>) / n, x) - <c, out> rstd xhat / n,
-    the inner products over each row."""
-    n = rows_view(x.shape, axes)[1]
-    normalised = b.layer_norm(x, axes=axes, epsilon=epsilon)
+    d/dg is normalize_grad(c, x). Through x, <c, out> depends on xhat, whose own VJP is
+    normalize_grad again, and on rstd, with d rstd / dx = -rstd^2 xhat / n:
+    d/dx = normalize_grad(-rstd (c <g, xhat> + g <c, xhat>) / n, x) - <c, out> rstd xhat / n,
+    the inner products over each line."""
+    n = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+    normalised = b.normalize(x, axes=axes, epsilon=epsilon)
     variance = statistic(b, b.moments(x, axes=axes), 1)
     rstd = b.rsqrt(b.add(variance, b.scalar_like(epsilon, x)))
-    scale = b.mul(rstd, b.scalar_like(-1.0 / n, x))  # -rstd / n per row
-    row_dot = lambda u, v: b.sum(b.mul(u, v), axes=axes, keepdims=True)
-    through_normalised = b.mul(scale, b.add(b.mul(c, row_dot(g, normalised)),
-                                            b.mul(g, row_dot(c, normalised))))
-    through_rstd = b.mul(b.mul(scale, row_dot(c, out)), normalised)
-    return (b.layer_norm_grad(c, x, axes=axes, epsilon=epsilon),
-            b.add(b.layer_norm_grad(through_normalised, x, axes=axes, epsilon=epsilon), through_rstd))
+    scale = b.mul(rstd, b.scalar_like(-1.0 / n, x))  # -rstd / n per line
+    line_dot = lambda u, v: b.sum(b.mul(u, v), axes=axes, keepdims=True)
+    through_normalised = b.mul(scale, b.add(b.mul(c, line_dot(g, normalised)),
+                                            b.mul(g, line_dot(c, normalised))))
+    through_rstd = b.mul(b.mul(scale, line_dot(c, out)), normalised)
+    return (b.normalize_grad(c, x, axes=axes, epsilon=epsilon),
+            b.add(b.normalize_grad(through_normalised, x, axes=axes, epsilon=epsilon), through_rstd))
 
 
-def _trailing_axes_canon(types, attrs):
-    x = types[-1]
-    return {**attrs, "axes": normalize_axes(attrs["axes"], x.ndim)}
+def _last_operand_axes_canon(types, attrs):
+    return {**attrs, "axes": normalize_axes(attrs["axes"], types[-1].ndim)}
 
 
-_LAYER_NORM_ATTRS = {"axes": Attr("ints"), "epsilon": Attr("float")}
-
-register(Primitive(
-    "layer_norm", OPAQUE, _layer_norm_type, _layer_norm, _layer_norm_vjp, attrs=_LAYER_NORM_ATTRS,
-    canon=_trailing_axes_canon, num_inputs=1,
-    doc="(x - mean) / sqrt(var + epsilon), the mean and the biased variance over the trailing "
-        "`axes`: layer norm without its affine part, one row-wise kernel."))
+_NORMALIZE_ATTRS = {"axes": Attr("ints"), "epsilon": Attr("float")}
 
 register(Primitive(
-    "layer_norm_grad", OPAQUE, _layer_norm_grad_type, _layer_norm_grad, _layer_norm_grad_vjp,
-    attrs=_LAYER_NORM_ATTRS, canon=_trailing_axes_canon, num_inputs=2,
-    doc="The VJP of layer_norm for cotangent g at x: rstd (g - mean(g) - xhat mean(g xhat)) per "
-        "row, one row-wise kernel that recomputes the row's statistics."))
+    "normalize", OPAQUE, _normalize_type, _normalize, _normalize_vjp, attrs=_NORMALIZE_ATTRS,
+    canon=_last_operand_axes_canon, num_inputs=1,
+    doc="(x - mean) / sqrt(var + epsilon), the mean and the biased variance over `axes` (the "
+        "axes kept consecutive): layer norm and batch norm without their affine part."))
+
+register(Primitive(
+    "normalize_grad", OPAQUE, _normalize_grad_type, _normalize_grad, _normalize_grad_vjp,
+    attrs=_NORMALIZE_ATTRS, canon=_last_operand_axes_canon, num_inputs=2,
+    doc="The VJP of normalize for cotangent g at x: rstd (g - mean(g) - xhat mean(g xhat)) per "
+        "line, recomputing the line's statistics."))

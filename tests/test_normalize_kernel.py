@@ -1,8 +1,8 @@
-"""`layer_norm` and `layer_norm_grad` (ir/ops/norm.py), layer norm's normalisation and its VJP as
-one row-wise kernel each: the ops against NumPy, both VJP rules (grad of grad included) against
-finite differences in float64, numba-cpu (serial and parallel) and the numba-cuda simulator
-against the reference, offset data, the shape rules' errors, and second derivatives through
-LayerNorm compiled on numba-cpu."""
+"""`normalize` and `normalize_grad` (ir/ops/norm.py), the normalisation of layer norm and batch
+norm and its VJP as one kernel each: the ops against NumPy, both VJP rules (grad of grad
+included) against finite differences in float64, numba-cpu (serial and parallel) and the
+numba-cuda simulator against the reference, offset data, the shape rules' errors, and second
+derivatives through layer norm and batch norm compiled on numba-cpu."""
 import os
 
 import numpy as np
@@ -15,71 +15,76 @@ from graphc.backends.reference import evaluate
 from graphc.ir import Builder, TensorType
 from graphc.ir.errors import GraphcError
 from graphc.lowering import compile_graph
+from graphc.nn.normalization import batch_norm
 from opcheck import check_vjp, run_op
 
-CASES = [((4, 8), (1,)),        # rows of a matrix
-         ((2, 3, 5), (2,)),     # a sequence's tokens
-         ((2, 3, 4), (1, 2)),   # normalized_shape of two dimensions
-         ((6,), (0,))]          # one row
+CASES = [((4, 8), (1,)),             # layer norm: rows of a matrix
+         ((2, 3, 5), (2,)),          # a sequence's tokens
+         ((2, 3, 4), (1, 2)),        # normalized_shape of two dimensions
+         ((6,), (0,)),               # one line
+         ((3, 2, 4, 5), (0, 2, 3)),  # batch norm 2d: channels in the middle
+         ((5, 3), (0,))]             # batch norm 1d: channels innermost
 
 
 def op_graph(op, shape, axes, dtype="float32", epsilon=1e-5):
     b = Builder(op)
-    names = ["x"] if op == "layer_norm" else ["g", "x"]
+    names = ["x"] if op == "normalize" else ["g", "x"]
     inputs = [b.add_input(TensorType(shape, dtype), name) for name in names]
     b.add_output("out", b.bind(op, *inputs, axes=axes, epsilon=epsilon))
     return b.graph.verify()
 
 
-def naive_layer_norm(x, axes, epsilon):
+def naive_normalize(x, axes, epsilon):
     mean = x.mean(axis=axes, keepdims=True)
     return (x - mean) / np.sqrt(((x - mean) ** 2).mean(axis=axes, keepdims=True) + epsilon)
 
 
-def naive_layer_norm_grad(g, x, axes, epsilon):
-    """The VJP written out elementwise: d xhat_j / d x_i summed against g_j."""
+def naive_normalize_grad(g, x, axes, epsilon):
+    """The VJP written out as each line's Jacobian d xhat_j / d x_i against g_j."""
+    kept = [a for a in range(x.ndim) if a not in axes]
+    order = kept + list(axes)  # the lines as the rows of a matrix
     n = int(np.prod([x.shape[a] for a in axes]))
-    rows = x.reshape(-1, n)
-    out = np.empty_like(rows)
-    for r, (row, gr) in enumerate(zip(rows, g.reshape(-1, n))):
-        centred = row - row.mean()
+    lines, g_lines = (np.transpose(v, order).reshape(-1, n) for v in (x, g))
+    out = np.empty_like(lines)
+    for r, (line, g_line) in enumerate(zip(lines, g_lines)):
+        centred = line - line.mean()
         rstd = 1 / np.sqrt((centred ** 2).mean() + epsilon)
         jacobian = rstd * (np.eye(n) - 1 / n - np.outer(centred, centred) * rstd ** 2 / n)
-        out[r] = jacobian.T @ gr
-    return out.reshape(x.shape)
+        out[r] = jacobian.T @ g_line
+    return np.transpose(out.reshape([x.shape[a] for a in order]), np.argsort(order))
 
 
 @pytest.mark.parametrize("shape, axes", CASES)
 def test_forward_and_gradient_match_numpy(shape, axes):
     rng = np.random.default_rng(0)
     x, g = rng.standard_normal(shape) * 2 + 1, rng.standard_normal(shape)
-    np.testing.assert_allclose(run_op("layer_norm", [x], axes=axes, epsilon=1e-3),
-                               naive_layer_norm(x, axes, 1e-3), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(run_op("layer_norm_grad", [g, x], axes=axes, epsilon=1e-3),
-                               naive_layer_norm_grad(g, x, axes, 1e-3), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(run_op("normalize", [x], axes=axes, epsilon=1e-3),
+                               naive_normalize(x, axes, 1e-3), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(run_op("normalize_grad", [g, x], axes=axes, epsilon=1e-3),
+                               naive_normalize_grad(g, x, axes, 1e-3), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("shape, axes", CASES)
 def test_vjps_match_finite_differences(shape, axes):
     rng = np.random.default_rng(1)
     x, g = rng.standard_normal(shape), rng.standard_normal(shape)
-    check_vjp("layer_norm", [x], rtol=1e-6, axes=axes, epsilon=0.01)
-    check_vjp("layer_norm_grad", [g, x], rtol=1e-5, atol=1e-6, axes=axes, epsilon=0.01)
+    check_vjp("normalize", [x], rtol=1e-6, axes=axes, epsilon=0.01)
+    check_vjp("normalize_grad", [g, x], rtol=1e-5, atol=1e-6, axes=axes, epsilon=0.01)
 
 
 def test_shape_errors_name_the_problem():
-    with pytest.raises(GraphcError, match=r"trailing axes, got axes \(0,\) of shape \(2, 3\)"):
-        run_op("layer_norm", [np.zeros((2, 3))], axes=(0,), epsilon=1e-5)
+    with pytest.raises(GraphcError, match=r"the axes kept, \(0, 2\), must be consecutive"):
+        run_op("normalize", [np.zeros((2, 3, 4, 5))], axes=(1, 3), epsilon=1e-5)
     with pytest.raises(GraphcError, match="floating-point"):
-        run_op("layer_norm", [np.zeros((2, 3), np.int64)], axes=(1,), epsilon=1e-5)
+        run_op("normalize", [np.zeros((2, 3), np.int64)], axes=(1,), epsilon=1e-5)
     with pytest.raises(GraphcError, match="size 0"):
-        run_op("layer_norm", [np.zeros((2, 0))], axes=(1,), epsilon=1e-5)
+        run_op("normalize", [np.zeros((2, 0))], axes=(1,), epsilon=1e-5)
     with pytest.raises(GraphcError, match="must have the operand's type"):
-        run_op("layer_norm_grad", [np.zeros((2, 3), np.float32), np.zeros((2, 3))], axes=(1,),
+        run_op("normalize_grad", [np.zeros((2, 3), np.float32), np.zeros((2, 3))], axes=(1,),
                epsilon=1e-5)
 
 
-@pytest.mark.parametrize("op", ["layer_norm", "layer_norm_grad"])
+@pytest.mark.parametrize("op", ["normalize", "normalize_grad"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_numba_cpu_matches_reference(op, dtype):
     rng = np.random.default_rng(2)
@@ -91,16 +96,15 @@ def test_numba_cpu_matches_reference(op, dtype):
         np.testing.assert_allclose(got, want, **tolerance, err_msg=f"{op} {shape} {axes}")
 
 
-@pytest.mark.parametrize("op", ["layer_norm", "layer_norm_grad"])
-def test_offset_rows_keep_their_digits_in_float32(op):
+@pytest.mark.parametrize("op", ["normalize", "normalize_grad"])
+@pytest.mark.parametrize("shape, axes", [((16, 128), (1,)), ((8, 4, 64), (0, 2))])
+def test_offset_lines_keep_their_digits_in_float32(op, shape, axes):
     """x and g 1000 times their spread: the two-pass statistics and g's sums shifted by its
     first element keep float32's precision (one-pass sums, or unshifted sums of g, were off by
     up to 2e-2 here)."""
     rng = np.random.default_rng(3)
-    shape = (16, 128)
-    arrays = [(1000 + 3 * rng.standard_normal(shape)).astype(np.float32) for _ in range(2)]
-    graph = op_graph(op, shape, (1,))
-    arrays = arrays[:len(graph.inputs)]
+    graph = op_graph(op, shape, axes)
+    arrays = [(1000 + 3 * rng.standard_normal(shape)).astype(np.float32) for _ in graph.inputs]
     (got,) = compile_graph(graph, "numba-cpu")(*arrays)
     (exact,) = evaluate(graph, [a.astype(np.float64) for a in arrays])
     np.testing.assert_allclose(got, exact, rtol=0, atol=1e-4)
@@ -109,23 +113,28 @@ def test_offset_rows_keep_their_digits_in_float32(op):
 def test_parallel_kernels_match_reference():
     rng = np.random.default_rng(4)
     with always_parallel():
-        for op in ("layer_norm", "layer_norm_grad"):
-            graph = op_graph(op, (5, 3, 8), (2,))
-            arrays = [rng.standard_normal((5, 3, 8)).astype(np.float32) for _ in graph.inputs]
-            executable = compile_graph(graph, "numba-cpu")
-            assert executable.kernels[0].generated.parallel
-            (got,), (want,) = executable(*arrays), evaluate(graph, arrays)
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6, err_msg=op)
+        for op in ("normalize", "normalize_grad"):
+            for axes in ((2,), (0, 2)):
+                graph = op_graph(op, (5, 3, 8), axes)
+                arrays = [rng.standard_normal((5, 3, 8)).astype(np.float32) for _ in graph.inputs]
+                executable = compile_graph(graph, "numba-cpu")
+                assert executable.kernels[0].generated.parallel
+                (got,), (want,) = executable(*arrays), evaluate(graph, arrays)
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6, err_msg=f"{op} {axes}")
 
 
-def test_layer_norm_second_derivative_on_numba_cpu_matches_finite_differences():
-    """grad of (a function of) grad through F.layer_norm: layer_norm_grad's own VJP, compiled."""
+@pytest.mark.parametrize("layer", ["layer_norm", "batch_norm"])
+def test_second_derivative_on_numba_cpu_matches_finite_differences(layer):
+    """grad of (a function of) grad through F.layer_norm and F.batch_norm (training):
+    normalize_grad's own VJP, compiled."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal((3, 6))
     w, b, target = rng.standard_normal(6), rng.standard_normal(6), rng.standard_normal((3, 6))
 
     def loss(x, w, b):
-        return ((F.layer_norm(x, 6, w, b) - target) ** 2 * target).sum()
+        y = (F.layer_norm(x, 6, w, b) if layer == "layer_norm"
+             else batch_norm(x, None, None, w, b, training=True))
+        return ((y - target) ** 2 * target).sum()
 
     def gradient_norm(x, w, b):
         return (gc.grad(loss)(x, w, b) ** 2).sum()
@@ -148,8 +157,8 @@ def test_numba_cuda_simulator_matches_reference():
     if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         pytest.skip("runs under NUMBA_ENABLE_CUDASIM=1 (tests/test_numba_cuda.py sets it up)")
     rng = np.random.default_rng(6)
-    for op in ("layer_norm", "layer_norm_grad"):
-        graph = op_graph(op, (3, 2, 4), (1, 2))
+    for op in ("normalize", "normalize_grad"):
+        graph = op_graph(op, (3, 2, 4), (0, 2))
         arrays = [(rng.standard_normal((3, 2, 4)) + 5).astype(np.float32) for _ in graph.inputs]
         (got,), (want,) = compile_graph(graph, "numba-cuda")(*arrays), evaluate(graph, arrays)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=op)
