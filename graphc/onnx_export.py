@@ -237,11 +237,6 @@ def _moments(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
            axis=0)
 
 
-@lowering(TARGET, "log_softmax")
-def _log_softmax(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
-    g.emit("LogSoftmax", xs, out, axis=node.attrs["axis"])
-
-
 @lowering(TARGET, "softmax")
 def _softmax(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     """Softmax along one axis (its meaning from opset 13 on). ONNX's gives NaN on a line of

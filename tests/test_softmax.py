@@ -1,4 +1,4 @@
-"""`softmax`, `log_softmax` and `softmax_grad` (ir/ops/softmax.py): the ops against NumPy, their VJPs against
+"""`softmax` and `softmax_grad` (ir/ops/softmax.py): the ops against NumPy, their VJPs against
 finite differences (float64), gradients of gradients, numba-cpu and the numba-cuda simulator
 against the reference, ONNX through onnxruntime, F.softmax and attention against PyTorch, and
 lines of -inf (masked attention rows)."""
@@ -25,13 +25,12 @@ def naive_softmax(x, axis):
 
 
 def softmax_graph(shape, axis, dtype="float32", zero_masked_rows=False):
-    """(x, g) -> (softmax(x), softmax_grad(g, softmax(x)), log_softmax(x))."""
+    """(x, g) -> (softmax(x), softmax_grad(g, softmax(x)))."""
     b = Builder("softmax")
     x, g = b.add_input(TensorType(shape, dtype), "x"), b.add_input(TensorType(shape, dtype), "g")
     y = b.bind("softmax", x, axis=axis, zero_masked_rows=zero_masked_rows)
     b.add_output("y", y)
     b.add_output("dx", b.bind("softmax_grad", g, y, axis=axis))
-    b.add_output("log_y", b.bind("log_softmax", x, axis=axis))
     return b.graph.verify()
 
 
@@ -50,17 +49,9 @@ def test_forward_matches_numpy(shape, axis):
 
 
 @pytest.mark.parametrize("shape, axis", CASES)
-def test_log_softmax_matches_numpy(shape, axis):
-    x = np.random.default_rng(0).standard_normal(shape) * 5
-    np.testing.assert_allclose(run_op("log_softmax", [x], axis=axis), np.log(naive_softmax(x, axis)),
-                               rtol=1e-12)
-
-
-@pytest.mark.parametrize("shape, axis", CASES)
 def test_vjps_match_finite_differences(shape, axis):
     rng = np.random.default_rng(1)
     check_vjp("softmax", [rng.standard_normal(shape)], rtol=1e-6, axis=axis)
-    check_vjp("log_softmax", [rng.standard_normal(shape)], rtol=1e-6, axis=axis)
     y = naive_softmax(rng.standard_normal(shape), axis)
     check_vjp("softmax_grad", [rng.standard_normal(shape), y], rtol=1e-6, axis=axis)
 
@@ -75,19 +66,6 @@ def test_gradient_of_gradient_matches_finite_differences():
     np.testing.assert_allclose(np.asarray(outer(x)), numeric, rtol=1e-6, atol=1e-8)
 
 
-def test_gradient_of_log_softmax_gradient_matches_finite_differences():
-    rng = np.random.default_rng(2)
-    x, w, v = (rng.standard_normal((2, 5)) for _ in range(3))
-    inner = gc.grad(lambda x: (F.log_softmax(x, -1) * w).sum())
-    outer = gc.grad(lambda x: (inner(x) * v).sum())
-
-    def inner_numpy(x):  # w - softmax(x) sum(w)
-        return w - naive_softmax(x, -1) * w.sum(-1, keepdims=True)
-
-    numeric = finite_differences(lambda x: float((inner_numpy(x) * v).sum()), [x.copy()], 0)
-    np.testing.assert_allclose(np.asarray(outer(x)), numeric, rtol=1e-6, atol=1e-8)
-
-
 def evaluate_inner(x, w):
     """d/dx sum(softmax(x) w) in NumPy: y (w - sum(w y))."""
     y = naive_softmax(x, -1)
@@ -97,7 +75,6 @@ def evaluate_inner(x, w):
 def test_lines_of_minus_inf_give_nan_or_zero_as_asked():
     x = masked_scores((3, 4), np.float64, np.random.default_rng(3))
     assert np.isnan(run_op("softmax", [x], axis=1)[0]).all()
-    assert np.isnan(run_op("log_softmax", [x], axis=1)[0]).all()
     y = run_op("softmax", [x], axis=1, zero_masked_rows=True)
     assert (y[0] == 0).all() and y[2, 3] == 0
     np.testing.assert_allclose(y[1:].sum(1), 1)
@@ -160,8 +137,7 @@ def test_onnx_export_matches_reference(tmp_path, axis):
         def forward(self, q, k):
             keep = np.ones((3, 4), dtype=bool)
             keep[0] = False  # a query that may see no key: zero weights
-            return (F.softmax(q, axis) + F.log_softmax(q, axis)
-                    + F.scaled_dot_product_attention(q, k, k, attn_mask=keep))
+            return F.softmax(q, axis) + F.scaled_dot_product_attention(q, k, k, attn_mask=keep)
 
     rng = np.random.default_rng(7)
     q, k = rng.standard_normal((2, 3, 4)).astype(np.float32), rng.standard_normal((2, 4, 4)).astype(np.float32)
@@ -173,15 +149,14 @@ def test_onnx_export_matches_reference(tmp_path, axis):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_softmax_log_softmax_and_their_gradients_match_pytorch():
+def test_softmax_and_its_gradient_match_pytorch():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(8)
     x, w = rng.standard_normal((4, 3, 6)).astype(np.float32), rng.standard_normal((4, 3, 6)).astype(np.float32)
-    for dim, ours, theirs in ((-1, F.softmax, torch.softmax), (1, F.softmax, torch.softmax),
-                              (-1, F.log_softmax, torch.log_softmax), (0, F.log_softmax, torch.log_softmax)):
-        value, grad = gc.value_and_grad(lambda x: (ours(x, dim) * w).sum())(x)
+    for dim in (-1, 1):
+        value, grad = gc.value_and_grad(lambda x: (F.softmax(x, dim) * w).sum())(x)
         tx = torch.from_numpy(x).requires_grad_()
-        loss = (theirs(tx, dim) * torch.from_numpy(w)).sum()
+        loss = (torch.softmax(tx, dim) * torch.from_numpy(w)).sum()
         loss.backward()
         assert abs(float(value) - loss.item()) < 1e-5
         np.testing.assert_allclose(np.asarray(grad), tx.grad.numpy(), rtol=1e-5, atol=1e-6)

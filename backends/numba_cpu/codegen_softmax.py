@@ -1,5 +1,4 @@
-"""Library kernels: `softmax`, `log_softmax` and `softmax_grad` (ir/ops/softmax.py), one line at
-a time.
+"""Library kernels: `softmax` and `softmax_grad` (ir/ops/softmax.py), one line at a time.
 
 Operand and result are passed as (before, n, after) views, the line running along the middle
 axis, and the lines (before * after of them) are split across threads when the tensor is
@@ -66,27 +65,6 @@ def _softmax(node: Node, refs: Refs) -> tuple[list[Call], int]:
             w.line("y[a, j, k] *= scale")
 
     call = _call("softmax", ["x", "y"], node, refs, body, float32)
-    return [call], 4 * size_of(node.output.shape)
-
-
-@lowering(TARGET, "log_softmax")
-def _log_softmax(node: Node, refs: Refs) -> tuple[list[Call], int]:
-    float32 = node.output.dtype == "float32"
-    exp = "exp_float32" if float32 else "np.exp"
-    zero = "np.float32(0.0)" if float32 else "0.0"
-
-    def body(w: Writer) -> None:
-        w.line("peak = x[a, 0, k]")
-        with w.block("for j in range(1, n):"):
-            w.line("peak = max(peak, x[a, j, k])")
-        w.line(f"total = {zero}")
-        with w.block("for j in range(n):"):
-            w.line(f"total += {exp}(x[a, j, k] - peak)")
-        w.line("shift = peak + np.log(total)")
-        with w.block("for j in range(n):"):
-            w.line("y[a, j, k] = x[a, j, k] - shift")
-
-    call = _call("log_softmax", ["x", "y"], node, refs, body, float32)
     return [call], 4 * size_of(node.output.shape)
 
 

@@ -681,23 +681,19 @@ def _normalize(node: Node, refs: Refs) -> list[CudaCall]:
     return [_with_views(call, (view,) * len(args))]
 
 
-@lowering(TARGET, "softmax", "log_softmax", "softmax_grad")
+@lowering(TARGET, "softmax", "softmax_grad")
 def _softmax(node: Node, refs: Refs) -> list[CudaCall]:
     """One thread per line along the axis (arrays viewed (before, n, after)), as numba-cpu's
-    kernels: softmax takes the line's max, then its exponentials and their sum, then scales
-    them; log_softmax subtracts max + log(sum); softmax_grad is p (g - sum(g p))."""
+    kernel: softmax takes the line's max, then its exponentials and their sum, then scales
+    them; softmax_grad is p (g - sum(g p))."""
     view = softmax_lines_view(node.output.shape, node.attrs["axis"])
     zero = f"np.{node.output.dtype}(0.0)"
-    zero_masked_rows = node.attrs.get("zero_masked_rows", False)
 
-    def line_max(w: Writer) -> None:
+    def softmax(w: Writer) -> None:
         w.line("peak = x[a, 0, k]")
         with w.block("for j in range(1, N):"):
             w.line("peak = max(peak, x[a, j, k])")
-
-    def softmax(w: Writer) -> None:
-        line_max(w)
-        if zero_masked_rows:  # a line of -inf: exp(x - 0) is all 0, and so is y
+        if node.attrs["zero_masked_rows"]:  # a line of -inf: exp(x - 0) is all 0, and so is y
             with w.block("if peak == -np.inf:"):
                 w.line(f"peak = {zero}")
         w.line(f"total = {zero}")
@@ -705,18 +701,10 @@ def _softmax(node: Node, refs: Refs) -> list[CudaCall]:
             w.line("e = np.exp(x[a, j, k] - peak)")
             w.line("y[a, j, k] = e")
             w.line("total += e")
-        w.line(f"scale = 1 / total if total > 0 else {zero}" if zero_masked_rows else "scale = 1 / total")
+        w.line(f"scale = 1 / total if total > 0 else {zero}" if node.attrs["zero_masked_rows"]
+               else "scale = 1 / total")
         with w.block("for j in range(N):"):
             w.line("y[a, j, k] *= scale")
-
-    def log_softmax(w: Writer) -> None:
-        line_max(w)
-        w.line(f"total = {zero}")
-        with w.block("for j in range(N):"):
-            w.line("total += np.exp(x[a, j, k] - peak)")
-        w.line("shift = peak + np.log(total)")
-        with w.block("for j in range(N):"):
-            w.line("y[a, j, k] = x[a, j, k] - shift")
 
     def softmax_grad(w: Writer) -> None:
         w.line(f"total = {zero}")
@@ -725,8 +713,8 @@ def _softmax(node: Node, refs: Refs) -> list[CudaCall]:
         with w.block("for j in range(N):"):
             w.line("y[a, j, k] = p[a, j, k] * (g[a, j, k] - total)")
 
-    write_line = {"softmax": softmax, "log_softmax": log_softmax, "softmax_grad": softmax_grad}[node.op]
-    params = ["g", "p", "y"] if node.op == "softmax_grad" else ["x", "y"]
+    params = ["x", "y"] if node.op == "softmax" else ["g", "p", "y"]
+    write_line = softmax if node.op == "softmax" else softmax_grad
 
     def body(w: Writer) -> None:
         w.line("a, k = flat // AFTER, flat % AFTER")

@@ -104,8 +104,8 @@ def softmax(x: Tensor, dim: int = -1) -> Tensor:
 
 
 def log_softmax(x: Tensor, dim: int = -1) -> Tensor:
-    """x - log(sum(exp(x))) along `dim`, as one `log_softmax` op (ir/ops/softmax.py)."""
-    return bind("log_softmax", as_tensor(x), axis=dim)
+    x = as_tensor(x)
+    return x - logsumexp(x, dim, keepdims=True)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

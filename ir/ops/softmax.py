@@ -8,10 +8,6 @@ in cache), and the VJP is one op too: `softmax_grad(g, y) = y * (g - sum(g * y))
 axis. `softmax_grad` is linear in g and its own VJP is written in the same two ops, so
 gradients of gradients work.
 
-`log_softmax` is x - max - log(sum(exp(x - max))) as one op too (cross-entropy's): one kernel
-instead of the max, the exponentials' sum and its log, and the subtraction. Its VJP,
-g - exp(y) sum(g), is written in existing ops.
-
 `zero_masked_rows`: a row whose entries are all -inf (attention to no key at all) gives zeros
 instead of the NaN that -inf - -inf makes. PyTorch's F.softmax gives NaN (the default here),
 its scaled_dot_product_attention zeros.
@@ -67,23 +63,6 @@ def _softmax(x: np.ndarray, *, axis: int, zero_masked_rows: bool) -> np.ndarray:
     return (e / total).astype(x.dtype)
 
 
-def _log_softmax_type(x: TensorType, *, axis: int) -> TensorType:
-    _check_operand(x, axis, "operand")
-    return x
-
-
-def _log_softmax(x: np.ndarray, *, axis: int) -> np.ndarray:
-    peak = np.max(x, axis=axis, keepdims=True)
-    with np.errstate(invalid="ignore"):  # -inf - -inf: NaN on a line of -inf
-        shifted = x - peak
-    return (shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))).astype(x.dtype)
-
-
-def _log_softmax_vjp(b, g, x, *, out, axis):
-    """d/dx of log softmax: g - softmax(x) sum(g), softmax(x) being exp(y)."""
-    return (b.sub(g, b.mul(b.exp(out), b.sum(g, axes=(axis,), keepdims=True))),)
-
-
 def _softmax_grad(g: np.ndarray, y: np.ndarray, *, axis: int) -> np.ndarray:
     return (y * (g - np.sum(g * y, axis=axis, keepdims=True))).astype(y.dtype)
 
@@ -112,8 +91,3 @@ register(Primitive(
     "softmax_grad", OPAQUE, _softmax_grad_type, _softmax_grad, _softmax_grad_vjp,
     attrs={"axis": Attr("int")}, canon=_axis_canon, num_inputs=2,
     doc="The softmax VJP: y * (g - sum(g * y, axis)) for cotangent g and softmax output y."))
-
-register(Primitive(
-    "log_softmax", OPAQUE, _log_softmax_type, _log_softmax, _log_softmax_vjp,
-    attrs={"axis": Attr("int")}, canon=_axis_canon, num_inputs=1,
-    doc="x - max - log(sum(exp(x - max))) along `axis`."))
