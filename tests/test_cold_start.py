@@ -43,3 +43,29 @@ def test_kernel_threads_follow_numba_and_the_requested_count(monkeypatch):
     monkeypatch.setenv("GRAPHC_NUM_THREADS", "two")
     with pytest.raises(ValueError, match="GRAPHC_NUM_THREADS='two'"):
         kernel_threads()
+
+
+def two_sized_chains(big: tuple[int, int], small: tuple[int, int]):
+    """The same loop, exp(x * x - y), over a large and a small operand."""
+    b = Builder("two_sized_chains")
+    for name, shape in (("big", big), ("small", small)):
+        x = b.add_input(TensorType(shape, "float32"), f"{name}_x")
+        y = b.add_input(TensorType(shape[-1:], "float32"), f"{name}_y")
+        b.add_output(name, b.exp(b.sub(b.mul(x, x), y)))
+    return b.graph.verify()
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="Numba runs one thread here")
+def test_a_small_kernel_shares_the_parallel_code_a_large_one_compiles(monkeypatch):
+    monkeypatch.delenv("GRAPHC_NUM_THREADS", raising=False)
+    rng = np.random.default_rng(1)
+    big, small = (320, 240), (8, 240)
+    assert runs_parallel(big[0] * big[1]) and not runs_parallel(small[0] * small[1])
+    arrays = [rng.standard_normal(s, np.float32) for s in (big, big[-1:], small, small[-1:])]
+    graph = two_sized_chains(big, small)
+    executable = compile_graph(graph, "numba-cpu")
+    calls = [call for kernel in executable.kernels for call in kernel.generated.calls]
+    assert len(calls) == 2 and calls[0].source == calls[1].source and calls[0].parallel
+    assert executable.cache_stats.compiled == 1
+    for got, want in zip(executable(*arrays), evaluate(graph, arrays)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

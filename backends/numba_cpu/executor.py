@@ -403,12 +403,14 @@ def lower(fused: Graph) -> LoweredGraph:
 def choose_variants(sources: dict[Node, KernelSource], aliases: dict[Node, dict[KernelArray, KernelArray]],
                     planned: bool) -> dict[Node, KernelSource]:
     """`sources`, except that a call the cache would compile becomes its always-parallel
-    variant where that one is already compiled (in this process or on disk).
+    variant where that one is already compiled (in this process or on disk) or, once memory is
+    `planned`, is another kernel's code.
 
     Kernel sources are generic over extents; their one size-dependent choice is running a loop
     serially below PARALLEL_MIN_ELEMENTS. So a model compiled for batch 64 and then called with
     batch 1 would compile its kernels again, serial, for seconds: the parallel ones it has serve
-    as well (a parallel region costs ~10 us). Only that way round: a serial kernel left by a
+    as well (a parallel region costs ~10 us); and so, within one model, the same loop under
+    and over that size compiles once. Only that way round: a serial kernel left by a
     smaller batch never replaces a parallel one. Chosen call by call: a convolution may be
     parallel at batch 64 and its epilogue serial. `aliases` are the in-place outputs to generate
     with; once memory is `planned`, a kernel keeps its scratch (an always-parallel convolution
@@ -421,9 +423,13 @@ def choose_variants(sources: dict[Node, KernelSource], aliases: dict[Node, dict[
                 if v is not None and not (planned and v.scratch != sources[n].scratch)}
     candidates = list({c.source for n, v in variants.items() for c in (*v.calls, *sources[n].calls)})
     ready = {source for source, compiled in zip(candidates, cache.compiled(candidates)) if compiled}
+    # Once memory is planned the sources are final: a call whose parallel variant is another
+    # kernel's own code, compiled in this load anyway, shares it (one compile fewer).
+    compiled_now = {c.source for s in sources.values() for c in s.calls} if planned else set()
     chosen = dict(sources)
     for node, variant in variants.items():
-        mask = tuple(p.source in ready and d.source not in ready
+        mask = tuple(d.source not in ready and p.source != d.source
+                     and (p.source in ready or p.source in compiled_now)
                      for d, p in zip(sources[node].calls, variant.calls))
         chosen[node] = _mixed(sources[node], variant, mask)
     return chosen
