@@ -29,10 +29,18 @@ Scalar constants (one element) are not kernels: every kernel that reads one copi
 subgraph, where the code generator emits it as a literal.
 
 A merge must keep the kernel graph acyclic; it is checked on the contracted group graph.
+
+Once the groups are formed, *rematerialisation* (``_Rematerialiser``) lets a kernel compute again
+a cheap elementwise value of another kernel instead of loading it: a training step's backward
+kernels read GELU's tanh term, its products and the pre-activation, and recomputing the first
+ones from the pre-activation (which the backward kernel reads anyway) spares the forward kernel a
+store of each and the arena a buffer live from forward to backward. A value is recomputed only
+from values its reader loads anyway, so no buffer lives longer for it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from graphc.ir import Graph, Node, Value
 from graphc.ir.kernels import KERNEL_OP, bounded_label, is_literal, op_class
@@ -317,6 +325,133 @@ def _shares_loop(a: _Group, b: _Group) -> bool:
     return True
 
 
+# -- rematerialisation -------------------------------------------------------------------------
+# Weighted operations a kernel may spend per element recomputing other kernels' values. A store
+# and a reload of a float32 array cost more than a dozen vectorised arithmetic operations; the
+# code generators evaluate exp, tanh, sigmoid and erf as vectorised polynomials (a few times an
+# arithmetic operation). GELU's tanh form recomputed from its pre-activation costs 11.
+RECOMPUTE_BUDGET = 16
+CHEAP_OP_COST = 1
+COSTLY_OP_COST = 4
+CHEAP_OPS = frozenset({
+    "neg", "abs", "sign", "relu", "square", "stop_gradient", "cast", "add", "sub", "mul",
+    "maximum", "minimum", "where", "eq", "ne", "lt", "le", "gt", "ge",
+    "logical_not", "logical_and", "logical_or",
+})
+REMAT_CONSUMERS = ("elementwise", "reduction", "library")
+
+
+def recompute_cost(node: Node) -> int:
+    """Cost of evaluating elementwise `node` once more per element: arithmetic and comparisons
+    are cheap; transcendental functions, division and roots cost more."""
+    return CHEAP_OP_COST if node.op in CHEAP_OPS else COSTLY_OP_COST
+
+
+class _Rematerialiser:
+    """Chooses the values of one kernel that a kernel reading them computes again instead.
+
+    Values are visited from the last to the first. A value qualifies when it is an elementwise
+    member's (not an anchor's, not a graph output), and every other kernel reading it reads it
+    at identity, in one section of its loop (an elementwise body, a reduction's body or
+    epilogue, a library call's epilogue), and can compute it from values it loads anyway (its
+    other inputs) and literals, through elementwise members of the producer read at identity,
+    within RECOMPUTE_BUDGET in all. The producer then stops writing the value, and every reader
+    stops loading it; a value recomputed earlier from it is recomputed further back.
+    """
+
+    def __init__(self, partitioner: _Partitioner, groups: list[_Group]) -> None:
+        self.partitioner = partitioner
+        self.group_of_node = {m: g for g in groups for m in g.members}
+        self.loads = {g.key: _external_reads(g) for g in groups}
+        self.recompute: dict[int, set[Node]] = {}     # consumer group -> producer members it runs
+        self.section: dict[int, str] = {}             # consumer group -> 'body' or 'epilogue'
+        self.recomputed: set[tuple[int, Value]] = set()  # (consumer group, value) pairs
+
+    def run(self) -> None:
+        graph_outputs = self.partitioner.graph_outputs
+        for node in reversed(self.partitioner.graph.nodes):
+            group = self.group_of_node.get(node)
+            if (group is None or node is group.anchor or get(node.op).kind != ELEMENTWISE
+                    or node.output in graph_outputs):
+                continue
+            consumers = self._consumers(node.output, group)
+            if not consumers:
+                continue
+            chains = {}
+            for consumer, section in consumers.items():
+                chain = self._chain(node.output, group, consumer)
+                if chain is None:
+                    break
+                chains[consumer.key] = (chain, section)
+            else:
+                for key, (chain, section) in chains.items():
+                    self.recompute.setdefault(key, set()).update(chain)
+                    self.section[key] = section
+                    self.loads[key].discard(node.output)
+                    self.recomputed.add((key, node.output))
+
+    def _consumers(self, value: Value, producer: _Group) -> dict[_Group, str]:
+        """The groups reading `value` besides `producer`, each with the section of its loop that
+        reads it; empty when one of them cannot compute it itself."""
+        sections: dict[_Group, set[str]] = {}
+        for user in self.partitioner.users.get(value, ()):
+            group = self.group_of_node[user]
+            if group is producer:
+                continue
+            if _pattern_of(group) not in REMAT_CONSUMERS or user is group.anchor:
+                return {}
+            if user in group.epilogue:
+                section = "epilogue"
+            elif group.pattern == "library":  # a transpose its call absorbed
+                return {}
+            else:
+                section = "body"
+            if not all(reads_at_identity(user, k) for k, v in enumerate(user.inputs) if v is value):
+                return {}
+            sections.setdefault(group, set()).add(section)
+        result = {}
+        for group, found in sections.items():
+            # recomputed nodes run in one section: a reduction's body and epilogue are two loops
+            section = found.pop()
+            if found or self.section.get(group.key, section) != section:
+                return {}
+            result[group] = section
+        return result
+
+    def _chain(self, value: Value, producer: _Group, consumer: _Group) -> set[Node] | None:
+        """Members of `producer` that `consumer` would run to compute `value` from what it loads
+        anyway and literals, or None when that needs another load or exceeds the budget."""
+        loads = self.loads[consumer.key] - {value}
+        literals = self.partitioner.literals
+        chain: set[Node] = set()
+        pending = [value.producer]
+        while pending:
+            node = pending.pop()
+            if node in chain:
+                continue
+            if (self.group_of_node.get(node) is not producer or node is producer.anchor
+                    or get(node.op).kind != ELEMENTWISE):
+                return None
+            chain.add(node)
+            for k, v in enumerate(node.inputs):
+                if v in literals:
+                    continue
+                if not reads_at_identity(node, k):
+                    return None
+                if v not in loads:
+                    pending.append(v.producer)
+        already = self.recompute.get(consumer.key, set())
+        if sum(recompute_cost(n) for n in chain | already) > RECOMPUTE_BUDGET:
+            return None
+        return chain
+
+
+def _external_reads(group: _Group) -> set[Value]:
+    """The values `group`'s members read from outside it."""
+    produced = {v for m in group.members for v in m.outputs}
+    return {v for m in group.members for v in m.inputs if v not in produced}
+
+
 # -- building the kernel graph ------------------------------------------------------------------
 def _pattern_of(group: _Group) -> str:
     if group.pattern == "elementwise" and all(
@@ -336,8 +471,10 @@ def _kernel_name(index: int, pattern: str, members: list[Node]) -> str:
 class _KernelBuilder:
     """Turns finished groups into kernel nodes of a new graph."""
 
-    def __init__(self, graph: Graph, partitioner: _Partitioner) -> None:
+    def __init__(self, graph: Graph, partitioner: _Partitioner, remat: _Rematerialiser) -> None:
         self.graph = graph
+        self.remat = remat
+        self.group_of = partitioner.group_of
         self.literals = partitioner.literals
         self.order = partitioner.order
         self.out = Graph(graph.name)
@@ -355,14 +492,28 @@ class _KernelBuilder:
         return self.out
 
     def _members(self, group: _Group) -> list[Node]:
-        def by_order(nodes: list[Node]) -> list[Node]:
+        """The group's members in evaluation order, with the nodes of other groups it computes
+        again (rematerialisation) in the section of its loop that reads them."""
+        def by_order(nodes: Iterable[Node]) -> list[Node]:
             return sorted(nodes, key=self.order.__getitem__)
+        recompute = self.remat.recompute.get(group.key, set())
+        body, epilogue = set(group.body), set(group.epilogue)
+        (epilogue if self.remat.section.get(group.key) == "epilogue" else body).update(recompute)
         anchor = [group.anchor] if group.anchor is not None else []
-        return by_order(group.body) + anchor + by_order(group.epilogue)
+        return by_order(body) + anchor + by_order(epilogue)
+
+    def _is_output(self, value: Value, members: set[Node]) -> bool:
+        """Is `value`, computed by `members`, a graph output or read by a kernel that does not
+        compute it again?"""
+        if value in self.graph_outputs:
+            return True
+        recomputed = self.remat.recomputed
+        return any(u not in members and (self.group_of[u.outputs[0]].key, value) not in recomputed
+                   for u in self.users.get(value, ()))
 
     def _emit(self, index: int, group: _Group) -> None:
         members = self._members(group)
-        member_set = set(members)
+        own = set(group.members)
         produced = {v for m in members for v in m.outputs}
         inputs, literals = [], []
         for m in members:
@@ -370,8 +521,7 @@ class _KernelBuilder:
                 if v in produced or v in inputs or v in literals:
                     continue
                 (literals if v in self.literals else inputs).append(v)
-        outputs = [v for m in members for v in m.outputs
-                   if v in self.graph_outputs or any(u not in member_set for u in self.users.get(v, ()))]
+        outputs = [v for m in members if m in own for v in m.outputs if self._is_output(v, own)]
         if group.pattern == "library" and group.anchor.output not in outputs:
             # The library call writes its result whole before the epilogue reads it, so it
             # needs a buffer of its own (never one shared with an epilogue input).
@@ -413,14 +563,19 @@ def _live_nodes(graph: Graph) -> Graph:
     return pruned
 
 
-def fuse(graph: Graph) -> Graph:
-    """Partition `graph` (primitive nodes) into kernel nodes; see the module docstring."""
+def fuse(graph: Graph, rematerialise: bool = True) -> Graph:
+    """Partition `graph` (primitive nodes) into kernel nodes; see the module docstring.
+    `rematerialise=False` stores every value read by another kernel instead of recomputing
+    cheap ones there."""
     if any(node.op == KERNEL_OP for node in graph.nodes):
         raise ValueError(f"fuse: graph {graph.name!r} is already fused")
     graph = _live_nodes(graph)
     partitioner = _Partitioner(graph)
     groups = partitioner.run()
-    return _KernelBuilder(graph, partitioner).build(groups)
+    remat = _Rematerialiser(partitioner, groups)
+    if rematerialise:
+        remat.run()
+    return _KernelBuilder(graph, partitioner, remat).build(groups)
 
 
 # -- queries used by memory planning and the backends -----------------------------------------

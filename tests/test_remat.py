@@ -1,0 +1,108 @@
+"""Rematerialisation in fusion: a kernel computes again the cheap elementwise values of another
+kernel from what it loads anyway, instead of the other kernel storing them (passes/fusion.py)."""
+import numpy as np
+import pytest
+
+import graphc as gc
+import graphc.nn as nn
+import graphc.nn.functional as F
+from graphc import optim
+from graphc.backends.reference import evaluate
+from graphc.ir import Builder, TensorType
+from graphc.passes.fusion import fuse
+from graphc.passes.memplan import plan_memory
+
+F32 = "float32"
+
+
+def mlp(*activations):
+    layers = [nn.Linear(6, 16)]
+    for activation in activations:
+        layers += [activation, nn.Linear(16, 16)]
+    return nn.Sequential(*layers, nn.Linear(16, 3))
+
+
+def batch(seed, size=8):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((size, 6)).astype(np.float32), rng.integers(0, 3, size)
+
+
+def step_for(model, backend):
+    return gc.compile_train_step(model, F.cross_entropy, optim.Adam(model.parameters(), lr=1e-2),
+                                 batch(0), backend=backend)
+
+
+def kernel_ops(kernel):
+    return [m.op for m in kernel.subgraph.nodes]
+
+
+def tanh_count(fused):
+    return sum(kernel_ops(k).count("tanh") for k in fused.nodes)
+
+
+def test_gelu_sigmoid_tanh_mlp_step_on_numba_cpu_matches_reference():
+    model = mlp(nn.GELU(approximate="tanh"), nn.Sigmoid(), nn.GELU(), nn.Tanh(), nn.SiLU())
+    oracle = mlp(nn.GELU(approximate="tanh"), nn.Sigmoid(), nn.GELU(), nn.Tanh(), nn.SiLU())
+    oracle.load_state_dict(model.state_dict())
+    step, reference = step_for(model, "numba-cpu"), step_for(oracle, "reference")
+    stored = fuse(step.stage_graph("optimized"), rematerialise=False)
+    assert tanh_count(step.stage_graph("fused")) > tanh_count(stored)  # backward kernels recompute
+    for seed in range(3):
+        data = batch(seed)
+        np.testing.assert_allclose(step(*data), reference(*data), rtol=1e-5, atol=1e-6)
+    for key, value in model.state_dict().items():
+        np.testing.assert_allclose(value, oracle.state_dict()[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def fused_both_ways(model):
+    """The training step's optimized graph fused with and without recomputation, its donations."""
+    step = step_for(model, "reference")
+    graph = step.stage_graph("optimized")
+    return graph, fuse(graph).verify(), fuse(graph, rematerialise=False).verify(), step.donate
+
+
+def forward_gelu_kernel(fused):
+    return next(k for k in fused.nodes if "tanh" in kernel_ops(k))
+
+
+def test_gelu_forward_kernel_stores_only_what_its_readers_cannot_recompute():
+    graph, recomputed, stored, donate = fused_both_ways(mlp(nn.GELU(approximate="tanh")))
+    before, after = forward_gelu_kernel(stored), forward_gelu_kernel(recomputed)
+    assert kernel_ops(before) == kernel_ops(after)  # the forward kernel computes the same values
+    # stored: the product, the pre-activation and five terms of GELU for the backward kernel, and
+    # its result; recomputed: the product (the call's own buffer), pre-activation and result
+    assert len(before.outputs) >= 6
+    assert len(after.outputs) == 3
+    assert plan_memory(recomputed, donate).peak_bytes < plan_memory(stored, donate).peak_bytes
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal(v.shape).astype(v.dtype) if v.dtype == F32 else
+            rng.integers(0, 3, v.shape).astype(v.dtype) for v in graph.input_values]
+    for want, got in zip(evaluate(graph, args), evaluate(recomputed, args)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def softmax_like(extra_read_of_input: bool):
+    """x -> a sum kernel storing s = tanh(x)**2 as it reduces, then a kernel reading s (and x)."""
+    b = Builder("g")
+    x = b.add_input(TensorType((4, 8), F32), "x")
+    s = b.square(b.tanh(x))
+    total = b.sum(s, axes=(1,), keepdims=True)
+    y = b.div(s, total)
+    b.add_output("y", b.add(y, x) if extra_read_of_input else y)
+    return b.graph.verify()
+
+
+@pytest.mark.parametrize("reads_x", [False, True])
+def test_recomputes_only_from_values_the_reader_loads_anyway(reads_x):
+    graph = softmax_like(reads_x)
+    fused = fuse(graph).verify()
+    reduce, divide = fused.nodes
+    assert reduce.attrs["pattern"] == "reduction"
+    if reads_x:  # the dividing kernel loads x anyway: it computes tanh(x)**2 itself
+        assert len(reduce.outputs) == 1
+        assert kernel_ops(divide)[:2] == ["tanh", "square"]
+    else:  # recomputing s would keep x alive for it: s is stored
+        assert len(reduce.outputs) == 2
+        assert "tanh" not in kernel_ops(divide)
+    x = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
+    np.testing.assert_allclose(evaluate(fused, [x])[0], evaluate(graph, [x])[0], rtol=1e-6)
