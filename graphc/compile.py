@@ -106,8 +106,8 @@ class _CompiledModelBase:
         compiled = self._rebatched(traced, donate, signature, reads, stages)
         if compiled is None:
             optimized = stages.run(traced, [SIMPLIFY])
-            compiled = CompiledGraph(traced, optimized, compile_graph(optimized, self.backend, donate, stages),
-                                     donate, signature, reads)
+            executable = compile_graph(optimized, self.backend, donate, stages)
+            compiled = CompiledGraph(traced, optimized, executable, donate, signature, reads)
         self._compiled[(signature, reads.modes, reads.types)] = self._last = compiled
         return compiled, reads.arrays()
 

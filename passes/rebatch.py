@@ -176,8 +176,8 @@ def _match(old: Graph, new: Graph) -> ExtentMatch:
         elif _folds(a, folded) != _folds(b, folded_new):
             raise _Mismatch
         elif _folds(a, folded):  # simplify computes its value: so here, for both traces
-            (old_value,) = run_node(a, [folded[v][0] for v in a.inputs])
-            (new_value,) = run_node(b, [folded[v][1] for v in a.inputs])
+            old_value = _fold(a, [folded[v][0] for v in a.inputs])
+            new_value = _fold(b, [folded[v][1] for v in a.inputs])
             folded[a.output] = _constant_pair(constants, old_value, new_value)
             folded_new.add(b.output)
         if a.op == "concatenate":
@@ -187,7 +187,9 @@ def _match(old: Graph, new: Graph) -> ExtentMatch:
             raise _Mismatch
         siblings.setdefault((a.op, tuple(position[v] for v in a.inputs)), []).append((a.attrs, b.attrs))
         position.update((v, len(position) + q) for q, v in enumerate(a.outputs))
-        attrs[id(a.attrs)] = b.attrs
+        shared = attrs.setdefault(id(a.attrs), b.attrs)  # nodes copied from one: one renaming
+        if shared is not b.attrs and attrs_key(shared) != attrs_key(b.attrs):
+            raise _Mismatch
     if any(values[v] is not w for v, w in zip(old.output_values, new.output_values)):
         raise _Mismatch
     for group in siblings.values():
@@ -240,6 +242,16 @@ def _constant_pair(constants: _Bijection, old: np.ndarray, new: np.ndarray) -> t
 
 def _filled(value: np.ndarray) -> bool:
     return bool(np.all(value == value.flat[0]))
+
+
+def _fold(node: Node, operands: list[np.ndarray]) -> np.ndarray:
+    """The constant simplify folds `node` to; a fold that fails is the whole pipeline's to
+    report (with the user's line)."""
+    try:
+        (value,) = run_node(node, operands)
+    except Exception:
+        raise _Mismatch from None
+    return value
 
 
 def _folds(node: Node, folded: Container[Value]) -> bool:
