@@ -59,7 +59,8 @@ def _axes_canon(types, attrs):
 
 
 def lines_view(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, int, int]:
-    """The operand of `moments` as (before, kept, after): the statistics are over axes 0 and 2."""
+    """The operand of `moments`, `normalize` and `normalize_grad` as (before, kept, after): the
+    statistics are over axes 0 and 2."""
     kept = [a for a in range(len(shape)) if a not in axes]
     start, stop = (kept[0], kept[-1] + 1) if kept else (len(shape), len(shape))
     size = lambda dims: int(np.prod(dims, dtype=np.int64))
