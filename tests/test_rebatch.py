@@ -6,6 +6,9 @@ size."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from fractions import Fraction
 
 import numpy as np
@@ -258,3 +261,47 @@ def test_branch_on_the_batch_size_gets_its_own_program(constant_only, caplog):
         expected = h * (2.0 if size > 6 else 3.0) if constant_only else (
             np.maximum(h, 0) if size > 6 else np.tanh(h))
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_interpreter_backend_reuses_the_optimized_graph(caplog):
+    """The reference backend runs the optimized graph itself: that one is renamed."""
+    model = mlp()
+    compiled = gc.compile(model, data(8, 0)[0], backend="reference")
+    x = data(5, 1)[0]
+    with caplog.at_level(logging.INFO, logger="graphc"):
+        out = compiled(x)
+    assert REUSED in caplog.text
+    assert compiled.graph.inputs[0].value.type.shape == (5, 12)
+    np.testing.assert_array_equal(out, gc.compile(model, x, backend="reference")(x))
+
+
+CUDA_SIMULATOR_CHECK = """
+import logging, numpy as np, graphc as gc, graphc.nn.functional as F
+from graphc import nn, optim
+logging.basicConfig(level=logging.INFO)
+build = lambda: nn.Sequential(nn.Linear(6, 7), nn.ReLU(), nn.Linear(7, 3))
+def data(n):
+    rng = np.random.default_rng(n)
+    return rng.standard_normal((n, 6)).astype(np.float32), rng.integers(0, 3, n)
+model, twin = build(), build()
+twin.load_state_dict(model.state_dict())
+step = gc.compile_train_step(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1), data(4),
+                             backend="numba-cuda")
+oracle = gc.compile_train_step(twin, F.cross_entropy, optim.SGD(twin.parameters(), lr=0.1), data(4),
+                               backend="reference")
+for n in (4, 5, 4):
+    np.testing.assert_allclose(step(*data(n)), oracle(*data(n)), rtol=1e-5, atol=1e-6)
+for key, value in model.state_dict().items():
+    np.testing.assert_allclose(value, twin.state_dict()[key], rtol=1e-5, atol=1e-6)
+"""
+
+
+@pytest.mark.slow
+def test_numba_cuda_simulator_step_at_another_batch_size():
+    """numba-cuda's fused graph renamed (run in the simulator, which must be on before numba is
+    imported: in a child process); 13 s, mostly the simulator."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    child = subprocess.run([sys.executable, "-c", CUDA_SIMULATOR_CHECK], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert "train_step reuses the graphs compiled for" in child.stderr
