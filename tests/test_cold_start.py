@@ -69,3 +69,24 @@ def test_a_small_kernel_shares_the_parallel_code_a_large_one_compiles(monkeypatc
     assert executable.cache_stats.compiled == 1
     for got, want in zip(executable(*arrays), evaluate(graph, arrays)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def time_steps(shape: tuple[int, int, int], steps: tuple[int, ...]):
+    """x[:, t, :] * 2 for each t of `steps`, as separate outputs."""
+    b = Builder("time_steps")
+    x = b.add_input(TensorType(shape, "float32"), "x")
+    n, _, f = shape
+    for t in steps:
+        b.add_output(f"step_{t}", b.mul(b.slice(x, starts=(0, t, 0), stops=(n, t + 1, f), steps=(1, 1, 1)),
+                                        b.const(2.0, "float32")))
+    return b.graph.verify()
+
+
+def test_slices_at_different_offsets_compile_once():
+    x = np.random.default_rng(2).standard_normal((3, 5, 4), np.float32)
+    graph = time_steps(x.shape, (0, 2, 4))
+    executable = compile_graph(graph, "numba-cpu")
+    sources = {call.source for kernel in executable.kernels for call in kernel.generated.calls}
+    assert len(executable.kernels) == 3 and len(sources) == 1
+    for got, t in zip(executable(x), (0, 2, 4)):
+        np.testing.assert_array_equal(got, x[:, t:t + 1, :] * 2)

@@ -38,6 +38,7 @@ class KernelTarget:
 
     name: str
     helper_decorator: str
+    integer_arguments: bool = False  # kernels take `PointwiseEmitter.integer_argument`s
 
     @cached_property
     def rng_helpers(self) -> str:
@@ -78,6 +79,7 @@ class PointwiseEmitter:
         self.prelude = Writer()         # statements before the loops
         self.helpers: list[str] = []
         self.hoisted: dict[str, str] = {}  # load expression -> local holding it
+        self.integer_arguments: dict[str, int] = {}  # parameter name -> the value to pass
         self._counters: dict[str, int] = {}
         for node in sub.nodes:
             if is_literal(node):
@@ -90,6 +92,17 @@ class PointwiseEmitter:
         count = self._counters.get(prefix, 0)
         self._counters[prefix] = count + 1
         return f"{prefix}{count}"
+
+    def integer_argument(self, value: int) -> str:
+        """`value` as a parameter of the kernel, where its target passes integers
+        (`integer_arguments`: the generator appends them to the kernel's parameters and
+        arguments), else as a literal. Kernels then differ in fewer constants of their text, the
+        cache key: one compiled slice serves each of an unrolled LSTM's 28 time steps."""
+        if not self.target.integer_arguments:
+            return str(value)
+        name = self.fresh("s")
+        self.integer_arguments[name] = value
+        return name
 
     def require_helper(self, source: str) -> None:
         if source not in self.helpers:
@@ -148,7 +161,7 @@ def broadcast_index(index: Index, shape: tuple[int, ...], out_shape: tuple[int, 
                  for j, d in enumerate(shape))
 
 
-def _affine(i: str, start: int, step: int) -> str:
+def _affine(i: str, start: int | str, step: int) -> str:
     text = i if step == 1 else f"{i} * {step}"
     return text if start == 0 else f"{text} + {start}"
 
@@ -319,9 +332,14 @@ def _transpose(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
 
 @_rule("slice")
 def _slice(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
-    a = node.attrs
-    return e.operand(node, 0, tuple(_affine(i, start, step) for i, start, step
-                                    in zip(domain.index, a["starts"], a["steps"])))
+    """Where the slice starts along an axis it cuts is an argument of the kernel (on targets
+    that pass integers), even at 0: x[:, t] compiles once for every t."""
+    a, shape = node.attrs, node.inputs[0].shape
+    index = []
+    for i, n, start, stop, step in zip(domain.index, shape, a["starts"], a["stops"], a["steps"]):
+        whole = start == 0 and stop == n and step == 1
+        index.append(i if whole else _affine(i, e.integer_argument(start), step))
+    return e.operand(node, 0, tuple(index))
 
 
 @_rule("flip")

@@ -151,7 +151,7 @@ HELPER_DECORATOR = f"@njit(fastmath=FASTMATH, {HELPER_OPTIONS})"
 # What the shared emitters (backends/kernels) write for this backend: helpers are njit functions
 # without the wrappers that let Python or C call them (a dropout kernel compiles in 0.74-0.97 s
 # instead of 1.07-1.23 s).
-CPU = KernelTarget(TARGET, f"njit({HELPER_OPTIONS})")
+CPU = KernelTarget(TARGET, f"njit({HELPER_OPTIONS})", integer_arguments=True)
 
 
 def decorator(parallel: bool, fastmath: bool = True) -> str:
