@@ -4,11 +4,12 @@ decorators and loop headers (writing source itself is backends/kernels/source.py
 Generated kernels are whole Python modules (``import numpy as np``, one ``@njit`` entry
 function, inlined helpers), so they can live in the on-disk cache as ordinary files. They are
 generic over shapes: loop extents are arguments or read from the arrays, never baked in, so one
-compiled kernel serves every batch size. Only the structure (broadcast pattern, attributes,
-dtypes) is part of the source and therefore of the cache key, with two exceptions: whether a
-loop runs in parallel depends on its size (`runs_parallel`; a smaller batch reuses the parallel
-variant a larger one compiled, see `always_parallel`), and axes of extent 1 read alike whether
-broadcast or not, so they are collapsed and hoisted: a batch of one compiles some kernels of its own.
+compiled kernel serves every batch size; so are a slice's offsets. Only the structure (broadcast
+pattern, attributes, dtypes) is part of the source and therefore of the cache key, with two
+exceptions: whether a loop runs in parallel depends on its size and the thread count
+(`runs_parallel`; a smaller batch reuses the parallel variant a larger one compiled, see
+`always_parallel`), and axes of extent 1 read alike whether broadcast or not, so they are
+collapsed and hoisted: a batch of one compiles some kernels of its own.
 """
 from __future__ import annotations
 
@@ -57,10 +58,10 @@ def kernel_threads() -> int:
 
 def runs_parallel(elements: int) -> bool:
     """Whether a loop over `elements` runs in parallel (the generators' one size-dependent
-    choice): from PARALLEL_MIN_ELEMENTS on, or always inside `always_parallel()`; never where
-    kernels run on one thread. A parallel kernel then gains nothing and compiles 2-4 times as
-    long as the serial one (transformer-m: 36 of its 55 kernel modules, 20.4 of 23.1 s of its
-    cold compile)."""
+    choice): from PARALLEL_MIN_ELEMENTS on where kernels can run on several threads (on one, a
+    parallel kernel gains nothing and compiles 2-4 times as long as the serial one:
+    transformer-m's 36 parallel kernel modules took 20.4 of its 23.1 s cold compile), or always
+    inside `always_parallel()`."""
     return _ALWAYS_PARALLEL.get() or (elements >= PARALLEL_MIN_ELEMENTS and kernel_threads() > 1)
 
 
