@@ -134,6 +134,10 @@ CASES = {
         b.normalize(x, axes=(0, 2, 3), epsilon=1e-5), b.normalize_grad(g, x, axes=(0, 2, 3), epsilon=1e-5),
         b.normalize(r, axes=(1,), epsilon=1e-3), b.normalize_grad(r, r, axes=(0,), epsilon=1e-3)]), arrays))(
         [normal(3, 4, 2, 5), normal(3, 4, 2, 5), normal(6, 7, dtype="float64")]),
+    "softmax": lambda: (lambda arrays: (build("softmax", arrays, lambda b, x, g, r: [
+        b.softmax(x, axis=2), b.softmax_grad(g, b.softmax(x, axis=1), axis=1),
+        b.softmax(r, axis=0, zero_masked_rows=True), b.softmax_grad(r, r, axis=1)]), arrays))(
+        [normal(3, 4, 5), normal(3, 4, 5), normal(6, 7, dtype="float64")]),
     "logical": lambda: (lambda arrays: (build("logical", arrays, lambda b, p, q: [
         b.logical_and(p, q), b.logical_or(p, q), b.logical_not(p),
         b.where(p, b.cast(q, dtype="int32"), b.cast(p, dtype="int32"))]), arrays))(
