@@ -15,6 +15,7 @@ arena.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -34,12 +35,13 @@ class ScanLoop:
     def __init__(self, node: Node, body: Any) -> None:
         self.node = node
         self.body = body
+        self.allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray] = np.empty  # stacked outputs
         self.steps = range(node.attrs["length"])[::-1] if node.attrs["reverse"] else range(node.attrs["length"])
 
     def __call__(self, args: list[np.ndarray]) -> list[np.ndarray]:
         consts, carry, xs = split_inputs(self.node, args)
         k = self.node.attrs["num_carry"]
-        ys = [np.empty(v.type.shape, v.type.np_dtype) for v in self.node.outputs[k:]]
+        ys = [self.allocate(v.type.shape, v.type.np_dtype) for v in self.node.outputs[k:]]
         for t in self.steps:
             outs = self.body(*consts, *carry, *(x[t] for x in xs))
             carry = outs[:k]
@@ -51,7 +53,13 @@ class ScanLoop:
 
 class SegmentedExecutable:
     """A graph with scans, run as its compiled parts and loops in order. Donated inputs receive
-    their outputs by copy at the end (the parts are compiled without donation)."""
+    their outputs by copy at the end (the parts are compiled without donation).
+
+    The scans' stacked outputs come from `stack()`: arrays of the last call that it did not
+    return are used again. A fresh array of that size (tens of MiB over hundreds of steps) is
+    mapped anew by the system on every call and each of its pages faults when first written:
+    on lstm-784 that cost ~14 ms of a ~380 ms step. Calls take turns (the parts' arenas are
+    shared anyway)."""
 
     def __init__(self, graph: Graph, parts: list[tuple[Run, list[Value], list[Value]]],
                  donate: dict[int, int] | None = None) -> None:
@@ -59,17 +67,35 @@ class SegmentedExecutable:
         self.parts = parts
         self.donate = dict(donate or {})
         self._signature = InputSignature(graph, tuple(self.donate))
+        self._lock = threading.Lock()
+        self._spare: dict[tuple[tuple[int, ...], np.dtype], list[np.ndarray]] = {}
+        self._lent: list[np.ndarray] = []  # this call's arrays from stack()
+        for run, _, _ in parts:
+            if hasattr(run, "allocate"):  # a scan's loop (ScanLoop, a backend's driver)
+                run.allocate = self.stack
+
+    def stack(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An uninitialised array for a scan's stacked output."""
+        spare = self._spare.get((shape, dtype))
+        array = spare.pop() if spare else np.empty(shape, dtype)
+        self._lent.append(array)
+        return array
 
     def __call__(self, *args: Any) -> list[np.ndarray]:
-        arrays = self._signature.prepare(args)
-        env: dict[Value, np.ndarray] = dict(zip(self.graph.input_values, arrays))
-        for run, inputs, outputs in self.parts:
-            env.update(zip(outputs, run([env[v] for v in inputs])))
-        results = [env[v] for v in self.graph.output_values]
-        for i, o in self.donate.items():
-            np.copyto(arrays[i], results[o])
-            results[o] = arrays[i]
-        return results
+        with self._lock:
+            arrays = self._signature.prepare(args)
+            env: dict[Value, np.ndarray] = dict(zip(self.graph.input_values, arrays))
+            for run, inputs, outputs in self.parts:
+                env.update(zip(outputs, run([env[v] for v in inputs])))
+            results = [env[v] for v in self.graph.output_values]
+            for i, o in self.donate.items():
+                np.copyto(arrays[i], results[o])
+                results[o] = arrays[i]
+            for array in self._lent:  # kept for the next call unless the caller gets it, or a view
+                if not any(np.may_share_memory(array, r) for r in results):
+                    self._spare.setdefault((array.shape, array.dtype), []).append(array)
+            self._lent = []
+            return results
 
 
 def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, int] | None = None

@@ -240,3 +240,21 @@ def test_a_stacked_output_is_written_over_a_dying_stacked_input(write_first, rea
     for _ in range(2):  # the second call gets fresh stacks again
         close(executable(*args), gc.jit(f, backend=REF)(*args))
     assert body_calls["python loop"] == 0
+
+
+def test_stacks_not_returned_are_used_again_and_returned_ones_are_not(body_calls):
+    """The scans' stacked outputs the caller does not get (here ys, read by the loss and the
+    second scan) are kept for the next call; a returned stack (zs, and a view of ys) never is:
+    the first call's results stay as they were after the second call."""
+    def f(h, xs, w):
+        _, ys = gc.scan(lambda c, x: ((c @ w + x).tanh(),) * 2, h, xs)
+        last, zs = second_scan(h, ys, w, write_first=True)
+        return last, zs, ys.sum(), ys[1:3].reshape(4, 3)
+    executable = compile_graph(gc.trace(f, f32(2, 3), f32(6, 2, 3), f32(3, 3)), CPU)
+    calls = [(f32(2, 3), f32(6, 2, 3), f32(3, 3)) for _ in range(3)]
+    results = [executable(*args) for args in calls]
+    kept = [a for spare in executable._spare.values() for a in spare]
+    assert kept and not any(np.may_share_memory(a, r) for a in kept for out in results for r in out)
+    for args, got in zip(calls, results):
+        close(got, gc.jit(f, backend=REF)(*args))
+    assert body_calls["python loop"] == 0

@@ -60,6 +60,7 @@ class ScanDriver:
         # node input positions whose arrays the caller hands over: read by nothing after the scan
         # (compile_with_scans sets it), so a stacked output may be written over them
         self.overwritable: frozenset[int] = frozenset()
+        self.allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray] = np.empty  # stacked outputs
         self.cache_stats = CacheStats()
         self.compile_seconds = 0.0
         self._driver: Any = None
@@ -74,7 +75,7 @@ class ScanDriver:
         for j, i in self._shareable:
             if first_x + i in self.overwritable and ys[j] is None and all(y is not xs[i] for y in ys):
                 ys[j] = xs[i]
-        ys = [np.empty(v.type.shape, v.type.np_dtype) if y is None else y
+        ys = [self.allocate(v.type.shape, v.type.np_dtype) if y is None else y
               for y, v in zip(ys, self.node.outputs[k:])]
         rows = [a.reshape(length, int(np.prod(a.shape[1:]))) for a in xs + ys]
         body = self.body
