@@ -40,12 +40,12 @@ from typing import Any, Container
 import numpy as np
 
 from graphc.ir import Graph, Node, TensorType, Value
-from graphc.ir.ops.control import SCAN_OP
+from graphc.ir.errors import GraphcError
 from graphc.ir.interpret import run_node
+from graphc.ir.ops.control import SCAN_OP
 from graphc.ir.registry import PRIMITIVES, SOURCE, OpTypeError, get
 
 from .simplify import FOLD_LIMIT, attrs_key
-from graphc.ir.errors import GraphcError
 
 
 @dataclass(frozen=True)
@@ -102,25 +102,22 @@ class _Matcher:
             raise _Mismatch
         self.ints(old.shape, new.shape)
 
-    def attr(self, old: Any, new: Any) -> bool:
-        """Whether `new` differs from `old`: equal attributes, or ints / tuples of ints
-        differing only by the ratio."""
+    def attr(self, old: Any, new: Any) -> None:
+        """Equal attributes, or ints / tuples of ints differing only by the ratio."""
         if isinstance(old, np.ndarray) or isinstance(new, np.ndarray):
             if not (isinstance(old, np.ndarray) and isinstance(new, np.ndarray)
                     and _same_constant(old, new)):
                 raise _Mismatch
-            return False
-        if type(old) is not type(new):
+        elif type(old) is not type(new):
             raise _Mismatch
-        if old == new:
-            return False
-        if _is_int(old):
+        elif old == new:
+            return
+        elif _is_int(old):
             self.ints((old,), (new,))
         elif isinstance(old, tuple) and all(_is_int(x) for x in (*old, *new)):
             self.ints(old, new)
         else:
             raise _Mismatch
-        return True
 
     def result(self, attrs: dict[int, dict[str, Any]], constants: dict[tuple, tuple],
                input_types: tuple[TensorType, ...]) -> ExtentMatch:
