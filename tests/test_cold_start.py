@@ -90,3 +90,18 @@ def test_slices_at_different_offsets_compile_once():
     assert len(executable.kernels) == 3 and len(sources) == 1
     for got, t in zip(executable(x), (0, 2, 4)):
         np.testing.assert_array_equal(got, x[:, t:t + 1, :] * 2)
+
+
+def test_a_large_product_compiles_serially_when_kernels_run_on_one_thread(monkeypatch):
+    """Library kernels (GEMM, batched products) too: their prange loops run as range."""
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", "1")
+    rng = np.random.default_rng(3)
+    a, w = rng.standard_normal((4, 96, 80), np.float32), rng.standard_normal((4, 80, 112), np.float32)
+    b = Builder("batched_product")
+    x = b.add_input(TensorType(a.shape, "float32"), "a")
+    y = b.add_input(TensorType(w.shape, "float32"), "w")
+    b.add_output("out", b.matmul(x, y))
+    graph = b.graph.verify()
+    executable = compile_graph(graph, "numba-cpu")
+    assert executable.kernels and not any(k.generated.parallel for k in executable.kernels)
+    np.testing.assert_allclose(executable(a, w)[0], a @ w, rtol=1e-5, atol=1e-4)

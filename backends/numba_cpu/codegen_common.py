@@ -169,7 +169,9 @@ def loop_header(var: str, extent: str, parallel: bool) -> str:
 def library_call(entry: str, params: list[str], args: list[KernelArray | int], parallel: bool,
                  write_body: Callable[[Writer], None], fastmath: bool = True, gemm: bool = False) -> Call:
     """A call of a hand-written library function `entry(*params)` with these `args`; `gemm`:
-    its body calls the GEMM helper."""
+    its body calls the GEMM helper. Where kernels run on one thread it compiles serially
+    whatever `parallel` says (as `runs_parallel`): its prange loops then run as range."""
+    parallel = parallel and (kernel_threads() > 1 or _ALWAYS_PARALLEL.get())
     w = Writer()
     w.line(decorator(parallel, fastmath))
     with w.block(f"def {entry}({', '.join(params)}):"):
