@@ -257,7 +257,7 @@ def _recomputed_products(vjp: Graph, primal_inputs: int, num_consts: int) -> lis
         if (len(readers) == 1 and readers[0].op == "add" and readers[0].output.type == value.type
                 and all(v in primal for v in readers[0].inputs)):
             found[n] = readers[0].output
-    return found
+    return list(dict.fromkeys(found))  # two products one add sums are saved once
 
 
 def _save_residuals(graph: Graph, node: Node, carries: list[int], products: list[Value],

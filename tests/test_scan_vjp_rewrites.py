@@ -213,3 +213,29 @@ def test_a_concatenation_before_the_product_is_stacked_by_the_forward():
     for n, g in zip((1, 2, 3, 4), grads):
         np.testing.assert_allclose(g, finite_differences(numpy_folded_lstm_loss, args, n),
                                    rtol=1e-6, atol=1e-8)
+
+
+def test_two_products_summed_by_one_add_are_saved_once():
+    """x_t @ a + h @ b: both products' only reader is the add, whose result is stacked once
+    (the backward body reads one saved stack, no second copy of it)."""
+    xs, a, b0, h0 = rng.normal(size=(T, N, I)), rng.normal(size=(I, H)), rng.normal(size=(H, H)), rng.normal(size=(N, H))
+
+    def loss(xs, a, b, h0):
+        h, hs = gc.scan(lambda h, x: ((x @ a + h @ b).tanh(),) * 2, h0, xs)
+        return (hs * hs).sum()
+
+    graph = gc.grad(loss, argnums=(1, 2, 3), backend=REF).lower(xs, a, b0, h0)
+    forward, backward = scans(graph)
+    saved = [v for v in forward.outputs[1:] if v in backward.inputs]
+    assert [v.shape for v in saved] == [(T, N, H)] and backward.inputs.count(saved[0]) == 1
+
+    def numpy_loss(xs, a, b, h):
+        total = 0.0
+        for t in range(T):
+            h = np.tanh(xs[t] @ a + h @ b)
+            total += (h * h).sum()
+        return total
+    args = [xs, a, b0, h0]
+    grads = gc.grad(loss, argnums=(1, 2, 3), backend=REF)(*args)
+    for n, g in zip((1, 2, 3), grads):
+        np.testing.assert_allclose(g, finite_differences(numpy_loss, args, n), rtol=1e-6, atol=1e-8)
