@@ -8,7 +8,7 @@ import pytest
 import graphc as gc
 import graphc.nn as nn
 from graphc.ir.ops.control import SCAN_OP
-from graphc.nn.recurrent import UNROLL_MAX_STEPS
+from graphc.nn.recurrent import FOLD_INPUT_RATIO, UNROLL_MAX_STEPS
 from test_nn_recurrent import (  # noqa: F401 (torch is a fixture)
     check_against_torch, graphc_loss_and_grads, initial_states, random_state, torch)
 
@@ -49,9 +49,9 @@ def test_scan_path_in_float32_matches_pytorch(torch):
 
 # -- a narrow input folded into the step's product ------------------------------------------------
 FOLDED = {  # input_size * FOLD_INPUT_RATIO <= hidden_size: [x_t, h] @ [W_ih, W_hh]^T per step
-    "two_layers_with_state": (dict(num_layers=2), (6, 2, 1), True),
-    "bidirectional_batch_first": (dict(bidirectional=True, batch_first=True), (2, 6, 1), False),
-    "no_bias": (dict(bias=False), (6, 2, 1), True),
+    "two_layers_with_state": (dict(num_layers=2), (5, 2, 1), True),
+    "bidirectional_batch_first": (dict(bidirectional=True, batch_first=True), (2, 5, 1), False),
+    "no_bias": (dict(bias=False), (5, 2, 1), True),
 }
 
 
@@ -59,7 +59,7 @@ FOLDED = {  # input_size * FOLD_INPUT_RATIO <= hidden_size: [x_t, h] @ [W_ih, W_
 @pytest.mark.parametrize("name", ["RNN", "LSTM"])
 def test_a_narrow_input_folded_into_the_step_matches_pytorch(torch, name, config):
     extra, x_shape, with_state = FOLDED[config]
-    kwargs = dict(input_size=1, hidden_size=4, **extra)
+    kwargs = dict(input_size=1, hidden_size=FOLD_INPUT_RATIO, **extra)
     check_against_torch(torch, name, kwargs, x_shape, with_state, np.float64, seed=11,
                         unroll=False)
 
@@ -68,16 +68,16 @@ def test_a_narrow_input_folded_into_the_step_matches_pytorch(torch, name, config
 def test_a_narrow_input_is_multiplied_with_the_state_inside_the_loop(name):
     """RNN and LSTM: no all-steps input projection, one product of [x_t, h] per step; GRU,
     whose bias_hh sits inside a gate, keeps the projection."""
-    model = getattr(nn, name)(1, 4, unroll=False)
-    graph = trace_forward(model, 6)
-    (loop,) = scans(graph)
-    outside = [n for n in graph.nodes if n.op == "matmul"]
-    (product,) = [n for n in loop.subgraph.nodes if n.op == "matmul"]
-    folded = name != "GRU"
-    assert len(outside) == (0 if folded else 1)
-    operand = product.inputs[0].producer
-    assert (operand is not None and operand.op == "concatenate") == folded
-    assert product.inputs[0].shape == ((2, 5) if folded else (2, 4))
+    hidden = FOLD_INPUT_RATIO
+    for features, folded in ((1, name != "GRU"), (2, False)):  # 2 features are too wide
+        graph = trace_forward(getattr(nn, name)(features, hidden, unroll=False), 6)
+        (loop,) = scans(graph)
+        outside = [n for n in graph.nodes if n.op == "matmul"]
+        (product,) = [n for n in loop.subgraph.nodes if n.op == "matmul"]
+        assert len(outside) == (0 if folded else 1)
+        operand = product.inputs[0].producer
+        assert (operand is not None and operand.op == "concatenate") == folded
+        assert product.inputs[0].shape == ((2, features + hidden) if folded else (2, hidden))
 
 
 # -- scan against unrolled -----------------------------------------------------------------------
