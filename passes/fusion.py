@@ -341,6 +341,11 @@ CHEAP_OPS = frozenset({
 REMAT_CONSUMERS = ("elementwise", "reduction", "library")
 
 
+def _elementwise(node: Node) -> bool:
+    """Is `node` an elementwise primitive (not a scan, a literal or an index-mapping op)?"""
+    return fusion_class(node) == "pointwise" and get(node.op).kind == ELEMENTWISE
+
+
 def recompute_cost(node: Node) -> int:
     """Cost of evaluating elementwise `node` once more per element: arithmetic and comparisons
     are cheap; transcendental functions, division and roots cost more."""
@@ -371,8 +376,7 @@ class _Rematerialiser:
         graph_outputs = self.partitioner.graph_outputs
         for node in reversed(self.partitioner.graph.nodes):
             group = self.group_of_node.get(node)
-            if (group is None or node is group.anchor or get(node.op).kind != ELEMENTWISE
-                    or node.output in graph_outputs):
+            if group is None or not _elementwise(node) or node.output in graph_outputs:
                 continue
             consumers = self._consumers(node.output, group)
             if not consumers:
@@ -429,8 +433,7 @@ class _Rematerialiser:
             node = pending.pop()
             if node in chain:
                 continue
-            if (self.group_of_node.get(node) is not producer or node is producer.anchor
-                    or get(node.op).kind != ELEMENTWISE):
+            if self.group_of_node.get(node) is not producer or not _elementwise(node):
                 return None
             chain.add(node)
             for k, v in enumerate(node.inputs):
