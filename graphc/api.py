@@ -21,7 +21,7 @@ from graphc.passes import SIMPLIFY, Stages, autodiff
 from graphc.tree import TreeDef, flatten, unflatten
 
 from . import random as gc_random
-from .lowering import compile_graph
+from .lowering import collection_paused, compile_graph
 from .tensor import ModuleReads, Tensor, current_trace, is_tracing, matching_variant, tracing
 
 log = logging.getLogger("graphc")
@@ -232,9 +232,10 @@ class Staged:
         if entry is None:
             self._log_retrace(signature, names)
             stages = Stages(self.name)
-            traced = self.build(arrays_like(treedef, arrays), stages)
+            with collection_paused():
+                traced = self.build(arrays_like(treedef, arrays), stages)
+                executable = compile_graph(traced.graph, self.backend, stages=stages)
             reads = traced.reads
-            executable = compile_graph(traced.graph, self.backend, stages=stages)
             entry = _Entry(signature, executable, traced.graph, traced.out_tree, reads)
             self._cache[(signature, reads.modes, reads.types)] = entry
             implicit = reads.arrays()

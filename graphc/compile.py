@@ -35,7 +35,7 @@ from graphc.passes.rebatch import match_extents, rebatch
 
 from . import random as gc_random
 from .api import inline_graph, user_facing
-from .lowering import compile_graph
+from .lowering import collection_paused, compile_graph
 from .nn.module import (Module, claim_state, functional_call, named_arrays, named_state_refs,
                         release_state_holders, state_arrays, sync_state_holders, traced_state,
                         unclaim_state)
@@ -102,12 +102,13 @@ class _CompiledModelBase:
         if last is not None:
             self._log_recompile(last, signature)
         stages = Stages(self.name)
-        traced, donate, reads = self._trace(arrays, stages)
-        compiled = self._rebatched(traced, donate, signature, reads, stages)
-        if compiled is None:
-            optimized = stages.run(traced, [SIMPLIFY])
-            executable = compile_graph(optimized, self.backend, donate, stages)
-            compiled = CompiledGraph(traced, optimized, executable, donate, signature, reads)
+        with collection_paused():
+            traced, donate, reads = self._trace(arrays, stages)
+            compiled = self._rebatched(traced, donate, signature, reads, stages)
+            if compiled is None:
+                optimized = stages.run(traced, [SIMPLIFY])
+                executable = compile_graph(optimized, self.backend, donate, stages)
+                compiled = CompiledGraph(traced, optimized, executable, donate, signature, reads)
         self._compiled[(signature, reads.modes, reads.types)] = self._last = compiled
         return compiled, reads.arrays()
 
