@@ -35,7 +35,8 @@ a cheap elementwise value of another kernel instead of loading it: a training st
 kernels read GELU's tanh term, its products and the pre-activation, and recomputing the first
 ones from the pre-activation (which the backward kernel reads anyway) spares the forward kernel a
 store of each and the arena a buffer live from forward to backward. A value is recomputed only
-from values its reader loads anyway, so no buffer lives longer for it.
+from values its reader loads anyway, so no buffer lives longer for it, or from one value it then
+loads instead of two or more.
 """
 from __future__ import annotations
 
@@ -362,6 +363,11 @@ class _Rematerialiser:
     other inputs) and literals, through elementwise members of the producer read at identity,
     within RECOMPUTE_BUDGET in all. The producer then stops writing the value, and every reader
     stops loading it; a value recomputed earlier from it is recomputed further back.
+
+    Then one load may replace several: when a kernel is the only other reader of two or more
+    such values of one producer and all of them are computed from one value of that producer
+    (exact GELU's x/2 and x/sqrt(2), both of the pre-activation x), it loads that value instead
+    and computes them. The new load is one buffer for several, of the same size.
     """
 
     def __init__(self, partitioner: _Partitioner, groups: list[_Group]) -> None:
@@ -371,8 +377,20 @@ class _Rematerialiser:
         self.recompute: dict[int, set[Node]] = {}     # consumer group -> producer members it runs
         self.section: dict[int, str] = {}             # consumer group -> 'body' or 'epilogue'
         self.recomputed: set[tuple[int, Value]] = set()  # (consumer group, value) pairs
+        self.new_loads: set[Value] = set()  # values a producer stores for recomputation only
 
     def run(self) -> None:
+        self._recompute_from_loaded_values()
+        self._share_one_load()
+
+    def _commit(self, consumer: _Group, section: str, chain: set[Node], values: Iterable[Value]) -> None:
+        self.recompute.setdefault(consumer.key, set()).update(chain)
+        self.section[consumer.key] = section
+        for value in values:
+            self.loads[consumer.key].discard(value)
+            self.recomputed.add((consumer.key, value))
+
+    def _recompute_from_loaded_values(self) -> None:
         graph_outputs = self.partitioner.graph_outputs
         for node in reversed(self.partitioner.graph.nodes):
             group = self.group_of_node.get(node)
@@ -386,13 +404,66 @@ class _Rematerialiser:
                 chain = self._chain(node.output, group, consumer)
                 if chain is None:
                     break
-                chains[consumer.key] = (chain, section)
+                chains[consumer] = (chain, section)
             else:
-                for key, (chain, section) in chains.items():
-                    self.recompute.setdefault(key, set()).update(chain)
-                    self.section[key] = section
-                    self.loads[key].discard(node.output)
-                    self.recomputed.add((key, node.output))
+                for consumer, (chain, section) in chains.items():
+                    self._commit(consumer, section, chain, [node.output])
+
+    def _share_one_load(self) -> None:
+        graph_outputs = self.partitioner.graph_outputs
+        by_pair: dict[tuple[_Group, _Group], list[Value]] = {}  # (producer, consumer) -> values
+        for node in self.partitioner.graph.nodes:
+            producer = self.group_of_node.get(node)
+            if producer is None or not _elementwise(node) or node.output in graph_outputs:
+                continue
+            consumers = self._consumers(node.output, producer)
+            if len(consumers) == 1:
+                (consumer,) = consumers
+                by_pair.setdefault((producer, consumer), []).append(node.output)
+        for (producer, consumer), values in by_pair.items():
+            values = [v for v in values if v in self.loads[consumer.key]]
+            if len(values) < 2:
+                continue
+            cut = self._single_source(values, producer, consumer)
+            if cut is not None:
+                source, chain = cut
+                self._commit(consumer, self._consumers(values[0], producer)[consumer], chain, values)
+                self.loads[consumer.key].add(source)
+                self.new_loads.add(source)
+
+    def _single_source(self, values: list[Value], producer: _Group, consumer: _Group
+                       ) -> tuple[Value, set[Node]] | None:
+        """The one value of `producer` that `values` are computed from (with what `consumer`
+        loads besides them and literals), and the members computing them; None when there are
+        several or it would exceed the budget."""
+        loads = self.loads[consumer.key] - set(values)
+        literals = self.partitioner.literals
+        chain: set[Node] = set()
+        sources: set[Value] = set()
+        pending = [v.producer for v in values]
+        while pending:
+            node = pending.pop()
+            if node in chain:
+                continue
+            if not (self.group_of_node.get(node) is producer and _elementwise(node) and all(
+                    v in literals or reads_at_identity(node, k) and (
+                        v in loads or self.group_of_node.get(v.producer) is producer)
+                    for k, v in enumerate(node.inputs))):
+                sources.add(node.output)  # computed no further back than this in the consumer
+                continue
+            chain.add(node)
+            pending.extend(v.producer for v in node.inputs if v not in literals and v not in loads)
+        if len(sources) != 1:
+            return None
+        (source,) = sources
+        stored_by = source.producer
+        if self.group_of_node.get(stored_by) is not producer or not (
+                stored_by is producer.anchor or _elementwise(stored_by)):
+            return None
+        already = self.recompute.get(consumer.key, set())
+        if sum(recompute_cost(n) for n in chain | already) > RECOMPUTE_BUDGET:
+            return None
+        return source, chain
 
     def _consumers(self, value: Value, producer: _Group) -> dict[_Group, str]:
         """The groups reading `value` besides `producer`, each with the section of its loop that
@@ -508,7 +579,7 @@ class _KernelBuilder:
     def _is_output(self, value: Value, members: set[Node]) -> bool:
         """Is `value`, computed by `members`, a graph output or read by a kernel that does not
         compute it again?"""
-        if value in self.graph_outputs:
+        if value in self.graph_outputs or value in self.remat.new_loads:
             return True
         recomputed = self.remat.recomputed
         return any(u not in members and (self.group_of[u.outputs[0]].key, value) not in recomputed

@@ -106,3 +106,43 @@ def test_recomputes_only_from_values_the_reader_loads_anyway(reads_x):
         assert "tanh" not in kernel_ops(divide)
     x = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
     np.testing.assert_allclose(evaluate(fused, [x])[0], evaluate(graph, [x])[0], rtol=1e-6)
+
+
+def test_exact_gelu_backward_loads_the_pre_activation_instead_of_two_of_its_multiples():
+    # the backward kernel reads x/2 and x/sqrt(2), which it does not load anyway: it loads x
+    # once instead and computes both (and erf), a buffer less from forward to backward
+    graph, recomputed, stored, donate = fused_both_ways(mlp(nn.GELU()))
+    before, after = forward_gelu_kernel_erf(stored), forward_gelu_kernel_erf(recomputed)
+    assert len(before.outputs) == 5  # product, x/2, x/sqrt(2), erf, result
+    assert len(after.outputs) == 3   # product, x, result (x/2 and x/sqrt(2) alone: 4)
+    assert plan_memory(recomputed, donate).peak_bytes < plan_memory(stored, donate).peak_bytes
+
+
+def forward_gelu_kernel_erf(fused):
+    return next(k for k in fused.nodes if "erf" in kernel_ops(k))
+
+
+def two_terms_of_tanh(both: bool):
+    """A sum kernel computing t = tanh(x), a = t**2 and b = exp(t) in its loop; a later kernel
+    reads a (and b)."""
+    b = Builder("g")
+    x = b.add_input(TensorType((4, 8), F32), "x")
+    t = b.tanh(x)
+    square, exp = b.square(t), b.exp(t)
+    total = b.sum(b.add(square, exp), axes=(1,), keepdims=True)
+    y = b.div(square, total)
+    b.add_output("y", b.add(y, exp) if both else y)
+    return b.graph.verify()
+
+
+@pytest.mark.parametrize("both", [False, True])
+def test_one_new_load_replaces_two_stored_values_never_one(both):
+    graph = two_terms_of_tanh(both)
+    reduce, divide = fuse(graph).verify().nodes
+    stored = fuse(graph, rematerialise=False).nodes[0]
+    assert len(stored.outputs) == (3 if both else 2)  # the sum, a (and b)
+    assert len(reduce.outputs) == 2  # the sum and t (both) or a (not both)
+    assert ("tanh" in kernel_ops(divide)) is False
+    assert ("exp" in kernel_ops(divide)) is both
+    x = np.random.default_rng(2).standard_normal((4, 8)).astype(np.float32)
+    np.testing.assert_allclose(evaluate(fuse(graph), [x])[0], evaluate(graph, [x])[0], rtol=1e-6)
