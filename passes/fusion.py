@@ -411,23 +411,24 @@ class _Rematerialiser:
 
     def _share_one_load(self) -> None:
         graph_outputs = self.partitioner.graph_outputs
-        by_pair: dict[tuple[_Group, _Group], list[Value]] = {}  # (producer, consumer) -> values
+        # (producer, its only other reader, the section reading) -> values still loaded
+        shared: dict[tuple[_Group, _Group, str], list[Value]] = {}
         for node in self.partitioner.graph.nodes:
             producer = self.group_of_node.get(node)
             if producer is None or not _elementwise(node) or node.output in graph_outputs:
                 continue
             consumers = self._consumers(node.output, producer)
             if len(consumers) == 1:
-                (consumer,) = consumers
-                by_pair.setdefault((producer, consumer), []).append(node.output)
-        for (producer, consumer), values in by_pair.items():
-            values = [v for v in values if v in self.loads[consumer.key]]
-            if len(values) < 2:
+                ((consumer, section),) = consumers.items()
+                if node.output in self.loads[consumer.key]:
+                    shared.setdefault((producer, consumer, section), []).append(node.output)
+        for (producer, consumer, section), values in shared.items():
+            if len(values) < 2 or self.section.get(consumer.key, section) != section:
                 continue
             cut = self._single_source(values, producer, consumer)
             if cut is not None:
                 source, chain = cut
-                self._commit(consumer, self._consumers(values[0], producer)[consumer], chain, values)
+                self._commit(consumer, section, chain, values)
                 self.loads[consumer.key].add(source)
                 self.new_loads.add(source)
 
