@@ -146,3 +146,30 @@ def test_one_new_load_replaces_two_stored_values_never_one(both):
     assert ("exp" in kernel_ops(divide)) is both
     x = np.random.default_rng(2).standard_normal((4, 8)).astype(np.float32)
     np.testing.assert_allclose(evaluate(fuse(graph), [x])[0], evaluate(graph, [x])[0], rtol=1e-6)
+
+
+def test_a_reader_recomputes_in_one_section_of_its_loop_only():
+    # a sum kernel's loop reads two terms of tanh(x) from one kernel; its epilogue reads two
+    # terms of tanh(m) from another: each pair could be replaced by one load, but recomputed
+    # nodes run in one of the two loops, so the second pair stays stored (this raised KeyError)
+    b = Builder("g")
+    x, u = (b.add_input(TensorType((4, 8), F32), name) for name in ("x", "u"))
+    tx = b.tanh(x)
+    square_x, exp_x = b.square(tx), b.exp(tx)
+    b.add_output("s", b.sum(b.add(square_x, exp_x), axes=(1,), keepdims=True))
+    m = b.sum(u, axes=(1,), keepdims=True)
+    tm = b.tanh(m)
+    square_m, exp_m = b.square(tm), b.exp(tm)  # traced before the reader: the sum of m keeps them
+    scale = b.bind("broadcast_to", b.neg(m), shape=(4, 8))
+    total = b.sum(b.mul(b.mul(square_x, exp_x), scale), axes=(1,), keepdims=True)
+    b.add_output("y", b.add(b.mul(total, square_m), exp_m))
+    graph = b.graph.verify()
+    fused = fuse(graph).verify()
+    first, second, reader = fused.nodes
+    assert len(first.outputs) == 2   # the sum and tanh(x), which the reader's loop loads
+    assert len(second.outputs) == 3  # -m, tanh(m)**2 and exp(tanh(m))
+    assert kernel_ops(reader)[:2] == ["square", "exp"]
+    rng = np.random.default_rng(3)
+    args = [rng.standard_normal((4, 8)).astype(np.float32) for _ in range(2)]
+    for want, got in zip(evaluate(graph, args), evaluate(fused, args)):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
