@@ -21,7 +21,7 @@ from graphc.backends.kernels.library import Refs
 from graphc.backends.kernels.pointwise import broadcast_index
 from graphc.backends.kernels.source import Writer, size_of
 
-from .codegen_common import Call, library_call, loop_header
+from .codegen_common import Call, kernel_threads, library_call, loop_header
 
 # The largest K and N of a right operand read transposed that is copied before its GEMM.
 COPIED_OPERAND_MAX_EXTENT = 64
@@ -41,7 +41,7 @@ def batched_matmul(node: Node, refs: Refs, parallel_min_flops: int, gemm_call) -
     batch = out[:-2]
     m, n, k = out[-2], out[-1], x.shape[-1]
     index = tuple(f"b{d}" for d in range(len(batch)))
-    parallel = 2 * size_of(out) * k >= parallel_min_flops and batch[0] > 1
+    parallel = 2 * size_of(out) * k >= parallel_min_flops and batch[0] > 1 and kernel_threads() > 1
     copy = b_t and copies_transposed_operand(m, k, n)
 
     def part(name: str, shape: tuple[int, ...]) -> str:

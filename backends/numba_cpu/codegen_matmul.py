@@ -6,15 +6,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable
 
-import numba
-
 from graphc.ir import Node
 from graphc.ir.lowering import lowering
 from graphc.backends.kernels.arrays import KernelArray
 from graphc.backends.kernels.library import Refs
 from graphc.backends.kernels.source import Writer, size_of
 
-from .codegen_common import TARGET, Call, library_call
+from .codegen_common import TARGET, Call, kernel_threads, library_call
 
 
 @lowering(TARGET, "matmul")
@@ -100,9 +98,10 @@ GEMM_PARALLEL_MIN_FLOPS = 1 << 22
 def _gemm(entry: str, operands: list[KernelArray], flops: int, transpose_a: bool = False,
           transpose_b: bool = False) -> Call:
     """out = a @ b for the matrices named by operands [a, b, out], read transposed as flagged."""
-    parallel = flops >= GEMM_PARALLEL_MIN_FLOPS and numba.config.NUMBA_NUM_THREADS > 1
+    threads = kernel_threads()
+    parallel = flops >= GEMM_PARALLEL_MIN_FLOPS and threads > 1
     params, args = ["a", "b", "out", "ta", "tb"], list(operands) + [int(transpose_a), int(transpose_b)]
     if parallel:
         params.append("T")
-        args.append(numba.config.NUMBA_NUM_THREADS)
+        args.append(threads)
     return library_call(entry, params, args, parallel, _gemm_body(parallel), fastmath=False, gemm=True)
