@@ -118,6 +118,9 @@ class Primitive:
     #                                               own output index (elementwise ops read all so)
     transposed_operands: bool = False  # library op reading operands with the last two axes
     #                                    swapped at no cost (BLAS flags): it absorbs such transposes
+    recompute_cost: int = 4       # elementwise: evaluating it once more per element, weighed by
+    #                               rematerialisation against a store and a reload (arithmetic,
+    #                               comparisons and selection 1; exp, tanh, erf, division, roots 4)
 
     def reads_at_identity(self, position: int) -> bool:
         """Does this op read operand `position` only at the index of the element it writes?"""

@@ -332,13 +332,6 @@ def _shares_loop(a: _Group, b: _Group) -> bool:
 # code generators evaluate exp, tanh, sigmoid and erf as vectorised polynomials (a few times an
 # arithmetic operation). GELU's tanh form recomputed from its pre-activation costs 11.
 RECOMPUTE_BUDGET = 16
-CHEAP_OP_COST = 1
-COSTLY_OP_COST = 4
-CHEAP_OPS = frozenset({
-    "neg", "abs", "sign", "relu", "square", "stop_gradient", "cast", "add", "sub", "mul",
-    "maximum", "minimum", "where", "eq", "ne", "lt", "le", "gt", "ge",
-    "logical_not", "logical_and", "logical_or",
-})
 REMAT_CONSUMERS = ("elementwise", "reduction", "library")
 
 
@@ -348,9 +341,8 @@ def _elementwise(node: Node) -> bool:
 
 
 def recompute_cost(node: Node) -> int:
-    """Cost of evaluating elementwise `node` once more per element: arithmetic and comparisons
-    are cheap; transcendental functions, division and roots cost more."""
-    return CHEAP_OP_COST if node.op in CHEAP_OPS else COSTLY_OP_COST
+    """Cost of evaluating elementwise `node` once more per element (its primitive says)."""
+    return get(node.op).recompute_cost
 
 
 class _Rematerialiser:

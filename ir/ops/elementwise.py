@@ -82,12 +82,17 @@ def _grad_if_float(x, g):
     return g if is_float(x.dtype) else None
 
 
-def unary(name, impl, vjp, scalar, infer=_float_unary, doc=""):
-    register(Primitive(name, ELEMENTWISE, infer, impl, vjp, scalar=scalar, num_inputs=1, doc=doc))
+# recompute_cost: 1 for arithmetic, comparisons and selection (a vectorised instruction or two);
+# the registry's default for the others.
+ARITHMETIC = 1
 
 
-def binary(name, impl, vjp, scalar, infer=_arith, doc=""):
-    register(Primitive(name, ELEMENTWISE, infer, impl, vjp, scalar=scalar, num_inputs=2, doc=doc))
+def unary(name, impl, vjp, scalar, infer=_float_unary, doc="", **fields):
+    register(Primitive(name, ELEMENTWISE, infer, impl, vjp, scalar=scalar, num_inputs=1, doc=doc, **fields))
+
+
+def binary(name, impl, vjp, scalar, infer=_arith, doc="", **fields):
+    register(Primitive(name, ELEMENTWISE, infer, impl, vjp, scalar=scalar, num_inputs=2, doc=doc, **fields))
 
 
 def _quiet(fn):
@@ -105,7 +110,7 @@ def _mask(b, cond, like):
 
 # -- unary --------------------------------------------------------------------------------------
 unary("neg", _quiet(np.negative), lambda b, g, x, *, out: (b.neg(g),),
-      lambda x: f"(-{x})", infer=_numeric_unary)
+      lambda x: f"(-{x})", infer=_numeric_unary, recompute_cost=ARITHMETIC)
 unary("exp", _quiet(np.exp), lambda b, g, x, *, out: (b.mul(g, out),), lambda x: f"np.exp({x})")
 unary("log", _quiet(np.log), lambda b, g, x, *, out: (b.div(g, x),), lambda x: f"np.log({x})")
 unary("log1p", _quiet(np.log1p),
@@ -145,21 +150,21 @@ unary("sigmoid", _quiet(lambda x: np.asarray(1 / (1 + np.exp(-x)), dtype=x.dtype
 # the next layer's input: no mask is stored between the passes.
 unary("relu", _quiet(lambda x: np.where(x <= 0, np.zeros((), x.dtype), x)),
       lambda b, g, x, *, out: (b.mul(g, _mask(b, b.gt(out, b.scalar_like(0, x)), x)),),
-      lambda x: f"(0 if {x} <= 0 else {x})", infer=_numeric_unary)
+      lambda x: f"(0 if {x} <= 0 else {x})", infer=_numeric_unary, recompute_cost=ARITHMETIC)
 unary("abs", _quiet(np.abs), lambda b, g, x, *, out: (_grad_if_float(x, b.mul(g, b.sign(x))),),
-      lambda x: f"abs({x})", infer=_numeric_unary)
+      lambda x: f"abs({x})", infer=_numeric_unary, recompute_cost=ARITHMETIC)
 unary("sign", _quiet(np.sign), lambda b, g, x, *, out: (None,), lambda x: f"np.sign({x})",
-      infer=_numeric_unary)
+      infer=_numeric_unary, recompute_cost=ARITHMETIC)
 unary("square", _quiet(np.square),
       lambda b, g, x, *, out: (_grad_if_float(x, b.mul(g, b.mul(x, b.scalar_like(2, x)))),),
-      lambda x: f"({x} * {x})", infer=_numeric_unary)
+      lambda x: f"({x} * {x})", infer=_numeric_unary, recompute_cost=ARITHMETIC)
 unary("reciprocal", _quiet(np.reciprocal),
       lambda b, g, x, *, out: (b.neg(b.mul(g, b.square(out))),), lambda x: f"(1 / {x})")
 # Identity forward, zero cotangent: marks values that gradients must not flow through.
 unary("stop_gradient", _quiet(np.copy), lambda b, g, x, *, out: (None,), lambda x: x,
-      infer=lambda x: x)
+      infer=lambda x: x, recompute_cost=ARITHMETIC)
 unary("logical_not", _quiet(np.logical_not), lambda b, g, x, *, out: (None,),
-      lambda x: f"(not {x})", infer=_bool_unary)
+      lambda x: f"(not {x})", infer=_bool_unary, recompute_cost=ARITHMETIC)
 
 
 def _cast_vjp(b, g, x, *, out, dtype):
@@ -172,7 +177,8 @@ register(Primitive(
     "cast", ELEMENTWISE, lambda x, *, dtype: x.with_dtype(dtype),
     _quiet(lambda x, *, dtype: x.astype(dtype)), _cast_vjp,
     attrs={"dtype": Attr("dtype")}, num_inputs=1,
-    scalar=lambda x, *, dtype: f"np.{'bool_' if dtype == 'bool' else dtype}({x})"))
+    scalar=lambda x, *, dtype: f"np.{'bool_' if dtype == 'bool' else dtype}({x})",
+    recompute_cost=ARITHMETIC))
 
 
 # -- binary ---------------------------------------------------------------------------------
@@ -223,26 +229,30 @@ def _select_vjp(pick_x_op):
     return vjp
 
 
-binary("add", _quiet(np.add), _add_vjp, lambda x, y: f"({x} + {y})")
-binary("sub", _quiet(np.subtract), _sub_vjp, lambda x, y: f"({x} - {y})")
-binary("mul", _quiet(np.multiply), _mul_vjp, lambda x, y: f"({x} * {y})")
+binary("add", _quiet(np.add), _add_vjp, lambda x, y: f"({x} + {y})", recompute_cost=ARITHMETIC)
+binary("sub", _quiet(np.subtract), _sub_vjp, lambda x, y: f"({x} - {y})", recompute_cost=ARITHMETIC)
+binary("mul", _quiet(np.multiply), _mul_vjp, lambda x, y: f"({x} * {y})", recompute_cost=ARITHMETIC)
 binary("div", _quiet(np.true_divide), _div_vjp, lambda x, y: f"({x} / {y})", infer=_float_binary)
 binary("pow", _quiet(np.power), _pow_vjp, lambda x, y: f"({x} ** {y})", infer=_float_binary)
 # maximum/minimum send the cotangent to x on ties, as the where-based rule of most frameworks.
 # Their scalar is NumPy's, which returns a NaN from either operand: Python's max/min drop a NaN
 # in the second operand (max(1.0, nan) == 1.0, max(nan, 1.0) is nan).
-binary("maximum", _quiet(np.maximum), _select_vjp("ge"), lambda x, y: f"np.maximum({x}, {y})")
-binary("minimum", _quiet(np.minimum), _select_vjp("le"), lambda x, y: f"np.minimum({x}, {y})")
+binary("maximum", _quiet(np.maximum), _select_vjp("ge"), lambda x, y: f"np.maximum({x}, {y})",
+       recompute_cost=ARITHMETIC)
+binary("minimum", _quiet(np.minimum), _select_vjp("le"), lambda x, y: f"np.minimum({x}, {y})",
+       recompute_cost=ARITHMETIC)
 
 for _name, _fn, _sym in [("eq", np.equal, "=="), ("ne", np.not_equal, "!="), ("lt", np.less, "<"),
                          ("le", np.less_equal, "<="), ("gt", np.greater, ">"),
                          ("ge", np.greater_equal, ">=")]:
     binary(_name, _quiet(_fn), lambda b, g, x, y, *, out: (None, None),
-           (lambda s: lambda x, y: f"({x} {s} {y})")(_sym), infer=_compare)
+           (lambda s: lambda x, y: f"({x} {s} {y})")(_sym), infer=_compare,
+           recompute_cost=ARITHMETIC)
 
 for _name, _fn, _sym in [("logical_and", np.logical_and, "and"), ("logical_or", np.logical_or, "or")]:
     binary(_name, _quiet(_fn), lambda b, g, x, y, *, out: (None, None),
-           (lambda s: lambda x, y: f"({x} {s} {y})")(_sym), infer=_logical)
+           (lambda s: lambda x, y: f"({x} {s} {y})")(_sym), infer=_logical,
+           recompute_cost=ARITHMETIC)
 
 
 def _where_vjp(b, g, c, x, y, *, out):
@@ -252,7 +262,7 @@ def _where_vjp(b, g, c, x, y, *, out):
 
 
 register(Primitive("where", ELEMENTWISE, _where, _quiet(np.where), _where_vjp, num_inputs=3,
-                   scalar=lambda c, x, y: f"({x} if {c} else {y})"))
+                   scalar=lambda c, x, y: f"({x} if {c} else {y})", recompute_cost=ARITHMETIC))
 
 
 # -- constants ----------------------------------------------------------------------------
