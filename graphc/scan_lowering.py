@@ -6,12 +6,13 @@ whatever the trip count. A body executable that can run as a compiled loop offer
 `scan_driver(node)`: on numba-cpu that is one generated @njit driver per scan
 (backends/numba_cpu/driver.py), which runs every step's kernels over the body's planned arena,
 reads step t's slices of the stacked inputs and writes its outputs straight into the stacked
-results, with no Python per step. Elsewhere the scan runs as a `ScanLoop`: a Python loop calling
-the body executable once per step (~tens of microseconds each; on numba-cuda also a host round
-trip of the carry and the step's slices). That is numba-cuda, a body holding a scan of its own
-(its inner scans get drivers; the outer steps from Python), and numba-cpu bodies whose steps
-need Python (index checks, GRAPHC_PROFILE's per-kernel timing). The parts do not share one
-arena.
+results, with no Python per step. On numba-cuda it is a loop on the host that launches each step's
+kernels over device buffers (backends/numba_cuda/scan_loop.py): the stacked inputs go up once and
+the results come down once, with no host round trip between steps. Elsewhere the scan runs as a
+`ScanLoop`: a Python loop calling the body executable once per step (~tens of microseconds
+each). That is a body holding a scan of its own (its inner scans get drivers; the outer steps
+from Python), and bodies whose steps need the host (index checks, GRAPHC_PROFILE's per-kernel
+timing). The parts do not share one arena.
 """
 from __future__ import annotations
 
