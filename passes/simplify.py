@@ -1,4 +1,5 @@
-"""`simplify`: constant folding, algebraic identities, transposed products, CSE and DCE.
+"""`simplify`: constant folding, algebraic identities, transposed products, transposes moved
+across slices, CSE and DCE.
 
 Identities are rewrite rules kept as data: (op, rule) pairs, where a rule looks at a node's
 (already rewritten) operands and returns the value that replaces the node, or None.
@@ -260,6 +261,63 @@ def transpose_products(graph: Graph) -> Graph:
     return _rebuild(graph, rewrite)
 
 
+def _permuted(values: tuple[int, ...], perm: tuple[int, ...]) -> tuple[int, ...]:
+    """`values` given per axis of transpose(x, perm), per axis of x instead."""
+    result = [0] * len(perm)
+    for axis, value in zip(perm, values):
+        result[axis] = value
+    return tuple(result)
+
+
+def _slice_of_transpose(b: Builder, node: Node, transposed: Node) -> Value | None:
+    """slice(transpose(x, p)) -> transpose(slice(x), p): the transpose moves the slice only.
+    A batch-first LSTM's out[:, -1] transposed the whole (T, N, H) stack of its scan to keep
+    one step of it."""
+    if node.output.type.size >= transposed.output.type.size:
+        return None
+    perm, a = transposed.attrs["perm"], node.attrs
+    part = b.slice(transposed.inputs[0], starts=_permuted(a["starts"], perm),
+                   stops=_permuted(a["stops"], perm), steps=_permuted(a["steps"], perm))
+    return b.transpose(part, perm=perm)
+
+
+def _transpose_of_slice_grad(b: Builder, node: Node, scattered: Node) -> Value | None:
+    """transpose(slice_grad(g), p) -> slice_grad(transpose(g, p)): zeros are written once,
+    already transposed, and only g moves (the gradient of out[:, -1] above was a zero-filled
+    (N, T, H) array, transposed whole to (T, N, H))."""
+    perm, a = node.attrs["perm"], scattered.attrs
+    moved = b.transpose(scattered.inputs[0], perm=perm)
+    return b.slice_grad(moved, **{key: tuple(a[key][axis] for axis in perm)
+                                  for key in ("shape", "starts", "stops", "steps")})
+
+
+# (op, op of its operand): a rewrite of the two that moves a transpose to the smaller side of a
+# slice or a slice's gradient. Applied only where the operand has no other reader, so the
+# larger transpose goes.
+TRANSPOSE_MOVES: dict[tuple[str, str], Callable[[Builder, Node, Node], Value | None]] = {
+    ("slice", "transpose"): _slice_of_transpose,
+    ("transpose", "slice_grad"): _transpose_of_slice_grad,
+}
+
+
+def move_transposes(graph: Graph) -> Graph:
+    """Apply TRANSPOSE_MOVES where the inner node's result is read by the outer node alone."""
+    if not any((node.op, v.producer.op) in TRANSPOSE_MOVES
+               for node in graph.nodes for v in node.inputs[:1] if v.producer is not None):
+        return graph
+    uses = {v: len(nodes) for v, nodes in graph.users().items()}
+    for v in graph.output_values:
+        uses[v] = uses.get(v, 0) + 1
+
+    def rewrite(b: Builder, node: Node, ins: tuple[Value, ...]) -> Value | None:
+        inner = ins[0].producer if ins else None
+        move = TRANSPOSE_MOVES.get((node.op, inner.op)) if inner is not None else None
+        if move is None or uses[node.inputs[0]] != 1:
+            return None
+        return move(b, Node(node.op, ins, node.attrs, (node.output.type,)), inner)
+    return _rebuild(graph, rewrite)
+
+
 def simplify_bodies(graph: Graph) -> Graph:
     """Simplify each scan's body on its own: its inputs and outputs stay as they are (the scan
     node's operands and results), the nodes between them are folded, merged and pruned. The
@@ -381,7 +439,7 @@ def simplify(graph: Graph) -> Graph:
     for _ in range(4):
         before = len(graph.nodes)
         # pruning follows DCE: a scan's stacked output read only by dead nodes goes too
-        graph = prune_scans(dce(cse(transpose_products(fold_constants(graph)))))
+        graph = prune_scans(dce(cse(move_transposes(transpose_products(fold_constants(graph))))))
         if len(graph.nodes) == before:
             break
     return graph
