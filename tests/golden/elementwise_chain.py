@@ -5,7 +5,7 @@ from numba import njit, prange
 FASTMATH = {'afn', 'arcp', 'contract', 'nsz', 'reassoc'}
 
 
-@njit(fastmath=False, error_model='numpy', no_cfunc_wrapper=True, no_cpython_wrapper=True)
+@njit(fastmath={'contract'}, error_model='numpy', no_cfunc_wrapper=True, no_cpython_wrapper=True)
 def exp_float32(x):
     c = min(max(x, np.float32(-104.0)), np.float32(89.0))
     n = np.float32(np.floor(c * np.float32(1.44269504088896341) + np.float32(0.5)))
@@ -24,7 +24,7 @@ def exp_float32(x):
     return y if x == x else x
 
 
-@njit(fastmath=False, error_model='numpy', no_cfunc_wrapper=True, no_cpython_wrapper=True)
+@njit(fastmath={'contract'}, error_model='numpy', no_cfunc_wrapper=True, no_cpython_wrapper=True)
 def tanh_float32(x):
     z = x * x
     p = np.float32(-5.70498872745e-3)
@@ -48,7 +48,7 @@ def tanh_float32(x):
     return y if x == x else x
 
 
-@njit(fastmath=False, error_model='numpy', no_cfunc_wrapper=True, no_cpython_wrapper=True)
+@njit(fastmath={'contract'}, error_model='numpy', no_cfunc_wrapper=True, no_cpython_wrapper=True)
 def sigmoid_float32(x):
     return np.float32(1.0) / (np.float32(1.0) + exp_float32(-x))
 
