@@ -26,13 +26,6 @@ def exp_float32(x):
 
 @njit(fastmath={'contract'}, error_model='numpy', no_cfunc_wrapper=True, no_cpython_wrapper=True)
 def tanh_float32(x):
-    z = x * x
-    p = np.float32(-5.70498872745e-3)
-    p = p * z + np.float32(2.06390887954e-2)
-    p = p * z + np.float32(-5.37397155531e-2)
-    p = p * z + np.float32(1.33314422036e-1)
-    p = p * z + np.float32(-3.33332819422e-1)
-    small = x + x * z * p
     t = np.float32(2.0) * min(abs(x), np.float32(10.0))
     n = np.float32(np.floor(t * np.float32(1.44269504088896341) + np.float32(0.5)))
     r = (t - n * np.float32(0.693359375)) - n * np.float32(-2.12194440e-4)
@@ -42,9 +35,9 @@ def tanh_float32(x):
     q = q * r + np.float32(4.1665795894e-2)
     q = q * r + np.float32(1.6666665459e-1)
     q = q * r + np.float32(5.0000001201e-1)
-    exp_t = (q * (r * r) + r + np.float32(1.0)) * np.int32((np.int32(n) + 127) << 23).view(np.float32)
-    large = np.float32(1.0) - np.float32(2.0) / (exp_t + np.float32(1.0))
-    y = small if abs(x) < np.float32(0.625) else (large if x > 0 else -large)
+    power = np.int32((np.int32(n) + 127) << 23).view(np.float32)
+    expm1_t = power * (q * (r * r)) + (power * r + (power - np.float32(1.0)))
+    y = np.copysign(expm1_t / (expm1_t + np.float32(2.0)), x)
     return y if x == x else x
 
 
