@@ -28,6 +28,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numba
+import numpy as np
 from numba import types
 
 from graphc.backends import kernel_manifest
@@ -84,9 +85,11 @@ def hashed_key(version_tag: str, source: str) -> str:
     return hashlib.sha256(f"{version_tag}\n{source}".encode()).hexdigest()[:32]
 
 
-def signature_of(args: list[TensorType | int]) -> tuple:
-    """The Numba types of a call's arguments: C-contiguous arrays and int64s."""
+def signature_of(args: list[TensorType | int | np.floating]) -> tuple:
+    """The Numba types of a call's arguments: C-contiguous arrays, int64s and float scalars of
+    their own dtype."""
     return tuple(types.int64 if isinstance(a, int) else
+                 numba.from_dtype(a.dtype) if isinstance(a, np.floating) else
                  types.Array(numba.from_dtype(a.np_dtype), a.ndim, "C") for a in args)
 
 

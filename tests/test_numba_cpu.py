@@ -584,8 +584,8 @@ def test_an_in_place_kernel_reads_and_writes_one_parameter():
     (call,) = kernel.generated.calls
     ((p, q),) = executable.plan.written_in_place(kernel.node)
     assert kernel.node.inputs[p] is executable.graph.input_values[0]  # w's buffer
-    assert call.args == (KernelArray(INPUT, 0), KernelArray(INPUT, 1), 12)
-    assert "def kernel_mul_sub(x0, x1, n):" in call.source
+    assert call.args == (KernelArray(INPUT, 0), KernelArray(INPUT, 1), 12, np.float32(0.1))
+    assert "def kernel_mul_sub(x0, x1, n, c0):" in call.source
     assert f"        x{p}[i] = t1\n" in call.source and "y0" not in call.source
     w_arg, g_arg = normal(4, 3), normal(4, 3)
     want = w_arg - g_arg * np.float32(0.1)

@@ -5,7 +5,8 @@ A pointwise member is evaluated at one index of its output: `PointwiseEmitter.em
 elementwise ops the kind default, which composes the registry's `scalar` expression) reads its
 operands at the indices it needs: values computed in the kernel are locals (fusion only lets a
 member read them at its own index), kernel inputs are loads at a computed index, scalar
-constants are literals declared once before the loops.
+constants are literals declared once before the loops, or parameters of the kernel
+(`KernelTarget.scalar_arguments`).
 
 The rules are the same for every target (both backends generate Python for Numba, so both
 evaluate exactly the same expressions); what differs is given by a `KernelTarget`.
@@ -15,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, TypeVar
+
+import numpy as np
 
 from graphc.ir import Graph, Node, Value
 from graphc.ir.kernels import is_literal
@@ -38,7 +41,7 @@ class KernelTarget:
 
     name: str
     helper_decorator: str
-    integer_arguments: bool = False  # kernels take `PointwiseEmitter.integer_argument`s
+    scalar_arguments: bool = False  # kernels take offsets and float constants as parameters
 
     @cached_property
     def rng_helpers(self) -> str:
@@ -79,24 +82,35 @@ class PointwiseEmitter:
         self.prelude = Writer()         # statements before the loops
         self.helpers: list[str] = []
         self.hoisted: dict[str, str] = {}  # load expression -> local holding it
-        self.integer_arguments: dict[str, int] = {}  # parameter name -> the value to pass
+        self.arguments: dict[str, int | np.floating] = {}  # scalar parameter -> the value to pass
         self._counters: dict[str, int] = {}
         for node in sub.nodes:
             if is_literal(node):
-                name = f"c{len(self.literals)}"
-                value = node.attrs["value"].reshape(())
-                self.prelude.line(f"{name} = {literal(value[()], node.output.dtype)}")
-                self.literals[node.output] = name
+                self.literals[node.output] = self._constant(node)
 
     def fresh(self, prefix: str) -> str:
         count = self._counters.get(prefix, 0)
         self._counters[prefix] = count + 1
         return f"{prefix}{count}"
 
+    def _constant(self, node: Node) -> str:
+        """A one-element constant's name in the kernel. A float one is a parameter where the
+        target passes scalars: a mean's 1/B and BatchNorm's n/(n-1) change with the batch size,
+        and a step called at another batch size reuses the fused graph with new values
+        (passes/rebatch.py); the kernel's text, the cache key, stays the same, so nothing
+        compiles again. Others (ints, bools, or on other targets) are literals before the loops."""
+        name = self.fresh("c")
+        value, dtype = node.attrs["value"].reshape(())[()], node.output.dtype
+        if self.target.scalar_arguments and np.issubdtype(np.dtype(dtype), np.floating):
+            self.arguments[name] = np.dtype(dtype).type(value)
+        else:
+            self.prelude.line(f"{name} = {literal(value, dtype)}")
+        return name
+
     def integer_argument(self, value: int) -> str:
         """`value`, an offset into an array, as a parameter of the kernel, where
-        its target passes integers (`integer_arguments`: the generator appends them to the
-        kernel's parameters and arguments), else as a literal. Kernels then differ in fewer
+        its target passes scalars (`arguments`: the generator appends them to the kernel's
+        parameters and arguments), else as a literal. Kernels then differ in fewer
         constants of their text, the cache key: one compiled slice serves each of an unrolled
         LSTM's 28 time steps.
 
@@ -108,10 +122,10 @@ class PointwiseEmitter:
         before it: a parallel loop is outlined and gets the clamped value as an argument of
         unknown sign again. LLVM hoists it out of the loop. (A slice's canonical start is negative
         only where it selects nothing: -1 with a negative step; its loop never runs.)"""
-        if not self.target.integer_arguments:
+        if not self.target.scalar_arguments:
             return str(value)
         name = self.fresh("s")
-        self.integer_arguments[name] = value
+        self.arguments[name] = value
         return f"max({name}, 0)"
 
     def require_helper(self, source: str) -> None:

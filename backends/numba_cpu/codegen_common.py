@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numba
+import numpy as np
 from graphc.ir import TensorType
 from graphc.backends.kernels.arrays import KernelArray
 from graphc.backends.kernels.pointwise import KernelTarget
@@ -85,13 +86,13 @@ from numba import njit, prange
 @dataclass
 class Call:
     """One compiled function of a kernel and what to pass it: each of `args` is one of the
-    kernel's arrays (an input, output or scratch array) or an integer. With `flat`, every
+    kernel's arrays (an input, output or scratch array), an integer or a float scalar. With `flat`, every
     array is passed as a 1-D view; `views` may give, per argument, the shape of the view to
     pass instead of the array (None: as it is)."""
 
     source: str                   # a complete module
     entry: str                    # the function to call in it
-    args: tuple[KernelArray | int, ...]
+    args: tuple[KernelArray | int | np.floating, ...]
     flat: bool = False
     parallel: bool = False
     views: tuple[tuple[int, ...] | None, ...] = ()
@@ -152,7 +153,7 @@ HELPER_DECORATOR = f"@njit(fastmath=FASTMATH, {HELPER_OPTIONS})"
 # What the shared emitters (backends/kernels) write for this backend: helpers are njit functions
 # without the wrappers that let Python or C call them (a dropout kernel compiles in 0.74-0.97 s
 # instead of 1.07-1.23 s).
-CPU = KernelTarget(TARGET, f"njit({HELPER_OPTIONS})", integer_arguments=True)
+CPU = KernelTarget(TARGET, f"njit({HELPER_OPTIONS})", scalar_arguments=True)
 
 
 def decorator(parallel: bool, fastmath: bool = True) -> str:

@@ -143,16 +143,16 @@ def elementwise_call(entry: str, sub: Graph, in_place: Mapping[KernelArray, Kern
     for v in sub.output_values:
         loop.line(f"{names[v]}[{index_text(domain.index)}] = {emitter.locals[v]}")
 
-    integers = emitter.integer_arguments
+    scalars = emitter.arguments
     body = Writer()
     body.line(decorator(parallel))
-    names = [a.name for a in params.values()] + list(domain.dims) + list(integers)
+    names = [a.name for a in params.values()] + list(domain.dims) + list(scalars)
     with body.block(f"def {entry}({', '.join(names)}):"):
         body.extend(emitter.prelude)
     body.extend(loop)
-    passed = tuple(views.get(v) for v in params) + (None,) * (len(dims) + len(integers)) if views else ()
+    passed = tuple(views.get(v) for v in params) + (None,) * (len(dims) + len(scalars)) if views else ()
     return Call(module(entry, body, emitter.helpers, fastmath=True), entry,
-                tuple(params.values()) + tuple(dims) + tuple(integers.values()),
+                tuple(params.values()) + tuple(dims) + tuple(scalars.values()),
                 flat=flat, parallel=parallel, views=passed)
 
 

@@ -78,15 +78,15 @@ def _generate(kernel: Node) -> KernelSource:
         parts.finish(code)
 
     entry = entry_name(kernel.attrs["name"])
-    integers = emitter.integer_arguments
+    scalars = emitter.arguments
     source = Writer()
     source.line(decorator(parallel))
-    with source.block(f"def {entry}({', '.join([a.name for a in arrays.values()] + list(dims) + list(integers))}):"):
+    with source.block(f"def {entry}({', '.join([a.name for a in arrays.values()] + list(dims) + list(scalars))}):"):
         source.extend(emitter.prelude)
     source.extend(code)
     flops = size_of(shape) + elementwise_flops(parts.body) + elementwise_flops(parts.epilogue)
     call = Call(module(entry, source, emitter.helpers, fastmath=True), entry,
-                tuple(arrays.values()) + shape + tuple(integers.values()), parallel=parallel)
+                tuple(arrays.values()) + shape + tuple(scalars.values()), parallel=parallel)
     return KernelSource(kernel.attrs["name"], kernel.attrs["pattern"], [call], flops=flops)
 
 

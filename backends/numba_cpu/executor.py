@@ -202,7 +202,7 @@ class Executable(PlannedExecutable):
         for call, function in zip(kernel.generated.calls, kernel.entry_points):
             slots = []
             for k, arg in enumerate(call.args):
-                if isinstance(arg, int):
+                if isinstance(arg, (int, np.floating)):
                     slots.append(env.constant(arg))
                 elif arg.kind is SCRATCH:
                     slots.append(scratch[arg.index])
@@ -371,12 +371,12 @@ class ProfileReport:
 
 
 # -- compilation -----------------------------------------------------------------------------
-def _argument_types(node: Node, kernel: KernelSource, call: Call) -> list[TensorType | int]:
+def _argument_types(node: Node, kernel: KernelSource, call: Call) -> list[TensorType | int | np.floating]:
     """What each argument of `call` is: the type of the kernel array (as the call views it),
-    or an int."""
+    or the scalar itself."""
     types = []
     for k, arg in enumerate(call.args):
-        if isinstance(arg, int):
+        if isinstance(arg, (int, np.floating)):
             types.append(arg)
         else:
             t = arg.pick([v.type for v in node.inputs], [v.type for v in node.outputs], kernel.scratch)

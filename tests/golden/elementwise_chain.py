@@ -47,8 +47,7 @@ def sigmoid_float32(x):
 
 
 @njit(parallel=False, fastmath=FASTMATH, error_model='numpy', no_cfunc_wrapper=True, cache=True)
-def kernel_add_mul_tanh(x0, x1, y0, n0, n1):
-    c0 = np.float32(0.5)
+def kernel_add_mul_tanh(x0, x1, y0, n0, n1, c0):
     for i0 in range(n0):
         for i1 in range(n1):
             t0 = np.float32((x0[i0, i1] + x1[i1]))  # add
