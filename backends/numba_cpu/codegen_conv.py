@@ -25,9 +25,26 @@ from .codegen_winograd import (ENTRY, FORWARD, INPUT_GRAD, WEIGHT_GRAD, winograd
                                winograd_source)
 
 
-def _conv_geometry(node: Node, kernel: tuple[int, int]) -> dict[str, int]:
-    (sh, sw), (ph, pw), (dh, dw) = node.attrs["stride"], node.attrs["padding"], node.attrs["dilation"]
-    return dict(KH=kernel[0], KW=kernel[1], SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw)
+# A convolution's geometry is integer arguments of its kernel, so that one compiled module serves
+# layers of many shapes (resnet-m compiled conv2d_im2col three times and conv2d_input_grad twice,
+# ~1 s each on one thread, 4.7 s parallel; now twice and once): the window size comes from the
+# filters' shape, row stride, padding and dilation are GEOMETRY. The column stride SW stays a
+# module constant: it is the stride of the copies along a row, which run fast only when it is
+# known (as an argument, behind an `if SW == 1` or with a second plane helper compiled for
+# stride 1, the MNIST CNN's first layer ran 12-30% slower, a 1x1 stride-2 projection 12-24%;
+# with SW alone constant, resnet-m's im2col kernels take 31.2 ms a step against 30.3).
+GEOMETRY = ("SH", "PH", "PW", "DH", "DW")
+
+
+def _geometry_args(node: Node) -> tuple[int, ...]:
+    """The values of GEOMETRY for this conv node."""
+    (sh, _), (ph, pw), (dh, dw) = node.attrs["stride"], node.attrs["padding"], node.attrs["dilation"]
+    return sh, ph, pw, dh, dw
+
+
+def _unpack_geometry(w: Writer) -> None:
+    """Bind KH, KW, SH, ... from the `geometry` tuple the entry passes to its plane helper."""
+    w.line(f"KH, KW, {', '.join(GEOMETRY)} = geometry")
 
 
 def _output_size(w: Writer) -> None:
@@ -94,22 +111,24 @@ def _col2im_plane(w: Writer) -> None:
                     w.line("dst[q * SW] += row[q]")
 
 
-def _conv_module(entry: str, params: list[str], node: Node, kernel: tuple[int, int],
-                 plane_body: Callable[[Writer], None], plane_params: str,
-                 body: Callable[[Writer], None], parallel: bool, helpers: tuple[str, ...] = ()) -> str:
-    """A conv module: the window geometry as constants, the serial per-plane helper (im2col or
-    col2im) and any other `helpers`, and the entry, which loops over the batch in T chunks
-    (`prange` over chunks) and calls the GEMM helper."""
-    geometry = "\n".join(f"{k} = {v}" for k, v in _conv_geometry(node, kernel).items())
+def _conv_module(entry: str, params: list[str], node: Node, plane_body: Callable[[Writer], None],
+                 plane_params: str, body: Callable[[Writer], None], parallel: bool,
+                 helpers: tuple[str, ...] = ()) -> str:
+    """A conv module: the column stride as a constant, the serial per-plane helper (im2col or
+    col2im, taking the rest of the geometry as one tuple) and any other `helpers`, and the entry
+    `entry(*params)`, which loops over the batch in T chunks (`prange` over chunks) and calls
+    the GEMM helper."""
     helper = Writer()
     helper.line(HELPER_DECORATOR)
-    with helper.block(f"def plane({plane_params}):"):
+    with helper.block(f"def plane({plane_params}, geometry):"):
+        _unpack_geometry(helper)
         plane_body(helper)
     w = Writer()
     w.line(decorator(parallel, fastmath=False))
     with w.block(f"def {entry}({', '.join(params)}):"):
         body(w)
-    return module(entry, w, [geometry, helper.text(), *helpers], gemm=True, fastmath=True)
+    column_stride = f"SW = {int(node.attrs['stride'][1])}"
+    return module(entry, w, [column_stride, helper.text(), *helpers], gemm=True, fastmath=True)
 
 
 def _batch(w: Writer, images: str) -> None:
@@ -135,7 +154,10 @@ def _close(w: Writer, levels: int) -> None:
 
 
 def _group_rows(w: Writer, matrix: str) -> None:
-    """Bind K (the columns of one group: in-channels/G * kh * kw) and og (its out-channels)."""
+    """Bind KH, KW (the window), `geometry` (what the plane helper takes), K (the columns of one
+    group: in-channels/G * KH * KW) and og (its out-channels) from the filters `matrix`."""
+    w.line(f"KH, KW = {matrix}.shape[2], {matrix}.shape[3]")
+    w.line(f"geometry = (KH, KW, {', '.join(GEOMETRY)})")
     w.line(f"O, K = {matrix}.shape[0], {matrix}.shape[1] * KH * KW")
     w.line("og = O // G")
 
@@ -172,10 +194,10 @@ def _per_image_conv(entry: str, node: Node, refs: Refs, operands: dict[str, Valu
         steps(w)
         _close(w, 2)
 
-    source = _conv_module(entry, params + ["G"], node, (kh, kw), plane[0], plane[1], body,
-                          threads > 1)
+    source = _conv_module(entry, params + [*GEOMETRY, "G"], node, plane[0], plane[1], body, threads > 1)
     flops = _conv_flops(weight.shape, n * positions)
-    return [Call(source, entry, tuple(args) + (node.attrs["groups"],), parallel=threads > 1)], flops
+    args = (*args, *_geometry_args(node), node.attrs["groups"])
+    return [Call(source, entry, args, parallel=threads > 1)], flops
 
 
 # Helpers of the im2col module's weight gradient: loops in a parallel entry, even simple ones,
@@ -224,7 +246,7 @@ def _im2col_conv(node: Node, refs: Refs, x: Value, b: Value, c: Value, weight: V
         w.line("C, P = x.shape[1], y.shape[2] * y.shape[3]")
         _image_chunks(w, zero_own_partial)
         with w.block("for ch in range(C):"):
-            w.line("plane(x[n, ch], col, ch * KH * KW)")
+            w.line("plane(x[n, ch], col, ch * KH * KW, geometry)")
         with w.block("for g in range(G):"):
             with w.block("if grad:"):
                 w.line(gemm_call(False, True, "og", "K", "P", "b", "(n * O + g * og) * P", "col",
@@ -237,10 +259,10 @@ def _im2col_conv(node: Node, refs: Refs, x: Value, b: Value, c: Value, weight: V
             w.line("add_partials(partial, c)")
 
     entry = "conv2d_im2col"
-    source = _conv_module(entry, ["x", "b", "c", "scratch", "partial", "G", "grad"], node, (kh, kw),
+    source = _conv_module(entry, ["x", "b", "c", "scratch", "partial", *GEOMETRY, "G", "grad"], node,
                           _im2col_plane, "x, col, row0", body, threads > 1,
                           helpers=(_ZERO_MATRIX, _ADD_PARTIALS))
-    args = (refs[x], refs[b], refs[c], col, partial, node.attrs["groups"], grad)
+    args = (refs[x], refs[b], refs[c], col, partial, *_geometry_args(node), node.attrs["groups"], grad)
     return [Call(source, entry, args, parallel=threads > 1)], _conv_flops(weight.shape, n * positions)
 
 
@@ -272,7 +294,7 @@ def _conv2d_input_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
             w.line(gemm_call(True, False, "K", "P", "og", "w", "g * og * K", "dy", "(n * O + g * og) * P",
                              "0.0", "col", "g * K * P", "K", "P", "P"))
         with w.block("for c in range(C):"):
-            w.line("plane(col, dx[n, c], c * KH * KW)")
+            w.line("plane(col, dx[n, c], c * KH * KW, geometry)")
 
     return _per_image_conv("conv2d_input_grad", node, refs, {"dy": dy, "w": weight, "dx": node.output},
                            "dy", weight, (node.output.shape[1], _plane_size(dy.shape)),

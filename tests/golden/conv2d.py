@@ -6,18 +6,12 @@ from graphc.backends.numba_cpu.gemm import gemm
 FASTMATH = {'afn', 'arcp', 'contract', 'nsz', 'reassoc'}
 
 
-KH = 3
-KW = 3
-SH = 2
 SW = 2
-PH = 1
-PW = 1
-DH = 1
-DW = 1
 
 
 @njit(fastmath=FASTMATH, error_model='numpy', no_cfunc_wrapper=True, no_cpython_wrapper=True)
-def plane(x, col, row0):
+def plane(x, col, row0, geometry):
+    KH, KW, SH, PH, PW, DH, DW = geometry
     H, W = x.shape
     OH = (H + 2 * PH - DH * (KH - 1) - 1) // SH + 1
     OW = (W + 2 * PW - DW * (KW - 1) - 1) // SW + 1
@@ -64,10 +58,12 @@ def add_partials(partial, dw):
 
 
 @njit(parallel=False, error_model='numpy', no_cfunc_wrapper=True, cache=True)
-def conv2d_im2col(x, b, c, scratch, partial, G, grad):
+def conv2d_im2col(x, b, c, scratch, partial, SH, PH, PW, DH, DW, G, grad):
     N, T = x.shape[0], scratch.shape[0]
     chunk = -(-N // T)
     w, y = (c, b) if grad else (b, c)  # the filters; the output planes or their cotangent
+    KH, KW = w.shape[2], w.shape[3]
+    geometry = (KH, KW, SH, PH, PW, DH, DW)
     O, K = w.shape[0], w.shape[1] * KH * KW
     og = O // G
     C, P = x.shape[1], y.shape[2] * y.shape[3]
@@ -77,7 +73,7 @@ def conv2d_im2col(x, b, c, scratch, partial, G, grad):
             zero(partial[t])
         for n in range(t * chunk, min(N, (t + 1) * chunk)):
             for ch in range(C):
-                plane(x[n, ch], col, ch * KH * KW)
+                plane(x[n, ch], col, ch * KH * KW, geometry)
             for g in range(G):
                 if grad:
                     gemm(False, True, og, K, P, b, (n * O + g * og) * P, P, col, g * K * P, P, 1.0, partial, (t * O + g * og) * K, K)
