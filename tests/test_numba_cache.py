@@ -149,20 +149,28 @@ def test_cache_directory_follows_the_environment(monkeypatch, tmp_path):
     assert default_cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "graphc")
 
 
-def compile_scaled_tanh_chain(scales):
-    """Compile x -> tanh(x * scale).T for each scale in turn (one kernel each), check it against
-    NumPy, and return the executable. Scales no other test uses give kernels to compile."""
+def compile_tanh_chain(depths):
+    """Compile x -> tanh(...tanh(x * 1.5)...).T, tanh applied `depth` times, for each depth in
+    turn (one kernel each), check it against NumPy, and return the executable. Float constants
+    are arguments of kernels, not part of their source: kernels differ by their depth, and
+    depths no other test uses give kernels to compile."""
     b = Builder("chain")
     x = b.add_input(TensorType((3, 4), "float32"), "x")
     v = x
-    for scale in scales:
-        v = b.transpose(b.tanh(b.mul(v, b.scalar_like(scale, v))), perm=(1, 0))
+    for depth in depths:
+        v = b.mul(v, b.scalar_like(1.5, v))
+        for _ in range(depth):
+            v = b.tanh(v)
+        v = b.transpose(v, perm=(1, 0))
     b.add_output("y", v)
     executable = compile_graph(b.graph, "numba-cpu")
     arg = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
     want = arg
-    for scale in scales:
-        want = np.tanh(want * np.float32(scale)).T
+    for depth in depths:
+        want = want * np.float32(1.5)
+        for _ in range(depth):
+            want = np.tanh(want)
+        want = want.T
     np.testing.assert_allclose(executable(arg)[0], want, rtol=1e-6)
     return executable
 
@@ -170,7 +178,7 @@ def compile_scaled_tanh_chain(scales):
 def test_worker_processes_compile_part_of_a_large_graph(monkeypatch):
     monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "1")
     # enough kernels that a worker pays for its start
-    executable = compile_scaled_tanh_chain(tuple(1.2345 + 1.0001 * k for k in range(12)))
+    executable = compile_tanh_chain(range(1, 13))
     stats = executable.cache_stats
     assert stats.in_workers > 0 and stats.misses == stats.compiled
     # a kernel another test compiled (in this process or on disk) is not compiled again
@@ -199,7 +207,7 @@ def test_kernels_a_dead_worker_claimed_are_compiled_by_the_parent(monkeypatch, t
     monkeypatch.setattr(compile_pool, "WORKER_SCRIPT", str(dying))
     monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "1")
     monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path / "cache"))
-    executable = compile_scaled_tanh_chain(tuple(0.8125 + k for k in range(6)))
+    executable = compile_tanh_chain(range(13, 19))
     stats = executable.cache_stats
     assert int(claimed.read_text()) > 0  # the worker took kernels from the parent
     assert stats.in_workers == 0 and stats.compiled == stats.misses == len(executable.kernels)
@@ -230,15 +238,21 @@ could_fork = compile_pool._can_fork()
 b = Builder("chain")
 x = b.add_input(TensorType((3, 4), "float32"), "x")
 v = x
-scales = [float(sys.argv[3]) + k for k in range(12)]  # literals no other compile used
-for scale in scales:
-    v = b.transpose(b.tanh(b.mul(v, b.scalar_like(scale, v))), perm=(1, 0))
+depths = range(int(sys.argv[3]), int(sys.argv[3]) + 12)  # kernels no other compile made
+for depth in depths:
+    v = b.mul(v, b.scalar_like(1.5, v))
+    for _ in range(depth):
+        v = b.tanh(v)
+    v = b.transpose(v, perm=(1, 0))
 b.add_output("y", v)
 executable = compile_graph(b.graph, "numba-cpu")
 arg = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
 want = arg
-for scale in scales:
-    want = np.tanh(want * np.float32(scale)).T
+for depth in depths:
+    want = want * np.float32(1.5)
+    for _ in range(depth):
+        want = np.tanh(want)
+    want = want.T
 
 @njit(parallel=True)
 def start_threads(a):
@@ -253,11 +267,11 @@ print(json.dumps({"forks": len(forks), "could_fork": could_fork, "can_fork_after
 '''
 
 
-def run_fork_script(tmp_path, mode, first_scale):
+def run_fork_script(tmp_path, mode, first_depth):
     script = tmp_path / "fork_worker.py"
     script.write_text(FORK_SCRIPT)
     env = {**os.environ, "GRAPHC_CACHE_DIR": str(tmp_path / "cache"), "GRAPHC_COMPILE_WORKERS": "1"}
-    done = subprocess.run([sys.executable, str(script), mode, str(tmp_path / "claimed"), str(first_scale)],
+    done = subprocess.run([sys.executable, str(script), mode, str(tmp_path / "claimed"), str(first_depth)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -266,7 +280,7 @@ def run_fork_script(tmp_path, mode, first_scale):
 def test_forked_worker_compiles_part_of_a_graph_until_a_thread_pool_runs(tmp_path):
     """A process running no thread of its own forks its worker (a fresh interpreter could not
     start here); once Numba's thread pool runs, it no longer forks."""
-    result = run_fork_script(tmp_path, "compiles", 2.0625)
+    result = run_fork_script(tmp_path, "compiles", 1)
     assert result["could_fork"] and result["forks"] == 1
     assert 0 < result["in_workers"] < result["compiled"] == result["misses"] == result["kernels"]
     assert result["error"] < 1e-6
@@ -274,7 +288,7 @@ def test_forked_worker_compiles_part_of_a_graph_until_a_thread_pool_runs(tmp_pat
 
 
 def test_kernels_a_dead_forked_worker_claimed_are_compiled_by_the_parent(tmp_path):
-    result = run_fork_script(tmp_path, "dies", 3.0625)
+    result = run_fork_script(tmp_path, "dies", 1)
     assert result["forks"] == 1 and int((tmp_path / "claimed").read_text()) > 0
     assert result["in_workers"] == 0 and result["compiled"] == result["misses"] == result["kernels"]
     assert result["error"] < 1e-6
@@ -289,7 +303,7 @@ def test_a_refused_fork_falls_back_to_a_fresh_interpreter(monkeypatch):
     monkeypatch.setattr(compile_pool, "_can_fork", lambda: True)
     monkeypatch.setattr(compile_pool.os, "fork", refuse)
     monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "1")
-    executable = compile_scaled_tanh_chain(tuple(4.0625 + k for k in range(8)))
+    executable = compile_tanh_chain(range(19, 27))
     assert executable.cache_stats.in_workers > 0
 
 
