@@ -108,20 +108,19 @@ class PointwiseEmitter:
         return name
 
     def integer_argument(self, value: int) -> str:
-        """`value`, an offset into an array, as a parameter of the kernel, where
-        its target passes scalars (`arguments`: the generator appends them to the kernel's
-        parameters and arguments), else as a literal. Kernels then differ in fewer
-        constants of their text, the cache key: one compiled slice serves each of an unrolled
-        LSTM's 28 time steps.
+        """`value`, an offset into an array, as a parameter of the kernel where its target passes
+        scalars (`arguments`: the generator appends them to the kernel's parameters and
+        arguments), else as a literal. Kernels then differ in fewer constants of their text, the
+        cache key: one compiled slice serves each of an unrolled LSTM's 28 time steps.
 
         The parameter is read as `max(s, 0)` where it is used: Numba wraps negative indices
         around (`i < 0 ? i + n : i`), and with an offset of unknown sign that select stays in
         the loop, each lane's address is its own and LLVM gathers instead of loading a vector
-        (the LSTM's fused gate kernels: four gathers per element, 36 -> 50 us). Knowing the offset is
-        not negative, LLVM drops the wrap. The clamp must sit in the loop's own function, not
-        before it: a parallel loop is outlined and gets the clamped value as an argument of
-        unknown sign again. LLVM hoists it out of the loop. (A slice's canonical start is negative
-        only where it selects nothing: -1 with a negative step; its loop never runs.)"""
+        (the LSTM's fused gate kernel, four slices: 36 -> 50 us). Knowing the offset is not
+        negative, LLVM drops the wrap. The clamp must sit in the loop's own function, not before
+        it: a parallel loop is outlined and gets the clamped value as an argument of unknown sign
+        again. LLVM hoists it out of the loop. (A slice's canonical start is negative only where
+        it selects nothing: -1 with a negative step; its loop never runs.)"""
         if not self.target.scalar_arguments:
             return str(value)
         name = self.fresh("s")
