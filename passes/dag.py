@@ -63,16 +63,7 @@ class DiGraph(Generic[N]):
 
     def has_path(self, source: N, target: N) -> bool:
         """Whether `target` is reachable from `source` (always, from itself)."""
-        seen, stack = {source}, [source]
-        while stack:
-            node = stack.pop()
-            if node == target:
-                return True
-            for successor in self._successors[node]:
-                if successor not in seen:
-                    seen.add(successor)
-                    stack.append(successor)
-        return False
+        return self.reaches_any(source, (target,))
 
     def reaches_any(self, source: N, targets: Container[N]) -> bool:
         """Whether some node of `targets` is reachable from `source` (itself included): one

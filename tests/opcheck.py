@@ -11,6 +11,17 @@ from graphc.ir.registry import get
 from graphc.ir.types import is_float
 
 
+def build_graph(name: str, arrays: Sequence[Any], fn: Callable[..., Any]):
+    """A verified graph with one input per array (its type) and the outputs `fn(builder,
+    *inputs)` returns (a value or a sequence of them)."""
+    b = Builder(name)
+    inputs = [b.add_input(TensorType.of(np.asarray(a)), f"x{i}") for i, a in enumerate(arrays)]
+    outputs = fn(b, *inputs)
+    for i, v in enumerate(outputs if isinstance(outputs, (list, tuple)) else [outputs]):
+        b.add_output(f"y{i}", v)
+    return b.graph.verify()
+
+
 def run_op(op: str, arrays: Sequence[np.ndarray], **attrs: Any) -> np.ndarray:
     """Trace one op into a graph, verify it, and run it on the reference backend."""
     b = Builder(op)

@@ -6,19 +6,11 @@ import numpy as np
 import pytest
 
 from graphc.backends.reference import evaluate
-from graphc.ir import Builder, TensorType
 from graphc.lowering import compile_graph
 from graphc.passes.fusion import fuse
+from opcheck import build_graph
 
 TOLERANCE = {"float32": dict(rtol=1e-4, atol=1e-4), "float64": dict(rtol=1e-10, atol=1e-10)}
-
-
-def build(name, arrays, fn):
-    b = Builder(name)
-    inputs = [b.add_input(TensorType.of(a), f"x{i}") for i, a in enumerate(arrays)]
-    for i, v in enumerate(fn(b, *inputs)):
-        b.add_output(f"y{i}", v)
-    return b.graph.verify()
 
 
 def normal(rng, shape, dtype="float32"):
@@ -60,7 +52,7 @@ def test_products_with_epilogues_match_reference(dtype):
             b.sub(residual, b.mul(b.matmul(batch, shared), half)),            # a broadcast batch
         ]
     arrays = [x, w, bias, xt, wt, stack, batch, shared, residual]
-    graph = build(f"products_{dtype}", arrays, products)
+    graph = build_graph(f"products_{dtype}", arrays, products)
     fused = library_epilogues(graph)
     assert len(fused) == 4 and all(ops[-1] != "matmul" for ops in fused)  # each has an epilogue
     check(graph, arrays, dtype)
@@ -82,7 +74,7 @@ def test_convolutions_with_epilogues_match_reference():
             b.mul(b.conv2d_input_grad(dyw, ww, input_shape=(3, 16, 7, 6), padding=1), maskw),
         ]
     arrays = [x, w, bias, xw, ww, bw, dy, mask, dyw, maskw]
-    graph = build("convolutions", arrays, convolutions)
+    graph = build_graph("convolutions", arrays, convolutions)
     fused = library_epilogues(graph)
     assert len(fused) == 4 and all(len(ops) > 1 for ops in fused)
     check(graph, arrays, "float32")
@@ -95,7 +87,7 @@ def test_epilogue_overwriting_an_operand_of_its_product_in_place():
     700 x 700 float32 (1.9 MiB) spans several blocks of any cache-sized blocking."""
     rng = np.random.default_rng(3)
     x, w = normal(rng, (700, 700)) / 25, normal(rng, (700, 700))
-    graph = build("update", [w, x], lambda b, w, x: [
+    graph = build_graph("update", [w, x], lambda b, w, x: [
         b.sub(w, b.mul(b.tanh(b.matmul(x, w)), b.scalar_like(0.1, w)))])
     assert library_epilogues(graph) == [["matmul", "tanh", "mul", "sub"]]
     executable = check(graph, [w, x], "float32", donate={0: 0})

@@ -26,6 +26,7 @@ from graphc.ir import PRIMITIVES, Builder, InputError, TensorType
 from graphc.ir.ops.comm import COMM_OPS
 from graphc.passes.autodiff import autodiff
 from graphc.passes.fusion import fuse
+from opcheck import build_graph
 from random_graphs import random_arguments, random_graphs
 
 rng = np.random.default_rng(0)
@@ -54,16 +55,6 @@ def positive(*shape, dtype="float32"):
 
 def integers(low, high, *shape, dtype="int64"):
     return rng.integers(low, high, size=shape).astype(dtype)
-
-
-def build(name, arrays, fn):
-    """A graph with one input per array and the outputs `fn(builder, *inputs)` returns."""
-    b = Builder(name)
-    inputs = [b.add_input(TensorType.of(np.asarray(a)), f"x{i}") for i, a in enumerate(arrays)]
-    outputs = fn(b, *inputs)
-    for i, v in enumerate(outputs if isinstance(outputs, (list, tuple)) else [outputs]):
-        b.add_output(f"y{i}", v)
-    return b.graph.verify()
 
 
 def check(graph, arrays, tolerance=None):
@@ -101,7 +92,7 @@ COMPARE = ["eq", "ne", "lt", "le", "gt", "ge"]
 
 def unary_case(dtype):
     arrays = [normal(3, 5, dtype=dtype), positive(3, 5, dtype=dtype)]
-    return build(f"unary_{dtype}", arrays, lambda b, x, p: fused_together(
+    return build_graph(f"unary_{dtype}", arrays, lambda b, x, p: fused_together(
         b, [b.bind(op, x) for op in UNARY] + [b.bind(op, p) for op in UNARY_POSITIVE])), arrays
 
 
@@ -113,7 +104,7 @@ def binary_case(shapes):
         values.append(b.pow(b.add(b.abs(x), b.scalar_like(0.5, x)), y))
         values.append(b.where(b.gt(x, y), x, y))
         return fused_together(b, values)
-    return build("binary", arrays, fn), arrays
+    return build_graph("binary", arrays, fn), arrays
 
 
 CASES = {
@@ -122,64 +113,64 @@ CASES = {
     "binary_same": lambda: binary_case(((3, 4), (3, 4))),
     "binary_broadcast": lambda: binary_case(((2, 1, 4), (3, 1))),
     "binary_scalar": lambda: binary_case(((), (2, 3))),
-    "cumulative": lambda: (lambda arrays: (build("cumulative", arrays, lambda b, x, z, i: [
+    "cumulative": lambda: (lambda arrays: (build_graph("cumulative", arrays, lambda b, x, z, i: [
         b.cumsum(x, axis=1), b.cumsum(x, axis=0, reverse=True), b.cumprod(z, axis=2),
         b.cumprod(z, axis=1, reverse=True), b.cumsum(i, axis=-1), b.cumsum(b.exp(x), axis=2)]), arrays))(
         [normal(2, 3, 4), np.where(rng.random((2, 3, 4)) < 0.2, 0, normal(2, 3, 4, dtype="float64")),
          integers(-9, 9, 3, 4, dtype="int32")]),
-    "moments": lambda: (lambda arrays: (build("moments", arrays, lambda b, x, r: [
+    "moments": lambda: (lambda arrays: (build_graph("moments", arrays, lambda b, x, r: [
         b.moments(x, axes=(0, 2, 3)), b.moments(r, axes=(1,)), b.moments(r, axes=(0,))]), arrays))(
         [normal(3, 4, 2, 5), normal(6, 7, dtype="float64")]),
-    "normalize": lambda: (lambda arrays: (build("normalize", arrays, lambda b, x, g, r: [
+    "normalize": lambda: (lambda arrays: (build_graph("normalize", arrays, lambda b, x, g, r: [
         b.normalize(x, axes=(0, 2, 3), epsilon=1e-5), b.normalize_grad(g, x, axes=(0, 2, 3), epsilon=1e-5),
         b.normalize(r, axes=(1,), epsilon=1e-3), b.normalize_grad(r, r, axes=(0,), epsilon=1e-3)]), arrays))(
         [normal(3, 4, 2, 5), normal(3, 4, 2, 5), normal(6, 7, dtype="float64")]),
-    "softmax": lambda: (lambda arrays: (build("softmax", arrays, lambda b, x, g, r: [
+    "softmax": lambda: (lambda arrays: (build_graph("softmax", arrays, lambda b, x, g, r: [
         b.softmax(x, axis=2), b.softmax_grad(g, b.softmax(x, axis=1), axis=1),
         b.softmax(r, axis=0, zero_masked_rows=True), b.softmax_grad(r, r, axis=1)]), arrays))(
         [normal(3, 4, 5), normal(3, 4, 5), normal(6, 7, dtype="float64")]),
-    "logical": lambda: (lambda arrays: (build("logical", arrays, lambda b, p, q: [
+    "logical": lambda: (lambda arrays: (build_graph("logical", arrays, lambda b, p, q: [
         b.logical_and(p, q), b.logical_or(p, q), b.logical_not(p),
         b.where(p, b.cast(q, dtype="int32"), b.cast(p, dtype="int32"))]), arrays))(
         [integers(0, 2, 3, 4).astype(bool), integers(0, 2, 4).astype(bool)]),
-    "integer_arithmetic": lambda: (lambda arrays: (build("ints", arrays, lambda b, i, j: [
+    "integer_arithmetic": lambda: (lambda arrays: (build_graph("ints", arrays, lambda b, i, j: [
         b.add(i, j), b.sub(i, j), b.mul(i, j), b.maximum(i, j), b.minimum(i, j), b.neg(i),
         b.abs(i), b.sign(i), b.square(j), b.cast(i, dtype="float32")]), arrays))(
         [integers(-9, 9, 3, 4, dtype="int32"), integers(-9, 9, 4, dtype="int32")]),
-    "cast": lambda: (lambda arrays: (build("cast", arrays, lambda b, x: [
+    "cast": lambda: (lambda arrays: (build_graph("cast", arrays, lambda b, x: [
         b.cast(x, dtype=d) for d in ("float64", "int32", "int64", "bool")]
         + [b.cast(b.cast(x, dtype="bool"), dtype="float32")]), arrays))(
         [normal(4, 5) * 3]),
-    "nan_and_inf": lambda: (lambda arrays: (build("nan", arrays, lambda b, x, y: [
+    "nan_and_inf": lambda: (lambda arrays: (build_graph("nan", arrays, lambda b, x, y: [
         b.maximum(x, y), b.minimum(y, x), b.relu(x), b.max(x, axes=(1,)), b.argmax(x, axis=1),
         b.argmax(y, axis=0), b.log(b.abs(x))]), arrays))(
         [np.array([[1, np.nan, 3], [np.inf, -1, np.nan], [0, -np.inf, 2]], np.float32),
          np.array([[np.nan, 2, 1], [1, 5, 1], [np.nan, np.nan, 7]], np.float32)]),
-    "constants": lambda: (lambda arrays: (build("constants", arrays, lambda b, x: [
+    "constants": lambda: (lambda arrays: (build_graph("constants", arrays, lambda b, x: [
         b.mul(x, b.const(np.arange(6, dtype=np.float32).reshape(2, 3), "float32")),
         b.add(x, b.const(np.float32(np.inf), "float32")),
         b.const(np.array([1, 2], np.int64), "int64")]), arrays))([normal(2, 3)]),
-    "reductions": lambda: (lambda arrays: (build("reductions", arrays, lambda b, x, i: [
+    "reductions": lambda: (lambda arrays: (build_graph("reductions", arrays, lambda b, x, i: [
         b.sum(x, axes=(0, 2)), b.sum(x, axes=(1,), keepdims=True), b.max(x, axes=(2,)),
         b.max(x, axes=(0, 1, 2), keepdims=True), b.argmax(x, axis=0), b.argmax(x, axis=2, keepdims=True),
         b.sum(i, axes=(0,)), b.max(i, axes=(1,)), b.sum(x, axes=())]), arrays))(
         [normal(3, 4, 5), integers(-2**30, 2**30, 6, 3, dtype="int32")]),
-    "reductions_float64": lambda: (lambda arrays: (build("reductions64", arrays, lambda b, x: [
+    "reductions_float64": lambda: (lambda arrays: (build_graph("reductions64", arrays, lambda b, x: [
         b.sum(b.square(x), axes=(1,)), b.max(x, axes=(0,))]), arrays))([normal(4, 6, dtype="float64")]),
-    "reductions_parallel": lambda: (lambda arrays: (build("big_reductions", arrays, lambda b, x: [
+    "reductions_parallel": lambda: (lambda arrays: (build_graph("big_reductions", arrays, lambda b, x: [
         b.sum(x, axes=(0, 1)), b.max(b.tanh(x), axes=(0, 1), keepdims=True),
         b.sum(b.mul(x, x), axes=(1,)), b.argmax(x, axis=1)]), arrays))([normal(300, 300)]),
-    "views": lambda: (lambda arrays: (build("views", arrays, lambda b, x: [
+    "views": lambda: (lambda arrays: (build_graph("views", arrays, lambda b, x: [
         b.reshape(x, shape=(6, 4)), b.exp(b.reshape(b.neg(x), shape=(4, 6))),
         b.squeeze(b.expand_dims(b.tanh(x), axes=(0, 3)), axes=(0,))]), arrays))([normal(2, 3, 4)]),
-    "shape_ops": lambda: (lambda arrays: (build("shape_ops", arrays, lambda b, x, y, z: [
+    "shape_ops": lambda: (lambda arrays: (build_graph("shape_ops", arrays, lambda b, x, y, z: [
         b.transpose(x, perm=(2, 0, 1)), b.broadcast_to(y, shape=(3, 2, 4)),
         b.slice(x, starts=(0, 1, 0), stops=(2, 3, 4), steps=(1, 1, 3)),
         b.slice_grad(y, shape=(5, 9), starts=(1, 2), stops=(4, 9), steps=(2, 2)),
         b.concatenate(y, z, b.neg(y), axis=1), b.pad(z, pads=((1, 2), (0, 3)), value=-1.5),
         b.flip(x, axes=(0, 2)), b.flip(b.tanh(y), axes=(1,))]), arrays))(
         [normal(2, 3, 4), normal(2, 4), normal(2, 1)]),
-    "indexing": lambda: (lambda arrays: (build("indexing", arrays, lambda b, x, i, j, g: [
+    "indexing": lambda: (lambda arrays: (build_graph("indexing", arrays, lambda b, x, i, j, g: [
         b.take_along_axis(x, i, axis=1), b.take_along_axis(x, b.slice(i, starts=(0, 0), stops=(1, 3), steps=(1, 1)), axis=1),
         b.scatter_add_along_axis(g, i, axis=1, shape=(5, 4)),
         b.gather(x, j, axis=1), b.gather(x, j, axis=0),
@@ -187,62 +178,62 @@ CASES = {
         b.scatter_add(b.gather(x, j, axis=0), j, axis=0, size=5),
         b.one_hot(j, num_classes=5), b.one_hot(i, num_classes=3, dtype="int32")]), arrays))(
         [normal(5, 4), integers(-4, 4, 5, 3), integers(-4, 4, 2, 3), normal(5, 3)]),
-    "random": lambda: (lambda arrays: (build("random", arrays, lambda b, k: [
+    "random": lambda: (lambda arrays: (build_graph("random", arrays, lambda b, k: [
         b.random_uniform(k, shape=(3, 7)), b.random_uniform(k, shape=(2, 2), dtype="float64", stream=5),
         b.random_bernoulli(k, p=0.3, shape=(50,), stream=2),
         b.mul(b.random_uniform(k, shape=(4,)), b.scalar_like(2.0, b.random_uniform(k, shape=(4,))))]),
         arrays))([np.array([-3, 2**40], np.int64)]),
 }
 BLAS_CASES = {
-    "matmul": lambda: (lambda arrays: (build("matmul", arrays, lambda b, x, y, z: [
+    "matmul": lambda: (lambda arrays: (build_graph("matmul", arrays, lambda b, x, y, z: [
         b.matmul(x, y), b.matmul(z, y), b.relu(b.add(b.matmul(x, y), b.const(np.ones(3), "float32")))]),
         arrays))([normal(5, 7), normal(7, 3), normal(2, 4, 5, 7)]),
     # large enough for blocks on the threads: of columns (more columns than rows) or of rows,
     # with each operand stored as it is or transposed
-    "matmul_blocks": lambda: (lambda arrays: (build("matmul_blocks", arrays, lambda b, x, y, xt, yt: [
+    "matmul_blocks": lambda: (lambda arrays: (build_graph("matmul_blocks", arrays, lambda b, x, y, xt, yt: [
         b.matmul(x, y), b.matmul(b.transpose(xt, perm=(1, 0)), y),
         b.matmul(x, b.transpose(yt, perm=(1, 0))),
         b.matmul(b.transpose(xt, perm=(1, 0)), b.transpose(yt, perm=(1, 0))),
         b.matmul(b.transpose(y, perm=(1, 0)), b.transpose(x, perm=(1, 0))),
         b.matmul(yt, xt)]),
         arrays))([normal(40, 300), normal(300, 500), normal(300, 40), normal(500, 300)]),
-    "conv2d": lambda: (lambda arrays: (build("conv2d", arrays, lambda b, x, w, v, u: [
+    "conv2d": lambda: (lambda arrays: (build_graph("conv2d", arrays, lambda b, x, w, v, u: [
         b.conv2d(x, w, stride=2, padding=1), b.conv2d(v, u, padding=2, dilation=2, groups=2)]),
         arrays))([normal(2, 3, 8, 8), normal(4, 3, 3, 3), normal(2, 4, 9, 9), normal(6, 2, 3, 3)]),
-    "conv2d_grads": lambda: (lambda arrays: (build("conv2d_grads", arrays, lambda b, x, w, g: [
+    "conv2d_grads": lambda: (lambda arrays: (build_graph("conv2d_grads", arrays, lambda b, x, w, g: [
         b.conv2d_input_grad(g, w, input_shape=(2, 3, 8, 8), stride=2, padding=1),
         b.conv2d_weight_grad(x, g, weight_shape=(4, 3, 3, 3), stride=2, padding=1)]),
         arrays))([normal(2, 3, 8, 8), normal(4, 3, 3, 3), normal(2, 4, 4, 4)]),
-    "conv2d_grads_grouped": lambda: (lambda arrays: (build("conv2d_grads_g", arrays, lambda b, x, w, g: [
+    "conv2d_grads_grouped": lambda: (lambda arrays: (build_graph("conv2d_grads_g", arrays, lambda b, x, w, g: [
         b.conv2d_input_grad(g, w, input_shape=(2, 4, 9, 9), padding=2, dilation=2, groups=2),
         b.conv2d_weight_grad(x, g, weight_shape=(6, 2, 3, 3), padding=2, dilation=2, groups=2)]),
         arrays))([normal(2, 4, 9, 9), normal(6, 2, 3, 3), normal(2, 6, 9, 9)]),
     # large enough for the per-thread chunks of images; 3 images split unevenly over 2 threads
-    "conv2d_batch_chunks": lambda: (lambda arrays: (build("conv2d_chunks", arrays, lambda b, x, w, g: [
+    "conv2d_batch_chunks": lambda: (lambda arrays: (build_graph("conv2d_chunks", arrays, lambda b, x, w, g: [
         b.conv2d(x, w, padding=1, groups=2),
         b.conv2d_input_grad(g, w, input_shape=(3, 4, 26, 26), padding=1, groups=2),
         b.conv2d_weight_grad(x, g, weight_shape=(6, 2, 3, 3), padding=1, groups=2)]),
         arrays))([normal(3, 4, 26, 26), normal(6, 2, 3, 3), normal(3, 6, 26, 26)]),
     # 3x3, stride 1, >= 16 channels: Winograd F(2x2, 3x3); odd planes (a half tile at the edge),
     # paddings 0-2 (the input gradient pads by 2 - padding), 3 images over the threads
-    "conv2d_winograd": lambda: (lambda arrays: (build("conv2d_winograd", arrays, lambda b, x, w, g, h: [
+    "conv2d_winograd": lambda: (lambda arrays: (build_graph("conv2d_winograd", arrays, lambda b, x, w, g, h: [
         b.conv2d(x, w), b.conv2d(x, w, padding=1), b.conv2d(x, w, padding=(2, 1)),
         b.conv2d_input_grad(g, w, input_shape=(3, 16, 9, 7), padding=1),
         b.conv2d_input_grad(h, w, input_shape=(3, 16, 9, 7)),
         b.conv2d_weight_grad(x, h, weight_shape=(17, 16, 3, 3)),
         b.conv2d_weight_grad(x, g, weight_shape=(17, 16, 3, 3), padding=1)]),
         arrays))([normal(3, 16, 9, 7), normal(17, 16, 3, 3), normal(3, 17, 9, 7), normal(3, 17, 7, 5)]),
-    "conv2d_winograd_float64": lambda: (lambda arrays: (build("conv2d_winograd64", arrays, lambda b, x, w, g: [
+    "conv2d_winograd_float64": lambda: (lambda arrays: (build_graph("conv2d_winograd64", arrays, lambda b, x, w, g: [
         b.conv2d(x, w, padding=(0, 2)), b.conv2d_input_grad(g, w, input_shape=(2, 16, 6, 5), padding=(0, 2)),
         b.conv2d_weight_grad(x, g, weight_shape=(16, 16, 3, 3), padding=(0, 2))]),
         arrays))([normal(2, 16, 6, 5, dtype="float64"), normal(16, 16, 3, 3, dtype="float64"),
                   normal(2, 16, 4, 7, dtype="float64")]),
     # one image, large enough for two threads: the second thread's partial sum stays zero
     # (inputs scaled for sums of order 1, which the absolute tolerance assumes: 784 terms)
-    "conv2d_winograd_one_image": lambda: (lambda arrays: (build("conv2d_winograd1", arrays, lambda b, x, g: [
+    "conv2d_winograd_one_image": lambda: (lambda arrays: (build_graph("conv2d_winograd1", arrays, lambda b, x, g: [
         b.conv2d_weight_grad(x, g, weight_shape=(16, 32, 3, 3))]),
         arrays))([normal(1, 32, 30, 30) * 0.2, normal(1, 16, 28, 28) * 0.2]),
-    "pooling": lambda: (lambda arrays: (build("pooling", arrays, lambda b, x, g, h: [
+    "pooling": lambda: (lambda arrays: (build_graph("pooling", arrays, lambda b, x, g, h: [
         b.max_pool2d(x, kernel=3, stride=2, padding=1), b.max_pool2d_grad(x, g, kernel=3, stride=2, padding=1),
         b.avg_pool2d(x, kernel=3, stride=2, padding=1, count_include_pad=False),
         b.avg_pool2d(x, kernel=2, stride=2),
@@ -271,7 +262,7 @@ def test_winograd_lowers_3x3_stride_1_convolutions_with_enough_channels():
     # three forward convolutions, two input gradients and two weight gradients: one function
     assert calls == ["conv3x3_winograd"] * 7
     # few channels (the MNIST CNN's first layer), a stride or a 5x5 filter: im2col
-    small = build("small", [normal(2, 1, 8, 8), normal(32, 1, 3, 3), normal(16, 16, 5, 5), normal(2, 16, 8, 8)],
+    small = build_graph("small", [normal(2, 1, 8, 8), normal(32, 1, 3, 3), normal(16, 16, 5, 5), normal(2, 16, 8, 8)],
                   lambda b, x, w, u, v: [b.conv2d(x, w), b.conv2d(v, u), b.conv2d(v, b.slice(
                       u, starts=(0, 0, 0, 0), stops=(16, 16, 3, 3), steps=(1, 1, 1, 1)), stride=2)])
     calls = [c.entry for n in fuse(small).nodes for c in generate(n).calls]
@@ -282,7 +273,7 @@ def test_im2col_convolution_and_its_weight_gradient_share_one_function():
     """A layer's forward and weight gradient are modes of one compiled function (its input
     gradient, col2im, is another), and both modes match the reference."""
     arrays = [normal(2, 3, 8, 8), normal(4, 3, 3, 3), normal(2, 4, 4, 4)]
-    graph = build("layer", arrays, lambda b, x, w, g: [
+    graph = build_graph("layer", arrays, lambda b, x, w, g: [
         b.conv2d(x, w, stride=2, padding=1),
         b.conv2d_weight_grad(x, g, weight_shape=(4, 3, 3, 3), stride=2, padding=1),
         b.conv2d_input_grad(g, w, input_shape=(2, 3, 8, 8), stride=2, padding=1)])
@@ -331,11 +322,10 @@ def test_max_pool_gradient_routes_ties_and_nans_like_the_reference():
                     [0, np.nan, -np.inf, -np.inf]]]], np.float32)
     # flipped and padded, the top-left window holds padding first, then only -inf
     arrays = [x, np.ascontiguousarray(x[..., ::-1, ::-1]), normal(1, 1, 2, 2), normal(1, 1, 3, 3)]
-    check(build("pool_ties", arrays, lambda b, v, f, g, h: [
+    check(build_graph("pool_ties", arrays, lambda b, v, f, g, h: [
         b.max_pool2d(v, kernel=2, stride=2), b.max_pool2d_grad(v, g, kernel=2, stride=2),
         b.max_pool2d(f, kernel=2, stride=2, padding=1),
         b.max_pool2d_grad(f, h, kernel=2, stride=2, padding=1)]), arrays)
-
 
 
 def test_tiled_max_pool_gradient_matches_the_reference_on_edges_and_non_finite_values():
@@ -349,7 +339,7 @@ def test_tiled_max_pool_gradient_matches_the_reference_on_edges_and_non_finite_v
     g[0, 1, 0, 0], g[1, 0, 2, 1], g[1, 1, 1, 1] = np.inf, -np.inf, np.nan
     y, h = normal(1, 2, 9, 10), normal(1, 2, 3, 3)
     arrays = [x, g, y, h]
-    executable = check(build("pool_tiled", arrays, lambda b, v, d, u, e: [
+    executable = check(build_graph("pool_tiled", arrays, lambda b, v, d, u, e: [
         b.max_pool2d_grad(v, d, kernel=2, stride=2), b.max_pool2d_grad(u, e, kernel=3, stride=3)]),
         arrays)
     assert "top = max(v0, v1, v2, v3)" in executable.kernels[0].source
@@ -361,7 +351,7 @@ def test_adjacent_reduced_axes_are_merged_when_every_array_allows():
     spanning only one of two adjacent reduced axes keeps the loops as they are."""
     x, bias, scale, row = normal(4, 3, 5, 6), normal(1, 3, 1, 1), normal(3), normal(5, 1)
     arrays = [x, bias, scale, row]
-    executable = check(build("merged_axes", arrays, lambda b, v, c, s, r: [
+    executable = check(build_graph("merged_axes", arrays, lambda b, v, c, s, r: [
         b.mul(b.sum(b.square(b.add(v, c)), axes=(0, 2, 3)), s),
         b.sum(b.mul(v, c), axes=(0, 2, 3), keepdims=True),
         b.max(b.add(v, r), axes=(2, 3))]), arrays)
@@ -375,7 +365,7 @@ def test_leading_axis_reductions_accumulate_a_row_at_a_time():
     x, m, bias = normal(7, 5), normal(3, 4, 6), normal(5)
     m[1, 2, 3] = np.nan
     arrays = [x, m, bias]
-    executable = check(build("leading_axes", arrays, lambda b, v, w, c: [
+    executable = check(build_graph("leading_axes", arrays, lambda b, v, w, c: [
         b.sub(b.mul(b.sum(b.mul(v, v), axes=(0,)), c), c), b.exp(v),
         b.sum(v, axes=(0,), keepdims=True), b.max(w, axes=(0,)), b.max(w, axes=(0, 1)),
         b.sum(w, axes=(0,), keepdims=True)]), arrays)
@@ -386,14 +376,14 @@ def test_leading_axis_reductions_accumulate_a_row_at_a_time():
 # -- fused patterns and random graphs ----------------------------------------------------------
 def test_matmul_bias_relu_is_one_kernel():
     arrays = [normal(16, 32), normal(32, 8), normal(8)]
-    graph = build("dense", arrays, lambda b, x, w, c: b.relu(b.add(b.matmul(x, w), c)))
+    graph = build_graph("dense", arrays, lambda b, x, w, c: b.relu(b.add(b.matmul(x, w), c)))
     executable = check(graph, arrays, BLAS_TOLERANCE)
     assert [k.pattern for k in executable.kernels] == ["library"]
 
 
 def test_large_elementwise_kernel_runs_in_parallel():
     arrays = [normal(300, 300), normal(300)]
-    graph = build("big", arrays, lambda b, x, y: b.tanh(b.add(b.mul(x, y), x)))
+    graph = build_graph("big", arrays, lambda b, x, y: b.tanh(b.add(b.mul(x, y), x)))
     executable = check(graph, arrays)
     assert executable.kernels[0].generated.parallel and "prange" in executable.kernels[0].source
 
@@ -415,7 +405,7 @@ def test_broadcast_kernels_loop_over_collapsed_axes(shape, bias_shape, rank):
     bias along W); a parallel one of rank 3 as one prange over N*C rows; dropout's random bits
     keep their C-order element numbers."""
     arrays = [normal(*shape), normal(*bias_shape), np.array([3, 4], np.int64)]
-    graph = build("bias_relu", arrays, lambda b, x, c, key: [
+    graph = build_graph("bias_relu", arrays, lambda b, x, c, key: [
         b.relu(b.add(x, c)), b.where(b.random_bernoulli(key, p=0.5, shape=shape), b.exp(c), x)])
     executable = check(graph, arrays)
     calls = [c for k in executable.kernels for c in k.generated.calls if c.views]
@@ -619,7 +609,7 @@ def test_thread_count_comes_from_the_environment(monkeypatch):
 
 def test_profile_reports_every_kernel():
     arrays = [normal(16, 32), normal(32, 8)]
-    graph = build("profiled", arrays, lambda b, x, w: b.sum(b.tanh(b.matmul(x, w)), axes=(1,)))
+    graph = build_graph("profiled", arrays, lambda b, x, w: b.sum(b.tanh(b.matmul(x, w)), axes=(1,)))
     report = compile_graph(graph, "numba-cpu").profile(*arrays, repeat=3)
     assert report.calls == 3 and len(report.rows) == 2
     matmul = next(r for r in report.rows if r.pattern == "library")
@@ -635,23 +625,23 @@ GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
 
 def golden_elementwise_chain():
     arrays = [normal(8, 16), normal(16)]
-    return build("chain", arrays, lambda b, x, c: b.tanh(b.mul(b.add(x, c), b.scalar_like(0.5, x))))
+    return build_graph("chain", arrays, lambda b, x, c: b.tanh(b.mul(b.add(x, c), b.scalar_like(0.5, x))))
 
 
 def golden_softmax_sum():
     arrays = [normal(8, 16)]
-    return build("softmax", arrays, lambda b, x: (lambda e: b.div(e, b.sum(e, axes=(1,), keepdims=True)))(
+    return build_graph("softmax", arrays, lambda b, x: (lambda e: b.div(e, b.sum(e, axes=(1,), keepdims=True)))(
         b.exp(b.sub(x, b.max(x, axes=(1,), keepdims=True)))))
 
 
 def golden_matmul_bias_relu():
     arrays = [normal(8, 16), normal(16, 4), normal(4)]
-    return build("dense", arrays, lambda b, x, w, c: b.relu(b.add(b.matmul(x, w), c)))
+    return build_graph("dense", arrays, lambda b, x, w, c: b.relu(b.add(b.matmul(x, w), c)))
 
 
 def golden_conv2d():
     arrays = [normal(2, 3, 8, 8), normal(4, 3, 3, 3)]
-    return build("conv", arrays, lambda b, x, w: b.conv2d(x, w, stride=2, padding=1))
+    return build_graph("conv", arrays, lambda b, x, w: b.conv2d(x, w, stride=2, padding=1))
 
 
 GOLDEN = {  # name -> (graph, which kernel of the fused graph)
@@ -679,7 +669,7 @@ def test_generated_source_matches_golden_file(name):
 
 def test_profiling_every_call_from_the_environment(monkeypatch):
     arrays = [normal(16, 32), normal(32, 8)]
-    graph = build("env_profiled", arrays, lambda b, x, w: b.relu(b.matmul(x, w)))
+    graph = build_graph("env_profiled", arrays, lambda b, x, w: b.relu(b.matmul(x, w)))
     assert compile_graph(graph, "numba-cpu").profile_report is None
     monkeypatch.setenv("GRAPHC_PROFILE", "1")
     executable = compile_graph(graph, "numba-cpu")
@@ -696,7 +686,7 @@ def test_division_by_zero_gives_ieee_results_as_the_reference():
     numerics check then finds them): no ZeroDivisionError raised from a kernel."""
     x = np.array([[1.0, -2.0, 0.0, 3.0]], np.float32)
     y = np.array([[0.0, 0.0, 0.0, 2.0]], np.float32)
-    graph = build("divide_by_zero", [x, y], lambda b, x, y: [
+    graph = build_graph("divide_by_zero", [x, y], lambda b, x, y: [
         b.div(x, y), b.pow(y, b.scalar_like(-1.0, y)), b.div(x, b.sum(y, axes=(0,), keepdims=True))])
     with np.errstate(divide="ignore", invalid="ignore"):
         check(graph, [x, y])
@@ -704,14 +694,14 @@ def test_division_by_zero_gives_ieee_results_as_the_reference():
 
 def test_degenerate_graphs_and_empty_arrays():
     x = np.arange(3, dtype=np.float32)
-    identity = build("identity", [x], lambda b, v: [v, v])
+    identity = build_graph("identity", [x], lambda b, v: [v, v])
     outputs = compile_graph(identity, "numba-cpu")(x)
     assert all(np.array_equal(o, x) and not np.shares_memory(o, x) for o in outputs)
-    constants = build("constants", [], lambda b: [b.const(np.arange(4.0), "float64"), b.const(2.0, "float32")])
+    constants = build_graph("constants", [], lambda b: [b.const(np.arange(4.0), "float64"), b.const(2.0, "float32")])
     check(constants, [])
     empty = [np.zeros((0, 2, 5, 5), np.float32), np.ones((3, 2, 3, 3), np.float32),
              np.zeros((3, 0), np.float32), np.zeros((0, 4), np.float32)]
-    check(build("empty", empty, lambda b, v, w, p, q: [
+    check(build_graph("empty", empty, lambda b, v, w, p, q: [
         b.conv2d(v, w, padding=1), b.max_pool2d(v, kernel=2, stride=2),
         b.conv2d_weight_grad(v, b.conv2d(v, w, padding=1), weight_shape=(3, 2, 3, 3), padding=1),
         b.sum(b.exp(p), axes=(1,)), b.matmul(p, q), b.max(q, axes=(1,))]), empty)

@@ -11,18 +11,10 @@ import pytest
 
 from graphc.backends.numba_cpu.codegen_reduction import ROW_BLOCK_ELEMENTS
 from graphc.backends.reference import evaluate
-from graphc.ir import Builder, TensorType
 from graphc.lowering import compile_graph
+from opcheck import build_graph
 
 TOLERANCE = {"float32": dict(rtol=1e-5, atol=1e-6), "float64": dict(rtol=1e-11, atol=1e-12)}
-
-
-def build(name, arrays, fn):
-    b = Builder(name)
-    inputs = [b.add_input(TensorType.of(a), f"x{i}") for i, a in enumerate(arrays)]
-    for i, v in enumerate(fn(b, *inputs)):
-        b.add_output(f"y{i}", v)
-    return b.graph.verify()
 
 
 def check(graph, arrays):
@@ -58,7 +50,7 @@ def test_column_sum_of_a_tall_matrix_matches_the_reference(rows, cols, parallel,
     rng = np.random.default_rng(rows)
     arrays = [rng.random((rows, cols)).astype(dtype), rng.random(cols).astype(dtype),
               (rng.random(cols) + 0.5).astype(dtype)]
-    executable, _ = check(build(f"column_sum_{dtype}", arrays, adam_like), arrays)
+    executable, _ = check(build_graph(f"column_sum_{dtype}", arrays, adam_like), arrays)
     [source] = reduction_sources(executable)
     # a small case may run the parallel schedule too, when that source is already compiled
     # (executor.choose_variants reuses it rather than compile a serial one): only large cases
@@ -73,7 +65,7 @@ def test_parallel_column_sum_reads_rows_with_the_kept_axis_innermost():
     """The accumulation loops over a row block's rows outside and the contiguous kept axis
     inside; reading down each column instead took 50x as long for 1792 x 512."""
     x = np.random.default_rng(1).random((1000, 100)).astype("float32")
-    executable, _ = check(build("column_order", [x], lambda b, v: [b.sum(v, axes=(0,))]), [x])
+    executable, _ = check(build_graph("column_order", [x], lambda b, v: [b.sum(v, axes=(0,))]), [x])
     [source] = reduction_sources(executable)
     lines = [line.strip() for line in source.splitlines()]
     rows = lines.index("for i0 in range(block * block_rows, min(n0, block * block_rows + block_rows)):")
@@ -89,7 +81,7 @@ def test_parallel_column_reductions_over_several_axes_with_nans():
     y = rng.random((300, 16, 20)).astype("float32")
     y[123, 4, 5] = np.nan
     arrays = [x, row, y]
-    executable, _ = check(build("column_axes", arrays, lambda b, v, r, w: [
+    executable, _ = check(build_graph("column_axes", arrays, lambda b, v, r, w: [
         b.sum(b.mul(v, r), axes=(0, 1)), b.max(w, axes=(0,)), b.sum(w, axes=(0,), keepdims=True)]), arrays)
     blocks, by_kept_axis = [], []
     for source in reduction_sources(executable):
@@ -106,7 +98,7 @@ def test_parallel_column_sum_over_two_kept_axes_matches_the_reference():
     """A batched weight gradient: (batch, rows, cols) summed over the batch, with an epilogue."""
     for dtype in ("float32", "float64"):
         x = np.random.default_rng(4).random((9, 70, 110)).astype(dtype)
-        executable, _ = check(build(f"weight_grad_{dtype}", [x], lambda b, v: [
+        executable, _ = check(build_graph(f"weight_grad_{dtype}", [x], lambda b, v: [
             b.mul(b.sum(v, axes=(0,)), b.const(0.5, dtype))]), [x])
         [source] = reduction_sources(executable)
         assert "for i1 in prange(n1):" in source and "partial" not in source
@@ -116,7 +108,7 @@ def test_parallel_column_sum_does_not_depend_on_the_thread_count():
     """The row blocks follow from the extents alone: one thread and all of them add in the same
     order, to the same bits."""
     x = np.random.default_rng(3).random((3000, 50)).astype("float32")
-    executable = compile_graph(build("column_threads", [x], lambda b, v: [b.sum(v, axes=(0,))]), "numba-cpu")
+    executable = compile_graph(build_graph("column_threads", [x], lambda b, v: [b.sum(v, axes=(0,))]), "numba-cpu")
     threads = numba.get_num_threads()
     try:
         numba.set_num_threads(1)

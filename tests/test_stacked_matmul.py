@@ -7,19 +7,11 @@ import numpy as np
 import pytest
 
 from graphc.backends.reference import evaluate
-from graphc.ir import Builder, TensorType
+from graphc.ir import TensorType
 from graphc.lowering import compile_graph
-from opcheck import check_vjp, vjp_graph
+from opcheck import build_graph, check_vjp, vjp_graph
 
 BLAS_TOLERANCE = dict(rtol=1e-4, atol=1e-4)
-
-
-def build(name, arrays, fn):
-    b = Builder(name)
-    inputs = [b.add_input(TensorType.of(a), f"x{i}") for i, a in enumerate(arrays)]
-    for i, v in enumerate(fn(b, *inputs)):
-        b.add_output(f"y{i}", v)
-    return b.graph.verify()
 
 
 def gemm_entries(executable):
@@ -39,7 +31,7 @@ def test_stack_times_shared_matrix_is_one_gemm(stack):
     x = rng.standard_normal(stack + (4, 5)).astype(np.float32)
     w = rng.standard_normal((5, 6)).astype(np.float32)
     w_rows = rng.standard_normal((6, 5)).astype(np.float32)  # read transposed, as nn.Linear's
-    graph = build("stacked", [x, w, w_rows], lambda b, x, w, wr: [
+    graph = build_graph("stacked", [x, w, w_rows], lambda b, x, w, wr: [
         b.matmul(x, w), b.matmul(x, b.transpose(wr, perm=(1, 0)))])
     assert gemm_entries(run_both(graph, [x, w, w_rows])) == ["matmul", "matmul"]
 
@@ -48,7 +40,7 @@ def test_large_stack_splits_its_rows_across_threads():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, 64, 64)).astype(np.float32)  # 4.2 MFLOP: above the parallel limit
     w = rng.standard_normal((128, 64)).astype(np.float32)
-    graph = build("stacked_parallel", [x, w], lambda b, x, w: [b.matmul(x, b.transpose(w, perm=(1, 0)))])
+    graph = build_graph("stacked_parallel", [x, w], lambda b, x, w: [b.matmul(x, b.transpose(w, perm=(1, 0)))])
     executable = run_both(graph, [x, w])
     assert gemm_entries(executable) == ["matmul"]
     (call,) = executable.kernels[0].generated.calls
@@ -64,7 +56,7 @@ def test_transposed_or_broadcast_stacks_keep_one_gemm_per_element():
     x1 = rng.standard_normal((1, 4, 5)).astype(np.float32)
     w = rng.standard_normal((5, 6)).astype(np.float32)
     ws = rng.standard_normal((3, 5, 6)).astype(np.float32)
-    graph = build("unfolded", [xt, x1, w, ws], lambda b, xt, x1, w, ws: [
+    graph = build_graph("unfolded", [xt, x1, w, ws], lambda b, xt, x1, w, ws: [
         b.matmul(b.transpose(xt, perm=(0, 2, 1)), w), b.matmul(x1, ws)])
     assert gemm_entries(run_both(graph, [xt, x1, w, ws])) == ["batched_matmul", "batched_matmul"]
 
