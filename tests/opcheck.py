@@ -22,6 +22,23 @@ def build_graph(name: str, arrays: Sequence[Any], fn: Callable[..., Any]):
     return b.graph.verify()
 
 
+def on_cuda_simulator(module: str, function: str) -> None:
+    """Run `function` of test module `module` in a child process with Numba's CUDA simulator on
+    (it must be on before numba is first imported); skip where the simulator is not usable."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = f"import sys; sys.path.insert(0, {tests!r}); import {module}; {module}.{function}(); print('matches')"
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"},
+                          capture_output=True, text=True, timeout=300, cwd=tests)
+    if "is not usable" in done.stderr:
+        pytest.skip(done.stderr.strip().splitlines()[-1])
+    assert done.returncode == 0 and "matches" in done.stdout, done.stderr[-3000:]
+
+
 def run_op(op: str, arrays: Sequence[np.ndarray], **attrs: Any) -> np.ndarray:
     """Trace one op into a graph, verify it, and run it on the reference backend."""
     b = Builder(op)

@@ -4,7 +4,6 @@ included) against finite differences in float64, numba-cpu (serial and parallel)
 numba-cuda simulator against the reference, offset data, the shape rules' errors, and second
 derivatives through layer norm and batch norm compiled on numba-cpu, against finite
 differences and against PyTorch's double backward."""
-import os
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from graphc.ir import Builder, TensorType
 from graphc.ir.errors import GraphcError
 from graphc.lowering import compile_graph
 from graphc.nn.normalization import batch_norm
-from opcheck import check_vjp, run_op
+from opcheck import check_vjp, on_cuda_simulator, run_op
 
 CASES = [((4, 8), (1,)),             # layer norm: rows of a matrix
          ((2, 3, 5), (2,)),          # a sequence's tokens
@@ -155,8 +154,11 @@ def test_second_derivative_on_numba_cpu_matches_finite_differences(layer):
 
 
 def test_numba_cuda_simulator_matches_reference():
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-        pytest.skip("runs under NUMBA_ENABLE_CUDASIM=1 (tests/test_numba_cuda.py sets it up)")
+    on_cuda_simulator("test_normalize_kernel", "simulated_cuda_matches_reference")
+
+
+def simulated_cuda_matches_reference():
+    """(run by the test above, in a process with the simulator on)"""
     rng = np.random.default_rng(6)
     for op in ("normalize", "normalize_grad"):
         graph = op_graph(op, (3, 2, 4), (0, 2))

@@ -2,7 +2,6 @@
 finite differences (float64), gradients of gradients, numba-cpu and the numba-cuda simulator
 against the reference, ONNX through onnxruntime, F.softmax and attention against PyTorch, and
 lines of -inf (masked attention rows)."""
-import os
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from graphc.backends.reference import evaluate
 from graphc.ir import Builder, TensorType
 from graphc.ir.errors import GraphcError
 from graphc.lowering import compile_graph
-from opcheck import check_vjp, finite_differences, run_op
+from opcheck import check_vjp, finite_differences, on_cuda_simulator, run_op
 
 # (shape, axis): rows (attention's case), a middle axis, the first axis of a matrix
 CASES = [((3, 2, 5), -1), ((2, 4, 3), 1), ((4, 3), 0)]
@@ -115,11 +114,15 @@ def test_large_softmax_runs_in_parallel():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-# The simulator runs kernels as Python, where -inf - -inf on a masked line warns
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_numba_cuda_simulator_matches_reference():
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-        pytest.skip("runs under NUMBA_ENABLE_CUDASIM=1 (tests/test_numba_cuda.py sets it up)")
+    on_cuda_simulator("test_softmax", "simulated_cuda_matches_reference")
+
+
+def simulated_cuda_matches_reference():
+    """(run by the test above, in a process with the simulator on)"""
+    import warnings
+    warnings.filterwarnings("ignore", "invalid value encountered")  # the simulator runs kernels
+    #                                   as Python, where -inf - -inf on a masked line warns
     rng = np.random.default_rng(6)
     x, g = masked_scores((2, 3, 4), np.float32, rng), rng.standard_normal((2, 3, 4)).astype(np.float32)
     for axis, zero_masked_rows in ((2, True), (1, False)):
