@@ -35,7 +35,7 @@ def stored(shape, transposed):
 CASES = [((3,), (3,), 5, 7, 3),
          ((2, 3), (1, 3), 4, 3, 5),
          ((2, 1), (4,), 3, 6, 2),
-         ((4,), (), 6, 5, 7),
+         ((4,), (), 6, 5, 7),            # untransposed x: one GEMM over the stack's rows
          ((2, 2), (2, 2), 16, 8, 16),   # copies the transposed right operand
          ((3,), (3,), 9, 9, 1)]
 
@@ -45,8 +45,6 @@ CASES = [((3,), (3,), 5, 7, 3),
                                                       (True, True)])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_numba_cpu_matches_reference(x_batch, y_batch, m, k, n, transpose_a, transpose_b, dtype):
-    if not y_batch and not transpose_a:
-        pytest.skip("a stack times one matrix is one GEMM (codegen_matmul._stacked_gemm)")
     rng = np.random.default_rng(0)
     a_shape, b_shape = stored(x_batch + (m, k), transpose_a), stored(y_batch + (k, n), transpose_b)
     x, y = rng.standard_normal(a_shape).astype(dtype), rng.standard_normal(b_shape).astype(dtype)
