@@ -13,7 +13,7 @@ from graphc.ir.interpret import evaluate
 from graphc.ir.ops.control import MAX_BODY_DEPTH, SCAN_OP
 from graphc.passes.fusion import fuse
 from graphc.passes.simplify import simplify
-from opcheck import finite_differences
+from opcheck import finite_differences, on_cuda_simulator
 
 REF = "reference"
 rng = np.random.default_rng(0)
@@ -379,34 +379,24 @@ def test_scan_outside_a_trace_runs_on_the_reference_backend():
     np.testing.assert_allclose(ys, [[0, 0], [0, 3], [8, 20]])
 
 
-_CUDA_CHILD = """
-import numpy as np, graphc as gc
-rng = np.random.default_rng(0)
-w = (rng.normal(size=(3, 3)) * 0.5).astype(np.float32)
-def loss(c, xs, w):
-    last, ys = gc.scan(lambda h, x: ((h @ w + x).tanh(),) * 2, c, xs, reverse=True)
-    return (last * last).sum() + ys.sum()
-c, xs = rng.normal(size=(2, 3)).astype(np.float32), rng.normal(size=(3, 2, 3)).astype(np.float32)
-got = gc.value_and_grad(loss, argnums=(0, 1, 2), backend="numba-cuda")(c, xs, w)
-want = gc.value_and_grad(loss, argnums=(0, 1, 2), backend="reference")(c, xs, w)
-np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
-for g, r in zip(got[1], want[1]):
-    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
-print("matches")
-"""
-
-
 def test_numba_cuda_on_the_simulator_matches_the_reference():
-    """In a child process: the simulator must be on before numba is first imported."""
-    import os
-    import subprocess
-    import sys
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
-    done = subprocess.run([sys.executable, "-c", _CUDA_CHILD], env=env, capture_output=True, text=True,
-                          timeout=300)
-    if "is not usable" in done.stderr:
-        pytest.skip(done.stderr.strip().splitlines()[-1])
-    assert done.returncode == 0 and "matches" in done.stdout, done.stderr[-3000:]
+    on_cuda_simulator("test_scan", "simulated_cuda_matches_reference")
+
+
+def simulated_cuda_matches_reference():
+    """(run by the test above, in a process with the simulator on)"""
+    rng = np.random.default_rng(0)
+    w = (rng.normal(size=(3, 3)) * 0.5).astype(np.float32)
+
+    def loss(c, xs, w):
+        last, ys = gc.scan(lambda h, x: ((h @ w + x).tanh(),) * 2, c, xs, reverse=True)
+        return (last * last).sum() + ys.sum()
+    c, xs = rng.normal(size=(2, 3)).astype(np.float32), rng.normal(size=(3, 2, 3)).astype(np.float32)
+    got = gc.value_and_grad(loss, argnums=(0, 1, 2), backend="numba-cuda")(c, xs, w)
+    want = gc.value_and_grad(loss, argnums=(0, 1, 2), backend="reference")(c, xs, w)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g, r in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
