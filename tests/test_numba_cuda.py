@@ -70,7 +70,7 @@ def check_block_reductions() -> None:
 
     x, v = cpu.normal(3, 300), cpu.normal(300, 2)
     v[7, 1] = np.nan
-    graph = cpu.build("long_reductions", [x, v], lambda b, x, v: [
+    graph = cpu.build_graph("long_reductions", [x, v], lambda b, x, v: [
         b.exp(x), b.log(b.sum(b.exp(x), axes=(1,))), b.max(v, axes=(0,)),
         b.sum(b.mul(x, x), axes=(0, 1), keepdims=True)])
     compare(graph, [x, v])
@@ -82,7 +82,7 @@ def check_max_pool_ties_and_nans() -> None:
     v = np.array([[[[1, 1, 0, 2], [1, 0, 2, 2], [np.nan, 3, 3, 3], [1, np.nan, 3, 1]]]], np.float32)
     f = np.full((1, 1, 3, 3), -np.inf, np.float32)
     g, h = cpu.normal(1, 1, 2, 2), cpu.normal(1, 1, 2, 2)
-    graph = cpu.build("pool_ties", [v, g, f, h], lambda b, v, g, f, h: [
+    graph = cpu.build_graph("pool_ties", [v, g, f, h], lambda b, v, g, f, h: [
         b.max_pool2d(v, kernel=2, stride=2), b.max_pool2d_grad(v, g, kernel=2, stride=2),
         b.max_pool2d(f, kernel=2, stride=2, padding=1),
         b.max_pool2d_grad(f, h, kernel=2, stride=2, padding=1)])
@@ -103,7 +103,7 @@ def check_donated_inputs_are_updated_in_place() -> None:
     from graphc.lowering import compile_graph
 
     x, y = cpu.normal(3, 4), cpu.normal(3, 4)
-    graph = cpu.build("update", [x, y], lambda b, x, y: [b.sub(x, b.mul(y, b.scalar_like(0.5, y))),
+    graph = cpu.build_graph("update", [x, y], lambda b, x, y: [b.sub(x, b.mul(y, b.scalar_like(0.5, y))),
                                                          b.sum(y, axes=(0, 1))])
     want = x - y * np.float32(0.5)
     out = compile_graph(graph, "numba-cuda", donate={0: 0})(x, y)
@@ -139,7 +139,7 @@ def update_graph():
     import test_numba_cpu as cpu
 
     w, g = cpu.normal(3, 4), cpu.normal(3, 4)
-    return cpu.build("update", [w, g], lambda b, w, g: [b.sub(w, b.mul(g, b.scalar_like(0.5, g))),
+    return cpu.build_graph("update", [w, g], lambda b, w, g: [b.sub(w, b.mul(g, b.scalar_like(0.5, g))),
                                                         b.sum(g, axes=(0, 1))]), w, g
 
 
@@ -185,7 +185,7 @@ def check_a_donation_by_copy_is_copied_on_the_device() -> None:
     from graphc.lowering import compile_graph
 
     w = cpu.normal(4, 4)
-    graph = cpu.build("transposed", [w], lambda b, w: [b.transpose(w, perm=(1, 0))])
+    graph = cpu.build_graph("transposed", [w], lambda b, w: [b.transpose(w, perm=(1, 0))])
     for resident in (set(), {0}):
         array = w.copy()
         executable = compile_graph(graph, "numba-cuda", donate={0: 0})
@@ -396,7 +396,7 @@ def test_long_reductions_share_each_output_among_a_block():
     from graphc.backends.numba_cuda.codegen import MAX_BLOCKS, REDUCTION_THREADS, generate
     from graphc.passes.fusion import fuse
 
-    graph = cpu.build("reductions", [cpu.normal(3, 300), cpu.normal(3, 4)], lambda b, x, y: [
+    graph = cpu.build_graph("reductions", [cpu.normal(3, 300), cpu.normal(3, 4)], lambda b, x, y: [
         b.sum(b.exp(x), axes=(1,)), b.sum(y, axes=(1,))])
     calls = {c.entry: c for k in fuse(graph).nodes for c in generate(k).calls}
     long, short = sorted(calls.values(), key=lambda c: -c.args[-1])
