@@ -7,8 +7,10 @@ in the same order reading the same operands, the same attributes but for ints sc
 extents, and constants of the same types (a mean over the batch multiplies by 1/B). `rebatch`
 gives an optimized or fused graph of the old compilation renamed so: each node's attributes
 (constants' values included) are the new trace's where the node came from it (simplify and
-fusion share a copied node's attribute dict with the traced node), every type is inferred again
-by the op's own rule from the renamed inputs.
+fusion share a copied node's attribute dict with the traced node), a rewrite's node whose
+attributes it computed from others' (simplify.DerivedAttrs: a slice moved across a transpose)
+has them computed again from those renamed, and every type is inferred again by the op's own
+rule from the renamed inputs.
 
 Why the renamed graphs are what the passes would give: simplify and fusion look at shapes only
 to compare them with each other and extents with 1 (a broadcast, a type kept, an operand read at
@@ -39,13 +41,13 @@ from typing import Any, Container
 
 import numpy as np
 
-from graphc.ir import Graph, Node, TensorType, Value
+from graphc.ir import Builder, Graph, Node, TensorType, Value
 from graphc.ir.errors import GraphcError
 from graphc.ir.interpret import run_node
 from graphc.ir.ops.control import SCAN_OP
 from graphc.ir.registry import PRIMITIVES, SOURCE, OpTypeError, get
 
-from .simplify import FOLD_LIMIT, attrs_key
+from .simplify import FOLD_LIMIT, DerivedAttrs, attrs_key, derived
 
 
 @dataclass(frozen=True)
@@ -288,15 +290,19 @@ def _fixed_concatenation(m: _Matcher, old: Node, new: Node) -> None:
 
 def rebatch(graph: Graph, match: ExtentMatch) -> Graph | None:
     """`graph` (optimized or fused from the old trace of `match`) with its extents renamed, or
-    None when a node cannot be renamed with certainty: one not copied from the traced graph
-    whose attributes name an extent that changed, or whose type rule refuses the new types."""
+    None when a node cannot be renamed with certainty: one neither copied from the traced graph
+    nor derived from renamed attributes (DerivedAttrs) whose attributes name an extent that
+    changed, or whose type rule refuses the new types."""
     try:
-        return _rebatch(graph, match, match.input_types)
+        return _rebatch(graph, match, match.input_types, {})
     except (_Mismatch, OpTypeError, GraphcError):
         return None
 
 
-def _rebatch(graph: Graph, match: ExtentMatch, input_types: tuple[TensorType, ...]) -> Graph:
+def _rebatch(graph: Graph, match: ExtentMatch, input_types: tuple[TensorType, ...],
+             renamed: dict[int, dict[str, Any]]) -> Graph:
+    """`renamed` maps id() of each old attribute dict renamed so far (kernel bodies included) to
+    its new attributes: what a derived node's sources are looked up in."""
     new = Graph(graph.name)
     mapping = {inp.value: new.add_input(t, inp.name, inp.role)
                for inp, t in zip(graph.inputs, input_types, strict=True)}
@@ -305,9 +311,15 @@ def _rebatch(graph: Graph, match: ExtentMatch, input_types: tuple[TensorType, ..
         if node.subgraph is not None:
             if node.op == SCAN_OP:
                 raise _Mismatch
-            body = _rebatch(node.subgraph, match, tuple(v.type for v in ins))
+            body = _rebatch(node.subgraph, match, tuple(v.type for v in ins), renamed)
             clone = Node(node.op, ins, node.attrs, tuple(v.type for v in body.output_values),
                          node.loc, body, node.module)
+            new.nodes.append(clone)
+        elif isinstance(node.attrs, DerivedAttrs) and id(node.attrs) not in match.attrs:
+            sources = tuple(_renamed_source(s, match, renamed) for s in node.attrs.sources)
+            b = Builder(new)
+            b.at(node)
+            clone = derived(b, node.op, ins, node.attrs.derive, *sources).producer
         else:
             attrs = match.attrs.get(id(node.attrs))
             if attrs is None and node.op == "constant":  # folded by simplify: by its value
@@ -319,10 +331,24 @@ def _rebatch(graph: Graph, match: ExtentMatch, input_types: tuple[TensorType, ..
                     raise _Mismatch
             out = PRIMITIVES[node.op].infer(*(v.type for v in ins), **attrs)
             clone = Node(node.op, ins, attrs, (out,), node.loc, None, node.module)
-        new.nodes.append(clone)
+            new.nodes.append(clone)
+        renamed[id(node.attrs)] = clone.attrs
         mapping.update(zip(node.outputs, clone.outputs))
     new.outputs = [(n, mapping[v]) for n, v in graph.outputs]
     return new
+
+
+def _renamed_source(attrs: dict[str, Any], match: ExtentMatch,
+                    renamed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The attributes at the new sizes of a node a derived node's attributes were computed from:
+    a traced node's (the new trace's), a node's renamed above, or attributes that name no extent
+    that changed (the same at every size). Otherwise the renaming is unknown."""
+    new = match.attrs.get(id(attrs), renamed.get(id(attrs)))
+    if new is not None:
+        return new
+    if isinstance(attrs, DerivedAttrs) or _names_extent(attrs, match.changed):
+        raise _Mismatch
+    return attrs
 
 
 def _names_extent(attrs: dict[str, Any], changed: frozenset[int]) -> bool:

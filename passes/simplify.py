@@ -6,7 +6,7 @@ Identities are rewrite rules kept as data: (op, rule) pairs, where a rule looks 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -269,26 +269,62 @@ def _permuted(values: tuple[int, ...], perm: tuple[int, ...]) -> tuple[int, ...]
     return tuple(result)
 
 
+class DerivedAttrs(dict):
+    """Attributes a rewrite computed from other nodes' attributes: `derive(*sources)` (keyword
+    arguments of the op) gave them. Rebatching (passes/rebatch.py) applies `derive` to the
+    sources' attributes at the new batch size, as the rewrite would have: the attributes of a
+    derived node name extents it could not otherwise tell from other ints."""
+
+    __slots__ = ("derive", "sources")
+
+    def __init__(self, attrs: dict[str, Any], derive: Callable[..., dict[str, Any]],
+                 sources: tuple[dict[str, Any], ...]) -> None:
+        super().__init__(attrs)
+        self.derive, self.sources = derive, sources
+
+
+def derived(b: Builder, op: str, operands: tuple[Value, ...], derive: Callable[..., dict[str, Any]],
+            *sources: dict[str, Any]) -> Value:
+    """`op(*operands, **derive(*sources))` emitted through `b` (`sources` are attribute dicts of
+    other nodes), its attributes remembering how they were derived (DerivedAttrs)."""
+    node = b.bind(op, *operands, **derive(*sources)).producer
+    node.attrs = DerivedAttrs(node.attrs, derive, sources)  # a node of our own, not yet read
+    return node.output
+
+
+def _same_perm(transpose: dict[str, Any]) -> dict[str, Any]:
+    return {"perm": transpose["perm"]}
+
+
+def _slice_under_transpose(slice_: dict[str, Any], transpose: dict[str, Any]) -> dict[str, Any]:
+    """The bounds of slice(transpose(x, p)) per axis of x."""
+    perm = transpose["perm"]
+    return {key: _permuted(slice_[key], perm) for key in ("starts", "stops", "steps")}
+
+
+def _slice_grad_over_transpose(transpose: dict[str, Any], slice_grad: dict[str, Any]) -> dict[str, Any]:
+    """The attributes of transpose(slice_grad(g), p) as a slice_grad of transpose(g, p)."""
+    perm = transpose["perm"]
+    return {key: tuple(slice_grad[key][axis] for axis in perm)
+            for key in ("shape", "starts", "stops", "steps")}
+
+
 def _slice_of_transpose(b: Builder, node: Node, transposed: Node) -> Value | None:
     """slice(transpose(x, p)) -> transpose(slice(x), p): the transpose moves the slice only.
     A batch-first LSTM's out[:, -1] transposed the whole (T, N, H) stack of its scan to keep
     one step of it."""
     if node.output.type.size >= transposed.output.type.size:
         return None
-    perm, a = transposed.attrs["perm"], node.attrs
-    part = b.slice(transposed.inputs[0], starts=_permuted(a["starts"], perm),
-                   stops=_permuted(a["stops"], perm), steps=_permuted(a["steps"], perm))
-    return b.transpose(part, perm=perm)
+    part = derived(b, "slice", transposed.inputs[:1], _slice_under_transpose, node.attrs, transposed.attrs)
+    return derived(b, "transpose", (part,), _same_perm, transposed.attrs)
 
 
 def _transpose_of_slice_grad(b: Builder, node: Node, scattered: Node) -> Value | None:
     """transpose(slice_grad(g), p) -> slice_grad(transpose(g, p)): zeros are written once,
     already transposed, and only g moves (the gradient of out[:, -1] above was a zero-filled
     (N, T, H) array, transposed whole to (T, N, H))."""
-    perm, a = node.attrs["perm"], scattered.attrs
-    moved = b.transpose(scattered.inputs[0], perm=perm)
-    return b.slice_grad(moved, **{key: tuple(a[key][axis] for axis in perm)
-                                  for key in ("shape", "starts", "stops", "steps")})
+    moved = derived(b, "transpose", scattered.inputs[:1], _same_perm, node.attrs)
+    return derived(b, "slice_grad", (moved,), _slice_grad_over_transpose, node.attrs, scattered.attrs)
 
 
 # (op, op of its operand): a rewrite of the two that moves a transpose to the smaller side of a

@@ -20,6 +20,7 @@ from graphc import nn, optim
 from graphc.ir import Builder, TensorType
 from graphc.backends.reference import evaluate
 from graphc.passes import simplify
+from graphc.passes.simplify import DerivedAttrs, attrs_key
 from graphc.passes.rebatch import match_extents, rebatch
 
 F32 = "float32"
@@ -141,6 +142,57 @@ def test_match_refuses_a_changed_concatenated_extent():
     assert match_extents(graph(8), graph(5)) is None
 
 
+def last_step_batch_first(batch: int, steps: int = 3, hidden: int = 4):
+    """A batch-first view of time-major values, its last step, and the gradient of that step
+    made batch-first: simplify moves both transposes to the small side (move_transposes), into
+    slices whose bounds name the batch though no traced node has them."""
+    b = Builder("g")
+    seq = b.add_input(TensorType((steps, batch, hidden), F32), "seq")
+    g = b.add_input(TensorType((batch, 1, hidden), F32), "g")
+    bounds = {"starts": (0, steps - 1, 0), "stops": (batch, steps, hidden), "steps": (1, 1, 1)}
+    b.add_output("last", b.slice(b.transpose(seq, perm=(1, 0, 2)), **bounds))
+    scattered = b.slice_grad(g, shape=(batch, steps, hidden), **bounds)
+    b.add_output("grad", b.transpose(scattered, perm=(1, 0, 2)))
+    return b.graph
+
+
+def test_rebatch_derives_moved_slices_again():
+    """The slices move_transposes made are derived again from the new trace's attributes: the
+    renamed graph is, attribute for attribute, what simplify makes of the trace at 5."""
+    old, new = last_step_batch_first(8), last_step_batch_first(5)
+    match = match_extents(old, new)
+    optimized = simplify(old)
+    assert [n.op for n in optimized.nodes] == ["slice", "transpose", "transpose", "slice_grad"]
+    renamed = rebatch(optimized, match)
+    assert renamed is not None
+    renamed.verify()
+    expected = simplify(new)
+    assert ([(n.op, attrs_key(n.attrs)) for n in renamed.nodes]
+            == [(n.op, attrs_key(n.attrs)) for n in expected.nodes])
+    rng = np.random.default_rng(0)
+    operands = [rng.standard_normal(i.value.type.shape).astype(np.float32) for i in new.inputs]
+    for got, want in zip(evaluate(renamed, operands), evaluate(new, operands)):
+        np.testing.assert_array_equal(got, want)
+    # and from the renamed graph on, to a third size
+    third = last_step_batch_first(6)
+    again = rebatch(renamed, match_extents(new, third))
+    assert again is not None
+    assert [attrs_key(n.attrs) for n in again.nodes] == [attrs_key(n.attrs) for n in simplify(third).nodes]
+
+
+def test_rebatch_refuses_a_derived_node_of_unknown_sources():
+    """A derived slice whose source attributes came from no trace that was matched (here: a
+    copy) names the batch in a way nothing proves: compiled afresh."""
+    old, new = last_step_batch_first(8), last_step_batch_first(5)
+    match = match_extents(old, new)
+    optimized = simplify(old)
+    moved = optimized.nodes[0]
+    assert isinstance(moved.attrs, DerivedAttrs)
+    moved.attrs = DerivedAttrs(moved.attrs, moved.attrs.derive,
+                               tuple(dict(source) for source in moved.attrs.sources))
+    assert rebatch(optimized, match) is None
+
+
 # -- steps and models ----------------------------------------------------------------------------
 class Regroup(nn.Module):
     """Reshapes with the batch: (B, 12) -> (2B, 6) -> linear -> (B, 14)."""
@@ -241,6 +293,53 @@ def test_model_at_other_batch_sizes_matches_fresh_models(caplog):
             assert REUSED in caplog.text
             assert compiled.executable.cache_stats.compiled == 0
             assert call_sources(compiled.executable) <= call_sources(first)
+
+
+class LastStepClassifier(nn.Module):
+    """A batch-first LSTM read at its last step, out[:, -1] (as the sequence benchmarks): its
+    traced graph transposes the steps' outputs, which simplify moves to the one step kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, batch_first=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.fc(out[:, -1])
+
+
+def sequences(size: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((size, 3, 3)).astype(np.float32), rng.integers(0, 3, size)
+
+
+def test_batch_first_lstm_step_at_other_batch_sizes_is_rebatched(caplog):
+    """7, 5, 6, 7: at 5 and 6 the graphs are renamed (6 from 5's), slices moved by simplify
+    included, no kernel is new, and loss and weights are those of a step compiled fresh. (The
+    four gates are concatenated at 4, 8, 12 and 16: a batch of 8 would not be renamed.)"""
+    gc.manual_seed(4)
+    model = LastStepClassifier()
+    step = gc.compile_train_step(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1),
+                                 sequences(7, 0), backend="numba-cpu")
+    assert any(isinstance(n.attrs, DerivedAttrs) for n in step.graph.nodes)
+    first = step.executable
+    for size, seed in ((7, 1), (5, 2), (6, 3), (7, 4)):
+        batch = sequences(size, seed)
+        twin = LastStepClassifier()
+        twin.load_state_dict(model.state_dict())
+        fresh = gc.compile_train_step(twin, F.cross_entropy, optim.SGD(twin.parameters(), lr=0.1), batch,
+                                      backend="numba-cpu")
+        with caplog.at_level(logging.INFO, logger="graphc"):
+            caplog.clear()
+            assert step(*batch) == fresh(*batch)
+        for key, value in model.state_dict().items():
+            np.testing.assert_array_equal(value, twin.state_dict()[key], err_msg=key)
+        if size != 7:
+            assert REUSED in caplog.text
+            assert step.executable.cache_stats.compiled == 0, step.executable.cache_stats
+            assert call_sources(step.executable) <= call_sources(first)
+    assert step.executable is first
 
 
 @pytest.mark.parametrize("constant_only", [False, True])
