@@ -128,10 +128,13 @@ class KernelCache(KernelFiles):
     def compiled(self, sources: Sequence[str]) -> list[bool]:
         """For each kernel module source: is it loaded in this process, or compiled on disk (for
         some signature)? Loading it then costs milliseconds, compiling it up to seconds."""
-        on_disk = self._compiled_on_disk()
+        keys = [cache_key(source) for source in sources]
         with self._lock:
-            return [key in self._loaded or self.module_name(key) in on_disk
-                    for key in map(cache_key, sources)]
+            loaded = [key in self._loaded for key in keys]
+        if all(loaded):  # the disk's listing (~5 ms) only where it can tell
+            return loaded
+        on_disk = self._compiled_on_disk()
+        return [was or self.module_name(key) in on_disk for was, key in zip(loaded, keys)]
 
     def _compiled_on_disk(self) -> set[str]:
         """The module names for which Numba's cache holds compiled code (for some signature).
@@ -153,12 +156,13 @@ class KernelCache(KernelFiles):
         """Compile the kernels missing from the disk cache here and in worker processes, longest
         first (compile_pool.py). Fills `result` for the requests compiled here; returns the cache
         keys the workers compiled (none when too few kernels are missing to pay a worker's start)."""
-        missing: dict[str, int] = {}  # cache key -> the first request for it
-        on_disk = self._compiled_on_disk()
+        unloaded: dict[str, int] = {}  # cache key -> the first request for it
         for i, (kernel, _) in enumerate(requests):
             key = cache_key(kernel.source)
-            if key not in self._loaded and key not in missing and self.module_name(key) not in on_disk:
-                missing[key] = i
+            if key not in self._loaded:
+                unloaded.setdefault(key, i)
+        on_disk = self._compiled_on_disk() if unloaded else set()  # the listing only where it can tell
+        missing = {key: i for key, i in unloaded.items() if self.module_name(key) not in on_disk}
         order = sorted(missing, key=lambda key: -estimated_compile_seconds(requests[missing[key]][0]))
         tasks = [(key, self.path(key), self.module_name(key), requests[missing[key]][0].entry,
                   requests[missing[key]][1]) for key in order]
