@@ -3,7 +3,9 @@
 A backend never fuses or plans memory itself (graphc.lowering runs those passes and hands it
 their results). Kernel backends (numba-cpu, numba-cuda) expose ``lower(fused) -> LoweredGraph``,
 the generated source of every kernel (which tells the memory planner each kernel's scratch), and
-``compile_plan(lowered, plan) -> executable``. The reference interpreter runs the primitive graph
+``compile_plan(lowered, plan, memory_of=None) -> executable``, where `memory_of` is an executable
+it compiled before for the same program at another batch size: the new one may share its memory
+(their calls then take turns). The reference interpreter runs the primitive graph
 as it is: ``compile_graph(graph, donate=None) -> executable``. Executables are called with NumPy
 arrays (one per graph input) and return a list of arrays (one per output); `donate` maps input
 index -> output index: that output is written into the input's buffer.

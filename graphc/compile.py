@@ -80,6 +80,10 @@ class CompiledGraph:
 
 class _CompiledModelBase:
     backend: str
+    # Whether calls at different batch sizes may take turns, their executables sharing memory:
+    # a fresh arena or scan stack of tens of MiB is paged in by its first call. A compiled model
+    # keeps memory of its own per size (a server may run several sizes at once).
+    sizes_take_turns = False
     _compiled: dict[tuple, CompiledGraph]
     _last: CompiledGraph | None = None
     name: str
@@ -107,7 +111,7 @@ class _CompiledModelBase:
             compiled = self._rebatched(traced, donate, signature, reads, stages)
             if compiled is None:
                 optimized = stages.run(traced, [SIMPLIFY])
-                executable = compile_graph(optimized, self.backend, donate, stages)
+                executable = compile_graph(optimized, self.backend, donate, stages, self._memory_of(last))
                 compiled = CompiledGraph(traced, optimized, executable, donate, signature, reads)
         self._compiled[(signature, reads.modes, reads.types)] = self._last = compiled
         return compiled, reads.arrays()
@@ -133,9 +137,14 @@ class _CompiledModelBase:
             log.info("graphc: %s reuses the graphs compiled for %s", self.name,
                      ", ".join(str(TensorType(*s)) for s in earlier.signature))
             stages.record("rebatched_fusion" if planned else "rebatched_optimized", graph)
-            return CompiledGraph(traced, None if planned else graph,
-                                 compile_graph(graph, self.backend, donate, stages), donate, signature, reads)
+            executable = compile_graph(graph, self.backend, donate, stages, self._memory_of(earlier))
+            return CompiledGraph(traced, None if planned else graph, executable, donate, signature, reads)
         return None
+
+    def _memory_of(self, earlier: CompiledGraph | None) -> Executable | None:
+        """The executable whose memory a new compilation may share (compile_graph's memory_of),
+        where the executables of all batch sizes may take turns."""
+        return earlier.executable if earlier is not None and self.sizes_take_turns else None
 
     def _log_recompile(self, last: CompiledGraph, signature: tuple) -> None:
         if last.signature != signature:
@@ -213,6 +222,8 @@ class _CompiledModelBase:
 
 class TrainStep(_CompiledModelBase):
     """`step(*inputs, target) -> loss`: one call runs one compiled graph that updates the model."""
+
+    sizes_take_turns = True  # each step updates the weights the next one reads
 
     def __init__(self, model: Module, loss_fn: Callable[..., Tensor], optimizer: Optimizer,
                  example_inputs: Sequence[Any], backend: str | None = None,

@@ -43,19 +43,21 @@ def collection_paused() -> Iterator[None]:
 
 
 def compile_graph(graph: Graph, backend: str | None = None, donate: dict[int, int] | None = None,
-                  stages: Stages | None = None) -> Any:
+                  stages: Stages | None = None, memory_of: Any = None) -> Any:
     """Compile `graph` (primitive nodes, or already fused) for `backend` (the default when None).
 
     `donate` maps a graph input index to the output index written into that input's buffer;
     `stages` records fusion and the memory plan after the compilation's earlier stages (a new
-    record named after the graph when None).
+    record named after the graph when None); `memory_of` is an executable compiled before for
+    the same program at another batch size, whose memory the new one may share (calls of the
+    two then take turns).
     """
     module = get_backend(backend)
     if not lowers_kernels(module):  # the interpreter runs the primitive graph as it is
         return module.compile_graph(graph, donate)
     if any(n.op == SCAN_OP for n in graph.nodes):  # bodies compiled once, stepped from Python for now
-        return compile_with_scans(graph, lambda part: compile_graph(part, backend), donate)
+        return compile_with_scans(graph, lambda part: compile_graph(part, backend), donate, memory_of)
     stages = stages if stages is not None else Stages(graph.name)
     fused = graph if any(n.op == KERNEL_OP for n in graph.nodes) else stages.run(graph, [FUSION])
     lowered = module.lower(fused)
-    return module.compile_plan(lowered, stages.plan_memory(fused, donate, lowered.scratch))
+    return module.compile_plan(lowered, stages.plan_memory(fused, donate, lowered.scratch), memory_of)

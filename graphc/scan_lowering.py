@@ -16,6 +16,7 @@ timing). The parts do not share one arena.
 """
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any, Callable, Sequence
 
@@ -59,27 +60,39 @@ class SegmentedExecutable:
     The scans' stacked outputs come from `stack()`: arrays of the last call that it did not
     return are used again. A fresh array of that size (tens of MiB over hundreds of steps) is
     mapped anew by the system on every call and each of its pages faults when first written:
-    on lstm-784 that cost ~14 ms of a ~380 ms step. Calls take turns (the parts' arenas are
-    shared anyway)."""
+    on lstm-784 that cost ~14 ms of a ~380 ms step, and up to 0.2 s of system time in the first
+    call at another batch size (88 MiB of stacks at 33 after 64). So `memory_of`, the
+    SegmentedExecutable of the same program at another batch size, shares its spare arrays:
+    a stack is the front of the smallest spare one of its dtype that holds it. Calls take turns
+    (those of `memory_of` too)."""
 
     def __init__(self, graph: Graph, parts: list[tuple[Run, list[Value], list[Value]]],
-                 donate: dict[int, int] | None = None) -> None:
+                 donate: dict[int, int] | None = None, memory_of: Any = None) -> None:
         self.graph = graph
         self.parts = parts
         self.donate = dict(donate or {})
         self._signature = InputSignature(graph, tuple(self.donate))
-        self._lock = threading.Lock()
-        self._spare: dict[tuple[tuple[int, ...], np.dtype], list[np.ndarray]] = {}
-        self._lent: list[np.ndarray] = []  # this call's arrays from stack()
+        if isinstance(memory_of, SegmentedExecutable):
+            self._lock, self._spare = memory_of._lock, memory_of._spare
+        else:
+            self._lock = threading.Lock()
+            self._spare: dict[np.dtype, list[np.ndarray]] = {}  # flat arrays, by dtype
+        self._lent: list[tuple[np.ndarray, np.ndarray]] = []  # this call's (spare, stack) from stack()
         for run, _, _ in parts:
             if hasattr(run, "allocate"):  # a scan's loop (ScanLoop, a backend's driver)
                 run.allocate = self.stack
 
     def stack(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """An uninitialised array for a scan's stacked output."""
-        spare = self._spare.get((shape, dtype))
-        array = spare.pop() if spare else np.empty(shape, dtype)
-        self._lent.append(array)
+        dtype, size = np.dtype(dtype), math.prod(shape)
+        spares = self._spare.get(dtype, [])
+        fitting = [i for i, a in enumerate(spares) if a.size >= size]
+        if fitting:
+            spare = spares.pop(min(fitting, key=lambda i: spares[i].size))
+        else:
+            spare = np.empty(size, dtype)
+        array = spare[:size].reshape(shape)
+        self._lent.append((spare, array))
         return array
 
     def __call__(self, *args: Any) -> list[np.ndarray]:
@@ -92,17 +105,18 @@ class SegmentedExecutable:
             for i, o in self.donate.items():
                 np.copyto(arrays[i], results[o])
                 results[o] = arrays[i]
-            for array in self._lent:  # kept for the next call unless the caller gets it, or a view
+            for spare, array in self._lent:  # kept for the next call unless the caller gets it, or a view
                 if not any(np.may_share_memory(array, r) for r in results):
-                    self._spare.setdefault((array.shape, array.dtype), []).append(array)
+                    self._spare.setdefault(spare.dtype, []).append(spare)
             self._lent = []
             return results
 
 
-def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, int] | None = None
-                       ) -> SegmentedExecutable:
+def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, int] | None = None,
+                       memory_of: Any = None) -> SegmentedExecutable:
     """Cut `graph` at its scans; compile each run of other nodes and each scan's body with
-    `compile_part` (a body with scans of its own comes back here through it)."""
+    `compile_part` (a body with scans of its own comes back here through it). `memory_of`: the
+    executable of the same program at another batch size (SegmentedExecutable)."""
     last_read = _last_reads(graph)
     position = {node: i for i, node in enumerate(graph.nodes)}
     parts: list[tuple[Run, list[Value], list[Value]]] = []
@@ -133,7 +147,7 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
         stacked_by_scans.update(v for v in node.outputs[node.attrs["num_carry"]:])
         parts.append((runner, list(node.inputs), list(node.outputs)))
     close_segment()
-    return SegmentedExecutable(graph, parts, donate)
+    return SegmentedExecutable(graph, parts, donate, memory_of)
 
 
 def _scan_runner(node: Node, body: Any) -> Run:

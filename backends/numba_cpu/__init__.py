@@ -1,6 +1,6 @@
 """The numba-cpu backend: fused kernels generated as Python source, compiled by Numba.
 
-    lower(fused) -> LoweredGraph;  compile_plan(lowered, plan) -> Executable
+    lower(fused) -> LoweredGraph;  compile_plan(lowered, plan, memory_of=None) -> Executable
 
 See executor.py (the executable and its memory), codegen_*.py (one generator per kernel
 pattern) and cache.py (the on-disk kernel cache).

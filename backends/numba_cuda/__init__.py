@@ -1,13 +1,14 @@
 """The numba-cuda backend: fused kernels generated as numba.cuda source, run on an NVIDIA GPU
 (or, with NUMBA_ENABLE_CUDASIM=1 set before numba is imported, on Numba's CUDA simulator).
 
-    lower(fused) -> LoweredGraph;  compile_plan(lowered, plan) -> Executable
+    lower(fused) -> LoweredGraph;  compile_plan(lowered, plan, memory_of=None) -> Executable
 
 See codegen.py (one generator per fusion pattern) and executor.py (device arena, calls).
 """
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from graphc.backends import LoweredGraph
 from graphc.ir import Graph
@@ -42,7 +43,9 @@ def lower(fused: Graph) -> LoweredGraph:
     return lower_for_cuda(fused)
 
 
-def compile_plan(lowered: LoweredGraph, plan: MemoryPlan):
+def compile_plan(lowered: LoweredGraph, plan: MemoryPlan, memory_of: Any = None):
+    """Every executable has a device arena of its own (`memory_of` shares none): device memory
+    is not paged in by its first use, as a CPU arena is."""
     from .executor import compile_plan as compile_for_cuda
     return compile_for_cuda(lowered, plan)
 
