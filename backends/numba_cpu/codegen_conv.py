@@ -29,7 +29,8 @@ from .codegen_winograd import (ENTRY, FORWARD, INPUT_GRAD, WEIGHT_GRAD, winograd
 # layers of many shapes (resnet-m compiled conv2d_im2col three times and conv2d_input_grad twice,
 # ~1 s each on one thread, 4.7 s parallel; now twice and once): the window size comes from the
 # filters' shape, row stride, padding and dilation are GEOMETRY. The column stride SW stays a
-# module constant: it is the stride of the copies along a row, which run fast only when it is
+# module constant: it picks the plane helper (at stride 1 a copy per row, which vectorises;
+# otherwise one strided 2-D copy per kernel cell), and the row copies run fast only when it is
 # known (as an argument, behind an `if SW == 1` or with a second plane helper compiled for
 # stride 1, the MNIST CNN's first layer ran 12-30% slower, a 1x1 stride-2 projection 12-24%;
 # with SW alone constant, resnet-m's im2col kernels take 31.2 ms a step against 30.3).
@@ -61,11 +62,20 @@ def _columns_inside(w: Writer) -> None:
     w.line("hi = max(lo, min(OW, (W - 1 - start) // SW + 1))")
 
 
-def _im2col_plane(w: Writer) -> None:
+def _rows_inside(w: Writer) -> None:
+    """Bind `top`, `first`, `last`: output rows first..last-1 read input rows oh*SH + top that
+    lie inside the image, for kernel row i."""
+    w.line("top = i * DH - PH")
+    w.line("first = min(OH, max(0, -(top // SH)))")
+    w.line("last = max(first, min(OH, (H - 1 - top) // SH + 1))")
+
+
+def _im2col_rows(w: Writer) -> None:
     """col[row0 + (i, j), p] = x[input position output p reads at kernel cell (i, j)] for one
-    image plane x (zero in the padding). The copies run over views with indices counting from
-    0, so Numba's negative-index wraparound folds away and LLVM vectorises them (3x faster than
-    indexing the whole row, and Numba's slice assignment is slower still on rows this short)."""
+    image plane x (zero in the padding), for column stride 1: a copy per output row, over views
+    with indices counting from 0, so Numba's negative-index wraparound folds away and LLVM
+    vectorises them (3x faster than indexing the whole row, and Numba's slice assignment is
+    slower still on rows this short)."""
     w.line("H, W = x.shape")
     _output_size(w)
     with w.block("for i in range(KH):"), w.block("for j in range(KW):"):
@@ -87,6 +97,36 @@ def _im2col_plane(w: Writer) -> None:
                 w.line("out[q] = 0")
 
 
+def _im2col_strided(w: Writer) -> None:
+    """_im2col_rows for a column stride over 1: per kernel cell, one copy between 2-D views (the
+    column row as OH x OW, the cells it reads as a strided view of x) whose indices count from
+    0. The strided copies do not vectorise either way, and a view per output row cost more than
+    its copy on these small planes (resnet-m's 3x3 stride-2 convolution of 32 x 32 x 32 images,
+    one thread: forward 5.7 -> 4.4 ms, input gradient 6.5 -> 4.3, weight gradient 6.6 -> 5.5;
+    its 1x1 stride-2 projection 1.4 -> 0.5 ms forward). At stride 1 the row copies vectorise
+    and stay faster (the stem 0.75 against 0.95 ms)."""
+    w.line("H, W = x.shape")
+    _output_size(w)
+    with w.block("for i in range(KH):"):
+        _rows_inside(w)
+        with w.block("for j in range(KW):"):
+            w.line("dst = col[row0 + i * KW + j].reshape((OH, OW))")
+            _columns_inside(w)
+            with w.block("for oh in range(OH):"):
+                with w.block("if oh < first or oh >= last:"):
+                    with w.block("for q in range(OW):"):
+                        w.line("dst[oh, q] = 0")
+                with w.block("else:"):
+                    with w.block("for q in range(lo):"):
+                        w.line("dst[oh, q] = 0")
+                    with w.block("for q in range(hi, OW):"):
+                        w.line("dst[oh, q] = 0")
+            w.line("src, inside = x[first * SH + top::SH, lo * SW + start::SW], dst[first:last, lo:hi]")
+            with w.block("for a in range(last - first):"):
+                with w.block("for q in range(hi - lo):"):
+                    w.line("inside[a, q] = src[a, q]")
+
+
 def zero_plane(w: Writer, plane: str) -> None:
     """A loop, not `plane[:, :] = 0`: Numba's slice fill costs several times more on planes
     this small (measured on 24x24)."""
@@ -94,9 +134,9 @@ def zero_plane(w: Writer, plane: str) -> None:
         w.line(f"{plane}[ih, iw] = 0")
 
 
-def _col2im_plane(w: Writer) -> None:
+def _col2im_rows(w: Writer) -> None:
     """dx[ih, iw] = sum of dcol over the cells that read (ih, iw), for one image plane: the
-    adjoint of im2col, with the same views counting from 0."""
+    adjoint of _im2col_rows, with the same views counting from 0."""
     w.line("H, W = dx.shape")
     _output_size(w)
     zero_plane(w, "dx")
@@ -109,6 +149,29 @@ def _col2im_plane(w: Writer) -> None:
                 w.line("row, dst = src[oh * OW + lo:oh * OW + hi], dx[ih, lo * SW + start:]")
                 with w.block("for q in range(hi - lo):"):
                     w.line("dst[q * SW] += row[q]")
+
+
+def _col2im_strided(w: Writer) -> None:
+    """_col2im_rows for a column stride over 1: the adjoint of _im2col_strided, with the same
+    2-D views."""
+    w.line("H, W = dx.shape")
+    _output_size(w)
+    zero_plane(w, "dx")
+    with w.block("for i in range(KH):"):
+        _rows_inside(w)
+        with w.block("for j in range(KW):"):
+            _columns_inside(w)
+            w.line("src = dcol[row0 + i * KW + j].reshape((OH, OW))[first:last, lo:hi]")
+            w.line("dst = dx[first * SH + top::SH, lo * SW + start::SW]")
+            with w.block("for a in range(last - first):"):
+                with w.block("for q in range(hi - lo):"):
+                    w.line("dst[a, q] += src[a, q]")
+
+
+def _plane_copy(node: Node, rows: Callable[[Writer], None],
+                strided: Callable[[Writer], None]) -> Callable[[Writer], None]:
+    """The im2col (or col2im) plane body for this node's column stride, a module constant."""
+    return rows if node.attrs["stride"][1] == 1 else strided
 
 
 def _conv_module(entry: str, params: list[str], node: Node, plane_body: Callable[[Writer], None],
@@ -260,7 +323,7 @@ def _im2col_conv(node: Node, refs: Refs, x: Value, b: Value, c: Value, weight: V
 
     entry = "conv2d_im2col"
     source = _conv_module(entry, ["x", "b", "c", "scratch", "partial", *GEOMETRY, "G", "grad"], node,
-                          _im2col_plane, "x, col, row0", body, threads > 1,
+                          _plane_copy(node, _im2col_rows, _im2col_strided), "x, col, row0", body, threads > 1,
                           helpers=(_ZERO_MATRIX, _ADD_PARTIALS))
     args = (refs[x], refs[b], refs[c], col, partial, *_geometry_args(node), node.attrs["groups"], grad)
     return [Call(source, entry, args, parallel=threads > 1)], _conv_flops(weight.shape, n * positions)
@@ -299,7 +362,7 @@ def _conv2d_input_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
     return _per_image_conv("conv2d_input_grad", node, refs, {"dy": dy, "w": weight, "dx": node.output},
                            "dy", weight, (node.output.shape[1], _plane_size(dy.shape)),
                            "dx.shape[1], dy.shape[2] * dy.shape[3]",
-                           (_col2im_plane, "dcol, dx, row0"), steps)
+                           (_plane_copy(node, _col2im_rows, _col2im_strided), "dcol, dx, row0"), steps)
 
 
 @lowering(TARGET, "conv2d_weight_grad")

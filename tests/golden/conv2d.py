@@ -16,25 +16,27 @@ def plane(x, col, row0, geometry):
     OH = (H + 2 * PH - DH * (KH - 1) - 1) // SH + 1
     OW = (W + 2 * PW - DW * (KW - 1) - 1) // SW + 1
     for i in range(KH):
+        top = i * DH - PH
+        first = min(OH, max(0, -(top // SH)))
+        last = max(first, min(OH, (H - 1 - top) // SH + 1))
         for j in range(KW):
-            dst = col[row0 + i * KW + j]
+            dst = col[row0 + i * KW + j].reshape((OH, OW))
             start = j * DW - PW
             lo = min(OW, max(0, -(start // SW)))
             hi = max(lo, min(OW, (W - 1 - start) // SW + 1))
             for oh in range(OH):
-                ih = oh * SH - PH + i * DH
-                out = dst[oh * OW:(oh + 1) * OW]
-                if ih < 0 or ih >= H:
+                if oh < first or oh >= last:
                     for q in range(OW):
-                        out[q] = 0
-                    continue
-                for q in range(lo):
-                    out[q] = 0
-                src, inside = x[ih, lo * SW + start:], out[lo:hi]
+                        dst[oh, q] = 0
+                else:
+                    for q in range(lo):
+                        dst[oh, q] = 0
+                    for q in range(hi, OW):
+                        dst[oh, q] = 0
+            src, inside = x[first * SH + top::SH, lo * SW + start::SW], dst[first:last, lo:hi]
+            for a in range(last - first):
                 for q in range(hi - lo):
-                    inside[q] = src[q * SW]
-                for q in range(hi, OW):
-                    out[q] = 0
+                    inside[a, q] = src[a, q]
 
 
 @njit(error_model='numpy', no_cfunc_wrapper=True, no_cpython_wrapper=True)
