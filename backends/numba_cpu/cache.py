@@ -36,6 +36,7 @@ from graphc.backends.kernel_files import (CacheStats, KernelFiles, default_cache
 
 from .codegen_common import Call
 from .compile_pool import compile_with_workers, estimated_compile_seconds
+from .loaded_code import release_linking_module
 from .opt_level import KERNEL_OPT_LEVEL, kernel_optimization_level
 
 
@@ -184,6 +185,7 @@ class KernelCache(KernelFiles):
         with kernel_optimization_level():
             dispatcher.compile(signature)
         elapsed = time.perf_counter() - start
+        release_linking_module(dispatcher, signature)
         loaded = sum(dispatcher.stats.cache_hits.values()) > hits_before
         if not loaded:
             self._record_compiled(key, compiled_in)
