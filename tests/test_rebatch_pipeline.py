@@ -4,6 +4,8 @@ listed on disk for kernels this process has loaded (the listing covers every ker
 executables share their memory (a fresh arena or scan stack is paged in by its first call)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -99,3 +101,21 @@ def test_compiled_model_sizes_keep_their_own_memory():
     x = rng.standard_normal((5, 6)).astype(np.float32)
     np.testing.assert_allclose(compiled(x), gc.compile(model, x, backend="reference")(x), rtol=1e-5, atol=1e-6)
     assert compiled.executable is not first and compiled.executable._lock is not first._lock
+
+
+def test_the_disk_listing_is_made_again_only_when_the_folder_changed(tmp_path, monkeypatch):
+    cache = KernelCache(str(tmp_path))
+    index = tmp_path / "__pycache__"
+    index.mkdir(exist_ok=True)
+    (index / "k_one.k_one-1.py311.nbi").write_bytes(b"")
+    long_ago = 1_000_000_000_000_000_000  # ns: 2001
+    os.utime(index, ns=(long_ago, long_ago))
+    listings = []
+    listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda folder: listings.append(folder) or listdir(folder))
+    assert cache._compiled_on_disk() == {"k_one"}
+    assert cache._compiled_on_disk() == {"k_one"} and len(listings) == 1
+    (index / "k_two.k_two-1.py311.nbi").write_bytes(b"")  # the folder's mtime is now
+    assert cache._compiled_on_disk() == {"k_one", "k_two"} and len(listings) == 2
+    # changed within the last second: a later change might not move the mtime, so no memo
+    assert cache._compiled_on_disk() == {"k_one", "k_two"} and len(listings) == 3

@@ -62,6 +62,8 @@ class KernelCache(KernelFiles):
     def __init__(self, directory: str) -> None:
         super().__init__(directory)
         self.stats = CacheStats()
+        # folder -> (its mtime, the kernels it indexes) as last listed (_indexed_in)
+        self._index_listings: dict[str, tuple[int, frozenset[str]]] = {}
 
     def load(self, kernel: Call, signature: tuple, stats: CacheStats | None = None) -> Any:
         """The compiled entry function of `kernel`, specialised for `signature`."""
@@ -137,19 +139,31 @@ class KernelCache(KernelFiles):
         on_disk = self._compiled_on_disk()
         return [was or self.module_name(key) in on_disk for was, key in zip(loaded, keys)]
 
-    def _compiled_on_disk(self) -> set[str]:
-        """The module names for which Numba's cache holds compiled code (for some signature).
-        One scan per load: the index folder holds every kernel ever cached."""
+    def _compiled_on_disk(self) -> frozenset[str]:
+        """The module names for which Numba's cache holds compiled code (for some signature)."""
         folders = [os.path.join(self.directory, "__pycache__")]
         if numba.config.CACHE_DIR:
             folders += [root for root, _, _ in os.walk(numba.config.CACHE_DIR)]
-        names: set[str] = set()
-        for folder in folders:
-            try:
-                entries = os.listdir(folder)
-            except OSError:
-                continue
-            names.update(e.split(".", 1)[0] for e in entries if e.startswith("k_") and e.endswith(".nbi"))
+        listings = [self._indexed_in(folder) for folder in folders]
+        return listings[0] if len(listings) == 1 else frozenset().union(*listings)
+
+    def _indexed_in(self, folder: str) -> frozenset[str]:
+        """The module names Numba's index files in `folder` name. The folder holds every kernel
+        ever cached (a listing: 5-30 ms), so it is listed again only when it has changed since
+        (its mtime), or when it had changed within a second of the last listing: a change made
+        after a listing but within the same tick of the file system's clock would not show."""
+        try:
+            changed = os.stat(folder).st_mtime_ns
+            listed = time.time_ns()
+            known = self._index_listings.get(folder)
+            if known is not None and known[0] == changed:
+                return known[1]
+            entries = os.listdir(folder)
+        except OSError:
+            return frozenset()
+        names = frozenset(e.split(".", 1)[0] for e in entries if e.startswith("k_") and e.endswith(".nbi"))
+        if listed - changed > 1_000_000_000:
+            self._index_listings[folder] = (changed, names)
         return names
 
     def _compile_missing_with_workers(self, requests: list[tuple[Call, tuple]], result: list[Any],
