@@ -81,23 +81,26 @@ def _is_int(x: Any) -> bool:
 class _Matcher:
     def __init__(self) -> None:
         self.ratio: Fraction | None = None
-        self.changed: set[int] = set()
+        self.scaled: dict[int, int] = {}  # each int that changed, old to new
         self.sums: set[int] = set()  # bounds of concatenated parts (_fixed_concatenation)
 
     def ints(self, old: tuple[int, ...], new: tuple[int, ...]) -> None:
         """Position by position equal, or scaled by the one ratio, never from or to 0 or 1."""
         if len(old) != len(new):
             raise _Mismatch
-        for o, n in zip(old, new):
-            if o != n:
-                if o in (0, 1) or n in (0, 1):
-                    raise _Mismatch
-                ratio = Fraction(n, o)
-                if self.ratio is None:
-                    self.ratio = ratio
-                elif ratio != self.ratio:
-                    raise _Mismatch
-                self.changed.add(o)
+        if old != new:
+            for o, n in zip(old, new):
+                if o != n and self.scaled.get(o) != n:
+                    self._scale(o, n)
+
+    def _scale(self, old: int, new: int) -> None:
+        if old in (0, 1) or new in (0, 1):
+            raise _Mismatch
+        if self.ratio is None:
+            self.ratio = Fraction(new, old)
+        elif new * self.ratio.denominator != old * self.ratio.numerator:
+            raise _Mismatch
+        self.scaled[old] = new
 
     def type(self, old: TensorType, new: TensorType) -> None:
         if old.dtype != new.dtype:
@@ -123,10 +126,10 @@ class _Matcher:
 
     def result(self, attrs: dict[int, dict[str, Any]], constants: dict[tuple, tuple],
                input_types: tuple[TensorType, ...]) -> ExtentMatch:
-        if self.ratio is None or self.changed & self.sums:
+        if self.ratio is None or self.scaled.keys() & self.sums:
             raise _Mismatch
         changed = {old: _constant(new) for old, new in constants.items() if old != new}
-        return ExtentMatch(self.ratio, frozenset(self.changed), attrs, changed, input_types)
+        return ExtentMatch(self.ratio, frozenset(self.scaled), attrs, changed, input_types)
 
 
 def match_extents(old: Graph, new: Graph) -> ExtentMatch | None:
@@ -144,11 +147,14 @@ def _match(old: Graph, new: Graph) -> ExtentMatch:
         raise _Mismatch
     m = _Matcher()
     values = {}
+    retyped: set[Value] = set()  # values of the old trace whose type changed
     for a, b in zip(old.inputs, new.inputs):
         if a.name != b.name or a.role != b.role:
             raise _Mismatch
         m.type(a.value.type, b.value.type)
         values[a.value] = b.value
+        if a.value.type != b.value.type:
+            retyped.add(a.value)
     attrs: dict[int, dict[str, Any]] = {}
     # CSE merges nodes of one op reading the same operands by their attributes
     siblings: dict[tuple, list[tuple[dict, dict]]] = {}
@@ -169,12 +175,15 @@ def _match(old: Graph, new: Graph) -> ExtentMatch:
         for v, w in zip(a.outputs, b.outputs):
             m.type(v.type, w.type)
             values[v] = w
+            if v.type != w.type:
+                retyped.add(v)
+        folds = a.op != "constant" and _folds(a, folded)
         if a.op == "constant":
             folded[a.output] = _constant_pair(constants, a.attrs["value"], b.attrs["value"])
             folded_new.add(b.output)
-        elif _folds(a, folded) != _folds(b, folded_new):
+        elif folds != _folds(b, folded_new):
             raise _Mismatch
-        elif _folds(a, folded):  # simplify computes its value: so here, for both traces
+        elif folds:  # simplify computes its value: so here, for both traces
             old_value = _fold(a, [folded[v][0] for v in a.inputs])
             new_value = _fold(b, [folded[v][1] for v in a.inputs])
             folded[a.output] = _constant_pair(constants, old_value, new_value)
@@ -182,7 +191,7 @@ def _match(old: Graph, new: Graph) -> ExtentMatch:
         if a.op == "concatenate":
             _fixed_concatenation(m, a, b)
         around = _neighbourhood(a)
-        if _equal_types(around) != _equal_types([values[v] for v in around]):
+        if not retyped.isdisjoint(around) and _equal_types(around) != _equal_types([values[v] for v in around]):
             raise _Mismatch
         siblings.setdefault((a.op, tuple(position[v] for v in a.inputs)), []).append((a.attrs, b.attrs))
         position.update((v, len(position) + q) for q, v in enumerate(a.outputs))
