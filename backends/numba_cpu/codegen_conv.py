@@ -22,7 +22,7 @@ from .codegen_common import (HELPER_DECORATOR, HELPER_OPTIONS, TARGET, Call,
                              decorator, module, runs_parallel)
 from .codegen_matmul import gemm_call
 from .codegen_winograd import (ENTRY, FORWARD, INPUT_GRAD, WEIGHT_GRAD, winograd_applies, winograd_scratch,
-                               winograd_source)
+                               winograd_source, winograd_tile)
 
 
 # A convolution's geometry is integer arguments of its kernel, so that one compiled module serves
@@ -377,16 +377,17 @@ def _conv2d_weight_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
 def _winograd(node: Node, refs: Refs, a: Value, b: Value, c: Value, padding: tuple[int, int],
               mode: int) -> tuple[list[Call], int]:
     """conv2d (a: x, b: w, c: out), its input gradient (dy, w, dx) or its weight gradient (x, dy,
-    dw) as Winograd F(2x2, 3x3) (codegen_winograd). FLOPs counted as the direct convolution's,
-    so that GFLOP/s compare with the im2col kernels."""
-    planes = b if mode == WEIGHT_GRAD else c  # the planes the 2x2 tiles cover
-    threads, shapes = winograd_scratch(a.shape[0], a.shape[1], planes.shape[1], planes.shape[2:], mode)
+    dw) as Winograd F(2x2, 3x3) or, on larger planes, F(4x4, 3x3) (codegen_winograd). FLOPs
+    counted as the direct convolution's, so that GFLOP/s compare with the im2col kernels."""
+    planes = b if mode == WEIGHT_GRAD else c  # the planes the output tiles cover
+    tile = winograd_tile(planes.shape[2:])
+    threads, shapes = winograd_scratch(a.shape[0], a.shape[1], planes.shape[1], planes.shape[2:], mode, tile)
     scratch = [refs.new_scratch(shape, c.dtype) for shape in shapes]
     args = (refs[a], refs[b], refs[c], *scratch, *padding, mode)
     weight = c if mode == WEIGHT_GRAD else b
     positions = _plane_size(a.shape if mode == INPUT_GRAD else planes.shape)
     flops = _conv_flops(weight.shape, a.shape[0] * positions)
-    return [Call(winograd_source(threads > 1), ENTRY, args, parallel=threads > 1)], flops
+    return [Call(winograd_source(threads > 1, tile), ENTRY, args, parallel=threads > 1)], flops
 
 
 def _conv_flops(weight_shape: tuple[int, ...], positions: int) -> int:

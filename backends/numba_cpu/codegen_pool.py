@@ -101,9 +101,9 @@ def _tiled_max_pool_grad_plane(kh: int, kw: int) -> tuple[Callable[[Writer], Non
     for "equals it, and no earlier cell did", the cotangent times that flag. The window's rows
     of x and dx are separate arguments, so the loop vectorises (a loop storing to two rows of
     one array does not): the MNIST CNN's 64x64x24x24 gradient takes 3.0 ms on one thread, 4.8 ms
-    with a branch per window (alternated in one process). A row holding a NaN, or a non-finite cotangent (inf * 0 would be NaN),
-    is then redone by the general search. A cell that is not the maximum gets g * 0, which is
-    -0.0 for a negative g."""
+    with a branch per window (alternated in one process). A row holding a NaN, or a non-finite
+    cotangent (inf * 0 would be NaN), is then redone by the general search. A cell that is not
+    the maximum gets g * 0, which is -0.0 for a negative g."""
     cells = [(i, j) for i in range(kh) for j in range(kw)]
     rows = ", ".join([f"x{i}" for i in range(kh)] + ["g"] + [f"d{i}" for i in range(kh)])
     helper = Writer()

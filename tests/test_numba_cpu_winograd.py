@@ -1,0 +1,41 @@
+"""The numba-cpu Winograd convolutions against the reference: output planes of at least
+MIN_SIDE_4X4 take F(4x4, 3x3) (6x6 tiles, 36 GEMMs), smaller ones F(2x2, 3x3); planes whose
+sides are no multiple of the tile (the last tiles half outside), paddings 0 to 2 (the input
+gradient pads by 2 - padding), float64."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graphc.backends.numba_cpu.codegen_winograd import MIN_SIDE_4X4, winograd_tile
+from graphc.backends.reference import evaluate
+from graphc.lowering import compile_graph
+from opcheck import build_graph
+
+TOLERANCE = {"float32": dict(rtol=1e-4, atol=1e-4), "float64": dict(rtol=1e-10, atol=1e-10)}
+
+
+@pytest.mark.parametrize("height, width, padding, dtype", [
+    (18, 19, (1, 1), "float32"),  # 18 x 19 outputs: 5 x 5 tiles of 4, the last ones partly outside
+    (18, 18, (0, 2), "float32"),  # 16 x 20 outputs; the input gradient pads by 2 and 0
+    (17, 20, (2, 1), "float64"),
+])
+def test_4x4_tiles_match_the_reference(height, width, padding, dtype):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 16, height, width)).astype(dtype)
+    w = (rng.standard_normal((17, 16, 3, 3)) / 4).astype(dtype)
+    out_shape = (2, 17, height + 2 * padding[0] - 2, width + 2 * padding[1] - 2)
+    g = rng.standard_normal(out_shape).astype(dtype)
+    arrays = [x, w, g]
+    graph = build_graph("winograd4", arrays, lambda b, v, f, d: [
+        b.conv2d(v, f, padding=padding), b.conv2d_input_grad(d, f, input_shape=x.shape, padding=padding),
+        b.conv2d_weight_grad(v, d, weight_shape=w.shape, padding=padding)])
+    executable = compile_graph(graph, "numba-cpu")
+    for got, want in zip(executable(*arrays), evaluate(graph, arrays)):
+        np.testing.assert_allclose(got, want, **TOLERANCE[dtype])
+    assert all("(Winograd F(4x4, 3x3))" in k.source for k in executable.kernels)
+
+
+def test_the_tile_follows_the_plane_size():
+    assert winograd_tile((MIN_SIDE_4X4, 40)) == 4
+    assert winograd_tile((MIN_SIDE_4X4 - 1, 40)) == 2
