@@ -32,6 +32,7 @@ against 6.2 s serial), once for every model with such planes.
 """
 from __future__ import annotations
 
+import functools
 from fractions import Fraction
 
 import numba
@@ -234,9 +235,10 @@ def conv3x3_winograd(a, b, c, u, v, m, pad, partial, PH, PW, mode):
 
 
 def winograd_applies(node: Node, weight_shape: tuple[int, ...], dtype: str) -> bool:
-    """Whether a conv2d node or one of its gradients runs as Winograd F(2x2, 3x3): a 3x3 filter,
-    stride and dilation 1, one group, padding at most 2 (the input gradient pads by 2 - padding),
-    a floating dtype and at least MIN_CHANNELS channels in and out."""
+    """Whether a conv2d node or one of its gradients runs as Winograd (F(2x2, 3x3), or F(4x4, 3x3)
+    on large planes: winograd_tile): a 3x3 filter, stride and dilation 1, one group, padding at
+    most 2 (the input gradient pads by 2 - padding), a floating dtype and at least MIN_CHANNELS
+    channels in and out."""
     out_channels, in_channels = weight_shape[:2]
     return (tuple(weight_shape[2:]) == (3, 3) and node.attrs["groups"] == 1
             and tuple(node.attrs["stride"]) == (1, 1) and tuple(node.attrs["dilation"]) == (1, 1)
@@ -348,6 +350,7 @@ def _lines(*rows: str, indent: int) -> str:
     return "\n".join(" " * indent + r for r in rows)
 
 
+@functools.cache
 def _source_4x4(parallel: bool) -> str:
     """The F(4x4, 3x3) module: the F(2x2) module's functions with 36 cells a tile."""
     G = _G
