@@ -6,9 +6,15 @@ two-thread GEMM can run 20-40 times slower than a one-thread one (measured on 2 
 64x36864 by 36864x288 product, 1.4 s against 34 ms). graphc therefore runs that library on one
 thread and splits large GEMMs into row blocks across Numba's threads itself (codegen_matmul).
 NumPy's own BLAS (a different library) is left alone.
+
+Some of OpenBLAS's kernel sets (SkylakeX and its successors, which it also picks on AVX-512
+AMD cores) compute a small sgemm, at most 100^3 multiply-adds, in a "small-matrix" kernel that
+reads the operands in place instead of packing them; gemm.py tiles larger products to use it
+(`small_sgemm_limit`).
 """
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
 import os
@@ -40,17 +46,38 @@ def cython_blas() -> ModuleType:
     return module
 
 
-def single_threaded_scipy_blas() -> bool:
-    """Set scipy's BLAS libraries to one thread; False if threadpoolctl cannot find them."""
+@functools.cache
+def _scipy_blas_controllers() -> tuple:
+    """threadpoolctl's controllers of scipy's BLAS libraries (none without threadpoolctl)."""
     try:
         import threadpoolctl
     except ImportError:
-        return False
+        return ()
     cython_blas()  # loads the library
     root = os.path.dirname(scipy.__file__)
-    found = False
-    for lib in threadpoolctl.ThreadpoolController().lib_controllers:
-        if lib.user_api == "blas" and os.path.realpath(lib.filepath).startswith((root, root + ".libs")):
-            lib.set_num_threads(1)
-            found = True
-    return found
+    return tuple(lib for lib in threadpoolctl.ThreadpoolController().lib_controllers
+                 if lib.user_api == "blas" and os.path.realpath(lib.filepath).startswith((root, root + ".libs")))
+
+
+def single_threaded_scipy_blas() -> bool:
+    """Set scipy's BLAS libraries to one thread; False if threadpoolctl cannot find them."""
+    controllers = _scipy_blas_controllers()
+    for lib in controllers:
+        lib.set_num_threads(1)
+    return bool(controllers)
+
+
+# OpenBLAS kernel sets with the small-matrix sgemm kernels (kernel/x86_64/KERNEL.SKYLAKEX and
+# those that include it), and the largest M * N * K they take (sgemm_small_kernel_permit_skylakex.c).
+_SMALL_SGEMM_CORES = ("skylakex", "cooperlake", "sapphirerapids")
+_SMALL_SGEMM_MNK = 100 ** 3
+
+
+def small_sgemm_limit() -> int:
+    """The largest M * N * K that scipy's BLAS computes with its unpacked small-matrix kernel
+    when A is not transposed (BLAS's column-major view), or 0 where it has none (another BLAS,
+    another kernel set, threadpoolctl missing)."""
+    for lib in _scipy_blas_controllers():
+        if lib.internal_api == "openblas" and str(lib.architecture).lower() in _SMALL_SGEMM_CORES:
+            return _SMALL_SGEMM_MNK
+    return 0
