@@ -191,7 +191,8 @@ def _match(old: Graph, new: Graph) -> ExtentMatch:
         if a.op == "concatenate":
             _fixed_concatenation(m, a, b)
         around = _neighbourhood(a)
-        if not retyped.isdisjoint(around) and _equal_types(around) != _equal_types([values[v] for v in around]):
+        if (not retyped.isdisjoint(around)  # else every type there is the same in both
+                and _equal_types(around) != _equal_types([values[v] for v in around])):
             raise _Mismatch
         siblings.setdefault((a.op, tuple(position[v] for v in a.inputs)), []).append((a.attrs, b.attrs))
         position.update((v, len(position) + q) for q, v in enumerate(a.outputs))

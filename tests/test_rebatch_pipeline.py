@@ -99,7 +99,8 @@ def test_compiled_model_sizes_keep_their_own_memory():
     compiled = gc.compile(model, rng.standard_normal((8, 6)).astype(np.float32), backend="numba-cpu")
     first = compiled.executable
     x = rng.standard_normal((5, 6)).astype(np.float32)
-    np.testing.assert_allclose(compiled(x), gc.compile(model, x, backend="reference")(x), rtol=1e-5, atol=1e-6)
+    expected = gc.compile(model, x, backend="reference")(x)
+    np.testing.assert_allclose(compiled(x), expected, rtol=1e-5, atol=1e-6)
     assert compiled.executable is not first and compiled.executable._lock is not first._lock
 
 
