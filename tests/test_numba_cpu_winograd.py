@@ -15,6 +15,7 @@ from opcheck import build_graph
 TOLERANCE = {"float32": dict(rtol=1e-4, atol=1e-4), "float64": dict(rtol=1e-10, atol=1e-10)}
 
 
+@pytest.mark.slow  # ~20 s: the F(4x4) module compiles for each dtype
 @pytest.mark.parametrize("height, width, padding, dtype", [
     (18, 19, (1, 1), "float32"),  # 18 x 19 outputs: 5 x 5 tiles of 4, the last ones partly outside
     (18, 18, (0, 2), "float32"),  # 16 x 20 outputs; the input gradient pads by 2 and 0
