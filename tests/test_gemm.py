@@ -1,15 +1,16 @@
 """gemm.gemm, the BLAS call every numba-cpu GEMM goes through, against NumPy: products large
 enough to be computed in tiles for BLAS's small-matrix kernel (partial tiles at both edges, row
-tiles, deep products that stay one call), every transpose, beta 0 and 1, and sub-matrices at an
-offset inside larger arrays, as the generated kernels pass them."""
+tiles, deep products summed over slices of K), every transpose, beta 0 and 1, and sub-matrices
+at an offset inside larger arrays, as the generated kernels pass them."""
 import numpy as np
 import pytest
 
 from graphc.backends.numba_cpu import gemm as gemm_module
 from graphc.backends.numba_cpu.gemm import gemm
 
-# (m, n, k): one tile row, 64-column tiles and a partial one; row tiles too (k = 300 leaves room
-# for 48 rows); a deep product no tile fits (one BLAS call); one that fits a single call anyway
+# (m, n, k): one tile row, 64-column tiles and a partial one; row tiles and slices of K too
+# (k = 300: 48 rows, 256 deep); a deep product (five slices of K, the last partial); one that
+# fits a single call anyway
 SHAPES = [(64, 520, 128), (100, 130, 300), (17, 70, 1100), (9, 30, 40)]
 
 
@@ -59,10 +60,11 @@ def test_tiles_fit_the_small_kernel():
     limit = gemm_module._SMALL_MNK
     if not limit:
         pytest.skip("scipy's BLAS has no small-matrix sgemm kernel here: products are not tiled")
-    for m, n, k in [(64, 520, 128), (100, 130, 300), (1792, 512, 28), (4000, 64, 16)]:
-        rows = gemm_module._tile_rows(m, n, k, False, 4)
-        assert 0 < rows <= m and rows * min(n, gemm_module._TILE_COLUMNS) * k <= limit
-    assert gemm_module._tile_rows(17, 70, 1100, False, 4) == 0  # deep: no tile fits
-    assert gemm_module._tile_rows(9, 30, 40, False, 4) == 0     # small: one call already
-    assert gemm_module._tile_rows(64, 520, 128, True, 4) == 0   # B transposed
-    assert gemm_module._tile_rows(64, 520, 128, False, 8) == 0  # float64
+    for m, n, k in [(64, 520, 128), (100, 130, 300), (17, 70, 1100), (1792, 512, 28), (4000, 64, 16),
+                    (28, 512, 1792), (512, 512, 512)]:
+        rows, depth = gemm_module._tiles(m, n, k, False, 4)
+        assert 0 < rows <= m and 0 < depth <= k
+        assert rows * min(n, gemm_module._TILE_COLUMNS) * depth <= limit
+    assert gemm_module._tiles(9, 30, 40, False, 4)[0] == 0     # small: one call already
+    assert gemm_module._tiles(64, 520, 128, True, 4)[0] == 0   # B transposed
+    assert gemm_module._tiles(64, 520, 128, False, 8)[0] == 0  # float64

@@ -46,14 +46,16 @@ _N, _T = 78, 84  # ord("N"), ord("T"): BLAS's transpose flags
 
 
 # The largest product (M * N * K) that BLAS computes in its small-matrix kernel, 0 where it has
-# none (blas.py). Of the tile shapes measured (one thread, float32), 64 columns of C and as many
-# rows (a multiple of 16) as fit were the fastest: against one packed call, 64 x 128 by 128 x 512
-# 1.33x, 32 x 300 by 300 x 1024 1.64x, 1792 x 28 by 28 x 512 1.27x, 512 x 512 by 512 x 512 1.13x;
-# 16 or 48 columns were slower than 64, deeper products than k ~ 976 gained nothing. Numba freezes
+# none (blas.py). Of the tile shapes measured (one thread, float32), 64 columns of C, at most 256
+# of K and as many rows (a multiple of 16) as fit were the fastest: against one packed call,
+# 64 x 128 by 128 x 512 1.32x, 32 x 300 by 300 x 1024 1.64x, 1792 x 28 by 28 x 512 1.27x,
+# 28 x 1792 by 1792 x 512 1.49x, 128 x 900 by 900 x 512 1.16x, 512^3 1.02-1.04x; 16 or 48 columns
+# were slower than 64. Numba freezes
 # the limit into compiled (and cached) code; its cache is keyed by the CPU, which picks BLAS's kernels.
 _SMALL_MNK = small_sgemm_limit()
 _TILE_COLUMNS = 64
 _TILE_ROWS_MULTIPLE = 16
+_TILE_DEPTH = 256
 
 
 @njit(cache=True, error_model="numpy", no_cfunc_wrapper=True, no_cpython_wrapper=True)
@@ -95,7 +97,7 @@ def gemm(transpose_a, transpose_b, m, n, k, a, a_at, lda, b, b_at, ldb, beta, c,
     ints = np.empty(6, np.int32)
     scalars = np.empty(2, c.dtype)
     flags = np.empty(2, np.uint8)
-    rows = _tile_rows(m, n, k, transpose_b, c.itemsize)
+    rows, depth = _tiles(m, n, k, transpose_b, c.itemsize)
     if rows == 0:
         _blas_gemm(transpose_a, transpose_b, m, n, k, a, a_at, lda, b, b_at, ldb, beta, c, c_at, ldc,
                    ints, scalars, flags)
@@ -103,18 +105,21 @@ def gemm(transpose_a, transpose_b, m, n, k, a, a_at, lda, b, b_at, ldb, beta, c,
     for i in range(0, m, rows):
         row_at = a_at + (i if transpose_a else i * lda)
         for j in range(0, n, _TILE_COLUMNS):
-            _blas_gemm(transpose_a, False, min(rows, m - i), min(_TILE_COLUMNS, n - j), k, a, row_at,
-                       lda, b, b_at + j, ldb, beta, c, c_at + i * ldc + j, ldc, ints, scalars, flags)
+            for p in range(0, k, depth):  # a deep product sums its slices of K into the tile
+                _blas_gemm(transpose_a, False, min(rows, m - i), min(_TILE_COLUMNS, n - j),
+                           min(depth, k - p), a, row_at + (p * lda if transpose_a else p), lda,
+                           b, b_at + p * ldb + j, ldb, beta if p == 0 else 1.0, c, c_at + i * ldc + j,
+                           ldc, ints, scalars, flags)
 
 
 @njit(cache=True, error_model="numpy", no_cfunc_wrapper=True)
-def _tile_rows(m, n, k, transpose_b, itemsize):
-    """The rows of the tiles (of _TILE_COLUMNS columns) a product is computed in so that each
-    fits BLAS's small-matrix kernel, or 0 for one BLAS call: where it fits already, where BLAS
-    has no such kernel for it, or where not even _TILE_ROWS_MULTIPLE rows fit (deep products,
-    k > ~976, which BLAS packs better)."""
+def _tiles(m, n, k, transpose_b, itemsize):
+    """(rows, depth) of the tiles (of _TILE_COLUMNS columns, at most _TILE_DEPTH deep) a product
+    is computed in so that each fits BLAS's small-matrix kernel, or (0, k) for one BLAS call:
+    where it fits already or where BLAS has no such kernel for it."""
     if _SMALL_MNK == 0 or itemsize != 4 or transpose_b or m * n * k <= _SMALL_MNK:
-        return 0
-    if m * min(n, _TILE_COLUMNS) * k <= _SMALL_MNK:
-        return m
-    return _SMALL_MNK // (_TILE_COLUMNS * k) // _TILE_ROWS_MULTIPLE * _TILE_ROWS_MULTIPLE
+        return 0, k
+    depth = min(k, _TILE_DEPTH)
+    if m * min(n, _TILE_COLUMNS) * depth <= _SMALL_MNK:
+        return m, depth
+    return _SMALL_MNK // (_TILE_COLUMNS * depth) // _TILE_ROWS_MULTIPLE * _TILE_ROWS_MULTIPLE, depth
