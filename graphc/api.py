@@ -21,7 +21,7 @@ from graphc.passes import SIMPLIFY, Stages, autodiff
 from graphc.tree import TreeDef, flatten, unflatten
 
 from . import random as gc_random
-from .lowering import collection_paused, compile_graph
+from .lowering import collecting_new_objects_only, compile_graph
 from .tensor import ModuleReads, Tensor, current_trace, is_tracing, matching_variant, tracing
 
 log = logging.getLogger("graphc")
@@ -232,7 +232,7 @@ class Staged:
         if entry is None:
             self._log_retrace(signature, names)
             stages = Stages(self.name)
-            with collection_paused():
+            with collecting_new_objects_only():
                 traced = self.build(arrays_like(treedef, arrays), stages)
                 executable = compile_graph(traced.graph, self.backend, stages=stages)
             reads = traced.reads

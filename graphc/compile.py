@@ -35,7 +35,7 @@ from graphc.passes.rebatch import match_extents, rebatch
 
 from . import random as gc_random
 from .api import inline_graph, user_facing
-from .lowering import collection_paused, compile_graph
+from .lowering import collecting_new_objects_only, compile_graph
 from .nn.module import (Module, claim_state, functional_call, named_arrays, named_state_refs,
                         release_state_holders, state_arrays, sync_state_holders, traced_state,
                         unclaim_state)
@@ -106,7 +106,7 @@ class _CompiledModelBase:
         if last is not None:
             self._log_recompile(last, signature)
         stages = Stages(self.name)
-        with collection_paused():
+        with collecting_new_objects_only():
             traced, donate, reads = self._trace(arrays, stages)
             compiled = self._rebatched(traced, donate, signature, reads, stages)
             if compiled is None:

@@ -1,11 +1,14 @@
-"""What a compiled executable keeps alive: kernels keep their machine code, not the LLVM modules
-Numba keeps for linking them into other jitted functions (backends/numba_cpu/loaded_code.py)."""
+"""What a compilation leaves in memory: kernels keep their machine code, not the LLVM modules
+Numba keeps for linking them into other jitted functions (backends/numba_cpu/loaded_code.py); and
+the garbage a compilation makes is collected while it runs (graphc/lowering.py)."""
 import gc
 import weakref
 
 import llvmlite.binding as llvm
 import numpy as np
 import pytest
+
+import graphc
 
 from graphc.backends.numba_cpu import cache as kernel_cache
 from graphc.backends.reference import evaluate
@@ -64,3 +67,40 @@ def test_kernels_loaded_from_disk_free_the_module_parsed_from_the_cache(private_
     gc.collect()
     assert parsed
     assert [ref for ref in parsed if ref() is not None] == []
+
+
+class Cycle:
+    def __init__(self):
+        self.itself = self
+
+
+def test_cyclic_garbage_made_while_compiling_is_collected_before_the_compilation_ends():
+    """The passes discard graphs whose nodes and values refer to each other: only the cyclic
+    collector frees them, and it runs during a compilation, over the objects made since it began."""
+    seen = {}
+
+    def f(x):
+        seen["frozen"] = gc.get_freeze_count()
+        garbage = weakref.ref(Cycle())
+        kept = [[i] for i in range(5000)]  # allocations enough for the collector to run
+        seen["collected"] = garbage() is None
+        del kept
+        return x * 2.0
+
+    x = np.arange(3, dtype=np.float32)
+    np.testing.assert_array_equal(graphc.jit(f)(x), x * 2.0)
+    assert seen == {"frozen": seen["frozen"], "collected": True} and seen["frozen"] > 0
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
+
+
+def test_objects_the_program_froze_stay_frozen_after_a_compilation():
+    marker = Cycle()
+    gc.freeze()
+    try:
+        x = np.arange(4, dtype=np.float32)
+        np.testing.assert_array_equal(graphc.jit(lambda x: x + 1.0)(x), x + 1.0)
+        # frozen objects are in no generation the collector walks
+        assert not any(o is marker for generation in range(3) for o in gc.get_objects(generation))
+    finally:
+        gc.unfreeze()
+    assert any(o is marker for o in gc.get_objects(2))
