@@ -583,6 +583,22 @@ def test_an_in_place_kernel_reads_and_writes_one_parameter():
     np.testing.assert_allclose(w_arg, want, **TOLERANCE["float32"])
 
 
+def test_an_output_of_another_dtype_in_an_input_buffer_keeps_its_own_parameter():
+    """int32(8 * tanh(x)) takes the bytes of tanh(x), a float32 array of the same size dying
+    there; stored through the float32 parameter, each integer would be converted to a float
+    and its bits read back as an integer."""
+    b = Builder("cast_in_place")
+    x = b.add_input(TensorType((8, 8), "float32"), "x")
+    flat = b.reshape(b.tanh(x), shape=(64,))  # a view between: the cast cannot fuse with tanh
+    rounded = b.cast(b.mul(flat, b.scalar_like(8.0, flat)), dtype="int32")
+    b.add_output("z", b.transpose(b.reshape(rounded, shape=(8, 8)), perm=(1, 0)))
+    graph = b.graph.verify()
+    executable = compile_graph(graph, "numba-cpu")
+    assert len(executable.plan.inplace) == 1  # the cast's output shares tanh's buffer
+    x_arg = normal(8, 8)
+    np.testing.assert_array_equal(executable(x_arg)[0], evaluate(graph, [x_arg])[0])
+
+
 def test_kernel_modules_import_what_their_writers_declare():
     """The module header follows what the code generator declares (a GEMM call, the fastmath
     flags), not what the text happens to contain."""
