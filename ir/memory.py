@@ -53,7 +53,8 @@ class MemoryPlan:
     storages: list[Storage]
     scratch: dict[Node, list[tuple[Storage, TensorType]]]
     lifetimes: dict[Value, tuple[int, int]]    # arena values: (first writer, last reader)
-    inplace: list[tuple[Node, Value, Value]]   # (kernel, input dying there, output reusing it)
+    inplace: list[tuple[Node, Value, Value]]   # (kernel, input dying there or its library
+                                               #  result, output reusing its storage)
     donated_in_place: dict[int, int]           # input index -> output index, written in place
     donated_by_copy: dict[int, int]            # input index -> output index, copied at the end
     output_copies: list[int]                   # outputs copied from another buffer at the end

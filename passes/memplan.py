@@ -5,6 +5,9 @@ Arena storages are placed greedily, largest first, at the lowest aligned offset 
 overlap a storage whose lifetime intersects theirs (TVM's and tinygrad's planners do the same).
 An elementwise kernel writes an output into the storage of an input that dies at that kernel
 when both have the same size: element i of the input is read before element i is written.
+A library kernel's epilogue likewise writes over the library call's result when nothing outside
+the kernel reads that result (see `anchor_handovers`): one buffer fewer per GEMM or convolution
+with a bias or activation after it.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from graphc.ir import Graph, Node, TensorType, Value
 from graphc.ir.memory import ALIGNMENT, Location, MemoryPlan, Storage
 
 from .dag import DiGraph
-from .fusion import inplace_pairs
+from .fusion import anchor_index, inplace_pairs, reads_at_identity
 
 ScratchFn = Callable[[Node], list[TensorType]]
 
@@ -171,7 +174,9 @@ class _Planner:
                 if v not in lifetimes:
                     continue
                 start, end = lifetimes[v]
-                match = next((x for x in self._reusable_inputs(node, q, position[node], storage_of)
+                reusable = self._reusable_inputs(node, q, position[node], storage_of)
+                reusable += self._reusable_anchor_result(node, q, position[node], storage_of)
+                match = next((x for x in reusable
                               if x not in taken and x.type.nbytes == v.type.nbytes
                               and x.type.np_dtype.itemsize == v.type.np_dtype.itemsize), None)
                 if match is not None:
@@ -203,6 +208,19 @@ class _Planner:
                 result.append(root)
         return result
 
+    def _reusable_anchor_result(self, node: Node, q: int, t: int,
+                                storage_of: dict[Value, Storage]) -> list[Value]:
+        """The library result of `node`, if output `q` may take over its storage: the epilogue
+        writing `q` may overwrite it (`anchor_handovers`) and no other kernel reads it."""
+        handovers = anchor_handovers(node)
+        if q not in handovers:
+            return []
+        result = node.outputs[handovers[q]]
+        storage = storage_of.get(result)
+        if storage is None or storage.end != t or storage.values[-1] is not result:
+            return []
+        return [result]
+
     def _scratch(self, schedule: list[Node], storages: list[Storage]
                  ) -> dict[Node, list[tuple[Storage, TensorType]]]:
         result: dict[Node, list[tuple[Storage, TensorType]]] = {}
@@ -216,6 +234,31 @@ class _Planner:
                 storages.append(storage)
                 result.setdefault(node, []).append((storage, type))
         return result
+
+
+def anchor_handovers(kernel: Node) -> dict[int, int]:
+    """Outputs of a library `kernel` its epilogue may write over the library call's result,
+    each mapped to the output position of that result. The call writes its result whole before
+    the epilogue runs; the epilogue then reads element i of it only in the iteration storing
+    element i of its outputs, before the stores, when every epilogue read of the result is at
+    identity. An output of the result's type then needs no buffer of its own: the backend
+    stores it through the result's array. A result read at other positions (broadcast,
+    transposed) keeps its own buffer."""
+    if kernel.attrs.get("pattern") != "library":
+        return {}
+    sub = kernel.subgraph
+    at = anchor_index(kernel)
+    anchor = sub.nodes[at]
+    if len(anchor.outputs) != 1 or anchor.output not in sub.output_values:
+        return {}
+    epilogue = sub.nodes[at + 1:]
+    if not all(reads_at_identity(n, k) for n in epilogue for k, v in enumerate(n.inputs)
+               if v is anchor.output):
+        return {}
+    written = set(epilogue)
+    source = sub.output_values.index(anchor.output)
+    return {q: source for q, out in enumerate(sub.output_values)
+            if out.producer in written and out.type == anchor.output.type}
 
 
 def _place(storages: list[Storage]) -> int:

@@ -92,3 +92,25 @@ def test_epilogue_overwriting_an_operand_of_its_product_in_place():
     assert library_epilogues(graph) == [["matmul", "tanh", "mul", "sub"]]
     executable = check(graph, [w, x], "float32", donate={0: 0})
     assert executable.plan.donated_in_place == {0: 0}
+
+
+def test_epilogues_written_over_their_products_match_reference():
+    """Each library result is read by a transpose, so it lives in the arena. A result nothing
+    else reads is overwritten by its epilogue (conv + bias + ReLU): one buffer for both. A
+    product another kernel reads, and one whose epilogue casts it to int32 (as many bytes),
+    keep their own buffers."""
+    rng = np.random.default_rng(4)
+    x, w, bias = normal(rng, (2, 3, 6, 5)), normal(rng, (4, 3, 3, 3)), normal(rng, (4, 1, 1))
+    a, m, n = normal(rng, (5, 7)), normal(rng, (7, 9)), normal(rng, (7, 3))
+
+    def layers(b, x, w, bias, a, m, n):
+        activated = b.relu(b.add(b.conv2d(x, w, padding=1), bias))
+        product = b.matmul(a, m)
+        rounded = b.cast(b.mul(b.matmul(a, n), b.scalar_like(8.0, a)), dtype="int32")
+        return [b.transpose(activated, perm=(0, 1, 3, 2)), b.transpose(b.relu(product), perm=(1, 0)),
+                b.neg(b.transpose(product, perm=(1, 0))), b.transpose(rounded, perm=(1, 0))]
+    arrays = [x, w, bias, a, m, n]
+    graph = build_graph("overwritten", arrays, layers)
+    plan = check(graph, arrays, "float32").plan
+    slots = [[plan.slot_of(v) for v in k.outputs] for k in plan.schedule if k.attrs["pattern"] == "library"]
+    assert sorted(len(set(s)) for s in slots) == [1, 2, 2]  # only the convolution's pair shares

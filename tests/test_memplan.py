@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 from graphc.backends.numba_cpu.codegen import generate
 from graphc.backends.reference import evaluate
-from graphc.ir import Builder, TensorType
+from graphc.ir import Builder, Node, TensorType
+from graphc.ir.kernels import KERNEL_OP
 from graphc.passes.fusion import fuse
-from graphc.passes.memplan import PlanValidationError, plan_memory, validate
+from graphc.passes.memplan import PlanValidationError, anchor_handovers, plan_memory, validate
 from random_graphs import random_arguments, random_graphs
 
 F32 = "float32"
@@ -112,6 +113,69 @@ def test_arena_reuses_dead_buffers_and_updates_in_place():
     # the view's kernel input is the dying buffer: input 0 and output 0 are one array
     assert plan.written_in_place(kernel) == {(0, 0)}
     assert plan.written_in_place(plan.schedule[0]) == set()
+
+
+def product_with_epilogue(product_read_elsewhere=False, cast=None):
+    """relu(x @ w + bias) read by a transpose (another kernel), so the library kernel's product
+    and its epilogue's result both live in the arena."""
+    b = Builder("epilogue")
+    x = b.add_input(TensorType((6, 5), F32), "x")
+    w = b.add_input(TensorType((5, 8), F32), "w")
+    bias = b.add_input(TensorType((8,), F32), "bias")
+    product = b.matmul(x, w)
+    activated = b.relu(b.add(product, bias))
+    if cast is not None:
+        activated = b.cast(activated, dtype=cast)
+    b.add_output("t", b.transpose(activated, perm=(1, 0)))
+    if product_read_elsewhere:
+        b.add_output("p", b.transpose(product, perm=(1, 0)))
+    return b.graph
+
+
+def library_kernel(plan):
+    (kernel,) = [n for n in plan.schedule if n.attrs["pattern"] == "library"]
+    return kernel
+
+
+def test_library_epilogue_writes_over_the_product_nothing_else_reads():
+    graph = product_with_epilogue()
+    plan = check_plan(graph, random_arguments(graph))
+    kernel = library_kernel(plan)
+    product, activated = kernel.outputs
+    assert plan.slot_of(product) == plan.slot_of(activated)
+    assert (kernel, product, activated) in plan.inplace
+    assert len([s for s in plan.storages if s.scratch_of is None]) == 1
+    assert plan.peak_bytes == 6 * 8 * 4 < plan.naive_bytes  # one (6, 8) buffer, 64-byte aligned
+
+
+@pytest.mark.parametrize("product_read_elsewhere, cast", [(True, None), (False, "int32")])
+def test_library_product_keeps_its_buffer_when_read_elsewhere_or_retyped(product_read_elsewhere, cast):
+    """A product another kernel reads must outlive the epilogue; an epilogue result of another
+    dtype (int32, as many bytes as float32) cannot be stored through the product's array."""
+    graph = product_with_epilogue(product_read_elsewhere, cast)
+    plan = check_plan(graph, random_arguments(graph))
+    product, activated = library_kernel(plan).outputs
+    assert plan.slot_of(product) != plan.slot_of(activated)
+
+
+def hand_built_library_kernel(epilogue):
+    """A library kernel (x @ w, then `epilogue` of the product) storing the product and the
+    epilogue's result; fusion never builds one whose epilogue reads off-index."""
+    b = Builder("k")
+    x, w = (b.add_input(TensorType((4, 4), F32), name) for name in ("x0", "x1"))
+    product = b.matmul(x, w)
+    b.add_output("y0", product)
+    b.add_output("y1", epilogue(b, product))
+    outer = Builder("outer")
+    inputs = tuple(outer.add_input(TensorType((4, 4), F32), name) for name in ("x", "w"))
+    return Node(KERNEL_OP, inputs, {"name": "k", "pattern": "library"},
+                tuple(v.type for v in b.graph.output_values), None, b.graph)
+
+
+def test_epilogue_reading_the_product_off_index_keeps_its_buffer():
+    assert anchor_handovers(hand_built_library_kernel(lambda b, p: b.tanh(p))) == {1: 0}
+    transposed = hand_built_library_kernel(lambda b, p: b.add(p, b.transpose(p, perm=(1, 0))))
+    assert anchor_handovers(transposed) == {}  # element (i, j) reads (j, i), maybe overwritten
 
 
 def sgd_step():

@@ -3,7 +3,9 @@
 A library kernel is a short sequence of calls. The library op writes its whole result into its
 own output array (fusion always gives it one); then, if the kernel has an epilogue (bias add,
 ReLU, an optimizer update), an ordinary generated elementwise loop reads that result and
-writes the kernel's other outputs.
+writes the kernel's other outputs. Where nothing outside the kernel reads the result, the
+memory plan puts such an output in the result's buffer (passes/memplan.py, anchor_handovers)
+and the loop stores it through the result's array, over the element it has just read.
 
 The library functions depend only on what shapes their loops (window geometry, which operands
 are transposed, the dtype); sizes come from the arrays. Every layer with the same geometry, in
@@ -33,7 +35,8 @@ from .codegen_elementwise import elementwise_call, elementwise_flops
 
 def generate_library(kernel: Node, in_place: Mapping[KernelArray, KernelArray] | None = None) -> KernelSource:
     """The library op's calls, then the epilogue's; `in_place` maps outputs of the kernel to
-    the inputs whose buffers they are written into (the epilogue writes them through those)."""
+    the inputs, or the library result, whose buffers they are written into (the epilogue
+    writes them through those)."""
     sub = kernel.subgraph
     members = members_of(sub)
     at = next(i for i, m in enumerate(members) if op_class(m.op) == "library")

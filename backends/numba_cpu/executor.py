@@ -466,13 +466,18 @@ def _mixed(default: KernelSource, variant: KernelSource | None, mask: tuple[bool
 
 def in_place_aliases(plan: MemoryPlan, kernel: Node) -> dict[KernelArray, KernelArray]:
     """The outputs of `kernel` that `plan` writes into an input's buffer, each mapped to that
-    input (the first, should one buffer be passed as several inputs). Only one of
+    input (the first, should one buffer be passed as several inputs), or into an earlier
+    output's buffer (a library epilogue writing over the library call's result). Only one of
     the same dtype: a store converts to its array's dtype, so an int32 output in a float32
     input's bytes keeps a parameter of its own."""
     aliases: dict[KernelArray, KernelArray] = {}
     for p, q in sorted(plan.written_in_place(kernel)):
         if kernel.inputs[p].type.dtype == kernel.outputs[q].type.dtype:
             aliases.setdefault(KernelArray(OUTPUT, q), KernelArray(INPUT, p))
+    buffers = [plan.buffer_of(v) for v in kernel.outputs]
+    for q, buffer in enumerate(buffers):
+        if buffer is not None and buffers.index(buffer) < q:
+            aliases.setdefault(KernelArray(OUTPUT, q), KernelArray(OUTPUT, buffers.index(buffer)))
     return aliases
 
 
