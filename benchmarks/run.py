@@ -13,8 +13,10 @@ Each measurement runs in its own process; systems are interleaved round by round
 noise hits all of them alike. Reported: median samples/s over rounds, the ratio to PyTorch
 eager, graphc's round-by-round ratios to each peer (median and range), the first call of graphc
 and torch.compile with a cold and with a warm compilation cache, graphc's first call at another
-batch size (kernels reused, a new memory plan), and the peak memory the steps
-add (plus graphc's planned arena against the naive sum). A system that fails on a workload (for
+batch size (kernels reused, a new memory plan), and peak memory: what the model, its compilation
+and its steps add from before the model was built (graphc's includes importing and setting up
+Numba and LLVM; PyTorch's import comes before that point), and the whole process's peak during
+the steps (plus graphc's planned arena against the naive sum). A system that fails on a workload (for
 example torch.compile without a C compiler) is reported once and skipped there; the run exits
 with status 1 if graphc or PyTorch eager failed.
 """
@@ -156,8 +158,9 @@ def median_of(runs: list[dict], key: str) -> float | None:
 
 def report_table(workloads: list[str], systems: list[str], results: dict, cold: dict) -> None:
     print("\n| workload | system | samples/s (median) | vs PyTorch eager | first call "
-          "(cold / warm cache) | another batch size: first call | step peak RSS | training peak RSS |")
-    print("|---|---|---|---|---|---|---|---|")
+          "(cold / warm cache) | another batch size: first call | step peak RSS | training peak RSS "
+          "| process peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for workload in workloads:
         torch_rate = median_of(results.get(("torch", workload), []), "samples_per_s")
         for system in systems:
@@ -171,9 +174,10 @@ def report_table(workloads: list[str], systems: list[str], results: dict, cold: 
                 first = f"{cold[(system, workload)]['first_call_s']:.2f} s / {first}"
             other = median_of(runs, "other_batch_first_call_s")
             other = f"{other:.2f} s (batch {runs[0]['other_batch']})" if other is not None else "-"
-            peaks = [mib(median_of(runs, key)) for key in ("step_peak_extra_kib", "training_peak_kib")]
+            peaks = [mib(median_of(runs, key))
+                     for key in ("step_peak_extra_kib", "training_peak_kib", "process_peak_kib")]
             print(f"| {workload} | {system} | {rate:,.0f} | {ratio} | {first} | {other} | {peaks[0]} "
-                  f"| {peaks[1]} |")
+                  f"| {peaks[1]} | {peaks[2]} |")
 
 
 def mib(kib: float | None) -> str:

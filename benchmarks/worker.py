@@ -251,6 +251,9 @@ def measure(args: argparse.Namespace) -> dict:
         # loading or compiling the kernels took: Numba and LLVM)
         "training_peak_kib": (peak - extra["rss_before_model_kib"])
         if peak_reset and "rss_before_model_kib" in extra else None,
+        # the whole process during the steps: the framework's own import counted on every side
+        # (the growth above counts Numba's import and setup for graphc, not torch's import)
+        "process_peak_kib": peak if peak_reset else None,
         "rss_kib": rss_kib("VmRSS"), **extra,
     }
 

@@ -78,3 +78,7 @@ def test_run_compares_first_losses_and_reports_ratios():
     assert "| lstm-28 | graphc |" in out and "| lstm-28 | torch | " in out
     assert "lstm-28: first losses agree" in out and "mlp: first losses agree" in out
     assert "lstm-28: graphc / PyTorch eager round by round" in out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| lstm-28 |")]
+    assert len(rows) == 2 and all(len(cells) == 9 for cells in rows)
+    if sys.platform.startswith("linux"):  # /proc/self/clear_refs resets the peak there
+        assert all(cells[-1].strip().endswith("MiB") for cells in rows)  # the process's peak
