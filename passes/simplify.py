@@ -1,5 +1,5 @@
 """`simplify`: constant folding, algebraic identities, transposed products, transposes moved
-across slices, CSE and DCE.
+across slices, sums of matrix products stacked into one product, CSE and DCE.
 
 Identities are rewrite rules kept as data: (op, rule) pairs, where a rule looks at a node's
 (already rewritten) operands and returns the value that replaces the node, or None.
@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from graphc.ir import Builder, Graph, Node, Value
+from graphc.ir import Builder, Graph, Node, TensorType, Value
 from graphc.ir.interpret import run_node
 from graphc.ir.ops.control import SCAN_OP, make_scan
 from graphc.ir.registry import SOURCE, get
@@ -354,6 +354,63 @@ def move_transposes(graph: Graph) -> Graph:
     return _rebuild(graph, rewrite)
 
 
+def _matrix_product(node: Node | None) -> bool:
+    return (node is not None and node.op == "matmul"
+            and all(len(v.shape) == 2 for v in (*node.inputs, node.output)))
+
+
+def stack_products(graph: Graph) -> Graph:
+    """a_1.T @ b_1 + a_2.T @ b_2 + ... -> concatenate(a_i).T @ concatenate(b_i) (along axis 0) for
+    a tree of 3 or more matrix products of one type summed by adds, each product and partial sum
+    read by the tree alone. An unrolled recurrence's weight gradient is one product per step
+    (an LSTM's W_hh: h_{t-1}.T @ g_t, contracting over the batch) and an add per step; stacked,
+    one deep product replaces the kernels of both (lstm-28: 28 products of depth 64 and 27 adds
+    become one product of depth 1792). Sums are reassociated, as BLAS does within a product."""
+    if not any(_matrix_product(node) for node in graph.nodes):
+        return graph
+    readers = graph.users()
+    uses = {v: len(nodes) for v, nodes in readers.items()}
+    for v in graph.output_values:
+        uses[v] = uses.get(v, 0) + 1
+    # an add whose result is summed further on in the same tree: only the tree's root is rewritten
+    inner_sums = {node.output for node in graph.nodes if node.op == "add" and uses.get(node.output) == 1
+                  and node.output in readers and readers[node.output][0].op == "add"
+                  and readers[node.output][0].output.type == node.output.type}
+
+    def leaves(old: Value, new: Value, sum_type: TensorType) -> list[Node] | None:
+        """The products summed into `old`, as nodes of the graph being built (where `new` is
+        `old`), or None where the tree holds anything else."""
+        node, built = old.producer, new.producer
+        if node is None or built is None or built.op != node.op or old.type != sum_type:
+            return None
+        if node.op == "add" and old in inner_sums:
+            return summed(node.inputs, built.inputs, sum_type)
+        return [built] if _matrix_product(node) and uses[old] == 1 else None
+
+    def summed(old: tuple[Value, ...], new: tuple[Value, ...], sum_type: TensorType) -> list[Node] | None:
+        parts = [leaves(o, n, sum_type) for o, n in zip(old, new)]
+        return None if None in parts else [leaf for part in parts for leaf in part]
+
+    def untransposed(b: Builder, v: Value) -> Value:
+        inner = v.producer
+        if inner is not None and inner.op == "transpose" and inner.attrs["perm"] == (1, 0):
+            return inner.inputs[0]
+        return b.transpose(v, perm=(1, 0))
+
+    def rewrite(b: Builder, node: Node, ins: tuple[Value, ...]) -> Value | None:
+        if node.op != "add" or node.output in inner_sums:
+            return None
+        products = summed(node.inputs, ins, node.output.type)
+        if products is None or len(products) < 3:
+            return None
+        # a product with zeros adds nothing (a recurrence's first step reads a zero state)
+        products = [p for p in products if not any(_is_const(v, 0) for v in p.inputs)] or products[:1]
+        lhs = b.concatenate(*(untransposed(b, p.inputs[0]) for p in products), axis=0)
+        rhs = b.concatenate(*(p.inputs[1] for p in products), axis=0)
+        return b.matmul(b.transpose(lhs, perm=(1, 0)), rhs)
+    return _rebuild(graph, rewrite)
+
+
 def simplify_bodies(graph: Graph) -> Graph:
     """Simplify each scan's body on its own: its inputs and outputs stay as they are (the scan
     node's operands and results), the nodes between them are folded, merged and pruned. The
@@ -475,7 +532,7 @@ def simplify(graph: Graph) -> Graph:
     for _ in range(4):
         before = len(graph.nodes)
         # pruning follows DCE: a scan's stacked output read only by dead nodes goes too
-        graph = prune_scans(dce(cse(move_transposes(transpose_products(fold_constants(graph))))))
+        graph = prune_scans(dce(cse(stack_products(move_transposes(transpose_products(fold_constants(graph)))))))
         if len(graph.nodes) == before:
             break
     return graph
