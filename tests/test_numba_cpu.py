@@ -373,6 +373,26 @@ def test_leading_axis_reductions_accumulate_a_row_at_a_time():
     assert len(sources) == 5 and all("accs = np.empty(" in src for src in sources)
 
 
+def test_float_max_is_branch_free_and_propagates_nans_like_the_reference():
+    """A float max folds with LLVM's `maximum` (no branch, so it vectorises): a row with a NaN
+    (either sign) reduces to NaN, a row of -inf to -inf, in rows, columns, a full reduction
+    split in parallel, float64 and an epilogue; an integer max keeps the compare."""
+    x = normal(5, 7)
+    x[1, 3], x[2, :] = np.nan, -np.inf
+    x[3, 0] = -np.float32(np.nan)
+    big = normal(301, 303, dtype="float64")
+    big[7, 11] = np.nan
+    ints = integers(-9, 9, 3, 5)
+    arrays = [x, big, ints]
+    executable = check(build_graph("nan_max", arrays, lambda b, v, w, n: [
+        b.max(v, axes=(1,), keepdims=True), b.exp(b.max(v, axes=(1,))), b.max(v, axes=(0,)),
+        b.max(v, axes=(0, 1)), b.max(w, axes=(0, 1)), b.max(w, axes=(1,)), b.max(n, axes=(1,))]),
+        arrays)
+    sources = [k.source for k in executable.kernels if k.pattern == "reduction"]
+    assert sum("nan_maximum(" in src for src in sources) >= 5
+    assert any("v > acc" in src and "nan_maximum(" not in src for src in sources)
+
+
 # -- fused patterns and random graphs ----------------------------------------------------------
 def test_matmul_bias_relu_is_one_kernel():
     arrays = [normal(16, 32), normal(32, 8), normal(8)]

@@ -21,17 +21,40 @@ from dataclasses import replace
 from typing import Callable
 
 from graphc.ir import Graph, Node, TensorType, Value
+from graphc.ir.lowering import register_lowering
 from graphc.ir.registry import ELEMENTWISE, REDUCTION, get
 from graphc.backends.kernels.arrays import KernelArray
 from graphc.backends.kernels.pointwise import kernel_arrays
-from graphc.backends.kernels.reduction import Reduction, ReductionKernel, register_reduction_lowerings
+from graphc.backends.kernels.reduction import REDUCTION_OPS, Reduction, ReductionKernel
 from graphc.backends.kernels.source import Writer, entry_name, index_text, size_of
 
 from .codegen_common import (CPU, TARGET, Call, KernelSource, decorator, loop_header, module,
                              runs_parallel)
 from .codegen_elementwise import elementwise_flops
 
-register_reduction_lowerings(TARGET)
+
+# A float max folds with LLVM's `maximum` (intrinsics.py): NaN-propagating without a branch, so
+# the loop vectorises. The shared lowering's `if v > acc or v != v` compiled to a scalar loop: the
+# transformer's row max over its (1024, 513) logits took 741 us, this 28 us.
+NAN_MAXIMUM_IMPORT = "from graphc.backends.numba_cpu.intrinsics import nan_maximum"
+
+
+class FloatMaximum(Reduction):
+    """max of a float operand through `nan_maximum`; other dtypes as the shared lowering."""
+
+    def __init__(self, node: Node) -> None:
+        super().__init__(node)
+        self.branch_free = self.dtype in ("float32", "float64")
+
+    def update(self, w: Writer, value: str, position: str = "", acc: str = "acc") -> None:
+        if self.branch_free:
+            w.line(f"{acc} = nan_maximum({acc}, {value})")
+        else:
+            super().update(w, value, position, acc)
+
+
+for op in REDUCTION_OPS:
+    register_lowering(TARGET, op, FloatMaximum if op == "max" else Reduction)
 
 
 def generate_reduction(kernel: Node) -> KernelSource:
@@ -48,6 +71,8 @@ def _generate(kernel: Node) -> KernelSource:
     parts = ReductionKernel(kernel, CPU)
     reduction, shape, kept = parts.reduction, parts.shape, parts.kept
     index, dims, arrays, emitter = parts.index, parts.dims, parts.arrays, parts.emitter
+    if isinstance(reduction, FloatMaximum) and reduction.branch_free:
+        emitter.require_helper(NAN_MAXIMUM_IMPORT)
     large = runs_parallel(size_of(shape))
     split = large and not kept and len(shape) > 0 and reduction.op != "argmax"
     parallel = large and (bool(kept) or split)
