@@ -393,6 +393,25 @@ def test_float_max_is_branch_free_and_propagates_nans_like_the_reference():
     assert any("v > acc" in src and "nan_maximum(" not in src for src in sources)
 
 
+def test_column_sum_over_a_concatenation_loops_once_per_part():
+    """A sum over leading axes of inputs concatenated along the last axis (a qkv bias gradient)
+    runs its innermost loop once per part, reading each part directly: with the concatenation
+    also stored, an epilogue, a NaN, parts of odd widths, a concatenation along another axis
+    (left as it is), and large enough to run in parallel blocks of rows."""
+    q, k, v = normal(3, 5, 2), normal(3, 5, 3), normal(3, 5, 1)
+    k[1, 2, 0] = np.nan
+    scale = normal(6)
+    a, b_ = normal(2, 7, 3), normal(2, 5, 3)
+    big = [normal(97, 130, w) for w in (5, 7, 4)]
+    arrays = [q, k, v, scale, a, b_, *big]
+    executable = check(build_graph("concat_column", arrays, lambda b, x, y, z, s, u, w, p, r, t: [
+        b.concatenate(x, y, z, axis=2), b.mul(b.sum(b.concatenate(x, y, z, axis=2), axes=(0, 1)), s),
+        b.sum(b.concatenate(u, w, axis=1), axes=(0,)),
+        b.sum(b.concatenate(p, r, t, axis=2), axes=(0, 1))]), arrays)
+    sources = [k.source for k in executable.kernels if k.pattern == "reduction"]
+    assert sum("# concatenate, part 2" in src for src in sources) == 2
+
+
 # -- fused patterns and random graphs ----------------------------------------------------------
 def test_matmul_bias_relu_is_one_kernel():
     arrays = [normal(16, 32), normal(32, 8), normal(8)]
