@@ -14,7 +14,8 @@ holding the subgraph it computes and attrs ``{"name": str, "pattern": str}``. Pa
 - ``library``: an opaque op (matmul, conv, pooling, scatter) with an elementwise epilogue over
   its output (bias add, ReLU). An op declaring ``transposed_operands`` (matmul) also absorbs
   transposes of its operands (swapping the last two axes, read by nothing else): BLAS reads them
-  transposed for free. In the subgraph
+  transposed for free. A transpose only such ops read, several of them, is first copied for
+  each (`_transpose_per_product`). In the subgraph
   the prologue transposes come first, then the anchor, then the epilogue.
 - ``view``: an op declaring ``view`` (reshape, expand_dims, squeeze) of a contiguous buffer: a
   zero-cost alias.
@@ -630,13 +631,52 @@ def _live_nodes(graph: Graph) -> Graph:
     return pruned
 
 
+def _transpose_per_product(graph: Graph) -> Graph:
+    """`graph` where a transpose of the last two axes read only by matrix products, several of
+    them, is read by each through a copy of its own: each product then absorbs its copy (BLAS
+    reads the operand transposed for free) instead of all of them reading one materialised
+    transpose (x.T of a 1792 x 512 float32 x read by two products: a 0.4-2.9 ms copy)."""
+    users = graph.users()
+    outputs = set(graph.output_values)
+
+    def shared_transpose(node: Node) -> bool:
+        readers = users.get(node.output, [])
+        source = node.inputs[0].producer if node.inputs else None
+        return (swaps_last_two_axes(node) and node.output not in outputs and len(set(readers)) > 1
+                and not (source is not None and is_literal(source))
+                and all(get(u.op).transposed_operands for u in readers))
+
+    shared = {node.output: node for node in graph.nodes if shared_transpose(node)}
+    if not shared:
+        return graph
+    copied = Graph(graph.name)
+    copied.inputs = graph.inputs
+    renamed: dict[Value, Value] = {}
+    for node in graph.nodes:
+        if node.output in shared:
+            continue
+        inputs = [renamed.get(v, v) for v in node.inputs]
+        for v in dict.fromkeys(node.inputs):
+            if v in shared:
+                transpose = shared[v].clone([renamed.get(u, u) for u in shared[v].inputs])
+                copied.nodes.append(transpose)
+                inputs = [transpose.output if u is v else w for u, w in zip(node.inputs, inputs)]
+        if any(new is not old for new, old in zip(inputs, node.inputs)):
+            clone = node.clone(inputs)
+            renamed.update(zip(node.outputs, clone.outputs))
+            node = clone
+        copied.nodes.append(node)
+    copied.outputs = [(name, renamed.get(v, v)) for name, v in graph.outputs]
+    return copied
+
+
 def fuse(graph: Graph, rematerialise: bool = True) -> Graph:
     """Partition `graph` (primitive nodes) into kernel nodes; see the module docstring.
     `rematerialise=False` stores every value read by another kernel instead of recomputing
     cheap ones there."""
     if any(node.op == KERNEL_OP for node in graph.nodes):
         raise ValueError(f"fuse: graph {graph.name!r} is already fused")
-    graph = _live_nodes(graph)
+    graph = _transpose_per_product(_live_nodes(graph))
     partitioner = _Partitioner(graph)
     groups = partitioner.run()
     remat = _Rematerialiser(partitioner, groups)

@@ -1,0 +1,103 @@
+"""Standalone transposes. Fusion gives each matrix product reading a shared transpose its own
+copy to absorb; numba-cpu copies a transpose that moves its input's last axis in square tiles
+(codegen_elementwise.TRANSPOSE_TILE), checked against the reference on shapes that are not
+multiples of the tile (full tiles, ragged edges, arrays smaller than one tile), 2-D to 4-D,
+serial and parallel."""
+import numpy as np
+import pytest
+
+from graphc.backends.numba_cpu.codegen_common import always_parallel
+from graphc.backends.numba_cpu.codegen_elementwise import TRANSPOSE_TILE
+from graphc.backends.reference import evaluate
+from graphc.ir import Builder, TensorType
+from graphc.lowering import compile_graph
+from graphc.passes.fusion import fuse
+from opcheck import build_graph
+
+# (input shape, perm): each moves the last axis, so each is copied in tiles
+TRANSPOSES = [((5, 13), (1, 0)), ((19, 11), (1, 0)), ((3, 10, 9), (0, 2, 1)), ((9, 3, 11), (2, 0, 1)),
+              ((2, 9, 3, 10), (0, 2, 3, 1)), ((10, 2, 3, 9), (3, 1, 2, 0))]
+
+
+def run_and_compare(graph, arrays, parallel: bool):
+    if parallel:
+        with always_parallel():
+            executable = compile_graph(graph, "numba-cpu")
+    else:
+        executable = compile_graph(graph, "numba-cpu")
+    for got, want in zip(executable(*arrays), evaluate(graph, arrays)):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    return executable
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_transposes_moving_the_last_axis_match_the_reference(dtype, parallel):
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(shape).astype(dtype) for shape, _ in TRANSPOSES]
+    graph = build_graph("tiled_transposes", arrays, lambda b, *xs: [
+        b.transpose(x, perm=perm) for x, (_, perm) in zip(xs, TRANSPOSES)])
+    executable = run_and_compare(graph, arrays, parallel)
+    kernels = [k for k in executable.kernels if k.pattern == "shape"]
+    assert len(kernels) == len(TRANSPOSES)
+    assert all(f"for u0 in range({TRANSPOSE_TILE}):" in k.source for k in kernels)
+    assert all(("in prange(" in k.source) == parallel for k in kernels)
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+def test_a_tiled_transpose_computes_its_fused_consumers_at_every_index(parallel):
+    """The loop body is written twice (full tiles, ragged edges): an elementwise op fused after
+    the transpose, reading another input at the output's index, runs in both."""
+    rng = np.random.default_rng(1)
+    arrays = [rng.standard_normal((3, 20, 13)).astype("float32"),
+              rng.standard_normal((3, 13, 20)).astype("float32")]
+    graph = build_graph("tiled_transpose_add", arrays, lambda b, x, y: b.mul(
+        b.add(b.transpose(x, perm=(0, 2, 1)), y), y))
+    executable = run_and_compare(graph, arrays, parallel)
+    assert len(executable.kernels) == 1
+    assert f"for u1 in range({TRANSPOSE_TILE}):" in executable.kernels[0].source
+
+
+def test_a_transpose_keeping_the_last_axis_loops_over_it_innermost():
+    """(0, 2, 1, 3), attention's head split: each output row is a contiguous input row
+    already, tiles would only add overhead."""
+    x = np.arange(2 * 5 * 3 * 4, dtype="float32").reshape(2, 5, 3, 4)
+    graph = build_graph("heads", [x], lambda b, x: b.transpose(x, perm=(0, 2, 1, 3)))
+    executable = run_and_compare(graph, [x], parallel=False)
+    assert "u0" not in executable.kernels[0].source
+
+
+def fused_kernels(graph):
+    fused = fuse(graph)
+    fused.verify()
+    return [(k.attrs["pattern"], [m.op for m in k.subgraph.nodes]) for k in fused.nodes]
+
+
+def test_a_transpose_only_matrix_products_read_is_absorbed_by_each():
+    """y = x.T read by y @ a, y @ y and a @ y: no kernel stores y, each product reads x
+    through a transpose of its own (BLAS's transpose flag)."""
+    b = Builder("shared_transpose")
+    x, a = (b.add_input(TensorType((6, 6), "float32"), name) for name in ("x", "a"))
+    y = b.transpose(x, perm=(1, 0))
+    for name, product in [("ya", b.matmul(y, a)), ("yy", b.matmul(y, y)), ("ay", b.matmul(a, y))]:
+        b.add_output(name, product)
+    graph = b.graph.verify()
+    assert fused_kernels(graph) == [("library", ["transpose", "matmul"])] * 3
+    assert [n.op for n in graph.nodes].count("transpose") == 1  # the caller's graph is unchanged
+    rng = np.random.default_rng(2)
+    run_and_compare(graph, [rng.standard_normal((6, 6)).astype("float32") for _ in range(2)], parallel=False)
+
+
+def test_a_transpose_another_op_reads_is_stored_once():
+    """Where one reader cannot absorb the transpose (an add reads it), copies for the products
+    would only add work: it stays one kernel that every reader reads."""
+    b = Builder("stored_transpose")
+    x, a = (b.add_input(TensorType((4, 4), "float32"), name) for name in ("x", "a"))
+    y = b.transpose(x, perm=(1, 0))
+    b.add_output("ya", b.matmul(y, a))
+    b.add_output("ay", b.matmul(a, y))
+    b.add_output("sum", b.add(y, a))
+    kernels = fused_kernels(b.graph.verify())
+    assert sum(ops.count("transpose") for _, ops in kernels) == 1
+    assert ("library", ["matmul"]) in kernels
