@@ -640,9 +640,11 @@ def _transpose_per_product(graph: Graph) -> Graph:
     outputs = set(graph.output_values)
 
     def shared_transpose(node: Node) -> bool:
+        if not swaps_last_two_axes(node):  # first: other nodes may have several outputs (scan)
+            return False
         readers = users.get(node.output, [])
         source = node.inputs[0].producer if node.inputs else None
-        return (swaps_last_two_axes(node) and node.output not in outputs and len(set(readers)) > 1
+        return (node.output not in outputs and len(set(readers)) > 1
                 and not (source is not None and is_literal(source))
                 and all(get(u.op).transposed_operands for u in readers))
 
@@ -652,8 +654,9 @@ def _transpose_per_product(graph: Graph) -> Graph:
     copied = Graph(graph.name)
     copied.inputs = graph.inputs
     renamed: dict[Value, Value] = {}
+    moved = set(shared.values())
     for node in graph.nodes:
-        if node.output in shared:
+        if node in moved:
             continue
         inputs = [renamed.get(v, v) for v in node.inputs]
         for v in dict.fromkeys(node.inputs):
