@@ -34,7 +34,7 @@ from .codegen_common import (CPU, TARGET, Call, KernelSource, decorator, loop_he
 from .codegen_elementwise import elementwise_flops
 
 
-# A float max folds with LLVM's `maximum` (intrinsics.py): NaN-propagating without a branch, so
+# A float max folds with `nan_maximum` (intrinsics.py): NaN-propagating without a branch, so
 # the loop vectorises. The shared lowering's `if v > acc or v != v` compiled to a scalar loop: the
 # transformer's row max over its (1024, 513) logits took 741 us, this 28 us.
 NAN_MAXIMUM_IMPORT = "from graphc.backends.numba_cpu.intrinsics import nan_maximum"
