@@ -15,8 +15,8 @@ holding the subgraph it computes and attrs ``{"name": str, "pattern": str}``. Pa
   its output (bias add, ReLU). An op declaring ``transposed_operands`` (matmul) also absorbs
   transposes of its operands (swapping the last two axes, read by nothing else): BLAS reads them
   transposed for free. A transpose only such ops read, several of them, is first copied for
-  each (`_transpose_per_product`). In the subgraph
-  the prologue transposes come first, then the anchor, then the epilogue.
+  each (`_transpose_per_product`), unless several read it as their right operand (B). In the
+  subgraph the prologue transposes come first, then the anchor, then the epilogue.
 - ``view``: an op declaring ``view`` (reshape, expand_dims, squeeze) of a contiguous buffer: a
   zero-cost alias.
 
@@ -631,11 +631,23 @@ def _live_nodes(graph: Graph) -> Graph:
     return pruned
 
 
+# A transpose that this many products or more read as their right operand (B) is stored once:
+# a weight read at every step of an unrolled recurrence. numba-cpu computes large float32
+# products as tiles that fit OpenBLAS's small-matrix sgemm kernel, which reads only B
+# untransposed (backends/numba_cpu/gemm.py): 64 x 128 by 128 x 512, one thread, 72.8 us against
+# 98.5 us with B transposed, so 28 such products repay one 128 x 512 copy many times over
+# (lstm-28, h @ W_hh.T at each step: one thread 11.3 -> 10.5 ms a training step, two threads
+# 7.0 -> 6.6 ms). A product reading B transposed alone still absorbs it: storing the transpose
+# of each Linear's weight instead was within the noise (MLP, transformer-m).
+SHARED_RIGHT_OPERAND_READERS = 3
+
+
 def _transpose_per_product(graph: Graph) -> Graph:
     """`graph` where a transpose of the last two axes read only by matrix products, several of
     them, is read by each through a copy of its own: each product then absorbs its copy (BLAS
     reads the operand transposed for free) instead of all of them reading one materialised
-    transpose (x.T of a 1792 x 512 float32 x read by two products: a 0.4-2.9 ms copy)."""
+    transpose (x.T of a 1792 x 512 float32 x read by two products: a 0.4-2.9 ms copy). One that
+    SHARED_RIGHT_OPERAND_READERS products or more read as B stays one stored transpose."""
     users = graph.users()
     outputs = set(graph.output_values)
 
@@ -644,7 +656,9 @@ def _transpose_per_product(graph: Graph) -> Graph:
             return False
         readers = users.get(node.output, [])
         source = node.inputs[0].producer if node.inputs else None
+        right_operand_of = sum(1 for u in set(readers) if len(u.inputs) > 1 and u.inputs[1] is node.output)
         return (node.output not in outputs and len(set(readers)) > 1
+                and right_operand_of < SHARED_RIGHT_OPERAND_READERS
                 and not (source is not None and is_literal(source))
                 and all(get(u.op).transposed_operands for u in readers))
 

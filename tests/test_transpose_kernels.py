@@ -11,6 +11,7 @@ from graphc.backends.numba_cpu.codegen_elementwise import TRANSPOSE_TILE
 from graphc.backends.reference import evaluate
 from graphc.ir import Builder, TensorType
 from graphc.lowering import compile_graph
+from graphc.passes import fusion
 from graphc.passes.fusion import fuse
 from opcheck import build_graph
 
@@ -101,3 +102,31 @@ def test_a_transpose_another_op_reads_is_stored_once():
     kernels = fused_kernels(b.graph.verify())
     assert sum(ops.count("transpose") for _, ops in kernels) == 1
     assert ("library", ["matmul"]) in kernels
+
+
+def test_a_transpose_several_products_read_as_their_right_operand_is_stored_once():
+    """An unrolled recurrence reads its weight's transpose at every step (h_t @ W.T): stored once,
+    every product reads it untransposed (BLAS's small-matrix kernel takes B untransposed only).
+    Read as the left operand by as many, it is still copied for each to absorb."""
+    steps = fusion.SHARED_RIGHT_OPERAND_READERS
+    b = Builder("recurrent_weight")
+    w = b.add_input(TensorType((5, 3), "float32"), "w")
+    hs = [b.add_input(TensorType((2, 3), "float32"), f"h{t}") for t in range(steps)]
+    wt = b.transpose(w, perm=(1, 0))
+    for t, h in enumerate(hs):
+        b.add_output(f"y{t}", b.matmul(h, wt))
+    graph = b.graph.verify()
+    kernels = fused_kernels(graph)
+    assert kernels.count(("shape", ["transpose"])) == 1
+    assert kernels.count(("library", ["matmul"])) == steps
+    rng = np.random.default_rng(3)
+    arrays = [rng.standard_normal(v.shape).astype("float32") for v in graph.input_values]
+    run_and_compare(graph, arrays, parallel=False)
+
+    b = Builder("left_operand")
+    w = b.add_input(TensorType((3, 5), "float32"), "w")
+    hs = [b.add_input(TensorType((3, 2), "float32"), f"h{t}") for t in range(steps)]
+    wt = b.transpose(w, perm=(1, 0))
+    for t, h in enumerate(hs):
+        b.add_output(f"y{t}", b.matmul(wt, h))
+    assert fused_kernels(b.graph.verify()) == [("library", ["transpose", "matmul"])] * steps
