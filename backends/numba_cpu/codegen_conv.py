@@ -381,9 +381,10 @@ def _winograd(node: Node, refs: Refs, a: Value, b: Value, c: Value, padding: tup
     counted as the direct convolution's, so that GFLOP/s compare with the im2col kernels."""
     planes = b if mode == WEIGHT_GRAD else c  # the planes the output tiles cover
     tile = winograd_tile(planes.shape[2:])
-    threads, shapes = winograd_scratch(a.shape[0], a.shape[1], planes.shape[1], planes.shape[2:], mode, tile)
+    threads, group, shapes = winograd_scratch(a.shape[0], a.shape[1], planes.shape[1], planes.shape[2:],
+                                              mode, tile)
     scratch = [refs.new_scratch(shape, c.dtype) for shape in shapes]
-    args = (refs[a], refs[b], refs[c], *scratch, *padding, mode)
+    args = (refs[a], refs[b], refs[c], *scratch, *padding, mode, group)
     weight = c if mode == WEIGHT_GRAD else b
     positions = _plane_size(a.shape if mode == INPUT_GRAD else planes.shape)
     flops = _conv_flops(weight.shape, a.shape[0] * positions)

@@ -8,7 +8,7 @@ stay in cache between the transforms and the GEMMs.
 
 The input gradient is a 3x3 correlation too (of dy, padded by 2 - padding, with each filter
 turned 180 degrees and the channel roles swapped). The filters' gradient runs the tiles
-backwards: dU_k = dM_k @ V_k^T summed over tiles, with dM = A dY A^T, then G^T dU G. All three
+backwards: dU_k^T = V_k @ dM_k^T summed over tiles, with dM = A dY A^T, then G^T dU G. All three
 are modes of one compiled function.
 
 Measured in the MNIST CNN's training step (its 32 -> 64 channel convolution of 26x26 planes,
@@ -29,6 +29,15 @@ F(2x2) in one process: the MNIST CNN's layer forward 10.7 -> 9.5 ms, weight grad
 4.2 -> 3.9, 5.1 -> 4.3, 4.2 -> 3.9 ms. Its rounding is coarser: 5e-6 to 9e-6 of the largest
 value off F(2x2)'s on those layers. The module takes half as long again to compile (9.3 s
 against 6.2 s serial), once for every model with such planes.
+
+The filters' gradient stores dM_k transposed (tiles as rows: BLAS's small-matrix sgemm kernel
+takes no transposed right operand; a product with V_k^T ran at 80 GFLOP/s against 102 for
+128 x 128 by 16 untransposed) and sums the tiles of MIN_GRADIENT_DEPTH / tiles images in one
+product (one image's 16 tiles re-read and rewrote the whole partial dU_k every 16 columns). One thread,
+resnet-m's weight gradients (profile, against the transposed product one image at a time): 8x8
+planes 6.0 -> 5.5 ms, 16x16 4.8-5.0 -> 4.0-4.2 ms, 32x32 5.6-6.0 -> 5.3-5.6 ms; its step 198.0 ->
+191.2 ms (medians of 5 alternated runs); the MNIST CNN's 47.4 -> 47.0 ms. The F(4x4) module
+compiles in 7.0 s against 6.3 s (serial, cold).
 """
 from __future__ import annotations
 
@@ -47,6 +56,13 @@ FORWARD, INPUT_GRAD, WEIGHT_GRAD = 0, 1, 2  # its modes
 # (the MNIST CNN's first layer, 1 -> 32 channels, stays with im2col).
 MIN_CHANNELS = 16
 _ROW_ALIGN = 32  # elements: rows of V_k and M_k start 128 bytes past a multiple of this
+# The weight gradient's products dU_k^T += V_k @ dM_k^T sum over the tiles of enough images
+# together to be at least this many tiles deep: one image's 16 tiles (8x8 planes in F(2x2),
+# 16x16 in F(4x4)) re-read and rewrote the whole C x O partial sum every 16 columns of V_k. 32, 48
+# and 64 ran alike (8x8 planes, 128 channels: 4.23 ms one image a product, 3.93-4.04 grouped);
+# 128 and more slower (V_k and dM_k outgrow the cache). 48 keeps 128 x 128 by 48 in the
+# small-matrix kernel's limit.
+MIN_GRADIENT_DEPTH = 48
 # Output planes at least this wide on both sides take F(4x4, 3x3) (see the end of the file);
 # smaller ones F(2x2, 3x3).
 MIN_SIDE_4X4 = 16
@@ -66,27 +82,29 @@ def zero(a):
 
 @njit({HELPER_OPTIONS})
 def untransform_filter_gradients(partial, dw):
-    """dw[o, c] = G^T X G, X the {side}x{side} sum over threads of partial[t, {side} * i + j, o, c]."""
+    """dw[o, c] = G^T X G, X the {side}x{side} sum over threads of partial[t, {side} * i + j, c, o]."""
     T, O, C = partial.shape[0], dw.shape[0], dw.shape[1]
     x = np.empty({cells}, partial.dtype)
     for o in range(O):
         for c in range(C):
             for k in range({cells}):
-                total = partial[0, k, o, c]
+                total = partial[0, k, c, o]
                 for t in range(1, T):
-                    total += partial[t, k, o, c]
+                    total += partial[t, k, c, o]
                 x[k] = total
 {filter_gradient}
 
 
 @njit(parallel={parallel}, {ENTRY_OPTIONS}, cache=True)
-def conv3x3_winograd(a, b, c, u, v, m, pad, partial, PH, PW, mode):
+def conv3x3_winograd(a, b, c, u, v, m, pad, partial, PH, PW, mode, group):
     """One entry for three ops (a parallel entry takes seconds to compile):
       mode 0, the convolution: c[n] = the 3x3 correlation of a[n] (zero-padded by PH, PW) with
         the filters b: M_k = U_k @ V_k per image, then its tiles' outputs A^T M A;
       mode 1, its input gradient: the same with b's filters turned (see transform_filters);
       mode 2, its filters' gradient c for the cotangent b (a: the input): each thread sums
-        dU_k += dM_k @ V_k^T over its images, dM = A dY A^T; then each filter is G^T dU G.
+        dU_k^T += V_k @ dM_k^T over its images, dM = A dY A^T, the tiles of `group` images side
+        by side in V_k and dM_k^T (one product sums over all their tiles); then each filter is
+        G^T dU G. dM_k^T, not dM_k: BLAS's small-matrix kernel takes no transposed right operand.
     Images in T chunks, one per thread, each with its own v, m, pad (and partial dU)."""
     N, C = a.shape[0], a.shape[1]
     grad = mode == 2
@@ -103,14 +121,18 @@ def conv3x3_winograd(a, b, c, u, v, m, pad, partial, PH, PW, mode):
         pt = partial[t].reshape((partial.shape[1], partial.shape[2] * partial.shape[3]))
         if grad:
             zero(pt)
-        for n in range(t * chunk, min(N, (t + 1) * chunk)):
-            transform_tiles(a[n], vt, pad[t], PH, PW, TH, TW)
+        end = min(N, (t + 1) * chunk)
+        for n in range(t * chunk, end, group if grad else 1):
             if grad:
-                transform_gradients(b[n], mt, TH, TW)
+                images = min(group, end - n)
+                for i in range(images):
+                    transform_tiles(a[n + i], vt, pad[t], PH, PW, TH, TW, group * L, i * L)
+                    transform_gradients(b[n + i], mt, TH, TW, i * L)
                 for k in range({cells}):
-                    gemm(False, True, O, C, L, mt, k * mt.shape[1], L, vt, k * vt.shape[1], L, 1.0,
-                         pt, k * O * C, C)
+                    gemm(False, False, C, O, images * L, vt, k * vt.shape[1], group * L, mt, k * mt.shape[1],
+                         O, 1.0, pt, k * C * O, O)
             else:
+                transform_tiles(a[n], vt, pad[t], PH, PW, TH, TW, L, 0)
                 for k in range({cells}):
                     gemm(False, False, O, L, C, u2, k * O * C, C, vt, k * vt.shape[1], L, 0.0,
                          mt, k * mt.shape[1], L)
@@ -163,11 +185,10 @@ def transform_filters(w, u, turned):
 
 
 @njit({HELPER_OPTIONS})
-def transform_tiles(x, v, pad, PH, PW, TH, TW):
-    """v[k, c * TH * TW + tile] = (B^T d B)[k // 4, k % 4] for every 4x4 tile d (2 apart) of
-    image x's channel c, zero-padded by PH, PW: copied into `pad` first, whose border stays zero."""
+def transform_tiles(x, v, pad, PH, PW, TH, TW, stride, offset):
+    """v[k, c * stride + offset + tile] = (B^T d B)[k // 4, k % 4] for every 4x4 tile d (2 apart)
+    of image x's channel c, zero-padded by PH, PW: copied into `pad` first, whose border stays zero."""
     C, H, W = x.shape
-    L = TH * TW
     for r in range(pad.shape[0]):
         for q in range(pad.shape[1]):
             pad[r, q] = 0
@@ -177,7 +198,7 @@ def transform_tiles(x, v, pad, PH, PW, TH, TW):
                 pad[r + PH, q + PW] = x[c, r, q]
         for th in range(TH):
             p0, p1, p2, p3 = pad[2 * th], pad[2 * th + 1], pad[2 * th + 2], pad[2 * th + 3]
-            row = c * L + th * TW
+            row = c * stride + offset + th * TW
             for tw in range(TW):
                 j, s = 2 * tw, row + tw
                 e00 = p0[j] - p2[j]; e01 = p0[j + 1] - p2[j + 1]; e02 = p0[j + 2] - p2[j + 2]; e03 = p0[j + 3] - p2[j + 3]
@@ -219,17 +240,18 @@ def untransform_tiles(m, out, TH, TW):
 
 
 @njit({HELPER_OPTIONS})
-def transform_gradients(dy, dm, TH, TW):
-    """dm[k, o * TH * TW + tile] = (A dY A^T)[k // 4, k % 4] for every 2x2 tile dY of dy[o]
-    (zero past an odd side): the cotangent of the tile's M, whose outputs are A^T M A."""
+def transform_gradients(dy, dm, TH, TW, offset):
+    """dm[k, (offset + tile) * O + o] = (A dY A^T)[k // 4, k % 4] for every 2x2 tile dY of dy[o]
+    (zero past an odd side): the cotangent of the tile's M, whose outputs are A^T M A. Tiles
+    are rows, as the right operand of dU_k += V_k @ dM_k (see the entry)."""
     O, OH, OW = dy.shape
-    L = TH * TW
     zero = np.zeros(1, dy.dtype)[0]
-    for o in range(O):
-        for th in range(TH):
-            oh, row = 2 * th, o * L + th * TW
-            for tw in range(TW):
-                ow, s = 2 * tw, row + tw
+    for th in range(TH):  # o innermost: the writes, a tile's row of dm each, run contiguous
+        oh, row = 2 * th, offset + th * TW
+        for tw in range(TW):
+            ow, at = 2 * tw, (row + tw) * O
+            for o in range(O):
+                s = at + o
                 y00 = dy[o, oh, ow]
                 y01 = dy[o, oh, ow + 1] if ow + 1 < OW else zero
                 y10 = dy[o, oh + 1, ow] if oh + 1 < OH else zero
@@ -273,11 +295,11 @@ def winograd_source(parallel: bool, tile: int) -> str:
 
 
 def winograd_scratch(images: int, channels_in: int, channels_out: int, plane: tuple[int, int],
-                     mode: int, tile: int) -> tuple[int, list[tuple[int, ...]]]:
-    """The thread count and the scratch shapes (u, v, m, pad, partial) for `images` images of
-    `channels_in` channels whose output (or, for the weight gradient, cotangent) planes are
-    `channels_out` x `plane`, in output tiles of side `tile`. Each mode leaves one unused: a
-    single element of it."""
+                     mode: int, tile: int) -> tuple[int, int, list[tuple[int, ...]]]:
+    """The thread count, the images per product of the weight gradient (1 for the other modes)
+    and the scratch shapes (u, v, m, pad, partial) for `images` images of `channels_in` channels
+    whose output (or, for the weight gradient, cotangent) planes are `channels_out` x `plane`, in
+    output tiles of side `tile`. Each mode leaves one unused: a single element of it."""
     cells = (tile + 2) ** 2  # of an input tile: the number of GEMMs
     high, wide = -(-plane[0] // tile), -(-plane[1] // tile)
     tiles = high * wide
@@ -289,11 +311,12 @@ def winograd_scratch(images: int, channels_in: int, channels_out: int, plane: tu
         return -(-elements // _ROW_ALIGN) * _ROW_ALIGN + _ROW_ALIGN
 
     grad = mode == WEIGHT_GRAD
-    return threads, [(1, 1, 1) if grad else (cells, channels_out, channels_in),
-                     (threads, cells, padded_row(channels_in * tiles)),
-                     (threads, cells, padded_row(channels_out * tiles)),
-                     (threads, tile * high + 2, tile * wide + 2),
-                     (threads, cells, channels_out, channels_in) if grad else (threads, 1, 1, 1)]
+    group = min(-(-MIN_GRADIENT_DEPTH // tiles), -(-images // threads)) if grad else 1
+    return threads, group, [(1, 1, 1) if grad else (cells, channels_out, channels_in),
+                            (threads, cells, padded_row(channels_in * tiles * group)),
+                            (threads, cells, padded_row(channels_out * tiles * group)),
+                            (threads, tile * high + 2, tile * wide + 2),
+                            (threads, cells, channels_in, channels_out) if grad else (threads, 1, 1, 1)]
 
 
 # -- Winograd F(4x4, 3x3) ------------------------------------------------------------------------
@@ -428,11 +451,10 @@ def transform_filters(w, u, turned):
 
 
 @njit({HELPER_OPTIONS})
-def transform_tiles(x, v, pad, PH, PW, TH, TW):
-    """v[k, c * TH * TW + tile] = (B^T d B)[k // 6, k % 6] for every 6x6 tile d (4 apart) of
-    image x's channel c, zero-padded by PH, PW: copied into `pad` first, whose border stays zero."""
+def transform_tiles(x, v, pad, PH, PW, TH, TW, stride, offset):
+    """v[k, c * stride + offset + tile] = (B^T d B)[k // 6, k % 6] for every 6x6 tile d (4 apart)
+    of image x's channel c, zero-padded by PH, PW: copied into `pad` first, whose border stays zero."""
     C, H, W = x.shape
-    L = TH * TW
 {consts("v", 4)}
     for r in range(pad.shape[0]):
         for q in range(pad.shape[1]):
@@ -444,7 +466,7 @@ def transform_tiles(x, v, pad, PH, PW, TH, TW):
         for th in range(TH):
             p0, p1, p2, p3 = pad[4 * th], pad[4 * th + 1], pad[4 * th + 2], pad[4 * th + 3]
             p4, p5 = pad[4 * th + 4], pad[4 * th + 5]
-            row = c * L + th * TW
+            row = c * stride + offset + th * TW
             for tw in range(TW):
                 j, s = 4 * tw, row + tw
 {_lines(*tiles, indent=16)}
@@ -470,18 +492,19 @@ def untransform_tiles(m, out, TH, TW):
 
 
 @njit({HELPER_OPTIONS})
-def transform_gradients(dy, dm, TH, TW):
-    """dm[k, o * TH * TW + tile] = (A dY A^T)[k // 6, k % 6] for every 4x4 tile dY of dy[o]
-    (zero past the plane's edge): the cotangent of the tile's M, whose outputs are A^T M A."""
+def transform_gradients(dy, dm, TH, TW, offset):
+    """dm[k, (offset + tile) * O + o] = (A dY A^T)[k // 6, k % 6] for every 4x4 tile dY of dy[o]
+    (zero past the plane's edge): the cotangent of the tile's M, whose outputs are A^T M A. Tiles
+    are rows, as the right operand of dU_k += V_k @ dM_k (see the entry)."""
     O, OH, OW = dy.shape
-    L = TH * TW
     zero = np.zeros(1, dy.dtype)[0]
 {consts("dm", 4)}
-    for o in range(O):
-        for th in range(TH):
-            oh, row = 4 * th, o * L + th * TW
-            for tw in range(TW):
-                ow, s = 4 * tw, row + tw
+    for th in range(TH):  # o innermost: the writes, a tile's row of dm each, run contiguous
+        oh, row = 4 * th, offset + th * TW
+        for tw in range(TW):
+            ow, at = 4 * tw, (row + tw) * O
+            for o in range(O):
+                s = at + o
                 if oh + 3 < OH and ow + 3 < OW:
 {_lines(*full_loads, indent=20)}
                 else:
