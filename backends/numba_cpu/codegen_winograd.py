@@ -38,7 +38,12 @@ resnet-m's weight gradients (profile, against the transposed product one image a
 planes 6.0 -> 5.5 ms, 16x16 4.8-5.0 -> 4.0-4.2 ms, 32x32 5.6-6.0 -> 5.3-5.6 ms; its step 198.0 ->
 191.2 ms (medians of 5 alternated runs); the MNIST CNN's 47.4 -> 47.0 ms. The F(4x4) module
 compiles in 7.0 s against 6.3 s (serial, cold). F(4x4)'s input transform then ran B^T d over whole
-rows first (transform_tiles): the step 190.5 -> 181.9 ms, compile time unchanged.
+rows first (transform_tiles): the step 190.5 -> 181.9 ms, compile time unchanged. Its three data
+transforms then let LLVM contract a * b + c into FMA (fastmath 'contract' alone; the full flags
+are what cost compile time): their multiplies by 2, 4, 5 and 8 fold into the adds. Batch of 32,
+resnet-m's 32x32 planes: untransform_tiles 1.04 -> 0.80 ms, transform_gradients 0.90 -> 0.81,
+transform_tiles 1.51 -> 1.44; the step 181.9 -> 176.9 ms; compile time (7.1 s) and the error
+against float64 on such a layer (4.1e-6 to 4.9e-6 of the largest value) unchanged.
 """
 from __future__ import annotations
 
@@ -452,7 +457,7 @@ def transform_filters(w, u, turned):
 {_lines(*filters, indent=12)}
 
 
-@njit({HELPER_OPTIONS})
+@njit(fastmath={{'contract'}}, {HELPER_OPTIONS})
 def transform_tiles(x, v, pad, PH, PW, TH, TW, stride, offset):
     """v[k, c * stride + offset + tile] = (B^T d B)[k // 6, k % 6] for every 6x6 tile d (4 apart)
     of image x's channel c, zero-padded by PH, PW: copied into `pad` first, whose border stays zero.
@@ -480,7 +485,7 @@ def transform_tiles(x, v, pad, PH, PW, TH, TW, stride, offset):
 {_lines(*tiles, indent=16)}
 
 
-@njit({HELPER_OPTIONS})
+@njit(fastmath={{'contract'}}, {HELPER_OPTIONS})
 def untransform_tiles(m, out, TH, TW):
     """out[o] = A^T M A for every tile of M = m[:, o * TH * TW + tile] (a plane whose side is
     not a multiple of 4 leaves the rest of its last tiles unwritten)."""
@@ -499,7 +504,7 @@ def untransform_tiles(m, out, TH, TW):
 {_lines(*edge_writes, indent=20)}
 
 
-@njit({HELPER_OPTIONS})
+@njit(fastmath={{'contract'}}, {HELPER_OPTIONS})
 def transform_gradients(dy, dm, TH, TW, offset):
     """dm[k, (offset + tile) * O + o] = (A dY A^T)[k // 6, k % 6] for every 4x4 tile dY of dy[o]
     (zero past the plane's edge): the cotangent of the tile's M, whose outputs are A^T M A. Tiles
