@@ -121,17 +121,75 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 
     return out + as_tensor(bias).reshape(1, -1, 1, 1) if bias is not None else out
 
 
-def max_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0) -> Tensor:
+def _pool_windows(op: str, x: Tensor, kernel_size: Any, stride: Any, padding: Any,
+                  ceil_mode: bool) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int],
+                                             tuple[int, int]]:
+    """(kernel, stride, padding, extra): `extra` the cells past the bottom and right edges that
+    PyTorch's `ceil_mode` adds for a last, partial window (0, 0 without it). Its outputs number
+    ceil((size + 2 padding - kernel) / stride) + 1 along an axis, one fewer where that last window
+    would start in the padding after the edge."""
     kernel = _pair(kernel_size)
-    return bind("max_pool2d", as_tensor(x), kernel=kernel, stride=_pair(stride) if stride else kernel,
-                padding=_pair(padding))
+    stride = _pair(stride) if stride else kernel
+    padding = _pair(padding)
+    if ceil_mode and (x.ndim < 2 or any(2 * p > k for k, p in zip(kernel, padding))):
+        raise ShapeError(f"{op}: ceil_mode needs padding at most half the kernel and a plane to "
+                         f"pool, got input {x.shape}, kernel {kernel}, padding {padding} "
+                         f"(at {user_location()})")
+    extra = [0, 0]
+    for axis, (size, k, s, p) in enumerate(zip(x.shape[-2:], kernel, stride, padding)):
+        if ceil_mode and size + 2 * p >= k:
+            outputs = -(-(size + 2 * p - k) // s) + 1
+            if (outputs - 1) * s >= size + p:
+                outputs -= 1
+            extra[axis] = max(0, (outputs - 1) * s + k - (size + 2 * p))
+    return kernel, stride, padding, (extra[0], extra[1])
+
+
+def _window_sizes(size: int, kernel: int, stride: int, padding: int, extra: int,
+                  count_include_pad: bool) -> np.ndarray:
+    """How many cells each window along an axis averages over with ceil_mode, as PyTorch counts
+    them: the padding before and after the edge (when `count_include_pad`), never the cells past
+    it that ceil_mode adds."""
+    outputs = (size + 2 * padding + extra - kernel) // stride + 1
+    starts = np.arange(outputs) * stride - padding
+    ends = np.minimum(starts + kernel, size + padding)
+    if not count_include_pad:
+        starts, ends = np.maximum(starts, 0), np.minimum(ends, size)
+    return ends - starts
+
+
+def max_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
+               dilation: Any = 1, ceil_mode: bool = False, return_indices: bool = False) -> Tensor:
+    """PyTorch's F.max_pool2d over the last two axes (dilation 1, without indices)."""
+    x = as_tensor(x)
+    if _pair(dilation) != (1, 1) or return_indices:
+        raise GraphcError(f"max_pool2d: dilation {dilation} and return_indices={return_indices} "
+                          f"are not supported; use dilation=1 and return_indices=False "
+                          f"(at {user_location()})")
+    kernel, stride, padding, extra = _pool_windows("max_pool2d", x, kernel_size, stride, padding, ceil_mode)
+    if any(extra):  # cells no window's maximum can come from
+        x = _pad_constant(x, {x.ndim - 2: (0, extra[0]), x.ndim - 1: (0, extra[1])}, -np.inf)
+    return bind("max_pool2d", x, kernel=kernel, stride=stride, padding=padding)
 
 
 def avg_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
-               count_include_pad: bool = True) -> Tensor:
-    kernel = _pair(kernel_size)
-    return bind("avg_pool2d", as_tensor(x), kernel=kernel, stride=_pair(stride) if stride else kernel,
-                padding=_pair(padding), count_include_pad=count_include_pad)
+               ceil_mode: bool = False, count_include_pad: bool = True,
+               divisor_override: int | None = None) -> Tensor:
+    """PyTorch's F.avg_pool2d over the last two axes."""
+    x = as_tensor(x)
+    kernel, stride, padding, extra = _pool_windows("avg_pool2d", x, kernel_size, stride, padding, ceil_mode)
+    if not any(extra) and divisor_override is None:
+        return bind("avg_pool2d", x, kernel=kernel, stride=stride, padding=padding,
+                    count_include_pad=count_include_pad)
+    padded = _pad_constant(x, {x.ndim - 2: (0, extra[0]), x.ndim - 1: (0, extra[1])}, 0.0)
+    # the windows' sums, then PyTorch's divisor for each window
+    sums = bind("avg_pool2d", padded, kernel=kernel, stride=stride, padding=padding,
+                count_include_pad=True) * float(kernel[0] * kernel[1])
+    if divisor_override is not None:
+        return sums / float(divisor_override)
+    rows, columns = (_window_sizes(size, k, s, p, e, count_include_pad)
+                     for size, k, s, p, e in zip(x.shape[-2:], kernel, stride, padding, extra))
+    return sums / as_tensor(np.outer(rows, columns).astype(x.dtype))
 
 
 def dropout(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
