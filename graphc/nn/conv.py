@@ -29,13 +29,15 @@ class Conv1d(Module):
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"Conv1d: channels ({in_channels}, {out_channels}) must be divisible "
                              f"by groups={groups}")
-        if padding_mode != "zeros" or isinstance(padding, str):
-            raise NotImplementedError(f"Conv1d: only integer zero padding is supported, got "
-                                      f"padding={padding!r}, padding_mode={padding_mode!r}; pad "
-                                      f"the input with F.pad first")
+        if padding_mode not in F.CONV_PADDING_MODES:
+            raise ValueError(f"Conv1d: padding_mode must be one of {sorted(F.CONV_PADDING_MODES)}, "
+                             f"got {padding_mode!r}")
         (kernel,) = _one(kernel_size)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kernel,)
-        self.stride, self.padding, self.dilation = _one(stride), _one(padding), _one(dilation)
+        self.stride, self.dilation = _one(stride), _one(dilation)
+        self.padding = padding if isinstance(padding, str) else _one(padding)
+        F.conv_padding("Conv1d", self.padding, self.kernel_size, self.stride, self.dilation)  # checked now
+        self.padding_mode = padding_mode
         self.groups, self.has_bias = groups, bias
         bound = 1 / math.sqrt(in_channels // groups * kernel)
         self.weight = uniform((out_channels, in_channels // groups, kernel), bound)
@@ -44,7 +46,8 @@ class Conv1d(Module):
 
     def forward(self, x: Any) -> Tensor:
         return F.conv1d(x, self.weight, self.bias if self.has_bias else None, self.stride,
-                        self.padding, self.dilation, self.groups)
+                        self.padding if isinstance(self.padding, str) else self.padding[0],
+                        self.dilation, self.groups, self.padding_mode)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -114,9 +114,43 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return out + bias if bias is not None else out
 
 
+CONV_PADDING_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate",
+                      "circular": "circular"}  # PyTorch's padding_mode -> F.pad's mode
+
+
+def conv_padding(op: str, padding: Any, kernel: Sequence[int], stride: Sequence[int],
+                 dilation: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """(before, after) widths per spatial axis for PyTorch's `padding`: an int or one per axis,
+    'valid' (none) or 'same' (stride 1: the output keeps the input's size; an odd total puts the
+    extra cell after, as PyTorch does)."""
+    if not isinstance(padding, str):
+        widths = [int(padding)] * len(kernel) if isinstance(padding, int) else [int(p) for p in padding]
+        return tuple((p, p) for p in widths)
+    if padding == "valid":
+        return ((0, 0),) * len(kernel)
+    if padding != "same":
+        raise ValueError(f"{op}: padding must be an int, a tuple, 'valid' or 'same', got {padding!r}")
+    if any(s != 1 for s in stride):
+        raise ShapeError(f"{op}: padding='same' needs stride 1, got stride {tuple(stride)} "
+                         f"(at {user_location()})")
+    totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    return tuple((t // 2, t - t // 2) for t in totals)
+
+
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0,
-           dilation: Any = 1, groups: int = 1) -> Tensor:
-    out = bind("conv2d", as_tensor(x), as_tensor(weight), stride=_pair(stride), padding=_pair(padding),
+           dilation: Any = 1, groups: int = 1, padding_mode: str = "zeros") -> Tensor:
+    """PyTorch's F.conv2d; `padding` may be 'valid' or 'same', and `padding_mode` (as Conv2d's)
+    fills the padding by reflecting, replicating or wrapping the input instead of with zeros."""
+    x, weight = as_tensor(x), as_tensor(weight)
+    if padding_mode not in CONV_PADDING_MODES:
+        raise ValueError(f"conv2d: padding_mode must be one of {sorted(CONV_PADDING_MODES)}, "
+                         f"got {padding_mode!r}")
+    (top, bottom), (left, right) = conv_padding("conv2d", padding, weight.shape[-2:], _pair(stride),
+                                                _pair(dilation))
+    if padding_mode != "zeros" or top != bottom or left != right:  # the op pads evenly, with zeros
+        x = pad(x, (left, right, top, bottom), mode=CONV_PADDING_MODES[padding_mode])
+        top = left = 0
+    out = bind("conv2d", x, weight, stride=_pair(stride), padding=(top, left),
                dilation=_pair(dilation), groups=groups)
     return out + as_tensor(bias).reshape(1, -1, 1, 1) if bias is not None else out
 
@@ -213,8 +247,9 @@ def _single(v: Any, name: str) -> int:
 
 
 def conv1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
-           dilation: Any = 1, groups: int = 1) -> Tensor:
-    """PyTorch's F.conv1d: input (N, C_in, L) or (C_in, L), weight (C_out, C_in/groups, K)."""
+           dilation: Any = 1, groups: int = 1, padding_mode: str = "zeros") -> Tensor:
+    """PyTorch's F.conv1d: input (N, C_in, L) or (C_in, L), weight (C_out, C_in/groups, K);
+    `padding` and `padding_mode` as conv2d's."""
     x, weight = as_tensor(input), as_tensor(weight)
     if x.ndim not in (2, 3) or weight.ndim != 3:
         raise ShapeError(f"conv1d: expects input (N, C, L) or (C, L) and weight (C_out, C_in/"
@@ -222,8 +257,9 @@ def conv1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: 
     batched = x.ndim == 3
     x = x if batched else x.unsqueeze(0)
     out = conv2d(x.unsqueeze(2), weight.unsqueeze(2), bias, stride=(1, _single(stride, "stride")),
-                 padding=(0, _single(padding, "padding")),
-                 dilation=(1, _single(dilation, "dilation")), groups=groups).squeeze(2)
+                 padding=padding if isinstance(padding, str) else (0, _single(padding, "padding")),
+                 dilation=(1, _single(dilation, "dilation")), groups=groups,
+                 padding_mode=padding_mode).squeeze(2)
     return out if batched else out.squeeze(0)
 
 

@@ -53,14 +53,21 @@ class Linear(Module):
 
 class Conv2d(Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
-                 padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True) -> None:
+                 padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros") -> None:
         super().__init__()
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"Conv2d: channels ({in_channels}, {out_channels}) must be divisible "
                              f"by groups={groups}")
         kh, kw = _pair(kernel_size)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
-        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.stride, self.dilation = _pair(stride), _pair(dilation)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        F.conv_padding("Conv2d", self.padding, self.kernel_size, self.stride, self.dilation)  # checked now
+        if padding_mode not in F.CONV_PADDING_MODES:
+            raise ValueError(f"Conv2d: padding_mode must be one of {sorted(F.CONV_PADDING_MODES)}, "
+                             f"got {padding_mode!r}")
+        self.padding_mode = padding_mode
         self.groups, self.has_bias = groups, bias
         bound = 1 / math.sqrt(in_channels // groups * kh * kw)
         self.weight = uniform((out_channels, in_channels // groups, kh, kw), bound)
@@ -69,7 +76,7 @@ class Conv2d(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.weight, self.bias if self.has_bias else None, self.stride,
-                        self.padding, self.dilation, self.groups)
+                        self.padding, self.dilation, self.groups, self.padding_mode)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -232,8 +239,14 @@ class Sequential(Module):
         for i, layer in enumerate(layers):
             setattr(self, str(i), layer)
 
-    def __getitem__(self, index: int) -> Module:
-        return list(self._modules.values())[index]
+    def __getitem__(self, index: int | slice) -> Module:
+        """The layer at `index`; a slice gives a Sequential of those layers, under their names."""
+        if not isinstance(index, slice):
+            return list(self._modules.values())[index]
+        part = Sequential()
+        for name in list(self._modules)[index]:
+            setattr(part, name, self._modules[name])
+        return part
 
     def __len__(self) -> int:
         return len(self._modules)
