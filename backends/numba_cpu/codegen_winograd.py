@@ -33,17 +33,21 @@ against 6.2 s serial), once for every model with such planes.
 The filters' gradient stores dM_k transposed (tiles as rows: BLAS's small-matrix sgemm kernel
 takes no transposed right operand; a product with V_k^T ran at 80 GFLOP/s against 102 for
 128 x 128 by 16 untransposed) and sums the tiles of MIN_GRADIENT_DEPTH / tiles images in one
-product (one image's 16 tiles re-read and rewrote the whole partial dU_k every 16 columns). One thread,
-resnet-m's weight gradients (profile, against the transposed product one image at a time): 8x8
-planes 6.0 -> 5.5 ms, 16x16 4.8-5.0 -> 4.0-4.2 ms, 32x32 5.6-6.0 -> 5.3-5.6 ms; its step 198.0 ->
-191.2 ms (medians of 5 alternated runs); the MNIST CNN's 47.4 -> 47.0 ms. The F(4x4) module
-compiles in 7.0 s against 6.3 s (serial, cold). F(4x4)'s input transform then ran B^T d over whole
-rows first (transform_tiles): the step 190.5 -> 181.9 ms, compile time unchanged. Its three data
-transforms then let LLVM contract a * b + c into FMA (fastmath 'contract' alone; the full flags
-are what cost compile time): their multiplies by 2, 4, 5 and 8 fold into the adds. Batch of 32,
-resnet-m's 32x32 planes: untransform_tiles 1.04 -> 0.80 ms, transform_gradients 0.90 -> 0.81,
-transform_tiles 1.51 -> 1.44; the step 181.9 -> 176.9 ms; compile time (7.1 s) and the error
-against float64 on such a layer (4.1e-6 to 4.9e-6 of the largest value) unchanged.
+product (one image's 16 tiles re-read and rewrote the whole partial dU_k every 16 columns).
+One thread, resnet-m's weight gradients (profile, against the transposed product one image at
+a time): 8x8 planes 6.0 -> 5.5 ms, 16x16 4.8-5.0 -> 4.0-4.2 ms, 32x32 5.6-6.0 -> 5.3-5.6 ms;
+its step 198.0 -> 191.2 ms (medians of 5 alternated runs); the MNIST CNN's 47.4 -> 47.0 ms. The
+F(4x4) module compiles in 7.0 s against 6.3 s (serial, cold). F(4x4)'s input transform then ran
+B^T d over whole rows first (transform_tiles): the step 190.5 -> 181.9 ms, compile time
+unchanged. Its three data transforms then let LLVM contract a * b + c into FMA (fastmath
+'contract' alone; the full flags are what cost compile time): their multiplies by 2, 4, 5 and 8
+fold into the adds. Batch of 32, resnet-m's 32x32 planes: untransform_tiles 1.04 -> 0.80 ms,
+transform_gradients 0.90 -> 0.81, transform_tiles 1.51 -> 1.44; the step 181.9 -> 176.9 ms;
+compile time (7.1 s) and the error against float64 on such a layer (4.1e-6 to 4.9e-6 of the
+largest value) unchanged. Tried and dropped: F(2x2)'s input transform by rows first (0.53 ->
+0.78 ms on 8x8 planes), F(4x4)'s output transform in two passes (0.53 -> 0.64 ms on 16x16),
+groups of images in the forward products (within 3%), F(4x4) on 8x8 planes with such groups
+(forward 4.1 -> 4.9 ms).
 """
 from __future__ import annotations
 
@@ -135,8 +139,8 @@ def conv3x3_winograd(a, b, c, u, v, m, pad, partial, PH, PW, mode, group):
                     transform_tiles(a[n + i], vt, pad[t], PH, PW, TH, TW, group * L, i * L)
                     transform_gradients(b[n + i], mt, TH, TW, i * L)
                 for k in range({cells}):
-                    gemm(False, False, C, O, images * L, vt, k * vt.shape[1], group * L, mt, k * mt.shape[1],
-                         O, 1.0, pt, k * C * O, O)
+                    gemm(False, False, C, O, images * L, vt, k * vt.shape[1], group * L,
+                         mt, k * mt.shape[1], O, 1.0, pt, k * C * O, O)
             else:
                 transform_tiles(a[n], vt, pad[t], PH, PW, TH, TW, L, 0)
                 for k in range({cells}):
@@ -249,7 +253,7 @@ def untransform_tiles(m, out, TH, TW):
 def transform_gradients(dy, dm, TH, TW, offset):
     """dm[k, (offset + tile) * O + o] = (A dY A^T)[k // 4, k % 4] for every 2x2 tile dY of dy[o]
     (zero past an odd side): the cotangent of the tile's M, whose outputs are A^T M A. Tiles
-    are rows, as the right operand of dU_k += V_k @ dM_k (see the entry)."""
+    are rows, as the right operand of dU_k^T += V_k @ dM_k^T (see the entry)."""
     O, OH, OW = dy.shape
     zero = np.zeros(1, dy.dtype)[0]
     for th in range(TH):  # o innermost: the writes, a tile's row of dm each, run contiguous
@@ -462,8 +466,8 @@ def transform_tiles(x, v, pad, PH, PW, TH, TW, stride, offset):
     """v[k, c * stride + offset + tile] = (B^T d B)[k // 6, k % 6] for every 6x6 tile d (4 apart)
     of image x's channel c, zero-padded by PH, PW: copied into `pad` first, whose border stays zero.
     B^T d runs over whole rows of the plane first, a loop that vectorises and shares the columns
-    that neighbouring tiles overlap on: tile by tile, resnet-m's 32 channels of 32x32 took 2.2 ms
-    a batch of 32 against 1.5, its 64 of 16x16 1.1 against 0.8 (one thread)."""
+    that neighbouring tiles overlap on. Tile by tile, a batch of resnet-m's 32 channels of 32x32
+    took 2.2 ms against 1.5, of its 64 channels of 16x16 1.1 against 0.8 (one thread)."""
     C, H, W = x.shape
     e = np.empty((6, pad.shape[1]), v.dtype)
 {consts("v", 4)}
@@ -508,7 +512,7 @@ def untransform_tiles(m, out, TH, TW):
 def transform_gradients(dy, dm, TH, TW, offset):
     """dm[k, (offset + tile) * O + o] = (A dY A^T)[k // 6, k % 6] for every 4x4 tile dY of dy[o]
     (zero past the plane's edge): the cotangent of the tile's M, whose outputs are A^T M A. Tiles
-    are rows, as the right operand of dU_k += V_k @ dM_k (see the entry)."""
+    are rows, as the right operand of dU_k^T += V_k @ dM_k^T (see the entry)."""
     O, OH, OW = dy.shape
     zero = np.zeros(1, dy.dtype)[0]
 {consts("dm", 4)}
