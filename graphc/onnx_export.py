@@ -378,6 +378,18 @@ def _conv2d(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
            dilations=list(node.attrs["dilation"]), group=node.attrs["groups"])
 
 
+@lowering(TARGET, "conv2d_input_grad")
+def _conv2d_input_grad(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    """A convolution's input gradient is ONNX's ConvTranspose (ConvTranspose2d's forward); the
+    output_padding gives the input's exact size where the stride left rows unread."""
+    a = node.attrs
+    kernel, size = node.inputs[1].shape[2:], node.output.shape[2:]
+    natural = [(n - 1) * s - 2 * p + d * (k - 1) + 1 for n, s, p, d, k
+               in zip(node.inputs[0].shape[2:], a["stride"], a["padding"], a["dilation"], kernel)]
+    g.emit("ConvTranspose", xs, out, **_window_attrs(a, kernel), dilations=list(a["dilation"]),
+           group=a["groups"], output_padding=[n - m for n, m in zip(size, natural)])
+
+
 @lowering(TARGET, "max_pool2d")
 def _max_pool2d(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.emit("MaxPool", xs, out, **_window_attrs(node.attrs, node.attrs["kernel"]))

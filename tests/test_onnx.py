@@ -226,6 +226,8 @@ OP_CASES = [
     ("matmul", [f32(2, 1, 3, 4), f32(5, 4, 2)], {}),
     ("conv2d", [IMAGE, f32(6, 2, 3, 2)],
      {"stride": (2, 1), "padding": (1, 2), "dilation": (2, 1), "groups": 2}),
+    ("conv2d_input_grad", [f32(2, 4, 4, 5), f32(4, 3, 3, 2)],  # ConvTranspose, output_padding (1, 0)
+     {"input_shape": (2, 3, 8, 6), "stride": (2, 1), "padding": (1, 0), "dilation": (1, 1), "groups": 1}),
     ("max_pool2d", [IMAGE], {"kernel": (3, 2), "stride": (2, 1), "padding": (1, 1)}),
     *[("avg_pool2d", [IMAGE], {"kernel": (3, 3), "stride": (2, 2), "padding": (1, 1),
                                 "count_include_pad": include}) for include in (True, False)],

@@ -1,5 +1,6 @@
 """`Conv1d`: a 1-D convolution over (N, C, L) (F.conv1d computes it as a 2-D one over
-(N, C, 1, L))."""
+(N, C, 1, L)); `ConvTranspose2d`: the gradient of a 2-D convolution with respect to its input,
+as a layer (a decoder's learned upsampling)."""
 from __future__ import annotations
 
 import math
@@ -7,10 +8,10 @@ from typing import Any
 
 from ..tensor import Tensor
 from . import functional as F
-from .layers import uniform
+from .layers import _pair, uniform
 from .module import Module
 
-__all__ = ["Conv1d"]
+__all__ = ["Conv1d", "ConvTranspose2d"]
 
 
 def _one(v: Any) -> tuple[int]:
@@ -48,6 +49,35 @@ class Conv1d(Module):
         return F.conv1d(x, self.weight, self.bias if self.has_bias else None, self.stride,
                         self.padding if isinstance(self.padding, str) else self.padding[0],
                         self.dilation, self.groups, self.padding_mode)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}")
+
+
+class ConvTranspose2d(Module):
+    """weight (in_channels, out_channels/groups, kH, kW), bias (out_channels,), both
+    U(±1/sqrt(out_channels/groups * kH * kW)) as PyTorch's."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
+                 padding: Any = 0, output_padding: Any = 0, groups: int = 1, bias: bool = True,
+                 dilation: Any = 1) -> None:
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"ConvTranspose2d: channels ({in_channels}, {out_channels}) must be "
+                             f"divisible by groups={groups}")
+        kh, kw = _pair(kernel_size)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.output_padding, self.groups, self.has_bias = _pair(output_padding), groups, bias
+        bound = 1 / math.sqrt(out_channels // groups * kh * kw)
+        self.weight = uniform((in_channels, out_channels // groups, kh, kw), bound)
+        if bias:
+            self.bias = uniform((out_channels,), bound)
+
+    def forward(self, x: Any) -> Tensor:
+        return F.conv_transpose2d(x, self.weight, self.bias if self.has_bias else None, self.stride,
+                                  self.padding, self.output_padding, self.groups, self.dilation)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -17,7 +17,9 @@ __all__ = ["relu", "sigmoid", "tanh", "softmax", "log_softmax", "logsumexp", "li
            "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "conv1d",
            "dropout", "one_hot", "pad", "scaled_dot_product_attention", "layer_norm", "embedding",
            "cross_entropy", "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss",
-           "binary_cross_entropy", "binary_cross_entropy_with_logits", "kl_div"]
+           "binary_cross_entropy", "binary_cross_entropy_with_logits", "kl_div",
+           "conv_transpose2d", "interpolate", "group_norm", "prelu", "hardtanh", "relu6",
+           "dropout2d"]
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -155,6 +157,54 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 
     return out + as_tensor(bias).reshape(1, -1, 1, 1) if bias is not None else out
 
 
+def conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1,
+                     padding: Any = 0, output_padding: Any = 0, groups: int = 1,
+                     dilation: Any = 1) -> Tensor:
+    """PyTorch's F.conv_transpose2d, weight (C_in, C_out/groups, kH, kW): the gradient of a
+    convolution with that weight, taken with respect to its input, whose height is
+    (H - 1) stride - 2 padding + dilation (kH - 1) + output_padding + 1 (and likewise the width)."""
+    x, weight = as_tensor(x), as_tensor(weight)
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    output_padding = _pair(output_padding)
+    if x.ndim != 4 or weight.ndim != 4 or weight.shape[0] != x.shape[1]:
+        raise ShapeError(f"conv_transpose2d: expects input (N, C_in, H, W) and weight (C_in, "
+                         f"C_out/groups, kH, kW), got {x.shape} and {weight.shape} "
+                         f"(at {user_location()})")
+    if any(o >= max(s, d) for o, s, d in zip(output_padding, stride, dilation)):
+        raise ShapeError(f"conv_transpose2d: output_padding {output_padding} must be smaller than "
+                         f"the stride {stride} or the dilation {dilation} (at {user_location()})")
+    size = tuple((n - 1) * s - 2 * p + d * (k - 1) + o + 1 for n, s, p, d, k, o
+                 in zip(x.shape[2:], stride, padding, dilation, weight.shape[2:], output_padding))
+    out = bind("conv2d_input_grad", x, weight, input_shape=(x.shape[0], weight.shape[1] * groups, *size),
+               stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return out + as_tensor(bias).reshape(1, -1, 1, 1) if bias is not None else out
+
+
+def interpolate(input: Tensor, size: Any = None, scale_factor: Any = None, mode: str = "nearest") -> Tensor:
+    """PyTorch's F.interpolate in 'nearest' mode for (N, C, H, W) or (N, C, L) input: output
+    cell i copies input cell floor(i * in / out) of each axis (integer or fractional scales)."""
+    x = as_tensor(input)
+    spatial = x.ndim - 2
+    if mode != "nearest" or spatial not in (1, 2):
+        raise GraphcError(f"interpolate: only mode='nearest' on (N, C, L) or (N, C, H, W) input "
+                          f"is supported, got mode={mode!r} and shape {x.shape} (at {user_location()})")
+    if (size is None) == (scale_factor is None):
+        raise ValueError("interpolate: give exactly one of size and scale_factor")
+    if size is not None:
+        sizes = [int(size)] * spatial if isinstance(size, int) else [int(v) for v in size]
+        scales = [n_out / n_in for n_out, n_in in zip(sizes, x.shape[2:])]
+    else:
+        scales = [float(scale_factor)] * spatial if np.isscalar(scale_factor) else [float(v) for v in scale_factor]
+        sizes = [int(np.floor(n * f)) for n, f in zip(x.shape[2:], scales)]
+    for axis, (n_in, n_out, scale) in enumerate(zip(x.shape[2:], sizes, scales)):
+        # PyTorch's index rule: with a scale_factor, floor(i / scale); with a size, floor(i * in / out)
+        step = 1 / scale if scale_factor is not None else n_in / n_out
+        sources = np.minimum(np.floor(np.arange(n_out) * step).astype(np.int64), n_in - 1)
+        if not np.array_equal(sources, np.arange(n_in)):
+            x = bind("gather", x, as_tensor(sources), axis=2 + axis, wrap_negative=False)
+    return x
+
+
 def _pool_windows(op: str, x: Tensor, kernel_size: Any, stride: Any, padding: Any,
                   ceil_mode: bool) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int],
                                              tuple[int, int]]:
@@ -224,6 +274,40 @@ def avg_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0
     rows, columns = (_window_sizes(size, k, s, p, e, count_include_pad)
                      for size, k, s, p, e in zip(x.shape[-2:], kernel, stride, padding, extra))
     return sums / as_tensor(np.outer(rows, columns).astype(x.dtype))
+
+
+def prelu(x: Tensor, weight: Tensor) -> Tensor:
+    """x where positive, else weight * x: one weight, or one per channel (axis 1)."""
+    x, weight = as_tensor(x), as_tensor(weight)
+    if int(np.prod(weight.shape)) > 1:
+        if x.ndim < 2 or weight.shape != (x.shape[1],):
+            raise ShapeError(f"prelu: {weight.shape[0]} weights need input with that many channels "
+                             f"on axis 1, got shape {x.shape} (at {user_location()})")
+        weight = weight.reshape(1, -1, *([1] * (x.ndim - 2)))
+    return where(x > 0, x, weight * x)
+
+
+def hardtanh(x: Tensor, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False) -> Tensor:
+    return _result(x, as_tensor(x).clamp(min_val, max_val), inplace)
+
+
+def relu6(x: Tensor, inplace: bool = False) -> Tensor:
+    return hardtanh(x, 0.0, 6.0, inplace)
+
+
+def dropout2d(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+    """Zero whole channels (axis 1 of (N, C, H, W) or axis 0 of (C, H, W)) with probability p
+    and scale the rest by 1/(1-p), while training."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout2d probability must be in [0, 1), got {p}")
+    if not training or p == 0:
+        return x
+    t = as_tensor(x)
+    if t.ndim not in (3, 4):
+        raise ShapeError(f"dropout2d: expects (N, C, H, W) or (C, H, W) input, got shape {t.shape} "
+                         f"(at {user_location()})")
+    keep = bernoulli(1 - p, t.shape[:-2] + (1, 1))
+    return _result(x, where(keep, t * (1.0 / (1 - p)), 0), inplace)
 
 
 def dropout(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
@@ -445,6 +529,11 @@ def _shared_heads(query: Tensor, x: Tensor) -> Tensor:
     *batch, heads, steps, width = x.shape
     repeated = x.unsqueeze(-3).expand(*batch, heads, groups, steps, width)
     return repeated.reshape(*batch, heads * groups, steps, width)
+
+
+def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None,
+               bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    return normalization.group_norm(as_tensor(input), num_groups, weight, bias, eps)
 
 
 def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,

@@ -17,7 +17,8 @@ from ..functions import rsqrt, stop_gradient
 from ..tensor import Tensor, as_tensor, bind
 from .module import Module, Parameter
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "LayerNorm", "batch_norm", "layer_norm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "GroupNorm", "LayerNorm", "batch_norm", "group_norm",
+           "layer_norm"]
 
 
 def _channel_shaped(v: Tensor, ndim: int) -> Tensor:
@@ -167,3 +168,40 @@ class LayerNorm(Module):
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, "
                 f"elementwise_affine={self.elementwise_affine}")
+
+
+def group_norm(x: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
+               eps: float = 1e-5) -> Tensor:
+    """Normalise each sample's channels in `num_groups` groups, each over its channels and
+    positions (biased variance), then scale and shift per channel: x is (N, C, *)."""
+    x = as_tensor(x)
+    if x.ndim < 2 or x.shape[1] % num_groups:
+        raise ShapeError(f"group_norm: expects (N, C, ...) input with C divisible by num_groups="
+                         f"{num_groups}, got shape {x.shape} (at {user_location()})")
+    grouped = x.reshape(x.shape[0], num_groups, -1)
+    out = bind("normalize", grouped, axes=(2,), epsilon=eps).reshape(*x.shape)
+    per_channel = (1, x.shape[1]) + (1,) * (x.ndim - 2)
+    if weight is not None:
+        out = out * as_tensor(weight).reshape(*per_channel)
+    if bias is not None:
+        out = out + as_tensor(bias).reshape(*per_channel)
+    return out
+
+
+class GroupNorm(Module):
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__()
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: num_channels ({num_channels}) must be divisible by "
+                             f"num_groups ({num_groups})")
+        self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
+        if affine:
+            self.weight = Parameter(np.ones(num_channels, dtype=np.float32))
+            self.bias = Parameter(np.zeros(num_channels, dtype=np.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return group_norm(x, self.num_groups, self.weight if self.affine else None,
+                          self.bias if self.affine else None, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
