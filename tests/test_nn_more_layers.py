@@ -1,5 +1,6 @@
 """Layers PyTorch models use that graphc builds from its ops: ConvTranspose2d (a convolution's
-input gradient), GroupNorm, nearest Upsample / F.interpolate, PReLU, Hardtanh, ReLU6 and
+input gradient), GroupNorm, Upsample / F.interpolate (nearest, linear, bilinear), PReLU,
+Hardtanh, ReLU6 and
 Dropout2d. Values and gradients (input and parameters) against PyTorch where it is installed,
 with PyTorch's initial weights copied over; compiled on numba-cpu and on the reference."""
 import numpy as np
@@ -120,8 +121,8 @@ def test_a_decoder_trains_on_numba_cpu_as_on_the_reference():
 
 def test_unsupported_and_wrong_arguments_are_named():
     x = np.zeros((1, 2, 4, 4), "float32")
-    with pytest.raises(GraphcError, match="mode='nearest'"):
-        gc.jit(lambda t: F.interpolate(t, scale_factor=2, mode="bilinear"))(x)
+    with pytest.raises(GraphcError, match="'bilinear' on \\(N, C, H, W\\)"):
+        gc.jit(lambda t: F.interpolate(t, scale_factor=2, mode="bicubic"))(x)
     with pytest.raises(ShapeError, match="output_padding"):
         gc.jit(lambda t: F.conv_transpose2d(t, np.ones((2, 1, 3, 3), "float32"), output_padding=1))(x)
     with pytest.raises(ValueError, match="divisible by num_groups"):
@@ -140,3 +141,18 @@ def test_conv_transpose2d_exports_to_onnx(tmp_path, stride, padding, output_padd
     session = ort.InferenceSession(str(tmp_path / "decoder.onnx"))
     (got,) = session.run(None, {session.get_inputs()[0].name: x})
     np.testing.assert_allclose(got, gc.compile(model, (x,))(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size, scale, align_corners", [
+    (None, 2, False), (None, 2, True), ((7, 3), None, False), ((7, 3), None, True), (None, (1.5, 0.5), False),
+    ((1, 9), None, True)])
+def test_bilinear_interpolation_matches_pytorch(size, scale, align_corners):
+    x = np.random.default_rng(2).standard_normal((2, 3, 4, 5)).astype("float32")
+    check_against_torch(lambda: nn.Upsample(size, scale, "bilinear", align_corners),
+                        lambda torch: torch.nn.Upsample(size, scale, "bilinear", align_corners), x)
+
+
+def test_linear_interpolation_of_a_sequence_matches_pytorch():
+    x = np.random.default_rng(3).standard_normal((2, 3, 6)).astype("float32")
+    check_against_torch(lambda: nn.Upsample(size=13, mode="linear"),
+                        lambda torch: torch.nn.Upsample(size=13, mode="linear"), x)

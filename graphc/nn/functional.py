@@ -180,28 +180,47 @@ def conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
     return out + as_tensor(bias).reshape(1, -1, 1, 1) if bias is not None else out
 
 
-def interpolate(input: Tensor, size: Any = None, scale_factor: Any = None, mode: str = "nearest") -> Tensor:
-    """PyTorch's F.interpolate in 'nearest' mode for (N, C, H, W) or (N, C, L) input: output
-    cell i copies input cell floor(i * in / out) of each axis (integer or fractional scales)."""
+def interpolate(input: Tensor, size: Any = None, scale_factor: Any = None, mode: str = "nearest",
+                align_corners: bool | None = None) -> Tensor:
+    """PyTorch's F.interpolate over the last one or two axes of (N, C, L) or (N, C, H, W) input:
+    'nearest' (output cell i copies input cell floor(i * scale), scale = in / out, or
+    1 / scale_factor when that is given), 'linear' / 'bilinear' (each axis in turn, between the
+    two nearest input cells; with `align_corners` the corner cells' centres line up)."""
     x = as_tensor(input)
     spatial = x.ndim - 2
-    if mode != "nearest" or spatial not in (1, 2):
-        raise GraphcError(f"interpolate: only mode='nearest' on (N, C, L) or (N, C, H, W) input "
-                          f"is supported, got mode={mode!r} and shape {x.shape} (at {user_location()})")
+    linear = {"linear": 1, "bilinear": 2}
+    if spatial not in (1, 2) or (mode != "nearest" and linear.get(mode) != spatial):
+        raise GraphcError(f"interpolate: supports mode 'nearest' on (N, C, L) or (N, C, H, W) "
+                          f"input, 'linear' on (N, C, L) and 'bilinear' on (N, C, H, W); got "
+                          f"mode={mode!r} and shape {x.shape} (at {user_location()})")
+    if align_corners is not None and mode == "nearest":
+        raise ValueError("interpolate: align_corners only applies to the linear modes")
     if (size is None) == (scale_factor is None):
         raise ValueError("interpolate: give exactly one of size and scale_factor")
     if size is not None:
         sizes = [int(size)] * spatial if isinstance(size, int) else [int(v) for v in size]
-        scales = [n_out / n_in for n_out, n_in in zip(sizes, x.shape[2:])]
+        steps = [n_in / n_out for n_out, n_in in zip(sizes, x.shape[2:])]
     else:
-        scales = [float(scale_factor)] * spatial if np.isscalar(scale_factor) else [float(v) for v in scale_factor]
-        sizes = [int(np.floor(n * f)) for n, f in zip(x.shape[2:], scales)]
-    for axis, (n_in, n_out, scale) in enumerate(zip(x.shape[2:], sizes, scales)):
-        # PyTorch's index rule: with a scale_factor, floor(i / scale); with a size, floor(i * in / out)
-        step = 1 / scale if scale_factor is not None else n_in / n_out
-        sources = np.minimum(np.floor(np.arange(n_out) * step).astype(np.int64), n_in - 1)
-        if not np.array_equal(sources, np.arange(n_in)):
-            x = bind("gather", x, as_tensor(sources), axis=2 + axis, wrap_negative=False)
+        factors = [float(scale_factor)] * spatial if np.isscalar(scale_factor) else [float(v) for v in scale_factor]
+        sizes = [int(np.floor(n * f)) for n, f in zip(x.shape[2:], factors)]
+        steps = [1 / f for f in factors]
+    for axis, (n_in, n_out, step) in enumerate(zip(x.shape[2:], sizes, steps)):
+        at = 2 + axis
+        if mode == "nearest":
+            sources = np.minimum(np.floor(np.arange(n_out) * step).astype(np.int64), n_in - 1)
+            if not np.array_equal(sources, np.arange(n_in)):
+                x = bind("gather", x, as_tensor(sources), axis=at, wrap_negative=False)
+            continue
+        if align_corners:
+            position = np.arange(n_out) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+        else:
+            position = np.maximum((np.arange(n_out) + 0.5) * step - 0.5, 0.0)
+        low = np.minimum(np.floor(position).astype(np.int64), n_in - 1)
+        high = np.minimum(low + 1, n_in - 1)
+        weight = (position - low).astype(x.dtype).reshape((n_out,) + (1,) * (x.ndim - 1 - at))
+        below = bind("gather", x, as_tensor(low), axis=at, wrap_negative=False)
+        above = bind("gather", x, as_tensor(high), axis=at, wrap_negative=False)
+        x = below + (above - below) * as_tensor(weight)
     return x
 
 

@@ -127,14 +127,16 @@ class Dropout2d(Module):
 
 
 class Upsample(Module):
-    """F.interpolate as a layer ('nearest' mode)."""
+    """F.interpolate as a layer."""
 
-    def __init__(self, size: Any = None, scale_factor: Any = None, mode: str = "nearest") -> None:
+    def __init__(self, size: Any = None, scale_factor: Any = None, mode: str = "nearest",
+                 align_corners: bool | None = None) -> None:
         super().__init__()
         self.size, self.scale_factor, self.mode = size, scale_factor, mode
+        self.align_corners = align_corners
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.interpolate(x, self.size, self.scale_factor, self.mode)
+        return F.interpolate(x, self.size, self.scale_factor, self.mode, self.align_corners)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, scale_factor={self.scale_factor}, mode={self.mode!r}"
