@@ -1,8 +1,8 @@
 """Layers PyTorch models use that graphc builds from its ops: ConvTranspose2d (a convolution's
 input gradient), GroupNorm, Upsample / F.interpolate (nearest, linear, bilinear), PReLU,
-Hardtanh, ReLU6 and
-Dropout2d. Values and gradients (input and parameters) against PyTorch where it is installed,
-with PyTorch's initial weights copied over; compiled on numba-cpu and on the reference."""
+Hardtanh, ReLU6 and Dropout2d. Values and gradients (input and parameters) against PyTorch where
+it is installed, with PyTorch's initial weights copied over; compiled on numba-cpu and on the
+reference."""
 import numpy as np
 import pytest
 
