@@ -36,6 +36,7 @@ from .blas import single_threaded_scipy_blas
 from .cache import CacheStats, get_cache
 from .codegen import POINTWISE_GENERATORS, generate
 from .codegen_common import Call, KernelSource, always_parallel, kernel_threads, requested_threads
+from .thread_choice import ThreadChoice
 
 
 @dataclass
@@ -113,7 +114,9 @@ class Executable(PlannedExecutable):
     of the same program at another batch size whose memory is large enough, the arena is the
     front of that memory and calls of the two take turns too: a fresh arena of tens of MiB is
     paged in by its first call, for up to a tenth of a second more than the step (resnet-m at
-    batch 17 after 32, 56 MiB: 0.13 s of system time).
+    batch 17 after 32, 56 MiB: 0.13 s of system time). Unless GRAPHC_NUM_THREADS pins the count,
+    the calls of an executable with parallel kernels run on all of Numba's threads or on one,
+    whichever its timed calls found faster (thread_choice.py: on a busy machine, one).
     """
 
     def __init__(self, graph: Graph, plan: MemoryPlan, kernels: dict[Node, CompiledKernel],
@@ -125,6 +128,12 @@ class Executable(PlannedExecutable):
         self.cache_stats = cache_stats
         self.compile_seconds = compile_seconds
         self._threads = _thread_count()
+        # unpinned, with threads to spare and parallel kernels to run on them: calls pick all of
+        # the threads or one by their times (thread_choice.py)
+        parallel = any(call.parallel for k in self.kernels for call in k.generated.calls)
+        self._thread_choice = (ThreadChoice(kernel_threads())
+                               if self._threads is None and kernel_threads() > 1 and parallel else None)
+        self._untimed_calls = 1  # the first call pages the arena in
         self._donated = tuple(plan.donated_in_place) + tuple(plan.donated_by_copy)
         self._signature = InputSignature(graph, self._donated)
         if isinstance(memory_of, Executable) and memory_of._memory.nbytes >= plan.peak_bytes:
@@ -224,13 +233,32 @@ class Executable(PlannedExecutable):
     def __call__(self, *args: Any) -> list[np.ndarray]:
         with self._lock:
             env = self._prepare(args)
-            if self._profile_totals is None:
-                for function, arguments in self._run:
-                    function(*arguments(env))
+            choice = self._thread_choice
+            if choice is None:
+                self._run_kernels(env)
+                return self._finish(env)
+            before, threads = numba.get_num_threads(), choice.threads()
+            if threads != before:
+                numba.set_num_threads(threads)
+            start = time.perf_counter()
+            try:
+                self._run_kernels(env)
+            finally:
+                if threads != before:  # the caller's own parallel code keeps its count
+                    numba.set_num_threads(before)
+            if self._untimed_calls:
+                self._untimed_calls -= 1
             else:
-                self._timed_run(env, self._profile_totals)
-                self._profile_calls += 1
+                choice.record(threads, time.perf_counter() - start)
             return self._finish(env)
+
+    def _run_kernels(self, env: list[Any]) -> None:
+        if self._profile_totals is None:
+            for function, arguments in self._run:
+                function(*arguments(env))
+        else:
+            self._timed_run(env, self._profile_totals)
+            self._profile_calls += 1
 
     def _prepare(self, args: Sequence[Any]) -> list[Any]:
         arrays = self._signature.prepare(args)
