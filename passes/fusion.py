@@ -14,9 +14,10 @@ holding the subgraph it computes and attrs ``{"name": str, "pattern": str}``. Pa
 - ``library``: an opaque op (matmul, conv, pooling, scatter) with an elementwise epilogue over
   its output (bias add, ReLU). An op declaring ``transposed_operands`` (matmul) also absorbs
   transposes of its operands (swapping the last two axes, read by nothing else): BLAS reads them
-  transposed for free. A transpose only such ops read, several of them, is first copied for
-  each (`_transpose_per_product`), unless several read it as their right operand (B). In the
-  subgraph the prologue transposes come first, then the anchor, then the epilogue.
+  transposed for free, except the right operand (B) of a large float32 product
+  (`_stores_right_operand`). A transpose only such ops read, several of them, is first copied
+  for each (`_transpose_per_product`), unless several read it as B. In the subgraph the
+  prologue transposes come first, then the anchor, then the epilogue.
 - ``view``: an op declaring ``view`` (reshape, expand_dims, squeeze) of a contiguous buffer: a
   zero-cost alias.
 
@@ -278,6 +279,8 @@ class _Partitioner:
             return
         for v in set(node.inputs):
             producer = self.group_of.get(v)
+            if v is node.inputs[-1] and _stores_right_operand(node):
+                continue
             if (producer is not None and producer.pattern == "elementwise" and len(producer.body) == 1
                     and swaps_last_two_axes(producer.body[0]) and v not in self.graph_outputs
                     and producer.body[0].inputs[0] not in self.literals
@@ -631,15 +634,30 @@ def _live_nodes(graph: Graph) -> Graph:
     return pruned
 
 
-# A transpose that this many products or more read as their right operand (B) is stored once:
-# a weight read at every step of an unrolled recurrence. numba-cpu computes large float32
-# products as tiles that fit OpenBLAS's small-matrix sgemm kernel, which reads only B
-# untransposed (backends/numba_cpu/gemm.py): 64 x 128 by 128 x 512, one thread, 72.8 us against
-# 98.5 us with B transposed, so 28 such products repay one 128 x 512 copy many times over
-# (lstm-28, h @ W_hh.T at each step: one thread 11.3 -> 10.5 ms a training step, two threads
-# 7.0 -> 6.6 ms). A product reading B transposed alone still absorbs it: storing the transpose
-# of each Linear's weight instead was within the noise (MLP, transformer-m).
+# A transpose that this many products or more read as their right operand (B) is stored once,
+# whatever their size: a weight read at every step of an unrolled recurrence. numba-cpu computes
+# large float32 products as tiles that fit OpenBLAS's small-matrix sgemm kernel, which reads
+# only B untransposed (backends/numba_cpu/gemm.py): 64 x 128 by 128 x 512, one thread, 72.8 us
+# against 98.5 us with B transposed, so 28 such products repay one 128 x 512 copy many times
+# over (lstm-28, h @ W_hh.T at each step: one thread 11.3 -> 10.5 ms a training step, two
+# threads 7.0 -> 6.6 ms).
 SHARED_RIGHT_OPERAND_READERS = 3
+
+
+# A float32 product of at least this many multiply-adds reads a transposed right operand stored,
+# not absorbed, even alone: numba-cpu computes it in tiles for that small-matrix kernel, which
+# takes B untransposed only. Every Linear's forward product (x @ W.T), one thread, alternated:
+# transformer-m's step 64.1 -> 63.1 ms (its forward products 71-79 GFLOP/s transposed, 87-108
+# untransposed), the MLP's 1.698 -> 1.687 ms. Below it, BLAS reads B transposed at no cost.
+STORE_RIGHT_FROM_MACS = 1 << 20
+
+
+def _stores_right_operand(product: Node) -> bool:
+    """Whether matrix product `product` reads its right operand faster stored than transposed."""
+    a, out = product.inputs[0].type, product.output.type
+    if out.dtype != "float32" or len(a.shape) < 2:
+        return False
+    return a.shape[-2] * a.shape[-1] * out.shape[-1] >= STORE_RIGHT_FROM_MACS
 
 
 def _transpose_per_product(graph: Graph) -> Graph:

@@ -130,3 +130,22 @@ def test_a_transpose_several_products_read_as_their_right_operand_is_stored_once
     for t, h in enumerate(hs):
         b.add_output(f"y{t}", b.matmul(wt, h))
     assert fused_kernels(b.graph.verify()) == [("library", ["transpose", "matmul"])] * steps
+
+
+def test_a_large_float32_product_reads_its_right_operand_stored():
+    """x @ W.T of a Linear: above fusion.STORE_RIGHT_FROM_MACS the transpose is a kernel of its
+    own and the product reads W.T untransposed; a smaller product, or float64, absorbs it."""
+    def linear(rows, dtype):
+        b = Builder("linear")
+        x = b.add_input(TensorType((rows, 64), dtype), "x")
+        w = b.add_input(TensorType((128, 64), dtype), "w")
+        b.add_output("y", b.matmul(x, b.transpose(w, perm=(1, 0))))
+        return b.graph.verify()
+    large_rows = -(-fusion.STORE_RIGHT_FROM_MACS // (64 * 128))
+    assert fused_kernels(linear(large_rows, "float32")) == [("shape", ["transpose"]), ("library", ["matmul"])]
+    assert fused_kernels(linear(large_rows - 1, "float32")) == [("library", ["transpose", "matmul"])]
+    assert fused_kernels(linear(large_rows, "float64")) == [("library", ["transpose", "matmul"])]
+    graph = linear(large_rows, "float32")
+    rng = np.random.default_rng(4)
+    run_and_compare(graph, [rng.standard_normal(v.shape).astype("float32") for v in graph.input_values],
+                    parallel=False)
