@@ -116,3 +116,20 @@ def finite_differences(f: Callable[..., float], arrays: list[np.ndarray], index:
         minus[index][i] -= eps
         grad[i] = (f(*plus) - f(*minus)) / (2 * eps)
     return grad
+
+
+def numba_cpu_matches_reference(graph, arrays: Sequence[Any], parallel: bool):
+    """Compile `graph` for numba-cpu (every loop parallel with `parallel`), run it on `arrays`
+    and require each output to equal the reference's exactly (dtype, shape, values); returns
+    the executable."""
+    from graphc.backends.numba_cpu.codegen_common import always_parallel
+    from graphc.lowering import compile_graph
+    if parallel:
+        with always_parallel():
+            executable = compile_graph(graph, "numba-cpu")
+    else:
+        executable = compile_graph(graph, "numba-cpu")
+    for got, want in zip(executable(*arrays), evaluate(graph, arrays)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    return executable

@@ -5,10 +5,7 @@ dtypes, serial and parallel; a concatenation fused with arithmetic keeps the poi
 import numpy as np
 import pytest
 
-from graphc.backends.numba_cpu.codegen_common import always_parallel
-from graphc.backends.reference import evaluate
-from graphc.lowering import compile_graph
-from opcheck import build_graph
+from opcheck import build_graph, numba_cpu_matches_reference as run_and_compare
 
 ROW_COPY = "dst[j] = src[j]"
 
@@ -19,18 +16,6 @@ CASES = [([(4, 3), (4, 3), (4, 3), (4, 3)], 1),      # a gate gradient's four bl
          ([(3, 2, 2, 5), (3, 2, 2, 1)], 3),
          ([(7,), (2,)], 0),
          ([(2, 2, 3), (2, 2, 3)], 2)]
-
-
-def run_and_compare(graph, arrays, parallel: bool):
-    if parallel:
-        with always_parallel():
-            executable = compile_graph(graph, "numba-cpu")
-    else:
-        executable = compile_graph(graph, "numba-cpu")
-    for got, want in zip(executable(*arrays), evaluate(graph, arrays)):
-        assert got.dtype == want.dtype and got.shape == want.shape
-        np.testing.assert_array_equal(got, want)
-    return executable
 
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])

@@ -6,30 +6,17 @@ serial and parallel."""
 import numpy as np
 import pytest
 
-from graphc.backends.numba_cpu.codegen_common import always_parallel
 from graphc.backends.numba_cpu.codegen_elementwise import TRANSPOSE_TILE
-from graphc.backends.reference import evaluate
 from graphc.ir import Builder, TensorType
-from graphc.lowering import compile_graph
 from graphc.passes import fusion
 from graphc.passes.fusion import fuse
-from opcheck import build_graph
+from opcheck import build_graph, numba_cpu_matches_reference as run_and_compare
 
 # (input shape, perm): each moves the last axis, so each is copied in tiles
 TRANSPOSES = [((5, 13), (1, 0)), ((19, 11), (1, 0)), ((3, 10, 9), (0, 2, 1)), ((9, 3, 11), (2, 0, 1)),
               ((2, 9, 3, 10), (0, 2, 3, 1)), ((10, 2, 3, 9), (3, 1, 2, 0))]
 
 
-def run_and_compare(graph, arrays, parallel: bool):
-    if parallel:
-        with always_parallel():
-            executable = compile_graph(graph, "numba-cpu")
-    else:
-        executable = compile_graph(graph, "numba-cpu")
-    for got, want in zip(executable(*arrays), evaluate(graph, arrays)):
-        assert got.dtype == want.dtype
-        np.testing.assert_array_equal(got, want)
-    return executable
 
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
@@ -104,32 +91,32 @@ def test_a_transpose_another_op_reads_is_stored_once():
     assert ("library", ["matmul"]) in kernels
 
 
+def products_of_one_transpose(steps: int, right: bool):
+    """`steps` products reading one weight's transpose, as their right operand (h_t @ W.T) or
+    their left (W.T @ h_t)."""
+    b = Builder("shared_weight")
+    w = b.add_input(TensorType((5, 3) if right else (3, 5), "float32"), "w")
+    hs = [b.add_input(TensorType((2, 3) if right else (3, 2), "float32"), f"h{t}") for t in range(steps)]
+    wt = b.transpose(w, perm=(1, 0))
+    for t, h in enumerate(hs):
+        b.add_output(f"y{t}", b.matmul(h, wt) if right else b.matmul(wt, h))
+    return b.graph.verify()
+
+
 def test_a_transpose_several_products_read_as_their_right_operand_is_stored_once():
     """An unrolled recurrence reads its weight's transpose at every step (h_t @ W.T): stored once,
     every product reads it untransposed (BLAS's small-matrix kernel takes B untransposed only).
     Read as the left operand by as many, it is still copied for each to absorb."""
     steps = fusion.SHARED_RIGHT_OPERAND_READERS
-    b = Builder("recurrent_weight")
-    w = b.add_input(TensorType((5, 3), "float32"), "w")
-    hs = [b.add_input(TensorType((2, 3), "float32"), f"h{t}") for t in range(steps)]
-    wt = b.transpose(w, perm=(1, 0))
-    for t, h in enumerate(hs):
-        b.add_output(f"y{t}", b.matmul(h, wt))
-    graph = b.graph.verify()
+    graph = products_of_one_transpose(steps, right=True)
     kernels = fused_kernels(graph)
     assert kernels.count(("shape", ["transpose"])) == 1
     assert kernels.count(("library", ["matmul"])) == steps
     rng = np.random.default_rng(3)
     arrays = [rng.standard_normal(v.shape).astype("float32") for v in graph.input_values]
     run_and_compare(graph, arrays, parallel=False)
-
-    b = Builder("left_operand")
-    w = b.add_input(TensorType((3, 5), "float32"), "w")
-    hs = [b.add_input(TensorType((3, 2), "float32"), f"h{t}") for t in range(steps)]
-    wt = b.transpose(w, perm=(1, 0))
-    for t, h in enumerate(hs):
-        b.add_output(f"y{t}", b.matmul(wt, h))
-    assert fused_kernels(b.graph.verify()) == [("library", ["transpose", "matmul"])] * steps
+    left = fused_kernels(products_of_one_transpose(steps, right=False))
+    assert left == [("library", ["transpose", "matmul"])] * steps
 
 
 def test_a_large_float32_product_reads_its_right_operand_stored():
