@@ -42,7 +42,6 @@ EXCLUSIONS: dict[str, dict[str, str]] = {
     "numba-cuda": _CODEGEN_EXCLUSIONS,
     "onnx": {
         **_COMM_EXCLUSIONS,
-        "conv2d_input_grad": _GRADIENT,
         "conv2d_weight_grad": _GRADIENT,
         "max_pool2d_grad": _GRADIENT,
         "avg_pool2d_grad": _GRADIENT,
