@@ -25,6 +25,7 @@ def torch_conv2d(torch, x, w, b, dilation, padding, padding_mode):
     return conv
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")  # PyTorch's own note
 @pytest.mark.parametrize("kernel, dilation, padding, padding_mode", CONV2D)
 def test_conv2d_padding_options_match_pytorch(kernel, dilation, padding, padding_mode):
     torch = pytest.importorskip("torch")
