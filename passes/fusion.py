@@ -665,18 +665,21 @@ def _transpose_per_product(graph: Graph) -> Graph:
     them, is read by each through a copy of its own: each product then absorbs its copy (BLAS
     reads the operand transposed for free) instead of all of them reading one materialised
     transpose (x.T of a 1792 x 512 float32 x read by two products: a 0.4-2.9 ms copy). One that
-    SHARED_RIGHT_OPERAND_READERS products or more read as B stays one stored transpose."""
+    SHARED_RIGHT_OPERAND_READERS products or more read as B, or a product that stores its B
+    (`_stores_right_operand`), stays one stored transpose."""
     users = graph.users()
     outputs = set(graph.output_values)
 
     def shared_transpose(node: Node) -> bool:
         if not swaps_last_two_axes(node):  # first: other nodes may have several outputs (scan)
             return False
-        readers = users.get(node.output, [])
+        readers = set(users.get(node.output, []))
         source = node.inputs[0].producer if node.inputs else None
-        right_operand_of = sum(1 for u in set(readers) if len(u.inputs) > 1 and u.inputs[1] is node.output)
-        return (node.output not in outputs and len(set(readers)) > 1
-                and right_operand_of < SHARED_RIGHT_OPERAND_READERS
+        # a product reading it as B that would store its copy anyway gains nothing from one
+        right = [u for u in readers if len(u.inputs) > 1 and u.inputs[-1] is node.output]
+        return (node.output not in outputs and len(readers) > 1
+                and len(right) < SHARED_RIGHT_OPERAND_READERS
+                and not any(_stores_right_operand(u) for u in right)
                 and not (source is not None and is_literal(source))
                 and all(get(u.op).transposed_operands for u in readers))
 

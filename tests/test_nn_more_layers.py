@@ -123,6 +123,12 @@ def test_unsupported_and_wrong_arguments_are_named():
     x = np.zeros((1, 2, 4, 4), "float32")
     with pytest.raises(GraphcError, match="'bilinear' on \\(N, C, H, W\\)"):
         gc.jit(lambda t: F.interpolate(t, scale_factor=2, mode="bicubic"))(x)
+    with pytest.raises(ShapeError, match="every size must be at least 1"):
+        gc.jit(lambda t: F.interpolate(t, size=(0, 2)))(x)
+    with pytest.raises(ShapeError, match="every size must be at least 1"):
+        gc.jit(lambda t: F.interpolate(t, scale_factor=0.2, mode="bilinear"))(x)
+    with pytest.raises(ShapeError, match="divisible by groups=3"):
+        gc.jit(lambda t: F.conv_transpose2d(t, np.ones((2, 1, 3, 3), "float32"), groups=3))(x)
     with pytest.raises(ShapeError, match="output_padding"):
         gc.jit(lambda t: F.conv_transpose2d(t, np.ones((2, 1, 3, 3), "float32"), output_padding=1))(x)
     with pytest.raises(ValueError, match="divisible by num_groups"):

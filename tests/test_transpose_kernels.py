@@ -136,3 +136,15 @@ def test_a_large_float32_product_reads_its_right_operand_stored():
     rng = np.random.default_rng(4)
     run_and_compare(graph, [rng.standard_normal(v.shape).astype("float32") for v in graph.input_values],
                     parallel=False)
+
+
+def test_a_transpose_two_large_products_read_as_b_is_stored_once_not_twice():
+    """Each large product would store its own copy of the transpose (it does not absorb B):
+    the two share one stored transpose instead."""
+    rows = -(-fusion.STORE_RIGHT_FROM_MACS // (64 * 128))
+    b = Builder("two_linears")
+    w = b.add_input(TensorType((128, 64), "float32"), "w")
+    wt = b.transpose(w, perm=(1, 0))
+    for name in ("x", "z"):
+        b.add_output(f"{name}_out", b.matmul(b.add_input(TensorType((rows, 64), "float32"), name), wt))
+    assert fused_kernels(b.graph.verify()) == [("shape", ["transpose"])] + [("library", ["matmul"])] * 2

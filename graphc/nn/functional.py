@@ -166,10 +166,10 @@ def conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
     x, weight = as_tensor(x), as_tensor(weight)
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     output_padding = _pair(output_padding)
-    if x.ndim != 4 or weight.ndim != 4 or weight.shape[0] != x.shape[1]:
+    if x.ndim != 4 or weight.ndim != 4 or weight.shape[0] != x.shape[1] or x.shape[1] % groups:
         raise ShapeError(f"conv_transpose2d: expects input (N, C_in, H, W) and weight (C_in, "
-                         f"C_out/groups, kH, kW), got {x.shape} and {weight.shape} "
-                         f"(at {user_location()})")
+                         f"C_out/groups, kH, kW) with C_in divisible by groups={groups}, got "
+                         f"{x.shape} and {weight.shape} (at {user_location()})")
     if any(o >= max(s, d) for o, s, d in zip(output_padding, stride, dilation)):
         raise ShapeError(f"conv_transpose2d: output_padding {output_padding} must be smaller than "
                          f"the stride {stride} or the dilation {dilation} (at {user_location()})")
@@ -199,11 +199,16 @@ def interpolate(input: Tensor, size: Any = None, scale_factor: Any = None, mode:
         raise ValueError("interpolate: give exactly one of size and scale_factor")
     if size is not None:
         sizes = [int(size)] * spatial if isinstance(size, int) else [int(v) for v in size]
-        steps = [n_in / n_out for n_out, n_in in zip(sizes, x.shape[2:])]
+        steps = [n_in / max(n_out, 1) for n_out, n_in in zip(sizes, x.shape[2:])]
     else:
         factors = [float(scale_factor)] * spatial if np.isscalar(scale_factor) else [float(v) for v in scale_factor]
+        if min(factors) <= 0:
+            raise ValueError(f"interpolate: scale_factor must be positive, got {scale_factor}")
         sizes = [int(np.floor(n * f)) for n, f in zip(x.shape[2:], factors)]
         steps = [1 / f for f in factors]
+    if min(sizes) < 1:
+        raise ShapeError(f"interpolate: the output of input {x.shape} would be {tuple(sizes)}; every "
+                         f"size must be at least 1 (at {user_location()})")
     for axis, (n_in, n_out, step) in enumerate(zip(x.shape[2:], sizes, steps)):
         at = 2 + axis
         if mode == "nearest":
@@ -240,7 +245,7 @@ def _pool_windows(op: str, x: Tensor, kernel_size: Any, stride: Any, padding: An
                          f"(at {user_location()})")
     extra = [0, 0]
     for axis, (size, k, s, p) in enumerate(zip(x.shape[-2:], kernel, stride, padding)):
-        if ceil_mode and size + 2 * p >= k:
+        if ceil_mode:  # PyTorch's rule holds a window even where the kernel outgrows the plane
             outputs = -(-(size + 2 * p - k) // s) + 1
             if (outputs - 1) * s >= size + p:
                 outputs -= 1
