@@ -46,15 +46,15 @@ def test_the_tile_follows_the_plane_size():
 
 
 def weight_gradient_graph(images: int, height: int, width: int, padding: tuple[int, int],
-                          dtype: str = "float32"):
-    """conv2d_weight_grad of 16 -> 17 channels: its graph and inputs (scaled for sums of order 1,
-    which the absolute tolerance assumes)."""
+                          dtype: str = "float32", channels_in: int = 16):
+    """conv2d_weight_grad of `channels_in` -> 17 channels: its graph and inputs (scaled for sums
+    of order 1, which the absolute tolerance assumes)."""
     rng = np.random.default_rng(images)
-    x = (rng.standard_normal((images, 16, height, width)) / 4).astype(dtype)
+    x = (rng.standard_normal((images, channels_in, height, width)) / 4).astype(dtype)
     plane = (height + 2 * padding[0] - 2, width + 2 * padding[1] - 2)
     g = (rng.standard_normal((images, 17, *plane)) / 4).astype(dtype)
     graph = build_graph("winograd_groups", [x, g], lambda b, v, d: [
-        b.conv2d_weight_grad(v, d, weight_shape=(17, 16, 3, 3), padding=padding)])
+        b.conv2d_weight_grad(v, d, weight_shape=(17, channels_in, 3, 3), padding=padding)])
     return graph, [x, g]
 
 
@@ -82,7 +82,8 @@ def test_weight_gradient_image_groups_match_the_reference(images, height, width,
 
 @pytest.mark.slow  # ~10 s: the parallel F(2x2) module
 def test_weight_gradient_image_groups_over_threads_match_the_reference():
-    """7 images over 2 threads, 4 and 3, in groups of 3: each thread's last group is partial."""
-    graph, arrays = weight_gradient_graph(7, 8, 8, (1, 1), "float64")
+    """7 images over 2 threads, 4 and 3, in groups of 3: each thread's last group is partial; 17
+    input channels, whose filters the threads untransform 8 and 9."""
+    graph, arrays = weight_gradient_graph(7, 8, 8, (1, 1), "float64", channels_in=17)
     with always_parallel():
         assert_matches_the_reference(graph, arrays, "float64")
