@@ -1,7 +1,10 @@
 """Checks shared by the per-op tests: forward against NumPy, VJP against finite differences."""
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import os
+import tempfile
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -118,17 +121,34 @@ def finite_differences(f: Callable[..., float], arrays: list[np.ndarray], index:
     return grad
 
 
+@contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """The environment variable `name` set to `value` meanwhile."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
 def numba_cpu_matches_reference(graph, arrays: Sequence[Any], parallel: bool):
     """Compile `graph` for numba-cpu (every loop parallel with `parallel`), run it on `arrays`
     and require each output to equal the reference's exactly (dtype, shape, values); returns
-    the executable."""
+    the executable. Without `parallel` it compiles into a kernel cache of its own: a cache that
+    holds a kernel's always-parallel variant (an earlier test's larger shape) serves that
+    instead (executor.choose_variants)."""
     from graphc.backends.numba_cpu.codegen_common import always_parallel
     from graphc.lowering import compile_graph
     if parallel:
         with always_parallel():
             executable = compile_graph(graph, "numba-cpu")
     else:
-        executable = compile_graph(graph, "numba-cpu")
+        with tempfile.TemporaryDirectory() as directory, _environment("GRAPHC_CACHE_DIR", directory):
+            executable = compile_graph(graph, "numba-cpu")
     for got, want in zip(executable(*arrays), evaluate(graph, arrays)):
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_array_equal(got, want)
