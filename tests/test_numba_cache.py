@@ -450,3 +450,30 @@ def test_worker_count_takes_the_idle_cores_of_the_most_idle_short_window(monkeyp
     assert compile_pool._worker_count() == 0 and len(calls) == 3
     monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "5")
     assert compile_pool._worker_count() == 5
+
+
+def test_a_forked_worker_draws_function_ids_apart_from_its_parent():
+    """Numba names a parallel loop's compiled body after a Python object's id() and its count of
+    compiled functions; a fork inherits both, so a worker's kernel could call a body this process
+    compiled under the same name (two transposes of a test graph swapped results, under nice).
+    Each process, a fork included, draws its own start of the count (compile_worker)."""
+    from numba.core.bytecode import FunctionIdentity
+
+    from graphc.backends.numba_cpu.compile_worker import draw_function_ids
+
+    draw_function_ids()
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            draw_function_ids()
+            os.write(write_end, str(next(FunctionIdentity._unique_ids)).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(child, 0)
+    with os.fdopen(read_end) as pipe:
+        child_next = int(pipe.read())
+    draw_function_ids()  # a no-op in the process that drew already
+    here_next = next(FunctionIdentity._unique_ids)
+    assert abs(child_next - here_next) > 1_000_000

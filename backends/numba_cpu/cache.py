@@ -36,6 +36,7 @@ from graphc.backends.kernel_files import (CacheStats, KernelFiles, default_cache
 
 from .codegen_common import Call
 from .compile_pool import compile_with_workers, estimated_compile_seconds
+from .compile_worker import draw_function_ids
 from .loaded_code import release_linking_module
 from .opt_level import KERNEL_OPT_LEVEL, kernel_optimization_level
 
@@ -196,6 +197,7 @@ class KernelCache(KernelFiles):
         self._check_compiled(key, compiled_in, stats)
         start = time.perf_counter()
         hits_before = sum(dispatcher.stats.cache_hits.values())
+        draw_function_ids()  # symbols apart from those of other processes' kernels (compile_worker)
         with kernel_optimization_level():
             dispatcher.compile(signature)
         elapsed = time.perf_counter() - start

@@ -8,8 +8,10 @@ claims to stdout. A plain script, not a multiprocessing child: it must not impor
 program (``__main__``) again.
 """
 import importlib.util
+import itertools
 import os
 import pickle
+import secrets
 import sys
 
 PACKAGES = ("graphc", "graphc.backends", "graphc.backends.numba_cpu")
@@ -50,8 +52,28 @@ def compile_file(path: str, name: str, entry: str, signature: tuple) -> None:
     kernel_manifest.record(path, dispatcher.stats.cache_path)
 
 
+_IDS_DRAWN_IN = 0  # the process that last drew its function ids (a fork inherits the draw)
+
+
+def draw_function_ids() -> None:
+    """Start Numba's count of compiled functions at a random point, once per process (again in a
+    fork). The count is part of every compiled symbol's name, and the only part that tells apart
+    the bodies of two parallel loops with the same argument types: Numba names such a body after
+    the id() of a Python object, in module '<dynamic>'. A forked worker, with this process's
+    memory and count, named its loop bodies as this process named its own, so a kernel compiled
+    there and one compiled here could call one body: two transposes of one test graph swapped
+    results, in 2 of 5 runs under nice. A start drawn from 2^48 leaves a collision between two
+    processes' few thousand compiles a chance of about 1e-8."""
+    global _IDS_DRAWN_IN
+    if _IDS_DRAWN_IN != os.getpid():
+        from numba.core.bytecode import FunctionIdentity
+        FunctionIdentity._unique_ids = itertools.count(secrets.randbits(48))
+        _IDS_DRAWN_IN = os.getpid()
+
+
 def compile_claimed(claims: str, tasks: list[tuple]) -> dict[str, str | None]:
     """Compile every task this process claims; {cache key: None or the error} of its claims."""
+    draw_function_ids()
     results: dict[str, str | None] = {}
     for key, *task in tasks:
         try:
