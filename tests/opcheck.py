@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
+from unittest import mock
 
 import numpy as np
 
@@ -121,20 +121,6 @@ def finite_differences(f: Callable[..., float], arrays: list[np.ndarray], index:
     return grad
 
 
-@contextmanager
-def _environment(name: str, value: str) -> Iterator[None]:
-    """The environment variable `name` set to `value` meanwhile."""
-    previous = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = previous
-
-
 def numba_cpu_matches_reference(graph, arrays: Sequence[Any], parallel: bool):
     """Compile `graph` for numba-cpu (every loop parallel with `parallel`), run it on `arrays`
     and require each output to equal the reference's exactly (dtype, shape, values); returns
@@ -147,7 +133,7 @@ def numba_cpu_matches_reference(graph, arrays: Sequence[Any], parallel: bool):
         with always_parallel():
             executable = compile_graph(graph, "numba-cpu")
     else:
-        with tempfile.TemporaryDirectory() as directory, _environment("GRAPHC_CACHE_DIR", directory):
+        with tempfile.TemporaryDirectory() as directory, mock.patch.dict(os.environ, GRAPHC_CACHE_DIR=directory):
             executable = compile_graph(graph, "numba-cpu")
     for got, want in zip(executable(*arrays), evaluate(graph, arrays)):
         assert got.dtype == want.dtype and got.shape == want.shape

@@ -107,8 +107,8 @@ def zero(a):
 def untransform_filter_gradients(partial, dw, first, last):
     """dw[o, c] = G^T X G for the input channels c in [first, last), X the {side}x{side} sum over
     threads of partial[t, {side} * i + j, c, o]. The threads' sums are added into partial[0]
-    first, whole rows at a time (a loop that vectorises): summed element by element, 2 threads'
-    128 x 128 filters took 1.4 ms, 0.4 after."""
+    first, whole rows at a time (a loop that vectorises): one thread summing element by element
+    took 1.4 ms for 2 threads' 128 x 128 filters (the gradient 3.34 ms; 1.96 ms now)."""
     T, O = partial.shape[0], dw.shape[0]
     for t in range(1, T):
         for k in range({cells}):
