@@ -11,7 +11,7 @@ from . import nn, optim
 from .api import Staged, grad, jit, trace, value_and_grad
 from .functions import *  # noqa: F401,F403  (gc.exp, gc.where, ...)
 from .functions import __all__ as _function_names
-from .compile import CompiledModel, TrainStep, compile, compile_train_step
+from .compile import CompiledModel, TrainStep, compile, compile_train_step, finish_compiling
 from .control import scan
 from .export import load
 from .onnx_export import export_onnx
@@ -29,4 +29,4 @@ float, double, int, long, bool = "float32", "float64", "int32", "int64", "bool"
 __all__ = ["DTypeError", "Graph", "GraphcError", "IndexOutOfRangeError", "InputError", "SerializationError", "ShapeError",
            "CompiledModel", "Staged", "Tensor", "TracedValueError", "TrainStep", "compile", "compile_train_step", "optim", "TensorType", "VerificationError", "grad", "jit", "load", "manual_seed", "nn",
            "trace", "value_and_grad", *_function_names]
-__all__ += ["export_onnx", "scan"]
+__all__ += ["export_onnx", "finish_compiling", "scan"]

@@ -21,6 +21,7 @@ lets the next step upload what may since have been written.
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
@@ -476,6 +477,17 @@ def _modes_restored(model: Module) -> Iterator[None]:
 
 
 @user_facing
+def finish_compiling() -> None:
+    """Wait for the kernels compiling in the background. A large model's first call on numba-cpu
+    runs serial kernels while their parallel forms compile in a worker process (its cold start
+    is then the serial compile's, a few seconds less); each compiled step and model runs the final
+    kernels from the call after they are ready, or, after this, from its next call. Set
+    GRAPHC_BACKGROUND_COMPILE=0 to compile every kernel before the first call instead."""
+    executor = sys.modules.get("graphc.backends.numba_cpu.executor")
+    if executor is not None:  # nothing compiles in the background where no such kernel was made
+        executor.finish_compiling()
+
+
 def compile_train_step(model: Module, loss_fn: Callable[..., Tensor], optimizer: Optimizer,
                        example_inputs: Sequence[Any], backend: str | None = None,
                        clip_grad_norm: float | None = None, l1: float = 0.0,

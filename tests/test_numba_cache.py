@@ -194,7 +194,7 @@ def test_kernels_a_dead_worker_claimed_are_compiled_by_the_parent(monkeypatch, t
     monkeypatch.setattr(compile_pool, "_can_fork", lambda: False)
     dying, claimed = tmp_path / "dying_worker.py", tmp_path / "claimed"
     dying.write_text("import os, pickle, sys\n"
-                     "claims, tasks = pickle.load(sys.stdin.buffer)\n"
+                     "claims, tasks, _ = pickle.load(sys.stdin.buffer)\n"
                      "mine = 0\n"
                      "for key, *_ in tasks:\n"
                      "    try:\n"
@@ -356,7 +356,7 @@ def test_worker_compiles_a_gemm_kernel_without_importing_all_of_graphc(tmp_path)
     claims = tmp_path / "claims"
     claims.mkdir()
     task = pickle.dumps((str(claims), [(key, cache.path(key), cache.module_name(key), kernel.entry,
-                                        signature)]))
+                                        signature)], 0))
     done = subprocess.run([sys.executable, "-c", f"import runpy, sys; sys.argv = [{WORKER_SCRIPT!r}]; "
                            f"runpy.run_path({WORKER_SCRIPT!r}, run_name='__main__'); {probe}"],
                           input=task, capture_output=True, timeout=300)
@@ -393,7 +393,7 @@ def test_workers_compile_only_the_kernels_they_claim_first(tmp_path):
         tasks.append((key, cache.path(key), cache.module_name(key), name, (types.int64,)))
     claim(str(claims), tasks[0][0])  # "taken": claimed by another process
     run = lambda folder: pickle.loads(subprocess.run(
-        [sys.executable, WORKER_SCRIPT], input=pickle.dumps((folder, tasks)), capture_output=True,
+        [sys.executable, WORKER_SCRIPT], input=pickle.dumps((folder, tasks, 0)), capture_output=True,
         timeout=300).stdout)
     results = run(str(claims))
     assert set(results) == {tasks[1][0], tasks[2][0]} and results[tasks[1][0]] is None

@@ -35,7 +35,7 @@ from graphc.backends.kernel_files import (CacheStats, KernelFiles, default_cache
                                           package_version)
 
 from .codegen_common import Call
-from .compile_pool import compile_with_workers, estimated_compile_seconds
+from .compile_pool import BackgroundCompile, CompileTask, compile_with_workers, estimated_compile_seconds
 from .compile_worker import draw_function_ids
 from .loaded_code import release_linking_module
 from .opt_level import KERNEL_OPT_LEVEL, kernel_optimization_level
@@ -65,6 +65,7 @@ class KernelCache(KernelFiles):
         self.stats = CacheStats()
         # folder -> (its mtime, the kernels it indexes) as last listed (_indexed_in)
         self._index_listings: dict[str, tuple[int, frozenset[str]]] = {}
+        self._in_background: dict[str, BackgroundCompile] = {}  # cache key -> its compile
 
     def load(self, kernel: Call, signature: tuple, stats: CacheStats | None = None) -> Any:
         """The compiled entry function of `kernel`, specialised for `signature`."""
@@ -172,7 +173,17 @@ class KernelCache(KernelFiles):
         """Compile the kernels missing from the disk cache here and in worker processes, longest
         first (compile_pool.py). Fills `result` for the requests compiled here; returns the cache
         keys the workers compiled (none when too few kernels are missing to pay a worker's start)."""
-        unloaded: dict[str, int] = {}  # cache key -> the first request for it
+        missing, tasks = self._missing(requests)
+
+        def compile_here(key: str) -> None:
+            i = missing[key]
+            result[i] = self._load_one(*requests[i], stats, False)
+        return compile_with_workers(tasks, compile_here)
+
+    def _missing(self, requests: list[tuple[Call, tuple]]) -> tuple[dict[str, int], list[CompileTask]]:
+        """The kernels of `requests` neither loaded nor on disk (cache key -> the first request
+        for it), and their compile tasks, longest first."""
+        unloaded: dict[str, int] = {}
         for i, (kernel, _) in enumerate(requests):
             key = cache_key(kernel.source)
             if key not in self._loaded:
@@ -182,11 +193,32 @@ class KernelCache(KernelFiles):
         order = sorted(missing, key=lambda key: -estimated_compile_seconds(requests[missing[key]][0]))
         tasks = [(key, self.path(key), self.module_name(key), requests[missing[key]][0].entry,
                   requests[missing[key]][1]) for key in order]
+        return missing, tasks
 
-        def compile_here(key: str) -> None:
-            i = missing[key]
-            result[i] = self._load_one(*requests[i], stats, False)
-        return compile_with_workers(tasks, compile_here)
+    def compile_in_background(self, requests: list[tuple[Call, tuple]]) -> list[BackgroundCompile]:
+        """Compile the kernels of `requests` that the disk cache lacks in a background worker
+        (compile_pool.BackgroundCompile); `load_all` loads them in milliseconds once the returned
+        compiles are done: the new one, and those of earlier calls that were compiling some of
+        them already (a second batch size before the first one's kernels are ready). A kernel
+        that no worker compiled (none could start: no writable temporary folder) `load_all`
+        compiles here."""
+        with self._lock:
+            self._listings.clear()
+            for kernel, _ in requests:
+                key = cache_key(kernel.source)
+                if key not in self._loaded:
+                    self._check_source(key, kernel.source, CacheStats())
+            _, tasks = self._missing(requests)
+            self._in_background = {key: c for key, c in self._in_background.items() if not c.done()}
+            earlier = list({id(c): c for key, *_ in tasks if (c := self._in_background.get(key))}.values())
+            tasks = [task for task in tasks if task[0] not in self._in_background]
+            try:
+                started = BackgroundCompile(tasks) if tasks else None
+            except OSError:
+                return earlier
+            if started is not None:
+                self._in_background.update((key, started) for key, *_ in tasks)
+            return earlier + ([started] if started else [])
 
     def _compile(self, key: str, kernel: Call, dispatcher: Any, signature: tuple,
                  stats: CacheStats, compiled_elsewhere: bool = False) -> Any:

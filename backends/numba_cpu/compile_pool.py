@@ -8,12 +8,15 @@ own runs here (as before the first parallel kernel ran: forking after OpenMP is 
 fresh interpreter running compile_worker.py (multiprocessing's spawn would import the user's
 script again). Every process takes the longest kernel (by estimate) that nobody has claimed yet,
 so a misjudged estimate costs at most the last kernel's time; this process then loads the
-workers' kernels from the disk cache in milliseconds.
+workers' kernels from the disk cache in milliseconds. A BackgroundCompile is one such worker that
+this process does not wait for: it compiles an executable's parallel kernels while serial
+stand-ins run (executor.serial_stand_ins).
 """
 from __future__ import annotations
 
 import os
 import pickle
+import select
 import shutil
 import signal
 import subprocess
@@ -42,6 +45,9 @@ WORKER_MIN_KERNELS = 4
 # takes 10-13 s; a 0.6k elementwise loop ~1 s).
 SERIAL_COMPILE_S, PARALLEL_COMPILE_S = 0.1, 0.3
 SERIAL_S_PER_CHAR, PARALLEL_S_PER_CHAR = 1 / 4000, 1 / 1000
+
+# A background compile (BackgroundCompile) yields to the program's own threads and processes.
+BACKGROUND_NICENESS = 10
 
 WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compile_worker.py")
 
@@ -116,18 +122,22 @@ class _Worker:
     where that is safe (it starts at once, with Numba loaded and initialised: ~1 s sooner than a
     fresh interpreter on 2 cores), else a fresh interpreter running compile_worker.py."""
 
-    def __init__(self, claims: str, tasks: list[CompileTask]) -> None:
+    def __init__(self, claims: str, tasks: list[CompileTask], niceness: int = 0) -> None:
         self.forked_pid = 0
         self.script: subprocess.Popen | None = None
-        if not (_can_fork() and self._fork(claims, tasks)):
+        if not (_can_fork() and self._fork(claims, tasks, niceness)):
             self.script = subprocess.Popen([sys.executable, WORKER_SCRIPT], stdin=subprocess.PIPE,
                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                            env=worker_environment())
-            self.script.stdin.write(pickle.dumps((claims, tasks)))
+            self.script.stdin.write(pickle.dumps((claims, tasks, niceness)))
             self.script.stdin.close()
             self.output = self.script.stdout
 
-    def _fork(self, claims: str, tasks: list[CompileTask]) -> bool:
+    def done(self) -> bool:
+        """Whether the worker has finished (its results, or the end of its output, are there)."""
+        return bool(select.select([self.output], [], [], 0)[0])
+
+    def _fork(self, claims: str, tasks: list[CompileTask], niceness: int) -> bool:
         """Start the worker as a fork; False if the system refuses one (out of memory)."""
         _initialise_numba()  # here, once, instead of in each child
         read_end, write_end = os.pipe()
@@ -142,7 +152,7 @@ class _Worker:
             os.close(write_end)
             return False
         if self.forked_pid == 0:
-            _run_forked_worker(read_end, write_end, claims, tasks)
+            _run_forked_worker(read_end, write_end, claims, tasks, niceness)
         os.close(write_end)
         self.output = os.fdopen(read_end, "rb")
         return True
@@ -173,6 +183,40 @@ class _Worker:
         self.output.close()
 
 
+class BackgroundCompile:
+    """`tasks` compiled into the disk cache by one worker process while this one goes on: the
+    parallel kernels of an executable that runs serial stand-ins meanwhile (executor.py). The
+    worker runs at BACKGROUND_NICENESS, so the program's own work comes first. `stop` (also at
+    exit, or when the executable is dropped) kills it; the kernels it finished stay cached."""
+
+    def __init__(self, tasks: list[CompileTask]) -> None:
+        self.keys = frozenset(key for key, *_ in tasks)
+        self._claims = tempfile.mkdtemp(prefix="graphc-claims-")
+        try:
+            self._worker: _Worker | None = _Worker(self._claims, tasks, BACKGROUND_NICENESS)
+        except BaseException:
+            shutil.rmtree(self._claims, ignore_errors=True)
+            raise
+
+    def done(self) -> bool:
+        return self._worker is None or self._worker.done()
+
+    def finish(self) -> set[str]:
+        """Wait for the worker; the cache keys it compiled."""
+        if self._worker is None:
+            return set()
+        try:
+            return self._worker.finish()
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.stop()
+        shutil.rmtree(self._claims, ignore_errors=True)
+
+
 def _can_fork() -> bool:
     """Forking is safe while this process runs no threads but its own: no other Python thread
     (one could hold a lock the child needs) and no Numba thread pool yet (once OpenMP has run,
@@ -191,7 +235,8 @@ def _can_fork() -> bool:
     return False
 
 
-def _run_forked_worker(read_end: int, write_end: int, claims: str, tasks: list[CompileTask]) -> None:
+def _run_forked_worker(read_end: int, write_end: int, claims: str, tasks: list[CompileTask],
+                       niceness: int) -> None:
     """The forked child: compile its claims, write {key: error} to the pipe, and exit without
     running anything the parent registered to run at exit. Its output goes nowhere, as a fresh
     worker's does: the parent reports what matters (it compiles a failed kernel again)."""
@@ -201,6 +246,7 @@ def _run_forked_worker(read_end: int, write_end: int, claims: str, tasks: list[C
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
+        os.nice(niceness)
         with kernel_optimization_level():
             results = compile_claimed(claims, tasks)
         with os.fdopen(write_end, "wb") as pipe:

@@ -1,9 +1,9 @@
 """A kernel compile worker, run as a script by compile_pool.py: ``python compile_worker.py``.
 
-Reads a pickled (claims folder, tasks) from stdin, each task (cache key, module path, module
-name, entry, Numba signature), longest first. Compiles every task it can claim (see `claim`:
-the parent and the other workers take from the same list) into Numba's disk cache (the kernels
-are decorated ``cache=True``), and writes a pickled {cache key: None or an error message} of its
+Reads a pickled (claims folder, tasks, niceness) from stdin, each task (cache key, module path,
+module name, entry, Numba signature), longest first. Lowers its priority by `niceness`, compiles
+every task it can claim (see `claim`: the parent and the other workers take from the same list)
+into Numba's disk cache (the kernels are decorated ``cache=True``), and writes a pickled {cache key: None or an error message} of its
 claims to stdout. A plain script, not a multiprocessing child: it must not import the user's
 program (``__main__``) again.
 """
@@ -91,7 +91,8 @@ def compile_claimed(claims: str, tasks: list[tuple]) -> dict[str, str | None]:
 
 def main() -> None:
     register_packages_without_running_them()
-    claims, tasks = pickle.load(sys.stdin.buffer)
+    claims, tasks, niceness = pickle.load(sys.stdin.buffer)
+    os.nice(niceness)
     pickle.dump(compile_claimed(claims, tasks), sys.stdout.buffer)
 
 

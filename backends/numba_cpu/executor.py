@@ -5,9 +5,10 @@ Compilation: `lower` generates every kernel's source of a fused graph; memory is
 (kernel scratch included, by graphc.lowering); `compile_plan` then generates again the kernels
 the plan writes in place, telling their emitters which outputs share an input's buffer, and
 loads each kernel through the cache, compiled eagerly for the exact argument types the executor
-will pass. A call then checks its inputs, allocates the fresh output arrays, and runs the kernel
-list; each step is a compiled function and the indices of its arguments in one flat list of
-arrays, most of which (arena views, constants, scratch) never change.
+will pass (a large model's parallel kernels compile in the background while serial stand-ins
+run: serial_stand_ins). A call then checks its inputs, allocates the fresh output arrays, and
+runs the kernel list; each step is a compiled function and the indices of its arguments in one
+flat list of arrays, most of which (arena views, constants, scratch) never change.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
@@ -35,8 +37,16 @@ from graphc.ir.memory import ALIGNMENT, MemoryPlan
 from .blas import single_threaded_scipy_blas
 from .cache import CacheStats, get_cache
 from .codegen import POINTWISE_GENERATORS, generate
-from .codegen_common import Call, KernelSource, always_parallel, kernel_threads, requested_threads
+from .codegen_common import (_ALWAYS_PARALLEL, Call, KernelSource, always_parallel, kernel_threads,
+                             requested_threads, serial_kernels)
+from .compile_pool import BackgroundCompile, estimated_compile_seconds
 from .thread_choice import ThreadChoice
+
+# Serial stand-ins run while an executable's parallel kernels compile in the background when
+# those would take this long by estimate (compile_pool.estimated_compile_seconds: a parallel
+# elementwise kernel ~1-1.5, resnet-s's 22 parallel kernels 70): small models compile them at
+# once.
+STAND_IN_MIN_SECONDS = 10.0
 
 
 @dataclass
@@ -121,19 +131,17 @@ class Executable(PlannedExecutable):
 
     def __init__(self, graph: Graph, plan: MemoryPlan, kernels: dict[Node, CompiledKernel],
                  cache_stats: CacheStats, compile_seconds: float, checks: IndexChecks,
-                 memory_of: Any = None) -> None:
+                 memory_of: Any = None, upgrade: _Upgrade | None = None) -> None:
         self.graph = graph
         self.plan = plan
-        self.kernels = [kernels[n] for n in plan.schedule if n in kernels]
         self.cache_stats = cache_stats
         self.compile_seconds = compile_seconds
         self._threads = _thread_count()
-        # unpinned, with threads to spare and parallel kernels to run on them: calls pick all of
-        # the threads or one by their times (thread_choice.py)
-        parallel = any(call.parallel for k in self.kernels for call in k.generated.calls)
-        self._thread_choice = (ThreadChoice(kernel_threads())
-                               if self._threads is None and kernel_threads() > 1 and parallel else None)
-        self._untimed_calls = 1  # the first call pages the arena in
+        self._checks = checks
+        self._upgrade = upgrade
+        if upgrade is not None:
+            _UPGRADING.add(self)
+            weakref.finalize(self, upgrade.stop)  # also at exit: the worker goes with the program
         self._donated = tuple(plan.donated_in_place) + tuple(plan.donated_by_copy)
         self._signature = InputSignature(graph, self._donated)
         if isinstance(memory_of, Executable) and memory_of._memory.nbytes >= plan.peak_bytes:
@@ -141,17 +149,24 @@ class Executable(PlannedExecutable):
         else:
             self._memory, self._lock = _aligned_bytes(plan.peak_bytes), threading.Lock()
         self._arena = self._memory[:plan.peak_bytes]
-        self._env = _Environment()
-        self._bind(kernels, checks)
+        self._bind(kernels)
         self._profile_totals: dict[tuple[str, int], float] | None = None
         self._profile_calls = 0
         if os.environ.get("GRAPHC_PROFILE", "") not in ("", "0"):
             self._profile_totals = {}
             atexit.register(_print_profile_at_exit, weakref.ref(self))
 
-    # -- binding (once) -----------------------------------------------------------------------
-    def _bind(self, kernels: dict[Node, CompiledKernel], checks: IndexChecks) -> None:
-        plan, env = self.plan, self._env
+    # -- binding (once, and again for the final kernels) ---------------------------------------
+    def _bind(self, kernels: dict[Node, CompiledKernel]) -> None:
+        plan, checks = self.plan, self._checks
+        self.kernels = [kernels[n] for n in plan.schedule if n in kernels]
+        # unpinned, with threads to spare and parallel kernels to run on them: calls pick all of
+        # the threads or one by their times (thread_choice.py)
+        parallel = any(call.parallel for k in self.kernels for call in k.generated.calls)
+        self._thread_choice = (ThreadChoice(kernel_threads())
+                               if self._threads is None and kernel_threads() > 1 and parallel else None)
+        self._untimed_calls = 1  # the first call pages the arena in
+        self._env = env = _Environment()
         self._inputs = [env.add((v, False)) for v in self.graph.input_values]
         self._fresh: list[tuple[int, tuple[int, ...], np.dtype]] = []
         self._donated_slots: list[tuple[int, int]] = []
@@ -213,8 +228,9 @@ class Executable(PlannedExecutable):
 
     def _step(self, kernel: CompiledKernel, checks: list[IndexCheck]) -> _Step:
         node, env = kernel.node, self._env
+        # the kernel's own scratch types: a serial stand-in's fit in the parallel kernel's storage
         scratch = [env.constant(self._arena_view(storage.offset, t.shape, t.np_dtype))
-                   for storage, t in self.plan.scratch.get(node, ())]
+                   for (storage, _), t in zip(self.plan.scratch.get(node, ()), kernel.generated.scratch)]
         calls = []
         for call, function in zip(kernel.generated.calls, kernel.entry_points):
             slots = []
@@ -232,6 +248,8 @@ class Executable(PlannedExecutable):
     # -- calling ------------------------------------------------------------------------------
     def __call__(self, *args: Any) -> list[np.ndarray]:
         with self._lock:
+            if self._upgrade is not None and self._upgrade.ready():
+                self._take_upgrade()
             env = self._prepare(args)
             choice = self._thread_choice
             if choice is None:
@@ -251,6 +269,31 @@ class Executable(PlannedExecutable):
             else:
                 choice.record(threads, time.perf_counter() - start)
             return self._finish(env)
+
+    # -- the final kernels ------------------------------------------------------------------------
+    @property
+    def compiling(self) -> bool:
+        """Whether serial stand-ins run while parallel kernels compile in the background."""
+        return self._upgrade is not None
+
+    def finish_compiling(self) -> None:
+        """Wait for the kernels compiling in the background and run them from the next call."""
+        with self._lock:
+            if self._upgrade is not None and self._upgrade.owned():
+                self._take_upgrade()
+
+    def _take_upgrade(self) -> None:
+        upgrade, self._upgrade = self._upgrade, None
+        _UPGRADING.discard(self)
+        try:
+            final = upgrade.load(self.cache_stats)
+        except Exception as error:  # the serial kernels stay: they compute the same
+            warnings.warn(f"graphc: the parallel kernels of {self.graph.name} failed to compile; "
+                          f"their serial forms keep running ({type(error).__name__}: {error})")
+            return
+        self._bind({**{k.node: k for k in self.kernels}, **final})
+        if self._profile_totals is not None:  # the report shows the final kernels alone
+            self._profile_totals, self._profile_calls = {}, 0
 
     def _run_kernels(self, env: list[Any]) -> None:
         if self._profile_totals is None:
@@ -298,6 +341,7 @@ class Executable(PlannedExecutable):
         """A compiled loop running this executable as the body of scan `node`, no Python per
         step (driver.py); None where its steps need Python."""
         from .driver import scan_driver
+        self.finish_compiling()  # the driver calls the kernels it is made with
         return scan_driver(node, self)
 
     # -- profiling ------------------------------------------------------------------------------
@@ -346,6 +390,17 @@ class Executable(PlannedExecutable):
     def __repr__(self) -> str:
         return (f"<numba-cpu Executable {self.graph.name!r}: {len(self.kernels)} kernels, "
                 f"{self.plan.summary()}; {self.cache_stats}>")
+
+
+# Executables whose final kernels compile in the background (finish_compiling).
+_UPGRADING: weakref.WeakSet[Executable] = weakref.WeakSet()
+
+
+def finish_compiling() -> None:
+    """Wait for every kernel compiling in the background; each executable runs its final kernels
+    from its next call."""
+    for executable in list(_UPGRADING):
+        executable.finish_compiling()
 
 
 def _print_profile_at_exit(ref: weakref.ref) -> None:
@@ -530,20 +585,98 @@ def compile_plan(lowered: LoweredGraph, plan: MemoryPlan, memory_of: Any = None)
             variant = _parallel_variant(node, aliases[node], default) if any(source.parallel_calls) else None
             sources[node] = _mixed(default, variant, source.parallel_calls)
     sources.update(choose_variants(sources, aliases, planned=True))
-    cache = get_cache()
+    stand_ins = serial_stand_ins(sources, aliases, plan)
     stats = CacheStats()
-    kernels = {}
-    requests = [(call, signature_of(_argument_types(node, source, call)))
-                for node, source in sources.items() for call in source.calls]
-    dispatchers = cache.load_all(requests, stats)
+    kernels = _load_kernels({**sources, **stand_ins}, stats)
+    upgrade = None
+    if stand_ins:
+        final = {node: sources[node] for node in stand_ins}
+        upgrade = _Upgrade(final, get_cache().compile_in_background(_requests(final)))
+    return Executable(fused, plan, kernels, stats, time.perf_counter() - start, checks, memory_of, upgrade)
+
+
+def _requests(sources: dict[Node, KernelSource]) -> list[tuple[Call, tuple]]:
+    return [(call, signature_of(_argument_types(node, source, call)))
+            for node, source in sources.items() for call in source.calls]
+
+
+def _load_kernels(sources: dict[Node, KernelSource], stats: CacheStats) -> dict[Node, CompiledKernel]:
+    """Each kernel of `sources` compiled (or loaded from the disk cache)."""
+    requests = _requests(sources)
+    dispatchers = get_cache().load_all(requests, stats)
     # The executor passes exactly the compiled argument types (inputs checked and made contiguous,
     # writeable and aligned; every other array its own), so it calls the machine code directly:
     # a dispatcher resolves the types again on every call, ~2-3 us for a kernel's dozen arrays.
     entry_points = iter([d.overloads[signature].entry_point
                          for d, (_, signature) in zip(dispatchers, requests)])
     functions = iter(dispatchers)
+    kernels = {}
     for node, source in sources.items():
         calls = range(len(source.calls))
         kernels[node] = CompiledKernel(node, source, [next(functions) for _ in calls],
                                        [next(entry_points) for _ in calls])
-    return Executable(fused, plan, kernels, stats, time.perf_counter() - start, checks, memory_of)
+    return kernels
+
+
+def background_compiles_enabled() -> bool:
+    """$GRAPHC_BACKGROUND_COMPILE (default on) and compile workers allowed
+    ($GRAPHC_COMPILE_WORKERS not 0)."""
+    return (os.environ.get("GRAPHC_BACKGROUND_COMPILE", "1") not in ("", "0")
+            and os.environ.get("GRAPHC_COMPILE_WORKERS", "1") != "0")
+
+
+def serial_stand_ins(sources: dict[Node, KernelSource], aliases: dict[Node, dict[KernelArray, KernelArray]],
+                     plan: MemoryPlan) -> dict[Node, KernelSource]:
+    """Serial kernels to run while the parallel ones of `sources` that the cache lacks compile in
+    the background, where those would take STAND_IN_MIN_SECONDS or more (by estimate): a parallel
+    kernel compiles 2-4 times as long as its serial form (Numba compiles each parallel loop's
+    body, a wrapper and the caller as separate modules). For a kernel whose serial form fits the
+    scratch the plan made for the parallel one (a convolution's per-thread columns shrink to one
+    thread's). None inside always_parallel(), whose caller asked for the parallel code."""
+    if _ALWAYS_PARALLEL.get() or not background_compiles_enabled():
+        return {}
+    parallel = list({c.source: c for s in sources.values() for c in s.calls if c.parallel}.values())
+    missing = {c.source for c, found in zip(parallel, get_cache().compiled([c.source for c in parallel]))
+               if not found}
+    if sum(estimated_compile_seconds(c) for c in parallel if c.source in missing) < STAND_IN_MIN_SECONDS:
+        return {}
+    stand_ins = {}
+    with serial_kernels():
+        for node, source in sources.items():
+            if any(c.source in missing for c in source.calls):
+                serial = generate(node, aliases.get(node))
+                if _fits(serial.scratch, [t for _, t in plan.scratch.get(node, ())]):
+                    stand_ins[node] = serial
+    return stand_ins
+
+
+def _fits(scratch: Sequence[TensorType], planned: Sequence[TensorType]) -> bool:
+    return len(scratch) == len(planned) and all(
+        t.dtype == p.dtype and t.size <= p.size for t, p in zip(scratch, planned))
+
+
+class _Upgrade:
+    """An executable's final kernels, compiled by `background` (cache.compile_in_background)
+    while serial stand-ins run."""
+
+    def __init__(self, sources: dict[Node, KernelSource], background: list[BackgroundCompile]) -> None:
+        self.sources, self.background = sources, background
+        self.owner = os.getpid()  # a forked child keeps its stand-ins: the workers are not its own
+
+    def owned(self) -> bool:
+        return os.getpid() == self.owner
+
+    def ready(self) -> bool:
+        return self.owned() and all(job.done() for job in self.background)
+
+    def load(self, stats: CacheStats) -> dict[Node, CompiledKernel]:
+        """The final kernels, once the workers are done (waiting for them); any they could not
+        compile compile here."""
+        for job in self.background:
+            job.finish()
+        return _load_kernels(self.sources, stats)
+
+    def stop(self) -> None:
+        if self.owned():
+            for job in self.background:
+                job.stop()

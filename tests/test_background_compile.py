@@ -1,0 +1,157 @@
+"""A large model's first call runs serial stand-ins while its parallel kernels compile in a
+background worker (executor.serial_stand_ins): the values are the final kernels' (up to the
+rounding of another summation order), the switch happens between calls, a failed background
+compile leaves the stand-ins running, and the worker goes with its executable. The models are
+test_batch_polymorphic's, with their parallel threshold lowered and the stand-ins' estimate
+threshold at zero, each in a kernel cache of its own."""
+from __future__ import annotations
+
+import gc as garbage_collector
+import os
+import time
+
+import numba
+import numpy as np
+import pytest
+
+import graphc as gc
+import graphc.nn.functional as F
+from graphc import optim
+from graphc.ir import Builder, TensorType
+from graphc.passes import FUSION
+from graphc.backends.numba_cpu import executor, get_cache, lower
+from graphc.backends.numba_cpu.codegen_common import always_parallel
+from graphc.backends.numba_cpu.compile_pool import BACKGROUND_NICENESS
+from test_batch_polymorphic import MODELS, batch, isolated_with_low_threshold
+
+pytestmark = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="no parallel kernels on one thread")
+
+
+@pytest.fixture
+def background(monkeypatch, tmp_path):
+    isolated_with_low_threshold(monkeypatch, tmp_path, "cnn")
+    monkeypatch.setenv("GRAPHC_BACKGROUND_COMPILE", "1")
+    monkeypatch.delenv("GRAPHC_COMPILE_WORKERS", raising=False)
+    monkeypatch.delenv("GRAPHC_NUM_THREADS", raising=False)
+    monkeypatch.setattr(executor, "STAND_IN_MIN_SECONDS", 0.0)
+
+
+def steps(backend: str):
+    build, features, _ = MODELS["cnn"]
+    gc.manual_seed(3)
+    model = build()
+    step = gc.compile_train_step(model, F.cross_entropy, optim.Adam(model.parameters(), lr=1e-2),
+                                 batch(features, 8, 0), backend=backend)
+    return model, step
+
+
+def parallel_calls(executable) -> int:
+    return sum(call.parallel for kernel in executable.kernels for call in kernel.generated.calls)
+
+
+def worker_pid(executable) -> int:
+    [job] = executable._upgrade.background
+    worker = job._worker
+    return worker.forked_pid or worker.script.pid
+
+
+def test_stand_ins_then_the_parallel_kernels_train_as_the_reference(background):
+    model, step = steps("numba-cpu")
+    oracle, reference = steps("reference")
+    features = MODELS["cnn"][1]
+    data = batch(features, 8, 1)
+    np.testing.assert_allclose(step(*data), reference(*data), rtol=1e-5, atol=1e-6)
+    first = step.executable
+    assert first.compiling and parallel_calls(first) == 0  # serial stand-ins ran the first call
+    gc.finish_compiling()
+    assert not first.compiling and parallel_calls(first) > 0
+    for seed in (2, 3):
+        data = batch(features, 8, seed)
+        np.testing.assert_allclose(step(*data), reference(*data), rtol=1e-5, atol=1e-6)
+    assert step.executable is first  # the same executable switched its kernels
+    for key, value in model.state_dict().items():
+        np.testing.assert_allclose(value, oracle.state_dict()[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_another_batch_size_waits_for_the_same_worker(background):
+    model, step = steps("numba-cpu")
+    oracle, reference = steps("reference")
+    features = MODELS["cnn"][1]
+    step(*batch(features, 8, 1)), reference(*batch(features, 8, 1))
+    first = step.executable
+    data = batch(features, 16, 2)
+    np.testing.assert_allclose(step(*data), reference(*data), rtol=1e-5, atol=1e-6)
+    second = step.executable
+    assert second is not first and second.compiling  # its parallel kernels are the first size's
+    jobs = list({id(job): job for e in (first, second) for job in e._upgrade.background}.values())
+    assert sum(len(job.keys) for job in jobs) == len(frozenset().union(*(job.keys for job in jobs)))
+    gc.finish_compiling()
+    assert parallel_calls(first) > 0 and parallel_calls(second) > 0
+    for size in (8, 16):
+        data = batch(features, size, size)
+        np.testing.assert_allclose(step(*data), reference(*data), rtol=1e-5, atol=1e-6)
+    for key, value in model.state_dict().items():
+        np.testing.assert_allclose(value, oracle.state_dict()[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_a_kernel_compiling_in_the_background_is_not_compiled_twice(background):
+    b = Builder("exp_of_square")
+    x = b.add_input(TensorType((64, 64), "float32"), "x")
+    b.add_output("y", b.exp(b.mul(x, x)))
+    with always_parallel():
+        lowered = lower(FUSION(b.graph.verify()))
+    requests = executor._requests(lowered.sources)
+    cache = get_cache()
+    [first] = cache.compile_in_background(requests)
+    assert cache.compile_in_background(requests) == [first]  # still compiling: the same worker
+    first.finish()
+    assert cache.compile_in_background(requests) == []  # in the disk cache now
+    assert all(cache.compiled([call.source for call, _ in requests]))
+
+
+def test_the_next_process_finds_the_parallel_kernels_cached(background):
+    _, step = steps("numba-cpu")
+    step(*batch(MODELS["cnn"][1], 8, 1))
+    gc.finish_compiling()
+    _, again = steps("numba-cpu")  # compiled again, as a new process would: from the disk cache
+    assert not again.executable.compiling and parallel_calls(again.executable) > 0
+    assert again.executable.cache_stats.compiled == 0
+
+
+def test_a_failed_background_compile_leaves_the_stand_ins_running(background, monkeypatch):
+    _, step = steps("numba-cpu")
+    _, reference = steps("reference")
+
+    def fail(self, stats):
+        raise RuntimeError("LLVM ran out of memory")
+    monkeypatch.setattr(executor._Upgrade, "load", fail)
+    with pytest.warns(UserWarning, match="failed to compile; their serial forms keep running.*LLVM ran out"):
+        gc.finish_compiling()
+    assert not step.executable.compiling and parallel_calls(step.executable) == 0
+    data = batch(MODELS["cnn"][1], 8, 4)
+    np.testing.assert_allclose(step(*data), reference(*data), rtol=1e-5, atol=1e-6)
+
+
+def test_the_worker_yields_and_goes_with_its_executable(background):
+    _, step = steps("numba-cpu")
+    pid = worker_pid(step.executable)
+    lowest = min(19, os.getpriority(os.PRIO_PROCESS, 0) + BACKGROUND_NICENESS)  # 19: the kernel's floor
+    deadline = time.monotonic() + 10
+    while os.getpriority(os.PRIO_PROCESS, pid) < lowest and time.monotonic() < deadline:
+        time.sleep(0.01)  # it lowers its own priority as it starts
+    assert os.getpriority(os.PRIO_PROCESS, pid) == lowest
+    del step
+    garbage_collector.collect()
+    with pytest.raises((ProcessLookupError, ChildProcessError)):  # killed and reaped
+        os.kill(pid, 0)
+
+
+def test_no_stand_ins_below_the_threshold_or_when_turned_off(background, monkeypatch):
+    monkeypatch.setattr(executor, "STAND_IN_MIN_SECONDS", 1e9)
+    _, step = steps("numba-cpu")
+    assert not step.executable.compiling and parallel_calls(step.executable) > 0
+    monkeypatch.setattr(executor, "STAND_IN_MIN_SECONDS", 0.0)
+    monkeypatch.setenv("GRAPHC_BACKGROUND_COMPILE", "0")
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", os.environ["GRAPHC_CACHE_DIR"] + "-off")
+    _, step = steps("numba-cpu")
+    assert not step.executable.compiling and parallel_calls(step.executable) > 0
