@@ -24,6 +24,10 @@ def constant_of(v: Value) -> np.ndarray | None:
 
 
 def _is_const(v: Value, number: float) -> bool:
+    """Whether `v` is `number` everywhere: a constant, or one broadcast (a zero accumulator of a
+    weight's gradient, too large to fold, that a scan's hoisted sum adds to)."""
+    while v.producer is not None and v.producer.op == "broadcast_to":
+        v = v.producer.inputs[0]
     c = constant_of(v)
     return c is not None and c.size > 0 and bool(np.all(c == number))
 
