@@ -103,6 +103,24 @@ def test_numba_cpu_matches_reference(shape, axis, dtype):
             np.testing.assert_allclose(a, b, equal_nan=True, err_msg=name, **tolerance)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_nan_anywhere_in_a_line_makes_the_line_nan(dtype):
+    """The line's max folds with nan_maximum, a vectorised loop (lines of 37: vector bodies and a
+    remainder): a NaN at any position, first, middle or last, turns its whole line NaN, as the
+    reference's; the other lines are untouched."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((6, 37)).astype(dtype)
+    x[1, 0] = x[2, 18] = x[3, 36] = np.nan
+    x[4, :] = -np.inf
+    x[4, 20] = np.nan
+    graph = softmax_graph(x.shape, -1, dtype)
+    g = rng.standard_normal(x.shape).astype(dtype)
+    got, want = compile_graph(graph, "numba-cpu")(x, g), evaluate(graph, [x, g])
+    assert np.isnan(got[0][1:5]).all() and not np.isnan(got[0][[0, 5]]).any()
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, equal_nan=True, rtol=1e-6, atol=1e-7)
+
+
 def test_large_softmax_runs_in_parallel():
     rng = np.random.default_rng(5)
     shape = (64, 32, 64)

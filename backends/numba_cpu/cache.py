@@ -41,14 +41,22 @@ from .loaded_code import release_linking_module
 from .opt_level import KERNEL_OPT_LEVEL, kernel_optimization_level
 
 
+# The modules whose functions generated kernels import and compile into themselves (Numba's
+# cache does not track them): gemm.gemm and the BLAS binding it calls, intrinsics.nan_maximum.
+LINKED_HELPERS = ("gemm.py", "blas.py", "intrinsics.py")
+
+
 def _linked_helpers_digest() -> str:
-    """Kernels have gemm.gemm compiled into them: a change to it must not reuse their cache."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "gemm.py"), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:12]
+    """A change to a module kernels compile in must not reuse their cache."""
+    digest = hashlib.sha256()
+    for name in LINKED_HELPERS:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
 
 
 # A NUMBA_OPT set by the user replaces KERNEL_OPT_LEVEL, so it keys the cache too.
-VERSION_TAG = (f"graphc {package_version('graphc')} (gemm {_linked_helpers_digest()}); numba "
+VERSION_TAG = (f"graphc {package_version('graphc')} (helpers {_linked_helpers_digest()}); numba "
                f"{numba.__version__}; llvmlite {llvmlite.__version__}; python {sys.version_info[:3]}; "
                f"opt {os.environ.get('NUMBA_OPT', KERNEL_OPT_LEVEL)}")
 
