@@ -120,8 +120,9 @@ def test_a_transpose_several_products_read_as_their_right_operand_is_stored_once
 
 
 def test_a_large_float32_product_reads_its_right_operand_stored():
-    """x @ W.T of a Linear: above fusion.STORE_RIGHT_FROM_MACS the transpose is a kernel of its
-    own and the product reads W.T untransposed; a smaller product, or float64, absorbs it."""
+    """x @ W.T of a Linear: above fusion.STORE_RIGHT_FROM_MACS, and with STORE_RIGHT_FROM_ROWS
+    rows of x or more, the transpose is a kernel of its own and the product reads W.T
+    untransposed; a smaller product, one of fewer rows, or float64, absorbs it."""
     def linear(rows, dtype):
         b = Builder("linear")
         x = b.add_input(TensorType((rows, 64), dtype), "x")
@@ -132,6 +133,18 @@ def test_a_large_float32_product_reads_its_right_operand_stored():
     assert fused_kernels(linear(large_rows, "float32")) == [("shape", ["transpose"]), ("library", ["matmul"])]
     assert fused_kernels(linear(large_rows - 1, "float32")) == [("library", ["transpose", "matmul"])]
     assert fused_kernels(linear(large_rows, "float64")) == [("library", ["transpose", "matmul"])]
+    # few rows: the copy of W would cost more than reading it transposed saves (the CNN's fc)
+    b = Builder("wide_linear")
+    x = b.add_input(TensorType((fusion.STORE_RIGHT_FROM_ROWS - 1, 4096), "float32"), "x")
+    w = b.add_input(TensorType((128, 4096), "float32"), "w")
+    b.add_output("y", b.matmul(x, b.transpose(w, perm=(1, 0))))
+    assert fused_kernels(b.graph.verify()) == [("library", ["transpose", "matmul"])]
+    # a batch of sequences: every row of every matrix is a row of the one product by W
+    b = Builder("sequence_linear")
+    x = b.add_input(TensorType((8, 16, 64), "float32"), "x")
+    w = b.add_input(TensorType((128, 64), "float32"), "w")
+    b.add_output("y", b.matmul(x, b.transpose(w, perm=(1, 0))))
+    assert fused_kernels(b.graph.verify()) == [("shape", ["transpose"]), ("library", ["matmul"])]
     graph = linear(large_rows, "float32")
     rng = np.random.default_rng(4)
     run_and_compare(graph, [rng.standard_normal(v.shape).astype("float32") for v in graph.input_values],
