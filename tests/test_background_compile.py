@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import gc as garbage_collector
 import os
+import sys
 import time
+from types import SimpleNamespace
 
 import numba
 import numpy as np
@@ -144,6 +146,14 @@ def test_the_worker_yields_and_goes_with_its_executable(background):
     garbage_collector.collect()
     with pytest.raises((ProcessLookupError, ChildProcessError)):  # killed and reaped
         os.kill(pid, 0)
+
+
+def test_no_stand_ins_in_an_mpi_job(background, monkeypatch):
+    """Ranks that switched kernels at different steps could update their weight replicas with
+    differently compiled code."""
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", SimpleNamespace(Is_initialized=lambda: True))
+    _, step = steps("numba-cpu")
+    assert not step.executable.compiling and parallel_calls(step.executable) > 0
 
 
 def test_no_stand_ins_below_the_threshold_or_when_turned_off(background, monkeypatch):

@@ -620,9 +620,13 @@ def _load_kernels(sources: dict[Node, KernelSource], stats: CacheStats) -> dict[
 
 def background_compiles_enabled() -> bool:
     """$GRAPHC_BACKGROUND_COMPILE (default on) and compile workers allowed
-    ($GRAPHC_COMPILE_WORKERS not 0)."""
+    ($GRAPHC_COMPILE_WORKERS not 0), outside an MPI job: data-parallel ranks that switched to
+    their final kernels at different steps would update their replicas of the weights with
+    differently compiled code, and the replicas could drift apart by rounding."""
+    mpi = sys.modules.get("mpi4py.MPI")
     return (os.environ.get("GRAPHC_BACKGROUND_COMPILE", "1") not in ("", "0")
-            and os.environ.get("GRAPHC_COMPILE_WORKERS", "1") != "0")
+            and os.environ.get("GRAPHC_COMPILE_WORKERS", "1") != "0"
+            and not (mpi is not None and mpi.Is_initialized()))
 
 
 def serial_stand_ins(sources: dict[Node, KernelSource], aliases: dict[Node, dict[KernelArray, KernelArray]],
