@@ -42,6 +42,7 @@ loads instead of two or more.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -663,7 +664,7 @@ def _stores_right_operand(product: Node) -> bool:
     if out.dtype != "float32" or len(a.shape) < 2:
         return False
     # a weight (2-D B) multiplies every row of a batched A: the rows of all its matrices
-    rows = a.size // a.shape[-1] if len(b.shape) == 2 else a.shape[-2]
+    rows = math.prod(a.shape[:-1]) if len(b.shape) == 2 else a.shape[-2]
     return rows >= STORE_RIGHT_FROM_ROWS and rows * a.shape[-1] * out.shape[-1] >= STORE_RIGHT_FROM_MACS
 
 

@@ -203,12 +203,11 @@ class BackgroundCompile:
 
     def finish(self) -> set[str]:
         """Wait for the worker; the cache keys it compiled."""
-        if self._worker is None:
-            return set()
+        worker, self._worker = self._worker, None
         try:
-            return self._worker.finish()
+            return worker.finish() if worker is not None else set()
         finally:
-            self.stop()
+            shutil.rmtree(self._claims, ignore_errors=True)
 
     def stop(self) -> None:
         worker, self._worker = self._worker, None
