@@ -7,6 +7,7 @@ threshold at zero, each in a kernel cache of its own."""
 from __future__ import annotations
 
 import gc as garbage_collector
+import multiprocessing
 import os
 import sys
 import time
@@ -118,6 +119,34 @@ def test_the_next_process_finds_the_parallel_kernels_cached(background):
     _, again = steps("numba-cpu")  # compiled again, as a new process would: from the disk cache
     assert not again.executable.compiling and parallel_calls(again.executable) > 0
     assert again.executable.cache_stats.compiled == 0
+
+
+def test_a_forked_child_keeps_the_stand_ins_and_leaves_the_worker_to_its_parent(background):
+    """A data-loading pool forked while the parallel kernels compile: the child's calls run the
+    stand-ins and its finish_compiling is a no-op (the worker and its output are the parent's);
+    the parent then switches as usual."""
+    _, step = steps("numba-cpu")
+    _, reference = steps("reference")
+    features = MODELS["cnn"][1]
+    step(*batch(features, 8, 1)), reference(*batch(features, 8, 1))
+    data = batch(features, 8, 2)
+    want = reference(*data)
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+
+    def child():
+        got = step(*data)
+        gc.finish_compiling()
+        results.put((got, step.executable.compiling, parallel_calls(step.executable)))
+    process = context.Process(target=child)
+    process.start()
+    got, compiling, calls = results.get(timeout=120)
+    process.join(timeout=120)
+    assert process.exitcode == 0 and compiling and calls == 0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert step.executable.compiling  # the child left the worker alone
+    gc.finish_compiling()
+    assert not step.executable.compiling and parallel_calls(step.executable) > 0
 
 
 def test_a_failed_background_compile_leaves_the_stand_ins_running(background, monkeypatch):

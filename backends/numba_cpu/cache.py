@@ -83,11 +83,7 @@ class KernelCache(KernelFiles):
         """`load` for each (kernel, signature), compiling what the disk cache lacks in parallel."""
         local = CacheStats()
         with self._lock:
-            self._listings.clear()  # other processes may have written since the last load
-            for kernel, _ in requests:
-                key = cache_key(kernel.source)
-                if key not in self._loaded:
-                    self._check_source(key, kernel.source, local)
+            self._write_sources(requests, local)
             start = time.perf_counter()
             result: list[Any] = [None] * len(requests)
             compiled_elsewhere = self._compile_missing_with_workers(requests, result, local)
@@ -102,6 +98,14 @@ class KernelCache(KernelFiles):
         if stats is not None:
             stats.add(local)
         return result
+
+    def _write_sources(self, requests: list[tuple[Call, tuple]], stats: CacheStats) -> None:
+        """Each kernel's module file on disk and intact (`_check_source`) unless loaded here."""
+        self._listings.clear()  # other processes may have written since the last load
+        for kernel, _ in requests:
+            key = cache_key(kernel.source)
+            if key not in self._loaded:
+                self._check_source(key, kernel.source, stats)
 
     def _load_one(self, kernel: Call, signature: tuple, stats: CacheStats, compiled_elsewhere: bool) -> Any:
         key = cache_key(kernel.source)
@@ -211,11 +215,7 @@ class KernelCache(KernelFiles):
         that no worker compiled (none could start: no writable temporary folder) `load_all`
         compiles here."""
         with self._lock:
-            self._listings.clear()
-            for kernel, _ in requests:
-                key = cache_key(kernel.source)
-                if key not in self._loaded:
-                    self._check_source(key, kernel.source, CacheStats())
+            self._write_sources(requests, CacheStats())
             _, tasks = self._missing(requests)
             self._in_background = {key: c for key, c in self._in_background.items() if not c.done()}
             earlier = list({id(c): c for key, *_ in tasks if (c := self._in_background.get(key))}.values())
