@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol, runtime_checkable
+from typing import Any, ContextManager, Iterable, Protocol, runtime_checkable
 
 import numpy as np
 
 from graphc.ir import Graph, Node, TensorType
 from graphc.ir.errors import GraphcError
 from graphc.ir.memory import MemoryPlan
+
+from .profile import ProfileReport
 
 _MODULES = {
     "reference": "graphc.backends.reference",
@@ -101,6 +103,21 @@ class PlannedExecutable(Executable, Protocol):
 
     plan: MemoryPlan
     kernels: list[Any]
+
+
+@runtime_checkable
+class Profiled(Protocol):
+    """An executable that times its kernels (numba-cpu): every call with GRAPHC_PROFILE=1 set at
+    compile time, or the calls inside `recording_profile()`. `profile_report` is None when
+    neither is on. `profile_printed_at_exit`: whether GRAPHC_PROFILE's table of it is printed at
+    exit (a program made of several executables prints one table of them all instead)."""
+
+    profile_printed_at_exit: bool
+
+    @property
+    def profile_report(self) -> ProfileReport | None: ...
+
+    def recording_profile(self) -> ContextManager[None]: ...
 
 
 @runtime_checkable

@@ -16,12 +16,19 @@ timing). The parts do not share one arena.
 """
 from __future__ import annotations
 
+import atexit
 import math
+import os
+import sys
 import threading
-from typing import Any, Callable, Sequence
+import weakref
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from graphc.backends import Profiled
+from graphc.backends.profile import ProfileReport, merged_report
 from graphc.backends.signature import InputSignature
 from graphc.ir import Graph, Node, Value
 from graphc.ir.ops.control import SCAN_OP, split_inputs
@@ -64,12 +71,24 @@ class SegmentedExecutable:
     call at another batch size (88 MiB of stacks at 33 after 64). So `memory_of`, the
     SegmentedExecutable of the same program at another batch size, shares its spare arrays:
     a stack is the front of the smallest spare one of its dtype that holds it. Calls take turns
-    (those of `memory_of` too)."""
+    (those of `memory_of` too).
+
+    Profiles (GRAPHC_PROFILE=1, `profile(*args)`) report the kernels of every part and scan body
+    in one table, per call of the program."""
 
     def __init__(self, graph: Graph, parts: list[tuple[Run, list[Value], list[Value]]],
-                 donate: dict[int, int] | None = None, memory_of: Any = None) -> None:
+                 pieces: list[tuple[str, Any, int]], donate: dict[int, int] | None = None,
+                 memory_of: Any = None) -> None:
         self.graph = graph
         self.parts = parts
+        # (label, executable, runs per call) of every compiled part and scan body, for profiles
+        self.pieces = pieces
+        self.profile_printed_at_exit = True
+        for _, executable, _ in pieces:
+            if isinstance(executable, Profiled):  # this program's table includes theirs
+                executable.profile_printed_at_exit = False
+        if os.environ.get("GRAPHC_PROFILE", "") not in ("", "0"):
+            atexit.register(_print_profile_at_exit, weakref.ref(self))
         self.donate = dict(donate or {})
         self._signature = InputSignature(graph, tuple(self.donate))
         if isinstance(memory_of, SegmentedExecutable):
@@ -97,19 +116,77 @@ class SegmentedExecutable:
 
     def __call__(self, *args: Any) -> list[np.ndarray]:
         with self._lock:
-            arrays = self._signature.prepare(args)
-            env: dict[Value, np.ndarray] = dict(zip(self.graph.input_values, arrays))
-            for run, inputs, outputs in self.parts:
-                env.update(zip(outputs, run([env[v] for v in inputs])))
-            results = [env[v] for v in self.graph.output_values]
-            for i, o in self.donate.items():
-                np.copyto(arrays[i], results[o])
-                results[o] = arrays[i]
-            for spare, array in self._lent:  # kept for the next call unless the caller gets it, or a view
-                if not any(np.may_share_memory(array, r) for r in results):
-                    self._spare.setdefault(spare.dtype, []).append(spare)
-            self._lent = []
-            return results
+            return self._run(args)
+
+    def _run(self, args: Sequence[Any]) -> list[np.ndarray]:
+        arrays = self._signature.prepare(args)
+        env: dict[Value, np.ndarray] = dict(zip(self.graph.input_values, arrays))
+        for run, inputs, outputs in self.parts:
+            env.update(zip(outputs, run([env[v] for v in inputs])))
+        results = [env[v] for v in self.graph.output_values]
+        for i, o in self.donate.items():
+            np.copyto(arrays[i], results[o])
+            results[o] = arrays[i]
+        for spare, array in self._lent:  # kept for the next call unless the caller gets it, or a view
+            if not any(np.may_share_memory(array, r) for r in results):
+                self._spare.setdefault(spare.dtype, []).append(spare)
+        self._lent = []
+        return results
+
+    # -- profiling (the kernel backends' Profiled protocol) ---------------------------------------
+    @property
+    def profile_report(self) -> ProfileReport | None:
+        """The kernel times of every part and scan body, per call of the program, while they
+        are recorded (GRAPHC_PROFILE=1, recording_profile); None otherwise."""
+        reports = [(label, executable.profile_report, runs) for label, executable, runs in self.pieces
+                   if isinstance(executable, Profiled)]
+        reports = [(label, report, runs) for label, report, runs in reports if report is not None]
+        return merged_report(self.graph.name, reports) if reports else None
+
+    @contextmanager
+    def recording_profile(self) -> Iterator[None]:
+        """Time every kernel of the calls made inside the block. Meanwhile the scans step from
+        Python: a compiled driver runs its body's kernels out of the profiler's sight."""
+        with ExitStack() as recording:
+            for _, executable, _ in self.pieces:
+                if isinstance(executable, Profiled):
+                    recording.enter_context(executable.recording_profile())
+            with self._lock:
+                compiled_loops = self.parts
+                self.parts = [(self._stepped(run), inputs, outputs) for run, inputs, outputs in self.parts]
+            try:
+                yield
+            finally:
+                with self._lock:
+                    self.parts = compiled_loops
+
+    def _stepped(self, run: Run) -> Run:
+        if isinstance(run, ScanLoop) or not hasattr(run, "body"):  # a part, or stepped already
+            return run
+        loop = ScanLoop(run.node, run.body)
+        loop.allocate = self.stack
+        return loop
+
+    def profile(self, *args: Any, repeat: int = 10, show: bool = False) -> ProfileReport | None:
+        """Run the program `repeat` times (after one warm-up call), timing every kernel; None
+        where no part can be timed (a backend without profiles)."""
+        self(*args)
+        with self.recording_profile():
+            for _ in range(repeat):
+                self(*args)
+            report = self.profile_report
+        if show and report is not None:
+            print(report)
+        return report
+
+
+def _print_profile_at_exit(ref: weakref.ref) -> None:
+    executable = ref()
+    if executable is None or not executable.profile_printed_at_exit:
+        return
+    report = executable.profile_report
+    if report is not None and report.calls:
+        print(report.table(parts=True), file=sys.stderr)
 
 
 def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, int] | None = None,
@@ -120,6 +197,7 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
     last_read = _last_reads(graph)
     position = {node: i for i, node in enumerate(graph.nodes)}
     parts: list[tuple[Run, list[Value], list[Value]]] = []
+    pieces: list[tuple[str, Any, int]] = []
     pending: list[Node] = []
     stacked_by_scans: set[Value] = set()  # stacked outputs of scans: fresh arrays of their own
 
@@ -133,6 +211,7 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
         if outputs:
             executable = compile_part(segment)
             parts.append((lambda args, run=executable: list(run(*args)), inputs, outputs))
+            pieces.append((f"part{len(parts) - 1}", executable, 1))
 
     for node in graph.nodes:
         if node.op != SCAN_OP:
@@ -141,13 +220,15 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
         close_segment()
         body = node.subgraph.copy()
         body.name = f"{graph.name}_scan{len(parts)}_body"
-        runner = _scan_runner(node, compile_part(body))
+        executable = compile_part(body)
+        pieces.append((f"scan{len(parts)}", executable, node.attrs["length"]))
+        runner = _scan_runner(node, executable)
         if hasattr(runner, "overwritable"):
             runner.overwritable = _handed_over(node, position[node], last_read, stacked_by_scans)
         stacked_by_scans.update(v for v in node.outputs[node.attrs["num_carry"]:])
         parts.append((runner, list(node.inputs), list(node.outputs)))
     close_segment()
-    return SegmentedExecutable(graph, parts, donate, memory_of)
+    return SegmentedExecutable(graph, parts, pieces, donate, memory_of)
 
 
 def _scan_runner(node: Node, body: Any) -> Run:

@@ -175,6 +175,51 @@ def test_profiling_times_the_body_kernels_step_by_step(monkeypatch, body_calls):
     assert body_calls == {"body executable": 4, "python loop": 1}
 
 
+def _scanned_tanh_layer(steps):
+    w = f32(3, 3)
+
+    def f(h, xs):
+        last, hs = gc.scan(lambda c, x: ((c @ w + x).tanh(),) * 2, h, xs)
+        return last, (hs * 2.0).sum()
+    return f, (f32(2, 3), f32(steps, 2, 3))
+
+
+def _body_row(report):
+    (row,) = [r for r in report.rows if r.name.startswith("scan") and r.pattern == "library"]
+    return row
+
+
+def test_the_profile_of_a_program_with_scans_counts_each_body_kernel_once_per_step(monkeypatch):
+    """GRAPHC_PROFILE's report of a program cut at its scans holds the kernels of every part and
+    body, named after them, per call of the program: a body kernel's time and FLOPs are those
+    of all its steps. It is the only table printed at exit."""
+    monkeypatch.setenv("GRAPHC_PROFILE", "1")
+    f, args = _scanned_tanh_layer(steps=5)
+    executable = compile_graph(gc.trace(f, *args), CPU)
+    for _ in range(3):
+        close(executable(*args), gc.jit(f, backend=REF)(*args))
+    report = executable.profile_report
+    row = _body_row(report)
+    assert report.calls == 3 and row.flops == 5 * (2 * 2 * 3 * 3 + 2 * 6)  # product, add, tanh
+    assert {r.name.split(".")[0] for r in report.rows} == {"scan1", "part2"}
+    assert all(r.seconds > 0 for r in report.rows)
+    assert not any(piece.profile_printed_at_exit for _, piece, _ in executable.pieces)
+    assert executable.profile_printed_at_exit
+
+
+def test_profiling_a_program_with_scans_on_demand_steps_its_scans_then_restores_the_drivers():
+    """profile(*args) times the body kernels, which a compiled driver runs out of sight, by
+    stepping the scans from Python meanwhile; afterwards the drivers run again, unprofiled."""
+    f, args = _scanned_tanh_layer(steps=4)
+    executable = compile_graph(gc.trace(f, *args), CPU)
+    (driver,) = drivers(executable)
+    assert executable.profile_report is None
+    report = executable.profile(*args, repeat=2)
+    assert report.calls == 2 and _body_row(report).seconds > 0
+    assert drivers(executable) == [driver] and executable.profile_report is None
+    close(executable(*args), gc.jit(f, backend=REF)(*args))
+
+
 _CHILD = """
 import numpy as np, graphc as gc
 from graphc.lowering import compile_graph

@@ -20,8 +20,9 @@ import threading
 import time
 import warnings
 import weakref
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator, Sequence
 
 import numba
 import numpy as np
@@ -30,6 +31,7 @@ from graphc.backends import LoweredGraph, PlannedExecutable
 from graphc.backends.bounds import IndexCheck, IndexChecks, plan_index_checks
 from graphc.backends.kernels.arrays import INPUT, OUTPUT, SCRATCH, KernelArray
 from graphc.backends.kernel_files import signature_of
+from graphc.backends.profile import ProfileReport, ProfileRow
 from graphc.backends.signature import InputSignature
 from graphc.ir import Graph, Node, TensorType, Value
 from graphc.ir.memory import ALIGNMENT, MemoryPlan
@@ -152,6 +154,7 @@ class Executable(PlannedExecutable):
         self._bind(kernels)
         self._profile_totals: dict[tuple[str, int], float] | None = None
         self._profile_calls = 0
+        self.profile_printed_at_exit = True  # False where a program's report includes this one's
         if os.environ.get("GRAPHC_PROFILE", "") not in ("", "0"):
             self._profile_totals = {}
             atexit.register(_print_profile_at_exit, weakref.ref(self))
@@ -371,6 +374,21 @@ class Executable(PlannedExecutable):
             print(report)
         return report
 
+    @contextmanager
+    def recording_profile(self) -> Iterator[None]:
+        """Time every kernel of the calls made inside the block, as GRAPHC_PROFILE=1 does for
+        every call: `profile_report` shows them until the block ends. Scan drivers built before
+        the block do not time their bodies' kernels (a SegmentedExecutable's `profile` steps
+        its scans from Python)."""
+        with self._lock:
+            saved = self._profile_totals, self._profile_calls
+            self._profile_totals, self._profile_calls = {}, 0
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._profile_totals, self._profile_calls = saved
+
     @property
     def profile_report(self) -> ProfileReport | None:
         """Kernel times of every call so far, when GRAPHC_PROFILE=1 was set at compile time."""
@@ -405,7 +423,7 @@ def finish_compiling() -> None:
 
 def _print_profile_at_exit(ref: weakref.ref) -> None:
     executable = ref()
-    if executable is not None and executable.profile_report.calls:
+    if executable is not None and executable.profile_printed_at_exit and executable.profile_report.calls:
         print(executable.profile_report.table(parts=True), file=sys.stderr)
 
 
@@ -413,52 +431,6 @@ def _aligned_bytes(nbytes: int) -> np.ndarray:
     raw = np.empty(nbytes + ALIGNMENT, np.uint8)
     start = -raw.ctypes.data % ALIGNMENT
     return raw[start:start + nbytes]
-
-
-@dataclass
-class ProfileRow:
-    name: str
-    pattern: str
-    seconds: float      # mean per graph call
-    flops: int
-    parts: list[tuple[str, float]]  # (function, mean seconds) for each call of the kernel
-    modules: list[str] = field(default_factory=list)  # the module paths its ops came from
-
-    @property
-    def gflops(self) -> float:
-        return self.flops / self.seconds / 1e9 if self.seconds > 0 else 0.0
-
-
-@dataclass
-class ProfileReport:
-    graph: str
-    rows: list[ProfileRow]
-    calls: int
-
-    @property
-    def total_seconds(self) -> float:
-        return sum(r.seconds for r in self.rows)
-
-    def __str__(self) -> str:
-        return self.table()
-
-    def table(self, parts: bool = False) -> str:
-        """One line per kernel, slowest first, with the module paths its ops came from; with
-        `parts`, one more line per function it calls."""
-        total = self.total_seconds or 1.0
-        width = max([len(r.name) for r in self.rows] + [6])
-        lines = [f"profile of {self.graph!r}: {len(self.rows)} kernels, mean of {self.calls} calls, "
-                 f"{self.total_seconds * 1e3:.3f} ms in kernels",
-                 f"{'kernel':<{width}}  {'pattern':<11} {'time us':>10} {'share':>6} "
-                 f"{'MFLOP':>9} {'GFLOP/s':>8}  modules"]
-        for r in sorted(self.rows, key=lambda r: -r.seconds):
-            row = (f"{r.name:<{width}}  {r.pattern:<11} {r.seconds * 1e6:>10.1f} "
-                   f"{r.seconds / total:>6.1%} {r.flops / 1e6:>9.3f} {r.gflops:>8.2f}  ")
-            lines.append((row + ", ".join(r.modules)).rstrip())
-            if parts and len(r.parts) > 1:
-                lines.extend(f"  {entry:<{width - 2}}  {'':<11} {seconds * 1e6:>10.1f} "
-                             f"{seconds / total:>6.1%}" for entry, seconds in r.parts)
-        return "\n".join(lines)
 
 
 # -- compilation -----------------------------------------------------------------------------
