@@ -190,8 +190,8 @@ def bernoulli(p: float, shape: Sequence[int]) -> Tensor:
 # -- math with PyTorch's names, keywords and dtypes ---------------------------------------------
 sin, cos, erf = (_unary(op) for op in ("sin", "cos", "erf"))
 
-__all__ += ["sin", "cos", "erf", "clamp", "clip", "cumsum", "cumprod", "var", "std", "min", "amin",
-            "argmin", "norm", "einsum", "triu", "tril", "arange", "zeros", "ones", "full",
+__all__ += ["sin", "cos", "erf", "clamp", "clip", "cumsum", "cumprod", "argsort", "sort", "topk",
+            "var", "std", "min", "amin", "argmin", "norm", "einsum", "triu", "tril", "arange", "zeros", "ones", "full",
             "zeros_like", "ones_like", "full_like"]
 
 
@@ -234,6 +234,46 @@ def cumprod(x: Tensor, dim: int | None = None, *, axis: int | None = None, dtype
     """Running product along `dim`; its gradient is exact where elements are zero (it costs
     O(n^2) memory per line, n the length of `dim`)."""
     return _cumulative("cumprod", x, dim, axis, dtype)
+
+
+def argsort(x: Tensor, dim: int = -1, descending: bool = False, stable: bool = False, *,
+            axis: int | None = None) -> Tensor:
+    """The int64 positions that sort `x` along `dim` (torch.argsort, np.argsort). Always stable:
+    equal elements keep their order, which `stable=True` asks for. NaN sorts as the largest."""
+    x = as_tensor(x)
+    if x.ndim == 0:
+        return argsort(x.reshape(1), 0, descending).reshape(())
+    (dim,) = normalize_axes(dim if axis is None else axis, x.ndim)
+    return bind("argsort", x, axis=dim, descending=descending)
+
+
+def sort(x: Tensor, dim: int = -1, descending: bool = False, stable: bool = False, *,
+         axis: int | None = None) -> ValuesIndices:
+    """torch.sort: (values, indices) along `dim`, stable. The values are x gathered at the
+    indices, so they differentiate: each one's gradient goes back to its position in x."""
+    x = as_tensor(x)
+    indices = argsort(x, dim, descending, stable, axis=axis)
+    if x.ndim == 0:
+        return ValuesIndices(x, indices)
+    return ValuesIndices(take_along_axis(x, indices, dim if axis is None else axis), indices)
+
+
+def topk(x: Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True) -> ValuesIndices:
+    """torch.topk: the `k` largest (smallest with largest=False) elements along `dim` and their
+    positions, largest first (smallest first); ties keep their order, NaN counts as the largest.
+    The values differentiate as sort's do. `sorted=False` leaves the order open in PyTorch;
+    here they come sorted all the same."""
+    x = as_tensor(x)
+    (axis,) = normalize_axes(dim, x.ndim or 1)  # (a 0-d x has one element)
+    size = x.shape[axis] if x.ndim else 1
+    if not 0 <= k <= size:
+        raise ShapeError(f"topk: k={k} is out of range for dim {dim} of size {size} (shape "
+                         f"{tuple(x.shape)}); it must lie in [0, {size}] (at {user_location()})")
+    values, indices = sort(x, axis, descending=largest)
+    if x.ndim == 0:
+        return ValuesIndices(values, indices)
+    first_k = (slice(None),) * axis + (slice(0, k),)
+    return ValuesIndices(values[first_k], indices[first_k])
 
 
 def var(x: Tensor, dim: int | Sequence[int] | None = None, unbiased: bool | None = None,

@@ -119,6 +119,8 @@ def _var(a, axis=None, ddof=0, keepdims=False): return as_tensor(a).var(axis, co
 def _std(a, axis=None, ddof=0, keepdims=False): return as_tensor(a).std(axis, correction=ddof, keepdim=keepdims)
 def _clip(a, a_min, a_max): return gcf.clip(a, a_min, a_max)
 def _norm(x): return as_tensor(x).norm()  # the 2-norm of all entries; ord= and axis= refused
+def _sort(a, axis=-1): return as_tensor(a).sort(axis).values
+def _argsort(a, axis=-1): return as_tensor(a).argsort(axis)
 
 
 def _cumsum(a, axis=None):
@@ -184,7 +186,8 @@ FUNCTIONS: dict[Callable, Callable] = {
     np.expand_dims: _expand_dims, np.broadcast_to: _broadcast_to, np.take: _take,
     np.take_along_axis: _take_along_axis, np.pad: _pad, np.shape: _shape, np.ndim: _ndim,
     np.size: _size, np.min: _min, np.amin: _min, np.argmin: _argmin, np.var: _var,
-    np.std: _std, np.clip: _clip, np.cumsum: _cumsum, np.linalg.norm: _norm,
+    np.std: _std, np.clip: _clip, np.cumsum: _cumsum, np.linalg.norm: _norm, np.sort: _sort,
+    np.argsort: _argsort,
 }
 
 

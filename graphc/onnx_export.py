@@ -346,6 +346,15 @@ def _cumsum(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.emit("CumSum", [xs[0], axis], out, reverse=int(node.attrs["reverse"]))
 
 
+@lowering(TARGET, "argsort")
+def _argsort(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    # TopK of the whole axis: its ties come out lowest index first, in both directions, as ours
+    axis = node.attrs["axis"]
+    k = g.constant(np.asarray([node.inputs[0].shape[axis]], np.int64))
+    g.emit_multi("TopK", [xs[0], k], [g.fresh("sorted"), out], axis=axis,
+                 largest=int(node.attrs["descending"]), sorted=1)
+
+
 @lowering(TARGET, "cumprod")
 def _cumprod(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     """ONNX has no CumProd, and exp(CumSum(log x)) fails at zeros and negative numbers: each

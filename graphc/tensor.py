@@ -408,7 +408,8 @@ def _caller() -> str | None:
 
 
 class ValuesIndices(NamedTuple):
-    """What x.max(dim) and x.min(dim) return, as PyTorch's torch.return_types.max."""
+    """What x.max(dim), x.min(dim), x.sort() and x.topk(k) return, as PyTorch's
+    torch.return_types."""
 
     values: Tensor
     indices: Tensor
@@ -684,6 +685,18 @@ class Tensor:
     def cumprod(self, dim: int | None = None, *, axis: int | None = None, dtype: Any = None) -> Tensor:
         from .functions import cumprod
         return cumprod(self, dim, axis=axis, dtype=dtype)
+
+    def argsort(self, dim: int = -1, descending: bool = False, stable: bool = False) -> Tensor:
+        from .functions import argsort
+        return argsort(self, dim, descending, stable)
+
+    def sort(self, dim: int = -1, descending: bool = False, stable: bool = False) -> ValuesIndices:
+        from .functions import sort
+        return sort(self, dim, descending, stable)
+
+    def topk(self, k: int, dim: int = -1, largest: bool = True, sorted: bool = True) -> ValuesIndices:
+        from .functions import topk
+        return topk(self, k, dim, largest, sorted)
 
     def var(self, dim: Any = None, unbiased: bool | None = None, keepdim: bool = False,
             **keywords: Any) -> Tensor:

@@ -118,6 +118,13 @@ CASES = {
         b.cumprod(z, axis=1, reverse=True), b.cumsum(i, axis=-1), b.cumsum(b.exp(x), axis=2)]), arrays))(
         [normal(2, 3, 4), np.where(rng.random((2, 3, 4)) < 0.2, 0, normal(2, 3, 4, dtype="float64")),
          integers(-9, 9, 3, 4, dtype="int32")]),
+    # ties (few distinct values) keep their order both ways; NaN sorts as the largest
+    "argsort": lambda: (lambda arrays: (build_graph("argsort", arrays, lambda b, x, z, i: [
+        b.argsort(x, axis=1), b.argsort(x, axis=0, descending=True), b.argsort(z, axis=2),
+        b.argsort(z, axis=2, descending=True), b.argsort(i, axis=-1, descending=True),
+        b.argsort(b.neg(x), axis=2)]), arrays))(
+        [np.round(normal(3, 5, 4)), np.where(rng.random((2, 3, 6)) < 0.2, np.nan, np.round(normal(2, 3, 6, dtype="float64"))),
+         integers(-3, 3, 4, 9, dtype="int32")]),
     "moments": lambda: (lambda arrays: (build_graph("moments", arrays, lambda b, x, r: [
         b.moments(x, axes=(0, 2, 3)), b.moments(r, axes=(1,)), b.moments(r, axes=(0,))]), arrays))(
         [normal(3, 4, 2, 5), normal(6, 7, dtype="float64")]),

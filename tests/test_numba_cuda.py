@@ -28,7 +28,7 @@ CPU_CASES = ["binary_broadcast", "binary_same", "binary_scalar", "cast", "consta
              "integer_arithmetic", "logical", "nan_and_inf", "random", "reductions",
              "reductions_float64", "shape_ops", "unary_f32", "unary_f64", "views"]
 CPU_LIBRARY_CASES = ["matmul", "conv2d", "conv2d_grads", "conv2d_grads_grouped", "pooling", "cumulative",
-                     "softmax", "moments", "normalize"]
+                     "argsort", "softmax", "moments", "normalize"]
 TOLERANCE = {"float32": dict(rtol=1e-4, atol=1e-5), "float64": dict(rtol=1e-10, atol=1e-12)}
 
 

@@ -170,6 +170,9 @@ OP_CASES = [
     ("sin", [f32(2, 3).astype(np.float64)], {}),  # (onnxruntime implements Erf for float32 only)
     ("cumsum", [f32(2, 3, 4)], {"axis": 1}),
     ("cumsum", [INTS], {"axis": 1, "reverse": True}),
+    ("argsort", [np.round(f32(3, 5, 4))], {"axis": 1}),  # rounded: ties, kept in order both ways
+    ("argsort", [np.round(f32(3, 5, 4))], {"axis": 2, "descending": True}),
+    ("argsort", [INTS.astype(np.int64)], {"axis": 1, "descending": True}),
     ("moments", [f32(2, 3, 4, 5)], {"axes": (0, 2, 3)}),
     ("moments", [f32(2, 3, 4)], {"axes": (2,)}),
     ("normalize", [f32(2, 3, 4) * 3 + 2], {"axes": (2,), "epsilon": 1e-5}),

@@ -1,5 +1,5 @@
-"""Math and activation ops (issue 19): the primitives erf, sin, cos, cumsum and cumprod against
-closed forms and finite differences; the composite functions (activations, clamp, norm, var/std,
+"""Math and activation ops (issue 19): the primitives erf, sin, cos, cumsum, cumprod and argsort
+against closed forms, naive versions and finite differences; the composite functions (activations, clamp, norm, var/std,
 min/argmin, einsum, triangles, constants) against PyTorch, values and gradients, on the reference
 backend; a numba-cpu compile and an ONNX export of them; and the refusals' messages."""
 import math
@@ -91,6 +91,58 @@ def test_cumulative_integers_and_errors():
         run_op("cumsum", [ints], axis=2)
 
 
+def naive_argsort(x, axis, descending):
+    """Each line's positions ordered by a Python sort on (rank of the value, position): NaN
+    ranks above every number, and equal values keep their order either way."""
+    x = np.moveaxis(x, axis, -1)
+    out = np.empty(x.shape, np.int64)
+    for index in np.ndindex(*x.shape[:-1]):
+        line = x[index]
+
+        def key(i):
+            value = line[i]
+            nan = bool(value != value)
+            rank = (nan, 0 if nan else value)
+            return (tuple(-r for r in rank) if descending else rank), i
+        out[index] = sorted(range(len(line)), key=key)
+    return np.moveaxis(out, -1, axis)
+
+
+@pytest.mark.parametrize("descending", [False, True])
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_argsort_is_stable_and_sorts_nan_as_the_largest(axis, descending):
+    x = np.round(normal(3, 6, 5))  # few distinct values: many ties
+    x[0, 2, 1] = x[2, 0, 4] = np.nan
+    x[1, 1, 1] = -np.inf
+    ints = np.random.default_rng(1).integers(-2, 3, (3, 6, 5)).astype(np.int32)
+    for operand in (x, x.astype(np.float32), ints):
+        out = run_op("argsort", [operand], axis=axis, descending=descending)
+        assert out.dtype == np.int64
+        np.testing.assert_array_equal(out, naive_argsort(operand, axis, descending))
+
+
+def test_argsort_errors():
+    with pytest.raises(DTypeError, match="argsort.*bool"):
+        run_op("argsort", [np.array([True, False])], axis=0)
+    with pytest.raises(ShapeError, match="argsort.*0-d"):
+        run_op("argsort", [np.float64(2.0)], axis=0)
+    with pytest.raises(ShapeError, match="axis 2 is out of range"):
+        run_op("argsort", [normal(2, 3)], axis=2)
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_long_lines_sort_on_numba_cpu_as_on_the_reference(descending):
+    """Lines of 1000 with ties and NaN, 64 of them: enough for the parallel loop over lines."""
+    x = np.round(normal(64, 1000) * 4).astype(np.float32)
+    x[::7, ::13] = np.nan
+
+    def f(v):
+        values, indices = v.sort(1, descending=descending)
+        return values, indices, v.T.argsort(0, descending=descending)
+    for got, want in zip(gc.jit(f)(x), gc.jit(f, backend="reference")(x)):
+        np.testing.assert_array_equal(got, want)
+
+
 # -- composite functions against PyTorch ----------------------------------------------------------
 torch = pytest.importorskip("torch")
 TF = torch.nn.functional
@@ -145,6 +197,14 @@ COMPOSITES = {
     "einsum_sum_free_label": (lambda x: gc.einsum("bij,bk->bi", x, x[:, 0]),
                               lambda t: torch.einsum("bij,bk->bi", t, t[:, 0]), (2, 3, 4)),
     "triu": (lambda x: gc.triu(x, 1), lambda t: torch.triu(t, 1), (2, 3, 4)),
+    "sort_values": (lambda x: x.sort().values, lambda t: t.sort().values, (3, 5)),
+    "sort_descending_dim0": (lambda x: gc.sort(x, 0, descending=True)[0],
+                             lambda t: torch.sort(t, 0, descending=True)[0], (4, 3)),
+    "topk_values": (lambda x: x.topk(2).values, lambda t: t.topk(2).values, (3, 5)),
+    "topk_smallest_dim0": (lambda x: gc.topk(x, 3, dim=0, largest=False)[0],
+                           lambda t: torch.topk(t, 3, dim=0, largest=False)[0], (4, 3)),
+    "topk_of_a_sum": (lambda x: (x + x[:1]).topk(1, dim=1).values * x[:, :1],
+                      lambda t: (t + t[:1]).topk(1, dim=1).values * t[:, :1], (3, 4)),
     "tril": (lambda x: x.tril(-1), lambda t: t.tril(-1), (4, 3)),
 }
 
@@ -191,6 +251,41 @@ def test_min_and_argmin_follow_torch():
     smallest, where = gc.jit(lambda v: (v.min(), v.argmin()), backend="reference")(ints)
     assert smallest == np.iinfo(np.int64).min and where == 1  # -x would overflow there
     assert gc.jit(lambda v: gc.minimum(v, 6).min(), backend="reference")(ints[[0, 2, 3]]) == 5
+
+
+def test_sort_argsort_and_topk_indices_follow_torch():
+    """Ties and NaN: sort and argsort give torch's stable order; topk's values are torch's and
+    its indices the first k of that order (torch leaves the order of tied indices open)."""
+    x = np.round(normal(4, 9) * 2)
+    x[1, 3] = x[2, 0] = np.nan
+    t = torch.tensor(x)
+
+    def f(v):
+        return (v.sort(1), gc.sort(v, 0, descending=True), v.argsort(stable=True), v.topk(3),
+                gc.topk(v, 2, dim=0, largest=False), np.sort(v), np.argsort(v, axis=0))
+    (sort, sort_down, order, top, bottom, np_sort, np_order) = gc.jit(f, backend="reference")(x)
+    for (values, indices), (t_values, t_indices) in [
+            (sort, torch.sort(t, dim=1, stable=True)),
+            (sort_down, torch.sort(t, dim=0, descending=True, stable=True))]:
+        np.testing.assert_array_equal(values, t_values.numpy())
+        np.testing.assert_array_equal(indices, t_indices.numpy())
+    np.testing.assert_array_equal(order, torch.argsort(t, stable=True).numpy())
+    np.testing.assert_array_equal(np_sort, np.sort(x))
+    np.testing.assert_array_equal(np_order, np.argsort(x, axis=0, kind="stable"))
+    np.testing.assert_array_equal(top[0], t.topk(3).values.numpy())
+    np.testing.assert_array_equal(top[1], torch.sort(t, descending=True, stable=True).indices[:, :3])
+    np.testing.assert_array_equal(bottom[0], torch.topk(t, 2, dim=0, largest=False).values.numpy())
+    np.testing.assert_array_equal(bottom[1], torch.sort(t, dim=0, stable=True).indices[:2])
+
+
+def test_topk_refuses_k_outside_the_axis():
+    x = normal(2, 5)
+    with pytest.raises(ShapeError, match=r"topk: k=6 is out of range for dim 1 of size 5 \(shape \(2, 5\)\).*test_ops_math.py"):
+        gc.jit(lambda v: v.topk(6, dim=1), backend="reference")(x)
+    with pytest.raises(ShapeError, match="k=-1"):
+        gc.jit(lambda v: v.topk(-1), backend="reference")(x)
+    values, indices = gc.jit(lambda v: v.topk(0), backend="reference")(x)
+    assert values.shape == indices.shape == (2, 0)
 
 
 def test_constants_take_torch_dtypes():

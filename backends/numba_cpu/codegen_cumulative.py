@@ -1,4 +1,4 @@
-"""Library kernels: cumsum and cumprod along one axis.
+"""Library kernels: cumsum and cumprod along one axis; argsort.
 
 The operand and the output are passed as (outer, n, inner) views, n the cumulated axis, so one
 compiled function serves every rank and axis. Each step adds (multiplies) a whole contiguous
@@ -48,3 +48,30 @@ def _cumulative(node: Node, refs: Refs) -> tuple[list[Call], int]:
     call = library_call(entry, ["x", "y"], [refs[x], refs[node.output]], parallel, body)
     call.views = (view, view)
     return [call], size_of(x.shape)
+
+
+@lowering(TARGET, "argsort")
+def _argsort(node: Node, refs: Refs) -> tuple[list[Call], int]:
+    """Each line is copied into a contiguous buffer and sorted by NumPy's stable merge sort
+    (Numba's, which orders NaN last as NumPy does); descending sorts the line read backwards and
+    reads the order backwards, which keeps ties in their own order (ir/ops/cumulative.py)."""
+    x = node.inputs[0]
+    descending = node.attrs["descending"]
+    view = lines_view(x.shape, node.attrs["axis"])
+    parallel = view[0] > 1 and runs_parallel(size_of(x.shape))
+
+    def body(w: Writer) -> None:
+        w.line("outer, n, inner = x.shape")
+        with w.block(loop_header("o", "outer", parallel)):
+            w.line("line = np.empty(n, x.dtype)")
+            with w.block("for k in range(inner):"):
+                with w.block("for i in range(n):"):
+                    w.line(f"line[i] = x[o, {'n - 1 - i' if descending else 'i'}, k]")
+                w.line("order = np.argsort(line, kind='mergesort')")
+                with w.block("for i in range(n):"):
+                    w.line(f"y[o, i, k] = {'n - 1 - order[n - 1 - i]' if descending else 'order[i]'}")
+
+    entry = "argsort" + ("_descending" if descending else "")
+    call = library_call(entry, ["x", "y"], [refs[x], refs[node.output]], parallel, body, fastmath=False)
+    call.views = (view, view)
+    return [call], 0  # comparisons and moves, no arithmetic

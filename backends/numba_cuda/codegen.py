@@ -607,6 +607,40 @@ def _cumulative(node: Node, refs: Refs) -> list[CudaCall]:
     return [_with_views(call, (view, view))]
 
 
+@lowering(TARGET, "argsort")
+def _argsort(node: Node, refs: Refs) -> list[CudaCall]:
+    """One thread per line along the axis: a stable insertion sort of the line's positions,
+    written in place in the output (lines are short where graphs sort: top-k over classes).
+    `before` is strict, so equal elements keep their order; NaN sorts as the largest."""
+    x = node.inputs[0]
+    view = (size_of(x.shape[:node.attrs["axis"]]), x.shape[node.attrs["axis"]],
+            size_of(x.shape[node.attrs["axis"] + 1:]))
+    # a before b: ascending, a < b or only b is NaN; descending, a > b or only a is NaN
+    before = ("(v > w or (v != v and w == w))" if node.attrs["descending"]
+              else "(v < w or (w != w and v == v))")
+
+    def body(w: Writer) -> None:
+        w.line("o, k = flat // INNER, flat % INNER")
+        with w.block("for i in range(N):"):
+            w.line("y[o, i, k] = i")
+        with w.block("for i in range(1, N):"):
+            w.line("j = y[o, i, k]")
+            w.line("v = x[o, j, k]")
+            w.line("p = i")
+            with w.block("while p > 0:"):
+                w.line("w = x[o, y[o, p - 1, k], k]")
+                with w.block(f"if not {before}:"):
+                    w.line("break")
+                w.line("y[o, p, k] = y[o, p - 1, k]")
+                w.line("p -= 1")
+            w.line("y[o, p, k] = j")
+
+    entry = "argsort" + ("_descending" if node.attrs["descending"] else "")
+    lines = view[0] * view[2] if view[1] else 0
+    call = _call(entry, ["x", "y"], [refs[x], refs[node.output]], lines, body, dict(N=view[1], INNER=view[2]))
+    return [_with_views(call, (view, view))]
+
+
 @lowering(TARGET, "moments")
 def _moments(node: Node, refs: Refs) -> list[CudaCall]:
     """One thread per kept index (operand viewed (before, kept, after), output (2, kept)):

@@ -1,4 +1,4 @@
-"""Cumulative primitives: cumsum and cumprod along one axis, forward or reversed.
+"""Cumulative primitives: cumsum and cumprod along one axis, forward or reversed; argsort.
 
 Each output element depends on a whole prefix (or suffix) of its line, so these are library
 (opaque) ops, not elementwise ones: the Numba backends run one serial loop per line along the
@@ -76,3 +76,28 @@ register(Primitive(
     "cumprod", OPAQUE, _cumulative_type, _along(np.cumprod), _cumprod_vjp, attrs=dict(_ATTRS),
     canon=_axis_canon, num_inputs=1,
     doc="Running product along `axis` (from the end when `reverse`); its VJP is exact at zeros."))
+
+
+# -- argsort ----------------------------------------------------------------------------------
+# Like the cumulative ops, each output element depends on its whole line: a library op of its
+# own, run one line at a time. sort and topk are frontend composites: take_along_axis of the
+# operand at these indices (and a slice of them), which differentiates through its scatter.
+def _argsort_type(x: TensorType, *, axis: int, descending: bool) -> TensorType:
+    return TensorType(_cumulative_type(x, axis=axis, reverse=False).shape, "int64")
+
+
+def _argsort(x: np.ndarray, *, axis: int, descending: bool) -> np.ndarray:
+    """Stable: equal elements keep their order, in both directions; NaN sorts as the largest
+    (last ascending, first descending), as in PyTorch and NumPy. Descending is the ascending
+    order of the line read backwards, read backwards: ties then come out in their own order."""
+    if not descending:
+        return np.argsort(x, axis=axis, kind="stable")
+    n = x.shape[axis]
+    backwards = np.argsort(np.flip(x, axis), axis=axis, kind="stable")
+    return np.ascontiguousarray(n - 1 - np.flip(backwards, axis))
+
+
+register(Primitive(
+    "argsort", OPAQUE, _argsort_type, _argsort, lambda b, g, x, *, out, axis, descending: (None,),
+    attrs={"axis": Attr("int"), "descending": Attr("bool", False)}, canon=_axis_canon, num_inputs=1,
+    doc="The int64 positions that sort each line along `axis` (stable; NaN sorts as the largest)."))
