@@ -24,7 +24,7 @@ from graphc.ir import Node, TensorType, Value
 from graphc.ir.kernels import op_class
 from graphc.ir.lowering import lowering, lowering_for
 from graphc.ir.ops.norm import lines_view
-from graphc.ir.ops.softmax import lines_view as softmax_lines_view
+from graphc.ir.ops.softmax import lines_view as axis_lines_view  # (before, n, after) around one axis
 from graphc.backends.kernels.arrays import KernelArray
 from graphc.backends.kernels.library import Refs, epilogue_graph
 from graphc.backends.kernels.pointwise import (Domain, KernelTarget, PointwiseEmitter, broadcast_index,
@@ -589,8 +589,8 @@ def _cumulative(node: Node, refs: Refs) -> list[CudaCall]:
     """One thread per line along the axis (operand and output viewed (outer, n, inner)): a
     serial running sum or product, the neighbouring threads reading neighbouring elements."""
     x = node.inputs[0]
-    axis, reverse = node.attrs["axis"], node.attrs["reverse"]
-    view = (size_of(x.shape[:axis]), x.shape[axis], size_of(x.shape[axis + 1:]))
+    reverse = node.attrs["reverse"]
+    view = axis_lines_view(x.shape, node.attrs["axis"])
     combine = {"cumsum": "+", "cumprod": "*"}[node.op]
 
     def body(w: Writer) -> None:
@@ -613,9 +613,8 @@ def _argsort(node: Node, refs: Refs) -> list[CudaCall]:
     written in place in the output (lines are short where graphs sort: top-k over classes).
     `before` is strict, so equal elements keep their order; NaN sorts as the largest."""
     x = node.inputs[0]
-    view = (size_of(x.shape[:node.attrs["axis"]]), x.shape[node.attrs["axis"]],
-            size_of(x.shape[node.attrs["axis"] + 1:]))
-    # a before b: ascending, a < b or only b is NaN; descending, a > b or only a is NaN
+    view = axis_lines_view(x.shape, node.attrs["axis"])
+    # v goes before w: ascending, v < w or only w is NaN; descending, v > w or only v is NaN
     before = ("(v > w or (v != v and w == w))" if node.attrs["descending"]
               else "(v < w or (w != w and v == v))")
 
@@ -720,7 +719,7 @@ def _softmax(node: Node, refs: Refs) -> list[CudaCall]:
     """One thread per line along the axis (arrays viewed (before, n, after)), as numba-cpu's
     kernel: softmax takes the line's max, then its exponentials and their sum, then scales
     them; softmax_grad is p (g - sum(g p))."""
-    view = softmax_lines_view(node.output.shape, node.attrs["axis"])
+    view = axis_lines_view(node.output.shape, node.attrs["axis"])
     zero = f"np.{node.output.dtype}(0.0)"
 
     def softmax(w: Writer) -> None:
