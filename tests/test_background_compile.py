@@ -19,11 +19,13 @@ import pytest
 
 import graphc as gc
 import graphc.nn.functional as F
-from graphc import optim
+from graphc import nn, optim
 from graphc.ir import Builder, TensorType
+from graphc.ir.memory import Storage
 from graphc.passes import FUSION
 from graphc.backends.numba_cpu import executor, get_cache, lower
 from graphc.backends.numba_cpu.codegen_common import always_parallel
+from graphc.backends.numba_cpu.codegen_winograd import ENTRY as WINOGRAD
 from graphc.backends.numba_cpu.compile_pool import BACKGROUND_NICENESS
 from test_batch_polymorphic import MODELS, batch, isolated_with_low_threshold
 
@@ -74,6 +76,44 @@ def test_stand_ins_then_the_parallel_kernels_train_as_the_reference(background):
     assert step.executable is first  # the same executable switched its kernels
     for key, value in model.state_dict().items():
         np.testing.assert_allclose(value, oracle.state_dict()[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_a_winograd_convolution_stands_in_as_im2col(background):
+    """The stand-in of a Winograd convolution is the quicker-compiling im2col one, its scratch
+    packed into the storage planned for Winograd's; the step trains as the reference's before
+    and after the switch to the parallel Winograd kernel."""
+    def build():
+        gc.manual_seed(5)
+        return nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(16 * 6 * 6, 5))
+    steps = {}
+    for backend in ("numba-cpu", "reference"):
+        model = build()
+        steps[backend] = gc.compile_train_step(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.05),
+                                               batch((1, 8, 8), 8, 0), backend=backend)
+    step = steps["numba-cpu"]
+
+    def winograd_calls():
+        return sum(call.entry == WINOGRAD for k in step.executable.kernels for call in k.generated.calls)
+    data = batch((1, 8, 8), 8, 1)
+    np.testing.assert_allclose(step(*data), steps["reference"](*data), rtol=1e-5, atol=1e-6)
+    assert step.executable.compiling and winograd_calls() == 0
+    gc.finish_compiling()
+    assert winograd_calls() > 0
+    for seed in (2, 3):
+        data = batch((1, 8, 8), 8, seed)
+        np.testing.assert_allclose(step(*data), steps["reference"](*data), rtol=1e-5, atol=1e-6)
+
+
+def test_scratch_of_another_layout_is_packed_into_the_planned_storage():
+    f32 = lambda *shape: TensorType(shape, "float32")
+    planned = [(Storage(0, nbytes, 0, 0, offset=offset), t)
+               for offset, nbytes, t in [(0, 4096, f32(1024)), (4096, 1024, f32(256))]]
+    assert executor.scratch_offsets([f32(1000), f32(10)], planned) == [0, 4096]  # in order
+    # largest first, each into the first storage with room, starting aligned
+    assert executor.scratch_offsets([f32(100), f32(600), f32(250)], planned) == [3456, 0, 2432]
+    assert executor.scratch_offsets([f32(900), f32(300)], planned) is None
+    assert executor.scratch_offsets([], planned) == []
 
 
 def test_another_batch_size_waits_for_the_same_worker(background):

@@ -52,7 +52,10 @@ groups of images in the forward products (within 3%), F(4x4) on 8x8 planes with 
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
+from contextvars import ContextVar
 from fractions import Fraction
+from typing import Iterator
 
 import numba
 
@@ -305,13 +308,28 @@ def transform_gradients(dy, dm, TH, TW, offset):
 ''' + _shared_functions(2, "PARALLEL", _FILTER_GRADIENT_2X2)
 
 
+_IM2COL_ONLY: ContextVar[bool] = ContextVar("im2col_only", default=False)
+
+
+@contextmanager
+def im2col_only() -> Iterator[None]:
+    """Convolutions generated inside run as im2col and GEMM wherever Winograd would apply: the
+    serial stand-ins that run while the final kernels compile (executor.serial_stand_ins) must
+    compile fast, and a serial F(4x4) module takes ~5 s against ~1 s for im2col."""
+    token = _IM2COL_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _IM2COL_ONLY.reset(token)
+
+
 def winograd_applies(node: Node, weight_shape: tuple[int, ...], dtype: str) -> bool:
     """Whether a conv2d node or one of its gradients runs as Winograd (F(2x2, 3x3), or F(4x4, 3x3)
     on large planes: winograd_tile): a 3x3 filter, stride and dilation 1, one group, padding at
     most 2 (the input gradient pads by 2 - padding), a floating dtype and at least MIN_CHANNELS
-    channels in and out."""
+    channels in and out; never inside im2col_only()."""
     out_channels, in_channels = weight_shape[:2]
-    return (tuple(weight_shape[2:]) == (3, 3) and node.attrs["groups"] == 1
+    return (not _IM2COL_ONLY.get() and tuple(weight_shape[2:]) == (3, 3) and node.attrs["groups"] == 1
             and tuple(node.attrs["stride"]) == (1, 1) and tuple(node.attrs["dilation"]) == (1, 1)
             and all(0 <= p <= 2 for p in node.attrs["padding"])
             and dtype in ("float32", "float64")

@@ -34,13 +34,14 @@ from graphc.backends.kernel_files import signature_of
 from graphc.backends.profile import ProfileReport, ProfileRow
 from graphc.backends.signature import InputSignature
 from graphc.ir import Graph, Node, TensorType, Value
-from graphc.ir.memory import ALIGNMENT, MemoryPlan
+from graphc.ir.memory import ALIGNMENT, MemoryPlan, Storage
 
 from .blas import single_threaded_scipy_blas
 from .cache import CacheStats, get_cache
 from .codegen import POINTWISE_GENERATORS, generate
 from .codegen_common import (_ALWAYS_PARALLEL, Call, KernelSource, always_parallel, kernel_threads,
                              requested_threads, serial_kernels)
+from .codegen_winograd import im2col_only
 from .compile_pool import BackgroundCompile, estimated_compile_seconds
 from .thread_choice import ThreadChoice
 
@@ -210,10 +211,24 @@ class Executable(PlannedExecutable):
         else:
             raise AssertionError(f"{v}: unexpected location {loc}")
 
-    def _arena_view(self, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    def _arena_view(self, offset: int, shape: tuple[int, ...], dtype: np.dtype, memory: np.ndarray | None = None
+                    ) -> np.ndarray:
         count = int(np.prod(shape, dtype=np.int64))
-        raw = self._arena[offset:offset + count * dtype.itemsize]
+        raw = (self._arena if memory is None else memory)[offset:offset + count * dtype.itemsize]
         return raw.view(dtype).reshape(shape)
+
+    def _scratch(self, kernel: CompiledKernel) -> list[np.ndarray]:
+        """The kernel's scratch arrays: in the storage planned for them (scratch_offsets), or for
+        a serial stand-in the plan has no room for (im2col's columns where Winograd's tiles were
+        planned), in memory of its own, freed when the final kernel takes over."""
+        types = kernel.generated.scratch
+        offsets = scratch_offsets(types, self.plan.scratch.get(kernel.node, ()))
+        if offsets is not None:
+            return [self._arena_view(offset, t.shape, t.np_dtype) for offset, t in zip(offsets, types)]
+        sizes = [-(-t.nbytes // ALIGNMENT) * ALIGNMENT for t in types]
+        memory = _aligned_bytes(sum(sizes))
+        starts = [sum(sizes[:i]) for i in range(len(types))]
+        return [self._arena_view(start, t.shape, t.np_dtype, memory) for start, t in zip(starts, types)]
 
     def _slot(self, v: Value, view: tuple[int, ...] | None) -> int:
         """The slot of `v`'s array, or of a view of it with shape `view`."""
@@ -231,9 +246,7 @@ class Executable(PlannedExecutable):
 
     def _step(self, kernel: CompiledKernel, checks: list[IndexCheck]) -> _Step:
         node, env = kernel.node, self._env
-        # the kernel's own scratch types: a serial stand-in's fit in the parallel kernel's storage
-        scratch = [env.constant(self._arena_view(storage.offset, t.shape, t.np_dtype))
-                   for (storage, _), t in zip(self.plan.scratch.get(node, ()), kernel.generated.scratch)]
+        scratch = [env.constant(array) for array in self._scratch(kernel)]
         calls = []
         for call, function in zip(kernel.generated.calls, kernel.entry_points):
             slots = []
@@ -557,7 +570,7 @@ def compile_plan(lowered: LoweredGraph, plan: MemoryPlan, memory_of: Any = None)
             variant = _parallel_variant(node, aliases[node], default) if any(source.parallel_calls) else None
             sources[node] = _mixed(default, variant, source.parallel_calls)
     sources.update(choose_variants(sources, aliases, planned=True))
-    stand_ins = serial_stand_ins(sources, aliases, plan)
+    stand_ins = serial_stand_ins(sources, aliases)
     stats = CacheStats()
     kernels = _load_kernels({**sources, **stand_ins}, stats)
     upgrade = None
@@ -601,14 +614,13 @@ def background_compiles_enabled() -> bool:
             and not (mpi is not None and mpi.Is_initialized()))
 
 
-def serial_stand_ins(sources: dict[Node, KernelSource], aliases: dict[Node, dict[KernelArray, KernelArray]],
-                     plan: MemoryPlan) -> dict[Node, KernelSource]:
+def serial_stand_ins(sources: dict[Node, KernelSource], aliases: dict[Node, dict[KernelArray, KernelArray]]
+                     ) -> dict[Node, KernelSource]:
     """Serial kernels to run while the parallel ones of `sources` that the cache lacks compile in
     the background, where those would take STAND_IN_MIN_SECONDS or more (by estimate): a parallel
     kernel compiles 2-4 times as long as its serial form (Numba compiles each parallel loop's
-    body, a wrapper and the caller as separate modules). For a kernel whose serial form fits the
-    scratch the plan made for the parallel one (a convolution's per-thread columns shrink to one
-    thread's). None inside always_parallel(), whose caller asked for the parallel code."""
+    body, a wrapper and the caller as separate modules). None inside always_parallel(), whose
+    caller asked for the parallel code."""
     if _ALWAYS_PARALLEL.get() or not background_compiles_enabled():
         return {}
     parallel = list({c.source: c for s in sources.values() for c in s.calls if c.parallel}.values())
@@ -616,19 +628,34 @@ def serial_stand_ins(sources: dict[Node, KernelSource], aliases: dict[Node, dict
                if not found}
     if sum(estimated_compile_seconds(c) for c in parallel if c.source in missing) < STAND_IN_MIN_SECONDS:
         return {}
-    stand_ins = {}
-    with serial_kernels():
-        for node, source in sources.items():
-            if any(c.source in missing for c in source.calls):
-                serial = generate(node, aliases.get(node))
-                if _fits(serial.scratch, [t for _, t in plan.scratch.get(node, ())]):
-                    stand_ins[node] = serial
-    return stand_ins
+    # Convolutions stand in as im2col rather than Winograd, whose serial module takes longest to
+    # compile (resnet-m's cold first call, 2 threads: 9.5-10.1 s with Winograd stand-ins, 6.7-6.9 s
+    # with im2col). Their scratch may not fit the plan's: Executable._scratch.
+    with serial_kernels(), im2col_only():
+        return {node: generate(node, aliases.get(node)) for node, source in sources.items()
+                if any(c.source in missing for c in source.calls)}
 
 
-def _fits(scratch: Sequence[TensorType], planned: Sequence[TensorType]) -> bool:
-    return len(scratch) == len(planned) and all(
-        t.dtype == p.dtype and t.size <= p.size for t, p in zip(scratch, planned))
+def scratch_offsets(scratch: Sequence[TensorType], planned: Sequence[tuple[Storage, TensorType]]
+                    ) -> list[int] | None:
+    """Where in the arena a kernel's scratch tensors go: in the storage planned for each, where
+    they pair up in order (the kernel the plan was made for, or a serial form of it with smaller
+    scratch); else packed, largest first, into the first planned storage with room left (a
+    stand-in whose scratch differs: im2col's columns for Winograd's tiles). None if they do not
+    fit. The storages are the kernel's own while it runs."""
+    if len(scratch) == len(planned) and all(
+            t.dtype == p.dtype and t.size <= p.size for t, (_, p) in zip(scratch, planned)):
+        return [storage.offset for storage, _ in planned]
+    room = [[storage.offset, storage.nbytes] for storage, _ in planned]  # [next free, bytes left]
+    offsets: list[int] = [0] * len(scratch)
+    for i in sorted(range(len(scratch)), key=lambda i: -scratch[i].nbytes):
+        free = next((r for r in room if r[1] >= scratch[i].nbytes), None)
+        if free is None:
+            return None
+        offsets[i] = free[0]
+        taken = -(-scratch[i].nbytes // ALIGNMENT) * ALIGNMENT  # the next one starts aligned
+        free[0], free[1] = free[0] + taken, free[1] - taken
+    return offsets
 
 
 class _Upgrade:
