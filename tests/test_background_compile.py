@@ -78,10 +78,20 @@ def test_stand_ins_then_the_parallel_kernels_train_as_the_reference(background):
         np.testing.assert_allclose(value, oracle.state_dict()[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
-def test_a_winograd_convolution_stands_in_as_im2col(background):
+@pytest.mark.parametrize("room", ["packed", "own memory"])
+def test_a_winograd_convolution_stands_in_as_im2col(background, monkeypatch, room):
     """The stand-in of a Winograd convolution is the quicker-compiling im2col one, its scratch
-    packed into the storage planned for Winograd's; the step trains as the reference's before
-    and after the switch to the parallel Winograd kernel."""
+    packed into the storage planned for Winograd's or, where that has too little room (made so
+    here), in memory of its own; the step trains as the reference's before and after the switch
+    to the parallel Winograd kernel."""
+    own_memory = []
+    if room == "own memory":
+        def no_room_when_the_layout_differs(scratch, planned):
+            if len(scratch) == len(planned) and all(t == p for t, (_, p) in zip(scratch, planned)):
+                return [storage.offset for storage, _ in planned]
+            own_memory.append(scratch)
+            return None
+        monkeypatch.setattr(executor, "scratch_offsets", no_room_when_the_layout_differs)
     def build():
         gc.manual_seed(5)
         return nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
@@ -98,6 +108,7 @@ def test_a_winograd_convolution_stands_in_as_im2col(background):
     data = batch((1, 8, 8), 8, 1)
     np.testing.assert_allclose(step(*data), steps["reference"](*data), rtol=1e-5, atol=1e-6)
     assert step.executable.compiling and winograd_calls() == 0
+    assert bool(own_memory) == (room == "own memory")
     gc.finish_compiling()
     assert winograd_calls() > 0
     for seed in (2, 3):
