@@ -191,8 +191,8 @@ def bernoulli(p: float, shape: Sequence[int]) -> Tensor:
 sin, cos, erf = (_unary(op) for op in ("sin", "cos", "erf"))
 
 __all__ += ["sin", "cos", "erf", "clamp", "clip", "cumsum", "cumprod", "argsort", "sort", "topk",
-            "var", "std", "min", "amin", "argmin", "norm", "einsum", "triu", "tril", "arange", "zeros", "ones", "full",
-            "zeros_like", "ones_like", "full_like"]
+            "var", "std", "min", "amin", "argmin", "norm", "einsum", "triu", "tril", "arange",
+            "zeros", "ones", "full", "zeros_like", "ones_like", "full_like"]
 
 
 def clamp(x: Tensor, min: Any = None, max: Any = None) -> Tensor:

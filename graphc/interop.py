@@ -119,14 +119,25 @@ def _var(a, axis=None, ddof=0, keepdims=False): return as_tensor(a).var(axis, co
 def _std(a, axis=None, ddof=0, keepdims=False): return as_tensor(a).std(axis, correction=ddof, keepdim=keepdims)
 def _clip(a, a_min, a_max): return gcf.clip(a, a_min, a_max)
 def _norm(x): return as_tensor(x).norm()  # the 2-norm of all entries; ord= and axis= refused
-def _sort(a, axis=-1): return as_tensor(a).sort(axis).values
-def _argsort(a, axis=-1): return as_tensor(a).argsort(axis)
 
 
 def _cumsum(a, axis=None):
     """NumPy's cumsum runs over the flattened array when no axis is given."""
     a = as_tensor(a)
     return a.reshape(-1).cumsum(0) if axis is None else a.cumsum(axis)
+
+
+def _sort(a, axis=-1, kind=None):
+    """np.sort: axis=None sorts the flattened array. Every `kind` is honoured: graphc's sort is
+    stable, which is what 'stable' and 'mergesort' promise and the others allow."""
+    a = as_tensor(a)
+    return a.reshape(-1).sort(0).values if axis is None else a.sort(axis).values
+
+
+def _argsort(a, axis=-1, kind=None):
+    """np.argsort, as np.sort."""
+    a = as_tensor(a)
+    return a.reshape(-1).argsort(0) if axis is None else a.argsort(axis)
 
 
 def _concatenate(arrays, axis=0): return gcf.concatenate(arrays, axis)

@@ -262,8 +262,10 @@ def test_sort_argsort_and_topk_indices_follow_torch():
 
     def f(v):
         return (v.sort(1), gc.sort(v, 0, descending=True), v.argsort(stable=True), v.topk(3),
-                gc.topk(v, 2, dim=0, largest=False), np.sort(v), np.argsort(v, axis=0))
-    (sort, sort_down, order, top, bottom, np_sort, np_order) = gc.jit(f, backend="reference")(x)
+                gc.topk(v, 2, dim=0, largest=False), np.sort(v), np.argsort(v, axis=0),
+                np.sort(v, axis=None), np.argsort(v, axis=None, kind="quicksort"))
+    (sort, sort_down, order, top, bottom, np_sort, np_order, np_flat_sort, np_flat_order
+     ) = gc.jit(f, backend="reference")(x)
     for (values, indices), (t_values, t_indices) in [
             (sort, torch.sort(t, dim=1, stable=True)),
             (sort_down, torch.sort(t, dim=0, descending=True, stable=True))]:
@@ -272,6 +274,8 @@ def test_sort_argsort_and_topk_indices_follow_torch():
     np.testing.assert_array_equal(order, torch.argsort(t, stable=True).numpy())
     np.testing.assert_array_equal(np_sort, np.sort(x))
     np.testing.assert_array_equal(np_order, np.argsort(x, axis=0, kind="stable"))
+    np.testing.assert_array_equal(np_flat_sort, np.sort(x, axis=None))  # NumPy's: flattened
+    np.testing.assert_array_equal(np_flat_order, np.argsort(x, axis=None, kind="stable"))
     np.testing.assert_array_equal(top[0], t.topk(3).values.numpy())
     np.testing.assert_array_equal(top[1], torch.sort(t, descending=True, stable=True).indices[:, :3])
     np.testing.assert_array_equal(bottom[0], torch.topk(t, 2, dim=0, largest=False).values.numpy())

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 from graphc.ir import Node
 from graphc.ir.lowering import lowering
+from graphc.ir.ops.softmax import lines_view  # (outer, n, inner) around one axis
 from graphc.backends.kernels.library import Refs
 from graphc.backends.kernels.source import Writer, size_of
 
 from .codegen_common import TARGET, Call, library_call, loop_header, runs_parallel
 
 _COMBINE = {"cumsum": "+", "cumprod": "*"}
-
-
-def lines_view(shape: tuple[int, ...], axis: int) -> tuple[int, int, int]:
-    """`shape` as (outer, n, inner) around `axis`."""
-    return size_of(shape[:axis]), shape[axis], size_of(shape[axis + 1:])
 
 
 @lowering(TARGET, "cumsum", "cumprod")
