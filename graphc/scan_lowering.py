@@ -23,7 +23,7 @@ import sys
 import threading
 import weakref
 from contextlib import ExitStack, contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from graphc.backends.profile import ProfileReport, merged_report
 from graphc.backends.signature import InputSignature
 from graphc.ir import Graph, Node, Value
 from graphc.ir.ops.control import SCAN_OP, split_inputs
+from graphc.passes.row_blocks import row_block_body
 
 Run = Callable[[list[np.ndarray]], list[np.ndarray]]
 Compile = Callable[[Graph], Any]  # a graph without scans at its top level -> an executable
@@ -39,25 +40,37 @@ Compile = Callable[[Graph], Any]  # a graph without scans at its top level -> an
 
 class ScanLoop:
     """One scan run step by step: its compiled body called from Python per step (where the
-    body offers no compiled driver)."""
+    body offers no compiled driver). With `rows`, `body` is the body for that many rows of the
+    batch (a row block driver's, passes/row_blocks.py), run over one block after another."""
 
-    def __init__(self, node: Node, body: Any) -> None:
+    def __init__(self, node: Node, body: Any, rows: int | None = None) -> None:
         self.node = node
         self.body = body
         self.allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray] = np.empty  # stacked outputs
         self.steps = range(node.attrs["length"])[::-1] if node.attrs["reverse"] else range(node.attrs["length"])
+        c = node.attrs["num_consts"]
+        batch = node.inputs[c].type.shape[0] if rows else 0
+        self.row_slices = [slice(start, start + rows) for start in range(0, batch, rows)] if rows else [slice(None)]
+        # the consts the block body has rows of (the others every block reads whole)
+        self.split = [rows is not None and v.type != whole.type
+                      for v, whole in zip(body.graph.input_values[:c], node.inputs[:c])] if rows else [False] * c
 
     def __call__(self, args: list[np.ndarray]) -> list[np.ndarray]:
         consts, carry, xs = split_inputs(self.node, args)
         k = self.node.attrs["num_carry"]
         ys = [self.allocate(v.type.shape, v.type.np_dtype) for v in self.node.outputs[k:]]
-        for t in self.steps:
-            outs = self.body(*consts, *carry, *(x[t] for x in xs))
-            carry = outs[:k]
-            for y, out in zip(ys, outs[k:]):
-                y[t] = out
+        finals = []
+        for rows in self.row_slices:
+            block_consts = [c[rows] if split else c for c, split in zip(consts, self.split)]
+            block_carry = [c[rows] for c in carry]
+            for t in self.steps:
+                outs = self.body(*block_consts, *block_carry, *(x[t][rows] for x in xs))
+                block_carry = outs[:k]
+                for y, out in zip(ys, outs[k:]):
+                    y[t][rows] = out
+            finals.append(block_carry)
         # the body executable may hand back an input as an output: never return the caller's array
-        return [np.array(c) for c in carry] + ys
+        return [np.concatenate(parts) if len(parts) > 1 else np.array(parts[0]) for parts in zip(*finals)] + ys
 
 
 class SegmentedExecutable:
@@ -163,7 +176,7 @@ class SegmentedExecutable:
     def _stepped(self, run: Run) -> Run:
         if isinstance(run, ScanLoop) or not hasattr(run, "body"):  # a part, or stepped already
             return run
-        loop = ScanLoop(run.node, run.body)
+        loop = ScanLoop(run.node, run.body, rows=getattr(run, "rows", None))  # rows: a row block driver's
         loop.allocate = self.stack
         return loop
 
@@ -189,11 +202,24 @@ def _print_profile_at_exit(ref: weakref.ref) -> None:
         print(report.table(parts=True), file=sys.stderr)
 
 
+class RowBlocks(Protocol):
+    """A backend running a scan as blocks of its batch's rows side by side (numba-cpu: driver.py)."""
+
+    def row_blocks(self, batch: int) -> int:
+        """How many blocks a scan over `batch` rows would run in (1: none)."""
+
+    def row_block_driver(self, node: Node, block: Graph, blocks: int, compile_part: Compile) -> Any:
+        """Scan `node` run as `blocks` blocks, each through `block` (its body for a block's
+        rows) compiled by `compile_part`; None where that cannot be."""
+
+
 def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, int] | None = None,
-                       memory_of: Any = None) -> SegmentedExecutable:
+                       memory_of: Any = None, row_blocks: RowBlocks | None = None) -> SegmentedExecutable:
     """Cut `graph` at its scans; compile each run of other nodes and each scan's body with
     `compile_part` (a body with scans of its own comes back here through it). `memory_of`: the
-    executable of the same program at another batch size (SegmentedExecutable)."""
+    executable of the same program at another batch size (SegmentedExecutable). `row_blocks`:
+    the backend's way to run a scan whose rows are independent (passes/row_blocks.py) as blocks
+    of rows side by side; its body is then compiled for a block instead of whole."""
     last_read = _last_reads(graph)
     position = {node: i for i, node in enumerate(graph.nodes)}
     parts: list[tuple[Run, list[Value], list[Value]]] = []
@@ -220,15 +246,31 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
         close_segment()
         body = node.subgraph.copy()
         body.name = f"{graph.name}_scan{len(parts)}_body"
-        executable = compile_part(body)
-        pieces.append((f"scan{len(parts)}", executable, node.attrs["length"]))
-        runner = _scan_runner(node, executable)
+        runner = _row_block_runner(node, body, compile_part, row_blocks) if row_blocks is not None else None
+        if runner is not None:  # its body runs once per step and block
+            pieces.append((f"scan{len(parts)}", runner.body, node.attrs["length"] * runner.blocks))
+        else:
+            executable = compile_part(body)
+            pieces.append((f"scan{len(parts)}", executable, node.attrs["length"]))
+            runner = _scan_runner(node, executable)
         if hasattr(runner, "overwritable"):
             runner.overwritable = _handed_over(node, position[node], last_read, stacked_by_scans)
         stacked_by_scans.update(v for v in node.outputs[node.attrs["num_carry"]:])
         parts.append((runner, list(node.inputs), list(node.outputs)))
     close_segment()
     return SegmentedExecutable(graph, parts, pieces, donate, memory_of)
+
+
+def _row_block_runner(node: Node, body: Graph, compile_part: Compile, backend: RowBlocks) -> Run | None:
+    """The backend's run of `node` in row blocks, where its body's rows are independent and the
+    backend would run more than one block."""
+    c, k = node.attrs["num_consts"], node.attrs["num_carry"]
+    if k == 0 or not node.inputs[c].type.shape:
+        return None
+    batch = node.inputs[c].type.shape[0]
+    blocks = backend.row_blocks(batch)
+    block = row_block_body(body, c, k, batch // blocks) if blocks > 1 else None
+    return backend.row_block_driver(node, block, blocks, compile_part) if block is not None else None
 
 
 def _scan_runner(node: Node, body: Any) -> Run:

@@ -240,7 +240,8 @@ print("driver", driver.cache_stats.hits, driver.cache_stats.misses)
 @pytest.mark.slow  # two processes, the first compiling every kernel: ~16 s on the busy machine
 def test_a_later_process_loads_the_driver_from_the_disk_cache(tmp_path):
     """The cached driver calls the kernels by their symbols: a second process, which loads the
-    kernels from the cache too, runs it without compiling it."""
+    kernels from the cache too, runs it without compiling it (with 2 threads, in two row blocks
+    of one row: its launcher calls the block loop by its symbol too)."""
     import os
     import subprocess
     import sys
@@ -249,7 +250,9 @@ def test_a_later_process_loads_the_driver_from_the_disk_cache(tmp_path):
                            timeout=300) for _ in range(2)]
     for run in runs:
         assert run.returncode == 0, run.stderr[-3000:]
-    assert [run.stdout.split()[-2:] for run in runs] == [["0", "1"], ["1", "0"]]
+    # (a row block driver loads two modules: the block loop and the launcher running blocks)
+    (first_hits, compiled), (hits, misses) = [map(int, run.stdout.split()[-2:]) for run in runs]
+    assert first_hits == 0 and compiled in (1, 2) and (hits, misses) == (compiled, 0)
 
 
 def second_scan(h, ys, w, write_first):

@@ -1,6 +1,8 @@
 """The numba-cpu backend: fused kernels generated as Python source, compiled by Numba.
 
     lower(fused) -> LoweredGraph;  compile_plan(lowered, plan, memory_of=None) -> Executable
+    row_blocks(batch) -> int;  row_block_driver(scan, block body, blocks, compile_part) -> a scan run
+    as blocks of its rows side by side (graphc/scan_lowering.py)
 
 See executor.py (the executable and its memory), codegen_*.py (one generator per kernel
 pattern) and cache.py (the on-disk kernel cache).
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 from .cache import CacheStats, default_cache_dir, get_cache
 from .codegen import unlowered_primitives
+from .driver import row_block_driver, row_blocks
 from .executor import CompiledKernel, Executable, ProfileReport, compile_plan, lower
 
 
@@ -31,5 +34,5 @@ def unavailable_reason() -> str:
 
 
 __all__ = ["CacheStats", "CompiledKernel", "Executable", "ProfileReport", "compile_plan",
-           "default_cache_dir", "get_cache", "is_available", "lower", "unavailable_reason",
+           "default_cache_dir", "get_cache", "is_available", "lower", "row_block_driver", "row_blocks", "unavailable_reason",
            "unlowered_primitives"]

@@ -39,7 +39,7 @@ from graphc.ir.memory import ALIGNMENT, MemoryPlan, Storage
 from .blas import single_threaded_scipy_blas
 from .cache import CacheStats, get_cache
 from .codegen import POINTWISE_GENERATORS, generate
-from .codegen_common import (_ALWAYS_PARALLEL, Call, KernelSource, always_parallel, kernel_threads,
+from .codegen_common import (_ALWAYS_PARALLEL, _SERIAL, Call, KernelSource, always_parallel, kernel_threads,
                              requested_threads, serial_kernels)
 from .codegen_winograd import im2col_only
 from .compile_pool import BackgroundCompile, estimated_compile_seconds
@@ -150,7 +150,7 @@ class Executable(PlannedExecutable):
         if isinstance(memory_of, Executable) and memory_of._memory.nbytes >= plan.peak_bytes:
             self._memory, self._lock = memory_of._memory, memory_of._lock
         else:
-            self._memory, self._lock = _aligned_bytes(plan.peak_bytes), threading.Lock()
+            self._memory, self._lock = aligned_bytes(plan.peak_bytes), threading.Lock()
         self._arena = self._memory[:plan.peak_bytes]
         self._bind(kernels)
         self._profile_totals: dict[tuple[str, int], float] | None = None
@@ -226,7 +226,7 @@ class Executable(PlannedExecutable):
         if offsets is not None:
             return [self._arena_view(offset, t.shape, t.np_dtype) for offset, t in zip(offsets, types)]
         sizes = [-(-t.nbytes // ALIGNMENT) * ALIGNMENT for t in types]
-        memory = _aligned_bytes(sum(sizes))
+        memory = aligned_bytes(sum(sizes))
         starts = [sum(sizes[:i]) for i in range(len(types))]
         return [self._arena_view(start, t.shape, t.np_dtype, memory) for start, t in zip(starts, types)]
 
@@ -440,7 +440,8 @@ def _print_profile_at_exit(ref: weakref.ref) -> None:
         print(executable.profile_report.table(parts=True), file=sys.stderr)
 
 
-def _aligned_bytes(nbytes: int) -> np.ndarray:
+def aligned_bytes(nbytes: int) -> np.ndarray:
+    """Uninitialised bytes starting at an ALIGNMENT boundary (an arena)."""
     raw = np.empty(nbytes + ALIGNMENT, np.uint8)
     start = -raw.ctypes.data % ALIGNMENT
     return raw[start:start + nbytes]
@@ -491,6 +492,8 @@ def choose_variants(sources: dict[Node, KernelSource], aliases: dict[Node, dict[
     parallel at batch 64 and its epilogue serial. `aliases` are the in-place outputs to generate
     with; once memory is `planned`, a kernel keeps its scratch (an always-parallel convolution
     wants a column matrix per thread)."""
+    if _SERIAL.get():  # the caller asked for serial code (row blocks running side by side)
+        return sources
     cache = get_cache()
     found = iter(cache.compiled([c.source for s in sources.values() for c in s.calls]))
     missing = [n for n, s in sources.items() if not all([next(found) for _ in s.calls])]

@@ -1,0 +1,203 @@
+"""Row blocks of a scan (passes/row_blocks.py, backends/numba_cpu/driver.py RowBlockDriver): a
+body whose rows are independent runs as one loop per block of rows, in parallel; its values and
+gradients are the reference backend's. Bodies that mix rows are never split."""
+import numba
+import numpy as np
+import pytest
+
+import graphc as gc
+from graphc.backends.numba_cpu.driver import RowBlockDriver
+from graphc.ir import Builder, TensorType
+from graphc.ir.interpret import evaluate
+from graphc.ir.ops.control import SCAN_OP
+from graphc.passes.row_blocks import row_block_body
+
+CPU, REF = "numba-cpu", "reference"
+rng = np.random.default_rng(11)
+H = 4
+
+
+def f32(*shape):
+    return rng.normal(size=shape).astype(np.float32)
+
+
+def lstm_step(w_hh, b, drift):
+    def step(state, px):
+        h, c = state
+        gates = px + h @ w_hh + b
+        i, f, o = (gc.sigmoid(gates[:, k * H:(k + 1) * H]) for k in (0, 1, 3))
+        c = f * c + i * gc.tanh(gates[:, 2 * H:3 * H]) + drift
+        h = o * gc.tanh(c)
+        return (h, c), gc.concatenate([h, c.sum(axis=1, keepdims=True)], axis=1)
+    return step
+
+
+def lstm(xs, w_hh, b, h0, c0, drift):
+    """An LSTM cell whose cell state drifts by a (batch, H) array each step: a const split into
+    rows."""
+    (h, c), ys = gc.scan(lstm_step(w_hh, b, drift), (h0, c0), xs)
+    return h, c, ys
+
+
+def lstm_args(batch, steps=7):
+    return (f32(steps, batch, 4 * H), f32(H, 4 * H) * 0.5, f32(4 * H) * 0.5, f32(batch, H), f32(batch, H),
+            f32(batch, H) * 0.1)
+
+
+def scan_of(fn, *args):
+    (node,) = [n for n in gc.trace(fn, *args).nodes if n.op == SCAN_OP]
+    return node
+
+
+def body_of(step, carry, xs, *shared):
+    """The scan node of `step` over `carry` and `xs`, `shared` closed over."""
+    return scan_of(lambda c, x, *s: gc.scan(lambda c_, x_: step(c_, x_, *s), c, x), carry, xs, *shared)
+
+
+def test_an_lstm_body_in_blocks_of_rows_computes_the_rows_of_the_whole_body():
+    args = lstm_args(batch=6)
+    node = scan_of(lstm, *args)
+    c, k = node.attrs["num_consts"], node.attrs["num_carry"]
+    block = row_block_body(node.subgraph, c, k, rows=2)
+    assert block is not None
+    assert [v.type.shape[0] for v in block.input_values[c:]] == [2] * (len(block.input_values) - c)
+    # the weight and bias are read whole, the drift by rows
+    assert sorted(v.type.shape for v in block.input_values[:c]) == [(2, H), (H, 4 * H), (4 * H,)]
+    body_inputs = [rng.normal(size=v.type.shape).astype(np.float32) for v in node.subgraph.input_values]
+    whole = evaluate(node.subgraph, body_inputs)
+    for start in (0, 2, 4):
+        rows = [a if v.type == w.type else a[start:start + 2]
+                for a, v, w in zip(body_inputs, block.input_values, node.subgraph.input_values)]
+        for got, want in zip(evaluate(block, rows), whole):
+            np.testing.assert_allclose(got, want[start:start + 2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("step, why", [
+    (lambda h, x: ((h - h.mean(axis=0)) * x,) * 2, "a mean over the batch"),
+    (lambda h, x: ((h @ (h.T @ h)) + x,) * 2, "a product contracting the batch"),
+    (lambda h, x: (h[::-1] + x,) * 2, "rows reversed"),
+    (lambda h, x: (gc.concatenate([h[1:], h[:1]], axis=0) + x,) * 2, "rows rolled"),
+    (lambda h, x: ((h + x).reshape(H, 6).reshape(6, H),) * 2, "rows reshaped into columns"),
+])
+def test_a_body_mixing_rows_is_not_split(step, why):
+    node = body_of(lambda h, x: step(h, x), f32(6, H), f32(3, 6, H))
+    assert row_block_body(node.subgraph, node.attrs["num_consts"], node.attrs["num_carry"], 3) is None, why
+
+
+def test_a_const_as_tall_as_the_batch_is_rows_where_it_meets_rows_else_shared():
+    """A (6, H) array closed over, added to the (6, H) rows: each block reads its rows of it. A
+    (6, 6) matrix the rows multiply: each block reads it whole."""
+    aligned = body_of(lambda h, x, a: ((h + x + a).tanh(),) * 2, f32(6, H), f32(3, 6, H), f32(6, H))
+    block = row_block_body(aligned.subgraph, aligned.attrs["num_consts"], aligned.attrs["num_carry"], 3)
+    assert block is not None and block.input_values[0].type.shape == (3, H)
+    square = body_of(lambda h, x, w: ((h @ w + x).tanh(),) * 2, f32(6, 6), f32(3, 6, 6), f32(6, 6))
+    block = row_block_body(square.subgraph, square.attrs["num_consts"], square.attrs["num_carry"], 3)
+    assert block is not None and block.input_values[0].type.shape == (6, 6)
+    both = body_of(lambda h, x, w: ((h @ w + x + w).tanh(),) * 2, f32(6, 6), f32(3, 6, 6), f32(6, 6))
+    assert row_block_body(both.subgraph, both.attrs["num_consts"], both.attrs["num_carry"], 3) is None
+
+
+def test_a_carry_without_the_batch_or_rows_not_dividing_it_is_not_split():
+    counting = body_of(lambda c, x: ((c[0] + 1.0, (c[1] + x).tanh()), c[1]), (np.float32(0), f32(6, H)), f32(3, 6, H))
+    assert row_block_body(counting.subgraph, counting.attrs["num_consts"], counting.attrs["num_carry"], 3) is None
+    node = scan_of(lstm, *lstm_args(batch=6))
+    c, k = node.attrs["num_consts"], node.attrs["num_carry"]
+    assert row_block_body(node.subgraph, c, k, rows=4) is None
+    assert row_block_body(node.subgraph, c, k, rows=6) is None
+
+
+def test_a_row_broadcast_to_the_batch_in_the_body_becomes_a_block_of_it():
+    """broadcast_to(bias, (batch, H)), as a VJP may write it in a body: every row is the bias."""
+    b = Builder("body")
+    bias = b.add_input(TensorType((H,), "float32"), "const0")
+    h = b.add_input(TensorType((6, H), "float32"), "carry0")
+    x = b.add_input(TensorType((6, H), "float32"), "x0")
+    new_h = b.tanh(b.add(b.add(h, b.broadcast_to(bias, shape=(6, H))), x))
+    b.add_output("carry0", new_h)
+    b.add_output("y0", new_h)
+    block = row_block_body(b.graph, num_consts=1, num_carry=1, rows=2)
+    assert block is not None
+    assert [n.attrs["shape"] for n in block.nodes if n.op == "broadcast_to"] == [(2, H)]
+    inputs = [f32(H), f32(6, H), f32(6, H)]
+    whole = evaluate(b.graph, inputs)
+    for start in (0, 2, 4):
+        got = evaluate(block, [inputs[0], inputs[1][start:start + 2], inputs[2][start:start + 2]])
+        np.testing.assert_allclose(got[0], whole[0][start:start + 2], rtol=1e-6)
+
+
+needs_threads = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="row blocks need 2 threads")
+
+
+def lstm_loss(*args):
+    h, c, ys = lstm(*args)
+    return (h * h).sum() + (c * ys[:, :, :H]).sum() + (ys * ys).sum()
+
+
+@needs_threads
+@pytest.mark.parametrize("batch", [6, 2])
+def test_values_and_gradients_in_row_blocks_match_the_reference(batch, monkeypatch):
+    monkeypatch.delenv("GRAPHC_NUM_THREADS", raising=False)
+    made = []
+    monkeypatch.setattr(RowBlockDriver, "__init__",
+                        lambda self, *a, init=RowBlockDriver.__init__: made.append(a[-1]) or init(self, *a))
+    args = lstm_args(batch)
+    close = dict(rtol=3e-5, atol=3e-6)
+    for got, want in zip(gc.jit(lstm, backend=CPU)(*args), gc.jit(lstm, backend=REF)(*args)):
+        np.testing.assert_allclose(got, want, **close)
+    grad = lambda backend: gc.value_and_grad(lstm_loss, argnums=(0, 1, 2, 3, 4, 5), backend=backend)  # noqa: E731
+    (got_loss, got_grads), (want_loss, want_grads) = grad(CPU)(*args), grad(REF)(*args)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=3e-5)
+    for got, want in zip(got_grads, want_grads):
+        np.testing.assert_allclose(got, want, **close)
+    assert made and set(made) == {2}  # the forward scan and the gradient's, in two blocks each
+
+
+@needs_threads
+def test_an_odd_batch_or_one_thread_runs_the_whole_batch_in_one_loop(monkeypatch):
+    made = []
+    monkeypatch.setattr(RowBlockDriver, "__init__",
+                        lambda self, *a, init=RowBlockDriver.__init__: made.append(a[-1]) or init(self, *a))
+    odd = lstm_args(batch=5)
+    for got, want in zip(gc.jit(lstm, backend=CPU)(*odd), gc.jit(lstm, backend=REF)(*odd)):
+        np.testing.assert_allclose(got, want, rtol=3e-5, atol=3e-6)
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", "1")
+    even = lstm_args(batch=4, steps=5)
+    for got, want in zip(gc.jit(lstm, backend=CPU)(*even), gc.jit(lstm, backend=REF)(*even)):
+        np.testing.assert_allclose(got, want, rtol=3e-5, atol=3e-6)
+    assert made == []
+
+
+@pytest.mark.parametrize("threads", ["openmp", "python"])
+def test_side_by_side_runs_every_job_at_once_and_raises_the_first_error(threads, monkeypatch):
+    """Jobs run on OpenMP's team (or Python threads where Numba runs another layer): two jobs
+    that wait for each other finish only if they run at the same time."""
+    import threading
+    from graphc.backends.numba_cpu import team
+    if threads == "python":
+        monkeypatch.setattr(team, "_openmp", lambda: None)
+    elif team._openmp() is None:
+        pytest.skip("Numba's threading layer here is not GNU OpenMP")
+    meeting = threading.Barrier(2, timeout=30)
+    ran = []
+
+    def meet(i):
+        meeting.wait()
+        ran.append(i)
+
+    def fails(i):
+        raise ValueError(f"job {i} failed")
+    team.run_side_by_side([(meet, (0,)), (meet, (1,))])
+    assert sorted(ran) == [0, 1]
+    with pytest.raises(ValueError, match="job 1 failed"):
+        team.run_side_by_side([(ran.append, (2,)), (fails, (1,))])
+    assert ran[2:] == [2]
+    team.run_side_by_side([(ran.append, (i,)) for i in range(5)])  # more jobs than threads
+    assert sorted(ran[3:]) == [0, 1, 2, 3, 4]
+
+
+def test_a_batch_runs_in_as_many_blocks_as_threads_or_the_most_fewer_that_divide_it(monkeypatch):
+    from graphc.backends.numba_cpu import driver
+    monkeypatch.setattr(driver, "kernel_threads", lambda: 4)
+    assert [driver.row_blocks(batch) for batch in (8, 6, 7, 2, 1)] == [4, 3, 1, 2, 1]
+    monkeypatch.setattr(driver, "kernel_threads", lambda: 1)
+    assert driver.row_blocks(8) == 1
