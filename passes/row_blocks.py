@@ -11,14 +11,15 @@ their results cross between the cores every step.
 `row_block_body(body, num_consts, num_carry, rows)` proves that of a body and gives it retyped
 with `rows` rows. The proof follows the batch axis (axis 0 of every carry and of every step's
 input) through the body's ops: a value is *batched* (its row b belongs to row b of the batch) or
-*shared* (the same for every row: the scan's consts, constants, what is computed from them alone,
-a broadcast along the batch axis). A const as tall as the batch is shared where that proves the
-split, else batched (each block reads its rows of it: a bias broadcast before the loop). Each op may read batched values only as rows are kept apart:
-elementwise (a shared operand broadcast along axis 0), a batched matrix times a shared one,
-slices, concatenations, reshapes, transposes, reductions and softmaxes that keep axis 0 as it is.
-Anything else that reads a batched value (a reduction over the batch, a product contracting it,
-a random draw) and a shared value aligned row by row with a batched one refuse the split. Every
-carry and per-step output must come out batched.
+*shared* (read whole by every row: the scan's consts, constants, what is computed from them
+alone). A const as tall as the batch is shared where that proves the split, else batched (each
+block reads its rows of it: a bias broadcast to the batch before the loop). An op may read
+batched values only as it keeps rows apart: elementwise (a shared operand broadcast along axis 0),
+a batched matrix times a shared one, slices, concatenations, reshapes, transposes, reductions and
+softmaxes that keep axis 0 as it is; a shared row broadcast to the batch is batched. Anything
+else that reads a batched value (a reduction over the batch, a product contracting it, a gather)
+refuses the split, as do a shared value aligned row by row with a batched one and a random draw.
+Every carry and per-step output must come out batched.
 """
 from __future__ import annotations
 
