@@ -139,16 +139,6 @@ class RowBlockDriver(ScanDriver):
             run_side_by_side([(self._driver, arguments) for arguments in calls])
         return (current if length % 2 == 0 else following) + ys
 
-    def _load(self, arguments: tuple) -> Any:
-        """The block loop's compiled code for `arguments`' types (a block's), through the kernel
-        cache: its entry point, which releases the GIL."""
-        start = time.perf_counter()
-        signature = tuple(numba.typeof(a) for a in arguments)
-        kernels = {f"kernel{i}": kernel for i, kernel in enumerate(self._kernels)}
-        block_loop = get_cache().load_bound(Call(self.source, "scan_block", ()), signature, kernels,
-                                            self.cache_stats)
-        self.compile_seconds = time.perf_counter() - start
-        return block_loop.overloads[signature].entry_point
 
 
 def _rebased(values: list[Any], memory: np.ndarray) -> list[Any]:
@@ -272,9 +262,9 @@ def _digest(text: str) -> str:
 def _generate(node: Node, body: Executable, row_block: bool = False) -> tuple[str, list[Any], list[Callable]]:
     """(the driver module's source, the loop-invariant values the driver takes after the per-call
     arrays, the kernels its placeholders `kernel0`, `kernel1`, ... stand for). With `row_block`,
-    `body` is the scan's body for a block of rows (RowBlockDriver) and the module's `scan_block`
-    runs the loop over rows row0:row1 of the carries (and of the consts the body has fewer rows
-    of) and of the stacked arrays, which it takes as (length, batch, rest)."""
+    `body` is the scan's body for a block of rows (RowBlockDriver) and the driver runs the loop
+    over rows row0:row1 of the carries (and of the consts the body has fewer rows of) and of the
+    stacked arrays, which it takes as (length, batch, rest)."""
     graph, env = body.graph, body._env
     c, k = node.attrs["num_consts"], node.attrs["num_carry"]
     step_types = [v.type for v in graph.input_values[c + k:]] + [v.type for v in graph.output_values[k:]]
@@ -336,7 +326,7 @@ def _generate(node: Node, body: Executable, row_block: bool = False) -> tuple[st
     # the kernels, set before the driver compiles (named with their modules in the calls' comments)
     lines += [f"kernel{i} = None" for i in range(len(kernels))]
     lines += ["", "", "@numba.njit(cache=True, nogil=True)",
-              f"def {'scan_block' if row_block else 'scan_driver'}({', '.join(parameters)}):"]
+              f"def scan_driver({', '.join(parameters)}):"]
     if row_block:  # a block reads its rows of the carries and of the consts the block body has fewer of
         split = [name for name, v, whole in zip(consts, graph.input_values, node.inputs) if v.type != whole.type]
         lines += [f"    {name} = {name}[row0:row1]" for name in split + current + following]
