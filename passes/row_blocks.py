@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from graphc.ir import Graph, Node, TensorType, Value
-from graphc.ir.registry import ELEMENTWISE, PRIMITIVES, OpTypeError, get
+from graphc.ir.registry import ELEMENTWISE, PRIMITIVES, SOURCE, OpTypeError, get
 
 
 class _Refused(Exception):
@@ -46,7 +46,7 @@ def _keeps_rows(node: Node, batched: list[bool], batch: int) -> tuple[bool, tupl
         if op == "broadcast_to" and attrs["shape"] and attrs["shape"][0] == batch and (
                 len(ins[0].shape) < len(attrs["shape"]) or ins[0].shape[0] == 1):
             return True, ("shape",)  # the same row for every row of the batch
-        if get(op).kind == "source" and op != "constant":
+        if get(op).kind == SOURCE and op != "constant":
             raise _Refused  # a random draw over the batch's shape
         return False, ()
     rank = len(out.shape)

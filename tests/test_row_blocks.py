@@ -201,3 +201,47 @@ def test_a_batch_runs_in_as_many_blocks_as_threads_or_the_most_fewer_that_divide
     assert [driver.row_blocks(batch) for batch in (8, 6, 7, 2, 1)] == [4, 3, 1, 2, 1]
     monkeypatch.setattr(driver, "kernel_threads", lambda: 1)
     assert driver.row_blocks(8) == 1
+
+
+def random_square_body(seed):
+    """A random body over (6, 6) values, where batch and features have one extent: ops that keep
+    rows apart and ops that mix them (a transpose, a sum or product over the batch, rolled rows)
+    type-check alike, so only the analysis tells them apart."""
+    r = np.random.default_rng(seed)
+    b = Builder("body")
+    w = b.add_input(TensorType((6, 6), "float32"), "const0")
+    values = [w, b.add_input(TensorType((6, 6), "float32"), "carry0"), b.add_input(TensorType((6, 6), "float32"), "x0")]
+    pick = lambda: values[r.integers(len(values))]  # noqa: E731
+    ops = [lambda: b.add(pick(), pick()), lambda: b.mul(pick(), pick()), lambda: b.tanh(pick()),
+           lambda: b.matmul(pick(), pick()), lambda: b.transpose(pick(), perm=(1, 0)),
+           lambda: b.broadcast_to(b.sum(pick(), axes=(0,), keepdims=True), shape=(6, 6)),
+           lambda: b.mul(b.sum(pick(), axes=(1,), keepdims=True), pick()),
+           lambda: b.concatenate(b.slice(pick(), starts=(1, 0), stops=(6, 6), steps=(1, 1)),
+                                 b.slice(pick(), starts=(0, 0), stops=(1, 6), steps=(1, 1)), axis=0),
+           lambda: b.concatenate(b.slice(pick(), starts=(0, 0), stops=(6, 2), steps=(1, 1)),
+                                 b.slice(pick(), starts=(0, 2), stops=(6, 6), steps=(1, 1)), axis=1)]
+    for _ in range(r.integers(1, 6)):
+        values.append(ops[r.integers(len(ops))]())
+    b.add_output("carry0", values[-1])
+    b.add_output("y0", pick())
+    return b.graph
+
+
+def test_whenever_a_random_body_is_split_its_blocks_compute_the_rows_of_the_whole_body():
+    split = 0
+    for seed in range(300):
+        body = random_square_body(seed)
+        inputs = [rng.normal(size=(6, 6)).astype(np.float32) for _ in body.input_values]
+        whole = evaluate(body, inputs)
+        for rows in (2, 3):
+            block = row_block_body(body, num_consts=1, num_carry=1, rows=rows)
+            if block is None:
+                continue
+            split += 1
+            for start in range(0, 6, rows):
+                part = [a if v.type == w.type else a[start:start + rows]
+                        for a, v, w in zip(inputs, block.input_values, body.input_values)]
+                for got, want in zip(evaluate(block, part), whole):
+                    np.testing.assert_allclose(got, want[start:start + rows], rtol=1e-5, atol=1e-6,
+                                               err_msg=f"seed {seed}\n{body}")
+    assert 100 < split < 500  # both splits and refusals occur (of 600 tries)
