@@ -175,8 +175,9 @@ def test_side_by_side_runs_every_job_at_once_and_raises_the_first_error(threads,
     from graphc.backends.numba_cpu import team
     if threads == "python":
         monkeypatch.setattr(team, "_openmp", lambda: None)
-    elif team._openmp() is None:
-        pytest.skip("Numba's threading layer here is not GNU OpenMP")
+    elif team._openmp() is None:  # (found through Numba's pool also beside PyTorch's own libgomp)
+        assert numba.threading_layer() != "omp", "Numba runs OpenMP, but its team was not found"
+        pytest.skip("Numba's threading layer here is not OpenMP")
     meeting = threading.Barrier(2, timeout=30)
     ran = []
 

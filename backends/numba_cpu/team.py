@@ -7,13 +7,13 @@ thread given a block right after one shares its core with a spinning worker (lst
 loop, 2 threads: 11.9 ms a call against 7.7 ms with the workers told to sleep). Given to the
 worker itself, the block runs at once, and no compiled parallel launcher is needed (Numba's
 parallel compile of one took 0.6-0.9 s a scan). Under another threading layer, or where the
-library is not found, the calls run on Python threads.
+library lacks GNU's entry points, the calls run on Python threads.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import os
+import sys
 import threading
 from typing import Any, Callable, Sequence
 
@@ -68,22 +68,24 @@ def _on_python_threads() -> None:
 
 @functools.cache
 def _openmp() -> tuple[ctypes.CDLL, Any] | None:
-    """(the GNU OpenMP library Numba's kernels run on, the team members' entry point) when Numba
-    runs its OpenMP layer on one; else None."""
+    """(the OpenMP library Numba's kernels run on, the team members' entry point) when Numba runs
+    its OpenMP layer; else None."""
     numba.get_num_threads()  # starts Numba's threading layer, if no kernel has yet
     try:
-        if numba.threading_layer() != "omp":
-            return None
-        with open("/proc/self/maps") as maps:  # the library loaded, not another copy of it
-            paths = {fields[5] for fields in map(str.split, maps)
-                     if len(fields) >= 6 and os.path.basename(fields[5]).startswith("libgomp")}
-    except (ValueError, OSError):
+        layer = numba.threading_layer()
+    except ValueError:
         return None
-    if len(paths) != 1:
+    pool = sys.modules.get("numba.np.ufunc.omppool")
+    if layer != "omp" or pool is None:
         return None
-    library = ctypes.CDLL(paths.pop())
-    library.omp_get_thread_num.restype = library.omp_get_num_threads.restype = ctypes.c_int
-    library.GOMP_parallel.argtypes = [_MEMBER, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    # Looked up through Numba's own pool, the symbols are those of the OpenMP library it loaded,
+    # not of another copy in the process (PyTorch's wheels bring their own libgomp).
+    library = ctypes.CDLL(pool.__file__)
+    try:
+        library.omp_get_thread_num.restype = library.omp_get_num_threads.restype = ctypes.c_int
+        library.GOMP_parallel.argtypes = [_MEMBER, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    except AttributeError:  # an OpenMP without GNU's entry points
+        return None
     library.GOMP_parallel.restype = None
 
     def member(_: Any) -> None:
