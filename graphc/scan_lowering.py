@@ -49,25 +49,31 @@ class ScanLoop:
         self.allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray] = np.empty  # stacked outputs
         self.steps = range(node.attrs["length"])[::-1] if node.attrs["reverse"] else range(node.attrs["length"])
         c = node.attrs["num_consts"]
-        batch = node.inputs[c].type.shape[0] if rows else 0
-        self.row_slices = [slice(start, start + rows) for start in range(0, batch, rows)] if rows else [slice(None)]
-        # the consts the block body has rows of (the others every block reads whole)
-        self.split = [rows is not None and v.type != whole.type
-                      for v, whole in zip(body.graph.input_values[:c], node.inputs[:c])] if rows else [False] * c
+        # each block's rows, and which consts it has rows of (the block body has fewer of them);
+        # without `rows`, the one block is the whole batch: no array is sliced (a carry may be 0-d)
+        self.blocks = ([slice(start, start + rows) for start in range(0, node.inputs[c].type.shape[0], rows)]
+                       if rows else [None])
+        self.split = ([v.type != whole.type for v, whole in zip(body.graph.input_values[:c], node.inputs[:c])]
+                      if rows else [False] * c)
 
     def __call__(self, args: list[np.ndarray]) -> list[np.ndarray]:
         consts, carry, xs = split_inputs(self.node, args)
         k = self.node.attrs["num_carry"]
         ys = [self.allocate(v.type.shape, v.type.np_dtype) for v in self.node.outputs[k:]]
         finals = []
-        for rows in self.row_slices:
-            block_consts = [c[rows] if split else c for c, split in zip(consts, self.split)]
-            block_carry = [c[rows] for c in carry]
+        for rows in self.blocks:
+            def of_block(a: Any) -> Any:
+                return a if rows is None else a[rows]
+            block_consts = [of_block(c) if split else c for c, split in zip(consts, self.split)]
+            block_carry = [of_block(c) for c in carry]
             for t in self.steps:
-                outs = self.body(*block_consts, *block_carry, *(x[t][rows] for x in xs))
+                outs = self.body(*block_consts, *block_carry, *(of_block(x[t]) for x in xs))
                 block_carry = outs[:k]
                 for y, out in zip(ys, outs[k:]):
-                    y[t][rows] = out
+                    if rows is None:
+                        y[t] = out
+                    else:
+                        y[t][rows] = out
             finals.append(block_carry)
         # the body executable may hand back an input as an output: never return the caller's array
         return [np.concatenate(parts) if len(parts) > 1 else np.array(parts[0]) for parts in zip(*finals)] + ys
@@ -208,9 +214,9 @@ class RowBlocks(Protocol):
     def row_blocks(self, batch: int) -> int:
         """How many blocks a scan over `batch` rows would run in (1: none)."""
 
-    def row_block_driver(self, node: Node, block: Graph, blocks: int, compile_part: Compile) -> Any:
-        """Scan `node` run as `blocks` blocks, each through `block` (its body for a block's
-        rows) compiled by `compile_part`; None where that cannot be."""
+    def row_block_driver(self, node: Node, block: Graph, blocks: int, compile_part: Compile) -> tuple[Any, Any]:
+        """(`block`, the body of scan `node` for a block's rows, compiled by `compile_part`; a
+        driver running `node` as `blocks` blocks through it, or None where its steps need Python)."""
 
 
 def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, int] | None = None,
@@ -246,9 +252,10 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
         close_segment()
         body = node.subgraph.copy()
         body.name = f"{graph.name}_scan{len(parts)}_body"
-        runner = _row_block_runner(node, body, compile_part, row_blocks) if row_blocks is not None else None
-        if runner is not None:  # its body runs once per step and block
-            pieces.append((f"scan{len(parts)}", runner.body, node.attrs["length"] * runner.blocks))
+        blocked = _row_block_runner(node, body, compile_part, row_blocks) if row_blocks is not None else None
+        if blocked is not None:  # its body runs once per step and block
+            runner, block_body, blocks = blocked
+            pieces.append((f"scan{len(parts)}", block_body, node.attrs["length"] * blocks))
         else:
             executable = compile_part(body)
             pieces.append((f"scan{len(parts)}", executable, node.attrs["length"]))
@@ -261,16 +268,21 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
     return SegmentedExecutable(graph, parts, pieces, donate, memory_of)
 
 
-def _row_block_runner(node: Node, body: Graph, compile_part: Compile, backend: RowBlocks) -> Run | None:
-    """The backend's run of `node` in row blocks, where its body's rows are independent and the
-    backend would run more than one block."""
+def _row_block_runner(node: Node, body: Graph, compile_part: Compile, backend: RowBlocks
+                      ) -> tuple[Run, Any, int] | None:
+    """(the run of `node` in row blocks, the block's body executable, the number of blocks) where
+    its body's rows are independent and the backend would run more than one block: the backend's
+    driver, or a Python loop over the blocks where their steps need Python (GRAPHC_PROFILE)."""
     c, k = node.attrs["num_consts"], node.attrs["num_carry"]
     if k == 0 or not node.inputs[c].type.shape:
         return None
     batch = node.inputs[c].type.shape[0]
     blocks = backend.row_blocks(batch)
     block = row_block_body(body, c, k, batch // blocks) if blocks > 1 else None
-    return backend.row_block_driver(node, block, blocks, compile_part) if block is not None else None
+    if block is None:
+        return None
+    block_body, driver = backend.row_block_driver(node, block, blocks, compile_part)
+    return (driver if driver is not None else ScanLoop(node, block_body, rows=batch // blocks)), block_body, blocks
 
 
 def _scan_runner(node: Node, body: Any) -> Run:

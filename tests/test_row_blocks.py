@@ -246,3 +246,20 @@ def test_whenever_a_random_body_is_split_its_blocks_compute_the_rows_of_the_whol
                     np.testing.assert_allclose(got, want[start:start + rows], rtol=1e-5, atol=1e-6,
                                                err_msg=f"seed {seed}\n{body}")
     assert 100 < split < 500  # both splits and refusals occur (of 600 tries)
+
+
+@needs_threads
+def test_under_graphc_profile_the_blocks_step_from_python_and_the_whole_body_is_never_compiled(monkeypatch):
+    """The profile times the kernels that run: those of the block's body, per step and block."""
+    from graphc.lowering import compile_graph
+    from graphc.scan_lowering import ScanLoop
+    monkeypatch.setenv("GRAPHC_PROFILE", "1")
+    monkeypatch.delenv("GRAPHC_NUM_THREADS", raising=False)
+    args = lstm_args(batch=6, steps=5)
+    executable = compile_graph(gc.trace(lstm, *args), CPU)
+    for got, want in zip(executable(*args), gc.jit(lstm, backend=REF)(*args)):
+        np.testing.assert_allclose(got, want, rtol=3e-5, atol=3e-6)
+    (loop,) = [run for run, _, _ in executable.parts if isinstance(run, ScanLoop)]
+    (body,) = [piece for label, piece, _ in executable.pieces if label.startswith("scan")]
+    assert body is loop.body and body.graph.input_values[-1].type.shape[0] == 3  # a block's rows
+    assert body.profile_report.calls == 5 * 2 and executable.profile_report.calls == 1

@@ -161,7 +161,8 @@ def test_a_body_with_index_checks_steps_from_python_and_still_checks(body_calls)
 
 def test_profiling_times_the_body_kernels_step_by_step(monkeypatch, body_calls):
     """GRAPHC_PROFILE times each kernel call from Python, so the body keeps the Python loop and
-    its profile counts every step."""
+    its profile counts every step (of every row block, where the rows run in blocks: 2 of 1 row
+    with 2 threads). The program's report counts one call."""
     monkeypatch.setenv("GRAPHC_PROFILE", "1")
     w = f32(3, 3)
 
@@ -171,8 +172,10 @@ def test_profiling_times_the_body_kernels_step_by_step(monkeypatch, body_calls):
     executable = compile_graph(gc.trace(f, h, xs), CPU)
     close(executable(h, xs), gc.jit(f, backend=REF)(h, xs))
     (loop,) = [run for run, _, _ in executable.parts if isinstance(run, ScanLoop)]
-    assert not drivers(executable) and loop.body.profile_report.calls == 4
-    assert body_calls == {"body executable": 4, "python loop": 1}
+    steps = 4 * len(loop.blocks)
+    assert not drivers(executable) and loop.body.profile_report.calls == steps
+    assert body_calls == {"body executable": steps, "python loop": 1}
+    assert executable.profile_report.calls == 1
 
 
 def _scanned_tanh_layer(steps):
@@ -306,3 +309,28 @@ def test_stacks_not_returned_are_used_again_and_returned_ones_are_not(body_calls
     for args, got in zip(calls, results):
         close(got, gc.jit(f, backend=REF)(*args))
     assert body_calls["python loop"] == 0
+
+
+def _scalar_carry_scan():
+    w = np.eye(3, dtype=np.float32)
+
+    def f(h, n, xs, ks):
+        def step(c, x):
+            h, n = c
+            return ((h @ w + x[0]).tanh(), n + x[1]), n * 2.0
+        return gc.scan(step, (h, n), (xs, ks))
+    return f, (f32(2, 3), np.float32(0.5), f32(4, 2, 3), np.arange(4, dtype=np.float32))
+
+
+@pytest.mark.parametrize("how", ["profile()", "GRAPHC_PROFILE"])
+def test_a_scan_with_a_carry_and_steps_of_shape_nothing_steps_from_python_as_the_reference(how, monkeypatch):
+    """Stepped from Python (a profile), a 0-d carry and per-step input and output are passed and
+    stored whole (the stepped loop once sliced every array by its rows, which a 0-d one lacks)."""
+    if how == "GRAPHC_PROFILE":
+        monkeypatch.setenv("GRAPHC_PROFILE", "1")
+    f, args = _scalar_carry_scan()
+    executable = compile_graph(gc.trace(f, *args), CPU)
+    want = gc.jit(f, backend=REF)(*args)
+    if how == "profile()":
+        assert executable.profile(*args, repeat=1).calls == 1
+    close(executable(*args), want)

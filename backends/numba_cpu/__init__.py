@@ -34,5 +34,5 @@ def unavailable_reason() -> str:
 
 
 __all__ = ["CacheStats", "CompiledKernel", "Executable", "ProfileReport", "compile_plan",
-           "default_cache_dir", "get_cache", "is_available", "lower", "row_block_driver", "row_blocks", "unavailable_reason",
-           "unlowered_primitives"]
+           "default_cache_dir", "get_cache", "is_available", "lower", "row_block_driver", "row_blocks",
+           "unavailable_reason", "unlowered_primitives"]

@@ -140,7 +140,6 @@ class RowBlockDriver(ScanDriver):
         return (current if length % 2 == 0 else following) + ys
 
 
-
 def _rebased(values: list[Any], memory: np.ndarray) -> list[Any]:
     """A block loop's loop-invariant values over a copy of its body's arena `memory`: each array
     of the arena at its offset in the copy (arrays sharing bytes keep sharing them), any other
@@ -179,16 +178,15 @@ def row_blocks(batch: int) -> int:
 
 
 def row_block_driver(node: Node, block: Graph, blocks: int, compile_part: Callable[[Graph], Any]
-                     ) -> RowBlockDriver | None:
-    """Scan `node` run as `blocks` row blocks side by side, each through `block`, its body retyped
-    for a block (passes/row_blocks.py), compiled with serial kernels by `compile_part`. None where
-    the block's steps need Python (index checks, GRAPHC_PROFILE's timing): the whole body is then
-    compiled and stepped."""
+                     ) -> tuple[Any, RowBlockDriver | None]:
+    """(`block`, the body of scan `node` retyped for a block of rows (passes/row_blocks.py),
+    compiled with serial kernels by `compile_part`; the driver running `node` as `blocks` row
+    blocks side by side through it, or None where its steps need Python: GRAPHC_PROFILE's timing,
+    under which the blocks step from Python, graphc/scan_lowering.py)."""
     with serial_kernels():
         body = compile_part(block)
-    if not isinstance(body, Executable) or not _steps_compiled(body):
-        return None
-    return RowBlockDriver(node, body, blocks)
+    driver = RowBlockDriver(node, body, blocks) if isinstance(body, Executable) and _steps_compiled(body) else None
+    return body, driver
 
 
 def _steps_compiled(body: Executable) -> bool:
