@@ -66,7 +66,9 @@ def compile_graph(graph: Graph, backend: str | None = None, donate: dict[int, in
     if not lowers_kernels(module):  # the interpreter runs the primitive graph as it is
         return module.compile_graph(graph, donate)
     if any(n.op == SCAN_OP for n in graph.nodes):  # bodies compiled once, stepped from Python for now
-        return compile_with_scans(graph, lambda part: compile_graph(part, backend), donate, memory_of,
+        def compile_part(part: Graph, part_donate: dict[int, int] | None = None) -> Any:
+            return compile_graph(part, backend, part_donate)
+        return compile_with_scans(graph, compile_part, donate, memory_of,
                                   module if hasattr(module, "row_block_driver") else None)
     stages = stages if stages is not None else Stages(graph.name)
     fused = graph if any(n.op == KERNEL_OP for n in graph.nodes) else stages.run(graph, [FUSION])

@@ -35,7 +35,7 @@ from graphc.ir.ops.control import SCAN_OP, split_inputs
 from graphc.passes.row_blocks import row_block_body
 
 Run = Callable[[list[np.ndarray]], list[np.ndarray]]
-Compile = Callable[[Graph], Any]  # a graph without scans at its top level -> an executable
+Compile = Callable[..., Any]  # (a graph without scans at its top level, donate=None) -> an executable
 
 
 class ScanLoop:
@@ -80,8 +80,10 @@ class ScanLoop:
 
 
 class SegmentedExecutable:
-    """A graph with scans, run as its compiled parts and loops in order. Donated inputs receive
-    their outputs by copy at the end (the parts are compiled without donation).
+    """A graph with scans, run as its compiled parts and loops in order. A donated input is
+    written in place by the part computing its new value where nothing after that part reads
+    it (compile_with_scans), else it receives its output by copy at the end. A part's values
+    that only later parts read stay in the part's own memory (`uncopied_outputs`).
 
     The scans' stacked outputs come from `stack()`: arrays of the last call that it did not
     return are used again. A fresh array of that size (tens of MiB over hundreds of steps) is
@@ -144,7 +146,8 @@ class SegmentedExecutable:
             env.update(zip(outputs, run([env[v] for v in inputs])))
         results = [env[v] for v in self.graph.output_values]
         for i, o in self.donate.items():
-            np.copyto(arrays[i], results[o])
+            if results[o] is not arrays[i]:  # else a part wrote it in place
+                np.copyto(arrays[i], results[o])
             results[o] = arrays[i]
         for spare, array in self._lent:  # kept for the next call unless the caller gets it, or a view
             if not any(np.may_share_memory(array, r) for r in results):
@@ -222,7 +225,8 @@ class RowBlocks(Protocol):
 def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, int] | None = None,
                        memory_of: Any = None, row_blocks: RowBlocks | None = None) -> SegmentedExecutable:
     """Cut `graph` at its scans; compile each run of other nodes and each scan's body with
-    `compile_part` (a body with scans of its own comes back here through it). `memory_of`: the
+    `compile_part(graph, donate=None)` (a body with scans of its own comes back here through it;
+    a run of nodes gets the donations it can write in place). `memory_of`: the
     executable of the same program at another batch size (SegmentedExecutable). `row_blocks`:
     the backend's way to run a scan whose rows are independent (passes/row_blocks.py) as blocks
     of rows side by side; its body is then compiled for a block instead of whole."""
@@ -232,6 +236,9 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
     pieces: list[tuple[str, Any, int]] = []
     pending: list[Node] = []
     stacked_by_scans: set[Value] = set()  # stacked outputs of scans: fresh arrays of their own
+    returned = set(graph.output_values)
+    donated = [(graph.input_values[k], graph.output_values[j]) for k, j in (donate or {}).items()
+               if graph.output_values.count(graph.output_values[j]) == 1]  # one position to write
 
     def close_segment() -> None:
         if not pending:
@@ -241,7 +248,15 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
         segment, inputs, outputs = _segment(graph, pending, read_later, len(parts))
         pending.clear()
         if outputs:
-            executable = compile_part(segment)
+            # a donated input read by nothing after this part is written by it in place (a
+            # training step's parameters and optimizer state, else copied in after the call)
+            part_donate = {inputs.index(u): outputs.index(v) for u, v in donated
+                           if u in inputs and v in outputs and last_read[u] <= end}
+            executable = compile_part(segment, part_donate)
+            if hasattr(executable, "uncopied_outputs"):  # each part runs once a call: what only
+                # later parts read needs no copy (an LSTM's input projection, 3.7 MiB on lstm-28)
+                executable.uncopied_outputs = frozenset(
+                    i for i, v in enumerate(outputs) if v not in returned)
             parts.append((lambda args, run=executable: list(run(*args)), inputs, outputs))
             pieces.append((f"part{len(parts) - 1}", executable, 1))
 

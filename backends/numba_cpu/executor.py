@@ -130,6 +130,9 @@ class Executable(PlannedExecutable):
     batch 17 after 32, 56 MiB: 0.13 s of system time). Unless GRAPHC_NUM_THREADS pins the count,
     the calls of an executable with parallel kernels run on all of Numba's threads or on one,
     whichever its timed calls found faster (thread_choice.py: on a busy machine, one).
+    `uncopied_outputs`: positions of outputs returned in the executable's own memory where the
+    plan would copy them out of it; they stay valid until its next call (graphc/scan_lowering.py
+    sets it for a part of a program whose outputs only later parts of the same call read).
     """
 
     def __init__(self, graph: Graph, plan: MemoryPlan, kernels: dict[Node, CompiledKernel],
@@ -146,6 +149,7 @@ class Executable(PlannedExecutable):
             _UPGRADING.add(self)
             weakref.finalize(self, upgrade.stop)  # also at exit: the worker goes with the program
         self._donated = tuple(plan.donated_in_place) + tuple(plan.donated_by_copy)
+        self.uncopied_outputs: frozenset[int] = frozenset()
         self._signature = InputSignature(graph, self._donated)
         if isinstance(memory_of, Executable) and memory_of._memory.nbytes >= plan.peak_bytes:
             self._memory, self._lock = memory_of._memory, memory_of._lock
@@ -346,7 +350,8 @@ class Executable(PlannedExecutable):
         slot = self._env.slot
         outputs = [env[slot[(v, False)]] for v in self.graph.output_values]
         for j in self.plan.output_copies:
-            outputs[j] = outputs[j].copy()
+            if j not in self.uncopied_outputs:
+                outputs[j] = outputs[j].copy()
         for k, j in self.plan.donated_by_copy.items():
             np.copyto(env[self._inputs[k]], outputs[j])
             outputs[j] = env[self._inputs[k]]
