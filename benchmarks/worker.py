@@ -57,6 +57,27 @@ def reset_peak() -> bool:
         return False
 
 
+def planned_memory(executable: Any) -> dict[str, int] | None:
+    """arena_bytes, naive_bytes and kernels of a compiled step: its memory plan's; for a program
+    with scans, its parts' and loop bodies' (a body once per row block) plus the loops' stacked
+    outputs, which live outside the arenas."""
+    if getattr(executable, "plan", None) is not None:
+        return {"arena_bytes": int(executable.plan.peak_bytes), "naive_bytes": int(executable.plan.naive_bytes),
+                "kernels": len(executable.kernels)}
+    pieces = getattr(executable, "pieces", None)
+    if pieces is None:
+        return None
+    # a row-block driver runs its body over a copy of its arena per block (a Python loop, one)
+    blocks = {id(run.body): run.blocks for run, _, _ in executable.parts
+              if hasattr(run, "body") and isinstance(getattr(run, "blocks", None), int)}
+    planned = [(e, blocks.get(id(e), 1)) for _, e, _ in pieces if getattr(e, "plan", None) is not None]
+    stacks = sum(v.type.nbytes for run, _, _ in executable.parts if hasattr(run, "node")
+                 for v in run.node.outputs[run.node.attrs["num_carry"]:])
+    return {"arena_bytes": sum(e.plan.peak_bytes * n for e, n in planned) + stacks,
+            "naive_bytes": sum(e.plan.naive_bytes * n for e, n in planned) + stacks,
+            "kernels": sum(len(e.kernels) for e, _ in planned)}
+
+
 def graphc_step(workload: str, x: np.ndarray, y: np.ndarray, tiny: bool, init: str | None) -> Step:
     import graphc as gc
     import graphc.nn.functional as F
@@ -71,12 +92,11 @@ def graphc_step(workload: str, x: np.ndarray, y: np.ndarray, tiny: bool, init: s
     optimizer = models.optimizer_for(workload, optim, model.parameters())
     step = gc.compile_train_step(model, F.cross_entropy, optimizer, (x, y))
     extra = {"rss_before_model_kib": before_model, "init": "pytorch" if init else "graphc"}
-    plan = getattr(step.executable, "plan", None)
-    if plan is not None:
+    planned = planned_memory(step.executable)
+    if planned is not None:
         state_bytes = sum(a.nbytes for a in step.model.state_dict().values()) + sum(
             a.nbytes for s in step.opt_state.values() for a in s.values())
-        extra.update(arena_bytes=int(plan.peak_bytes), naive_bytes=int(plan.naive_bytes),
-                     state_bytes=int(state_bytes), kernels=len(step.executable.kernels))
+        extra.update(planned, state_bytes=int(state_bytes))
         stats = getattr(step.executable, "cache_stats", None)
         if stats is not None:
             extra["cache"] = stats if isinstance(stats, dict) else getattr(stats, "__dict__", str(stats))

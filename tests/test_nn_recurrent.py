@@ -216,17 +216,21 @@ def test_parameters_are_named_shaped_and_initialised_as_in_pytorch(name, gates):
     assert list(without_bias) == ["weight_ih_l0", "weight_hh_l0"]
 
 
+@pytest.mark.parametrize("unroll", [True, False])
 @pytest.mark.parametrize("name", ["RNN", "LSTM", "GRU"])
-def test_input_projection_is_one_matmul_per_layer(name):
-    """x @ W_ih^T runs once over all (N*T) rows; only h @ W_hh^T runs per step."""
-    model = getattr(nn, name)(3, 4, num_layers=2)
+def test_input_projection_is_one_matmul_per_layer(name, unroll):
+    """x @ W_ih^T runs once over all (N*T) rows; only h @ W_hh^T runs per step (unrolled: a
+    product per step; scanned: one in the loop's body)."""
+    model = getattr(nn, name)(3, 4, num_layers=2, unroll=unroll)
     steps, batch = 5, 2
     graph = gc.trace(lambda p, x: nn.functional_call(model, p, x)[0], model.state_dict(),
                      np.zeros((steps, batch, 3), np.float32))
     matmuls = [n for n in graph.nodes if n.op == "matmul"]
     all_steps = [n for n in matmuls if n.inputs[0].shape[0] == steps * batch]
     assert len(all_steps) == 2
-    assert len(matmuls) == 2 * (steps + 1)
+    bodies = [n.subgraph for n in graph.nodes if n.subgraph is not None]
+    per_step = [n for body in bodies for n in body.nodes if n.op == "matmul"]
+    assert (len(matmuls), len(bodies), len(per_step)) == ((2 * (steps + 1), 0, 0) if unroll else (2, 2, 2))
 
 
 def test_default_float32_parameters_run_and_output_shapes():

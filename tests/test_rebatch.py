@@ -296,12 +296,13 @@ def test_model_at_other_batch_sizes_matches_fresh_models(caplog):
 
 
 class LastStepClassifier(nn.Module):
-    """A batch-first LSTM read at its last step, out[:, -1] (as the sequence benchmarks): its
-    traced graph transposes the steps' outputs, which simplify moves to the one step kept."""
+    """A batch-first LSTM read at its last step, out[:, -1] (as the sequence benchmarks),
+    unrolled (a program with scans is compiled afresh at another size): its traced graph
+    transposes the steps' outputs, which simplify moves to the one step kept."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.lstm = nn.LSTM(3, 4, batch_first=True)
+        self.lstm = nn.LSTM(3, 4, batch_first=True, unroll=True)
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x):

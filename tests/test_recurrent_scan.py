@@ -103,10 +103,22 @@ def test_scan_and_unrolled_paths_agree(name):
     np.testing.assert_allclose(grads_s[1], grads_u[1], rtol=1e-10, atol=1e-13)
 
 
+@pytest.fixture
+def splits_rows(monkeypatch):
+    """Set whether the default backend (numba-cpu) may run loops in row blocks, as on several
+    threads (True) or on one (False)."""
+    from graphc.backends import numba_cpu
+
+    def set_to(value):
+        monkeypatch.setattr(numba_cpu, "splits_rows", lambda: value)
+    return set_to
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_the_length_threshold_picks_unrolled_or_scan(name):
+def test_the_length_threshold_picks_unrolled_or_scan(name, splits_rows):
     """Up to UNROLL_MAX_STEPS steps: one cell per step, no scan; beyond: one scan per layer and
     direction, whose graph does not grow with the length; `unroll` overrides either way."""
+    splits_rows(False)
     model = getattr(nn, name)(3, 4, num_layers=2, bidirectional=True)
     assert model.unroll is None
     short = trace_forward(model, UNROLL_MAX_STEPS)
@@ -123,6 +135,21 @@ def test_the_length_threshold_picks_unrolled_or_scan(name):
     assert [n.attrs["reverse"] for n in scans(longest)] == [False, True] * 2
     model.unroll = False
     assert len(scans(trace_forward(model, 2))) == 4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_where_rows_split_short_sequences_scan_too_whatever_the_batch(name, splits_rows):
+    """On several threads numba-cpu runs a batch's loop in row blocks side by side, faster than
+    the unrolled steps' parallel kernels: a short batched sequence scans, whatever its batch size
+    (a ragged last batch reuses the step's program); one row (an unbatched input) unrolls.
+    `unroll` still overrides."""
+    splits_rows(True)
+    model = getattr(nn, name)(3, 4)
+    for batch in (2, 3, 64):
+        assert len(scans(trace_forward(model, 5, batch))) == 1
+    assert not scans(trace_forward(model, 5, 1))
+    model.unroll = True
+    assert not scans(trace_forward(model, 5, 2))
     model.unroll = True
     assert not scans(trace_forward(model, UNROLL_MAX_STEPS + 1))
     assert getattr(nn, name)(3, 4, unroll=False).unroll is False

@@ -177,6 +177,12 @@ def row_blocks(batch: int) -> int:
     return max((count for count in range(2, min(kernel_threads(), batch) + 1) if batch % count == 0), default=1)
 
 
+def splits_rows() -> bool:
+    """Whether scans whose rows are independent may run in row blocks here: kernels have several
+    threads (a batch they divide splits; another runs whole)."""
+    return kernel_threads() > 1
+
+
 def row_block_driver(node: Node, block: Graph, blocks: int, compile_part: Callable[[Graph], Any]
                      ) -> tuple[Any, RowBlockDriver | None]:
     """(`block`, the body of scan `node` retyped for a block of rows (passes/row_blocks.py),

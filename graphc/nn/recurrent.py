@@ -8,8 +8,9 @@ multiplies [x_t, h] by [W_ih, W_hh]^T per step instead: the product's depth grow
 features, while the all-steps projection (a GEMM of depth 1 to 7, slow in BLAS), its
 (T, N, 4 * hidden) stack and the separate weight gradient of W_ih go. The time loop itself is a
 `gc.scan` (one traced cell, compiled once whatever the length) for sequences longer than
-`UNROLL_MAX_STEPS`, and unrolled into one cell per step for shorter ones, where that measures
-faster; `unroll=True/False` on the constructor (or the attribute) forces either.
+`UNROLL_MAX_STEPS`, and unrolled into one cell per step for shorter ones where that measures
+faster: unless numba-cpu runs its loops in row blocks (several threads); `unroll=True/False` on
+the constructor (or the attribute) forces either.
 
 As in PyTorch, inputs are time-major (T, N, input_size) unless `batch_first` ((N, T,
 input_size)), and unbatched inputs (T, input_size) are accepted. A bidirectional layer runs a
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from graphc.backends import get_backend
 from graphc.ir.errors import ShapeError, user_location
 
 from ..control import scan
@@ -61,9 +63,35 @@ State = tuple[Tensor, ...]  # (h,) for RNN and GRU, (h, c) for LSTM
 #
 # Unrolled steps are still 1.15-1.3x faster, and below ~32 steps the compiles cost about the
 # same, so sequences up to 32 steps unroll (MNIST rows, 28, among them); beyond, the unrolled
-# compile grows past 25 s for a gap per step of under 1.2x. (With 2 threads on the busy 2-core
-# machine per-call times spread over two orders of magnitude and decide nothing.)
+# compile grows past 25 s for a gap per step of under 1.2x.
+#
+# On several threads, numba-cpu runs a loop whose rows are independent as one loop per block of
+# rows, side by side (backends/numba_cpu/driver.py), where the unrolled steps are parallel
+# kernels whose results cross between the cores every step. Measured on the 28 steps above (the
+# benchmark's lstm-28, Adam, 2 threads, medians of 50 steps, alternated processes, 2026-12):
+#
+#                               unrolled           scan
+#   per step, batch 64          5.53-5.97 ms       5.40-5.92 ms   (the machine's fast phase)
+#                               10.7-11.4 ms       6.2-8.3 ms     (its slow phase)
+#   per step, batch 63          5.56-5.90 ms       6.49-6.80 ms   (one loop: 63 rows do not split)
+#   per step, 1 thread          10.0-10.1 ms       11.6-12.0 ms
+#   first call, cold cache      3.8-4.0 s          6.4-6.6 s
+#   first call at batch 33      0.20 s             0.06 s         (after batch 64, warm cache)
+#
+# So where the default backend splits rows, a batched loop is a scan whatever its length. The
+# choice is not made per batch size, so that a ragged last batch runs the same program: chosen
+# per batch, batch 33 after 64 traced to the unrolled program, whose first call took 0.34-0.38 s
+# with a warm cache.
 UNROLL_MAX_STEPS = 32
+
+
+def _unrolls(steps: int, batch: int) -> bool:
+    """Whether a layer left to choose (unroll=None) unrolls `steps` steps over `batch` rows: up
+    to UNROLL_MAX_STEPS steps, unless the default backend may run the loop in row blocks."""
+    if steps > UNROLL_MAX_STEPS:
+        return False
+    splits_rows = getattr(get_backend(), "splits_rows", None)
+    return batch == 1 or splits_rows is None or not splits_rows()
 
 # A scanned layer whose input has at most hidden_size / FOLD_INPUT_RATIO features multiplies
 # [x_t, h] by [W_ih, W_hh]^T at each step instead of projecting all steps' inputs up front: each
@@ -93,7 +121,7 @@ class _RecurrentBase(Module):
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.has_bias, self.batch_first = bias, batch_first
         self.dropout, self.bidirectional = dropout, bidirectional
-        self.unroll = unroll  # None: unroll up to UNROLL_MAX_STEPS steps, scan beyond
+        self.unroll = unroll  # None: _unrolls decides
         self.directions = ("", "_reverse") if bidirectional else ("",)
         bound = 1 / math.sqrt(hidden_size)
         rows = self.gates * hidden_size
@@ -167,7 +195,7 @@ class _RecurrentBase(Module):
         steps, batch, features = seq.shape
         input_bias = (self._input_bias(as_tensor(bias_ih), as_tensor(bias_hh)) if self.has_bias
                       else None)
-        unroll = steps <= UNROLL_MAX_STEPS if self.unroll is None else self.unroll
+        unroll = _unrolls(steps, batch) if self.unroll is None else self.unroll
         if not unroll and self.folds_input and features * FOLD_INPUT_RATIO <= self.hidden_size:
             # [x_t, h] @ [W_ih, W_hh]^T: one product per step, no (T, N, gates * hidden)
             # projection stored, and one weight-gradient product after the backward loop
