@@ -41,18 +41,23 @@ Compile = Callable[..., Any]  # (a graph without scans at its top level, donate=
 class ScanLoop:
     """One scan run step by step: its compiled body called from Python per step (where the
     body offers no compiled driver). With `rows`, `body` is the body for that many rows of the
-    batch (a row block driver's, passes/row_blocks.py), run over one block after another."""
+    batch (a row block driver's, passes/row_blocks.py), run over one block after another;
+    `last_body` the body for the last block's fewer rows, where `rows` does not divide the batch."""
 
-    def __init__(self, node: Node, body: Any, rows: int | None = None) -> None:
+    def __init__(self, node: Node, body: Any, rows: int | None = None, last_body: Any = None) -> None:
         self.node = node
         self.body = body
         self.allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray] = np.empty  # stacked outputs
         self.steps = range(node.attrs["length"])[::-1] if node.attrs["reverse"] else range(node.attrs["length"])
         c = node.attrs["num_consts"]
-        # each block's rows, and which consts it has rows of (the block body has fewer of them);
-        # without `rows`, the one block is the whole batch: no array is sliced (a carry may be 0-d)
-        self.blocks = ([slice(start, start + rows) for start in range(0, node.inputs[c].type.shape[0], rows)]
-                       if rows else [None])
+        # each block's rows and body, and which consts it has rows of (a block body has fewer of
+        # them); without `rows`, the one block is the whole batch: no array is sliced (a carry may
+        # be 0-d)
+        self.blocks: list[tuple[slice | None, Any]] = (
+            [(slice(start, start + rows), body) for start in range(0, node.inputs[c].type.shape[0], rows)]
+            if rows else [(None, body)])
+        if last_body is not None:
+            self.blocks[-1] = (self.blocks[-1][0], last_body)
         self.split = ([v.type != whole.type for v, whole in zip(body.graph.input_values[:c], node.inputs[:c])]
                       if rows else [False] * c)
 
@@ -61,13 +66,13 @@ class ScanLoop:
         k = self.node.attrs["num_carry"]
         ys = [self.allocate(v.type.shape, v.type.np_dtype) for v in self.node.outputs[k:]]
         finals = []
-        for rows in self.blocks:
+        for rows, body in self.blocks:
             def of_block(a: Any) -> Any:
                 return a if rows is None else a[rows]
             block_consts = [of_block(c) if split else c for c, split in zip(consts, self.split)]
             block_carry = [of_block(c) for c in carry]
             for t in self.steps:
-                outs = self.body(*block_consts, *block_carry, *(of_block(x[t]) for x in xs))
+                outs = body(*block_consts, *block_carry, *(of_block(x[t]) for x in xs))
                 block_carry = outs[:k]
                 for y, out in zip(ys, outs[k:]):
                     if rows is None:
@@ -185,7 +190,8 @@ class SegmentedExecutable:
     def _stepped(self, run: Run) -> Run:
         if isinstance(run, ScanLoop) or not hasattr(run, "body"):  # a part, or stepped already
             return run
-        loop = ScanLoop(run.node, run.body, rows=getattr(run, "rows", None))  # rows: a row block driver's
+        # rows, last_body: a row block driver's
+        loop = ScanLoop(run.node, run.body, getattr(run, "rows", None), getattr(run, "last_body", None))
         loop.allocate = self.stack
         return loop
 
@@ -215,11 +221,15 @@ class RowBlocks(Protocol):
     """A backend running a scan as blocks of its batch's rows side by side (numba-cpu: driver.py)."""
 
     def row_blocks(self, batch: int) -> int:
-        """How many blocks a scan over `batch` rows would run in (1: none)."""
+        """How many blocks a scan over `batch` rows would run in (1: none): each of ceil(batch /
+        blocks) rows, the last of the rest."""
 
-    def row_block_driver(self, node: Node, block: Graph, blocks: int, compile_part: Compile) -> tuple[Any, Any]:
-        """(`block`, the body of scan `node` for a block's rows, compiled by `compile_part`; a
-        driver running `node` as `blocks` blocks through it, or None where its steps need Python)."""
+    def row_block_driver(self, node: Node, block: Graph, blocks: int, compile_part: Compile,
+                         last: Graph | None = None) -> tuple[tuple[Any, Any], Any]:
+        """((`block`, `last`) compiled by `compile_part`: the body of scan `node` for a block's
+        rows, and for the last block's fewer rows where the blocks do not divide the batch, else
+        None; a driver running `node` as `blocks` blocks through them, or None where their steps
+        need Python)."""
 
 
 def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, int] | None = None,
@@ -268,9 +278,11 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
         body = node.subgraph.copy()
         body.name = f"{graph.name}_scan{len(parts)}_body"
         blocked = _row_block_runner(node, body, compile_part, row_blocks) if row_blocks is not None else None
-        if blocked is not None:  # its body runs once per step and block
-            runner, block_body, blocks = blocked
-            pieces.append((f"scan{len(parts)}", block_body, node.attrs["length"] * blocks))
+        if blocked is not None:  # its block bodies run once per step and block
+            runner, bodies = blocked
+            for i, (block_body, blocks) in enumerate(bodies):
+                label = f"scan{len(parts)}" + (".last" if i else "")  # the last block's fewer rows
+                pieces.append((label, block_body, node.attrs["length"] * blocks))
         else:
             executable = compile_part(body)
             pieces.append((f"scan{len(parts)}", executable, node.attrs["length"]))
@@ -284,20 +296,29 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
 
 
 def _row_block_runner(node: Node, body: Graph, compile_part: Compile, backend: RowBlocks
-                      ) -> tuple[Run, Any, int] | None:
-    """(the run of `node` in row blocks, the block's body executable, the number of blocks) where
-    its body's rows are independent and the backend would run more than one block: the backend's
-    driver, or a Python loop over the blocks where their steps need Python (GRAPHC_PROFILE)."""
+                      ) -> tuple[Run, list[tuple[Any, int]]] | None:
+    """(the run of `node` in row blocks, [(a block body's executable, how many blocks run it)])
+    where its body's rows are independent and the backend would run more than one block: the
+    backend's driver, or a Python loop over the blocks where their steps need Python
+    (GRAPHC_PROFILE). Every block has the first's rows but the last, which may have fewer."""
     c, k = node.attrs["num_consts"], node.attrs["num_carry"]
     if k == 0 or not node.inputs[c].type.shape:
         return None
     batch = node.inputs[c].type.shape[0]
     blocks = backend.row_blocks(batch)
-    block = row_block_body(body, c, k, batch // blocks) if blocks > 1 else None
-    if block is None:
+    if blocks < 2:
         return None
-    block_body, driver = backend.row_block_driver(node, block, blocks, compile_part)
-    return (driver if driver is not None else ScanLoop(node, block_body, rows=batch // blocks)), block_body, blocks
+    rows = -(-batch // blocks)
+    last_rows = batch - rows * (blocks - 1)
+    block = row_block_body(body, c, k, rows)
+    last = row_block_body(body, c, k, last_rows) if last_rows != rows else None
+    if block is None or (last is None and last_rows != rows):
+        return None
+    (block_body, last_body), driver = backend.row_block_driver(node, block, blocks, compile_part, last)
+    runner = driver if driver is not None else ScanLoop(node, block_body, rows, last_body)
+    if last_body is None:
+        return runner, [(block_body, blocks)]
+    return runner, [(block_body, blocks - 1), (last_body, 1)]
 
 
 def _scan_runner(node: Node, body: Any) -> Run:

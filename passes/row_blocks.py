@@ -110,14 +110,14 @@ def _with_rows(attrs: dict[str, Any], keys: tuple[str, ...], rows: int) -> dict[
 
 
 def row_block_body(body: Graph, num_consts: int, num_carry: int, rows: int) -> Graph | None:
-    """`body` (a scan's body: consts, carries, step inputs) retyped for `rows` rows of its batch,
-    or None where its rows are not independent (see the module docstring), where it has no
-    batch (a carry or step input without axis 0 of one extent) or `rows` does not divide it."""
+    """`body` (a scan's body: consts, carries, step inputs) retyped for `rows` rows of its batch
+    (fewer than it has), or None where its rows are not independent (see the module docstring)
+    or where it has no batch (a carry or step input without axis 0 of one extent)."""
     carried = body.input_values[num_consts:]
     if not carried or any(not v.shape for v in carried):
         return None
     batch = carried[0].shape[0]
-    if rows <= 0 or rows >= batch or batch % rows or any(v.shape[0] != batch for v in carried):
+    if rows <= 0 or rows >= batch or any(v.shape[0] != batch for v in carried):
         return None
     # A const of the batch's extent may be rows too (a bias broadcast to the batch before the
     # loop) or a matrix every row reads whole (a weight as tall as the batch): shared first.

@@ -10,6 +10,7 @@ from graphc.backends.numba_cpu.driver import RowBlockDriver
 from graphc.ir import Builder, TensorType
 from graphc.ir.interpret import evaluate
 from graphc.ir.ops.control import SCAN_OP
+from graphc.lowering import compile_graph
 from graphc.passes.row_blocks import row_block_body
 
 CPU, REF = "numba-cpu", "reference"
@@ -97,13 +98,16 @@ def test_a_const_as_tall_as_the_batch_is_rows_where_it_meets_rows_else_shared():
     assert row_block_body(both.subgraph, both.attrs["num_consts"], both.attrs["num_carry"], 3) is None
 
 
-def test_a_carry_without_the_batch_or_rows_not_dividing_it_is_not_split():
+def test_a_carry_without_the_batch_or_the_whole_batch_is_not_split_and_a_remainder_is():
     counting = body_of(lambda c, x: ((c[0] + 1.0, (c[1] + x).tanh()), c[1]), (np.float32(0), f32(6, H)), f32(3, 6, H))
     assert row_block_body(counting.subgraph, counting.attrs["num_consts"], counting.attrs["num_carry"], 3) is None
     node = scan_of(lstm, *lstm_args(batch=6))
     c, k = node.attrs["num_consts"], node.attrs["num_carry"]
-    assert row_block_body(node.subgraph, c, k, rows=4) is None
     assert row_block_body(node.subgraph, c, k, rows=6) is None
+    # 4 rows and the 2 left over: bodies of both sizes
+    for rows in (4, 2):
+        block = row_block_body(node.subgraph, c, k, rows=rows)
+        assert [v.type.shape[0] for v in block.input_values[c:]] == [rows] * (len(block.input_values) - c)
 
 
 def test_a_row_broadcast_to_the_batch_in_the_body_becomes_a_block_of_it():
@@ -133,13 +137,25 @@ def lstm_loss(*args):
     return (h * h).sum() + (c * ys[:, :, :H]).sum() + (ys * ys).sum()
 
 
-@needs_threads
-@pytest.mark.parametrize("batch", [6, 2])
-def test_values_and_gradients_in_row_blocks_match_the_reference(batch, monkeypatch):
-    monkeypatch.delenv("GRAPHC_NUM_THREADS", raising=False)
+def made_drivers(monkeypatch):
+    """(blocks, the last block's rows or None) of every RowBlockDriver made from now on."""
     made = []
-    monkeypatch.setattr(RowBlockDriver, "__init__",
-                        lambda self, *a, init=RowBlockDriver.__init__: made.append(a[-1]) or init(self, *a))
+    init = RowBlockDriver.__init__
+
+    def recording(self, node, body, blocks, last_body=None):
+        init(self, node, body, blocks, last_body)
+        made.append((blocks, None if last_body is None else self.batch - self.rows * (blocks - 1)))
+    monkeypatch.setattr(RowBlockDriver, "__init__", recording)
+    return made
+
+
+@needs_threads
+@pytest.mark.parametrize("batch", [6, 2, 5])
+def test_values_and_gradients_in_row_blocks_match_the_reference(batch, monkeypatch):
+    """Batches of 6 and 2 (one row a block) split evenly on 2 threads; 5 as 3 and 2 rows, the
+    last block a body and loop of its own."""
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", "2")
+    made = made_drivers(monkeypatch)
     args = lstm_args(batch)
     close = dict(rtol=3e-5, atol=3e-6)
     for got, want in zip(gc.jit(lstm, backend=CPU)(*args), gc.jit(lstm, backend=REF)(*args)):
@@ -149,16 +165,15 @@ def test_values_and_gradients_in_row_blocks_match_the_reference(batch, monkeypat
     np.testing.assert_allclose(got_loss, want_loss, rtol=3e-5)
     for got, want in zip(got_grads, want_grads):
         np.testing.assert_allclose(got, want, **close)
-    assert made and set(made) == {2}  # the forward scan and the gradient's, in two blocks each
+    # the forward scan and the gradient's, in two blocks each
+    assert made and set(made) == {(2, 2 if batch == 5 else None)}
 
 
 @needs_threads
-def test_an_odd_batch_or_one_thread_runs_the_whole_batch_in_one_loop(monkeypatch):
-    made = []
-    monkeypatch.setattr(RowBlockDriver, "__init__",
-                        lambda self, *a, init=RowBlockDriver.__init__: made.append(a[-1]) or init(self, *a))
-    odd = lstm_args(batch=5)
-    for got, want in zip(gc.jit(lstm, backend=CPU)(*odd), gc.jit(lstm, backend=REF)(*odd)):
+def test_one_row_or_one_thread_runs_the_whole_batch_in_one_loop(monkeypatch):
+    made = made_drivers(monkeypatch)
+    one = lstm_args(batch=1)
+    for got, want in zip(gc.jit(lstm, backend=CPU)(*one), gc.jit(lstm, backend=REF)(*one)):
         np.testing.assert_allclose(got, want, rtol=3e-5, atol=3e-6)
     monkeypatch.setenv("GRAPHC_NUM_THREADS", "1")
     even = lstm_args(batch=4, steps=5)
@@ -196,10 +211,12 @@ def test_side_by_side_runs_every_job_at_once_and_raises_the_first_error(threads,
     assert sorted(ran[3:]) == [0, 1, 2, 3, 4]
 
 
-def test_a_batch_runs_in_as_many_blocks_as_threads_or_the_most_fewer_that_divide_it(monkeypatch):
+def test_a_batch_runs_in_as_many_blocks_as_threads_each_of_the_rows_they_share_out(monkeypatch):
+    """ceil(batch / threads) rows a block, the last block the rest: 6 rows on 4 threads run as 3
+    blocks of 2, 5 as 2, 2 and 1."""
     from graphc.backends.numba_cpu import driver
     monkeypatch.setattr(driver, "kernel_threads", lambda: 4)
-    assert [driver.row_blocks(batch) for batch in (8, 6, 7, 2, 1)] == [4, 3, 1, 2, 1]
+    assert [driver.row_blocks(batch) for batch in (8, 6, 7, 5, 2, 1)] == [4, 3, 4, 3, 2, 1]
     monkeypatch.setattr(driver, "kernel_threads", lambda: 1)
     assert driver.row_blocks(8) == 1
 
@@ -263,3 +280,19 @@ def test_under_graphc_profile_the_blocks_step_from_python_and_the_whole_body_is_
     (body,) = [piece for label, piece, _ in executable.pieces if label.startswith("scan")]
     assert body is loop.body and body.graph.input_values[-1].type.shape[0] == 3  # a block's rows
     assert body.profile_report.calls == 5 * 2 and executable.profile_report.calls == 1
+
+
+@needs_threads
+def test_profiled_uneven_blocks_step_through_both_bodies(monkeypatch):
+    """Under GRAPHC_PROFILE the blocks step from Python: 5 rows as a body of 3 and one of 2,
+    whose kernels the report lists apart (`scanN.last.`); the values are the reference's."""
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", "2")
+    monkeypatch.setenv("GRAPHC_PROFILE", "1")
+    args = lstm_args(batch=5)
+    executable = compile_graph(gc.trace(lstm, *args), CPU)
+    executable.profile_printed_at_exit = False
+    for got, want in zip(executable(*args), gc.jit(lstm, backend=REF)(*args)):
+        np.testing.assert_allclose(got, want, rtol=3e-5, atol=3e-6)
+    names = [r.name for r in executable.profile_report.rows]
+    last = [n for n in names if ".last." in n]
+    assert last and len(last) == len([n for n in names if n.startswith(last[0].split(".")[0] + ".k")])

@@ -115,28 +115,42 @@ class RowBlockDriver(ScanDriver):
     and gates would be parallel regions of their own, their results crossing between the cores
     every step (lstm-64, 2 threads: the forward loop 8.1 ms that way, 6.6 ms in two blocks).
 
-    `body` is the block's body executable (`rows` rows): profiles step it from Python, block after
-    block (graphc/scan_lowering.py ScanLoop); the whole batch's body is never compiled."""
+    `body` is the block's body executable (`rows` rows), `last_body` the last block's where the
+    blocks do not divide the batch (fewer rows, a driver of its own): profiles step them from
+    Python, block after block (graphc/scan_lowering.py ScanLoop); the whole batch's body is never
+    compiled."""
 
-    def __init__(self, node: Node, body: Executable, blocks: int) -> None:
+    def __init__(self, node: Node, body: Executable, blocks: int, last_body: Executable | None = None) -> None:
         super().__init__(node, body, row_block=True)
         self.blocks = blocks
         self.batch = node.inputs[node.attrs["num_consts"]].type.shape[0]
-        self.rows = self.batch // blocks
-        # the first block runs over the block body's own arena, every other over a copy
-        self._per_block = len(self._fixed)
-        self._fixed += [value for _ in range(blocks - 1) for value in _rebased(self._fixed, body._memory)]
+        self.rows = body.graph.input_values[node.attrs["num_consts"]].type.shape[0]
+        self.last_body = last_body
+        self._last = ScanDriver(node, last_body, row_block=True) if last_body is not None else None
+        if self._last is not None:
+            self._last.cache_stats = self.cache_stats  # loading both loops counts as this one's
+        # each block's loop-invariant values: the first block runs over the block body's own
+        # arena, every other over a copy; the last over its own body's, where it has one
+        copies = blocks - 1 - (last_body is not None)
+        self._block_fixed = [self._fixed] + [_rebased(self._fixed, body._memory) for _ in range(copies)]
+        if self._last is not None:
+            self._block_fixed.append(self._last._fixed)
 
     def __call__(self, args: list[np.ndarray]) -> list[np.ndarray]:
         consts, current, following, xs, ys = self._arrays(args)
-        length, rows, own = self.length, self.rows, self._per_block
+        length, rows = self.length, self.rows
         shared = (*consts, *current, *following, *(a.reshape(length, self.batch, -1) for a in xs + ys))
-        calls = [(length, b * rows, (b + 1) * rows, *shared, *self._fixed[b * own:(b + 1) * own])
-                 for b in range(self.blocks)]
+        calls = [(length, b * rows, min(self.batch, (b + 1) * rows), *shared, *fixed)
+                 for b, fixed in enumerate(self._block_fixed)]
         with self.body._lock:
             if self._driver is None:
                 self._driver = self._load(calls[0])
-            run_side_by_side([(self._driver, arguments) for arguments in calls])
+            drivers = [self._driver] * self.blocks
+            if self._last is not None:
+                if self._last._driver is None:
+                    self._last._driver = self._last._load(calls[-1])
+                drivers[-1] = self._last._driver
+            run_side_by_side(list(zip(drivers, calls)))
         return (current if length % 2 == 0 else following) + ys
 
 
@@ -173,8 +187,10 @@ def scan_driver(node: Node, body: Executable) -> ScanDriver | None:
 
 def row_blocks(batch: int) -> int:
     """How many row blocks of a scan over `batch` rows run side by side: as many as kernels have
-    threads, or the most fewer that divide the batch (1: none)."""
-    return max((count for count in range(2, min(kernel_threads(), batch) + 1) if batch % count == 0), default=1)
+    threads (1: none), each of ceil(batch / threads) rows, the last of the rest (63 rows on 2
+    threads: 32 and 31; 7 on 4: 2, 2, 2 and 1)."""
+    rows = -(-batch // max(1, min(kernel_threads(), batch)))
+    return -(-batch // rows)
 
 
 def splits_rows() -> bool:
@@ -183,16 +199,20 @@ def splits_rows() -> bool:
     return kernel_threads() > 1
 
 
-def row_block_driver(node: Node, block: Graph, blocks: int, compile_part: Callable[[Graph], Any]
-                     ) -> tuple[Any, RowBlockDriver | None]:
-    """(`block`, the body of scan `node` retyped for a block of rows (passes/row_blocks.py),
-    compiled with serial kernels by `compile_part`; the driver running `node` as `blocks` row
-    blocks side by side through it, or None where its steps need Python: GRAPHC_PROFILE's timing,
-    under which the blocks step from Python, graphc/scan_lowering.py)."""
+def row_block_driver(node: Node, block: Graph, blocks: int, compile_part: Callable[[Graph], Any],
+                     last: Graph | None = None) -> tuple[tuple[Any, Any], RowBlockDriver | None]:
+    """((`block`, `last`) compiled with serial kernels by `compile_part`: the body of scan `node`
+    retyped for a block of rows (passes/row_blocks.py), and for the last block's fewer rows where
+    the blocks do not divide the batch (else None); the driver running `node` as `blocks` row
+    blocks side by side through them, or None where their steps need Python: GRAPHC_PROFILE's
+    timing, under which the blocks step from Python, graphc/scan_lowering.py)."""
     with serial_kernels():
         body = compile_part(block)
-    driver = RowBlockDriver(node, body, blocks) if isinstance(body, Executable) and _steps_compiled(body) else None
-    return body, driver
+        last_body = compile_part(last) if last is not None else None
+    compiled = [b for b in (body, last_body) if b is not None]
+    driver = (RowBlockDriver(node, body, blocks, last_body)
+              if all(isinstance(b, Executable) and _steps_compiled(b) for b in compiled) else None)
+    return (body, last_body), driver
 
 
 def _steps_compiled(body: Executable) -> bool:

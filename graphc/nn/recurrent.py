@@ -73,10 +73,11 @@ State = tuple[Tensor, ...]  # (h,) for RNN and GRU, (h, c) for LSTM
 #                               unrolled           scan
 #   per step, batch 64          5.53-5.97 ms       5.40-5.92 ms   (the machine's fast phase)
 #                               10.7-11.4 ms       6.2-8.3 ms     (its slow phase)
-#   per step, batch 63          5.56-5.90 ms       6.49-6.80 ms   (one loop: 63 rows do not split)
+#   per step, batch 63          5.56-6.29 ms       5.79-5.99 ms   (blocks of 32 and 31 rows)
+#                               10.71 ms           7.46 ms        (slow phase)
 #   per step, 1 thread          10.0-10.1 ms       11.6-12.0 ms
 #   first call, cold cache      3.8-4.0 s          6.4-6.6 s
-#   first call at batch 33      0.20 s             0.06 s         (after batch 64, warm cache)
+#   first call at batch 33      0.20 s             0.06-0.08 s    (after batch 64, warm cache)
 #
 # So where the default backend splits rows, a batched loop is a scan whatever its length. The
 # choice is not made per batch size, so that a ragged last batch runs the same program: chosen
