@@ -296,3 +296,22 @@ def test_profiled_uneven_blocks_step_through_both_bodies(monkeypatch):
     names = [r.name for r in executable.profile_report.rows]
     last = [n for n in names if ".last." in n]
     assert last and len(last) == len([n for n in names if n.startswith(last[0].split(".")[0] + ".k")])
+
+
+@needs_threads
+def test_blocks_of_other_row_counts_run_the_loop_compiled_for_the_first(monkeypatch):
+    """A row block loop takes its shapes as arguments: the last block's fewer rows (5 rows as 3
+    and 2), and the blocks of another batch size (3 rows of 6), run the loop compiled once."""
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", "2")
+    drivers = []
+    for batch in (6, 5):
+        args = lstm_args(batch)
+        executable = compile_graph(gc.trace(lstm, *args), CPU)
+        for got, want in zip(executable(*args), gc.jit(lstm, backend=REF)(*args)):
+            np.testing.assert_allclose(got, want, rtol=3e-5, atol=3e-6)
+        (driver,) = [run for run, _, _ in executable.parts if isinstance(run, RowBlockDriver)]
+        drivers.append(driver)
+    six, five = drivers
+    assert (six.rows, five.rows, five._last.body.graph.input_values[-1].type.shape[0]) == (3, 3, 2)
+    assert six.source == five.source == five._last.source
+    assert (five.cache_stats.compiled, five.cache_stats.hits, five.cache_stats.reused) == (0, 0, 2)

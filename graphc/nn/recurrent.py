@@ -77,7 +77,7 @@ State = tuple[Tensor, ...]  # (h,) for RNN and GRU, (h, c) for LSTM
 #                               10.71 ms           7.46 ms        (slow phase)
 #   per step, 1 thread          10.0-10.1 ms       11.6-12.0 ms
 #   first call, cold cache      3.8-4.0 s          6.4-6.6 s
-#   first call at batch 33      0.20 s             0.06-0.08 s    (after batch 64, warm cache)
+#   first call at batch 33      0.20 s             0.05-0.08 s    (after batch 64)
 #
 # So where the default backend splits rows, a batched loop is a scan whatever its length. The
 # choice is not made per batch size, so that a ragged last batch runs the same program: chosen
