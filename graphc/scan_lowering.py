@@ -88,7 +88,7 @@ class SegmentedExecutable:
     """A graph with scans, run as its compiled parts and loops in order. A donated input is
     written in place by the part computing its new value where nothing after that part reads
     it (compile_with_scans), else it receives its output by copy at the end. A part's values
-    that only later parts read stay in the part's own memory (`uncopied_outputs`).
+    that only later parts read stay in the part's own memory (`lend_outputs`).
 
     The scans' stacked outputs come from `stack()`: arrays of the last call that it did not
     return are used again. A fresh array of that size (tens of MiB over hundreds of steps) is
@@ -263,10 +263,10 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
             part_donate = {inputs.index(u): outputs.index(v) for u, v in donated
                            if u in inputs and v in outputs and last_read[u] <= end}
             executable = compile_part(segment, part_donate)
-            if hasattr(executable, "uncopied_outputs"):  # each part runs once a call: what only
-                # later parts read needs no copy (an LSTM's input projection, 3.7 MiB on lstm-28)
-                executable.uncopied_outputs = frozenset(
-                    i for i, v in enumerate(outputs) if v not in returned)
+            if hasattr(executable, "lend_outputs"):  # each part runs once a call: what only later
+                # parts read needs no copy out of its memory (an LSTM's input projection, 3.7 MiB
+                # on lstm-28)
+                executable.lend_outputs(i for i, v in enumerate(outputs) if v not in returned)
             parts.append((lambda args, run=executable: list(run(*args)), inputs, outputs))
             pieces.append((f"part{len(parts) - 1}", executable, 1))
 

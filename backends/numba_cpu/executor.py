@@ -22,7 +22,7 @@ import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numba
 import numpy as np
@@ -130,9 +130,9 @@ class Executable(PlannedExecutable):
     batch 17 after 32, 56 MiB: 0.13 s of system time). Unless GRAPHC_NUM_THREADS pins the count,
     the calls of an executable with parallel kernels run on all of Numba's threads or on one,
     whichever its timed calls found faster (thread_choice.py: on a busy machine, one).
-    `uncopied_outputs`: positions of outputs returned in the executable's own memory where the
-    plan would copy them out of it; they stay valid until its next call (graphc/scan_lowering.py
-    sets it for a part of a program whose outputs only later parts of the same call read).
+    `lend_outputs(positions)`: those outputs that live in the arena are returned in it instead
+    of copied out; they stay valid until the next call (graphc/scan_lowering.py: a part of a
+    program, whose values only later parts of the same call read). `uncopied_outputs` lists them.
     """
 
     def __init__(self, graph: Graph, plan: MemoryPlan, kernels: dict[Node, CompiledKernel],
@@ -264,6 +264,13 @@ class Executable(PlannedExecutable):
                     slots.append(self._slot(value, call.view_of(k, value.type)))
             calls.append((function, tuple(slots)))
         return _Step(kernel, tuple(calls), tuple((c, self._slot(c.indices, None)) for c in checks))
+
+    def lend_outputs(self, positions: Iterable[int]) -> None:
+        """Return the outputs at `positions` that live in the arena without copying them. Not
+        those in an input's buffer (a view of a parameter): a later part may update it in place."""
+        values = self.graph.output_values
+        self.uncopied_outputs = frozenset(j for j in positions
+                                          if (self.plan.buffer_of(values[j]) or ("",))[0] == "arena")
 
     # -- calling ------------------------------------------------------------------------------
     def __call__(self, *args: Any) -> list[np.ndarray]:
