@@ -334,3 +334,18 @@ def test_inter_layer_dropout_applies_only_while_training():
     single.load_state_dict(model.state_dict())
     np.testing.assert_allclose(evaluated, gc.jit(lambda x: single(x)[0], backend="reference")(x))
     assert not np.allclose(trained, evaluated)
+
+
+@pytest.mark.parametrize("steps", [5, 40])  # unrolled or scanned on one thread; scanned on several
+@pytest.mark.parametrize("name", ["RNN", "LSTM", "GRU"])
+def test_an_empty_batch_gives_empty_outputs_as_pytorch_does(name, steps):
+    """Zero sequences: outputs (T, 0, D * hidden) and states (layers * D, 0, hidden). The input
+    projection's reshape once asked for -1, which zero elements leave undetermined."""
+    model = getattr(nn, name)(3, 4, num_layers=2, bidirectional=True)
+    x = np.zeros((steps, 0, 3), np.float32)
+    for backend in ("reference", "numba-cpu"):
+        output, state = gc.jit(lambda p, x: nn.functional_call(model, p, x), backend=backend)(
+            model.state_dict(), x)
+        assert output.shape == (steps, 0, 8)
+        for s in (state if name == "LSTM" else (state,)):
+            assert s.shape == (4, 0, 4)

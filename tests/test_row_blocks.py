@@ -216,7 +216,7 @@ def test_a_batch_runs_in_as_many_blocks_as_threads_each_of_the_rows_they_share_o
     blocks of 2, 5 as 2, 2 and 1."""
     from graphc.backends.numba_cpu import driver
     monkeypatch.setattr(driver, "kernel_threads", lambda: 4)
-    assert [driver.row_blocks(batch) for batch in (8, 6, 7, 5, 2, 1)] == [4, 3, 4, 3, 2, 1]
+    assert [driver.row_blocks(batch) for batch in (8, 6, 7, 5, 2, 1, 0)] == [4, 3, 4, 3, 2, 1, 1]
     monkeypatch.setattr(driver, "kernel_threads", lambda: 1)
     assert driver.row_blocks(8) == 1
 
@@ -315,3 +315,12 @@ def test_blocks_of_other_row_counts_run_the_loop_compiled_for_the_first(monkeypa
     assert (six.rows, five.rows, five._last.body.graph.input_values[-1].type.shape[0]) == (3, 3, 2)
     assert six.source == five.source == five._last.source
     assert (five.cache_stats.compiled, five.cache_stats.hits, five.cache_stats.reused) == (0, 0, 2)
+
+
+def test_an_empty_batch_runs_as_the_reference():
+    """Zero rows: nothing to split (counting blocks for it once divided by zero)."""
+    w = np.eye(H, dtype=np.float32)
+    f = lambda h, xs: gc.scan(lambda c, x: ((c @ w + x).tanh(),) * 2, h, xs)  # noqa: E731
+    args = (np.zeros((0, H), np.float32), np.zeros((4, 0, H), np.float32))
+    for got, want in zip(gc.jit(f, backend=CPU)(*args), gc.jit(f, backend=REF)(*args)):
+        assert np.asarray(got).shape == np.asarray(want).shape

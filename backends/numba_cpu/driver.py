@@ -117,9 +117,8 @@ class RowBlockDriver(ScanDriver):
 
     `body` is the block's body executable (`rows` rows), `last_body` the last block's where the
     blocks do not divide the batch (fewer rows; the loop, which takes its shapes as arguments,
-    is the same compiled code): profiles step them from
-    Python, block after block (graphc/scan_lowering.py ScanLoop); the whole batch's body is never
-    compiled."""
+    is the same compiled code). Profiles step them from Python, block after block
+    (graphc/scan_lowering.py ScanLoop); the whole batch's body is never compiled."""
 
     def __init__(self, node: Node, body: Executable, blocks: int, last_body: Executable | None = None) -> None:
         super().__init__(node, body, row_block=True)
@@ -190,7 +189,9 @@ def row_blocks(batch: int) -> int:
     """How many row blocks of a scan over `batch` rows run side by side: as many as kernels have
     threads (1: none), each of ceil(batch / threads) rows, the last of the rest (63 rows on 2
     threads: 32 and 31; 7 on 4: 2, 2, 2 and 1)."""
-    rows = -(-batch // max(1, min(kernel_threads(), batch)))
+    if batch < 2:  # nothing to split (an empty batch too)
+        return 1
+    rows = -(-batch // min(kernel_threads(), batch))
     return -(-batch // rows)
 
 

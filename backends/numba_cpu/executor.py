@@ -268,9 +268,8 @@ class Executable(PlannedExecutable):
     def lend_outputs(self, positions: Iterable[int]) -> None:
         """Return the outputs at `positions` that live in the arena without copying them. Not
         those in an input's buffer (a view of a parameter): a later part may update it in place."""
-        values = self.graph.output_values
-        self.uncopied_outputs = frozenset(j for j in positions
-                                          if (self.plan.buffer_of(values[j]) or ("",))[0] == "arena")
+        buffers = [self.plan.buffer_of(v) for v in self.graph.output_values]
+        self.uncopied_outputs = frozenset(j for j in positions if buffers[j] and buffers[j][0] == "arena")
 
     # -- calling ------------------------------------------------------------------------------
     def __call__(self, *args: Any) -> list[np.ndarray]:

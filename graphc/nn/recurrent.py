@@ -210,7 +210,8 @@ class _RecurrentBase(Module):
             state, outputs = scan(folded_step, state, seq, reverse=reverse)
             return outputs, state
         projected = F.linear(seq.reshape(steps * batch, features), weight_ih, input_bias)
-        projected = projected.reshape(steps, batch, -1)
+        # (the size given: -1 is ambiguous for an empty batch)
+        projected = projected.reshape(steps, batch, projected.shape[-1])
         weight_hh_t = as_tensor(weight_hh).T
         if not unroll:
             def step(state: State, projected_x: Tensor) -> tuple[State, Tensor]:
