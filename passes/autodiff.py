@@ -129,9 +129,11 @@ def autodiff(graph: Graph, wrt: Sequence[int | str], output: str | None = None,
     ``grad_<input name>`` for each requested input. `output` must be a float scalar unless
     `cotangent` is set, in which case an extra input ``cotangent`` seeds the VJP.
     """
+    from .scan_rewrites import last_steps_from_carries
     indices = _resolve_inputs(graph, wrt)
     out_name = output if output is not None else graph.outputs[0][0]
-    new = graph.copy()
+    # before the VJP, which then seeds a last step read as a final carry's cotangent directly
+    new = last_steps_from_carries(graph).copy()
     new.name = f"grad_{graph.name}"
     target = new.output(out_name)
     if not is_float(target.dtype):
@@ -232,6 +234,10 @@ def _inline(b: Builder, graph: Graph, args: Sequence[Value],
 # is written, where the backward would copy it again and emit it for the weight's gradient.
 # Elementwise work is recomputed from them (cheaper than storing every activation).
 SAVED_OPS = frozenset({"matmul", "concatenate"})
+# Activations whose VJP reads their output only. A product read only through them (an LSTM's
+# gates: slices of one product, each through a sigmoid or a tanh) is saved as those outputs
+# instead: as many numbers, and the backward computes none of the transcendentals again.
+SAVED_ACTIVATIONS = frozenset({"sigmoid", "tanh"})
 
 
 def _recomputed_products(vjp: Graph, primal_inputs: int, num_consts: int) -> list[Value]:
@@ -240,7 +246,8 @@ def _recomputed_products(vjp: Graph, primal_inputs: int, num_consts: int) -> lis
     reading at least one that changes per step (what reads only the first `num_consts`, the
     loop-invariant ones, is hoisted out of the loop instead). A product whose only reader is an
     `add` (of a bias or of the step's projected input: the gates' pre-activations) is saved as
-    that sum: the backward then recomputes neither, and needs no other operand of the add."""
+    that sum: the backward then recomputes neither, and needs no other operand of the add. One
+    read only through SAVED_ACTIVATIONS is saved as their results (`_activations_of`)."""
     primal = set(vjp.input_values[:primal_inputs])
     invariant = set(vjp.input_values[:num_consts])
     found = []
@@ -257,7 +264,32 @@ def _recomputed_products(vjp: Graph, primal_inputs: int, num_consts: int) -> lis
         if (len(readers) == 1 and readers[0].op == "add" and readers[0].output.type == value.type
                 and all(v in primal for v in readers[0].inputs)):
             found[n] = readers[0].output
-    return list(dict.fromkeys(found))  # two products one add sums are saved once
+    saved = []
+    for value in dict.fromkeys(found):  # two products one add sums are saved once
+        saved.extend(_activations_of(value, users, primal) or [value])
+    return list(dict.fromkeys(saved))
+
+
+def _activations_of(value: Value, users: dict[Value, list[Node]], primal: set[Value]) -> list[Value] | None:
+    """The SAVED_ACTIVATIONS results that are the only readers of `value`, directly or through
+    slices and adds of other forward values (a bias), holding no more numbers than it; None
+    where anything else reads it on the way."""
+    found, path = [], [value]
+    for v in path:
+        readers = users.get(v, [])
+        if not readers:
+            return None
+        for node in readers:
+            if node.op == "slice" or (node.op == "add" and node.output.type == v.type
+                                      and all(u in primal for u in node.inputs)):
+                path.append(node.output)
+            elif node.op in SAVED_ACTIVATIONS:
+                found.append(node.output)
+            else:
+                return None
+    if sum(v.type.size for v in found) > value.type.size:
+        return None
+    return found
 
 
 def _save_residuals(graph: Graph, node: Node, carries: list[int], products: list[Value],
@@ -321,7 +353,9 @@ def _scan_vjp(b: Builder, node: Node, gs: list[Value | None]) -> list[Value | No
     recomputes the forward's elementwise work from them (rematerialisation, as JAX's
     checkpointed scans). A product recomputed per step would cost as much as the forward's; an
     activation saved per step would cost memory for each of them, where they are cheap to
-    recompute from the product they come from.
+    recompute from the product they come from. But where a product's only readers are sigmoids
+    and tanhs (an LSTM's gates), their results are saved instead: as many numbers, and no
+    transcendental function computed twice.
 
     Backward loop: carry = (cotangent of the carry, running sum of the consts' cotangents),
     per step = (xs[t], the saved carry[t], the saved products[t], cotangent of ys[t]), outputs

@@ -12,13 +12,18 @@ to 19.7 ms and the work after it from 5.5 to 20.0 ms, no gain yet: numba-cpu's G
 runs at 0.7x NumPy's.) The body emits the operands per step instead (a stacked input or output of the loop is
 read as it is, not emitted again), and the carry leaves the loop: its final value is init + the product of
 the stacks. The sum is taken in another order, so the result differs by rounding only.
+
+`last_steps_from_carries`: the last step of a per-step output that is the carry itself (an
+LSTM's `out[:, -1]`) is the scan's final carry (its `h_n`). Read from there, the stack of
+outputs may go unread (prune_scans drops it), and the gradient enters the backward loop as the
+final carry's cotangent, not as a stack of zeros with one step set that the loop reads each step.
 """
 from __future__ import annotations
 
 from graphc.ir import Builder, Graph, Node, Value
 from graphc.ir.ops.control import SCAN_OP, make_scan
 
-from .simplify import dce, rebuild_scans
+from .simplify import _rebuild, dce, rebuild_scans
 
 
 def _accumulated_term(body: Graph, scan: Node, i: int) -> Node | None:
@@ -125,3 +130,44 @@ def _summed_over_steps(b: Builder, node: Node, stacks: list[Value]) -> Value:
 
 
 __all__ = ["hoist_accumulations"]
+
+
+def last_steps_from_carries(graph: Graph) -> Graph:
+    """slice(ys)[last step], directly or under a transpose, -> the final carry, where the scan's
+    body returns that carry (the same value) as the per-step output ys."""
+    if not any(node.op == SCAN_OP for node in graph.nodes):
+        return graph
+    return _rebuild(graph, _final_carry_for_last_step)
+
+
+def _final_carry_for_last_step(b: Builder, node: Node, ins: tuple[Value, ...]) -> Value | None:
+    if node.op != "slice":
+        return None
+    stacked, perm, new_stacked = node.inputs[0], None, ins[0]
+    if stacked.producer is not None and stacked.producer.op == "transpose":
+        perm = stacked.producer.attrs["perm"]
+        stacked, new_stacked = stacked.producer.inputs[0], new_stacked.producer.inputs[0]
+    scan = stacked.producer
+    if scan is None or scan.op != SCAN_OP:
+        return None
+    k, length = scan.attrs["num_carry"], scan.attrs["length"]
+    q = scan.outputs.index(stacked)
+    returned = scan.subgraph.output_values
+    carries = [i for i in range(k) if returned[i] is returned[q]] if q >= k else []
+    step_axis = perm.index(0) if perm is not None else 0
+    last = 0 if scan.attrs["reverse"] else length - 1
+    a = node.attrs
+    if not carries or node.output.shape[step_axis] != 1 or a["starts"][step_axis] != last:
+        return None
+    final = new_stacked.producer.outputs[carries[0]]
+    if perm is not None:  # transpose(expand_dims(x, 0), perm) = expand_dims(transpose(x, rest), step_axis)
+        rest = tuple(p - 1 for p in perm if p != 0)
+        if rest != tuple(range(len(rest))):
+            final = b.transpose(final, perm=rest)
+    one_step = b.expand_dims(final, axes=(step_axis,))
+    if one_step.type == node.output.type:
+        return one_step
+
+    def bounds(name: str, at_step: int) -> tuple[int, ...]:
+        return tuple(at_step if axis == step_axis else bound for axis, bound in enumerate(a[name]))
+    return b.slice(one_step, starts=bounds("starts", 0), stops=bounds("stops", 1), steps=bounds("steps", 1))

@@ -529,10 +529,10 @@ def _hoisted_scan(b: Builder, scan: Node, ins: list[Value], hoisted: list[Node])
 
 def simplify(graph: Graph) -> Graph:
     """Fold and rewrite to a fixed point (bounded), then CSE and DCE; scan bodies likewise,
-    and scans lose the outputs nothing reads, compute their loop invariants once and sum
+    a scan's last step read as its final carry, and scans lose the outputs nothing reads, compute their loop invariants once and sum
     their per-step matrix products after the loop (passes/scan_rewrites.py)."""
-    from .scan_rewrites import hoist_accumulations
-    graph = hoist_accumulations(hoist_invariants(prune_scans(simplify_bodies(graph))))
+    from .scan_rewrites import hoist_accumulations, last_steps_from_carries
+    graph = hoist_accumulations(hoist_invariants(prune_scans(simplify_bodies(last_steps_from_carries(graph)))))
     for _ in range(4):
         before = len(graph.nodes)
         # pruning follows DCE: a scan's stacked output read only by dead nodes goes too

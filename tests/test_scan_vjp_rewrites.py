@@ -70,12 +70,15 @@ def test_the_lstm_backward_body_reads_saved_products_and_sums_weight_gradients_a
     forward_graph = gc.jit(lstm_loss, backend=REF).lower(*args)
     raw = autodiff(forward_graph, [1, 2, 3, 4, 5])  # no simplify: the VJP rule's own graph
     forward, backward = scans(raw)
-    # the forward's one product per step, h @ w_hh.T, is stacked for the backward, which
-    # computes only the cotangents' products: dgates @ w_hh (for h) and h^T @ dgates (w_hh)
+    # the forward's one product per step, h @ w_hh.T, read only through the gates' sigmoids
+    # and tanh, is stacked as those four activations for the backward, which computes only the
+    # cotangents' products, dgates @ w_hh (for h) and h^T @ dgates (w_hh), and tanh(c) again
     assert len(matmuls(forward.subgraph)) == 1
-    saved = forward.outputs[-1]
-    assert saved.shape == (T, N, 4 * H) and saved in backward.inputs
+    saved = forward.outputs[-4:]
+    assert [v.shape for v in saved] == [(T, N, H)] * 4 and all(v in backward.inputs for v in saved)
+    assert [v.producer.op for v in forward.subgraph.output_values[-4:]] == ["sigmoid", "sigmoid", "sigmoid", "tanh"]
     assert len(matmuls(backward.subgraph)) == 2
+    assert [n.op for n in backward.subgraph.nodes if n.op in ("sigmoid", "tanh", "exp")] == ["tanh"]
     carried = [v.shape for v in backward.inputs[backward.attrs["num_consts"]:][:backward.attrs["num_carry"]]]
     assert (H, 4 * H) in carried and (4 * H,) in carried  # w_hh.T's and b's running sums
 
@@ -174,20 +177,42 @@ def test_numba_cpu_lstm_gradients_match_the_reference():
 
 
 def test_a_product_read_only_by_an_add_is_saved_as_the_sum():
-    """gates = px + h @ w_hh.T: the forward stacks the sum, so the backward body recomputes
-    neither the product nor the sum and does not read the projected input px at all."""
-    args = lstm_args()
-    raw = autodiff(gc.jit(lstm_loss, backend=REF).lower(*args), [1, 2, 3, 4, 5])
+    """gates = px + h @ w.T, read by a sigmoid and also directly (h = gates * sigmoid(gates)):
+    the forward stacks the sum, so the backward body recomputes neither the product nor the sum
+    and does not read the projected input px at all."""
+    xs, w, h0 = rng.normal(size=(T, N, H)), rng.normal(size=(H, H)) * 0.5, rng.normal(size=(N, H))
+
+    def loss(xs, w, h0):
+        def step(h, px):
+            gates = px + h @ w.T
+            h = gates * gc.sigmoid(gates)
+            return h, h
+        h, hs = gc.scan(step, h0, xs)
+        return (hs * hs).sum()
+
+    raw = autodiff(gc.jit(loss, backend=REF).lower(xs, w, h0), [1, 2])
     forward, backward = scans(raw)
-    body = forward.subgraph
-    saved = body.output_values[forward.outputs.index(forward.outputs[-1])]
-    assert saved.producer.op == "add" and any(v.producer is not None and v.producer.op == "matmul"
-                                              for v in saved.producer.inputs)
+    saved = [forward.subgraph.output_values[forward.outputs.index(v)] for v in forward.outputs[1:]
+             if v in backward.inputs]
+    saved = [v for v in saved if v.producer is not None]  # not the saved carries
+    assert [v.producer.op for v in saved] == ["add"]
+    assert any(v.producer is not None and v.producer.op == "matmul" for v in saved[0].producer.inputs)
     back = backward.subgraph
     (projected_px,) = [i.value for i in back.inputs if i.name == "x0"]  # px at step t
     assert projected_px not in back.users()
-    for got, want in zip(evaluate(hoist_accumulations(raw), args), evaluate(raw, args)):
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert len(matmuls(back)) == 2  # dgates @ w and h^T @ dgates; h @ w.T is not recomputed
+
+    def numpy_loss(xs, w, h):
+        total = 0.0
+        for t in range(T):
+            gates = xs[t] + h @ w.T
+            h = gates * sigmoid(gates)
+            total += (h * h).sum()
+        return total
+    args = [xs, w, h0]
+    grads = gc.grad(loss, argnums=(1, 2), backend=REF)(*args)
+    for n, g in zip((1, 2), grads):
+        np.testing.assert_allclose(g, finite_differences(numpy_loss, args, n), rtol=1e-6, atol=1e-8)
 
 
 def folded_lstm_loss(xs, w, b, h0, c0):
@@ -218,7 +243,9 @@ def test_a_concatenation_before_the_product_is_stacked_by_the_forward():
     forward, backward = scans(graph)
     assert not [n for n in backward.subgraph.nodes if n.op == "concatenate" and n.output.shape == (N, I + H)]
     stacked = [v.shape for v in backward.inputs[backward.attrs["num_consts"] + backward.attrs["num_carry"]:]]
-    assert stacked == [(T, N, H), (T, N, 4 * H), (T, N, H)]  # c entering, gates, cotangent of h
+    # c entering, the four gates' activations (saved in place of their pre-activation: the
+    # backward computes no sigmoid again), cotangent of h
+    assert stacked == [(T, N, H)] * 6
     assert (T, N, I + H) in [v.shape for v in forward.outputs]  # read after the loop only
     after = [n for n in graph.nodes[graph.nodes.index(backward) + 1:] if n.op == "matmul"]
     # dG^T @ [X H] over all steps: the gradient in the weight's own (4H, I + H) layout
@@ -253,4 +280,65 @@ def test_two_products_summed_by_one_add_are_saved_once():
     args = [xs, a, b0, h0]
     grads = gc.grad(loss, argnums=(1, 2, 3), backend=REF)(*args)
     for n, g in zip((1, 2, 3), grads):
+        np.testing.assert_allclose(g, finite_differences(numpy_loss, args, n), rtol=1e-6, atol=1e-8)
+
+
+def rnn_last_step_loss(index, batch_first, reverse, ys_of=lambda h: h):
+    """tanh RNN over xs (T, N, H) on gc.scan; the loss reads step `index` of the per-step
+    outputs (time-major, or batch-first as nn.RNN's out[:, index]) and only 3 of its features."""
+    def loss(xs, w, h0):
+        def step(h, x):
+            h = gc.tanh(x + h @ w)
+            return h, ys_of(h)
+        _, hs = gc.scan(step, h0, xs, reverse=reverse)
+        last = hs.permute(1, 0, 2)[:, index, :3] if batch_first else hs[index, :, :3]
+        return (last * last).sum()
+
+    def numpy_loss(xs, w, h):
+        hs = [None] * T
+        for t in (reversed(range(T)) if reverse else range(T)):
+            h = np.tanh(xs[t] + h @ w)
+            hs[t] = ys_of(h)
+        last = hs[index][:, :3]
+        return (last * last).sum()
+    return loss, numpy_loss
+
+
+def stacked_cotangents(graph):
+    _, backward = scans(graph)
+    return [i.name for i in backward.subgraph.inputs if i.name.startswith("ct_y")]
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_the_last_step_of_a_carry_returned_per_step_is_read_as_the_final_carry(batch_first, reverse):
+    """out[:, -1] of a carry the body also returns per step (the last step: index 0 of a
+    reverse scan) is the final carry: the backward loop reads no stacked cotangent (zeros but
+    one step), the forward's stack of outputs goes, and values and gradients stay a loop's."""
+    xs, w, h0 = rng.normal(size=(T, N, H)), rng.normal(size=(H, H)) * 0.5, rng.normal(size=(N, H))
+    loss, numpy_loss = rnn_last_step_loss(0 if reverse else -1, batch_first, reverse)
+    graph = gc.grad(loss, argnums=(0, 1, 2), backend=REF).lower(xs, w, h0)
+    assert stacked_cotangents(graph) == []
+    forward_only = gc.jit(loss, backend=REF).lower(xs, w, h0)
+    assert [n.outputs[1:] for n in forward_only.nodes if n.op == SCAN_OP] == [()]
+    args = [xs, w, h0]
+    value, grads = gc.value_and_grad(loss, argnums=(0, 1, 2), backend=REF)(*args)
+    np.testing.assert_allclose(value, numpy_loss(*args), rtol=1e-12)
+    for n, g in enumerate(grads):
+        np.testing.assert_allclose(g, finite_differences(numpy_loss, args, n), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("index, reverse, ys_of", [
+    (-2, False, lambda h: h),       # not the last step
+    (-1, True, lambda h: h),        # a reverse scan's last slice is its first step
+    (-1, False, lambda h: h * 2),   # not the carry itself
+])
+def test_other_steps_and_outputs_are_read_from_the_stack(index, reverse, ys_of):
+    xs, w, h0 = rng.normal(size=(T, N, H)), rng.normal(size=(H, H)) * 0.5, rng.normal(size=(N, H))
+    loss, numpy_loss = rnn_last_step_loss(index, True, reverse, ys_of)
+    assert stacked_cotangents(gc.grad(loss, argnums=(1,), backend=REF).lower(xs, w, h0)) == ["ct_y0"]
+    args = [xs, w, h0]
+    value, grads = gc.value_and_grad(loss, argnums=(0, 1, 2), backend=REF)(*args)
+    np.testing.assert_allclose(value, numpy_loss(*args), rtol=1e-12)
+    for n, g in enumerate(grads):
         np.testing.assert_allclose(g, finite_differences(numpy_loss, args, n), rtol=1e-6, atol=1e-8)
