@@ -415,14 +415,40 @@ def stack_products(graph: Graph) -> Graph:
     return _rebuild(graph, rewrite)
 
 
+def sliced_products(graph: Graph) -> Graph:
+    """slice(a @ b) taking some columns of every row -> a @ slice(b): the product computes only
+    the columns read. The VJP of [x_t, h] @ w in a folded recurrent step computes the
+    cotangent of the whole concatenation and slices h's part out; the input's part, a fifth of
+    the product for lstm-28, is never read. Run on scan bodies only, where `b` is a weight
+    hoisted with its slice out of the loop: the new slice's bounds name the contraction's extent,
+    which rebatching (passes/rebatch.py) could not derive from the old slice's."""
+    users = graph.users()
+
+    def rewrite(b: Builder, node: Node, ins: tuple[Value, ...]) -> Value | None:
+        product = node.inputs[0].producer if node.op == "slice" else None
+        if (product is None or product.op != "matmul"
+                or len(users[node.inputs[0]]) != 1 or node.inputs[0] in graph.output_values
+                or any(len(v.shape) != 2 for v in product.inputs)
+                or node.output.shape[0] != product.output.shape[0]):
+            return None
+        a, right = ins[0].producer.inputs
+        _, start = node.attrs["starts"]
+        _, stop = node.attrs["stops"]
+        _, step = node.attrs["steps"]
+        columns = b.slice(right, starts=(0, start), stops=(right.shape[0], stop), steps=(1, step))
+        return b.matmul(a, columns)
+    return _rebuild(graph, rewrite)
+
+
 def simplify_bodies(graph: Graph) -> Graph:
     """Simplify each scan's body on its own: its inputs and outputs stay as they are (the scan
-    node's operands and results), the nodes between them are folded, merged and pruned. The
-    scan node itself is never merged or folded by the passes above (they skip nodes holding a
+    node's operands and results), the nodes between them are folded, merged and pruned, and
+    products of which only some columns are read compute those (`sliced_products`). The scan
+    node itself is never merged or folded by the passes above (they skip nodes holding a
     subgraph), and DCE keeps it while any of its results is read."""
     if not any(node.op == SCAN_OP for node in graph.nodes):
         return graph
-    return _rebuild(graph, lambda b, node, ins: None, body=simplify)
+    return _rebuild(graph, lambda b, node, ins: None, body=lambda body: simplify(sliced_products(body)))
 
 
 def prune_scans(graph: Graph) -> Graph:
@@ -532,7 +558,7 @@ def simplify(graph: Graph) -> Graph:
     a scan's last step read as its final carry, and scans lose the outputs nothing reads, compute their loop invariants once and sum
     their per-step matrix products after the loop (passes/scan_rewrites.py)."""
     from .scan_rewrites import hoist_accumulations, last_steps_from_carries
-    graph = hoist_accumulations(hoist_invariants(prune_scans(simplify_bodies(last_steps_from_carries(graph)))))
+    graph = hoist_accumulations(hoist_invariants(simplify_bodies(prune_scans(last_steps_from_carries(graph)))))
     for _ in range(4):
         before = len(graph.nodes)
         # pruning follows DCE: a scan's stacked output read only by dead nodes goes too

@@ -242,6 +242,8 @@ def test_a_concatenation_before_the_product_is_stacked_by_the_forward():
     graph = gc.grad(folded_lstm_loss, argnums=(1, 2, 3, 4), backend=REF).lower(*args)
     forward, backward = scans(graph)
     assert not [n for n in backward.subgraph.nodes if n.op == "concatenate" and n.output.shape == (N, I + H)]
+    # the cotangent of [x_t, h] is computed for h's columns only: xs are not differentiated
+    assert [n.output.shape for n in matmuls(backward.subgraph)] == [(N, H)]
     stacked = [v.shape for v in backward.inputs[backward.attrs["num_consts"] + backward.attrs["num_carry"]:]]
     # c entering, the four gates' activations (saved in place of their pre-activation: the
     # backward computes no sigmoid again), cotangent of h
