@@ -5,7 +5,11 @@ ids, gather indices, the scatters of their gradients) is checked by `check_indic
 first kernel that reads it runs: two reductions over its N (labels) or N*T (token ids) values,
 off the kernels' hot loops, and the error names the first bad index exactly (its value and
 position), which a racing flag set inside a parallel loop could not. An array held by a graph
-input is checked before any kernel runs, so a step with a bad label changes no parameter.
+input is checked before any kernel runs, so a step with a bad label changes no parameter. So is
+one that pointwise kernels compute from inputs alone (cross_entropy gathers with
+where(label != ignore_index, label, 0)) where a kernel before its first reader writes a donated
+buffer in place (BatchNorm's running statistics): computed again with NumPy for the check
+(`ComputedIndexCheck`, some microseconds a call).
 
 This needs every index array to be a kernel input, never a value computed inside the reading
 kernel: fusion does not fuse an index's producer into its consumer (indexed-load ops declare
@@ -23,9 +27,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from graphc.ir import Graph, Node, Value
+from graphc.ir.interpret import evaluate
 from graphc.ir.ops.indexing import check_indices, index_bounds
 from graphc.ir.kernels import is_literal
 from graphc.ir.memory import MemoryPlan
+from graphc.ir.registry import SOURCE, get
+
+# Kernels that may be evaluated again on the host for a check: they read memory at computed
+# positions only by the index ops checked themselves, and draw no random numbers.
+HOST_PATTERNS = ("elementwise", "shape", "view", "constant")
+HOST_CHAIN_LIMIT = 8  # kernels: an index computed by a longer chain is checked where it is read
 
 
 @dataclass(frozen=True)
@@ -38,17 +49,39 @@ class IndexCheck:
     wrap_negative: bool
     loc: str | None
 
+    @property
+    def sources(self) -> tuple[Value, ...]:
+        """The values whose arrays a call of the check takes, in order."""
+        return (self.indices,)
+
     def __call__(self, array: np.ndarray) -> None:
         check_indices(self.op, array, self.size, self.wrap_negative, self.loc)
 
 
+@dataclass(frozen=True)
+class ComputedIndexCheck:
+    """`check` of an index array that `kernels` (in order) compute from the arrays of `sources`
+    (values held by graph inputs): evaluated on the host with the reference interpreter."""
+
+    check: IndexCheck
+    kernels: tuple[Node, ...]
+    sources: tuple[Value, ...]
+
+    def __call__(self, *arrays: np.ndarray) -> None:
+        env = dict(zip(self.sources, arrays))
+        for kernel in self.kernels:
+            env.update(zip(kernel.outputs, evaluate(kernel.subgraph, [env[v] for v in kernel.inputs])))
+        self.check(env[self.check.indices])
+
+
 @dataclass
 class IndexChecks:
-    """`on_inputs`: checks of arrays held by graph inputs (`input_of` gives which), run before
-    any kernel; `before`: the others, keyed by the first kernel reading their array."""
+    """`on_inputs`: checks of arrays held by or computed from graph inputs alone (`input_of`
+    gives the input of each of their `sources`), run before any kernel; `before`: the others,
+    keyed by the first kernel reading their array."""
 
-    on_inputs: list[IndexCheck] = field(default_factory=list)
-    input_of: dict[IndexCheck, int] = field(default_factory=dict)
+    on_inputs: list[IndexCheck | ComputedIndexCheck] = field(default_factory=list)
+    input_of: dict[IndexCheck | ComputedIndexCheck, tuple[int, ...]] = field(default_factory=dict)
     before: dict[Node, list[IndexCheck]] = field(default_factory=dict)
 
 
@@ -58,12 +91,14 @@ def enabled() -> bool:
 
 def plan_index_checks(fused: Graph, plan: MemoryPlan) -> IndexChecks:
     """The checks a call of `fused` (kernel nodes in `plan.schedule` order) runs: one per
-    distinct (array, valid range), a gather and the scatter of its gradient sharing one."""
+    distinct (array, valid range), a gather and the scatter of its gradient sharing one, named
+    after the gather (the op the user wrote, not its gradient)."""
     checks = IndexChecks()
     if not enabled():
         return checks
     inputs = {v: k for k, v in enumerate(fused.input_values)}
-    seen: set[tuple[Value, int, bool]] = set()
+    position = {kernel: n for n, kernel in enumerate(plan.schedule)}
+    found: dict[tuple[Value, int, bool], tuple[IndexCheck, Node]] = {}  # -> check, first reader run
     for kernel in plan.schedule:
         if kernel.subgraph is None:
             continue
@@ -80,17 +115,56 @@ def plan_index_checks(fused: Graph, plan: MemoryPlan) -> IndexChecks:
             if indices not in outer:
                 raise AssertionError(f"{kernel.attrs['name']}: {member.op} reads indices computed in "
                                      f"the same kernel; they cannot be checked before it runs")
-            value = outer[indices]
-            if (value, size, wrap_negative) in seen:
-                continue
-            seen.add((value, size, wrap_negative))
-            check = IndexCheck(value, member.op, size, wrap_negative, member.loc)
-            root = plan.root(value)
-            if plan.locations[root].kind == "constant":
-                check(np.asarray(root.producer.subgraph.nodes[0].attrs["value"]).reshape(value.shape))
-            elif root in inputs:
-                checks.on_inputs.append(check)
-                checks.input_of[check] = inputs[root]
+            key = (outer[indices], size, wrap_negative)
+            named = IndexCheck(outer[indices], member.op, size, wrap_negative, member.loc)
+            if key in found:
+                check, first = found[key]
+                if get(check.op).indexed_load or not get(member.op).indexed_load:
+                    named = check
+                found[key] = (named, kernel if position[kernel] < position[first] else first)
             else:
-                checks.before.setdefault(kernel, []).append(check)
+                found[key] = (named, kernel)
+    # the first kernel writing a donated input's buffer in place: a check after it is too late
+    first_write = min((position.get(plan.root(fused.output_values[j]).producer, len(position))
+                       for j in plan.donated_in_place.values()), default=len(position))
+    for check, first_reader in found.values():
+        root = plan.root(check.indices)
+        if plan.locations[root].kind == "constant":
+            check(np.asarray(root.producer.subgraph.nodes[0].attrs["value"]).reshape(check.indices.shape))
+        elif root in inputs:
+            checks.on_inputs.append(check)
+            checks.input_of[check] = (inputs[root],)
+        elif position[first_reader] > first_write and (
+                computed := _computed_from_inputs(check, plan, inputs)) is not None:
+            checks.on_inputs.append(computed)
+            checks.input_of[computed] = tuple(inputs[plan.root(v)] for v in computed.sources)
+        else:
+            checks.before.setdefault(first_reader, []).append(check)
     return checks
+
+
+def _computed_from_inputs(check: IndexCheck, plan: MemoryPlan, inputs: dict[Value, int]
+                          ) -> ComputedIndexCheck | None:
+    """`check` on its array computed again from graph inputs, where HOST_PATTERNS kernels, at
+    most HOST_CHAIN_LIMIT of them, compute it from those alone; None otherwise."""
+    kernels: list[Node] = []
+    sources: list[Value] = []
+    pending = [check.indices]
+    while pending:
+        value = pending.pop()
+        kernel = value.producer
+        if plan.root(value) in inputs:
+            sources.append(value)
+            continue
+        if kernel is None or kernel in kernels:
+            continue
+        if (kernel.subgraph is None or kernel.attrs.get("pattern") not in HOST_PATTERNS
+                or len(kernels) == HOST_CHAIN_LIMIT
+                or any(index_bounds(m) is not None or (get(m.op).kind == SOURCE and m.op != "constant")
+                       for m in kernel.subgraph.nodes)):
+            return None
+        kernels.append(kernel)
+        pending.extend(kernel.inputs)
+    order = {kernel: n for n, kernel in enumerate(plan.schedule)}
+    return ComputedIndexCheck(check, tuple(sorted(kernels, key=order.__getitem__)),
+                              tuple(dict.fromkeys(sources)))

@@ -18,13 +18,11 @@ class ReferenceExecutable:
         self.donate = dict(donate or {})
 
     def __call__(self, *args: np.ndarray) -> list[np.ndarray]:
-        from .signature import prepare_inputs
+        from .signature import prepare_inputs, store_donated
 
         arrays = prepare_inputs(self.graph, args, donated=tuple(self.donate))
         outs = evaluate(self.graph, arrays)
-        for i, o in self.donate.items():
-            np.copyto(arrays[i], outs[o])
-            outs[o] = arrays[i]
+        store_donated(arrays, outs, self.donate)
         return outs
 
 

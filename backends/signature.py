@@ -70,3 +70,19 @@ class InputSignature:
 def prepare_inputs(graph: Graph, args: Sequence[Any], donated: Sequence[int] = ()) -> list[np.ndarray]:
     """`InputSignature(graph, donated).prepare(args)`, for a single call."""
     return InputSignature(graph, donated).prepare(args)
+
+
+def store_donated(arrays: list[np.ndarray], results: list[np.ndarray], donate: dict[int, int]) -> None:
+    """Write results[o] into the buffer of each donated input arrays[i] (donate: i -> o), which
+    then stands for that result. A result in another donated input's memory (outputs that swap
+    two inputs) is copied first: that buffer may be written before the result is read."""
+    def owner(array: np.ndarray) -> int:
+        return id(array if array.base is None else array.base)
+    buffers = {owner(arrays[i]): i for i in donate}
+    for i, o in donate.items():
+        if buffers.get(owner(results[o]), i) != i:
+            results[o] = results[o].copy()
+    for i, o in donate.items():
+        if results[o] is not arrays[i]:  # else written in place already
+            np.copyto(arrays[i], results[o])
+        results[o] = arrays[i]

@@ -29,9 +29,10 @@ import numpy as np
 
 from graphc.backends import Profiled
 from graphc.backends.profile import ProfileReport, merged_report
-from graphc.backends.signature import InputSignature
+from graphc.backends.signature import InputSignature, store_donated
 from graphc.ir import Graph, Node, Value
 from graphc.ir.ops.control import SCAN_OP, split_inputs
+from graphc.ir.ops.indexing import index_bounds
 from graphc.passes.row_blocks import row_block_body
 
 Run = Callable[[list[np.ndarray]], list[np.ndarray]]
@@ -150,10 +151,7 @@ class SegmentedExecutable:
         for run, inputs, outputs in self.parts:
             env.update(zip(outputs, run([env[v] for v in inputs])))
         results = [env[v] for v in self.graph.output_values]
-        for i, o in self.donate.items():
-            if results[o] is not arrays[i]:  # else a part wrote it in place
-                np.copyto(arrays[i], results[o])
-            results[o] = arrays[i]
+        store_donated(arrays, results, self.donate)  # those a part did not write in place
         for spare, array in self._lent:  # kept for the next call unless the caller gets it, or a view
             if not any(np.may_share_memory(array, r) for r in results):
                 self._spare.setdefault(spare.dtype, []).append(spare)
@@ -242,6 +240,9 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
     of rows side by side; its body is then compiled for a block instead of whole."""
     last_read = _last_reads(graph)
     position = {node: i for i, node in enumerate(graph.nodes)}
+    # an index checked after a part may fail the call: the part then must not have written a
+    # donated input in place (a bad id read after a scan, BatchNorm's statistics before it)
+    last_check = max((position[n] for n in graph.nodes if _reads_indices(n)), default=-1)
     parts: list[tuple[Run, list[Value], list[Value]]] = []
     pieces: list[tuple[str, Any, int]] = []
     pending: list[Node] = []
@@ -259,9 +260,10 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
         pending.clear()
         if outputs:
             # a donated input read by nothing after this part is written by it in place (a
-            # training step's parameters and optimizer state, else copied in after the call)
+            # training step's parameters and optimizer state, else copied in after the call),
+            # unless an index is checked after it
             part_donate = {inputs.index(u): outputs.index(v) for u, v in donated
-                           if u in inputs and v in outputs and last_read[u] <= end}
+                           if u in inputs and v in outputs and last_read[u] <= end and last_check <= end}
             executable = compile_part(segment, part_donate)
             if hasattr(executable, "lend_outputs"):  # each part runs once a call: what only later
                 # parts read needs no copy out of its memory (an LSTM's input projection, 3.7 MiB
@@ -319,6 +321,13 @@ def _row_block_runner(node: Node, body: Graph, compile_part: Compile, backend: R
     if last_body is None:
         return runner, [(block_body, blocks)]
     return runner, [(block_body, blocks - 1), (last_body, 1)]
+
+
+def _reads_indices(node: Node) -> bool:
+    """Does `node`, or a node of its body, read memory at indices that a call checks?"""
+    if node.subgraph is not None:
+        return any(_reads_indices(n) for n in node.subgraph.nodes)
+    return index_bounds(node) is not None
 
 
 def _scan_runner(node: Node, body: Any) -> Run:

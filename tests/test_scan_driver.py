@@ -398,3 +398,42 @@ def test_a_donated_input_is_written_by_the_part_computing_its_new_value_unless_r
     got = executable(*args)
     assert got[0] is u
     close(got, want)
+
+
+def _updates_before_a_checked_gather(u, h, xs, ids, table):
+    new_u = u * 0.5 + 1.0  # the first part's; nothing after it reads u
+    last, _ = gc.scan(lambda c, x: ((c * 0.5 + x).tanh(),) * 2, h, xs)
+    return new_u, last + gc.gather(table, ids, axis=0)
+
+
+@pytest.mark.parametrize("backend", [CPU, REF])
+def test_a_call_failing_on_an_index_after_a_part_leaves_its_donated_inputs_unchanged(backend):
+    """An index checked after the part computing a donated input's new value (a bad id read
+    after a scan) fails the call: the part must not have written the input in place."""
+    args = [f32(3, 3), f32(2, 3), f32(4, 2, 3), np.array([0, 4]), f32(5, 3)]
+    executable = compile_graph(gc.trace(_updates_before_a_checked_gather, *args), backend, donate={0: 0})
+    u = args[0]
+    before = u.copy()
+    with pytest.raises(IndexOutOfRangeError, match="gather: index 9"):
+        executable(*args[:3], np.array([0, 9]), args[4])
+    np.testing.assert_array_equal(u, before)
+    want = gc.jit(_updates_before_a_checked_gather, backend=REF)(*[a.copy() for a in args])
+    close(executable(*args), want)
+    np.testing.assert_array_equal(u, before * 0.5 + 1.0)
+
+
+def _swaps(u, v, h, xs):
+    last, _ = gc.scan(lambda c, x: ((c * 0.5 + x).tanh(),) * 2, h, xs)
+    return v, u, last
+
+
+@pytest.mark.parametrize("backend", [CPU, REF])
+def test_donated_inputs_whose_new_values_swap_them_are_swapped(backend):
+    """u' = v and v' = u, both donated: each result is read before the other's buffer is
+    written (one at a time, v' read u's buffer after u' overwrote it)."""
+    u, v = f32(3, 3), f32(3, 3)
+    old_u, old_v = u.copy(), v.copy()
+    executable = compile_graph(gc.trace(_swaps, u, v, f32(3, 3), f32(4, 3, 3)), backend, donate={0: 0, 1: 1})
+    executable(u, v, f32(3, 3), f32(4, 3, 3))
+    np.testing.assert_array_equal(u, old_v)
+    np.testing.assert_array_equal(v, old_u)

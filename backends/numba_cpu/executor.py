@@ -28,7 +28,7 @@ import numba
 import numpy as np
 
 from graphc.backends import LoweredGraph, PlannedExecutable
-from graphc.backends.bounds import IndexCheck, IndexChecks, plan_index_checks
+from graphc.backends.bounds import ComputedIndexCheck, IndexCheck, IndexChecks, plan_index_checks
 from graphc.backends.kernels.arrays import INPUT, OUTPUT, SCRATCH, KernelArray
 from graphc.backends.kernel_files import signature_of
 from graphc.backends.profile import ProfileReport, ProfileRow
@@ -84,7 +84,8 @@ class CompiledKernel:
 class _Step:
     kernel: CompiledKernel
     calls: tuple[tuple[Callable[..., None], tuple[int, ...]], ...]  # function, env slots of its args
-    checks: tuple[tuple[IndexCheck, int], ...] = ()  # run first: index arrays and their env slots
+    # run first: index checks and the env slots of the arrays each takes
+    checks: tuple[tuple[IndexCheck | ComputedIndexCheck, tuple[int, ...]], ...] = ()
 
 
 def _picker(slots: tuple[int, ...]) -> Callable[[list[Any]], tuple[Any, ...]]:
@@ -185,12 +186,13 @@ class Executable(PlannedExecutable):
         self._steps = [self._step(kernels[n], checks.before.get(n, [])) for n in plan.schedule if n in kernels]
         if checks.on_inputs:  # before any kernel: a bad label stops the step before it changes anything
             first = self._steps[0]
-            first.checks = tuple((c, self._slot(c.indices, None)) for c in checks.on_inputs) + first.checks
+            first.checks = tuple((c, tuple(self._slot(v, None) for v in c.sources))
+                                 for c in checks.on_inputs) + first.checks
         # every call in order, index checks included: the function and what picks its
         # arguments out of the env list
         self._run = []
         for step in self._steps:
-            self._run += [(check, _picker((slot,))) for check, slot in step.checks]
+            self._run += [(check, _picker(slots)) for check, slots in step.checks]
             self._run += [(function, _picker(slots)) for function, slots in step.calls]
         self._view_memo: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(self._views)
 
@@ -263,7 +265,7 @@ class Executable(PlannedExecutable):
                     value = arg.pick(node.inputs, node.outputs, ())
                     slots.append(self._slot(value, call.view_of(k, value.type)))
             calls.append((function, tuple(slots)))
-        return _Step(kernel, tuple(calls), tuple((c, self._slot(c.indices, None)) for c in checks))
+        return _Step(kernel, tuple(calls), tuple((c, (self._slot(c.indices, None),)) for c in checks))
 
     def lend_outputs(self, positions: Iterable[int]) -> None:
         """Return the outputs at `positions` that live in the arena without copying them. Not
@@ -376,8 +378,8 @@ class Executable(PlannedExecutable):
         """Add each call's time to totals[(kernel name, call index)]."""
         clock = time.perf_counter
         for step in self._steps:
-            for check, slot in step.checks:
-                check(env[slot])
+            for check, slots in step.checks:
+                check(*[env[s] for s in slots])
             for index, (function, slots) in enumerate(step.calls):
                 start = clock()
                 function(*[env[s] for s in slots])

@@ -193,8 +193,8 @@ class Executable(PlannedExecutable, DeviceResident):
     # -- calling ------------------------------------------------------------------------------
     def __call__(self, *args: Any) -> list[np.ndarray]:
         arrays = prepare_inputs(self.graph, args, tuple(self._donated))
-        for check, k in self._input_checks:
-            check(arrays[k].reshape(check.indices.shape))
+        for check, ks in self._input_checks:
+            check(*[arrays[k].reshape(v.shape) for k, v in zip(ks, check.sources)])
         with self._lock:
             self._upload(arrays)
             for position, (function, grid, block, arguments) in enumerate(self._launches):
