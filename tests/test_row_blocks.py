@@ -211,6 +211,27 @@ def test_side_by_side_runs_every_job_at_once_and_raises_the_first_error(threads,
     assert sorted(ran[3:]) == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_process_forked_after_the_team_ran_runs_the_row_blocks_too():
+    """GNU OpenMP's team does not survive fork (GOMP_parallel never returned in the child): a
+    forked child, a multiprocessing worker, runs the blocks on Python threads."""
+    import multiprocessing
+    from graphc.backends.numba_cpu import team
+    ran = []
+    team.run_side_by_side([(ran.append, (0,)), (ran.append, (1,))])  # the parent's team, if any
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        result = pool.apply_async(_side_by_side_in_a_child)
+        assert sorted(result.get(timeout=60)) == [0, 1, 2]
+
+
+def _side_by_side_in_a_child() -> list[int]:
+    from graphc.backends.numba_cpu import team
+    ran: list[int] = []
+    team.run_side_by_side([(ran.append, (i,)) for i in range(3)])
+    return ran
+
+
 def test_a_batch_runs_in_as_many_blocks_as_threads_each_of_the_rows_they_share_out(monkeypatch):
     """ceil(batch / threads) rows a block, the last block the rest: 6 rows on 4 threads run as 3
     blocks of 2, 5 as 2, 2 and 1."""

@@ -6,13 +6,15 @@ GOMP_parallel. Its worker threads keep spinning for a while after each parallel 
 thread given a block right after one shares its core with a spinning worker (lstm-64's forward
 loop, 2 threads: 11.9 ms a call against 7.7 ms with the workers told to sleep). Given to the
 worker itself, the block runs at once, and no compiled parallel launcher is needed (Numba's
-parallel compile of one took 0.6-0.9 s a scan). Under another threading layer, or where the
-library lacks GNU's entry points, the calls run on Python threads.
+parallel compile of one took 0.6-0.9 s a scan). Under another threading layer, where the
+library lacks GNU's entry points, or in a process forked from one (GNU OpenMP's team does not
+survive fork: GOMP_parallel never returns in the child), the calls run on Python threads.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 import threading
 from typing import Any, Callable, Sequence
@@ -25,12 +27,13 @@ _MEMBER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _LOCK = threading.Lock()  # one team at a time: its jobs and errors are these lists
 _jobs: list[Job] = []
 _errors: list[BaseException] = []
+_PROCESS = os.getpid()  # the team's process, not a child forked from it
 
 
 def run_side_by_side(jobs: Sequence[Job]) -> None:
     """Call every (function, arguments) of `jobs` at once, one per thread, the caller's among
     them; return when all have returned, raising the first error any raised."""
-    team = _openmp()
+    team = _openmp() if os.getpid() == _PROCESS else None
     with _LOCK:
         _jobs[:], _errors[:] = jobs, []
         try:
