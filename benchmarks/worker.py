@@ -64,18 +64,11 @@ def planned_memory(executable: Any) -> dict[str, int] | None:
     if getattr(executable, "plan", None) is not None:
         return {"arena_bytes": int(executable.plan.peak_bytes), "naive_bytes": int(executable.plan.naive_bytes),
                 "kernels": len(executable.kernels)}
-    pieces = getattr(executable, "pieces", None)
-    if pieces is None:
+    if getattr(executable, "pieces", None) is None:
         return None
-    # a row-block driver runs its body over a copy of its arena per block (a Python loop, one)
-    blocks = {id(run.body): run.blocks for run, _, _ in executable.parts
-              if hasattr(run, "body") and isinstance(getattr(run, "blocks", None), int)}
-    planned = [(e, blocks.get(id(e), 1)) for _, e, _ in pieces if getattr(e, "plan", None) is not None]
-    stacks = sum(v.type.nbytes for run, _, _ in executable.parts if hasattr(run, "node")
-                 for v in run.node.outputs[run.node.attrs["num_carry"]:])
-    return {"arena_bytes": sum(e.plan.peak_bytes * n for e, n in planned) + stacks,
-            "naive_bytes": sum(e.plan.naive_bytes * n for e, n in planned) + stacks,
-            "kernels": sum(len(e.kernels) for e, _ in planned)}
+    plan = executable.memory_plan
+    return {"arena_bytes": plan.peak_bytes, "naive_bytes": plan.naive_bytes,
+            "kernels": sum(len(e.kernels) for _, e, _ in executable.pieces if getattr(e, "plan", None) is not None)}
 
 
 def graphc_step(workload: str, x: np.ndarray, y: np.ndarray, tiny: bool, init: str | None) -> Step:

@@ -37,6 +37,7 @@ from graphc.passes.rebatch import match_extents, rebatch
 from . import random as gc_random
 from .api import inline_graph, user_facing
 from .lowering import collecting_new_objects_only, compile_graph
+from .scan_lowering import SegmentedExecutable, SegmentedMemoryPlan
 from .nn.module import (Module, claim_state, functional_call, named_arrays, named_state_refs,
                         release_state_holders, state_arrays, sync_state_holders, traced_state,
                         unclaim_state)
@@ -215,7 +216,11 @@ class _CompiledModelBase:
         export(self, path, max_batch)
 
     @property
-    def memory_plan(self) -> MemoryPlan:
+    def memory_plan(self) -> MemoryPlan | SegmentedMemoryPlan:
+        """The compiled graph's memory plan; a program with scans has one per compiled part and
+        loop body (SegmentedMemoryPlan)."""
+        if isinstance(self.executable, SegmentedExecutable):
+            return self.executable.memory_plan
         if not isinstance(self.executable, PlannedExecutable):
             raise GraphcError(f"backend {self.backend!r} has no memory plan")
         return self.executable.plan

@@ -50,6 +50,7 @@ from graphc.passes import SIMPLIFY, Stages
 
 from .bounded_io import ZipMembers, parse_json
 from .lowering import compile_graph
+from .scan_lowering import SegmentedExecutable
 from .step_builder import rate_input_names
 
 log = logging.getLogger("graphc")
@@ -108,7 +109,9 @@ def _plan_summary(executable: Executable, fused: Graph) -> dict[str, Any]:
     kernels = [{"name": n.attrs.get("name", n.op), "pattern": n.attrs.get("pattern", ""),
                 "ops": [m.op for m in n.subgraph.nodes] if n.subgraph is not None else [n.op]}
                for n in fused.nodes]
-    memory = executable.plan.to_dict() if isinstance(executable, PlannedExecutable) else None
+    plan = (executable.memory_plan if isinstance(executable, SegmentedExecutable)
+            else executable.plan if isinstance(executable, PlannedExecutable) else None)
+    memory = plan.to_dict() if plan is not None else None
     return {"kernels": kernels, "memory": memory}
 
 

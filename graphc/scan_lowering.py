@@ -23,6 +23,7 @@ import sys
 import threading
 import weakref
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -31,6 +32,7 @@ from graphc.backends import Profiled
 from graphc.backends.profile import ProfileReport, merged_report
 from graphc.backends.signature import InputSignature, store_donated
 from graphc.ir import Graph, Node, Value
+from graphc.ir.memory import MemoryPlan
 from graphc.ir.ops.control import SCAN_OP, split_inputs
 from graphc.ir.ops.indexing import index_bounds
 from graphc.passes.row_blocks import row_block_body
@@ -85,6 +87,37 @@ class ScanLoop:
         return [np.concatenate(parts) if len(parts) > 1 else np.array(parts[0]) for parts in zip(*finals)] + ys
 
 
+@dataclass(frozen=True)
+class SegmentedMemoryPlan:
+    """The memory of a program with scans: each compiled part's and loop body's own arena (a
+    body run in row blocks has one per block: `plans` holds (label, plan, copies)), and the
+    loops' stacked outputs, arrays outside the arenas."""
+
+    plans: list[tuple[str, MemoryPlan, int]]
+    stack_bytes: int
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(plan.peak_bytes * copies for _, plan, copies in self.plans) + self.stack_bytes
+
+    @property
+    def naive_bytes(self) -> int:
+        return sum(plan.naive_bytes * copies for _, plan, copies in self.plans) + self.stack_bytes
+
+    def summary(self) -> str:
+        saved = 1 - self.peak_bytes / self.naive_bytes if self.naive_bytes else 0.0
+        lines = [f"{self.peak_bytes} bytes in {len(self.plans)} arenas of parts and loop bodies and "
+                 f"{self.stack_bytes} bytes of loop outputs stacked (naive {self.naive_bytes} bytes, "
+                 f"{saved:.0%} saved)"]
+        lines += [f"  {label}: {plan.summary()}" + (f", {copies} blocks" if copies > 1 else "")
+                  for label, plan, copies in self.plans]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"peak_bytes": self.peak_bytes, "naive_bytes": self.naive_bytes, "stack_bytes": self.stack_bytes,
+                "pieces": [{"label": label, "copies": copies, **plan.to_dict()} for label, plan, copies in self.plans]}
+
+
 class SegmentedExecutable:
     """A graph with scans, run as its compiled parts and loops in order. A donated input is
     written in place by the part computing its new value where nothing after that part reads
@@ -105,11 +138,12 @@ class SegmentedExecutable:
 
     def __init__(self, graph: Graph, parts: list[tuple[Run, list[Value], list[Value]]],
                  pieces: list[tuple[str, Any, int]], donate: dict[int, int] | None = None,
-                 memory_of: Any = None) -> None:
+                 memory_of: Any = None, arenas: Sequence[int] | None = None) -> None:
         self.graph = graph
         self.parts = parts
         # (label, executable, runs per call) of every compiled part and scan body, for profiles
         self.pieces = pieces
+        self.arenas = list(arenas or [1] * len(pieces))  # per piece: the copies of its arena a call uses
         self.profile_printed_at_exit = True
         for _, executable, _ in pieces:
             if isinstance(executable, Profiled):  # this program's table includes theirs
@@ -157,6 +191,15 @@ class SegmentedExecutable:
                 self._spare.setdefault(spare.dtype, []).append(spare)
         self._lent = []
         return results
+
+    @property
+    def memory_plan(self) -> SegmentedMemoryPlan:
+        """The memory plans of its compiled parts and loop bodies, and its loops' stacks."""
+        plans = [(label, executable.plan, copies) for (label, executable, _), copies
+                 in zip(self.pieces, self.arenas) if getattr(executable, "plan", None) is not None]
+        stacks = sum(v.type.nbytes for run, _, _ in self.parts if hasattr(run, "node")
+                     for v in run.node.outputs[run.node.attrs["num_carry"]:])
+        return SegmentedMemoryPlan(plans, stacks)
 
     # -- profiling (the kernel backends' Profiled protocol) ---------------------------------------
     @property
@@ -245,6 +288,7 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
     last_check = max((position[n] for n in graph.nodes if _reads_indices(n)), default=-1)
     parts: list[tuple[Run, list[Value], list[Value]]] = []
     pieces: list[tuple[str, Any, int]] = []
+    arenas: list[int] = []  # per piece: the copies of its arena a call uses
     pending: list[Node] = []
     stacked_by_scans: set[Value] = set()  # stacked outputs of scans: fresh arrays of their own
     returned = set(graph.output_values)
@@ -271,6 +315,7 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
                 executable.lend_outputs(i for i, v in enumerate(outputs) if v not in returned)
             parts.append((lambda args, run=executable: list(run(*args)), inputs, outputs))
             pieces.append((f"part{len(parts) - 1}", executable, 1))
+            arenas.append(1)
 
     for node in graph.nodes:
         if node.op != SCAN_OP:
@@ -285,16 +330,18 @@ def compile_with_scans(graph: Graph, compile_part: Compile, donate: dict[int, in
             for i, (block_body, blocks) in enumerate(bodies):
                 label = f"scan{len(parts)}" + (".last" if i else "")  # the last block's fewer rows
                 pieces.append((label, block_body, node.attrs["length"] * blocks))
+                arenas.append(blocks)  # each block runs the body over an arena of its own
         else:
             executable = compile_part(body)
             pieces.append((f"scan{len(parts)}", executable, node.attrs["length"]))
+            arenas.append(1)
             runner = _scan_runner(node, executable)
         if hasattr(runner, "overwritable"):
             runner.overwritable = _handed_over(node, position[node], last_read, stacked_by_scans)
         stacked_by_scans.update(v for v in node.outputs[node.attrs["num_carry"]:])
         parts.append((runner, list(node.inputs), list(node.outputs)))
     close_segment()
-    return SegmentedExecutable(graph, parts, pieces, donate, memory_of)
+    return SegmentedExecutable(graph, parts, pieces, donate, memory_of, arenas)
 
 
 def _row_block_runner(node: Node, body: Graph, compile_part: Compile, backend: RowBlocks

@@ -437,3 +437,31 @@ def test_donated_inputs_whose_new_values_swap_them_are_swapped(backend):
     executable(u, v, f32(3, 3), f32(4, 3, 3))
     np.testing.assert_array_equal(u, old_v)
     np.testing.assert_array_equal(v, old_u)
+
+
+def test_a_training_step_with_scans_shows_the_memory_of_each_part_and_loop(tmp_path, capsys):
+    """step.memory_plan of a program with scans: each compiled part's and loop body's arena
+    (a body run in row blocks once per block) and the loops' stacks, summed; `graphc info`
+    shows it for the export."""
+    from graphc import optim
+    from graphc.cli import main
+    from graphc.scan_lowering import SegmentedExecutable, SegmentedMemoryPlan
+    gc.manual_seed(0)
+    model = nn.LSTM(3, 8, unroll=False)
+    x, target = f32(5, 4, 3), f32(4, 8)
+    step = gc.compile_train_step(model, lambda out, t: ((out[0][-1] - t) ** 2).mean(),
+                                 optim.SGD(model.parameters(), lr=0.1), (x, target), backend=CPU)
+    step(x, target)
+    assert isinstance(step.executable, SegmentedExecutable)
+    plan = step.memory_plan
+    assert isinstance(plan, SegmentedMemoryPlan)
+    labels = [label for label, _, _ in plan.plans]
+    assert [label for label in labels if label.startswith("scan")] == ["scan1", "scan3"]
+    assert plan.stack_bytes > 0 and plan.peak_bytes == plan.stack_bytes + sum(
+        p.peak_bytes * copies for _, p, copies in plan.plans)
+    summary = plan.summary()
+    assert all(f"  {label}: arena" in summary for label in labels)
+    path = str(tmp_path / "lstm.gcx")
+    step.export(path)
+    assert main(["info", path]) == 0
+    assert f"arena: peak {plan.peak_bytes:,} bytes" in capsys.readouterr().out
