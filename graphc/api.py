@@ -16,7 +16,7 @@ import numpy as np
 
 from graphc.ir import Graph, InputError, Node, TensorType, Value
 from graphc.ir.errors import GraphcError, without_internal_frames
-from graphc.ir.graph import safe_module_path
+from graphc.ir.graph import GraphInput, safe_module_path
 from graphc.passes import SIMPLIFY, Stages, autodiff
 from graphc.tree import TreeDef, flatten, unflatten
 
@@ -93,11 +93,13 @@ def _input_names(fn: Callable, paths: list[str], count: int) -> list[str]:
 # -- tracing -------------------------------------------------------------------------------
 class Traced(NamedTuple):
     """A traced (and staged) function: its graph takes the explicit arguments' leaves, then
-    the modules' parameters and buffers it reads (`reads`), then the RNG key if it draws."""
+    the tensors of an enclosing trace it closes over (`captured`, that trace's values), then the
+    modules' parameters and buffers it reads (`reads`), then the RNG key if it draws."""
 
     graph: Graph
     out_tree: TreeDef
     reads: ModuleReads
+    captured: tuple[Value, ...] = ()
 
 
 def _trace(fn: Callable, args: Sequence[Any], name: str) -> tuple[Traced, list[str]]:
@@ -121,13 +123,43 @@ def _trace(fn: Callable, args: Sequence[Any], name: str) -> tuple[Traced, list[s
             rng = t.builder.graph.inputs.pop(next(i for i, inp in enumerate(t.builder.graph.inputs)
                                                   if inp.value is t.rng_key))
             t.builder.graph.inputs.append(rng)
-    return Traced(t.builder.graph, out_tree, t.module_reads()), out_paths
+    captured = _lift_captured(t.builder.graph, len(leaves))
+    return Traced(t.builder.graph, out_tree, t.module_reads(), captured), out_paths
+
+
+def _lift_captured(graph: Graph, position: int) -> tuple[Value, ...]:
+    """The values of enclosing traces that `graph` reads (a function traced inside another,
+    gc.grad's inside gc.jit's, closing over the outer function's tensors), each made an input
+    of `graph` inserted at `position`, after the function's arguments, as JAX converts closures."""
+    defined = set(graph.input_values) | {v for node in graph.nodes for v in node.outputs}
+    outer = [v for node in graph.nodes for v in node.inputs if v not in defined]
+    outer = tuple(dict.fromkeys(outer + [v for v in graph.output_values if v not in defined]))
+    if not outer:
+        return ()
+    lifted = {v: Value(v.type) for v in outer}
+    for node in graph.nodes:
+        node.inputs = tuple(lifted.get(v, v) for v in node.inputs)
+    graph.outputs = [(name, lifted.get(v, v)) for name, v in graph.outputs]
+    graph.inputs[position:position] = [GraphInput(f"captured{i}", "data", lifted[v]) for i, v in enumerate(outer)]
+    return outer
 
 
 @user_facing
 def trace(fn: Callable, *example_args: Any) -> Graph:
     """Trace `fn` on example arguments (arrays, numbers or TensorTypes) into a graph."""
-    return _trace(fn, example_args, getattr(fn, "__name__", "fn"))[0].graph
+    name = getattr(fn, "__name__", "fn")
+    traced = _trace(fn, example_args, name)[0]
+    _refuse_captured(traced, name)
+    return traced.graph
+
+
+def _refuse_captured(traced: Traced, name: str) -> None:
+    """A function traced on its own reads no other trace's tensors: one kept from an earlier
+    trace (a global, a closure) has no value at the call."""
+    if traced.captured:
+        raise GraphcError(f"{name} reads {len(traced.captured)} tensor(s) of another traced function "
+                          f"(kept from an earlier trace: a closure or a global); pass the array as an "
+                          f"argument instead")
 
 
 def inline_graph(graph: Graph, args: Sequence[Tensor], reads: ModuleReads = ModuleReads()
@@ -215,7 +247,7 @@ class Staged:
         if self.stage is not None:
             graph, out_tree = self.stage(graph, in_tree, out_tree)
             stages.record(self.stage_name, graph)
-        return Traced(stages.run(graph, [SIMPLIFY]), out_tree, traced.reads)
+        return Traced(stages.run(graph, [SIMPLIFY]), out_tree, traced.reads, traced.captured)
 
     @user_facing
     def __call__(self, *args: Any) -> Any:
@@ -224,6 +256,7 @@ class Staged:
             from .tensor import as_tensor
             tensors = [as_tensor(l) for l in leaves]
             traced = self.build(unflatten(treedef, tensors), Stages(self.name))
+            tensors += [Tensor(v) for v in traced.captured]
             return unflatten(traced.out_tree, inline_graph(traced.graph, tensors, traced.reads))
         names = _input_names(self.fn, paths, len(args))
         arrays = [to_array(l, n) for l, n in zip(leaves, names)]
@@ -234,6 +267,7 @@ class Staged:
             stages = Stages(self.name)
             with collecting_new_objects_only():
                 traced = self.build(arrays_like(treedef, arrays), stages)
+                _refuse_captured(traced, self.name)
                 executable = compile_graph(traced.graph, self.backend, stages=stages)
             reads = traced.reads
             entry = _Entry(signature, executable, traced.graph, traced.out_tree, reads)

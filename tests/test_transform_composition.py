@@ -165,3 +165,32 @@ def test_compiled_model_composes_with_grad_and_jit():
     got = gc.grad(lambda v: compiled(v).sum(), backend=REF)(x)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     assert model.training, "compile traced in eval mode and left the model's mode as it was"
+
+
+@pytest.mark.parametrize("backend", [REF, "numba-cpu"])
+def test_a_transform_inside_a_trace_may_close_over_the_traces_tensors(backend):
+    """grad, value_and_grad and jit of a function reading the outer function's tensors from
+    its closure (JAX converts the closure): those are constants of the inner function, inputs
+    of what it is inlined into. A KeyError before."""
+    def outer(w, x):
+        g = gc.grad(lambda w: ((w * x) ** 2).sum())(w)
+        value, g2 = gc.value_and_grad(lambda w: (gc.tanh(w * x) * x).sum())(w)
+        shifted = gc.jit(lambda a: a * x + 1.0)(w)
+        curvature = gc.grad(lambda w: gc.grad(lambda v: ((v * x) ** 3).sum())(w).sum())(w)
+        return g, value, g2, shifted, curvature
+
+    w, x = np.array([1.0, 0.5, -2.0]), np.array([0.0, 1.0, 2.0])
+    got = gc.jit(outer, backend=backend)(w, x)
+    want = (2 * w * x ** 2, (np.tanh(w * x) * x).sum(), x ** 2 * (1 - np.tanh(w * x) ** 2), w * x + 1,
+            6 * w * x ** 3)
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(g, e, rtol=1e-12)
+
+
+def test_a_tensor_kept_from_an_earlier_trace_is_refused_with_a_clear_error():
+    kept = []
+    gc.jit(lambda a: kept.append(a) or a * 2, backend=REF)(np.ones(3))
+    with pytest.raises(GraphcError, match="reads 1 tensor.* of another traced function.*as an argument"):
+        gc.jit(lambda a: a + kept[0], backend=REF)(np.ones(3))
+    with pytest.raises(GraphcError, match="of another traced function"):
+        gc.trace(lambda a: a + kept[0], np.ones(3))
