@@ -134,19 +134,45 @@ def _forward_graphs(forward: Any, data: list[TensorType], sizes: list[int]) -> d
     if any(t.ndim == 0 for t in data) or len({t.shape[0] for t in data}) != 1:
         raise GraphcError(f"export(max_batch=...): every input needs the batch as its first axis; "
                           f"the inputs are {', '.join(map(str, data))}")
-    graphs = {}
+    graphs, implicit = {}, {}
     for size in sizes:
         types = [TensorType((size, *t.shape[1:]), t.dtype) for t in data]
         stages = Stages(forward.name)
-        traced, _, _ = forward._trace(types, stages)
+        traced, _, reads = forward._trace(types, stages)
         graphs[size] = stages.run(traced, [SIMPLIFY])
+        implicit.update(zip(reads.names, reads.arrays()))
         unbatched = [f"{n}: {v.type}" for n, v in graphs[size].outputs
                      if v.type.ndim == 0 or v.type.shape[0] != size]
         if unbatched:
             raise GraphcError(f"export(max_batch=...): at batch {size} the output {unbatched[0]} "
                               "does not have the batch as its first axis, so batches cannot be "
                               "padded and split")
+    if 1 in graphs and 2 in graphs and not any(inp.role == "rng" for inp in graphs[2].inputs):
+        _check_rows_apart(graphs[1], graphs[2], {**dict(zip(forward._names(), forward._arrays())), **implicit})
     return graphs
+
+
+def _check_rows_apart(one: Graph, two: Graph, state: dict[str, np.ndarray]) -> None:
+    """A batch is padded to its bucket: the first axis must hold samples computed apart. Run on
+    the reference interpreter, the first row of a batch of two must be that row alone (not so
+    where the first axis is time, as for a time-major bidirectional RNN: padding it in time
+    changed every output). Integer inputs (ids) are zeros in both rows; a forward drawing random
+    numbers is not checked (its draws depend on the batch's shape)."""
+    from graphc.ir.interpret import evaluate
+
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal((2, *inp.value.shape[1:])).astype(inp.value.type.np_dtype)
+            if inp.value.dtype.startswith("float") else np.zeros((2, *inp.value.shape[1:]), inp.value.type.np_dtype)
+            for inp in two.inputs if inp.role == "data"]
+    def run(graph: Graph, size: int) -> list[np.ndarray]:
+        data = iter(rows)
+        return evaluate(graph, [next(data)[:size] if inp.role == "data" else state[inp.name] for inp in graph.inputs])
+    for (name, _), alone, paired in zip(one.outputs, run(one, 1), run(two, 2)):
+        if not np.allclose(alone, paired[:1], rtol=1e-4, atol=1e-5, equal_nan=True):
+            raise GraphcError(f"export(max_batch=...): the output {name} of a sample depends on the "
+                              "other samples of its batch (axis 0): is the first axis time or a "
+                              "sequence (a time-major RNN: use batch_first=True)? Padding a batch "
+                              "would change the results; export without max_batch")
 
 
 def _bucket_graphs(compiled: Any, max_batch: int) -> dict[int, Graph]:

@@ -155,6 +155,31 @@ def test_bucket_graph_of_another_function_is_refused(model_path, tmp_path):
         gc.load(str(tampered), backend="numba-cpu")
 
 
+class TimeMajor(nn.Module):
+    """Its inputs are (time, batch, features): axis 0 is not the batch."""
+
+    def __init__(self, bidirectional: bool) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, bidirectional=bidirectional)
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+def test_a_model_whose_first_axis_mixes_samples_is_not_exported_for_padded_batches(tmp_path):
+    """Padding a time-major bidirectional RNN's first axis (time) changed every output (0.25
+    off at 5 steps padded to 8): such an export is refused. A unidirectional one, whose outputs
+    depend on earlier steps only, pads as a batch would, and exports."""
+    x = np.random.default_rng(0).standard_normal((8, 2, 3)).astype(np.float32)
+    gc.manual_seed(0)
+    with pytest.raises(gc.GraphcError, match="depends on the other samples of its batch"):
+        gc.compile(TimeMajor(True), x).export(str(tmp_path / "bi.gcx"), max_batch=8)
+    model = TimeMajor(False)
+    gc.compile(model, x).export(str(tmp_path / "uni.gcx"), max_batch=8)
+    np.testing.assert_allclose(np.asarray(gc.load(str(tmp_path / "uni.gcx"))(x[:5])),
+                               gc.compile(model, x[:5], backend="reference")(x[:5]), rtol=1e-5, atol=1e-6)
+
+
 def test_a_runner_compiles_only_the_buckets_its_max_batch_reaches(model_path):
     runner = GraphcRunner.from_file(model_path, max_batch=3, backend="numba-cpu")
     # 8 is graph.json's own batch, compiled by gc.load; 1, 2 and 4 serve batches of 1 to 3
