@@ -2,11 +2,11 @@
 
 The input projection x @ W_ih^T of every step is one matrix product over (T*N, I), outside the
 time loop; only the hidden recurrence h @ W_hh^T runs per step. A scanned RNN or LSTM whose input
-is narrow (at most hidden_size / FOLD_INPUT_RATIO features: MNIST's rows of 7 pixels, or one,
-for 128 hidden units)
-multiplies [x_t, h] by [W_ih, W_hh]^T per step instead: the product's depth grows by the few
-features, while the all-steps projection (a GEMM of depth 1 to 7, slow in BLAS), its
-(T, N, 4 * hidden) stack and the separate weight gradient of W_ih go. The time loop itself is a
+is narrow (at most hidden_size / FOLD_INPUT_RATIO features: MNIST's rows of 28, 7 or 1 pixels
+for 128 hidden units) multiplies [x_t, h] by [W_ih, W_hh]^T per step instead: the product's
+depth grows by the few features, while the all-steps projection (a GEMM of depth 1 to 28, slow
+in BLAS), its (T, N, 4 * hidden) stack, its add to each step's product and the separate weight
+gradient of W_ih go. The time loop itself is a
 `gc.scan` (one traced cell, compiled once whatever the length) for sequences longer than
 `UNROLL_MAX_STEPS`, and unrolled into one cell per step for shorter ones where that measures
 faster: unless numba-cpu runs its loops in row blocks (several threads); `unroll=True/False` on
@@ -96,10 +96,14 @@ def _unrolls(steps: int, batch: int) -> bool:
 
 # A scanned layer whose input has at most hidden_size / FOLD_INPUT_RATIO features multiplies
 # [x_t, h] by [W_ih, W_hh]^T at each step instead of projecting all steps' inputs up front: each
-# step's product is at most 1/16 deeper. Measured (training step with Adam, 1 thread, process
-# time, alternated processes): LSTM 7 -> 128 over 112 steps 63.2-63.9 ms projected, 54.6-54.7
-# folded; LSTM 32 -> 256 over 64 steps (ratio 8) 64.2-69.8 projected, 68.1-73.6 folded.
-FOLD_INPUT_RATIO = 16
+# step's product is at most 1/4 deeper, and its backward computes the cotangent of h's columns
+# only (passes/simplify.py, sliced_products). Measured (training step with Adam, medians of 50
+# steps, alternated processes), projected against folded: 2 threads (row blocks), LSTM 28 -> 128
+# over 28 steps (ratio 4.6) 5.06-5.47 ms against 4.91-5.08 (6 pairs); LSTM 32 -> 256 over 64
+# steps (ratio 8) 20.9-25.3 against 19.5-23.3 (4 pairs, folded faster in each); 1 thread, the
+# latter 40.9-41.8 against 40.8-42.4. (Before those row blocks and sliced products, at 1 thread:
+# 64.2-69.8 projected, 68.1-73.6 folded.)
+FOLD_INPUT_RATIO = 4
 
 
 class _RecurrentBase(Module):
