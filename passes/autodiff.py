@@ -33,8 +33,9 @@ def _resolve_inputs(graph: Graph, wrt: Sequence[int | str]) -> list[int]:
     return indices
 
 
-def _active_nodes(graph: Graph, sources: set[Value], targets: set[Value]) -> list:
-    """Nodes whose output depends on a source and on which a target depends."""
+def _active_nodes(graph: Graph, sources: set[Value], targets: set[Value]) -> tuple[list[Node], set[Value]]:
+    """Nodes whose output depends on a source and on which a target depends, in reverse
+    topological order; and the values that depend on a source."""
     depends = set(sources)
     for node in graph.nodes:
         if any(v in depends for v in node.inputs):
@@ -45,7 +46,7 @@ def _active_nodes(graph: Graph, sources: set[Value], targets: set[Value]) -> lis
         if any(v in needed for v in node.outputs) and any(v in depends for v in node.outputs):
             active.append(node)
             needed.update(node.inputs)
-    return active  # in reverse topological order
+    return active, depends
 
 
 def _joinable_slices(parts: list[Value]) -> tuple[int, list[Value]] | None:
@@ -168,13 +169,14 @@ def _backprop(b: Builder, graph: Graph, sources: set[Value], seeds: dict[Value, 
     # Contributions are kept apart until the value's cotangent is needed, so that slices of
     # one tensor (RNN time steps, gate splits) are joined instead of summed as full-size zeros.
     cts = {v: list(parts) for v, parts in seeds.items()}
-    for node in _active_nodes(graph, sources, set(seeds)):
+    active, depends = _active_nodes(graph, sources, set(seeds))
+    for node in active:
         if not any(v in cts for v in node.outputs):
             continue
         b.at(node)  # gradient nodes point at the user line and module of the forward op
         if node.op == SCAN_OP:
             gs = [_sum_cotangents(b, cts.pop(v)) if v in cts else None for v in node.outputs]
-            input_cts = _scan_vjp(b, node, gs)
+            input_cts = _scan_vjp(b, node, gs, [v in depends for v in node.inputs])
         else:
             g = _sum_cotangents(b, cts.pop(node.output))
             rule = get(node.op).vjp
@@ -344,8 +346,10 @@ def _save_residuals(graph: Graph, node: Node, carries: list[int], products: list
     return [node.outputs[stacked_at[v]] for v in wanted]
 
 
-def _scan_vjp(b: Builder, node: Node, gs: list[Value | None]) -> list[Value | None]:
-    """The VJP of a scan: a scan over the same steps in the opposite order.
+def _scan_vjp(b: Builder, node: Node, gs: list[Value | None], wanted: Sequence[bool]) -> list[Value | None]:
+    """The VJP of a scan: a scan over the same steps in the opposite order, giving the
+    cotangents of the carries and of the consts and stacked inputs `wanted` says depend on what
+    is differentiated (not of a constant, such as a column of ones, nor of the data).
 
     Residuals: the backward body is the VJP of the forward body, which reads the forward's
     values at step t. The forward scan stacks the results of its matrix products (SAVED_OPS) and
@@ -366,9 +370,10 @@ def _scan_vjp(b: Builder, node: Node, gs: list[Value | None]) -> list[Value | No
     c, k = a["num_consts"], a["num_carry"]
     body = node.subgraph
     n_ys = len(body.outputs) - k
-    float_consts = [i for i in range(c) if is_float(consts[i].dtype)]
+    float_consts = [i for i in range(c) if is_float(consts[i].dtype) and wanted[i]]
+    # a carry's cotangent runs through the steps even where its initial value is a constant
     float_carry = [i for i in range(k) if is_float(carry[i].dtype)]
-    float_xs = [i for i in range(len(xs)) if is_float(xs[i].dtype)]
+    float_xs = [i for i in range(len(xs)) if is_float(xs[i].dtype) and wanted[c + k + i]]
     seeded_ys = [j for j in range(n_ys) if gs[k + j] is not None and is_float(node.outputs[k + j].dtype)]
     vjp = vjp_graph(body, [*float_consts, *(c + i for i in float_carry), *(c + k + i for i in float_xs)],
                     [*float_carry, *(k + j for j in seeded_ys)])

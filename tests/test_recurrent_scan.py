@@ -66,8 +66,9 @@ def test_a_narrow_input_folded_into_the_step_matches_pytorch(torch, name, config
 
 @pytest.mark.parametrize("name", NAMES)
 def test_a_narrow_input_is_multiplied_with_the_state_inside_the_loop(name):
-    """RNN and LSTM: no all-steps input projection, one product of [x_t, h] per step; GRU,
-    whose bias_hh sits inside a gate, keeps the projection."""
+    """RNN and LSTM: no all-steps input projection, one product of [x_t, h, 1] per step (the
+    column of ones adds the bias, nothing after the product does); GRU, whose bias_hh sits
+    inside a gate, keeps the projection."""
     hidden = FOLD_INPUT_RATIO
     for features, folded in ((1, name != "GRU"), (2, False)):  # 2 features are too wide
         graph = trace_forward(getattr(nn, name)(features, hidden, unroll=False), 6)
@@ -77,7 +78,10 @@ def test_a_narrow_input_is_multiplied_with_the_state_inside_the_loop(name):
         assert len(outside) == (0 if folded else 1)
         operand = product.inputs[0].producer
         assert (operand is not None and operand.op == "concatenate") == folded
-        assert product.inputs[0].shape == ((2, features + hidden) if folded else (2, hidden))
+        assert product.inputs[0].shape == ((2, features + hidden + 1) if folded else (2, hidden))
+        if folded:
+            readers = {n.op for n in loop.subgraph.users()[product.output]}
+            assert readers == ({"slice"} if name == "LSTM" else {"tanh"})  # the gates, or h
 
 
 # -- scan against unrolled -----------------------------------------------------------------------

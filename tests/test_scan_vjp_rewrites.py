@@ -344,3 +344,32 @@ def test_other_steps_and_outputs_are_read_from_the_stack(index, reverse, ys_of):
     np.testing.assert_allclose(value, numpy_loss(*args), rtol=1e-12)
     for n, g in enumerate(grads):
         np.testing.assert_allclose(g, finite_differences(numpy_loss, args, n), rtol=1e-6, atol=1e-8)
+
+
+def test_the_backward_loop_sums_no_cotangent_of_a_const_or_input_nothing_differentiated_reaches():
+    """A scan's VJP gives cotangents of its consts and stacked inputs only where they depend on
+    what is differentiated: not of a data const (a (1, H) table) nor of the data xs, which it
+    once summed step by step in a carry nothing read."""
+    xs, w, table, h0 = (rng.normal(size=(T, N, H)), rng.normal(size=(H, H)) * 0.5,
+                        rng.normal(size=(1, H)), rng.normal(size=(N, H)))
+
+    def loss(w, table, xs, h0):
+        h, hs = gc.scan(lambda h, x: ((x * table + h @ w).tanh(),) * 2, h0, xs)
+        return (hs * hs).sum()
+
+    raw = autodiff(gc.jit(loss, backend=REF).lower(w, table, xs, h0), [0])
+    _, backward = scans(raw)
+    a = backward.attrs
+    carried = [v.shape for v in backward.inputs[a["num_consts"]:a["num_consts"] + a["num_carry"]]]
+    assert sorted(carried) == sorted([(N, H), (H, H)])  # h's cotangent and w's running sum
+    assert [name for name, _ in backward.subgraph.outputs if name.startswith("ct_x")] == []
+
+    def numpy_loss(w, table, xs, h):
+        total = 0.0
+        for t in range(T):
+            h = np.tanh(xs[t] * table + h @ w)
+            total += (h * h).sum()
+        return total
+    args = [w, table, xs, h0]
+    np.testing.assert_allclose(gc.grad(loss, backend=REF)(*args), finite_differences(numpy_loss, args, 0),
+                               rtol=1e-6, atol=1e-8)

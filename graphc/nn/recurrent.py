@@ -28,7 +28,7 @@ from graphc.backends import get_backend
 from graphc.ir.errors import ShapeError, user_location
 
 from ..control import scan
-from ..functions import concatenate, sigmoid, stack, tanh
+from ..functions import concatenate, full, sigmoid, stack, tanh
 from ..tensor import Tensor, as_tensor
 from . import functional as F
 from .layers import uniform
@@ -202,13 +202,17 @@ class _RecurrentBase(Module):
                       else None)
         unroll = _unrolls(steps, batch) if self.unroll is None else self.unroll
         if not unroll and self.folds_input and features * FOLD_INPUT_RATIO <= self.hidden_size:
-            # [x_t, h] @ [W_ih, W_hh]^T: one product per step, no (T, N, gates * hidden)
-            # projection stored, and one weight-gradient product after the backward loop
-            weight_t = concatenate([as_tensor(weight_ih), as_tensor(weight_hh)], axis=1).T
+            # [x_t, h, 1] @ [W_ih, W_hh, b]^T: one product per step adds the bias too, no
+            # (T, N, gates * hidden) projection stored, and one weight-gradient product after
+            # the backward loop gives the bias's gradient as one more column
+            columns = [as_tensor(weight_ih), as_tensor(weight_hh)]
+            if input_bias is not None:
+                columns.append(input_bias.reshape(input_bias.shape[0], 1))
+            weight_t = concatenate(columns, axis=1).T
+            ones = [full((batch, 1), 1, dtype=x.dtype) for x in [seq][:len(columns) - 2]]
 
             def folded_step(state: State, x: Tensor) -> tuple[State, Tensor]:
-                gates = concatenate([x, state[0]], axis=1) @ weight_t
-                state = self._activate(gates if input_bias is None else gates + input_bias, state)
+                state = self._activate(concatenate([x, state[0], *ones], axis=1) @ weight_t, state)
                 return state, state[0]
 
             state, outputs = scan(folded_step, state, seq, reverse=reverse)
