@@ -340,9 +340,23 @@ TRANSPOSE_MOVES: dict[tuple[str, str], Callable[[Builder, Node, Node], Value | N
 }
 
 
+def _slice_between_inverse_transposes(b: Builder, node: Node, sliced: Node) -> Value | None:
+    """transpose(slice(transpose(x, p)), q) -> slice(x) where q undoes p, whatever else reads
+    the inner transpose: the backward loop of a folded recurrent step reads W_hh as the
+    transposed slice of the transposed [W_ih, W_hh, b], copied twice a call."""
+    inner = sliced.inputs[0].producer
+    if inner is None or inner.op != "transpose":
+        return None
+    perm, undo = inner.attrs["perm"], node.attrs["perm"]
+    if tuple(perm[axis] for axis in undo) != tuple(range(len(perm))):
+        return None
+    return derived(b, "slice", inner.inputs[:1], _slice_under_transpose, sliced.attrs, inner.attrs)
+
+
 def move_transposes(graph: Graph) -> Graph:
-    """Apply TRANSPOSE_MOVES where the inner node's result is read by the outer node alone."""
-    if not any((node.op, v.producer.op) in TRANSPOSE_MOVES
+    """Apply TRANSPOSE_MOVES where the inner node's result is read by the outer node alone, and
+    drop transposes that undo each other around a slice."""
+    if not any((node.op, v.producer.op) in TRANSPOSE_MOVES or (node.op, v.producer.op) == ("transpose", "slice")
                for node in graph.nodes for v in node.inputs[:1] if v.producer is not None):
         return graph
     uses = {v: len(nodes) for v, nodes in graph.users().items()}
@@ -351,6 +365,8 @@ def move_transposes(graph: Graph) -> Graph:
 
     def rewrite(b: Builder, node: Node, ins: tuple[Value, ...]) -> Value | None:
         inner = ins[0].producer if ins else None
+        if inner is not None and (node.op, inner.op) == ("transpose", "slice"):
+            return _slice_between_inverse_transposes(b, node, inner)
         move = TRANSPOSE_MOVES.get((node.op, inner.op)) if inner is not None else None
         if move is None or uses[node.inputs[0]] != 1:
             return None

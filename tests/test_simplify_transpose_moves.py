@@ -64,3 +64,20 @@ def test_a_transpose_read_elsewhere_stays_whole_and_alone():
     b.add_output("part", b.slice(t, starts=(0, 5, 0), stops=(5, 6, 4), steps=(1, 1, 1)))
     b.add_output("whole", t)
     assert transposes(simplify(b.graph)) == [(6, 4, 5)]
+
+
+def test_transposes_undoing_each_other_around_a_slice_go_even_where_the_inner_one_is_read_elsewhere():
+    """transpose(slice(transpose(x, p)), q), q undoing p, is a slice of x: the inner transpose
+    stays for its other reader, the outer one and the transposed copy of the slice go (a folded
+    recurrent step's backward read W_hh so, from the transposed [W_ih, W_hh, b])."""
+    b = Builder("g")
+    x = b.add_input(TensorType((6, 4, 5), F64), "x")
+    t = b.transpose(x, perm=ROTATE)  # (5, 6, 4)
+    part = b.slice(t, starts=(1, 2, 0), stops=(5, 6, 4), steps=(2, 1, 3))  # (2, 4, 2)
+    b.add_output("part", b.transpose(part, perm=(1, 2, 0)))  # (4, 2, 2): x's axis order again
+    b.add_output("whole", t)
+    rewritten = simplify(b.graph)
+    assert transposes(rewritten) == [(6, 4, 5)]
+    x_value = np.arange(120.0).reshape(6, 4, 5)
+    for got, want in zip(evaluate(rewritten, [x_value]), evaluate(b.graph, [x_value])):
+        np.testing.assert_array_equal(got, want)
