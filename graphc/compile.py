@@ -37,11 +37,11 @@ from graphc.passes.rebatch import match_extents, rebatch
 from . import random as gc_random
 from .api import inline_graph, user_facing
 from .lowering import collecting_new_objects_only, compile_graph
-from .scan_lowering import SegmentedExecutable, SegmentedMemoryPlan
 from .nn.module import (Module, claim_state, functional_call, named_arrays, named_state_refs,
                         release_state_holders, state_arrays, sync_state_holders, traced_state,
                         unclaim_state)
 from .optim import Optimizer
+from .scan_lowering import SegmentedExecutable, SegmentedMemoryPlan
 from .step_builder import StepBuilder, StepSpec, batch_arrays, trace_gradients
 from .tensor import (ModuleReads, Tensor, as_tensor, current_trace, is_tracing,
                      matching_variant, tracing)

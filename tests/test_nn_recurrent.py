@@ -250,6 +250,9 @@ def test_unsupported_options_and_bad_shapes_raise_clear_errors():
         nn.LSTM(3, 4, proj_size=2)
     with pytest.raises(ValueError, match="nonlinearity"):
         nn.RNN(3, 4, nonlinearity="gelu")
+    for sizes in ((0, 4), (-1, 4), (3, 0), (3, -2)):  # PyTorch refuses them too
+        with pytest.raises(ValueError, match="input_size, hidden_size and num_layers must be positive"):
+            nn.LSTM(*sizes)
     model = nn.GRU(3, 4, num_layers=2)
     run = gc.jit(lambda p, x, h: nn.functional_call(model, p, x, h), backend="reference")
     with pytest.raises(ShapeError, match="input_size=3"):

@@ -118,9 +118,9 @@ class _RecurrentBase(Module):
                  bidirectional: bool = False, *, unroll: bool | None = None) -> None:
         super().__init__()
         name = type(self).__name__
-        if hidden_size <= 0 or num_layers <= 0:
-            raise ValueError(f"{name}: hidden_size and num_layers must be positive, got "
-                             f"{hidden_size} and {num_layers}")
+        if input_size <= 0 or hidden_size <= 0 or num_layers <= 0:  # PyTorch refuses them too
+            raise ValueError(f"{name}: input_size, hidden_size and num_layers must be positive, got "
+                             f"{input_size}, {hidden_size} and {num_layers}")
         if not 0 <= dropout <= 1:
             raise ValueError(f"{name}: dropout must be a probability in [0, 1], got {dropout}")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
