@@ -14,7 +14,8 @@ An inference export made with `max_batch` is batch-polymorphic: graph.json is th
 (metadata.json lists them). Kernels take extents as arguments, so the buckets share compiled
 kernels and only their memory plans differ; the loaded function runs a batch of n samples on the
 smallest bucket holding n, padding it with zeros and slicing the outputs (samples must not
-interact, as in any eval-mode model).
+interact, as in any eval-mode model; export checks that a sample's outputs at batch 2 are those
+it has alone, which a time-major model, whose first axis is time, may fail).
 
 A training step's file also holds its model's eval-mode forward, as gc.compile traces it:
 `forward/<n>.json` at the step's batch and at powers of two (plan.json's "forward" entry lists
