@@ -157,7 +157,7 @@ class SegmentedExecutable:
         else:
             self._lock = threading.Lock()
             self._spare: dict[np.dtype, list[np.ndarray]] = {}  # flat arrays, by dtype
-        self._lent: list[tuple[np.ndarray, np.ndarray]] = []  # this call's (spare, stack) from stack()
+        self._lent: list[np.ndarray] = []  # the spare arrays this call's stacks are the front of
         for run, _, _ in parts:
             if hasattr(run, "allocate"):  # a scan's loop (ScanLoop, a backend's driver)
                 run.allocate = self.stack
@@ -172,7 +172,7 @@ class SegmentedExecutable:
         else:
             spare = np.empty(size, dtype)
         array = spare[:size].reshape(shape)
-        self._lent.append((spare, array))
+        self._lent.append(spare)
         return array
 
     def __call__(self, *args: Any) -> list[np.ndarray]:
@@ -186,8 +186,11 @@ class SegmentedExecutable:
             env.update(zip(outputs, run([env[v] for v in inputs])))
         results = [env[v] for v in self.graph.output_values]
         store_donated(arrays, results, self.donate)  # those a part did not write in place
-        for spare, array in self._lent:  # kept for the next call unless the caller gets it, or a view
-            if not any(np.may_share_memory(array, r) for r in results):
+        # a stack is kept for the next call unless the caller gets it or a view of it: an array
+        # whose memory's owner (NumPy's base of a view) is the stack's spare array
+        returned = {id(r) if r.base is None else id(r.base) for r in results}
+        for spare in self._lent:
+            if id(spare) not in returned:
                 self._spare.setdefault(spare.dtype, []).append(spare)
         self._lent = []
         return results
