@@ -6,7 +6,7 @@ first kernel that reads it runs: two reductions over its N (labels) or N*T (toke
 off the kernels' hot loops, and the error names the first bad index exactly (its value and
 position), which a racing flag set inside a parallel loop could not. An array held by a graph
 input is checked before any kernel runs, so a step with a bad label changes no parameter. So is
-one that pointwise kernels compute from inputs alone (cross_entropy gathers with
+one that pointwise kernels and reductions compute from inputs alone (cross_entropy gathers with
 where(label != ignore_index, label, 0)) where a kernel before its first reader writes a donated
 buffer in place (BatchNorm's running statistics): computed again with NumPy for the check
 (`ComputedIndexCheck`, some microseconds a call).
@@ -35,7 +35,7 @@ from graphc.ir.registry import SOURCE, get
 
 # Kernels that may be evaluated again on the host for a check: they read memory at computed
 # positions only by the index ops checked themselves, and draw no random numbers.
-HOST_PATTERNS = ("elementwise", "shape", "view", "constant")
+HOST_PATTERNS = ("elementwise", "shape", "view", "constant", "reduction")
 HOST_CHAIN_LIMIT = 8  # kernels: an index computed by a longer chain is checked where it is read
 
 

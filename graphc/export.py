@@ -45,7 +45,7 @@ import numpy as np
 
 from graphc.backends import DeviceResident, Executable, PlannedExecutable, default_backend
 from graphc.ir import Graph, SerializationError, TensorType
-from graphc.ir.errors import GraphcError, InputError, LoadError
+from graphc.ir.errors import GraphcError, IndexOutOfRangeError, InputError, LoadError
 from graphc.ir.types import DTYPES
 from graphc.passes import SIMPLIFY, Stages
 
@@ -157,19 +157,28 @@ def _check_rows_apart(one: Graph, two: Graph, state: dict[str, np.ndarray]) -> N
     """A batch is padded to its bucket: the first axis must hold samples computed apart. Run on
     the reference interpreter, the first row of a batch of two must be that row alone (not so
     where the first axis is time, as for a time-major bidirectional RNN: padding it in time
-    changed every output). Integer inputs (ids) are zeros in both rows; a forward drawing random
-    numbers is not checked (its draws depend on the batch's shape)."""
+    changed every output). Integer and bool inputs (ids, masks) are 0 in the first row and 1 in
+    the second, or 0 in both where 1 is out of range for what they index; a forward drawing
+    random numbers is not checked (its draws depend on the batch's shape)."""
     from graphc.ir.interpret import evaluate
 
     rng = np.random.default_rng(0)
-    rows = [rng.standard_normal((2, *inp.value.shape[1:])).astype(inp.value.type.np_dtype)
-            if inp.value.dtype.startswith("float") else np.zeros((2, *inp.value.shape[1:]), inp.value.type.np_dtype)
-            for inp in two.inputs if inp.role == "data"]
-    def run(graph: Graph, size: int) -> list[np.ndarray]:
-        data = iter(rows)
-        return evaluate(graph, [next(data)[:size] if inp.role == "data" else state[inp.name] for inp in graph.inputs])
-    for (name, _), alone, paired in zip(one.outputs, run(one, 1), run(two, 2)):
-        if not np.allclose(alone, paired[:1], rtol=1e-4, atol=1e-5, equal_nan=True):
+    data = [inp.value.type for inp in two.inputs if inp.role == "data"]
+    mixed = [rng.standard_normal((2, *t.shape[1:])).astype(t.np_dtype) if t.dtype.startswith("float")
+             else np.stack([np.zeros(t.shape[1:], t.np_dtype), np.ones(t.shape[1:], t.np_dtype)])
+             for t in data]
+
+    def run(graph: Graph, rows: list[np.ndarray], size: int) -> list[np.ndarray]:
+        arrays = iter(rows)
+        return evaluate(graph, [next(arrays)[:size] if inp.role == "data" else state[inp.name]
+                                for inp in graph.inputs])
+    try:
+        paired = run(two, mixed, 2)
+    except IndexOutOfRangeError:  # an id of 1 indexes nothing: ids equal in both rows
+        mixed = [rows if t.dtype.startswith("float") else np.zeros_like(rows) for t, rows in zip(data, mixed)]
+        paired = run(two, mixed, 2)
+    for (name, _), alone, both in zip(one.outputs, run(one, mixed, 1), paired):
+        if not np.allclose(alone, both[:1], rtol=1e-4, atol=1e-5, equal_nan=True):
             raise GraphcError(f"export(max_batch=...): the output {name} of a sample depends on the "
                               "other samples of its batch (axis 0): is the first axis time or a "
                               "sequence (a time-major RNN: use batch_first=True)? Padding a batch "
@@ -225,8 +234,9 @@ def _step_forward(step: Any) -> tuple[dict[str, Any], dict[int, Graph], dict[str
     powers = [1 << k for k in range(largest.bit_length()) if 1 << k <= largest and 1 << k != batch]
     try:
         graphs.update(_forward_graphs(tracer, model_inputs, powers))
-    except GraphcError:
-        pass  # inputs or outputs not batch-major: the forward serves the step's batch alone
+    except GraphcError as exc:  # the forward serves the step's batch alone
+        log.warning("graphc: %s: the model's eval-mode forward is stored at the step's batch %d "
+                    "only, so export_inference takes no other max_batch: %s", step.name, batch, exc)
     bindings = {**{name: f"model/{name}" for name in tracer._names()},
                 **{name: f"implicit/{name}" for name in reads.names}}
     bindings = {inp.name: bindings[inp.name] for inp in graphs[batch].inputs if inp.role != "data"}
@@ -679,6 +689,13 @@ class LoadedTrainStep(_Loaded):
                             "graphc (step.export(path))")
         sizes = [self._forward_batch] if max_batch is None else _checked_max_batch(max_batch)
         missing = [n for n in sizes if n not in self._forward]
+        if missing and len(self._forward) == 1:
+            raise GraphcError(f"export_inference: {self.path} holds the forward at the step's batch "
+                              f"{self._forward_batch} only: when the step was exported, the model's "
+                              "inputs or outputs did not have the batch first, or its samples "
+                              "depended on each other along axis 0 (a time-major model's first "
+                              "axis is time), so batches cannot be padded; export_inference(path) "
+                              "without max_batch serves that batch")
         if missing:
             raise GraphcError(f"export_inference: max_batch={max_batch} needs the forward at "
                               f"batch {missing[0]}, which {self.path} does not hold (it holds "

@@ -238,20 +238,26 @@ def test_a_bad_label_leaves_parameters_and_optimizer_state_unchanged(backend):
     assert np.isfinite(step(x, y))  # and the next good batch trains on
 
 
+@pytest.mark.parametrize("summed", [False, True], ids=["labels", "labels_summed_from_columns"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_bad_label_leaves_batch_norm_statistics_unchanged(backend):
+def test_a_bad_label_leaves_batch_norm_statistics_unchanged(backend, summed):
     """cross_entropy gathers at where(label != ignore_index, label, 0), a value computed from the
-    labels: it is checked before any kernel too, not before the gather's own kernel, which runs
-    after BatchNorm's running statistics are written in place. The error names the gather."""
+    labels (here also by a reduction of the target): it is checked before any kernel too, not
+    before the gather's own kernel, which runs after BatchNorm's running statistics are written
+    in place. The error names the gather."""
     gc.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Linear(5, 4))
     x = np.random.default_rng(2).standard_normal((4, 3)).astype(np.float32)
-    step = gc.compile_train_step(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1),
-                                 (x, np.array([0, 1, 2, 3])), backend=backend)
-    step(x, np.array([0, 1, 2, 3]))
+
+    def target(labels):
+        return np.stack([labels, np.zeros_like(labels)], axis=1) if summed else labels
+    loss = (lambda out, y: F.cross_entropy(out, y.sum(1))) if summed else F.cross_entropy
+    step = gc.compile_train_step(model, loss, optim.SGD(model.parameters(), lr=0.1),
+                                 (x, target(np.array([0, 1, 2, 3]))), backend=backend)
+    step(x, target(np.array([0, 1, 2, 3])))
     state = {k: v.copy() for k, v in model.state_dict().items()}
     with pytest.raises(IndexOutOfRangeError, match=r"take_along_axis: index 7 at position \(2, 0\)"):
-        step(x, np.array([0, 1, 7, 3]))
+        step(x, target(np.array([0, 1, 7, 3])))
     for name, value in model.state_dict().items():
         np.testing.assert_array_equal(value, state[name], err_msg=name)
 
@@ -268,7 +274,7 @@ CUDA_CHECKS = {
     "ignore_index": lambda: test_cross_entropy_ignore_index_matches_pytorch(CUDA, "mean"),
     "bad_targets": lambda: test_cross_entropy_refuses_targets_outside_the_classes(CUDA),
     "bad_label_step": lambda: test_a_bad_label_leaves_parameters_and_optimizer_state_unchanged(CUDA),
-    "bad_label_batch_norm": lambda: test_a_bad_label_leaves_batch_norm_statistics_unchanged(CUDA),
+    "bad_label_batch_norm": lambda: test_a_bad_label_leaves_batch_norm_statistics_unchanged(CUDA, False),
 }
 
 

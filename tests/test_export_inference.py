@@ -290,6 +290,34 @@ def test_a_model_whose_eval_forward_does_not_trace_still_exports_its_step(tmp_pa
         loaded.export_inference(str(tmp_path / "model.gcx"))
 
 
+class TimeMajor(nn.Module):
+    """(time, batch, features) inputs: padding axis 0 would pad time, which the reverse
+    direction reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, bidirectional=True)
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+def test_a_step_whose_samples_interact_along_axis_0_exports_its_own_batch_and_says_why(tmp_path, caplog):
+    model = TimeMajor()
+    x = rng.standard_normal((8, 2, 3)).astype(np.float32)
+    y = np.zeros((8, 2, 8), np.float32)
+    step = gc.compile_train_step(model, F.mse_loss, optim.SGD(model.parameters(), lr=0.1), (x, y), backend=REF)
+    path = str(tmp_path / "step.gcx")
+    step.export(path)
+    assert "stored at the step's batch 8 only" in caplog.text and "depends on the other samples" in caplog.text
+    loaded = gc.load(path, backend=REF)
+    with pytest.raises(GraphcError, match="holds the forward at the step's batch 8 only.*time-major"):
+        loaded.export_inference(str(tmp_path / "padded.gcx"), max_batch=8)
+    loaded.export_inference(str(tmp_path / "model.gcx"))
+    np.testing.assert_allclose(gc.load(str(tmp_path / "model.gcx"), backend=REF)(x),
+                               gc.compile(model, x, backend=REF)(x), rtol=1e-5, atol=1e-6)
+
+
 # -- the forward members of a hostile file ----------------------------------------------------------
 def test_a_tampered_forward_member_is_refused(step_file, tmp_path):
     members = members_of(step_file[0])

@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import graphc as gc
+import graphc.nn.functional as F
 from graphc import nn
 from graphc.export import _archive
 from graphc.ir.errors import GraphcError, LoadError
@@ -178,6 +179,28 @@ def test_a_model_whose_first_axis_mixes_samples_is_not_exported_for_padded_batch
     gc.compile(model, x).export(str(tmp_path / "uni.gcx"), max_batch=8)
     np.testing.assert_allclose(np.asarray(gc.load(str(tmp_path / "uni.gcx"))(x[:5])),
                                gc.compile(model, x[:5], backend="reference")(x[:5]), rtol=1e-5, atol=1e-6)
+
+
+class TimeMajorAttention(nn.Module):
+    """Token ids (time, batch) attended over time: the two rows of the check must hold different
+    ids (identical ones mixed by attention read as samples apart)."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.emb, self.q = nn.Embedding(vocab, 4), nn.Linear(4, 4)
+
+    def forward(self, ids):
+        e = self.emb(ids).transpose(0, 1)  # (N, T, d)
+        return (F.softmax(self.q(e) @ e.transpose(1, 2), -1) @ e).transpose(0, 1)
+
+
+def test_integer_inputs_whose_rows_interact_are_refused_too(tmp_path):
+    ids = np.random.default_rng(0).integers(0, 10, size=(8, 2))
+    gc.manual_seed(0)
+    with pytest.raises(gc.GraphcError, match="depends on the other samples of its batch"):
+        gc.compile(TimeMajorAttention(10), ids).export(str(tmp_path / "tm.gcx"), max_batch=8)
+    one_id = np.zeros((8, 2), np.int64)  # an id of 1 indexes nothing: the check reads 0 in both rows
+    gc.compile(TimeMajorAttention(1), one_id).export(str(tmp_path / "one.gcx"), max_batch=8)
 
 
 def test_a_runner_compiles_only_the_buckets_its_max_batch_reaches(model_path):
