@@ -3,10 +3,10 @@
 The input projection x @ W_ih^T of every step is one matrix product over (T*N, I), outside the
 time loop; only the hidden recurrence h @ W_hh^T runs per step. A scanned RNN or LSTM whose input
 is narrow (at most hidden_size / FOLD_INPUT_RATIO features: MNIST's rows of 28, 7 or 1 pixels
-for 128 hidden units) multiplies [x_t, h] by [W_ih, W_hh]^T per step instead: the product's
-depth grows by the few features, while the all-steps projection (a GEMM of depth 1 to 28, slow
-in BLAS), its (T, N, 4 * hidden) stack, its add to each step's product and the separate weight
-gradient of W_ih go. The time loop itself is a
+for 128 hidden units) multiplies [x_t, h, 1] by [W_ih, W_hh, b]^T per step instead (the column
+of ones adds the bias): the product's depth grows by the few features, while the all-steps
+projection (a GEMM of depth 1 to 28, slow in BLAS), its (T, N, 4 * hidden) stack, its add to
+each step's product and the separate gradients of W_ih and b go. The time loop itself is a
 `gc.scan` (one traced cell, compiled once whatever the length) for sequences longer than
 `UNROLL_MAX_STEPS`, and unrolled into one cell per step for shorter ones where that measures
 faster: unless numba-cpu runs its loops in row blocks (several threads); `unroll=True/False` on
@@ -209,7 +209,7 @@ class _RecurrentBase(Module):
             if input_bias is not None:
                 columns.append(input_bias.reshape(input_bias.shape[0], 1))
             weight_t = concatenate(columns, axis=1).T
-            ones = [full((batch, 1), 1, dtype=x.dtype) for x in [seq][:len(columns) - 2]]
+            ones = [full((batch, 1), 1, dtype=seq.dtype)] if input_bias is not None else []
 
             def folded_step(state: State, x: Tensor) -> tuple[State, Tensor]:
                 state = self._activate(concatenate([x, state[0], *ones], axis=1) @ weight_t, state)
