@@ -68,7 +68,8 @@ def planned_memory(executable: Any) -> dict[str, int] | None:
         return None
     plan = executable.memory_plan
     return {"arena_bytes": plan.peak_bytes, "naive_bytes": plan.naive_bytes,
-            "kernels": sum(len(e.kernels) for _, e, _ in executable.pieces if getattr(e, "plan", None) is not None)}
+            "kernels": sum(len(e.kernels) for _, e, _ in executable.pieces
+                           if getattr(e, "plan", None) is not None)}
 
 
 def graphc_step(workload: str, x: np.ndarray, y: np.ndarray, tiny: bool, init: str | None) -> Step:

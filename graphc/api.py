@@ -140,7 +140,8 @@ def _lift_captured(graph: Graph, position: int) -> tuple[Value, ...]:
     for node in graph.nodes:
         node.inputs = tuple(lifted.get(v, v) for v in node.inputs)
     graph.outputs = [(name, lifted.get(v, v)) for name, v in graph.outputs]
-    graph.inputs[position:position] = [GraphInput(f"captured{i}", "data", lifted[v]) for i, v in enumerate(outer)]
+    graph.inputs[position:position] = [GraphInput(f"captured{i}", "data", lifted[v])
+                                       for i, v in enumerate(outer)]
     return outer
 
 

@@ -149,7 +149,8 @@ def _forward_graphs(forward: Any, data: list[TensorType], sizes: list[int]) -> d
                               "does not have the batch as its first axis, so batches cannot be "
                               "padded and split")
     if 1 in graphs and 2 in graphs and not any(inp.role == "rng" for inp in graphs[2].inputs):
-        _check_rows_apart(graphs[1], graphs[2], {**dict(zip(forward._names(), forward._arrays())), **implicit})
+        state = {**dict(zip(forward._names(), forward._arrays())), **implicit}
+        _check_rows_apart(graphs[1], graphs[2], state)
     return graphs
 
 

@@ -114,8 +114,10 @@ class SegmentedMemoryPlan:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"peak_bytes": self.peak_bytes, "naive_bytes": self.naive_bytes, "stack_bytes": self.stack_bytes,
-                "pieces": [{"label": label, "copies": copies, **plan.to_dict()} for label, plan, copies in self.plans]}
+        return {"peak_bytes": self.peak_bytes, "naive_bytes": self.naive_bytes,
+                "stack_bytes": self.stack_bytes,
+                "pieces": [{"label": label, "copies": copies, **plan.to_dict()}
+                           for label, plan, copies in self.plans]}
 
 
 class SegmentedExecutable:

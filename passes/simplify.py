@@ -356,7 +356,8 @@ def _slice_between_inverse_transposes(b: Builder, node: Node, sliced: Node) -> V
 def move_transposes(graph: Graph) -> Graph:
     """Apply TRANSPOSE_MOVES where the inner node's result is read by the outer node alone, and
     drop transposes that undo each other around a slice."""
-    if not any((node.op, v.producer.op) in TRANSPOSE_MOVES or (node.op, v.producer.op) == ("transpose", "slice")
+    pairs = {*TRANSPOSE_MOVES, ("transpose", "slice")}
+    if not any((node.op, v.producer.op) in pairs
                for node in graph.nodes for v in node.inputs[:1] if v.producer is not None):
         return graph
     uses = {v: len(nodes) for v, nodes in graph.users().items()}
@@ -570,11 +571,13 @@ def _hoisted_scan(b: Builder, scan: Node, ins: list[Value], hoisted: list[Node])
 
 
 def simplify(graph: Graph) -> Graph:
-    """Fold and rewrite to a fixed point (bounded), then CSE and DCE; scan bodies likewise,
-    a scan's last step read as its final carry, and scans lose the outputs nothing reads, compute their loop invariants once and sum
-    their per-step matrix products after the loop (passes/scan_rewrites.py)."""
+    """Fold and rewrite to a fixed point (bounded), then CSE and DCE; scan bodies likewise. A
+    scan's last step is read as its final carry, and scans lose the outputs nothing reads,
+    compute their loop invariants once and sum their per-step matrix products after the loop
+    (passes/scan_rewrites.py)."""
     from .scan_rewrites import hoist_accumulations, last_steps_from_carries
-    graph = hoist_accumulations(hoist_invariants(simplify_bodies(prune_scans(last_steps_from_carries(graph)))))
+    graph = prune_scans(last_steps_from_carries(graph))
+    graph = hoist_accumulations(hoist_invariants(simplify_bodies(graph)))
     for _ in range(4):
         before = len(graph.nodes)
         # pruning follows DCE: a scan's stacked output read only by dead nodes goes too
