@@ -235,7 +235,10 @@ class TrainStep(_CompiledModelBase):
                  example_inputs: Sequence[Any], backend: str | None = None,
                  clip_grad_norm: float | None = None, l1: float = 0.0, targets: int = 1,
                  name: str = "train_step") -> None:
-        if not 1 <= targets < len(example_inputs):
+        if targets < 1:
+            raise GraphcError(f"{name}: targets={targets}: the loss takes at least one target, "
+                              "the last example input")
+        if targets >= len(example_inputs):
             raise GraphcError(f"{name}: targets={targets} must leave at least one model input "
                               f"among the {len(example_inputs)} example inputs")
         self.model, self.loss_fn, self.optimizer, self.targets = model, loss_fn, optimizer, targets
@@ -249,10 +252,11 @@ class TrainStep(_CompiledModelBase):
         self.trainable = [owned[id(p)] for p in optimizer.params]
         self.params = dict(named_arrays(model, "_parameters"))
         self.buffers = dict(named_arrays(model, "_buffers"))
-        self._opt_state = {n: optimizer.init_state(self.params[n]) for n in self.trainable}
+        # the optimizer's own state: a step compiled again with it goes on from there
+        self._opt_state = {n: optimizer.state_of(self.params[n]) for n in self.trainable}
         # Hyperparameters but the rates are compiled in: fixed for the life of the step.
         self._optimizer_settings = optimizer.compiled_settings()
-        self._step_count = np.zeros((), np.float32)
+        self._step_count = optimizer.step_count
         self._rng_key = np.array([gc_random.next_key()[0], 0], np.int64)
         self._holding: DeviceResident | None = None  # the executable keeping the state on its device
         self._compiled: dict[tuple, CompiledGraph] = {}

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 
 from graphc.ir.errors import DTypeError, GraphcError, InputError, ShapeError, user_location
 
-from ..functions import bernoulli, concatenate, logsumexp, maximum, one_hot, where
+from ..functions import bernoulli, concatenate, logsumexp, maximum, one_hot, stop_gradient, where
 from ..tensor import Tensor, as_tensor, bind
 from . import normalization
 from . import sparse as sparse_layers
@@ -312,35 +313,47 @@ def prelu(x: Tensor, weight: Tensor) -> Tensor:
 
 
 def hardtanh(x: Tensor, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False) -> Tensor:
-    return _result(x, as_tensor(x).clamp(min_val, max_val), inplace)
+    """x limited to [min_val, max_val]. As PyTorch's, the gradient flows strictly inside the
+    bounds only (clamp's flows at them too): relu6's is 0 at 0, as relu's."""
+    t = as_tensor(x)
+    return _result(x, where(t <= min_val, min_val, where(t >= max_val, max_val, t)), inplace)
 
 
 def relu6(x: Tensor, inplace: bool = False) -> Tensor:
     return hardtanh(x, 0.0, 6.0, inplace)
 
 
+def check_dropout_probability(op: str, p: float) -> None:
+    """Refuse a probability outside [0, 1], with PyTorch's rule (nn.Dropout checks it when built)."""
+    if not 0 <= p <= 1:
+        raise ValueError(f"{op}: probability has to be between 0 and 1, got {p}")
+
+
 def dropout2d(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
     """Zero whole channels (axis 1 of (N, C, H, W) or axis 0 of (C, H, W)) with probability p
     and scale the rest by 1/(1-p), while training."""
-    if not 0 <= p < 1:
-        raise ValueError(f"dropout2d probability must be in [0, 1), got {p}")
+    check_dropout_probability("dropout2d", p)
     if not training or p == 0:
         return x
     t = as_tensor(x)
     if t.ndim not in (3, 4):
         raise ShapeError(f"dropout2d: expects (N, C, H, W) or (C, H, W) input, got shape {t.shape} "
                          f"(at {user_location()})")
+    if p == 1:
+        return _result(x, t * 0.0, inplace)
     keep = bernoulli(1 - p, t.shape[:-2] + (1, 1))
     return _result(x, where(keep, t * (1.0 / (1 - p)), 0), inplace)
 
 
 def dropout(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
-    """Zero each element with probability p and scale the rest by 1/(1-p), while training."""
-    if not 0 <= p < 1:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    """Zero each element with probability p and scale the rest by 1/(1-p), while training
+    (p = 1 zeroes all, as PyTorch's: x * 0, so NaN stays NaN)."""
+    check_dropout_probability("dropout", p)
     if not training or p == 0:
         return x
     t = as_tensor(x)
+    if p == 1:
+        return _result(x, t * 0.0, inplace)
     keep = bernoulli(1 - p, t.shape)
     return _result(x, where(keep, t * (1.0 / (1 - p)), 0), inplace)
 
@@ -622,6 +635,17 @@ def _same_shape_target(op: str, input: Tensor, target: Any) -> Tensor:
     return target
 
 
+def _broadcast_target(op: str, input: Tensor, target: Any) -> Tensor:
+    """`target` in the input's dtype; a shape other than the input's broadcasts against it,
+    with PyTorch's warning: (N, 1) predictions against (N,) targets make an (N, N) loss."""
+    target = _cast_like(target, input)
+    if target.shape != input.shape:
+        warnings.warn(f"{op}: the target's shape {target.shape} differs from the input's "
+                      f"{input.shape}; they broadcast, which is likely wrong: give both the same "
+                      f"shape (at {user_location()})", UserWarning, stacklevel=2)
+    return target
+
+
 def _class_rows(op: str, scores: Tensor, target: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
     """Class scores (C,), (N, C) or (N, C, d1, ...) as rows (M, C), their class targets (M,),
     and the shape of the per-target losses ((), (N,) or (N, d1, ...))."""
@@ -749,13 +773,18 @@ def binary_cross_entropy(input: Tensor, target: Any, weight: Any = None,
                          size_average: bool | None = None, reduce: bool | None = None,
                          reduction: str = "mean") -> Tensor:
     """-weight * (t log p + (1-t) log(1-p)) for probabilities p; each log is clamped at -100,
-    as PyTorch's, so p of exactly 0 or 1 gives a finite loss."""
+    as PyTorch's, so p of exactly 0 or 1 gives a finite loss. Its gradient in p is PyTorch's,
+    (p - t) / max(p (1 - p), 1e-12): finite at p of exactly 0 or 1 too (a saturated sigmoid),
+    where the clamped logs' own would be 0 * (1/0), NaN."""
     probs = _loss_input("binary_cross_entropy", input)
     target = _same_shape_target("binary_cross_entropy", probs, target)
     reduction = _reduction(size_average, reduce, reduction)
-    log_p = maximum(probs.log(), -100.0)
-    log_not_p = maximum(bind("log1p", -probs), -100.0)
-    loss = -(target * log_p + (1 - target) * log_not_p)
+    p = stop_gradient(probs)
+    log_p = maximum(p.log(), -100.0)
+    log_not_p = maximum(bind("log1p", -p), -100.0)
+    slope = stop_gradient((p - target) / maximum(p * (1 - p), 1e-12))
+    # probs - p is 0: the term adds nothing to the loss and gives p the gradient `slope`
+    loss = -(target * log_p + (1 - target) * log_not_p) + slope * (probs - p)
     if weight is not None:
         loss = loss * _cast_like(weight, probs)
     return _reduce(loss, reduction)
@@ -770,8 +799,13 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Any, weight: Any = N
     logits = _loss_input("binary_cross_entropy_with_logits", input)
     target = _same_shape_target("binary_cross_entropy_with_logits", logits, target)
     reduction = _reduction(size_average, reduce, reduction)
-    # -log sigmoid(x) = max(-x, 0) + log(1 + exp(-|x|)): no overflow for large |x|.
-    neg_log_sigmoid = relu(-logits) + bind("log1p", (-logits.abs()).exp())
+    # -log sigmoid(x) = log(1 + exp(-x)), written per sign so that no exp overflows and the
+    # gradient at x = 0 is sigmoid(0) - 1 (max(-x, 0) + log(1 + exp(-|x|)) loses it there: the
+    # subgradients of max and |x| at their kinks are 0).
+    nonnegative = logits >= 0
+    above, below = where(nonnegative, logits, 0), where(nonnegative, 0, logits)
+    neg_log_sigmoid = where(nonnegative, bind("log1p", (-above).exp()),
+                            bind("log1p", below.exp()) - below)
     positive_scale = target if pos_weight is None else target * _cast_like(pos_weight, logits)
     # t·(-log σ(x)) + (1-t)·(-log(1-σ(x))), with -log(1-σ(x)) = x - log σ(x).
     loss = (1 - target) * logits + (positive_scale + 1 - target) * neg_log_sigmoid
@@ -819,14 +853,14 @@ def _elementwise_weighted(loss: Tensor, weight: Any, reduction: str, op: str,
 def mse_loss(input: Tensor, target: Any, size_average: bool | None = None,
              reduce: bool | None = None, reduction: str = "mean", weight: Any = None) -> Tensor:
     input = _loss_input("mse_loss", input)
-    loss = (input - _cast_like(target, input)).square()
+    loss = (input - _broadcast_target("mse_loss", input, target)).square()
     return _elementwise_weighted(loss, weight, _reduction(size_average, reduce, reduction), "mse_loss")
 
 
 def l1_loss(input: Tensor, target: Any, size_average: bool | None = None,
             reduce: bool | None = None, reduction: str = "mean", weight: Any = None) -> Tensor:
     input = _loss_input("l1_loss", input)
-    loss = (input - _cast_like(target, input)).abs()
+    loss = (input - _broadcast_target("l1_loss", input, target)).abs()
     return _elementwise_weighted(loss, weight, _reduction(size_average, reduce, reduction), "l1_loss")
 
 
@@ -837,7 +871,7 @@ def smooth_l1_loss(input: Tensor, target: Any, size_average: bool | None = None,
     reduction = _reduction(size_average, reduce, reduction)
     if beta < 0:
         raise ValueError(f"smooth_l1_loss: beta must be non-negative, got {beta}")
-    diff = (input - _cast_like(target, input)).abs()
+    diff = (input - _broadcast_target("smooth_l1_loss", input, target)).abs()
     if beta == 0:
         return _reduce(diff, reduction)
     return _reduce(where(diff < beta, diff.square() * (0.5 / beta), diff - 0.5 * beta), reduction)
@@ -849,6 +883,6 @@ def huber_loss(input: Tensor, target: Any, reduction: str = "mean", delta: float
     input = _loss_input("huber_loss", input)
     if delta <= 0:
         raise ValueError(f"huber_loss: delta must be positive, got {delta}")
-    diff = (input - _cast_like(target, input)).abs()
+    diff = (input - _broadcast_target("huber_loss", input, target)).abs()
     loss = where(diff < delta, diff.square() * 0.5, (diff - 0.5 * delta) * delta)
     return _elementwise_weighted(loss, weight, reduction, "huber_loss", mean_over_weights=False)

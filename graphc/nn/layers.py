@@ -117,6 +117,7 @@ class Dropout2d(Module):
 
     def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
         super().__init__()
+        F.check_dropout_probability("Dropout2d", p)
         self.p, self.inplace = p, inplace
 
     def forward(self, x: Tensor) -> Tensor:
@@ -171,6 +172,7 @@ class ReLU6(Hardtanh):
 class Dropout(Module):
     def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
         super().__init__()
+        F.check_dropout_probability("Dropout", p)
         self.p, self.inplace = p, inplace
 
     def forward(self, x: Tensor) -> Tensor:

@@ -4,7 +4,9 @@ are in graphc.optim.lr_scheduler, re-exported here).
 An optimizer holds PyTorch's `param_groups`: a list of dicts, each with its "params" and its
 own hyperparameters (lr, weight_decay, momentum, betas...), the optimizer's defaults filling
 what a group leaves out. It declares its per-parameter state (zeros on the host) and writes
-its update with traced tensors. Each group's learning rate and the step count enter the
+its update with traced tensors. It keeps that state and the step count, as torch.optim's
+optimizers do: every training step compiled with it updates the same arrays, so a step compiled
+anew (after a setting changed) goes on where the last one left off. Each group's learning rate and the step count enter the
 compiled step as inputs, so a schedule changes the rates without recompiling; the other
 hyperparameters are compiled in (a compiled step refuses to run once one has changed).
 Formulas follow PyTorch's documented ones.
@@ -25,6 +27,10 @@ State = dict[str, dict[str, Tensor]]
 ParamsArg = Iterable[np.ndarray] | Iterable[dict[str, Any]]
 
 
+# Hyperparameters PyTorch's optimizers refuse below 0 (NaN too)
+_NONNEGATIVE = ("lr", "weight_decay", "momentum", "eps", "alpha", "lr_decay", "initial_accumulator_value")
+
+
 def _in_dtype(t: Tensor, dtype: str) -> Tensor:
     return t if t.dtype == dtype else t.astype(dtype)
 
@@ -42,6 +48,9 @@ class Optimizer:
             raise GraphcError(f"{type(self).__name__}: got an empty parameter list")
         for group in groups if isinstance(groups[0], dict) else [{"params": groups}]:
             self.add_param_group(group)
+        # per parameter (by id: arrays are unhashable), its slots' arrays; and the steps taken
+        self._state: dict[int, dict[str, np.ndarray]] = {}
+        self.step_count = np.zeros((), np.float32)
 
     # -- parameter groups ------------------------------------------------------------------
     def add_param_group(self, group: dict[str, Any]) -> None:
@@ -78,8 +87,10 @@ class Optimizer:
                                   f"parameter group {index}")
         full = {**self.defaults, **group, "params": params}
         full["lr"] = float(full["lr"])
-        if full["lr"] < 0 or full.get("weight_decay", 0.0) < 0:
-            raise ValueError(f"{cls}: parameter group {index}: lr and weight_decay must be >= 0")
+        negative = [key for key in _NONNEGATIVE if key in full and not full[key] >= 0]
+        if negative:
+            raise ValueError(f"{cls}: parameter group {index}: {', '.join(negative)} must be >= 0, "
+                             f"got {', '.join(str(full[key]) for key in negative)}")
         self._check_group(full, index)
         self.param_groups.append(full)
 
@@ -154,7 +165,17 @@ class Optimizer:
         return ()
 
     def init_state(self, param: np.ndarray) -> dict[str, np.ndarray]:
+        """Fresh state for `param`: each slot its group needs, zeros."""
         return {name: np.zeros_like(param) for name in self.slots(self._group_of(param))}
+
+    def state_of(self, param: np.ndarray) -> dict[str, np.ndarray]:
+        """The state this optimizer keeps for `param`, shared by the training steps compiled
+        with it; a slot its group needs now and did not before (momentum set since) starts
+        fresh."""
+        state = self._state.setdefault(id(param), {})
+        for name, array in self.init_state(param).items():
+            state.setdefault(name, array)
+        return state
 
     def rule(self, p: Tensor, g: Tensor, state: dict[str, Tensor], lr: Tensor, step: Tensor,
              group: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
