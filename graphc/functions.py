@@ -89,11 +89,15 @@ def argmax(x: Tensor, dim: int | None = None, keepdim: bool = False, *, axis: in
 
 def logsumexp(x: Tensor, dim: int | Sequence[int] = -1, keepdim: bool = False, *,
               axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
-    """log(sum(exp(x))) computed stably: the maximum is factored out (and not differentiated)."""
+    """log(sum(exp(x))) computed stably: the maximum is factored out (and not differentiated).
+    Where the maximum is infinite, 0 is factored out instead (inf - inf would be NaN): a line
+    of -inf gives -inf and one holding +inf gives +inf, as in PyTorch and SciPy."""
     x = as_tensor(x)
     axes = normalize_axes(dim if axis is None else axis, x.ndim)
     m = stop_gradient(x.amax(axes, keepdim=True))
-    out = (x - m).exp().sum(axes, keepdim=True).log() + m
+    # m - m is 0 exactly where m is finite (no inf constant for check_numerics to flag)
+    shift = where(m - m == 0, m, 0.0)
+    out = (x - shift).exp().sum(axes, keepdim=True).log() + shift
     return out if keepdim or keepdims else out.squeeze(axes)
 
 

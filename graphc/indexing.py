@@ -16,15 +16,21 @@ from graphc.ir.types import TensorType
 from .tensor import Tensor, as_tensor, bind, current_trace
 
 
+class MaskShapeError(ShapeError, IndexError):
+    """A constant boolean mask whose shape differs from the axes it indexes (an IndexError, as
+    NumPy and PyTorch raise)."""
+
+
 def getitem(x: Tensor, index: Any) -> Tensor:
     """NumPy's and PyTorch's indexing: ints, slices (any step), None, Ellipsis, integer arrays
-    (lists, NumPy arrays or int tensors, broadcast together as NumPy does) and constant boolean
-    masks. A traced boolean mask would give a shape known only from the data: refused."""
+    (lists, NumPy arrays or int tensors, broadcast together as NumPy does), constant boolean
+    masks and bools (a 0-d mask: True adds an axis of length 1, False one of length 0). A traced
+    boolean mask would give a shape known only from the data: refused."""
     index = _expand_index(x, index if isinstance(index, tuple) else (index,))
     arrays = [item for item in index if _is_array_index(item)]
-    if arrays and any(item is None for item in index):
-        raise GraphcError(f"None (a new axis) together with integer-array indices is not "
-                          f"supported; unsqueeze the result instead (at {user_location()})")
+    if arrays and any(item is None or _is_bool(item) for item in index):
+        raise GraphcError(f"None or a bool (a new axis) together with integer-array indices is "
+                          f"not supported; unsqueeze the result instead (at {user_location()})")
     out = _basic_index(x, tuple(slice(None) if _is_array_index(item) else item for item in index))
     if arrays:
         # As in PyTorch (not NumPy), an int beside the arrays is a plain index: its axis is
@@ -39,54 +45,96 @@ def _is_array_index(item: Any) -> bool:
     return isinstance(item, (Tensor, np.ndarray))
 
 
+def _is_bool(item: Any) -> bool:
+    return isinstance(item, (bool, np.bool_))
+
+
 def _expand_index(x: Tensor, index: tuple) -> tuple:
     """The index with lists as arrays, constant boolean masks as the integer arrays they stand
     for (np.nonzero), and Ellipsis and the missing trailing axes as full slices."""
-    items: list[Any] = []
-    for item in index:
-        if isinstance(item, Tensor) and item.dtype == "bool":
-            raise GraphcError(
-                f"x[mask] with a traced boolean mask has a shape known only from the mask's "
-                f"values; graphc needs static shapes: use gc.where(mask, x, other) or "
-                f"x.masked_fill(~mask, value) to keep the shape, or (x * mask).sum() to reduce "
-                f"(at {user_location()})")
-        if isinstance(item, (list, np.ndarray)):
-            item = np.asarray(item)
-            if item.dtype == np.bool_:
-                items.extend(np.nonzero(item))
-                continue
-            if item.size == 0:
-                item = item.astype(np.int64)
-            if not np.issubdtype(item.dtype, np.integer):
-                raise GraphcError(f"an array index must hold integers or booleans, got "
-                                  f"{item.dtype} (at {user_location()})")
-        elif isinstance(item, Tensor) and item.dtype not in ("int32", "int64"):
-            raise DTypeError(f"a tensor index must be int32, int64 or bool, got {item.dtype} "
-                             f"(at {user_location()})")
-        elif not (item is None or item is Ellipsis or isinstance(item, (Tensor, slice, int,
-                                                                        np.integer))):
-            raise GraphcError(f"unsupported index {item!r} (at {user_location()})")
-        items.append(item)
+    items = [_checked_item(item) for item in index]
     ellipses = [k for k, i in enumerate(items) if i is Ellipsis]  # `is`: items hold arrays
     if len(ellipses) > 1:
         raise ShapeError(f"an index can only have a single ellipsis (at {user_location()})")
-    explicit = sum(1 for i in items if i is not None and i is not Ellipsis)
+    explicit = sum(_axes_indexed(i) for i in items)
     if explicit > x.ndim:
         raise ShapeError(f"too many indices for a tensor of shape {x.shape} (at {user_location()})")
     fill = [slice(None)] * (x.ndim - explicit)
     if ellipses:
-        return tuple(items[:ellipses[0]] + fill + items[ellipses[0] + 1:])
-    return tuple(items + fill)
+        items = items[:ellipses[0]] + fill + items[ellipses[0] + 1:]
+    else:
+        items += fill
+    expanded: list[Any] = []
+    axis = 0
+    for item in items:
+        if isinstance(item, np.ndarray) and item.dtype == np.bool_:
+            _check_mask(item, x.shape, axis)
+            expanded.extend(np.nonzero(item))
+        else:
+            expanded.append(item)
+        axis += _axes_indexed(item)
+    return tuple(expanded)
+
+
+def _checked_item(item: Any) -> Any:
+    """One index item, lists as arrays and 0-d boolean arrays as bools, or an error saying why
+    graphc cannot index with it."""
+    if isinstance(item, Tensor) and item.dtype == "bool":
+        raise GraphcError(
+            f"x[mask] with a traced boolean mask has a shape known only from the mask's "
+            f"values; graphc needs static shapes: use gc.where(mask, x, other) or "
+            f"x.masked_fill(~mask, value) to keep the shape, or (x * mask).sum() to reduce "
+            f"(at {user_location()})")
+    if _is_bool(item):  # before the ints: bool is an int to Python
+        return bool(item)
+    if isinstance(item, (list, np.ndarray)):
+        item = np.asarray(item)
+        if item.dtype == np.bool_:
+            return bool(item) if item.ndim == 0 else item
+        if item.size == 0:
+            item = item.astype(np.int64)
+        if not np.issubdtype(item.dtype, np.integer):
+            raise GraphcError(f"an array index must hold integers or booleans, got "
+                              f"{item.dtype} (at {user_location()})")
+    elif isinstance(item, Tensor) and item.dtype not in ("int32", "int64"):
+        raise DTypeError(f"a tensor index must be int32, int64 or bool, got {item.dtype} "
+                         f"(at {user_location()})")
+    elif not (item is None or item is Ellipsis or isinstance(item, (Tensor, slice, int,
+                                                                    np.integer))):
+        raise GraphcError(f"unsupported index {item!r} (at {user_location()})")
+    return item
+
+
+def _axes_indexed(item: Any) -> int:
+    """How many axes of the indexed tensor `item` consumes."""
+    if item is None or item is Ellipsis or _is_bool(item):
+        return 0
+    if isinstance(item, np.ndarray) and item.dtype == np.bool_:
+        return item.ndim
+    return 1
+
+
+def _check_mask(mask: np.ndarray, shape: tuple[int, ...], axis: int) -> None:
+    """A boolean mask must have the shape of the axes it indexes, from `axis` on."""
+    for k, size in enumerate(mask.shape):
+        if size != shape[axis + k]:
+            raise MaskShapeError(
+                f"boolean index of shape {mask.shape} did not match the indexed tensor of shape "
+                f"{shape} along axis {axis + k}: size of axis is {shape[axis + k]} but size of "
+                f"corresponding boolean axis is {size} (at {user_location()})")
 
 
 def _basic_index(x: Tensor, index: tuple) -> Tensor:
-    """Ints, slices and None, one item per axis of x (None aside): a flip for the axes sliced
-    with a negative step, one slice, then the squeeze and expand_dims."""
-    flips, starts, stops, steps, drop, new_axes = [], [], [], [], [], []
+    """Ints, slices, None and bools, one item per axis of x (None and bools aside): a flip for
+    the axes sliced with a negative step, one slice, then the squeeze and expand_dims, and a
+    slice emptying the new axes of False."""
+    flips, starts, stops, steps, drop, new_axes, empty_axes = [], [], [], [], [], [], []
     axis = out_axis = 0
     for item in index:
-        if item is None:
+        if item is None or _is_bool(item):
             new_axes.append(out_axis)
+            if item is False:
+                empty_axes.append(out_axis)
             out_axis += 1
             continue
         dim = x.shape[axis]
@@ -113,6 +161,9 @@ def _basic_index(x: Tensor, index: tuple) -> Tensor:
         out = bind("squeeze", out, axes=tuple(drop))
     if new_axes:
         out = bind("expand_dims", out, axes=tuple(new_axes))
+    if empty_axes:
+        out = bind("slice", out, starts=(0,) * out.ndim, steps=(1,) * out.ndim,
+                   stops=tuple(0 if a in empty_axes else n for a, n in enumerate(out.shape)))
     return out
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from graphc.ir.errors import INTERNAL_DIRS, GraphcError, ShapeError, user_location
 
 from . import functions as gcf
-from .tensor import Tensor, as_tensor, bind
+from .tensor import Tensor, as_tensor, bind, normalize_axes
 
 __all__ = ["array_ufunc", "array_function", "torch_function"]
 
@@ -143,7 +143,12 @@ def _argsort(a, axis=-1, kind=None):
 def _concatenate(arrays, axis=0): return gcf.concatenate(arrays, axis)
 def _stack(arrays, axis=0): return gcf.stack(arrays, axis)
 def _where(condition, x, y): return gcf.where(condition, x, y)
-def _squeeze(a, axis=None): return as_tensor(a).squeeze(axis)
+def _squeeze(a, axis=None):
+    # NumPy's: a named axis must have length 1 (Tensor.squeeze, as PyTorch's, skips it)
+    t = as_tensor(a)
+    return t.squeeze() if axis is None else bind("squeeze", t, axes=normalize_axes(axis, t.ndim))
+
+
 def _expand_dims(a, axis): return as_tensor(a).unsqueeze(axis)
 def _broadcast_to(array, shape): return as_tensor(array).broadcast_to(shape)
 def _take_along_axis(arr, indices, axis): return gcf.take_along_axis(arr, indices, axis)

@@ -594,16 +594,19 @@ class Tensor:
     # Each takes PyTorch's `dim`/`keepdim` and NumPy's `axis`/`keepdims` alike.
     def sum(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
             axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
-        """The sum over `dim` (all axes by default); booleans count as int64, as in PyTorch."""
+        """The sum over `dim` (all axes by default); booleans and integers add up in int64, as in
+        NumPy and PyTorch (an int32 sum would overflow)."""
         axes = normalize_axes(reduction_axes(dim, axis, "sum"), self.ndim)
-        x = self.astype("int64") if self.dtype == "bool" else self
+        x = self if is_float(self.dtype) else self.astype("int64")
         return bind("sum", x, axes=axes, keepdims=keepdim or keepdims)
 
     def mean(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
              axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
         axes = normalize_axes(reduction_axes(dim, axis, "mean"), self.ndim)
         count = int(np.prod([self.shape[a] for a in axes], dtype=np.int64))
-        return self.sum(axes, keepdim or keepdims) * (1.0 / max(count, 1))
+        # The mean of no elements is 0/0: NaN, as in NumPy and PyTorch.
+        scale = 1.0 / count if count else float("nan")
+        return self.sum(axes, keepdim or keepdims) * scale
 
     def amax(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
              axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
@@ -771,19 +774,30 @@ class Tensor:
         return self.transpose(0, 1) if self.ndim == 2 else self
 
     def flatten(self, start_dim: int = 0, end_dim: int = -1) -> Tensor:
+        """Axes start_dim..end_dim merged into one; a 0-d tensor becomes a vector of one."""
         if self.ndim == 0:
             return self.reshape(1)
         start, end = normalize_axes((start_dim, end_dim), self.ndim)
+        if start > end:
+            raise ShapeError(f"flatten: start_dim {start_dim} (axis {start}) comes after end_dim "
+                             f"{end_dim} (axis {end}) of shape {self.shape} (at {user_location()})")
         merged = int(np.prod(self.shape[start:end + 1], dtype=np.int64))
         return self.reshape(self.shape[:start] + (merged,) + self.shape[end + 1:])
 
     def unsqueeze(self, dim: int) -> Tensor:
+        """A new axis of length 1 at `dim` of the result (negative counts from its end)."""
+        if not -self.ndim - 1 <= dim <= self.ndim:
+            raise ShapeError(f"unsqueeze: dim {dim} is out of range for a tensor of shape "
+                             f"{self.shape}: expected it in [{-self.ndim - 1}, {self.ndim}] "
+                             f"(at {user_location()})")
         return bind("expand_dims", self, axes=(dim % (self.ndim + 1),))
 
     def squeeze(self, dim: int | Sequence[int] | None = None) -> Tensor:
-        axes = (tuple(i for i, d in enumerate(self.shape) if d == 1) if dim is None
-                else normalize_axes(dim, self.ndim))
-        return bind("squeeze", self, axes=axes) if axes else self
+        """PyTorch's squeeze: the axes of length 1 among `dim` (all by default) removed; a named
+        axis of another length stays (NumPy's squeeze raises there)."""
+        axes = normalize_axes(dim, self.ndim)  # a 0-d tensor takes dim 0 or -1, and stays
+        ones = tuple(a for a in axes if self.ndim and self.shape[a] == 1)
+        return bind("squeeze", self, axes=ones) if ones else self
 
     def broadcast_to(self, shape: Sequence[int]) -> Tensor:
         shape = tuple(shape)

@@ -30,7 +30,8 @@ from graphc.backends.kernels.source import Writer
 TARGET = "numba-cpu"
 # fastmath without 'nnan'/'ninf': FMA contraction and reassociation (vectorised reductions),
 # but NaN and inf keep their IEEE meaning, as in the reference (log(0) = -inf, relu(nan) = nan).
-FASTMATH_FLAGS = ("afn", "arcp", "contract", "nsz", "reassoc")
+# Nor 'arcp': it lets LLVM turn 1/sqrt(x) into an rsqrt estimate, NaN at 0 and inf.
+FASTMATH_FLAGS = ("afn", "contract", "nsz", "reassoc")
 # Below this many elements a loop runs serially: a parallel region costs ~10 us to start and a
 # parallel kernel compiles ~0.4 s slower.
 PARALLEL_MIN_ELEMENTS = 1 << 16

@@ -1,0 +1,177 @@
+"""Edge cases of the Tensor surface, each once silently wrong: boolean masks of the wrong shape,
+bool indices, logsumexp of infinite lines, rsqrt at 0 and inf on numba-cpu, integer sums,
+means over empty axes, and the argument checks of unsqueeze, flatten and squeeze. Checked
+against NumPy or hand-computed values on the reference interpreter and numba-cpu."""
+import numpy as np
+import pytest
+
+import graphc as gc
+from graphc.ir.errors import GraphcError, ShapeError
+
+BACKENDS = pytest.mark.parametrize("backend", ["reference", None], ids=["reference", "numba-cpu"])
+USER_LINE = r"\(at .*test_tensor_edges\.py:\d+\)"
+X = np.arange(24, dtype=np.float32).reshape(4, 6)
+
+
+# -- 1. constant boolean masks must match the axes they index -----------------------------------
+@BACKENDS
+@pytest.mark.parametrize("mask, axis, sizes", [
+    ((np.array([True, False]),), 0, "4 .* 2"),
+    ((np.ones((2, 3), bool),), 0, "4 .* 2"),
+    ((np.ones(5, bool),), 0, "4 .* 5"),  # too long: was an IndexOutOfRangeError from gather
+    ((slice(None), np.ones(4, bool)), 1, "6 .* 4"),
+], ids=["short", "2d", "long", "second_axis"])
+def test_boolean_mask_of_the_wrong_shape_is_refused(backend, mask, axis, sizes):
+    with pytest.raises(IndexError, match=rf"along axis {axis}: size of axis is {sizes}.*{USER_LINE}"):
+        gc.jit(lambda t: t[mask], backend=backend)(X)
+
+
+@BACKENDS
+def test_boolean_masks_of_the_right_shape_still_select(backend):
+    rows, cols = np.array([True, False, True, True]), np.array([0, 1, 1, 0, 0, 1], bool)
+    np.testing.assert_array_equal(gc.jit(lambda t: t[rows], backend=backend)(X), X[rows])
+    np.testing.assert_array_equal(gc.jit(lambda t: t[..., cols], backend=backend)(X), X[..., cols])
+    block = X > 10
+    np.testing.assert_array_equal(gc.jit(lambda t: t[block], backend=backend)(X), X[block])
+
+
+# -- 2. a bool index is a 0-d mask, not the integer 0 or 1 ---------------------------------------
+@BACKENDS
+@pytest.mark.parametrize("index", [
+    True, False, np.bool_(True), np.bool_(False), np.array(True), (slice(None), True),
+    (slice(None), False), (True, 1), (Ellipsis, True), (None, True, slice(1, 3)),
+], ids=["true", "false", "np_true", "np_false", "0d_array", "inner_true", "inner_false",
+        "with_int", "after_ellipsis", "with_none"])
+def test_bool_index_adds_an_axis_as_in_numpy(backend, index):
+    got = gc.jit(lambda t: t[index], backend=backend)(X)
+    assert got.shape == X[index].shape
+    np.testing.assert_array_equal(got, X[index])
+
+
+def test_bool_index_gradient_and_assignment():
+    grad = gc.grad(lambda t: (t[True] * 2.0).sum() + t[:, False].sum())(X)
+    np.testing.assert_array_equal(grad, np.full_like(X, 2.0))
+
+    def assign(t, flag):
+        t = t * 1.0
+        t[flag] = -1.0
+        return t
+    np.testing.assert_array_equal(gc.jit(lambda t: assign(t, True))(X), np.full_like(X, -1.0))
+    np.testing.assert_array_equal(gc.jit(lambda t: assign(t, False))(X), X)
+
+
+def test_bool_index_beside_integer_arrays_is_refused():
+    with pytest.raises(GraphcError, match=rf"a bool .* integer-array indices.*{USER_LINE}"):
+        gc.jit(lambda t: t[[0, 1], True])(X)
+
+
+# -- 3. logsumexp of lines holding infinities ----------------------------------------------------
+@BACKENDS
+def test_logsumexp_of_infinite_lines(backend):
+    x = np.array([[-np.inf, -np.inf], [np.inf, 1.0], [1.0, 2.0], [-np.inf, 0.5]], np.float32)
+    expected = [-np.inf, np.inf, np.log(np.exp(1.0) + np.exp(2.0)), 0.5]
+    np.testing.assert_allclose(gc.jit(lambda t: gc.logsumexp(t, 1), backend=backend)(x), expected,
+                               rtol=1e-6)
+    np.testing.assert_allclose(gc.jit(lambda t: t.logsumexp(0), backend=backend)(x.T), expected,
+                               rtol=1e-6)
+
+
+@BACKENDS
+def test_logsumexp_gradient_is_softmax_for_finite_lines(backend):
+    x = np.array([[1.0, 2.0, 3.0], [-1000.0, 0.0, 1000.0]], np.float64)
+    softmax = np.exp(x - x.max(1, keepdims=True))
+    softmax /= softmax.sum(1, keepdims=True)
+    grad = gc.grad(lambda t: gc.logsumexp(t, 1).sum(), backend=backend)(x)
+    np.testing.assert_allclose(grad, softmax, rtol=1e-12)
+
+
+# -- 4. rsqrt and 1/sqrt at 0 and inf on numba-cpu (vectorised loops) ----------------------------
+ZERO_FOUR_INF = np.tile(np.array([0.0, 4.0, np.inf], np.float32), 86)  # 258 elements
+
+
+@BACKENDS
+@pytest.mark.parametrize("fn", [gc.rsqrt, lambda t: 1 / t.sqrt()], ids=["rsqrt", "one_over_sqrt"])
+def test_reciprocal_square_root_at_zero_and_inf(backend, fn):
+    got = gc.jit(fn, backend=backend)(ZERO_FOUR_INF)
+    np.testing.assert_array_equal(got, np.tile(np.array([np.inf, 0.5, 0.0], np.float32), 86))
+
+
+@BACKENDS
+def test_sqrt_gradient_at_zero(backend):
+    x = np.tile(np.array([0.0, 4.0], np.float32), 128)
+    grad = gc.grad(lambda t: t.sqrt().sum(), backend=backend)(x)
+    np.testing.assert_array_equal(grad, np.tile(np.array([np.inf, 0.25], np.float32), 128))
+
+
+# -- 5. integer sums accumulate in int64 ----------------------------------------------------------
+@BACKENDS
+def test_int32_sum_accumulates_in_int64(backend):
+    got = gc.jit(lambda t: t.sum(), backend=backend)(np.full(3, 2**30, np.int32))
+    assert got.dtype == np.int64 and got == 3 * 2**30
+    rows = gc.jit(lambda t: gc.sum(t, 1), backend=backend)(np.full((2, 3), 2**30, np.int32))
+    assert rows.dtype == np.int64
+    np.testing.assert_array_equal(rows, [3 * 2**30] * 2)
+    flags = gc.jit(lambda t: t.sum(), backend=backend)(np.ones(5, bool))
+    assert flags.dtype == np.int64 and flags == 5
+    running = gc.jit(lambda t: t.cumsum(0), backend=backend)(np.full(3, 2**30, np.int32))
+    assert running.dtype == np.int64 and running[-1] == 3 * 2**30
+
+
+def test_float_sum_keeps_its_dtype_and_gradient():
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert gc.jit(lambda t: t.sum(1))(x).dtype == np.float32
+    np.testing.assert_array_equal(gc.grad(lambda t: (t.sum(0) * 2.0).sum())(x), np.full_like(x, 2.0))
+
+
+# -- 6. the mean of no elements is NaN -----------------------------------------------------------
+@BACKENDS
+def test_mean_over_an_empty_axis_is_nan(backend):
+    empty = np.zeros((0, 3), np.float32)
+    with np.errstate(all="raise"):  # no division by zero at trace time either
+        columns = gc.jit(lambda t: t.mean(0), backend=backend)(empty)
+        everything = gc.jit(lambda t: t.mean(), backend=backend)(empty)
+    assert columns.shape == (3,) and np.isnan(columns).all()
+    assert np.isnan(everything)
+    np.testing.assert_array_equal(gc.jit(lambda t: t.mean(1), backend=backend)(empty), np.zeros(0))
+
+
+# -- 7-9. the dim arguments of unsqueeze, flatten and squeeze ------------------------------------
+@pytest.mark.parametrize("dim", [3, -4, 7])
+def test_unsqueeze_out_of_range_is_refused(dim):
+    with pytest.raises(ShapeError, match=rf"unsqueeze: dim {dim} .* expected it in \[-3, 2\] {USER_LINE}"):
+        gc.jit(lambda t: t.unsqueeze(dim))(X)
+
+
+@pytest.mark.parametrize("dim, shape", [(0, (1, 4, 6)), (2, (4, 6, 1)), (-1, (4, 6, 1)),
+                                        (-3, (1, 4, 6))])
+def test_unsqueeze_in_range(dim, shape):
+    assert gc.jit(lambda t: t.unsqueeze(dim), backend="reference")(X).shape == shape
+
+
+def test_flatten_start_after_end_is_refused():
+    x = np.zeros((2, 3, 4), np.float32)
+    with pytest.raises(ShapeError, match=rf"flatten: start_dim 2 .* comes after end_dim 1.*{USER_LINE}"):
+        gc.jit(lambda t: t.flatten(2, 1))(x)
+    assert gc.jit(lambda t: t.flatten(1, 1), backend="reference")(x).shape == (2, 3, 4)
+    assert gc.jit(lambda t: t.flatten(0, -1), backend="reference")(x).shape == (24,)
+    assert gc.jit(lambda t: gc.flatten(t, 1), backend="reference")(x).shape == (2, 12)
+
+
+@BACKENDS
+def test_squeeze_skips_named_axes_whose_length_is_not_one(backend):
+    x = np.arange(6, dtype=np.float32).reshape(1, 3, 1, 2)
+    for dim, expected in [(1, x), ((0, 1), x[0]), ((0, 1, 2), x[0, :, 0]), (None, x[0, :, 0]),
+                          (-1, x), (-2, x[:, :, 0])]:
+        got = gc.jit(lambda t: t.squeeze(dim), backend=backend)(x)
+        assert got.shape == expected.shape, dim
+        np.testing.assert_array_equal(got, expected)
+    scalar = np.float32(2.0)
+    assert gc.jit(lambda t: t.squeeze(0), backend=backend)(scalar).shape == ()
+
+
+def test_numpys_squeeze_of_a_named_axis_longer_than_one_is_refused_as_numpy_refuses_it():
+    x = np.zeros((2, 3, 1), np.float32)
+    with pytest.raises(ShapeError, match="cannot squeeze axis 1 of size 3"):
+        gc.jit(lambda t: np.squeeze(t, 1))(x)
+    assert gc.jit(lambda t: np.squeeze(t, 2))(x).shape == (2, 3)
+    assert gc.jit(lambda t: t.squeeze(1))(x).shape == (2, 3, 1)  # the Tensor method is PyTorch's
