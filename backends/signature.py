@@ -5,7 +5,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from graphc.ir import Graph, InputError
+from graphc.ir import Graph, InputError, TensorType
 
 
 class InputSignature:
@@ -20,7 +20,7 @@ class InputSignature:
     def __init__(self, graph: Graph, donated: Sequence[int] = ()) -> None:
         self.graph = graph
         self.donated = frozenset(donated)
-        self._expected = [(inp.value.type.np_dtype, inp.value.type.shape, index in self.donated)
+        self._expected = [(inp.value.type.np_dtype, inp.value.type.shape, donated)
                           for index, inp in enumerate(graph.inputs)]
 
     def prepare(self, args: Sequence[Any]) -> list[np.ndarray]:
@@ -40,31 +40,36 @@ class InputSignature:
 
     def _converted(self, index: int, arg: Any) -> np.ndarray:
         inp = self.graph.inputs[index]
-        expected = inp.value.type
-        where = f"{self.graph.name}: input {inp.name!r}"
-        try:
-            arr = arg if isinstance(arg, np.ndarray) else np.asarray(arg)
-        except (ValueError, TypeError) as exc:
-            raise InputError(f"{where}: cannot be read as an array ({exc})") from None
-        if arr.dtype.kind not in "biuf":
-            raise InputError(f"{where}: expected {expected}, got an array of dtype {arr.dtype} "
-                             "(graphc takes numeric or bool arrays only)")
-        if arr.shape != expected.shape:
-            raise InputError(f"{where}: expected shape {expected.shape} ({expected}), got {arr.shape}")
-        if arr.dtype != expected.np_dtype:
-            lossless = np.can_cast(arr.dtype, expected.np_dtype, "safe") or (
-                not isinstance(arg, np.ndarray) and np.array_equal(arr.astype(expected.np_dtype), arr))
-            if not lossless or index in self.donated:
-                raise InputError(f"{where}: expected dtype {expected.dtype}, got {arr.dtype}; "
-                                 f"convert it with .astype(np.{expected.dtype})")
-            arr = arr.astype(expected.np_dtype)
-        if index in self.donated:
-            if not (arr.flags.c_contiguous and arr.flags.writeable):
-                raise InputError(f"{where}: a donated (updated in place) input must be a "
-                                 "C-contiguous, writeable array")
-        elif not arr.flags.c_contiguous:
-            arr = np.ascontiguousarray(arr)
-        return arr
+        return as_input(f"{self.graph.name}: input {inp.name!r}", inp.value.type, arg,
+                        index in self.donated)
+
+
+def as_input(where: str, expected: TensorType, arg: Any, donated: bool = False) -> np.ndarray:
+    """`arg` as a C-contiguous array of type `expected`, converted only where that is lossless;
+    else an InputError beginning with `where` (the graph and input) that says what to fix."""
+    try:
+        arr = arg if isinstance(arg, np.ndarray) else np.asarray(arg)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{where}: cannot be read as an array ({exc})") from None
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"{where}: expected {expected}, got an array of dtype {arr.dtype} "
+                         "(graphc takes numeric or bool arrays only)")
+    if arr.shape != expected.shape:
+        raise InputError(f"{where}: expected shape {expected.shape} ({expected}), got {arr.shape}")
+    if arr.dtype != expected.np_dtype:
+        lossless = np.can_cast(arr.dtype, expected.np_dtype, "safe") or (
+            not isinstance(arg, np.ndarray) and np.array_equal(arr.astype(expected.np_dtype), arr))
+        if not lossless or donated:
+            raise InputError(f"{where}: expected dtype {expected.dtype}, got {arr.dtype}; "
+                             f"convert it with .astype(np.{expected.dtype})")
+        arr = arr.astype(expected.np_dtype)
+    if donated:
+        if not (arr.flags.c_contiguous and arr.flags.writeable):
+            raise InputError(f"{where}: a donated (updated in place) input must be a "
+                             "C-contiguous, writeable array")
+    elif not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    return arr
 
 
 def prepare_inputs(graph: Graph, args: Sequence[Any], donated: Sequence[int] = ()) -> list[np.ndarray]:

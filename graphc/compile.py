@@ -470,7 +470,10 @@ class CompiledModel(_CompiledModelBase):
             return self._inlined(inputs)
         arrays = batch_arrays(inputs)
         compiled, implicit = self._select(arrays)
-        outs = compiled.executable(*arrays, *self._arrays(), *implicit)
+        # a forward drawing random numbers in eval mode (F.dropout(training=True): Monte Carlo
+        # dropout) draws fresh ones each call, from the global generator as gc.jit does
+        key = [gc_random.next_key()] if compiled.traced.inputs[-1].role == "rng" else []
+        outs = compiled.executable(*arrays, *self._arrays(), *implicit, *key)
         return unflatten(self._output_tree, list(outs))
 
 

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from graphc.backends import DeviceResident, Executable, PlannedExecutable, default_backend
+from graphc.backends.signature import as_input
 from graphc.ir import Graph, SerializationError, TensorType
 from graphc.ir.errors import GraphcError, IndexOutOfRangeError, InputError, LoadError
 from graphc.ir.types import DTYPES
@@ -53,6 +54,7 @@ from .bounded_io import ZipMembers, parse_json
 from .lowering import compile_graph
 from .scan_lowering import SegmentedExecutable
 from .step_builder import rate_input_names
+from .tree import TreeDef, treedef_from_json, treedef_to_json, unflatten
 
 log = logging.getLogger("graphc")
 
@@ -131,7 +133,22 @@ def _checked_max_batch(max_batch: Any) -> list[int]:
 
 def _forward_graphs(forward: Any, data: list[TensorType], sizes: list[int]) -> dict[int, Graph]:
     """The eval-mode forward of `forward` (a CompiledModel) traced and simplified at each batch
-    size, but not compiled. Every data input and output must be batch-major."""
+    size, but not compiled. Every data input and output must be batch-major, and, checked at
+    batches 1 and 2, the samples computed apart (a padded batch gives the same results)."""
+    graphs, state = _traced_forwards(forward, data, sizes)
+    mixed = _mixed_output(graphs, state)
+    if mixed is not None:
+        raise GraphcError(f"export(max_batch=...): the output {mixed} of a sample depends on "
+                          "the other samples of its batch (axis 0): is the first axis time or "
+                          "a sequence (a time-major RNN: use batch_first=True)? Padding a "
+                          "batch would change the results; export without max_batch (the "
+                          "file then serves its own batch size only)")
+    return graphs
+
+
+def _traced_forwards(forward: Any, data: list[TensorType], sizes: list[int]
+                     ) -> tuple[dict[int, Graph], dict[str, np.ndarray]]:
+    """`_forward_graphs` unchecked, and the arrays their non-batch inputs read."""
     if any(t.ndim == 0 for t in data) or len({t.shape[0] for t in data}) != 1:
         raise GraphcError(f"export(max_batch=...): every input needs the batch as its first axis; "
                           f"the inputs are {', '.join(map(str, data))}")
@@ -148,14 +165,28 @@ def _forward_graphs(forward: Any, data: list[TensorType], sizes: list[int]) -> d
             raise GraphcError(f"export(max_batch=...): at batch {size} the output {unbatched[0]} "
                               "does not have the batch as its first axis, so batches cannot be "
                               "padded and split")
-    if 1 in graphs and 2 in graphs and not any(inp.role == "rng" for inp in graphs[2].inputs):
-        state = {**dict(zip(forward._names(), forward._arrays())), **implicit}
-        _check_rows_apart(graphs[1], graphs[2], state)
-    return graphs
+    return graphs, {**dict(zip(forward._names(), forward._arrays())), **implicit}
 
 
-def _check_rows_apart(one: Graph, two: Graph, state: dict[str, np.ndarray]) -> None:
-    """A batch is padded to its bucket: the first axis must hold samples computed apart. Run on
+def _rows_apart(compiled: Any) -> bool | None:
+    """Whether a fixed-batch inference function computes its samples apart, so that a server
+    may pad a smaller batch to its size; None where that cannot be told (no batch axis, random
+    draws, a forward that traces at its own batch only)."""
+    data = [inp.value.type for inp in compiled.graph.inputs if inp.role == "data"]
+    try:
+        graphs, state = _traced_forwards(compiled, data, [1, 2])
+    except GraphcError:
+        return None
+    if any(inp.role == "rng" for inp in graphs[2].inputs):
+        return None
+    return _mixed_output(graphs, state) is None
+
+
+def _mixed_output(graphs: dict[int, Graph], state: dict[str, np.ndarray]) -> str | None:
+    """The first output of a sample that depends on the other samples of its batch, checked
+    where `graphs` hold batches 1 and 2 (None otherwise, or where all are apart).
+
+    A batch is padded to its bucket: the first axis must hold samples computed apart. Run on
     the reference interpreter, the first row of a batch of two must be that row alone (not so
     where the first axis is time, as for a time-major bidirectional RNN: padding it in time
     changed every output). Integer and bool inputs (ids, masks) are 0 in the first row and 1 in
@@ -163,6 +194,9 @@ def _check_rows_apart(one: Graph, two: Graph, state: dict[str, np.ndarray]) -> N
     random numbers is not checked (its draws depend on the batch's shape)."""
     from graphc.ir.interpret import evaluate
 
+    one, two = graphs.get(1), graphs.get(2)
+    if one is None or two is None or any(inp.role == "rng" for inp in two.inputs):
+        return None
     rng = np.random.default_rng(0)
     data = [inp.value.type for inp in two.inputs if inp.role == "data"]
     mixed = [rng.standard_normal((2, *t.shape[1:])).astype(t.np_dtype) if t.dtype.startswith("float")
@@ -180,10 +214,8 @@ def _check_rows_apart(one: Graph, two: Graph, state: dict[str, np.ndarray]) -> N
         paired = run(two, mixed, 2)
     for (name, _), alone, both in zip(one.outputs, run(one, mixed, 1), paired):
         if not np.allclose(alone, both[:1], rtol=1e-4, atol=1e-5, equal_nan=True):
-            raise GraphcError(f"export(max_batch=...): the output {name} of a sample depends on the "
-                              "other samples of its batch (axis 0): is the first axis time or a "
-                              "sequence (a time-major RNN: use batch_first=True)? Padding a batch "
-                              "would change the results; export without max_batch")
+            return name
+    return None
 
 
 def _bucket_graphs(compiled: Any, max_batch: int) -> dict[int, Graph]:
@@ -242,8 +274,16 @@ def _step_forward(step: Any) -> tuple[dict[str, Any], dict[int, Graph], dict[str
                 **{name: f"implicit/{name}" for name in reads.names}}
     bindings = {inp.name: bindings[inp.name] for inp in graphs[batch].inputs if inp.role != "data"}
     implicit = {f"implicit/{name}": array for name, array in zip(reads.names, reads.arrays())}
-    entry = {"batch": batch, "batches": sorted(graphs), "bindings": bindings}
+    entry = {"batch": batch, "batches": sorted(graphs), "bindings": bindings,
+             **_outputs_entry(tracer._output_tree)}
     return entry, graphs, implicit
+
+
+def _outputs_entry(tree: TreeDef) -> dict[str, Any]:
+    """{"outputs": the nesting of a model's outputs} for a file, where JSON can hold it; a
+    loaded function returns its outputs nested so ((output, (h_n, c_n)) of an LSTM)."""
+    stored = treedef_to_json(tree)
+    return {} if stored is None else {"outputs": stored}
 
 
 def export(compiled: Any, path: str, max_batch: int | None = None) -> None:
@@ -254,6 +294,10 @@ def export(compiled: Any, path: str, max_batch: int | None = None) -> None:
     from .compile import TrainStep
     from .train import atomic_write, training_state
 
+    if not isinstance(compiled, TrainStep) and any(inp.role == "rng" for inp in compiled.graph.inputs):
+        raise GraphcError(f"{compiled.name}: the model draws random numbers in eval mode (such as "
+                          "F.dropout(x, training=True)); an exported inference function keeps no "
+                          "random generator, so it cannot be exported: draw them only in training")
     buckets: dict[int, Graph] = {}
     if max_batch is not None:
         buckets = _bucket_graphs(compiled, max_batch)
@@ -262,16 +306,20 @@ def export(compiled: Any, path: str, max_batch: int | None = None) -> None:
     graph = compiled.graph
     forward: dict[str, Any] = {}
     forward_graphs: dict[int, Graph] = {}
+    outputs: dict[str, Any] = {}  # an inference file's metadata: its outputs' nesting and rows
     if isinstance(compiled, TrainStep):
         kind = "train_step"
         forward, forward_graphs, forward_reads = _step_forward(compiled)
         state = training_state(compiled)
-        rates = [group["lr"] for group in compiled.optimizer.param_groups]
+        rates = _exportable_rates(compiled.name, [group["lr"] for group in compiled.optimizer.param_groups])
         lr = rates[0] if len(rates) == 1 else rates  # one number per parameter group
     else:
         kind = "inference"
         state = {f"model/{k}": v for k, v in compiled.model.state_dict().items()}
         forward_reads, lr = {}, None
+        outputs = _outputs_entry(compiled._output_tree)
+        if max_batch is None and (apart := _rows_apart(compiled)) is not None:
+            outputs["rows_apart"] = apart  # whether a server may pad a smaller batch
     state.update(compiled.implicit_state())  # other modules' arrays the graph reads, read-only
     for key, array in forward_reads.items():
         state.setdefault(key, array)
@@ -280,7 +328,7 @@ def export(compiled: Any, path: str, max_batch: int | None = None) -> None:
     members = _function_members(
         kind, graph, compiled.executable, compiled.stage_graph("fused"), bindings, compiled.donate,
         state, {"backend": compiled.backend, "lr": lr, "name": compiled.name,
-                **({"buckets": sorted(buckets)} if buckets else {})},
+                **({"buckets": sorted(buckets)} if buckets else {}), **outputs},
         {"forward": forward} if forward else {})
     members["graph.traced.json"] = compiled.stage_graph("traced").to_json().encode()
     for size, bucket in buckets.items():
@@ -525,6 +573,22 @@ def _checked_metadata(path: str, metadata: Any, kind: str) -> dict[str, Any]:
     return metadata
 
 
+def _exportable_rates(name: str, rates: list[Any]) -> list[float]:
+    """The learning rates as a file stores them, refusing those a load would refuse."""
+    limit = float(np.finfo(np.float32).max)
+
+    def storable(rate: Any) -> bool:
+        try:
+            return abs(float(rate)) <= limit  # False for nan
+        except (TypeError, ValueError):
+            return False
+    bad = [r for r in rates if not storable(r)]
+    if bad:
+        raise GraphcError(f"{name}: cannot export learning rate {bad[0]!r}: a file's rates must be "
+                          "finite float32s (set the rate to a number first)")
+    return [float(r) for r in rates]
+
+
 class _Loaded:
     """Common to loaded steps and functions: the graph, its executable and its arrays."""
 
@@ -580,7 +644,8 @@ class _Loaded:
         members = dict(self.members)
         metadata = {**self.metadata, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if "lr" in metadata and hasattr(self, "lrs"):
-            metadata["lr"] = self.lrs[0] if len(self.lrs) == 1 else list(self.lrs)
+            rates = _exportable_rates(self.name, self.lrs)
+            metadata["lr"] = rates[0] if len(rates) == 1 else rates
         members["metadata.json"] = _json(metadata)
         atomic_write(path, lambda f: f.write(_archive(members, self._state)))
 
@@ -639,7 +704,7 @@ class LoadedTrainStep(_Loaded):
             return None, {}, {}
         batches = entry.get("batches") if isinstance(entry, dict) else None
         bindings = entry.get("bindings") if isinstance(entry, dict) else None
-        if (not isinstance(entry, dict) or set(entry) != {"batch", "batches", "bindings"}
+        if (not isinstance(entry, dict) or set(entry) - {"outputs"} != {"batch", "batches", "bindings"}
                 or not isinstance(batches, list) or not all(type(b) is int for b in batches)
                 or batches != stored or type(entry["batch"]) is not int
                 or entry["batch"] not in batches
@@ -651,6 +716,15 @@ class LoadedTrainStep(_Loaded):
         batch = entry["batch"]
         member = f"forward/{batch}.json"
         forward = _graph(path, self.members[member], member)
+        if "outputs" in entry:
+            try:
+                nesting = treedef_from_json(entry["outputs"])
+            except ValueError as exc:
+                raise LoadError(path, f"malformed nesting of the forward's outputs: {exc}",
+                                "plan.json") from None
+            if nesting.num_leaves != len(forward.outputs):
+                raise LoadError(path, f"nests {nesting.num_leaves} forward outputs, but {member} "
+                                f"has {len(forward.outputs)}", "plan.json")
         inputs = [i.value.type for i in forward.inputs if i.role == "data"]
         step_inputs = [i.value.type for i in self._data_inputs]
         if (not 0 < len(inputs) < len(step_inputs) or inputs != step_inputs[:len(inputs)]
@@ -721,7 +795,9 @@ class LoadedTrainStep(_Loaded):
         members = _function_members(
             "inference", graph, executable, fused, self._forward_bindings, {}, state,
             {"backend": self.backend, "lr": None, "name": graph.name,
-             **({"buckets": sizes} if max_batch is not None else {})}, {})
+             **({"buckets": sizes} if max_batch is not None else {}),
+             **({"outputs": self.plan["forward"]["outputs"]} if "outputs" in self.plan["forward"] else {})},
+            {})
         for size in sizes[:-1]:
             members[f"buckets/{size}.json"] = self._forward[size].to_json().encode()
         atomic_write(path, lambda f: f.write(_archive(members, state)))
@@ -766,6 +842,7 @@ class LoadedFunction(_Loaded):
         self.max_batch: int | None = self.buckets[-1] if self.buckets else None
         self._bucket_graphs = {size: self._checked_bucket(size) for size in self.buckets[:-1]}
         self._executables = {self.max_batch: self.executable} if self.buckets else {}
+        self._output_tree = self._checked_outputs()
         listed = {f"buckets/{size}.json" for size in self._bucket_graphs}
         stray = sorted(n for n in self.members if _FORWARD_MEMBER.match(n)
                        or _BUCKET_MEMBER.match(n) and n not in listed)
@@ -773,6 +850,20 @@ class LoadedFunction(_Loaded):
             raise LoadError(self.path, f"holds {stray[0]}, which an inference export has no use "
                             "for (a batch size metadata.json does not list, or a training step's "
                             "forward)", stray[0])
+
+    def _checked_outputs(self) -> TreeDef | None:
+        """How the outputs nest (metadata's "outputs"); None in a file written before exports
+        stored it (its outputs come back as a flat tuple)."""
+        if "outputs" not in self.metadata:
+            return None
+        try:
+            tree = treedef_from_json(self.metadata["outputs"])
+        except ValueError as exc:
+            raise LoadError(self.path, f"malformed nesting of outputs: {exc}", "metadata.json") from None
+        if tree.num_leaves != len(self.graph.outputs):
+            raise LoadError(self.path, f"nests {tree.num_leaves} outputs, but graph.json has "
+                            f"{len(self.graph.outputs)}", "metadata.json")
+        return tree
 
     def _checked_bucket(self, size: int) -> Graph:
         """The graph of bucket `size`: the function of graph.json at another batch size."""
@@ -796,21 +887,30 @@ class LoadedFunction(_Loaded):
         return self._executables[size]
 
     def __call__(self, *inputs: Any) -> Any:
-        args = self._args(inputs)
-        if not self.buckets:
-            outs = self.executable(*args, *self.persistent)
-        else:
-            outs = self._bucketed(args)
+        outs = self.flat_outputs(*inputs)
+        if self._output_tree is not None:
+            return unflatten(self._output_tree, outs)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
+    def flat_outputs(self, *inputs: Any) -> list[np.ndarray]:
+        """The outputs of a call as one list, in graph.json's order (a server's view)."""
+        args = self._args(inputs)
+        if not self.buckets:
+            return list(self.executable(*args, *self.persistent))
+        return self._bucketed(args)
+
     def _bucketed(self, args: list[Any]) -> list[np.ndarray]:
-        arrays = [np.asarray(a) for a in args]
-        sizes = {a.shape[0] if a.ndim else None for a in arrays}
+        shapes = [np.shape(a) for a in args]
+        sizes = {shape[0] if shape else None for shape in shapes}
         if len(sizes) != 1 or None in sizes or not 1 <= min(sizes) <= self.max_batch:
             raise InputError(f"{self.name}: expects batches of 1 to {self.max_batch} samples as "
                              f"the first axis of every input, got shapes "
-                             f"{', '.join(str(a.shape) for a in arrays)}")
+                             f"{', '.join(str(shape) for shape in shapes)}")
         n = sizes.pop()
+        # checked (and converted where lossless) at the caller's batch, before any padding
+        arrays = [as_input(f"{self.name}: input {inp.name!r}",
+                           TensorType((n, *inp.value.type.shape[1:]), inp.value.type.dtype), a)
+                  for inp, a in zip(self._data_inputs, args)]
         bucket = next(b for b in self.buckets if b >= n)
         if bucket != n:
             padded = []

@@ -83,3 +83,40 @@ def unflatten(treedef: TreeDef, leaves: list[Any]) -> Any:
 
     result = build(treedef)
     return result
+
+
+def treedef_to_json(treedef: TreeDef) -> Any:
+    """`treedef` as JSON: 0 a leaf, null None, {"tuple": [...]}, {"list": [...]} or
+    {"dict": {key: ...}}; None where a dict has a key JSON cannot keep (not a str)."""
+    if treedef.kind == "leaf":
+        return 0
+    if treedef.kind == "none":
+        return None
+    children = [treedef_to_json(c) for c in treedef.children]
+    if any(c is None and d.kind != "none" for c, d in zip(children, treedef.children)):
+        return None
+    if treedef.kind == "dict":
+        if not all(isinstance(k, str) for k in treedef.meta):
+            return None
+        return {"dict": dict(zip(treedef.meta, children))}
+    return {treedef.kind: children}
+
+
+def treedef_from_json(data: Any, depth: int = 32) -> TreeDef:
+    """The TreeDef `treedef_to_json` wrote; ValueError for anything else (a file is untrusted)."""
+    if depth == 0:
+        raise ValueError("nested too deeply")
+    if data == 0 and type(data) is int:
+        return LEAF
+    if data is None:
+        return TreeDef("none")
+    if not isinstance(data, dict) or len(data) != 1:
+        raise ValueError(f"not a tree: {data!r:.60}")
+    ((kind, children),) = data.items()
+    if kind in ("tuple", "list") and isinstance(children, list):
+        nodes = tuple(treedef_from_json(c, depth - 1) for c in children)
+        return TreeDef(kind, len(nodes), nodes)
+    if kind == "dict" and isinstance(children, dict):
+        keys = tuple(sorted(children))
+        return TreeDef("dict", keys, tuple(treedef_from_json(children[k], depth - 1) for k in keys))
+    raise ValueError(f"not a tree: {data!r:.60}")

@@ -84,6 +84,10 @@ class GraphcRunner:
         if in_type.ndim == 0 or out_type.ndim == 0:
             raise LoadError(function.path, f"maps {in_type} to {out_type}; the server needs the "
                             "batch as the first axis of both")
+        if not function.max_batch and function.metadata.get("rows_apart") is False:
+            raise LoadError(function.path, f"serves batches of exactly {in_type.shape[0]}: its "
+                            "samples depend on each other along axis 0 (the export found it), so a "
+                            "smaller batch cannot be padded to that size")
         self._function = function
         self._fixed_batch = None if function.max_batch else in_type.shape[0]
         largest = function.max_batch or in_type.shape[0]
@@ -114,16 +118,20 @@ class GraphcRunner:
         if self._fixed_batch is None:
             chunks = bucket_chunks(n, self._function.buckets)
             if len(chunks) == 1:
-                return self._function(batch)
+                return self._output(batch)
             outputs = np.empty((n, *self.output.shape), self.output.dtype)
             start = 0
             for size in chunks:  # each call's outputs copied out before the next call
-                outputs[start:start + size] = self._function(batch[start:start + size])
+                outputs[start:start + size] = self._output(batch[start:start + size])
                 start += size
             return outputs
         padded = np.zeros((self._fixed_batch, *batch.shape[1:]), batch.dtype)
         padded[:n] = batch
-        return np.array(self._function(padded)[:n])
+        return np.array(self._output(padded)[:n])
+
+    def _output(self, batch: np.ndarray) -> np.ndarray:
+        """The function's one output (however the model nested it: `(y,)` or {"logits": y})."""
+        return self._function.flat_outputs(batch)[0]
 
 
 def _default_name(path: str) -> str:
