@@ -133,16 +133,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     step = _load(args.file, args.backend)
     if not isinstance(step, LoadedTrainStep):
         raise CommandError(f"{args.file} holds an inference function, not a training step")
-    directory = data.find_mnist(args.data)
-    if directory is None:
-        raise CommandError(f"no MNIST IDX files (t10k-images-idx3-ubyte[.gz], ...) in {args.data}")
-    x, y = data.mnist_arrays(directory)
+    # --data alone, never find_mnist's fallbacks: training on other data than named is worse
+    # than an error (load_mnist's DatasetError names the directory)
+    x, y = data.mnist_arrays(args.data)
     x, y = x[data.MNIST_TRAIN], y[data.MNIST_TRAIN]
     inputs = step._data_inputs
     if len(inputs) != 2 or inputs[0].value.type.shape[1:] != x.shape[1:]:
         raise CommandError(f"the step takes {[str(i.value.type) for i in inputs]}, MNIST gives "
                            f"images {x.shape[1:]}: this step was not exported for MNIST")
     batch = inputs[0].value.type.shape[0]
+    if len(x) < batch:  # no full batch: the loader below would yield nothing, forever
+        raise CommandError(f"{args.data} has {len(x)} training images, fewer than the step's "
+                           f"batch of {batch}")
     loader = data.DataLoader(data.TensorDataset(x, y.astype(inputs[1].value.dtype)), batch_size=batch,
                              shuffle=True, seed=args.seed + step.step_count, drop_last=True)
     bar = tqdm(total=args.steps, desc="training", disable=args.quiet)
@@ -231,6 +233,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
           drain_timeout_s=args.drain_timeout_s, loader=load, ready=ready)
 
 
+def _integer_at_least(minimum: int):
+    """An argparse type: an integer >= `minimum`, else a usage error saying so."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphc", description="Inspect, run and trace graphc graphs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -250,9 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="continue training an exported step on MNIST-format data")
     p.add_argument("file")
     p.add_argument("--data", required=True, help="directory with MNIST IDX files")
-    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--steps", type=_integer_at_least(1), required=True)
     p.add_argument("--save")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_integer_at_least(0), default=0)
     p.add_argument("--backend", default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=cmd_train)

@@ -61,7 +61,7 @@ def read_idx(path: str | os.PathLike, max_bytes: int = MAX_IDX_BYTES) -> np.ndar
     compressed file may declare at most `max_bytes` (a raw file's size on disk must match its
     header). Raises `DatasetError` naming the file for something other than a regular file,
     a bad magic number, an unknown type code, a truncated header or payload, trailing bytes,
-    a corrupt gzip stream, or a compressed payload over `max_bytes`.
+    a corrupt gzip stream, a compressed payload over `max_bytes`, or a shape NumPy cannot hold.
     """
     name = os.fspath(path)
     try:
@@ -97,7 +97,11 @@ def _read_idx_stream(name: str, stream: BinaryIO, raw_size: int | None, max_byte
         raise DatasetError(f"{name}: the IDX header declares shape {shape} of "
                            f"{dtype.newbyteorder('=').name} ({expected:,} bytes), more than the "
                            f"{max_bytes:,} a compressed file may hold (read_idx's max_bytes)")
-    array = np.empty(shape, dtype=dtype)
+    try:
+        array = np.empty(shape, dtype=dtype)
+    except ValueError as exc:  # more dimensions than NumPy allows, or a size beyond its index range
+        raise DatasetError(f"{name}: the IDX header declares a shape NumPy cannot hold: {ndim} "
+                           f"dimensions {shape} ({exc})") from None
     view = memoryview(array.reshape(-1).view(np.uint8))
     filled = 0
     while filled < expected:
@@ -293,12 +297,21 @@ class TensorDataset:
 
 
 class Subset:
-    """The items of `dataset` at `indices`, in that order."""
+    """The items of `dataset` at `indices`, in that order; or, as NumPy reads a boolean mask of
+    the dataset's length, the items where it is True."""
 
-    def __init__(self, dataset: Dataset, indices: Sequence[int] | np.ndarray) -> None:
+    def __init__(self, dataset: Dataset, indices: Sequence[int] | Sequence[bool] | np.ndarray) -> None:
         self.dataset = dataset
-        self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = len(dataset)
+        indices = np.asarray(indices)
+        if indices.dtype == np.bool_:
+            if indices.shape != (n,):
+                raise IndexError(f"Subset: a boolean mask must have the dataset's length {n}, got "
+                                 f"shape {indices.shape}")
+            indices = np.flatnonzero(indices)
+        elif indices.size and not np.issubdtype(indices.dtype, np.integer):
+            raise TypeError(f"Subset: indices must be integers or a boolean mask, got {indices.dtype}")
+        self.indices = indices.astype(np.int64).reshape(-1)
         if self.indices.size and (self.indices.min() < -n or self.indices.max() >= n):
             raise IndexError(f"Subset indices out of range for a dataset of length {n}")
 
@@ -322,6 +335,11 @@ def _gather(dataset: Dataset, indices: np.ndarray) -> Batch:
 
 # --------------------------------------------------------------------------- loading
 
+def _is_integer(value: object) -> bool:
+    """An int or NumPy integer, but not a bool (True would be a batch of 1)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 class DataLoader:
     """Iterate over a dataset in batches: tuples of stacked NumPy arrays.
 
@@ -336,9 +354,12 @@ class DataLoader:
                  drop_last: bool = False, seed: int | None = None,
                  transform: Transform | None = None,
                  target_transform: Transform | None = None) -> None:
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        if not _is_integer(batch_size) or batch_size < 1:
             raise ValueError(f"DataLoader: batch_size must be a positive integer, "
                              f"got {batch_size!r}")
+        if seed is not None and not (_is_integer(seed) and seed >= 0):
+            raise ValueError(f"DataLoader: seed must be None or a non-negative integer (NumPy's "
+                             f"generators take no other), got {seed!r}")
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.shuffle = shuffle

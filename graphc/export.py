@@ -819,6 +819,14 @@ class LoadedTrainStep(_Loaded):
         self._state_to_host()
         return int(self._state["step"].reshape(()))
 
+    def training_state(self) -> dict[str, np.ndarray]:
+        """Weights, buffers, optimizer state, step count and RNG key, named as
+        graphc.train.training_state names those of the step exported (so checkpoints move both
+        ways); the step's own arrays: writing into them changes it. Not the read-only arrays of
+        other modules ("implicit/")."""
+        self._state_to_host()
+        return {k: v for k, v in self._state.items() if not k.startswith("implicit/")}
+
     def __call__(self, *batch: Any) -> float:
         args = self._args(batch)
         persistent = self.persistent

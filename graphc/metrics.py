@@ -34,6 +34,16 @@ def _label_pair(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
     return y_true, y_pred
 
 
+def _num_classes(num_classes: int | None, caller: str) -> int | None:
+    """`num_classes` checked: None, or an integer >= 1 (2.7 or True would count some other way)."""
+    if num_classes is None:
+        return None
+    if (not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, (bool, np.bool_))
+            or num_classes < 1):
+        raise MetricError(f"{caller}: num_classes must be a positive integer, got {num_classes!r}")
+    return int(num_classes)
+
+
 def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     """numerator / denominator, with 0 where the denominator is 0."""
     numerator = np.asarray(numerator, dtype=np.float64)
@@ -57,8 +67,9 @@ def confusion_matrix(y_true, y_pred, num_classes: int | None = None) -> np.ndarr
     Classes are the indices 0..K-1; K defaults to one more than the largest label seen.
     """
     y_true, y_pred = _label_pair(y_true, y_pred)
+    num_classes = _num_classes(num_classes, "confusion_matrix")
     seen_max = int(max(y_true.max(initial=-1), y_pred.max(initial=-1)))
-    k = seen_max + 1 if num_classes is None else int(num_classes)
+    k = seen_max + 1 if num_classes is None else num_classes
     if y_true.size and min(y_true.min(), y_pred.min()) < 0:
         raise MetricError("confusion_matrix: labels must be non-negative class indices")
     if seen_max >= k:
@@ -98,6 +109,7 @@ def precision_recall_f1(y_true, y_pred, average: str | None = "macro",
 def _per_class_counts(y_true, y_pred, num_classes: int | None):
     """(true positives, predicted count, support) per class, as int64 arrays."""
     y_true, y_pred = _label_pair(y_true, y_pred)
+    num_classes = _num_classes(num_classes, "precision_recall_f1")
     if y_true.size == 0:
         raise MetricError("precision and recall of an empty set of predictions are undefined")
     if num_classes is None:
@@ -122,10 +134,10 @@ def roc_curve(y_true, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     `drop_intermediate=False`. Tied scores form a single point, so ties give diagonal steps.
     """
     y_true, scores = _binary_problem(y_true, scores)
-    order = np.argsort(-scores, kind="stable")
+    order = np.argsort(scores, kind="stable")[::-1]  # not -scores: that wraps unsigned integers
     y_sorted, s_sorted = y_true[order], scores[order]
     # the last index of each run of equal scores: where the curve takes a point
-    ends = np.r_[np.flatnonzero(np.diff(s_sorted)), y_sorted.size - 1]
+    ends = np.r_[np.flatnonzero(s_sorted[1:] != s_sorted[:-1]), y_sorted.size - 1]
     tps = np.cumsum(y_sorted)[ends]
     fps = ends + 1 - tps
     fpr = np.r_[0.0, fps / fps[-1]]
@@ -133,9 +145,16 @@ def roc_curve(y_true, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return fpr, tpr, np.r_[np.inf, s_sorted[ends]]
 
 
+def _scores(scores) -> np.ndarray:
+    """Scores to rank: integers as they are, since float64 would tie 2**60 and 2**60 + 1;
+    anything else as float64."""
+    scores = np.asarray(scores)
+    return scores if scores.dtype.kind in "iu" else scores.astype(np.float64)
+
+
 def _binary_problem(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
     y_true = _labels(y_true, "y_true")
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = _scores(scores)
     if scores.shape != y_true.shape:
         raise MetricError(f"roc_curve: scores must have the shape of y_true {y_true.shape}, "
                           f"got {scores.shape}")
@@ -178,7 +197,7 @@ def roc_auc(y_true, scores, multi_class: str = "ovr") -> float:
     """
     if multi_class != "ovr":
         raise MetricError(f"roc_auc: only multi_class='ovr' is supported, got {multi_class!r}")
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = _scores(scores)
     if scores.ndim == 1:
         return auc(*roc_curve(y_true, scores)[:2])
     y_true = _labels(y_true, "y_true")

@@ -8,7 +8,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from collections.abc import Sized
+from collections.abc import Iterator, Sized
 from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import numpy as np
@@ -18,6 +18,8 @@ from graphc.ir.errors import GraphcError, LoadError
 from . import metrics
 from .api import jit
 from .compile import CompiledModel, TrainStep, compile
+from .data import DataLoader
+from .export import LoadedTrainStep
 
 
 # -- checkpoints -----------------------------------------------------------------------------
@@ -76,9 +78,11 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def training_state(step: TrainStep) -> dict[str, np.ndarray]:
+def training_state(step: TrainStep | LoadedTrainStep) -> dict[str, np.ndarray]:
     """Everything needed to continue training exactly: weights, buffers, optimizer state,
-    step count and RNG key."""
+    step count and RNG key. The arrays are the step's own: writing into them changes it."""
+    if isinstance(step, LoadedTrainStep):
+        return step.training_state()
     state = {f"model/{k}": v for k, v in step.model.state_dict().items()}
     for name, slots in step.opt_state.items():
         state.update({f"optim/{name}/{k}": v for k, v in slots.items()})
@@ -87,7 +91,7 @@ def training_state(step: TrainStep) -> dict[str, np.ndarray]:
     return state
 
 
-def save_checkpoint(path: str, step: TrainStep) -> None:
+def save_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
     """Atomically write the training state as safetensors (no pickle), with a SHA-256 of
     every tensor in its metadata."""
     from safetensors.numpy import save
@@ -101,7 +105,7 @@ def save_checkpoint(path: str, step: TrainStep) -> None:
     atomic_write(path, lambda f: f.write(payload))
 
 
-def load_checkpoint(path: str, step: TrainStep) -> None:
+def load_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
     """Restore a checkpoint into `step` (in place). Refuses, with a LoadError naming the file
     and the tensor, files that do not match the step or fail a checksum; reads no more than a
     checkpoint of this step can hold."""
@@ -171,13 +175,19 @@ class EarlyStopping:
     best_state: dict[str, np.ndarray] | None = field(default=None, init=False)
     wait: int = field(default=0, init=False)
 
+    MODES = ("auto", "min", "max")
+
+    def __post_init__(self) -> None:
+        if self.mode not in self.MODES:
+            raise ValueError(f"EarlyStopping: mode must be one of {self.MODES}, got {self.mode!r}")
+
     def _better(self, value: float) -> bool:
         if math.isnan(self.best):
             return True
         minimize = self.mode == "min" or (self.mode == "auto" and self.monitor.endswith("loss"))
         return value < self.best - self.min_delta if minimize else value > self.best + self.min_delta
 
-    def update(self, epoch: int, logs: dict[str, float], step: TrainStep) -> bool:
+    def update(self, epoch: int, logs: dict[str, float], step: TrainStep | LoadedTrainStep) -> bool:
         """Record this epoch; return True when training should stop."""
         if self.monitor not in logs:
             raise GraphcError(f"EarlyStopping: metric {self.monitor!r} is not logged "
@@ -191,7 +201,7 @@ class EarlyStopping:
         self.wait += 1
         return self.wait >= self.patience
 
-    def restore(self, step: TrainStep) -> None:
+    def restore(self, step: TrainStep | LoadedTrainStep) -> None:
         if self.best_state is not None:
             own = training_state(step)
             for name, array in self.best_state.items():
@@ -202,7 +212,9 @@ class EarlyStopping:
 def evaluate(model_fn: CompiledModel, loss_fn: Callable | None, loader: Iterable,
              num_classes: int | None = None) -> dict[str, Any]:
     """Run inference over a loader; returns loss (when loss_fn is given), predictions and
-    classification metrics when the outputs are class scores."""
+    classification metrics when the outputs are class scores: (N, K) with K >= 2 and integer
+    targets (N,). One column is no class scores: a binary classifier's logit or probability
+    (their thresholds differ: 0 or 0.5), so it gets the loss alone."""
     outputs, targets, losses, counts = [], [], [], []
     loss_jit = jit(loss_fn) if loss_fn is not None else None
     for *inputs, target in loader:
@@ -212,11 +224,13 @@ def evaluate(model_fn: CompiledModel, loss_fn: Callable | None, loader: Iterable
         if loss_jit is not None:
             losses.append(float(loss_jit(out, target)))
             counts.append(len(target))
+    if not outputs:
+        raise GraphcError(f"evaluate: the loader (a {type(loader).__name__}) gave no batch")
     scores, y = np.concatenate(outputs), np.concatenate(targets)
     result: dict[str, Any] = {"outputs": scores, "targets": y}
     if losses:
         result["loss"] = float(np.average(losses, weights=counts))
-    if scores.ndim == 2 and y.ndim == 1 and y.dtype.kind in "iu":
+    if scores.ndim == 2 and scores.shape[1] >= 2 and y.ndim == 1 and y.dtype.kind in "iu":
         pred = scores.argmax(1)
         n = num_classes or scores.shape[1]
         p, r, f1 = metrics.precision_recall_f1(y, pred, average="macro")
@@ -266,31 +280,51 @@ SINGLE_PROCESS: World = _SingleProcess()
 
 class _Validation:
     """The validation logs of each epoch: the world's evaluation over `loader` with the model
-    compiled for inference (on the first validation batch, once)."""
+    compiled for inference (on the first validation batch, once). A one-shot iterator (a
+    generator) is read into a list up front, so that every epoch validates on all of it."""
 
     SCALARS = ("loss", "accuracy", "precision", "recall", "f1")
 
-    def __init__(self, step: TrainStep, loader: Iterable | None, world: World) -> None:
+    def __init__(self, step: TrainStep | LoadedTrainStep, loader: Iterable | None, world: World) -> None:
+        if loader is not None and isinstance(step, LoadedTrainStep):
+            raise GraphcError("fit: val_loader needs the model's code and loss function, which a "
+                              "training step loaded from a file does not hold; fit without it and "
+                              "validate step.export_inference(path) loaded with gc.load(path)")
+        kind = type(loader).__name__
+        if isinstance(loader, Iterator):
+            loader = list(loader)
+        if isinstance(loader, Sized) and len(loader) == 0:
+            raise GraphcError(f"fit: val_loader (a {kind}) is empty: it has no batch to validate on")
         self.step, self.loader, self.world = step, loader, world
         self.model: CompiledModel | None = None
 
     def logs(self) -> dict[str, float]:
         if self.loader is None:
             return {}
-        if self.model is None:
-            first = next(iter(self.loader))
-            self.model = compile(self.step.model, tuple(first[:-1]), backend=self.step.backend)
-        result = self.world.evaluate(self.model, self.step.loss_fn, self.loader)
+        result = self.world.evaluate(self._predict, self.step.loss_fn, self.loader)
         return {f"val_{k}": float(v) for k, v in result.items() if k in self.SCALARS}
 
+    def _predict(self, *inputs: Any) -> Any:
+        # compiled on the first batch the evaluation reads: no batch is drawn just to compile
+        if self.model is None:
+            self.model = compile(self.step.model, inputs, backend=self.step.backend)
+        return self.model(*inputs)
 
-def fit(step: TrainStep, train_loader: Iterable, epochs: int = 1, val_loader: Iterable | None = None,
-        early_stopping: EarlyStopping | None = None, checkpoint_path: str | None = None,
-        log_dir: str | None = None, progress: bool = True, scheduler: Any = None,
+
+def fit(step: TrainStep | LoadedTrainStep, train_loader: Iterable, epochs: int = 1,
+        val_loader: Iterable | None = None, early_stopping: EarlyStopping | None = None,
+        checkpoint_path: str | None = None, log_dir: str | None = None, progress: bool = True,
+        scheduler: Any = None,
         on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
         check_numerics: bool | None = None, world: World = SINGLE_PROCESS,
         initial_epoch: int = 1, on_epoch_start: Callable[[int], None] | None = None) -> History:
     """Train `step` for `epochs` over `train_loader` ((inputs..., target) batches).
+
+    `train_loader` is iterated once per epoch, so for several epochs it must be re-iterable (a
+    DataLoader, a list), not a generator: an epoch without batches raises GraphcError.
+    `val_loader` may be a generator or other one-shot iterator: it is read into a list before
+    the first epoch and every epoch validates on all of it. A step loaded with gc.load trains,
+    checkpoints and stops early (on the training loss) here, but has no model code to validate.
 
     With `check_numerics` (or GRAPHC_CHECK_NUMERICS=1) the state before each step is kept, so
     a non-finite loss is traced back to the op and source line that produced it.
@@ -304,9 +338,14 @@ def fit(step: TrainStep, train_loader: Iterable, epochs: int = 1, val_loader: It
 
     if check_numerics is None:
         check_numerics = os.environ.get("GRAPHC_CHECK_NUMERICS", "") not in ("", "0")
+    # a loaded step has no model code to rerun a failing batch on the reference backend
+    check_numerics = check_numerics and not isinstance(step, LoadedTrainStep)
+    if early_stopping is not None and early_stopping.monitor.startswith("val_") and val_loader is None:
+        raise GraphcError(f"fit: EarlyStopping monitors {early_stopping.monitor!r}, a validation "
+                          "metric, but there is no val_loader: pass one or monitor 'loss'")
+    validation = _Validation(step, val_loader, world)
     writer = tensorboard_writer(log_dir) if world.is_root else None
     history = History()
-    validation = _Validation(step, val_loader, world)
     global_step = 0
     for epoch in range(initial_epoch, epochs + 1):
         if on_epoch_start is not None:
@@ -328,7 +367,10 @@ def fit(step: TrainStep, train_loader: Iterable, epochs: int = 1, val_loader: It
                 writer.add_scalar("train/loss", loss, global_step)
             rate = seen * world.size / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:.0f}")
-        logs = {"epoch": epoch, "loss": total / max(seen, 1),
+        if seen == 0:
+            bar.close()
+            raise GraphcError(_empty_epoch_message(train_loader, epoch))
+        logs = {"epoch": epoch, "loss": total / seen,
                 "samples_per_s": seen * world.size / (time.perf_counter() - start),
                 **validation.logs()}
         if scheduler is not None:
@@ -348,9 +390,20 @@ def fit(step: TrainStep, train_loader: Iterable, epochs: int = 1, val_loader: It
     return history
 
 
+def _empty_epoch_message(train_loader: Iterable, epoch: int) -> str:
+    message = f"fit: train_loader (a {type(train_loader).__name__}) gave no batch in epoch {epoch}"
+    if isinstance(train_loader, Iterator):
+        return (f"{message}: an iterator is used up after one pass; pass a DataLoader or a list to "
+                "train for several epochs")
+    if isinstance(train_loader, DataLoader) and train_loader.drop_last:
+        return (f"{message}: with drop_last=True, its {len(train_loader.dataset)} samples make no "
+                f"full batch of {train_loader.batch_size}")
+    return f"{message}: it is empty"
+
+
 def _announce(epoch: int, logs: dict[str, float], writer: Any,
               on_epoch_end: Callable[[int, dict[str, float]], None] | None,
-              checkpoint_path: str | None, step: TrainStep) -> None:
+              checkpoint_path: str | None, step: TrainStep | LoadedTrainStep) -> None:
     """The end of an epoch, told once: TensorBoard, the user's callback, the checkpoint."""
     if writer is not None:
         for key, value in logs.items():
@@ -362,7 +415,10 @@ def _announce(epoch: int, logs: dict[str, float], writer: Any,
         save_checkpoint(checkpoint_path, step)
 
 
-def _numerics_report(step: TrainStep, batch: Any, before: dict[str, np.ndarray] | None) -> str:
+def _numerics_report(step: TrainStep | LoadedTrainStep, batch: Any,
+                     before: dict[str, np.ndarray] | None) -> str:
+    if isinstance(step, LoadedTrainStep):
+        return "; a step loaded from a file cannot rerun the batch to find the op that produced it"
     if before is None:
         return ("; rerun with fit(..., check_numerics=True) or GRAPHC_CHECK_NUMERICS=1 to find the "
                 "op that produced it")

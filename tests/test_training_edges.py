@@ -1,0 +1,215 @@
+"""Edge cases of the fit loop, the `graphc train` command, the data helpers and the metrics: one
+regression test per bug, each failing before its fix."""
+import faulthandler
+import struct
+import sys
+
+import numpy as np
+import pytest
+
+import graphc as gc
+import graphc.nn.functional as F
+from graphc import nn, optim
+from graphc.cli import main
+from graphc.data import DataLoader, DatasetError, Subset, TensorDataset, read_idx
+from graphc.ir.errors import GraphcError
+from graphc.metrics import MetricError, confusion_matrix, precision_recall_f1, roc_auc
+from graphc.train import EarlyStopping, evaluate, fit, load_checkpoint, save_checkpoint
+
+REF = "reference"
+
+
+def setup(out=3):
+    gc.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, out))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 4)).astype(np.float32)
+    y = rng.integers(0, 3 if out > 1 else 2, 32)
+    return model, x, y
+
+
+def train_step(model, x, y, loss=F.cross_entropy, lr=0.0):
+    return gc.compile_train_step(model, loss, optim.SGD(model.parameters(), lr=lr),
+                                 example_inputs=(x[:8], y[:8]), backend=REF)
+
+
+# -- fit -------------------------------------------------------------------------------------
+
+def test_a_generator_val_loader_is_validated_whole_in_every_epoch():
+    model, x, y = setup()
+    step = train_step(model, x, y)  # lr 0: the weights, so the validation loss, stay put
+    val = [(x[16:24], y[16:24]), (x[24:32], y[24:32])]
+    expected = evaluate(gc.compile(model, x[16:24], backend=REF), F.cross_entropy, val)["loss"]
+    history = fit(step, [(x[:8], y[:8])], epochs=2, val_loader=(b for b in val), progress=False)
+    assert history["val_loss"] == pytest.approx([expected, expected])
+
+
+def test_an_epoch_without_batches_is_an_error_not_a_zero_loss():
+    model, x, y = setup()
+    step = train_step(model, x, y)
+    short = DataLoader(TensorDataset(x[:16], y[:16]), 32, drop_last=True)
+    with pytest.raises(GraphcError, match="train_loader .*no batch in epoch 1.*drop_last"):
+        fit(step, short, epochs=2, progress=False)
+    with pytest.raises(GraphcError, match="no batch in epoch 2: an iterator is used up"):
+        fit(step, iter([(x[:8], y[:8])]), epochs=3, early_stopping=EarlyStopping("loss"),
+            progress=False)
+    empty_val = DataLoader(TensorDataset(x[:4], y[:4]), 8, drop_last=True)
+    with pytest.raises(GraphcError, match="val_loader .* is empty"):
+        fit(step, [(x[:8], y[:8])], val_loader=empty_val, progress=False)
+    with pytest.raises(GraphcError, match="val_loader .* is empty"):
+        fit(step, [(x[:8], y[:8])], val_loader=iter([]), progress=False)
+    assert step.step_count == 1  # the iterator's one batch: the empty val_loaders stopped fit early
+
+
+def test_a_single_logit_binary_classifier_validates_without_class_metrics():
+    model, x, y = setup(out=1)
+
+    def loss(out, t):
+        return F.binary_cross_entropy_with_logits(out.reshape(-1), t.astype(np.float32))
+
+    step = train_step(model, x, y, loss=loss, lr=0.1)
+    history = fit(step, DataLoader(TensorDataset(x[:16], y[:16]), 8), epochs=1,
+                  val_loader=DataLoader(TensorDataset(x[16:], y[16:]), 8), progress=False)
+    logs = history.epochs[0]
+    assert np.isfinite(logs["val_loss"]) and "val_accuracy" not in logs
+
+
+def test_early_stopping_refuses_an_unknown_mode():
+    with pytest.raises(ValueError, match="mode must be one of .*'Min'"):
+        EarlyStopping(mode="Min")
+    assert EarlyStopping(mode="max").mode == "max"
+
+
+def test_early_stopping_on_a_validation_metric_needs_a_val_loader():
+    model, x, y = setup()
+    with pytest.raises(GraphcError, match="monitors 'val_loss'.*no val_loader"):
+        fit(train_step(model, x, y), [(x[:8], y[:8])], early_stopping=EarlyStopping(),
+            progress=False)
+
+
+def test_a_loaded_step_checkpoints_and_stops_early(tmp_path):
+    model, x, y = setup()
+    step = train_step(model, x, y, lr=0.1)
+    step(x[:8], y[:8])
+    step.export(str(tmp_path / "step.gcx"))
+    loaded = gc.load(str(tmp_path / "step.gcx"), backend=REF)
+    batches = [(x[:8], y[:8]), (x[8:16], y[8:16])]
+    stopper = EarlyStopping(monitor="loss", patience=1, min_delta=1e9)
+    history = fit(loaded, batches, epochs=5, early_stopping=stopper, progress=False,
+                  checkpoint_path=str(tmp_path / "ck.safetensors"))
+    assert history.stopped_early and history.best_epoch == 1
+    assert loaded.step_count == 3  # the best weights (after epoch 1) restored, step count too
+
+    # the loaded step's checkpoint restores into it, and into the step it was exported from
+    save_checkpoint(str(tmp_path / "best.safetensors"), loaded)
+    expected = loaded(*batches[0])
+    load_checkpoint(str(tmp_path / "best.safetensors"), loaded)
+    assert loaded(*batches[0]) == expected
+    load_checkpoint(str(tmp_path / "best.safetensors"), step)
+    assert step(*batches[0]) == pytest.approx(expected)
+
+    with pytest.raises(GraphcError, match="val_loader needs the model's code"):
+        fit(loaded, batches, val_loader=batches, progress=False)
+
+
+# -- graphc train ----------------------------------------------------------------------------
+
+def write_idx(path, array):
+    """An uncompressed IDX file of a uint8 array."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def mnist_dir(directory, count):
+    directory.mkdir()
+    write_idx(directory / "t10k-images-idx3-ubyte", np.zeros((count, 28, 28), np.uint8))
+    write_idx(directory / "t10k-labels-idx1-ubyte", np.arange(count) % 10)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def mnist_step(tmp_path_factory):
+    """An exported step taking MNIST images in batches of 8."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    x, y = np.zeros((8, 1, 28, 28), np.float32), np.zeros(8, np.int64)
+    step = gc.compile_train_step(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1),
+                                 (x, y), backend=REF)
+    path = str(tmp_path_factory.mktemp("cli") / "linear.gcx")
+    step.export(path)
+    return path
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_train_refuses_fewer_than_one_step(mnist_step, tmp_path, capsys, steps):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", mnist_step, "--data", str(tmp_path), "--steps", steps, "--quiet"])
+    assert stop.value.code == 2
+    assert "--steps: must be at least 1" in capsys.readouterr().err
+
+
+def test_train_refuses_data_without_a_full_batch(mnist_step, tmp_path, capsys):
+    data = mnist_dir(tmp_path / "mnist", 5)
+    # the bug hung here: end the run loudly instead
+    faulthandler.dump_traceback_later(60, exit=True, file=sys.__stderr__)
+    try:
+        assert main(["train", mnist_step, "--data", data, "--steps", "1", "--quiet",
+                     "--backend", REF]) == 1
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert "has 5 training images, fewer than the step's batch of 8" in capsys.readouterr().err
+
+
+def test_train_uses_only_the_data_directory_given(mnist_step, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GRAPHC_MNIST_DIR", mnist_dir(tmp_path / "elsewhere", 16))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", mnist_step, "--data", str(empty), "--steps", "1", "--quiet",
+                 "--backend", REF]) == 1
+    assert f"{empty}: no MNIST file t10k-images-idx3-ubyte" in capsys.readouterr().err
+
+
+# -- data ------------------------------------------------------------------------------------
+
+def test_subset_reads_a_boolean_mask_as_numpy_does():
+    dataset = TensorDataset(np.arange(5) * 10)
+    subset = Subset(dataset, np.array([False, False, False, True, True]))
+    assert subset.indices.tolist() == [3, 4] and subset.take(np.arange(2))[0].tolist() == [30, 40]
+    with pytest.raises(IndexError, match="boolean mask must have the dataset's length 5"):
+        Subset(dataset, [True, False])
+    with pytest.raises(TypeError, match="integers or a boolean mask, got float64"):
+        Subset(dataset, np.array([0.0, 1.5]))
+    assert len(Subset(dataset, [])) == 0
+
+
+@pytest.mark.parametrize("dims", [(0, 0xFFFFFFFF, 0xFFFFFFFF), (1,) * 70])
+def test_read_idx_refuses_a_shape_numpy_cannot_hold(tmp_path, dims):
+    path = tmp_path / "bad-idx"
+    payload = b"\0" if 0 not in dims else b""  # exactly what the header declares
+    path.write_bytes(bytes([0, 0, 0x08, len(dims)]) + struct.pack(f">{len(dims)}I", *dims) + payload)
+    with pytest.raises(DatasetError, match=f"{path}: the IDX header declares a shape NumPy cannot"):
+        read_idx(path)
+
+
+def test_data_loader_refuses_a_negative_seed_and_a_boolean_batch_size():
+    dataset = TensorDataset(np.arange(4))
+    with pytest.raises(ValueError, match="seed must be None or a non-negative integer .*got -1"):
+        DataLoader(dataset, 2, seed=-1)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got True"):
+        DataLoader(dataset, True)
+    assert DataLoader(dataset, np.int64(2), seed=np.int64(3)).seed == 3
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+def test_roc_auc_ranks_integer_scores_exactly():
+    assert roc_auc([0, 1], np.array([2**60, 2**60 + 1])) == 1.0
+    assert roc_auc([0, 1], np.array([2**63, 2**63 + 1], dtype=np.uint64)) == 1.0
+    assert roc_auc([1, 0], np.array([2**60, 2**60 + 1])) == 0.0
+
+
+@pytest.mark.parametrize("num_classes", [2.7, True, 0])
+def test_metrics_refuse_a_num_classes_that_is_no_count(num_classes):
+    with pytest.raises(MetricError, match="num_classes must be a positive integer"):
+        precision_recall_f1([0, 1], [1, 1], num_classes=num_classes)
+    with pytest.raises(MetricError, match="num_classes must be a positive integer"):
+        confusion_matrix([0, 1], [1, 1], num_classes=num_classes)
