@@ -496,9 +496,12 @@ def _scan(g: OnnxGraphBuilder, node: Node, xs: list[str], outs: list[str]) -> No
     num_ys = len(node.outputs) - len(carry)
     # Reversed, the steps read the scan inputs from the end and write the outputs from the end
     # (ONNX's direction 1), so ys[t] is the output of the step that read xs[t], as in graphc.
+    # An empty list has no attribute type onnx can infer: a scan without per-step inputs or
+    # outputs (an LSTM read only through h_n) leaves the attribute out (all forward).
+    directions = {name: [int(reverse)] * count for name, count in
+                  (("scan_input_directions", len(stacked)), ("scan_output_directions", num_ys)) if count}
     g.emit_multi("Scan", carry + stacked, outs, body=body_proto, num_scan_inputs=len(stacked),
-                 scan_input_directions=[int(reverse)] * len(stacked),
-                 scan_output_directions=[int(reverse)] * num_ys)
+                 **directions)
 
 
 def _used_values(graph: Graph) -> set[Value]:

@@ -153,3 +153,25 @@ def test_a_fixed_batch_export_whose_samples_interact_is_not_padded_by_the_server
     gc.compile(named, X).export(str(tmp_path / "n.gcx"))
     runner = GraphcRunner.from_file(str(tmp_path / "n.gcx"))
     np.testing.assert_allclose(runner.run(X[:2]), gc.compile(named, X[:2])(X[:2])["logits"], rtol=1e-6)
+
+
+def test_a_recurrent_model_read_only_through_its_final_state_exports_to_onnx(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from graphc.onnx_export import export_onnx
+
+    class LastHidden(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(5, 7, batch_first=True)
+
+        def forward(self, x):
+            _, (h, _) = self.lstm(x)
+            return h[0]
+    model = LastHidden()
+    x = np.random.default_rng(1).standard_normal((3, 6, 5)).astype(np.float32)
+    export_onnx(model, str(tmp_path / "h.onnx"), example_inputs=x)
+    onnx.checker.check_model(onnx.load(str(tmp_path / "h.onnx")))
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(tmp_path / "h.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x})
+    np.testing.assert_allclose(got, gc.jit(model)(x), rtol=1e-5, atol=1e-6)

@@ -185,3 +185,20 @@ def test_a_target_shaped_unlike_the_prediction_warns_as_pytorch_does(loss):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert gc.jit(lambda p, t: loss(p, t))(prediction, target.reshape(4, 1)) == 0
+
+
+def test_an_integer_attention_mask_is_refused_as_pytorch_refuses_it():
+    from graphc.ir.errors import DTypeError
+    rng = np.random.default_rng(9)
+    q = rng.standard_normal((3, 4)).astype(np.float32)
+    keep = np.array([[1, 0, 1, 1, 0]] * 3)
+    k = rng.standard_normal((5, 4)).astype(np.float32)
+    with pytest.raises(DTypeError, match="attn_mask must be bool .* or float .* got int64"):
+        gc.jit(lambda q, k: F.scaled_dot_product_attention(q, k, k, attn_mask=keep))(q, k)
+    attention = nn.MultiheadAttention(4, 2)
+    with pytest.raises(DTypeError, match="attn_mask must be bool"):
+        gc.jit(lambda q, k: attention(q, k, k, attn_mask=keep))(q, k)
+    with pytest.raises(DTypeError, match="key_padding_mask must be bool"):
+        gc.jit(lambda q, k: attention(q, k, k, key_padding_mask=keep[0]))(q, k)
+    kept = gc.jit(lambda q, k: F.scaled_dot_product_attention(q, k, k, attn_mask=keep.astype(bool)))(q, k)
+    assert kept.shape == (3, 4)

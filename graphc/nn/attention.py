@@ -147,6 +147,7 @@ class MultiheadAttention(Module):
                                  f"({target_len}, {source_len}) or "
                                  f"({batch * self.num_heads}, {target_len}, {source_len}), got "
                                  f"{mask.shape} (at {user_location()})")
+            F.check_mask_dtype("MultiheadAttention", "attn_mask", mask)
             if mask.ndim == 3:
                 mask = mask.reshape(batch, self.num_heads, target_len, source_len)
             keep, bias = (~mask, None) if mask.dtype == "bool" else (None, mask)
@@ -159,6 +160,7 @@ class MultiheadAttention(Module):
                 raise ShapeError(f"MultiheadAttention: key_padding_mask must have shape "
                                  f"({batch}, {source_len}), got {padding.shape} "
                                  f"(at {user_location()})")
+            F.check_mask_dtype("MultiheadAttention", "key_padding_mask", padding)
             padding = padding.reshape(batch, 1, 1, source_len)
             if padding.dtype == "bool":
                 keep = ~padding if keep is None else keep & ~padding

@@ -520,6 +520,15 @@ def _cast_like(x: Any, like: Tensor) -> Tensor:
     return x if x.dtype == like.dtype else x.astype(like.dtype)
 
 
+def check_mask_dtype(op: str, name: str, mask: Tensor) -> None:
+    """A mask keeps (bool) or adds to (float) the scores; 0/1 integers would be added, silently
+    not what a keep-mask meant: refused, as PyTorch refuses them."""
+    if mask.dtype != "bool" and not mask.dtype.startswith("float"):
+        raise DTypeError(f"{op}: {name} must be bool (True keeps a score) or float (added to the "
+                         f"scores), got {mask.dtype}: use mask.astype(bool) for a 0/1 keep-mask "
+                         f"(at {user_location()})")
+
+
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Any = None,
                                  dropout_p: float = 0.0, is_causal: bool = False,
                                  scale: float | None = None, enable_gqa: bool = False) -> Tensor:
@@ -545,6 +554,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         keep = np.tril(np.ones((query.shape[-2], key.shape[-2]), dtype=bool))
     elif attn_mask is not None:
         mask = as_tensor(attn_mask)
+        check_mask_dtype("scaled_dot_product_attention", "attn_mask", mask)
         keep, bias = (mask, None) if mask.dtype == "bool" else (None, mask)
     scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
     weights = attention_probabilities(query, key, scale, keep, bias)
