@@ -11,7 +11,9 @@ from graphc.ir.interpret import evaluate, run_node
 
 
 class ReferenceExecutable:
-    """Runs a graph through the interpreter; donated inputs receive their outputs in place."""
+    """Runs a graph through the interpreter; donated inputs receive their outputs in place. The
+    other outputs are arrays of their own, as a compiled backend's: never an input (the
+    identity, a reshape) nor another output (two outputs merged as one value)."""
 
     def __init__(self, graph: Graph, donate: dict[int, int] | None = None) -> None:
         self.graph = graph
@@ -23,6 +25,12 @@ class ReferenceExecutable:
         arrays = prepare_inputs(self.graph, args, donated=tuple(self.donate))
         outs = evaluate(self.graph, arrays)
         store_donated(arrays, outs, self.donate)
+        donated = set(self.donate.values())
+        held: list[np.ndarray] = list(arrays)
+        for j, out in enumerate(outs):
+            if j not in donated and any(np.may_share_memory(out, a) for a in held):
+                outs[j] = out = np.array(out)
+            held.append(out)
         return outs
 
 

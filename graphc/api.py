@@ -52,7 +52,7 @@ def to_array(leaf: Any, path: str = "argument") -> np.ndarray:
     """A call argument as an array; Python floats become float32, as in PyTorch."""
     if isinstance(leaf, np.ndarray):
         arr = leaf
-    elif isinstance(leaf, float):
+    elif isinstance(leaf, float) and not isinstance(leaf, np.floating):  # np.float64 stays float64
         arr = np.asarray(leaf, dtype=np.float32)
     else:
         try:

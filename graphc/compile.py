@@ -43,8 +43,8 @@ from .nn.module import (Module, claim_state, functional_call, named_arrays, name
 from .optim import Optimizer
 from .scan_lowering import SegmentedExecutable, SegmentedMemoryPlan
 from .step_builder import StepBuilder, StepSpec, batch_arrays, trace_gradients
-from .tensor import (ModuleReads, Tensor, as_tensor, current_trace, is_tracing,
-                     matching_variant, tracing)
+from .tensor import (ModuleReads, Tensor, as_tensor, children_ids, current_trace, is_tracing,
+                     matching_variant, module_tree_edits, tracing)
 from .tree import LEAF, flatten, unflatten
 
 log = logging.getLogger("graphc")
@@ -92,6 +92,23 @@ class _CompiledModelBase:
 
     def _signature(self, arrays: list[np.ndarray]) -> tuple:
         return tuple((a.shape, a.dtype) for a in arrays)
+
+    # -- the model's module tree: a layer replaced since compiling runs other code -----------
+    def _note_module_tree(self) -> None:
+        self._tree = self._module_tree()
+        self._tree_seen = module_tree_edits()
+
+    def _module_tree(self) -> tuple:
+        return tuple((id(m), children_ids(m)) for m in self.model.modules())
+
+    def _module_tree_changed(self) -> bool:
+        """Whether a module of the model got other children since `_note_module_tree`."""
+        if module_tree_edits() == self._tree_seen:
+            return False
+        if self._module_tree() != self._tree:
+            return True
+        self._tree_seen = module_tree_edits()
+        return False
 
     def _get(self, arrays: list[np.ndarray]) -> CompiledGraph:
         return self._select(arrays)[0]
@@ -244,16 +261,7 @@ class TrainStep(_CompiledModelBase):
         self.model, self.loss_fn, self.optimizer, self.targets = model, loss_fn, optimizer, targets
         self.backend = backend or default_backend()
         self.clip_grad_norm, self.l1, self.name = clip_grad_norm, l1, name
-        owned = {id(p): n for n, p in named_arrays(model, "_parameters")}
-        missing = [i for i, p in enumerate(optimizer.params) if id(p) not in owned]
-        if missing:
-            raise GraphcError(f"{name}: optimizer parameters {missing} do not belong to the model "
-                              "(build the optimizer from model.parameters())")
-        self.trainable = [owned[id(p)] for p in optimizer.params]
-        self.params = dict(named_arrays(model, "_parameters"))
-        self.buffers = dict(named_arrays(model, "_buffers"))
-        # the optimizer's own state: a step compiled again with it goes on from there
-        self._opt_state = {n: optimizer.state_of(self.params[n]) for n in self.trainable}
+        self._bind_model()
         # Hyperparameters but the rates are compiled in: fixed for the life of the step.
         self._optimizer_settings = optimizer.compiled_settings()
         self._step_count = optimizer.step_count
@@ -261,6 +269,21 @@ class TrainStep(_CompiledModelBase):
         self._holding: DeviceResident | None = None  # the executable keeping the state on its device
         self._compiled: dict[tuple, CompiledGraph] = {}
         self._get(batch_arrays(example_inputs))
+
+    def _bind_model(self) -> None:
+        """The model's parameters and buffers by name, the optimizer's among them (trained)."""
+        owned = {id(p): n for n, p in named_arrays(self.model, "_parameters")}
+        missing = [i for i, p in enumerate(self.optimizer.params) if id(p) not in owned]
+        if missing:
+            raise GraphcError(f"{self.name}: optimizer parameters {missing} do not belong to the "
+                              "model (build the optimizer from model.parameters(); after "
+                              "replacing a layer, build a new optimizer and step)")
+        self.trainable = [owned[id(p)] for p in self.optimizer.params]
+        self.params = dict(named_arrays(self.model, "_parameters"))
+        self.buffers = dict(named_arrays(self.model, "_buffers"))
+        # the optimizer's own state: a step compiled again with it goes on from there
+        self._opt_state = {n: self.optimizer.state_of(self.params[n]) for n in self.trainable}
+        self._note_module_tree()
 
     # -- state (the host arrays; a device may hold newer values) ---------------------------
     @property
@@ -352,6 +375,12 @@ class TrainStep(_CompiledModelBase):
             raise GraphcError(f"{self.name}: a compiled training step updates the model and "
                               "cannot run inside gc.jit, gc.grad or another trace; call it "
                               "outside, or use gc.value_and_grad on the loss")
+        if self._module_tree_changed():  # a layer replaced: trace the model as it is now
+            log.warning("graphc: %s: the model's modules changed since it was compiled; "
+                        "compiling it again", self.name)
+            self.release_state()
+            self._bind_model()
+            self._compiled, self._last = {}, None
         compiled, args = self._arguments(batch)
         if compiled.executable is not self._holding:
             self._hold_state(compiled)
@@ -394,6 +423,8 @@ class CompiledModel(_CompiledModelBase):
         self._state = [ref for table in ("_parameters", "_buffers")
                        for ref in named_state_refs(model, (table,))]
         self._compiled: dict[tuple, CompiledGraph] = {}
+        self._last = None
+        self._note_module_tree()
 
     @classmethod
     def tracer(cls, model: Module, name: str = "inference") -> CompiledModel:
@@ -466,6 +497,10 @@ class CompiledModel(_CompiledModelBase):
 
     @user_facing
     def __call__(self, *inputs: Any) -> Any:
+        if self._module_tree_changed():  # a layer replaced: read and trace the model as it is now
+            log.warning("graphc: %s: the model's modules changed since it was compiled; "
+                        "compiling it again", self.name)
+            self._bind(self.model, self.backend, self.name)
         if is_tracing():
             return self._inlined(inputs)
         arrays = batch_arrays(inputs)

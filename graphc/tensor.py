@@ -31,6 +31,24 @@ class _TraceState(threading.local):
 _STATE = _TraceState()
 
 
+_MODULE_TREE_EDITS = [0]  # changes of any module's children so far (nn.module.Children)
+
+
+def module_tree_edits() -> int:
+    """How many times any module's children were added, replaced or removed: compiled graphs
+    check the module trees they were traced on again only after it moved."""
+    return _MODULE_TREE_EDITS[0]
+
+
+def note_module_tree_edit() -> None:
+    _MODULE_TREE_EDITS[0] += 1
+
+
+def children_ids(module: Any) -> tuple[int, ...]:
+    """Which child modules `module` holds now (None for a name registered absent)."""
+    return tuple(map(id, module._modules.values()))
+
+
 class StateRef(NamedTuple):
     """A module's parameter or buffer, by owner and attribute: what a compiled graph reads
     afresh at each call (so in-place updates, load_state_dict and reassignment are all seen)."""
@@ -56,8 +74,11 @@ class ModuleReads:
     modules: tuple[Any, ...] = ()
     module_names: tuple[str, ...] = ()
     modes: tuple[bool, ...] = ()
+    children: tuple[tuple[int, ...], ...] = ()  # per module, children_ids when traced
 
     def __post_init__(self) -> None:
+        # the tree edit count at which the modules last held the children they were traced with
+        object.__setattr__(self, "_verified", [module_tree_edits()])
         # Precomputed for the per-call reads and checks: the arrays' owners, the (table, name)
         # each is read from (a module's tables are never replaced), and (shape, dtype) pairs.
         object.__setattr__(self, "_owners", tuple({id(r.module): r.module for r in self.refs}.values()))
@@ -70,7 +91,8 @@ class ModuleReads:
         kept = [i for i, m in enumerate(self.modules) if id(m) not in ids]
         return replace(self, modules=tuple(self.modules[i] for i in kept),
                        module_names=tuple(self.module_names[i] for i in kept),
-                       modes=tuple(self.modes[i] for i in kept))
+                       modes=tuple(self.modes[i] for i in kept),
+                       children=tuple(self.children[i] for i in kept))
 
     def arrays(self) -> list[np.ndarray | None]:
         """The implicit inputs' arrays now; a training step holding newer values on a device
@@ -83,10 +105,15 @@ class ModuleReads:
         return [table.get(name) for table, name in self._slots]
 
     def matches(self, arrays: list[np.ndarray | None]) -> bool:
-        """Whether the graph still computes what the modules would: same modes, same types."""
+        """Whether the graph still computes what the modules would: same modes, same types,
+        the same child modules (a layer replaced runs other code)."""
         for module, mode in zip(self.modules, self.modes):
             if module.training != mode:
                 return False
+        if self._verified[0] != module_tree_edits():
+            if any(children_ids(m) != ids for m, ids in zip(self.modules, self.children)):
+                return False
+            self._verified[0] = module_tree_edits()
         for array, (shape, dtype) in zip(arrays, self._expected):
             if array is None or array.shape != shape or (array.dtype is not dtype
                                                          and array.dtype != dtype):
@@ -101,6 +128,8 @@ class ModuleReads:
                  if m.training != old]
         if len(found) > 3:  # model.train() flips every module: name a few
             found[3:] = [f"and of {len(found) - 3} more modules"]
+        found += [f"child modules of {name} replaced" for m, name, ids
+                  in zip(self.modules, self.module_names, self.children) if children_ids(m) != ids]
         for name, array, old in zip(self.names, arrays, self.types):
             if array is None:
                 found.append(f"{name}: no longer a parameter or buffer")
@@ -225,7 +254,7 @@ class Trace:
             types=tuple(value.type for _, value, _ in implicit),
             modules=tuple(modules), module_names=tuple(
                 f"{self.module_name(m)} ({type(m).__name__})" for m in modules),
-            modes=tuple(m.training for m in modules))
+            modes=tuple(m.training for m in modules), children=tuple(map(children_ids, modules)))
 
 
 def matching_variant(last: Any, variants: Iterable[Any], signature: tuple) -> tuple[Any, list]:
@@ -277,8 +306,9 @@ def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
                              f"(at {user_location()})")
         return Tensor(b.const(x, like.dtype))
     arr = np.asarray(x)
-    if arr.dtype == np.float64 and isinstance(x, float):
-        arr = arr.astype(np.float32)  # Python floats default to float32, as in PyTorch
+    # Python floats default to float32, as in PyTorch; np.float64 (a float subclass) keeps its width
+    if arr.dtype == np.float64 and isinstance(x, float) and not isinstance(x, np.floating):
+        arr = arr.astype(np.float32)
     return Tensor(b.const(arr, canonical_dtype(arr.dtype)))
 
 

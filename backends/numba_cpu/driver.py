@@ -228,7 +228,8 @@ def _shareable_stacks(node: Node, body: Executable) -> list[tuple[int, int]]:
     over row t. That holds where they have one type and every kernel reading x_t (or a view of
     it) runs before the kernel writing y_t: step t reads row t only, and rows of other steps are
     not touched. (The VJP of a scan reads each step's saved residuals once, before it writes
-    that step's cotangent of the same shape: the residual stack's memory serves for both.)"""
+    that step's cotangent of the same shape: the residual stack's memory serves for both.) An
+    x_t read by an end-of-step copy (an output that is a view of it) is read after them all."""
     graph, env = body.graph, body._env
     c, k = node.attrs["num_consts"], node.attrs["num_carry"]
     xs, ys = graph.input_values[c + k:], graph.output_values[k:]
@@ -241,6 +242,10 @@ def _shareable_stacks(node: Node, body: Executable) -> list[tuple[int, int]]:
     calls = [{origin(s) for s in slots} for step in body._steps for _, slots in step.calls]
     fresh = {slot for slot, _, _ in body._fresh}
     inputs = set(body._inputs)
+    # outputs no kernel writes (a view of x_t, such as its reshape) are copied out at the end
+    # of the step, after every kernel: what they read must not have been overwritten by then
+    late_reads = {origin(env.slot[(v, False)]) for v in graph.output_values
+                  if env.slot[(v, False)] not in fresh or env.slot[(v, False)] in inputs}
     pairs = []
     for j, y in enumerate(ys):
         y_slot = env.slot[(y, False)]
@@ -250,7 +255,8 @@ def _shareable_stacks(node: Node, body: Executable) -> list[tuple[int, int]]:
         for i, x in enumerate(xs):
             x_slot = body._inputs[c + k + i]
             readers = [n for n, slots in enumerate(calls) if x_slot in slots]
-            if x.type == y.type and x not in ys and max(readers, default=-1) < writer:
+            if (x.type == y.type and x not in ys and max(readers, default=-1) < writer
+                    and x_slot not in late_reads):
                 pairs.append((j, i))
     return pairs
 

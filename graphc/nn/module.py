@@ -26,7 +26,7 @@ import numpy as np
 from graphc.ir.errors import GraphcError, user_location
 from graphc.ir.types import FLOAT_DTYPES, canonical_dtype
 
-from ..tensor import StateRef, Tensor, current_trace, is_tracing
+from ..tensor import StateRef, Tensor, current_trace, is_tracing, note_module_tree_edit
 
 
 class StateHolder(Protocol):
@@ -136,6 +136,39 @@ def _refuse_unregistered_modules(owner: Module, name: str, value: Any) -> None:
         f"would be neither trained nor saved; use self.{name} = {fix} (at {user_location()})")
 
 
+class Children(dict):
+    """A module's child modules by name: a dict whose every change is counted
+    (tensor.note_module_tree_edit), whoever makes it (setattr, del, the containers)."""
+
+    def __setitem__(self, name: str, module: Any) -> None:
+        super().__setitem__(name, module)
+        note_module_tree_edit()
+
+    def __delitem__(self, name: str) -> None:
+        super().__delitem__(name)
+        note_module_tree_edit()
+
+    def clear(self) -> None:
+        super().clear()
+        note_module_tree_edit()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        super().update(*args, **kwargs)
+        note_module_tree_edit()
+
+    def pop(self, *args: Any) -> Any:
+        note_module_tree_edit()
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[str, Any]:
+        note_module_tree_edit()
+        return super().popitem()
+
+    def setdefault(self, name: str, module: Any = None) -> Any:
+        note_module_tree_edit()
+        return super().setdefault(name, module)
+
+
 class ModuleAssignmentError(GraphcError, TypeError):
     """A value of the wrong kind assigned to a registered name, or registered under a bad name."""
 
@@ -147,7 +180,7 @@ class Module:
         object.__setattr__(self, "_parameters", {})
         object.__setattr__(self, "_buffers", {})
         object.__setattr__(self, "_non_persistent_buffers", set())  # left out of state_dict
-        object.__setattr__(self, "_modules", {})
+        object.__setattr__(self, "_modules", Children())
         object.__setattr__(self, "_bound", None)
         object.__setattr__(self, "_state_holder", None)
         object.__setattr__(self, "training", True)
