@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import os
 import re
 import shutil
 import subprocess
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from graphc.ir import Graph, TensorType
 from graphc.ir.errors import GraphcError
@@ -53,7 +54,11 @@ def _render(dot: str, fmt: str, out: str) -> None:
     if shutil.which("dot") is None:
         raise CommandError(f"rendering {fmt} needs Graphviz's `dot` on PATH (e.g. apt-get install "
                            "graphviz); use --format dot to write the DOT source instead")
-    subprocess.run(["dot", f"-T{fmt}", "-o", out], input=dot.encode(), check=True)
+    done = subprocess.run(["dot", f"-T{fmt}", "-o", out], input=dot.encode(), capture_output=True)
+    if done.returncode != 0:
+        said = done.stderr.decode(errors="replace").strip().splitlines()
+        raise CommandError(f"Graphviz's dot could not write {out}: "
+                           f"{said[-1] if said else f'exit status {done.returncode}'}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -202,6 +207,13 @@ def cmd_trace(args: argparse.Namespace) -> None:
     if not callable(fn):
         raise CommandError(f"{script} defines no function {function!r}")
     examples = [_parse_example(s) for s in args.example_shapes]
+    try:
+        inspect.signature(fn).bind(*examples)
+    except TypeError as exc:  # the script's own function, named in the error: no traceback
+        raise CommandError(f"{function}{inspect.signature(fn)} cannot take the "
+                           f"{len(examples)} --example-shapes given: {exc}") from None
+    except ValueError:  # a callable without a signature Python can read: let the trace tell
+        pass
     graph = Staged(fn).lower(*examples)
     if args.stage == "fused":
         from graphc.passes.fusion import fuse
@@ -233,8 +245,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
           drain_timeout_s=args.drain_timeout_s, loader=load, ready=ready)
 
 
-def _integer_at_least(minimum: int):
+def _integer_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer >= `minimum`, else a usage error saying so."""
+    return _integer_in(minimum, None)
+
+
+def _integer_in(minimum: int, maximum: int | None) -> Callable[[str], int]:
+    """An argparse type: an integer in [minimum, maximum], else a usage error saying so."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -242,6 +259,8 @@ def _integer_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
 
     return parse
@@ -297,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "the file name without .gcx. SIGTERM drains in-flight requests and exits 0.")
     p.add_argument("models", nargs="+", metavar="MODEL.gcx")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
+    p.add_argument("--port", type=_integer_in(0, 65535), default=8000,
+                   help="0 picks a free port (printed)")
     p.add_argument("--max-batch", type=int, default=64, help="most samples in one compiled call")
     p.add_argument("--max-delay-ms", type=float, default=2.0,
                    help="longest wait for more requests after a batch's first")

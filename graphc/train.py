@@ -332,7 +332,8 @@ def fit(step: TrainStep | LoadedTrainStep, train_loader: Iterable, epochs: int =
     Several processes training together (graphc.distributed.fit) pass their `world`: then only
     its root shows progress, logs to TensorBoard, calls `on_epoch_end` and writes the
     checkpoint, and validation is evaluated across the world. Epochs are numbered from 1;
-    training resumed after epoch k starts at `initial_epoch` k + 1. `on_epoch_start(epoch)`
+    training resumed after epoch k starts at `initial_epoch` k + 1, and first steps `scheduler`
+    (stepped once per epoch) to epoch k, where it is not there already. `on_epoch_start(epoch)`
     runs before each epoch's first batch (a sharded loader picks its epoch's shard there)."""
     from tqdm.auto import tqdm
 
@@ -344,6 +345,10 @@ def fit(step: TrainStep | LoadedTrainStep, train_loader: Iterable, epochs: int =
         raise GraphcError(f"fit: EarlyStopping monitors {early_stopping.monitor!r}, a validation "
                           "metric, but there is no val_loader: pass one or monitor 'loss'")
     validation = _Validation(step, val_loader, world)
+    # resumed at initial_epoch: the epochs before it stepped the schedule (a scheduler of
+    # graphc's or PyTorch's protocol counts them in last_epoch)
+    while scheduler is not None and getattr(scheduler, "last_epoch", initial_epoch) < initial_epoch - 1:
+        scheduler.step()
     writer = tensorboard_writer(log_dir) if world.is_root else None
     history = History()
     global_step = 0

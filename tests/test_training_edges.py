@@ -213,3 +213,56 @@ def test_metrics_refuse_a_num_classes_that_is_no_count(num_classes):
         precision_recall_f1([0, 1], [1, 1], num_classes=num_classes)
     with pytest.raises(MetricError, match="num_classes must be a positive integer"):
         confusion_matrix([0, 1], [1, 1], num_classes=num_classes)
+
+
+def test_a_resumed_fit_steps_its_scheduler_to_the_epoch_it_resumes_after():
+    model, x, y = setup()
+    opt = optim.SGD(model.parameters(), lr=1.0)
+    step = gc.compile_train_step(model, F.cross_entropy, opt, example_inputs=(x[:8], y[:8]))
+    scheduler = optim.ExponentialLR(opt, gamma=0.1)
+    rates = []
+    fit(step, [(x[:8], y[:8])], epochs=4, progress=False, scheduler=scheduler, initial_epoch=3,
+        on_epoch_start=lambda epoch: rates.append(opt.lr))
+    np.testing.assert_allclose(rates, [0.01, 0.001])  # epochs 3 and 4, as if 1 and 2 had run
+
+
+def test_distributed_validation_gives_no_accuracy_for_one_output_column():
+    from graphc.distributed import DistributedLoader, World
+    from graphc.distributed import evaluate as distributed_evaluate
+    model, x, y = setup(out=1)
+    loader = DistributedLoader(TensorDataset(x, y), 8, World(), shuffle=False, even=False,
+                               drop_last=False)
+    compiled = gc.compile(model, x[:8])
+    result = distributed_evaluate(compiled, lambda out, t: F.mse_loss(out[:, 0], t.astype(np.float32)),
+                                  loader)
+    assert "loss" in result and "accuracy" not in result
+
+
+def test_cli_trace_with_the_wrong_number_of_example_shapes_is_a_one_line_error(tmp_path, capsys):
+    script = tmp_path / "model.py"
+    script.write_text("def predict(x):\n    return x * 2\n")
+    assert main(["trace", f"{script}:predict", "--example-shapes", "f32[4]", "f32[4]",
+                 "--dot", str(tmp_path / "p.dot")]) == 1
+    err = capsys.readouterr().err
+    assert "predict(x) cannot take the 2 --example-shapes given" in err and "Traceback" not in err
+
+
+def test_cli_serve_refuses_a_port_out_of_range(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "m.gcx", "--port", "70000"])
+    assert exit_.value.code == 2 and "must be at most 65535" in capsys.readouterr().err
+
+
+def test_cli_inspect_reports_a_failing_dot_in_one_line(tmp_path, monkeypatch, capsys):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "dot").write_text("#!/bin/sh\necho 'Error: cannot open output file' >&2\nexit 1\n")
+    (fake / "dot").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{__import__('os').environ['PATH']}")
+    model, x, y = setup()
+    compiled = gc.compile(model, x[:8])
+    compiled.export(str(tmp_path / "m.gcx"))
+    assert main(["inspect", str(tmp_path / "m.gcx"), "--format", "png", "-o",
+                 str(tmp_path / "missing" / "g.png")]) == 1
+    err = capsys.readouterr().err
+    assert "dot could not write" in err and "cannot open output file" in err and "Traceback" not in err

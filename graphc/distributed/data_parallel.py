@@ -507,7 +507,9 @@ def evaluate(model_fn: Callable[..., np.ndarray], loss_fn: Callable | None,
         scores = model_fn(*inputs)
         if loss_jit is not None:
             totals[0] += float(loss_jit(scores, target)) * len(target)
-        classes = scores.ndim == 2 and target.ndim == 1 and target.dtype.kind in "iu"
+        # one column is a binary logit or probability, not class scores (as train.evaluate)
+        classes = (scores.ndim == 2 and scores.shape[1] >= 2 and target.ndim == 1
+                   and target.dtype.kind in "iu")
         if classes:
             totals[1] += np.count_nonzero(scores.argmax(1) == target)
         totals[2] += len(target)
