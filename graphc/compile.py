@@ -270,6 +270,12 @@ class TrainStep(_CompiledModelBase):
         self._compiled: dict[tuple, CompiledGraph] = {}
         self._get(batch_arrays(example_inputs))
 
+    def _module_tree(self) -> tuple:
+        # and the arrays: the step holds the ones it trains (a parameter replaced by another
+        # array is no longer the model's, nor the optimizer's)
+        return tuple((id(m), children_ids(m), tuple(map(id, m._parameters.values())),
+                      tuple(map(id, m._buffers.values()))) for m in self.model.modules())
+
     def _bind_model(self) -> None:
         """The model's parameters and buffers by name, the optimizer's among them (trained)."""
         owned = {id(p): n for n, p in named_arrays(self.model, "_parameters")}
@@ -277,7 +283,7 @@ class TrainStep(_CompiledModelBase):
         if missing:
             raise GraphcError(f"{self.name}: optimizer parameters {missing} do not belong to the "
                               "model (build the optimizer from model.parameters(); after "
-                              "replacing a layer, build a new optimizer and step)")
+                              "replacing a layer or a parameter, build a new optimizer and step)")
         self.trainable = [owned[id(p)] for p in self.optimizer.params]
         self.params = dict(named_arrays(self.model, "_parameters"))
         self.buffers = dict(named_arrays(self.model, "_buffers"))

@@ -109,14 +109,42 @@ def array_ufunc(ufunc: np.ufunc, method: str, inputs: tuple[Any, ...],
 
 
 # -- NumPy functions --------------------------------------------------------------------------
-def _sum(a, axis=None, keepdims=False): return as_tensor(a).sum(axis, keepdims)
-def _mean(a, axis=None, keepdims=False): return as_tensor(a).mean(axis, keepdims)
-def _max(a, axis=None, keepdims=False): return as_tensor(a).amax(axis, keepdims)
-def _argmax(a, axis=None, keepdims=False): return as_tensor(a).argmax(axis, keepdims)
-def _min(a, axis=None, keepdims=False): return as_tensor(a).amin(axis, keepdims)
-def _argmin(a, axis=None, keepdims=False): return as_tensor(a).argmin(axis, keepdims)
-def _var(a, axis=None, ddof=0, keepdims=False): return as_tensor(a).var(axis, correction=ddof, keepdim=keepdims)
-def _std(a, axis=None, ddof=0, keepdims=False): return as_tensor(a).std(axis, correction=ddof, keepdim=keepdims)
+# NumPy's own positional order (np.var(a, 0, None) passes dtype=None, not ddof); `dtype`
+# casts first, `out` (writing in place) has no meaning for a traced value.
+def _in(a, dtype, out, call):
+    if out is not None:
+        raise GraphcError(f"np.{call} on a graphc Tensor takes no out= (a traced Tensor is a "
+                          f"value: nothing is written in place) (at {user_location()})")
+    a = as_tensor(a)
+    return a if dtype is None else a.astype(np.dtype(dtype).name)
+
+
+def _sum(a, axis=None, dtype=None, out=None, keepdims=False):
+    return _in(a, dtype, out, "sum").sum(axis, keepdims)
+
+
+def _mean(a, axis=None, dtype=None, out=None, keepdims=False):
+    return _in(a, dtype, out, "mean").mean(axis, keepdims)
+
+
+def _var(a, axis=None, dtype=None, out=None, ddof=0, keepdims=False):
+    return _in(a, dtype, out, "var").var(axis, correction=ddof, keepdim=keepdims)
+
+
+def _std(a, axis=None, dtype=None, out=None, ddof=0, keepdims=False):
+    return _in(a, dtype, out, "std").std(axis, correction=ddof, keepdim=keepdims)
+
+
+def _max(a, axis=None, out=None, keepdims=False): return _in(a, None, out, "max").amax(axis, keepdims)
+def _min(a, axis=None, out=None, keepdims=False): return _in(a, None, out, "min").amin(axis, keepdims)
+
+
+def _argmax(a, axis=None, out=None, *, keepdims=False):
+    return _in(a, None, out, "argmax").argmax(axis, keepdims)
+
+
+def _argmin(a, axis=None, out=None, *, keepdims=False):
+    return _in(a, None, out, "argmin").argmin(axis, keepdims)
 def _clip(a, a_min, a_max): return gcf.clip(a, a_min, a_max)
 def _norm(x): return as_tensor(x).norm()  # the 2-norm of all entries; ord= and axis= refused
 
@@ -131,6 +159,8 @@ def _sort(a, axis=-1, kind=None):
     """np.sort: axis=None sorts the flattened array. Every `kind` is honoured: graphc's sort is
     stable, which is what 'stable' and 'mergesort' promise and the others allow."""
     a = as_tensor(a)
+    if axis is not None and a.ndim == 0:
+        raise ShapeError(f"np.sort: axis {axis} is out of bounds for a 0-d array (at {user_location()})")
     return a.reshape(-1).sort(0).values if axis is None else a.sort(axis).values
 
 
@@ -140,7 +170,9 @@ def _argsort(a, axis=-1, kind=None):
     return a.reshape(-1).argsort(0) if axis is None else a.argsort(axis)
 
 
-def _concatenate(arrays, axis=0): return gcf.concatenate(arrays, axis)
+def _concatenate(arrays, axis=0):  # axis=None joins the flattened arrays, as NumPy's
+    return gcf.concatenate([as_tensor(a).reshape(-1) for a in arrays] if axis is None else arrays,
+                           0 if axis is None else axis)
 def _stack(arrays, axis=0): return gcf.stack(arrays, axis)
 def _where(condition, x, y): return gcf.where(condition, x, y)
 def _squeeze(a, axis=None):
@@ -149,8 +181,17 @@ def _squeeze(a, axis=None):
     return t.squeeze() if axis is None else bind("squeeze", t, axes=normalize_axes(axis, t.ndim))
 
 
-def _expand_dims(a, axis): return as_tensor(a).unsqueeze(axis)
-def _broadcast_to(array, shape): return as_tensor(array).broadcast_to(shape)
+def _expand_dims(a, axis):
+    """NumPy's: one new axis or several (a tuple, positions in the result)."""
+    a = as_tensor(a)
+    axes = normalize_axes(axis, a.ndim + (len(axis) if isinstance(axis, (tuple, list)) else 1))
+    if len(set(axes)) != len(axes):
+        raise ShapeError(f"np.expand_dims: repeated axis in {axis} (at {user_location()})")
+    return bind("expand_dims", a, axes=tuple(sorted(axes)))
+
+
+def _broadcast_to(array, shape):  # an int shape is one axis, as NumPy's
+    return as_tensor(array).broadcast_to((shape,) if isinstance(shape, (int, np.integer)) else shape)
 def _take_along_axis(arr, indices, axis): return gcf.take_along_axis(arr, indices, axis)
 def _shape(a): return as_tensor(a).shape
 def _ndim(a): return as_tensor(a).ndim

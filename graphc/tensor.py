@@ -31,12 +31,13 @@ class _TraceState(threading.local):
 _STATE = _TraceState()
 
 
-_MODULE_TREE_EDITS = [0]  # changes of any module's children so far (nn.module.Children)
+_MODULE_TREE_EDITS = [0]  # changes of any module's tables so far (nn.module.Table)
 
 
 def module_tree_edits() -> int:
-    """How many times any module's children were added, replaced or removed: compiled graphs
-    check the module trees they were traced on again only after it moved."""
+    """How many times any module's children, parameters or buffers were added, replaced or
+    removed (not written in place): compiled graphs check the module trees they were traced on
+    again only after it moved."""
     return _MODULE_TREE_EDITS[0]
 
 
@@ -660,8 +661,9 @@ class Tensor:
     def argmax(self, dim: int | None = None, keepdim: bool = False, *, axis: int | None = None,
                keepdims: bool = False) -> Tensor:
         dim = reduction_axes(dim, axis, "argmax")
-        if dim is None:
-            return self.reshape(-1).argmax(0)
+        if dim is None:  # the flat index; kept dims are all of length 1, as NumPy's and PyTorch's
+            flat = self.reshape(-1).argmax(0)
+            return flat.reshape((1,) * self.ndim) if keepdim or keepdims else flat
         (dim,) = normalize_axes(dim, self.ndim)
         return bind("argmax", self, axis=dim, keepdims=keepdim or keepdims)
 

@@ -175,3 +175,66 @@ def test_numpys_squeeze_of_a_named_axis_longer_than_one_is_refused_as_numpy_refu
         gc.jit(lambda t: np.squeeze(t, 1))(x)
     assert gc.jit(lambda t: np.squeeze(t, 2))(x).shape == (2, 3)
     assert gc.jit(lambda t: t.squeeze(1))(x).shape == (2, 3, 1)  # the Tensor method is PyTorch's
+
+
+def test_numpy_reductions_take_numpys_positional_order():
+    x = np.arange(6.0, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_allclose(gc.jit(lambda a: np.var(a, 0, None))(x), np.var(x, 0, None))
+    np.testing.assert_allclose(gc.jit(lambda a: np.std(a, 1, None))(x), np.std(x, 1, None), rtol=1e-6)
+    assert gc.jit(lambda a: np.sum(a, 0, np.float64))(x).dtype == np.float64
+    with pytest.raises(GraphcError, match="takes no out="):
+        gc.jit(lambda a: np.sum(a, 0, None, np.empty(3)))(x)
+    for f in (np.argmax, np.argmin):
+        assert gc.jit(lambda a: f(a, keepdims=True))(x).shape == (1, 1)
+    assert gc.jit(lambda a: a.argmax(keepdim=True))(x).shape == (1, 1)
+
+
+def test_numpy_shape_functions_take_numpys_argument_forms():
+    x = np.arange(6.0, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(gc.jit(lambda a: np.concatenate([a, a], axis=None))(x),
+                                  np.concatenate([x, x], axis=None))
+    assert gc.jit(lambda a: np.expand_dims(a, (0, 2)))(x).shape == np.expand_dims(x, (0, 2)).shape
+    assert gc.jit(lambda a: np.expand_dims(a, -1))(x).shape == (2, 3, 1)
+    np.testing.assert_array_equal(gc.jit(lambda a: np.broadcast_to(a[0], 3))(x), x[0])
+    with pytest.raises(ShapeError, match="out of bounds for a 0-d array"):
+        gc.jit(lambda a: np.sort(a.sum()))(x)
+
+
+def test_pad_refuses_to_crop_more_than_an_axis_and_replicates_any_width():
+    import graphc.nn.functional as F
+    x = np.arange(6.0, dtype=np.float32).reshape(2, 3)
+    for widths in ((-5, 1), (-2, -2)):
+        with pytest.raises(ShapeError, match="crop more than the 3 elements"):
+            gc.jit(lambda a: F.pad(a, widths))(x)
+    assert gc.jit(lambda a: F.pad(a, (-3, 0)))(x).shape == (2, 0)
+    wide = gc.jit(lambda a: F.pad(a, (5, 1), mode="replicate"))(x.reshape(1, 2, 3))
+    np.testing.assert_array_equal(wide[0, 0], [0, 0, 0, 0, 0, 0, 1, 2, 2])
+
+
+def _transposed_convolution(x, w, stride, padding, output_padding, dilation):
+    """By definition: every input pixel adds its weighted kernel into the output."""
+    n, c_in, h, wd = x.shape
+    k = w.shape[2]
+    full = np.zeros((n, w.shape[1], (h - 1) * stride + dilation * (k - 1) + 1 + output_padding,
+                     (wd - 1) * stride + dilation * (k - 1) + 1 + output_padding))
+    for i in range(h):
+        for j in range(wd):
+            for a in range(k):
+                for b in range(k):
+                    full[:, :, i * stride + a * dilation, j * stride + b * dilation] += (
+                        x[:, :, i, j] @ w[:, :, a, b])
+    size = full.shape[2] - 2 * padding, full.shape[3] - 2 * padding
+    return full[:, :, padding:padding + size[0], padding:padding + size[1]]
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba-cpu"])
+@pytest.mark.parametrize("stride, dilation, padding, output_padding", [(1, 2, 0, 1), (2, 3, 0, 2), (1, 3, 1, 2)])
+def test_conv_transpose_with_output_padding_past_the_stride(backend, stride, dilation, padding, output_padding):
+    import graphc.nn.functional as F
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((3, 2, 3, 3))
+    got = gc.jit(lambda a, b: F.conv_transpose2d(a, b, stride=stride, padding=padding,
+                                                 output_padding=output_padding, dilation=dilation),
+                 backend=backend)(x, w)
+    np.testing.assert_allclose(got, _transposed_convolution(x, w, stride, padding, output_padding,
+                                                            dilation), rtol=1e-10, atol=1e-12)

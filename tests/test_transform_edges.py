@@ -111,3 +111,72 @@ def test_the_reference_backend_returns_arrays_of_their_own():
     p, q = gc.jit(lambda x: (x * 2, x * 2), backend="reference")(a)
     p[0] = 0.0
     assert q[0] == 2.0
+
+
+def test_a_replaced_layer_or_parameter_keeps_its_place_as_in_pytorch():
+    gc.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    setattr(model, "1", nn.Tanh())  # swapping an activation in place
+    assert list(model._modules) == ["0", "1", "2"]
+    first, last = model[0], model[2]
+    expected = np.tanh(X @ first.weight.T + first.bias) @ last.weight.T + last.bias
+    np.testing.assert_allclose(gc.jit(model)(X), expected, rtol=1e-6)
+    layer = nn.Linear(2, 3)
+    layer.weight = nn.Parameter(np.zeros((3, 2), np.float32))
+    assert list(layer.state_dict()) == ["weight", "bias"]
+
+
+def test_sequential_refuses_a_layer_that_is_not_a_module_and_takes_an_ordered_dict():
+    from collections import OrderedDict
+    with pytest.raises(TypeError, match="layer 1 is a function, not a Module"):
+        nn.Sequential(nn.Identity(), F.relu)
+    named = nn.Sequential(OrderedDict([("fc", nn.Linear(2, 2)), ("act", nn.ReLU())]))
+    assert list(named._modules) == ["fc", "act"] and named.fc is named[0]
+
+
+def test_a_training_step_refuses_a_parameter_replaced_by_another_array():
+    model = TwoLayers()
+    step = gc.compile_train_step(model, F.mse_loss, optim.SGD(model.parameters(), lr=0.1),
+                                 (X, np.zeros((1, 2), np.float32)))
+    step(X, np.zeros((1, 2), np.float32))
+    model.fc.weight = nn.Parameter(np.zeros((2, 2), np.float32))
+    with pytest.raises(GraphcError, match="replacing a layer or a parameter"):
+        step(X, np.zeros((1, 2), np.float32))
+
+
+def test_load_state_dict_reports_keys_converts_dtypes_and_loads_all_or_nothing():
+    keys = nn.Linear(1, 1).load_state_dict({"weight": np.zeros((1, 1)), "junk": np.zeros(1)}, strict=False)
+    assert keys.missing_keys == ["bias"] and keys.unexpected_keys == ["junk"]
+    norm = nn.BatchNorm1d(3)
+    norm.load_state_dict({k: np.asarray(v, np.float64) + 1 for k, v in norm.state_dict().items()})
+    assert norm.num_batches_tracked == 1 and norm.num_batches_tracked.dtype == np.int64
+    before = {k: v.copy() for k, v in norm.state_dict().items()}
+    bad = {**{k: np.asarray(v) + 1 for k, v in before.items()}, "running_var": np.zeros(4)}
+    with pytest.raises(GraphcError, match="'running_var' has shape"):
+        norm.load_state_dict(bad)
+    for name, array in norm.state_dict().items():
+        np.testing.assert_array_equal(array, before[name])  # nothing written
+
+
+def test_train_takes_a_bool_and_manual_seed_takes_pytorchs_range():
+    with pytest.raises(ValueError, match="mode must be a bool"):
+        nn.Linear(1, 1).train("no")
+    for seed in (2**63, 2**64 - 1, -1):
+        gc.manual_seed(seed)
+        first = gc.jit(lambda x: F.dropout(x, 0.5))(np.ones(64, np.float32))
+        gc.manual_seed(seed)
+        np.testing.assert_array_equal(gc.jit(lambda x: F.dropout(x, 0.5))(np.ones(64, np.float32)), first)
+    gc.manual_seed(-1)
+    minus_one = nn.Linear(3, 3).weight.copy()
+    gc.manual_seed(2**64 - 1)  # the same 64 bits
+    np.testing.assert_array_equal(nn.Linear(3, 3).weight, minus_one)
+    for bad in (2**64, -2**63 - 1):
+        with pytest.raises(ValueError, match=r"seed must be in \[-2\*\*63, 2\*\*64\)"):
+            gc.manual_seed(bad)
+    gc.manual_seed(0)
+
+
+def test_kaiming_init_of_an_empty_array_does_nothing():
+    from graphc.nn import init
+    for initialise in (init.kaiming_uniform_, init.kaiming_normal_):  # was a ZeroDivisionError
+        assert initialise(np.empty((5, 0), np.float32)).shape == (5, 0)

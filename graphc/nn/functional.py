@@ -174,10 +174,19 @@ def conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
     if any(o >= max(s, d) for o, s, d in zip(output_padding, stride, dilation)):
         raise ShapeError(f"conv_transpose2d: output_padding {output_padding} must be smaller than "
                          f"the stride {stride} or the dilation {dilation} (at {user_location()})")
-    size = tuple((n - 1) * s - 2 * p + d * (k - 1) + o + 1 for n, s, p, d, k, o
-                 in zip(x.shape[2:], stride, padding, dilation, weight.shape[2:], output_padding))
-    out = bind("conv2d_input_grad", x, weight, input_shape=(x.shape[0], weight.shape[1] * groups, *size),
-               stride=stride, padding=padding, dilation=dilation, groups=groups)
+    if any(o >= s for o, s in zip(output_padding, stride)):
+        # Past the stride (allowed under a larger dilation), the convolution's gradient has no
+        # input of that size: the whole transposed result (padding 0), cropped by `padding` at
+        # the start and extended to the size asked at the end, where no input reaches (zeros).
+        full = conv_transpose2d(x, weight, None, stride, 0, 0, groups, dilation)
+        (top, left), (bottom, right) = padding, output_padding
+        out = pad(full, (-left, right - left, -top, bottom - top))
+    else:
+        size = tuple((n - 1) * s - 2 * p + d * (k - 1) + o + 1 for n, s, p, d, k, o
+                     in zip(x.shape[2:], stride, padding, dilation, weight.shape[2:], output_padding))
+        out = bind("conv2d_input_grad", x, weight,
+                   input_shape=(x.shape[0], weight.shape[1] * groups, *size),
+                   stride=stride, padding=padding, dilation=dilation, groups=groups)
     return out + as_tensor(bias).reshape(1, -1, 1, 1) if bias is not None else out
 
 
@@ -465,7 +474,9 @@ def pad(input: Tensor, pad: Sequence[int], mode: str = "constant", value: float 
         raise ValueError(f"pad: a fill value ({value}) only applies to mode='constant'")
     for axis, (before, after) in per_axis.items():
         size = x.shape[axis]
-        limit = size - 1 if mode == "reflect" else size
+        # reflect mirrors at most the axis less its edge, circular wraps it once; replicate
+        # repeats the edge any number of times (as PyTorch's)
+        limit = {"reflect": size - 1, "circular": size}.get(mode, max(before, after, 0))
         if min(before, after) < 0 or max(before, after) > limit:
             raise ShapeError(f"pad: {mode} padding of ({before}, {after}) needs widths in "
                              f"[0, {limit}] for dimension {axis} of size {size}, input shape "
@@ -478,6 +489,11 @@ def pad(input: Tensor, pad: Sequence[int], mode: str = "constant", value: float 
 
 def _pad_constant(x: Tensor, per_axis: dict[int, tuple[int, int]], value: float) -> Tensor:
     """Negative widths crop (a slice), positive ones pad (the pad op)."""
+    for axis, (before, after) in per_axis.items():
+        if max(-before, 0) + max(-after, 0) > x.shape[axis]:
+            raise ShapeError(f"pad: widths ({before}, {after}) crop more than the {x.shape[axis]} "
+                             f"elements of dimension {axis} of shape {x.shape} "
+                             f"(at {user_location()})")
     crop = tuple(slice(max(-before, 0), x.shape[axis] - max(-after, 0)) if axis in per_axis
                  else slice(None) for axis, (before, after)
                  in ((a, per_axis.get(a, (0, 0))) for a in range(x.ndim)))

@@ -163,6 +163,8 @@ def _kaiming_std(tensor: np.ndarray | Parameter, a: float, mode: str, nonlineari
         raise InputError(f"nn.init.kaiming: mode must be 'fan_in' or 'fan_out', got {mode!r}")
     fan_in, fan_out = calculate_fan_in_and_fan_out(tensor)
     fan = fan_in if mode == "fan_in" else fan_out
+    if fan == 0:  # an array without elements: nothing to draw (PyTorch's no-op)
+        return 0.0
     return calculate_gain(nonlinearity, a) / math.sqrt(fan)
 
 

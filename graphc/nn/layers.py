@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import numpy as np
@@ -292,10 +293,18 @@ class LogSoftmax(Module):
 
 
 class Sequential(Module):
-    def __init__(self, *layers: Module) -> None:
+    """Its layers in order, each called on the last one's output; given as modules (named 0,
+    1, ...) or as one OrderedDict of names to modules, as PyTorch's."""
+
+    def __init__(self, *layers: Module | OrderedDict[str, Module]) -> None:
         super().__init__()
-        for i, layer in enumerate(layers):
-            setattr(self, str(i), layer)
+        named = (list(layers[0].items()) if len(layers) == 1 and isinstance(layers[0], OrderedDict)
+                 else [(str(i), layer) for i, layer in enumerate(layers)])
+        for name, layer in named:
+            if not isinstance(layer, Module):  # a plain function would be a skipped attribute
+                raise TypeError(f"Sequential: layer {name} is a {type(layer).__name__}, not a "
+                                "Module (wrap a function in a Module, e.g. nn.ReLU() for F.relu)")
+            self.register_module(name, layer)
 
     def __getitem__(self, index: int | slice) -> Module:
         """The layer at `index`; a slice gives a Sequential of those layers, under their names."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, NamedTuple, Protocol
 
 import numpy as np
 
@@ -136,9 +136,16 @@ def _refuse_unregistered_modules(owner: Module, name: str, value: Any) -> None:
         f"would be neither trained nor saved; use self.{name} = {fix} (at {user_location()})")
 
 
-class Children(dict):
-    """A module's child modules by name: a dict whose every change is counted
-    (tensor.note_module_tree_edit), whoever makes it (setattr, del, the containers)."""
+class IncompatibleKeys(NamedTuple):
+    """What load_state_dict did not match, as PyTorch's (a `strict=False` load returns it)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+class Table(dict):
+    """A module's parameters, buffers or child modules by name: a dict whose every change is
+    counted (tensor.note_module_tree_edit), whoever makes it (setattr, del, the containers)."""
 
     def __setitem__(self, name: str, module: Any) -> None:
         super().__setitem__(name, module)
@@ -177,10 +184,10 @@ class Module:
     training: bool
 
     def __init__(self) -> None:
-        object.__setattr__(self, "_parameters", {})
-        object.__setattr__(self, "_buffers", {})
+        object.__setattr__(self, "_parameters", Table())
+        object.__setattr__(self, "_buffers", Table())
         object.__setattr__(self, "_non_persistent_buffers", set())  # left out of state_dict
-        object.__setattr__(self, "_modules", Children())
+        object.__setattr__(self, "_modules", Table())
         object.__setattr__(self, "_bound", None)
         object.__setattr__(self, "_state_holder", None)
         object.__setattr__(self, "training", True)
@@ -200,13 +207,13 @@ class Module:
         # as one (named_parameters lists it once).
         tied = isinstance(value, np.ndarray) and (name in params or _holds_parameter(self, value))
         if isinstance(value, Parameter) or tied:
-            self._forget(name)
+            self._forget(name, keep=params)
             params[name] = value.data if isinstance(value, Parameter) else Parameter(value).data
         elif name in params:
             self._refuse_unless_none(value, name, "parameter", "an nn.Parameter, an array")
             params[name] = None
         elif isinstance(value, Module):
-            self._forget(name)
+            self._forget(name, keep=modules)
             modules[name] = value
         elif name in modules:
             self._refuse_unless_none(value, name, "child module", "an nn.Module")
@@ -227,11 +234,14 @@ class Module:
                 return
         object.__delattr__(self, name)
 
-    def _forget(self, name: str) -> None:
-        """Drop `name` from every table and from the plain attributes, before registering it
-        anew: a value left behind in __dict__ would be what forward reads."""
+    def _forget(self, name: str, keep: dict[str, Any] | None = None) -> None:
+        """Drop `name` from every table but `keep` and from the plain attributes, before
+        registering it anew: a value left behind in __dict__ would be what forward reads. In
+        `keep`, where the new value goes, it keeps its place, as in PyTorch: a Sequential's
+        layer replaced runs where the old one did, a parameter stays where state_dict has it."""
         for table in (self._parameters, self._buffers, self._modules):
-            table.pop(name, None)
+            if table is not keep:
+                table.pop(name, None)
         self._non_persistent_buffers.discard(name)
         self.__dict__.pop(name, None)
 
@@ -249,14 +259,14 @@ class Module:
                 f"{type(self).__name__}.register_parameter({name!r}): takes an nn.Parameter or "
                 f"None, not a {type(param).__name__} (at {user_location()})")
         self._check_new_name(name, "register_parameter", self._parameters)
-        self._forget(name)
+        self._forget(name, keep=self._parameters)
         self._parameters[name] = None if param is None else param.data
 
     def register_buffer(self, name: str, array: Any, persistent: bool = True) -> None:
         """Non-trainable state (e.g. running statistics); saved in the state dict unless
         `persistent` is False. None registers the name, absent."""
         self._check_new_name(name, "register_buffer", self._buffers)
-        self._forget(name)
+        self._forget(name, keep=self._buffers)
         # np.require keeps 0-d arrays 0-d
         self._buffers[name] = None if array is None else np.require(array, requirements="C")
         if not persistent:
@@ -269,7 +279,7 @@ class Module:
                 f"{type(self).__name__}.register_module({name!r}): takes an nn.Module or None, "
                 f"not a {type(module).__name__} (at {user_location()})")
         self._check_new_name(name, "register_module", self._modules)
-        self._forget(name)
+        self._forget(name, keep=self._modules)
         self._modules[name] = module
 
     add_module = register_module
@@ -376,6 +386,9 @@ class Module:
 
     # -- modes and state ------------------------------------------------------------------
     def train(self, mode: bool = True) -> Module:
+        if not isinstance(mode, (bool, np.bool_)):
+            raise ValueError(f"{type(self).__name__}.train: mode must be a bool, got {mode!r}")
+        mode = bool(mode)
         for m in self.modules():
             object.__setattr__(m, "training", mode)
         return self
@@ -430,21 +443,26 @@ class Module:
         return {name: traced_state(ref, f"{root}.{name}")
                 for name, ref in named_state_refs(self, _STATE_TABLES, persistent_only=True)}
 
-    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
-        """Copy arrays into the module's own (so compiled steps keep seeing them)."""
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> IncompatibleKeys:
+        """Copy arrays into the module's own (so compiled steps keep seeing them), converted to
+        their dtypes as PyTorch's copy_ does (a float count into an int64 buffer too). Every
+        array is checked before any is written: a bad one leaves the module as it was. Returns
+        the missing and unexpected keys (with strict, either is an error)."""
         own = state_arrays(self)  # a step keeping them on a GPU has let go: it re-reads them
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if strict and (missing or unexpected):
-            raise GraphcError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
-        for name, value in state.items():
-            if name not in own:
-                continue
-            value = _host_array(value)
+        keys = IncompatibleKeys(sorted(set(own) - set(state)), sorted(set(state) - set(own)))
+        if strict and (keys.missing_keys or keys.unexpected_keys):
+            raise GraphcError(f"load_state_dict: missing keys {keys.missing_keys}, unexpected keys "
+                              f"{keys.unexpected_keys}")
+        loaded = {name: _host_array(value) for name, value in state.items() if name in own}
+        for name, value in loaded.items():
             if value.shape != own[name].shape:
                 raise GraphcError(f"load_state_dict: {name!r} has shape {value.shape}, "
                                   f"the module expects {own[name].shape}")
-            np.copyto(own[name], value, casting="same_kind")
+            if value.dtype.kind not in "biuf":
+                raise GraphcError(f"load_state_dict: {name!r} holds {value.dtype}, not numbers")
+        for name, value in loaded.items():
+            np.copyto(own[name], value, casting="unsafe")
+        return keys
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles get the newest values, and not the holder of them."""
