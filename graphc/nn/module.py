@@ -147,8 +147,8 @@ class Table(dict):
     """A module's parameters, buffers or child modules by name: a dict whose every change is
     counted (tensor.note_module_tree_edit), whoever makes it (setattr, del, the containers)."""
 
-    def __setitem__(self, name: str, module: Any) -> None:
-        super().__setitem__(name, module)
+    def __setitem__(self, name: str, value: Any) -> None:
+        super().__setitem__(name, value)
         note_module_tree_edit()
 
     def __delitem__(self, name: str) -> None:
@@ -171,9 +171,9 @@ class Table(dict):
         note_module_tree_edit()
         return super().popitem()
 
-    def setdefault(self, name: str, module: Any = None) -> Any:
+    def setdefault(self, name: str, value: Any = None) -> Any:
         note_module_tree_edit()
-        return super().setdefault(name, module)
+        return super().setdefault(name, value)
 
 
 class ModuleAssignmentError(GraphcError, TypeError):
@@ -472,6 +472,9 @@ class Module:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_non_persistent_buffers", set())  # pickled before it existed
+        for name in ("_parameters", "_buffers", "_modules"):  # pickled as plain dicts before
+            if type(self.__dict__.get(name)) is dict:
+                self.__dict__[name] = Table(self.__dict__[name])
 
     # -- calling ----------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
