@@ -318,6 +318,7 @@ BAD_REQUESTS = [  # name, path, body, content type, status, words of the error
     ("bad top_k", "tiny", json.dumps({"inputs": np.zeros((1, *SAMPLE)).tolist(), "top_k": 6}),
      None, 400, "top_k"),
     ("unknown model", "nope", json.dumps({"inputs": [1]}), None, 404, "no model named 'nope'"),
+    ("integer of 4301 digits", "tiny", '{"inputs": [' + "1" * 4301 + "]}", None, 400, "unreadable JSON"),
 ]
 
 
@@ -328,6 +329,12 @@ def test_bad_requests_get_a_4xx_naming_the_mistake(server, case):
     got, answer = server.request(f"/v1/models/{model}/predict", body, content_type or "application/json")
     assert got == status, answer
     assert words in answer["error"]
+
+
+def test_a_query_option_of_non_ascii_digits_is_a_400_not_a_500(server):
+    got, answer = server.request("/v1/models/tiny/predict?top_k=%C2%B2",  # '²': a digit to isdigit
+                                 npy_bytes(np.zeros((1, *SAMPLE), np.float32)), "application/x-npy")
+    assert got == 400 and "top_k" in answer["error"]
 
 
 def test_a_bad_request_never_fails_the_good_ones_in_its_batch(server, reference):

@@ -221,6 +221,8 @@ def _json_object(body: bytes) -> dict[str, Any]:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(f"malformed JSON: {exc}") from None
+    except ValueError as exc:  # valid JSON Python will not read: an integer of over 4300 digits
+        raise RequestError(f"unreadable JSON: {exc}") from None
     except RecursionError:
         raise RequestError("malformed JSON: nested too deeply") from None
     if not isinstance(doc, dict):
@@ -412,7 +414,9 @@ def _query_option(value: str) -> Any:
     """`?top_k=3&softmax=true` on an .npy request, as the JSON body would carry them."""
     if value in ("true", "false"):
         return value == "true"
-    return int(value) if value.isdigit() else value
+    # ASCII digits only: '²' is a digit to str.isdigit but not to int(); left as text, the
+    # option's own check refuses it with a 400
+    return int(value) if value.isascii() and value.isdigit() else value
 
 
 @web.middleware
