@@ -53,8 +53,8 @@ CASES = {
         lambda F, a, red: F.binary_cross_entropy_with_logits(a["x"], a["t"], weight=a["w"],
                                                              reduction=red, pos_weight=a["pw"])),
     "bce_with_logits_at_zero_and_extremes": (  # a zero-initialised head: every logit 0
-        lambda r: dict(x=np.r_[np.zeros(4), -40.0, 40.0].reshape(2, 3), t=np.r_[1.0, 0, 0.5, 1, 0, 1].reshape(2, 3),
-                       pw=np.array([0.5, 1.0, 3.0])),
+        lambda r: dict(x=np.r_[np.zeros(4), -40.0, 40.0].reshape(2, 3),
+                       t=np.r_[1.0, 0, 0.5, 1, 0, 1].reshape(2, 3), pw=np.array([0.5, 1.0, 3.0])),
         lambda F, a, red: F.binary_cross_entropy_with_logits(a["x"], a["t"], reduction=red,
                                                              pos_weight=a["pw"])),
     "binary_cross_entropy_at_zero_and_one": (  # a saturated sigmoid

@@ -228,8 +228,10 @@ def _transposed_convolution(x, w, stride, padding, output_padding, dilation):
 
 
 @pytest.mark.parametrize("backend", ["reference", "numba-cpu"])
-@pytest.mark.parametrize("stride, dilation, padding, output_padding", [(1, 2, 0, 1), (2, 3, 0, 2), (1, 3, 1, 2)])
-def test_conv_transpose_with_output_padding_past_the_stride(backend, stride, dilation, padding, output_padding):
+@pytest.mark.parametrize("stride, dilation, padding, output_padding",
+                         [(1, 2, 0, 1), (2, 3, 0, 2), (1, 3, 1, 2)])
+def test_conv_transpose_with_output_padding_past_the_stride(backend, stride, dilation, padding,
+                                                            output_padding):
     import graphc.nn.functional as F
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((3, 2, 3, 3))

@@ -5,10 +5,11 @@ An optimizer holds PyTorch's `param_groups`: a list of dicts, each with its "par
 own hyperparameters (lr, weight_decay, momentum, betas...), the optimizer's defaults filling
 what a group leaves out. It declares its per-parameter state (zeros on the host) and writes
 its update with traced tensors. It keeps that state and the step count, as torch.optim's
-optimizers do: every training step compiled with it updates the same arrays, so a step compiled
-anew (after a setting changed) goes on where the last one left off. Each group's learning rate and the step count enter the
-compiled step as inputs, so a schedule changes the rates without recompiling; the other
-hyperparameters are compiled in (a compiled step refuses to run once one has changed).
+optimizers do: every training step compiled with it updates the same arrays, so a step
+compiled anew (after a setting changed) goes on where the last one left off. Each group's
+learning rate and the step count enter the compiled step as inputs, so a schedule changes the
+rates without recompiling; the other hyperparameters are compiled in (a compiled step refuses
+to run once one has changed).
 Formulas follow PyTorch's documented ones.
 """
 from __future__ import annotations
