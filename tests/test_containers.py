@@ -147,3 +147,41 @@ def test_a_plain_list_of_registered_submodules_is_allowed():
 
     assert list(Model().state_dict()) == ["encoder.weight", "encoder.bias", "decoder.weight",
                                           "decoder.bias"]
+
+
+def test_sequential_is_edited_as_pytorch_edits_it():
+    """append, insert (negative positions too), pop, item assignment and deletion give the
+    layers, and the names, PyTorch's Sequential gives; a jitted Sequential follows the edits."""
+    layers = [nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1), nn.Tanh(), nn.Sigmoid()]
+    seq = nn.Sequential(layers[0], layers[1])
+    assert seq.append(layers[2]) is seq
+    seq.insert(1, layers[3])
+    seq.insert(-1, layers[4])
+    assert list(seq) == [layers[0], layers[3], layers[1], layers[4], layers[2]]
+    assert seq.pop(1) is layers[3]
+    assert list(seq._modules) == ["0", "1", "2", "3"] and seq[-1] is layers[2]
+    del seq[0:2]
+    assert list(seq) == [layers[4], layers[2]] and list(seq._modules) == ["0", "1"]
+    seq[0] = layers[1]
+    assert list(seq) == [layers[1], layers[2]]
+    with pytest.raises(TypeError, match="not a Module"):
+        seq.append(lambda x: x)
+    with pytest.raises(IndexError, match="out of range for 2 layers"):
+        seq[2]
+    with pytest.raises(IndexError, match="out of range"):
+        seq.insert(4, nn.ReLU())
+
+    x = np.ones((4, 2), np.float32)
+    net = nn.Sequential(layers[0])
+    run = gc.jit(net)
+    assert run(x).shape == (4, 3)
+    net.extend([nn.ReLU(), nn.Linear(3, 1)])
+    np.testing.assert_allclose(run(x), gc.jit(net)(x), rtol=1e-6)
+    assert run(x).shape == (4, 1)
+
+
+def test_module_list_pop():
+    a, b, c = (nn.Linear(1, 1) for _ in range(3))
+    layers = nn.ModuleList([a, b, c])
+    assert layers.pop(0) is a and layers.pop() is c
+    assert list(layers) == [b] and list(layers._modules) == ["0"]

@@ -104,3 +104,23 @@ def test_unsupported_options_are_named():
         gc.jit(lambda t: F.max_pool2d(t, 2, return_indices=True))(x)
     with pytest.raises(ShapeError, match="at most half the kernel"):
         gc.jit(lambda t: F.avg_pool2d(t, 2, padding=2, ceil_mode=True))(x)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba-cpu"])
+def test_one_unbatched_sample_pools_as_its_batch_of_one(backend):
+    """(C, H, W) input, as PyTorch's 2-D pools take it: the values and gradients of the same
+    sample given as (1, C, H, W); other ranks are refused by name."""
+    x = np.random.default_rng(3).standard_normal((3, 7, 6)).astype("float32")
+    weights = [np.random.default_rng(k).standard_normal(o.shape[1:]).astype("float32")
+               for k, o in enumerate(gc.jit(pools(3, 2, 1))(x[None]))]
+
+    def loss(t):
+        return sum((o * w).sum() for o, w in zip(pools(3, 2, 1)(t), weights))
+    value, gradient = gc.value_and_grad(loss, backend=backend)(x)
+    batched_value, batched_gradient = gc.value_and_grad(loss, backend=backend)(x[None])
+    np.testing.assert_allclose(value, batched_value, rtol=1e-5)
+    np.testing.assert_allclose(gradient, batched_gradient[0], rtol=1e-5, atol=1e-6)
+    for layer in (nn.MaxPool2d(2), nn.AvgPool2d(3, 1, 1)):
+        np.testing.assert_allclose(gc.jit(layer, backend=backend)(x), gc.jit(layer, backend=backend)(x[None])[0])
+    with pytest.raises(ShapeError, match=r"max_pool2d: expects an \(N, C, H, W\) or \(C, H, W\) input"):
+        gc.jit(lambda t: F.max_pool2d(t, 2))(x[0])

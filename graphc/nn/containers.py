@@ -77,6 +77,12 @@ class ModuleList(Module):
         modules.insert(index, _checked("ModuleList", module))
         self._renumber(modules)
 
+    def pop(self, index: int | slice = -1) -> Any:
+        """The module at `index` (the last by default), removed; those after it are renumbered."""
+        module = self[index]
+        del self[index]
+        return module
+
 
 class ModuleDict(Module):
     """An ordered dict of submodules registered under their (string) keys; it has no forward."""

@@ -276,14 +276,26 @@ def _window_sizes(size: int, kernel: int, stride: int, padding: int, extra: int,
     return ends - starts
 
 
+def _unbatched_plane(op: str, x: Tensor) -> bool:
+    """Whether `x` is one sample's (C, H, W), which 2-D pools take as PyTorch's do; refuses
+    ranks other than 3 and 4."""
+    if x.ndim not in (3, 4):
+        raise ShapeError(f"{op}: expects an (N, C, H, W) or (C, H, W) input, got shape {x.shape} "
+                         f"(at {user_location()})")
+    return x.ndim == 3
+
+
 def max_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
                dilation: Any = 1, ceil_mode: bool = False, return_indices: bool = False) -> Tensor:
-    """PyTorch's F.max_pool2d over the last two axes (dilation 1, without indices)."""
+    """PyTorch's F.max_pool2d over the last two axes of (N, C, H, W) or (C, H, W) input
+    (dilation 1, without indices)."""
     x = as_tensor(x)
     if _pair(dilation) != (1, 1) or return_indices:
         raise GraphcError(f"max_pool2d: dilation {dilation} and return_indices={return_indices} "
                           f"are not supported; use dilation=1 and return_indices=False "
                           f"(at {user_location()})")
+    if _unbatched_plane("max_pool2d", x):
+        return max_pool2d(x.unsqueeze(0), kernel_size, stride, padding, dilation, ceil_mode).squeeze(0)
     kernel, stride, padding, extra = _pool_windows("max_pool2d", x, kernel_size, stride, padding, ceil_mode)
     if any(extra):  # cells no window's maximum can come from
         x = _pad_constant(x, {x.ndim - 2: (0, extra[0]), x.ndim - 1: (0, extra[1])}, -np.inf)
@@ -293,8 +305,11 @@ def max_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0
 def avg_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
                ceil_mode: bool = False, count_include_pad: bool = True,
                divisor_override: int | None = None) -> Tensor:
-    """PyTorch's F.avg_pool2d over the last two axes."""
+    """PyTorch's F.avg_pool2d over the last two axes of (N, C, H, W) or (C, H, W) input."""
     x = as_tensor(x)
+    if _unbatched_plane("avg_pool2d", x):
+        return avg_pool2d(x.unsqueeze(0), kernel_size, stride, padding, ceil_mode, count_include_pad,
+                          divisor_override).squeeze(0)
     kernel, stride, padding, extra = _pool_windows("avg_pool2d", x, kernel_size, stride, padding, ceil_mode)
     if not any(extra) and divisor_override is None:
         return bind("avg_pool2d", x, kernel=kernel, stride=stride, padding=padding,

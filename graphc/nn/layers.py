@@ -292,31 +292,86 @@ class LogSoftmax(Module):
         return F.log_softmax(x, self.dim)
 
 
+def _layer(name: str, layer: Any) -> Module:
+    if not isinstance(layer, Module):  # a plain function would be a skipped attribute
+        raise TypeError(f"Sequential: layer {name} is a {type(layer).__name__}, not a "
+                        "Module (wrap a function in a Module, e.g. nn.ReLU() for F.relu)")
+    return layer
+
+
 class Sequential(Module):
     """Its layers in order, each called on the last one's output; given as modules (named 0,
-    1, ...) or as one OrderedDict of names to modules, as PyTorch's."""
+    1, ...) or as one OrderedDict of names to modules, as PyTorch's. Like PyTorch's, it is
+    edited as a list (append, extend, insert, pop, item assignment and deletion); a deletion
+    renames the layers after it to their new positions."""
 
     def __init__(self, *layers: Module | OrderedDict[str, Module]) -> None:
         super().__init__()
         named = (list(layers[0].items()) if len(layers) == 1 and isinstance(layers[0], OrderedDict)
                  else [(str(i), layer) for i, layer in enumerate(layers)])
         for name, layer in named:
-            if not isinstance(layer, Module):  # a plain function would be a skipped attribute
-                raise TypeError(f"Sequential: layer {name} is a {type(layer).__name__}, not a "
-                                "Module (wrap a function in a Module, e.g. nn.ReLU() for F.relu)")
-            self.register_module(name, layer)
+            self.register_module(name, _layer(name, layer))
+
+    def _position(self, index: int) -> int:
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise TypeError(f"Sequential indices are ints or slices, not {type(index).__name__}")
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"Sequential index {index} is out of range for {len(self)} layers")
+        return index % len(self)
 
     def __getitem__(self, index: int | slice) -> Module:
         """The layer at `index`; a slice gives a Sequential of those layers, under their names."""
         if not isinstance(index, slice):
-            return list(self._modules.values())[index]
+            return list(self._modules.values())[self._position(index)]
         part = Sequential()
         for name in list(self._modules)[index]:
             setattr(part, name, self._modules[name])
         return part
 
+    def __setitem__(self, index: int, layer: Module) -> None:
+        name = list(self._modules)[self._position(index)]
+        self._modules[name] = _layer(name, layer)
+
+    def __delitem__(self, index: int | slice) -> None:
+        layers = list(self._modules.values())
+        del layers[index if isinstance(index, slice) else self._position(index)]
+        self._modules.clear()
+        self._modules.update((str(i), layer) for i, layer in enumerate(layers))
+
     def __len__(self) -> int:
         return len(self._modules)
+
+    def __iter__(self) -> Any:
+        return iter(list(self._modules.values()))
+
+    def append(self, layer: Module) -> Sequential:
+        name = str(len(self))
+        if name in self._modules:  # an OrderedDict's own name "2" at position 0, say
+            raise KeyError(f"Sequential.append: a layer named {name!r} exists already")
+        self.register_module(name, _layer(name, layer))
+        return self
+
+    def extend(self, layers: Any) -> Sequential:
+        for layer in layers:
+            self.append(layer)
+        return self
+
+    def insert(self, index: int, layer: Module) -> Sequential:
+        """`layer` at position `index` (-len to len); the layers from there on are renamed to
+        their new positions."""
+        if not isinstance(index, int) or not -len(self) <= index <= len(self):
+            raise IndexError(f"Sequential.insert: index {index} is out of range for {len(self)} layers")
+        layers = list(self._modules.values())
+        layers.insert(index, _layer(str(index), layer))
+        self._modules.clear()
+        self._modules.update((str(i), m) for i, m in enumerate(layers))
+        return self
+
+    def pop(self, index: int | slice = -1) -> Module:
+        """The layer at `index` (the last by default), removed as `del seq[index]` removes it."""
+        layer = self[index]
+        del self[index]
+        return layer
 
     def forward(self, x: Any) -> Any:
         for layer in self._modules.values():
