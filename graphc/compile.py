@@ -381,16 +381,23 @@ class TrainStep(_CompiledModelBase):
             raise GraphcError(f"{self.name}: a compiled training step updates the model and "
                               "cannot run inside gc.jit, gc.grad or another trace; call it "
                               "outside, or use gc.value_and_grad on the loss")
-        if self._module_tree_changed():  # a layer replaced: trace the model as it is now
-            log.warning("graphc: %s: the model's modules changed since it was compiled; "
-                        "compiling it again", self.name)
-            self.release_state()
-            self._bind_model()
-            self._compiled, self._last = {}, None
+        self._follow_module_tree()
         compiled, args = self._arguments(batch)
         if compiled.executable is not self._holding:
             self._hold_state(compiled)
         return float(compiled.executable(*args)[0])
+
+    def _follow_module_tree(self) -> bool:
+        """Where a layer was replaced since compiling, bind the model as it is now (refusing a
+        replaced trained layer or parameter) and forget the compiled graphs; whether it was."""
+        if not self._module_tree_changed():
+            return False
+        log.warning("graphc: %s: the model's modules changed since it was compiled; "
+                    "compiling it again", self.name)
+        self.release_state()
+        self._bind_model()
+        self._compiled, self._last = {}, None
+        return True
 
     def check_numerics(self, *batch: Any) -> Any:
         """Rerun this step on `batch` through the reference interpreter, without updating

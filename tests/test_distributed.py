@@ -149,6 +149,29 @@ def test_the_reduced_buffer_holds_gradients_averaged_buffers_and_the_loss():
         step.export("unused.graphc")
 
 
+def test_a_replaced_activation_is_followed_and_a_replaced_trained_layer_refused():
+    """As by a single-process step: after `model[1] = nn.Tanh()` both step the edited model
+    alike; replacing a trained layer needs a new optimizer and step."""
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((6, 3)).astype(np.float32), rng.integers(0, 2, 6)
+    steps, models = [], []
+    for build in (gc.compile_train_step, lambda *a, **k: DataParallelStep(*a, **k, world=World())):
+        gc.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        steps.append(build(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1), (x, y),
+                           backend="reference"))
+        models.append(model)
+    assert steps[0](x, y) == steps[1](x, y)
+    for model in models:
+        model[1] = nn.Tanh()
+    assert steps[0](x, y) == steps[1](x, y)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        np.testing.assert_array_equal(a, b)
+    models[1][2] = nn.Linear(4, 2)
+    with pytest.raises(gc.GraphcError, match="build a new optimizer and step"):
+        steps[1](x, y)
+
+
 def test_fit_in_a_world_of_one_resumes_from_its_checkpoint(tmp_path):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((40, 1, 8, 8)).astype(np.float32)

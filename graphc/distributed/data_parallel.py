@@ -339,7 +339,9 @@ class DataParallelStep(TrainStep):
     parameters and optimizer state updated in place, checkpoints through graphc.train.
     `graph`, `to_dot` and `memory_plan` describe the forward+backward graph; `update_graph`
     the optimizer's. Batch norm normalises with each rank's own batch statistics (as PyTorch's
-    DistributedDataParallel without SyncBatchNorm); its running statistics are averaged.
+    DistributedDataParallel without SyncBatchNorm); its running statistics are averaged. As
+    there, the mean gradient is the mean of the ranks' mean gradients: ranks stepping batches
+    of different sizes weigh alike (DistributedLoader gives every rank equal batches).
     `check_numerics` reruns the gradients graph of this rank's batch. Every `check_every` steps
     (0: never) the ranks compare digests of their training state (`check_replicas`).
     """
@@ -456,7 +458,10 @@ class DataParallelStep(TrainStep):
 
     @user_facing
     def __call__(self, *batch: Any) -> float:
+        rebound = self._follow_module_tree()
         gradients, args = self._arguments(batch)
+        if rebound:  # the model's buffers, averaged in the update graph, may be others now
+            self._update = self._compile_update()
         start = time.perf_counter()
         reduced = np.require(gradients.executable(*args)[0], requirements=["C", "W"])
         reduced_at = time.perf_counter()
