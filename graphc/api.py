@@ -237,6 +237,7 @@ class Staged:
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self._cache: dict[tuple, _Entry] = {}
         self._last: _Entry | None = None
+        self._keyword_variants: dict[tuple[int, tuple[str, ...]], Staged] = {}
         # Name, doc and __wrapped__ only: the wrapped function's __dict__ (an inner Staged's
         # backend, stage and cache) must not overwrite this wrapper's own.
         functools.update_wrapper(self, fn, updated=())
@@ -251,7 +252,9 @@ class Staged:
         return Traced(stages.run(graph, [SIMPLIFY]), out_tree, traced.reads, traced.captured)
 
     @user_facing
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            return self._keyword_variant(len(args), tuple(kwargs))(*args, *kwargs.values())
         leaves, paths, treedef = flatten(args)
         if is_tracing():  # staged into the caller's graph, even on constant arguments
             from .tensor import as_tensor
@@ -279,6 +282,23 @@ class Staged:
         if entry.graph.inputs and entry.graph.inputs[-1].role == "rng":
             arrays.append(gc_random.next_key())
         return unflatten(entry.out_tree, entry.executable(*arrays))
+
+    def _keyword_variant(self, count: int, keys: tuple[str, ...]) -> Staged:
+        """This function called with `count` positional arguments and then keyword arguments
+        `keys` (in that order), as a function of them all in that order: each such call pattern
+        is traced and compiled once. Gradients' argnums count the positional ones alone."""
+        variant = self._keyword_variants.get((count, keys))
+        if variant is None:
+            fn = self.fn
+
+            def with_keywords(*values: Any) -> Any:
+                return fn(*values[:count], **dict(zip(keys, values[count:])))
+            names = _arg_names(fn, count) + list(keys)  # the inputs' names in errors and graphs
+            with_keywords.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+                [inspect.Parameter(n, inspect.Parameter.POSITIONAL_ONLY) for n in names])
+            variant = Staged(with_keywords, self.backend, self.stage, self.name, self.stage_name)
+            self._keyword_variants[(count, keys)] = variant
+        return variant
 
     def _log_retrace(self, signature: tuple, names: list[str]) -> None:
         previous = self._last

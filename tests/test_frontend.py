@@ -94,6 +94,32 @@ def test_pytree_arguments_and_results():
     assert isinstance(out["z"], tuple)
 
 
+def test_keyword_arguments(caplog):
+    """Keyword arguments, keyword-only ones too, as in JAX: each call pattern is traced once;
+    gradients' argnums count the positional arguments; a module's forward takes them."""
+    f = gc.jit(lambda x, y=None, *, scale=1.0: (x * 2 if y is None else x + y) * scale)
+    x, ones = np.arange(3, dtype=np.float32), np.ones(3, np.float32)
+    np.testing.assert_allclose(f(x, y=ones), x + 1)
+    np.testing.assert_allclose(f(y=ones, x=x), x + 1)
+    np.testing.assert_allclose(f(x, scale=np.float32(3)), 6 * x)
+    np.testing.assert_allclose(f(x, scale=np.float32(4)), 8 * x)
+    with caplog.at_level(logging.WARNING, logger="graphc"):
+        caplog.clear()
+        np.testing.assert_allclose(f(x, y=2 * ones), x + 2)  # compiled already: no retrace
+        assert "retracing" not in caplog.text
+        f(np.ones(4, np.float32), y=np.ones(4, np.float32))
+        assert "y: f32[3] -> f32[4]" in caplog.text
+    with pytest.raises(TypeError, match="unexpected keyword argument 'z'"):
+        f(x, z=x)
+    loss = lambda w, x, *, target: ((w * x - target) ** 2).sum()  # noqa: E731
+    value, (dw, dx) = gc.value_and_grad(loss, argnums=(0, 1))(ones, x, target=x)
+    np.testing.assert_allclose(value, 0.0)
+    np.testing.assert_allclose(dw, 0.0)
+    np.testing.assert_allclose(gc.grad(loss)(2 * ones, x, target=x), 2 * x * x)
+    layer = gc.nn.Linear(3, 2)
+    np.testing.assert_allclose(gc.jit(layer)(x=x[None]), gc.jit(layer)(x[None]))
+
+
 @pytest.mark.parametrize("bad", [np.array([object(), 1], dtype=object), [[1, 2], [3]], "text",
                                  np.array(["a"])])
 def test_wrong_kinds_of_array_get_a_clear_error(bad):
