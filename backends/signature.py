@@ -20,7 +20,7 @@ class InputSignature:
     def __init__(self, graph: Graph, donated: Sequence[int] = ()) -> None:
         self.graph = graph
         self.donated = frozenset(donated)
-        self._expected = [(inp.value.type.np_dtype, inp.value.type.shape, donated)
+        self._expected = [(inp.value.type.np_dtype, inp.value.type.shape, index in self.donated)
                           for index, inp in enumerate(graph.inputs)]
 
     def prepare(self, args: Sequence[Any]) -> list[np.ndarray]:
@@ -37,6 +37,12 @@ class InputSignature:
             else:
                 arrays.append(self._converted(index, arg))
         return arrays
+
+    def spared(self, args: Sequence[Any]) -> list[Any]:
+        """`args` with copies of the donated ones: calls on them leave the caller's arrays as
+        they are (a profile of a training step must not train it)."""
+        return [np.array(arg, copy=True) if index in self.donated else arg
+                for index, arg in enumerate(args)]
 
     def _converted(self, index: int, arg: Any) -> np.ndarray:
         inp = self.graph.inputs[index]

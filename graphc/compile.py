@@ -399,6 +399,17 @@ class TrainStep(_CompiledModelBase):
         self._compiled, self._last = {}, None
         return True
 
+    def profile(self, *batch: Any, repeat: int = 10, show: bool = False) -> Any:
+        """The time of every kernel of this step on `batch` (a ProfileReport; None where the
+        backend times no kernels), over `repeat` runs on copies of the weights and optimizer
+        state: profiling does not train."""
+        compiled, args = self._arguments(batch)
+        profile = getattr(compiled.executable, "profile", None)
+        if profile is None:
+            return None
+        self.release_state()
+        return profile(*args, repeat=repeat, show=show)
+
     def check_numerics(self, *batch: Any) -> Any:
         """Rerun this step on `batch` through the reference interpreter, without updating
         anything, and report the first op that produces a NaN or Inf (None if all finite)."""

@@ -243,7 +243,9 @@ class SegmentedExecutable:
 
     def profile(self, *args: Any, repeat: int = 10, show: bool = False) -> ProfileReport | None:
         """Run the program `repeat` times (after one warm-up call), timing every kernel; None
-        where no part can be timed (a backend without profiles)."""
+        where no part can be timed (a backend without profiles). Donated inputs (a training
+        step's weights) are copied first: the caller's stay as they are."""
+        args = self._signature.spared(args)
         self(*args)
         with self.recording_profile():
             for _ in range(repeat):

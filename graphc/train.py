@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,19 +34,27 @@ _PER_TENSOR_HEADER = 1 << 10
 def atomic_write(path: str, write: Callable[[Any], None]) -> None:
     """Write through a temporary file in the same folder, fsync, then rename over `path`: an
     interrupted write leaves the previous file untouched. A write killed outright (no chance to
-    clean up) leaves its temporary file; the next write to `path` removes it."""
+    clean up) leaves its temporary file; the next write to `path` removes it. The file gets the
+    mode of the one it replaces, or a new file's (0666 less the umask), as `open` would give it.
+    A failure raises OSError naming `path`."""
     directory = os.path.dirname(os.path.abspath(path))
-    prefix = f".tmp-{os.path.basename(path)}.{os.getpid()}."
-    _remove_stale_temporaries(directory, os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
+    name = os.path.basename(path)
     try:
+        _remove_stale_temporaries(directory, name)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-{name}.", dir=directory)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror}", path) from error
+    try:
+        os.fchmod(fd, _mode_for(path))
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         os.unlink(tmp)
+        if isinstance(error, OSError) and not isinstance(error, LoadError):
+            raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}", path) from error
         raise
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
@@ -53,15 +63,41 @@ def atomic_write(path: str, write: Callable[[Any], None]) -> None:
         os.close(dir_fd)
 
 
+def _mode_for(path: str) -> int:
+    """The permission bits of the file at `path`, or those `open` gives a new file."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    try:  # Linux reports it without changing it (os.umask can only set it, racing other threads)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# `.tmp-<pid>-<name>.<mkstemp's random part>`: the name after the pid, so that a file named like
+# another's temporary ("ck.424242" beside "ck") cannot be taken for one
+_TEMPORARY = re.compile(r"\.tmp-(\d+)-(.*)\.[a-z0-9_]+")
+
+
 def _remove_stale_temporaries(directory: str, name: str) -> None:
-    """Delete `.tmp-<name>.<pid>.*` files of earlier writes to `name` whose process is gone
-    (a live process may be writing it now)."""
-    prefix = f".tmp-{name}."
+    """Delete the temporary files of earlier writes to `name` whose process is gone (a live
+    process may be writing it now)."""
     for entry in os.listdir(directory):
-        if not entry.startswith(prefix):
+        match = _TEMPORARY.fullmatch(entry)
+        if match is None or match.group(2) != name:
             continue
-        pid = entry[len(prefix):].partition(".")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+        pid = int(match.group(1))
+        if pid != os.getpid() and not _process_alive(pid):
             try:
                 os.unlink(os.path.join(directory, entry))
             except FileNotFoundError:  # another writer removed it first
@@ -182,7 +218,9 @@ class EarlyStopping:
             raise ValueError(f"EarlyStopping: mode must be one of {self.MODES}, got {self.mode!r}")
 
     def _better(self, value: float) -> bool:
-        if math.isnan(self.best):
+        if math.isnan(value):  # a NaN metric is no improvement: all-NaN epochs stop training too
+            return False
+        if self.best_epoch < 0:  # the first finite value
             return True
         minimize = self.mode == "min" or (self.mode == "auto" and self.monitor.endswith("loss"))
         return value < self.best - self.min_delta if minimize else value > self.best + self.min_delta
@@ -333,7 +371,8 @@ def fit(step: TrainStep | LoadedTrainStep, train_loader: Iterable, epochs: int =
     its root shows progress, logs to TensorBoard, calls `on_epoch_end` and writes the
     checkpoint, and validation is evaluated across the world. Epochs are numbered from 1;
     training resumed after epoch k starts at `initial_epoch` k + 1, and first steps `scheduler`
-    (stepped once per epoch) to epoch k, where it is not there already. `on_epoch_start(epoch)`
+    (stepped once per epoch) to epoch k, and a DataLoader to its shuffle of epoch k + 1, where
+    they are not there already. `on_epoch_start(epoch)`
     runs before each epoch's first batch (a sharded loader picks its epoch's shard there)."""
     from tqdm.auto import tqdm
 
@@ -349,6 +388,10 @@ def fit(step: TrainStep | LoadedTrainStep, train_loader: Iterable, epochs: int =
     # graphc's or PyTorch's protocol counts them in last_epoch)
     while scheduler is not None and getattr(scheduler, "last_epoch", initial_epoch) < initial_epoch - 1:
         scheduler.step()
+    # and drew their shuffles: a loader counting its epochs (DataLoader) skips to the next one
+    if isinstance(getattr(train_loader, "epoch", None), int) and hasattr(train_loader, "set_epoch") \
+            and train_loader.epoch < initial_epoch - 1:
+        train_loader.set_epoch(initial_epoch - 1)
     writer = tensorboard_writer(log_dir) if world.is_root else None
     history = History()
     global_step = 0

@@ -4,6 +4,8 @@ guard that stands between code generation and the interpreter."""
 import hashlib
 import json
 import os
+import re
+import stat
 import struct
 import subprocess
 import sys
@@ -518,11 +520,35 @@ def test_a_killed_write_leaves_a_temporary_file_the_next_write_removes(tmp_path)
                              "atomic_write(sys.argv[1], lambda f: (f.write(b'half'), f.flush(), "
                              "os.kill(os.getpid(), 9)))", path])
     assert killed.returncode == -9
-    assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp-ck.safetensors.")]
-    other = tmp_path / ".tmp-other.safetensors.1.x"  # another file's temporary is not ours
-    other.write_bytes(b"")
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp-") and "-ck.safetensors." in n]
+    # other files' temporaries are not ours, even of a dead process and named like ours
+    others = [tmp_path / ".tmp-999999999-other.safetensors.abcd1234",
+              tmp_path / ".tmp-999999999-ck.safetensors.424242.abcd1234"]
+    for other in others:
+        other.write_bytes(b"")
     save_checkpoint(path, make_step())
-    assert sorted(os.listdir(tmp_path)) == [other.name, "ck.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == sorted([o.name for o in others] + ["ck.safetensors"])
+
+
+def test_a_write_gives_the_mode_open_would_and_names_the_path_it_fails_on(tmp_path):
+    """A new file's mode is 0666 less the umask (mkstemp's own 0600 made exports unreadable to
+    a server running as another user); a file written over keeps its mode."""
+    from graphc.train import atomic_write
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write(str(tmp_path / "new"), lambda f: f.write(b"x"))
+        kept = tmp_path / "kept"
+        kept.write_bytes(b"")
+        os.chmod(kept, 0o640)
+        atomic_write(str(kept), lambda f: f.write(b"y"))
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(kept).st_mode) == 0o640 and kept.read_bytes() == b"y"
+    missing = str(tmp_path / "absent" / "ck.safetensors")
+    with pytest.raises(FileNotFoundError, match=f"cannot write {re.escape(missing)}"):
+        atomic_write(missing, lambda f: f.write(b"x"))
 
 
 def test_plan_and_metadata_lies_are_refused(tmp_path):

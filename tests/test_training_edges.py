@@ -1,6 +1,7 @@
 """Edge cases of the fit loop, the `graphc train` command, the data helpers and the metrics: one
 regression test per bug, each failing before its fix."""
 import faulthandler
+import math
 import struct
 import sys
 
@@ -14,7 +15,7 @@ from graphc.cli import main
 from graphc.data import DataLoader, DatasetError, Subset, TensorDataset, read_idx
 from graphc.ir.errors import GraphcError
 from graphc.metrics import MetricError, confusion_matrix, precision_recall_f1, roc_auc
-from graphc.train import EarlyStopping, evaluate, fit, load_checkpoint, save_checkpoint
+from graphc.train import EarlyStopping, evaluate, fit, load_checkpoint, save_checkpoint, training_state
 
 REF = "reference"
 
@@ -226,6 +227,18 @@ def test_a_resumed_fit_steps_its_scheduler_to_the_epoch_it_resumes_after():
     np.testing.assert_allclose(rates, [0.01, 0.001])  # epochs 3 and 4, as if 1 and 2 had run
 
 
+def test_a_resumed_fit_draws_the_shuffles_an_uninterrupted_fit_draws():
+    """A fresh DataLoader given to fit(initial_epoch=3) replayed epoch 1's shuffle: each epoch
+    must draw the permutation an uninterrupted run draws for it."""
+    model, x, y = setup()
+    drawn = {}
+    for initial_epoch in (1, 3):
+        loader = DataLoader(TensorDataset(x, y), 8, shuffle=True, seed=5)
+        fit(train_step(model, x, y), loader, epochs=4, progress=False, initial_epoch=initial_epoch,
+            on_epoch_start=lambda epoch: drawn.setdefault(initial_epoch, []).append(loader.epoch))
+    assert drawn == {1: [0, 1, 2, 3], 3: [2, 3]}
+
+
 def test_distributed_validation_gives_no_accuracy_for_one_output_column():
     from graphc.distributed import DistributedLoader, World
     from graphc.distributed import evaluate as distributed_evaluate
@@ -266,3 +279,46 @@ def test_cli_inspect_reports_a_failing_dot_in_one_line(tmp_path, monkeypatch, ca
                  str(tmp_path / "missing" / "g.png")]) == 1
     err = capsys.readouterr().err
     assert "dot could not write" in err and "cannot open output file" in err and "Traceback" not in err
+
+
+def test_early_stopping_counts_a_nan_metric_as_no_improvement():
+    """NaN from the first epoch on stopped nothing (every NaN counted as a new best)."""
+    model, x, y = setup()
+    step = train_step(model, x, y)
+    stopper = EarlyStopping("val_loss", patience=2)
+    assert [stopper.update(e, {"val_loss": math.nan}, step) for e in range(2)] == [False, True]
+    assert stopper.best_epoch == -1 and stopper.best_state is None
+    stopper = EarlyStopping("val_loss", patience=2)
+    logs = [1.0, math.nan, 0.5, math.nan, math.nan]
+    assert [stopper.update(e, {"val_loss": v}, step) for e, v in enumerate(logs)] == [
+        False, False, False, False, True]
+    assert (stopper.best, stopper.best_epoch) == (0.5, 2)
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_profiling_a_training_step_does_not_train_it(recurrent):
+    """step.profile (as notebook 02 runs it) timed 1 + repeat real updates of the weights."""
+    gc.manual_seed(0)
+    if recurrent:  # a program with a scan: its parts and loop bodies are profiled
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.rnn, self.head = nn.GRU(4, 5, batch_first=True), nn.Linear(5, 3)
+
+            def forward(self, x):
+                return self.head(self.rnn(x)[0][:, -1])
+        model = Net()
+        x = np.random.default_rng(0).standard_normal((8, 6, 4)).astype(np.float32)
+    else:
+        model, x, _ = setup()
+        x = x[:8]
+    y = np.arange(8) % 3
+    step = gc.compile_train_step(model, F.cross_entropy, optim.Adam(model.parameters(), lr=0.1),
+                                 example_inputs=(x, y), backend="numba-cpu")
+    step(x, y)
+    before = {k: v.copy() for k, v in training_state(step).items()}
+    report = step.profile(x, y, repeat=2)
+    assert report is not None and report.calls == 2 and report.rows
+    after = training_state(step)
+    for name, array in before.items():
+        np.testing.assert_array_equal(after[name], array, err_msg=name)

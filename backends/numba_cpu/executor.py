@@ -387,7 +387,9 @@ class Executable(PlannedExecutable):
                 totals[key] = totals.get(key, 0.0) + clock() - start
 
     def profile(self, *args: Any, repeat: int = 10, show: bool = False) -> ProfileReport:
-        """Run the graph `repeat` times (after one warm-up call), timing every kernel."""
+        """Run the graph `repeat` times (after one warm-up call), timing every kernel. Donated
+        inputs (a training step's weights) are copied first: the caller's stay as they are."""
+        args = self._signature.spared(args)
         self(*args)
         totals: dict[tuple[str, int], float] = {}
         with self._lock:
