@@ -365,7 +365,9 @@ def fit(step: TrainStep | LoadedTrainStep, train_loader: Iterable, epochs: int =
     checkpoints and stops early (on the training loss) here, but has no model code to validate.
 
     With `check_numerics` (or GRAPHC_CHECK_NUMERICS=1) the state before each step is kept, so
-    a non-finite loss is traced back to the op and source line that produced it.
+    a non-finite loss, or a NaN or infinity a step with a finite loss leaves in the weights or
+    the optimizer state (made by the backward pass), is traced back to the op and source line
+    that produced it.
 
     Several processes training together (graphc.distributed.fit) pass their `world`: then only
     its root shows progress, logs to TensorBoard, calls `on_epoch_end` and writes the
@@ -408,6 +410,11 @@ def fit(step: TrainStep | LoadedTrainStep, train_loader: Iterable, epochs: int =
             loss = step(*batch)
             if not math.isfinite(loss):
                 raise GraphcError(f"training loss became {loss} at epoch {epoch}, step {global_step}"
+                                  + _numerics_report(step, batch, before))
+            broken = _nonfinite_state(step) if before is not None else None
+            if broken is not None:  # a NaN made by the backward pass or the update alone
+                raise GraphcError(f"training state {broken!r} became non-finite at epoch {epoch}, "
+                                  f"step {global_step} (the loss, {loss}, was finite)"
                                   + _numerics_report(step, batch, before))
             n = len(batch[-1])
             total, seen, global_step = total + loss * n, seen + n, global_step + 1
@@ -461,6 +468,15 @@ def _announce(epoch: int, logs: dict[str, float], writer: Any,
         on_epoch_end(epoch, logs)
     if checkpoint_path is not None:
         save_checkpoint(checkpoint_path, step)
+
+
+def _nonfinite_state(step: TrainStep) -> str | None:
+    """The name of the first float array of `step`'s training state holding a NaN or an
+    infinity, or None."""
+    for name, array in training_state(step).items():
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            return name
+    return None
 
 
 def _numerics_report(step: TrainStep | LoadedTrainStep, batch: Any,

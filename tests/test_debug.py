@@ -50,3 +50,52 @@ def test_corrupted_inputs_are_named():
     graph = gc.trace(lambda x, w: x @ w, np.zeros((2, 2), np.float32), np.zeros((2, 2), np.float32))
     report = find_nonfinite(graph, [np.ones((2, 2), np.float32), np.full((2, 2), np.inf, np.float32)])
     assert str(report).startswith("input 'w' already holds Inf")
+
+
+def test_fit_traces_a_nan_that_only_the_backward_pass_makes():
+    """sqrt(relu(h)) is finite, its gradient at h = 0 is NaN: the weights turned NaN under a
+    finite loss, and the next step blamed the weights, not the op."""
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return gc.sqrt(F.relu(self.lin(x)))  # the line the report names
+
+    line = Root.forward.__code__.co_firstlineno + 1
+    gc.manual_seed(0)
+    model = Root()
+    x, y = np.array([[1, 2, 3], [-1, -2, -3]], np.float32), np.zeros((2, 2), np.float32)
+    step = gc.compile_train_step(model, F.mse_loss, optim.SGD(model.parameters(), lr=0.1), (x, y),
+                                 backend="reference")
+    with pytest.raises(gc.GraphcError, match=rf"training state 'model/lin.weight' became non-finite "
+                       rf"at epoch 1, step 0 \(the loss, [0-9.]+, was finite\): first non-finite value: "
+                       rf"div at .*test_debug.py:{line} .*produced NaN"):
+        fit(step, [(x, y)] * 3, epochs=1, progress=False, check_numerics=True)
+
+
+def test_infinities_written_on_purpose_are_not_reported():
+    """A causal mask's -inf (and the ops it flows through) is no error; the NaN a fully masked
+    row's softmax makes of it is, as is an infinity made from finite operands."""
+    def attend(q, k):
+        return F.scaled_dot_product_attention(q, k, k, is_causal=True).sum()
+
+    q = np.random.default_rng(0).standard_normal((2, 5, 4)).astype(np.float32)
+    graph = gc.trace(gc.grad(attend), q, q)
+    assert find_nonfinite(graph, [q, q]) is None
+
+    def masked(scores, keep):
+        return F.softmax(gc.where(keep, scores, -np.inf), -1)
+    graph = gc.trace(masked, q[0], np.ones((5, 4), bool))
+    keep = np.ones((5, 4), bool)
+    assert find_nonfinite(graph, [q[0], keep]) is None
+    keep[2] = False
+    report = find_nonfinite(graph, [q[0], keep])
+    assert report.kind == "NaN" and report.op == "softmax"
+    graph = gc.trace(lambda x: gc.exp(x) * 2.0, q[0])
+    report = find_nonfinite(graph, [np.full((5, 4), 100.0, np.float32)])
+    assert report.kind == "Inf" and report.op == "exp"
+    x = np.random.default_rng(1).random((1, 1, 5, 5), np.float32)  # ceil_mode pads with -inf
+    graph = gc.trace(gc.grad(lambda t: F.max_pool2d(t, 2, ceil_mode=True).sum()), x)
+    assert find_nonfinite(graph, [x]) is None
