@@ -124,3 +124,17 @@ def test_one_unbatched_sample_pools_as_its_batch_of_one(backend):
         np.testing.assert_allclose(gc.jit(layer, backend=backend)(x), gc.jit(layer, backend=backend)(x[None])[0])
     with pytest.raises(ShapeError, match=r"max_pool2d: expects an \(N, C, H, W\) or \(C, H, W\) input"):
         gc.jit(lambda t: F.max_pool2d(t, 2))(x[0])
+
+
+@pytest.mark.parametrize("pool", [lambda t: F.max_pool2d(t, 2, stride=0), lambda t: nn.AvgPool2d(2, stride=0)(t),
+                                  lambda t: F.avg_pool2d(t, 2, stride=(1, 0)), lambda t: F.max_pool2d(t, 0),
+                                  lambda t: F.avg_pool2d(t, 2, padding=-1)])
+def test_zero_strides_and_kernels_are_refused_as_pytorch_refuses_them(pool):
+    """stride=0 pooled with the kernel's stride (0 read as 'not given')."""
+    with pytest.raises(ShapeError, match="kernel and stride must be positive and padding non-negative"):
+        gc.jit(pool)(np.zeros((1, 1, 4, 4), "float32"))
+
+
+def test_a_zero_divisor_override_is_refused():
+    with pytest.raises(ValueError, match="divisor_override must not be zero"):
+        gc.jit(lambda t: F.avg_pool2d(t, 2, divisor_override=0))(np.zeros((1, 1, 4, 4), "float32"))

@@ -247,8 +247,11 @@ def _pool_windows(op: str, x: Tensor, kernel_size: Any, stride: Any, padding: An
     ceil((size + 2 padding - kernel) / stride) + 1 along an axis, one fewer where that last window
     would start in the padding after the edge."""
     kernel = _pair(kernel_size)
-    stride = _pair(stride) if stride else kernel
+    stride = kernel if stride is None or (isinstance(stride, (tuple, list)) and not stride) else _pair(stride)
     padding = _pair(padding)
+    if min(kernel) < 1 or min(stride) < 1 or min(padding) < 0:
+        raise ShapeError(f"{op}: kernel and stride must be positive and padding non-negative, got "
+                         f"kernel {kernel}, stride {stride}, padding {padding} (at {user_location()})")
     if ceil_mode and (x.ndim < 2 or any(2 * p > k for k, p in zip(kernel, padding))):
         raise ShapeError(f"{op}: ceil_mode needs padding at most half the kernel and a plane to "
                          f"pool, got input {x.shape}, kernel {kernel}, padding {padding} "
@@ -307,6 +310,8 @@ def avg_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0
                divisor_override: int | None = None) -> Tensor:
     """PyTorch's F.avg_pool2d over the last two axes of (N, C, H, W) or (C, H, W) input."""
     x = as_tensor(x)
+    if divisor_override is not None and divisor_override == 0:
+        raise ValueError(f"avg_pool2d: divisor_override must not be zero (at {user_location()})")
     if _unbatched_plane("avg_pool2d", x):
         return avg_pool2d(x.unsqueeze(0), kernel_size, stride, padding, ceil_mode, count_include_pad,
                           divisor_override).squeeze(0)
@@ -462,7 +467,9 @@ def adaptive_avg_pool2d(input: Any, output_size: Any) -> Tensor:
 
 
 def adaptive_max_pool2d(input: Any, output_size: Any, return_indices: bool = False) -> Tensor:
-    """The maximum over each of PyTorch's adaptive windows (see the module docstring)."""
+    """The maximum over each of PyTorch's adaptive windows (see the comment above). Where the
+    output size does not divide the input's, a window's tied maxima share its gradient equally
+    (PyTorch gives it all to the first); the gradient summed over them is the same."""
     if return_indices:
         raise NotImplementedError("adaptive_max_pool2d: return_indices=True is not supported")
     return _adaptive_pool2d("adaptive_max_pool2d", input, output_size, average=False)
