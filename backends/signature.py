@@ -22,6 +22,10 @@ class InputSignature:
         self.donated = frozenset(donated)
         self._expected = [(inp.value.type.np_dtype, inp.value.type.shape, index in self.donated)
                           for index, inp in enumerate(graph.inputs)]
+        self._donated_order = sorted(self.donated)
+        self._kept_order = [i for i in range(len(graph.inputs)) if i not in self.donated]
+        # (the donated arrays of the last call, the ids of the objects owning their memory)
+        self._donated_owners: tuple[list[np.ndarray], set[int]] | None = None
 
     def prepare(self, args: Sequence[Any]) -> list[np.ndarray]:
         """One C-contiguous array per graph input."""
@@ -36,7 +40,22 @@ class InputSignature:
                 arrays.append(arg)  # already right: the common case, checked first as it is cheap
             else:
                 arrays.append(self._converted(index, arg))
+        if self.donated:
+            self._copy_inputs_over_donated(arrays)
         return arrays
+
+    def _copy_inputs_over_donated(self, arrays: list[np.ndarray]) -> None:
+        """Copy each input over a donated array's memory (a batch that is a weight, or a view of
+        one): the kernels may write the new weight over it before their last read of it. The
+        donated arrays' owners are looked up again only when other arrays are donated (a
+        training step donates the same ones every call)."""
+        donated = [arrays[k] for k in self._donated_order]
+        seen = self._donated_owners
+        if seen is None or any(a is not b for a, b in zip(seen[0], donated)):
+            seen = self._donated_owners = (donated, {id(_owner(a)) for a in donated})
+        for index in self._kept_order:
+            if id(_owner(arrays[index])) in seen[1]:
+                arrays[index] = arrays[index].copy()
 
     def spared(self, args: Sequence[Any]) -> list[Any]:
         """`args` with copies of the donated ones: calls on them leave the caller's arrays as
@@ -48,6 +67,14 @@ class InputSignature:
         inp = self.graph.inputs[index]
         return as_input(f"{self.graph.name}: input {inp.name!r}", inp.value.type, arg,
                         index in self.donated)
+
+
+def _owner(array: np.ndarray) -> Any:
+    """The object whose memory `array` views: the array owning it, or the buffer (bytes, an
+    mmap) NumPy views."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array if array.base is None else array.base
 
 
 def as_input(where: str, expected: TensorType, arg: Any, donated: bool = False) -> np.ndarray:

@@ -322,3 +322,22 @@ def test_profiling_a_training_step_does_not_train_it(recurrent):
     after = training_state(step)
     for name, array in before.items():
         np.testing.assert_array_equal(after[name], array, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba-cpu"])
+@pytest.mark.parametrize("view", [False, True])
+def test_a_batch_over_a_weights_memory_is_read_as_it_was_at_the_call(backend, view):
+    """numba-cpu wrote the new weight in place before its last read of the batch that was that
+    weight (or a view of it), so the first layer's update used half-updated inputs."""
+    def run(alias):
+        gc.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+        step = gc.compile_train_step(model, F.mse_loss, optim.SGD(model.parameters(), lr=0.5),
+                                     (np.zeros((4, 4), np.float32),) * 2, backend=backend)
+        weight = model[2].weight
+        x = (weight[:] if view else weight) if alias else weight.copy()
+        step(x, np.ones((4, 4), np.float32))
+        return {k: np.array(v) for k, v in model.state_dict().items()}
+    separate, shared = run(False), run(True)
+    for name in separate:
+        np.testing.assert_array_equal(shared[name], separate[name], err_msg=name)
