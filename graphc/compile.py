@@ -43,7 +43,7 @@ from .nn.module import (Module, claim_state, functional_call, named_arrays, name
 from .optim import Optimizer
 from .scan_lowering import SegmentedExecutable, SegmentedMemoryPlan
 from .step_builder import StepBuilder, StepSpec, batch_arrays, trace_gradients
-from .tensor import (ModuleReads, Tensor, as_tensor, children_ids, current_trace, is_tracing,
+from .tensor import (ModuleReads, Tensor, as_tensor, module_structure, current_trace, is_tracing,
                      matching_variant, module_tree_edits, tracing)
 from .tree import LEAF, flatten, unflatten
 
@@ -99,7 +99,7 @@ class _CompiledModelBase:
         self._tree_seen = module_tree_edits()
 
     def _module_tree(self) -> tuple:
-        return tuple((id(m), children_ids(m)) for m in self.model.modules())
+        return tuple((id(m), module_structure(m)) for m in self.model.modules())
 
     def _module_tree_changed(self) -> bool:
         """Whether a module of the model got other children since `_note_module_tree`."""
@@ -273,7 +273,7 @@ class TrainStep(_CompiledModelBase):
     def _module_tree(self) -> tuple:
         # and the arrays: the step holds the ones it trains (a parameter replaced by another
         # array is no longer the model's, nor the optimizer's)
-        return tuple((id(m), children_ids(m), tuple(map(id, m._parameters.values())),
+        return tuple((id(m), module_structure(m), tuple(map(id, m._parameters.values())),
                       tuple(map(id, m._buffers.values()))) for m in self.model.modules())
 
     def _bind_model(self) -> None:
@@ -392,8 +392,8 @@ class TrainStep(_CompiledModelBase):
         replaced trained layer or parameter) and forget the compiled graphs; whether it was."""
         if not self._module_tree_changed():
             return False
-        log.warning("graphc: %s: the model's modules changed since it was compiled; "
-                    "compiling it again", self.name)
+        log.warning("graphc: %s: the model's modules or their settings changed since it was "
+                    "compiled; compiling it again", self.name)
         self.release_state()
         self._bind_model()
         self._compiled, self._last = {}, None
@@ -522,8 +522,8 @@ class CompiledModel(_CompiledModelBase):
     @user_facing
     def __call__(self, *inputs: Any) -> Any:
         if self._module_tree_changed():  # a layer replaced: read and trace the model as it is now
-            log.warning("graphc: %s: the model's modules changed since it was compiled; "
-                        "compiling it again", self.name)
+            log.warning("graphc: %s: the model's modules or their settings changed since it was "
+                        "compiled; compiling it again", self.name)
             self._bind(self.model, self.backend, self.name)
         if is_tracing():
             return self._inlined(inputs)

@@ -31,13 +31,13 @@ class _TraceState(threading.local):
 _STATE = _TraceState()
 
 
-_MODULE_TREE_EDITS = [0]  # changes of any module's tables so far (nn.module.Table)
+_MODULE_TREE_EDITS = [0]  # changes of any module's tables or settings so far (nn.module)
 
 
 def module_tree_edits() -> int:
     """How many times any module's children, parameters or buffers were added, replaced or
-    removed (not written in place): compiled graphs check the module trees they were traced on
-    again only after it moved."""
+    removed (not written in place), or its settings assigned (`bn.momentum = 0.5`): compiled
+    graphs check the module trees they were traced on again only after it moved."""
     return _MODULE_TREE_EDITS[0]
 
 
@@ -45,9 +45,32 @@ def note_module_tree_edit() -> None:
     _MODULE_TREE_EDITS[0] += 1
 
 
-def children_ids(module: Any) -> tuple[int, ...]:
-    """Which child modules `module` holds now (None for a name registered absent)."""
-    return tuple(map(id, module._modules.values()))
+# a module's attributes that are neither its tables nor its mode, which ModuleReads tracks
+_NOT_SETTINGS = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers", "_bound",
+                           "training"})
+
+
+def is_setting(value: Any) -> bool:
+    """Whether `value`, a module's plain attribute, is a setting a trace bakes in: a number, a
+    string, a bool or None, or a tuple of them (a kernel size)."""
+    if isinstance(value, tuple):
+        return all(map(is_setting, value))
+    return value is None or isinstance(value, (bool, int, float, str, np.number, np.bool_))
+
+
+def module_structure(module: Any) -> tuple:
+    """What a trace of `module` baked in besides its arrays and mode: which child modules it
+    holds (None for a name registered absent) and its settings (momentum, eps, p, ...)."""
+    settings = tuple((name, value) for name, value in module.__dict__.items()
+                     if name not in _NOT_SETTINGS and is_setting(value))
+    return tuple(map(id, module._modules.values())), settings
+
+
+def _changed_settings(before: tuple, after: tuple) -> list[tuple[tuple[str, Any], tuple[str, Any]]]:
+    """((name, old value), (name, new value)) of each setting that differs (absent: None)."""
+    old, new = dict(before), dict(after)
+    return [((k, old.get(k)), (k, new.get(k))) for k in {**old, **new} if old.get(k) != new.get(k)
+            or type(old.get(k)) is not type(new.get(k))]
 
 
 class StateRef(NamedTuple):
@@ -75,7 +98,7 @@ class ModuleReads:
     modules: tuple[Any, ...] = ()
     module_names: tuple[str, ...] = ()
     modes: tuple[bool, ...] = ()
-    children: tuple[tuple[int, ...], ...] = ()  # per module, children_ids when traced
+    structures: tuple[tuple, ...] = ()  # per module, its module_structure when traced
 
     def __post_init__(self) -> None:
         # the tree edit count at which the modules last held the children they were traced with
@@ -93,7 +116,7 @@ class ModuleReads:
         return replace(self, modules=tuple(self.modules[i] for i in kept),
                        module_names=tuple(self.module_names[i] for i in kept),
                        modes=tuple(self.modes[i] for i in kept),
-                       children=tuple(self.children[i] for i in kept))
+                       structures=tuple(self.structures[i] for i in kept))
 
     def arrays(self) -> list[np.ndarray | None]:
         """The implicit inputs' arrays now; a training step holding newer values on a device
@@ -112,7 +135,7 @@ class ModuleReads:
             if module.training != mode:
                 return False
         if self._verified[0] != module_tree_edits():
-            if any(children_ids(m) != ids for m, ids in zip(self.modules, self.children)):
+            if any(module_structure(m) != traced for m, traced in zip(self.modules, self.structures)):
                 return False
             self._verified[0] = module_tree_edits()
         for array, (shape, dtype) in zip(arrays, self._expected):
@@ -129,8 +152,12 @@ class ModuleReads:
                  if m.training != old]
         if len(found) > 3:  # model.train() flips every module: name a few
             found[3:] = [f"and of {len(found) - 3} more modules"]
-        found += [f"child modules of {name} replaced" for m, name, ids
-                  in zip(self.modules, self.module_names, self.children) if children_ids(m) != ids]
+        for m, name, (children, settings) in zip(self.modules, self.module_names, self.structures):
+            now_children, now_settings = module_structure(m)
+            if now_children != children:
+                found.append(f"child modules of {name} replaced")
+            found += [f"{name}.{key}: {value!r} -> {now!r}" for (key, value), (_, now)
+                      in _changed_settings(settings, now_settings)]
         for name, array, old in zip(self.names, arrays, self.types):
             if array is None:
                 found.append(f"{name}: no longer a parameter or buffer")
@@ -255,7 +282,7 @@ class Trace:
             types=tuple(value.type for _, value, _ in implicit),
             modules=tuple(modules), module_names=tuple(
                 f"{self.module_name(m)} ({type(m).__name__})" for m in modules),
-            modes=tuple(m.training for m in modules), children=tuple(map(children_ids, modules)))
+            modes=tuple(m.training for m in modules), structures=tuple(map(module_structure, modules)))
 
 
 def matching_variant(last: Any, variants: Iterable[Any], signature: tuple) -> tuple[Any, list]:

@@ -190,3 +190,34 @@ def test_a_module_pickled_before_non_persistent_buffers_existed_loads():
     assert list(loaded.state_dict()) == list(nn.BatchNorm1d(2).state_dict())
     loaded.register_buffer("scratch", np.zeros(1, np.float32), persistent=False)
     assert "scratch" not in loaded.state_dict()
+
+
+def test_a_changed_setting_is_traced_again_as_pytorch_reads_it_each_call(caplog):
+    """bn.momentum, bn.eps or dropout.p set after compiling were silently ignored (baked into
+    the trace); like a replaced layer, a changed setting now compiles the model again."""
+    import logging
+
+    import graphc.nn.functional as F
+    from graphc import optim
+    gc.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    step = gc.compile_train_step(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.0),
+                                 (np.zeros((4, 3), np.float32), np.zeros(4, np.int64)))
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    step(x, np.zeros(4, np.int64))
+    before, batch_mean = model[1].running_mean.copy(), (x @ model[0].weight.T + model[0].bias).mean(0)
+    model[1].momentum = 0.9
+    with caplog.at_level(logging.WARNING, logger="graphc"):
+        step(x, np.zeros(4, np.int64))
+    assert "settings changed" in caplog.text
+    np.testing.assert_allclose(model[1].running_mean, 0.1 * before + 0.9 * batch_mean, rtol=1e-5)
+
+    dropout = nn.Dropout(0.5)
+    run = gc.jit(dropout)
+    ones = np.ones((4, 100), np.float32)
+    assert (run(ones) == 0).any()
+    dropout.p = 0.0
+    with caplog.at_level(logging.WARNING, logger="graphc"):
+        caplog.clear()
+        np.testing.assert_array_equal(run(ones), ones)
+    assert "Dropout).p: 0.5 -> 0.0" in caplog.text

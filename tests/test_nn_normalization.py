@@ -173,6 +173,36 @@ def test_batch_norm_training_step_matches_numpy():
     assert updates["num_batches_tracked"] == 4 and updates["num_batches_tracked"].dtype == np.int64
 
 
+@pytest.mark.parametrize("backend", ["reference", "numba-cpu"])
+def test_a_batch_norm_called_twice_in_a_step_updates_its_statistics_twice(backend):
+    """As PyTorch's: the second call's update starts from the first's (only the last call's
+    survived, computed from the statistics before the step)."""
+    import graphc.nn.functional as F
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.out = nn.BatchNorm1d(3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.out(self.bn(self.bn(x) * 2 + 1))
+    gc.manual_seed(0)
+    model = Twice()
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((8, 3)) * 3 + 5).astype(np.float32)
+    step = gc.compile_train_step(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.0),
+                                 (x, rng.integers(0, 2, 8)), backend=backend)
+    step(x, rng.integers(0, 2, 8))
+    mean, var = np.zeros(3), np.ones(3)
+    for _ in range(2):
+        mean = 0.9 * mean + 0.1 * x.mean(0)
+        var = 0.9 * var + 0.1 * x.var(0, ddof=1)
+        x = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5) * 2 + 1
+    np.testing.assert_allclose(model.bn.running_mean, mean, rtol=1e-5)
+    np.testing.assert_allclose(model.bn.running_var, var, rtol=1e-5)
+    assert model.bn.num_batches_tracked == 2
+
+
 def test_batch_norm_eval_uses_running_statistics_and_records_nothing():
     rng = np.random.default_rng(5)
     model = nn.BatchNorm1d(3).eval()

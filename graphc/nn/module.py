@@ -26,7 +26,7 @@ import numpy as np
 from graphc.ir.errors import GraphcError, user_location
 from graphc.ir.types import FLOAT_DTYPES, canonical_dtype
 
-from ..tensor import StateRef, Tensor, current_trace, is_tracing, note_module_tree_edit
+from ..tensor import StateRef, Tensor, current_trace, is_setting, is_tracing, note_module_tree_edit
 
 
 class StateHolder(Protocol):
@@ -224,6 +224,8 @@ class Module:
             buffers[name] = None if value is None else np.require(value, requirements="C")
         else:
             _refuse_unregistered_modules(self, name, value)
+            if is_setting(value) or (name in self.__dict__ and is_setting(self.__dict__[name])):
+                note_module_tree_edit()  # a setting a trace baked in (momentum, p): traced again
             object.__setattr__(self, name, value)
 
     def __delattr__(self, name: str) -> None:
@@ -232,6 +234,8 @@ class Module:
                 del table[name]
                 self._non_persistent_buffers.discard(name)
                 return
+        if name in self.__dict__ and is_setting(self.__dict__[name]):
+            note_module_tree_edit()
         object.__delattr__(self, name)
 
     def _forget(self, name: str, keep: dict[str, Any] | None = None) -> None:
@@ -606,10 +610,15 @@ def bound(module: Module, tensors: dict[str, Tensor]) -> Iterator[None]:
 
 
 def traced_state(ref: StateRef, name: str | None = None) -> Tensor:
-    """The Tensor standing for a module's parameter or buffer in the trace in progress: the one
-    `bound` gave it in this trace, else the trace's implicit input for it (see Trace.read_state
-    for `name`)."""
+    """The Tensor standing for a module's parameter or buffer in the trace in progress: the
+    value the trace updated a buffer to, else the one `bound` gave it in this trace, else the
+    trace's implicit input for it (see Trace.read_state for `name`)."""
     trace = current_trace()
+    # a buffer the step updated already (a batch norm called twice): its new value, as PyTorch
+    # reads the running statistics its first call wrote
+    updated = (getattr(trace, "buffer_updates", None) or {}).get((id(ref.module), ref.attr))
+    if ref.table == "_buffers" and updated is not None:
+        return updated
     bound = ref.module.__dict__.get("_bound")
     if bound is not None and bound[0] is trace and ref.attr in bound[1]:
         return bound[1][ref.attr]
