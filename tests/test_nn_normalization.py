@@ -254,6 +254,31 @@ def test_bad_inputs_raise_clear_errors():
     run(nn.BatchNorm1d(3).eval(), np.zeros((1, 3), np.float32))  # fine with running statistics
     with pytest.raises(ShapeError, match=r"normalized_shape \(4,\)"):
         run(nn.LayerNorm(4), np.zeros((2, 3), np.float32))
+    # batch statistics of one value per channel, without running statistics too (were zeros)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        run(nn.BatchNorm1d(3, track_running_stats=False).eval(), np.zeros((1, 3), np.float32))
+    with pytest.raises(ShapeError, match=r"GroupNorm\(2, 4\): expects \(N, 4, ...\) input, got shape \(2, 6, 3\)"):
+        run(nn.GroupNorm(2, 4), np.zeros((2, 6, 3), np.float32))
+    with pytest.raises(ShapeError, match=r"weight must have the shape of normalized_shape \(2, 4\), got \(4,\)"):
+        gc.jit(lambda x, w: nn.functional.layer_norm(x, (2, 4), w))(np.zeros((3, 2, 4), np.float32),
+                                                                    np.ones(4, np.float32))
+
+
+def test_numpy_inputs_integer_types_and_empty_batches_as_pytorch():
+    """A batch norm in training mode given an array crashed (x.numel); LayerNorm refused a NumPy
+    integer; empty batches raised where PyTorch gives empty results, counting the batch."""
+    bn = nn.BatchNorm1d(3)
+    out, updates = gc.jit(lambda x: nn.functional_call(bn, {}, x, return_buffers=True))(
+        np.ones((4, 3), np.float32))
+    np.testing.assert_allclose(out, 0.0)
+    assert nn.LayerNorm(np.int64(4)).normalized_shape == (4,)
+    out, updates = gc.jit(lambda x: nn.functional_call(bn, {}, x, return_buffers=True))(
+        np.zeros((0, 3), np.float32))
+    assert out.shape == (0, 3) and updates["num_batches_tracked"] == 1
+    assert set(updates) == {"num_batches_tracked"}  # the statistics are kept
+    for layer, shape in ((nn.BatchNorm1d(3, track_running_stats=False), (0, 3)),
+                         (nn.GroupNorm(2, 4), (0, 4, 2))):
+        assert gc.jit(layer)(np.zeros(shape, np.float32)).shape == shape
 
 
 @pytest.mark.parametrize("model", [nn.BatchNorm2d(2), nn.LayerNorm((2, 3))],

@@ -41,11 +41,15 @@ def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | Non
     else:
         mean, var = _channel_shaped(running_mean, x.ndim), _channel_shaped(running_var, x.ndim)
         out = _normalize(x, mean, var, eps)
+    return _channel_affine(out, weight, bias)
+
+
+def _channel_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     if weight is not None:
-        out = out * _channel_shaped(weight, x.ndim)
+        x = x * _channel_shaped(weight, x.ndim)
     if bias is not None:
-        out = out + _channel_shaped(bias, x.ndim)
-    return out
+        x = x + _channel_shaped(bias, x.ndim)
+    return x
 
 
 def _batch_axes(x: Tensor) -> tuple[int, ...]:
@@ -78,23 +82,29 @@ class _BatchNorm(Module):
             self.register_buffer("num_batches_tracked", np.zeros((), dtype=np.int64))
 
     def forward(self, x: Tensor) -> Tensor:
+        x = as_tensor(x)
         self._check_input(x)
         weight, bias = (self.weight, self.bias) if self.affine else (None, None)
         if not self.training and self.track_running_stats:
             return batch_norm(x, self.running_mean, self.running_var, weight, bias, False, self.eps)
+        # normalised with the batch's own statistics, which one value per channel has not
+        count = x.numel() // x.shape[1]
+        if count == 1:
+            raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
+                             f"when training, got input of shape {x.shape} (at {user_location()})")
         if self.training and self.track_running_stats:
-            self._update_running_stats(x)
+            self._update_running_stats(x, count)
+        if count == 0:  # an empty batch, as PyTorch: an empty result, the statistics kept
+            return _channel_affine(x, weight, bias)
         return batch_norm(x, None, None, weight, bias, True, self.eps)
 
-    def _update_running_stats(self, x: Tensor) -> None:
+    def _update_running_stats(self, x: Tensor, count: int) -> None:
         """running = (1 - m) * running + m * batch statistic, with the unbiased batch variance;
         m is `momentum`, or 1/num_batches_tracked (a cumulative average) when momentum is None."""
-        count = x.numel() // x.shape[1]
-        if count < 2:
-            raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
-                             f"when training, got input of shape {x.shape}")
         batches = as_tensor(self.num_batches_tracked) + 1
         self.update_buffer("num_batches_tracked", batches)
+        if count == 0:  # counted, as by PyTorch, but no statistics to fold in
+            return
         # Running stats take no gradient.
         mean, var = (stop_gradient(m) for m in _batch_moments(x))
         if self.momentum is None:
@@ -130,14 +140,25 @@ class BatchNorm2d(_BatchNorm):
     ranks = (4,)
 
 
+def _normalized_shape(value: int | Sequence[int]) -> tuple[int, ...]:
+    """LayerNorm's trailing shape: one size (any integer type, as PyTorch's) or several."""
+    if isinstance(value, (int, np.integer)):
+        return (int(value),)
+    return tuple(int(size) for size in value)
+
+
 def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
                bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """Normalise over the trailing dimensions `normalized_shape` (biased variance)."""
     x = as_tensor(x)
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    shape = _normalized_shape(normalized_shape)
     if not shape or x.shape[x.ndim - len(shape):] != shape:
         raise ShapeError(f"layer_norm: normalized_shape {shape} must be the trailing dimensions "
                          f"of the input, got shape {x.shape} (at {user_location()})")
+    for name, value in (("weight", weight), ("bias", bias)):
+        if value is not None and as_tensor(value).shape != shape:
+            raise ShapeError(f"layer_norm: {name} must have the shape of normalized_shape {shape}, "
+                             f"got {as_tensor(value).shape} (at {user_location()})")
     # one kernel each way (ir/ops/norm.py); the affine part fuses into its epilogue
     out = bind("normalize", x, axes=tuple(range(x.ndim - len(shape), x.ndim)), epsilon=eps)
     if weight is not None:
@@ -151,8 +172,7 @@ class LayerNorm(Module):
     def __init__(self, normalized_shape: int | Sequence[int], eps: float = 1e-5,
                  elementwise_affine: bool = True, bias: bool = True) -> None:
         super().__init__()
-        shape = ((normalized_shape,) if isinstance(normalized_shape, int)
-                 else tuple(normalized_shape))
+        shape = _normalized_shape(normalized_shape)
         self.normalized_shape, self.eps = shape, eps
         self.elementwise_affine, self.has_bias = elementwise_affine, elementwise_affine and bias
         if elementwise_affine:
@@ -178,8 +198,11 @@ def group_norm(x: Tensor, num_groups: int, weight: Tensor | None = None, bias: T
     if x.ndim < 2 or x.shape[1] % num_groups:
         raise ShapeError(f"group_norm: expects (N, C, ...) input with C divisible by num_groups="
                          f"{num_groups}, got shape {x.shape} (at {user_location()})")
-    grouped = x.reshape(x.shape[0], num_groups, -1)
-    out = bind("normalize", grouped, axes=(2,), epsilon=eps).reshape(*x.shape)
+    if x.numel() == 0:  # an empty batch (or empty groups): an empty result, as PyTorch's
+        out = x
+    else:
+        grouped = x.reshape(x.shape[0], num_groups, -1)
+        out = bind("normalize", grouped, axes=(2,), epsilon=eps).reshape(*x.shape)
     per_channel = (1, x.shape[1]) + (1,) * (x.ndim - 2)
     if weight is not None:
         out = out * as_tensor(weight).reshape(*per_channel)
@@ -200,6 +223,10 @@ class GroupNorm(Module):
             self.bias = Parameter(np.zeros(num_channels, dtype=np.float32))
 
     def forward(self, x: Tensor) -> Tensor:
+        x = as_tensor(x)
+        if x.ndim < 2 or x.shape[1] != self.num_channels:
+            raise ShapeError(f"GroupNorm({self.num_groups}, {self.num_channels}): expects (N, "
+                             f"{self.num_channels}, ...) input, got shape {x.shape} (at {user_location()})")
         return group_norm(x, self.num_groups, self.weight if self.affine else None,
                           self.bias if self.affine else None, self.eps)
 
