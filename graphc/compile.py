@@ -387,6 +387,15 @@ class TrainStep(_CompiledModelBase):
             self._hold_state(compiled)
         return float(compiled.executable(*args)[0])
 
+    def count_own_steps(self, names: Sequence[str]) -> None:
+        """Give the trained parameters `names` step counts of their own (a checkpoint holding
+        them: graphc.optim); the step compiles again to read them."""
+        self.release_state()
+        for name in names:
+            self.optimizer.count_own_steps(self.params[name])
+        self._bind_model()
+        self._compiled, self._last = {}, None
+
     def _follow_module_tree(self) -> bool:
         """Where a layer was replaced since compiling, bind the model as it is now (refusing a
         replaced trained layer or parameter) and forget the compiled graphs; whether it was."""

@@ -112,6 +112,15 @@ def trace_gradients(spec: StepSpec, batch: Sequence[np.ndarray], stages: Stages)
     return Gradients(graph, reads, [name.split(":", 1)[1] for name, _ in forward.outputs[1:]])
 
 
+def unread_gradient(grad: Tensor) -> bool:
+    """Whether `grad` is the zeros autodiff gives a parameter the loss does not read (PyTorch
+    leaves its .grad None, and its optimizers skip it)."""
+    node = grad.value.producer
+    if node is not None and node.op == "broadcast_to":
+        node = node.inputs[0].producer
+    return node is not None and node.op == "constant" and not np.any(node.attrs["value"])
+
+
 class StepBuilder:
     """One graph of a training step under construction (a context manager: the trace lives
     inside the block). Inputs are added with their roles; `output(..., donor=)` records which
@@ -194,17 +203,21 @@ class StepBuilder:
 
     def update(self, params: dict[str, Tensor], grads: dict[str, Tensor],
                opt_state: dict[str, dict[str, Tensor]], step: Tensor,
-               new_buffers: dict[str, Tensor]) -> None:
+               new_buffers: dict[str, Tensor], unused: frozenset[str] | None = None) -> None:
         """Clip the gradients (when asked), apply the optimizer's rule with the learning rates
-        (new inputs, one per parameter group) and output every updated state, each donated to its input: parameters
-        with their optimizer slots, then `new_buffers`, the step count and the RNG key."""
+        (new inputs, one per parameter group) and output every updated state, each donated to
+        its input: parameters with their optimizer slots, then `new_buffers`, the step count and
+        the RNG key. `unused`: the parameters the loss does not read, which keep their values
+        (by default those whose gradient is autodiff's zeros)."""
         spec = self.spec
         lrs = self.learning_rates()
+        if unused is None:
+            unused = frozenset(n for n in spec.trainable if unread_gradient(grads[n]))
         if spec.clip_grad_norm is not None:
             grads = clip_by_global_norm(grads, spec.clip_grad_norm)
         new_step = step + 1
         new_params, new_state = spec.optimizer.update(
-            {n: params[n] for n in spec.trainable}, grads, opt_state, lrs, new_step)
+            {n: params[n] for n in spec.trainable}, grads, opt_state, lrs, new_step, unused)
         for n in spec.trainable:
             self.output(f"param:{n}", new_params[n], donor=n)
             for slot, value in new_state[n].items():

@@ -153,8 +153,18 @@ def load_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
     with open_regular(path) as f:
         data = read_at_most(f, limit, path)
     metadata, arrays = _parse_checkpoint(path, data)
+    # A parameter's own step count ("optim/<param>/step") is kept only where it differs from the
+    # step's (graphc.optim): one this optimizer lacks is made (the step compiles again to read
+    # it); one the file lacks counted the step's.
+    counted = [k.split("/")[1] for k in arrays if _own_step_count(k) and k not in own]
+    if counted and isinstance(step, TrainStep) and all(n in step.opt_state for n in counted):
+        step.count_own_steps(counted)
+        own = training_state(step)
     data = {k: v.reshape(()) if own.get(k) is not None and own[k].ndim == 0 and v.size == 1 else v
             for k, v in arrays.items()}
+    if "step" in data:
+        data.update({k: data["step"].astype(own[k].dtype) for k in own
+                     if _own_step_count(k) and k not in data})
     if set(data) != set(own):
         raise LoadError(path, f"does not match this training step (missing "
                         f"{sorted(set(own) - set(data))[:5]}, unexpected {sorted(set(data) - set(own))[:5]})")
@@ -162,14 +172,19 @@ def load_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
         if array.shape != own[name].shape or array.dtype != own[name].dtype:
             raise LoadError(path, f"is {array.dtype}{list(array.shape)}, expected "
                             f"{own[name].dtype}{list(own[name].shape)}", name)
-    if metadata.get("version") == CHECKPOINT_VERSION:
+    if metadata.get("version") != "1":  # version 1 held no checksums
         from .export import tensor_digest
 
         for name, array in data.items():
-            if metadata.get(f"sha256/{name}") != tensor_digest(array):
+            if name in arrays and metadata.get(f"sha256/{name}") != tensor_digest(array):
                 raise LoadError(path, "fails its checksum: the checkpoint is corrupted", name)
     for name, array in data.items():
         np.copyto(own[name], array)
+
+
+def _own_step_count(name: str) -> bool:
+    """Whether `name`, in a training state, is a parameter's own step count."""
+    return name.startswith("optim/") and name.endswith("/step") and name.count("/") == 2
 
 
 def _parse_checkpoint(path: str, data: bytes) -> tuple[dict[str, str], dict[str, np.ndarray]]:

@@ -268,3 +268,92 @@ def test_rates_reach_a_step_whose_state_stays_on_the_device():
     child = subprocess.run([sys.executable, "-c", SIMULATED_CUDA], env=env, capture_output=True,
                            text=True, timeout=300)
     assert child.returncode == 0 and "same weights" in child.stdout, child.stderr[-2000:]
+
+
+class WithUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second, self.unused = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.second(gc.tanh(self.first(x)))
+
+
+def adam_steps(rate, grads, betas=(0.9, 0.999), eps=1e-8):
+    """Adam from its first step over `grads` (NumPy, float64): the updates it makes."""
+    m = v = 0.0
+    updates = []
+    for t, g in enumerate(grads, 1):
+        m, v = betas[0] * m + (1 - betas[0]) * g, betas[1] * v + (1 - betas[1]) * g * g
+        updates.append(-rate / (1 - betas[0] ** t) * m / (np.sqrt(v) / np.sqrt(1 - betas[1] ** t) + eps))
+    return updates
+
+
+def test_a_group_added_later_counts_its_own_steps_as_pytorch(tmp_path):
+    """Adam's bias correction for a group added after 5 steps used step 6 (its first update
+    about half of lr); SGD's momentum buffer set up later started damped. Such a parameter now
+    counts its own steps ("step" in its state), which checkpoints keep: a fresh process
+    resuming from one goes on as the first."""
+    def build(added):
+        gc.manual_seed(0)
+        model = WithUnused()
+        opt = optim.Adam(model.second.parameters(), lr=0.01)
+        if added:
+            opt.add_param_group({"params": list(model.first.parameters())})
+        return model, opt, gc.compile_train_step(model, F.mse_loss, opt, (X, Y), backend="reference")
+    model, opt, step = build(added=False)
+    for _ in range(5):
+        step(X, Y)
+    opt.add_param_group({"params": list(model.first.parameters())})
+    step = gc.compile_train_step(model, F.mse_loss, opt, (X, Y), backend="reference")
+    before = model.first.weight.copy()
+    grad = gc.grad(lambda w: F.mse_loss(nn.functional_call(model, {"first.weight": w}, X), Y))(before)
+    step(X, Y)
+    np.testing.assert_allclose(model.first.weight - before, adam_steps(0.01, [grad])[0], rtol=1e-4, atol=1e-7)
+    assert step.opt_state["first.weight"]["step"] == 1 and "step" not in step.opt_state["second.weight"]
+    assert step.step_count == 6
+    save_checkpoint(str(tmp_path / "ckpt"), step)
+    _, _, resumed = build(added=True)  # all groups from the start: no own counts
+    load_checkpoint(str(tmp_path / "ckpt"), resumed)
+    assert resumed.opt_state["first.weight"]["step"] == 1
+    for _ in range(2):
+        assert resumed(X, Y) == step(X, Y)
+    # a checkpoint without them (an older graphc's): each parameter counted the step's steps
+    from safetensors.numpy import load, save
+
+    from graphc.export import tensor_digest
+    with open(tmp_path / "ckpt", "rb") as f:
+        arrays = {k: v for k, v in load(f.read()).items() if not k.endswith("/step")}
+    with open(tmp_path / "older", "wb") as f:
+        f.write(save(arrays, metadata={"format": "graphc.checkpoint", "version": "2",
+                                       **{f"sha256/{k}": tensor_digest(v) for k, v in arrays.items()}}))
+    load_checkpoint(str(tmp_path / "older"), resumed)
+    assert resumed.opt_state["first.weight"]["step"] == 6 == resumed.step_count
+
+    gc.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = optim.SGD(model.parameters(), lr=0.1, dampening=0.5)
+    step = gc.compile_train_step(model, F.mse_loss, opt, (X, Y), backend="reference")
+    step(X, Y)
+    opt.param_groups[0]["momentum"] = 0.9
+    step = gc.compile_train_step(model, F.mse_loss, opt, (X, Y), backend="reference")
+    before = model.weight.copy()
+    grad = gc.grad(lambda w: F.mse_loss(nn.functional_call(model, {"weight": w}, X), Y))(before)
+    step(X, Y)  # the buffer's first step is the gradient itself, undamped
+    np.testing.assert_allclose(model.weight, before - 0.1 * grad, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba-cpu"])
+def test_parameters_the_loss_does_not_read_are_not_updated(backend):
+    """As PyTorch skips a parameter without a gradient: weight decay changed them."""
+    gc.manual_seed(0)
+    model = WithUnused()
+    unused = {k: v.copy() for k, v in model.unused.state_dict().items()}
+    opt = optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5)
+    step = gc.compile_train_step(model, F.mse_loss, opt, (X, Y), backend=backend, clip_grad_norm=1.0)
+    for _ in range(3):
+        step(X, Y)
+    for name, value in unused.items():
+        np.testing.assert_array_equal(model.unused.state_dict()[name], value)
+        np.testing.assert_array_equal(step.opt_state[f"unused.{name}"]["exp_avg"], 0.0)
+    assert not np.all(step.opt_state["first.weight"]["exp_avg"] == 0)

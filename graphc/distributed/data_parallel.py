@@ -49,7 +49,7 @@ from ..functions import concatenate
 from ..lowering import compile_graph
 from ..nn.module import Module
 from ..optim import Optimizer
-from ..step_builder import StepBuilder, batch_arrays, trace_gradients
+from ..step_builder import StepBuilder, batch_arrays, trace_gradients, unread_gradient
 from ..tensor import ModuleReads, Tensor
 from .. import train
 from ..train import EarlyStopping, History, load_checkpoint, training_state
@@ -383,6 +383,8 @@ class DataParallelStep(TrainStep):
         with StepBuilder(spec, f"{self.name}_gradients") as b:
             data, params, buffers = b.batch(batch), b.params(), b.buffers()
             loss, new_buffers, grads = b.splice(gradients, data, params, buffers)
+            # parameters the loss does not read (the same on every rank): the update keeps them
+            self._unused = frozenset(n for n, g in grads.items() if unread_gradient(g))
             layout = self._set_layout(grads, new_buffers)
             averaged = set(layout.keys("buffer"))
             b.output("reduced", layout.pack({**{f"grad:{n}": g for n, g in grads.items()},
@@ -422,7 +424,7 @@ class DataParallelStep(TrainStep):
             opt_state, step = b.optimizer_state(), b.step_count()
             mean = layout.unpack(reduced * (1.0 / self._gradient_divisor()))
             b.update(params, {n: mean[f"grad:{n}"] for n in self.trainable}, opt_state, step,
-                     {n: mean[f"buffer:{n}"] for n in averaged})
+                     {n: mean[f"buffer:{n}"] for n in averaged}, self._unused)
         return b.graph, b.donate
 
     def _compile_update(self) -> CompiledGraph:

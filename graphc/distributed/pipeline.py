@@ -816,7 +816,7 @@ class PipelineParallelStep:
         self.trainable = [owned[id(p)] for p in optimizer.params]
         self.params = dict(named_arrays(model, "_parameters"))
         self.buffers = dict(named_arrays(model, "_buffers"))
-        self.opt_state = {n: optimizer.init_state(self.params[n]) for n in self.trainable}
+        self.opt_state = {n: optimizer.state_of(self.params[n]) for n in self.trainable}
         self._optimizer_settings = optimizer.compiled_settings()
         self.rng_key = np.array([gc_random.next_key()[0], 0], np.int64)
         batch = self._microbatch(batch_arrays(example_inputs), 0)
@@ -918,10 +918,9 @@ class PipelineParallelStep:
             groups = self.optimizer.param_groups
             group_of = {id(p): i for i, group in enumerate(groups) for p in group["params"]}
             for n in trainable:  # Optimizer.update's loop, over this stage's parameters only
-                p, i = params[n], group_of[id(self.params[n])]
-                new_p, new_state = self.optimizer.rule(p, grads[n], opt_state[n],
-                                                       lrs[i].astype(p.dtype),
-                                                       new_step.astype(p.dtype), groups[i])
+                i = group_of[id(self.params[n])]
+                new_p, new_state = self.optimizer.update_parameter(params[n], grads[n], opt_state[n],
+                                                                   lrs[i], new_step, groups[i])
                 b.output(f"param:{n}", new_p, donor=n)
                 for slot, value in new_state.items():
                     b.output(f"state:{n}.{slot}", value, donor=f"{n}.{slot}")

@@ -10,7 +10,12 @@ compiled anew (after a setting changed) goes on where the last one left off. Eac
 learning rate and the step count enter the compiled step as inputs, so a schedule changes the
 rates without recompiling; the other hyperparameters are compiled in (a compiled step refuses
 to run once one has changed).
-Formulas follow PyTorch's documented ones.
+Formulas follow PyTorch's documented ones. As in PyTorch, a rule that reads the step count (Adam's
+bias correction, the first momentum step, Adagrad's rate decay) reads the parameter's own: where
+it differs from the optimizer's (a parameter group added, or momentum set, after steps were
+taken) the parameter's state holds it as a "step" slot, so the group starts from its own first
+step. A parameter the loss does not read is not updated (its state neither), as PyTorch skips
+one without a gradient.
 """
 from __future__ import annotations
 
@@ -165,28 +170,44 @@ class Optimizer:
         """The per-parameter state a parameter of `group` keeps."""
         return ()
 
+    def counts_steps(self, group: dict[str, Any]) -> bool:
+        """Whether the rule of a parameter in `group` reads its step count (PyTorch's
+        state["step"])."""
+        return False
+
     def init_state(self, param: np.ndarray) -> dict[str, np.ndarray]:
         """Fresh state for `param`: each slot its group needs, zeros."""
         return {name: np.zeros_like(param) for name in self.slots(self._group_of(param))}
 
     def state_of(self, param: np.ndarray) -> dict[str, np.ndarray]:
         """The state this optimizer keeps for `param`, shared by the training steps compiled
-        with it; a slot its group needs now and did not before (momentum set since) starts
-        fresh."""
+        with it; slots its group needs now and did not before (momentum set since) start
+        fresh. Fresh slots after steps were taken count the parameter's own steps from 0."""
         state = self._state.setdefault(id(param), {})
-        for name, array in self.init_state(param).items():
+        fresh = self.init_state(param)
+        if not fresh.keys() <= state.keys() and self.step_count > 0:
+            self.count_own_steps(param)
+        for name, array in fresh.items():
             state.setdefault(name, array)
         return state
+
+    def count_own_steps(self, param: np.ndarray) -> None:
+        """Give `param` a step count of its own ("step" slot, from 0), where its rule reads one:
+        its updates no longer read the optimizer's count."""
+        if self.counts_steps(self._group_of(param)):
+            self._state.setdefault(id(param), {})["step"] = np.zeros((), np.float32)
 
     def rule(self, p: Tensor, g: Tensor, state: dict[str, Tensor], lr: Tensor, step: Tensor,
              group: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
     def update(self, params: Params, grads: Params, state: State, lrs: Sequence[Tensor],
-               step: Tensor) -> tuple[Params, State]:
+               step: Tensor, unused: frozenset[str] = frozenset()) -> tuple[Params, State]:
         """Apply `rule` to every parameter, `params` being in the order of `self.params` and
-        `lrs` one rate per group; `step` counts from 1 at the first update. The rule sees its
-        group's rate and `step` in the parameter's dtype (the graph never mixes float widths)."""
+        `lrs` one rate per group; `step` counts from 1 at the first update (a parameter with a
+        "step" slot counts its own). The rule sees its group's rate and the step in the
+        parameter's dtype (the graph never mixes float widths). Parameters named in `unused`,
+        which the loss does not read, keep their values and state."""
         group_index = [i for i, group in enumerate(self.param_groups) for _ in group["params"]]
         if len(group_index) != len(params) or len(lrs) != len(self.param_groups):
             raise GraphcError(f"{type(self).__name__}: update got {len(params)} parameters and "
@@ -194,10 +215,23 @@ class Optimizer:
                               f"{len(self.param_groups)} groups")
         new_params, new_state = {}, {}
         for (name, p), i in zip(params.items(), group_index):
-            new_params[name], new_state[name] = self.rule(
-                p, grads[name], state[name], _in_dtype(lrs[i], p.dtype), _in_dtype(step, p.dtype),
-                self.param_groups[i])
+            if name in unused:
+                new_params[name], new_state[name] = p, dict(state[name])
+            else:
+                new_params[name], new_state[name] = self.update_parameter(
+                    p, grads[name], state[name], lrs[i], step, self.param_groups[i])
         return new_params, new_state
+
+    def update_parameter(self, p: Tensor, g: Tensor, slots: dict[str, Tensor], lr: Tensor,
+                         step: Tensor, group: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """`rule` for one parameter of `group`: its new value and slots, given the step count
+        (its own where it keeps one) and the rate in its dtype."""
+        own_step = slots["step"] + 1 if "step" in slots else step
+        new_p, new_slots = self.rule(p, g, slots, _in_dtype(lr, p.dtype), _in_dtype(own_step, p.dtype),
+                                     group)
+        if "step" in slots:
+            new_slots = {**new_slots, "step": own_step}
+        return new_p, new_slots
 
 
 def _frozen(value: Any) -> Any:
@@ -222,6 +256,9 @@ class SGD(Optimizer):
 
     def slots(self, group):
         return ("momentum_buffer",) if group["momentum"] else ()
+
+    def counts_steps(self, group):
+        return bool(group["momentum"])  # the buffer's first step
 
     def rule(self, p, g, state, lr, step, group):
         g = _decayed(p, g, group)
@@ -253,6 +290,9 @@ class Adam(Optimizer):
 
     def slots(self, group):
         return ("exp_avg", "exp_avg_sq")
+
+    def counts_steps(self, group):
+        return True  # the bias corrections
 
     def rule(self, p, g, state, lr, step, group):
         beta1, beta2 = group["betas"]
@@ -293,6 +333,9 @@ class Adagrad(Optimizer):
 
     def slots(self, group):
         return ("sum",)
+
+    def counts_steps(self, group):
+        return bool(group["lr_decay"])
 
     def rule(self, p, g, state, lr, step, group):
         g = _decayed(p, g, group)
