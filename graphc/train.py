@@ -3,6 +3,7 @@ restore, atomic checkpoints, a tqdm progress bar and optional TensorBoard scalar
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import re
@@ -127,15 +128,32 @@ def training_state(step: TrainStep | LoadedTrainStep) -> dict[str, np.ndarray]:
     return state
 
 
+def learning_rates(step: TrainStep | LoadedTrainStep) -> list[float]:
+    """Each parameter group's learning rate now."""
+    if isinstance(step, LoadedTrainStep):
+        return [float(r) for r in step.lrs]
+    return [float(group["lr"]) for group in step.optimizer.param_groups]
+
+
+def set_learning_rates(step: TrainStep | LoadedTrainStep, rates: list[float]) -> None:
+    if isinstance(step, LoadedTrainStep):
+        step.lrs = list(rates)
+    else:
+        for group, rate in zip(step.optimizer.param_groups, rates):
+            group["lr"] = rate
+
+
 def save_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
     """Atomically write the training state as safetensors (no pickle), with a SHA-256 of
-    every tensor in its metadata."""
+    every tensor and each parameter group's learning rate in its metadata (a rate set by hand
+    comes back, as PyTorch's optimizer state dict brings it back)."""
     from safetensors.numpy import save
 
     from .export import tensor_digest
 
     state = {k: np.ascontiguousarray(v) for k, v in training_state(step).items()}
     metadata = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                "learning_rates": json.dumps(learning_rates(step)),
                 **{f"sha256/{k}": tensor_digest(v) for k, v in state.items()}}
     payload = save(state, metadata=metadata)
     atomic_write(path, lambda f: f.write(payload))
@@ -178,8 +196,26 @@ def load_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
         for name, array in data.items():
             if name in arrays and metadata.get(f"sha256/{name}") != tensor_digest(array):
                 raise LoadError(path, "fails its checksum: the checkpoint is corrupted", name)
+    rates = _checkpoint_rates(path, metadata, len(learning_rates(step)))
     for name, array in data.items():
         np.copyto(own[name], array)
+    if rates is not None:
+        set_learning_rates(step, rates)
+
+
+def _checkpoint_rates(path: str, metadata: dict[str, str], groups: int) -> list[float] | None:
+    """The learning rates a checkpoint holds, one per parameter group (None in a file written
+    before checkpoints held them)."""
+    from .bounded_io import parse_json
+
+    if "learning_rates" not in metadata:
+        return None
+    rates = parse_json(metadata["learning_rates"].encode(), path, "learning_rates")
+    if (not isinstance(rates, list) or len(rates) != groups
+            or not all(type(r) in (int, float) and math.isfinite(r) and r >= 0 for r in rates)):
+        raise LoadError(path, f"learning_rates: expected {groups} finite non-negative rates (one per "
+                        f"parameter group), got {metadata['learning_rates']!r:.80}")
+    return [float(r) for r in rates]
 
 
 def _own_step_count(name: str) -> bool:

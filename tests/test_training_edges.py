@@ -1,6 +1,7 @@
 """Edge cases of the fit loop, the `graphc train` command, the data helpers and the metrics: one
 regression test per bug, each failing before its fix."""
 import faulthandler
+import json
 import math
 import struct
 import sys
@@ -341,3 +342,53 @@ def test_a_batch_over_a_weights_memory_is_read_as_it_was_at_the_call(backend, vi
     separate, shared = run(False), run(True)
     for name in separate:
         np.testing.assert_array_equal(shared[name], separate[name], err_msg=name)
+
+
+def test_a_checkpoint_brings_back_the_learning_rates(tmp_path):
+    """A rate lowered by hand came back as the optimizer's first after a resume (PyTorch's
+    optimizer state dict holds them); a file without rates (an older graphc's) keeps them, and
+    rates that are no rates are refused before anything is loaded."""
+    from safetensors.numpy import load, save
+
+    def build():
+        model, x, y = setup()
+        opt = optim.SGD([{"params": [model[0].weight]}, {"params": list(model[2].parameters())}], lr=0.1)
+        return opt, gc.compile_train_step(model, F.cross_entropy, opt, (x[:8], y[:8]), backend=REF)
+    opt, step = build()
+    _, x, y = setup()
+    step(x[:8], y[:8])
+    opt.param_groups[1]["lr"] = 0.001
+    path = str(tmp_path / "ck")
+    save_checkpoint(path, step)
+    resumed_opt, resumed = build()
+    load_checkpoint(path, resumed)
+    assert [g["lr"] for g in resumed_opt.param_groups] == [0.1, 0.001]
+    assert resumed(x[:8], y[:8]) == step(x[:8], y[:8])
+    step.export(str(tmp_path / "step.gcx"))
+    loaded = gc.load(str(tmp_path / "step.gcx"))
+    loaded.lrs = [1.0, 1.0]
+    load_checkpoint(path, loaded)
+    assert loaded.lrs == [0.1, 0.001]
+
+    with open(path, "rb") as f:
+        data = f.read()
+    arrays = load(data)
+    metadata = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    for rates, error in ((None, None), ("[0.1]", "expected 2 finite non-negative rates"),
+                         ('[0.1, "x"]', "expected 2"), ("[0.1, NaN]", "expected 2")):
+        changed = {k: v for k, v in metadata.items() if k != "learning_rates"}
+        if rates is not None:
+            changed["learning_rates"] = rates
+        with open(tmp_path / "other", "wb") as f:
+            f.write(save(arrays, metadata=changed))
+        resumed_opt.lr = 0.5
+        if error is None:
+            load_checkpoint(str(tmp_path / "other"), resumed)
+            assert resumed_opt.lr == 0.5
+        else:
+            before = resumed.model.state_dict()["0.weight"].copy()
+            resumed.model.state_dict()["0.weight"][:] = 7.0
+            with pytest.raises(gc.GraphcError, match=error):
+                load_checkpoint(str(tmp_path / "other"), resumed)
+            assert (resumed.model.state_dict()["0.weight"] == 7.0).all() and resumed_opt.lr == 0.5
+            resumed.model.state_dict()["0.weight"][:] = before

@@ -52,7 +52,8 @@ from ..optim import Optimizer
 from ..step_builder import StepBuilder, batch_arrays, trace_gradients, unread_gradient
 from ..tensor import ModuleReads, Tensor
 from .. import train
-from ..train import EarlyStopping, History, load_checkpoint, training_state
+from ..train import (EarlyStopping, History, learning_rates, load_checkpoint, set_learning_rates,
+                     training_state)
 
 TIMEOUT_ENV = "GRAPHC_DDP_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0
@@ -498,7 +499,9 @@ def resume(step: DataParallelStep, path: str) -> bool:
     found = np.array([world.is_root and os.path.exists(path)], np.bool_)
     if found[0]:
         load_checkpoint(path, step)
-    world.broadcast_({"found": found})
+    rates = np.array(learning_rates(step), np.float64)  # the root's: the file's where it read one
+    world.broadcast_({"found": found, "rates": rates})
+    set_learning_rates(step, rates.tolist())
     step.broadcast_state()
     return bool(found[0])
 

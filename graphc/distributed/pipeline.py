@@ -1103,9 +1103,10 @@ class PipelineParallelStep:
 
     def _stage_training_state(self, rt: _StageRuntime) -> SimpleNamespace:
         """One stage's state as graphc.train's checkpoint functions read a step's: the model's
-        arrays (this stage's parameters), optimizer slots, step count and RNG key."""
+        arrays (this stage's parameters), optimizer slots and learning rates, step count and
+        RNG key."""
         params = {n: self.params[n] for n in rt.plan.params}
-        return SimpleNamespace(model=SimpleNamespace(state_dict=lambda: params),
+        return SimpleNamespace(model=SimpleNamespace(state_dict=lambda: params), optimizer=self.optimizer,
                                opt_state={n: self.opt_state[n] for n in rt.trainable},
                                step_count=rt.step_count, rng_key=self.rng_key)
 
