@@ -308,3 +308,18 @@ def test_gradients_match_finite_differences(model):
         array[...] = saved
         np.testing.assert_allclose(np.sum(grad * direction), (plus - minus) / (2 * eps), rtol=1e-6,
                                    atol=1e-8, err_msg=f"directional derivative along {name}")
+
+
+def test_a_training_mode_batch_norm_outside_the_trained_model_says_what_to_do():
+    """A teacher network called by the loss function: its statistics have no place in the
+    step's outputs (the message said the update must be inside a training step, which it was)."""
+    import graphc.nn.functional as F
+    teacher = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    model = nn.Linear(3, 3)
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(gc.GraphcError, match=r"call .eval\(\) on it, or make it a submodule"):
+        gc.compile_train_step(model, lambda out, x: F.mse_loss(out, teacher(x)),
+                              optim.SGD(model.parameters(), lr=0.1), (x, x), backend="reference")
+    teacher.eval()
+    gc.compile_train_step(model, lambda out, x: F.mse_loss(out, teacher(x)),
+                          optim.SGD(model.parameters(), lr=0.1), (x, x), backend="reference")(x, x)

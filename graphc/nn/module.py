@@ -494,8 +494,11 @@ class Module:
         """Record a new value for a buffer inside a traced training step (e.g. running stats)."""
         updates = getattr(current_trace(), "buffer_updates", None)
         if updates is None:
-            raise GraphcError(f"{type(self).__name__}: buffer {name!r} can only be updated inside "
-                              "a compiled training step")
+            raise GraphcError(f"{type(self).__name__}: buffer {name!r} can only be updated by a "
+                              "compiled training step, as a part of the model it trains; this "
+                              "module is in training mode outside one (called by the loss "
+                              "function, or traced on its own): call .eval() on it, or make it "
+                              "a submodule of the trained model")
         updates[(id(self), name)] = value
 
     def extra_repr(self) -> str:
