@@ -257,9 +257,11 @@ def test_bad_inputs_raise_clear_errors():
     # batch statistics of one value per channel, without running statistics too (were zeros)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         run(nn.BatchNorm1d(3, track_running_stats=False).eval(), np.zeros((1, 3), np.float32))
-    with pytest.raises(ShapeError, match=r"GroupNorm\(2, 4\): expects \(N, 4, ...\) input, got shape \(2, 6, 3\)"):
+    with pytest.raises(ShapeError,
+                       match=r"GroupNorm\(2, 4\): expects \(N, 4, ...\) input, got shape \(2, 6, 3\)"):
         run(nn.GroupNorm(2, 4), np.zeros((2, 6, 3), np.float32))
-    with pytest.raises(ShapeError, match=r"weight must have the shape of normalized_shape \(2, 4\), got \(4,\)"):
+    with pytest.raises(ShapeError,
+                       match=r"weight must have the shape of normalized_shape \(2, 4\), got \(4,\)"):
         gc.jit(lambda x, w: nn.functional.layer_norm(x, (2, 4), w))(np.zeros((3, 2, 4), np.float32),
                                                                     np.ones(4, np.float32))
 
