@@ -224,7 +224,8 @@ class Module:
             buffers[name] = None if value is None else np.require(value, requirements="C")
         else:
             _refuse_unregistered_modules(self, name, value)
-            if is_setting(value) or (name in self.__dict__ and is_setting(self.__dict__[name])):
+            old = self.__dict__.get(name, _ABSENT)
+            if (is_setting(value) or is_setting(old)) and not (type(old) is type(value) and old == value):
                 note_module_tree_edit()  # a setting a trace baked in (momentum, p): traced again
             object.__setattr__(self, name, value)
 
@@ -524,6 +525,7 @@ def _holds_parameter(module: Module, array: np.ndarray) -> bool:
 
 
 _STATE_TABLES = ("_parameters", "_buffers")
+_ABSENT = object()  # an attribute not set before
 
 
 def _prefixed_modules(module: Module, remove_duplicate: bool = True, seen: set | None = None,
