@@ -47,7 +47,7 @@ def note_module_tree_edit() -> None:
 
 # a module's attributes that are neither its tables nor its mode, which ModuleReads tracks
 _NOT_SETTINGS = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers", "_bound",
-                           "training"})
+                           "_state_holder", "training"})
 
 
 def is_setting(value: Any) -> bool:
