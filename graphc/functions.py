@@ -333,9 +333,9 @@ def argmin(x: Tensor, dim: int | None = None, keepdim: bool = False, *, axis: in
 
 def norm(x: Tensor, p: float | str | None = "fro", dim: int | Sequence[int] | None = None,
          keepdim: bool = False, *, axis: Any = None, keepdims: bool = False) -> Tensor:
-    """torch.norm over `dim` (all axes by default): p = 'fro' or 2 (the Euclidean norm, with
-    gradient 0 at a zero vector, as in PyTorch), 1, inf, -inf, 0 (the count of non-zeros) or
-    any other number (sum(|x|^p)^(1/p))."""
+    """torch.norm over `dim` (all axes by default): p = 'fro' or 2 (the Euclidean norm), 1,
+    inf, -inf, 0 (the count of non-zeros) or any other number (sum(|x|^p)^(1/p)); the gradient
+    at a zero vector is 0, as in PyTorch."""
     x = as_tensor(x)
     axes = normalize_axes(reduction_axes(dim, axis, "norm"), x.ndim)
     keep = keepdim or keepdims
@@ -354,7 +354,9 @@ def norm(x: Tensor, p: float | str | None = "fro", dim: int | Sequence[int] | No
         return x.abs().amin(axes, keepdim=keep)
     if p == 0:
         return (x != 0).astype(x.dtype).sum(axes, keepdim=keep)
-    return (x.abs() ** float(p)).sum(axes, keepdim=keep) ** (1.0 / float(p))
+    total = (x.abs() ** float(p)).sum(axes, keepdim=keep)
+    nonzero = total > 0  # the root's derivative is infinite at 0: route zero vectors around it
+    return where(nonzero, where(nonzero, total, 1) ** (1.0 / float(p)), 0)
 
 
 def triu(x: Tensor, diagonal: int = 0) -> Tensor:

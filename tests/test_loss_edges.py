@@ -163,8 +163,10 @@ def test_a_slot_needed_only_after_a_setting_changed_starts_at_zero():
     gc.compile_train_step(model, F.mse_loss, opt, (x, y))(x, y)
     opt.param_groups[0]["momentum"] = 0.9
     step = gc.compile_train_step(model, F.mse_loss, opt, (x, y))
-    assert set(step.opt_state["weight"]) == {"momentum_buffer"}
+    # with its own step count: the buffer's first step is the gradient itself, as in PyTorch
+    assert set(step.opt_state["weight"]) == {"momentum_buffer", "step"}
     np.testing.assert_array_equal(step.opt_state["weight"]["momentum_buffer"], 0.0)
+    assert step.opt_state["weight"]["step"] == 0
 
 
 def test_no_target_is_refused_naming_the_rule():

@@ -240,3 +240,23 @@ def test_conv_transpose_with_output_padding_past_the_stride(backend, stride, dil
                  backend=backend)(x, w)
     np.testing.assert_allclose(got, _transposed_convolution(x, w, stride, padding, output_padding,
                                                             dilation), rtol=1e-10, atol=1e-12)
+
+
+# -- gradients PyTorch gives as 0 where an infinite cotangent meets a blocked input -------------
+@BACKENDS
+@pytest.mark.parametrize("blocked", [lambda t: gc.clamp(t, min=0.0), lambda t: gc.nn.functional.relu(t),
+                                     lambda t: gc.maximum(t, 0.0)], ids=["clamp", "relu", "maximum"])
+def test_sqrt_of_a_clamped_square_distance_has_pytorchs_gradient(backend, blocked):
+    """sqrt(clamp(d2, min=0)) at a d2 rounded below 0: 0 * inf made the gradient NaN."""
+    d2 = np.array([-1e-12, 0.25, 4.0], np.float32)
+    grad = gc.grad(lambda t: gc.sqrt(blocked(t)).sum(), backend=backend)(d2)
+    np.testing.assert_allclose(grad, [0.0, 1.0, 0.25])
+
+
+@BACKENDS
+@pytest.mark.parametrize("p", [3, 1.5, 4])
+def test_the_p_norm_of_a_zero_vector_has_gradient_zero(backend, p):
+    rows = np.array([[0.0, 0.0], [1.0, -2.0]], np.float32)
+    grad = gc.grad(lambda t: gc.norm(t, p, dim=1).sum(), backend=backend)(rows)
+    expected = np.sign(rows[1]) * np.abs(rows[1]) ** (p - 1) / (np.abs(rows[1]) ** p).sum() ** (1 - 1 / p)
+    np.testing.assert_allclose(grad, [[0.0, 0.0], expected], rtol=1e-5)

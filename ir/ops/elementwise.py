@@ -104,8 +104,11 @@ def _quiet(fn):
     return run
 
 
-def _mask(b, cond, like):
-    return b.cast(cond, dtype=like.dtype)
+def _selected(b, cond, g):
+    """g where `cond`, else 0: a selection, not a product with a 0/1 mask, so that an infinite
+    cotangent where the op passes none gives 0, not 0 * inf = NaN (sqrt(relu(x)) at x < 0), as
+    in PyTorch."""
+    return b.where(cond, g, b.scalar_like(0, g))
 
 
 # -- unary --------------------------------------------------------------------------------------
@@ -145,11 +148,11 @@ unary("erf", _quiet(_erf), _erf_vjp, lambda x: f"math.erf({x})")
 unary("sigmoid", _quiet(lambda x: np.asarray(1 / (1 + np.exp(-x)), dtype=x.dtype)),
       lambda b, g, x, *, out: (b.mul(b.mul(g, out), b.sub(b.scalar_like(1, x), out)),),
       lambda x: f"(1 / (1 + np.exp(-{x})))")
-# relu(x) = x where not x <= 0: propagates NaN, as PyTorch does. The gradient's mask reads the
-# output (out > 0 exactly where x > 0, NaN included), which the backward pass keeps anyway as
-# the next layer's input: no mask is stored between the passes.
+# relu(x) = x where not x <= 0: propagates NaN, as PyTorch does. The gradient's selection reads
+# the output (out > 0 exactly where x > 0, NaN included), which the backward pass keeps anyway
+# as the next layer's input: no mask is stored between the passes.
 unary("relu", _quiet(lambda x: np.where(x <= 0, np.zeros((), x.dtype), x)),
-      lambda b, g, x, *, out: (b.mul(g, _mask(b, b.gt(out, b.scalar_like(0, x)), x)),),
+      lambda b, g, x, *, out: (_selected(b, b.gt(out, b.scalar_like(0, x)), g),),
       lambda x: f"(0 if {x} <= 0 else {x})", infer=_numeric_unary, recompute_cost=ARITHMETIC)
 unary("abs", _quiet(np.abs), lambda b, g, x, *, out: (_grad_if_float(x, b.mul(g, b.sign(x))),),
       lambda x: f"abs({x})", infer=_numeric_unary, recompute_cost=ARITHMETIC)
@@ -223,8 +226,8 @@ def _pow_vjp(b, g, x, y, *, out):
 def _select_vjp(pick_x_op):
     def vjp(b, g, x, y, *, out):
         take_x = b.bind(pick_x_op, x, y)
-        gx = b.mul(g, _mask(b, take_x, g))
-        gy = b.mul(g, _mask(b, b.logical_not(take_x), g))
+        gx = _selected(b, take_x, g)
+        gy = _selected(b, b.logical_not(take_x), g)
         return b.unbroadcast(gx, x.shape), b.unbroadcast(gy, y.shape)
     return vjp
 
