@@ -260,3 +260,20 @@ def test_the_p_norm_of_a_zero_vector_has_gradient_zero(backend, p):
     grad = gc.grad(lambda t: gc.norm(t, p, dim=1).sum(), backend=backend)(rows)
     expected = np.sign(rows[1]) * np.abs(rows[1]) ** (p - 1) / (np.abs(rows[1]) ** p).sum() ** (1 - 1 / p)
     np.testing.assert_allclose(grad, [[0.0, 0.0], expected], rtol=1e-5)
+
+
+# -- elementwise kernels keep IEEE arithmetic on numba-cpu --------------------------------------
+@pytest.mark.parametrize("f, args", [
+    (lambda x, y: (x + y) - y, ([-2.0, 1.0], [np.inf, 3.0])),   # reassociated: x
+    (lambda x, y: x * 1e30 * 1e30 + y, ([0.0, 1e-30], [0.0, 0.0])),  # x * inf: NaN at 0
+    (lambda x, y: x + (-x) + y, ([np.inf, np.nan], [1.0, 1.0])),  # cancelled to 0
+    (lambda x, y: gc.exp(x) * gc.exp(-x) + y, ([800.0, 1.0], [0.0, 0.0])),  # 1
+    (lambda x, y: (x + 12582912.0) - 12582912.0 + y, ([2.3, -1.5], [0.0, 0.0])),  # rounding trick
+], ids=["add_sub", "scaled_twice", "cancelled", "exp_product", "round"])
+def test_numba_cpu_elementwise_kernels_compute_what_the_reference_computes(f, args):
+    """Fastmath reassociation rewrote elementwise expressions as algebra: NaN from finite
+    inputs, infinities lost, the float32 rounding trick undone."""
+    arrays = [np.array(a, np.float32) for a in args]
+    with np.errstate(all="ignore"):
+        expected = gc.jit(f, backend="reference")(*arrays)
+    np.testing.assert_array_equal(gc.jit(f, backend="numba-cpu")(*arrays), expected)

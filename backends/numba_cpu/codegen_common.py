@@ -30,8 +30,15 @@ from graphc.backends.kernels.source import Writer
 TARGET = "numba-cpu"
 # fastmath without 'nnan'/'ninf': FMA contraction and reassociation (vectorised reductions),
 # but NaN and inf keep their IEEE meaning, as in the reference (log(0) = -inf, relu(nan) = nan).
-# Nor 'arcp': it lets LLVM turn 1/sqrt(x) into an rsqrt estimate, NaN at 0 and inf.
+# Nor 'arcp': it lets LLVM turn 1/sqrt(x) into an rsqrt estimate, NaN at 0 and inf. Numba sets
+# the flags per function: in a kernel that fuses elementwise ops into a reduction, they may be
+# reassociated too (var's gradient over one element: -0 where the reference gives NaN).
 FASTMATH_FLAGS = ("afn", "contract", "nsz", "reassoc")
+# Elementwise kernels vectorise across elements without reassociation, which would rewrite their
+# expressions as algebra, not IEEE arithmetic, allows: (x + y) - y to x where y is inf, x * 1e30
+# * 1e30 to x * inf (NaN at 0), x + (-x) to 0 where x is NaN. Nor 'nsz': 1 / -(y - x) at x = y
+# is -inf, as in the reference.
+ELEMENTWISE_FASTMATH_FLAGS = ("afn", "contract")
 # Below this many elements a loop runs serially: a parallel region costs ~10 us to start and a
 # parallel kernel compiles ~0.4 s slower.
 PARALLEL_MIN_ELEMENTS = 1 << 16
@@ -145,15 +152,17 @@ class KernelSource:
 
 
 def module(name: str, body: Writer, helpers: Sequence[str] = (), *, gemm: bool = False,
-           fastmath: bool = False) -> str:
+           fastmath: bool | Sequence[str] = False) -> str:
     """A complete kernel module: header, inlined helper functions, the entry function. Its
     writer declares what the code uses: `gemm`, the GEMM helper (gemm.py), imported;
-    `fastmath`, the FASTMATH flag set a decorator names (`decorator`, HELPER_DECORATOR)."""
+    `fastmath`, the FASTMATH flag set a decorator names (`decorator`, HELPER_DECORATOR):
+    FASTMATH_FLAGS, or the flags given."""
     header = HEADER.format(name=name)
     if gemm:
         header += "from graphc.backends.numba_cpu.gemm import gemm\n"
     if fastmath:
-        header += f"\nFASTMATH = {{{', '.join(repr(f) for f in FASTMATH_FLAGS)}}}\n"
+        flags = FASTMATH_FLAGS if fastmath is True else fastmath
+        header += f"\nFASTMATH = {{{', '.join(repr(f) for f in flags)}}}\n"
     parts = [header] + [h.rstrip() + "\n" for h in helpers] + [body.text()]
     return "\n\n".join(parts)
 
