@@ -100,6 +100,8 @@ def _slice_of_concatenate(node: Node, ins: tuple[Value, ...]) -> Value | None:
     return None
 
 
+# x + 0 is x but for x = -0.0 (the sum is +0.0): taken as x, as the zeros autodiff starts its
+# sums from must go (the sign of a zero sum is the one IEEE result these rules do not keep).
 RULES: list[tuple[str, Rule]] = [
     ("add", _identity_operand(1, 0, other=0)),
     ("add", _identity_operand(0, 0, other=1)),
