@@ -392,6 +392,14 @@ def promoted(*operands: Any, true_division: bool = False) -> list[Tensor]:
     if true_division and not is_float(dtype):
         dtype = "float32"
     b = current_trace().builder
+    for x in tensors:
+        if isinstance(x, int) and not is_float(dtype) and dtype != "bool":
+            limits = np.iinfo(dtype)
+            if not limits.min <= x <= limits.max:
+                fix = ("cast that tensor to int64 first (.astype('int64'))" if dtype != "int64"
+                       else "int64, the widest integer, cannot hold it")
+                raise DTypeError(f"the Python integer {x} does not fit the {dtype} operand it is "
+                                 f"combined with: {fix} (at {user_location()})")
     return [Tensor(b.const(x, dtype)) if _is_number(x) else x.astype(dtype) for x in tensors]
 
 
@@ -676,7 +684,8 @@ class Tensor:
             keepdims: bool = False) -> Tensor | ValuesIndices:
         """PyTorch's max. `x.max()` is the maximum of all elements; `x.max(dim)` with one axis
         is the named tuple (values, indices); over several axes (a tuple), the values only, as
-        amax; `x.max(other)` with a tensor is the elementwise maximum."""
+        amax; `x.max(other)` with a tensor is the elementwise maximum. The values' gradient is
+        shared by tied maxima, as amax's (PyTorch gives max(dim)'s to the returned index)."""
         dim = reduction_axes(dim, axis, "max")
         if isinstance(dim, Tensor):
             return bind("maximum", self, dim)

@@ -277,3 +277,14 @@ def test_numba_cpu_elementwise_kernels_compute_what_the_reference_computes(f, ar
     with np.errstate(all="ignore"):
         expected = gc.jit(f, backend="reference")(*arrays)
     np.testing.assert_array_equal(gc.jit(f, backend="numba-cpu")(*arrays), expected)
+
+
+def test_a_python_integer_too_wide_for_the_tensor_is_refused_at_the_users_line():
+    """A bare NumPy OverflowError from inside the tracer, naming nothing of the user's."""
+    x = np.array([1, 2, -3], np.int32)
+    with pytest.raises(gc.GraphcError,
+                       match=rf"2147483648 does not fit the int32 operand.*astype\('int64'\).*{USER_LINE}"):
+        gc.jit(lambda t: t + 2**31)(x)
+    with pytest.raises(gc.GraphcError, match=rf"int64, the widest integer, cannot hold it {USER_LINE}"):
+        gc.jit(lambda t: t == 2**70)(x.astype(np.int64))
+    np.testing.assert_array_equal(gc.jit(lambda t: t < 2**31 - 1)(x), [True] * 3)
