@@ -91,9 +91,13 @@ def logsumexp(x: Tensor, dim: int | Sequence[int] = -1, keepdim: bool = False, *
               axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
     """log(sum(exp(x))) computed stably: the maximum is factored out (and not differentiated).
     Where the maximum is infinite, 0 is factored out instead (inf - inf would be NaN): a line
-    of -inf gives -inf and one holding +inf gives +inf, as in PyTorch and SciPy."""
+    of -inf gives -inf and one holding +inf gives +inf, and an empty line -inf, as in PyTorch
+    and SciPy."""
     x = as_tensor(x)
     axes = normalize_axes(dim if axis is None else axis, x.ndim)
+    if any(x.shape[a] == 0 for a in axes):  # the log of an empty sum, as PyTorch's: -inf
+        out = x.sum(axes, keepdim=True).log()
+        return out if keepdim or keepdims else out.squeeze(axes)
     m = stop_gradient(x.amax(axes, keepdim=True))
     # m - m is 0 exactly where m is finite (no inf constant for check_numerics to flag)
     shift = where(m - m == 0, m, 0.0)

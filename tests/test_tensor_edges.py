@@ -74,6 +74,8 @@ def test_logsumexp_of_infinite_lines(backend):
                                rtol=1e-6)
     np.testing.assert_allclose(gc.jit(lambda t: t.logsumexp(0), backend=backend)(x.T), expected,
                                rtol=1e-6)
+    empty = np.zeros((0, 3), np.float32)  # an empty line: -inf, as PyTorch (it raised)
+    np.testing.assert_array_equal(gc.jit(lambda t: gc.logsumexp(t, 0), backend=backend)(empty), [-np.inf] * 3)
 
 
 @BACKENDS
