@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
@@ -268,6 +269,9 @@ class TrainStep(_CompiledModelBase):
         self._rng_key = np.array([gc_random.next_key()[0], 0], np.int64)
         self._holding: DeviceResident | None = None  # the executable keeping the state on its device
         self._compiled: dict[tuple, CompiledGraph] = {}
+        # calls from several threads take turns: each updates the weights the next one reads,
+        # whatever executables (batch sizes) they run
+        self._turn = threading.RLock()
         self._get(batch_arrays(example_inputs))
 
     def _module_tree(self) -> tuple:
@@ -381,11 +385,12 @@ class TrainStep(_CompiledModelBase):
             raise GraphcError(f"{self.name}: a compiled training step updates the model and "
                               "cannot run inside gc.jit, gc.grad or another trace; call it "
                               "outside, or use gc.value_and_grad on the loss")
-        self._follow_module_tree()
-        compiled, args = self._arguments(batch)
-        if compiled.executable is not self._holding:
-            self._hold_state(compiled)
-        return float(compiled.executable(*args)[0])
+        with self._turn:
+            self._follow_module_tree()
+            compiled, args = self._arguments(batch)
+            if compiled.executable is not self._holding:
+                self._hold_state(compiled)
+            return float(compiled.executable(*args)[0])
 
     def count_own_steps(self, names: Sequence[str]) -> None:
         """Give the trained parameters `names` step counts of their own (a checkpoint holding

@@ -3,6 +3,7 @@ restore, atomic checkpoints, a tqdm progress bar and optional TensorBoard scalar
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -152,8 +153,9 @@ def save_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
     from .export import tensor_digest
 
     state = {k: np.ascontiguousarray(v) for k, v in training_state(step).items()}
-    metadata = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                "learning_rates": json.dumps(learning_rates(step)),
+    rates = json.dumps(learning_rates(step))
+    metadata = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "learning_rates": rates,
+                "sha256:learning_rates": hashlib.sha256(rates.encode()).hexdigest(),
                 **{f"sha256/{k}": tensor_digest(v) for k, v in state.items()}}
     payload = save(state, metadata=metadata)
     atomic_write(path, lambda f: f.write(payload))
@@ -208,9 +210,12 @@ def _checkpoint_rates(path: str, metadata: dict[str, str], groups: int) -> list[
     before checkpoints held them)."""
     from .bounded_io import parse_json
 
-    if "learning_rates" not in metadata:
+    if "learning_rates" not in metadata and "sha256:learning_rates" not in metadata:
         return None
-    rates = parse_json(metadata["learning_rates"].encode(), path, "learning_rates")
+    text = metadata.get("learning_rates", "").encode()
+    if metadata.get("sha256:learning_rates") != hashlib.sha256(text).hexdigest():
+        raise LoadError(path, "fails its checksum: the checkpoint is corrupted", "learning_rates")
+    rates = parse_json(text, path, "learning_rates")
     if (not isinstance(rates, list) or len(rates) != groups
             or not all(type(r) in (int, float) and math.isfinite(r) and r >= 0 for r in rates)):
         raise LoadError(path, f"learning_rates: expected {groups} finite non-negative rates (one per "

@@ -90,3 +90,49 @@ def test_a_slice_of_a_sequential_is_a_sequential():
     x = np.random.default_rng(2).standard_normal((3, 5)).astype("float32")
     w, b = np.asarray(model[2].weight), np.asarray(model[2].bias)
     np.testing.assert_allclose(gc.compile(head, (x,))(x), np.tanh(x @ w.T + b), rtol=1e-5, atol=1e-6)
+
+
+def test_layers_without_bias_or_affine_parameters_hold_none_as_pytorchs():
+    """`m.bias is None` raised AttributeError: torchvision's init loops crashed."""
+    layers = [nn.Conv2d(3, 8, 3, bias=False), nn.Conv1d(3, 8, 3, bias=False), nn.Linear(3, 2, bias=False),
+              nn.ConvTranspose2d(3, 8, 3, bias=False), nn.BatchNorm2d(3, affine=False),
+              nn.GroupNorm(1, 3, affine=False), nn.LayerNorm(3, elementwise_affine=False),
+              nn.LayerNorm(3, bias=False)]
+    for layer in layers:
+        assert layer.bias is None, type(layer).__name__
+        assert "bias" not in layer.state_dict()
+    assert nn.BatchNorm2d(3, track_running_stats=False).running_mean is None
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, affine=False))
+    for m in model.modules():
+        if getattr(m, "bias", None) is not None:
+            m.bias[:] = 0
+    assert gc.jit(model.eval())(np.ones((2, 3, 5, 5), np.float32)).shape == (2, 4, 3, 3)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba-cpu"])
+def test_one_unbatched_image_convolves_as_its_batch_of_one(backend):
+    x = np.random.default_rng(0).standard_normal((3, 8, 7)).astype(np.float32)
+    for layer in (nn.Conv2d(3, 4, 3, padding=1), nn.ConvTranspose2d(3, 4, 3, stride=2)):
+        run = gc.jit(layer, backend=backend)
+        np.testing.assert_allclose(run(x), run(x[None])[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: nn.Conv2d(3, 4, 3, groups=0), "groups must be a positive integer"),
+    (lambda: nn.Conv2d(3, 4, 0), r"kernel_size must be positive, got \(0, 0\)"),
+    (lambda: nn.ConvTranspose2d(3, 4, 3, stride=0), "stride must be positive"),
+    (lambda: nn.Conv1d(3, 4, 3, padding=(1, 2)), r"padding must be an int or a 1-tuple, got \(1, 2\)"),
+    (lambda: nn.Conv1d(3, 4, 3, dilation=0), "dilation must be positive"),
+])
+def test_bad_convolution_arguments_are_refused_by_name(build, message):
+    """groups=0 and kernel 0 failed as divisions by zero; Conv1d took padding (1, 2) as 1."""
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_a_transposed_convolution_too_small_to_have_an_output_is_refused():
+    """padding=1 gave an empty result; padding=3 named an internal op and a 'not 4-D' shape."""
+    x = np.ones((1, 3, 2, 2), np.float32)
+    for padding, size in ((1, "0 x 0"), (3, "-4 x -4")):
+        with pytest.raises(ShapeError, match=f"conv_transpose2d: the output would be {size} per channel"):
+            gc.jit(nn.ConvTranspose2d(3, 4, 1, padding=padding))(x)

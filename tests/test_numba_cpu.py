@@ -767,3 +767,4 @@ def test_degenerate_graphs_and_empty_arrays():
         b.conv2d(v, w, padding=1), b.max_pool2d(v, kernel=2, stride=2),
         b.conv2d_weight_grad(v, b.conv2d(v, w, padding=1), weight_shape=(3, 2, 3, 3), padding=1),
         b.sum(b.exp(p), axes=(1,)), b.matmul(p, q), b.max(q, axes=(1,))]), empty)
+

@@ -1,6 +1,7 @@
 """Edge cases of the fit loop, the `graphc train` command, the data helpers and the metrics: one
 regression test per bug, each failing before its fix."""
 import faulthandler
+import hashlib
 import json
 import math
 import struct
@@ -376,9 +377,10 @@ def test_a_checkpoint_brings_back_the_learning_rates(tmp_path):
     metadata = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]
     for rates, error in ((None, None), ("[0.1]", "expected 2 finite non-negative rates"),
                          ('[0.1, "x"]', "expected 2"), ("[0.1, NaN]", "expected 2")):
-        changed = {k: v for k, v in metadata.items() if k != "learning_rates"}
-        if rates is not None:
+        changed = {k: v for k, v in metadata.items() if "learning_rates" not in k}
+        if rates is not None:  # a crafted file: its checksum matches (anyone can recompute one)
             changed["learning_rates"] = rates
+            changed["sha256:learning_rates"] = hashlib.sha256(rates.encode()).hexdigest()
         with open(tmp_path / "other", "wb") as f:
             f.write(save(arrays, metadata=changed))
         resumed_opt.lr = 0.5
@@ -392,3 +394,69 @@ def test_a_checkpoint_brings_back_the_learning_rates(tmp_path):
                 load_checkpoint(str(tmp_path / "other"), resumed)
             assert (resumed.model.state_dict()["0.weight"] == 7.0).all() and resumed_opt.lr == 0.5
             resumed.model.state_dict()["0.weight"][:] = before
+
+
+def test_a_process_forked_after_parallel_kernels_ran_gets_an_error_not_a_hang():
+    """GNU OpenMP killed the forked child at its first parallel region, and a Pool waiting
+    on it hung for ever; the child now raises, saying what to do."""
+    import multiprocessing
+    import os
+
+    import numba
+
+    from graphc.backends.numba_cpu.codegen_common import kernel_threads
+    if kernel_threads() < 2 or not hasattr(os, "fork"):
+        pytest.skip("needs parallel kernels and fork")
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU())
+    x = np.ones((256, 512), np.float32)
+    run = gc.compile(model, (x,), backend="numba-cpu")
+    for _ in range(2):
+        run(x)
+    if numba.threading_layer() != "omp":
+        pytest.skip("another threading layer survives fork")
+    _FORKED["run"] = run  # the child inherits it (a compiled model does not pickle)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        with pytest.raises(gc.GraphcError, match="forked after its parent ran them.*'spawn'"):
+            pool.apply_async(_call_forked, (x,)).get(timeout=120)
+
+
+_FORKED: dict = {}
+
+
+def _call_forked(x):
+    return _FORKED["run"](x)
+
+
+def test_threads_calling_one_training_step_at_two_batch_sizes_take_turns():
+    """Each batch size has its own executable (and lock): two threads stepping at batch 8 and
+    256 ran at once and lost updates, each step reading weights the other was writing."""
+    import threading
+    import time
+
+    gc.manual_seed(0)
+    model = nn.Linear(64, 64)
+    x, y = np.ones((256, 64), np.float32), np.zeros(256, np.float32)
+    step = gc.compile_train_step(model, lambda out, t: out.mean() + 0.0 * t.sum(),
+                                 optim.SGD(model.parameters(), lr=0.01), (x[:8], y[:8]))
+    step(x, y)  # both sizes compiled
+    running, most = [0], [0]
+
+    def watched(executable):
+        def call(*args):
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            time.sleep(0.002)  # long enough for the other thread to come in, were it let
+            try:
+                return executable(*args)
+            finally:
+                running[0] -= 1
+        return call
+    for compiled in step._compiled.values():
+        compiled.executable = watched(compiled.executable)
+    threads = [threading.Thread(target=lambda n=n: [step(x[:n], y[:n]) for _ in range(20)])
+               for n in (8, 256)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1 and step.step_count == 41

@@ -34,6 +34,7 @@ from graphc.backends.kernel_files import signature_of
 from graphc.backends.profile import ProfileReport, ProfileRow
 from graphc.backends.signature import InputSignature
 from graphc.ir import Graph, Node, TensorType, Value
+from graphc.ir.errors import GraphcError
 from graphc.ir.memory import ALIGNMENT, MemoryPlan, Storage
 
 from .blas import single_threaded_scipy_blas
@@ -172,6 +173,7 @@ class Executable(PlannedExecutable):
         # unpinned, with threads to spare and parallel kernels to run on them: calls pick all of
         # the threads or one by their times (thread_choice.py)
         parallel = any(call.parallel for k in self.kernels for call in k.generated.calls)
+        self._parallel = parallel
         self._thread_choice = (ThreadChoice(kernel_threads())
                                if self._threads is None and kernel_threads() > 1 and parallel else None)
         self._untimed_calls = 1  # the first call pages the arena in
@@ -275,6 +277,15 @@ class Executable(PlannedExecutable):
 
     # -- calling ------------------------------------------------------------------------------
     def __call__(self, *args: Any) -> list[np.ndarray]:
+        if self._parallel:
+            _refuse_a_forked_child(self.graph.name)
+        try:
+            return self._call(args)
+        finally:
+            if self._parallel and _OPENMP_PROCESS[0] is None:
+                _refuse_a_forked_child(self.graph.name)  # notes this process as OpenMP's
+
+    def _call(self, args: Sequence[Any]) -> list[np.ndarray]:
         with self._lock:
             if self._upgrade is not None and self._upgrade.ready():
                 self._take_upgrade()
@@ -440,6 +451,30 @@ class Executable(PlannedExecutable):
 
 # Executables whose final kernels compile in the background (finish_compiling).
 _UPGRADING: weakref.WeakSet[Executable] = weakref.WeakSet()
+
+
+# The process whose parallel kernels started GNU OpenMP's thread team (None: none has). A child
+# forked from it is killed by GNU OpenMP at its first parallel region ("fork() called from a
+# process already using GNU OpenMP"), and a Pool waiting on it hangs.
+_OPENMP_PROCESS: list[int | None] = [None]
+
+
+def _refuse_a_forked_child(name: str) -> None:
+    """Raise in a process forked after its parent ran parallel kernels on GNU OpenMP; note the
+    first process that runs them."""
+    owner, pid = _OPENMP_PROCESS[0], os.getpid()
+    if owner == pid:
+        return
+    if owner is not None:
+        raise GraphcError(f"{name}: graphc's parallel kernels cannot run in a process forked after "
+                          "its parent ran them (GNU OpenMP kills the child): start worker processes "
+                          "with multiprocessing's 'spawn' or 'forkserver' method, or set "
+                          "GRAPHC_NUM_THREADS=1 before importing graphc in the parent")
+    try:
+        if numba.threading_layer() == "omp":  # after the first parallel kernel: known from here
+            _OPENMP_PROCESS[0] = pid
+    except ValueError:  # no parallel kernel has run yet
+        pass
 
 
 def finish_compiling() -> None:

@@ -461,6 +461,10 @@ class DataParallelStep(TrainStep):
 
     @user_facing
     def __call__(self, *batch: Any) -> float:
+        with self._turn:  # calls from several threads take turns, as a single-process step's
+            return self._step(batch)
+
+    def _step(self, batch: Sequence[Any]) -> float:
         rebound = self._follow_module_tree()
         gradients, args = self._arguments(batch)
         if rebound:  # the model's buffers, averaged in the update graph, may be others now

@@ -14,9 +14,12 @@ from .module import Module
 __all__ = ["Conv1d", "ConvTranspose2d"]
 
 
-def _one(v: Any) -> tuple[int]:
+def _one(v: Any, name: str = "size") -> tuple[int]:
     """PyTorch's 1-tuple form of a size (an int or a 1-tuple)."""
-    return (int(v),) if isinstance(v, int) else tuple(int(d) for d in v)  # type: ignore[return-value]
+    sizes = (int(v),) if isinstance(v, int) else tuple(int(d) for d in v)
+    if len(sizes) != 1:
+        raise ValueError(f"Conv1d: {name} must be an int or a 1-tuple, got {v!r}")
+    return sizes  # type: ignore[return-value]
 
 
 class Conv1d(Module):
@@ -27,16 +30,18 @@ class Conv1d(Module):
                  padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
                  padding_mode: str = "zeros") -> None:
         super().__init__()
+        (kernel,) = _one(kernel_size, "kernel_size")
+        F.check_conv_arguments("Conv1d", (kernel,), _one(stride, "stride"), _one(dilation, "dilation"),
+                               groups)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"Conv1d: channels ({in_channels}, {out_channels}) must be divisible "
                              f"by groups={groups}")
         if padding_mode not in F.CONV_PADDING_MODES:
             raise ValueError(f"Conv1d: padding_mode must be one of {sorted(F.CONV_PADDING_MODES)}, "
                              f"got {padding_mode!r}")
-        (kernel,) = _one(kernel_size)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kernel,)
-        self.stride, self.dilation = _one(stride), _one(dilation)
-        self.padding = padding if isinstance(padding, str) else _one(padding)
+        self.stride, self.dilation = _one(stride, "stride"), _one(dilation, "dilation")
+        self.padding = padding if isinstance(padding, str) else _one(padding, "padding")
         F.conv_padding("Conv1d", self.padding, self.kernel_size, self.stride, self.dilation)  # checked now
         self.padding_mode = padding_mode
         self.groups, self.has_bias = groups, bias
@@ -44,6 +49,8 @@ class Conv1d(Module):
         self.weight = uniform((out_channels, in_channels // groups, kernel), bound)
         if bias:
             self.bias = uniform((out_channels,), bound)
+        else:  # registered as absent: `layer.bias is None`, as in PyTorch
+            self.register_parameter("bias", None)
 
     def forward(self, x: Any) -> Tensor:
         return F.conv1d(x, self.weight, self.bias if self.has_bias else None, self.stride,
@@ -63,6 +70,8 @@ class ConvTranspose2d(Module):
                  padding: Any = 0, output_padding: Any = 0, groups: int = 1, bias: bool = True,
                  dilation: Any = 1) -> None:
         super().__init__()
+        F.check_conv_arguments("ConvTranspose2d", _pair(kernel_size), _pair(stride), _pair(dilation),
+                               groups)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"ConvTranspose2d: channels ({in_channels}, {out_channels}) must be "
                              f"divisible by groups={groups}")
@@ -74,6 +83,8 @@ class ConvTranspose2d(Module):
         self.weight = uniform((in_channels, out_channels // groups, kh, kw), bound)
         if bias:
             self.bias = uniform((out_channels,), bound)
+        else:  # registered as absent: `layer.bias is None`, as in PyTorch
+            self.register_parameter("bias", None)
 
     def forward(self, x: Any) -> Tensor:
         return F.conv_transpose2d(x, self.weight, self.bias if self.has_bias else None, self.stride,

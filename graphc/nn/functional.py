@@ -121,6 +121,17 @@ CONV_PADDING_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "r
                       "circular": "circular"}  # PyTorch's padding_mode -> F.pad's mode
 
 
+def check_conv_arguments(layer: str, kernel: Sequence[int], stride: Sequence[int],
+                         dilation: Sequence[int], groups: Any) -> None:
+    """Refuse, as PyTorch does, a convolution layer's sizes below 1 and groups that are no
+    positive integer (they failed later as divisions by zero)."""
+    if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"{layer}: groups must be a positive integer, got {groups!r}")
+    for name, sizes in (("kernel_size", kernel), ("stride", stride), ("dilation", dilation)):
+        if min(sizes) < 1:
+            raise ValueError(f"{layer}: {name} must be positive, got {tuple(sizes)}")
+
+
 def conv_padding(op: str, padding: Any, kernel: Sequence[int], stride: Sequence[int],
                  dilation: Sequence[int]) -> tuple[tuple[int, int], ...]:
     """(before, after) widths per spatial axis for PyTorch's `padding`: an int or one per axis,
@@ -128,6 +139,9 @@ def conv_padding(op: str, padding: Any, kernel: Sequence[int], stride: Sequence[
     extra cell after, as PyTorch does)."""
     if not isinstance(padding, str):
         widths = [int(padding)] * len(kernel) if isinstance(padding, int) else [int(p) for p in padding]
+        if len(widths) != len(kernel) or min(widths) < 0:
+            raise ShapeError(f"{op}: padding must be one non-negative int or {len(kernel)} of them, "
+                             f"got {padding!r} (at {user_location()})")
         return tuple((p, p) for p in widths)
     if padding == "valid":
         return ((0, 0),) * len(kernel)
@@ -142,9 +156,13 @@ def conv_padding(op: str, padding: Any, kernel: Sequence[int], stride: Sequence[
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0,
            dilation: Any = 1, groups: int = 1, padding_mode: str = "zeros") -> Tensor:
-    """PyTorch's F.conv2d; `padding` may be 'valid' or 'same', and `padding_mode` (as Conv2d's)
-    fills the padding by reflecting, replicating or wrapping the input instead of with zeros."""
+    """PyTorch's F.conv2d over (N, C, H, W) or one unbatched (C, H, W) input; `padding` may be
+    'valid' or 'same', and `padding_mode` (as Conv2d's) fills the padding by reflecting,
+    replicating or wrapping the input instead of with zeros."""
     x, weight = as_tensor(x), as_tensor(weight)
+    if x.ndim == 3:
+        return conv2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups,
+                      padding_mode).squeeze(0)
     if padding_mode not in CONV_PADDING_MODES:
         raise ValueError(f"conv2d: padding_mode must be one of {sorted(CONV_PADDING_MODES)}, "
                          f"got {padding_mode!r}")
@@ -165,6 +183,9 @@ def conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
     convolution with that weight, taken with respect to its input, whose height is
     (H - 1) stride - 2 padding + dilation (kH - 1) + output_padding + 1 (and likewise the width)."""
     x, weight = as_tensor(x), as_tensor(weight)
+    if x.ndim == 3:  # one unbatched (C_in, H, W) input, as PyTorch takes
+        return conv_transpose2d(x.unsqueeze(0), weight, bias, stride, padding, output_padding,
+                                groups, dilation).squeeze(0)
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     output_padding = _pair(output_padding)
     if x.ndim != 4 or weight.ndim != 4 or weight.shape[0] != x.shape[1] or x.shape[1] % groups:
@@ -184,6 +205,10 @@ def conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
     else:
         size = tuple((n - 1) * s - 2 * p + d * (k - 1) + o + 1 for n, s, p, d, k, o
                      in zip(x.shape[2:], stride, padding, dilation, weight.shape[2:], output_padding))
+        if min(size) < 1:
+            raise ShapeError(f"conv_transpose2d: the output would be {size[0]} x {size[1]} per "
+                             f"channel for input {x.shape}, weight {weight.shape}, stride {stride} "
+                             f"and padding {padding}: too small (at {user_location()})")
         out = bind("conv2d_input_grad", x, weight,
                    input_shape=(x.shape[0], weight.shape[1] * groups, *size),
                    stride=stride, padding=padding, dilation=dilation, groups=groups)

@@ -43,6 +43,8 @@ class Linear(Module):
         self.weight = uniform((out_features, in_features), bound)
         if bias:
             self.bias = uniform((out_features,), bound)
+        else:  # registered as absent: `layer.bias is None`, as in PyTorch
+            self.register_parameter("bias", None)
         self.has_bias = bias
 
     def forward(self, x: Tensor) -> Tensor:
@@ -57,6 +59,7 @@ class Conv2d(Module):
                  padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
                  padding_mode: str = "zeros") -> None:
         super().__init__()
+        F.check_conv_arguments("Conv2d", _pair(kernel_size), _pair(stride), _pair(dilation), groups)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"Conv2d: channels ({in_channels}, {out_channels}) must be divisible "
                              f"by groups={groups}")
@@ -74,6 +77,8 @@ class Conv2d(Module):
         self.weight = uniform((out_channels, in_channels // groups, kh, kw), bound)
         if bias:
             self.bias = uniform((out_channels,), bound)
+        else:  # registered as absent: `layer.bias is None`, as in PyTorch
+            self.register_parameter("bias", None)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.weight, self.bias if self.has_bias else None, self.stride,

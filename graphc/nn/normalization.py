@@ -73,13 +73,20 @@ class _BatchNorm(Module):
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
+        # what a setting leaves out is registered as absent (None), as in PyTorch
         if affine:
             self.weight = Parameter(np.ones(num_features, dtype=np.float32))
             self.bias = Parameter(np.zeros(num_features, dtype=np.float32))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
         if track_running_stats:
             self.register_buffer("running_mean", np.zeros(num_features, dtype=np.float32))
             self.register_buffer("running_var", np.ones(num_features, dtype=np.float32))
             self.register_buffer("num_batches_tracked", np.zeros((), dtype=np.int64))
+        else:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, None)
 
     def forward(self, x: Tensor) -> Tensor:
         x = as_tensor(x)
@@ -175,10 +182,15 @@ class LayerNorm(Module):
         shape = _normalized_shape(normalized_shape)
         self.normalized_shape, self.eps = shape, eps
         self.elementwise_affine, self.has_bias = elementwise_affine, elementwise_affine and bias
+        # what a setting leaves out is registered as absent (None), as in PyTorch
         if elementwise_affine:
             self.weight = Parameter(np.ones(shape, dtype=np.float32))
+        else:
+            self.register_parameter("weight", None)
         if self.has_bias:
             self.bias = Parameter(np.zeros(shape, dtype=np.float32))
+        else:
+            self.register_parameter("bias", None)
 
     def forward(self, x: Tensor) -> Tensor:
         return layer_norm(x, self.normalized_shape,
@@ -221,6 +233,9 @@ class GroupNorm(Module):
         if affine:
             self.weight = Parameter(np.ones(num_channels, dtype=np.float32))
             self.bias = Parameter(np.zeros(num_channels, dtype=np.float32))
+        else:  # registered as absent (None), as in PyTorch
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
 
     def forward(self, x: Tensor) -> Tensor:
         x = as_tensor(x)
