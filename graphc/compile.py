@@ -588,6 +588,9 @@ def compile_train_step(model: Module, loss_fn: Callable[..., Tensor], optimizer:
 
 @user_facing
 def compile(model: Module, example_inputs: Any, backend: str | None = None) -> CompiledModel:
-    """Compile the model's inference (eval mode) for inputs shaped like `example_inputs`."""
+    """Compile the model's inference (eval mode) for inputs shaped like `example_inputs`.
+    Tracing it (here, and at a call with a new input signature) sets the modules to eval mode
+    for the time of the trace: another thread calling the same modules meanwhile (a training
+    step, gc.jit) would run, or compile, them in eval mode; compile before sharing them."""
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     return CompiledModel(model, inputs, backend)
