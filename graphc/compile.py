@@ -44,8 +44,8 @@ from .nn.module import (Module, claim_state, functional_call, named_arrays, name
 from .optim import Optimizer
 from .scan_lowering import SegmentedExecutable, SegmentedMemoryPlan
 from .step_builder import StepBuilder, StepSpec, batch_arrays, trace_gradients
-from .tensor import (ModuleReads, Tensor, as_tensor, module_structure, current_trace, is_tracing,
-                     matching_variant, module_tree_edits, tracing)
+from .tensor import (ModuleReads, Tensor, as_tensor, current_trace, is_tracing, matching_variant,
+                     module_structure, module_tree_edits, tracing)
 from .tree import LEAF, flatten, unflatten
 
 log = logging.getLogger("graphc")
@@ -402,8 +402,9 @@ class TrainStep(_CompiledModelBase):
         self._compiled, self._last = {}, None
 
     def _follow_module_tree(self) -> bool:
-        """Where a layer was replaced since compiling, bind the model as it is now (refusing a
-        replaced trained layer or parameter) and forget the compiled graphs; whether it was."""
+        """Where a layer was replaced or a setting changed since compiling, bind the model as it
+        is now (refusing a replaced trained layer or parameter) and forget the compiled graphs;
+        whether it did."""
         if not self._module_tree_changed():
             return False
         log.warning("graphc: %s: the model's modules or their settings changed since it was "
@@ -417,12 +418,13 @@ class TrainStep(_CompiledModelBase):
         """The time of every kernel of this step on `batch` (a ProfileReport; None where the
         backend times no kernels), over `repeat` runs on copies of the weights and optimizer
         state: profiling does not train."""
-        compiled, args = self._arguments(batch)
-        profile = getattr(compiled.executable, "profile", None)
-        if profile is None:
-            return None
-        self.release_state()
-        return profile(*args, repeat=repeat, show=show)
+        with self._turn:
+            compiled, args = self._arguments(batch)
+            profile = getattr(compiled.executable, "profile", None)
+            if profile is None:
+                return None
+            self.release_state()
+            return profile(*args, repeat=repeat, show=show)
 
     def check_numerics(self, *batch: Any) -> Any:
         """Rerun this step on `batch` through the reference interpreter, without updating

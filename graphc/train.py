@@ -55,7 +55,7 @@ def atomic_write(path: str, write: Callable[[Any], None]) -> None:
         os.replace(tmp, path)
     except BaseException as error:
         os.unlink(tmp)
-        if isinstance(error, OSError) and not isinstance(error, LoadError):
+        if isinstance(error, OSError):
             raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}", path) from error
         raise
     dir_fd = os.open(directory, os.O_RDONLY)
@@ -174,12 +174,11 @@ def load_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
         data = read_at_most(f, limit, path)
     metadata, arrays = _parse_checkpoint(path, data)
     # A parameter's own step count ("optim/<param>/step") is kept only where it differs from the
-    # step's (graphc.optim): one this optimizer lacks is made (the step compiles again to read
-    # it); one the file lacks counted the step's.
-    counted = [k.split("/")[1] for k in arrays if _own_step_count(k) and k not in own]
-    if counted and isinstance(step, TrainStep) and all(n in step.opt_state for n in counted):
-        step.count_own_steps(counted)
-        own = training_state(step)
+    # step's (graphc.optim): one the file lacks counted the step's; one this optimizer lacks
+    # (its group added later in the run that wrote the file) is made once the file checks out,
+    # and the step compiles again to read it.
+    counted = _step_counts_to_make(step, [k for k in arrays if k not in own])
+    own = {**own, **{k: np.zeros((), np.float32) for k in counted}}  # the shapes to check
     data = {k: v.reshape(()) if own.get(k) is not None and own[k].ndim == 0 and v.size == 1 else v
             for k, v in arrays.items()}
     if "step" in data:
@@ -199,6 +198,9 @@ def load_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
             if name in arrays and metadata.get(f"sha256/{name}") != tensor_digest(array):
                 raise LoadError(path, "fails its checksum: the checkpoint is corrupted", name)
     rates = _checkpoint_rates(path, metadata, len(learning_rates(step)))
+    if counted:
+        step.count_own_steps([k.split("/")[1] for k in counted])
+        own = training_state(step)
     for name, array in data.items():
         np.copyto(own[name], array)
     if rates is not None:
@@ -221,6 +223,15 @@ def _checkpoint_rates(path: str, metadata: dict[str, str], groups: int) -> list[
         raise LoadError(path, f"learning_rates: expected {groups} finite non-negative rates (one per "
                         f"parameter group), got {metadata['learning_rates']!r:.80}")
     return [float(r) for r in rates]
+
+
+def _step_counts_to_make(step: TrainStep | LoadedTrainStep, names: list[str]) -> list[str]:
+    """Of a checkpoint's tensors `names` that `step` lacks, the parameters' own step counts its
+    optimizer can take up."""
+    if not isinstance(step, TrainStep):
+        return []
+    return [k for k in names if _own_step_count(k) and k.split("/")[1] in step.opt_state
+            and step.optimizer.keeps_own_steps(step.params[k.split("/")[1]])]
 
 
 def _own_step_count(name: str) -> bool:

@@ -329,6 +329,16 @@ def test_a_group_added_later_counts_its_own_steps_as_pytorch(tmp_path):
                                        **{f"sha256/{k}": tensor_digest(v) for k, v in arrays.items()}}))
     load_checkpoint(str(tmp_path / "older"), resumed)
     assert resumed.opt_state["first.weight"]["step"] == 6 == resumed.step_count
+    # a refused file changes nothing: its own step counts are not taken up first
+    with open(tmp_path / "ckpt", "rb") as f:
+        data = bytearray(f.read())
+    data[-1] ^= 0x40  # the last tensor's last byte: it fails its checksum
+    with open(tmp_path / "corrupted", "wb") as f:
+        f.write(bytes(data))
+    _, _, fresh = build(added=True)
+    with pytest.raises(gc.GraphcError, match="fails its checksum"):
+        load_checkpoint(str(tmp_path / "corrupted"), fresh)
+    assert "step" not in fresh.opt_state["first.weight"]
 
     gc.manual_seed(0)
     model = nn.Linear(3, 2)

@@ -335,7 +335,7 @@ def avg_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0
                divisor_override: int | None = None) -> Tensor:
     """PyTorch's F.avg_pool2d over the last two axes of (N, C, H, W) or (C, H, W) input."""
     x = as_tensor(x)
-    if divisor_override is not None and divisor_override == 0:
+    if divisor_override == 0:
         raise ValueError(f"avg_pool2d: divisor_override must not be zero (at {user_location()})")
     if _unbatched_plane("avg_pool2d", x):
         return avg_pool2d(x.unsqueeze(0), kernel_size, stride, padding, ceil_mode, count_include_pad,

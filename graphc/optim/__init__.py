@@ -191,10 +191,14 @@ class Optimizer:
             state.setdefault(name, array)
         return state
 
+    def keeps_own_steps(self, param: np.ndarray) -> bool:
+        """Whether `param` can count steps of its own: its rule reads a step count."""
+        return self.counts_steps(self._group_of(param))
+
     def count_own_steps(self, param: np.ndarray) -> None:
         """Give `param` a step count of its own ("step" slot, from 0), where its rule reads one:
         its updates no longer read the optimizer's count."""
-        if self.counts_steps(self._group_of(param)):
+        if self.keeps_own_steps(param):
             self._state.setdefault(id(param), {})["step"] = np.zeros((), np.float32)
 
     def rule(self, p: Tensor, g: Tensor, state: dict[str, Tensor], lr: Tensor, step: Tensor,
