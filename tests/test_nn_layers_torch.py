@@ -45,6 +45,13 @@ PADS = {
     "reflect_two_dims": ((2, 3, 1, 2), "reflect", None),
     "replicate_two_dims": ((3, 0, 2, 4), "replicate", None),
     "circular_two_dims": ((2, 1, 0, 3), "circular", None),
+    # negative widths crop in every mode: reflect and replicate mirror or repeat the input's
+    # own edges (a crop on one side, a pad reaching past it on the other), circular wraps
+    # what the crop leaves
+    "reflect_negative_crops": ((-2, 3, 2, -3), "reflect", None),
+    "reflect_crop_and_pad_one_side_each": ((-4, 1, -1, -1), "reflect", None),
+    "replicate_negative_crops": ((-3, 2, 4, -1), "replicate", None),
+    "circular_negative_crops": ((-2, 1, 1, -2), "circular", None),
 }
 
 
@@ -59,8 +66,13 @@ def test_pad_matches_pytorch(case):
 
 def test_pad_refuses_widths_pytorch_refuses():
     x = np.zeros((1, 2, 3, 3), np.float32)
-    with pytest.raises(ShapeError, match=r"reflect padding of \(3, 0\) needs widths in \[0, 2\]"):
+    with pytest.raises(ShapeError, match=r"reflect padding of \(3, 0\) .* widths below the dimension's size 3"):
         gc.jit(lambda x: F.pad(x, (3, 0), mode="reflect"), backend="reference")(x)
+    with pytest.raises(ShapeError, match=r"replicate padding of \(-2, -1\) .* leave no output"):
+        gc.jit(lambda x: F.pad(x, (-2, -1), mode="replicate"), backend="reference")(x)
+    # PyTorch reads memory outside the input for these
+    with pytest.raises(ShapeError, match=r"circular padding of \(-2, 2\) .* widths up to 1"):
+        gc.jit(lambda x: F.pad(x, (-2, 2), mode="circular"), backend="reference")(x)
     with pytest.raises(ShapeError, match="an even number of widths"):
         gc.jit(lambda x: F.pad(x, (1, 1, 1)), backend="reference")(x)
 

@@ -502,9 +502,10 @@ def adaptive_max_pool2d(input: Any, output_size: Any, return_indices: bool = Fal
 
 def pad(input: Tensor, pad: Sequence[int], mode: str = "constant", value: float | None = None) -> Tensor:
     """PyTorch's F.pad: `pad` lists (before, after) widths from the last dimension backwards,
-    (left, right, top, bottom, ...). Modes: 'constant' (filled with `value`, default 0; a
-    negative width crops), 'reflect' (mirrored without repeating the edge), 'replicate' (the
-    edge repeated) and 'circular' (wrapped around)."""
+    (left, right, top, bottom, ...). Modes: 'constant' (filled with `value`, default 0),
+    'reflect' (mirrored without repeating the edge), 'replicate' (the edge repeated) and
+    'circular' (wrapped around). In every mode a negative width crops, as in PyTorch: reflect
+    and replicate mirror or repeat the input's own edges, circular wraps the cropped axis."""
     x = as_tensor(input)
     widths = [int(w) for w in pad]
     if len(widths) % 2 or len(widths) // 2 > x.ndim:
@@ -520,16 +521,12 @@ def pad(input: Tensor, pad: Sequence[int], mode: str = "constant", value: float 
     if value:
         raise ValueError(f"pad: a fill value ({value}) only applies to mode='constant'")
     for axis, (before, after) in per_axis.items():
-        size = x.shape[axis]
-        # reflect mirrors at most the axis less its edge, circular wraps it once; replicate
-        # repeats the edge any number of times (as PyTorch's)
-        limit = {"reflect": size - 1, "circular": size}.get(mode, max(before, after, 0))
-        if min(before, after) < 0 or max(before, after) > limit:
-            raise ShapeError(f"pad: {mode} padding of ({before}, {after}) needs widths in "
-                             f"[0, {limit}] for dimension {axis} of size {size}, input shape "
-                             f"{x.shape} (at {user_location()})")
+        problem = _pad_width_problem(mode, x.shape[axis], before, after)
+        if problem:
+            raise ShapeError(f"pad: {mode} padding of ({before}, {after}) for dimension {axis} of "
+                             f"input shape {x.shape}: {problem} (at {user_location()})")
         if before or after:
-            x = bind("gather", x, as_tensor(_pad_source_indices(mode, size, before, after)),
+            x = bind("gather", x, as_tensor(_pad_source_indices(mode, x.shape[axis], before, after)),
                      axis=axis, wrap_negative=False)
     return x
 
@@ -553,13 +550,29 @@ def _pad_constant(x: Tensor, per_axis: dict[int, tuple[int, int]], value: float)
     return bind("pad", x, pads=widths, value=float(value))
 
 
+def _pad_width_problem(mode: str, size: int, before: int, after: int) -> str | None:
+    """What is wrong with these widths of a reflect, replicate or circular pad (PyTorch's
+    limits), or None."""
+    if size + before + after < (0 if mode == "circular" else 1):  # PyTorch's limits
+        return f"the {size} elements less the crop leave no output"
+    if mode == "reflect" and max(before, after) >= size:
+        return f"reflection needs widths below the dimension's size {size}"
+    kept = size + min(before, 0) + min(after, 0)  # circular wraps what the crop leaves
+    if mode == "circular" and max(before, after) > kept:
+        return f"circular padding wraps at most once: widths up to {kept} (the elements left after the crop)"
+    return None
+
+
 def _pad_source_indices(mode: str, size: int, before: int, after: int) -> np.ndarray:
-    """For each position of the padded axis, the input position it copies."""
+    """For each position of the padded axis, the input position it copies (a negative width
+    crops: its positions are dropped)."""
     positions = np.arange(-before, size + after)
     if mode == "replicate":
         return np.clip(positions, 0, size - 1)
     if mode == "circular":
-        return positions % size
+        start = max(-before, 0)
+        kept = size + min(before, 0) + min(after, 0)
+        return start + (positions - start) % max(kept, 1)  # kept 0: no positions
     period = 2 * (size - 1)  # reflect: ... 2 1 [0 1 2 ... n-1] n-2 ...
     folded = np.abs(positions) % period if period else np.zeros_like(positions)
     return np.where(folded < size, folded, period - folded)
