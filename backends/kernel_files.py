@@ -234,15 +234,17 @@ class KernelFiles:
         records; written if not (a damaged entry is purged, counted in `stats.rebuilt`, and
         replaced)."""
         path = self.path(key)
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                if f.read() == source.encode() and kernel_manifest.bytecode_intact(path):
-                    return True
+        if os.path.lexists(path):
+            if kernel_manifest.file_bytes(path) == source.encode() and kernel_manifest.bytecode_intact(path):
+                return True
             # Rewritten in place, not deleted first: another process (an MPI rank, a compile
             # worker) may be writing this very entry, and every write is an atomic rename of the
-            # same bytes. The JIT's files for it go (the new manifest lists none).
+            # same bytes. The JIT's files for it go (the new manifest lists none), and whatever
+            # is not a file.
             self._rebuilding(path)
             self._purge_compiled(key, os.path.join(self.directory, BYTECODE_FOLDER))
+            for file in (path, kernel_manifest.bytecode_path(path), kernel_manifest.manifest_path(path)):
+                kernel_manifest.discard_if_not_a_file(file)
             sys.modules.pop(self.module_name(key), None)
             stats.rebuilt += 1
         self._write_source(key, source)
@@ -276,6 +278,8 @@ class KernelFiles:
                 os.remove(file)
             except FileNotFoundError:
                 pass  # another process purged it first
+            except IsADirectoryError:
+                kernel_manifest.discard_if_not_a_file(file)
 
     def _import(self, key: str, entry: str) -> Any:
         """The function `entry` of the kernel's module, imported from its file."""

@@ -7,6 +7,9 @@ wrong code. So whoever compiles a kernel (this process or a compile worker) reco
 of its files in ``k_<key>.manifest.json`` beside the module, and a file is only loaded after its
 digest is checked against that record; an entry that does not match is deleted and rebuilt.
 
+Something other than a regular file in an entry's place (a folder, a FIFO, a device) counts as
+damage too, found without reading it: a FIFO would block its reader for ever.
+
 The manifest protects against damage, not against people: it lives in the same directory as
 the files it covers, so the directory itself must be writable by this user alone
 (kernel_files.usable_cache_dir checks that). It is JSON, which reading cannot run code.
@@ -19,6 +22,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import stat
 import tempfile
 
 PRIVATE_FILE_MODE = 0o600
@@ -45,19 +50,49 @@ def compiled_files(module_path: str, compiled_in: str | None, names: list[str] |
                   if name.startswith(prefix) and not name.startswith(bytecode) and ".tmp." not in name)
 
 
-def _digest(path: str) -> str | None:
+NOT_A_FILE = "not a regular file"  # the digest of a folder, FIFO or device in a file's place
+
+
+def file_bytes(path: str) -> bytes | None:
+    """The contents of the regular file at `path` (a link to one included); None where there is
+    none or something else is there. Opened without blocking: a FIFO is seen, not waited on."""
     try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
         return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def discard_if_not_a_file(path: str) -> None:
+    """Remove what is at `path` where it is not a regular file (or a link to one): a write's
+    atomic rename cannot replace a folder, and a reader would hang on a FIFO."""
+    if not os.path.lexists(path) or file_bytes(path) is not None:
+        return
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass  # another process removed it first
+
+
+def _digest(path: str) -> str | None:
+    data = file_bytes(path)
+    if data is None:
+        return NOT_A_FILE if os.path.lexists(path) else None
+    return hashlib.sha256(data).hexdigest()
 
 
 def _read(module_path: str) -> dict | None:
+    data = file_bytes(manifest_path(module_path))
     try:
-        with open(manifest_path(module_path)) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
+        manifest = json.loads(data) if data is not None else None
+    except ValueError:
         return None
     return manifest if isinstance(manifest, dict) else None
 
@@ -77,6 +112,7 @@ def record(module_path: str, compiled_in: str | None) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(module_path), suffix=".tmp")  # mode 0600
     with os.fdopen(fd, "w") as f:
         json.dump(manifest, f)
+    discard_if_not_a_file(manifest_path(module_path))
     os.replace(tmp, manifest_path(module_path))
 
 

@@ -64,7 +64,21 @@ DAMAGE = {
     "truncated .nbi": lambda d: truncate(only(d / "__pycache__" / "*.nbi")),
     "swapped .nbc": lambda d: swap(*sorted(glob.glob(str(d / "__pycache__" / "*.nbc")))),
     ".py edited in place": lambda d: open(only(d / "k_*.py"), "a").write("# edited\n"),
+    # files that are not regular files: reading a FIFO would wait for a writer for ever
+    ".py replaced by a folder": lambda d: replace_by(only(d / "k_*.py"), os.mkdir),
+    ".py replaced by a FIFO": lambda d: replace_by(only(d / "k_*.py"), os.mkfifo),
+    ".pyc replaced by a FIFO": lambda d: replace_by(only(d / "__pycache__" / "*.pyc"), os.mkfifo),
+    "manifest replaced by a folder": lambda d: replace_by(only(d / "k_*.manifest*"), os.mkdir),
+    "manifest replaced by a FIFO": lambda d: replace_by(only(d / "k_*.manifest*"), os.mkfifo),
+    ".nbi replaced by a FIFO": lambda d: replace_by(only(d / "__pycache__" / "*.nbi"), os.mkfifo),
+    ".nbc replaced by a folder": lambda d: replace_by(
+        sorted(glob.glob(str(d / "__pycache__" / "*.nbc")))[0], os.mkdir),
 }
+
+
+def replace_by(path, make):
+    os.remove(path)
+    make(path)
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
