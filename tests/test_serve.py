@@ -420,3 +420,30 @@ def test_sigterm_answers_the_request_in_flight_and_exits_0(model_path):
         status, answer = pending.result(timeout=30)
     assert status == 200 and answer["version"] == 1
     assert server.process.wait(timeout=30) == 0
+
+
+def test_sigterm_answers_a_request_whose_body_is_still_arriving(model_path):
+    """Draining waits for the requests in flight before it closes connections: one whose upload
+    SIGTERM cut in two is read to its end and answered."""
+    import socket
+    from urllib.parse import urlsplit
+
+    server = Server(model_path)
+    address = urlsplit(server.url)
+    body = json.dumps({"inputs": samples(1, 9).tolist()}).encode()
+    with socket.create_connection((address.hostname, address.port), timeout=30) as connection:
+        connection.sendall(f"POST /v1/models/tiny/predict HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                           f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+        time.sleep(0.5)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        connection.sendall(body[10:])
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["version"] == 1
+    assert server.process.wait(timeout=30) == 0

@@ -430,11 +430,38 @@ async def _json_errors(request: web.Request, handler: Callable) -> web.StreamRes
         return _json_error(exc.reason, exc.status)
 
 
+class _InFlight:
+    """The requests being answered, their bodies perhaps still arriving: draining waits until
+    none is left before aiohttp closes the connections (its shutdown drops the bytes that
+    arrive after it begins, so a request it catches mid-upload would never be answered)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        self.count += 1
+        self.idle.clear()
+        try:
+            return await handler(request)
+        finally:
+            self.count -= 1
+            if not self.count:
+                self.idle.set()
+
+
+_IN_FLIGHT = web.AppKey("in_flight", _InFlight)
+
+
 def make_app(runners: Sequence[Runner], *, max_batch: int = 64, max_delay_ms: float = 2.0,
              max_body_bytes: int = 8 << 20, loader: Loader = GraphcRunner.from_file) -> web.Application:
     """The server's aiohttp application over `runners` (see the package docstring)."""
     server = _Server(runners, max_batch, max_delay_ms, max_body_bytes, loader)
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[_json_errors])
+    in_flight = _InFlight()
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[in_flight.middleware, _json_errors])
+    app[_IN_FLIGHT] = in_flight
     app.add_routes([web.post("/v1/models/{name}/predict", server.predict),
                     web.post("/v1/models/{name}/load", server.load),
                     web.get("/v1/models", server.list_models),
@@ -456,7 +483,9 @@ def serve(runners: Sequence[Runner], *, host: str = "127.0.0.1", port: int = 800
 
 async def _serve(app: web.Application, host: str, port: int, drain_timeout_s: float,
                  ready: Callable[[str, int], None] | None) -> None:
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=drain_timeout_s,
+    # aiohttp's own shutdown only gets what the drain left of its time (requests that came on a
+    # kept-alive connection meanwhile)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=min(1.0, drain_timeout_s),
                            access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -469,4 +498,10 @@ async def _serve(app: web.Application, host: str, port: int, drain_timeout_s: fl
         bound_host, bound_port = runner.addresses[0][:2]
         ready(bound_host, bound_port)
     await stop.wait()
+    for listening in list(runner.sites):  # no new connections; those open stay open
+        await listening.stop()
+    try:
+        await asyncio.wait_for(app[_IN_FLIGHT].idle.wait(), drain_timeout_s)
+    except asyncio.TimeoutError:
+        pass  # aiohttp's shutdown cancels what is left
     await runner.cleanup()
