@@ -247,7 +247,8 @@ def test_npy_bodies_read_as_np_load_reads_them(array):
     reordered = body[10:header_end].decode().replace("{'descr'", "{'shape': %r, 'descr'" % (array.shape,))
     reordered = reordered.replace(", 'shape': %r, }" % (array.shape,), ", }")
     other = b"\x93NUMPY\x01\x00" + len(reordered).to_bytes(2, "little") + reordered.encode() + body[header_end:]
-    for body in (body, other, base64.b64encode(body)):
+    # base64 as `base64` and MIME write it: in lines of 76 characters
+    for body in (body, other, base64.b64encode(body), base64.encodebytes(body)):
         parsed = _parse_npy(body)
         assert parsed.dtype == array.dtype and parsed.flags.writeable
         np.testing.assert_array_equal(parsed, array)
@@ -319,7 +320,31 @@ BAD_REQUESTS = [  # name, path, body, content type, status, words of the error
      None, 400, "top_k"),
     ("unknown model", "nope", json.dumps({"inputs": [1]}), None, 404, "no model named 'nope'"),
     ("integer of 4301 digits", "tiny", '{"inputs": [' + "1" * 4301 + "]}", None, 400, "unreadable JSON"),
+    # beyond int64 (NumPy keeps them as Python ints) and beyond float32: not "strings or nulls"
+    ("integer beyond float32", "tiny", json.dumps({"inputs": [[[[10**39] * 8] * 8]]}), None, 400,
+     "too large for float32"),
+    ("integer beyond float64", "tiny", json.dumps({"inputs": [[[[10**309] * 8] * 8]]}), None, 400,
+     "too large for float32"),
 ]
+
+
+def test_json_integers_beyond_int64_are_numbers_and_integer_models_refuse_what_would_wrap():
+    from types import SimpleNamespace
+
+    from graphc.serve.app import RequestError, _checked_samples, _samples_from_json
+
+    def model_taking(dtype):
+        return SimpleNamespace(name="m", input=SimpleNamespace(shape=(2,), dtype=np.dtype(dtype)))
+
+    floats = model_taking("float32")
+    array = _samples_from_json([[10**20, 1.5]], floats)
+    np.testing.assert_array_equal(_checked_samples(array, floats, 8, False), np.float32([[1e20, 1.5]]))
+    ids = model_taking("int32")
+    np.testing.assert_array_equal(_checked_samples(_samples_from_json([[2**31 - 1, -2**31]], ids),
+                                                   ids, 8, False), [[2**31 - 1, -2**31]])
+    for too_large in ([[2**31, 0]], [[10**20, 0]]):  # an int32 cast would wrap 2**31 to -2**31
+        with pytest.raises(RequestError, match="integers outside int32's range"):
+            _checked_samples(_samples_from_json(too_large, ids), ids, 8, False)
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])

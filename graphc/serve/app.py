@@ -177,9 +177,9 @@ def _json_error(message: str, status: int) -> web.Response:
 
 
 def _parse_npy(body: bytes) -> np.ndarray:
-    if not body.startswith(_NPY_MAGIC):  # base64 text of an .npy file
+    if not body.startswith(_NPY_MAGIC):  # base64 text of an .npy file, perhaps in lines
         try:
-            body = base64.b64decode(body, validate=True)
+            body = base64.b64decode(b"".join(body.split()), validate=True)
         except (binascii.Error, ValueError):
             raise RequestError(f"an {NPY_CONTENT_TYPE} body must be an .npy file, raw or base64") from None
     fast = _npy_as_numpy_saves_it(body)
@@ -245,6 +245,8 @@ def _samples_from_json(inputs: Any, runner: Runner) -> np.ndarray:
     except ValueError:
         raise RequestError('"inputs" is ragged or nested too deeply: every sample must be a '
                            f"nested list of shape {list(runner.input.shape)}") from None
+    if array.dtype == object and all(type(v) in (int, float) for v in array.flat):
+        array = _beyond_int64(array, runner)  # NumPy keeps integers beyond int64 as Python ints
     if array.dtype.kind not in "iuf" or array.dtype == object:
         raise RequestError(f'"inputs" must hold numbers ({runner.input.dtype.name}), not '
                            f"{'booleans' if array.dtype.kind == 'b' else 'strings or nulls'}")
@@ -252,6 +254,17 @@ def _samples_from_json(inputs: Any, runner: Runner) -> np.ndarray:
         raise RequestError(f"model {runner.name!r} takes {runner.input.dtype.name} inputs; got "
                            "numbers with fractions")
     return array
+
+
+def _beyond_int64(array: np.ndarray, runner: Runner) -> np.ndarray:
+    """Numbers some of which are integers too large for int64: floats for a model taking floats
+    (its own range is checked later), refused for one taking integers."""
+    if runner.input.dtype.kind != "f":
+        raise RequestError(f"inputs hold integers outside {runner.input.dtype.name}'s range")
+    try:
+        return array.astype(np.float64)
+    except OverflowError:
+        raise RequestError(f"inputs hold numbers too large for {runner.input.dtype.name}") from None
 
 
 def _checked_samples(array: np.ndarray, runner: Runner, max_batch: int, exact_dtype: bool) -> np.ndarray:
@@ -266,6 +279,11 @@ def _checked_samples(array: np.ndarray, runner: Runner, max_batch: int, exact_dt
     if exact_dtype and array.dtype != spec.dtype:
         raise RequestError(f"model {runner.name!r} takes {spec.dtype.name} inputs; the .npy "
                            f"body holds {array.dtype.name}")
+    if spec.dtype.kind in "iu" and array.dtype != spec.dtype and array.size:
+        limits = np.iinfo(spec.dtype)
+        if array.min() < limits.min or array.max() > limits.max:  # a cast would wrap them
+            raise RequestError(f"inputs hold integers outside {spec.dtype.name}'s range "
+                               f"[{limits.min}, {limits.max}]")
     samples = np.ascontiguousarray(array, dtype=spec.dtype)
     if spec.dtype.kind == "f" and not np.isfinite(samples).all():
         raise RequestError("inputs hold NaN or infinity, or numbers too large for "
