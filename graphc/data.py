@@ -199,14 +199,19 @@ def _check_mnist(images_path: str, images: np.ndarray, labels_path: str,
 
 
 def find_mnist(explicit_dir: str | os.PathLike | None = None) -> str | None:
-    """The first directory holding the MNIST test split, or None if there is none.
-
-    Looks, in order, at `explicit_dir`, $GRAPHC_MNIST_DIR, and `../shared/data/mnist` relative
-    to the repository and to the working directory.
+    """The directory holding the MNIST test split: `explicit_dir` where given (a DatasetError
+    names it if the files are not there: data other than the one asked for is worse than an
+    error); else the first of $GRAPHC_MNIST_DIR and `../shared/data/mnist` relative to the
+    repository and to the working directory that holds it, or None if none does.
     """
+    if explicit_dir is not None:
+        directory = os.path.normpath(os.fspath(explicit_dir))
+        if not _mnist_file(directory, "test", "images-idx3-ubyte"):
+            raise DatasetError(f"no MNIST test images ({_MNIST_PREFIX['test']}-images-idx3-ubyte"
+                               f"[.gz]) in {directory}")
+        return directory
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     candidates = [
-        explicit_dir,
         os.environ.get("GRAPHC_MNIST_DIR"),
         os.path.join(repo_root, os.pardir, "shared", "data", "mnist"),
         os.path.join(os.getcwd(), os.pardir, "shared", "data", "mnist"),
@@ -247,8 +252,8 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 def mnist_or_digits(directory: str | os.PathLike | None = None, digits: bool = False
                     ) -> tuple[str, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """A digit-classification split for examples and benchmarks: MNIST's training and evaluation
-    images (MNIST_TRAIN, MNIST_EVAL) when `find_mnist(directory)` finds the files, else (or
-    with `digits`) scikit-learn's 8x8 digits, standardised and split 80/20. Returns (a
+    images (MNIST_TRAIN, MNIST_EVAL) when `find_mnist(directory)` finds the files (a `directory`
+    without them is an error), else (or with `digits`) scikit-learn's 8x8 digits, standardised and split 80/20. Returns (a
     description of the data, (x, y) to train on, (x, y) to evaluate on): images float32
     (N, 1, H, W), labels int64."""
     found = None if digits else find_mnist(directory)

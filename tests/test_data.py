@@ -155,7 +155,9 @@ def test_find_mnist_search_order(tmp_path, monkeypatch):
     write_fake_mnist(tmp_path / "from_env", 1, 1, compress=False)
     monkeypatch.setenv("GRAPHC_MNIST_DIR", str(tmp_path / "from_env"))
     assert find_mnist(tmp_path / "explicit") == str(tmp_path / "explicit")
-    assert find_mnist(tmp_path / "missing") == str(tmp_path / "from_env")
+    # a directory asked for is never swapped for another one
+    with pytest.raises(DatasetError, match=r"no MNIST test images .*missing"):
+        find_mnist(tmp_path / "missing")
     assert find_mnist() == str(tmp_path / "from_env")
 
 
@@ -185,7 +187,7 @@ def test_find_mnist_relative_to_working_directory(isolated_find_mnist, monkeypat
 
 def test_find_mnist_returns_none_when_absent(isolated_find_mnist, monkeypatch):
     monkeypatch.chdir(isolated_find_mnist)
-    assert find_mnist(isolated_find_mnist / "nowhere") is None
+    assert find_mnist() is None
 
 
 # MNIST test-set label counts, digits 0..9 (a property of the published file)
