@@ -9,7 +9,7 @@ from graphc.ir import TensorType
 from graphc.ir.errors import DTypeError, GraphcError, ShapeError, user_location
 from graphc.ir.types import is_float
 
-from .tensor import (Tensor, ValuesIndices, normalize_axes, reduction_axes, as_tensor, bind,
+from .tensor import (Tensor, ValuesIndices, normalize_axes, reduction_axes, scalar_reduced_as_vector, as_tensor, bind,
                      current_trace, dtype_name, matmul, promoted)
 
 __all__ = ["exp", "log", "log1p", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "sign", "square",
@@ -87,6 +87,7 @@ def argmax(x: Tensor, dim: int | None = None, keepdim: bool = False, *, axis: in
     return as_tensor(x).argmax(dim, keepdim, axis=axis, keepdims=keepdims)
 
 
+@scalar_reduced_as_vector
 def logsumexp(x: Tensor, dim: int | Sequence[int] = -1, keepdim: bool = False, *,
               axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
     """log(sum(exp(x))) computed stably: the maximum is factored out (and not differentiated).
@@ -284,6 +285,7 @@ def topk(x: Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = 
     return ValuesIndices(values[first_k], indices[first_k])
 
 
+@scalar_reduced_as_vector
 def var(x: Tensor, dim: int | Sequence[int] | None = None, unbiased: bool | None = None,
         keepdim: bool = False, *, correction: float | None = None, axis: Any = None,
         keepdims: bool = False, ddof: float | None = None) -> Tensor:

@@ -6,6 +6,8 @@ time and point at the user's line.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import os
 import sys
@@ -426,6 +428,28 @@ def reduction_axes(dim: Any, axis: Any, op: str) -> Any:
     return axis
 
 
+def scalar_reduced_as_vector(reduce: Any) -> Any:
+    """PyTorch reduces a 0-d tensor over dim 0 or -1 as one of shape (1,) (NumPy refuses it):
+    `reduce`, whose parameters start (x, dim) and may include NumPy's `axis`, gets such an x
+    reshaped to (1,), and its result comes back 0-d."""
+    signature = inspect.signature(reduce)
+
+    @functools.wraps(reduce)
+    def reduced(x: Any, *args: Any, **keywords: Any) -> Any:
+        if getattr(x, "ndim", None) != 0:
+            return reduce(x, *args, **keywords)
+        bound = signature.bind(x, *args, **keywords)
+        bound.apply_defaults()
+        dims = bound.arguments.get("axis")
+        dims = bound.arguments.get("dim") if dims is None else dims
+        dims = (dims,) if isinstance(dims, (int, np.integer)) else dims
+        if not dims or not isinstance(dims, tuple) or any(
+                isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d not in (0, -1) for d in dims):
+            return reduce(x, *args, **keywords)  # all axes, or refused there
+        return reduce(as_tensor(x).reshape(1), *args, **keywords).reshape(())
+    return reduced
+
+
 def normalize_axes(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
     if axis is None:
         return tuple(range(ndim))
@@ -658,6 +682,7 @@ class Tensor:
 
     # -- reductions ------------------------------------------------------------------------
     # Each takes PyTorch's `dim`/`keepdim` and NumPy's `axis`/`keepdims` alike.
+    @scalar_reduced_as_vector
     def sum(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
             axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
         """The sum over `dim` (all axes by default); booleans and integers add up in int64, as in
@@ -666,6 +691,7 @@ class Tensor:
         x = self if is_float(self.dtype) else self.astype("int64")
         return bind("sum", x, axes=axes, keepdims=keepdim or keepdims)
 
+    @scalar_reduced_as_vector
     def mean(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
              axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
         axes = normalize_axes(reduction_axes(dim, axis, "mean"), self.ndim)
@@ -674,6 +700,7 @@ class Tensor:
         scale = 1.0 / count if count else float("nan")
         return self.sum(axes, keepdim or keepdims) * scale
 
+    @scalar_reduced_as_vector
     def amax(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
              axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
         """The maximum over `dim` (one axis, several, or all by default): values only."""
@@ -694,6 +721,7 @@ class Tensor:
             return self.amax(dim, keep)
         return ValuesIndices(self.amax(dim, keep), self.argmax(dim, keep))
 
+    @scalar_reduced_as_vector
     def argmax(self, dim: int | None = None, keepdim: bool = False, *, axis: int | None = None,
                keepdims: bool = False) -> Tensor:
         dim = reduction_axes(dim, axis, "argmax")

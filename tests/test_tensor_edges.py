@@ -290,3 +290,32 @@ def test_a_python_integer_too_wide_for_the_tensor_is_refused_at_the_users_line()
     with pytest.raises(gc.GraphcError, match=rf"int64, the widest integer, cannot hold it {USER_LINE}"):
         gc.jit(lambda t: t == 2**70)(x.astype(np.int64))
     np.testing.assert_array_equal(gc.jit(lambda t: t < 2**31 - 1)(x), [True] * 3)
+
+
+# -- a 0-d tensor reduced over dim 0 or -1, as PyTorch takes it: as one of shape (1,) ------------
+SCALAR_REDUCTIONS = {  # (graphc, the value PyTorch gives for the 0-d tensor 3.0 over dim 0 / -1)
+    "sum": (lambda t, d: t.sum(d), 3.0), "mean": (lambda t, d: t.mean(dim=d), 3.0),
+    "amax": (lambda t, d: t.amax(d), 3.0), "max_values": (lambda t, d: t.max(d).values, 3.0),
+    "min_indices": (lambda t, d: t.min(d).indices, 0), "argmax": (lambda t, d: t.argmax(d), 0),
+    "argmin": (lambda t, d: gc.argmin(t, d), 0), "logsumexp": (lambda t, d: gc.logsumexp(t, d), 3.0),
+    "softmax": (lambda t, d: t.softmax(d), 1.0),
+    "log_softmax": (lambda t, d: gc.nn.functional.log_softmax(t, d), 0.0),
+    "var": (lambda t, d: t.var(d, unbiased=False), 0.0),
+    "std_keepdim": (lambda t, d: t.std(d, keepdim=True), np.nan),
+}
+OVER_SEVERAL_AXES = ("sum", "mean", "amax", "logsumexp", "var", "std_keepdim")
+
+
+@BACKENDS
+@pytest.mark.parametrize("name, dim", [(name, dim) for name in SCALAR_REDUCTIONS for dim in (0, -1)]
+                         + [(name, (0,)) for name in OVER_SEVERAL_AXES])
+def test_a_scalar_reduces_over_dim_0_or_minus_1_as_in_pytorch(backend, name, dim):
+    reduce, expected = SCALAR_REDUCTIONS[name]
+    out = np.asarray(gc.jit(lambda t: reduce(t, dim), backend=backend)(np.float32(3.0)))
+    assert out.shape == ()
+    np.testing.assert_allclose(out, expected)
+
+
+def test_a_scalar_refuses_other_dims():
+    with pytest.raises(ShapeError, match=r"axis 1 is out of range .* rank 0"):
+        gc.jit(lambda t: t.sum(1), backend="reference")(np.float32(3.0))

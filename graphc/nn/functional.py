@@ -10,7 +10,7 @@ import numpy as np
 from graphc.ir.errors import DTypeError, GraphcError, InputError, ShapeError, user_location
 
 from ..functions import bernoulli, concatenate, logsumexp, maximum, one_hot, stop_gradient, where
-from ..tensor import Tensor, as_tensor, bind
+from ..tensor import Tensor, as_tensor, bind, scalar_reduced_as_vector
 from . import normalization
 from . import sparse as sparse_layers
 
@@ -100,12 +100,14 @@ def normalize(x: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12) -> Te
     return x / x.norm(p, dim, keepdim=True).clamp(min=eps)
 
 
+@scalar_reduced_as_vector
 def softmax(x: Tensor, dim: int = -1) -> Tensor:
     """exp(x) / sum(exp(x)) along `dim`, as one `softmax` op (ir/ops/softmax.py): NaN along a
     line of -inf, as PyTorch's."""
     return bind("softmax", as_tensor(x), axis=dim)
 
 
+@scalar_reduced_as_vector
 def log_softmax(x: Tensor, dim: int = -1) -> Tensor:
     x = as_tensor(x)
     return x - logsumexp(x, dim, keepdims=True)
