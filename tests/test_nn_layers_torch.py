@@ -179,3 +179,16 @@ def test_load_state_dict_takes_pytorch_parameters_that_require_grad():
     ours = nn.Conv1d(2, 3, 2)
     ours.load_state_dict(dict(theirs.named_parameters()))  # Parameters, not detached tensors
     np.testing.assert_array_equal(ours.weight, theirs.weight.detach().numpy())
+
+
+@pytest.mark.filterwarnings("ignore:Implicit dimension choice")  # PyTorch's own deprecation note
+@pytest.mark.parametrize("shape", [(5,), (3, 5), (2, 3, 4), (2, 3, 4, 5)])
+@pytest.mark.parametrize("layer", ["Softmax", "LogSoftmax"])
+def test_softmax_without_dim_takes_pytorchs_implicit_dim(layer, shape):
+    """0 for 1-D and 3-D inputs, 1 otherwise (was always -1: wrong values on 3-D and 4-D)."""
+    function = {"Softmax": "softmax", "LogSoftmax": "log_softmax"}[layer]
+    with pytest.warns(UserWarning, match=rf"{function}: no dim given: .* dim={0 if len(shape) in (1, 3) else 1}"):
+        check_function(lambda x: getattr(nn, layer)()(x), lambda x: getattr(torch.nn, layer)()(x), [rand(*shape)])
+    with pytest.warns(UserWarning, match="give dim explicitly"):
+        check_function(lambda x: getattr(F, function)(x, dim=None),
+                       lambda x: getattr(TF, function)(x, dim=None), [rand(*shape)])

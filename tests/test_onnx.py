@@ -92,7 +92,7 @@ def set_batch_norm_state(model):
 def test_batch_norm_eval_mode(tmp_path, opset):
     gc.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 4 * 4, 6), nn.BatchNorm1d(6), nn.LogSoftmax())
+                          nn.Linear(4 * 4 * 4, 6), nn.BatchNorm1d(6), nn.LogSoftmax(dim=1))
     set_batch_norm_state(model)
     exported = assert_export_matches(model, f32(2, 3, 6, 6), tmp_path, opset)
     names = {t.name for t in exported.graph.initializer}
@@ -119,7 +119,7 @@ def test_batch_norm_uses_running_statistics(tmp_path, layer, shape):
 @pytest.mark.parametrize("opset", [MIN_OPSET, DEFAULT_OPSET, 18])  # ReduceMax's axes: attr, input
 def test_softmax_heads(tmp_path, head, opset):
     gc.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4), head())
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4), head(dim=1))
     exported = assert_export_matches(model, f32(3, 5), tmp_path, opset)
     assert exported.opset_import[0].version == opset
 

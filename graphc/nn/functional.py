@@ -100,16 +100,31 @@ def normalize(x: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12) -> Te
     return x / x.norm(p, dim, keepdim=True).clamp(min=eps)
 
 
+def implicit_softmax_dim(op: str, ndim: int) -> int:
+    """PyTorch's dim for a softmax given none (deprecated there, and warned of here too): 0 for
+    0-, 1- and 3-D inputs, else 1 (a batch of (N, C) scores, or (N, C, H, W) maps)."""
+    dim = 0 if ndim in (0, 1, 3) else 1
+    warnings.warn(f"{op}: no dim given: PyTorch's implicit choice, dim={dim} for a {ndim}-D input, "
+                  f"is taken; give dim explicitly (at {user_location()})", UserWarning, stacklevel=2)
+    return dim
+
+
 @scalar_reduced_as_vector
-def softmax(x: Tensor, dim: int = -1) -> Tensor:
+def softmax(x: Tensor, dim: int | None = None) -> Tensor:
     """exp(x) / sum(exp(x)) along `dim`, as one `softmax` op (ir/ops/softmax.py): NaN along a
-    line of -inf, as PyTorch's."""
-    return bind("softmax", as_tensor(x), axis=dim)
+    line of -inf, as PyTorch's. Without `dim`, PyTorch's implicit one (implicit_softmax_dim)."""
+    x = as_tensor(x)
+    if dim is None:
+        return softmax(x, implicit_softmax_dim("softmax", x.ndim))
+    return bind("softmax", x, axis=dim)
 
 
 @scalar_reduced_as_vector
-def log_softmax(x: Tensor, dim: int = -1) -> Tensor:
+def log_softmax(x: Tensor, dim: int | None = None) -> Tensor:
+    """x - logsumexp(x) along `dim`; without it, PyTorch's implicit one (implicit_softmax_dim)."""
     x = as_tensor(x)
+    if dim is None:
+        return log_softmax(x, implicit_softmax_dim("log_softmax", x.ndim))
     return x - logsumexp(x, dim, keepdims=True)
 
 

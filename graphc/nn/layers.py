@@ -280,7 +280,9 @@ class Softplus(Module):
 
 
 class Softmax(Module):
-    def __init__(self, dim: int = -1) -> None:
+    """PyTorch's nn.Softmax; without `dim`, PyTorch's implicit one (F.implicit_softmax_dim)."""
+
+    def __init__(self, dim: int | None = None) -> None:
         super().__init__()
         self.dim = dim
 
@@ -289,7 +291,9 @@ class Softmax(Module):
 
 
 class LogSoftmax(Module):
-    def __init__(self, dim: int = -1) -> None:
+    """PyTorch's nn.LogSoftmax; without `dim`, PyTorch's implicit one (F.implicit_softmax_dim)."""
+
+    def __init__(self, dim: int | None = None) -> None:
         super().__init__()
         self.dim = dim
 
