@@ -20,18 +20,12 @@ class ReferenceExecutable:
         self.donate = dict(donate or {})
 
     def __call__(self, *args: np.ndarray) -> list[np.ndarray]:
-        from .signature import prepare_inputs, store_donated
+        from .signature import prepare_inputs, store_donated, unaliased
 
         arrays = prepare_inputs(self.graph, args, donated=tuple(self.donate))
         outs = evaluate(self.graph, arrays)
         store_donated(arrays, outs, self.donate)
-        donated = set(self.donate.values())
-        held: list[np.ndarray] = list(arrays)
-        for j, out in enumerate(outs):
-            if j not in donated and any(np.may_share_memory(out, a) for a in held):
-                outs[j] = out = np.array(out)
-            held.append(out)
-        return outs
+        return unaliased(outs, arrays, set(self.donate.values()))
 
 
 def compile_graph(graph: Graph, donate: dict[int, int] | None = None) -> ReferenceExecutable:

@@ -124,3 +124,16 @@ def store_donated(arrays: list[np.ndarray], results: list[np.ndarray], donate: d
         if results[o] is not arrays[i]:  # else written in place already
             np.copyto(arrays[i], results[o])
         results[o] = arrays[i]
+
+
+def unaliased(results: list[np.ndarray], inputs: list[np.ndarray], donated: set[int]) -> list[np.ndarray]:
+    """`results` made arrays of their own (copied where needed), as every backend returns them:
+    none in an input's memory (an input returned as it is, a view of one, a module's weight),
+    none in an earlier result's (one value returned twice). Donated results (positions in
+    `donated`) are their inputs' buffers by design and stay so."""
+    held = list(inputs)
+    for j, out in enumerate(results):
+        if j not in donated and any(np.may_share_memory(out, a) for a in held):
+            results[j] = out = np.array(out)
+        held.append(out)
+    return results

@@ -30,7 +30,7 @@ import numpy as np
 
 from graphc.backends import Profiled
 from graphc.backends.profile import ProfileReport, merged_report
-from graphc.backends.signature import InputSignature, store_donated
+from graphc.backends.signature import InputSignature, store_donated, unaliased
 from graphc.ir import Graph, Node, Value
 from graphc.ir.memory import MemoryPlan
 from graphc.ir.ops.control import SCAN_OP, split_inputs
@@ -188,6 +188,8 @@ class SegmentedExecutable:
             env.update(zip(outputs, run([env[v] for v in inputs])))
         results = [env[v] for v in self.graph.output_values]
         store_donated(arrays, results, self.donate)  # those a part did not write in place
+        # an input returned as it is (a module's weight included), one value returned twice
+        results = unaliased(results, arrays, set(self.donate.values()))
         # a stack is kept for the next call unless the caller gets it or a view of it: an array
         # whose memory's owner (NumPy's base of a view) is the stack's spare array
         returned = {id(r) if r.base is None else id(r.base) for r in results}

@@ -467,3 +467,24 @@ def test_a_buffer_update_inside_a_body_is_refused():
     with pytest.raises(GraphcError, match="updates a module buffer .* not supported inside a scan .*test_scan.py"):
         gc.compile_train_step(model, lambda out, t: ((out - t) ** 2).mean(),
                               gc.optim.SGD(model.parameters(), lr=0.1), [xs, target], backend=REF)(xs, target)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba-cpu"])
+def test_results_of_a_program_with_a_scan_are_arrays_of_their_own(backend):
+    """Not the caller's input, a module's weight, or another result (they were, with a scan,
+    on numba-cpu: writing into a result changed the input or the model)."""
+    def step(c, x):
+        return c + x, c
+    x = np.arange(6, dtype=np.float32).reshape(3, 2)
+    lin = nn.Linear(2, 2)
+    weight = lin.weight.copy()
+    f = gc.jit(lambda x: (gc.scan(step, x[0] * 0, x)[0], x, lin.weight), backend=backend)
+    _, x_out, w_out = f(x)
+    assert not np.may_share_memory(x_out, x) and not np.may_share_memory(w_out, lin.weight)
+    x_out[...], w_out[...] = -1, 0
+    np.testing.assert_array_equal(x, np.arange(6).reshape(3, 2))
+    np.testing.assert_array_equal(lin.weight, weight)
+    twice = gc.jit(lambda x: (lambda c, ys: (ys, ys))(*gc.scan(step, x[0] * 0, x)), backend=backend)
+    a, b = twice(np.ones((3, 2), np.float32))
+    a[...] = 7
+    np.testing.assert_array_equal(b, [[0, 0], [1, 1], [2, 2]])
