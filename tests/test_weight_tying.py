@@ -149,3 +149,20 @@ def test_an_exported_tied_step_keeps_one_parameter_as_it_trains(tmp_path):
     assert state["head.weight"] is state["embed.weight"]
     for name, value in model.state_dict().items():
         np.testing.assert_array_equal(state[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", [REF, "numba-cpu"])
+def test_a_trained_parameter_held_by_a_module_outside_the_model_is_still_trained(backend):
+    """The loss reads the model's weight through another module holding the same array (a
+    regulariser, a second head): both uses are uses of the one parameter, as in PyTorch. That
+    use got no gradient (it read as a constant input)."""
+    gc.manual_seed(0)
+    model, other = nn.Linear(2, 2), nn.Linear(2, 2)
+    other.weight = model.weight
+    w0 = model.weight.copy()
+    x, y = np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32)
+    step = gc.compile_train_step(model, lambda out, y: F.mse_loss(out, y) * 0 + (other.weight ** 2).sum(),
+                                 gc.optim.SGD(model.parameters(), lr=0.1), (x, y), backend=backend)
+    step(x, y)
+    np.testing.assert_allclose(model.weight, 0.8 * w0, rtol=1e-6)  # w - 0.1 * 2w
+    assert other.weight is model.weight

@@ -597,6 +597,9 @@ def bound(module: Module, tensors: dict[str, Tensor]) -> Iterator[None]:
     # under another: both uses of the one parameter are uses of one input.
     given = {id(ref.read()): tensors[name]
              for name, ref in named_state_refs(module, _STATE_TABLES) if name in tensors}
+    # so does the array read through a module outside the tree (another model holding it)
+    outer_arrays = getattr(trace, "bound_arrays", {})
+    trace.bound_arrays = {**outer_arrays, **given}
     saved = []
     for prefix, m in _prefixed_modules(module):
         own = {name[len(prefix):]: t for name, t in tensors.items()
@@ -610,6 +613,7 @@ def bound(module: Module, tensors: dict[str, Tensor]) -> Iterator[None]:
     try:
         yield
     finally:
+        trace.bound_arrays = outer_arrays
         for m, previous in saved:
             object.__setattr__(m, "_bound", previous)
 
@@ -627,6 +631,9 @@ def traced_state(ref: StateRef, name: str | None = None) -> Tensor:
     bound = ref.module.__dict__.get("_bound")
     if bound is not None and bound[0] is trace and ref.attr in bound[1]:
         return bound[1][ref.attr]
+    shared = getattr(trace, "bound_arrays", {}).get(id(ref.read()))
+    if shared is not None:  # a bound array held by a module outside the bound tree too
+        return shared
     return trace.read_state(ref, name)
 
 
