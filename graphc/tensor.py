@@ -640,6 +640,33 @@ class Tensor:
     def __invert__(self): return bind("logical_not", self)
     __hash__ = object.__hash__
 
+    # PyTorch's in-place operators: the Tensor object itself changes, so every name for it sees
+    # the change (as with x[i] = v); without them Python would bind the name to a new Tensor
+    def __iadd__(self, o): return self._in_place(self + o, "+=")
+    def __isub__(self, o): return self._in_place(self - o, "-=")
+    def __imul__(self, o): return self._in_place(self * o, "*=")
+    def __itruediv__(self, o): return self._in_place(self / o, "/=")
+    def __ipow__(self, o): return self._in_place(self ** o, "**=")
+    def __imatmul__(self, o): return self._in_place(self @ o, "@=")
+    def __iand__(self, o): return self._in_place(self & o, "&=")
+    def __ior__(self, o): return self._in_place(self | o, "|=")
+
+    def _in_place(self, result: Tensor, how: str) -> Tensor:
+        """This Tensor takes `result`, kept in its own shape and dtype as PyTorch's in-place ops
+        keep them (a float result is not written into an integer tensor)."""
+        if result.shape != self.shape:
+            raise ShapeError(f"x {how} y: the result's shape {result.shape} differs from x's "
+                             f"{self.shape}, which an in-place operation keeps; write x = x "
+                             f"{how[:-1]} y for a new tensor (at {user_location()})")
+        if result.dtype != self.dtype:
+            if not np.can_cast(np.dtype(result.dtype), np.dtype(self.dtype), "same_kind"):
+                raise DTypeError(f"x {how} y: the result is {result.dtype}, which cannot be written "
+                                 f"into x ({self.dtype}) in place, as in PyTorch; write "
+                                 f"x = x {how[:-1]} y for a new tensor (at {user_location()})")
+            result = result.astype(self.dtype)
+        self.take_value(result, f"x {how} y")
+        return self
+
     # -- elementwise methods -------------------------------------------------------------------
     def exp(self): return bind("exp", self)
     def log(self): return bind("log", self)
@@ -991,7 +1018,21 @@ class Tensor:
         this Tensor object changes: a tensor sliced from it earlier keeps its value. Where an
         integer-array index names a position twice, the values written there add up."""
         from .indexing import setitem
-        self.value = setitem(self, index, value).value
+        self.take_value(setitem(self, index, value), "x[index] = value")
+
+    def take_value(self, new: Tensor, how: str) -> None:
+        """Give this Tensor object `new`'s value (an in-place write: `how`), unless it stands for
+        a module's parameter or buffer: the write would change this trace's Tensor and never
+        the module, so it is refused."""
+        if is_tracing():
+            for inp in current_trace().builder.graph.inputs:
+                if inp.value is self.value and inp.role in ("param", "state"):
+                    raise GraphcError(
+                        f"{how}: {inp.name} is a module's parameter or buffer, which an in-place write "
+                        f"in traced code would not change: update a buffer with "
+                        f"self.update_buffer(name, value), or compute with a changed copy "
+                        f"(w = self.weight * mask) (at {user_location()})")
+        self.value = new.value
 
     # -- NumPy and PyTorch functions called on a Tensor (see graphc/interop.py) --------------
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Tensor:

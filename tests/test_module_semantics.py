@@ -6,6 +6,8 @@ import pytest
 
 import graphc as gc
 import graphc.nn as nn
+import graphc.nn.functional as F
+from graphc.ir.errors import GraphcError
 from graphc.nn.module import ModuleAssignmentError
 
 
@@ -221,3 +223,35 @@ def test_a_changed_setting_is_traced_again_as_pytorch_reads_it_each_call(caplog)
         caplog.clear()
         np.testing.assert_array_equal(run(ones), ones)
     assert "Dropout).p: 0.5 -> 0.0" in caplog.text
+
+
+class WritesItsState(nn.Module):
+    def __init__(self, target):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("last_mean", np.zeros(3, np.float32))
+        self.target = target
+
+    def forward(self, x):
+        if self.target == "buffer":
+            self.last_mean[:] = x.mean(0)  # PyTorch writes the buffer
+        elif self.target == "weight":
+            self.lin.weight[:, 0] = 0.0
+        else:
+            F.relu(self.lin.bias, inplace=True)
+        h = x * 1.0
+        h[0] = 0.0  # an in-place write into a value of the trace's own stays fine
+        return self.lin(h)
+
+
+@pytest.mark.parametrize("target", ["buffer", "weight", "inplace_activation"])
+def test_an_in_place_write_into_module_state_in_traced_code_is_refused(target):
+    """It changed the trace's Tensor and never the module: silently lost in a training step
+    and under gc.jit."""
+    model = WritesItsState(target)
+    x, y = np.ones((4, 3), np.float32), np.zeros(4, np.int64)
+    with pytest.raises(GraphcError, match=r"module's parameter or buffer.*update_buffer.*test_module_semantics"):
+        gc.compile_train_step(model, F.cross_entropy, gc.optim.SGD(model.parameters(), lr=0.1), (x, y),
+                              backend="reference")
+    with pytest.raises(GraphcError, match="module's parameter or buffer"):
+        gc.jit(model, backend="reference")(x)

@@ -319,3 +319,41 @@ def test_a_scalar_reduces_over_dim_0_or_minus_1_as_in_pytorch(backend, name, dim
 def test_a_scalar_refuses_other_dims():
     with pytest.raises(ShapeError, match=r"axis 1 is out of range .* rank 0"):
         gc.jit(lambda t: t.sum(1), backend="reference")(np.float32(3.0))
+
+
+# -- in-place operators change the Tensor object, as PyTorch's --------------------------------
+@BACKENDS
+def test_in_place_operators_change_the_tensor_every_name_refers_to(backend):
+    def f(x):
+        y = x * 1
+        z = y  # a second name: PyTorch's z sees y += 1 (graphc's rebound y and left z alone)
+        y += 1
+        y *= 2
+        y[0, 0] = 100
+        return z
+    np.testing.assert_array_equal(gc.jit(f, backend=backend)(np.zeros((2, 2), np.float32)), [[100, 2], [2, 2]])
+    # gradients flow through them as through x = x * 3
+    np.testing.assert_allclose(gc.grad(lambda x: _tripled_in_place(x).sum(), backend=backend)(X), np.full_like(X, 3))
+
+
+def _tripled_in_place(x):
+    y = x + 0
+    y *= 3
+    return y
+
+
+def test_in_place_operators_keep_the_shape_and_dtype_or_say_why_not():
+    def run(f, *xs):
+        return gc.jit(f, backend="reference")(*xs)
+    ints, floats = np.arange(3), np.ones(3, np.float32)
+    out = run(lambda a, b: _in_place_add(a, b), floats, np.ones(3, np.float64))
+    assert out.dtype == np.float32  # float32 += float64 stays float32, as in PyTorch
+    with pytest.raises(gc.GraphcError, match=rf"x \+= y: the result is float32, .* into x \(int64\) in place.*{USER_LINE}"):
+        run(lambda a, b: _in_place_add(a, b), ints, floats)
+    with pytest.raises(ShapeError, match=rf"x \+= y: the result's shape \(2, 3\) differs from x's \(3,\).*{USER_LINE}"):
+        run(lambda a, b: _in_place_add(a, b), floats, np.ones((2, 3), np.float32))
+
+
+def _in_place_add(a, b):
+    a += b
+    return a

@@ -32,7 +32,7 @@ def _result(x: Any, result: Tensor, inplace: bool) -> Tensor:
     returned, so code relying on the input changing sees it change (as with `x[i] = v`, a
     tensor viewed from `x` earlier keeps its old value). Anything else gets `result`."""
     if inplace and isinstance(x, Tensor):
-        x.value = result.value
+        x.take_value(result, "inplace=True")
         return x
     return result
 
