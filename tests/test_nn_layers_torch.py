@@ -192,3 +192,30 @@ def test_softmax_without_dim_takes_pytorchs_implicit_dim(layer, shape):
     with pytest.warns(UserWarning, match="give dim explicitly"):
         check_function(lambda x: getattr(F, function)(x, dim=None),
                        lambda x: getattr(TF, function)(x, dim=None), [rand(*shape)])
+
+
+@pytest.mark.parametrize("mode, align_corners", [("nearest", None), ("linear", None), ("linear", True)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_interpolate_picks_pytorchs_cells_for_every_size_and_scale(mode, align_corners, dtype):
+    """PyTorch computes source positions in float32 (nearest: floored as float32 even for
+    float64 input) and copies an axis whose size does not change: 30 -> 22 cells took cell 14
+    for output 11 (PyTorch: 15), scale 1.3 over 40 cells took 29 for 39 (PyTorch: 30), and
+    linear with scale 1.1 over 4 cells resampled what PyTorch copies."""
+    keywords = {"mode": mode} | ({} if align_corners is None else {"align_corners": align_corners})
+    wrong = []
+    for n_in in range(1, 41, 3):
+        x = np.random.default_rng(n_in).standard_normal((1, 1, n_in)).astype(dtype)
+        for spec in [{"size": n} for n in range(1, 41)] + [
+                {"scale_factor": f} for f in (0.5, 0.75, 1.1, 1.3, 2.0, 2.5) if int(n_in * f) >= 1]:
+            expected = TF.interpolate(torch.tensor(x), **spec, **keywords).numpy()
+            got = gc.jit(lambda a: F.interpolate(a, **spec, **keywords), backend="reference")(x)
+            if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-5, atol=1e-5):
+                wrong.append((n_in, spec))
+    assert not wrong, wrong[:10]
+
+
+def test_interpolate_refuses_a_size_or_scale_per_axis_of_the_wrong_length():
+    x = np.zeros((1, 2, 4, 6), np.float32)
+    for bad in ({"size": (8,)}, {"size": (8, 9, 10)}, {"scale_factor": (2.0,)}):
+        with pytest.raises(ValueError, match="one value per spatial axis .2 for input"):
+            gc.jit(lambda a: F.interpolate(a, **bad), backend="reference")(x)

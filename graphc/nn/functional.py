@@ -249,29 +249,43 @@ def interpolate(input: Tensor, size: Any = None, scale_factor: Any = None, mode:
         raise ValueError("interpolate: align_corners only applies to the linear modes")
     if (size is None) == (scale_factor is None):
         raise ValueError("interpolate: give exactly one of size and scale_factor")
+    given = size if size is not None else scale_factor
+    values = [given] * spatial if np.isscalar(given) else list(given)
+    if len(values) != spatial:
+        raise ValueError(f"interpolate: {'size' if size is not None else 'scale_factor'} needs one "
+                         f"value per spatial axis ({spatial} for input {x.shape}), got {given!r}")
+    # PyTorch's arithmetic, for the same source cells: its scale (input cells per output cell) and
+    # positions in the input's float type
+    real = np.float32 if x.dtype == "float32" else np.float64
     if size is not None:
-        sizes = [int(size)] * spatial if isinstance(size, int) else [int(v) for v in size]
-        steps = [n_in / max(n_out, 1) for n_out, n_in in zip(sizes, x.shape[2:])]
+        sizes = [int(v) for v in values]
+        steps = [real(n_in) / real(max(n_out, 1)) for n_out, n_in in zip(sizes, x.shape[2:])]
     else:
-        factors = [float(scale_factor)] * spatial if np.isscalar(scale_factor) else [float(v) for v in scale_factor]
+        factors = [float(v) for v in values]
         if min(factors) <= 0:
             raise ValueError(f"interpolate: scale_factor must be positive, got {scale_factor}")
         sizes = [int(np.floor(n * f)) for n, f in zip(x.shape[2:], factors)]
-        steps = [1 / f for f in factors]
+        steps = [real(1.0 / f) for f in factors]
     if min(sizes) < 1:
         raise ShapeError(f"interpolate: the output of input {x.shape} would be {tuple(sizes)}; every "
                          f"size must be at least 1 (at {user_location()})")
     for axis, (n_in, n_out, step) in enumerate(zip(x.shape[2:], sizes, steps)):
         at = 2 + axis
         if mode == "nearest":
-            sources = np.minimum(np.floor(np.arange(n_out) * step).astype(np.int64), n_in - 1)
+            # floored as float32 whatever the input's type (PyTorch's floorf)
+            positions = (np.arange(n_out, dtype=real) * step).astype(np.float32)
+            sources = np.minimum(np.floor(positions).astype(np.int64), n_in - 1)
+            if n_out == n_in and size is not None:  # PyTorch copies an axis of the same size
+                sources = np.arange(n_in)
             if not np.array_equal(sources, np.arange(n_in)):
                 x = bind("gather", x, as_tensor(sources), axis=at, wrap_negative=False)
             continue
+        if n_out == n_in:  # PyTorch copies an axis of the same size
+            continue
         if align_corners:
-            position = np.arange(n_out) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+            position = np.arange(n_out, dtype=real) * (real(n_in - 1) / real(n_out - 1) if n_out > 1 else real(0))
         else:
-            position = np.maximum((np.arange(n_out) + 0.5) * step - 0.5, 0.0)
+            position = np.maximum((np.arange(n_out, dtype=real) + real(0.5)) * step - real(0.5), real(0))
         low = np.minimum(np.floor(position).astype(np.int64), n_in - 1)
         high = np.minimum(low + 1, n_in - 1)
         weight = (position - low).astype(x.dtype).reshape((n_out,) + (1,) * (x.ndim - 1 - at))
