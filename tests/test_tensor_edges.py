@@ -357,3 +357,20 @@ def test_in_place_operators_keep_the_shape_and_dtype_or_say_why_not():
 def _in_place_add(a, b):
     a += b
     return a
+
+
+def test_a_power_with_int32_exponents_runs_on_numba_cpu():
+    """LLVM's 'afn' fastmath turned pow(x, float(n)) with an int32 n into powi, whose runtime
+    function is not linked: the process aborted (LLVM ERROR: Symbol not found: __powisf2). Run
+    in a child process, so that a regression fails this test rather than the whole run."""
+    import subprocess
+    import sys
+    script = """
+import numpy as np, graphc as gc
+x, n = np.array([1.0, 2.0, 3.0], np.float32), np.array([3, -7, 0], np.int32)
+print(gc.jit(lambda x, n: x ** n)(x, n).tolist(), gc.jit(lambda x, n: (x.abs() ** n).sum(0))(x, n).tolist(),
+      gc.jit(lambda n: 2.0 ** n)(n).tolist())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["[1.0,", "0.0078125,", "1.0]", "2.0078125", "[8.0,", "0.0078125,", "1.0]"]

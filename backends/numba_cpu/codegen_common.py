@@ -30,15 +30,18 @@ from graphc.backends.kernels.source import Writer
 TARGET = "numba-cpu"
 # fastmath without 'nnan'/'ninf': FMA contraction and reassociation (vectorised reductions),
 # but NaN and inf keep their IEEE meaning, as in the reference (log(0) = -inf, relu(nan) = nan).
-# Nor 'arcp': it lets LLVM turn 1/sqrt(x) into an rsqrt estimate, NaN at 0 and inf. Numba sets
-# the flags per function: in a kernel that fuses elementwise ops into a reduction, they may be
+# Nor 'arcp': it lets LLVM turn 1/sqrt(x) into an rsqrt estimate, NaN at 0 and inf. Nor 'afn':
+# it lets LLVM turn pow(x, float(n)) with an int32 n into powi, whose runtime function
+# (__powisf2) is not linked: the process aborted. (The kernels' exp and tanh are polynomials of
+# their own, kernels/pointwise.py, not libm calls 'afn' could approximate.) Numba sets the flags
+# per function: in a kernel that fuses elementwise ops into a reduction, they may be
 # reassociated too (var's gradient over one element: -0 where the reference gives NaN).
-FASTMATH_FLAGS = ("afn", "contract", "nsz", "reassoc")
+FASTMATH_FLAGS = ("contract", "nsz", "reassoc")
 # Elementwise kernels vectorise across elements without reassociation, which would rewrite their
 # expressions as algebra, not IEEE arithmetic, allows: (x + y) - y to x where y is inf, x * 1e30
 # * 1e30 to x * inf (NaN at 0), x + (-x) to 0 where x is NaN. Nor 'nsz': 1 / -(y - x) at x = y
 # is -inf, as in the reference.
-ELEMENTWISE_FASTMATH_FLAGS = ("afn", "contract")
+ELEMENTWISE_FASTMATH_FLAGS = ("contract",)
 # Below this many elements a loop runs serially: a parallel region costs ~10 us to start and a
 # parallel kernel compiles ~0.4 s slower.
 PARALLEL_MIN_ELEMENTS = 1 << 16

@@ -3,7 +3,7 @@ import numpy as np
 from numba import njit, prange
 from graphc.backends.numba_cpu.gemm import gemm
 
-FASTMATH = {'afn', 'contract', 'nsz', 'reassoc'}
+FASTMATH = {'contract', 'nsz', 'reassoc'}
 
 
 SW = 2
