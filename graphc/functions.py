@@ -315,9 +315,13 @@ def var(x: Tensor, dim: int | Sequence[int] | None = None, unbiased: bool | None
 def std(x: Tensor, dim: int | Sequence[int] | None = None, unbiased: bool | None = None,
         keepdim: bool = False, *, correction: float | None = None, axis: Any = None,
         keepdims: bool = False, ddof: float | None = None) -> Tensor:
-    """Standard deviation: the square root of `var` (same arguments, correction=1 by default)."""
-    return var(x, dim, unbiased, keepdim, correction=correction, axis=axis, keepdims=keepdims,
-               ddof=ddof).sqrt()
+    """Standard deviation: the square root of `var` (same arguments, correction=1 by default).
+    Where the variance is 0 (a constant line) its gradient is 0, as PyTorch's, not the NaN of
+    sqrt's infinite slope times the variance's zero one."""
+    variance = var(x, dim, unbiased, keepdim, correction=correction, axis=axis, keepdims=keepdims,
+                   ddof=ddof)
+    nonzero = variance != 0  # NaN and inf (too few elements) stay as sqrt gives them
+    return where(nonzero, where(nonzero, variance, 1.0).sqrt(), 0.0)
 
 
 def min(x: Tensor, dim: Any = None, keepdim: bool = False, *, axis: Any = None,
@@ -360,7 +364,13 @@ def norm(x: Tensor, p: float | str | None = "fro", dim: int | Sequence[int] | No
         return x.abs().amin(axes, keepdim=keep)
     if p == 0:
         return (x != 0).astype(x.dtype).sum(axes, keepdim=keep)
-    total = (x.abs() ** float(p)).sum(axes, keepdim=keep)
+    magnitude = x.abs()
+    if 0 < p < 1:  # |x|^p's slope is infinite at 0: zero elements get gradient 0, as in PyTorch
+        nonzero_element = magnitude > 0
+        powers = where(nonzero_element, where(nonzero_element, magnitude, 1) ** float(p), 0)
+    else:
+        powers = magnitude ** float(p)
+    total = powers.sum(axes, keepdim=keep)
     nonzero = total > 0  # the root's derivative is infinite at 0: route zero vectors around it
     return where(nonzero, where(nonzero, total, 1) ** (1.0 / float(p)), 0)
 
@@ -383,7 +393,7 @@ def _triangle(x: Any, diagonal: int, upper: bool) -> Tensor:
     rows, cols = x.shape[-2:]
     offset = np.arange(cols)[None, :] - np.arange(rows)[:, None]
     keep = offset >= diagonal if upper else offset <= diagonal
-    return where(keep, x, 0)
+    return where(keep, x, np.zeros((), x.dtype))  # zeros of x's own dtype: a bool x stays bool
 
 
 # -- einsum ---------------------------------------------------------------------------------------

@@ -219,3 +219,38 @@ def test_interpolate_refuses_a_size_or_scale_per_axis_of_the_wrong_length():
     for bad in ({"size": (8,)}, {"size": (8, 9, 10)}, {"scale_factor": (2.0,)}):
         with pytest.raises(ValueError, match="one value per spatial axis .2 for input"):
             gc.jit(lambda a: F.interpolate(a, **bad), backend="reference")(x)
+
+
+@pytest.mark.parametrize("case", ["cumprod_past_a_nan", "std_of_a_constant_line", "normalize_p_half_at_zeros",
+                                  "norm_p_0.3_at_zeros"])
+def test_gradients_pytorch_keeps_finite_where_an_operand_is_zero_or_unreached(case):
+    """Each was NaN where PyTorch's is finite: cumprod sent an output's NaN cotangent to inputs
+    it does not depend on (inf * 0), std's slope at a zero variance (sqrt at 0 times 0), and a
+    p < 1 norm's at zero elements (|x|^p at 0 times sign(0))."""
+    x = np.array([[-2.0, -3.0, 0.5], [1.0, 1.0, 1.0]])
+    ours, theirs = {
+        "cumprod_past_a_nan": (lambda x: gc.sqrt(x.cumprod(1)), lambda x: torch.sqrt(x.cumprod(1))),
+        "std_of_a_constant_line": (lambda x: x.std(1), lambda x: x.std(1)),
+        "normalize_p_half_at_zeros": (lambda x: F.normalize(x * (x > 0), p=0.5, dim=1),
+                                      lambda x: TF.normalize(x * (x > 0), p=0.5, dim=1)),
+        "norm_p_0.3_at_zeros": (lambda x: (x * (x > 0)).norm(0.3, 1), lambda x: (x * (x > 0)).norm(0.3, 1)),
+    }[case]
+    tensor = torch.tensor(x, requires_grad=True)
+    theirs(tensor).sum().backward()
+    grad = gc.grad(lambda x: ours(x).sum(), backend="reference")(x)
+    np.testing.assert_allclose(grad, tensor.grad.numpy(), rtol=1e-10, atol=1e-12)
+    assert np.isfinite(grad[1]).all()
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda x: F.hardtanh(x, 2.0, 1.0), r"hardtanh: min_val \(2.0\) cannot be greater than max_val"),
+    (lambda x: F.softplus(x, beta=0), "softplus: beta .* must not be 0"),
+    (lambda x: F.pad(x, (1.5, 1)), r"pad: widths must be integers, got \(1.5, 1\)"),
+    (lambda x: F.embedding(np.array([0, 1]), x.reshape(6, 4), padding_idx=6), "padding_idx 6 is outside the table's 6 rows"),
+    (lambda x: F.embedding(np.array([0, 1]), x.reshape(6, 4), padding_idx=-7), "padding_idx -7 is outside"),
+], ids=["hardtanh", "softplus", "pad", "embedding_padding_idx", "embedding_negative_padding_idx"])
+def test_arguments_pytorch_refuses_are_refused_by_name(call, match):
+    """They were taken silently (a truncated width, a padding index naming no row, bounds the
+    wrong way round) or failed with a bare ZeroDivisionError."""
+    with pytest.raises((ValueError, TypeError), match=match + r".*test_nn_layers_torch\.py"):
+        gc.jit(call, backend="reference")(np.zeros((2, 12), np.float32))

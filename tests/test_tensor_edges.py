@@ -374,3 +374,10 @@ print(gc.jit(lambda x, n: x ** n)(x, n).tolist(), gc.jit(lambda x, n: (x.abs() *
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["[1.0,", "0.0078125,", "1.0]", "2.0078125", "[8.0,", "0.0078125,", "1.0]"]
+
+
+def test_triangles_of_a_bool_tensor_stay_bool():
+    b = np.ones((2, 3), bool)
+    for f in (lambda b: b.tril(), lambda b: gc.triu(b, 1)):
+        out = gc.jit(f, backend="reference")(b)
+        assert out.dtype == np.bool_ and out.sum() == 3

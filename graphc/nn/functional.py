@@ -88,6 +88,8 @@ def elu(x: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
 
 def softplus(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
     """log(1 + exp(beta * x)) / beta, and x itself where beta * x > threshold."""
+    if beta == 0:
+        raise ValueError(f"softplus: beta divides the result: it must not be 0 (at {user_location()})")
     x = as_tensor(x)
     scaled = x * beta
     smooth = bind("log1p", scaled.clamp(max=threshold).exp()) * (1 / beta)
@@ -400,6 +402,9 @@ def prelu(x: Tensor, weight: Tensor) -> Tensor:
 def hardtanh(x: Tensor, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False) -> Tensor:
     """x limited to [min_val, max_val]. As PyTorch's, the gradient flows strictly inside the
     bounds only (clamp's flows at them too): relu6's is 0 at 0, as relu's."""
+    if min_val > max_val:
+        raise ValueError(f"hardtanh: min_val ({min_val}) cannot be greater than max_val ({max_val}) "
+                         f"(at {user_location()})")
     t = as_tensor(x)
     return _result(x, where(t <= min_val, min_val, where(t >= max_val, max_val, t)), inplace)
 
@@ -538,6 +543,8 @@ def pad(input: Tensor, pad: Sequence[int], mode: str = "constant", value: float 
     'circular' (wrapped around). In every mode a negative width crops, as in PyTorch: reflect
     and replicate mirror or repeat the input's own edges, circular wraps the cropped axis."""
     x = as_tensor(input)
+    if not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in pad):
+        raise TypeError(f"pad: widths must be integers, got {tuple(pad)} (at {user_location()})")
     widths = [int(w) for w in pad]
     if len(widths) % 2 or len(widths) // 2 > x.ndim:
         raise ShapeError(f"pad: expects an even number of widths, two per padded dimension and "
@@ -707,6 +714,9 @@ def embedding(input: Any, weight: Tensor, padding_idx: int | None = None,
                           f"scale_grad_by_freq are not supported; renormalise the table in the "
                           f"training step instead (at {user_location()})")
     weight = as_tensor(weight)
+    if padding_idx is not None and not -weight.shape[0] <= padding_idx < weight.shape[0]:
+        raise ValueError(f"embedding: padding_idx {padding_idx} is outside the table's "
+                         f"{weight.shape[0]} rows (at {user_location()})")
     if padding_idx is not None and padding_idx < 0:
         padding_idx += weight.shape[0]
     return sparse_layers.embedding(input, weight, padding_idx)

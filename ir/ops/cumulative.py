@@ -58,10 +58,12 @@ def _cumprod_vjp(b, g, x, *, out, axis, reverse):
     j, i = np.arange(n).reshape(n, 1), np.arange(n).reshape(1, n)
     # axis `axis` of the n x n arrays is j (the input differentiated), axis + 1 is i (or k).
     left_out = b.const((j == i).reshape((n, n) + trailing), "bool")
-    included = b.const(((i <= j) if reverse else (i >= j)).reshape((n, n) + trailing), x.dtype)
+    included = b.const(((i <= j) if reverse else (i >= j)).reshape((n, n) + trailing), "bool")
     lines = b.where(left_out, b.scalar_like(1, x), b.expand_dims(x, axes=(axis,)))
     partial = b.cumprod(lines, axis=axis + 1, reverse=reverse)
-    weighted = b.mul(b.mul(partial, included), b.expand_dims(g, axes=(axis,)))
+    # selected, not masked by a product: an output x[j] does not reach sends it nothing, even
+    # an infinite or NaN cotangent (inf * 0 would be NaN)
+    weighted = b.where(included, b.mul(partial, b.expand_dims(g, axes=(axis,))), b.scalar_like(0, x))
     return (b.sum(weighted, axes=(axis + 1,), keepdims=False),)
 
 
