@@ -16,7 +16,7 @@ __all__ = ["exp", "log", "log1p", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "si
            "reciprocal", "maximum", "minimum", "where", "sum", "mean", "max", "amax", "argmax", "matmul",
            "concatenate", "cat", "stack", "split", "chunk", "flip", "flatten", "masked_fill", "numel",
            "pad", "gather", "take_along_axis", "one_hot", "stop_gradient",
-           "cast", "uniform", "bernoulli", "logsumexp"]
+           "cast", "uniform", "bernoulli", "logsumexp", "expm1", "floor", "ceil", "trunc", "round"]
 
 
 def _unary(op: str):
@@ -30,6 +30,31 @@ def _unary(op: str):
 exp, log, log1p, sqrt, rsqrt, tanh, sigmoid, abs, sign, square, reciprocal, stop_gradient = (
     _unary(op) for op in ("exp", "log", "log1p", "sqrt", "rsqrt", "tanh", "sigmoid", "abs",
                           "sign", "square", "reciprocal", "stop_gradient"))
+
+
+expm1 = _unary("expm1")
+
+
+def _rounding(op: str):
+    def fn(x: Tensor) -> Tensor:
+        x = as_tensor(x)
+        return bind(op, x) if is_float(x.dtype) else x  # integers are whole already, as in PyTorch
+    fn.__name__ = op
+    fn.__doc__ = f"Elementwise {op} (no gradient: the function is piecewise constant)."
+    return fn
+
+
+floor, ceil, trunc = _rounding("floor"), _rounding("ceil"), _rounding("trunc")
+
+
+def round(x: Tensor, decimals: int = 0) -> Tensor:
+    """To the nearest integer, halves to the even one (NumPy's and PyTorch's rule); with
+    `decimals`, to that many decimal places (as x * 10**decimals rounded, then divided back)."""
+    x = as_tensor(x)
+    if not decimals or not is_float(x.dtype):
+        return _rounding("round")(x)
+    scale = 10.0 ** decimals
+    return _rounding("round")(x * scale) / scale
 
 
 def _pair(x: Any, y: Any) -> tuple[Tensor, Tensor]:

@@ -53,12 +53,13 @@ UFUNCS: dict[np.ufunc, Callable[..., Tensor]] = {
     np.absolute: _unary("abs"), np.fabs: _unary("abs"), np.exp: _unary("exp"),
     np.log: _unary("log"), np.log1p: _unary("log1p"), np.sqrt: _unary("sqrt"),
     np.tanh: _unary("tanh"), np.square: _unary("square"), np.reciprocal: _unary("reciprocal"),
-    np.sign: _unary("sign"),
+    np.sign: _unary("sign"), np.expm1: gcf.expm1, np.floor: gcf.floor, np.ceil: gcf.ceil,
+    np.trunc: gcf.trunc, np.rint: gcf.round,
 }
 
 # What to write instead, for NumPy calls graphc has no single op for.
 SUGGESTIONS: dict[str, str] = {
-    "np.expm1": "gc.exp(x) - 1", "np.log2": "gc.log(x) / math.log(2)",
+    "np.log2": "gc.log(x) / math.log(2)",
     "np.log10": "gc.log(x) / math.log(10)", "np.exp2": "gc.exp(x * math.log(2))",
     "np.add.reduce": "gc.sum(x, axis)", "np.maximum.reduce": "x.amax(axis)",
     "np.minimum.reduce": "x.amin(axis)", "np.linalg.norm": "x.norm(p, dim)",

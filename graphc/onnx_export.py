@@ -120,7 +120,7 @@ def _one_to_one(op_type: str) -> Converter:
 for _op, _op_type in {
         "neg": "Neg", "exp": "Exp", "log": "Log", "sqrt": "Sqrt", "tanh": "Tanh",
         "sigmoid": "Sigmoid", "relu": "Relu", "abs": "Abs", "sign": "Sign", "sin": "Sin",
-        "cos": "Cos", "erf": "Erf",
+        "cos": "Cos", "erf": "Erf", "floor": "Floor", "ceil": "Ceil", "round": "Round",
         "reciprocal": "Reciprocal", "stop_gradient": "Identity", "logical_not": "Not",
         "add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow", "maximum": "Max",
         "minimum": "Min", "eq": "Equal", "logical_and": "And", "logical_or": "Or",
@@ -131,6 +131,13 @@ for _op, _op_type in {
 @lowering(TARGET, "square")
 def _square(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.emit("Mul", [xs[0], xs[0]], out)
+
+
+@lowering(TARGET, "trunc")
+def _trunc(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    """ONNX has no Trunc: ceil below zero, floor above."""
+    negative = g.emit("Less", [xs[0], g.constant(np.asarray(0, node.inputs[0].dtype))])
+    g.emit("Where", [negative, g.emit("Ceil", xs), g.emit("Floor", xs)], out)
 
 
 @lowering(TARGET, "rsqrt")

@@ -798,6 +798,24 @@ class Tensor:
     def cos(self) -> Tensor: return bind("cos", self)
     def erf(self) -> Tensor: return bind("erf", self)
 
+    def expm1(self) -> Tensor: return bind("expm1", self)
+
+    def floor(self) -> Tensor:
+        from .functions import floor
+        return floor(self)
+
+    def ceil(self) -> Tensor:
+        from .functions import ceil
+        return ceil(self)
+
+    def trunc(self) -> Tensor:
+        from .functions import trunc
+        return trunc(self)
+
+    def round(self, decimals: int = 0) -> Tensor:
+        from .functions import round
+        return round(self, decimals)
+
     def clamp(self, min: Any = None, max: Any = None) -> Tensor:
         from .functions import clamp
         return clamp(self, min, max)

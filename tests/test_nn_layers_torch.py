@@ -254,3 +254,22 @@ def test_arguments_pytorch_refuses_are_refused_by_name(call, match):
     wrong way round) or failed with a bare ZeroDivisionError."""
     with pytest.raises((ValueError, TypeError), match=match + r".*test_nn_layers_torch\.py"):
         gc.jit(call, backend="reference")(np.zeros((2, 12), np.float32))
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba-cpu"])
+@pytest.mark.parametrize("name", ["floor", "ceil", "trunc", "round", "expm1"])
+def test_rounding_functions_and_expm1_match_pytorch(name, backend):
+    """Halves, signed zeros, NaN and inf as PyTorch gives them; rounding has gradient 0."""
+    x = np.float32([-2.5, -1.5, -0.5, -0.0, 0.5, 1.5, 2.5, -1.7, 1.2, 3.999, 1e-7, np.nan, np.inf])
+    out = gc.jit(lambda x: getattr(x, name)(), backend=backend)(x)
+    expected = getattr(torch.tensor(x), name)().numpy()
+    np.testing.assert_array_equal(np.signbit(out), np.signbit(expected))
+    np.testing.assert_allclose(out, expected, rtol=1e-6, equal_nan=True)
+    finite = x[np.isfinite(x)]
+    grad = gc.grad(lambda x: getattr(x, name)().sum(), backend=backend)(finite)
+    tensor = torch.tensor(finite, requires_grad=True)
+    getattr(tensor, name)().sum().backward()
+    np.testing.assert_allclose(grad, tensor.grad.numpy(), rtol=1e-6)
+    if name != "expm1":  # an integer tensor is whole already: returned as it is
+        ints = np.arange(-3, 3)
+        np.testing.assert_array_equal(gc.jit(lambda x: getattr(gc, name)(x), backend=backend)(ints), ints)

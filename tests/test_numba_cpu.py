@@ -84,7 +84,7 @@ def fused_together(b, values):
 
 # -- every primitive -------------------------------------------------------------------------
 UNARY = ["neg", "exp", "tanh", "sigmoid", "relu", "abs", "sign", "square", "stop_gradient", "sin",
-         "cos", "erf"]
+         "cos", "erf", "expm1", "floor", "ceil", "trunc", "round"]
 UNARY_POSITIVE = ["log", "log1p", "sqrt", "rsqrt", "reciprocal"]
 BINARY = ["add", "sub", "mul", "div", "maximum", "minimum"]
 COMPARE = ["eq", "ne", "lt", "le", "gt", "ge"]

@@ -167,6 +167,8 @@ OP_CASES = [
                                        "square", "stop_gradient")],
     *[(op, [POSITIVE], {}) for op in ("log", "sqrt", "rsqrt", "reciprocal")],
     *[(op, [f32(2, 3)], {}) for op in ("sin", "cos", "erf")],
+    # halves included: Round takes them to the even integer, as graphc and NumPy do
+    *[(op, [np.float32([[-2.5, -1.7, -0.5], [0.5, 1.5, 2.3]])], {}) for op in ("floor", "ceil", "trunc", "round")],
     ("sin", [f32(2, 3).astype(np.float64)], {}),  # (onnxruntime implements Erf for float32 only)
     ("cumsum", [f32(2, 3, 4)], {"axis": 1}),
     ("cumsum", [INTS], {"axis": 1, "reverse": True}),

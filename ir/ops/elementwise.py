@@ -126,6 +126,13 @@ unary("rsqrt", _quiet(lambda x: 1 / np.sqrt(x)),
 unary("tanh", _quiet(np.tanh),
       lambda b, g, x, *, out: (b.mul(g, b.sub(b.scalar_like(1, x), b.square(out))),),
       lambda x: f"np.tanh({x})")
+unary("expm1", _quiet(np.expm1),
+      lambda b, g, x, *, out: (b.mul(g, b.add(out, b.scalar_like(1, x))),), lambda x: f"np.expm1({x})")
+# Rounding: piecewise constant, so no gradient reaches x (PyTorch's is 0 too); round is NumPy's
+# and PyTorch's, to the nearest even integer at halves.
+for _name, _fn in (("floor", np.floor), ("ceil", np.ceil), ("trunc", np.trunc), ("round", np.rint)):
+    unary(_name, _quiet(_fn), lambda b, g, x, *, out: (None,), lambda x, _f=_fn.__name__: f"np.{_f}({x})",
+          recompute_cost=ARITHMETIC)
 unary("sin", _quiet(np.sin), lambda b, g, x, *, out: (b.mul(g, b.cos(x)),), lambda x: f"np.sin({x})")
 unary("cos", _quiet(np.cos), lambda b, g, x, *, out: (b.neg(b.mul(g, b.sin(x))),),
       lambda x: f"np.cos({x})")
