@@ -1,6 +1,7 @@
 """NumPy-style functions on traced tensors (gc.exp, gc.where, gc.concatenate, ...)."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import numpy as np
@@ -9,7 +10,8 @@ from graphc.ir import TensorType
 from graphc.ir.errors import DTypeError, GraphcError, ShapeError, user_location
 from graphc.ir.types import is_float
 
-from .tensor import (Tensor, ValuesIndices, normalize_axes, reduction_axes, scalar_reduced_as_vector, as_tensor, bind,
+from .tensor import (Tensor, ValuesIndices, normalize_axes, promote_types, reduction_axes,
+                     scalar_reduced_as_vector, as_tensor, bind,
                      current_trace, dtype_name, matmul, promoted)
 
 __all__ = ["exp", "log", "log1p", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "sign", "square",
@@ -136,6 +138,8 @@ def concatenate(xs: Sequence[Tensor], axis: int = 0, *, dim: int | None = None) 
     if not tensors:
         raise GraphcError(f"concatenate/cat needs at least one tensor (at {user_location()})")
     (axis,) = normalize_axes(axis if dim is None else dim, tensors[0].ndim)
+    dtype = functools.reduce(promote_types, (t.dtype for t in tensors))  # as torch.cat promotes
+    tensors = [t.astype(dtype) for t in tensors]
     return tensors[0] if len(tensors) == 1 else bind("concatenate", *tensors, axis=axis)
 
 

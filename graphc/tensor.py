@@ -741,8 +741,9 @@ class Tensor:
         amax; `x.max(other)` with a tensor is the elementwise maximum. The values' gradient is
         shared by tied maxima, as amax's (PyTorch gives max(dim)'s to the returned index)."""
         dim = reduction_axes(dim, axis, "max")
-        if isinstance(dim, Tensor):
-            return bind("maximum", self, dim)
+        if isinstance(dim, Tensor):  # the elementwise maximum, operands promoted as PyTorch's
+            from .functions import maximum
+            return maximum(self, dim)
         keep = keepdim or keepdims
         if not isinstance(dim, (int, np.integer)):
             return self.amax(dim, keep)
@@ -781,8 +782,9 @@ class Tensor:
             keepdims: bool = False) -> Tensor | ValuesIndices:
         """PyTorch's min, as `max`: over one axis the named tuple (values, indices)."""
         dim = reduction_axes(dim, axis, "min")
-        if isinstance(dim, Tensor):
-            return bind("minimum", self, dim)
+        if isinstance(dim, Tensor):  # the elementwise minimum, operands promoted as PyTorch's
+            from .functions import minimum
+            return minimum(self, dim)
         keep = keepdim or keepdims
         if not isinstance(dim, (int, np.integer)):
             return self.amin(dim, keep)

@@ -381,3 +381,19 @@ def test_triangles_of_a_bool_tensor_stay_bool():
     for f in (lambda b: b.tril(), lambda b: gc.triu(b, 1)):
         out = gc.jit(f, backend="reference")(b)
         assert out.dtype == np.bool_ and out.sum() == 3
+
+
+@BACKENDS
+def test_cat_and_max_with_another_tensor_promote_mixed_dtypes_as_pytorch(backend):
+    """They raised DTypeError where PyTorch promotes (gc.maximum already did)."""
+    floats, ints, bools = np.ones((2, 2), np.float32), np.arange(4).reshape(2, 2), np.eye(2, dtype=bool)
+    out = gc.jit(lambda a, b, c: gc.cat([a, b, c]), backend=backend)(floats, ints, bools)
+    assert out.dtype == np.float32 and out.shape == (6, 2)
+    np.testing.assert_array_equal(out[2:4], ints)
+    assert gc.jit(lambda b, c: gc.cat([b, c], 1), backend=backend)(ints, bools).dtype == np.int64
+    np.testing.assert_array_equal(gc.jit(lambda a, b: b.max(a), backend=backend)(floats, ints),
+                                  np.maximum(floats, ints))
+    np.testing.assert_array_equal(gc.jit(lambda a, b: a.min(b), backend=backend)(floats, ints),
+                                  np.minimum(floats, ints))
+    grad = gc.grad(lambda a: gc.cat([a, ints]).sum(), backend=backend)(floats)
+    np.testing.assert_array_equal(grad, np.ones((2, 2)))
