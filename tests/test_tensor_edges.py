@@ -397,3 +397,12 @@ def test_cat_and_max_with_another_tensor_promote_mixed_dtypes_as_pytorch(backend
                                   np.minimum(floats, ints))
     grad = gc.grad(lambda a: gc.cat([a, ints]).sum(), backend=backend)(floats)
     np.testing.assert_array_equal(grad, np.ones((2, 2)))
+
+
+@BACKENDS
+@pytest.mark.parametrize("dim", [0, 1])
+def test_softmax_of_an_empty_tensor_is_empty(backend, dim):
+    """As PyTorch's (the softmax op refused an axis of size 0)."""
+    x = np.zeros((0, 2), np.float32)
+    assert gc.jit(lambda x: gc.nn.functional.softmax(x, dim), backend=backend)(x).shape == (0, 2)
+    assert gc.grad(lambda x: x.softmax(dim).sum(), backend=backend)(x).shape == (0, 2)

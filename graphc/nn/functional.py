@@ -118,6 +118,8 @@ def softmax(x: Tensor, dim: int | None = None) -> Tensor:
     x = as_tensor(x)
     if dim is None:
         return softmax(x, implicit_softmax_dim("softmax", x.ndim))
+    if x.numel() == 0:  # nothing to normalise (the op refuses an empty axis): as PyTorch, empty
+        return x * 1.0
     return bind("softmax", x, axis=dim)
 
 
