@@ -472,7 +472,10 @@ def _dims_argument(dims: tuple) -> tuple[int, ...]:
 def _order_reversed(x: Tensor) -> Tensor:
     """A map reversing the order, its own inverse: -x for floats, -x - 1 for integers (~x in the
     wrap-around arithmetic of every backend, so the smallest integer maps to the largest where
-    -x would overflow). min and argmin are max and argmax of the reversed values."""
+    -x would overflow), not x for booleans. min and argmin are max and argmax of the reversed
+    values."""
+    if x.dtype == "bool":
+        return ~x
     return -x if is_float(x.dtype) else -x - 1
 
 
@@ -732,7 +735,21 @@ class Tensor:
              axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
         """The maximum over `dim` (one axis, several, or all by default): values only."""
         axes = normalize_axes(reduction_axes(dim, axis, "amax"), self.ndim)
+        if self.dtype == "bool":  # True if any: the maximum of 0/1 (the max op takes numbers)
+            return bind("max", self.astype("int32"), axes=axes, keepdims=keepdim or keepdims) > 0
         return bind("max", self, axes=axes, keepdims=keepdim or keepdims)
+
+    def any(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
+            axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
+        """Whether any element over `dim` (all axes by default) is nonzero: False over none."""
+        nonzero = self if self.dtype == "bool" else self != 0
+        return nonzero.sum(dim, keepdim, axis=axis, keepdims=keepdims) > 0
+
+    def all(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
+            axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
+        """Whether every element over `dim` (all axes by default) is nonzero: True over none."""
+        zero = ~self if self.dtype == "bool" else self == 0
+        return zero.sum(dim, keepdim, axis=axis, keepdims=keepdims) == 0
 
     def max(self, dim: Any = None, keepdim: bool = False, *, axis: Any = None,
             keepdims: bool = False) -> Tensor | ValuesIndices:
@@ -757,7 +774,8 @@ class Tensor:
             flat = self.reshape(-1).argmax(0)
             return flat.reshape((1,) * self.ndim) if keepdim or keepdims else flat
         (dim,) = normalize_axes(dim, self.ndim)
-        return bind("argmax", self, axis=dim, keepdims=keepdim or keepdims)
+        x = self.astype("int32") if self.dtype == "bool" else self  # the first True
+        return bind("argmax", x, axis=dim, keepdims=keepdim or keepdims)
 
     def logsumexp(self, dim: int | Sequence[int] = -1, keepdim: bool = False, *,
                   axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:

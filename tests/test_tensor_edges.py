@@ -406,3 +406,22 @@ def test_softmax_of_an_empty_tensor_is_empty(backend, dim):
     x = np.zeros((0, 2), np.float32)
     assert gc.jit(lambda x: gc.nn.functional.softmax(x, dim), backend=backend)(x).shape == (0, 2)
     assert gc.grad(lambda x: x.softmax(dim).sum(), backend=backend)(x).shape == (0, 2)
+
+
+BOOL_REDUCTIONS = {  # on [[T, F, T], [F, F, F]]: PyTorch's results
+    "amax": (lambda t: t.amax(1), [True, False]), "max_indices": (lambda t: t.max(1).indices, [0, 0]),
+    "amin": (lambda t: t.amin(1), [False, False]), "argmin": (lambda t: t.argmin(1), [1, 0]),
+    "any": (lambda t: t.any(1), [True, False]), "all_columns": (lambda t: t.all(0), [False, False, False]),
+    "any_of_ints": (lambda t: t.astype("int64").any(), True), "all_of_none": (lambda t: t[:0].all(), True),
+}
+
+
+@BACKENDS
+@pytest.mark.parametrize("name", BOOL_REDUCTIONS)
+def test_booleans_reduce_as_in_pytorch(backend, name):
+    """max, min and their indices of a bool tensor raised (naming an internal op for min);
+    any and all did not exist."""
+    reduce, expected = BOOL_REDUCTIONS[name]
+    out = gc.jit(reduce, backend=backend)(np.array([[True, False, True], [False, False, False]]))
+    np.testing.assert_array_equal(out, expected)
+    assert out.dtype == np.asarray(expected).dtype
