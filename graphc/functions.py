@@ -18,7 +18,8 @@ __all__ = ["exp", "log", "log1p", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "si
            "reciprocal", "maximum", "minimum", "where", "sum", "mean", "max", "amax", "argmax", "matmul",
            "concatenate", "cat", "stack", "split", "chunk", "flip", "flatten", "masked_fill", "numel",
            "pad", "gather", "take_along_axis", "one_hot", "stop_gradient",
-           "cast", "uniform", "bernoulli", "logsumexp", "expm1", "floor", "ceil", "trunc", "round"]
+           "cast", "uniform", "bernoulli", "logsumexp", "expm1", "floor", "ceil", "trunc", "round",
+           "floor_divide", "remainder"]
 
 
 def _unary(op: str):
@@ -72,6 +73,18 @@ def maximum(x: Any, y: Any) -> Tensor:
 
 def minimum(x: Any, y: Any) -> Tensor:
     return bind("minimum", *_pair(x, y))
+
+
+def floor_divide(x: Any, y: Any) -> Tensor:
+    """x // y rounded down, as Python, NumPy and PyTorch (an integer divided by 0 gives 0)."""
+    return as_tensor(x)._binary("floor_divide", y) if isinstance(x, Tensor) else as_tensor(y)._binary(
+        "floor_divide", x, True)
+
+
+def remainder(x: Any, y: Any) -> Tensor:
+    """x % y with the divisor's sign, as Python, NumPy and PyTorch."""
+    return as_tensor(x)._binary("remainder", y) if isinstance(x, Tensor) else as_tensor(y)._binary(
+        "remainder", x, True)
 
 
 def where(cond: Tensor, x: Any, y: Any) -> Tensor:

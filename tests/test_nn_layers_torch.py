@@ -273,3 +273,25 @@ def test_rounding_functions_and_expm1_match_pytorch(name, backend):
     if name != "expm1":  # an integer tensor is whole already: returned as it is
         ints = np.arange(-3, 3)
         np.testing.assert_array_equal(gc.jit(lambda x: getattr(gc, name)(x), backend=backend)(ints), ints)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba-cpu"])
+def test_floor_division_and_remainder_match_pytorch(backend):
+    """`//` and `%` on tensors (they were TypeErrors): rounded down and with the divisor's sign,
+    for floats and integers, a Python number on either side; the remainder's gradient is 1 for
+    x and -floor(x / y) for y. (A zero remainder takes the divisor's sign, as in NumPy and
+    Python; PyTorch's takes the dividend's.)"""
+    rng = np.random.default_rng(0)
+    xf, yf = rng.uniform(-10, 10, 40), rng.choice([-3.5, -1.0, 0.7, 2.0, 3.0], 40)
+    xi, yi = rng.integers(-20, 20, 40), rng.choice([-7, -3, 2, 5], 40)
+    for x, y in [(xf, yf), (xi, yi), (xi, yf)]:
+        for f in (lambda a, b: a // b, lambda a, b: a % b, lambda a, b: 7 // b + a % 3):
+            expected = f(torch.tensor(x), torch.tensor(y)).numpy()
+            got = gc.jit(f, backend=backend)(x, y)
+            assert got.dtype == expected.dtype
+            np.testing.assert_array_equal(got, expected)
+    tx, ty = torch.tensor(xf, requires_grad=True), torch.tensor(yf, requires_grad=True)
+    (tx % ty).sum().backward()
+    gx, gy = gc.grad(lambda a, b: (a % b).sum(), argnums=(0, 1), backend=backend)(xf, yf)
+    np.testing.assert_array_equal(gx, tx.grad.numpy())
+    np.testing.assert_array_equal(gy, ty.grad.numpy())

@@ -244,6 +244,23 @@ binary("sub", _quiet(np.subtract), _sub_vjp, lambda x, y: f"({x} - {y})", recomp
 binary("mul", _quiet(np.multiply), _mul_vjp, lambda x, y: f"({x} * {y})", recompute_cost=ARITHMETIC)
 binary("div", _quiet(np.true_divide), _div_vjp, lambda x, y: f"({x} / {y})", infer=_float_binary)
 binary("pow", _quiet(np.power), _pow_vjp, lambda x, y: f"({x} ** {y})", infer=_float_binary)
+
+
+def _remainder_vjp(b, g, x, y, *, out):
+    """x - y * floor(x / y): 1 for x, -floor(x / y) for y (piecewise; floats only)."""
+    if not is_float(x.dtype):
+        return (None, None)
+    return (b.unbroadcast(g, x.shape),
+            b.unbroadcast(b.neg(b.mul(g, b.floor_divide(x, y))), y.shape))
+
+
+# Python's, NumPy's and PyTorch's floor division and remainder (the remainder takes the divisor's
+# sign); Numba compiles Python's operators with those semantics on the CPU and on CUDA. An integer
+# divided by 0 gives 0, as in NumPy (PyTorch raises).
+binary("floor_divide", _quiet(np.floor_divide), lambda b, g, x, y, *, out: (None, None),
+       lambda x, y: f"({x} // {y})", recompute_cost=ARITHMETIC)
+binary("remainder", _quiet(np.remainder), _remainder_vjp, lambda x, y: f"({x} % {y})",
+       recompute_cost=ARITHMETIC)
 # maximum/minimum send the cotangent to x on ties, as the where-based rule of most frameworks.
 # Their scalar is NumPy's, which returns a NaN from either operand: Python's max/min drop a NaN
 # in the second operand (max(1.0, nan) == 1.0, max(nan, 1.0) is nan).
