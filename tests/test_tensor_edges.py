@@ -425,3 +425,11 @@ def test_booleans_reduce_as_in_pytorch(backend, name):
     out = gc.jit(reduce, backend=backend)(np.array([[True, False, True], [False, False, False]]))
     np.testing.assert_array_equal(out, expected)
     assert out.dtype == np.asarray(expected).dtype
+
+
+def test_max_pool_names_only_the_option_it_lacks():
+    x = np.zeros((1, 1, 6, 6), np.float32)
+    with pytest.raises(gc.GraphcError, match=rf"max_pool2d: dilation 2 \(use 1\) is not supported {USER_LINE}"):
+        gc.jit(lambda x: gc.nn.functional.max_pool2d(x, 2, dilation=2), backend="reference")(x)
+    with pytest.raises(gc.GraphcError, match=rf"max_pool2d: return_indices=True is not supported {USER_LINE}"):
+        gc.jit(lambda x: gc.nn.functional.max_pool2d(x, 2, return_indices=True), backend="reference")(x)

@@ -353,9 +353,11 @@ def max_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0
     """PyTorch's F.max_pool2d over the last two axes of (N, C, H, W) or (C, H, W) input
     (dilation 1, without indices)."""
     x = as_tensor(x)
-    if _pair(dilation) != (1, 1) or return_indices:
-        raise GraphcError(f"max_pool2d: dilation {dilation} and return_indices={return_indices} "
-                          f"are not supported; use dilation=1 and return_indices=False "
+    unsupported = ([f"dilation {dilation} (use 1)"] if _pair(dilation) != (1, 1) else []) + (
+        ["return_indices=True"] if return_indices else [])
+    if unsupported:
+        raise GraphcError(f"max_pool2d: {' and '.join(unsupported)} "
+                          f"{'are' if len(unsupported) > 1 else 'is'} not supported "
                           f"(at {user_location()})")
     if _unbatched_plane("max_pool2d", x):
         return max_pool2d(x.unsqueeze(0), kernel_size, stride, padding, dilation, ceil_mode).squeeze(0)
