@@ -41,6 +41,8 @@ def numpy_rule(name, kw):
             m = b1 * state.get("m", 0) + (1 - b1) * g
             v = b2 * state.get("v", 0) + (1 - b2) * g * g
             state.update(m=m, v=v)
+            if kw.get("amsgrad"):  # the largest second moment so far
+                v = state["v_max"] = np.maximum(state.get("v_max", 0), v)
             return w - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
         if name == "Adagrad":
             s = state.get("s", kw.get("initial_accumulator_value", 0)) + g * g
@@ -73,6 +75,8 @@ CASES = [
     ("Adam", {"lr": 0.01}),
     ("Adam", {"lr": 0.01, "weight_decay": 0.1, "betas": (0.8, 0.99)}),
     ("AdamW", {"lr": 0.01, "weight_decay": 0.1}),
+    ("Adam", {"lr": 0.01, "amsgrad": True, "betas": (0.5, 0.6)}),  # small betas: the maximum holds
+    ("AdamW", {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True, "betas": (0.5, 0.6)}),
     ("Adagrad", {"lr": 0.1, "lr_decay": 0.01, "weight_decay": 0.01, "initial_accumulator_value": 0.1}),
     ("RMSprop", {"lr": 0.01}),
     ("RMSprop", {"lr": 0.01, "momentum": 0.9, "centered": True, "weight_decay": 0.01}),

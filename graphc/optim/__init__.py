@@ -25,7 +25,7 @@ import numpy as np
 
 from graphc.ir.errors import GraphcError
 
-from ..functions import minimum, sqrt, where
+from ..functions import maximum, minimum, sqrt, where
 from ..tensor import Tensor
 
 Params = dict[str, Tensor]
@@ -277,13 +277,16 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
+    """PyTorch's Adam; with `amsgrad`, the denominator divides by the largest second moment so
+    far (state "max_exp_avg_sq")."""
+
     decoupled = False
 
     def __init__(self, params: ParamsArg, lr: float = 1e-3,
                  betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, amsgrad: bool = False) -> None:
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
-                                      weight_decay=weight_decay))
+                                      weight_decay=weight_decay, amsgrad=bool(amsgrad)))
 
     def _check_group(self, group, index):
         betas = tuple(map(float, group["betas"]))
@@ -293,7 +296,7 @@ class Adam(Optimizer):
         group["betas"] = betas
 
     def slots(self, group):
-        return ("exp_avg", "exp_avg_sq")
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
 
     def counts_steps(self, group):
         return True  # the bias corrections
@@ -309,8 +312,11 @@ class Adam(Optimizer):
         v = state["exp_avg_sq"] * beta2 + g.square() * (1 - beta2)
         correction1 = 1 - beta1 ** step
         correction2 = 1 - beta2 ** step
+        moments = {"exp_avg": m, "exp_avg_sq": v}
+        if group["amsgrad"]:
+            v = moments["max_exp_avg_sq"] = maximum(state["max_exp_avg_sq"], v)
         denom = sqrt(v) / sqrt(correction2) + group["eps"]
-        return p - (lr / correction1) * m / denom, {"exp_avg": m, "exp_avg_sq": v}
+        return p - (lr / correction1) * m / denom, moments
 
 
 class AdamW(Adam):
@@ -320,8 +326,8 @@ class AdamW(Adam):
 
     def __init__(self, params: ParamsArg, lr: float = 1e-3,
                  betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay)
+                 weight_decay: float = 1e-2, amsgrad: bool = False) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad)
 
 
 class Adagrad(Optimizer):
