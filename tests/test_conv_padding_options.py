@@ -136,3 +136,18 @@ def test_a_transposed_convolution_too_small_to_have_an_output_is_refused():
     for padding, size in ((1, "0 x 0"), (3, "-4 x -4")):
         with pytest.raises(ShapeError, match=f"conv_transpose2d: the output would be {size} per channel"):
             gc.jit(nn.ConvTranspose2d(3, 4, 1, padding=padding))(x)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba-cpu"])
+@pytest.mark.parametrize("channels", [3, 16])  # 16: numba-cpu's Winograd path for 3x3 stride 1
+def test_convolutions_of_an_empty_batch_have_empty_results_and_zero_weight_gradients(backend, channels):
+    """As PyTorch's: the reference backend's input gradient (and so conv_transpose2d) failed in
+    a reshape, and numba-cpu's Winograd weight gradient stepped a loop by 0 images."""
+    x = np.zeros((0, channels, 5, 5), np.float32)
+    w = np.ones((channels, channels, 3, 3), np.float32)
+
+    def loss(x, w):
+        return F.conv2d(x, w, padding=1).sum() + F.conv_transpose2d(x, w, stride=2).sum()
+    dx, dw = gc.grad(loss, argnums=(0, 1), backend=backend)(x, w)
+    assert dx.shape == x.shape and dw.shape == w.shape and not dw.any()
+    assert gc.jit(lambda x, w: F.conv_transpose2d(x, w, stride=2), backend=backend)(x, w).shape == (0, channels, 11, 11)

@@ -367,7 +367,8 @@ def winograd_scratch(images: int, channels_in: int, channels_out: int, plane: tu
         return -(-elements // _ROW_ALIGN) * _ROW_ALIGN + _ROW_ALIGN
 
     grad = mode == WEIGHT_GRAD
-    group = min(-(-MIN_GRADIENT_DEPTH // tiles), -(-images // threads)) if grad else 1
+    # images per product: at least one (an empty batch runs no product, but its loop steps by it)
+    group = max(1, min(-(-MIN_GRADIENT_DEPTH // tiles), -(-images // threads))) if grad else 1
     return threads, group, [(1, 1, 1) if grad else (cells, channels_out, channels_in),
                             (threads, cells, padded_row(channels_in * tiles * group)),
                             (threads, cells, padded_row(channels_out * tiles * group)),

@@ -243,8 +243,9 @@ def _conv2d_input_grad(g, w, *, input_shape, stride, padding, dilation, groups):
     g_nhwc = np.ascontiguousarray(g.transpose(0, 2, 3, 1))
     # (N, Ho, Wo, Og) @ (Og, kh*kw*Cg) -> (N, Ho, Wo, kh*kw, Cg): one GEMM per group, laid out
     # so that each kernel offset's input cotangents form one dense block for the fold
+    # (Cg spelled out: NumPy cannot infer a -1 in an empty batch's reshape)
     parts = [(g_g @ w_g.transpose(0, 2, 3, 1).reshape(len(w_g), -1)).reshape(
-                 g_g.shape[:3] + (kernel[0] * kernel[1], -1))
+                 g_g.shape[:3] + (kernel[0] * kernel[1], w_g.shape[1]))
              for g_g, w_g in zip(_split_groups(g_nhwc, groups, 3), _split_groups(w, groups, 0))]
     cols = _join(parts, axis=4)
     cells = [cols[:, :, :, k].transpose(0, 3, 1, 2) for k in range(cols.shape[3])]
