@@ -114,7 +114,7 @@ def test_gradient_of_square_of_strided_padded_conv(backend="numba-cpu"):
 def test_gradient_of_log_softmax_after_max_pool(backend="numba-cpu"):
     def f(w):
         pooled = F.max_pool2d(F.conv2d(as_tensor(IMAGES), w), 2)
-        return F.log_softmax(pooled.reshape(2, -1)).sum()
+        return F.log_softmax(pooled.reshape(2, -1), dim=1).sum()
     check_forward_and_gradient(f, FILTERS, backend=backend, forward=False)
 
 
