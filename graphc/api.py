@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from graphc.ir import Graph, InputError, Node, TensorType, Value
-from graphc.ir.errors import GraphcError, without_internal_frames
+from graphc.ir.errors import GraphcError, user_location, without_internal_frames
 from graphc.ir.graph import GraphInput, safe_module_path
 from graphc.passes import SIMPLIFY, Stages, autodiff
 from graphc.tree import TreeDef, flatten, unflatten
@@ -287,6 +287,13 @@ class Staged:
         """This function called with `count` positional arguments and then keyword arguments
         `keys` (in that order), as a function of them all in that order: each such call pattern
         is traced and compiled once. Gradients' argnums count the positional ones alone."""
+        differentiated = getattr(self.stage, "argnums", ())
+        if any(a >= count for a in differentiated):
+            # as JAX: the keywords' order is the caller's, so no position can name one of them
+            raise GraphcError(f"{self.name}: argnums {differentiated} counts the positional arguments, "
+                              f"but this call passes {count} positionally and {', '.join(keys)} by "
+                              f"keyword: pass the differentiated arguments positionally "
+                              f"(at {user_location()})")
         variant = self._keyword_variants.get((count, keys))
         if variant is None:
             fn = self.fn
@@ -383,6 +390,7 @@ def _grad_stage(argnums: int | Sequence[int], has_aux: bool, with_value: bool):
             tree = grads_tree
         return grad_graph, tree
 
+    stage.argnums = nums  # type: ignore[attr-defined]  (positions among the positional arguments)
     return stage
 
 

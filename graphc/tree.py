@@ -1,4 +1,5 @@
-"""Pytrees: nested tuples, lists and dicts of leaves, flattened in a stable order."""
+"""Pytrees: nested tuples (namedtuples keep their class), lists and dicts of leaves, flattened
+in a stable order."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -47,13 +48,17 @@ def flatten(tree: Any, path: str = "", is_leaf: Callable[[Any], bool] | None = N
     if (is_leaf is not None and is_leaf(tree)) or _is_number_list(tree):
         return [tree], [path], LEAF
     if isinstance(tree, (tuple, list)):
+        named = _is_namedtuple(tree)
         leaves, paths, children = [], [], []
         for i, child in enumerate(tree):
-            l, p, c = flatten(child, f"{path}[{i}]", is_leaf)
+            l, p, c = flatten(child, f"{path}.{tree._fields[i]}" if named else f"{path}[{i}]", is_leaf)
             leaves += l
             paths += p
             children.append(c)
-        return leaves, paths, TreeDef(type(tree).__name__, len(tree), tuple(children))
+        if named:  # rebuilt as its own class: the function reads its fields by name
+            return leaves, paths, TreeDef("namedtuple", type(tree), tuple(children))
+        return leaves, paths, TreeDef("tuple" if isinstance(tree, tuple) else "list", len(tree),
+                                      tuple(children))
     if isinstance(tree, dict):
         keys = sorted(tree)
         leaves, paths, children = [], [], []
@@ -68,6 +73,10 @@ def flatten(tree: Any, path: str = "", is_leaf: Callable[[Any], bool] | None = N
     return [tree], [path], LEAF
 
 
+def _is_namedtuple(tree: Any) -> bool:
+    return isinstance(tree, tuple) and hasattr(type(tree), "_fields") and hasattr(type(tree), "_make")
+
+
 def unflatten(treedef: TreeDef, leaves: list[Any]) -> Any:
     it = iter(leaves)
 
@@ -79,6 +88,8 @@ def unflatten(treedef: TreeDef, leaves: list[Any]) -> Any:
         items = [build(c) for c in d.children]
         if d.kind == "dict":
             return dict(zip(d.meta, items))
+        if d.kind == "namedtuple":
+            return d.meta._make(items)
         return tuple(items) if d.kind == "tuple" else list(items)
 
     result = build(treedef)
@@ -87,10 +98,11 @@ def unflatten(treedef: TreeDef, leaves: list[Any]) -> Any:
 
 def treedef_to_json(treedef: TreeDef) -> Any:
     """`treedef` as JSON: 0 a leaf, null None, {"tuple": [...]}, {"list": [...]} or
-    {"dict": {key: ...}}; None where a dict has a key JSON cannot keep (not a str)."""
+    {"dict": {key: ...}}; None where a dict has a key JSON cannot keep (not a str) or a
+    namedtuple's class would be needed to rebuild it."""
     if treedef.kind == "leaf":
         return 0
-    if treedef.kind == "none":
+    if treedef.kind in ("none", "namedtuple"):
         return None
     children = [treedef_to_json(c) for c in treedef.children]
     if any(c is None and d.kind != "none" for c, d in zip(children, treedef.children)):

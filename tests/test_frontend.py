@@ -120,6 +120,37 @@ def test_keyword_arguments(caplog):
     np.testing.assert_allclose(gc.jit(layer)(x=x[None]), gc.jit(layer)(x[None]))
 
 
+def test_argnums_never_names_a_keyword_argument():
+    """argnums counted the keyword arguments too, in the order the caller wrote them: grad(f)
+    (b=b, a=x) gave d/db, and argnums=1 gave d/db or d/dc as the keywords were ordered. As in
+    JAX, the differentiated arguments are passed positionally, or the call is refused."""
+    x = np.array([1.0, 2.0], np.float32)
+
+    def g(a, b=1.0, c=1.0):
+        return (a * b * c * c).sum()
+    np.testing.assert_allclose(gc.grad(g, argnums=1)(x, np.float32(2), c=np.float32(3)), 27.0)
+    for call in (lambda: gc.grad(g)(b=np.float32(3), a=x),
+                 lambda: gc.grad(g, argnums=1)(x, c=np.float32(3), b=np.float32(2))):
+        with pytest.raises(gc.GraphcError, match=r"argnums \(\d,\) counts the positional .* test_frontend"):
+            call()
+
+
+def test_namedtuples_keep_their_class_in_arguments_results_and_gradients():
+    """They came back as lists: p.w in the traced function failed, results lost their fields."""
+    from collections import namedtuple
+    Pair = namedtuple("Pair", "w b")
+    p = Pair(np.full(3, 2.0, np.float32), np.ones(3, np.float32))
+    out = gc.jit(lambda p: Pair(p.w * 2, p.b))(p)
+    assert type(out) is Pair
+    np.testing.assert_allclose(out.w, 4.0)
+    grads = gc.grad(lambda p: (p.w * p.b).sum())(p)
+    assert type(grads) is Pair
+    np.testing.assert_allclose(grads.w, p.b)
+    np.testing.assert_allclose(grads.b, p.w)
+    carry, _ = gc.scan(lambda c, x: (Pair(c.w + x, c.b), None), p, np.ones((4, 3), np.float32))
+    np.testing.assert_allclose(carry.w, 6.0)
+
+
 @pytest.mark.parametrize("bad", [np.array([object(), 1], dtype=object), [[1, 2], [3]], "text",
                                  np.array(["a"])])
 def test_wrong_kinds_of_array_get_a_clear_error(bad):
