@@ -136,7 +136,13 @@ def _forward_graphs(forward: Any, data: list[TensorType], sizes: list[int]) -> d
     size, but not compiled. Every data input and output must be batch-major, and, checked at
     batches 1 and 2, the samples computed apart (a padded batch gives the same results)."""
     graphs, state = _traced_forwards(forward, data, sizes)
-    mixed = _mixed_output(graphs, state)
+    try:
+        mixed = _mixed_output(graphs, state)
+    except IndexOutOfRangeError as error:
+        raise GraphcError(f"export(max_batch=...): a smaller batch is padded with zeros, and an "
+                          f"integer input of 0 indexes nothing in this model ({error}); export "
+                          f"without max_batch (the file then serves its own batch size only), or "
+                          f"take ids from 0") from None
     if mixed is not None:
         raise GraphcError(f"export(max_batch=...): the output {mixed} of a sample depends on "
                           "the other samples of its batch (axis 0): is the first axis time or "
@@ -175,11 +181,11 @@ def _rows_apart(compiled: Any) -> bool | None:
     data = [inp.value.type for inp in compiled.graph.inputs if inp.role == "data"]
     try:
         graphs, state = _traced_forwards(compiled, data, [1, 2])
-    except GraphcError:
+        if any(inp.role == "rng" for inp in graphs[2].inputs):
+            return None
+        return _mixed_output(graphs, state) is None
+    except GraphcError:  # IndexOutOfRangeError included: integer inputs of 0 index nothing
         return None
-    if any(inp.role == "rng" for inp in graphs[2].inputs):
-        return None
-    return _mixed_output(graphs, state) is None
 
 
 def _mixed_output(graphs: dict[int, Graph], state: dict[str, np.ndarray]) -> str | None:
@@ -211,7 +217,7 @@ def _mixed_output(graphs: dict[int, Graph], state: dict[str, np.ndarray]) -> str
         paired = run(two, mixed, 2)
     except IndexOutOfRangeError:  # an id of 1 indexes nothing: ids equal in both rows
         mixed = [rows if t.dtype.startswith("float") else np.zeros_like(rows) for t, rows in zip(data, mixed)]
-        paired = run(two, mixed, 2)
+        paired = run(two, mixed, 2)  # an id of 0 indexing nothing (ids from 1) raises: the callers say
     for (name, _), alone, both in zip(one.outputs, run(one, mixed, 1), paired):
         if not np.allclose(alone, both[:1], rtol=1e-4, atol=1e-5, equal_nan=True):
             return name
@@ -686,6 +692,7 @@ class LoadedTrainStep(_Loaded):
                             f"needs scalar float inputs {', '.join(rate_input_names(len(self.lrs)))}",
                             "graph.json")
         self._lr_dtype = rates[0].np_dtype
+        self._groups = len(rates)
         if isinstance(self.executable, DeviceResident):  # the state stays on the GPU between steps
             self.executable.keep_on_device(i for i, inp in enumerate(self.graph.inputs)
                                            if inp.role != "data")
@@ -828,6 +835,9 @@ class LoadedTrainStep(_Loaded):
         return {k: v for k, v in self._state.items() if not k.startswith("implicit/")}
 
     def __call__(self, *batch: Any) -> float:
+        if len(self.lrs) != self._groups:
+            raise GraphcError(f"{self.name}: step.lrs holds {len(self.lrs)} learning rate(s); the "
+                              f"step has {self._groups} parameter group(s), one rate each")
         args = self._args(batch)
         persistent = self.persistent
         rng = self.graph.inputs[-1].role == "rng"

@@ -586,7 +586,9 @@ def _inference_graph(model_or_compiled: Module | CompiledModel,
     else:
         raise GraphcError(f"export_onnx: expected a graphc.nn.Module or a CompiledModel, got "
                           f"{type(model_or_compiled).__name__}")
-    return graph, {**compiled.params, **compiled.buffers}
+    # and the arrays of modules outside the model that its forward calls (graph inputs too)
+    others = {key.removeprefix("implicit/"): array for key, array in compiled.implicit_state().items()}
+    return graph, {**compiled.params, **compiled.buffers, **others}
 
 
 @user_facing

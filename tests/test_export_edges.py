@@ -175,3 +175,42 @@ def test_a_recurrent_model_read_only_through_its_final_state_exports_to_onnx(tmp
     session = ort.InferenceSession(str(tmp_path / "h.onnx"), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {session.get_inputs()[0].name: x})
     np.testing.assert_allclose(got, gc.jit(model)(x), rtol=1e-5, atol=1e-6)
+
+
+class FromOne(nn.Module):
+    """Ids counted from 1: an id of 0 indexes nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(5, 3)
+
+    def forward(self, ids):
+        return self.table(ids - 1)
+
+
+def test_a_model_whose_ids_count_from_one_exports_and_says_why_not_with_max_batch(tmp_path):
+    """Both exports failed with an IndexOutOfRangeError naming the user's valid line: the check
+    that samples are computed apart ran the forward on ids of 0."""
+    gc.manual_seed(0)
+    ids = np.array([[1, 5], [2, 3]], np.int64)
+    compiled = gc.compile(FromOne(), ids, backend="reference")
+    compiled.export(str(tmp_path / "fixed.gcx"))
+    np.testing.assert_allclose(gc.load(str(tmp_path / "fixed.gcx"), backend="reference")(ids), compiled(ids))
+    with pytest.raises(gc.GraphcError, match=r"padded with zeros, and an integer input of 0 indexes nothing"):
+        compiled.export(str(tmp_path / "buckets.gcx"), max_batch=4)
+
+
+def test_a_loaded_step_says_how_many_learning_rates_it_takes(tmp_path):
+    """A wrong count failed as 'expected 26 inputs (...)', listing the graph's inputs."""
+    gc.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))
+    params = list(model.parameters())
+    optimizer = gc.optim.SGD([{"params": params[:2]}, {"params": params[2:], "lr": 0.05}], lr=0.1)
+    x, y = np.ones((2, 4), np.float32), np.array([0, 2])
+    gc.compile_train_step(model, F.cross_entropy, optimizer, (x, y), backend="reference").export(str(tmp_path / "s.gcx"))
+    loaded = gc.load(str(tmp_path / "s.gcx"), backend="reference")
+    loaded.lrs = [0.1]
+    with pytest.raises(gc.GraphcError, match=r"step.lrs holds 1 learning rate\(s\); the step has 2 parameter group"):
+        loaded(x, y)
+    loaded.lrs = [0.1, 0.05]
+    assert np.isfinite(loaded(x, y))

@@ -324,3 +324,21 @@ def test_bad_arguments(tmp_path):
         gc.export_onnx(models.mlp((3, 2)), tmp_path / "m.onnx")
     with pytest.raises(GraphcError, match="expected a graphc.nn.Module or a CompiledModel, got int"):
         gc.export_onnx(3, tmp_path / "m.onnx")
+
+
+SHARED_LAYER = nn.Linear(4, 4)  # a module the exported model calls but does not own
+
+
+class CallsAnOutsideLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(SHARED_LAYER(x))
+
+
+def test_the_weights_of_a_module_the_model_calls_but_does_not_own_are_exported(tmp_path):
+    """export_onnx failed with "no value given for input 'Linear.weight'" (.gcx files hold them)."""
+    gc.manual_seed(0)
+    assert_export_matches(CallsAnOutsideLayer(), f32(3, 4), tmp_path)
