@@ -49,7 +49,8 @@ def _leaf_type(leaf: Any, path: str) -> TensorType:
 
 
 def to_array(leaf: Any, path: str = "argument") -> np.ndarray:
-    """A call argument as an array; Python floats become float32, as in PyTorch."""
+    """A call argument as an array; Python floats become float32, alone or in (nested) lists,
+    as in PyTorch (torch.tensor([1.0, 2.0]) is float32)."""
     if isinstance(leaf, np.ndarray):
         arr = leaf
     elif isinstance(leaf, float) and not isinstance(leaf, np.floating):  # np.float64 stays float64
@@ -60,6 +61,8 @@ def to_array(leaf: Any, path: str = "argument") -> np.ndarray:
         except (ValueError, TypeError) as exc:
             raise InputError(f"{path}: cannot be read as an array ({exc}); ragged nested lists "
                              "are not tensors") from None
+        if isinstance(leaf, list) and arr.dtype == np.float64 and not _holds_numpy_floats(leaf):
+            arr = arr.astype(np.float32)
     if arr.dtype.kind not in "biuf":
         raise InputError(f"{path}: arrays of dtype {arr.dtype} ({type(leaf).__name__}) are not "
                          "supported; pass numeric or bool arrays")
@@ -67,6 +70,11 @@ def to_array(leaf: Any, path: str = "argument") -> np.ndarray:
         raise InputError(f"{path}: dtype {arr.dtype} is not supported; use float32/float64/int32/"
                          "int64/bool")
     return arr
+
+
+def _holds_numpy_floats(numbers: list) -> bool:
+    return any(_holds_numpy_floats(v) if isinstance(v, list) else isinstance(v, np.floating)
+               for v in numbers)
 
 
 def _arg_names(fn: Callable, count: int) -> list[str]:

@@ -60,7 +60,10 @@ def flatten(tree: Any, path: str = "", is_leaf: Callable[[Any], bool] | None = N
         return leaves, paths, TreeDef("tuple" if isinstance(tree, tuple) else "list", len(tree),
                                       tuple(children))
     if isinstance(tree, dict):
-        keys = sorted(tree)
+        try:
+            keys = sorted(tree)
+        except TypeError:  # keys of several types ({1: x, "a": y}): by type, then as written
+            keys = sorted(tree, key=lambda k: (type(k).__qualname__, repr(k)))
         leaves, paths, children = [], [], []
         for k in keys:
             l, p, c = flatten(tree[k], f"{path}[{k!r}]", is_leaf)

@@ -204,3 +204,13 @@ def test_trace_returns_a_verified_graph():
     g.verify()
     assert [i.name for i in g.inputs] == ["x", "w"]
     assert [n.op for n in g.nodes] == ["matmul", "relu", "sum"]
+
+
+def test_python_float_lists_are_float32_and_dict_keys_of_several_types_work():
+    """A list of Python floats became float64 (a float Python number float32, as in PyTorch,
+    where torch.tensor([1.0, 2.0]) is float32 too); a dict with keys of several types failed
+    with a bare TypeError from sorting them."""
+    f = gc.jit(lambda a: a * 2)
+    assert f([1.0, 2.0]).dtype == np.float32 and f([[1.0], [2.0]]).dtype == np.float32
+    assert f([np.float64(1.0), 2.0]).dtype == np.float64 and f([1, 2]).dtype == np.int64
+    np.testing.assert_allclose(gc.jit(lambda d: d[1] + d["a"])({1: np.ones(2), "a": np.ones(2)}), 2.0)
