@@ -444,7 +444,8 @@ def scalar_reduced_as_vector(reduce: Any) -> Any:
         dims = bound.arguments.get("dim") if dims is None else dims
         dims = (dims,) if isinstance(dims, (int, np.integer)) else dims
         if not dims or not isinstance(dims, tuple) or any(
-                isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d not in (0, -1) for d in dims):
+                isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d not in (0, -1)
+                for d in dims):
             return reduce(x, *args, **keywords)  # all axes, or refused there
         return reduce(as_tensor(x).reshape(1), *args, **keywords).reshape(())
     return reduced

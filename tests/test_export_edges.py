@@ -207,7 +207,8 @@ def test_a_loaded_step_says_how_many_learning_rates_it_takes(tmp_path):
     params = list(model.parameters())
     optimizer = gc.optim.SGD([{"params": params[:2]}, {"params": params[2:], "lr": 0.05}], lr=0.1)
     x, y = np.ones((2, 4), np.float32), np.array([0, 2])
-    gc.compile_train_step(model, F.cross_entropy, optimizer, (x, y), backend="reference").export(str(tmp_path / "s.gcx"))
+    step = gc.compile_train_step(model, F.cross_entropy, optimizer, (x, y), backend="reference")
+    step.export(str(tmp_path / "s.gcx"))
     loaded = gc.load(str(tmp_path / "s.gcx"), backend="reference")
     loaded.lrs = [0.1]
     with pytest.raises(gc.GraphcError, match=r"step.lrs holds 1 learning rate\(s\); the step has 2 parameter group"):

@@ -287,7 +287,8 @@ def interpolate(input: Tensor, size: Any = None, scale_factor: Any = None, mode:
         if n_out == n_in:  # PyTorch copies an axis of the same size
             continue
         if align_corners:
-            position = np.arange(n_out, dtype=real) * (real(n_in - 1) / real(n_out - 1) if n_out > 1 else real(0))
+            corners = real(n_in - 1) / real(n_out - 1) if n_out > 1 else real(0)
+            position = np.arange(n_out, dtype=real) * corners
         else:
             position = np.maximum((np.arange(n_out, dtype=real) + real(0.5)) * step - real(0.5), real(0))
         low = np.minimum(np.floor(position).astype(np.int64), n_in - 1)
