@@ -56,6 +56,10 @@ def round(x: Tensor, decimals: int = 0) -> Tensor:
     x = as_tensor(x)
     if not decimals or not is_float(x.dtype):
         return _rounding("round")(x)
+    # PyTorch's: by an exact power of ten (10**-3 has no exact float: 1234.5 gave 999.99994)
+    if decimals < 0:
+        scale = 10.0 ** -decimals
+        return _rounding("round")(x / scale) * scale
     scale = 10.0 ** decimals
     return _rounding("round")(x * scale) / scale
 
@@ -68,11 +72,13 @@ def _pair(x: Any, y: Any) -> tuple[Tensor, Tensor]:
 
 
 def maximum(x: Any, y: Any) -> Tensor:
-    return bind("maximum", *_pair(x, y))
+    x, y = _pair(x, y)
+    return bind("logical_or" if x.dtype == "bool" else "maximum", x, y)  # booleans: True > False
 
 
 def minimum(x: Any, y: Any) -> Tensor:
-    return bind("minimum", *_pair(x, y))
+    x, y = _pair(x, y)
+    return bind("logical_and" if x.dtype == "bool" else "minimum", x, y)
 
 
 def floor_divide(x: Any, y: Any) -> Tensor:

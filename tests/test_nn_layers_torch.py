@@ -295,3 +295,14 @@ def test_floor_division_and_remainder_match_pytorch(backend):
     gx, gy = gc.grad(lambda a, b: (a % b).sum(), argnums=(0, 1), backend=backend)(xf, yf)
     np.testing.assert_array_equal(gx, tx.grad.numpy())
     np.testing.assert_array_equal(gy, ty.grad.numpy())
+
+
+@pytest.mark.parametrize("decimals", [-3, -2, -1, 1, 2])
+def test_round_to_decimals_matches_pytorch(decimals):
+    """Negative decimals multiplied by 10**decimals, which float32 cannot hold exactly: 1234.5 to
+    -3 decimals gave 999.99994 (PyTorch divides by 10**3 and multiplies back)."""
+    x = np.random.default_rng(3).uniform(-1e5, 1e5, 2000).astype(np.float32)
+    x[:4] = [1234.5, 100000.0, 2600.0, 0.125]
+    expected = torch.round(torch.tensor(x), decimals=decimals).numpy()
+    for backend in ("reference", "numba-cpu"):
+        np.testing.assert_array_equal(gc.jit(lambda a: a.round(decimals=decimals), backend=backend)(x), expected)

@@ -433,3 +433,10 @@ def test_max_pool_names_only_the_option_it_lacks():
         gc.jit(lambda x: gc.nn.functional.max_pool2d(x, 2, dilation=2), backend="reference")(x)
     with pytest.raises(gc.GraphcError, match=rf"max_pool2d: return_indices=True is not supported {USER_LINE}"):
         gc.jit(lambda x: gc.nn.functional.max_pool2d(x, 2, return_indices=True), backend="reference")(x)
+
+
+@BACKENDS
+def test_the_elementwise_maximum_and_minimum_of_booleans_are_or_and_and(backend):
+    a, b = np.array([True, False, False]), np.array([False, False, True])
+    np.testing.assert_array_equal(gc.jit(lambda x, y: x.max(y), backend=backend)(a, b), [True, False, True])
+    np.testing.assert_array_equal(gc.jit(lambda x, y: gc.minimum(x, y), backend=backend)(a, b), [False] * 3)
