@@ -52,7 +52,8 @@ floor, ceil, trunc = _rounding("floor"), _rounding("ceil"), _rounding("trunc")
 
 def round(x: Tensor, decimals: int = 0) -> Tensor:
     """To the nearest integer, halves to the even one (NumPy's and PyTorch's rule); with
-    `decimals`, to that many decimal places (as x * 10**decimals rounded, then divided back)."""
+    `decimals`, to that many decimal places (scaled by an exact power of ten, rounded, scaled
+    back, as PyTorch does)."""
     x = as_tensor(x)
     if not decimals or not is_float(x.dtype):
         return _rounding("round")(x)
@@ -83,14 +84,12 @@ def minimum(x: Any, y: Any) -> Tensor:
 
 def floor_divide(x: Any, y: Any) -> Tensor:
     """x // y rounded down, as Python, NumPy and PyTorch (an integer divided by 0 gives 0)."""
-    return as_tensor(x)._binary("floor_divide", y) if isinstance(x, Tensor) else as_tensor(y)._binary(
-        "floor_divide", x, True)
+    return bind("floor_divide", *promoted(x, y))
 
 
 def remainder(x: Any, y: Any) -> Tensor:
     """x % y with the divisor's sign, as Python, NumPy and PyTorch."""
-    return as_tensor(x)._binary("remainder", y) if isinstance(x, Tensor) else as_tensor(y)._binary(
-        "remainder", x, True)
+    return bind("remainder", *promoted(x, y))
 
 
 def where(cond: Tensor, x: Any, y: Any) -> Tensor:
