@@ -15,7 +15,7 @@ from .tensor import (Tensor, ValuesIndices, normalize_axes, promote_types, reduc
                      current_trace, dtype_name, matmul, promoted)
 
 __all__ = ["exp", "log", "log1p", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "sign", "square",
-           "reciprocal", "maximum", "minimum", "where", "sum", "mean", "max", "amax", "argmax", "matmul",
+           "reciprocal", "maximum", "minimum", "where", "sum", "prod", "mean", "max", "amax", "argmax", "matmul",
            "concatenate", "cat", "stack", "split", "chunk", "flip", "flatten", "masked_fill", "numel",
            "pad", "gather", "take_along_axis", "one_hot", "stop_gradient",
            "cast", "uniform", "bernoulli", "logsumexp", "expm1", "floor", "ceil", "trunc", "round",
@@ -105,6 +105,12 @@ def cast(x: Tensor, dtype: Any) -> Tensor:
 def sum(x: Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
         axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
     return as_tensor(x).sum(dim, keepdim, axis=axis, keepdims=keepdims)
+
+
+def prod(x: Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
+         axis: int | Sequence[int] | None = None, keepdims: bool = False, dtype: Any = None) -> Tensor:
+    """The product over `dim` (all axes by default); see Tensor.prod."""
+    return as_tensor(x).prod(dim, keepdim, axis=axis, keepdims=keepdims, dtype=dtype)
 
 
 def mean(x: Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
@@ -287,8 +293,7 @@ def cumsum(x: Tensor, dim: int | None = None, *, axis: int | None = None, dtype:
 
 
 def cumprod(x: Tensor, dim: int | None = None, *, axis: int | None = None, dtype: Any = None) -> Tensor:
-    """Running product along `dim`; its gradient is exact where elements are zero (it costs
-    O(n^2) memory per line, n the length of `dim`)."""
+    """Running product along `dim`; its gradient is exact where elements are zero."""
     return _cumulative("cumprod", x, dim, axis, dtype)
 
 

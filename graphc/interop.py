@@ -124,6 +124,10 @@ def _sum(a, axis=None, dtype=None, out=None, keepdims=False):
     return _in(a, dtype, out, "sum").sum(axis, keepdims)
 
 
+def _prod(a, axis=None, dtype=None, out=None, keepdims=False):
+    return _in(a, None, out, "prod").prod(axis, keepdims, dtype=dtype)
+
+
 def _mean(a, axis=None, dtype=None, out=None, keepdims=False):
     return _in(a, dtype, out, "mean").mean(axis, keepdims)
 
@@ -154,6 +158,12 @@ def _cumsum(a, axis=None):
     """NumPy's cumsum runs over the flattened array when no axis is given."""
     a = as_tensor(a)
     return a.reshape(-1).cumsum(0) if axis is None else a.cumsum(axis)
+
+
+def _cumprod(a, axis=None):
+    """NumPy's cumprod runs over the flattened array when no axis is given."""
+    a = as_tensor(a)
+    return a.reshape(-1).cumprod(0) if axis is None else a.cumprod(axis)
 
 
 def _sort(a, axis=-1, kind=None):
@@ -244,7 +254,8 @@ FUNCTIONS: dict[Callable, Callable] = {
     np.expand_dims: _expand_dims, np.broadcast_to: _broadcast_to, np.take: _take,
     np.take_along_axis: _take_along_axis, np.pad: _pad, np.shape: _shape, np.ndim: _ndim,
     np.size: _size, np.min: _min, np.amin: _min, np.argmin: _argmin, np.var: _var,
-    np.std: _std, np.clip: _clip, np.cumsum: _cumsum, np.linalg.norm: _norm, np.sort: _sort,
+    np.std: _std, np.clip: _clip, np.cumsum: _cumsum, np.cumprod: _cumprod, np.prod: _prod,
+    np.linalg.norm: _norm, np.sort: _sort,
     np.argsort: _argsort,
 }
 

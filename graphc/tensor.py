@@ -729,6 +729,29 @@ class Tensor:
         return bind("sum", x, axes=axes, keepdims=keepdim or keepdims)
 
     @scalar_reduced_as_vector
+    def prod(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
+             axis: int | Sequence[int] | None = None, keepdims: bool = False,
+             dtype: Any = None) -> Tensor:
+        """The product over `dim` (all axes by default); booleans and integers multiply in int64
+        unless `dtype` says otherwise, as in NumPy and PyTorch. The product of no elements is 1.
+        It is the last element of a running product over the reduced axes, so its gradient is
+        cumprod's: exact where elements are zero."""
+        axes = normalize_axes(reduction_axes(dim, axis, "prod"), self.ndim)
+        x = self.astype(dtype) if dtype is not None else (
+            self if is_float(self.dtype) else self.astype("int64"))
+        keep = keepdim or keepdims
+        kept = [a for a in range(x.ndim) if a not in axes]
+        count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+        out_shape = tuple(1 if a in axes else x.shape[a] for a in range(x.ndim)) if keep else \
+            tuple(x.shape[a] for a in kept)
+        if not axes:
+            return x
+        if count == 0:  # an empty product: 1, and nothing to differentiate
+            return x.sum(axes, keep) * 0 + 1
+        lines = x.permute(*kept, *axes).reshape(*[x.shape[a] for a in kept], count)
+        return lines.cumprod(-1)[..., count - 1].reshape(out_shape)
+
+    @scalar_reduced_as_vector
     def mean(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
              axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
         axes = normalize_axes(reduction_axes(dim, axis, "mean"), self.ndim)

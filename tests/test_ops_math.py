@@ -78,6 +78,50 @@ def test_cumprod_vjp_is_exact_at_zeros(reverse):
     np.testing.assert_allclose(grad[0, 2], expected, rtol=1e-13)
 
 
+def test_cumprod_vjp_takes_linear_memory():
+    """The gradient of a running product over 40,000 elements: an n x n intermediate per line
+    would hold 1.6e9 elements (12.8 GB in float64)."""
+    n = 40_000
+    x = np.full(n, 1.0 + 1e-5)
+    x[n // 2] = 0.0
+    grad = gc.grad(lambda t: gc.cumprod(t, 0)[-1], backend="reference")(x)
+    expected = np.zeros(n)
+    expected[n // 2] = (1.0 + 1e-5) ** (n - 1)
+    np.testing.assert_allclose(grad, expected, rtol=1e-9)
+
+
+def test_cumprod_second_order_gradient_at_zeros_matches_torch():
+    x = np.array([[0.5, 0.0, -2.0, 0.0, 3.0], [1.5, -0.5, 0.0, 2.0, 0.25]])
+    fn = lambda v: (v.cumprod(1) * v.cumprod(1)).sum()  # noqa: E731
+    t = torch.tensor(x, requires_grad=True)
+    (first,) = torch.autograd.grad(fn(t), t, create_graph=True)
+    (second,) = torch.autograd.grad((first * first).sum(), t)
+    got = gc.grad(lambda v: (gc.grad(fn)(v) ** 2).sum(), backend="reference")(x)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, second.numpy(), rtol=1e-12)
+
+
+def test_prod_over_dims_dtypes_and_empty_axes_matches_torch():
+    x = normal(2, 3, 4)
+    np.testing.assert_allclose(gc.jit(lambda v: v.prod((0, 2)), backend="reference")(x),
+                               np.prod(x, axis=(0, 2)), rtol=1e-14)
+    ints = np.array([[3, -2, 4], [1, 5, 7]], np.int32)
+    for fn, torch_fn in [(lambda v: v.prod(1), lambda t: t.prod(1)), (lambda v: v.prod(), lambda t: t.prod()),
+                         (lambda v: (v > 2).prod(0), lambda t: (t > 2).prod(0)),
+                         (lambda v: v.prod(1, dtype="float32"), lambda t: t.prod(1, dtype=torch.float32))]:
+        got, expected = gc.jit(fn, backend="reference")(ints), torch_fn(torch.from_numpy(ints)).numpy()
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        np.testing.assert_array_equal(got, expected)
+    empty = np.zeros((3, 0), np.float32)
+    for fn, torch_fn in [(lambda v: v.prod(1), lambda t: t.prod(1)), (lambda v: v.prod(), lambda t: t.prod()),
+                         (lambda v: v.prod(0, keepdim=True), lambda t: t.prod(0, keepdim=True))]:
+        got, expected = gc.jit(fn, backend="reference")(empty), torch_fn(torch.from_numpy(empty)).numpy()
+        assert got.shape == expected.shape
+        np.testing.assert_array_equal(got, expected)
+    scalar = np.float32(2.5)
+    assert gc.jit(lambda v: v.prod(0), backend="reference")(scalar) == np.float32(2.5)
+
+
 def test_cumulative_integers_and_errors():
     ints = np.array([[1, -2, 3], [4, 5, -6]], np.int32)
     out = run_op("cumsum", [ints], axis=1)
@@ -169,6 +213,13 @@ COMPOSITES = {
     "cumsum": (lambda x: x.cumsum(1), lambda t: t.cumsum(1), (3, 4)),
     "cumsum_dim_keyword": (lambda x: gc.cumsum(x, dim=0), lambda t: torch.cumsum(t, dim=0), (3, 4)),
     "cumprod": (lambda x: x.cumprod(-1), lambda t: t.cumprod(-1), (3, 4)),
+    "cumprod_of_zeros": (lambda x: (x * (x.abs() > 0.4)).cumprod(1),
+                         lambda t: (t * (t.abs() > 0.4)).cumprod(1), (3, 6)),
+    "prod": (lambda x: x.prod(), lambda t: t.prod(), (3, 4)),
+    "prod_dim_keepdim": (lambda x: x.prod(1, keepdim=True), lambda t: t.prod(1, keepdim=True), (3, 4)),
+    "prod_dim0_of_3d": (lambda x: gc.prod(x, 0), lambda t: torch.prod(t, 0), (3, 2, 4)),
+    "prod_middle_dim": (lambda x: x.prod(dim=1), lambda t: t.prod(dim=1), (2, 3, 4)),
+    "prod_with_zeros": (lambda x: (x * (x.abs() > 0.4)).prod(1), lambda t: (t * (t.abs() > 0.4)).prod(1), (4, 6)),
     "var": (lambda x: x.var(), lambda t: t.var(), (3, 4)),
     "var_dim_keepdim": (lambda x: x.var(1, keepdim=True), lambda t: t.var(1, keepdim=True), (3, 4)),
     "var_unbiased_false": (lambda x: gc.var(x, 0, unbiased=False), lambda t: torch.var(t, 0, unbiased=False), (3, 4)),
@@ -336,8 +387,8 @@ def test_activation_modules_match_torch():
 # -- numba-cpu and ONNX ---------------------------------------------------------------------------
 def activations_and_math(x):
     return (F.gelu(x), F.gelu(x, approximate="tanh"), F.silu(x), F.elu(x), F.softplus(x),
-            F.leaky_relu(x), x.cumsum(1), x.cumprod(0), x.norm(dim=1), x.var(0),
-            gc.einsum("ij,kj->ik", x, x), x.clamp(-0.5, 0.5).sin())
+            F.leaky_relu(x), x.cumsum(1), x.cumprod(0), (x * (x > 0)).cumprod(1), x.prod(1),
+            x.norm(dim=1), x.var(0), gc.einsum("ij,kj->ik", x, x), x.clamp(-0.5, 0.5).sin())
 
 
 @pytest.mark.slow  # ~11-15 s: the forward and gradient kernels compile

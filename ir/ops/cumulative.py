@@ -47,24 +47,29 @@ def _cumsum_vjp(b, g, x, *, out, axis, reverse):
 
 
 def _cumprod_vjp(b, g, x, *, out, axis, reverse):
-    """dL/dx[j] = sum over outputs i that include x[j] of g[i] * prod_{k <= i, k != j} x[k].
+    """dL/dx[j] = sum over outputs i that include x[j] of g[i] * prod_{k <= i, k != j} x[k],
+    in O(n) memory per line (positions counted in the direction of the product):
 
-    The products leaving x[j] out are taken directly, as a cumprod of x with x[j] replaced by
-    one (an n x n array per line, n the axis length), never as out / x[j], so a zero in x gives
-    the exact gradient instead of 0/0. Memory is O(n^2) per line along the axis."""
+    - before the line's first zero, that is suffix_sum(g * out)[j] / x[j] (x[j] is not zero);
+    - at the first zero z, the products leaving x[z] out are the cumprod of the line with x[z]
+      replaced by one: suffix_sum(g * that cumprod)[z], never 0/0;
+    - after it, every product that includes x[j] also includes x[z]: zero.
+
+    Each branch is selected, not masked by a product, and the divisor is one where the first
+    branch is not taken: no inf * 0 or 0/0 reaches the gradient, nor the gradient's own VJP."""
     if not is_float(x.dtype):
         return (None,)
-    n, trailing = x.shape[axis], (1,) * (len(x.shape) - axis - 1)
-    j, i = np.arange(n).reshape(n, 1), np.arange(n).reshape(1, n)
-    # axis `axis` of the n x n arrays is j (the input differentiated), axis + 1 is i (or k).
-    left_out = b.const((j == i).reshape((n, n) + trailing), "bool")
-    included = b.const(((i <= j) if reverse else (i >= j)).reshape((n, n) + trailing), "bool")
-    lines = b.where(left_out, b.scalar_like(1, x), b.expand_dims(x, axes=(axis,)))
-    partial = b.cumprod(lines, axis=axis + 1, reverse=reverse)
-    # selected, not masked by a product: an output x[j] does not reach sends it nothing, even
-    # an infinite or NaN cotangent (inf * 0 would be NaN)
-    weighted = b.where(included, b.mul(partial, b.expand_dims(g, axes=(axis,))), b.scalar_like(0, x))
-    return (b.sum(weighted, axes=(axis + 1,), keepdims=False),)
+    zero = b.eq(x, b.scalar_like(0, x))
+    zeros_so_far = b.cumsum(b.cast(zero, dtype="int32"), axis=axis, reverse=reverse)
+    before_zero = b.eq(zeros_so_far, b.scalar_like(0, zeros_so_far))
+    first_zero = b.logical_and(zero, b.eq(zeros_so_far, b.scalar_like(1, zeros_so_far)))
+    one = b.scalar_like(1, x)
+    divisor = b.where(before_zero, x, one)
+    before = b.div(b.cumsum(b.mul(g, out), axis=axis, reverse=not reverse), divisor)
+    skipping_zero = b.cumprod(b.where(first_zero, one, x), axis=axis, reverse=reverse)
+    at_zero = b.cumsum(b.mul(g, skipping_zero), axis=axis, reverse=not reverse)
+    zeros = b.scalar_like(0, x)
+    return (b.where(before_zero, before, b.where(first_zero, at_zero, zeros)),)
 
 
 _ATTRS = {"axis": Attr("int"), "reverse": Attr("bool", False)}
@@ -77,7 +82,8 @@ register(Primitive(
 register(Primitive(
     "cumprod", OPAQUE, _cumulative_type, _along(np.cumprod), _cumprod_vjp, attrs=dict(_ATTRS),
     canon=_axis_canon, num_inputs=1,
-    doc="Running product along `axis` (from the end when `reverse`); its VJP is exact at zeros."))
+    doc="Running product along `axis` (from the end when `reverse`); its VJP is exact at zeros "
+        "and takes O(n) memory per line."))
 
 
 # -- argsort ----------------------------------------------------------------------------------
