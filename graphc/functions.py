@@ -453,9 +453,10 @@ def einsum(equation: str, *operands: Any) -> Tensor:
     """np.einsum / torch.einsum for one or more operands, contracted left to right: each pair
     becomes transposes, reshapes and one batched matmul (labels on both sides and in the output
     are the batch, labels on both sides only are summed by the product); a label on one side
-    only and not in the output is summed first. Without '->' the output is the labels used
-    once, in alphabetical order. A label repeated within one operand (a diagonal, 'ii->i') and
-    '...' are refused."""
+    only and not in the output is summed first. Without '->' the output is '...' then the labels
+    used once, in alphabetical order. '...' stands for the same axes in every operand, aligned
+    from the right and broadcast, as do labels of size 1; axes of '...' the output leaves out are
+    summed, as in PyTorch. A label repeated within one operand takes its diagonal ('ii->i')."""
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = tuple(operands[0])  # torch.einsum(eq, [a, b])
     tensors = [as_tensor(x) for x in operands]
@@ -463,9 +464,14 @@ def einsum(equation: str, *operands: Any) -> Tensor:
     sizes: dict[str, int] = {}
     for labels, t in zip(inputs, tensors):
         for label, n in zip(labels, t.shape):
-            if sizes.setdefault(label, n) != n:
+            if sizes.setdefault(label, n) == 1:
+                sizes[label] = n
+            elif n not in (1, sizes[label]):
                 raise ShapeError(f"einsum {equation!r}: label {label!r} has sizes {sizes[label]} "
                                  f"and {n} (at {user_location()})")
+    broadcast = [t if t.shape == tuple(sizes[l] for l in labels)
+                 else t.broadcast_to(tuple(sizes[l] for l in labels)) for labels, t in zip(inputs, tensors)]
+    inputs, tensors = zip(*(_diagonals(labels, t) for labels, t in zip(inputs, broadcast)))
     labels, result = inputs[0], tensors[0]
     for k in range(1, len(tensors)):
         later = set(output).union(*inputs[k + 1:])
@@ -477,34 +483,56 @@ def einsum(equation: str, *operands: Any) -> Tensor:
 
 
 def _parse_einsum(equation: str, tensors: list[Tensor]) -> tuple[list[str], str]:
+    """The operands' labels and the output's, one letter per axis: '...' written out as letters
+    the equation does not use, as many as the operand's axes it covers (aligned from the right)."""
     at = f"(at {user_location()})"
     spec = equation.replace(" ", "")
-    if "." in spec:
-        raise GraphcError(f"einsum {equation!r}: '...' is not supported; name every axis {at}")
     lhs, arrow, output = spec.partition("->")
     inputs = lhs.split(",")
     if len(inputs) != len(tensors):
         raise ShapeError(f"einsum {equation!r}: {len(inputs)} operand specs for {len(tensors)} "
                          f"operands {at}")
-    for labels, t in zip(inputs, tensors):
-        if labels and not labels.isalpha():
-            raise GraphcError(f"einsum {equation!r}: labels must be letters, got {labels!r} {at}")
-        if len(labels) != t.ndim:
-            raise ShapeError(f"einsum {equation!r}: {labels!r} names {len(labels)} axes of an "
-                             f"operand of shape {t.shape} {at}")
-        repeated = sorted({l for l in labels if labels.count(l) > 1})
-        if repeated:
-            raise GraphcError(f"einsum {equation!r}: label {repeated[0]!r} repeats within "
-                              f"{labels!r} (a diagonal), which graphc does not support; take "
-                              f"the diagonal with a mask, x * eye, summed {at}")
+    for labels in inputs + [output]:
+        if labels.replace("...", "", 1) and not labels.replace("...", "", 1).isalpha():
+            raise GraphcError(f"einsum {equation!r}: labels must be letters, with at most one '...' "
+                              f"each, got {labels!r} {at}")
+    # the most axes '...' covers in an operand (an operand naming too many fails below)
+    widest = sorted([0] + [t.ndim - (len(labels) - 3) for labels, t in zip(inputs, tensors)
+                           if "..." in labels])[-1]
+    unused = [l for l in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if l not in spec]
+    if widest > len(unused):
+        raise GraphcError(f"einsum {equation!r}: '...' covers more axes than there are letters the "
+                          f"equation does not use {at}")
+    spread = "".join(unused[:widest])
+    for k, (labels, t) in enumerate(zip(inputs, tensors)):
+        named = len(labels) - 3 if "..." in labels else len(labels)
+        if t.ndim < named or ("..." not in labels and t.ndim != named):
+            raise ShapeError(f"einsum {equation!r}: {labels!r} names {named} axes of an operand of "
+                             f"shape {t.shape} {at}")
+        inputs[k] = labels.replace("...", spread[len(spread) - (t.ndim - named):])
     if not arrow:
         counts = "".join(inputs)
-        output = "".join(sorted(l for l in set(counts) if counts.count(l) == 1))
+        output = spread + "".join(sorted(l for l in set(counts) if counts.count(l) == 1 and l not in spread))
+    output = output.replace("...", spread)
     unknown = sorted(set(output) - set("".join(inputs)))
     if unknown or len(set(output)) != len(output):
         raise GraphcError(f"einsum {equation!r}: the output {output!r} must name distinct labels of "
                           f"the operands {at}")
     return inputs, output
+
+
+def _diagonals(labels: str, x: Tensor) -> tuple[str, Tensor]:
+    """x's diagonal over each label it repeats, that label kept once: the elements off the
+    diagonal are selected away (not multiplied by zero, which would keep an infinity's NaN)."""
+    for label in dict.fromkeys(labels):
+        while labels.count(label) > 1:
+            first, second = labels.index(label), labels.index(label, labels.index(label) + 1)
+            n = x.shape[first]
+            shape = [1] * x.ndim
+            shape[first] = shape[second] = n
+            x = where(as_tensor(np.eye(n, dtype=bool).reshape(shape)), x, 0).sum(second)
+            labels = labels[:second] + labels[second + 1:]
+    return labels, x
 
 
 def _sum_labels(labels: str, x: Tensor, keep: set[str]) -> Tensor:

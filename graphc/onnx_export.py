@@ -133,6 +133,35 @@ def _square(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.emit("Mul", [xs[0], xs[0]], out)
 
 
+@lowering(TARGET, "log1p")
+def _log1p(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    """ONNX has no Log1p, and Log(1 + x) rounds away every |x| below the dtype's epsilon. With
+    u = 1 + x rounded, log(u) * x / (u - 1) corrects that rounding (Goldberg 1991, theorem 4):
+    x itself where u is 1, and log(u) where u is infinite (inf / inf would be NaN)."""
+    x, dtype = xs[0], node.inputs[0].dtype
+    one, inf = g.constant(np.asarray(1, dtype)), g.constant(np.asarray(np.inf, dtype))
+    u = g.emit("Add", [x, one])
+    log_u = g.emit("Log", [u])
+    corrected = g.emit("Mul", [log_u, g.emit("Div", [x, g.emit("Sub", [u, one])])])
+    exact = g.emit("Or", [g.emit("Equal", [u, one]), g.emit("Equal", [u, inf])])
+    g.emit("Where", [exact, g.emit("Where", [g.emit("Equal", [u, one]), x, log_u]), corrected], out)
+
+
+@lowering(TARGET, "expm1")
+def _expm1(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    """ONNX has no Expm1, and Exp(x) - 1 loses every digit of x below the dtype's epsilon. With
+    u = exp(x) rounded, (u - 1) * x / log(u) corrects that rounding (Kahan's): x itself where u
+    is 1, and u - 1 where u - 1 is -1 or u is infinite (where log(u) is not finite)."""
+    x, dtype = xs[0], node.inputs[0].dtype
+    one, inf = g.constant(np.asarray(1, dtype)), g.constant(np.asarray(np.inf, dtype))
+    u = g.emit("Exp", [x])
+    u_minus_one = g.emit("Sub", [u, one])
+    corrected = g.emit("Mul", [u_minus_one, g.emit("Div", [x, g.emit("Log", [u])])])
+    saturated = g.emit("Or", [g.emit("Equal", [u_minus_one, g.emit("Neg", [one])]), g.emit("Equal", [u, inf])])
+    g.emit("Where", [g.emit("Equal", [u, one]), x,
+                     g.emit("Where", [saturated, u_minus_one, corrected])], out)
+
+
 @lowering(TARGET, "trunc")
 def _trunc(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     """ONNX has no Trunc: ceil below zero, floor above."""

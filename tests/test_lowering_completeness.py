@@ -52,11 +52,6 @@ EXCLUSIONS: dict[str, dict[str, str]] = {
         "scatter_add_along_axis": _GRADIENT + " (of take_along_axis)",
         "random_uniform": _RANDOM,
         "random_bernoulli": _RANDOM,
-        "log1p": ("ONNX has no Log1p, and Log(1 + x) rounds away every |x| below the dtype's epsilon: "
-                  "export refuses it, naming the op and the user's line "
-                  "(test_onnx.py::test_unsupported_op_names_op_and_user_line)"),
-        "expm1": ("ONNX has no Expm1, and Exp(x) - 1 loses every digit of x below the dtype's "
-                  "epsilon, as Log(1 + x) does for log1p: export refuses it by name"),
         "floor_divide": ("not converted: ONNX's Div truncates integers toward zero, and floor division "
                          "of floats needs Python's correction steps; export refuses it by name"),
         "remainder": ("not converted: ONNX's Mod takes the divisor's sign for integers only (floats "

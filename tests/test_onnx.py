@@ -170,6 +170,8 @@ OP_CASES = [
     # halves included: Round takes them to the even integer, as graphc and NumPy do
     *[(op, [np.float32([[-2.5, -1.7, -0.5], [0.5, 1.5, 2.3]])], {}) for op in ("floor", "ceil", "trunc", "round")],
     ("sin", [f32(2, 3).astype(np.float64)], {}),  # (onnxruntime implements Erf for float32 only)
+    ("log1p", [POSITIVE], {}),
+    ("expm1", [f32(2, 3)], {}),
     ("cumsum", [f32(2, 3, 4)], {"axis": 1}),
     ("cumsum", [INTS], {"axis": 1, "reverse": True}),
     ("argsort", [np.round(f32(3, 5, 4))], {"axis": 1}),  # rounded: ties, kept in order both ways
@@ -259,6 +261,24 @@ def test_primitive_matches_reference(case, opset):
         np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("op, numpy_fn, edges", [
+    ("log1p", np.log1p, [-1.0, -0.5, 80.0, 1e30]),
+    ("expm1", np.expm1, [-0.5, 3.0, 80.0, 100.0, -100.0, 800.0, -np.inf]),
+])
+def test_log1p_and_expm1_keep_the_digits_of_small_operands(op, numpy_fn, edges, dtype):
+    """log(1 + x) and exp(x) - 1 would give 0 for |x| below epsilon, and few right digits near
+    it: the converters correct the rounding of 1 + x and exp(x), to a few units in the last
+    place of NumPy's, with its infinities and NaN."""
+    tiny = [s * m for s in (1, -1) for m in (1e-30, 1e-10, 3e-8, 1e-4, 0.01)]
+    x = np.array([0.0, *tiny, *edges, np.inf, np.nan], dtype)
+    graph = single_op_graph(op, [x], {})
+    (got,) = run_onnx(graph_to_onnx(graph, {}, DEFAULT_OPSET), x)
+    with np.errstate(divide="ignore", over="ignore"):
+        expected = numpy_fn(x)
+    np.testing.assert_allclose(got, expected, rtol=8 * np.finfo(dtype).eps, atol=0)
+
+
 def test_every_inference_op_family_has_cases():
     assert {op for op, _, _ in OP_CASES} == set(lowered_primitives(TARGET)) - {"constant"}
 
@@ -288,21 +308,21 @@ def test_constants_params_state_and_output_names():
 
 
 # -- errors -------------------------------------------------------------------------------------
-class Log1pHead(nn.Module):
+class FloorDivideHead(nn.Module):
     def forward(self, x):
-        return gc.log1p(x)  # log1p has no ONNX converter
+        return x // 2.0  # floor_divide has no ONNX converter
 
 
-LOG1P_LINE = inspect.getsourcelines(Log1pHead.forward)[1] + 1
+FLOOR_DIVIDE_LINE = inspect.getsourcelines(FloorDivideHead.forward)[1] + 1
 
 
 def test_unsupported_op_names_op_and_user_line(tmp_path):
     path = tmp_path / "never.onnx"
     with pytest.raises(GraphcError) as info:
-        gc.export_onnx(nn.Sequential(nn.Linear(3, 2), Log1pHead()), path, f32(2, 3))
+        gc.export_onnx(nn.Sequential(nn.Linear(3, 2), FloorDivideHead()), path, f32(2, 3))
     message = str(info.value)
-    assert "'log1p' (f32[2,2]) has no ONNX converter" in message
-    assert f"test_onnx.py:{LOG1P_LINE}" in message
+    assert "'floor_divide' (f32[2,2], f32[]) has no ONNX converter" in message
+    assert f"test_onnx.py:{FLOOR_DIVIDE_LINE}" in message
     assert not path.exists()
 
 

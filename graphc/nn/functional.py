@@ -79,11 +79,12 @@ def leaky_relu(x: Tensor, negative_slope: float = 0.01, inplace: bool = False) -
 
 
 def elu(x: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
-    """x where x > 0, else alpha * (exp(x) - 1)."""
+    """x where x > 0, else alpha * (exp(x) - 1), computed as expm1 (as PyTorch does): exp(x) - 1
+    keeps few right digits of a small x, none below the dtype's epsilon."""
     t = as_tensor(x)
-    # exp of the clamped value: the branch not taken must not overflow, or its zero
+    # expm1 of the clamped value: the branch not taken must not overflow, or its zero
     # cotangent times an infinite derivative would be NaN
-    return _result(x, where(t > 0, t, alpha * (t.clamp(max=0).exp() - 1)), inplace)
+    return _result(x, where(t > 0, t, alpha * t.clamp(max=0).expm1()), inplace)
 
 
 def softplus(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
