@@ -9,7 +9,10 @@ input is checked before any kernel runs, so a step with a bad label changes no p
 one that pointwise kernels and reductions compute from inputs alone (cross_entropy gathers with
 where(label != ignore_index, label, 0)) where a kernel before its first reader writes a donated
 buffer in place (BatchNorm's running statistics): computed again with NumPy for the check
-(`ComputedIndexCheck`, some microseconds a call).
+(`ComputedIndexCheck`, some microseconds a call), and checked again where it is read (NumPy's
+sums may round otherwise than the kernels'). Where a check must wait for a kernel's result, the
+inputs written in place before it are copied first and put back if it fails
+(`restore_on_failure`): a step stopped by a bad index changes nothing either.
 
 This needs every index array to be a kernel input, never a value computed inside the reading
 kernel: fusion does not fuse an index's producer into its consumer (indexed-load ops declare
@@ -83,6 +86,9 @@ class IndexChecks:
     on_inputs: list[IndexCheck | ComputedIndexCheck] = field(default_factory=list)
     input_of: dict[IndexCheck | ComputedIndexCheck, tuple[int, ...]] = field(default_factory=dict)
     before: dict[Node, list[IndexCheck]] = field(default_factory=dict)
+    # inputs donated in place that a kernel writes before a check in `before` runs: a call
+    # keeps a copy of each and puts it back where that check fails, so the call changes nothing
+    restore_on_failure: tuple[int, ...] = ()
 
 
 def enabled() -> bool:
@@ -138,8 +144,15 @@ def plan_index_checks(fused: Graph, plan: MemoryPlan) -> IndexChecks:
                 computed := _computed_from_inputs(check, plan, inputs)) is not None:
             checks.on_inputs.append(computed)
             checks.input_of[computed] = tuple(inputs[plan.root(v)] for v in computed.sources)
+            # and the array itself where it is read: NumPy may compute another index than the
+            # kernels do (a float sum in another order), and memory safety must not rest on it
+            checks.before.setdefault(first_reader, []).append(check)
         else:
             checks.before.setdefault(first_reader, []).append(check)
+    last_check = max((position[reader] for reader in checks.before), default=-1)
+    checks.restore_on_failure = tuple(
+        k for k, j in plan.donated_in_place.items()
+        if position.get(plan.root(fused.output_values[j]).producer, len(position)) < last_check)
     return checks
 
 

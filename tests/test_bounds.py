@@ -262,6 +262,51 @@ def test_a_bad_label_leaves_batch_norm_statistics_unchanged(backend, summed):
         np.testing.assert_array_equal(value, state[name], err_msg=name)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_index_numpy_sums_otherwise_than_the_kernel_is_still_checked_where_it_is_read(backend):
+    """An index that a reduction computes from the targets, in a step whose BatchNorm writes its
+    statistics before the loss: checked first from a NumPy recomputation, which sums
+    1e16 + 1 + ... - 1e16 in another order than the kernel (59 against 62). The kernel's own
+    value must be checked too: it read and wrote outside the logits (SIGSEGV for a large one)."""
+    def loss_fn(out, y):
+        index = ((y.sum(-1) - 59.0) * 1e9).astype("int64")
+        return -gc.take_along_axis(out, index[:, None], 1).mean()
+    row = np.ones(64)
+    row[0], row[32] = 1e16, -1e16
+    y = np.tile(row, (8, 1))
+    gc.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 3))
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    step = gc.compile_train_step(model, loss_fn, optim.SGD(model.parameters(), lr=0.1), (x, y),
+                                 backend=backend)
+    sums = {"reference": np.sum(y, -1), "numba-cpu": gc.jit(lambda t: t.sum(-1), backend=backend)(y)}
+    if np.all(sums[backend] == 59.0):
+        assert np.isfinite(step(x, y))  # this backend sums as NumPy: the index is 0
+    else:
+        with pytest.raises(IndexOutOfRangeError, match="take_along_axis: index 3000000000"):
+            step(x, y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_index_computed_from_the_model_output_leaves_batch_norm_statistics_unchanged(backend):
+    """argmax(out) + y is checked only where the gather reads it, after BatchNorm wrote its
+    running statistics in place: those are put back when the check fails."""
+    def loss_fn(out, y):
+        return -gc.take_along_axis(out, (out.argmax(-1) + y)[:, None], 1).mean()
+    gc.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 3))
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    step = gc.compile_train_step(model, loss_fn, optim.SGD(model.parameters(), lr=0.1),
+                                 (x, np.zeros(8, np.int64)), backend=backend)
+    step(x, np.zeros(8, np.int64))
+    state = {k: v.copy() for k, v in model.state_dict().items()}
+    with pytest.raises(IndexOutOfRangeError, match="take_along_axis"):
+        step(x, np.full(8, 5, np.int64))
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, state[name], err_msg=name)
+    assert np.isfinite(step(x, np.zeros(8, np.int64)))
+
+
 # -- numba-cuda, on the simulator -----------------------------------------------------------------
 CUDA = "numba-cuda"
 CUDA_CHECKS = {
@@ -275,6 +320,7 @@ CUDA_CHECKS = {
     "bad_targets": lambda: test_cross_entropy_refuses_targets_outside_the_classes(CUDA),
     "bad_label_step": lambda: test_a_bad_label_leaves_parameters_and_optimizer_state_unchanged(CUDA),
     "bad_label_batch_norm": lambda: test_a_bad_label_leaves_batch_norm_statistics_unchanged(CUDA, False),
+    "late_check_batch_norm": lambda: test_an_index_computed_from_the_model_output_leaves_batch_norm_statistics_unchanged(CUDA),
 }
 
 

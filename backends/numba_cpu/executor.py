@@ -34,7 +34,7 @@ from graphc.backends.kernel_files import signature_of
 from graphc.backends.profile import ProfileReport, ProfileRow
 from graphc.backends.signature import InputSignature
 from graphc.ir import Graph, Node, TensorType, Value
-from graphc.ir.errors import GraphcError
+from graphc.ir.errors import GraphcError, IndexOutOfRangeError
 from graphc.ir.memory import ALIGNMENT, MemoryPlan, Storage
 
 from .blas import single_threaded_scipy_blas
@@ -335,12 +335,18 @@ class Executable(PlannedExecutable):
             self._profile_totals, self._profile_calls = {}, 0
 
     def _run_kernels(self, env: list[Any]) -> None:
-        if self._profile_totals is None:
-            for function, arguments in self._run:
-                function(*arguments(env))
-        else:
-            self._timed_run(env, self._profile_totals)
-            self._profile_calls += 1
+        kept = [(env[self._inputs[k]], env[self._inputs[k]].copy()) for k in self._checks.restore_on_failure]
+        try:
+            if self._profile_totals is None:
+                for function, arguments in self._run:
+                    function(*arguments(env))
+            else:
+                self._timed_run(env, self._profile_totals)
+                self._profile_calls += 1
+        except IndexOutOfRangeError:  # a check after a kernel wrote a donated input in place
+            for array, copy in kept:
+                np.copyto(array, copy)
+            raise
 
     def _prepare(self, args: Sequence[Any]) -> list[Any]:
         arrays = self._signature.prepare(args)
