@@ -131,17 +131,29 @@ def _trace(fn: Callable, args: Sequence[Any], name: str) -> tuple[Traced, list[s
             rng = t.builder.graph.inputs.pop(next(i for i, inp in enumerate(t.builder.graph.inputs)
                                                   if inp.value is t.rng_key))
             t.builder.graph.inputs.append(rng)
+    escaped = [v for v in _outer_values(t.builder.graph) if v in t.scan_body_values]
+    if escaped:
+        where = escaped[0].producer.loc if escaped[0].producer is not None else None
+        raise GraphcError(f"{name}: a value computed inside a gc.scan body is read after the loop "
+                          f"(kept in an outer variable or a list){f' (computed at {where})' if where else ''}; "
+                          f"the body's values exist only inside it: return it from the body in y or "
+                          f"in the carry")
     captured = _lift_captured(t.builder.graph, len(leaves))
     return Traced(t.builder.graph, out_tree, t.module_reads(), captured), out_paths
+
+
+def _outer_values(graph: Graph) -> tuple[Value, ...]:
+    """The values `graph` reads (as operands or outputs) that it does not define."""
+    defined = set(graph.input_values) | {v for node in graph.nodes for v in node.outputs}
+    outer = [v for node in graph.nodes for v in node.inputs if v not in defined]
+    return tuple(dict.fromkeys(outer + [v for v in graph.output_values if v not in defined]))
 
 
 def _lift_captured(graph: Graph, position: int) -> tuple[Value, ...]:
     """The values of enclosing traces that `graph` reads (a function traced inside another,
     gc.grad's inside gc.jit's, closing over the outer function's tensors), each made an input
     of `graph` inserted at `position`, after the function's arguments, as JAX converts closures."""
-    defined = set(graph.input_values) | {v for node in graph.nodes for v in node.outputs}
-    outer = [v for node in graph.nodes for v in node.inputs if v not in defined]
-    outer = tuple(dict.fromkeys(outer + [v for v in graph.output_values if v not in defined]))
+    outer = _outer_values(graph)
     if not outer:
         return ()
     lifted = {v: Value(v.type) for v in outer}

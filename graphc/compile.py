@@ -15,7 +15,7 @@ since compiles once more (and says so), as does a new batch shape.
 
 On numba-cuda that state stays on the GPU between steps (the executable keeps it resident):
 the step claims the model (nn.module.claim_state), and whatever hands out the model's arrays
-or the step's `opt_state`, `step_count` and `rng_key` first copies the newest values back and
+or the step's `opt_state` and `step_count` first copies the newest values back and
 lets the next step upload what may since have been written.
 """
 from __future__ import annotations
@@ -266,7 +266,7 @@ class TrainStep(_CompiledModelBase):
         # Hyperparameters but the rates are compiled in: fixed for the life of the step.
         self._optimizer_settings = optimizer.compiled_settings()
         self._step_count = optimizer.step_count
-        self._rng_key = np.array([gc_random.next_key()[0], 0], np.int64)
+        self._rng_key = gc_random.get_state()  # each call's own, from the global generator
         self._holding: DeviceResident | None = None  # the executable keeping the state on its device
         self._compiled: dict[tuple, CompiledGraph] = {}
         # calls from several threads take turns: each updates the weights the next one reads,
@@ -310,9 +310,18 @@ class TrainStep(_CompiledModelBase):
 
     @property
     def rng_key(self) -> np.ndarray:
-        """The (seed, counter) key dropout draws from."""
-        self.release_state()
+        """The (seed, counter) key the last call's dropout drew with (graphc.random: each call
+        takes the global generator's next key)."""
         return self._rng_key
+
+    @property
+    def rng_state(self) -> np.ndarray:
+        """The key the next call draws with, as a checkpoint keeps it: the global generator's."""
+        return gc_random.get_state()
+
+    def set_rng_state(self, key: np.ndarray) -> None:
+        """Draw the next call's key from `key` on (a checkpoint being restored)."""
+        gc_random.set_state(key)
 
     def sync_state(self) -> None:
         """Copy the state a device holds into the host arrays."""
@@ -336,8 +345,9 @@ class TrainStep(_CompiledModelBase):
             release_state_holders(self.model)
             return
         executable = compiled.executable
+        # (not the RNG key: each call takes the global generator's next one)
         executable.keep_on_device(i for i, inp in enumerate(compiled.traced.inputs)
-                                  if inp.role != "data" and i not in compiled.implicit_inputs)
+                                  if inp.role not in ("data", "rng") and i not in compiled.implicit_inputs)
         claim_state(self.model, self)
         self._holding = executable
 
@@ -376,6 +386,7 @@ class TrainStep(_CompiledModelBase):
         self.optimizer.check_settings(self._optimizer_settings, self.name)
         args = [*arrays, *compiled.persistent, *implicit, *self.optimizer.learning_rates()]
         if compiled.traced.inputs[-1].role == "rng":
+            self._rng_key[...] = gc_random.next_key()
             args.append(self._rng_key)
         return compiled, args
 

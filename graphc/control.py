@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
+
 from graphc.ir import GraphcError, Value
 from graphc.ir.errors import user_location
 from graphc.ir.graph import Graph, GraphInput, Node
@@ -59,8 +61,12 @@ def scan(f: Callable[[Any, Any], tuple[Any, Any]], init: Any, xs: Any = None,
     x_in = [Value(v.type.with_shape(v.shape[1:])) for v in x_values]
     first_node, first_stream = len(graph.nodes), t.next_stream
     updates = _identities(t.buffer_updates)
-    result = f(unflatten(init_tree, [Tensor(v) for v in carry_in]),
-               unflatten(x_tree, [Tensor(v) for v in x_in]))
+    t.scan_bodies.append((first_node, set(carry_in) | set(x_in)))
+    try:
+        result = f(unflatten(init_tree, [Tensor(v) for v in carry_in]),
+                   unflatten(x_tree, [Tensor(v) for v in x_in]))
+    finally:
+        t.scan_bodies.pop()
     if t.next_stream != first_stream:
         raise GraphcError(f"gc.scan: the body draws random numbers (dropout, gc.random); random "
                           f"ops inside a scan are not supported yet{at}")
@@ -74,17 +80,19 @@ def scan(f: Callable[[Any, Any], tuple[Any, Any]], init: Any, xs: Any = None,
     if carry_tree != init_tree:
         raise GraphcError(f"gc.scan: f returned a carry of structure {carry_tree}, the initial "
                           f"carry has structure {init_tree}{at}")
-    carry_out = [as_tensor(leaf).value for leaf in carry_out_leaves]
+    carry_out = _tensor_values(carry_out_leaves, carry_paths, "the carry", at)
     for path, before, after in zip(carry_paths, init_values, carry_out):
         if before.type != after.type:
             raise GraphcError(f"gc.scan: carry{path} enters the body as {before.type} and "
                               f"leaves it as {after.type}; it must keep its type{at}")
-    y_leaves, _, y_tree = flatten(result[1])
-    ys = [as_tensor(leaf).value for leaf in y_leaves]
+    y_leaves, y_paths, y_tree = flatten(result[1])
+    ys = _tensor_values(y_leaves, y_paths, "y", at)
     if not carry_out and not ys:
         raise GraphcError(f"gc.scan: f returns neither a carry nor outputs{at}")
 
     body, consts = _carve_body(graph, first_node, carry_in, x_in, carry_out + ys)
+    t.scan_body_values.update(body.input_values)
+    t.scan_body_values.update(v for n in body.nodes for v in n.outputs)
     node = make_scan([*consts, *init_values, *x_values], body, steps, reverse, len(consts),
                      len(carry_in), where, t.builder.module)
     graph.nodes.append(node)
@@ -95,6 +103,17 @@ def scan(f: Callable[[Any, Any], tuple[Any, Any]], init: Any, xs: Any = None,
 def _identities(updates: dict | None) -> dict | None:
     """Buffer updates by the identity of their values (Tensors compare elementwise)."""
     return None if updates is None else {k: id(v) for k, v in updates.items()}
+
+
+def _tensor_values(leaves: list[Any], paths: list[str], what: str, at: str) -> list[Value]:
+    """The values of what the body returned: tensors, arrays or numbers, nothing else."""
+    for leaf, path in zip(leaves, paths):
+        if not isinstance(leaf, (Tensor, np.ndarray, np.generic, int, float)) or (
+                isinstance(leaf, np.ndarray) and leaf.dtype.kind not in "biuf"):
+            raise GraphcError(f"gc.scan: f returned {what}{path} = {leaf!r}, a "
+                              f"{type(leaf).__name__}: every leaf of the carry and of y must be a "
+                              f"tensor or a number{at}")
+    return [as_tensor(leaf).value for leaf in leaves]
 
 
 def _trip_count(xs: list[Value], paths: list[str], length: int | None, at: str) -> int:
@@ -112,9 +131,11 @@ def _trip_count(xs: list[Value], paths: list[str], length: int | None, at: str) 
         (length,) = lengths
     elif lengths and lengths != {length}:
         raise GraphcError(f"gc.scan: length={length} but xs has leading axis {lengths.pop()}{at}")
-    if type(length) is not int or length < 1:
+    if not isinstance(length, (int, np.integer)) or isinstance(length, (bool, np.bool_)):
+        raise GraphcError(f"gc.scan: length must be an integer, got {length!r}{at}")
+    if length < 1:
         raise GraphcError(f"gc.scan: a scan runs at least one step; length is {length!r}{at}")
-    return length
+    return int(length)
 
 
 def _carve_body(graph: Graph, first_node: int, carry_in: list[Value], x_in: list[Value],

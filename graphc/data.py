@@ -14,7 +14,7 @@ import math
 import os
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -270,7 +270,8 @@ def mnist_or_digits(directory: str | os.PathLike | None = None, digits: bool = F
 
 @runtime_checkable
 class Dataset(Protocol):
-    """Anything with a length whose items are tuples of arrays (e.g. (image, label))."""
+    """Anything with a length whose items are tuples of arrays (e.g. (image, label)); an item
+    that is one array batches as a 1-tuple."""
 
     def __len__(self) -> int: ...
 
@@ -334,8 +335,23 @@ def _gather(dataset: Dataset, indices: np.ndarray) -> Batch:
     """Batch `indices` of `dataset`: vectorised when it can `take`, else stacked per item."""
     if hasattr(dataset, "take"):
         return dataset.take(indices)
-    items = [dataset[int(i)] for i in indices]
+    items = [_as_tuple(dataset[int(i)], int(i)) for i in indices]
+    if len({len(item) for item in items}) > 1:
+        raise DatasetError(f"DataLoader: the items of a batch hold different numbers of arrays "
+                           f"({sorted({len(item) for item in items})}); every item must be alike")
     return tuple(np.stack(column) for column in zip(*items))
+
+
+def _as_tuple(item: Any, index: int) -> tuple:
+    """A dataset item as the tuple of arrays batches are stacked from: an array (or number)
+    alone is a 1-tuple, as the batch of an autoencoder's dataset is (its inputs,)."""
+    if isinstance(item, (tuple, list)):
+        return tuple(item)
+    if isinstance(item, (np.ndarray, np.generic, int, float, bool)):
+        return (item,)
+    raise DatasetError(f"DataLoader: item {index} of the dataset is a {type(item).__name__}; "
+                       f"items must be tuples of arrays (inputs..., target), which batches "
+                       f"stack position by position: return a tuple, e.g. (item['x'], item['y'])")
 
 
 # --------------------------------------------------------------------------- loading

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from graphc.ir.errors import DTypeError, GraphcError, ShapeError, user_location
+from graphc.ir.registry import get
 from graphc.ir.types import TensorType
 
 from .tensor import Tensor, as_tensor, bind, current_trace
@@ -34,11 +35,27 @@ def getitem(x: Tensor, index: Any) -> Tensor:
     out = _basic_index(x, tuple(slice(None) if _is_array_index(item) else item for item in index))
     if arrays:
         # As in PyTorch (not NumPy), an int beside the arrays is a plain index: its axis is
-        # gone before the arrays pick along the axes that remain.
+        # gone before the arrays pick along the axes that remain. So is a 0-d array or tensor,
+        # an int whose value is data.
         remaining = [item for item in index if not isinstance(item, (int, np.integer))]
+        scalars = [k for k, item in enumerate(remaining) if _is_array_index(item) and item.ndim == 0]
+        for k in reversed(scalars):
+            item = remaining[k]
+            out = bind("gather", out, as_tensor(item if isinstance(item, Tensor) else item.astype(np.int64)),
+                       axis=k)
+        remaining = [item for k, item in enumerate(remaining) if k not in scalars]
         axes = [k for k, item in enumerate(remaining) if _is_array_index(item)]
-        out = _array_index(out, axes, arrays)
+        if axes:
+            out = _array_index(out, axes, [remaining[k] for k in axes])
     return out
+
+
+def is_basic_index(index: Any) -> bool:
+    """Whether `index` is made of ints, slices, None and Ellipsis alone: PyTorch's x[index] is
+    then a view of x (integer arrays, masks and tensors copy)."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(item is None or item is Ellipsis or isinstance(item, slice)
+               or (isinstance(item, (int, np.integer)) and not _is_bool(item)) for item in items)
 
 
 def _is_array_index(item: Any) -> bool:
@@ -139,7 +156,11 @@ def _basic_index(x: Tensor, index: tuple) -> Tensor:
             continue
         dim = x.shape[axis]
         if isinstance(item, slice):
-            start, stop, step = item.indices(dim)
+            try:
+                start, stop, step = item.indices(dim)
+            except (TypeError, ValueError) as error:  # a step of 0, bounds that are not ints
+                raise ShapeError(f"the slice {_index_text((item,))[2:-1]} of axis {axis}: {error} "
+                                 f"(at {user_location()})") from None
             count = len(range(start, stop, step))
             if step < 0:  # position i of x is dim - 1 - i of flip(x), where the step is positive
                 flips.append(axis)
@@ -211,12 +232,48 @@ def setitem(x: Tensor, index: Any, value: Any) -> Tensor:
     if region.value is x.value:  # the whole tensor
         return update
     steps = _steps_from(x, region)
-    # Scatters add, so an integer-array index naming a position twice writes the sum there.
     carrier = "int32" if x.dtype == "bool" else x.dtype  # the scatters add: no bools
-    written = _scatter_back(steps, update.astype(carrier))
+    update = update.astype(carrier)
+    # the scatters add: where an integer-array index names a position twice, only the last
+    # write keeps its value (NumPy's and PyTorch's last write wins; x[[1, 1]] += 1 adds 1)
+    last = _last_writes(x, steps, region.shape)
+    if last is not None:
+        update = bind("where", last, update, as_tensor(np.zeros((), carrier)))
+    written = _scatter_back(steps, update)
     ones = current_trace().builder.full(1, TensorType(region.shape, carrier))
     covered = _scatter_back(steps, Tensor(ones))
     return bind("where", covered != 0, written.astype(x.dtype), x)
+
+
+def _last_writes(x: Tensor, steps: list, shape: tuple[int, ...]) -> Tensor | None:
+    """A bool of the region's `shape`, True at each element of the region that is the last (in
+    C order) to name its position of x; None where no position is named twice."""
+    gathers = [node for node in steps if node.op in ("gather", "take_along_axis")]
+    if not gathers or int(np.prod(shape)) == 0:
+        return None  # slices, flips and squeezes name every position once
+    positions = np.arange(int(np.prod(x.shape)), dtype=np.int64).reshape(x.shape)
+    if all(node.inputs[1].producer is not None and node.inputs[1].producer.op == "constant"
+           for node in gathers):  # known now: the region's positions, from NumPy
+        for node in reversed(steps):
+            constants = [v.producer.attrs["value"] for v in node.inputs[1:]]
+            positions = get(node.op).impl(positions, *constants, **node.attrs)
+        flat = np.asarray(positions).reshape(-1)
+        _, first_from_the_end = np.unique(flat[::-1], return_index=True)
+        if len(first_from_the_end) == flat.size:
+            return None
+        last = np.zeros(flat.size, bool)
+        last[flat.size - 1 - first_from_the_end] = True
+        return as_tensor(last.reshape(shape))
+    # traced indices: the positions sorted (stably), each the last of its run
+    b, v = current_trace().builder, as_tensor(positions).value
+    for node in reversed(steps):
+        v = b.bind(node.op, v, *node.inputs[1:], **node.attrs)
+    flat = Tensor(v).reshape(-1)
+    order = flat.argsort(0)
+    ordered = flat[order]
+    runs_end = ordered[1:] != ordered[:-1]
+    last_in_order = bind("concatenate", runs_end, as_tensor(np.ones(1, bool)), axis=0)
+    return last_in_order[order.argsort(0)].reshape(shape)
 
 
 def _masked_assign(x: Tensor, index: tuple, value: Any) -> Tensor:

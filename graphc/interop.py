@@ -300,6 +300,12 @@ TORCH_RENAMED: dict[str, str] = {
 }
 
 
+# PyTorch functions whose graphc namesake means something else.
+TORCH_SAME_NAME_DIFFERENT: dict[str, str] = {
+    "gather": "gc.take_along_axis(x, index, dim) (gc.gather is np.take: whole slices along an axis)",
+}
+
+
 def _torch_name(func: Callable) -> str:
     module = getattr(func, "__module__", None)
     if module is None or hasattr(func, "__objclass__"):  # a method of torch.Tensor
@@ -314,6 +320,8 @@ def _graphc_equivalent(name: str) -> str | None:
     from .nn import functional as F
 
     bare = name.strip("_")  # __add__, add_ (in place) -> add
+    if bare in TORCH_SAME_NAME_DIFFERENT:
+        return TORCH_SAME_NAME_DIFFERENT[bare]
     if bare not in TORCH_OPERATORS and bare[1:] in TORCH_OPERATORS and bare[0] == "r":
         bare = bare[1:]  # __radd__ -> add
     if bare in TORCH_OPERATORS:

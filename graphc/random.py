@@ -1,8 +1,10 @@
 """Global seeding for traced randomness (dropout, random ops).
 
-Random ops are counter-based: each compiled call receives a key (seed, counter) and the
-counter advances once per call, so a run is reproducible from `manual_seed` alone and every
-backend draws the same bits.
+Random ops are counter-based: each compiled call that draws random numbers (a gc.jit function,
+a compiled model or training step) receives a key (seed, counter) from this one generator, and
+the counter advances once per call, as PyTorch's global generator advances: no two calls draw
+the same bits (two models' dropout masks differ), a run is reproducible from `manual_seed`
+alone, and every backend draws the same bits.
 """
 from __future__ import annotations
 
@@ -26,6 +28,18 @@ def manual_seed(seed: int) -> None:
 
 
 def next_key() -> np.ndarray:
-    key = np.array([_state["seed"], _state["counter"]], dtype=np.int64)
+    """The key of the next call, (seed, counter); the counter advances."""
+    key = get_state()
     _state["counter"] += 1
     return key
+
+
+def get_state() -> np.ndarray:
+    """The key the next call will draw with (a checkpoint keeps it), without advancing."""
+    return np.array([_state["seed"], _state["counter"]], dtype=np.int64)
+
+
+def set_state(key: np.ndarray) -> None:
+    """Continue from `key`, as `get_state` gave it (a checkpoint being restored)."""
+    seed, counter = (int(v) for v in np.asarray(key, np.int64).reshape(2))
+    _state["seed"], _state["counter"] = seed, counter

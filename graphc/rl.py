@@ -126,14 +126,15 @@ class QNetworks(nn.Module):
         return self.online(obs), stop_gradient(self.target(next_obs))
 
     def sync_target(self, tau: float = 1.0) -> None:
-        """target <- tau * online + (1 - tau) * target, in place (tau=1: a hard copy)."""
+        """target <- tau * online + (1 - tau) * target, in place (tau=1: a hard copy). Integer
+        buffers (BatchNorm's batch count) are copied, as PyTorch's Polyak updates leave them
+        out of the average. Every new value is computed before the first is written."""
         online = self.online.state_dict()
-        for name, target in self.target.state_dict().items():
-            if tau == 1.0:
-                np.copyto(target, online[name])
-            else:
-                target *= 1.0 - tau
-                target += tau * online[name]
+        targets = self.target.state_dict()
+        updated = {name: online[name] if tau == 1.0 or not np.issubdtype(target.dtype, np.floating)
+                   else (1.0 - tau) * target + tau * online[name] for name, target in targets.items()}
+        for name, target in targets.items():
+            np.copyto(target, updated[name], casting="same_kind")
 
 
 def td_loss(gamma: float, beta: float = 1.0) -> Callable[..., Tensor]:

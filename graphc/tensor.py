@@ -14,7 +14,7 @@ import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -188,6 +188,18 @@ class Trace:
         self.modules: dict[int, Any] = {}  # modules called: the graph depends on their modes
         self._calling: list[Any] = []  # modules whose forward is running, outermost first
         self._module_names: dict[int, str] = {}
+        # gc.scan bodies being traced, innermost last: the index of each one's first node and
+        # its carry and slice values (graphc/control.py)
+        self.scan_bodies: list[tuple[int, set[Value]]] = []
+        self.scan_body_values: set[Value] = set()  # values moved into a traced scan's body
+
+    def made_before_the_body(self, value: Value) -> bool:
+        """Whether `value` comes from outside the gc.scan body being traced (False outside one)."""
+        if not self.scan_bodies:
+            return False
+        first_node, body_inputs = self.scan_bodies[-1]
+        return value not in body_inputs and not any(
+            value in node.outputs for node in self.builder.graph.nodes[first_node:])
 
     def random_key(self) -> tuple[Value, int]:
         """The (seed, counter) key input and a fresh stream number for one random op."""
@@ -334,6 +346,9 @@ def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
         if isinstance(x, float) and not float(x).is_integer() and not is_float(like.dtype):
             raise DTypeError(f"cannot combine {x!r} with a {like.dtype} tensor without a cast "
                              f"(at {user_location()})")
+        if like.dtype in ("int32", "int64") and not np.iinfo(like.dtype).min <= x <= np.iinfo(like.dtype).max:
+            raise DTypeError(f"the number {x} does not fit the {like.dtype} tensor it is written "
+                             f"into or combined with (at {user_location()})")
         return Tensor(b.const(x, like.dtype))
     arr = np.asarray(x)
     # Python floats default to float32, as in PyTorch; np.float64 (a float subclass) keeps its width
@@ -512,11 +527,21 @@ class ValuesIndices(NamedTuple):
 class Tensor:
     """A traced value: an SSA value of the graph under construction with Python operators."""
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "_view_of")
     __array_priority__ = 1000  # numpy scalars/arrays on the left defer to Tensor's operators
 
     def __init__(self, value: Value) -> None:
         self.value = value
+        # (base, write_back) where PyTorch would make this tensor a view of `base`: an in-place
+        # write into it writes `base` too, as write_back(new value) (see take_value)
+        self._view_of: tuple[Tensor, Callable[[Tensor], Tensor]] | None = None
+
+    def _viewing(self, out: Tensor, write_back: Callable[[Tensor], Tensor]) -> Tensor:
+        """`out`, marked as PyTorch's view of this tensor: `write_back(v)` is this tensor's value
+        once `out` takes the value v in place."""
+        if out is not self:
+            out._view_of = (self, write_back)
+        return out
 
     # -- static facts ----------------------------------------------------------------------
     @property
@@ -925,25 +950,31 @@ class Tensor:
                 raise ShapeError(f"reshape: cannot reshape {self.shape} into {tuple(dims)} "
                                  f"(at {user_location()})")
             dims[dims.index(-1)] = self.numel() // known
-        return bind("reshape", self, shape=tuple(dims))
+        return self._viewing(bind("reshape", self, shape=tuple(dims)), self._reshaped_back)
+
+    def _reshaped_back(self, view: Tensor) -> Tensor:
+        return bind("reshape", view, shape=self.shape)
 
     view = reshape
 
     def transpose(self, *dims: int) -> Tensor:
         """PyTorch's meaning: swap two axes. With no arguments, reverse all axes (NumPy's)."""
         if not dims:
-            return bind("transpose", self, perm=tuple(reversed(range(self.ndim))))
+            return self.permute(tuple(reversed(range(self.ndim))))
         if len(dims) != 2:
             raise GraphcError(f"transpose takes two axes to swap; use permute for a permutation "
                               f"(at {user_location()})")
         a, b = normalize_axes(dims, self.ndim)
         perm = list(range(self.ndim))
         perm[a], perm[b] = perm[b], perm[a]
-        return bind("transpose", self, perm=tuple(perm))
+        return self.permute(perm)
 
     def permute(self, *dims: int) -> Tensor:
         dims = tuple(dims[0]) if len(dims) == 1 and not isinstance(dims[0], int) else dims
-        return bind("transpose", self, perm=normalize_axes(dims, self.ndim))
+        perm = normalize_axes(dims, self.ndim)
+        back = tuple(int(i) for i in np.argsort(perm))
+        return self._viewing(bind("transpose", self, perm=perm),
+                             lambda view: bind("transpose", view, perm=back))
 
     @property
     def T(self) -> Tensor:
@@ -981,14 +1012,14 @@ class Tensor:
             raise ShapeError(f"unsqueeze: dim {dim} is out of range for a tensor of shape "
                              f"{self.shape}: expected it in [{-self.ndim - 1}, {self.ndim}] "
                              f"(at {user_location()})")
-        return bind("expand_dims", self, axes=(dim % (self.ndim + 1),))
+        return self._viewing(bind("expand_dims", self, axes=(dim % (self.ndim + 1),)), self._reshaped_back)
 
     def squeeze(self, dim: int | Sequence[int] | None = None) -> Tensor:
         """PyTorch's squeeze: the axes of length 1 among `dim` (all by default) removed; a named
         axis of another length stays (NumPy's squeeze raises there)."""
         axes = normalize_axes(dim, self.ndim)  # a 0-d tensor takes dim 0 or -1, and stays
         ones = tuple(a for a in axes if self.ndim and self.shape[a] == 1)
-        return bind("squeeze", self, axes=ones) if ones else self
+        return self._viewing(bind("squeeze", self, axes=ones), self._reshaped_back) if ones else self
 
     def broadcast_to(self, shape: Sequence[int]) -> Tensor:
         shape = tuple(shape)
@@ -1077,22 +1108,33 @@ class Tensor:
         return filled
 
     def __getitem__(self, index: Any) -> Tensor:
-        from .indexing import getitem  # indexing builds on Tensor: imported when first used
-        return getitem(self, index)
+        from .indexing import getitem, is_basic_index, setitem  # they build on Tensor
+        out = getitem(self, index)
+        if not is_basic_index(index):  # integer arrays and masks copy, in PyTorch too
+            return out
+        return self._viewing(out, lambda view: setitem(self, index, view))
 
     def __setitem__(self, index: Any, value: Any) -> None:
         """`x[index] = value` as a functional update: the Tensor takes a new value that equals
-        `value` in the indexed region and the old one elsewhere (gradients flow to both). Only
-        this Tensor object changes: a tensor sliced from it earlier keeps its value. Where an
-        integer-array index names a position twice, the values written there add up."""
+        `value` in the indexed region and the old one elsewhere (gradients flow to both). Where
+        PyTorch's x is a view of another tensor (sliced, transposed, reshaped from it), that
+        tensor is written too; a tensor sliced from x earlier keeps its value. Where an
+        integer-array index names a position twice, the last value written there stays, as in
+        NumPy and PyTorch (`x[[1, 1]] += 1` adds 1)."""
         from .indexing import setitem
         self.take_value(setitem(self, index, value), "x[index] = value")
 
     def take_value(self, new: Tensor, how: str) -> None:
-        """Give this Tensor object `new`'s value (an in-place write: `how`), unless it stands for
-        a module's parameter or buffer: the write would change this trace's Tensor and never
-        the module, so it is refused."""
+        """Give this Tensor object `new`'s value (an in-place write: `how`), and the tensor it is
+        PyTorch's view of its part of it, unless it stands for a module's parameter or buffer:
+        the write would change this trace's Tensor and never the module, so it is refused."""
         if is_tracing():
+            if current_trace().made_before_the_body(self.value):
+                raise GraphcError(
+                    f"{how} inside a gc.scan body writes a tensor from outside the body: the loop "
+                    f"would compute the write once, not at every step. Carry the tensor through "
+                    f"the loop instead (f(carry, x) returns its new value in the carry) "
+                    f"(at {user_location()})")
             for inp in current_trace().builder.graph.inputs:
                 if inp.value is self.value and inp.role in ("param", "state"):
                     raise GraphcError(
@@ -1100,6 +1142,9 @@ class Tensor:
                         f"in traced code would not change: update a buffer with "
                         f"self.update_buffer(name, value), or compute with a changed copy "
                         f"(w = self.weight * mask) (at {user_location()})")
+        if self._view_of is not None:  # the base first: a refused write changes nothing
+            base, write_back = self._view_of
+            base.take_value(write_back(new), how)
         self.value = new.value
 
     # -- NumPy and PyTorch functions called on a Tensor (see graphc/interop.py) --------------

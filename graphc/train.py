@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from collections.abc import Iterator, Sized
-from typing import Any, Callable, Iterable, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -125,7 +125,7 @@ def training_state(step: TrainStep | LoadedTrainStep) -> dict[str, np.ndarray]:
     for name, slots in step.opt_state.items():
         state.update({f"optim/{name}/{k}": v for k, v in slots.items()})
     state["step"] = step.step_count
-    state["rng"] = step.rng_key
+    state["rng"] = step.rng_state  # the key the next call draws with
     return state
 
 
@@ -203,6 +203,8 @@ def load_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
         own = training_state(step)
     for name, array in data.items():
         np.copyto(own[name], array)
+    if not isinstance(step, LoadedTrainStep):  # its key is its own array, written above
+        step.set_rng_state(data["rng"])
     if rates is not None:
         set_learning_rates(step, rates)
 
@@ -277,6 +279,7 @@ class EarlyStopping:
     best_epoch: int = field(default=-1, init=False)
     best_state: dict[str, np.ndarray] | None = field(default=None, init=False)
     wait: int = field(default=0, init=False)
+    _step: Any = field(default=None, init=False, repr=False)  # the step best_state belongs to
 
     MODES = ("auto", "min", "max")
 
@@ -291,6 +294,14 @@ class EarlyStopping:
             return True
         minimize = self.mode == "min" or (self.mode == "auto" and self.monitor.endswith("loss"))
         return value < self.best - self.min_delta if minimize else value > self.best + self.min_delta
+
+    def begin(self, step: TrainStep | LoadedTrainStep, initial_epoch: int) -> None:
+        """Called by fit before its first epoch: a run from epoch 1, or of another step,
+        starts afresh (as Keras's callback does); a run of the same step resumed at a later
+        epoch keeps the best value and weights seen so far."""
+        if initial_epoch <= 1 or self._step is not step:
+            self.best, self.best_epoch, self.best_state, self.wait = math.nan, -1, None, 0
+        self._step = step
 
     def update(self, epoch: int, logs: dict[str, float], step: TrainStep | LoadedTrainStep) -> bool:
         """Record this epoch; return True when training should stop."""
@@ -314,24 +325,36 @@ class EarlyStopping:
 
 
 # -- evaluation ------------------------------------------------------------------------------
+def split_batch(batch: Sequence[Any], targets: int = 1) -> tuple[list[Any], list[Any]]:
+    """A (inputs..., targets...) batch's model inputs and its `targets` last entries (the loss's
+    targets, as compile_train_step's `targets` counts them)."""
+    batch = list(batch)
+    if len(batch) <= targets:
+        raise GraphcError(f"a batch of {len(batch)} arrays holds no model input besides its "
+                          f"{targets} target(s)")
+    return batch[:-targets], batch[-targets:]
+
+
 def evaluate(model_fn: CompiledModel, loss_fn: Callable | None, loader: Iterable,
-             num_classes: int | None = None) -> dict[str, Any]:
-    """Run inference over a loader; returns loss (when loss_fn is given), predictions and
-    classification metrics when the outputs are class scores: (N, K) with K >= 2 and integer
-    targets (N,). One column is no class scores: a binary classifier's logit or probability
-    (their thresholds differ: 0 or 0.5), so it gets the loss alone."""
-    outputs, targets, losses, counts = [], [], [], []
+             num_classes: int | None = None, targets: int = 1) -> dict[str, Any]:
+    """Run inference over a loader of (inputs..., targets...) batches, the last `targets`
+    arrays the loss's targets; returns loss (when loss_fn is given), predictions and
+    classification metrics (against the first target) when the outputs are class scores: (N, K)
+    with K >= 2 and integer targets (N,). One column is no class scores: a binary classifier's
+    logit or probability (their thresholds differ: 0 or 0.5), so it gets the loss alone."""
+    outputs, labels, losses, counts = [], [], [], []
     loss_jit = jit(loss_fn) if loss_fn is not None else None
-    for *inputs, target in loader:
+    for batch in loader:
+        inputs, target = split_batch(batch, targets)
         out = model_fn(*inputs)
         outputs.append(out)
-        targets.append(target)
+        labels.append(target[0])
         if loss_jit is not None:
-            losses.append(float(loss_jit(out, target)))
-            counts.append(len(target))
+            losses.append(float(loss_jit(out, *target)))
+            counts.append(len(target[0]))
     if not outputs:
         raise GraphcError(f"evaluate: the loader (a {type(loader).__name__}) gave no batch")
-    scores, y = np.concatenate(outputs), np.concatenate(targets)
+    scores, y = np.concatenate(outputs), np.concatenate(labels)
     result: dict[str, Any] = {"outputs": scores, "targets": y}
     if losses:
         result["loss"] = float(np.average(losses, weights=counts))
@@ -367,17 +390,17 @@ class World(Protocol):
     @property
     def is_root(self) -> bool: ...
 
-    def evaluate(self, model_fn: Callable[..., Any], loss_fn: Callable | None, loader: Iterable
-                 ) -> dict[str, Any]: ...
+    def evaluate(self, model_fn: Callable[..., Any], loss_fn: Callable | None, loader: Iterable,
+                 targets: int = 1) -> dict[str, Any]: ...
 
 
 class _SingleProcess:
     size = 1
     is_root = True
 
-    def evaluate(self, model_fn: Callable[..., Any], loss_fn: Callable | None, loader: Iterable
-                 ) -> dict[str, Any]:
-        return evaluate(model_fn, loss_fn, loader)
+    def evaluate(self, model_fn: Callable[..., Any], loss_fn: Callable | None, loader: Iterable,
+                 targets: int = 1) -> dict[str, Any]:
+        return evaluate(model_fn, loss_fn, loader, targets=targets)
 
 
 SINGLE_PROCESS: World = _SingleProcess()
@@ -406,7 +429,7 @@ class _Validation:
     def logs(self) -> dict[str, float]:
         if self.loader is None:
             return {}
-        result = self.world.evaluate(self._predict, self.step.loss_fn, self.loader)
+        result = self.world.evaluate(self._predict, self.step.loss_fn, self.loader, self.step.targets)
         return {f"val_{k}": float(v) for k, v in result.items() if k in self.SCALARS}
 
     def _predict(self, *inputs: Any) -> Any:
@@ -452,6 +475,8 @@ def fit(step: TrainStep | LoadedTrainStep, train_loader: Iterable, epochs: int =
     if early_stopping is not None and early_stopping.monitor.startswith("val_") and val_loader is None:
         raise GraphcError(f"fit: EarlyStopping monitors {early_stopping.monitor!r}, a validation "
                           "metric, but there is no val_loader: pass one or monitor 'loss'")
+    if early_stopping is not None:
+        early_stopping.begin(step, initial_epoch)
     validation = _Validation(step, val_loader, world)
     # resumed at initial_epoch: the epochs before it stepped the schedule (a scheduler of
     # graphc's or PyTorch's protocol counts them in last_epoch)

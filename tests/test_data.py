@@ -411,3 +411,32 @@ def test_to_float_and_one_hot():
         one_hot(np.array([3]), 3)
     with pytest.raises(TypeError):
         one_hot(np.array([0.5]), 3)
+
+
+class _Items:
+    """A dataset without `take`, whose items are whatever `make(i)` returns."""
+
+    def __init__(self, make, n=4):
+        self.make, self.n = make, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.make(i)
+
+
+def test_an_item_that_is_one_array_batches_as_a_one_tuple():
+    """It was split column by column into several (batch,) arrays."""
+    (batch,) = next(iter(DataLoader(_Items(lambda i: np.full(3, float(i), np.float32)), 2)))
+    np.testing.assert_array_equal(batch, [[0, 0, 0], [1, 1, 1]])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda i: {"x": np.full(2, i), "y": i}, r"item 0 of the dataset is a dict; items must be tuples"),
+    (lambda i: (np.zeros(2),) * (1 + i % 2), r"the items of a batch hold different numbers of arrays"),
+])
+def test_items_batches_cannot_be_stacked_from_are_refused(make, message):
+    """A dict item batched its key names."""
+    with pytest.raises(DatasetError, match=message):
+        next(iter(DataLoader(_Items(make), 2)))

@@ -118,6 +118,9 @@ def test_torch_calls_point_at_what_graphc_has_now(torch):
         (lambda x: torch.clamp(x, -1, 1), "torch.clamp", "use gc.clamp"),
         (lambda x: torch.t(x), "torch.t", "use the Tensor method x.t(...)"),
         (lambda x: torch.add(x, 1), "torch.add", "use +"),
+        # not gc.gather, np.take's namesake: following that advice gave another result
+        (lambda x: torch.gather(x, 1, torch.zeros((2, 2), dtype=torch.int64)), "torch.gather",
+         "use gc.take_along_axis"),
     ]
     for call, name, advice in cases:
         with pytest.raises(gc.GraphcError) as info:

@@ -112,6 +112,13 @@ def test_orthogonal(shape):
     np.testing.assert_allclose(small, np.eye(len(small)), atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(0, 5), (0, 0), (0, 3, 3), (4, 0)])
+def test_orthogonal_of_an_empty_array_draws_nothing(shape):
+    """A bare ZeroDivisionError before (PyTorch: a no-op)."""
+    w = np.zeros(shape, np.float32)
+    assert nn.init.orthogonal_(w) is w and w.shape == shape
+
+
 def test_seeded_by_manual_seed():
     gc.manual_seed(7)
     a = nn.init.normal_(_weight(5))

@@ -234,11 +234,13 @@ def check_train_step_keeps_state_on_the_device() -> None:
     for _ in range(steps - 1):
         step(x, y)
     per_step = {k: (step.executable.transfers[k] - before[k]) / (steps - 1) for k in before}
-    assert per_step == {"to_device": x.nbytes + y.nbytes + 4, "to_host": 4}  # batch + lr, loss
+    # batch + lr + the call's RNG key (the global generator's, not kept on the device); the loss
+    # and the key the graph counts on
+    assert per_step == {"to_device": x.nbytes + y.nbytes + 4 + 16, "to_host": 4 + 16}
     for name, array in live.items():
         assert np.array_equal(array, start[name]), f"{name} was copied back without a request"
 
-    reference, ref_model, _, _ = mlp_step("reference")
+    reference, ref_model, _, _ = mlp_step("reference")  # seeded as the first: the same masks
     for _ in range(steps):
         reference(x, y)
     state = model.state_dict()
@@ -281,14 +283,17 @@ def check_inference_and_export_see_the_device_state() -> None:
     step, model, x, y = mlp_step("numba-cuda")
     reference, ref_model, _, _ = mlp_step("reference")
     infer = gc.compile(model, x, backend="reference")  # reads the model's arrays at each call
-    for _ in range(3):
-        step(x, y)
-        reference(x, y)
+
+    def both(calls: int) -> None:  # each from the same key: the same dropout masks
+        for one in (step, reference):
+            gc.manual_seed(calls)
+            for _ in range(calls):
+                one(x, y)
+    both(3)
     np.testing.assert_allclose(infer(x), gc.compile(ref_model, x, backend="reference")(x), rtol=1e-4)
     before = dict(step.executable.transfers)
-    step(x, y)  # inference read the weights without making the step upload them again
-    reference(x, y)
-    assert step.executable.transfers["to_device"] - before["to_device"] == x.nbytes + y.nbytes + 4
+    both(1)  # inference read the weights without making the step upload them again
+    assert step.executable.transfers["to_device"] - before["to_device"] == x.nbytes + y.nbytes + 4 + 16
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "step.gcx")
         step.export(path)

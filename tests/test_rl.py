@@ -92,6 +92,22 @@ def test_sync_target_copies_or_blends_in_place():
         np.testing.assert_allclose(a, before[name] + 0.25, rtol=1e-6, atol=1e-6)
 
 
+def test_a_soft_sync_copies_integer_buffers_and_averages_the_rest():
+    """BatchNorm's int64 batch count failed the average (a bare NumPy casting error) after
+    the layers before it were already averaged."""
+    gc.manual_seed(0)
+    nets = QNetworks(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)),
+                     nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)))
+    online = nets.online.state_dict()
+    before = {name: a.copy() for name, a in nets.target.state_dict().items()}
+    for name, a in online.items():
+        a += 4 if a.dtype.kind == "i" else 1.0
+    nets.sync_target(tau=0.25)
+    for name, a in nets.target.state_dict().items():
+        expected = online[name] if a.dtype.kind == "i" else before[name] + 0.25
+        np.testing.assert_allclose(a, expected, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
 # -- the compiled DQN step -------------------------------------------------------------------
 def random_batch(n=16, seed=0):
     rng = np.random.default_rng(seed)

@@ -446,6 +446,10 @@ def test_numba_cpu_runs_a_scan_in_a_scan_and_a_training_step():
     (lambda c, xs: gc.scan(lambda h, x: (h, None), c, xs[:0]), "at least one step"),
     (lambda c, xs: gc.scan(lambda h, x: (gc.nn.functional.dropout(h, 0.5, True), None), c, xs),
      "random ops inside a scan are not supported"),
+    (lambda c, xs: gc.scan(lambda h, x: (h, None), c, None, length=3.0), "length must be an integer, got 3.0"),
+    (lambda c, xs: gc.scan(lambda h, x: (h + x, "step"), c, xs), r"f returned y = 'step', a str"),
+    (lambda c, xs: gc.scan(lambda h, x: ((h[0], {"n": "x"}), None), (c, {"n": c}), xs),
+     r"f returned the carry\[1\]\['n'\] = 'x', a str"),
 ])
 def test_refusals_name_the_problem_and_the_users_line(case, message):
     with pytest.raises(GraphcError, match=message) as info:
@@ -488,3 +492,38 @@ def test_results_of_a_program_with_a_scan_are_arrays_of_their_own(backend):
     a, b = twice(np.ones((3, 2), np.float32))
     a[...] = 7
     np.testing.assert_array_equal(b, [[0, 0], [1, 1], [2, 2]])
+
+
+def test_a_numpy_integer_length_is_a_length():
+    carry, ys = jit(lambda c: gc.scan(lambda h, _: (h * 2, h), c, None, length=np.int64(3)))(np.ones(2))
+    np.testing.assert_array_equal(carry, [8, 8])
+    np.testing.assert_array_equal(ys, [[1, 1], [2, 2], [4, 4]])
+
+
+def test_a_body_writing_a_tensor_from_outside_it_is_refused():
+    """acc += b in the body, acc made before the loop: the write was hoisted out of the loop
+    as an invariant and made once ([2, 2, 2] after 5 steps, where the loop gives [10, ...])."""
+    def fn(xs):
+        acc = gc.zeros(3)
+
+        def body(c, x):
+            acc.__iadd__(gc.ones(3) * 2)  # acc += ..., in place as in PyTorch
+            return c + x, None
+        return gc.scan(body, gc.zeros(3), xs)[0] + acc
+    with pytest.raises(GraphcError, match=r"x \+= y inside a gc.scan body writes a tensor from outside "
+                                          r"the body.*Carry the tensor.*test_scan.py"):
+        jit(fn)(np.ones((5, 3), np.float32))
+
+
+def test_a_body_value_read_after_the_loop_is_refused_by_name():
+    """It was reported as a tensor 'of another traced function (kept from an earlier trace)'."""
+    def fn(xs):
+        kept = []
+
+        def body(c, x):
+            kept.append(c * 2)
+            return c + x, None
+        return gc.scan(body, gc.zeros(3), xs)[0] + kept[0]
+    with pytest.raises(GraphcError, match=r"a value computed inside a gc.scan body is read after the "
+                                          r"loop .*computed at .*test_scan.py"):
+        jit(fn)(np.ones((5, 3), np.float32))

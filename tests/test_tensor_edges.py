@@ -440,3 +440,19 @@ def test_the_elementwise_maximum_and_minimum_of_booleans_are_or_and_and(backend)
     a, b = np.array([True, False, False]), np.array([False, False, True])
     np.testing.assert_array_equal(gc.jit(lambda x, y: x.max(y), backend=backend)(a, b), [True, False, True])
     np.testing.assert_array_equal(gc.jit(lambda x, y: gc.minimum(x, y), backend=backend)(a, b), [False] * 3)
+
+
+def _written(x, value):
+    x[0] = value
+    return x
+
+
+@pytest.mark.parametrize("fn, error, message", [
+    (lambda x: _written(x, 2**31 + 5), gc.DTypeError, r"the number 2147483653 does not fit the int32 tensor"),
+    (lambda x: x.masked_fill(x > 0, -2**31 - 1), gc.DTypeError, r"-2147483649 does not fit the int32"),
+    (lambda x: x[::0], ShapeError, r"the slice ::0 of axis 0: slice step cannot be zero"),
+])
+def test_bad_writes_and_slices_are_refused_at_the_users_line(fn, error, message):
+    """A bare OverflowError and a bare ValueError from inside graphc before."""
+    with pytest.raises(error, match=rf"{message}.*{USER_LINE}"):
+        gc.jit(fn, backend="reference")(np.arange(3, dtype=np.int32))

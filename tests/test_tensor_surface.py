@@ -186,6 +186,117 @@ def test_index_assignment_rebinds_and_differentiates_both_parts():
     np.testing.assert_allclose(dv, tv.grad.numpy(), rtol=1e-12)
 
 
+@pytest.mark.parametrize("backend", [REF, "numba-cpu"])
+@pytest.mark.parametrize("traced", [False, True], ids=["constant_index", "traced_index"])
+def test_a_position_written_twice_keeps_the_last_write(traced, backend):
+    """The scatters behind x[idx] = v add: a position idx names twice got the sum of both
+    writes, and x[[1, 1]] += 1 gave 2 * x + 2. NumPy's and PyTorch's last write wins."""
+    x = np.arange(12.0).reshape(4, 3)
+    rows, cols = np.array([1, 3, 1, 0, 1]), np.array([2, 0, 2, 1, 0])
+
+    def fn(x, rows, cols):
+        y = x * 1.0
+        y[rows] += 1.0
+        y[rows, cols] = gc.arange(5).astype("float64") * 10
+        y[rows[::-1], 1] = -y[rows, 1]
+        return y
+    expected = x.copy()
+    expected[rows] += 1.0
+    expected[rows, cols] = np.arange(5) * 10
+    expected[rows[::-1], 1] = -expected[rows, 1]
+    f = gc.jit(fn, backend=backend) if traced else gc.jit(lambda x: fn(x, rows, cols), backend=backend)
+    got = f(x, rows, cols) if traced else f(x)
+    np.testing.assert_array_equal(got, expected)
+    # y[[1, 1]] += v: y[1] = x[1] + v[1], the gradient of the write that stays
+    grad = gc.grad(lambda x, v: (fn2(x, v) ** 2).sum(), argnums=(0, 1), backend=REF)
+    v = np.array([0.5, 2.0])
+    dx, dv = grad(np.array([1.0, 3.0, 5.0]), v)
+    np.testing.assert_allclose(dx, [2.0, 2 * (3.0 + 2.0), 10.0])
+    np.testing.assert_allclose(dv, [0.0, 2 * (3.0 + 2.0)])
+
+
+def fn2(x, v):
+    y = x * 1.0
+    y[np.array([1, 1])] += v
+    return y
+
+
+ALL = slice(None)
+
+
+@pytest.mark.parametrize("index", [lambda i, j: (i, ALL, j), lambda i, j: (ALL, i, j), lambda i, j: (j, ALL, i),
+                                   lambda i, j: (i, j), lambda i, j: (i,), lambda i, j: (j, i)],
+                         ids=["i:j", ":ij", "j:i", "ij", "i", "ji"])
+def test_a_0d_index_beside_arrays_is_an_int_as_in_pytorch(index):
+    """x[i0, :, j] with a 0-d tensor i0 put the broadcast axis first (NumPy's rule for a 0-d
+    array); PyTorch takes a 0-d index as an int, as graphc takes x[2, :, j]."""
+    x = np.arange(4 * 5 * 6, dtype=np.float64).reshape(4, 5, 6)
+    i, j = np.array(-2), np.array([1, 3])
+    expected = torch.tensor(x)[index(torch.tensor(i), torch.tensor(j))].numpy()
+    np.testing.assert_array_equal(gc.jit(lambda x, i, j: x[index(i, j)], backend=REF)(x, i, j), expected)
+    np.testing.assert_array_equal(gc.jit(lambda x, j: x[index(i, j)], backend=REF)(x, j), expected)
+
+    def written(x, i, j):
+        y = x * 1.0
+        y[index(i, j)] = -1.0
+        return y
+    t = torch.tensor(x)
+    t[index(torch.tensor(i), torch.tensor(j))] = -1.0
+    np.testing.assert_array_equal(gc.jit(written, backend=REF)(x, i, j), t.numpy())
+
+
+def test_a_write_into_a_view_writes_the_tensor_it_views():
+    """y[0][1] = v, y.T[2] = v, F.relu(y[0], inplace=True) and a reshaped view's += changed a
+    temporary and never y (PyTorch's are views of y); integer-array indexing copies, there too."""
+    import graphc.nn.functional as F
+
+    def fn(x, idx):
+        y = x * 1.0
+        y[0][1] = 9.0
+        y.T[2] += 1.0
+        F.relu(y[1], inplace=True)
+        flat = y.reshape(-1)
+        flat[-1] = -5.0
+        y.unsqueeze(0)[0, :, 0] = 3.0
+        y[idx][0] = 100.0  # a copy: no change
+        return y
+    x = np.arange(-6.0, 6.0).reshape(3, 4)
+    idx = np.array([0, 2])
+    t = torch.tensor(x).clone()
+    t[0][1] = 9.0
+    t.T[2] += 1.0
+    torch.relu_(t[1])
+    t.reshape(-1)[-1] = -5.0
+    t.unsqueeze(0)[0, :, 0] = 3.0
+    t[torch.tensor(idx)][0] = 100.0
+    np.testing.assert_array_equal(gc.jit(fn, backend=REF)(x, idx), t.numpy())
+    # gradients through the writes (not the in-place relu, whose input PyTorch's autograd keeps)
+    def differentiable(y):
+        y = y * 1.0
+        y[0][1] = 9.0
+        y.T[2] += 1.0
+        y.reshape(-1)[-1] = -5.0
+        y.unsqueeze(0)[0, :, 0] = 3.0
+        return (y ** 2).sum()
+    tx = torch.tensor(x, requires_grad=True)
+    differentiable(tx).backward()
+    np.testing.assert_allclose(gc.grad(differentiable, backend=REF)(x), tx.grad.numpy())
+
+
+def test_a_write_into_a_view_of_a_parameter_is_refused():
+    class Net(gc.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = gc.nn.Linear(3, 2)
+
+        def forward(self, x):
+            row = self.lin.weight[0]
+            row += 1.0
+            return self.lin(x)
+    with pytest.raises(gc.GraphcError, match=r"x \+= y: Net.lin.weight is a module's parameter"):
+        gc.jit(Net(), backend=REF)(np.ones((1, 3), np.float32))
+
+
 def test_assignment_through_a_traced_mask_is_a_where():
     x = rng.standard_normal((3, 2))
 

@@ -80,6 +80,49 @@ def test_dropout_in_the_step_is_reproducible():
     assert losses[0] == losses[1]
 
 
+def masks_of(step, x, steps=3):
+    """The dropout masks a step drew: which hidden units of the first layer its update reached
+    (a dropped unit's weights get no gradient), plain SGD on a fresh copy of the weights."""
+    weight = step.model.state_dict()["0.weight"]
+    masks = []
+    for _ in range(steps):
+        before = weight.copy()
+        step(x, np.zeros(len(x), np.int64))
+        masks.append((weight != before).any(axis=1))
+    return masks
+
+
+def dropout_step(x, seed=None):
+    if seed is not None:
+        gc.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 64), nn.Dropout(0.5), nn.Linear(64, 3))
+    return gc.compile_train_step(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1),
+                                 (x, np.zeros(len(x), np.int64)), backend=REF)
+
+
+def test_each_training_step_call_draws_its_own_dropout_masks():
+    """Steps took the key (seed, 0) when compiled and counted their own calls: two models
+    compiled after one manual_seed drew the same masks at every step, and a gc.jit call drew a
+    step's bits. Every call takes the global generator's next key, as PyTorch's calls draw from
+    its one generator."""
+    x = np.ones((1, 4), np.float32)
+    first, second = dropout_step(x, seed=0), dropout_step(x)
+    masks = [m for pair in zip(masks_of(first, x), masks_of(second, x)) for m in pair]
+    assert len({m.tobytes() for m in masks}) == len(masks)
+    # a gc.jit draw next to them: not the bits of the step drawn before it
+    noise = gc.jit(lambda v: F.dropout(v, 0.5), backend=REF)(np.ones(64, np.float32)) > 0
+    assert not any(np.array_equal(noise, m) for m in masks)
+
+
+def test_manual_seed_after_compiling_replays_a_steps_masks():
+    x = np.ones((1, 4), np.float32)
+    step = dropout_step(x, seed=3)
+    gc.manual_seed(11)
+    first = masks_of(step, x)
+    gc.manual_seed(11)
+    assert [m.tobytes() for m in masks_of(step, x)] == [m.tobytes() for m in first]
+
+
 @pytest.mark.slow
 def test_cnn_on_numba_cpu_follows_the_reference_loss_by_loss():
     """The MNIST CNN (8x8 inputs; dropout on; its second convolution runs as Winograd on
@@ -165,3 +208,38 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
     path.write_bytes(path.read_bytes()[:50])
     with pytest.raises(gc.SerializationError, match="cannot read checkpoint"):
         load_checkpoint(str(path), step)
+
+
+def test_an_early_stopping_reused_for_another_run_starts_afresh():
+    """Its best value, epoch and weights were kept across fit calls: a second fold stopped
+    after `patience` epochs against the first fold's best and got the first fold's weights."""
+    x, y = blobs()
+    stopper = EarlyStopping(monitor="val_loss", patience=2)
+    weights = []
+    for fold in range(2):
+        model, step = small_step(lr=0.01 if fold else 0.05)
+        history = fit(step, [(x[:64], y[:64])], epochs=4, val_loader=[(x[64:], y[64:])],
+                      early_stopping=stopper, progress=False)
+        assert len(history.epochs) == 4 and history.best_epoch == 4  # still improving
+        weights.append(model.state_dict()["0.weight"].copy())
+    assert not np.array_equal(weights[0], weights[1])
+
+
+def test_validation_gives_the_loss_every_target_of_a_step_with_several():
+    """A step compiled with targets=2 (a per-sample weight): validation called the model with
+    the first target as an input."""
+    x, y = blobs()
+    w = np.linspace(0.5, 1.5, len(y)).astype(np.float32)
+
+    def weighted(out, labels, weights):
+        return (F.cross_entropy(out, labels, reduction="none") * weights).mean()
+    gc.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    step = gc.compile_train_step(model, weighted, optim.SGD(model.parameters(), lr=0.1),
+                                 (x[:32], y[:32], w[:32]), targets=2, backend=REF)
+    history = fit(step, [(x[:32], y[:32], w[:32])], epochs=1, val_loader=[(x[32:], y[32:], w[32:])],
+                  progress=False)
+    out = gc.compile(model, x[32:], backend=REF)(x[32:])
+    expected = gc.jit(weighted, backend=REF)(out, y[32:], w[32:])
+    np.testing.assert_allclose(history["val_loss"][0], expected, rtol=1e-6)
+    np.testing.assert_allclose(history["val_accuracy"][0], np.mean(out.argmax(1) == y[32:]))

@@ -51,9 +51,10 @@ from ..nn.module import Module
 from ..optim import Optimizer
 from ..step_builder import StepBuilder, batch_arrays, trace_gradients, unread_gradient
 from ..tensor import ModuleReads, Tensor
+from .. import random as gc_random
 from .. import train
 from ..train import (EarlyStopping, History, learning_rates, load_checkpoint, set_learning_rates,
-                     training_state)
+                     split_batch, training_state)
 
 TIMEOUT_ENV = "GRAPHC_DDP_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0
@@ -103,9 +104,9 @@ class World:
         self._wait([self.comm.Ibcast(arrays[n], root=0) for n in names], "broadcast")
 
     def evaluate(self, model_fn: Callable[..., np.ndarray], loss_fn: Callable | None,
-                 loader: DistributedLoader) -> dict[str, float]:
+                 loader: DistributedLoader, targets: int = 1) -> dict[str, float]:
         """Validation for the fit loop: `evaluate` over every rank's shard."""
-        return evaluate(model_fn, loss_fn, loader)
+        return evaluate(model_fn, loss_fn, loader, targets)
 
     def shared_seed(self, seed: int | None) -> int:
         """`seed`, or when None one drawn by rank 0 and sent to all, so permutations agree."""
@@ -359,8 +360,18 @@ class DataParallelStep(TrainStep):
         self.times = StepTimes()
         super().__init__(model, loss_fn, optimizer, example_inputs, backend, clip_grad_norm, l1,
                          targets, name="data_parallel_step")
+        # a key of its own, counting its steps: rank 0's is given to every rank (the ranks'
+        # global generators may differ) and each rank draws its own stream of it (_rank_key)
+        self._rng_key = np.array([gc_random.get_state()[0], 0], np.int64)
         self._update = self._compile_update()
         self.broadcast_state()
+
+    @property
+    def rng_state(self) -> np.ndarray:
+        return self._rng_key
+
+    def set_rng_state(self, key: np.ndarray) -> None:
+        np.copyto(self._rng_key, key)
 
     def broadcast_state(self) -> None:
         """Give every rank rank 0's weights, buffers, optimizer state, step count and RNG key."""
@@ -511,16 +522,18 @@ def resume(step: DataParallelStep, path: str) -> bool:
 
 
 def evaluate(model_fn: Callable[..., np.ndarray], loss_fn: Callable | None,
-             loader: DistributedLoader) -> dict[str, float]:
+             loader: DistributedLoader, targets: int = 1) -> dict[str, float]:
     """Loss (when `loss_fn` is given) and, for class scores, accuracy over the whole dataset:
-    each rank evaluates its shard, then the sums are reduced."""
+    each rank evaluates its shard, then the sums are reduced. The last `targets` arrays of a
+    batch are the loss's targets; the accuracy is against the first of them."""
     loss_jit = jit(loss_fn) if loss_fn is not None else None
     totals = np.zeros(3)  # loss * count, correct predictions, count
     classes = True
-    for *inputs, target in loader:
+    for batch in loader:
+        inputs, (target, *more) = split_batch(batch, targets)
         scores = model_fn(*inputs)
         if loss_jit is not None:
-            totals[0] += float(loss_jit(scores, target)) * len(target)
+            totals[0] += float(loss_jit(scores, target, *more)) * len(target)
         # one column is a binary logit or probability, not class scores (as train.evaluate)
         classes = (scores.ndim == 2 and scores.shape[1] >= 2 and target.ndim == 1
                    and target.dtype.kind in "iu")

@@ -818,7 +818,7 @@ class PipelineParallelStep:
         self.buffers = dict(named_arrays(model, "_buffers"))
         self.opt_state = {n: optimizer.state_of(self.params[n]) for n in self.trainable}
         self._optimizer_settings = optimizer.compiled_settings()
-        self.rng_key = np.array([gc_random.next_key()[0], 0], np.int64)
+        self.rng_key = gc_random.get_state()  # each step's own: the global generator's next
         batch = self._microbatch(batch_arrays(example_inputs), 0)
         self.signature = tuple((a.shape, a.dtype) for a in batch)
         self.partition = self._partition(batch, boundaries)
@@ -939,6 +939,8 @@ class PipelineParallelStep:
                                    f"{[(a.shape, str(a.dtype)) for a in micro[0]]}, compiled for "
                                    f"{[(s, str(d)) for s, d in self.signature]}; build a new step")
         self.optimizer.check_settings(self._optimizer_settings, self.name)
+        if any(plan.uses_rng for plan in self.partition.stages):  # as a TrainStep draws its key
+            self.rng_key[...] = gc_random.next_key()
         losses: list[float] = []
         plans = {rt.plan.index: (rt, schedule(self.schedule, rt.plan.index, self.num_stages,
                                               self.microbatches)) for rt in self._stages}
@@ -967,7 +969,6 @@ class PipelineParallelStep:
             rt.times.total += time.perf_counter() - started[rt.plan.index]
             rt.times.wait = self._messages.wait_s  # one stage per rank: the rank's waits
             rt.times.steps += 1
-        self.rng_key[1] += 1
         return loss
 
     def _ready(self, rt: _StageRuntime, direction: int, m: int) -> bool:
@@ -1104,11 +1105,12 @@ class PipelineParallelStep:
     def _stage_training_state(self, rt: _StageRuntime) -> SimpleNamespace:
         """One stage's state as graphc.train's checkpoint functions read a step's: the model's
         arrays (this stage's parameters), optimizer slots and learning rates, step count and
-        RNG key."""
+        the global generator's key (which each step draws from)."""
         params = {n: self.params[n] for n in rt.plan.params}
         return SimpleNamespace(model=SimpleNamespace(state_dict=lambda: params), optimizer=self.optimizer,
                                opt_state={n: self.opt_state[n] for n in rt.trainable},
-                               step_count=rt.step_count, rng_key=self.rng_key)
+                               step_count=rt.step_count, rng_state=gc_random.get_state(),
+                               set_rng_state=gc_random.set_state)
 
     def save_checkpoint(self, path: str) -> None:
         """Each stage's first replica writes its stage's state to `checkpoint_path(path, s)`,

@@ -145,6 +145,8 @@ def orthogonal_(tensor: Initialised, gain: float = 1.0,
     if array.ndim < 2:
         raise GraphcError(f"nn.init.orthogonal_: needs at least 2 dimensions, got shape "
                           f"{array.shape} (at {user_location()})")
+    if array.size == 0:  # nothing to draw (PyTorch's no-op)
+        return tensor
     rows = array.shape[0]
     cols = array.size // rows
     flat = _generator(generator).standard_normal((rows, cols))
