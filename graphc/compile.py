@@ -387,7 +387,7 @@ class TrainStep(_CompiledModelBase):
         args = [*arrays, *compiled.persistent, *implicit, *self.optimizer.learning_rates()]
         if compiled.traced.inputs[-1].role == "rng":
             self._rng_key[...] = gc_random.next_key()
-            args.append(self._rng_key)
+            args.append(self._rng_key.copy())  # the graph counts on in its copy
         return compiled, args
 
     @user_facing

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import string
 from typing import Any, Sequence
 
 import numpy as np
@@ -457,21 +458,25 @@ def einsum(equation: str, *operands: Any) -> Tensor:
     used once, in alphabetical order. '...' stands for the same axes in every operand, aligned
     from the right and broadcast, as do labels of size 1; axes of '...' the output leaves out are
     summed, as in PyTorch. A label repeated within one operand takes its diagonal ('ii->i')."""
+    if not isinstance(equation, str):  # the sublist form: einsum(a, [0, 1], b, [1, 2], [0, 2])
+        equation, operands = _sublist_equation((equation, *operands))
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = tuple(operands[0])  # torch.einsum(eq, [a, b])
     tensors = [as_tensor(x) for x in operands]
-    inputs, output = _parse_einsum(equation, tensors)
+    inputs, output, spread = _parse_einsum(equation, tensors)
     sizes: dict[str, int] = {}
     for labels, t in zip(inputs, tensors):
         for label, n in zip(labels, t.shape):
             if sizes.setdefault(label, n) == 1:
                 sizes[label] = n
             elif n not in (1, sizes[label]):
-                raise ShapeError(f"einsum {equation!r}: label {label!r} has sizes {sizes[label]} "
-                                 f"and {n} (at {user_location()})")
-    broadcast = [t if t.shape == tuple(sizes[l] for l in labels)
-                 else t.broadcast_to(tuple(sizes[l] for l in labels)) for labels, t in zip(inputs, tensors)]
-    inputs, tensors = zip(*(_diagonals(labels, t) for labels, t in zip(inputs, broadcast)))
+                what = (f"the axes '...' covers do not broadcast: {sizes[label]} and {n}" if label in spread
+                        else f"label {label!r} has sizes {sizes[label]} and {n}")
+                raise ShapeError(f"einsum {equation!r}: {what} (at {user_location()})")
+    # an axis of size 1 against a longer one is constant along its label: the operand does not
+    # depend on that label, so it loses the axis (broadcast out, it would be copied in full)
+    inputs, tensors = zip(*(_without_broadcast_axes(labels, t, sizes) for labels, t in zip(inputs, tensors)))
+    inputs, tensors = zip(*(_diagonals(labels, t) for labels, t in zip(inputs, tensors)))
     labels, result = inputs[0], tensors[0]
     for k in range(1, len(tensors)):
         later = set(output).union(*inputs[k + 1:])
@@ -482,9 +487,10 @@ def einsum(equation: str, *operands: Any) -> Tensor:
     return result if perm == tuple(range(len(perm))) else result.permute(perm)
 
 
-def _parse_einsum(equation: str, tensors: list[Tensor]) -> tuple[list[str], str]:
+def _parse_einsum(equation: str, tensors: list[Tensor]) -> tuple[list[str], str, str]:
     """The operands' labels and the output's, one letter per axis: '...' written out as letters
-    the equation does not use, as many as the operand's axes it covers (aligned from the right)."""
+    the equation does not use (the third result), as many as the operand's axes it covers
+    (aligned from the right)."""
     at = f"(at {user_location()})"
     spec = equation.replace(" ", "")
     lhs, arrow, output = spec.partition("->")
@@ -518,7 +524,30 @@ def _parse_einsum(equation: str, tensors: list[Tensor]) -> tuple[list[str], str]
     if unknown or len(set(output)) != len(output):
         raise GraphcError(f"einsum {equation!r}: the output {output!r} must name distinct labels of "
                           f"the operands {at}")
-    return inputs, output
+    return inputs, output, spread
+
+
+def _sublist_equation(arguments: tuple) -> tuple[str, tuple]:
+    """NumPy's and PyTorch's sublist form (operand, [axis ids], operand, [ids], ..., [output
+    ids]; an id is an int in [0, 52) or Ellipsis) as an equation and its operands."""
+    def labels(ids: Any) -> str:
+        if not isinstance(ids, (list, tuple)) or not all(
+                i is Ellipsis or (isinstance(i, (int, np.integer)) and 0 <= i < 52) for i in ids):
+            raise GraphcError(f"einsum: the equation must be a string, or the sublist form "
+                              f"einsum(x, [0, 1], y, [1, 2], [0, 2]) whose axis ids are ints in "
+                              f"[0, 52) or ...; got {ids!r} (at {user_location()})")
+        return "".join("..." if i is Ellipsis else string.ascii_letters[i] for i in ids)
+    operands, specs = arguments[0:len(arguments) - len(arguments) % 2:2], arguments[1::2]
+    output = "->" + labels(arguments[-1]) if len(arguments) % 2 else ""
+    return ",".join(labels(ids) for ids in specs) + output, operands
+
+
+def _without_broadcast_axes(labels: str, x: Tensor, sizes: dict[str, int]) -> tuple[str, Tensor]:
+    """x without its axes of size 1 whose label is longer elsewhere (broadcast), and those labels."""
+    gone = tuple(k for k, l in enumerate(labels) if x.shape[k] == 1 and sizes[l] != 1)
+    if not gone:
+        return labels, x
+    return "".join(l for k, l in enumerate(labels) if k not in gone), bind("squeeze", x, axes=gone)
 
 
 def _diagonals(labels: str, x: Tensor) -> tuple[str, Tensor]:

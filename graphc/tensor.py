@@ -761,20 +761,25 @@ class Tensor:
         unless `dtype` says otherwise, as in NumPy and PyTorch. The product of no elements is 1.
         It is the last element of a running product over the reduced axes, so its gradient is
         cumprod's: exact where elements are zero."""
-        axes = normalize_axes(reduction_axes(dim, axis, "prod"), self.ndim)
+        dims = reduction_axes(dim, axis, "prod")
+        axes = normalize_axes(dims, self.ndim)
+        if len(set(axes)) != len(axes):
+            raise ShapeError(f"prod: dims {dims} name an axis twice (at {user_location()})")
+        keep = keepdim or keepdims
+        if dtype is not None and dtype_name(dtype) == "bool":  # nonzero all along: True
+            return (self != 0).all(axes, keep)
         x = self.astype(dtype) if dtype is not None else (
             self if is_float(self.dtype) else self.astype("int64"))
-        keep = keepdim or keepdims
         kept = [a for a in range(x.ndim) if a not in axes]
         count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
         out_shape = tuple(1 if a in axes else x.shape[a] for a in range(x.ndim)) if keep else \
             tuple(x.shape[a] for a in kept)
-        if not axes:
-            return x
         if count == 0:  # an empty product: 1, and nothing to differentiate
             return x.sum(axes, keep) * 0 + 1
+        if count == 1:  # one factor: itself (its gradient 1, even where it is infinite)
+            return x.reshape(out_shape)
         lines = x.permute(*kept, *axes).reshape(*[x.shape[a] for a in kept], count)
-        return lines.cumprod(-1)[..., count - 1].reshape(out_shape)
+        return lines.cumprod(-1, dtype=x.dtype)[..., count - 1].reshape(out_shape)
 
     @scalar_reduced_as_vector
     def mean(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,

@@ -581,6 +581,7 @@ def _numerics_report(step: TrainStep | LoadedTrainStep, batch: Any,
     own = training_state(step)
     for name, array in before.items():  # back to the state the failing step started from
         np.copyto(own[name], array)
+    step.set_rng_state(before["rng"])  # and the generator: the rerun draws the step's masks
     report = step.check_numerics(*batch)
     return f": {report or 'the rerun on the reference backend stayed finite'}"
 

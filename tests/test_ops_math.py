@@ -101,6 +101,37 @@ def test_cumprod_second_order_gradient_at_zeros_matches_torch():
     np.testing.assert_allclose(got, second.numpy(), rtol=1e-12)
 
 
+def test_second_order_gradients_of_prod_and_cumprod_at_zeros_match_torch():
+    """After a line's first zero the first-order gradient is 0, but not its derivative with
+    respect to that zero: the Hessian of prod([0, 3]) was [[0, 1], [0, 0]]."""
+    hessian = np.stack([gc.grad(lambda v, k=k: gc.grad(lambda u: u.prod())(v)[k], backend="reference")(
+        np.array([0.0, 3.0])) for k in range(2)])
+    np.testing.assert_array_equal(hessian, [[0.0, 1.0], [1.0, 0.0]])
+    lines = [rng.standard_normal(7) for _ in range(12)]
+    for x in lines:
+        x[rng.choice(7, rng.integers(1, 4), replace=False)] = 0.0
+        w, v = rng.standard_normal(7), rng.standard_normal(7)
+        t = torch.tensor(x, requires_grad=True)
+        (first,) = torch.autograd.grad((torch.cumprod(t, 0) * torch.tensor(w)).sum(), t, create_graph=True)
+        (expected,) = torch.autograd.grad((first * torch.tensor(v)).sum(), t)
+        got = gc.grad(lambda u: (gc.grad(lambda s: (s.cumprod(0) * w).sum())(u) * v).sum(),
+                      backend="reference")(x)
+        np.testing.assert_allclose(got, expected.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_prod_dtype_duplicate_dims_and_a_single_factor():
+    ints = np.array([[2**20, 2**20, 3], [1, 2, 3]], np.int32)
+    for dtype in ("int32", "bool"):
+        got = gc.jit(lambda v: v.prod(1, dtype=dtype), backend="reference")(ints)
+        expected = torch.from_numpy(ints).prod(1, dtype=getattr(torch, dtype)).numpy()
+        assert got.dtype == expected.dtype  # int32 wraps as PyTorch's; bool: all nonzero
+        np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ShapeError, match=r"prod: dims \(1, -1\) name an axis twice"):
+        gc.jit(lambda v: v.prod((1, -1)), backend="reference")(ints)
+    for value in (np.inf, np.nan, 5.0):  # x.prod(0) of a 0-d x is x: gradient 1
+        assert gc.grad(lambda v: v.prod(0), backend="reference")(np.float64(value)) == 1.0
+
+
 def test_prod_over_dims_dtypes_and_empty_axes_matches_torch():
     x = normal(2, 3, 4)
     np.testing.assert_allclose(gc.jit(lambda v: v.prod((0, 2)), backend="reference")(x),
@@ -120,6 +151,24 @@ def test_prod_over_dims_dtypes_and_empty_axes_matches_torch():
         np.testing.assert_array_equal(got, expected)
     scalar = np.float32(2.5)
     assert gc.jit(lambda v: v.prod(0), backend="reference")(scalar) == np.float32(2.5)
+
+
+def test_einsum_keeps_broadcast_axes_unexpanded_and_takes_the_sublist_form():
+    """'...i,...i->...' of (N, 1, D) and (1, N, D) copied both operands out to (N, N, D)."""
+    a, b = normal(30, 1, 4), normal(1, 30, 4)
+    graph = gc.trace(lambda x, y: gc.einsum("...i,...i->...", x, y), a, b)
+    assert max(v.type.size for node in graph.nodes for v in node.outputs) == 30 * 30
+    np.testing.assert_allclose(gc.jit(lambda x, y: gc.einsum("...i,...i->...", x, y), backend="reference")(a, b),
+                               np.einsum("...i,...i->...", a, b), rtol=1e-12)
+    x = normal(2, 3)
+    np.testing.assert_allclose(gc.jit(lambda v: gc.einsum(v, [0, 1], v, [2, 1], [0, 2]), backend="reference")(x),
+                               x @ x.T, rtol=1e-12)
+    np.testing.assert_allclose(gc.jit(lambda v: gc.einsum(v, [Ellipsis, 1], [1]), backend="reference")(x),
+                               x.sum(0), rtol=1e-12)
+    with pytest.raises(ShapeError, match=r"the axes '\.\.\.' covers do not broadcast: 2 and 4"):
+        gc.jit(lambda v, w: gc.einsum("...i,...i->...", v, w), backend="reference")(normal(2, 3), normal(4, 3))
+    with pytest.raises(GraphcError, match=r"einsum: the equation must be a string, or the sublist form"):
+        gc.jit(lambda v: gc.einsum(None, v), backend="reference")(x)
 
 
 def test_einsum_diagonal_leaves_what_is_off_it_out():
@@ -433,10 +482,13 @@ def test_numba_cpu_matches_the_reference():
 
 @pytest.mark.parametrize("backend", ["reference", "numba-cpu"])
 def test_elu_keeps_the_digits_of_small_negative_inputs(backend):
-    """exp(x) - 1 in float32 gave ELU(-1e-6) 5% off PyTorch's (its expm1 keeps every digit)."""
-    x = np.array([-1e-6, -3e-5, -1e-3, -0.3, -20.0, 0.0, 2.0], np.float32)
+    """exp(x) - 1 in float32 gave ELU(-1e-6) 5% off PyTorch's (its expm1 keeps every digit), and
+    expm1's derivative as expm1(x) + 1 gave the gradient at -17 44% off (exp(x) keeps them)."""
+    x = np.array([-1e-6, -3e-5, -1e-3, -0.3, -17.0, -20.0, -30.0, 0.0, 2.0], np.float32)
     got = gc.jit(lambda v: F.elu(v, 0.7), backend=backend)(x)
     np.testing.assert_allclose(got, TF.elu(torch.from_numpy(x), 0.7).numpy(), rtol=4e-7, atol=0)
+    grad = gc.grad(lambda v: F.elu(v, 0.7).sum(), backend=backend)(x)
+    np.testing.assert_allclose(grad, np.where(x > 0, 1.0, 0.7 * np.exp(x.astype(np.float64))), rtol=4e-7, atol=0)
 
 
 def test_onnx_export_of_activation_modules_runs_under_onnxruntime(tmp_path):

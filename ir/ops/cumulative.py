@@ -48,28 +48,39 @@ def _cumsum_vjp(b, g, x, *, out, axis, reverse):
 
 def _cumprod_vjp(b, g, x, *, out, axis, reverse):
     """dL/dx[j] = sum over outputs i that include x[j] of g[i] * prod_{k <= i, k != j} x[k],
-    in O(n) memory per line (positions counted in the direction of the product):
-
-    - before the line's first zero, that is suffix_sum(g * out)[j] / x[j] (x[j] is not zero);
-    - at the first zero z, the products leaving x[z] out are the cumprod of the line with x[z]
-      replaced by one: suffix_sum(g * that cumprod)[z], never 0/0;
-    - after it, every product that includes x[j] also includes x[z]: zero.
-
-    Each branch is selected, not masked by a product, and the divisor is one where the first
-    branch is not taken: no inf * 0 or 0/0 reaches the gradient, nor the gradient's own VJP."""
+    in O(n) memory per line: `_exclusive_products`."""
     if not is_float(x.dtype):
         return (None,)
+    return (_exclusive_products(b, g, x, out, axis, reverse, differentiable_after_zero=True),)
+
+
+def _exclusive_products(b, g, x, out, axis, reverse, differentiable_after_zero):
+    """cumprod's VJP, positions counted in the direction of the product:
+
+    - before the line's first zero, suffix_sum(g * out)[j] / x[j] (x[j] is not zero);
+    - at the first zero z, the products leaving x[z] out are the cumprod of the line with x[z]
+      replaced by one (x'): suffix_sum(g * cumprod(x'))[z], never 0/0;
+    - after it, every product includes x[z]: x[z] times the same sums over x' (this rule's first
+      two cases on x'), which is 0 but differentiates to those sums, so that second-order
+      gradients are exact at zeros too (`differentiable_after_zero`; else a constant 0).
+
+    Each case is selected, not masked by a product, and the divisor is one where the first is
+    not taken: no inf * 0 or 0/0 reaches the gradient, nor the gradient's own VJP."""
     zero = b.eq(x, b.scalar_like(0, x))
     zeros_so_far = b.cumsum(b.cast(zero, dtype="int32"), axis=axis, reverse=reverse)
     before_zero = b.eq(zeros_so_far, b.scalar_like(0, zeros_so_far))
     first_zero = b.logical_and(zero, b.eq(zeros_so_far, b.scalar_like(1, zeros_so_far)))
-    one = b.scalar_like(1, x)
-    divisor = b.where(before_zero, x, one)
-    before = b.div(b.cumsum(b.mul(g, out), axis=axis, reverse=not reverse), divisor)
-    skipping_zero = b.cumprod(b.where(first_zero, one, x), axis=axis, reverse=reverse)
-    at_zero = b.cumsum(b.mul(g, skipping_zero), axis=axis, reverse=not reverse)
-    zeros = b.scalar_like(0, x)
-    return (b.where(before_zero, before, b.where(first_zero, at_zero, zeros)),)
+    one, nothing = b.scalar_like(1, x), b.scalar_like(0, x)
+    before = b.div(b.cumsum(b.mul(g, out), axis=axis, reverse=not reverse), b.where(before_zero, x, one))
+    skipping = b.where(first_zero, one, x)
+    skipping_out = b.cumprod(skipping, axis=axis, reverse=reverse)
+    at_zero = b.cumsum(b.mul(g, skipping_out), axis=axis, reverse=not reverse)
+    after = nothing
+    if differentiable_after_zero:
+        others = _exclusive_products(b, g, skipping, skipping_out, axis, reverse, False)
+        first = b.sum(b.where(first_zero, x, nothing), axes=(axis,), keepdims=True)  # 0
+        after = b.mul(first, b.where(b.eq(b.sub(others, others), nothing), others, nothing))
+    return b.where(before_zero, before, b.where(first_zero, at_zero, after))
 
 
 _ATTRS = {"axis": Attr("int"), "reverse": Attr("bool", False)}
