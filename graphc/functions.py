@@ -265,8 +265,31 @@ def clamp(x: Tensor, min: Any = None, max: Any = None) -> Tensor:
     x = as_tensor(x)
     if min is None and max is None:
         raise GraphcError(f"clamp: give min, max or both (at {user_location()})")
-    out = x if min is None else maximum(x, min)
-    return out if max is None else minimum(out, max)
+    # PyTorch's values: min(max(x, min), max), and max wherever max < min (NaN included).
+    # Its gradient: x's where min <= x <= max, min's where x < min < max, max's where x > max
+    # or max < min; no operand's elsewhere (NaN, min == max above x): selected by where, which
+    # gives each selected operand its cotangent, from a value that gives none.
+    value = x if min is None else maximum(x, min)
+    value = value if max is None else minimum(value, max)
+    inside, below, above = None, None, None
+    if min is not None:
+        inside, below = x >= min, x < min
+    if max is not None:
+        inside = x <= max if inside is None else inside & (x <= max)
+        above = x > max
+    if min is not None and max is not None:
+        lower, upper = as_tensor(min, like=x if isinstance(min, (bool, int, float)) and is_float(x.dtype) else None), max
+        crossed = upper < lower
+        below, above = below & (lower < upper), above | crossed
+        value = where(crossed & (x == x), max, value)
+    out = where(inside, x, stop_gradient(value))
+    if below is not None:
+        out = where(below, min, out)
+    if above is None:
+        return out
+    # a NaN x stays NaN where max < min, as in PyTorch, whose gradient still goes to max there
+    nan = where(x == x, 0, stop_gradient(x)) if is_float(x.dtype) else 0
+    return where(above, max + nan if min is not None else max, out)
 
 
 clip = clamp

@@ -347,6 +347,29 @@ def test_composite_matches_torch(name):
     np.testing.assert_allclose(grad, t.grad.numpy(), rtol=1e-10, atol=1e-12)
 
 
+def test_maximum_minimum_and_clamp_gradients_at_ties_nans_and_crossed_bounds_match_torch():
+    """maximum and minimum gave a tie's whole gradient to x (PyTorch: half each); clamp, built
+    on them, now has PyTorch's own rule: x's where min <= x <= max, min's where x < min < max,
+    max's where x > max or max < min, and max's values (NaN staying NaN) where max < min."""
+    grid = np.array([-1.0, 0.0, 1.0, 2.0, np.nan])
+    picks = np.array(list(np.ndindex(5, 4, 4)))  # every x against every ordered or crossed pair
+    x, low, high = grid[picks[:, 0]], grid[picks[:, 1]], grid[picks[:, 2]]
+    g = rng.standard_normal(len(x))
+    cases = [(gc.maximum, torch.maximum, (x, low)), (gc.minimum, torch.minimum, (x, low)),
+             (lambda a, b, c: gc.clamp(a, b, c), lambda a, b, c: torch.clamp(a, b, c), (x, low, high)),
+             (lambda a, b: gc.clamp(a, min=b), lambda a, b: torch.clamp(a, min=b), (x, low)),
+             (lambda a, b: a.clamp(max=b), lambda a, b: a.clamp(max=b), (x, high))]
+    for fn, torch_fn, arrays in cases:
+        tensors = [torch.tensor(a, requires_grad=True) for a in arrays]
+        expected = torch_fn(*tensors)
+        expected.backward(torch.from_numpy(g))
+        np.testing.assert_array_equal(gc.jit(fn, backend="reference")(*arrays), expected.detach().numpy())
+        grads = gc.grad(lambda *a: (fn(*a) * g).sum(), argnums=tuple(range(len(arrays))),
+                        backend="reference")(*arrays)
+        for got, t in zip(grads, tensors):
+            np.testing.assert_allclose(got, t.grad.numpy(), rtol=1e-15)
+
+
 def test_activation_gradients_at_zero_and_beyond_the_thresholds_match_torch():
     """The kinks (0 for leaky_relu and elu, the threshold for softplus), far into the branch
     not taken (exp would overflow), and a zero vector for norm and normalize."""

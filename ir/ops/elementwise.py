@@ -262,12 +262,26 @@ binary("floor_divide", _quiet(np.floor_divide), lambda b, g, x, y, *, out: (None
        lambda x, y: f"({x} // {y})", recompute_cost=ARITHMETIC)
 binary("remainder", _quiet(np.remainder), _remainder_vjp, lambda x, y: f"({x} % {y})",
        recompute_cost=ARITHMETIC)
-# maximum/minimum send the cotangent to x on ties, as the where-based rule of most frameworks.
+def _tie_splitting_vjp(x_loses, y_loses):
+    """PyTorch's rule for maximum and minimum: the operand that is not beaten (`x_loses`(x, y)
+    false for x) gets the cotangent, each half of it on a tie."""
+    def vjp(b, g, x, y, *, out):
+        if not is_float(g.dtype):
+            return (None, None)
+        share = b.where(b.eq(x, y), b.mul(g, b.scalar_like(0.5, g)), g)
+        nothing = b.scalar_like(0, g)
+        gx = b.where(b.bind(x_loses, x, y), nothing, share)
+        gy = b.where(b.bind(y_loses, x, y), nothing, share)
+        return b.unbroadcast(gx, x.shape), b.unbroadcast(gy, y.shape)
+    return vjp
+
+
 # Their scalar is NumPy's, which returns a NaN from either operand: Python's max/min drop a NaN
-# in the second operand (max(1.0, nan) == 1.0, max(nan, 1.0) is nan).
-binary("maximum", _quiet(np.maximum), _select_vjp("ge"), lambda x, y: f"np.maximum({x}, {y})",
+# in the second operand (max(1.0, nan) == 1.0, max(nan, 1.0) is nan). clamp has its own
+# gradient rule (graphc/functions.py).
+binary("maximum", _quiet(np.maximum), _tie_splitting_vjp("lt", "gt"), lambda x, y: f"np.maximum({x}, {y})",
        recompute_cost=ARITHMETIC)
-binary("minimum", _quiet(np.minimum), _select_vjp("le"), lambda x, y: f"np.minimum({x}, {y})",
+binary("minimum", _quiet(np.minimum), _tie_splitting_vjp("gt", "lt"), lambda x, y: f"np.minimum({x}, {y})",
        recompute_cost=ARITHMETIC)
 
 for _name, _fn, _sym in [("eq", np.equal, "=="), ("ne", np.not_equal, "!="), ("lt", np.less, "<"),
