@@ -494,8 +494,8 @@ class DataParallelStep(TrainStep):
         return float(reduced[-1]) / self.world.size
 
     def _rank_key(self) -> np.ndarray:
-        """This rank's RNG key: counter * size + rank gives each (step, rank) its own stream, and
-        with one process the very key a single-process TrainStep would use."""
+        """This rank's RNG key: counter * size + rank gives each (step, rank) its own stream of
+        the key every rank holds (rank 0's, broadcast)."""
         seed, counter = self.rng_key
         return np.array([seed, counter * self.world.size + self.world.rank], np.int64)
 
