@@ -341,7 +341,8 @@ def evaluate(model_fn: CompiledModel, loss_fn: Callable | None, loader: Iterable
     arrays the loss's targets; returns loss (when loss_fn is given), predictions and
     classification metrics (against the first target) when the outputs are class scores: (N, K)
     with K >= 2 and integer targets (N,). One column is no class scores: a binary classifier's
-    logit or probability (their thresholds differ: 0 or 0.5), so it gets the loss alone."""
+    logit or probability (their thresholds differ: 0 or 0.5), so it gets the loss alone, as does
+    a model with several outputs."""
     outputs, labels, losses, counts = [], [], [], []
     loss_jit = jit(loss_fn) if loss_fn is not None else None
     for batch in loader:
@@ -354,10 +355,13 @@ def evaluate(model_fn: CompiledModel, loss_fn: Callable | None, loader: Iterable
             counts.append(len(target[0]))
     if not outputs:
         raise GraphcError(f"evaluate: the loader (a {type(loader).__name__}) gave no batch")
-    scores, y = np.concatenate(outputs), np.concatenate(labels)
-    result: dict[str, Any] = {"outputs": scores, "targets": y}
+    result: dict[str, Any] = {}
     if losses:
         result["loss"] = float(np.average(losses, weights=counts))
+    if not isinstance(outputs[0], np.ndarray):  # several outputs (a tuple): the loss alone
+        return result
+    scores, y = np.concatenate(outputs), np.concatenate(labels)
+    result.update(outputs=scores, targets=y)
     if scores.ndim == 2 and scores.shape[1] >= 2 and y.ndim == 1 and y.dtype.kind in "iu":
         pred = scores.argmax(1)
         n = num_classes or scores.shape[1]

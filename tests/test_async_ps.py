@@ -144,3 +144,40 @@ def test_the_servers_checkpoint_resumes_training_exactly(tmp_path):
     for name in expected:
         if name not in ("losses", "val_accuracy"):
             np.testing.assert_array_equal(resumed[name], expected[name], err_msg=name)
+
+
+@needs_mpi
+def test_validation_gives_the_loss_every_target_of_a_step_with_several(tmp_path):
+    """AsyncStep compiled its validation model with the first target as an input, and the job
+    died after its first epoch."""
+    from graphc import data
+    from graphc.train import fit
+    script = load_script("async_two_targets")
+    status, output = launch([os.path.join(SCRIPTS, "async_two_targets.py")], timeout=240)
+    assert status == 0, output
+    logs = json.loads(next(line for line in output.splitlines() if line.startswith("{")))
+    x, labels, values = script.arrays()
+    net = script.model()
+    single = gc.compile_train_step(net, script.loss, optim.SGD(net.parameters(), lr=0.1),
+                                   (x[:16], labels[:16], values[:16]), backend="reference", targets=2)
+    expected = fit(single, data.DataLoader(data.TensorDataset(x, labels, values), 16), 1,
+                   val_loader=data.DataLoader(data.TensorDataset(x[:20], labels[:20], values[:20]), 8),
+                   progress=False).epochs[0]
+    np.testing.assert_allclose(logs["val_loss"], expected["val_loss"], rtol=1e-6)
+    np.testing.assert_allclose(logs["val_accuracy"], expected["val_accuracy"])
+
+
+@pytest.mark.parametrize("text, message", [
+    (b"{nope", "is not valid JSON"), (b"[1, 2]", "must hold"), (b'{"epoch": -5, "version": 0}', "must hold"),
+    (b'{"epoch": 1, "version": 1e400}', "must hold"), (None, "no such file"),
+])
+def test_a_damaged_epoch_file_is_a_load_error_naming_it(tmp_path, text, message):
+    """It was read with a bare json.load: JSONDecodeError, TypeError, OverflowError."""
+    from graphc.distributed.async_ps import _read_epoch_file
+    from graphc.ir.errors import LoadError
+    path = tmp_path / "ck.safetensors.epoch.json"
+    if text is not None:
+        path.write_bytes(text)
+    with pytest.raises(LoadError, match=message) as info:
+        _read_epoch_file(str(path))
+    assert str(path) in str(info.value)

@@ -124,14 +124,52 @@ def test_one_process_step_is_the_single_graph_train_step_bit_for_bit():
         model = noisy_model()
         steps.append(build(model, F.cross_entropy, optim.Adam(model.parameters(), lr=1e-2),
                            batches[0], backend="reference", clip_grad_norm=1.0))
-    for batch in batches:
-        assert steps[0](*batch) == steps[1](*batch)
+    losses = []
+    for step in steps:  # each from the same key: the same dropout masks
+        gc.manual_seed(1)
+        losses.append([step(*batch) for batch in batches])
+    assert losses[0] == losses[1]
     single, parallel = (training_state(s) for s in steps)
     assert single.keys() == parallel.keys()
     for name in single:
         np.testing.assert_array_equal(single[name], parallel[name], err_msg=name)
     assert parallel["model/1.num_batches_tracked"] == 3 and parallel["step"] == 3
     assert steps[1].times.steps == 3 and steps[1].times.allreduce < steps[1].times.total
+
+
+def test_a_step_of_one_process_follows_the_global_generator_and_switches_modes():
+    """Two things a TrainStep does that the data-parallel step did not: drawing each call's
+    dropout key from the global generator (it counted its own from (seed, 0): a draw before it
+    made a world of one differ from the single-graph step, and two steps drew the same masks),
+    and training on after model.eval() (BatchNorm's statistics then leave the reduced buffer,
+    which was refused as 'a new batch signature changed which values are reduced')."""
+    rng = np.random.default_rng(0)
+    batch = (rng.standard_normal((8, 1, 8, 8)).astype(np.float32), rng.integers(0, 10, 8))
+    steps, models = [], []
+    for build in (gc.compile_train_step, lambda *a, **k: DataParallelStep(*a, **k, world=World())):
+        gc.manual_seed(0)
+        models.append(noisy_model())
+        steps.append(build(models[-1], F.cross_entropy, optim.Adam(models[-1].parameters(), lr=1e-2),
+                           batch, backend="reference"))
+    losses = []
+    for step, model in zip(steps, models):
+        gc.manual_seed(1)
+        gc.jit(lambda v: F.dropout(v, 0.5), backend="reference")(np.ones(4, np.float32))  # a draw first
+        run = [step(*batch)]
+        model.eval()
+        run += [step(*batch), step(*batch)]
+        model.train()
+        losses.append(run + [step(*batch)])
+    assert losses[0] == losses[1]
+    for name, value in training_state(steps[0]).items():
+        np.testing.assert_array_equal(training_state(steps[1])[name], value, err_msg=name)
+    twins = []
+    for _ in range(2):  # the same weights; each call another key: other masks, another loss
+        gc.manual_seed(0)
+        model = noisy_model()
+        twins.append(DataParallelStep(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1),
+                                      batch, backend="reference", world=World()))
+    assert twins[0](*batch) != twins[1](*batch)
 
 
 def test_the_reduced_buffer_holds_gradients_averaged_buffers_and_the_loss():

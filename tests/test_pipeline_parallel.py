@@ -355,6 +355,27 @@ def test_with_one_micro_batch_dropout_draws_the_single_process_masks(recompute):
     assert step.partition.stages[1].uses_rng
 
 
+def test_a_refused_stage_file_leaves_every_stage_as_it_was(tmp_path):
+    """One process running both stages loaded stage 0's file, then refused stage 1's: stage 0's
+    weights and step count had changed."""
+    from graphc.ir.errors import LoadError
+    path = str(tmp_path / "ckpt")
+    gc.manual_seed(0)
+    model = mlp((12, 16, 16, 4))
+    step = pipeline(model, mlp_batch(), stages=2, microbatches=2, boundaries=["1"])
+    step(*mlp_batch())
+    step.save_checkpoint(path)
+    step(*mlp_batch())
+    before = {**{k: v.copy() for k, v in model.state_dict().items()}, "step": step.step_count.copy()}
+    damaged = bytearray(open(f"{path}.stage1", "rb").read())
+    damaged[-3] ^= 0xFF
+    open(f"{path}.stage1", "wb").write(bytes(damaged))
+    with pytest.raises(LoadError, match="stage1"):
+        step.load_checkpoint(path)
+    for name, value in {**model.state_dict(), "step": step.step_count}.items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
 def test_a_checkpoint_per_stage_resumes_training_exactly(tmp_path):
     path = str(tmp_path / "ckpt")
 

@@ -243,3 +243,27 @@ def test_validation_gives_the_loss_every_target_of_a_step_with_several():
     expected = gc.jit(weighted, backend=REF)(out, y[32:], w[32:])
     np.testing.assert_allclose(history["val_loss"][0], expected, rtol=1e-6)
     np.testing.assert_allclose(history["val_accuracy"][0], np.mean(out.argmax(1) == y[32:]))
+
+
+def test_validation_of_a_model_with_several_outputs_gives_the_loss():
+    """evaluate concatenated the outputs for metrics: a tuple failed with NumPy's error."""
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.classes, self.value = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(8, 1)
+
+        def forward(self, x):
+            h = F.relu(self.body(x))
+            return self.classes(h), self.value(h)[:, 0]
+
+    def loss(out, labels, values):
+        return F.cross_entropy(out[0], labels) + F.mse_loss(out[1], values)
+    x, y = blobs()
+    v = x[:, 0].copy()
+    gc.manual_seed(0)
+    model = TwoHeads()
+    step = gc.compile_train_step(model, loss, optim.SGD(model.parameters(), lr=0.1), (x[:32], y[:32], v[:32]),
+                                 targets=2, backend=REF)
+    history = fit(step, [(x[:32], y[:32], v[:32])], val_loader=[(x[32:], y[32:], v[32:])], progress=False)
+    expected = gc.jit(loss, backend=REF)(gc.compile(model, x[32:], backend=REF)(x[32:]), y[32:], v[32:])
+    np.testing.assert_allclose(history["val_loss"][0], expected, rtol=1e-6)

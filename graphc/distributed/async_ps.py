@@ -39,13 +39,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from graphc.ir.errors import LoadError
+
+from ..bounded_io import open_regular, parse_json, read_at_most
 from ..compile import compile as compile_model
 from ..data import DataLoader, Subset
 from ..nn.module import Module
 from ..optim import Optimizer
 from ..tensor import Tensor
-from ..train import History, atomic_write, save_checkpoint
-from .data_parallel import (DataParallelStep, DistributedError, DistributedLoader, World,
+from ..train import History, atomic_write, save_checkpoint, split_batch
+from .data_parallel import (DataParallelStep, DistributedError, DistributedLoader, FlatLayout, World,
                             init, resume, tensor_digest)
 
 # Message tags. A push is a small header followed by the flat buffer; a reply is a header
@@ -155,6 +158,16 @@ class AsyncStep(DataParallelStep):
     def workers(self) -> range:
         return range(1, self.world.size)
 
+    def _set_layout(self, grads: dict[str, Tensor], new_buffers: dict[str, Tensor]) -> FlatLayout:
+        """The server and the workers exchange buffers of one layout for the life of the step."""
+        first = self.layout
+        layout = super()._set_layout(grads, new_buffers)
+        if first is not None and layout != first:
+            raise DistributedError(f"{self.name}: the gradients of this batch average other buffers "
+                                   "than the first batch's (a module switched between train() and "
+                                   "eval()): an AsyncStep keeps one layout; build a new step")
+        return layout
+
     def _gradient_divisor(self) -> int:
         return 1  # the server averages the pushes it applies together before the update graph
 
@@ -185,10 +198,7 @@ class AsyncStep(DataParallelStep):
         """Run the gradients graph on this worker's batch: the flat buffer of gradients,
         averaged buffers and the loss (last)."""
         gradients, args = self._arguments(batch)
-        reduced = np.require(gradients.executable(*args)[0], requirements=["C", "W"])
-        if gradients.optimized.inputs[-1].role == "rng":
-            self.rng_key[1] += 1
-        return reduced
+        return np.require(gradients.executable(*args)[0], requirements=["C", "W"])
 
     def __call__(self, *batch: Any) -> float:
         """On a worker: compute the gradients of `batch`, push them to the server and wait for
@@ -418,15 +428,33 @@ class AsyncStep(DataParallelStep):
             json.dumps({"epoch": epoch, "version": self.version}).encode()))
 
     def _resumed_epoch(self, path: str) -> int:
-        """The last completed epoch of the checkpoint rank 0 resumed from, on every rank."""
-        value = np.zeros(2, np.int64)
+        """The last completed epoch of the checkpoint rank 0 resumed from, on every rank. A
+        missing or damaged epoch file is a LoadError on every rank (-1 tells the others)."""
+        value = np.array([-1, 0], np.int64)
+        failure: LoadError | None = None
         if self.world.is_root:
-            with open(_epoch_file(path), encoding="utf-8") as f:
-                saved = json.load(f)
-            value[:] = saved["epoch"], saved["version"]
+            try:
+                value[:] = _read_epoch_file(_epoch_file(path))
+            except LoadError as error:
+                failure = error
         self.world._wait([self.world.comm.Ibcast(value, root=0)], "broadcast of the resumed epoch")
+        if failure is not None:
+            raise failure
+        if value[0] < 0:
+            raise LoadError(_epoch_file(path), "could not be read on rank 0 (its error names why)")
         self.version = int(value[1])
         return int(value[0])
+
+
+def _read_epoch_file(path: str) -> tuple[int, int]:
+    """(epoch, version) of an epoch file AsyncStep wrote, or a LoadError naming what is wrong."""
+    with open_regular(path) as f:  # a missing or odd file: a LoadError naming it
+        saved = parse_json(read_at_most(f, 4096, path), path, "epoch")
+    if not isinstance(saved, dict) or not all(
+            type(v) is int and 0 <= v < 2**62 for v in (saved.get("epoch"), saved.get("version"))):
+        raise LoadError(path, f"must hold {{\"epoch\": n, \"version\": n}} with non-negative "
+                        f"integers, got {str(saved)[:80]}")
+    return saved["epoch"], saved["version"]
 
 
 def fit(step: AsyncStep, train_loader: DistributedLoader, epochs: int = 1,
@@ -448,9 +476,9 @@ class _Evaluator:
         if self.loader is None:
             return {}
         if self.model is None:
-            first = next(iter(self.loader))
-            self.model = compile_model(self.step.model, tuple(first[:-1]), backend=self.step.backend)
-        result = self.step.world.evaluate(self.model, self.step.loss_fn, self.loader)
+            inputs, _ = split_batch(next(iter(self.loader)), self.step.targets)
+            self.model = compile_model(self.step.model, tuple(inputs), backend=self.step.backend)
+        result = self.step.world.evaluate(self.model, self.step.loss_fn, self.loader, self.step.targets)
         return {f"val_{k}": float(v) for k, v in result.items()}
 
 

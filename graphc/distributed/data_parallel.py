@@ -356,31 +356,29 @@ class DataParallelStep(TrainStep):
             raise ValueError(f"check_every={check_every}: give a number of steps, or 0 for never")
         self.world = world or init()
         self.check_every = check_every
-        self.layout: FlatLayout | None = None
+        self.layout: FlatLayout | None = None  # the last gradients graph's
+        self._layouts: dict[int, FlatLayout] = {}  # by id of a traced gradients graph
+        self._updates: dict[FlatLayout, CompiledGraph] = {}
         self.times = StepTimes()
         super().__init__(model, loss_fn, optimizer, example_inputs, backend, clip_grad_norm, l1,
                          targets, name="data_parallel_step")
-        # a key of its own, counting its steps: rank 0's is given to every rank (the ranks'
-        # global generators may differ) and each rank draws its own stream of it (_rank_key)
-        self._rng_key = np.array([gc_random.get_state()[0], 0], np.int64)
-        self._update = self._compile_update()
+        self._update = self._update_for(self.layout)
         self.broadcast_state()
 
-    @property
-    def rng_state(self) -> np.ndarray:
-        return self._rng_key
-
-    def set_rng_state(self, key: np.ndarray) -> None:
-        np.copyto(self._rng_key, key)
-
     def broadcast_state(self) -> None:
-        """Give every rank rank 0's weights, buffers, optimizer state, step count and RNG key."""
-        self.world.broadcast_(training_state(self))
+        """Give every rank rank 0's weights, buffers, optimizer state, step count and random
+        generator state (graphc.random), so that the ranks draw their keys in step."""
+        state = training_state(self)
+        self.world.broadcast_(state)
+        self.set_rng_state(state["rng"])
 
     def check_replicas(self) -> None:
         """Raise DistributedError naming the first tensor of the training state (parameters,
-        buffers, optimizer state, step count, RNG key) that differs between ranks."""
-        self.world.check_replicas(training_state(self), f"after step {self.times.steps}")
+        buffers, optimizer state, step count) that differs between ranks. Not the random
+        generator's state: a rank drawing more (a gc.jit function with dropout on one rank)
+        changes no replica."""
+        state = {k: v for k, v in training_state(self).items() if k != "rng"}
+        self.world.check_replicas(state, f"after step {self.times.steps}")
 
     def _gradient_divisor(self) -> int:
         """What the update graph divides the reduced buffer by to get the mean gradient."""
@@ -405,7 +403,9 @@ class DataParallelStep(TrainStep):
             for name, value in new_buffers.items():
                 if name not in averaged:
                     b.output(f"buffer:{name}", value, donor=name)
-        return stages.record("gradients", b.graph), b.donate, b.reads
+        traced = stages.record("gradients", b.graph)
+        self._layouts[id(traced)] = layout
+        return traced, b.donate, b.reads
 
     def _set_layout(self, grads: dict[str, Tensor], new_buffers: dict[str, Tensor]) -> FlatLayout:
         dtypes = {self.params[n].dtype.name for n in self.trainable}
@@ -417,17 +417,19 @@ class DataParallelStep(TrainStep):
         slots = [(f"grad:{n}", g.shape) for n, g in grads.items()]
         slots += [(f"buffer:{n}", v.shape) for n, v in new_buffers.items()
                   if self.buffers[n].dtype.name == dtype]
-        layout = FlatLayout(dtype, (*slots, ("loss", ())))
-        if self.layout is not None and layout != self.layout:
-            raise DistributedError(f"{self.name}: a new batch signature changed which values "
-                                   "are reduced across ranks")
-        self.layout = layout
-        return layout
+        self.layout = FlatLayout(dtype, (*slots, ("loss", ())))
+        return self.layout
 
-    def _update_graph(self) -> tuple[Graph, dict[int, int]]:
+    def _update_for(self, layout: FlatLayout) -> CompiledGraph:
+        """The update graph of gradients packed as `layout` (train and eval mode average other
+        buffers: each has its own), compiled on first use."""
+        if layout not in self._updates:
+            self._updates[layout] = self._compile_update(layout)
+        return self._updates[layout]
+
+    def _update_graph(self, layout: FlatLayout) -> tuple[Graph, dict[int, int]]:
         """The update graph: the summed flat buffer over the world size is the mean gradient
         (and the mean of averaged buffers); then clipping and the optimizer's rule."""
-        layout = self.layout
         averaged = layout.keys("buffer")
         with StepBuilder(self.spec, f"{self.name}_update") as b:
             reduced = b.input(TensorType((layout.size,), layout.dtype), "reduced")
@@ -439,8 +441,8 @@ class DataParallelStep(TrainStep):
                      {n: mean[f"buffer:{n}"] for n in averaged}, self._unused)
         return b.graph, b.donate
 
-    def _compile_update(self) -> CompiledGraph:
-        traced, donate = self._update_graph()
+    def _compile_update(self, layout: FlatLayout) -> CompiledGraph:
+        traced, donate = self._update_graph(layout)
         stages = Stages(traced.name)
         optimized = stages.run(stages.record("update", traced), [SIMPLIFY])
         executable = compile_graph(optimized, self.backend, donate, stages)
@@ -467,6 +469,7 @@ class DataParallelStep(TrainStep):
             gradients.persistent = self._persistent(gradients.optimized)
         args = [*arrays, *gradients.persistent, *implicit]
         if gradients.optimized.inputs[-1].role == "rng":
+            self._rng_key[...] = gc_random.next_key()  # as a TrainStep draws, in step on every rank
             args.append(self._rank_key())
         return gradients, args
 
@@ -476,28 +479,28 @@ class DataParallelStep(TrainStep):
             return self._step(batch)
 
     def _step(self, batch: Sequence[Any]) -> float:
-        rebound = self._follow_module_tree()
+        if self._follow_module_tree():  # the model's buffers, averaged in the update graph, may be others now
+            self._updates = {}
         gradients, args = self._arguments(batch)
-        if rebound:  # the model's buffers, averaged in the update graph, may be others now
-            self._update = self._compile_update()
+        self._update = self._update_for(self._layouts[id(gradients.traced)])
         start = time.perf_counter()
         reduced = np.require(gradients.executable(*args)[0], requirements=["C", "W"])
         reduced_at = time.perf_counter()
         self.world.allreduce_(reduced)
         updated_at = time.perf_counter()
         self._update.executable(reduced, *self._update.persistent, *self.optimizer.learning_rates())
-        if gradients.optimized.inputs[-1].role == "rng":
-            self.rng_key[1] += 1
         self._record_times(start, reduced_at, updated_at, time.perf_counter())
         if self.check_every and self.times.steps % self.check_every == 0:
             self.check_replicas()
         return float(reduced[-1]) / self.world.size
 
     def _rank_key(self) -> np.ndarray:
-        """This rank's RNG key: counter * size + rank gives each (step, rank) its own stream of
-        the key every rank holds (rank 0's, broadcast)."""
-        seed, counter = self.rng_key
-        return np.array([seed, counter * self.world.size + self.world.rank], np.int64)
+        """This rank's RNG key: the call's key (seed, counter) with the seed moved along by the
+        rank, a stream of its own; rank 0's (and a world of one's) is the key itself, so a world
+        of one reproduces the single-graph step bit for bit."""
+        seed, counter = (int(v) for v in self._rng_key)
+        moved = (seed + self.world.rank * 0x9E3779B97F4A7C15 + 2**63) % 2**64 - 2**63
+        return np.array([moved, counter], np.int64)
 
     def _record_times(self, start: float, reduced_at: float, updated_at: float, end: float) -> None:
         self.times.gradients += reduced_at - start
@@ -535,8 +538,8 @@ def evaluate(model_fn: Callable[..., np.ndarray], loss_fn: Callable | None,
         if loss_jit is not None:
             totals[0] += float(loss_jit(scores, target, *more)) * len(target)
         # one column is a binary logit or probability, not class scores (as train.evaluate)
-        classes = (scores.ndim == 2 and scores.shape[1] >= 2 and target.ndim == 1
-                   and target.dtype.kind in "iu")
+        classes = (isinstance(scores, np.ndarray) and scores.ndim == 2 and scores.shape[1] >= 2
+                   and target.ndim == 1 and target.dtype.kind in "iu")
         if classes:
             totals[1] += np.count_nonzero(scores.argmax(1) == target)
         totals[2] += len(target)

@@ -60,6 +60,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from graphc.ir import Builder, Graph, Node, TensorType, Value
+from graphc.ir.errors import LoadError
 from graphc.ir.ops.comm import COMM_OPS, RECV, SEND, message_bytes
 from graphc.ir.registry import ELEMENTWISE, SHAPE, get as get_primitive
 from graphc.ir.types import is_float
@@ -74,7 +75,7 @@ from ..nn.module import Module, named_arrays
 from ..optim import Optimizer
 from ..step_builder import StepBuilder, StepSpec, batch_arrays, trace_loss
 from ..tensor import Tensor, is_tracing
-from ..train import load_checkpoint, save_checkpoint
+from ..train import learning_rates, load_checkpoint, save_checkpoint, set_learning_rates, training_state
 from .data_parallel import DistributedError, World, init
 
 SCHEDULES = ("1f1b", "gpipe")
@@ -1130,8 +1131,22 @@ class PipelineParallelStep:
         self.world.allreduce_(found)
         if found[0] != self.world.size:
             return False
-        for rt in self._stages:
-            load_checkpoint(self.checkpoint_path(path, rt.plan.index), self._stage_training_state(rt))
+        # a rank running several stages loads them all or none: a file refused after another
+        # was loaded puts back what that one changed
+        stages = [self._stage_training_state(rt) for rt in self._stages]
+        kept = [{k: v.copy() for k, v in training_state(s).items()} for s in stages]
+        rates, key = learning_rates(stages[0]), gc_random.get_state()
+        try:
+            for rt, state in zip(self._stages, stages):
+                load_checkpoint(self.checkpoint_path(path, rt.plan.index), state)
+        except LoadError:
+            for state, copies in zip(stages, kept):
+                own = training_state(state)
+                for name, array in copies.items():
+                    np.copyto(own[name], array)
+            set_learning_rates(stages[0], rates)
+            gc_random.set_state(key)
+            raise
         return True
 
 
