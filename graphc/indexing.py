@@ -12,7 +12,7 @@ import numpy as np
 
 from graphc.ir.errors import DTypeError, GraphcError, ShapeError, user_location
 from graphc.ir.registry import get
-from graphc.ir.types import TensorType
+from graphc.ir.types import TensorType, is_float
 
 from .tensor import Tensor, as_tensor, bind, current_trace
 
@@ -50,12 +50,22 @@ def getitem(x: Tensor, index: Any) -> Tensor:
     return out
 
 
-def is_basic_index(index: Any) -> bool:
-    """Whether `index` is made of ints, slices, None and Ellipsis alone: PyTorch's x[index] is
-    then a view of x (integer arrays, masks and tensors copy)."""
-    items = index if isinstance(index, tuple) else (index,)
-    return all(item is None or item is Ellipsis or isinstance(item, slice)
-               or (isinstance(item, (int, np.integer)) and not _is_bool(item)) for item in items)
+def view_strides(x: Tensor, index: Any) -> tuple[int, ...] | None:
+    """PyTorch's strides (in elements) of x[index] where it is a view of x: an index of ints
+    (0-d arrays and tensors included), slices, None and Ellipsis; None where it copies (integer
+    arrays, masks)."""
+    strides, out, axis = x.strides, [], 0
+    for item in _expand_index(x, index if isinstance(index, tuple) else (index,)):
+        if item is None or _is_bool(item):
+            out.append(0)  # a new axis of length 1 (or 0)
+        elif isinstance(item, slice):
+            out.append(strides[axis] * item.indices(x.shape[axis])[2])
+            axis += 1
+        elif _is_array_index(item) and (item.ndim != 0 or item.dtype == "bool"):
+            return None
+        else:  # an int: the axis goes
+            axis += 1
+    return tuple(out)
 
 
 def _is_array_index(item: Any) -> bool:
@@ -222,7 +232,11 @@ def setitem(x: Tensor, index: Any, value: Any) -> Tensor:
     if masks:
         return _masked_assign(x, index_tuple, value)
     region = getitem(x, index)
+    if isinstance(value, float) and not is_float(x.dtype) and x.dtype != "bool" and np.isfinite(value):
+        value = int(value)  # truncated toward zero, as PyTorch and NumPy store it
     update = as_tensor(value, like=region).astype(x.dtype)
+    while update.ndim > region.ndim and update.shape[0] == 1:  # leading axes of one, as NumPy drops
+        update = update.reshape(update.shape[1:])
     try:
         update = update.broadcast_to(region.shape)
     except ShapeError:

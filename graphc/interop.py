@@ -189,7 +189,10 @@ def _where(condition, x, y): return gcf.where(condition, x, y)
 def _squeeze(a, axis=None):
     # NumPy's: a named axis must have length 1 (Tensor.squeeze, as PyTorch's, skips it)
     t = as_tensor(a)
-    return t.squeeze() if axis is None else bind("squeeze", t, axes=normalize_axes(axis, t.ndim))
+    if axis is None:
+        return t.squeeze()
+    # a view of `a`, as NumPy's (writes through it reach `a`); the op checks the axes' lengths
+    return t.reshape(bind("squeeze", t, axes=normalize_axes(axis, t.ndim)).shape)
 
 
 def _expand_dims(a, axis):
@@ -198,7 +201,7 @@ def _expand_dims(a, axis):
     axes = normalize_axes(axis, a.ndim + (len(axis) if isinstance(axis, (tuple, list)) else 1))
     if len(set(axes)) != len(axes):
         raise ShapeError(f"np.expand_dims: repeated axis in {axis} (at {user_location()})")
-    return bind("expand_dims", a, axes=tuple(sorted(axes)))
+    return a.reshape(bind("expand_dims", a, axes=tuple(sorted(axes))).shape)  # a view of `a`, as NumPy's
 
 
 def _broadcast_to(array, shape):  # an int shape is one axis, as NumPy's

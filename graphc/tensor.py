@@ -21,7 +21,7 @@ import numpy as np
 from graphc.ir import Builder, Value
 from graphc.ir.errors import (DTypeError, GraphcError, ShapeError, TracedValueError,
                               is_internal_file, user_location)
-from graphc.ir.graph import safe_module_path
+from graphc.ir.graph import Node, safe_module_path
 from graphc.ir.types import SHORT_NAMES, TensorType, canonical_dtype, is_float
 
 
@@ -192,6 +192,20 @@ class Trace:
         # its carry and slice values (graphc/control.py)
         self.scan_bodies: list[tuple[int, set[Value]]] = []
         self.scan_body_values: set[Value] = set()  # values moved into a traced scan's body
+        self._produced: set[Node] = set()  # graph.nodes[:self._seen], for `defines`
+        self._seen = 0
+
+    def defines(self, value: Value) -> bool:
+        """Whether `value` is this trace's (not an enclosing trace's, read as a capture)."""
+        nodes = self.builder.graph.nodes
+        seen = self._seen
+        if len(nodes) < seen or (seen and nodes[seen - 1] not in self._produced):
+            self._produced, self._seen = set(), 0  # a scan carved nodes out: count again
+        self._produced.update(nodes[self._seen:])
+        self._seen = len(nodes)
+        if value.producer is not None:
+            return value.producer in self._produced
+        return value in self.builder.graph.input_values or any(value in inputs for _, inputs in self.scan_bodies)
 
     def made_before_the_body(self, value: Value) -> bool:
         """Whether `value` comes from outside the gc.scan body being traced (False outside one)."""
@@ -524,23 +538,67 @@ class ValuesIndices(NamedTuple):
     indices: Tensor
 
 
-class Tensor:
-    """A traced value: an SSA value of the graph under construction with Python operators."""
+class View(NamedTuple):
+    """How a Tensor is what PyTorch makes a view of `base` (a slice, a transpose, a reshape):
+    `read(base)` is its value and `write_back(v)` the base's once the view takes the value v in
+    place; `seen` is the base's value it was last read from, `strides` PyTorch's (in elements),
+    which say whether the view is contiguous (a reshape of one that is not copies)."""
 
-    __slots__ = ("value", "_view_of")
+    base: "Tensor"
+    seen: Value
+    read: Callable[["Tensor"], "Tensor"]
+    write_back: Callable[["Tensor"], "Tensor"]
+    strides: tuple[int, ...]
+
+
+def c_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """The strides (in elements) of a C-contiguous array of `shape`."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+class Tensor:
+    """A traced value: an SSA value of the graph under construction with Python operators.
+
+    A tensor PyTorch would make a view of another (`_view`: basic indexing, transposes,
+    reshapes of contiguous tensors, squeeze, unsqueeze, detach) reads its base again once the
+    base was written in place, and writing it in place writes the base, as PyTorch's views."""
+
+    __slots__ = ("_value", "_view")
     __array_priority__ = 1000  # numpy scalars/arrays on the left defer to Tensor's operators
 
     def __init__(self, value: Value) -> None:
-        self.value = value
-        # (base, write_back) where PyTorch would make this tensor a view of `base`: an in-place
-        # write into it writes `base` too, as write_back(new value) (see take_value)
-        self._view_of: tuple[Tensor, Callable[[Tensor], Tensor]] | None = None
+        self._value = value
+        self._view: View | None = None
 
-    def _viewing(self, out: Tensor, write_back: Callable[[Tensor], Tensor]) -> Tensor:
-        """`out`, marked as PyTorch's view of this tensor: `write_back(v)` is this tensor's value
-        once `out` takes the value v in place."""
+    @property
+    def value(self) -> Value:
+        view = self._view
+        if view is not None:
+            current = view.base.value
+            if current is not view.seen:  # the base was written since: read it again
+                self._value = view.read(view.base).value
+                self._view = view._replace(seen=current)
+        return self._value
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """PyTorch's strides (in elements) of this tensor: a view's own, else C order's."""
+        return self._view.strides if self._view is not None else c_strides(self.shape)
+
+    def is_contiguous(self) -> bool:
+        """PyTorch's: the elements lie in C order (axes of length 1 aside)."""
+        return all(n == 1 or stride == want for n, stride, want
+                   in zip(self.shape, self.strides, c_strides(self.shape)))
+
+    def _viewing(self, out: Tensor, read: Callable[[Tensor], Tensor],
+                 write_back: Callable[[Tensor], Tensor], strides: tuple[int, ...]) -> Tensor:
+        """`out`, marked as PyTorch's view of this tensor (see View)."""
         if out is not self:
-            out._view_of = (self, write_back)
+            out._view = View(self, self.value, read, write_back, strides)
         return out
 
     # -- static facts ----------------------------------------------------------------------
@@ -624,8 +682,10 @@ class Tensor:
                         ".tolist() on the array it returns")
 
     def detach(self) -> Tensor:
-        """PyTorch's detach: the same values, through which no gradient flows."""
-        return bind("stop_gradient", self)
+        """PyTorch's detach: the same values, through which no gradient flows (a view: a write
+        into it writes this tensor)."""
+        return self._viewing(bind("stop_gradient", self), lambda base: bind("stop_gradient", base),
+                             lambda view: view, self.strides)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -675,31 +735,32 @@ class Tensor:
 
     # PyTorch's in-place operators: the Tensor object itself changes, so every name for it sees
     # the change (as with x[i] = v); without them Python would bind the name to a new Tensor
-    def __iadd__(self, o): return self._in_place(self + o, "+=")
-    def __isub__(self, o): return self._in_place(self - o, "-=")
-    def __imul__(self, o): return self._in_place(self * o, "*=")
-    def __itruediv__(self, o): return self._in_place(self / o, "/=")
-    def __ipow__(self, o): return self._in_place(self ** o, "**=")
-    def __imatmul__(self, o): return self._in_place(self @ o, "@=")
-    def __ifloordiv__(self, o): return self._in_place(self // o, "//=")
-    def __imod__(self, o): return self._in_place(self % o, "%=")
-    def __iand__(self, o): return self._in_place(self & o, "&=")
-    def __ior__(self, o): return self._in_place(self | o, "|=")
+    def __iadd__(self, o): return self._in_place(self + o, "x += y", "x = x + y")
+    def __isub__(self, o): return self._in_place(self - o, "x -= y", "x = x - y")
+    def __imul__(self, o): return self._in_place(self * o, "x *= y", "x = x * y")
+    def __itruediv__(self, o): return self._in_place(self / o, "x /= y", "x = x / y")
+    def __ipow__(self, o): return self._in_place(self ** o, "x **= y", "x = x ** y")
+    def __imatmul__(self, o): return self._in_place(self @ o, "x @= y", "x = x @ y")
+    def __ifloordiv__(self, o): return self._in_place(self // o, "x //= y", "x = x // y")
+    def __imod__(self, o): return self._in_place(self % o, "x %= y", "x = x % y")
+    def __iand__(self, o): return self._in_place(self & o, "x &= y", "x = x & y")
+    def __ior__(self, o): return self._in_place(self | o, "x |= y", "x = x | y")
 
-    def _in_place(self, result: Tensor, how: str) -> Tensor:
-        """This Tensor takes `result`, kept in its own shape and dtype as PyTorch's in-place ops
-        keep them (a float result is not written into an integer tensor)."""
+    def _in_place(self, result: Tensor, how: str, instead: str) -> Tensor:
+        """This Tensor takes `result` (the write `how`; `instead` makes a new tensor), kept in
+        its own shape and dtype as PyTorch's in-place ops keep them (a float result is not
+        written into an integer tensor)."""
         if result.shape != self.shape:
-            raise ShapeError(f"x {how} y: the result's shape {result.shape} differs from x's "
-                             f"{self.shape}, which an in-place operation keeps; write x = x "
-                             f"{how[:-1]} y for a new tensor (at {user_location()})")
+            raise ShapeError(f"{how}: the result's shape {result.shape} differs from x's "
+                             f"{self.shape}, which an in-place operation keeps; write {instead} "
+                             f"for a new tensor (at {user_location()})")
         if result.dtype != self.dtype:
             if not np.can_cast(np.dtype(result.dtype), np.dtype(self.dtype), "same_kind"):
-                raise DTypeError(f"x {how} y: the result is {result.dtype}, which cannot be written "
+                raise DTypeError(f"{how}: the result is {result.dtype}, which cannot be written "
                                  f"into x ({self.dtype}) in place, as in PyTorch; write "
-                                 f"x = x {how[:-1]} y for a new tensor (at {user_location()})")
+                                 f"{instead} for a new tensor (at {user_location()})")
             result = result.astype(self.dtype)
-        self.take_value(result, f"x {how} y")
+        self.take_value(result, how)
         return self
 
     # -- elementwise methods -------------------------------------------------------------------
@@ -739,8 +800,8 @@ class Tensor:
         return self if dtype is None else self.astype(dtype)
 
     def contiguous(self) -> Tensor:
-        """Every traced value is contiguous: there are no strided views to compact."""
-        return self
+        """This tensor where PyTorch's is contiguous, else a copy (not a view of it)."""
+        return self if self.is_contiguous() else Tensor(self.value)
 
     # -- reductions ------------------------------------------------------------------------
     # Each takes PyTorch's `dim`/`keepdim` and NumPy's `axis`/`keepdims` alike.
@@ -955,7 +1016,12 @@ class Tensor:
                 raise ShapeError(f"reshape: cannot reshape {self.shape} into {tuple(dims)} "
                                  f"(at {user_location()})")
             dims[dims.index(-1)] = self.numel() // known
-        return self._viewing(bind("reshape", self, shape=tuple(dims)), self._reshaped_back)
+        out = bind("reshape", self, shape=tuple(dims))
+        if not self.is_contiguous():  # PyTorch copies
+            return out
+        shape = out.shape
+        return self._viewing(out, lambda base: bind("reshape", base, shape=shape),
+                             self._reshaped_back, c_strides(shape))
 
     def _reshaped_back(self, view: Tensor) -> Tensor:
         return bind("reshape", view, shape=self.shape)
@@ -978,8 +1044,11 @@ class Tensor:
         dims = tuple(dims[0]) if len(dims) == 1 and not isinstance(dims[0], int) else dims
         perm = normalize_axes(dims, self.ndim)
         back = tuple(int(i) for i in np.argsort(perm))
+        strides = self.strides
         return self._viewing(bind("transpose", self, perm=perm),
-                             lambda view: bind("transpose", view, perm=back))
+                             lambda base: bind("transpose", base, perm=perm),
+                             lambda view: bind("transpose", view, perm=back),
+                             tuple(strides[p] for p in perm))
 
     @property
     def T(self) -> Tensor:
@@ -1017,14 +1086,22 @@ class Tensor:
             raise ShapeError(f"unsqueeze: dim {dim} is out of range for a tensor of shape "
                              f"{self.shape}: expected it in [{-self.ndim - 1}, {self.ndim}] "
                              f"(at {user_location()})")
-        return self._viewing(bind("expand_dims", self, axes=(dim % (self.ndim + 1),)), self._reshaped_back)
+        axis = dim % (self.ndim + 1)
+        strides = self.strides
+        return self._viewing(bind("expand_dims", self, axes=(axis,)),
+                             lambda base: bind("expand_dims", base, axes=(axis,)), self._reshaped_back,
+                             strides[:axis] + (1,) + strides[axis:])
 
     def squeeze(self, dim: int | Sequence[int] | None = None) -> Tensor:
         """PyTorch's squeeze: the axes of length 1 among `dim` (all by default) removed; a named
         axis of another length stays (NumPy's squeeze raises there)."""
         axes = normalize_axes(dim, self.ndim)  # a 0-d tensor takes dim 0 or -1, and stays
         ones = tuple(a for a in axes if self.ndim and self.shape[a] == 1)
-        return self._viewing(bind("squeeze", self, axes=ones), self._reshaped_back) if ones else self
+        if not ones:
+            return self
+        strides = tuple(s for a, s in enumerate(self.strides) if a not in ones)
+        return self._viewing(bind("squeeze", self, axes=ones), lambda base: bind("squeeze", base, axes=ones),
+                             self._reshaped_back, strides)
 
     def broadcast_to(self, shape: Sequence[int]) -> Tensor:
         shape = tuple(shape)
@@ -1113,11 +1190,13 @@ class Tensor:
         return filled
 
     def __getitem__(self, index: Any) -> Tensor:
-        from .indexing import getitem, is_basic_index, setitem  # they build on Tensor
+        from .indexing import getitem, setitem, view_strides  # they build on Tensor
         out = getitem(self, index)
-        if not is_basic_index(index):  # integer arrays and masks copy, in PyTorch too
+        strides = view_strides(self, index)
+        if strides is None:  # integer arrays and masks copy, in PyTorch too
             return out
-        return self._viewing(out, lambda view: setitem(self, index, view))
+        return self._viewing(out, lambda base: getitem(base, index), lambda view: setitem(self, index, view),
+                             strides)
 
     def __setitem__(self, index: Any, value: Any) -> None:
         """`x[index] = value` as a functional update: the Tensor takes a new value that equals
@@ -1134,6 +1213,11 @@ class Tensor:
         PyTorch's view of its part of it, unless it stands for a module's parameter or buffer:
         the write would change this trace's Tensor and never the module, so it is refused."""
         if is_tracing():
+            if not current_trace().defines(self.value):
+                raise GraphcError(
+                    f"{how} writes a tensor of an enclosing traced function (this one runs inside "
+                    f"its gc.jit or gc.grad): a function traced inside another can read its tensors "
+                    f"but not write them; return the new value instead (at {user_location()})")
             if current_trace().made_before_the_body(self.value):
                 raise GraphcError(
                     f"{how} inside a gc.scan body writes a tensor from outside the body: the loop "
@@ -1147,10 +1231,11 @@ class Tensor:
                         f"in traced code would not change: update a buffer with "
                         f"self.update_buffer(name, value), or compute with a changed copy "
                         f"(w = self.weight * mask) (at {user_location()})")
-        if self._view_of is not None:  # the base first: a refused write changes nothing
-            base, write_back = self._view_of
-            base.take_value(write_back(new), how)
-        self.value = new.value
+        view = self._view
+        if view is not None:  # the base first: a refused write changes nothing
+            view.base.take_value(view.write_back(new), how)
+            self._view = view._replace(seen=view.base.value)
+        self._value = new.value
 
     # -- NumPy and PyTorch functions called on a Tensor (see graphc/interop.py) --------------
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Tensor:

@@ -255,3 +255,26 @@ def test_an_in_place_write_into_module_state_in_traced_code_is_refused(target):
                               backend="reference")
     with pytest.raises(GraphcError, match="module's parameter or buffer"):
         gc.jit(model, backend="reference")(x)
+
+
+def test_an_in_place_write_into_a_buffer_after_update_buffer_updates_it():
+    """`self.buf += 1` after update_buffer: Python assigns the tensor back to the buffer's name,
+    which was refused with advice to delete the buffer."""
+    import graphc.nn.functional as F
+
+    class Counted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.register_buffer("buf", np.zeros(3, np.float32))
+
+        def forward(self, x):
+            self.update_buffer("buf", self.buf + x.mean(0))
+            self.buf += 1.0
+            return self.lin(x * self.buf)
+    model = Counted()
+    x, y = np.ones((4, 3), np.float32), np.zeros(4, np.int64)
+    step = gc.compile_train_step(model, F.cross_entropy, gc.optim.SGD(model.parameters(), lr=0.1), (x, y),
+                                 backend="reference")
+    step(x, y)
+    np.testing.assert_array_equal(model.buf, [2.0, 2.0, 2.0])

@@ -283,6 +283,67 @@ def test_a_write_into_a_view_writes_the_tensor_it_views():
     np.testing.assert_allclose(gc.grad(differentiable, backend=REF)(x), tx.grad.numpy())
 
 
+def test_views_follow_pytorch_copies_contiguity_detach_and_later_writes():
+    """Each case differed from PyTorch: a contiguous() or reshape of a transposed tensor (copies)
+    was written back; detach() (a view) was a copy; a 0-d index made a copy; a view taken before
+    its base was written put its stale values back; np.squeeze(x, 0) was a copy."""
+    import graphc.nn.functional as F
+
+    def fn(x, i, lib):
+        y = x * 1.0
+        t = y.T.contiguous()
+        t[0] = -1.0  # a copy: y unchanged
+        flat = y[:, 1:].reshape(-1)
+        flat[0] = -2.0  # a copy too
+        row = y[0]
+        y[0, 2] = 5.0
+        row[0] = 7.0  # sees the write above, keeps it
+        d = y.detach()
+        d[1, 1] = 42.0
+        picked = y[i]
+        picked += 100.0  # a 0-d index is a view
+        y[2] = y[0].reshape(1, 4) * 2  # leading axes of one dropped
+        return y, row, t, flat
+    x = np.arange(12.0).reshape(3, 4)
+    expected = [t.numpy() for t in fn(torch.tensor(x), torch.tensor(1), torch)]
+    for backend in (REF, "numba-cpu"):
+        for got, want in zip(gc.jit(lambda x, i: fn(x, i, gc), backend=backend)(x, np.array(1)), expected):
+            np.testing.assert_array_equal(got, want)
+
+    def squeezed(x):
+        y = x * 1.0
+        np.squeeze(y[None], 0)[0] = -1.0
+        return y
+    np.testing.assert_array_equal(gc.jit(squeezed, backend=REF)(x)[0], -1.0)
+
+
+def test_writes_that_change_the_dtype_or_a_float_into_ints():
+    import graphc.nn.functional as F
+
+    def truncated(x):
+        x[0] = 2.7  # stored truncated, as PyTorch and NumPy
+        return x
+    np.testing.assert_array_equal(gc.jit(truncated, backend=REF)(np.arange(4)), [2, 1, 2, 3])
+    with pytest.raises(gc.DTypeError, match=r"inplace=True: the result is float32, which cannot be "
+                                            r"written into x \(int64\)"):
+        gc.jit(lambda x: F.hardtanh(x, -1.0, 1.0, inplace=True), backend=REF)(np.arange(4))
+
+
+def test_an_inner_trace_writing_an_enclosing_functions_tensor_is_refused_at_the_write():
+    """It failed later as reading 'tensors of another traced function (kept from an earlier
+    trace)', naming no line."""
+    def outer(x):
+        y = x * 2
+
+        def loss(z):
+            y[0] = z[0]
+            return (y * z).sum()
+        return gc.grad(loss)(x)
+    with pytest.raises(gc.GraphcError, match=r"x\[index\] = value writes a tensor of an enclosing traced "
+                                             r"function.*test_tensor_surface.py"):
+        gc.jit(outer, backend=REF)(np.ones(3))
+
+
 def test_a_write_into_a_view_of_a_parameter_is_refused():
     class Net(gc.nn.Module):
         def __init__(self):

@@ -31,9 +31,8 @@ def _result(x: Any, result: Tensor, inplace: bool) -> Tensor:
     """PyTorch's `inplace=True`: the input Tensor object takes the result's value and is
     returned, so code relying on the input changing sees it change (as with `x[i] = v`, a
     tensor viewed from `x` earlier keeps its old value). Anything else gets `result`."""
-    if inplace and isinstance(x, Tensor):
-        x.take_value(result, "inplace=True")
-        return x
+    if inplace and isinstance(x, Tensor):  # keeping x's shape and dtype, as += does
+        return x._in_place(result, "inplace=True", "the call without inplace=True")
     return result
 
 

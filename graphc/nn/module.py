@@ -219,6 +219,8 @@ class Module:
             self._refuse_unless_none(value, name, "child module", "an nn.Module")
             modules[name] = None
         elif name in buffers:
+            if is_tracing() and value is not None and value is getattr(self, name):
+                return  # `self.buf += v`: written in place, the same tensor assigned back
             if not isinstance(value, np.ndarray):
                 self._refuse_unless_none(value, name, "buffer", "an array")
             buffers[name] = None if value is None else np.require(value, requirements="C")
