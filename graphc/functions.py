@@ -278,9 +278,8 @@ def clamp(x: Tensor, min: Any = None, max: Any = None) -> Tensor:
         inside = x <= max if inside is None else inside & (x <= max)
         above = x > max
     if min is not None and max is not None:
-        lower, upper = as_tensor(min, like=x if isinstance(min, (bool, int, float)) and is_float(x.dtype) else None), max
-        crossed = upper < lower
-        below, above = below & (lower < upper), above | crossed
+        crossed, ordered = (b if isinstance(b, Tensor) else as_tensor(np.bool_(b)) for b in (max < min, min < max))
+        below, above = below & ordered, above | crossed
         value = where(crossed & (x == x), max, value)
     out = where(inside, x, stop_gradient(value))
     if below is not None:

@@ -837,8 +837,8 @@ class Tensor:
             tuple(x.shape[a] for a in kept)
         if count == 0:  # an empty product: 1, and nothing to differentiate
             return x.sum(axes, keep) * 0 + 1
-        if count == 1:  # one factor: itself (its gradient 1, even where it is infinite)
-            return x.reshape(out_shape)
+        if count == 1:  # one factor: itself (its gradient 1, even where it is infinite), a copy
+            return bind("reshape", x, shape=out_shape)
         lines = x.permute(*kept, *axes).reshape(*[x.shape[a] for a in kept], count)
         return lines.cumprod(-1, dtype=x.dtype)[..., count - 1].reshape(out_shape)
 
