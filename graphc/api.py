@@ -308,7 +308,7 @@ class Staged:
         `keys` (in that order), as a function of them all in that order: each such call pattern
         is traced and compiled once. Gradients' argnums count the positional ones alone."""
         differentiated = getattr(self.stage, "argnums", ())
-        if any(a >= count for a in differentiated):
+        if any(not -count <= a < count for a in differentiated):
             # as JAX: the keywords' order is the caller's, so no position can name one of them
             raise GraphcError(f"{self.name}: argnums {differentiated} counts the positional arguments, "
                               f"but this call passes {count} positionally and {', '.join(keys)} by "
@@ -323,7 +323,10 @@ class Staged:
             names = _arg_names(fn, count) + list(keys)  # the inputs' names in errors and graphs
             with_keywords.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
                 [inspect.Parameter(n, inspect.Parameter.POSITIONAL_ONLY) for n in names])
-            variant = Staged(with_keywords, self.backend, self.stage, self.name, self.stage_name)
+            stage = self.stage
+            if any(a < 0 for a in differentiated):
+                stage = stage.counted_from(count)
+            variant = Staged(with_keywords, self.backend, stage, self.name, self.stage_name)
             self._keyword_variants[(count, keys)] = variant
         return variant
 
@@ -385,11 +388,13 @@ def _grad_stage(argnums: int | Sequence[int], has_aux: bool, with_value: bool):
         if value_tree.kind != "leaf":
             raise GraphcError("grad needs the function to return one scalar tensor"
                               + (" as the first element of (loss, aux)" if has_aux else ""))
-        if any(not 0 <= a < len(in_tree.children) for a in nums):
-            raise GraphcError(f"grad: argnums {nums} out of range for {len(in_tree.children)} arguments")
-        groups = _argnum_leaf_indices(in_tree, nums)
+        count = len(in_tree.children)
+        if any(not -count <= a < count for a in nums):
+            raise GraphcError(f"grad: argnums {nums} out of range for {count} arguments")
+        positions = tuple(a % count for a in nums)  # a negative one counts from the last argument
+        groups = _argnum_leaf_indices(in_tree, positions)
         wrt = [i for g in groups for i in g]
-        for a, g in zip(nums, groups):
+        for a, g in zip(positions, groups):
             if not g:
                 raise GraphcError(f"grad: argument {a} holds no arrays to differentiate")
         loss_name = graph.outputs[0][0]
@@ -400,7 +405,7 @@ def _grad_stage(argnums: int | Sequence[int], has_aux: bool, with_value: bool):
         # Leaves in the order of the output structure below.
         grad_graph.outputs = values + grads if with_value else grads + aux if has_aux else grads
         # Output structure: grads shaped like the differentiated arguments.
-        arg_trees = [in_tree.children[a] for a in nums]
+        arg_trees = [in_tree.children[a] for a in positions]
         grads_tree = arg_trees[0] if single else TreeDef("tuple", len(arg_trees), tuple(arg_trees))
         if with_value:
             tree = TreeDef("tuple", 2, (out_tree, grads_tree))
@@ -411,6 +416,13 @@ def _grad_stage(argnums: int | Sequence[int], has_aux: bool, with_value: bool):
         return grad_graph, tree
 
     stage.argnums = nums  # type: ignore[attr-defined]  (positions among the positional arguments)
+
+    def counted_from(count: int):
+        """This stage for a call passing `count` arguments positionally and more by keyword:
+        its negative argnums count from the last positional one, as in torch.func.grad."""
+        positions = tuple(a % count for a in nums)
+        return _grad_stage(positions[0] if single else positions, has_aux, with_value)
+    stage.counted_from = counted_from  # type: ignore[attr-defined]
     return stage
 
 

@@ -20,7 +20,7 @@ __all__ = ["exp", "log", "log1p", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "si
            "concatenate", "cat", "stack", "split", "chunk", "flip", "flatten", "masked_fill", "numel",
            "pad", "gather", "take_along_axis", "one_hot", "stop_gradient",
            "cast", "uniform", "bernoulli", "logsumexp", "expm1", "floor", "ceil", "trunc", "round",
-           "floor_divide", "remainder"]
+           "floor_divide", "remainder", "fmod"]
 
 
 def _unary(op: str):
@@ -91,6 +91,16 @@ def floor_divide(x: Any, y: Any) -> Tensor:
 def remainder(x: Any, y: Any) -> Tensor:
     """x % y with the divisor's sign, as Python, NumPy and PyTorch."""
     return bind("remainder", *promoted(x, y))
+
+
+def fmod(x: Any, y: Any) -> Tensor:
+    """C's fmod, as PyTorch's torch.fmod and NumPy's np.fmod: the remainder of x / y truncated
+    toward zero, with the dividend's sign (an integer divided by 0 gives 0, as in NumPy)."""
+    x, y = promoted(x, y)
+    if is_float(x.dtype):
+        return bind("fmod", x, y)
+    r = remainder(x, y)  # the divisor's sign: one divisor off where the signs differ
+    return where((r != 0) & ((r < 0) != (x < 0)), r - y, r)
 
 
 def where(cond: Tensor, x: Any, y: Any) -> Tensor:

@@ -54,7 +54,7 @@ UFUNCS: dict[np.ufunc, Callable[..., Tensor]] = {
     np.log: _unary("log"), np.log1p: _unary("log1p"), np.sqrt: _unary("sqrt"),
     np.tanh: _unary("tanh"), np.square: _unary("square"), np.reciprocal: _unary("reciprocal"),
     np.sign: _unary("sign"), np.expm1: gcf.expm1, np.floor: gcf.floor, np.ceil: gcf.ceil,
-    np.trunc: gcf.trunc, np.rint: gcf.round,
+    np.trunc: gcf.trunc, np.rint: gcf.round, np.fmod: gcf.fmod,
 }
 
 # What to write instead, for NumPy calls graphc has no single op for.

@@ -169,6 +169,11 @@ def _trunc(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.emit("Where", [negative, g.emit("Ceil", xs), g.emit("Floor", xs)], out)
 
 
+@lowering(TARGET, "fmod")
+def _fmod(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    g.emit("Mod", xs, out, fmod=1)  # C's fmod: the dividend's sign
+
+
 @lowering(TARGET, "rsqrt")
 def _rsqrt(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     g.emit("Reciprocal", [g.emit("Sqrt", xs)], out)

@@ -957,6 +957,14 @@ class Tensor:
         from .functions import round
         return round(self, decimals)
 
+    def fmod(self, other: Any) -> Tensor:
+        from .functions import fmod
+        return fmod(self, other)
+
+    def remainder(self, other: Any) -> Tensor:
+        from .functions import remainder
+        return remainder(self, other)
+
     def clamp(self, min: Any = None, max: Any = None) -> Tensor:
         from .functions import clamp
         return clamp(self, min, max)

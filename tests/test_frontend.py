@@ -135,6 +135,25 @@ def test_argnums_never_names_a_keyword_argument():
             call()
 
 
+def test_negative_argnums_count_from_the_last_positional_argument():
+    """As in torch.func.grad (graphc refused them): -1 is the last positional argument, also
+    when more follow by keyword, and one before the first is refused."""
+    x, y = np.array([1.0, 2.0]), np.array([3.0, 4.0])
+
+    def f(a, b, c=1.0):
+        return (a * b * b * c).sum()
+    np.testing.assert_allclose(gc.grad(f, argnums=-1)(x, y), 2 * x * y)
+    dx, dy = gc.grad(f, argnums=(0, -1))(x, y)
+    np.testing.assert_allclose(dx, y * y)
+    np.testing.assert_allclose(dy, 2 * x * y)
+    np.testing.assert_allclose(gc.grad(f, argnums=-1)(x, y, c=2.0), 4 * x * y)
+    np.testing.assert_allclose(gc.grad(f, argnums=-2)(x, y, c=2.0), 2 * y * y)
+    with pytest.raises(gc.GraphcError, match=r"argnums \(-3,\) out of range for 2 arguments"):
+        gc.grad(f, argnums=-3)(x, y)
+    with pytest.raises(gc.GraphcError, match=r"argnums \(-3,\) counts the positional"):
+        gc.grad(f, argnums=-3)(x, y, c=2.0)
+
+
 def test_namedtuples_keep_their_class_in_arguments_results_and_gradients():
     """They came back as lists: p.w in the traced function failed, results lost their fields."""
     from collections import namedtuple

@@ -297,6 +297,29 @@ def test_floor_division_and_remainder_match_pytorch(backend):
     np.testing.assert_array_equal(gy, ty.grad.numpy())
 
 
+@pytest.mark.parametrize("backend", ["reference", "numba-cpu"])
+def test_fmod_matches_pytorch(backend):
+    """fmod (missing before): the dividend's sign, for floats (also -0.0, a tiny dividend and a
+    zero divisor: NaN) and integers (Numba's own np.fmod of integers takes the divisor's sign),
+    through gc.fmod, Tensor.fmod and np.fmod; its gradient is 1 for x and -trunc(x / y) for y."""
+    rng = np.random.default_rng(1)
+    xf = np.concatenate([rng.uniform(-10, 10, 40), [-0.0, 1e-30, -1e-30, -4.0, 3.0]])
+    yf = np.concatenate([rng.choice([-3.5, -1.0, 0.7, 2.0, 3.0], 40), [1.0, 1.0, 2.0, 2.0, 0.0]])
+    xi, yi = rng.integers(-20, 20, 40), rng.choice([-7, -3, 2, 5], 40)
+    for x, y in [(xf, yf), (xf.astype(np.float32), yf.astype(np.float32)), (xi, yi), (xi, yf[:40])]:
+        expected = torch.fmod(torch.tensor(x), torch.tensor(y)).numpy()
+        for f in (gc.fmod, lambda a, b: a.fmod(b), np.fmod):
+            got = gc.jit(f, backend=backend)(x, y)
+            assert got.dtype == expected.dtype
+            np.testing.assert_array_equal(got, expected)
+    assert gc.jit(lambda a: gc.fmod(a, 3), backend=backend)(np.int32(-7)) == -1
+    tx, ty = torch.tensor(xf[:40], requires_grad=True), torch.tensor(yf[:40], requires_grad=True)
+    torch.fmod(tx, ty).sum().backward()
+    gx, gy = gc.grad(lambda a, b: gc.fmod(a, b).sum(), argnums=(0, 1), backend=backend)(xf[:40], yf[:40])
+    np.testing.assert_array_equal(gx, tx.grad.numpy())
+    np.testing.assert_array_equal(gy, ty.grad.numpy())
+
+
 @pytest.mark.parametrize("decimals", [-3, -2, -1, 1, 2])
 def test_round_to_decimals_matches_pytorch(decimals):
     """Negative decimals multiplied by 10**decimals, which float32 cannot hold exactly: 1234.5 to

@@ -193,6 +193,7 @@ OP_CASES = [
     *[(op, [f32(2, 3), f32(3)], {}) for op in ("add", "sub", "mul", "div", "maximum", "minimum",
                                                "eq", "ne", "lt", "le", "gt", "ge")],
     ("pow", [POSITIVE, f32(1, 3)], {}),
+    ("fmod", [f32(2, 3) * 5, np.float32([1.5, -2.0, 0.7])], {}),
     ("mul", [INTS, INTS[:1]], {}),
     ("eq", [INTS, INTS[::-1]], {}),
     *[(op, [BOOLS, BOOLS[::-1]], {}) for op in ("lt", "ge", "ne", "logical_and", "logical_or")],

@@ -49,6 +49,16 @@ def test_sign_and_cast():
     check_vjp("cast", [x], dtype="float32", rtol=1e-3, atol=1e-3, eps=1e-2)
 
 
+@pytest.mark.parametrize("shapes", [((3, 4), (3, 4)), ((3, 4), (4,)), ((), (2, 3))], ids=str)
+def test_fmod_forward_and_vjp(shapes):
+    """fmod's VJP by central differences, at points away from its jumps (where x / y is whole):
+    x = n + 0.5 + u with |u| <= 0.1 over y in {-2, -1, 1, 2} leaves x / y at least 0.2 from one."""
+    y = rng.choice([-2.0, -1.0, 1.0, 2.0], shapes[1])
+    x = rng.integers(-5, 5, shapes[0]) + 0.5 + rng.uniform(-0.1, 0.1, shapes[0])
+    np.testing.assert_array_equal(run_op("fmod", [x, y]), np.fmod(x, y))
+    check_vjp("fmod", [x, y])
+
+
 BINARY = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide,
           "pow": np.power, "maximum": np.maximum, "minimum": np.minimum}
 SHAPES = [((3, 4), (3, 4)), ((3, 4), (4,)), ((2, 1, 4), (3, 1)), ((), (2, 3)), ((5, 1), (1, 6))]

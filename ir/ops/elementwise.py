@@ -262,6 +262,19 @@ binary("floor_divide", _quiet(np.floor_divide), lambda b, g, x, y, *, out: (None
        lambda x, y: f"({x} // {y})", recompute_cost=ARITHMETIC)
 binary("remainder", _quiet(np.remainder), _remainder_vjp, lambda x, y: f"({x} % {y})",
        recompute_cost=ARITHMETIC)
+
+
+def _fmod_vjp(b, g, x, y, *, out):
+    """x - y * trunc(x / y): 1 for x, -trunc(x / y) for y (PyTorch's rule)."""
+    return (b.unbroadcast(g, x.shape),
+            b.unbroadcast(b.neg(b.mul(g, b.trunc(b.div(x, y)))), y.shape))
+
+
+# C's fmod (PyTorch's torch.fmod): the remainder of the quotient truncated toward zero, with the
+# dividend's sign. Floats only: Numba's np.fmod of integers takes the divisor's sign (np.fmod(-7,
+# 2) is 1 there, -1 in NumPy); graphc.fmod builds the integer one from remainder.
+binary("fmod", _quiet(np.fmod), _fmod_vjp, lambda x, y: f"np.fmod({x}, {y})", infer=_float_binary,
+       recompute_cost=ARITHMETIC)
 def _tie_splitting_vjp(x_loses, y_loses):
     """PyTorch's rule for maximum and minimum: the operand that is not beaten (`x_loses`(x, y)
     false for x) gets the cotangent, each half of it on a tie."""
