@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import sys
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -115,6 +116,10 @@ def _trace(fn: Callable, args: Sequence[Any], name: str) -> tuple[Traced, list[s
     leaves, paths, treedef = flatten(tuple(args), is_leaf=lambda x: isinstance(x, TensorType))
     names = _input_names(fn, paths, len(args))
     with tracing(name) as t:
+        owner = getattr(fn, "__self__", None)  # a module's method: its mode and settings count
+        nn_module = sys.modules.get("graphc.nn.module")
+        if nn_module is not None and isinstance(owner, nn_module.Module):
+            t.modules.setdefault(id(owner), owner)
         tensors = [Tensor(t.builder.add_input(_leaf_type(l, p), n))
                    for l, p, n in zip(leaves, paths, names)]
         result = fn(*unflatten(treedef, tensors))
@@ -199,6 +204,8 @@ def inline_graph(graph: Graph, args: Sequence[Tensor], reads: ModuleReads = Modu
         mapping[inp.value] = traced_state(ref, inp.name).value
     for module in reads.modules:
         t.modules.setdefault(id(module), module)
+    for module, _, attr, array, values in reads.attribute_arrays:
+        t.attribute_arrays.setdefault(id(array), (module, attr, array, values))
     if graph.inputs and graph.inputs[-1].role == "rng":
         key, first_stream = t.random_key()
         mapping[graph.inputs[-1].value] = key
@@ -261,6 +268,11 @@ class Staged:
         # Name, doc and __wrapped__ only: the wrapped function's __dict__ (an inner Staged's
         # backend, stage and cache) must not overwrite this wrapper's own.
         functools.update_wrapper(self, fn, updated=())
+
+    def __reduce_ex__(self, protocol: Any) -> Any:  # copy, deepcopy and pickle
+        raise GraphcError(f"{self.name}: a gc.jit, gc.grad or gc.value_and_grad function cannot "
+                          "be copied or pickled (it holds compiled code): wrap the copied model or "
+                          "function again")
 
     def build(self, args: Sequence[Any], stages: Stages) -> Traced:
         traced, _ = _trace(self.fn, args, self.name)

@@ -24,14 +24,14 @@ import logging
 import sys
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from graphc.backends import DeviceResident, Executable, PlannedExecutable, default_backend
 from graphc.ir import Graph, TensorType
 from graphc.ir.memory import MemoryPlan
-from graphc.ir.errors import GraphcError
+from graphc.ir.errors import GraphcError, user_location
 from graphc.passes import SIMPLIFY, Stages
 from graphc.passes.rebatch import match_extents, rebatch
 
@@ -93,6 +93,11 @@ class _CompiledModelBase:
 
     def _signature(self, arrays: list[np.ndarray]) -> tuple:
         return tuple((a.shape, a.dtype) for a in arrays)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:  # copy, deepcopy and pickle
+        raise GraphcError(f"{self.name}: a compiled model or training step cannot be copied or "
+                          "pickled (it holds compiled code and memory): copy.deepcopy the model and "
+                          "compile the copy; to keep it, export it (.export(path)) or save a checkpoint")
 
     # -- the model's module tree: a layer replaced since compiling runs other code -----------
     def _note_module_tree(self) -> None:
@@ -266,6 +271,7 @@ class TrainStep(_CompiledModelBase):
         # Hyperparameters but the rates are compiled in: fixed for the life of the step.
         self._optimizer_settings = optimizer.compiled_settings()
         self._step_count = optimizer.step_count
+        self._own_counts_seen = optimizer.own_counts_version
         self._rng_key = gc_random.get_state()  # each call's own, from the global generator
         self._holding: DeviceResident | None = None  # the executable keeping the state on its device
         self._compiled: dict[tuple, CompiledGraph] = {}
@@ -273,6 +279,18 @@ class TrainStep(_CompiledModelBase):
         # whatever executables (batch sizes) they run
         self._turn = threading.RLock()
         self._get(batch_arrays(example_inputs))
+        self._built = True
+
+    # what the step's graph was traced with: assigned afterwards, it would change nothing
+    _COMPILED_IN = frozenset({"model", "loss_fn", "optimizer", "targets", "backend",
+                              "clip_grad_norm", "l1", "name"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._COMPILED_IN and self.__dict__.get("_built"):
+            raise GraphcError(f"{self.__dict__['name']}: {name} is compiled into the training step; "
+                              f"assigning it afterwards would change nothing: compile a new step "
+                              f"with the new {name} (at {user_location()})")
+        object.__setattr__(self, name, value)
 
     def _module_tree(self) -> tuple:
         # and the arrays: the step holds the ones it trains (a parameter replaced by another
@@ -370,6 +388,8 @@ class TrainStep(_CompiledModelBase):
             loss, new_buffers, grads = b.splice(gradients, data, params, buffers)
             b.output("loss", loss)
             b.update(params, grads, opt_state, step, new_buffers)
+        if self._count_steps_apart(b.unused):
+            return self._trace(batch, stages)  # reading their own counts
         return stages.record("train_step", b.graph), b.donate, b.reads
 
     # -- running ---------------------------------------------------------------------------
@@ -398,19 +418,46 @@ class TrainStep(_CompiledModelBase):
                               "outside, or use gc.value_and_grad on the loss")
         with self._turn:
             self._follow_module_tree()
+            self._follow_own_counts()
             compiled, args = self._arguments(batch)
             if compiled.executable is not self._holding:
                 self._hold_state(compiled)
             return float(compiled.executable(*args)[0])
 
-    def count_own_steps(self, names: Sequence[str]) -> None:
-        """Give the trained parameters `names` step counts of their own (a checkpoint holding
-        them: graphc.optim); the step compiles again to read them."""
+    def count_own_steps(self, names: Sequence[str], start: Any = 0) -> None:
+        """Give the trained parameters `names` step counts of their own, from `start` (a
+        checkpoint holding them: graphc.optim); the step compiles again to read them."""
         self.release_state()
         for name in names:
-            self.optimizer.count_own_steps(self.params[name])
+            self.optimizer.count_own_steps(self.params[name], start)
+        self._rebind()
+
+    def _count_steps_apart(self, unused: Iterable[str]) -> bool:
+        """Give the trained parameters `unused`, which the loss does not read, step counts of
+        their own where their rule reads one and they count the optimizer's: as PyTorch's
+        state["step"], a count that goes on only with the parameter's own updates, from the
+        updates it had so far. Whether any was given (the step binds them again)."""
+        names = [n for n in unused if "step" not in self._opt_state[n]
+                 and self.optimizer.keeps_own_steps(self.params[n])]
+        if names:
+            self.count_own_steps(names, start=self.optimizer.step_count.copy())
+        return bool(names)
+
+    def _rebind(self) -> None:
+        """Bind the model and the optimizer's state again and forget the compiled graphs (a
+        parameter's state gained a slot)."""
         self._bind_model()
         self._compiled, self._last = {}, None
+        self._own_counts_seen = self.optimizer.own_counts_version
+
+    def _follow_own_counts(self) -> bool:
+        """Where a parameter took a step count of its own since compiling (another step with
+        this optimizer found it unused), compile again to read it; whether it did."""
+        if self._own_counts_seen == self.optimizer.own_counts_version:
+            return False
+        self.release_state()
+        self._rebind()
+        return True
 
     def _follow_module_tree(self) -> bool:
         """Where a layer was replaced or a setting changed since compiling, bind the model as it

@@ -298,6 +298,7 @@ def export(compiled: Any, path: str, max_batch: int | None = None) -> None:
     docstring says how). A training step's file also holds its model's eval-mode forward, for
     `LoadedTrainStep.export_inference`."""
     from .compile import TrainStep
+    from .nn.module import named_state_refs
     from .train import atomic_write, training_state
 
     if not isinstance(compiled, TrainStep) and any(inp.role == "rng" for inp in compiled.graph.inputs):
@@ -327,6 +328,9 @@ def export(compiled: Any, path: str, max_batch: int | None = None) -> None:
         if max_batch is None and (apart := _rows_apart(compiled)) is not None:
             outputs["rows_apart"] = apart  # whether a server may pad a smaller batch
     state.update(compiled.implicit_state())  # other modules' arrays the graph reads, read-only
+    # buffers registered with persistent=False, which state_dict leaves out and the graph reads
+    for name, ref in named_state_refs(compiled.model, ("_buffers",)):
+        state.setdefault(f"model/{name}", ref.read())
     for key, array in forward_reads.items():
         state.setdefault(key, array)
     bindings = {inp.name: compiled.state_bindings()[inp.name] for inp in graph.inputs

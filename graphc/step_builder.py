@@ -213,6 +213,7 @@ class StepBuilder:
         lrs = self.learning_rates()
         if unused is None:
             unused = frozenset(n for n in spec.trainable if unread_gradient(grads[n]))
+        self.unused = unused
         if spec.clip_grad_norm is not None:
             grads = clip_by_global_norm(grads, spec.clip_grad_norm)
         new_step = step + 1

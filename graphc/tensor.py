@@ -54,18 +54,37 @@ _NOT_SETTINGS = frozenset({"_parameters", "_buffers", "_modules", "_non_persiste
 
 def is_setting(value: Any) -> bool:
     """Whether `value`, a module's plain attribute, is a setting a trace bakes in: a number, a
-    string, a bool or None, or a tuple of them (a kernel size)."""
-    if isinstance(value, tuple):
+    string, a bool or None, or a tuple, list or dict of them (a kernel size, a list of scales)."""
+    if isinstance(value, (tuple, list)):
         return all(map(is_setting, value))
+    if isinstance(value, dict):
+        return all(map(is_setting, value.keys())) and all(map(is_setting, value.values()))
     return value is None or isinstance(value, (bool, int, float, str, np.number, np.bool_))
+
+
+def _snapshot(value: Any) -> Any:
+    """A setting as it is now: lists and dicts copied (an in-place edit must not change it)."""
+    if isinstance(value, list):
+        return [_snapshot(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    return value
+
+
+def _edited_in_place(value: Any) -> bool:
+    """Whether a setting can change without an assignment to the module (a list or a dict)."""
+    return isinstance(value, (list, dict)) or (isinstance(value, tuple) and any(map(_edited_in_place, value)))
 
 
 def module_structure(module: Any) -> tuple:
     """What a trace of `module` baked in besides its arrays and mode: which child modules it
-    holds (None for a name registered absent) and its settings (momentum, eps, p, ...)."""
-    settings = tuple((name, value) for name, value in module.__dict__.items()
+    holds (None for a name registered absent), its settings (momentum, eps, p, ...) and the
+    names of its parameters and buffers registered absent (a trace read None there)."""
+    settings = tuple((name, _snapshot(value)) for name, value in module.__dict__.items()
                      if name not in _NOT_SETTINGS and is_setting(value))
-    return tuple(map(id, module._modules.values())), settings
+    absent = tuple(name for table in (module._parameters, module._buffers)
+                   for name, array in table.items() if array is None)
+    return tuple(map(id, module._modules.values())), settings, absent
 
 
 def _changed_settings(before: tuple, after: tuple) -> list[tuple[tuple[str, Any], tuple[str, Any]]]:
@@ -101,6 +120,9 @@ class ModuleReads:
     module_names: tuple[str, ...] = ()
     modes: tuple[bool, ...] = ()
     structures: tuple[tuple, ...] = ()  # per module, its module_structure when traced
+    # NumPy arrays held as modules' plain attributes (not buffers) that the trace read as
+    # constants: (module, its name, attribute, the array, a copy of its values then)
+    attribute_arrays: tuple[tuple[Any, str, str, np.ndarray, np.ndarray], ...] = ()
 
     def __post_init__(self) -> None:
         # the tree edit count at which the modules last held the children they were traced with
@@ -110,11 +132,17 @@ class ModuleReads:
         object.__setattr__(self, "_owners", tuple({id(r.module): r.module for r in self.refs}.values()))
         object.__setattr__(self, "_slots", tuple((r.module.__dict__[r.table], r.attr) for r in self.refs))
         object.__setattr__(self, "_expected", tuple((t.shape, t.np_dtype) for t in self.types))
+        # modules with a list or dict setting, which changes in place without an assignment:
+        # checked at every call
+        object.__setattr__(self, "_volatile", tuple(
+            i for i, (_, settings, _) in enumerate(self.structures)
+            if any(_edited_in_place(value) for _, value in settings)))
 
     def excluding(self, modules: Iterable[Any]) -> ModuleReads:
         """Without the modes of `modules` (a caller that sets their modes itself)."""
         ids = {id(m) for m in modules}
         kept = [i for i, m in enumerate(self.modules) if id(m) not in ids]
+        # (their structures too: the caller checks its own modules' structures)
         return replace(self, modules=tuple(self.modules[i] for i in kept),
                        module_names=tuple(self.module_names[i] for i in kept),
                        modes=tuple(self.modes[i] for i in kept),
@@ -136,6 +164,12 @@ class ModuleReads:
         for module, mode in zip(self.modules, self.modes):
             if module.training != mode:
                 return False
+        for i in self._volatile:
+            if module_structure(self.modules[i]) != self.structures[i]:
+                return False
+        for module, _, attr, array, values in self.attribute_arrays:
+            if module.__dict__.get(attr) is not array or not _same_values(array, values):
+                return False
         if self._verified[0] != module_tree_edits():
             if any(module_structure(m) != traced for m, traced in zip(self.modules, self.structures)):
                 return False
@@ -154,18 +188,29 @@ class ModuleReads:
                  if m.training != old]
         if len(found) > 3:  # model.train() flips every module: name a few
             found[3:] = [f"and of {len(found) - 3} more modules"]
-        for m, name, (children, settings) in zip(self.modules, self.module_names, self.structures):
-            now_children, now_settings = module_structure(m)
+        for m, name, (children, settings, absent) in zip(self.modules, self.module_names, self.structures):
+            now_children, now_settings, now_absent = module_structure(m)
             if now_children != children:
                 found.append(f"child modules of {name} replaced")
             found += [f"{name}.{key}: {value!r} -> {now!r}" for (key, value), (_, now)
                       in _changed_settings(settings, now_settings)]
+            found += [f"{name}.{key}: None -> an array" for key in absent if key not in now_absent]
+        for module, name, attr, array, values in self.attribute_arrays:
+            if module.__dict__.get(attr) is not array:
+                found.append(f"{name}.{attr}: another array assigned")
+            elif not _same_values(array, values):
+                found.append(f"{name}.{attr}: its values changed")
         for name, array, old in zip(self.names, arrays, self.types):
             if array is None:
                 found.append(f"{name}: no longer a parameter or buffer")
             elif array.shape != old.shape or array.dtype != old.np_dtype:
                 found.append(f"{name}: {old} -> {TensorType.of(array)}")
         return found
+
+
+def _same_values(array: np.ndarray, values: np.ndarray) -> bool:
+    return (array.shape == values.shape and array.dtype == values.dtype
+            and np.array_equal(array, values, equal_nan=array.dtype.kind in "fc"))
 
 
 class Trace:
@@ -194,6 +239,10 @@ class Trace:
         self.scan_body_values: set[Value] = set()  # values moved into a traced scan's body
         self._produced: set[Node] = set()  # graph.nodes[:self._seen], for `defines`
         self._seen = 0
+        # NumPy arrays that modules hold as plain attributes, read as constants: id -> (module,
+        # attribute, array, its values then); and the index of such arrays, by id
+        self.attribute_arrays: dict[int, tuple[Any, str, np.ndarray, np.ndarray]] = {}
+        self._attribute_index: tuple[int, dict[int, tuple[Any, str]]] = (-1, {})
 
     def defines(self, value: Value) -> bool:
         """Whether `value` is this trace's (not an enclosing trace's, read as a capture)."""
@@ -302,15 +351,45 @@ class Trace:
             name = f"{base}_{n}"
         return name
 
+    def watched_modules(self) -> list[Any]:
+        """The modules the graph may depend on: those called, those whose arrays it reads, and
+        every module below them (a ModuleList is never called, a forward may read a child's
+        setting without calling it)."""
+        roots = [*self.modules.values(), *(ref.module for ref, _, _ in self.implicit.values())]
+        found: dict[int, Any] = {}
+        for root in roots:
+            if id(root) not in found:
+                found.update((id(m), m) for m in root.modules())
+        return list(found.values())
+
+    def note_array(self, array: np.ndarray) -> None:
+        """`array` becomes a constant of the graph: where a module holds it as a plain attribute
+        (not a buffer), the graph is traced again once that attribute changes."""
+        key = len(self.modules) + len(self.implicit)
+        if self._attribute_index[0] != key:
+            self._attribute_index = (key, {
+                id(value): (module, name) for module in self.watched_modules()
+                for name, value in module.__dict__.items() if isinstance(value, np.ndarray)})
+        found = self._attribute_index[1].get(id(array))
+        if found is not None and id(array) not in self.attribute_arrays:
+            self.attribute_arrays[id(array)] = (*found, array, array.copy())
+
     def module_reads(self) -> ModuleReads:
         implicit = list(self.implicit.values())
-        modules = list(self.modules.values())
+        modules = self.watched_modules()
+        names: dict[int, str] = {}  # a module below a called one by its path from there
+        for module in self.modules.values():
+            root = self.module_name(module)
+            names.update((id(m), f"{root}.{path}" if path else root)
+                         for path, m in module.named_modules() if id(m) not in names)
         return ModuleReads(
             refs=tuple(ref for ref, _, _ in implicit), names=tuple(name for _, _, name in implicit),
             types=tuple(value.type for _, value, _ in implicit),
             modules=tuple(modules), module_names=tuple(
-                f"{self.module_name(m)} ({type(m).__name__})" for m in modules),
-            modes=tuple(m.training for m in modules), structures=tuple(map(module_structure, modules)))
+                f"{names.get(id(m)) or self.module_name(m)} ({type(m).__name__})" for m in modules),
+            modes=tuple(m.training for m in modules), structures=tuple(map(module_structure, modules)),
+            attribute_arrays=tuple((m, names.get(id(m)) or self.module_name(m), attr, array, values)
+                                   for m, attr, array, values in self.attribute_arrays.values()))
 
 
 def matching_variant(last: Any, variants: Iterable[Any], signature: tuple) -> tuple[Any, list]:
@@ -364,6 +443,8 @@ def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
             raise DTypeError(f"the number {x} does not fit the {like.dtype} tensor it is written "
                              f"into or combined with (at {user_location()})")
         return Tensor(b.const(x, like.dtype))
+    if isinstance(x, np.ndarray):
+        current_trace().note_array(x)
     arr = np.asarray(x)
     # Python floats default to float32, as in PyTorch; np.float64 (a float subclass) keeps its width
     if arr.dtype == np.float64 and isinstance(x, float) and not isinstance(x, np.floating):

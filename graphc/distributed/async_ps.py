@@ -133,6 +133,8 @@ class AsyncStep(DataParallelStep):
     (workers) where a worker's time went.
     """
 
+    step_name = "async_step"
+
     def __init__(self, model: Module, loss_fn: Callable[..., Tensor], optimizer: Optimizer,
                  example_inputs: Sequence[Any], max_staleness: int = 0, backend: str | None = None,
                  clip_grad_norm: float | None = None, l1: float = 0.0, targets: int = 1,
@@ -149,7 +151,6 @@ class AsyncStep(DataParallelStep):
         self.version = 0
         super().__init__(model, loss_fn, optimizer, example_inputs, backend, clip_grad_norm, l1,
                          targets, world, check_every)
-        self.name = "async_step"
         self.worker_times = WorkerTimes()
         self._reply = np.zeros(4, np.int64)  # kind, epoch, batch index, version
         self._pushes = 0

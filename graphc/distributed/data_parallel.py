@@ -348,6 +348,8 @@ class DataParallelStep(TrainStep):
     (0: never) the ranks compare digests of their training state (`check_replicas`).
     """
 
+    step_name = "data_parallel_step"
+
     def __init__(self, model: Module, loss_fn: Callable[..., Tensor], optimizer: Optimizer,
                  example_inputs: Sequence[Any], backend: str | None = None,
                  clip_grad_norm: float | None = None, l1: float = 0.0, targets: int = 1,
@@ -361,7 +363,7 @@ class DataParallelStep(TrainStep):
         self._updates: dict[FlatLayout, CompiledGraph] = {}
         self.times = StepTimes()
         super().__init__(model, loss_fn, optimizer, example_inputs, backend, clip_grad_norm, l1,
-                         targets, name="data_parallel_step")
+                         targets, name=self.step_name)
         self._update = self._update_for(self.layout)
         self.broadcast_state()
 
@@ -395,6 +397,8 @@ class DataParallelStep(TrainStep):
             loss, new_buffers, grads = b.splice(gradients, data, params, buffers)
             # parameters the loss does not read (the same on every rank): the update keeps them
             self._unused = frozenset(n for n, g in grads.items() if unread_gradient(g))
+            if self._count_steps_apart(self._unused):
+                return self._trace(batch, stages)  # reading their own step counts
             layout = self._set_layout(grads, new_buffers)
             averaged = set(layout.keys("buffer"))
             b.output("reduced", layout.pack({**{f"grad:{n}": g for n, g in grads.items()},
@@ -406,6 +410,10 @@ class DataParallelStep(TrainStep):
         traced = stages.record("gradients", b.graph)
         self._layouts[id(traced)] = layout
         return traced, b.donate, b.reads
+
+    def _rebind(self) -> None:
+        super()._rebind()
+        self._updates = {}  # they read the optimizer's state too
 
     def _set_layout(self, grads: dict[str, Tensor], new_buffers: dict[str, Tensor]) -> FlatLayout:
         dtypes = {self.params[n].dtype.name for n in self.trainable}
@@ -481,6 +489,7 @@ class DataParallelStep(TrainStep):
     def _step(self, batch: Sequence[Any]) -> float:
         if self._follow_module_tree():  # the model's buffers, averaged in the update graph, may be others now
             self._updates = {}
+        self._follow_own_counts()
         gradients, args = self._arguments(batch)
         self._update = self._update_for(self._layouts[id(gradients.traced)])
         start = time.perf_counter()

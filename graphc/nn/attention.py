@@ -48,7 +48,7 @@ class MultiheadAttention(Module):
         self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
         self.head_dim = embed_dim // num_heads
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
-        self.batch_first, self.has_bias = batch_first, bias
+        self.batch_first = batch_first
         self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
         # PyTorch's initialisation: Xavier-uniform projections, zero biases.
         if self._qkv_same_embed_dim:
@@ -59,6 +59,8 @@ class MultiheadAttention(Module):
             self.v_proj_weight = _xavier_uniform((embed_dim, self.vdim))
         if bias:
             self.in_proj_bias = Parameter(np.zeros(3 * embed_dim, dtype=np.float32))
+        else:  # registered as absent, as in PyTorch
+            self.register_parameter("in_proj_bias", None)
         self.out_proj = Linear(embed_dim, embed_dim, bias=bias)
         if bias:
             self.out_proj.bias = Parameter(np.zeros(embed_dim, dtype=np.float32))
@@ -101,9 +103,9 @@ class MultiheadAttention(Module):
             weights = [stacked[i * E:(i + 1) * E] for i in range(3)]
         else:
             weights = [self.q_proj_weight, self.k_proj_weight, self.v_proj_weight]
-        if not self.has_bias:
-            return weights, [None] * 3
         bias = self.in_proj_bias
+        if bias is None:
+            return weights, [None] * 3
         return weights, [bias[i * E:(i + 1) * E] for i in range(3)]
 
     def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> bool:

@@ -44,7 +44,7 @@ class Conv1d(Module):
         self.padding = padding if isinstance(padding, str) else _one(padding, "padding")
         F.conv_padding("Conv1d", self.padding, self.kernel_size, self.stride, self.dilation)  # checked now
         self.padding_mode = padding_mode
-        self.groups, self.has_bias = groups, bias
+        self.groups = groups
         bound = 1 / math.sqrt(in_channels // groups * kernel)
         self.weight = uniform((out_channels, in_channels // groups, kernel), bound)
         if bias:
@@ -53,7 +53,7 @@ class Conv1d(Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: Any) -> Tensor:
-        return F.conv1d(x, self.weight, self.bias if self.has_bias else None, self.stride,
+        return F.conv1d(x, self.weight, self.bias, self.stride,
                         self.padding if isinstance(self.padding, str) else self.padding[0],
                         self.dilation, self.groups, self.padding_mode)
 
@@ -78,7 +78,7 @@ class ConvTranspose2d(Module):
         kh, kw = _pair(kernel_size)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
-        self.output_padding, self.groups, self.has_bias = _pair(output_padding), groups, bias
+        self.output_padding, self.groups = _pair(output_padding), groups
         bound = 1 / math.sqrt(out_channels // groups * kh * kw)
         self.weight = uniform((in_channels, out_channels // groups, kh, kw), bound)
         if bias:
@@ -87,7 +87,7 @@ class ConvTranspose2d(Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: Any) -> Tensor:
-        return F.conv_transpose2d(x, self.weight, self.bias if self.has_bias else None, self.stride,
+        return F.conv_transpose2d(x, self.weight, self.bias, self.stride,
                                   self.padding, self.output_padding, self.groups, self.dilation)
 
     def extra_repr(self) -> str:

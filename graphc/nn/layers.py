@@ -45,13 +45,12 @@ class Linear(Module):
             self.bias = uniform((out_features,), bound)
         else:  # registered as absent: `layer.bias is None`, as in PyTorch
             self.register_parameter("bias", None)
-        self.has_bias = bias
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias if self.has_bias else None)
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class Conv2d(Module):
@@ -72,7 +71,7 @@ class Conv2d(Module):
             raise ValueError(f"Conv2d: padding_mode must be one of {sorted(F.CONV_PADDING_MODES)}, "
                              f"got {padding_mode!r}")
         self.padding_mode = padding_mode
-        self.groups, self.has_bias = groups, bias
+        self.groups = groups
         bound = 1 / math.sqrt(in_channels // groups * kh * kw)
         self.weight = uniform((out_channels, in_channels // groups, kh, kw), bound)
         if bias:
@@ -81,7 +80,7 @@ class Conv2d(Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight, self.bias if self.has_bias else None, self.stride,
+        return F.conv2d(x, self.weight, self.bias, self.stride,
                         self.padding, self.dilation, self.groups, self.padding_mode)
 
     def extra_repr(self) -> str:

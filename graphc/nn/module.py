@@ -396,8 +396,9 @@ class Module:
         if not isinstance(mode, (bool, np.bool_)):
             raise ValueError(f"{type(self).__name__}.train: mode must be a bool, got {mode!r}")
         mode = bool(mode)
-        for m in self.modules():
-            object.__setattr__(m, "training", mode)
+        object.__setattr__(self, "training", mode)
+        for child in self.children():  # through their own train(), which a subclass may override
+            child.train(mode)
         return self
 
     def eval(self) -> Module:
@@ -460,7 +461,7 @@ class Module:
         if strict and (keys.missing_keys or keys.unexpected_keys):
             raise GraphcError(f"load_state_dict: missing keys {keys.missing_keys}, unexpected keys "
                               f"{keys.unexpected_keys}")
-        loaded = {name: _host_array(value) for name, value in state.items() if name in own}
+        loaded = {name: _host_array(value, name) for name, value in state.items() if name in own}
         for name, value in loaded.items():
             if value.shape != own[name].shape:
                 raise GraphcError(f"load_state_dict: {name!r} has shape {value.shape}, "
@@ -513,12 +514,22 @@ class Module:
         return head + ("\n" + "\n".join(children) + "\n)" if children else ")")
 
 
-def _host_array(value: Any) -> np.ndarray:
-    """A NumPy view of a state-dict entry. PyTorch tensors are detached and copied to the host
-    first: np.asarray refuses one on a GPU or one that requires grad (a Parameter)."""
+_NUMPY_FLOATS = {"torch.float16", "torch.float32", "torch.float64"}
+
+
+def _host_array(value: Any, name: str) -> np.ndarray:
+    """A NumPy view of state-dict entry `name`. PyTorch tensors are detached and copied to the
+    host first (np.asarray refuses one on a GPU or one that requires grad, a Parameter), those
+    of dtypes NumPy lacks (bfloat16, float8) widened to float32 as copy_ into one would."""
     if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
+        value = value.detach().cpu()
+        if value.is_floating_point() and str(value.dtype) not in _NUMPY_FLOATS:
+            value = value.float()
+        value = value.numpy()
+    try:
+        return np.asarray(value)
+    except ValueError as error:  # a ragged list
+        raise GraphcError(f"load_state_dict: {name!r} is not an array of one shape ({error})") from None
 
 
 def _holds_parameter(module: Module, array: np.ndarray) -> bool:

@@ -91,7 +91,7 @@ class _BatchNorm(Module):
     def forward(self, x: Tensor) -> Tensor:
         x = as_tensor(x)
         self._check_input(x)
-        weight, bias = (self.weight, self.bias) if self.affine else (None, None)
+        weight, bias = self.weight, self.bias  # None where registered absent
         if not self.training and self.track_running_stats:
             return batch_norm(x, self.running_mean, self.running_var, weight, bias, False, self.eps)
         # normalised with the batch's own statistics, which one value per channel has not
@@ -181,21 +181,19 @@ class LayerNorm(Module):
         super().__init__()
         shape = _normalized_shape(normalized_shape)
         self.normalized_shape, self.eps = shape, eps
-        self.elementwise_affine, self.has_bias = elementwise_affine, elementwise_affine and bias
+        self.elementwise_affine = elementwise_affine
         # what a setting leaves out is registered as absent (None), as in PyTorch
         if elementwise_affine:
             self.weight = Parameter(np.ones(shape, dtype=np.float32))
         else:
             self.register_parameter("weight", None)
-        if self.has_bias:
+        if elementwise_affine and bias:
             self.bias = Parameter(np.zeros(shape, dtype=np.float32))
         else:
             self.register_parameter("bias", None)
 
     def forward(self, x: Tensor) -> Tensor:
-        return layer_norm(x, self.normalized_shape,
-                          self.weight if self.elementwise_affine else None,
-                          self.bias if self.has_bias else None, self.eps)
+        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, "
@@ -242,8 +240,7 @@ class GroupNorm(Module):
         if x.ndim < 2 or x.shape[1] != self.num_channels:
             raise ShapeError(f"GroupNorm({self.num_groups}, {self.num_channels}): expects (N, "
                              f"{self.num_channels}, ...) input, got shape {x.shape} (at {user_location()})")
-        return group_norm(x, self.num_groups, self.weight if self.affine else None,
-                          self.bias if self.affine else None, self.eps)
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"

@@ -15,7 +15,8 @@ bias correction, the first momentum step, Adagrad's rate decay) reads the parame
 it differs from the optimizer's (a parameter group added, or momentum set, after steps were
 taken) the parameter's state holds it as a "step" slot, so the group starts from its own first
 step. A parameter the loss does not read is not updated (its state neither), as PyTorch skips
-one without a gradient.
+one without a gradient, and from then on counts its own steps (a training step finding it
+unused gives it the count it had), so that its count goes on only with its own updates.
 """
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ class Optimizer:
         # per parameter (by id: arrays are unhashable), its slots' arrays; and the steps taken
         self._state: dict[int, dict[str, np.ndarray]] = {}
         self.step_count = np.zeros((), np.float32)
+        # how many times a parameter took a step count of its own: the training steps compiled
+        # with this optimizer compile again to read it
+        self.own_counts_version = 0
 
     # -- parameter groups ------------------------------------------------------------------
     def add_param_group(self, group: dict[str, Any]) -> None:
@@ -185,21 +189,31 @@ class Optimizer:
         fresh. Fresh slots after steps were taken count the parameter's own steps from 0."""
         state = self._state.setdefault(id(param), {})
         fresh = self.init_state(param)
-        if not fresh.keys() <= state.keys() and self.step_count > 0:
+        new = fresh.keys() - state.keys()
+        # a parameter given state only now (its group added late) starts its count; so does one
+        # whose rule starts over with a new slot (SGD's momentum buffer); Adam's max_exp_avg_sq
+        # (amsgrad set late) goes on from the moments' count
+        if new and self.step_count > 0 and (not state or self.restarts_count(new)):
             self.count_own_steps(param)
         for name, array in fresh.items():
             state.setdefault(name, array)
         return state
 
+    def restarts_count(self, new_slots: set[str]) -> bool:
+        """Whether a parameter's rule counts its steps from the first again once it keeps
+        `new_slots` (state it did not keep before)."""
+        return False
+
     def keeps_own_steps(self, param: np.ndarray) -> bool:
         """Whether `param` can count steps of its own: its rule reads a step count."""
         return self.counts_steps(self._group_of(param))
 
-    def count_own_steps(self, param: np.ndarray) -> None:
-        """Give `param` a step count of its own ("step" slot, from 0), where its rule reads one:
-        its updates no longer read the optimizer's count."""
+    def count_own_steps(self, param: np.ndarray, start: Any = 0) -> None:
+        """Give `param` a step count of its own ("step" slot, from `start`), where its rule
+        reads one: its updates no longer read the optimizer's count."""
         if self.keeps_own_steps(param):
-            self._state.setdefault(id(param), {})["step"] = np.zeros((), np.float32)
+            self._state.setdefault(id(param), {})["step"] = np.array(start, np.float32)
+            self.own_counts_version += 1
 
     def rule(self, p: Tensor, g: Tensor, state: dict[str, Tensor], lr: Tensor, step: Tensor,
              group: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -263,6 +277,9 @@ class SGD(Optimizer):
 
     def counts_steps(self, group):
         return bool(group["momentum"])  # the buffer's first step
+
+    def restarts_count(self, new_slots):
+        return "momentum_buffer" in new_slots  # momentum set late: the buffer starts at g
 
     def rule(self, p, g, state, lr, step, group):
         g = _decayed(p, g, group)

@@ -1,0 +1,242 @@
+"""Changes to a model after compiling, as PyTorch eager would see them: each one either reaches
+the compiled function (it traces again) or is refused with a message; none is silently ignored.
+Also the module state that export, load_state_dict, copies and train() handle as PyTorch does."""
+import copy
+import pickle
+
+import numpy as np
+import pytest
+
+import graphc as gc
+import graphc.nn as nn
+import graphc.nn.functional as F
+from graphc import optim
+from graphc.ir.errors import GraphcError
+
+torch = pytest.importorskip("torch")
+
+X = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)
+
+
+def fresh_trace(model, *args):
+    """What the model computes now: traced and compiled from scratch."""
+    return gc.jit(lambda *a: model(*a))(*args)
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4)])
+        self.heads = nn.ModuleDict({"out": nn.Linear(4, 4)})
+        self.gain = np.ones(4, np.float32)  # a plain array, not a buffer
+        self.scales = [1.0]
+        self.register_buffer("offset", None)
+        self.temperature = 1.0
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        x = self.heads["out"](x) * self.gain * self.scales[0]
+        return x + self.offset if self.offset is not None else x
+
+    def encode(self, x):
+        return F.dropout(x * self.gain, 0.5, training=self.training) / self.temperature
+
+
+def test_jit_follows_containers_attributes_and_registered_none():
+    """gc.jit kept running the model it first traced after a layer was appended to a
+    ModuleList or replaced in a ModuleDict (neither is ever called), after a plain array
+    attribute was assigned or written in place, a list setting edited in place, or a buffer
+    registered as None given an array."""
+    model = Stack()
+    compiled = gc.jit(model)
+    edits = [lambda: model.layers.append(nn.Linear(4, 4)),
+             lambda: model.layers.__setitem__(0, nn.Linear(4, 4)),
+             lambda: model.heads.__setitem__("out", nn.Linear(4, 4)),
+             lambda: model.gain.__setitem__(slice(None), 2.0),
+             lambda: setattr(model, "gain", np.full(4, 3.0, np.float32)),
+             lambda: model.scales.__setitem__(0, 5.0),
+             lambda: setattr(model, "offset", np.full(4, 100.0, np.float32))]
+    for edit in edits:
+        before = compiled(X)
+        edit()
+        after = compiled(X)
+        np.testing.assert_allclose(after, fresh_trace(model, X), rtol=1e-6)
+        assert not np.allclose(after, before)
+
+
+def test_compiled_models_and_steps_follow_attribute_arrays_and_registered_none():
+    model = Stack()
+    inference = gc.compile(model, X)
+    inference(X)
+    model.gain *= 2  # in place
+    model.offset = np.full(4, 10.0, np.float32)
+    np.testing.assert_allclose(inference(X), fresh_trace(model.eval(), X), rtol=1e-6)
+    model.train()
+    y = np.zeros((2, 4), np.float32)
+    step = gc.compile_train_step(model, F.mse_loss, optim.SGD(model.parameters(), lr=0.0),
+                                 example_inputs=(X, y))
+    first = step(X, y)
+    model.gain[:] = 0  # the output is the offset alone now
+    assert step(X, y) == pytest.approx(float(np.mean(model.offset ** 2)))
+    assert step(X, y) != first
+
+
+def test_jit_of_a_method_follows_the_modules_mode_and_settings():
+    """A method's trace (not forward's) recorded neither the module's mode nor its settings."""
+    model = Stack()
+    encode = gc.jit(model.encode)
+    assert (encode(X) == 0).any()  # dropout in training mode
+    model.eval()
+    np.testing.assert_array_equal(encode(X), X)
+    model.temperature = 2.0
+    np.testing.assert_array_equal(encode(X), X / 2)
+
+
+def test_a_bias_given_to_a_layer_built_without_one_is_used():
+    """forward read the constructor's flag: the bias was saved and trained but never added."""
+    for layer, reference, shape, channels in [
+            (nn.Linear(4, 3, bias=False), torch.nn.Linear(4, 3, bias=False), (2, 4), 3),
+            (nn.Conv2d(2, 3, 3, bias=False), torch.nn.Conv2d(2, 3, 3, bias=False), (1, 2, 5, 5), 3),
+            (nn.Conv1d(2, 3, 3, bias=False), torch.nn.Conv1d(2, 3, 3, bias=False), (1, 2, 5), 3),
+            (nn.LayerNorm(4, bias=False), torch.nn.LayerNorm(4, bias=False), (2, 4), 4),
+            (nn.GroupNorm(1, 2, affine=False), torch.nn.GroupNorm(1, 2, affine=False), (2, 2, 3), 2)]:
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        reference.load_state_dict({k: torch.from_numpy(v) for k, v in layer.state_dict().items()})
+        bias = np.full(channels, 10.0, np.float32)
+        layer.bias = nn.Parameter(bias)
+        reference.bias = torch.nn.Parameter(torch.from_numpy(bias.copy()))
+        np.testing.assert_allclose(gc.jit(layer)(x), reference(torch.from_numpy(x)).detach().numpy(),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_multihead_attention_without_bias_registers_it_absent():
+    attention = nn.MultiheadAttention(4, 2, bias=False)
+    assert attention.in_proj_bias is None
+    assert [n for n, _ in attention.named_parameters()] == [
+        n for n, _ in torch.nn.MultiheadAttention(4, 2, bias=False).named_parameters()]
+
+
+class WithMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("scale", np.full(3, 2.0, np.float32), persistent=False)
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+def test_exports_hold_buffers_left_out_of_the_state_dict(tmp_path):
+    """A non-persistent buffer (a causal mask, a rotary cache) was left out of the file, whose
+    graph reads it: gc.load failed on graphc's own export."""
+    model = WithMask()
+    assert list(model.state_dict()) == ["lin.weight", "lin.bias"]
+    compiled = gc.compile(model, X)
+    compiled.export(str(tmp_path / "inference.gcx"))
+    np.testing.assert_array_equal(gc.load(str(tmp_path / "inference.gcx"))(X), compiled(X))
+    y = np.array([0, 1])
+    step = gc.compile_train_step(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1),
+                                 example_inputs=(X, y))
+    step.export(str(tmp_path / "step.gcx"))
+    loaded = gc.load(str(tmp_path / "step.gcx"))
+    assert loaded(X, y) == step(X, y)
+
+
+def test_a_training_steps_compiled_in_settings_are_refused_afterwards():
+    """Assigning clip_grad_norm or loss_fn to a compiled step changed nothing, silently."""
+    model = nn.Linear(4, 3)
+    step = gc.compile_train_step(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1),
+                                 example_inputs=(X, np.array([0, 1])))
+    for name, value in [("clip_grad_norm", 1e-6), ("loss_fn", F.mse_loss), ("l1", 0.1)]:
+        with pytest.raises(GraphcError, match=f"{name} is compiled into the training step.*test_module_changes"):
+            setattr(step, name, value)
+    step.extra_note = "plain attributes stay the user's"
+
+
+class AlwaysEval(nn.BatchNorm1d):
+    def train(self, mode=True):
+        return super().train(False)
+
+
+def test_train_calls_each_childs_own_train():
+    """model.train() set `training` on every module directly, past a child overriding train()
+    (a frozen BatchNorm), as PyTorch does not."""
+    model = nn.Sequential(nn.Linear(4, 4), AlwaysEval(4))
+    reference = torch.nn.Sequential(torch.nn.Linear(4, 4), type("E", (torch.nn.BatchNorm1d,), {
+        "train": lambda self, mode=True: torch.nn.BatchNorm1d.train(self, False)})(4))
+    model.train()
+    reference.train()
+    assert [m.training for m in model.modules()] == [m.training for m in reference.modules()] == [True, True, False]
+
+
+def test_load_state_dict_takes_bfloat16_and_names_a_ragged_entry():
+    layer = nn.Linear(3, 2)
+    reference = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    layer.load_state_dict(reference.state_dict())
+    np.testing.assert_array_equal(layer.weight, reference.weight.float().detach().numpy())
+    with pytest.raises(GraphcError, match="'weight' is not an array of one shape"):
+        layer.load_state_dict({"weight": [[1, 2, 3], [4, 5]], "bias": [0, 0]})
+
+
+def test_compiled_objects_refuse_copies_with_advice():
+    """They failed with `cannot pickle '_thread.lock' object`."""
+    model = nn.Linear(4, 3)
+    compiled, jitted = gc.compile(model, X), gc.jit(model)
+    jitted(X)
+    step = gc.compile_train_step(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1),
+                                 example_inputs=(X, np.array([0, 1])))
+    for thing in (compiled, jitted, step):
+        for duplicate in (copy.deepcopy, copy.copy, pickle.dumps):
+            with pytest.raises(GraphcError, match="cannot be copied or pickled"):
+                duplicate(thing)
+    copy.deepcopy(model)  # the model itself copies
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
+        self.use_b = True
+
+    def forward(self, x):
+        return self.a(x), self.b(x)
+
+
+@pytest.mark.parametrize("make", [
+    lambda lib, p: lib.Adam(p, lr=0.1),
+    lambda lib, p: lib.SGD(p, lr=0.1, momentum=0.9, dampening=0.5),
+    lambda lib, p: lib.Adagrad(p, lr=0.1, lr_decay=0.5)], ids=["Adam", "SGD", "Adagrad"])
+def test_a_parameter_counts_only_its_own_updates(make):
+    """Two steps sharing an optimizer, each reading one head: a head's bias correction (first
+    momentum step, rate decay) used the optimizer's count, which the other head's steps moved
+    too; PyTorch counts each parameter's own steps."""
+    gc.manual_seed(0)
+    model = TwoHeads().double()
+    reference = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 2), "b": torch.nn.Linear(3, 2)}).double()
+    reference.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()})
+    opt, torch_opt = make(optim, model.parameters()), make(torch.optim, reference.parameters())
+    x, y = np.random.default_rng(0).standard_normal((4, 3)), np.zeros((4, 2))
+    steps = {head: gc.compile_train_step(model, lambda out, y, i=i: F.mse_loss(out[i], y), opt,
+                                         example_inputs=(x, y)) for i, head in enumerate("ab")}
+    for head in "abbab":
+        steps[head](x, y)
+        torch_opt.zero_grad()
+        torch.nn.functional.mse_loss(reference[head](torch.from_numpy(x)), torch.from_numpy(y)).backward()
+        torch_opt.step()
+    for name, value in model.state_dict().items():
+        np.testing.assert_allclose(value, reference.state_dict()[name].numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_amsgrad_set_late_goes_on_with_the_parameters_count():
+    """Turning amsgrad on after 5 steps restarted Adam's bias correction at step 1."""
+    model = nn.Linear(3, 2).double()
+    opt = optim.Adam(model.parameters(), lr=0.01)
+    x, y = np.ones((2, 3)), np.zeros((2, 2))
+    step = gc.compile_train_step(model, F.mse_loss, opt, example_inputs=(x, y))
+    for _ in range(5):
+        step(x, y)
+    opt.param_groups[0]["amsgrad"] = True
+    step = gc.compile_train_step(model, F.mse_loss, opt, example_inputs=(x, y))
+    step(x, y)
+    assert opt.state_of(model.weight).get("step", opt.step_count) == 6
