@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
+import math
 import os
 import re
 import shutil
@@ -157,6 +158,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     while done < args.steps:
         for xb, yb in loader:
             loss = step(xb, yb)
+            if not math.isfinite(loss):  # the weights are lost: the file given stays as it was
+                bar.close()
+                raise CommandError(f"the training loss became {loss} at step {done + 1}; "
+                                   f"{'nothing was saved' if args.save else 'stopped'} (lower the "
+                                   "learning rate, or find the op with graphc.train.fit(..., "
+                                   "check_numerics=True) on the model's code)")
             done += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")

@@ -21,6 +21,7 @@ lets the next step upload what may since have been written.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from contextlib import contextmanager
@@ -417,12 +418,19 @@ class TrainStep(_CompiledModelBase):
                               "cannot run inside gc.jit, gc.grad or another trace; call it "
                               "outside, or use gc.value_and_grad on the loss")
         with self._turn:
-            self._follow_module_tree()
-            self._follow_own_counts()
-            compiled, args = self._arguments(batch)
-            if compiled.executable is not self._holding:
-                self._hold_state(compiled)
-            return float(compiled.executable(*args)[0])
+            if os.environ.get("GRAPHC_CHECK_NUMERICS", "") not in ("", "0"):
+                from .train import checked_step
+                when = f"in {self.name}'s step {int(self._step_count) + 1}"
+                return checked_step(self, batch, True, when, lambda: self._step(batch))
+            return self._step(batch)
+
+    def _step(self, batch: Sequence[Any]) -> float:
+        self._follow_module_tree()
+        self._follow_own_counts()
+        compiled, args = self._arguments(batch)
+        if compiled.executable is not self._holding:
+            self._hold_state(compiled)
+        return float(compiled.executable(*args)[0])
 
     def count_own_steps(self, names: Sequence[str], start: Any = 0) -> None:
         """Give the trained parameters `names` step counts of their own, from `start` (a
@@ -475,8 +483,8 @@ class TrainStep(_CompiledModelBase):
     def profile(self, *batch: Any, repeat: int = 10, show: bool = False) -> Any:
         """The time of every kernel of this step on `batch` (a ProfileReport; None where the
         backend times no kernels), over `repeat` runs on copies of the weights and optimizer
-        state: profiling does not train."""
-        with self._turn:
+        state: profiling does not train, nor draw from the random generator."""
+        with self._turn, gc_random.state_kept():
             compiled, args = self._arguments(batch)
             profile = getattr(compiled.executable, "profile", None)
             if profile is None:
@@ -486,11 +494,13 @@ class TrainStep(_CompiledModelBase):
 
     def check_numerics(self, *batch: Any) -> Any:
         """Rerun this step on `batch` through the reference interpreter, without updating
-        anything, and report the first op that produces a NaN or Inf (None if all finite)."""
+        anything (the random generator included), and report the first op that produces a NaN
+        or Inf (None if all finite)."""
         from .debug import find_nonfinite
 
         release_state_holders(self.model)  # this step too, when it holds the state
-        compiled, args = self._arguments(batch)
+        with gc_random.state_kept():
+            compiled, args = self._arguments(batch)
         return find_nonfinite(compiled.optimized, args)
 
     def state_dict(self) -> dict[str, np.ndarray]:

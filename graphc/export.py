@@ -52,6 +52,7 @@ from graphc.passes import SIMPLIFY, Stages
 
 from .bounded_io import ZipMembers, parse_json
 from .lowering import compile_graph
+from .optim import checked_rates
 from .scan_lowering import SegmentedExecutable
 from .step_builder import rate_input_names
 from .tree import TreeDef, treedef_from_json, treedef_to_json, unflatten
@@ -839,9 +840,11 @@ class LoadedTrainStep(_Loaded):
         return {k: v for k, v in self._state.items() if not k.startswith("implicit/")}
 
     def __call__(self, *batch: Any) -> float:
-        if len(self.lrs) != self._groups:
-            raise GraphcError(f"{self.name}: step.lrs holds {len(self.lrs)} learning rate(s); the "
-                              f"step has {self._groups} parameter group(s), one rate each")
+        if not isinstance(self.lrs, (list, tuple)) or len(self.lrs) != self._groups:
+            held = f"{len(self.lrs)} learning rate(s)" if isinstance(self.lrs, (list, tuple)) else repr(self.lrs)
+            raise GraphcError(f"{self.name}: step.lrs holds {held}; the step has {self._groups} "
+                              f"parameter group(s): give a list of one rate each")
+        checked_rates(self.lrs, self.name, "step.lrs[{}]")
         args = self._args(batch)
         persistent = self.persistent
         rng = self.graph.inputs[-1].role == "rng"

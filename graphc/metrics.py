@@ -18,6 +18,10 @@ class MetricError(GraphcError, ValueError):
     """Inputs a metric cannot be computed from."""
 
 
+# A confusion matrix of more classes would not fit in memory (2**16 classes: 32 GiB of counts).
+MAX_CLASSES = 2**15
+
+
 def _labels(y: np.ndarray, name: str) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim != 1:
@@ -74,6 +78,10 @@ def confusion_matrix(y_true, y_pred, num_classes: int | None = None) -> np.ndarr
         raise MetricError("confusion_matrix: labels must be non-negative class indices")
     if seen_max >= k:
         raise MetricError(f"confusion_matrix: label {seen_max} does not fit num_classes={k}")
+    if k > MAX_CLASSES:
+        raise MetricError(f"confusion_matrix: {k} classes (labels are class indices 0..K-1) would "
+                          f"make a {k} x {k} matrix of {k * k * 8 / 2**30:.3g} GiB; at most "
+                          f"{MAX_CLASSES} classes")
     return np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
 
 

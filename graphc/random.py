@@ -8,6 +8,9 @@ alone, and every backend draws the same bits.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 
 _state = {"seed": 0, "counter": 0}
@@ -43,3 +46,14 @@ def set_state(key: np.ndarray) -> None:
     """Continue from `key`, as `get_state` gave it (a checkpoint being restored)."""
     seed, counter = (int(v) for v in np.asarray(key, np.int64).reshape(2))
     _state["seed"], _state["counter"] = seed, counter
+
+
+@contextmanager
+def state_kept() -> Iterator[None]:
+    """Within the block, calls may draw keys; afterwards the generator is where it was (a
+    profile or a numerics check of a training step must not change later training)."""
+    key = get_state()
+    try:
+        yield
+    finally:
+        set_state(key)

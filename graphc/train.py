@@ -24,6 +24,7 @@ from .api import jit
 from .compile import CompiledModel, TrainStep, compile
 from .data import DataLoader
 from .export import LoadedTrainStep
+from .optim.lr_scheduler import SCHEDULE_KEYS, ReduceLROnPlateau
 
 
 # -- checkpoints -----------------------------------------------------------------------------
@@ -157,6 +158,11 @@ def save_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
     metadata = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "learning_rates": rates,
                 "sha256:learning_rates": hashlib.sha256(rates.encode()).hexdigest(),
                 **{f"sha256/{k}": tensor_digest(v) for k, v in state.items()}}
+    if isinstance(step, TrainStep):  # a schedule's rates (initial_lr...), for a scheduler resumed
+        schedule = json.dumps([{k: float(g[k]) for k in SCHEDULE_KEYS if k in g}
+                               for g in step.optimizer.param_groups])
+        metadata.update({"schedule": schedule,
+                         "sha256:schedule": hashlib.sha256(schedule.encode()).hexdigest()})
     payload = save(state, metadata=metadata)
     atomic_write(path, lambda f: f.write(payload))
 
@@ -198,6 +204,7 @@ def load_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
             if name in arrays and metadata.get(f"sha256/{name}") != tensor_digest(array):
                 raise LoadError(path, "fails its checksum: the checkpoint is corrupted", name)
     rates = _checkpoint_rates(path, metadata, len(learning_rates(step)))
+    schedule = _checkpoint_schedule(path, metadata, len(learning_rates(step)))
     if counted:
         step.count_own_steps([k.split("/")[1] for k in counted])
         own = training_state(step)
@@ -207,6 +214,9 @@ def load_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
         step.set_rng_state(data["rng"])
     if rates is not None:
         set_learning_rates(step, rates)
+    if schedule is not None and isinstance(step, TrainStep):
+        for group, keys in zip(step.optimizer.param_groups, schedule):
+            group.update(keys)
 
 
 def _checkpoint_rates(path: str, metadata: dict[str, str], groups: int) -> list[float] | None:
@@ -225,6 +235,27 @@ def _checkpoint_rates(path: str, metadata: dict[str, str], groups: int) -> list[
         raise LoadError(path, f"learning_rates: expected {groups} finite non-negative rates (one per "
                         f"parameter group), got {metadata['learning_rates']!r:.80}")
     return [float(r) for r in rates]
+
+
+def _checkpoint_schedule(path: str, metadata: dict[str, str], groups: int
+                         ) -> list[dict[str, float]] | None:
+    """Each parameter group's schedule rates (SCHEDULE_KEYS) a checkpoint holds (None in a file
+    written before checkpoints held them)."""
+    from .bounded_io import parse_json
+
+    if "schedule" not in metadata and "sha256:schedule" not in metadata:
+        return None
+    text = metadata.get("schedule", "").encode()
+    if metadata.get("sha256:schedule") != hashlib.sha256(text).hexdigest():
+        raise LoadError(path, "fails its checksum: the checkpoint is corrupted", "schedule")
+    schedule = parse_json(text, path, "schedule")
+    if (not isinstance(schedule, list) or len(schedule) != groups
+            or not all(isinstance(g, dict) and set(g) <= set(SCHEDULE_KEYS)
+                       and all(type(r) in (int, float) and math.isfinite(r) and r >= 0 for r in g.values())
+                       for g in schedule)):
+        raise LoadError(path, f"schedule: expected {groups} groups of finite non-negative rates "
+                        f"named among {list(SCHEDULE_KEYS)}, got {metadata['schedule']!r:.80}")
+    return [{k: float(r) for k, r in g.items()} for g in schedule]
 
 
 def _step_counts_to_make(step: TrainStep | LoadedTrainStep, names: list[str]) -> list[str]:
@@ -472,10 +503,9 @@ def fit(step: TrainStep | LoadedTrainStep, train_loader: Iterable, epochs: int =
     runs before each epoch's first batch (a sharded loader picks its epoch's shard there)."""
     from tqdm.auto import tqdm
 
-    if check_numerics is None:
-        check_numerics = os.environ.get("GRAPHC_CHECK_NUMERICS", "") not in ("", "0")
+    # (under GRAPHC_CHECK_NUMERICS a compiled step checks each of its calls itself)
     # a loaded step has no model code to rerun a failing batch on the reference backend
-    check_numerics = check_numerics and not isinstance(step, LoadedTrainStep)
+    check_numerics = bool(check_numerics) and not isinstance(step, LoadedTrainStep)
     if early_stopping is not None and early_stopping.monitor.startswith("val_") and val_loader is None:
         raise GraphcError(f"fit: EarlyStopping monitors {early_stopping.monitor!r}, a validation "
                           "metric, but there is no val_loader: pass one or monitor 'loss'")
@@ -484,61 +514,64 @@ def fit(step: TrainStep | LoadedTrainStep, train_loader: Iterable, epochs: int =
     validation = _Validation(step, val_loader, world)
     # resumed at initial_epoch: the epochs before it stepped the schedule (a scheduler of
     # graphc's or PyTorch's protocol counts them in last_epoch)
-    while scheduler is not None and getattr(scheduler, "last_epoch", initial_epoch) < initial_epoch - 1:
+    # (not ReduceLROnPlateau, which needs their metrics: its state is the caller's to restore)
+    plateau = isinstance(scheduler, ReduceLROnPlateau)
+    while (scheduler is not None and not plateau
+           and getattr(scheduler, "last_epoch", initial_epoch) < initial_epoch - 1):
         scheduler.step()
     # and drew their shuffles: a loader counting its epochs (DataLoader) skips to the next one
     if isinstance(getattr(train_loader, "epoch", None), int) and hasattr(train_loader, "set_epoch") \
             and train_loader.epoch < initial_epoch - 1:
         train_loader.set_epoch(initial_epoch - 1)
     writer = tensorboard_writer(log_dir) if world.is_root else None
-    history = History()
-    global_step = 0
-    for epoch in range(initial_epoch, epochs + 1):
-        if on_epoch_start is not None:
-            on_epoch_start(epoch)
-        # One iter() per epoch: a DataLoader draws its next shuffle on each call.
-        total_batches = len(train_loader) if isinstance(train_loader, Sized) else None
-        bar = tqdm(iter(train_loader), total=total_batches, desc=f"epoch {epoch}/{epochs}",
-                   disable=not (progress and world.is_root), leave=True)
-        total, seen, start = 0.0, 0, time.perf_counter()
-        for batch in bar:
-            before = copy.deepcopy(training_state(step)) if check_numerics else None
-            loss = step(*batch)
-            if not math.isfinite(loss):
-                raise GraphcError(f"training loss became {loss} at epoch {epoch}, step {global_step}"
-                                  + _numerics_report(step, batch, before))
-            broken = _nonfinite_state(step) if before is not None else None
-            if broken is not None:  # a NaN made by the backward pass or the update alone
-                raise GraphcError(f"training state {broken!r} became non-finite at epoch {epoch}, "
-                                  f"step {global_step} (the loss, {loss}, was finite)"
-                                  + _numerics_report(step, batch, before))
-            n = len(batch[-1])
-            total, seen, global_step = total + loss * n, seen + n, global_step + 1
-            if writer is not None:
-                writer.add_scalar("train/loss", loss, global_step)
-            rate = seen * world.size / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:.0f}")
-        if seen == 0:
-            bar.close()
-            raise GraphcError(_empty_epoch_message(train_loader, epoch))
-        logs = {"epoch": epoch, "loss": total / seen,
-                "samples_per_s": seen * world.size / (time.perf_counter() - start),
-                **validation.logs()}
-        if scheduler is not None:
-            scheduler.step()
-        history.epochs.append(logs)
-        if world.is_root:
-            _announce(epoch, logs, writer, on_epoch_end, checkpoint_path, step)
-        if early_stopping is not None and early_stopping.update(epoch, logs, step):
-            history.stopped_early = True
-            break
-    if early_stopping is not None:
-        history.best_epoch = early_stopping.best_epoch
-        if early_stopping.restore_best_weights:
-            early_stopping.restore(step)
-    if writer is not None:
-        writer.close()
-    return history
+    try:
+        history = History()
+        # a resumed run's batches go on from the epochs before it in TensorBoard's step axis
+        global_step = (initial_epoch - 1) * len(train_loader) if isinstance(train_loader, Sized) else 0
+        for epoch in range(initial_epoch, epochs + 1):
+            if on_epoch_start is not None:
+                on_epoch_start(epoch)
+            # One iter() per epoch: a DataLoader draws its next shuffle on each call.
+            total_batches = len(train_loader) if isinstance(train_loader, Sized) else None
+            bar = tqdm(iter(train_loader), total=total_batches, desc=f"epoch {epoch}/{epochs}",
+                       disable=not (progress and world.is_root), leave=True)
+            total, seen, start = 0.0, 0, time.perf_counter()
+            for batch in bar:
+                loss = checked_step(step, batch, check_numerics, f"at epoch {epoch}, step {global_step}")
+                n = len(batch[-1])
+                total, seen, global_step = total + loss * n, seen + n, global_step + 1
+                if writer is not None:
+                    writer.add_scalar("train/loss", loss, global_step)
+                rate = seen * world.size / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:.0f}")
+            if seen == 0:
+                bar.close()
+                raise GraphcError(_empty_epoch_message(train_loader, epoch))
+            logs = {"epoch": epoch, "loss": total / seen,
+                    "samples_per_s": seen * world.size / (time.perf_counter() - start),
+                    **validation.logs()}
+            if plateau:
+                monitor = scheduler.monitor or ("val_loss" if "val_loss" in logs else "loss")
+                if monitor not in logs:
+                    raise GraphcError(f"fit: ReduceLROnPlateau monitors {monitor!r}, which the epoch "
+                                      f"does not log (it logs {', '.join(sorted(logs))})")
+                scheduler.step(logs[monitor])
+            elif scheduler is not None:
+                scheduler.step()
+            history.epochs.append(logs)
+            if world.is_root:
+                _announce(epoch, logs, writer, on_epoch_end, checkpoint_path, step)
+            if early_stopping is not None and early_stopping.update(epoch, logs, step):
+                history.stopped_early = True
+                break
+        if early_stopping is not None:
+            history.best_epoch = early_stopping.best_epoch
+            if early_stopping.restore_best_weights:
+                early_stopping.restore(step)
+        return history
+    finally:  # what was logged reaches the file, also when training fails
+        if writer is not None:
+            writer.close()
 
 
 def _empty_epoch_message(train_loader: Iterable, epoch: int) -> str:
@@ -564,6 +597,23 @@ def _announce(epoch: int, logs: dict[str, float], writer: Any,
         on_epoch_end(epoch, logs)
     if checkpoint_path is not None:
         save_checkpoint(checkpoint_path, step)
+
+
+def checked_step(step: TrainStep | LoadedTrainStep, batch: Sequence[Any], check_numerics: bool,
+                 when: str, call: Callable[[], float] | None = None) -> float:
+    """`step` on `batch` (through `call` where given), raising a GraphcError where its loss is not
+    finite; with `check_numerics`, also where the state it leaves is not (a NaN the backward
+    pass or the update made alone), then with the op and line that made it, the state put back
+    as it was before the call. `when` says where in training it happened."""
+    before = copy.deepcopy(training_state(step)) if check_numerics else None
+    loss = call() if call is not None else step(*batch)
+    if not math.isfinite(loss):
+        raise GraphcError(f"training loss became {loss} {when}" + _numerics_report(step, batch, before))
+    broken = _nonfinite_state(step) if before is not None else None
+    if broken is not None:
+        raise GraphcError(f"training state {broken!r} became non-finite {when} (the loss, {loss}, "
+                          "was finite)" + _numerics_report(step, batch, before))
+    return loss
 
 
 def _nonfinite_state(step: TrainStep) -> str | None:
@@ -598,4 +648,6 @@ def tensorboard_writer(log_dir: str | None) -> Any:
         from tensorboardX import SummaryWriter
     except ImportError:
         raise GraphcError("log_dir needs tensorboardX: pip install 'graphc[monitor]'") from None
-    return SummaryWriter(log_dir)
+    # tensorboardX names its file by the second and the host: a second run starting within the
+    # same second in the same folder would write over the first's
+    return SummaryWriter(log_dir, filename_suffix=f".{os.getpid()}.{time.time_ns()}")

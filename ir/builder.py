@@ -46,10 +46,10 @@ class Builder:
             if prim.canon is not None:
                 attrs = prim.check_attrs(prim.canon(types, attrs))
             out_type = prim.infer(*types, **attrs)
-        except registry.OpTypeError as exc:
+        except (registry.OpTypeError, ValueError) as exc:  # ValueError: a TensorType refused
             operands = ", ".join(str(t) for t in types)
             where = f" at {loc}" if loc else ""
-            cls = DTypeError if exc.dtype else ShapeError
+            cls = DTypeError if getattr(exc, "dtype", False) else ShapeError
             raise cls(f"{op}: {exc} (operands: {operands}){where}") from None
         node = Node(op, inputs, attrs, (out_type,), loc, module=self.module)
         self.graph.nodes.append(node)

@@ -34,6 +34,11 @@ def is_float(dtype: str) -> bool:
     return dtype in FLOAT_DTYPES
 
 
+# More elements than any machine's memory holds (2**48 float32s are 1 PiB); the byte size of
+# such an array still fits int64, which kernels index with.
+MAX_ELEMENTS = 2**48
+
+
 @dataclass(frozen=True)
 class TensorType:
     """The static type of an SSA value: a shape of non-negative ints and a dtype name."""
@@ -45,6 +50,9 @@ class TensorType:
         shape = tuple(int(d) for d in self.shape)
         if any(d < 0 for d in shape):
             raise ValueError(f"negative dimension in shape {shape}")
+        if math.prod(shape) > MAX_ELEMENTS:  # its sizes and offsets would overflow int64 in kernels
+            raise ValueError(f"shape {shape} has {math.prod(shape):.3g} elements, more than any "
+                             f"array can hold (at most 2**48)")
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
 

@@ -9,6 +9,7 @@ what each stage did.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -71,11 +72,18 @@ class Stages:
         if not self.dump_dir:
             return
         os.makedirs(self.dump_dir, exist_ok=True)
-        stem = os.path.join(self.dump_dir, f"{self.name}.{index:02d}.{stage}")
+        stem = os.path.join(self.dump_dir, f"{file_stem(self.name)}.{index:02d}.{stage}")
         with open(stem + ".txt", "w") as f:
             f.write(text())
         with open(stem + ".dot", "w") as f:
             f.write(dot())
+
+
+def file_stem(name: str) -> str:
+    """`name` (a graph's: a function's name, or a loaded file's) as a file name inside the dump
+    folder: no separators or '..' that would lead out of it, nothing but [A-Za-z0-9_.-]."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:100].lstrip(".")
+    return stem or "graph"
 
 
 def describe_plan(plan: MemoryPlan) -> str:

@@ -100,3 +100,35 @@ def test_infinities_written_on_purpose_are_not_reported():
     x = np.random.default_rng(1).random((1, 1, 5, 5), np.float32)  # ceil_mode pads with -inf
     graph = gc.trace(gc.grad(lambda t: F.max_pool2d(t, 2, ceil_mode=True).sum()), x)
     assert find_nonfinite(graph, [x]) is None
+
+
+def test_a_nan_made_inside_a_scan_is_located_in_its_body():
+    """The locator blamed the whole scan; it names the body's op, its line and the step now."""
+    def f(x):
+        def body(c, xt):
+            c = c + xt
+            return c, gc.sqrt(c - 2.5)  # negative until the running sum passes 2.5
+
+        return gc.scan(body, x[0] * 0, x)[1].sum()
+
+    line = f.__code__.co_firstlineno + 3
+    graph = gc.trace(f, np.zeros((4, 3), np.float32))
+    report = find_nonfinite(graph, [np.ones((4, 3), np.float32)])
+    assert report.op.startswith("sqrt (in the body of scan at ") and ", step 0)" in report.op
+    assert report.loc.endswith(f"test_debug.py:{line}")
+
+
+def test_the_nan_reported_is_the_one_the_result_holds():
+    """A guarded log (its NaN discarded by where) was blamed for a later 0 / 0; and an infinity
+    in an input (an additive mask) stopped the search before the real NaN."""
+    def f(x, mask):
+        safe = gc.where(x > 0, gc.log(x), 0.0)
+        z = (x * 0.0).sum()
+        return safe.mean() + F.softmax(x + mask, -1).sum() + z / z
+
+    line = f.__code__.co_firstlineno + 3
+    graph = gc.trace(f, np.zeros((2, 3), np.float32), np.zeros((2, 3), np.float32))
+    x = np.array([[1.0, -1.0, 2.0], [0.5, 3.0, -2.0]], np.float32)
+    mask = np.array([[0, -np.inf, 0], [0, 0, -np.inf]], np.float32)
+    report = find_nonfinite(graph, [x, mask])
+    assert report.op == "div" and report.loc.endswith(f"test_debug.py:{line}")

@@ -140,7 +140,7 @@ def test_a_parameter_in_two_groups_is_refused():
 def test_unknown_group_keys_and_malformed_groups_are_refused():
     model = nn.Linear(3, 2)
     with pytest.raises(GraphcError, match=r"unknown key\(s\) \['momentum'\] in parameter group 1; "
-                                          "AdamW takes amsgrad, betas, eps, lr, weight_decay"):
+                                          "AdamW takes amsgrad, betas, eps, lr, maximize, weight_decay"):
         optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "momentum": 0.9}])
     with pytest.raises(GraphcError, match="group 0 has no parameters"):
         optim.SGD([{"params": []}], lr=0.1)

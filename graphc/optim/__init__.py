@@ -38,6 +38,18 @@ ParamsArg = Iterable[np.ndarray] | Iterable[dict[str, Any]]
 _NONNEGATIVE = ("lr", "weight_decay", "momentum", "eps", "alpha", "lr_decay", "initial_accumulator_value")
 
 
+def checked_rates(rates: Sequence[Any], owner: str, where: str) -> Sequence[Any]:
+    """`rates` when each is a finite number >= 0; else an error naming the first bad one (a
+    NaN rate would turn every weight NaN). `where` names a rate's place, formatted with its
+    group's index."""
+    for i, rate in enumerate(rates):
+        number = isinstance(rate, (int, float, np.integer, np.floating)) and not isinstance(rate, (bool, np.bool_))
+        if not number or not np.isfinite(rate) or rate < 0:
+            raise GraphcError(f"{owner}: {where.format(i)} is {rate!r}; a learning rate is a finite "
+                              "number >= 0")
+    return rates
+
+
 def _in_dtype(t: Tensor, dtype: str) -> Tensor:
     return t if t.dtype == dtype else t.astype(dtype)
 
@@ -107,6 +119,26 @@ class Optimizer:
     def _check_group(self, group: dict[str, Any], index: int) -> None:
         """Subclasses refuse hyperparameter combinations that make no sense."""
 
+    # PyTorch's eager loop, which a compiled training step is instead of
+    def _not_eager(self, method: str) -> GraphcError:
+        return GraphcError(f"{type(self).__name__}.{method}(): graphc's optimizers update the "
+                           "weights inside a compiled training step (gc.compile_train_step(model, "
+                           "loss_fn, optimizer, example_inputs), then step(x, y) per batch), so "
+                           "there are no gradients to zero or apply by hand; save and load the "
+                           "optimizer's state with graphc.train.save_checkpoint/load_checkpoint")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        raise self._not_eager("zero_grad")
+
+    def step(self, closure: Any = None) -> None:
+        raise self._not_eager("step")
+
+    def state_dict(self) -> dict[str, Any]:
+        raise self._not_eager("state_dict")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise self._not_eager("load_state_dict")
+
     @property
     def params(self) -> list[np.ndarray]:
         """Every parameter, group by group (the order of the compiled step's inputs)."""
@@ -136,7 +168,9 @@ class Optimizer:
     def learning_rates(self) -> list[np.generic]:
         """Each group's rate now, as the compiled step takes them."""
         to_dtype = self.lr_dtype.type
-        return [to_dtype(group["lr"]) for group in self.param_groups]
+        rates = checked_rates([group["lr"] for group in self.param_groups], type(self).__name__,
+                              "param_groups[{}]['lr']")
+        return [to_dtype(rate) for rate in rates]
 
     def compiled_settings(self) -> tuple:
         """What a compiled step bakes in: every group's parameters and its hyperparameters
@@ -245,6 +279,8 @@ class Optimizer:
         """`rule` for one parameter of `group`: its new value and slots, given the step count
         (its own where it keeps one) and the rate in its dtype."""
         own_step = slots["step"] + 1 if "step" in slots else step
+        if group.get("maximize"):  # ascent: the rule (weight decay too) sees -g, as PyTorch's
+            g = -g
         new_p, new_slots = self.rule(p, g, slots, _in_dtype(lr, p.dtype), _in_dtype(own_step, p.dtype),
                                      group)
         if "step" in slots:
@@ -263,9 +299,10 @@ def _decayed(p: Tensor, g: Tensor, group: dict[str, Any]) -> Tensor:
 
 class SGD(Optimizer):
     def __init__(self, params: ParamsArg, lr: float = 1e-3, momentum: float = 0.0,
-                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False) -> None:
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
+                 maximize: bool = False) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
-                                      weight_decay=weight_decay, nesterov=nesterov))
+                                      weight_decay=weight_decay, nesterov=nesterov, maximize=maximize))
 
     def _check_group(self, group, index):
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
@@ -301,9 +338,9 @@ class Adam(Optimizer):
 
     def __init__(self, params: ParamsArg, lr: float = 1e-3,
                  betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, amsgrad: bool = False) -> None:
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
-                                      weight_decay=weight_decay, amsgrad=bool(amsgrad)))
+                 weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      amsgrad=bool(amsgrad), maximize=maximize))
 
     def _check_group(self, group, index):
         betas = tuple(map(float, group["betas"]))
@@ -343,16 +380,17 @@ class AdamW(Adam):
 
     def __init__(self, params: ParamsArg, lr: float = 1e-3,
                  betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, amsgrad: bool = False) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad)
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)
 
 
 class Adagrad(Optimizer):
     def __init__(self, params: ParamsArg, lr: float = 1e-2, lr_decay: float = 0.0,
                  weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
-                 eps: float = 1e-10) -> None:
+                 eps: float = 1e-10, *, maximize: bool = False) -> None:
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                                      initial_accumulator_value=initial_accumulator_value, eps=eps))
+                                      initial_accumulator_value=initial_accumulator_value, eps=eps,
+                                      maximize=maximize))
 
     def init_state(self, param):
         # The group's own value (PyTorch's Adagrad reads only the optimizer's default).
@@ -374,9 +412,9 @@ class Adagrad(Optimizer):
 class RMSprop(Optimizer):
     def __init__(self, params: ParamsArg, lr: float = 1e-2, alpha: float = 0.99,
                  eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.0,
-                 centered: bool = False) -> None:
+                 centered: bool = False, *, maximize: bool = False) -> None:
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                                      momentum=momentum, centered=centered))
+                                      momentum=momentum, centered=centered, maximize=maximize))
 
     def slots(self, group):
         return ("square_avg",) + (("momentum_buffer",) if group["momentum"] else ()) + (
@@ -419,8 +457,10 @@ def clip_by_global_norm(grads: Params, max_norm: float) -> Params:
 
 # Last: the schedulers' module imports Optimizer from this one.
 from .lr_scheduler import (CosineAnnealingLR, ExponentialLR, LambdaLR, LinearLR,  # noqa: E402
-                           LRScheduler, MultiStepLR, OneCycleLR, SequentialLR, StepLR)
+                           LRScheduler, MultiStepLR, OneCycleLR, ReduceLROnPlateau, SequentialLR,
+                           StepLR)
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "l1_penalty",
            "clip_by_global_norm", "LRScheduler", "LambdaLR", "StepLR", "MultiStepLR",
-           "ExponentialLR", "LinearLR", "CosineAnnealingLR", "OneCycleLR", "SequentialLR"]
+           "ExponentialLR", "LinearLR", "CosineAnnealingLR", "OneCycleLR", "SequentialLR",
+           "ReduceLROnPlateau"]

@@ -16,17 +16,34 @@ from graphc.ir.errors import GraphcError
 from . import Optimizer
 
 
+# the rates a schedule keeps in a parameter group besides "lr" (checkpoints save them)
+SCHEDULE_KEYS = ("initial_lr", "max_lr", "min_lr")
+
+
 class LRScheduler:
     """PyTorch's protocol: construction sets the epoch-0 rates, each `step()` advances one
-    epoch (or one batch, as the schedule is meant), `get_last_lr()` returns the rates set."""
+    epoch (or one batch, as the schedule is meant), `get_last_lr()` returns the rates set.
+    `schedule_keys`: the rates it keeps in each parameter group (checkpoints save them)."""
+
+    schedule_keys: tuple[str, ...] = ("initial_lr",)
 
     def __init__(self, optimizer: Optimizer, last_epoch: int = -1) -> None:
         if not isinstance(optimizer, Optimizer):
             raise GraphcError(f"{type(self).__name__}: expected a graphc optimizer, got "
                               f"{type(optimizer).__name__}")
         self.optimizer = optimizer
-        for group in optimizer.param_groups:
-            group.setdefault("initial_lr", group["lr"])
+        for i, group in enumerate(optimizer.param_groups):
+            if last_epoch == -1:
+                group.setdefault("initial_lr", group["lr"])
+            elif any(key not in group for key in self.schedule_keys):
+                # resuming: the schedule's rates are the group's
+                missing = [key for key in self.schedule_keys if key not in group]
+                raise GraphcError(
+                    f"{type(self).__name__}(last_epoch={last_epoch}): parameter group {i} has no "
+                    f"{' or '.join(map(repr, missing))} to resume the schedule from (PyTorch "
+                    "raises too): load the checkpoint saved with the schedule running "
+                    "(graphc.train.load_checkpoint restores them) before building the "
+                    f"scheduler, or set them in param_groups[{i}]")
         self.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
         self.last_epoch = last_epoch
         self.step()
@@ -36,6 +53,12 @@ class LRScheduler:
         raise NotImplementedError
 
     def step(self) -> None:
+        if len(self.optimizer.param_groups) != len(self.base_lrs):
+            raise GraphcError(
+                f"{type(self).__name__}: the optimizer has {len(self.optimizer.param_groups)} "
+                f"parameter groups, {len(self.base_lrs)} when the scheduler was built "
+                "(add_param_group since); build a new scheduler for them all, with last_epoch="
+                f"{self.last_epoch} to go on, after giving the new groups 'initial_lr'")
         self.last_epoch += 1
         for i, group in enumerate(self.optimizer.param_groups):
             group["lr"] = self.rate(self.last_epoch, i)
@@ -136,6 +159,8 @@ class OneCycleLR(LRScheduler):
     the initial rate first). Cycling the momentum is refused: momentum and betas are compiled
     into the step, only the rates are its inputs."""
 
+    schedule_keys = ("initial_lr", "max_lr", "min_lr")
+
     def __init__(self, optimizer: Optimizer, max_lr: float | Sequence[float],
                  total_steps: int | None = None, epochs: int | None = None,
                  steps_per_epoch: int | None = None, pct_start: float = 0.3,
@@ -211,5 +236,64 @@ class SequentialLR(LRScheduler):
         return self.schedulers[index].rate(epoch - start, group)
 
 
-__all__ = ["LRScheduler", "LambdaLR", "StepLR", "MultiStepLR", "ExponentialLR", "LinearLR",
-           "CosineAnnealingLR", "OneCycleLR", "SequentialLR"]
+class ReduceLROnPlateau:
+    """PyTorch's: multiply each group's rate by `factor` (not below its `min_lr`) once the
+    metric given to `step(metric)` has not improved for more than `patience` epochs, then wait
+    `cooldown` epochs before counting again. Improvement is by `threshold`, relative to the best
+    (`threshold_mode` "rel") or absolute ("abs"), downwards (`mode` "min") or upwards ("max");
+    a rate changes only by more than `eps`. graphc.train.fit steps it with the epoch's
+    `monitor` log ("val_loss" where it validates, else "loss", by default)."""
+
+    def __init__(self, optimizer: Optimizer, mode: str = "min", factor: float = 0.1,
+                 patience: int = 10, threshold: float = 1e-4, threshold_mode: str = "rel",
+                 cooldown: int = 0, min_lr: float | Sequence[float] = 0.0, eps: float = 1e-8,
+                 monitor: str | None = None) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise GraphcError(f"ReduceLROnPlateau: expected a graphc optimizer, got "
+                              f"{type(optimizer).__name__}")
+        if not factor < 1.0:
+            raise ValueError(f"ReduceLROnPlateau: factor must be below 1, got {factor}")
+        if mode not in ("min", "max") or threshold_mode not in ("rel", "abs"):
+            raise ValueError(f"ReduceLROnPlateau: mode must be 'min' or 'max' and threshold_mode "
+                             f"'rel' or 'abs', got {mode!r} and {threshold_mode!r}")
+        self.optimizer, self.mode, self.factor, self.patience = optimizer, mode, factor, patience
+        self.threshold, self.threshold_mode, self.cooldown, self.eps = threshold, threshold_mode, cooldown, eps
+        self.min_lrs = _per_group(min_lr, optimizer, "ReduceLROnPlateau", "min_lr values")
+        self.monitor = monitor
+        self.best = math.inf if mode == "min" else -math.inf
+        self.num_bad_epochs = self.cooldown_counter = self.last_epoch = 0
+        self._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+    def improves(self, value: float) -> bool:
+        """Whether `value` beats the best so far by the threshold, as PyTorch compares (a
+        relative threshold scales the best as it is, sign and all; a NaN never beats it)."""
+        if self.mode == "min":
+            return value < (self.best * (1 - self.threshold) if self.threshold_mode == "rel"
+                            else self.best - self.threshold)
+        return value > (self.best * (1 + self.threshold) if self.threshold_mode == "rel"
+                        else self.best + self.threshold)
+
+    def step(self, metric: float) -> None:
+        value = float(metric)
+        self.last_epoch += 1
+        if self.improves(value):
+            self.best, self.num_bad_epochs = value, 0
+        else:
+            self.num_bad_epochs += 1
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.num_bad_epochs = 0  # epochs in cooldown do not count
+        if self.num_bad_epochs > self.patience:
+            for group, floor in zip(self.optimizer.param_groups, self.min_lrs):
+                new = max(group["lr"] * self.factor, floor)
+                if group["lr"] - new > self.eps:
+                    group["lr"] = new
+            self.cooldown_counter, self.num_bad_epochs = self.cooldown, 0
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_last_lr(self) -> list[float]:
+        return list(self._last_lr)
+
+
+__all__ = ["SCHEDULE_KEYS", "LRScheduler", "LambdaLR", "StepLR", "MultiStepLR", "ExponentialLR", "LinearLR",
+           "CosineAnnealingLR", "OneCycleLR", "SequentialLR", "ReduceLROnPlateau"]

@@ -320,7 +320,7 @@ def _answer(outputs: np.ndarray, runner: Runner, top_k: int | None, softmax: boo
 class _Server:
     def __init__(self, runners: Sequence[Runner], max_batch: int, max_delay_ms: float,
                  max_body_bytes: int, loader: Loader) -> None:
-        if max_batch < 1 or max_delay_ms < 0 or max_body_bytes < 1:
+        if not (max_batch >= 1 and 0 <= max_delay_ms < math.inf and max_body_bytes >= 1):  # NaN too
             raise GraphcError(f"serve: max_batch >= 1, max_delay_ms >= 0 and max_body_bytes >= 1 "
                               f"are needed (got {max_batch}, {max_delay_ms}, {max_body_bytes})")
         names = [r.name for r in runners]
@@ -496,6 +496,8 @@ def serve(runners: Sequence[Runner], *, host: str = "127.0.0.1", port: int = 800
     """Serve until SIGTERM or SIGINT; then stop accepting, answer every request in flight (up
     to `drain_timeout_s`) and return. `ready(host, port)` is called once listening (the port
     actually bound when `port` is 0)."""
+    if not 0 <= drain_timeout_s < math.inf:  # NaN too
+        raise GraphcError(f"serve: drain_timeout_s must be a finite number >= 0, got {drain_timeout_s}")
     asyncio.run(_serve(make_app(runners, **options), host, port, drain_timeout_s, ready))
 
 
