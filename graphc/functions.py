@@ -436,7 +436,8 @@ def norm(x: Tensor, p: float | str | None = "fro", dim: int | Sequence[int] | No
     keep = keepdim or keepdims
     if p is None or p == "fro" or p == 2:
         squares = x.square().sum(axes, keepdim=keep)
-        nonzero = squares > 0  # sqrt's derivative is infinite at 0: route zero vectors around it
+        nonzero = squares != 0  # sqrt's derivative is infinite at 0: route zero vectors around it
+        # (only them: `> 0` would route a NaN around too, and report 0)
         return where(nonzero, where(nonzero, squares, 1).sqrt(), 0)
     if isinstance(p, str):
         raise GraphcError(f"norm: p={p!r} is not supported; use 'fro', 1, 2, inf, -inf, 0 or "
@@ -451,12 +452,12 @@ def norm(x: Tensor, p: float | str | None = "fro", dim: int | Sequence[int] | No
         return (x != 0).astype(x.dtype).sum(axes, keepdim=keep)
     magnitude = x.abs()
     if 0 < p < 1:  # |x|^p's slope is infinite at 0: zero elements get gradient 0, as in PyTorch
-        nonzero_element = magnitude > 0
+        nonzero_element = magnitude != 0
         powers = where(nonzero_element, where(nonzero_element, magnitude, 1) ** float(p), 0)
     else:
         powers = magnitude ** float(p)
     total = powers.sum(axes, keepdim=keep)
-    nonzero = total > 0  # the root's derivative is infinite at 0: route zero vectors around it
+    nonzero = total != 0  # the root's derivative is infinite at 0: route zero vectors around it
     return where(nonzero, where(nonzero, total, 1) ** (1.0 / float(p)), 0)
 
 

@@ -446,10 +446,25 @@ def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
     if isinstance(x, np.ndarray):
         current_trace().note_array(x)
     arr = np.asarray(x)
-    # Python floats default to float32, as in PyTorch; np.float64 (a float subclass) keeps its width
-    if arr.dtype == np.float64 and isinstance(x, float) and not isinstance(x, np.floating):
+    # Python floats default to float32, as in PyTorch, alone or in lists (torch.tensor([0.5]));
+    # np.float64 (a float subclass) keeps its width
+    if arr.dtype == np.float64 and _python_numbers(x):
         arr = arr.astype(np.float32)
     return Tensor(b.const(arr, canonical_dtype(arr.dtype)))
+
+
+def _operand_kind(x: Any) -> str:
+    """How an error names an operand: a tensor's or array's dtype, else its Python type."""
+    dtype = getattr(x, "dtype", None)
+    return str(dtype) if dtype is not None else type(x).__name__
+
+
+def _python_numbers(x: Any) -> bool:
+    """Whether `x` is a Python number, or a list or tuple of them (nested), with no NumPy
+    scalar or array among them."""
+    if isinstance(x, (list, tuple)):
+        return all(map(_python_numbers, x))
+    return isinstance(x, (bool, int, float)) and not isinstance(x, np.generic)
 
 
 # -- type promotion ------------------------------------------------------------------------------
@@ -775,8 +790,14 @@ class Tensor:
     def _binary(self, op: str, other: Any, reverse: bool = False) -> Tensor:
         """`self op other` (`other op self` when `reverse`), the operands promoted to one
         dtype as in PyTorch (see result_dtype); `&` and `|` take booleans as they are."""
-        if op in ("logical_and", "logical_or"):
+        if op in ("logical_and", "logical_or", "logical_xor"):
             a, b = self, as_tensor(other, like=self)
+            if a.dtype != "bool" or b.dtype != "bool" or not isinstance(other, (Tensor, bool, np.bool_, np.ndarray)):
+                symbol = {"logical_and": "&", "logical_or": "|", "logical_xor": "^"}[op]
+                raise DTypeError(f"{symbol} takes bool tensors and bools (graphc has no bitwise integer "
+                                 f"ops), got {a.dtype} and {_operand_kind(other)} (at {user_location()})")
+            if op == "logical_xor":
+                return bind("ne", a, b)
         else:
             a, b = promoted(self, other, true_division=op == "div")
         return bind(op, b, a) if reverse else bind(op, a, b)
@@ -810,7 +831,11 @@ class Tensor:
     def __eq__(self, o): return self._binary("eq", o)  # type: ignore[override]
     def __ne__(self, o): return self._binary("ne", o)  # type: ignore[override]
     def __and__(self, o): return self._binary("logical_and", o)
+    def __rand__(self, o): return self._binary("logical_and", o, True)
     def __or__(self, o): return self._binary("logical_or", o)
+    def __ror__(self, o): return self._binary("logical_or", o, True)
+    def __xor__(self, o): return self._binary("logical_xor", o)
+    def __rxor__(self, o): return self._binary("logical_xor", o, True)
     def __invert__(self): return bind("logical_not", self)
     __hash__ = object.__hash__
 
@@ -930,6 +955,8 @@ class Tensor:
         count = int(np.prod([self.shape[a] for a in axes], dtype=np.int64))
         # The mean of no elements is 0/0: NaN, as in NumPy and PyTorch.
         scale = 1.0 / count if count else float("nan")
+        if not is_float(self.dtype):  # summed in float64, as NumPy does: an int64 sum overflows
+            return (self.astype("float64").sum(axes, keepdim or keepdims) * scale).astype("float32")
         return self.sum(axes, keepdim or keepdims) * scale
 
     @scalar_reduced_as_vector

@@ -9,7 +9,7 @@ import numpy as np
 
 from graphc.ir.errors import DTypeError, GraphcError, InputError, ShapeError, user_location
 
-from ..functions import bernoulli, concatenate, logsumexp, maximum, one_hot, stop_gradient, where
+from ..functions import bernoulli, concatenate, logsumexp, maximum, stop_gradient, where
 from ..tensor import Tensor, as_tensor, bind, scalar_reduced_as_vector
 from . import normalization
 from . import sparse as sparse_layers
@@ -134,8 +134,23 @@ def log_softmax(x: Tensor, dim: int | None = None) -> Tensor:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ weight.T + bias, with weight of shape (out_features, in_features)."""
-    out = as_tensor(x) @ as_tensor(weight).T
+    weight = as_tensor(weight)
+    out = as_tensor(x) @ weight.T
+    if bias is not None and as_tensor(bias).shape not in ((), (weight.shape[0],)):
+        raise ShapeError(f"linear: bias must have shape ({weight.shape[0]},), one per output "
+                         f"feature, got {as_tensor(bias).shape} (at {user_location()})")
     return out + bias if bias is not None else out
+
+
+def _plus_channel_bias(op: str, out: Tensor, bias: Any) -> Tensor:
+    """`out` (N, C, ...) plus a (C,) `bias` along its channels."""
+    if bias is None:
+        return out
+    bias = as_tensor(bias)
+    if bias.shape != (out.shape[1],):
+        raise ShapeError(f"{op}: bias must have shape ({out.shape[1]},), one per output channel, "
+                         f"got {bias.shape} (at {user_location()})")
+    return out + bias.reshape(1, -1, *([1] * (out.ndim - 2)))
 
 
 CONV_PADDING_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate",
@@ -194,7 +209,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 
         top = left = 0
     out = bind("conv2d", x, weight, stride=_pair(stride), padding=(top, left),
                dilation=_pair(dilation), groups=groups)
-    return out + as_tensor(bias).reshape(1, -1, 1, 1) if bias is not None else out
+    return _plus_channel_bias("conv2d", out, bias)
 
 
 def conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1,
@@ -233,7 +248,7 @@ def conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
         out = bind("conv2d_input_grad", x, weight,
                    input_shape=(x.shape[0], weight.shape[1] * groups, *size),
                    stride=stride, padding=padding, dilation=dilation, groups=groups)
-    return out + as_tensor(bias).reshape(1, -1, 1, 1) if bias is not None else out
+    return _plus_channel_bias("conv_transpose2d", out, bias)
 
 
 def interpolate(input: Tensor, size: Any = None, scale_factor: Any = None, mode: str = "nearest",
@@ -438,6 +453,24 @@ def dropout2d(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = 
         return _result(x, t * 0.0, inplace)
     keep = bernoulli(1 - p, t.shape[:-2] + (1, 1))
     return _result(x, where(keep, t * (1.0 / (1 - p)), 0), inplace)
+
+
+def one_hot(tensor: Any, num_classes: int = -1) -> Tensor:
+    """PyTorch's: int64, with a 1 at each index along a new last axis; an index outside
+    [0, num_classes) is an IndexOutOfRangeError, checked at run time as every index is.
+    (gc.one_hot is JAX's: float32 by default, a row of zeros for an index out of range.)"""
+    if (isinstance(num_classes, (bool, np.bool_)) or not isinstance(num_classes, (int, np.integer))
+            or num_classes < 1):
+        raise GraphcError(f"one_hot: num_classes={num_classes!r}: give the number of classes "
+                          "(PyTorch's default, the largest index + 1, depends on the values, which "
+                          f"tracing does not know) (at {user_location()})")
+    indices = as_tensor(tensor)
+    if indices.dtype not in ("int32", "int64"):
+        raise DTypeError(f"one_hot: takes integer class indices, got {indices.dtype} (at {user_location()})")
+    # a gather from num_classes zeros checks each index, as PyTorch's one_hot does
+    checked = bind("gather", as_tensor(np.zeros(int(num_classes), np.int64)), indices, axis=0,
+                   wrap_negative=False)
+    return bind("one_hot", indices, num_classes=int(num_classes), dtype="int64") + checked[..., None]
 
 
 def dropout(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
@@ -867,6 +900,9 @@ def cross_entropy(input: Tensor, target: Any, weight: Any = None, size_average: 
                          f"0-d input (at {user_location()})")
     class_axis = 0 if logits.ndim == 1 else 1
     num_classes = logits.shape[class_axis]
+    if num_classes == 0:
+        raise ShapeError(f"cross_entropy: the logits {logits.shape} have no class (axis "
+                         f"{class_axis} is empty) (at {user_location()})")
     log_probs = log_softmax(logits, dim=class_axis)
     weight = _class_weights(weight, num_classes, logits)
     target = as_tensor(target)
@@ -907,16 +943,21 @@ def binary_cross_entropy(input: Tensor, target: Any, weight: Any = None,
     """-weight * (t log p + (1-t) log(1-p)) for probabilities p; each log is clamped at -100,
     as PyTorch's, so p of exactly 0 or 1 gives a finite loss. Its gradient in p is PyTorch's,
     (p - t) / max(p (1 - p), 1e-12): finite at p of exactly 0 or 1 too (a saturated sigmoid),
-    where the clamped logs' own would be 0 * (1/0), NaN."""
+    where the clamped logs' own would be 0 * (1/0), NaN. Where p (1 - p) > 1e-12 (every p but
+    the saturated ones) the loss is the logs themselves, so its higher derivatives are exact."""
     probs = _loss_input("binary_cross_entropy", input)
     target = _same_shape_target("binary_cross_entropy", probs, target)
     reduction = _reduction(size_average, reduce, reduction)
     p = stop_gradient(probs)
+    interior = p * (1 - p) > 1e-12
+    live = where(interior, probs, 0.5)  # the logs of the saturated ones are not differentiated
+    inside = -(target * live.log() + (1 - target) * bind("log1p", -live))
     log_p = maximum(p.log(), -100.0)
     log_not_p = maximum(bind("log1p", -p), -100.0)
     slope = stop_gradient((p - target) / maximum(p * (1 - p), 1e-12))
     # probs - p is 0: the term adds nothing to the loss and gives p the gradient `slope`
-    loss = -(target * log_p + (1 - target) * log_not_p) + slope * (probs - p)
+    saturated = -(target * log_p + (1 - target) * log_not_p) + slope * (probs - p)
+    loss = where(interior, inside, saturated)
     if weight is not None:
         loss = loss * _cast_like(weight, probs)
     return _reduce(loss, reduction)
@@ -938,7 +979,15 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Any, weight: Any = N
     above, below = where(nonnegative, logits, 0), where(nonnegative, 0, logits)
     neg_log_sigmoid = where(nonnegative, bind("log1p", (-above).exp()),
                             bind("log1p", below.exp()) - below)
-    positive_scale = target if pos_weight is None else target * _cast_like(pos_weight, logits)
+    if pos_weight is not None:
+        pos_weight = _cast_like(pos_weight, logits)
+        try:
+            np.broadcast_shapes(pos_weight.shape, logits.shape)
+        except ValueError:
+            raise ShapeError(f"binary_cross_entropy_with_logits: pos_weight {pos_weight.shape} "
+                             f"does not broadcast to the logits {logits.shape} (one per class, "
+                             f"along the last axis) (at {user_location()})") from None
+    positive_scale = target if pos_weight is None else target * pos_weight
     # t·(-log σ(x)) + (1-t)·(-log(1-σ(x))), with -log(1-σ(x)) = x - log σ(x).
     loss = (1 - target) * logits + (positive_scale + 1 - target) * neg_log_sigmoid
     if weight is not None:
@@ -949,7 +998,7 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Any, weight: Any = N
 def kl_div(input: Tensor, target: Any, size_average: bool | None = None, reduce: bool | None = None,
            reduction: str = "mean", log_target: bool = False) -> Tensor:
     """Kullback-Leibler divergence with `input` as log-probabilities: target * (log target -
-    input), 0 where target is 0 (or exp(target) * (target - input) with `log_target`).
+    input), 0 where target is 0 (NaN where it is negative) (or exp(target) * (target - input) with `log_target`).
     reduction='batchmean' divides the sum by the batch size (the true KL divergence); 'mean'
     averages over every element, as PyTorch's."""
     log_q = _loss_input("kl_div", input)
@@ -958,9 +1007,10 @@ def kl_div(input: Tensor, target: Any, size_average: bool | None = None, reduce:
     if log_target:
         loss = target.exp() * (target - log_q)
     else:
-        positive = target > 0
-        # The inner where keeps log's argument positive, so 0·log 0 has a zero gradient too.
-        loss = where(positive, target * (where(positive, target, 1.0).log() - log_q), 0.0)
+        # 0 where the target is 0; the inner where keeps log's argument off 0, so 0·log 0 has a
+        # zero gradient too (a negative target stays NaN, as in PyTorch: it is no probability)
+        zero = target == 0
+        loss = where(zero, 0.0, target * (where(zero, 1.0, target).log() - log_q))
     if reduction == "batchmean":
         return loss.sum() / (log_q.shape[0] if log_q.ndim else 1)
     return _reduce(loss, reduction)

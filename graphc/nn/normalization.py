@@ -214,6 +214,10 @@ def group_norm(x: Tensor, num_groups: int, weight: Tensor | None = None, bias: T
         grouped = x.reshape(x.shape[0], num_groups, -1)
         out = bind("normalize", grouped, axes=(2,), epsilon=eps).reshape(*x.shape)
     per_channel = (1, x.shape[1]) + (1,) * (x.ndim - 2)
+    for name, value in (("weight", weight), ("bias", bias)):
+        if value is not None and as_tensor(value).shape != (x.shape[1],):
+            raise ShapeError(f"group_norm: {name} must have shape ({x.shape[1]},), one per "
+                             f"channel, got {as_tensor(value).shape} (at {user_location()})")
     if weight is not None:
         out = out * as_tensor(weight).reshape(*per_channel)
     if bias is not None:

@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from graphc.ir.errors import DTypeError, user_location
+from graphc.ir.errors import DTypeError, GraphcError, ShapeError, user_location
 
 from .. import init
 from ..functions import stop_gradient, where
@@ -24,6 +24,9 @@ def embedding(indices: Any, weight: Tensor, padding_idx: int | None = None) -> T
     if indices.dtype not in ("int32", "int64"):
         raise DTypeError(f"embedding: indices must be int32 or int64, got {indices.dtype} "
                          f"(at {user_location()})")
+    if weight.ndim != 2:
+        raise ShapeError(f"embedding: the weight is a (num_embeddings, embedding_dim) table, got "
+                         f"shape {weight.shape} (at {user_location()})")
     rows = bind("gather", weight, indices, axis=0, wrap_negative=False)
     if padding_idx is None:
         return rows
@@ -36,9 +39,14 @@ class Embedding(Module):
     """weight (num_embeddings, embedding_dim) drawn from N(0, 1); the `padding_idx` row starts
     at zero and is never updated by gradients."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int,
-                 padding_idx: int | None = None) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 max_norm: float | None = None, norm_type: float = 2.0,
+                 scale_grad_by_freq: bool = False, sparse: bool = False) -> None:
         super().__init__()
+        if max_norm is not None or scale_grad_by_freq:
+            raise GraphcError("Embedding: max_norm (renormalising rows in place) and "
+                              "scale_grad_by_freq are not supported; renormalise the table in "
+                              f"the training step instead (at {user_location()})")
         if padding_idx is not None:
             if not -num_embeddings <= padding_idx < num_embeddings:
                 raise ValueError(f"Embedding: padding_idx {padding_idx} must be within "

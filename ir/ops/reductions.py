@@ -57,10 +57,13 @@ def _sum_vjp(b, g, x, *, out, axes, keepdims):
 
 
 def _max_vjp(b, g, x, *, out, axes, keepdims):
-    """Ties share the cotangent evenly: g * mask / count, with mask = (x == max)."""
+    """Ties share the cotangent evenly: g * mask / count, with mask = (x == max); where the
+    maximum is NaN, the NaNs are its ties (PyTorch's rule: they would equal nothing)."""
     if not is_float(x.dtype):
         return (None,)
-    mask = b.cast(b.eq(x, _with_kept_dims(b, out, x.shape, axes)), dtype=x.dtype)
+    top = _with_kept_dims(b, out, x.shape, axes)
+    nan_ties = b.logical_and(b.ne(x, x), b.ne(top, top))
+    mask = b.cast(b.logical_or(b.eq(x, top), nan_ties), dtype=x.dtype)
     count = b.sum(mask, axes=axes, keepdims=True)
     return (b.mul(mask, b.div(_with_kept_dims(b, g, x.shape, axes), count)),)
 
