@@ -484,6 +484,8 @@ class TrainStep(_CompiledModelBase):
         """The time of every kernel of this step on `batch` (a ProfileReport; None where the
         backend times no kernels), over `repeat` runs on copies of the weights and optimizer
         state: profiling does not train, nor draw from the random generator."""
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+            raise GraphcError(f"{self.name}.profile: repeat={repeat!r}: give a number of runs >= 1")
         with self._turn, gc_random.state_kept():
             compiled, args = self._arguments(batch)
             profile = getattr(compiled.executable, "profile", None)

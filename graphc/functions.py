@@ -11,9 +11,9 @@ from graphc.ir import TensorType
 from graphc.ir.errors import DTypeError, GraphcError, ShapeError, user_location
 from graphc.ir.types import is_float
 
-from .tensor import (Tensor, ValuesIndices, normalize_axes, promote_types, reduction_axes,
-                     scalar_reduced_as_vector, as_tensor, bind,
-                     current_trace, dtype_name, matmul, promoted)
+from .tensor import (FLOAT_MATH, Tensor, ValuesIndices, normalize_axes, promote_types,
+                     reduction_axes, scalar_reduced_as_vector, as_tensor, bind,
+                     current_trace, dtype_name, float_math, matmul, promoted)
 
 __all__ = ["exp", "log", "log1p", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "sign", "square",
            "reciprocal", "maximum", "minimum", "where", "sum", "prod", "mean", "max", "amax", "argmax", "matmul",
@@ -25,7 +25,7 @@ __all__ = ["exp", "log", "log1p", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "si
 
 def _unary(op: str):
     def fn(x: Tensor) -> Tensor:
-        return bind(op, as_tensor(x))
+        return float_math(op, x) if op in FLOAT_MATH else bind(op, as_tensor(x))
     fn.__name__ = op
     fn.__doc__ = f"Elementwise {op}."
     return fn

@@ -19,14 +19,14 @@ import numpy as np
 from graphc.ir.errors import INTERNAL_DIRS, GraphcError, ShapeError, user_location
 
 from . import functions as gcf
-from .tensor import Tensor, as_tensor, bind, normalize_axes
+from .tensor import FLOAT_MATH, Tensor, as_tensor, bind, float_math, normalize_axes
 
 __all__ = ["array_ufunc", "array_function", "torch_function"]
 
 
 # -- NumPy ufuncs -----------------------------------------------------------------------------
 def _unary(op: str) -> Callable[[Tensor], Tensor]:
-    return lambda x: bind(op, x)
+    return lambda x: float_math(op, x) if op in FLOAT_MATH else bind(op, x)
 
 
 def _binary(op: str) -> Callable[[Any, Any], Tensor]:

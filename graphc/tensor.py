@@ -430,6 +430,18 @@ def bind(op: str, *inputs: Tensor, **attrs: Any) -> Tensor:
     return Tensor(current_trace().builder.bind(op, *(t.value for t in inputs), **attrs))
 
 
+# PyTorch's elementwise math computes an integer or bool tensor in the default float dtype
+# (torch.exp of int64 is float32); its NN functions (softmax, gelu) refuse one.
+FLOAT_MATH = frozenset({"exp", "log", "log1p", "expm1", "sqrt", "rsqrt", "tanh", "sigmoid",
+                        "reciprocal", "sin", "cos", "erf"})
+
+
+def float_math(op: str, x: Any) -> Tensor:
+    """`op` (one of FLOAT_MATH) of `x`, an integer or bool `x` taken as float32 first."""
+    x = as_tensor(x)
+    return bind(op, x if is_float(x.dtype) else x.astype("float32"))
+
+
 def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
     """Tensors pass through; Python numbers take `like`'s dtype; arrays become constants."""
     if isinstance(x, Tensor):
@@ -450,7 +462,12 @@ def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
     # np.float64 (a float subclass) keeps its width
     if arr.dtype == np.float64 and _python_numbers(x):
         arr = arr.astype(np.float32)
-    return Tensor(b.const(arr, canonical_dtype(arr.dtype)))
+    try:
+        dtype = canonical_dtype(arr.dtype)
+    except TypeError as error:
+        raise DTypeError(f"a constant of shape {arr.shape}: {error}; cast it first (a.astype("
+                         f"np.float32)) (at {user_location()})") from None
+    return Tensor(b.const(arr, dtype))
 
 
 def _operand_kind(x: Any) -> str:
@@ -870,11 +887,11 @@ class Tensor:
         return self
 
     # -- elementwise methods -------------------------------------------------------------------
-    def exp(self): return bind("exp", self)
-    def log(self): return bind("log", self)
-    def sqrt(self): return bind("sqrt", self)
-    def tanh(self): return bind("tanh", self)
-    def sigmoid(self): return bind("sigmoid", self)
+    def exp(self): return float_math("exp", self)
+    def log(self): return float_math("log", self)
+    def sqrt(self): return float_math("sqrt", self)
+    def tanh(self): return float_math("tanh", self)
+    def sigmoid(self): return float_math("sigmoid", self)
     def relu(self): return bind("relu", self)
     def abs(self): return bind("abs", self)
     def square(self): return bind("square", self)
@@ -1043,11 +1060,11 @@ class Tensor:
         return _order_reversed(self).argmax(dim, keepdim, axis=axis, keepdims=keepdims)
 
     # -- math: graphc/functions.py defines these ----------------------------------------------
-    def sin(self) -> Tensor: return bind("sin", self)
-    def cos(self) -> Tensor: return bind("cos", self)
-    def erf(self) -> Tensor: return bind("erf", self)
+    def sin(self) -> Tensor: return float_math("sin", self)
+    def cos(self) -> Tensor: return float_math("cos", self)
+    def erf(self) -> Tensor: return float_math("erf", self)
 
-    def expm1(self) -> Tensor: return bind("expm1", self)
+    def expm1(self) -> Tensor: return float_math("expm1", self)
 
     def floor(self) -> Tensor:
         from .functions import floor

@@ -119,3 +119,29 @@ def test_arguments_of_the_wrong_size_are_named():
             gc.jit(f)(x)
     with pytest.raises(GraphcError, match="Embedding: max_norm .* not supported"):
         nn.Embedding(5, 3, max_norm=1.0)
+
+
+@pytest.mark.parametrize("op", ["exp", "log", "log1p", "expm1", "sqrt", "rsqrt", "tanh", "sigmoid",
+                                "reciprocal", "sin", "cos", "erf"])
+def test_elementwise_math_of_integers_is_float32_as_pytorchs(op):
+    """They were refused; PyTorch computes an integer or bool tensor in float32."""
+    x = np.array([1, 2, 4])
+    expected = getattr(torch, op)(torch.tensor(x)).numpy()
+    got = gc.jit(lambda a: getattr(gc, op)(a))(x)
+    assert got.dtype == expected.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=2e-6)
+    if hasattr(gc.Tensor, op):
+        np.testing.assert_allclose(gc.jit(lambda a: getattr(a, op)())(x), expected, rtol=2e-6)
+
+
+def test_relu6_and_hardtanh_keep_integers():
+    x = np.array([-5, 1, 2, 9])
+    for f, reference in ((F.relu6, torch.nn.functional.relu6), (F.hardtanh, torch.nn.functional.hardtanh)):
+        got, expected = gc.jit(f)(x), reference(torch.tensor(x)).numpy()
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_a_constant_of_a_dtype_graphc_lacks_is_named_at_its_line():
+    with pytest.raises(DTypeError, match=r"unsupported dtype 'uint8'.*cast it first.*test_dtype_and_loss_edges"):
+        gc.jit(lambda a: a + np.array([1, 2], np.uint8))(np.ones(2, np.float32))

@@ -326,7 +326,7 @@ def test_writes_that_change_the_dtype_or_a_float_into_ints():
     np.testing.assert_array_equal(gc.jit(truncated, backend=REF)(np.arange(4)), [2, 1, 2, 3])
     with pytest.raises(gc.DTypeError, match=r"inplace=True: the result is float32, which cannot be "
                                             r"written into x \(int64\)"):
-        gc.jit(lambda x: F.hardtanh(x, -1.0, 1.0, inplace=True), backend=REF)(np.arange(4))
+        gc.jit(lambda x: F.hardtanh(x, -1.5, 1.5, inplace=True), backend=REF)(np.arange(4))
 
 
 def test_an_inner_trace_writing_an_enclosing_functions_tensor_is_refused_at_the_write():

@@ -426,6 +426,8 @@ def hardtanh(x: Tensor, min_val: float = -1.0, max_val: float = 1.0, inplace: bo
         raise ValueError(f"hardtanh: min_val ({min_val}) cannot be greater than max_val ({max_val}) "
                          f"(at {user_location()})")
     t = as_tensor(x)
+    if t.dtype in ("int32", "int64") and float(min_val).is_integer() and float(max_val).is_integer():
+        min_val, max_val = int(min_val), int(max_val)  # integers stay integers, as in PyTorch
     return _result(x, where(t <= min_val, min_val, where(t >= max_val, max_val, t)), inplace)
 
 
