@@ -592,7 +592,9 @@ def _diagonals(labels: str, x: Tensor) -> tuple[str, Tensor]:
             n = x.shape[first]
             shape = [1] * x.ndim
             shape[first] = shape[second] = n
-            x = where(as_tensor(np.eye(n, dtype=bool).reshape(shape)), x, 0).sum(second)
+            # one element of each line is kept: its sum is that element, in x's own dtype
+            # (a bool's or an int32's sum would widen to int64)
+            x = where(as_tensor(np.eye(n, dtype=bool).reshape(shape)), x, 0).sum(second).astype(x.dtype)
             labels = labels[:second] + labels[second + 1:]
     return labels, x
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from graphc.ir import Graph, Node, TensorType, Value
 from graphc.ir.errors import GraphcError
+from graphc.ir.types import is_float
 from graphc.ir.lowering import find_lowering, lowered_primitives, lowering, register_lowering
 from graphc.ir.ops.control import SCAN_OP, split_inputs
 
@@ -312,15 +313,33 @@ def _normalize(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None
     g.emit("Div", [centred, g.emit("Sqrt", [g.emit("Add", [var, epsilon])])], out)
 
 
+def _emit_reduce_max(g: OnnxGraphBuilder, node: Node, x: str, out: str) -> None:
+    if g.opset >= 18:  # ReduceMax took its axes as an attribute before opset 18
+        _reduce_max_axes_input(g, node, [x], out)
+    elif not node.attrs["axes"]:
+        g.emit("Identity", [x], out)
+    else:
+        g.emit("ReduceMax", [x], out, axes=list(node.attrs["axes"]),
+               keepdims=int(node.attrs["keepdims"]))
+
+
+def _nan_flags(g: OnnxGraphBuilder, x: str, dtype: str) -> str:
+    """1 where x is NaN, else 0, in x's dtype."""
+    return g.emit("Cast", [g.emit("IsNaN", [x])], to=g.elem_type(dtype))
+
+
 @lowering(TARGET, "max")
 def _reduce_max(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
-    if g.opset >= 18:  # ReduceMax took its axes as an attribute before opset 18
-        _reduce_max_axes_input(g, node, xs, out)
-    elif not node.attrs["axes"]:
-        g.emit("Identity", xs, out)
-    else:
-        g.emit("ReduceMax", xs, out, axes=list(node.attrs["axes"]),
-               keepdims=int(node.attrs["keepdims"]))
+    """A NaN is the maximum, as in graphc and NumPy (onnxruntime's ReduceMax passes over it)."""
+    dtype = node.inputs[0].dtype
+    if not is_float(dtype):
+        _emit_reduce_max(g, node, xs[0], out)
+        return
+    peak, any_nan = g.fresh("peak"), g.fresh("any_nan")
+    _emit_reduce_max(g, node, xs[0], peak)
+    _emit_reduce_max(g, node, _nan_flags(g, xs[0], dtype), any_nan)
+    nan = g.constant(np.asarray(np.nan, dtype))
+    g.emit("Where", [g.emit("Greater", [any_nan, g.constant(np.asarray(0, dtype))]), nan, peak], out)
 
 
 @lowering(TARGET, "slice")
@@ -356,7 +375,20 @@ register_lowering(TARGET, "gather", _with_axis("Gather"))
 
 @lowering(TARGET, "argmax")
 def _argmax(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
-    g.emit("ArgMax", xs, out, axis=node.attrs["axis"], keepdims=int(node.attrs["keepdims"]))
+    """The first NaN's index where a line holds one, as in graphc and NumPy (onnxruntime's
+    ArgMax passes over NaN)."""
+    axis, keepdims = node.attrs["axis"], int(node.attrs["keepdims"])
+    dtype = node.inputs[0].dtype
+    if not is_float(dtype):
+        g.emit("ArgMax", xs, out, axis=axis, keepdims=keepdims)
+        return
+    flags = _nan_flags(g, xs[0], dtype)
+    first_nan = g.emit("ArgMax", [flags], axis=axis, keepdims=keepdims)
+    any_nan = g.emit("Greater", [g.emit("ReduceMax", [flags], axes=[axis], keepdims=keepdims)
+                                 if g.opset < 18 else
+                                 g.emit("ReduceMax", [flags, g.ints((axis,))], keepdims=keepdims),
+                                 g.constant(np.asarray(0, dtype))])
+    g.emit("Where", [any_nan, first_nan, g.emit("ArgMax", xs, axis=axis, keepdims=keepdims)], out)
 
 
 @lowering(TARGET, "take_along_axis")

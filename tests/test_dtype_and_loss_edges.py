@@ -145,3 +145,12 @@ def test_relu6_and_hardtanh_keep_integers():
 def test_a_constant_of_a_dtype_graphc_lacks_is_named_at_its_line():
     with pytest.raises(DTypeError, match=r"unsupported dtype 'uint8'.*cast it first.*test_dtype_and_loss_edges"):
         gc.jit(lambda a: a + np.array([1, 2], np.uint8))(np.ones(2, np.float32))
+
+
+def test_an_einsum_diagonal_keeps_the_operands_dtype():
+    a = np.arange(9, dtype=np.int32).reshape(3, 3)
+    for x in (a, a % 2 == 0):
+        expected = torch.einsum("ii->i", torch.tensor(x)).numpy()
+        got = gc.jit(lambda t: gc.einsum("ii->i", t))(x)
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)

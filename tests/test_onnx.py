@@ -194,6 +194,9 @@ OP_CASES = [
                                                "eq", "ne", "lt", "le", "gt", "ge")],
     ("pow", [POSITIVE, f32(1, 3)], {}),
     ("fmod", [f32(2, 3) * 5, np.float32([1.5, -2.0, 0.7])], {}),
+    # a NaN is the maximum and argmax's answer (onnxruntime's ReduceMax and ArgMax pass over it)
+    ("max", [np.float32([[1.0, np.nan, 3.0], [2.0, 5.0, 4.0]])], {"axes": (1,)}),
+    ("argmax", [np.float32([[1.0, np.nan, 3.0], [2.0, 5.0, np.nan]])], {"axis": 1}),
     ("mul", [INTS, INTS[:1]], {}),
     ("eq", [INTS, INTS[::-1]], {}),
     *[(op, [BOOLS, BOOLS[::-1]], {}) for op in ("lt", "ge", "ne", "logical_and", "logical_or")],
