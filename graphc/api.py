@@ -120,6 +120,7 @@ def _trace(fn: Callable, args: Sequence[Any], name: str) -> tuple[Traced, list[s
         nn_module = sys.modules.get("graphc.nn.module")
         if nn_module is not None and isinstance(owner, nn_module.Module):
             t.modules.setdefault(id(owner), owner)
+            t.note_settings(owner)
         tensors = [Tensor(t.builder.add_input(_leaf_type(l, p), n))
                    for l, p, n in zip(leaves, paths, names)]
         result = fn(*unflatten(treedef, tensors))
@@ -205,7 +206,7 @@ def inline_graph(graph: Graph, args: Sequence[Tensor], reads: ModuleReads = Modu
     for module in reads.modules:
         t.modules.setdefault(id(module), module)
     for module, _, attr, array, values in reads.attribute_arrays:
-        t.attribute_arrays.setdefault(id(array), (module, attr, array, values))
+        t.attribute_arrays.setdefault((id(module), attr), (module, attr, array, values))
     if graph.inputs and graph.inputs[-1].role == "rng":
         key, first_stream = t.random_key()
         mapping[graph.inputs[-1].value] = key

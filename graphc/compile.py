@@ -46,7 +46,7 @@ from .optim import Optimizer
 from .scan_lowering import SegmentedExecutable, SegmentedMemoryPlan
 from .step_builder import StepBuilder, StepSpec, batch_arrays, trace_gradients
 from .tensor import (ModuleReads, Tensor, as_tensor, current_trace, is_tracing, matching_variant,
-                     module_structure, module_tree_edits, tracing)
+                     edited_in_place, module_structure, module_tree_edits, tracing)
 from .tree import LEAF, flatten, unflatten
 
 log = logging.getLogger("graphc")
@@ -104,12 +104,19 @@ class _CompiledModelBase:
     def _note_module_tree(self) -> None:
         self._tree = self._module_tree()
         self._tree_seen = module_tree_edits()
+        # modules holding a list or dict setting, which changes without an assignment: their
+        # structures are compared at every call
+        self._volatile = [(m, module_structure(m)) for m in self.model.modules()
+                          if any(edited_in_place(value) for _, value in module_structure(m)[1])]
 
     def _module_tree(self) -> tuple:
         return tuple((id(m), module_structure(m)) for m in self.model.modules())
 
     def _module_tree_changed(self) -> bool:
-        """Whether a module of the model got other children since `_note_module_tree`."""
+        """Whether a module of the model got other children or settings since
+        `_note_module_tree`."""
+        if any(module_structure(m) != structure for m, structure in self._volatile):
+            return True
         if module_tree_edits() == self._tree_seen:
             return False
         if self._module_tree() != self._tree:
@@ -134,6 +141,8 @@ class _CompiledModelBase:
         stages = Stages(self.name)
         with collecting_new_objects_only():
             traced, donate, reads = self._trace(arrays, stages)
+            # what the trace wrote into the modules (a forward's own counter) is their state now
+            self._note_module_tree()
             compiled = self._rebatched(traced, donate, signature, reads, stages)
             if compiled is None:
                 optimized = stages.run(traced, [SIMPLIFY])
@@ -418,11 +427,7 @@ class TrainStep(_CompiledModelBase):
                               "cannot run inside gc.jit, gc.grad or another trace; call it "
                               "outside, or use gc.value_and_grad on the loss")
         with self._turn:
-            if os.environ.get("GRAPHC_CHECK_NUMERICS", "") not in ("", "0"):
-                from .train import checked_step
-                when = f"in {self.name}'s step {int(self._step_count) + 1}"
-                return checked_step(self, batch, True, when, lambda: self._step(batch))
-            return self._step(batch)
+            return numerics_checked(self, batch, self._step)
 
     def _step(self, batch: Sequence[Any]) -> float:
         self._follow_module_tree()
@@ -513,6 +518,17 @@ class TrainStep(_CompiledModelBase):
         for name, slots in self._opt_state.items():
             bindings.update({f"{name}.{k}": f"optim/{name}/{k}" for k in slots})
         return bindings
+
+
+def numerics_checked(step: Any, batch: Sequence[Any], call: Callable[[Sequence[Any]], float]) -> float:
+    """`call(batch)`, a training step's call; under GRAPHC_CHECK_NUMERICS, checked as fit checks
+    a step (graphc.train.checked_step): a non-finite loss or state raises, naming the op that
+    made it, with the state put back as it was."""
+    if os.environ.get("GRAPHC_CHECK_NUMERICS", "") in ("", "0"):
+        return call(batch)
+    from .train import checked_step
+    when = f"in {step.name}'s step {int(step.step_count) + 1}"
+    return checked_step(step, batch, True, when, lambda: call(batch))
 
 
 class CompiledModel(_CompiledModelBase):

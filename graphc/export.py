@@ -39,7 +39,7 @@ import math
 import re
 import time
 import zipfile
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -840,6 +840,10 @@ class LoadedTrainStep(_Loaded):
         return {k: v for k, v in self._state.items() if not k.startswith("implicit/")}
 
     def __call__(self, *batch: Any) -> float:
+        from .compile import numerics_checked
+        return numerics_checked(self, batch, self._step)
+
+    def _step(self, batch: Sequence[Any]) -> float:
         if not isinstance(self.lrs, (list, tuple)) or len(self.lrs) != self._groups:
             held = f"{len(self.lrs)} learning rate(s)" if isinstance(self.lrs, (list, tuple)) else repr(self.lrs)
             raise GraphcError(f"{self.name}: step.lrs holds {held}; the step has {self._groups} "

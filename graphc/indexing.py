@@ -115,6 +115,8 @@ def _checked_item(item: Any) -> Any:
     if _is_bool(item):  # before the ints: bool is an int to Python
         return bool(item)
     if isinstance(item, (list, np.ndarray)):
+        if isinstance(item, np.ndarray):  # a module's attribute array: traced again if it changes
+            current_trace().note_array(item)
         item = np.asarray(item)
         if item.dtype == np.bool_:
             return bool(item) if item.ndim == 0 else item

@@ -49,7 +49,7 @@ def note_module_tree_edit() -> None:
 
 # a module's attributes that are neither its tables nor its mode, which ModuleReads tracks
 _NOT_SETTINGS = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers", "_bound",
-                           "_state_holder", "training"})
+                           "_state_holder", "training", "_written_in_trace"})
 
 
 def is_setting(value: Any) -> bool:
@@ -63,25 +63,41 @@ def is_setting(value: Any) -> bool:
 
 
 def _snapshot(value: Any) -> Any:
-    """A setting as it is now: lists and dicts copied (an in-place edit must not change it)."""
-    if isinstance(value, list):
-        return [_snapshot(v) for v in value]
+    """A setting as it is now, its types included (2 and 2.0 trace differently, though equal):
+    lists and dicts copied, so that an in-place edit does not change the snapshot."""
+    if isinstance(value, (list, tuple)):
+        return type(value).__name__, tuple(map(_snapshot, value))
     if isinstance(value, dict):
-        return {k: _snapshot(v) for k, v in value.items()}
+        return "dict", tuple((_snapshot(k), _snapshot(v)) for k, v in value.items())
+    return type(value).__name__, value
+
+
+def _shown(snapshot: Any) -> Any:
+    """The value a `_snapshot` was taken of, for messages."""
+    kind, value = snapshot
+    if kind in ("list", "tuple"):
+        return (list if kind == "list" else tuple)(map(_shown, value))
+    if kind == "dict":
+        return {_shown(k): _shown(v) for k, v in value}
     return value
 
 
-def _edited_in_place(value: Any) -> bool:
-    """Whether a setting can change without an assignment to the module (a list or a dict)."""
-    return isinstance(value, (list, dict)) or (isinstance(value, tuple) and any(map(_edited_in_place, value)))
+def edited_in_place(snapshot: Any) -> bool:
+    """Whether a setting (its `_snapshot`) can change without an assignment to the module: it
+    holds a list or a dict."""
+    kind, value = snapshot
+    if kind in ("list", "dict"):
+        return True
+    return kind == "tuple" and any(map(edited_in_place, value))
 
 
 def module_structure(module: Any) -> tuple:
     """What a trace of `module` baked in besides its arrays and mode: which child modules it
     holds (None for a name registered absent), its settings (momentum, eps, p, ...) and the
     names of its parameters and buffers registered absent (a trace read None there)."""
+    written = module.__dict__.get("_written_in_trace", ())  # the module's own state, not settings
     settings = tuple((name, _snapshot(value)) for name, value in module.__dict__.items()
-                     if name not in _NOT_SETTINGS and is_setting(value))
+                     if name not in _NOT_SETTINGS and name not in written and is_setting(value))
     absent = tuple(name for table in (module._parameters, module._buffers)
                    for name, array in table.items() if array is None)
     return tuple(map(id, module._modules.values())), settings, absent
@@ -90,8 +106,8 @@ def module_structure(module: Any) -> tuple:
 def _changed_settings(before: tuple, after: tuple) -> list[tuple[tuple[str, Any], tuple[str, Any]]]:
     """((name, old value), (name, new value)) of each setting that differs (absent: None)."""
     old, new = dict(before), dict(after)
-    return [((k, old.get(k)), (k, new.get(k))) for k in {**old, **new} if old.get(k) != new.get(k)
-            or type(old.get(k)) is not type(new.get(k))]
+    return [((k, _shown(old[k]) if k in old else None), (k, _shown(new[k]) if k in new else None))
+            for k in {**old, **new} if old.get(k) != new.get(k)]
 
 
 class StateRef(NamedTuple):
@@ -136,7 +152,7 @@ class ModuleReads:
         # checked at every call
         object.__setattr__(self, "_volatile", tuple(
             i for i, (_, settings, _) in enumerate(self.structures)
-            if any(_edited_in_place(value) for _, value in settings)))
+            if any(edited_in_place(value) for _, value in settings)))
 
     def excluding(self, modules: Iterable[Any]) -> ModuleReads:
         """Without the modes of `modules` (a caller that sets their modes itself)."""
@@ -241,8 +257,11 @@ class Trace:
         self._seen = 0
         # NumPy arrays that modules hold as plain attributes, read as constants: id -> (module,
         # attribute, array, its values then); and the index of such arrays, by id
-        self.attribute_arrays: dict[int, tuple[Any, str, np.ndarray, np.ndarray]] = {}
-        self._attribute_index: tuple[int, dict[int, tuple[Any, str]]] = (-1, {})
+        self.attribute_arrays: dict[tuple[int, str], tuple[Any, str, np.ndarray, np.ndarray]] = {}
+        self._attribute_index: tuple[int, dict[int, list[tuple[Any, str]]]] = (-1, {})
+        # the settings of the modules called, as they were before their first call: what the
+        # trace itself changes in them (a counter, a list it appends to) is their own state
+        self._settings_before: dict[int, tuple[Any, tuple]] = {}
 
     def defines(self, value: Value) -> bool:
         """Whether `value` is this trace's (not an enclosing trace's, read as a capture)."""
@@ -278,6 +297,8 @@ class Trace:
         if id(module) not in self.modules:
             self.modules[id(module)] = module
             self.module_name(module)  # while its callers are known
+            if not self._calling:  # an outermost call: its whole tree, before it runs
+                self.note_settings(module)
         outer_path = self.builder.module
         self.builder.module = self._module_path(module)  # the nodes it makes are stamped with it
         self._calling.append(module)
@@ -362,20 +383,36 @@ class Trace:
                 found.update((id(m), m) for m in root.modules())
         return list(found.values())
 
+    def note_settings(self, module: Any) -> None:
+        """Keep the settings of `module`'s tree as they are now, before the trace runs it."""
+        for m in module.modules():
+            self._settings_before.setdefault(id(m), (m, module_structure(m)[1]))
+
     def note_array(self, array: np.ndarray) -> None:
-        """`array` becomes a constant of the graph: where a module holds it as a plain attribute
-        (not a buffer), the graph is traced again once that attribute changes."""
+        """`array` (or the array it is a view of) becomes a constant of the graph: where modules
+        hold it as a plain attribute (not a buffer), the graph is traced again once one of
+        those attributes changes."""
         key = len(self.modules) + len(self.implicit)
         if self._attribute_index[0] != key:
-            self._attribute_index = (key, {
-                id(value): (module, name) for module in self.watched_modules()
-                for name, value in module.__dict__.items() if isinstance(value, np.ndarray)})
-        found = self._attribute_index[1].get(id(array))
-        if found is not None and id(array) not in self.attribute_arrays:
-            self.attribute_arrays[id(array)] = (*found, array, array.copy())
+            index: dict[int, list[tuple[Any, str]]] = {}
+            for module in self.watched_modules():
+                for name, value in module.__dict__.items():
+                    if isinstance(value, np.ndarray):
+                        index.setdefault(id(value), []).append((module, name))
+            self._attribute_index = (key, index)
+        while array is not None:  # a view (x.T, x[:2]) reads its base
+            for module, name in self._attribute_index[1].get(id(array), ()):
+                self.attribute_arrays.setdefault((id(module), name), (module, name, array, array.copy()))
+            array = array.base if isinstance(array.base, np.ndarray) else None
 
     def module_reads(self) -> ModuleReads:
         implicit = list(self.implicit.values())
+        for module, before in self._settings_before.values():
+            now = dict(module_structure(module)[1])
+            changed = [name for name, value in before if now.get(name, value) != value]
+            changed += [name for name in now if name not in dict(before)]
+            if changed:  # written by its own forward: not followed (see Module.__setattr__)
+                module.__dict__.setdefault("_written_in_trace", set()).update(changed)
         modules = self.watched_modules()
         names: dict[int, str] = {}  # a module below a called one by its path from there
         for module in self.modules.values():

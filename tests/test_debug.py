@@ -132,3 +132,25 @@ def test_the_nan_reported_is_the_one_the_result_holds():
     mask = np.array([[0, -np.inf, 0], [0, 0, -np.inf]], np.float32)
     report = find_nonfinite(graph, [x, mask])
     assert report.op == "div" and report.loc.endswith(f"test_debug.py:{line}")
+
+
+def test_the_walk_follows_the_values_the_result_took():
+    """A NaN in a carry the result never reads, the discarded side of a where, and an op with
+    an infinite attribute over an operand's own +inf were each blamed."""
+    def carries(xs):
+        def body(c, x):
+            a, b = c
+            a = a + x
+            b = gc.log(b - 1.0)  # NaN from step 0, in a carry the result never reads
+            return (a, b), gc.sqrt(5.0 - a)  # the result's NaN, from step 3 on
+        return gc.scan(body, (xs[0] * 0, xs[0] * 0 + 0.5), xs)[1].sum()
+
+    xs = np.arange(8, dtype=np.float32)
+    report = find_nonfinite(gc.trace(carries, xs), [xs])
+    assert report.op.startswith("sqrt (in the body of scan") and ", step 3)" in report.op
+    v, w = np.array([-1.0, 1.0], np.float32), np.array([1.0, -1.0], np.float32)
+    graph = gc.trace(lambda a, b: gc.where(a > 5, gc.log(a), gc.sqrt(b)).sum(), v, w)
+    assert find_nonfinite(graph, [v, w]).op == "sqrt"
+    x = np.array([1.0, 0.0], np.float32)
+    graph = gc.trace(lambda a: F.pad(gc.exp(a * 100.0), (1, 1), value=float("-inf")).max(), x)
+    assert find_nonfinite(graph, [x]).op == "exp"

@@ -154,3 +154,18 @@ def test_an_einsum_diagonal_keeps_the_operands_dtype():
         got = gc.jit(lambda t: gc.einsum("ii->i", t))(x)
         assert got.dtype == expected.dtype
         np.testing.assert_array_equal(got, expected)
+
+
+def test_functional_sigmoid_and_tanh_take_integers_and_silu_names_itself():
+    i = np.array([-3, 0, 2])
+    for ours, theirs in ((F.sigmoid, torch.sigmoid), (F.tanh, torch.tanh), (nn.Sigmoid(), torch.sigmoid),
+                         (nn.Tanh(), torch.tanh)):
+        np.testing.assert_allclose(gc.jit(ours)(i), theirs(torch.tensor(i)).numpy(), rtol=1e-6)
+    with pytest.raises(DTypeError, match="silu: takes a floating-point tensor, got int64"):
+        gc.jit(F.silu)(i)
+
+
+def test_a_gru_given_an_lstms_state_pair_says_so():
+    gru, x, h = nn.GRU(3, 4), np.zeros((5, 2, 3), np.float32), np.zeros((1, 2, 4), np.float32)
+    with pytest.raises(ShapeError, match=r"GRU: the initial state is one tensor h_0 .* got a tuple"):
+        gc.jit(lambda a, b: gru(a, (b, b))[0])(x, h)

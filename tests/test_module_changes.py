@@ -240,3 +240,93 @@ def test_amsgrad_set_late_goes_on_with_the_parameters_count():
     step = gc.compile_train_step(model, F.mse_loss, opt, example_inputs=(x, y))
     step(x, y)
     assert opt.state_of(model.weight).get("step", opt.step_count) == 6
+
+
+def test_views_and_indices_of_attribute_arrays_and_arrays_shared_by_two_modules_are_followed():
+    """A view (`self.P.T`, a slice) or an index (`x[:, self.perm]`) of an attribute array was
+    an unwatched constant; of one array held by two modules only the last found was watched."""
+    class Views(nn.Module):
+        def __init__(self, shared):
+            super().__init__()
+            self.P, self.perm, self.keep, self.tbl = np.eye(2, dtype=np.float32), np.array([0, 1]), \
+                np.array([True, False]), shared
+
+        def forward(self, x):
+            return (x @ self.P.T)[:, self.perm][:, self.keep] * self.tbl[:1]
+
+    shared = np.ones(2, np.float32)
+    model = nn.Sequential(Views(shared), Views(shared))
+    x = np.array([[1.0, 2.0]], np.float32)
+    compiled = gc.jit(model[0])
+    for edit in (lambda: model[0].P.__setitem__((0, 0), 5.0),
+                 lambda: model[0].perm.__setitem__(slice(None), [1, 0]),
+                 lambda: setattr(model[0], "keep", np.array([False, True])),
+                 lambda: setattr(model[0], "tbl", np.full(2, 3.0, np.float32))):
+        edit()
+        np.testing.assert_array_equal(compiled(x), fresh_trace(model[0], x))
+
+
+def test_settings_are_compared_with_their_types_and_inside_tuples():
+    """2 -> 2.0 (and 1 -> True) compared equal; a list inside a tuple was not copied."""
+    class Typed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale, self.pick, self.cfg = 2, 1, ([1.0, 2.0], 3)
+
+        def forward(self, x):
+            return x * self.scale * self.cfg[0][1], x[self.pick]
+
+    model = Typed()
+    compiled = gc.jit(model)
+    x = np.array([3, 4])
+    compiled(x)
+    model.scale, model.pick = 2.0, True
+    model.cfg[0][1] = 7.0
+    for got, expected in zip(compiled(x), fresh_trace(model, x)):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_gc_compile_follows_list_and_dict_settings_edited_in_place():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scales, self.cfg = [1.0], {"k": 2.0}
+
+        def forward(self, x):
+            return x * self.scales[0] * self.cfg["k"]
+
+    model = Scaled()
+    compiled = gc.compile(model, X)
+    compiled(X)
+    model.scales[0] = 3.0
+    model.cfg["k"] = 5.0
+    np.testing.assert_allclose(compiled(X), X * 15, rtol=1e-6)
+
+
+def test_what_a_forward_writes_into_its_module_is_its_state_not_a_setting(caplog):
+    """A call counter or a list a forward appends to changed at each trace: training steps and
+    compiled models compiled again at every call, gc.jit at every change of batch size."""
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls, self.shapes, self.lin = 0, [], nn.Linear(4, 2)
+
+        def forward(self, x):
+            self.calls += 1
+            self.shapes.append(tuple(x.shape))
+            return self.lin(x)
+
+    model = Counting()
+    jitted = gc.jit(model)
+    for n in [3, 4] * 3:
+        jitted(np.ones((n, 4), np.float32))
+    assert model.calls == 2
+    step = gc.compile_train_step(model, F.mse_loss, optim.SGD(model.parameters(), lr=0.1),
+                                 example_inputs=(X, np.zeros((2, 2), np.float32)))
+    compiled = gc.compile(model, X)
+    before = model.calls
+    for _ in range(4):
+        step(X, np.zeros((2, 2), np.float32))
+        compiled(X)
+    assert model.calls == before

@@ -43,7 +43,7 @@ from graphc.ir.errors import GraphcError
 from graphc.passes import SIMPLIFY, Stages
 
 from ..api import jit, user_facing
-from ..compile import CompiledGraph, TrainStep
+from ..compile import CompiledGraph, TrainStep, numerics_checked
 from ..data import Batch, DataLoader, Dataset, Subset, Transform
 from ..functions import concatenate
 from ..lowering import compile_graph
@@ -484,7 +484,7 @@ class DataParallelStep(TrainStep):
     @user_facing
     def __call__(self, *batch: Any) -> float:
         with self._turn:  # calls from several threads take turns, as a single-process step's
-            return self._step(batch)
+            return numerics_checked(self, batch, self._step)
 
     def _step(self, batch: Sequence[Any]) -> float:
         if self._follow_module_tree():  # the model's buffers, averaged in the update graph, may be others now

@@ -10,7 +10,7 @@ import numpy as np
 from graphc.ir.errors import DTypeError, GraphcError, InputError, ShapeError, user_location
 
 from ..functions import bernoulli, concatenate, logsumexp, maximum, stop_gradient, where
-from ..tensor import Tensor, as_tensor, bind, scalar_reduced_as_vector
+from ..tensor import Tensor, as_tensor, bind, float_math, scalar_reduced_as_vector
 from . import normalization
 from . import sparse as sparse_layers
 
@@ -41,11 +41,11 @@ def relu(x: Tensor, inplace: bool = False) -> Tensor:
 
 
 def sigmoid(x: Tensor) -> Tensor:
-    return bind("sigmoid", as_tensor(x))
+    return float_math("sigmoid", x)  # an integer tensor in float32, as PyTorch's
 
 
 def tanh(x: Tensor) -> Tensor:
-    return bind("tanh", as_tensor(x))
+    return float_math("tanh", x)
 
 
 # -- activations: PyTorch's formulas, defaults and gradients (at 0 too) ---------------------------
@@ -65,9 +65,18 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
                       f"(at {user_location()})")
 
 
+def _float_activation(op: str, x: Any) -> Tensor:
+    """`x` as a Tensor, refused unless floating point, as PyTorch's NN functions refuse one."""
+    t = as_tensor(x)
+    if t.dtype not in ("float32", "float64"):
+        raise DTypeError(f"{op}: takes a floating-point tensor, got {t.dtype}: cast it first "
+                         f"(x.float()) (at {user_location()})")
+    return t
+
+
 def silu(x: Tensor, inplace: bool = False) -> Tensor:
     """x * sigmoid(x) (swish)."""
-    t = as_tensor(x)
+    t = _float_activation("silu", x)
     return _result(x, t * bind("sigmoid", t), inplace)
 
 

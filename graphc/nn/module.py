@@ -191,6 +191,9 @@ class Module:
         object.__setattr__(self, "_bound", None)
         object.__setattr__(self, "_state_holder", None)
         object.__setattr__(self, "training", True)
+        # plain attributes its forward writes while traced: its own state, not settings that
+        # compiled graphs follow (graphc/tensor.py, module_structure)
+        object.__setattr__(self, "_written_in_trace", set())
 
     # -- registration -------------------------------------------------------------------
     def __setattr__(self, name: str, value: Any) -> None:
@@ -227,7 +230,9 @@ class Module:
         else:
             _refuse_unregistered_modules(self, name, value)
             old = self.__dict__.get(name, _ABSENT)
-            if (is_setting(value) or is_setting(old)) and not (type(old) is type(value) and old == value):
+            if is_tracing():  # its forward's own state (a call counter), not a setting
+                self._written_in_trace.add(name)
+            elif (is_setting(value) or is_setting(old)) and not (type(old) is type(value) and old == value):
                 note_module_tree_edit()  # a setting a trace baked in (momentum, p): traced again
             object.__setattr__(self, name, value)
 
@@ -480,6 +485,7 @@ class Module:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_non_persistent_buffers", set())  # pickled before it existed
+        self.__dict__.setdefault("_written_in_trace", set())
         for name in ("_parameters", "_buffers", "_modules"):  # pickled as plain dicts before
             if type(self.__dict__.get(name)) is dict:
                 self.__dict__[name] = Table(self.__dict__[name])

@@ -161,6 +161,10 @@ class _RecurrentBase(Module):
         layer's h at every step, D = 2 directions when bidirectional, else 1; h_n
         (num_layers * D, N, hidden) every layer's and direction's last h; hx is h_0, shaped
         like h_n (zeros if None)."""
+        if isinstance(hx, (tuple, list)):
+            raise ShapeError(f"{type(self).__name__}: the initial state is one tensor h_0 of shape "
+                             f"(num_layers * directions, N, hidden), got a {type(hx).__name__} (an "
+                             f"LSTM takes the pair (h_0, c_0)) (at {user_location()})")
         output, (h_n,) = self._run(x, None if hx is None else (hx,))
         return output, h_n
 
