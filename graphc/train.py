@@ -219,17 +219,25 @@ def load_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
             group.update(keys)
 
 
+def _metadata_json(path: str, metadata: dict[str, str], key: str) -> Any:
+    """The JSON value a checkpoint's metadata holds under `key`, its checksum checked (None in
+    a file written before checkpoints held it)."""
+    from .bounded_io import parse_json
+
+    if key not in metadata and f"sha256:{key}" not in metadata:
+        return None
+    text = metadata.get(key, "").encode()
+    if metadata.get(f"sha256:{key}") != hashlib.sha256(text).hexdigest():
+        raise LoadError(path, "fails its checksum: the checkpoint is corrupted", key)
+    return parse_json(text, path, key)
+
+
 def _checkpoint_rates(path: str, metadata: dict[str, str], groups: int) -> list[float] | None:
     """The learning rates a checkpoint holds, one per parameter group (None in a file written
     before checkpoints held them)."""
-    from .bounded_io import parse_json
-
-    if "learning_rates" not in metadata and "sha256:learning_rates" not in metadata:
+    rates = _metadata_json(path, metadata, "learning_rates")
+    if rates is None:
         return None
-    text = metadata.get("learning_rates", "").encode()
-    if metadata.get("sha256:learning_rates") != hashlib.sha256(text).hexdigest():
-        raise LoadError(path, "fails its checksum: the checkpoint is corrupted", "learning_rates")
-    rates = parse_json(text, path, "learning_rates")
     if (not isinstance(rates, list) or len(rates) != groups
             or not all(type(r) in (int, float) and math.isfinite(r) and r >= 0 for r in rates)):
         raise LoadError(path, f"learning_rates: expected {groups} finite non-negative rates (one per "
@@ -241,14 +249,9 @@ def _checkpoint_schedule(path: str, metadata: dict[str, str], groups: int
                          ) -> list[dict[str, float]] | None:
     """Each parameter group's schedule rates (SCHEDULE_KEYS) a checkpoint holds (None in a file
     written before checkpoints held them)."""
-    from .bounded_io import parse_json
-
-    if "schedule" not in metadata and "sha256:schedule" not in metadata:
+    schedule = _metadata_json(path, metadata, "schedule")
+    if schedule is None:
         return None
-    text = metadata.get("schedule", "").encode()
-    if metadata.get("sha256:schedule") != hashlib.sha256(text).hexdigest():
-        raise LoadError(path, "fails its checksum: the checkpoint is corrupted", "schedule")
-    schedule = parse_json(text, path, "schedule")
     if (not isinstance(schedule, list) or len(schedule) != groups
             or not all(isinstance(g, dict) and set(g) <= set(SCHEDULE_KEYS)
                        and all(type(r) in (int, float) and math.isfinite(r) and r >= 0 for r in g.values())
