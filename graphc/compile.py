@@ -463,14 +463,12 @@ class TrainStep(_CompiledModelBase):
         self._compiled, self._last = {}, None
         self._own_counts_seen = self.optimizer.own_counts_version
 
-    def _follow_own_counts(self) -> bool:
+    def _follow_own_counts(self) -> None:
         """Where a parameter took a step count of its own since compiling (another step with
-        this optimizer found it unused), compile again to read it; whether it did."""
-        if self._own_counts_seen == self.optimizer.own_counts_version:
-            return False
-        self.release_state()
-        self._rebind()
-        return True
+        this optimizer found it unused), compile again to read it."""
+        if self._own_counts_seen != self.optimizer.own_counts_version:
+            self.release_state()
+            self._rebind()
 
     def _follow_module_tree(self) -> bool:
         """Where a layer was replaced or a setting changed since compiling, bind the model as it

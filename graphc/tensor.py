@@ -158,7 +158,6 @@ class ModuleReads:
         """Without the modes of `modules` (a caller that sets their modes itself)."""
         ids = {id(m) for m in modules}
         kept = [i for i, m in enumerate(self.modules) if id(m) not in ids]
-        # (their structures too: the caller checks its own modules' structures)
         return replace(self, modules=tuple(self.modules[i] for i in kept),
                        module_names=tuple(self.module_names[i] for i in kept),
                        modes=tuple(self.modes[i] for i in kept),
@@ -408,9 +407,8 @@ class Trace:
     def module_reads(self) -> ModuleReads:
         implicit = list(self.implicit.values())
         for module, before in self._settings_before.values():
-            now = dict(module_structure(module)[1])
-            changed = [name for name, value in before if now.get(name, value) != value]
-            changed += [name for name in now if name not in dict(before)]
+            was, now = dict(before), dict(module_structure(module)[1])
+            changed = [name for name, value in now.items() if was.get(name) != value]
             if changed:  # written by its own forward: not followed (see Module.__setattr__)
                 module.__dict__.setdefault("_written_in_trace", set()).update(changed)
         modules = self.watched_modules()
