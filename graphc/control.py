@@ -89,6 +89,11 @@ def scan(f: Callable[[Any, Any], tuple[Any, Any]], init: Any, xs: Any = None,
     ys = _tensor_values(y_leaves, y_paths, "y", at)
     if not carry_out and not ys:
         raise GraphcError(f"gc.scan: f returns neither a carry nor outputs{at}")
+    if steps == 0:  # as JAX: the carry as it came in, and no ys (the body traced for their types)
+        graph.nodes[first_node:] = []
+        empty = [as_tensor(np.zeros((0, *y.type.shape), y.type.dtype)) for y in ys]
+        return (unflatten(init_tree, [Tensor(v) for v in init_values]),
+                unflatten(y_tree, empty))
 
     body, consts = _carve_body(graph, first_node, carry_in, x_in, carry_out + ys)
     t.scan_body_values.update(body.input_values)
@@ -133,8 +138,8 @@ def _trip_count(xs: list[Value], paths: list[str], length: int | None, at: str) 
         raise GraphcError(f"gc.scan: length={length} but xs has leading axis {lengths.pop()}{at}")
     if not isinstance(length, (int, np.integer)) or isinstance(length, (bool, np.bool_)):
         raise GraphcError(f"gc.scan: length must be an integer, got {length!r}{at}")
-    if length < 1:
-        raise GraphcError(f"gc.scan: a scan runs at least one step; length is {length!r}{at}")
+    if length < 0:
+        raise GraphcError(f"gc.scan: length must be >= 0, got {length!r}{at}")
     return int(length)
 
 

@@ -11,7 +11,6 @@ pytest.importorskip("onnxruntime")
 import graphc as gc  # noqa: E402
 from graphc import nn  # noqa: E402
 from graphc.backends.reference import evaluate  # noqa: E402
-from graphc.ir import GraphcError  # noqa: E402
 from graphc.ir.ops.control import SCAN_OP  # noqa: E402
 from graphc.nn.recurrent import UNROLL_MAX_STEPS  # noqa: E402
 from graphc.onnx_export import MIN_OPSET, graph_to_onnx  # noqa: E402
@@ -127,10 +126,16 @@ def test_length_one_no_slices_and_pass_through_outputs():
     assert_onnx_matches_reference(counter, random(rng, 2, 2), opset=MIN_OPSET)
 
 
-def test_length_zero_is_refused_before_export():
-    with pytest.raises(GraphcError, match="at least one step"):
-        gc.trace(lambda xs: gc.scan(lambda c, x: (c + x, c), gc.zeros((3,), dtype="float32"), xs),
-                 np.zeros((0, 3), np.float32))
+def test_a_scan_of_no_steps_exports_as_its_initial_carry():
+    def no_steps(c, xs):
+        return gc.scan(lambda h, x: (h + x, h), c, xs)
+
+    args = np.ones(3, np.float32), np.zeros((0, 3), np.float32)
+    graph = gc.trace(no_steps, *args)
+    assert not any(node.op == SCAN_OP for node in graph.nodes)
+    carry, ys = run_onnx(graph_to_onnx(graph, {}, 17), *args)
+    np.testing.assert_array_equal(carry, args[0])
+    assert ys.shape == (0, 3)
 
 
 # -- recurrent layers as compiled models --------------------------------------------------------

@@ -435,6 +435,24 @@ def test_numba_cpu_runs_a_scan_in_a_scan_and_a_training_step():
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference", "numba-cpu"])
+def test_a_scan_of_no_steps_returns_its_initial_carry_and_empty_ys(backend):
+    """As `jax.lax.scan` over an empty axis: the carry as it came in, the ys with 0 rows."""
+    def run(c, xs):
+        return gc.scan(lambda h, x: (h * x + 1, (h.sum(), h.astype("int64"))), c, xs)
+
+    c = np.array([1.0, 2.0], np.float32)
+    carry, (sums, ints) = gc.jit(run, backend=backend)(c, np.zeros((0, 2), np.float32))
+    np.testing.assert_array_equal(carry, c)
+    assert (sums.shape, sums.dtype, ints.shape, ints.dtype) == ((0,), np.float32, (0, 2), np.int64)
+    counted = gc.jit(lambda c: gc.scan(lambda h, _: (h + 1, None), c, None, length=0)[0],
+                     backend=backend)(c)
+    np.testing.assert_array_equal(counted, c)
+    grads = gc.grad(lambda c, xs: (run(c, xs)[0] * 3).sum(), argnums=(0, 1))(c, np.zeros((0, 2), np.float32))
+    np.testing.assert_array_equal(grads[0], [3, 3])
+    assert grads[1].shape == (0, 2)
+
+
 @pytest.mark.parametrize("case, message", [
     (lambda c, xs: gc.scan(lambda h, x: (h.astype("float32"), None), c, xs),
      r"carry enters the body as f64\[2\] and leaves it as f32\[2\]"),
@@ -443,7 +461,7 @@ def test_numba_cpu_runs_a_scan_in_a_scan_and_a_training_step():
     (lambda c, xs: gc.scan(lambda h, x: (h, None), c, (xs, xs[:2])), "different sizes"),
     (lambda c, xs: gc.scan(lambda h, x: (h, None), c, None), "give length="),
     (lambda c, xs: gc.scan(lambda h, x: (h, None), c, xs, length=4), "length=4 but xs has leading axis 3"),
-    (lambda c, xs: gc.scan(lambda h, x: (h, None), c, xs[:0]), "at least one step"),
+    (lambda c, xs: gc.scan(lambda h, x: (h, None), c, None, length=-1), "length must be >= 0, got -1"),
     (lambda c, xs: gc.scan(lambda h, x: (gc.nn.functional.dropout(h, 0.5, True), None), c, xs),
      "random ops inside a scan are not supported"),
     (lambda c, xs: gc.scan(lambda h, x: (h, None), c, None, length=3.0), "length must be an integer, got 3.0"),
