@@ -14,10 +14,13 @@ import re
 import shutil
 import subprocess
 import sys
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from graphc.ir import Graph, TensorType
 from graphc.ir.errors import GraphcError
+
+if TYPE_CHECKING:
+    from .export import LoadedFunction, LoadedTrainStep
 
 
 class CommandError(Exception):
@@ -88,7 +91,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         sys.stdout.write(printable(text))
 
 
-def info_lines(loaded) -> list[str]:
+def info_lines(loaded: LoadedFunction | LoadedTrainStep) -> list[str]:
     from .export import LoadedTrainStep
 
     graph = loaded.graph

@@ -7,6 +7,8 @@ taken as 0 without a warning: scikit-learn's `zero_division=0`, which is what it
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from graphc.ir.errors import GraphcError
@@ -57,7 +59,7 @@ def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return out
 
 
-def accuracy(y_true, y_pred) -> float:
+def accuracy(y_true: Any, y_pred: Any) -> float:
     """Fraction of predictions equal to the true label."""
     y_true, y_pred = _label_pair(y_true, y_pred)
     if y_true.size == 0:
@@ -65,7 +67,7 @@ def accuracy(y_true, y_pred) -> float:
     return float(np.mean(y_true == y_pred))
 
 
-def confusion_matrix(y_true, y_pred, num_classes: int | None = None) -> np.ndarray:
+def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int | None = None) -> np.ndarray:
     """int64 (K, K) counts: entry [i, j] is the number of samples of class i predicted as j.
 
     Classes are the indices 0..K-1; K defaults to one more than the largest label seen.
@@ -85,7 +87,7 @@ def confusion_matrix(y_true, y_pred, num_classes: int | None = None) -> np.ndarr
     return np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
 
 
-def precision_recall_f1(y_true, y_pred, average: str | None = "macro",
+def precision_recall_f1(y_true: Any, y_pred: Any, average: str | None = "macro",
                         num_classes: int | None = None
                         ) -> tuple[float, float, float] | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Precision, recall and F1 score, per class or averaged.
@@ -134,7 +136,7 @@ def _per_class_counts(y_true, y_pred, num_classes: int | None):
     return tp, np.bincount(pred_index, minlength=k), np.bincount(true_index, minlength=k)
 
 
-def roc_curve(y_true, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_curve(y_true: Any, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Receiver operating characteristic of binary labels (1 positive, 0 negative) and scores.
 
     Returns (fpr, tpr, thresholds) with one point per distinct score, highest first, after a
@@ -177,7 +179,7 @@ def _binary_problem(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
     return y_true, scores
 
 
-def auc(x, y) -> float:
+def auc(x: Any, y: Any) -> float:
     """Area under the curve through the points (x, y), by the trapezoidal rule.
 
     `x` must be monotonic (increasing or decreasing); the area is positive either way.
@@ -196,7 +198,7 @@ def auc(x, y) -> float:
     return direction * float(np.sum(steps * (y[1:] + y[:-1]) / 2))
 
 
-def roc_auc(y_true, scores, multi_class: str = "ovr") -> float:
+def roc_auc(y_true: Any, scores: Any, multi_class: str = "ovr") -> float:
     """Area under the ROC curve.
 
     Binary: `y_true` in {0, 1} and 1-D `scores` for the positive class. Multiclass: `y_true`
@@ -222,7 +224,7 @@ def roc_auc(y_true, scores, multi_class: str = "ovr") -> float:
     return float(np.mean(per_class))
 
 
-def classification_report(y_true, y_pred, digits: int = 2) -> str:
+def classification_report(y_true: Any, y_pred: Any, digits: int = 2) -> str:
     """A text table of per-class precision, recall, F1 and support, then accuracy and the
     macro and support-weighted averages, laid out exactly as scikit-learn's report."""
     y_true, y_pred = _label_pair(y_true, y_pred)

@@ -922,14 +922,14 @@ class Tensor:
         return self
 
     # -- elementwise methods -------------------------------------------------------------------
-    def exp(self): return float_math("exp", self)
-    def log(self): return float_math("log", self)
-    def sqrt(self): return float_math("sqrt", self)
-    def tanh(self): return float_math("tanh", self)
-    def sigmoid(self): return float_math("sigmoid", self)
-    def relu(self): return bind("relu", self)
-    def abs(self): return bind("abs", self)
-    def square(self): return bind("square", self)
+    def exp(self) -> Tensor: return float_math("exp", self)
+    def log(self) -> Tensor: return float_math("log", self)
+    def sqrt(self) -> Tensor: return float_math("sqrt", self)
+    def tanh(self) -> Tensor: return float_math("tanh", self)
+    def sigmoid(self) -> Tensor: return float_math("sigmoid", self)
+    def relu(self) -> Tensor: return bind("relu", self)
+    def abs(self) -> Tensor: return bind("abs", self)
+    def square(self) -> Tensor: return bind("square", self)
 
     # -- dtype conversions ---------------------------------------------------------------------
     def astype(self, dtype: Any) -> Tensor:

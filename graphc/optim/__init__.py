@@ -309,16 +309,17 @@ class SGD(Optimizer):
             raise ValueError(f"SGD: parameter group {index}: Nesterov momentum needs momentum > 0 "
                              "and zero dampening")
 
-    def slots(self, group):
+    def slots(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] else ()
 
-    def counts_steps(self, group):
+    def counts_steps(self, group: dict[str, Any]) -> bool:
         return bool(group["momentum"])  # the buffer's first step
 
-    def restarts_count(self, new_slots):
+    def restarts_count(self, new_slots: set[str]) -> bool:
         return "momentum_buffer" in new_slots  # momentum set late: the buffer starts at g
 
-    def rule(self, p, g, state, lr, step, group):
+    def rule(self, p: Tensor, g: Tensor, state: dict[str, Tensor], lr: Tensor, step: Tensor,
+             group: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         g = _decayed(p, g, group)
         momentum = group["momentum"]
         if not momentum:
@@ -349,13 +350,14 @@ class Adam(Optimizer):
                              f"numbers in [0, 1), got {group['betas']}")
         group["betas"] = betas
 
-    def slots(self, group):
+    def slots(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
 
-    def counts_steps(self, group):
+    def counts_steps(self, group: dict[str, Any]) -> bool:
         return True  # the bias corrections
 
-    def rule(self, p, g, state, lr, step, group):
+    def rule(self, p: Tensor, g: Tensor, state: dict[str, Tensor], lr: Tensor, step: Tensor,
+             group: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         beta1, beta2 = group["betas"]
         weight_decay = group["weight_decay"]
         if self.decoupled:
@@ -392,17 +394,18 @@ class Adagrad(Optimizer):
                                       initial_accumulator_value=initial_accumulator_value, eps=eps,
                                       maximize=maximize))
 
-    def init_state(self, param):
+    def init_state(self, param: np.ndarray) -> dict[str, np.ndarray]:
         # The group's own value (PyTorch's Adagrad reads only the optimizer's default).
         return {"sum": np.full_like(param, self._group_of(param)["initial_accumulator_value"])}
 
-    def slots(self, group):
+    def slots(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("sum",)
 
-    def counts_steps(self, group):
+    def counts_steps(self, group: dict[str, Any]) -> bool:
         return bool(group["lr_decay"])
 
-    def rule(self, p, g, state, lr, step, group):
+    def rule(self, p: Tensor, g: Tensor, state: dict[str, Tensor], lr: Tensor, step: Tensor,
+             group: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         g = _decayed(p, g, group)
         clr = lr / ((step - 1) * group["lr_decay"] + 1)
         total = state["sum"] + g.square()
@@ -416,11 +419,12 @@ class RMSprop(Optimizer):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                                       momentum=momentum, centered=centered, maximize=maximize))
 
-    def slots(self, group):
+    def slots(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("square_avg",) + (("momentum_buffer",) if group["momentum"] else ()) + (
             ("grad_avg",) if group["centered"] else ())
 
-    def rule(self, p, g, state, lr, step, group):
+    def rule(self, p: Tensor, g: Tensor, state: dict[str, Tensor], lr: Tensor, step: Tensor,
+             group: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         g = _decayed(p, g, group)
         alpha, eps = group["alpha"], group["eps"]
         new = {"square_avg": state["square_avg"] * alpha + g.square() * (1 - alpha)}

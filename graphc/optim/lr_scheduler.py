@@ -87,7 +87,7 @@ class LambdaLR(LRScheduler):
         self.lr_lambdas = _per_group(lr_lambda, optimizer, "LambdaLR", "lr_lambda functions")
         super().__init__(optimizer, last_epoch)
 
-    def rate(self, epoch, group=0):
+    def rate(self, epoch: int, group: int = 0) -> float:
         return self.base_lrs[group] * self.lr_lambdas[group](epoch)
 
 
@@ -97,7 +97,7 @@ class StepLR(LRScheduler):
         self.step_size, self.gamma = step_size, gamma
         super().__init__(optimizer, last_epoch)
 
-    def rate(self, epoch, group=0):
+    def rate(self, epoch: int, group: int = 0) -> float:
         return self.base_lrs[group] * self.gamma ** (epoch // self.step_size)
 
 
@@ -109,7 +109,7 @@ class MultiStepLR(LRScheduler):
         self.milestones, self.gamma = sorted(milestones), gamma
         super().__init__(optimizer, last_epoch)
 
-    def rate(self, epoch, group=0):
+    def rate(self, epoch: int, group: int = 0) -> float:
         return self.base_lrs[group] * self.gamma ** bisect.bisect_right(self.milestones, epoch)
 
 
@@ -118,7 +118,7 @@ class ExponentialLR(LRScheduler):
         self.gamma = gamma
         super().__init__(optimizer, last_epoch)
 
-    def rate(self, epoch, group=0):
+    def rate(self, epoch: int, group: int = 0) -> float:
         return self.base_lrs[group] * self.gamma ** epoch
 
 
@@ -133,7 +133,7 @@ class LinearLR(LRScheduler):
         self.start_factor, self.end_factor, self.total_iters = start_factor, end_factor, total_iters
         super().__init__(optimizer, last_epoch)
 
-    def rate(self, epoch, group=0):
+    def rate(self, epoch: int, group: int = 0) -> float:
         progress = min(epoch, self.total_iters) / self.total_iters if self.total_iters else 1.0
         return self.base_lrs[group] * (self.start_factor
                                        + (self.end_factor - self.start_factor) * progress)
@@ -148,7 +148,7 @@ class CosineAnnealingLR(LRScheduler):
         self.T_max, self.eta_min = T_max, eta_min
         super().__init__(optimizer, last_epoch)
 
-    def rate(self, epoch, group=0):
+    def rate(self, epoch: int, group: int = 0) -> float:
         cos = (1 + math.cos(math.pi * epoch / self.T_max)) / 2
         return self.eta_min + (self.base_lrs[group] - self.eta_min) * cos
 
@@ -194,7 +194,7 @@ class OneCycleLR(LRScheduler):
                 group["min_lr"] = group["initial_lr"] / final_div_factor
         super().__init__(optimizer, last_epoch)
 
-    def rate(self, epoch, group=0):
+    def rate(self, epoch: int, group: int = 0) -> float:
         if epoch > self.total_steps:
             raise GraphcError(f"OneCycleLR: stepped {epoch} times, past its total_steps "
                               f"({self.total_steps}); give it more steps")
@@ -230,7 +230,7 @@ class SequentialLR(LRScheduler):
         self.schedulers, self.milestones = list(schedulers), list(milestones)
         super().__init__(optimizer, last_epoch)
 
-    def rate(self, epoch, group=0):
+    def rate(self, epoch: int, group: int = 0) -> float:
         index = bisect.bisect_right(self.milestones, epoch)
         start = self.milestones[index - 1] if index else 0
         return self.schedulers[index].rate(epoch - start, group)
