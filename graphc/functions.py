@@ -159,12 +159,12 @@ def logsumexp(x: Tensor, dim: int | Sequence[int] = -1, keepdim: bool = False, *
     x = as_tensor(x)
     axes = normalize_axes(dim if axis is None else axis, x.ndim)
     if any(x.shape[a] == 0 for a in axes):  # the log of an empty sum, as PyTorch's: -inf
-        out = x.sum(axes, keepdim=True).log()
+        out = x.sum(axis=axes, keepdims=True).log()
         return out if keepdim or keepdims else out.squeeze(axes)
-    m = stop_gradient(x.amax(axes, keepdim=True))
+    m = stop_gradient(x.amax(axis=axes, keepdims=True))
     # m - m is 0 exactly where m is finite (no inf constant for check_numerics to flag)
     shift = where(m - m == 0, m, 0.0)
-    out = (x - shift).exp().sum(axes, keepdim=True).log() + shift
+    out = (x - shift).exp().sum(axis=axes, keepdims=True).log() + shift
     return out if keepdim or keepdims else out.squeeze(axes)
 
 
@@ -392,8 +392,8 @@ def var(x: Tensor, dim: int | Sequence[int] | None = None, unbiased: bool | None
         correction = ddof if ddof is not None else (0 if unbiased is False else 1)
     axes = normalize_axes(reduction_axes(dim, axis, "var"), x.ndim)
     count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
-    centered = x - x.mean(axes, keepdim=True)
-    squares = centered.square().sum(axes, keepdim=keepdim or keepdims)
+    centered = x - x.mean(axis=axes, keepdims=True)
+    squares = centered.square().sum(axis=axes, keepdims=keepdim or keepdims)
     return squares / float(count - correction if count > correction else 0)
 
 
@@ -435,7 +435,7 @@ def norm(x: Tensor, p: float | str | None = "fro", dim: int | Sequence[int] | No
     axes = normalize_axes(reduction_axes(dim, axis, "norm"), x.ndim)
     keep = keepdim or keepdims
     if p is None or p == "fro" or p == 2:
-        squares = x.square().sum(axes, keepdim=keep)
+        squares = x.square().sum(axis=axes, keepdims=keep)
         nonzero = squares != 0  # sqrt's derivative is infinite at 0: route zero vectors around it
         # (only them: `> 0` would route a NaN around too, and report 0)
         return where(nonzero, where(nonzero, squares, 1).sqrt(), 0)
@@ -443,20 +443,20 @@ def norm(x: Tensor, p: float | str | None = "fro", dim: int | Sequence[int] | No
         raise GraphcError(f"norm: p={p!r} is not supported; use 'fro', 1, 2, inf, -inf, 0 or "
                           f"another number (at {user_location()})")
     if p == 1:
-        return x.abs().sum(axes, keepdim=keep)
+        return x.abs().sum(axis=axes, keepdims=keep)
     if p == np.inf:
         return bind("max", x.abs(), axes=axes, keepdims=keep)
     if p == -np.inf:
-        return x.abs().amin(axes, keepdim=keep)
+        return x.abs().amin(axis=axes, keepdims=keep)
     if p == 0:
-        return (x != 0).astype(x.dtype).sum(axes, keepdim=keep)
+        return (x != 0).astype(x.dtype).sum(axis=axes, keepdims=keep)
     magnitude = x.abs()
     if 0 < p < 1:  # |x|^p's slope is infinite at 0: zero elements get gradient 0, as in PyTorch
         nonzero_element = magnitude != 0
         powers = where(nonzero_element, where(nonzero_element, magnitude, 1) ** float(p), 0)
     else:
         powers = magnitude ** float(p)
-    total = powers.sum(axes, keepdim=keep)
+    total = powers.sum(axis=axes, keepdims=keep)
     nonzero = total != 0  # the root's derivative is infinite at 0: route zero vectors around it
     return where(nonzero, where(nonzero, total, 1) ** (1.0 / float(p)), 0)
 

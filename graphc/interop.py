@@ -121,27 +121,27 @@ def _in(a, dtype, out, call):
 
 
 def _sum(a, axis=None, dtype=None, out=None, keepdims=False):
-    return _in(a, dtype, out, "sum").sum(axis, keepdims)
+    return _in(a, dtype, out, "sum").sum(axis=axis, keepdims=keepdims)
 
 
 def _prod(a, axis=None, dtype=None, out=None, keepdims=False):
-    return _in(a, None, out, "prod").prod(axis, keepdims, dtype=dtype)
+    return _in(a, None, out, "prod").prod(axis=axis, keepdims=keepdims, dtype=dtype)
 
 
 def _mean(a, axis=None, dtype=None, out=None, keepdims=False):
-    return _in(a, dtype, out, "mean").mean(axis, keepdims)
+    return _in(a, dtype, out, "mean").mean(axis=axis, keepdims=keepdims)
 
 
 def _var(a, axis=None, dtype=None, out=None, ddof=0, keepdims=False):
-    return _in(a, dtype, out, "var").var(axis, correction=ddof, keepdim=keepdims)
+    return _in(a, dtype, out, "var").var(axis=axis, correction=ddof, keepdim=keepdims)
 
 
 def _std(a, axis=None, dtype=None, out=None, ddof=0, keepdims=False):
-    return _in(a, dtype, out, "std").std(axis, correction=ddof, keepdim=keepdims)
+    return _in(a, dtype, out, "std").std(axis=axis, correction=ddof, keepdim=keepdims)
 
 
-def _max(a, axis=None, out=None, keepdims=False): return _in(a, None, out, "max").amax(axis, keepdims)
-def _min(a, axis=None, out=None, keepdims=False): return _in(a, None, out, "min").amin(axis, keepdims)
+def _max(a, axis=None, out=None, keepdims=False): return _in(a, None, out, "max").amax(axis=axis, keepdims=keepdims)
+def _min(a, axis=None, out=None, keepdims=False): return _in(a, None, out, "min").amin(axis=axis, keepdims=keepdims)
 
 
 def _argmax(a, axis=None, out=None, *, keepdims=False):

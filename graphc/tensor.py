@@ -597,9 +597,11 @@ def _is_device(target: Any) -> bool:
 
 
 def reduction_axes(dim: Any, axis: Any, op: str) -> Any:
-    """PyTorch's `dim` or NumPy's `axis`, whichever was given."""
+    """PyTorch's `dim` or NumPy's `axis`, whichever was given. An empty `dim` reduces every
+    axis, as PyTorch's does (so `dim=tuple(range(1, x.ndim))` of a vector is its sum); an empty
+    `axis` reduces none, as NumPy's does."""
     if axis is None:
-        return dim
+        return None if isinstance(dim, (tuple, list)) and not dim else dim
     if dim is not None:
         raise GraphcError(f"{op}: give dim or axis, not both (at {user_location()})")
     return axis
@@ -986,7 +988,7 @@ class Tensor:
             raise ShapeError(f"prod: dims {dims} name an axis twice (at {user_location()})")
         keep = keepdim or keepdims
         if dtype is not None and dtype_name(dtype) == "bool":  # nonzero all along: True
-            return (self != 0).all(axes, keep)
+            return (self != 0).all(axis=axes, keepdims=keep)
         x = self.astype(dtype) if dtype is not None else (
             self if is_float(self.dtype) else self.astype("int64"))
         kept = [a for a in range(x.ndim) if a not in axes]
@@ -994,7 +996,7 @@ class Tensor:
         out_shape = tuple(1 if a in axes else x.shape[a] for a in range(x.ndim)) if keep else \
             tuple(x.shape[a] for a in kept)
         if count == 0:  # an empty product: 1, and nothing to differentiate
-            return x.sum(axes, keep) * 0 + 1
+            return x.sum(axis=axes, keepdims=keep) * 0 + 1
         if count == 1:  # one factor: itself (its gradient 1, even where it is infinite), a copy
             return bind("reshape", x, shape=out_shape)
         lines = x.permute(*kept, *axes).reshape(*[x.shape[a] for a in kept], count)
@@ -1008,8 +1010,8 @@ class Tensor:
         # The mean of no elements is 0/0: NaN, as in NumPy and PyTorch.
         scale = 1.0 / count if count else float("nan")
         if not is_float(self.dtype):  # summed in float64, as NumPy does: an int64 sum overflows
-            return (self.astype("float64").sum(axes, keepdim or keepdims) * scale).astype("float32")
-        return self.sum(axes, keepdim or keepdims) * scale
+            return (self.astype("float64").sum(axis=axes, keepdims=keepdim or keepdims) * scale).astype("float32")
+        return self.sum(axis=axes, keepdims=keepdim or keepdims) * scale
 
     @scalar_reduced_as_vector
     def amax(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
