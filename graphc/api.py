@@ -387,9 +387,18 @@ def _argnum_leaf_indices(in_tree: TreeDef, argnums: tuple[int, ...]) -> list[lis
     return [list(range(offsets[a], offsets[a + 1])) for a in argnums]
 
 
+def _argnums(argnums: Any) -> tuple[int, ...]:
+    """`argnums` as a tuple: an integer (NumPy's too, as JAX takes it) or a tuple or list of them."""
+    nums = argnums if isinstance(argnums, (tuple, list)) else (argnums,)
+    if not all(isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_)) for a in nums):
+        raise GraphcError(f"grad: argnums must be an integer or a tuple or list of integers, got "
+                          f"{argnums!r}")
+    return tuple(int(a) for a in nums)
+
+
 def _grad_stage(argnums: int | Sequence[int], has_aux: bool, with_value: bool):
-    single = isinstance(argnums, int)
-    nums = (argnums,) if single else tuple(argnums)
+    nums = _argnums(argnums)
+    single = not isinstance(argnums, (tuple, list))
 
     def stage(graph: Graph, in_tree: TreeDef, out_tree: TreeDef):
         if has_aux:

@@ -779,8 +779,10 @@ class Tensor:
         return self.value.type.size
 
     def __len__(self) -> int:
-        if not self.shape:
-            raise TypeError("len() of a 0-d tensor")
+        if not self.shape:  # most often a traced number used as a size: gc.zeros(n), x.split(n)
+            raise _no_value("len() of a 0-d tensor (a number argument of a traced function is a "
+                            "tensor, not a size)", "shapes are static: take sizes from x.shape, "
+                            "or close over the number (a lambda or functools.partial)")
         return self.shape[0]
 
     def __repr__(self) -> str:

@@ -144,7 +144,8 @@ def autodiff(graph: Graph, wrt: Sequence[int | str], output: str | None = None,
         seed = b.add_input(target.type, "cotangent")
     elif target.shape != ():
         raise GraphcError(f"autodiff: output {out_name!r} has shape {target.shape}; grad needs a "
-                          "scalar (reduce it, e.g. with .sum(), or use vjp with a cotangent)")
+                          "scalar: reduce it, e.g. with .sum(); for a vector-Jacobian product "
+                          "differentiate (y * cotangent).sum()")
     else:
         b.at(target.producer)
         seed = b.const(1, target.dtype)
