@@ -51,3 +51,87 @@ def test_argnums_takes_numpy_integers_and_names_anything_else():
 def test_the_gradient_of_a_vector_says_how_to_take_a_vector_jacobian_product():
     with pytest.raises(gc.ir.GraphcError, match=r"grad needs a scalar.*\(y \* cotangent\)\.sum"):
         gc.grad(lambda x: x ** 2)(np.arange(3.0))
+
+
+# -- convolution, pooling and resampling arguments ----------------------------------------------
+F = gc.nn.functional
+TF = torch.nn.functional
+
+
+def test_numpy_integers_are_sizes_of_convolutions_and_pools():
+    """np.int64 kernel sizes, strides and paddings (sizes computed with NumPy) failed inside
+    graphc (`'numpy.int64' object is not iterable`, `invalid index to scalar variable`)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 4, 7, 7)).astype(np.float32)
+    w = rng.standard_normal((4, 4, 3, 3)).astype(np.float32)
+    k, s, p = np.int64(3), np.int64(2), np.int64(1)
+    tx, tw = torch.tensor(x), torch.tensor(w)
+    for got, want in [
+        (gc.jit(lambda a: F.conv2d(a, w, stride=s, padding=p, dilation=(np.int32(1), 1)))(x),
+         TF.conv2d(tx, tw, stride=2, padding=1)),
+        (gc.jit(lambda a: F.conv_transpose2d(a, w, stride=s, padding=p))(x),
+         TF.conv_transpose2d(tx, tw, stride=2, padding=1)),
+        (gc.jit(lambda a: F.max_pool2d(a, k, s, p))(x), TF.max_pool2d(tx, 3, 2, 1)),
+        (gc.jit(lambda a: F.avg_pool2d(a, k, s))(x), TF.avg_pool2d(tx, 3, 2)),
+    ]:
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+    layers = [gc.nn.Conv2d(4, 4, k, stride=s, padding=p), gc.nn.ConvTranspose2d(4, 4, k, stride=s),
+              gc.nn.MaxPool2d(k, s)]
+    assert [gc.jit(layer)(x).shape for layer in layers] == [(1, 4, 4, 4), (1, 4, 15, 15), (1, 4, 3, 3)]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda x, w: F.conv_transpose2d(x, w, stride=0), "conv_transpose2d: stride must be positive"),
+    (lambda x, w: F.conv_transpose2d(x, w, stride=-1), "conv_transpose2d: stride must be positive"),
+    (lambda x, w: F.conv_transpose2d(x, w, groups=0), "conv_transpose2d: groups must be a positive"),
+    (lambda x, w: F.conv2d(x, w, stride=(1, 1, 5)), r"conv2d: stride must be one int or a pair"),
+    (lambda x, w: F.avg_pool2d(x, (2, 2, 2)), r"avg_pool2d: kernel_size must be one int or a pair"),
+    (lambda x, w: F.max_pool2d(x, 2, stride=2.0), r"max_pool2d: stride must be one int or a pair"),
+])
+def test_wrong_convolution_and_pool_sizes_name_the_argument(call, message):
+    """A stride of 0 recursed until Python's limit, groups=0 divided by zero, and a third size
+    was dropped silently; PyTorch refuses each."""
+    x, w = np.ones((1, 4, 6, 6), np.float32), np.ones((4, 4, 3, 3), np.float32)
+    with pytest.raises(ValueError, match=message):
+        gc.jit(lambda a: call(a, w))(x)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba-cpu"])
+def test_nearest_resampling_of_images_copies_and_halves_as_pytorch(backend):
+    """PyTorch's 2-D nearest kernel copies an axis whose output has the input's size and halves
+    the positions of one twice its size, whatever scale_factor gave those sizes; graphc took
+    floor(i / scale) there (5 rows at 2.1: [0 0 0 1 1 ...] where PyTorch gives [0 0 1 1 ...])."""
+    for n, factor in [(5, 2.1), (4, 1.2), (5, (2.05, 1.0)), (3, (2.2, 2.7)), (4, 2.3), (4, 0.9)]:
+        x = np.arange(n * (n + 1), dtype=np.float32).reshape(1, 1, n, n + 1)
+        got = gc.jit(lambda a: F.interpolate(a, scale_factor=factor), backend=backend)(x)
+        np.testing.assert_array_equal(got, TF.interpolate(torch.tensor(x), scale_factor=factor).numpy())
+    line = np.arange(5, dtype=np.float32).reshape(1, 1, 5)  # the 1-D kernel has no such rule
+    got = gc.jit(lambda a: F.interpolate(a, scale_factor=2.1), backend=backend)(line)
+    np.testing.assert_array_equal(got, TF.interpolate(torch.tensor(line), scale_factor=2.1).numpy())
+
+
+def test_linear_resampling_of_integers_is_refused():
+    """Its fractional weights were cast to the input's integer type, all 0: the lower neighbour
+    came back, silently (PyTorch refuses integer input too)."""
+    x = np.array([[[0, 100, 200]]], np.int64)
+    with pytest.raises(gc.ir.DTypeError, match="interpolate: mode 'linear' expects floating-point"):
+        gc.jit(lambda a: F.interpolate(a, size=5, mode="linear", align_corners=True))(x)
+    np.testing.assert_array_equal(
+        gc.jit(lambda a: F.interpolate(a.float(), size=5, mode="linear", align_corners=True))(x),
+        [[[0, 50, 100, 150, 200]]])
+
+
+def test_dropout2d_of_a_3d_input_drops_channels_of_each_sample_as_pytorch():
+    """PyTorch reads (N, C, L) into dropout2d as channels of a batch (and warns); graphc read
+    it as one (C, H, W) image and dropped whole samples. dropout1d says it without a warning."""
+    x = np.ones((16, 64, 5), np.float32)  # 64 channels: a sample kept whole has odds 2^-64
+    with pytest.warns(UserWarning, match="read as \\(N, C, L\\)"):
+        out = gc.jit(lambda a: F.dropout2d(a, 0.5, True))(x)
+    for got in (out, gc.jit(lambda a: F.dropout1d(a, 0.5, True))(x),
+                gc.jit(gc.nn.Dropout1d(0.5))(x)):
+        kept = got[:, :, 0] > 0
+        assert (got.min(axis=2) == got.max(axis=2)).all()  # a channel is kept or dropped whole
+        assert kept.any(axis=1).all() and not kept.all(axis=1).any()  # no sample kept or lost whole
+    np.testing.assert_array_equal(gc.jit(lambda a: F.dropout1d(a, 0.5, False))(x), x)
+    with pytest.raises(gc.ir.ShapeError, match=r"dropout1d: expects \(N, C, L\) or \(C, L\)"):
+        gc.jit(lambda a: F.dropout1d(a, 0.5, True))(np.ones((2, 3, 4, 5), np.float32))

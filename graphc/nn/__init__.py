@@ -6,7 +6,7 @@ from .conv import Conv1d, ConvTranspose2d
 from .layers import (AvgPool2d, Conv2d, Dropout, Flatten, Identity, Linear, LogSoftmax, MaxPool2d,
                      ReLU, Sequential, Sigmoid, Softmax, Tanh)
 from .layers import ELU, GELU, LeakyReLU, SiLU, Softplus
-from .layers import Dropout2d, Hardtanh, PReLU, ReLU6, Upsample
+from .layers import Dropout1d, Dropout2d, Hardtanh, PReLU, ReLU6, Upsample
 from .module import Module, Parameter, functional_call
 from .normalization import BatchNorm1d, BatchNorm2d, GroupNorm, LayerNorm
 from .pooling import AdaptiveAvgPool2d, AdaptiveMaxPool2d
@@ -21,4 +21,5 @@ __all__ += ["BatchNorm1d", "BatchNorm2d", "Embedding", "GRU", "LSTM", "LayerNorm
 __all__ += ["AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "Conv1d", "MultiheadAttention",
             "TransformerEncoder", "TransformerEncoderLayer"]
 __all__ += ["ELU", "GELU", "LeakyReLU", "SiLU", "Softplus"]
-__all__ += ["ConvTranspose2d", "Dropout2d", "GroupNorm", "Hardtanh", "PReLU", "ReLU6", "Upsample"]
+__all__ += ["ConvTranspose2d", "Dropout1d", "Dropout2d", "GroupNorm", "Hardtanh", "PReLU", "ReLU6",
+            "Upsample"]

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..tensor import Tensor
 from . import functional as F
-from .layers import _pair, uniform
+from .layers import uniform
 from .module import Module
 
 __all__ = ["Conv1d", "ConvTranspose2d"]
@@ -70,15 +70,17 @@ class ConvTranspose2d(Module):
                  padding: Any = 0, output_padding: Any = 0, groups: int = 1, bias: bool = True,
                  dilation: Any = 1) -> None:
         super().__init__()
-        F.check_conv_arguments("ConvTranspose2d", _pair(kernel_size), _pair(stride), _pair(dilation),
-                               groups)
+        kh, kw = F.pair_argument(kernel_size, "ConvTranspose2d: kernel_size")
+        self.stride, self.padding, self.dilation, self.output_padding = (
+            F.pair_argument(v, f"ConvTranspose2d: {name}") for v, name in (
+                (stride, "stride"), (padding, "padding"), (dilation, "dilation"),
+                (output_padding, "output_padding")))
+        F.check_conv_arguments("ConvTranspose2d", (kh, kw), self.stride, self.dilation, groups)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"ConvTranspose2d: channels ({in_channels}, {out_channels}) must be "
                              f"divisible by groups={groups}")
-        kh, kw = _pair(kernel_size)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
-        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
-        self.output_padding, self.groups = _pair(output_padding), groups
+        self.groups = groups
         bound = 1 / math.sqrt(out_channels // groups * kh * kw)
         self.weight = uniform((in_channels, out_channels // groups, kh, kw), bound)
         if bias:

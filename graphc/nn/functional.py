@@ -20,11 +20,19 @@ __all__ = ["relu", "sigmoid", "tanh", "softmax", "log_softmax", "logsumexp", "li
            "cross_entropy", "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss",
            "binary_cross_entropy", "binary_cross_entropy_with_logits", "kl_div",
            "conv_transpose2d", "interpolate", "group_norm", "prelu", "hardtanh", "relu6",
-           "dropout2d"]
+           "dropout1d", "dropout2d"]
 
 
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+def pair_argument(v: Any, what: str) -> tuple[int, int]:
+    """A size for both spatial axes: one integer (NumPy's too) or one per axis; `what` names the
+    argument ("conv2d: stride") in the error for anything else."""
+    values = (v, v) if isinstance(v, (int, np.integer)) else tuple(v) if isinstance(
+        v, (tuple, list)) else ()
+    if len(values) != 2 or not all(isinstance(a, (int, np.integer)) and not isinstance(
+            a, (bool, np.bool_)) for a in values):
+        raise ValueError(f"{what} must be one int or a pair of ints, got {v!r} "
+                         f"(at {user_location()})")
+    return int(values[0]), int(values[1])
 
 
 def _result(x: Any, result: Tensor, inplace: bool) -> Tensor:
@@ -183,7 +191,8 @@ def conv_padding(op: str, padding: Any, kernel: Sequence[int], stride: Sequence[
     'valid' (none) or 'same' (stride 1: the output keeps the input's size; an odd total puts the
     extra cell after, as PyTorch does)."""
     if not isinstance(padding, str):
-        widths = [int(padding)] * len(kernel) if isinstance(padding, int) else [int(p) for p in padding]
+        widths = ([int(padding)] * len(kernel) if isinstance(padding, (int, np.integer))
+                  else [int(p) for p in padding])
         if len(widths) != len(kernel) or min(widths) < 0:
             raise ShapeError(f"{op}: padding must be one non-negative int or {len(kernel)} of them, "
                              f"got {padding!r} (at {user_location()})")
@@ -211,13 +220,14 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 
     if padding_mode not in CONV_PADDING_MODES:
         raise ValueError(f"conv2d: padding_mode must be one of {sorted(CONV_PADDING_MODES)}, "
                          f"got {padding_mode!r}")
-    (top, bottom), (left, right) = conv_padding("conv2d", padding, weight.shape[-2:], _pair(stride),
-                                                _pair(dilation))
+    stride = pair_argument(stride, "conv2d: stride")
+    dilation = pair_argument(dilation, "conv2d: dilation")
+    (top, bottom), (left, right) = conv_padding("conv2d", padding, weight.shape[-2:], stride, dilation)
     if padding_mode != "zeros" or top != bottom or left != right:  # the op pads evenly, with zeros
         x = pad(x, (left, right, top, bottom), mode=CONV_PADDING_MODES[padding_mode])
         top = left = 0
-    out = bind("conv2d", x, weight, stride=_pair(stride), padding=(top, left),
-               dilation=_pair(dilation), groups=groups)
+    out = bind("conv2d", x, weight, stride=stride, padding=(top, left), dilation=dilation,
+               groups=groups)
     return _plus_channel_bias("conv2d", out, bias)
 
 
@@ -231,8 +241,11 @@ def conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
     if x.ndim == 3:  # one unbatched (C_in, H, W) input, as PyTorch takes
         return conv_transpose2d(x.unsqueeze(0), weight, bias, stride, padding, output_padding,
                                 groups, dilation).squeeze(0)
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    output_padding = _pair(output_padding)
+    stride, padding, dilation, output_padding = (
+        pair_argument(v, f"conv_transpose2d: {name}") for v, name in (
+            (stride, "stride"), (padding, "padding"), (dilation, "dilation"),
+            (output_padding, "output_padding")))
+    check_conv_arguments("conv_transpose2d", weight.shape[-2:], stride, dilation, groups)
     if x.ndim != 4 or weight.ndim != 4 or weight.shape[0] != x.shape[1] or x.shape[1] % groups:
         raise ShapeError(f"conv_transpose2d: expects input (N, C_in, H, W) and weight (C_in, "
                          f"C_out/groups, kH, kW) with C_in divisible by groups={groups}, got "
@@ -273,6 +286,9 @@ def interpolate(input: Tensor, size: Any = None, scale_factor: Any = None, mode:
         raise GraphcError(f"interpolate: supports mode 'nearest' on (N, C, L) or (N, C, H, W) "
                           f"input, 'linear' on (N, C, L) and 'bilinear' on (N, C, H, W); got "
                           f"mode={mode!r} and shape {x.shape} (at {user_location()})")
+    if mode != "nearest" and x.dtype not in ("float32", "float64"):
+        raise DTypeError(f"interpolate: mode {mode!r} expects floating-point input (its weights are "
+                         f"fractions), got {x.dtype}; cast it with .float() (at {user_location()})")
     if align_corners is not None and mode == "nearest":
         raise ValueError("interpolate: align_corners only applies to the linear modes")
     if (size is None) == (scale_factor is None):
@@ -303,8 +319,12 @@ def interpolate(input: Tensor, size: Any = None, scale_factor: Any = None, mode:
             # floored as float32 whatever the input's type (PyTorch's floorf)
             positions = (np.arange(n_out, dtype=real) * step).astype(np.float32)
             sources = np.minimum(np.floor(positions).astype(np.int64), n_in - 1)
-            if n_out == n_in and size is not None:  # PyTorch copies an axis of the same size
+            # PyTorch copies an axis of the same size, and its 2-D kernel halves the positions
+            # of one twice the size, whatever scale_factor gave those sizes
+            if n_out == n_in and (size is not None or spatial == 2):
                 sources = np.arange(n_in)
+            elif n_out == 2 * n_in and spatial == 2:
+                sources = np.arange(n_out) // 2
             if not np.array_equal(sources, np.arange(n_in)):
                 x = bind("gather", x, as_tensor(sources), axis=at, wrap_negative=False)
             continue
@@ -331,9 +351,10 @@ def _pool_windows(op: str, x: Tensor, kernel_size: Any, stride: Any, padding: An
     PyTorch's `ceil_mode` adds for a last, partial window (0, 0 without it). Its outputs number
     ceil((size + 2 padding - kernel) / stride) + 1 along an axis, one fewer where that last window
     would start in the padding after the edge."""
-    kernel = _pair(kernel_size)
-    stride = kernel if stride is None or (isinstance(stride, (tuple, list)) and not stride) else _pair(stride)
-    padding = _pair(padding)
+    kernel = pair_argument(kernel_size, f"{op}: kernel_size")
+    stride = kernel if stride is None or (isinstance(stride, (tuple, list)) and not stride) else \
+        pair_argument(stride, f"{op}: stride")
+    padding = pair_argument(padding, f"{op}: padding")
     if min(kernel) < 1 or min(stride) < 1 or min(padding) < 0:
         raise ShapeError(f"{op}: kernel and stride must be positive and padding non-negative, got "
                          f"kernel {kernel}, stride {stride}, padding {padding} (at {user_location()})")
@@ -378,7 +399,8 @@ def max_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0
     """PyTorch's F.max_pool2d over the last two axes of (N, C, H, W) or (C, H, W) input
     (dilation 1, without indices)."""
     x = as_tensor(x)
-    unsupported = ([f"dilation {dilation} (use 1)"] if _pair(dilation) != (1, 1) else []) + (
+    unsupported = ([f"dilation {dilation} (use 1)"] if pair_argument(dilation, "max_pool2d: dilation") != (1, 1)
+                   else []) + (
         ["return_indices=True"] if return_indices else [])
     if unsupported:
         raise GraphcError(f"max_pool2d: {' and '.join(unsupported)} "
@@ -450,19 +472,38 @@ def check_dropout_probability(op: str, p: float) -> None:
         raise ValueError(f"{op}: probability has to be between 0 and 1, got {p}")
 
 
+def dropout1d(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+    """Zero whole channels (axis 1 of (N, C, L) or axis 0 of (C, L)) with probability p and
+    scale the rest by 1/(1-p), while training."""
+    return _channel_dropout("dropout1d", x, p, training, inplace, spatial=1)
+
+
 def dropout2d(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
-    """Zero whole channels (axis 1 of (N, C, H, W) or axis 0 of (C, H, W)) with probability p
-    and scale the rest by 1/(1-p), while training."""
-    check_dropout_probability("dropout2d", p)
+    """Zero whole channels (axis 1 of (N, C, H, W)) with probability p and scale the rest by
+    1/(1-p), while training. A 3-D input is (N, C, L), as PyTorch still reads it (with its
+    warning): channels of a batch, not one (C, H, W) image."""
+    if as_tensor(x).ndim == 3 and training and p:
+        warnings.warn("dropout2d: a 3-D input is read as (N, C, L), as PyTorch does, dropping "
+                      "channels of each sample; use dropout1d to say so, or add a batch axis to "
+                      "an image (C, H, W)", stacklevel=2)
+        return _channel_dropout("dropout2d", x, p, training, inplace, spatial=1)
+    return _channel_dropout("dropout2d", x, p, training, inplace, spatial=2)
+
+
+def _channel_dropout(op: str, x: Tensor, p: float, training: bool, inplace: bool,
+                     spatial: int) -> Tensor:
+    """Dropout of whole channels: one draw per channel over its last `spatial` axes."""
+    check_dropout_probability(op, p)
     if not training or p == 0:
         return x
     t = as_tensor(x)
-    if t.ndim not in (3, 4):
-        raise ShapeError(f"dropout2d: expects (N, C, H, W) or (C, H, W) input, got shape {t.shape} "
+    if t.ndim not in (spatial + 1, spatial + 2):
+        layouts = {1: "(N, C, L) or (C, L)", 2: "(N, C, H, W)"}[spatial]
+        raise ShapeError(f"{op}: expects {layouts} input, got shape {t.shape} "
                          f"(at {user_location()})")
     if p == 1:
         return _result(x, t * 0.0, inplace)
-    keep = bernoulli(1 - p, t.shape[:-2] + (1, 1))
+    keep = bernoulli(1 - p, t.shape[:-spatial] + (1,) * spatial)
     return _result(x, where(keep, t * (1.0 / (1 - p)), 0), inplace)
 
 

@@ -18,10 +18,6 @@ def uniform(shape: Sequence[int], bound: float) -> Parameter:
     return Parameter(init.generator().uniform(-bound, bound, size=tuple(shape)).astype(np.float32))
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
-
-
 class Identity(Module):
     """Returns its input. Takes and ignores any constructor arguments, as PyTorch's does (so a
     layer chosen by configuration can be swapped for it)."""
@@ -58,14 +54,16 @@ class Conv2d(Module):
                  padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
                  padding_mode: str = "zeros") -> None:
         super().__init__()
-        F.check_conv_arguments("Conv2d", _pair(kernel_size), _pair(stride), _pair(dilation), groups)
+        kh, kw = F.pair_argument(kernel_size, "Conv2d: kernel_size")
+        self.stride = F.pair_argument(stride, "Conv2d: stride")
+        self.dilation = F.pair_argument(dilation, "Conv2d: dilation")
+        F.check_conv_arguments("Conv2d", (kh, kw), self.stride, self.dilation, groups)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"Conv2d: channels ({in_channels}, {out_channels}) must be divisible "
                              f"by groups={groups}")
-        kh, kw = _pair(kernel_size)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
-        self.stride, self.dilation = _pair(stride), _pair(dilation)
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.padding = (padding if isinstance(padding, str)
+                        else F.pair_argument(padding, "Conv2d: padding"))
         F.conv_padding("Conv2d", self.padding, self.kernel_size, self.stride, self.dilation)  # checked now
         if padding_mode not in F.CONV_PADDING_MODES:
             raise ValueError(f"Conv2d: padding_mode must be one of {sorted(F.CONV_PADDING_MODES)}, "
@@ -122,7 +120,7 @@ class Dropout2d(Module):
 
     def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
         super().__init__()
-        F.check_dropout_probability("Dropout2d", p)
+        F.check_dropout_probability(type(self).__name__, p)
         self.p, self.inplace = p, inplace
 
     def forward(self, x: Tensor) -> Tensor:
@@ -130,6 +128,13 @@ class Dropout2d(Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, inplace={self.inplace}"
+
+
+class Dropout1d(Dropout2d):
+    """Zeroes whole channels of (N, C, L) or (C, L) input while training (F.dropout1d)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout1d(x, self.p, self.training, self.inplace)
 
 
 class Upsample(Module):
