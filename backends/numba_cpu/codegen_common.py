@@ -40,8 +40,10 @@ FASTMATH_FLAGS = ("contract", "nsz", "reassoc")
 # Elementwise kernels vectorise across elements without reassociation, which would rewrite their
 # expressions as algebra, not IEEE arithmetic, allows: (x + y) - y to x where y is inf, x * 1e30
 # * 1e30 to x * inf (NaN at 0), x + (-x) to 0 where x is NaN. Nor 'nsz': 1 / -(y - x) at x = y
-# is -inf, as in the reference.
-ELEMENTWISE_FASTMATH_FLAGS = ("contract",)
+# is -inf, as in the reference. Nor 'contract': a * a - b * b fused into fma(a, a, -b * b) keeps
+# a * a unrounded, so a = b gave a rounding residual, not 0 (sqrt of it NaN, log of it finite).
+# The float32 math helpers contract their own polynomials (kernels/pointwise.py).
+ELEMENTWISE_FASTMATH_FLAGS: tuple[str, ...] = ()
 # Below this many elements a loop runs serially: a parallel region costs ~10 us to start and a
 # parallel kernel compiles ~0.4 s slower.
 PARALLEL_MIN_ELEMENTS = 1 << 16
@@ -159,13 +161,14 @@ def module(name: str, body: Writer, helpers: Sequence[str] = (), *, gemm: bool =
     """A complete kernel module: header, inlined helper functions, the entry function. Its
     writer declares what the code uses: `gemm`, the GEMM helper (gemm.py), imported;
     `fastmath`, the FASTMATH flag set a decorator names (`decorator`, HELPER_DECORATOR):
-    FASTMATH_FLAGS, or the flags given."""
+    FASTMATH_FLAGS, or the flags given (none: False)."""
     header = HEADER.format(name=name)
     if gemm:
         header += "from graphc.backends.numba_cpu.gemm import gemm\n"
-    if fastmath:
-        flags = FASTMATH_FLAGS if fastmath is True else fastmath
-        header += f"\nFASTMATH = {{{', '.join(repr(f) for f in flags)}}}\n"
+    if fastmath is not False:  # what the decorators' FASTMATH names: a set, or False for none
+        flags = FASTMATH_FLAGS if fastmath is True else tuple(fastmath)
+        header += f"\nFASTMATH = {{{', '.join(repr(f) for f in flags)}}}\n" if flags else \
+            "\nFASTMATH = False\n"
     parts = [header] + [h.rstrip() + "\n" for h in helpers] + [body.text()]
     return "\n\n".join(parts)
 

@@ -142,11 +142,17 @@ def softmax(x: Tensor, dim: int | None = None) -> Tensor:
 
 @scalar_reduced_as_vector
 def log_softmax(x: Tensor, dim: int | None = None) -> Tensor:
-    """x - logsumexp(x) along `dim`; without it, PyTorch's implicit one (implicit_softmax_dim)."""
+    """x - logsumexp(x) along `dim`; without it, PyTorch's implicit one (implicit_softmax_dim).
+    Computed as PyTorch does, (x - max) - log(sum(exp(x - max))): x - logsumexp(x) cancels in
+    float32 where the logits are large (1e4 lost 4 digits). A row holding +inf, or only -inf,
+    is NaN, as PyTorch's."""
     x = as_tensor(x)
     if dim is None:
         return log_softmax(x, implicit_softmax_dim("log_softmax", x.ndim))
-    return x - logsumexp(x, dim, keepdims=True)
+    if x.ndim and x.shape[dim] == 0:  # nothing to normalise, and no maximum to shift by
+        return x - logsumexp(x, dim, keepdims=True)
+    shifted = x - stop_gradient(x.amax(axis=dim, keepdims=True))
+    return shifted - shifted.exp().sum(axis=dim, keepdims=True).log()
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -14,7 +14,7 @@ def matmul(a, b, out, ta, tb):
 import numpy as np
 from numba import njit, prange
 
-FASTMATH = {'contract'}
+FASTMATH = False
 
 
 @njit(parallel=False, fastmath=FASTMATH, error_model='numpy', no_cfunc_wrapper=True, cache=True)
