@@ -313,6 +313,9 @@ def _cumulative(op: str, x: Any, dim: int | None, axis: int | None, dtype: Any) 
         x = x.astype(dtype)
     elif not is_float(x.dtype):
         x = x.astype("int64")  # PyTorch and NumPy accumulate integers and booleans in int64
+    if x.dtype == "float32" and dtype is None:  # as PyTorch's: accumulated in float64, so a
+        # running sum of 1e6 terms keeps its digits and 1e30 * 1e30 * 0 is 0, not inf * 0
+        return _cumulative(op, x.astype("float64"), dim, None, None).astype("float32")
     if x.ndim == 0:
         normalize_axes(dim, 1)
         return bind(op, x.reshape(1), axis=0).reshape(())
@@ -321,12 +324,14 @@ def _cumulative(op: str, x: Any, dim: int | None, axis: int | None, dtype: Any) 
 
 
 def cumsum(x: Tensor, dim: int | None = None, *, axis: int | None = None, dtype: Any = None) -> Tensor:
-    """Running sum along `dim`; integers and booleans sum in int64 unless `dtype` says otherwise."""
+    """Running sum along `dim`; float32 sums in float64, integers and booleans in int64, unless
+    `dtype` says otherwise (as PyTorch)."""
     return _cumulative("cumsum", x, dim, axis, dtype)
 
 
 def cumprod(x: Tensor, dim: int | None = None, *, axis: int | None = None, dtype: Any = None) -> Tensor:
-    """Running product along `dim`; its gradient is exact where elements are zero."""
+    """Running product along `dim` (float32 in float64, as cumsum); its gradient is exact where
+    elements are zero."""
     return _cumulative("cumprod", x, dim, axis, dtype)
 
 

@@ -659,6 +659,15 @@ def _order_reversed(x: Tensor) -> Tensor:
     return -x if is_float(x.dtype) else -x - 1
 
 
+def _require_elements(x: Tensor, dims: Any, op: str) -> None:
+    """`op` over `dims` names itself where an axis is empty (min and argmin run as max and
+    argmax of the reversed values, whose own error named max)."""
+    for axis in normalize_axes(dims, x.ndim):
+        if x.ndim and x.shape[axis] == 0:
+            raise ShapeError(f"{op}: cannot take the minimum over axis {axis} of size 0 (shape "
+                             f"{x.shape}) (at {user_location()})")
+
+
 def _no_value(call: str, instead: str) -> TracedValueError:
     """The error for asking a traced Tensor for its value (`call`), saying what to do instead."""
     return TracedValueError(f"{call} on a traced Tensor: it has no value while graphc traces the "
@@ -1078,6 +1087,7 @@ class Tensor:
     def amin(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
              axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
         """The minimum over `dim` (one axis, several, or all by default): values only."""
+        _require_elements(self, reduction_axes(dim, axis, "min"), "min")
         reversed_max = _order_reversed(self).amax(dim, keepdim, axis=axis, keepdims=keepdims)
         return _order_reversed(reversed_max)
 
@@ -1096,6 +1106,7 @@ class Tensor:
     def argmin(self, dim: int | None = None, keepdim: bool = False, *, axis: int | None = None,
                keepdims: bool = False) -> Tensor:
         """The index of the first minimum (a NaN counts as the minimum, as in PyTorch)."""
+        _require_elements(self, reduction_axes(dim, axis, "argmin"), "argmin")
         return _order_reversed(self).argmax(dim, keepdim, axis=axis, keepdims=keepdims)
 
     # -- math: graphc/functions.py defines these ----------------------------------------------

@@ -36,3 +36,73 @@ def test_compiled_elementwise_kernels_do_not_fuse_multiplies_into_adds():
     np.testing.assert_array_equal(gc.jit(lambda x, y: gc.sqrt(x * x - y * y))(a, a.copy()), 0)
     np.testing.assert_array_equal(
         gc.jit(lambda x, y, z: gc.sign(x * z - y * z))(a, a.copy(), a[::-1].copy()), 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_running_sums_and_products_of_float32_accumulate_in_float64(backend):
+    """As PyTorch's: a running sum of 1e6 tenths was 100958 (1% off), and 1e30 * 1e30 * 0
+    inf * 0 = NaN where PyTorch gives 0."""
+    run = lambda f, x: gc.jit(lambda a: f(a, dim=0), backend=backend)(x)  # noqa: E731
+    tenths = np.full(10**6, 0.1, np.float32)
+    assert run(gc.cumsum, tenths)[-1] == torch.cumsum(torch.tensor(tenths), 0)[-1].item()
+    for f, tf, x in [(gc.cumprod, torch.cumprod, [1e30, 1e30, 0, 5]),
+                     (gc.cumsum, torch.cumsum, [3e38, 3e38, -3e38])]:
+        x = np.array(x, np.float32)
+        got = run(f, x)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, tf(torch.tensor(x), 0).numpy())
+    x = np.array([1.0, 2.0, 0.0, 3.0], np.float32)
+    grad = gc.grad(lambda a: gc.cumprod(a, dim=0).sum(), backend=backend)(x)
+    assert grad.dtype == np.float32
+    np.testing.assert_array_equal(grad, [3, 1, 8, 0])
+
+
+@pytest.mark.parametrize("loss, keyword", [(F.smooth_l1_loss, {"beta": 1.0}),
+                                           (F.smooth_l1_loss, {"beta": 0.3}),
+                                           (F.huber_loss, {"delta": 2.0})])
+def test_huber_losses_differentiate_at_infinite_and_zero_residuals(loss, keyword):
+    """The quadratic side's discarded gradient was 0 * inf = NaN at an infinite residual, and
+    the square of |d| had second derivative 0 at d = 0 (sign(0)^2), where PyTorch's is 1/beta."""
+    name = loss.__name__
+    pred = np.array([0.5, 3.0, np.inf, 3e38, 0.0, -0.2], np.float32)
+    target = np.array([0, 0, 0, -3e38, 0, 0], np.float32)
+    tp = torch.tensor(pred, requires_grad=True)
+    want = torch.autograd.grad(getattr(torch.nn.functional, name)(
+        tp, torch.tensor(target), reduction="sum", **keyword), tp)[0].numpy()
+    for backend in BACKENDS:
+        got = gc.grad(lambda p, t: loss(p, t, reduction="sum", **keyword), backend=backend)(pred, target)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    x = np.array([0.0, 0.5, 2.0])
+    second = gc.grad(lambda a: gc.grad(lambda b: loss(b, b * 0, reduction="sum", **keyword))(a).sum())(x)
+    tx = torch.tensor(x, requires_grad=True)
+    first = torch.autograd.grad(getattr(torch.nn.functional, name)(
+        tx, tx.detach() * 0, reduction="sum", **keyword), tx, create_graph=True)[0]
+    np.testing.assert_allclose(second, torch.autograd.grad(first.sum(), tx)[0].numpy())
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])
+def test_second_moments_of_huge_gradients_do_not_overflow(name):
+    """g² * (1 - beta2) overflowed float32 from |g| ~ 1.8e19: the update became 0 and the
+    parameter froze; PyTorch multiplies (g (1 - beta2)) g."""
+    model = gc.nn.Linear(3, 1, bias=False)
+    model.weight = gc.nn.Parameter(np.ones((1, 3), np.float32))
+    scale = np.array([1, 1e19, 3e19], np.float32)
+    x = np.zeros((1, 3), np.float32)
+    step = gc.compile_train_step(model, lambda out, s: (model.weight * s).sum(),
+                                 getattr(gc.optim, name)(model.parameters(), lr=0.1), (x, scale))
+    weight = torch.nn.Parameter(torch.ones(1, 3))
+    reference = getattr(torch.optim, name)([weight], lr=0.1)
+    for _ in range(3):
+        step(x, scale)
+        reference.zero_grad()
+        (weight * torch.tensor(scale)).sum().backward()
+        reference.step()
+    np.testing.assert_allclose(model.weight, weight.detach().numpy(), rtol=1e-5)
+
+
+def test_min_and_argmin_over_an_empty_axis_name_themselves():
+    x = np.zeros((3, 0), np.float32)
+    for call, op in [(lambda a: gc.amin(a, 1), "min"), (lambda a: a.min(1), "min"),
+                     (lambda a: gc.argmin(a, 1), "argmin")]:
+        with pytest.raises(gc.ir.ShapeError, match=rf"^{op}: cannot take the minimum over axis 1"):
+            gc.jit(call)(x)

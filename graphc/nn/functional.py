@@ -1111,10 +1111,20 @@ def smooth_l1_loss(input: Tensor, target: Any, size_average: bool | None = None,
     reduction = _reduction(size_average, reduce, reduction)
     if beta < 0:
         raise ValueError(f"smooth_l1_loss: beta must be non-negative, got {beta}")
-    diff = (input - _broadcast_target("smooth_l1_loss", input, target)).abs()
+    residual = input - _broadcast_target("smooth_l1_loss", input, target)
     if beta == 0:
-        return _reduce(diff, reduction)
-    return _reduce(where(diff < beta, diff.square() * (0.5 / beta), diff - 0.5 * beta), reduction)
+        return _reduce(residual.abs(), reduction)
+    return _reduce(_huber(residual, beta) * (1 / beta), reduction)
+
+
+def _huber(residual: Tensor, delta: float) -> Tensor:
+    """0.5·d² where |d| < delta, delta·(|d| - 0.5·delta) beyond. The square is of d itself, not
+    of |d| (whose second derivative at 0 is 0 through sign(0)), and of 0 beyond delta, where
+    its discarded gradient would be 0 · inf at an infinite residual."""
+    magnitude = residual.abs()
+    small = magnitude < delta
+    return where(small, where(small, residual, 0).square() * 0.5,
+                 (magnitude - 0.5 * delta) * delta)
 
 
 def huber_loss(input: Tensor, target: Any, reduction: str = "mean", delta: float = 1.0,
@@ -1123,6 +1133,5 @@ def huber_loss(input: Tensor, target: Any, reduction: str = "mean", delta: float
     input = _loss_input("huber_loss", input)
     if delta <= 0:
         raise ValueError(f"huber_loss: delta must be positive, got {delta}")
-    diff = (input - _broadcast_target("huber_loss", input, target)).abs()
-    loss = where(diff < delta, diff.square() * 0.5, (diff - 0.5 * delta) * delta)
+    loss = _huber(input - _broadcast_target("huber_loss", input, target), delta)
     return _elementwise_weighted(loss, weight, reduction, "huber_loss", mean_over_weights=False)

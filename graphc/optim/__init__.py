@@ -365,7 +365,8 @@ class Adam(Optimizer):
         else:
             g = _decayed(p, g, group)
         m = state["exp_avg"] * beta1 + g * (1 - beta1)
-        v = state["exp_avg_sq"] * beta2 + g.square() * (1 - beta2)
+        # (g (1 - beta2)) g, PyTorch's order: g² alone overflows float32 from |g| ~ 1.8e19
+        v = state["exp_avg_sq"] * beta2 + g * (1 - beta2) * g
         correction1 = 1 - beta1 ** step
         correction2 = 1 - beta2 ** step
         moments = {"exp_avg": m, "exp_avg_sq": v}
@@ -427,7 +428,7 @@ class RMSprop(Optimizer):
              group: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         g = _decayed(p, g, group)
         alpha, eps = group["alpha"], group["eps"]
-        new = {"square_avg": state["square_avg"] * alpha + g.square() * (1 - alpha)}
+        new = {"square_avg": state["square_avg"] * alpha + g * (1 - alpha) * g}  # as Adam's
         if group["centered"]:
             new["grad_avg"] = state["grad_avg"] * alpha + g * (1 - alpha)
             avg = sqrt(new["square_avg"] - new["grad_avg"].square()) + eps
