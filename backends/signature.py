@@ -48,13 +48,16 @@ class InputSignature:
         """Copy each input over a donated array's memory (a batch that is a weight, or a view of
         one): the kernels may write the new weight over it before their last read of it. The
         donated arrays' owners are looked up again only when other arrays are donated (a
-        training step donates the same ones every call)."""
+        training step donates the same ones every call). An input whose memory NumPy does not
+        own (as_strided, a torch tensor's, ctypes') has no owner to compare: its bounds are."""
         donated = [arrays[k] for k in self._donated_order]
         seen = self._donated_owners
         if seen is None or any(a is not b for a, b in zip(seen[0], donated)):
             seen = self._donated_owners = (donated, {id(_owner(a)) for a in donated})
         for index in self._kept_order:
-            if id(_owner(arrays[index])) in seen[1]:
+            owner = _owner(arrays[index])
+            if id(owner) in seen[1] or (not isinstance(owner, np.ndarray) and any(
+                    np.may_share_memory(arrays[index], d) for d in donated)):
                 arrays[index] = arrays[index].copy()
 
     def spared(self, args: Sequence[Any]) -> list[Any]:

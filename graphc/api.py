@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from graphc.ir import Graph, InputError, Node, TensorType, Value
+from graphc.ir.types import DTYPES
 from graphc.ir.errors import GraphcError, user_location, without_internal_frames
 from graphc.ir.graph import GraphInput, safe_module_path
 from graphc.passes import SIMPLIFY, Stages, autodiff
@@ -67,7 +68,7 @@ def to_array(leaf: Any, path: str = "argument") -> np.ndarray:
     if arr.dtype.kind not in "biuf":
         raise InputError(f"{path}: arrays of dtype {arr.dtype} ({type(leaf).__name__}) are not "
                          "supported; pass numeric or bool arrays")
-    if arr.dtype.kind == "u" or arr.dtype == np.float16:
+    if arr.dtype.name not in DTYPES:  # uint8, int16, float16, float128...
         raise InputError(f"{path}: dtype {arr.dtype} is not supported; use float32/float64/int32/"
                          "int64/bool")
     return arr

@@ -68,6 +68,7 @@ class CompiledGraph:
         self.donate = donate
         self.signature, self.reads = signature, reads
         self.persistent: list[np.ndarray] = []  # arrays the step reads after the batch
+        self.calls = 0  # how often it ran: an export takes the signature that ran most
         implicit = set(reads.names)
         self.implicit_inputs = frozenset(i for i, inp in enumerate(traced.inputs)
                                          if inp.name in implicit)
@@ -135,6 +136,7 @@ class _CompiledModelBase:
         found, implicit = matching_variant(last, self._compiled.values(), signature)
         if found is not None:
             self._last = found
+            found.calls += 1
             return found, implicit
         if last is not None:
             self._log_recompile(last, signature)
@@ -149,7 +151,23 @@ class _CompiledModelBase:
                 executable = compile_graph(optimized, self.backend, donate, stages, self._memory_of(last))
                 compiled = CompiledGraph(traced, optimized, executable, donate, signature, reads)
         self._compiled[(signature, reads.modes, reads.types)] = self._last = compiled
+        compiled.calls += 1
         return compiled, reads.arrays()
+
+    @contextmanager
+    def main_signature(self) -> Iterator[None]:
+        """Within it, the compiled graph of the batch signature that ran most often, for the
+        modules as they are now (what an export writes: the batch a step trains at, not an
+        epoch's short last batch); afterwards the most recent one again."""
+        last = self._last
+        mode = next((key[1:] for key, compiled in self._compiled.items() if compiled is last), None)
+        runs = [compiled for key, compiled in self._compiled.items() if key[1:] == mode]
+        if runs:
+            self._last = max(runs, key=lambda compiled: (compiled.calls, compiled is last))
+        try:
+            yield
+        finally:
+            self._last = last
 
     def _rebatched(self, traced: Graph, donate: dict[int, int], signature: tuple,
                    reads: ModuleReads, stages: Stages) -> CompiledGraph | None:

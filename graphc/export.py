@@ -294,10 +294,17 @@ def _outputs_entry(tree: TreeDef) -> dict[str, Any]:
 
 
 def export(compiled: Any, path: str, max_batch: int | None = None) -> None:
-    """Write a TrainStep or CompiledModel (its most recent input signature) to `path`; with
-    `max_batch`, an inference function for any batch of 1 to max_batch samples (the module
-    docstring says how). A training step's file also holds its model's eval-mode forward, for
-    `LoadedTrainStep.export_inference`."""
+    """Write a TrainStep or CompiledModel to `path`, at the batch signature it ran most often
+    (a step trained by `fit` on a dataset of 100 in batches of 32 is written for 32, not for the
+    last 4); with `max_batch`, an inference function for any batch of 1 to max_batch samples
+    (the module docstring says how). A training step's file also holds its model's eval-mode
+    forward, for `LoadedTrainStep.export_inference`. The object goes on with the signature it
+    ran last."""
+    with compiled.main_signature():
+        _export(compiled, path, max_batch)
+
+
+def _export(compiled: Any, path: str, max_batch: int | None) -> None:
     from .compile import TrainStep
     from .nn.module import named_state_refs
     from .train import atomic_write, training_state
@@ -310,6 +317,7 @@ def export(compiled: Any, path: str, max_batch: int | None = None) -> None:
     if max_batch is not None:
         buckets = _bucket_graphs(compiled, max_batch)
         data = [inp.value.type for inp in compiled.graph.inputs if inp.role == "data"]
+        compiled._last = None  # compiled for the file: no "recompiling" warning for the user
         compiled._get([np.zeros((max_batch, *t.shape[1:]), t.np_dtype) for t in data])
     graph = compiled.graph
     forward: dict[str, Any] = {}

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from graphc.ir import Graph, TensorType
-from graphc.ir.errors import GraphcError
+from graphc.ir.errors import GraphcError, InputError
 from graphc.passes import Stages, autodiff
 
 from .api import inline_graph, to_array
@@ -43,7 +43,16 @@ def rate_input_names(groups: int) -> list[str]:
 
 
 def batch_arrays(batch: Sequence[Any]) -> list[np.ndarray]:
-    """A step's batch (inputs..., targets...) as arrays, each named in errors by its position."""
+    """A step's batch (inputs..., targets...) as arrays, each named in errors by its position.
+    A tuple or list of arrays is refused, not stacked into one: it is a structure, as an LSTM's
+    state pair (h0, c0), which compiled models and steps do not take."""
+    for i, x in enumerate(batch):
+        if isinstance(x, (tuple, list)) and any(isinstance(e, np.ndarray) for e in x):
+            raise InputError(f"input {i} is a {type(x).__name__} holding arrays: a compiled model "
+                             "or training step takes one array per argument; pass them as "
+                             "separate arguments (a wrapper module's forward(x, h0, c0) can call "
+                             "lstm(x, (h0, c0))), np.stack them into one, or use gc.jit, which "
+                             "takes nested arguments")
     return [to_array(x, f"input {i}") for i, x in enumerate(batch)]
 
 

@@ -135,3 +135,77 @@ def test_dropout2d_of_a_3d_input_drops_channels_of_each_sample_as_pytorch():
     np.testing.assert_array_equal(gc.jit(lambda a: F.dropout1d(a, 0.5, False))(x), x)
     with pytest.raises(gc.ir.ShapeError, match=r"dropout1d: expects \(N, C, L\) or \(C, L\)"):
         gc.jit(lambda a: F.dropout1d(a, 0.5, True))(np.ones((2, 3, 4, 5), np.float32))
+
+
+# -- the arrays a compiled step or model is called with -----------------------------------------
+def _twin_models():
+    import copy
+    gc.manual_seed(0)
+    a = gc.nn.Sequential(gc.nn.Linear(4, 4), gc.nn.Tanh(), gc.nn.Linear(4, 3))
+    return a, copy.deepcopy(a)
+
+
+@pytest.mark.parametrize("alias", [
+    lambda w: np.lib.stride_tricks.as_strided(w, shape=(3, 4)),
+    lambda w: torch.from_numpy(w).numpy(),
+    lambda w: np.ctypeslib.as_array(w.ctypes.data_as(np.ctypeslib.ctypes.POINTER(
+        np.ctypeslib.ctypes.c_float)), shape=(3, 4)),
+], ids=["as_strided", "torch", "ctypes"])
+def test_a_batch_in_a_weights_memory_is_read_before_the_weight_is_written(alias):
+    """A batch viewing a trained weight through memory NumPy does not own (its .base chain
+    does not lead to the weight) was read after the step wrote the new weight over it."""
+    a, b = _twin_models()
+    y = np.random.default_rng(0).standard_normal((3, 3)).astype(np.float32)
+    steps = [gc.compile_train_step(m, F.mse_loss, gc.optim.SGD(m.parameters(), lr=0.5),
+                                   example_inputs=(m[2].weight.copy(), y)) for m in (a, b)]
+    steps[0](alias(a[2].weight), y)
+    steps[1](b[2].weight.copy(), y)
+    for key, value in a.state_dict().items():
+        np.testing.assert_array_equal(value, b.state_dict()[key])
+
+
+def test_an_export_takes_the_batch_the_step_ran_at_not_the_last_short_one(tmp_path):
+    """After fit over 100 samples in batches of 32 the file held the step at batch 4 (the last
+    batch), and `graphc train` on it trained at 4; a plain export after one with max_batch
+    held batch 64 for a model only ever called at batch 1."""
+    from graphc.data import DataLoader, TensorDataset
+    from graphc.train import fit
+    gc.manual_seed(0)
+    model = gc.nn.Sequential(gc.nn.Linear(4, 8), gc.nn.ReLU(), gc.nn.Linear(8, 3))
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((100, 4)).astype(np.float32), rng.integers(0, 3, 100)
+    step = gc.compile_train_step(model, F.cross_entropy, gc.optim.Adam(model.parameters(), lr=1e-2),
+                                 example_inputs=(x[:32], y[:32]))
+    fit(step, DataLoader(TensorDataset(x, y), 32), epochs=1, progress=False)
+    step.export(tmp_path / "step.gcx")
+    loaded = gc.load(tmp_path / "step.gcx")
+    assert [i.value.type.shape for i in loaded.graph.inputs if i.role == "data"][:2] == [(32, 4), (32,)]
+    assert np.isfinite(loaded(x[:32], y[:32]))
+    assert step.graph.inputs[0].value.type.shape == (4, 4)  # it goes on as it ran last
+    compiled = gc.compile(gc.nn.Linear(4, 2), example_inputs=np.zeros((1, 4), np.float32))
+    compiled.export(tmp_path / "any.gcx", max_batch=64)
+    compiled.export(tmp_path / "one.gcx")
+    assert gc.load(tmp_path / "one.gcx")(np.zeros((1, 4), np.float32)).shape == (1, 2)
+    assert compiled.graph.inputs[0].value.type.shape == (1, 4)
+
+
+def test_a_tuple_of_arrays_given_to_a_compiled_model_is_refused_as_a_structure():
+    """np.asarray stacked LSTM(x, (h0, c0))'s state pair into one array: the LSTM then said the
+    state must be a pair, which the caller had passed."""
+    lstm = gc.nn.LSTM(3, 5, num_layers=2, batch_first=True)
+    x, h0 = np.zeros((4, 6, 3), np.float32), np.zeros((2, 4, 5), np.float32)
+    assert gc.jit(lstm)(x, (h0, h0))[0].shape == (4, 6, 5)
+    with pytest.raises(gc.ir.InputError, match="input 1 is a tuple holding arrays.*separate arguments"):
+        gc.compile(lstm, example_inputs=(x, (h0, h0)))
+
+
+def test_dtypes_graphc_lacks_are_refused_by_input_and_float16_parameters_widened():
+    model = gc.nn.Linear(4, 3)
+    step = gc.compile_train_step(model, F.cross_entropy, gc.optim.SGD(model.parameters(), lr=0.1),
+                                 example_inputs=(np.zeros((2, 4), np.float32), np.zeros(2, np.int64)))
+    for dtype in (np.int8, np.int16, np.uint16, np.longdouble):
+        with pytest.raises(gc.ir.InputError, match=f"input 1: dtype {np.dtype(dtype)} is not supported"):
+            step(np.zeros((2, 4), np.float32), np.ones(2, dtype))
+    assert gc.nn.Parameter(np.ones(2, np.float16)).data.dtype == np.float32
+    with pytest.raises(gc.ir.GraphcError, match="Parameter: dtype float128 is not supported"):
+        gc.nn.Parameter(np.ones(2, np.longdouble))

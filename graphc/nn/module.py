@@ -91,8 +91,15 @@ class Parameter:
     __slots__ = ("data",)
 
     def __init__(self, data: Any) -> None:
-        self.data = np.ascontiguousarray(data, dtype=np.float32) if not isinstance(
-            data, np.ndarray) or data.dtype.kind != "f" else np.ascontiguousarray(data)
+        if isinstance(data, np.ndarray) and data.dtype.kind == "f":
+            if data.dtype.name not in ("float16", "float32", "float64"):
+                raise GraphcError(f"Parameter: dtype {data.dtype} is not supported; use float32 or "
+                                  "float64")
+            # float16 widened to float32, as load_state_dict widens bfloat16
+            self.data = np.ascontiguousarray(data, dtype=np.float32 if data.dtype.name == "float16"
+                                             else data.dtype)
+        else:
+            self.data = np.ascontiguousarray(data, dtype=np.float32)
 
 
 _PLAIN_CONTAINERS = (list, tuple, dict, set, frozenset)
