@@ -209,3 +209,11 @@ def test_dtypes_graphc_lacks_are_refused_by_input_and_float16_parameters_widened
     assert gc.nn.Parameter(np.ones(2, np.float16)).data.dtype == np.float32
     with pytest.raises(gc.ir.GraphcError, match="Parameter: dtype float128 is not supported"):
         gc.nn.Parameter(np.ones(2, np.longdouble))
+
+
+def test_max_pool_of_integers_names_itself_with_ceil_mode_too():
+    """With ceil_mode the error named an internal pad (-inf is not an int32)."""
+    x = np.zeros((1, 1, 5, 5), np.int32)
+    for ceil_mode in (False, True):
+        with pytest.raises(gc.ir.DTypeError, match="max_pool2d: expects a floating-point operand"):
+            gc.jit(lambda a: F.max_pool2d(a, 3, 2, ceil_mode=ceil_mode))(x)

@@ -405,8 +405,11 @@ def max_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0
     """PyTorch's F.max_pool2d over the last two axes of (N, C, H, W) or (C, H, W) input
     (dilation 1, without indices)."""
     x = as_tensor(x)
-    unsupported = ([f"dilation {dilation} (use 1)"] if pair_argument(dilation, "max_pool2d: dilation") != (1, 1)
-                   else []) + (
+    if x.dtype not in ("float32", "float64"):  # before padding with -inf names the pad instead
+        raise DTypeError(f"max_pool2d: expects a floating-point operand, got {x.dtype} (at "
+                         f"{user_location()})")
+    dilated = pair_argument(dilation, "max_pool2d: dilation") != (1, 1)
+    unsupported = ([f"dilation {dilation} (use 1)"] if dilated else []) + (
         ["return_indices=True"] if return_indices else [])
     if unsupported:
         raise GraphcError(f"max_pool2d: {' and '.join(unsupported)} "
