@@ -217,3 +217,16 @@ def test_max_pool_of_integers_names_itself_with_ceil_mode_too():
     for ceil_mode in (False, True):
         with pytest.raises(gc.ir.DTypeError, match="max_pool2d: expects a floating-point operand"):
             gc.jit(lambda a: F.max_pool2d(a, 3, 2, ceil_mode=ceil_mode))(x)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba-cpu"])
+def test_a_padded_max_pool_window_of_minus_infinity_gives_its_gradient_to_a_real_cell(backend):
+    """The padding (-inf) counted as the window's first maximum where every real cell was -inf
+    (a masked region), and the window's cotangent was dropped; PyTorch never picks padding."""
+    for masked in ((0, 0), (slice(0, 2), slice(0, 2))):
+        x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+        x[(0, 0) + masked] = -np.inf
+        tx = torch.tensor(x, requires_grad=True)
+        want = torch.autograd.grad(TF.max_pool2d(tx, 3, 2, 1).sum(), tx)[0].numpy()
+        got = gc.grad(lambda a: F.max_pool2d(a, 3, 2, 1).sum(), backend=backend)(x)
+        np.testing.assert_array_equal(got, want)

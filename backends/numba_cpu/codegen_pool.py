@@ -68,15 +68,13 @@ def _max_pool_plane(w: Writer) -> None:
 
 
 def _max_pool_grad_plane(w: Writer) -> None:
-    """Each window's cotangent goes to its first maximum in row-major order (a NaN counts as
-    the maximum). A padding cell (-inf) wins only if it comes first and every real cell is
-    -inf; the cotangent is then dropped, as in the reference."""
+    """Each window's cotangent goes to its first maximum in row-major order among its real
+    cells (a NaN counts as the maximum; padding never takes it), as in PyTorch."""
     w.line("(H, W), (OH, OW) = x.shape, dy.shape")
     zero_plane(w, "dx")
     _window_loops(w)
     _first_maximum_search(w, "i0", "j0", "i1", "j1")
-    with w.block("if not (best == -np.inf and (i0 > 0 or j0 > 0)):"):
-        w.line("dx[ih0 + best_i, iw0 + best_j] += dy[oh, ow]")
+    w.line("dx[ih0 + best_i, iw0 + best_j] += dy[oh, ow]")
 
 
 def _first_maximum_search(w: Writer, i0: str, j0: str, i1: str, j1: str) -> None:

@@ -503,8 +503,7 @@ def _max_pool_grad(node: Node, refs: Refs) -> list[CudaCall]:
             w.line("v = x[n, c, ih0 + i, iw0 + j]")
             with w.block("if v > best or (v != v and best == best):"):
                 w.line("best, bi, bj = v, i, j")
-        with w.block("if ih0 + bi == ih and iw0 + bj == iw and "
-                     "not (best == -np.inf and (i0 > 0 or j0 > 0)):"):
+        with w.block("if ih0 + bi == ih and iw0 + bj == iw:"):  # padding never takes it
             w.line("acc += dy[n, c, oh, ow]")
         w.depth -= 2
         w.line("dx[n, c, ih, iw] = acc")

@@ -334,8 +334,13 @@ def _max_pool2d(x, *, kernel, stride, padding):
 
 
 def _max_pool2d_grad(x, g, *, kernel, stride, padding):
-    cells = _window_cells(x, kernel, stride, padding, fill=-np.inf)
-    first_max = np.stack(cells).argmax(axis=0)  # the first maximum in row-major window order wins
+    # The first maximum in row-major window order among the window's real cells wins (a NaN
+    # counting as the maximum): padding never takes the cotangent, even from a window whose
+    # real cells are all -inf, as in PyTorch.
+    cells = np.stack(_window_cells(x, kernel, stride, padding, fill=-np.inf))
+    real = np.stack(_window_cells(np.ones((1, 1) + x.shape[2:]), kernel, stride, padding)) > 0
+    top = cells.max(axis=0)
+    first_max = (((cells == top) | np.isnan(cells)) & real).argmax(axis=0)
     zero = np.zeros((), g.dtype)
     routed = [np.where(first_max == k, g, zero) for k in range(len(cells))]
     return _fold_cells(routed, x.shape, kernel, stride, padding)
