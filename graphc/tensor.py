@@ -12,6 +12,7 @@ import itertools
 import os
 import sys
 import threading
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
@@ -52,14 +53,21 @@ _NOT_SETTINGS = frozenset({"_parameters", "_buffers", "_modules", "_non_persiste
                            "_state_holder", "training", "_written_in_trace"})
 
 
+# Functions a module may hold as a setting (`self.activation = F.gelu`), compared by identity.
+_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial,
+              np.ufunc)
+
+
 def is_setting(value: Any) -> bool:
     """Whether `value`, a module's plain attribute, is a setting a trace bakes in: a number, a
-    string, a bool or None, or a tuple, list or dict of them (a kernel size, a list of scales)."""
+    string, a bool or None, a function (an activation), or a tuple, list or dict of them (a
+    kernel size, a list of scales)."""
     if isinstance(value, (tuple, list)):
         return all(map(is_setting, value))
     if isinstance(value, dict):
         return all(map(is_setting, value.keys())) and all(map(is_setting, value.values()))
-    return value is None or isinstance(value, (bool, int, float, str, np.number, np.bool_))
+    return value is None or isinstance(value, (bool, int, float, str, np.number, np.bool_,
+                                               *_FUNCTIONS))
 
 
 def _snapshot(value: Any) -> Any:

@@ -330,3 +330,50 @@ def test_what_a_forward_writes_into_its_module_is_its_state_not_a_setting(caplog
         step(X, np.zeros((2, 2), np.float32))
         compiled(X)
     assert model.calls == before
+
+
+def test_a_function_held_as_a_setting_is_followed():
+    """`layer.activation = F.gelu` after compiling was ignored: jitted functions and training
+    steps kept computing relu (a fresh trace gave gelu, as PyTorch, which reads it per call)."""
+    class Act(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.act = nn.Linear(4, 4), F.relu
+
+        def forward(self, x):
+            return self.act(self.lin(x))
+
+    model = Act()
+    jitted = gc.jit(model)
+    step = gc.compile_train_step(model, lambda out, t: ((out - t) ** 2).mean(),
+                                 optim.SGD(model.parameters(), lr=0.0), (X, X))
+    before = step(X, X)
+    jitted(X)
+    model.act = F.tanh
+    np.testing.assert_allclose(jitted(X), np.tanh(X @ model.lin.weight.T + model.lin.bias), rtol=1e-6)
+    assert step(X, X) != before
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation=F.relu).eval()
+    x = np.random.default_rng(0).standard_normal((5, 2, 8)).astype(np.float32)
+    compiled = gc.jit(layer)
+    compiled(x)
+    layer.activation = F.gelu
+    np.testing.assert_allclose(compiled(x), fresh_trace(layer, x), rtol=1e-6)
+
+
+def test_a_transformer_encoders_final_norm_can_be_added_or_removed_later():
+    """Whether it had a norm was fixed when built: one assigned later was saved but never
+    applied, and `encoder.norm = None` failed calling None; PyTorch reads `self.norm`."""
+    x = np.random.default_rng(0).standard_normal((5, 2, 8)).astype(np.float32)
+    te = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), 2,
+                                     enable_nested_tensor=False).eval()
+    ge = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), 2).eval()
+    assert ge.norm is None and te.norm is None
+    ge.load_state_dict({k: v.detach().numpy() for k, v in te.state_dict().items()})
+    compiled = gc.jit(ge)
+    np.testing.assert_allclose(compiled(x), te(torch.tensor(x)).detach().numpy(), atol=1e-5)
+    te.norm, ge.norm = torch.nn.LayerNorm(8), nn.LayerNorm(8)
+    torch.nn.init.constant_(te.norm.weight, 2.0)
+    ge.norm.weight[...] = 2.0
+    np.testing.assert_allclose(compiled(x), te(torch.tensor(x)).detach().numpy(), atol=1e-5)
+    te.norm = ge.norm = None
+    np.testing.assert_allclose(compiled(x), te(torch.tensor(x)).detach().numpy(), atol=1e-5)

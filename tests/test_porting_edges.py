@@ -230,3 +230,14 @@ def test_a_padded_max_pool_window_of_minus_infinity_gives_its_gradient_to_a_real
         want = torch.autograd.grad(TF.max_pool2d(tx, 3, 2, 1).sum(), tx)[0].numpy()
         got = gc.grad(lambda a: F.max_pool2d(a, 3, 2, 1).sum(), backend=backend)(x)
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_negative_padding_idx_set_after_building_an_embedding_counts_from_the_end():
+    """Only the constructor wrapped -1 to the last row: assigned later, the padding row (5)
+    still took gradient."""
+    table = gc.nn.Embedding(6, 3)
+    table.padding_idx = -1
+    idx = np.array([5, 1, 5])
+    grads = gc.grad(lambda p: gc.nn.functional_call(table, p, idx).sum())({"weight": table.weight})
+    np.testing.assert_array_equal(grads["weight"][5], 0)
+    np.testing.assert_array_equal(grads["weight"][1], 1)

@@ -239,9 +239,7 @@ class TransformerEncoder(Module):
         super().__init__()
         self.layers = ModuleList([copy.deepcopy(encoder_layer) for _ in range(num_layers)])
         self.num_layers = num_layers
-        if norm is not None:
-            self.norm = norm
-        self.has_norm = norm is not None
+        self.norm = norm  # None registers it absent, as PyTorch's: assigning one later applies it
 
     def forward(self, src: Any, mask: Any = None, src_key_padding_mask: Any = None,
                 is_causal: bool | None = None) -> Tensor:
@@ -249,4 +247,4 @@ class TransformerEncoder(Module):
         for layer in self.layers:
             x = layer(x, src_mask=mask, src_key_padding_mask=src_key_padding_mask,
                       is_causal=bool(is_causal))
-        return self.norm(x) if self.has_norm else x
+        return self.norm(x) if self.norm is not None else x

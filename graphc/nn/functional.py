@@ -812,12 +812,6 @@ def embedding(input: Any, weight: Tensor, padding_idx: int | None = None,
         raise GraphcError(f"embedding: max_norm (renormalising rows in place) and "
                           f"scale_grad_by_freq are not supported; renormalise the table in the "
                           f"training step instead (at {user_location()})")
-    weight = as_tensor(weight)
-    if padding_idx is not None and not -weight.shape[0] <= padding_idx < weight.shape[0]:
-        raise ValueError(f"embedding: padding_idx {padding_idx} is outside the table's "
-                         f"{weight.shape[0]} rows (at {user_location()})")
-    if padding_idx is not None and padding_idx < 0:
-        padding_idx += weight.shape[0]
     return sparse_layers.embedding(input, weight, padding_idx)
 
 

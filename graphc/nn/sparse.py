@@ -30,6 +30,10 @@ def embedding(indices: Any, weight: Tensor, padding_idx: int | None = None) -> T
     rows = bind("gather", weight, indices, axis=0, wrap_negative=False)
     if padding_idx is None:
         return rows
+    if not -weight.shape[0] <= padding_idx < weight.shape[0]:
+        raise ValueError(f"embedding: padding_idx {padding_idx} is outside the table's "
+                         f"{weight.shape[0]} rows (at {user_location()})")
+    padding_idx %= weight.shape[0]  # -1: the last row, as PyTorch (also when set after building)
     # Masking the gathered rows (not the table) keeps the cost proportional to the lookups.
     is_padding = (indices == padding_idx).unsqueeze(-1)
     return where(is_padding, stop_gradient(rows), rows)
