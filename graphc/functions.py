@@ -309,13 +309,14 @@ def _cumulative(op: str, x: Any, dim: int | None, axis: int | None, dtype: Any) 
     dim = reduction_axes(dim, axis, op)
     if dim is None:  # NumPy's: over the flattened array (PyTorch requires dim)
         x, dim = x.reshape(-1), 0
-    if dtype is not None:
-        x = x.astype(dtype)
-    elif not is_float(x.dtype):
-        x = x.astype("int64")  # PyTorch and NumPy accumulate integers and booleans in int64
-    if x.dtype == "float32" and dtype is None:  # as PyTorch's: accumulated in float64, so a
-        # running sum of 1e6 terms keeps its digits and 1e30 * 1e30 * 0 is 0, not inf * 0
+    # PyTorch and NumPy accumulate integers and booleans in int64; PyTorch accumulates float32
+    # in float64 (a running sum of 1e6 terms keeps its digits, 1e30 * 1e30 * 0 is 0, not
+    # inf * 0), then rounds to float32
+    target = dtype_name(dtype) if dtype is not None else x.dtype if is_float(x.dtype) else "int64"
+    if target == "float32":
         return _cumulative(op, x.astype("float64"), dim, None, None).astype("float32")
+    if x.dtype != target:
+        x = x.astype(target)
     if x.ndim == 0:
         normalize_axes(dim, 1)
         return bind(op, x.reshape(1), axis=0).reshape(())

@@ -615,6 +615,13 @@ def reduction_axes(dim: Any, axis: Any, op: str) -> Any:
     return axis
 
 
+def _no_axes_if_empty(dim: Any, axis: Any) -> tuple[Any, Any]:
+    """(dim, axis) with an empty `dim` as NumPy's axis=(): no axis reduced."""
+    if axis is None and isinstance(dim, (tuple, list)) and not dim:
+        return None, ()
+    return dim, axis
+
+
 def scalar_reduced_as_vector(reduce: Any) -> Any:
     """PyTorch reduces a 0-d tensor over dim 0 or -1 as one of shape (1,) (NumPy refuses it):
     `reduce`, whose parameters start (x, dim) and may include NumPy's `axis`, gets such an x
@@ -1043,14 +1050,18 @@ class Tensor:
 
     def any(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
             axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
-        """Whether any element over `dim` (all axes by default) is nonzero: False over none."""
+        """Whether any element over `dim` (all axes by default) is nonzero: False over none.
+        An empty `dim` reduces nothing, as PyTorch's any (unlike its sum)."""
         nonzero = self if self.dtype == "bool" else self != 0
+        dim, axis = _no_axes_if_empty(dim, axis)
         return nonzero.sum(dim, keepdim, axis=axis, keepdims=keepdims) > 0
 
     def all(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
             axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
-        """Whether every element over `dim` (all axes by default) is nonzero: True over none."""
+        """Whether every element over `dim` (all axes by default) is nonzero: True over none.
+        An empty `dim` reduces nothing, as PyTorch's all."""
         zero = ~self if self.dtype == "bool" else self == 0
+        dim, axis = _no_axes_if_empty(dim, axis)
         return zero.sum(dim, keepdim, axis=axis, keepdims=keepdims) == 0
 
     def max(self, dim: Any = None, keepdim: bool = False, *, axis: Any = None,
@@ -1065,13 +1076,16 @@ class Tensor:
             return maximum(self, dim)
         keep = keepdim or keepdims
         if not isinstance(dim, (int, np.integer)):
-            return self.amax(dim, keep)
+            return self.amax(axis=dim, keepdims=keep) if axis is not None else self.amax(dim, keep)
         return ValuesIndices(self.amax(dim, keep), self.argmax(dim, keep))
 
     @scalar_reduced_as_vector
     def argmax(self, dim: int | None = None, keepdim: bool = False, *, axis: int | None = None,
                keepdims: bool = False) -> Tensor:
         dim = reduction_axes(dim, axis, "argmax")
+        if not (dim is None or isinstance(dim, (int, np.integer))):
+            raise ShapeError(f"argmax/argmin: dim must be one axis or None, got {dim!r} (at "
+                             f"{user_location()})")
         if dim is None:  # the flat index; kept dims are all of length 1, as NumPy's and PyTorch's
             flat = self.reshape(-1).argmax(0)
             return flat.reshape((1,) * self.ndim) if keepdim or keepdims else flat
@@ -1108,7 +1122,7 @@ class Tensor:
             return minimum(self, dim)
         keep = keepdim or keepdims
         if not isinstance(dim, (int, np.integer)):
-            return self.amin(dim, keep)
+            return self.amin(axis=dim, keepdims=keep) if axis is not None else self.amin(dim, keep)
         return ValuesIndices(self.amin(dim, keep), self.argmin(dim, keep))
 
     def argmin(self, dim: int | None = None, keepdim: bool = False, *, axis: int | None = None,

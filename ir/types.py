@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,7 @@ DTYPES = ("float32", "float64", "int32", "int64", "bool")
 FLOAT_DTYPES = ("float32", "float64")
 SHORT_NAMES = {"float32": "f32", "float64": "f64", "int32": "i32", "int64": "i64", "bool": "bool"}
 _FROM_SHORT = {v: k for k, v in SHORT_NAMES.items()}
+_TYPE_TEXT = re.compile(r"([a-z0-9]+)\[((?:[0-9]+(?:,[0-9]+)*)?)\]")
 _CANONICAL = frozenset(DTYPES)
 _NP_DTYPES = {name: np.dtype(name) for name in DTYPES}  # executors ask on every call
 
@@ -83,10 +85,13 @@ class TensorType:
 
     @staticmethod
     def parse(text: str) -> TensorType:
-        """Inverse of str(): 'f32[2,3]' -> TensorType((2, 3), 'float32')."""
-        short, _, dims = text.partition("[")
-        dims = dims.rstrip("]")
-        return TensorType(tuple(int(d) for d in dims.split(",") if d), _FROM_SHORT[short])
+        """Inverse of str(): 'f32[2,3]' -> TensorType((2, 3), 'float32'); a ValueError for any
+        other text ('f32[', 'f32[4,]', digits other than ASCII's)."""
+        match = _TYPE_TEXT.fullmatch(text)
+        if match is None or match[1] not in _FROM_SHORT:
+            raise ValueError(f"{text!r:.60} is not a tensor type such as f32[2,3]")
+        dims = match[2]
+        return TensorType(tuple(int(d) for d in dims.split(",")) if dims else (), _FROM_SHORT[match[1]])
 
     @staticmethod
     def of(array: np.ndarray) -> TensorType:

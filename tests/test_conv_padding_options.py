@@ -121,7 +121,7 @@ def test_one_unbatched_image_convolves_as_its_batch_of_one(backend):
     (lambda: nn.Conv2d(3, 4, 3, groups=0), "groups must be a positive integer"),
     (lambda: nn.Conv2d(3, 4, 0), r"kernel_size must be positive, got \(0, 0\)"),
     (lambda: nn.ConvTranspose2d(3, 4, 3, stride=0), "stride must be positive"),
-    (lambda: nn.Conv1d(3, 4, 3, padding=(1, 2)), r"padding must be an int or a 1-tuple, got \(1, 2\)"),
+    (lambda: nn.Conv1d(3, 4, 3, padding=(1, 2)), r"padding must be one int or a 1-tuple, got \(1, 2\)"),
     (lambda: nn.Conv1d(3, 4, 3, dilation=0), "dilation must be positive"),
 ])
 def test_bad_convolution_arguments_are_refused_by_name(build, message):

@@ -106,3 +106,25 @@ def test_min_and_argmin_over_an_empty_axis_name_themselves():
                      (lambda a: gc.argmin(a, 1), "argmin")]:
         with pytest.raises(gc.ir.ShapeError, match=rf"^{op}: cannot take the minimum over axis 1"):
             gc.jit(call)(x)
+
+
+def test_running_sums_accumulate_in_float64_when_float32_is_asked_for_too():
+    """dtype=float32 kept the float32 accumulation PyTorch does not have (2^25 ones summed
+    to 2^24)."""
+    tenths = np.full(10**6, 0.1, np.float32)
+    assert gc.jit(lambda a: a.cumsum(0, dtype=np.float32))(tenths)[-1] == np.float32(100000.0)
+    assert gc.jit(lambda a: a.cumsum(0, dtype=np.float32))(np.ones(2**25, np.int64))[-1] == 2**25
+    np.testing.assert_array_equal(
+        gc.jit(lambda a: a.cumprod(0, dtype=np.float32))(np.array([1e30, 1e30, 0], np.float32)),
+        np.array([1e30, np.inf, 0], np.float32))
+
+
+@pytest.mark.parametrize("beta", [1e-36, 1e-38, 1.0])
+def test_smooth_l1_with_a_tiny_beta_is_the_l1_loss(beta):
+    """1 / beta overflowed float32 below beta ~ 3e-39 and (|d| - beta/2) * beta underflowed:
+    2% off at 1e-36, 0 at 1e-38."""
+    x, t = np.array([0.0, 1e-8, -0.5, 2.0], np.float32), np.zeros(4, np.float32)
+    got = gc.jit(lambda a, b: F.smooth_l1_loss(a, b, beta=beta, reduction="none"))(x, t)
+    want = torch.nn.functional.smooth_l1_loss(torch.tensor(x), torch.tensor(t), beta=beta,
+                                              reduction="none").numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6)

@@ -241,3 +241,51 @@ def test_a_negative_padding_idx_set_after_building_an_embedding_counts_from_the_
     grads = gc.grad(lambda p: gc.nn.functional_call(table, p, idx).sum())({"weight": table.weight})
     np.testing.assert_array_equal(grads["weight"][5], 0)
     np.testing.assert_array_equal(grads["weight"][1], 1)
+
+
+def test_reductions_over_no_axes_follow_the_right_convention():
+    """max/min(axis=()) reduced everything after `dim=()` came to mean all axes, argmax over
+    () failed unpacking, and any/all(dim=()) reduced everything where PyTorch reduces none."""
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert gc.jit(lambda a: a.max(axis=()))(x).shape == (2, 3)
+    assert gc.jit(lambda a: gc.min(a, axis=()))(x).shape == (2, 3)
+    assert gc.jit(lambda a: a.max(dim=()))(x).shape == torch.tensor(x).amax(dim=()).shape
+    with pytest.raises(gc.ir.ShapeError, match=r"argmax/argmin: dim must be one axis or None"):
+        gc.jit(lambda a: a.argmax(axis=()))(x)
+    b = np.array([[1.0, -1.0], [2.0, 3.0]], np.float32)
+    for op in ("any", "all"):
+        np.testing.assert_array_equal(gc.jit(lambda a: getattr(a > 0, op)(dim=()))(b),
+                                      getattr(torch.tensor(b) > 0, op)(dim=()).numpy())
+
+
+@pytest.mark.parametrize("call", [
+    lambda: gc.nn.Conv1d(2, 3, np.int64(3), stride=np.int64(2)),
+    lambda: gc.jit(gc.nn.AdaptiveMaxPool2d(np.int64(3)))(np.ones((1, 2, 6, 6), np.float32)),
+    lambda: gc.jit(lambda a: F.adaptive_avg_pool2d(a, np.int64(3)))(np.ones((1, 2, 6, 6), np.float32)),
+])
+def test_numpy_integers_size_one_dimensional_convolutions_and_adaptive_pools(call):
+    call()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda x3, x4: F.conv1d(x3, np.ones((2, 2, 3), np.float32), stride=1.5), "conv1d: stride must be one int"),
+    (lambda x3, x4: F.conv1d(x3, np.ones((2, 2, 3), np.float32), stride="2"), "conv1d: stride must be one int"),
+    (lambda x3, x4: gc.nn.Conv1d(2, 2, "3"), "Conv1d: kernel_size must be one int"),
+    (lambda x3, x4: gc.nn.Conv1d(2, 2, 3, stride=True), "Conv1d: stride must be one int"),
+    (lambda x3, x4: F.conv2d(x4, np.ones((2, 2, 3, 3), np.float32), padding=(1.5, 2.7)),
+     "conv2d: padding must be one int or a pair"),
+    (lambda x3, x4: F.conv2d(x4, np.ones((2, 2, 3, 3), np.float32), padding=1.5),
+     "conv2d: padding must be one int or a pair"),
+    (lambda x3, x4: F.adaptive_avg_pool2d(x4, (2.5, 3)), "output_size must be an int or a pair"),
+    (lambda x3, x4: F.adaptive_avg_pool2d(x4, True), "output_size must be an int or a pair"),
+    (lambda x3, x4: F.conv_transpose2d(x4, np.ones((2, 2, 3, 3), np.float32), padding=-1),
+     "conv_transpose2d: padding .* must not be negative"),
+    (lambda x3, x4: F.conv_transpose2d(x4, np.ones((2, 2, 3, 3), np.float32), stride=2,
+                                       output_padding=-1), "must not be negative"),
+])
+def test_sizes_that_are_no_integers_are_refused_by_name(call, message):
+    """Floats, strings and bools were truncated by int() (stride 1.5 ran as 1); negative
+    transposed-convolution paddings failed inside an internal op."""
+    x3, x4 = np.ones((1, 2, 8), np.float32), np.ones((1, 2, 7, 7), np.float32)
+    with pytest.raises(ValueError, match=message):
+        gc.jit(lambda a, b: call(a, b))(x3, x4)

@@ -16,10 +16,7 @@ __all__ = ["Conv1d", "ConvTranspose2d"]
 
 def _one(v: Any, name: str = "size") -> tuple[int]:
     """PyTorch's 1-tuple form of a size (an int or a 1-tuple)."""
-    sizes = (int(v),) if isinstance(v, int) else tuple(int(d) for d in v)
-    if len(sizes) != 1:
-        raise ValueError(f"Conv1d: {name} must be an int or a 1-tuple, got {v!r}")
-    return sizes  # type: ignore[return-value]
+    return F.size_argument(v, 1, f"Conv1d: {name}")  # type: ignore[return-value]
 
 
 class Conv1d(Module):

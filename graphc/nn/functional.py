@@ -23,16 +23,24 @@ __all__ = ["relu", "sigmoid", "tanh", "softmax", "log_softmax", "logsumexp", "li
            "dropout1d", "dropout2d"]
 
 
+def _is_integer(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def size_argument(v: Any, count: int, what: str) -> tuple[int, ...]:
+    """A size for `count` spatial axes: one integer (NumPy's too) for all, or one per axis;
+    `what` names the argument ("conv2d: stride") in the error for anything else (a float, a
+    string, a bool, another count)."""
+    values = (v,) * count if _is_integer(v) else tuple(v) if isinstance(v, (tuple, list)) else ()
+    if len(values) != count or not all(map(_is_integer, values)):
+        form = "a pair of ints" if count == 2 else f"{count} ints" if count > 1 else "a 1-tuple"
+        raise ValueError(f"{what} must be one int or {form}, got {v!r} (at {user_location()})")
+    return tuple(int(a) for a in values)
+
+
 def pair_argument(v: Any, what: str) -> tuple[int, int]:
-    """A size for both spatial axes: one integer (NumPy's too) or one per axis; `what` names the
-    argument ("conv2d: stride") in the error for anything else."""
-    values = (v, v) if isinstance(v, (int, np.integer)) else tuple(v) if isinstance(
-        v, (tuple, list)) else ()
-    if len(values) != 2 or not all(isinstance(a, (int, np.integer)) and not isinstance(
-            a, (bool, np.bool_)) for a in values):
-        raise ValueError(f"{what} must be one int or a pair of ints, got {v!r} "
-                         f"(at {user_location()})")
-    return int(values[0]), int(values[1])
+    """`size_argument` for the two axes of an image."""
+    return size_argument(v, 2, what)  # type: ignore[return-value]
 
 
 def _result(x: Any, result: Tensor, inplace: bool) -> Tensor:
@@ -197,9 +205,8 @@ def conv_padding(op: str, padding: Any, kernel: Sequence[int], stride: Sequence[
     'valid' (none) or 'same' (stride 1: the output keeps the input's size; an odd total puts the
     extra cell after, as PyTorch does)."""
     if not isinstance(padding, str):
-        widths = ([int(padding)] * len(kernel) if isinstance(padding, (int, np.integer))
-                  else [int(p) for p in padding])
-        if len(widths) != len(kernel) or min(widths) < 0:
+        widths = size_argument(padding, len(kernel), f"{op}: padding")
+        if min(widths) < 0:
             raise ShapeError(f"{op}: padding must be one non-negative int or {len(kernel)} of them, "
                              f"got {padding!r} (at {user_location()})")
         return tuple((p, p) for p in widths)
@@ -252,6 +259,9 @@ def conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
             (stride, "stride"), (padding, "padding"), (dilation, "dilation"),
             (output_padding, "output_padding")))
     check_conv_arguments("conv_transpose2d", weight.shape[-2:], stride, dilation, groups)
+    if min(padding + output_padding) < 0:
+        raise ValueError(f"conv_transpose2d: padding {padding} and output_padding "
+                         f"{output_padding} must not be negative (at {user_location()})")
     if x.ndim != 4 or weight.ndim != 4 or weight.shape[0] != x.shape[1] or x.shape[1] % groups:
         raise ShapeError(f"conv_transpose2d: expects input (N, C_in, H, W) and weight (C_in, "
                          f"C_out/groups, kH, kW) with C_in divisible by groups={groups}, got "
@@ -549,11 +559,7 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = Fa
 
 # -- layers as functions ---------------------------------------------------------------------
 def _single(v: Any, name: str) -> int:
-    if isinstance(v, (tuple, list)):
-        if len(v) != 1:
-            raise ValueError(f"conv1d: {name} must be an int or a 1-tuple, got {v!r}")
-        v = v[0]
-    return int(v)
+    return size_argument(v, 1, f"conv1d: {name}")[0]
 
 
 def conv1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
@@ -583,10 +589,11 @@ def _output_size(op: str, x: Tensor, output_size: Any) -> tuple[int, int]:
     if x.ndim not in (3, 4):
         raise ShapeError(f"{op}: expects an (N, C, H, W) or (C, H, W) input, got shape {x.shape} "
                          f"(at {user_location()})")
-    sizes = (output_size, output_size) if isinstance(output_size, int) or output_size is None \
-        else tuple(output_size)
-    if len(sizes) != 2:
-        raise ValueError(f"{op}: output_size must be an int or a pair, got {output_size!r}")
+    sizes = (output_size, output_size) if _is_integer(output_size) or output_size is None \
+        else tuple(output_size) if isinstance(output_size, (tuple, list)) else ()
+    if len(sizes) != 2 or not all(s is None or _is_integer(s) for s in sizes):
+        raise ValueError(f"{op}: output_size must be an int or a pair (of ints or None), got "
+                         f"{output_size!r}")
     out = tuple(x.shape[-2 + i] if s is None else int(s) for i, s in enumerate(sizes))
     if min(out) <= 0:
         raise ValueError(f"{op}: output sizes must be positive, got {out}")
@@ -1111,17 +1118,18 @@ def smooth_l1_loss(input: Tensor, target: Any, size_average: bool | None = None,
     residual = input - _broadcast_target("smooth_l1_loss", input, target)
     if beta == 0:
         return _reduce(residual.abs(), reduction)
-    return _reduce(_huber(residual, beta) * (1 / beta), reduction)
+    small, near, magnitude = _huber_sides(residual, beta)
+    # PyTorch's order, 0.5 d² / beta: 1 / beta overflows float32 below beta ~ 3e-39
+    return _reduce(where(small, near.square() * 0.5 / beta, magnitude - 0.5 * beta), reduction)
 
 
-def _huber(residual: Tensor, delta: float) -> Tensor:
-    """0.5·d² where |d| < delta, delta·(|d| - 0.5·delta) beyond. The square is of d itself, not
-    of |d| (whose second derivative at 0 is 0 through sign(0)), and of 0 beyond delta, where
+def _huber_sides(residual: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(|d| < threshold, d there and 0 beyond, |d|): the quadratic side squares d itself, not
+    |d| (whose second derivative at 0 is 0 through sign(0)), and 0 beyond the threshold, where
     its discarded gradient would be 0 · inf at an infinite residual."""
     magnitude = residual.abs()
-    small = magnitude < delta
-    return where(small, where(small, residual, 0).square() * 0.5,
-                 (magnitude - 0.5 * delta) * delta)
+    small = magnitude < threshold
+    return small, where(small, residual, 0), magnitude
 
 
 def huber_loss(input: Tensor, target: Any, reduction: str = "mean", delta: float = 1.0,
@@ -1130,5 +1138,6 @@ def huber_loss(input: Tensor, target: Any, reduction: str = "mean", delta: float
     input = _loss_input("huber_loss", input)
     if delta <= 0:
         raise ValueError(f"huber_loss: delta must be positive, got {delta}")
-    loss = _huber(input - _broadcast_target("huber_loss", input, target), delta)
+    small, near, magnitude = _huber_sides(input - _broadcast_target("huber_loss", input, target), delta)
+    loss = where(small, near.square() * 0.5, (magnitude - 0.5 * delta) * delta)
     return _elementwise_weighted(loss, weight, reduction, "huber_loss", mean_over_weights=False)
