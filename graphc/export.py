@@ -815,7 +815,10 @@ class LoadedTrainStep(_Loaded):
         members = _function_members(
             "inference", graph, executable, fused, self._forward_bindings, {}, state,
             {"backend": self.backend, "lr": None, "name": graph.name,
-             **({"buckets": sizes} if max_batch is not None else {}),
+             # the step's export stored other batches only where a sample's rows were found
+             # apart from the others': else a server must not pad a smaller batch to this one
+             **({"buckets": sizes} if max_batch is not None else
+                {"rows_apart": len(self._forward) > 1}),
              **({"outputs": self.plan["forward"]["outputs"]} if "outputs" in self.plan["forward"] else {})},
             {})
         for size in sizes[:-1]:

@@ -388,3 +388,29 @@ def test_forward_members_are_capped_and_kept_out_of_inference_files(step_file, t
     with pytest.raises(LoadError, match="forward/4.json: holds forward/4.json, which an inference "
                                         "export has no use for"):
         gc.load(write_members(smuggled, tmp_path / "smuggled.gcx"), backend=REF)
+
+
+def test_a_steps_forward_whose_rows_mix_is_not_served_padded(tmp_path):
+    """export_inference without max_batch wrote no rows_apart flag, so `graphc serve` padded
+    and batched clients together through a model mixing its rows (x - x.mean(0)): one client's
+    answer depended on another's inputs."""
+    from graphc.serve import GraphcRunner
+
+    class Mix(gc.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = gc.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x - x.mean(0, keepdim=True))
+
+    for model, apart in ((Mix(), False), (gc.nn.Linear(4, 3), True)):
+        step = gc.compile_train_step(model, gc.nn.functional.cross_entropy,
+                                     gc.optim.SGD(model.parameters(), lr=0.1),
+                                     example_inputs=(np.zeros((4, 4), np.float32), np.zeros(4, np.int64)))
+        step.export(str(tmp_path / "step.gcx"))
+        gc.load(str(tmp_path / "step.gcx")).export_inference(str(tmp_path / "model.gcx"))
+        assert gc.load(str(tmp_path / "model.gcx")).metadata["rows_apart"] is apart
+        if not apart:
+            with pytest.raises(LoadError, match="samples depend on each other"):
+                GraphcRunner.from_file(str(tmp_path / "model.gcx"))

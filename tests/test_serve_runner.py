@@ -8,6 +8,7 @@ import json
 import time
 
 import numpy as np
+import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 
@@ -38,7 +39,7 @@ def loader(path: str, name: str, max_batch: int) -> Affine:
     return Affine(name, shift=float(path), max_batch=max_batch)
 
 
-def run_with_server(runners, check, **options) -> None:
+def run_with_server(runners, check, loader=loader, **options) -> None:
     async def main() -> None:
         server = TestServer(make_app(runners, loader=loader, **options), host="127.0.0.1")
         await server.start_server()
@@ -110,3 +111,97 @@ def test_requests_rarer_than_the_delay_run_at_once_and_a_burst_still_batches():
         assert max(runner.batches) > 1 and sum(runner.batches) == 43
 
     run_with_server([runner], check, max_batch=16, max_delay_ms=300)
+
+
+class Slow(Affine):
+    """An Affine runner taking 0.3 s a call, which refuses batches over its max_batch (as a
+    bucketed export does) and rows whose first feature is 99 (as an id out of range is)."""
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        from graphc.ir.errors import IndexOutOfRangeError
+        self.batches.append(len(batch))
+        if len(batch) > self.max_batch:
+            raise IndexError(f"{len(batch)} samples over max_batch {self.max_batch}")
+        time.sleep(0.3)
+        if (batch[:, 0] == 99).any():
+            raise IndexOutOfRangeError("gather", 99, (int(np.argmax(batch[:, 0] == 99)), 0), 0, 10)
+        return batch @ self.weight + np.float32(self.shift)
+
+
+def test_requests_queued_before_an_update_are_batched_for_the_version_they_run_on():
+    """Requests validated for version 1 (4 samples a call) were gathered up to version 2's
+    limit (64) and run on version 1, which failed every one of them with a 500."""
+    first = Slow("slow", 0.0, max_batch=4)
+
+    async def check(session) -> None:
+        x = np.ones((3, 3), np.float32)
+        busy = asyncio.ensure_future(predict(session, "slow", x))
+        await asyncio.sleep(0.05)  # the worker runs `busy`: the next requests queue
+        queued = [asyncio.ensure_future(predict(session, "slow", x)) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        async with session.post("/v1/models/slow/load", json={"path": "64"}) as r:
+            assert (await r.json())["version"] == 2
+        for status, answer in [await busy, *[await q for q in queued]]:
+            assert status == 200 and answer["version"] == 1, answer
+        assert max(first.batches) <= 4
+
+    run_with_server([first], check, max_batch=64, max_delay_ms=50,
+                    loader=lambda path, name, max_batch: Slow(name, float(path), max_batch=64))
+
+
+def test_one_requests_bad_input_fails_only_that_request():
+    """An id out of range in one request failed every request batched with it (500s naming
+    another client's input); now the batch runs again request by request, and only the one at
+    fault is answered, with a 400."""
+    runner = Slow("slow", 0.0, max_batch=16)
+
+    async def check(session) -> None:
+        good, bad = np.ones((1, 3), np.float32), np.full((1, 3), 99, np.float32)
+        await asyncio.sleep(0)
+        answers = await asyncio.gather(*(predict(session, "slow", bad if i == 3 else good)
+                                         for i in range(8)))
+        statuses = [status for status, _ in answers]
+        assert statuses == [200] * 3 + [400] + [200] * 4, answers
+        assert "refused the inputs" in answers[3][1]["error"]
+        assert max(runner.batches) > 1  # they were batched, then run apart
+
+    run_with_server([runner], check, max_batch=16, max_delay_ms=100)
+
+
+def test_answers_are_strict_json_and_softmax_takes_infinite_logits():
+    """An infinite output was written as bare Infinity (strict JSON parsers refuse it), and
+    softmax of a row holding +inf was NaN with top_k index 0."""
+    class Infinite(Affine):
+        def run(self, batch: np.ndarray) -> np.ndarray:
+            return np.tile(np.array([[-np.inf, np.inf]], np.float32), (len(batch), 1))
+
+    async def check(session) -> None:
+        body = {"inputs": [[1, 2, 3]], "softmax": True, "top_k": 1}
+        async with session.post("/v1/models/inf/predict", json=body) as r:
+            text = await r.text()
+        answer = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in {text}"))
+        assert answer["outputs"] == [[0.0, 1.0]] and answer["top_k"]["indices"] == [[1]]
+        async with session.post("/v1/models/inf/predict", json={"inputs": [[1, 2, 3]]}) as r:
+            assert (await r.json())["outputs"] == [["-Infinity", "Infinity"]]
+
+    run_with_server([Infinite("inf", 0.0)], check)
+
+
+def test_compressed_bodies_and_unopenable_paths_are_refused_with_a_4xx():
+    """A gzip body was inflated on the event loop however large it grew (a 2 MB bomb stalled
+    the server for seconds); a NUL in a /load path was a 500 with a traceback."""
+    import gzip
+
+    async def check(session) -> None:
+        body = gzip.compress(json.dumps({"inputs": [[1, 2, 3]]}).encode())
+        async with session.post("/v1/models/affine/predict", data=body, headers={
+                "Content-Type": "application/json", "Content-Encoding": "gzip"}) as r:
+            assert r.status == 415 and "send the body uncompressed" in (await r.json())["error"]
+        async with session.post("/v1/models/affine/load", json={"path": "m\u0000.gcx"}) as r:
+            assert r.status == 400 and "keeps version 1" in (await r.json())["error"]
+
+    def opening(path: str, name: str, max_batch: int) -> Affine:
+        open(path).close()
+        return Affine(name, 0.0)
+
+    run_with_server([Affine("affine", 0.0)], check, loader=opening)

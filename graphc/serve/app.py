@@ -19,7 +19,7 @@ import numpy as np
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from graphc.ir.errors import GraphcError
+from graphc.ir.errors import GraphcError, IndexOutOfRangeError, InputError
 
 from .runner import GraphcRunner, Runner
 
@@ -41,7 +41,11 @@ class RequestError(Exception):
 
 
 class _ModelFailure(Exception):
-    """A runner raised: a 500 for the requests of its batch."""
+    """A runner raised on a request run alone: a 500 for it."""
+
+
+# What a runner raises for one request's own input (an id out of a table's range): a 400.
+_INPUT_FAULTS = (IndexOutOfRangeError, InputError)
 
 
 @dataclass
@@ -97,11 +101,16 @@ class _Model:
         metrics.version.labels(self.name).set(runner.version)
         metrics.load_seconds.labels(self.name).set(getattr(runner, "load_seconds", 0.0))
 
+    def limit(self, runner: Runner) -> int:
+        """The most samples one call of `runner` takes: a request is checked, and a batch
+        gathered, against the version it runs on (an update may raise the limit meanwhile)."""
+        return min(self.server_max_batch, runner.max_batch)
+
     def switch(self, runner: Runner) -> None:
         """Serve `runner` from the next request on; queued requests keep the version they were
         validated against."""
         self.runner = runner
-        self.max_batch = min(self.server_max_batch, runner.max_batch)
+        self.max_batch = self.limit(runner)
         self.metrics.version.labels(self.name).set(runner.version)
         self.metrics.load_seconds.labels(self.name).set(getattr(runner, "load_seconds", 0.0))
 
@@ -127,22 +136,34 @@ class _Model:
             self.metrics.queue_depth.labels(self.name).set(self._queued_samples)
             self.metrics.batch_size.labels(self.name).observe(len(samples))
             try:
-                outputs = await loop.run_in_executor(self.worker, runner.run, samples)
-                expected = (len(samples), *runner.output.shape)
-                if not isinstance(outputs, np.ndarray) or outputs.shape != expected:
-                    raise GraphcError(f"{type(runner).__name__}.run returned "
-                                      f"{getattr(outputs, 'shape', type(outputs).__name__)} for "
-                                      f"{len(samples)} samples; its output signature says {expected}")
-            except Exception as exc:  # the model failed, not the requests: a 500 for each
+                outputs = await self._run(loop, runner, samples)
+            except Exception as exc:
+                if len(batch) == 1:
+                    _settle(batch[0], exception=exc)
+                    continue
+                # one request's input may have failed them all (an id out of range): each runs
+                # alone, so that only the requests that fail alone get an error
                 for p in batch:
-                    if not p.done.done():
-                        p.done.set_exception(exc)
+                    try:
+                        _settle(p, await self._run(loop, runner, p.samples))
+                    except Exception as alone:
+                        _settle(p, exception=alone)
                 continue
             start = 0
             for p in batch:
-                if not p.done.done():  # a client that went away cancelled its future
-                    p.done.set_result(outputs[start:start + len(p.samples)])
+                _settle(p, outputs[start:start + len(p.samples)])
                 start += len(p.samples)
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, runner: Runner, samples: np.ndarray
+                   ) -> np.ndarray:
+        """`runner.run(samples)` on the worker thread, its result checked against its signature."""
+        outputs = await loop.run_in_executor(self.worker, runner.run, samples)
+        expected = (len(samples), *runner.output.shape)
+        if not isinstance(outputs, np.ndarray) or outputs.shape != expected:
+            raise GraphcError(f"{type(runner).__name__}.run returned "
+                              f"{getattr(outputs, 'shape', type(outputs).__name__)} for "
+                              f"{len(samples)} samples; its output signature says {expected}")
+        return outputs
 
     async def _gather(self, loop: asyncio.AbstractEventLoop) -> list[_Pending]:
         """The queued requests up to max_batch samples, once the worker is free (the previous
@@ -152,8 +173,9 @@ class _Model:
         first = self._held or await self.queue.get()
         self._held = None
         batch, size = [first], len(first.samples)
+        limit = self.limit(first.runner)
         deadline = loop.time() + self.max_delay
-        while size < self.max_batch:
+        while size < limit:
             try:
                 nxt = self.queue.get_nowait()
             except asyncio.QueueEmpty:
@@ -164,12 +186,23 @@ class _Model:
                     nxt = await asyncio.wait_for(self.queue.get(), remaining)
                 except asyncio.TimeoutError:
                     break
-            if nxt.runner is not first.runner or size + len(nxt.samples) > self.max_batch:
+            if nxt.runner is not first.runner or size + len(nxt.samples) > limit:
                 self._held = nxt
                 break
             batch.append(nxt)
             size += len(nxt.samples)
         return batch
+
+
+def _settle(pending: _Pending, result: np.ndarray | None = None,
+            exception: BaseException | None = None) -> None:
+    """Answer a queued request, unless its client went away (which cancelled its future)."""
+    if pending.done.done():
+        return
+    if exception is not None:
+        pending.done.set_exception(exception)
+    else:
+        pending.done.set_result(result)
 
 
 def _json_error(message: str, status: int) -> web.Response:
@@ -306,15 +339,38 @@ def _options(doc: dict[str, Any], runner: Runner) -> tuple[int | None, bool]:
 
 def _answer(outputs: np.ndarray, runner: Runner, top_k: int | None, softmax: bool) -> dict[str, Any]:
     if softmax:
-        shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
-        outputs = shifted / shifted.sum(axis=1, keepdims=True)
-    answer: dict[str, Any] = {"outputs": outputs.tolist(), "model": runner.name,
+        outputs = _softmax(outputs)
+    answer: dict[str, Any] = {"outputs": _json_numbers(outputs), "model": runner.name,
                               "version": runner.version}
     if top_k is not None:
         order = np.argsort(-outputs, axis=1, kind="stable")[:, :top_k]
         answer["top_k"] = {"indices": order.tolist(),
-                           "values": np.take_along_axis(outputs, order, axis=1).tolist()}
+                           "values": _json_numbers(np.take_along_axis(outputs, order, axis=1))}
     return answer
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax along axis 1, its limit where a row holds +inf (shared by the infinite entries;
+    inf - inf would make the row NaN); a row of -inf only, or holding NaN, is NaN."""
+    top = logits.max(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        shifted = np.where(np.isposinf(top), np.where(np.isposinf(logits), 0.0, -np.inf),
+                           logits - top)
+        powers = np.exp(shifted)
+        return powers / powers.sum(axis=1, keepdims=True)
+
+
+def _json_numbers(array: np.ndarray) -> list:
+    """Nested lists for a JSON answer: NaN and the infinities as the strings "NaN", "Infinity"
+    and "-Infinity" (the Protobuf JSON mapping's), which strict JSON parsers read; json.dumps
+    would write bare NaN and Infinity, which they refuse."""
+    if np.isfinite(array).all():
+        return array.tolist()
+    values = array.astype(object)
+    values[np.isnan(array)] = "NaN"
+    values[np.isposinf(array)] = "Infinity"
+    values[np.isneginf(array)] = "-Infinity"
+    return values.tolist()
 
 
 class _Server:
@@ -339,6 +395,10 @@ class _Server:
         return self.models[name]
 
     async def body(self, request: web.Request) -> bytes:
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):  # a small gzip body may inflate to gigabytes
+            raise RequestError(f"Content-Encoding {encoding!r} is not accepted: send the body "
+                               "uncompressed", 415)
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise RequestError(f"body of {request.content_length} bytes is over the "
                                f"{self.max_body_bytes}-byte limit", 413)
@@ -362,9 +422,11 @@ class _Server:
                 inputs, doc = _parse_json(body)
                 array, exact = _samples_from_json(inputs, runner), False
             top_k, softmax = _options(doc, runner)
-            samples = _checked_samples(array, runner, model.max_batch, exact)
+            samples = _checked_samples(array, runner, model.limit(runner), exact)
             try:
                 outputs = await model.predict(samples, runner)
+            except _INPUT_FAULTS as exc:  # this request's own input, run alone
+                raise RequestError(f"model {label!r} refused the inputs: {exc}") from exc
             except Exception as exc:  # the model's own failure: the server's fault, said so
                 raise _ModelFailure(f"model {label!r} failed: {type(exc).__name__}: {exc}") from exc
             response = web.json_response(_answer(outputs, runner, top_k, softmax))
@@ -391,7 +453,7 @@ class _Server:
                     runner = await loop.run_in_executor(
                         self.loading, lambda: self.loader(doc["path"], name=model.name,
                                                           max_batch=self.max_batch))
-                except (GraphcError, OSError) as exc:
+                except (GraphcError, OSError, ValueError) as exc:  # ValueError: a NUL in the path
                     raise RequestError(f"{model.name!r} keeps version {old.version}: {exc}") from None
                 runner.version = old.version + 1
                 model.switch(runner)
@@ -505,8 +567,9 @@ async def _serve(app: web.Application, host: str, port: int, drain_timeout_s: fl
                  ready: Callable[[str, int], None] | None) -> None:
     # aiohttp's own shutdown only gets what the drain left of its time (requests that came on a
     # kept-alive connection meanwhile)
+    # auto_decompress off: a compressed body is refused (see _Server.body), never inflated
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=min(1.0, drain_timeout_s),
-                           access_log=None)
+                           access_log=None, auto_decompress=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
