@@ -289,3 +289,15 @@ def test_sizes_that_are_no_integers_are_refused_by_name(call, message):
     x3, x4 = np.ones((1, 2, 8), np.float32), np.ones((1, 2, 7, 7), np.float32)
     with pytest.raises(ValueError, match=message):
         gc.jit(lambda a, b: call(a, b))(x3, x4)
+
+
+@pytest.mark.parametrize("text", ["f32[", "f32[4]]", "f32[4,]", "f32[\u0663]", "f32[1, 2]",
+                                  "x[1]", "f32[-1]"])
+def test_malformed_type_texts_are_refused_not_read_as_another_shape(text):
+    """`graphc trace --example-shapes f32[4,]` traced f32[4] (and a file's 'f32[' read as a
+    scalar): the parser stripped and split whatever it got."""
+    from graphc.ir import TensorType
+    with pytest.raises(ValueError, match="is not a tensor type"):
+        TensorType.parse(text)
+    assert TensorType.parse("f32[2,3]") == TensorType((2, 3), "float32")
+    assert TensorType.parse("i64[]") == TensorType((), "int64")
