@@ -471,6 +471,7 @@ class TrainStep(_CompiledModelBase):
         names = [n for n in unused if "step" not in self._opt_state[n]
                  and self.optimizer.keeps_own_steps(self.params[n])]
         if names:
+            self.release_state()  # the count a device holds, before it is read
             self.count_own_steps(names, start=self.optimizer.step_count.copy())
         return bool(names)
 

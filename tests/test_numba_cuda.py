@@ -310,7 +310,127 @@ def check_inference_and_export_see_the_device_state() -> None:
     assert_states_close(loaded.state_dict(), ref_loaded.state_dict())
 
 
+def _steps_on_each_backend(make_model, batches, backends=("numba-cuda", "reference")):
+    """Per backend: the model after its compiled SGD step ran on each (x, ..., y) of `batches`
+    (a batch whose step raises counts as refused: the error's type is recorded)."""
+    import graphc as gc
+    import graphc.nn.functional as F
+    from graphc import optim
+
+    results = {}
+    for backend in backends:
+        gc.manual_seed(0)
+        model = make_model()
+        step = gc.compile_train_step(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1),
+                                     example_inputs=batches[0], backend=backend)
+        outcomes = []
+        for batch in batches:
+            try:
+                step(*batch)
+                outcomes.append("ok")
+            except gc.GraphcError as error:
+                outcomes.append(type(error).__name__)
+        results[backend] = outcomes, {k: v.copy() for k, v in model.state_dict().items()}
+    return results
+
+
+def check_an_index_the_step_updates_on_the_device_is_checked_as_it_is_now() -> None:
+    """The check of an input index read its host array, stale while the device held the newer
+    value: a pointer buffer the step advances passed the check at 0 and the kernel read
+    table[3], past the end."""
+    from graphc import nn
+
+    class Ring(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.register_buffer("ptr", np.array(0, np.int64))
+            self.register_buffer("table", np.array([1.0, 2.0, 3.0], np.float32))
+
+        def forward(self, x):
+            scale = self.table[self.ptr]
+            if self.training:
+                self.update_buffer("ptr", self.ptr + 1)
+            return self.lin(x) * scale
+
+    batch = (np.ones((2, 3), np.float32), np.array([0, 1]))
+    results = _steps_on_each_backend(Ring, [batch] * 4)
+    assert results["numba-cuda"][0] == ["ok"] * 3 + ["IndexOutOfRangeError"], results
+    assert_states_close(results["numba-cuda"][1], results["reference"][1])
+
+
+def check_a_step_refused_by_a_device_index_check_changes_nothing() -> None:
+    """The CUDA executor kept what kernels before a failing device-side index check wrote in
+    place (batch-norm running statistics) where the CPU's puts it back."""
+    import graphc as gc
+    from graphc import nn
+
+    class Picks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.lin = nn.BatchNorm1d(3), nn.Linear(3, 3)
+
+        def forward(self, x, k):
+            h = self.bn(x)
+            idx = gc.minimum(gc.argsort(h, dim=1)[:, 0], 0) + k  # an index computed on the device
+            return self.lin(h) + h[np.arange(4), idx][:, None]
+
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    k, y = np.zeros(4, np.int64), np.array([0, 1, 2, 0])
+    bad = k.copy()
+    bad[3] = 7
+    results = _steps_on_each_backend(Picks, [(x, k, y), (x * 3 + 1, bad, y), (x, k, y)])
+    assert results["numba-cuda"][0] == ["ok", "IndexOutOfRangeError", "ok"], results
+    assert_states_close(results["numba-cuda"][1], results["reference"][1])
+
+
+def check_own_step_counts_start_from_the_device_count() -> None:
+    """A parameter a step found unused took its own Adam count from the host's stale count (0,
+    where the device's was 3): its bias correction was wrong from then on."""
+    import graphc as gc
+    import graphc.nn.functional as F
+    from graphc import nn, optim
+
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.aux = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.a(x) + self.aux(x) if x.shape[0] == 8 else self.a(x)
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((8, 3)).astype(np.float32), rng.integers(0, 2, 8)
+    states = {}
+    for backend in ("numba-cuda", "reference"):
+        gc.manual_seed(0)
+        model = Branch()
+        step = gc.compile_train_step(model, F.cross_entropy, optim.Adam(model.parameters(), lr=0.1),
+                                     example_inputs=(x, y), backend=backend)
+        for batch in [(x, y)] * 3 + [(x[:4], y[:4])] + [(x, y)] * 2:
+            step(*batch)
+        assert float(step.opt_state["aux.bias"]["step"]) == 5.0
+        states[backend] = {k: v.copy() for k, v in model.state_dict().items()}
+    assert_states_close(states["numba-cuda"], states["reference"])
+
+
+def check_a_convolution_of_an_empty_batch() -> None:
+    """Its im2col view divided by the column count, 0 for an empty batch."""
+    import graphc as gc
+    import graphc.nn.functional as F
+
+    x, w = np.zeros((0, 3, 4, 4), np.float32), np.ones((2, 3, 3, 3), np.float32)
+    assert gc.jit(lambda a, b: F.conv2d(a, b), backend="numba-cuda")(x, w).shape == (0, 2, 2, 2)
+    assert gc.grad(lambda b: F.conv2d(x, b).sum(), backend="numba-cuda")(w).shape == w.shape
+
+
 CHECKS = {**{f"case_{name}": (lambda name=name: cpu_case(name)) for name in CPU_CASES + CPU_LIBRARY_CASES},
+          "an_index_the_step_updates_on_the_device_is_checked_as_it_is_now":
+              check_an_index_the_step_updates_on_the_device_is_checked_as_it_is_now,
+          "a_step_refused_by_a_device_index_check_changes_nothing":
+              check_a_step_refused_by_a_device_index_check_changes_nothing,
+          "own_step_counts_start_from_the_device_count": check_own_step_counts_start_from_the_device_count,
+          "a_convolution_of_an_empty_batch": check_a_convolution_of_an_empty_batch,
           "random_bits_equal_the_cpu_backend": check_random_bits_equal_the_cpu_backend,
           "block_reductions": check_block_reductions,
           "max_pool_ties_and_nans": check_max_pool_ties_and_nans,

@@ -358,7 +358,7 @@ def _im2col(layout: _ConvLayout, x: KernelArray, col: KernelArray) -> CudaCall:
         w.line("inside = 0 <= ih and ih < H and 0 <= iw and iw < W")
         w.line("col[r, q] = x[n, c, ih, iw] if inside else 0")
     call = _call("im2col", ["x", "col"], [x, col], layout.col_size, body, layout.consts)
-    return _with_views(call, (None, (layout.col_size // layout.col[2], layout.col[2])))
+    return _with_views(call, (None, (layout.col[0] * layout.col[1], layout.col[2])))
 
 
 def _col2im(layout: _ConvLayout, dcol: KernelArray, dx: KernelArray, dx_type: TensorType) -> CudaCall:
@@ -377,7 +377,7 @@ def _col2im(layout: _ConvLayout, dcol: KernelArray, dx: KernelArray, dx_type: Te
                 w.line("acc += dcol[c * KH * KW + i * KW + j, n * P + (th // SH) * OW + tw // SW]")
         w.line("dx[n, c, ih, iw] = acc")
     call = _call("col2im", ["dcol", "dx"], [dcol, dx], dx_type.size, body, layout.consts)
-    return _with_views(call, ((layout.col_size // layout.col[2], layout.col[2]), None))
+    return _with_views(call, ((layout.col[0] * layout.col[1], layout.col[2]), None))
 
 
 def _to_gemm_layout(layout: _ConvLayout, nchw: KernelArray, rows: KernelArray) -> CudaCall:

@@ -135,6 +135,8 @@ class Executable(PlannedExecutable, DeviceResident):
                 position += len(sources[node].calls)
         self._device_checks = {first_launch[node]: [(c, self._env[c.indices]) for c in node_checks]
                                for node, node_checks in checks.before.items()}
+        # inputs written in place before a device check: put back where it fails
+        self._restore_on_failure = checks.restore_on_failure
         self._donated = {**plan.donated_in_place, **plan.donated_by_copy}  # input -> output
         self._donor_of = {j: k for k, j in self._donated.items()}
         # by-copy donations whose value is not already in the input's buffer (a view of it)
@@ -193,19 +195,33 @@ class Executable(PlannedExecutable, DeviceResident):
     # -- calling ------------------------------------------------------------------------------
     def __call__(self, *args: Any) -> list[np.ndarray]:
         arrays = prepare_inputs(self.graph, args, tuple(self._donated))
-        for check, ks in self._input_checks:
-            check(*[arrays[k].reshape(v.shape) for k, v in zip(ks, check.sources)])
         with self._lock:
+            for check, ks in self._input_checks:
+                check(*[self._current(k, arrays[k]).reshape(v.shape) for k, v in zip(ks, check.sources)])
             self._upload(arrays)
+            kept = [(self._inputs[k], self._inputs[k].copy_to_host()) for k in self._restore_on_failure]
             for position, (function, grid, block, arguments) in enumerate(self._launches):
                 for check, buffer in self._device_checks.get(position, ()):
-                    check(buffer.copy_to_host())
+                    try:
+                        check(buffer.copy_to_host())
+                    except Exception:  # a call stopped by a bad index changes nothing
+                        for buffer_written, before in kept:
+                            buffer_written.copy_to_device(before)
+                        raise
                 # configured at each launch: the simulator's kernel keeps one configuration,
                 # and the cache hands the same kernel to every call of identical source
                 function[grid, block](*arguments)
             self._store_donated(arrays)
             return [arrays[self._donor_of[j]] if j in self._donor_of else self._download(self._env[v])
                     for j, v in enumerate(self.graph.output_values)]
+
+    def _current(self, k: int, array: np.ndarray) -> np.ndarray:
+        """Input k's value as the kernels will read it: a resident input the kernels updated
+        since its host array was synced is read from its buffer (the host array is stale, and
+        an index checked there is not the index a kernel reads)."""
+        if k in self._newer and self._held.get(k) is array:
+            return self._download(self._inputs[k])
+        return array
 
     def _upload(self, arrays: list[np.ndarray]) -> None:
         for k, array in enumerate(arrays):
