@@ -677,8 +677,10 @@ def _order_reversed(x: Tensor) -> Tensor:
 def _require_elements(x: Tensor, dims: Any, op: str) -> None:
     """`op` over `dims` names itself where an axis is empty (min and argmin run as max and
     argmax of the reversed values, whose own error named max)."""
+    if x.ndim == 0:  # one element (dim 0 or -1 reads it as a vector, as PyTorch)
+        return
     for axis in normalize_axes(dims, x.ndim):
-        if x.ndim and x.shape[axis] == 0:
+        if x.shape[axis] == 0:
             raise ShapeError(f"{op}: cannot take the minimum over axis {axis} of size 0 (shape "
                              f"{x.shape}) (at {user_location()})")
 
