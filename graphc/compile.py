@@ -68,7 +68,7 @@ class CompiledGraph:
         self.donate = donate
         self.signature, self.reads = signature, reads
         self.persistent: list[np.ndarray] = []  # arrays the step reads after the batch
-        self.calls = 0  # how often it ran: an export takes the signature that ran most
+        self.calls = 0  # how often the user's calls ran it: an export takes the one run most
         implicit = set(reads.names)
         self.implicit_inputs = frozenset(i for i, inp in enumerate(traced.inputs)
                                          if inp.name in implicit)
@@ -136,7 +136,6 @@ class _CompiledModelBase:
         found, implicit = matching_variant(last, self._compiled.values(), signature)
         if found is not None:
             self._last = found
-            found.calls += 1
             return found, implicit
         if last is not None:
             self._log_recompile(last, signature)
@@ -151,7 +150,6 @@ class _CompiledModelBase:
                 executable = compile_graph(optimized, self.backend, donate, stages, self._memory_of(last))
                 compiled = CompiledGraph(traced, optimized, executable, donate, signature, reads)
         self._compiled[(signature, reads.modes, reads.types)] = self._last = compiled
-        compiled.calls += 1
         return compiled, reads.arrays()
 
     @contextmanager
@@ -429,6 +427,7 @@ class TrainStep(_CompiledModelBase):
     def _arguments(self, batch: Sequence[Any]) -> tuple[CompiledGraph, list[Any]]:
         arrays = batch_arrays(batch)
         compiled, implicit = self._select(arrays)
+        compiled.calls += 1
         if not compiled.persistent:
             compiled.persistent = self._persistent(compiled.traced)
         self.optimizer.check_settings(self._optimizer_settings, self.name)
@@ -648,6 +647,7 @@ class CompiledModel(_CompiledModelBase):
             return self._inlined(inputs)
         arrays = batch_arrays(inputs)
         compiled, implicit = self._select(arrays)
+        compiled.calls += 1
         # a forward drawing random numbers in eval mode (F.dropout(training=True): Monte Carlo
         # dropout) draws fresh ones each call, from the global generator as gc.jit does
         key = [gc_random.next_key()] if compiled.traced.inputs[-1].role == "rng" else []

@@ -47,13 +47,19 @@ def batch_arrays(batch: Sequence[Any]) -> list[np.ndarray]:
     A tuple or list of arrays is refused, not stacked into one: it is a structure, as an LSTM's
     state pair (h0, c0), which compiled models and steps do not take."""
     for i, x in enumerate(batch):
-        if isinstance(x, (tuple, list)) and any(isinstance(e, np.ndarray) for e in x):
+        if _holds_arrays(x):
             raise InputError(f"input {i} is a {type(x).__name__} holding arrays: a compiled model "
                              "or training step takes one array per argument; pass them as "
                              "separate arguments (a wrapper module's forward(x, h0, c0) can call "
                              "lstm(x, (h0, c0))), np.stack them into one, or use gc.jit, which "
                              "takes nested arguments")
     return [to_array(x, f"input {i}") for i, x in enumerate(batch)]
+
+
+def _holds_arrays(value: Any) -> bool:
+    """Whether `value` is a tuple or list holding arrays (NumPy's, torch tensors) at any depth."""
+    return isinstance(value, (tuple, list)) and any(
+        _holds_arrays(e) or (hasattr(e, "__array__") and not isinstance(e, np.generic)) for e in value)
 
 
 @dataclass

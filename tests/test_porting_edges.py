@@ -183,7 +183,10 @@ def test_an_export_takes_the_batch_the_step_ran_at_not_the_last_short_one(tmp_pa
     assert np.isfinite(loaded(x[:32], y[:32]))
     assert step.graph.inputs[0].value.type.shape == (4, 4)  # it goes on as it ran last
     compiled = gc.compile(gc.nn.Linear(4, 2), example_inputs=np.zeros((1, 4), np.float32))
-    compiled.export(tmp_path / "any.gcx", max_batch=64)
+    compiled(np.zeros((5, 4), np.float32))
+    compiled(np.zeros((1, 4), np.float32))
+    for _ in range(3):  # the export's own compiles at 64 are no runs of the model
+        compiled.export(tmp_path / "any.gcx", max_batch=64)
     compiled.export(tmp_path / "one.gcx")
     assert gc.load(tmp_path / "one.gcx")(np.zeros((1, 4), np.float32)).shape == (1, 2)
     assert compiled.graph.inputs[0].value.type.shape == (1, 4)
@@ -197,6 +200,11 @@ def test_a_tuple_of_arrays_given_to_a_compiled_model_is_refused_as_a_structure()
     assert gc.jit(lstm)(x, (h0, h0))[0].shape == (4, 6, 5)
     with pytest.raises(gc.ir.InputError, match="input 1 is a tuple holding arrays.*separate arguments"):
         gc.compile(lstm, example_inputs=(x, (h0, h0)))
+    compiled = gc.compile(gc.nn.Linear(3, 2), example_inputs=(np.zeros((2, 3), np.float32),))
+    for nested in ((torch.zeros(3), torch.zeros(3)), [[np.zeros(3)], [np.zeros(3)]]):
+        with pytest.raises(gc.ir.InputError, match="input 0 is a (tuple|list) holding arrays"):
+            compiled(nested)
+    assert compiled([[1.0, 2.0, 3.0]]).shape == (1, 2)  # nested lists of numbers are arrays
 
 
 def test_dtypes_graphc_lacks_are_refused_by_input_and_float16_parameters_widened():
@@ -301,3 +309,29 @@ def test_malformed_type_texts_are_refused_not_read_as_another_shape(text):
         TensorType.parse(text)
     assert TensorType.parse("f32[2,3]") == TensorType((2, 3), "float32")
     assert TensorType.parse("i64[]") == TensorType((), "int64")
+
+
+def test_buffers_of_dtypes_graphc_lacks_are_widened_or_refused_by_name():
+    """A float16 or int8 buffer failed at compile time with a bare TypeError naming neither
+    the buffer nor the user's line."""
+    layer = gc.nn.Linear(3, 3)
+    layer.register_buffer("scale", np.full(3, 2.0, np.float16))
+    assert layer.scale.dtype == np.float32
+    for dtype in (np.int8, np.uint8, np.int16):
+        with pytest.raises(gc.ir.GraphcError, match=rf"buffer 'mask': dtype {np.dtype(dtype)} is not"):
+            layer.register_buffer("mask", np.ones(3, dtype))
+    with pytest.raises(gc.ir.GraphcError, match=r"buffer 'scale': dtype uint8"):
+        layer.scale = np.ones(3, np.uint8)
+
+
+def test_dropout1d_refuses_the_wrong_rank_in_eval_mode_too():
+    x = np.ones((2, 3, 4, 5), np.float32)
+    for training in (True, False):
+        with pytest.raises(gc.ir.ShapeError, match=r"dropout1d: expects \(N, C, L\) or \(C, L\)"):
+            gc.jit(lambda a: F.dropout1d(a, 0.5, training=training))(x)
+
+
+def test_nll_loss_over_no_class_names_the_cause():
+    """It failed in an internal reshape (cross_entropy named the empty class axis)."""
+    with pytest.raises(gc.ir.ShapeError, match=r"nll_loss: the log-probabilities \(3, 0\) have no class"):
+        gc.jit(lambda a, t: F.nll_loss(a, t))(np.zeros((3, 0), np.float32), np.zeros(3, np.int64))

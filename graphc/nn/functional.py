@@ -513,13 +513,13 @@ def _channel_dropout(op: str, x: Tensor, p: float, training: bool, inplace: bool
                      spatial: int) -> Tensor:
     """Dropout of whole channels: one draw per channel over its last `spatial` axes."""
     check_dropout_probability(op, p)
-    if not training or p == 0:
-        return x
     t = as_tensor(x)
-    if t.ndim not in (spatial + 1, spatial + 2):
+    if t.ndim not in (spatial + 1, spatial + 2):  # in eval mode too: a model run only there
         layouts = {1: "(N, C, L) or (C, L)", 2: "(N, C, H, W)"}[spatial]
         raise ShapeError(f"{op}: expects {layouts} input, got shape {t.shape} "
                          f"(at {user_location()})")
+    if not training or p == 0:
+        return x
     if p == 1:
         return _result(x, t * 0.0, inplace)
     keep = bernoulli(1 - p, t.shape[:-spatial] + (1,) * spatial)
@@ -928,6 +928,19 @@ def _weighted_reduce(losses: Tensor, weights: Tensor, shape: tuple[int, ...], re
     return _reduce(losses, reduction)
 
 
+def _class_axis(op: str, scores: Tensor, what: str) -> int:
+    """The class axis of (C,), (N, C) or (N, C, d1, ...) `scores`, refused where there is none
+    or it is empty."""
+    if scores.ndim == 0:
+        raise ShapeError(f"{op}: expects {what} (C,), (N, C) or (N, C, d1, ...), got a 0-d input "
+                         f"(at {user_location()})")
+    class_axis = 0 if scores.ndim == 1 else 1
+    if scores.shape[class_axis] == 0:
+        raise ShapeError(f"{op}: the {what} {scores.shape} have no class (axis {class_axis} is "
+                         f"empty) (at {user_location()})")
+    return class_axis
+
+
 def nll_loss(input: Tensor, target: Any, weight: Any = None, size_average: bool | None = None,
              ignore_index: int = -100, reduce: bool | None = None, reduction: str = "mean") -> Tensor:
     """Negative log-likelihood of integer class targets, for log-probabilities (N, C), (C,) or
@@ -940,8 +953,8 @@ def nll_loss(input: Tensor, target: Any, weight: Any = None, size_average: bool 
     weights of the kept targets), nan when every target is ignored."""
     log_probs = _loss_input("nll_loss", input)
     reduction = _reduction(size_average, reduce, reduction)
-    class_axis = 0 if log_probs.ndim == 1 else 1
-    weight = _class_weights(weight, log_probs.shape[class_axis] if log_probs.ndim else 0, log_probs)
+    class_axis = _class_axis("nll_loss", log_probs, "log-probabilities")
+    weight = _class_weights(weight, log_probs.shape[class_axis], log_probs)
     losses, weights, _, _, shape = _target_terms("nll_loss", log_probs, target, weight, ignore_index)
     return _weighted_reduce(losses, weights, shape, reduction)
 
@@ -957,14 +970,8 @@ def cross_entropy(input: Tensor, target: Any, weight: Any = None, size_average: 
     reduction = _reduction(size_average, reduce, reduction)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if logits.ndim == 0:
-        raise ShapeError(f"cross_entropy: expects logits (C,), (N, C) or (N, C, d1, ...), got a "
-                         f"0-d input (at {user_location()})")
-    class_axis = 0 if logits.ndim == 1 else 1
+    class_axis = _class_axis("cross_entropy", logits, "logits")
     num_classes = logits.shape[class_axis]
-    if num_classes == 0:
-        raise ShapeError(f"cross_entropy: the logits {logits.shape} have no class (axis "
-                         f"{class_axis} is empty) (at {user_location()})")
     log_probs = log_softmax(logits, dim=class_axis)
     weight = _class_weights(weight, num_classes, logits)
     target = as_tensor(target)

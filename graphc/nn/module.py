@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Protocol
 import numpy as np
 
 from graphc.ir.errors import GraphcError, user_location
-from graphc.ir.types import FLOAT_DTYPES, canonical_dtype
+from graphc.ir.types import DTYPES, FLOAT_DTYPES, canonical_dtype
 
 from ..tensor import StateRef, Tensor, current_trace, is_setting, is_tracing, note_module_tree_edit
 
@@ -100,6 +100,18 @@ class Parameter:
                                              else data.dtype)
         else:
             self.data = np.ascontiguousarray(data, dtype=np.float32)
+
+
+def _buffer_array(value: Any, name: str) -> np.ndarray:
+    """A buffer's array, C-contiguous (np.require keeps 0-d arrays 0-d): float16 widened to
+    float32 as parameters are, a dtype graphc lacks refused by the buffer's name."""
+    array = np.require(value, requirements="C")
+    if array.dtype == np.float16:
+        return array.astype(np.float32)
+    if array.dtype.name not in DTYPES:
+        raise GraphcError(f"buffer {name!r}: dtype {array.dtype} is not supported; use float32, "
+                          f"float64, int32, int64 or bool (at {user_location()})")
+    return array
 
 
 _PLAIN_CONTAINERS = (list, tuple, dict, set, frozenset)
@@ -233,7 +245,7 @@ class Module:
                 return  # `self.buf += v`: written in place, the same tensor assigned back
             if not isinstance(value, np.ndarray):
                 self._refuse_unless_none(value, name, "buffer", "an array")
-            buffers[name] = None if value is None else np.require(value, requirements="C")
+            buffers[name] = None if value is None else _buffer_array(value, name)
         else:
             _refuse_unregistered_modules(self, name, value)
             old = self.__dict__.get(name, _ABSENT)
@@ -286,8 +298,7 @@ class Module:
         `persistent` is False. None registers the name, absent."""
         self._check_new_name(name, "register_buffer", self._buffers)
         self._forget(name, keep=self._buffers)
-        # np.require keeps 0-d arrays 0-d
-        self._buffers[name] = None if array is None else np.require(array, requirements="C")
+        self._buffers[name] = None if array is None else _buffer_array(array, name)
         if not persistent:
             self._non_persistent_buffers.add(name)
 
