@@ -177,15 +177,18 @@ def _traced_forwards(forward: Any, data: list[TensorType], sizes: list[int]
 
 def _rows_apart(compiled: Any) -> bool | None:
     """Whether a fixed-batch inference function computes its samples apart, so that a server
-    may pad a smaller batch to its size; None where that cannot be told (no batch axis, random
-    draws, a forward that traces at its own batch only)."""
+    may pad a smaller batch to its size with zeros (False too where a row of zeros is no valid
+    input: ids from 1); None where that cannot be told (no batch axis, random draws, a forward
+    that traces at its own batch only)."""
     data = [inp.value.type for inp in compiled.graph.inputs if inp.role == "data"]
     try:
         graphs, state = _traced_forwards(compiled, data, [1, 2])
         if any(inp.role == "rng" for inp in graphs[2].inputs):
             return None
         return _mixed_output(graphs, state) is None
-    except GraphcError:  # IndexOutOfRangeError included: integer inputs of 0 index nothing
+    except IndexOutOfRangeError:  # integer inputs of 0 index nothing: no padding row is valid
+        return False
+    except GraphcError:
         return None
 
 
@@ -194,7 +197,7 @@ def _mixed_output(graphs: dict[int, Graph], state: dict[str, np.ndarray]) -> str
     where `graphs` hold batches 1 and 2 (None otherwise, or where all are apart).
 
     A batch is padded to its bucket: the first axis must hold samples computed apart. Run on
-    the reference interpreter, the first row of a batch of two must be that row alone (not so
+    the reference interpreter, each row of a batch of two must be that row alone (not so
     where the first axis is time, as for a time-major bidirectional RNN: padding it in time
     changed every output). Integer and bool inputs (ids, masks) are 0 in the first row and 1 in
     the second, or 0 in both where 1 is out of range for what they index; a forward drawing
@@ -210,18 +213,20 @@ def _mixed_output(graphs: dict[int, Graph], state: dict[str, np.ndarray]) -> str
              else np.stack([np.zeros(t.shape[1:], t.np_dtype), np.ones(t.shape[1:], t.np_dtype)])
              for t in data]
 
-    def run(graph: Graph, rows: list[np.ndarray], size: int) -> list[np.ndarray]:
+    def run(graph: Graph, rows: list[np.ndarray], picked: slice) -> list[np.ndarray]:
         arrays = iter(rows)
-        return evaluate(graph, [next(arrays)[:size] if inp.role == "data" else state[inp.name]
+        return evaluate(graph, [next(arrays)[picked] if inp.role == "data" else state[inp.name]
                                 for inp in graph.inputs])
     try:
-        paired = run(two, mixed, 2)
+        paired = run(two, mixed, slice(0, 2))
     except IndexOutOfRangeError:  # an id of 1 indexes nothing: ids equal in both rows
         mixed = [rows if t.dtype.startswith("float") else np.zeros_like(rows) for t, rows in zip(data, mixed)]
-        paired = run(two, mixed, 2)  # an id of 0 indexing nothing (ids from 1) raises: the callers say
-    for (name, _), alone, both in zip(one.outputs, run(one, mixed, 1), paired):
-        if not np.allclose(alone, both[:1], rtol=1e-4, atol=1e-5, equal_nan=True):
-            return name
+        paired = run(two, mixed, slice(0, 2))  # an id of 0 indexing nothing (ids from 1) raises: the callers say
+    # every row (a running sum leaves the first as it was alone, and changes the second)
+    for row in (0, 1):
+        for (name, _), alone, both in zip(one.outputs, run(one, mixed, slice(row, row + 1)), paired):
+            if not np.allclose(alone, both[row:row + 1], rtol=1e-4, atol=1e-5, equal_nan=True):
+                return name
     return None
 
 

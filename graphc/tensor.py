@@ -12,7 +12,6 @@ import itertools
 import os
 import sys
 import threading
-import types
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
@@ -53,21 +52,17 @@ _NOT_SETTINGS = frozenset({"_parameters", "_buffers", "_modules", "_non_persiste
                            "_state_holder", "training", "_written_in_trace"})
 
 
-# Functions a module may hold as a setting (`self.activation = F.gelu`), compared by identity.
-_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial,
-              np.ufunc)
-
-
 def is_setting(value: Any) -> bool:
     """Whether `value`, a module's plain attribute, is a setting a trace bakes in: a number, a
-    string, a bool or None, a function (an activation), or a tuple, list or dict of them (a
-    kernel size, a list of scales)."""
+    string, a bool or None, a callable (an activation function, a callable object, a jitted
+    function: the object, not what it holds), or a tuple, list or dict of them (a kernel
+    size, a list of scales)."""
     if isinstance(value, (tuple, list)):
         return all(map(is_setting, value))
     if isinstance(value, dict):
         return all(map(is_setting, value.keys())) and all(map(is_setting, value.values()))
-    return value is None or isinstance(value, (bool, int, float, str, np.number, np.bool_,
-                                               *_FUNCTIONS))
+    return value is None or isinstance(value, (bool, int, float, str, np.number, np.bool_)) or (
+        callable(value) and not isinstance(value, np.ndarray))
 
 
 def _snapshot(value: Any) -> Any:
@@ -114,8 +109,19 @@ def module_structure(module: Any) -> tuple:
 def _changed_settings(before: tuple, after: tuple) -> list[tuple[tuple[str, Any], tuple[str, Any]]]:
     """((name, old value), (name, new value)) of each setting that differs (absent: None)."""
     old, new = dict(before), dict(after)
-    return [((k, _shown(old[k]) if k in old else None), (k, _shown(new[k]) if k in new else None))
+    return [((k, _shown(old[k]) if k in old else _NO_SETTING),
+             (k, _shown(new[k]) if k in new else _NO_SETTING))
             for k in {**old, **new} if old.get(k) != new.get(k)]
+
+
+class _NoSetting:
+    """A setting's value where the module has none (it became a child module, or was deleted)."""
+
+    def __repr__(self) -> str:
+        return "(no setting)"
+
+
+_NO_SETTING = _NoSetting()
 
 
 class StateRef(NamedTuple):

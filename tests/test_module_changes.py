@@ -377,3 +377,34 @@ def test_a_transformer_encoders_final_norm_can_be_added_or_removed_later():
     np.testing.assert_allclose(compiled(x), te(torch.tensor(x)).detach().numpy(), atol=1e-5)
     te.norm = ge.norm = None
     np.testing.assert_allclose(compiled(x), te(torch.tensor(x)).detach().numpy(), atol=1e-5)
+
+
+def test_a_callable_object_or_jitted_function_held_as_a_setting_is_followed():
+    """Only plain functions were followed: a callable object or a gc.jit function swapped
+    after compiling kept computing the old one."""
+    class Scale:
+        def __init__(self, k):
+            self.k = k
+
+        def __call__(self, x):
+            return x * self.k
+
+    class Holds(nn.Module):
+        def __init__(self, act):
+            super().__init__()
+            self.act = act
+
+        def forward(self, x):
+            return self.act(x)
+
+    x = np.ones((2, 2), np.float32)
+    model = Holds(Scale(2.0))
+    compiled = gc.jit(model)
+    assert compiled(x)[0, 0] == 2.0
+    model.act = Scale(3.0)
+    assert compiled(x)[0, 0] == 3.0
+    model = Holds(gc.jit(F.relu))
+    compiled = gc.jit(model)
+    assert compiled(x)[0, 0] == 1.0
+    model.act = gc.jit(F.sigmoid)
+    np.testing.assert_allclose(compiled(x)[0, 0], 1 / (1 + np.exp(-1)), rtol=1e-6)

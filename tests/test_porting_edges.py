@@ -335,3 +335,50 @@ def test_nll_loss_over_no_class_names_the_cause():
     """It failed in an internal reshape (cross_entropy named the empty class axis)."""
     with pytest.raises(gc.ir.ShapeError, match=r"nll_loss: the log-probabilities \(3, 0\) have no class"):
         gc.jit(lambda a, t: F.nll_loss(a, t))(np.zeros((3, 0), np.float32), np.zeros(3, np.int64))
+
+
+def test_a_model_whose_later_rows_read_earlier_ones_is_marked_as_mixing_rows(tmp_path):
+    """Only the first row of a batch was compared with that row alone: a running sum over the
+    batch (x.cumsum(0), x + x[0:1]) passed, and the server batched clients together through
+    it (one client's answer held another's inputs)."""
+    class Running(gc.nn.Module):
+        def forward(self, x):
+            return x.cumsum(dim=0)
+
+    class First(gc.nn.Module):
+        def forward(self, x):
+            return x + x[0:1]
+
+    for model in (Running(), First()):
+        compiled = gc.compile(model, example_inputs=np.ones((4, 3), np.float32))
+        compiled.export(str(tmp_path / "m.gcx"))
+        assert gc.load(str(tmp_path / "m.gcx")).metadata["rows_apart"] is False
+        with pytest.raises(gc.ir.GraphcError, match="depends on the other samples of its batch"):
+            compiled.export(str(tmp_path / "m8.gcx"), max_batch=8)
+
+
+def test_a_fixed_batch_export_whose_padding_rows_are_invalid_is_not_padded(tmp_path):
+    """Ids from 1 (ids - 1 into a table): the server padded a smaller batch with zeros and
+    answered every valid smaller request with a 400 blaming the client's padding row."""
+    from graphc.serve import GraphcRunner
+
+    class FromOne(gc.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = gc.nn.Embedding(5, 2)
+
+        def forward(self, ids):
+            return self.table(ids - 1).sum(dim=1)
+
+    gc.compile(FromOne(), example_inputs=np.ones((4, 3), np.int64)).export(str(tmp_path / "e.gcx"))
+    assert gc.load(str(tmp_path / "e.gcx")).metadata["rows_apart"] is False
+    with pytest.raises(gc.ir.errors.LoadError, match="a row of zeros is no valid input"):
+        GraphcRunner.from_file(str(tmp_path / "e.gcx"))
+
+
+def test_parameters_of_complex_or_text_values_are_refused():
+    for values in (np.array([1 + 2j], np.complex64), np.array(["1.5"])):
+        with pytest.raises(gc.ir.GraphcError, match="Parameter: dtype .* is not supported"):
+            gc.nn.Parameter(values)
+    assert gc.nn.Parameter([1.0, 2.0]).data.dtype == np.float32
+    assert gc.nn.Parameter(np.ones(2)).data.dtype == np.float64

@@ -91,15 +91,14 @@ class Parameter:
     __slots__ = ("data",)
 
     def __init__(self, data: Any) -> None:
-        if isinstance(data, np.ndarray) and data.dtype.kind == "f":
-            if data.dtype.name not in ("float16", "float32", "float64"):
-                raise GraphcError(f"Parameter: dtype {data.dtype} is not supported; use float32 or "
-                                  "float64")
-            # float16 widened to float32, as load_state_dict widens bfloat16
-            self.data = np.ascontiguousarray(data, dtype=np.float32 if data.dtype.name == "float16"
-                                             else data.dtype)
-        else:
-            self.data = np.ascontiguousarray(data, dtype=np.float32)
+        array = np.asarray(data)
+        if array.dtype.name not in ("float16", "float32", "float64", "bool") and array.dtype.kind not in "iu":
+            raise GraphcError(f"Parameter: dtype {array.dtype} is not supported; give float32 or "
+                              f"float64 values (at {user_location()})")
+        # float16 widened to float32, as load_state_dict widens bfloat16; integers and Python
+        # numbers made float32
+        keep = isinstance(data, np.ndarray) and array.dtype.name in ("float32", "float64")
+        self.data = np.ascontiguousarray(array, dtype=array.dtype if keep else np.float32)
 
 
 def _buffer_array(value: Any, name: str) -> np.ndarray:

@@ -86,8 +86,9 @@ class GraphcRunner:
                             "batch as the first axis of both")
         if not function.max_batch and function.metadata.get("rows_apart") is False:
             raise LoadError(function.path, f"serves batches of exactly {in_type.shape[0]}: its "
-                            "samples depend on each other along axis 0 (the export found it), so a "
-                            "smaller batch cannot be padded to that size")
+                            "samples depend on each other along axis 0, or a row of zeros is no "
+                            "valid input (the export found it), so a smaller batch cannot be "
+                            "padded to that size")
         self._function = function
         self._fixed_batch = None if function.max_batch else in_type.shape[0]
         largest = function.max_batch or in_type.shape[0]
