@@ -610,7 +610,8 @@ class CompiledModel(_CompiledModelBase):
         state = dict(zip(self._names(), self._arrays()))
         with tracing(self.name) as t:
             b = t.builder
-            data = [Tensor(b.add_input(a if isinstance(a, TensorType) else TensorType.of(a), f"input{i}"))
+            data = [Tensor(b.add_input(a if isinstance(a, TensorType) else TensorType.of(a),
+                                       _free_name(f"input{i}", state)))
                     for i, a in enumerate(batch)]
             params = {n: Tensor(b.add_input(TensorType.of(state[n]), n, "param"))
                       for n in self._names("_parameters")}
@@ -623,7 +624,7 @@ class CompiledModel(_CompiledModelBase):
             outs, _, self._output_tree = flatten(out)
             for i, o in enumerate(outs):
                 name = "out" if self._output_tree == LEAF else f"out{i}"
-                b.add_output(name, as_tensor(o).value)
+                b.add_output(_free_name(name, state), as_tensor(o).value)
         # The model's own modes are set here, not read: only other modules' modes matter.
         return stages.record("trace", t.builder.graph), {}, t.module_reads().excluding(self.model.modules())
 
@@ -637,12 +638,17 @@ class CompiledModel(_CompiledModelBase):
         outs = inline_graph(stages.run(graph, [SIMPLIFY]), [*tensors, *state], reads)
         return unflatten(self._output_tree, list(outs))
 
-    @user_facing
-    def __call__(self, *inputs: Any) -> Any:
-        if self._module_tree_changed():  # a layer replaced: read and trace the model as it is now
+    def follow_module_tree(self) -> None:
+        """Where a layer was replaced or a setting changed since compiling, read and trace the
+        model as it is now (at the next call or export)."""
+        if self._module_tree_changed():
             log.warning("graphc: %s: the model's modules or their settings changed since it was "
                         "compiled; compiling it again", self.name)
             self._bind(self.model, self.backend, self.name)
+
+    @user_facing
+    def __call__(self, *inputs: Any) -> Any:
+        self.follow_module_tree()
         if is_tracing():
             return self._inlined(inputs)
         arrays = batch_arrays(inputs)
@@ -653,6 +659,14 @@ class CompiledModel(_CompiledModelBase):
         key = [gc_random.next_key()] if compiled.traced.inputs[-1].role == "rng" else []
         outs = compiled.executable(*arrays, *self._arrays(), *implicit, *key)
         return unflatten(self._output_tree, list(outs))
+
+
+def _free_name(name: str, taken: dict[str, Any]) -> str:
+    """`name`, or with underscores in front, so that no parameter or buffer has it (a model's
+    own parameter may be called `input0`)."""
+    while name in taken:
+        name = f"_{name}"
+    return name
 
 
 @contextmanager

@@ -120,13 +120,21 @@ def _one_to_one(op_type: str) -> Converter:
 # -- elementwise --------------------------------------------------------------------------------
 for _op, _op_type in {
         "neg": "Neg", "exp": "Exp", "log": "Log", "sqrt": "Sqrt", "tanh": "Tanh",
-        "sigmoid": "Sigmoid", "relu": "Relu", "abs": "Abs", "sign": "Sign", "sin": "Sin",
+        "sigmoid": "Sigmoid", "abs": "Abs", "sign": "Sign", "sin": "Sin",
         "cos": "Cos", "erf": "Erf", "floor": "Floor", "ceil": "Ceil", "round": "Round",
         "reciprocal": "Reciprocal", "stop_gradient": "Identity", "logical_not": "Not",
         "add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow", "maximum": "Max",
         "minimum": "Min", "eq": "Equal", "logical_and": "And", "logical_or": "Or",
         "where": "Where", "matmul": "MatMul"}.items():
     register_lowering(TARGET, _op, _one_to_one(_op_type))
+
+
+@lowering(TARGET, "relu")
+def _relu(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    if is_float(node.output.dtype):
+        g.emit("Relu", xs, out)
+    else:  # onnxruntime has Relu for floats and int32 only: max(x, 0), as valid
+        g.emit("Max", [xs[0], g.constant(np.zeros((), node.output.type.np_dtype))], out)
 
 
 @lowering(TARGET, "square")
@@ -486,6 +494,11 @@ def _avg_pool2d(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> Non
 # -- whole graphs ---------------------------------------------------------------------------------
 def _converter(node: Node) -> Converter:
     convert = find_lowering(TARGET, node.op)
+    if convert is None and node.op.startswith("random"):
+        raise GraphcError(f"export_onnx: the graph draws random numbers ({node.op!r}, used at "
+                          f"{node.loc or 'an unknown source line'}): only inference graphs export; "
+                          "call .eval() on every module the forward calls (dropout in training "
+                          "mode draws), those outside the model too")
     if convert is None:
         operands = ", ".join(str(v.type) for v in node.inputs) or "no operands"
         raise GraphcError(
@@ -497,8 +510,9 @@ def _converter(node: Node) -> Converter:
 
 def _check_opset(onnx: Any, opset: int) -> None:
     newest = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= opset <= newest:
-        raise GraphcError(f"export_onnx: opset {opset} is not supported; choose one from "
+    if isinstance(opset, (bool, np.bool_)) or not isinstance(opset, (int, np.integer)) or \
+            not MIN_OPSET <= opset <= newest:
+        raise GraphcError(f"export_onnx: opset {opset!r} is not supported; choose one from "
                           f"{MIN_OPSET} to {newest} (the newest onnx {onnx.__version__} knows)")
 
 
@@ -639,9 +653,11 @@ def _inference_graph(model_or_compiled: Module | CompiledModel,
         if example_inputs is not None:  # the graph of that signature, compiled if new
             batch = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
             arrays = [to_array(x, f"input {i}") for i, x in enumerate(batch)]
-            graph = compiled._get(arrays).optimized
-        else:
-            graph = compiled.graph
+        else:  # the latest signature's, for the model as it is now (traced again if it changed)
+            arrays = [np.zeros(inp.value.type.shape, inp.value.type.np_dtype)
+                      for inp in compiled.graph.inputs if inp.role == "data"]
+        compiled.follow_module_tree()
+        graph = compiled._get(arrays).optimized
     elif isinstance(model_or_compiled, Module):
         if example_inputs is None:
             raise GraphcError("export_onnx: example_inputs are needed to compile a Module "

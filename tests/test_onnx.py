@@ -366,3 +366,80 @@ def test_the_weights_of_a_module_the_model_calls_but_does_not_own_are_exported(t
     """export_onnx failed with "no value given for input 'Linear.weight'" (.gcx files hold them)."""
     gc.manual_seed(0)
     assert_export_matches(CallsAnOutsideLayer(), f32(3, 4), tmp_path)
+
+
+def test_an_export_of_a_compiled_model_follows_changes_to_the_model(tmp_path):
+    """export_onnx(compiled) wrote the graph compiled before a setting changed or a layer was
+    replaced (onnxruntime gave the old slope), though the compiled model's own calls traced
+    again."""
+    from graphc.onnx_export import export_onnx
+    x = np.array([[-1.0, 2.0]], np.float32)
+    model = nn.Sequential(nn.LeakyReLU(0.5))
+    compiled = gc.compile(model, x)
+    compiled(x)
+    model[0].negative_slope = 0.1
+    export_onnx(compiled, tmp_path / "slope.onnx")
+    np.testing.assert_allclose(run_onnx(str(tmp_path / "slope.onnx"), x)[0], [[-0.1, 2.0]])
+    model[0] = nn.ReLU()
+    export_onnx(compiled, tmp_path / "relu.onnx", example_inputs=x)
+    np.testing.assert_allclose(run_onnx(str(tmp_path / "relu.onnx"), x)[0], [[0.0, 2.0]])
+
+
+def test_parameters_named_like_inputs_or_outputs_export(tmp_path):
+    """A parameter called `input0` shared its name with the data input (the model did not
+    validate), and one called `out0` with an output."""
+    from graphc.onnx_export import export_onnx
+
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.input0 = nn.Parameter(np.full((3,), 5.0, np.float32))
+            self.out0 = nn.Parameter(np.full((3,), 1.0, np.float32))
+
+        def forward(self, a):
+            return a + self.input0, a * self.out0
+
+    x = np.ones((2, 3), np.float32)
+    export_onnx(Named(), tmp_path / "named.onnx", example_inputs=x)
+    got = run_onnx(str(tmp_path / "named.onnx"), x)
+    np.testing.assert_allclose(got[0], x + 5)
+    np.testing.assert_allclose(got[1], x)
+
+
+def test_integer_relu_runs_in_onnxruntime(tmp_path):
+    """Relu of int64 is valid ONNX that onnxruntime has no kernel for: it is max(x, 0)."""
+    from graphc.onnx_export import export_onnx
+
+    class IntRelu(nn.Module):
+        def forward(self, a):
+            return gc.nn.functional.relu(a)
+
+    x = np.array([[-3, 2]], np.int64)
+    export_onnx(IntRelu(), tmp_path / "r.onnx", example_inputs=x)
+    np.testing.assert_array_equal(run_onnx(str(tmp_path / "r.onnx"), x)[0], [[0, 2]])
+
+
+@pytest.mark.parametrize("opset", [None, "17", 17.0, True, 3])
+def test_an_opset_that_is_no_supported_integer_is_refused_by_name(opset, tmp_path):
+    from graphc.onnx_export import export_onnx
+    with pytest.raises(GraphcError, match=f"opset {opset!r} is not supported"):
+        export_onnx(nn.Linear(3, 2), tmp_path / "m.onnx", example_inputs=np.ones((1, 3), np.float32),
+                    opset=opset)
+
+
+def test_a_graph_drawing_random_numbers_says_to_call_eval(tmp_path):
+    from graphc.onnx_export import export_onnx
+    head = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5))  # outside the model, in training mode
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return head(self.lin(x))
+
+    net = Net()
+    net.eval()
+    with pytest.raises(GraphcError, match=r"draws random numbers.*call .eval\(\) on every module"):
+        export_onnx(net, tmp_path / "m.onnx", example_inputs=np.ones((2, 3), np.float32))
