@@ -132,13 +132,16 @@ def _checked_max_batch(max_batch: Any) -> list[int]:
     return batch_buckets(max_batch)
 
 
-def _forward_graphs(forward: Any, data: list[TensorType], sizes: list[int]) -> dict[int, Graph]:
+def _forward_graphs(forward: Any, data: list[TensorType], sizes: list[int]
+                    ) -> tuple[dict[int, Graph], bool]:
     """The eval-mode forward of `forward` (a CompiledModel) traced and simplified at each batch
-    size, but not compiled. Every data input and output must be batch-major, and, checked at
-    batches 1 and 2, the samples computed apart (a padded batch gives the same results)."""
+    size, but not compiled, and whether its samples are computed apart. Every data input and
+    output must be batch-major, and, checked at batches 1 and 2, padding a batch must leave
+    its first rows as they were (a time-major unidirectional RNN's rows read the earlier rows
+    only: it pads, but the rows of two requests batched together would mix)."""
     graphs, state = _traced_forwards(forward, data, sizes)
     try:
-        mixed = _mixed_output(graphs, state)
+        mixed = _mixed_output(graphs, state, rows=(0,))
     except IndexOutOfRangeError as error:
         raise GraphcError(f"export(max_batch=...): a smaller batch is padded with zeros, and an "
                           f"integer input of 0 indexes nothing in this model ({error}); export "
@@ -150,7 +153,7 @@ def _forward_graphs(forward: Any, data: list[TensorType], sizes: list[int]) -> d
                           "a sequence (a time-major RNN: use batch_first=True)? Padding a "
                           "batch would change the results; export without max_batch (the "
                           "file then serves its own batch size only)")
-    return graphs
+    return graphs, _mixed_output(graphs, state) is None
 
 
 def _traced_forwards(forward: Any, data: list[TensorType], sizes: list[int]
@@ -192,16 +195,19 @@ def _rows_apart(compiled: Any) -> bool | None:
         return None
 
 
-def _mixed_output(graphs: dict[int, Graph], state: dict[str, np.ndarray]) -> str | None:
+def _mixed_output(graphs: dict[int, Graph], state: dict[str, np.ndarray],
+                  rows: tuple[int, ...] = (0, 1)) -> str | None:
     """The first output of a sample that depends on the other samples of its batch, checked
     where `graphs` hold batches 1 and 2 (None otherwise, or where all are apart).
 
-    A batch is padded to its bucket: the first axis must hold samples computed apart. Run on
-    the reference interpreter, each row of a batch of two must be that row alone (not so
-    where the first axis is time, as for a time-major bidirectional RNN: padding it in time
-    changed every output). Integer and bool inputs (ids, masks) are 0 in the first row and 1 in
-    the second, or 0 in both where 1 is out of range for what they index; a forward drawing
-    random numbers is not checked (its draws depend on the batch's shape)."""
+    Run on the reference interpreter, each row in `rows` of a batch of two must be that row
+    alone: the first row (a batch padded after it keeps it), or both (rows computed apart, as
+    two requests batched together must be; not so where the first axis is time, as for a
+    time-major RNN: padding a bidirectional one in time changed every output, and a
+    unidirectional one's second row reads the first). Integer and bool inputs (ids, masks)
+    are 0 in the first row and 1 in the second, or 0 in both where 1 is out of range for what
+    they index; a forward drawing random numbers is not checked (its draws depend on the
+    batch's shape)."""
     from graphc.ir.interpret import evaluate
 
     one, two = graphs.get(1), graphs.get(2)
@@ -222,17 +228,16 @@ def _mixed_output(graphs: dict[int, Graph], state: dict[str, np.ndarray]) -> str
     except IndexOutOfRangeError:  # an id of 1 indexes nothing: ids equal in both rows
         mixed = [rows if t.dtype.startswith("float") else np.zeros_like(rows) for t, rows in zip(data, mixed)]
         paired = run(two, mixed, slice(0, 2))  # an id of 0 indexing nothing (ids from 1) raises: the callers say
-    # every row (a running sum leaves the first as it was alone, and changes the second)
-    for row in (0, 1):
+    for row in rows:
         for (name, _), alone, both in zip(one.outputs, run(one, mixed, slice(row, row + 1)), paired):
             if not np.allclose(alone, both[row:row + 1], rtol=1e-4, atol=1e-5, equal_nan=True):
                 return name
     return None
 
 
-def _bucket_graphs(compiled: Any, max_batch: int) -> dict[int, Graph]:
+def _bucket_graphs(compiled: Any, max_batch: int) -> tuple[dict[int, Graph], bool]:
     """The inference function at each batch bucket (the caller compiles the largest, whose
-    kernels serve them all)."""
+    kernels serve them all), and whether its rows are computed apart."""
     from .compile import CompiledModel
 
     if not isinstance(compiled, CompiledModel):
@@ -277,8 +282,10 @@ def _step_forward(step: Any) -> tuple[dict[str, Any], dict[int, Graph], dict[str
     graphs = {batch: stages.run(traced, [SIMPLIFY])}
     largest = max(batch, _FORWARD_BATCHES_UP_TO)
     powers = [1 << k for k in range(largest.bit_length()) if 1 << k <= largest and 1 << k != batch]
+    apart = False
     try:
-        graphs.update(_forward_graphs(tracer, model_inputs, powers))
+        padded, apart = _forward_graphs(tracer, model_inputs, powers)
+        graphs.update(padded)
     except GraphcError as exc:  # the forward serves the step's batch alone
         log.warning("graphc: %s: the model's eval-mode forward is stored at the step's batch %d "
                     "only, so export_inference takes no other max_batch: %s", step.name, batch, exc)
@@ -287,7 +294,7 @@ def _step_forward(step: Any) -> tuple[dict[str, Any], dict[int, Graph], dict[str
     bindings = {inp.name: bindings[inp.name] for inp in graphs[batch].inputs if inp.role != "data"}
     implicit = {f"implicit/{name}": array for name, array in zip(reads.names, reads.arrays())}
     entry = {"batch": batch, "batches": sorted(graphs), "bindings": bindings,
-             **_outputs_entry(tracer._output_tree)}
+             "rows_apart": apart, **_outputs_entry(tracer._output_tree)}
     return entry, graphs, implicit
 
 
@@ -320,7 +327,7 @@ def _export(compiled: Any, path: str, max_batch: int | None) -> None:
                           "random generator, so it cannot be exported: draw them only in training")
     buckets: dict[int, Graph] = {}
     if max_batch is not None:
-        buckets = _bucket_graphs(compiled, max_batch)
+        buckets, apart = _bucket_graphs(compiled, max_batch)
         data = [inp.value.type for inp in compiled.graph.inputs if inp.role == "data"]
         compiled._last = None  # compiled for the file: no "recompiling" warning for the user
         compiled._get([np.zeros((max_batch, *t.shape[1:]), t.np_dtype) for t in data])
@@ -339,8 +346,10 @@ def _export(compiled: Any, path: str, max_batch: int | None) -> None:
         state = {f"model/{k}": v for k, v in compiled.model.state_dict().items()}
         forward_reads, lr = {}, None
         outputs = _outputs_entry(compiled._output_tree)
-        if max_batch is None and (apart := _rows_apart(compiled)) is not None:
-            outputs["rows_apart"] = apart  # whether a server may pad a smaller batch
+        if max_batch is None:
+            apart = _rows_apart(compiled)
+        if apart is not None:  # whether a server may pad a batch, or batch two requests
+            outputs["rows_apart"] = apart
     state.update(compiled.implicit_state())  # other modules' arrays the graph reads, read-only
     # buffers registered with persistent=False, which state_dict leaves out and the graph reads
     for name, ref in named_state_refs(compiled.model, ("_buffers",)):
@@ -729,7 +738,9 @@ class LoadedTrainStep(_Loaded):
             return None, {}, {}
         batches = entry.get("batches") if isinstance(entry, dict) else None
         bindings = entry.get("bindings") if isinstance(entry, dict) else None
-        if (not isinstance(entry, dict) or set(entry) - {"outputs"} != {"batch", "batches", "bindings"}
+        if (not isinstance(entry, dict)
+                or set(entry) - {"outputs", "rows_apart"} != {"batch", "batches", "bindings"}
+                or type(entry.get("rows_apart", False)) is not bool
                 or not isinstance(batches, list) or not all(type(b) is int for b in batches)
                 or batches != stored or type(entry["batch"]) is not int
                 or entry["batch"] not in batches
@@ -820,10 +831,11 @@ class LoadedTrainStep(_Loaded):
         members = _function_members(
             "inference", graph, executable, fused, self._forward_bindings, {}, state,
             {"backend": self.backend, "lr": None, "name": graph.name,
-             # the step's export stored other batches only where a sample's rows were found
-             # apart from the others': else a server must not pad a smaller batch to this one
-             **({"buckets": sizes} if max_batch is not None else
-                {"rows_apart": len(self._forward) > 1}),
+             # other batches are stored where padding a batch keeps its rows; whether rows are
+             # computed apart (a server may batch two requests) is the step file's (older files:
+             # where other batches are stored)
+             **({"buckets": sizes} if max_batch is not None else {}),
+             "rows_apart": self.plan["forward"].get("rows_apart", len(self._forward) > 1),
              **({"outputs": self.plan["forward"]["outputs"]} if "outputs" in self.plan["forward"] else {})},
             {})
         for size in sizes[:-1]:

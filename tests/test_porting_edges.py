@@ -340,7 +340,10 @@ def test_nll_loss_over_no_class_names_the_cause():
 def test_a_model_whose_later_rows_read_earlier_ones_is_marked_as_mixing_rows(tmp_path):
     """Only the first row of a batch was compared with that row alone: a running sum over the
     batch (x.cumsum(0), x + x[0:1]) passed, and the server batched clients together through
-    it (one client's answer held another's inputs)."""
+    it (one client's answer held another's inputs). Padding after a request's rows keeps them,
+    so such a model still exports with max_batch, but is marked, and served a request a call."""
+    from graphc.serve import GraphcRunner
+
     class Running(gc.nn.Module):
         def forward(self, x):
             return x.cumsum(dim=0)
@@ -349,12 +352,19 @@ def test_a_model_whose_later_rows_read_earlier_ones_is_marked_as_mixing_rows(tmp
         def forward(self, x):
             return x + x[0:1]
 
+    x = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
     for model in (Running(), First()):
         compiled = gc.compile(model, example_inputs=np.ones((4, 3), np.float32))
         compiled.export(str(tmp_path / "m.gcx"))
         assert gc.load(str(tmp_path / "m.gcx")).metadata["rows_apart"] is False
-        with pytest.raises(gc.ir.GraphcError, match="depends on the other samples of its batch"):
-            compiled.export(str(tmp_path / "m8.gcx"), max_batch=8)
+        compiled.export(str(tmp_path / "m8.gcx"), max_batch=8)
+        assert gc.load(str(tmp_path / "m8.gcx")).metadata["rows_apart"] is False
+        runner = GraphcRunner.from_file(str(tmp_path / "m8.gcx"))
+        assert runner.batches_requests is False
+        np.testing.assert_allclose(runner.run(x), gc.jit(model)(x), rtol=1e-6)
+    plain = gc.compile(gc.nn.Linear(3, 2), example_inputs=np.ones((4, 3), np.float32))
+    plain.export(str(tmp_path / "p8.gcx"), max_batch=8)
+    assert GraphcRunner.from_file(str(tmp_path / "p8.gcx")).batches_requests is True
 
 
 def test_a_fixed_batch_export_whose_padding_rows_are_invalid_is_not_padded(tmp_path):

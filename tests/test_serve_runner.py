@@ -205,3 +205,18 @@ def test_compressed_bodies_and_unopenable_paths_are_refused_with_a_4xx():
         return Affine(name, 0.0)
 
     run_with_server([Affine("affine", 0.0)], check, loader=opening)
+
+
+def test_a_runner_whose_rows_read_the_rows_before_them_runs_each_request_alone():
+    """Two requests in one call of a model whose later rows read earlier ones (a time-major
+    RNN, a running sum over the batch) would mix one client's data into the other's answer."""
+    runner = Slow("causal", 0.0, max_batch=16)
+    runner.batches_requests = False
+
+    async def check(session) -> None:
+        answers = await asyncio.gather(*(predict(session, "causal", np.ones((2, 3), np.float32))
+                                         for _ in range(5)))
+        assert all(status == 200 for status, _ in answers)
+        assert runner.batches == [2] * 5
+
+    run_with_server([runner], check, max_batch=16, max_delay_ms=100)

@@ -173,7 +173,8 @@ class _Model:
         first = self._held or await self.queue.get()
         self._held = None
         batch, size = [first], len(first.samples)
-        limit = self.limit(first.runner)
+        # a model whose rows read the rows before them runs each request alone
+        limit = self.limit(first.runner) if getattr(first.runner, "batches_requests", True) else 0
         deadline = loop.time() + self.max_delay
         while size < limit:
             try:

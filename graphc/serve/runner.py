@@ -91,6 +91,9 @@ class GraphcRunner:
                             "padded to that size")
         self._function = function
         self._fixed_batch = None if function.max_batch else in_type.shape[0]
+        # whether two requests may share a call: not where a sample reads the rows before it
+        # (a time-major RNN), though padding after a request's rows keeps them
+        self.batches_requests = function.metadata.get("rows_apart") is not False
         largest = function.max_batch or in_type.shape[0]
         if max_batch is not None and max_batch < 1:
             raise GraphcError(f"max_batch must be at least 1, not {max_batch}")
@@ -117,7 +120,8 @@ class GraphcRunner:
     def run(self, batch: np.ndarray) -> np.ndarray:
         n = batch.shape[0]
         if self._fixed_batch is None:
-            chunks = bucket_chunks(n, self._function.buckets)
+            # rows that read the rows before them run as one call, padded to the bucket
+            chunks = bucket_chunks(n, self._function.buckets) if self.batches_requests else [n]
             if len(chunks) == 1:
                 return self._output(batch)
             outputs = np.empty((n, *self.output.shape), self.output.dtype)
