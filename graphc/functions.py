@@ -230,8 +230,13 @@ def pad(x: Tensor, pad_width: Sequence[tuple[int, int]], value: float = 0.0) -> 
 
 
 def gather(x: Tensor, indices: Any, axis: int = 0) -> Tensor:
-    """np.take: pick slices of `x` along `axis` (embedding lookup)."""
+    """np.take: pick slices of `x` along `axis` (embedding lookup). PyTorch's gather(x, dim,
+    index) is gc.take_along_axis(x, index, dim), or x.gather(dim, index)."""
     x = as_tensor(x)
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, (bool, np.bool_)):
+        raise GraphcError(f"gather: axis must be an integer, got {type(axis).__name__}: gc.gather "
+                          "is NumPy's take(x, indices, axis); for PyTorch's gather(x, dim, index) "
+                          f"use gc.take_along_axis(x, index, dim) (at {user_location()})")
     (axis,) = normalize_axes(axis, x.ndim)
     return bind("gather", x, as_tensor(indices), axis=axis)
 

@@ -467,7 +467,9 @@ def tracing(name: str) -> Iterator[Trace]:
 def current_trace() -> Trace:
     if not _STATE.stack:
         raise GraphcError("this operation needs a trace: call it inside a function given to "
-                          "gc.jit / gc.trace / gc.grad")
+                          "gc.jit / gc.trace / gc.grad (or a module's forward); to build an "
+                          "array outside one (a buffer such as a causal mask, a parameter's "
+                          "initial value), use NumPy: np.tril(np.ones((n, n)))")
     return _STATE.stack[-1]
 
 
@@ -1138,6 +1140,12 @@ class Tensor:
         """The index of the first minimum (a NaN counts as the minimum, as in PyTorch)."""
         _require_elements(self, reduction_axes(dim, axis, "argmin"), "argmin")
         return _order_reversed(self).argmax(dim, keepdim, axis=axis, keepdims=keepdims)
+
+    def gather(self, dim: int, index: Any) -> Tensor:
+        """PyTorch's Tensor.gather: out[i][j] = self[i][index[i][j]] along `dim` (gc.gather is
+        NumPy's take; this is gc.take_along_axis)."""
+        from .functions import take_along_axis
+        return take_along_axis(self, index, dim)
 
     # -- math: graphc/functions.py defines these ----------------------------------------------
     def sin(self) -> Tensor: return float_math("sin", self)

@@ -392,3 +392,34 @@ def test_parameters_of_complex_or_text_values_are_refused():
             gc.nn.Parameter(values)
     assert gc.nn.Parameter([1.0, 2.0]).data.dtype == np.float32
     assert gc.nn.Parameter(np.ones(2)).data.dtype == np.float64
+
+
+def test_a_zero_dimensional_parameter_stays_zero_dimensional():
+    """np.ascontiguousarray made a learnable temperature (N,) = (1,): its PyTorch weights did
+    not load, and a loss multiplied by it was no scalar."""
+    class Temperature(gc.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.logit_scale = gc.nn.Parameter(np.array(2.0, np.float32))
+
+        def forward(self, x):
+            return x.sum() * self.logit_scale.exp()
+
+    model = Temperature()
+    assert model.state_dict()["logit_scale"].shape == ()
+    assert gc.jit(model)(np.ones(3, np.float32)).shape == ()
+    model.load_state_dict({"logit_scale": np.array(1.0, np.float32)})
+
+
+def test_pytorch_gather_ports_as_the_tensor_method_and_gc_gather_says_what_it_is():
+    x = np.arange(12.0).reshape(3, 4)
+    index = np.array([[1], [3], [0]])
+    np.testing.assert_array_equal(gc.jit(lambda a, i: a.gather(1, i))(x, index),
+                                  torch.tensor(x).gather(1, torch.tensor(index)).numpy())
+    with pytest.raises(gc.ir.GraphcError, match=r"gc.gather is NumPy's take.*take_along_axis"):
+        gc.jit(lambda a, i: gc.gather(a, 1, i))(x, index)
+
+
+def test_building_an_array_outside_a_trace_points_to_numpy():
+    with pytest.raises(gc.ir.GraphcError, match=r"outside one .* use NumPy"):
+        gc.nn.Linear(2, 2).register_buffer("mask", gc.ones(2, 2))

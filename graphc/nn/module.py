@@ -98,7 +98,8 @@ class Parameter:
         # float16 widened to float32, as load_state_dict widens bfloat16; integers and Python
         # numbers made float32
         keep = isinstance(data, np.ndarray) and array.dtype.name in ("float32", "float64")
-        self.data = np.ascontiguousarray(array, dtype=array.dtype if keep else np.float32)
+        # np.require keeps a 0-d array 0-d (a temperature, a logit scale)
+        self.data = np.require(array, array.dtype if keep else np.float32, requirements="C")
 
 
 def _buffer_array(value: Any, name: str) -> np.ndarray:
