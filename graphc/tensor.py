@@ -107,7 +107,7 @@ def module_structure(module: Any) -> tuple:
 
 
 def _changed_settings(before: tuple, after: tuple) -> list[tuple[tuple[str, Any], tuple[str, Any]]]:
-    """((name, old value), (name, new value)) of each setting that differs (absent: None)."""
+    """((name, old value), (name, new value)) of each setting that differs (absent: _NO_SETTING)."""
     old, new = dict(before), dict(after)
     return [((k, _shown(old[k]) if k in old else _NO_SETTING),
              (k, _shown(new[k]) if k in new else _NO_SETTING))

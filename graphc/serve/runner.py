@@ -28,7 +28,9 @@ class TensorSpec:
 class Runner(Protocol):
     """A model the server batches requests for. `run` takes (n, *input.shape) of input.dtype,
     C-contiguous, 1 <= n <= max_batch, and returns (n, *output.shape); the server calls it from
-    one worker thread per model, never concurrently with itself."""
+    one worker thread per model, never concurrently with itself. A runner may set
+    `batches_requests = False` (as GraphcRunner does for a model whose rows read the rows
+    before them): each request then runs in a call of its own."""
 
     name: str
     version: int
