@@ -141,19 +141,19 @@ def _forward_graphs(forward: Any, data: list[TensorType], sizes: list[int]
     only: it pads, but the rows of two requests batched together would mix)."""
     graphs, state = _traced_forwards(forward, data, sizes)
     try:
-        mixed = _mixed_output(graphs, state, rows=(0,))
+        first, second = _mixed_outputs(graphs, state)
     except IndexOutOfRangeError as error:
         raise GraphcError(f"export(max_batch=...): a smaller batch is padded with zeros, and an "
                           f"integer input of 0 indexes nothing in this model ({error}); export "
                           f"without max_batch (the file then serves its own batch size only), or "
                           f"take ids from 0") from None
-    if mixed is not None:
-        raise GraphcError(f"export(max_batch=...): the output {mixed} of a sample depends on "
+    if first is not None:
+        raise GraphcError(f"export(max_batch=...): the output {first} of a sample depends on "
                           "the other samples of its batch (axis 0): is the first axis time or "
                           "a sequence (a time-major RNN: use batch_first=True)? Padding a "
                           "batch would change the results; export without max_batch (the "
                           "file then serves its own batch size only)")
-    return graphs, _mixed_output(graphs, state) is None
+    return graphs, second is None
 
 
 def _traced_forwards(forward: Any, data: list[TensorType], sizes: list[int]
@@ -188,31 +188,32 @@ def _rows_apart(compiled: Any) -> bool | None:
         graphs, state = _traced_forwards(compiled, data, [1, 2])
         if any(inp.role == "rng" for inp in graphs[2].inputs):
             return None
-        return _mixed_output(graphs, state) is None
+        return _mixed_outputs(graphs, state) == (None, None)
     except IndexOutOfRangeError:  # integer inputs of 0 index nothing: no padding row is valid
         return False
     except GraphcError:
         return None
 
 
-def _mixed_output(graphs: dict[int, Graph], state: dict[str, np.ndarray],
-                  rows: tuple[int, ...] = (0, 1)) -> str | None:
-    """The first output of a sample that depends on the other samples of its batch, checked
-    where `graphs` hold batches 1 and 2 (None otherwise, or where all are apart).
+def _mixed_outputs(graphs: dict[int, Graph], state: dict[str, np.ndarray]
+                   ) -> tuple[str | None, str | None]:
+    """For the first and the second row of a batch, the first output of that sample that
+    depends on the other sample of its batch, checked where `graphs` hold batches 1 and 2
+    (None and None otherwise, and for each row computed alone).
 
-    Run on the reference interpreter, each row in `rows` of a batch of two must be that row
-    alone: the first row (a batch padded after it keeps it), or both (rows computed apart, as
-    two requests batched together must be; not so where the first axis is time, as for a
-    time-major RNN: padding a bidirectional one in time changed every output, and a
-    unidirectional one's second row reads the first). Integer and bool inputs (ids, masks)
-    are 0 in the first row and 1 in the second, or 0 in both where 1 is out of range for what
-    they index; a forward drawing random numbers is not checked (its draws depend on the
+    Run on the reference interpreter, each row of a batch of two is compared with that row
+    alone. The first row decides whether a batch may be padded (padding after it keeps it);
+    both decide whether two requests may be batched together (not so where the first axis is
+    time, as for a time-major RNN: padding a bidirectional one in time changed every output,
+    and a unidirectional one's second row reads the first). Integer and bool inputs (ids,
+    masks) are 0 in the first row and 1 in the second, or 0 in both where 1 is out of range for
+    what they index; a forward drawing random numbers is not checked (its draws depend on the
     batch's shape)."""
     from graphc.ir.interpret import evaluate
 
     one, two = graphs.get(1), graphs.get(2)
     if one is None or two is None or any(inp.role == "rng" for inp in two.inputs):
-        return None
+        return None, None
     rng = np.random.default_rng(0)
     data = [inp.value.type for inp in two.inputs if inp.role == "data"]
     mixed = [rng.standard_normal((2, *t.shape[1:])).astype(t.np_dtype) if t.dtype.startswith("float")
@@ -228,11 +229,13 @@ def _mixed_output(graphs: dict[int, Graph], state: dict[str, np.ndarray],
     except IndexOutOfRangeError:  # an id of 1 indexes nothing: ids equal in both rows
         mixed = [rows if t.dtype.startswith("float") else np.zeros_like(rows) for t, rows in zip(data, mixed)]
         paired = run(two, mixed, slice(0, 2))  # an id of 0 indexing nothing (ids from 1) raises: the callers say
-    for row in rows:
-        for (name, _), alone, both in zip(one.outputs, run(one, mixed, slice(row, row + 1)), paired):
-            if not np.allclose(alone, both[row:row + 1], rtol=1e-4, atol=1e-5, equal_nan=True):
-                return name
-    return None
+
+    def first_mixed(row: int) -> str | None:
+        alone = run(one, mixed, slice(row, row + 1))
+        return next((name for (name, _), single, both in zip(one.outputs, alone, paired)
+                     if not np.allclose(single, both[row:row + 1], rtol=1e-4, atol=1e-5,
+                                        equal_nan=True)), None)
+    return first_mixed(0), first_mixed(1)
 
 
 def _bucket_graphs(compiled: Any, max_batch: int) -> tuple[dict[int, Graph], bool]:
