@@ -694,3 +694,155 @@ def zeros_like(x: Tensor, *, dtype: Any = None) -> Tensor:
 
 def ones_like(x: Tensor, *, dtype: Any = None) -> Tensor:
     return full_like(x, 1, dtype=dtype)
+
+
+# -- PyTorch's and NumPy's compositions of the ops above ----------------------------------------
+__all__ += ["isnan", "isinf", "isfinite", "logical_and", "logical_or", "logical_xor", "logical_not",
+            "index_select", "narrow", "select", "unbind", "roll", "repeat_interleave", "outer",
+            "lerp", "eye", "linspace"]
+
+
+def _truth(x: Any) -> Tensor:
+    """`x` as bool: nonzero is True, as PyTorch's and NumPy's logical functions read numbers."""
+    x = as_tensor(x)
+    return x if x.dtype == "bool" else x != 0
+
+
+def isnan(x: Any) -> Tensor:
+    """True where x is NaN (never for integers and bools)."""
+    x = as_tensor(x)
+    return x != x if is_float(x.dtype) else zeros_like(x, dtype="bool")
+
+
+def isinf(x: Any) -> Tensor:
+    """True where x is +inf or -inf."""
+    x = as_tensor(x)
+    return abs(x) == np.inf if is_float(x.dtype) else zeros_like(x, dtype="bool")
+
+
+def isfinite(x: Any) -> Tensor:
+    """True where x is neither infinite nor NaN (NaN < inf is False)."""
+    x = as_tensor(x)
+    return abs(x) < np.inf if is_float(x.dtype) else ones_like(x, dtype="bool")
+
+
+def logical_and(x: Any, y: Any) -> Tensor: return bind("logical_and", _truth(x), _truth(y))
+def logical_or(x: Any, y: Any) -> Tensor: return bind("logical_or", _truth(x), _truth(y))
+def logical_xor(x: Any, y: Any) -> Tensor: return bind("ne", _truth(x), _truth(y))
+def logical_not(x: Any) -> Tensor: return bind("logical_not", _truth(x))
+
+
+def _axis(x: Tensor, dim: Any, op: str) -> int:
+    """`dim` as an axis of x, counted from 0 (this module's `max` and `abs` are graphc's)."""
+    if type(dim) is bool or not isinstance(dim, (int, np.integer)) or not -x.ndim <= dim < x.ndim:
+        raise ShapeError(f"{op}: dim {dim!r} is not an axis of a tensor of shape {x.shape} "
+                         f"(at {user_location()})")
+    return int(dim) % x.ndim
+
+
+def _along(x: Tensor, dim: int, index: Any) -> Tensor:
+    return x[(slice(None),) * dim + (index,)]
+
+
+def index_select(x: Any, dim: int, index: Any) -> Tensor:
+    """torch.index_select: the entries of x at the positions `index` (1-D integers) along `dim`."""
+    x = as_tensor(x)
+    axis = _axis(x, dim, "index_select")
+    index = as_tensor(index)
+    if index.ndim > 1 or is_float(index.dtype) or index.dtype == "bool":
+        raise ShapeError(f"index_select: the index must be a 0-d or 1-D integer tensor, got "
+                         f"{index.dtype}{list(index.shape)} (at {user_location()})")
+    return _along(x, axis, index.reshape(-1))
+
+
+def narrow(x: Any, dim: int, start: int, length: int) -> Tensor:
+    """torch.narrow: `length` entries from `start` along `dim` (a view, as x[..., start:start+length])."""
+    x = as_tensor(x)
+    axis = _axis(x, dim, "narrow")
+    size = x.shape[axis]
+    if start < 0:
+        start += size
+    if not (0 <= start <= size and 0 <= length <= size - start):
+        raise ShapeError(f"narrow: start {start} and length {length} do not fit axis {dim} of "
+                         f"size {size} (at {user_location()})")
+    return _along(x, axis, slice(start, start + length))
+
+
+def select(x: Any, dim: int, index: int) -> Tensor:
+    """torch.select: the slice at `index` along `dim`, that axis removed."""
+    x = as_tensor(x)
+    return _along(x, _axis(x, dim, "select"), index)
+
+
+def unbind(x: Any, dim: int = 0) -> tuple[Tensor, ...]:
+    """torch.unbind: the slices along `dim`, that axis removed from each."""
+    x = as_tensor(x)
+    axis = _axis(x, dim, "unbind")
+    return tuple(_along(x, axis, i) for i in range(x.shape[axis]))
+
+
+def roll(x: Any, shifts: int | Sequence[int], dims: int | Sequence[int] | None = None) -> Tensor:
+    """torch.roll: entries shifted by `shifts` along `dims`, those pushed past the end coming
+    back at the start; without dims, over the flattened tensor, shape kept."""
+    x = as_tensor(x)
+    if dims is None:
+        if not isinstance(shifts, (int, np.integer)):
+            raise ShapeError(f"roll: without dims, shifts must be one int, got {shifts!r} "
+                             f"(at {user_location()})")
+        return roll(x.reshape(-1), shifts, 0).reshape(x.shape)
+    shift_list = [shifts] if isinstance(shifts, (int, np.integer)) else list(shifts)
+    dim_list = [dims] if isinstance(dims, (int, np.integer)) else list(dims)
+    if len(shift_list) != len(dim_list):
+        raise ShapeError(f"roll: {len(shift_list)} shifts for {len(dim_list)} dims "
+                         f"(at {user_location()})")
+    for shift, dim in zip(shift_list, dim_list):
+        axis = _axis(x, dim, "roll")
+        size = x.shape[axis]
+        cut = size - int(shift) % size if size else 0
+        if 0 < cut < size:
+            x = concatenate([_along(x, axis, slice(cut, None)), _along(x, axis, slice(0, cut))], axis)
+    return x
+
+
+def repeat_interleave(x: Any, repeats: int, dim: int | None = None) -> Tensor:
+    """torch.repeat_interleave with an int: each entry `repeats` times in a row along `dim`
+    (over the flattened tensor without dim). Repeats given as a tensor would make the shape
+    depend on values, which a static graph cannot hold."""
+    x = as_tensor(x)
+    if type(repeats) is bool or not isinstance(repeats, (int, np.integer)) or repeats < 0:
+        raise ShapeError(f"repeat_interleave: repeats must be an int >= 0, got {repeats!r}; a "
+                         f"tensor of repeats gives a shape that depends on values "
+                         f"(at {user_location()})")
+    if dim is None:
+        x, dim = x.reshape(-1), 0
+    axis = _axis(x, dim, "repeat_interleave")
+    shape = x.shape
+    spread = x.unsqueeze(axis + 1).expand(*shape[:axis + 1], int(repeats), *shape[axis + 1:])
+    return spread.reshape(*shape[:axis], shape[axis] * int(repeats), *shape[axis + 1:])
+
+
+def outer(x: Any, y: Any) -> Tensor:
+    """The outer product of two vectors: out[i, j] = x[i] * y[j]."""
+    x, y = as_tensor(x), as_tensor(y)
+    if x.ndim != 1 or y.ndim != 1:
+        raise ShapeError(f"outer: both operands must be 1-D, got shapes {x.shape} and {y.shape} "
+                         f"(at {user_location()})")
+    return x.reshape(-1, 1) * y.reshape(1, -1)
+
+
+def lerp(start: Any, end: Any, weight: Any) -> Tensor:
+    """torch.lerp: start + weight * (end - start)."""
+    start = as_tensor(start)
+    return start + weight * (end - start)
+
+
+def eye(n: int, m: int | None = None, *, dtype: Any = "float32") -> Tensor:
+    """An n x m matrix with ones on its diagonal (m = n by default)."""
+    return as_tensor(np.eye(n, n if m is None else m, dtype=np.dtype(dtype_name(dtype))))
+
+
+def linspace(start: float, end: float, steps: int, *, dtype: Any = "float32") -> Tensor:
+    """torch.linspace: `steps` evenly spaced values from start to end, both included."""
+    if type(steps) is bool or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise ShapeError(f"linspace: steps must be an int >= 0, got {steps!r} (at {user_location()})")
+    return as_tensor(np.linspace(start, end, steps).astype(dtype_name(dtype)))

@@ -1410,6 +1410,206 @@ class Tensor:
                              f"tensor's shape {self.shape} (at {user_location()})")
         return filled
 
+    # -- PyTorch's method forms of operators and gc functions ---------------------------------
+    def add(self, other: Any, *, alpha: Any = 1) -> Tensor:
+        return self + (other if alpha == 1 else other * alpha)
+
+    def sub(self, other: Any, *, alpha: Any = 1) -> Tensor:
+        return self - (other if alpha == 1 else other * alpha)
+
+    def mul(self, other: Any) -> Tensor: return self * other
+    def pow(self, exponent: Any) -> Tensor: return self ** exponent
+    def neg(self) -> Tensor: return -self
+    negative = neg
+    def eq(self, other: Any) -> Tensor: return self == other
+    def ne(self, other: Any) -> Tensor: return self != other
+    def lt(self, other: Any) -> Tensor: return self < other
+    def le(self, other: Any) -> Tensor: return self <= other
+    def gt(self, other: Any) -> Tensor: return self > other
+    def ge(self, other: Any) -> Tensor: return self >= other
+    def sign(self) -> Tensor: return bind("sign", self)
+    def rsqrt(self) -> Tensor: return float_math("rsqrt", self)
+    def reciprocal(self) -> Tensor: return float_math("reciprocal", self)
+    def log1p(self) -> Tensor: return float_math("log1p", self)
+    def clamp_min(self, min: Any) -> Tensor: return self.clamp(min=min)
+    def clamp_max(self, max: Any) -> Tensor: return self.clamp(max=max)
+    def view_as(self, other: Tensor) -> Tensor: return self.reshape(other.shape)
+
+    def div(self, other: Any, *, rounding_mode: str | None = None) -> Tensor:
+        """self / other; rounding_mode 'floor' or 'trunc' rounds the quotient, integers staying
+        integers as in PyTorch."""
+        if rounding_mode is None:
+            return self / other
+        if rounding_mode == "floor":
+            return self // other
+        if rounding_mode == "trunc":
+            x, y = promoted(self, other)
+            if is_float(x.dtype):
+                return (x / y).trunc()
+            return (x.astype("float64") / y.astype("float64")).trunc().astype(x.dtype)
+        raise GraphcError(f"div: rounding_mode must be None, 'floor' or 'trunc', not "
+                          f"{rounding_mode!r} (at {user_location()})")
+
+    def matmul(self, other: Any) -> Tensor: return self @ other
+
+    def mm(self, other: Any) -> Tensor:
+        other = as_tensor(other, like=self)
+        if self.ndim != 2 or other.ndim != 2:
+            raise ShapeError(f"mm: both operands must be 2-D, got shapes {self.shape} and "
+                             f"{other.shape} (at {user_location()})")
+        return self @ other
+
+    def bmm(self, other: Any) -> Tensor:
+        other = as_tensor(other, like=self)
+        if self.ndim != 3 or other.ndim != 3 or self.shape[0] != other.shape[0]:
+            raise ShapeError(f"bmm: both operands must be 3-D with the same batch, got shapes "
+                             f"{self.shape} and {other.shape} (at {user_location()})")
+        return self @ other
+
+    def where(self, condition: Any, other: Any) -> Tensor:
+        """PyTorch's x.where(condition, y): x where condition holds, else y."""
+        from .functions import where
+        return where(condition, self, other)
+
+    def maximum(self, other: Any) -> Tensor:
+        from .functions import maximum
+        return maximum(self, other)
+
+    def minimum(self, other: Any) -> Tensor:
+        from .functions import minimum
+        return minimum(self, other)
+
+    def lerp(self, end: Any, weight: Any) -> Tensor: return self + weight * (end - self)
+    def addcmul(self, t1: Any, t2: Any, *, value: Any = 1) -> Tensor: return self + value * t1 * t2
+    def addcdiv(self, t1: Any, t2: Any, *, value: Any = 1) -> Tensor: return self + value * t1 / t2
+
+    def new_full(self, size: Sequence[int], fill_value: Any, *, dtype: Any = None,
+                 device: Any = None) -> Tensor:
+        """A tensor of `size` holding `fill_value`, of this tensor's dtype unless `dtype` says."""
+        from .functions import full
+        del device
+        return full(tuple(size), fill_value, dtype=dtype or self.dtype)
+
+    def new_zeros(self, *size: Any, dtype: Any = None, device: Any = None) -> Tensor:
+        from .functions import _shape_argument
+        return self.new_full(_shape_argument(size), 0, dtype=dtype, device=device)
+
+    def new_ones(self, *size: Any, dtype: Any = None, device: Any = None) -> Tensor:
+        from .functions import _shape_argument
+        return self.new_full(_shape_argument(size), 1, dtype=dtype, device=device)
+
+    new_empty = new_zeros  # traced values are never uninitialised
+
+    def new_tensor(self, data: Any, *, dtype: Any = None, device: Any = None) -> Tensor:
+        del device
+        return as_tensor(np.asarray(data, dtype=dtype_name(dtype or self.dtype)))
+
+    def unflatten(self, dim: int, sizes: Sequence[int]) -> Tensor:
+        """The axis `dim` split into `sizes` (one of them may be -1)."""
+        from .functions import _axis
+        axis = _axis(self, dim, "unflatten")
+        return self.reshape(*self.shape[:axis], *sizes, *self.shape[axis + 1:])
+
+    def isnan(self) -> Tensor:
+        from .functions import isnan
+        return isnan(self)
+
+    def isinf(self) -> Tensor:
+        from .functions import isinf
+        return isinf(self)
+
+    def isfinite(self) -> Tensor:
+        from .functions import isfinite
+        return isfinite(self)
+
+    def logical_not(self) -> Tensor:
+        from .functions import logical_not
+        return logical_not(self)
+
+    def logical_and(self, other: Any) -> Tensor:
+        from .functions import logical_and
+        return logical_and(self, other)
+
+    def logical_or(self, other: Any) -> Tensor:
+        from .functions import logical_or
+        return logical_or(self, other)
+
+    def logical_xor(self, other: Any) -> Tensor:
+        from .functions import logical_xor
+        return logical_xor(self, other)
+
+    def index_select(self, dim: int, index: Any) -> Tensor:
+        from .functions import index_select
+        return index_select(self, dim, index)
+
+    def narrow(self, dim: int, start: int, length: int) -> Tensor:
+        from .functions import narrow
+        return narrow(self, dim, start, length)
+
+    def select(self, dim: int, index: int) -> Tensor:
+        from .functions import select
+        return select(self, dim, index)
+
+    def unbind(self, dim: int = 0) -> tuple[Tensor, ...]:
+        from .functions import unbind
+        return unbind(self, dim)
+
+    def roll(self, shifts: int | Sequence[int], dims: int | Sequence[int] | None = None) -> Tensor:
+        from .functions import roll
+        return roll(self, shifts, dims)
+
+    def repeat_interleave(self, repeats: int, dim: int | None = None) -> Tensor:
+        from .functions import repeat_interleave
+        return repeat_interleave(self, repeats, dim)
+
+    def outer(self, other: Any) -> Tensor:
+        from .functions import outer
+        return outer(self, other)
+
+    # PyTorch's in-place methods, written as the in-place operators are (see _in_place)
+    def add_(self, other: Any, *, alpha: Any = 1) -> Tensor:
+        return self._in_place(self.add(other, alpha=alpha), "x.add_(y)", "x.add(y)")
+
+    def sub_(self, other: Any, *, alpha: Any = 1) -> Tensor:
+        return self._in_place(self.sub(other, alpha=alpha), "x.sub_(y)", "x.sub(y)")
+
+    def mul_(self, other: Any) -> Tensor:
+        return self._in_place(self * other, "x.mul_(y)", "x.mul(y)")
+
+    def div_(self, other: Any) -> Tensor:
+        return self._in_place(self / other, "x.div_(y)", "x.div(y)")
+
+    def clamp_(self, min: Any = None, max: Any = None) -> Tensor:
+        return self._in_place(self.clamp(min, max), "x.clamp_(...)", "x.clamp(...)")
+
+    def relu_(self) -> Tensor:
+        return self._in_place(self.relu(), "x.relu_()", "x.relu()")
+
+    def masked_fill_(self, mask: Any, value: Any) -> Tensor:
+        return self._in_place(self.masked_fill(mask, value), "x.masked_fill_(mask, v)",
+                              "x.masked_fill(mask, v)")
+
+    def fill_(self, value: Any) -> Tensor:
+        value = as_tensor(value, like=self)
+        if value.ndim:
+            raise ShapeError(f"fill_: the value must be a number or a 0-d tensor, got shape "
+                             f"{value.shape} (at {user_location()})")
+        return self._in_place(value.astype(self.dtype).broadcast_to(self.shape), "x.fill_(v)",
+                              "gc.full_like(x, v)")
+
+    def zero_(self) -> Tensor:
+        return self.fill_(0)
+
+    def copy_(self, source: Any) -> Tensor:
+        """This tensor's entries set to `source`'s (broadcast to its shape, cast to its dtype)."""
+        source = as_tensor(source, like=self)
+        try:
+            copied = source.astype(self.dtype).broadcast_to(self.shape)
+        except ShapeError:
+            raise ShapeError(f"copy_: a source of shape {source.shape} does not broadcast to "
+                             f"{self.shape} (at {user_location()})") from None
+        return self._in_place(copied, "x.copy_(y)", "y")
+
     def __getitem__(self, index: Any) -> Tensor:
         from .indexing import getitem, setitem, view_strides  # they build on Tensor
         out = getitem(self, index)

@@ -1,0 +1,140 @@
+"""PyTorch's Tensor methods and functions that graphc builds from its own ops (`x.add(y,
+alpha=2)`, `x.isnan()`, `x.index_select(1, i)`, `x.roll(1, 0)`, `x.masked_fill_(m, v)`,
+...), checked against PyTorch on the reference backend and, for a sample, on numba-cpu."""
+import numpy as np
+import pytest
+
+import graphc as gc
+
+torch = pytest.importorskip("torch")
+
+rng = np.random.default_rng(0)
+X = rng.standard_normal((3, 4)).astype(np.float32)
+X[0, 1], X[1, 2], X[2, 0] = np.nan, np.inf, -np.inf  # the special values isnan/isinf tell apart
+Y = rng.standard_normal((3, 4)).astype(np.float32)
+XI = rng.integers(-7, 8, (3, 4))
+YI = rng.integers(1, 4, (3, 4)) * np.where(rng.random((3, 4)) < 0.5, -1, 1)
+
+
+def _index(values, like):
+    return torch.tensor(values) if isinstance(like, torch.Tensor) else np.array(values)
+
+
+FLOAT_CASES = {
+    "add": lambda a, b: a.add(b, alpha=2), "sub": lambda a, b: a.sub(b, alpha=0.5),
+    "mul": lambda a, b: a.mul(b), "div": lambda a, b: a.div(b), "pow": lambda a, b: b.abs().pow(2),
+    "neg": lambda a, b: a.neg(), "eq": lambda a, b: a.eq(b), "lt": lambda a, b: a.lt(b),
+    "ge": lambda a, b: a.ge(b), "isnan": lambda a, b: a.isnan(), "isinf": lambda a, b: a.isinf(),
+    "isfinite": lambda a, b: a.isfinite(), "sign": lambda a, b: b.sign(),
+    "rsqrt": lambda a, b: b.abs().rsqrt(), "reciprocal": lambda a, b: b.reciprocal(),
+    "log1p": lambda a, b: b.abs().log1p(),
+    "clamp_min": lambda a, b: b.clamp_min(0.1), "clamp_max": lambda a, b: b.clamp_max(0.1),
+    "where": lambda a, b: a.where(b > 0, b), "maximum": lambda a, b: a.maximum(b),
+    "minimum": lambda a, b: a.minimum(b), "lerp": lambda a, b: b.lerp(a, 0.3),
+    "addcmul": lambda a, b: b.addcmul(b, b, value=2), "addcdiv": lambda a, b: b.addcdiv(b, b + 3, value=0.5),
+    "new_zeros": lambda a, b: a.new_zeros(2, 3), "new_ones": lambda a, b: a.new_ones((2, 3)),
+    "new_full": lambda a, b: a.new_full((2,), 7.0), "new_tensor": lambda a, b: a.new_tensor([1, 2, 3]),
+    "unflatten": lambda a, b: b.unflatten(1, (2, -1)), "view_as": lambda a, b: b.view_as(b.t()),
+    "logical_not": lambda a, b: b.logical_not(), "logical_and": lambda a, b: b.logical_and(a),
+    "logical_xor": lambda a, b: b.logical_xor(b > 0),
+    "index_select": lambda a, b: b.index_select(1, _index([3, 0, 0], b)),
+    "narrow": lambda a, b: b.narrow(1, -3, 2), "select": lambda a, b: b.select(1, -1),
+    "unbind": lambda a, b: b.unbind(1)[2], "roll": lambda a, b: b.roll(1, 1),
+    "roll_dims": lambda a, b: b.roll((-1, 5), (0, 1)), "roll_flat": lambda a, b: b.roll(5),
+    "repeat_interleave": lambda a, b: b.repeat_interleave(2, dim=0),
+    "repeat_interleave_flat": lambda a, b: b.repeat_interleave(3),
+    "outer": lambda a, b: b[0].outer(b[1]), "mm": lambda a, b: b.mm(b.t()),
+    "bmm": lambda a, b: b.reshape(1, 3, 4).bmm(b.reshape(1, 4, 3)),
+}
+
+
+def _written(method, *args, **keywords):
+    """A function writing a copy of its second argument in place with `method`, on a view
+    (`[1]`, `[:, 1]`) where a method is usually called on one."""
+    def write(a, b):
+        c = b * 1
+        target = {"zero_": c[1], "fill_": c[:, 1], "copy_": c[0]}.get(method, c)
+        getattr(target, method)(*[arg(a, b) if callable(arg) else arg for arg in args], **keywords)
+        return c
+    return write
+
+
+IN_PLACE_CASES = {
+    "add_": _written("add_", lambda a, b: b, alpha=3), "sub_": _written("sub_", lambda a, b: b, alpha=2),
+    "mul_": _written("mul_", 2), "div_": _written("div_", 4), "clamp_": _written("clamp_", -0.5, 0.5),
+    "relu_": _written("relu_"), "masked_fill_": _written("masked_fill_", lambda a, b: b > 0, -1.0),
+    "zero_": _written("zero_"), "fill_": _written("fill_", 3.0), "copy_": _written("copy_", lambda a, b: b[2]),
+}
+
+
+def _check(fn, a, b, backend="reference"):
+    expected = fn(torch.tensor(a), torch.tensor(b)).numpy()
+    got = np.asarray(gc.jit(fn, backend=backend)(a, b))
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", sorted(FLOAT_CASES))
+def test_a_method_computes_as_pytorchs(name):
+    _check(FLOAT_CASES[name], X, Y)
+
+
+@pytest.mark.parametrize("name", sorted(IN_PLACE_CASES))
+def test_an_in_place_method_writes_the_tensor_and_the_one_it_views(name):
+    _check(IN_PLACE_CASES[name], X, Y)
+
+
+@pytest.mark.parametrize("name", ["isnan", "isfinite", "roll_dims", "index_select", "repeat_interleave"])
+def test_numba_cpu_computes_the_compositions_as_the_reference(name):
+    _check(FLOAT_CASES[name], X, Y, backend="numba-cpu")
+
+
+@pytest.mark.parametrize("fn", [lambda a, b: a.div(b, rounding_mode="trunc"),
+                                lambda a, b: a.div(b, rounding_mode="floor"),
+                                lambda a, b: a.isnan(), lambda a, b: a.isinf(),
+                                lambda a, b: a.logical_not(), lambda a, b: a.sign(),
+                                lambda a, b: a.roll(-2, 1)])
+def test_integer_tensors_keep_their_dtype_as_in_pytorch(fn):
+    expected = fn(torch.tensor(XI), torch.tensor(YI)).numpy()
+    got = gc.jit(fn)(XI, YI)
+    assert got.dtype == expected.dtype
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_functions_match_pytorchs_and_numpys():
+    a, b = X[1], Y[0]
+    np.testing.assert_array_equal(gc.jit(gc.isnan)(X), np.isnan(X))
+    np.testing.assert_array_equal(gc.jit(lambda x: gc.logical_or(x, x > 0))(XI), np.logical_or(XI, XI > 0))
+    np.testing.assert_allclose(gc.jit(gc.outer)(a, b), np.outer(a, b))
+    np.testing.assert_allclose(gc.jit(lambda: gc.eye(3, 4, dtype="float64"))(), np.eye(3, 4))
+    np.testing.assert_allclose(gc.jit(lambda: gc.linspace(-1, 2, 7))(), np.linspace(-1, 2, 7, dtype=np.float32))
+    np.testing.assert_allclose(gc.jit(lambda y: gc.roll(y, (1, -1), (0, 1)))(Y), np.roll(Y, (1, -1), (0, 1)))
+    parts = gc.jit(lambda y: gc.unbind(y, -1))(Y)
+    assert len(parts) == 4
+    np.testing.assert_array_equal(parts[3], Y[:, 3])
+
+
+def test_gradients_flow_through_the_compositions():
+    def loss(y):
+        moved = y.roll(1, 0).index_select(1, _index([0, 2, 2], y)).repeat_interleave(2, 1)
+        return (moved * moved.narrow(0, 1, 1)).sum()
+    torch_y = torch.tensor(Y, requires_grad=True)
+    loss(torch_y).backward()
+    np.testing.assert_allclose(gc.grad(loss)(Y), torch_y.grad.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda y: y.index_select(2, np.array([0])), r"index_select: dim 2 is not an axis of a tensor of shape \(3, 4\)"),
+    (lambda y: y.index_select(0, np.array([[0]])), r"index_select: the index must be a 0-d or 1-D integer"),
+    (lambda y: y.narrow(1, 2, 3), r"narrow: start 2 and length 3 do not fit axis 1 of size 4"),
+    (lambda y: y.repeat_interleave(np.array([1, 2])), r"repeat_interleave: repeats must be an int"),
+    (lambda y: y.roll((1, 2), 0), r"roll: 2 shifts for 1 dims"),
+    (lambda y: y.mm(y[0]), r"mm: both operands must be 2-D"),
+    (lambda y: y.bmm(y), r"bmm: both operands must be 3-D"),
+    (lambda y: y.div(2, rounding_mode="round"), r"div: rounding_mode must be None, 'floor' or 'trunc'"),
+    (lambda y: y.copy_(np.ones(3)), r"copy_: a source of shape \(3,\) does not broadcast to \(3, 4\)"),
+    (lambda y: y.fill_(np.ones(2)), r"fill_: the value must be a number or a 0-d tensor"),
+])
+def test_wrong_arguments_are_named_at_the_users_line(call, message):
+    with pytest.raises(gc.GraphcError, match=message + r".*test_torch_methods.py"):
+        gc.jit(call)(Y)
