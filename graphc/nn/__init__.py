@@ -7,10 +7,12 @@ from .layers import (AvgPool2d, Conv2d, Dropout, Flatten, Identity, Linear, LogS
                      ReLU, Sequential, Sigmoid, Softmax, Tanh)
 from .layers import ELU, GELU, LeakyReLU, SiLU, Softplus
 from .layers import Dropout1d, Dropout2d, Hardtanh, PReLU, ReLU6, Upsample
+from .layers import (CELU, GLU, SELU, CosineSimilarity, Hardsigmoid, Hardswish, LogSigmoid, Mish,
+                     PairwiseDistance, Softmin, Softsign, Tanhshrink, Unflatten)
 from .module import Module, Parameter, functional_call
 from .normalization import BatchNorm1d, BatchNorm2d, GroupNorm, LayerNorm
 from .pooling import AdaptiveAvgPool2d, AdaptiveMaxPool2d
-from .recurrent import GRU, LSTM, RNN
+from .recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from .sparse import Embedding
 
 __all__ = ["AvgPool2d", "Conv2d", "Dropout", "Flatten", "Identity", "Linear", "LogSoftmax",
@@ -23,3 +25,6 @@ __all__ += ["AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "Conv1d", "MultiheadAttent
 __all__ += ["ELU", "GELU", "LeakyReLU", "SiLU", "Softplus"]
 __all__ += ["ConvTranspose2d", "Dropout1d", "Dropout2d", "GroupNorm", "Hardtanh", "PReLU", "ReLU6",
             "Upsample"]
+__all__ += ["CELU", "GLU", "SELU", "CosineSimilarity", "Hardsigmoid", "Hardswish", "LogSigmoid",
+            "Mish", "PairwiseDistance", "Softmin", "Softsign", "Tanhshrink", "Unflatten"]
+__all__ += ["GRUCell", "LSTMCell", "RNNCell"]

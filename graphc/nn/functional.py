@@ -9,7 +9,7 @@ import numpy as np
 
 from graphc.ir.errors import DTypeError, GraphcError, InputError, ShapeError, user_location
 
-from ..functions import bernoulli, concatenate, logsumexp, maximum, stop_gradient, where
+from ..functions import bernoulli, concatenate, logsumexp, maximum, ones_like, stop_gradient, where
 from ..tensor import Tensor, as_tensor, bind, float_math, scalar_reduced_as_vector
 from . import normalization
 from . import sparse as sparse_layers
@@ -125,6 +125,97 @@ def normalize(x: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12) -> Te
     """x divided by its p-norm along `dim`, the norm kept at least `eps`."""
     x = as_tensor(x)
     return x / x.norm(p, dim, keepdim=True).clamp(min=eps)
+
+
+__all__ += ["logsigmoid", "hardsigmoid", "hardswish", "mish", "selu", "celu", "softsign",
+            "tanhshrink", "glu", "softmin", "cosine_similarity", "pairwise_distance"]
+
+
+def logsigmoid(x: Tensor) -> Tensor:
+    """log(sigmoid(x)): -log1p(exp(-x)) from 0 up, x - log1p(exp(x)) below, so that neither
+    overflows nor loses the small term (each branch reads x clamped to its side: the branch not
+    taken stays finite, and its zero cotangent does not turn into NaN)."""
+    t = _float_activation("logsigmoid", x)
+    above = -bind("log1p", (-t.clamp(min=0)).exp())
+    below = t - bind("log1p", t.clamp(max=0).exp())
+    return where(t >= 0, above, below)
+
+
+def hardsigmoid(x: Tensor, inplace: bool = False) -> Tensor:
+    """0 at or below -3, 1 at or above 3, x / 6 + 1/2 between (its gradient 0 at ±3, as PyTorch's)."""
+    t = _float_activation("hardsigmoid", x)
+    return _result(x, where(t <= -3, 0.0, where(t >= 3, 1.0, t * (1 / 6) + 0.5)), inplace)
+
+
+def hardswish(x: Tensor, inplace: bool = False) -> Tensor:
+    """x * hardsigmoid(x); its gradient x / 3 + 1/2 strictly between -3 and 3, as PyTorch's."""
+    t = _float_activation("hardswish", x)
+    return _result(x, where(t <= -3, 0.0, where(t >= 3, t, t * (t + 3) * (1 / 6))), inplace)
+
+
+def mish(x: Tensor, inplace: bool = False) -> Tensor:
+    """x * tanh(softplus(x))."""
+    t = _float_activation("mish", x)
+    return _result(x, t * bind("tanh", softplus(t)), inplace)
+
+
+_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+
+
+def selu(x: Tensor, inplace: bool = False) -> Tensor:
+    """scale * elu(x, alpha) with the self-normalising constants of Klambauer et al."""
+    return _result(x, _SELU_SCALE * elu(_float_activation("selu", x), _SELU_ALPHA), inplace)
+
+
+def celu(x: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
+    """x where x > 0, else alpha * (exp(x / alpha) - 1)."""
+    if alpha == 0:
+        raise ValueError(f"celu: alpha divides x: it must not be 0 (at {user_location()})")
+    t = _float_activation("celu", x)
+    return _result(x, where(t > 0, t, alpha * (t.clamp(max=0) * (1 / alpha)).expm1()), inplace)
+
+
+def softsign(x: Tensor) -> Tensor:
+    """x / (1 + |x|)."""
+    t = _float_activation("softsign", x)
+    return t / (1 + t.abs())
+
+
+def tanhshrink(x: Tensor) -> Tensor:
+    """x - tanh(x)."""
+    t = _float_activation("tanhshrink", x)
+    return t - bind("tanh", t)
+
+
+def glu(x: Tensor, dim: int = -1) -> Tensor:
+    """The gated linear unit: the first half of x along `dim` times the sigmoid of the second."""
+    t = _float_activation("glu", x)
+    if t.ndim == 0 or t.shape[dim] % 2:
+        raise ShapeError(f"glu: halves x along dim {dim}, whose size must be even; x has shape "
+                         f"{t.shape} (at {user_location()})")
+    first, second = t.chunk(2, dim)
+    return first * bind("sigmoid", second)
+
+
+def softmin(x: Tensor, dim: int | None = None) -> Tensor:
+    """softmax(-x) along `dim` (PyTorch's implicit dim without one)."""
+    t = as_tensor(x)
+    return softmax(-t, implicit_softmax_dim("softmin", t.ndim) if dim is None else dim)
+
+
+def cosine_similarity(x1: Tensor, x2: Tensor, dim: int = 1, eps: float = 1e-8) -> Tensor:
+    """The cosine of the angle between x1 and x2 along `dim` (they broadcast), each divided by
+    its norm first (kept at least `eps`), as PyTorch's: the result stays within [-1, 1]."""
+    a, b = _float_activation("cosine_similarity", x1), _float_activation("cosine_similarity", x2)
+    a, b = a * ones_like(b), b * ones_like(a)  # broadcast both, as PyTorch's expand_outplace
+    return (normalize(a, 2.0, dim, eps) * normalize(b, 2.0, dim, eps)).sum(dim)
+
+
+def pairwise_distance(x1: Tensor, x2: Tensor, p: float = 2.0, eps: float = 1e-6,
+                      keepdim: bool = False) -> Tensor:
+    """The p-norm of x1 - x2 + eps along the last axis, as PyTorch's."""
+    a, b = _float_activation("pairwise_distance", x1), _float_activation("pairwise_distance", x2)
+    return (a - b + eps).norm(p, -1, keepdim=keepdim)
 
 
 def implicit_softmax_dim(op: str, ndim: int) -> int:

@@ -34,7 +34,7 @@ from . import functional as F
 from .layers import uniform
 from .module import Module
 
-__all__ = ["RNN", "LSTM", "GRU"]
+__all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
 
 State = tuple[Tensor, ...]  # (h,) for RNN and GRU, (h, c) for LSTM
 
@@ -104,6 +104,33 @@ def _unrolls(steps: int, batch: int) -> bool:
 # latter 40.9-41.8 against 40.8-42.4. (Before those row blocks and sliced products, at 1 thread:
 # 64.2-69.8 projected, 68.1-73.6 folded.)
 FOLD_INPUT_RATIO = 4
+
+
+# -- one step's gates, shared by the layers and the cells ---------------------------------------
+def _elman_h(gates: Tensor, nonlinearity: str) -> Tensor:
+    """An Elman RNN's next h from its pre-activation."""
+    return tanh(gates) if nonlinearity == "tanh" else F.relu(gates)
+
+
+def _lstm_h_c(gates: Tensor, c: Tensor, H: int) -> State:
+    """An LSTM's next (h, c) from its gates' pre-activations (N, 4 H), in the order (i, f, g, o)."""
+    i, f, o = (sigmoid(gates[:, k * H:(k + 1) * H]) for k in (0, 1, 3))
+    g = tanh(gates[:, 2 * H:3 * H])
+    c = f * c + i * g
+    return o * tanh(c), c
+
+
+def _gru_h(projected_x: Tensor, h: Tensor, weight_hh_t: Tensor, bias_hh: Tensor | None,
+           H: int) -> Tensor:
+    """A GRU's next h from its input projected by W_ih (with b_ih) and h; b_hn sits inside
+    r * (h W_hn^T + b_hn), so bias_hh is added here."""
+    projected_h = h @ weight_hh_t
+    if bias_hh is not None:
+        projected_h = projected_h + bias_hh
+    rz = sigmoid(projected_x[:, :2 * H] + projected_h[:, :2 * H])
+    r, z = rz[:, :H], rz[:, H:]
+    n = tanh(projected_x[:, 2 * H:] + r * projected_h[:, 2 * H:])
+    return n + z * (h - n)
 
 
 class _RecurrentBase(Module):
@@ -288,7 +315,7 @@ class RNN(_RecurrentBase):
         self.nonlinearity = nonlinearity
 
     def _activate(self, gates, state):
-        return (tanh(gates) if self.nonlinearity == "tanh" else F.relu(gates),)
+        return (_elman_h(gates, self.nonlinearity),)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", nonlinearity={self.nonlinearity!r}"
@@ -319,12 +346,7 @@ class LSTM(_RecurrentBase):
         return output, (h_n, c_n)
 
     def _activate(self, gates, state):
-        _, c = state
-        H = self.hidden_size
-        i, f, o = (sigmoid(gates[:, k * H:(k + 1) * H]) for k in (0, 1, 3))
-        g = tanh(gates[:, 2 * H:3 * H])
-        c = f * c + i * g
-        return o * tanh(c), c
+        return _lstm_h_c(gates, state[1], self.hidden_size)
 
 
 class GRU(_RecurrentBase):
@@ -339,12 +361,118 @@ class GRU(_RecurrentBase):
         return bias_ih  # b_hn sits inside r * (...), so bias_hh is added per step
 
     def _cell(self, projected_x, state, weight_hh_t, bias_hh):
-        (h,) = state
-        H = self.hidden_size
-        projected_h = h @ weight_hh_t
-        if bias_hh is not None:
-            projected_h = projected_h + bias_hh
-        rz = sigmoid(projected_x[:, :2 * H] + projected_h[:, :2 * H])
-        r, z = rz[:, :H], rz[:, H:]
-        n = tanh(projected_x[:, 2 * H:] + r * projected_h[:, 2 * H:])
-        return (n + z * (h - n),)
+        return (_gru_h(projected_x, state[0], weight_hh_t, bias_hh, self.hidden_size),)
+
+
+# -- cells: one step, the caller looping ------------------------------------------------------
+class _CellBase(Module):
+    """One step of a recurrence, with PyTorch's parameter names (weight_ih, weight_hh, bias_ih,
+    bias_hh), shapes and initialisation. forward(input, hx=None): input (N, input_size) or
+    unbatched (input_size,); the state shaped (N, hidden_size) (or (hidden_size,)), zeros if None."""
+
+    gates = 1
+    state_size = 1
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if input_size <= 0 or hidden_size <= 0:
+            raise ValueError(f"{name}: input_size and hidden_size must be positive, got "
+                             f"{input_size} and {hidden_size}")
+        self.input_size, self.hidden_size = input_size, hidden_size
+        bound = 1 / math.sqrt(hidden_size)
+        rows = self.gates * hidden_size
+        self.weight_ih = uniform((rows, input_size), bound)
+        self.weight_hh = uniform((rows, hidden_size), bound)
+        for bias_name in ("bias_ih", "bias_hh"):
+            if bias:
+                setattr(self, bias_name, uniform((rows,), bound))
+            else:  # registered as absent, as in PyTorch
+                self.register_parameter(bias_name, None)
+
+    def _step(self, x: Any, hx: Any) -> tuple[State, bool]:
+        """The next state (each (N, hidden)) for input x and state hx (a tuple of
+        state_size tensors, or None), and whether x was unbatched."""
+        name = type(self).__name__
+        x = as_tensor(x)
+        if x.ndim not in (1, 2) or x.shape[-1] != self.input_size:
+            raise ShapeError(f"{name}: expects input (N, {self.input_size}) or "
+                             f"({self.input_size},), got shape {x.shape} (at {user_location()})")
+        batched = x.ndim == 2
+        x = x if batched else x.unsqueeze(0)
+        expected = ((x.shape[0],) if batched else ()) + (self.hidden_size,)
+        if hx is None:
+            state = (as_tensor(np.zeros((x.shape[0], self.hidden_size), np.dtype(x.dtype))),) * self.state_size
+        else:
+            state = tuple(as_tensor(s) for s in hx)
+            for s in state:
+                if s.shape != expected:
+                    raise ShapeError(f"{name}: the state must have shape {expected} for an input "
+                                     f"of shape {tuple(x.shape) if batched else x.shape[1:]}, "
+                                     f"got {s.shape} (at {user_location()})")
+            state = state if batched else tuple(s.unsqueeze(0) for s in state)
+        return self._next(x, state), batched
+
+    def _next(self, x: Tensor, state: State) -> State:
+        gates = F.linear(x, self.weight_ih, self.bias_ih) + F.linear(state[0], self.weight_hh, self.bias_hh)
+        return self._activate(gates, state)
+
+    def _activate(self, gates: Tensor, state: State) -> State:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}, bias={self.bias_ih is not None}"
+
+
+class RNNCell(_CellBase):
+    """One Elman step: h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh), act tanh or relu.
+    forward(input, hx=None) -> h'."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
+                 nonlinearity: str = "tanh") -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"RNNCell: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        super().__init__(input_size, hidden_size, bias)
+        self.nonlinearity = nonlinearity
+
+    def forward(self, input: Any, hx: Any = None) -> Tensor:
+        (h,), batched = self._step(input, None if hx is None else (hx,))
+        return h if batched else h.squeeze(0)
+
+    def _activate(self, gates, state):
+        return (_elman_h(gates, self.nonlinearity),)
+
+
+class LSTMCell(_CellBase):
+    """One LSTM step, gates (i, f, g, o) as LSTM's. forward(input, hx=None) -> (h', c'), hx
+    the pair (h, c)."""
+
+    gates, state_size = 4, 2
+
+    def forward(self, input: Any, hx: Any = None) -> tuple[Tensor, Tensor]:
+        if hx is not None and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+            raise ShapeError(f"LSTMCell: the state must be a pair (h, c), got {type(hx).__name__} "
+                             f"(at {user_location()})")
+        (h, c), batched = self._step(input, hx)
+        return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
+
+    def _activate(self, gates, state):
+        return _lstm_h_c(gates, state[1], self.hidden_size)
+
+
+class GRUCell(_CellBase):
+    """One GRU step, gates (r, z, n) as GRU's. forward(input, hx=None) -> h'."""
+
+    gates = 3
+
+    def forward(self, input: Any, hx: Any = None) -> Tensor:
+        if isinstance(hx, (tuple, list)):
+            raise ShapeError(f"GRUCell: the state is one tensor h, got a {type(hx).__name__} "
+                             f"(at {user_location()})")
+        (h,), batched = self._step(input, None if hx is None else (hx,))
+        return h if batched else h.squeeze(0)
+
+    def _next(self, x, state):
+        projected_x = F.linear(x, self.weight_ih, self.bias_ih)
+        return (_gru_h(projected_x, state[0], as_tensor(self.weight_hh).T, self.bias_hh,
+                       self.hidden_size),)

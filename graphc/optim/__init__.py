@@ -461,11 +461,13 @@ def clip_by_global_norm(grads: Params, max_norm: float) -> Params:
 
 
 # Last: the schedulers' module imports Optimizer from this one.
-from .lr_scheduler import (CosineAnnealingLR, ExponentialLR, LambdaLR, LinearLR,  # noqa: E402
-                           LRScheduler, MultiStepLR, OneCycleLR, ReduceLROnPlateau, SequentialLR,
+from .lr_scheduler import (ConstantLR, CosineAnnealingLR, CosineAnnealingWarmRestarts,  # noqa: E402
+                           ExponentialLR, LambdaLR, LinearLR, LRScheduler, MultiplicativeLR,
+                           MultiStepLR, OneCycleLR, PolynomialLR, ReduceLROnPlateau, SequentialLR,
                            StepLR)
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "l1_penalty",
            "clip_by_global_norm", "LRScheduler", "LambdaLR", "StepLR", "MultiStepLR",
            "ExponentialLR", "LinearLR", "CosineAnnealingLR", "OneCycleLR", "SequentialLR",
-           "ReduceLROnPlateau"]
+           "ReduceLROnPlateau", "CosineAnnealingWarmRestarts", "ConstantLR", "PolynomialLR",
+           "MultiplicativeLR"]

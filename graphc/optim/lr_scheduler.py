@@ -153,6 +153,74 @@ class CosineAnnealingLR(LRScheduler):
         return self.eta_min + (self.base_lrs[group] - self.eta_min) * cos
 
 
+class CosineAnnealingWarmRestarts(LRScheduler):
+    """SGDR: a cosine from initial_lr down to eta_min over T_0 epochs, then again from the top,
+    each period T_mult times the last."""
+
+    def __init__(self, optimizer: Optimizer, T_0: int, T_mult: int = 1, eta_min: float = 0.0,
+                 last_epoch: int = -1) -> None:
+        if type(T_0) is not int or T_0 <= 0 or type(T_mult) is not int or T_mult < 1:
+            raise ValueError(f"CosineAnnealingWarmRestarts: T_0 must be an int > 0 and T_mult an "
+                             f"int >= 1, got T_0={T_0!r}, T_mult={T_mult!r}")
+        self.T_0, self.T_mult, self.eta_min = T_0, T_mult, eta_min
+        super().__init__(optimizer, last_epoch)
+
+    def rate(self, epoch: int, group: int = 0) -> float:
+        if self.T_mult == 1:
+            period, into = self.T_0, epoch % self.T_0
+        else:  # the restart before `epoch`: periods T_0, T_0 T_mult, ... sum to T_0 (T_mult^n - 1) / (T_mult - 1)
+            n = int(math.log(epoch / self.T_0 * (self.T_mult - 1) + 1, self.T_mult))
+            period = self.T_0 * self.T_mult ** n
+            into = epoch - self.T_0 * (self.T_mult ** n - 1) // (self.T_mult - 1)
+        cos = (1 + math.cos(math.pi * into / period)) / 2
+        return self.eta_min + (self.base_lrs[group] - self.eta_min) * cos
+
+
+class ConstantLR(LRScheduler):
+    """The rate times `factor` for the first total_iters epochs, then the initial rate."""
+
+    def __init__(self, optimizer: Optimizer, factor: float = 1 / 3, total_iters: int = 5,
+                 last_epoch: int = -1) -> None:
+        if not 0 <= factor <= 1:
+            raise ValueError(f"ConstantLR: factor must be in [0, 1], got {factor}")
+        self.factor, self.total_iters = factor, total_iters
+        super().__init__(optimizer, last_epoch)
+
+    def rate(self, epoch: int, group: int = 0) -> float:
+        return self.base_lrs[group] * (self.factor if epoch < self.total_iters else 1.0)
+
+
+class PolynomialLR(LRScheduler):
+    """The rate times (1 - epoch / total_iters) ** power, 0 from total_iters on."""
+
+    def __init__(self, optimizer: Optimizer, total_iters: int = 5, power: float = 1.0,
+                 last_epoch: int = -1) -> None:
+        if type(total_iters) is not int or total_iters <= 0:
+            raise ValueError(f"PolynomialLR: total_iters must be an int > 0, got {total_iters!r}")
+        self.total_iters, self.power = total_iters, power
+        super().__init__(optimizer, last_epoch)
+
+    def rate(self, epoch: int, group: int = 0) -> float:
+        return self.base_lrs[group] * (1 - min(epoch, self.total_iters) / self.total_iters) ** self.power
+
+
+class MultiplicativeLR(LRScheduler):
+    """The rate times lr_lambda(epoch) at each step (one function or one per group): after k
+    steps, initial_lr times the product of lr_lambda(1) ... lr_lambda(k)."""
+
+    def __init__(self, optimizer: Optimizer, lr_lambda: Callable[[int], float]
+                 | Sequence[Callable[[int], float]], last_epoch: int = -1) -> None:
+        self.lr_lambdas = _per_group(lr_lambda, optimizer, "MultiplicativeLR", "lr_lambda functions")
+        self._products: list[list[float]] = [[1.0] for _ in self.lr_lambdas]  # after 0, 1, ... steps
+        super().__init__(optimizer, last_epoch)
+
+    def rate(self, epoch: int, group: int = 0) -> float:
+        products = self._products[group]
+        while len(products) <= epoch:  # each factor once, however often the rates are asked
+            products.append(products[-1] * self.lr_lambdas[group](len(products)))
+        return self.base_lrs[group] * products[epoch]
+
+
 class OneCycleLR(LRScheduler):
     """The 1cycle policy, stepped once per batch: from max_lr / div_factor up to max_lr over
     pct_start of total_steps, then down to initial_lr / final_div_factor (three_phase: down to

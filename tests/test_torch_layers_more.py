@@ -1,0 +1,144 @@
+"""Layers, activations and schedules ported PyTorch code reaches for, checked against PyTorch:
+the recurrent cells (RNNCell, LSTMCell, GRUCell) looped by the caller, the activations without
+a graphc op of their own (hardswish, mish, selu, logsigmoid, ...), cosine similarity and
+pairwise distance, and the learning-rate schedules with restarts, constant, polynomial and
+multiplicative rates."""
+import numpy as np
+import pytest
+
+import graphc as gc
+import graphc.nn as nn
+import graphc.nn.functional as F
+import graphc.optim as optim
+
+torch = pytest.importorskip("torch")
+TF = torch.nn.functional
+
+
+@pytest.mark.parametrize("name, settings", [("RNNCell", {}), ("RNNCell", {"nonlinearity": "relu"}),
+                                            ("LSTMCell", {}), ("LSTMCell", {"bias": False}),
+                                            ("GRUCell", {}), ("GRUCell", {"bias": False})])
+def test_a_cell_looped_over_time_computes_and_differentiates_as_pytorchs(name, settings):
+    torch_cell = getattr(torch.nn, name)(5, 4, **settings)
+    cell = getattr(nn, name)(5, 4, **settings)
+    cell.load_state_dict({k: v.detach().numpy() for k, v in torch_cell.state_dict().items()})
+    xs = np.random.default_rng(0).standard_normal((6, 3, 5)).astype(np.float32)
+
+    def loss(cell, xs):
+        state, total = None, 0
+        for t in range(xs.shape[0]):
+            state = cell(xs[t], state)
+            h = state[0] if isinstance(state, tuple) else state
+            total = total + (h * h).sum()
+        return total
+
+    torch_xs = torch.tensor(xs, requires_grad=True)
+    expected = loss(torch_cell, torch_xs)
+    expected.backward()
+    np.testing.assert_allclose(gc.jit(lambda x: loss(cell, x))(xs), expected.item(), rtol=1e-5)
+    np.testing.assert_allclose(gc.grad(lambda x: loss(cell, x))(xs), torch_xs.grad.numpy(),
+                               rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["RNNCell", "LSTMCell", "GRUCell"])
+def test_a_cell_takes_an_unbatched_input_and_a_given_state(name):
+    torch_cell = getattr(torch.nn, name)(5, 4)
+    cell = getattr(nn, name)(5, 4)
+    cell.load_state_dict({k: v.detach().numpy() for k, v in torch_cell.state_dict().items()})
+    x = np.linspace(-1, 1, 5, dtype=np.float32)
+    h = np.linspace(0.5, -0.5, 4, dtype=np.float32)
+    state = (h, 2 * h) if name == "LSTMCell" else h
+    torch_state = tuple(map(torch.tensor, state)) if name == "LSTMCell" else torch.tensor(state)
+    expected = torch_cell(torch.tensor(x), torch_state)
+    got = gc.jit(lambda x: cell(x, state))(x)
+    for g, e in zip(*((got, expected) if name == "LSTMCell" else ((got,), (expected,)))):
+        assert g.shape == (4,)
+        np.testing.assert_allclose(g, e.detach().numpy(), atol=1e-6)
+
+
+def test_a_cell_names_a_state_of_the_wrong_shape():
+    with pytest.raises(gc.GraphcError, match=r"GRUCell: the state must have shape \(3, 4\) .*got "
+                                             r"\(2, 4\).*test_torch_layers_more.py"):
+        gc.jit(lambda x: nn.GRUCell(5, 4)(x, np.zeros((2, 4), np.float32)))(np.zeros((3, 5), np.float32))
+    with pytest.raises(gc.GraphcError, match=r"LSTMCell: the state must be a pair \(h, c\)"):
+        gc.jit(lambda x: nn.LSTMCell(5, 4)(x, np.zeros((3, 4), np.float32)))(np.zeros((3, 5), np.float32))
+
+
+# the kinks (±3, 0, ±20) where a gradient's side is a choice, and values past them
+KINKS = np.concatenate([np.linspace(-30, 30, 41), [-3, 3, 0, -20, 20, -21, 21, 1e-3]]).reshape(7, 7)
+
+
+@pytest.mark.parametrize("name, settings", [("logsigmoid", {}), ("hardsigmoid", {}), ("hardswish", {}),
+                                            ("mish", {}), ("selu", {}), ("celu", {"alpha": 0.5}),
+                                            ("softsign", {}), ("tanhshrink", {}), ("softmin", {"dim": 1}),
+                                            ("glu", {"dim": 1})])
+def test_an_activation_and_its_gradient_match_pytorchs_at_its_kinks(name, settings):
+    x = KINKS[:, :6] if name == "glu" else KINKS
+    torch_x = torch.tensor(x, requires_grad=True)
+    expected = getattr(TF, name)(torch_x, **settings)
+    (expected * expected).sum().backward()
+    function = getattr(F, name)
+    np.testing.assert_allclose(gc.jit(lambda a: function(a, **settings))(x), expected.detach().numpy(),
+                               rtol=1e-12, atol=1e-15)
+    # PyTorch computes hardsigmoid's 1/6 and celu's 1/alpha in float32 even for doubles
+    np.testing.assert_allclose(gc.grad(lambda a: (function(a, **settings) ** 2).sum())(x),
+                               torch_x.grad.numpy(), rtol=1e-7, atol=1e-15)
+
+
+def test_activation_modules_compile_as_layers():
+    model = nn.Sequential(nn.Hardswish(), nn.Mish(), nn.SELU(), nn.CELU(0.5), nn.LogSigmoid(),
+                          nn.Softsign(), nn.Tanhshrink(), nn.Hardsigmoid(), nn.Softmin(1),
+                          nn.GLU(1), nn.Unflatten(1, (2, 2)))
+    torch_model = torch.nn.Sequential(torch.nn.Hardswish(), torch.nn.Mish(), torch.nn.SELU(),
+                                      torch.nn.CELU(0.5), torch.nn.LogSigmoid(), torch.nn.Softsign(),
+                                      torch.nn.Tanhshrink(), torch.nn.Hardsigmoid(), torch.nn.Softmin(1),
+                                      torch.nn.GLU(1), torch.nn.Unflatten(1, (2, 2)))
+    x = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32) * 4
+    np.testing.assert_allclose(gc.compile(model, x)(x), torch_model(torch.tensor(x)).numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_cosine_similarity_and_pairwise_distance_broadcast_and_differentiate_as_pytorchs():
+    a = np.random.default_rng(1).standard_normal((4, 6))
+    b = np.random.default_rng(2).standard_normal((1, 6))
+    for function, torch_function in [
+            (lambda p, q: F.cosine_similarity(p, q), lambda p, q: TF.cosine_similarity(p, q)),
+            (lambda p, q: nn.CosineSimilarity(dim=-1, eps=1e-6)(p, q),
+             lambda p, q: torch.nn.CosineSimilarity(dim=-1, eps=1e-6)(p, q)),
+            (lambda p, q: F.pairwise_distance(p, q, p=3, keepdim=True),
+             lambda p, q: TF.pairwise_distance(p, q, p=3, keepdim=True)),
+            (lambda p, q: nn.PairwiseDistance()(p, q), lambda p, q: torch.nn.PairwiseDistance()(p, q))]:
+        ta, tb = torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True)
+        expected = torch_function(ta, tb)
+        (expected ** 2).sum().backward()
+        np.testing.assert_allclose(gc.jit(function)(a, b), expected.detach().numpy(), rtol=1e-12)
+        ga, gb = gc.grad(lambda p, q: (function(p, q) ** 2).sum(), argnums=(0, 1))(a, b)
+        np.testing.assert_allclose(ga, ta.grad.numpy(), rtol=1e-10)
+        np.testing.assert_allclose(gb, tb.grad.numpy(), rtol=1e-10)
+    zero = np.zeros((2, 3))
+    np.testing.assert_array_equal(gc.jit(lambda p, q: F.cosine_similarity(p, q))(zero, a[:2, :3]), [0, 0])
+
+
+@pytest.mark.parametrize("name, settings", [
+    ("CosineAnnealingWarmRestarts", {"T_0": 5}),
+    ("CosineAnnealingWarmRestarts", {"T_0": 3, "T_mult": 2, "eta_min": 0.01}),
+    ("ConstantLR", {"factor": 0.5, "total_iters": 4}),
+    ("PolynomialLR", {"total_iters": 7, "power": 2.0}),
+    ("MultiplicativeLR", {"lr_lambda": lambda epoch: 0.9 if epoch % 2 else 0.95})])
+def test_a_schedule_sets_pytorchs_rates(name, settings):
+    torch_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    torch_schedule = getattr(torch.optim.lr_scheduler, name)(torch_optimizer, **settings)
+    optimizer = optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    schedule = getattr(optim, name)(optimizer, **settings)
+    for _ in range(40):
+        assert schedule.get_last_lr()[0] == pytest.approx(torch_schedule.get_last_lr()[0], rel=1e-9, abs=1e-15)
+        torch_optimizer.step()
+        torch_schedule.step()
+        schedule.step()
+
+
+def test_a_schedule_refuses_periods_pytorch_refuses():
+    optimizer = optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="T_0 must be an int > 0"):
+        optim.CosineAnnealingWarmRestarts(optimizer, T_0=0)
+    with pytest.raises(ValueError, match="total_iters must be an int > 0"):
+        optim.PolynomialLR(optimizer, total_iters=0)
