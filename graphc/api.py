@@ -55,6 +55,9 @@ def to_array(leaf: Any, path: str = "argument") -> np.ndarray:
     as in PyTorch (torch.tensor([1.0, 2.0]) is float32)."""
     if isinstance(leaf, np.ndarray):
         arr = leaf
+    elif isinstance(leaf, (dict, str, bytes)):
+        raise InputError(f"{path}: is a {type(leaf).__name__}, not an array; pass each array as "
+                         f"an argument of its own (a batch (inputs..., target) as step(*batch))")
     elif isinstance(leaf, float) and not isinstance(leaf, np.floating):  # np.float64 stays float64
         arr = np.asarray(leaf, dtype=np.float32)
     else:

@@ -21,6 +21,7 @@ lets the next step upload what may since have been written.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import threading
@@ -156,12 +157,16 @@ class _CompiledModelBase:
     def main_signature(self) -> Iterator[None]:
         """Within it, the compiled graph of the batch signature that ran most often, for the
         modules as they are now (what an export writes: the batch a step trains at, not an
-        epoch's short last batch); afterwards the most recent one again."""
+        epoch's short last batch); afterwards the most recent one again. Between signatures run
+        as often (a dataset of one full and one short batch), the one with the most elements
+        (the full batch), then the most recent."""
         last = self._last
         mode = next((key[1:] for key, compiled in self._compiled.items() if compiled is last), None)
         runs = [compiled for key, compiled in self._compiled.items() if key[1:] == mode]
         if runs:
-            self._last = max(runs, key=lambda compiled: (compiled.calls, compiled is last))
+            self._last = max(runs, key=lambda compiled: (
+                compiled.calls, sum(math.prod(shape) for shape, _ in compiled.signature),
+                compiled is last))
         try:
             yield
         finally:

@@ -704,6 +704,13 @@ class _Loaded:
         return list(batch)
 
 
+def is_step_count(array: np.ndarray) -> bool:
+    """Whether a loaded array holds one step count: a whole number >= 0 (a crafted NaN or
+    negative count would turn Adam's bias correction, or a resumed shuffle's seed, bad)."""
+    return (array.size == 1 and array.dtype.kind in "iuf" and bool(np.isfinite(array).all())
+            and array.min() >= 0 and bool(np.all(array == np.floor(array))))
+
+
 class LoadedTrainStep(_Loaded):
     """A training step loaded from a file: `step(x, y) -> loss` continues training exactly."""
 
@@ -723,6 +730,13 @@ class LoadedTrainStep(_Loaded):
                             "graph.json")
         self._lr_dtype = rates[0].np_dtype
         self._groups = len(rates)
+        counts = {k: v for k, v in self._state.items()
+                  if k == "step" or k.startswith("optim/") and k.endswith("/step")}
+        for name, count in ({"step": None} | counts).items():
+            if count is None or not is_step_count(count):
+                raise LoadError(self.path, f"the step count {name!r} must be one whole number >= 0, "
+                                f"got {None if count is None else count.ravel()[:2].tolist()}",
+                                "state.safetensors")
         if isinstance(self.executable, DeviceResident):  # the state stays on the GPU between steps
             self.executable.keep_on_device(i for i, inp in enumerate(self.graph.inputs)
                                            if inp.role != "data")

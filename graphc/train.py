@@ -9,6 +9,7 @@ import math
 import os
 import re
 import stat
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from . import metrics
 from .api import jit
 from .compile import CompiledModel, TrainStep, compile
 from .data import DataLoader
-from .export import LoadedTrainStep
+from .export import LoadedTrainStep, is_step_count
 from .optim.lr_scheduler import SCHEDULE_KEYS, ReduceLROnPlateau
 
 
@@ -44,7 +45,7 @@ def atomic_write(path: str, write: Callable[[Any], None]) -> None:
     name = os.path.basename(path)
     try:
         _remove_stale_temporaries(directory, name)
-        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-{name}.", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-{_temporary_tag(name)}.", dir=directory)
     except OSError as error:
         raise OSError(error.errno, f"cannot write {path}: {error.strerror}", path) from error
     try:
@@ -92,12 +93,19 @@ def _umask() -> int:
 _TEMPORARY = re.compile(r"\.tmp-(\d+)-(.*)\.[a-z0-9_]+")
 
 
+def _temporary_tag(name: str) -> str:
+    """What a temporary file of `name` carries after the pid: the name itself, or a digest of a
+    name too long to take the ~25 bytes more within NAME_MAX (255 bytes)."""
+    encoded = os.fsencode(name)
+    return name if len(encoded) <= 200 else f"~{hashlib.sha256(encoded).hexdigest()[:32]}"
+
+
 def _remove_stale_temporaries(directory: str, name: str) -> None:
     """Delete the temporary files of earlier writes to `name` whose process is gone (a live
     process may be writing it now)."""
     for entry in os.listdir(directory):
         match = _TEMPORARY.fullmatch(entry)
-        if match is None or match.group(2) != name:
+        if match is None or match.group(2) != _temporary_tag(name):
             continue
         pid = int(match.group(1))
         if pid != os.getpid() and not _process_alive(pid):
@@ -117,9 +125,23 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def require_training_step(step: Any, who: str) -> None:
+    """Refuse anything but a training step, naming what was given (an inference function has
+    weights but no optimizer state to save or train with)."""
+    if not isinstance(step, (TrainStep, LoadedTrainStep)):
+        from .export import LoadedFunction
+
+        what = ("an inference function (gc.compile, or an inference export loaded with gc.load), "
+                "which has no optimizer" if isinstance(step, (CompiledModel, LoadedFunction))
+                else f"a {type(step).__name__}")
+        raise GraphcError(f"{who}: expects a training step (gc.compile_train_step, or a training "
+                          f"step exported and loaded with gc.load), got {what}")
+
+
 def training_state(step: TrainStep | LoadedTrainStep) -> dict[str, np.ndarray]:
     """Everything needed to continue training exactly: weights, buffers, optimizer state,
     step count and RNG key. The arrays are the step's own: writing into them changes it."""
+    require_training_step(step, "training_state")
     if isinstance(step, LoadedTrainStep):
         return step.training_state()
     state = {f"model/{k}": v for k, v in step.model.state_dict().items()}
@@ -153,6 +175,7 @@ def save_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
 
     from .export import tensor_digest
 
+    require_training_step(step, "save_checkpoint")
     state = {k: np.ascontiguousarray(v) for k, v in training_state(step).items()}
     rates = json.dumps(learning_rates(step))
     metadata = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "learning_rates": rates,
@@ -173,6 +196,7 @@ def load_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
     checkpoint of this step can hold."""
     from .bounded_io import open_regular, read_at_most
 
+    require_training_step(step, "load_checkpoint")
     own = training_state(step)
     # safetensors stores 0-d arrays (the step count) with shape (1,)
     limit = 8 + _HEADER_ALLOWANCE + sum(_PER_TENSOR_HEADER + np.asarray(v).nbytes for v in own.values())
@@ -197,6 +221,10 @@ def load_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
         if array.shape != own[name].shape or array.dtype != own[name].dtype:
             raise LoadError(path, f"is {array.dtype}{list(array.shape)}, expected "
                             f"{own[name].dtype}{list(own[name].shape)}", name)
+    for name, array in data.items():
+        if (name == "step" or _own_step_count(name)) and not is_step_count(array):
+            raise LoadError(path, f"the step count must be a whole number >= 0, got "
+                            f"{array.ravel()[:1].tolist()}", name)
     if metadata.get("version") != "1":  # version 1 held no checksums
         from .export import tensor_digest
 
@@ -232,6 +260,12 @@ def _metadata_json(path: str, metadata: dict[str, str], key: str) -> Any:
     return parse_json(text, path, key)
 
 
+def _is_rate(r: Any) -> bool:
+    """Whether a JSON value is a finite non-negative number a float holds (an int of 400 digits
+    is not: float() of it overflows; NaN compares False)."""
+    return type(r) in (int, float) and 0 <= r <= sys.float_info.max
+
+
 def _checkpoint_rates(path: str, metadata: dict[str, str], groups: int) -> list[float] | None:
     """The learning rates a checkpoint holds, one per parameter group (None in a file written
     before checkpoints held them)."""
@@ -239,7 +273,7 @@ def _checkpoint_rates(path: str, metadata: dict[str, str], groups: int) -> list[
     if rates is None:
         return None
     if (not isinstance(rates, list) or len(rates) != groups
-            or not all(type(r) in (int, float) and math.isfinite(r) and r >= 0 for r in rates)):
+            or not all(_is_rate(r) for r in rates)):
         raise LoadError(path, f"learning_rates: expected {groups} finite non-negative rates (one per "
                         f"parameter group), got {metadata['learning_rates']!r:.80}")
     return [float(r) for r in rates]
@@ -254,7 +288,7 @@ def _checkpoint_schedule(path: str, metadata: dict[str, str], groups: int
         return None
     if (not isinstance(schedule, list) or len(schedule) != groups
             or not all(isinstance(g, dict) and set(g) <= set(SCHEDULE_KEYS)
-                       and all(type(r) in (int, float) and math.isfinite(r) and r >= 0 for r in g.values())
+                       and all(_is_rate(r) for r in g.values())
                        for g in schedule)):
         raise LoadError(path, f"schedule: expected {groups} groups of finite non-negative rates "
                         f"named among {list(SCHEDULE_KEYS)}, got {metadata['schedule']!r:.80}")
@@ -302,7 +336,9 @@ def _parse_checkpoint(path: str, data: bytes) -> tuple[dict[str, str], dict[str,
 @dataclass
 class EarlyStopping:
     """Stop when `monitor` has not improved by `min_delta` for `patience` epochs; optionally
-    restore the best weights seen."""
+    restore the best weights seen: the model's parameters and buffers, as Keras restores a
+    model's weights (the optimizer's moments, the step count and the random key go on, so the
+    next steps draw fresh dropout masks)."""
 
     monitor: str = "val_loss"
     patience: int = 3
@@ -346,7 +382,8 @@ class EarlyStopping:
         if self._better(value):
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.restore_best_weights:
-                self.best_state = copy.deepcopy(training_state(step))
+                self.best_state = {name: np.array(array) for name, array in training_state(step).items()
+                                   if name.startswith("model/")}
             return False
         self.wait += 1
         return self.wait >= self.patience
@@ -506,6 +543,7 @@ def fit(step: TrainStep | LoadedTrainStep, train_loader: Iterable, epochs: int =
     runs before each epoch's first batch (a sharded loader picks its epoch's shard there)."""
     from tqdm.auto import tqdm
 
+    require_training_step(step, "fit")
     # (under GRAPHC_CHECK_NUMERICS a compiled step checks each of its calls itself)
     # a loaded step has no model code to rerun a failing batch on the reference backend
     check_numerics = bool(check_numerics) and not isinstance(step, LoadedTrainStep)
@@ -540,6 +578,7 @@ def fit(step: TrainStep | LoadedTrainStep, train_loader: Iterable, epochs: int =
                        disable=not (progress and world.is_root), leave=True)
             total, seen, start = 0.0, 0, time.perf_counter()
             for batch in bar:
+                _require_batch(batch)
                 loss = checked_step(step, batch, check_numerics, f"at epoch {epoch}, step {global_step}")
                 n = len(batch[-1])
                 total, seen, global_step = total + loss * n, seen + n, global_step + 1
@@ -600,6 +639,15 @@ def _announce(epoch: int, logs: dict[str, float], writer: Any,
         on_epoch_end(epoch, logs)
     if checkpoint_path is not None:
         save_checkpoint(checkpoint_path, step)
+
+
+def _require_batch(batch: Any) -> None:
+    """A training batch is (inputs..., target), as a DataLoader yields it."""
+    if not isinstance(batch, (tuple, list)) or not batch:
+        keys = f" with keys {list(batch)[:5]}" if isinstance(batch, dict) else ""
+        raise GraphcError(f"fit: each batch must be a tuple (inputs..., target), as a DataLoader "
+                          f"yields; got a {type(batch).__name__}{keys}: yield the arrays in the "
+                          f"order the step takes them")
 
 
 def checked_step(step: TrainStep | LoadedTrainStep, batch: Sequence[Any], check_numerics: bool,

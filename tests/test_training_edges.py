@@ -4,8 +4,10 @@ import faulthandler
 import hashlib
 import json
 import math
+import os
 import struct
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ import graphc.nn.functional as F
 from graphc import nn, optim
 from graphc.cli import main
 from graphc.data import DataLoader, DatasetError, Subset, TensorDataset, read_idx
-from graphc.ir.errors import GraphcError
+from graphc.ir.errors import GraphcError, LoadError
 from graphc.metrics import MetricError, confusion_matrix, precision_recall_f1, roc_auc
 from graphc.train import EarlyStopping, evaluate, fit, load_checkpoint, save_checkpoint, training_state
 
@@ -101,7 +103,7 @@ def test_a_loaded_step_checkpoints_and_stops_early(tmp_path):
     history = fit(loaded, batches, epochs=5, early_stopping=stopper, progress=False,
                   checkpoint_path=str(tmp_path / "ck.safetensors"))
     assert history.stopped_early and history.best_epoch == 1
-    assert loaded.step_count == 3  # the best weights (after epoch 1) restored, step count too
+    assert loaded.step_count == 5  # the best weights (after epoch 1) restored; the count goes on
 
     # the loaded step's checkpoint restores into it, and into the step it was exported from
     save_checkpoint(str(tmp_path / "best.safetensors"), loaded)
@@ -113,6 +115,28 @@ def test_a_loaded_step_checkpoints_and_stops_early(tmp_path):
 
     with pytest.raises(GraphcError, match="val_loader needs the model's code"):
         fit(loaded, batches, val_loader=batches, progress=False)
+
+
+def test_restoring_the_best_weights_leaves_the_optimizer_count_and_key_going(tmp_path):
+    """The restore copied back the whole training state: the step count and Adam's moments
+    rewound, and a loaded step's random key too (a compiled step's key was a copy, so it went
+    on): the same step, in memory and exported, then drew other dropout masks. Only the
+    model's weights come back, as Keras restores them."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((32, 4)).astype(np.float32), rng.integers(0, 3, 32)
+    gc.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+    step = gc.compile_train_step(model, F.cross_entropy, optim.Adam(model.parameters(), lr=0.05),
+                                 example_inputs=(x, y), backend=REF)
+    step.export(str(tmp_path / "step.gcx"))
+    loaded = gc.load(str(tmp_path / "step.gcx"), backend=REF)
+    after = []
+    for trained in (step, loaded):
+        stopper = EarlyStopping("loss", patience=2, mode="max", min_delta=100.0)  # epoch 1 stays best
+        fit(trained, [(x, y)] * 3, epochs=10, early_stopping=stopper, progress=False)
+        assert trained.step_count == 9 and stopper.best_epoch == 1
+        after.append([trained(x, y) for _ in range(3)])
+    assert after[0] == after[1]
 
 
 # -- graphc train ----------------------------------------------------------------------------
@@ -460,3 +484,122 @@ def test_threads_calling_one_training_step_at_two_batch_sizes_take_turns():
     for thread in threads:
         thread.join()
     assert most[0] == 1 and step.step_count == 41
+
+
+# -- what a user passes by mistake, and crafted files -------------------------------------------
+def _tiny_step():
+    x, y = np.ones((4, 3), np.float32), np.zeros(4, np.int64)
+    model = nn.Linear(3, 2)
+    return gc.compile_train_step(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1),
+                                 example_inputs=(x, y), backend=REF), x, y
+
+
+def test_load_state_dict_of_a_path_says_to_read_the_file_first():
+    """A path was split into characters: `missing keys [...], unexpected keys ['.', 'a', ...]`,
+    and with strict=False an AttributeError."""
+    for strict in (True, False):
+        with pytest.raises(TypeError, match="expected a mapping of names to arrays, got str .a file's path"):
+            nn.Linear(3, 2).load_state_dict("weights.safetensors", strict=strict)
+
+
+def test_an_inference_function_is_refused_where_a_training_step_is_needed(tmp_path):
+    """An inference export given to save_checkpoint failed with `'LoadedFunction' object has no
+    attribute 'model'`, and fit said it `expected 1 inputs (input0), got 2`."""
+    model = nn.Linear(3, 2)
+    compiled = gc.compile(model, np.ones((4, 3), np.float32))
+    compiled.export(str(tmp_path / "f.gcx"))
+    for function in (compiled, gc.load(str(tmp_path / "f.gcx"))):
+        for call in (lambda: save_checkpoint(str(tmp_path / "ck"), function),
+                     lambda: load_checkpoint(str(tmp_path / "ck"), function),
+                     lambda: fit(function, [(np.ones((4, 3), np.float32), np.zeros(4, np.int64))], progress=False)):
+            with pytest.raises(GraphcError, match="expects a training step .*got an inference function"):
+                call()
+
+
+def test_fit_says_a_batch_must_be_a_tuple():
+    """A loader of dicts ({'x': x, 'y': y}, common in PyTorch code) had its keys passed as the
+    step's inputs: `arrays of dtype <U1 (str) are not supported`."""
+    step, x, y = _tiny_step()
+    with pytest.raises(GraphcError, match=r"each batch must be a tuple \(inputs..., target\).*dict "
+                                          r"with keys \['x', 'y'\]"):
+        fit(step, [{"x": x, "y": y}], progress=False)
+    with pytest.raises(gc.InputError, match="is a dict, not an array"):
+        step({"x": x, "y": y})
+
+
+@pytest.mark.parametrize("key, value", [("learning_rates", "[1" + "0" * 400 + "]"),
+                                        ("schedule", '[{"initial_lr": 1' + "0" * 400 + "}]")])
+def test_a_checkpoints_rate_too_large_for_a_float_is_a_load_error(tmp_path, key, value):
+    """`OverflowError: int too large to convert to float` escaped from math.isfinite."""
+    step, _, _ = _tiny_step()
+    path = tmp_path / "ck.safetensors"
+    save_checkpoint(str(path), step)
+    data = path.read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + size])
+    header["__metadata__"][key] = value
+    header["__metadata__"]["sha256:" + key] = hashlib.sha256(value.encode()).hexdigest()
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size:])
+    with pytest.raises(LoadError, match=f"{key}: expected 1 (groups of )?finite non-negative rates"):
+        load_checkpoint(str(path), step)
+
+
+def test_a_name_near_the_systems_limit_is_written(tmp_path):
+    """The temporary file's name added ~22 bytes to the name: a legal 240-byte name failed
+    with `File name too long`."""
+    step, _, _ = _tiny_step()
+    path = tmp_path / ("c" * 228 + ".safetensors")
+    save_checkpoint(str(path), step)
+    step.export(str(path))
+    assert gc.load(str(path)).step_count == 0
+    assert os.listdir(tmp_path) == [path.name]
+
+
+def _rewrite_checkpoint(path, **arrays):
+    """The checkpoint at `path` with `arrays` in place of its own, checksums made anew."""
+    from safetensors import safe_open
+    from safetensors.numpy import load, save
+
+    from graphc.export import tensor_digest
+
+    with safe_open(str(path), "np") as f:
+        metadata = f.metadata()
+    state = {**load(path.read_bytes()), **arrays}
+    metadata.update({f"sha256/{k}": tensor_digest(v) for k, v in arrays.items()})
+    path.write_bytes(save(state, metadata=metadata))
+
+
+@pytest.mark.parametrize("count", [np.nan, np.inf, -5.0, 2.5])
+def test_a_step_count_that_is_no_count_is_refused_at_load(tmp_path, count):
+    """A checksummed NaN, infinite or negative count loaded; `step_count`, `graphc info` and
+    `graphc train` then failed with bare ValueErrors and OverflowErrors."""
+    from safetensors.numpy import load
+
+    from graphc.export import _archive
+
+    step, x, y = _tiny_step()
+    step.export(str(tmp_path / "ok.gcx"))
+    with zipfile.ZipFile(tmp_path / "ok.gcx") as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    state = load(members.pop("state.safetensors"))
+    state["step"] = np.array([count], np.float32)
+    (tmp_path / "bad.gcx").write_bytes(_archive(members, state))
+    with pytest.raises(LoadError, match="the step count 'step' must be one whole number >= 0"):
+        gc.load(str(tmp_path / "bad.gcx"))
+    save_checkpoint(str(tmp_path / "ck"), step)
+    _rewrite_checkpoint(tmp_path / "ck", step=np.array([count], np.float32))
+    with pytest.raises(LoadError, match="the step count must be a whole number >= 0"):
+        load_checkpoint(str(tmp_path / "ck"), step)
+
+
+def test_an_export_after_fit_takes_the_full_batch_when_the_short_one_ran_as_often(tmp_path):
+    """1000 samples in batches of 512 run 512 and 488 once each an epoch: the tie went to the
+    most recent signature, so the export (and `graphc train` from it) was at 488."""
+    step, _, _ = _tiny_step()
+    x, y = np.ones((10, 3), np.float32), np.zeros(10, np.int64)
+    fit(step, DataLoader(TensorDataset(x, y), batch_size=6), epochs=2, progress=False)
+    step.export(str(tmp_path / "s.gcx"))
+    loaded = gc.load(str(tmp_path / "s.gcx"))
+    assert [str(inp.value.type) for inp in loaded.graph.inputs if inp.role == "data"][:2] == ["f32[6,3]", "i64[6]"]

@@ -17,7 +17,9 @@ one test of an empty set.
 """
 from __future__ import annotations
 
+import os
 import weakref
+from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, NamedTuple, Protocol
 
@@ -479,6 +481,12 @@ class Module:
         their dtypes as PyTorch's copy_ does (a float count into an int64 buffer too). Every
         array is checked before any is written: a bad one leaves the module as it was. Returns
         the missing and unexpected keys (with strict, either is an error)."""
+        if not isinstance(state, Mapping):
+            hint = (" (a file's path: read its arrays first, e.g. with safetensors.numpy.load_file, "
+                    "or load a checkpoint into a training step with graphc.train.load_checkpoint)"
+                    if isinstance(state, (str, os.PathLike)) else "")
+            raise TypeError(f"load_state_dict: expected a mapping of names to arrays, got "
+                            f"{type(state).__name__}{hint}")
         own = state_arrays(self)  # a step keeping them on a GPU has let go: it re-reads them
         keys = IncompatibleKeys(sorted(set(own) - set(state)), sorted(set(state) - set(own)))
         if strict and (keys.missing_keys or keys.unexpected_keys):
