@@ -6,6 +6,7 @@ for the errors graphc expects).
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
 import importlib.util
 import inspect
 import math
@@ -66,6 +67,8 @@ def _render(dot: str, fmt: str, out: str) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
+    if args.format in ("svg", "png") and not args.output:  # an image is never written unasked
+        raise CommandError(f"--format {args.format} renders an image: name its file with -o PATH")
     loaded = _load(args.file)
     graph = _stage(loaded, args.stage)
     if args.format == "text":
@@ -80,9 +83,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
             slot_of = plan_memory(fused).slot_of
         text = graph.to_dot(slot_of=slot_of)
     if args.format in ("svg", "png"):
-        out = args.output or f"{os.path.splitext(os.path.basename(args.file))[0]}.{args.stage}.{args.format}"
-        _render(text, args.format, out)
-        print(f"wrote {out}")
+        _render(text, args.format, args.output)
+        print(f"wrote {args.output}")
     elif args.output:
         with open(args.output, "w") as f:
             f.write(text)
@@ -133,12 +135,26 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(printable("\n".join(info_lines(_load(args.file)))))
 
 
+def _require_writable(path: str) -> None:
+    """Refuse a path a file cannot be written to: a folder, or in a folder missing or not ours
+    to write (the write itself may still fail: a full disk)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CommandError(f"cannot write {path}: it is a folder")
+    if not os.path.isdir(folder):
+        raise CommandError(f"cannot write {path}: no folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CommandError(f"cannot write {path}: the folder {folder} is not writable")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from . import data
     from .export import LoadedTrainStep
 
+    if args.save:
+        _require_writable(args.save)  # before training, not after it
     step = _load(args.file, args.backend)
     if not isinstance(step, LoadedTrainStep):
         raise CommandError(f"{args.file} holds an inference function, not a training step")
@@ -206,7 +222,11 @@ def cmd_trace(args: argparse.Namespace) -> None:
         raise CommandError(f"expected SCRIPT.py:FUNCTION, got {args.target!r}")
     if not os.path.exists(script):
         raise CommandError(f"no such script: {script}")
-    spec = importlib.util.spec_from_file_location("graphc_traced_script", script)
+    if not os.path.isfile(script):
+        raise CommandError(f"{script} is not a file: expected SCRIPT.py:FUNCTION")
+    # a file of any name read as Python source (spec_from_file_location knows .py files only)
+    loader = importlib.machinery.SourceFileLoader("graphc_traced_script", script)
+    spec = importlib.util.spec_from_loader(loader.name, loader)
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     try:
@@ -285,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=["traced", "optimized", "fused"], default="optimized")
     p.add_argument("--format", choices=["text", "dot", "svg", "png"], default="text")
     p.add_argument("--memory", action="store_true", help="colour buffers by arena slot (fused stage)")
-    p.add_argument("-o", "--output")
+    p.add_argument("-o", "--output", help="the file to write (text and dot: stdout without it; "
+                   "svg and png need it)")
     p.set_defaults(run=cmd_inspect)
 
     p = sub.add_parser("info", help="signature, sizes, kernels, memory and versions of an export")

@@ -103,3 +103,34 @@ def test_trace_a_users_script(tmp_path, capsys):
     assert "matmul" in text and "f32[4,2]" in text
     assert main(["trace", f"{script}:nope", "--example-shapes", "f32[1]", "--dot", str(dot)]) == 1
     assert main(["trace", f"{script}:predict", "--example-shapes", "float[4]", "--dot", str(dot)]) == 1
+
+
+def test_trace_reads_a_script_of_any_name_and_refuses_a_folder(tmp_path, capsys):
+    """A script named model.txt, or a folder, ended in `'NoneType' object has no attribute
+    'loader'` with a traceback."""
+    script = tmp_path / "model.txt"
+    script.write_text("def double(x):\n    return x * 2\n")
+    dot = tmp_path / "g.dot"
+    assert main(["trace", f"{script}:double", "--example-shapes", "f32[3]", "--dot", str(dot)]) == 0
+    assert main(["trace", f"{tmp_path}:double", "--example-shapes", "f32[3]", "--dot", str(dot)]) == 1
+    assert f"{tmp_path} is not a file" in capsys.readouterr().err
+
+
+def test_inspect_writes_an_image_only_where_told(exported, tmp_path, monkeypatch, capsys):
+    """Without -o, an svg went to `<name>.<stage>.svg` in the working folder, replacing a file
+    of that name the user had."""
+    path, _ = exported
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "cnn.optimized.svg"
+    mine.write_text("my own figure")
+    assert main(["inspect", path, "--format", "svg"]) == 1
+    assert "renders an image: name its file with -o PATH" in capsys.readouterr().err
+    assert mine.read_text() == "my own figure"
+
+
+def test_train_refuses_a_save_path_before_training(exported, tmp_path, capsys):
+    """An unwritable --save was found after every step had run, and the training was lost."""
+    path, _ = exported
+    for save, reason in [(tmp_path / "missing" / "more.gcx", "no folder"), (tmp_path, "it is a folder")]:
+        assert main(["train", path, "--data", str(tmp_path), "--steps", "3", "--save", str(save)]) == 1
+        assert f"cannot write {save}: {reason}" in capsys.readouterr().err
