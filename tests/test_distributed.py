@@ -284,6 +284,39 @@ def test_ranks_that_build_different_models_refuse_to_start(tmp_path):
 
 
 @needs_mpi
+@pytest.mark.parametrize("mode, message", [
+    ("eval_on_one_rank", "ranks [1] disagree with rank 0 on the gradients' layout"),
+    ("dataset_length", "ranks [1] disagree with rank 0 on the dataset's length")])
+def test_ranks_that_disagree_while_training_end_the_job_saying_on_what(mode, message):
+    """A rank switched to eval() summed a shorter buffer with the others' (misaligned means,
+    different 'global' losses, exit 0); ranks sharding datasets of other lengths shared rows."""
+    status, output = launch([os.path.join(SCRIPTS, "disagreements.py"), mode], timeout=60)
+    assert status != 0 and message in output, output
+    assert "stepped with" not in output and "sharded datasets" not in output
+
+
+@needs_mpi
+def test_an_async_epoch_trains_the_short_last_batch_a_loader_keeps():
+    """With drop_last=False the last 6 of 30 rows (batches of 8) were never trained on."""
+    status, output = launch([os.path.join(SCRIPTS, "disagreements.py"), "async_short_batch"], timeout=60)
+    assert status == 0, output
+    assert "updates 4, samples {1: 30}" in output
+
+
+@pytest.mark.parametrize("value", ["nan", "0", "-5", "inf", "abc"])
+def test_a_timeout_that_is_no_duration_is_refused(monkeypatch, value):
+    """NaN never expired (a stuck rank hung the job forever), 0 and -5 aborted the first
+    collective blaming another rank, and 'abc' was a bare ValueError."""
+    from graphc.distributed.data_parallel import DistributedError, _timeout
+
+    monkeypatch.setenv("GRAPHC_DDP_TIMEOUT", value)
+    with pytest.raises(DistributedError, match=f"GRAPHC_DDP_TIMEOUT='{value}': expected a number of seconds > 0"):
+        _timeout()
+    monkeypatch.setenv("GRAPHC_DDP_TIMEOUT", "2.5")
+    assert _timeout() == 2.5
+
+
+@needs_mpi
 def test_a_killed_rank_ends_the_job(tmp_path):
     status, output = launch([os.path.join(SCRIPTS, "ddp_fit.py"), str(tmp_path),
                                       "--fail", "kill", "--fail-at", "2"], timeout=60)
@@ -307,7 +340,9 @@ def test_a_rank_leaving_quietly_trips_the_others_deadline(tmp_path):
                                       "--fail", "exit", "--fail-at", "2"], timeout=60,
                                      GRAPHC_DDP_TIMEOUT="3")
     assert status != 0
-    assert "rank 0 of 2: allreduce did not complete within 3 s" in output
+    # (the step's first collective: the check that the ranks' gradients are laid out alike)
+    assert "rank 0 of 2: the allgather checking the gradients' layout" in output
+    assert "did not complete within 3 s" in output
 
 
 @needs_mpi

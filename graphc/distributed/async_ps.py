@@ -251,12 +251,13 @@ class AsyncStep(DataParallelStep):
             requests.append(comm.Isend(params, dest=worker, tag=REPLY_PARAMS))
         self.world._wait(requests, f"sending parameters to worker rank {worker}", peer=worker)
 
-    def _serve_epoch(self, epoch: int, batches: int, batch_size: int) -> list[float]:
+    def _serve_epoch(self, epoch: int, batches: int, batch_size: int, samples: int) -> list[float]:
         """Hand out the epoch's batches and apply the pushes until all are applied; returns
         the loss of every push."""
         comm = self.world.comm
         queue = deque(range(batches))
         base: dict[int, int] = {}          # the version each worker computes on
+        rows: dict[int, int] = {}          # the rows of the batch each worker computes
         computing: dict[int, Any] = {}     # worker -> its pending push-header receive
         sent_at: dict[int, float] = {}
         expected_digests: dict[int, np.ndarray] = {}
@@ -269,6 +270,7 @@ class AsyncStep(DataParallelStep):
             if not queue:
                 return  # idle until the epoch's last update; EPOCH_END tells it then
             base[worker] = self.version
+            rows[worker] = min(batch_size, samples - queue[0] * batch_size)  # the last may be short
             if self.check_every and (self.stats.pushes[worker] + 1) % self.check_every == 0:
                 expected_digests[worker] = self._digests()
             self._reply_to(worker, COMPUTE, epoch, queue.popleft())
@@ -285,7 +287,7 @@ class AsyncStep(DataParallelStep):
                 pending[arrived] = time.monotonic()
             if pending and (not computing or all(
                     self.version + 1 - base[w] <= self.max_staleness for w in computing)):
-                losses += self._apply({w: inbox[w] for w in sorted(pending)}, base, batch_size)
+                losses += self._apply({w: inbox[w] for w in sorted(pending)}, base, rows)
                 applied_at = time.monotonic()
                 for worker in sorted(pending):
                     self.stats.held_s[worker] += applied_at - pending[worker]
@@ -331,7 +333,7 @@ class AsyncStep(DataParallelStep):
                     "outside the training step")
 
     def _apply(self, pushes: dict[int, np.ndarray], base: dict[int, int],
-               batch_size: int) -> list[float]:
+               rows: dict[int, int]) -> list[float]:
         """One update with the mean of `pushes` (summed in rank order: the order of an
         allreduce, so max_staleness=0 reproduces data parallelism)."""
         workers = list(pushes)
@@ -342,7 +344,7 @@ class AsyncStep(DataParallelStep):
             mean *= mean.dtype.type(1.0 / len(workers))
         self._update.executable(mean, *self._update.persistent, *self.optimizer.learning_rates())
         for worker in workers:
-            self.stats.record(worker, self.version - base[worker], batch_size)
+            self.stats.record(worker, self.version - base[worker], rows[worker])
         self.version += 1
         self.stats.updates += 1
         return [float(pushes[w][-1]) for w in workers]
@@ -352,13 +354,14 @@ class AsyncStep(DataParallelStep):
             val_loader: DistributedLoader | None = None, checkpoint_path: str | None = None,
             resume_from_checkpoint: bool = False,
             on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> History:
-        """Train for `epochs` over `train_loader`'s dataset, batch size, seed and transforms (its
-        per-rank sharding is not used: the server deals batches out). After each epoch all
+        """Train for `epochs` over `train_loader`'s dataset, batch size, drop_last, seed and
+        transforms (its per-rank sharding is not used: the server deals batches out). After each epoch all
         ranks evaluate `val_loader` together, rank 0 calls `on_epoch_end` and writes the
         checkpoint; resuming continues after the checkpoint's last epoch. Returns the same
         History on every rank; afterwards every rank holds the server's training state."""
-        batch_size = train_loader.batch_size
-        batches = len(train_loader.dataset) // batch_size
+        batch_size, samples = train_loader.batch_size, len(train_loader.dataset)
+        # a short last batch too unless the loader drops it, as DataParallelStep trains
+        batches = samples // batch_size if train_loader.drop_last else -(-samples // batch_size)
         if batches == 0:
             raise DistributedError(f"{self.name}: {len(train_loader.dataset)} samples make no "
                                    f"batch of {batch_size}")
@@ -370,12 +373,13 @@ class AsyncStep(DataParallelStep):
             start = time.perf_counter()
             if self.world.is_root:
                 updates, pushes = self.stats.updates, len(self.stats.applied)
-                losses = self._serve_epoch(epoch, batches, batch_size)
+                seen = sum(self.stats.samples.values())
+                losses = self._serve_epoch(epoch, batches, batch_size, samples)
                 seconds = time.perf_counter() - start
                 self.stats.seconds += seconds
                 staleness = self.stats.applied[pushes:]
                 logs = {"loss": float(np.mean(losses)),
-                        "samples_per_s": len(staleness) * batch_size / seconds,
+                        "samples_per_s": (sum(self.stats.samples.values()) - seen) / seconds,
                         "updates": float(self.stats.updates - updates),
                         "staleness_mean": float(np.mean(staleness)),
                         "staleness_max": float(max(staleness))}

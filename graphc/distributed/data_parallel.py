@@ -150,14 +150,27 @@ class World:
                     f"(first differing tensor in name order); every rank must apply the same "
                     "updates: something changed one rank's copy outside the training step")
 
-    def _check_agreement(self, what: str, description: Any) -> None:
+    def _check_agreement(self, what: str, description: Any,
+                         advice: str = "every rank must build the same model and optimizer") -> None:
+        self.agreement(description)(what, advice)
+
+    def agreement(self, description: Any) -> Callable[[str, str], None]:
+        """Start checking that every rank holds the same `description` (an allgather of its
+        digest, running beside what this rank does next); the function returned finishes the
+        check, raising DistributedError on every rank, naming `what` and `advice`, where any
+        rank's differs."""
+        if self.comm is None:
+            return lambda what, advice: None
         digest = np.frombuffer(hashlib.sha256(repr(description).encode()).digest(), np.uint8)
         digests = np.empty((self.size, digest.size), np.uint8)
-        self._wait([self.comm.Iallgather(digest, digests)], "allgather")
-        differing = [r for r in range(self.size) if not np.array_equal(digests[r], digests[0])]
-        if differing:
-            raise DistributedError(f"ranks {differing} disagree with rank 0 on {what}; every rank "
-                                   "must build the same model and optimizer")
+        request = self.comm.Iallgather(digest, digests)
+
+        def finish(what: str, advice: str) -> None:
+            self._wait([request], f"the allgather checking {what}")
+            differing = [r for r in range(self.size) if not np.array_equal(digests[r], digests[0])]
+            if differing:
+                raise DistributedError(f"ranks {differing} disagree with rank 0 on {what}; {advice}")
+        return finish
 
     def _wait(self, requests: list, what: str, peer: int | None = None, pause: float = 0.0) -> None:
         """Complete nonblocking `requests` within the deadline: a peer that exited cleanly or is
@@ -199,8 +212,24 @@ def init() -> World:
     return _world
 
 
+def _timeout() -> float:
+    """GRAPHC_DDP_TIMEOUT in seconds: a finite number > 0 (NaN would never expire, and 0 would
+    abort the first collective, blaming another rank)."""
+    text = os.environ.get(TIMEOUT_ENV)
+    if text is None:
+        return DEFAULT_TIMEOUT
+    try:
+        timeout = float(text)
+    except ValueError:
+        timeout = math.nan
+    if not 0 < timeout < math.inf:
+        raise DistributedError(f"{TIMEOUT_ENV}={text!r}: expected a number of seconds > 0 (the "
+                               f"longest a rank waits for the others), e.g. {DEFAULT_TIMEOUT:g}")
+    return timeout
+
+
 def _connect() -> World:
-    timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
+    timeout = _timeout()
     try:
         from mpi4py import MPI
     except ImportError:
@@ -271,6 +300,8 @@ class DistributedLoader:
         self.world = world or init()
         self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
         self.transform, self.target_transform = transform, target_transform
+        self.world._check_agreement("the dataset's length", len(dataset),
+                                    "every rank must shard the same dataset")
         seed = self.world.shared_seed(seed) if shuffle else 0
         self.sampler = DistributedSampler(len(dataset), self.world.rank, self.world.size, shuffle,
                                           seed, even)
@@ -491,9 +522,15 @@ class DataParallelStep(TrainStep):
             self._updates = {}
         self._follow_own_counts()
         gradients, args = self._arguments(batch)
-        self._update = self._update_for(self._layouts[id(gradients.traced)])
+        layout = self._layouts[id(gradients.traced)]
+        self._update = self._update_for(layout)
+        # The buffers summed must be laid out alike on every rank (a rank in eval mode averages
+        # other buffers): checked at every step, while the gradients compute
+        agreed = self.world.agreement(layout)
         start = time.perf_counter()
         reduced = np.require(gradients.executable(*args)[0], requirements=["C", "W"])
+        agreed("the gradients' layout (the parameters and averaged buffers summed)",
+               "every rank must train the same model in the same mode (train() or eval())")
         reduced_at = time.perf_counter()
         self.world.allreduce_(reduced)
         updated_at = time.perf_counter()

@@ -45,7 +45,11 @@ the batch and each stage's replicas average their gradients with one allreduce b
 update (data parallelism across pipelines).
 
 Not yet supported: buffers updated in training (batch norm's running statistics), parameters
-read by two stages (tied weights), gradient clipping, batch signatures other than the example's.
+read by two stages (tied weights), gradient clipping, batch signatures other than the example's,
+and losses other than an unweighted mean over the batch's rows: the step averages its
+micro-batches' losses, so `reduction="sum"` updates M times too little, and a loss weighing its
+rows unequally (`ignore_index`, class weights) weighs the micro-batches equally instead (one
+whose targets are all ignored makes the loss NaN).
 """
 from __future__ import annotations
 
