@@ -745,14 +745,15 @@ def _along(x: Tensor, dim: int, index: Any) -> Tensor:
 
 
 def index_select(x: Any, dim: int, index: Any) -> Tensor:
-    """torch.index_select: the entries of x at the positions `index` (1-D integers) along `dim`."""
+    """torch.index_select: the entries of x at the positions `index` (1-D integers) along `dim`;
+    as in PyTorch, a negative index is refused, not counted from the end."""
     x = as_tensor(x)
     axis = _axis(x, dim, "index_select")
     index = as_tensor(index)
     if index.ndim > 1 or is_float(index.dtype) or index.dtype == "bool":
         raise ShapeError(f"index_select: the index must be a 0-d or 1-D integer tensor, got "
                          f"{index.dtype}{list(index.shape)} (at {user_location()})")
-    return _along(x, axis, index.reshape(-1))
+    return bind("gather", x, index.reshape(-1), axis=axis, wrap_negative=False)
 
 
 def narrow(x: Any, dim: int, start: int, length: int) -> Tensor:

@@ -32,7 +32,7 @@ from graphc.ir.errors import GraphcError, InputError
 from graphc.passes import Stages, autodiff
 
 from .api import inline_graph, to_array
-from .nn.module import Module, bound, functional_call
+from .nn.module import Module, bound, recording_buffer_updates
 from .optim import Optimizer, clip_by_global_norm, l1_penalty
 from .tensor import ModuleReads, Trace, Tensor, tracing
 
@@ -100,10 +100,11 @@ def trace_loss(spec: StepSpec, batch: Sequence[np.ndarray]) -> tuple[Graph, Modu
         data, params, buffers = b.batch(batch), b.params(), b.buffers()
         state = {**params, **buffers}
         # The loss reads the model as these inputs too: a penalty over its weights (through
-        # attributes or model.parameters()) is differentiated like the forward.
-        with bound(spec.model, state):
-            out, updates = functional_call(spec.model, state, *data[:-spec.targets],
-                                           return_buffers=True)
+        # attributes or model.parameters()) is differentiated like the forward. It may call the
+        # model again (a consistency term): that call reads the running statistics the first
+        # wrote and updates them again, as in PyTorch.
+        with bound(spec.model, state), recording_buffer_updates(spec.model) as updates:
+            out = spec.model(*data[:-spec.targets])
             loss = spec.loss_fn(out, *data[-spec.targets:])
         if not isinstance(loss, Tensor) or loss.shape != ():
             raise GraphcError(f"{spec.name}: loss_fn must return a scalar tensor, got {loss!r}")

@@ -256,8 +256,10 @@ class Trace:
         self.builder = Builder(name)
         self.rng_key: Value | None = None
         self.next_stream = 0
-        # Set by compiled training steps: buffer updates recorded by modules (running stats).
+        # Set by compiled training steps: buffer updates recorded by modules (running stats),
+        # by (id(module), buffer name), for the modules of the tree in buffer_owners
         self.buffer_updates: dict | None = None
+        self.buffer_owners: dict[tuple[int, str], str] | None = None
         self.implicit: dict[tuple[int, str], tuple[StateRef, Value, str]] = {}
         self.modules: dict[int, Any] = {}  # modules called: the graph depends on their modes
         self._calling: list[Any] = []  # modules whose forward is running, outermost first
@@ -1143,9 +1145,10 @@ class Tensor:
 
     def gather(self, dim: int, index: Any) -> Tensor:
         """PyTorch's Tensor.gather: out[i][j] = self[i][index[i][j]] along `dim` (gc.gather is
-        NumPy's take; this is gc.take_along_axis)."""
-        from .functions import take_along_axis
-        return take_along_axis(self, index, dim)
+        NumPy's take; this is gc.take_along_axis, but as in PyTorch a negative index is refused,
+        not counted from the end)."""
+        (axis,) = normalize_axes(dim, self.ndim)
+        return bind("take_along_axis", self, as_tensor(index), axis=axis, wrap_negative=False)
 
     # -- math: graphc/functions.py defines these ----------------------------------------------
     def sin(self) -> Tensor: return float_math("sin", self)

@@ -185,6 +185,7 @@ def test_an_export_takes_the_batch_the_step_ran_at_not_the_last_short_one(tmp_pa
     compiled = gc.compile(gc.nn.Linear(4, 2), example_inputs=np.zeros((1, 4), np.float32))
     compiled(np.zeros((5, 4), np.float32))
     compiled(np.zeros((1, 4), np.float32))
+    compiled(np.zeros((1, 4), np.float32))  # batch 1 ran most (on a tie the larger would win)
     for _ in range(3):  # the export's own compiles at 64 are no runs of the model
         compiled.export(tmp_path / "any.gcx", max_batch=64)
     compiled.export(tmp_path / "one.gcx")
@@ -423,3 +424,63 @@ def test_pytorch_gather_ports_as_the_tensor_method_and_gc_gather_says_what_it_is
 def test_building_an_array_outside_a_trace_points_to_numpy():
     with pytest.raises(gc.ir.GraphcError, match=r"outside one .* use NumPy"):
         gc.nn.Linear(2, 2).register_buffer("mask", gc.ones(2, 2))
+
+
+def test_a_loss_calling_the_trained_model_again_updates_its_running_statistics_twice():
+    """A consistency term calling the model a second time failed with batch norm in it, told
+    to make the model a submodule of the model it is: PyTorch updates the statistics twice."""
+    def build(nn):
+        return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    torch.manual_seed(0)
+    torch_model = build(torch.nn).double()
+    model = build(gc.nn).double()
+    model.load_state_dict({k: v.numpy().copy() for k, v in torch_model.state_dict().items()})
+    rng = np.random.default_rng(0)
+    x, y, x2 = rng.standard_normal((8, 4)), rng.integers(0, 2, 8), rng.standard_normal((8, 4))
+    TF = torch.nn.functional
+    out = torch_model(torch.tensor(x))
+    expected = TF.cross_entropy(out, torch.tensor(y)) + TF.mse_loss(torch_model(torch.tensor(x2)), out)
+    step = gc.compile_train_step(
+        model, lambda out, y, x2: F.cross_entropy(out, y) + F.mse_loss(model(x2), out),
+        gc.optim.SGD(model.parameters(), lr=0.1), example_inputs=(x, y, x2), targets=2,
+        backend="reference")
+    np.testing.assert_allclose(step(x, y, x2), expected.item(), rtol=1e-12)
+    np.testing.assert_allclose(model[1].running_mean, torch_model[1].running_mean.numpy(), rtol=1e-12)
+    assert int(model[1].num_batches_tracked) == 2
+
+
+def test_a_module_outside_the_model_updating_statistics_in_the_loss_is_refused():
+    teacher = gc.nn.BatchNorm1d(3)  # in training mode, not the trained model
+    model = gc.nn.Linear(3, 3)
+    with pytest.raises(gc.GraphcError, match="BatchNorm1d: buffer '[a-z_]+' can only be updated by a compiled "
+                                             "training step, as a part of the model it trains"):
+        gc.compile_train_step(model, lambda out, x: F.mse_loss(out, teacher(x)),
+                               gc.optim.SGD(model.parameters(), lr=0.1),
+                               example_inputs=(np.ones((4, 3), np.float32),) * 2)
+
+
+def test_labels_computed_from_constants_alone_are_checked_on_numba_cpu():
+    """SimCLR's labels, cat([arange(n, 2n), arange(0, n)]): the index check read no array, and
+    numba-cpu's executor failed in operator.itemgetter() with a batch-norm model."""
+    def build():
+        gc.manual_seed(0)
+        return gc.nn.Sequential(gc.nn.Linear(3, 4), gc.nn.BatchNorm1d(4))
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    loss = lambda z, unused: F.cross_entropy(z, gc.cat([gc.arange(2, 4), gc.arange(0, 2)]))
+    losses = []
+    for backend in ("reference", "numba-cpu"):
+        model = build()
+        step = gc.compile_train_step(model, loss, gc.optim.SGD(model.parameters(), lr=0.1),
+                                     example_inputs=(x, np.zeros(1, np.float32)), backend=backend)
+        losses.append([step(x, np.zeros(1, np.float32)) for _ in range(2)])
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("call", [lambda q, a: q.gather(1, a[:, None]), lambda q, a: q.index_select(1, a)])
+def test_pytorchs_gather_and_index_select_refuse_a_negative_index(call):
+    """They took -1 as the last entry (NumPy's take): a DQN's invalid action trained the last
+    action's value, where PyTorch raises."""
+    q = np.arange(6, dtype=np.float32).reshape(2, 3)
+    with pytest.raises(gc.IndexOutOfRangeError, match=r"index -1 .*valid indices are \[0, 3\)"):
+        gc.jit(call)(q, np.array([-1, 0]))
+    np.testing.assert_array_equal(gc.jit(lambda q: q.gather(1, np.array([[2], [0]])))(q).ravel(), [2, 3])

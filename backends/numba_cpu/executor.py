@@ -90,7 +90,10 @@ class _Step:
 
 
 def _picker(slots: tuple[int, ...]) -> Callable[[list[Any]], tuple[Any, ...]]:
-    """env -> the tuple of env[s] for s in slots (itemgetter returns a bare item for one)."""
+    """env -> the tuple of env[s] for s in slots (itemgetter returns a bare item for one, and
+    takes no zero: an index check computed from constants alone reads no slot)."""
+    if not slots:
+        return lambda env: ()
     if len(slots) == 1:
         return lambda env, slot=slots[0]: (env[slot],)
     return operator.itemgetter(*slots)

@@ -528,8 +528,9 @@ class Module:
 
     def update_buffer(self, name: str, value: Tensor) -> None:
         """Record a new value for a buffer inside a traced training step (e.g. running stats)."""
-        updates = getattr(current_trace(), "buffer_updates", None)
-        if updates is None:
+        trace = current_trace()
+        updates, owners = trace.buffer_updates, trace.buffer_owners
+        if updates is None or owners is not None and (id(self), name) not in owners:
             raise GraphcError(f"{type(self).__name__}: buffer {name!r} can only be updated by a "
                               "compiled training step, as a part of the model it trains; this "
                               "module is in training mode outside one (called by the loss "
@@ -699,15 +700,25 @@ def functional_call(module: Module, state: dict[str, Any], *args: Any,
     """
     from ..tensor import as_tensor
 
-    trace = current_trace()
     tensors = {name: as_tensor(value) for name, value in state.items()}
-    previous = trace.buffer_updates
-    trace.buffer_updates = {}
-    try:
-        with bound(module, tensors):
-            out = module(*args)
-        names = buffer_owner(module)
-        updates = {names[key]: value for key, value in trace.buffer_updates.items()}
-    finally:
-        trace.buffer_updates = previous
+    with bound(module, tensors), recording_buffer_updates(module) as updates:
+        out = module(*args)
     return (out, updates) if return_buffers else out
+
+
+@contextmanager
+def recording_buffer_updates(module: Module) -> Iterator[dict[str, Tensor]]:
+    """Within the block, the buffers `module`'s tree updates (update_buffer) read as their new
+    values, as PyTorch's modules read what an earlier call wrote; the dict yielded holds the
+    last value of each, by state-dict name, once the block ends. A module outside the tree
+    updating a buffer is refused (its update would be lost)."""
+    trace = current_trace()
+    previous = trace.buffer_updates, trace.buffer_owners
+    names = buffer_owner(module)
+    trace.buffer_updates, trace.buffer_owners = {}, names
+    updates: dict[str, Tensor] = {}
+    try:
+        yield updates
+        updates.update({names[key]: value for key, value in trace.buffer_updates.items()})
+    finally:
+        trace.buffer_updates, trace.buffer_owners = previous
