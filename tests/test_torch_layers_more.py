@@ -142,3 +142,53 @@ def test_a_schedule_refuses_periods_pytorch_refuses():
         optim.CosineAnnealingWarmRestarts(optimizer, T_0=0)
     with pytest.raises(ValueError, match="total_iters must be an int > 0"):
         optim.PolynomialLR(optimizer, total_iters=0)
+
+
+RNG = np.random.default_rng(3)
+LOGITS, CLASSES = RNG.standard_normal((6, 4)), RNG.integers(0, 4, 6)
+PROBABILITIES = 1 / (1 + np.exp(-LOGITS))
+BITS = (RNG.random((6, 4)) < 0.5).astype(np.float64)
+CLASS_WEIGHTS = RNG.random(4) + 0.5
+LOG_PROBABILITIES = np.log(PROBABILITIES / PROBABILITIES.sum(1, keepdims=True))
+
+
+@pytest.mark.parametrize("name, settings, input, target", [
+    ("CrossEntropyLoss", {"weight": CLASS_WEIGHTS, "label_smoothing": 0.1}, LOGITS, CLASSES),
+    ("CrossEntropyLoss", {"ignore_index": 2, "reduction": "sum"}, LOGITS, CLASSES),
+    ("NLLLoss", {"weight": CLASS_WEIGHTS}, LOG_PROBABILITIES, CLASSES),
+    ("BCELoss", {"weight": CLASS_WEIGHTS}, PROBABILITIES, BITS),
+    ("BCEWithLogitsLoss", {"pos_weight": CLASS_WEIGHTS}, LOGITS, BITS),
+    ("KLDivLoss", {"reduction": "batchmean"}, LOG_PROBABILITIES, np.exp(LOG_PROBABILITIES)),
+    ("MSELoss", {}, LOGITS, BITS), ("L1Loss", {"reduction": "none"}, LOGITS, BITS),
+    ("SmoothL1Loss", {"beta": 0.5}, LOGITS, BITS), ("HuberLoss", {"delta": 0.3}, LOGITS, BITS)])
+def test_a_loss_module_computes_pytorchs_loss_and_keeps_its_buffers(name, settings, input, target):
+    torch_settings = {k: torch.tensor(v) if isinstance(v, np.ndarray) else v for k, v in settings.items()}
+    torch_criterion = getattr(torch.nn, name)(**torch_settings)
+    criterion = getattr(nn, name)(**settings)
+    expected = torch_criterion(torch.tensor(input), torch.tensor(target)).numpy()
+    np.testing.assert_allclose(gc.jit(lambda a, b: criterion(a, b))(input, target), expected, rtol=1e-12)
+    assert sorted(criterion.state_dict()) == sorted(torch_criterion.state_dict())
+
+
+def test_a_loss_module_is_a_training_steps_loss():
+    model = nn.Linear(4, 4)
+    x = LOGITS.astype(np.float32)
+    step = gc.compile_train_step(model, nn.CrossEntropyLoss(weight=CLASS_WEIGHTS.astype(np.float32)),
+                                 optim.SGD(model.parameters(), lr=0.1), (x, CLASSES))
+    assert np.isfinite(step(x, CLASSES))
+
+
+def test_a_pretrained_embedding_is_frozen_as_a_buffer_unless_told():
+    table = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+    frozen = nn.Embedding.from_pretrained(table)
+    assert [n for n, _ in frozen.named_parameters()] == [] and list(frozen.state_dict()) == ["weight"]
+    model = nn.Sequential(frozen, nn.Linear(3, 2))
+    ids, target = np.array([0, 1, 4]), np.zeros((3, 2), np.float32)
+    step = gc.compile_train_step(model, F.mse_loss, optim.SGD(model.parameters(), lr=0.1), (ids, target))
+    step(ids, target)
+    np.testing.assert_array_equal(model[0].weight, table)
+    trained = nn.Embedding.from_pretrained(table, freeze=False, padding_idx=1)
+    assert [n for n, _ in trained.named_parameters()] == ["weight"]
+    np.testing.assert_array_equal(trained.weight, table)  # the padding row is kept, as PyTorch's
+    expected = torch.nn.Embedding.from_pretrained(torch.tensor(table))(torch.tensor(ids)).numpy()
+    np.testing.assert_array_equal(gc.jit(frozen)(ids), expected)

@@ -9,6 +9,8 @@ from .layers import ELU, GELU, LeakyReLU, SiLU, Softplus
 from .layers import Dropout1d, Dropout2d, Hardtanh, PReLU, ReLU6, Upsample
 from .layers import (CELU, GLU, SELU, CosineSimilarity, Hardsigmoid, Hardswish, LogSigmoid, Mish,
                      PairwiseDistance, Softmin, Softsign, Tanhshrink, Unflatten)
+from .loss import (BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, KLDivLoss, L1Loss,
+                   MSELoss, NLLLoss, SmoothL1Loss)
 from .module import Module, Parameter, functional_call
 from .normalization import BatchNorm1d, BatchNorm2d, GroupNorm, LayerNorm
 from .pooling import AdaptiveAvgPool2d, AdaptiveMaxPool2d
@@ -28,3 +30,5 @@ __all__ += ["ConvTranspose2d", "Dropout1d", "Dropout2d", "GroupNorm", "Hardtanh"
 __all__ += ["CELU", "GLU", "SELU", "CosineSimilarity", "Hardsigmoid", "Hardswish", "LogSigmoid",
             "Mish", "PairwiseDistance", "Softmin", "Softsign", "Tanhshrink", "Unflatten"]
 __all__ += ["GRUCell", "LSTMCell", "RNNCell"]
+__all__ += ["BCELoss", "BCEWithLogitsLoss", "CrossEntropyLoss", "HuberLoss", "KLDivLoss", "L1Loss",
+            "MSELoss", "NLLLoss", "SmoothL1Loss"]

@@ -63,6 +63,26 @@ class Embedding(Module):
             table[padding_idx] = 0
         self.weight = Parameter(table)
 
+    @classmethod
+    def from_pretrained(cls, embeddings: Any, freeze: bool = True, padding_idx: int | None = None,
+                        max_norm: float | None = None, norm_type: float = 2.0,
+                        scale_grad_by_freq: bool = False, sparse: bool = False) -> Embedding:
+        """An Embedding whose table is `embeddings` (num_embeddings, embedding_dim), copied.
+        Frozen (the default), the table is a buffer, never trained: model.parameters(), and so
+        the optimizer, leave it out, and the state dict still holds it as "weight"."""
+        given = np.asarray(embeddings)
+        table = np.array(given, dtype=np.float64 if given.dtype == np.float64 else np.float32)
+        if table.ndim != 2:
+            raise ValueError(f"Embedding.from_pretrained: embeddings must be 2-D (num_embeddings, "
+                             f"embedding_dim), got shape {table.shape}")
+        layer = cls(*table.shape, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+        del layer.weight
+        if freeze:
+            layer.register_buffer("weight", table)
+        else:
+            layer.weight = Parameter(table)
+        return layer
+
     def forward(self, indices: Any) -> Tensor:
         return embedding(indices, self.weight, self.padding_idx)
 
