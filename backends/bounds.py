@@ -31,7 +31,7 @@ import numpy as np
 
 from graphc.ir import Graph, Node, Value
 from graphc.ir.interpret import evaluate
-from graphc.ir.ops.indexing import check_indices, index_bounds
+from graphc.ir.ops.indexing import NAMED_AFTER, check_indices, index_bounds
 from graphc.ir.kernels import is_literal
 from graphc.ir.memory import MemoryPlan
 from graphc.ir.registry import SOURCE, get
@@ -116,13 +116,15 @@ def plan_index_checks(fused: Graph, plan: MemoryPlan) -> IndexChecks:
             size, wrap_negative = bounds
             indices = member.inputs[1]
             if indices.producer is not None and is_literal(indices.producer):
-                check_indices(member.op, indices.producer.attrs["value"], size, wrap_negative, member.loc)
+                check_indices(NAMED_AFTER.get(member.op, member.op), indices.producer.attrs["value"],
+                              size, wrap_negative, member.loc)
                 continue
             if indices not in outer:
                 raise AssertionError(f"{kernel.attrs['name']}: {member.op} reads indices computed in "
                                      f"the same kernel; they cannot be checked before it runs")
             key = (outer[indices], size, wrap_negative)
-            named = IndexCheck(outer[indices], member.op, size, wrap_negative, member.loc)
+            named = IndexCheck(outer[indices], NAMED_AFTER.get(member.op, member.op), size,
+                               wrap_negative, member.loc)
             if key in found:
                 check, first = found[key]
                 if get(check.op).indexed_load or not get(member.op).indexed_load:

@@ -761,12 +761,11 @@ def narrow(x: Any, dim: int, start: int, length: int) -> Tensor:
     x = as_tensor(x)
     axis = _axis(x, dim, "narrow")
     size = x.shape[axis]
-    if start < 0:
-        start += size
-    if not (0 <= start <= size and 0 <= length <= size - start):
-        raise ShapeError(f"narrow: start {start} and length {length} do not fit axis {dim} of "
-                         f"size {size} (at {user_location()})")
-    return _along(x, axis, slice(start, start + length))
+    first = start + size if start < 0 else start
+    if not (-size <= start <= size and 0 <= length <= size - first):
+        raise ShapeError(f"narrow: start {start} (in [-{size}, {size}]) and length {length} do not "
+                         f"fit axis {dim} of size {size} (at {user_location()})")
+    return _along(x, axis, slice(first, first + length))
 
 
 def select(x: Any, dim: int, index: int) -> Tensor:

@@ -489,6 +489,23 @@ FLOAT_MATH = frozenset({"exp", "log", "log1p", "expm1", "sqrt", "rsqrt", "tanh",
                         "reciprocal", "sin", "cos", "erf"})
 
 
+def _integer_power(x: Tensor, exponent: int) -> Tensor:
+    """x ** exponent for an integer tensor and a constant exponent >= 0, by repeated squaring:
+    integer results that wrap on overflow, as PyTorch's."""
+    if exponent < 0:
+        raise DTypeError(f"pow: integers to negative integer powers are not allowed (as in "
+                         f"PyTorch); cast to float first, x.double() ** {exponent} "
+                         f"(at {user_location()})")
+    result, base = None, x
+    while exponent:
+        if exponent & 1:
+            result = base if result is None else result * base
+        exponent >>= 1
+        if exponent:
+            base = base * base
+    return result if result is not None else (x * 0 + 1)
+
+
 def float_math(op: str, x: Any) -> Tensor:
     """`op` (one of FLOAT_MATH) of `x`, an integer or bool `x` taken as float32 first."""
     x = as_tensor(x)
@@ -903,10 +920,23 @@ class Tensor:
     def __truediv__(self, o): return self._binary("div", o)
     def __rtruediv__(self, o): return self._binary("div", o, True)
     def __pow__(self, o):
-        if isinstance(o, (int, float)) and not isinstance(o, bool) and o == 2:
-            return bind("square", self.astype(result_dtype(self, o)))
-        return self._binary("pow", o)
-    def __rpow__(self, o): return self._binary("pow", o, True)
+        if isinstance(o, (int, float, np.integer)) and not isinstance(o, (bool, np.bool_)):
+            if o == 2:
+                return bind("square", self.astype(result_dtype(self, o)))
+            if self.dtype in ("int32", "int64") and isinstance(o, (int, np.integer)):
+                return _integer_power(self, int(o))
+        return self._power(o, reverse=False)
+    def __rpow__(self, o): return self._power(o, reverse=True)
+
+    def _power(self, other: Any, reverse: bool) -> Tensor:
+        """self ** other (other ** self when `reverse`); integers raised to a tensor of integer
+        exponents are refused by name (the pow op computes in floating point)."""
+        if not is_float(result_dtype(self, other if _is_number(other) else as_tensor(other))):
+            base, exponent = ("a number", "an integer tensor") if reverse else ("an integer tensor", "integers")
+            raise DTypeError(f"pow: {base} raised to {exponent} is not supported (graphc's pow "
+                             f"computes in floating point; a constant exponent >= 0, x ** 3, stays "
+                             f"integer): cast to float first, x.double() ** y (at {user_location()})")
+        return self._binary("pow", other, reverse)
     def __floordiv__(self, o): return self._binary("floor_divide", o)
     def __rfloordiv__(self, o): return self._binary("floor_divide", o, True)
     def __mod__(self, o): return self._binary("remainder", o)
@@ -1403,10 +1433,7 @@ class Tensor:
         if mask.dtype != "bool":
             raise DTypeError(f"masked_fill: the mask must be bool, got {mask.dtype} "
                              f"(at {user_location()})")
-        value = as_tensor(value, like=self).astype(self.dtype)
-        if value.ndim:
-            raise ShapeError(f"masked_fill: the value must be a number or a 0-d tensor, got "
-                             f"shape {value.shape} (at {user_location()})")
+        value = self._fill_value(value, "masked_fill")
         filled = bind("where", mask, value, self)
         if filled.shape != self.shape:
             raise ShapeError(f"masked_fill: mask of shape {mask.shape} does not broadcast to the "
@@ -1592,13 +1619,18 @@ class Tensor:
         return self._in_place(self.masked_fill(mask, value), "x.masked_fill_(mask, v)",
                               "x.masked_fill(mask, v)")
 
-    def fill_(self, value: Any) -> Tensor:
-        value = as_tensor(value, like=self)
+    def _fill_value(self, value: Any, op: str) -> Tensor:
+        """`value` (a number or 0-d tensor) in this tensor's dtype, cast as PyTorch's fills cast
+        it (2.7 into an int tensor is 2)."""
+        value = as_tensor(value if isinstance(value, Tensor) else np.asarray(value))
         if value.ndim:
-            raise ShapeError(f"fill_: the value must be a number or a 0-d tensor, got shape "
+            raise ShapeError(f"{op}: the value must be a number or a 0-d tensor, got shape "
                              f"{value.shape} (at {user_location()})")
-        return self._in_place(value.astype(self.dtype).broadcast_to(self.shape), "x.fill_(v)",
-                              "gc.full_like(x, v)")
+        return value.astype(self.dtype)
+
+    def fill_(self, value: Any) -> Tensor:
+        return self._in_place(self._fill_value(value, "fill_").broadcast_to(self.shape),
+                              "x.fill_(v)", "gc.full_like(x, v)")
 
     def zero_(self) -> Tensor:
         return self.fill_(0)

@@ -49,7 +49,7 @@ from typing import Iterable
 from graphc.ir import Graph, Node, Value
 from graphc.ir.kernels import KERNEL_OP, bounded_label, is_literal, op_class
 from graphc.ir.ops.control import SCAN_OP
-from graphc.ir.registry import ELEMENTWISE, SHAPE, get
+from graphc.ir.registry import ELEMENTWISE, PRIMITIVES, SHAPE, get
 
 from .dag import DiGraph
 
@@ -689,7 +689,8 @@ def _transpose_per_product(graph: Graph) -> Graph:
                 and len(right) < SHARED_RIGHT_OPERAND_READERS
                 and not any(_stores_right_operand(u) for u in right)
                 and not (source is not None and is_literal(source))
-                and all(get(u.op).transposed_operands for u in readers))
+                # (a scan reading it is no registered op: it keeps the one transpose)
+                and all(u.op in PRIMITIVES and get(u.op).transposed_operands for u in readers))
 
     shared = {node.output: node for node in graph.nodes if shared_transpose(node)}
     if not shared:

@@ -545,3 +545,30 @@ def test_a_body_value_read_after_the_loop_is_refused_by_name():
     with pytest.raises(GraphcError, match=r"a value computed inside a gc.scan body is read after the "
                                           r"loop .*computed at .*test_scan.py"):
         jit(fn)(np.ones((5, 3), np.float32))
+
+
+def test_a_weight_read_inside_and_outside_a_scan_exports_and_draws_fused(tmp_path):
+    """Fusion's shared-transpose rewrite asked the op registry about the scan reading W.T:
+    export and the fused DOT failed with `unknown op 'scan'` (training ran: it splits scans
+    out first)."""
+    class Model(gc.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = gc.nn.Linear(3, 3)
+
+        def forward(self, x):
+            xs = x.transpose(0, 1)
+            last, _ = gc.scan(lambda h, xt: ((self.lin(h) + xt).tanh(), None), xs[0] * 0, xs)
+            return last + self.lin(xs[-1])
+
+    x = np.random.default_rng(0).standard_normal((4, 5, 3)).astype(np.float32)
+    y = np.zeros((4, 3), np.float32)
+    gc.manual_seed(0)
+    model = Model()
+    step = gc.compile_train_step(model, gc.nn.functional.mse_loss,
+                                 gc.optim.SGD(model.parameters(), lr=0.1), example_inputs=(x, y))
+    expected = step(x, y)
+    step.export(str(tmp_path / "step.gcx"))
+    assert "scan" in step.to_dot(stage="fused")
+    gc.compile(model, example_inputs=x).export(str(tmp_path / "model.gcx"))
+    assert np.isfinite(expected) and np.isfinite(gc.load(str(tmp_path / "step.gcx"))(x, y))

@@ -136,6 +136,25 @@ def test_a_schedule_sets_pytorchs_rates(name, settings):
         schedule.step()
 
 
+@pytest.mark.parametrize("settings", [{"T_0": 1, "T_mult": 3}, {"T_0": 3, "T_mult": 2, "eta_min": 0.01}])
+def test_warm_restarts_restart_exactly_and_take_fractional_epochs(settings):
+    """A logarithm counted the periods: epoch 121 of T_0=1, T_mult=3 (a restart) gave eta_min;
+    and step(epoch), PyTorch's way to move the rate within an epoch, took no argument."""
+    torch_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    torch_schedule = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(torch_optimizer, **settings)
+    schedule = optim.CosineAnnealingWarmRestarts(optim.SGD(nn.Linear(2, 2).parameters(), lr=1.0), **settings)
+    for _ in range(400):
+        assert schedule.get_last_lr()[0] == pytest.approx(torch_schedule.get_last_lr()[0], abs=1e-15)
+        torch_optimizer.step()
+        torch_schedule.step()
+        schedule.step()
+    for batch in range(40):
+        torch_schedule.step(batch / 4)
+        schedule.step(batch / 4)
+        assert schedule.get_last_lr()[0] == pytest.approx(torch_schedule.get_last_lr()[0], abs=1e-15)
+    assert schedule.last_epoch == torch_schedule.last_epoch == 9
+
+
 def test_a_schedule_refuses_periods_pytorch_refuses():
     optimizer = optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
     with pytest.raises(ValueError, match="T_0 must be an int > 0"):

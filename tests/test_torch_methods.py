@@ -101,6 +101,21 @@ def test_integer_tensors_keep_their_dtype_as_in_pytorch(fn):
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("fill", [lambda t: t.fill_(2.7), lambda t: t.masked_fill_(t > 0, 2.7),
+                                  lambda t: t.masked_fill(t > 0, -2.7), lambda t: (t > 0).fill_(0.3)])
+def test_a_fill_value_takes_the_tensors_dtype_as_in_pytorch(fill):
+    """A float value for an int or bool tensor was refused (`cannot combine 2.7 with a int64
+    tensor`), where x[i] = 2.7 and PyTorch's fills cast it."""
+    def written(t):
+        t = t * 1
+        result = fill(t)
+        return t if result is t else result
+    expected = written(torch.tensor(XI)).numpy()
+    got = gc.jit(written)(XI)
+    assert got.dtype == expected.dtype
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_functions_match_pytorchs_and_numpys():
     a, b = X[1], Y[0]
     np.testing.assert_array_equal(gc.jit(gc.isnan)(X), np.isnan(X))
@@ -126,7 +141,8 @@ def test_gradients_flow_through_the_compositions():
 @pytest.mark.parametrize("call, message", [
     (lambda y: y.index_select(2, np.array([0])), r"index_select: dim 2 is not an axis of a tensor of shape \(3, 4\)"),
     (lambda y: y.index_select(0, np.array([[0]])), r"index_select: the index must be a 0-d or 1-D integer"),
-    (lambda y: y.narrow(1, 2, 3), r"narrow: start 2 and length 3 do not fit axis 1 of size 4"),
+    (lambda y: y.narrow(1, 2, 3), r"narrow: start 2 \(in \[-4, 4\]\) and length 3 do not fit axis 1 of size 4"),
+    (lambda y: y.narrow(1, -5, 1), r"narrow: start -5 \(in \[-4, 4\]\) and length 1"),
     (lambda y: y.repeat_interleave(np.array([1, 2])), r"repeat_interleave: repeats must be an int"),
     (lambda y: y.roll((1, 2), 0), r"roll: 2 shifts for 1 dims"),
     (lambda y: y.mm(y[0]), r"mm: both operands must be 2-D"),
@@ -138,3 +154,17 @@ def test_gradients_flow_through_the_compositions():
 def test_wrong_arguments_are_named_at_the_users_line(call, message):
     with pytest.raises(gc.GraphcError, match=message + r".*test_torch_methods.py"):
         gc.jit(call)(Y)
+
+
+def test_an_integer_tensor_to_a_constant_power_stays_integer_as_in_pytorch():
+    """i ** 3 was refused (`pow: expects floating-point operands`); only ** 2 ran."""
+    for exponent in (0, 1, 3, 7, np.int64(5)):
+        expected = (torch.tensor(XI) ** int(exponent)).numpy()
+        got = gc.jit(lambda i: i ** exponent)(XI)
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)
+    with pytest.raises(gc.GraphcError, match="integers to negative integer powers are not allowed"):
+        gc.jit(lambda i: i ** -1)(XI)
+    for power in (lambda i: 2 ** i.abs(), lambda i: i.pow(i.abs())):
+        with pytest.raises(gc.GraphcError, match="pow: .* is not supported .*cast to float first"):
+            gc.jit(power)(XI)

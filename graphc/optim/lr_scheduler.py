@@ -165,13 +165,24 @@ class CosineAnnealingWarmRestarts(LRScheduler):
         self.T_0, self.T_mult, self.eta_min = T_0, T_mult, eta_min
         super().__init__(optimizer, last_epoch)
 
-    def rate(self, epoch: int, group: int = 0) -> float:
-        if self.T_mult == 1:
-            period, into = self.T_0, epoch % self.T_0
-        else:  # the restart before `epoch`: periods T_0, T_0 T_mult, ... sum to T_0 (T_mult^n - 1) / (T_mult - 1)
-            n = int(math.log(epoch / self.T_0 * (self.T_mult - 1) + 1, self.T_mult))
-            period = self.T_0 * self.T_mult ** n
-            into = epoch - self.T_0 * (self.T_mult ** n - 1) // (self.T_mult - 1)
+    def step(self, epoch: float | None = None) -> None:
+        """One epoch on, or to `epoch`, which may fall between epochs as PyTorch's allows
+        (`scheduler.step(epoch + batch / batches)` each batch)."""
+        if epoch is None:
+            return super().step()
+        if not 0 <= epoch < math.inf:
+            raise ValueError(f"CosineAnnealingWarmRestarts: epoch must be >= 0, got {epoch!r}")
+        self.last_epoch = epoch - 1  # super().step() adds the one
+        super().step()
+        self.last_epoch = math.floor(epoch)
+
+    def rate(self, epoch: float, group: int = 0) -> float:
+        # the period `epoch` falls in, counted exactly (a logarithm put epoch 121 of T_0=1,
+        # T_mult=3 at the end of a period, not at its restart)
+        period, into = self.T_0, epoch % self.T_0 if self.T_mult == 1 else epoch
+        while into >= period:
+            into -= period
+            period *= self.T_mult
         cos = (1 + math.cos(math.pi * into / period)) / 2
         return self.eta_min + (self.base_lrs[group] - self.eta_min) * cos
 

@@ -69,6 +69,11 @@ def check_indices(op: str, indices: np.ndarray, size: int, wrap_negative: bool,
                                low, high, loc)
 
 
+# A scatter's indices are those of the gather it differentiates: an error names the gather, the
+# op the user wrote (t[i], x.gather), also where the gradient alone reads them
+NAMED_AFTER = {"scatter_add": "gather", "scatter_add_along_axis": "take_along_axis"}
+
+
 def index_bounds(node: Node) -> tuple[int, bool] | None:
     """For an op that reads memory at its operand 1's values: the size of the axis they index
     and `wrap_negative`; None for every other op (one_hot included: it only compares)."""
@@ -161,7 +166,7 @@ def _along_axis_index(shape, indices, axis, out_shape):
 
 
 def _scatter_add_along_axis_impl(g, indices, *, axis, shape, wrap_negative):
-    check_indices("scatter_add_along_axis", indices, shape[axis], wrap_negative)
+    check_indices(NAMED_AFTER["scatter_add_along_axis"], indices, shape[axis], wrap_negative)
     out = np.zeros(shape, g.dtype)
     np.add.at(out, _along_axis_index(shape, indices, axis, g.shape), g)
     return out
@@ -225,7 +230,7 @@ def _scatter_add_infer(g: TensorType, indices: TensorType, *, axis: int, size: i
 
 
 def _scatter_add_impl(g, indices, *, axis, size, wrap_negative):
-    check_indices("scatter_add", indices, size, wrap_negative)
+    check_indices(NAMED_AFTER["scatter_add"], indices, size, wrap_negative)
     out = np.zeros(g.shape[:axis] + (size,) + g.shape[axis + indices.ndim:], g.dtype)
     np.add.at(out, (builtins.slice(None),) * axis + (indices,), g)
     return out
