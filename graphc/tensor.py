@@ -1457,7 +1457,13 @@ class Tensor:
     def le(self, other: Any) -> Tensor: return self <= other
     def gt(self, other: Any) -> Tensor: return self > other
     def ge(self, other: Any) -> Tensor: return self >= other
-    def sign(self) -> Tensor: return bind("sign", self)
+    def sign(self) -> Tensor:
+        """PyTorch's sign: -1, 0 or 1, and 0 for NaN (gc.sign, NumPy's, keeps NaN)."""
+        signs = bind("sign", self)
+        if not is_float(self.dtype):
+            return signs
+        from .functions import where
+        return where(self != self, 0.0, signs)
     def rsqrt(self) -> Tensor: return float_math("rsqrt", self)
     def reciprocal(self) -> Tensor: return float_math("reciprocal", self)
     def log1p(self) -> Tensor: return float_math("log1p", self)

@@ -168,3 +168,9 @@ def test_an_integer_tensor_to_a_constant_power_stays_integer_as_in_pytorch():
     for power in (lambda i: 2 ** i.abs(), lambda i: i.pow(i.abs())):
         with pytest.raises(gc.GraphcError, match="pow: .* is not supported .*cast to float first"):
             gc.jit(power)(XI)
+
+
+def test_sign_of_nan_is_pytorchs_zero_as_a_method_and_numpys_nan_as_gc_sign():
+    x = np.array([np.nan, 2.0, -3.0, 0.0])
+    np.testing.assert_array_equal(gc.jit(lambda a: a.sign())(x), torch.tensor(x).sign().numpy())
+    np.testing.assert_array_equal(gc.jit(gc.sign)(x), np.sign(x))
