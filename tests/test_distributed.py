@@ -290,7 +290,7 @@ def test_ranks_that_build_different_models_refuse_to_start(tmp_path):
 def test_ranks_that_disagree_while_training_end_the_job_saying_on_what(mode, message):
     """A rank switched to eval() summed a shorter buffer with the others' (misaligned means,
     different 'global' losses, exit 0); ranks sharding datasets of other lengths shared rows."""
-    status, output = launch([os.path.join(SCRIPTS, "disagreements.py"), mode], timeout=60)
+    status, output = launch([os.path.join(SCRIPTS, "async_and_disagreements.py"), mode], timeout=60)
     assert status != 0 and message in output, output
     assert "stepped with" not in output and "sharded datasets" not in output
 
@@ -298,9 +298,19 @@ def test_ranks_that_disagree_while_training_end_the_job_saying_on_what(mode, mes
 @needs_mpi
 def test_an_async_epoch_trains_the_short_last_batch_a_loader_keeps():
     """With drop_last=False the last 6 of 30 rows (batches of 8) were never trained on."""
-    status, output = launch([os.path.join(SCRIPTS, "disagreements.py"), "async_short_batch"], timeout=60)
+    status, output = launch([os.path.join(SCRIPTS, "async_and_disagreements.py"), "async_short_batch"], timeout=60)
     assert status == 0, output
     assert "updates 4, samples {1: 30}" in output
+
+
+@needs_mpi
+def test_an_async_step_advances_batch_norms_count_as_one_process_does():
+    """The server never advanced integer buffers: after fit every rank held a count of 0, and a
+    second fit restarted BatchNorm(momentum=None)'s running average."""
+    status, output = launch([os.path.join(SCRIPTS, "async_and_disagreements.py"), "async_batch_norm"],
+                            timeout=90)
+    assert status == 0, output
+    assert "count 8 of 8, running mean off by 0" in output
 
 
 @pytest.mark.parametrize("value", ["nan", "0", "-5", "inf", "abc"])

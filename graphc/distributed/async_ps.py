@@ -54,6 +54,9 @@ from .data_parallel import (DataParallelStep, DistributedError, DistributedLoade
 # Message tags. A push is a small header followed by the flat buffer; a reply is a header
 # followed (unless it says stop) by the flat parameters.
 PUSH_HEADER, PUSH, DIGESTS, REPLY_HEADER, REPLY_PARAMS = 31, 32, 33, 34, 35
+# Integer buffers (batch norm's count of batches) travel apart, as int64: a reply carries the
+# server's, a push the change its step made to them.
+PUSH_COUNTS, REPLY_COUNTS = 36, 37
 # What a reply tells a worker to do next.
 COMPUTE, EPOCH_END, STOP = 0, 1, 2
 # Seconds between polls of a wait that may last (a worker held by the staleness bound, the
@@ -154,6 +157,7 @@ class AsyncStep(DataParallelStep):
         self.worker_times = WorkerTimes()
         self._reply = np.zeros(4, np.int64)  # kind, epoch, batch index, version
         self._pushes = 0
+        self._count_changes: dict[int, np.ndarray] = {}  # server: each worker's last push's
 
     @property
     def workers(self) -> range:
@@ -188,6 +192,24 @@ class AsyncStep(DataParallelStep):
             np.copyto(array, flat[offset:offset + array.size].reshape(array.shape))
             offset += array.size
 
+    def _counts(self) -> dict[str, np.ndarray]:
+        """The integer buffers (batch norm's num_batches_tracked): a worker's step advances its
+        copy, the server adds the mean change of the pushes it applies (+1 an update for a
+        count of batches, as one synchronous step), and ships them with the parameters."""
+        return {n: b for n, b in self.buffers.items()
+                if b is not None and b.dtype.kind in "iu" and n not in self.layout.keys("buffer")}
+
+    def _packed_counts(self) -> np.ndarray:
+        counts = list(self._counts().values())
+        return (np.concatenate([a.reshape(-1) for a in counts]).astype(np.int64) if counts
+                else np.zeros(0, np.int64))
+
+    def _add_to_counts(self, change: np.ndarray) -> None:
+        offset = 0
+        for array in self._counts().values():
+            array += change[offset:offset + array.size].reshape(array.shape).astype(array.dtype)
+            offset += array.size
+
     def _shipped_size(self) -> int:
         return sum(a.size for a in self._shipped().values())
 
@@ -208,16 +230,17 @@ class AsyncStep(DataParallelStep):
             raise DistributedError(f"{self.name}: rank 0 is the parameter server and computes "
                                    "no gradients; train with distributed.fit, which serves there")
         start = time.perf_counter()
+        counts = self._packed_counts()
         reduced = self.compute_gradients(*batch)
         computed = time.perf_counter()
-        self._push(reduced)
+        self._push(reduced, self._packed_counts() - counts)
         self._receive()
         self.worker_times.gradients += computed - start
         self.worker_times.exchange += time.perf_counter() - computed
         self.worker_times.steps += 1
         return float(reduced[-1])
 
-    def _push(self, reduced: np.ndarray) -> None:
+    def _push(self, reduced: np.ndarray, count_change: np.ndarray) -> None:
         self._pushes += 1
         comm, requests = self.world.comm, []
         header = np.array([self._pushes], np.int64)
@@ -226,6 +249,8 @@ class AsyncStep(DataParallelStep):
             digests = self._digests()  # of the parameters this gradient was computed on
             requests.append(comm.Isend(digests, dest=0, tag=DIGESTS))
         requests.append(comm.Isend(reduced, dest=0, tag=PUSH))
+        if count_change.size:
+            requests.append(comm.Isend(count_change, dest=0, tag=PUSH_COUNTS))
         self.world._wait(requests, "sending gradients to the server", peer=0)
 
     def _receive(self) -> None:
@@ -236,9 +261,13 @@ class AsyncStep(DataParallelStep):
                          "waiting for the server's reply", peer=0, pause=IDLE_POLL_S)
         if self._reply[0] != STOP:
             flat = np.empty(self._shipped_size(), self.layout.dtype)
-            self.world._wait([comm.Irecv(flat, source=0, tag=REPLY_PARAMS)],
-                             "receiving parameters from the server", peer=0)
+            counts = self._packed_counts()
+            requests = [comm.Irecv(flat, source=0, tag=REPLY_PARAMS)]
+            if counts.size:
+                requests.append(comm.Irecv(counts, source=0, tag=REPLY_COUNTS))
+            self.world._wait(requests, "receiving parameters from the server", peer=0)
             self._unpack(flat)
+            self._add_to_counts(counts - self._packed_counts())  # the server's counts
             self.version = int(self._reply[3])
 
     # -- the server --------------------------------------------------------------------------
@@ -249,6 +278,9 @@ class AsyncStep(DataParallelStep):
         if kind != STOP:
             params = self._pack()
             requests.append(comm.Isend(params, dest=worker, tag=REPLY_PARAMS))
+            counts = self._packed_counts()
+            if counts.size:
+                requests.append(comm.Isend(counts, dest=worker, tag=REPLY_COUNTS))
         self.world._wait(requests, f"sending parameters to worker rank {worker}", peer=worker)
 
     def _serve_epoch(self, epoch: int, batches: int, batch_size: int, samples: int) -> list[float]:
@@ -321,6 +353,9 @@ class AsyncStep(DataParallelStep):
             digests = np.empty_like(expected)
             requests.append(comm.Irecv(digests, source=worker, tag=DIGESTS))
         requests.append(comm.Irecv(buffer, source=worker, tag=PUSH))
+        change = self._count_changes.setdefault(worker, np.zeros_like(self._packed_counts()))
+        if change.size:
+            requests.append(comm.Irecv(change, source=worker, tag=PUSH_COUNTS))
         self.world._wait(requests, f"receiving gradients from worker rank {worker}", peer=worker)
         if digests is None:
             return
@@ -343,6 +378,9 @@ class AsyncStep(DataParallelStep):
         if len(workers) > 1:
             mean *= mean.dtype.type(1.0 / len(workers))
         self._update.executable(mean, *self._update.persistent, *self.optimizer.learning_rates())
+        changes = [self._count_changes[w] for w in workers if w in self._count_changes]
+        if changes and changes[0].size:
+            self._add_to_counts(np.rint(np.mean(changes, axis=0)).astype(np.int64))
         for worker in workers:
             self.stats.record(worker, self.version - base[worker], rows[worker])
         self.version += 1

@@ -1,12 +1,14 @@
-"""Ranks that disagree without knowing it, and an asynchronous epoch's short last batch, run by
+"""Ranks that disagree without knowing it, and asynchronous training's edges, run by
 tests/test_distributed.py under `mpiexec -n 2`.
 
-    python disagreements.py eval_on_one_rank   # rank 1's batch-norm model in eval mode
-    python disagreements.py dataset_length     # rank 1 reads a longer copy of the dataset
-    python disagreements.py async_short_batch  # 30 rows in batches of 8, drop_last=False
+    python async_and_disagreements.py eval_on_one_rank   # rank 1's batch-norm model in eval mode
+    python async_and_disagreements.py dataset_length     # rank 1 reads a longer copy of the data
+    python async_and_disagreements.py async_short_batch  # 30 rows in batches of 8, drop_last=False
+    python async_and_disagreements.py async_batch_norm   # two fits of BatchNorm(momentum=None)
 
 The first two must end the job naming the disagreement; the third prints the updates and the
-samples the server applied.
+samples the server applied; the fourth compares the server's batch-norm statistics and count
+with a single-process step's on the same batches.
 """
 from __future__ import annotations
 
@@ -38,6 +40,28 @@ def main(mode: str) -> None:
         dataset = data.TensorDataset(np.ones((n, 5), np.float32), np.arange(n) % 3)
         distributed.DistributedLoader(dataset, 5, world, seed=1)
         print("sharded datasets of different lengths", flush=True)
+    elif mode == "async_batch_norm":
+        def build():
+            gc.manual_seed(0)
+            return nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6, momentum=None), nn.ReLU(), nn.Linear(6, 3))
+        x, y = rng.standard_normal((32, 5)).astype(np.float32), rng.integers(0, 3, 32)
+        model = build()
+        step = distributed.AsyncStep(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1),
+                                     (x[:8], y[:8]), max_staleness=0, backend="reference", world=world)
+        loader = distributed.DistributedLoader(data.TensorDataset(x, y), 8, world, shuffle=False)
+        for _ in range(2):
+            distributed.fit(step, loader, epochs=1)
+        if world.is_root:
+            single = build()
+            alone = gc.compile_train_step(single, F.cross_entropy, optim.SGD(single.parameters(), lr=0.1),
+                                          (x[:8], y[:8]), backend="reference")
+            for _ in range(2):
+                for k in range(0, 32, 8):
+                    alone(x[k:k + 8], y[k:k + 8])
+            ours, theirs = model.state_dict(), single.state_dict()
+            print(f"count {int(ours['1.num_batches_tracked'])} of {int(theirs['1.num_batches_tracked'])}, "
+                  f"running mean off by {np.abs(ours['1.running_mean'] - theirs['1.running_mean']).max():g}",
+                  flush=True)
     else:
         model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
         x, y = rng.standard_normal((30, 5)).astype(np.float32), rng.integers(0, 3, 30)
