@@ -296,6 +296,7 @@ class TrainStep(_CompiledModelBase):
             raise GraphcError(f"{name}: targets={targets} must leave at least one model input "
                               f"among the {len(example_inputs)} example inputs")
         self.model, self.loss_fn, self.optimizer, self.targets = model, loss_fn, optimizer, targets
+        self._arity = len(example_inputs)
         self.backend = backend or default_backend()
         self.clip_grad_norm, self.l1, self.name = clip_grad_norm, l1, name
         self._bind_model()
@@ -429,8 +430,16 @@ class TrainStep(_CompiledModelBase):
                   **{f"{n}.{k}": v for n, s in self._opt_state.items() for k, v in s.items()}}
         return [arrays[inp.name] for inp in graph.inputs if inp.name in arrays]
 
+    def check_arity(self, batch: Sequence[Any]) -> None:
+        """A batch holds as many arrays as the example inputs did (a different count would trace
+        the model with other arguments, failing inside its forward)."""
+        if len(batch) != self._arity:
+            raise GraphcError(f"{self.name}: takes {self._arity} arrays, the model's inputs then "
+                              f"{self.targets} target(s), as its example inputs; got {len(batch)}")
+
     def _arguments(self, batch: Sequence[Any]) -> tuple[CompiledGraph, list[Any]]:
         arrays = batch_arrays(batch)
+        self.check_arity(batch)
         compiled, implicit = self._select(arrays)
         compiled.calls += 1
         if not compiled.persistent:

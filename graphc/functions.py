@@ -175,7 +175,8 @@ def concatenate(xs: Sequence[Tensor], axis: int = 0, *, dim: int | None = None) 
     (axis,) = normalize_axes(axis if dim is None else dim, tensors[0].ndim)
     dtype = functools.reduce(promote_types, (t.dtype for t in tensors))  # as torch.cat promotes
     tensors = [t.astype(dtype) for t in tensors]
-    return tensors[0] if len(tensors) == 1 else bind("concatenate", *tensors, axis=axis)
+    # one tensor: a copy, as torch.cat makes (writing it in place leaves the input)
+    return tensors[0].clone() if len(tensors) == 1 else bind("concatenate", *tensors, axis=axis)
 
 
 def cat(tensors: Sequence[Tensor], dim: int = 0, *, axis: int | None = None) -> Tensor:
@@ -795,13 +796,15 @@ def roll(x: Any, shifts: int | Sequence[int], dims: int | Sequence[int] | None =
     if len(shift_list) != len(dim_list):
         raise ShapeError(f"roll: {len(shift_list)} shifts for {len(dim_list)} dims "
                          f"(at {user_location()})")
+    rolled = x
     for shift, dim in zip(shift_list, dim_list):
-        axis = _axis(x, dim, "roll")
-        size = x.shape[axis]
+        axis = _axis(rolled, dim, "roll")
+        size = rolled.shape[axis]
         cut = size - int(shift) % size if size else 0
         if 0 < cut < size:
-            x = concatenate([_along(x, axis, slice(cut, None)), _along(x, axis, slice(0, cut))], axis)
-    return x
+            rolled = concatenate([_along(rolled, axis, slice(cut, None)),
+                                  _along(rolled, axis, slice(0, cut))], axis)
+    return rolled.clone() if rolled is x else rolled  # a copy even where nothing moves
 
 
 def repeat_interleave(x: Any, repeats: int, dim: int | None = None) -> Tensor:
@@ -818,7 +821,8 @@ def repeat_interleave(x: Any, repeats: int, dim: int | None = None) -> Tensor:
     axis = _axis(x, dim, "repeat_interleave")
     shape = x.shape
     spread = x.unsqueeze(axis + 1).expand(*shape[:axis + 1], int(repeats), *shape[axis + 1:])
-    return spread.reshape(*shape[:axis], shape[axis] * int(repeats), *shape[axis + 1:])
+    # a copy, never a view of x (one repeat would be one)
+    return spread.reshape(*shape[:axis], shape[axis] * int(repeats), *shape[axis + 1:]).clone()
 
 
 def outer(x: Any, y: Any) -> Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import math
 import os
 import sys
 import threading
@@ -475,6 +476,12 @@ def current_trace() -> Trace:
     return _STATE.stack[-1]
 
 
+def enclosing_traces() -> list[Trace]:
+    """The traces the current one runs inside (a gc.grad within a training step's loss), innermost
+    last."""
+    return _STATE.stack[:-1]
+
+
 def is_tracing() -> bool:
     return bool(_STATE.stack)
 
@@ -487,6 +494,12 @@ def bind(op: str, *inputs: Tensor, **attrs: Any) -> Tensor:
 # (torch.exp of int64 is float32); its NN functions (softmax, gelu) refuse one.
 FLOAT_MATH = frozenset({"exp", "log", "log1p", "expm1", "sqrt", "rsqrt", "tanh", "sigmoid",
                         "reciprocal", "sin", "cos", "erf"})
+
+
+def _scaled(x: Any, factor: Any) -> Any:
+    """x * factor, or x itself for the number 1 (PyTorch's alpha and value; a tensor factor,
+    a traced learning rate, multiplies too)."""
+    return x if _is_number(factor) and factor == 1 else x * factor
 
 
 def _integer_power(x: Tensor, exponent: int) -> Tensor:
@@ -761,6 +774,37 @@ def c_strides(shape: Sequence[int]) -> tuple[int, ...]:
         strides.append(step)
         step *= max(n, 1)
     return tuple(reversed(strides))
+
+
+def _view_strides(shape: Sequence[int], strides: Sequence[int], new_shape: Sequence[int]
+                  ) -> tuple[int, ...] | None:
+    """The strides that show a tensor of `shape` and `strides` as `new_shape` (the same
+    elements in C order), or None where none do and a reshape must copy (PyTorch's rule).
+
+    Axes whose elements follow on from the next axis's without a gap form runs that behave as
+    one axis; the new shape must split each run's elements into whole axes of its own."""
+    if math.prod(shape) == 0:
+        return tuple(strides) if tuple(shape) == tuple(new_shape) else c_strides(new_shape)
+    if not shape:
+        return (1,) * len(new_shape)
+    new_strides = [0] * len(new_shape)
+    view_axis = len(new_shape) - 1
+    base_stride, run_elements, view_elements = strides[-1], 1, 1
+    for axis in range(len(shape) - 1, -1, -1):
+        run_elements *= shape[axis]
+        run_ends = axis == 0 or (shape[axis - 1] != 1
+                                 and strides[axis - 1] != run_elements * base_stride)
+        if not run_ends:
+            continue
+        while view_axis >= 0 and (view_elements < run_elements or new_shape[view_axis] == 1):
+            new_strides[view_axis] = view_elements * base_stride
+            view_elements *= new_shape[view_axis]
+            view_axis -= 1
+        if view_elements != run_elements:
+            return None
+        if axis > 0:
+            base_stride, run_elements, view_elements = strides[axis - 1], 1, 1
+    return tuple(new_strides) if view_axis == -1 else None
 
 
 class Tensor:
@@ -1178,7 +1222,16 @@ class Tensor:
         NumPy's take; this is gc.take_along_axis, but as in PyTorch a negative index is refused,
         not counted from the end)."""
         (axis,) = normalize_axes(dim, self.ndim)
-        return bind("take_along_axis", self, as_tensor(index), axis=axis, wrap_negative=False)
+        index = as_tensor(index)
+        if index.ndim != self.ndim or any(i > n for d, (i, n) in enumerate(zip(index.shape, self.shape))
+                                          if d != axis):
+            raise ShapeError(f"gather: the index {index.shape} must have the tensor's {self.ndim} "
+                             f"dims, each but dim {dim} no longer than the tensor's {self.shape} "
+                             f"(at {user_location()})")
+        # PyTorch reads the leading part of the other axes the index covers (NumPy's
+        # take_along_axis would broadcast an index of length 1 instead)
+        source = self[tuple(slice(None) if d == axis else slice(0, i) for d, i in enumerate(index.shape))]
+        return bind("take_along_axis", source, index, axis=axis, wrap_negative=False)
 
     # -- math: graphc/functions.py defines these ----------------------------------------------
     def sin(self) -> Tensor: return float_math("sin", self)
@@ -1271,16 +1324,26 @@ class Tensor:
                                  f"(at {user_location()})")
             dims[dims.index(-1)] = self.numel() // known
         out = bind("reshape", self, shape=tuple(dims))
-        if not self.is_contiguous():  # PyTorch copies
+        strides = _view_strides(self.shape, self.strides, out.shape)
+        if strides is None:  # no strides give these elements in this shape: PyTorch copies
             return out
         shape = out.shape
         return self._viewing(out, lambda base: bind("reshape", base, shape=shape),
-                             self._reshaped_back, c_strides(shape))
+                             self._reshaped_back, strides)
 
     def _reshaped_back(self, view: Tensor) -> Tensor:
         return bind("reshape", view, shape=self.shape)
 
-    view = reshape
+    def view(self, *shape: int | Sequence[int]) -> Tensor:
+        """PyTorch's view: a reshape that is always a view of this tensor, refused (as in
+        PyTorch) where its strides cannot give the new shape."""
+        out = self.reshape(*shape)
+        if out._view is None or out._view.base is not self:
+            raise ShapeError(f"view: a tensor of shape {self.shape} and strides {self.strides} "
+                             f"cannot be viewed as {out.shape} (an axis of the view would span "
+                             f"two of its strided parts); use .reshape(...), which copies "
+                             f"(at {user_location()})")
+        return out
 
     def transpose(self, *dims: int) -> Tensor:
         """PyTorch's meaning: swap two axes. With no arguments, reverse all axes (NumPy's)."""
@@ -1389,7 +1452,8 @@ class Tensor:
         # A copy axis before each axis, broadcast to the count, then merged into it.
         interleaved = self.reshape(tuple(d for n in shape for d in (1, n)))
         tiled = interleaved.broadcast_to(tuple(d for r, n in zip(repeats, shape) for d in (r, n)))
-        return tiled.reshape(tuple(r * n for r, n in zip(repeats, shape)))
+        # a copy, never a view of this tensor (repeats of 1 would make one), as PyTorch's
+        return tiled.reshape(tuple(r * n for r, n in zip(repeats, shape))).clone()
 
     def flip(self, *dims: int | Sequence[int]) -> Tensor:
         """The elements in reverse order along `dims`."""
@@ -1442,10 +1506,14 @@ class Tensor:
 
     # -- PyTorch's method forms of operators and gc functions ---------------------------------
     def add(self, other: Any, *, alpha: Any = 1) -> Tensor:
-        return self + (other if alpha == 1 else other * alpha)
+        return self + _scaled(other, alpha)
 
     def sub(self, other: Any, *, alpha: Any = 1) -> Tensor:
-        return self - (other if alpha == 1 else other * alpha)
+        return self - _scaled(other, alpha)
+
+    def clone(self) -> Tensor:
+        """A copy: writing it in place leaves this tensor as it is (and this one's writes it)."""
+        return Tensor(self.value)
 
     def mul(self, other: Any) -> Tensor: return self * other
     def pow(self, exponent: Any) -> Tensor: return self ** exponent
@@ -1469,7 +1537,7 @@ class Tensor:
     def log1p(self) -> Tensor: return float_math("log1p", self)
     def clamp_min(self, min: Any) -> Tensor: return self.clamp(min=min)
     def clamp_max(self, max: Any) -> Tensor: return self.clamp(max=max)
-    def view_as(self, other: Tensor) -> Tensor: return self.reshape(other.shape)
+    def view_as(self, other: Tensor) -> Tensor: return self.view(other.shape)
 
     def div(self, other: Any, *, rounding_mode: str | None = None) -> Tensor:
         """self / other; rounding_mode 'floor' or 'trunc' rounds the quotient, integers staying
@@ -1482,25 +1550,28 @@ class Tensor:
             x, y = promoted(self, other)
             if is_float(x.dtype):
                 return (x / y).trunc()
-            return (x.astype("float64") / y.astype("float64")).trunc().astype(x.dtype)
+            # the floor quotient, one up where it was rounded down past zero: exact in the
+            # integers (a float64 quotient loses the last digits beyond 2**53)
+            floor = x // y  # (x // 0 is 0 in graphc, and so is the truncated quotient)
+            return floor + ((floor * y != x) & ((x < 0) != (y < 0)) & (y != 0)).astype(x.dtype)
         raise GraphcError(f"div: rounding_mode must be None, 'floor' or 'trunc', not "
                           f"{rounding_mode!r} (at {user_location()})")
 
     def matmul(self, other: Any) -> Tensor: return self @ other
 
-    def mm(self, other: Any) -> Tensor:
-        other = as_tensor(other, like=self)
-        if self.ndim != 2 or other.ndim != 2:
+    def mm(self, mat2: Any) -> Tensor:
+        mat2 = as_tensor(mat2, like=self)
+        if self.ndim != 2 or mat2.ndim != 2:
             raise ShapeError(f"mm: both operands must be 2-D, got shapes {self.shape} and "
-                             f"{other.shape} (at {user_location()})")
-        return self @ other
+                             f"{mat2.shape} (at {user_location()})")
+        return self @ mat2
 
-    def bmm(self, other: Any) -> Tensor:
-        other = as_tensor(other, like=self)
-        if self.ndim != 3 or other.ndim != 3 or self.shape[0] != other.shape[0]:
+    def bmm(self, mat2: Any) -> Tensor:
+        mat2 = as_tensor(mat2, like=self)
+        if self.ndim != 3 or mat2.ndim != 3 or self.shape[0] != mat2.shape[0]:
             raise ShapeError(f"bmm: both operands must be 3-D with the same batch, got shapes "
-                             f"{self.shape} and {other.shape} (at {user_location()})")
-        return self @ other
+                             f"{self.shape} and {mat2.shape} (at {user_location()})")
+        return self @ mat2
 
     def where(self, condition: Any, other: Any) -> Tensor:
         """PyTorch's x.where(condition, y): x where condition holds, else y."""
@@ -1516,15 +1587,19 @@ class Tensor:
         return minimum(self, other)
 
     def lerp(self, end: Any, weight: Any) -> Tensor: return self + weight * (end - self)
-    def addcmul(self, t1: Any, t2: Any, *, value: Any = 1) -> Tensor: return self + value * t1 * t2
-    def addcdiv(self, t1: Any, t2: Any, *, value: Any = 1) -> Tensor: return self + value * t1 / t2
+    def addcmul(self, tensor1: Any, tensor2: Any, *, value: Any = 1) -> Tensor:
+        return self + _scaled(as_tensor(tensor1, like=self) * tensor2, value)
+
+    def addcdiv(self, tensor1: Any, tensor2: Any, *, value: Any = 1) -> Tensor:
+        return self + _scaled(as_tensor(tensor1, like=self) / tensor2, value)
 
     def new_full(self, size: Sequence[int], fill_value: Any, *, dtype: Any = None,
                  device: Any = None) -> Tensor:
         """A tensor of `size` holding `fill_value`, of this tensor's dtype unless `dtype` says."""
-        from .functions import full
+        from .functions import zeros
         del device
-        return full(tuple(size), fill_value, dtype=dtype or self.dtype)
+        like = zeros(tuple(size), dtype=dtype or self.dtype)
+        return like._fill_value(fill_value, "new_full").broadcast_to(like.shape)
 
     def new_zeros(self, *size: Any, dtype: Any = None, device: Any = None) -> Tensor:
         from .functions import _shape_argument
@@ -1544,7 +1619,7 @@ class Tensor:
         """The axis `dim` split into `sizes` (one of them may be -1)."""
         from .functions import _axis
         axis = _axis(self, dim, "unflatten")
-        return self.reshape(*self.shape[:axis], *sizes, *self.shape[axis + 1:])
+        return self.view(*self.shape[:axis], *sizes, *self.shape[axis + 1:])  # always a view
 
     def isnan(self) -> Tensor:
         from .functions import isnan
@@ -1598,9 +1673,9 @@ class Tensor:
         from .functions import repeat_interleave
         return repeat_interleave(self, repeats, dim)
 
-    def outer(self, other: Any) -> Tensor:
+    def outer(self, vec2: Any) -> Tensor:
         from .functions import outer
-        return outer(self, other)
+        return outer(self, vec2)
 
     # PyTorch's in-place methods, written as the in-place operators are (see _in_place)
     def add_(self, other: Any, *, alpha: Any = 1) -> Tensor:
@@ -1612,8 +1687,8 @@ class Tensor:
     def mul_(self, other: Any) -> Tensor:
         return self._in_place(self * other, "x.mul_(y)", "x.mul(y)")
 
-    def div_(self, other: Any) -> Tensor:
-        return self._in_place(self / other, "x.div_(y)", "x.div(y)")
+    def div_(self, other: Any, *, rounding_mode: str | None = None) -> Tensor:
+        return self._in_place(self.div(other, rounding_mode=rounding_mode), "x.div_(y)", "x.div(y)")
 
     def clamp_(self, min: Any = None, max: Any = None) -> Tensor:
         return self._in_place(self.clamp(min, max), "x.clamp_(...)", "x.clamp(...)")

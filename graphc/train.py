@@ -221,16 +221,17 @@ def load_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
         if array.shape != own[name].shape or array.dtype != own[name].dtype:
             raise LoadError(path, f"is {array.dtype}{list(array.shape)}, expected "
                             f"{own[name].dtype}{list(own[name].shape)}", name)
-    for name, array in data.items():
-        if (name == "step" or _own_step_count(name)) and not is_step_count(array):
-            raise LoadError(path, f"the step count must be a whole number >= 0, got "
-                            f"{array.ravel()[:1].tolist()}", name)
     if metadata.get("version") != "1":  # version 1 held no checksums
         from .export import tensor_digest
 
         for name, array in data.items():
             if name in arrays and metadata.get(f"sha256/{name}") != tensor_digest(array):
                 raise LoadError(path, "fails its checksum: the checkpoint is corrupted", name)
+    # (after the checksums: a corrupted file is named so)
+    for name, array in data.items():
+        if (name == "step" or _own_step_count(name)) and not is_step_count(array):
+            raise LoadError(path, f"the step count must be a whole number >= 0, got "
+                            f"{array.ravel()[:1].tolist()}", name)
     rates = _checkpoint_rates(path, metadata, len(learning_rates(step)))
     schedule = _checkpoint_schedule(path, metadata, len(learning_rates(step)))
     if counted:
@@ -580,7 +581,7 @@ def fit(step: TrainStep | LoadedTrainStep, train_loader: Iterable, epochs: int =
             for batch in bar:
                 _require_batch(batch)
                 loss = checked_step(step, batch, check_numerics, f"at epoch {epoch}, step {global_step}")
-                n = len(batch[-1])
+                n = len(batch[-1]) if np.ndim(batch[-1]) else 1  # a 0-d target: one sample
                 total, seen, global_step = total + loss * n, seen + n, global_step + 1
                 if writer is not None:
                     writer.add_scalar("train/loss", loss, global_step)

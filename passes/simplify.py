@@ -426,8 +426,7 @@ def stack_products(graph: Graph) -> Graph:
         products = summed(node.inputs, ins, node.output.type)
         if products is None or len(products) < 3:
             return None
-        # a product with zeros adds nothing (a recurrence's first step reads a zero state)
-        products = [p for p in products if not any(_is_const(v, 0) for v in p.inputs)] or products[:1]
+        # (a product with a zero operand stays: 0 @ W is NaN where W holds a NaN, as PyTorch's)
         lhs = b.concatenate(*(untransposed(b, p.inputs[0]) for p in products), axis=0)
         rhs = b.concatenate(*(p.inputs[1] for p in products), axis=0)
         return b.matmul(b.transpose(lhs, perm=(1, 0)), rhs)

@@ -484,3 +484,17 @@ def test_pytorchs_gather_and_index_select_refuse_a_negative_index(call):
     with pytest.raises(gc.IndexOutOfRangeError, match=r"index -1 .*valid indices are \[0, 3\)"):
         gc.jit(call)(q, np.array([-1, 0]))
     np.testing.assert_array_equal(gc.jit(lambda q: q.gather(1, np.array([[2], [0]])))(q).ravel(), [2, 3])
+
+
+def test_a_gradient_penalty_through_a_batch_norm_model_in_training_says_what_is_unsupported():
+    """It told the user to make the trained model a submodule of the trained model."""
+    model = gc.nn.Sequential(gc.nn.Linear(3, 4), gc.nn.BatchNorm1d(4), gc.nn.Linear(4, 1))
+    x = np.ones((4, 3), np.float32)
+
+    def loss(out, target):
+        penalty = gc.grad(lambda xi: model(xi).sum())(target)
+        return F.mse_loss(out, out * 0) + (penalty ** 2).mean()
+    with pytest.raises(gc.GraphcError, match="cannot be updated inside a gc.grad or gc.jit traced "
+                                             "within a training step"):
+        gc.compile_train_step(model, loss, gc.optim.SGD(model.parameters(), lr=0.1), (x, x),
+                              backend="reference")

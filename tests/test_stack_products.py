@@ -70,7 +70,9 @@ def test_a_tree_of_sums_is_stacked_whole():
     assert_same_values(rewritten, b.graph)
 
 
-def test_a_product_with_zeros_is_left_out_of_the_stacks():
+def test_a_product_with_zeros_stays_in_the_stack_so_a_nan_it_meets_shows():
+    """Products with a zero operand were left out: a NaN weight read by a recurrence's zero
+    first state vanished from the sum, where PyTorch's 0 @ NaN is NaN."""
     b = Builder("g")
     zeros = b.const(np.zeros((4, 3)), F64)
     total = None
@@ -80,8 +82,13 @@ def test_a_product_with_zeros_is_left_out_of_the_stacks():
         total = p if total is None else b.add(total, p)
     b.add_output("out", total)
     rewritten = simplify(b.graph)
-    assert matmuls(rewritten) == [((3, 8), (8, 5))]
+    assert matmuls(rewritten) == [((3, 12), (12, 5))]
     assert_same_values(rewritten, b.graph)
+    read_by_zeros = np.ones((4, 5))
+    read_by_zeros[0, 0] = np.nan
+    (out,) = evaluate(rewritten, [read_by_zeros, np.ones((4, 3)), np.ones((4, 5)), np.ones((4, 3)),
+                                  np.ones((4, 5))])
+    assert np.isnan(out[:, 0]).all() and np.isfinite(out[:, 1:]).all()
 
 
 def test_two_products_stay_apart():

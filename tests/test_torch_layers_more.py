@@ -211,3 +211,39 @@ def test_a_pretrained_embedding_is_frozen_as_a_buffer_unless_told():
     np.testing.assert_array_equal(trained.weight, table)  # the padding row is kept, as PyTorch's
     expected = torch.nn.Embedding.from_pretrained(torch.tensor(table))(torch.tensor(ids)).numpy()
     np.testing.assert_array_equal(gc.jit(frozen)(ids), expected)
+
+
+def test_from_pretrained_draws_nothing_and_takes_pytorch_tensors():
+    """It built a random table first (advancing the initialisation generator: the next layer's
+    weights changed) and refused a torch tensor that requires grad."""
+    table = torch.nn.Embedding(5, 3).weight  # requires grad
+    gc.manual_seed(0)
+    expected = nn.Linear(2, 2).weight.copy()
+    gc.manual_seed(0)
+    layer = nn.Embedding.from_pretrained(table)
+    np.testing.assert_array_equal(nn.Linear(2, 2).weight, expected)
+    np.testing.assert_array_equal(layer.weight, table.detach().numpy())
+    loss = nn.CrossEntropyLoss(weight=torch.ones(3, requires_grad=True))
+    assert list(loss.state_dict()) == ["weight"]
+    assert nn.Linear(2, 2).to(torch.float64).weight.dtype == np.float64
+
+
+def test_glu_names_a_dim_out_of_range_and_hardswish_differentiates_at_infinity():
+    with pytest.raises(gc.GraphcError, match=r"glu: dim -3 is not an axis of x, of shape \(4, 6\)"):
+        gc.jit(lambda t: F.glu(t, -3))(np.zeros((4, 6)))
+    x = np.array([-np.inf, -5.0, 5.0, np.inf])
+    np.testing.assert_array_equal(gc.grad(lambda t: F.hardswish(t).sum())(x), [0, 0, 1, 1])
+
+
+def test_warm_restarts_carry_a_fraction_into_the_next_plain_step():
+    torch_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    torch_schedule = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(torch_optimizer, T_0=10)
+    schedule = optim.CosineAnnealingWarmRestarts(optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), T_0=10)
+    torch_schedule.step(2.5)
+    schedule.step(2.5)
+    for _ in range(3):
+        assert schedule.get_last_lr()[0] == pytest.approx(torch_schedule.get_last_lr()[0], abs=1e-15)
+        assert schedule.last_epoch == torch_schedule.last_epoch
+        torch_optimizer.step()
+        torch_schedule.step()
+        schedule.step()

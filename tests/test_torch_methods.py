@@ -174,3 +174,63 @@ def test_sign_of_nan_is_pytorchs_zero_as_a_method_and_numpys_nan_as_gc_sign():
     x = np.array([np.nan, 2.0, -3.0, 0.0])
     np.testing.assert_array_equal(gc.jit(lambda a: a.sign())(x), torch.tensor(x).sign().numpy())
     np.testing.assert_array_equal(gc.jit(gc.sign)(x), np.sign(x))
+
+
+def test_gather_reads_the_leading_part_of_the_other_axes_as_pytorch():
+    """NumPy's take_along_axis broadcast an index of length 1 along the other axes: [[3, 0]]
+    gathered from a (3, 4) tensor gave three rows, and a shorter index was refused."""
+    x = np.arange(12.0).reshape(3, 4)
+    for index in (np.array([[3, 0]]), np.array([[3, 0], [1, 1]])):
+        expected = torch.tensor(x).gather(1, torch.tensor(index)).numpy()
+        np.testing.assert_array_equal(gc.jit(lambda a: a.gather(1, index))(x), expected)
+    with pytest.raises(gc.GraphcError, match=r"gather: the index \(4, 1\) must have the tensor's 2 dims"):
+        gc.jit(lambda a: a.gather(1, np.zeros((4, 1), np.int64)))(x)
+
+
+@pytest.mark.parametrize("make", [lambda c: c.roll(0, 1), lambda c: c.roll(3, 1),
+                                  lambda c: c.repeat_interleave(1, 0), lambda c: c.repeat(1, 1),
+                                  lambda c: gc.cat([c]), lambda c: gc.stack([c])[0], lambda c: c.clone()])
+def test_a_copy_written_in_place_leaves_its_source(make):
+    """roll by nothing, one repeat and cat or stack of one tensor returned the tensor itself
+    (or a view of it): writing the result in place wrote the source, where PyTorch copies."""
+    c = np.arange(6.0).reshape(2, 3)
+    np.testing.assert_array_equal(gc.jit(lambda t: (make(t).add_(100), t)[1])(c), c)
+
+
+@pytest.mark.parametrize("write", [lambda t: t[:, 1:].unflatten(1, (5, 1)).add_(100),
+                                   lambda t: t[1:3].view(12).add_(1),
+                                   lambda t: t[:, 2:4].reshape(4, 2, 1).add_(1),
+                                   lambda t: t[:, ::3].view(2, 2, 2).add_(1),
+                                   lambda t: t.t().reshape(24).add_(1)])
+def test_views_of_strided_tensors_write_their_base_where_pytorchs_do(write):
+    """A reshape (view, view_as, unflatten) of a tensor that is not contiguous was always a
+    copy, so writes through one PyTorch makes a view were lost."""
+    c = np.arange(24.0).reshape(4, 6)
+    def written(t):
+        write(t)
+        return t
+    np.testing.assert_array_equal(gc.jit(written)(c), written(torch.tensor(c)).numpy())
+
+
+def test_view_refuses_what_only_a_copy_could_give():
+    with pytest.raises(gc.GraphcError, match=r"view: a tensor of shape \(6, 4\) and strides \(1, 6\) "
+                                             r"cannot be viewed as \(24,\).*use .reshape"):
+        gc.jit(lambda t: t.t().view(24))(np.zeros((4, 6)))
+
+
+def test_truncated_integer_division_is_exact_beyond_float64():
+    x, y = np.array([2**62 + 1, -(2**60 + 7), 2**53 + 1, -7, 7]), np.array([1, 3, 1, 2, -2])
+    expected = torch.tensor(x).div(torch.tensor(y), rounding_mode="trunc").numpy()
+    np.testing.assert_array_equal(gc.jit(lambda a, b: a.div(b, rounding_mode="trunc"))(x, y), expected)
+
+
+def test_keyword_names_and_tensor_factors_as_pytorchs():
+    """alpha as a traced learning rate failed with a bool(tensor) error; PyTorch's keyword
+    names (tensor1, vec2, mat2) were refused; new_full of a traced 0-d value failed."""
+    w, g, lr = np.array([1.0, 1.0, 1.0]), np.array([1.0, 2.0, 3.0]), np.array(0.1)
+    np.testing.assert_allclose(gc.jit(lambda w, g, lr: (w * 1).add_(g, alpha=-lr))(w, g, lr), [0.9, 0.8, 0.7])
+    np.testing.assert_allclose(gc.jit(lambda w, g: w.addcmul(tensor1=g, tensor2=g, value=0.5))(w, g),
+                               [1.5, 3.0, 5.5])
+    np.testing.assert_allclose(gc.jit(lambda w, g: w.outer(vec2=g))(w, g), np.outer(w, g))
+    np.testing.assert_allclose(gc.jit(lambda w, lr: w.new_full((2,), lr))(w, lr), [0.1, 0.1])
+    np.testing.assert_allclose(gc.jit(lambda w: (w * 8).div_(3, rounding_mode="floor"))(w), [2.0, 2.0, 2.0])

@@ -603,3 +603,22 @@ def test_an_export_after_fit_takes_the_full_batch_when_the_short_one_ran_as_ofte
     step.export(str(tmp_path / "s.gcx"))
     loaded = gc.load(str(tmp_path / "s.gcx"))
     assert [str(inp.value.type) for inp in loaded.graph.inputs if inp.role == "data"][:2] == ["f32[6,3]", "i64[6]"]
+
+
+def test_fit_takes_a_0d_target_and_a_step_names_a_batch_of_the_wrong_arity():
+    """fit failed with `len() of unsized object` after training on a 0-d target; a step called
+    with one array too few traced the model again and failed inside its forward."""
+    class Total(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.linear(x).sum()
+    model, x, t = Total(), np.ones((4, 3), np.float32), np.array(2.0, np.float32)
+    step = gc.compile_train_step(model, F.mse_loss, optim.SGD(model.parameters(), lr=0.01), (x, t),
+                                 backend=REF)
+    assert np.isfinite(fit(step, [(x, t)], progress=False)["loss"][0])
+    with pytest.raises(GraphcError, match=r"train_step: takes 2 arrays, the model's inputs then 1 "
+                                          r"target\(s\), as its example inputs; got 1"):
+        step(x)

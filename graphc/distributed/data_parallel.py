@@ -502,6 +502,7 @@ class DataParallelStep(TrainStep):
     def _arguments(self, batch: Sequence[Any]) -> tuple[CompiledGraph, list[Any]]:
         """The gradients graph for `batch` and its arguments (check_numerics reruns it)."""
         arrays = batch_arrays(batch)
+        self.check_arity(batch)
         self.optimizer.check_settings(self._optimizer_settings, self.name)
         gradients, implicit = self._select(arrays)
         if not gradients.persistent:

@@ -150,7 +150,8 @@ def hardsigmoid(x: Tensor, inplace: bool = False) -> Tensor:
 def hardswish(x: Tensor, inplace: bool = False) -> Tensor:
     """x * hardsigmoid(x); its gradient x / 3 + 1/2 strictly between -3 and 3, as PyTorch's."""
     t = _float_activation("hardswish", x)
-    return _result(x, where(t <= -3, 0.0, where(t >= 3, t, t * (t + 3) * (1 / 6))), inplace)
+    inner = t.clamp(-3, 3)  # the branch not taken stays finite: no 0 * inf in its gradient
+    return _result(x, where(t <= -3, 0.0, where(t >= 3, t, inner * (inner + 3) * (1 / 6))), inplace)
 
 
 def mish(x: Tensor, inplace: bool = False) -> Tensor:
@@ -190,7 +191,10 @@ def tanhshrink(x: Tensor) -> Tensor:
 def glu(x: Tensor, dim: int = -1) -> Tensor:
     """The gated linear unit: the first half of x along `dim` times the sigmoid of the second."""
     t = _float_activation("glu", x)
-    if t.ndim == 0 or t.shape[dim] % 2:
+    if type(dim) is bool or not isinstance(dim, (int, np.integer)) or not -t.ndim <= dim < t.ndim:
+        raise ShapeError(f"glu: dim {dim!r} is not an axis of x, of shape {t.shape} "
+                         f"(at {user_location()})")
+    if t.shape[dim] % 2:
         raise ShapeError(f"glu: halves x along dim {dim}, whose size must be even; x has shape "
                          f"{t.shape} (at {user_location()})")
     first, second = t.chunk(2, dim)

@@ -26,9 +26,10 @@ from typing import Any, Callable, Iterator, NamedTuple, Protocol
 import numpy as np
 
 from graphc.ir.errors import GraphcError, user_location
-from graphc.ir.types import DTYPES, FLOAT_DTYPES, canonical_dtype
+from graphc.ir.types import DTYPES, FLOAT_DTYPES
 
-from ..tensor import StateRef, Tensor, current_trace, is_setting, is_tracing, note_module_tree_edit
+from ..tensor import (StateRef, Tensor, current_trace, dtype_name, enclosing_traces, is_setting,
+                      is_tracing, note_module_tree_edit)
 
 
 class StateHolder(Protocol):
@@ -93,13 +94,13 @@ class Parameter:
     __slots__ = ("data",)
 
     def __init__(self, data: Any) -> None:
-        array = np.asarray(data)
+        array = _host_array(data, "Parameter")  # a torch tensor (requiring grad, bfloat16) too
         if array.dtype.name not in ("float16", "float32", "float64", "bool") and array.dtype.kind not in "iu":
             raise GraphcError(f"Parameter: dtype {array.dtype} is not supported; give float32 or "
                               f"float64 values (at {user_location()})")
         # float16 widened to float32, as load_state_dict widens bfloat16; integers and Python
         # numbers made float32
-        keep = isinstance(data, np.ndarray) and array.dtype.name in ("float32", "float64")
+        keep = (isinstance(data, np.ndarray) or _is_torch_tensor(data)) and array.dtype.name in ("float32", "float64")
         # np.require keeps a 0-d array 0-d (a temperature, a logit scale)
         self.data = np.require(array, array.dtype if keep else np.float32, requirements="C")
 
@@ -107,7 +108,7 @@ class Parameter:
 def _buffer_array(value: Any, name: str) -> np.ndarray:
     """A buffer's array, C-contiguous (np.require keeps 0-d arrays 0-d): float16 widened to
     float32 as parameters are, a dtype graphc lacks refused by the buffer's name."""
-    array = np.require(value, requirements="C")
+    array = np.require(_host_array(value, name), requirements="C")
     if array.dtype == np.float16:
         return array.astype(np.float32)
     if array.dtype.name not in DTYPES:
@@ -435,7 +436,7 @@ class Module:
         buffers (counters) keep their dtype. Optimizers and compiled steps hold the arrays they
         were given: build them after casting."""
         try:
-            name = canonical_dtype(dtype)
+            name = dtype_name(dtype)  # a torch dtype too, as Tensor.to takes it
         except TypeError:
             name = None
         if name not in FLOAT_DTYPES:
@@ -530,6 +531,12 @@ class Module:
         """Record a new value for a buffer inside a traced training step (e.g. running stats)."""
         trace = current_trace()
         updates, owners = trace.buffer_updates, trace.buffer_owners
+        if updates is None and any(t.buffer_updates is not None for t in enclosing_traces()):
+            raise GraphcError(f"{type(self).__name__}: buffer {name!r} cannot be updated inside a "
+                              f"gc.grad or gc.jit traced within a training step (a gradient "
+                              f"penalty through the model in training mode): that is not "
+                              f"supported yet; call the model there with its batch-norm layers in "
+                              f"eval mode (at {user_location()})")
         if updates is None or owners is not None and (id(self), name) not in owners:
             raise GraphcError(f"{type(self).__name__}: buffer {name!r} can only be updated by a "
                               "compiled training step, as a part of the model it trains; this "
@@ -550,11 +557,15 @@ class Module:
 _NUMPY_FLOATS = {"torch.float16", "torch.float32", "torch.float64"}
 
 
+def _is_torch_tensor(value: Any) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+
+
 def _host_array(value: Any, name: str) -> np.ndarray:
     """A NumPy view of state-dict entry `name`. PyTorch tensors are detached and copied to the
     host first (np.asarray refuses one on a GPU or one that requires grad, a Parameter), those
     of dtypes NumPy lacks (bfloat16, float8) widened to float32 as copy_ into one would."""
-    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+    if _is_torch_tensor(value):
         value = value.detach().cpu()
         if value.is_floating_point() and str(value.dtype) not in _NUMPY_FLOATS:
             value = value.float()
@@ -562,7 +573,7 @@ def _host_array(value: Any, name: str) -> np.ndarray:
     try:
         return np.asarray(value)
     except ValueError as error:  # a ragged list
-        raise GraphcError(f"load_state_dict: {name!r} is not an array of one shape ({error})") from None
+        raise GraphcError(f"{name!r} is not an array of one shape ({error})") from None
 
 
 def _holds_parameter(module: Module, array: np.ndarray) -> bool:

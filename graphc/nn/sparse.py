@@ -10,7 +10,7 @@ from graphc.ir.errors import DTypeError, GraphcError, ShapeError, user_location
 from .. import init
 from ..functions import stop_gradient, where
 from ..tensor import Tensor, as_tensor, bind
-from .module import Module, Parameter
+from .module import Module, Parameter, _host_array
 
 __all__ = ["Embedding", "embedding"]
 
@@ -45,7 +45,8 @@ class Embedding(Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
                  max_norm: float | None = None, norm_type: float = 2.0,
-                 scale_grad_by_freq: bool = False, sparse: bool = False) -> None:
+                 scale_grad_by_freq: bool = False, sparse: bool = False,
+                 _weight: np.ndarray | None = None, _freeze: bool = False) -> None:
         super().__init__()
         if max_norm is not None or scale_grad_by_freq:
             raise GraphcError("Embedding: max_norm (renormalising rows in place) and "
@@ -58,10 +59,16 @@ class Embedding(Module):
             padding_idx %= num_embeddings
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx
-        table = init.generator().standard_normal((num_embeddings, embedding_dim)).astype(np.float32)
-        if padding_idx is not None:
-            table[padding_idx] = 0
-        self.weight = Parameter(table)
+        if _weight is None:
+            table = init.generator().standard_normal((num_embeddings, embedding_dim)).astype(np.float32)
+            if padding_idx is not None:
+                table[padding_idx] = 0
+        else:  # a given table (from_pretrained): no draw from the generator, its padding row kept
+            table = _weight
+        if _freeze:  # a buffer: never trained, and in the state dict as "weight" still
+            self.register_buffer("weight", table)
+        else:
+            self.weight = Parameter(table)
 
     @classmethod
     def from_pretrained(cls, embeddings: Any, freeze: bool = True, padding_idx: int | None = None,
@@ -70,18 +77,13 @@ class Embedding(Module):
         """An Embedding whose table is `embeddings` (num_embeddings, embedding_dim), copied.
         Frozen (the default), the table is a buffer, never trained: model.parameters(), and so
         the optimizer, leave it out, and the state dict still holds it as "weight"."""
-        given = np.asarray(embeddings)
+        given = _host_array(embeddings, "Embedding.from_pretrained")  # a torch tensor too
         table = np.array(given, dtype=np.float64 if given.dtype == np.float64 else np.float32)
         if table.ndim != 2:
             raise ValueError(f"Embedding.from_pretrained: embeddings must be 2-D (num_embeddings, "
                              f"embedding_dim), got shape {table.shape}")
-        layer = cls(*table.shape, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
-        del layer.weight
-        if freeze:
-            layer.register_buffer("weight", table)
-        else:
-            layer.weight = Parameter(table)
-        return layer
+        return cls(*table.shape, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse,
+                   _weight=table, _freeze=freeze)
 
     def forward(self, indices: Any) -> Tensor:
         return embedding(indices, self.weight, self.padding_idx)

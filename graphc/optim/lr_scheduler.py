@@ -163,18 +163,19 @@ class CosineAnnealingWarmRestarts(LRScheduler):
             raise ValueError(f"CosineAnnealingWarmRestarts: T_0 must be an int > 0 and T_mult an "
                              f"int >= 1, got T_0={T_0!r}, T_mult={T_mult!r}")
         self.T_0, self.T_mult, self.eta_min = T_0, T_mult, eta_min
+        self._position: float = last_epoch  # the epoch, fraction included, of the rates set
         super().__init__(optimizer, last_epoch)
 
     def step(self, epoch: float | None = None) -> None:
         """One epoch on, or to `epoch`, which may fall between epochs as PyTorch's allows
-        (`scheduler.step(epoch + batch / batches)` each batch)."""
-        if epoch is None:
-            return super().step()
-        if not 0 <= epoch < math.inf:
+        (`scheduler.step(epoch + batch / batches)` each batch); a plain step() after step(2.5)
+        goes on to 3.5. last_epoch is the whole epochs, as PyTorch's."""
+        position = self._position + 1 if epoch is None else epoch
+        if not 0 <= position < math.inf:
             raise ValueError(f"CosineAnnealingWarmRestarts: epoch must be >= 0, got {epoch!r}")
-        self.last_epoch = epoch - 1  # super().step() adds the one
+        self.last_epoch = position - 1  # super().step() adds the one
         super().step()
-        self.last_epoch = math.floor(epoch)
+        self._position, self.last_epoch = position, math.floor(position)
 
     def rate(self, epoch: float, group: int = 0) -> float:
         # the period `epoch` falls in, counted exactly (a logarithm put epoch 121 of T_0=1,
