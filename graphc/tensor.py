@@ -967,6 +967,8 @@ class Tensor:
         if isinstance(o, (int, float, np.integer)) and not isinstance(o, (bool, np.bool_)):
             if o == 2:
                 return bind("square", self.astype(result_dtype(self, o)))
+            if o == 0.5:  # sqrt, as PyTorch computes it: NaN at -inf (C's pow gives inf), -0 at -0
+                return float_math("sqrt", self)
             if self.dtype in ("int32", "int64") and isinstance(o, (int, np.integer)):
                 return _integer_power(self, int(o))
         return self._power(o, reverse=False)

@@ -234,3 +234,14 @@ def test_keyword_names_and_tensor_factors_as_pytorchs():
     np.testing.assert_allclose(gc.jit(lambda w, g: w.outer(vec2=g))(w, g), np.outer(w, g))
     np.testing.assert_allclose(gc.jit(lambda w, lr: w.new_full((2,), lr))(w, lr), [0.1, 0.1])
     np.testing.assert_allclose(gc.jit(lambda w: (w * 8).div_(3, rounding_mode="floor"))(w), [2.0, 2.0, 2.0])
+
+
+def test_a_square_root_power_is_pytorchs_sqrt_on_every_backend():
+    """numba-cpu computed x ** 0.5 with C's pow: +inf at -inf and +0 at -0, where the
+    reference and PyTorch give NaN and -0."""
+    x = np.array([-np.inf, -0.0, -4.0, 4.0])
+    expected = torch.tensor(x).pow(0.5).numpy()
+    for backend in ("reference", "numba-cpu"):
+        got = gc.jit(lambda a: a.pow(0.5), backend=backend)(x)
+        np.testing.assert_array_equal(got, expected)
+        assert np.signbit(got[1])
