@@ -1705,7 +1705,10 @@ class Tensor:
     def _fill_value(self, value: Any, op: str) -> Tensor:
         """`value` (a number or 0-d tensor) in this tensor's dtype, cast as PyTorch's fills cast
         it (2.7 into an int tensor is 2)."""
-        value = as_tensor(value if isinstance(value, Tensor) else np.asarray(value))
+        if isinstance(value, (bool, int, np.bool_, np.integer)):
+            value = as_tensor(value, like=self)  # an int that does not fit is refused, as PyTorch
+        elif not isinstance(value, Tensor):
+            value = as_tensor(np.asarray(value))
         if value.ndim:
             raise ShapeError(f"{op}: the value must be a number or a 0-d tensor, got shape "
                              f"{value.shape} (at {user_location()})")

@@ -126,16 +126,15 @@ def _process_alive(pid: int) -> bool:
 
 
 def require_training_step(step: Any, who: str) -> None:
-    """Refuse anything but a training step, naming what was given (an inference function has
+    """Refuse an inference function where a training step is needed, naming it (it has
     weights but no optimizer state to save or train with)."""
-    if not isinstance(step, (TrainStep, LoadedTrainStep)):
-        from .export import LoadedFunction
+    from .export import LoadedFunction
 
-        what = ("an inference function (gc.compile, or an inference export loaded with gc.load), "
-                "which has no optimizer" if isinstance(step, (CompiledModel, LoadedFunction))
-                else f"a {type(step).__name__}")
+    if isinstance(step, (CompiledModel, LoadedFunction)):
         raise GraphcError(f"{who}: expects a training step (gc.compile_train_step, or a training "
-                          f"step exported and loaded with gc.load), got {what}")
+                          f"step exported and loaded with gc.load), got an inference function "
+                          f"(gc.compile, or an inference export loaded with gc.load), which has "
+                          f"no optimizer")
 
 
 def training_state(step: TrainStep | LoadedTrainStep) -> dict[str, np.ndarray]:
