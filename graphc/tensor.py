@@ -758,7 +758,7 @@ class View(NamedTuple):
     """How a Tensor is what PyTorch makes a view of `base` (a slice, a transpose, a reshape):
     `read(base)` is its value and `write_back(v)` the base's once the view takes the value v in
     place; `seen` is the base's value it was last read from, `strides` PyTorch's (in elements),
-    which say whether the view is contiguous (a reshape of one that is not copies)."""
+    which say whether the view is contiguous and which reshapes of it can be views."""
 
     base: "Tensor"
     seen: Value
