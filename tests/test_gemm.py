@@ -9,9 +9,10 @@ from graphc.backends.numba_cpu import gemm as gemm_module
 from graphc.backends.numba_cpu.gemm import gemm
 
 # (m, n, k): one tile row, 64-column tiles and a partial one; row tiles and slices of K too
-# (k = 300: 48 rows, 256 deep); a deep product (five slices of K, the last partial); one that
-# fits a single call anyway
-SHAPES = [(64, 520, 128), (100, 130, 300), (17, 70, 1100), (9, 30, 40)]
+# (k = 300: 48 rows, 256 deep); a deep product (five slices of K, the last partial), both
+# computed a slice of K at a time over all of C; a deep one whose C is too large for that (tile
+# by tile); one that fits a single call anyway
+SHAPES = [(64, 520, 128), (100, 130, 300), (17, 70, 1100), (300, 260, 600), (9, 30, 40)]
 
 
 def reference(a, b, c, transpose_a, transpose_b, beta):
@@ -37,10 +38,11 @@ def test_gemm_matches_numpy(m, n, k, transpose_a, transpose_b, dtype):
 
 
 @pytest.mark.parametrize("transpose_a", [False, True])
-def test_tiled_gemm_of_sub_matrices(transpose_a):
+@pytest.mark.parametrize("m, n, k", [(70, 200, 150), (70, 200, 700), (300, 230, 520)])
+def test_tiled_gemm_of_sub_matrices(transpose_a, m, n, k):
     """A block of a larger product (offsets and leading dimensions wider than the block, as
-    codegen_matmul's per-thread blocks): the tiles stay inside it."""
-    m, n, k = 70, 200, 150
+    codegen_matmul's per-thread blocks): the tiles stay inside it, in one slice of K or several,
+    a slice at a time over all of C or tile by tile."""
     rng = np.random.default_rng(7)
     a_full = rng.standard_normal((k + 3, m + 5) if transpose_a else (m + 5, k + 3)).astype(np.float32)
     b_full = rng.standard_normal((k + 2, n + 9)).astype(np.float32)
@@ -68,3 +70,20 @@ def test_tiles_fit_the_small_kernel():
     assert gemm_module._tiles(9, 30, 40, False, 4)[0] == 0     # small: one call already
     assert gemm_module._tiles(64, 520, 128, True, 4)[0] == 0   # B transposed
     assert gemm_module._tiles(64, 520, 128, False, 8)[0] == 0  # float64
+
+
+def test_depth_outer_and_tile_by_tile_orders_sum_alike():
+    """Either loop order adds a tile's slices of K in the same order: the results are bitwise
+    equal whatever size decides the order."""
+    if not gemm_module._SMALL_MNK:
+        pytest.skip("scipy's BLAS has no small-matrix sgemm kernel here: products are not tiled")
+    rng = np.random.default_rng(3)
+    m, n, k = 150, 600, 900  # C: 360 KB, tile by tile; its 150 x 64 blocks: slice by slice
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    whole, blocks = np.zeros((m, n), np.float32), np.zeros((m, n), np.float32)
+    gemm(False, False, m, n, k, a.ravel(), 0, k, b.ravel(), 0, n, 0.0, whole.ravel(), 0, n)
+    assert m * n * 4 > gemm_module._DEPTH_OUTER_BYTES >= m * 64 * 4
+    for j in range(0, n, 64):
+        gemm(False, False, m, min(64, n - j), k, a.ravel(), 0, k, b.ravel(), j, n, 0.0, blocks.ravel(), j, n)
+    assert np.array_equal(whole, blocks)

@@ -56,6 +56,11 @@ _SMALL_MNK = small_sgemm_limit()
 _TILE_COLUMNS = 64
 _TILE_ROWS_MULTIPLE = 16
 _TILE_DEPTH = 256
+# Up to this size of C, a tiled product runs one slice of K at a time over all of C's tiles (a
+# block of columns of lstm-28's weight gradient, 157 x 256 by K = 1792, after the loop wrote its
+# operands: 136-151 GFLOP/s on 2 threads from memory, 173-204 so); a larger C would itself be
+# read again for every slice.
+_DEPTH_OUTER_BYTES = 256 * 1024
 
 
 @njit(cache=True, error_model="numpy", no_cfunc_wrapper=True, no_cpython_wrapper=True)
@@ -102,14 +107,30 @@ def gemm(transpose_a, transpose_b, m, n, k, a, a_at, lda, b, b_at, ldb, beta, c,
         _blas_gemm(transpose_a, transpose_b, m, n, k, a, a_at, lda, b, b_at, ldb, beta, c, c_at, ldc,
                    ints, scalars, flags)
         return
+    if m * n * c.itemsize <= _DEPTH_OUTER_BYTES:
+        # C stays in cache while each slice of K is read once: the slices of A and B that one
+        # depth needs fit in L2 together, where tile by tile they were read again for every tile
+        for p in range(0, k, depth):
+            for i in range(0, m, rows):
+                for j in range(0, n, _TILE_COLUMNS):
+                    _tile(transpose_a, i, j, p, rows, depth, m, n, k, a, a_at, lda, b, b_at, ldb, beta,
+                          c, c_at, ldc, ints, scalars, flags)
+        return
     for i in range(0, m, rows):
-        row_at = a_at + (i if transpose_a else i * lda)
         for j in range(0, n, _TILE_COLUMNS):
             for p in range(0, k, depth):  # a deep product sums its slices of K into the tile
-                _blas_gemm(transpose_a, False, min(rows, m - i), min(_TILE_COLUMNS, n - j),
-                           min(depth, k - p), a, row_at + (p * lda if transpose_a else p), lda,
-                           b, b_at + p * ldb + j, ldb, beta if p == 0 else 1.0, c, c_at + i * ldc + j,
-                           ldc, ints, scalars, flags)
+                _tile(transpose_a, i, j, p, rows, depth, m, n, k, a, a_at, lda, b, b_at, ldb, beta,
+                      c, c_at, ldc, ints, scalars, flags)
+
+
+@njit(cache=True, error_model="numpy", no_cfunc_wrapper=True, no_cpython_wrapper=True)
+def _tile(transpose_a, i, j, p, rows, depth, m, n, k, a, a_at, lda, b, b_at, ldb, beta, c, c_at, ldc,
+          ints, scalars, flags):
+    """C's tile at row i, column j += its product over K's slice at p (= when p is 0: times beta)."""
+    _blas_gemm(transpose_a, False, min(rows, m - i), min(_TILE_COLUMNS, n - j), min(depth, k - p),
+               a, a_at + (i if transpose_a else i * lda) + (p * lda if transpose_a else p), lda,
+               b, b_at + p * ldb + j, ldb, beta if p == 0 else 1.0, c, c_at + i * ldc + j, ldc,
+               ints, scalars, flags)
 
 
 @njit(cache=True, error_model="numpy", no_cfunc_wrapper=True)
