@@ -170,6 +170,38 @@ def test_values_and_gradients_in_row_blocks_match_the_reference(batch, monkeypat
 
 
 @needs_threads
+def test_blocks_run_one_after_another_where_that_was_faster(monkeypatch):
+    """Unpinned, a row-block loop times its calls like an executable: once one thread has been
+    faster (another process holding a core), the blocks run in turn on the caller's thread, no
+    team, and compute bitwise what they computed side by side."""
+    from graphc.backends.numba_cpu import driver as driver_module
+    from graphc.backends.numba_cpu.thread_choice import TRIALS, ThreadChoice
+    monkeypatch.delenv("GRAPHC_NUM_THREADS", raising=False)
+    drivers = []
+    init = RowBlockDriver.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        drivers.append(self)
+    monkeypatch.setattr(RowBlockDriver, "__init__", recording)
+    args = lstm_args(batch=6)
+    run = gc.jit(lstm, backend=CPU)
+    side_by_side = [np.array(a) for a in run(*args)]
+    assert drivers and all(d._choice is not None for d in drivers)
+    for d in drivers:  # one thread was the faster
+        d._choice = ThreadChoice(d.blocks)
+        for _ in range(TRIALS):
+            d._choice.record(d.blocks, 1.0)
+            d._choice.record(1, 0.5)
+
+    def no_team(jobs):
+        raise AssertionError("the blocks ran side by side")
+    monkeypatch.setattr(driver_module, "run_side_by_side", no_team)
+    for got, want in zip(run(*args), side_by_side):
+        assert np.array_equal(got, want)
+
+
+@needs_threads
 def test_one_row_or_one_thread_runs_the_whole_batch_in_one_loop(monkeypatch):
     made = made_drivers(monkeypatch)
     one = lstm_args(batch=1)

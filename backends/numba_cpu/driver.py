@@ -39,9 +39,10 @@ from graphc.ir import Graph, Node
 from graphc.ir.ops.control import split_inputs
 
 from .cache import cache_key, get_cache
-from .codegen_common import Call, kernel_threads, serial_kernels
+from .codegen_common import Call, kernel_threads, requested_threads, serial_kernels
 from .executor import Executable, aligned_bytes
 from .team import run_side_by_side
+from .thread_choice import ThreadChoice
 
 
 class ScanDriver:
@@ -135,6 +136,13 @@ class RowBlockDriver(ScanDriver):
         self._block_fixed = [self._fixed] + [_rebased(self._fixed, body._memory) for _ in range(copies)]
         if self._last is not None:
             self._block_fixed.append(self._last._fixed)
+        # Side by side, the blocks wait for the slowest: where another process holds a core, its
+        # block waits for a scheduler slice (lstm-28's forward loop, 2 blocks of 32 rows, helpers
+        # running beside it: 7.8 ms a call side by side, ~3.4 ms one block after the other). So
+        # unless GRAPHC_NUM_THREADS pins the count, the loop times its calls and keeps the faster,
+        # as executables do (thread_choice.py); the blocks compute the same either way.
+        self._choice = ThreadChoice(blocks) if blocks > 1 and requested_threads() is None else None
+        self._untimed_calls = 1  # the first call pages the blocks' stacks in
 
     def __call__(self, args: list[np.ndarray]) -> list[np.ndarray]:
         consts, current, following, xs, ys = self._arrays(args)
@@ -150,8 +158,26 @@ class RowBlockDriver(ScanDriver):
                 if self._last._driver is None:
                     self._last._driver = self._last._load(calls[-1])
                 drivers[-1] = self._last._driver
-            run_side_by_side(list(zip(drivers, calls)))
+            self._run_blocks(list(zip(drivers, calls)))
         return (current if length % 2 == 0 else following) + ys
+
+    def _run_blocks(self, jobs: list[tuple[Any, tuple]]) -> None:
+        """Side by side, or one after the other on this thread where that has been faster."""
+        choice = self._choice
+        if choice is None:
+            run_side_by_side(jobs)
+            return
+        threads = choice.threads()
+        start = time.perf_counter()
+        if threads == 1:
+            for driver, arguments in jobs:
+                driver(*arguments)
+        else:
+            run_side_by_side(jobs)
+        if self._untimed_calls:
+            self._untimed_calls -= 1
+        else:
+            choice.record(threads, time.perf_counter() - start)
 
 
 def _rebased(values: list[Any], memory: np.ndarray) -> list[Any]:

@@ -10,7 +10,8 @@ threads and one: beside the spinning process it settled on one thread, 9.3 ms a 
 results do not depend on the choice: every kernel splits its work by the thread count it was
 compiled for (scratch per thread, row blocks), not by the threads running it (training steps'
 losses and weights were bitwise equal on 1 and 2 threads: tests/test_thread_choice.py). A scan's
-compiled loop runs on the caller's thread count.
+compiled loop runs on the caller's thread count; one in row blocks (driver.RowBlockDriver) makes
+the same choice between its blocks side by side and one after the other.
 
 The choice starts by alternating the two for TRIALS calls each, then takes the faster median.
 Every `interval` calls it tries the other count for PROBE calls; it switches when the other's
