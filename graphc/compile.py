@@ -280,6 +280,14 @@ class _CompiledModelBase:
         return self.executable.plan
 
 
+def _is_number(value: Any, above: float | None = None, least: float | None = None) -> bool:
+    """Whether `value` is a finite real number (not a bool) > above / >= least."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    return (math.isfinite(value) and (above is None or value > above)
+            and (least is None or value >= least))
+
+
 class TrainStep(_CompiledModelBase):
     """`step(*inputs, target) -> loss`: one call runs one compiled graph that updates the model."""
 
@@ -295,6 +303,12 @@ class TrainStep(_CompiledModelBase):
         if targets >= len(example_inputs):
             raise GraphcError(f"{name}: targets={targets} must leave at least one model input "
                               f"among the {len(example_inputs)} example inputs")
+        # A NaN bound made every weight NaN; a negative one, or a negative l1, climbed the loss
+        if clip_grad_norm is not None and not (_is_number(clip_grad_norm, above=0.0) or clip_grad_norm == math.inf):
+            raise GraphcError(f"{name}: clip_grad_norm must be a number > 0 (the largest "
+                              f"gradient norm; inf: no clipping) or None, got {clip_grad_norm!r}")
+        if not _is_number(l1, least=0.0):
+            raise GraphcError(f"{name}: l1 must be a number >= 0 (the L1 penalty's weight), got {l1!r}")
         self.model, self.loss_fn, self.optimizer, self.targets = model, loss_fn, optimizer, targets
         self._arity = len(example_inputs)
         self.backend = backend or default_backend()

@@ -159,3 +159,17 @@ def test_schedulers_import_from_pytorchs_module_path():
     sched = lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     sched.step()
     assert sched.get_last_lr() == [0.5]
+
+
+@pytest.mark.parametrize("beta2", [0.999, 0.99999])
+def test_adams_bias_corrections_are_exact_as_pytorchs(beta2):
+    """The first Adam update of a float32 weight is lr * g / (|g| + eps): its bias corrections
+    are computed in float64, as PyTorch's (in float32, 1 - 0.99999 ** 1 rounded made it
+    0.100067854 for lr 0.1, where PyTorch gives 0.099999964)."""
+    x, y = np.ones((1, 1), np.float32), np.zeros((1, 1), np.float32)
+    model = nn.Linear(1, 1, bias=False)
+    model.weight[...] = 1.0
+    opt = optim.Adam(model.parameters(), lr=0.1, betas=(0.9, beta2))
+    gc.compile_train_step(model, F.mse_loss, opt, (x, y))(x, y)
+    exact = 0.1 * 2 / (2 + 1e-8)  # the gradient is 2
+    assert abs((1.0 - float(model.weight[0, 0])) - exact) < 1e-7

@@ -36,6 +36,9 @@ SCHEDULES = {
     "warmup-cosine": warmup_cosine,
     "warmup-exponential": lambda s, o: s.SequentialLR(
         o, [s.LinearLR(o, 0.5, 1.0, 4), s.ExponentialLR(o, gamma=0.8)], milestones=[6]),
+    # a multiplicative stage goes on from the rate the stage before left (it restarted at 0.1)
+    "constant-multiplicative": lambda s, o: s.SequentialLR(
+        o, [s.ConstantLR(o, 0.5, 3), s.MultiplicativeLR(o, lambda e: 0.9)], milestones=[3]),
 }
 
 
@@ -106,3 +109,151 @@ def test_one_value_per_group_or_an_error_naming_the_count():
     opt = optim.SGD([{"params": [np.zeros(2, np.float32)]}, {"params": [np.zeros(1, np.float32)]}], lr=0.1)
     with pytest.raises(GraphcError, match=r"expected 2 lr_lambda functions \(one per parameter group\), got 3"):
         optim.LambdaLR(opt, [math.exp] * 3)
+
+
+def two_groups():
+    return optim.SGD([{"params": [np.zeros(2, np.float32)], "lr": RATES[0]},
+                      {"params": [np.zeros(3, np.float32)], "lr": RATES[1]}], lr=1.0)
+
+
+# (name, how to build it, with last_epoch) from a module with PyTorch's scheduler names
+RESUMABLE = {
+    "ExponentialLR": lambda s, o, k: s.ExponentialLR(o, gamma=0.9, last_epoch=k),
+    "MultiplicativeLR": lambda s, o, k: s.MultiplicativeLR(o, lambda e: 0.9, last_epoch=k),
+    "StepLR": lambda s, o, k: s.StepLR(o, 7, 0.5, last_epoch=k),
+    "MultiStepLR": lambda s, o, k: s.MultiStepLR(o, [3, 11, 20], 0.3, last_epoch=k),
+    "LambdaLR": lambda s, o, k: s.LambdaLR(o, [lambda e: 1 / (1 + e), lambda e: 0.95 ** e], last_epoch=k),
+    "LinearLR": lambda s, o, k: s.LinearLR(o, 0.1, 0.8, 12, last_epoch=k),
+    "CosineAnnealingLR": lambda s, o, k: s.CosineAnnealingLR(o, 12, 0.001, last_epoch=k),
+}
+
+
+def resumed_rates(lib, opt, make, k=10, after=4, optimizer_step=lambda: None):
+    """The rates of `after` steps of a schedule rebuilt with last_epoch=k after k steps."""
+    sched = make(lib, opt, -1)
+    for _ in range(k):
+        optimizer_step()
+        sched.step()
+    sched = make(lib, opt, k)
+    seen = [[g["lr"] for g in opt.param_groups]]
+    for _ in range(after):
+        optimizer_step()
+        sched.step()
+        seen.append([g["lr"] for g in opt.param_groups])
+    return np.array(seen)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
+@pytest.mark.parametrize("name", RESUMABLE)
+def test_resuming_with_last_epoch_sets_the_rates_pytorch_sets(name):
+    """Rebuilt with last_epoch=k after k steps (rates and initial rates in the groups), a
+    schedule sets what PyTorch's sets: the ones PyTorch chains keep the rate of epoch k
+    (ExponentialLR skipped one: 0.00859 where the run went on at 0.010737), others set epoch
+    k + 1's. PyTorch's chained LinearLR and CosineAnnealingLR drift from their own closed form
+    once resumed: graphc's follow the uninterrupted run."""
+    torch = pytest.importorskip("torch")
+    make = RESUMABLE[name]
+    ours = resumed_rates(optim, two_groups(), make)
+    if name in ("LinearLR", "CosineAnnealingLR"):
+        opt = two_groups()
+        whole = make(optim, opt, -1)
+        rates = []
+        for _ in range(14):
+            whole.step()
+            rates.append([g["lr"] for g in opt.param_groups])
+        np.testing.assert_allclose(ours, rates[9:], rtol=1e-12)
+        return
+    theirs_opt = torch.optim.SGD([{"params": [torch.zeros(2, requires_grad=True)], "lr": RATES[0]},
+                                  {"params": [torch.zeros(3, requires_grad=True)], "lr": RATES[1]}], lr=1.0)
+    theirs = resumed_rates(torch.optim.lr_scheduler, theirs_opt, make, optimizer_step=theirs_opt.step)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12)
+
+
+def test_a_pytorch_style_scheduler_overriding_get_lr_works():
+    class Halving(optim.LRScheduler):
+        def get_lr(self):
+            return [base * 0.5 ** self.last_epoch for base in self.base_lrs]
+    opt = two_groups()
+    sched = Halving(opt)
+    sched.step()
+    sched.step()
+    assert sched.get_last_lr() == pytest.approx([0.025, 0.005])
+
+    class Empty(optim.LRScheduler):
+        pass
+    with pytest.raises(NotImplementedError, match="rate\\(epoch, group\\).*get_lr"):
+        Empty(two_groups())
+
+
+def test_state_dicts_round_trip_and_resume_the_count():
+    opt = two_groups()
+    sched = optim.StepLR(opt, step_size=3, gamma=0.5)
+    for _ in range(4):
+        sched.step()
+    state = sched.state_dict()
+    assert state["last_epoch"] == 4 and "optimizer" not in state
+    fresh = optim.StepLR(opt, step_size=3, gamma=0.5)
+    fresh.load_state_dict(state)
+    fresh.step()
+    sched.step()
+    assert fresh.get_last_lr() == sched.get_last_lr()
+    with pytest.raises(GraphcError, match="unknown entries"):
+        optim.ExponentialLR(two_groups(), 0.9).load_state_dict(state)
+    sequential = warmup_cosine(optim, opt)
+    sequential.step()
+    inner = sequential.state_dict()["_schedulers"]
+    assert len(inner) == 2 and inner[0]["total_iters"] == 5
+    plateau = optim.ReduceLROnPlateau(opt, patience=0)
+    plateau.step(1.0)
+    again = optim.ReduceLROnPlateau(opt, patience=0)
+    again.load_state_dict(plateau.state_dict())
+    assert again.best == 1.0
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda o: optim.StepLR(o, step_size=-2), "step_size must be an int >= 1"),
+    (lambda o: optim.StepLR(o, step_size=0), "step_size must be an int >= 1"),
+    (lambda o: optim.OneCycleLR(o, 0.1, total_steps=2.5, cycle_momentum=False), "total_steps"),
+    (lambda o: optim.LinearLR(o, total_iters=-3), "total_iters must be an int >= 0"),
+    (lambda o: optim.ConstantLR(o, total_iters=1.5), "total_iters must be an int >= 0"),
+    (lambda o: optim.CosineAnnealingLR(o, T_max=0), "T_max must be a number of epochs > 0"),
+    (lambda o: optim.MultiStepLR(o, [2, -1]), "each milestone must be an int >= 0"),
+    (lambda o: optim.SequentialLR(o, [optim.LinearLR(o), optim.ReduceLROnPlateau(o)], [2]),
+     "ReduceLROnPlateau, which sets rates from a metric"),
+])
+def test_meaningless_schedule_settings_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make(two_groups())
+
+
+def test_reduce_on_plateau_reduces_a_group_added_later():
+    opt = optim.SGD([np.zeros(2, np.float32)], lr=0.1)
+    plateau = optim.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+    opt.add_param_group({"params": [np.zeros(3, np.float32)], "lr": 0.2})
+    for _ in range(4):  # the first sets the best, then three reductions
+        plateau.step(1.0)
+    assert [g["lr"] for g in opt.param_groups] == [0.0125, 0.025]  # PyTorch's
+    listed = optim.SGD([np.zeros(2, np.float32)], lr=0.1)
+    per_group = optim.ReduceLROnPlateau(listed, patience=0, min_lr=[0.0])
+    listed.add_param_group({"params": [np.zeros(3, np.float32)], "lr": 0.2})
+    per_group.step(1.0)
+    with pytest.raises(GraphcError, match="min_lrs to one per group"):
+        per_group.step(1.0)
+
+
+def test_a_group_added_with_its_schedule_rates_is_accepted():
+    """The error of a scheduler stepped after add_param_group says to give the new group
+    'initial_lr': add_param_group takes it (PyTorch takes any key)."""
+    opt = optim.SGD([np.zeros(2, np.float32)], lr=0.1)
+    optim.StepLR(opt, step_size=2)
+    opt.add_param_group({"params": [np.zeros(3, np.float32)], "lr": 0.05, "initial_lr": 0.05})
+    sched = optim.StepLR(opt, step_size=2, last_epoch=0)
+    assert sched.get_last_lr() == [0.1, 0.05]
+
+
+def test_every_scheduler_is_in_the_modules_star_import():
+    from graphc.optim import lr_scheduler
+    defined = {name for name, value in vars(lr_scheduler).items()
+               if isinstance(value, type) and value.__module__ == lr_scheduler.__name__
+               and not name.startswith("_")}
+    assert defined <= set(lr_scheduler.__all__)

@@ -34,6 +34,9 @@ State = dict[str, dict[str, Tensor]]
 ParamsArg = Iterable[np.ndarray] | Iterable[dict[str, Any]]
 
 
+# the rates a learning-rate schedule keeps in a parameter group besides "lr" (checkpoints save them)
+SCHEDULE_KEYS = ("initial_lr", "max_lr", "min_lr")
+
 # Hyperparameters PyTorch's optimizers refuse below 0 (NaN too)
 _NONNEGATIVE = ("lr", "weight_decay", "momentum", "eps", "alpha", "lr_decay", "initial_accumulator_value")
 
@@ -83,7 +86,8 @@ class Optimizer:
             raise GraphcError(f"{cls}: a parameter group is a dict with a 'params' key, got "
                               f"{type(group).__name__}; pass either parameters or a list of "
                               "such dicts")
-        unknown = sorted(set(group) - {"params", *self.defaults})
+        # (the rates a schedule keeps in a group may come with it, as PyTorch allows)
+        unknown = sorted(set(group) - {"params", *self.defaults, *SCHEDULE_KEYS})
         if unknown:
             raise GraphcError(f"{cls}: unknown key(s) {unknown} in parameter group "
                               f"{len(self.param_groups)}; {cls} takes "
@@ -367,13 +371,17 @@ class Adam(Optimizer):
         m = state["exp_avg"] * beta1 + g * (1 - beta1)
         # (g (1 - beta2)) g, PyTorch's order: g² alone overflows float32 from |g| ~ 1.8e19
         v = state["exp_avg_sq"] * beta2 + g * (1 - beta2) * g
+        # The corrections in float64, as PyTorch computes them (Python floats): in float32,
+        # with beta2 = 0.99999 rounded, 1 - beta2 ** step was 7e-4 off, and so every update.
+        step = step.astype("float64")
         correction1 = 1 - beta1 ** step
         correction2 = 1 - beta2 ** step
+        step_size = (lr.astype("float64") / correction1).astype(p.dtype)
         moments = {"exp_avg": m, "exp_avg_sq": v}
         if group["amsgrad"]:
             v = moments["max_exp_avg_sq"] = maximum(state["max_exp_avg_sq"], v)
-        denom = sqrt(v) / sqrt(correction2) + group["eps"]
-        return p - (lr / correction1) * m / denom, moments
+        denom = sqrt(v) / sqrt(correction2).astype(p.dtype) + group["eps"]
+        return p - step_size * m / denom, moments
 
 
 class AdamW(Adam):
@@ -444,6 +452,8 @@ class RMSprop(Optimizer):
 def l1_penalty(params: Iterable[Tensor], weight: float) -> Tensor:
     """weight * sum(|p|) over traced parameters (add it to a loss)."""
     terms = [p.abs().sum() for p in params]
+    if not terms:
+        raise GraphcError("l1_penalty: no parameters given (pass the traced parameters to penalise)")
     total = terms[0]
     for t in terms[1:]:
         total = total + t
@@ -452,6 +462,8 @@ def l1_penalty(params: Iterable[Tensor], weight: float) -> Tensor:
 
 def clip_by_global_norm(grads: Params, max_norm: float) -> Params:
     """Scale all gradients by min(1, max_norm / (global L2 norm + 1e-6)), as torch's clip_grad_norm_."""
+    if not grads:
+        return {}
     squares = [g.square().sum() for g in grads.values()]
     total = squares[0]
     for s in squares[1:]:

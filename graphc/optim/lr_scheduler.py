@@ -11,21 +11,61 @@ import bisect
 import math
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
+
 from graphc.ir.errors import GraphcError
 
-from . import Optimizer
+from . import SCHEDULE_KEYS, Optimizer
 
 
-# the rates a schedule keeps in a parameter group besides "lr" (checkpoints save them)
-SCHEDULE_KEYS = ("initial_lr", "max_lr", "min_lr")
+def _count(name: str, value: Any, least: int = 1) -> int:
+    """`value`, an int >= least, or a ValueError naming the setting."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    return int(value)
 
 
-class LRScheduler:
+class _SavedState:
+    """state_dict() / load_state_dict(), as PyTorch's schedulers have them."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule's state, as PyTorch's: its attributes but the optimizer and functions
+        (a SequentialLR's schedulers as their own state dicts)."""
+        state = {key: value for key, value in vars(self).items()
+                 if key not in ("optimizer", "schedulers") and not callable(value)
+                 and not (isinstance(value, list) and any(callable(v) for v in value))}
+        if "schedulers" in vars(self):
+            state["_schedulers"] = [s.state_dict() for s in self.schedulers]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (of a scheduler of this class and optimizer)."""
+        if not isinstance(state_dict, dict):
+            raise GraphcError(f"{type(self).__name__}.load_state_dict: expected the dict "
+                              f"state_dict() returned, got {type(state_dict).__name__}")
+        unknown = sorted(set(state_dict) - set(self.state_dict()))
+        if unknown:
+            raise GraphcError(f"{type(self).__name__}.load_state_dict: unknown entries {unknown} "
+                              "(a state dict of another kind of scheduler?)")
+        state = dict(state_dict)
+        for scheduler, saved in zip(getattr(self, "schedulers", ()), state.pop("_schedulers", ())):
+            scheduler.load_state_dict(saved)
+        self.__dict__.update(state)
+
+
+class LRScheduler(_SavedState):
     """PyTorch's protocol: construction sets the epoch-0 rates, each `step()` advances one
-    epoch (or one batch, as the schedule is meant), `get_last_lr()` returns the rates set.
-    `schedule_keys`: the rates it keeps in each parameter group (checkpoints save them)."""
+    epoch (or one batch, as the schedule is meant), `get_last_lr()` returns the rates set,
+    `state_dict()` / `load_state_dict()` save and restore the count. A schedule defines
+    `rate(epoch, group)`, its closed form; a subclass written for PyTorch, overriding
+    `get_lr()` (the rates at `self.last_epoch`), works too.
+    `schedule_keys`: the rates it keeps in each parameter group (checkpoints save them).
+    `keeps_rate_on_resume`: built to resume (last_epoch >= 0), it keeps the group's rate for
+    the epoch it resumes in, as PyTorch's chained form of the schedule does, where others
+    (StepLR, LambdaLR...) set the next epoch's."""
 
     schedule_keys: tuple[str, ...] = ("initial_lr",)
+    keeps_rate_on_resume = False
 
     def __init__(self, optimizer: Optimizer, last_epoch: int = -1) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -46,11 +86,19 @@ class LRScheduler:
                     f"scheduler, or set them in param_groups[{i}]")
         self.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
         self.last_epoch = last_epoch
+        # PyTorch counts one epoch more than the rates it then sets
+        self._behind = 1 if last_epoch != -1 and self.keeps_rate_on_resume else 0
         self.step()
 
     def rate(self, epoch: int, group: int = 0) -> float:
         """Group `group`'s learning rate after `epoch` steps."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__}: a schedule defines rate(epoch, group), group's learning rate "
+            "after epoch steps (or, as for PyTorch, get_lr(): every group's rate at self.last_epoch)")
+
+    def get_lr(self) -> list[float]:
+        """Every group's rate at `last_epoch`."""
+        return [self.rate(self.last_epoch - self._behind, i) for i in range(len(self.optimizer.param_groups))]
 
     def step(self) -> None:
         if len(self.optimizer.param_groups) != len(self.base_lrs):
@@ -60,8 +108,8 @@ class LRScheduler:
                 "(add_param_group since); build a new scheduler for them all, with last_epoch="
                 f"{self.last_epoch} to go on, after giving the new groups 'initial_lr'")
         self.last_epoch += 1
-        for i, group in enumerate(self.optimizer.param_groups):
-            group["lr"] = self.rate(self.last_epoch, i)
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def get_last_lr(self) -> list[float]:
@@ -94,7 +142,7 @@ class LambdaLR(LRScheduler):
 class StepLR(LRScheduler):
     def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1,
                  last_epoch: int = -1) -> None:
-        self.step_size, self.gamma = step_size, gamma
+        self.step_size, self.gamma = _count("StepLR: step_size", step_size), gamma
         super().__init__(optimizer, last_epoch)
 
     def rate(self, epoch: int, group: int = 0) -> float:
@@ -106,7 +154,8 @@ class MultiStepLR(LRScheduler):
 
     def __init__(self, optimizer: Optimizer, milestones: Iterable[int], gamma: float = 0.1,
                  last_epoch: int = -1) -> None:
-        self.milestones, self.gamma = sorted(milestones), gamma
+        self.milestones = sorted(_count("MultiStepLR: each milestone", m, 0) for m in milestones)
+        self.gamma = gamma
         super().__init__(optimizer, last_epoch)
 
     def rate(self, epoch: int, group: int = 0) -> float:
@@ -114,6 +163,8 @@ class MultiStepLR(LRScheduler):
 
 
 class ExponentialLR(LRScheduler):
+    keeps_rate_on_resume = True
+
     def __init__(self, optimizer: Optimizer, gamma: float, last_epoch: int = -1) -> None:
         self.gamma = gamma
         super().__init__(optimizer, last_epoch)
@@ -126,11 +177,14 @@ class LinearLR(LRScheduler):
     """The rate's factor moves linearly from start_factor to end_factor over total_iters
     epochs, then stays (the usual warm-up: LinearLR(opt, start_factor=0.01, total_iters=k))."""
 
+    keeps_rate_on_resume = True
+
     def __init__(self, optimizer: Optimizer, start_factor: float = 1 / 3, end_factor: float = 1.0,
                  total_iters: int = 5, last_epoch: int = -1) -> None:
         if not 0 < start_factor <= 1 or not 0 <= end_factor <= 1:
             raise ValueError("LinearLR: start_factor must be in (0, 1] and end_factor in [0, 1]")
-        self.start_factor, self.end_factor, self.total_iters = start_factor, end_factor, total_iters
+        self.start_factor, self.end_factor = start_factor, end_factor
+        self.total_iters = _count("LinearLR: total_iters", total_iters, 0)
         super().__init__(optimizer, last_epoch)
 
     def rate(self, epoch: int, group: int = 0) -> float:
@@ -143,8 +197,13 @@ class CosineAnnealingLR(LRScheduler):
     """eta_min + (initial_lr - eta_min) * (1 + cos(pi * epoch / T_max)) / 2; past T_max the
     cosine rises again, as PyTorch's does."""
 
+    keeps_rate_on_resume = True
+
     def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0,
                  last_epoch: int = -1) -> None:
+        if isinstance(T_max, bool) or not isinstance(T_max, (int, float, np.integer, np.floating)) \
+                or not 0 < T_max < math.inf:
+            raise ValueError(f"CosineAnnealingLR: T_max must be a number of epochs > 0, got {T_max!r}")
         self.T_max, self.eta_min = T_max, eta_min
         super().__init__(optimizer, last_epoch)
 
@@ -195,7 +254,7 @@ class ConstantLR(LRScheduler):
                  last_epoch: int = -1) -> None:
         if not 0 <= factor <= 1:
             raise ValueError(f"ConstantLR: factor must be in [0, 1], got {factor}")
-        self.factor, self.total_iters = factor, total_iters
+        self.factor, self.total_iters = factor, _count("ConstantLR: total_iters", total_iters, 0)
         super().__init__(optimizer, last_epoch)
 
     def rate(self, epoch: int, group: int = 0) -> float:
@@ -204,6 +263,8 @@ class ConstantLR(LRScheduler):
 
 class PolynomialLR(LRScheduler):
     """The rate times (1 - epoch / total_iters) ** power, 0 from total_iters on."""
+
+    keeps_rate_on_resume = True
 
     def __init__(self, optimizer: Optimizer, total_iters: int = 5, power: float = 1.0,
                  last_epoch: int = -1) -> None:
@@ -218,7 +279,10 @@ class PolynomialLR(LRScheduler):
 
 class MultiplicativeLR(LRScheduler):
     """The rate times lr_lambda(epoch) at each step (one function or one per group): after k
-    steps, initial_lr times the product of lr_lambda(1) ... lr_lambda(k)."""
+    steps, initial_lr times the product of lr_lambda(1) ... lr_lambda(k). As a later stage of a
+    SequentialLR, it goes on from the rate the stage before left, as PyTorch's."""
+
+    keeps_rate_on_resume = True
 
     def __init__(self, optimizer: Optimizer, lr_lambda: Callable[[int], float]
                  | Sequence[Callable[[int], float]], last_epoch: int = -1) -> None:
@@ -231,6 +295,12 @@ class MultiplicativeLR(LRScheduler):
         while len(products) <= epoch:  # each factor once, however often the rates are asked
             products.append(products[-1] * self.lr_lambdas[group](len(products)))
         return self.base_lrs[group] * products[epoch]
+
+    def continued(self, rate: float, epoch: int, group: int = 0) -> float:
+        """The rate `epoch` steps after a SequentialLR handed over at `rate`: PyTorch steps the
+        stage with epoch 0 there, which applies lr_lambda(0) too."""
+        self.rate(epoch, group)  # the products up to `epoch`
+        return rate * self.lr_lambdas[group](0) * self._products[group][epoch]
 
 
 class OneCycleLR(LRScheduler):
@@ -256,9 +326,10 @@ class OneCycleLR(LRScheduler):
             if epochs is None or steps_per_epoch is None:
                 raise ValueError("OneCycleLR: give total_steps, or epochs and steps_per_epoch")
             total_steps = epochs * steps_per_epoch
-        if total_steps <= 0 or not 0 <= pct_start <= 1 or anneal_strategy not in ("cos", "linear"):
-            raise ValueError("OneCycleLR: total_steps must be positive, pct_start in [0, 1] and "
-                             "anneal_strategy 'cos' or 'linear'")
+        total_steps = _count("OneCycleLR: total_steps (epochs * steps_per_epoch)", total_steps)
+        if not 0 <= pct_start <= 1 or anneal_strategy not in ("cos", "linear"):
+            raise ValueError("OneCycleLR: pct_start must be in [0, 1] and anneal_strategy 'cos' or "
+                             f"'linear', got {pct_start!r} and {anneal_strategy!r}")
         self.total_steps = total_steps
         self.anneal = _cosine_anneal if anneal_strategy == "cos" else _linear_anneal
         up = float(pct_start * total_steps) - 1
@@ -305,18 +376,27 @@ class SequentialLR(LRScheduler):
         if len(schedulers) != len(milestones) + 1:
             raise ValueError(f"SequentialLR: {len(schedulers)} schedulers need "
                              f"{len(schedulers) - 1} milestones, got {len(milestones)}")
+        for i, scheduler in enumerate(schedulers):
+            if not isinstance(scheduler, LRScheduler):
+                raise ValueError(f"SequentialLR: schedulers[{i}] is a {type(scheduler).__name__}, "
+                                 "which sets rates from a metric, not from the epoch; step it "
+                                 "on its own")
         if any(s.optimizer is not optimizer for s in schedulers):
             raise GraphcError("SequentialLR: every scheduler must drive the same optimizer")
-        self.schedulers, self.milestones = list(schedulers), list(milestones)
+        self.schedulers = list(schedulers)
+        self.milestones = [_count("SequentialLR: each milestone", m, 0) for m in milestones]
         super().__init__(optimizer, last_epoch)
 
     def rate(self, epoch: int, group: int = 0) -> float:
         index = bisect.bisect_right(self.milestones, epoch)
         start = self.milestones[index - 1] if index else 0
-        return self.schedulers[index].rate(epoch - start, group)
+        stage = self.schedulers[index]
+        if index and isinstance(stage, MultiplicativeLR):
+            return stage.continued(self.rate(start - 1, group), epoch - start, group)
+        return stage.rate(epoch - start, group)
 
 
-class ReduceLROnPlateau:
+class ReduceLROnPlateau(_SavedState):
     """PyTorch's: multiply each group's rate by `factor` (not below its `min_lr`) once the
     metric given to `step(metric)` has not improved for more than `patience` epochs, then wait
     `cooldown` epochs before counting again. Improvement is by `threshold`, relative to the best
@@ -339,6 +419,8 @@ class ReduceLROnPlateau:
         self.optimizer, self.mode, self.factor, self.patience = optimizer, mode, factor, patience
         self.threshold, self.threshold_mode, self.cooldown, self.eps = threshold, threshold_mode, cooldown, eps
         self.min_lrs = _per_group(min_lr, optimizer, "ReduceLROnPlateau", "min_lr values")
+        # a group added later takes the one min_lr given for all, as PyTorch's
+        self.default_min_lr = None if isinstance(min_lr, (list, tuple)) else min_lr
         self.monitor = monitor
         self.best = math.inf if mode == "min" else -math.inf
         self.num_bad_epochs = self.cooldown_counter = self.last_epoch = 0
@@ -364,6 +446,14 @@ class ReduceLROnPlateau:
             self.cooldown_counter -= 1
             self.num_bad_epochs = 0  # epochs in cooldown do not count
         if self.num_bad_epochs > self.patience:
+            groups = len(self.optimizer.param_groups)
+            if len(self.min_lrs) != groups:
+                if self.default_min_lr is None:
+                    raise GraphcError(
+                        f"ReduceLROnPlateau: the optimizer has {groups} parameter groups, "
+                        f"{len(self.min_lrs)} when the scheduler was built with a min_lr for "
+                        "each; set its min_lrs to one per group")
+                self.min_lrs = [self.default_min_lr] * groups
             for group, floor in zip(self.optimizer.param_groups, self.min_lrs):
                 new = max(group["lr"] * self.factor, floor)
                 if group["lr"] - new > self.eps:
@@ -376,4 +466,5 @@ class ReduceLROnPlateau:
 
 
 __all__ = ["SCHEDULE_KEYS", "LRScheduler", "LambdaLR", "StepLR", "MultiStepLR", "ExponentialLR", "LinearLR",
-           "CosineAnnealingLR", "OneCycleLR", "SequentialLR", "ReduceLROnPlateau"]
+           "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "ConstantLR", "PolynomialLR",
+           "MultiplicativeLR", "OneCycleLR", "SequentialLR", "ReduceLROnPlateau"]
