@@ -173,3 +173,15 @@ def test_adams_bias_corrections_are_exact_as_pytorchs(beta2):
     gc.compile_train_step(model, F.mse_loss, opt, (x, y))(x, y)
     exact = 0.1 * 2 / (2 + 1e-8)  # the gradient is 2
     assert abs((1.0 - float(model.weight[0, 0])) - exact) < 1e-7
+
+
+@pytest.mark.parametrize("setting", [dict(clip_grad_norm=float("nan")), dict(clip_grad_norm=-1.0),
+                                     dict(clip_grad_norm=0.0), dict(l1=float("nan")), dict(l1=-5.0)])
+def test_a_nan_or_negative_clip_or_l1_is_refused(setting):
+    """A NaN bound turned every weight NaN; a negative one, or a negative l1, climbed the loss."""
+    model = nn.Linear(3, 2)
+    with pytest.raises(gc.GraphcError, match="must be a number"):
+        gc.compile_train_step(model, F.mse_loss, optim.SGD(model.parameters(), lr=0.1), (X, Y),
+                              backend="reference", **setting)
+    gc.compile_train_step(model, F.mse_loss, optim.SGD(model.parameters(), lr=0.1), (X, Y),
+                          backend="reference", clip_grad_norm=float("inf"), l1=0)
