@@ -371,6 +371,11 @@ def arrays_like(treedef: TreeDef, arrays: list[np.ndarray]) -> Any:
     return unflatten(treedef, [TensorType.of(a) for a in arrays])
 
 
+def staged(fn: Callable | None) -> Staged | None:
+    """`fn` jitted, unless it is already (or None)."""
+    return fn if fn is None or isinstance(fn, Staged) else jit(fn)
+
+
 def jit(fn: Callable | None = None, *, backend: str | None = None) -> Any:
     """Trace `fn` on its first call for each input signature, compile it, and run it.
 

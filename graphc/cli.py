@@ -198,6 +198,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_export_inference(args: argparse.Namespace) -> None:
     from .export import LoadedTrainStep
 
+    if os.path.exists(args.output) and os.path.samefile(args.output, args.step):
+        raise CommandError(f"{args.output} is the training step itself: writing the inference "
+                           "function there would lose the step (its optimizer state, its count); "
+                           "give another output file")
     step = _load(args.step, args.backend)
     if not isinstance(step, LoadedTrainStep):
         raise CommandError(f"{args.step} holds an inference function already, not a training step")

@@ -317,6 +317,8 @@ class Subset:
             indices = np.flatnonzero(indices)
         elif indices.size and not np.issubdtype(indices.dtype, np.integer):
             raise TypeError(f"Subset: indices must be integers or a boolean mask, got {indices.dtype}")
+        if indices.dtype.kind == "u" and indices.size and indices.max() >= n:  # before it wraps to int64
+            raise IndexError(f"Subset indices out of range for a dataset of length {n}")
         self.indices = indices.astype(np.int64).reshape(-1)
         if self.indices.size and (self.indices.min() < -n or self.indices.max() >= n):
             raise IndexError(f"Subset indices out of range for a dataset of length {n}")
@@ -339,7 +341,18 @@ def _gather(dataset: Dataset, indices: np.ndarray) -> Batch:
     if len({len(item) for item in items}) > 1:
         raise DatasetError(f"DataLoader: the items of a batch hold different numbers of arrays "
                            f"({sorted({len(item) for item in items})}); every item must be alike")
-    return tuple(np.stack(column) for column in zip(*items))
+    columns = []
+    for position, column in enumerate(zip(*items)):
+        shapes = {np.shape(a) for a in column}
+        if len(shapes) > 1:
+            first = np.shape(column[0])
+            other = next(i for i, a in enumerate(column) if np.shape(a) != first)
+            raise DatasetError(
+                f"DataLoader: position {position} of the items of a batch differs in shape: "
+                f"{first} in item {int(indices[0])}, {np.shape(column[other])} in item "
+                f"{int(indices[other])}; batches stack items of one shape (pad or crop them)")
+        columns.append(np.stack(column))
+    return tuple(columns)
 
 
 def _as_tuple(item: Any, index: int) -> tuple:
@@ -396,6 +409,8 @@ class DataLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration use the permutation of `epoch`."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise DatasetError(f"DataLoader.set_epoch: the epoch is an int >= 0, got {epoch!r}")
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[Batch]:

@@ -47,6 +47,7 @@ from graphc.backends import DeviceResident, Executable, PlannedExecutable, defau
 from graphc.backends.signature import as_input
 from graphc.ir import Graph, SerializationError, TensorType
 from graphc.ir.errors import GraphcError, IndexOutOfRangeError, InputError, LoadError
+from graphc.ir.serialize import checked_text
 from graphc.ir.types import DTYPES
 from graphc.passes import SIMPLIFY, Stages
 
@@ -591,6 +592,13 @@ def _checked_metadata(path: str, metadata: Any, kind: str) -> dict[str, Any]:
                         "of their types", "metadata.json")
     if not all(isinstance(v, str) for v in metadata.get("versions", {}).values()):
         raise LoadError(path, "malformed versions", "metadata.json")
+    # `graphc info` prints them: one line each
+    texts = [metadata[k] for k in ("backend", "created", "name") if isinstance(metadata.get(k), str)]
+    for text in texts + list(metadata.get("versions", {})) + list(metadata.get("versions", {}).values()):
+        try:
+            checked_text(text, "a metadata entry")
+        except SerializationError as exc:
+            raise LoadError(path, str(exc), "metadata.json") from None
     if "buckets" in metadata:
         buckets = metadata["buckets"]
         if (kind != "inference" or not isinstance(buckets, list) or not buckets

@@ -30,6 +30,8 @@ def _labels(y: np.ndarray, name: str) -> np.ndarray:
         raise MetricError(f"{name} must be a 1-D array of labels, got shape {y.shape}")
     if y.size and not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
         raise MetricError(f"{name} must hold integer class labels, got {y.dtype}")
+    if y.dtype.kind == "u" and y.size and y.max() > np.iinfo(np.int64).max:  # would wrap negative
+        raise MetricError(f"{name} holds label {y.max()}, beyond int64")
     return y.astype(np.int64)
 
 
@@ -216,6 +218,8 @@ def roc_auc(y_true: Any, scores: Any, multi_class: str = "ovr") -> float:
                           f"got {scores.shape}")
     if y_true.size and (y_true.min() < 0 or y_true.max() >= scores.shape[1]):
         raise MetricError(f"roc_auc: labels must be class indices below K = {scores.shape[1]}")
+    if y_true.size == 0:
+        raise MetricError("roc_auc: y_true is empty: the area is undefined without samples")
     absent = np.setdiff1d(np.arange(scores.shape[1]), y_true)
     if absent.size:
         raise MetricError(f"roc_auc: one-vs-rest ROC is undefined for class(es) "

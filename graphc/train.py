@@ -21,7 +21,7 @@ import numpy as np
 from graphc.ir.errors import GraphcError, LoadError
 
 from . import metrics
-from .api import jit
+from .api import staged
 from .compile import CompiledModel, TrainStep, compile
 from .data import DataLoader
 from .export import LoadedTrainStep, is_step_count
@@ -90,7 +90,7 @@ def _umask() -> int:
 
 # `.tmp-<pid>-<name>.<mkstemp's random part>`: the name after the pid, so that a file named like
 # another's temporary ("ck.424242" beside "ck") cannot be taken for one
-_TEMPORARY = re.compile(r"\.tmp-(\d+)-(.*)\.[a-z0-9_]+")
+_TEMPORARY = re.compile(r"\.tmp-(\d+)-(.*)\.[a-z0-9_]+", re.DOTALL)  # a name may hold a line break
 
 
 def _temporary_tag(name: str) -> str:
@@ -139,7 +139,9 @@ def require_training_step(step: Any, who: str) -> None:
 
 def training_state(step: TrainStep | LoadedTrainStep) -> dict[str, np.ndarray]:
     """Everything needed to continue training exactly: weights, buffers, optimizer state,
-    step count and RNG key. The arrays are the step's own: writing into them changes it."""
+    step count and RNG key. The arrays are the step's own, writing into them changes it, but
+    for "rng", the generator's key: a copy, which `step.set_rng_state(key)` restores
+    (load_checkpoint does)."""
     require_training_step(step, "training_state")
     if isinstance(step, LoadedTrainStep):
         return step.training_state()
@@ -415,7 +417,7 @@ def evaluate(model_fn: CompiledModel, loss_fn: Callable | None, loader: Iterable
     logit or probability (their thresholds differ: 0 or 0.5), so it gets the loss alone, as does
     a model with several outputs."""
     outputs, labels, losses, counts = [], [], [], []
-    loss_jit = jit(loss_fn) if loss_fn is not None else None
+    loss_jit = staged(loss_fn)
     for batch in loader:
         inputs, target = split_batch(batch, targets)
         out = model_fn(*inputs)
@@ -500,11 +502,13 @@ class _Validation:
             raise GraphcError(f"fit: val_loader (a {kind}) is empty: it has no batch to validate on")
         self.step, self.loader, self.world = step, loader, world
         self.model: CompiledModel | None = None
+        # traced once for all epochs (a new one each epoch traced the loss again every time)
+        self.loss = staged(step.loss_fn) if loader is not None else None
 
     def logs(self) -> dict[str, float]:
         if self.loader is None:
             return {}
-        result = self.world.evaluate(self._predict, self.step.loss_fn, self.loader, self.step.targets)
+        result = self.world.evaluate(self._predict, self.loss, self.loader, self.step.targets)
         return {f"val_{k}": float(v) for k, v in result.items() if k in self.SCALARS}
 
     def _predict(self, *inputs: Any) -> Any:
@@ -544,6 +548,9 @@ def fit(step: TrainStep | LoadedTrainStep, train_loader: Iterable, epochs: int =
     from tqdm.auto import tqdm
 
     require_training_step(step, "fit")
+    if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, (int, np.integer)) or initial_epoch < 1:
+        raise GraphcError(f"fit: initial_epoch is the number of the first epoch to train, from 1 "
+                          f"(resuming after epoch k: k + 1), got {initial_epoch!r}")
     # (under GRAPHC_CHECK_NUMERICS a compiled step checks each of its calls itself)
     # a loaded step has no model code to rerun a failing batch on the reference backend
     check_numerics = bool(check_numerics) and not isinstance(step, LoadedTrainStep)

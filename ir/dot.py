@@ -14,7 +14,7 @@ from typing import Callable
 from .graph import Graph, Node, Value
 from .ops.comm import COMM_OPS, SEND
 from .ops.control import SCAN_OP, split_inputs
-from .printer import format_attr, format_origin
+from .printer import UNPRINTABLE, format_attr, format_origin
 
 _ROLE_COLORS = {"data": "#cfe8ff", "param": "#ffe4b5", "state": "#e6d5ff", "rng": "#d8f5d0"}
 _SLOT_COLORS = ["#fbb4ae", "#b3cde3", "#ccebc5", "#decbe4", "#fed9a6", "#ffffcc", "#e5d8bd",
@@ -22,7 +22,11 @@ _SLOT_COLORS = ["#fbb4ae", "#b3cde3", "#ccebc5", "#decbe4", "#fed9a6", "#ffffcc"
 
 
 def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    """`text` as a DOT string: line breaks as DOT's, other control characters and unpaired
+    surrogates shown escaped (Graphviz rejects a NUL; a surrogate cannot be written)."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    text = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return '"' + UNPRINTABLE.sub(lambda m: f"\\\\x{ord(m.group()):02x}", text) + '"'
 
 
 def _label(node) -> str:

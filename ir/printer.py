@@ -7,11 +7,15 @@
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from .graph import Graph, Node, Value
 
 _LOC_COLUMN = 56
+# C0 and C1 control characters and DEL, which no name or location shown as text may hold
+UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def format_attr(value: object) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import GraphcError, SerializationError
 from .graph import MODULE_PATH_CHARS, MODULE_PATH_MAX, Graph, Node, Value
+from .printer import UNPRINTABLE
 from .ops.control import MAX_BODY_DEPTH, SCAN_ATTRS, SCAN_OP, make_scan
 from .registry import PRIMITIVES
 from .types import DTYPES, TensorType
@@ -165,6 +166,22 @@ def _expect(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
     return value
 
 
+def checked_text(value: Any, what: str) -> str:
+    """`value`, a string a document names something with, printable as one line of UTF-8."""
+    _expect(value, str, what)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SerializationError(f"{what} {value!r:.60} holds an unpaired surrogate, not text") from None
+    if UNPRINTABLE.search(value):  # a line break could forge lines where `graphc inspect` prints it
+        raise SerializationError(f"{what} {value!r:.60} holds control characters")
+    return value
+
+
+def _location(value: Any, what: str) -> str | None:
+    return None if value is None else checked_text(value, what)
+
+
 class _ValueTypes:
     """The document's value types, parsed when a value is defined (one TensorType per distinct
     text): a document cannot make the loader build types for values no node defines."""
@@ -200,7 +217,7 @@ def _scan_node(entry: dict[str, Any], values: dict[int, Value], depth: int) -> N
     if num_carry > len(body.outputs):
         raise SerializationError(f"scan carries {num_carry} values; its body returns {len(body.outputs)}")
     inputs = tuple(values[_expect(i, int, "scan's input")] for i in entry["inputs"])
-    loc = _expect(entry["loc"], (str, type(None)), "scan's loc")
+    loc = _location(entry["loc"], "scan's loc")
     return make_scan(inputs, body, length, reverse, num_consts, num_carry, loc,
                      _module_path(entry.get("module"), SCAN_OP))
 
@@ -233,7 +250,7 @@ def _primitive_node(entry: dict[str, Any], values: dict[int, Value], types: _Val
         attrs = prim.check_attrs({k: _decode_attr(v) for k, v in raw.items()})
     except GraphcError as exc:
         raise SerializationError(f"{op}: {exc}") from None
-    loc = _expect(entry["loc"], (str, type(None)), f"{op}'s loc")
+    loc = _location(entry["loc"], f"{op}'s loc")
     module = _module_path(entry.get("module"), op)
     inputs = tuple(values[_expect(i, int, f"{op}'s input")] for i in entry["inputs"])
     outputs = _expect(entry["outputs"], list, f"{op}'s outputs")
@@ -257,20 +274,20 @@ def graph_from_dict(doc: dict[str, Any], depth: int = 0) -> Graph:
     bodies it is nested in."""
     try:
         types = _ValueTypes(doc["values"])
-        graph = Graph(_expect(doc["name"], str, "the graph's name"))
+        graph = Graph(checked_text(doc["name"], "the graph's name"))
         values: dict[int, Value] = {}
         for inp in doc["inputs"]:
             index = inp["value"]
             if index in values:
                 raise SerializationError(f"input {inp['name']!r:.60} redefines value {index}")
-            values[index] = graph.add_input(types[index], _expect(inp["name"], str, "an input's name"),
+            values[index] = graph.add_input(types[index], checked_text(inp["name"], "an input's name"),
                                             _expect(inp["role"], str, "an input's role"))
         for entry in doc["nodes"]:
             node = _node(_expect(entry, dict, "a node"), values, types, depth)
             values.update(zip(entry["outputs"], node.outputs))
             graph.nodes.append(node)
         for out in doc["outputs"]:
-            graph.add_output(_expect(out["name"], str, "an output's name"),
+            graph.add_output(checked_text(out["name"], "an output's name"),
                              values[_expect(out["value"], int, "an output's value")])
     except SerializationError:
         raise

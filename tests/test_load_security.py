@@ -600,12 +600,57 @@ def test_command_line_refuses_a_hostile_file_in_one_line(exported, tmp_path, cap
 
 
 def test_command_line_prints_names_from_a_file_without_terminal_escapes(exported, tmp_path, capsys):
+    """A name holding a terminal escape is refused on load; the one-line error shows it escaped."""
     from graphc.cli import main
 
     path, _ = exported
     members = members_of(path)
     metadata = json.loads(members["metadata.json"])
     members["metadata.json"] = json.dumps({**metadata, "name": "step\x1b]0;owned\x07"}).encode()
-    assert main(["info", write_export(members, tmp_path / "escape.gcx")]) == 0
-    out = capsys.readouterr().out
-    assert "\x1b" not in out and "\x07" not in out and "step\\x1b]0;owned\\x07" in out
+    assert main(["info", write_export(members, tmp_path / "escape.gcx")]) == 1
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "\x1b" not in text and "\x07" not in text and "control characters" in text
+
+
+def _edit_graph(members, change):
+    doc = json.loads(members["graph.json"])
+    change(doc["graph"])
+    members["graph.json"] = json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize("where", ["loc", "input", "output", "graph name", "created", "version"])
+@pytest.mark.parametrize("text", ["x\n  %9: f32[2,3] = evil_op(%0)", "x\tthen", "x\x00y", "bug\udc80.py:22"])
+def test_strings_that_could_forge_printed_lines_are_refused(exported, tmp_path, where, text):
+    """`graphc inspect` and `graphc info` print a file's names and locations one per line: a
+    line break in one forged ops and inputs the file does not hold, and an unpaired surrogate
+    crashed the printing. Every such string is refused on load, naming the member."""
+    path, _ = exported
+    members = members_of(path)
+    metadata = json.loads(members["metadata.json"])
+    if where == "loc":
+        _edit_graph(members, lambda g: g["nodes"][0].update(loc=text))
+    elif where == "input":
+        def rename(g):
+            g["inputs"][0]["name"] = text
+        _edit_graph(members, rename)
+    elif where == "output":
+        _edit_graph(members, lambda g: g["outputs"][0].update(name=text))
+    elif where == "graph name":
+        _edit_graph(members, lambda g: g.update(name=text))
+    elif where == "created":
+        members["metadata.json"] = json.dumps({**metadata, "created": text}).encode()
+    else:
+        members["metadata.json"] = json.dumps({**metadata, "versions": {"graphc": text}}).encode()
+    member = "metadata.json" if where in ("created", "version") else "graph.json"
+    with pytest.raises(LoadError, match=f"{member}: .*(control characters|unpaired surrogate)"):
+        gc.load(write_export(members, tmp_path / "forged.gcx"), backend=REF)
+
+
+def test_dot_of_names_with_control_characters_and_surrogates_is_valid():
+    """A NUL reached the DOT text raw (Graphviz: syntax error) and a surrogate could not be
+    written: both are shown escaped."""
+    from graphc.ir.dot import _quote
+    quoted = _quote('nul\x00byte "q" \udc80 a\nb\\')
+    assert "\x00" not in quoted and quoted.encode("utf-8")
+    assert quoted == '"nul\\\\x00byte \\"q\\" \\\\udc80 a\\nb\\\\"'

@@ -622,3 +622,73 @@ def test_fit_takes_a_0d_target_and_a_step_names_a_batch_of_the_wrong_arity():
     with pytest.raises(GraphcError, match=r"train_step: takes 2 arrays, the model's inputs then 1 "
                                           r"target\(s\), as its example inputs; got 1"):
         step(x)
+
+
+def test_empty_multiclass_input_to_roc_auc_is_refused():
+    with pytest.raises(MetricError, match="y_true is empty"):
+        roc_auc(np.zeros(0, np.int64), np.zeros((0, 0)))
+
+
+def test_unsigned_labels_and_indices_beyond_int64_are_refused_not_wrapped():
+    """uint64 2**63 was cast to -2**63 (accuracy 1.0 against it) and 2**64 - 1 to -1 (the
+    dataset's last item)."""
+    with pytest.raises(MetricError, match="beyond int64"):
+        confusion_matrix(np.array([2 ** 63], np.uint64), np.array([0], np.int64))
+    data = TensorDataset(np.arange(5, dtype=np.float32))
+    with pytest.raises(IndexError, match="out of range"):
+        Subset(data, np.array([2 ** 64 - 1], np.uint64))
+
+
+def test_items_of_different_shapes_are_named_in_the_batch_error():
+    class Ragged:
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return np.zeros(i + 1, np.float32), np.int64(i)
+    with pytest.raises(DatasetError, match=r"position 0 .* \(1,\) in item 0, \(2,\) in item 1"):
+        next(iter(DataLoader(Ragged(), batch_size=3)))
+
+
+def test_a_negative_epoch_and_an_initial_epoch_below_one_are_refused():
+    loader = DataLoader(TensorDataset(np.zeros((4, 2), np.float32), np.zeros(4, np.int64)),
+                        batch_size=2, shuffle=True, seed=0)
+    with pytest.raises(DatasetError, match="int >= 0, got -1"):
+        loader.set_epoch(-1)
+    model, x, y = setup()
+    step = train_step(model, x, y)
+    data = DataLoader(TensorDataset(x[:8], y[:8]), batch_size=8)
+    for first in (0, -2):  # trained epochs 0..2 or -2..2 where 1..2 were asked
+        with pytest.raises(GraphcError, match="initial_epoch .* from 1"):
+            fit(step, data, epochs=2, initial_epoch=first, progress=False)
+
+
+def test_stale_temporaries_of_a_name_with_a_line_break_are_removed(tmp_path):
+    from graphc.train import _remove_stale_temporaries
+    stale = tmp_path / ".tmp-999999999-ck\npt.abc123"
+    stale.write_bytes(b"partial")
+    _remove_stale_temporaries(str(tmp_path), "ck\npt")
+    assert not stale.exists()
+
+
+def test_export_inference_refuses_to_write_over_the_training_step(tmp_path, capsys):
+    model, x, y = setup()
+    step = train_step(model, x, y)
+    path = str(tmp_path / "step.gcx")
+    step.export(path)
+    before = open(path, "rb").read()
+    assert main(["export-inference", path, path]) == 1
+    assert "is the training step itself" in capsys.readouterr().err
+    assert open(path, "rb").read() == before
+
+
+def test_validation_traces_the_loss_once_for_all_epochs(caplog):
+    """Each epoch's evaluation jitted the loss anew: a last batch of another size traced it
+    again every epoch."""
+    model, x, y = setup()
+    step = train_step(model, x, y)
+    train = DataLoader(TensorDataset(x[:8], y[:8]), batch_size=8)
+    val = DataLoader(TensorDataset(x[:10], y[:10]), batch_size=8)  # batches of 8, then 2
+    with caplog.at_level("INFO", logger="graphc"):
+        fit(step, train, epochs=4, val_loader=val, progress=False)
+    assert len([r for r in caplog.records if "retracing cross_entropy" in r.getMessage()]) <= 1

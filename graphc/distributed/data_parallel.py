@@ -42,7 +42,7 @@ from graphc.ir import Graph, TensorType
 from graphc.ir.errors import GraphcError
 from graphc.passes import SIMPLIFY, Stages
 
-from ..api import jit, user_facing
+from ..api import staged, user_facing
 from ..compile import CompiledGraph, TrainStep, numerics_checked
 from ..data import Batch, DataLoader, Dataset, Subset, Transform
 from ..functions import concatenate
@@ -576,7 +576,7 @@ def evaluate(model_fn: Callable[..., np.ndarray], loss_fn: Callable | None,
     """Loss (when `loss_fn` is given) and, for class scores, accuracy over the whole dataset:
     each rank evaluates its shard, then the sums are reduced. The last `targets` arrays of a
     batch are the loss's targets; the accuracy is against the first of them."""
-    loss_jit = jit(loss_fn) if loss_fn is not None else None
+    loss_jit = staged(loss_fn)
     totals = np.zeros(3)  # loss * count, correct predictions, count
     classes = True
     for batch in loader:
