@@ -34,5 +34,5 @@ def test_parameter_groups_decay_the_matrices_only(char_gpt):
     model = char_gpt.CharGPT(vocab_size=10, context=8, d_model=16, n_heads=2, n_layers=1)
     decay, no_decay = char_gpt.parameter_groups(model, 0.1)
     assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(model.parameters())
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert any(p is model.token_embedding.weight for p in decay["params"])

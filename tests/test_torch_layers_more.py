@@ -249,3 +249,93 @@ def test_warm_restarts_carry_a_fraction_into_the_next_plain_step():
         torch_optimizer.step()
         torch_schedule.step()
         schedule.step()
+
+
+def test_an_integer_mask_error_gives_each_layers_meaning_of_true():
+    """MultiheadAttention masks out where a bool mask is True: the advice for a 0/1 keep-mask
+    (astype(bool), right for scaled_dot_product_attention) inverted it."""
+    mha = nn.MultiheadAttention(4, 1, batch_first=True)
+    x = np.ones((1, 3, 4), np.float32)
+    keep = np.tril(np.ones((3, 3), np.int64))
+    with pytest.raises(gc.GraphcError, match=r"True masks a score out; use \(mask == 0\)"):
+        gc.jit(lambda x: mha(x, x, x, attn_mask=keep)[0])(x)
+    with pytest.raises(gc.GraphcError, match="True keeps a score"):
+        gc.jit(lambda x: F.scaled_dot_product_attention(x, x, x, attn_mask=keep))(x)
+
+
+def test_shape_errors_of_conv1d_and_linear_name_them_and_the_users_shapes():
+    with pytest.raises(gc.GraphcError, match=r"conv1d: weight \(4, 3, 3\) .* expects 3 input channels, "
+                                             r"got input \(2, 5, 7\)"):
+        gc.jit(nn.Conv1d(3, 4, 3))(np.zeros((2, 5, 7), np.float32))
+    with pytest.raises(gc.GraphcError, match=r"conv1d: input \(1, 1, 2\) .* shorter than the kernel's span 3"):
+        gc.jit(nn.Conv1d(1, 1, 3))(np.zeros((1, 1, 2), np.float32))
+    with pytest.raises(gc.GraphcError, match=r"linear: weight \(4, 3\) .* got input of shape \(2, 5\)"):
+        gc.jit(nn.Linear(3, 4))(np.zeros((2, 5), np.float32))
+
+
+def test_batch_norm_in_eval_uses_running_statistics_wherever_they_exist():
+    """Turning track_running_stats off after building leaves the buffers, which PyTorch's eval
+    mode still uses (graphc used the batch's statistics: differences up to 16)."""
+    x = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32) * 4 + 2
+    ours, theirs = nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    for bn in (ours, theirs):
+        bn.running_mean[...] = [0.5, -1.0, 2.0] if bn is ours else torch.tensor([0.5, -1.0, 2.0])
+        bn.eval()
+        bn.track_running_stats = False
+    np.testing.assert_allclose(gc.jit(ours)(x), theirs(torch.tensor(x)).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_layers_take_what_pytorchs_take():
+    seq = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Tanh())
+    assert isinstance(seq[np.int64(1)], nn.ReLU)  # NumPy integer indices
+    seq[np.int64(1)] = nn.GELU()
+    assert isinstance(seq[1], nn.GELU)
+    conv = nn.Conv1d(1, 1, 3)
+    conv.padding = 2  # an int, as PyTorch's takes
+    assert gc.jit(conv)(np.zeros((1, 1, 5), np.float32)).shape == (1, 1, 7)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.Linear(3, 1)))
+    assert next(model.parameters()).dtype == np.float32  # an iterator, as PyTorch's
+    assert list(dict(model.named_parameters(prefix="m", recurse=True))) == [
+        "m.0.weight", "m.0.bias", "m.1.0.weight", "m.1.0.bias"]
+    assert list(model[1].parameters(recurse=False)) == []
+    assert list(model.state_dict(prefix="enc.")) == ["enc.0.weight", "enc.0.bias", "enc.1.0.weight", "enc.1.0.bias"]
+    assert model.get_submodule("1.0") is model[1][0]
+    assert model.get_parameter("1.0.bias") is model[1][0].bias
+    with pytest.raises(AttributeError, match="no submodule '2'"):
+        model.get_submodule("2")
+    assert len(seq + model) == 5 and len(nn.ModuleList([nn.ReLU()]) + nn.ModuleList([nn.Tanh()])) == 2
+    with pytest.raises(ValueError, match="divisor_override must be a nonzero int"):
+        gc.jit(nn.AvgPool2d(2, divisor_override=2.5))(np.zeros((1, 1, 4, 4), np.float32))
+
+
+def test_conv_transpose_output_size_and_too_small_outputs_as_pytorchs():
+    ours = nn.ConvTranspose2d(1, 1, 3, stride=2, padding=1, padding_mode="zeros")
+    theirs = torch.nn.ConvTranspose2d(1, 1, 3, stride=2, padding=1)
+    ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
+    x = np.random.default_rng(1).standard_normal((1, 1, 5, 5)).astype(np.float32)
+    for size in ([9, 9], [10, 10], [1, 1, 10, 9]):
+        got = gc.jit(lambda x, size=size: ours(x, output_size=size))(x)
+        want = theirs(torch.tensor(x), output_size=size).detach().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not reachable"):
+        gc.jit(lambda x: ours(x, output_size=[12, 12]))(x)
+    tight = nn.ConvTranspose2d(1, 2, (1, 3), stride=(3, 1), padding=(2, 2), dilation=(1, 2),
+                               output_padding=(0, 1))  # output_padding past the stride: 0 rows
+    with pytest.raises(gc.GraphcError, match="too small"):
+        gc.jit(tight)(np.zeros((1, 1, 2, 3), np.float32))
+
+
+@pytest.mark.parametrize("size", [3, 4])  # windows of unequal size, and tiling ones
+@pytest.mark.parametrize("layer", ["AdaptiveMaxPool2d", "AdaptiveAvgPool2d"])
+def test_adaptive_pooling_of_integers_is_refused_whatever_the_windows(layer, size):
+    with pytest.raises(gc.GraphcError, match="expects a floating-point input, got int64"):
+        gc.jit(getattr(nn, layer)(size))(np.arange(36, dtype=np.int64).reshape(1, 1, 6, 6))
+
+
+@pytest.mark.parametrize("mode, align_corners", [("nearest", None), ("bilinear", False), ("bilinear", True)])
+def test_upsample_recomputing_its_scale_factor_samples_as_pytorchs(mode, align_corners):
+    x = np.random.default_rng(2).standard_normal((1, 2, 5, 7)).astype(np.float32)
+    settings = dict(scale_factor=1.7, mode=mode, align_corners=align_corners, recompute_scale_factor=True)
+    got = gc.jit(nn.Upsample(**settings))(x)
+    want = torch.nn.Upsample(**settings)(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -49,7 +49,7 @@ def test_a_tied_parameter_is_one_parameter_with_both_state_dict_keys():
     model = TiedLM()
     names = [n for n, _ in model.named_parameters()]
     assert names == ["embed.weight", "mix.weight", "mix.bias"]  # PyTorch's order and names
-    assert len(model.parameters()) == 3
+    assert len(list(model.parameters())) == 3
     state = model.state_dict()
     assert state["head.weight"] is state["embed.weight"]
     assert model.num_parameters() == VOCAB * DIM + DIM * DIM + DIM

@@ -149,7 +149,7 @@ class MultiheadAttention(Module):
                                  f"({target_len}, {source_len}) or "
                                  f"({batch * self.num_heads}, {target_len}, {source_len}), got "
                                  f"{mask.shape} (at {user_location()})")
-            F.check_mask_dtype("MultiheadAttention", "attn_mask", mask)
+            F.check_mask_dtype("MultiheadAttention", "attn_mask", mask, true_keeps=False)
             if mask.ndim == 3:
                 mask = mask.reshape(batch, self.num_heads, target_len, source_len)
             keep, bias = (~mask, None) if mask.dtype == "bool" else (None, mask)
@@ -162,7 +162,7 @@ class MultiheadAttention(Module):
                 raise ShapeError(f"MultiheadAttention: key_padding_mask must have shape "
                                  f"({batch}, {source_len}), got {padding.shape} "
                                  f"(at {user_location()})")
-            F.check_mask_dtype("MultiheadAttention", "key_padding_mask", padding)
+            F.check_mask_dtype("MultiheadAttention", "key_padding_mask", padding, true_keeps=False)
             padding = padding.reshape(batch, 1, 1, source_len)
             if padding.dtype == "bool":
                 keep = ~padding if keep is None else keep & ~padding
@@ -235,7 +235,10 @@ class TransformerEncoder(Module):
                  norm: Module | None = None, enable_nested_tensor: bool = True,
                  mask_check: bool = True) -> None:
         """`enable_nested_tensor` and `mask_check` select PyTorch's fast paths for padded
-        batches; graphc has one path, so they change nothing (accepted for ported code)."""
+        batches; graphc has one path, so they change nothing (accepted for ported code). That
+        path is PyTorch's training path: at padded positions it computes values, where PyTorch's
+        nested-tensor path in eval mode without gradients returns zeros (values at the other
+        positions agree); a mean over positions should leave the padding out either way."""
         super().__init__()
         self.layers = ModuleList([copy.deepcopy(encoder_layer) for _ in range(num_layers)])
         self.num_layers = num_layers

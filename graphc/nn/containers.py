@@ -63,6 +63,10 @@ class ModuleList(Module):
     def __iadd__(self, modules: Iterable[Module]) -> ModuleList:
         return self.extend(modules)
 
+    def __add__(self, other: Iterable[Module]) -> ModuleList:
+        """A new ModuleList of this one's modules, then other's (the modules themselves)."""
+        return ModuleList([*self, *other])
+
     def append(self, module: Module) -> ModuleList:
         self._modules[str(len(self))] = _checked("ModuleList", module)
         return self

@@ -51,7 +51,7 @@ class Conv1d(Module):
 
     def forward(self, x: Any) -> Tensor:
         return F.conv1d(x, self.weight, self.bias, self.stride,
-                        self.padding if isinstance(self.padding, str) else self.padding[0],
+                        self.padding if isinstance(self.padding, (str, int)) else self.padding[0],
                         self.dilation, self.groups, self.padding_mode)
 
     def extra_repr(self) -> str:
@@ -65,8 +65,12 @@ class ConvTranspose2d(Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
                  padding: Any = 0, output_padding: Any = 0, groups: int = 1, bias: bool = True,
-                 dilation: Any = 1) -> None:
+                 dilation: Any = 1, padding_mode: str = "zeros") -> None:
         super().__init__()
+        if padding_mode != "zeros":  # as PyTorch's, which takes only this one
+            raise ValueError(f"ConvTranspose2d: only padding_mode='zeros' is supported, got "
+                             f"{padding_mode!r}")
+        self.padding_mode = padding_mode
         kh, kw = F.pair_argument(kernel_size, "ConvTranspose2d: kernel_size")
         self.stride, self.padding, self.dilation, self.output_padding = (
             F.pair_argument(v, f"ConvTranspose2d: {name}") for v, name in (
@@ -85,9 +89,31 @@ class ConvTranspose2d(Module):
         else:  # registered as absent: `layer.bias is None`, as in PyTorch
             self.register_parameter("bias", None)
 
-    def forward(self, x: Any) -> Tensor:
+    def forward(self, x: Any, output_size: Any = None) -> Tensor:
+        """`output_size` ((H, W), optionally after batch and channels) picks the output_padding
+        that gives that size, as PyTorch's (a U-Net matching its skip connection's size)."""
+        output_padding = self.output_padding
+        if output_size is not None:
+            output_padding = self._output_padding_for(F.as_tensor(x).shape, output_size)
         return F.conv_transpose2d(x, self.weight, self.bias, self.stride,
-                                  self.padding, self.output_padding, self.groups, self.dilation)
+                                  self.padding, output_padding, self.groups, self.dilation)
+
+    def _output_padding_for(self, shape: tuple[int, ...], output_size: Any) -> tuple[int, int]:
+        size = [int(s) for s in output_size][-2:]
+        if len(size) != 2:
+            raise ValueError(f"ConvTranspose2d: output_size must end with (H, W), got {output_size!r}")
+        padding = []
+        for axis, wanted in enumerate(size):
+            smallest = ((shape[-2 + axis] - 1) * self.stride[axis] - 2 * self.padding[axis]
+                        + self.dilation[axis] * (self.kernel_size[axis] - 1) + 1)
+            extra = wanted - smallest
+            if not 0 <= extra < max(self.stride[axis], self.dilation[axis]):
+                raise ValueError(
+                    f"ConvTranspose2d: output_size {tuple(size)} is not reachable from input {shape}: "
+                    f"axis {axis} takes sizes {smallest} to "
+                    f"{smallest + max(self.stride[axis], self.dilation[axis]) - 1}")
+            padding.append(extra)
+        return padding[0], padding[1]
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -260,8 +260,12 @@ def log_softmax(x: Tensor, dim: int | None = None) -> Tensor:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ weight.T + bias, with weight of shape (out_features, in_features)."""
-    weight = as_tensor(weight)
-    out = as_tensor(x) @ weight.T
+    x, weight = as_tensor(x), as_tensor(weight)
+    if weight.ndim != 2 or x.ndim == 0 or x.shape[-1] != weight.shape[1]:
+        raise ShapeError(f"linear: weight {weight.shape} (out_features, in_features) takes inputs "
+                         f"of {weight.shape[-1] if weight.ndim else '?'} features on the last "
+                         f"axis, got input of shape {x.shape} (at {user_location()})")
+    out = x @ weight.T
     if bias is not None and as_tensor(bias).shape not in ((), (weight.shape[0],)):
         raise ShapeError(f"linear: bias must have shape ({weight.shape[0]},), one per output "
                          f"feature, got {as_tensor(bias).shape} (at {user_location()})")
@@ -364,6 +368,12 @@ def conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
     if any(o >= max(s, d) for o, s, d in zip(output_padding, stride, dilation)):
         raise ShapeError(f"conv_transpose2d: output_padding {output_padding} must be smaller than "
                          f"the stride {stride} or the dilation {dilation} (at {user_location()})")
+    size = tuple((n - 1) * s - 2 * p + d * (k - 1) + o + 1 for n, s, p, d, k, o
+                 in zip(x.shape[2:], stride, padding, dilation, weight.shape[2:], output_padding))
+    if min(size) < 1:
+        raise ShapeError(f"conv_transpose2d: the output would be {size[0]} x {size[1]} per "
+                         f"channel for input {x.shape}, weight {weight.shape}, stride {stride} "
+                         f"and padding {padding}: too small (at {user_location()})")
     if any(o >= s for o, s in zip(output_padding, stride)):
         # Past the stride (allowed under a larger dilation), the convolution's gradient has no
         # input of that size: the whole transposed result (padding 0), cropped by `padding` at
@@ -372,12 +382,6 @@ def conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
         (top, left), (bottom, right) = padding, output_padding
         out = pad(full, (-left, right - left, -top, bottom - top))
     else:
-        size = tuple((n - 1) * s - 2 * p + d * (k - 1) + o + 1 for n, s, p, d, k, o
-                     in zip(x.shape[2:], stride, padding, dilation, weight.shape[2:], output_padding))
-        if min(size) < 1:
-            raise ShapeError(f"conv_transpose2d: the output would be {size[0]} x {size[1]} per "
-                             f"channel for input {x.shape}, weight {weight.shape}, stride {stride} "
-                             f"and padding {padding}: too small (at {user_location()})")
         out = bind("conv2d_input_grad", x, weight,
                    input_shape=(x.shape[0], weight.shape[1] * groups, *size),
                    stride=stride, padding=padding, dilation=dilation, groups=groups)
@@ -533,8 +537,10 @@ def avg_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0
                divisor_override: int | None = None) -> Tensor:
     """PyTorch's F.avg_pool2d over the last two axes of (N, C, H, W) or (C, H, W) input."""
     x = as_tensor(x)
-    if divisor_override == 0:
-        raise ValueError(f"avg_pool2d: divisor_override must not be zero (at {user_location()})")
+    if divisor_override is not None and (isinstance(divisor_override, bool) or not _is_integer(divisor_override)
+                                         or divisor_override == 0):
+        raise ValueError(f"avg_pool2d: divisor_override must be a nonzero int, got "
+                         f"{divisor_override!r} (at {user_location()})")
     if _unbatched_plane("avg_pool2d", x):
         return avg_pool2d(x.unsqueeze(0), kernel_size, stride, padding, ceil_mode, count_include_pad,
                           divisor_override).squeeze(0)
@@ -667,6 +673,17 @@ def conv1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: 
                          f"groups, K), got {x.shape} and {weight.shape} (at {user_location()})")
     batched = x.ndim == 3
     x = x if batched else x.unsqueeze(0)
+    # checked here, in the user's terms: conv2d would name its own 4-D shapes
+    if x.shape[1] != weight.shape[1] * groups:
+        raise ShapeError(f"conv1d: weight {weight.shape} with groups={groups} expects "
+                         f"{weight.shape[1] * groups} input channels, got input {as_tensor(input).shape} "
+                         f"(at {user_location()})")
+    if not isinstance(padding, str):
+        span = _single(dilation, "dilation") * (weight.shape[2] - 1) + 1
+        pad = _single(padding, "padding")
+        if x.shape[2] + 2 * pad < span:
+            raise ShapeError(f"conv1d: input {as_tensor(input).shape} padded by {pad} on each side "
+                             f"is shorter than the kernel's span {span} (at {user_location()})")
     out = conv2d(x.unsqueeze(2), weight.unsqueeze(2), bias, stride=(1, _single(stride, "stride")),
                  padding=padding if isinstance(padding, str) else (0, _single(padding, "padding")),
                  dilation=(1, _single(dilation, "dilation")), groups=groups,
@@ -698,6 +715,9 @@ def _output_size(op: str, x: Tensor, output_size: Any) -> tuple[int, int]:
 def _adaptive_pool2d(op: str, x: Any, output_size: Any, average: bool) -> Tensor:
     x = as_tensor(x)
     out_h, out_w = _output_size(op, x, output_size)
+    if not x.dtype.startswith("float"):  # whichever way the windows fall, as PyTorch refuses
+        raise DTypeError(f"{op}: expects a floating-point input, got {x.dtype}; cast it first "
+                         f"(at {user_location()})")
     batched = x.ndim == 4
     x = x if batched else x.unsqueeze(0)
     height, width = x.shape[2:]
@@ -835,13 +855,17 @@ def _cast_like(x: Any, like: Tensor) -> Tensor:
     return x if x.dtype == like.dtype else x.astype(like.dtype)
 
 
-def check_mask_dtype(op: str, name: str, mask: Tensor) -> None:
+def check_mask_dtype(op: str, name: str, mask: Tensor, true_keeps: bool = True) -> None:
     """A mask keeps (bool) or adds to (float) the scores; 0/1 integers would be added, silently
-    not what a keep-mask meant: refused, as PyTorch refuses them."""
+    not what a keep-mask meant: refused, as PyTorch refuses them. `true_keeps`: what True means
+    to `op` (scaled_dot_product_attention keeps those scores; MultiheadAttention and the
+    transformer layers mask them out)."""
     if mask.dtype != "bool" and not mask.dtype.startswith("float"):
-        raise DTypeError(f"{op}: {name} must be bool (True keeps a score) or float (added to the "
-                         f"scores), got {mask.dtype}: use mask.astype(bool) for a 0/1 keep-mask "
-                         f"(at {user_location()})")
+        advice = ("True keeps a score; use mask.astype(bool) for a 0/1 keep-mask" if true_keeps else
+                  "True masks a score out; use (mask == 0) for a 0/1 keep-mask, mask.astype(bool) "
+                  "for a 0/1 mask of the positions to leave out")
+        raise DTypeError(f"{op}: {name} must be bool ({advice}) or float (added to the scores), "
+                         f"got {mask.dtype} (at {user_location()})")
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Any = None,

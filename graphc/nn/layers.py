@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
@@ -138,15 +139,23 @@ class Dropout1d(Dropout2d):
 
 
 class Upsample(Module):
-    """F.interpolate as a layer."""
+    """F.interpolate as a layer. `recompute_scale_factor`: the scale factor only sizes the
+    output (floor(size * scale_factor)), which is then sampled as for that size, as PyTorch's."""
 
     def __init__(self, size: Any = None, scale_factor: Any = None, mode: str = "nearest",
-                 align_corners: bool | None = None) -> None:
+                 align_corners: bool | None = None, recompute_scale_factor: bool | None = None) -> None:
         super().__init__()
         self.size, self.scale_factor, self.mode = size, scale_factor, mode
-        self.align_corners = align_corners
+        self.align_corners, self.recompute_scale_factor = align_corners, recompute_scale_factor
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.recompute_scale_factor and self.scale_factor is not None:
+            x = F.as_tensor(x)
+            spatial = x.shape[2:]
+            scales = (self.scale_factor if isinstance(self.scale_factor, (tuple, list))
+                      else [self.scale_factor] * len(spatial))
+            size = [math.floor(n * s) for n, s in zip(spatial, scales)]
+            return F.interpolate(x, size, None, self.mode, self.align_corners)
         return F.interpolate(x, self.size, self.scale_factor, self.mode, self.align_corners)
 
     def extra_repr(self) -> str:
@@ -438,8 +447,9 @@ class Sequential(Module):
             self.register_module(name, _layer(name, layer))
 
     def _position(self, index: int) -> int:
-        if not isinstance(index, int) or isinstance(index, bool):
+        if isinstance(index, bool) or not hasattr(index, "__index__"):
             raise TypeError(f"Sequential indices are ints or slices, not {type(index).__name__}")
+        index = operator.index(index)  # NumPy's integers too, as PyTorch takes them
         if not -len(self) <= index < len(self):
             raise IndexError(f"Sequential index {index} is out of range for {len(self)} layers")
         return index % len(self)
@@ -468,6 +478,12 @@ class Sequential(Module):
 
     def __iter__(self) -> Any:
         return iter(list(self._modules.values()))
+
+    def __add__(self, other: Sequential) -> Sequential:
+        """A new Sequential of this one's layers, then other's (the modules themselves)."""
+        if not isinstance(other, Sequential):
+            return NotImplemented
+        return Sequential(*self, *other)
 
     def append(self, layer: Module) -> Sequential:
         name = str(len(self))

@@ -368,6 +368,26 @@ class Module:
     def modules(self) -> Iterator[Module]:
         return (m for _, m in self.named_modules())
 
+    def get_submodule(self, target: str) -> Module:
+        """The module at dotted path `target` ("" is this one), as PyTorch's."""
+        module: Module = self
+        for i, name in enumerate(target.split(".") if target else ()):
+            child = module._modules.get(name)
+            if child is None:
+                where = ".".join(target.split(".")[:i]) or type(self).__name__
+                raise AttributeError(f"{where} has no submodule {name!r} (looking up {target!r})")
+            module = child
+        return module
+
+    def get_parameter(self, target: str) -> np.ndarray:
+        """The parameter at dotted path `target` ("encoder.0.weight"), as PyTorch's."""
+        path, _, name = target.rpartition(".")
+        module = self.get_submodule(path)
+        if name not in module._parameters or module._parameters[name] is None:
+            raise AttributeError(f"{path or type(self).__name__} has no parameter {name!r} "
+                                 f"(looking up {target!r})")
+        return getattr(module, name)
+
     def named_children(self) -> Iterator[tuple[str, Module]]:
         """(name, child) for the direct children, each once, as PyTorch's."""
         seen: set[int] = set()
@@ -387,35 +407,41 @@ class Module:
         fn(self)
         return self
 
-    def named_parameters(self) -> Iterator[tuple[str, np.ndarray | Tensor]]:
-        """(dotted name, parameter) over the tree, a parameter reached by several names (tied)
-        once, under the first, as PyTorch's. While tracing, the parameters are Tensors of
-        the trace, as attribute access gives them: bound ones where the tree is bound (a model
-        being trained: gradients reach them), else implicit inputs read at each call."""
-        return self._named_state("_parameters")
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+                         ) -> Iterator[tuple[str, np.ndarray | Tensor]]:
+        """(dotted name, parameter) over the tree (this module's own alone unless `recurse`),
+        each name after `prefix`; a parameter reached by several names (tied) once, under the
+        first, unless `remove_duplicate` is False, as PyTorch's. While tracing, the parameters
+        are Tensors of the trace, as attribute access gives them: bound ones where the tree is
+        bound (a model being trained: gradients reach them), else implicit inputs read at each
+        call."""
+        return _selected(self._named_state("_parameters", remove_duplicate), prefix, recurse)
 
-    def parameters(self) -> list[np.ndarray | Tensor]:
-        return [p for _, p in self.named_parameters()]
+    def parameters(self, recurse: bool = True) -> Iterator[np.ndarray | Tensor]:
+        """The parameters of named_parameters, an iterator as PyTorch's (`next(m.parameters())`)."""
+        return (p for _, p in self.named_parameters(recurse=recurse))
 
-    def named_buffers(self) -> Iterator[tuple[str, np.ndarray | Tensor]]:
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+                      ) -> Iterator[tuple[str, np.ndarray | Tensor]]:
         """(dotted name, buffer) over the tree; Tensors of the trace while tracing (see
         named_parameters)."""
-        return self._named_state("_buffers")
+        return _selected(self._named_state("_buffers", remove_duplicate), prefix, recurse)
 
-    def buffers(self) -> list[np.ndarray | Tensor]:
-        return [b for _, b in self.named_buffers()]
+    def buffers(self, recurse: bool = True) -> Iterator[np.ndarray | Tensor]:
+        return (b for _, b in self.named_buffers(recurse=recurse))
 
     def num_parameters(self) -> int:
         return sum(p.size for _, p in named_arrays(self, "_parameters"))
 
-    def _named_state(self, table: str) -> Iterator[tuple[str, np.ndarray | Tensor]]:
+    def _named_state(self, table: str, remove_duplicate: bool = True
+                     ) -> Iterator[tuple[str, np.ndarray | Tensor]]:
         if not is_tracing():
-            return named_arrays(self, table)
+            return named_arrays(self, table, remove_duplicate)
         # Read now, in the trace in progress, however late the caller iterates; implicit inputs
         # are named by their path from this module, as when it is called ("Sequential.0.weight").
         root = current_trace().module_name(self)
         return iter([(name, traced_state(ref, f"{root}.{name}"))
-                     for name, ref in named_state_refs(self, (table,), remove_duplicate=True)])
+                     for name, ref in named_state_refs(self, (table,), remove_duplicate=remove_duplicate)])
 
     # -- modes and state ------------------------------------------------------------------
     def train(self, mode: bool = True) -> Module:
@@ -466,16 +492,19 @@ class Module:
         """Parameters and floating-point buffers to float32 (see `to`)."""
         return self.to(np.float32)
 
-    def state_dict(self) -> dict[str, np.ndarray | Tensor]:
+    def state_dict(self, *, prefix: str = "") -> dict[str, np.ndarray | Tensor]:
         """The live arrays by dotted name in PyTorch's order (module by module: its parameters,
         its persistent buffers, then its children's), a tied parameter under each of its names
-        (as PyTorch's); compiled training steps update them in place. While tracing, Tensors of
-        the trace (see named_parameters)."""
+        (as PyTorch's), each name after `prefix` ("encoder." gives "encoder.0.weight");
+        compiled training steps update them in place. While tracing, Tensors of the trace (see
+        named_parameters)."""
         if not is_tracing():
-            return state_arrays(self)
-        root = current_trace().module_name(self)
-        return {name: traced_state(ref, f"{root}.{name}")
-                for name, ref in named_state_refs(self, _STATE_TABLES, persistent_only=True)}
+            state = state_arrays(self)
+        else:
+            root = current_trace().module_name(self)
+            state = {name: traced_state(ref, f"{root}.{name}")
+                     for name, ref in named_state_refs(self, _STATE_TABLES, persistent_only=True)}
+        return {prefix + name: value for name, value in state.items()} if prefix else state
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> IncompatibleKeys:
         """Copy arrays into the module's own (so compiled steps keep seeing them), converted to
@@ -623,6 +652,12 @@ def named_state_refs(module: Module, tables: tuple[str, ...], remove_duplicate: 
                         continue
                     seen.add(id(array))
                 yield prefix + attr, StateRef(m, table, attr)
+
+
+def _selected(named: Iterator[tuple[str, Any]], prefix: str, recurse: bool) -> Iterator[tuple[str, Any]]:
+    """`named` with `prefix` before each name, only the module's own (undotted) unless `recurse`."""
+    return ((f"{prefix}.{name}" if prefix else name, value) for name, value in named
+            if recurse or "." not in name)
 
 
 def named_arrays(module: Module, table: str, remove_duplicate: bool = True

@@ -92,7 +92,9 @@ class _BatchNorm(Module):
         x = as_tensor(x)
         self._check_input(x)
         weight, bias = self.weight, self.bias  # None where registered absent
-        if not self.training and self.track_running_stats:
+        # in eval mode, the running statistics wherever they exist, as PyTorch decides (turning
+        # track_running_stats off afterwards leaves them in use)
+        if not self.training and self.running_mean is not None and self.running_var is not None:
             return batch_norm(x, self.running_mean, self.running_var, weight, bias, False, self.eps)
         # normalised with the batch's own statistics, which one value per channel has not
         count = x.numel() // x.shape[1]
