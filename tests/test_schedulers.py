@@ -36,6 +36,18 @@ SCHEDULES = {
     "warmup-cosine": warmup_cosine,
     "warmup-exponential": lambda s, o: s.SequentialLR(
         o, [s.LinearLR(o, 0.5, 1.0, 4), s.ExponentialLR(o, gamma=0.8)], milestones=[6]),
+    "chained": lambda s, o: s.ChainedScheduler([s.ConstantLR(o, 0.5, 4), s.ExponentialLR(o, 0.9),
+                                                s.StepLR(o, 5, 0.5)]),
+    "chained-linear-polynomial": lambda s, o: s.ChainedScheduler(
+        [s.LinearLR(o, 0.2, 1.0, 6), s.PolynomialLR(o, 40, 2.0), s.MultiStepLR(o, [3, 9], 0.3)]),
+    "cyclic": lambda s, o: s.CyclicLR(o, 0.01, [0.1, 0.05], step_size_up=4, step_size_down=3,
+                                      cycle_momentum=False),
+    "cyclic-triangular2": lambda s, o: s.CyclicLR(o, 0.01, 0.1, step_size_up=3, mode="triangular2",
+                                                  cycle_momentum=False),
+    "cyclic-exp-range": lambda s, o: s.CyclicLR(o, [0.01, 0.001], 0.1, step_size_up=5, mode="exp_range",
+                                                gamma=0.97, cycle_momentum=False),
+    "cyclic-scale-fn": lambda s, o: s.CyclicLR(o, 0.01, 0.1, step_size_up=2, scale_fn=lambda x: 1 / (1 + x),
+                                               scale_mode="iterations", cycle_momentum=False),
     # a multiplicative stage goes on from the rate the stage before left (it restarted at 0.1)
     "constant-multiplicative": lambda s, o: s.SequentialLR(
         o, [s.ConstantLR(o, 0.5, 3), s.MultiplicativeLR(o, lambda e: 0.9)], milestones=[3]),
@@ -257,3 +269,11 @@ def test_every_scheduler_is_in_the_modules_star_import():
                if isinstance(value, type) and value.__module__ == lr_scheduler.__name__
                and not name.startswith("_")}
     assert defined <= set(lr_scheduler.__all__)
+
+
+def test_chaining_a_schedule_that_is_not_a_factor_is_refused():
+    opt = two_groups()
+    with pytest.raises(ValueError, match="schedulers\\[1\\] is a CosineAnnealingLR"):
+        optim.ChainedScheduler([optim.ExponentialLR(opt, 0.9), optim.CosineAnnealingLR(opt, 10)])
+    with pytest.raises(GraphcError, match="cycle_momentum=False"):
+        optim.CyclicLR(opt, 0.01, 0.1)

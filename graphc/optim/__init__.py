@@ -473,13 +473,13 @@ def clip_by_global_norm(grads: Params, max_norm: float) -> Params:
 
 
 # Last: the schedulers' module imports Optimizer from this one.
-from .lr_scheduler import (ConstantLR, CosineAnnealingLR, CosineAnnealingWarmRestarts,  # noqa: E402
-                           ExponentialLR, LambdaLR, LinearLR, LRScheduler, MultiplicativeLR,
-                           MultiStepLR, OneCycleLR, PolynomialLR, ReduceLROnPlateau, SequentialLR,
-                           StepLR)
+from .lr_scheduler import (ChainedScheduler, ConstantLR, CosineAnnealingLR,  # noqa: E402
+                           CosineAnnealingWarmRestarts, CyclicLR, ExponentialLR, LambdaLR, LinearLR,
+                           LRScheduler, MultiplicativeLR, MultiStepLR, OneCycleLR, PolynomialLR,
+                           ReduceLROnPlateau, SequentialLR, StepLR)
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "l1_penalty",
            "clip_by_global_norm", "LRScheduler", "LambdaLR", "StepLR", "MultiStepLR",
            "ExponentialLR", "LinearLR", "CosineAnnealingLR", "OneCycleLR", "SequentialLR",
            "ReduceLROnPlateau", "CosineAnnealingWarmRestarts", "ConstantLR", "PolynomialLR",
-           "MultiplicativeLR"]
+           "MultiplicativeLR", "ChainedScheduler", "CyclicLR"]

@@ -66,6 +66,9 @@ class LRScheduler(_SavedState):
 
     schedule_keys: tuple[str, ...] = ("initial_lr",)
     keeps_rate_on_resume = False
+    # Each step multiplies the rate by a factor of the epoch alone, whatever the rate was (so
+    # chained with others, as ChainedScheduler does, the factors multiply as in PyTorch's chain)
+    multiplicative = False
 
     def __init__(self, optimizer: Optimizer, last_epoch: int = -1) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -140,6 +143,8 @@ class LambdaLR(LRScheduler):
 
 
 class StepLR(LRScheduler):
+    multiplicative = True
+
     def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1,
                  last_epoch: int = -1) -> None:
         self.step_size, self.gamma = _count("StepLR: step_size", step_size), gamma
@@ -151,6 +156,8 @@ class StepLR(LRScheduler):
 
 class MultiStepLR(LRScheduler):
     """The rate times gamma at each milestone passed."""
+
+    multiplicative = True
 
     def __init__(self, optimizer: Optimizer, milestones: Iterable[int], gamma: float = 0.1,
                  last_epoch: int = -1) -> None:
@@ -164,6 +171,7 @@ class MultiStepLR(LRScheduler):
 
 class ExponentialLR(LRScheduler):
     keeps_rate_on_resume = True
+    multiplicative = True
 
     def __init__(self, optimizer: Optimizer, gamma: float, last_epoch: int = -1) -> None:
         self.gamma = gamma
@@ -178,6 +186,7 @@ class LinearLR(LRScheduler):
     epochs, then stays (the usual warm-up: LinearLR(opt, start_factor=0.01, total_iters=k))."""
 
     keeps_rate_on_resume = True
+    multiplicative = True
 
     def __init__(self, optimizer: Optimizer, start_factor: float = 1 / 3, end_factor: float = 1.0,
                  total_iters: int = 5, last_epoch: int = -1) -> None:
@@ -250,6 +259,8 @@ class CosineAnnealingWarmRestarts(LRScheduler):
 class ConstantLR(LRScheduler):
     """The rate times `factor` for the first total_iters epochs, then the initial rate."""
 
+    multiplicative = True
+
     def __init__(self, optimizer: Optimizer, factor: float = 1 / 3, total_iters: int = 5,
                  last_epoch: int = -1) -> None:
         if not 0 <= factor <= 1:
@@ -265,6 +276,7 @@ class PolynomialLR(LRScheduler):
     """The rate times (1 - epoch / total_iters) ** power, 0 from total_iters on."""
 
     keeps_rate_on_resume = True
+    multiplicative = True
 
     def __init__(self, optimizer: Optimizer, total_iters: int = 5, power: float = 1.0,
                  last_epoch: int = -1) -> None:
@@ -283,6 +295,7 @@ class MultiplicativeLR(LRScheduler):
     SequentialLR, it goes on from the rate the stage before left, as PyTorch's."""
 
     keeps_rate_on_resume = True
+    multiplicative = True
 
     def __init__(self, optimizer: Optimizer, lr_lambda: Callable[[int], float]
                  | Sequence[Callable[[int], float]], last_epoch: int = -1) -> None:
@@ -396,6 +409,97 @@ class SequentialLR(LRScheduler):
         return stage.rate(epoch - start, group)
 
 
+class ChainedScheduler(LRScheduler):
+    """Several schedules at once, each step stepping them all, as PyTorch's: the rate is the
+    initial rate times every schedule's factor (rate / initial rate) at the epoch. That is
+    PyTorch's chain for the schedules whose steps multiply the rate by a factor of the epoch
+    (StepLR, MultiStepLR, ExponentialLR, LinearLR, ConstantLR, PolynomialLR, MultiplicativeLR);
+    others (a cosine, a lambda, one cycle) would chain otherwise, and are refused."""
+
+    def __init__(self, schedulers: Sequence[LRScheduler], optimizer: Optimizer | None = None) -> None:
+        schedulers = list(schedulers)
+        if not schedulers:
+            raise ValueError("ChainedScheduler: expected at least one scheduler")
+        optimizer = optimizer if optimizer is not None else schedulers[0].optimizer
+        for i, scheduler in enumerate(schedulers):
+            if not getattr(scheduler, "multiplicative", False):
+                raise ValueError(f"ChainedScheduler: schedulers[{i}] is a {type(scheduler).__name__}, "
+                                 "whose rate is not a factor of the epoch times the rate before; "
+                                 "chain StepLR, MultiStepLR, ExponentialLR, LinearLR, ConstantLR, "
+                                 "PolynomialLR or MultiplicativeLR, or use SequentialLR")
+            if scheduler.optimizer is not optimizer:
+                raise ValueError("ChainedScheduler: every scheduler must drive the same optimizer")
+        self.schedulers = schedulers
+        super().__init__(optimizer, schedulers[0].last_epoch - 1)
+
+    def rate(self, epoch: int, group: int = 0) -> float:
+        rate = self.base_lrs[group]
+        for scheduler in self.schedulers:
+            base = scheduler.base_lrs[group]
+            rate *= scheduler.rate(epoch, group) / base if base else 0.0
+        return rate
+
+    def step(self) -> None:
+        super().step()
+        for scheduler in self.schedulers:
+            scheduler.last_epoch = self.last_epoch
+            scheduler._last_lr = list(self._last_lr)
+
+
+class CyclicLR(LRScheduler):
+    """PyTorch's cyclical rate, stepped once per batch: from base_lr up to max_lr over
+    step_size_up steps and back over step_size_down (step_size_up by default); mode
+    "triangular", "triangular2" (each cycle's height half the last's) or "exp_range" (the height
+    times gamma ** step), or `scale_fn` of the cycle (scale_mode "cycle") or of the step
+    ("iterations"). Cycling the momentum is refused, as OneCycleLR's."""
+
+    def __init__(self, optimizer: Optimizer, base_lr: float | Sequence[float],
+                 max_lr: float | Sequence[float], step_size_up: int = 2000,
+                 step_size_down: int | None = None, mode: str = "triangular", gamma: float = 1.0,
+                 scale_fn: Callable[[float], float] | None = None, scale_mode: str = "cycle",
+                 cycle_momentum: bool = True, base_momentum: float = 0.8, max_momentum: float = 0.9,
+                 last_epoch: int = -1) -> None:
+        if cycle_momentum:
+            raise GraphcError("CyclicLR: cycle_momentum=True would change momentum/betas at every "
+                              "step, but those are compiled into the training step (only the "
+                              "learning rates are its inputs); pass cycle_momentum=False")
+        if mode not in ("triangular", "triangular2", "exp_range") and scale_fn is None:
+            raise ValueError(f"CyclicLR: mode must be 'triangular', 'triangular2' or 'exp_range' "
+                             f"(or give scale_fn), got {mode!r}")
+        if scale_fn is not None and scale_mode not in ("cycle", "iterations"):
+            raise ValueError(f"CyclicLR: scale_mode must be 'cycle' or 'iterations', got {scale_mode!r}")
+        up = float(step_size_up)
+        down = up if step_size_down is None else float(step_size_down)
+        if not (0 < up < math.inf and 0 <= down < math.inf):
+            raise ValueError(f"CyclicLR: step_size_up must be > 0 and step_size_down >= 0, got "
+                             f"{step_size_up!r} and {step_size_down!r}")
+        lows = _per_group(base_lr, optimizer, "CyclicLR", "base_lr values")
+        if last_epoch == -1:  # the cycle starts at base_lr, as PyTorch's sets it
+            for group, low in zip(optimizer.param_groups, lows):
+                group["lr"] = low
+        self.max_lrs = _per_group(max_lr, optimizer, "CyclicLR", "max_lr values")
+        self.total_size, self.step_ratio = up + down, up / (up + down)
+        self.mode, self.gamma, self.scale_fn = mode, gamma, scale_fn
+        self.scale_mode = scale_mode if scale_fn is not None else (
+            "iterations" if mode == "exp_range" else "cycle")
+        super().__init__(optimizer, last_epoch)
+        self.base_lrs = lows
+
+    def _scale(self, x: float) -> float:
+        if self.scale_fn is not None:
+            return self.scale_fn(x)
+        if self.mode == "triangular":
+            return 1.0
+        return 1 / 2.0 ** (x - 1) if self.mode == "triangular2" else self.gamma ** x
+
+    def rate(self, epoch: int, group: int = 0) -> float:
+        cycle = math.floor(1 + epoch / self.total_size)
+        x = 1.0 + epoch / self.total_size - cycle
+        factor = x / self.step_ratio if x <= self.step_ratio else (x - 1) / (self.step_ratio - 1)
+        height = (self.max_lrs[group] - self.base_lrs[group]) * factor
+        return self.base_lrs[group] + height * self._scale(cycle if self.scale_mode == "cycle" else epoch)
+
+
 class ReduceLROnPlateau(_SavedState):
     """PyTorch's: multiply each group's rate by `factor` (not below its `min_lr`) once the
     metric given to `step(metric)` has not improved for more than `patience` epochs, then wait
@@ -467,4 +571,5 @@ class ReduceLROnPlateau(_SavedState):
 
 __all__ = ["SCHEDULE_KEYS", "LRScheduler", "LambdaLR", "StepLR", "MultiStepLR", "ExponentialLR", "LinearLR",
            "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "ConstantLR", "PolynomialLR",
-           "MultiplicativeLR", "OneCycleLR", "SequentialLR", "ReduceLROnPlateau"]
+           "MultiplicativeLR", "OneCycleLR", "SequentialLR", "ChainedScheduler", "CyclicLR",
+           "ReduceLROnPlateau"]
