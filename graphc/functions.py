@@ -11,7 +11,7 @@ from graphc.ir import TensorType
 from graphc.ir.errors import DTypeError, GraphcError, ShapeError, user_location
 from graphc.ir.types import is_float
 
-from .tensor import (FLOAT_MATH, Tensor, ValuesIndices, normalize_axes, promote_types,
+from .tensor import (FLOAT_MATH, Tensor, ValuesIndices, _is_number, normalize_axes, promote_types,
                      reduction_axes, scalar_reduced_as_vector, as_tensor, bind,
                      current_trace, dtype_name, float_math, matmul, promoted)
 
@@ -485,6 +485,9 @@ def tril(x: Tensor, diagonal: int = 0) -> Tensor:
 
 def _triangle(x: Any, diagonal: int, upper: bool) -> Tensor:
     x = as_tensor(x)
+    if isinstance(diagonal, (bool, np.bool_)) or not isinstance(diagonal, (int, np.integer)):
+        raise TypeError(f"{'triu' if upper else 'tril'}: diagonal must be an int, got "
+                        f"{diagonal!r} (at {user_location()})")
     if x.ndim < 2:
         raise ShapeError(f"{'triu' if upper else 'tril'}: expects at least two dimensions, got "
                          f"shape {x.shape} (at {user_location()})")
@@ -508,6 +511,9 @@ def einsum(equation: str, *operands: Any) -> Tensor:
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = tuple(operands[0])  # torch.einsum(eq, [a, b])
     tensors = [as_tensor(x) for x in operands]
+    if tensors:  # of one dtype, as PyTorch promotes them
+        common = functools.reduce(promote_types, (t.dtype for t in tensors))
+        tensors = [t.astype(common) for t in tensors]
     inputs, output, spread = _parse_einsum(equation, tensors)
     sizes: dict[str, int] = {}
     for labels, t in zip(inputs, tensors):
@@ -636,7 +642,10 @@ def _contract_pair(a_labels: str, a: Tensor, b_labels: str, b: Tensor, later: se
 
     left = arranged(a_labels, a, batch + a_free + summed, [batch, a_free, summed])
     right = arranged(b_labels, b, batch + summed + b_free, [batch, summed, b_free])
-    product = bind("matmul", left, right)
+    if is_float(left.dtype):
+        product = bind("matmul", left, right)
+    else:  # integers (no integer GEMM): the products broadcast over (batch, a's, summed, b's), summed
+        product = (left.unsqueeze(3) * right.unsqueeze(1)).sum(2).astype(left.dtype)
     shape = tuple(a.shape[a_labels.index(l)] for l in batch + a_free) + tuple(
         b.shape[b_labels.index(l)] for l in b_free)
     return "".join(batch + a_free + b_free), product.reshape(shape)
@@ -835,9 +844,15 @@ def outer(x: Any, y: Any) -> Tensor:
 
 
 def lerp(start: Any, end: Any, weight: Any) -> Tensor:
-    """torch.lerp: start + weight * (end - start)."""
+    """torch.lerp: start + weight * (end - start), computed as PyTorch's: from the nearer end
+    (end - (end - start) * (1 - weight) from weight 0.5 on), so that weight 1 gives `end` exactly
+    however far apart the two are."""
     start = as_tensor(start)
-    return start + weight * (end - start)
+    difference = end - start
+    if _is_number(weight):
+        return start + weight * difference if -0.5 < weight < 0.5 else end - difference * (1 - weight)
+    weight = as_tensor(weight)
+    return where(abs(weight) < 0.5, start + weight * difference, end - difference * (1 - weight))
 
 
 def eye(n: int, m: int | None = None, *, dtype: Any = "float32") -> Tensor:

@@ -691,7 +691,9 @@ def normalize_axes(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ..
     axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
     out = []
     for a in axes:
-        if not -ndim <= a < max(ndim, 1):
+        if isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)):
+            raise TypeError(f"an axis is an int, got {a!r} (at {user_location()})")
+        if not -max(ndim, 1) <= a < max(ndim, 1):  # a 0-d tensor takes 0 and -1, as in PyTorch
             raise ShapeError(f"axis {a} is out of range for a tensor of rank {ndim} (at {user_location()})")
         out.append(a % ndim if ndim else 0)
     return tuple(out)
@@ -1355,6 +1357,8 @@ class Tensor:
             raise GraphcError(f"transpose takes two axes to swap; use permute for a permutation "
                               f"(at {user_location()})")
         a, b = normalize_axes(dims, self.ndim)
+        if self.ndim == 0:  # dims 0 and -1 name the one "axis" a 0-d tensor has, as in PyTorch
+            return self
         perm = list(range(self.ndim))
         perm[a], perm[b] = perm[b], perm[a]
         return self.permute(perm)
@@ -1423,8 +1427,20 @@ class Tensor:
                              self._reshaped_back, strides)
 
     def broadcast_to(self, shape: Sequence[int]) -> Tensor:
+        """A view, as PyTorch's expand: its broadcast axes have stride 0, and it reads its base's
+        later writes. Written in place, it takes fill_/zero_ alone (one value for every copy of
+        an element), as PyTorch's."""
         shape = tuple(shape)
-        return self if shape == self.shape else bind("broadcast_to", self, shape=shape)
+        if shape == self.shape:
+            return self
+        out = bind("broadcast_to", self, shape=shape)
+        lead = len(shape) - self.ndim
+        spread = tuple(range(lead)) + tuple(lead + a for a, n in enumerate(self.shape) if n != shape[lead + a])
+        strides = (0,) * lead + tuple(0 if lead + a in spread else s for a, s in enumerate(self.strides))
+        one_copy = (0,) * lead + tuple(slice(0, 1) if lead + a in spread else slice(None)
+                                       for a in range(self.ndim))
+        return self._viewing(out, lambda base: bind("broadcast_to", base, shape=shape),
+                             lambda view: view[one_copy], strides)
 
     def expand(self, *sizes: int | Sequence[int]) -> Tensor:
         """PyTorch's expand: broadcast to `sizes`, where -1 keeps that axis's size."""
@@ -1508,10 +1524,26 @@ class Tensor:
 
     # -- PyTorch's method forms of operators and gc functions ---------------------------------
     def add(self, other: Any, *, alpha: Any = 1) -> Tensor:
-        return self + _scaled(other, alpha)
+        return self + self._times_alpha("add", other, alpha)
 
     def sub(self, other: Any, *, alpha: Any = 1) -> Tensor:
-        return self - _scaled(other, alpha)
+        return self - self._times_alpha("sub", other, alpha)
+
+    def _times_alpha(self, op: str, other: Any, alpha: Any) -> Any:
+        """other * alpha in the dtype self op other computes in, as PyTorch's (int32 stays
+        int32; bools are not made int64 first); a fractional alpha of integers refused."""
+        if _is_number(alpha) and alpha == 1:
+            return other
+        other = other if _is_number(other) else as_tensor(other)
+        dtype = result_dtype(self, other)
+        if not is_float(dtype) and _is_number(alpha) and not float(alpha).is_integer():
+            raise DTypeError(f"{op}: alpha={alpha!r} is not an integer, but the operands are "
+                             f"{dtype}: as PyTorch, integer tensors take integer alphas "
+                             f"(at {user_location()})")
+        if dtype == "bool":  # bool arithmetic is refused by the operator itself, with its reason
+            return other
+        other = as_tensor(other).astype(dtype) if not _is_number(other) else other
+        return other * (int(alpha) if _is_number(alpha) and not is_float(dtype) else alpha)
 
     def clone(self) -> Tensor:
         """A copy: writing it in place leaves this tensor as it is (and this one's writes it)."""
@@ -1588,7 +1620,10 @@ class Tensor:
         from .functions import minimum
         return minimum(self, other)
 
-    def lerp(self, end: Any, weight: Any) -> Tensor: return self + weight * (end - self)
+    def lerp(self, end: Any, weight: Any) -> Tensor:
+        from .functions import lerp
+        return lerp(self, end, weight)
+
     def addcmul(self, tensor1: Any, tensor2: Any, *, value: Any = 1) -> Tensor:
         return self + _scaled(as_tensor(tensor1, like=self) * tensor2, value)
 
@@ -1621,6 +1656,16 @@ class Tensor:
         """The axis `dim` split into `sizes` (one of them may be -1)."""
         from .functions import _axis
         axis = _axis(self, dim, "unflatten")
+        sizes = [int(n) for n in sizes]
+        if sizes.count(-1) == 1:  # worked out from the axis alone: other axes may be empty
+            known = math.prod(n for n in sizes if n != -1)
+            if known == 0 or self.shape[axis] % known:
+                raise ShapeError(f"unflatten: sizes {tuple(sizes)} do not split axis {axis} of "
+                                 f"length {self.shape[axis]} (at {user_location()})")
+            sizes[sizes.index(-1)] = self.shape[axis] // known
+        if math.prod(sizes) != self.shape[axis] or any(n < 0 for n in sizes):
+            raise ShapeError(f"unflatten: sizes {tuple(sizes)} do not split axis {axis} of length "
+                             f"{self.shape[axis]} (at {user_location()})")
         return self.view(*self.shape[:axis], *sizes, *self.shape[axis + 1:])  # always a view
 
     def isnan(self) -> Tensor:
@@ -1750,7 +1795,7 @@ class Tensor:
         from .indexing import setitem
         self.take_value(setitem(self, index, value), "x[index] = value")
 
-    def take_value(self, new: Tensor, how: str) -> None:
+    def take_value(self, new: Tensor, how: str, through_view: bool = False) -> None:
         """Give this Tensor object `new`'s value (an in-place write: `how`), and the tensor it is
         PyTorch's view of its part of it, unless it stands for a module's parameter or buffer:
         the write would change this trace's Tensor and never the module, so it is refused."""
@@ -1774,8 +1819,17 @@ class Tensor:
                         f"self.update_buffer(name, value), or compute with a changed copy "
                         f"(w = self.weight * mask) (at {user_location()})")
         view = self._view
+        # An expanded view (expand, broadcast_to) shows one element of its base several times:
+        # only filling all of it writes every copy alike (`through_view`: a view of it written)
+        if view is not None and (how != "x.fill_(v)" or through_view) and any(
+                stride == 0 and n > 1 for n, stride in zip(self.shape, view.strides)):
+            raise GraphcError(
+                f"{how}: the tensor written is, or is part of, an expanded view (expand, expand_as, "
+                f"broadcast_to), several of whose elements are one element of the tensor it views: "
+                f"the write is ambiguous (PyTorch refuses most such writes too); write into a copy "
+                f"(.clone()), or fill_ the whole expanded view (at {user_location()})")
         if view is not None:  # the base first: a refused write changes nothing
-            view.base.take_value(view.write_back(new), how)
+            view.base.take_value(view.write_back(new), how, through_view=True)
             self._view = view._replace(seen=view.base.value)
         self._value = new.value
 

@@ -245,3 +245,64 @@ def test_a_square_root_power_is_pytorchs_sqrt_on_every_backend():
         got = gc.jit(lambda a: a.pow(0.5), backend=backend)(x)
         np.testing.assert_array_equal(got, expected)
         assert np.signbit(got[1])
+
+
+def test_add_and_sub_with_alpha_keep_the_operands_dtype_as_pytorchs():
+    """other * alpha was computed with a Python int first: int32 became int64, bools int64
+    (True.add(True, alpha=2) gave 3); a fractional alpha of integers was accepted."""
+    i32, b = np.array([5, -3, 7], np.int32), np.array([True, False, True])
+    for got, want in [(gc.jit(lambda x, y: x.add(y, alpha=2))(i32, b), torch.tensor(i32).add(torch.tensor(b), alpha=2)),
+                      (gc.jit(lambda x: x.sub(x * 2, alpha=3))(i32), torch.tensor(i32).sub(torch.tensor(i32) * 2, alpha=3))]:
+        assert got.dtype == np.int32 and np.array_equal(got, want.numpy())
+    with pytest.raises(gc.GraphcError, match="alpha=2.5 is not an integer"):
+        gc.jit(lambda x: x.add(x, alpha=2.5))(i32)
+    with pytest.raises(gc.GraphcError, match="bool"):
+        gc.jit(lambda x: x.add(x, alpha=2))(b)
+
+
+def test_lerp_reaches_end_exactly_however_far_start_is():
+    start = np.array([1e8, 3e7, 1], np.float32)
+    end = np.array([1, -2, 1e8], np.float32)
+    for weight in (1.0, np.full(3, 1.0, np.float32), np.float32([0.2, 0.7, 1.0])):
+        got = gc.jit(lambda s, e, w=weight: s.lerp(e, w))(start, end)
+        want = torch.tensor(start).lerp(torch.tensor(end), torch.tensor(weight) if not isinstance(weight, float) else weight)
+        np.testing.assert_array_equal(got, want.numpy())
+
+
+@pytest.mark.parametrize("equation, dtypes", [("ij,jk->ik", ("int64", "int64")), ("i,i->", ("int32", "int32")),
+                                              ("i,i->i", ("float32", "bool")), ("i,j->ij", ("float32", "float64"))])
+def test_einsum_promotes_its_operands_and_takes_integers(equation, dtypes):
+    rng = np.random.default_rng(0)
+    shapes = {"ij,jk->ik": [(2, 3), (3, 4)]}.get(equation, [(3,), (3,)])
+    operands = [(rng.integers(0, 5, s) > 2 if d == "bool" else rng.integers(-4, 5, s)).astype(d)
+                for s, d in zip(shapes, dtypes)]
+    got = gc.jit(lambda *a: gc.einsum(equation, *a))(*operands)
+    want = torch.einsum(equation, *[torch.tensor(o) for o in operands]).numpy()
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def test_expand_is_a_view_that_reads_later_writes_and_takes_a_fill():
+    def read_after_write(t):
+        row = t[:1].expand(2, 4)
+        t[0, 0] = 100
+        return row
+
+    def fill_through(t):
+        t[:1].expand_as(t).fill_(-1)
+        return t
+    t = np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.testing.assert_array_equal(gc.jit(read_after_write)(t), [[100, 1, 2, 3]] * 2)
+    np.testing.assert_array_equal(gc.jit(fill_through)(t)[0], [-1] * 4)
+    with pytest.raises(gc.GraphcError, match="expanded view"):
+        gc.jit(lambda t: t[:1].expand(2, 4).add_(1))(t)
+    with pytest.raises(gc.GraphcError, match="expanded view"):
+        gc.jit(lambda t: t[:1].expand(2, 4)[1].fill_(1))(t)
+
+
+def test_zero_dim_and_empty_tensor_edges_as_pytorchs():
+    assert float(gc.jit(lambda x: x.transpose(0, 0) + x.transpose(0, -1))(np.float32(1.25))) == 2.5
+    assert gc.jit(lambda x: x.unflatten(-1, (2, -1)))(np.zeros((0, 4), np.float32)).shape == (0, 2, 2)
+    x = np.ones((3, 3), np.float32)
+    for bad in (lambda x: x.triu(0.5), lambda x: x.tril(True), lambda x: x.sum(True)):
+        with pytest.raises(TypeError):
+            gc.jit(bad)(x)
