@@ -47,7 +47,7 @@ from graphc.backends import DeviceResident, Executable, PlannedExecutable, defau
 from graphc.backends.signature import as_input
 from graphc.ir import Graph, SerializationError, TensorType
 from graphc.ir.errors import GraphcError, IndexOutOfRangeError, InputError, LoadError
-from graphc.ir.serialize import checked_text
+from graphc.ir.serialize import checked_text, written_name
 from graphc.ir.types import DTYPES
 from graphc.passes import SIMPLIFY, Stages
 
@@ -384,6 +384,8 @@ def _function_members(kind: str, graph: Graph, executable: Executable, fused: Gr
     graph whose non-batch inputs read `state` through `bindings`."""
     # A tied parameter is saved under each of its state-dict names; the plan names the ones
     # that are one array, so the loaded file keeps them one as it trains.
+    if isinstance(metadata.get("name"), str):  # the loader refuses a name it could not print
+        written_name(metadata["name"], "the exported function's name")
     first: dict[int, str] = {}
     tied = {key: first.setdefault(id(array), key) for key, array in state.items()}
     tied = {key: target for key, target in tied.items() if key != target}

@@ -848,6 +848,9 @@ def lerp(start: Any, end: Any, weight: Any) -> Tensor:
     (end - (end - start) * (1 - weight) from weight 0.5 on), so that weight 1 gives `end` exactly
     however far apart the two are."""
     start = as_tensor(start)
+    if not is_float(start.dtype):
+        raise DTypeError(f"lerp: expects floating-point tensors, got {start.dtype}, as PyTorch "
+                         f"(at {user_location()})")
     difference = end - start
     if _is_number(weight):
         return start + weight * difference if -0.5 < weight < 0.5 else end - difference * (1 - weight)

@@ -1478,7 +1478,7 @@ class Tensor:
         axes = normalize_axes(_dims_argument(dims), self.ndim)
         if len(set(axes)) != len(axes):
             raise ShapeError(f"flip: an axis is named twice in {dims} (at {user_location()})")
-        return bind("flip", self, axes=axes) if axes else self
+        return bind("flip", self, axes=axes) if axes and self.ndim else self
 
     def split(self, split_size_or_sections: int | Sequence[int], dim: int = 0) -> tuple[Tensor, ...]:
         """PyTorch's split: pieces of `split_size` along `dim` (the last may be shorter), or
@@ -1532,14 +1532,16 @@ class Tensor:
     def _times_alpha(self, op: str, other: Any, alpha: Any) -> Any:
         """other * alpha in the dtype self op other computes in, as PyTorch's (int32 stays
         int32; bools are not made int64 first); a fractional alpha of integers refused."""
-        if _is_number(alpha) and alpha == 1:
-            return other
         other = other if _is_number(other) else as_tensor(other)
         dtype = result_dtype(self, other)
-        if not is_float(dtype) and _is_number(alpha) and not float(alpha).is_integer():
-            raise DTypeError(f"{op}: alpha={alpha!r} is not an integer, but the operands are "
-                             f"{dtype}: as PyTorch, integer tensors take integer alphas "
-                             f"(at {user_location()})")
+        if isinstance(alpha, (bool, np.bool_)) and dtype != "bool":
+            raise DTypeError(f"{op}: a bool alpha ({alpha}) takes bool operands, got {dtype}, as in "
+                             f"PyTorch (at {user_location()})")
+        if not is_float(dtype) and isinstance(alpha, (float, np.floating)):
+            raise DTypeError(f"{op}: alpha={alpha!r} is a float, but the operands are {dtype}: as "
+                             f"PyTorch, integer tensors take int alphas (at {user_location()})")
+        if _is_number(alpha) and alpha == 1:
+            return other
         if dtype == "bool":  # bool arithmetic is refused by the operator itself, with its reason
             return other
         other = as_tensor(other).astype(dtype) if not _is_number(other) else other
@@ -1636,7 +1638,8 @@ class Tensor:
         from .functions import zeros
         del device
         like = zeros(tuple(size), dtype=dtype or self.dtype)
-        return like._fill_value(fill_value, "new_full").broadcast_to(like.shape)
+        # a tensor of its own (written in place, as a buffer filled row by row), not an expanded view
+        return like._fill_value(fill_value, "new_full").broadcast_to(like.shape).clone()
 
     def new_zeros(self, *size: Any, dtype: Any = None, device: Any = None) -> Tensor:
         from .functions import _shape_argument
@@ -1656,6 +1659,8 @@ class Tensor:
         """The axis `dim` split into `sizes` (one of them may be -1)."""
         from .functions import _axis
         axis = _axis(self, dim, "unflatten")
+        if any(isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) for n in sizes):
+            raise TypeError(f"unflatten: sizes must be ints, got {tuple(sizes)} (at {user_location()})")
         sizes = [int(n) for n in sizes]
         if sizes.count(-1) == 1:  # worked out from the axis alone: other axes may be empty
             known = math.prod(n for n in sizes if n != -1)
@@ -1820,14 +1825,14 @@ class Tensor:
                         f"(w = self.weight * mask) (at {user_location()})")
         view = self._view
         # An expanded view (expand, broadcast_to) shows one element of its base several times:
-        # only filling all of it writes every copy alike (`through_view`: a view of it written)
+        # only filling it writes every copy alike (`through_view`: a view of it written instead)
         if view is not None and (how != "x.fill_(v)" or through_view) and any(
                 stride == 0 and n > 1 for n, stride in zip(self.shape, view.strides)):
             raise GraphcError(
                 f"{how}: the tensor written is, or is part of, an expanded view (expand, expand_as, "
                 f"broadcast_to), several of whose elements are one element of the tensor it views: "
-                f"the write is ambiguous (PyTorch refuses most such writes too); write into a copy "
-                f"(.clone()), or fill_ the whole expanded view (at {user_location()})")
+                f"graphc refuses the write (PyTorch refuses most such writes too); write into a copy "
+                f"(.clone()), or fill_ the expanded view itself (at {user_location()})")
         if view is not None:  # the base first: a refused write changes nothing
             view.base.take_value(view.write_back(new), how, through_view=True)
             self._view = view._replace(seen=view.base.value)

@@ -131,6 +131,25 @@ def _decode_attr(value: Any) -> Any:
     raise SerializationError(f"unknown attribute encoding {value!r}")
 
 
+def written_name(name: str, what: str) -> str:
+    """`name` as a document holds it: the loader refuses control characters and unpaired
+    surrogates, so a file holding one would never load again."""
+    try:
+        return checked_text(name, what)
+    except SerializationError as exc:
+        raise SerializationError(f"{exc}, which an exported file cannot hold: rename it (a module "
+                                 "added with add_module, a name given)") from None
+
+
+def _written_location(loc: str | None) -> str | None:
+    """A node's source location with control characters and unpaired surrogates escaped (a
+    file path may hold them; the loader refuses them raw)."""
+    if loc is None:
+        return None
+    loc = loc.encode("utf-8", "backslashreplace").decode("utf-8")
+    return UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", loc)
+
+
 def graph_to_dict(graph: Graph) -> dict[str, Any]:
     ids: dict[Value, int] = {}
     types: list[str] = []
@@ -140,7 +159,8 @@ def graph_to_dict(graph: Graph) -> dict[str, Any]:
         types.append(str(v.type))
         return ids[v]
 
-    inputs = [{"name": i.name, "role": i.role, "value": define(i.value)} for i in graph.inputs]
+    inputs = [{"name": written_name(i.name, "an input's name"), "role": i.role, "value": define(i.value)}
+              for i in graph.inputs]
     nodes = []
     for node in graph.nodes:
         entry: dict[str, Any] = {
@@ -148,15 +168,16 @@ def graph_to_dict(graph: Graph) -> dict[str, Any]:
             "inputs": [ids[v] for v in node.inputs],
             "outputs": [define(v) for v in node.outputs],
             "attrs": {k: _encode_attr(v) for k, v in node.attrs.items()},
-            "loc": node.loc,
+            "loc": _written_location(node.loc),
         }
         if node.module:
             entry["module"] = node.module
         if node.subgraph is not None:
             entry["subgraph"] = graph_to_dict(node.subgraph)
         nodes.append(entry)
-    return {"name": graph.name, "values": types, "inputs": inputs, "nodes": nodes,
-            "outputs": [{"name": n, "value": ids[v]} for n, v in graph.outputs]}
+    return {"name": written_name(graph.name, "the graph's name"), "values": types, "inputs": inputs,
+            "nodes": nodes,
+            "outputs": [{"name": written_name(n, "an output's name"), "value": ids[v]} for n, v in graph.outputs]}
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], what: str) -> Any:

@@ -654,3 +654,36 @@ def test_dot_of_names_with_control_characters_and_surrogates_is_valid():
     quoted = _quote('nul\x00byte "q" \udc80 a\nb\\')
     assert "\x00" not in quoted and quoted.encode("utf-8")
     assert quoted == '"nul\\\\x00byte \\"q\\" \\\\udc80 a\\nb\\\\"'
+
+
+def test_an_export_holds_what_its_loader_takes(tmp_path):
+    """A model defined in a file whose path holds a tab exported fine and never loaded (its
+    location is escaped now); a module name holding one is refused when exporting, naming it."""
+    folder = tmp_path / "with\ttab"
+    folder.mkdir()
+    (folder / "model.py").write_text(
+        "import graphc.nn as nn\n"
+        "class Model(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(3, 2)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(x).relu()\n")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tabbed_model", folder / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.Model()
+    step = gc.compile_train_step(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1),
+                                 (X, Y), backend=REF)
+    step(X, Y)
+    step.export(str(tmp_path / "tab.gcx"))
+    loaded = gc.load(str(tmp_path / "tab.gcx"), backend=REF)
+    assert any("\\x09" in (n.loc or "") for n in loaded.graph.nodes)
+    named = nn.Sequential()
+    named.add_module("enc\tA", nn.Linear(3, 2))
+    step = gc.compile_train_step(named, F.cross_entropy, optim.SGD(named.parameters(), lr=0.1),
+                                 (X, Y), backend=REF)
+    with pytest.raises(gc.SerializationError, match=r"'enc\\tA.weight' holds control characters, "
+                                                    "which an exported file cannot hold"):
+        step.export(str(tmp_path / "named.gcx"))

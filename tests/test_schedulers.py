@@ -277,3 +277,46 @@ def test_chaining_a_schedule_that_is_not_a_factor_is_refused():
         optim.ChainedScheduler([optim.ExponentialLR(opt, 0.9), optim.CosineAnnealingLR(opt, 10)])
     with pytest.raises(GraphcError, match="cycle_momentum=False"):
         optim.CyclicLR(opt, 0.01, 0.1)
+
+
+def test_pytorch_style_get_lr_schedules_inside_sequential_and_chained_ones():
+    """SequentialLR and ChainedScheduler asked the stage's rate(), which a get_lr() subclass
+    does not define (a crash), or whose inherited closed form it replaced (0.8 four times where
+    PyTorch gives 0.8, 0.4, 0.2, 0.1)."""
+    torch = pytest.importorskip("torch")
+
+    def halving(base):
+        class Halving(base):
+            def get_lr(self):
+                return [0.8 * 0.5 ** self.last_epoch for _ in self.optimizer.param_groups]
+        return Halving
+
+    def run(lib, make):
+        if lib is optim:
+            opt = optim.SGD([np.zeros(2, np.float32)], lr=0.8)
+        else:
+            opt = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.8)
+        sched = make(lib if lib is optim else lib.optim.lr_scheduler, opt)
+        rates = []
+        for _ in range(6):
+            if lib is not optim:
+                opt.step()
+            sched.step()
+            rates.append(opt.param_groups[0]["lr"])
+        return rates
+    makes = [lambda s, o: s.SequentialLR(o, [s.ConstantLR(o, 0.5, 2), halving(s.StepLR)(o, 1)], [2]),
+             lambda s, o: s.ChainedScheduler([halving(s.StepLR)(o, 1)])]
+    for make in makes:
+        np.testing.assert_allclose(run(optim, make), run(torch, make), rtol=1e-12)
+    # beside another, its own get_lr() sets the rate the other multiplies: no factor to chain
+    with pytest.raises(ValueError, match="schedulers\\[0\\] is a Halving"):
+        run(optim, lambda s, o: s.ChainedScheduler([halving(s.StepLR)(o, 1), s.ExponentialLR(o, 0.9)]))
+
+
+def test_a_state_dict_of_another_number_of_stages_is_refused():
+    opt = two_groups()
+    three = optim.SequentialLR(opt, [optim.ConstantLR(opt), optim.ExponentialLR(opt, 0.9),
+                                     optim.StepLR(opt, 2)], [3, 6])
+    two = optim.SequentialLR(opt, [optim.ConstantLR(opt), optim.ExponentialLR(opt, 0.9)], [3])
+    with pytest.raises(GraphcError, match="holds 3 schedulers, this one 2"):
+        two.load_state_dict(three.state_dict())

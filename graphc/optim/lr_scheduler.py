@@ -48,7 +48,11 @@ class _SavedState:
             raise GraphcError(f"{type(self).__name__}.load_state_dict: unknown entries {unknown} "
                               "(a state dict of another kind of scheduler?)")
         state = dict(state_dict)
-        for scheduler, saved in zip(getattr(self, "schedulers", ()), state.pop("_schedulers", ())):
+        inner = state.pop("_schedulers", [])
+        if len(inner) != len(getattr(self, "schedulers", ())):
+            raise GraphcError(f"{type(self).__name__}.load_state_dict: the state holds {len(inner)} "
+                              f"schedulers, this one {len(self.schedulers)}")
+        for scheduler, saved in zip(getattr(self, "schedulers", ()), inner):
             scheduler.load_state_dict(saved)
         self.__dict__.update(state)
 
@@ -102,6 +106,17 @@ class LRScheduler(_SavedState):
     def get_lr(self) -> list[float]:
         """Every group's rate at `last_epoch`."""
         return [self.rate(self.last_epoch - self._behind, i) for i in range(len(self.optimizer.param_groups))]
+
+    def rate_at(self, epoch: int, group: int) -> float:
+        """rate(epoch, group), through a subclass's own get_lr() where it has one (a schedule
+        written for PyTorch, inside a SequentialLR or ChainedScheduler)."""
+        if type(self).get_lr is LRScheduler.get_lr:
+            return self.rate(epoch, group)
+        saved, self.last_epoch = self.last_epoch, epoch + self._behind
+        try:
+            return self.get_lr()[group]
+        finally:
+            self.last_epoch = saved
 
     def step(self) -> None:
         if len(self.optimizer.param_groups) != len(self.base_lrs):
@@ -406,7 +421,7 @@ class SequentialLR(LRScheduler):
         stage = self.schedulers[index]
         if index and isinstance(stage, MultiplicativeLR):
             return stage.continued(self.rate(start - 1, group), epoch - start, group)
-        return stage.rate(epoch - start, group)
+        return stage.rate_at(epoch - start, group)
 
 
 class ChainedScheduler(LRScheduler):
@@ -422,7 +437,10 @@ class ChainedScheduler(LRScheduler):
             raise ValueError("ChainedScheduler: expected at least one scheduler")
         optimizer = optimizer if optimizer is not None else schedulers[0].optimizer
         for i, scheduler in enumerate(schedulers):
-            if not getattr(scheduler, "multiplicative", False):
+            # (one schedule alone chains with nothing; a get_lr() of its own may set any rate)
+            factor = (getattr(scheduler, "multiplicative", False)
+                      and type(scheduler).get_lr is LRScheduler.get_lr)
+            if len(schedulers) > 1 and not factor:
                 raise ValueError(f"ChainedScheduler: schedulers[{i}] is a {type(scheduler).__name__}, "
                                  "whose rate is not a factor of the epoch times the rate before; "
                                  "chain StepLR, MultiStepLR, ExponentialLR, LinearLR, ConstantLR, "
@@ -436,7 +454,7 @@ class ChainedScheduler(LRScheduler):
         rate = self.base_lrs[group]
         for scheduler in self.schedulers:
             base = scheduler.base_lrs[group]
-            rate *= scheduler.rate(epoch, group) / base if base else 0.0
+            rate *= scheduler.rate_at(epoch, group) / base if base else 0.0
         return rate
 
     def step(self) -> None:
