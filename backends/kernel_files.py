@@ -134,15 +134,52 @@ def usable_cache_dir(requested: str) -> str:
 
 def _not_usable(root: str) -> str | None:
     """Why `root` may not hold the kernel cache, or None. Creates what is missing of it and its
-    __pycache__; raises OSError where it cannot (a file in the way, a read-only file system)."""
+    __pycache__ (and of the folder NUMBA_CACHE_DIR would hold its compiled code in); raises
+    OSError where it cannot (a file in the way, a read-only file system)."""
     bytecode = os.path.join(root, BYTECODE_FOLDER)
-    for folder, checked in ((root, [root]), (bytecode, [bytecode])):
-        for path in _make_private_dirs(folder) + checked:
+    folders = [root, bytecode]
+    compiled = numba_cache_folder(root)
+    if compiled is not None:  # Numba then keeps the pickled code there, not in __pycache__
+        folders.append(compiled)
+    for folder in folders:
+        for path in _make_private_dirs(folder) + [folder]:
             reason = _not_private(path)
             if reason is not None:
                 return f"{path} {reason}"
+        reason = _parents_not_safe(folder)
+        if reason is not None:
+            return reason
     os.remove(tempfile.mkstemp(dir=bytecode)[1])  # writable (root can be refused: a read-only fs)
     return None
+
+
+def numba_cache_folder(root: str) -> str | None:
+    """Where Numba keeps the compiled code of modules in `root` when NUMBA_CACHE_DIR is set
+    (its UserProvidedCacheLocator's folder: a name anyone can predict), else None."""
+    if not numba.config.CACHE_DIR:
+        return None
+    from numba.core.caching import _CacheLocator
+    subpath = _CacheLocator.get_suitable_cache_subpath(os.path.join(root, "k.py"))
+    return os.path.join(os.path.abspath(numba.config.CACHE_DIR), subpath)
+
+
+def _parents_not_safe(path: str) -> str | None:
+    """Why another user could replace `path` by renaming it away (as ssh's StrictModes asks of
+    ~/.ssh's parents), or None: every folder above it must be this user's or root's, and writable
+    by nobody else unless sticky (/tmp: others cannot rename what they do not own)."""
+    parent = os.path.dirname(os.path.realpath(path))
+    while True:
+        info = os.stat(parent)
+        if info.st_uid not in (0, os.geteuid()):
+            return (f"{path} lies in {parent}, owned by another user (uid {info.st_uid}), who could "
+                    "replace it")
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+            return (f"{path} lies in {parent}, which others can write to (mode "
+                    f"{stat.S_IMODE(info.st_mode):04o}, not sticky): they could replace it")
+        above = os.path.dirname(parent)
+        if above == parent:
+            return None
+        parent = above
 
 
 def _make_private_dirs(path: str) -> list[str]:
@@ -184,6 +221,12 @@ def _private_temporary_dir(requested: str, reason: str) -> str:
         try:
             _fallback_dir = tempfile.mkdtemp(prefix="graphc-kernels-")  # 0700
             os.mkdir(os.path.join(_fallback_dir, BYTECODE_FOLDER), PRIVATE_DIR_MODE)
+            compiled = numba_cache_folder(_fallback_dir)  # its name is as random as the folder's
+            if compiled is not None:
+                _make_private_dirs(compiled)
+                reason = _not_private(compiled) or _parents_not_safe(compiled)
+                if reason is not None:
+                    raise OSError(f"NUMBA_CACHE_DIR's {compiled}: {reason}")
         except OSError as exc:
             raise CacheDirectoryError(
                 f"graphc: cannot use the kernel cache {requested}: {reason}; and no private "
@@ -218,7 +261,14 @@ class KernelFiles:
         PYTHONDONTWRITEBYTECODE is set: every process would compile the module again. The
         manifest then records the bytecode. Nothing the source guard refuses reaches the disk."""
         check_source(source)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")  # mode 0600
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")  # mode 0600
+        except FileNotFoundError:  # the folder was removed while this process ran: made again
+            reason = _not_usable(self.directory)
+            if reason is not None:
+                raise CacheDirectoryError(f"graphc: the kernel cache {self.directory} was removed, "
+                                          f"and cannot be made again: {reason}") from None
+            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             f.write(source)
         os.replace(tmp, self.path(key))

@@ -92,7 +92,7 @@ def _read(module_path: str) -> dict | None:
     data = file_bytes(manifest_path(module_path))
     try:
         manifest = json.loads(data) if data is not None else None
-    except ValueError:
+    except (ValueError, RecursionError):  # damaged (nested past Python's stack too): rebuilt
         return None
     return manifest if isinstance(manifest, dict) else None
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from graphc.ir import Graph
+from graphc.ir.errors import GraphcError
 from graphc.ir.dot import graph_to_dot
 from graphc.ir.verify import verify as verify_graph
 
@@ -71,12 +72,17 @@ class Stages:
         index, self.count = self.count, self.count + 1
         if not self.dump_dir:
             return
-        os.makedirs(self.dump_dir, exist_ok=True)
         stem = os.path.join(self.dump_dir, f"{file_stem(self.name)}.{index:02d}.{stage}")
-        with open(stem + ".txt", "w") as f:
-            f.write(text())
-        with open(stem + ".dot", "w") as f:
-            f.write(dot())
+        try:
+            os.makedirs(self.dump_dir, exist_ok=True)
+            with open(stem + ".txt", "w") as f:
+                f.write(text())
+            with open(stem + ".dot", "w") as f:
+                f.write(dot())
+        except OSError as exc:
+            raise GraphcError(f"GRAPHC_DUMP={self.dump_dir!r}: cannot write the stages' graphs there "
+                              f"({exc.strerror or exc}); set it to a directory you can write to, "
+                              "or unset it") from None
 
 
 def file_stem(name: str) -> str:

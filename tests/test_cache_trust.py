@@ -239,3 +239,66 @@ def test_no_usable_directory_at_all_is_an_error_that_says_what_to_set(tmp_path, 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "a_file"))  # TMPDIR unusable too
     with pytest.raises(kernel_files.CacheDirectoryError, match="Set GRAPHC_CACHE_DIR"):
         usable_cache_dir(str(tmp_path / "a_file" / "cache"))
+
+
+def test_a_cache_in_a_folder_others_can_write_is_not_trusted(tmp_path):
+    """Another user able to write the parent could rename the private cache away and put their
+    own in its place after the check (a pickled index then ran their code): refused, as ssh
+    refuses ~/.ssh below such a folder, unless the parent is sticky (as /tmp is)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    refused_with_one_warning(shared / "cache", "which others can write to (mode 0777, not sticky)")
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    assert usable_cache_dir(str(sticky / "cache")) == str(sticky / "cache")
+
+
+def test_numba_cache_dir_is_held_to_the_same_rules(tmp_path, monkeypatch):
+    """With NUMBA_CACHE_DIR set, Numba keeps the kernels' pickled code in a folder of it whose
+    name anyone can work out: that folder must be private too (another user who made it first
+    had their pickle loaded), and is made private when missing."""
+    import numba
+    from graphc.backends.kernel_files import numba_cache_folder
+    shared = tmp_path / "numba_cache"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(shared))
+    taken = tmp_path / "taken"
+    planted = numba_cache_folder(str(taken))
+    os.makedirs(planted)
+    os.chmod(planted, 0o777)
+    refused_with_one_warning(taken, "writable by others")
+    fresh = tmp_path / "fresh"
+    assert usable_cache_dir(str(fresh)) == str(fresh)
+    assert os.stat(numba_cache_folder(str(fresh))).st_mode & 0o777 == 0o700
+
+
+def test_a_manifest_nested_past_pythons_stack_is_rebuilt(tmp_path):
+    kernel = add_one("graphc_test_deep_manifest")
+    load_in_fresh_cache(tmp_path, kernel)
+    with open(only(tmp_path / "k_*.manifest*"), "w") as f:
+        f.write("[" * 100000 + "]" * 100000)
+    with pytest.warns(KernelCacheWarning, match="damaged"):
+        stats = load_in_fresh_cache(tmp_path, kernel)
+    assert stats.rebuilt == 1
+
+
+def test_a_cache_folder_removed_while_running_is_made_again(tmp_path):
+    import shutil
+    cache = KernelCache(str(tmp_path / "cache"))
+    assert cache.load(add_one("graphc_test_removed_a"), SIGNATURES[0], CacheStats())(1) == 2
+    shutil.rmtree(tmp_path / "cache")
+    assert cache.load(add_one("graphc_test_removed_b"), SIGNATURES[0], CacheStats())(1) == 2
+    assert os.stat(tmp_path / "cache").st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("text, message", [("two", "is not an integer"), ("-3", "must be >= 0")])
+def test_compile_workers_setting_is_checked_and_bounded(text, message, monkeypatch):
+    from graphc.backends.numba_cpu import compile_pool
+    monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", text)
+    with pytest.raises(ValueError, match=f"GRAPHC_COMPILE_WORKERS='{text}' {message}"):
+        compile_pool._worker_count()
+    monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "100000")
+    assert compile_pool._worker_count() <= 4 * (os.cpu_count() or 1)

@@ -127,3 +127,11 @@ def test_memory_plan_stage_validates_the_plan(monkeypatch):
     monkeypatch.setattr(pipeline, "plan_memory", misaligned)
     with pytest.raises(PlanValidationError, match="misaligned"):
         stages.plan_memory(fused)
+
+
+def test_a_dump_location_that_is_not_a_folder_names_the_setting(tmp_path, monkeypatch):
+    import graphc as gc
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("GRAPHC_DUMP", str(tmp_path / "a_file"))
+    with pytest.raises(gc.GraphcError, match="GRAPHC_DUMP=.*cannot write the stages' graphs there"):
+        gc.jit(lambda x: x * 2.0, backend="reference")(np.ones(3, np.float32))

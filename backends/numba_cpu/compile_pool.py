@@ -64,7 +64,7 @@ def compile_with_workers(tasks: list[CompileTask], compile_here: Callable[[str],
     this call); `compile_here(key)` compiles a task this process claimed. Returns the cache keys
     the workers compiled; none, and nothing compiled here, when too few tasks are given to pay a
     worker's start or no worker can start."""
-    count = _worker_count() if len(tasks) >= WORKER_MIN_KERNELS else 0
+    count = min(_worker_count(), len(tasks)) if len(tasks) >= WORKER_MIN_KERNELS else 0
     if count <= 0:
         return set()
     try:
@@ -86,9 +86,16 @@ def compile_with_workers(tasks: list[CompileTask], compile_here: Callable[[str],
 def _worker_count() -> int:
     """$GRAPHC_COMPILE_WORKERS, else the idle cores, this process's own aside."""
     text = os.environ.get("GRAPHC_COMPILE_WORKERS")
-    if text:
-        return int(text)
     cores = os.cpu_count() or 1
+    if text:
+        try:
+            asked = int(text)
+        except ValueError:
+            raise ValueError(f"GRAPHC_COMPILE_WORKERS={text!r} is not an integer (the worker "
+                             "processes that compile kernels; 0: none)") from None
+        if asked < 0:
+            raise ValueError(f"GRAPHC_COMPILE_WORKERS={text!r} must be >= 0 (0: no workers)")
+        return min(asked, 4 * cores)  # one process each: never thousands
     # the most idle of up to three short windows: a burst of this process's own threads
     # (measured: one core busy for one 50 ms window just before a cold compile) must not cost
     # the worker; the first window showing every other core idle ends the search
