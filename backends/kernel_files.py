@@ -338,4 +338,23 @@ class KernelFiles:
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
-        return getattr(module, entry)
+        function = getattr(module, entry)
+        _best_effort_saves(function)
+        return function
+
+
+def _best_effort_saves(dispatcher: Any) -> None:
+    """Saving compiled code to the cache is an optimisation: a full disk or a path past the
+    system's limit warns (the next process compiles again) where it failed every compile."""
+    cache = getattr(dispatcher, "_cache", None)
+    save = getattr(cache, "save_overload", None)
+    if save is None:
+        return
+
+    def save_overload(signature: Any, data: Any) -> None:
+        try:
+            save(signature, data)
+        except OSError as exc:
+            warnings.warn(f"graphc: could not save a compiled kernel to the cache ({exc.strerror or exc}); "
+                          "the next process compiles it again", KernelCacheWarning)
+    cache.save_overload = save_overload

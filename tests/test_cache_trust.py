@@ -302,3 +302,16 @@ def test_compile_workers_setting_is_checked_and_bounded(text, message, monkeypat
         compile_pool._worker_count()
     monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "100000")
     assert compile_pool._worker_count() <= 4 * (os.cpu_count() or 1)
+
+
+def test_a_cache_that_cannot_be_written_warns_and_still_computes(tmp_path, monkeypatch):
+    """A full disk (or a path past PATH_MAX) made Numba's save of the compiled code raise out
+    of every compile; saving is an optimisation, so it warns and the kernel runs."""
+    from numba.core import caching
+
+    def full_disk(self, sig, data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(caching.Cache, "_save_overload", full_disk)
+    with pytest.warns(KernelCacheWarning, match="could not save a compiled kernel .*No space left"):
+        stats = load_in_fresh_cache(tmp_path, add_one("graphc_test_full_disk"))
+    assert stats.compiled == 2
