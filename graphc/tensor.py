@@ -1237,6 +1237,91 @@ class Tensor:
         source = self[tuple(slice(None) if d == axis else slice(0, i) for d, i in enumerate(index.shape))]
         return bind("take_along_axis", source, index, axis=axis, wrap_negative=False)
 
+    def scatter_add(self, dim: int, index: Any, src: Any) -> Tensor:
+        """PyTorch's: a copy of this tensor with src[i][j] added at [i][index[i][j]] along
+        `dim` (for dim 1; likewise for others), repeated indices adding up; the index covers
+        the leading part of src, and must span this tensor's other axes."""
+        (axis,) = normalize_axes(dim, self.ndim)
+        index, src = as_tensor(index), as_tensor(src, like=self)
+        if (index.ndim != self.ndim or src.ndim != self.ndim
+                or any(i > n for i, n in zip(index.shape, src.shape))
+                or any(i != n for d, (i, n) in enumerate(zip(index.shape, self.shape)) if d != axis)):
+            raise ShapeError(f"scatter_add: the index {index.shape} must have the tensor's {self.ndim} "
+                             f"dims, span its other axes {self.shape} and fit in src {src.shape} "
+                             f"(at {user_location()})")
+        src = src[tuple(slice(0, i) for i in index.shape)].astype(self.dtype)
+        return self + bind("scatter_add_along_axis", src, index, axis=axis, shape=self.shape,
+                           wrap_negative=False)
+
+    def index_add(self, dim: int, index: Any, source: Any, *, alpha: Any = 1) -> Tensor:
+        """PyTorch's: a copy of this tensor with alpha * source's slice i added at index[i]
+        along `dim` (a 1-D index; repeated entries add up)."""
+        (axis,) = normalize_axes(dim, self.ndim)
+        index, source = as_tensor(index), as_tensor(source, like=self)
+        expected = self.shape[:axis] + index.shape + self.shape[axis + 1:]
+        if index.ndim != 1 or source.shape != expected:
+            raise ShapeError(f"index_add: expects a 1-D index and a source of shape {expected} "
+                             f"(this tensor's {self.shape} with dim {dim} the index's length), got "
+                             f"index {index.shape} and source {source.shape} (at {user_location()})")
+        spread = index.reshape((1,) * axis + index.shape + (1,) * (self.ndim - axis - 1))
+        return self.scatter_add(axis, spread.broadcast_to(source.shape).clone(),
+                                self._times_alpha("index_add", source, alpha))
+
+    def kthvalue(self, k: int, dim: int = -1, keepdim: bool = False) -> ValuesIndices:
+        """PyTorch's: the k-th smallest element along `dim` (k from 1) and its position."""
+        from .functions import sort
+        (axis,) = normalize_axes(dim, self.ndim)
+        size = self.shape[axis] if self.ndim else 1
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= size:
+            raise ShapeError(f"kthvalue: k={k!r} must be an int in [1, {size}] for dim {dim} of "
+                             f"shape {self.shape} (at {user_location()})")
+        values, indices = sort(self, axis, stable=True)
+        if self.ndim == 0:
+            return ValuesIndices(values, indices)
+        pick = (slice(None),) * axis + (slice(k - 1, k),)
+        values, indices = values[pick], indices[pick]
+        return ValuesIndices(values if keepdim else values.squeeze(axis),
+                             indices if keepdim else indices.squeeze(axis))
+
+    def swapaxes(self, axis0: int, axis1: int) -> Tensor:
+        return self.transpose(axis0, axis1)
+
+    swapdims = swapaxes
+
+    def movedim(self, source: int | Sequence[int], destination: int | Sequence[int]) -> Tensor:
+        """PyTorch's: the axes `source` moved to `destination`, the others in their order."""
+        sources = normalize_axes(source, self.ndim)
+        targets = normalize_axes(destination, self.ndim)
+        if len(sources) != len(targets) or len(set(sources)) != len(sources) or len(set(targets)) != len(targets):
+            raise ShapeError(f"movedim: source {source} and destination {destination} must name "
+                             f"as many distinct axes (at {user_location()})")
+        rest = iter(a for a in range(self.ndim) if a not in sources)
+        placed = dict(zip(targets, sources))
+        return self.permute(tuple(placed[d] if d in placed else next(rest) for d in range(self.ndim)))
+
+    moveaxis = movedim
+
+    def rot90(self, k: int = 1, dims: Sequence[int] = (0, 1)) -> Tensor:
+        """PyTorch's: rotated k quarter turns in the plane of `dims`, from the first axis
+        toward the second."""
+        if len(dims) != 2:
+            raise ShapeError(f"rot90: dims must name two axes, got {dims} (at {user_location()})")
+        a, b = normalize_axes(tuple(dims), self.ndim)
+        if a == b:
+            raise ShapeError(f"rot90: dims must be two different axes, got {dims} (at {user_location()})")
+        k %= 4
+        if k == 1:
+            return self.flip(b).transpose(a, b)
+        if k == 2:
+            return self.flip(a, b)
+        return self.flip(a).transpose(a, b) if k == 3 else self.clone()
+
+    def masked_select(self, mask: Any) -> Tensor:
+        """PyTorch's: the elements where `mask` (broadcast) holds, as a 1-D tensor; its length
+        is data-dependent, which a traced function's static shapes refuse (with the way out)."""
+        shape = np.broadcast_shapes(self.shape, as_tensor(mask).shape)
+        return self.broadcast_to(shape)[as_tensor(mask).broadcast_to(shape)]
+
     # -- math: graphc/functions.py defines these ----------------------------------------------
     def sin(self) -> Tensor: return float_math("sin", self)
     def cos(self) -> Tensor: return float_math("cos", self)

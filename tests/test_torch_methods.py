@@ -333,3 +333,34 @@ def test_more_argument_checks_as_pytorchs():
     for sizes in ((3.7, -1), (True, -1)):
         with pytest.raises(TypeError, match="sizes must be ints"):
             gc.jit(lambda x, s=sizes: x.unflatten(1, s))(np.zeros((2, 12), np.float32))
+
+
+def test_scatter_add_index_add_kthvalue_and_axis_moves_as_pytorchs():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    idx, src = rng.integers(0, 5, (3, 4)), rng.standard_normal((3, 6)).astype(np.float32)
+    tx = torch.tensor(x)
+    np.testing.assert_allclose(gc.jit(lambda x, i, s: x.scatter_add(1, i, s))(x, idx, src),
+                               tx.scatter_add(1, torch.tensor(idx), torch.tensor(src)).numpy(), rtol=1e-6, atol=1e-6)
+    picks, rows = np.array([0, 2, 2, 4]), rng.standard_normal((3, 4)).astype(np.float32)
+    np.testing.assert_allclose(gc.jit(lambda x, i, s: x.index_add(1, i, s, alpha=2.0))(x, picks, rows),
+                               tx.index_add(1, torch.tensor(picks), torch.tensor(rows), alpha=2.0).numpy(),
+                               rtol=1e-6, atol=1e-6)
+    small = src[:, :4]  # gradients (PyTorch's own backward refuses a src larger than the index)
+    grads = gc.grad(lambda x, s: x.scatter_add(1, idx, s).square().sum(), argnums=(0, 1))(x, small)
+    tx, ts = torch.tensor(x, requires_grad=True), torch.tensor(small, requires_grad=True)
+    tx.scatter_add(1, torch.tensor(idx), ts).square().sum().backward()
+    np.testing.assert_allclose(grads[0], tx.grad.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(grads[1], ts.grad.numpy(), rtol=1e-5)
+    for k in (1, 3, 5):
+        values, indices = gc.jit(lambda x: tuple(x.kthvalue(k, 1)))(x)
+        want = torch.tensor(x).kthvalue(k, 1)
+        assert np.array_equal(values, want.values.numpy()) and np.array_equal(indices, want.indices.numpy())
+    y = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    ty = torch.tensor(y)
+    for k in range(-1, 5):
+        assert np.array_equal(gc.jit(lambda y: y.rot90(k, (1, 2)))(y), ty.rot90(k, (1, 2)).numpy())
+    assert np.array_equal(gc.jit(lambda y: y.movedim((0, 1), (2, 0)))(y), ty.movedim((0, 1), (2, 0)).numpy())
+    assert np.array_equal(gc.jit(lambda y: y.swapaxes(0, 2))(y), ty.swapaxes(0, 2).numpy())
+    with pytest.raises(gc.GraphcError, match="static shapes"):
+        gc.jit(lambda x: x.masked_select(x > 0))(x)
