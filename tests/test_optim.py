@@ -185,3 +185,13 @@ def test_a_nan_or_negative_clip_or_l1_is_refused(setting):
                               backend="reference", **setting)
     gc.compile_train_step(model, F.mse_loss, optim.SGD(model.parameters(), lr=0.1), (X, Y),
                           backend="reference", clip_grad_norm=float("inf"), l1=0)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"])
+def test_pytorchs_implementation_flags_are_taken(name):
+    """foreach/fused/capturable pick PyTorch's kernels: accepted (ported code passes
+    fused=True), changing nothing; differentiable=True is refused, naming it."""
+    params = [np.zeros(2, np.float32)]
+    getattr(optim, name)(params, lr=0.1, foreach=True, fused=True, capturable=True)
+    with pytest.raises(gc.GraphcError, match="differentiable=True"):
+        getattr(optim, name)(params, lr=0.1, differentiable=True)

@@ -34,6 +34,16 @@ State = dict[str, dict[str, Tensor]]
 ParamsArg = Iterable[np.ndarray] | Iterable[dict[str, Any]]
 
 
+def _implementation(name: str, differentiable: bool) -> None:
+    """PyTorch's implementation choices (foreach, fused, capturable) change nothing here: the
+    update is one compiled graph with the step. differentiable=True asks for gradients through
+    the update itself, which a training step does not give."""
+    if differentiable:
+        raise GraphcError(f"{name}: differentiable=True (gradients through the optimizer's update) "
+                          "is not supported; the compiled step applies the update without a graph "
+                          "to differentiate")
+
+
 # the rates a learning-rate schedule keeps in a parameter group besides "lr" (checkpoints save them)
 SCHEDULE_KEYS = ("initial_lr", "max_lr", "min_lr")
 
@@ -304,7 +314,9 @@ def _decayed(p: Tensor, g: Tensor, group: dict[str, Any]) -> Tensor:
 class SGD(Optimizer):
     def __init__(self, params: ParamsArg, lr: float = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
-                 maximize: bool = False) -> None:
+                 maximize: bool = False, foreach: bool | None = None, fused: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False) -> None:
+        _implementation(type(self).__name__, differentiable)
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov, maximize=maximize))
 
@@ -343,7 +355,10 @@ class Adam(Optimizer):
 
     def __init__(self, params: ParamsArg, lr: float = 1e-3,
                  betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False) -> None:
+                 weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False) -> None:
+        _implementation(type(self).__name__, differentiable)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       amsgrad=bool(amsgrad), maximize=maximize))
 
@@ -391,14 +406,19 @@ class AdamW(Adam):
 
     def __init__(self, params: ParamsArg, lr: float = 1e-3,
                  betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                         differentiable=differentiable)
 
 
 class Adagrad(Optimizer):
     def __init__(self, params: ParamsArg, lr: float = 1e-2, lr_decay: float = 0.0,
                  weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
-                 eps: float = 1e-10, *, maximize: bool = False) -> None:
+                 eps: float = 1e-10, *, maximize: bool = False, foreach: bool | None = None, fused: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False) -> None:
+        _implementation(type(self).__name__, differentiable)
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value, eps=eps,
                                       maximize=maximize))
@@ -424,7 +444,9 @@ class Adagrad(Optimizer):
 class RMSprop(Optimizer):
     def __init__(self, params: ParamsArg, lr: float = 1e-2, alpha: float = 0.99,
                  eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.0,
-                 centered: bool = False, *, maximize: bool = False) -> None:
+                 centered: bool = False, *, maximize: bool = False, foreach: bool | None = None, fused: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False) -> None:
+        _implementation(type(self).__name__, differentiable)
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                                       momentum=momentum, centered=centered, maximize=maximize))
 
