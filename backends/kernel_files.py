@@ -224,9 +224,9 @@ def _private_temporary_dir(requested: str, reason: str) -> str:
             compiled = numba_cache_folder(_fallback_dir)  # its name is as random as the folder's
             if compiled is not None:
                 _make_private_dirs(compiled)
-                reason = _not_private(compiled) or _parents_not_safe(compiled)
-                if reason is not None:
-                    raise OSError(f"NUMBA_CACHE_DIR's {compiled}: {reason}")
+                unsafe = _not_private(compiled) or _parents_not_safe(compiled)
+                if unsafe is not None:
+                    raise OSError(f"NUMBA_CACHE_DIR's {compiled}: {unsafe}")
         except OSError as exc:
             raise CacheDirectoryError(
                 f"graphc: cannot use the kernel cache {requested}: {reason}; and no private "
