@@ -1616,7 +1616,8 @@ class Tensor:
 
     def _times_alpha(self, op: str, other: Any, alpha: Any) -> Any:
         """other * alpha in the dtype self op other computes in, as PyTorch's (int32 stays
-        int32; bools are not made int64 first); a fractional alpha of integers refused."""
+        int32; bools are not made int64 first); a float alpha of integers refused, as a bool
+        alpha of numbers."""
         other = other if _is_number(other) else as_tensor(other)
         dtype = result_dtype(self, other)
         if isinstance(alpha, (bool, np.bool_)) and dtype != "bool":
