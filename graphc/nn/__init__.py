@@ -1,19 +1,21 @@
 """graphc.nn: neural-network building blocks with PyTorch's names."""
 from . import functional, init
-from .attention import MultiheadAttention, TransformerEncoder, TransformerEncoderLayer
-from .containers import ModuleDict, ModuleList
-from .conv import Conv1d, ConvTranspose2d
+from .attention import (MultiheadAttention, TransformerDecoder, TransformerDecoderLayer,
+                        TransformerEncoder, TransformerEncoderLayer)
+from .containers import ModuleDict, ModuleList, ParameterDict, ParameterList
+from .conv import Conv1d, ConvTranspose1d, ConvTranspose2d
 from .layers import (AvgPool2d, Conv2d, Dropout, Flatten, Identity, Linear, LogSoftmax, MaxPool2d,
                      ReLU, Sequential, Sigmoid, Softmax, Tanh)
 from .layers import ELU, GELU, LeakyReLU, SiLU, Softplus
-from .layers import Dropout1d, Dropout2d, Hardtanh, PReLU, ReLU6, Upsample
+from .layers import Dropout1d, Dropout2d, Hardtanh, PixelShuffle, PixelUnshuffle, PReLU, ReLU6, Upsample
 from .layers import (CELU, GLU, SELU, CosineSimilarity, Hardsigmoid, Hardswish, LogSigmoid, Mish,
                      PairwiseDistance, Softmin, Softsign, Tanhshrink, Unflatten)
 from .loss import (BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, KLDivLoss, L1Loss,
                    MSELoss, NLLLoss, SmoothL1Loss)
 from .module import Module, Parameter, functional_call
-from .normalization import BatchNorm1d, BatchNorm2d, GroupNorm, LayerNorm
-from .pooling import AdaptiveAvgPool2d, AdaptiveMaxPool2d
+from .normalization import (BatchNorm1d, BatchNorm2d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
+                            LayerNorm)
+from .pooling import AdaptiveAvgPool2d, AdaptiveMaxPool2d, AvgPool1d, MaxPool1d
 from .recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from .sparse import Embedding
 
@@ -32,3 +34,6 @@ __all__ += ["CELU", "GLU", "SELU", "CosineSimilarity", "Hardsigmoid", "Hardswish
 __all__ += ["GRUCell", "LSTMCell", "RNNCell"]
 __all__ += ["BCELoss", "BCEWithLogitsLoss", "CrossEntropyLoss", "HuberLoss", "KLDivLoss", "L1Loss",
             "MSELoss", "NLLLoss", "SmoothL1Loss"]
+__all__ += ["AvgPool1d", "ConvTranspose1d", "InstanceNorm1d", "InstanceNorm2d", "MaxPool1d",
+            "ParameterDict", "ParameterList", "PixelShuffle", "PixelUnshuffle",
+            "TransformerDecoder", "TransformerDecoderLayer"]

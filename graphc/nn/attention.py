@@ -1,4 +1,4 @@
-"""Multi-head attention and the transformer encoder, with PyTorch's parameter names, shapes,
+"""Multi-head attention and the transformer encoder and decoder, with PyTorch's parameter names, shapes,
 mask conventions and defaults, so a PyTorch `state_dict` loads as it is.
 
 Layouts follow PyTorch: (L, N, E) unless `batch_first` ((N, L, E)); an unbatched (L, E) input
@@ -24,7 +24,8 @@ from .layers import Dropout, Linear, uniform
 from .module import Module, Parameter
 from .normalization import LayerNorm
 
-__all__ = ["MultiheadAttention", "TransformerEncoderLayer", "TransformerEncoder"]
+__all__ = ["MultiheadAttention", "TransformerEncoderLayer", "TransformerEncoder",
+           "TransformerDecoderLayer", "TransformerDecoder"]
 
 
 class MultiheadAttention(Module):
@@ -183,6 +184,18 @@ def _xavier_uniform(shape: tuple[int, int]) -> Parameter:
 _ACTIVATIONS = ("relu", "gelu")
 
 
+def _checked_activation(layer: str, activation: Any) -> None:
+    if isinstance(activation, str) and activation not in _ACTIVATIONS:
+        raise ValueError(f"{layer}: activation must be 'relu', 'gelu' or a callable, got "
+                         f"{activation!r}")
+
+
+def _feed_forward(layer: Module, x: Tensor) -> Tensor:
+    """linear2(dropout(activation(linear1(x)))), the feed-forward block of both layers."""
+    activate = getattr(F, layer.activation) if isinstance(layer.activation, str) else layer.activation
+    return layer.linear2(layer.dropout(activate(layer.linear1(x))))
+
+
 class TransformerEncoderLayer(Module):
     """Self-attention then a feed-forward block, each with dropout, a residual connection and
     layer norm (after the residual sum, or before each block with `norm_first`); submodules
@@ -193,9 +206,7 @@ class TransformerEncoderLayer(Module):
                  activation: str | Callable[[Tensor], Tensor] = "relu", layer_norm_eps: float = 1e-5,
                  batch_first: bool = False, norm_first: bool = False, bias: bool = True) -> None:
         super().__init__()
-        if isinstance(activation, str) and activation not in _ACTIVATIONS:
-            raise ValueError(f"TransformerEncoderLayer: activation must be 'relu', 'gelu' or a "
-                             f"callable, got {activation!r}")
+        _checked_activation("TransformerEncoderLayer", activation)
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
                                             batch_first=batch_first)
         self.linear1 = Linear(d_model, dim_feedforward, bias=bias)
@@ -223,8 +234,7 @@ class TransformerEncoderLayer(Module):
         return self.dropout1(out)
 
     def _feed_forward_block(self, x: Tensor) -> Tensor:
-        activate = getattr(F, self.activation) if isinstance(self.activation, str) else self.activation
-        return self.dropout2(self.linear2(self.dropout(activate(self.linear1(x)))))
+        return self.dropout2(_feed_forward(self, x))
 
 
 class TransformerEncoder(Module):
@@ -250,4 +260,82 @@ class TransformerEncoder(Module):
         for layer in self.layers:
             x = layer(x, src_mask=mask, src_key_padding_mask=src_key_padding_mask,
                       is_causal=bool(is_causal))
+        return self.norm(x) if self.norm is not None else x
+
+
+class TransformerDecoderLayer(Module):
+    """Self-attention over the target, attention to the encoder's output (`memory`), then a
+    feed-forward block, each with dropout, a residual connection and layer norm (after the
+    residual sum, or before each block with `norm_first`); submodules named as PyTorch's:
+    self_attn, multihead_attn, linear1, dropout, linear2, norm1-3, dropout1-3."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: str | Callable[[Tensor], Tensor] = "relu", layer_norm_eps: float = 1e-5,
+                 batch_first: bool = False, norm_first: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        _checked_activation("TransformerDecoderLayer", activation)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
+                                            batch_first=batch_first)
+        self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
+                                                 batch_first=batch_first)
+        self.linear1 = Linear(d_model, dim_feedforward, bias=bias)
+        self.dropout = Dropout(dropout)
+        self.linear2 = Linear(dim_feedforward, d_model, bias=bias)
+        self.norm_first = norm_first
+        self.norm1 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
+        self.norm2 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
+        self.norm3 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
+        self.activation = activation
+
+    def forward(self, tgt: Any, memory: Any, tgt_mask: Any = None, memory_mask: Any = None,
+                tgt_key_padding_mask: Any = None, memory_key_padding_mask: Any = None,
+                tgt_is_causal: bool = False, memory_is_causal: bool = False) -> Tensor:
+        x, memory = as_tensor(tgt), as_tensor(memory)
+        attend_self = (tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+        attend_memory = (memory_mask, memory_key_padding_mask, memory_is_causal)
+        if self.norm_first:
+            x = x + self._self_attention_block(self.norm1(x), *attend_self)
+            x = x + self._memory_attention_block(self.norm2(x), memory, *attend_memory)
+            return x + self.dropout3(_feed_forward(self, self.norm3(x)))
+        x = self.norm1(x + self._self_attention_block(x, *attend_self))
+        x = self.norm2(x + self._memory_attention_block(x, memory, *attend_memory))
+        return self.norm3(x + self.dropout3(_feed_forward(self, x)))
+
+    def _self_attention_block(self, x: Tensor, mask: Any, key_padding_mask: Any,
+                              is_causal: bool) -> Tensor:
+        out, _ = self.self_attn(x, x, x, attn_mask=mask, key_padding_mask=key_padding_mask,
+                                need_weights=False, is_causal=is_causal)
+        return self.dropout1(out)
+
+    def _memory_attention_block(self, x: Tensor, memory: Tensor, mask: Any, key_padding_mask: Any,
+                                is_causal: bool) -> Tensor:
+        out, _ = self.multihead_attn(x, memory, memory, attn_mask=mask,
+                                     key_padding_mask=key_padding_mask, need_weights=False,
+                                     is_causal=is_causal)
+        return self.dropout2(out)
+
+
+class TransformerDecoder(Module):
+    """`num_layers` copies of `decoder_layer` applied in turn (`layers.0.`, `layers.1.`, ... in
+    the state dict), then the optional final `norm`."""
+
+    def __init__(self, decoder_layer: TransformerDecoderLayer, num_layers: int,
+                 norm: Module | None = None) -> None:
+        super().__init__()
+        self.layers = ModuleList([copy.deepcopy(decoder_layer) for _ in range(num_layers)])
+        self.num_layers = num_layers
+        self.norm = norm
+
+    def forward(self, tgt: Any, memory: Any, tgt_mask: Any = None, memory_mask: Any = None,
+                tgt_key_padding_mask: Any = None, memory_key_padding_mask: Any = None,
+                tgt_is_causal: bool | None = None, memory_is_causal: bool = False) -> Tensor:
+        x = as_tensor(tgt)
+        for layer in self.layers:
+            x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                      tgt_key_padding_mask=tgt_key_padding_mask,
+                      memory_key_padding_mask=memory_key_padding_mask,
+                      tgt_is_causal=bool(tgt_is_causal), memory_is_causal=memory_is_causal)
         return self.norm(x) if self.norm is not None else x

@@ -1,8 +1,9 @@
-"""`ModuleList` and `ModuleDict`: containers that register the modules they hold, as PyTorch's.
+"""`ModuleList` and `ModuleDict`: containers that register the modules they hold, as PyTorch's;
+`ParameterList` and `ParameterDict` do the same for parameters.
 
 A module kept in a plain Python list or dict is invisible to `named_modules`, so its parameters
 would be neither trained nor saved; these containers make each one a submodule named by its
-index or key (state-dict names `layers.0.weight`, `heads.policy.bias`).
+index or key (state-dict names `layers.0.weight`, `heads.policy.bias`, `scales.2`).
 """
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from graphc.ir.errors import GraphcError
 
-from .module import Module
+from .module import Module, Parameter
 
-__all__ = ["ModuleList", "ModuleDict"]
+__all__ = ["ModuleList", "ModuleDict", "ParameterList", "ParameterDict"]
 
 
 def _checked(owner: str, module: Any) -> Module:
@@ -137,3 +138,112 @@ class ModuleDict(Module):
         pairs = modules.items() if isinstance(modules, Mapping) else modules
         for key, module in pairs:
             self[key] = module
+
+
+def _as_parameter(value: Any) -> Parameter:
+    """A Parameter as it is, anything else (an array, a torch tensor) made one, as PyTorch's
+    parameter containers do."""
+    return value if isinstance(value, Parameter) else Parameter(value)
+
+
+def _parameters_repr(container: Module) -> str:
+    return ", ".join(f"({key}): shape {tuple(a.shape)} {a.dtype}"
+                     for key, a in container._parameters.items() if a is not None)
+
+
+class ParameterList(Module):
+    """A list of parameters registered under their indices "0", "1", ...; indexing inside a
+    traced function gives the parameter's traced value, as an attribute would."""
+
+    def __init__(self, values: Iterable[Any] | None = None) -> None:
+        super().__init__()
+        if values is not None:
+            self.extend(values)
+
+    def _index(self, index: int) -> int:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"ParameterList index {index} is out of range for {len(self)} "
+                             f"parameters")
+        return index % len(self)
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):  # the same parameters, as PyTorch's slice
+            return ParameterList(Parameter(self._parameters[str(i)])
+                                 for i in range(len(self))[index])
+        return getattr(self, str(self._index(index)))
+
+    def __setitem__(self, index: int, value: Any) -> None:
+        self.register_parameter(str(self._index(index)), _as_parameter(value))
+
+    def __len__(self) -> int:
+        return len(self._parameters)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter([self[i] for i in range(len(self))])
+
+    def __iadd__(self, values: Iterable[Any]) -> ParameterList:
+        return self.extend(values)
+
+    def append(self, value: Any) -> ParameterList:
+        self.register_parameter(str(len(self)), _as_parameter(value))
+        return self
+
+    def extend(self, values: Iterable[Any]) -> ParameterList:
+        for value in values:
+            self.append(value)
+        return self
+
+    def extra_repr(self) -> str:
+        return _parameters_repr(self)
+
+
+class ParameterDict(Module):
+    """An ordered dict of parameters registered under their (string) keys."""
+
+    def __init__(self, parameters: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None
+                 ) -> None:
+        super().__init__()
+        if parameters is not None:
+            self.update(parameters)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._parameters:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.register_parameter(key, _as_parameter(value))
+
+    def __delitem__(self, key: str) -> None:
+        del self._parameters[key]
+
+    def __len__(self) -> int:
+        return len(self._parameters)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._parameters))
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._parameters
+
+    def keys(self) -> Iterable[str]:
+        return list(self._parameters)
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(key, self[key]) for key in self._parameters]
+
+    def values(self) -> list[Any]:
+        return [self[key] for key in self._parameters]
+
+    def pop(self, key: str) -> Any:
+        value = self[key]
+        del self[key]
+        return value
+
+    def update(self, parameters: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> None:
+        pairs = parameters.items() if isinstance(parameters, Mapping) else parameters
+        for key, value in pairs:
+            self[key] = value
+
+    def extra_repr(self) -> str:
+        return _parameters_repr(self)

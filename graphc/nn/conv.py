@@ -1,6 +1,6 @@
 """`Conv1d`: a 1-D convolution over (N, C, L) (F.conv1d computes it as a 2-D one over
 (N, C, 1, L)); `ConvTranspose2d`: the gradient of a 2-D convolution with respect to its input,
-as a layer (a decoder's learned upsampling)."""
+as a layer (a decoder's learned upsampling), and `ConvTranspose1d` the same over (N, C, L)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ from . import functional as F
 from .layers import uniform
 from .module import Module
 
-__all__ = ["Conv1d", "ConvTranspose2d"]
+__all__ = ["Conv1d", "ConvTranspose1d", "ConvTranspose2d"]
 
 
 def _one(v: Any, name: str = "size") -> tuple[int]:
@@ -114,6 +114,62 @@ class ConvTranspose2d(Module):
                     f"{smallest + max(self.stride[axis], self.dilation[axis]) - 1}")
             padding.append(extra)
         return padding[0], padding[1]
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}")
+
+
+class ConvTranspose1d(Module):
+    """weight (in_channels, out_channels/groups, kernel_size), bias (out_channels,), both
+    U(±1/sqrt(out_channels/groups * kernel_size)) as PyTorch's."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
+                 padding: Any = 0, output_padding: Any = 0, groups: int = 1, bias: bool = True,
+                 dilation: Any = 1, padding_mode: str = "zeros") -> None:
+        super().__init__()
+        if padding_mode != "zeros":  # as PyTorch's, which takes only this one
+            raise ValueError(f"ConvTranspose1d: only padding_mode='zeros' is supported, got "
+                             f"{padding_mode!r}")
+        self.padding_mode = padding_mode
+        (kernel,) = _one(kernel_size, "kernel_size")
+        self.stride, self.padding, self.output_padding, self.dilation = (
+            F.size_argument(v, 1, f"ConvTranspose1d: {name}") for v, name in (
+                (stride, "stride"), (padding, "padding"), (output_padding, "output_padding"),
+                (dilation, "dilation")))
+        F.check_conv_arguments("ConvTranspose1d", (kernel,), self.stride, self.dilation, groups)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"ConvTranspose1d: channels ({in_channels}, {out_channels}) must be "
+                             f"divisible by groups={groups}")
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kernel,)
+        self.groups = groups
+        bound = 1 / math.sqrt(out_channels // groups * kernel)
+        self.weight = uniform((in_channels, out_channels // groups, kernel), bound)
+        if bias:
+            self.bias = uniform((out_channels,), bound)
+        else:  # registered as absent: `layer.bias is None`, as in PyTorch
+            self.register_parameter("bias", None)
+
+    def forward(self, x: Any, output_size: Any = None) -> Tensor:
+        """`output_size` (L, optionally after batch and channels) picks the output_padding that
+        gives that length, as PyTorch's."""
+        output_padding = self.output_padding
+        if output_size is not None:
+            output_padding = self._output_padding_for(F.as_tensor(x).shape, output_size)
+        return F.conv_transpose1d(x, self.weight, self.bias, self.stride, self.padding,
+                                  output_padding, self.groups, self.dilation)
+
+    def _output_padding_for(self, shape: tuple[int, ...], output_size: Any) -> tuple[int]:
+        wanted = [int(s) for s in output_size][-1:] if isinstance(output_size, (tuple, list)) \
+            else [int(output_size)]
+        (stride,), (padding,), (dilation,) = self.stride, self.padding, self.dilation
+        smallest = (shape[-1] - 1) * stride - 2 * padding + dilation * (self.kernel_size[0] - 1) + 1
+        extra = wanted[0] - smallest
+        if not 0 <= extra < max(stride, dilation):
+            raise ValueError(f"ConvTranspose1d: output_size {wanted[0]} is not reachable from input "
+                             f"{shape}: it takes lengths {smallest} to "
+                             f"{smallest + max(stride, dilation) - 1}")
+        return (extra,)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

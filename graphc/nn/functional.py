@@ -20,7 +20,7 @@ __all__ = ["relu", "sigmoid", "tanh", "softmax", "log_softmax", "logsumexp", "li
            "cross_entropy", "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss",
            "binary_cross_entropy", "binary_cross_entropy_with_logits", "kl_div",
            "conv_transpose2d", "interpolate", "group_norm", "prelu", "hardtanh", "relu6",
-           "dropout1d", "dropout2d"]
+           "dropout1d", "dropout2d", "instance_norm"]
 
 
 def _is_integer(v: Any) -> bool:
@@ -658,6 +658,91 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = Fa
     return _result(x, where(keep, t * (1.0 / (1 - p)), 0), inplace)
 
 
+# -- 1-D pools: the 2-D ones over (N, C, 1, L), their arguments checked in the 1-D terms ----------
+__all__ += ["max_pool1d", "avg_pool1d"]
+
+
+def _pool1d_arguments(op: str, x: Tensor, kernel_size: Any, stride: Any, padding: Any
+                      ) -> tuple[int, int, int]:
+    """(kernel, stride, padding) of a 1-D pool over (N, C, L) or (C, L), checked here so an
+    error names the 1-D op and the user's own shapes, not the 2-D pool computing it."""
+    if x.ndim not in (2, 3):
+        raise ShapeError(f"{op}: expects an (N, C, L) or (C, L) input, got shape {x.shape} "
+                         f"(at {user_location()})")
+    kernel = size_argument(kernel_size, 1, f"{op}: kernel_size")[0]
+    step = kernel if stride is None or (isinstance(stride, (tuple, list)) and not stride) else \
+        size_argument(stride, 1, f"{op}: stride")[0]
+    pad_by = size_argument(padding, 1, f"{op}: padding")[0]
+    if kernel < 1 or step < 1 or not 0 <= 2 * pad_by <= kernel:
+        raise ShapeError(f"{op}: kernel and stride must be positive and padding at most half the "
+                         f"kernel, got kernel {kernel}, stride {step}, padding {pad_by} "
+                         f"(at {user_location()})")
+    if x.shape[-1] + 2 * pad_by < kernel:
+        raise ShapeError(f"{op}: input {x.shape} padded by {pad_by} on each side is shorter than "
+                         f"the kernel {kernel} (at {user_location()})")
+    return kernel, step, pad_by
+
+
+def max_pool1d(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 0,
+               dilation: Any = 1, ceil_mode: bool = False, return_indices: bool = False) -> Tensor:
+    """PyTorch's F.max_pool1d over the last axis of (N, C, L) or (C, L) input (dilation 1,
+    without indices)."""
+    x = as_tensor(input)
+    kernel, step, pad_by = _pool1d_arguments("max_pool1d", x, kernel_size, stride, padding)
+    if size_argument(dilation, 1, "max_pool1d: dilation") != (1,) or return_indices:
+        raise GraphcError(f"max_pool1d: dilation {dilation} and return_indices={return_indices} "
+                          f"are not supported: use dilation 1 and no indices (at {user_location()})")
+    return max_pool2d(x.unsqueeze(-2), (1, kernel), (1, step), (0, pad_by), 1,
+                      ceil_mode).squeeze(-2)
+
+
+def avg_pool1d(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 0,
+               ceil_mode: bool = False, count_include_pad: bool = True) -> Tensor:
+    """PyTorch's F.avg_pool1d over the last axis of (N, C, L) or (C, L) input."""
+    x = as_tensor(input)
+    kernel, step, pad_by = _pool1d_arguments("avg_pool1d", x, kernel_size, stride, padding)
+    return avg_pool2d(x.unsqueeze(-2), (1, kernel), (1, step), (0, pad_by), ceil_mode,
+                      count_include_pad).squeeze(-2)
+
+
+# -- pixel shuffle: channels to space and back, as reshapes and one transpose --------------------
+__all__ += ["pixel_shuffle", "pixel_unshuffle"]
+
+
+def _shuffle_factor(op: str, factor: Any) -> int:
+    if not _is_integer(factor) or factor < 1:
+        raise ValueError(f"{op}: the factor must be a positive int, got {factor!r} "
+                         f"(at {user_location()})")
+    return int(factor)
+
+
+def pixel_shuffle(input: Any, upscale_factor: int) -> Tensor:
+    """(*, C r^2, H, W) -> (*, C, H r, W r): each group of r^2 channels becomes an r x r block of
+    one channel (sub-pixel convolution's upsampling)."""
+    x, r = as_tensor(input), _shuffle_factor("pixel_shuffle", upscale_factor)
+    if x.ndim < 3 or x.shape[-3] % (r * r):
+        raise ShapeError(f"pixel_shuffle: expects (*, C, H, W) input with C divisible by "
+                         f"upscale_factor^2 = {r * r}, got shape {x.shape} (at {user_location()})")
+    *batch, channels, height, width = x.shape
+    n = len(batch)
+    blocks = x.reshape(*batch, channels // (r * r), r, r, height, width)
+    order = (*range(n), n, n + 3, n + 1, n + 4, n + 2)  # (*, C, H, r, W, r)
+    return blocks.permute(*order).reshape(*batch, channels // (r * r), height * r, width * r)
+
+
+def pixel_unshuffle(input: Any, downscale_factor: int) -> Tensor:
+    """(*, C, H r, W r) -> (*, C r^2, H, W): pixel_shuffle undone."""
+    x, r = as_tensor(input), _shuffle_factor("pixel_unshuffle", downscale_factor)
+    if x.ndim < 3 or x.shape[-2] % r or x.shape[-1] % r:
+        raise ShapeError(f"pixel_unshuffle: expects (*, C, H, W) input with H and W divisible by "
+                         f"downscale_factor = {r}, got shape {x.shape} (at {user_location()})")
+    *batch, channels, height, width = x.shape
+    n = len(batch)
+    blocks = x.reshape(*batch, channels, height // r, r, width // r, r)
+    order = (*range(n), n, n + 2, n + 4, n + 1, n + 3)  # (*, C, r, r, H, W)
+    return blocks.permute(*order).reshape(*batch, channels * r * r, height // r, width // r)
+
+
 # -- layers as functions ---------------------------------------------------------------------
 def _single(v: Any, name: str) -> int:
     return size_argument(v, 1, f"conv1d: {name}")[0]
@@ -689,6 +774,30 @@ def conv1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: 
                  dilation=(1, _single(dilation, "dilation")), groups=groups,
                  padding_mode=padding_mode).squeeze(2)
     return out if batched else out.squeeze(0)
+
+
+__all__ += ["conv_transpose1d"]
+
+
+def conv_transpose1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
+                     output_padding: Any = 0, groups: int = 1, dilation: Any = 1) -> Tensor:
+    """PyTorch's F.conv_transpose1d: input (N, C_in, L) or (C_in, L), weight (C_in, C_out/groups,
+    K); computed as conv_transpose2d over (N, C_in, 1, L)."""
+    x, weight = as_tensor(input), as_tensor(weight)
+    if x.ndim not in (2, 3) or weight.ndim != 3:
+        raise ShapeError(f"conv_transpose1d: expects input (N, C_in, L) or (C_in, L) and weight "
+                         f"(C_in, C_out/groups, K), got {x.shape} and {weight.shape} "
+                         f"(at {user_location()})")
+    stride, padding, output_padding, dilation = (
+        size_argument(v, 1, f"conv_transpose1d: {name}")[0] for v, name in (
+            (stride, "stride"), (padding, "padding"), (output_padding, "output_padding"),
+            (dilation, "dilation")))
+    if x.shape[-2] != weight.shape[0]:
+        raise ShapeError(f"conv_transpose1d: weight {weight.shape} expects {weight.shape[0]} input "
+                         f"channels, got input {x.shape} (at {user_location()})")
+    out = conv_transpose2d(x.unsqueeze(-2), weight.unsqueeze(2), bias, (1, stride), (0, padding),
+                           (0, output_padding), groups, (1, dilation))
+    return out.squeeze(-2)
 
 
 # -- adaptive pooling: output cell i of an axis of size n pooled to m covers input positions
@@ -920,6 +1029,16 @@ def _shared_heads(query: Tensor, x: Tensor) -> Tensor:
 def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None,
                bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     return normalization.group_norm(as_tensor(input), num_groups, weight, bias, eps)
+
+
+def instance_norm(input: Tensor, running_mean: Tensor | None = None,
+                  running_var: Tensor | None = None, weight: Tensor | None = None,
+                  bias: Tensor | None = None, use_input_stats: bool = True, momentum: float = 0.1,
+                  eps: float = 1e-5) -> Tensor:
+    """Normalise each sample's channels one by one over their positions (see
+    normalization.instance_norm for running statistics)."""
+    return normalization.instance_norm(as_tensor(input), running_mean, running_var, weight, bias,
+                                       use_input_stats, momentum, eps)
 
 
 def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,

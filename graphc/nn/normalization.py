@@ -7,6 +7,7 @@ normalises with the running statistics. Layer norm normalises each sample over i
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -17,8 +18,8 @@ from ..functions import rsqrt, stop_gradient
 from ..tensor import Tensor, as_tensor, bind
 from .module import Module, Parameter
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "GroupNorm", "LayerNorm", "batch_norm", "group_norm",
-           "layer_norm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "LayerNorm",
+           "batch_norm", "group_norm", "instance_norm", "layer_norm"]
 
 
 def _channel_shaped(v: Tensor, ndim: int) -> Tensor:
@@ -250,3 +251,119 @@ class GroupNorm(Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+
+
+def instance_norm(x: Tensor, running_mean: Tensor | None = None, running_var: Tensor | None = None,
+                  weight: Tensor | None = None, bias: Tensor | None = None,
+                  use_input_stats: bool = True, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """Normalise each sample's channels one by one over their positions (biased variance): x is
+    (N, C, *). Without `use_input_stats`, with the running statistics instead. PyTorch's
+    functional form also updates running statistics passed with `use_input_stats`; a graphc
+    tensor passed in cannot be written back, so that is refused: nn.InstanceNorm1d/2d with
+    track_running_stats=True keep them."""
+    x = as_tensor(x)
+    if x.ndim < 3:
+        raise ShapeError(f"instance_norm: expects (N, C, ...) input with positions to normalise "
+                         f"over, got shape {x.shape} (at {user_location()})")
+    channels = x.shape[1]
+    for name, value in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                        ("running_var", running_var)):
+        if value is not None and as_tensor(value).shape != (channels,):
+            raise ShapeError(f"instance_norm: {name} must have shape ({channels},), one per "
+                             f"channel, got {as_tensor(value).shape} (at {user_location()})")
+    if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise ValueError(f"instance_norm: use_input_stats=False needs running_mean and "
+                             f"running_var (at {user_location()})")
+        out = _normalize(x, _channel_shaped(as_tensor(running_mean), x.ndim),
+                         _channel_shaped(as_tensor(running_var), x.ndim), eps)
+        return _channel_affine(out, weight, bias)
+    if running_mean is not None or running_var is not None:
+        raise ValueError(f"instance_norm: running statistics are updated in place by PyTorch's "
+                         f"functional form, which a traced graphc tensor cannot be; use "
+                         f"nn.InstanceNorm1d/2d(track_running_stats=True), or pass "
+                         f"use_input_stats=False to normalise with them (at {user_location()})")
+    if x.numel() == 0:  # an empty batch: an empty result, as PyTorch's
+        return _channel_affine(x, weight, bias)
+    out = bind("normalize", x, axes=tuple(range(2, x.ndim)), epsilon=eps)
+    return _channel_affine(out, weight, bias)
+
+
+class _InstanceNorm(Module):
+    """Shared by InstanceNorm1d/2d, which differ only in their ranks: (N, C, L) or (C, L), and
+    (N, C, H, W) or (C, H, W). Defaults as PyTorch's: no affine parameters, no running
+    statistics. With track_running_stats, training folds the batch's mean over samples of each
+    sample's statistics (the variance unbiased) into them with `momentum` (None: never, as
+    PyTorch), and eval mode normalises with them."""
+
+    spatial_axes = 0
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = False, track_running_stats: bool = False) -> None:
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.affine, self.track_running_stats = affine, track_running_stats
+        if affine:
+            self.weight = Parameter(np.ones(num_features, dtype=np.float32))
+            self.bias = Parameter(np.zeros(num_features, dtype=np.float32))
+        else:  # registered as absent (None), as in PyTorch
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:  # num_batches_tracked only for PyTorch's state-dict keys
+            self.register_buffer("running_mean", np.zeros(num_features, dtype=np.float32))
+            self.register_buffer("running_var", np.ones(num_features, dtype=np.float32))
+            self.register_buffer("num_batches_tracked", np.zeros((), dtype=np.int64))
+        else:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = as_tensor(x)
+        rank = self.spatial_axes + 2
+        if x.ndim not in (rank - 1, rank):
+            raise ShapeError(f"{type(self).__name__}: expects a rank-{rank - 1} or rank-{rank} "
+                             f"input, got shape {x.shape} (at {user_location()})")
+        if x.ndim == rank - 1:  # one unbatched sample
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        uses_running = self.running_mean is not None and self.running_var is not None
+        if x.shape[1] != self.num_features:
+            if self.affine or uses_running:
+                raise ShapeError(f"{type(self).__name__}({self.num_features}): expects "
+                                 f"{self.num_features} channels on axis 1, got shape {x.shape} "
+                                 f"(at {user_location()})")
+            warnings.warn(f"{type(self).__name__}({self.num_features}): input of shape {x.shape} "
+                          f"has {x.shape[1]} channels; num_features is unused without affine "
+                          f"parameters or running statistics (as PyTorch warns)", stacklevel=2)
+        if not self.training and self.track_running_stats and uses_running:
+            return instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                 use_input_stats=False, eps=self.eps)
+        positions = int(np.prod(x.shape[2:]))
+        if positions == 1:
+            raise ValueError(f"{type(self).__name__}: expected more than 1 position per channel "
+                             f"when normalising with the input's statistics, got input of shape "
+                             f"{x.shape} (at {user_location()})")
+        if self.training and self.track_running_stats and uses_running and x.shape[0] \
+                and self.momentum is not None:
+            self._update_running_stats(x, positions)
+        return instance_norm(x, None, None, self.weight, self.bias, eps=self.eps)
+
+    def _update_running_stats(self, x: Tensor, positions: int) -> None:
+        stats = bind("moments", x, axes=tuple(range(2, x.ndim)))
+        mean = stop_gradient(stats[0]).reshape(x.shape[0], -1).mean(0)
+        unbiased_var = stop_gradient(stats[1]).reshape(x.shape[0], -1).mean(0) * (
+            positions / (positions - 1))
+        for name, batch_value in (("running_mean", mean), ("running_var", unbiased_var)):
+            running = getattr(self, name)
+            self.update_buffer(name, running + (batch_value - running) * self.momentum)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+
+
+class InstanceNorm1d(_InstanceNorm):
+    spatial_axes = 1
+
+
+class InstanceNorm2d(_InstanceNorm):
+    spatial_axes = 2
