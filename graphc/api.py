@@ -42,24 +42,33 @@ def user_facing(fn: Callable) -> Callable:
 
 
 # -- arguments -----------------------------------------------------------------------------
-def _leaf_type(leaf: Any, path: str) -> TensorType:
+def _leaf_type(leaf: Any, path: str, number_dtype: type = np.float32) -> TensorType:
     if isinstance(leaf, TensorType):
         return leaf
     if isinstance(leaf, Tensor):
         return leaf.value.type
-    return TensorType.of(to_array(leaf, path))
+    return TensorType.of(to_array(leaf, path, number_dtype))
 
 
-def to_array(leaf: Any, path: str = "argument") -> np.ndarray:
-    """A call argument as an array; Python floats become float32, alone or in (nested) lists,
-    as in PyTorch (torch.tensor([1.0, 2.0]) is float32)."""
+def python_number_dtype(leaves: Sequence[Any]) -> type:
+    """The dtype a Python float argument takes: float64 beside a float64 array argument (in
+    PyTorch a Python number keeps double precision, so x64 * 0.1 is exact), float32 otherwise."""
+    wide = any(str(getattr(leaf, "dtype", "")) == "float64" and not isinstance(leaf, np.floating)
+               for leaf in leaves)
+    return np.float64 if wide else np.float32
+
+
+def to_array(leaf: Any, path: str = "argument", number_dtype: type = np.float32) -> np.ndarray:
+    """A call argument as an array; Python floats become `number_dtype` (float32 by default,
+    see python_number_dtype), and float32 in (nested) lists, as in PyTorch
+    (torch.tensor([1.0, 2.0]) is float32)."""
     if isinstance(leaf, np.ndarray):
         arr = leaf
     elif isinstance(leaf, (dict, str, bytes)):
         raise InputError(f"{path}: is a {type(leaf).__name__}, not an array; pass each array as "
                          f"an argument of its own (a batch (inputs..., target) as step(*batch))")
     elif isinstance(leaf, float) and not isinstance(leaf, np.floating):  # np.float64 stays float64
-        arr = np.asarray(leaf, dtype=np.float32)
+        arr = np.asarray(leaf, dtype=number_dtype)
     else:
         try:
             arr = np.asarray(leaf)
@@ -68,6 +77,10 @@ def to_array(leaf: Any, path: str = "argument") -> np.ndarray:
                              "are not tensors") from None
         if isinstance(leaf, list) and arr.dtype == np.float64 and not _holds_numpy_floats(leaf):
             arr = arr.astype(np.float32)
+    if arr.dtype.kind == "O" and not isinstance(leaf, (np.ndarray, list)):
+        raise InputError(f"{path}: is a {type(leaf).__name__}, which a traced function cannot "
+                         f"take as an argument: pass its arrays (tuples, lists, dicts and "
+                         f"namedtuples of arrays are taken apart), or close over it")
     if arr.dtype.kind not in "biuf":
         raise InputError(f"{path}: arrays of dtype {arr.dtype} ({type(leaf).__name__}) are not "
                          "supported; pass numeric or bool arrays")
@@ -125,7 +138,8 @@ def _trace(fn: Callable, args: Sequence[Any], name: str) -> tuple[Traced, list[s
         if nn_module is not None and isinstance(owner, nn_module.Module):
             t.modules.setdefault(id(owner), owner)
             t.note_settings(owner)
-        tensors = [Tensor(t.builder.add_input(_leaf_type(l, p), n))
+        number_dtype = python_number_dtype(leaves)
+        tensors = [Tensor(t.builder.add_input(_leaf_type(l, p, number_dtype), n))
                    for l, p, n in zip(leaves, paths, names)]
         result = fn(*unflatten(treedef, tensors))
         out_leaves, out_paths, out_tree = flatten(result)
@@ -211,6 +225,8 @@ def inline_graph(graph: Graph, args: Sequence[Tensor], reads: ModuleReads = Modu
         t.modules.setdefault(id(module), module)
     for module, _, attr, array, values in reads.attribute_arrays:
         t.attribute_arrays.setdefault((id(module), attr), (module, attr, array, values))
+    for cls, attr, value in reads.class_settings:
+        t.class_settings.setdefault((id(cls), attr), (cls, attr, value))
     if graph.inputs and graph.inputs[-1].role == "rng":
         key, first_stream = t.random_key()
         mapping[graph.inputs[-1].value] = key
@@ -300,7 +316,8 @@ class Staged:
             tensors += [Tensor(v) for v in traced.captured]
             return unflatten(traced.out_tree, inline_graph(traced.graph, tensors, traced.reads))
         names = _input_names(self.fn, paths, len(args))
-        arrays = [to_array(l, n) for l, n in zip(leaves, names)]
+        number_dtype = python_number_dtype(leaves)
+        arrays = [to_array(l, n, number_dtype) for l, n in zip(leaves, names)]
         signature = (treedef, tuple((a.shape, a.dtype.name) for a in arrays))
         entry, implicit = matching_variant(self._last, self._cache.values(), signature)
         if entry is None:

@@ -6,6 +6,7 @@ time and point at the user's line.
 """
 from __future__ import annotations
 
+import enum
 import functools
 import inspect
 import itertools
@@ -55,14 +56,17 @@ _NOT_SETTINGS = frozenset({"_parameters", "_buffers", "_modules", "_non_persiste
 
 def is_setting(value: Any) -> bool:
     """Whether `value`, a module's plain attribute, is a setting a trace bakes in: a number, a
-    string, a bool or None, a callable (an activation function, a callable object, a jitted
-    function: the object, not what it holds), or a tuple, list or dict of them (a kernel
-    size, a list of scales)."""
-    if isinstance(value, (tuple, list)):
+    string, a bool or None, an enum member, a NumPy dtype, a slice, a callable (an activation
+    function, a callable object, a jitted function: the object, not what it holds), or a tuple,
+    list, set or dict of them (a kernel size, a list of scales, the ids to skip)."""
+    if isinstance(value, (tuple, list, set, frozenset)):
         return all(map(is_setting, value))
     if isinstance(value, dict):
         return all(map(is_setting, value.keys())) and all(map(is_setting, value.values()))
-    return value is None or isinstance(value, (bool, int, float, str, np.number, np.bool_)) or (
+    if isinstance(value, slice):
+        return all(map(is_setting, (value.start, value.stop, value.step)))
+    return value is None or isinstance(value, (bool, int, float, str, np.number, np.bool_,
+                                               enum.Enum, np.dtype)) or (
         callable(value) and not isinstance(value, np.ndarray))
 
 
@@ -71,8 +75,12 @@ def _snapshot(value: Any) -> Any:
     lists and dicts copied, so that an in-place edit does not change the snapshot."""
     if isinstance(value, (list, tuple)):
         return type(value).__name__, tuple(map(_snapshot, value))
+    if isinstance(value, (set, frozenset)):
+        return type(value).__name__, frozenset(map(_snapshot, value))
     if isinstance(value, dict):
         return "dict", tuple((_snapshot(k), _snapshot(v)) for k, v in value.items())
+    if isinstance(value, slice):  # unhashable before Python 3.12
+        return "slice", tuple(map(_snapshot, (value.start, value.stop, value.step)))
     return type(value).__name__, value
 
 
@@ -81,8 +89,12 @@ def _shown(snapshot: Any) -> Any:
     kind, value = snapshot
     if kind in ("list", "tuple"):
         return (list if kind == "list" else tuple)(map(_shown, value))
+    if kind in ("set", "frozenset"):
+        return (set if kind == "set" else frozenset)(map(_shown, value))
     if kind == "dict":
         return {_shown(k): _shown(v) for k, v in value}
+    if kind == "slice":
+        return slice(*map(_shown, value))
     return value
 
 
@@ -90,21 +102,22 @@ def edited_in_place(snapshot: Any) -> bool:
     """Whether a setting (its `_snapshot`) can change without an assignment to the module: it
     holds a list or a dict."""
     kind, value = snapshot
-    if kind in ("list", "dict"):
+    if kind in ("list", "dict", "set"):
         return True
-    return kind == "tuple" and any(map(edited_in_place, value))
+    return kind in ("tuple", "frozenset") and any(map(edited_in_place, value))
 
 
 def module_structure(module: Any) -> tuple:
     """What a trace of `module` baked in besides its arrays and mode: which child modules it
     holds (None for a name registered absent), its settings (momentum, eps, p, ...) and the
-    names of its parameters and buffers registered absent (a trace read None there)."""
+    names of its parameters and buffers, with whether each is registered absent (a trace read
+    None there, or `getattr(self, "shift", None)` found no such name)."""
     written = module.__dict__.get("_written_in_trace", ())  # the module's own state, not settings
     settings = tuple((name, _snapshot(value)) for name, value in module.__dict__.items()
                      if name not in _NOT_SETTINGS and name not in written and is_setting(value))
-    absent = tuple(name for table in (module._parameters, module._buffers)
-                   for name, array in table.items() if array is None)
-    return tuple(map(id, module._modules.values())), settings, absent
+    registered = tuple((name, array is None) for table in (module._parameters, module._buffers)
+                       for name, array in table.items())
+    return tuple(map(id, module._modules.values())), settings, registered
 
 
 def _changed_settings(before: tuple, after: tuple) -> list[tuple[tuple[str, Any], tuple[str, Any]]]:
@@ -154,6 +167,7 @@ class ModuleReads:
     # NumPy arrays held as modules' plain attributes (not buffers) that the trace read as
     # constants: (module, its name, attribute, the array, a copy of its values then)
     attribute_arrays: tuple[tuple[Any, str, str, np.ndarray, np.ndarray], ...] = ()
+    class_settings: tuple[tuple[type, str, Any], ...] = ()  # Trace.class_settings
 
     def __post_init__(self) -> None:
         # the tree edit count at which the modules last held the children they were traced with
@@ -200,6 +214,8 @@ class ModuleReads:
         for module, _, attr, array, values in self.attribute_arrays:
             if module.__dict__.get(attr) is not array or not _same_values(array, values):
                 return False
+        if self.class_settings and not class_settings_match(self.class_settings):
+            return False
         if self._verified[0] != module_tree_edits():
             if any(module_structure(m) != traced for m, traced in zip(self.modules, self.structures)):
                 return False
@@ -218,18 +234,26 @@ class ModuleReads:
                  if m.training != old]
         if len(found) > 3:  # model.train() flips every module: name a few
             found[3:] = [f"and of {len(found) - 3} more modules"]
-        for m, name, (children, settings, absent) in zip(self.modules, self.module_names, self.structures):
-            now_children, now_settings, now_absent = module_structure(m)
+        for m, name, (children, settings, registered) in zip(self.modules, self.module_names,
+                                                             self.structures):
+            now_children, now_settings, now_registered = module_structure(m)
             if now_children != children:
                 found.append(f"child modules of {name} replaced")
             found += [f"{name}.{key}: {value!r} -> {now!r}" for (key, value), (_, now)
                       in _changed_settings(settings, now_settings)]
-            found += [f"{name}.{key}: None -> an array" for key in absent if key not in now_absent]
+            was, now = dict(registered), dict(now_registered)
+            found += [f"{name}.{key}: None -> an array" for key, absent in was.items()
+                      if absent and now.get(key) is False]
+            found += [f"{name}.{key}: registered" for key in now.keys() - was.keys()]
+            found += [f"{name}.{key}: no longer registered" for key in was.keys() - now.keys()]
         for module, name, attr, array, values in self.attribute_arrays:
             if module.__dict__.get(attr) is not array:
                 found.append(f"{name}.{attr}: another array assigned")
             elif not _same_values(array, values):
                 found.append(f"{name}.{attr}: its values changed")
+        found += [f"{cls.__name__}.{name}: {_shown(value)!r} -> {getattr(cls, name, _NO_SETTING)!r}"
+                  for cls, name, value in self.class_settings
+                  if not class_settings_match(((cls, name, value),))]
         for name, array, old in zip(self.names, arrays, self.types):
             if array is None:
                 found.append(f"{name}: no longer a parameter or buffer")
@@ -278,6 +302,12 @@ class Trace:
         # the settings of the modules called, as they were before their first call: what the
         # trace itself changes in them (a counter, a list it appends to) is their own state
         self._settings_before: dict[int, tuple[Any, tuple]] = {}
+        # modules whose plain attributes the trace read without calling them (`temp.t`,
+        # `model.training`): the graph depends on their settings and modes too
+        self.read_modules: dict[int, Any] = {}
+        # settings read from modules' classes (`scale = 2.0` in a class body): (class, name,
+        # snapshot), checked at every call since assigning `Model.scale` edits no module
+        self.class_settings: dict[tuple[int, str], tuple[type, str, Any]] = {}
 
     def defines(self, value: Value) -> bool:
         """Whether `value` is this trace's (not an enclosing trace's, read as a capture)."""
@@ -392,7 +422,8 @@ class Trace:
         """The modules the graph may depend on: those called, those whose arrays it reads, and
         every module below them (a ModuleList is never called, a forward may read a child's
         setting without calling it)."""
-        roots = [*self.modules.values(), *(ref.module for ref, _, _ in self.implicit.values())]
+        roots = [*self.modules.values(), *self.read_modules.values(),
+                 *(ref.module for ref, _, _ in self.implicit.values())]
         found: dict[int, Any] = {}
         for root in roots:
             if id(root) not in found:
@@ -403,6 +434,16 @@ class Trace:
         """Keep the settings of `module`'s tree as they are now, before the trace runs it."""
         for m in module.modules():
             self._settings_before.setdefault(id(m), (m, module_structure(m)[1]))
+
+    def note_attribute_read(self, module: Any, name: str, value: Any) -> None:
+        """`module.name` (a plain attribute) was read while tracing: the graph follows the
+        module's settings and mode, and a NumPy array read there, even where only a value
+        computed from it reaches the graph (`1 - self.mask`, `float(self.scale)`)."""
+        if id(module) not in self.read_modules and id(module) not in self.modules:
+            self.read_modules[id(module)] = module
+            self.note_settings(module)
+        if type(value) is np.ndarray:
+            self.attribute_arrays.setdefault((id(module), name), (module, name, value, value.copy()))
 
     def note_array(self, array: np.ndarray) -> None:
         """`array` (or the array it is a view of) becomes a constant of the graph: where modules
@@ -428,6 +469,11 @@ class Trace:
             changed = [name for name, value in now.items() if was.get(name) != value]
             if changed:  # written by its own forward: not followed (see Module.__setattr__)
                 module.__dict__.setdefault("_written_in_trace", set()).update(changed)
+        # an array the trace itself wrote or replaced (a cache its forward keeps) is the
+        # module's own state, as a setting it changes is
+        for key, (module, name, array, values) in list(self.attribute_arrays.items()):
+            if module.__dict__.get(name) is not array or not _same_values(array, values):
+                del self.attribute_arrays[key]
         modules = self.watched_modules()
         names: dict[int, str] = {}  # a module below a called one by its path from there
         for module in self.modules.values():
@@ -441,7 +487,8 @@ class Trace:
                 f"{names.get(id(m)) or self.module_name(m)} ({type(m).__name__})" for m in modules),
             modes=tuple(m.training for m in modules), structures=tuple(map(module_structure, modules)),
             attribute_arrays=tuple((m, names.get(id(m)) or self.module_name(m), attr, array, values)
-                                   for m, attr, array, values in self.attribute_arrays.values()))
+                                   for m, attr, array, values in self.attribute_arrays.values()),
+            class_settings=tuple(self.class_settings.values()))
 
 
 def matching_variant(last: Any, variants: Iterable[Any], signature: tuple) -> tuple[Any, list]:
@@ -486,7 +533,47 @@ def is_tracing() -> bool:
     return bool(_STATE.stack)
 
 
+# a module's attributes that hold its tables and bookkeeping, never what a forward reads as a
+# setting (its mode, `training`, is read as one)
+_BOOKKEEPING = _NOT_SETTINGS - {"training"}
+
+
+def note_module_attribute_read(module: Any, name: str, value: Any) -> None:
+    """Called by Module.__getattribute__ while tracing: a plain attribute of `module` (one in its
+    __dict__, not a method) read by the traced code, or a setting its class holds
+    (`scale = 2.0` in the class body)."""
+    if name in _BOOKKEEPING:
+        return
+    if name in object.__getattribute__(module, "__dict__"):
+        _STATE.stack[-1].note_attribute_read(module, name, value)
+    elif not callable(value) and is_setting(value) and _class_attribute(type(module), name):
+        _STATE.stack[-1].class_settings.setdefault((id(type(module)), name),
+                                                   (type(module), name, _snapshot(value)))
+
+
+def _class_attribute(cls: type, name: str) -> bool:
+    """Whether `name` is a plain class attribute of `cls` (not a property or other descriptor)
+    set in a class of the user's, not of graphc's own modules."""
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            return (not klass.__module__.startswith("graphc.")
+                    and not hasattr(klass.__dict__[name], "__get__"))
+    return False
+
+
+def class_settings_match(settings: tuple[tuple[type, str, Any], ...]) -> bool:
+    """Whether the class-level settings a trace read still hold the values it read."""
+    return all(_snapshot(getattr(cls, name, _NO_SETTING)) == value for cls, name, value in settings)
+
+
 def bind(op: str, *inputs: Tensor, **attrs: Any) -> Tensor:
+    for name, value in attrs.items():
+        if isinstance(value, Tensor) or (isinstance(value, (tuple, list))
+                                         and any(isinstance(v, Tensor) for v in value)):
+            tensor = value if isinstance(value, Tensor) else next(
+                v for v in value if isinstance(v, Tensor))
+            raise _no_value(f"{op}: its {name} given as a Tensor (a setting, which must be a "
+                            f"Python value)", "pass a number", tensor)
     return Tensor(current_trace().builder.bind(op, *(t.value for t in inputs), **attrs))
 
 
@@ -727,10 +814,29 @@ def _require_elements(x: Tensor, dims: Any, op: str) -> None:
                              f"{x.shape}) (at {user_location()})")
 
 
-def _no_value(call: str, instead: str) -> TracedValueError:
-    """The error for asking a traced Tensor for its value (`call`), saying what to do instead."""
+def _no_value(call: str, instead: str, tensor: Tensor | None = None) -> TracedValueError:
+    """The error for asking a traced Tensor for its value (`call`), saying what to do instead;
+    where `tensor` is a 0-d input of the function, most likely a number the user passed as an
+    argument and means as a size or setting, saying so."""
+    argument = ""
+    if tensor is not None and not tensor.shape and _from_number_input(tensor.value):
+        argument = (" It is, or comes from, a 0-d input of the traced function: a number passed "
+                    "as an argument is traced as a tensor; to use it as a size or setting (a dim, "
+                    "a count, a probability), close over the number instead (a lambda or "
+                    "functools.partial).")
     return TracedValueError(f"{call} on a traced Tensor: it has no value while graphc traces the "
-                            f"function, only a shape and dtype; {instead} (at {_caller()})")
+                            f"function, only a shape and dtype; {instead} (at {_caller()}).{argument}")
+
+
+def _from_number_input(value: Value, depth: int = 2) -> bool:
+    """Whether `value` is a 0-d input of the function, or computed from one in a step or two
+    (`n == -1` inside an op given the number argument `n`)."""
+    if value.type.shape:
+        return False
+    producer = value.producer
+    if producer is None:
+        return True
+    return depth > 0 and any(_from_number_input(v, depth - 1) for v in producer.inputs)
 
 
 def _caller() -> str | None:
@@ -891,20 +997,20 @@ class Tensor:
     def __bool__(self) -> bool:
         raise _no_value("bool(x) (if/while/and/or on a tensor)",
                         "Python control flow cannot depend on it: use gc.where(cond, a, b) to "
-                        "choose values, or compute the condition outside the traced function")
+                        "choose values, or compute the condition outside the traced function", self)
 
     def __float__(self) -> float:
         raise _no_value("float(x)", "return the tensor from the traced function and convert the "
-                        "result; inside it, keep computing with the tensor (x.float() casts it)")
+                        "result; inside it, keep computing with the tensor (x.float() casts it)", self)
 
     def __int__(self) -> int:
         raise _no_value("int(x)", "return the tensor from the traced function and convert the "
-                        "result; inside it, keep computing with the tensor (x.long() casts it)")
+                        "result; inside it, keep computing with the tensor (x.long() casts it)", self)
 
     def __index__(self) -> int:
         raise _no_value("using it as a Python int (an index into a list or array, range(), a "
                         "size)", "shapes are static: take sizes from x.shape; to pick elements "
-                        "by a traced index, index a tensor with it (table[idx], gc.gather)")
+                        "by a traced index, index a tensor with it (table[idx], gc.gather)", self)
 
     def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
         raise _no_value("np.asarray(x) / np.array(x)", "return the tensor from the traced "

@@ -2,6 +2,7 @@
 in a stable order."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable
 
 
@@ -41,7 +42,10 @@ def _is_number_list(tree: Any) -> bool:
 
 def flatten(tree: Any, path: str = "", is_leaf: Callable[[Any], bool] | None = None
             ) -> tuple[list[Any], list[str], TreeDef]:
-    """Return (leaves, their paths like "x[0]['w']", structure). Dict keys are sorted.
+    """Return (leaves, their paths like "x[0]['w']", structure). A dict's leaves come in the
+    order of its sorted keys; the structure keeps the keys' own order and an OrderedDict's class,
+    so `unflatten` gives back the dict the function returned (`a, b = out.values()` reads them
+    in the order written).
 
     Tuples, dicts and lists of arrays are containers; a list of plain numbers is one leaf
     (array data), so a ragged one is reported as a bad array rather than silently split."""
@@ -70,7 +74,8 @@ def flatten(tree: Any, path: str = "", is_leaf: Callable[[Any], bool] | None = N
             leaves += l
             paths += p
             children.append(c)
-        return leaves, paths, TreeDef("dict", tuple(keys), tuple(children))
+        kind = type(tree) if type(tree) is OrderedDict else dict
+        return leaves, paths, TreeDef("dict", (tuple(keys), tuple(tree), kind), tuple(children))
     if tree is None:
         return [], [], TreeDef("none")
     return [tree], [path], LEAF
@@ -90,7 +95,9 @@ def unflatten(treedef: TreeDef, leaves: list[Any]) -> Any:
             return None
         items = [build(c) for c in d.children]
         if d.kind == "dict":
-            return dict(zip(d.meta, items))
+            sorted_keys, written_order, kind = d.meta
+            by_key = dict(zip(sorted_keys, items))
+            return kind((k, by_key[k]) for k in written_order)
         if d.kind == "namedtuple":
             return d.meta._make(items)
         return tuple(items) if d.kind == "tuple" else list(items)
@@ -111,9 +118,11 @@ def treedef_to_json(treedef: TreeDef) -> Any:
     if any(c is None and d.kind != "none" for c, d in zip(children, treedef.children)):
         return None
     if treedef.kind == "dict":
-        if not all(isinstance(k, str) for k in treedef.meta):
+        sorted_keys, written_order, _ = treedef.meta
+        if not all(isinstance(k, str) for k in sorted_keys):
             return None
-        return {"dict": dict(zip(treedef.meta, children))}
+        by_key = dict(zip(sorted_keys, children))
+        return {"dict": {k: by_key[k] for k in written_order}}
     return {treedef.kind: children}
 
 
@@ -133,5 +142,6 @@ def treedef_from_json(data: Any, depth: int = 32) -> TreeDef:
         return TreeDef(kind, len(nodes), nodes)
     if kind == "dict" and isinstance(children, dict):
         keys = tuple(sorted(children))
-        return TreeDef("dict", keys, tuple(treedef_from_json(children[k], depth - 1) for k in keys))
+        return TreeDef("dict", (keys, tuple(children), dict),
+                       tuple(treedef_from_json(children[k], depth - 1) for k in keys))
     raise ValueError(f"not a tree: {data!r:.60}")

@@ -29,7 +29,7 @@ from graphc.ir.errors import GraphcError, user_location
 from graphc.ir.types import DTYPES, FLOAT_DTYPES
 
 from ..tensor import (StateRef, Tensor, current_trace, dtype_name, enclosing_traces, is_setting,
-                      is_tracing, note_module_tree_edit)
+                      is_tracing, note_module_attribute_read, note_module_tree_edit)
 
 
 class StateHolder(Protocol):
@@ -329,6 +329,12 @@ class Module:
         if taken:
             raise ModuleAssignmentError(f"{type(self).__name__}.{method}: {name!r} is already "
                                         f"an attribute of another kind (at {user_location()})")
+
+    def __getattribute__(self, name: str) -> Any:
+        value = object.__getattribute__(self, name)
+        if is_tracing():  # the graph follows what the traced code reads (tensor.py)
+            note_module_attribute_read(self, name, value)
+        return value
 
     def __getattr__(self, name: str) -> Any:
         d = self.__dict__
