@@ -24,7 +24,8 @@ from graphc.tree import TreeDef, flatten, unflatten
 
 from . import random as gc_random
 from .lowering import collecting_new_objects_only, compile_graph
-from .tensor import ModuleReads, Tensor, current_trace, is_tracing, matching_variant, tracing
+from .tensor import (ModuleReads, Tensor, current_trace, is_tracing, keep_recent_variants,
+                     matching_variant, tracing)
 
 log = logging.getLogger("graphc")
 
@@ -319,7 +320,7 @@ class Staged:
         number_dtype = python_number_dtype(leaves)
         arrays = [to_array(l, n, number_dtype) for l, n in zip(leaves, names)]
         signature = (treedef, tuple((a.shape, a.dtype.name) for a in arrays))
-        entry, implicit = matching_variant(self._last, self._cache.values(), signature)
+        entry, implicit = matching_variant(self._last, self._cache, signature)
         if entry is None:
             self._log_retrace(signature, names)
             stages = Stages(self.name)
@@ -330,6 +331,7 @@ class Staged:
             reads = traced.reads
             entry = _Entry(signature, executable, traced.graph, traced.out_tree, reads)
             self._cache[(signature, reads.modes, reads.types)] = entry
+            keep_recent_variants(self._cache, keep=(entry,))
             implicit = reads.arrays()
         self._last = entry
         arrays += implicit

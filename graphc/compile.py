@@ -46,8 +46,9 @@ from .nn.module import (Module, claim_state, functional_call, named_arrays, name
 from .optim import Optimizer
 from .scan_lowering import SegmentedExecutable, SegmentedMemoryPlan
 from .step_builder import StepBuilder, StepSpec, batch_arrays, trace_gradients
-from .tensor import (ModuleReads, Tensor, as_tensor, current_trace, is_tracing, matching_variant,
-                     edited_in_place, module_structure, module_tree_edits, tracing)
+from .tensor import (ModuleReads, Tensor, as_tensor, current_trace, edited_in_place, is_tracing,
+                     keep_recent_variants, matching_variant, module_structure, module_tree_edits,
+                     tracing)
 from .tree import LEAF, flatten, unflatten
 
 log = logging.getLogger("graphc")
@@ -134,7 +135,7 @@ class _CompiledModelBase:
         it if there is none), with the arrays of its implicit inputs."""
         signature = self._signature(arrays)
         last = self._last
-        found, implicit = matching_variant(last, self._compiled.values(), signature)
+        found, implicit = matching_variant(last, self._compiled, signature)
         if found is not None:
             self._last = found
             return found, implicit
@@ -151,6 +152,8 @@ class _CompiledModelBase:
                 executable = compile_graph(optimized, self.backend, donate, stages, self._memory_of(last))
                 compiled = CompiledGraph(traced, optimized, executable, donate, signature, reads)
         self._compiled[(signature, reads.modes, reads.types)] = self._last = compiled
+        busiest = max(self._compiled.values(), key=lambda c: c.calls)  # what an export writes
+        keep_recent_variants(self._compiled, keep=(compiled, busiest))
         return compiled, reads.arrays()
 
     @contextmanager

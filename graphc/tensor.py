@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
-import itertools
 import math
 import os
 import sys
@@ -491,17 +490,39 @@ class Trace:
             class_settings=tuple(self.class_settings.values()))
 
 
-def matching_variant(last: Any, variants: Iterable[Any], signature: tuple) -> tuple[Any, list]:
+def matching_variant(last: Any, variants: dict[Any, Any], signature: tuple) -> tuple[Any, list]:
     """Of the compiled variants (each with `.signature` and `.reads`), the one for these
     arguments whose module reads match the modules as they are now, with its implicit inputs'
-    arrays; (None, []) when none does. The variant used last is tried first: the usual case."""
-    others = (v for v in variants if v is not last)
-    for variant in itertools.chain((last,) if last is not None else (), others):
-        if variant.signature == signature:
+    arrays; (None, []) when none does. The variant used last is tried first: the usual case.
+    Another one found moves to the end of `variants`, which keeps them in the order of their
+    use (see keep_recent_variants)."""
+    if last is not None and last.signature == signature:
+        implicit = last.reads.arrays()
+        if last.reads.matches(implicit):
+            return last, implicit
+    for key, variant in variants.items():
+        if variant is not last and variant.signature == signature:
             implicit = variant.reads.arrays()
             if variant.reads.matches(implicit):
+                variants[key] = variants.pop(key)
                 return variant, implicit
     return None, []
+
+
+KEPT_VARIANTS = 32  # compiled batch signatures (and modes) a function keeps
+
+
+def keep_recent_variants(variants: dict[Any, Any], keep: Iterable[Any]) -> None:
+    """Forget the least recently used compiled variants past KEPT_VARIANTS, never those in
+    `keep` (the one in use, the one an export writes): a model called at ever new batch sizes
+    holds a bounded number of memory plans, and compiles a forgotten one again from its kernels
+    (no kernel compiles) when that size comes back."""
+    kept = {id(v) for v in keep}
+    while len(variants) > KEPT_VARIANTS:
+        oldest = next((k for k, v in variants.items() if id(v) not in kept), None)
+        if oldest is None:
+            return
+        del variants[oldest]
 
 
 @contextmanager

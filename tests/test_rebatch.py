@@ -404,3 +404,21 @@ def test_numba_cuda_simulator_step_at_another_batch_size():
                            text=True, timeout=600)
     assert child.returncode == 0, child.stderr[-3000:]
     assert "train_step reuses the graphs compiled for" in child.stderr
+
+
+def test_a_model_called_at_ever_new_batch_sizes_keeps_a_bounded_number_of_them(monkeypatch):
+    import graphc.tensor as tensor_module
+    monkeypatch.setattr(tensor_module, "KEPT_VARIANTS", 4)
+    gc.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    compiled = gc.compile(model, (np.zeros((8, 6), np.float32),))
+    jitted = gc.jit(model)
+    for _ in range(3):  # the busiest size, which an export writes
+        compiled(np.ones((8, 6), np.float32))
+    for batch in range(1, 12):
+        x = np.full((batch, 6), 0.5, np.float32)
+        np.testing.assert_allclose(compiled(x), jitted(x), rtol=1e-6)
+        assert len(compiled._compiled) <= 4 and len(jitted._cache) <= 4
+    assert any(c.signature[0][0] == (8, 6) for c in compiled._compiled.values())
+    x = np.full((2, 6), 0.5, np.float32)  # forgotten, compiled again from its kernels
+    np.testing.assert_allclose(compiled(x), jitted(x), rtol=1e-6)
