@@ -1380,6 +1380,56 @@ class Tensor:
         return self + bind("scatter_add_along_axis", src, index, axis=axis, shape=self.shape,
                            wrap_negative=False)
 
+    def scatter(self, dim: int, index: Any, src: Any = None, *, value: Any = None,
+                reduce: str | None = None) -> Tensor:
+        """PyTorch's: a copy of this tensor with src[i][j] written at [i][index[i][j]] along
+        `dim` (for dim 1; likewise for others), or the number `value` (also taken as the third
+        argument); the index covers the leading part of src and of this tensor's other axes.
+        Where an index repeats, one of the writes is kept (the last, as PyTorch's CPU
+        kernels; PyTorch leaves it undefined), and only it gets a gradient (PyTorch's goes to
+        every write). `reduce` is refused: scatter_add adds."""
+        if reduce is not None:
+            raise GraphcError(f"scatter: reduce={reduce!r} is not supported (PyTorch deprecates "
+                              f"it): use scatter_add for sums (at {user_location()})")
+        (axis,) = normalize_axes(dim, self.ndim)
+        index = as_tensor(index)
+        if value is None and (src is None or _is_number(src)):
+            src, value = None, src
+        if (src is None) == (value is None):
+            raise GraphcError(f"scatter: give src (a tensor) or value (a number), one of them "
+                              f"(at {user_location()})")
+        src = (as_tensor(value, like=self).broadcast_to(index.shape) if src is None
+               else as_tensor(src, like=self))
+        if (index.ndim != self.ndim or src.ndim != self.ndim
+                or any(i > n for i, n in zip(index.shape, src.shape))
+                or any(i > n for d, (i, n) in enumerate(zip(index.shape, self.shape)) if d != axis)):
+            raise ShapeError(f"scatter: the index {index.shape} must have the tensor's {self.ndim} "
+                             f"dims, fit in its other axes {self.shape} and in src {src.shape} "
+                             f"(at {user_location()})")
+        if not index.dtype.startswith("int"):
+            raise DTypeError(f"scatter: the index must be int64 or int32, got {index.dtype} "
+                             f"(at {user_location()})")
+        src = src[tuple(slice(0, i) for i in index.shape)].astype(self.dtype)
+        # every other axis indexed by its own positions: out[index[i, j], j] = src[i, j]
+        positions = tuple(index if d == axis else np.arange(n).reshape(
+            (1,) * d + (n,) + (1,) * (index.ndim - d - 1)) for d, n in enumerate(index.shape))
+        out = self.clone()
+        out[positions] = src
+        return out
+
+    def scatter_(self, dim: int, index: Any, src: Any = None, *, value: Any = None,
+                 reduce: str | None = None) -> Tensor:
+        return self._in_place(self.scatter(dim, index, src, value=value, reduce=reduce),
+                              "x.scatter_(dim, index, src)", "x.scatter(dim, index, src)")
+
+    def scatter_add_(self, dim: int, index: Any, src: Any) -> Tensor:
+        return self._in_place(self.scatter_add(dim, index, src), "x.scatter_add_(dim, index, src)",
+                              "x.scatter_add(dim, index, src)")
+
+    def index_add_(self, dim: int, index: Any, source: Any, *, alpha: Any = 1) -> Tensor:
+        return self._in_place(self.index_add(dim, index, source, alpha=alpha),
+                              "x.index_add_(dim, index, source)", "x.index_add(dim, index, source)")
+
     def index_add(self, dim: int, index: Any, source: Any, *, alpha: Any = 1) -> Tensor:
         """PyTorch's: a copy of this tensor with alpha * source's slice i added at index[i]
         along `dim` (a 1-D index; repeated entries add up)."""

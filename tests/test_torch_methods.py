@@ -364,3 +364,37 @@ def test_scatter_add_index_add_kthvalue_and_axis_moves_as_pytorchs():
     assert np.array_equal(gc.jit(lambda y: y.swapaxes(0, 2))(y), ty.swapaxes(0, 2).numpy())
     with pytest.raises(gc.GraphcError, match="static shapes"):
         gc.jit(lambda x: x.masked_select(x > 0))(x)
+
+
+def test_scatter_writes_src_or_a_value_and_differentiates_as_pytorchs():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    idx = np.array([[0, 2, 1], [2, 0, 2]])  # no index repeats along dim 0 within a column
+    src = rng.standard_normal((2, 4)).astype(np.float32)
+    tx, tidx = torch.tensor(x), torch.tensor(idx)
+    np.testing.assert_array_equal(gc.jit(lambda x, i, s: x.scatter(0, i, s))(x, idx, src),
+                                  tx.scatter(0, tidx, torch.tensor(src)).numpy())
+    along_rows = np.array([[4, 0], [1, 3], [2, 2]])
+    np.testing.assert_array_equal(gc.jit(lambda x, i: x.scatter(1, i, 7.5))(x, along_rows),
+                                  tx.scatter(1, torch.tensor(along_rows), 7.5).numpy())
+
+    def in_place(x, i):
+        y = x * 1
+        y.scatter_(1, i, value=-1.0)
+        y.scatter_add_(1, i, np.ones((3, 2), np.float32))
+        return y.index_add_(0, np.array([2, 0]), np.ones((2, 5), np.float32), alpha=3)
+
+    expected = tx.clone().scatter_(1, torch.tensor(along_rows), -1.0)
+    expected.scatter_add_(1, torch.tensor(along_rows), torch.ones(3, 2))
+    expected.index_add_(0, torch.tensor([2, 0]), torch.ones(2, 5), alpha=3)
+    np.testing.assert_array_equal(gc.jit(in_place)(x, along_rows), expected.numpy())
+    small = src[:, :3]  # PyTorch's backward refuses a src larger than the index
+    grads = gc.grad(lambda x, s: (x.scatter(0, idx, s) ** 2).sum(), argnums=(0, 1))(x, small)
+    tx, ts = torch.tensor(x, requires_grad=True), torch.tensor(small, requires_grad=True)
+    (tx.scatter(0, tidx, ts) ** 2).sum().backward()
+    np.testing.assert_allclose(grads[0], tx.grad.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(grads[1], ts.grad.numpy(), rtol=1e-6)
+    with pytest.raises(gc.GraphcError, match="reduce='multiply' is not supported"):
+        gc.jit(lambda x: x.scatter(0, idx, small, reduce="multiply"))(x)
+    with pytest.raises(gc.ShapeError, match=r"scatter: the index \(2, 3\) must have"):
+        gc.jit(lambda x: x.scatter(0, idx, np.ones((2, 2), np.float32)))(x)
