@@ -190,3 +190,28 @@ def test_an_object_argument_is_refused_naming_its_class_and_the_way_out():
     with pytest.raises(gc.GraphcError, match="is a Config, which a traced function cannot take "
                                              "as an argument: pass its arrays"):
         gc.jit(lambda x, c: x * c.scale)(X, Config())
+
+
+def test_forward_hooks_run_as_pytorchs_and_compiled_functions_follow_them():
+    torch = pytest.importorskip("torch")
+    model = _linear()
+    torch_model = torch.nn.Linear(3, 3)
+    torch_model.load_state_dict({k: torch.tensor(v) for k, v in model.state_dict().items()})
+    f, compiled = gc.jit(model), gc.compile(model, (X,))
+    plain = f(X)
+    seen = []
+    with model.register_forward_hook(lambda m, args, out: out * 2):
+        np.testing.assert_allclose(f(X), plain * 2, rtol=1e-6)
+        np.testing.assert_allclose(compiled(X), plain * 2, rtol=1e-6)
+        handle = model.register_forward_pre_hook(lambda m, args: (args[0] + 1,), prepend=True)
+        kw = model.register_forward_hook(lambda m, args, kwargs, out: seen.append(type(out).__name__),
+                                         with_kwargs=True)
+        torch_model.register_forward_hook(lambda m, args, out: out * 2)
+        torch_model.register_forward_pre_hook(lambda m, args: (args[0] + 1,))
+        expected = torch_model(torch.tensor(X)).detach().numpy()
+        np.testing.assert_allclose(f(X), expected, rtol=1e-5)
+        np.testing.assert_allclose(compiled(X), expected, rtol=1e-5)
+        handle.remove(), kw.remove()
+    np.testing.assert_allclose(f(X), plain, rtol=1e-6)  # every hook removed
+    np.testing.assert_allclose(compiled(X), plain, rtol=1e-6)
+    assert seen == ["Tensor", "Tensor"]  # traced once by each compiled function

@@ -17,6 +17,7 @@ one test of an empty set.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import weakref
 from collections.abc import Mapping
@@ -196,6 +197,27 @@ class Table(dict):
     def setdefault(self, name: str, value: Any = None) -> Any:
         note_module_tree_edit()
         return super().setdefault(name, value)
+
+
+_HOOK_IDS = itertools.count()
+
+
+class RemovableHandle:
+    """What registering a hook returns: `remove()` takes the hook away (a `with` block removes
+    it at its end), as PyTorch's handle."""
+
+    def __init__(self, hooks: dict[int, Any], key: int) -> None:
+        self._hooks, self.id = hooks, key
+
+    def remove(self) -> None:
+        if self._hooks.pop(self.id, None) is not None:
+            note_module_tree_edit()
+
+    def __enter__(self) -> RemovableHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
 
 
 class ModuleAssignmentError(GraphcError, TypeError):
@@ -555,9 +577,68 @@ class Module:
     # -- calling ----------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not is_tracing():
-            return self.forward(*args, **kwargs)
+            return self._forward_with_hooks(args, kwargs)
         with current_trace().calling(self):  # the graph depends on this module's mode
+            return self._forward_with_hooks(args, kwargs)
+
+    def _forward_with_hooks(self, args: tuple, kwargs: dict) -> Any:
+        """forward, after the pre-hooks (which may replace the arguments) and before the hooks
+        (which may replace the output), as PyTorch calls them."""
+        pre_hooks = self.__dict__.get("_forward_pre_hooks")
+        hooks = self.__dict__.get("_forward_hooks")
+        if not pre_hooks and not hooks:
             return self.forward(*args, **kwargs)
+        for hook, with_kwargs in list((pre_hooks or {}).values()):
+            if with_kwargs:
+                result = hook(self, args, kwargs)
+                if result is not None:
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise GraphcError(f"{type(self).__name__}: a forward pre-hook with "
+                                          f"with_kwargs=True must return None or (args, kwargs), "
+                                          f"got {type(result).__name__}")
+                    args, kwargs = result
+            else:
+                result = hook(self, args)
+                if result is not None:
+                    args = result if isinstance(result, tuple) else (result,)
+        output = self.forward(*args, **kwargs)
+        for hook, with_kwargs in list((hooks or {}).values()):
+            result = hook(self, args, kwargs, output) if with_kwargs else hook(self, args, output)
+            if result is not None:
+                output = result
+        return output
+
+    def register_forward_pre_hook(self, hook: Callable[..., Any], *, prepend: bool = False,
+                                  with_kwargs: bool = False) -> RemovableHandle:
+        """`hook(module, args)` (with `with_kwargs`, `hook(module, args, kwargs)`) runs before
+        each forward; what it returns, unless None, replaces the arguments. Traced code runs
+        it as it traces the forward; a compiled function follows its registration and removal."""
+        return self._add_hook("_forward_pre_hooks", hook, prepend, with_kwargs)
+
+    def register_forward_hook(self, hook: Callable[..., Any], *, prepend: bool = False,
+                              with_kwargs: bool = False) -> RemovableHandle:
+        """`hook(module, args, output)` (with `with_kwargs`, `hook(module, args, kwargs,
+        output)`) runs after each forward; what it returns, unless None, replaces the output.
+        Inside traced code, `output` is a traced Tensor: keep it (`features.append(output)`)
+        only to return it from the traced function."""
+        return self._add_hook("_forward_hooks", hook, prepend, with_kwargs)
+
+    def _add_hook(self, table: str, hook: Callable[..., Any], prepend: bool,
+                  with_kwargs: bool) -> RemovableHandle:
+        if not callable(hook):
+            raise GraphcError(f"{type(self).__name__}: a hook must be callable, got "
+                              f"{type(hook).__name__}")
+        # made at the first hook: a module holding a dict is checked at every compiled call
+        hooks = self.__dict__.setdefault(table, {})
+        key = next(_HOOK_IDS)
+        entries = [(key, (hook, bool(with_kwargs)))] + list(hooks.items()) if prepend else None
+        if entries is None:
+            hooks[key] = (hook, bool(with_kwargs))
+        else:
+            hooks.clear()
+            hooks.update(entries)
+        note_module_tree_edit()
+        return RemovableHandle(hooks, key)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must define forward()")
