@@ -225,3 +225,35 @@ def test_transformer_decoder_matches_pytorchs_with_masks(norm_first):
     np.testing.assert_allclose(got, expected.detach().numpy(), rtol=1e-4, atol=1e-5)
     grad = gc.grad(lambda t: (run(decoder, t, memory, (causal, padding)) ** 2).sum())(tgt)
     np.testing.assert_allclose(grad, torch_tgt.grad.numpy(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_embedding_bag_reduces_each_bag_as_pytorchs(mode):
+    table = RNG.standard_normal((10, 4)).astype(np.float32)
+    ids = np.array([1, 2, 4, 5, 4, 3, 2, 9, 0])
+    for padding_idx in (None, 4):
+        for last, offsets in ((False, np.array([0, 4, 4, 6])), (True, np.array([0, 4, 4, 6, 9]))):
+            bag = nn.EmbeddingBag.from_pretrained(table, mode=mode, padding_idx=padding_idx,
+                                                  include_last_offset=last)
+            torch_bag = torch.nn.EmbeddingBag.from_pretrained(
+                torch.tensor(table), mode=mode, padding_idx=padding_idx, include_last_offset=last)
+            expected = torch_bag(torch.tensor(ids), torch.tensor(offsets)).numpy()  # bag 1 is empty
+            np.testing.assert_allclose(gc.jit(bag)(ids, offsets), expected, rtol=1e-6, atol=1e-6)
+    rows = RNG.integers(0, 10, (3, 5))
+    torch_bag = torch.nn.EmbeddingBag(10, 4, mode=mode, padding_idx=2)
+    bag = _copied(torch_bag, nn.EmbeddingBag(10, 4, mode=mode, padding_idx=2))
+    np.testing.assert_allclose(gc.jit(bag)(rows), torch_bag(torch.tensor(rows)).detach().numpy(),
+                               rtol=1e-6, atol=1e-6)
+    weights = RNG.standard_normal(9).astype(np.float32) if mode == "sum" else None
+    torch_table = torch.tensor(table, requires_grad=True)
+    (TF.embedding_bag(torch.tensor(ids), torch_table, torch.tensor([0, 4, 4, 6]), mode=mode,
+                      per_sample_weights=None if weights is None else torch.tensor(weights)) ** 2).sum().backward()
+    grad = gc.grad(lambda w: (F.embedding_bag(ids, w, np.array([0, 4, 4, 6]), mode=mode,
+                                              per_sample_weights=weights) ** 2).sum())(table)
+    np.testing.assert_allclose(grad, torch_table.grad.numpy(), rtol=1e-5, atol=1e-6)
+    if mode != "sum":
+        with pytest.raises(ValueError, match="per_sample_weights are only supported with mode='sum'"):
+            gc.jit(lambda i: F.embedding_bag(i, table, np.array([0]), mode=mode,
+                                             per_sample_weights=np.ones(9, np.float32)))(ids)
+    with pytest.raises(ValueError, match="1-D ids need offsets"):
+        gc.jit(lambda i: F.embedding_bag(i, table, mode=mode))(ids)

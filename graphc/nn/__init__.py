@@ -17,7 +17,7 @@ from .normalization import (BatchNorm1d, BatchNorm2d, GroupNorm, InstanceNorm1d,
                             LayerNorm)
 from .pooling import AdaptiveAvgPool2d, AdaptiveMaxPool2d, AvgPool1d, MaxPool1d
 from .recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
-from .sparse import Embedding
+from .sparse import Embedding, EmbeddingBag
 
 __all__ = ["AvgPool2d", "Conv2d", "Dropout", "Flatten", "Identity", "Linear", "LogSoftmax",
            "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential", "Sigmoid", "Softmax", "Tanh",
@@ -35,5 +35,5 @@ __all__ += ["GRUCell", "LSTMCell", "RNNCell"]
 __all__ += ["BCELoss", "BCEWithLogitsLoss", "CrossEntropyLoss", "HuberLoss", "KLDivLoss", "L1Loss",
             "MSELoss", "NLLLoss", "SmoothL1Loss"]
 __all__ += ["AvgPool1d", "ConvTranspose1d", "InstanceNorm1d", "InstanceNorm2d", "MaxPool1d",
-            "ParameterDict", "ParameterList", "PixelShuffle", "PixelUnshuffle",
+            "EmbeddingBag", "ParameterDict", "ParameterList", "PixelShuffle", "PixelUnshuffle",
             "TransformerDecoder", "TransformerDecoderLayer"]

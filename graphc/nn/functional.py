@@ -1060,6 +1060,22 @@ def embedding(input: Any, weight: Tensor, padding_idx: int | None = None,
     return sparse_layers.embedding(input, weight, padding_idx)
 
 
+def embedding_bag(input: Any, weight: Tensor, offsets: Any = None, max_norm: float | None = None,
+                  norm_type: float = 2, scale_grad_by_freq: bool = False, mode: str = "mean",
+                  sparse: bool = False, per_sample_weights: Any = None,
+                  include_last_offset: bool = False, padding_idx: int | None = None) -> Tensor:
+    """The sum, mean or maximum of the rows of `weight` each bag of ids picks (see
+    nn.sparse.embedding_bag)."""
+    if max_norm is not None or scale_grad_by_freq:
+        raise GraphcError(f"embedding_bag: max_norm and scale_grad_by_freq are not supported "
+                          f"(at {user_location()})")
+    return sparse_layers.embedding_bag(input, weight, offsets, mode, per_sample_weights,
+                                       include_last_offset, padding_idx)
+
+
+__all__ += ["embedding_bag"]
+
+
 # -- losses ----------------------------------------------------------------------------------
 def _reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
     """PyTorch's deprecated size_average/reduce flags, when given, choose the reduction as

@@ -1,4 +1,5 @@
-"""`Embedding`: a lookup table of vectors indexed by integer ids, as PyTorch's."""
+"""`Embedding`: a lookup table of vectors indexed by integer ids, as PyTorch's; `EmbeddingBag`:
+the sum, mean or maximum of the vectors of each bag of ids."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,11 +9,11 @@ import numpy as np
 from graphc.ir.errors import DTypeError, GraphcError, ShapeError, user_location
 
 from .. import init
-from ..functions import stop_gradient, where
+from ..functions import concatenate, stop_gradient, where
 from ..tensor import Tensor, as_tensor, bind
 from .module import Module, Parameter, _host_array
 
-__all__ = ["Embedding", "embedding"]
+__all__ = ["Embedding", "EmbeddingBag", "embedding", "embedding_bag"]
 
 
 def embedding(indices: Any, weight: Tensor, padding_idx: int | None = None) -> Tensor:
@@ -91,3 +92,137 @@ class Embedding(Module):
     def extra_repr(self) -> str:
         padding = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
         return f"{self.num_embeddings}, {self.embedding_dim}{padding}"
+
+
+_BAG_MODES = ("sum", "mean", "max")
+
+
+def embedding_bag(indices: Any, weight: Tensor, offsets: Any = None, mode: str = "mean",
+                  per_sample_weights: Any = None, include_last_offset: bool = False,
+                  padding_idx: int | None = None) -> Tensor:
+    """One vector per bag: the sum, mean or maximum of the rows of `weight` its ids pick. Bags
+    are the rows of a 2-D `indices` (B, N), or, for a 1-D `indices`, the runs starting at each
+    of `offsets` (the last bag running to the end, or to the last offset with
+    `include_last_offset`). Ids equal to `padding_idx` are left out; an empty bag gives zeros;
+    `per_sample_weights` (the shape of `indices`) scale the rows of a sum. As PyTorch's, but
+    computed densely: a (bags, ids) membership mask, so 1-D input suits up to some thousands of
+    ids a batch."""
+    if mode not in _BAG_MODES:
+        raise ValueError(f"embedding_bag: mode must be one of {_BAG_MODES}, got {mode!r} "
+                         f"(at {user_location()})")
+    indices, weight = as_tensor(indices), as_tensor(weight)
+    if per_sample_weights is not None and mode != "sum":
+        raise ValueError(f"embedding_bag: per_sample_weights are only supported with mode='sum', "
+                         f"got mode={mode!r} (at {user_location()})")
+    rows = embedding(indices, weight, padding_idx)  # (B, N, D) or (N, D)
+    keep = None if padding_idx is None else indices != (padding_idx % weight.shape[0])
+    if indices.ndim == 2:
+        if offsets is not None:
+            raise ValueError(f"embedding_bag: offsets must be None for 2-D input (each row is a "
+                             f"bag), got offsets (at {user_location()})")
+        member = keep if keep is not None else as_tensor(np.ones(indices.shape, bool))
+    elif indices.ndim == 1:
+        member = _bag_membership(indices, offsets, include_last_offset)
+        if keep is not None:
+            member = member & keep.unsqueeze(0)
+    else:
+        raise ShapeError(f"embedding_bag: expects 1-D ids with offsets or 2-D (bags, ids) input, "
+                         f"got shape {indices.shape} (at {user_location()})")
+    if per_sample_weights is not None:
+        per_sample_weights = as_tensor(per_sample_weights)
+        if per_sample_weights.shape != indices.shape:
+            raise ShapeError(f"embedding_bag: per_sample_weights must have the ids' shape "
+                             f"{indices.shape}, got {per_sample_weights.shape} (at {user_location()})")
+    bags_by_ids = member.astype(weight.dtype)  # (B, N): how much each id counts in each bag
+    if per_sample_weights is not None:
+        bags_by_ids = bags_by_ids * per_sample_weights.astype(weight.dtype)
+    if mode == "max":
+        picked = rows if indices.ndim == 2 else rows.unsqueeze(0)  # (B or 1, N, D)
+        largest = where(member.unsqueeze(-1), picked, -np.inf).amax(1)
+        return where(member.any(1).unsqueeze(-1), largest, 0.0)
+    total = (rows * bags_by_ids.unsqueeze(-1)).sum(1) if indices.ndim == 2 else bags_by_ids @ rows
+    if mode == "sum":
+        return total
+    count = member.astype(weight.dtype).sum(1, keepdim=True)
+    return total / count.clamp(min=1)
+
+
+def _bag_membership(indices: Tensor, offsets: Any, include_last_offset: bool) -> Tensor:
+    """(bags, ids) bool: whether id n lies in bag b, [offsets[b], the next offset)."""
+    if offsets is None:
+        raise ValueError(f"embedding_bag: 1-D ids need offsets, the position where each bag "
+                         f"starts (at {user_location()})")
+    offsets = as_tensor(offsets)
+    if offsets.ndim != 1 or offsets.dtype not in ("int32", "int64"):
+        raise ShapeError(f"embedding_bag: offsets must be a 1-D int tensor, got {offsets.dtype} "
+                         f"of shape {offsets.shape} (at {user_location()})")
+    offsets = offsets.astype("int64")
+    count = indices.shape[0]
+    if include_last_offset:
+        if offsets.shape[0] < 1:
+            raise ShapeError(f"embedding_bag: include_last_offset needs at least one offset "
+                             f"(at {user_location()})")
+        starts, ends = offsets[:-1], offsets[1:]
+    else:
+        starts = offsets
+        ends = concatenate([offsets[1:], as_tensor(np.array([count], np.int64))])
+    position = as_tensor(np.arange(count, dtype=np.int64)).unsqueeze(0)
+    return (position >= starts.unsqueeze(1)) & (position < ends.unsqueeze(1))
+
+
+class EmbeddingBag(Module):
+    """weight (num_embeddings, embedding_dim) drawn from N(0, 1), as Embedding's; forward(input,
+    offsets=None, per_sample_weights=None) reduces each bag's rows by `mode` (see
+    embedding_bag)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, max_norm: float | None = None,
+                 norm_type: float = 2.0, scale_grad_by_freq: bool = False, mode: str = "mean",
+                 sparse: bool = False, _weight: np.ndarray | None = None,
+                 include_last_offset: bool = False, padding_idx: int | None = None,
+                 _freeze: bool = False) -> None:
+        super().__init__()
+        if max_norm is not None or scale_grad_by_freq:
+            raise GraphcError("EmbeddingBag: max_norm (renormalising rows in place) and "
+                              "scale_grad_by_freq are not supported; renormalise the table in "
+                              f"the training step instead (at {user_location()})")
+        if mode not in _BAG_MODES:
+            raise ValueError(f"EmbeddingBag: mode must be one of {_BAG_MODES}, got {mode!r}")
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"EmbeddingBag: padding_idx {padding_idx} must be within "
+                                 f"[-{num_embeddings}, {num_embeddings})")
+            padding_idx %= num_embeddings
+        self.num_embeddings, self.embedding_dim, self.mode = num_embeddings, embedding_dim, mode
+        self.include_last_offset, self.padding_idx = include_last_offset, padding_idx
+        if _weight is None:
+            table = init.generator().standard_normal((num_embeddings, embedding_dim)).astype(np.float32)
+            if padding_idx is not None:
+                table[padding_idx] = 0
+        else:
+            table = _weight
+        if _freeze:
+            self.register_buffer("weight", table)
+        else:
+            self.weight = Parameter(table)
+
+    @classmethod
+    def from_pretrained(cls, embeddings: Any, freeze: bool = True, max_norm: float | None = None,
+                        norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+                        mode: str = "mean", sparse: bool = False, include_last_offset: bool = False,
+                        padding_idx: int | None = None) -> EmbeddingBag:
+        """An EmbeddingBag whose table is `embeddings`, copied; frozen (a buffer) by default."""
+        given = _host_array(embeddings, "EmbeddingBag.from_pretrained")
+        table = np.array(given, dtype=np.float64 if given.dtype == np.float64 else np.float32)
+        if table.ndim != 2:
+            raise ValueError(f"EmbeddingBag.from_pretrained: embeddings must be 2-D, got shape "
+                             f"{table.shape}")
+        return cls(*table.shape, max_norm, norm_type, scale_grad_by_freq, mode, sparse, table,
+                   include_last_offset, padding_idx, _freeze=freeze)
+
+    def forward(self, input: Any, offsets: Any = None, per_sample_weights: Any = None) -> Tensor:
+        return embedding_bag(input, self.weight, offsets, self.mode, per_sample_weights,
+                             self.include_last_offset, self.padding_idx)
+
+    def extra_repr(self) -> str:
+        padding = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode!r}{padding}"
