@@ -525,14 +525,36 @@ def keep_recent_variants(variants: dict[Any, Any], keep: Iterable[Any]) -> None:
         del variants[oldest]
 
 
+# Called with True when a first trace starts (in any thread) and False when the last one ends:
+# nn.module watches module attribute reads only then, so that code outside traces pays nothing.
+_TRACING_WATCHERS: list[Callable[[bool], None]] = []
+_ACTIVE_TRACES = [0]
+_ACTIVE_TRACES_LOCK = threading.Lock()
+
+
+def watch_tracing(watcher: Callable[[bool], None]) -> None:
+    _TRACING_WATCHERS.append(watcher)
+
+
+def _count_trace(change: int) -> None:
+    with _ACTIVE_TRACES_LOCK:
+        before = _ACTIVE_TRACES[0]
+        _ACTIVE_TRACES[0] += change
+        if (before == 0) != (_ACTIVE_TRACES[0] == 0):
+            for watcher in _TRACING_WATCHERS:
+                watcher(_ACTIVE_TRACES[0] > 0)
+
+
 @contextmanager
 def tracing(name: str) -> Iterator[Trace]:
     trace = Trace(name)
     _STATE.stack.append(trace)
+    _count_trace(+1)
     try:
         yield trace
     finally:
         _STATE.stack.pop()
+        _count_trace(-1)
 
 
 def current_trace() -> Trace:

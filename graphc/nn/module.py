@@ -30,7 +30,7 @@ from graphc.ir.errors import GraphcError, user_location
 from graphc.ir.types import DTYPES, FLOAT_DTYPES
 
 from ..tensor import (StateRef, Tensor, current_trace, dtype_name, enclosing_traces, is_setting,
-                      is_tracing, note_module_attribute_read, note_module_tree_edit)
+                      is_tracing, note_module_attribute_read, note_module_tree_edit, watch_tracing)
 
 
 class StateHolder(Protocol):
@@ -352,12 +352,6 @@ class Module:
             raise ModuleAssignmentError(f"{type(self).__name__}.{method}: {name!r} is already "
                                         f"an attribute of another kind (at {user_location()})")
 
-    def __getattribute__(self, name: str) -> Any:
-        value = object.__getattribute__(self, name)
-        if is_tracing():  # the graph follows what the traced code reads (tensor.py)
-            note_module_attribute_read(self, name, value)
-        return value
-
     def __getattr__(self, name: str) -> Any:
         d = self.__dict__
         for table in ("_parameters", "_buffers"):
@@ -671,6 +665,26 @@ class Module:
 
 
 _NUMPY_FLOATS = {"torch.float16", "torch.float32", "torch.float64"}
+
+
+def _watching_getattribute(self: Module, name: str) -> Any:
+    """Module.__getattribute__ while a trace runs: the graph follows the plain attributes the
+    traced code reads (tensor.note_module_attribute_read)."""
+    value = object.__getattribute__(self, name)
+    if is_tracing():  # this thread's: another thread may run eager code meanwhile
+        note_module_attribute_read(self, name, value)
+    return value
+
+
+def _watch_attribute_reads(tracing: bool) -> None:
+    """Installed only while some trace runs, so attribute reads cost nothing otherwise."""
+    if tracing:
+        Module.__getattribute__ = _watching_getattribute  # type: ignore[method-assign]
+    elif "__getattribute__" in Module.__dict__:
+        del Module.__getattribute__
+
+
+watch_tracing(_watch_attribute_reads)
 
 
 def _is_torch_tensor(value: Any) -> bool:
