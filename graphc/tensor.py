@@ -1389,18 +1389,25 @@ class Tensor:
     def scatter_add(self, dim: int, index: Any, src: Any) -> Tensor:
         """PyTorch's: a copy of this tensor with src[i][j] added at [i][index[i][j]] along
         `dim` (for dim 1; likewise for others), repeated indices adding up; the index covers
-        the leading part of src, and must span this tensor's other axes."""
+        the leading part of src and of this tensor's other axes."""
         (axis,) = normalize_axes(dim, self.ndim)
         index, src = as_tensor(index), as_tensor(src, like=self)
         if (index.ndim != self.ndim or src.ndim != self.ndim
                 or any(i > n for i, n in zip(index.shape, src.shape))
-                or any(i != n for d, (i, n) in enumerate(zip(index.shape, self.shape)) if d != axis)):
+                or any(i > n for d, (i, n) in enumerate(zip(index.shape, self.shape)) if d != axis)):
             raise ShapeError(f"scatter_add: the index {index.shape} must have the tensor's {self.ndim} "
-                             f"dims, span its other axes {self.shape} and fit in src {src.shape} "
+                             f"dims, fit in its other axes {self.shape} and in src {src.shape} "
                              f"(at {user_location()})")
         src = src[tuple(slice(0, i) for i in index.shape)].astype(self.dtype)
-        return self + bind("scatter_add_along_axis", src, index, axis=axis, shape=self.shape,
-                           wrap_negative=False)
+        covered = tuple(slice(None) if d == axis else slice(0, i) for d, i in enumerate(index.shape))
+        region_shape = tuple(n if d == axis else i for d, (i, n) in enumerate(zip(index.shape, self.shape)))
+        added = bind("scatter_add_along_axis", src, index, axis=axis, shape=region_shape,
+                     wrap_negative=False)
+        if region_shape == self.shape:
+            return self + added
+        out = self.clone()  # the index covers the leading part of the other axes: add there
+        out[covered] = self[covered] + added
+        return out
 
     def scatter(self, dim: int, index: Any, src: Any = None, *, value: Any = None,
                 reduce: str | None = None) -> Tensor:

@@ -2,7 +2,7 @@
 in a stable order."""
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 from typing import Any, Callable
 
 
@@ -107,16 +107,20 @@ def unflatten(treedef: TreeDef, leaves: list[Any]) -> Any:
 
 
 def treedef_to_json(treedef: TreeDef) -> Any:
-    """`treedef` as JSON: 0 a leaf, null None, {"tuple": [...]}, {"list": [...]} or
-    {"dict": {key: ...}}; None where a dict has a key JSON cannot keep (not a str) or a
-    namedtuple's class would be needed to rebuild it."""
+    """`treedef` as JSON: 0 a leaf, null None, {"tuple": [...]}, {"list": [...]},
+    {"dict": {key: ...}} or {"namedtuple": {"name": ..., "fields": [...], "items": [...]}} (its
+    class's name and fields, rebuilt as a namedtuple of those on load); None where a dict has
+    a key JSON cannot keep (not a str)."""
     if treedef.kind == "leaf":
         return 0
-    if treedef.kind in ("none", "namedtuple"):
+    if treedef.kind == "none":
         return None
     children = [treedef_to_json(c) for c in treedef.children]
     if any(c is None and d.kind != "none" for c, d in zip(children, treedef.children)):
         return None
+    if treedef.kind == "namedtuple":
+        return {"namedtuple": {"name": treedef.meta.__name__, "fields": list(treedef.meta._fields),
+                               "items": children}}
     if treedef.kind == "dict":
         sorted_keys, written_order, _ = treedef.meta
         if not all(isinstance(k, str) for k in sorted_keys):
@@ -140,8 +144,29 @@ def treedef_from_json(data: Any, depth: int = 32) -> TreeDef:
     if kind in ("tuple", "list") and isinstance(children, list):
         nodes = tuple(treedef_from_json(c, depth - 1) for c in children)
         return TreeDef(kind, len(nodes), nodes)
+    if kind == "namedtuple" and isinstance(children, dict):
+        cls = _namedtuple_class(children)
+        items = children.get("items")
+        if not isinstance(items, list) or len(items) != len(cls._fields):
+            raise ValueError(f"not a tree: {data!r:.60}")
+        return TreeDef("namedtuple", cls, tuple(treedef_from_json(c, depth - 1) for c in items))
     if kind == "dict" and isinstance(children, dict):
         keys = tuple(sorted(children))
         return TreeDef("dict", (keys, tuple(children), dict),
                        tuple(treedef_from_json(children[k], depth - 1) for k in keys))
     raise ValueError(f"not a tree: {data!r:.60}")
+
+
+def _namedtuple_class(data: dict) -> type:
+    """A namedtuple class of the name and fields a file gives, which must be identifiers
+    (namedtuple checks them too: no code can hide in them)."""
+    name, fields = data.get("name"), data.get("fields")
+    valid = (isinstance(name, str) and name.isidentifier() and len(name) <= 100
+             and isinstance(fields, list) and len(fields) <= 1000
+             and all(isinstance(f, str) and f.isidentifier() and len(f) <= 100 for f in fields))
+    if not valid:
+        raise ValueError(f"not a namedtuple's name and fields: {data!r:.60}")
+    try:
+        return namedtuple(name, fields)
+    except ValueError as error:  # a keyword, a repeated field, one starting with "_"
+        raise ValueError(f"not a namedtuple's name and fields: {error}") from None

@@ -198,3 +198,37 @@ def test_cnn_export_reload_in_fresh_process_continues_identically_on_numba_cpu()
                           timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "identical to the uninterrupted run: True" in proc.stdout
+
+
+def test_a_namedtuple_output_comes_back_as_a_namedtuple_of_its_fields(tmp_path):
+    from collections import namedtuple
+    Out = namedtuple("Out", "logits value")
+
+    import graphc.nn as nn
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return Out(h[:, :3], h[:, 3])
+
+    x = np.ones((2, 3), np.float32)
+    compiled = gc.compile(TwoHeads(), (x,))
+    compiled.export(str(tmp_path / "m.gcx"))
+    out = gc.load(str(tmp_path / "m.gcx"))(x)
+    assert type(out).__name__ == "Out" and out._fields == ("logits", "value")
+    np.testing.assert_array_equal(out.logits, compiled(x).logits)
+
+
+@pytest.mark.parametrize("bad", [{"name": "Out", "fields": ["import os"], "items": [0]},
+                                 {"name": "Out(", "fields": ["a"], "items": [0]},
+                                 {"name": "Out", "fields": ["a", "a"], "items": [0, 0]},
+                                 {"name": "Out", "fields": ["a"], "items": [0, 0]},
+                                 {"name": "Out", "fields": ["a"]}])
+def test_a_crafted_namedtuple_nesting_is_refused(bad):
+    from graphc.tree import treedef_from_json
+    with pytest.raises(ValueError):
+        treedef_from_json({"namedtuple": bad})

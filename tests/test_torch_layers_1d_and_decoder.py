@@ -257,3 +257,45 @@ def test_embedding_bag_reduces_each_bag_as_pytorchs(mode):
                                              per_sample_weights=np.ones(9, np.float32)))(ids)
     with pytest.raises(ValueError, match="1-D ids need offsets"):
         gc.jit(lambda i: F.embedding_bag(i, table, mode=mode))(ids)
+
+
+def test_1d_errors_name_only_what_is_wrong_in_the_users_terms():
+    with pytest.raises(GraphcError, match=r"max_pool1d: return_indices=True is not supported \(at"):
+        gc.jit(lambda t: F.max_pool1d(t, 2, return_indices=True))(SIGNAL)
+    weight = np.ones((3, 2, 3), np.float32)
+    for kwargs, message in (({"stride": 0}, r"conv_transpose1d: stride must be positive, got \(0,\)"),
+                            ({"groups": 2}, "3 input channels are not divisible by groups=2"),
+                            ({"stride": 2, "output_padding": 2}, "output_padding must be smaller"),
+                            ({"padding": 9}, "the output would have length -5 for input"),
+                            ({"bias": np.ones(5, np.float32)}, r"bias must have shape \(2,\)")):
+        with pytest.raises((ShapeError, ValueError), match=message):
+            gc.jit(lambda t: F.conv_transpose1d(t, weight, **kwargs))(SIGNAL)
+    with pytest.raises(ValueError, match="instance_norm: expected more than 1 position per channel"):
+        gc.jit(lambda t: F.instance_norm(t))(np.zeros((2, 3, 1), np.float32))
+
+
+def test_interpolate_takes_recompute_scale_factor_as_pytorchs():
+    x = RNG.standard_normal((1, 2, 5, 5)).astype(np.float32)
+    for mode in ("nearest", "bilinear"):
+        expected = TF.interpolate(torch.tensor(x), scale_factor=1.5, mode=mode,
+                                  recompute_scale_factor=True).numpy()
+        got = gc.jit(lambda t: F.interpolate(t, scale_factor=1.5, mode=mode,
+                                             recompute_scale_factor=True))(x)
+        assert got.shape == expected.shape == (1, 2, 7, 7)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(GraphcError, match="antialias=True is not supported"):
+        gc.jit(lambda t: F.interpolate(t, scale_factor=0.5, mode="bilinear", antialias=True))(x)
+
+
+def test_a_parameter_taken_from_a_helper_layer_is_registered_as_pytorchs_is():
+    def model(library):
+        class WeightNormed(library.Module):
+            def __init__(self):
+                super().__init__()
+                helper = library.Linear(3, 2)  # not kept: its parameters are
+                self.weight_v, self.bias = helper.weight, helper.bias
+                self.fc = library.Linear(2, 1)
+        return WeightNormed()
+
+    assert [n for n, _ in model(nn).named_parameters()] == \
+        [n for n, _ in model(torch.nn).named_parameters()] == ["weight_v", "bias", "fc.weight", "fc.bias"]

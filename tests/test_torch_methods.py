@@ -398,3 +398,13 @@ def test_scatter_writes_src_or_a_value_and_differentiates_as_pytorchs():
         gc.jit(lambda x: x.scatter(0, idx, small, reduce="multiply"))(x)
     with pytest.raises(gc.ShapeError, match=r"scatter: the index \(2, 3\) must have"):
         gc.jit(lambda x: x.scatter(0, idx, np.ones((2, 2), np.float32)))(x)
+
+
+def test_scatter_add_takes_an_index_covering_part_of_the_other_axes():
+    idx = np.array([[0, 1], [4, 3], [0, 1]])
+    src = np.full((3, 2), 3.0, np.float32)
+    expected = torch.zeros(5, 4).scatter_add(0, torch.tensor(idx), torch.tensor(src)).numpy()
+    np.testing.assert_array_equal(gc.jit(lambda z: z.scatter_add(0, idx, src))(np.zeros((5, 4), np.float32)),
+                                  expected)
+    grad = gc.grad(lambda s: (np.arange(20, dtype=np.float32).reshape(5, 4) * gc.zeros((5, 4)).scatter_add(0, idx, s)).sum())(src)
+    np.testing.assert_array_equal(grad, [[0, 1], [16, 13], [0, 1]])

@@ -215,3 +215,16 @@ def test_forward_hooks_run_as_pytorchs_and_compiled_functions_follow_them():
     np.testing.assert_allclose(f(X), plain, rtol=1e-6)  # every hook removed
     np.testing.assert_allclose(compiled(X), plain, rtol=1e-6)
     assert seen == ["Tensor", "Tensor"]  # traced once by each compiled function
+
+
+def test_an_always_call_hook_runs_when_forward_raises():
+    class Failing(nn.Module):
+        def forward(self, x):
+            raise ValueError("no")
+
+    model, seen = Failing(), []
+    model.register_forward_hook(lambda m, args, out: seen.append(out), always_call=True)
+    model.register_forward_hook(lambda m, args, out: seen.append("not always"))
+    with pytest.raises(ValueError, match="no"):
+        model(X)
+    assert seen == [None]

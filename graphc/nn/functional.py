@@ -389,12 +389,24 @@ def conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
 
 
 def interpolate(input: Tensor, size: Any = None, scale_factor: Any = None, mode: str = "nearest",
-                align_corners: bool | None = None) -> Tensor:
+                align_corners: bool | None = None, recompute_scale_factor: bool | None = None,
+                antialias: bool = False) -> Tensor:
     """PyTorch's F.interpolate over the last one or two axes of (N, C, L) or (N, C, H, W) input:
     'nearest' (output cell i copies input cell floor(i * scale), scale = in / out, or
     1 / scale_factor when that is given), 'linear' / 'bilinear' (each axis in turn, between the
-    two nearest input cells; with `align_corners` the corner cells' centres line up)."""
+    two nearest input cells; with `align_corners` the corner cells' centres line up). With
+    `recompute_scale_factor` the scale factor only sizes the output (floor(size *
+    scale_factor)), which is then sampled as for that size, as PyTorch's. `antialias=True`
+    (a low-pass filter before downsampling) is not supported."""
+    if antialias:
+        raise GraphcError(f"interpolate: antialias=True is not supported (at {user_location()})")
     x = as_tensor(input)
+    if recompute_scale_factor and scale_factor is not None:
+        spatial = x.shape[2:]
+        scales = (scale_factor if isinstance(scale_factor, (tuple, list))
+                  else [scale_factor] * len(spatial))
+        size = [math.floor(n * s) for n, s in zip(spatial, scales)]
+        scale_factor = None
     spatial = x.ndim - 2
     linear = {"linear": 1, "bilinear": 2}
     if spatial not in (1, 2) or (mode != "nearest" and linear.get(mode) != spatial):
@@ -689,9 +701,13 @@ def max_pool1d(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 
     without indices)."""
     x = as_tensor(input)
     kernel, step, pad_by = _pool1d_arguments("max_pool1d", x, kernel_size, stride, padding)
-    if size_argument(dilation, 1, "max_pool1d: dilation") != (1,) or return_indices:
-        raise GraphcError(f"max_pool1d: dilation {dilation} and return_indices={return_indices} "
-                          f"are not supported: use dilation 1 and no indices (at {user_location()})")
+    unsupported = ([f"dilation {dilation} (use 1)"]
+                   if size_argument(dilation, 1, "max_pool1d: dilation") != (1,) else []) + (
+        ["return_indices=True"] if return_indices else [])
+    if unsupported:
+        raise GraphcError(f"max_pool1d: {' and '.join(unsupported)} "
+                          f"{'are' if len(unsupported) > 1 else 'is'} not supported "
+                          f"(at {user_location()})")
     return max_pool2d(x.unsqueeze(-2), (1, kernel), (1, step), (0, pad_by), 1,
                       ceil_mode).squeeze(-2)
 
@@ -795,6 +811,25 @@ def conv_transpose1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1,
     if x.shape[-2] != weight.shape[0]:
         raise ShapeError(f"conv_transpose1d: weight {weight.shape} expects {weight.shape[0]} input "
                          f"channels, got input {x.shape} (at {user_location()})")
+    # checked here, in the 1-D terms: conv_transpose2d would name its own 4-D shapes and pairs
+    check_conv_arguments("conv_transpose1d", weight.shape[-1:], (stride,), (dilation,), groups)
+    if x.shape[-2] % groups:
+        raise ShapeError(f"conv_transpose1d: {x.shape[-2]} input channels are not divisible by "
+                         f"groups={groups} (at {user_location()})")
+    if min(padding, output_padding) < 0 or output_padding >= max(stride, dilation):
+        raise ShapeError(f"conv_transpose1d: padding {padding} and output_padding {output_padding} "
+                         f"must not be negative, and output_padding must be smaller than the "
+                         f"stride {stride} or the dilation {dilation} (at {user_location()})")
+    length = ((x.shape[-1] - 1) * stride - 2 * padding + dilation * (weight.shape[-1] - 1)
+              + output_padding + 1)
+    if length < 1:
+        raise ShapeError(f"conv_transpose1d: the output would have length {length} for input "
+                         f"{x.shape}, weight {weight.shape}, stride {stride} and padding {padding}: "
+                         f"too short (at {user_location()})")
+    out_channels = weight.shape[1] * groups
+    if bias is not None and as_tensor(bias).shape != (out_channels,):
+        raise ShapeError(f"conv_transpose1d: bias must have shape ({out_channels},), one per output "
+                         f"channel, got {as_tensor(bias).shape} (at {user_location()})")
     out = conv_transpose2d(x.unsqueeze(-2), weight.unsqueeze(2), bias, (1, stride), (0, padding),
                            (0, output_padding), groups, (1, dilation))
     return out.squeeze(-2)

@@ -149,14 +149,8 @@ class Upsample(Module):
         self.align_corners, self.recompute_scale_factor = align_corners, recompute_scale_factor
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.recompute_scale_factor and self.scale_factor is not None:
-            x = F.as_tensor(x)
-            spatial = x.shape[2:]
-            scales = (self.scale_factor if isinstance(self.scale_factor, (tuple, list))
-                      else [self.scale_factor] * len(spatial))
-            size = [math.floor(n * s) for n, s in zip(spatial, scales)]
-            return F.interpolate(x, size, None, self.mode, self.align_corners)
-        return F.interpolate(x, self.size, self.scale_factor, self.mode, self.align_corners)
+        return F.interpolate(x, self.size, self.scale_factor, self.mode, self.align_corners,
+                             self.recompute_scale_factor)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, scale_factor={self.scale_factor}, mode={self.mode!r}"

@@ -104,6 +104,17 @@ class Parameter:
         keep = (isinstance(data, np.ndarray) or _is_torch_tensor(data)) and array.dtype.name in ("float32", "float64")
         # np.require keeps a 0-d array 0-d (a temperature, a logit scale)
         self.data = np.require(array, array.dtype if keep else np.float32, requirements="C")
+        _PARAMETER_ARRAYS[id(self.data)] = self.data
+
+
+# Every array made a parameter, while it lives: assigned to another module's attribute it is a
+# parameter there too (`self.weight_v = helper.weight`, the helper not kept), as a PyTorch
+# Parameter is wherever it goes.
+_PARAMETER_ARRAYS: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
+
+
+def _is_parameter_array(value: Any) -> bool:
+    return isinstance(value, np.ndarray) and _PARAMETER_ARRAYS.get(id(value)) is value
 
 
 def _buffer_array(value: Any, name: str) -> np.ndarray:
@@ -252,7 +263,8 @@ class Module:
         # One of the tree's parameters assigned again (`self.head.weight = self.embed.weight`,
         # PyTorch's weight tying) is a parameter: reached under both names, one array, trained
         # as one (named_parameters lists it once).
-        tied = isinstance(value, np.ndarray) and (name in params or _holds_parameter(self, value))
+        tied = isinstance(value, np.ndarray) and (name in params or _is_parameter_array(value)
+                                                  or _holds_parameter(self, value))
         if isinstance(value, Parameter) or tied:
             self._forget(name, keep=params)
             params[name] = value.data if isinstance(value, Parameter) else Parameter(value).data
@@ -582,7 +594,7 @@ class Module:
         hooks = self.__dict__.get("_forward_hooks")
         if not pre_hooks and not hooks:
             return self.forward(*args, **kwargs)
-        for hook, with_kwargs in list((pre_hooks or {}).values()):
+        for hook, with_kwargs, _ in list((pre_hooks or {}).values()):
             if with_kwargs:
                 result = hook(self, args, kwargs)
                 if result is not None:
@@ -595,8 +607,15 @@ class Module:
                 result = hook(self, args)
                 if result is not None:
                     args = result if isinstance(result, tuple) else (result,)
-        output = self.forward(*args, **kwargs)
-        for hook, with_kwargs in list((hooks or {}).values()):
+        try:
+            output = self.forward(*args, **kwargs)
+        except Exception:
+            # PyTorch's always_call hooks run even when forward raised, with no output
+            for hook, with_kwargs, always in list((hooks or {}).values()):
+                if always:
+                    hook(self, args, kwargs, None) if with_kwargs else hook(self, args, None)
+            raise
+        for hook, with_kwargs, _ in list((hooks or {}).values()):
             result = hook(self, args, kwargs, output) if with_kwargs else hook(self, args, output)
             if result is not None:
                 output = result
@@ -607,27 +626,30 @@ class Module:
         """`hook(module, args)` (with `with_kwargs`, `hook(module, args, kwargs)`) runs before
         each forward; what it returns, unless None, replaces the arguments. Traced code runs
         it as it traces the forward; a compiled function follows its registration and removal."""
-        return self._add_hook("_forward_pre_hooks", hook, prepend, with_kwargs)
+        return self._add_hook("_forward_pre_hooks", hook, prepend, with_kwargs, False)
 
     def register_forward_hook(self, hook: Callable[..., Any], *, prepend: bool = False,
-                              with_kwargs: bool = False) -> RemovableHandle:
+                              with_kwargs: bool = False, always_call: bool = False
+                              ) -> RemovableHandle:
         """`hook(module, args, output)` (with `with_kwargs`, `hook(module, args, kwargs,
         output)`) runs after each forward; what it returns, unless None, replaces the output.
-        Inside traced code, `output` is a traced Tensor: keep it (`features.append(output)`)
-        only to return it from the traced function."""
-        return self._add_hook("_forward_hooks", hook, prepend, with_kwargs)
+        With `always_call` it also runs when forward raises (output None). Inside traced code,
+        `output` is a traced Tensor: keep it (`features.append(output)`) only to return it from
+        the traced function."""
+        return self._add_hook("_forward_hooks", hook, prepend, with_kwargs, always_call)
 
     def _add_hook(self, table: str, hook: Callable[..., Any], prepend: bool,
-                  with_kwargs: bool) -> RemovableHandle:
+                  with_kwargs: bool, always_call: bool) -> RemovableHandle:
         if not callable(hook):
             raise GraphcError(f"{type(self).__name__}: a hook must be callable, got "
                               f"{type(hook).__name__}")
         # made at the first hook: a module holding a dict is checked at every compiled call
         hooks = self.__dict__.setdefault(table, {})
         key = next(_HOOK_IDS)
-        entries = [(key, (hook, bool(with_kwargs)))] + list(hooks.items()) if prepend else None
+        entry = (hook, bool(with_kwargs), bool(always_call))
+        entries = [(key, entry)] + list(hooks.items()) if prepend else None
         if entries is None:
-            hooks[key] = (hook, bool(with_kwargs))
+            hooks[key] = entry
         else:
             hooks.clear()
             hooks.update(entries)

@@ -283,6 +283,10 @@ def instance_norm(x: Tensor, running_mean: Tensor | None = None, running_var: Te
                          f"functional form, which a traced graphc tensor cannot be; use "
                          f"nn.InstanceNorm1d/2d(track_running_stats=True), or pass "
                          f"use_input_stats=False to normalise with them (at {user_location()})")
+    if int(np.prod(x.shape[2:])) == 1:
+        raise ValueError(f"instance_norm: expected more than 1 position per channel when "
+                         f"normalising with the input's statistics, got input of shape {x.shape} "
+                         f"(at {user_location()})")
     if x.numel() == 0:  # an empty batch: an empty result, as PyTorch's
         return _channel_affine(x, weight, bias)
     out = bind("normalize", x, axes=tuple(range(2, x.ndim)), epsilon=eps)
