@@ -407,4 +407,4 @@ def test_scatter_add_takes_an_index_covering_part_of_the_other_axes():
     np.testing.assert_array_equal(gc.jit(lambda z: z.scatter_add(0, idx, src))(np.zeros((5, 4), np.float32)),
                                   expected)
     grad = gc.grad(lambda s: (np.arange(20, dtype=np.float32).reshape(5, 4) * gc.zeros((5, 4)).scatter_add(0, idx, s)).sum())(src)
-    np.testing.assert_array_equal(grad, [[0, 1], [16, 13], [0, 1]])
+    np.testing.assert_array_equal(grad, [[0, 5], [16, 13], [0, 5]])  # w[idx[i, j], j]
