@@ -325,3 +325,16 @@ def test_a_training_mode_batch_norm_outside_the_trained_model_says_what_to_do():
     teacher.eval()
     gc.compile_train_step(model, lambda out, x: F.mse_loss(out, teacher(x)),
                           optim.SGD(model.parameters(), lr=0.1), (x, x), backend="reference")(x, x)
+
+
+def test_a_state_dict_without_the_batch_count_loads_as_in_pytorch():
+    torch = pytest.importorskip("torch")
+    model, torch_model = nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    model.num_batches_tracked[...] = 5
+    state = {k: v.numpy() + 1 for k, v in torch_model.state_dict().items() if k != "num_batches_tracked"}
+    torch_model.load_state_dict({k: torch.tensor(v) for k, v in state.items()})  # strict, accepted
+    keys = model.load_state_dict(state)
+    assert keys.missing_keys == [] and int(model.num_batches_tracked) == 5
+    np.testing.assert_array_equal(model.running_mean, state["running_mean"])
+    with pytest.raises(gc.GraphcError, match=r"missing keys \['running_var'\]"):
+        model.load_state_dict({k: v for k, v in state.items() if k != "running_var"})

@@ -552,7 +552,11 @@ class Module:
             raise TypeError(f"load_state_dict: expected a mapping of names to arrays, got "
                             f"{type(state).__name__}{hint}")
         own = state_arrays(self)  # a step keeping them on a GPU has let go: it re-reads them
-        keys = IncompatibleKeys(sorted(set(own) - set(state)), sorted(set(state) - set(own)))
+        # a norm layer's batch count may be missing (a hand-made dict, a checkpoint from before
+        # PyTorch kept it): it keeps its value, as PyTorch's norm layers fill it in
+        missing = {k for k in set(own) - set(state)
+                   if k.rpartition(".")[2] != "num_batches_tracked"}
+        keys = IncompatibleKeys(sorted(missing), sorted(set(state) - set(own)))
         if strict and (keys.missing_keys or keys.unexpected_keys):
             raise GraphcError(f"load_state_dict: missing keys {keys.missing_keys}, unexpected keys "
                               f"{keys.unexpected_keys}")
