@@ -276,7 +276,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     serve(runners, host=args.host, port=args.port, max_batch=args.max_batch,
           max_delay_ms=args.max_delay_ms, max_body_bytes=args.max_body_bytes,
-          drain_timeout_s=args.drain_timeout_s, loader=load, ready=ready)
+          body_timeout_s=args.body_timeout_s, drain_timeout_s=args.drain_timeout_s, loader=load,
+          ready=ready)
 
 
 def _integer_at_least(minimum: int) -> Callable[[str], int]:
@@ -357,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-delay-ms", type=float, default=2.0,
                    help="longest wait for more requests after a batch's first")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger bodies get 413")
+    p.add_argument("--body-timeout-s", type=float, default=30.0,
+                   help="a body not in within this time gets 408 (slow clients cannot hold "
+                        "every connection)")
     p.add_argument("--drain-timeout-s", type=float, default=30.0,
                    help="on SIGTERM, the longest wait for requests in flight")
     p.add_argument("--backend", default=None)

@@ -613,9 +613,9 @@ def _checked_metadata(path: str, metadata: Any, kind: str) -> dict[str, Any]:
     rates = lr if isinstance(lr, list) else [lr]
     if kind == "train_step" and not (rates and all(
             isinstance(r, (int, float)) and not isinstance(r, bool)
-            and abs(r) <= float(np.finfo(np.float32).max) for r in rates)):
-        raise LoadError(path, f"needs learning rates that are finite float32s, not {lr!r:.80}",
-                        "metadata.json")
+            and 0 <= r <= float(np.finfo(np.float32).max) for r in rates)):
+        raise LoadError(path, f"needs learning rates that are finite float32s >= 0, not "
+                        f"{lr!r:.80}", "metadata.json")
     return metadata
 
 

@@ -472,3 +472,43 @@ def test_sigterm_answers_a_request_whose_body_is_still_arriving(model_path):
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["version"] == 1
     assert server.process.wait(timeout=30) == 0
+
+
+def test_json_booleans_anywhere_are_refused_and_whole_floats_are_ids():
+    from types import SimpleNamespace
+
+    from graphc.serve.app import RequestError, _checked_samples, _samples_from_json
+
+    def model_taking(dtype):
+        return SimpleNamespace(name="m", input=SimpleNamespace(shape=(3,), dtype=np.dtype(dtype)))
+
+    for dtype in ("float32", "int64"):
+        with pytest.raises(RequestError, match="not booleans"):
+            _samples_from_json([[1, 2, 3], [True, 2.5, 3.0]], model_taking(dtype))
+    ids = model_taking("int64")
+    np.testing.assert_array_equal(_samples_from_json([[0.0, 1.0, 4.0]], ids), [[0, 1, 4]])
+    with pytest.raises(RequestError, match="numbers with fractions"):
+        _samples_from_json([[0.0, 1.5, 4.0]], ids)
+    floats = model_taking("float32")
+    big_endian = np.array([[1.5, -2.0, 3.0]], ">f4")
+    np.testing.assert_array_equal(_checked_samples(big_endian, floats, 8, True), [[1.5, -2.0, 3.0]])
+    with pytest.raises(RequestError, match="takes float32 inputs; the .npy body holds float64"):
+        _checked_samples(big_endian.astype(">f8"), floats, 8, True)
+
+
+def test_a_body_too_slow_to_arrive_gets_408_and_its_connection_closed(model_path):
+    import socket
+    server = Server(model_path, args=("--body-timeout-s", "1"))
+    try:
+        host, port = server.url.split("//")[1].split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as slow:
+            slow.sendall(b"POST /v1/models/tiny/predict HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"in")
+            reply = b""
+            while chunk := slow.recv(4096):  # read until the server closes the connection
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in reply
+        x = np.zeros((1, 1, 8, 8), np.float32)
+        assert server.predict(x)[0] == 200  # the others are served
+    finally:
+        assert server.stop() == 0

@@ -35,9 +35,10 @@ behind the same HTTP stack, batcher and metrics:
     inference export (graphc.export.load) and compiles its batch buckets ahead.
 
     make_app(runners, *, max_batch=64, max_delay_ms=2.0, max_body_bytes=8 << 20,
-             loader=GraphcRunner.from_file) -> aiohttp.web.Application
+             loader=GraphcRunner.from_file, body_timeout_s=30.0) -> aiohttp.web.Application
         `runners`: Runner objects, their names unique. `loader(path, name=..., max_batch=...)`
-        builds the runner a /load request asks for (another engine passes its own).
+        builds the runner a /load request asks for (another engine passes its own). A body
+        not in within `body_timeout_s` gets 408 and its connection is closed.
     serve(runners, *, host="127.0.0.1", port=8000, **make_app_options) -> None
         runs until SIGTERM or SIGINT: stops accepting, answers what is in flight, returns.
 

@@ -207,7 +207,10 @@ def _settle(pending: _Pending, result: np.ndarray | None = None,
 
 
 def _json_error(message: str, status: int) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+    response = web.json_response({"error": message}, status=status)
+    if status == 408:  # the rest of a body too slow to wait for is not read: the connection goes
+        response.force_close()
+    return response
 
 
 def _parse_npy(body: bytes) -> np.ndarray:
@@ -284,10 +287,31 @@ def _samples_from_json(inputs: Any, runner: Runner) -> np.ndarray:
     if array.dtype.kind not in "iuf" or array.dtype == object:
         raise RequestError(f'"inputs" must hold numbers ({runner.input.dtype.name}), not '
                            f"{'booleans' if array.dtype.kind == 'b' else 'strings or nulls'}")
+    if _holds_booleans(inputs):  # NumPy made true 1.0 beside other numbers
+        raise RequestError(f'"inputs" must hold numbers ({runner.input.dtype.name}), not booleans')
     if array.dtype.kind == "f" and runner.input.dtype.kind != "f":
-        raise RequestError(f"model {runner.name!r} takes {runner.input.dtype.name} inputs; got "
-                           "numbers with fractions")
+        # whole numbers written as 1.0 (as many JSON encoders write them) are integers
+        if not (np.isfinite(array).all() and (array == np.round(array)).all()):
+            raise RequestError(f"model {runner.name!r} takes {runner.input.dtype.name} inputs; "
+                               "got numbers with fractions")
+        limits = np.iinfo(runner.input.dtype)
+        if array.size and (array.min() < limits.min or array.max() > limits.max):
+            raise RequestError(f"inputs hold integers outside {runner.input.dtype.name}'s range "
+                               f"[{limits.min}, {limits.max}]")
+        array = array.astype(runner.input.dtype)
     return array
+
+
+def _holds_booleans(inputs: list) -> bool:
+    """Whether the nested lists hold a JSON true or false anywhere."""
+    pending = [inputs]
+    while pending:
+        for value in pending.pop():
+            if isinstance(value, bool):
+                return True
+            if isinstance(value, list):
+                pending.append(value)
+    return False
 
 
 def _beyond_int64(array: np.ndarray, runner: Runner) -> np.ndarray:
@@ -310,7 +334,7 @@ def _checked_samples(array: np.ndarray, runner: Runner, max_batch: int, exact_dt
     if not 1 <= array.shape[0] <= max_batch:
         raise RequestError(f"{array.shape[0]} samples in one request; model {runner.name!r} "
                            f"takes 1 to {max_batch}")
-    if exact_dtype and array.dtype != spec.dtype:
+    if exact_dtype and array.dtype.newbyteorder("=") != spec.dtype:  # either byte order
         raise RequestError(f"model {runner.name!r} takes {spec.dtype.name} inputs; the .npy "
                            f"body holds {array.dtype.name}")
     if spec.dtype.kind in "iu" and array.dtype != spec.dtype and array.size:
@@ -376,10 +400,13 @@ def _json_numbers(array: np.ndarray) -> list:
 
 class _Server:
     def __init__(self, runners: Sequence[Runner], max_batch: int, max_delay_ms: float,
-                 max_body_bytes: int, loader: Loader) -> None:
-        if not (max_batch >= 1 and 0 <= max_delay_ms < math.inf and max_body_bytes >= 1):  # NaN too
-            raise GraphcError(f"serve: max_batch >= 1, max_delay_ms >= 0 and max_body_bytes >= 1 "
-                              f"are needed (got {max_batch}, {max_delay_ms}, {max_body_bytes})")
+                 max_body_bytes: int, loader: Loader, body_timeout_s: float) -> None:
+        if not (max_batch >= 1 and 0 <= max_delay_ms < math.inf and max_body_bytes >= 1
+                and 0 < body_timeout_s < math.inf):  # NaN too
+            raise GraphcError(f"serve: max_batch >= 1, max_delay_ms >= 0, max_body_bytes >= 1 and "
+                              f"a finite body_timeout_s > 0 are needed (got {max_batch}, "
+                              f"{max_delay_ms}, {max_body_bytes}, {body_timeout_s})")
+        self.body_timeout_s = body_timeout_s
         names = [r.name for r in runners]
         if len(set(names)) != len(names):
             raise GraphcError(f"serve: two models are named {sorted(n for n in names if names.count(n) > 1)[0]!r}")
@@ -404,9 +431,12 @@ class _Server:
             raise RequestError(f"body of {request.content_length} bytes is over the "
                                f"{self.max_body_bytes}-byte limit", 413)
         try:
-            return await request.read()
+            # a deadline, so that clients sending slowly cannot hold every connection
+            return await asyncio.wait_for(request.read(), self.body_timeout_s)
         except web.HTTPRequestEntityTooLarge:
             raise RequestError(f"body is over the {self.max_body_bytes}-byte limit", 413) from None
+        except asyncio.TimeoutError:
+            raise RequestError(f"the body did not arrive within {self.body_timeout_s:g} s", 408) from None
 
     async def predict(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -537,9 +567,10 @@ _IN_FLIGHT = web.AppKey("in_flight", _InFlight)
 
 
 def make_app(runners: Sequence[Runner], *, max_batch: int = 64, max_delay_ms: float = 2.0,
-             max_body_bytes: int = 8 << 20, loader: Loader = GraphcRunner.from_file) -> web.Application:
+             max_body_bytes: int = 8 << 20, loader: Loader = GraphcRunner.from_file,
+             body_timeout_s: float = 30.0) -> web.Application:
     """The server's aiohttp application over `runners` (see the package docstring)."""
-    server = _Server(runners, max_batch, max_delay_ms, max_body_bytes, loader)
+    server = _Server(runners, max_batch, max_delay_ms, max_body_bytes, loader, body_timeout_s)
     in_flight = _InFlight()
     app = web.Application(client_max_size=max_body_bytes, middlewares=[in_flight.middleware, _json_errors])
     app[_IN_FLIGHT] = in_flight
