@@ -97,6 +97,12 @@ class _Group:
         return self.body + ([self.anchor] if self.anchor is not None else []) + self.epilogue
 
 
+# Nodes one fused kernel may hold. Real models' largest kernels hold a few dozen; Numba's
+# compile time grows about quadratically with a kernel's length, so a graph of thousands of
+# chained elementwise ops (a crafted export) would otherwise take minutes and gigabytes to load.
+MAX_KERNEL_NODES = 128
+
+
 class _Partitioner:
     """Greedy producer-into-consumer grouping over the nodes in topological order."""
 
@@ -191,6 +197,8 @@ class _Partitioner:
         # Anchored groups first: an epilogue saves a full write and re-read of their output.
         for group in sorted(joinable, key=lambda g: (not g.anchored, g.key)):
             if group.key in blocked or (group.anchored and any(g.anchored for g in union)):
+                continue
+            if sum(len(g.members) for g in union) + len(group.members) >= MAX_KERNEL_NODES:
                 continue
             if not all(_shares_loop(group, other) for other in union):
                 continue

@@ -179,3 +179,17 @@ def test_fusing_a_fused_graph_is_an_error():
     b.add_output("y", b.neg(x))
     with pytest.raises(ValueError, match="already fused"):
         fuse(fuse(b.graph))
+
+
+def test_a_long_elementwise_chain_is_split_into_kernels_of_bounded_length():
+    # Numba compiles a kernel in time about quadratic in its length: a crafted graph of
+    # thousands of chained ops must not make one kernel of them
+    from graphc.passes.fusion import MAX_KERNEL_NODES
+    b, (x,) = builder((4, 8))
+    y = x
+    for i in range(3 * MAX_KERNEL_NODES):
+        y = (b.neg, b.tanh, b.relu)[i % 3](y)
+    b.add_output("y", y)
+    fused, ks = kernels(b.graph)
+    assert len(ks) >= 3 and max(len(ops) for _, ops in ks) <= MAX_KERNEL_NODES
+    same_results(b.graph, fused)
