@@ -512,3 +512,19 @@ def test_a_body_too_slow_to_arrive_gets_408_and_its_connection_closed(model_path
         assert server.predict(x)[0] == 200  # the others are served
     finally:
         assert server.stop() == 0
+
+
+def test_accept_errors_with_every_descriptor_taken_are_logged_once_in_a_while(caplog):
+    from types import SimpleNamespace
+
+    from graphc.serve.app import _AcceptErrorsOnceInAWhile
+    passed = []
+    loop = SimpleNamespace(default_exception_handler=passed.append)
+    handler = _AcceptErrorsOnceInAWhile()
+    with caplog.at_level("ERROR", logger="graphc.serve"):
+        for _ in range(100):
+            handler(loop, {"message": "socket.accept() out of system resource",
+                           "exception": OSError(24, "Too many open files")})
+    assert len(caplog.records) == 1 and "ulimit -n" in caplog.records[0].getMessage()
+    handler(loop, {"message": "something else"})
+    assert passed == [{"message": "something else"}]

@@ -7,6 +7,7 @@ import base64
 import binascii
 import io
 import json
+import logging
 import math
 import re
 import signal
@@ -22,6 +23,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from graphc.ir.errors import GraphcError, IndexOutOfRangeError, InputError
 
 from .runner import GraphcRunner, Runner
+
+log = logging.getLogger("graphc.serve")
 
 NPY_CONTENT_TYPE = "application/x-npy"
 _NPY_MAGIC = b"\x93NUMPY"
@@ -595,6 +598,25 @@ def serve(runners: Sequence[Runner], *, host: str = "127.0.0.1", port: int = 800
     asyncio.run(_serve(make_app(runners, **options), host, port, drain_timeout_s, ready))
 
 
+class _AcceptErrorsOnceInAWhile:
+    """The event loop's error handler: with every file descriptor taken (clients holding
+    connections open), asyncio retries accepting each second and logged each failure with its
+    traceback, hundreds of megabytes a minute; one line every 10 s says it instead."""
+
+    def __init__(self) -> None:
+        self.last = -math.inf
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if not str(context.get("message", "")).startswith("socket.accept() out of system resource"):
+            loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now - self.last >= 10:
+            self.last = now
+            log.error("graphc serve: cannot accept connections: %s (open connections use every "
+                      "file descriptor; raise the limit, ulimit -n)", context.get("exception"))
+
+
 async def _serve(app: web.Application, host: str, port: int, drain_timeout_s: float,
                  ready: Callable[[str, int], None] | None) -> None:
     # aiohttp's own shutdown only gets what the drain left of its time (requests that came on a
@@ -603,6 +625,7 @@ async def _serve(app: web.Application, host: str, port: int, drain_timeout_s: fl
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=min(1.0, drain_timeout_s),
                            access_log=None, auto_decompress=False)
     await runner.setup()
+    asyncio.get_running_loop().set_exception_handler(_AcceptErrorsOnceInAWhile())
     site = web.TCPSite(runner, host, port)
     await site.start()
     stop = asyncio.Event()
