@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
+import logging
 import math
 import os
 import sys
@@ -20,8 +21,8 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from graphc.ir import Builder, Value
-from graphc.ir.errors import (DTypeError, GraphcError, ShapeError, TracedValueError,
-                              is_internal_file, user_location)
+from graphc.ir.errors import (DTypeError, GraphcError, IndexOutOfRangeError, ShapeError,
+                              TracedValueError, is_internal_file, user_location)
 from graphc.ir.graph import Node, safe_module_path
 from graphc.ir.types import SHORT_NAMES, TensorType, canonical_dtype, is_float
 
@@ -32,6 +33,7 @@ class _TraceState(threading.local):
 
 
 _STATE = _TraceState()
+log = logging.getLogger("graphc")
 
 
 _MODULE_TREE_EDITS = [0]  # changes of any module's tables or settings so far (nn.module)
@@ -58,6 +60,8 @@ def is_setting(value: Any) -> bool:
     string, a bool or None, an enum member, a NumPy dtype, a slice, a callable (an activation
     function, a callable object, a jitted function: the object, not what it holds), or a tuple,
     list, set or dict of them (a kernel size, a list of scales, the ids to skip)."""
+    if isinstance(value, (tuple, list, set, frozenset, dict)) and len(value) > FOLLOWED_ITEMS:
+        return True  # followed by identity and length (see _snapshot), not item by item
     if isinstance(value, (tuple, list, set, frozenset)):
         return all(map(is_setting, value))
     if isinstance(value, dict):
@@ -69,9 +73,17 @@ def is_setting(value: Any) -> bool:
         callable(value) and not isinstance(value, np.ndarray))
 
 
+# A list, tuple, set or dict setting of more items (a tokenizer's vocabulary) is followed when
+# assigned, not item by item: comparing it at every call would cost more than the call.
+FOLLOWED_ITEMS = 1000
+
+
 def _snapshot(value: Any) -> Any:
     """A setting as it is now, its types included (2 and 2.0 trace differently, though equal):
-    lists and dicts copied, so that an in-place edit does not change the snapshot."""
+    lists and dicts copied, so that an in-place edit does not change the snapshot; one of more
+    than FOLLOWED_ITEMS items by its identity and length."""
+    if isinstance(value, (list, tuple, set, frozenset, dict)) and len(value) > FOLLOWED_ITEMS:
+        return f"large {type(value).__name__}", (id(value), len(value))
     if isinstance(value, (list, tuple)):
         return type(value).__name__, tuple(map(_snapshot, value))
     if isinstance(value, (set, frozenset)):
@@ -86,6 +98,8 @@ def _snapshot(value: Any) -> Any:
 def _shown(snapshot: Any) -> Any:
     """The value a `_snapshot` was taken of, for messages."""
     kind, value = snapshot
+    if kind.startswith("large "):
+        return f"<a {kind[6:]} of {value[1]} items>"
     if kind in ("list", "tuple"):
         return (list if kind == "list" else tuple)(map(_shown, value))
     if kind in ("set", "frozenset"):
@@ -165,7 +179,7 @@ class ModuleReads:
     structures: tuple[tuple, ...] = ()  # per module, its module_structure when traced
     # NumPy arrays held as modules' plain attributes (not buffers) that the trace read as
     # constants: (module, its name, attribute, the array, a copy of its values then)
-    attribute_arrays: tuple[tuple[Any, str, str, np.ndarray, np.ndarray], ...] = ()
+    attribute_arrays: tuple[tuple[Any, str, str, np.ndarray, np.ndarray | None], ...] = ()
     class_settings: tuple[tuple[type, str, Any], ...] = ()  # Trace.class_settings
 
     def __post_init__(self) -> None:
@@ -261,9 +275,32 @@ class ModuleReads:
         return found
 
 
-def _same_values(array: np.ndarray, values: np.ndarray) -> bool:
-    return (array.shape == values.shape and array.dtype == values.dtype
-            and np.array_equal(array, values, equal_nan=array.dtype.kind in "fc"))
+# A NumPy array attribute of more bytes read as a constant is followed when assigned, not
+# compared at every call (a buffer, register_buffer, is read at each call at no cost).
+FOLLOWED_ARRAY_BYTES = 1 << 22
+
+
+def _same_values(array: np.ndarray, values: np.ndarray | None) -> bool:
+    """Whether `array` still holds `values` (None: too large to compare, see
+    FOLLOWED_ARRAY_BYTES), compared byte by byte (a NaN equals itself)."""
+    if values is None:
+        return True
+    if array.shape != values.shape or array.dtype != values.dtype:
+        return False
+    return array.tobytes() == values.tobytes() if not array.flags.c_contiguous else \
+        np.array_equal(array.reshape(-1).view(np.uint8), values.reshape(-1).view(np.uint8))
+
+
+def _followed_values(module: Any, name: str, array: np.ndarray) -> np.ndarray | None:
+    """The copy of a module's array attribute a trace compares at each call, or None (and a
+    warning) for one too large to compare."""
+    if array.nbytes <= FOLLOWED_ARRAY_BYTES:
+        return array.copy()
+    log.warning("graphc: %s.%s, a NumPy array of %d bytes held as a plain attribute, is read as "
+                "a constant: compiled functions follow its reassignment but not writes into it; "
+                "register it as a buffer (self.register_buffer(%r, array)) to have it read at "
+                "each call", type(module).__name__, name, array.nbytes, name)
+    return None
 
 
 class Trace:
@@ -296,7 +333,8 @@ class Trace:
         self._seen = 0
         # NumPy arrays that modules hold as plain attributes, read as constants: id -> (module,
         # attribute, array, its values then); and the index of such arrays, by id
-        self.attribute_arrays: dict[tuple[int, str], tuple[Any, str, np.ndarray, np.ndarray]] = {}
+        self.attribute_arrays: dict[tuple[int, str],
+                                    tuple[Any, str, np.ndarray, np.ndarray | None]] = {}
         self._attribute_index: tuple[int, dict[int, list[tuple[Any, str]]]] = (-1, {})
         # the settings of the modules called, as they were before their first call: what the
         # trace itself changes in them (a counter, a list it appends to) is their own state
@@ -441,8 +479,9 @@ class Trace:
         if id(module) not in self.read_modules and id(module) not in self.modules:
             self.read_modules[id(module)] = module
             self.note_settings(module)
-        if type(value) is np.ndarray:
-            self.attribute_arrays.setdefault((id(module), name), (module, name, value, value.copy()))
+        if type(value) is np.ndarray and (id(module), name) not in self.attribute_arrays:
+            self.attribute_arrays[(id(module), name)] = (module, name, value,
+                                                         _followed_values(module, name, value))
 
     def note_array(self, array: np.ndarray) -> None:
         """`array` (or the array it is a view of) becomes a constant of the graph: where modules
@@ -458,7 +497,9 @@ class Trace:
             self._attribute_index = (key, index)
         while array is not None:  # a view (x.T, x[:2]) reads its base
             for module, name in self._attribute_index[1].get(id(array), ()):
-                self.attribute_arrays.setdefault((id(module), name), (module, name, array, array.copy()))
+                if (id(module), name) not in self.attribute_arrays:
+                    self.attribute_arrays[(id(module), name)] = (
+                        module, name, array, _followed_values(module, name, array))
             array = array.base if isinstance(array.base, np.ndarray) else None
 
     def module_reads(self) -> ModuleReads:
@@ -1416,19 +1457,28 @@ class Tensor:
         argument); the index covers the leading part of src and of this tensor's other axes.
         Where an index repeats, one of the writes is kept (the last, as PyTorch's CPU
         kernels; PyTorch leaves it undefined), and only it gets a gradient (PyTorch's goes to
-        every write). `reduce` is refused: scatter_add adds."""
+        every write). A negative index is refused, as PyTorch refuses it (a traced one is named
+        in the error as that index minus the axis' size). `reduce` is refused: scatter_add
+        adds."""
         if reduce is not None:
             raise GraphcError(f"scatter: reduce={reduce!r} is not supported (PyTorch deprecates "
                               f"it): use scatter_add for sums (at {user_location()})")
         (axis,) = normalize_axes(dim, self.ndim)
+        given_index = None if isinstance(index, Tensor) else np.asarray(index)  # checked now
         index = as_tensor(index)
         if value is None and (src is None or _is_number(src)):
             src, value = None, src
         if (src is None) == (value is None):
             raise GraphcError(f"scatter: give src (a tensor) or value (a number), one of them "
                               f"(at {user_location()})")
-        src = (as_tensor(value, like=self).broadcast_to(index.shape) if src is None
-               else as_tensor(src, like=self))
+        if src is None:  # a number is cast to this tensor's dtype, as PyTorch's fills cast it
+            src = self._fill_value(value, "scatter").broadcast_to(index.shape)
+        else:
+            src = as_tensor(src, like=self)
+            if src.dtype != self.dtype:
+                raise DTypeError(f"scatter: src is {src.dtype} where this tensor is {self.dtype}: "
+                                 f"PyTorch takes them equal; cast src (src.to(x.dtype)) "
+                                 f"(at {user_location()})")
         if (index.ndim != self.ndim or src.ndim != self.ndim
                 or any(i > n for i, n in zip(index.shape, src.shape))
                 or any(i > n for d, (i, n) in enumerate(zip(index.shape, self.shape)) if d != axis)):
@@ -1438,7 +1488,14 @@ class Tensor:
         if not index.dtype.startswith("int"):
             raise DTypeError(f"scatter: the index must be int64 or int32, got {index.dtype} "
                              f"(at {user_location()})")
-        src = src[tuple(slice(0, i) for i in index.shape)].astype(self.dtype)
+        src = src[tuple(slice(0, i) for i in index.shape)]
+        # A negative index is refused, as PyTorch's: a traced one is moved below -size, where
+        # the write's own range check refuses it (the index written counts from the end).
+        if given_index is not None and (given_index < 0).any():
+            position = tuple(int(p[0]) for p in np.nonzero(given_index < 0))
+            raise IndexOutOfRangeError("scatter", int(given_index[position]), position, 0,
+                                       self.shape[axis], user_location())
+        index = bind("where", index < 0, index - self.shape[axis], index)
         # every other axis indexed by its own positions: out[index[i, j], j] = src[i, j]
         positions = tuple(index if d == axis else np.arange(n).reshape(
             (1,) * d + (n,) + (1,) * (index.ndim - d - 1)) for d, n in enumerate(index.shape))

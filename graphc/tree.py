@@ -122,11 +122,12 @@ def treedef_to_json(treedef: TreeDef) -> Any:
         return {"namedtuple": {"name": treedef.meta.__name__, "fields": list(treedef.meta._fields),
                                "items": children}}
     if treedef.kind == "dict":
-        sorted_keys, written_order, _ = treedef.meta
+        sorted_keys, written_order, kind = treedef.meta
         if not all(isinstance(k, str) for k in sorted_keys):
             return None
-        by_key = dict(zip(sorted_keys, children))
-        return {"dict": {k: by_key[k] for k in written_order}}
+        # the keys' order apart: a file's JSON may be written with its keys sorted
+        return {"dict": dict(zip(sorted_keys, children)), "order": list(written_order),
+                **({"ordered": True} if kind is OrderedDict else {})}
     return {treedef.kind: children}
 
 
@@ -138,6 +139,8 @@ def treedef_from_json(data: Any, depth: int = 32) -> TreeDef:
         return LEAF
     if data is None:
         return TreeDef("none")
+    if isinstance(data, dict) and "dict" in data and set(data) <= {"dict", "order", "ordered"}:
+        return _dict_from_json(data, depth)
     if not isinstance(data, dict) or len(data) != 1:
         raise ValueError(f"not a tree: {data!r:.60}")
     ((kind, children),) = data.items()
@@ -150,11 +153,23 @@ def treedef_from_json(data: Any, depth: int = 32) -> TreeDef:
         if not isinstance(items, list) or len(items) != len(cls._fields):
             raise ValueError(f"not a tree: {data!r:.60}")
         return TreeDef("namedtuple", cls, tuple(treedef_from_json(c, depth - 1) for c in items))
-    if kind == "dict" and isinstance(children, dict):
-        keys = tuple(sorted(children))
-        return TreeDef("dict", (keys, tuple(children), dict),
-                       tuple(treedef_from_json(children[k], depth - 1) for k in keys))
     raise ValueError(f"not a tree: {data!r:.60}")
+
+
+def _dict_from_json(data: dict, depth: int) -> TreeDef:
+    """A dict's TreeDef from {"dict": {key: ...}, "order": [keys], "ordered": true}; files
+    written before the order was kept have the keys alone (sorted)."""
+    children = data["dict"]
+    if not isinstance(children, dict):
+        raise ValueError(f"not a tree: {data!r:.60}")
+    keys = tuple(sorted(children))
+    order = data.get("order", list(keys))
+    if (not isinstance(order, list) or not all(isinstance(k, str) for k in order)
+            or sorted(order) != list(keys)):
+        raise ValueError(f"a dict's key order {order!r:.60} does not hold its keys {list(keys)!r:.60}")
+    kind = OrderedDict if data.get("ordered") is True else dict
+    return TreeDef("dict", (keys, tuple(order), kind),
+                   tuple(treedef_from_json(children[k], depth - 1) for k in keys))
 
 
 def _namedtuple_class(data: dict) -> type:
@@ -166,7 +181,7 @@ def _namedtuple_class(data: dict) -> type:
              and all(isinstance(f, str) and f.isidentifier() and len(f) <= 100 for f in fields))
     if not valid:
         raise ValueError(f"not a namedtuple's name and fields: {data!r:.60}")
-    try:
-        return namedtuple(name, fields)
+    try:  # rename: fields PyTorch-style code renamed (`_1`) come back as they were written
+        return namedtuple(name, fields, rename=True)
     except ValueError as error:  # a keyword, a repeated field, one starting with "_"
         raise ValueError(f"not a namedtuple's name and fields: {error}") from None

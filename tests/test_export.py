@@ -225,10 +225,54 @@ def test_a_namedtuple_output_comes_back_as_a_namedtuple_of_its_fields(tmp_path):
 
 @pytest.mark.parametrize("bad", [{"name": "Out", "fields": ["import os"], "items": [0]},
                                  {"name": "Out(", "fields": ["a"], "items": [0]},
-                                 {"name": "Out", "fields": ["a", "a"], "items": [0, 0]},
+                                 {"name": "Out", "fields": ["a", 3], "items": [0, 0]},
                                  {"name": "Out", "fields": ["a"], "items": [0, 0]},
                                  {"name": "Out", "fields": ["a"]}])
 def test_a_crafted_namedtuple_nesting_is_refused(bad):
     from graphc.tree import treedef_from_json
     with pytest.raises(ValueError):
         treedef_from_json({"namedtuple": bad})
+
+
+def test_a_returned_dict_keeps_its_order_and_class_through_export(tmp_path):
+    from collections import OrderedDict
+
+    import graphc.nn as nn
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return OrderedDict([("zeta", h[:, :2]), ("alpha", h[:, 2:])])
+
+    x = np.ones((2, 3), np.float32)
+    gc.compile(Heads(), (x,)).export(str(tmp_path / "m.gcx"))
+    out = gc.load(str(tmp_path / "m.gcx"))(x)
+    assert type(out) is OrderedDict and list(out) == ["zeta", "alpha"]
+
+
+@pytest.mark.parametrize("bad", [{"dict": {"a": 0}, "order": ["b"]}, {"dict": {"a": 0}, "order": [1]},
+                                 {"dict": {"a": 0}, "order": ["a", "a"]}, {"dict": [0]}])
+def test_a_crafted_dict_nesting_is_refused(bad):
+    from graphc.tree import treedef_from_json
+    with pytest.raises(ValueError):
+        treedef_from_json(bad)
+
+
+def test_a_namedtuple_with_renamed_fields_survives_export(tmp_path):
+    from collections import namedtuple
+
+    import graphc.nn as nn
+    Out = namedtuple("Out", ["logits", "def"], rename=True)  # fields ('logits', '_1')
+
+    class Renamed(nn.Module):
+        def forward(self, x):
+            return Out(x * 2, x + 1)
+
+    x = np.ones((2, 3), np.float32)
+    gc.compile(Renamed(), (x,)).export(str(tmp_path / "m.gcx"))
+    out = gc.load(str(tmp_path / "m.gcx"))(x)
+    assert out._fields == ("logits", "_1")

@@ -299,3 +299,25 @@ def test_a_parameter_taken_from_a_helper_layer_is_registered_as_pytorchs_is():
 
     assert [n for n, _ in model(nn).named_parameters()] == \
         [n for n, _ in model(torch.nn).named_parameters()] == ["weight_v", "bias", "fc.weight", "fc.bias"]
+
+
+def test_embedding_bag_checks_given_offsets_as_pytorch_and_interpolate_its_arguments():
+    table, ids = np.ones((10, 3), np.float32), np.arange(6)
+    for offsets, last, message in (([2, 5], False, r"offsets\[0\] must be 0"),
+                                   ([0, 5, 3], False, "must not decrease"),
+                                   ([0, 3, 5], True, "the last offset must be the number of ids, 6")):
+        with pytest.raises(ValueError, match=message):
+            gc.jit(lambda i: F.embedding_bag(i, table, np.array(offsets), include_last_offset=last))(ids)
+    x = np.ones((1, 1, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="recompute_scale_factor is not meaningful with an explicit size"):
+        gc.jit(lambda t: F.interpolate(t, size=(4, 4), recompute_scale_factor=True))(x)
+
+
+def test_an_array_given_to_a_parameter_stays_a_plain_array_elsewhere_as_in_pytorch():
+    table = np.ones(3, np.float32)
+    holder, user = nn.Module(), nn.Module()
+    holder.scale = nn.Parameter(table)
+    user.table = table  # the array itself, not the Parameter: a constant
+    assert [n for n, _ in user.named_parameters()] == []
+    holder.scale[0] = 5  # one memory, as PyTorch's Parameter shares its tensor's
+    assert table[0] == 5

@@ -408,3 +408,16 @@ def test_scatter_add_takes_an_index_covering_part_of_the_other_axes():
                                   expected)
     grad = gc.grad(lambda s: (np.arange(20, dtype=np.float32).reshape(5, 4) * gc.zeros((5, 4)).scatter_add(0, idx, s)).sum())(src)
     np.testing.assert_array_equal(grad, [[0, 5], [16, 13], [0, 5]])  # w[idx[i, j], j]
+
+
+def test_scatter_refuses_negative_indices_and_src_of_another_dtype_as_pytorch():
+    x = np.zeros((1, 5), np.float32)
+    with pytest.raises(gc.GraphcError, match=r"scatter: index -1 at position \(0, 0\) .* \[0, 5\)"):
+        gc.jit(lambda a: a.scatter(1, np.array([[-1]]), 9.0))(x)
+    with pytest.raises(gc.GraphcError, match="out of range"):  # traced: refused when run
+        gc.jit(lambda a, i: a.scatter(1, i, 9.0))(x, np.array([[-2]]))
+    ints = np.zeros((1, 3), np.int64)
+    with pytest.raises(gc.GraphcError, match="src is float32 where this tensor is int64"):
+        gc.jit(lambda a: a.scatter(1, np.array([[0]]), np.full((1, 1), 2.7, np.float32)))(ints)
+    np.testing.assert_array_equal(gc.jit(lambda a: a.scatter(1, np.array([[1]]), 2.7))(ints),
+                                  torch.zeros(1, 3, dtype=torch.int64).scatter(1, torch.tensor([[1]]), 2.7).numpy())

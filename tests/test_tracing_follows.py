@@ -228,3 +228,31 @@ def test_an_always_call_hook_runs_when_forward_raises():
     with pytest.raises(ValueError, match="no"):
         model(X)
     assert seen == [None]
+
+
+def test_large_attributes_are_followed_when_assigned_not_compared_at_every_call(monkeypatch, caplog):
+    import graphc.tensor as tensor_module
+    monkeypatch.setattr(tensor_module, "FOLLOWED_ARRAY_BYTES", 64)
+
+    class Vocabulary(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = _linear()
+            self.words = [f"w{i}" for i in range(5000)]  # never read by forward
+            self.table = np.ones(100, np.float32)  # 400 bytes: past the (patched) limit
+
+        def forward(self, x):
+            return self.fc(x) * self.table[0]
+
+    model = Vocabulary()
+    f = gc.jit(model)
+    with caplog.at_level("WARNING", logger="graphc"):
+        before = f(X)
+    assert any("register it as a buffer" in r.getMessage() for r in caplog.records)
+    assert tensor_module._snapshot(model.words)[0] == "large list"
+    model.table[0] = 3  # a write into it is not followed (said when traced) ...
+    np.testing.assert_allclose(f(X), before, rtol=1e-6)
+    model.table = np.full(100, 3, np.float32)  # ... a new array is
+    np.testing.assert_allclose(f(X), before * 3, rtol=1e-6)
+    model.words.append("new")  # an edit of a large list changes nothing compiled
+    np.testing.assert_allclose(f(X), before * 3, rtol=1e-6)

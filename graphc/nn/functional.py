@@ -353,6 +353,7 @@ def conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
     if x.ndim == 3:  # one unbatched (C_in, H, W) input, as PyTorch takes
         return conv_transpose2d(x.unsqueeze(0), weight, bias, stride, padding, output_padding,
                                 groups, dilation).squeeze(0)
+    _same_float_dtype("conv_transpose2d", x, weight)
     stride, padding, dilation, output_padding = (
         pair_argument(v, f"conv_transpose2d: {name}") for v, name in (
             (stride, "stride"), (padding, "padding"), (dilation, "dilation"),
@@ -400,6 +401,9 @@ def interpolate(input: Tensor, size: Any = None, scale_factor: Any = None, mode:
     (a low-pass filter before downsampling) is not supported."""
     if antialias:
         raise GraphcError(f"interpolate: antialias=True is not supported (at {user_location()})")
+    if recompute_scale_factor and size is not None:  # as PyTorch refuses both
+        raise ValueError(f"interpolate: recompute_scale_factor is not meaningful with an explicit "
+                         f"size (at {user_location()})")
     x = as_tensor(input)
     if recompute_scale_factor and scale_factor is not None:
         spatial = x.shape[2:]
@@ -760,6 +764,15 @@ def pixel_unshuffle(input: Any, downscale_factor: int) -> Tensor:
 
 
 # -- layers as functions ---------------------------------------------------------------------
+def _same_float_dtype(op: str, x: Tensor, weight: Tensor) -> None:
+    """A convolution's input and weight in one floating dtype, checked in the user's op's name
+    (the op computing it would name its own shapes: 4-D ones for a 1-D convolution)."""
+    if x.dtype != weight.dtype or x.dtype not in ("float32", "float64"):
+        raise DTypeError(f"{op}: input and weight must share a floating dtype, got {x.dtype} and "
+                         f"{weight.dtype}: cast the input (x.to(weight.dtype)) "
+                         f"(at {user_location()})")
+
+
 def _single(v: Any, name: str) -> int:
     return size_argument(v, 1, f"conv1d: {name}")[0]
 
@@ -774,6 +787,7 @@ def conv1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: 
                          f"groups, K), got {x.shape} and {weight.shape} (at {user_location()})")
     batched = x.ndim == 3
     x = x if batched else x.unsqueeze(0)
+    _same_float_dtype("conv1d", x, weight)
     # checked here, in the user's terms: conv2d would name its own 4-D shapes
     if x.shape[1] != weight.shape[1] * groups:
         raise ShapeError(f"conv1d: weight {weight.shape} with groups={groups} expects "
@@ -811,6 +825,7 @@ def conv_transpose1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1,
     if x.shape[-2] != weight.shape[0]:
         raise ShapeError(f"conv_transpose1d: weight {weight.shape} expects {weight.shape[0]} input "
                          f"channels, got input {x.shape} (at {user_location()})")
+    _same_float_dtype("conv_transpose1d", x, weight)
     # checked here, in the 1-D terms: conv_transpose2d would name its own 4-D shapes and pairs
     check_conv_arguments("conv_transpose1d", weight.shape[-1:], (stride,), (dilation,), groups)
     if x.shape[-2] % groups:

@@ -103,7 +103,9 @@ class Parameter:
         # numbers made float32
         keep = (isinstance(data, np.ndarray) or _is_torch_tensor(data)) and array.dtype.name in ("float32", "float64")
         # np.require keeps a 0-d array 0-d (a temperature, a logit scale)
-        self.data = np.require(array, array.dtype if keep else np.float32, requirements="C")
+        # a view: the memory is the caller's, as a PyTorch Parameter shares its tensor's, but
+        # the array given stays itself, not a parameter wherever it is assigned
+        self.data = np.require(array, array.dtype if keep else np.float32, requirements="C").view()
         _PARAMETER_ARRAYS[id(self.data)] = self.data
 
 
@@ -267,7 +269,12 @@ class Module:
                                                   or _holds_parameter(self, value))
         if isinstance(value, Parameter) or tied:
             self._forget(name, keep=params)
-            params[name] = value.data if isinstance(value, Parameter) else Parameter(value).data
+            if isinstance(value, Parameter):
+                params[name] = value.data
+            elif _is_parameter_array(value) or _holds_parameter(self, value):
+                params[name] = value  # one array under two names: tied
+            else:  # an array put in a parameter's place
+                params[name] = Parameter(value).data
         elif name in params:
             self._refuse_unless_none(value, name, "parameter", "an nn.Parameter, an array")
             params[name] = None

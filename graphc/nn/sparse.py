@@ -106,7 +106,8 @@ def embedding_bag(indices: Any, weight: Tensor, offsets: Any = None, mode: str =
     `include_last_offset`). Ids equal to `padding_idx` are left out; an empty bag gives zeros;
     `per_sample_weights` (the shape of `indices`) scale the rows of a sum. As PyTorch's, but
     computed densely: a (bags, ids) membership mask, so 1-D input suits up to some thousands of
-    ids a batch."""
+    ids a batch. Offsets given as an array are checked as PyTorch checks them (starting at 0,
+    never decreasing); traced offsets are taken as they come."""
     if mode not in _BAG_MODES:
         raise ValueError(f"embedding_bag: mode must be one of {_BAG_MODES}, got {mode!r} "
                          f"(at {user_location()})")
@@ -152,12 +153,24 @@ def _bag_membership(indices: Tensor, offsets: Any, include_last_offset: bool) ->
     if offsets is None:
         raise ValueError(f"embedding_bag: 1-D ids need offsets, the position where each bag "
                          f"starts (at {user_location()})")
+    count = indices.shape[0]
+    if not isinstance(offsets, Tensor):  # known now: checked as PyTorch checks them
+        given = np.asarray(offsets)
+        if given.ndim == 1 and given.size and given.dtype.kind in "iu":
+            problem = ("offsets[0] must be 0" if given[0] != 0
+                       else "offsets must not decrease" if (np.diff(given) < 0).any()
+                       else f"offsets must not pass the {count} ids" if given[-1] > count
+                       else f"with include_last_offset, the last offset must be the number of "
+                            f"ids, {count}" if include_last_offset and given[-1] != count
+                       else None)
+            if problem:
+                raise ValueError(f"embedding_bag: {problem}, got offsets {given.tolist()} "
+                                 f"(at {user_location()})")
     offsets = as_tensor(offsets)
     if offsets.ndim != 1 or offsets.dtype not in ("int32", "int64"):
         raise ShapeError(f"embedding_bag: offsets must be a 1-D int tensor, got {offsets.dtype} "
                          f"of shape {offsets.shape} (at {user_location()})")
     offsets = offsets.astype("int64")
-    count = indices.shape[0]
     if include_last_offset:
         if offsets.shape[0] < 1:
             raise ShapeError(f"embedding_bag: include_last_offset needs at least one offset "
