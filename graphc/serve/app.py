@@ -622,8 +622,10 @@ async def _serve(app: web.Application, host: str, port: int, drain_timeout_s: fl
     # aiohttp's own shutdown only gets what the drain left of its time (requests that came on a
     # kept-alive connection meanwhile)
     # auto_decompress off: a compressed body is refused (see _Server.body), never inflated
+    # keepalive_timeout: a connection sending nothing is closed after 75 s (aiohttp's default
+    # waits an hour, letting idle clients hold every descriptor)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=min(1.0, drain_timeout_s),
-                           access_log=None, auto_decompress=False)
+                           access_log=None, auto_decompress=False, keepalive_timeout=75)
     await runner.setup()
     asyncio.get_running_loop().set_exception_handler(_AcceptErrorsOnceInAWhile())
     site = web.TCPSite(runner, host, port)
