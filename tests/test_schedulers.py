@@ -320,3 +320,37 @@ def test_a_state_dict_of_another_number_of_stages_is_refused():
     two = optim.SequentialLR(opt, [optim.ConstantLR(opt), optim.ExponentialLR(opt, 0.9)], [3])
     with pytest.raises(GraphcError, match="holds 3 schedulers, this one 2"):
         two.load_state_dict(three.state_dict())
+
+
+@pytest.mark.parametrize("case", ["two schedules", "by hand", "warm-up and plateau", "cosine and plateau"])
+def test_a_rate_something_else_changed_carries_on_as_in_pytorch(case):
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    def run(optim_module, params):
+        sched = optim_module.lr_scheduler
+        opt = optim_module.SGD(params, lr=1.0)
+        if case == "two schedules":
+            schedules = [sched.ExponentialLR(opt, 0.9), sched.MultiStepLR(opt, [2, 4], 0.1)]
+        elif case == "by hand":
+            schedules = [sched.StepLR(opt, 2, 0.5)]
+        elif case == "warm-up and plateau":
+            schedules = [sched.LinearLR(opt, 0.04, 1.0, total_iters=5)]
+        else:
+            schedules = [sched.CosineAnnealingLR(opt, 10, eta_min=0.1)]
+        plateau = sched.ReduceLROnPlateau(opt, patience=0, factor=0.5) if "plateau" in case else None
+        rates = []
+        for epoch in range(8):
+            for schedule in schedules:
+                schedule.step()
+            if plateau is not None:
+                plateau.step(1.0)  # never improves: halves each epoch
+            if case == "by hand" and epoch == 2:
+                opt.param_groups[0]["lr"] *= 0.1
+            rates.append(opt.param_groups[0]["lr"])
+        return rates
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PyTorch's warning about the order of steps
+        expected = run(torch.optim, [torch.nn.Parameter(torch.zeros(1))])
+    np.testing.assert_allclose(run(optim, [np.zeros(1, np.float32)]), expected, rtol=1e-9)

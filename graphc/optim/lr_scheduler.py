@@ -4,6 +4,10 @@ graphc.optim).
 Host side: a scheduler sets each group's "lr", which the compiled step reads as an input at
 every call. Each rate is computed in closed form from the group's initial rate and the epoch
 count, which equals PyTorch's chained updates (up to rounding) when nothing else sets the rates.
+Where something else did (another scheduler stepped beside it, ReduceLROnPlateau, a rate set by
+hand), the schedules PyTorch computes from the current rate carry that change on, as PyTorch's
+do; the others (LambdaLR, OneCycleLR, CyclicLR, CosineAnnealingWarmRestarts, SequentialLR)
+set their own rate over it, as PyTorch's do too.
 """
 from __future__ import annotations
 
@@ -73,6 +77,9 @@ class LRScheduler(_SavedState):
     # Each step multiplies the rate by a factor of the epoch alone, whatever the rate was (so
     # chained with others, as ChainedScheduler does, the factors multiply as in PyTorch's chain)
     multiplicative = False
+    # PyTorch computes the rate from the group's current one: a change something else made
+    # carries on (see `_carried`)
+    chainable = False
 
     def __init__(self, optimizer: Optimizer, last_epoch: int = -1) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -95,6 +102,8 @@ class LRScheduler(_SavedState):
         self.last_epoch = last_epoch
         # PyTorch counts one epoch more than the rates it then sets
         self._behind = 1 if last_epoch != -1 and self.keeps_rate_on_resume else 0
+        # per group, the factor by which something else changed the rates set (_carried)
+        self._carry = [1.0] * len(optimizer.param_groups)
         self.step()
 
     def rate(self, epoch: int, group: int = 0) -> float:
@@ -126,9 +135,34 @@ class LRScheduler(_SavedState):
                 "(add_param_group since); build a new scheduler for them all, with last_epoch="
                 f"{self.last_epoch} to go on, after giving the new groups 'initial_lr'")
         self.last_epoch += 1
-        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
-            group["lr"] = lr
+        for i, (group, lr) in enumerate(zip(self.optimizer.param_groups, self.get_lr())):
+            group["lr"] = self._carried(i, group["lr"], lr)
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _carried(self, group: int, current: float, rate: float) -> float:
+        """`rate`, the schedule's own, times what something else has made of the rate this
+        schedule set last (another scheduler, ReduceLROnPlateau, a hand): PyTorch's chainable
+        schedules multiply the current rate, so such a change lasts. (Above `floor`, for a
+        schedule decaying towards a floor: the cosine's eta_min.)"""
+        if not self.chainable:
+            return rate
+        last, floor = getattr(self, "_last_lr", None), self.carry_floor()
+        if last is None:  # built, from the rate the group has now (another schedule's, perhaps)
+            previous = self.initial_reference(group, rate) if self.last_epoch == 0 else current
+        else:
+            previous = last[group]
+        if current != previous and previous != floor:
+            self._carry[group] *= (current - floor) / (previous - floor)
+        return rate if self._carry[group] == 1.0 else floor + (rate - floor) * self._carry[group]
+
+    def initial_reference(self, group: int, rate: float) -> float:
+        """The rate built on, as PyTorch's first step multiplies the group's current rate by the
+        schedule's first factor: the initial rate (ChainedScheduler: its own first rate, its
+        schedules having set it)."""
+        return self.base_lrs[group]
+
+    def carry_floor(self) -> float:
+        return 0.0
 
     def get_last_lr(self) -> list[float]:
         return list(self._last_lr)
@@ -158,7 +192,7 @@ class LambdaLR(LRScheduler):
 
 
 class StepLR(LRScheduler):
-    multiplicative = True
+    multiplicative = chainable = True
 
     def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1,
                  last_epoch: int = -1) -> None:
@@ -172,7 +206,7 @@ class StepLR(LRScheduler):
 class MultiStepLR(LRScheduler):
     """The rate times gamma at each milestone passed."""
 
-    multiplicative = True
+    multiplicative = chainable = True
 
     def __init__(self, optimizer: Optimizer, milestones: Iterable[int], gamma: float = 0.1,
                  last_epoch: int = -1) -> None:
@@ -186,7 +220,7 @@ class MultiStepLR(LRScheduler):
 
 class ExponentialLR(LRScheduler):
     keeps_rate_on_resume = True
-    multiplicative = True
+    multiplicative = chainable = True
 
     def __init__(self, optimizer: Optimizer, gamma: float, last_epoch: int = -1) -> None:
         self.gamma = gamma
@@ -201,7 +235,7 @@ class LinearLR(LRScheduler):
     epochs, then stays (the usual warm-up: LinearLR(opt, start_factor=0.01, total_iters=k))."""
 
     keeps_rate_on_resume = True
-    multiplicative = True
+    multiplicative = chainable = True
 
     def __init__(self, optimizer: Optimizer, start_factor: float = 1 / 3, end_factor: float = 1.0,
                  total_iters: int = 5, last_epoch: int = -1) -> None:
@@ -222,6 +256,7 @@ class CosineAnnealingLR(LRScheduler):
     cosine rises again, as PyTorch's does."""
 
     keeps_rate_on_resume = True
+    chainable = True
 
     def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0,
                  last_epoch: int = -1) -> None:
@@ -234,6 +269,9 @@ class CosineAnnealingLR(LRScheduler):
     def rate(self, epoch: int, group: int = 0) -> float:
         cos = (1 + math.cos(math.pi * epoch / self.T_max)) / 2
         return self.eta_min + (self.base_lrs[group] - self.eta_min) * cos
+
+    def carry_floor(self) -> float:
+        return self.eta_min
 
 
 class CosineAnnealingWarmRestarts(LRScheduler):
@@ -274,7 +312,7 @@ class CosineAnnealingWarmRestarts(LRScheduler):
 class ConstantLR(LRScheduler):
     """The rate times `factor` for the first total_iters epochs, then the initial rate."""
 
-    multiplicative = True
+    multiplicative = chainable = True
 
     def __init__(self, optimizer: Optimizer, factor: float = 1 / 3, total_iters: int = 5,
                  last_epoch: int = -1) -> None:
@@ -291,7 +329,7 @@ class PolynomialLR(LRScheduler):
     """The rate times (1 - epoch / total_iters) ** power, 0 from total_iters on."""
 
     keeps_rate_on_resume = True
-    multiplicative = True
+    multiplicative = chainable = True
 
     def __init__(self, optimizer: Optimizer, total_iters: int = 5, power: float = 1.0,
                  last_epoch: int = -1) -> None:
@@ -310,7 +348,7 @@ class MultiplicativeLR(LRScheduler):
     SequentialLR, it goes on from the rate the stage before left, as PyTorch's."""
 
     keeps_rate_on_resume = True
-    multiplicative = True
+    multiplicative = chainable = True
 
     def __init__(self, optimizer: Optimizer, lr_lambda: Callable[[int], float]
                  | Sequence[Callable[[int], float]], last_epoch: int = -1) -> None:
@@ -448,7 +486,11 @@ class ChainedScheduler(LRScheduler):
             if scheduler.optimizer is not optimizer:
                 raise ValueError("ChainedScheduler: every scheduler must drive the same optimizer")
         self.schedulers = schedulers
+        self.chainable = all(s.chainable for s in schedulers)  # as its schedules step in PyTorch
         super().__init__(optimizer, schedulers[0].last_epoch - 1)
+
+    def initial_reference(self, group: int, rate: float) -> float:
+        return rate
 
     def rate(self, epoch: int, group: int = 0) -> float:
         rate = self.base_lrs[group]
