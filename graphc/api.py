@@ -25,7 +25,7 @@ from graphc.tree import TreeDef, flatten, unflatten
 from . import random as gc_random
 from .lowering import collecting_new_objects_only, compile_graph
 from .tensor import (ModuleReads, Tensor, current_trace, is_tracing, keep_recent_variants,
-                     matching_variant, tracing)
+                     matching_variant, tracing, variant_key)
 
 log = logging.getLogger("graphc")
 
@@ -54,8 +54,8 @@ def _leaf_type(leaf: Any, path: str, number_dtype: type = np.float32) -> TensorT
 def python_number_dtype(leaves: Sequence[Any]) -> type:
     """The dtype a Python float argument takes: float64 beside a float64 array argument (in
     PyTorch a Python number keeps double precision, so x64 * 0.1 is exact), float32 otherwise."""
-    wide = any(str(getattr(leaf, "dtype", "")) == "float64" and not isinstance(leaf, np.floating)
-               for leaf in leaves)
+    wide = any(str(getattr(leaf, "dtype", "")) in ("float64", "torch.float64")
+               and not isinstance(leaf, np.floating) for leaf in leaves)
     return np.float64 if wide else np.float32
 
 
@@ -70,6 +70,9 @@ def to_array(leaf: Any, path: str = "argument", number_dtype: type = np.float32)
                          f"an argument of its own (a batch (inputs..., target) as step(*batch))")
     elif isinstance(leaf, float) and not isinstance(leaf, np.floating):  # np.float64 stays float64
         arr = np.asarray(leaf, dtype=number_dtype)
+    elif str(getattr(leaf, "dtype", "")) == "torch.bfloat16":  # NumPy has no bfloat16
+        raise InputError(f"{path}: dtype bfloat16 is not supported; use float32/float64 "
+                         f"(x.float()) or int32/int64/bool")
     else:
         try:
             arr = np.asarray(leaf)
@@ -330,7 +333,7 @@ class Staged:
                 executable = compile_graph(traced.graph, self.backend, stages=stages)
             reads = traced.reads
             entry = _Entry(signature, executable, traced.graph, traced.out_tree, reads)
-            self._cache[(signature, reads.modes, reads.types)] = entry
+            self._cache[variant_key(signature, reads)] = entry
             keep_recent_variants(self._cache, keep=(entry,))
             implicit = reads.arrays()
         self._last = entry

@@ -48,7 +48,7 @@ from .scan_lowering import SegmentedExecutable, SegmentedMemoryPlan
 from .step_builder import StepBuilder, StepSpec, batch_arrays, trace_gradients
 from .tensor import (ModuleReads, Tensor, as_tensor, current_trace, edited_in_place, is_tracing,
                      keep_recent_variants, matching_variant, module_structure, module_tree_edits,
-                     tracing)
+                     tracing, variant_key)
 from .tree import LEAF, flatten, unflatten
 
 log = logging.getLogger("graphc")
@@ -151,7 +151,7 @@ class _CompiledModelBase:
                 optimized = stages.run(traced, [SIMPLIFY])
                 executable = compile_graph(optimized, self.backend, donate, stages, self._memory_of(last))
                 compiled = CompiledGraph(traced, optimized, executable, donate, signature, reads)
-        self._compiled[(signature, reads.modes, reads.types)] = self._last = compiled
+        self._compiled[variant_key(signature, reads)] = self._last = compiled
         busiest = max(self._compiled.values(), key=lambda c: c.calls)  # what an export writes
         keep_recent_variants(self._compiled, keep=(compiled, busiest))
         return compiled, reads.arrays()

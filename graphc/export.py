@@ -38,6 +38,7 @@ import logging
 import math
 import re
 import time
+import warnings
 import zipfile
 from typing import Any, Sequence
 
@@ -306,6 +307,11 @@ def _outputs_entry(tree: TreeDef) -> dict[str, Any]:
     """{"outputs": the nesting of a model's outputs} for a file, where JSON can hold it; a
     loaded function returns its outputs nested so ((output, (h_n, c_n)) of an LSTM)."""
     stored = treedef_to_json(tree)
+    if stored is None and tree.kind != "none":
+        warnings.warn("export: the outputs' nesting holds a dict key that is not a string, which "
+                      "the file's JSON cannot keep: the loaded function returns the outputs as a "
+                      "flat tuple (in the order of the sorted keys); use string keys to keep "
+                      "the nesting", stacklevel=3)
     return {} if stored is None else {"outputs": stored}
 
 

@@ -55,6 +55,10 @@ _NOT_SETTINGS = frozenset({"_parameters", "_buffers", "_modules", "_non_persiste
                            "_state_holder", "training", "_written_in_trace"})
 
 
+# a module's hooks by registration id: the same hook registered again is the same setting
+_HOOK_TABLES = frozenset({"_forward_hooks", "_forward_pre_hooks"})
+
+
 def is_setting(value: Any) -> bool:
     """Whether `value`, a module's plain attribute, is a setting a trace bakes in: a number, a
     string, a bool or None, an enum member, a NumPy dtype, a slice, a callable (an activation
@@ -126,7 +130,8 @@ def module_structure(module: Any) -> tuple:
     names of its parameters and buffers, with whether each is registered absent (a trace read
     None there, or `getattr(self, "shift", None)` found no such name)."""
     written = module.__dict__.get("_written_in_trace", ())  # the module's own state, not settings
-    settings = tuple((name, _snapshot(value)) for name, value in module.__dict__.items()
+    settings = tuple((name, _snapshot(tuple(value.values()) if name in _HOOK_TABLES else value))
+                     for name, value in module.__dict__.items()
                      if name not in _NOT_SETTINGS and name not in written and is_setting(value))
     registered = tuple((name, array is None) for table in (module._parameters, module._buffers)
                        for name, array in table.items())
@@ -550,7 +555,18 @@ def matching_variant(last: Any, variants: dict[Any, Any], signature: tuple) -> t
     return None, []
 
 
-KEPT_VARIANTS = 32  # compiled batch signatures (and modes) a function keeps
+def variant_key(signature: tuple, reads: ModuleReads) -> tuple:
+    """A compiled variant's key: its arguments' signature and what it read of modules (modes,
+    types, settings), so that a flag switched back and forth keeps a variant for each value
+    (settings holding an unhashable object are left out: those variants replace each other)."""
+    try:
+        hash(reads.structures)
+        return signature, reads.modes, reads.types, reads.structures
+    except TypeError:
+        return signature, reads.modes, reads.types
+
+
+KEPT_VARIANTS = 128  # compiled batch signatures (and modes, settings) a function keeps
 
 
 def keep_recent_variants(variants: dict[Any, Any], keep: Iterable[Any]) -> None:
@@ -806,7 +822,10 @@ def dtype_name(dtype: Any) -> str:
     torch dtype (torch.float32): the spellings ported code uses."""
     if type(dtype).__module__ == "torch":  # torch.float32 prints as 'torch.float32'
         dtype = str(dtype).removeprefix("torch.")
-    return canonical_dtype(dtype)
+    try:
+        return canonical_dtype(dtype)
+    except ValueError:  # NumPy's, for a string it cannot read as a dtype
+        raise TypeError(f"not a dtype: {dtype!r:.60}") from None
 
 
 def _is_device(target: Any) -> bool:
@@ -1273,9 +1292,12 @@ class Tensor:
     # Each takes PyTorch's `dim`/`keepdim` and NumPy's `axis`/`keepdims` alike.
     @scalar_reduced_as_vector
     def sum(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
-            axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
+            axis: int | Sequence[int] | None = None, keepdims: bool = False,
+            dtype: Any = None) -> Tensor:
         """The sum over `dim` (all axes by default); booleans and integers add up in int64, as in
-        NumPy and PyTorch (an int32 sum would overflow)."""
+        NumPy and PyTorch (an int32 sum would overflow). `dtype`: cast to it first."""
+        if dtype is not None:
+            return self.astype(dtype).sum(dim, keepdim, axis=axis, keepdims=keepdims)
         axes = normalize_axes(reduction_axes(dim, axis, "sum"), self.ndim)
         x = self if is_float(self.dtype) else self.astype("int64")
         return bind("sum", x, axes=axes, keepdims=keepdim or keepdims)
@@ -1310,7 +1332,10 @@ class Tensor:
 
     @scalar_reduced_as_vector
     def mean(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
-             axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
+             axis: int | Sequence[int] | None = None, keepdims: bool = False,
+             dtype: Any = None) -> Tensor:
+        if dtype is not None:  # cast first, as PyTorch's
+            return self.astype(dtype).mean(dim, keepdim, axis=axis, keepdims=keepdims)
         axes = normalize_axes(reduction_axes(dim, axis, "mean"), self.ndim)
         count = int(np.prod([self.shape[a] for a in axes], dtype=np.int64))
         # The mean of no elements is 0/0: NaN, as in NumPy and PyTorch.
@@ -1378,13 +1403,13 @@ class Tensor:
         from .functions import logsumexp
         return logsumexp(self, dim, keepdim, axis=axis, keepdims=keepdims)
 
-    def softmax(self, dim: int = -1) -> Tensor:
+    def softmax(self, dim: int = -1, dtype: Any = None) -> Tensor:
         from .nn.functional import softmax
-        return softmax(self, dim)
+        return softmax(self, dim, dtype=dtype)
 
-    def log_softmax(self, dim: int = -1) -> Tensor:
+    def log_softmax(self, dim: int = -1, dtype: Any = None) -> Tensor:
         from .nn.functional import log_softmax
-        return log_softmax(self, dim)
+        return log_softmax(self, dim, dtype=dtype)
 
     def amin(self, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
              axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:

@@ -75,7 +75,9 @@ def flatten(tree: Any, path: str = "", is_leaf: Callable[[Any], bool] | None = N
             paths += p
             children.append(c)
         kind = type(tree) if type(tree) is OrderedDict else dict
-        return leaves, paths, TreeDef("dict", (tuple(keys), tuple(tree), kind), tuple(children))
+        # the keys' types too: {1: x} and {1.0: x} (equal keys) are other structures
+        types = tuple(type(k) for k in keys)
+        return leaves, paths, TreeDef("dict", (tuple(keys), tuple(tree), kind, types), tuple(children))
     if tree is None:
         return [], [], TreeDef("none")
     return [tree], [path], LEAF
@@ -95,7 +97,7 @@ def unflatten(treedef: TreeDef, leaves: list[Any]) -> Any:
             return None
         items = [build(c) for c in d.children]
         if d.kind == "dict":
-            sorted_keys, written_order, kind = d.meta
+            sorted_keys, written_order, kind, _ = d.meta
             by_key = dict(zip(sorted_keys, items))
             return kind((k, by_key[k]) for k in written_order)
         if d.kind == "namedtuple":
@@ -122,7 +124,7 @@ def treedef_to_json(treedef: TreeDef) -> Any:
         return {"namedtuple": {"name": treedef.meta.__name__, "fields": list(treedef.meta._fields),
                                "items": children}}
     if treedef.kind == "dict":
-        sorted_keys, written_order, kind = treedef.meta
+        sorted_keys, written_order, kind, _ = treedef.meta
         if not all(isinstance(k, str) for k in sorted_keys):
             return None
         # the keys' order apart: a file's JSON may be written with its keys sorted
@@ -168,7 +170,7 @@ def _dict_from_json(data: dict, depth: int) -> TreeDef:
             or sorted(order) != list(keys)):
         raise ValueError(f"a dict's key order {order!r:.60} does not hold its keys {list(keys)!r:.60}")
     kind = OrderedDict if data.get("ordered") is True else dict
-    return TreeDef("dict", (keys, tuple(order), kind),
+    return TreeDef("dict", (keys, tuple(order), kind, (str,) * len(keys)),
                    tuple(treedef_from_json(children[k], depth - 1) for k in keys))
 
 

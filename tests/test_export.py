@@ -276,3 +276,15 @@ def test_a_namedtuple_with_renamed_fields_survives_export(tmp_path):
     gc.compile(Renamed(), (x,)).export(str(tmp_path / "m.gcx"))
     out = gc.load(str(tmp_path / "m.gcx"))(x)
     assert out._fields == ("logits", "_1")
+
+
+def test_an_output_nesting_json_cannot_keep_is_said_at_export(tmp_path):
+    import graphc.nn as nn
+
+    class IntKeys(nn.Module):
+        def forward(self, x):
+            return {"logits": x, "aux": {0: x * 2}}
+
+    x = np.ones((2, 3), np.float32)
+    with pytest.warns(UserWarning, match="dict key that is not a string"):
+        gc.compile(IntKeys(), (x,)).export(str(tmp_path / "m.gcx"))

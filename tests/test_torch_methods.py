@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 import graphc as gc
+import graphc.nn.functional as F
 
 torch = pytest.importorskip("torch")
+TF = torch.nn.functional
 
 rng = np.random.default_rng(0)
 X = rng.standard_normal((3, 4)).astype(np.float32)
@@ -421,3 +423,30 @@ def test_scatter_refuses_negative_indices_and_src_of_another_dtype_as_pytorch():
         gc.jit(lambda a: a.scatter(1, np.array([[0]]), np.full((1, 1), 2.7, np.float32)))(ints)
     np.testing.assert_array_equal(gc.jit(lambda a: a.scatter(1, np.array([[1]]), 2.7))(ints),
                                   torch.zeros(1, 3, dtype=torch.int64).scatter(1, torch.tensor([[1]]), 2.7).numpy())
+
+
+def test_dtype_keywords_and_module_to_another_tensor_as_pytorch():
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    tx = torch.tensor(x)
+    for ours, theirs in ((lambda t: t.sum(dtype=np.float64), lambda t: t.sum(dtype=torch.float64)),
+                         (lambda t: t.mean(1, dtype="float64"), lambda t: t.mean(1, dtype=torch.float64)),
+                         (lambda t: F.softmax(t, 1, dtype=np.float64), lambda t: TF.softmax(t, 1, dtype=torch.float64)),
+                         (lambda t: F.log_softmax(t, 1, dtype=np.float64), lambda t: TF.log_softmax(t, 1, dtype=torch.float64))):
+        got, expected = gc.jit(ours)(x), theirs(tx).numpy()
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+    model = gc.nn.Linear(2, 2).to(torch.zeros(1, dtype=torch.float64))
+    assert model.weight.dtype == np.float64
+    with pytest.raises(gc.GraphcError, match="dtype bfloat16 is not supported"):
+        gc.jit(lambda t: t * 2)(torch.ones(3, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("loss", ["mse_loss", "l1_loss", "smooth_l1_loss", "kl_div",
+                                  "binary_cross_entropy_with_logits"])
+def test_a_float64_target_promotes_a_loss_of_float32_predictions_as_pytorch(loss):
+    prediction = np.array([0.25, 0.5], np.float32)
+    target = np.array([0.25 + 1e-9, 0.5 - 3e-9])
+    got = gc.jit(lambda p, t: getattr(F, loss)(p, t))(prediction, target)
+    expected = getattr(TF, loss)(torch.tensor(prediction), torch.tensor(target))
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, expected.item(), rtol=1e-7 if "logits" in loss else 1e-12)

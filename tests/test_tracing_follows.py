@@ -256,3 +256,51 @@ def test_large_attributes_are_followed_when_assigned_not_compared_at_every_call(
     np.testing.assert_allclose(f(X), before * 3, rtol=1e-6)
     model.words.append("new")  # an edit of a large list changes nothing compiled
     np.testing.assert_allclose(f(X), before * 3, rtol=1e-6)
+
+
+def test_a_setting_switched_back_and_forth_or_a_hook_added_again_compiles_once_each(capsys):
+    class Switch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = _linear()
+            self.double_it = False
+
+        def forward(self, x):
+            return self.fc(x) * (2 if self.double_it else 1)
+
+    model = Switch()
+    f = gc.jit(model)
+    hook = lambda m, args, out: out + 1  # noqa: E731
+    for i in range(6):
+        model.double_it = bool(i % 2)
+        with model.fc.register_forward_hook(hook) if i % 3 == 0 else open(__file__):
+            f(X)
+    assert capsys.readouterr().err.count("retracing") <= 3  # one per (flag, hook) variant
+
+
+def test_dict_keys_of_equal_value_but_another_type_are_other_structures():
+    g = gc.jit(lambda d: {f"out_{k!r}": v * 2 for k, v in d.items()})
+    assert list(g({1: X})) == ["out_1"]
+    assert list(g({1.0: X})) == ["out_1.0"]
+    assert list(g({True: X})) == ["out_True"]
+
+
+def test_a_python_float_beside_a_float64_torch_tensor_is_float64():
+    torch = pytest.importorskip("torch")
+    assert gc.jit(lambda a, s: a * s)(torch.ones(3, dtype=torch.float64), 0.1)[0] == 0.1
+
+
+def test_tied_weights_stay_tied_through_containers_copies_and_casts():
+    import copy
+    import pickle
+    emb = nn.Embedding(5, 3)
+    extra = nn.ParameterList([emb.weight])
+    assert extra[0] is emb.weight and extra[:1][0] is emb.weight
+
+    class Head(nn.Module):
+        def __init__(self, weight):
+            super().__init__()
+            self.weight = weight
+
+    for source in (copy.deepcopy(emb), pickle.loads(pickle.dumps(emb)), nn.Embedding(5, 3).double()):
+        assert [n for n, _ in Head(source.weight).named_parameters()] == ["weight"]

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from graphc.ir.errors import GraphcError
 
-from .module import Module, Parameter
+from .module import Module, Parameter, _is_parameter_array
 
 __all__ = ["ModuleList", "ModuleDict", "ParameterList", "ParameterDict"]
 
@@ -141,9 +141,12 @@ class ModuleDict(Module):
 
 
 def _as_parameter(value: Any) -> Parameter:
-    """A Parameter as it is, anything else (an array, a torch tensor) made one, as PyTorch's
-    parameter containers do."""
-    return value if isinstance(value, Parameter) else Parameter(value)
+    """A Parameter as it is, an array that is one (another module's weight) as that same
+    parameter, anything else (an array, a torch tensor) made one, as PyTorch's parameter
+    containers do."""
+    if isinstance(value, Parameter):
+        return value
+    return Parameter.holding(value) if _is_parameter_array(value) else Parameter(value)
 
 
 def _parameters_repr(container: Module) -> str:
@@ -168,7 +171,7 @@ class ParameterList(Module):
 
     def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):  # the same parameters, as PyTorch's slice
-            return ParameterList(Parameter(self._parameters[str(i)])
+            return ParameterList(Parameter.holding(self._parameters[str(i)])
                                  for i in range(len(self))[index])
         return getattr(self, str(self._index(index)))
 

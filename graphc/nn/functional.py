@@ -232,10 +232,11 @@ def implicit_softmax_dim(op: str, ndim: int) -> int:
 
 
 @scalar_reduced_as_vector
-def softmax(x: Tensor, dim: int | None = None) -> Tensor:
+def softmax(x: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: Any = None) -> Tensor:
     """exp(x) / sum(exp(x)) along `dim`, as one `softmax` op (ir/ops/softmax.py): NaN along a
-    line of -inf, as PyTorch's. Without `dim`, PyTorch's implicit one (implicit_softmax_dim)."""
-    x = as_tensor(x)
+    line of -inf, as PyTorch's. Without `dim`, PyTorch's implicit one (implicit_softmax_dim).
+    `dtype`: x cast to it first, as PyTorch's."""
+    x = as_tensor(x) if dtype is None else as_tensor(x).astype(dtype)
     if dim is None:
         return softmax(x, implicit_softmax_dim("softmax", x.ndim))
     if x.numel() == 0:  # nothing to normalise (the op refuses an empty axis): as PyTorch, empty
@@ -244,12 +245,12 @@ def softmax(x: Tensor, dim: int | None = None) -> Tensor:
 
 
 @scalar_reduced_as_vector
-def log_softmax(x: Tensor, dim: int | None = None) -> Tensor:
+def log_softmax(x: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: Any = None) -> Tensor:
     """x - logsumexp(x) along `dim`; without it, PyTorch's implicit one (implicit_softmax_dim).
     Computed as PyTorch does, (x - max) - log(sum(exp(x - max))): x - logsumexp(x) cancels in
     float32 where the logits are large (1e4 lost 4 digits). A row holding +inf, or only -inf,
-    is NaN, as PyTorch's."""
-    x = as_tensor(x)
+    is NaN, as PyTorch's. `dtype`: x cast to it first, as PyTorch's."""
+    x = as_tensor(x) if dtype is None else as_tensor(x).astype(dtype)
     if dim is None:
         return log_softmax(x, implicit_softmax_dim("log_softmax", x.ndim))
     if x.ndim and x.shape[dim] == 0:  # nothing to normalise, and no maximum to shift by
@@ -1014,6 +1015,15 @@ def _cast_like(x: Any, like: Tensor) -> Tensor:
     return x if x.dtype == like.dtype else x.astype(like.dtype)
 
 
+def _target_like(target: Any, prediction: Tensor) -> Tensor:
+    """A loss's target in the prediction's dtype, but a float64 one beside float32 predictions
+    kept: PyTorch promotes, so the loss is float64, computed from the exact target."""
+    target = as_tensor(target, like=prediction)
+    if target.dtype == "float64" and prediction.dtype == "float32":
+        return target
+    return _cast_like(target, prediction)
+
+
 def check_mask_dtype(op: str, name: str, mask: Tensor, true_keeps: bool = True) -> None:
     """A mask keeps (bool) or adds to (float) the scores; 0/1 integers would be added, silently
     not what a keep-mask meant: refused, as PyTorch refuses them. `true_keeps`: what True means
@@ -1159,7 +1169,7 @@ def _loss_input(op: str, input: Any) -> Tensor:
 
 
 def _same_shape_target(op: str, input: Tensor, target: Any) -> Tensor:
-    target = _cast_like(target, input)
+    target = _target_like(target, input)
     if target.shape != input.shape:
         raise ShapeError(f"{op}: the target's shape {target.shape} must equal the input's "
                          f"{input.shape} (at {user_location()})")
@@ -1167,9 +1177,9 @@ def _same_shape_target(op: str, input: Tensor, target: Any) -> Tensor:
 
 
 def _broadcast_target(op: str, input: Tensor, target: Any) -> Tensor:
-    """`target` in the input's dtype; a shape other than the input's broadcasts against it,
+    """`target` in the input's dtype (see _target_like); a shape other than the input's broadcasts against it,
     with PyTorch's warning: (N, 1) predictions against (N,) targets make an (N, N) loss."""
-    target = _cast_like(target, input)
+    target = _target_like(target, input)
     if target.shape != input.shape:
         warnings.warn(f"{op}: the target's shape {target.shape} differs from the input's "
                       f"{input.shape}; they broadcast, which is likely wrong: give both the same "
@@ -1300,7 +1310,7 @@ def _probability_cross_entropy(log_probs: Tensor, target: Tensor, weight: Tensor
     if target.shape != log_probs.shape:
         raise ShapeError(f"cross_entropy: probability targets must match the logits' shape "
                          f"{log_probs.shape}, got {target.shape} (at {user_location()})")
-    target = _cast_like(target, log_probs)
+    target = _target_like(target, log_probs)
     num_classes = log_probs.shape[class_axis]
     if label_smoothing:
         target = target * (1 - label_smoothing) + label_smoothing / num_classes
@@ -1344,6 +1354,7 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Any, weight: Any = N
     element's loss."""
     logits = _loss_input("binary_cross_entropy_with_logits", input)
     target = _same_shape_target("binary_cross_entropy_with_logits", logits, target)
+    logits = logits.astype(target.dtype)  # a float64 target: computed in float64, as PyTorch's
     reduction = _reduction(size_average, reduce, reduction)
     # -log sigmoid(x) = log(1 + exp(-x)), written per sign so that no exp overflows and the
     # gradient at x = 0 is sigmoid(0) - 1 (max(-x, 0) + log(1 + exp(-|x|)) loses it there: the
@@ -1375,7 +1386,7 @@ def kl_div(input: Tensor, target: Any, size_average: bool | None = None, reduce:
     reduction='batchmean' divides the sum by the batch size (the true KL divergence); 'mean'
     averages over every element, as PyTorch's."""
     log_q = _loss_input("kl_div", input)
-    target = _cast_like(target, log_q)
+    target = _target_like(target, log_q)
     reduction = _reduction(size_average, reduce, reduction)
     if log_target:
         loss = target.exp() * (target - log_q)

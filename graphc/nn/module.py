@@ -94,6 +94,14 @@ class Parameter:
 
     __slots__ = ("data",)
 
+    @classmethod
+    def holding(cls, array: np.ndarray) -> Parameter:
+        """A Parameter of an array that already is one (not a new view of it): given to a
+        container or a module, it is the same parameter under another name (tied)."""
+        param = cls.__new__(cls)
+        param.data = array
+        return param
+
     def __init__(self, data: Any) -> None:
         array = _host_array(data, "Parameter")  # a torch tensor (requiring grad, bfloat16) too
         if array.dtype.name not in ("float16", "float32", "float64", "bool") and array.dtype.kind not in "iu":
@@ -117,6 +125,14 @@ _PARAMETER_ARRAYS: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakVa
 
 def _is_parameter_array(value: Any) -> bool:
     return isinstance(value, np.ndarray) and _PARAMETER_ARRAYS.get(id(value)) is value
+
+
+def _note_parameter_arrays(module: Module) -> None:
+    """Register the arrays of `module`'s parameter table as parameters (copies made by deepcopy,
+    pickle or a cast, which no Parameter() made)."""
+    for array in module.__dict__["_parameters"].values():
+        if array is not None:
+            _PARAMETER_ARRAYS[id(array)] = array
 
 
 def _buffer_array(value: Any, name: str) -> np.ndarray:
@@ -502,6 +518,8 @@ class Module:
         float64), registering the cast arrays in place of the old ones, as PyTorch does; integer
         buffers (counters) keep their dtype. Optimizers and compiled steps hold the arrays they
         were given: build them after casting."""
+        if hasattr(dtype, "dtype") and not isinstance(dtype, (np.dtype, type)):
+            dtype = dtype.dtype  # model.to(other_tensor): that tensor's dtype, as PyTorch's
         try:
             name = dtype_name(dtype)  # a torch dtype too, as Tensor.to takes it
         except TypeError:
@@ -523,6 +541,7 @@ class Module:
                             cast[id(array)] = (array, np.require(array.astype(target),
                                                                  requirements="C"))
                         table[key] = cast[id(array)][1]
+            _note_parameter_arrays(m)
         return self
 
     def double(self) -> Module:
@@ -590,6 +609,7 @@ class Module:
         for name in ("_parameters", "_buffers", "_modules"):  # pickled as plain dicts before
             if type(self.__dict__.get(name)) is dict:
                 self.__dict__[name] = Table(self.__dict__[name])
+        _note_parameter_arrays(self)  # copied arrays: parameters wherever they are assigned
 
     # -- calling ----------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
