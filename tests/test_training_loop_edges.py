@@ -218,7 +218,7 @@ def test_cli_train_stops_at_a_nan_loss_and_saves_nothing(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("option, message", [
-    ("--max-delay-ms", r"max_delay_ms >= 0 .* are needed \(got 8, nan"),
+    ("--max-delay-ms", r"max_delay_ms >= 0.* are needed \(got 8, nan"),
     ("--drain-timeout-s", "drain_timeout_s must be a finite number >= 0, got nan")])
 def test_serve_refuses_a_nan_duration(tmp_path, capsys, option, message):
     """--max-delay-ms nan was taken, and the server then answered no request."""
