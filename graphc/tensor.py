@@ -1452,18 +1452,23 @@ class Tensor:
         source = self[tuple(slice(None) if d == axis else slice(0, i) for d, i in enumerate(index.shape))]
         return bind("take_along_axis", source, index, axis=axis, wrap_negative=False)
 
+    def _check_scatter_shapes(self, op: str, axis: int, index: Tensor, src: Tensor) -> None:
+        """PyTorch's rule: the index has this tensor's dims and covers the leading part of src
+        and of this tensor's axes other than `axis`."""
+        if (index.ndim != self.ndim or src.ndim != self.ndim
+                or any(i > n for i, n in zip(index.shape, src.shape))
+                or any(i > n for d, (i, n) in enumerate(zip(index.shape, self.shape)) if d != axis)):
+            raise ShapeError(f"{op}: the index {index.shape} must have the tensor's {self.ndim} "
+                             f"dims, fit in its other axes {self.shape} and in src {src.shape} "
+                             f"(at {user_location()})")
+
     def scatter_add(self, dim: int, index: Any, src: Any) -> Tensor:
         """PyTorch's: a copy of this tensor with src[i][j] added at [i][index[i][j]] along
         `dim` (for dim 1; likewise for others), repeated indices adding up; the index covers
         the leading part of src and of this tensor's other axes."""
         (axis,) = normalize_axes(dim, self.ndim)
         index, src = as_tensor(index), as_tensor(src, like=self)
-        if (index.ndim != self.ndim or src.ndim != self.ndim
-                or any(i > n for i, n in zip(index.shape, src.shape))
-                or any(i > n for d, (i, n) in enumerate(zip(index.shape, self.shape)) if d != axis)):
-            raise ShapeError(f"scatter_add: the index {index.shape} must have the tensor's {self.ndim} "
-                             f"dims, fit in its other axes {self.shape} and in src {src.shape} "
-                             f"(at {user_location()})")
+        self._check_scatter_shapes("scatter_add", axis, index, src)
         src = src[tuple(slice(0, i) for i in index.shape)].astype(self.dtype)
         covered = tuple(slice(None) if d == axis else slice(0, i) for d, i in enumerate(index.shape))
         region_shape = tuple(n if d == axis else i for d, (i, n) in enumerate(zip(index.shape, self.shape)))
@@ -1504,12 +1509,7 @@ class Tensor:
                 raise DTypeError(f"scatter: src is {src.dtype} where this tensor is {self.dtype}: "
                                  f"PyTorch takes them equal; cast src (src.to(x.dtype)) "
                                  f"(at {user_location()})")
-        if (index.ndim != self.ndim or src.ndim != self.ndim
-                or any(i > n for i, n in zip(index.shape, src.shape))
-                or any(i > n for d, (i, n) in enumerate(zip(index.shape, self.shape)) if d != axis)):
-            raise ShapeError(f"scatter: the index {index.shape} must have the tensor's {self.ndim} "
-                             f"dims, fit in its other axes {self.shape} and in src {src.shape} "
-                             f"(at {user_location()})")
+        self._check_scatter_shapes("scatter", axis, index, src)
         if not index.dtype.startswith("int"):
             raise DTypeError(f"scatter: the index must be int64 or int32, got {index.dtype} "
                              f"(at {user_location()})")

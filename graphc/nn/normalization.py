@@ -64,6 +64,25 @@ def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     return stats[0].reshape(-1), stats[1].reshape(-1)
 
 
+def _register_norm_state(module: Module, num_features: int, affine: bool,
+                         track_running_stats: bool) -> None:
+    """A norm layer's weight and bias (ones and zeros) and running statistics, under PyTorch's
+    names; what a setting leaves out is registered as absent (None), as in PyTorch."""
+    if affine:
+        module.weight = Parameter(np.ones(num_features, dtype=np.float32))
+        module.bias = Parameter(np.zeros(num_features, dtype=np.float32))
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
+    if track_running_stats:
+        module.register_buffer("running_mean", np.zeros(num_features, dtype=np.float32))
+        module.register_buffer("running_var", np.ones(num_features, dtype=np.float32))
+        module.register_buffer("num_batches_tracked", np.zeros((), dtype=np.int64))
+    else:
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            module.register_buffer(name, None)
+
+
 class _BatchNorm(Module):
     """Shared by BatchNorm1d/2d, which differ only in the input ranks they accept."""
 
@@ -74,20 +93,7 @@ class _BatchNorm(Module):
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
-        # what a setting leaves out is registered as absent (None), as in PyTorch
-        if affine:
-            self.weight = Parameter(np.ones(num_features, dtype=np.float32))
-            self.bias = Parameter(np.zeros(num_features, dtype=np.float32))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", np.zeros(num_features, dtype=np.float32))
-            self.register_buffer("running_var", np.ones(num_features, dtype=np.float32))
-            self.register_buffer("num_batches_tracked", np.zeros((), dtype=np.int64))
-        else:
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                self.register_buffer(name, None)
+        _register_norm_state(self, num_features, affine, track_running_stats)
 
     def forward(self, x: Tensor) -> Tensor:
         x = as_tensor(x)
@@ -307,19 +313,8 @@ class _InstanceNorm(Module):
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
-        if affine:
-            self.weight = Parameter(np.ones(num_features, dtype=np.float32))
-            self.bias = Parameter(np.zeros(num_features, dtype=np.float32))
-        else:  # registered as absent (None), as in PyTorch
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:  # num_batches_tracked only for PyTorch's state-dict keys
-            self.register_buffer("running_mean", np.zeros(num_features, dtype=np.float32))
-            self.register_buffer("running_var", np.ones(num_features, dtype=np.float32))
-            self.register_buffer("num_batches_tracked", np.zeros((), dtype=np.int64))
-        else:
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                self.register_buffer(name, None)
+        # (num_batches_tracked only for PyTorch's state-dict keys: nothing counts it)
+        _register_norm_state(self, num_features, affine, track_running_stats)
 
     def forward(self, x: Tensor) -> Tensor:
         x = as_tensor(x)

@@ -40,6 +40,23 @@ def embedding(indices: Any, weight: Tensor, padding_idx: int | None = None) -> T
     return where(is_padding, stop_gradient(rows), rows)
 
 
+def _register_table(module: Module, num_embeddings: int, embedding_dim: int,
+                    padding_idx: int | None, given: np.ndarray | None, frozen: bool) -> None:
+    """An embedding table as `module.weight`: drawn from N(0, 1) with the padding row zero, or
+    a given one (from_pretrained: no draw, its padding row kept); frozen, a buffer (never
+    trained, in the state dict as "weight" still)."""
+    if given is None:
+        table = init.generator().standard_normal((num_embeddings, embedding_dim)).astype(np.float32)
+        if padding_idx is not None:
+            table[padding_idx] = 0
+    else:
+        table = given
+    if frozen:
+        module.register_buffer("weight", table)
+    else:
+        module.weight = Parameter(table)
+
+
 class Embedding(Module):
     """weight (num_embeddings, embedding_dim) drawn from N(0, 1); the `padding_idx` row starts
     at zero and is never updated by gradients."""
@@ -60,16 +77,7 @@ class Embedding(Module):
             padding_idx %= num_embeddings
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx
-        if _weight is None:
-            table = init.generator().standard_normal((num_embeddings, embedding_dim)).astype(np.float32)
-            if padding_idx is not None:
-                table[padding_idx] = 0
-        else:  # a given table (from_pretrained): no draw from the generator, its padding row kept
-            table = _weight
-        if _freeze:  # a buffer: never trained, and in the state dict as "weight" still
-            self.register_buffer("weight", table)
-        else:
-            self.weight = Parameter(table)
+        _register_table(self, num_embeddings, embedding_dim, padding_idx, _weight, _freeze)
 
     @classmethod
     def from_pretrained(cls, embeddings: Any, freeze: bool = True, padding_idx: int | None = None,
@@ -207,16 +215,7 @@ class EmbeddingBag(Module):
             padding_idx %= num_embeddings
         self.num_embeddings, self.embedding_dim, self.mode = num_embeddings, embedding_dim, mode
         self.include_last_offset, self.padding_idx = include_last_offset, padding_idx
-        if _weight is None:
-            table = init.generator().standard_normal((num_embeddings, embedding_dim)).astype(np.float32)
-            if padding_idx is not None:
-                table[padding_idx] = 0
-        else:
-            table = _weight
-        if _freeze:
-            self.register_buffer("weight", table)
-        else:
-            self.weight = Parameter(table)
+        _register_table(self, num_embeddings, embedding_dim, padding_idx, _weight, _freeze)
 
     @classmethod
     def from_pretrained(cls, embeddings: Any, freeze: bool = True, max_norm: float | None = None,
