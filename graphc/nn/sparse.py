@@ -40,6 +40,22 @@ def embedding(indices: Any, weight: Tensor, padding_idx: int | None = None) -> T
     return where(is_padding, stop_gradient(rows), rows)
 
 
+def _checked_table_settings(layer: str, num_embeddings: int, padding_idx: int | None,
+                            max_norm: float | None, scale_grad_by_freq: bool) -> int | None:
+    """`padding_idx` counted from 0 (-1: the last row, as PyTorch's); the settings graphc does
+    not take refused, naming `layer`."""
+    if max_norm is not None or scale_grad_by_freq:
+        raise GraphcError(f"{layer}: max_norm (renormalising rows in place) and "
+                          "scale_grad_by_freq are not supported; renormalise the table in "
+                          f"the training step instead (at {user_location()})")
+    if padding_idx is None:
+        return None
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(f"{layer}: padding_idx {padding_idx} must be within "
+                         f"[-{num_embeddings}, {num_embeddings})")
+    return padding_idx % num_embeddings
+
+
 def _register_table(module: Module, num_embeddings: int, embedding_dim: int,
                     padding_idx: int | None, given: np.ndarray | None, frozen: bool) -> None:
     """An embedding table as `module.weight`: drawn from N(0, 1) with the padding row zero, or
@@ -66,15 +82,8 @@ class Embedding(Module):
                  scale_grad_by_freq: bool = False, sparse: bool = False,
                  _weight: np.ndarray | None = None, _freeze: bool = False) -> None:
         super().__init__()
-        if max_norm is not None or scale_grad_by_freq:
-            raise GraphcError("Embedding: max_norm (renormalising rows in place) and "
-                              "scale_grad_by_freq are not supported; renormalise the table in "
-                              f"the training step instead (at {user_location()})")
-        if padding_idx is not None:
-            if not -num_embeddings <= padding_idx < num_embeddings:
-                raise ValueError(f"Embedding: padding_idx {padding_idx} must be within "
-                                 f"[-{num_embeddings}, {num_embeddings})")
-            padding_idx %= num_embeddings
+        padding_idx = _checked_table_settings("Embedding", num_embeddings, padding_idx, max_norm,
+                                              scale_grad_by_freq)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx
         _register_table(self, num_embeddings, embedding_dim, padding_idx, _weight, _freeze)
@@ -202,17 +211,10 @@ class EmbeddingBag(Module):
                  include_last_offset: bool = False, padding_idx: int | None = None,
                  _freeze: bool = False) -> None:
         super().__init__()
-        if max_norm is not None or scale_grad_by_freq:
-            raise GraphcError("EmbeddingBag: max_norm (renormalising rows in place) and "
-                              "scale_grad_by_freq are not supported; renormalise the table in "
-                              f"the training step instead (at {user_location()})")
+        padding_idx = _checked_table_settings("EmbeddingBag", num_embeddings, padding_idx, max_norm,
+                                              scale_grad_by_freq)
         if mode not in _BAG_MODES:
             raise ValueError(f"EmbeddingBag: mode must be one of {_BAG_MODES}, got {mode!r}")
-        if padding_idx is not None:
-            if not -num_embeddings <= padding_idx < num_embeddings:
-                raise ValueError(f"EmbeddingBag: padding_idx {padding_idx} must be within "
-                                 f"[-{num_embeddings}, {num_embeddings})")
-            padding_idx %= num_embeddings
         self.num_embeddings, self.embedding_dim, self.mode = num_embeddings, embedding_dim, mode
         self.include_last_offset, self.padding_idx = include_last_offset, padding_idx
         _register_table(self, num_embeddings, embedding_dim, padding_idx, _weight, _freeze)
