@@ -185,5 +185,5 @@ def _namedtuple_class(data: dict) -> type:
         raise ValueError(f"not a namedtuple's name and fields: {data!r:.60}")
     try:  # rename: fields PyTorch-style code renamed (`_1`) come back as they were written
         return namedtuple(name, fields, rename=True)
-    except ValueError as error:  # a keyword, a repeated field, one starting with "_"
+    except ValueError as error:  # a keyword as the name (fields are renamed instead)
         raise ValueError(f"not a namedtuple's name and fields: {error}") from None

@@ -87,7 +87,7 @@ def test_conv_transpose1d_takes_an_output_size_and_an_unbatched_input():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(gc.jit(layer)(SIGNAL[1]), torch_layer(torch.tensor(SIGNAL[1])).detach(),
                                rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="output_size 25 is not reachable .* lengths 21 to 22"):
+    with pytest.raises(ValueError, match=r"output_size \(25,\) is not reachable .* sizes 21 to 22"):
         gc.jit(lambda t: layer(t, output_size=(25,)))(SIGNAL)
     with pytest.raises(ShapeError, match=r"conv_transpose1d: weight \(3, 2, 3\) expects 3 input "
                                          r"channels, got input \(2, 4, 11\)"):

@@ -19,6 +19,30 @@ def _one(v: Any, name: str = "size") -> tuple[int]:
     return F.size_argument(v, 1, f"Conv1d: {name}")  # type: ignore[return-value]
 
 
+def _output_padding(layer: Module, shape: tuple[int, ...], size: list[int]) -> tuple[int, ...]:
+    """The output_padding that makes a transposed convolution of input `shape` give the spatial
+    `size` (its last axes), as PyTorch's `output_size` picks it; a size out of reach refused."""
+    spatial = len(size)
+    padding = []
+    for axis, wanted in enumerate(size):
+        stride, dilation = layer.stride[axis], layer.dilation[axis]
+        smallest = ((shape[axis - spatial] - 1) * stride - 2 * layer.padding[axis]
+                    + dilation * (layer.kernel_size[axis] - 1) + 1)
+        extra = wanted - smallest
+        if not 0 <= extra < max(stride, dilation):
+            raise ValueError(f"{type(layer).__name__}: output_size {tuple(size)} is not reachable "
+                             f"from input {shape}: axis {axis} takes sizes {smallest} to "
+                             f"{smallest + max(stride, dilation) - 1}")
+        padding.append(extra)
+    return tuple(padding)
+
+
+def _zeros_padding_only(layer: str, padding_mode: str) -> str:
+    if padding_mode != "zeros":  # as PyTorch's, which takes only this one
+        raise ValueError(f"{layer}: only padding_mode='zeros' is supported, got {padding_mode!r}")
+    return padding_mode
+
+
 class Conv1d(Module):
     """weight (out_channels, in_channels/groups, kernel_size), bias (out_channels,), both
     U(±1/sqrt(in_channels/groups * kernel_size)) as PyTorch's."""
@@ -67,10 +91,7 @@ class ConvTranspose2d(Module):
                  padding: Any = 0, output_padding: Any = 0, groups: int = 1, bias: bool = True,
                  dilation: Any = 1, padding_mode: str = "zeros") -> None:
         super().__init__()
-        if padding_mode != "zeros":  # as PyTorch's, which takes only this one
-            raise ValueError(f"ConvTranspose2d: only padding_mode='zeros' is supported, got "
-                             f"{padding_mode!r}")
-        self.padding_mode = padding_mode
+        self.padding_mode = _zeros_padding_only("ConvTranspose2d", padding_mode)
         kh, kw = F.pair_argument(kernel_size, "ConvTranspose2d: kernel_size")
         self.stride, self.padding, self.dilation, self.output_padding = (
             F.pair_argument(v, f"ConvTranspose2d: {name}") for v, name in (
@@ -98,22 +119,11 @@ class ConvTranspose2d(Module):
         return F.conv_transpose2d(x, self.weight, self.bias, self.stride,
                                   self.padding, output_padding, self.groups, self.dilation)
 
-    def _output_padding_for(self, shape: tuple[int, ...], output_size: Any) -> tuple[int, int]:
+    def _output_padding_for(self, shape: tuple[int, ...], output_size: Any) -> tuple[int, ...]:
         size = [int(s) for s in output_size][-2:]
         if len(size) != 2:
             raise ValueError(f"ConvTranspose2d: output_size must end with (H, W), got {output_size!r}")
-        padding = []
-        for axis, wanted in enumerate(size):
-            smallest = ((shape[-2 + axis] - 1) * self.stride[axis] - 2 * self.padding[axis]
-                        + self.dilation[axis] * (self.kernel_size[axis] - 1) + 1)
-            extra = wanted - smallest
-            if not 0 <= extra < max(self.stride[axis], self.dilation[axis]):
-                raise ValueError(
-                    f"ConvTranspose2d: output_size {tuple(size)} is not reachable from input {shape}: "
-                    f"axis {axis} takes sizes {smallest} to "
-                    f"{smallest + max(self.stride[axis], self.dilation[axis]) - 1}")
-            padding.append(extra)
-        return padding[0], padding[1]
+        return _output_padding(self, shape, size)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -128,10 +138,7 @@ class ConvTranspose1d(Module):
                  padding: Any = 0, output_padding: Any = 0, groups: int = 1, bias: bool = True,
                  dilation: Any = 1, padding_mode: str = "zeros") -> None:
         super().__init__()
-        if padding_mode != "zeros":  # as PyTorch's, which takes only this one
-            raise ValueError(f"ConvTranspose1d: only padding_mode='zeros' is supported, got "
-                             f"{padding_mode!r}")
-        self.padding_mode = padding_mode
+        self.padding_mode = _zeros_padding_only("ConvTranspose1d", padding_mode)
         (kernel,) = _one(kernel_size, "kernel_size")
         self.stride, self.padding, self.output_padding, self.dilation = (
             F.size_argument(v, 1, f"ConvTranspose1d: {name}") for v, name in (
@@ -159,17 +166,10 @@ class ConvTranspose1d(Module):
         return F.conv_transpose1d(x, self.weight, self.bias, self.stride, self.padding,
                                   output_padding, self.groups, self.dilation)
 
-    def _output_padding_for(self, shape: tuple[int, ...], output_size: Any) -> tuple[int]:
-        wanted = [int(s) for s in output_size][-1:] if isinstance(output_size, (tuple, list)) \
-            else [int(output_size)]
-        (stride,), (padding,), (dilation,) = self.stride, self.padding, self.dilation
-        smallest = (shape[-1] - 1) * stride - 2 * padding + dilation * (self.kernel_size[0] - 1) + 1
-        extra = wanted[0] - smallest
-        if not 0 <= extra < max(stride, dilation):
-            raise ValueError(f"ConvTranspose1d: output_size {wanted[0]} is not reachable from input "
-                             f"{shape}: it takes lengths {smallest} to "
-                             f"{smallest + max(stride, dilation) - 1}")
-        return (extra,)
+    def _output_padding_for(self, shape: tuple[int, ...], output_size: Any) -> tuple[int, ...]:
+        size = ([int(s) for s in output_size][-1:] if isinstance(output_size, (tuple, list))
+                else [int(output_size)])
+        return _output_padding(self, shape, size)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

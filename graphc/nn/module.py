@@ -281,13 +281,14 @@ class Module:
         # One of the tree's parameters assigned again (`self.head.weight = self.embed.weight`,
         # PyTorch's weight tying) is a parameter: reached under both names, one array, trained
         # as one (named_parameters lists it once).
-        tied = isinstance(value, np.ndarray) and (name in params or _is_parameter_array(value)
-                                                  or _holds_parameter(self, value))
-        if isinstance(value, Parameter) or tied:
+        shared = isinstance(value, np.ndarray) and (_is_parameter_array(value)
+                                                    or _holds_parameter(self, value))
+        over_parameter = isinstance(value, np.ndarray) and name in params
+        if isinstance(value, Parameter) or shared or over_parameter:
             self._forget(name, keep=params)
             if isinstance(value, Parameter):
                 params[name] = value.data
-            elif _is_parameter_array(value) or _holds_parameter(self, value):
+            elif shared:
                 params[name] = value  # one array under two names: tied
             else:  # an array put in a parameter's place
                 params[name] = Parameter(value).data
@@ -643,8 +644,10 @@ class Module:
         except Exception:
             # PyTorch's always_call hooks run even when forward raised, with no output
             for hook, with_kwargs, always in list((hooks or {}).values()):
-                if always:
-                    hook(self, args, kwargs, None) if with_kwargs else hook(self, args, None)
+                if always and with_kwargs:
+                    hook(self, args, kwargs, None)
+                elif always:
+                    hook(self, args, None)
             raise
         for hook, with_kwargs, _ in list((hooks or {}).values()):
             result = hook(self, args, kwargs, output) if with_kwargs else hook(self, args, output)

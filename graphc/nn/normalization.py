@@ -266,7 +266,8 @@ def instance_norm(x: Tensor, running_mean: Tensor | None = None, running_var: Te
     (N, C, *). Without `use_input_stats`, with the running statistics instead. PyTorch's
     functional form also updates running statistics passed with `use_input_stats`; a graphc
     tensor passed in cannot be written back, so that is refused: nn.InstanceNorm1d/2d with
-    track_running_stats=True keep them."""
+    track_running_stats=True keep them (`momentum`, which would weigh that update, is taken for
+    PyTorch's signature and has nothing to weigh here)."""
     x = as_tensor(x)
     if x.ndim < 3:
         raise ShapeError(f"instance_norm: expects (N, C, ...) input with positions to normalise "
