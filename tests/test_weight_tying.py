@@ -166,3 +166,19 @@ def test_a_trained_parameter_held_by_a_module_outside_the_model_is_still_trained
     step(x, y)
     np.testing.assert_allclose(model.weight, 0.8 * w0, rtol=1e-6)  # w - 0.1 * 2w
     assert other.weight is model.weight
+
+
+def test_functional_call_refuses_two_values_for_one_tied_parameter():
+    # PyTorch's functional_call refuses this too: which value would both uses read?
+    model = TiedLM()
+    ids = _batch()[0]
+    other = np.ones((VOCAB, DIM), np.float32)
+    split = gc.jit(lambda i: nn.functional_call(
+        model, {"embed.weight": other, "head.weight": other * 2}, i), backend=REF)
+    with pytest.raises(gc.GraphcError, match=r"\['embed.weight', 'head.weight'\] are one tied"):
+        split(ids)
+    # the same value under both names is one value: used by both, as the tie says
+    same = gc.jit(lambda i: nn.functional_call(
+        model, {"embed.weight": other, "head.weight": other}, i), backend=REF)
+    one = gc.jit(lambda i: nn.functional_call(model, {"embed.weight": other}, i), backend=REF)
+    np.testing.assert_array_equal(same(ids), one(ids))

@@ -904,9 +904,24 @@ def functional_call(module: Module, state: dict[str, Any], *args: Any,
     from ..tensor import as_tensor
 
     tensors = {name: as_tensor(value) for name, value in state.items()}
+    _refuse_split_ties(module, state)
     with bound(module, tensors), recording_buffer_updates(module) as updates:
         out = module(*args)
     return (out, updates) if return_buffers else out
+
+
+def _refuse_split_ties(module: Module, state: dict[str, Any]) -> None:
+    """A tied parameter given different values under two of its names has no one value to
+    read (PyTorch's functional_call refuses this too); the same object under both is fine."""
+    given: dict[int, list[str]] = {}
+    for name, ref in named_state_refs(module, _STATE_TABLES):
+        if name in state:
+            given.setdefault(id(ref.read()), []).append(name)
+    for names in given.values():
+        if len({id(state[name]) for name in names}) > 1:
+            raise GraphcError(f"functional_call: {names} are one tied parameter but were given "
+                              f"different values; give it under one name (or the same value under "
+                              f"each) (at {user_location()})")
 
 
 @contextmanager
