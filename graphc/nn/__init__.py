@@ -1,5 +1,5 @@
 """graphc.nn: neural-network building blocks with PyTorch's names."""
-from . import functional, init
+from . import functional, init, utils
 from .attention import (MultiheadAttention, TransformerDecoder, TransformerDecoderLayer,
                         TransformerEncoder, TransformerEncoderLayer)
 from .containers import ModuleDict, ModuleList, ParameterDict, ParameterList

@@ -1,0 +1,120 @@
+"""graphc.nn.utils: PyTorch's torch.nn.utils helpers that act on modules' parameters.
+
+`weight_norm` reparametrises a weight as g * v / ||v|| (Salimans & Kingma, 2016) the way
+torch.nn.utils.weight_norm does: the module's `weight` parameter becomes `weight_g` and
+`weight_v` (the state-dict names PyTorch's checkpoints use), and a forward pre-hook computes
+`weight` from them at every call, inside the trace, so gradients reach g and v.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+
+from graphc.ir.errors import GraphcError, ShapeError
+
+from ..tensor import Tensor
+from .module import Module, Parameter
+
+
+def _norm_axes(ndim: int, dim: int) -> tuple[int, ...]:
+    """The axes norm_except_dim sums over: all but `dim`; all of them for dim -1, which PyTorch's
+    weight_norm takes (as it takes None) to mean the norm of the whole tensor."""
+    return tuple(range(ndim)) if dim == -1 else tuple(a for a in range(ndim) if a != dim)
+
+
+def _norm_except_dim(array: np.ndarray, dim: int) -> np.ndarray:
+    axes = _norm_axes(array.ndim, dim)
+    keep = dim != -1  # PyTorch's g is 0-d for the whole tensor's norm, else keeps every dim
+    return np.sqrt(np.sum(np.square(array, dtype=np.float64), axis=axes, keepdims=keep)
+                   ).astype(array.dtype)
+
+
+class WeightNorm:
+    """The forward pre-hook of `weight_norm`: sets `module.<name>` to g * v / ||v|| (the norm
+    over every axis but `dim`) from the module's `<name>_g` and `<name>_v` parameters."""
+
+    def __init__(self, name: str, dim: int) -> None:
+        self.name, self.dim = name, dim
+
+    def compute_weight(self, module: Module) -> Tensor:
+        g, v = getattr(module, self.name + "_g"), getattr(module, self.name + "_v")
+        axes = _norm_axes(v.ndim, self.dim)
+        return v * (g / (v * v).sum(dim=axes, keepdim=self.dim != -1).sqrt())
+
+    def __call__(self, module: Module, args: Any) -> None:
+        setattr(module, self.name, self.compute_weight(module))
+
+
+def _weight_norm_hook(module: Module, name: str) -> tuple[int, WeightNorm] | None:
+    hooks = module.__dict__.get("_forward_pre_hooks") or {}
+    for key, (hook, _, _) in hooks.items():
+        if isinstance(hook, WeightNorm) and hook.name == name:
+            return key, hook
+    return None
+
+
+def weight_norm(module: Module, name: str = "weight", dim: int | None = 0) -> Module:
+    """PyTorch's torch.nn.utils.weight_norm: replace parameter `name` by `name`_g (its norm over
+    every axis but `dim`, kept as size-1 axes) and `name`_v (its direction, initially the
+    weight itself); each forward computes `name` = g * v / ||v||. `dim=None` (or -1, as in
+    PyTorch) takes the norm of the whole tensor (g a scalar). Returns the module. Build the
+    optimizer after this: it trains g and v, not the weight."""
+    if not isinstance(module, Module):
+        raise GraphcError(f"weight_norm: expects an nn.Module, got {type(module).__name__}")
+    if _weight_norm_hook(module, name) is not None:
+        raise GraphcError(f"weight_norm: {type(module).__name__}.{name} has weight norm already")
+    weight = module._parameters.get(name)
+    if weight is None:
+        raise GraphcError(f"weight_norm: {type(module).__name__} has no parameter {name!r} "
+                          f"(its parameters: {list(module._parameters)})")
+    dim = -1 if dim is None else dim
+    if not (isinstance(dim, int) and -1 <= dim < weight.ndim):
+        raise ShapeError(f"weight_norm: dim must be an axis of {name} {weight.shape}, or -1 or "
+                         f"None for the whole tensor's norm, got {dim!r}")
+    del module._parameters[name]
+    module.register_parameter(name + "_g", Parameter(_norm_except_dim(weight, dim)))
+    module.register_parameter(name + "_v", Parameter(weight.copy()))
+    setattr(module, name, weight.copy())  # what PyTorch's module holds until its first forward
+    module.register_forward_pre_hook(WeightNorm(name, dim))
+    return module
+
+
+def remove_weight_norm(module: Module, name: str = "weight") -> Module:
+    """Undo weight_norm: `name` becomes a parameter again, holding g * v / ||v|| of the present
+    g and v. Returns the module."""
+    found = _weight_norm_hook(module, name)
+    if found is None:
+        raise GraphcError(f"remove_weight_norm: weight_norm of {name!r} not found in "
+                          f"{type(module).__name__}")
+    key, hook = found
+    g, v = module._parameters[name + "_g"], module._parameters[name + "_v"]
+    weight = (v * (g / _norm_except_dim(v, hook.dim))).astype(v.dtype)
+    del module._forward_pre_hooks[key]
+    del module._parameters[name + "_g"], module._parameters[name + "_v"]
+    module.__dict__.pop(name, None)
+    module.register_parameter(name, Parameter(weight))
+    return module
+
+
+def parameters_to_vector(parameters: Iterable[np.ndarray]) -> np.ndarray:
+    """PyTorch's: the parameters flattened and concatenated, in order, into one new 1-D array."""
+    arrays = [np.asarray(p) for p in parameters]
+    if not arrays:
+        raise GraphcError("parameters_to_vector: no parameters given")
+    return np.concatenate([a.reshape(-1) for a in arrays])
+
+
+def vector_to_parameters(vector: np.ndarray, parameters: Iterable[np.ndarray]) -> None:
+    """PyTorch's: copy consecutive slices of the 1-D `vector` into the parameters, in place
+    (models and optimizers holding them see the new values)."""
+    vector = np.asarray(vector)
+    arrays = list(parameters)
+    total = sum(a.size for a in arrays)
+    if vector.ndim != 1 or vector.size != total:
+        raise ShapeError(f"vector_to_parameters: expects a 1-D vector of the parameters' {total} "
+                         f"elements, got shape {vector.shape}")
+    at = 0
+    for array in arrays:
+        array[...] = vector[at:at + array.size].reshape(array.shape)
+        at += array.size
