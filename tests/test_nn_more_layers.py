@@ -92,6 +92,26 @@ def test_dropout2d_zeroes_whole_channels_and_keeps_the_mean():
     np.testing.assert_array_equal(gc.jit(lambda t: model(t))(x), x)
 
 
+def test_alpha_dropout_keeps_selus_mean_and_variance_with_pytorchs_two_values():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).standard_normal((200, 500)).astype("float32")
+    model = nn.AlphaDropout(0.2)
+    out = gc.jit(lambda t: model(t))(x)
+    # every element is either x's affine image or the one dropped value, as in PyTorch's
+    theirs = torch.nn.functional.alpha_dropout(torch.tensor(x), 0.2, training=True).numpy()
+    values, counts = np.unique(theirs, return_counts=True)
+    kept = ~np.isclose(out, values[counts.argmax()], rtol=1e-6, atol=0)
+    assert 0.17 < 1 - kept.mean() < 0.23
+    scale = 1 / np.sqrt((F.SELU_SATURATION ** 2 * 0.2 + 1) * 0.8)
+    np.testing.assert_allclose(out[kept], scale * x[kept] - F.SELU_SATURATION * scale * 0.2,
+                               rtol=1e-5, atol=1e-6)
+    assert abs(out.mean()) < 0.02 and abs(out.std() - 1) < 0.02  # self-normalising
+    model.eval()
+    np.testing.assert_array_equal(gc.jit(lambda t: model(t))(x), x)
+    np.testing.assert_array_equal(gc.jit(lambda t: F.alpha_dropout(t, 0.2))(x), x)  # PyTorch's
+    # default is training=False
+
+
 def test_a_decoder_trains_on_numba_cpu_as_on_the_reference():
     x = np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype("float32")
     y = np.random.default_rng(4).integers(0, 4, 2)

@@ -7,7 +7,8 @@ from .conv import Conv1d, ConvTranspose1d, ConvTranspose2d
 from .layers import (AvgPool2d, Conv2d, Dropout, Flatten, Identity, Linear, LogSoftmax, MaxPool2d,
                      ReLU, Sequential, Sigmoid, Softmax, Tanh)
 from .layers import ELU, GELU, LeakyReLU, SiLU, Softplus
-from .layers import Dropout1d, Dropout2d, Hardtanh, PixelShuffle, PixelUnshuffle, PReLU, ReLU6, Upsample
+from .layers import (AlphaDropout, Dropout1d, Dropout2d, Hardtanh, PixelShuffle, PixelUnshuffle,
+                     PReLU, ReLU6, Upsample)
 from .layers import (CELU, GLU, SELU, CosineSimilarity, Hardsigmoid, Hardswish, LogSigmoid, Mish,
                      PairwiseDistance, Softmin, Softsign, Tanhshrink, Unflatten)
 from .loss import (BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, KLDivLoss, L1Loss,
@@ -34,6 +35,6 @@ __all__ += ["CELU", "GLU", "SELU", "CosineSimilarity", "Hardsigmoid", "Hardswish
 __all__ += ["GRUCell", "LSTMCell", "RNNCell"]
 __all__ += ["BCELoss", "BCEWithLogitsLoss", "CrossEntropyLoss", "HuberLoss", "KLDivLoss", "L1Loss",
             "MSELoss", "NLLLoss", "SmoothL1Loss"]
-__all__ += ["AvgPool1d", "ConvTranspose1d", "InstanceNorm1d", "InstanceNorm2d", "MaxPool1d",
-            "EmbeddingBag", "ParameterDict", "ParameterList", "PixelShuffle", "PixelUnshuffle",
+__all__ += ["AlphaDropout", "AvgPool1d", "ConvTranspose1d", "InstanceNorm1d", "InstanceNorm2d",
+            "MaxPool1d", "EmbeddingBag", "ParameterDict", "ParameterList", "PixelShuffle", "PixelUnshuffle",
             "TransformerDecoder", "TransformerDecoderLayer"]

@@ -675,6 +675,30 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = Fa
     return _result(x, where(keep, t * (1.0 / (1 - p)), 0), inplace)
 
 
+__all__ += ["alpha_dropout"]
+
+# SELU's negative saturation value, -scale * alpha: where alpha dropout puts a dropped element
+SELU_SATURATION = -1.0507009873554805 * 1.6732632423543772
+
+
+def alpha_dropout(x: Tensor, p: float = 0.5, training: bool = False,
+                  inplace: bool = False) -> Tensor:
+    """PyTorch's: while training, set each element with probability p to SELU's saturation
+    value, then an affine map under which a zero-mean, unit-variance input keeps its mean and
+    variance (SELU networks stay self-normalising). PyTorch's default here is training=False."""
+    check_dropout_probability("alpha_dropout", p)
+    if not training or p == 0:
+        return x
+    t = as_tensor(x)
+    if p == 1:
+        return _result(x, t * 0.0, inplace)
+    alpha = -SELU_SATURATION
+    scale = 1.0 / math.sqrt((alpha * alpha * p + 1) * (1 - p))
+    keep = bernoulli(1 - p, t.shape)
+    # kept: scale * x + alpha * scale * p; dropped: scale * (saturation) + alpha * scale * p
+    return _result(x, where(keep, t * scale, -alpha * scale) + alpha * scale * p, inplace)
+
+
 # -- 1-D pools: the 2-D ones over (N, C, 1, L), their arguments checked in the 1-D terms ----------
 __all__ += ["max_pool1d", "avg_pool1d"]
 
