@@ -20,9 +20,11 @@ lets the next step upload what may since have been written.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 from contextlib import contextmanager
@@ -270,7 +272,8 @@ class _CompiledModelBase:
         an inference function exported with `max_batch` takes any batch of 1 to max_batch
         samples (graphc/export.py says how)."""
         from .export import export
-        export(self, path, max_batch)
+        with getattr(self, "_turn", contextlib.nullcontext()):  # a step: after a running call
+            export(self, path, max_batch)
 
     @property
     def memory_plan(self) -> MemoryPlan | SegmentedMemoryPlan:
@@ -474,7 +477,7 @@ class TrainStep(_CompiledModelBase):
             raise GraphcError(f"{self.name}: a compiled training step updates the model and "
                               "cannot run inside gc.jit, gc.grad or another trace; call it "
                               "outside, or use gc.value_and_grad on the loss")
-        with self._turn:
+        with self._turn, interrupts_deferred():
             return numerics_checked(self, batch, self._step)
 
     def _step(self, batch: Sequence[Any]) -> float:
@@ -565,6 +568,26 @@ class TrainStep(_CompiledModelBase):
         for name, slots in self._opt_state.items():
             bindings.update({f"{name}.{k}": f"optim/{name}/{k}" for k in slots})
         return bindings
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """A Ctrl-C (SIGINT) during the block raises KeyboardInterrupt as it ends. A training
+    step's kernels update the weights and optimizer state one after another: interrupted
+    between two of them, some would hold the step's update and others not. (In the main
+    thread, where Python's own handler is installed; elsewhere the block runs as it is.)"""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def numerics_checked(step: Any, batch: Sequence[Any], call: Callable[[Sequence[Any]], float]) -> float:

@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import re
+import threading
 import time
 import warnings
 import zipfile
@@ -652,6 +653,7 @@ class _Loaded:
         self.backend = backend or default_backend()
         self.name = metadata.get("name", graph.name)
         self._state = state
+        self._turn = threading.RLock()  # calls from several threads take turns, as a TrainStep's
         self.persistent: list[np.ndarray] = []
         self._data_inputs = []
         for inp in graph.inputs:
@@ -690,6 +692,10 @@ class _Loaded:
 
     def export(self, path: str) -> None:
         """Write the file back with the current state (e.g. after more training)."""
+        with self._turn:  # a call in another thread finishes first: one consistent state
+            self._export(path)
+
+    def _export(self, path: str) -> None:
         from .train import atomic_write
 
         self._state_to_host()
@@ -858,9 +864,11 @@ class LoadedTrainStep(_Loaded):
         else:
             from graphc.passes.fusion import fuse
             fused = fuse(graph)
-        self._state_to_host()
-        bound = set(self._forward_bindings.values())
-        state = {k: v for k, v in self._state.items() if k.startswith("model/") or k in bound}
+        with self._turn:  # a call in another thread finishes first: one consistent state
+            self._state_to_host()
+            bound = set(self._forward_bindings.values())
+            state = {k: v.copy() for k, v in self._state.items()
+                     if k.startswith("model/") or k in bound}
         members = _function_members(
             "inference", graph, executable, fused, self._forward_bindings, {}, state,
             {"backend": self.backend, "lr": None, "name": graph.name,
@@ -901,8 +909,9 @@ class LoadedTrainStep(_Loaded):
         return {k: v for k, v in self._state.items() if not k.startswith("implicit/")}
 
     def __call__(self, *batch: Any) -> float:
-        from .compile import numerics_checked
-        return numerics_checked(self, batch, self._step)
+        from .compile import interrupts_deferred, numerics_checked
+        with self._turn, interrupts_deferred():
+            return numerics_checked(self, batch, self._step)
 
     def _step(self, batch: Sequence[Any]) -> float:
         if not isinstance(self.lrs, (list, tuple)) or len(self.lrs) != self._groups:

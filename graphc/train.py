@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from collections.abc import Iterator, Sized
-from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, ContextManager, Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from .api import staged
 from .compile import CompiledModel, TrainStep, compile
 from .data import DataLoader
 from .export import LoadedTrainStep, is_step_count
-from .optim.lr_scheduler import SCHEDULE_KEYS, ReduceLROnPlateau
+from .optim.lr_scheduler import SCHEDULE_KEYS, LRScheduler, ReduceLROnPlateau
 
 
 # -- checkpoints -----------------------------------------------------------------------------
@@ -40,9 +40,10 @@ def atomic_write(path: str, write: Callable[[Any], None]) -> None:
     interrupted write leaves the previous file untouched. A write killed outright (no chance to
     clean up) leaves its temporary file; the next write to `path` removes it. The file gets the
     mode of the one it replaces, or a new file's (0666 less the umask), as `open` would give it.
-    A failure raises OSError naming `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    name = os.path.basename(path)
+    A failure raises OSError naming `path`. A symbolic link is written through (its target
+    replaced, the link kept), as `open` writes through one."""
+    target = os.path.realpath(path)
+    directory, name = os.path.dirname(target), os.path.basename(target)
     try:
         _remove_stale_temporaries(directory, name)
         fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-{_temporary_tag(name)}.", dir=directory)
@@ -54,7 +55,7 @@ def atomic_write(path: str, write: Callable[[Any], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException as error:
         os.unlink(tmp)
         if isinstance(error, OSError):
@@ -137,6 +138,11 @@ def require_training_step(step: Any, who: str) -> None:
                           f"no optimizer")
 
 
+def taking_turns(step: TrainStep | LoadedTrainStep) -> ContextManager[Any]:
+    """The lock a training step's calls take turns by: held, no call runs in another thread."""
+    return step._turn
+
+
 def training_state(step: TrainStep | LoadedTrainStep) -> dict[str, np.ndarray]:
     """Everything needed to continue training exactly: weights, buffers, optimizer state,
     step count and RNG key. The arrays are the step's own, writing into them changes it, but
@@ -177,8 +183,9 @@ def save_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
     from .export import tensor_digest
 
     require_training_step(step, "save_checkpoint")
-    state = {k: np.ascontiguousarray(v) for k, v in training_state(step).items()}
-    rates = json.dumps(learning_rates(step))
+    with taking_turns(step):  # a step running in another thread finishes first: one snapshot
+        state = {k: np.array(v, order="C") for k, v in training_state(step).items()}
+        rates = json.dumps(learning_rates(step))
     metadata = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "learning_rates": rates,
                 "sha256:learning_rates": hashlib.sha256(rates.encode()).hexdigest(),
                 **{f"sha256/{k}": tensor_digest(v) for k, v in state.items()}}
@@ -195,9 +202,14 @@ def load_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
     """Restore a checkpoint into `step` (in place). Refuses, with a LoadError naming the file
     and the tensor, files that do not match the step or fail a checksum; reads no more than a
     checkpoint of this step can hold."""
+    require_training_step(step, "load_checkpoint")
+    with taking_turns(step):  # not into the arrays of a step running in another thread
+        _load_checkpoint(path, step)
+
+
+def _load_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
     from .bounded_io import open_regular, read_at_most
 
-    require_training_step(step, "load_checkpoint")
     own = training_state(step)
     # safetensors stores 0-d arrays (the step count) with shape (1,)
     limit = 8 + _HEADER_ALLOWANCE + sum(_PER_TENSOR_HEADER + np.asarray(v).nbytes for v in own.values())
@@ -551,12 +563,23 @@ def fit(step: TrainStep | LoadedTrainStep, train_loader: Iterable, epochs: int =
     if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, (int, np.integer)) or initial_epoch < 1:
         raise GraphcError(f"fit: initial_epoch is the number of the first epoch to train, from 1 "
                           f"(resuming after epoch k: k + 1), got {initial_epoch!r}")
-    # (under GRAPHC_CHECK_NUMERICS a compiled step checks each of its calls itself)
-    # a loaded step has no model code to rerun a failing batch on the reference backend
-    check_numerics = bool(check_numerics) and not isinstance(step, LoadedTrainStep)
+    # (under GRAPHC_CHECK_NUMERICS a compiled step checks each of its calls itself; a loaded
+    # step, with no model code to rerun a failing batch on, is put back as it was all the same)
+    check_numerics = bool(check_numerics)
     if early_stopping is not None and early_stopping.monitor.startswith("val_") and val_loader is None:
         raise GraphcError(f"fit: EarlyStopping monitors {early_stopping.monitor!r}, a validation "
                           "metric, but there is no val_loader: pass one or monitor 'loss'")
+    # a name no epoch logs (a typo) is refused before the first epoch trains, not after it (an
+    # on_epoch_end callback may add to the logs EarlyStopping reads, not to the scheduler's)
+    loggable = {"loss", "samples_per_s"} | ({f"val_{k}" for k in _Validation.SCALARS}
+                                           if val_loader is not None else set())
+    monitors = [("ReduceLROnPlateau", getattr(scheduler, "monitor", None))]
+    if on_epoch_end is None:
+        monitors.append(("EarlyStopping", getattr(early_stopping, "monitor", None)))
+    for user, monitor in monitors:
+        if isinstance(monitor, str) and monitor not in loggable:
+            raise GraphcError(f"fit: {user} monitors {monitor!r}, which no epoch logs; the logs "
+                              f"are {', '.join(sorted(loggable))}")
     if early_stopping is not None:
         early_stopping.begin(step, initial_epoch)
     validation = _Validation(step, val_loader, world)
@@ -564,12 +587,13 @@ def fit(step: TrainStep | LoadedTrainStep, train_loader: Iterable, epochs: int =
     # graphc's or PyTorch's protocol counts them in last_epoch)
     # (not ReduceLROnPlateau, which needs their metrics: its state is the caller's to restore)
     plateau = isinstance(scheduler, ReduceLROnPlateau)
-    while (scheduler is not None and not plateau
-           and getattr(scheduler, "last_epoch", initial_epoch) < initial_epoch - 1):
-        scheduler.step()
-    # and drew their shuffles: a loader counting its epochs (DataLoader) skips to the next one
+    if (scheduler is not None and not plateau
+            and getattr(scheduler, "last_epoch", initial_epoch) < initial_epoch - 1):
+        _catch_up(scheduler, initial_epoch - 1)
+    # and drew their shuffles: a loader counting its epochs (DataLoader) draws epoch k + 1's
+    # next, also where a failed run of it had started drawing epoch k + 1 already
     if isinstance(getattr(train_loader, "epoch", None), int) and hasattr(train_loader, "set_epoch") \
-            and train_loader.epoch < initial_epoch - 1:
+            and initial_epoch > 1:
         train_loader.set_epoch(initial_epoch - 1)
     writer = tensorboard_writer(log_dir) if world.is_root else None
     try:
@@ -621,6 +645,25 @@ def fit(step: TrainStep | LoadedTrainStep, train_loader: Iterable, epochs: int =
     finally:  # what was logged reaches the file, also when training fails
         if writer is not None:
             writer.close()
+
+
+def _catch_up(scheduler: Any, epoch: int) -> None:
+    """Step `scheduler`, behind a run resumed after `epoch`, to that epoch. A schedule of
+    graphc's is replayed from its start: the rates a checkpoint restored are that epoch's
+    already, and a chainable schedule stepping from them would apply its factors twice. Rates
+    other than those the scheduler set last (a checkpoint's, or set by hand) are kept over the
+    replayed ones, so that a change made to the schedule before the checkpoint carries on."""
+    if not isinstance(scheduler, LRScheduler):
+        while scheduler.last_epoch < epoch:
+            scheduler.step()
+        return
+    groups = scheduler.optimizer.param_groups
+    held = [group["lr"] for group in groups]
+    changed = held != scheduler.get_last_lr()
+    scheduler.replay_to(epoch)
+    if changed:
+        for group, rate in zip(groups, held):
+            group["lr"] = rate
 
 
 def _empty_epoch_message(train_loader: Iterable, epoch: int) -> str:
@@ -685,14 +728,16 @@ def _nonfinite_state(step: TrainStep) -> str | None:
 
 def _numerics_report(step: TrainStep | LoadedTrainStep, batch: Any,
                      before: dict[str, np.ndarray] | None) -> str:
-    if isinstance(step, LoadedTrainStep):
-        return "; a step loaded from a file cannot rerun the batch to find the op that produced it"
+    cannot_rerun = "a step loaded from a file cannot rerun the batch to find the op that produced it"
     if before is None:
-        return ("; rerun with fit(..., check_numerics=True) or GRAPHC_CHECK_NUMERICS=1 to find the "
+        return (f"; {cannot_rerun}" if isinstance(step, LoadedTrainStep) else
+                "; rerun with fit(..., check_numerics=True) or GRAPHC_CHECK_NUMERICS=1 to find the "
                 "op that produced it")
     own = training_state(step)
     for name, array in before.items():  # back to the state the failing step started from
-        np.copyto(own[name], array)
+        np.copyto(own[name], array)  # (a loaded step's generator key among them)
+    if isinstance(step, LoadedTrainStep):
+        return f"; its state was put back as it was before the call; {cannot_rerun}"
     step.set_rng_state(before["rng"])  # and the generator: the rerun draws the step's masks
     report = step.check_numerics(*batch)
     return f": {report or 'the rerun on the reference backend stayed finite'}"

@@ -551,6 +551,20 @@ def test_a_write_gives_the_mode_open_would_and_names_the_path_it_fails_on(tmp_pa
         atomic_write(missing, lambda f: f.write(b"x"))
 
 
+def test_a_write_to_a_symbolic_link_goes_to_its_target_and_keeps_the_link(tmp_path):
+    """The link was replaced by a plain file and its target kept the old checkpoint."""
+    from graphc.train import atomic_write
+
+    (tmp_path / "run3").mkdir()
+    target = tmp_path / "run3" / "ck.safetensors"
+    target.write_bytes(b"old")
+    link = tmp_path / "latest.ckpt"
+    link.symlink_to(os.path.join("run3", "ck.safetensors"))
+    atomic_write(str(link), lambda f: f.write(b"new"))
+    assert link.is_symlink() and target.read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path / "run3")) == ["ck.safetensors"]
+
+
 def test_plan_and_metadata_lies_are_refused(tmp_path):
     """Found by the fuzzer: a donation map pairing an input with an output of another type
     raised ValueError in the first step; one naming a data input would overwrite the batch."""

@@ -2,7 +2,9 @@
 a PyTorch loop relies on them: each case here was wrong or unclear before."""
 import os
 import re
+import signal
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -153,6 +155,126 @@ def test_graphc_check_numerics_reaches_a_hand_written_loop(monkeypatch):
                                           r"non-finite value: log at .*test_training_loop_edges.py"):
         step(X, Y)
     np.testing.assert_array_equal(model.weight, weights)  # put back as it was
+
+
+def test_check_numerics_puts_a_loaded_step_back_as_it_was(monkeypatch, tmp_path):
+    """A step loaded with gc.load raised on a NaN loss but kept the NaN weights and moments:
+    every later step, good batches too, raised again."""
+    model = nn.Linear(3, 2)
+    step = gc.compile_train_step(model, F.mse_loss, optim.Adam(model.parameters(), lr=0.1),
+                                 example_inputs=(X, Y))
+    step.export(str(tmp_path / "s.gcx"))
+    loaded = gc.load(str(tmp_path / "s.gcx"))
+    before = {k: v.copy() for k, v in gc.train.training_state(loaded).items()}
+    bad = X.copy()
+    bad[0, 0] = np.nan
+    for check in ("env", "fit"):
+        with pytest.raises(GraphcError, match="its state was put back as it was before the call; a "
+                                              "step loaded from a file cannot rerun the batch"):
+            if check == "env":
+                monkeypatch.setenv("GRAPHC_CHECK_NUMERICS", "1")
+                loaded(bad, Y)
+            else:
+                monkeypatch.delenv("GRAPHC_CHECK_NUMERICS")
+                fit(loaded, [(bad, Y)], progress=False, check_numerics=True)
+        for name, array in gc.train.training_state(loaded).items():
+            np.testing.assert_array_equal(array, before[name], err_msg=name)
+    assert np.isfinite(loaded(X, Y))
+
+
+@pytest.mark.parametrize("built", ["before", "after"])
+@pytest.mark.parametrize("schedule", [lambda o: optim.ExponentialLR(o, gamma=0.5),
+                                      lambda o: optim.CosineAnnealingLR(o, T_max=6),
+                                      lambda o: optim.CosineAnnealingWarmRestarts(o, T_0=2)])
+def test_fit_resumed_from_a_checkpoint_with_a_fresh_scheduler_goes_on_as_the_uninterrupted_run(
+        tmp_path, schedule, built):
+    """fit(initial_epoch=3) stepped a fresh scheduler from the rate the checkpoint restored,
+    which was epoch 2's already: a chainable schedule applied its first factors twice
+    (ExponentialLR 0.0625 where the run had 0.25)."""
+    def rates(resume):
+        opt, step = make_step(lr=1.0)
+        scheduler = schedule(opt) if built == "before" or not resume else None
+        if resume:
+            load_checkpoint(str(tmp_path / "run.ck"), step)
+            scheduler = scheduler or schedule(opt)
+        seen = []
+        fit(step, [(X, Y)], epochs=5, progress=False, scheduler=scheduler,
+            initial_epoch=3 if resume else 1, on_epoch_start=lambda e: seen.append(opt.lr),
+            checkpoint_path=None if resume else str(tmp_path / "all.ck"),
+            on_epoch_end=lambda e, logs: e == 2 and save_checkpoint(str(tmp_path / "run.ck"), step))
+        return seen
+
+    uninterrupted = rates(resume=False)
+    np.testing.assert_allclose(rates(resume=True), uninterrupted[2:], rtol=1e-12)
+
+
+def test_fit_resumed_with_the_loader_of_a_failed_epoch_draws_that_epochs_shuffle():
+    """A DataLoader that had begun epoch 2 when the run failed counted it already; fit(initial_epoch
+    =2) then trained epoch 2 on epoch 3's shuffle."""
+    data = np.arange(8, dtype=np.float32).reshape(8, 1)
+    loader = gc.data.DataLoader(gc.data.TensorDataset(data, data), batch_size=2, shuffle=True, seed=0)
+    list(loader)  # epoch 1 ran; epoch 2 failed after its first batch
+    next(iter(loader))
+    drawn = []  # the epochs drawn before each of fit's epochs
+    model = nn.Linear(1, 1)
+    step = gc.compile_train_step(model, F.mse_loss, optim.SGD(model.parameters(), lr=0.0),
+                                 example_inputs=(data[:2], data[:2]))
+    fit(step, loader, epochs=3, progress=False, initial_epoch=2,
+        on_epoch_start=lambda e: drawn.append(loader.epoch))
+    assert drawn == [1, 2]
+
+
+def test_a_monitor_no_epoch_logs_is_refused_before_training():
+    """ReduceLROnPlateau(monitor="val_acc") failed after the whole first epoch, before its
+    checkpoint was written."""
+    opt, step = make_step()
+    for kw in (dict(scheduler=optim.ReduceLROnPlateau(opt, monitor="val_acc")),
+               dict(early_stopping=gc.train.EarlyStopping("val_acc"))):
+        with pytest.raises(GraphcError, match="monitors 'val_acc', which no epoch logs; the logs "
+                                              "are loss, samples_per_s, val_accuracy"):
+            fit(step, [(X, Y)], val_loader=[(X, Y)], progress=False, **kw)
+    assert step.step_count == 0
+
+
+def test_ctrl_c_during_a_step_lands_after_its_whole_update():
+    """A KeyboardInterrupt between two of a step's kernels left some layers and moments updated
+    and others not."""
+    opt, step = make_step()
+    weight = step.model.weight.copy()
+    run = step._step
+
+    def interrupted_midway(batch):  # the signal arrives while the kernels run
+        os.kill(os.getpid(), signal.SIGINT)
+        return run(batch)
+
+    step._step = interrupted_midway
+    with pytest.raises(KeyboardInterrupt):
+        step(X, Y)
+    assert step.step_count == 1 and not np.array_equal(step.model.weight, weight)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_checkpoint_waits_for_a_step_running_in_another_thread(tmp_path):
+    """save_checkpoint from another thread mixed two steps' weights (each checksum right)."""
+    opt, step = make_step()
+    started, release = threading.Event(), threading.Event()
+
+    def running_step():
+        with gc.train.taking_turns(step):
+            started.set()
+            release.wait(10)
+
+    runner = threading.Thread(target=running_step)
+    runner.start()
+    started.wait(10)
+    saver = threading.Thread(target=save_checkpoint, args=(str(tmp_path / "c.ck"), step))
+    saver.start()
+    saver.join(0.3)
+    assert saver.is_alive()  # waits for the step
+    release.set()
+    saver.join(10)
+    runner.join(10)
+    assert not saver.is_alive() and os.path.exists(tmp_path / "c.ck")
 
 
 def logged_scalars(path):

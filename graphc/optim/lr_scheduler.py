@@ -167,6 +167,17 @@ class LRScheduler(_SavedState):
     def get_last_lr(self) -> list[float]:
         return list(self._last_lr)
 
+    def replay_to(self, epoch: int) -> None:
+        """Put the schedule at `epoch`, stepped there from its start at each group's initial
+        rate with no change carried: where a run resumed after `epoch` (fit's initial_epoch)
+        puts a scheduler built afresh, whatever rate a checkpoint restored meanwhile."""
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base
+        self.last_epoch, self._behind, self._last_lr = -1, 0, None
+        self._carry = [1.0] * len(self.optimizer.param_groups)
+        while self.last_epoch < epoch:
+            self.step()
+
 
 def _per_group(value: Any, optimizer: Optimizer, name: str, what: str) -> list[Any]:
     """One value per parameter group: a list (or tuple) of them, or one for every group."""
@@ -297,6 +308,10 @@ class CosineAnnealingWarmRestarts(LRScheduler):
         self.last_epoch = position - 1  # super().step() adds the one
         super().step()
         self._position, self.last_epoch = position, math.floor(position)
+
+    def replay_to(self, epoch: int) -> None:
+        self._position = -1
+        super().replay_to(epoch)
 
     def rate(self, epoch: float, group: int = 0) -> float:
         # the period `epoch` falls in, counted exactly (a logarithm put epoch 121 of T_0=1,
