@@ -42,7 +42,7 @@ from graphc.passes.rebatch import match_extents, rebatch
 from . import random as gc_random
 from .api import inline_graph, user_facing
 from .lowering import collecting_new_objects_only, compile_graph
-from .nn.module import (Module, claim_state, functional_call, named_arrays, named_state_refs,
+from .nn.module import (Module, call_bound, claim_state, named_arrays, named_state_refs,
                         release_state_holders, state_arrays, sync_state_holders, traced_state,
                         unclaim_state)
 from .optim import Optimizer
@@ -673,7 +673,7 @@ class CompiledModel(_CompiledModelBase):
                        for n in self._names("_buffers")}
             with _modes_restored(self.model):
                 self.model.eval()
-                out = functional_call(self.model, {**params, **buffers}, *data)
+                out = call_bound(self.model, {**params, **buffers}, *data)
             # nested outputs, as LSTM's (output, (h_n, c_n)), come back in the same structure
             outs, _, self._output_tree = flatten(out)
             for i, o in enumerate(outs):

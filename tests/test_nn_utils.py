@@ -93,6 +93,31 @@ def test_remove_weight_norm_gives_the_weight_back():
     copy.deepcopy(layer)
 
 
+def test_weight_norm_of_a_1d_parameter_and_the_weight_read_after_a_call_are_pytorchs():
+    """A 1-D parameter's norm over no axis is each element's magnitude (graphc divided by the
+    vector's norm); after a compiled call, module.weight was a Tensor of the finished trace."""
+    torch = pytest.importorskip("torch")
+    import warnings
+    layer = nn.utils.weight_norm(nn.Linear(3, 4), name="bias")
+    theirs = torch.nn.Linear(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = torch.nn.utils.weight_norm(theirs, name="bias")
+    layer.bias_g[...] = [0.5, -2.0, 1.0, 3.0]
+    theirs.load_state_dict({k: torch.tensor(v) for k, v in layer.state_dict().items()})
+    x = np.ones((2, 3), np.float32)
+    expected = theirs(torch.tensor(x)).detach().numpy()
+    np.testing.assert_allclose(gc.jit(lambda a: layer(a), backend=REF)(x), expected, rtol=1e-6)
+    # read outside a trace: the present g * v / |v|, as PyTorch's module holds it
+    np.testing.assert_allclose(layer.bias, theirs.bias.detach().numpy(), rtol=1e-6)
+    conv = nn.utils.weight_norm(nn.Conv1d(2, 3, 3))
+    gc.jit(lambda a: conv(a), backend=REF)(np.ones((1, 2, 5), np.float32))
+    assert isinstance(conv.weight, np.ndarray) and conv.weight.shape == (3, 2, 3)
+    np.testing.assert_allclose(conv.weight, conv.weight_v * conv.weight_g
+                               / np.linalg.norm(conv.weight_v.reshape(3, -1), axis=1)[:, None, None],
+                               rtol=1e-6)
+
+
 def test_weight_norm_refuses_what_it_cannot_do():
     layer = nn.Linear(3, 2)
     with pytest.raises(gc.GraphcError, match="no parameter 'kernel'"):

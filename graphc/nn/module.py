@@ -403,6 +403,9 @@ class Module:
             return bound[1][name]
         if name in d.get("_modules", {}):
             return d["_modules"][name]
+        derived = d.get("_derived_attributes")
+        if derived and name in derived:  # computed from parameters at each read (weight_norm)
+            return derived[name](self)
         raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
 
     def _refuse_hidden_modules(self) -> None:
@@ -901,21 +904,30 @@ def functional_call(module: Module, state: dict[str, Any], *args: Any,
     With `return_buffers`, returns (output, {buffer name: new value Tensor}) for the buffers the
     forward updated (e.g. batch-norm running statistics in training mode).
     """
+    _refuse_split_ties(module, state)
+    return call_bound(module, state, *args, return_buffers=return_buffers)
+
+
+def call_bound(module: Module, state: dict[str, Any], *args: Any,
+               return_buffers: bool = False) -> Any:
+    """functional_call, where each of a tied parameter's names may be given a Tensor of its
+    own (graphc's compiled functions give every state-dict name an input)."""
     from ..tensor import as_tensor
 
     tensors = {name: as_tensor(value) for name, value in state.items()}
-    _refuse_split_ties(module, state)
     with bound(module, tensors), recording_buffer_updates(module) as updates:
         out = module(*args)
     return (out, updates) if return_buffers else out
 
 
 def _refuse_split_ties(module: Module, state: dict[str, Any]) -> None:
-    """A tied parameter given different values under two of its names has no one value to
-    read (PyTorch's functional_call refuses this too); the same object under both is fine."""
+    """A tied parameter given different arrays under two of its names has no one value to
+    read (PyTorch's functional_call refuses this too); the same array under both is fine. (Traced
+    Tensors are left alone: a traced function's argument, such as model.state_dict(), makes
+    each name an input of its own, and each use reads its own.)"""
     given: dict[int, list[str]] = {}
     for name, ref in named_state_refs(module, _STATE_TABLES):
-        if name in state:
+        if name in state and not isinstance(state[name], Tensor):
             given.setdefault(id(ref.read()), []).append(name)
     for names in given.values():
         if len({id(state[name]) for name in names}) > 1:

@@ -2,8 +2,9 @@
 
 `weight_norm` reparametrises a weight as g * v / ||v|| (Salimans & Kingma, 2016) the way
 torch.nn.utils.weight_norm does: the module's `weight` parameter becomes `weight_g` and
-`weight_v` (the state-dict names PyTorch's checkpoints use), and a forward pre-hook computes
-`weight` from them at every call, inside the trace, so gradients reach g and v.
+`weight_v` (the state-dict names PyTorch's checkpoints use), and `module.weight` is computed
+from them wherever it is read: inside a trace (the forward), so gradients reach g and v, and
+outside one, as the NumPy array of the present g and v.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import numpy as np
 
 from graphc.ir.errors import GraphcError, ShapeError
 
-from ..tensor import Tensor
 from .module import Module, Parameter
 
 
@@ -31,38 +31,35 @@ def _norm_except_dim(array: np.ndarray, dim: int) -> np.ndarray:
 
 
 class WeightNorm:
-    """The forward pre-hook of `weight_norm`: sets `module.<name>` to g * v / ||v|| (the norm
-    over every axis but `dim`) from the module's `<name>_g` and `<name>_v` parameters."""
+    """`module.<name>` under weight_norm: g * v / ||v|| (the norm over every axis but `dim`)
+    from the module's `<name>_g` and `<name>_v` parameters, traced Tensors or arrays."""
 
     def __init__(self, name: str, dim: int) -> None:
         self.name, self.dim = name, dim
 
-    def compute_weight(self, module: Module) -> Tensor:
+    def __call__(self, module: Module) -> Any:
         g, v = getattr(module, self.name + "_g"), getattr(module, self.name + "_v")
+        if isinstance(v, np.ndarray):
+            return (v * (g / _norm_except_dim(v, self.dim))).astype(v.dtype)
         axes = _norm_axes(v.ndim, self.dim)
-        return v * (g / (v * v).sum(dim=axes, keepdim=self.dim != -1).sqrt())
+        # (no axes, a 1-D weight's own dim: each element's norm is its magnitude)
+        squares = (v * v).sum(dim=axes, keepdim=self.dim != -1) if axes else v * v
+        return v * (g / squares.sqrt())
 
-    def __call__(self, module: Module, args: Any) -> None:
-        setattr(module, self.name, self.compute_weight(module))
 
-
-def _weight_norm_hook(module: Module, name: str) -> tuple[int, WeightNorm] | None:
-    hooks = module.__dict__.get("_forward_pre_hooks") or {}
-    for key, (hook, _, _) in hooks.items():
-        if isinstance(hook, WeightNorm) and hook.name == name:
-            return key, hook
-    return None
+def _derived(module: Module) -> dict[str, Any]:
+    return module.__dict__.get("_derived_attributes") or {}
 
 
 def weight_norm(module: Module, name: str = "weight", dim: int | None = 0) -> Module:
     """PyTorch's torch.nn.utils.weight_norm: replace parameter `name` by `name`_g (its norm over
     every axis but `dim`, kept as size-1 axes) and `name`_v (its direction, initially the
-    weight itself); each forward computes `name` = g * v / ||v||. `dim=None` (or -1, as in
-    PyTorch) takes the norm of the whole tensor (g a scalar). Returns the module. Build the
-    optimizer after this: it trains g and v, not the weight."""
+    weight itself); `module.<name>` is then g * v / ||v||, computed wherever it is read.
+    `dim=None` (or -1, as in PyTorch) takes the norm of the whole tensor (g a scalar). Returns
+    the module. Build the optimizer after this: it trains g and v, not the weight."""
     if not isinstance(module, Module):
         raise GraphcError(f"weight_norm: expects an nn.Module, got {type(module).__name__}")
-    if _weight_norm_hook(module, name) is not None:
+    if isinstance(_derived(module).get(name), WeightNorm):
         raise GraphcError(f"weight_norm: {type(module).__name__}.{name} has weight norm already")
     weight = module._parameters.get(name)
     if weight is None:
@@ -75,24 +72,22 @@ def weight_norm(module: Module, name: str = "weight", dim: int | None = 0) -> Mo
     del module._parameters[name]
     module.register_parameter(name + "_g", Parameter(_norm_except_dim(weight, dim)))
     module.register_parameter(name + "_v", Parameter(weight.copy()))
-    setattr(module, name, weight.copy())  # what PyTorch's module holds until its first forward
-    module.register_forward_pre_hook(WeightNorm(name, dim))
+    # a new dict: a compiled function holding the old one as a setting sees the change
+    object.__setattr__(module, "_derived_attributes",
+                       {**_derived(module), name: WeightNorm(name, dim)})
     return module
 
 
 def remove_weight_norm(module: Module, name: str = "weight") -> Module:
     """Undo weight_norm: `name` becomes a parameter again, holding g * v / ||v|| of the present
     g and v. Returns the module."""
-    found = _weight_norm_hook(module, name)
-    if found is None:
+    if not isinstance(_derived(module).get(name), WeightNorm):
         raise GraphcError(f"remove_weight_norm: weight_norm of {name!r} not found in "
                           f"{type(module).__name__}")
-    key, hook = found
-    g, v = module._parameters[name + "_g"], module._parameters[name + "_v"]
-    weight = (v * (g / _norm_except_dim(v, hook.dim))).astype(v.dtype)
-    del module._forward_pre_hooks[key]
+    weight = getattr(module, name)
+    object.__setattr__(module, "_derived_attributes",
+                       {k: v for k, v in _derived(module).items() if k != name})
     del module._parameters[name + "_g"], module._parameters[name + "_v"]
-    module.__dict__.pop(name, None)
     module.register_parameter(name, Parameter(weight))
     return module
 
