@@ -3,11 +3,13 @@
 
 The operand is passed as a (before, kept, after) view and the output as (2, kept), so one
 compiled function serves layer norm's rows (before = 1) and batch norm's channels. Each kept
-index accumulates x - x0 and its square, x0 its first element: shifting by a value of the data
-keeps the variance's digits when the mean is large against the spread. Rows of up to 4096
-elements are summed in x's dtype and the rows' sums in float64, which keeps the digits over
-many rows. With after = 1 (batch norm over (N, C)), the channels are
-contiguous, so the kernel walks the rows and accumulates every channel at once.
+index is read twice: first for its mean (the sum of x - x0, x0 its first element), then for the
+sums of x - mean and its square, from which the variance comes with its digits whatever the
+mean (one pass over x - x0 and its square lost three digits where x0 lay far from the mean: an
+activation of 300 among ones, a transformer's massive activation). Rows of up to 4096 elements
+are summed in x's dtype and the rows' sums in float64, which keeps the digits over many rows.
+With after = 1 (batch norm over (N, C)), the channels are contiguous, so the kernel walks the
+rows and accumulates every channel at once, in float64, shifted by the first row.
 """
 from __future__ import annotations
 
@@ -31,9 +33,33 @@ LONGEST_ROW_IN_OWN_DTYPE = 4096
 
 
 def _write_statistics(w: Writer, c: str, shift: str, total: str, squares: str) -> None:
+    """The mean and variance from the sums of d = x - shift and of d^2: exact where shift is
+    the mean but for rounding (the mean of d is then only that rounding's residue)."""
     w.line(f"mean = {total} / n")
     w.line(f"out[0, {c}] = {shift} + mean")
     w.line(f"out[1, {c}] = max({squares} / n - mean * mean, 0.0)")
+
+
+def _write_run_sums(w: Writer, own: str, shift: str, sums: dict[str, str]) -> None:
+    """Float64 sums over line c of the terms of d = x - `shift` (`sums`: name -> term), each
+    run of up to LONGEST_ROW_IN_OWN_DTYPE elements summed in x's dtype `own` first."""
+    for name in sums:
+        w.line(f"{name} = 0.0")
+    with w.block("for a in range(before):"):
+        with w.block(f"if after <= {LONGEST_ROW_IN_OWN_DTYPE}:"):
+            for name in sums:
+                w.line(f"{name}_run = {own}(0.0)")
+            with w.block("for k in range(after):"):
+                w.line(f"d = x[a, c, k] - {shift}")
+                for name, term in sums.items():
+                    w.line(f"{name}_run += {term}")
+            for name in sums:
+                w.line(f"{name} += np.float64({name}_run)")
+        with w.block("else:"):
+            with w.block("for k in range(after):"):
+                w.line(f"d = np.float64(x[a, c, k]) - np.float64({shift})")
+                for name, term in sums.items():
+                    w.line(f"{name} += {term}")
 
 
 @lowering(TARGET, "moments")
@@ -41,6 +67,7 @@ def _moments(node: Node, refs: Refs) -> tuple[list[Call], int]:
     x = node.inputs[0]
     view = lines_view(x.shape, node.attrs["axes"])
     parallel = view[1] > 1 and runs_parallel(size_of(x.shape))
+    own = np_type(x.dtype)
 
     def body(w: Writer) -> None:
         w.line("before, kept, after = x.shape")
@@ -60,39 +87,25 @@ def _moments(node: Node, refs: Refs) -> tuple[list[Call], int]:
                 _write_statistics(w, "c", "shift[c]", "total[c]", "squares[c]")
             w.line("return")
         with w.block(loop_header("c", "kept", parallel)):
-            w.line("shift = x[0, c, 0]")
-            w.line("total = 0.0")
-            w.line("squares = 0.0")
-            with w.block("for a in range(before):"):
-                with w.block(f"if after <= {LONGEST_ROW_IN_OWN_DTYPE}:"):
-                    w.line("part = shift - shift")  # zero in x's dtype
-                    w.line("part_squares = shift - shift")
-                    with w.block("for k in range(after):"):
-                        w.line("d = x[a, c, k] - shift")
-                        w.line("part += d")
-                        w.line("part_squares += d * d")
-                    w.line("total += np.float64(part)")
-                    w.line("squares += np.float64(part_squares)")
-                with w.block("else:"):
-                    with w.block("for k in range(after):"):
-                        w.line("d = np.float64(x[a, c, k]) - np.float64(shift)")
-                        w.line("total += d")
-                        w.line("squares += d * d")
-            _write_statistics(w, "c", "np.float64(shift)", "total", "squares")
+            w.line("x0 = x[0, c, 0]")
+            _write_run_sums(w, own, "x0", {"shifted": "d"})
+            w.line(f"centre = {own}(np.float64(x0) + shifted / n)")
+            _write_run_sums(w, own, "centre", {"total": "d", "squares": "d * d"})
+            _write_statistics(w, "c", "np.float64(centre)", "total", "squares")
 
     call = library_call("moments", ["x", "out"], [refs[x], refs[node.output]], parallel, body)
     call.views = (view, (2, view[1]))
-    return [call], 3 * size_of(x.shape)
+    return [call], 5 * size_of(x.shape)
 
 
 # -- normalize, normalize_grad: one line per iteration, the lines in parallel -------------------
 # Arrays are passed as (before, kept, after) views, as `moments`'s operand: a kept index c is a
-# line (a row of layer norm's, a channel of batch norm's). Each kernel reads its line twice: once
-# for the sums, as `moments` takes them (of x - x0, x0 the line's first element, so the variance
-# keeps its digits when the mean is large against the spread), then to write the output; the
-# line is still in cache for the second pass. Runs of up to LONGEST_ROW_IN_OWN_DTYPE are summed
-# and normalised in x's dtype: float32 sums and arithmetic vectorise twice as wide
-# (transformer-m's 1024 x 128 rows, one thread: 30 us against 61 us in float64).
+# line (a row of layer norm's, a channel of batch norm's). Each kernel reads its line three
+# times: for the mean (the sum of x - x0), for the sums of x - mean and its square (as `moments`
+# takes them), then to write the output; the line is still in cache for the later passes. Runs
+# of up to LONGEST_ROW_IN_OWN_DTYPE are summed and normalised in x's dtype: float32 sums and
+# arithmetic vectorise twice as wide (transformer-m's 1024 x 128 rows, one thread: 30 us against
+# 61 us in float64).
 def _write_line_sums(w: Writer, acc: str, terms: dict[str, str], setup: list[str]) -> None:
     """A float64 sum over the line of each term (named by its key), each run of `after` summed
     in `acc` first; the `setup` lines bind what the terms read."""
@@ -110,11 +123,22 @@ def _write_line_sums(w: Writer, acc: str, terms: dict[str, str], setup: list[str
             w.line(f"{name} += np.float64({name}_run)")
 
 
+def _write_centre(w: Writer, acc: str, sums: dict[str, str], setup: list[str]) -> None:
+    """`centre`, the line's mean to a rounding (from the sum of x - x0, x0 its first element),
+    then the sums over the line of d = x - centre and d^2 (c_total, c_squares) and of `sums`
+    more, whose terms may read d and what `setup` binds."""
+    _write_line_sums(w, acc, {"shifted": "d"}, [f"d = {acc}(x[a, c, k]) - x0"])
+    w.line(f"centre = {acc}(x0 + shifted / n)")
+    _write_line_sums(w, acc, {"c_total": "d", "c_squares": "d * d", **sums},
+                     [f"d = {acc}(x[a, c, k]) - centre", *setup])
+
+
 def _write_statistics_from_sums(w: Writer, acc: str, epsilon: str) -> None:
-    """mean and rstd from the sums of d = x - x0 and of d^2."""
-    w.line("shift_mean = d_total / n")  # the mean less x0
-    w.line(f"mean = {acc}(x0 + shift_mean)")
-    w.line(f"rstd = {acc}(1.0 / np.sqrt(max(d_squares / n - shift_mean * shift_mean, 0.0) + {epsilon}))")
+    """mean and rstd from the sums of d = x - centre and of d^2 (`_write_centre`); residual, the
+    mean of d, is centre's rounding error."""
+    w.line("residual = c_total / n")
+    w.line(f"mean = {acc}(centre + residual)")
+    w.line(f"rstd = {acc}(1.0 / np.sqrt(max(c_squares / n - residual * residual, 0.0) + {epsilon}))")
 
 
 def _line_call(node: Node, refs: Refs, params: list[str],
@@ -134,13 +158,13 @@ def _line_call(node: Node, refs: Refs, params: list[str],
     args = [refs[v] for v in node.inputs] + [refs[node.output]]
     call = library_call(node.op, params, args, parallel, body)
     call.views = (view,) * len(args)
-    return [call], 4 * size_of(x.shape)
+    return [call], 6 * size_of(x.shape)
 
 
 @lowering(TARGET, "normalize")
 def _normalize(node: Node, refs: Refs) -> tuple[list[Call], int]:
     def write_line(w: Writer, acc: str, epsilon: str) -> None:
-        _write_line_sums(w, acc, {"d_total": "d", "d_squares": "d * d"}, [f"d = {acc}(x[a, c, k]) - x0"])
+        _write_centre(w, acc, {}, [])
         _write_statistics_from_sums(w, acc, epsilon)
         with w.block("for a in range(before):"):
             with w.block("for k in range(after):"):
@@ -154,14 +178,13 @@ def _normalize_grad(node: Node, refs: Refs) -> tuple[list[Call], int]:
     """dx = rstd (g - mean(g) - xhat mean(g xhat)), xhat = (x - mean) rstd. The sums take
     e = g - g0, g0 the line's first element, which changes neither g - mean(g) nor, as xhat sums
     to zero, mean(g xhat): an offset in g then costs no digits, as the mean's does not in x.
-    <e, x - mean> is sum(e d) - sum(e) sum(d) / n, all four sums in one pass."""
+    <e, x - mean> is sum(e d) - sum(e) residual, d = x - centre (`_write_centre`)."""
     def write_line(w: Writer, acc: str, epsilon: str) -> None:
         w.line(f"g0 = {acc}(g[0, c, 0])")
-        _write_line_sums(w, acc, {"d_total": "d", "d_squares": "d * d", "e_total": "e", "e_dot_d": "e * d"},
-                         [f"d = {acc}(x[a, c, k]) - x0", f"e = {acc}(g[a, c, k]) - g0"])
+        _write_centre(w, acc, {"e_total": "e", "e_dot_d": "e * d"}, [f"e = {acc}(g[a, c, k]) - g0"])
         _write_statistics_from_sums(w, acc, epsilon)
         w.line(f"e_mean = {acc}(e_total / n)")
-        w.line(f"g_normalised_mean = {acc}((e_dot_d - e_total * shift_mean) * rstd / n)")
+        w.line(f"g_normalised_mean = {acc}((e_dot_d - e_total * residual) * rstd / n)")
         with w.block("for a in range(before):"):
             with w.block("for k in range(after):"):
                 w.line(f"normalised = ({acc}(x[a, c, k]) - mean) * rstd")
