@@ -400,7 +400,7 @@ def _function_members(kind: str, graph: Graph, executable: Executable, fused: Gr
         "format.json": _json({"format": FORMAT, "version": VERSION, "kind": kind}),
         "graph.json": graph.to_json().encode(),
         "plan.json": _json({"signature": _signature(graph), "bindings": bindings,
-                            **({"tied": tied} if tied else {}),
+                            **({"tied": tied} if tied else {}), "state_order": list(state),
                             "donate": {str(k): v for k, v in donate.items()},
                             **_plan_summary(executable, fused), **plan}),
         "metadata.json": _json({"versions": _versions(),
@@ -544,6 +544,18 @@ def _load_state(path: str, archive: ZipMembers, digests: dict[str, str],
     if _sha256(data) != digests[name]:
         raise LoadError(path, "checksum mismatch: the file is corrupted", name)
     return {k: np.ascontiguousarray(v) for k, v in state.items()}
+
+
+def _in_saved_order(path: str, state: dict[str, np.ndarray], plan: dict[str, Any]
+                    ) -> dict[str, np.ndarray]:
+    """`state` in the order the export wrote it (plan.json's "state_order": the model's
+    state-dict order, as PyTorch's), or by name in a file without one (safetensors' parser
+    returns its own hash order, another at every run)."""
+    order = plan.get("state_order", sorted(state))
+    if (not isinstance(order, list) or not all(isinstance(k, str) for k in order)
+            or sorted(order) != sorted(state)):
+        raise LoadError(path, "malformed state order", "plan.json")
+    return {k: state[k] for k in order}
 
 
 def _graph(path: str, text: bytes, member: str) -> Graph:
@@ -867,7 +879,8 @@ class LoadedTrainStep(_Loaded):
         with self._turn:  # a call in another thread finishes first: one consistent state
             self._state_to_host()
             bound = set(self._forward_bindings.values())
-            state = {k: v.copy() for k, v in self._state.items()
+            copies: dict[int, np.ndarray] = {}  # a tied array's names share one copy
+            state = {k: copies.setdefault(id(v), v.copy()) for k, v in self._state.items()
                      if k.startswith("model/") or k in bound}
         members = _function_members(
             "inference", graph, executable, fused, self._forward_bindings, {}, state,
@@ -1066,6 +1079,6 @@ def load(path: str, backend: str | None = None) -> LoadedTrainStep | LoadedFunct
         donate, bindings = _checked_plan(path, plan, graph)
         metadata = _checked_metadata(path, parse_json(members["metadata.json"], path, "metadata.json"),
                                      fmt["kind"])
-        state = _load_state(path, archive, digests, tensors)
+        state = _in_saved_order(path, _load_state(path, archive, digests, tensors), plan)
     cls = LoadedTrainStep if fmt["kind"] == "train_step" else LoadedFunction
     return cls(path, graph, state, metadata, plan, bindings, donate, backend, members)

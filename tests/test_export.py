@@ -50,7 +50,10 @@ def test_loaded_step_continues_bit_for_bit(exported):
 def test_loaded_state_dict_and_archive_contents(exported):
     path, _, final_state = exported
     loaded = gc.load(path, backend=REF)
-    assert set(loaded.state_dict()) == set(final_state)
+    # in the model's order, as PyTorch's (safetensors' own order changed from run to run)
+    assert list(loaded.state_dict()) == list(final_state)
+    train_state = list(gc.train.training_state(loaded))
+    assert train_state[:len(final_state)] == [f"model/{k}" for k in final_state]
     names = zipfile.ZipFile(path).namelist()
     for member in ("format.json", "graph.json", "plan.json", "state.safetensors", "metadata.json",
                    "checksums.json"):
@@ -140,6 +143,24 @@ def test_interrupted_export_leaves_the_previous_file(exported, tmp_path, monkeyp
         step.export(str(target))
     assert target.read_bytes() == open(path, "rb").read()
     assert os.listdir(tmp_path) == ["step.gcx"]
+
+
+def test_a_malformed_state_order_is_refused(exported, tmp_path):
+    import hashlib
+
+    path, _, _ = exported
+    for bad in (["model/0.weight"], [1, 2], "model/0.weight"):
+        def mutate(m, bad=bad):
+            plan = json.loads(m["plan.json"])
+            plan["state_order"] = bad
+            m["plan.json"] = json.dumps(plan).encode()
+            m["checksums.json"] = json.dumps({
+                "members": {n: hashlib.sha256(d).hexdigest() for n, d in m.items()
+                            if n not in ("checksums.json",)},
+                "tensors": json.loads(m["checksums.json"])["tensors"]}).encode()
+        rewrite(path, str(tmp_path / "order.gcx"), mutate)
+        with pytest.raises(gc.SerializationError, match="plan.json: malformed state order"):
+            gc.load(str(tmp_path / "order.gcx"), backend=REF)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
