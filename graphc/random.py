@@ -8,12 +8,14 @@ alone, and every backend draws the same bits.
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
 
 _state = {"seed": 0, "counter": 0}
+_LOCK = threading.Lock()  # calls from several threads draw keys one at a time: each its own
 
 
 def manual_seed(seed: int) -> None:
@@ -32,8 +34,9 @@ def manual_seed(seed: int) -> None:
 
 def next_key() -> np.ndarray:
     """The key of the next call, (seed, counter); the counter advances."""
-    key = get_state()
-    _state["counter"] += 1
+    with _LOCK:
+        key = get_state()
+        _state["counter"] += 1
     return key
 
 

@@ -156,3 +156,26 @@ def test_a_one_element_random_value_keeps_its_shape_on_the_reference(op, attrs):
     key = np.array([3, 4], np.int64)
     for shape in [(1,), (1, 1)]:
         assert get(op).impl(key, shape=shape, stream=0, **attrs).shape == shape
+
+
+def test_threads_drawing_keys_at_once_each_get_their_own():
+    """The counter was read, then advanced, with no lock: two threads could draw one key (two
+    identical dropout masks) and skip another."""
+    import sys
+    import threading
+
+    from graphc import random as gc_random
+
+    keys, interval = [], sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        def draw():
+            keys.extend(tuple(gc_random.next_key()) for _ in range(2000))
+        threads = [threading.Thread(target=draw) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(set(keys)) == len(keys) == 8000

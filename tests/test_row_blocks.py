@@ -257,6 +257,21 @@ def test_a_process_forked_after_the_team_ran_runs_the_row_blocks_too():
         assert sorted(result.get(timeout=60)) == [0, 1, 2]
 
 
+def test_the_team_marks_its_process_so_a_forked_childs_parallel_kernels_are_refused():
+    """A parent whose only OpenMP use was a scan's row blocks went unnoticed: its forked child's
+    first parallel kernel was killed by GNU OpenMP, with no Python error."""
+    import subprocess
+    import sys
+    script = ("import os\nfrom graphc.backends.numba_cpu import team\n"
+              "if team._openmp() is None: print('no team')\nelse:\n"
+              "    team.run_side_by_side([(print, ()), (print, ())])\n"
+              "    print(team.OPENMP_PROCESS[0] == os.getpid())")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    if out.stdout.strip().endswith("no team"):
+        pytest.skip("GNU OpenMP's team is not in use")
+    assert out.stdout.strip().endswith("True"), out.stdout + out.stderr
+
+
 def _side_by_side_in_a_child() -> list[int]:
     from graphc.backends.numba_cpu import team
     ran: list[int] = []

@@ -44,6 +44,7 @@ from .codegen_common import (_ALWAYS_PARALLEL, _SERIAL, Call, KernelSource, alwa
                              requested_threads, serial_kernels)
 from .codegen_winograd import im2col_only
 from .compile_pool import BackgroundCompile, estimated_compile_seconds
+from .team import OPENMP_PROCESS
 from .thread_choice import ThreadChoice
 
 # Serial stand-ins run while an executable's parallel kernels compile in the background when
@@ -285,7 +286,7 @@ class Executable(PlannedExecutable):
         try:
             return self._call(args)
         finally:
-            if self._parallel and _OPENMP_PROCESS[0] is None:
+            if self._parallel and OPENMP_PROCESS[0] is None:
                 _refuse_a_forked_child(self.graph.name)  # notes this process as OpenMP's
 
     def _call(self, args: Sequence[Any]) -> list[np.ndarray]:
@@ -462,16 +463,10 @@ class Executable(PlannedExecutable):
 _UPGRADING: weakref.WeakSet[Executable] = weakref.WeakSet()
 
 
-# The process whose parallel kernels started GNU OpenMP's thread team (None: none has). A child
-# forked from it is killed by GNU OpenMP at its first parallel region ("fork() called from a
-# process already using GNU OpenMP"), and a Pool waiting on it hangs.
-_OPENMP_PROCESS: list[int | None] = [None]
-
-
 def _refuse_a_forked_child(name: str) -> None:
     """Raise in a process forked after its parent ran parallel kernels on GNU OpenMP; note the
     first process that runs them."""
-    owner, pid = _OPENMP_PROCESS[0], os.getpid()
+    owner, pid = OPENMP_PROCESS[0], os.getpid()
     if owner == pid:
         return
     if owner is not None:
@@ -481,7 +476,7 @@ def _refuse_a_forked_child(name: str) -> None:
                           "GRAPHC_NUM_THREADS=1 before importing graphc in the parent")
     try:
         if numba.threading_layer() == "omp":  # after the first parallel kernel: known from here
-            _OPENMP_PROCESS[0] = pid
+            OPENMP_PROCESS[0] = pid
     except ValueError:  # no parallel kernel has run yet
         pass
 

@@ -28,6 +28,11 @@ _LOCK = threading.Lock()  # one team at a time: its jobs and errors are these li
 _jobs: list[Job] = []
 _errors: list[BaseException] = []
 _PROCESS = os.getpid()  # the team's process, not a child forked from it
+# The process that started GNU OpenMP's thread team, by a parallel kernel (executor) or a
+# GOMP_parallel here (None: none has). A child forked from it is killed by GNU OpenMP at its
+# first parallel region ("fork() called from a process already using GNU OpenMP"), and a Pool
+# waiting on it hangs: executor refuses the child's parallel kernels.
+OPENMP_PROCESS: list[int | None] = [None]
 
 
 def run_side_by_side(jobs: Sequence[Job]) -> None:
@@ -39,6 +44,8 @@ def run_side_by_side(jobs: Sequence[Job]) -> None:
         try:
             if team is not None:
                 library, member = team
+                if OPENMP_PROCESS[0] is None:
+                    OPENMP_PROCESS[0] = os.getpid()
                 library.GOMP_parallel(member, None, len(jobs), 0)
             else:
                 _on_python_threads()
