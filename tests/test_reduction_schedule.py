@@ -116,3 +116,38 @@ def test_parallel_column_sum_does_not_depend_on_the_thread_count():
     finally:
         numba.set_num_threads(threads)
     np.testing.assert_array_equal(executable(x)[0], one)
+
+
+def _scratch_sizes(executable, arrays):
+    """The shapes every `np.empty` of the reduction kernels allocates, evaluated for `arrays`
+    (the kernels' extents n0, n1, ... are the operand's)."""
+    import re
+    shapes = []
+    for source in reduction_sources(executable):
+        extents = {f"n{d}": n for d, n in enumerate(arrays[0].shape)}
+        for line in source.splitlines():
+            line = line.strip()
+            for name in ("block_rows", "blocks"):
+                if line.startswith(f"{name} = "):
+                    extents[name] = eval(line.split(" = ", 1)[1], {"max": max}, extents)
+            found = re.match(r"partial = np\.empty\((.*), np\.\w+\)", line)
+            if found:
+                shapes.append(eval(found.group(1), {}, extents))
+    return shapes
+
+
+def test_parallel_full_and_wide_column_sums_keep_their_scratch_small():
+    """A full sum kept one float64 partial per element of its collapsed axis (8 bytes per
+    element of a bool mask: 17 GiB to count a 2 GiB one), and a column sum of rows wider than
+    a row block one partial row per row (785 MiB for a 2048 x 50257 logits' bias gradient)."""
+    from graphc.backends.numba_cpu.codegen_common import always_parallel
+    from graphc.backends.numba_cpu.codegen_reduction import MOST_ROW_BLOCKS
+    mask = np.ones((1 << 20,), np.float32)
+    wide = np.ones((512, 40000), np.float32)
+    with always_parallel():
+        full, _ = check(build_graph("full_sum", [mask], lambda b, v: [b.sum(v, axes=(0,))]), [mask])
+        column, _ = check(build_graph("wide_column", [wide], lambda b, v: [b.sum(v, axes=(0,))]), [wide])
+    [full_scratch] = _scratch_sizes(full, [mask])
+    assert np.prod(full_scratch) <= mask.size // ROW_BLOCK_ELEMENTS
+    [column_scratch] = _scratch_sizes(column, [wide])
+    assert column_scratch == (MOST_ROW_BLOCKS, 40000)

@@ -117,16 +117,24 @@ def _generate(kernel: Node) -> KernelSource:
 
 
 def _split_reduction(code: Writer, reduction: Reduction, index, dims, inner) -> None:
-    """Full reduction in parallel: one partial result per step of axis 0, then combined."""
+    """Full reduction in parallel: axis 0 in blocks of ROW_BLOCK_ELEMENTS operand elements at
+    least, one partial result per block, then combined. (One partial per step of axis 0, which
+    the collapsed axes of a full sum make one per element, took a float64 array as large as the
+    operand: a 2 GiB bool mask's count needed 17 GiB.) The blocks depend on the extents only."""
     acc_type = f"np.{reduction.acc_dtype}"
-    code.line(f"partial = np.empty({dims[0]}, {acc_type})")
-    with code.block(loop_header(index[0], dims[0], True)):
+    rest = " * ".join(dims[1:]) or "1"
+    code.line(f"block_rows = max(1, {ROW_BLOCK_ELEMENTS} // max(1, {rest}))")
+    code.line(f"blocks = ({dims[0]} + block_rows - 1) // block_rows")
+    code.line(f"partial = np.empty(blocks, {acc_type})")
+    with code.block(loop_header("block", "blocks", True)):
         reduction.init(code, "part")
-        inner(code, list(range(1, len(index))), "part")
-        code.line(f"partial[{index[0]}] = part")
+        start = "block * block_rows"
+        with code.block(f"for {index[0]} in range({start}, min({dims[0]}, {start} + block_rows)):"):
+            inner(code, list(range(1, len(index))), "part")
+        code.line("partial[block] = part")
     reduction.init(code)
-    with code.block(loop_header(index[0], dims[0], False)):
-        reduction.update(code, f"partial[{index[0]}]")
+    with code.block("for block in range(blocks):"):
+        reduction.update(code, "partial[block]")
 
 
 def _leading_reduction(reduction: Reduction, rank: int) -> bool:
@@ -226,6 +234,9 @@ def _accumulate_parts(code: Writer, parts: ReductionKernel, concat: Node, acc: s
 # elements of the operand (at least) in one row block of a parallel column reduction: enough rows
 # that combining the blocks' partial sums costs little beside summing the rows (1/32 of it)
 ROW_BLOCK_ELEMENTS = 1 << 15
+# and at most this many blocks: rows wider than ROW_BLOCK_ELEMENTS made a block of every row,
+# partial sums as large as the operand (a 2048 x 50257 logits' column sum: 785 MiB more)
+MOST_ROW_BLOCKS = 16
 
 
 def _parallel_column_reduction(code: Writer, parts: ReductionKernel) -> None:
@@ -240,7 +251,8 @@ def _parallel_column_reduction(code: Writer, parts: ReductionKernel) -> None:
     row = " * ".join(dims[d] for d in range(len(dims)) if d != first)
     kept_index = index_text(tuple(index[d] for d in kept))
     partial = f"partial[block, {kept_index}]"
-    code.line(f"block_rows = max(1, {ROW_BLOCK_ELEMENTS} // max(1, {row}))")
+    code.line(f"block_rows = max(1, {ROW_BLOCK_ELEMENTS} // max(1, {row}), "
+              f"({dims[first]} + {MOST_ROW_BLOCKS - 1}) // {MOST_ROW_BLOCKS})")
     code.line(f"blocks = ({dims[first]} + block_rows - 1) // block_rows")
     code.line(f"partial = np.empty((blocks, {', '.join(dims[d] for d in kept)}), np.{reduction.acc_dtype})")
 
