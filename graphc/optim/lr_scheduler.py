@@ -6,8 +6,9 @@ every call. Each rate is computed in closed form from the group's initial rate a
 count, which equals PyTorch's chained updates (up to rounding) when nothing else sets the rates.
 Where something else did (another scheduler stepped beside it, ReduceLROnPlateau, a rate set by
 hand), the schedules PyTorch computes from the current rate carry that change on, as PyTorch's
-do; the others (LambdaLR, OneCycleLR, CyclicLR, CosineAnnealingWarmRestarts, SequentialLR)
-set their own rate over it, as PyTorch's do too.
+do (a SequentialLR does within such a stage, from its milestone on); the others (LambdaLR,
+OneCycleLR, CyclicLR, CosineAnnealingWarmRestarts) set their own rate over it, as PyTorch's do
+too.
 """
 from __future__ import annotations
 
@@ -356,6 +357,13 @@ class PolynomialLR(LRScheduler):
     def rate(self, epoch: int, group: int = 0) -> float:
         return self.base_lrs[group] * (1 - min(epoch, self.total_iters) / self.total_iters) ** self.power
 
+    def _carried(self, group: int, current: float, rate: float) -> float:
+        # past total_iters PyTorch's keeps the rate as it is: one set there by hand stays (no
+        # carried factor of a zero rate could give it)
+        if self.last_epoch > self.total_iters:
+            return current
+        return super()._carried(group, current, rate)
+
 
 class MultiplicativeLR(LRScheduler):
     """The rate times lr_lambda(epoch) at each step (one function or one per group): after k
@@ -467,6 +475,19 @@ class SequentialLR(LRScheduler):
         self.schedulers = list(schedulers)
         self.milestones = [_count("SequentialLR: each milestone", m, 0) for m in milestones]
         super().__init__(optimizer, last_epoch)
+
+    def step(self) -> None:
+        # As PyTorch's, which steps the stage of the epoch: a chainable stage carries on a change
+        # something else made to the rate (a plateau's cut, a hand), and a stage starts afresh
+        # at its milestone (PyTorch's step(0) there), the first at epoch 0 (PyTorch's
+        # constructor resets the rates the stages' constructors set).
+        epoch = self.last_epoch + 1
+        index = bisect.bisect_right(self.milestones, epoch)
+        starts = epoch == 0 or (index and epoch == self.milestones[index - 1])
+        self.chainable = self.schedulers[index].chainable and not starts
+        if starts:
+            self._carry = [1.0] * len(self.optimizer.param_groups)
+        super().step()
 
     def rate(self, epoch: int, group: int = 0) -> float:
         index = bisect.bisect_right(self.milestones, epoch)
