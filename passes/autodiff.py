@@ -155,10 +155,17 @@ def autodiff(graph: Graph, wrt: Sequence[int | str], output: str | None = None,
     if not keep_outputs:
         new.outputs = []
     b.at(None)
+    taken = {name for name, _ in new.outputs}
     for i in indices:
         inp = new.inputs[i]
         parts = cts.get(inp.value)
-        new.add_output(f"grad_{inp.name}", _sum_cotangents(b, parts) if parts else b.zeros_like(inp.value))
+        name = f"grad_{inp.name}"
+        for k in range(2, len(indices) + 2):  # an input asked for twice (argnums=(0, 0))
+            if name not in taken:
+                break
+            name = f"grad_{inp.name}_{k}"
+        taken.add(name)
+        new.add_output(name, _sum_cotangents(b, parts) if parts else b.zeros_like(inp.value))
     from .simplify import dce
     return dce(new)
 

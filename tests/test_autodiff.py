@@ -151,3 +151,13 @@ def test_vjp_graph_seeding_one_output_twice_sums_both_cotangents():
     assert [inp.name for inp in vjp.inputs[1:]] == ["ct_0", "ct_0_1"]
     (grad,) = compile_graph(vjp)(np.ones(3), np.full(3, 0.5), np.full(3, 0.25))
     np.testing.assert_allclose(grad, np.full(3, 1.5))
+
+
+def test_an_argument_asked_for_twice_gets_its_gradient_twice_with_output_names_apart(monkeypatch):
+    """argnums=(0, 0) named both gradient outputs grad_a: GRAPHC_VERIFY=1 refused the graph
+    (without it the gradients came back right, as jax.grad gives them)."""
+    monkeypatch.setenv("GRAPHC_VERIFY", "1")
+    x = np.arange(3, dtype=np.float32)
+    first, second = gc.grad(lambda a: (a * a).sum(), argnums=(0, 0), backend="reference")(x)
+    np.testing.assert_array_equal(first, 2 * x)
+    np.testing.assert_array_equal(second, 2 * x)

@@ -345,6 +345,12 @@ def test_json_integers_beyond_int64_are_numbers_and_integer_models_refuse_what_w
     for too_large in ([[2**31, 0]], [[10**20, 0]]):  # an int32 cast would wrap 2**31 to -2**31
         with pytest.raises(RequestError, match="integers outside int32's range"):
             _checked_samples(_samples_from_json(too_large, ids), ids, 8, False)
+    # 2**63 beside a float is a float64 equal to int64's maximum as a float: it was computed on
+    # as -2**63
+    longs = model_taking("int64")
+    for too_large in ([[2**63, 1.0]], [[2**63 + 1000, 1.0]], [[2**63, 1]]):
+        with pytest.raises(RequestError, match="outside int64's range"):
+            _checked_samples(_samples_from_json(too_large, longs), longs, 8, False)
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])

@@ -298,7 +298,9 @@ def _samples_from_json(inputs: Any, runner: Runner) -> np.ndarray:
             raise RequestError(f"model {runner.name!r} takes {runner.input.dtype.name} inputs; "
                                "got numbers with fractions")
         limits = np.iinfo(runner.input.dtype)
-        if array.size and (array.min() < limits.min or array.max() > limits.max):
+        # (limits.max + 1, a power of two, is exact as a float; limits.max itself may round up
+        # to it: 2**63 passed the check and became -2**63)
+        if array.size and (array.min() < limits.min or array.max() >= float(limits.max) + 1.0):
             raise RequestError(f"inputs hold integers outside {runner.input.dtype.name}'s range "
                                f"[{limits.min}, {limits.max}]")
         array = array.astype(runner.input.dtype)
