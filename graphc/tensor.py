@@ -854,15 +854,20 @@ def _no_axes_if_empty(dim: Any, axis: Any) -> tuple[Any, Any]:
 
 def scalar_reduced_as_vector(reduce: Any) -> Any:
     """PyTorch reduces a 0-d tensor over dim 0 or -1 as one of shape (1,) (NumPy refuses it):
-    `reduce`, whose parameters start (x, dim) and may include NumPy's `axis`, gets such an x
-    reshaped to (1,), and its result comes back 0-d."""
+    `reduce`, whose parameters start (x, dim) (x by any name: PyTorch's `input`) and may
+    include NumPy's `axis`, gets such an x reshaped to (1,), and its result comes back 0-d."""
     signature = inspect.signature(reduce)
+    operand = next(iter(signature.parameters))
 
     @functools.wraps(reduce)
-    def reduced(x: Any, *args: Any, **keywords: Any) -> Any:
+    def reduced(*args: Any, **keywords: Any) -> Any:
+        try:
+            bound = signature.bind(*args, **keywords)
+        except TypeError:
+            return reduce(*args, **keywords)  # raises the call's own error
+        x = bound.arguments[operand]
         if getattr(x, "ndim", None) != 0:
-            return reduce(x, *args, **keywords)
-        bound = signature.bind(x, *args, **keywords)
+            return reduce(*args, **keywords)
         bound.apply_defaults()
         dims = bound.arguments.get("axis")
         dims = bound.arguments.get("dim") if dims is None else dims
@@ -870,8 +875,9 @@ def scalar_reduced_as_vector(reduce: Any) -> Any:
         if not dims or not isinstance(dims, tuple) or any(
                 isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d not in (0, -1)
                 for d in dims):
-            return reduce(x, *args, **keywords)  # all axes, or refused there
-        return reduce(as_tensor(x).reshape(1), *args, **keywords).reshape(())
+            return reduce(*args, **keywords)  # all axes, or refused there
+        bound.arguments[operand] = as_tensor(x).reshape(1)
+        return reduce(*bound.args, **bound.kwargs).reshape(())
     return reduced
 
 

@@ -498,3 +498,16 @@ def test_a_gradient_penalty_through_a_batch_norm_model_in_training_says_what_is_
                                              "within a training step"):
         gc.compile_train_step(model, loss, gc.optim.SGD(model.parameters(), lr=0.1), (x, x),
                               backend="reference")
+
+
+def test_functional_ops_take_their_first_argument_as_input_by_name():
+    """PyTorch names it `input`: F.softmax(input=t, dim=1) raised "missing 1 required
+    positional argument: 'x'"."""
+    import inspect
+    public = [getattr(F, name) for name in F.__all__
+              if getattr(getattr(F, name), "__module__", None) == F.__name__]  # F's own
+    named_x = [f.__name__ for f in public if list(inspect.signature(f).parameters)[:1] == ["x"]]
+    assert named_x == []
+    t = np.array([[-1.0, 2.0]], np.float32)
+    out = gc.jit(lambda a: F.softmax(input=F.relu(input=a), dim=1) + F.dropout(input=a, p=0.0))(t)
+    np.testing.assert_allclose(out, np.exp([[0, 2]]) / np.exp([[0, 2]]).sum() + t, rtol=1e-6)

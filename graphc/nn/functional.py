@@ -52,31 +52,31 @@ def _result(x: Any, result: Tensor, inplace: bool) -> Tensor:
     return result
 
 
-def relu(x: Tensor, inplace: bool = False) -> Tensor:
-    return _result(x, bind("relu", as_tensor(x)), inplace)
+def relu(input: Tensor, inplace: bool = False) -> Tensor:
+    return _result(input, bind("relu", as_tensor(input)), inplace)
 
 
-def sigmoid(x: Tensor) -> Tensor:
-    return float_math("sigmoid", x)  # an integer tensor in float32, as PyTorch's
+def sigmoid(input: Tensor) -> Tensor:
+    return float_math("sigmoid", input)  # an integer tensor in float32, as PyTorch's
 
 
-def tanh(x: Tensor) -> Tensor:
-    return float_math("tanh", x)
+def tanh(input: Tensor) -> Tensor:
+    return float_math("tanh", input)
 
 
 # -- activations: PyTorch's formulas, defaults and gradients (at 0 too) ---------------------------
 __all__ += ["gelu", "silu", "leaky_relu", "elu", "softplus", "normalize"]
 
 
-def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+def gelu(input: Tensor, approximate: str = "none") -> Tensor:
     """x * Phi(x), Phi the standard normal CDF: exact through erf, or PyTorch's tanh
     approximation with `approximate="tanh"`."""
-    x = as_tensor(x)
+    input = as_tensor(input)
     if approximate == "none":
-        return x * 0.5 * (1 + bind("erf", x * (1 / math.sqrt(2))))
+        return input * 0.5 * (1 + bind("erf", input * (1 / math.sqrt(2))))
     if approximate == "tanh":
-        inner = (x + 0.044715 * x * x * x) * math.sqrt(2 / math.pi)
-        return 0.5 * x * (1 + bind("tanh", inner))
+        inner = (input + 0.044715 * input * input * input) * math.sqrt(2 / math.pi)
+        return 0.5 * input * (1 + bind("tanh", inner))
     raise GraphcError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r} "
                       f"(at {user_location()})")
 
@@ -90,107 +90,107 @@ def _float_activation(op: str, x: Any) -> Tensor:
     return t
 
 
-def silu(x: Tensor, inplace: bool = False) -> Tensor:
+def silu(input: Tensor, inplace: bool = False) -> Tensor:
     """x * sigmoid(x) (swish)."""
-    t = _float_activation("silu", x)
-    return _result(x, t * bind("sigmoid", t), inplace)
+    t = _float_activation("silu", input)
+    return _result(input, t * bind("sigmoid", t), inplace)
 
 
-def leaky_relu(x: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
+def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
     """x where x > 0, else negative_slope * x (the slope's gradient at 0, as in PyTorch)."""
-    t = as_tensor(x)
-    return _result(x, where(t > 0, t, t * negative_slope), inplace)
+    t = as_tensor(input)
+    return _result(input, where(t > 0, t, t * negative_slope), inplace)
 
 
-def elu(x: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
+def elu(input: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
     """x where x > 0, else alpha * (exp(x) - 1), computed as expm1 (as PyTorch does): exp(x) - 1
     keeps few right digits of a small x, none below the dtype's epsilon."""
-    t = as_tensor(x)
+    t = as_tensor(input)
     # expm1 of the clamped value: the branch not taken must not overflow, or its zero
     # cotangent times an infinite derivative would be NaN
-    return _result(x, where(t > 0, t, alpha * t.clamp(max=0).expm1()), inplace)
+    return _result(input, where(t > 0, t, alpha * t.clamp(max=0).expm1()), inplace)
 
 
-def softplus(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+def softplus(input: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
     """log(1 + exp(beta * x)) / beta, and x itself where beta * x > threshold."""
     if beta == 0:
         raise ValueError(f"softplus: beta divides the result: it must not be 0 (at {user_location()})")
-    x = as_tensor(x)
-    scaled = x * beta
+    input = as_tensor(input)
+    scaled = input * beta
     smooth = bind("log1p", scaled.clamp(max=threshold).exp()) * (1 / beta)
-    return where(scaled > threshold, x, smooth)
+    return where(scaled > threshold, input, smooth)
 
 
-def normalize(x: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12) -> Tensor:
+def normalize(input: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12) -> Tensor:
     """x divided by its p-norm along `dim`, the norm kept at least `eps`."""
-    x = as_tensor(x)
-    return x / x.norm(p, dim, keepdim=True).clamp(min=eps)
+    input = as_tensor(input)
+    return input / input.norm(p, dim, keepdim=True).clamp(min=eps)
 
 
 __all__ += ["logsigmoid", "hardsigmoid", "hardswish", "mish", "selu", "celu", "softsign",
             "tanhshrink", "glu", "softmin", "cosine_similarity", "pairwise_distance"]
 
 
-def logsigmoid(x: Tensor) -> Tensor:
+def logsigmoid(input: Tensor) -> Tensor:
     """log(sigmoid(x)): -log1p(exp(-x)) from 0 up, x - log1p(exp(x)) below, so that neither
     overflows nor loses the small term (each branch reads x clamped to its side: the branch not
     taken stays finite, and its zero cotangent does not turn into NaN)."""
-    t = _float_activation("logsigmoid", x)
+    t = _float_activation("logsigmoid", input)
     above = -bind("log1p", (-t.clamp(min=0)).exp())
     below = t - bind("log1p", t.clamp(max=0).exp())
     return where(t >= 0, above, below)
 
 
-def hardsigmoid(x: Tensor, inplace: bool = False) -> Tensor:
+def hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:
     """0 at or below -3, 1 at or above 3, x / 6 + 1/2 between (its gradient 0 at ±3, as PyTorch's)."""
-    t = _float_activation("hardsigmoid", x)
-    return _result(x, where(t <= -3, 0.0, where(t >= 3, 1.0, t * (1 / 6) + 0.5)), inplace)
+    t = _float_activation("hardsigmoid", input)
+    return _result(input, where(t <= -3, 0.0, where(t >= 3, 1.0, t * (1 / 6) + 0.5)), inplace)
 
 
-def hardswish(x: Tensor, inplace: bool = False) -> Tensor:
+def hardswish(input: Tensor, inplace: bool = False) -> Tensor:
     """x * hardsigmoid(x); its gradient x / 3 + 1/2 strictly between -3 and 3, as PyTorch's."""
-    t = _float_activation("hardswish", x)
+    t = _float_activation("hardswish", input)
     inner = t.clamp(-3, 3)  # the branch not taken stays finite: no 0 * inf in its gradient
-    return _result(x, where(t <= -3, 0.0, where(t >= 3, t, inner * (inner + 3) * (1 / 6))), inplace)
+    return _result(input, where(t <= -3, 0.0, where(t >= 3, t, inner * (inner + 3) * (1 / 6))), inplace)
 
 
-def mish(x: Tensor, inplace: bool = False) -> Tensor:
+def mish(input: Tensor, inplace: bool = False) -> Tensor:
     """x * tanh(softplus(x))."""
-    t = _float_activation("mish", x)
-    return _result(x, t * bind("tanh", softplus(t)), inplace)
+    t = _float_activation("mish", input)
+    return _result(input, t * bind("tanh", softplus(t)), inplace)
 
 
 _SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
 
 
-def selu(x: Tensor, inplace: bool = False) -> Tensor:
+def selu(input: Tensor, inplace: bool = False) -> Tensor:
     """scale * elu(x, alpha) with the self-normalising constants of Klambauer et al."""
-    return _result(x, _SELU_SCALE * elu(_float_activation("selu", x), _SELU_ALPHA), inplace)
+    return _result(input, _SELU_SCALE * elu(_float_activation("selu", input), _SELU_ALPHA), inplace)
 
 
-def celu(x: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
+def celu(input: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
     """x where x > 0, else alpha * (exp(x / alpha) - 1)."""
     if alpha == 0:
         raise ValueError(f"celu: alpha divides x: it must not be 0 (at {user_location()})")
-    t = _float_activation("celu", x)
-    return _result(x, where(t > 0, t, alpha * (t.clamp(max=0) * (1 / alpha)).expm1()), inplace)
+    t = _float_activation("celu", input)
+    return _result(input, where(t > 0, t, alpha * (t.clamp(max=0) * (1 / alpha)).expm1()), inplace)
 
 
-def softsign(x: Tensor) -> Tensor:
+def softsign(input: Tensor) -> Tensor:
     """x / (1 + |x|)."""
-    t = _float_activation("softsign", x)
+    t = _float_activation("softsign", input)
     return t / (1 + t.abs())
 
 
-def tanhshrink(x: Tensor) -> Tensor:
+def tanhshrink(input: Tensor) -> Tensor:
     """x - tanh(x)."""
-    t = _float_activation("tanhshrink", x)
+    t = _float_activation("tanhshrink", input)
     return t - bind("tanh", t)
 
 
-def glu(x: Tensor, dim: int = -1) -> Tensor:
+def glu(input: Tensor, dim: int = -1) -> Tensor:
     """The gated linear unit: the first half of x along `dim` times the sigmoid of the second."""
-    t = _float_activation("glu", x)
+    t = _float_activation("glu", input)
     if type(dim) is bool or not isinstance(dim, (int, np.integer)) or not -t.ndim <= dim < t.ndim:
         raise ShapeError(f"glu: dim {dim!r} is not an axis of x, of shape {t.shape} "
                          f"(at {user_location()})")
@@ -201,9 +201,9 @@ def glu(x: Tensor, dim: int = -1) -> Tensor:
     return first * bind("sigmoid", second)
 
 
-def softmin(x: Tensor, dim: int | None = None) -> Tensor:
+def softmin(input: Tensor, dim: int | None = None) -> Tensor:
     """softmax(-x) along `dim` (PyTorch's implicit dim without one)."""
-    t = as_tensor(x)
+    t = as_tensor(input)
     return softmax(-t, implicit_softmax_dim("softmin", t.ndim) if dim is None else dim)
 
 
@@ -232,41 +232,41 @@ def implicit_softmax_dim(op: str, ndim: int) -> int:
 
 
 @scalar_reduced_as_vector
-def softmax(x: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: Any = None) -> Tensor:
+def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: Any = None) -> Tensor:
     """exp(x) / sum(exp(x)) along `dim`, as one `softmax` op (ir/ops/softmax.py): NaN along a
     line of -inf, as PyTorch's. Without `dim`, PyTorch's implicit one (implicit_softmax_dim).
     `dtype`: x cast to it first, as PyTorch's."""
-    x = as_tensor(x) if dtype is None else as_tensor(x).astype(dtype)
+    input = as_tensor(input) if dtype is None else as_tensor(input).astype(dtype)
     if dim is None:
-        return softmax(x, implicit_softmax_dim("softmax", x.ndim))
-    if x.numel() == 0:  # nothing to normalise (the op refuses an empty axis): as PyTorch, empty
-        return x * 1.0
-    return bind("softmax", x, axis=dim)
+        return softmax(input, implicit_softmax_dim("softmax", input.ndim))
+    if input.numel() == 0:  # nothing to normalise (the op refuses an empty axis): as PyTorch, empty
+        return input * 1.0
+    return bind("softmax", input, axis=dim)
 
 
 @scalar_reduced_as_vector
-def log_softmax(x: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: Any = None) -> Tensor:
+def log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: Any = None) -> Tensor:
     """x - logsumexp(x) along `dim`; without it, PyTorch's implicit one (implicit_softmax_dim).
     Computed as PyTorch does, (x - max) - log(sum(exp(x - max))): x - logsumexp(x) cancels in
     float32 where the logits are large (1e4 lost 4 digits). A row holding +inf, or only -inf,
     is NaN, as PyTorch's. `dtype`: x cast to it first, as PyTorch's."""
-    x = as_tensor(x) if dtype is None else as_tensor(x).astype(dtype)
+    input = as_tensor(input) if dtype is None else as_tensor(input).astype(dtype)
     if dim is None:
-        return log_softmax(x, implicit_softmax_dim("log_softmax", x.ndim))
-    if x.ndim and x.shape[dim] == 0:  # nothing to normalise, and no maximum to shift by
-        return x - logsumexp(x, dim, keepdims=True)
-    shifted = x - stop_gradient(x.amax(axis=dim, keepdims=True))
+        return log_softmax(input, implicit_softmax_dim("log_softmax", input.ndim))
+    if input.ndim and input.shape[dim] == 0:  # nothing to normalise, and no maximum to shift by
+        return input - logsumexp(input, dim, keepdims=True)
+    shifted = input - stop_gradient(input.amax(axis=dim, keepdims=True))
     return shifted - shifted.exp().sum(axis=dim, keepdims=True).log()
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ weight.T + bias, with weight of shape (out_features, in_features)."""
-    x, weight = as_tensor(x), as_tensor(weight)
-    if weight.ndim != 2 or x.ndim == 0 or x.shape[-1] != weight.shape[1]:
+    input, weight = as_tensor(input), as_tensor(weight)
+    if weight.ndim != 2 or input.ndim == 0 or input.shape[-1] != weight.shape[1]:
         raise ShapeError(f"linear: weight {weight.shape} (out_features, in_features) takes inputs "
                          f"of {weight.shape[-1] if weight.ndim else '?'} features on the last "
-                         f"axis, got input of shape {x.shape} (at {user_location()})")
-    out = x @ weight.T
+                         f"axis, got input of shape {input.shape} (at {user_location()})")
+    out = input @ weight.T
     if bias is not None and as_tensor(bias).shape not in ((), (weight.shape[0],)):
         raise ShapeError(f"linear: bias must have shape ({weight.shape[0]},), one per output "
                          f"feature, got {as_tensor(bias).shape} (at {user_location()})")
@@ -321,14 +321,14 @@ def conv_padding(op: str, padding: Any, kernel: Sequence[int], stride: Sequence[
     return tuple((t // 2, t - t // 2) for t in totals)
 
 
-def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0,
+def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0,
            dilation: Any = 1, groups: int = 1, padding_mode: str = "zeros") -> Tensor:
     """PyTorch's F.conv2d over (N, C, H, W) or one unbatched (C, H, W) input; `padding` may be
     'valid' or 'same', and `padding_mode` (as Conv2d's) fills the padding by reflecting,
     replicating or wrapping the input instead of with zeros."""
-    x, weight = as_tensor(x), as_tensor(weight)
-    if x.ndim == 3:
-        return conv2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups,
+    input, weight = as_tensor(input), as_tensor(weight)
+    if input.ndim == 3:
+        return conv2d(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups,
                       padding_mode).squeeze(0)
     if padding_mode not in CONV_PADDING_MODES:
         raise ValueError(f"conv2d: padding_mode must be one of {sorted(CONV_PADDING_MODES)}, "
@@ -337,24 +337,24 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 
     dilation = pair_argument(dilation, "conv2d: dilation")
     (top, bottom), (left, right) = conv_padding("conv2d", padding, weight.shape[-2:], stride, dilation)
     if padding_mode != "zeros" or top != bottom or left != right:  # the op pads evenly, with zeros
-        x = pad(x, (left, right, top, bottom), mode=CONV_PADDING_MODES[padding_mode])
+        input = pad(input, (left, right, top, bottom), mode=CONV_PADDING_MODES[padding_mode])
         top = left = 0
-    out = bind("conv2d", x, weight, stride=stride, padding=(top, left), dilation=dilation,
+    out = bind("conv2d", input, weight, stride=stride, padding=(top, left), dilation=dilation,
                groups=groups)
     return _plus_channel_bias("conv2d", out, bias)
 
 
-def conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1,
+def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1,
                      padding: Any = 0, output_padding: Any = 0, groups: int = 1,
                      dilation: Any = 1) -> Tensor:
     """PyTorch's F.conv_transpose2d, weight (C_in, C_out/groups, kH, kW): the gradient of a
     convolution with that weight, taken with respect to its input, whose height is
     (H - 1) stride - 2 padding + dilation (kH - 1) + output_padding + 1 (and likewise the width)."""
-    x, weight = as_tensor(x), as_tensor(weight)
-    if x.ndim == 3:  # one unbatched (C_in, H, W) input, as PyTorch takes
-        return conv_transpose2d(x.unsqueeze(0), weight, bias, stride, padding, output_padding,
+    input, weight = as_tensor(input), as_tensor(weight)
+    if input.ndim == 3:  # one unbatched (C_in, H, W) input, as PyTorch takes
+        return conv_transpose2d(input.unsqueeze(0), weight, bias, stride, padding, output_padding,
                                 groups, dilation).squeeze(0)
-    _same_float_dtype("conv_transpose2d", x, weight)
+    _same_float_dtype("conv_transpose2d", input, weight)
     stride, padding, dilation, output_padding = (
         pair_argument(v, f"conv_transpose2d: {name}") for v, name in (
             (stride, "stride"), (padding, "padding"), (dilation, "dilation"),
@@ -363,29 +363,29 @@ def conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
     if min(padding + output_padding) < 0:
         raise ValueError(f"conv_transpose2d: padding {padding} and output_padding "
                          f"{output_padding} must not be negative (at {user_location()})")
-    if x.ndim != 4 or weight.ndim != 4 or weight.shape[0] != x.shape[1] or x.shape[1] % groups:
+    if input.ndim != 4 or weight.ndim != 4 or weight.shape[0] != input.shape[1] or input.shape[1] % groups:
         raise ShapeError(f"conv_transpose2d: expects input (N, C_in, H, W) and weight (C_in, "
                          f"C_out/groups, kH, kW) with C_in divisible by groups={groups}, got "
-                         f"{x.shape} and {weight.shape} (at {user_location()})")
+                         f"{input.shape} and {weight.shape} (at {user_location()})")
     if any(o >= max(s, d) for o, s, d in zip(output_padding, stride, dilation)):
         raise ShapeError(f"conv_transpose2d: output_padding {output_padding} must be smaller than "
                          f"the stride {stride} or the dilation {dilation} (at {user_location()})")
     size = tuple((n - 1) * s - 2 * p + d * (k - 1) + o + 1 for n, s, p, d, k, o
-                 in zip(x.shape[2:], stride, padding, dilation, weight.shape[2:], output_padding))
+                 in zip(input.shape[2:], stride, padding, dilation, weight.shape[2:], output_padding))
     if min(size) < 1:
         raise ShapeError(f"conv_transpose2d: the output would be {size[0]} x {size[1]} per "
-                         f"channel for input {x.shape}, weight {weight.shape}, stride {stride} "
+                         f"channel for input {input.shape}, weight {weight.shape}, stride {stride} "
                          f"and padding {padding}: too small (at {user_location()})")
     if any(o >= s for o, s in zip(output_padding, stride)):
         # Past the stride (allowed under a larger dilation), the convolution's gradient has no
         # input of that size: the whole transposed result (padding 0), cropped by `padding` at
         # the start and extended to the size asked at the end, where no input reaches (zeros).
-        full = conv_transpose2d(x, weight, None, stride, 0, 0, groups, dilation)
+        full = conv_transpose2d(input, weight, None, stride, 0, 0, groups, dilation)
         (top, left), (bottom, right) = padding, output_padding
         out = pad(full, (-left, right - left, -top, bottom - top))
     else:
-        out = bind("conv2d_input_grad", x, weight,
-                   input_shape=(x.shape[0], weight.shape[1] * groups, *size),
+        out = bind("conv2d_input_grad", input, weight,
+                   input_shape=(input.shape[0], weight.shape[1] * groups, *size),
                    stride=stride, padding=padding, dilation=dilation, groups=groups)
     return _plus_channel_bias("conv_transpose2d", out, bias)
 
@@ -417,10 +417,10 @@ def interpolate(input: Tensor, size: Any = None, scale_factor: Any = None, mode:
     if spatial not in (1, 2) or (mode != "nearest" and linear.get(mode) != spatial):
         raise GraphcError(f"interpolate: supports mode 'nearest' on (N, C, L) or (N, C, H, W) "
                           f"input, 'linear' on (N, C, L) and 'bilinear' on (N, C, H, W); got "
-                          f"mode={mode!r} and shape {x.shape} (at {user_location()})")
+                          f"mode={mode!r} and shape {input.shape} (at {user_location()})")
     if mode != "nearest" and x.dtype not in ("float32", "float64"):
         raise DTypeError(f"interpolate: mode {mode!r} expects floating-point input (its weights are "
-                         f"fractions), got {x.dtype}; cast it with .float() (at {user_location()})")
+                         f"fractions), got {input.dtype}; cast it with .float() (at {user_location()})")
     if align_corners is not None and mode == "nearest":
         raise ValueError("interpolate: align_corners only applies to the linear modes")
     if (size is None) == (scale_factor is None):
@@ -429,7 +429,7 @@ def interpolate(input: Tensor, size: Any = None, scale_factor: Any = None, mode:
     values = [given] * spatial if np.isscalar(given) else list(given)
     if len(values) != spatial:
         raise ValueError(f"interpolate: {'size' if size is not None else 'scale_factor'} needs one "
-                         f"value per spatial axis ({spatial} for input {x.shape}), got {given!r}")
+                         f"value per spatial axis ({spatial} for input {input.shape}), got {given!r}")
     # PyTorch's arithmetic, for the same source cells: its scale (input cells per output cell) and
     # positions in the input's float type
     real = np.float32 if x.dtype == "float32" else np.float64
@@ -443,7 +443,7 @@ def interpolate(input: Tensor, size: Any = None, scale_factor: Any = None, mode:
         sizes = [int(np.floor(n * f)) for n, f in zip(x.shape[2:], factors)]
         steps = [real(1.0 / f) for f in factors]
     if min(sizes) < 1:
-        raise ShapeError(f"interpolate: the output of input {x.shape} would be {tuple(sizes)}; every "
+        raise ShapeError(f"interpolate: the output of input {input.shape} would be {tuple(sizes)}; every "
                          f"size must be at least 1 (at {user_location()})")
     for axis, (n_in, n_out, step) in enumerate(zip(x.shape[2:], sizes, steps)):
         at = 2 + axis
@@ -484,7 +484,7 @@ def _pool_windows(op: str, x: Tensor, kernel_size: Any, stride: Any, padding: An
     ceil((size + 2 padding - kernel) / stride) + 1 along an axis, one fewer where that last window
     would start in the padding after the edge."""
     kernel = pair_argument(kernel_size, f"{op}: kernel_size")
-    stride = kernel if stride is None or (isinstance(stride, (tuple, list)) and not stride) else \
+    stride = kernel if stride is None or (isinstance(stride, (tuple, list)) and not stride) else\
         pair_argument(stride, f"{op}: stride")
     padding = pair_argument(padding, f"{op}: padding")
     if min(kernel) < 1 or min(stride) < 1 or min(padding) < 0:
@@ -526,13 +526,13 @@ def _unbatched_plane(op: str, x: Tensor) -> bool:
     return x.ndim == 3
 
 
-def max_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
+def max_pool2d(input: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
                dilation: Any = 1, ceil_mode: bool = False, return_indices: bool = False) -> Tensor:
     """PyTorch's F.max_pool2d over the last two axes of (N, C, H, W) or (C, H, W) input
     (dilation 1, without indices)."""
-    x = as_tensor(x)
-    if x.dtype not in ("float32", "float64"):  # before padding with -inf names the pad instead
-        raise DTypeError(f"max_pool2d: expects a floating-point operand, got {x.dtype} (at "
+    input = as_tensor(input)
+    if input.dtype not in ("float32", "float64"):  # before padding with -inf names the pad instead
+        raise DTypeError(f"max_pool2d: expects a floating-point operand, got {input.dtype} (at "
                          f"{user_location()})")
     dilated = pair_argument(dilation, "max_pool2d: dilation") != (1, 1)
     unsupported = ([f"dilation {dilation} (use 1)"] if dilated else []) + (
@@ -541,66 +541,66 @@ def max_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0
         raise GraphcError(f"max_pool2d: {' and '.join(unsupported)} "
                           f"{'are' if len(unsupported) > 1 else 'is'} not supported "
                           f"(at {user_location()})")
-    if _unbatched_plane("max_pool2d", x):
-        return max_pool2d(x.unsqueeze(0), kernel_size, stride, padding, dilation, ceil_mode).squeeze(0)
-    kernel, stride, padding, extra = _pool_windows("max_pool2d", x, kernel_size, stride, padding, ceil_mode)
+    if _unbatched_plane("max_pool2d", input):
+        return max_pool2d(input.unsqueeze(0), kernel_size, stride, padding, dilation, ceil_mode).squeeze(0)
+    kernel, stride, padding, extra = _pool_windows("max_pool2d", input, kernel_size, stride, padding, ceil_mode)
     if any(extra):  # cells no window's maximum can come from
-        x = _pad_constant(x, {x.ndim - 2: (0, extra[0]), x.ndim - 1: (0, extra[1])}, -np.inf)
-    return bind("max_pool2d", x, kernel=kernel, stride=stride, padding=padding)
+        input = _pad_constant(input, {input.ndim - 2: (0, extra[0]), input.ndim - 1: (0, extra[1])}, -np.inf)
+    return bind("max_pool2d", input, kernel=kernel, stride=stride, padding=padding)
 
 
-def avg_pool2d(x: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
+def avg_pool2d(input: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
                ceil_mode: bool = False, count_include_pad: bool = True,
                divisor_override: int | None = None) -> Tensor:
     """PyTorch's F.avg_pool2d over the last two axes of (N, C, H, W) or (C, H, W) input."""
-    x = as_tensor(x)
+    input = as_tensor(input)
     if divisor_override is not None and (isinstance(divisor_override, bool) or not _is_integer(divisor_override)
                                          or divisor_override == 0):
         raise ValueError(f"avg_pool2d: divisor_override must be a nonzero int, got "
                          f"{divisor_override!r} (at {user_location()})")
-    if _unbatched_plane("avg_pool2d", x):
-        return avg_pool2d(x.unsqueeze(0), kernel_size, stride, padding, ceil_mode, count_include_pad,
+    if _unbatched_plane("avg_pool2d", input):
+        return avg_pool2d(input.unsqueeze(0), kernel_size, stride, padding, ceil_mode, count_include_pad,
                           divisor_override).squeeze(0)
-    kernel, stride, padding, extra = _pool_windows("avg_pool2d", x, kernel_size, stride, padding, ceil_mode)
+    kernel, stride, padding, extra = _pool_windows("avg_pool2d", input, kernel_size, stride, padding, ceil_mode)
     if not any(extra) and divisor_override is None:
-        return bind("avg_pool2d", x, kernel=kernel, stride=stride, padding=padding,
+        return bind("avg_pool2d", input, kernel=kernel, stride=stride, padding=padding,
                     count_include_pad=count_include_pad)
-    padded = _pad_constant(x, {x.ndim - 2: (0, extra[0]), x.ndim - 1: (0, extra[1])}, 0.0)
+    padded = _pad_constant(input, {input.ndim - 2: (0, extra[0]), input.ndim - 1: (0, extra[1])}, 0.0)
     # the windows' sums, then PyTorch's divisor for each window
     sums = bind("avg_pool2d", padded, kernel=kernel, stride=stride, padding=padding,
                 count_include_pad=True) * float(kernel[0] * kernel[1])
     if divisor_override is not None:
         return sums / float(divisor_override)
     rows, columns = (_window_sizes(size, k, s, p, e, count_include_pad)
-                     for size, k, s, p, e in zip(x.shape[-2:], kernel, stride, padding, extra))
-    return sums / as_tensor(np.outer(rows, columns).astype(x.dtype))
+                     for size, k, s, p, e in zip(input.shape[-2:], kernel, stride, padding, extra))
+    return sums / as_tensor(np.outer(rows, columns).astype(input.dtype))
 
 
-def prelu(x: Tensor, weight: Tensor) -> Tensor:
+def prelu(input: Tensor, weight: Tensor) -> Tensor:
     """x where positive, else weight * x: one weight, or one per channel (axis 1)."""
-    x, weight = as_tensor(x), as_tensor(weight)
+    input, weight = as_tensor(input), as_tensor(weight)
     if int(np.prod(weight.shape)) > 1:
-        if x.ndim < 2 or weight.shape != (x.shape[1],):
+        if input.ndim < 2 or weight.shape != (input.shape[1],):
             raise ShapeError(f"prelu: {weight.shape[0]} weights need input with that many channels "
-                             f"on axis 1, got shape {x.shape} (at {user_location()})")
-        weight = weight.reshape(1, -1, *([1] * (x.ndim - 2)))
-    return where(x > 0, x, weight * x)
+                             f"on axis 1, got shape {input.shape} (at {user_location()})")
+        weight = weight.reshape(1, -1, *([1] * (input.ndim - 2)))
+    return where(input > 0, input, weight * input)
 
 
-def hardtanh(x: Tensor, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False) -> Tensor:
+def hardtanh(input: Tensor, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False) -> Tensor:
     """x limited to [min_val, max_val]. As PyTorch's, the gradient flows strictly inside the
     bounds only (clamp's flows at them too): relu6's is 0 at 0, as relu's."""
     if min_val > max_val:
         raise ValueError(f"hardtanh: min_val ({min_val}) cannot be greater than max_val ({max_val}) "
                          f"(at {user_location()})")
-    t = as_tensor(x)
+    t = as_tensor(input)
     if t.dtype in ("int32", "int64") and float(min_val).is_integer() and float(max_val).is_integer():
         min_val, max_val = int(min_val), int(max_val)  # integers stay integers, as in PyTorch
-    return _result(x, where(t <= min_val, min_val, where(t >= max_val, max_val, t)), inplace)
+    return _result(input, where(t <= min_val, min_val, where(t >= max_val, max_val, t)), inplace)
 
 
-def relu6(x: Tensor, inplace: bool = False) -> Tensor:
-    return hardtanh(x, 0.0, 6.0, inplace)
+def relu6(input: Tensor, inplace: bool = False) -> Tensor:
+    return hardtanh(input, 0.0, 6.0, inplace)
 
 
 def check_dropout_probability(op: str, p: float) -> None:
@@ -609,22 +609,22 @@ def check_dropout_probability(op: str, p: float) -> None:
         raise ValueError(f"{op}: probability has to be between 0 and 1, got {p}")
 
 
-def dropout1d(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+def dropout1d(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
     """Zero whole channels (axis 1 of (N, C, L) or axis 0 of (C, L)) with probability p and
     scale the rest by 1/(1-p), while training."""
-    return _channel_dropout("dropout1d", x, p, training, inplace, spatial=1)
+    return _channel_dropout("dropout1d", input, p, training, inplace, spatial=1)
 
 
-def dropout2d(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+def dropout2d(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
     """Zero whole channels (axis 1 of (N, C, H, W)) with probability p and scale the rest by
     1/(1-p), while training. A 3-D input is (N, C, L), as PyTorch still reads it (with its
     warning): channels of a batch, not one (C, H, W) image."""
-    if as_tensor(x).ndim == 3 and training and p:
+    if as_tensor(input).ndim == 3 and training and p:
         warnings.warn("dropout2d: a 3-D input is read as (N, C, L), as PyTorch does, dropping "
                       "channels of each sample; use dropout1d to say so, or add a batch axis to "
                       "an image (C, H, W)", stacklevel=2)
-        return _channel_dropout("dropout2d", x, p, training, inplace, spatial=1)
-    return _channel_dropout("dropout2d", x, p, training, inplace, spatial=2)
+        return _channel_dropout("dropout2d", input, p, training, inplace, spatial=1)
+    return _channel_dropout("dropout2d", input, p, training, inplace, spatial=2)
 
 
 def _channel_dropout(op: str, x: Tensor, p: float, training: bool, inplace: bool,
@@ -662,17 +662,17 @@ def one_hot(tensor: Any, num_classes: int = -1) -> Tensor:
     return bind("one_hot", indices, num_classes=int(num_classes), dtype="int64") + checked[..., None]
 
 
-def dropout(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
     """Zero each element with probability p and scale the rest by 1/(1-p), while training
     (p = 1 zeroes all, as PyTorch's: x * 0, so NaN stays NaN)."""
     check_dropout_probability("dropout", p)
     if not training or p == 0:
-        return x
-    t = as_tensor(x)
+        return input
+    t = as_tensor(input)
     if p == 1:
-        return _result(x, t * 0.0, inplace)
+        return _result(input, t * 0.0, inplace)
     keep = bernoulli(1 - p, t.shape)
-    return _result(x, where(keep, t * (1.0 / (1 - p)), 0), inplace)
+    return _result(input, where(keep, t * (1.0 / (1 - p)), 0), inplace)
 
 
 __all__ += ["alpha_dropout"]
@@ -681,22 +681,22 @@ __all__ += ["alpha_dropout"]
 SELU_SATURATION = -1.0507009873554805 * 1.6732632423543772
 
 
-def alpha_dropout(x: Tensor, p: float = 0.5, training: bool = False,
+def alpha_dropout(input: Tensor, p: float = 0.5, training: bool = False,
                   inplace: bool = False) -> Tensor:
     """PyTorch's: while training, set each element with probability p to SELU's saturation
     value, then an affine map under which a zero-mean, unit-variance input keeps its mean and
     variance (SELU networks stay self-normalising). PyTorch's default here is training=False."""
     check_dropout_probability("alpha_dropout", p)
     if not training or p == 0:
-        return x
-    t = as_tensor(x)
+        return input
+    t = as_tensor(input)
     if p == 1:
-        return _result(x, t * 0.0, inplace)
+        return _result(input, t * 0.0, inplace)
     alpha = -SELU_SATURATION
     scale = 1.0 / math.sqrt((alpha * alpha * p + 1) * (1 - p))
     keep = bernoulli(1 - p, t.shape)
     # kept: scale * x + alpha * scale * p; dropped: scale * (saturation) + alpha * scale * p
-    return _result(x, where(keep, t * scale, -alpha * scale) + alpha * scale * p, inplace)
+    return _result(input, where(keep, t * scale, -alpha * scale) + alpha * scale * p, inplace)
 
 
 # -- 1-D pools: the 2-D ones over (N, C, 1, L), their arguments checked in the 1-D terms ----------
@@ -711,7 +711,7 @@ def _pool1d_arguments(op: str, x: Tensor, kernel_size: Any, stride: Any, padding
         raise ShapeError(f"{op}: expects an (N, C, L) or (C, L) input, got shape {x.shape} "
                          f"(at {user_location()})")
     kernel = size_argument(kernel_size, 1, f"{op}: kernel_size")[0]
-    step = kernel if stride is None or (isinstance(stride, (tuple, list)) and not stride) else \
+    step = kernel if stride is None or (isinstance(stride, (tuple, list)) and not stride) else\
         size_argument(stride, 1, f"{op}: stride")[0]
     pad_by = size_argument(padding, 1, f"{op}: padding")[0]
     if kernel < 1 or step < 1 or not 0 <= 2 * pad_by <= kernel:
@@ -767,7 +767,7 @@ def pixel_shuffle(input: Any, upscale_factor: int) -> Tensor:
     x, r = as_tensor(input), _shuffle_factor("pixel_shuffle", upscale_factor)
     if x.ndim < 3 or x.shape[-3] % (r * r):
         raise ShapeError(f"pixel_shuffle: expects (*, C, H, W) input with C divisible by "
-                         f"upscale_factor^2 = {r * r}, got shape {x.shape} (at {user_location()})")
+                         f"upscale_factor^2 = {r * r}, got shape {input.shape} (at {user_location()})")
     *batch, channels, height, width = x.shape
     n = len(batch)
     blocks = x.reshape(*batch, channels // (r * r), r, r, height, width)
@@ -780,7 +780,7 @@ def pixel_unshuffle(input: Any, downscale_factor: int) -> Tensor:
     x, r = as_tensor(input), _shuffle_factor("pixel_unshuffle", downscale_factor)
     if x.ndim < 3 or x.shape[-2] % r or x.shape[-1] % r:
         raise ShapeError(f"pixel_unshuffle: expects (*, C, H, W) input with H and W divisible by "
-                         f"downscale_factor = {r}, got shape {x.shape} (at {user_location()})")
+                         f"downscale_factor = {r}, got shape {input.shape} (at {user_location()})")
     *batch, channels, height, width = x.shape
     n = len(batch)
     blocks = x.reshape(*batch, channels, height // r, r, width // r, r)
@@ -809,7 +809,7 @@ def conv1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: 
     x, weight = as_tensor(input), as_tensor(weight)
     if x.ndim not in (2, 3) or weight.ndim != 3:
         raise ShapeError(f"conv1d: expects input (N, C, L) or (C, L) and weight (C_out, C_in/"
-                         f"groups, K), got {x.shape} and {weight.shape} (at {user_location()})")
+                         f"groups, K), got {input.shape} and {weight.shape} (at {user_location()})")
     batched = x.ndim == 3
     x = x if batched else x.unsqueeze(0)
     _same_float_dtype("conv1d", x, weight)
@@ -841,7 +841,7 @@ def conv_transpose1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1,
     x, weight = as_tensor(input), as_tensor(weight)
     if x.ndim not in (2, 3) or weight.ndim != 3:
         raise ShapeError(f"conv_transpose1d: expects input (N, C_in, L) or (C_in, L) and weight "
-                         f"(C_in, C_out/groups, K), got {x.shape} and {weight.shape} "
+                         f"(C_in, C_out/groups, K), got {input.shape} and {weight.shape} "
                          f"(at {user_location()})")
     stride, padding, output_padding, dilation = (
         size_argument(v, 1, f"conv_transpose1d: {name}")[0] for v, name in (
@@ -849,12 +849,12 @@ def conv_transpose1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1,
             (dilation, "dilation")))
     if x.shape[-2] != weight.shape[0]:
         raise ShapeError(f"conv_transpose1d: weight {weight.shape} expects {weight.shape[0]} input "
-                         f"channels, got input {x.shape} (at {user_location()})")
+                         f"channels, got input {input.shape} (at {user_location()})")
     _same_float_dtype("conv_transpose1d", x, weight)
     # checked here, in the 1-D terms: conv_transpose2d would name its own 4-D shapes and pairs
     check_conv_arguments("conv_transpose1d", weight.shape[-1:], (stride,), (dilation,), groups)
     if x.shape[-2] % groups:
-        raise ShapeError(f"conv_transpose1d: {x.shape[-2]} input channels are not divisible by "
+        raise ShapeError(f"conv_transpose1d: {input.shape[-2]} input channels are not divisible by "
                          f"groups={groups} (at {user_location()})")
     if min(padding, output_padding) < 0 or output_padding >= max(stride, dilation):
         raise ShapeError(f"conv_transpose1d: padding {padding} and output_padding {output_padding} "
@@ -864,7 +864,7 @@ def conv_transpose1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1,
               + output_padding + 1)
     if length < 1:
         raise ShapeError(f"conv_transpose1d: the output would have length {length} for input "
-                         f"{x.shape}, weight {weight.shape}, stride {stride} and padding {padding}: "
+                         f"{input.shape}, weight {weight.shape}, stride {stride} and padding {padding}: "
                          f"too short (at {user_location()})")
     out_channels = weight.shape[1] * groups
     if bias is not None and as_tensor(bias).shape != (out_channels,):
@@ -885,7 +885,7 @@ def _output_size(op: str, x: Tensor, output_size: Any) -> tuple[int, int]:
     if x.ndim not in (3, 4):
         raise ShapeError(f"{op}: expects an (N, C, H, W) or (C, H, W) input, got shape {x.shape} "
                          f"(at {user_location()})")
-    sizes = (output_size, output_size) if _is_integer(output_size) or output_size is None \
+    sizes = (output_size, output_size) if _is_integer(output_size) or output_size is None\
         else tuple(output_size) if isinstance(output_size, (tuple, list)) else ()
     if len(sizes) != 2 or not all(s is None or _is_integer(s) for s in sizes):
         raise ValueError(f"{op}: output_size must be an int or a pair (of ints or None), got "
@@ -953,7 +953,7 @@ def pad(input: Tensor, pad: Sequence[int], mode: str = "constant", value: float 
     widths = [int(w) for w in pad]
     if len(widths) % 2 or len(widths) // 2 > x.ndim:
         raise ShapeError(f"pad: expects an even number of widths, two per padded dimension and "
-                         f"at most {2 * x.ndim} for a rank-{x.ndim} input, got {tuple(widths)} "
+                         f"at most {2 * input.ndim} for a rank-{input.ndim} input, got {tuple(widths)} "
                          f"(at {user_location()})")
     per_axis = {x.ndim - 1 - i: (widths[2 * i], widths[2 * i + 1]) for i in range(len(widths) // 2)}
     if mode == "constant":
@@ -967,7 +967,7 @@ def pad(input: Tensor, pad: Sequence[int], mode: str = "constant", value: float 
         problem = _pad_width_problem(mode, x.shape[axis], before, after)
         if problem:
             raise ShapeError(f"pad: {mode} padding of ({before}, {after}) for dimension {axis} of "
-                             f"input shape {x.shape}: {problem} (at {user_location()})")
+                             f"input shape {input.shape}: {problem} (at {user_location()})")
         if before or after:
             x = bind("gather", x, as_tensor(_pad_source_indices(mode, x.shape[axis], before, after)),
                      axis=axis, wrap_negative=False)
