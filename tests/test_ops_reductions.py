@@ -111,3 +111,15 @@ def test_max_and_argmax_reject_empty_axes():
     assert run_op("sum", [x], axes=(1,)).tolist() == [0.0, 0.0, 0.0]
     with pytest.raises(ShapeError, match=r"argmax: axis -3 is out of range for rank 2"):
         run_op("argmax", [np.ones((2, 2))], axis=-3)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba-cpu"])
+def test_var_and_std_keep_their_digits_where_the_mean_is_large_against_the_spread(backend):
+    """x - mean with the mean rounded to float32 left its rounding error in every centred
+    value: rows of 3e7 + 4 N(0, 1) had their variance 21% off (PyTorch's float32: 4e-8)."""
+    import graphc as gc
+    x = (3e7 + 4 * np.random.default_rng(0).standard_normal((4, 1000))).astype(np.float32)
+    exact = x.astype(np.float64).var(axis=1, ddof=1)
+    variance, deviation = gc.jit(lambda a: (a.var(1), a.std(1)), backend=backend)(x)
+    np.testing.assert_allclose(variance, exact, rtol=1e-6)
+    np.testing.assert_allclose(deviation, np.sqrt(exact), rtol=1e-6)

@@ -151,3 +151,15 @@ def test_parallel_full_and_wide_column_sums_keep_their_scratch_small():
     assert np.prod(full_scratch) <= mask.size // ROW_BLOCK_ELEMENTS
     [column_scratch] = _scratch_sizes(column, [wide])
     assert column_scratch == (MOST_ROW_BLOCKS, 40000)
+
+
+def test_a_reduction_computes_its_fused_body_as_an_elementwise_kernel_does():
+    """'contract' let LLVM fuse a * a - b * b into fma(a, a, -b * b) inside reductions only: at
+    a = b the rounding residual of a * a, not 0, and sqrt of it NaN (elementwise kernels, built
+    without it, gave 0)."""
+    import graphc as gc
+    a = np.random.default_rng(0).standard_normal((4, 300)).astype(np.float32)
+    got = gc.jit(lambda x, y: ((x * x - y * y).sqrt().sum(1), (x * x - y * y).sqrt().amax(0)),
+                 backend="numba-cpu")(a, a.copy())
+    np.testing.assert_array_equal(got[0], np.zeros(4, np.float32))
+    np.testing.assert_array_equal(got[1], np.zeros(300, np.float32))

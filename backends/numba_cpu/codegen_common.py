@@ -44,6 +44,10 @@ FASTMATH_FLAGS = ("contract", "nsz", "reassoc")
 # a * a unrounded, so a = b gave a rounding residual, not 0 (sqrt of it NaN, log of it finite).
 # The float32 math helpers contract their own polynomials (kernels/pointwise.py).
 ELEMENTWISE_FASTMATH_FLAGS: tuple[str, ...] = ()
+# Reductions need 'reassoc' to vectorise their sums, not 'contract': without it, the
+# elementwise body they fuse (a * a - b * b) computes as in an elementwise kernel, where a = b
+# gave a NaN through sqrt only where a reduction read it.
+REDUCTION_FASTMATH_FLAGS = ("nsz", "reassoc")
 # Below this many elements a loop runs serially: a parallel region costs ~10 us to start and a
 # parallel kernel compiles ~0.4 s slower.
 PARALLEL_MIN_ELEMENTS = 1 << 16

@@ -29,8 +29,8 @@ from graphc.backends.kernels.pointwise import kernel_arrays
 from graphc.backends.kernels.reduction import REDUCTION_OPS, Reduction, ReductionKernel
 from graphc.backends.kernels.source import Writer, entry_name, index_text, size_of
 
-from .codegen_common import (CPU, TARGET, Call, KernelSource, decorator, loop_header, module,
-                             runs_parallel)
+from .codegen_common import (CPU, REDUCTION_FASTMATH_FLAGS, TARGET, Call, KernelSource, decorator,
+                             loop_header, module, runs_parallel)
 from .codegen_elementwise import elementwise_flops
 
 
@@ -111,7 +111,7 @@ def _generate(kernel: Node) -> KernelSource:
         source.extend(emitter.prelude)
     source.extend(code)
     flops = size_of(shape) + elementwise_flops(parts.body) + elementwise_flops(parts.epilogue)
-    call = Call(module(entry, source, emitter.helpers, fastmath=True), entry,
+    call = Call(module(entry, source, emitter.helpers, fastmath=REDUCTION_FASTMATH_FLAGS), entry,
                 tuple(arrays.values()) + shape + tuple(scalars.values()), parallel=parallel)
     return KernelSource(kernel.attrs["name"], kernel.attrs["pattern"], [call], flops=flops)
 
