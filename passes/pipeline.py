@@ -75,6 +75,11 @@ class Stages:
         stem = os.path.join(self.dump_dir, f"{file_stem(self.name)}.{index:02d}.{stage}")
         try:
             os.makedirs(self.dump_dir, exist_ok=True)
+            if index == 0:  # an earlier compilation's stages go: the folder shows this one's whole
+                earlier = re.compile(re.escape(file_stem(self.name)) + r"\.\d{2}\.\w+\.(txt|dot)$")
+                for entry in os.listdir(self.dump_dir):
+                    if earlier.match(entry):
+                        os.remove(os.path.join(self.dump_dir, entry))
             with open(stem + ".txt", "w") as f:
                 f.write(text())
             with open(stem + ".dot", "w") as f:

@@ -135,3 +135,18 @@ def test_a_dump_location_that_is_not_a_folder_names_the_setting(tmp_path, monkey
     monkeypatch.setenv("GRAPHC_DUMP", str(tmp_path / "a_file"))
     with pytest.raises(gc.GraphcError, match="GRAPHC_DUMP=.*cannot write the stages' graphs there"):
         gc.jit(lambda x: x * 2.0, backend="reference")(np.ones(3, np.float32))
+
+
+def test_a_later_compilation_of_a_name_replaces_all_of_its_stages(tmp_path):
+    """A recompilation with fewer stages (an export's trace and simplify) left the earlier one's
+    later stages beside them: a folder mixing two compilations under one name."""
+    b = Builder("g")
+    x = b.add_input(TensorType((2, 3), "float32"), "x")
+    b.add_output("y", b.exp(x))
+    first = pipeline.Stages("g", dump_dir=str(tmp_path))
+    for stage in ("trace", "simplify", "fusion"):
+        first.record(stage, b.graph)
+    (tmp_path / "g_update.00.trace.txt").write_text("another name's")
+    pipeline.Stages("g", dump_dir=str(tmp_path)).record("trace", b.graph)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "g.00.trace.dot", "g.00.trace.txt", "g_update.00.trace.txt"]

@@ -7,7 +7,6 @@ README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 def test_readme_python_blocks_run(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "demo_out").mkdir()
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert blocks, "the README should have a quickstart"
     for block in blocks:
