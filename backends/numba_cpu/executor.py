@@ -330,7 +330,7 @@ class Executable(PlannedExecutable):
         _UPGRADING.discard(self)
         try:
             final = upgrade.load(self.cache_stats)
-        except Exception as error:  # the serial kernels stay: they compute the same
+        except Exception as error:  # the serial kernels stay: they compute the same, to rounding
             warnings.warn(f"graphc: the parallel kernels of {self.graph.name} failed to compile; "
                           f"their serial forms keep running ({type(error).__name__}: {error})")
             return
