@@ -267,6 +267,58 @@ def bernoulli(p: float, shape: Sequence[int]) -> Tensor:
                                                shape=tuple(shape), stream=stream))
 
 
+__all__ += ["rand", "rand_like", "randn", "randn_like", "randint", "mm", "bmm"]
+
+
+def mm(input: Tensor, mat2: Any) -> Tensor:
+    """torch.mm: the product of two matrices (no broadcasting)."""
+    return as_tensor(input).mm(mat2)
+
+
+def bmm(input: Tensor, mat2: Any) -> Tensor:
+    """torch.bmm: the products of two batches of matrices, (b, n, m) @ (b, m, p)."""
+    return as_tensor(input).bmm(mat2)
+
+
+def rand(*size: Any, dtype: Any = "float32") -> Tensor:
+    """torch.rand: uniform [0, 1) numbers of `size` (as gc.uniform), from the call's key."""
+    return uniform(_shape_argument(size), dtype_name(dtype))
+
+
+def rand_like(x: Tensor, *, dtype: Any = None) -> Tensor:
+    x = as_tensor(x)
+    return uniform(x.shape, dtype_name(dtype) if dtype is not None else x.dtype)
+
+
+def randn(*size: Any, dtype: Any = "float32") -> Tensor:
+    """torch.randn: standard normal numbers of `size`, from the call's key (Box-Muller over two
+    uniform draws: sqrt(-2 log u) cos(2 pi v), u in (0, 1])."""
+    shape, dtype = _shape_argument(size), dtype_name(dtype)
+    radius = (log(1.0 - uniform(shape, dtype)) * -2.0).sqrt()
+    return radius * cos(uniform(shape, dtype) * (2 * np.pi))
+
+
+def randn_like(x: Tensor, *, dtype: Any = None) -> Tensor:
+    """torch.randn_like (a VAE's reparametrisation noise: mu + std * randn_like(std))."""
+    x = as_tensor(x)
+    return randn(x.shape, dtype=dtype_name(dtype) if dtype is not None else x.dtype)
+
+
+def randint(*args: Any, size: Any = None, dtype: Any = "int64") -> Tensor:
+    """torch.randint(high, size) or (low, high, size): integers uniform in [low, high)."""
+    if size is None and args and not isinstance(args[-1], (int, np.integer)):
+        *args, size = args
+    if size is None or len(args) not in (1, 2) or not all(isinstance(a, (int, np.integer)) for a in args):
+        raise GraphcError(f"randint: takes (high, size) or (low, high, size) with integer bounds "
+                          f"(at {user_location()})")
+    low, high = (0, *args) if len(args) == 1 else args
+    if high <= low:
+        raise GraphcError(f"randint: expects low < high, got [{low}, {high}) (at {user_location()})")
+    # float64 draws: float32's 24 bits would leave most of a wide range never drawn
+    drawn = (uniform(_shape_argument((size,)), "float64") * float(high - low)).floor()
+    return (drawn.astype("int64").clip(0, high - low - 1) + low).astype(dtype_name(dtype))
+
+
 # -- math with PyTorch's names, keywords and dtypes ---------------------------------------------
 sin, cos, erf = (_unary(op) for op in ("sin", "cos", "erf"))
 

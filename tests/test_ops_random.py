@@ -179,3 +179,38 @@ def test_threads_drawing_keys_at_once_each_get_their_own():
     finally:
         sys.setswitchinterval(interval)
     assert len(set(keys)) == len(keys) == 8000
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba-cpu"])
+def test_traced_rand_randn_and_randint_draw_pytorchs_distributions(backend):
+    """torch.randn_like (a VAE's noise), rand and randint inside traced code: there were only
+    gc.uniform and gc.bernoulli."""
+    import graphc as gc
+    x = np.zeros((400, 500), np.float32)
+    draw = gc.jit(lambda t: (gc.randn_like(t), gc.rand(1000), gc.randint(3, 7, (4000,)),
+                             gc.randint(5, size=(2,)), gc.randn(3, dtype="float64")), backend=backend)
+    gc.manual_seed(0)
+    normal, uniform, ints, small, wide = draw(x)
+    assert normal.dtype == np.float32 and wide.dtype == np.float64
+    assert abs(normal.mean()) < 0.01 and abs(normal.std() - 1) < 0.01
+    assert abs((np.abs(normal) < 1).mean() - 0.6827) < 0.01  # the normal's mass within 1 sd
+    assert 0 <= uniform.min() and uniform.max() < 1
+    assert ints.dtype == np.int64 and set(np.unique(ints)) == {3, 4, 5, 6}
+    assert small.shape == (2,) and ((0 <= small) & (small < 5)).all()
+    gc.manual_seed(0)
+    np.testing.assert_array_equal(draw(x)[0], normal)  # replayed from the seed
+
+
+def test_the_reparametrisation_trick_differentiates_through_randn_like():
+    import graphc as gc
+    mu, log_std = np.zeros(1000, np.float32), np.full(1000, -1.0, np.float32)
+
+    def loss(m, s):
+        z = m + s.exp() * gc.randn_like(s)
+        return (z * z).mean()  # E = m^2 + exp(2s): d/ds = 2 exp(2s) on average
+
+    gc.manual_seed(1)
+    _, grad_s = gc.grad(loss, argnums=(0, 1), backend="reference")(mu, log_std)
+    assert abs(grad_s.sum() - 2 * np.exp(-2.0)) < 0.02
+    with pytest.raises(gc.GraphcError, match="low < high"):
+        gc.jit(lambda t: gc.randint(5, 5, (2,)) + t)(np.zeros(2, np.int64))

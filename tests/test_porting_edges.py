@@ -511,3 +511,12 @@ def test_functional_ops_take_their_first_argument_as_input_by_name():
     t = np.array([[-1.0, 2.0]], np.float32)
     out = gc.jit(lambda a: F.softmax(input=F.relu(input=a), dim=1) + F.dropout(input=a, p=0.0))(t)
     np.testing.assert_allclose(out, np.exp([[0, 2]]) / np.exp([[0, 2]]).sum() + t, rtol=1e-6)
+
+
+def test_torch_mm_and_bmm_as_functions():
+    """torch.bmm(a, b) ported as gc.bmm(a, b) raised a plain AttributeError."""
+    a, b = np.ones((2, 3, 4), np.float32), np.ones((2, 4, 5), np.float32)
+    np.testing.assert_array_equal(gc.jit(lambda x, y: gc.bmm(x, y))(a, b), a @ b)
+    np.testing.assert_array_equal(gc.jit(lambda x, y: gc.mm(x, y))(a[0], b[0]), a[0] @ b[0])
+    with pytest.raises(gc.GraphcError, match="bmm: both operands must be 3-D"):
+        gc.jit(lambda x, y: gc.bmm(x, y))(a[0], b[0])
