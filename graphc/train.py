@@ -2,6 +2,7 @@
 restore, atomic checkpoints, a tqdm progress bar and optional TensorBoard scalars."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -139,8 +140,9 @@ def require_training_step(step: Any, who: str) -> None:
 
 
 def taking_turns(step: TrainStep | LoadedTrainStep) -> ContextManager[Any]:
-    """The lock a training step's calls take turns by: held, no call runs in another thread."""
-    return step._turn
+    """The lock a training step's calls take turns by: held, no call runs in another thread
+    (none for a step of another kind, a pipeline's, whose calls run where they are made)."""
+    return getattr(step, "_turn", None) or contextlib.nullcontext()
 
 
 def training_state(step: TrainStep | LoadedTrainStep) -> dict[str, np.ndarray]:
