@@ -477,16 +477,17 @@ class TrainStep(_CompiledModelBase):
             raise GraphcError(f"{self.name}: a compiled training step updates the model and "
                               "cannot run inside gc.jit, gc.grad or another trace; call it "
                               "outside, or use gc.value_and_grad on the loss")
-        with self._turn, interrupts_deferred():
+        with self._turn:
             return numerics_checked(self, batch, self._step)
 
     def _step(self, batch: Sequence[Any]) -> float:
         self._follow_module_tree()
         self._follow_own_counts()
-        compiled, args = self._arguments(batch)
+        compiled, args = self._arguments(batch)  # (a trace and compile Ctrl-C stops at once)
         if compiled.executable is not self._holding:
             self._hold_state(compiled)
-        return float(compiled.executable(*args)[0])
+        with interrupts_deferred():
+            return float(compiled.executable(*args)[0])
 
     def count_own_steps(self, names: Sequence[str], start: Any = 0) -> None:
         """Give the trained parameters `names` step counts of their own, from `start` (a

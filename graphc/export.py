@@ -922,8 +922,8 @@ class LoadedTrainStep(_Loaded):
         return {k: v for k, v in self._state.items() if not k.startswith("implicit/")}
 
     def __call__(self, *batch: Any) -> float:
-        from .compile import interrupts_deferred, numerics_checked
-        with self._turn, interrupts_deferred():
+        from .compile import numerics_checked
+        with self._turn:
             return numerics_checked(self, batch, self._step)
 
     def _step(self, batch: Sequence[Any]) -> float:
@@ -940,7 +940,9 @@ class LoadedTrainStep(_Loaded):
         args += [*persistent, *(self._lr_dtype.type(r) for r in self.lrs)]
         if rng:
             args.append(self.persistent[-1])
-        return float(self.executable(*args)[0])
+        from .compile import interrupts_deferred
+        with interrupts_deferred():  # a Ctrl-C lands after the step's whole update
+            return float(self.executable(*args)[0])
 
 
 class LoadedFunction(_Loaded):
