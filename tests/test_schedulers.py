@@ -356,29 +356,39 @@ def test_a_rate_something_else_changed_carries_on_as_in_pytorch(case):
     np.testing.assert_allclose(run(optim, [np.zeros(1, np.float32)]), expected, rtol=1e-9)
 
 
-def _rates_beside_changes(lib, opt, build):
-    """Rates of the schedule `build(lib, opt)` stepped 7 epochs with a ReduceLROnPlateau cutting
-    beside it and the rate set by hand at epoch 5."""
+def _rates_beside_changes(lib, opt, build, hands):
+    """Rates of the schedule `build(lib, opt)` stepped 12 epochs with a ReduceLROnPlateau cutting
+    beside it (on a loss that stops improving) and the rate set by hand as `hands` says
+    ({epoch: rate})."""
     schedule = build(lib, opt)
-    plateau = lib.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+    plateau = lib.ReduceLROnPlateau(opt, patience=1, factor=0.5)
     rates = []
-    for epoch, loss in enumerate([1.0, 0.9, 0.8, 0.8, 0.8, 0.7, 0.6]):
-        if epoch == 5:
-            opt.param_groups[0]["lr"] = 0.01
+    for epoch, loss in enumerate([1.0, 0.9, 0.8, 0.8, 0.8, 0.7, 0.6] + [0.6] * 5):
+        if epoch in hands:
+            opt.param_groups[0]["lr"] = hands[epoch]
         schedule.step()
         plateau.step(loss)
         rates.append(opt.param_groups[0]["lr"])
     return rates
 
 
+@pytest.mark.parametrize("hands", [{5: 0.01}, {3: 0.0, 6: 0.5}], ids=["set", "paused"])
 @pytest.mark.parametrize("build", [
     lambda L, o: L.SequentialLR(o, [L.LinearLR(o, 0.1, total_iters=2), L.ExponentialLR(o, 0.9)], [2]),
     lambda L, o: L.SequentialLR(o, [L.ConstantLR(o, 0.5, total_iters=2), L.StepLR(o, 2, 0.5)], [3]),
-    lambda L, o: L.PolynomialLR(o, total_iters=2)])
-def test_a_sequence_and_a_finished_polynomial_keep_changes_made_beside_them_as_pytorchs(build):
+    lambda L, o: L.SequentialLR(o, [L.ExponentialLR(o, 0.8), L.MultiplicativeLR(o, lambda e: 0.9)], [4]),
+    lambda L, o: L.SequentialLR(o, [L.ExponentialLR(o, 0.9), L.PolynomialLR(o, total_iters=2)], [2]),
+    lambda L, o: L.ChainedScheduler([L.LinearLR(o, 0.5, total_iters=2), L.PolynomialLR(o, total_iters=3)]),
+    lambda L, o: L.PolynomialLR(o, total_iters=2),
+    lambda L, o: L.CosineAnnealingLR(o, T_max=4, eta_min=0.01),
+    lambda L, o: L.ExponentialLR(o, 0.9),
+    lambda L, o: L.StepLR(o, 2, 0.5)])
+def test_schedules_keep_changes_made_beside_them_as_pytorchs(build, hands):
     """SequentialLR set its stage's closed form, undoing a plateau's cut and a rate set by hand
-    (PyTorch steps its chainable stage, which keeps them); PolynomialLR put a hand's rate back
-    to 0 after total_iters (PyTorch keeps the rate there)."""
+    (PyTorch steps its chainable stage, which keeps them); a finished PolynomialLR put a hand's
+    rate back to 0 (PyTorch keeps the rate there); a cosine cut at its floor by a plateau went
+    negative; a rate paused at 0 by hand stayed 0 once restored. Each chainable step now takes
+    the current rate on as PyTorch's does."""
     torch = pytest.importorskip("torch")
     import warnings
     import torch.optim.lr_scheduler as torch_schedulers
@@ -386,6 +396,6 @@ def test_a_sequence_and_a_finished_polynomial_keep_changes_made_beside_them_as_p
     theirs_opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the step order warning: no optimizer step here
-        expected = _rates_beside_changes(torch_schedulers, theirs_opt, build)
-    got = _rates_beside_changes(ours, gc.optim.SGD([np.zeros(2, np.float32)], lr=0.1), build)
-    np.testing.assert_allclose(got, expected, rtol=1e-12)
+        expected = _rates_beside_changes(torch_schedulers, theirs_opt, build, hands)
+    got = _rates_beside_changes(ours, gc.optim.SGD([np.zeros(2, np.float32)], lr=0.1), build, hands)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-15)

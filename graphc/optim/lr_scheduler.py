@@ -103,8 +103,8 @@ class LRScheduler(_SavedState):
         self.last_epoch = last_epoch
         # PyTorch counts one epoch more than the rates it then sets
         self._behind = 1 if last_epoch != -1 and self.keeps_rate_on_resume else 0
-        # per group, the factor by which something else changed the rates set (_carried)
-        self._carry = [1.0] * len(optimizer.param_groups)
+        # per group, whether the rates set are the closed form's (nothing else changed them)
+        self._exact = [True] * len(optimizer.param_groups)
         self.step()
 
     def rate(self, epoch: int, group: int = 0) -> float:
@@ -141,20 +141,30 @@ class LRScheduler(_SavedState):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _carried(self, group: int, current: float, rate: float) -> float:
-        """`rate`, the schedule's own, times what something else has made of the rate this
-        schedule set last (another scheduler, ReduceLROnPlateau, a hand): PyTorch's chainable
-        schedules multiply the current rate, so such a change lasts. (Above `floor`, for a
-        schedule decaying towards a floor: the cosine's eta_min.)"""
+        """`rate`, the schedule's own, while nothing else has changed the rate this schedule set
+        last; once something has (another scheduler, ReduceLROnPlateau, a hand), each step
+        takes the group's current rate on as PyTorch's chainable step does: its distance from
+        the floor (the cosine's eta_min) times the schedule's own step factor, or where the own
+        rate left the floor, plus its own step (the cosine's restart, a finished polynomial's
+        zero step keeping a rate set by hand)."""
         if not self.chainable:
             return rate
-        last, floor = getattr(self, "_last_lr", None), self.carry_floor()
+        last = getattr(self, "_last_lr", None)
         if last is None:  # built, from the rate the group has now (another schedule's, perhaps)
-            previous = self.initial_reference(group, rate) if self.last_epoch == 0 else current
+            if self.last_epoch != 0:
+                return rate  # resumed: the rate the checkpoint holds is the schedule's
+            previous = self.initial_reference(group, rate)
+            if current == previous and self._exact[group]:
+                return rate
         else:
-            previous = last[group]
-        if current != previous and previous != floor:
-            self._carry[group] *= (current - floor) / (previous - floor)
-        return rate if self._carry[group] == 1.0 else floor + (rate - floor) * self._carry[group]
+            if current == last[group] and self._exact[group]:
+                return rate
+            previous = self.rate_at(self.last_epoch - 1 - self._behind, group)
+        self._exact[group] = False
+        floor = self.carry_floor()
+        if previous == floor:
+            return current + (rate - previous)
+        return floor + (current - floor) * (rate - floor) / (previous - floor)
 
     def initial_reference(self, group: int, rate: float) -> float:
         """The rate built on, as PyTorch's first step multiplies the group's current rate by the
@@ -175,7 +185,7 @@ class LRScheduler(_SavedState):
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base
         self.last_epoch, self._behind, self._last_lr = -1, 0, None
-        self._carry = [1.0] * len(self.optimizer.param_groups)
+        self._exact = [True] * len(self.optimizer.param_groups)
         while self.last_epoch < epoch:
             self.step()
 
@@ -357,12 +367,6 @@ class PolynomialLR(LRScheduler):
     def rate(self, epoch: int, group: int = 0) -> float:
         return self.base_lrs[group] * (1 - min(epoch, self.total_iters) / self.total_iters) ** self.power
 
-    def _carried(self, group: int, current: float, rate: float) -> float:
-        # past total_iters PyTorch's keeps the rate as it is: one set there by hand stays (no
-        # carried factor of a zero rate could give it)
-        if self.last_epoch > self.total_iters:
-            return current
-        return super()._carried(group, current, rate)
 
 
 class MultiplicativeLR(LRScheduler):
@@ -483,10 +487,13 @@ class SequentialLR(LRScheduler):
         # constructor resets the rates the stages' constructors set).
         epoch = self.last_epoch + 1
         index = bisect.bisect_right(self.milestones, epoch)
-        starts = epoch == 0 or (index and epoch == self.milestones[index - 1])
-        self.chainable = self.schedulers[index].chainable and not starts
+        stage = self.schedulers[index]
+        # (a MultiplicativeLR stage goes on from the rate it is handed, as PyTorch's)
+        starts = epoch == 0 or (index and epoch == self.milestones[index - 1]
+                                and not isinstance(stage, MultiplicativeLR))
+        self.chainable = stage.chainable and not starts
         if starts:
-            self._carry = [1.0] * len(self.optimizer.param_groups)
+            self._exact = [True] * len(self.optimizer.param_groups)
         super().step()
 
     def rate(self, epoch: int, group: int = 0) -> float:
