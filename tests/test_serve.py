@@ -351,6 +351,11 @@ def test_json_integers_beyond_int64_are_numbers_and_integer_models_refuse_what_w
     for too_large in ([[2**63, 1.0]], [[2**63 + 1000, 1.0]], [[2**63, 1]]):
         with pytest.raises(RequestError, match="outside int64's range"):
             _checked_samples(_samples_from_json(too_large, longs), longs, 8, False)
+    # beside a float, integers past 2**53 were rounded (NumPy's float64), and int64's maximum
+    # refused: each is taken as written
+    for ids in ([[2**53 + 1, 1.0]], [[2**63 - 1, 1.0]], [[-2**63, 2.0]]):
+        got = _checked_samples(_samples_from_json(ids, longs), longs, 8, False)
+        assert got.tolist() == [[int(v) for v in ids[0]]]
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])

@@ -297,14 +297,21 @@ def _samples_from_json(inputs: Any, runner: Runner) -> np.ndarray:
         if not (np.isfinite(array).all() and (array == np.round(array)).all()):
             raise RequestError(f"model {runner.name!r} takes {runner.input.dtype.name} inputs; "
                                "got numbers with fractions")
-        limits = np.iinfo(runner.input.dtype)
-        # (limits.max + 1, a power of two, is exact as a float; limits.max itself may round up
-        # to it: 2**63 passed the check and became -2**63)
-        if array.size and (array.min() < limits.min or array.max() >= float(limits.max) + 1.0):
-            raise RequestError(f"inputs hold integers outside {runner.input.dtype.name}'s range "
-                               f"[{limits.min}, {limits.max}]")
-        array = array.astype(runner.input.dtype)
+        array = _exact_integers(inputs, array.shape, runner.input.dtype)
     return array
+
+
+def _exact_integers(inputs: list, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """The JSON numbers `inputs` (whole, some written as floats) as `dtype`, each integer as it
+    was written: NumPy read the mix as float64, which rounds integers past 2**53 (an id of
+    9007199254740993 came back ...992) and int64's maximum up to 2**63."""
+    values = np.asarray(inputs, dtype=object).reshape(-1)
+    exact = [v if isinstance(v, int) else int(v) for v in values]
+    limits = np.iinfo(dtype)
+    if exact and (min(exact) < limits.min or max(exact) > limits.max):
+        raise RequestError(f"inputs hold integers outside {dtype.name}'s range "
+                           f"[{limits.min}, {limits.max}]")
+    return np.array(exact, dtype=dtype).reshape(shape)
 
 
 def _holds_booleans(inputs: list) -> bool:
