@@ -872,6 +872,7 @@ def scalar_reduced_as_vector(reduce: Any) -> Any:
         dims = bound.arguments.get("axis")
         dims = bound.arguments.get("dim") if dims is None else dims
         dims = (dims,) if isinstance(dims, (int, np.integer)) else dims
+        dims = tuple(dims) if isinstance(dims, list) else dims
         if not dims or not isinstance(dims, tuple) or any(
                 isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d not in (0, -1)
                 for d in dims):

@@ -520,3 +520,10 @@ def test_torch_mm_and_bmm_as_functions():
     np.testing.assert_array_equal(gc.jit(lambda x, y: gc.mm(x, y))(a[0], b[0]), a[0] @ b[0])
     with pytest.raises(gc.GraphcError, match="bmm: both operands must be 3-D"):
         gc.jit(lambda x, y: gc.bmm(x, y))(a[0], b[0])
+
+
+def test_a_0d_tensor_reduced_over_dim_given_as_a_list_is_pytorchs():
+    """dim=[0] (a list) on a 0-d tensor raised IndexError from inside graphc; dim=0 worked."""
+    s = np.array(2.5, np.float32)
+    got = gc.jit(lambda t: (t.var(dim=[0], correction=0), t.sum(dim=[0]), t.mean(dim=[-1])))(s)
+    assert [float(v) for v in got] == [0.0, 2.5, 2.5] and all(v.shape == () for v in got)
