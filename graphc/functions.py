@@ -462,7 +462,9 @@ def var(x: Tensor, dim: int | Sequence[int] | None = None, unbiased: bool | None
     # The mean, rounded to x's dtype, is off by up to half its last place alike for every
     # element: where the mean is large against the spread, that error squared and counted N
     # times swamps the variance (3e7 + 4 N(0, 1) in float32: 21% off). The centred values' sum
-    # is -N times it: its square over N takes it back out (the corrected two-pass algorithm).
+    # is -N times it: its square over N takes it back out (the corrected two-pass algorithm;
+    # its second sum costs a pass more). Centring on the mean split in two parts of x's dtype
+    # kept no digits: a reduction kernel may reassociate (x - hi) - lo into x - (hi + lo).
     residual = centered.sum(axis=axes, keepdims=keepdim or keepdims)
     squares = squares - residual.square() / float(builtins.max(count, 1))
     return squares / float(count - correction if count > correction else 0)
