@@ -304,10 +304,13 @@ def randn_like(x: Tensor, *, dtype: Any = None) -> Tensor:
     return randn(x.shape, dtype=dtype_name(dtype) if dtype is not None else x.dtype)
 
 
-def randint(*args: Any, size: Any = None, dtype: Any = "int64") -> Tensor:
-    """torch.randint(high, size) or (low, high, size): integers uniform in [low, high)."""
+def randint(*args: Any, low: int | None = None, high: int | None = None, size: Any = None,
+            dtype: Any = "int64") -> Tensor:
+    """torch.randint(high, size) or (low, high, size), by position or keyword: integers uniform
+    in [low, high)."""
     if size is None and args and not isinstance(args[-1], (int, np.integer)):
         *args, size = args
+    args = [a for a in (low, *args, high) if a is not None] if (low, high) != (None, None) else args
     if size is None or len(args) not in (1, 2) or not all(isinstance(a, (int, np.integer)) for a in args):
         raise GraphcError(f"randint: takes (high, size) or (low, high, size) with integer bounds "
                           f"(at {user_location()})")

@@ -118,12 +118,24 @@ def test_weight_norm_of_a_1d_parameter_and_the_weight_read_after_a_call_are_pyto
                                rtol=1e-6)
 
 
+def test_weight_norm_over_a_dim_counted_from_the_end_is_pytorchs():
+    torch = pytest.importorskip("torch")
+    import warnings
+    ours = nn.utils.weight_norm(nn.Conv1d(2, 3, 3), dim=-2)  # -1 alone means the whole tensor
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = torch.nn.utils.weight_norm(torch.nn.Conv1d(2, 3, 3), dim=-2)
+    assert ours.weight_g.shape == tuple(theirs.weight_g.shape) == (1, 2, 1)
+
+
 def test_weight_norm_refuses_what_it_cannot_do():
     layer = nn.Linear(3, 2)
     with pytest.raises(gc.GraphcError, match="no parameter 'kernel'"):
         nn.utils.weight_norm(layer, "kernel")
     with pytest.raises(gc.GraphcError, match="dim must be an axis"):
         nn.utils.weight_norm(layer, dim=2)
+    with pytest.raises(gc.GraphcError, match="dim must be an axis"):
+        nn.utils.weight_norm(layer, dim=-3)
     nn.utils.weight_norm(layer)
     with pytest.raises(gc.GraphcError, match="has weight norm already"):
         nn.utils.weight_norm(layer)

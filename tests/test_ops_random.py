@@ -197,6 +197,9 @@ def test_traced_rand_randn_and_randint_draw_pytorchs_distributions(backend):
     assert 0 <= uniform.min() and uniform.max() < 1
     assert ints.dtype == np.int64 and set(np.unique(ints)) == {3, 4, 5, 6}
     assert small.shape == (2,) and ((0 <= small) & (small < 5)).all()
+    keywords = gc.jit(lambda t: (gc.randint(low=2, high=5, size=(500,)), gc.randint(high=3, size=(500,))),
+                      backend=backend)(x)
+    assert set(np.unique(keywords[0])) == {2, 3, 4} and set(np.unique(keywords[1])) == {0, 1, 2}
     gc.manual_seed(0)
     np.testing.assert_array_equal(draw(x)[0], normal)  # replayed from the seed
 

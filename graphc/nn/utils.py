@@ -66,9 +66,11 @@ def weight_norm(module: Module, name: str = "weight", dim: int | None = 0) -> Mo
         raise GraphcError(f"weight_norm: {type(module).__name__} has no parameter {name!r} "
                           f"(its parameters: {list(module._parameters)})")
     dim = -1 if dim is None else dim
-    if not (isinstance(dim, int) and -1 <= dim < weight.ndim):
+    if not (isinstance(dim, int) and -weight.ndim <= dim < weight.ndim):
         raise ShapeError(f"weight_norm: dim must be an axis of {name} {weight.shape}, or -1 or "
                          f"None for the whole tensor's norm, got {dim!r}")
+    if dim < -1:  # counted from the end, as PyTorch's transpose takes it (-1 alone is "all")
+        dim += weight.ndim
     del module._parameters[name]
     module.register_parameter(name + "_g", Parameter(_norm_except_dim(weight, dim)))
     module.register_parameter(name + "_v", Parameter(weight.copy()))
