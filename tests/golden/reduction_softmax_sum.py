@@ -2,7 +2,7 @@
 import numpy as np
 from numba import njit, prange
 
-FASTMATH = {'contract', 'nsz', 'reassoc'}
+FASTMATH = {'nsz', 'reassoc'}
 
 
 @njit(fastmath={'contract'}, error_model='numpy', no_cfunc_wrapper=True, no_cpython_wrapper=True)
