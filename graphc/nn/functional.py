@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -662,17 +662,23 @@ def one_hot(tensor: Any, num_classes: int = -1) -> Tensor:
     return bind("one_hot", indices, num_classes=int(num_classes), dtype="int64") + checked[..., None]
 
 
-def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
-    """Zero each element with probability p and scale the rest by 1/(1-p), while training
+def _dropped(op: str, input: Tensor, p: float, training: bool, inplace: bool,
+             apply: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """`apply(x, keep)` with keep a draw of elements kept with probability 1 - p, while training
     (p = 1 zeroes all, as PyTorch's: x * 0, so NaN stays NaN)."""
-    check_dropout_probability("dropout", p)
+    check_dropout_probability(op, p)
     if not training or p == 0:
         return input
     t = as_tensor(input)
     if p == 1:
         return _result(input, t * 0.0, inplace)
-    keep = bernoulli(1 - p, t.shape)
-    return _result(input, where(keep, t * (1.0 / (1 - p)), 0), inplace)
+    return _result(input, apply(t, bernoulli(1 - p, t.shape)), inplace)
+
+
+def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+    """Zero each element with probability p and scale the rest by 1/(1-p), while training."""
+    return _dropped("dropout", input, p, training, inplace,
+                    lambda t, keep: where(keep, t * (1.0 / (1 - p)), 0))
 
 
 __all__ += ["alpha_dropout"]
@@ -686,17 +692,11 @@ def alpha_dropout(input: Tensor, p: float = 0.5, training: bool = False,
     """PyTorch's: while training, set each element with probability p to SELU's saturation
     value, then an affine map under which a zero-mean, unit-variance input keeps its mean and
     variance (SELU networks stay self-normalising). PyTorch's default here is training=False."""
-    check_dropout_probability("alpha_dropout", p)
-    if not training or p == 0:
-        return input
-    t = as_tensor(input)
-    if p == 1:
-        return _result(input, t * 0.0, inplace)
     alpha = -SELU_SATURATION
-    scale = 1.0 / math.sqrt((alpha * alpha * p + 1) * (1 - p))
-    keep = bernoulli(1 - p, t.shape)
+    scale = 1.0 / math.sqrt((alpha * alpha * p + 1) * (1 - p)) if 0 <= p < 1 else 0.0
     # kept: scale * x + alpha * scale * p; dropped: scale * (saturation) + alpha * scale * p
-    return _result(input, where(keep, t * scale, -alpha * scale) + alpha * scale * p, inplace)
+    return _dropped("alpha_dropout", input, p, training, inplace,
+                    lambda t, keep: where(keep, t * scale, -alpha * scale) + alpha * scale * p)
 
 
 # -- 1-D pools: the 2-D ones over (N, C, 1, L), their arguments checked in the 1-D terms ----------
