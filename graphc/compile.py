@@ -20,14 +20,13 @@ lets the next step upload what may since have been written.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import signal
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -272,7 +271,7 @@ class _CompiledModelBase:
         an inference function exported with `max_batch` takes any batch of 1 to max_batch
         samples (graphc/export.py says how)."""
         from .export import export
-        with getattr(self, "_turn", contextlib.nullcontext()):  # a step: after a running call
+        with getattr(self, "_turn", nullcontext()):  # a step: after a running call
             export(self, path, max_batch)
 
     @property

@@ -880,7 +880,10 @@ class LoadedTrainStep(_Loaded):
             self._state_to_host()
             bound = set(self._forward_bindings.values())
             copies: dict[int, np.ndarray] = {}  # a tied array's names share one copy
-            state = {k: copies.setdefault(id(v), v.copy()) for k, v in self._state.items()
+            for v in self._state.values():
+                copies.setdefault(id(v), v)
+            copies = {key: v.copy() for key, v in copies.items()}
+            state = {k: copies[id(v)] for k, v in self._state.items()
                      if k.startswith("model/") or k in bound}
         members = _function_members(
             "inference", graph, executable, fused, self._forward_bindings, {}, state,

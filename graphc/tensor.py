@@ -861,13 +861,13 @@ def scalar_reduced_as_vector(reduce: Any) -> Any:
 
     @functools.wraps(reduce)
     def reduced(*args: Any, **keywords: Any) -> Any:
+        x = args[0] if args else keywords.get(operand)
+        if getattr(x, "ndim", None) != 0:  # (most calls: no binding)
+            return reduce(*args, **keywords)
         try:
             bound = signature.bind(*args, **keywords)
         except TypeError:
             return reduce(*args, **keywords)  # raises the call's own error
-        x = bound.arguments[operand]
-        if getattr(x, "ndim", None) != 0:
-            return reduce(*args, **keywords)
         bound.apply_defaults()
         dims = bound.arguments.get("axis")
         dims = bound.arguments.get("dim") if dims is None else dims

@@ -40,34 +40,12 @@ def _write_statistics(w: Writer, c: str, shift: str, total: str, squares: str) -
     w.line(f"out[1, {c}] = max({squares} / n - mean * mean, 0.0)")
 
 
-def _write_run_sums(w: Writer, own: str, shift: str, sums: dict[str, str]) -> None:
-    """Float64 sums over line c of the terms of d = x - `shift` (`sums`: name -> term), each
-    run of up to LONGEST_ROW_IN_OWN_DTYPE elements summed in x's dtype `own` first."""
-    for name in sums:
-        w.line(f"{name} = 0.0")
-    with w.block("for a in range(before):"):
-        with w.block(f"if after <= {LONGEST_ROW_IN_OWN_DTYPE}:"):
-            for name in sums:
-                w.line(f"{name}_run = {own}(0.0)")
-            with w.block("for k in range(after):"):
-                w.line(f"d = x[a, c, k] - {shift}")
-                for name, term in sums.items():
-                    w.line(f"{name}_run += {term}")
-            for name in sums:
-                w.line(f"{name} += np.float64({name}_run)")
-        with w.block("else:"):
-            with w.block("for k in range(after):"):
-                w.line(f"d = np.float64(x[a, c, k]) - np.float64({shift})")
-                for name, term in sums.items():
-                    w.line(f"{name} += {term}")
-
-
 @lowering(TARGET, "moments")
 def _moments(node: Node, refs: Refs) -> tuple[list[Call], int]:
     x = node.inputs[0]
     view = lines_view(x.shape, node.attrs["axes"])
     parallel = view[1] > 1 and runs_parallel(size_of(x.shape))
-    own = np_type(x.dtype)
+    acc = np_type(x.dtype if view[2] <= LONGEST_ROW_IN_OWN_DTYPE else "float64")
 
     def body(w: Writer) -> None:
         w.line("before, kept, after = x.shape")
@@ -87,11 +65,9 @@ def _moments(node: Node, refs: Refs) -> tuple[list[Call], int]:
                 _write_statistics(w, "c", "shift[c]", "total[c]", "squares[c]")
             w.line("return")
         with w.block(loop_header("c", "kept", parallel)):
-            w.line("x0 = x[0, c, 0]")
-            _write_run_sums(w, own, "x0", {"shifted": "d"})
-            w.line(f"centre = {own}(np.float64(x0) + shifted / n)")
-            _write_run_sums(w, own, "centre", {"total": "d", "squares": "d * d"})
-            _write_statistics(w, "c", "np.float64(centre)", "total", "squares")
+            w.line(f"x0 = {acc}(x[0, c, 0])")
+            _write_centre(w, acc, {}, [])
+            _write_statistics(w, "c", "np.float64(centre)", "c_total", "c_squares")
 
     call = library_call("moments", ["x", "out"], [refs[x], refs[node.output]], parallel, body)
     call.views = (view, (2, view[1]))
