@@ -368,7 +368,6 @@ class PolynomialLR(LRScheduler):
         return self.base_lrs[group] * (1 - min(epoch, self.total_iters) / self.total_iters) ** self.power
 
 
-
 class MultiplicativeLR(LRScheduler):
     """The rate times lr_lambda(epoch) at each step (one function or one per group): after k
     steps, initial_lr times the product of lr_lambda(1) ... lr_lambda(k). As a later stage of a
