@@ -460,16 +460,15 @@ def var(x: Tensor, dim: int | Sequence[int] | None = None, unbiased: bool | None
         correction = ddof if ddof is not None else (0 if unbiased is False else 1)
     axes = normalize_axes(reduction_axes(dim, axis, "var"), x.ndim)
     count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
-    centered = x - x.mean(axis=axes, keepdims=True)
+    # The mean rounded to x's dtype is off by up to half its last place alike for every element:
+    # where the mean is large against the spread, that error squared and counted N times swamps
+    # the variance (3e7 + 4 N(0, 1) in float32: 21% off). Centring on the float64 mean split in
+    # two parts of x's dtype, (x - high) - low, keeps it out; the reduction kernels compute that
+    # in its written order (only their sum's own addition reassociates).
+    mean = x.astype("float64").mean(axis=axes, keepdims=True)
+    high = mean.astype(x.dtype)
+    centered = x - high if x.dtype == "float64" else (x - high) - (mean - high.astype("float64")).astype(x.dtype)
     squares = centered.square().sum(axis=axes, keepdims=keepdim or keepdims)
-    # The mean, rounded to x's dtype, is off by up to half its last place alike for every
-    # element: where the mean is large against the spread, that error squared and counted N
-    # times swamps the variance (3e7 + 4 N(0, 1) in float32: 21% off). The centred values' sum
-    # is -N times it: its square over N takes it back out (the corrected two-pass algorithm;
-    # its second sum costs a pass more). Centring on the mean split in two parts of x's dtype
-    # kept no digits: a reduction kernel may reassociate (x - hi) - lo into x - (hi + lo).
-    residual = centered.sum(axis=axes, keepdims=keepdim or keepdims)
-    squares = squares - residual.square() / float(builtins.max(count, 1))
     return squares / float(count - correction if count > correction else 0)
 
 

@@ -69,7 +69,8 @@ def test_parallel_column_sum_reads_rows_with_the_kept_axis_innermost():
     [source] = reduction_sources(executable)
     lines = [line.strip() for line in source.splitlines()]
     rows = lines.index("for i0 in range(block * block_rows, min(n0, block * block_rows + block_rows)):")
-    assert lines[rows + 1:rows + 3] == ["for i1 in range(n1):", "partial[block, i1] += x0[i0, i1]"]
+    assert lines[rows + 1:rows + 3] == ["for i1 in range(n1):",
+                                      "partial[block, i1] = reassociable_add(partial[block, i1], x0[i0, i1])"]
 
 
 def test_parallel_column_reductions_over_several_axes_with_nans():
@@ -163,3 +164,17 @@ def test_a_reduction_computes_its_fused_body_as_an_elementwise_kernel_does():
                  backend="numba-cpu")(a, a.copy())
     np.testing.assert_array_equal(got[0], np.zeros(4, np.float32))
     np.testing.assert_array_equal(got[1], np.zeros(300, np.float32))
+
+
+def test_a_reduction_keeps_the_written_order_of_its_fused_body():
+    """Function-wide 'reassoc' let LLVM rewrite (x / s) * y as x * (y / s) inside a reduction:
+    inf at 1e20 where the written order (and an elementwise kernel) gives 1e20 per element. Only
+    the sum's own addition may be reordered now, and the sum still vectorises."""
+    import graphc as gc
+    big = np.full((2, 64), 1e20, np.float32)
+    got = gc.jit(lambda x, s, y: ((x / s * y).sum(1), (x / s * y).sum(0)), backend="numba-cpu")(big, big, big)
+    np.testing.assert_allclose(got[0], np.full(2, 6.4e21, np.float32), rtol=1e-6)
+    np.testing.assert_allclose(got[1], np.full(64, 2e20, np.float32), rtol=1e-6)
+    executable, _ = check(build_graph("row_sum", [big], lambda b, x: b.sum(x, axes=(1,))), [big])
+    [source] = reduction_sources(executable)
+    assert "reassociable_add(acc" in source and "FASTMATH = False" in source

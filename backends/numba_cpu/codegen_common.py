@@ -33,21 +33,18 @@ TARGET = "numba-cpu"
 # Nor 'arcp': it lets LLVM turn 1/sqrt(x) into an rsqrt estimate, NaN at 0 and inf. Nor 'afn':
 # it lets LLVM turn pow(x, float(n)) with an int32 n into powi, whose runtime function
 # (__powisf2) is not linked: the process aborted. (The kernels' exp and tanh are polynomials of
-# their own, kernels/pointwise.py, not libm calls 'afn' could approximate.) Numba sets the flags
-# per function: in a kernel that fuses elementwise ops into a reduction, they may be
-# reassociated too (var's gradient over one element: -0 where the reference gives NaN).
+# their own, kernels/pointwise.py, not libm calls 'afn' could approximate.)
 FASTMATH_FLAGS = ("contract", "nsz", "reassoc")
-# Elementwise kernels vectorise across elements without reassociation, which would rewrite their
-# expressions as algebra, not IEEE arithmetic, allows: (x + y) - y to x where y is inf, x * 1e30
-# * 1e30 to x * inf (NaN at 0), x + (-x) to 0 where x is NaN. Nor 'nsz': 1 / -(y - x) at x = y
-# is -inf, as in the reference. Nor 'contract': a * a - b * b fused into fma(a, a, -b * b) keeps
-# a * a unrounded, so a = b gave a rounding residual, not 0 (sqrt of it NaN, log of it finite).
-# The float32 math helpers contract their own polynomials (kernels/pointwise.py).
-ELEMENTWISE_FASTMATH_FLAGS: tuple[str, ...] = ()
-# Reductions need 'reassoc' to vectorise their sums, not 'contract': without it, the
-# elementwise body they fuse (a * a - b * b) computes as in an elementwise kernel, where a = b
-# gave a NaN through sqrt only where a reduction read it.
-REDUCTION_FASTMATH_FLAGS = ("nsz", "reassoc")
+# Kernels that compute fused elementwise bodies (elementwise and reduction kernels) take no
+# flags: reassociation would rewrite their expressions as algebra, not IEEE arithmetic, allows:
+# (x + y) - y to x where y is inf, x * 1e30 * 1e30 to x * inf (NaN at 0), x + (-x) to 0 where x
+# is NaN, (x / s) * y to x * (y / s) (inf at 1e20). Nor 'nsz': 1 / -(y - x) at x = y is -inf, as
+# in the reference. Nor 'contract': a * a - b * b fused into fma(a, a, -b * b) keeps a * a
+# unrounded, so a = b gave a rounding residual, not 0 (sqrt of it NaN, log of it finite). They
+# vectorise across elements without it; a reduction's sum reassociates its one addition
+# (intrinsics.reassociable_add). The float32 math helpers contract their own polynomials
+# (kernels/pointwise.py).
+IEEE_FASTMATH_FLAGS: tuple[str, ...] = ()
 # Below this many elements a loop runs serially: a parallel region costs ~10 us to start and a
 # parallel kernel compiles ~0.4 s slower.
 PARALLEL_MIN_ELEMENTS = 1 << 16

@@ -17,7 +17,7 @@ from graphc.backends.kernels.pointwise import (RANDOM_OPS, Domain, PointwiseEmit
                                                register_pointwise_lowerings)
 from graphc.backends.kernels.source import Writer, entry_name, index_text, size_of
 
-from .codegen_common import (CPU, ELEMENTWISE_FASTMATH_FLAGS, TARGET, Call, KernelSource, decorator,
+from .codegen_common import (CPU, IEEE_FASTMATH_FLAGS, TARGET, Call, KernelSource, decorator,
                              loop_header, module, runs_parallel)
 
 register_pointwise_lowerings(TARGET)
@@ -251,7 +251,7 @@ def elementwise_call(entry: str, sub: Graph, in_place: Mapping[KernelArray, Kern
         body.extend(emitter.prelude)
     body.extend(loop)
     passed = tuple(views.get(v) for v in params) + (None,) * (len(dims) + len(scalars)) if views else ()
-    return Call(module(entry, body, emitter.helpers, fastmath=ELEMENTWISE_FASTMATH_FLAGS), entry,
+    return Call(module(entry, body, emitter.helpers, fastmath=IEEE_FASTMATH_FLAGS), entry,
                 tuple(params.values()) + tuple(dims) + tuple(scalars.values()),
                 flat=flat, parallel=parallel, views=passed)
 

@@ -29,33 +29,38 @@ from graphc.backends.kernels.pointwise import kernel_arrays
 from graphc.backends.kernels.reduction import REDUCTION_OPS, Reduction, ReductionKernel
 from graphc.backends.kernels.source import Writer, entry_name, index_text, size_of
 
-from .codegen_common import (CPU, REDUCTION_FASTMATH_FLAGS, TARGET, Call, KernelSource, decorator,
+from .codegen_common import (CPU, IEEE_FASTMATH_FLAGS, TARGET, Call, KernelSource, decorator,
                              loop_header, module, runs_parallel)
 from .codegen_elementwise import elementwise_flops
 
 
 # A float max folds with `nan_maximum` (intrinsics.py): NaN-propagating without a branch, so
 # the loop vectorises. The shared lowering's `if v > acc or v != v` compiled to a scalar loop: the
-# transformer's row max over its (1024, 513) logits took 741 us, this 28 us.
-NAN_MAXIMUM_IMPORT = "from graphc.backends.numba_cpu.intrinsics import nan_maximum"
+# transformer's row max over its (1024, 513) logits took 741 us, this 28 us. A float sum adds
+# through `reassociable_add`, the one instruction of the kernel LLVM may reorder, so that the sum
+# vectorises while the fused body keeps its written order.
+INTRINSICS_IMPORT = "from graphc.backends.numba_cpu.intrinsics import nan_maximum, reassociable_add"
 
 
-class FloatMaximum(Reduction):
-    """max of a float operand through `nan_maximum`; other dtypes as the shared lowering."""
+class CpuReduction(Reduction):
+    """A float max through `nan_maximum`, a float sum through `reassociable_add`; other dtypes
+    and argmax as the shared lowering."""
 
     def __init__(self, node: Node) -> None:
         super().__init__(node)
-        self.branch_free = self.dtype in ("float32", "float64")
+        self.branch_free = self.op in ("sum", "max") and self.dtype in ("float32", "float64")
 
     def update(self, w: Writer, value: str, position: str = "", acc: str = "acc") -> None:
-        if self.branch_free:
+        if not self.branch_free:
+            super().update(w, value, position, acc)
+        elif self.op == "max":
             w.line(f"{acc} = nan_maximum({acc}, {value})")
         else:
-            super().update(w, value, position, acc)
+            w.line(f"{acc} = reassociable_add({acc}, {value})")
 
 
 for op in REDUCTION_OPS:
-    register_lowering(TARGET, op, FloatMaximum if op == "max" else Reduction)
+    register_lowering(TARGET, op, CpuReduction)
 
 
 def generate_reduction(kernel: Node) -> KernelSource:
@@ -72,8 +77,8 @@ def _generate(kernel: Node) -> KernelSource:
     parts = ReductionKernel(kernel, CPU)
     reduction, shape, kept = parts.reduction, parts.shape, parts.kept
     index, dims, arrays, emitter = parts.index, parts.dims, parts.arrays, parts.emitter
-    if isinstance(reduction, FloatMaximum) and reduction.branch_free:
-        emitter.require_helper(NAN_MAXIMUM_IMPORT)
+    if isinstance(reduction, CpuReduction) and reduction.branch_free:
+        emitter.require_helper(INTRINSICS_IMPORT)
     large = runs_parallel(size_of(shape))
     split = large and not kept and len(shape) > 0 and reduction.op != "argmax"
     parallel = large and (bool(kept) or split)
@@ -111,7 +116,7 @@ def _generate(kernel: Node) -> KernelSource:
         source.extend(emitter.prelude)
     source.extend(code)
     flops = size_of(shape) + elementwise_flops(parts.body) + elementwise_flops(parts.epilogue)
-    call = Call(module(entry, source, emitter.helpers, fastmath=REDUCTION_FASTMATH_FLAGS), entry,
+    call = Call(module(entry, source, emitter.helpers, fastmath=IEEE_FASTMATH_FLAGS), entry,
                 tuple(arrays.values()) + shape + tuple(scalars.values()), parallel=parallel)
     return KernelSource(kernel.attrs["name"], kernel.attrs["pattern"], [call], flops=flops)
 

@@ -18,7 +18,7 @@ from graphc.backends.kernels.pointwise import float32_math_helpers
 from graphc.backends.kernels.source import Writer, size_of
 
 from .codegen_common import CPU, TARGET, Call, decorator, loop_header, module, runs_parallel
-from .codegen_reduction import NAN_MAXIMUM_IMPORT
+from .codegen_reduction import INTRINSICS_IMPORT
 
 
 def _line_loop(w: Writer, parallel: bool) -> None:
@@ -37,7 +37,7 @@ def _call(entry: str, params: list[str], node: Node, refs: Refs, write_body, flo
     with w.block(f"def {entry}({', '.join(params)}):"):
         _line_loop(w, parallel)
         write_body(w)
-    helpers = [NAN_MAXIMUM_IMPORT] + ([float32_math_helpers(CPU)] if float32 else [])
+    helpers = [INTRINSICS_IMPORT] + ([float32_math_helpers(CPU)] if float32 else [])
     args = tuple(refs[v] for v in node.inputs) + (refs[node.output],)
     return Call(module(entry, w, helpers, fastmath=True), entry, args, parallel=parallel,
                 views=(view,) * len(args))

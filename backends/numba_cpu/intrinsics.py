@@ -26,3 +26,17 @@ def nan_maximum(typingctx, a, b):
         either_nan = builder.fcmp_unordered("uno", x, y)
         return builder.select(either_nan, builder.fadd(x, y), builder.call(maxnum, [x, y]))
     return a(a, a), codegen
+
+
+@intrinsic
+def reassociable_add(typingctx, acc, value):
+    """acc + value (value converted to acc's type) as an addition LLVM may reassociate, so a
+    loop summing into `acc` vectorises. The flags sit on this one instruction: the rest of the
+    kernel (the elementwise body a reduction fuses) keeps IEEE order, where function-wide
+    'reassoc' rewrote (x / s) * y as x * (y / s), inf at 1e20, and cancelled the split mean of
+    var's centring."""
+    def codegen(context, builder, signature, args):
+        total, addend = args
+        addend = context.cast(builder, addend, signature.args[1], signature.args[0])
+        return builder.fadd(total, addend, flags=("reassoc", "nsz"))
+    return acc(acc, value), codegen

@@ -2,7 +2,10 @@
 import numpy as np
 from numba import njit, prange
 
-FASTMATH = {'nsz', 'reassoc'}
+FASTMATH = False
+
+
+from graphc.backends.numba_cpu.intrinsics import nan_maximum, reassociable_add
 
 
 @njit(fastmath={'contract'}, error_model='numpy', no_cfunc_wrapper=True, no_cpython_wrapper=True)
@@ -54,6 +57,6 @@ def kernel_sub_exp_sum(x0, x1, y0, y1, n0, n1):
             t0 = np.float32((x0[i0, i1] - x1[i0, 0]))  # sub
             t1 = np.float32(exp_float32(t0))  # exp
             y0[i0, i1] = t1
-            acc += t1
+            acc = reassociable_add(acc, t1)
         t2 = np.float32(acc)  # sum
         y1[i0, 0] = t2
