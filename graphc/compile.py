@@ -361,6 +361,7 @@ class TrainStep(_CompiledModelBase):
         self.params = dict(named_arrays(self.model, "_parameters"))
         self.buffers = dict(named_arrays(self.model, "_buffers"))
         # the optimizer's own state: a step compiled again with it goes on from there
+        self.optimizer.note_absent_parameters()
         self._opt_state = {n: self.optimizer.state_of(self.params[n]) for n in self.trainable}
         self._note_module_tree()
 

@@ -20,8 +20,9 @@ class MetricError(GraphcError, ValueError):
     """Inputs a metric cannot be computed from."""
 
 
-# A confusion matrix of more classes would not fit in memory (2**16 classes: 32 GiB of counts).
-MAX_CLASSES = 2**15
+# A confusion matrix of more classes takes more than 512 MiB of counts (K is one more than the
+# largest label: two labels of 30000 asked for 6.7 GiB).
+MAX_CLASSES = 2**13
 
 
 def _labels(y: np.ndarray, name: str) -> np.ndarray:
@@ -231,14 +232,16 @@ def roc_auc(y_true: Any, scores: Any, multi_class: str = "ovr") -> float:
 def classification_report(y_true: Any, y_pred: Any, digits: int = 2) -> str:
     """A text table of per-class precision, recall, F1 and support, then accuracy and the
     macro and support-weighted averages, laid out exactly as scikit-learn's report."""
+    booleans = all(np.asarray(y).dtype == np.bool_ for y in (y_true, y_pred))
     y_true, y_pred = _label_pair(y_true, y_pred)
     classes = np.union1d(y_true, y_pred)
+    names = [str(bool(c)) if booleans else str(c) for c in classes]  # False/True as scikit-learn
     precision, recall, f1 = precision_recall_f1(y_true, y_pred, average=None)
     support = np.bincount(np.searchsorted(classes, y_true), minlength=len(classes))
     total = int(support.sum())
 
     headers = ("precision", "recall", "f1-score", "support")
-    label_width = max(len("weighted avg"), digits, *(len(str(c)) for c in classes))
+    label_width = max(len("weighted avg"), digits, *map(len, names))
     cell = len(headers[0])
 
     def row(label: str, metrics: list[float | None], count: int) -> str:
@@ -247,8 +250,8 @@ def classification_report(y_true: Any, y_pred: Any, digits: int = 2) -> str:
         return f"{label:>{label_width}} {cells} {count:>{cell}}"
 
     lines = [f"{'':>{label_width}} " + "".join(f" {h:>{cell}}" for h in headers), ""]
-    lines += [row(str(c), [p, r, f], int(s))
-              for c, p, r, f, s in zip(classes, precision, recall, f1, support)]
+    lines += [row(name, [p, r, f], int(s))
+              for name, p, r, f, s in zip(names, precision, recall, f1, support)]
     lines.append("")
     lines.append(row("accuracy", [None, None, accuracy(y_true, y_pred)], total))
     for average in ("macro", "weighted"):

@@ -194,8 +194,10 @@ def save_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
     if isinstance(step, TrainStep):  # a schedule's rates (initial_lr...), for a scheduler resumed
         schedule = json.dumps([{k: float(g[k]) for k in SCHEDULE_KEYS if k in g}
                                for g in step.optimizer.param_groups])
-        metadata.update({"schedule": schedule,
-                         "sha256:schedule": hashlib.sha256(schedule.encode()).hexdigest()})
+        groups = json.dumps(_group_members(step))
+        metadata.update({"schedule": schedule, "groups": groups,
+                         "sha256:schedule": hashlib.sha256(schedule.encode()).hexdigest(),
+                         "sha256:groups": hashlib.sha256(groups.encode()).hexdigest()})
     payload = save(state, metadata=metadata)
     atomic_write(path, lambda f: f.write(payload))
 
@@ -247,6 +249,8 @@ def _load_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
         if (name == "step" or _own_step_count(name)) and not is_step_count(array):
             raise LoadError(path, f"the step count must be a whole number >= 0, got "
                             f"{array.ravel()[:1].tolist()}", name)
+    if isinstance(step, TrainStep):
+        _check_group_members(path, metadata, _group_members(step))
     rates = _checkpoint_rates(path, metadata, len(learning_rates(step)))
     schedule = _checkpoint_schedule(path, metadata, len(learning_rates(step)))
     if counted:
@@ -280,6 +284,22 @@ def _is_rate(r: Any) -> bool:
     """Whether a JSON value is a finite non-negative number a float holds (an int of 400 digits
     is not: float() of it overflows; NaN compares False)."""
     return type(r) in (int, float) and 0 <= r <= sys.float_info.max
+
+
+def _group_members(step: TrainStep) -> list[list[str]]:
+    """The names of each parameter group's parameters, in the optimizer's order."""
+    name_of = {id(step.params[name]): name for name in step.trainable}
+    return [[name_of[id(p)] for p in group["params"]] for group in step.optimizer.param_groups]
+
+
+def _check_group_members(path: str, metadata: dict[str, str], members: list[list[str]]) -> None:
+    """Refuse a checkpoint whose parameter groups hold other parameters than the step's (its
+    rates, kept per group, would go to the wrong parameters), as PyTorch's optimizer refuses
+    a state dict of other groups. A file written before checkpoints held them passes."""
+    saved = _metadata_json(path, metadata, "groups")
+    if saved is not None and saved != members:
+        raise LoadError(path, f"its parameter groups hold {str(saved):.200}, this step's optimizer "
+                        f"{members}: build the optimizer with the groups of the run that wrote it")
 
 
 def _checkpoint_rates(path: str, metadata: dict[str, str], groups: int) -> list[float] | None:
@@ -429,7 +449,9 @@ def evaluate(model_fn: CompiledModel, loss_fn: Callable | None, loader: Iterable
     classification metrics (against the first target) when the outputs are class scores: (N, K)
     with K >= 2 and integer targets (N,). One column is no class scores: a binary classifier's
     logit or probability (their thresholds differ: 0 or 0.5), so it gets the loss alone, as does
-    a model with several outputs."""
+    a model with several outputs. Class targets outside [0, K) (a loss's ignore_index, -100 by
+    default) count neither in the metrics nor in the loss's average over batches, which weighs
+    each batch by the targets it counts."""
     outputs, labels, losses, counts = [], [], [], []
     loss_jit = staged(loss_fn)
     for batch in loader:
@@ -439,23 +461,37 @@ def evaluate(model_fn: CompiledModel, loss_fn: Callable | None, loader: Iterable
         labels.append(target[0])
         if loss_jit is not None:
             losses.append(float(loss_jit(out, *target)))
-            counts.append(len(target[0]))
+            counts.append(int(counted_targets(out, np.asarray(target[0])).sum()))
     if not outputs:
         raise GraphcError(f"evaluate: the loader (a {type(loader).__name__}) gave no batch")
     result: dict[str, Any] = {}
     if losses:
-        result["loss"] = float(np.average(losses, weights=counts))
+        counted = [(loss, n) for loss, n in zip(losses, counts) if n > 0]  # a batch all ignored: NaN
+        result["loss"] = (float(np.average([l for l, _ in counted], weights=[n for _, n in counted]))
+                          if counted else float("nan"))
     if not isinstance(outputs[0], np.ndarray):  # several outputs (a tuple): the loss alone
         return result
     scores, y = np.concatenate(outputs), np.concatenate(labels)
     result.update(outputs=scores, targets=y)
     if scores.ndim == 2 and scores.shape[1] >= 2 and y.ndim == 1 and y.dtype.kind in "iu":
-        pred = scores.argmax(1)
+        predictions = scores.argmax(1)
+        kept = counted_targets(scores, y)
+        y, pred = y[kept], predictions[kept]
         n = num_classes or scores.shape[1]
         p, r, f1 = metrics.precision_recall_f1(y, pred, average="macro")
         result.update(accuracy=metrics.accuracy(y, pred), precision=p, recall=r, f1=f1,
-                      predictions=pred, confusion=metrics.confusion_matrix(y, pred, num_classes=n))
+                      predictions=predictions, confusion=metrics.confusion_matrix(y, pred, num_classes=n))
     return result
+
+
+def counted_targets(scores: Any, target: np.ndarray) -> np.ndarray:
+    """Which of a batch's targets a classification loss counts: for class indices read against
+    scores of K >= 2 classes (axis 1), those in [0, K) (the loss has refused any other but its
+    ignore_index); every sample otherwise (one flag per sample)."""
+    if (isinstance(scores, np.ndarray) and scores.ndim >= 2 and scores.shape[1] >= 2
+            and target.dtype.kind in "iu" and target.shape == scores.shape[:1] + scores.shape[2:]):
+        return (target >= 0) & (target < scores.shape[1])
+    return np.ones(len(target), bool)
 
 
 # -- the loop ----------------------------------------------------------------------------------

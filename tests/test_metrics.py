@@ -199,3 +199,10 @@ def test_classification_report_layout_is_sklearns():
     assert lines[0].split() == ["precision", "recall", "f1-score", "support"]
     assert lines[2].split() == ["0", "1.000", "1.000", "1.000", "1"]
     assert lines[-3].split() == ["accuracy", "0.500", "6"]
+
+
+def test_classification_report_names_boolean_labels_as_sklearn():
+    """Boolean labels were printed as 0 and 1; scikit-learn prints False and True."""
+    y_true, y_pred = np.array([True, False, True, True]), np.array([True, False, False, True])
+    assert classification_report(y_true, y_pred) == \
+        skm.classification_report(y_true, y_pred, zero_division=0)

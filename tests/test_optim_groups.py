@@ -213,6 +213,55 @@ def test_checkpoints_hold_each_groups_state(tmp_path):
     np.testing.assert_array_equal(model2.weight, model.weight)
 
 
+def test_a_group_taken_out_and_put_back_counts_its_own_steps_as_pytorch():
+    """Freezing a layer by taking its group out of Adam, then putting it back: PyTorch's
+    per-parameter counts were [9, 9] for the layer and 12 for the rest after 3 + 3 + 6 steps;
+    graphc bias-corrected the layer with the optimizer's 12 (3e-3 off after step 12)."""
+    torch = pytest.importorskip("torch")
+    gc.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    twin = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    twin.load_state_dict({k: torch.tensor(np.array(v)) for k, v in model.state_dict().items()})
+    ours = optim.Adam([{"params": list(model[2].parameters())}, {"params": list(model[0].parameters())}], lr=0.01)
+    theirs = torch.optim.Adam([{"params": list(twin[2].parameters())},
+                               {"params": list(twin[0].parameters())}], lr=0.01)
+
+    def train(steps):
+        step = gc.compile_train_step(model, F.mse_loss, ours, (X, Y), backend="reference")
+        for _ in range(steps):
+            step(X, Y)
+            theirs.zero_grad()
+            torch.nn.functional.mse_loss(twin(torch.tensor(X)), torch.tensor(Y)).backward()
+            theirs.step()
+
+    train(3)
+    frozen, frozen_twin = ours.param_groups.pop(1), theirs.param_groups.pop(1)
+    train(3)
+    ours.add_param_group({"params": frozen["params"]})
+    theirs.add_param_group({"params": frozen_twin["params"]})
+    train(6)
+    for key, value in twin.state_dict().items():
+        np.testing.assert_allclose(model.state_dict()[key], value.detach().numpy(), rtol=1e-5, atol=1e-6,
+                                   err_msg=key)
+
+
+def test_a_checkpoint_of_other_groups_is_refused_not_given_swapped_rates(tmp_path):
+    """The same parameters in groups of another order: the rates were restored by position
+    (the bias got the weight's rate); PyTorch's load_state_dict refuses such a file."""
+    def build(order):
+        gc.manual_seed(0)
+        model = nn.Linear(3, 2)
+        groups = {"weight": {"params": [model.weight], "lr": 0.05}, "bias": {"params": [model.bias], "lr": 0.001}}
+        opt = optim.SGD([groups[name] for name in order], lr=0.1)
+        return gc.compile_train_step(model, F.mse_loss, opt, (X, Y), backend="reference")
+
+    path = str(tmp_path / "ckpt.safetensors")
+    save_checkpoint(path, build(["weight", "bias"]))
+    load_checkpoint(path, build(["weight", "bias"]))
+    with pytest.raises(gc.SerializationError, match=r"parameter groups .*\[\['weight'\], \['bias'\]\]"):
+        load_checkpoint(path, build(["bias", "weight"]))
+
+
 def test_an_exported_grouped_step_keeps_each_groups_rate(tmp_path):
     name, defaults, first, second = CASES[2]
     gc.manual_seed(0)

@@ -359,10 +359,34 @@ def test_serve_refuses_a_nan_duration(tmp_path, capsys, option, message):
 
 
 def test_confusion_matrix_refuses_labels_too_large_for_memory():
-    with pytest.raises(MetricError, match="at most 32768 classes"):
-        confusion_matrix([0, 3_000_000_000], [0, 1])
-    with pytest.raises(MetricError, match="at most 32768 classes"):
-        confusion_matrix([0, 4_000_000_000], [0, 1])
+    """Two labels, one of 30000, asked for a 6.7 GiB matrix (MemoryError inside NumPy)."""
+    for large in (30_000, 3_000_000_000, 4_000_000_000):
+        with pytest.raises(MetricError, match="at most 8192 classes"):
+            confusion_matrix([0, large], [0, 1])
+
+
+def test_validation_leaves_out_the_targets_a_loss_ignores():
+    """Targets of -100 (cross_entropy's ignore_index) trained, then fit's validation raised
+    'labels must be non-negative class indices' after the first epoch; a batch of ignored
+    targets alone (NaN loss) made the epoch's val_loss NaN."""
+    from graphc.data import DataLoader, TensorDataset
+    from graphc.train import evaluate
+    gc.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x = np.random.default_rng(0).standard_normal((12, 4)).astype(np.float32)
+    y = np.array([0, 1, 2, -100, 1, 0, -100, -100, -100, -100, 2, 1])
+    compiled = gc.compile(model, x[:4])
+    result = evaluate(compiled, F.cross_entropy, DataLoader(TensorDataset(x, y), 4))
+    counted = y >= 0
+    scores = compiled(x).astype(np.float64)
+    log_p = scores - np.log(np.exp(scores).sum(1, keepdims=True))
+    assert result["loss"] == pytest.approx(-log_p[counted, y[counted]].mean(), rel=1e-5)
+    assert result["accuracy"] == pytest.approx(np.mean(scores.argmax(1)[counted] == y[counted]))
+    assert result["confusion"].sum() == counted.sum() and len(result["predictions"]) == 12
+    step = gc.compile_train_step(model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1), (x[:4], y[:4]))
+    history = fit(step, DataLoader(TensorDataset(x, y), 4), epochs=1, progress=False,
+                  val_loader=DataLoader(TensorDataset(x, y), 4))
+    assert np.isfinite(history.epochs[0]["val_loss"])
 
 
 def test_a_type_of_more_elements_than_memory_holds_is_refused():

@@ -53,8 +53,8 @@ from ..step_builder import StepBuilder, batch_arrays, trace_gradients, unread_gr
 from ..tensor import ModuleReads, Tensor
 from .. import random as gc_random
 from .. import train
-from ..train import (EarlyStopping, History, learning_rates, load_checkpoint, set_learning_rates,
-                     split_batch, training_state)
+from ..train import (EarlyStopping, History, counted_targets, learning_rates, load_checkpoint,
+                     set_learning_rates, split_batch, training_state)
 
 TIMEOUT_ENV = "GRAPHC_DDP_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0
@@ -577,25 +577,28 @@ def evaluate(model_fn: Callable[..., np.ndarray], loss_fn: Callable | None,
     each rank evaluates its shard, then the sums are reduced. The last `targets` arrays of a
     batch are the loss's targets; the accuracy is against the first of them."""
     loss_jit = staged(loss_fn)
-    totals = np.zeros(3)  # loss * count, correct predictions, count
+    totals = np.zeros(3)  # loss * count, correct predictions, count (of the targets counted)
     classes = True
     for batch in loader:
         inputs, (target, *more) = split_batch(batch, targets)
         scores = model_fn(*inputs)
-        if loss_jit is not None:
-            totals[0] += float(loss_jit(scores, target, *more)) * len(target)
+        counted = counted_targets(scores, np.asarray(target))  # not a loss's ignore_index
+        count = np.count_nonzero(counted)
+        if loss_jit is not None and count:
+            totals[0] += float(loss_jit(scores, target, *more)) * count
         # one column is a binary logit or probability, not class scores (as train.evaluate)
         classes = (isinstance(scores, np.ndarray) and scores.ndim == 2 and scores.shape[1] >= 2
                    and target.ndim == 1 and target.dtype.kind in "iu")
         if classes:
-            totals[1] += np.count_nonzero(scores.argmax(1) == target)
-        totals[2] += len(target)
+            totals[1] += np.count_nonzero((scores.argmax(1) == target)[counted])
+        totals[2] += count
     loader.world.allreduce_(totals)
     result = {}
+    average = (lambda total: total / totals[2]) if totals[2] else (lambda total: float("nan"))
     if loss_jit is not None:
-        result["loss"] = totals[0] / totals[2]
+        result["loss"] = average(totals[0])
     if classes:
-        result["accuracy"] = totals[1] / totals[2]
+        result["accuracy"] = average(totals[1])
     return result
 
 

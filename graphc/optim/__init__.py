@@ -86,6 +86,9 @@ class Optimizer:
         # how many times a parameter took a step count of its own: the training steps compiled
         # with this optimizer compile again to read it
         self.own_counts_version = 0
+        # parameters with state that no group held when a step was last compiled: the count
+        # each had then (it missed the steps taken since, as PyTorch's own count would)
+        self._left_at: dict[int, np.ndarray] = {}
 
     # -- parameter groups ------------------------------------------------------------------
     def add_param_group(self, group: dict[str, Any]) -> None:
@@ -240,12 +243,25 @@ class Optimizer:
         new = fresh.keys() - state.keys()
         # a parameter given state only now (its group added late) starts its count; so does one
         # whose rule starts over with a new slot (SGD's momentum buffer); Adam's max_exp_avg_sq
-        # (amsgrad set late) goes on from the moments' count
+        # (amsgrad set late) goes on from the moments' count; one back in a group after steps
+        # without it goes on from the count it had when it left
+        left_at = self._left_at.pop(id(param), None)
         if new and self.step_count > 0 and (not state or self.restarts_count(new)):
             self.count_own_steps(param)
+        elif left_at is not None and "step" not in state and left_at != self.step_count:
+            self.count_own_steps(param, left_at)
         for name, array in fresh.items():
             state.setdefault(name, array)
         return state
+
+    def note_absent_parameters(self) -> None:
+        """Mark the parameters with state that no group holds now (a group removed to freeze
+        them): their count stops here, for when a group brings them back (`state_of`). Called
+        as a step is compiled, the only time the groups take effect."""
+        present = {id(p) for group in self.param_groups for p in group["params"]}
+        for key, state in self._state.items():
+            if key not in present and "step" not in state:
+                self._left_at.setdefault(key, self.step_count.copy())
 
     def restarts_count(self, new_slots: set[str]) -> bool:
         """Whether a parameter's rule counts its steps from the first again once it keeps
