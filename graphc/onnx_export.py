@@ -129,6 +129,11 @@ for _op, _op_type in {
     register_lowering(TARGET, _op, _one_to_one(_op_type))
 
 
+@lowering(TARGET, "detached_write")
+def _detached_write(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
+    g.emit("Identity", xs[:1], out)  # the written value (of the base's shape: a view's write)
+
+
 @lowering(TARGET, "relu")
 def _relu(g: OnnxGraphBuilder, node: Node, xs: list[str], out: str) -> None:
     if is_float(node.output.dtype):

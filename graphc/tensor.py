@@ -1150,9 +1150,9 @@ class Tensor:
 
     def detach(self) -> Tensor:
         """PyTorch's detach: the same values, through which no gradient flows (a view: a write
-        into it writes this tensor)."""
+        into it writes this tensor, whose gradient passes the write by, as PyTorch's)."""
         return self._viewing(bind("stop_gradient", self), lambda base: bind("stop_gradient", base),
-                             lambda view: view, self.strides)
+                             lambda view: bind("detached_write", view, self), self.strides)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -1613,9 +1613,14 @@ class Tensor:
 
     def masked_select(self, mask: Any) -> Tensor:
         """PyTorch's: the elements where `mask` (broadcast) holds, as a 1-D tensor; its length
-        is data-dependent, which a traced function's static shapes refuse (with the way out)."""
-        shape = np.broadcast_shapes(self.shape, as_tensor(mask).shape)
-        return self.broadcast_to(shape)[as_tensor(mask).broadcast_to(shape)]
+        is data-dependent, which a traced function's static shapes refuse (with the way out), but
+        for a NumPy mask, which selects as x[mask] does."""
+        if not isinstance(mask, Tensor):
+            mask = np.asarray(mask)
+            shape = np.broadcast_shapes(self.shape, mask.shape)
+            return self.broadcast_to(shape)[np.broadcast_to(mask, shape)]
+        shape = np.broadcast_shapes(self.shape, mask.shape)
+        return self.broadcast_to(shape)[mask.broadcast_to(shape)]
 
     # -- math: graphc/functions.py defines these ----------------------------------------------
     def sin(self) -> Tensor: return float_math("sin", self)

@@ -691,14 +691,15 @@ def _transpose_per_product(graph: Graph) -> Graph:
             return False
         readers = set(users.get(node.output, []))
         source = node.inputs[0].producer if node.inputs else None
+        # (a scan reading it is no registered op: it keeps the one transpose)
+        if not all(u.op in PRIMITIVES and get(u.op).transposed_operands for u in readers):
+            return False
         # a product reading it as B that would store its copy anyway gains nothing from one
         right = [u for u in readers if len(u.inputs) > 1 and u.inputs[-1] is node.output]
         return (node.output not in outputs and len(readers) > 1
                 and len(right) < SHARED_RIGHT_OPERAND_READERS
                 and not any(_stores_right_operand(u) for u in right)
-                and not (source is not None and is_literal(source))
-                # (a scan reading it is no registered op: it keeps the one transpose)
-                and all(u.op in PRIMITIVES and get(u.op).transposed_operands for u in readers))
+                and not (source is not None and is_literal(source)))
 
     shared = {node.output: node for node in graph.nodes if shared_transpose(node)}
     if not shared:

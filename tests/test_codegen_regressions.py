@@ -246,3 +246,17 @@ def test_lstm_unrolled_over_60_steps_compiles_and_its_gradient_matches_the_refer
 
 if __name__ == "__main__" and sys.argv[1:] == ["cuda"]:
     run_on_cuda_simulator()
+
+
+def test_a_concatenation_of_hundreds_of_parts_fused_with_its_consumers_compiles():
+    """Each part nested one more conditional expression: from 200 parts on (Python's parser
+    limit) a fused concatenation (x * 2, its sum, an unrolled cell's stacked outputs in a loss)
+    failed to compile with 'too many nested parentheses'."""
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    parts = lambda a: [a[:, i % 8] * (i + 1) for i in range(300)]
+    doubled, total, rows = gc.jit(lambda a: (gc.cat(parts(a)) * 2.0, gc.stack(parts(a), 1).sum(1),
+                                             gc.stack(parts(a), 0).sum(0)), backend="numba-cpu")(x)
+    expected = [x[:, i % 8] * (i + 1) for i in range(300)]
+    np.testing.assert_array_equal(doubled, np.concatenate(expected) * 2.0)
+    np.testing.assert_allclose(total, np.stack(expected, 1).sum(1), rtol=1e-6)
+    np.testing.assert_allclose(rows, np.stack(expected, 0).sum(0), rtol=1e-6)

@@ -86,7 +86,8 @@ def fused_together(b, values):
 UNARY = ["neg", "exp", "tanh", "sigmoid", "relu", "abs", "sign", "square", "stop_gradient", "sin",
          "cos", "erf", "expm1", "floor", "ceil", "trunc", "round"]
 UNARY_POSITIVE = ["log", "log1p", "sqrt", "rsqrt", "reciprocal"]
-BINARY = ["add", "sub", "mul", "div", "maximum", "minimum", "floor_divide", "remainder", "fmod"]
+BINARY = ["add", "sub", "mul", "div", "maximum", "minimum", "floor_divide", "remainder", "fmod",
+          "detached_write"]
 COMPARE = ["eq", "ne", "lt", "le", "gt", "ge"]
 
 

@@ -193,6 +193,7 @@ OP_CASES = [
     *[(op, [f32(2, 3), f32(3)], {}) for op in ("add", "sub", "mul", "div", "maximum", "minimum",
                                                "eq", "ne", "lt", "le", "gt", "ge")],
     ("pow", [POSITIVE, f32(1, 3)], {}),
+    ("detached_write", [f32(2, 3), f32(2, 3)], {}),
     ("fmod", [f32(2, 3) * 5, np.float32([1.5, -2.0, 0.7])], {}),
     # a NaN is the maximum and argmax's answer (onnxruntime's ReduceMax and ArgMax pass over it)
     ("max", [np.float32([[1.0, np.nan, 3.0], [2.0, 5.0, 4.0]])], {"axes": (1,)}),

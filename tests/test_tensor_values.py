@@ -71,6 +71,45 @@ def test_detach_stops_the_gradient_as_in_pytorch():
     np.testing.assert_allclose(g, tx.grad.numpy())
 
 
+@pytest.mark.parametrize("backend", [REF, "numba-cpu"])
+def test_a_write_into_a_detached_view_keeps_the_bases_gradient_as_in_pytorch(backend):
+    """y.detach()[0] = 5 took the view's value for y wholesale: every element of y lost its
+    gradient (all zeros), where PyTorch's autograd does not see the write."""
+    torch = pytest.importorskip("torch")
+    x = np.array([[1.0, 2.0], [3.0, 4.0], [-1.0, 0.5]])
+
+    def f(x):
+        y = x * 1.0
+        y.detach()[0] = 5.0
+        y[1:].detach()[0, 0] = 7.0
+        y.detach().mul_(2)
+        return (y ** 3).sum()
+
+    value, grad = gc.value_and_grad(f, backend=backend)(x)
+    tx = torch.tensor(x, requires_grad=True)
+    expected = f(tx)
+    expected.backward()
+    assert value == pytest.approx(expected.item())
+    np.testing.assert_allclose(grad, tx.grad.numpy())
+
+
+@pytest.mark.parametrize("backend", [REF, "numba-cpu"])
+def test_second_derivatives_at_the_edges_of_pow_and_relu_match_pytorch(backend):
+    """d2/dx2 of x ** 0 at 0 was NaN (the power the first derivative selects away was still
+    differentiated: 0 * inf); relu passed no gradient at a NaN input, PyTorch does."""
+    torch = pytest.importorskip("torch")
+    x = np.array([0.0, 1.0, -2.0])
+    second = gc.grad(lambda t: gc.grad(lambda u: (u ** 0.0).sum() + (u ** 1.0).sum())(t).sum(),
+                     backend=backend)(x)
+    np.testing.assert_array_equal(second, [0.0, 0.0, 0.0])
+    masked = np.array([np.nan, 1.0, -1.0])
+    weights = np.array([2.0, 3.0, 4.0])
+    grad = gc.grad(lambda t: (t.relu() * weights).sum(), backend=backend)(masked)
+    tm = torch.tensor(masked, requires_grad=True)
+    (torch.relu(tm) * torch.tensor(weights)).sum().backward()
+    np.testing.assert_array_equal(grad, tm.grad.numpy())  # [2, 3, 0]
+
+
 # -- 2. dtype constants ---------------------------------------------------------------------
 def test_dtype_constants_under_pytorchs_names():
     assert (gc.float32, gc.float64, gc.int32, gc.int64, gc.bool) == (

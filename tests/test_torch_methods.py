@@ -366,6 +366,10 @@ def test_scatter_add_index_add_kthvalue_and_axis_moves_as_pytorchs():
     assert np.array_equal(gc.jit(lambda y: y.swapaxes(0, 2))(y), ty.swapaxes(0, 2).numpy())
     with pytest.raises(gc.GraphcError, match="static shapes"):
         gc.jit(lambda x: x.masked_select(x > 0))(x)
+    # a NumPy mask selects as x[mask] does (it was refused as a traced one)
+    mask = np.array([True, False, True, True])
+    assert np.array_equal(gc.jit(lambda y: y.masked_select(mask))(y),
+                          ty.masked_select(torch.tensor(mask)).numpy())
 
 
 def test_scatter_writes_src_or_a_value_and_differentiates_as_pytorchs():

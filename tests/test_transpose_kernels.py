@@ -161,3 +161,30 @@ def test_a_transpose_two_large_products_read_as_b_is_stored_once_not_twice():
     for name in ("x", "z"):
         b.add_output(f"{name}_out", b.matmul(b.add_input(TensorType((rows, 64), "float32"), name), wt))
     assert fused_kernels(b.graph.verify()) == [("shape", ["transpose"])] + [("library", ["matmul"])] * 2
+
+
+def test_a_transpose_two_scans_read_as_their_last_sequence_fuses_and_exports(tmp_path):
+    """The per-product check read each reader's single output before asking whether it was a
+    product: a scan (several outputs) reading the transpose last raised 'too many values to
+    unpack' from deep inside fusion, in export and to_dot(stage="fused")."""
+    import graphc as gc
+    import graphc.nn as nn
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x, mask):
+            e, m = self.lin(x).transpose(0, 1), mask.transpose(0, 1)
+            s, history = gc.scan(lambda s, xs: (gc.where(xs[1].unsqueeze(1), s + xs[0], s), s), e[0], (e, m))
+            c, _ = gc.scan(lambda c, xs: (gc.where(xs[1].unsqueeze(1), c + xs[0], c), c), s, (history, m),
+                           reverse=True)
+            return c
+
+    x = np.random.default_rng(0).standard_normal((2, 4, 3)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0]], bool)
+    compiled = gc.compile(Decoder(), example_inputs=(x, mask))
+    assert "digraph" in compiled.to_dot(stage="fused")
+    compiled.export(str(tmp_path / "decoder.gcx"), max_batch=4)
+    np.testing.assert_array_equal(gc.load(str(tmp_path / "decoder.gcx"))(x, mask), compiled(x, mask))

@@ -423,13 +423,20 @@ def _concatenate(e: PointwiseEmitter, node: Node, domain: Domain) -> str:
         previous = "" if offsets[-1] == "0" else f"{offsets[-1]} + "
         e.prelude.line(f"{name} = {previous}{e.extent(x, axis)}")
         offsets.append(name)
-    expr = ""
-    for k in reversed(range(len(node.inputs))):
+
+    def part(k: int) -> str:
         shifted = i if offsets[k] == "0" else f"{i} - {offsets[k]}"
-        index = domain.index[:axis] + (shifted,) + domain.index[axis + 1:]
-        value = e.operand(node, k, index)
-        expr = value if not expr else f"({value} if {i} < {offsets[k + 1]} else {expr})"
-    return expr
+        return e.operand(node, k, domain.index[:axis] + (shifted,) + domain.index[axis + 1:])
+
+    def select(lo: int, hi: int) -> str:
+        """Inputs lo..hi-1 chosen by halves: nested log2(n) deep, not n (Python's parser takes
+        200 nested parentheses at most: a concatenation of 200 parts failed to compile)."""
+        if hi - lo == 1:
+            return part(lo)
+        mid = (lo + hi) // 2
+        return f"({select(lo, mid)} if {i} < {offsets[mid]} else {select(mid, hi)})"
+
+    return select(0, len(node.inputs))
 
 
 @_rule("take_along_axis")

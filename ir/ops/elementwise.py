@@ -160,7 +160,8 @@ unary("sigmoid", _quiet(lambda x: np.asarray(1 / (1 + np.exp(-x)), dtype=x.dtype
 # the output (out > 0 exactly where x > 0, NaN included), which the backward pass keeps anyway
 # as the next layer's input: no mask is stored between the passes.
 unary("relu", _quiet(lambda x: np.where(x <= 0, np.zeros((), x.dtype), x)),
-      lambda b, g, x, *, out: (_selected(b, b.gt(out, b.scalar_like(0, x)), g),),
+      # 0 where x <= 0: a NaN passes its cotangent on, as PyTorch's (a NaN masked out later)
+      lambda b, g, x, *, out: (b.where(b.le(out, b.scalar_like(0, x)), b.scalar_like(0, g), g),),
       lambda x: f"(0 if {x} <= 0 else {x})", infer=_numeric_unary, recompute_cost=ARITHMETIC)
 unary("abs", _quiet(np.abs), lambda b, g, x, *, out: (_grad_if_float(x, b.mul(g, b.sign(x))),),
       lambda x: f"abs({x})", infer=_numeric_unary, recompute_cost=ARITHMETIC)
@@ -217,11 +218,16 @@ def _nonzero_constant(v) -> bool:
 
 def _pow_vjp(b, g, x, y, *, out):
     one = b.scalar_like(1, y)
-    dx = b.mul(y, b.pow(x, b.sub(y, one)))
-    if not _nonzero_constant(y):
-        # d/dx x**0 is 0, at x = 0 too, where y * x**(y-1) is 0 * inf (JAX's rule). The exponent
-        # of the derivative is y - 1, so without this the second derivative of x**1 is NaN at 0.
-        dx = b.where(b.eq(y, b.scalar_like(0, y)), b.scalar_like(0, dx), dx)
+    exponent = b.sub(y, one)
+    if _nonzero_constant(y):
+        dx = b.mul(y, b.pow(x, exponent))
+    else:
+        # d/dx x**0 is 0, at x = 0 too, where y * x**(y-1) is 0 * inf (JAX's rule), so the
+        # second derivative of x**1 is finite at 0; and the power it selects away takes exponent
+        # 1 there, so that its own derivative (the second of x**0) is not 0 * inf either.
+        zero_power = b.eq(y, b.scalar_like(0, y))
+        dx = b.mul(y, b.pow(x, b.where(zero_power, one, exponent)))
+        dx = b.where(zero_power, b.scalar_like(0, dx), dx)
     gx = b.mul(g, dx)
     zero = b.scalar_like(0, x)
     positive = b.gt(x, zero)
@@ -240,6 +246,13 @@ def _select_vjp(pick_x_op):
     return vjp
 
 
+# What a tensor becomes once a write into its detach()ed view gave that view the value `new`:
+# the written values, with the tensor's gradient passing straight through to what it was, as
+# PyTorch's autograd, which does not see a write into a detached view (y.detach()[0] = 5 kept
+# the gradient of every element of y, where taking the view's value cut them all).
+binary("detached_write", _quiet(lambda new, base: np.broadcast_to(new, np.broadcast(new, base).shape).copy()),
+       lambda b, g, new, base, *, out: (None, b.unbroadcast(g, base.shape)),
+       lambda new, base: new, recompute_cost=ARITHMETIC)
 binary("add", _quiet(np.add), _add_vjp, lambda x, y: f"({x} + {y})", recompute_cost=ARITHMETIC)
 binary("sub", _quiet(np.subtract), _sub_vjp, lambda x, y: f"({x} - {y})", recompute_cost=ARITHMETIC)
 binary("mul", _quiet(np.multiply), _mul_vjp, lambda x, y: f"({x} * {y})", recompute_cost=ARITHMETIC)
