@@ -73,6 +73,8 @@ def to_array(leaf: Any, path: str = "argument", number_dtype: type = np.float32)
     elif str(getattr(leaf, "dtype", "")) == "torch.bfloat16":  # NumPy has no bfloat16
         raise InputError(f"{path}: dtype bfloat16 is not supported; use float32/float64 "
                          f"(x.float()) or int32/int64/bool")
+    elif type(leaf).__module__.startswith("torch") and hasattr(leaf, "detach"):
+        arr = leaf.detach().cpu().numpy()  # np.asarray refuses a tensor that requires grad
     else:
         try:
             arr = np.asarray(leaf)

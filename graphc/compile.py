@@ -97,7 +97,8 @@ class _CompiledModelBase:
     name: str
 
     def _signature(self, arrays: list[np.ndarray]) -> tuple:
-        return tuple((a.shape, a.dtype) for a in arrays)
+        # in native byte order: a big-endian float32 batch is converted, not compiled for anew
+        return tuple((a.shape, a.dtype.newbyteorder("=")) for a in arrays)
 
     def __reduce_ex__(self, protocol: Any) -> Any:  # copy, deepcopy and pickle
         raise GraphcError(f"{self.name}: a compiled model or training step cannot be copied or "

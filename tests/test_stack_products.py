@@ -62,6 +62,16 @@ def test_three_or_more_summed_products_become_one_product_of_the_stacks(depths):
     assert_same_values(rewritten, b.graph)
 
 
+def test_a_sum_of_a_thousand_products_is_stacked_without_recursion():
+    """The tree was walked by recursion, three frames per add: from about 330 products (an
+    unrolled recurrence of 400 steps, its weight gradient) simplify raised RecursionError."""
+    b, _, total = summed_products((2,) * 1000)
+    b.add_output("out", total)
+    rewritten = simplify(b.graph)
+    assert matmuls(rewritten) == [((3, 2000), (2000, 5))]
+    assert_same_values(rewritten, b.graph, tolerance=1e-10)
+
+
 def test_a_tree_of_sums_is_stacked_whole():
     b, (p0, p1, p2, p3) = products_of((4, 4, 4, 4))
     b.add_output("out", b.add(b.add(p0, p1), b.add(p2, p3)))
