@@ -11,8 +11,10 @@ from .layers import (AlphaDropout, Dropout1d, Dropout2d, Hardtanh, PixelShuffle,
                      PReLU, ReLU6, Upsample)
 from .layers import (CELU, GLU, SELU, CosineSimilarity, Hardsigmoid, Hardswish, LogSigmoid, Mish,
                      PairwiseDistance, Softmin, Softsign, Tanhshrink, Unflatten)
-from .loss import (BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, KLDivLoss, L1Loss,
-                   MSELoss, NLLLoss, SmoothL1Loss)
+from .loss import (BCELoss, BCEWithLogitsLoss, CosineEmbeddingLoss, CrossEntropyLoss,
+                   GaussianNLLLoss, HingeEmbeddingLoss, HuberLoss, KLDivLoss, L1Loss,
+                   MarginRankingLoss, MSELoss, MultiLabelSoftMarginLoss, NLLLoss, PoissonNLLLoss,
+                   SmoothL1Loss, SoftMarginLoss, TripletMarginLoss)
 from .module import Module, Parameter, functional_call
 from .normalization import (BatchNorm1d, BatchNorm2d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
                             LayerNorm)
@@ -33,8 +35,10 @@ __all__ += ["ConvTranspose2d", "Dropout1d", "Dropout2d", "GroupNorm", "Hardtanh"
 __all__ += ["CELU", "GLU", "SELU", "CosineSimilarity", "Hardsigmoid", "Hardswish", "LogSigmoid",
             "Mish", "PairwiseDistance", "Softmin", "Softsign", "Tanhshrink", "Unflatten"]
 __all__ += ["GRUCell", "LSTMCell", "RNNCell"]
-__all__ += ["BCELoss", "BCEWithLogitsLoss", "CrossEntropyLoss", "HuberLoss", "KLDivLoss", "L1Loss",
-            "MSELoss", "NLLLoss", "SmoothL1Loss"]
+__all__ += ["BCELoss", "BCEWithLogitsLoss", "CosineEmbeddingLoss", "CrossEntropyLoss",
+            "GaussianNLLLoss", "HingeEmbeddingLoss", "HuberLoss", "KLDivLoss", "L1Loss",
+            "MarginRankingLoss", "MSELoss", "MultiLabelSoftMarginLoss", "NLLLoss", "PoissonNLLLoss",
+            "SmoothL1Loss", "SoftMarginLoss", "TripletMarginLoss"]
 __all__ += ["AlphaDropout", "AvgPool1d", "ConvTranspose1d", "InstanceNorm1d", "InstanceNorm2d",
             "MaxPool1d", "EmbeddingBag", "ParameterDict", "ParameterList", "PixelShuffle", "PixelUnshuffle",
             "TransformerDecoder", "TransformerDecoderLayer"]

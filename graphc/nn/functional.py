@@ -9,7 +9,8 @@ import numpy as np
 
 from graphc.ir.errors import DTypeError, GraphcError, InputError, ShapeError, user_location
 
-from ..functions import bernoulli, concatenate, logsumexp, maximum, ones_like, stop_gradient, where
+from ..functions import (bernoulli, concatenate, logsumexp, maximum, minimum, ones_like, stop_gradient,
+                         where)
 from ..tensor import Tensor, as_tensor, bind, float_math, scalar_reduced_as_vector
 from . import normalization
 from . import sparse as sparse_layers
@@ -1487,3 +1488,121 @@ def huber_loss(input: Tensor, target: Any, reduction: str = "mean", delta: float
     small, near, magnitude = _huber_sides(input - _broadcast_target("huber_loss", input, target), delta)
     loss = where(small, near.square() * 0.5, (magnitude - 0.5 * delta) * delta)
     return _elementwise_weighted(loss, weight, reduction, "huber_loss", mean_over_weights=False)
+
+
+# -- margin, embedding and likelihood losses (PyTorch's formulas) ----------------------------
+def margin_ranking_loss(input1: Tensor, input2: Tensor, target: Any, margin: float = 0.0,
+                        size_average: bool | None = None, reduce: bool | None = None,
+                        reduction: str = "mean") -> Tensor:
+    """max(0, -y · (x1 - x2) + margin) for targets y of 1 (x1 should rank higher) or -1."""
+    x1, x2 = _loss_input("margin_ranking_loss", input1), _loss_input("margin_ranking_loss", input2)
+    loss = (-_target_like(target, x1) * (x1 - x2) + margin).clamp(min=0)
+    return _reduce(loss, _reduction(size_average, reduce, reduction))
+
+
+def hinge_embedding_loss(input: Tensor, target: Any, margin: float = 1.0,
+                         size_average: bool | None = None, reduce: bool | None = None,
+                         reduction: str = "mean") -> Tensor:
+    """x where y is 1, max(0, margin - x) where y is -1 (x a distance); as PyTorch's, a target
+    of any other value takes both terms."""
+    x = _loss_input("hinge_embedding_loss", input)
+    y = _target_like(target, x)
+    loss = where(y != 1, (margin - x).clamp(min=0), 0.0) + where(y != -1, x, 0.0)
+    return _reduce(loss, _reduction(size_average, reduce, reduction))
+
+
+def soft_margin_loss(input: Tensor, target: Any, size_average: bool | None = None,
+                     reduce: bool | None = None, reduction: str = "mean") -> Tensor:
+    """log(1 + exp(-y · x)) for targets y of 1 or -1 (softplus: no overflow for large -y · x)."""
+    x = _loss_input("soft_margin_loss", input)
+    loss = softplus(-_broadcast_target("soft_margin_loss", x, target) * x)
+    return _reduce(loss, _reduction(size_average, reduce, reduction))
+
+
+def cosine_embedding_loss(input1: Tensor, input2: Tensor, target: Any, margin: float = 0.0,
+                          size_average: bool | None = None, reduce: bool | None = None,
+                          reduction: str = "mean") -> Tensor:
+    """1 - cos(x1, x2) where y is 1, max(0, cos(x1, x2) - margin) where y is -1; the cosine
+    along the axis after the target's, each squared norm plus 1e-12, as PyTorch's."""
+    x1, x2 = _loss_input("cosine_embedding_loss", input1), _loss_input("cosine_embedding_loss", input2)
+    y = _target_like(target, x1)
+    axis = y.ndim
+    if x1.ndim != axis + 1 or x2.ndim != axis + 1:
+        raise ShapeError(f"cosine_embedding_loss: inputs of {x1.shape} and {x2.shape} for a target "
+                         f"of {y.shape}: the inputs need one axis more than the target, the "
+                         f"vectors compared (at {user_location()})")
+    squares = ((x1 * x1).sum(axis) + 1e-12) * ((x2 * x2).sum(axis) + 1e-12)
+    cos = (x1 * x2).sum(axis) / squares.sqrt()
+    loss = where(y == 1, 1 - cos, 0.0) + where(y == -1, (cos - margin).clamp(min=0), 0.0)
+    return _reduce(loss, _reduction(size_average, reduce, reduction))
+
+
+def triplet_margin_loss(anchor: Tensor, positive: Tensor, negative: Tensor, margin: float = 1.0,
+                        p: float = 2.0, eps: float = 1e-6, swap: bool = False,
+                        size_average: bool | None = None, reduce: bool | None = None,
+                        reduction: str = "mean") -> Tensor:
+    """max(0, margin + d(a, p) - d(a, n)), d the pairwise_distance; with `swap`, d(a, n) is
+    the smaller of it and d(p, n)."""
+    a, pos, neg = (_loss_input("triplet_margin_loss", t) for t in (anchor, positive, negative))
+    if not (a.ndim == pos.ndim == neg.ndim) or a.ndim not in (1, 2):
+        raise ShapeError(f"triplet_margin_loss: anchor, positive and negative must be 1-D or 2-D "
+                         f"alike, got {a.shape}, {pos.shape} and {neg.shape} (at {user_location()})")
+    to_positive = pairwise_distance(a, pos, p, eps)
+    to_negative = pairwise_distance(a, neg, p, eps)
+    if swap:
+        to_negative = minimum(to_negative, pairwise_distance(pos, neg, p, eps))
+    loss = (margin + to_positive - to_negative).clamp(min=0)
+    return _reduce(loss, _reduction(size_average, reduce, reduction))
+
+
+def multilabel_soft_margin_loss(input: Tensor, target: Any, weight: Any = None,
+                                size_average: bool | None = None, reduce: bool | None = None,
+                                reduction: str = "mean") -> Tensor:
+    """Binary cross-entropy of each class's logit against its 0/1 target, averaged over the
+    classes (the last axis), then reduced over the samples."""
+    x = _loss_input("multilabel_soft_margin_loss", input)
+    y = _same_shape_target("multilabel_soft_margin_loss", x, target)
+    loss = -(y * logsigmoid(x) + (1 - y) * logsigmoid(-x))
+    if weight is not None:
+        loss = loss * _cast_like(weight, x)
+    loss = loss.sum(-1) / x.shape[-1]
+    return _reduce(loss, _reduction(size_average, reduce, reduction))
+
+
+def poisson_nll_loss(input: Tensor, target: Any, log_input: bool = True, full: bool = False,
+                     size_average: bool | None = None, eps: float = 1e-8,
+                     reduce: bool | None = None, reduction: str = "mean") -> Tensor:
+    """Negative log-likelihood of Poisson counts y: exp(x) - y · x for a log-rate x
+    (`log_input`), else x - y · log(x + eps) for a rate; `full` adds Stirling's approximation
+    of log(y!) where y > 1."""
+    x = _loss_input("poisson_nll_loss", input)
+    y = _broadcast_target("poisson_nll_loss", x, target)
+    loss = x.exp() - y * x if log_input else x - y * (x + eps).log()
+    if full:
+        counted = y > 1
+        safe = where(counted, y, 2.0)  # log of the others (0 log 0) is never taken
+        stirling = safe * safe.log() - safe + 0.5 * (2 * math.pi * safe).log()
+        loss = loss + where(counted, stirling, 0.0)
+    return _reduce(loss, _reduction(size_average, reduce, reduction))
+
+
+def gaussian_nll_loss(input: Tensor, target: Any, var: Any, full: bool = False, eps: float = 1e-6,
+                      reduction: str = "mean") -> Tensor:
+    """0.5 · (log(var) + (x - y)² / var) (+ 0.5 · log(2π) with `full`), the predicted variance
+    `var` of x's shape, or of it without the last axis, or with a last axis of 1; held at `eps`
+    at least, where (as PyTorch's clamp without gradient) its gradient is still var's own."""
+    x = _loss_input("gaussian_nll_loss", input)
+    y = _broadcast_target("gaussian_nll_loss", x, target)
+    v = _cast_like(as_tensor(var, like=x), x)
+    if v.shape != x.shape:
+        if v.shape == x.shape[:-1]:
+            v = v.unsqueeze(-1)
+        elif not (v.shape[:-1] == x.shape[:-1] and v.shape[-1:] == (1,)):
+            raise ShapeError(f"gaussian_nll_loss: var of {v.shape} for an input of {x.shape}: it "
+                             f"needs the input's shape, or it without the last axis, or a last "
+                             f"axis of 1 (at {user_location()})")
+    v = v + stop_gradient(maximum(v, eps) - v)
+    loss = 0.5 * (v.log() + (x - y).square() / v)
+    if full:
+        loss = loss + 0.5 * math.log(2 * math.pi)
+    return _reduce(loss, reduction)
