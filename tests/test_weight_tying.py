@@ -184,6 +184,23 @@ def test_functional_call_refuses_two_values_for_one_tied_parameter():
     np.testing.assert_array_equal(same(ids), one(ids))
 
 
+def test_functional_call_takes_torch_funcs_tuple_of_arguments_and_keywords():
+    """torch.func.functional_call(module, params, (x,), {...}): the tuple was passed on as the
+    forward's one argument ('np.asarray(x) on a traced Tensor'), the dict refused."""
+    layer = nn.MultiheadAttention(4, 2, batch_first=True)
+    x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    mask = np.array([[False, False, True], [False, False, False]])
+    params = dict(layer.state_dict())
+    expected = gc.jit(lambda q: layer(q, q, q, key_padding_mask=mask)[0], backend=REF)(x)
+    for call in (lambda q: nn.functional_call(layer, params, (q, q, q), {"key_padding_mask": mask}),
+                 lambda q: nn.functional_call(layer, params, q, q, q, kwargs={"key_padding_mask": mask})):
+        np.testing.assert_array_equal(gc.jit(lambda q: call(q)[0], backend=REF)(x), expected)
+    linear = nn.Linear(4, 2)
+    np.testing.assert_array_equal(
+        gc.jit(lambda q: nn.functional_call(linear, dict(linear.state_dict()), (q,)), backend=REF)(x),
+        gc.jit(lambda q: linear(q), backend=REF)(x))
+
+
 def test_a_tied_model_compiles_for_inference_and_exports(tmp_path):
     """The check above first refused every tied model in gc.compile, which gives each
     state-dict name an input of its own."""

@@ -11,7 +11,7 @@ from .layers import (AlphaDropout, Dropout1d, Dropout2d, Hardtanh, PixelShuffle,
                      PReLU, ReLU6, Upsample)
 from .layers import (CELU, GLU, SELU, CosineSimilarity, Hardsigmoid, Hardswish, LogSigmoid, Mish,
                      PairwiseDistance, Softmin, Softsign, Tanhshrink, Unflatten)
-from .loss import (BCELoss, BCEWithLogitsLoss, CosineEmbeddingLoss, CrossEntropyLoss,
+from .loss import (BCELoss, BCEWithLogitsLoss, CosineEmbeddingLoss, CrossEntropyLoss, CTCLoss,
                    GaussianNLLLoss, HingeEmbeddingLoss, HuberLoss, KLDivLoss, L1Loss,
                    MarginRankingLoss, MSELoss, MultiLabelSoftMarginLoss, NLLLoss, PoissonNLLLoss,
                    SmoothL1Loss, SoftMarginLoss, TripletMarginLoss)
@@ -35,7 +35,7 @@ __all__ += ["ConvTranspose2d", "Dropout1d", "Dropout2d", "GroupNorm", "Hardtanh"
 __all__ += ["CELU", "GLU", "SELU", "CosineSimilarity", "Hardsigmoid", "Hardswish", "LogSigmoid",
             "Mish", "PairwiseDistance", "Softmin", "Softsign", "Tanhshrink", "Unflatten"]
 __all__ += ["GRUCell", "LSTMCell", "RNNCell"]
-__all__ += ["BCELoss", "BCEWithLogitsLoss", "CosineEmbeddingLoss", "CrossEntropyLoss",
+__all__ += ["BCELoss", "BCEWithLogitsLoss", "CosineEmbeddingLoss", "CrossEntropyLoss", "CTCLoss",
             "GaussianNLLLoss", "HingeEmbeddingLoss", "HuberLoss", "KLDivLoss", "L1Loss",
             "MarginRankingLoss", "MSELoss", "MultiLabelSoftMarginLoss", "NLLLoss", "PoissonNLLLoss",
             "SmoothL1Loss", "SoftMarginLoss", "TripletMarginLoss"]

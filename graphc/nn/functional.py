@@ -13,6 +13,7 @@ from ..functions import (bernoulli, concatenate, logsumexp, maximum, minimum, on
                          where)
 from ..tensor import Tensor, as_tensor, bind, float_math, scalar_reduced_as_vector
 from . import normalization
+from .ctc import ctc_loss  # noqa: F401  (F.ctc_loss)
 from . import sparse as sparse_layers
 
 __all__ = ["relu", "sigmoid", "tanh", "softmax", "log_softmax", "logsumexp", "linear", "conv2d",

@@ -896,27 +896,32 @@ def buffer_owner(module: Module) -> dict[tuple[int, str], str]:
 
 
 def functional_call(module: Module, state: dict[str, Any], *args: Any,
-                    return_buffers: bool = False) -> Any:
+                    return_buffers: bool = False, kwargs: dict[str, Any] | None = None) -> Any:
     """Run `module` inside a trace with its parameters/buffers read from `state` (Tensors or
     arrays, by state-dict name; names left out become implicit inputs of the trace, read from
-    the module at each call).
+    the module at each call). The forward's arguments follow `state` (`functional_call(m, p, x,
+    y)`), or come as torch.func.functional_call takes them: one tuple of them, then optionally a
+    dict of keyword arguments (`functional_call(m, p, (x,), {"mask": m})`; also `kwargs=`).
 
     With `return_buffers`, returns (output, {buffer name: new value Tensor}) for the buffers the
     forward updated (e.g. batch-norm running statistics in training mode).
     """
+    if args and isinstance(args[0], tuple) and (
+            len(args) == 1 or (len(args) == 2 and isinstance(args[1], dict))):
+        args, kwargs = args[0], {**(args[1] if len(args) == 2 else {}), **(kwargs or {})}
     _refuse_split_ties(module, state)
-    return call_bound(module, state, *args, return_buffers=return_buffers)
+    return call_bound(module, state, *args, return_buffers=return_buffers, kwargs=kwargs)
 
 
 def call_bound(module: Module, state: dict[str, Any], *args: Any,
-               return_buffers: bool = False) -> Any:
+               return_buffers: bool = False, kwargs: dict[str, Any] | None = None) -> Any:
     """functional_call, where each of a tied parameter's names may be given a Tensor of its
     own (graphc's compiled functions give every state-dict name an input)."""
     from ..tensor import as_tensor
 
     tensors = {name: as_tensor(value) for name, value in state.items()}
     with bound(module, tensors), recording_buffer_updates(module) as updates:
-        out = module(*args)
+        out = module(*args, **(kwargs or {}))
     return (out, updates) if return_buffers else out
 
 
