@@ -178,6 +178,26 @@ def test_transformer_encoder_stacks_copies_with_pytorch_names():
                         {"src_key_padding_mask": key_padding(2, 5)})
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_transformer_encoder_decoder_matches_pytorch(batch_first):
+    """nn.Transformer (missing before): its state dict loads PyTorch's, its output and every
+    gradient match, with a causal target mask and padding masks."""
+    options = dict(d_model=8, nhead=2, num_encoder_layers=2, num_decoder_layers=1,
+                   dim_feedforward=16, dropout=0.0, batch_first=batch_first)
+    ours, theirs = nn.Transformer(**options), torch.nn.Transformer(**options)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    src, tgt = (rand(2, 5, 8), rand(2, 4, 8)) if batch_first else (rand(5, 2, 8), rand(4, 2, 8))
+    mask = nn.Transformer.generate_square_subsequent_mask(4, dtype="float64")
+    np.testing.assert_array_equal(mask, torch.nn.Transformer.generate_square_subsequent_mask(
+        4, dtype=torch.float64).numpy())
+    check_against_torch(torch, ours, theirs, [src, tgt],
+                        {"tgt_mask": mask, "src_key_padding_mask": key_padding(2, 5),
+                         "memory_key_padding_mask": key_padding(2, 5)})
+    weights = [p for p in nn.Transformer(**options).parameters() if p.ndim > 1]
+    bound = max(np.sqrt(6 / sum(p.shape)) for p in weights)  # Xavier-uniform, as PyTorch's
+    assert all(np.abs(p).max() <= bound for p in weights)
+
+
 def test_encoder_layer_in_training_mode_applies_dropout():
     layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.5)
     x = rand(5, 2, 8).astype(np.float32)

@@ -1,6 +1,6 @@
 """graphc.nn: neural-network building blocks with PyTorch's names."""
 from . import functional, init, utils
-from .attention import (MultiheadAttention, TransformerDecoder, TransformerDecoderLayer,
+from .attention import (MultiheadAttention, Transformer, TransformerDecoder, TransformerDecoderLayer,
                         TransformerEncoder, TransformerEncoderLayer)
 from .containers import ModuleDict, ModuleList, ParameterDict, ParameterList
 from .conv import Conv1d, ConvTranspose1d, ConvTranspose2d
@@ -28,7 +28,7 @@ __all__ = ["AvgPool2d", "Conv2d", "Dropout", "Flatten", "Identity", "Linear", "L
 __all__ += ["BatchNorm1d", "BatchNorm2d", "Embedding", "GRU", "LSTM", "LayerNorm", "ModuleDict",
             "ModuleList", "RNN"]
 __all__ += ["AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "Conv1d", "MultiheadAttention",
-            "TransformerEncoder", "TransformerEncoderLayer"]
+            "Transformer", "TransformerEncoder", "TransformerEncoderLayer"]
 __all__ += ["ELU", "GELU", "LeakyReLU", "SiLU", "Softplus"]
 __all__ += ["ConvTranspose2d", "Dropout1d", "Dropout2d", "GroupNorm", "Hardtanh", "PReLU", "ReLU6",
             "Upsample"]

@@ -20,12 +20,13 @@ from graphc.ir.errors import ShapeError, user_location
 from ..tensor import Tensor, as_tensor
 from . import functional as F
 from .containers import ModuleList
+from .init import xavier_uniform_
 from .layers import Dropout, Linear, uniform
 from .module import Module, Parameter
 from .normalization import LayerNorm
 
 __all__ = ["MultiheadAttention", "TransformerEncoderLayer", "TransformerEncoder",
-           "TransformerDecoderLayer", "TransformerDecoder"]
+           "TransformerDecoderLayer", "TransformerDecoder", "Transformer"]
 
 
 class MultiheadAttention(Module):
@@ -339,3 +340,57 @@ class TransformerDecoder(Module):
                       memory_key_padding_mask=memory_key_padding_mask,
                       tgt_is_causal=bool(tgt_is_causal), memory_is_causal=memory_is_causal)
         return self.norm(x) if self.norm is not None else x
+
+
+class Transformer(Module):
+    """PyTorch's encoder-decoder: a TransformerEncoder and a TransformerDecoder, each with a
+    final layer norm (`encoder.`, `decoder.` in the state dict), every matrix initialised
+    Xavier-uniform as PyTorch's. forward(src, tgt, src_mask, tgt_mask, memory_mask, and the
+    three key padding masks) returns the decoder's output."""
+
+    def __init__(self, d_model: int = 512, nhead: int = 8, num_encoder_layers: int = 6,
+                 num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: str | Callable[[Tensor], Tensor] = "relu",
+                 custom_encoder: Module | None = None, custom_decoder: Module | None = None,
+                 layer_norm_eps: float = 1e-5, batch_first: bool = False, norm_first: bool = False,
+                 bias: bool = True) -> None:
+        super().__init__()
+        settings = dict(dim_feedforward=dim_feedforward, dropout=dropout, activation=activation,
+                        layer_norm_eps=layer_norm_eps, batch_first=batch_first,
+                        norm_first=norm_first, bias=bias)
+        self.encoder = custom_encoder if custom_encoder is not None else TransformerEncoder(
+            TransformerEncoderLayer(d_model, nhead, **settings), num_encoder_layers,
+            LayerNorm(d_model, eps=layer_norm_eps, bias=bias))
+        self.decoder = custom_decoder if custom_decoder is not None else TransformerDecoder(
+            TransformerDecoderLayer(d_model, nhead, **settings), num_decoder_layers,
+            LayerNorm(d_model, eps=layer_norm_eps, bias=bias))
+        self.d_model, self.nhead, self.batch_first = d_model, nhead, batch_first
+        for p in self.parameters():
+            if p.ndim > 1:
+                xavier_uniform_(p)
+
+    def forward(self, src: Any, tgt: Any, src_mask: Any = None, tgt_mask: Any = None,
+                memory_mask: Any = None, src_key_padding_mask: Any = None,
+                tgt_key_padding_mask: Any = None, memory_key_padding_mask: Any = None,
+                src_is_causal: bool | None = None, tgt_is_causal: bool | None = None,
+                memory_is_causal: bool = False) -> Tensor:
+        src, tgt = as_tensor(src), as_tensor(tgt)
+        batch_axis = 0 if self.batch_first else 1
+        if src.ndim == 3 and tgt.ndim == 3 and src.shape[batch_axis] != tgt.shape[batch_axis]:
+            raise ShapeError(f"Transformer: src of {src.shape} and tgt of {tgt.shape} differ in "
+                             f"their batch (axis {batch_axis}) (at {user_location()})")
+        if src.shape[-1] != self.d_model or tgt.shape[-1] != self.d_model:
+            raise ShapeError(f"Transformer: src of {src.shape} and tgt of {tgt.shape} must end in "
+                             f"d_model={self.d_model} features (at {user_location()})")
+        memory = self.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask,
+                              is_causal=src_is_causal)
+        return self.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                            tgt_key_padding_mask=tgt_key_padding_mask,
+                            memory_key_padding_mask=memory_key_padding_mask,
+                            tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
+
+    @staticmethod
+    def generate_square_subsequent_mask(sz: int, device: Any = None, dtype: Any = None) -> np.ndarray:
+        """The causal mask PyTorch's returns: 0 on and below the diagonal, -inf above (a float
+        mask added to the scores), as a NumPy array (float32 unless `dtype` says otherwise)."""
+        return np.triu(np.full((sz, sz), -np.inf, dtype=np.dtype(dtype or "float32")), 1)
