@@ -267,7 +267,8 @@ def bernoulli(p: float, shape: Sequence[int]) -> Tensor:
                                                shape=tuple(shape), stream=stream))
 
 
-__all__ += ["rand", "rand_like", "randn", "randn_like", "randint", "mm", "bmm"]
+__all__ += ["rand", "rand_like", "randn", "randn_like", "randint", "mm", "bmm", "addmm", "baddbmm",
+            "finfo", "iinfo"]
 
 
 def mm(input: Tensor, mat2: Any) -> Tensor:
@@ -278,6 +279,26 @@ def mm(input: Tensor, mat2: Any) -> Tensor:
 def bmm(input: Tensor, mat2: Any) -> Tensor:
     """torch.bmm: the products of two batches of matrices, (b, n, m) @ (b, m, p)."""
     return as_tensor(input).bmm(mat2)
+
+
+def addmm(input: Tensor, mat1: Any, mat2: Any, *, beta: float = 1, alpha: float = 1) -> Tensor:
+    """torch.addmm: beta * input + alpha * (mat1 @ mat2) (a linear layer's bias and product)."""
+    return as_tensor(input).addmm(mat1, mat2, beta=beta, alpha=alpha)
+
+
+def baddbmm(input: Tensor, batch1: Any, batch2: Any, *, beta: float = 1, alpha: float = 1) -> Tensor:
+    """torch.baddbmm: beta * input + alpha * (batch1 @ batch2) over a batch of matrices."""
+    return as_tensor(input).baddbmm(batch1, batch2, beta=beta, alpha=alpha)
+
+
+def finfo(dtype: Any = "float32") -> np.finfo:
+    """torch.finfo: eps, max, min, tiny of a float dtype (NumPy's finfo; gc.finfo(x.dtype))."""
+    return np.finfo(dtype_name(dtype))
+
+
+def iinfo(dtype: Any) -> np.iinfo:
+    """torch.iinfo: max and min of an integer dtype (NumPy's iinfo)."""
+    return np.iinfo(dtype_name(dtype))
 
 
 def rand(*size: Any, dtype: Any = "float32") -> Tensor:

@@ -985,6 +985,15 @@ class View(NamedTuple):
     strides: tuple[int, ...]
 
 
+def _scaled_sum(term: Tensor, product: Tensor, beta: float, alpha: float) -> Tensor:
+    """beta * term + alpha * product (addmm, baddbmm); beta = 0 ignores term, NaN and inf too,
+    as PyTorch's."""
+    scaled = product if alpha == 1 else product * alpha
+    if beta == 0:
+        return scaled
+    return scaled + (term if beta == 1 else term * beta)
+
+
 def c_strides(shape: Sequence[int]) -> tuple[int, ...]:
     """The strides (in elements) of a C-contiguous array of `shape`."""
     strides, step = [], 1
@@ -1994,6 +2003,14 @@ class Tensor:
             raise ShapeError(f"bmm: both operands must be 3-D with the same batch, got shapes "
                              f"{self.shape} and {mat2.shape} (at {user_location()})")
         return self @ mat2
+
+    def addmm(self, mat1: Any, mat2: Any, *, beta: float = 1, alpha: float = 1) -> Tensor:
+        """PyTorch's: beta * self + alpha * (mat1 @ mat2), self broadcast to the product."""
+        return _scaled_sum(self, as_tensor(mat1, like=self).mm(mat2), beta, alpha)
+
+    def baddbmm(self, batch1: Any, batch2: Any, *, beta: float = 1, alpha: float = 1) -> Tensor:
+        """PyTorch's: beta * self + alpha * (batch1 @ batch2), batched products."""
+        return _scaled_sum(self, as_tensor(batch1, like=self).bmm(batch2), beta, alpha)
 
     def where(self, condition: Any, other: Any) -> Tensor:
         """PyTorch's x.where(condition, y): x where condition holds, else y."""

@@ -17,7 +17,7 @@ from .loss import (BCELoss, BCEWithLogitsLoss, CosineEmbeddingLoss, CrossEntropy
                    SmoothL1Loss, SoftMarginLoss, TripletMarginLoss)
 from .module import Module, Parameter, functional_call
 from .normalization import (BatchNorm1d, BatchNorm2d, GroupNorm, InstanceNorm1d, InstanceNorm2d,
-                            LayerNorm)
+                            LayerNorm, RMSNorm)
 from .pooling import AdaptiveAvgPool2d, AdaptiveMaxPool2d, AvgPool1d, MaxPool1d
 from .recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from .sparse import Embedding, EmbeddingBag
@@ -25,7 +25,7 @@ from .sparse import Embedding, EmbeddingBag
 __all__ = ["AvgPool2d", "Conv2d", "Dropout", "Flatten", "Identity", "Linear", "LogSoftmax",
            "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential", "Sigmoid", "Softmax", "Tanh",
            "functional", "functional_call", "init"]
-__all__ += ["BatchNorm1d", "BatchNorm2d", "Embedding", "GRU", "LSTM", "LayerNorm", "ModuleDict",
+__all__ += ["BatchNorm1d", "BatchNorm2d", "Embedding", "GRU", "LSTM", "LayerNorm", "RMSNorm", "ModuleDict",
             "ModuleList", "RNN"]
 __all__ += ["AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "Conv1d", "MultiheadAttention",
             "Transformer", "TransformerEncoder", "TransformerEncoderLayer"]

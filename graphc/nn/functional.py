@@ -1134,6 +1134,13 @@ def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Ten
     return normalization.layer_norm(as_tensor(input), normalized_shape, weight, bias, eps)
 
 
+def rms_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
+             eps: float | None = None) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) over the trailing `normalized_shape`, scaled by `weight`
+    (eps by default the machine epsilon of x's dtype, as PyTorch's)."""
+    return normalization.rms_norm(as_tensor(input), normalized_shape, weight, eps)
+
+
 def embedding(input: Any, weight: Tensor, padding_idx: int | None = None,
               max_norm: float | None = None, norm_type: float = 2.0,
               scale_grad_by_freq: bool = False, sparse: bool = False) -> Tensor:

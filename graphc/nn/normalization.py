@@ -19,7 +19,7 @@ from ..tensor import Tensor, as_tensor, bind
 from .module import Module, Parameter
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "LayerNorm",
-           "batch_norm", "group_norm", "instance_norm", "layer_norm"]
+           "RMSNorm", "batch_norm", "group_norm", "instance_norm", "layer_norm", "rms_norm"]
 
 
 def _channel_shaped(v: Tensor, ndim: int) -> Tensor:
@@ -163,18 +163,25 @@ def _normalized_shape(value: int | Sequence[int]) -> tuple[int, ...]:
     return tuple(int(size) for size in value)
 
 
+def _trailing_shape(op: str, x: Tensor, normalized_shape: int | Sequence[int],
+                    **affine: Tensor | None) -> tuple[int, ...]:
+    """`normalized_shape` checked against x's trailing dimensions and the affine parameters."""
+    shape = _normalized_shape(normalized_shape)
+    if not shape or x.shape[x.ndim - len(shape):] != shape:
+        raise ShapeError(f"{op}: normalized_shape {shape} must be the trailing dimensions "
+                         f"of the input, got shape {x.shape} (at {user_location()})")
+    for name, value in affine.items():
+        if value is not None and as_tensor(value).shape != shape:
+            raise ShapeError(f"{op}: {name} must have the shape of normalized_shape {shape}, "
+                             f"got {as_tensor(value).shape} (at {user_location()})")
+    return shape
+
+
 def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
                bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """Normalise over the trailing dimensions `normalized_shape` (biased variance)."""
     x = as_tensor(x)
-    shape = _normalized_shape(normalized_shape)
-    if not shape or x.shape[x.ndim - len(shape):] != shape:
-        raise ShapeError(f"layer_norm: normalized_shape {shape} must be the trailing dimensions "
-                         f"of the input, got shape {x.shape} (at {user_location()})")
-    for name, value in (("weight", weight), ("bias", bias)):
-        if value is not None and as_tensor(value).shape != shape:
-            raise ShapeError(f"layer_norm: {name} must have the shape of normalized_shape {shape}, "
-                             f"got {as_tensor(value).shape} (at {user_location()})")
+    shape = _trailing_shape("layer_norm", x, normalized_shape, weight=weight, bias=bias)
     # one kernel each way (ir/ops/norm.py); the affine part fuses into its epilogue
     out = bind("normalize", x, axes=tuple(range(x.ndim - len(shape), x.ndim)), epsilon=eps)
     if weight is not None:
@@ -203,6 +210,41 @@ class LayerNorm(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}")
+
+
+def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
+             eps: float | None = None) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) over the trailing dimensions `normalized_shape`, then scaled
+    by `weight`; eps by default the machine epsilon of x's dtype, as PyTorch's."""
+    x = as_tensor(x)
+    shape = _trailing_shape("rms_norm", x, normalized_shape, weight=weight)
+    axes = tuple(range(x.ndim - len(shape), x.ndim))
+    epsilon = float(np.finfo(x.dtype).eps) if eps is None else eps
+    out = x * ((x * x).mean(axes, keepdims=True) + epsilon).rsqrt()
+    return out * weight if weight is not None else out
+
+
+class RMSNorm(Module):
+    """Root-mean-square normalisation over the trailing `normalized_shape` (no centring, no
+    bias), as PyTorch's nn.RMSNorm (LLaMA's)."""
+
+    def __init__(self, normalized_shape: int | Sequence[int], eps: float | None = None,
+                 elementwise_affine: bool = True) -> None:
+        super().__init__()
+        shape = _normalized_shape(normalized_shape)
+        self.normalized_shape, self.eps = shape, eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = Parameter(np.ones(shape, dtype=np.float32))
+        else:
+            self.register_parameter("weight", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, "
