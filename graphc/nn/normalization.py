@@ -228,27 +228,16 @@ def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | 
     return out * weight if weight is not None else out
 
 
-class RMSNorm(Module):
+class RMSNorm(LayerNorm):
     """Root-mean-square normalisation over the trailing `normalized_shape` (no centring, no
-    bias), as PyTorch's nn.RMSNorm (LLaMA's)."""
+    bias), as PyTorch's nn.RMSNorm (LLaMA's); eps by default the input dtype's epsilon."""
 
     def __init__(self, normalized_shape: int | Sequence[int], eps: float | None = None,
                  elementwise_affine: bool = True) -> None:
-        super().__init__()
-        shape = _normalized_shape(normalized_shape)
-        self.normalized_shape, self.eps = shape, eps
-        self.elementwise_affine = elementwise_affine
-        if elementwise_affine:
-            self.weight = Parameter(np.ones(shape, dtype=np.float32))
-        else:
-            self.register_parameter("weight", None)
+        super().__init__(normalized_shape, eps, elementwise_affine, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return rms_norm(x, self.normalized_shape, self.weight, self.eps)
-
-    def extra_repr(self) -> str:
-        return (f"{self.normalized_shape}, eps={self.eps}, "
-                f"elementwise_affine={self.elementwise_affine}")
 
 
 def group_norm(x: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
