@@ -80,11 +80,19 @@ def _owner(array: np.ndarray) -> Any:
     return array if array.base is None else array.base
 
 
+def host_array(value: Any) -> np.ndarray:
+    """np.asarray(value), a torch tensor detached first (NumPy cannot read one that requires
+    grad)."""
+    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
 def as_input(where: str, expected: TensorType, arg: Any, donated: bool = False) -> np.ndarray:
     """`arg` as a C-contiguous array of type `expected`, converted only where that is lossless;
     else an InputError beginning with `where` (the graph and input) that says what to fix."""
     try:
-        arr = arg if isinstance(arg, np.ndarray) else np.asarray(arg)
+        arr = arg if isinstance(arg, np.ndarray) else host_array(arg)
     except (ValueError, TypeError) as exc:
         raise InputError(f"{where}: cannot be read as an array ({exc})") from None
     if arr.dtype.kind not in "biuf":

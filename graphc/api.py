@@ -15,6 +15,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from graphc.backends.signature import host_array
 from graphc.ir import Graph, InputError, Node, TensorType, Value
 from graphc.ir.types import DTYPES
 from graphc.ir.errors import GraphcError, user_location, without_internal_frames
@@ -73,11 +74,9 @@ def to_array(leaf: Any, path: str = "argument", number_dtype: type = np.float32)
     elif str(getattr(leaf, "dtype", "")) == "torch.bfloat16":  # NumPy has no bfloat16
         raise InputError(f"{path}: dtype bfloat16 is not supported; use float32/float64 "
                          f"(x.float()) or int32/int64/bool")
-    elif type(leaf).__module__.startswith("torch") and hasattr(leaf, "detach"):
-        arr = leaf.detach().cpu().numpy()  # np.asarray refuses a tensor that requires grad
     else:
         try:
-            arr = np.asarray(leaf)
+            arr = host_array(leaf)
         except (ValueError, TypeError) as exc:
             raise InputError(f"{path}: cannot be read as an array ({exc}); ragged nested lists "
                              "are not tensors") from None

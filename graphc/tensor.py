@@ -1626,6 +1626,9 @@ class Tensor:
         for a NumPy mask, which selects as x[mask] does."""
         if not isinstance(mask, Tensor):
             mask = np.asarray(mask)
+            if mask.dtype != np.bool_:  # an integer array would index, not select
+                raise DTypeError(f"masked_select: the mask must be boolean, got {mask.dtype} "
+                                 f"(at {user_location()})")
             shape = np.broadcast_shapes(self.shape, mask.shape)
             return self.broadcast_to(shape)[np.broadcast_to(mask, shape)]
         shape = np.broadcast_shapes(self.shape, mask.shape)

@@ -13,6 +13,7 @@ import stat
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from collections.abc import Iterator, Sized
 from typing import Any, Callable, ContextManager, Iterable, Protocol, Sequence, runtime_checkable
@@ -145,12 +146,22 @@ def taking_turns(step: TrainStep | LoadedTrainStep) -> ContextManager[Any]:
     return getattr(step, "_turn", None) or contextlib.nullcontext()
 
 
+def _refuse_pipeline(step: Any, who: str) -> None:
+    """A pipeline's step keeps one checkpoint per stage, through its own methods."""
+    from .distributed.pipeline import PipelineParallelStep
+
+    if isinstance(step, PipelineParallelStep):
+        raise GraphcError(f"{who}: a PipelineParallelStep keeps one checkpoint per stage: call "
+                          f"step.save_checkpoint(path) and step.load_checkpoint(path)")
+
+
 def training_state(step: TrainStep | LoadedTrainStep) -> dict[str, np.ndarray]:
     """Everything needed to continue training exactly: weights, buffers, optimizer state,
     step count and RNG key. The arrays are the step's own, writing into them changes it, but
     for "rng", the generator's key: a copy, which `step.set_rng_state(key)` restores
     (load_checkpoint does)."""
     require_training_step(step, "training_state")
+    _refuse_pipeline(step, "training_state")
     if isinstance(step, LoadedTrainStep):
         return step.training_state()
     state = {f"model/{k}": v for k, v in step.model.state_dict().items()}
@@ -185,6 +196,13 @@ def save_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
     from .export import tensor_digest
 
     require_training_step(step, "save_checkpoint")
+    _refuse_pipeline(step, "save_checkpoint")
+    if isinstance(step, TrainStep) and (absent := step.optimizer.absent_parameters()):
+        names = [name for name, p in step.params.items() if id(p) in absent]
+        warnings.warn(f"save_checkpoint: the optimizer keeps state (moments, step counts) for "
+                      f"{names}, which no parameter group holds now: the checkpoint does not hold "
+                      f"it, and a run resumed from it starts their state afresh once a group "
+                      f"takes them back; save with their group in place to keep it", stacklevel=2)
     with taking_turns(step):  # a step running in another thread finishes first: one snapshot
         state = {k: np.array(v, order="C") for k, v in training_state(step).items()}
         rates = json.dumps(learning_rates(step))
@@ -194,10 +212,11 @@ def save_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
     if isinstance(step, TrainStep):  # a schedule's rates (initial_lr...), for a scheduler resumed
         schedule = json.dumps([{k: float(g[k]) for k in SCHEDULE_KEYS if k in g}
                                for g in step.optimizer.param_groups])
+        metadata.update({"schedule": schedule,
+                         "sha256:schedule": hashlib.sha256(schedule.encode()).hexdigest()})
+    if getattr(step, "optimizer", None) is not None:  # a step with its optimizer (a pipeline stage's too)
         groups = json.dumps(_group_members(step))
-        metadata.update({"schedule": schedule, "groups": groups,
-                         "sha256:schedule": hashlib.sha256(schedule.encode()).hexdigest(),
-                         "sha256:groups": hashlib.sha256(groups.encode()).hexdigest()})
+        metadata.update({"groups": groups, "sha256:groups": hashlib.sha256(groups.encode()).hexdigest()})
     payload = save(state, metadata=metadata)
     atomic_write(path, lambda f: f.write(payload))
 
@@ -207,6 +226,7 @@ def load_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
     and the tensor, files that do not match the step or fail a checksum; reads no more than a
     checkpoint of this step can hold."""
     require_training_step(step, "load_checkpoint")
+    _refuse_pipeline(step, "load_checkpoint")
     with taking_turns(step):  # not into the arrays of a step running in another thread
         _load_checkpoint(path, step)
 
@@ -249,7 +269,7 @@ def _load_checkpoint(path: str, step: TrainStep | LoadedTrainStep) -> None:
         if (name == "step" or _own_step_count(name)) and not is_step_count(array):
             raise LoadError(path, f"the step count must be a whole number >= 0, got "
                             f"{array.ravel()[:1].tolist()}", name)
-    if isinstance(step, TrainStep):
+    if getattr(step, "optimizer", None) is not None:
         _check_group_members(path, metadata, _group_members(step))
     rates = _checkpoint_rates(path, metadata, len(learning_rates(step)))
     schedule = _checkpoint_schedule(path, metadata, len(learning_rates(step)))
@@ -287,9 +307,11 @@ def _is_rate(r: Any) -> bool:
 
 
 def _group_members(step: TrainStep) -> list[list[str]]:
-    """The names of each parameter group's parameters, in the optimizer's order."""
+    """The names of each parameter group's parameters the step trains (a pipeline stage: its
+    own), in the optimizer's order."""
     name_of = {id(step.params[name]): name for name in step.trainable}
-    return [[name_of[id(p)] for p in group["params"]] for group in step.optimizer.param_groups]
+    return [[name_of[id(p)] for p in group["params"] if id(p) in name_of]
+            for group in step.optimizer.param_groups]
 
 
 def _check_group_members(path: str, metadata: dict[str, str], members: list[list[str]]) -> None:
@@ -478,9 +500,12 @@ def evaluate(model_fn: CompiledModel, loss_fn: Callable | None, loader: Iterable
         kept = counted_targets(scores, y)
         y, pred = y[kept], predictions[kept]
         n = num_classes or scores.shape[1]
+        result.update(predictions=predictions, confusion=metrics.confusion_matrix(y, pred, num_classes=n))
+        if not len(y):  # every target ignored: no metric is defined
+            result.update(accuracy=math.nan, precision=math.nan, recall=math.nan, f1=math.nan)
+            return result
         p, r, f1 = metrics.precision_recall_f1(y, pred, average="macro")
-        result.update(accuracy=metrics.accuracy(y, pred), precision=p, recall=r, f1=f1,
-                      predictions=predictions, confusion=metrics.confusion_matrix(y, pred, num_classes=n))
+        result.update(accuracy=metrics.accuracy(y, pred), precision=p, recall=r, f1=f1)
     return result
 
 

@@ -208,7 +208,7 @@ def test_a_tuple_of_arrays_given_to_a_compiled_model_is_refused_as_a_structure()
     assert compiled([[1.0, 2.0, 3.0]]).shape == (1, 2)  # nested lists of numbers are arrays
 
 
-def test_a_torch_tensor_that_requires_grad_and_a_big_endian_batch_are_taken_as_they_are(caplog):
+def test_a_torch_tensor_that_requires_grad_and_a_big_endian_batch_are_taken_as_they_are(caplog, tmp_path):
     """torch's 'Can't call numpy() on Tensor that requires grad' came out of graphc; a batch
     in big-endian byte order (the same float32 values) compiled the step again."""
     model = gc.nn.Linear(3, 2)
@@ -220,6 +220,9 @@ def test_a_torch_tensor_that_requires_grad_and_a_big_endian_batch_are_taken_as_t
     with caplog.at_level("WARNING"):
         np.testing.assert_array_equal(compiled(x.astype(">f4")), expected)
     assert "recompiling" not in caplog.text and len(compiled._compiled) == 1
+    compiled.export(str(tmp_path / "linear.gcx"))
+    loaded = gc.load(str(tmp_path / "linear.gcx"))
+    np.testing.assert_array_equal(loaded(torch.tensor(x, requires_grad=True)), expected)
 
 
 def test_dtypes_graphc_lacks_are_refused_by_input_and_float16_parameters_widened():

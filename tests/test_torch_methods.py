@@ -370,6 +370,8 @@ def test_scatter_add_index_add_kthvalue_and_axis_moves_as_pytorchs():
     mask = np.array([True, False, True, True])
     assert np.array_equal(gc.jit(lambda y: y.masked_select(mask))(y),
                           ty.masked_select(torch.tensor(mask)).numpy())
+    with pytest.raises(gc.DTypeError, match="masked_select: the mask must be boolean, got int64"):
+        gc.jit(lambda y: y.masked_select(mask.astype(np.int64)))(y)  # it gathered rows 1, 0, 1...
 
 
 def test_scatter_writes_src_or_a_value_and_differentiates_as_pytorchs():

@@ -387,6 +387,10 @@ def test_validation_leaves_out_the_targets_a_loss_ignores():
     history = fit(step, DataLoader(TensorDataset(x, y), 4), epochs=1, progress=False,
                   val_loader=DataLoader(TensorDataset(x, y), 4))
     assert np.isfinite(history.epochs[0]["val_loss"])
+    # every target ignored: no metric is defined (precision of nothing raised MetricError)
+    ignored = np.full(12, -100)
+    none_counted = evaluate(compiled, F.cross_entropy, DataLoader(TensorDataset(x, ignored), 4))
+    assert np.isnan(none_counted["loss"]) and np.isnan(none_counted["accuracy"])
 
 
 def test_a_type_of_more_elements_than_memory_holds_is_refused():

@@ -821,6 +821,7 @@ class PipelineParallelStep:
         self.trainable = [owned[id(p)] for p in optimizer.params]
         self.params = dict(named_arrays(model, "_parameters"))
         self.buffers = dict(named_arrays(model, "_buffers"))
+        optimizer.note_absent_parameters()
         self.opt_state = {n: optimizer.state_of(self.params[n]) for n in self.trainable}
         self._optimizer_settings = optimizer.compiled_settings()
         self.rng_key = gc_random.get_state()  # each step's own: the global generator's next
@@ -907,7 +908,9 @@ class PipelineParallelStep:
             plan, StageExecutable(attach_comm(forward, *forward_messages(self.partition, s)), self._compile),
             StageExecutable(attach_comm(backward, *backward_messages(self.partition, s)), self._compile,
                             accumulators),
-            self._compile(update, donate), trainable, StageTimes(s), _Link(self._messages, s))
+            self._compile(update, donate), trainable, StageTimes(s), _Link(self._messages, s),
+            # the optimizer's count: a pipeline built again on it goes on from there
+            np.array(self.optimizer.step_count, np.float32))
         runtime.grads = {n: np.zeros_like(self.params[n]) for n in trainable}
         return runtime
 
@@ -1033,6 +1036,7 @@ class PipelineParallelStep:
                              *self.optimizer.learning_rates())
         for grad in rt.grads.values():
             grad.fill(0)
+        np.copyto(self.optimizer.step_count, rt.step_count)  # every stage counts alike
         rt.times.update += time.perf_counter() - start
 
     def _mean_loss(self, losses: list[float]) -> float:
@@ -1113,6 +1117,7 @@ class PipelineParallelStep:
         the global generator's key (which each step draws from)."""
         params = {n: self.params[n] for n in rt.plan.params}
         return SimpleNamespace(model=SimpleNamespace(state_dict=lambda: params), optimizer=self.optimizer,
+                               params=self.params, trainable=rt.trainable,
                                opt_state={n: self.opt_state[n] for n in rt.trainable},
                                step_count=rt.step_count, rng_state=gc_random.get_state(),
                                set_rng_state=gc_random.set_state)
@@ -1151,6 +1156,7 @@ class PipelineParallelStep:
             set_learning_rates(stages[0], rates)
             gc_random.set_state(key)
             raise
+        np.copyto(self.optimizer.step_count, self._stages[0].step_count)
         return True
 
 

@@ -254,13 +254,18 @@ class Optimizer:
             state.setdefault(name, array)
         return state
 
-    def note_absent_parameters(self) -> None:
-        """Mark the parameters with state that no group holds now (a group removed to freeze
-        them): their count stops here, for when a group brings them back (`state_of`). Called
-        as a step is compiled, the only time the groups take effect."""
+    def absent_parameters(self) -> set[int]:
+        """The ids of the parameters with state that no group holds now (a group removed to
+        freeze them)."""
         present = {id(p) for group in self.param_groups for p in group["params"]}
-        for key, state in self._state.items():
-            if key not in present and "step" not in state:
+        return {key for key in self._state if key not in present}
+
+    def note_absent_parameters(self) -> None:
+        """Mark the absent parameters (`absent_parameters`): their count stops here, for when a
+        group brings them back (`state_of`). Called as a step is compiled, the only time the
+        groups take effect."""
+        for key in self.absent_parameters():
+            if "step" not in self._state[key]:
                 self._left_at.setdefault(key, self.step_count.copy())
 
     def restarts_count(self, new_slots: set[str]) -> bool:
