@@ -1163,6 +1163,11 @@ class Tensor:
         return self._viewing(bind("stop_gradient", self), lambda base: bind("stop_gradient", base),
                              lambda view: bind("detached_write", view, self), self.strides)
 
+    @property
+    def data(self) -> Tensor:
+        """PyTorch's x.data: the values without their gradient, as detach() (a view)."""
+        return self.detach()
+
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 

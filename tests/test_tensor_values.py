@@ -88,6 +88,7 @@ def test_a_write_into_a_detached_view_keeps_the_bases_gradient_as_in_pytorch(bac
     value, grad = gc.value_and_grad(f, backend=backend)(x)
     tx = torch.tensor(x, requires_grad=True)
     expected = f(tx)
+    assert gc.grad(lambda t: (t * t.data).sum(), backend=backend)(x).tolist() == x.tolist()  # x.data
     expected.backward()
     assert value == pytest.approx(expected.item())
     np.testing.assert_allclose(grad, tx.grad.numpy())
