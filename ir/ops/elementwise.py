@@ -156,11 +156,11 @@ unary("erf", _quiet(_erf), _erf_vjp, lambda x: f"math.erf({x})")
 unary("sigmoid", _quiet(lambda x: np.asarray(1 / (1 + np.exp(-x)), dtype=x.dtype)),
       lambda b, g, x, *, out: (b.mul(b.mul(g, out), b.sub(b.scalar_like(1, x), out)),),
       lambda x: f"(1 / (1 + np.exp(-{x})))")
-# relu(x) = x where not x <= 0: propagates NaN, as PyTorch does. The gradient's selection reads
-# the output (out > 0 exactly where x > 0, NaN included), which the backward pass keeps anyway
-# as the next layer's input: no mask is stored between the passes.
+# relu(x) = x where not x <= 0: propagates NaN, as PyTorch does. The gradient is 0 where the
+# output is <= 0 (exactly where x <= 0), so a NaN passes its cotangent on, as PyTorch's (a NaN
+# masked out later); it reads the output, which the backward pass keeps anyway as the next
+# layer's input: no mask is stored between the passes.
 unary("relu", _quiet(lambda x: np.where(x <= 0, np.zeros((), x.dtype), x)),
-      # 0 where x <= 0: a NaN passes its cotangent on, as PyTorch's (a NaN masked out later)
       lambda b, g, x, *, out: (b.where(b.le(out, b.scalar_like(0, x)), b.scalar_like(0, g), g),),
       lambda x: f"(0 if {x} <= 0 else {x})", infer=_numeric_unary, recompute_cost=ARITHMETIC)
 unary("abs", _quiet(np.abs), lambda b, g, x, *, out: (_grad_if_float(x, b.mul(g, b.sign(x))),),
