@@ -1,7 +1,6 @@
 """NumPy-style functions on traced tensors (gc.exp, gc.where, gc.concatenate, ...)."""
 from __future__ import annotations
 
-import builtins
 import functools
 import string
 from typing import Any, Sequence
@@ -488,7 +487,9 @@ def var(x: Tensor, dim: int | Sequence[int] | None = None, unbiased: bool | None
     # in its written order (only their sum's own addition reassociates).
     mean = x.astype("float64").mean(axis=axes, keepdims=True)
     high = mean.astype(x.dtype)
-    centered = x - high if x.dtype == "float64" else (x - high) - (mean - high.astype("float64")).astype(x.dtype)
+    centered = x - high
+    if x.dtype != "float64":
+        centered = centered - (mean - high.astype("float64")).astype(x.dtype)
     squares = centered.square().sum(axis=axes, keepdims=keepdim or keepdims)
     return squares / float(count - correction if count > correction else 0)
 

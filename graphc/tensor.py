@@ -1634,10 +1634,9 @@ class Tensor:
             if mask.dtype != np.bool_:  # an integer array would index, not select
                 raise DTypeError(f"masked_select: the mask must be boolean, got {mask.dtype} "
                                  f"(at {user_location()})")
-            shape = np.broadcast_shapes(self.shape, mask.shape)
-            return self.broadcast_to(shape)[np.broadcast_to(mask, shape)]
         shape = np.broadcast_shapes(self.shape, mask.shape)
-        return self.broadcast_to(shape)[mask.broadcast_to(shape)]
+        selected = mask.broadcast_to(shape) if isinstance(mask, Tensor) else np.broadcast_to(mask, shape)
+        return self.broadcast_to(shape)[selected]
 
     # -- math: graphc/functions.py defines these ----------------------------------------------
     def sin(self) -> Tensor: return float_math("sin", self)

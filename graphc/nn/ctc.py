@@ -93,10 +93,11 @@ def _padded_targets(targets: Any, target_lengths: Any, batch: int) -> Tensor:
         raise ShapeError(f"ctc_loss: target_lengths {lengths.tolist()} do not split the "
                          f"{targets.shape[0]} concatenated targets (at {user_location()})")
     longest = max(int(lengths.max(initial=0)), 1)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    index = np.minimum(starts[:, None] + np.arange(longest), max(targets.shape[0] - 1, 0))
-    if targets.shape[0] == 0:
+    if targets.shape[0] == 0:  # every target empty
         return as_tensor(np.zeros((batch, longest), np.int64))
+    # each row's labels, then its last index again as padding (masked by the lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    index = np.minimum(starts[:, None] + np.arange(longest), targets.shape[0] - 1)
     return targets.astype("int64")[index.reshape(-1)].reshape(batch, longest)
 
 
